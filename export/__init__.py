@@ -1,0 +1,1 @@
+"""ONNX export: one export spec per submodel, one shared export function, graph checks."""

@@ -1,0 +1,1 @@
+"""Optional CUDA kernels (built by the top-level CMakeLists.txt) with pure-PyTorch reference fallbacks."""

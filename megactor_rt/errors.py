@@ -1,0 +1,23 @@
+"""Exception types. Every user-facing failure is one of these, with a message naming the file and problem."""
+
+from __future__ import annotations
+
+
+class MegactorError(Exception):
+    """Base class of all errors megactor-rt raises on purpose (the CLI turns them into exit code 2)."""
+
+
+class InputError(MegactorError):
+    """Bad user input: unreadable/corrupt media, no face found, wrong image size, bad mask."""
+
+
+class WeightsError(MegactorError):
+    """Missing, unexpected or mis-shaped checkpoint keys, unsafe pickles, missing weight folders."""
+
+
+class BackendUnavailable(MegactorError):
+    """A backend (onnxruntime, tensorrt, compiled kernels) cannot be used here; the message says why."""
+
+
+class EngineMismatch(MegactorError):
+    """A TensorRT plan or ONNX file was built for another GPU, TensorRT version, precision or graph."""

@@ -1,0 +1,1 @@
+"""Pure nn.Module implementations of every MegActor v1 network."""

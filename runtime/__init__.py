@@ -1,0 +1,1 @@
+"""Runtime: the public Animator API, backend registry, portrait cache, denoising loop, stream pipeline."""
