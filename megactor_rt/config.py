@@ -1,0 +1,257 @@
+"""Frozen configuration dataclasses and enums (the only place architecture and run settings live).
+
+Architecture configs mirror what the original MegActor v1 code consumes (a diffusers SD1.5 UNet config plus
+``inference.yaml``'s motion-module kwargs), so both the released full-size model and the tiny golden-pack
+models are described by the same types.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def torch_dtype(self):  # noqa: ANN201 - torch imported lazily
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
+class Mode(str, enum.Enum):
+    """How the denoiser is evaluated.
+
+    REFERENCE computes exactly what upstream computes, the way upstream computes it (batch-2 CFG calls,
+    ReferenceNet at batch 2 per step, PoseGuider inside every call). OPTIMIZED applies only exact-preserving
+    savings (shared down path, reference attention only in the conditional half, batch-1 ReferenceNet once
+    per timestep, PoseGuider once per frame, CLIP K/V once per portrait).
+    """
+
+    REFERENCE = "reference"
+    OPTIMIZED = "optimized"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """SD1.5-style UNet topology shared by the temporal UNet and the ReferenceNet.
+
+    Attributes:
+        block_out_channels: per-resolution widths (SD1.5: 320, 640, 1280, 1280).
+        layers_per_block: resnets per down block (up blocks have one more).
+        attention_heads: heads per spatial transformer (SD1.5's confusingly named ``attention_head_dim``).
+        cross_attention_dim: width of the CLIP tokens.
+        norm_num_groups / norm_eps: GroupNorm of resnets and of the output norm.
+        in_channels: conv_in input channels (13 for the temporal UNet, 4 for the ReferenceNet).
+        motion_heads / motion_pe_max_len: AnimateDiff motion-module settings (temporal UNet only).
+    """
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_heads: int = 8
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    in_channels: int = 13
+    out_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    motion_heads: int = 8
+    motion_pe_max_len: int = 32
+    motion_norm_groups: int = 32
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict[str, Any], **overrides: Any) -> UNetConfig:
+        """Build from a diffusers ``UNet2DConditionModel`` config dict (+ motion kwargs overrides)."""
+        expected_down = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+        down = cfg.get("down_block_types", expected_down)
+        if [d.replace("3D", "2D") for d in down] != expected_down:
+            raise ValueError(f"only the SD1.5 block layout is supported, got down_block_types={down}")
+        heads = cfg.get("attention_head_dim", 8)
+        if isinstance(heads, list):
+            if len(set(heads)) != 1:
+                raise ValueError(f"per-block attention_head_dim is not supported: {heads}")
+            heads = heads[0]
+        return cls(
+            block_out_channels=tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280))),
+            layers_per_block=cfg.get("layers_per_block", 2),
+            attention_heads=int(heads),
+            cross_attention_dim=cfg.get("cross_attention_dim", 768),
+            norm_num_groups=cfg.get("norm_num_groups", 32),
+            norm_eps=cfg.get("norm_eps", 1e-5),
+            in_channels=cfg.get("in_channels", 4),
+            out_channels=cfg.get("out_channels", 4),
+            flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+            freq_shift=cfg.get("freq_shift", 0),
+            **overrides,
+        )
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers AutoencoderKL config (sd-vae-ft-mse by default)."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+            block_out_channels=list(self.block_out_channels), layers_per_block=self.layers_per_block,
+            act_fn="silu", latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
+            scaling_factor=self.scaling_factor,
+        )
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """transformers CLIPVisionConfig fields (ViT-L/14 with a 768-d projection by default)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    projection_dim: int = 768
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """DDIM as upstream's inference runs it (linear betas, leading spacing, steps_offset 1, eta 0)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build the networks of one MegActor v1 model."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    reference_net: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=4))
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    image_size: int = 512  # output / portrait crop size; the PoseGuider FiLM branch needs 512
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae.block_out_channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        def tup(x: dict[str, Any]) -> dict[str, Any]:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in x.items()}
+
+        return cls(
+            unet=UNetConfig(**tup(d["unet"])), reference_net=UNetConfig(**tup(d["reference_net"])),
+            vae=VAEConfig(**tup(d["vae"])), clip=CLIPConfig(**tup(d["clip"])),
+            scheduler=SchedulerConfig(**d.get("scheduler", {})), image_size=d.get("image_size", 512),
+        )
+
+
+def full_config() -> ModelConfig:
+    """The released MegActor v1 architecture (SD1.5 denoiser + ReferenceNet, sd-vae-ft-mse, ViT-L/14)."""
+    return ModelConfig()
+
+
+def tiny_config() -> ModelConfig:
+    """The tiny architecture of the golden packs (block widths 32/32/64/64, 128 px images, 56 px CLIP)."""
+    unet = UNetConfig(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, in_channels=13)
+    return ModelConfig(
+        unet=unet,
+        reference_net=replace(unet, in_channels=4),
+        vae=VAEConfig(block_out_channels=(32, 32, 32, 32)),
+        clip=CLIPConfig(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=56, patch_size=14),
+        image_size=128,
+    )
+
+
+@dataclass(frozen=True)
+class AnimateConfig:
+    """Run settings; the defaults reproduce upstream MegActor v1's ``inference.yaml``.
+
+    Attributes:
+        steps: DDIM steps (upstream 25).
+        guidance: CFG scale (upstream 4.5); 1.0 disables CFG (conditional half only).
+        window / overlap: context window length and overlap in frames (upstream 16 / 8).
+        seed: seed of the initial noise and of the VAE posterior sample.
+        reference_timestep: None = ReferenceNet at the current t (upstream inference.yaml); 0 = fixed t=0
+            (the original release config), computed once per portrait.
+        mode: REFERENCE (upstream-equivalent evaluation) or OPTIMIZED (exact-preserving savings).
+        max_frames: optional cap on driving frames (upstream capped at 50; we do not by default).
+    """
+
+    steps: int = 25
+    guidance: float = 4.5
+    window: int = 16
+    overlap: int = 8
+    seed: int = 42
+    reference_timestep: int | None = None
+    mode: Mode = Mode.OPTIMIZED
+    max_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.window < 1 or not 0 <= self.overlap < self.window:
+            raise ValueError(f"need window >= 1 and 0 <= overlap < window, got {self.window}/{self.overlap}")
+        if self.window > 32:
+            raise ValueError("window must be <= 32 (motion-module positional encoding length)")
+        if self.guidance < 1.0:
+            raise ValueError(f"guidance must be >= 1.0, got {self.guidance}")
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance != 1.0
+
+
+def config_from_upstream(arch: dict[str, Any], image_size: int) -> ModelConfig:
+    """ModelConfig from the configs the original code consumes (the golden packs' ``architecture`` block).
+
+    Args:
+        arch: ``unet_2d_config``, ``unet_additional_kwargs``, ``conv_in_channels``, ``appearance_encoder_config``,
+            ``vae_config``, ``clip_vision_config`` as in a golden pack's config.json.
+        image_size: portrait crop / output size in pixels.
+    """
+    mm = arch.get("unet_additional_kwargs", {}).get("motion_module_kwargs", {})
+    motion = dict(motion_heads=mm.get("num_attention_heads", 8),
+                  motion_pe_max_len=mm.get("temporal_position_encoding_max_len", 32))
+    unet = UNetConfig.from_diffusers(arch["unet_2d_config"], **motion)
+    unet = replace(unet, in_channels=arch.get("conv_in_channels", 13))
+    ref = UNetConfig.from_diffusers(arch.get("appearance_encoder_config", arch["unet_2d_config"]))
+    v = arch["vae_config"]
+    c = arch["clip_vision_config"]
+    return ModelConfig(
+        unet=unet, reference_net=replace(ref, in_channels=4),
+        vae=VAEConfig(block_out_channels=tuple(v["block_out_channels"]), layers_per_block=v["layers_per_block"],
+                      latent_channels=v.get("latent_channels", 4), norm_num_groups=v.get("norm_num_groups", 32),
+                      scaling_factor=v.get("scaling_factor", 0.18215)),
+        clip=CLIPConfig(**{k: c[k] for k in CLIPConfig.__dataclass_fields__ if k in c}),
+        image_size=image_size,
+    )

@@ -1,0 +1,72 @@
+"""DDIM exactly as upstream's inference runs it, plus the context-window schedule.
+
+diffusers ``DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
+clip_sample=False)``, leading timestep spacing, ``set_alpha_to_one=True``, epsilon prediction, eta 0.
+Re-implemented (a few lines) so the per-step coefficients are plain floats that fused kernels can take;
+a test checks it against diffusers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megactor_rt.config import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class DDIMStep:
+    """Coefficients of one DDIM step: t, the next t, and their alpha-bar values."""
+
+    timestep: int
+    alpha_t: float
+    alpha_prev: float
+
+
+class DDIM:
+    def __init__(self, cfg: SchedulerConfig | None = None) -> None:
+        self.cfg = cfg or SchedulerConfig()
+        if self.cfg.beta_schedule != "linear":
+            raise ValueError(f"only the linear beta schedule of upstream inference is supported, got "
+                             f"{self.cfg.beta_schedule}")
+        n = self.cfg.num_train_timesteps
+        betas = torch.linspace(self.cfg.beta_start, self.cfg.beta_end, n, dtype=torch.float32)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.final_alpha = 1.0 if self.cfg.set_alpha_to_one else float(self.alphas_cumprod[0])
+
+    def timesteps(self, steps: int) -> list[int]:
+        """Leading spacing + steps_offset: 25 steps -> [961, 921, ..., 1]."""
+        ratio = self.cfg.num_train_timesteps // steps
+        return [int(i * ratio + self.cfg.steps_offset) for i in reversed(range(steps))]
+
+    def plan(self, steps: int) -> list[DDIMStep]:
+        ratio = self.cfg.num_train_timesteps // steps
+        out = []
+        for t in self.timesteps(steps):
+            prev = t - ratio
+            a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha
+            out.append(DDIMStep(t, float(self.alphas_cumprod[t]), a_prev))
+        return out
+
+
+def ddim_update(latents: torch.Tensor, eps: torch.Tensor, step: DDIMStep) -> torch.Tensor:
+    """One deterministic DDIM step (eta 0), same operation order as diffusers' DDIMScheduler.step."""
+    a_t = torch.tensor(step.alpha_t, dtype=torch.float32)
+    a_prev = torch.tensor(step.alpha_prev, dtype=torch.float32)
+    pred_x0 = (latents - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_prev**0.5 * pred_x0 + (1 - a_prev) ** 0.5 * eps
+
+
+def context_windows(num_frames: int, window: int, overlap: int) -> list[list[int]]:
+    """Upstream's "uniform" context schedule at step 0, closed loop (windows wrap modulo N).
+
+    Returns the frame indices of every window, e.g. N=10, window 4, overlap 2 ->
+    [[0,1,2,3], [2,3,4,5], [4,5,6,7], [6,7,8,9], [8,9,0,1]].
+    """
+    if num_frames < 1:
+        raise ValueError("need at least one frame")
+    if num_frames <= window:
+        return [list(range(num_frames))]
+    stride = window - overlap
+    return [[j % num_frames for j in range(s, s + window)] for s in range(0, num_frames, stride)]

@@ -1,0 +1,218 @@
+"""The temporal UNet (MegActor's denoiser) and the ReferenceNet, on one SD1.5-topology implementation.
+
+Both networks mirror the original module trees (``down_blocks.i.{resnets,attentions,motion_modules,
+downsamplers}``, ``mid_block``, ``up_blocks``), so checkpoint keys load as they are.
+
+* ``TemporalUNet``: 13-channel conv_in (noisy 4 | reference latent 4 | mask 1 | PoseGuider 4), 20 motion
+  modules, reference attention in the 10 mid/up transformer blocks, frame-spanning GroupNorm in resnets and
+  the output norm. The PoseGuider lives at ``condition_input_layer`` (its checkpoint location) but runs
+  outside ``forward``: its output is an input, so it can be computed once per driving frame.
+* ``ReferenceNet``: the 2-D UNet (frames = 1) that returns the 10 bank tensors and stops after the last one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from torch import nn
+
+from megactor_rt.config import UNetConfig
+from megactor_rt.models.layers import Downsample, MotionModule, ResnetBlock, Upsample, group_norm_frames
+from megactor_rt.models.pose_guider import PoseGuider
+from megactor_rt.models.transformer import AttnContext, BankTap, SpatialTransformer
+
+NUM_BANKS = 10
+
+
+class _Block(nn.Module):
+    """One down or up block: (resnet [, transformer] [, motion module]) x n, then down/upsampler."""
+
+    def __init__(self, cfg: UNetConfig, in_chs: Sequence[int], out_ch: int, *, attention: bool,
+                 motion: bool, down: bool, up: bool) -> None:
+        super().__init__()
+        temb = cfg.block_out_channels[0] * 4
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock(c, out_ch, temb, g, eps) for c in in_chs])
+        if attention:
+            self.attentions = nn.ModuleList(
+                [SpatialTransformer(out_ch, cfg.attention_heads, cfg.cross_attention_dim, g) for _ in in_chs])
+        if motion:
+            self.motion_modules = nn.ModuleList(
+                [MotionModule(out_ch, cfg.motion_heads, cfg.motion_pe_max_len, cfg.motion_norm_groups)
+                 for _ in in_chs])
+        if down:
+            self.downsamplers = nn.ModuleList([Downsample(out_ch)])
+        if up:
+            self.upsamplers = nn.ModuleList([Upsample(out_ch)])
+
+    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext,
+              bank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """resnet i -> transformer i -> motion module i. Returns (x, norm1 output of transformer i)."""
+        x = self.resnets[i](x, temb, ctx.frames)
+        normed = None
+        if hasattr(self, "attentions"):
+            x, normed = self.attentions[i](x, ctx, bank)
+        if hasattr(self, "motion_modules"):
+            x = self.motion_modules[i](x, ctx.frames)
+        return x, normed
+
+
+class _MidBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, ch: int) -> None:
+        super().__init__()
+        temb, g, eps = cfg.block_out_channels[0] * 4, cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb, g, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialTransformer(ch, cfg.attention_heads, cfg.cross_attention_dim, g)])
+
+
+class _UNetBase(nn.Module):
+    """Shared construction: conv_in, time embedding, down/mid/up blocks (SD1.5 layout)."""
+
+    def __init__(self, cfg: UNetConfig, *, motion: bool, bank_writer: bool) -> None:
+        super().__init__()
+        self.config = cfg
+        ch = cfg.block_out_channels
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], ch[0] * 4)
+        self.down_blocks = nn.ModuleList()
+        prev = ch[0]
+        for i, c in enumerate(ch):
+            ins = [prev] + [c] * (cfg.layers_per_block - 1)
+            self.down_blocks.append(_Block(cfg, ins, c, attention=i < n - 1, motion=motion,
+                                           down=i < n - 1, up=False))
+            prev = c
+        self.mid_block = _MidBlock(cfg, ch[-1])
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(ch))
+        prev = rev[0]
+        for i, c in enumerate(rev):
+            skip_in, nl = rev[min(i + 1, n - 1)], cfg.layers_per_block + 1
+            # resnet j input = (previous width if j == 0 else c) + skip width (skip_in for the last one)
+            ins = [(prev if j == 0 else c) + (skip_in if j == nl - 1 else c) for j in range(nl)]
+            self.up_blocks.append(_Block(cfg, ins, c, attention=i > 0, motion=motion,
+                                         down=False, up=i < n - 1))
+            prev = c
+        if bank_writer:  # upstream's truncated last transformer block
+            self.up_blocks[-1].attentions[-1] = BankTap(ch[0], cfg.norm_num_groups)
+
+    def time_embed(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(batch)
+        emb = get_timestep_embedding(t, self.config.block_out_channels[0],
+                                     flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                     downscale_freq_shift=self.config.freq_shift)
+        return self.time_embedding(emb.to(dtype))  # (B, 4*C0)
+
+    def run_down(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = [x]
+        for block in self.down_blocks:
+            for i in range(len(block.resnets)):
+                x, _ = block.layer(i, x, temb, ctx)
+                skips.append(x)
+            if hasattr(block, "downsamplers"):
+                x = block.downsamplers[0](x)
+                skips.append(x)
+        return x, skips
+
+
+class TemporalUNet(_UNetBase):
+    """MegActor's denoiser. See module docstring; ``forward`` documents the CFG batch conventions."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__(cfg, motion=True, bank_writer=False)
+        ch0 = cfg.block_out_channels[0]
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch0, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
+        self.condition_input_layer = PoseGuider()
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
+                pose_features: torch.Tensor, bank: Sequence[torch.Tensor] | None = None, *,
+                n_uncond: int = 0, shared_down: bool = False, upstream: bool = False) -> torch.Tensor:
+        """Predict the noise of one context window.
+
+        Args:
+            latents: ``(B, 9, F, h, w)`` = noisy latent 4 | reference latent 4 | background mask 1.
+            timestep: scalar or ``(B,)``.
+            tokens: CLIP tokens ``(B, T, D)``.
+            pose_features: PoseGuider output ``(B, 4, F, h, w)``.
+            bank: the 10 ReferenceNet tensors ``(Bb, L_i, C_i)`` for the conditional samples (Bb = 1 is
+                broadcast), or None for no reference attention anywhere.
+            n_uncond: leading samples that attend without the bank (1 for upstream's CFG pair).
+            shared_down: inputs have batch 1; the path up to the first reference attention (conv_in, down
+                blocks, first mid resnet) runs once and is then duplicated into [uncond, cond]: output batch
+                2. Exact, since both CFG halves get identical inputs.
+            upstream: evaluate the way upstream does (see ``AttnContext``).
+
+        Returns:
+            Predicted noise ``(B_out, 4, F, h, w)``.
+        """
+        b, _, f, h, w = latents.shape
+        x = torch.cat([latents, pose_features], dim=1)  # (B, 13, F, h, w)
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)  # fold frames: (B*F, 13, h, w)
+        temb = self.time_embed(timestep, b, x.dtype)
+        ctx = AttnContext(tokens, f, 0 if shared_down else n_uncond, upstream)
+        x, skips = self.run_down(self.conv_in(x), temb, ctx)
+        x = self.mid_block.resnets[0](x, temb, f)
+        if shared_down:
+            b, ctx = 2, AttnContext(tokens.expand(2, -1, -1), f, 1, upstream)
+            x, temb = torch.cat([x, x]), temb.expand(2, -1)
+            skips = [torch.cat([s, s]) for s in skips]
+        banks = iter(bank) if bank is not None else None
+        x = self._mid_up(x, temb, ctx, skips, banks)
+        x = self.conv_out(F.silu(group_norm_frames(x, self.conv_norm_out, f)))
+        return x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)  # (B, 4, F, h, w)
+
+    def _mid_up(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext, skips: list[torch.Tensor],
+                banks: Iterator[torch.Tensor] | None) -> torch.Tensor:
+        def nxt() -> torch.Tensor | None:
+            return next(banks) if banks is not None else None
+
+        x, _ = self.mid_block.attentions[0](x, ctx, nxt())
+        x = self.mid_block.resnets[1](x, temb, ctx.frames)
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = torch.cat([x, skips.pop()], dim=1)
+                x, _ = block.layer(i, x, temb, ctx, nxt() if hasattr(block, "attentions") else None)
+            if hasattr(block, "upsamplers"):
+                x = block.upsamplers[0](x)
+        return x
+
+
+class ReferenceNet(_UNetBase):
+    """Upstream's appearance encoder: writes the norm1 outputs of its 10 mid/up transformer blocks."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__(cfg, motion=False, bank_writer=True)
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Args: latent ``(B, 4, h, w)`` (VAE mean x 0.18215); timestep scalar or ``(B,)``; tokens ``(B, T, D)``.
+
+        Returns:
+            The bank: 10 tensors ``(B, L_i, C_i)`` in reader order (mid, then up blocks 1..3).
+        """
+        b = latent.shape[0]
+        temb = self.time_embed(timestep, b, latent.dtype)
+        ctx = AttnContext(tokens, 1)
+        x, skips = self.run_down(self.conv_in(latent), temb, ctx)
+        x = self.mid_block.resnets[0](x, temb, 1)
+        x, normed = self.mid_block.attentions[0](x, ctx)
+        bank = [normed]
+        x = self.mid_block.resnets[1](x, temb, 1)
+        last = self.up_blocks[-1]
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = torch.cat([x, skips.pop()], dim=1)
+                if block is last and i == len(block.resnets) - 1:
+                    x = block.resnets[i](x, temb, 1)
+                    bank.append(block.attentions[i](x))  # BankTap: norm1 output, then stop
+                    return bank
+                x, normed = block.layer(i, x, temb, ctx)
+                if normed is not None:
+                    bank.append(normed)
+            if hasattr(block, "upsamplers"):
+                x = block.upsamplers[0](x)
+        raise AssertionError("unreachable: the last up block always ends in the bank tap")

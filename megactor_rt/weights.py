@@ -1,0 +1,279 @@
+"""Weight loading: the released MegActor v1 layout, and megactor-rt's converted format.
+
+Released layout (``HVSiniX/RawVideoDriven``'s ``weights/`` folder, spec section 3):
+
+* ``checkpoint-steps*.ckpt`` - torch pickle ``{"epoch", "global_step", "state_dict"}`` from the DDP-wrapped
+  training model: ``module.unet.*`` (denoiser incl. 13-channel conv_in, PoseGuider, motion modules) and
+  ``module.appearance_encoder.*`` (ReferenceNet); ``module.vae.*`` / ``module.text_encoder.*`` are ignored.
+  Loaded with ``torch.load(weights_only=True)``: pickled code is never executed.
+* ``sd-vae-ft-mse/`` - diffusers AutoencoderKL folder.
+* ``StableDiffusion/image_encoder/`` - transformers CLIPVisionModelWithProjection folder
+  (``StableDiffusion/feature_extractor/`` only holds the processor settings, which are fixed here).
+* ``StableDiffusion/unet/config.json`` - optional: the SD1.5 UNet config (architecture only).
+
+Converted layout (written by ``megactor-rt convert-weights``, read by everything else): one safetensors file
+per module (``temporal_unet``, ``reference_net``, ``vae``, ``clip_image_encoder``) plus ``config.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from megactor_rt.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+MODULE_FILES = ("temporal_unet", "reference_net", "vae", "clip_image_encoder")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MegActorModels:
+    """The four networks of one model (the PoseGuider lives inside ``unet.condition_input_layer``)."""
+
+    config: ModelConfig
+    unet: nn.Module
+    reference_net: nn.Module
+    vae: nn.Module
+    clip: nn.Module
+    weights_id: str = "random"
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"temporal_unet": self.unet, "reference_net": self.reference_net, "vae": self.vae,
+                "clip_image_encoder": self.clip}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MegActorModels:
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        return self
+
+
+def build_models(cfg: ModelConfig, seed: int | None = None) -> MegActorModels:
+    """Build all networks on the current default device with random (seeded) weights, eval mode."""
+    from megactor_rt.models.clip import ClipImageEncoder
+    from megactor_rt.models.unet import ReferenceNet, TemporalUNet
+    from megactor_rt.models.vae import build_vae
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    models = MegActorModels(cfg, TemporalUNet(cfg.unet), ReferenceNet(cfg.reference_net), build_vae(cfg.vae),
+                            ClipImageEncoder.from_config(cfg.clip))
+    for m in models.modules().values():
+        m.eval().requires_grad_(False)
+    return models
+
+
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str | Path) -> None:
+    """Load a state dict, raising ``WeightsError`` that lists every missing/unexpected/mis-shaped key."""
+    check_state(module, state, what, source)
+    module.load_state_dict(dict(state), strict=True)
+
+
+def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str | Path) -> None:
+    """Compare a state dict with a module's (works on meta-device modules); raise ``WeightsError`` on mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        def show(xs: list[str]) -> str:
+            return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20} more)" if len(xs) > 20 else "")
+        parts = [f"{what} weights in {source} do not match the model:"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {show(unexpected)}")
+        if shapes:
+            parts.append(f"wrong shapes ({len(shapes)}): {show(shapes)}")
+        raise WeightsError("\n  ".join(parts))
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# -- released training checkpoint -------------------------------------------------------------------
+def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split ``checkpoint-steps*.ckpt`` into (denoiser state, ReferenceNet state).
+
+    Raises:
+        WeightsError: unreadable file, a pickle holding anything but tensors/containers/numbers, or keys
+            that belong to neither network.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # UnpicklingError for code objects, RuntimeError for corrupt zips
+        raise WeightsError(f"cannot read checkpoint {path} safely (weights_only=True): {exc}") from exc
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"checkpoint {path} does not hold a state_dict of tensors")
+    unet, ref, ignored, foreign = {}, {}, 0, []
+    for key, tensor in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k.startswith("unet."):
+            unet[k[len("unet."):]] = tensor
+        elif k.startswith("appearance_encoder."):
+            ref[k[len("appearance_encoder."):]] = tensor
+        elif k.startswith(("vae.", "text_encoder.")):
+            ignored += 1
+        else:
+            foreign.append(key)
+    if foreign:
+        raise WeightsError(f"checkpoint {path} has {len(foreign)} keys outside unet./appearance_encoder./vae./"
+                           f"text_encoder.: {foreign[:10]}")
+    if not unet or not ref:
+        raise WeightsError(f"checkpoint {path} lacks {'unet.*' if not unet else 'appearance_encoder.*'} keys")
+    logger.info("checkpoint %s: %d denoiser, %d ReferenceNet tensors (%d vae/text-encoder ignored)",
+                path, len(unet), len(ref), ignored)
+    return unet, ref
+
+
+def _read_folder_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    for name in names:
+        p = folder / name
+        if p.is_file():
+            if p.suffix == ".safetensors":
+                return load_file(str(p))
+            try:
+                return torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise WeightsError(f"cannot read {p} safely (weights_only=True): {exc}") from exc
+    raise WeightsError(f"no weights file ({' or '.join(names)}) in {folder}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise WeightsError(f"missing {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def release_config(src: Path) -> ModelConfig:
+    """Architecture of a released weights folder (full-size defaults, refined by the folder's configs)."""
+    cfg = ModelConfig()
+    unet_cfg = src / "StableDiffusion" / "unet" / "config.json"
+    if unet_cfg.is_file():
+        base = UNetConfig.from_diffusers(_read_json(unet_cfg))
+        cfg = ModelConfig(unet=UNetConfig(**{**base.__dict__, "in_channels": 13}),
+                          reference_net=UNetConfig(**{**base.__dict__, "in_channels": 4}),
+                          vae=cfg.vae, clip=cfg.clip)
+    vae_json = src / "sd-vae-ft-mse" / "config.json"
+    clip_json = src / "StableDiffusion" / "image_encoder" / "config.json"
+    vae = _read_json(vae_json)
+    clip = _read_json(clip_json)
+    clip = clip.get("vision_config", clip)
+    return ModelConfig(
+        unet=cfg.unet, reference_net=cfg.reference_net,
+        vae=VAEConfig(block_out_channels=tuple(vae["block_out_channels"]),
+                      layers_per_block=vae.get("layers_per_block", 2),
+                      latent_channels=vae.get("latent_channels", 4),
+                      norm_num_groups=vae.get("norm_num_groups", 32),
+                      scaling_factor=vae.get("scaling_factor", 0.18215)),
+        clip=CLIPConfig(**{k: clip[k] for k in CLIPConfig.__dataclass_fields__ if k in clip}),
+    )
+
+
+def convert_release(src: str | Path, dst: str | Path) -> Path:
+    """Convert a released ``weights/`` folder into the converted layout.
+
+    Args:
+        src: folder holding ``checkpoint-steps*.ckpt``, ``sd-vae-ft-mse/`` and ``StableDiffusion/image_encoder/``.
+        dst: output folder (created); files are written to temporaries and renamed on success.
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        WeightsError: missing files, unsafe pickles, or keys that do not match the architecture.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise WeightsError(f"weights folder {src} does not exist")
+    ckpts = sorted(src.glob("checkpoint-steps*.ckpt")) or sorted(src.glob("*.ckpt"))
+    if not ckpts:
+        raise WeightsError(f"no checkpoint-steps*.ckpt in {src}")
+    cfg = release_config(src)
+    unet_sd, ref_sd = read_training_checkpoint(ckpts[-1])
+    states = {
+        "temporal_unet": unet_sd,
+        "reference_net": ref_sd,
+        "vae": _read_folder_weights(src / "sd-vae-ft-mse",
+                                    ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+        "clip_image_encoder": _read_folder_weights(src / "StableDiffusion" / "image_encoder",
+                                                   ("model.safetensors", "pytorch_model.bin")),
+    }
+    return write_converted(cfg, states, dst, source=str(ckpts[-1]))
+
+
+def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]], dst: Path,
+                    source: str = "") -> Path:
+    """Validate each module's state against the architecture, then write the converted layout."""
+    with torch.device("meta"):
+        skeleton = build_models(cfg)
+    for name, module in skeleton.modules().items():
+        state = dict(states[name])
+        state.pop("vision_model.embeddings.position_ids", None)  # buffer of older transformers versions
+        check_state(module, state, name, source)
+        states = {**states, name: state}
+    dst.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    for name in MODULE_FILES:
+        tensors = {k: v.contiguous() for k, v in states[name].items()}
+        final = dst / f"{name}.safetensors"
+        tmp = final.with_suffix(".safetensors.tmp")
+        save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
+        tmp.replace(final)
+        digest.update(final.read_bytes()[:1 << 20])
+    meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
+            "model": cfg.to_dict()}
+    tmp = dst / "config.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(dst / "config.json")
+    logger.info("wrote converted weights to %s", dst)
+    return dst
+
+
+def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> MegActorModels:
+    """Load a converted weights folder into eval-mode modules on ``device``/``dtype``."""
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise WeightsError(f"weights directory {weights_dir} does not exist (run `megactor-rt convert-weights` "
+                           f"or `megactor-rt download` first)")
+    meta = _read_json(weights_dir / "config.json")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"{weights_dir / 'config.json'}: unsupported format_version "
+                           f"{meta.get('format_version')!r} (expected {FORMAT_VERSION})")
+    cfg = ModelConfig.from_dict(meta["model"])
+    with torch.device("meta"):
+        models = build_models(cfg)
+    for name, module in models.modules().items():
+        path = weights_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise WeightsError(f"missing {path}")
+        state = load_file(str(path))
+        module.to_empty(device="cpu")
+        load_state_strict(module, state, name, path)
+        _restore_buffers(module)
+    models.weights_id = meta.get("weights_id", "unknown")
+    return models.to(device, dtype)
+
+
+def _restore_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers are not in state dicts; rebuild them after ``to_empty``."""
+    for sub in module.modules():
+        if hasattr(sub, "position_ids") and hasattr(sub, "num_positions"):
+            sub.register_buffer("position_ids", torch.arange(sub.num_positions).expand((1, -1)), persistent=False)
