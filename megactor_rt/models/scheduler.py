@@ -2,8 +2,8 @@
 
 diffusers ``DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
 clip_sample=False)``, leading timestep spacing, ``set_alpha_to_one=True``, epsilon prediction, eta 0.
-Re-implemented (a few lines) so the per-step coefficients are plain floats that fused kernels can take;
-a test checks it against diffusers.
+Re-implemented (a few lines) so the per-step coefficients are plain floats that the fused update
+(``megactor_rt.kernels.ops.ddim_cfg_update``) takes; a test checks both against diffusers.
 """
 
 from __future__ import annotations
@@ -48,14 +48,6 @@ class DDIM:
             a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha
             out.append(DDIMStep(t, float(self.alphas_cumprod[t]), a_prev))
         return out
-
-
-def ddim_update(latents: torch.Tensor, eps: torch.Tensor, step: DDIMStep) -> torch.Tensor:
-    """One deterministic DDIM step (eta 0), same operation order as diffusers' DDIMScheduler.step."""
-    a_t = torch.tensor(step.alpha_t, dtype=torch.float32)
-    a_prev = torch.tensor(step.alpha_prev, dtype=torch.float32)
-    pred_x0 = (latents - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-    return a_prev**0.5 * pred_x0 + (1 - a_prev) ** 0.5 * eps
 
 
 def context_windows(num_frames: int, window: int, overlap: int) -> list[list[int]]:

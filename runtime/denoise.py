@@ -1,0 +1,74 @@
+"""The faithful denoising loop (backend-independent).
+
+Upstream MegActor v1 (pipeline.py:778-895), step by step: every context window (frames modulo N) is
+predicted, predictions are summed per frame and divided by the number of windows covering the frame, CFG
+combines the unconditional and conditional halves, and one DDIM step (eta 0) updates all N latents.
+
+What a "prediction" is - which backend, reference or optimized evaluation, where the ReferenceNet bank comes
+from - is the job of the ``EpsModel`` passed in; this loop is the only copy of the algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from megactor_rt.kernels.ops import ddim_cfg_update
+from megactor_rt.models.scheduler import DDIMStep
+from megactor_rt.progress import progress
+
+
+class EpsModel(Protocol):
+    """Predicts the noise of one window; ``begin_step`` lets it prepare per-timestep state (the bank)."""
+
+    def begin_step(self, step: DDIMStep) -> None: ...
+
+    def predict(self, latents: torch.Tensor, frames: Sequence[int], step: DDIMStep) -> torch.Tensor:
+        """``latents (1, 4, F, h, w)`` of the window's frames -> eps ``(2 or 1, 4, F, h, w)`` ([uncond, cond])."""
+        ...
+
+
+StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
+
+
+def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], windows: Sequence[Sequence[int]],
+            guidance: float, callback: StepCallback | None = None, show_progress: bool = True) -> torch.Tensor:
+    """Run the whole DDIM schedule over all frames.
+
+    Args:
+        latents: initial noise ``(1, 4, N, h, w)``.
+        model: window noise predictor; returns both CFG halves when ``guidance != 1``.
+        plan: DDIM steps (timesteps and alpha-bars).
+        windows: frame indices of each context window (see ``context_windows``).
+        guidance: CFG scale; 1.0 means conditional only.
+        callback: called after each step with (index, step, guided eps, new latents).
+        show_progress: progress bar over windows x steps.
+
+    Returns:
+        Final latents ``(1, 4, N, h, w)``.
+    """
+    cfg = guidance != 1.0
+    n = latents.shape[2]
+    halves = 2 if cfg else 1
+    counts = torch.zeros(n, dtype=torch.float32, device=latents.device)
+    for w in windows:
+        counts[list(w)] += 1
+    bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
+    for i, step in enumerate(plan):
+        model.begin_step(step)
+        acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
+        for w in windows:
+            idx = torch.as_tensor(list(w), device=latents.device)
+            eps = model.predict(latents[:, :, idx], w, step)  # (halves, 4, F, h, w)
+            if eps.shape[0] != halves:
+                raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
+            acc.index_add_(2, idx, eps.to(acc.dtype))
+            bar.update(1)
+        guided = torch.empty_like(latents) if callback is not None else None
+        latents = ddim_cfg_update(acc, counts, latents, guidance, step.alpha_t, step.alpha_prev, eps_out=guided)
+        if callback is not None:
+            callback(i, step, guided, latents)
+    bar.close()
+    return latents

@@ -1,0 +1,113 @@
+"""Per-portrait state: everything that depends only on the portrait, computed once (spec section 2.7).
+
+crop pixels -> VAE posterior (mean for the ReferenceNet, a seeded sample for the concat channels) ->
+background mask at latent size -> CLIP background tokens -> PoseGuider FiLM code -> ReferenceNet bank per
+timestep (filled lazily, then reused by every window and every later video of the same portrait).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megactor_rt.models.clip import clip_pixels
+from megactor_rt.models.vae import posterior_sample
+from megactor_rt.runtime.submodels import Submodels
+
+
+@dataclass
+class PortraitInputs:
+    """Preprocessed portrait pixels (uint8, CHW) as the networks consume them.
+
+    Attributes:
+        image: ``(3, S, S)`` face crop (VAE input, both latent paths).
+        background_mask: ``(S, S)`` 1 = background, 0 = person.
+        clip_image: ``(3, S, S)`` person-removed image for CLIP.
+        ada_reference: ``(3, 512, 512)`` FiLM reference (the crop itself when S = 512).
+    """
+
+    image: torch.Tensor
+    background_mask: torch.Tensor
+    clip_image: torch.Tensor
+    ada_reference: torch.Tensor
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.image, self.background_mask, self.clip_image, self.ada_reference):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(np.ascontiguousarray(t.cpu().numpy()).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class PortraitState:
+    """Cached per-portrait tensors (all on the submodels' device).
+
+    Attributes:
+        key: cache key (portrait content + weights + options).
+        ref_latent: ``(1, 4, h, w)`` VAE mean x scaling (ReferenceNet input).
+        cond: ``(1, 5, h, w)`` VAE sample x scaling | background mask (conv_in channels 4..8).
+        tokens: CLIP tokens ``(1, T, D)``.
+        film_scale / film_shift: ``(1, 128)`` PoseGuider FiLM code.
+        ada_reference: ``(1, 3, 512, 512)`` in [0, 1] (kept for the reference-mode evaluation).
+        banks: ReferenceNet bank per timestep, filled on demand.
+    """
+
+    key: str
+    inputs: PortraitInputs
+    ref_latent: torch.Tensor
+    cond: torch.Tensor
+    tokens: torch.Tensor
+    film_scale: torch.Tensor
+    film_shift: torch.Tensor
+    ada_reference: torch.Tensor
+    banks: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def bank(self, timestep: int, sub: Submodels) -> list[torch.Tensor]:
+        """The batch-1 ReferenceNet bank at ``timestep`` (computed once, then cached)."""
+        if timestep not in self.banks:
+            self.banks[timestep] = sub.reference_bank(self.ref_latent, timestep, self.tokens)
+        return self.banks[timestep]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"ref_latent": self.ref_latent, "cond": self.cond, "tokens": self.tokens,
+               "film_scale": self.film_scale, "film_shift": self.film_shift, "ada_reference": self.ada_reference}
+        for t, bank in self.banks.items():
+            out.update({f"bank_{t}_{i:02d}": b for i, b in enumerate(bank)})
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def prepare_portrait(sub: Submodels, inputs: PortraitInputs, seed: int, key: str = "",
+                     vae_eps: torch.Tensor | None = None) -> PortraitState:
+    """Compute everything per-portrait (except banks, which fill lazily per timestep).
+
+    Args:
+        sub: the backend's submodels.
+        inputs: preprocessed portrait pixels.
+        seed: seed of the VAE posterior sample (upstream draws it from the global RNG after set_seed).
+        key: cache key to store in the state.
+        vae_eps: explicit posterior noise ``(1, 4, h, w)`` (golden tests); default: seeded randn.
+    """
+    cfg = sub.config
+    img = inputs.image.float()[None] / 255.0  # (1, 3, S, S) in [0, 1]
+    mean, logvar = sub.vae_encode((img - 0.5) * 2.0)
+    if vae_eps is None:
+        gen = torch.Generator().manual_seed(seed)
+        vae_eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32)
+    scale = cfg.vae.scaling_factor
+    z_cat = posterior_sample(mean.float(), logvar.float(), vae_eps.to(mean.device)) * scale
+    mask = F.interpolate(inputs.background_mask[None, None].float(), size=mean.shape[-2:], mode="nearest")
+    cond = torch.cat([z_cat, mask.to(z_cat.device)], dim=1)  # (1, 5, h, w)
+    tokens = sub.clip_tokens(clip_pixels(inputs.clip_image, cfg.clip.image_size))
+    ada = inputs.ada_reference.float()[None] / 255.0
+    film_scale, film_shift = sub.film(ada)
+    return PortraitState(key=key, inputs=inputs, ref_latent=mean * scale, cond=cond.to(mean.dtype),
+                         tokens=tokens, film_scale=film_scale, film_shift=film_shift,
+                         ada_reference=ada.to(mean.device, mean.dtype))

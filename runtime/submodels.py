@@ -1,0 +1,129 @@
+"""The six submodel graphs as plain callables on torch tensors, one implementation per backend.
+
+``Submodels`` is what the portrait preparation, the window predictor and the decoder call; the torch
+implementation runs the nn.Modules, the onnxruntime/tensorrt ones run exported graphs through runners.
+Every call is counted per method (``calls``), so tests can prove that cached work is not redone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from megactor_rt.config import ModelConfig
+from megactor_rt.weights import MegActorModels
+
+
+class Submodels(ABC):
+    """Backend-specific execution of: CLIP, VAE encode/decode, FiLM, PoseGuider, ReferenceNet, temporal UNet."""
+
+    name = "abstract"
+
+    def __init__(self, config: ModelConfig, weights_id: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.weights_id = weights_id
+        self.device = device
+        self.dtype = dtype
+        self.calls: Counter[str] = Counter()
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype)
+
+    @abstractmethod
+    def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(1, 3, S, S)`` normalised CLIP pixels -> tokens ``(1, T, D)``."""
+
+    @abstractmethod
+    def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 3, H, W)`` in [-1, 1] -> posterior (mean, logvar) ``(B, 4, h, w)``, unscaled."""
+
+    @abstractmethod
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents ``(B, 4, h, w)`` -> decoder output ``(B, 3, H, W)`` (about [-1, 1], unclamped)."""
+
+    @abstractmethod
+    def film(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(1, 3, 512, 512)`` in [0, 1] -> FiLM (scale, shift), each ``(1, 128)``."""
+
+    @abstractmethod
+    def pose_features(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Driving frames ``(N, 3, H, W)`` in [0, 1] -> PoseGuider output ``(N, 4, h, w)``."""
+
+    @abstractmethod
+    def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 4, h, w)``, t, ``(B, T, D)`` -> the 10 bank tensors ``(B, L_i, C_i)``."""
+
+    @abstractmethod
+    def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
+             bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
+             upstream: bool = False) -> torch.Tensor:
+        """Temporal UNet; argument conventions of ``TemporalUNet.forward``."""
+
+    def pose_guider_full(self, frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Upstream's per-call PoseGuider (features + FiLM recomputed): ``(B,3,F,H,W)`` -> ``(B,4,F,h,w)``."""
+        raise NotImplementedError(f"reference mode needs the torch backend, not {self.name}")
+
+
+class TorchSubmodels(Submodels):
+    """The PyTorch reference/fallback: runs the nn.Modules under ``torch.inference_mode``."""
+
+    name = "torch"
+
+    def __init__(self, models: MegActorModels, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(models.config, models.weights_id, torch.device(device), dtype)
+        self.models = models.to(self.device, dtype)
+
+    @torch.inference_mode()
+    def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.calls["clip_tokens"] += 1
+        return self.models.clip.tokens(self._in(pixels))
+
+    @torch.inference_mode()
+    def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from megactor_rt.models.vae import vae_moments
+
+        self.calls["vae_encode"] += 1
+        return vae_moments(self.models.vae, self._in(images))
+
+    @torch.inference_mode()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        from megactor_rt.models.vae import vae_decode
+
+        self.calls["vae_decode"] += 1
+        return vae_decode(self.models.vae, self._in(latents))
+
+    @torch.inference_mode()
+    def film(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls["film"] += 1
+        return self.models.unet.condition_input_layer.film(self._in(reference))
+
+    @torch.inference_mode()
+    def pose_features(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        self.calls["pose_features"] += 1
+        pg = self.models.unet.condition_input_layer
+        return pg.modulate(pg.features(self._in(frames)), self._in(scale), self._in(shift))
+
+    @torch.inference_mode()
+    def pose_guider_full(self, frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        self.calls["pose_guider_full"] += 1
+        return self.models.unet.condition_input_layer(self._in(frames), self._in(reference))
+
+    @torch.inference_mode()
+    def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
+        self.calls["reference_bank"] += 1
+        t = torch.tensor(timestep, device=self.device)
+        return self.models.reference_net(self._in(latent), t, self._in(tokens))
+
+    @torch.inference_mode()
+    def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
+             bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
+             upstream: bool = False) -> torch.Tensor:
+        self.calls["unet"] += 1
+        t = torch.tensor(timestep, device=self.device)
+        bank = [self._in(b) for b in bank] if bank is not None else None
+        return self.models.unet(self._in(latents), t, self._in(tokens), self._in(pose), bank,
+                                n_uncond=n_uncond, shared_down=shared_down, upstream=upstream)

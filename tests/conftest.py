@@ -1,0 +1,32 @@
+"""Markers (registered in pyproject.toml): gpu / trt tests skip with a printed reason where unsupported."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+
+
+def _trt_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (it cannot be installed in this project's CI)"
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:
+        return f"'import tensorrt' fails: {exc}"
+    import torch
+
+    return None if torch.cuda.is_available() else "TensorRT needs a CUDA device"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    gpu_reason = None if torch.cuda.is_available() else "no CUDA device on this machine"
+    trt_reason = _trt_reason() if any("trt" in i.keywords for i in items) else None
+    for item in items:
+        if "gpu" in item.keywords and gpu_reason:
+            item.add_marker(pytest.mark.skip(reason=gpu_reason))
+        if "trt" in item.keywords and trt_reason:
+            item.add_marker(pytest.mark.skip(reason=trt_reason))

@@ -1,0 +1,132 @@
+"""Golden parity: the ORIGINAL MegActor v1 code's outputs (../shared/golden, format in its README).
+
+Every value is computed from the pack's inputs alone (never from recorded intermediates) and compared with
+the pack's per-tensor tolerance. The pack directory comes from MEGACTOR_GOLDEN_DIR; a missing pack fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from golden_pack import GoldenPack, pack_dir
+from megactor_rt.models.clip import clip_pixels
+from megactor_rt.models.scheduler import DDIM, context_windows
+from megactor_rt.models.vae import posterior_sample, vae_decode, vae_moments
+from megactor_rt.runtime.denoise import denoise
+from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
+from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
+from megactor_rt.runtime.submodels import TorchSubmodels
+
+
+@pytest.fixture(scope="module")
+def pack() -> GoldenPack:
+    path = pack_dir()
+    assert (path / "config.json").is_file(), f"golden pack missing at {path} (set MEGACTOR_GOLDEN_DIR)"
+    return GoldenPack(path)
+
+
+@pytest.fixture(scope="module")
+def models(pack):
+    torch.manual_seed(0)
+    return pack.models()
+
+
+@pytest.fixture(scope="module")
+def module_outputs(pack, models):
+    """Everything module-level, computed from the pack's inputs."""
+    v, out = pack.vectors, {}
+    with torch.no_grad():
+        out["clip_pixel_values"] = px = clip_pixels(v["in_clip_raw_image_u8"][0], models.config.clip.image_size)
+        out["clip_tokens"], out["clip_last_hidden_state"] = models.clip.tokens_and_hidden(px)
+        out["vae_encode_in"] = x = (v["in_src_image_u8"].float() / 255 - 0.5) * 2
+        mean, logvar = vae_moments(models.vae, x)
+        out["vae_posterior_mean"], out["vae_posterior_logvar"] = mean, logvar
+        out["ref_latent"] = mean * models.config.vae.scaling_factor
+        out["vae_decode_out"] = vae_decode(models.vae, v["in_vae_decode_latent_in"])
+        pg = models.unet.condition_input_layer
+        out["film_scale"], out["film_shift"] = pg.film(v["in_ada_reference_u8"].float() / 255)
+        frames = v["in_driving_frames_grey"][0] / 255  # (N, 3, H, W)
+        feats = pg.features(frames)
+        out["driven_features_prefilm"] = feats.permute(1, 0, 2, 3)[None]
+        pose = pg.modulate(feats, out["film_scale"], out["film_shift"]).permute(1, 0, 2, 3)[None]
+        out["driven_encoder_out"] = pose
+        z = posterior_sample(mean, logvar, v["in_vae_concat_eps"]) * models.config.vae.scaling_factor
+        mask = F.interpolate(v["in_background_mask_u8"][None].float(), size=z.shape[-2:], mode="nearest")
+        out["concat_latents"] = torch.cat([z, mask], 1)[:, :, None].expand(-1, -1, frames.shape[0], -1, -1)
+        bank = models.reference_net(out["ref_latent"], v["refnet_timestep"], out["clip_tokens"])
+        out.update({f"refnet_bank_{i:02d}": b for i, b in enumerate(bank)})
+        w0 = v["e2e_windows"][int(pack.run["cfg_window_index"])].tolist()
+        lat = torch.cat([v["in_e2e_init_noise"][:, :, w0], out["concat_latents"][:, :, w0]], 1)
+        out["cfg_latent_model_input"] = lat.expand(2, -1, -1, -1, -1)
+        out["cfg_pose_guide"] = frames[w0].permute(1, 0, 2, 3)[None]
+        tok2 = out["clip_tokens"].expand(2, -1, -1)
+        eps = models.unet(out["cfg_latent_model_input"], v["cfg_timestep"], tok2,
+                          pose[:, :, w0].expand(2, -1, -1, -1, -1), bank, n_uncond=1)
+        out["cfg_eps_uncond"], out["cfg_eps_cond"] = eps[:1], eps[1:]
+        out["cfg_eps_guided"] = eps[:1] + pack.run["guidance_scale"] * (eps[1:] - eps[:1])
+    return out
+
+
+MODULE_VECTORS = [
+    "clip_pixel_values", "clip_last_hidden_state", "clip_tokens", "vae_encode_in", "vae_posterior_mean",
+    "vae_posterior_logvar", "ref_latent", "vae_decode_out", "film_scale", "film_shift",
+    "driven_features_prefilm", "driven_encoder_out", "concat_latents", "cfg_latent_model_input",
+    "cfg_pose_guide", "cfg_eps_uncond", "cfg_eps_cond", "cfg_eps_guided",
+] + [f"refnet_bank_{i:02d}" for i in range(10)]
+
+
+@pytest.mark.parametrize("name", MODULE_VECTORS)
+def test_module_vector(pack, module_outputs, name):
+    pack.check(name, module_outputs[name])
+
+
+def test_schedule_and_windows(pack):
+    run = pack.run
+    assert DDIM().timesteps(run["num_inference_steps"]) == pack.vectors["e2e_timesteps"].tolist()
+    wins = context_windows(run["num_frames"], run["context_frames"], run["context_overlap"])
+    assert wins == pack.vectors["e2e_windows"].tolist()
+
+
+def _pack_portrait(pack, sub):
+    v = pack.vectors
+    inputs = PortraitInputs(image=v["in_src_image_u8"][0], background_mask=v["in_background_mask_u8"][0],
+                            clip_image=v["in_clip_raw_image_u8"][0], ada_reference=v["in_ada_reference_u8"][0])
+    return prepare_portrait(sub, inputs, seed=0, vae_eps=v["in_vae_concat_eps"])
+
+
+@pytest.mark.parametrize("mode", ["optimized", "reference"])
+def test_end_to_end(pack, models, mode):
+    """The whole denoising run: every step's guided eps and latents, final latents, decoded video."""
+    v, run = pack.vectors, pack.run
+    assert run["refnet_timestep"] == run["timesteps"][0], "pack runs the ReferenceNet at the current t"
+    sub = TorchSubmodels(models)
+    state = _pack_portrait(pack, sub)
+    frames = v["in_driving_frames_grey"][0] / 255  # (N, 3, H, W)
+    if mode == "optimized":
+        pose = sub.pose_features(frames, state.film_scale, state.film_shift).permute(1, 0, 2, 3)[None]
+        model = OptimizedPredictor(sub, state, pose, run["guidance_scale"])
+    else:
+        model = ReferencePredictor(sub, state, frames.permute(1, 0, 2, 3)[None], run["guidance_scale"])
+    first = {}
+    orig_predict = model.predict
+
+    def predict(lat, w, step):
+        eps = orig_predict(lat, w, step)
+        first.setdefault("pred", eps)
+        return eps
+
+    model.predict = predict
+    seen = {}
+    plan = DDIM().plan(run["num_inference_steps"])
+    wins = context_windows(run["num_frames"], run["context_frames"], run["context_overlap"])
+    final = denoise(v["in_e2e_init_noise"].clone(), model, plan, wins, run["guidance_scale"],
+                    callback=lambda i, s, e, x: seen.update({f"e2e_step{i}_eps_guided": e, f"e2e_step{i}_latents": x}))
+    pack.check("e2e_first_window_pred", first["pred"])
+    for name, value in seen.items():
+        pack.check(name, value)
+    pack.check("e2e_final_latents", final)
+    lat = final[0].permute(1, 0, 2, 3) / models.config.vae.scaling_factor  # (N, 4, h, w)
+    video = (sub.vae_decode(lat) / 2 + 0.5).clamp(0, 1)
+    pack.check("e2e_video", video.permute(1, 0, 2, 3)[None])
