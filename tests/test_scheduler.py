@@ -1,0 +1,50 @@
+"""DDIM plan and the fused update's reference against diffusers' DDIMScheduler (upstream's scheduler)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from megactor_rt.kernels.ops import ddim_cfg_update_ref
+from megactor_rt.models.scheduler import DDIM, context_windows
+
+
+@pytest.mark.parametrize("steps", [1, 3, 25, 50])
+def test_ddim_matches_diffusers(steps):
+    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
+                        clip_sample=False)
+    ref.set_timesteps(steps)
+    ours = DDIM()
+    assert ours.timesteps(steps) == ref.timesteps.tolist()
+    gen = torch.Generator().manual_seed(steps)
+    x = torch.randn(1, 4, 5, 8, 8, generator=gen)
+    for st in ours.plan(steps):
+        eps = torch.randn(2, 4, 5, 8, 8, generator=gen)
+        counts = torch.ones(5)
+        ours_x = ddim_cfg_update_ref(eps, counts, x, 4.5, st.alpha_t, st.alpha_prev)
+        guided = eps[:1] + 4.5 * (eps[1:] - eps[:1])
+        ref_x = ref.step(guided, st.timestep, x).prev_sample
+        assert torch.allclose(ours_x, ref_x, atol=1e-5, rtol=1e-5)
+        x = ref_x
+
+
+def test_upstream_timesteps_25():
+    ts = DDIM().timesteps(25)
+    assert ts[0] == 961 and ts[-1] == 1 and len(ts) == 25
+
+
+@pytest.mark.parametrize("n,w,o,expected", [
+    (3, 4, 2, [[0, 1, 2]]),
+    (10, 4, 2, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9], [8, 9, 0, 1]]),
+    (5, 4, 0, [[0, 1, 2, 3], [4, 0, 1, 2]]),
+])
+def test_context_windows_wrap(n, w, o, expected):
+    assert context_windows(n, w, o) == expected
+
+
+def test_context_windows_coverage_upstream_numbers():
+    # spec 2.5: N=50, 8/4 -> 13 windows, 104 slots; 16/8 -> 7 windows, 112 slots
+    for w, o, nw, slots in [(8, 4, 13, 104), (16, 8, 7, 112)]:
+        wins = context_windows(50, w, o)
+        assert len(wins) == nw and sum(map(len, wins)) == slots
