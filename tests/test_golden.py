@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from golden_pack import GoldenPack, pack_dir
+
 from megactor_rt.models.clip import clip_pixels
 from megactor_rt.models.scheduler import DDIM, context_windows
 from megactor_rt.models.vae import posterior_sample, vae_decode, vae_moments

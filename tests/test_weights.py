@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_pack import ROOT, GoldenPack, pack_dir
 from safetensors.torch import save_file
 
-from golden_pack import ROOT, GoldenPack, pack_dir
 from megactor_rt.config import full_config
 from megactor_rt.errors import WeightsError
 from megactor_rt.models.clip import hf_vision_config

@@ -1,0 +1,296 @@
+"""Engine cache: one directory per key, a JSON sidecar next to each plan, and foreign-plan detection.
+
+Key = GPU name + compute capability + TensorRT version + precision + ONNX sha256 + shape profile (name and
+min/opt/max shapes). Layout::
+
+    <engine_dir>/<graph name>/<key dir>/engine.plan
+    <engine_dir>/<graph name>/<key dir>/engine.json      # sidecar, written last (it marks the plan complete)
+    <engine_dir>/timing_cache/<device>.cache            # TensorRT timing cache, one per GPU + TRT version
+
+A plan is only deserialized after its sidecar has been read and matched against this machine, and its
+bytes checked against the sidecar's sha256, so a foreign or truncated plan gives ``EngineMismatch`` with a
+'rebuild' message instead of a TensorRT deserialization error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megactor_rt.errors import BackendUnavailable, EngineMismatch
+
+PLAN_NAME = "engine.plan"
+SIDECAR_NAME = "engine.json"
+SIDECAR_FORMAT = 1
+TIMING_CACHE_DIR = "timing_cache"
+REBUILD_HINT = "rebuild it with `megactor-rt build-engines --onnx <onnx dir> --out <engine dir>`"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a TensorRT plan is tied to: the GPU model, its compute capability, the TensorRT version."""
+
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    trt_version: str
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    def describe(self) -> str:
+        cc = ".".join(map(str, self.compute_capability))
+        return f"{self.gpu_name} (compute capability {cc}), TensorRT {self.trt_version}"
+
+    def slug(self) -> str:
+        return f"{_slug(self.gpu_name)}_{self.sm}_trt{self.trt_version}"
+
+    @classmethod
+    def current(cls, device: int | None = None) -> DeviceInfo:
+        """The CUDA device and TensorRT of this process.
+
+        Raises:
+            BackendUnavailable: TensorRT is not importable or no CUDA device is visible.
+        """
+        trt = import_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("TensorRT engines need a CUDA device, and none is visible to torch")
+        index = torch.cuda.current_device() if device is None else device
+        return cls(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)),
+                   str(trt.__version__))
+
+
+def import_tensorrt() -> Any:
+    """Import TensorRT or raise ``BackendUnavailable`` saying how to install it."""
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # ImportError, or a stub package raising at import
+        raise BackendUnavailable(
+            f"TensorRT is not importable ({type(exc).__name__}: {exc}). TensorRT engines need an NVIDIA GPU "
+            "and the TensorRT Python package: pip install 'megactor-rt[tensorrt]' (TensorRT 11, or 10.x), "
+            "or use the 'onnxruntime'/'torch' backend") from exc
+    return trt
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
+
+
+# -- keys ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineKey:
+    """The content key of one plan. ``profile_shapes`` is input name -> [min, opt, max] shapes."""
+
+    device: DeviceInfo
+    precision: str
+    onnx_sha256: str
+    profile_name: str
+    profile_shapes: Mapping[str, Any] = field(hash=False)
+
+    def parts(self) -> dict[str, Any]:
+        return {
+            "gpu_name": self.device.gpu_name,
+            "compute_capability": list(self.device.compute_capability),
+            "trt_version": self.device.trt_version,
+            "precision": self.precision,
+            "onnx_sha256": self.onnx_sha256,
+            "profile_name": self.profile_name,
+            "profile_shapes": {k: [list(s) for s in v] for k, v in sorted(self.profile_shapes.items())},
+        }
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of every key part."""
+        return hashlib.sha256(json.dumps(self.parts(), sort_keys=True).encode()).hexdigest()
+
+    def dirname(self) -> str:
+        """Readable and unique: ``<gpu>_sm90_trt11.1.0.106_fp16_<profile>_<digest[:16]>``."""
+        return f"{self.device.slug()}_{self.precision}_{_slug(self.profile_name)}_{self.digest()[:16]}"
+
+
+def plan_dir(engine_dir: str | Path, graph_name: str, key: EngineKey) -> Path:
+    """Directory holding the plan and sidecar of ``graph_name`` for ``key``."""
+    return Path(engine_dir) / _slug(graph_name) / key.dirname()
+
+
+def timing_cache_path(engine_dir: str | Path, device: DeviceInfo) -> Path:
+    """Persisted TensorRT timing cache for this GPU + TensorRT version."""
+    return Path(engine_dir) / TIMING_CACHE_DIR / f"{device.slug()}.cache"
+
+
+# -- sidecar ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """The JSON sidecar of a plan: what it was built from, for which machine, and what it contains."""
+
+    graph: str
+    submodel: str
+    precision: str
+    profile_name: str
+    profile_shapes: dict[str, list[list[int]]]
+    inputs: dict[str, dict[str, Any]]      # name -> {"dtype": "float16", "shape": [-1, 4, 64, 64]}
+    outputs: dict[str, dict[str, Any]]
+    gpu_name: str
+    compute_capability: list[int]
+    trt_version: str
+    onnx_file: str
+    onnx_sha256: str
+    plan_sha256: str
+    plan_bytes: int
+    key: str
+    build_seconds: float = 0.0
+    built_at: str = ""
+    builder: dict[str, Any] = field(default_factory=dict)  # optimization level, workspace, ...
+    format: int = SIDECAR_FORMAT
+
+    @property
+    def device(self) -> DeviceInfo:
+        return DeviceInfo(self.gpu_name, tuple(self.compute_capability), self.trt_version)
+
+    def engine_key(self) -> EngineKey:
+        return EngineKey(self.device, self.precision, self.onnx_sha256, self.profile_name, self.profile_shapes)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "sidecar") -> EngineRecord:
+        """Parse a sidecar; raises ``EngineMismatch`` (with a rebuild hint) when it is not valid."""
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("top level is not an object")
+            if raw.get("format") != SIDECAR_FORMAT:
+                raise ValueError(f"sidecar format {raw.get('format')!r}, expected {SIDECAR_FORMAT}")
+            names = set(cls.__dataclass_fields__)
+            unknown = set(raw) - names
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}")
+            rec = cls(**raw)
+            if len(rec.compute_capability) != 2 or not all(isinstance(c, int) for c in rec.compute_capability):
+                raise ValueError(f"compute_capability {rec.compute_capability!r} is not [major, minor]")
+            if not isinstance(rec.plan_bytes, int) or not re.fullmatch(r"[0-9a-f]{64}", str(rec.plan_sha256)):
+                raise ValueError("plan_bytes/plan_sha256 missing or malformed")
+        except (ValueError, TypeError) as exc:
+            raise EngineMismatch(f"{where}: corrupt engine sidecar ({exc}); {REBUILD_HINT}") from exc
+        return rec
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plan(directory: Path, plan: bytes, record: EngineRecord) -> None:
+    """Write plan then sidecar (the sidecar's presence marks a complete plan)."""
+    (directory / SIDECAR_NAME).unlink(missing_ok=True)
+    write_atomic(directory / PLAN_NAME, plan)
+    write_atomic(directory / SIDECAR_NAME, record.to_json().encode())
+
+
+def read_sidecar(directory: str | Path) -> EngineRecord:
+    """Read the sidecar of a plan directory (or of the directory holding a given ``engine.plan``).
+
+    Raises:
+        EngineMismatch: missing or corrupt sidecar, with a rebuild hint.
+    """
+    directory = Path(directory)
+    if directory.name == PLAN_NAME:
+        directory = directory.parent
+    path = directory / SIDECAR_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise EngineMismatch(f"{path}: missing engine sidecar, so the plan's origin is unknown; "
+                             f"{REBUILD_HINT}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EngineMismatch(f"{path}: unreadable engine sidecar ({exc}); {REBUILD_HINT}") from exc
+    return EngineRecord.from_json(text, str(path))
+
+
+def device_mismatches(record: EngineRecord, device: DeviceInfo) -> list[str]:
+    """Fields in which the plan's build machine differs from ``device``."""
+    out = []
+    if record.gpu_name != device.gpu_name:
+        out.append(f"GPU '{record.gpu_name}' != '{device.gpu_name}'")
+    if tuple(record.compute_capability) != tuple(device.compute_capability):
+        out.append(f"compute capability {tuple(record.compute_capability)} != {tuple(device.compute_capability)}")
+    if record.trt_version != device.trt_version:
+        out.append(f"TensorRT {record.trt_version} != {device.trt_version}")
+    return out
+
+
+def check_record(record: EngineRecord, device: DeviceInfo, directory: Path,
+                 expected: EngineKey | None = None) -> None:
+    """Raise ``EngineMismatch`` unless the plan was built for ``device`` (and for ``expected``, if given)."""
+    problems = device_mismatches(record, device)
+    if record.key != record.engine_key().digest():
+        problems.append("the sidecar's key does not match its own fields")
+    if expected is not None and not problems and record.key != expected.digest():
+        rk = record.engine_key().parts()
+        problems += [f"{k} {rk[k]!r} != {v!r}" for k, v in expected.parts().items() if rk[k] != v]
+    if problems:
+        raise EngineMismatch(f"plan {directory} was built for {record.device.describe()}, this machine is "
+                             f"{device.describe()}: {'; '.join(problems)}. The plan cannot be used here; "
+                             f"{REBUILD_HINT}")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_plan_file(directory: Path, record: EngineRecord, *, verify_hash: bool = True) -> Path:
+    """Check the plan exists and matches the sidecar's size (and sha256); returns its path."""
+    plan = Path(directory) / PLAN_NAME
+    if not plan.is_file():
+        raise EngineMismatch(f"{plan}: plan file missing; {REBUILD_HINT}")
+    size = plan.stat().st_size
+    if size != record.plan_bytes:
+        raise EngineMismatch(f"{plan}: {size} bytes, the sidecar says {record.plan_bytes} (truncated or "
+                             f"replaced); {REBUILD_HINT}")
+    if verify_hash and sha256_file(plan) != record.plan_sha256:
+        raise EngineMismatch(f"{plan}: content does not match the sidecar's sha256 (corrupt); {REBUILD_HINT}")
+    return plan
+
+
+def load_valid_record(directory: str | Path, device: DeviceInfo, expected: EngineKey | None = None,
+                      *, verify_hash: bool = True) -> EngineRecord:
+    """Sidecar + device + plan-file checks in one call; returns the record or raises ``EngineMismatch``."""
+    directory = Path(directory)
+    record = read_sidecar(directory)
+    check_record(record, device, directory, expected)
+    check_plan_file(directory, record, verify_hash=verify_hash)
+    return record
+
+
+def iter_plan_dirs(engine_dir: str | Path) -> Iterator[Path]:
+    """Every ``<graph>/<key>`` directory under ``engine_dir`` that holds a plan or a sidecar."""
+    root = Path(engine_dir)
+    if not root.is_dir():
+        return
+    for graph_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != TIMING_CACHE_DIR):
+        for key_dir in sorted(p for p in graph_dir.iterdir() if p.is_dir()):
+            if (key_dir / PLAN_NAME).exists() or (key_dir / SIDECAR_NAME).exists():
+                yield key_dir

@@ -1,0 +1,197 @@
+"""Will the TensorRT ONNX parser take this graph? Operator support checked against ``data/trt_onnx_ops.json``.
+
+The JSON is the operator matrix of onnx-tensorrt ``docs/operators.md`` at the commit TensorRT 11.1 ships
+(its provenance is in the file). An operator is unsupported when the parser does not list it, when it lives
+in a custom domain (TensorRT would need a plugin), or when its tensors use a float type the parser does not
+list for it (e.g. an fp16 ``STFT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+_TWO_GIB = 2 << 30
+
+
+@lru_cache(maxsize=1)
+def trt_op_table() -> dict[str, Any]:
+    """The committed operator table (``supported``, ``unsupported``, ``opset_range``, provenance)."""
+    text = resources.files("megactor_rt.export").joinpath("data/trt_onnx_ops.json").read_text()
+    return json.loads(text)
+
+
+def _walk(graph: onnx.GraphProto, functions: dict[tuple[str, str], onnx.FunctionProto],
+          seen: set[tuple[str, str]]) -> Iterator[tuple[onnx.NodeProto, onnx.GraphProto | None]]:
+    """Every node, recursing into subgraph attributes (If/Loop/Scan) and model-local functions."""
+    for node in graph.node:
+        fkey = (node.domain, node.op_type)
+        if fkey in functions:  # the parser inlines model-local functions
+            if fkey not in seen:
+                seen.add(fkey)
+                for inner in functions[fkey].node:
+                    yield from _walk(onnx.helper.make_graph([inner], "f", [], []), functions, seen)
+            continue
+        yield node, graph
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                yield from _walk(sub, functions, seen)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> element type, from inputs/outputs/value_info/initializers of all (sub)graphs."""
+    with contextlib.suppress(Exception):  # >2 GiB protos or odd graphs: use what the file already says
+        model = onnx.shape_inference.infer_shapes(model)
+    types: dict[str, int] = {}
+
+    def visit(g: onnx.GraphProto) -> None:
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type"):
+                types[vi.name] = vi.type.tensor_type.elem_type
+        for init in g.initializer:
+            types[init.name] = init.data_type
+        for node in g.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        types[node.output[0]] = a.t.data_type
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    visit(sub)
+
+    visit(model.graph)
+    return types
+
+
+def scan_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> dict[str, list[str]]:
+    """Unsupported operator -> why (one line per distinct reason, naming an example node).
+
+    Args:
+        model: a loaded model or a path (external data is not loaded).
+        precision: ``'fp16'`` or ``'fp32'``: used for nodes whose tensor types are unknown.
+    """
+    if precision not in ("fp16", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp16', 'fp32' or 'bf16', got {precision!r}")
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    table = trt_op_table()
+    supported = table["supported"]
+    version = table["tensorrt_version"]
+    types = _elem_types(model)
+    functions = {(f.domain, f.name): f for f in model.functions}
+    found: dict[str, list[str]] = {}
+    for node, _ in _walk(model.graph, functions, set()):
+        label = f"node '{node.name or (node.output[0] if node.output else node.op_type)}'"
+        if node.domain not in DEFAULT_DOMAINS:
+            op = f"{node.domain}::{node.op_type}"
+            reason = f"custom domain '{node.domain}' (needs a TensorRT plugin), e.g. {label}"
+        elif node.op_type not in supported:
+            op, reason = node.op_type, f"not supported by the TensorRT {version} ONNX parser, e.g. {label}"
+        else:
+            op, reason = node.op_type, _precision_problem(node, supported[node.op_type], types, precision, version)
+            if reason is None:
+                continue
+            reason += f", e.g. {label}"
+        reasons = found.setdefault(op, [])
+        if not any(r.split(", e.g.")[0] == reason.split(", e.g.")[0] for r in reasons):
+            reasons.append(reason)
+    return found
+
+
+def _precision_problem(node: onnx.NodeProto, entry: dict[str, Any], types: dict[str, int], precision: str,
+                       version: str) -> str | None:
+    if not any(entry.get(p) for p in ("fp32", "fp16", "bf16")):
+        return None  # bool/int/quantized-only ops (And, Not, DequantizeLinear...) are precision-neutral
+    known = {types[n] for n in [*node.input, *node.output] if n in types}
+    used = sorted({_FLOAT_TYPES[t] for t in known if t in _FLOAT_TYPES})
+    if not known:
+        used = [precision]
+    missing = [p for p in used if not entry.get(p)]
+    if missing:
+        return f"no {'/'.join(missing)} support in the TensorRT {version} ONNX parser"
+    return None
+
+
+def unsupported_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> list[str]:
+    """Operator types TensorRT's ONNX parser cannot take, sorted.
+
+    Includes ops inside subgraphs and model-local functions; ops of custom domains are reported as
+    ``'domain::OpType'``; ops whose float tensors use a type the parser does not list for them count too.
+
+    Args:
+        model: a loaded model or a path to an ``.onnx`` file.
+        precision: the graph's precision, used where tensor types cannot be inferred.
+
+    Returns:
+        Sorted unique op types; empty when everything is supported.
+    """
+    return sorted(scan_ops(model, precision))
+
+
+def _model_bytes(path: Path, model: onnx.ModelProto) -> int:
+    """Size of the .onnx file plus its external data files."""
+    total = path.stat().st_size
+    locations = set()
+    for g in _all_graphs(model.graph):
+        for init in g.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                locations |= {e.value for e in init.external_data if e.key == "location"}
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_graphs(sub)
+
+
+def check_trt_ready(path: str | Path, precision: str = "fp16") -> list[str]:
+    """Problems that would stop TensorRT from parsing an exported graph.
+
+    Runs ``onnx.checker`` (with ``full_check`` shape inference when the model with its weights is under
+    2 GiB; by path, without full check, above that), checks the default-domain opset against the parser's
+    range, and lists unsupported operators.
+
+    Args:
+        path: the ``.onnx`` file (external data next to it).
+        precision: the graph's precision.
+
+    Returns:
+        Human-readable problems naming the file; empty when the graph looks ready.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path}: no such ONNX file"]
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf errors have no common base
+        return [f"{path}: not a loadable ONNX model: {exc}"]
+    problems = []
+    try:
+        if _model_bytes(path, model) < _TWO_GIB:
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - ValidationError, InferenceError, missing external data
+        problems.append(f"{path}: onnx.checker failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}")
+    table = trt_op_table()
+    lo, hi = table["opset_range"]
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS and not lo <= imp.version <= hi:
+            problems.append(f"{path}: opset {imp.version} is outside the TensorRT {table['tensorrt_version']} "
+                            f"parser's range {lo}..{hi}")
+    for op, reasons in sorted(scan_ops(model, precision).items()):
+        problems += [f"{path}: op '{op}': {r}" for r in reasons]
+    return problems

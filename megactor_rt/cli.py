@@ -1,0 +1,241 @@
+"""``megactor-rt`` command line: flags -> config -> one library call per subcommand.
+
+Exit codes: 0 success, 2 a clear user-facing error (bad input, missing weights, unavailable backend),
+1 anything unexpected (with traceback under --verbose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from megactor_rt.errors import MegactorError
+
+logger = logging.getLogger("megactor_rt")
+
+HF_REPO = "HVSiniX/RawVideoDriven"
+
+
+def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
+    p.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
+    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (upstream 4.5; 1 disables CFG)")
+    p.add_argument("--window", type=int, default=16, help="context window in frames (upstream 16)")
+    p.add_argument("--overlap", type=int, default=8, help="window overlap in frames (upstream 8)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--reference-timestep", type=int, default=None,
+                   help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
+                        "current t")
+    p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
+                   help="optimized (exact-preserving savings) or reference (upstream evaluation order)")
+    p.add_argument("--max-frames", type=int, default=None, help="use at most this many driving frames")
+    p.add_argument("--no-face-crop", action="store_true",
+                   help="centre crops instead of face-centred crops (portrait and driver)")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="person mask image for the portrait (white = person), replaces the GrabCut mask")
+    p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
+
+
+def _run_config(args: argparse.Namespace):  # noqa: ANN202
+    from megactor_rt.config import AnimateConfig, Mode
+
+    return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
+                         seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
+                         max_frames=args.max_frames)
+
+
+def _report(stats, out: Path) -> None:  # noqa: ANN001
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items())
+    print(f"wrote {out}: {stats.frames} frames in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
+          f"{stats.first_frame_s:.1f}s; {stages})")
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    from megactor_rt.runtime.animator import Animator
+
+    anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
+                                 onnx_dir=args.onnx, config=_run_config(args))
+    stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
+                                 mask=args.mask, audio=not args.no_audio)
+    _report(stats, args.output)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.runtime.animator import Animator
+
+    portrait = args.portrait or ASSETS_DIR / "portrait.png"
+    driver = args.driver or ASSETS_DIR / "driver.mp4"
+    print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
+          "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
+          "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
+    anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args))
+    stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
+                                 audio=not args.no_audio)
+    _report(stats, args.output)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from megactor_rt.weights import convert_release
+
+    dst = convert_release(args.src, args.dst)
+    print(f"converted {args.src} -> {dst}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise MegactorError("huggingface_hub is not installed (pip install huggingface_hub)") from exc
+    try:
+        path = snapshot_download(repo_id=args.repo, local_dir=str(args.out),
+                                 allow_patterns=["weights/checkpoint-steps*.ckpt", "weights/sd-vae-ft-mse/*",
+                                                 "weights/StableDiffusion/image_encoder/*",
+                                                 "weights/StableDiffusion/feature_extractor/*",
+                                                 "weights/StableDiffusion/unet/config.json"])
+    except Exception as exc:  # offline, DNS, auth, missing repo: all mean "could not download"
+        raise MegactorError(
+            f"could not download {args.repo} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "This machine may be offline: copy the released weights/ folder here by other means, then run "
+            "`megactor-rt convert-weights <weights> <dst>`.") from exc
+    print(f"downloaded {args.repo} to {path}; next: megactor-rt convert-weights {Path(path) / 'weights'} DST")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from megactor_rt.doctor import doctor_report
+
+    report = doctor_report(args.weights)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for section, items in report.items():
+            print(f"{section}:")
+            for k, v in items.items():
+                print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from megactor_rt.export.onnx_export import export_all
+
+    summary = export_all(args.weights, args.out, opset=args.opset, precisions=args.precision,
+                         frames=args.window, graphs=args.graphs)
+    for row in summary:
+        print(f"{row['graph']:32s} {row['precision']:5s} {row['size_mb']:9.1f} MB  {row['seconds']:7.1f}s  "
+              f"{row['status']}  {row['file']}")
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from megactor_rt.engine.builder import build_engines
+
+    results = build_engines(args.onnx, args.out, precision=args.precision, profile=args.profile)
+    for r in results:
+        print(r)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from megactor_rt.runtime.bench import run_bench
+
+    run_bench(args.suite, args.out, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megactor-rt", description="Fast inference engine for MegActor v1")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("animate", help="animate a portrait with a driving video")
+    a.add_argument("--portrait", required=True, type=Path)
+    a.add_argument("--driver", required=True, type=Path)
+    a.add_argument("-o", "--output", required=True, type=Path)
+    a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
+    a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime backend)")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    _add_run_flags(a)
+    a.set_defaults(fn=cmd_animate)
+
+    d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
+    d.add_argument("--portrait", type=Path, default=None, help="your portrait (default: the bundled one)")
+    d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
+    d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"))
+    d.add_argument("--device", default=None)
+    _add_run_flags(d, steps=4)
+    d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("convert-weights", help="released weights/ folder -> megactor-rt safetensors layout")
+    c.add_argument("src", type=Path)
+    c.add_argument("dst", type=Path)
+    c.set_defaults(fn=cmd_convert)
+
+    dl = sub.add_parser("download", help=f"snapshot the released weights ({HF_REPO}) from the Hugging Face Hub")
+    dl.add_argument("--repo", default=HF_REPO)
+    dl.add_argument("--out", type=Path, default=Path("megactor-weights"))
+    dl.set_defaults(fn=cmd_download)
+
+    dr = sub.add_parser("doctor", help="what is available here: backends, CUDA, TensorRT, kernels, weights")
+    dr.add_argument("--weights", type=Path, default=None)
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(fn=cmd_doctor)
+
+    e = sub.add_parser("export", help="export every submodel to ONNX (fp32 and fp16)")
+    e.add_argument("--weights", required=True, type=Path, help="converted weights folder, or 'tiny' / 'full' "
+                                                              "for random-weight architectures")
+    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
+    e.add_argument("--window", type=int, default=16, help="the context window length the profiles target")
+    e.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
+    e.set_defaults(fn=cmd_export)
+
+    b = sub.add_parser("build-engines", help="build TensorRT plans for this GPU from exported ONNX")
+    b.add_argument("--onnx", required=True, type=Path)
+    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    b.add_argument("--profile", default=None, help="optimization profile name from the export manifest")
+    b.set_defaults(fn=cmd_build_engines)
+
+    be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
+    be.add_argument("--suite", default="cpu-tiny", help="cpu-tiny, cpu-full-256, gpu-full")
+    be.add_argument("--out", type=Path, default=Path("bench-results"))
+    be.add_argument("--device", default=None)
+    be.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from megactor_rt.progress import set_progress_enabled
+
+        set_progress_enabled(False)
+    try:
+        return args.fn(args)
+    except MegactorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""``megactor-rt doctor``: what this machine can run (backends, CUDA, TensorRT, compiled kernels, weights)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
+    import torch
+
+    from megactor_rt import __version__
+    from megactor_rt.kernels.ops import kernels_status
+    from megactor_rt.runtime.backends import backend_status
+
+    report: dict[str, dict[str, Any]] = {
+        "megactor-rt": {"version": __version__, "python": platform.python_version(), "torch": torch.__version__},
+        "cuda": {"available": torch.cuda.is_available(),
+                 "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+        "backends": {name: ("available: " if ok else "unavailable: ") + reason
+                     for name, (ok, reason) in backend_status().items()},
+        "kernels": {k: str(v) for k, v in kernels_status().items()},
+    }
+    if weights is not None:
+        report["weights"] = _weights_status(Path(weights))
+    return report
+
+
+def _weights_status(path: Path) -> dict[str, Any]:
+    from megactor_rt.weights import MODULE_FILES
+
+    if not path.is_dir():
+        return {"path": str(path), "status": "missing"}
+    files = {name: (path / f"{name}.safetensors").is_file() for name in MODULE_FILES}
+    ok = all(files.values()) and (path / "config.json").is_file()
+    return {"path": str(path), "status": "converted weights found" if ok else "incomplete", **files}

@@ -1,0 +1,208 @@
+"""The public API: ``Animator`` (prepare a portrait once, animate it with any number of driving videos).
+
+    >>> anim = Animator.from_weights("weights/megactor-rt")          # or Animator.demo() (tiny, random)
+    >>> state = anim.prepare("me.png")                               # cached per portrait
+    >>> for frame in anim.animate(state, "meme.mp4"): ...            # (H, W, 3) uint8 frames, streamed
+    >>> anim.animate_to_file("me.png", "meme.mp4", "out.mp4")        # H.264 at the driver's fps + audio
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
+from megactor_rt.kernels.ops import latents_to_uint8
+from megactor_rt.media import VideoWriter, check_output_path, read_image
+from megactor_rt.models.scheduler import DDIM, context_windows
+from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
+from megactor_rt.progress import progress
+from megactor_rt.runtime.cache import PortraitCache
+from megactor_rt.runtime.denoise import denoise
+from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver
+from megactor_rt.runtime.pipeline import RunStats, StageTimer, prefetch
+from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
+from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
+from megactor_rt.runtime.submodels import Submodels, TorchSubmodels
+from megactor_rt.weights import build_models, load_converted
+
+logger = logging.getLogger(__name__)
+
+POSE_BATCH = 16  # driving frames per PoseGuider call
+DECODE_BATCH = 4  # frames per VAE decode call
+ADA_SIZE = 512  # the PoseGuider FiLM branch needs a 512x512 reference
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Animator:
+    """Portrait animation with one set of submodels (one backend) and one run configuration.
+
+    Args:
+        submodels: the backend's networks (``TorchSubmodels``, ``OrtSubmodels``, ...).
+        config: run settings (upstream defaults).
+        cache: portrait cache (a fresh in-memory one by default).
+    """
+
+    def __init__(self, submodels: Submodels, config: AnimateConfig | None = None,
+                 cache: PortraitCache | None = None) -> None:
+        self.sub = submodels
+        self.config = config or AnimateConfig()
+        self.cache = cache if cache is not None else PortraitCache()
+        self.last_stats = RunStats()
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, weights_dir: str | Path, *, backend: str = "torch", device: str | None = None,
+                     precision: Precision | str | None = None, onnx_dir: str | Path | None = None,
+                     config: AnimateConfig | None = None, cache: PortraitCache | None = None) -> Animator:
+        """Load converted weights (``megactor-rt convert-weights``) for ``backend``."""
+        from megactor_rt.runtime.backends import require_backend
+
+        require_backend(backend)
+        dev = torch.device(device) if device else default_device()
+        prec = Precision(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
+        if backend == "torch":
+            sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype)
+        else:
+            from megactor_rt.runtime.onnx_backend import make_graph_submodels
+
+            sub = make_graph_submodels(backend, weights_dir, onnx_dir, dev, prec)
+        return cls(sub, config, cache)
+
+    @classmethod
+    def demo(cls, seed: int = 0, device: str | None = None, config: AnimateConfig | None = None) -> Animator:
+        """A tiny random-weight model (golden-pack architecture, 128 px): exercises the whole pipeline
+        (crop, I/O, audio, fps) without real weights. Its output is NOT a real animation."""
+        models = build_models(tiny_config(), seed=seed)
+        models.weights_id = f"tiny-random-{seed}"
+        return cls(TorchSubmodels(models, device or "cpu", torch.float32), config)
+
+    @property
+    def image_size(self) -> int:
+        return self.sub.config.image_size
+
+    # -- portrait --------------------------------------------------------------------------------------
+    def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
+                        mask: str | Path | None = None) -> PortraitInputs:
+        """Crop the portrait around its face, derive the background mask and the CLIP background image."""
+        name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
+        img = read_image(portrait) if isinstance(portrait, (str, Path)) else np.asarray(portrait)
+        size = self.image_size
+        crop, face = portrait_crop(img, face_crop=face_crop, size=size, source_name=name)
+        image = crop_resize(img, crop, size).to(torch.uint8)  # (3, S, S), truncated like upstream
+        hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        if mask is not None:
+            person = load_user_mask(mask, size, crop=crop)
+        else:
+            face_in_crop = face.to_crop_coords(crop, size) if face is not None else None
+            person = person_mask(hwc, face_in_crop) if face_in_crop is not None else np.zeros((size, size), np.uint8)
+        background, clip_bg = background_inputs(hwc, person)
+        ada = image if size == ADA_SIZE else crop_resize(img, crop, ADA_SIZE).to(torch.uint8)
+        return PortraitInputs(image=image, background_mask=torch.from_numpy(background),
+                              clip_image=torch.from_numpy(clip_bg).permute(2, 0, 1).contiguous(), ada_reference=ada)
+
+    def prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, *, face_crop: bool = True,
+                mask: str | Path | None = None) -> PortraitState:
+        """Everything per-portrait, from the cache when this portrait was prepared before."""
+        inputs = portrait if isinstance(portrait, PortraitInputs) else \
+            self.portrait_inputs(portrait, face_crop=face_crop, mask=mask)
+        key = f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.name}|{self.sub.dtype}|seed={self.config.seed}"
+        state = self.cache.get(key, self.sub.device)
+        if state is None:
+            state = prepare_portrait(self.sub, inputs, self.config.seed, key=key)
+            self.cache.put(state)
+        return state
+
+    # -- animation -------------------------------------------------------------------------------------
+    def animate(self, state: PortraitState, driver: str | Path, *, face_crop: bool = True,
+                config: AnimateConfig | None = None) -> Iterator[np.ndarray]:
+        """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
+
+        Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
+        (stage times, first-frame latency, submodel calls) are in ``self.last_stats``.
+        """
+        cfg = config or self.config
+        stats = self.last_stats = RunStats()
+        timer = StageTimer(stats)
+        calls0 = dict(self.sub.calls)
+        plan = plan_driver(driver, cfg.max_frames, face_crop)
+        latents = self._denoise(state, plan, cfg, timer)
+        for frame in self._decode(latents, timer):
+            timer.frame_out()
+            yield frame
+        stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
+        self.cache.trim()
+
+    def _denoise(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer
+                 ) -> torch.Tensor:
+        sub, n, size = self.sub, plan.num_frames, self.image_size
+        frames = prefetch(iter_driver_inputs(plan, size), depth=8, name="driver-decode")
+        with timer.stage("driver+pose_guider"):
+            if cfg.mode is Mode.REFERENCE:
+                driving = torch.stack(list(frames), dim=1)[None]  # (1, 3, N, S, S)
+                model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep)
+            else:
+                pose = torch.cat([sub.pose_features(torch.stack(b), state.film_scale, state.film_shift)
+                                  for b in _batches(frames, POSE_BATCH)])  # (N, 4, h, w)
+                model = OptimizedPredictor(sub, state, pose.permute(1, 0, 2, 3)[None], cfg.guidance,
+                                           cfg.reference_timestep)
+        h = size // 2 ** (len(sub.config.vae.block_out_channels) - 1)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
+        steps = DDIM(sub.config.scheduler).plan(cfg.steps)
+        with timer.stage("denoise"):
+            return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance)
+
+    def _decode(self, latents: torch.Tensor, timer: StageTimer) -> Iterator[np.ndarray]:
+        scale = self.sub.config.vae.scaling_factor
+        n = latents.shape[2]
+        for i in progress(range(0, n, DECODE_BATCH), desc="decode", unit="batch"):
+            with timer.stage("vae_decode"):
+                z = latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3) / scale  # (b, 4, h, w)
+                frames = latents_to_uint8(self.sub.vae_decode(z)).cpu().numpy()  # (b, S, S, 3)
+            yield from frames
+
+    def animate_to_file(self, portrait: str | Path | np.ndarray, driver: str | Path, output: str | Path, *,
+                        face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
+                        config: AnimateConfig | None = None) -> RunStats:
+        """Prepare + animate + write an H.264 mp4 at the driver's frame rate with its audio.
+
+        The file is written to a temporary name and renamed on success; on any error nothing remains
+        under ``output``.
+        """
+        from megactor_rt.media import probe_video
+
+        out = check_output_path(output)
+        info = probe_video(driver)
+        state = self.prepare(portrait, face_crop=face_crop, mask=mask)
+        hit = self.cache.hits
+        size = self.image_size
+        with VideoWriter(out, info.fps, size, size, audio_source=driver if audio and info.has_audio else None) as w:
+            for frame in prefetch(self.animate(state, driver, face_crop=face_crop, config=config), depth=8,
+                                  name="decode"):
+                w.write(frame)
+        self.last_stats.portrait_cache_hit = hit > 0 and self.cache.hits == hit
+        return self.last_stats
+
+    def with_config(self, **changes: object) -> Animator:
+        """A new Animator sharing submodels and cache with some settings changed."""
+        return Animator(self.sub, replace(self.config, **changes), self.cache)
+
+
+def _batches(items: Iterator[torch.Tensor], size: int) -> Iterator[Sequence[torch.Tensor]]:
+    batch: list[torch.Tensor] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

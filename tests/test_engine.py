@@ -1,0 +1,427 @@
+"""CPU tests of the engine package: manifest, cache keys, sidecars, foreign plans, build skipping, selection.
+
+Nothing here needs TensorRT or a GPU: plans are fake bytes written through the same code path as real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from megactor_rt.engine import builder as builder_mod
+from megactor_rt.engine.builder import BuildOptions, build_engines, make_record, plan_jobs, run_jobs
+from megactor_rt.engine.cache import (
+    PLAN_NAME,
+    SIDECAR_NAME,
+    DeviceInfo,
+    EngineKey,
+    EngineRecord,
+    load_valid_record,
+    read_sidecar,
+    write_plan,
+)
+from megactor_rt.engine.manifest import (
+    GraphEntry,
+    ManifestError,
+    Precision,
+    ProfileShapes,
+    TensorSpec,
+    check_profiles_cover,
+    load_manifest,
+)
+from megactor_rt.engine.runner import TensorRTRunner
+from megactor_rt.engine.select import parse_submodel_list, select_backends
+from megactor_rt.errors import BackendUnavailable, EngineMismatch, InputError
+
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), "11.1.0.106")
+FAKE_IO = {"inputs": {"x": {"dtype": "float16", "shape": [-1, 8]}},
+           "outputs": {"y": {"dtype": "float16", "shape": [-1, 4]}}}
+
+
+# -- fixtures --------------------------------------------------------------------------------------------
+
+def _write_onnx(path: Path) -> str:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT16, [8, 4], [0.5] * 32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny", [x], [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _graph_json(file: str, sha: str, submodel: str = "vae_decoder", precision: str = "fp16") -> dict:
+    return {"file": file, "submodel": submodel, "precision": precision, "sha256": sha,
+            "inputs": {"x": {"dtype": "float16", "shape": ["batch", 8]}},
+            "outputs": {"y": {"dtype": "float16", "shape": ["batch", 4]}},
+            "profiles": {"default": {"x": [[1, 8], [2, 8], [4, 8]]}, "big": {"x": [[1, 8], [8, 8], [16, 8]]}}}
+
+
+@pytest.fixture()
+def onnx_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "onnx"
+    d.mkdir()
+    sha = _write_onnx(d / "vae_decoder.fp16.onnx")
+    manifest = {"format": 1, "graphs": {"vae_decoder_fp16": _graph_json("vae_decoder.fp16.onnx", sha)}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+class FakeBuilder:
+    """Stands in for the TensorRT build: returns fixed bytes and counts calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, job, options, cache_path):
+        self.calls.append(f"{job.graph.name}[{job.profile_name}]")
+        return b"PLAN:" + job.key.digest().encode(), FAKE_IO
+
+
+def _built(onnx_dir: Path, engine_dir: Path, device: DeviceInfo = H100, **opts) -> tuple[list, FakeBuilder]:
+    fake = FakeBuilder()
+    options = BuildOptions(**opts)
+    jobs = plan_jobs(load_manifest(onnx_dir), device, engine_dir, options)
+    return run_jobs(jobs, device, engine_dir, options, fake), fake
+
+
+# -- manifest --------------------------------------------------------------------------------------------
+
+def test_manifest_loads_graphs_and_profiles(onnx_dir: Path) -> None:
+    m = load_manifest(onnx_dir)
+    g = m.graphs["vae_decoder_fp16"]
+    assert g.submodel == "vae_decoder" and g.precision == "fp16"
+    assert g.inputs["x"].shape == ("batch", 8) and g.inputs["x"].dynamic_dims == {0: "batch"}
+    assert g.profile("default")["x"] == ProfileShapes((1, 8), (2, 8), (4, 8))
+    assert g.path == onnx_dir / "vae_decoder.fp16.onnx"
+    assert [x.name for x in m.for_submodel("vae_decoder", "fp16")] == ["vae_decoder_fp16"]
+    with pytest.raises(ManifestError, match="no profile 'w16'.*big"):
+        g.profile("w16")
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda m: m.update(format=2), "'format' must be 1"),
+    (lambda m: m["graphs"]["g"].update(submodel="unet"), "graphs.g: unknown submodel 'unet'"),
+    (lambda m: m["graphs"]["g"].update(sha256="xyz"), "sha256"),
+    (lambda m: m["graphs"]["g"]["inputs"]["x"].update(dtype="float64"), "graphs.g.inputs.x: 'dtype'"),
+    (lambda m: m["graphs"]["g"]["profiles"]["default"].update(x=[[1, 8], [2, 8]]), "must be \\[\\[min\\]"),
+])
+def test_malformed_manifest_names_file_and_field(tmp_path: Path, mutate, message: str) -> None:
+    raw = {"format": 1, "graphs": {"g": _graph_json("g.onnx", "0" * 64)}}
+    mutate(raw)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=message) as info:
+        load_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(info.value)
+
+
+def test_unreadable_or_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no export manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not a readable JSON manifest"):
+        load_manifest(tmp_path)
+
+
+def _graph(inputs: dict[str, tuple], profiles: dict[str, dict[str, tuple]]) -> GraphEntry:
+    specs = {n: TensorSpec(n, "float16", s) for n, s in inputs.items()}
+    profs = {p: {n: ProfileShapes(*map(tuple, t)) for n, t in v.items()} for p, v in profiles.items()}
+    return GraphEntry("g", "g.onnx", "temporal_unet", "fp16", "0" * 64, specs,
+                      {"out": TensorSpec("out", "float16", (1,))}, profs)
+
+
+def test_check_profiles_cover_accepts_a_good_profile() -> None:
+    g = _graph({"lat": (2, 9, "frames", 64, 64), "pose": ("frames", 4, 64, 64), "t": (1,)},
+               {"w16": {"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 64]),
+                        "pose": ([1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64])}})
+    assert check_profiles_cover(g) == []
+
+
+@pytest.mark.parametrize(("profile", "needle"), [
+    ({"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 64])}, "does not cover dynamic input 'pose'"),
+    ({"lat": ([2, 9, 8, 64, 64], [2, 9, 4, 64, 64], [2, 9, 24, 64, 64]),
+      "pose": ([8, 4, 64, 64], [4, 4, 64, 64], [24, 4, 64, 64])}, "min <= opt <= max"),
+    ({"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 32]),
+      "pose": ([1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64])}, "static axis 4 is 64"),
+    ({"lat": ([2, 9, 1, 64], [2, 9, 16, 64], [2, 9, 24, 64]),
+      "pose": ([1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64])}, "rank"),
+    ({"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 64]),
+      "pose": ([1, 4, 64, 64], [8, 4, 64, 64], [24, 4, 64, 64])}, "dim 'frames' is 1/8/24 here but 1/16/24"),
+    ({"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 64]),
+      "pose": ([1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64]), "bogus": ([1], [1], [1])}, "'bogus'"),
+])
+def test_check_profiles_cover_finds_each_problem(profile: dict, needle: str) -> None:
+    g = _graph({"lat": (2, 9, "frames", 64, 64), "pose": ("frames", 4, 64, 64)}, {"p": profile})
+    problems = check_profiles_cover(g)
+    assert any(needle in p for p in problems), problems
+
+
+def test_dynamic_graph_without_profiles_is_a_problem(tmp_path: Path) -> None:
+    assert "no profile" in check_profiles_cover(_graph({"x": ("b", 3)}, {}))[0]
+    raw = {"format": 1, "graphs": {"g": _graph_json("g.onnx", "0" * 64)}}
+    raw["graphs"]["g"]["profiles"]["default"]["x"] = [[4, 8], [2, 8], [1, 8]]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="invalid shape profiles"):
+        load_manifest(tmp_path)
+
+
+# -- keys and sidecars -----------------------------------------------------------------------------------
+
+def test_every_key_part_changes_the_key() -> None:
+    shapes = {"x": [[1, 8], [2, 8], [4, 8]]}
+    base = EngineKey(H100, "fp16", "a" * 64, "default", shapes)
+    variants = [
+        replace(base, device=replace(H100, gpu_name="NVIDIA A100-SXM4-80GB")),
+        replace(base, device=replace(H100, compute_capability=(8, 9))),
+        replace(base, device=replace(H100, trt_version="10.13.0.35")),
+        replace(base, precision="fp32"),
+        replace(base, onnx_sha256="b" * 64),
+        replace(base, profile_name="w16"),
+        replace(base, profile_shapes={"x": [[1, 8], [2, 8], [8, 8]]}),
+    ]
+    digests = {base.digest()} | {v.digest() for v in variants}
+    dirnames = {base.dirname()} | {v.dirname() for v in variants}
+    assert len(digests) == len(variants) + 1
+    assert len(dirnames) == len(variants) + 1
+    assert base.digest() == EngineKey(H100, "fp16", "a" * 64, "default", dict(shapes)).digest()
+    assert base.dirname().startswith("nvidia-h100-80gb-hbm3_sm90_trt11.1.0.106_fp16_default_")
+
+
+def test_sidecar_round_trip(onnx_dir: Path, tmp_path: Path) -> None:
+    results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
+    directory = results[0].directory
+    record = read_sidecar(directory)
+    assert EngineRecord.from_json(record.to_json()) == record
+    assert record.device == H100 and record.submodel == "vae_decoder" and record.profile_name == "default"
+    assert record.inputs == FAKE_IO["inputs"] and record.outputs == FAKE_IO["outputs"]
+    assert record.plan_sha256 == hashlib.sha256((directory / PLAN_NAME).read_bytes()).hexdigest()
+    assert record.key == record.engine_key().digest() and directory.name.endswith(record.key[:16])
+    assert load_valid_record(directory, H100) == record
+
+
+@pytest.mark.parametrize("other", [
+    replace(H100, gpu_name="NVIDIA GeForce RTX 4090"),
+    replace(H100, compute_capability=(8, 9)),
+    replace(H100, trt_version="10.13.0.35"),
+])
+def test_foreign_plan_raises_engine_mismatch_with_rebuild(onnx_dir: Path, tmp_path: Path, other: DeviceInfo) -> None:
+    results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
+    with pytest.raises(EngineMismatch, match="rebuild") as info:
+        load_valid_record(results[0].directory, other)
+    assert "H100" in str(info.value)
+    runner = TensorRTRunner(results[0].directory, device=other)  # reads the sidecar only
+    with pytest.raises(EngineMismatch, match="rebuild"):
+        runner.activate()  # refused before TensorRT is imported
+    assert not runner.is_active
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing_field", "unknown_field", "no_sidecar", "truncated",
+                                    "flipped"])
+def test_corrupt_or_missing_sidecar_or_plan_raises_rebuild(onnx_dir: Path, tmp_path: Path, damage: str) -> None:
+    results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
+    d = results[0].directory
+    side, plan = d / SIDECAR_NAME, d / PLAN_NAME
+    raw = json.loads(side.read_text())
+    if damage == "garbage":
+        side.write_text("{\"format\": 1, oops")
+    elif damage == "missing_field":
+        del raw["plan_sha256"]
+        side.write_text(json.dumps(raw))
+    elif damage == "unknown_field":
+        raw["surprise"] = 1
+        side.write_text(json.dumps(raw))
+    elif damage == "no_sidecar":
+        side.unlink()
+    elif damage == "truncated":
+        plan.write_bytes(plan.read_bytes()[:-3])
+    else:
+        data = bytearray(plan.read_bytes())
+        data[0] ^= 0xFF
+        plan.write_bytes(bytes(data))
+    with pytest.raises(EngineMismatch, match="rebuild"):
+        load_valid_record(d, H100)
+
+
+def test_runner_without_sidecar_is_refused(tmp_path: Path) -> None:
+    (tmp_path / PLAN_NAME).write_bytes(b"foreign plan")
+    with pytest.raises(EngineMismatch, match="missing engine sidecar.*rebuild"):
+        TensorRTRunner(tmp_path / PLAN_NAME, device=H100)
+
+
+# -- build planning and skip logic -----------------------------------------------------------------------
+
+def test_build_skips_valid_plans_and_rebuilds_invalid_ones(onnx_dir: Path, tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    first, fake = _built(onnx_dir, engines)
+    assert sorted(fake.calls) == ["vae_decoder_fp16[big]", "vae_decoder_fp16[default]"]
+    assert {r.status for r in first} == {"built"}
+    assert first[0].directory != first[1].directory  # one directory per profile
+
+    again, fake2 = _built(onnx_dir, engines)
+    assert fake2.calls == [] and {r.status for r in again} == {"skipped"}
+
+    forced, fake3 = _built(onnx_dir, engines, force=True)
+    assert len(fake3.calls) == 2 and {r.status for r in forced} == {"built"}
+
+    (first[0].directory / PLAN_NAME).write_bytes(b"broken")
+    repaired, fake4 = _built(onnx_dir, engines)
+    assert fake4.calls == [f"vae_decoder_fp16[{first[0].profile_name}]"]
+    assert load_valid_record(first[0].directory, H100).plan_bytes > len(b"broken")
+
+    elsewhere, fake5 = _built(onnx_dir, engines, device=replace(H100, trt_version="11.2.0.1"))
+    assert len(fake5.calls) == 2  # another TensorRT version gets its own plans
+    assert {r.directory for r in elsewhere}.isdisjoint({r.directory for r in first})
+
+
+def test_build_refuses_onnx_that_does_not_match_the_manifest(onnx_dir: Path, tmp_path: Path) -> None:
+    with open(onnx_dir / "vae_decoder.fp16.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineMismatch, match="sha256"):
+        _built(onnx_dir, tmp_path / "engines")
+
+
+def test_plan_jobs_filters_by_precision_and_profile(onnx_dir: Path, tmp_path: Path) -> None:
+    m = load_manifest(onnx_dir)
+    jobs = plan_jobs(m, H100, tmp_path, BuildOptions(profile="big"))
+    assert [(j.graph.name, j.profile_name) for j in jobs] == [("vae_decoder_fp16", "big")]
+    assert jobs[0].profile["x"].max == (16, 8)
+    assert jobs[0].key.profile_shapes == {"x": [[1, 8], [8, 8], [16, 8]]}
+    with pytest.raises(InputError, match="no fp32 graphs"):
+        plan_jobs(m, H100, tmp_path, BuildOptions(precision="fp32"))
+    with pytest.raises(InputError, match="no graph has profile 'w16'"):
+        plan_jobs(m, H100, tmp_path, BuildOptions(profile="w16"))
+    with pytest.raises(InputError, match="unknown graphs"):
+        plan_jobs(m, H100, tmp_path, BuildOptions(), graphs=["nope"])
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"precision": "int8"}, "unknown precision"),
+    ({"optimization_level": 6}, "0..5"),
+    ({"workspace_gib": 0}, "workspace"),
+    ({"profile": ""}, "profile"),
+])
+def test_build_options_are_validated(kwargs: dict, needle: str) -> None:
+    with pytest.raises(InputError, match=needle):
+        BuildOptions(**kwargs)
+    assert BuildOptions().precision is Precision.FP16
+
+
+def test_make_record_describes_the_plan(onnx_dir: Path, tmp_path: Path) -> None:
+    job = plan_jobs(load_manifest(onnx_dir), H100, tmp_path, BuildOptions(profile="default"))[0]
+    rec = make_record(job, b"abc", FAKE_IO, 12.5, BuildOptions(optimization_level=5, workspace_gib=8))
+    assert rec.plan_bytes == 3 and rec.plan_sha256 == hashlib.sha256(b"abc").hexdigest()
+    assert rec.builder == {"optimization_level": 5, "workspace_gib": 8, "strongly_typed": True}
+    assert rec.profile_shapes == {"x": [[1, 8], [2, 8], [4, 8]]}
+    assert (rec.gpu_name, rec.compute_capability, rec.trt_version) == ("NVIDIA H100 80GB HBM3", [9, 0], "11.1.0.106")
+    assert rec.onnx_sha256 == job.graph.sha256 and rec.build_seconds == 12.5 and rec.built_at
+
+
+def test_build_engines_without_tensorrt_raises_backend_unavailable(onnx_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail everywhere
+    with pytest.raises(BackendUnavailable, match=r"pip install 'megactor-rt\[tensorrt\]'"):
+        build_engines(onnx_dir, tmp_path / "engines")
+    assert not (tmp_path / "engines").exists()
+
+
+def test_build_engines_drives_the_tensorrt_build(onnx_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeBuilder()
+    monkeypatch.setattr(builder_mod, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: H100))
+    monkeypatch.setattr(builder_mod, "_build_plan_trt", fake)
+    results = build_engines(onnx_dir, tmp_path / "engines", "fp16", "default")
+    assert [r.status for r in results] == ["built"] and fake.calls == ["vae_decoder_fp16[default]"]
+    assert [r.status for r in build_engines(onnx_dir, tmp_path / "engines", profile="default")] == ["skipped"]
+
+
+# -- backend selection -----------------------------------------------------------------------------------
+
+def _trt_ok() -> tuple[bool, str]:
+    return True, "tensorrt 11.1.0.106"
+
+
+def test_select_uses_tensorrt_for_valid_plans_and_fallback_otherwise(onnx_dir: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    engines = tmp_path / "engines"
+    _built(onnx_dir, engines, profile="default")
+    caplog.set_level(logging.INFO, logger="megactor_rt.engine.select")
+    got = select_backends(["vae_decoder", "temporal_unet"], engines, device=H100, tensorrt_status=_trt_ok,
+                          manifest=load_manifest(onnx_dir))
+    assert got["vae_decoder"].backend == "tensorrt" and got["vae_decoder"].plan_dir is not None
+    assert got["temporal_unet"].backend == "onnxruntime" and "no TensorRT plan" in got["temporal_unet"].reason
+    assert "vae_decoder: backend tensorrt" in caplog.text and "temporal_unet: backend onnxruntime" in caplog.text
+
+    forced = select_backends(["vae_decoder"], engines, "reference_net, vae_decoder", fallback="torch",
+                             device=H100, tensorrt_status=_trt_ok)
+    assert forced["vae_decoder"].backend == "torch" and "forced" in forced["vae_decoder"].reason
+
+    other_profile = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, profile="big")
+    assert other_profile["vae_decoder"].backend == "onnxruntime"
+
+
+def test_select_falls_back_on_foreign_plans_and_missing_tensorrt(onnx_dir: Path, tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    _built(onnx_dir, engines, profile="default")
+    a100 = DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), "11.1.0.106")
+    foreign = select_backends(["vae_decoder"], engines, device=a100, tensorrt_status=_trt_ok)["vae_decoder"]
+    assert foreign.backend == "onnxruntime" and "rebuild" in foreign.reason and "H100" in foreign.reason
+
+    no_trt = select_backends(["vae_decoder"], engines, fallback={"vae_decoder": "torch"},
+                             tensorrt_status=lambda: (False, "python module 'tensorrt' is not installed"))
+    assert no_trt["vae_decoder"].backend == "torch" and "not installed" in no_trt["vae_decoder"].reason
+
+    no_dir = select_backends(["vae_decoder"], tmp_path / "nowhere", device=H100, tensorrt_status=_trt_ok)
+    assert no_dir["vae_decoder"].backend == "onnxruntime" and "no engine directory" in no_dir["vae_decoder"].reason
+
+
+def test_select_ignores_plans_of_another_export(onnx_dir: Path, tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    _built(onnx_dir, engines, profile="default")
+    m = load_manifest(onnx_dir)
+    g = m.graphs["vae_decoder_fp16"]
+    newer = replace(m, graphs={g.name: replace(g, sha256="f" * 64)})
+    got = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, manifest=newer)
+    assert got["vae_decoder"].backend == "onnxruntime" and "another export" in got["vae_decoder"].reason
+
+
+def test_fallback_list_parsing_rejects_unknown_names() -> None:
+    assert parse_submodel_list("reference_net, vae_decoder,") == ["reference_net", "vae_decoder"]
+    assert parse_submodel_list(None) == []
+    with pytest.raises(InputError, match="unknown submodels \\['vae'\\]"):
+        parse_submodel_list("reference_net,vae")
+
+
+def test_write_plan_leaves_no_sidecar_when_plan_write_fails(tmp_path: Path, onnx_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
+    d = results[0].directory
+    record = read_sidecar(d)
+
+    def boom(path: Path, data: bytes) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("megactor_rt.engine.cache.write_atomic", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_plan(d, b"new plan", record)
+    assert not (d / SIDECAR_NAME).exists()  # the old sidecar no longer vouches for a half-written plan
+
+
+def test_runner_checks_inputs_against_the_profile_before_running(onnx_dir: Path, tmp_path: Path) -> None:
+    results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
+    runner = TensorRTRunner(results[0].directory, device=H100)
+    assert runner.input_names == ("x",) and runner.output_names == ("y",)
+    import torch
+
+    with pytest.raises(InputError, match=r"shape \[5, 8\]; profile 'default' allows \[1, 8\] .. \[4, 8\]"):
+        runner._check_shape("x", (5, 8))
+    with pytest.raises(InputError, match="the engine takes torch.float16"):
+        runner._prepare_input("x", torch.zeros(2, 8, dtype=torch.int64))
+    runner._check_shape("x", (3, 8))  # inside the profile: no error

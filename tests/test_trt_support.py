@@ -1,0 +1,112 @@
+"""The TensorRT ONNX operator check: passes a graph of supported ops, names the op that is not supported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from megactor_rt.export.trt_support import check_trt_ready, scan_ops, trt_op_table, unsupported_ops
+
+F16 = TensorProto.FLOAT16
+
+
+def _model(nodes: list[onnx.NodeProto], inputs=None, outputs=None, inits=(), opset: int = 17,
+           extra_opsets=()) -> onnx.ModelProto:
+    inputs = inputs or [helper.make_tensor_value_info("x", F16, [2, 8])]
+    outputs = outputs or [helper.make_tensor_value_info("y", F16, [2, 8])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+
+
+def _supported_model() -> onnx.ModelProto:
+    w = helper.make_tensor("w", F16, [8, 8], [0.25] * 64)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["y"], axis=-1)]
+    return _model(nodes, inits=[w])
+
+
+def test_table_has_provenance_and_the_ops_megactor_needs() -> None:
+    table = trt_op_table()
+    assert table["source"]["commit"] == "7c51a63a719180eb5160c874c111746f3fb46a6b"
+    assert table["tensorrt_version"].startswith("11.") and table["retrieved"] == "2026-11-25"
+    for op in ["Conv", "MatMul", "Softmax", "GroupNormalization", "LayerNormalization", "Resize", "Einsum", "Gelu"]:
+        assert table["supported"][op]["fp16"], op
+    assert "Unique" in table["unsupported"] and "Unique" not in table["supported"]
+    assert table["supported"]["STFT"] == {**table["supported"]["STFT"], "fp32": True, "fp16": False}
+
+
+def test_supported_graph_passes(tmp_path: Path) -> None:
+    model = _supported_model()
+    assert unsupported_ops(model) == []
+    path = tmp_path / "ok.onnx"
+    onnx.save(model, str(path))
+    assert check_trt_ready(path) == []
+
+
+def test_unsupported_op_is_named(tmp_path: Path) -> None:
+    model = _supported_model()
+    model.graph.node.append(helper.make_node("Unique", ["y"], ["u"], name="dedupe"))
+    model.graph.output.append(helper.make_tensor_value_info("u", F16, ["n"]))
+    assert unsupported_ops(model) == ["Unique"]
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    problems = check_trt_ready(path)
+    assert len(problems) == 1 and "op 'Unique'" in problems[0] and "node 'dedupe'" in problems[0]
+
+
+def test_custom_domain_op_is_reported() -> None:
+    node = helper.make_node("FusedAttention", ["x"], ["y"], domain="com.megactor")
+    model = _model([node], extra_opsets=[helper.make_opsetid("com.megactor", 1)])
+    assert unsupported_ops(model) == ["com.megactor::FusedAttention"]
+    assert "plugin" in scan_ops(model)["com.megactor::FusedAttention"][0]
+
+
+def test_unsupported_op_inside_a_subgraph_is_found() -> None:
+    then_out = helper.make_tensor_value_info("t", F16, [2, 8])
+    else_out = helper.make_tensor_value_info("e", F16, [2, 8])
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [then_out])
+    else_g = helper.make_graph([helper.make_node("MaxUnpool", ["x", "idx"], ["e"], kernel_shape=[2])],
+                               "else", [], [else_out])
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    model = _model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                   inputs=[helper.make_tensor_value_info("x", F16, [2, 8]), cond])
+    assert unsupported_ops(model) == ["MaxUnpool"]
+
+
+def test_precision_matters_for_fp32_only_ops() -> None:
+    node = helper.make_node("STFT", ["x", "step"], ["y"])
+    step = helper.make_tensor("step", TensorProto.INT64, [], [4])
+    fp16 = _model([node], inits=[step])
+    assert unsupported_ops(fp16) == ["STFT"]
+    assert "no fp16 support" in scan_ops(fp16)["STFT"][0]
+    fp32 = _model([node], inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 1])],
+                  outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits=[step])
+    assert unsupported_ops(fp32, precision="fp32") == []
+    # bool-only ops are precision-neutral
+    andm = _model([helper.make_node("And", ["a", "b"], ["y"])],
+                  inputs=[helper.make_tensor_value_info(n, TensorProto.BOOL, [2]) for n in "ab"],
+                  outputs=[helper.make_tensor_value_info("y", TensorProto.BOOL, [2])])
+    assert unsupported_ops(andm) == []
+    with pytest.raises(ValueError, match="precision"):
+        unsupported_ops(andm, precision="int8")
+
+
+def test_checker_and_opset_problems_are_reported(tmp_path: Path) -> None:
+    broken = _model([helper.make_node("Relu", ["nope"], ["y"])])  # input never produced
+    p = tmp_path / "broken.onnx"
+    onnx.save(broken, str(p))
+    problems = check_trt_ready(p)
+    assert any("onnx.checker failed" in x for x in problems), problems
+
+    old = _supported_model()
+    old.opset_import[0].version = 8
+    p2 = tmp_path / "old.onnx"
+    onnx.save(old, str(p2))
+    assert any("opset 8 is outside" in x for x in check_trt_ready(p2))
+
+    assert "no such ONNX file" in check_trt_ready(tmp_path / "missing.onnx")[0]
+    (tmp_path / "junk.onnx").write_bytes(b"\x01\x02not a model")
+    assert "not a loadable ONNX model" in check_trt_ready(tmp_path / "junk.onnx")[0]
