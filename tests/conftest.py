@@ -7,7 +7,6 @@ import importlib.util
 import pytest
 
 
-
 def _trt_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (it cannot be installed in this project's CI)"

@@ -1,0 +1,169 @@
+"""Benchmark the fused kernels (megactor_rt.kernels) against their PyTorch references on one GPU.
+
+For each scenario: median time (CUDA events, after warm-up) of the fused op and of op_ref, the
+achieved bandwidth over the op's minimal memory traffic, and that bandwidth as a fraction of the
+device's measured copy bandwidth (a large device-to-device copy). Writes bench_kernels.json and
+bench_kernels.md to --out.
+
+    python bench/bench_kernels.py --out out/bench
+
+Without a CUDA GPU it prints that and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megactor_rt.kernels import _lib
+
+from megactor_rt import kernels as K
+
+
+@dataclass
+class Scenario:
+    name: str
+    bytes_moved: int  # minimal traffic: every input byte read once, every output byte written once
+    fused: Callable[[], object]
+    ref: Callable[[], object]
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() over iters runs, each timed with its own pair of CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(warmup: int, iters: int, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write) in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup, iters)
+    return 2 * nbytes / ms / 1e6
+
+
+def scenarios() -> list[Scenario]:
+    out: list[Scenario] = []
+    frame = torch.randint(0, 256, (1080, 1920, 3), dtype=torch.uint8, device="cuda")  # (H, W, 3)
+    crop, keep = (100, 500, 900, 1300), (0, 40, 512, 472)
+    for dtype in (torch.float16, torch.float32):
+        res = torch.empty(3, 512, 512, dtype=dtype)
+        moved = 800 * 800 * 3 + _nbytes(res)
+        out.append(
+            Scenario(
+                f"preprocess_frame 1080x1920 crop800->512 {dtype}",
+                moved,
+                lambda d=dtype: K.preprocess_frame_cuda(frame, crop, keep, 512, d),
+                lambda d=dtype: K.preprocess_frame_ref(frame, crop, keep, 512, d),
+            )
+        )
+    for frames in (16, 48):
+        for dtype in (torch.float16, torch.float32):
+            eps_sum = torch.randn(2, 4, frames, 64, 64, device="cuda", dtype=dtype)  # (2, C, N, H, W)
+            lat = torch.randn(1, 4, frames, 64, 64, device="cuda", dtype=dtype)  # (1, C, N, H, W)
+            counts = torch.full((frames,), 2.0, device="cuda")
+            moved = _nbytes(eps_sum, lat, lat, counts)
+            out.append(
+                Scenario(
+                    f"ddim_cfg_update (2,4,{frames},64,64) {dtype}",
+                    moved,
+                    lambda e=eps_sum, x=lat, c=counts: K.ddim_cfg_update_cuda(e, c, x, 7.5, 0.3, 0.4),
+                    lambda e=eps_sum, x=lat, c=counts: K.ddim_cfg_update_ref(e, c, x, 7.5, 0.3, 0.4),
+                )
+            )
+    for dtype in (torch.float16, torch.float32):
+        images = torch.rand(16, 3, 512, 512, device="cuda", dtype=dtype) * 2 - 1  # (N, 3, H, W)
+        moved = _nbytes(images) + images.numel()
+        out.append(
+            Scenario(
+                f"latents_to_uint8 (16,3,512,512) {dtype}",
+                moved,
+                lambda i=images: K.latents_to_uint8_cuda(i),
+                lambda i=images: K.latents_to_uint8_ref(i),
+            )
+        )
+    return out
+
+
+def run(warmup: int, iters: int) -> dict:
+    copy_gbs = copy_bandwidth_gbs(warmup, iters)
+    lib = _lib.cuda_lib()
+    rows = []
+    for sc in scenarios():
+        ref_ms = time_ms(sc.ref, warmup, iters)
+        fused_ms = time_ms(sc.fused, warmup, iters) if lib.available else float("nan")
+        row = {"scenario": sc.name, "bytes": sc.bytes_moved, "fused_ms": fused_ms, "ref_ms": ref_ms}
+        row["fused_gbs"] = sc.bytes_moved / fused_ms / 1e6
+        row["ref_gbs"] = sc.bytes_moved / ref_ms / 1e6
+        row["fused_frac_of_copy"] = row["fused_gbs"] / copy_gbs
+        row["speedup"] = ref_ms / fused_ms
+        rows.append(row)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "kernels": _lib.kernels_status(),
+        "copy_gbs": copy_gbs,
+        "warmup": warmup,
+        "iters": iters,
+        "results": rows,
+    }
+
+
+def to_markdown(report: dict) -> str:
+    lines = [
+        f"Device: {report['device']}; copy bandwidth {report['copy_gbs']:.0f} GB/s; "
+        f"median of {report['iters']} runs after {report['warmup']} warm-up",
+        "",
+        "| scenario | fused ms | fused GB/s | % of copy | ref ms | ref GB/s | speedup |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['scenario']} | {r['fused_ms']:.4f} | {r['fused_gbs']:.0f} | {100 * r['fused_frac_of_copy']:.0f}% "
+            f"| {r['ref_ms']:.4f} | {r['ref_gbs']:.0f} | {r['speedup']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="directory for JSON + markdown")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("No CUDA GPU available: nothing to benchmark.")
+        return 0
+    report = run(args.warmup, args.iters)
+    if not report["kernels"]["available"]:
+        print(f"Fused kernels unavailable ({report['kernels']['reason']}); timing references only.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_kernels.json").write_text(json.dumps(report, indent=2, default=str))
+    md = to_markdown(report)
+    (args.out / "bench_kernels.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

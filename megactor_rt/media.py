@@ -1,0 +1,506 @@
+"""Media I/O: portrait images (Pillow), driving-video decode and result-video encode (PyAV).
+
+Frames cross this module's boundary as numpy ``(H, W, 3)`` uint8 RGB arrays.
+
+Behaviour on bad input (every case raises :class:`~megactor_rt.errors.InputError` naming the file):
+
+* images: missing, unreadable, not an image, smaller than 64 px or larger than 8192 px on a side;
+* videos: missing, unreadable, no video stream, zero decodable frames;
+* a video that breaks off mid-stream (truncated download, corrupt packets) raises when the break is
+  reached, after the frames before it were yielded; a clean end of stream well short of the frame count
+  the header announces counts as a break too (raised after the last decoded frame). A consumer that writes through :class:`VideoWriter`
+  therefore loses nothing: the exception discards the temporary output. Pass ``strict=False`` to
+  :func:`iter_video_frames` to log a warning and stop at the break instead.
+
+Outputs are written to a hidden temporary file in the destination folder and renamed onto the final
+name only after the container was closed successfully; no partial file ever carries the final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from megactor_rt.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+MIN_IMAGE_SIDE = 64
+MAX_IMAGE_SIDE = 8192
+
+# Output containers we write, and the audio codecs each accepts without transcoding.
+_AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
+    ".mp4": frozenset({"aac", "mp3", "alac", "ac3", "eac3"}),
+    ".m4v": frozenset({"aac", "mp3", "alac", "ac3", "eac3"}),
+    ".mov": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le"}),
+    ".mkv": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "vorbis", "flac", "pcm_s16le"}),
+}
+# H.264 encoders in order of preference; mpeg4 (part 2) is the last resort every FFmpeg build has.
+_VIDEO_ENCODERS = ("libx264", "libopenh264", "mpeg4")
+
+PathLike = str | os.PathLike[str]
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read a still image as RGB.
+
+    RGBA/LA and palette images lose their alpha the way ``PIL.Image.convert("RGB")`` does (alpha is
+    dropped, not composited); greyscale (8 or 16 bit) is replicated to three channels. EXIF orientation
+    is applied (upstream ignored it; a rotated phone photo would otherwise lose its face).
+
+    Args:
+        path: PNG, JPEG, WebP, BMP or any other format Pillow reads.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        InputError: the file is missing, unreadable, not an image, or a side is outside 64..8192 px.
+    """
+    path = Path(path)
+    _require_file(path, "image")
+    try:
+        with Image.open(path) as im:
+            _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{path}: image is corrupt or truncated ({exc})") from exc
+    _check_image_size(path, rgb.size)  # EXIF rotation swaps sides, limits are symmetric anyway
+    return np.asarray(rgb, dtype=np.uint8).copy()  # (H, W, 3)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """``convert("RGB")``, except that 16/32-bit greyscale is scaled to 8 bit instead of clipped to white."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        grey = np.asarray(im).astype(np.float64)  # (H, W)
+        if grey.max() > 255:
+            grey = grey * (255 / 65535)
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def _check_image_size(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise InputError(f"{path}: image is {width}x{height} px; each side must be at least {MIN_IMAGE_SIDE} px")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise InputError(f"{path}: image is {width}x{height} px; each side must be at most {MAX_IMAGE_SIDE} px")
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: {what} file does not exist")
+    if not path.is_file():
+        raise InputError(f"{path}: {what} path is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: {what} file is not readable (permission denied)")
+
+
+# ---------------------------------------------------------------------------------------------- probing
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` learns from a container header without decoding.
+
+    Attributes:
+        path: the probed file.
+        width: frame width in pixels.
+        height: frame height in pixels.
+        fps: the container's average frame rate, exact.
+        num_frames: frame count from the header, or None where the container does not record it.
+        has_audio: whether the file has at least one audio stream.
+        duration_s: duration in seconds (video stream, else container), or None if unknown.
+    """
+
+    path: Path
+    width: int
+    height: int
+    fps: Fraction
+    num_frames: int | None
+    has_audio: bool
+    duration_s: float | None
+
+
+def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
+    _require_file(path, what)
+    try:
+        return av.open(str(path), mode="r")
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable {what} file ({exc})") from exc
+
+
+def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return Fraction(rate.numerator, rate.denominator)
+    raise InputError(f"{path}: the video stream has no usable frame rate")
+
+
+def probe_video(path: PathLike) -> VideoInfo:
+    """Read a video's header: size, exact frame rate, frame count, audio presence, duration.
+
+    Args:
+        path: any container/codec FFmpeg (PyAV) can demux.
+
+    Returns:
+        The :class:`VideoInfo`.
+
+    Raises:
+        InputError: missing or unreadable file, or no video stream in it.
+    """
+    path = Path(path)
+    with _open_input(path) as container:
+        if not container.streams.video:
+            raise InputError(f"{path}: the file has no video stream")
+        stream = container.streams.video[0]
+        if not stream.codec_context.width or not stream.codec_context.height:
+            raise InputError(f"{path}: the video stream has no frame size (corrupt header?)")
+        duration_s: float | None = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / av.time_base
+        return VideoInfo(
+            path=path,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=_stream_fps(path, stream),
+            num_frames=stream.frames if stream.frames > 0 else None,
+            has_audio=bool(container.streams.audio),
+            duration_s=duration_s,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: bool = True
+                      ) -> Iterator[np.ndarray]:
+    """Decode a video frame by frame (streaming; never holds the whole clip).
+
+    Args:
+        path: the video file.
+        max_frames: stop after this many frames (None: all).
+        strict: when the stream breaks off after some frames were decoded (truncated or corrupt file,
+            or fewer frames than the header announces), raise (True, default) or log a warning and stop
+            (False). A file that yields no frame at all always raises. With ``max_frames`` the check
+            only covers the frames actually read.
+
+    Yields:
+        ``(H, W, 3)`` uint8 RGB frames in presentation order.
+
+    Raises:
+        InputError: unreadable file, no video stream, zero frames, or (strict) a mid-stream break.
+    """
+    path = Path(path)
+    if max_frames is not None and max_frames <= 0:
+        return
+    count = 0
+    with _open_input(path) as container:
+        if not container.streams.video:
+            raise InputError(f"{path}: the file has no video stream")
+        stream = container.streams.video[0]
+        # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except (av.error.FFmpegError, OSError, ValueError) as exc:
+                if count == 0:
+                    raise InputError(f"{path}: no decodable video frame ({exc})") from exc
+                if strict:
+                    raise InputError(f"{path}: video is truncated or corrupt after frame {count} ({exc})") from exc
+                logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
+                               "decoded so far", path, count, exc, count)
+                return
+            yield frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+            count += 1
+            if max_frames is not None and count >= max_frames:
+                return
+        if count == 0:
+            raise InputError(f"{path}: the video stream contains no decodable frames")
+        _check_complete(path, stream.frames, count, strict)
+
+
+def _check_complete(path: Path, announced: int, decoded: int, strict: bool) -> None:
+    """A clean EOF well short of the header's frame count means the file was cut off (no moov error)."""
+    if announced <= 0 or decoded >= announced:
+        return
+    message = f"{path}: video is truncated: the header announces {announced} frames but only {decoded} decode"
+    # Edit lists may legitimately hide a frame or two; a cut-off file misses many more.
+    if strict and announced - decoded > max(2, announced // 100):
+        raise InputError(message)
+    logger.warning("%s; using the %d decoded frames", message, decoded)
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def check_output_path(path: PathLike) -> Path:
+    """Check, before any work, that a result video can be written to ``path``.
+
+    Args:
+        path: destination file; its suffix picks the container (.mp4, .m4v, .mov, .mkv).
+
+    Returns:
+        ``path`` as an absolute :class:`Path`.
+
+    Raises:
+        InputError: unsupported suffix, missing or unwritable folder, or ``path`` is a directory.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.suffix.lower() not in _AUDIO_COPY_CODECS:
+        raise InputError(f"{path}: unsupported output format {path.suffix!r}; use one of "
+                         f"{', '.join(sorted(_AUDIO_COPY_CODECS))}")
+    if path.is_dir():
+        raise InputError(f"{path}: output path is a directory")
+    parent = path.parent
+    if not parent.exists():
+        raise InputError(f"{path}: output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"{path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{path}: existing output file is not writable")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _video_encoder() -> str:
+    for name in _VIDEO_ENCODERS:
+        try:
+            av.codec.Codec(name, "w")
+        except (av.error.FFmpegError, ValueError):
+            continue
+        if name != _VIDEO_ENCODERS[0]:
+            logger.warning("libx264 is not available in this PyAV build; encoding with %s instead", name)
+        return name
+    raise RuntimeError(f"PyAV has none of the video encoders {_VIDEO_ENCODERS}")
+
+
+def _head_samples(frame: av.AudioFrame, keep: int) -> av.AudioFrame:
+    """The first ``keep`` samples of an audio frame (planar: (C, N) arrays; packed: (1, N*C))."""
+    data: Any = frame.to_ndarray()
+    per_sample = 1 if frame.format.is_planar else len(frame.layout.channels)
+    head = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, : keep * per_sample]),
+                                      format=frame.format.name, layout=frame.layout)
+    head.sample_rate = frame.sample_rate
+    return head
+
+
+class VideoWriter:
+    """Encode RGB frames to an H.264 (yuv420p) video at an exact frame rate, optionally with audio.
+
+    Frames go to a hidden temporary file beside ``path``. :meth:`close` (or a clean ``with`` exit)
+    muxes the first audio stream of ``audio_source`` trimmed to the video's duration (packets copied
+    when the codec fits the container, e.g. MP3/AAC into MP4; otherwise transcoded to AAC) and renames
+    the file onto ``path``. An exception inside the ``with`` block, or :meth:`abort`, deletes it.
+
+    Example:
+        >>> with VideoWriter("out.mp4", Fraction(30), 512, 512, audio_source="driver.mp4") as w:
+        ...     for frame in frames:
+        ...         w.write(frame)
+    """
+
+    def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
+                 audio_source: PathLike | None = None, crf: int = 18) -> None:
+        """Open the temporary output and set up streams.
+
+        Args:
+            path: final destination (.mp4/.m4v/.mov/.mkv).
+            fps: exact frame rate; frame i is stamped i/fps.
+            width: frame width (even).
+            height: frame height (even).
+            audio_source: a media file whose first audio stream is carried over, or None.
+            crf: libx264 constant rate factor (lower = better; 18 is visually lossless).
+
+        Raises:
+            InputError: the destination is unwritable or ``audio_source`` is unreadable.
+            ValueError: non-positive fps, odd or non-positive frame size.
+        """
+        self.path = check_output_path(path)
+        self.fps = Fraction(fps)
+        if self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"frame size must be positive and even for yuv420p, got {width}x{height}")
+        self.width, self.height = width, height
+        self.frames_written = 0
+        self._audio_in: av.container.InputContainer | None = None
+        self._audio_in_stream: av.audio.stream.AudioStream | None = None
+        self._audio_copy = False
+        self._closed = False
+        if audio_source is not None:
+            self._open_audio_source(Path(audio_source))
+        self._tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
+        try:
+            self._setup_output(crf)
+        except BaseException:
+            self._discard()
+            raise
+
+    # -- setup
+
+    def _open_audio_source(self, source: Path) -> None:
+        container = _open_input(source, what="audio source")
+        if not container.streams.audio:
+            container.close()
+            logger.info("%s has no audio stream; the output will be silent", source)
+            return
+        self._audio_in, self._audio_in_stream = container, container.streams.audio[0]
+
+    def _setup_output(self, crf: int) -> None:
+        options = {"movflags": "+faststart"} if self.path.suffix.lower() != ".mkv" else {}
+        self._out = av.open(str(self._tmp), mode="w", container_options=options)
+        encoder = _video_encoder()
+        stream = cast(av.video.stream.VideoStream, self._out.add_stream(encoder, rate=self.fps))
+        stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+        stream.time_base = self._frame_tb = 1 / self.fps  # the muxer changes stream.time_base later
+        if encoder == "libx264":
+            stream.options = {"crf": str(crf), "preset": "medium"}
+        self._video = stream
+        if self._audio_in_stream is not None:
+            self._setup_audio_stream(self._audio_in_stream)
+
+    def _setup_audio_stream(self, src: av.audio.stream.AudioStream) -> None:
+        codec = src.codec_context.codec.canonical_name  # "mp3", not the decoder name "mp3float"
+        self._audio_copy = codec in _AUDIO_COPY_CODECS[self.path.suffix.lower()]
+        if self._audio_copy:
+            self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream_from_template(src))
+        else:
+            logger.info("transcoding audio %s to AAC", codec)
+            self._audio_out = cast(av.audio.stream.AudioStream,
+                                   self._out.add_stream("aac", rate=src.codec_context.sample_rate or 44100))
+            # by channel count: sources may carry unordered layouts ("1 channels") that AAC rejects
+            self._audio_out.layout = "mono" if src.codec_context.channels == 1 else "stereo"
+
+    # -- writing
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one frame.
+
+        Args:
+            frame: ``(height, width, 3)`` uint8 RGB.
+
+        Raises:
+            ValueError: wrong shape or dtype, or the writer is closed.
+        """
+        if self._closed:
+            raise ValueError(f"{self.path}: VideoWriter is closed")
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, got "
+                             f"{frame.shape} {frame.dtype}")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        vf = vf.reformat(format="yuv420p")
+        vf.pts, vf.time_base = self.frames_written, self._frame_tb
+        self._out.mux(self._video.encode(vf))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        """Flush the encoder, mux the audio, close the file and rename it onto ``path``.
+
+        Raises:
+            ValueError: no frame was written (the temporary file is removed).
+        """
+        if self._closed:
+            return
+        try:
+            if self.frames_written == 0:
+                raise ValueError(f"{self.path}: no frames were written")
+            self._out.mux(self._video.encode(None))
+            if self._audio_in is not None and self._audio_in_stream is not None:
+                self._mux_audio(self._audio_in, self._audio_in_stream, Fraction(self.frames_written) / self.fps)
+            self._out.close()
+            self._close_audio_in()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+        self._closed = True
+        logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
+
+    def abort(self) -> None:
+        """Close without publishing: the temporary file is deleted and ``path`` is left untouched."""
+        if not self._closed:
+            self._discard()
+
+    def _discard(self) -> None:
+        self._closed = True
+        out = getattr(self, "_out", None)
+        if out is not None:
+            try:
+                out.close()
+            except (av.error.FFmpegError, OSError, ValueError) as exc:
+                logger.debug("ignoring error while closing aborted output: %s", exc)
+        self._close_audio_in()
+        self._tmp.unlink(missing_ok=True)
+
+    def _close_audio_in(self) -> None:
+        if self._audio_in is not None:
+            self._audio_in.close()
+            self._audio_in = None
+
+    # -- audio
+
+    def _mux_audio(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream,
+                   duration: Fraction) -> None:
+        """Carry the source audio over for ``[0, duration)`` s (copy: whole packets; transcode: exact)."""
+        tb = src.time_base or Fraction(1, src.codec_context.sample_rate or 1)
+        start = (src.start_time or 0) * tb
+        if self._audio_copy:
+            for packet in source.demux(src):
+                if packet.pts is None or packet.size == 0:
+                    continue  # flush packet
+                if packet.pts * tb - start >= duration:
+                    break
+                packet.stream = self._audio_out
+                self._out.mux(packet)
+            return
+        done = 0  # samples passed to the encoder
+        for frame in source.decode(src):
+            t0 = frame.pts * tb - start if frame.pts is not None else Fraction(done, frame.sample_rate)
+            keep = math.ceil((duration - t0) * frame.sample_rate)
+            if keep <= 0:
+                break
+            if keep < frame.samples:
+                frame = _head_samples(frame, keep)
+            frame.pts = None  # let the encoder number samples contiguously from 0
+            done += frame.samples
+            self._out.mux(self._audio_out.encode(frame))
+        self._out.mux(self._audio_out.encode(None))
+
+    # -- context manager
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,404 @@
+"""Media I/O: image reading, video probing/decoding, VideoWriter (exact fps, audio, atomic output)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.errors import InputError
+from megactor_rt.media import (
+    VideoWriter,
+    _check_complete,
+    check_output_path,
+    iter_video_frames,
+    probe_video,
+    read_image,
+)
+
+PORTRAIT = ASSETS_DIR / "portrait.png"
+DRIVER = ASSETS_DIR / "driver.mp4"
+
+
+def _frames(n: int, size: int = 64) -> list[np.ndarray]:
+    """Distinct synthetic frames: a bright square moving left to right."""
+    out = []
+    for i in range(n):
+        f = np.full((size, size, 3), 40, np.uint8)
+        x = (i * 3) % (size - 16)
+        f[24:40, x:x + 16] = (250, 200, 30)
+        out.append(f)
+    return out
+
+
+def _write_clip(path: Path, n: int = 20, fps: int = 25, audio: bool = True, size: int = 64) -> Path:
+    """A synthetic H.264 clip, optionally with a 440 Hz AAC sine track covering the whole clip."""
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=fps)
+        vs.width = vs.height = size
+        vs.pix_fmt = "yuv420p"
+        if audio:
+            aus = c.add_stream("aac", rate=16000)
+            aus.layout = "mono"
+        for f in _frames(n, size):
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(vs.encode(None))
+        if audio:
+            samples = int(16000 * (n / fps + 0.5))
+            t = np.arange(samples) / 16000
+            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]  # (1, samples) fltp mono
+            for start in range(0, samples, 1024):
+                af = av.AudioFrame.from_ndarray(wave[:, start:start + 1024], format="fltp", layout="mono")
+                af.sample_rate = 16000
+                af.pts = start
+                c.mux(aus.encode(af))
+            c.mux(aus.encode(None))
+    return path
+
+
+def _reread(path: Path) -> tuple[int, Fraction, bool, str | None]:
+    """(decoded frame count, average rate, has audio, audio codec) via plain PyAV."""
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        rate = Fraction(vs.average_rate)
+        audio = c.streams.audio[0].codec_context.codec.canonical_name if c.streams.audio else None
+        n = sum(1 for _ in c.decode(vs))
+    return n, rate, audio is not None, audio
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def test_read_real_portrait() -> None:
+    img = read_image(PORTRAIT)
+    assert img.shape == (844, 768, 3) and img.dtype == np.uint8
+    assert img.std() > 10  # not blank
+
+
+@pytest.mark.parametrize("mode,suffix", [("RGBA", ".png"), ("L", ".png"), ("P", ".png"),
+                                         ("RGB", ".jpg"), ("RGB", ".webp"), ("RGB", ".bmp")])
+def test_read_image_modes(tmp_path: Path, mode: str, suffix: str) -> None:
+    rgb = np.zeros((80, 96, 3), np.uint8)
+    rgb[:, :48] = (200, 100, 50)
+    im = Image.fromarray(rgb).convert(mode)
+    if mode == "RGBA":
+        im.putalpha(0)  # fully transparent: alpha must be dropped, not composited
+    path = tmp_path / f"img{suffix}"
+    im.save(path)
+    out = read_image(path)
+    assert out.shape == (80, 96, 3) and out.dtype == np.uint8
+    expected = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(out, expected)
+    if mode == "L":
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    if mode == "RGBA":
+        assert tuple(out[0, 0]) == (200, 100, 50)
+
+
+def test_read_16bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
+    grey16 = (np.arange(80 * 90).reshape(80, 90) * 9).astype(np.uint16)  # 0..64791
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    out = read_image(tmp_path / "g16.png")
+    assert out.shape == (80, 90, 3)
+    assert np.abs(out[..., 0].astype(int) - (grey16 >> 8)).max() <= 1
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    im = Image.new("RGB", (100, 70), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "phone.jpg", exif=exif)
+    assert read_image(tmp_path / "phone.jpg").shape == (100, 70, 3)
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "tiny", "huge", "truncated"])
+def test_read_image_bad(tmp_path: Path, case: str) -> None:
+    path = tmp_path / f"bad_{case}.png"
+    if case == "text":
+        path.write_text("this is not an image")
+    elif case == "tiny":
+        Image.new("RGB", (32, 32)).save(path)
+    elif case == "huge":
+        Image.new("L", (8200, 70)).save(path)
+    elif case == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(InputError, match=path.name):
+        read_image(path)
+
+
+# ---------------------------------------------------------------------------------------------- probing / decoding
+
+
+def test_probe_real_driver() -> None:
+    info = probe_video(DRIVER)
+    assert (info.width, info.height) == (512, 512)
+    assert info.fps == Fraction(30) and isinstance(info.fps, Fraction)
+    assert info.num_frames == 96
+    assert info.has_audio
+    assert info.duration_s == pytest.approx(3.2, abs=0.05)
+
+
+def test_decode_real_driver_streaming() -> None:
+    frames = iter_video_frames(DRIVER, max_frames=10)
+    assert not isinstance(frames, list)
+    got = list(frames)
+    assert len(got) == 10
+    assert all(f.shape == (512, 512, 3) and f.dtype == np.uint8 for f in got)
+    assert not np.array_equal(got[0], got[9])  # frames differ: really decoding the stream
+
+
+def test_decode_synthetic_all_frames(tmp_path: Path) -> None:
+    clip = _write_clip(tmp_path / "clip.mp4", n=20, fps=25)
+    info = probe_video(clip)
+    assert info.fps == 25 and info.num_frames == 20 and info.has_audio
+    frames = list(iter_video_frames(clip))
+    assert len(frames) == 20
+    # the bright square sits where _frames put it (lossy codec: compare coarsely)
+    assert frames[5][32, 5 * 3 + 8, 0] > 200 and frames[5][32, 60, 0] < 80
+
+
+def test_probe_silent_clip(tmp_path: Path) -> None:
+    assert not probe_video(_write_clip(tmp_path / "silent.mp4", audio=False)).has_audio
+
+
+def _zero_frame_clip(path: Path) -> Path:
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width = vs.height = 64
+        vs.pix_fmt = "yuv420p"
+    return path
+
+
+def _audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as c:
+        aus = c.add_stream("aac", rate=16000)
+        aus.layout = "mono"
+        af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        af.sample_rate, af.pts = 16000, 0
+        c.mux(aus.encode(af))
+        c.mux(aus.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "zero_frames", "audio_only", "truncated_moov_last",
+                                  "directory"])
+def test_bad_videos_raise_input_error(tmp_path: Path, case: str) -> None:
+    path = tmp_path / f"bad_{case}.mp4"
+    if case == "text":
+        path.write_text("not a video at all\n" * 50)
+    elif case == "zero_frames":
+        _zero_frame_clip(path)
+    elif case == "audio_only":
+        _audio_only(path.with_suffix(".m4a"))
+        path = path.with_suffix(".m4a")
+    elif case == "truncated_moov_last":  # the real driver keeps its index at the end: half is unreadable
+        data = DRIVER.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "directory":
+        path.mkdir()
+    with pytest.raises(InputError, match=path.name):
+        list(iter_video_frames(path))
+    if case != "zero_frames":  # a zero-frame file has a valid header; only decoding finds the problem
+        with pytest.raises(InputError, match=path.name):
+            probe_video(path)
+
+
+def _truncated_faststart(tmp_path: Path) -> Path:
+    """A clip whose index is at the front (faststart), cut in half: decodable start, missing end."""
+    src = tmp_path / "full.mp4"
+    rng = np.random.default_rng(0)
+    with VideoWriter(src, Fraction(25), 64, 64) as w:
+        for _ in range(60):  # noise: every frame is big, so half the bytes hold about half the frames
+            w.write(rng.integers(0, 256, (64, 64, 3), np.uint8))
+    data = src.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def test_truncated_strict_raises_after_partial_frames(tmp_path: Path) -> None:
+    cut = _truncated_faststart(tmp_path)
+    got = []
+    with pytest.raises(InputError, match="cut.mp4.*truncated"):
+        for f in iter_video_frames(cut):
+            got.append(f)
+    assert 0 < len(got) < 60
+
+
+def test_corrupt_middle_raises(tmp_path: Path) -> None:
+    data = bytearray(_truncated_faststart(tmp_path).with_name("full.mp4").read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 3000] = np.random.default_rng(1).integers(0, 256, 3000, np.uint8).tobytes()
+    bad = tmp_path / "garbled.mp4"
+    bad.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(InputError, match="garbled.mp4.*corrupt after frame"):
+        for f in iter_video_frames(bad):
+            got.append(f)
+    assert 0 < len(got) < 60
+
+
+def test_short_stream_vs_header() -> None:
+    _check_complete(Path("clip.mp4"), announced=96, decoded=96, strict=True)  # complete
+    _check_complete(Path("clip.mp4"), announced=0, decoded=10, strict=True)  # count unknown
+    _check_complete(Path("clip.mp4"), announced=96, decoded=94, strict=True)  # edit-list slack
+    with pytest.raises(InputError, match="clip.mp4.*announces 96 frames but only 40"):
+        _check_complete(Path("clip.mp4"), announced=96, decoded=40, strict=True)
+    _check_complete(Path("clip.mp4"), announced=96, decoded=40, strict=False)  # lenient: warns only
+
+
+def test_truncated_lenient_warns_and_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cut = _truncated_faststart(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        got = list(iter_video_frames(cut, strict=False))
+    assert 0 < len(got) < 60
+    assert any("truncated" in r.getMessage() and "cut.mp4" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize("fps", [Fraction(25), Fraction(30000, 1001), Fraction(15, 2)])
+def test_writer_exact_fps_and_frame_count_silent(tmp_path: Path, fps: Fraction) -> None:
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, fps, 64, 64) as w:
+        for f in _frames(12):
+            w.write(f)
+    n, rate, has_audio, _ = _reread(out)
+    assert (n, rate, has_audio) == (12, fps, False)
+    assert probe_video(out).fps == fps
+
+
+def test_writer_copies_mp3_from_real_driver(tmp_path: Path) -> None:
+    frames = list(iter_video_frames(DRIVER, max_frames=30))
+    out = tmp_path / "with_audio.mp4"
+    with VideoWriter(out, Fraction(30), 512, 512, audio_source=DRIVER) as w:
+        for f in frames:
+            w.write(f)
+    n, rate, has_audio, codec = _reread(out)
+    assert (n, rate, has_audio, codec) == (30, Fraction(30), True, "mp3")  # copied, not transcoded
+    with av.open(str(out)) as c:
+        a = c.streams.audio[0]
+        audio_s = float(a.duration * a.time_base)
+    assert 0.9 < audio_s < 1.0 + 0.1  # trimmed to the 1 s of video (packet granularity)
+    decoded = list(iter_video_frames(out))
+    assert np.abs(decoded[10].astype(int) - frames[10]).mean() < 4  # crf 18 is near-lossless
+
+
+def test_writer_transcodes_audio_into_mp4(tmp_path: Path) -> None:
+    src = tmp_path / "src.mkv"
+    with av.open(str(src), "w") as c:  # PCM in Matroska: a codec MP4 cannot take as is
+        aus = c.add_stream("pcm_s16le", rate=16000)
+        aus.layout = "mono"
+        wave = (3000 * np.sin(np.arange(32000) / 5)).astype(np.int16)[None]  # (1, 2 s)
+        af = av.AudioFrame.from_ndarray(wave, format="s16", layout="mono")
+        af.sample_rate, af.pts = 16000, 0
+        c.mux(aus.encode(af))
+        c.mux(aus.encode(None))
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, Fraction(25), 64, 64, audio_source=src) as w:
+        for f in _frames(25):
+            w.write(f)
+    n, _, has_audio, codec = _reread(out)
+    assert (n, has_audio, codec) == (25, True, "aac")
+    with av.open(str(out)) as c:
+        a = c.streams.audio[0]
+        audio_s = float(a.duration * a.time_base)
+    assert 0.95 < audio_s < 1.15  # 2 s of source trimmed to 1 s (+ AAC priming/padding)
+
+
+def test_writer_synthetic_audio_and_silent_source(tmp_path: Path) -> None:
+    with_audio = _write_clip(tmp_path / "a.mp4", audio=True)
+    silent = _write_clip(tmp_path / "s.mp4", audio=False)
+    for src, expect in ((with_audio, True), (silent, False)):
+        out = tmp_path / f"out_{src.stem}.mp4"
+        with VideoWriter(out, Fraction(25), 64, 64, audio_source=src) as w:
+            for f in iter_video_frames(src):
+                w.write(f)
+        n, rate, has_audio, _ = _reread(out)
+        assert (n, rate, has_audio) == (20, Fraction(25), expect)
+
+
+def test_writer_exception_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "never.mp4"
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(out, Fraction(25), 64, 64, audio_source=DRIVER) as w:
+        for f in _frames(5):
+            w.write(f)
+        raise RuntimeError("boom")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+def test_writer_keeps_previous_file_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "result.mp4"
+    out.write_bytes(b"previous result")
+    with pytest.raises(ValueError), VideoWriter(out, Fraction(25), 64, 64) as w:
+        w.write(np.zeros((64, 64, 3), np.uint8))
+        w.write(np.zeros((32, 32, 3), np.uint8))  # wrong size
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.mp4"]
+
+
+def test_writer_no_frames_is_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "empty.mp4"
+    w = VideoWriter(out, Fraction(25), 64, 64)
+    with pytest.raises(ValueError, match="no frames"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_final_name_only_after_close(tmp_path: Path) -> None:
+    out = tmp_path / "late.mp4"
+    w = VideoWriter(out, Fraction(25), 64, 64)
+    w.write(_frames(1)[0])
+    assert not out.exists()
+    w.close()
+    assert out.exists() and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "parent_is_file", "is_dir", "bad_suffix"])
+def test_unwritable_destination(tmp_path: Path, case: str) -> None:
+    if case == "missing_dir":
+        path = tmp_path / "nope" / "out.mp4"
+    elif case == "parent_is_file":
+        (tmp_path / "afile").write_text("x")
+        path = tmp_path / "afile" / "out.mp4"
+    elif case == "is_dir":
+        path = tmp_path / "out.mp4"
+        path.mkdir()
+    else:
+        path = tmp_path / "out.xyz"
+    with pytest.raises(InputError, match=path.name):
+        check_output_path(path)
+    with pytest.raises(InputError, match=path.name):
+        VideoWriter(path, Fraction(25), 64, 64)
+
+
+def test_read_only_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    # chmod alone cannot be used: the test may run as root, which ignores directory permissions
+    monkeypatch.setattr("megactor_rt.media.os.access",
+                        lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    with pytest.raises(InputError, match="ro.*not writable"):
+        check_output_path(ro / "out.mp4")
+    with pytest.raises(InputError, match="not writable"):
+        VideoWriter(ro / "out.mp4", Fraction(25), 64, 64)
+    assert list(ro.iterdir()) == []
+
+
+def test_bad_audio_source_fails_before_work(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus_audio.mp4"
+    bogus.write_text("nope")
+    with pytest.raises(InputError, match="bogus_audio.mp4"):
+        VideoWriter(tmp_path / "out.mp4", Fraction(25), 64, 64, audio_source=bogus)
+    assert [p.name for p in tmp_path.iterdir()] == ["bogus_audio.mp4"]

@@ -1,0 +1,290 @@
+"""Face detection, crops, face isolation and masks, on the real demo media and on hand-checked numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.errors import InputError
+from megactor_rt.media import iter_video_frames, read_image
+from megactor_rt.preprocess import (
+    Box,
+    background_inputs,
+    center_square,
+    crop_resize,
+    detect_faces,
+    driver_crop,
+    face_keep_rect,
+    first_face,
+    isolate_and_grey,
+    keep_rects_for_frames,
+    load_user_mask,
+    person_mask,
+    portrait_crop,
+    square_crop_around,
+)
+
+PORTRAIT = ASSETS_DIR / "portrait.png"
+DRIVER = ASSETS_DIR / "driver.mp4"
+
+
+@pytest.fixture(scope="module")
+def portrait() -> np.ndarray:
+    return read_image(PORTRAIT)  # (844, 768, 3)
+
+
+@pytest.fixture(scope="module")
+def driver_frames() -> list[np.ndarray]:
+    return list(iter_video_frames(DRIVER, max_frames=8))
+
+
+@pytest.fixture(scope="module")
+def portrait_512(portrait: np.ndarray) -> tuple[np.ndarray, Box]:
+    crop, face = portrait_crop(portrait)
+    assert face is not None
+    img = crop_resize(portrait, crop).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(img), face.to_crop_coords(crop, 512)
+
+
+def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+
+
+def _resize(img: np.ndarray, scale: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+
+
+def _is_square_inside(crop: tuple[int, int, int, int], h: int, w: int) -> bool:
+    top, left, bottom, right = crop
+    return bottom - top == right - left > 0 and top >= 0 and left >= 0 and bottom <= h and right <= w
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def test_detects_the_portrait_face(portrait: np.ndarray) -> None:
+    faces = detect_faces(portrait)
+    assert len(faces) == 1
+    cx, cy = faces[0].center
+    assert 330 < cx < 450 and 350 < cy < 500  # the face is in the upper middle of the 768x844 image
+    assert 200 < faces[0].width < 450
+
+
+def test_detects_faces_in_driver_frames(driver_frames: list[np.ndarray]) -> None:
+    boxes = [first_face(f) for f in driver_frames]
+    assert all(b is not None for b in boxes)
+    for b in boxes:
+        cx, cy = b.center
+        assert 150 < cx < 300 and 170 < cy < 330 and 120 < b.width < 320
+
+
+def test_small_images_are_upsampled(portrait: np.ndarray) -> None:
+    small = _resize(portrait, 0.25)  # face ~78 px: below HOG's 80 px window without upsampling
+    assert min(small.shape[:2]) < 400
+    faces = detect_faces(small)
+    assert len(faces) == 1
+    assert faces[0].center[0] == pytest.approx(detect_faces(portrait)[0].center[0] / 4, abs=12)
+
+
+def test_largest_face_first(portrait: np.ndarray) -> None:
+    big, small = _resize(portrait, 0.6), _resize(portrait, 0.4)
+    canvas = np.zeros((big.shape[0], big.shape[1] + small.shape[1], 3), np.uint8)
+    canvas[: big.shape[0], : big.shape[1]] = big
+    canvas[: small.shape[0], big.shape[1]:] = small
+    faces = detect_faces(canvas)
+    assert len(faces) == 2
+    assert faces[0].area > faces[1].area
+    assert faces[0].center[0] < big.shape[1] < faces[1].center[0]
+
+
+def test_no_face_in_noise() -> None:
+    assert detect_faces(_noise(300, 300)) == []
+    with pytest.raises(ValueError):
+        detect_faces(np.zeros((64, 64), np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- crops
+
+
+def test_square_crop_around_hand_values() -> None:
+    assert square_crop_around(844, 768, 388, 422) == (42, 8, 802, 768)
+    assert square_crop_around(100, 100, 10.7, 20.2) == (10, 0, 30, 20)  # centre floored like `// 2`
+    with pytest.raises(ValueError):
+        square_crop_around(100, 100, 0, 50)
+
+
+def test_square_crop_around_always_square_and_inside() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        h, w = rng.integers(64, 1000, 2)
+        cx, cy = rng.uniform(1, w - 1), rng.uniform(1, h - 1)
+        crop = square_crop_around(int(h), int(w), cx, cy)
+        assert _is_square_inside(crop, h, w)
+        top, left, bottom, right = crop
+        assert (left + right) / 2 == int(cx) and (top + bottom) / 2 == int(cy)  # centred on the point
+        assert min(top, left, h - bottom, w - right) == 0  # largest: touches an edge
+
+
+def test_center_square() -> None:
+    assert center_square(844, 768) == (38, 0, 806, 768)
+    assert center_square(100, 200) == (0, 50, 100, 150)
+
+
+def test_crop_resize_shape_identity_and_no_antialias() -> None:
+    img = _noise(600, 700)
+    out = crop_resize(img, (10, 20, 522, 532), size=512)
+    assert out.shape == (3, 512, 512) and out.dtype == torch.float32
+    assert torch.equal(out, torch.from_numpy(img[10:522, 20:532]).permute(2, 0, 1).float())  # same size
+    # 4x downscale, bilinear align_corners=False samples between source pixels 4i+1 and 4i+2 only;
+    # antialiasing would also weight pixel 4i+3, which is bright here.
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, 3::4] = 255
+    assert crop_resize(stripes, (0, 0, 64, 64), size=16).max().item() == 0.0
+    with pytest.raises(ValueError):
+        crop_resize(img, (0, 0, 601, 601))
+
+
+def test_portrait_crop_real(portrait: np.ndarray) -> None:
+    crop, face = portrait_crop(portrait)
+    assert _is_square_inside(crop, *portrait.shape[:2])
+    top, left, bottom, right = crop
+    assert face is not None
+    assert left <= face.left and top <= face.top and face.right <= right and face.bottom <= bottom
+    assert bottom - top == 760  # largest square around the face centre in 768x844
+
+
+def test_portrait_without_face(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="wall.png.*--no-face-crop"):
+        portrait_crop(_noise(300, 400), source_name="wall.png")
+    crop, face = portrait_crop(_noise(300, 400), face_crop=False)
+    assert crop == (0, 50, 300, 350) and face is None
+
+
+def test_driver_crop_union_centre() -> None:
+    boxes = [Box(100, 100, 200, 200), None, Box(140, 120, 260, 220)]
+    # union (100, 100, 260, 220) -> centre (180, 160) -> half = min(180, 160, 460, 352)
+    assert driver_crop(boxes, 512, 640) == (0, 20, 320, 340)
+    assert driver_crop(boxes, 512, 640, face_crop=False) == center_square(512, 640)
+    with pytest.raises(InputError, match="talk.mp4"):
+        driver_crop([None, None], 512, 640, source_name="talk.mp4")
+
+
+def test_driver_crop_real(driver_frames: list[np.ndarray]) -> None:
+    boxes = [first_face(f) for f in driver_frames]
+    crop = driver_crop(boxes, 512, 512)
+    assert _is_square_inside(crop, 512, 512)
+    assert crop[2] - crop[0] > 400  # the face is central: the crop is most of the frame
+
+
+# ---------------------------------------------------------------------------------------------- isolation
+
+
+@pytest.mark.parametrize("box,size,expected", [
+    (Box(100, 120, 180, 220), 512, (80, 90, 230, 190)),  # tall: widened by 10 each side
+    (Box(100, 100, 200, 150), 512, (35, 100, 185, 200)),  # wide: heightened by 25 each side
+    (Box(0, 10, 100, 110), 100, (0, 0, 100, 100)),  # clipped to the frame
+    (Box(10.5, 20.0, 60.5, 81.0), 512, (0, 5, 87, 65)),  # floor-div of 11.0, int() truncation
+])
+def test_face_keep_rect(box: Box, size: int, expected: tuple[int, int, int, int]) -> None:
+    assert face_keep_rect(box, size) == expected
+
+
+def test_keep_rects_reuse_previous() -> None:
+    a, b = Box(100, 100, 200, 200), Box(300, 300, 400, 400)
+    rects = keep_rects_for_frames([None, a, None, b, None])
+    assert rects == [face_keep_rect(a)] * 3 + [face_keep_rect(b)] * 2
+    with pytest.raises(InputError, match="clip.mov"):
+        keep_rects_for_frames([None, None], source_name="clip.mov")
+
+
+def test_isolate_and_grey_values() -> None:
+    frame = torch.zeros(3, 8, 8)
+    frame[:, :, :] = torch.tensor([100.0, 150.0, 200.0]).view(3, 1, 1)
+    frame[:, 2, 3] = 400.0  # out of range: clamped
+    out = isolate_and_grey(frame, (1, 2, 5, 6))
+    assert out.shape == (3, 8, 8)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+    assert out[0, 1, 2].item() == pytest.approx((0.2989 * 100 + 0.5870 * 150 + 0.1140 * 200) / 255, abs=1e-6)
+    assert out[0, 2, 3].item() == 1.0
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[1:5, 2:6] = True
+    assert (out[:, ~inside] == 0).all() and (out[:, inside] > 0).all()
+
+
+def test_isolation_chain_on_real_driver(driver_frames: list[np.ndarray]) -> None:
+    crop = driver_crop([first_face(f) for f in driver_frames], 512, 512)
+    cropped = [crop_resize(f, crop) for f in driver_frames[:3]]  # (3, 512, 512) each
+    as_u8 = [np.ascontiguousarray(c.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()) for c in cropped]
+    rects = keep_rects_for_frames([first_face(u) for u in as_u8])
+    for frame, (top, left, bottom, right) in zip(cropped, rects):
+        out = isolate_and_grey(frame, (top, left, bottom, right))
+        assert out.min() >= 0.0 and out.max() <= 1.0
+        assert out[:, top:bottom, left:right].mean() > 0.1  # the face is kept
+        outside = out.clone()
+        outside[:, top:bottom, left:right] = 0
+        assert not outside.any()  # nothing kept outside the rectangle
+        assert 0.15 < (bottom - top) * (right - left) / 512**2 < 0.6
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+def test_person_mask_on_real_portrait(portrait_512: tuple[np.ndarray, Box]) -> None:
+    img, face = portrait_512
+    mask = person_mask(img, face)
+    assert mask.shape == (512, 512) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert 0.25 < mask.mean() < 0.75
+    cx, cy = (int(v) for v in face.center)
+    assert mask[cy - 20:cy + 20, cx - 20:cx + 20].all()  # face centre
+    assert mask[500:, 200:300].mean() > 0.9  # shirt at the bottom centre
+    assert mask[:40, :40].sum() == 0 and mask[:40, -40:].sum() == 0  # sky-blue top corners
+    assert np.array_equal(mask, person_mask(img, face))  # deterministic
+
+
+def test_background_inputs(portrait_512: tuple[np.ndarray, Box]) -> None:
+    img, _ = portrait_512
+    person = np.zeros((512, 512), np.uint8)
+    person[100:400, 150:350] = 1
+    bg_mask, clip_bg = background_inputs(img, person)
+    assert bg_mask.dtype == np.uint8 and np.array_equal(bg_mask, 1 - person)
+    assert clip_bg.shape == img.shape and clip_bg.dtype == np.uint8
+    assert (clip_bg[100:400, 150:350] == 0).all()
+    assert np.array_equal(clip_bg[:100], img[:100])
+
+
+def test_load_user_mask_grey_alpha_and_crop(tmp_path: Path) -> None:
+    grey = np.zeros((200, 100), np.uint8)
+    grey[:, 50:] = 255  # right half is the person
+    Image.fromarray(grey).save(tmp_path / "m.png")
+    mask = load_user_mask(tmp_path / "m.png", size=64)
+    assert mask.shape == (64, 64) and mask.dtype == np.uint8
+    assert mask[:, :30].sum() == 0 and mask[:, 34:].all()
+    cut = load_user_mask(tmp_path / "m.png", size=32, crop=(0, 50, 50, 100))  # only the person half
+    assert cut.all()
+    rgba = np.zeros((80, 80, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere: only the alpha says where the person is
+    rgba[40:, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    m = load_user_mask(tmp_path / "cutout.png", size=80)
+    assert m[:40].sum() == 0 and m[40:].all()
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "empty", "crop_outside"])
+def test_load_user_mask_bad(tmp_path: Path, case: str) -> None:
+    path = tmp_path / f"mask_{case}.png"
+    kwargs = {}
+    if case == "text":
+        path.write_text("nope")
+    elif case == "empty":
+        Image.new("L", (64, 64), 0).save(path)
+    elif case == "crop_outside":
+        Image.new("L", (64, 64), 255).save(path)
+        kwargs = {"crop": (0, 0, 128, 128)}
+    with pytest.raises(InputError, match=path.name):
+        load_user_mask(path, 64, **kwargs)
