@@ -31,7 +31,7 @@ from .cache import (
     import_tensorrt,
     load_valid_record,
     plan_dir,
-    sha256_file,
+    sha256_graph,
     timing_cache_path,
     write_atomic,
     write_plan,
@@ -189,7 +189,7 @@ def check_onnx_file(graph: GraphEntry) -> None:
     """The ONNX file exists and its bytes match the manifest's sha256 (the key is built from it)."""
     if not graph.path.is_file():
         raise InputError(f"graph '{graph.name}': ONNX file {graph.path} is missing (re-run the export)")
-    actual = sha256_file(graph.path)
+    actual = sha256_graph(graph.path)
     if actual != graph.sha256:
         raise EngineMismatch(f"graph '{graph.name}': {graph.path} has sha256 {actual[:12]}…, the manifest says "
                              f"{graph.sha256[:12]}…; the export is inconsistent, re-run it")

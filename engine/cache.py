@@ -253,12 +253,27 @@ def check_record(record: EngineRecord, device: DeviceInfo, directory: Path,
                              f"{REBUILD_HINT}")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 24, extra: tuple[Path, ...] = ()) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for p in (path, *extra):
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def external_data_path(onnx_path: Path) -> Path:
+    """Where the export writes a graph's weights when it exceeds protobuf's 2 GB limit."""
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def sha256_graph(onnx_path: Path) -> str:
+    """Content hash of an exported graph: the .onnx bytes plus its external-data file, if any.
+
+    Hashing the weights too means a re-export that only changed external weights gets a new engine key.
+    """
+    data = external_data_path(Path(onnx_path))
+    return sha256_file(Path(onnx_path), extra=(data,) if data.is_file() else ())
 
 
 def check_plan_file(directory: Path, record: EngineRecord, *, verify_hash: bool = True) -> Path:

@@ -236,7 +236,9 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         tmp = final.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
         tmp.replace(final)
-        digest.update(final.read_bytes()[:1 << 20])
+        with open(final, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
     meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
             "model": cfg.to_dict()}
     tmp = dst / "config.json.tmp"

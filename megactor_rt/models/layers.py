@@ -15,6 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``(B, ...)`` -> ``(B*F, ...)``: each sample repeated for its F frames (sample-major, like the fold).
+
+    Written as expand + reshape (not ``repeat_interleave``) so exported graphs stay a plain Expand.
+    """
+    return x.unsqueeze(1).expand(x.shape[0], frames, *x.shape[1:]).reshape(-1, *x.shape[1:])
+
+
 def group_norm_frames(x: torch.Tensor, norm: nn.GroupNorm, frames: int) -> torch.Tensor:
     """GroupNorm whose statistics span all frames of a sample (upstream's 5-D GroupNorm quirk).
 
@@ -103,7 +111,7 @@ class ResnetBlock(nn.Module):
         # x: (B*F, C, H, W); temb: (B, T)
         h = self.conv1(F.silu(group_norm_frames(x, self.norm1, frames)))
         t = self.time_emb_proj(F.silu(temb))  # (B, C_out)
-        h = h + t.repeat_interleave(frames, dim=0)[:, :, None, None]
+        h = h + repeat_frames(t, frames)[:, :, None, None]
         h = self.conv2(F.silu(group_norm_frames(h, self.norm2, frames)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megactor_rt.models.layers import repeat_frames
+
 
 def _stage(c_in: int, c_mid: int, c_out: int, k2: int, s2: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_mid, 3, padding=1), nn.SiLU(),
@@ -74,5 +76,5 @@ class PoseGuider(nn.Module):
         b, c, f, h, w = frames.shape
         feats = self.features(frames.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
         scale, shift = self.film(reference)
-        out = self.modulate(feats, scale.repeat_interleave(f, 0), shift.repeat_interleave(f, 0))
+        out = self.modulate(feats, repeat_frames(scale, f), repeat_frames(shift, f))
         return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)

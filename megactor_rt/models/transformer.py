@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megactor_rt.models.layers import Attention, FeedForward
+from megactor_rt.models.layers import Attention, FeedForward, repeat_frames
 
 
 @dataclass
@@ -61,10 +61,10 @@ class BasicTransformerBlock(nn.Module):
     def _cross_attention(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         tokens = ctx.tokens
         if ctx.upstream:  # upstream repeats the tokens per frame, then projects every copy
-            k, v = self.attn2.project_kv(tokens.repeat_interleave(ctx.frames, dim=0))
+            k, v = self.attn2.project_kv(repeat_frames(tokens, ctx.frames))
         else:  # project once per sample, share across frames: identical values
             k, v = self.attn2.project_kv(tokens)  # (B, h, T, d)
-            k, v = (t.repeat_interleave(ctx.frames, dim=0) for t in (k, v))
+            k, v = (repeat_frames(t, ctx.frames) for t in (k, v))
         return self.attn2.attend(x, k, v)
 
     def _self_attention(self, n: torch.Tensor, ctx: AttnContext, bank: torch.Tensor | None) -> torch.Tensor:
@@ -76,13 +76,13 @@ class BasicTransformerBlock(nn.Module):
             # upstream: bank (one per sample) repeated per frame, K/V over concat for every row, then the
             # unconditional rows are recomputed without the bank
             bank = bank.expand(n.shape[0] // f, -1, -1)
-            kv_in = torch.cat([n, bank.repeat_interleave(f, dim=0)], dim=1)
+            kv_in = torch.cat([n, repeat_frames(bank, f)], dim=1)
             out = attn(n, kv_in)
             return torch.cat([attn(n[:u]), out[u:]]) if u else out
         k, v = attn.project_kv(n)  # (B*F, h, L, d)
         kb, vb = attn.project_kv(bank)  # (Bb, h, Lb, d)
         rows = n.shape[0] - u
-        kb, vb = (t.repeat_interleave(f, dim=0).expand(rows, -1, -1, -1) for t in (kb, vb))
+        kb, vb = (repeat_frames(t.expand(rows // f, -1, -1, -1), f) for t in (kb, vb))  # bank batch 1 broadcasts
         out_c = attn.attend(n[u:], torch.cat([k[u:], kb], dim=2), torch.cat([v[u:], vb], dim=2))
         if not u:
             return out_c

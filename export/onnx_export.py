@@ -1,0 +1,230 @@
+"""The one export function: spec + models -> ONNX (fp32, and fp16 derived from it) + manifest entry.
+
+Idempotent: each graph file is named by a content key (weights id, spec, opset, precision, exporter
+version); a re-run whose key matches the manifest and whose file hash still matches reuses the file.
+Graphs over protobuf's 2 GB limit keep their weights in ``<file>.data`` (external data).
+
+fp16 graphs (TensorRT 11 networks are strongly typed: an fp16 engine needs an fp16 graph) are derived from
+the fp32 export with onnxruntime's float16 converter: weights and activations in fp16, while normalisation
+(GroupNorm/LayerNorm statistics), softmax and the sinusoidal timestep embedding stay fp32 with casts
+around them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from megactor_rt.config import full_config, tiny_config
+from megactor_rt.engine.cache import external_data_path, sha256_graph
+from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from megactor_rt.export.specs import ExportSpec, export_specs
+from megactor_rt.progress import progress
+from megactor_rt.weights import MegActorModels, build_models, load_converted
+
+logger = logging.getLogger(__name__)
+
+EXPORTER_VERSION = 1
+EXTERNAL_DATA_BYTES = 1_800_000_000  # keep well under protobuf's 2 GiB
+FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean",
+            "Pow", "Sqrt", "Erf"]
+
+
+def load_models_for_export(weights: str | Path) -> MegActorModels:
+    """A converted weights folder, or ``tiny`` / ``full`` for random-weight architectures (seeded)."""
+    if str(weights) in ("tiny", "full"):
+        models = build_models(tiny_config() if str(weights) == "tiny" else full_config(), seed=0)
+        models.weights_id = f"random-{weights}-seed0"
+        return models
+    return load_converted(weights)
+
+
+def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str) -> str:
+    desc = {"weights": weights_id, "name": spec.name, "inputs": [t.__dict__ for t in spec.inputs],
+            "outputs": [t.__dict__ for t in spec.outputs], "dims": spec.dims, "opset": opset,
+            "precision": precision, "exporter": EXPORTER_VERSION, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisions: Sequence[str] = ("fp32", "fp16"),
+               frames: int = 16, graphs: Sequence[str] | None = None) -> list[dict]:
+    """Export every graph (or ``graphs``) at every precision into ``out`` and write ``out/manifest.json``.
+
+    Returns:
+        One summary row per graph x precision: graph, precision, file, size_mb, seconds, status.
+    """
+    return export_models(load_models_for_export(weights), out, opset=opset, precisions=precisions, frames=frames,
+                         graphs=graphs)
+
+
+def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
+                  precisions: Sequence[str] = ("fp32", "fp16"), frames: int = 16,
+                  graphs: Sequence[str] | None = None) -> list[dict]:
+    """``export_all`` for already-loaded models."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [s for s in export_specs(models.config, window=frames) if graphs is None or s.name in graphs]
+    if graphs is not None and len(specs) != len(set(graphs)):
+        known = [s.name for s in export_specs(models.config)]
+        raise ValueError(f"unknown graph in {list(graphs)}; known: {known}")
+    manifest = _read_manifest(out)
+    rows = []
+    for spec in progress(specs, desc="export", unit="graph", leave=True):
+        fp32_path = None
+        for precision in sorted(precisions, key=lambda p: p != "fp32"):  # fp32 first: fp16 derives from it
+            t0 = time.perf_counter()
+            entry, status = export_graph(spec, models, out, opset, precision, manifest, fp32_path)
+            if precision == "fp32":
+                fp32_path = out / entry["file"]
+            manifest["graphs"][f"{spec.name}.{precision}"] = entry
+            _write_manifest(out, manifest)
+            size = sum(p.stat().st_size for p in (out / entry["file"], external_data_path(out / entry["file"]))
+                       if p.is_file())
+            rows.append({"graph": spec.name, "precision": precision, "file": entry["file"],
+                         "size_mb": size / 1e6, "seconds": time.perf_counter() - t0, "status": status})
+    return rows
+
+
+def export_graph(spec: ExportSpec, models: MegActorModels, out: Path, opset: int, precision: str,
+                 manifest: dict, fp32_path: Path | None = None) -> tuple[dict, str]:
+    """Export one graph at one precision (reusing a matching earlier export). Returns (entry, status)."""
+    key = export_key(spec, models.weights_id, opset, precision)
+    name = f"{spec.name}.{precision}.{key[:12]}.onnx"
+    old = manifest["graphs"].get(f"{spec.name}.{precision}")
+    if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
+        return old, "cached"
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
+        if src is None:
+            src = Path(tmp) / "fp32.onnx"
+            _torch_export(spec, models, src, opset)
+        if precision == "fp16":
+            model = to_fp16(_load(_infer_shapes(src, Path(tmp))), spec)
+        else:
+            model = _load(src)
+        _save(model, out / name)
+    _remove_stale(out, spec.name, precision, keep=name)
+    entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256_graph(out / name),
+             "export_key": key, "weights_id": models.weights_id, "opset": opset,
+             "inputs": {t.name: {"dtype": _dtype(t.name, spec, precision), "shape": list(t.shape)}
+                        for t in spec.inputs},
+             "outputs": {t.name: {"dtype": "float16" if precision == "fp16" else "float32", "shape": list(t.shape)}
+                         for t in spec.outputs},
+             "profiles": spec.profiles()}
+    return entry, "exported"
+
+
+def _dtype(name: str, spec: ExportSpec, precision: str) -> str:
+    return "float16" if precision == "fp16" and name not in spec.keep_fp32 else "float32"
+
+
+def _torch_export(spec: ExportSpec, models: MegActorModels, path: Path, opset: int) -> None:
+    module = spec.build(models).eval()
+    sample = spec.sample_inputs()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, sample, str(path), input_names=[t.name for t in spec.inputs],
+                          output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _infer_shapes(src: Path, tmp: Path) -> Path:
+    """Value types of every tensor (the fp16 converter needs them to place its casts); path-based so
+    graphs over 2 GB work."""
+    import onnx
+
+    dst = tmp / "inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+    return dst
+
+
+def _load(path: Path):  # noqa: ANN202 - onnx imported lazily
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _save(model, path: Path) -> None:  # noqa: ANN001
+    """Write to a temporary name (external data beside it when large), check, then rename."""
+    import onnx
+
+    tmp = path.with_name(path.name + ".tmp")
+    data = external_data_path(path)
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES if _fits_protobuf(model) else True
+    if large:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        data.unlink(missing_ok=True)
+        onnx.save_model(model, str(tmp))
+    onnx.checker.check_model(str(tmp))
+    tmp.replace(path)
+
+
+def _fits_protobuf(model) -> bool:  # noqa: ANN001
+    try:
+        model.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def to_fp16(model, spec: ExportSpec):  # noqa: ANN001, ANN201
+    """fp32 graph -> fp16 graph, keeping normalisation/softmax and the timestep embedding in fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    keep = timestep_nodes(model) if "timestep" in spec.keep_fp32 else []
+    model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), op_block_list=FP32_OPS,
+                                     node_block_list=keep, disable_shape_infer=True)
+    OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end
+    return model
+
+
+def timestep_nodes(model) -> list[str]:  # noqa: ANN001
+    """Nodes between the ``timestep`` input and the first Gemm/MatMul (the sinusoidal embedding)."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    frontier, seen = ["timestep"], set()
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name in seen or node.op_type in ("Gemm", "MatMul"):
+                continue
+            seen.add(node.name)
+            frontier.extend(node.output)
+    return sorted(seen)
+
+
+def _remove_stale(out: Path, name: str, precision: str, keep: str) -> None:
+    for p in out.glob(f"{name}.{precision}.*.onnx"):
+        if p.name != keep:
+            p.unlink()
+            external_data_path(p).unlink(missing_ok=True)
+
+
+def _read_manifest(out: Path) -> dict:
+    path = out / MANIFEST_NAME
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") == MANIFEST_FORMAT:
+                return data
+        except json.JSONDecodeError:
+            logger.warning("%s is corrupt; starting a new manifest", path)
+    return {"format": MANIFEST_FORMAT, "graphs": {}}
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / MANIFEST_NAME)

@@ -1,0 +1,200 @@
+"""One export spec per graph: names, shapes (named dynamic dims), sample inputs, TensorRT profiles.
+
+Graph boundaries (DESIGN.md), with S = image size, h = latent size, T/D = CLIP tokens/width, F = frames:
+
+| graph | inputs -> outputs |
+|---|---|
+| clip_image_encoder | pixels (1,3,224,224) -> tokens (1,T,D) |
+| vae_encoder | images (1,3,S,S) -> mean, logvar (1,4,h,h) |
+| vae_decoder | latents (batch,4,h,h) -> images (batch,3,S,S) |
+| reference_net | latent (1,4,h,h), timestep (1,), tokens -> bank_00..bank_09 (1,L_i,C_i) |
+| pose_guider | frames (batch,3,S,S), film_scale, film_shift (1,128) -> pose (batch,4,h,h) |
+| pose_guider_film | reference (1,3,512,512) -> film_scale, film_shift |
+| temporal_unet | latents (1,9,F,h,h), timestep, tokens, pose (1,4,F,h,h), bank_00..09 -> eps (2,4,F,h,h) |
+| temporal_unet_cond | same inputs -> eps (1,4,F,h,h) (guidance 1: conditional only) |
+
+The temporal UNet takes the ReferenceNet bank as explicit inputs (normed tokens, not pre-projected K/V:
+10 tensors of 1 x L x C instead of 20, and the K/V projection is a small share of the attention cost). The
+CFG graph computes the down path once and both halves above it, the unconditional one without the bank -
+upstream's CFG pair, exactly. Graph variants are specs over the same modules, never copies of code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megactor_rt.config import ModelConfig
+from megactor_rt.models.unet import NUM_BANKS
+from megactor_rt.weights import MegActorModels
+
+BANK_NAMES = tuple(f"bank_{i:02d}" for i in range(NUM_BANKS))
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"  # fp16 graphs turn float32 into float16 except where ``keep_fp32``
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """How to export one graph.
+
+    Attributes:
+        name: graph name (file stem).
+        submodel: the engine manifest's name for the graph (one plan per submodel; equals ``name``).
+        inputs / outputs: tensor specs in call order; a str dim is dynamic.
+        build: wraps the loaded models into a module whose forward takes the inputs positionally.
+        dims: per dynamic dim name, (min, opt, max) per profile name.
+        keep_fp32: inputs that stay float32 in the fp16 graph (the timestep: sinusoids need it).
+    """
+
+    name: str
+    submodel: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    build: Callable[[MegActorModels], nn.Module]
+    dims: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
+    keep_fp32: tuple[str, ...] = ()
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
+
+    def concrete(self, shape: tuple[Dim, ...], profile: str, which: int) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else self.dims[d][profile][which] for d in shape)
+
+    def profiles(self) -> dict[str, dict[str, list[list[int]]]]:
+        """TensorRT min/opt/max shapes of every input, per profile name."""
+        names = sorted({p for ranges in self.dims.values() for p in ranges}) or ["default"]
+        return {p: {t.name: [list(self.concrete(t.shape, p, k)) for k in range(3)] for t in self.inputs}
+                for p in names}
+
+    def sample_inputs(self, profile: str = "default", which: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random inputs at the profile's opt (which=1) shapes; timesteps are a valid DDIM timestep."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for t in self.inputs:
+            shape = self.concrete(t.shape, profile, which)
+            if t.name == "timestep":
+                out.append(torch.tensor([501.0]))
+            elif t.name in ("frames", "reference"):
+                out.append(torch.rand(shape, generator=gen))
+            else:
+                out.append(torch.randn(shape, generator=gen))
+        return tuple(out)
+
+
+# -- graph wrappers (flat positional tensors in, tuple out) --------------------------------------------
+class _Clip(nn.Module):
+    def __init__(self, m: MegActorModels) -> None:
+        super().__init__()
+        self.clip = m.clip
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip.tokens(pixels)
+
+
+class _VaeEncoder(nn.Module):
+    def __init__(self, m: MegActorModels) -> None:
+        super().__init__()
+        self.vae = m.vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from megactor_rt.models.vae import vae_moments
+
+        return vae_moments(self.vae, images)
+
+
+class _VaeDecoder(_VaeEncoder):
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from megactor_rt.models.vae import vae_decode
+
+        return vae_decode(self.vae, latents)
+
+
+class _ReferenceNet(nn.Module):
+    def __init__(self, m: MegActorModels) -> None:
+        super().__init__()
+        self.net = m.reference_net
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.net(latent, timestep, tokens))
+
+
+class _PoseGuider(nn.Module):
+    def __init__(self, m: MegActorModels) -> None:
+        super().__init__()
+        self.pg = m.unet.condition_input_layer
+
+    def forward(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.pg.modulate(self.pg.features(frames), scale, shift)
+
+
+class _Film(_PoseGuider):
+    def forward(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self.pg.film(reference)
+
+
+class _UNet(nn.Module):
+    def __init__(self, m: MegActorModels, cfg_pair: bool) -> None:
+        super().__init__()
+        self.unet = m.unet
+        self.cfg_pair = cfg_pair
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor, pose: torch.Tensor,
+                *bank: torch.Tensor) -> torch.Tensor:
+        if self.cfg_pair:
+            return self.unet(latents, timestep, tokens, pose, list(bank), n_uncond=1, shared_down=True)
+        return self.unet(latents, timestep, tokens, pose, list(bank))
+
+
+def bank_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+    """Shapes ``(1, L, C)`` of the 10 bank tensors: mid, then 3 per up block 1..3."""
+    ch, h = cfg.reference_net.block_out_channels, cfg.latent_size
+    n = len(ch)
+    shapes = [(1, (h // 2 ** (n - 1)) ** 2, ch[-1])]
+    for level in range(n - 2, -1, -1):  # up blocks 1..3 work at latent/4, /2, /1
+        shapes += [(1, (h // 2**level) ** 2, ch[level])] * 3
+    return shapes
+
+
+def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decode_batch: int = 4
+                 ) -> list[ExportSpec]:
+    """Every graph the runtime needs, with profiles for windows of up to ``window`` frames."""
+    s, h = cfg.image_size, cfg.latent_size
+    t, d = cfg.clip.num_tokens, cfg.unet.cross_attention_dim
+    c = cfg.clip.image_size
+    frames = {"frames": {"default": (1, window, window), "long": (1, window, 32)}}
+    bank = tuple(TensorSpec(n, shp) for n, shp in zip(BANK_NAMES, bank_shapes(cfg)))
+    unet_in = (TensorSpec("latents", (1, 9, "frames", h, h)), TensorSpec("timestep", (1,)),
+               TensorSpec("tokens", (1, t, d)), TensorSpec("pose", (1, 4, "frames", h, h)), *bank)
+    return [
+        ExportSpec("clip_image_encoder", "clip_image_encoder", (TensorSpec("pixels", (1, 3, c, c)),),
+                   (TensorSpec("tokens", (1, t, d)),), _Clip),
+        ExportSpec("vae_encoder", "vae_encoder", (TensorSpec("images", (1, 3, s, s)),),
+                   (TensorSpec("mean", (1, 4, h, h)), TensorSpec("logvar", (1, 4, h, h))), _VaeEncoder),
+        ExportSpec("vae_decoder", "vae_decoder", (TensorSpec("latents", ("batch", 4, h, h)),),
+                   (TensorSpec("images", ("batch", 3, s, s)),), _VaeDecoder,
+                   {"batch": {"default": (1, decode_batch, decode_batch)}}),
+        ExportSpec("reference_net", "reference_net",
+                   (TensorSpec("latent", (1, 4, h, h)), TensorSpec("timestep", (1,)), TensorSpec("tokens", (1, t, d))),
+                   bank, _ReferenceNet, keep_fp32=("timestep",)),
+        ExportSpec("pose_guider", "pose_guider",
+                   (TensorSpec("frames", ("batch", 3, s, s)), TensorSpec("film_scale", (1, 128)),
+                    TensorSpec("film_shift", (1, 128))),
+                   (TensorSpec("pose", ("batch", 4, h, h)),), _PoseGuider,
+                   {"batch": {"default": (1, pose_batch, pose_batch)}}),
+        ExportSpec("pose_guider_film", "pose_guider_film", (TensorSpec("reference", (1, 3, 512, 512)),),
+                   (TensorSpec("film_scale", (1, 128)), TensorSpec("film_shift", (1, 128))), _Film),
+        ExportSpec("temporal_unet", "temporal_unet", unet_in, (TensorSpec("eps", (2, 4, "frames", h, h)),),
+                   lambda m: _UNet(m, cfg_pair=True), frames, keep_fp32=("timestep",)),
+        ExportSpec("temporal_unet_cond", "temporal_unet_cond", unet_in, (TensorSpec("eps", (1, 4, "frames", h, h)),),
+                   lambda m: _UNet(m, cfg_pair=False), frames, keep_fp32=("timestep",)),
+    ]

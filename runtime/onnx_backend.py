@@ -1,0 +1,163 @@
+"""Graph backends: the submodels run as exported graphs (onnxruntime sessions or TensorRT plans).
+
+``GraphSubmodels`` maps each ``Submodels`` method onto its graph's runner (see ``export/specs.py`` for the
+graph I/O) and sends any method whose graph has no runner to a fallback (the torch submodels), so the
+TensorRT backend can fall back per submodel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megactor_rt.config import ModelConfig, Precision
+from megactor_rt.engine.manifest import GraphEntry, load_manifest
+from megactor_rt.errors import BackendUnavailable, InputError, WeightsError
+from megactor_rt.export.specs import BANK_NAMES
+from megactor_rt.runner import Runner
+from megactor_rt.runtime.submodels import Submodels
+
+logger = logging.getLogger(__name__)
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+class OrtRunner(Runner):
+    """One onnxruntime session for one exported graph (CPU, or CUDA/TensorRT providers where installed)."""
+
+    def __init__(self, graph: GraphEntry, providers: Sequence[str] | None = None, threads: int = 0) -> None:
+        super().__init__(graph.name, list(graph.inputs), list(graph.outputs))
+        self.graph = graph
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.threads = threads
+        self.session = None
+
+    def activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.graph.path), opts, providers=self.providers)
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {n: feed[n].detach().cpu().numpy().astype(_NP[self.graph.inputs[n].dtype], copy=False)
+                  for n in self.input_names}
+        outs = self.session.run(list(self.output_names), arrays)
+        return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.output_names, outs)}
+
+
+class GraphSubmodels(Submodels):
+    """Submodels backed by graph runners keyed by graph name, with an optional per-graph fallback."""
+
+    def __init__(self, name: str, config: ModelConfig, weights_id: str, runners: Mapping[str, Runner],
+                 device: torch.device, dtype: torch.dtype, fallback: Submodels | None = None) -> None:
+        super().__init__(config, weights_id, device, dtype)
+        self.name = name
+        self.runners = dict(runners)
+        self.fallback = fallback
+
+    def _run(self, graph: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls[graph] += 1
+        out = self.runners[graph].infer(feed)
+        return {k: v.to(self.device, self.dtype) for k, v in out.items()}
+
+    def _has(self, graph: str) -> bool:
+        if graph in self.runners:
+            return True
+        if self.fallback is None:
+            raise BackendUnavailable(f"{self.name}: no graph '{graph}' and no fallback")
+        return False
+
+    def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self._has("clip_image_encoder"):
+            return self.fallback.clip_tokens(pixels)
+        return self._run("clip_image_encoder", pixels=pixels)["tokens"]
+
+    def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._has("vae_encoder"):
+            return self.fallback.vae_encode(images)
+        out = self._run("vae_encoder", images=images)
+        return out["mean"], out["logvar"]
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not self._has("vae_decoder"):
+            return self.fallback.vae_decode(latents)
+        return self._run("vae_decoder", latents=latents)["images"]
+
+    def film(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._has("pose_guider_film"):
+            return self.fallback.film(reference)
+        out = self._run("pose_guider_film", reference=reference)
+        return out["film_scale"], out["film_shift"]
+
+    def pose_features(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        if not self._has("pose_guider"):
+            return self.fallback.pose_features(frames, scale, shift)
+        return self._run("pose_guider", frames=frames, film_scale=scale, film_shift=shift)["pose"]
+
+    def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
+        if not self._has("reference_net"):
+            return self.fallback.reference_bank(latent, timestep, tokens)
+        if latent.shape[0] != 1:
+            raise InputError("the reference_net graph runs at batch 1 (use mode='optimized')")
+        out = self._run("reference_net", latent=latent, timestep=torch.tensor([float(timestep)]), tokens=tokens)
+        return [out[n] for n in BANK_NAMES]
+
+    def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
+             bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
+             upstream: bool = False) -> torch.Tensor:
+        if upstream or bank is None or (shared_down, n_uncond) not in ((True, 1), (False, 0)):
+            raise InputError(f"{self.name}: the exported UNet graphs cover the optimized CFG pair and the "
+                             "conditional-only call; use mode='optimized' (the reference mode needs torch)")
+        graph = "temporal_unet" if shared_down else "temporal_unet_cond"
+        if not self._has(graph):
+            return self.fallback.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond,
+                                      shared_down=shared_down)
+        feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
+        feed.update(zip(BANK_NAMES, bank))
+        return self._run(graph, **feed)["eps"]
+
+
+def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
+    path = Path(weights_dir) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"missing {path} (converted weights folder expected)")
+    meta = json.loads(path.read_text())
+    return ModelConfig.from_dict(meta["model"]), meta.get("weights_id", "unknown")
+
+
+def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,
+                         device: torch.device, precision: Precision) -> GraphSubmodels:
+    """onnxruntime submodels from an export folder (``megactor-rt export``)."""
+    if backend != "onnxruntime":
+        raise BackendUnavailable(f"backend '{backend}' is not wired into the Animator yet; use torch or "
+                                 "onnxruntime")
+    if onnx_dir is None:
+        raise InputError("the onnxruntime backend needs --onnx DIR (the output of `megactor-rt export`)")
+    cfg, weights_id = converted_config(weights_dir)
+    manifest = load_manifest(onnx_dir)
+    raw = json.loads((Path(onnx_dir) / "manifest.json").read_text())["graphs"]
+    foreign = sorted(n for n, g in raw.items() if g.get("weights_id") not in (None, weights_id))
+    if foreign:
+        raise InputError(f"{onnx_dir}: graphs {foreign} were exported from other weights than {weights_dir} "
+                         f"(weights id {weights_id}); re-run `megactor-rt export --weights {weights_dir}`")
+    want = "fp16" if precision is Precision.FP16 else "fp32"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+    runners = {}
+    for entry in manifest.graphs.values():
+        if entry.precision == want:
+            runners[entry.submodel] = OrtRunner(entry, providers)
+    if not runners:
+        raise InputError(f"{onnx_dir}: the manifest has no {want} graphs (export with --precision {want})")
+    logger.info("onnxruntime graphs: %s", sorted(runners))
+    dtype = torch.float16 if want == "fp16" else torch.float32
+    return GraphSubmodels("onnxruntime", cfg, weights_id, runners, torch.device("cpu"), dtype)
