@@ -38,10 +38,17 @@ FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization",
             "Pow", "Sqrt", "Erf"]
 
 
-def load_models_for_export(weights: str | Path) -> MegActorModels:
-    """A converted weights folder, or ``tiny`` / ``full`` for random-weight architectures (seeded)."""
+GRAPH_MODULES = {"clip_image_encoder": "clip_image_encoder", "vae_encoder": "vae", "vae_decoder": "vae",
+                 "reference_net": "reference_net", "pose_guider": "temporal_unet", "pose_guider_film": "temporal_unet",
+                 "temporal_unet": "temporal_unet", "temporal_unet_cond": "temporal_unet"}
+
+
+def load_models_for_export(weights: str | Path, graphs: Sequence[str] | None = None) -> MegActorModels:
+    """A converted weights folder, or ``tiny`` / ``full`` for random-weight architectures (seeded; only the
+    networks ``graphs`` need are built)."""
     if str(weights) in ("tiny", "full"):
-        models = build_models(tiny_config() if str(weights) == "tiny" else full_config(), seed=0)
+        only = None if graphs is None else {GRAPH_MODULES[g] for g in graphs if g in GRAPH_MODULES}
+        models = build_models(tiny_config() if str(weights) == "tiny" else full_config(), seed=0, only=only)
         models.weights_id = f"random-{weights}-seed0"
         return models
     return load_converted(weights)
@@ -61,7 +68,7 @@ def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisi
     Returns:
         One summary row per graph x precision: graph, precision, file, size_mb, seconds, status.
     """
-    return export_models(load_models_for_export(weights), out, opset=opset, precisions=precisions, frames=frames,
+    return export_models(load_models_for_export(weights, graphs), out, opset=opset, precisions=precisions, frames=frames,
                          graphs=graphs)
 
 

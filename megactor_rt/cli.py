@@ -142,7 +142,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from megactor_rt.runtime.bench import run_bench
+    from megactor_rt.benchmark import run_bench
 
     run_bench(args.suite, args.out, device=args.device)
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,20 +54,32 @@ class MegActorModels:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> MegActorModels:
         for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+            nn.Module.to(m, device=device, dtype=dtype)  # base method: diffusers' override only adds a warning
         return self
 
 
-def build_models(cfg: ModelConfig, seed: int | None = None) -> MegActorModels:
-    """Build all networks on the current default device with random (seeded) weights, eval mode."""
+def build_models(cfg: ModelConfig, seed: int | None = None, only: Collection[str] | None = None) -> MegActorModels:
+    """Build the networks on the current default device with random (seeded) weights, eval mode.
+
+    Args:
+        cfg: architecture.
+        seed: torch seed for the random initialisation.
+        only: build just these of ``MODULE_FILES`` (the others are ``nn.Identity`` placeholders); saves
+            memory when exporting one full-size network.
+    """
     from megactor_rt.models.clip import ClipImageEncoder
     from megactor_rt.models.unet import ReferenceNet, TemporalUNet
     from megactor_rt.models.vae import build_vae
 
-    if seed is not None:
-        torch.manual_seed(seed)
-    models = MegActorModels(cfg, TemporalUNet(cfg.unet), ReferenceNet(cfg.reference_net), build_vae(cfg.vae),
-                            ClipImageEncoder.from_config(cfg.clip))
+    makers = {"temporal_unet": lambda: TemporalUNet(cfg.unet), "reference_net": lambda: ReferenceNet(cfg.reference_net),
+              "vae": lambda: build_vae(cfg.vae), "clip_image_encoder": lambda: ClipImageEncoder.from_config(cfg.clip)}
+    built: dict[str, nn.Module] = {}
+    for i, (name, make) in enumerate(makers.items()):
+        if seed is not None:
+            torch.manual_seed(seed + i)  # per network, so ``only`` does not change the others' weights
+        built[name] = make() if only is None or name in only else nn.Identity()
+    models = MegActorModels(cfg, built["temporal_unet"], built["reference_net"], built["vae"],
+                            built["clip_image_encoder"])
     for m in models.modules().values():
         m.eval().requires_grad_(False)
     return models

@@ -131,7 +131,7 @@ class Animator:
         """
         cfg = config or self.config
         stats = self.last_stats = RunStats()
-        timer = StageTimer(stats)
+        timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
         calls0 = dict(self.sub.calls)
         plan = plan_driver(driver, cfg.max_frames, face_crop)
         latents = self._denoise(state, plan, cfg, timer)

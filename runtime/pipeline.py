@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -45,8 +45,12 @@ class RunStats:
 
 
 class StageTimer:
-    def __init__(self, stats: RunStats) -> None:
+    """Wall time per stage; with ``sync`` (e.g. ``torch.cuda.synchronize``) a stage ends when its device work
+    has finished, not when its last launch returned."""
+
+    def __init__(self, stats: RunStats, sync: Callable[[], None] | None = None) -> None:
         self.stats = stats
+        self.sync = sync
         self.start = time.perf_counter()
         self._lock = threading.Lock()
 
@@ -56,6 +60,8 @@ class StageTimer:
         try:
             yield
         finally:
+            if self.sync is not None:
+                self.sync()
             with self._lock:
                 self.stats.stage_seconds[name] = self.stats.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
 

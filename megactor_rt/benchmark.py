@@ -1,0 +1,297 @@
+"""Benchmark scenarios (not tests): reference vs optimized evaluation in the same run, per-stage time,
+first-frame latency, peak memory, FLOPs and achieved FLOP/s, against the measured matmul rate.
+
+FLOPs are counted with ``torch.utils.flop_counter`` on the real calls: each distinct submodel call signature
+(method + input shapes + options) is counted once during the warm-up run, then every timed call adds its
+signature's count, so timed runs carry no counting overhead. ``megactor-rt bench --suite NAME`` runs a suite
+and writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megactor_rt.config import AnimateConfig, Mode, ModelConfig, full_config, tiny_config
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("clip_tokens", "vae_encode", "vae_decode", "film", "pose_features", "pose_guider_full",
+           "reference_bank", "unet")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark setting, run once per mode (same inputs, same process)."""
+
+    name: str
+    model: str  # "tiny" | "full" (random weights, seeded)
+    image_size: int
+    frames: int
+    window: int
+    overlap: int
+    steps: int
+    guidance: float = 4.5
+    modes: tuple[str, ...] = ("reference", "optimized")
+    precision: str = "fp32"
+    repeats: int = 1
+    note: str = ""
+
+
+SUITES: dict[str, list[Scenario]] = {
+    "cpu-tiny": [Scenario("tiny 128px, 12 frames, w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2)],
+    "cpu-smoke": [Scenario("tiny 128px, 4 frames, w4/o2, 1 step", "tiny", 128, 4, 4, 2, 1)],
+    "cpu-full-256": [Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2)],
+    "gpu-full": [
+        Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
+                 precision="fp16"),
+        Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized",), precision="fp16",
+                 note="changes the math: fewer DDIM steps, less overlap"),
+        Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized",), precision="fp16",
+                 note="changes the math: fewer DDIM steps, no overlap"),
+    ],
+    "long-tiny": [Scenario("tiny 128px, 1000 frames, w16/o0, 1 step", "tiny", 128, 1000, 16, 0, 1,
+                           modes=("optimized",), note="memory flatness over a long driver")],
+}
+
+
+def model_config(kind: str, image_size: int) -> ModelConfig:
+    cfg = tiny_config() if kind == "tiny" else full_config()
+    return replace(cfg, image_size=image_size)
+
+
+# -- FLOP accounting --------------------------------------------------------------------------------
+def _signature(name: str, args: tuple, kwargs: dict) -> tuple:
+    def sig(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape)
+        if isinstance(x, (list, tuple)):
+            return tuple(sig(i) for i in x)
+        return x if isinstance(x, (bool, str)) or x is None else type(x).__name__
+    return (name, sig(args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+
+class FlopLedger:
+    """Counts FLOPs per submodel method by call signature (see module docstring)."""
+
+    def __init__(self, sub: Any) -> None:
+        self.table: dict[tuple, int] = {}
+        self.totals: Counter[str] = Counter()
+        for name in METHODS:
+            setattr(sub, name, self._wrap(name, getattr(sub, name)))
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            key = _signature(name, args, kwargs)
+            if key not in self.table:
+                with FlopCounterMode(display=False) as counter:
+                    out = fn(*args, **kwargs)
+                self.table[key] = counter.get_total_flops()
+            else:
+                out = fn(*args, **kwargs)
+            self.totals[name] += self.table[key]
+            return out
+        return wrapped
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread (CPU peak memory of one run)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
+    """Measured dense matmul rate (the ceiling the denoiser is compared with)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+# -- running ---------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    scenario: str
+    mode: str
+    frames: int
+    total_s: float
+    fps: float
+    first_frame_s: float
+    stage_s: dict[str, float]
+    flops: dict[str, float]
+    denoise_tflops_per_s: float
+    peak_memory_gb: float
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+def driver_of_length(n: int, out_dir: Path) -> Path:
+    """The bundled driving clip, looped to at least ``n`` frames (written once, H.264, no audio)."""
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.media import VideoWriter, iter_video_frames, probe_video
+
+    src = ASSETS_DIR / "driver.mp4"
+    info = probe_video(src)
+    if info.num_frames and n <= info.num_frames:
+        return src
+    path = out_dir / f"driver_{n}.mp4"
+    if not path.is_file():
+        frames = list(iter_video_frames(src))
+        with VideoWriter(path, info.fps, info.width, info.height) as w:
+            for i in range(n):
+                w.write(frames[i % len(frames)])
+    return path
+
+
+def run_scenario(sc: Scenario, device: torch.device, out_dir: Path) -> list[Result]:
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.runtime.animator import Animator
+    from megactor_rt.runtime.submodels import TorchSubmodels
+    from megactor_rt.weights import build_models
+
+    dtype = torch.float16 if sc.precision == "fp16" else torch.float32
+    models = build_models(model_config(sc.model, sc.image_size), seed=0)
+    models.weights_id = f"bench-{sc.model}"
+    sub = TorchSubmodels(models, device, dtype)
+    ledger = FlopLedger(sub)
+    driver = driver_of_length(sc.frames, out_dir)
+    portrait = ASSETS_DIR / "portrait.png"
+    results = []
+    for mode in sc.modes:
+        cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
+                            mode=Mode(mode), max_frames=sc.frames)
+        anim = Animator(sub, cfg)
+        inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
+        warm = replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
+        _consume(anim, inputs, driver, warm)  # warm-up: allocator, kernels, FLOP signatures
+        for _ in range(sc.repeats):
+            anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
+            ledger.reset()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            with PeakRSS() as mem:
+                stats = _consume(anim, inputs, driver, cfg)
+            denoise_flops = sum(ledger.totals[k] for k in ("unet", "reference_bank", "pose_guider_full"))
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
+            results.append(Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
+                                  dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
+                                  denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30,
+                                  dict(stats.calls)))
+            logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
+    return results
+
+
+def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig) -> Any:
+    t0 = time.perf_counter()
+    state = anim.prepare(inputs)
+    prep = time.perf_counter() - t0
+    for _ in anim.animate(state, driver, config=cfg):
+        pass
+    stats = anim.last_stats
+    stats.stage_seconds["prepare_portrait"] = prep
+    stats.total_s += prep
+    stats.first_frame_s += prep
+    return stats
+
+
+def run_bench(suite: str, out: str | Path, device: str | None = None) -> dict:
+    """Run a suite; write ``results.json`` and ``results.md`` into ``out``; return the report."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite '{suite}'; known: {sorted(SUITES)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scenarios = SUITES[suite]
+    dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
+    report = {
+        "suite": suite, "date": date.today().isoformat(), "device": _device_name(dev),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
+        "scenarios": [asdict(s) for s in scenarios], "results": [],
+    }
+    for sc in scenarios:
+        report["results"] += [asdict(r) for r in run_scenario(sc, dev, out)]
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    return report
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import os
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Suite `{report['suite']}` on {report['device']}, {report['date']}, torch {report['torch']}, "
+             f"{report['threads']} threads; measured matmul rate {report['matmul_tflops']:.3f} TFLOP/s "
+             f"({report['matmul_dtype']}).", "",
+             "| scenario | mode | frames | total s | fps | first frame s | denoise s | decode s | denoise TFLOP "
+             "| denoise TFLOP/s | % of matmul | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_scenario: dict[str, dict[str, dict]] = {}
+    for r in report["results"]:
+        by_scenario.setdefault(r["scenario"], {})[r["mode"]] = r
+        dn = sum(r["flops"].get(k, 0.0) for k in ("unet", "reference_bank", "pose_guider_full"))
+        lines.append(f"| {r['scenario']} | {r['mode']} | {r['frames']} | {r['total_s']:.2f} | {r['fps']:.3f} | "
+                     f"{r['first_frame_s']:.2f} | {r['stage_s'].get('denoise', 0):.2f} | "
+                     f"{r['stage_s'].get('vae_decode', 0):.2f} | {dn:.3f} | {r['denoise_tflops_per_s']:.3f} | "
+                     f"{100 * r['denoise_tflops_per_s'] / report['matmul_tflops']:.0f} % | {r['peak_memory_gb']:.2f} |")
+    ratios = []
+    for name, modes in by_scenario.items():
+        if {"reference", "optimized"} <= modes.keys():
+            ref, opt = modes["reference"], modes["optimized"]
+            fr = sum(ref["flops"].values()) / max(sum(opt["flops"].values()), 1e-12)
+            dr = ref["stage_s"]["denoise"] / opt["stage_s"]["denoise"]
+            ratios.append(f"| {name} | {ref['total_s'] / opt['total_s']:.2f}x | {dr:.2f}x | {fr:.2f}x |")
+    if ratios:
+        lines += ["", "| scenario | speed-up, whole run | speed-up, denoise stage | FLOP ratio (reference/optimized) |",
+                  "|---|---|---|---|", *ratios]
+    return "\n".join(lines) + "\n"
