@@ -56,7 +56,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator
 
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
-                                 onnx_dir=args.onnx, config=_run_config(args))
+                                 onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
+                                 fallback="torch" if args.torch_fallback else args.fallback,
+                                 config=_run_config(args))
     stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
                                  mask=args.mask, audio=not args.no_audio)
     _report(stats, args.output)
@@ -160,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", required=True, type=Path)
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
     a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime backend)")
+    a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
+    a.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
+    a.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
+                   help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder")
+    a.add_argument("--fallback", default="torch", choices=["torch", "onnxruntime"],
+                   help="tensorrt backend: where graphs without a valid plan run")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
     _add_run_flags(a)

@@ -62,8 +62,18 @@ class Animator:
     @classmethod
     def from_weights(cls, weights_dir: str | Path, *, backend: str = "torch", device: str | None = None,
                      precision: Precision | str | None = None, onnx_dir: str | Path | None = None,
-                     config: AnimateConfig | None = None, cache: PortraitCache | None = None) -> Animator:
-        """Load converted weights (``megactor-rt convert-weights``) for ``backend``."""
+                     engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
+                     fallback: str = "torch", config: AnimateConfig | None = None,
+                     cache: PortraitCache | None = None) -> Animator:
+        """Load converted weights (``megactor-rt convert-weights``) for ``backend``.
+
+        Args:
+            weights_dir: converted weights folder.
+            backend: ``torch``, ``onnxruntime`` (needs ``onnx_dir``) or ``tensorrt`` (needs ``onnx_dir`` and
+                ``engine_dir``; graphs without a valid plan, or listed in ``force_fallback``, run on
+                ``fallback``).
+            device / precision: default cuda+fp16 where available, else cpu+fp32.
+        """
         from megactor_rt.runtime.backends import require_backend
 
         require_backend(backend)
@@ -74,7 +84,8 @@ class Animator:
         else:
             from megactor_rt.runtime.onnx_backend import make_graph_submodels
 
-            sub = make_graph_submodels(backend, weights_dir, onnx_dir, dev, prec)
+            sub = make_graph_submodels(backend, weights_dir, onnx_dir, dev, prec, engine_dir=engine_dir,
+                                       force_fallback=force_fallback, fallback=fallback)
         return cls(sub, config, cache)
 
     @classmethod
@@ -182,14 +193,15 @@ class Animator:
 
         out = check_output_path(output)
         info = probe_video(driver)
+        hits = self.cache.hits
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)
-        hit = self.cache.hits
+        hit = self.cache.hits > hits
         size = self.image_size
         with VideoWriter(out, info.fps, size, size, audio_source=driver if audio and info.has_audio else None) as w:
             for frame in prefetch(self.animate(state, driver, face_crop=face_crop, config=config), depth=8,
                                   name="decode"):
                 w.write(frame)
-        self.last_stats.portrait_cache_hit = hit > 0 and self.cache.hits == hit
+        self.last_stats.portrait_cache_hit = hit
         return self.last_stats
 
     def with_config(self, **changes: object) -> Animator:

@@ -136,13 +136,16 @@ def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
 
 
 def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,
-                         device: torch.device, precision: Precision) -> GraphSubmodels:
-    """onnxruntime submodels from an export folder (``megactor-rt export``)."""
-    if backend != "onnxruntime":
-        raise BackendUnavailable(f"backend '{backend}' is not wired into the Animator yet; use torch or "
-                                 "onnxruntime")
+                         device: torch.device, precision: Precision, *, engine_dir: str | Path | None = None,
+                         force_fallback: str | Sequence[str] | None = None, fallback: str = "torch"
+                         ) -> GraphSubmodels:
+    """Graph-backed submodels: ``onnxruntime`` from an export folder, or ``tensorrt`` from an engine cache
+    with per-graph fallback (to ``fallback``: torch or onnxruntime) where no valid plan exists or the user
+    forces it."""
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise BackendUnavailable(f"unknown graph backend '{backend}'")
     if onnx_dir is None:
-        raise InputError("the onnxruntime backend needs --onnx DIR (the output of `megactor-rt export`)")
+        raise InputError(f"the {backend} backend needs --onnx DIR (the output of `megactor-rt export`)")
     cfg, weights_id = converted_config(weights_dir)
     manifest = load_manifest(onnx_dir)
     raw = json.loads((Path(onnx_dir) / "manifest.json").read_text())["graphs"]
@@ -152,12 +155,38 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
                          f"(weights id {weights_id}); re-run `megactor-rt export --weights {weights_dir}`")
     want = "fp16" if precision is Precision.FP16 else "fp32"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-    runners = {}
-    for entry in manifest.graphs.values():
-        if entry.precision == want:
-            runners[entry.submodel] = OrtRunner(entry, providers)
-    if not runners:
+    ort_runners = {e.submodel: OrtRunner(e, providers) for e in manifest.graphs.values() if e.precision == want}
+    if not ort_runners:
         raise InputError(f"{onnx_dir}: the manifest has no {want} graphs (export with --precision {want})")
-    logger.info("onnxruntime graphs: %s", sorted(runners))
     dtype = torch.float16 if want == "fp16" else torch.float32
-    return GraphSubmodels("onnxruntime", cfg, weights_id, runners, torch.device("cpu"), dtype)
+    if backend == "onnxruntime":
+        logger.info("onnxruntime graphs: %s", sorted(ort_runners))
+        return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype)
+    return _tensorrt_submodels(cfg, weights_id, weights_dir, engine_dir, manifest, ort_runners, device, dtype,
+                               want, force_fallback, fallback)
+
+
+def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, weights_dir: str | Path, engine_dir: str | Path | None,
+                        manifest: object, ort_runners: dict[str, Runner], device: torch.device,
+                        dtype: torch.dtype, precision: str, force_fallback: str | Sequence[str] | None,
+                        fallback: str) -> GraphSubmodels:
+    from megactor_rt.engine.runner import TensorRTRunner
+    from megactor_rt.engine.select import select_backends
+
+    if fallback not in ("torch", "onnxruntime"):
+        raise InputError(f"fallback backend must be torch or onnxruntime, got '{fallback}'")
+    choices = select_backends(sorted(ort_runners), engine_dir, force_fallback, fallback=fallback,
+                              precision=precision, manifest=manifest)
+    runners: dict[str, Runner] = {}
+    for graph, choice in choices.items():
+        if choice.backend == "tensorrt":
+            runners[graph] = TensorRTRunner(choice.plan_dir)
+        elif choice.backend == "onnxruntime":
+            runners[graph] = ort_runners[graph]
+    torch_fb = None
+    if len(runners) < len(choices):
+        from megactor_rt.runtime.submodels import TorchSubmodels
+        from megactor_rt.weights import load_converted
+
+        torch_fb = TorchSubmodels(load_converted(weights_dir), device, dtype)
+    return GraphSubmodels("tensorrt", cfg, weights_id, runners, device, dtype, fallback=torch_fb)

@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from megactor_rt.kernels import _lib
 
 from megactor_rt import kernels as K
+from megactor_rt.kernels import _lib
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 

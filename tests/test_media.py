@@ -170,10 +170,11 @@ def test_probe_silent_clip(tmp_path: Path) -> None:
 
 
 def _zero_frame_clip(path: Path) -> Path:
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=25)
-        vs.width = vs.height = 64
-        vs.pix_fmt = "yuv420p"
+    """A clip whose header announces frames but none decodes (sample data zeroed)."""
+    from media_fixtures import write_zero_frame_video
+
+    write_zero_frame_video(path)
+    assert path.is_file()
     return path
 
 
@@ -204,8 +205,10 @@ def test_bad_videos_raise_input_error(tmp_path: Path, case: str) -> None:
         path.write_bytes(data[: len(data) // 2])
     elif case == "directory":
         path.mkdir()
-    with pytest.raises(InputError, match=path.name):
+    with pytest.raises(InputError, match=path.name) as err:
         list(iter_video_frames(path))
+    if case == "zero_frames":
+        assert "no decodable video frame" in str(err.value)
     if case != "zero_frames":  # a zero-frame file has a valid header; only decoding finds the problem
         with pytest.raises(InputError, match=path.name):
             probe_video(path)

@@ -1,0 +1,288 @@
+"""Animator (Python API) on CPU with the tiny random-weight demo model and short synthetic drivers.
+
+Frame count, fps and audio of written videos, reproducibility, the portrait cache and ReferenceNet bank
+reuse (proved with the submodels' call counters), streaming, reference/optimized parity, and bad input
+(InputError naming the file and the problem, nothing left under the output name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from media_fixtures import (
+    BAD_INPUT_CASES,
+    PORTRAIT,
+    bad_input,
+    plain_image,
+    stream_facts,
+    write_face_driver,
+)
+
+from megactor_rt.config import AnimateConfig, Mode
+from megactor_rt.errors import InputError
+from megactor_rt.media import read_image
+from megactor_rt.models.scheduler import DDIM
+from megactor_rt.preprocess import center_square, crop_resize
+from megactor_rt.progress import progress_enabled, set_progress_enabled
+from megactor_rt.runtime.animator import DECODE_BATCH, Animator
+from megactor_rt.runtime.cache import PortraitCache
+from megactor_rt.runtime.pipeline import RunStats
+
+CFG = AnimateConfig(steps=2, window=4, overlap=2, max_frames=12)
+PER_PORTRAIT = ("clip_tokens", "vae_encode", "film")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet() -> Iterator[None]:
+    was = progress_enabled()
+    set_progress_enabled(False)
+    yield
+    set_progress_enabled(was)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the pipeline's worker threads plus OpenMP spin-waits on a busy 2-core runner
+    otherwise slow these tiny models down by an order of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("animate_media")
+    return {
+        "audio": write_face_driver(root / "face_audio.mp4", n=6, fps=25, audio=True),  # 2 windows, 2 decodes
+        "ntsc": write_face_driver(root / "face_ntsc.mp4", n=5, fps=Fraction(30000, 1001)),  # silent
+        "short": write_face_driver(root / "face_short.mp4", n=4, fps=25),  # 1 window, 1 decode batch
+        "faceless": plain_image(root / "faceless.png", 200, 256),
+    }
+
+
+@pytest.fixture(scope="module")
+def anim() -> Animator:
+    return Animator.demo(seed=0, device="cpu", config=CFG)
+
+
+@dataclass
+class Run:
+    frames: list[np.ndarray]
+    decodes_at_first_frame: int
+    decodes_total: int
+    stats: RunStats
+
+
+@pytest.fixture(scope="module")
+def optimized_run(anim: Animator, media: dict[str, Path]) -> Run:
+    """The default (optimized, seed 42) run on the 6-frame audio driver, consumed one frame at a time."""
+    state = anim.prepare(PORTRAIT)
+    start = anim.sub.calls["vae_decode"]
+    gen = anim.animate(state, media["audio"])
+    frames = [next(gen)]
+    at_first = anim.sub.calls["vae_decode"] - start
+    frames += list(gen)
+    return Run(frames, at_first, anim.sub.calls["vae_decode"] - start, anim.last_stats)
+
+
+@pytest.fixture(scope="module")
+def short_frames(anim: Animator, media: dict[str, Path]) -> list[np.ndarray]:
+    """The default run on the 4-frame driver (one window)."""
+    return list(anim.animate(anim.prepare(PORTRAIT), media["short"]))
+
+
+def fresh(anim: Animator, **changes: object) -> Animator:
+    """An Animator sharing ``anim``'s submodels (and call counters) with an empty portrait cache."""
+    return Animator(anim.sub, replace(CFG, **changes), PortraitCache())
+
+
+def _audio_video_seconds(path: Path) -> tuple[float, float]:
+    with av.open(str(path)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        return float(v.duration * v.time_base), float(a.duration * a.time_base)
+
+
+# ---------------------------------------------------------------------------------------------- output file
+
+
+@pytest.mark.parametrize("driver, frames, fps, audio", [
+    ("audio", 6, Fraction(25), True),
+    ("ntsc", 5, Fraction(30000, 1001), False),
+])
+def test_file_has_driver_frame_count_fps_and_audio(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                   driver: str, frames: int, fps: Fraction, audio: bool) -> None:
+    out = tmp_path / "out.mp4"
+    stats = anim.animate_to_file(PORTRAIT, media[driver], out, config=replace(CFG, steps=1))
+    assert stats.frames == frames
+    assert stream_facts(out) == (frames, fps, audio)
+    if audio:  # the audio is carried over and trimmed to the video (to within one 1024-sample AAC packet)
+        video_s, audio_s = _audio_video_seconds(out)
+        assert video_s == pytest.approx(frames / fps)
+        assert abs(audio_s - video_s) <= 1024 / 16000 + 1e-3
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]  # no temporary file left beside it
+
+
+def test_no_audio_flag_writes_silent_video(anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "silent.mp4"
+    anim.animate_to_file(PORTRAIT, media["audio"], out, audio=False, config=replace(CFG, steps=1, max_frames=2))
+    assert stream_facts(out) == (2, Fraction(25), False)
+
+
+def test_max_frames_caps_the_output(anim: Animator, media: dict[str, Path]) -> None:
+    cfg = AnimateConfig(steps=2, window=4, overlap=2, max_frames=4)
+    frames = list(anim.animate(anim.prepare(PORTRAIT), media["audio"], config=cfg))
+    assert len(frames) == 4 == anim.last_stats.frames
+    assert all(f.shape == (128, 128, 3) and f.dtype == np.uint8 for f in frames)
+
+
+# ---------------------------------------------------------------------------------------------- reproducibility
+
+
+def test_same_seed_same_frames(anim: Animator, media: dict[str, Path], short_frames: list[np.ndarray]) -> None:
+    other = Animator.demo(seed=0, device="cpu", config=CFG)  # separate model build and cache
+    again = list(other.animate(other.prepare(PORTRAIT), media["short"]))
+    assert len(again) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(short_frames, again, strict=True))
+    reseeded = list(anim.animate(anim.prepare(PORTRAIT), media["short"], config=replace(CFG, seed=1)))
+    assert any(not np.array_equal(a, b) for a, b in zip(short_frames, reseeded, strict=True))
+
+
+def test_reference_and_optimized_modes_agree(anim: Animator, media: dict[str, Path], optimized_run: Run) -> None:
+    optimized_frames = optimized_run.frames
+    cfg = replace(CFG, mode=Mode.REFERENCE)
+    ref = list(anim.animate(anim.prepare(PORTRAIT), media["audio"], config=cfg))
+    assert anim.last_stats.calls.get("pose_guider_full", 0) > 0  # the reference path really ran
+    assert len(ref) == len(optimized_frames) == 6
+    diff = max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(ref, optimized_frames))
+    assert diff <= 1
+
+
+# ---------------------------------------------------------------------------------------------- caching
+
+
+def test_second_prepare_is_a_cache_hit(anim: Animator) -> None:
+    a = fresh(anim)
+    first = a.prepare(PORTRAIT)
+    calls = {k: a.sub.calls[k] for k in PER_PORTRAIT}
+    assert (a.cache.hits, a.cache.misses) == (0, 1)
+    second = a.prepare(PORTRAIT)
+    from_array = a.prepare(read_image(PORTRAIT))  # same pixels, different source: same key
+    assert second is first and from_array is first
+    assert (a.cache.hits, a.cache.misses) == (2, 1)
+    assert {k: a.sub.calls[k] for k in PER_PORTRAIT} == calls
+
+
+def test_second_animate_reuses_reference_banks(anim: Animator, media: dict[str, Path]) -> None:
+    a = fresh(anim)
+    state = a.prepare(PORTRAIT)
+    list(a.animate(state, media["short"]))
+    two_steps = {s.timestep for s in DDIM(a.sub.config.scheduler).plan(2)}
+    assert a.last_stats.calls["reference_bank"] == 2
+    assert set(state.banks) == two_steps
+    before = a.sub.calls["reference_bank"]
+    list(a.animate(a.prepare(PORTRAIT), media["short"]))
+    assert a.sub.calls["reference_bank"] == before
+    assert "reference_bank" not in a.last_stats.calls
+    # 4 steps share two of their timesteps with the 2-step plan: only the new ones are computed
+    four_steps = {s.timestep for s in DDIM(a.sub.config.scheduler).plan(4)}
+    list(a.animate(state, media["short"], config=AnimateConfig(steps=4, window=4, overlap=2)))
+    assert a.last_stats.calls["reference_bank"] == len(four_steps - two_steps) == 2
+    assert set(state.banks) == two_steps | four_steps
+
+
+def test_reference_timestep_zero_computes_bank_once(anim: Animator, media: dict[str, Path]) -> None:
+    a = fresh(anim, reference_timestep=0)
+    state = a.prepare(PORTRAIT)
+    frames = list(a.animate(state, media["short"]))
+    assert len(frames) == 4
+    assert a.last_stats.calls["reference_bank"] == 1
+    assert set(state.banks) == {0}
+
+
+def test_animate_to_file_reports_cache_hit(anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
+    a = fresh(anim, max_frames=2, steps=1)
+    first = a.animate_to_file(PORTRAIT, media["short"], tmp_path / "a.mp4")
+    calls = {k: a.sub.calls[k] for k in PER_PORTRAIT}
+    second = a.animate_to_file(PORTRAIT, media["short"], tmp_path / "b.mp4")
+    assert (first.portrait_cache_hit, second.portrait_cache_hit) == (False, True)
+    assert {k: a.sub.calls[k] for k in PER_PORTRAIT} == calls
+    assert "reference_bank" not in second.calls
+
+
+def test_cache_hit_flag_is_false_for_a_new_portrait(anim: Animator, media: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    a = fresh(anim, max_frames=2, steps=1)
+    a.prepare(PORTRAIT)
+    a.prepare(PORTRAIT)  # a hit: cache.hits == 1
+    flipped = tmp_path / "flipped.png"
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(read_image(PORTRAIT)[:, ::-1])).save(flipped)
+    stats = a.animate_to_file(flipped, media["short"], tmp_path / "out.mp4")
+    assert a.cache.misses == 2  # the flipped portrait was computed
+    assert stats.portrait_cache_hit is False
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def test_first_frame_is_yielded_before_the_last_decode(optimized_run: Run) -> None:
+    assert len(optimized_run.frames) == 6
+    assert optimized_run.decodes_total == -(-6 // DECODE_BATCH) == 2
+    assert optimized_run.decodes_at_first_frame == 1 < optimized_run.decodes_total
+    stats = optimized_run.stats
+    assert stats.frames == 6 and stats.calls["vae_decode"] == 2
+    assert 0 < stats.first_frame_s < stats.total_s
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_names_file_and_leaves_no_output(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                   case: str) -> None:
+    portrait, driver, output, needle = bad_input(case, tmp_path, PORTRAIT, media["short"])
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=needle):  # no frame cap: a break anywhere in the clip is found
+        anim.animate_to_file(portrait, driver, output, config=replace(CFG, max_frames=None))
+    assert sorted(tmp_path.rglob("*")) == before  # no output, no temporary file
+
+
+def test_failure_while_writing_leaves_previous_output(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "result.mp4"
+    out.write_bytes(b"previous result")
+    real_decode = anim.sub.vae_decode
+    decoded: list[int] = []
+
+    def failing_decode(z):  # noqa: ANN001, ANN202
+        if decoded:  # the first batch (4 frames) reaches the encoder, the second one fails
+            raise RuntimeError("simulated decoder failure")
+        decoded.append(len(z))
+        return real_decode(z)
+
+    monkeypatch.setattr(anim.sub, "vae_decode", failing_decode)
+    with pytest.raises(RuntimeError, match="simulated decoder failure"):
+        anim.animate_to_file(PORTRAIT, media["audio"], out, config=replace(CFG, steps=1))
+    assert decoded == [DECODE_BATCH]
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.mp4"]
+
+
+def test_no_face_crop_uses_the_centre_square(anim: Animator, media: dict[str, Path]) -> None:
+    with pytest.raises(InputError, match="no face found in portrait faceless.png"):
+        anim.prepare(media["faceless"])
+    state = anim.prepare(media["faceless"], face_crop=False)
+    img = read_image(media["faceless"])  # 200 wide, 256 high: centre square rows 28..228
+    assert center_square(256, 200) == (28, 0, 228, 200)
+    expected = crop_resize(img, (28, 0, 228, 200), 128).to(dtype=state.inputs.image.dtype)
+    assert np.array_equal(state.inputs.image.numpy(), expected.numpy())
+    assert int(state.inputs.background_mask.sum()) == 128 * 128  # no face: everything is background

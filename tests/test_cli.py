@@ -1,0 +1,248 @@
+"""``megactor-rt`` command line on CPU: demo, animate (CLI == Python), doctor, download (offline), convert-weights,
+and every bad-input case (exit code 2, ``error: <file>: <problem>`` on stderr, no output file left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import types
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from media_fixtures import (
+    BAD_INPUT_CASES,
+    PORTRAIT,
+    bad_input,
+    face_frames,
+    plain_image,
+    stream_facts,
+    write_face_driver,
+    write_plain_driver,
+)
+from PIL import Image
+
+from megactor_rt import cli
+from megactor_rt.cli import main
+from megactor_rt.config import AnimateConfig, tiny_config
+from megactor_rt.media import iter_video_frames
+from megactor_rt.progress import progress_enabled, set_progress_enabled
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.weights import build_models, write_converted
+
+FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: the pipeline's worker threads plus OpenMP spin-waits on a busy 2-core runner
+    otherwise slow these tiny models down by an order of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli_media")
+    face = root / "my_face.png"
+    Image.fromarray(face_frames(1, 256)[0]).save(face)  # a different portrait than the bundled one
+    return {
+        "driver": write_face_driver(root / "my_driver.mp4", n=6, fps=25, audio=True),
+        "portrait": face,
+        "faceless_portrait": plain_image(root / "faceless.png", 256, 256),
+        "faceless_driver": write_plain_driver(root / "faceless_driver.mp4", n=6, fps=25, audio=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real converted-weights folder holding the tiny architecture with seeded random weights."""
+    models = build_models(tiny_config(), seed=0)
+    states = {name: module.state_dict() for name, module in models.modules().items()}
+    return write_converted(tiny_config(), states, tmp_path_factory.mktemp("cli_weights") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _restore_progress() -> Iterator[None]:
+    was = progress_enabled()  # main(["-q", ...]) switches progress bars off process-wide
+    yield
+    set_progress_enabled(was)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def frames_of(path: Path) -> list[np.ndarray]:
+    return list(iter_video_frames(path))
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_bundled_media_capped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo.mp4"
+    code, stdout, err = run(capsys, "demo", "--max-frames", 6, *FAST, "-o", out)
+    assert code == 0, err
+    assert "TINY RANDOM-WEIGHT" in stdout and f"wrote {out}: 6 frames" in stdout
+    assert stream_facts(out) == (6, Fraction(30), True)  # the cap, the bundled clip's 30 fps, its MP3 audio
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.mp4"]
+
+
+def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo_user.mp4"
+    code, _, err = run(capsys, "demo", "--portrait", media["portrait"], "--driver", media["driver"], *FAST,
+                       "--seed", 3, "-o", out)
+    assert code == 0, err
+    assert stream_facts(out) == (6, Fraction(25), True)  # no cap: every frame of the user's clip
+    anim = Animator.demo(seed=3, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, seed=3))
+    py_out = tmp_path / "python.mp4"
+    anim.animate_to_file(media["portrait"], media["driver"], py_out)
+    cli_frames, py_frames = frames_of(out), frames_of(py_out)
+    assert len(cli_frames) == len(py_frames) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(cli_frames, py_frames))
+    # ... and the user's portrait was really used: the bundled one gives other frames
+    bundled = tmp_path / "bundled.mp4"
+    anim.animate_to_file(PORTRAIT, media["driver"], bundled, config=AnimateConfig(steps=2, window=4, overlap=2,
+                                                                                    seed=3, max_frames=2))
+    assert not np.array_equal(frames_of(bundled)[0], cli_frames[0])
+
+
+# ---------------------------------------------------------------------------------------------- animate
+
+
+def test_animate_cli_and_python_give_identical_frames(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli.mp4"
+    code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", media["driver"], "-o", out,
+                            "--weights", weights, "--device", "cpu", *FAST, "--seed", 7)
+    assert code == 0, err
+    assert f"wrote {out}: 6 frames" in stdout
+    assert stream_facts(out) == (6, Fraction(25), True)
+    anim = Animator.from_weights(weights, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, seed=7))
+    py_out = tmp_path / "python.mp4"
+    anim.animate_to_file(PORTRAIT, media["driver"], py_out)
+    cli_frames, py_frames = frames_of(out), frames_of(py_out)
+    assert len(cli_frames) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(cli_frames, py_frames, strict=True))
+    assert any(not np.array_equal(cli_frames[0], f) for f in cli_frames[1:])  # not a frozen image
+
+
+def test_no_face_crop_falls_back_to_centre_crop(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "centre.mp4"
+    args = ["animate", "--portrait", media["faceless_portrait"], "--driver", media["faceless_driver"], "-o", out,
+            "--weights", weights, "--device", "cpu", *FAST]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "no face found in portrait faceless.png" in err and "--no-face-crop" in err
+    assert not out.exists()
+    code, _, err = run(capsys, *args, "--no-face-crop", "--no-audio")
+    assert code == 0, err
+    assert stream_facts(out) == (6, Fraction(25), False)  # --no-audio drops the driver's audio
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUT_CASES, "output_read_only", "weights_missing"])
+def test_bad_input_exit_2_names_file_and_leaves_no_output(case: str, weights: Path, media: dict[str, Path],
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if case in BAD_INPUT_CASES:
+        portrait, driver, output, needle = bad_input(case, tmp_path, media["portrait"], media["driver"])
+    else:
+        portrait, driver, output, needle = bad_input("output_is_directory", tmp_path, media["portrait"], media["driver"])
+        output.rmdir()
+    if case == "output_read_only":
+        real_access = os.access  # chmod cannot be used: tests may run as root, which ignores it
+        monkeypatch.setattr("megactor_rt.media.os.access",
+                            lambda p, mode: False if Path(p) == output.parent else real_access(p, mode))
+        needle = r"result\.mp4: output folder .*out is not writable"
+    if case == "weights_missing":
+        weights, needle = tmp_path / "no_weights", r"weights directory .*no_weights does not exist"
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run(capsys, "animate", "--portrait", portrait, "--driver", driver, "-o", output,
+                       "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2
+    assert err.startswith("error: ")
+    assert re.search(needle, err), err
+    assert sorted(tmp_path.rglob("*")) == before  # no output, no temporary file
+
+
+def test_failed_run_keeps_previous_output(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "result.mp4"
+    out.write_bytes(b"an earlier result")
+    code, _, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", media["faceless_driver"], "-o", out,
+                       "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2 and "faceless_driver.mp4" in err
+    assert out.read_bytes() == b"an earlier result"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.mp4"]
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["animate", "--portrait", "p.png"])
+    assert exc.value.code == 2
+    assert "--driver" in capsys.readouterr().err
+
+
+def test_unexpected_error_exits_1_without_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    def boom(args: object) -> int:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli, "cmd_doctor", boom)
+    code, _, err = run(capsys, "doctor")
+    assert code == 1
+    assert "unexpected error: RuntimeError: kaboom" in err and "-v" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- other commands
+
+
+def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "doctor")
+    assert code == 0
+    assert "backends:" in out and "torch:" in out and "cuda:" in out
+    code, out, _ = run(capsys, "doctor", "--json", "--weights", weights)
+    assert code == 0
+    report = json.loads(out)
+    assert report["backends"]["torch"].startswith("available")
+    assert report["weights"]["status"] == "converted weights found"
+
+
+def test_download_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[dict] = []
+
+    def offline(**kwargs: object) -> str:
+        calls.append(kwargs)
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    fake_hub = types.ModuleType("huggingface_hub")
+    fake_hub.snapshot_download = offline  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub)  # never touches the network
+    out = tmp_path / "dl"
+    code, _, err = run(capsys, "download", "--out", out)
+    assert code == 2
+    assert len(calls) == 1 and calls[0]["repo_id"] == cli.HF_REPO
+    assert err.startswith(f"error: could not download {cli.HF_REPO}")
+    assert "Temporary failure in name resolution" in err and "offline" in err and "convert-weights" in err
+    assert not out.exists()
+
+
+def test_convert_weights_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "release_weights", tmp_path / "converted"
+    code, _, err = run(capsys, "convert-weights", src, dst)
+    assert code == 2
+    assert err.startswith("error: ") and f"weights folder {src} does not exist" in err
+    assert not dst.exists()
