@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megactor_rt.kernels import _lib
 
 from megactor_rt import kernels as K
+from megactor_rt.kernels import _lib
 
 
 @dataclass

@@ -177,10 +177,12 @@ def _save(model, path: Path) -> None:  # noqa: ANN001
 
 
 def _fits_protobuf(model) -> bool:  # noqa: ANN001
+    from google.protobuf.message import EncodeError
+
     try:
         model.ByteSize()
         return True
-    except ValueError:
+    except (EncodeError, ValueError):  # over protobuf's 2 GiB limit
         return False
 
 

@@ -188,17 +188,31 @@ def driver_of_length(n: int, out_dir: Path) -> Path:
     return path
 
 
-def run_scenario(sc: Scenario, device: torch.device, out_dir: Path) -> list[Result]:
-    from megactor_rt.assets import ASSETS_DIR
-    from megactor_rt.runtime.animator import Animator
+_MODELS: dict[tuple, Any] = {}
+
+
+def _submodels(sc: Scenario, device: torch.device) -> Any:
+    """Torch submodels for a scenario; random-weight models are built once per (model, size, precision)."""
     from megactor_rt.runtime.submodels import TorchSubmodels
     from megactor_rt.weights import build_models
 
-    dtype = torch.float16 if sc.precision == "fp16" else torch.float32
-    models = build_models(model_config(sc.model, sc.image_size), seed=0)
-    models.weights_id = f"bench-{sc.model}"
-    sub = TorchSubmodels(models, device, dtype)
-    ledger = FlopLedger(sub)
+    key = (sc.model, sc.image_size, sc.precision, str(device))
+    if key not in _MODELS:
+        _MODELS.clear()  # one full-size model set at a time
+        models = build_models(model_config(sc.model, sc.image_size), seed=0)
+        models.weights_id = f"bench-{sc.model}"
+        dtype = torch.float16 if sc.precision == "fp16" else torch.float32
+        _MODELS[key] = TorchSubmodels(models, device, dtype)
+    return _MODELS[key]
+
+
+def run_scenario(sc: Scenario, device: torch.device, out_dir: Path) -> list[Result]:
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.runtime.animator import Animator
+
+    sub = _submodels(sc, device)
+    ledger = getattr(sub, "_ledger", None) or FlopLedger(sub)
+    sub._ledger = ledger
     driver = driver_of_length(sc.frames, out_dir)
     portrait = ASSETS_DIR / "portrait.png"
     results = []
