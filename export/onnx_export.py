@@ -114,7 +114,11 @@ def export_graph(spec: ExportSpec, models: MegActorModels, out: Path, opset: int
             src = Path(tmp) / "fp32.onnx"
             _torch_export(spec, models, src, opset)
         if precision == "fp16":
-            model = to_fp16(_load(_infer_shapes(src, Path(tmp))), spec)
+            inferred = _infer_shapes(src, Path(tmp))
+            try:
+                model = to_fp16(_load(inferred), spec)
+            finally:
+                inferred.unlink(missing_ok=True)
         else:
             model = _load(src)
         _save(model, out / name)
@@ -145,10 +149,10 @@ def _torch_export(spec: ExportSpec, models: MegActorModels, path: Path, opset: i
 
 def _infer_shapes(src: Path, tmp: Path) -> Path:
     """Value types of every tensor (the fp16 converter needs them to place its casts); path-based so
-    graphs over 2 GB work."""
+    graphs over 2 GB work. Written beside ``src`` so relative external-data paths still resolve."""
     import onnx
 
-    dst = tmp / "inferred.onnx"
+    dst = src.with_name(f"{tmp.name}.inferred.onnx")
     onnx.shape_inference.infer_shapes_path(str(src), str(dst))
     return dst
 

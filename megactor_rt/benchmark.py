@@ -62,8 +62,9 @@ SUITES: dict[str, list[Scenario]] = {
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized",), precision="fp16",
                  note="changes the math: fewer DDIM steps, no overlap"),
     ],
-    "long-tiny": [Scenario("tiny 128px, 1000 frames, w16/o0, 1 step", "tiny", 128, 1000, 16, 0, 1,
-                           modes=("optimized",), note="memory flatness over a long driver")],
+    "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
+                           modes=("optimized",), note="memory flatness over a long driver")
+                  for n in (100, 1000)],
 }
 
 

@@ -196,3 +196,24 @@ def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path):
         frames[name] = np.stack(list(anim.animate(state, ASSETS_DIR / "driver.mp4")))
     assert frames["torch"].shape == frames["onnxruntime"].shape == (6, 128, 128, 3)
     assert _psnr(frames["onnxruntime"], frames["torch"]) >= 40.0
+
+
+@pytest.mark.parametrize("fallback", ["onnxruntime", "torch"])
+def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallback):
+    """Without TensorRT (or without plans) every graph runs on the fallback backend and gives the same result."""
+    from megactor_rt.runtime.onnx_backend import _tensorrt_submodels
+    from megactor_rt.weights import write_converted
+
+    weights = write_converted(models.config, {k: m.state_dict() for k, m in models.modules().items()}, tmp_path / "w")
+    ort_runners = {g.submodel: OrtRunner(g) for g in manifest.graphs.values() if g.precision == "fp32"}
+    sub = _tensorrt_submodels(models.config, models.weights_id, weights, tmp_path / "no-engines", manifest,
+                              ort_runners, torch.device("cpu"), torch.float32, "fp32", "reference_net", fallback)
+    if fallback == "onnxruntime":
+        assert set(sub.runners) == set(ort_runners) and sub.fallback is None
+    else:
+        assert sub.runners == {} and isinstance(sub.fallback, TorchSubmodels)
+    spec = _specs(models)["pose_guider"]
+    frames, scale, shift = _fresh_inputs(spec)
+    got = sub.pose_features(frames, scale, shift)
+    ref = _torch_outputs(spec, models, (frames, scale, shift))["pose"]
+    assert _rel(got, ref) <= 1e-4
