@@ -282,48 +282,6 @@ def face_keep_rect(box_in_output: Box, size: int = 512, top_margin: float = 0.4,
     return int(top), int(left), int(bottom), int(right)
 
 
-def keep_rects_for_frames(boxes_per_frame: Sequence[Box | None], size: int = 512,
-                          source_name: str = "driver") -> list[Crop]:
-    """:func:`face_keep_rect` for every cropped driving frame; frames without a face reuse the last one.
-
-    Frames before the first detection use the first detected box (upstream crashed there).
-
-    Raises:
-        InputError: no frame has a face.
-    """
-    found = [b for b in boxes_per_frame if b is not None]
-    if not found:
-        raise InputError(f"no face found in the cropped frames of driving video {source_name}")
-    last = found[0]
-    rects = []
-    for box in boxes_per_frame:
-        last = box if box is not None else last
-        rects.append(face_keep_rect(last, size))
-    return rects
-
-
-def isolate_and_grey(frame: torch.Tensor, keep_rect: Crop) -> torch.Tensor:
-    """Black out everything outside ``keep_rect`` and convert to 3-channel grey in [0, 1].
-
-    This is the CPU/reference path of the fused kernel in ``megactor_rt.kernels``.
-
-    Args:
-        frame: ``(3, S, S)`` float in 0..255 (output of :func:`crop_resize`).
-        keep_rect: ``(top, left, bottom, right)`` from :func:`face_keep_rect`.
-
-    Returns:
-        ``(3, S, S)`` float of the same dtype, grey replicated over the channels, in [0, 1].
-    """
-    if frame.ndim != 3 or frame.shape[0] != 3:
-        raise ValueError(f"frame must be (3, S, S), got {tuple(frame.shape)}")
-    top, left, bottom, right = keep_rect
-    w = torch.tensor(GREY_WEIGHTS, dtype=frame.dtype, device=frame.device).view(3, 1, 1)
-    out = torch.zeros_like(frame[:1])  # (1, S, S)
-    region = frame[:, top:bottom, left:right]  # (3, h, w)
-    out[:, top:bottom, left:right] = (region * w).sum(dim=0, keepdim=True)
-    return (out.clamp(0, 255) / 255).expand(3, -1, -1).contiguous()  # (3, S, S)
-
-
 # ---------------------------------------------------------------------------------------------- masks
 
 

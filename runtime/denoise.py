@@ -34,7 +34,7 @@ StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
 
 
 def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], windows: Sequence[Sequence[int]],
-            guidance: float, callback: StepCallback | None = None, show_progress: bool = True) -> torch.Tensor:
+            guidance: float, callback: StepCallback | None = None) -> torch.Tensor:
     """Run the whole DDIM schedule over all frames.
 
     Args:
@@ -44,7 +44,6 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         windows: frame indices of each context window (see ``context_windows``).
         guidance: CFG scale; 1.0 means conditional only.
         callback: called after each step with (index, step, guided eps, new latents).
-        show_progress: progress bar over windows x steps.
 
     Returns:
         Final latents ``(1, 4, N, h, w)``.

@@ -11,6 +11,7 @@ from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.errors import InputError
+from megactor_rt.kernels.ops import preprocess_frame
 from megactor_rt.media import iter_video_frames, read_image
 from megactor_rt.preprocess import (
     Box,
@@ -21,8 +22,6 @@ from megactor_rt.preprocess import (
     driver_crop,
     face_keep_rect,
     first_face,
-    isolate_and_grey,
-    keep_rects_for_frames,
     load_user_mask,
     person_mask,
     portrait_crop,
@@ -195,23 +194,16 @@ def test_face_keep_rect(box: Box, size: int, expected: tuple[int, int, int, int]
     assert face_keep_rect(box, size) == expected
 
 
-def test_keep_rects_reuse_previous() -> None:
-    a, b = Box(100, 100, 200, 200), Box(300, 300, 400, 400)
-    rects = keep_rects_for_frames([None, a, None, b, None])
-    assert rects == [face_keep_rect(a)] * 3 + [face_keep_rect(b)] * 2
-    with pytest.raises(InputError, match="clip.mov"):
-        keep_rects_for_frames([None, None], source_name="clip.mov")
-
-
-def test_isolate_and_grey_values() -> None:
-    frame = torch.zeros(3, 8, 8)
-    frame[:, :, :] = torch.tensor([100.0, 150.0, 200.0]).view(3, 1, 1)
-    frame[:, 2, 3] = 400.0  # out of range: clamped
-    out = isolate_and_grey(frame, (1, 2, 5, 6))
+def test_isolation_values() -> None:
+    """The PoseGuider input: keep rectangle, grey weights of upstream, [0, 1] (identity resize)."""
+    frame = torch.zeros(8, 8, 3, dtype=torch.uint8)
+    frame[:, :] = torch.tensor([100, 150, 200], dtype=torch.uint8)
+    frame[2, 3] = 255
+    out = preprocess_frame(frame, (0, 0, 8, 8), (1, 2, 5, 6), size=8)
     assert out.shape == (3, 8, 8)
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
     assert out[0, 1, 2].item() == pytest.approx((0.2989 * 100 + 0.5870 * 150 + 0.1140 * 200) / 255, abs=1e-6)
-    assert out[0, 2, 3].item() == 1.0
+    assert out[0, 2, 3].item() == pytest.approx((0.2989 + 0.5870 + 0.1140), abs=1e-6)
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[1:5, 2:6] = True
     assert (out[:, ~inside] == 0).all() and (out[:, inside] > 0).all()
@@ -219,11 +211,12 @@ def test_isolate_and_grey_values() -> None:
 
 def test_isolation_chain_on_real_driver(driver_frames: list[np.ndarray]) -> None:
     crop = driver_crop([first_face(f) for f in driver_frames], 512, 512)
-    cropped = [crop_resize(f, crop) for f in driver_frames[:3]]  # (3, 512, 512) each
-    as_u8 = [np.ascontiguousarray(c.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()) for c in cropped]
-    rects = keep_rects_for_frames([first_face(u) for u in as_u8])
-    for frame, (top, left, bottom, right) in zip(cropped, rects):
-        out = isolate_and_grey(frame, (top, left, bottom, right))
+    for f in driver_frames[:3]:
+        resized = np.ascontiguousarray(crop_resize(f, crop).to(torch.uint8).permute(1, 2, 0).numpy())
+        face = first_face(resized)
+        assert face is not None
+        top, left, bottom, right = face_keep_rect(face)
+        out = preprocess_frame(torch.from_numpy(f), crop, (top, left, bottom, right), size=512)
         assert out.min() >= 0.0 and out.max() <= 1.0
         assert out[:, top:bottom, left:right].mean() > 0.1  # the face is kept
         outside = out.clone()
