@@ -26,7 +26,7 @@ import torch
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
-from megactor_rt.export.specs import ExportSpec, export_specs
+from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.progress import progress
 from megactor_rt.weights import MegActorModels, build_models, load_converted
 
@@ -139,7 +139,7 @@ def _dtype(name: str, spec: ExportSpec, precision: str) -> str:
 
 def _torch_export(spec: ExportSpec, models: MegActorModels, path: Path, opset: int) -> None:
     module = spec.build(models).eval()
-    sample = spec.sample_inputs()
+    sample = spec.sample_inputs(which=TRACE)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, sample, str(path), input_names=[t.name for t in spec.inputs],

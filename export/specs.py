@@ -32,6 +32,7 @@ from megactor_rt.models.unet import NUM_BANKS
 from megactor_rt.weights import MegActorModels
 
 BANK_NAMES = tuple(f"bank_{i:02d}" for i in range(NUM_BANKS))
+TRACE = -1
 Dim = int | str
 
 
@@ -68,6 +69,11 @@ class ExportSpec:
                 for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
 
     def concrete(self, shape: tuple[Dim, ...], profile: str, which: int) -> tuple[int, ...]:
+        """Shape at a profile's min (0) / opt (1) / max (2), or ``TRACE`` (-1): 2 wherever the range allows,
+        small enough to trace a full-size model on CPU quickly and > 1 so no size-1 special case is baked in."""
+        if which == TRACE:
+            return tuple(d if isinstance(d, int) else min(max(2, self.dims[d][profile][0]), self.dims[d][profile][2])
+                         for d in shape)
         return tuple(d if isinstance(d, int) else self.dims[d][profile][which] for d in shape)
 
     def profiles(self) -> dict[str, dict[str, list[list[int]]]]:

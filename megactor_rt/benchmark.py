@@ -263,7 +263,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     scenarios = SUITES[suite]
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
-    report = {
+    report: dict[str, Any] = {
         "suite": suite, "date": date.today().isoformat(), "device": _device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),

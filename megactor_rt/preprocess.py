@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 Crop = tuple[int, int, int, int]  # (top, left, bottom, right), bottom/right exclusive
 
 UPSAMPLE_BELOW_PX = 400  # run HOG on a 2x upsampled image when the short side is smaller than this
-GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # upstream eval.py:153 (not exactly BT.601)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +71,12 @@ def build_models(cfg: ModelConfig, seed: int | None = None, only: Collection[str
     from megactor_rt.models.unet import ReferenceNet, TemporalUNet
     from megactor_rt.models.vae import build_vae
 
-    makers = {"temporal_unet": lambda: TemporalUNet(cfg.unet), "reference_net": lambda: ReferenceNet(cfg.reference_net),
-              "vae": lambda: build_vae(cfg.vae), "clip_image_encoder": lambda: ClipImageEncoder.from_config(cfg.clip)}
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "temporal_unet": lambda: TemporalUNet(cfg.unet),
+        "reference_net": lambda: ReferenceNet(cfg.reference_net),
+        "vae": lambda: build_vae(cfg.vae),  # type: ignore[dict-item,return-value]
+        "clip_image_encoder": lambda: ClipImageEncoder.from_config(cfg.clip),
+    }
     built: dict[str, nn.Module] = {}
     for i, (name, make) in enumerate(makers.items()):
         if seed is not None:
@@ -290,4 +294,5 @@ def _restore_buffers(module: nn.Module) -> None:
     """Non-persistent buffers are not in state dicts; rebuild them after ``to_empty``."""
     for sub in module.modules():
         if hasattr(sub, "position_ids") and hasattr(sub, "num_positions"):
-            sub.register_buffer("position_ids", torch.arange(sub.num_positions).expand((1, -1)), persistent=False)
+            n = int(sub.num_positions)  # type: ignore[arg-type]
+            sub.register_buffer("position_ids", torch.arange(n).expand((1, -1)), persistent=False)

@@ -246,3 +246,24 @@ def test_convert_weights_missing_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert err.startswith("error: ") and f"weights folder {src} does not exist" in err
     assert not dst.exists()
+
+
+def test_build_engines_without_tensorrt_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is importable here; this checks the no-TensorRT path")
+    (tmp_path / "onnx").mkdir()
+    assert main(["build-engines", "--onnx", str(tmp_path / "onnx"), "--out", str(tmp_path / "eng")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "TensorRT" in err and "Traceback" not in err
+    assert not (tmp_path / "eng").exists() or not any((tmp_path / "eng").iterdir())
+
+
+def test_export_cli_writes_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["-q", "export", "--weights", "tiny", "--out", str(tmp_path / "onnx"), "--graphs", "pose_guider",
+               "--precision", "fp32", "--window", "4"])
+    assert rc == 0
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert list(manifest["graphs"]) == ["pose_guider.fp32"]
+    assert "pose_guider" in capsys.readouterr().out

@@ -106,7 +106,7 @@ def test_fp16_parity_earned(models, manifest, name):
 
 
 def test_dynamic_frames_beyond_sample(models, manifest):
-    """The UNet graph was traced at F=4; it must be right at F=1 and F=3 too (dynamic axes really dynamic)."""
+    """The UNet graph is traced at F=2; it must be right at F=1 and F=3 too (dynamic axes really dynamic)."""
     spec = _specs(models)["temporal_unet"]
     runner = _ort(manifest, "temporal_unet", "fp32")
     for f in (1, 3):

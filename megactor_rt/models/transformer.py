@@ -128,7 +128,11 @@ class BankTap(nn.Module):
         self.proj_in = nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList([_NormOnlyBlock(ch)])
 
+    def normed(self, t: torch.Tensor) -> torch.Tensor:
+        block: _NormOnlyBlock = self.transformer_blocks[0]  # type: ignore[assignment]
+        return block.norm1(t)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bf, c, h, w = x.shape
         t = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(bf, h * w, c)
-        return self.transformer_blocks[0].norm1(t)
+        return self.normed(t)

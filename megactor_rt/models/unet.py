@@ -30,6 +30,12 @@ NUM_BANKS = 10
 class _Block(nn.Module):
     """One down or up block: (resnet [, transformer] [, motion module]) x n, then down/upsampler."""
 
+    resnets: nn.ModuleList
+    attentions: nn.ModuleList
+    motion_modules: nn.ModuleList
+    downsamplers: nn.ModuleList
+    upsamplers: nn.ModuleList
+
     def __init__(self, cfg: UNetConfig, in_chs: Sequence[int], out_ch: int, *, attention: bool,
                  motion: bool, down: bool, up: bool) -> None:
         super().__init__()
@@ -61,6 +67,9 @@ class _Block(nn.Module):
 
 
 class _MidBlock(nn.Module):
+    resnets: nn.ModuleList
+    attentions: nn.ModuleList
+
     def __init__(self, cfg: UNetConfig, ch: int) -> None:
         super().__init__()
         temb, g, eps = cfg.block_out_channels[0] * 4, cfg.norm_num_groups, cfg.norm_eps
@@ -70,6 +79,10 @@ class _MidBlock(nn.Module):
 
 class _UNetBase(nn.Module):
     """Shared construction: conv_in, time embedding, down/mid/up blocks (SD1.5 layout)."""
+
+    down_blocks: nn.ModuleList
+    up_blocks: nn.ModuleList
+    mid_block: _MidBlock
 
     def __init__(self, cfg: UNetConfig, *, motion: bool, bank_writer: bool) -> None:
         super().__init__()
@@ -97,7 +110,11 @@ class _UNetBase(nn.Module):
                                          down=False, up=i < n - 1))
             prev = c
         if bank_writer:  # upstream's truncated last transformer block
-            self.up_blocks[-1].attentions[-1] = BankTap(ch[0], cfg.norm_num_groups)
+            self._blocks(self.up_blocks)[-1].attentions[-1] = BankTap(ch[0], cfg.norm_num_groups)
+
+    @staticmethod
+    def _blocks(blocks: nn.ModuleList) -> list[_Block]:
+        return list(blocks)  # type: ignore[arg-type]
 
     def time_embed(self, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
         t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(batch)
@@ -109,7 +126,7 @@ class _UNetBase(nn.Module):
     def run_down(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = [x]
-        for block in self.down_blocks:
+        for block in self._blocks(self.down_blocks):
             for i in range(len(block.resnets)):
                 x, _ = block.layer(i, x, temb, ctx)
                 skips.append(x)
@@ -173,7 +190,7 @@ class TemporalUNet(_UNetBase):
 
         x, _ = self.mid_block.attentions[0](x, ctx, nxt())
         x = self.mid_block.resnets[1](x, temb, ctx.frames)
-        for block in self.up_blocks:
+        for block in self._blocks(self.up_blocks):
             for i in range(len(block.resnets)):
                 x = torch.cat([x, skips.pop()], dim=1)
                 x, _ = block.layer(i, x, temb, ctx, nxt() if hasattr(block, "attentions") else None)
@@ -202,8 +219,8 @@ class ReferenceNet(_UNetBase):
         x, normed = self.mid_block.attentions[0](x, ctx)
         bank = [normed]
         x = self.mid_block.resnets[1](x, temb, 1)
-        last = self.up_blocks[-1]
-        for block in self.up_blocks:
+        last = list(self._blocks(self.up_blocks))[-1]
+        for block in self._blocks(self.up_blocks):
             for i in range(len(block.resnets)):
                 x = torch.cat([x, skips.pop()], dim=1)
                 if block is last and i == len(block.resnets) - 1:

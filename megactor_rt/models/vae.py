@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import AutoencoderKL
 
@@ -13,7 +15,7 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKL:
     return vae
 
 
-def vae_moments(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_moments(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 3, H, W)`` in [-1, 1] -> posterior (mean, logvar), each ``(B, 4, H/8, W/8)``, unscaled."""
     h = vae.quant_conv(vae.encoder(images))
     mean, logvar = h.chunk(2, dim=1)
@@ -26,6 +28,6 @@ def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor
     return mean + std * eps
 
 
-def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+def vae_decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Unscaled latents ``(B, 4, h, w)`` -> raw decoder output ``(B, 3, 8h, 8w)`` (no clamp)."""
     return vae.decoder(vae.post_quant_conv(latents))
