@@ -15,7 +15,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from media_fixtures import (
     BAD_INPUT_CASES,
     PORTRAIT,
@@ -38,6 +37,8 @@ from megactor_rt.runtime.pipeline import RunStats
 CFG = AnimateConfig(steps=2, window=4, overlap=2, max_frames=12)
 PER_PORTRAIT = ("clip_tokens", "vae_encode", "film")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _quiet() -> Iterator[None]:
@@ -45,16 +46,6 @@ def _quiet() -> Iterator[None]:
     set_progress_enabled(False)
     yield
     set_progress_enabled(was)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: the pipeline's worker threads plus OpenMP spin-waits on a busy 2-core runner
-    otherwise slow these tiny models down by an order of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from media_fixtures import (
     BAD_INPUT_CASES,
     PORTRAIT,
@@ -38,15 +37,7 @@ from megactor_rt.weights import build_models, write_converted
 
 FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: the pipeline's worker threads plus OpenMP spin-waits on a busy 2-core runner
-    otherwise slow these tiny models down by an order of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
 from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
 from megactor_rt.runtime.submodels import TorchSubmodels
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def setup():
