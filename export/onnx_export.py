@@ -169,7 +169,8 @@ def _save(model, path: Path) -> None:  # noqa: ANN001
 
     tmp = path.with_name(path.name + ".tmp")
     data = external_data_path(path)
-    large = model.ByteSize() > EXTERNAL_DATA_BYTES if _fits_protobuf(model) else True
+    size = _proto_bytes(model)
+    large = size is None or size > EXTERNAL_DATA_BYTES
     if large:
         onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
@@ -180,14 +181,14 @@ def _save(model, path: Path) -> None:  # noqa: ANN001
     tmp.replace(path)
 
 
-def _fits_protobuf(model) -> bool:  # noqa: ANN001
+def _proto_bytes(model) -> int | None:  # noqa: ANN001
+    """Serialized size, or None when the model is over protobuf's 2 GiB limit."""
     from google.protobuf.message import EncodeError
 
     try:
-        model.ByteSize()
-        return True
-    except (EncodeError, ValueError):  # over protobuf's 2 GiB limit
-        return False
+        return model.ByteSize()
+    except (EncodeError, ValueError):
+        return None
 
 
 def to_fp16(model, spec: ExportSpec):  # noqa: ANN001, ANN201

@@ -192,8 +192,9 @@ def driver_of_length(n: int, out_dir: Path) -> Path:
 _MODELS: dict[tuple, Any] = {}
 
 
-def _submodels(sc: Scenario, device: torch.device) -> Any:
-    """Torch submodels for a scenario; random-weight models are built once per (model, size, precision)."""
+def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
+    """Torch submodels (with their FLOP ledger) for a scenario; random-weight models are built once per
+    (model, size, precision)."""
     from megactor_rt.runtime.submodels import TorchSubmodels
     from megactor_rt.weights import build_models
 
@@ -203,7 +204,8 @@ def _submodels(sc: Scenario, device: torch.device) -> Any:
         models = build_models(model_config(sc.model, sc.image_size), seed=0)
         models.weights_id = f"bench-{sc.model}"
         dtype = torch.float16 if sc.precision == "fp16" else torch.float32
-        _MODELS[key] = TorchSubmodels(models, device, dtype)
+        sub = TorchSubmodels(models, device, dtype)
+        _MODELS[key] = (sub, FlopLedger(sub))
     return _MODELS[key]
 
 
@@ -211,9 +213,7 @@ def run_scenario(sc: Scenario, device: torch.device, out_dir: Path) -> list[Resu
     from megactor_rt.assets import ASSETS_DIR
     from megactor_rt.runtime.animator import Animator
 
-    sub = _submodels(sc, device)
-    ledger = getattr(sub, "_ledger", None) or FlopLedger(sub)
-    sub._ledger = ledger
+    sub, ledger = _submodels(sc, device)
     driver = driver_of_length(sc.frames, out_dir)
     portrait = ASSETS_DIR / "portrait.png"
     results = []

@@ -264,9 +264,8 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
     return dst
 
 
-def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> MegActorModels:
-    """Load a converted weights folder into eval-mode modules on ``device``/``dtype``."""
+def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
+    """Architecture and weights id of a converted weights folder (its config.json), format-checked."""
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise WeightsError(f"weights directory {weights_dir} does not exist (run `megactor-rt convert-weights` "
@@ -275,7 +274,14 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
     if meta.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{weights_dir / 'config.json'}: unsupported format_version "
                            f"{meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-    cfg = ModelConfig.from_dict(meta["model"])
+    return ModelConfig.from_dict(meta["model"]), meta.get("weights_id", "unknown")
+
+
+def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> MegActorModels:
+    """Load a converted weights folder into eval-mode modules on ``device``/``dtype``."""
+    weights_dir = Path(weights_dir)
+    cfg, weights_id = converted_config(weights_dir)
     with torch.device("meta"):
         models = build_models(cfg)
     for name, module in models.modules().items():
@@ -286,7 +292,7 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
         module.to_empty(device="cpu")
         load_state_strict(module, state, name, path)
         _restore_buffers(module)
-    models.weights_id = meta.get("weights_id", "unknown")
+    models.weights_id = weights_id
     return models.to(device, dtype)
 
 

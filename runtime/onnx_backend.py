@@ -17,10 +17,11 @@ import torch
 
 from megactor_rt.config import ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, load_manifest
-from megactor_rt.errors import BackendUnavailable, InputError, WeightsError
+from megactor_rt.errors import BackendUnavailable, InputError
 from megactor_rt.export.specs import BANK_NAMES
 from megactor_rt.runner import Runner
 from megactor_rt.runtime.submodels import Submodels
+from megactor_rt.weights import converted_config
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +126,6 @@ class GraphSubmodels(Submodels):
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
         feed.update(zip(BANK_NAMES, bank))
         return self._run(graph, **feed)["eps"]
-
-
-def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
-    path = Path(weights_dir) / "config.json"
-    if not path.is_file():
-        raise WeightsError(f"missing {path} (converted weights folder expected)")
-    meta = json.loads(path.read_text())
-    return ModelConfig.from_dict(meta["model"]), meta.get("weights_id", "unknown")
 
 
 def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,
