@@ -13,10 +13,11 @@ import json
 import logging
 import platform
 import resource
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -44,11 +45,14 @@ class Scenario:
     overlap: int
     steps: int
     guidance: float = 4.5
-    modes: tuple[str, ...] = ("reference", "optimized")
+    modes: tuple[str, ...] = ("reference", "optimized")  # a mode, optionally "+variant" (see VARIANTS)
     precision: str = "fp32"
     repeats: int = 1
     note: str = ""
 
+
+# run-setting variants of a mode, e.g. "optimized+serial-decode": same math, a pipeline feature switched off
+VARIANTS: dict[str, dict[str, Any]] = {"serial-decode": {"decode_streams": False}}
 
 SUITES: dict[str, list[Scenario]] = {
     "cpu-tiny": [Scenario("tiny 128px, 12 frames, w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2)],
@@ -56,7 +60,7 @@ SUITES: dict[str, list[Scenario]] = {
     "cpu-full-256": [Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2)],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                 precision="fp16"),
+                 modes=("reference", "optimized", "optimized+serial-decode"), precision="fp16"),
         Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized",), precision="fp16",
                  note="changes the math: fewer DDIM steps, less overlap"),
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized",), precision="fp16",
@@ -171,7 +175,7 @@ class Result:
     calls: dict[str, int] = field(default_factory=dict)
 
 
-def driver_of_length(n: int, out_dir: Path) -> Path:
+def driver_of_length(n: int, work_dir: Path) -> Path:
     """The bundled driving clip, looped to at least ``n`` frames (written once, H.264, no audio)."""
     from megactor_rt.assets import ASSETS_DIR
     from megactor_rt.media import VideoWriter, iter_video_frames, probe_video
@@ -180,7 +184,7 @@ def driver_of_length(n: int, out_dir: Path) -> Path:
     info = probe_video(src)
     if info.num_frames and n <= info.num_frames:
         return src
-    path = out_dir / f"driver_{n}.mp4"
+    path = work_dir / f"driver_{n}.mp4"
     if not path.is_file():
         frames = list(iter_video_frames(src))
         with VideoWriter(path, info.fps, info.width, info.height) as w:
@@ -209,71 +213,102 @@ def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
     return _MODELS[key]
 
 
-def run_scenario(sc: Scenario, device: torch.device, out_dir: Path) -> list[Result]:
+def run_scenario(sc: Scenario, device: torch.device, work_dir: Path) -> Iterator[Result]:
+    """Run every mode of ``sc`` (warm-up, then ``repeats`` timed runs); yields each result as it is measured."""
     from megactor_rt.assets import ASSETS_DIR
     from megactor_rt.runtime.animator import Animator
 
     sub, ledger = _submodels(sc, device)
-    driver = driver_of_length(sc.frames, out_dir)
+    driver = driver_of_length(sc.frames, work_dir)
     portrait = ASSETS_DIR / "portrait.png"
-    results = []
     for mode in sc.modes:
+        base, *variants = mode.split("+")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"scenario '{sc.name}': unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+        options = {k: v for name in variants for k, v in VARIANTS[name].items()}
         cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
-                            mode=Mode(mode), max_frames=sc.frames)
+                            mode=Mode(base), max_frames=sc.frames, **options)
         anim = Animator(sub, cfg)
         inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
         warm = replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
-        _consume(anim, inputs, driver, warm)  # warm-up: allocator, kernels, FLOP signatures
+        _consume(anim, inputs, driver, warm, work_dir)  # warm-up: allocator, kernels, FLOP signatures
         for _ in range(sc.repeats):
             anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
             ledger.reset()
             if device.type == "cuda":
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as mem:
-                stats = _consume(anim, inputs, driver, cfg)
+                stats = _consume(anim, inputs, driver, cfg, work_dir)
             denoise_flops = sum(ledger.totals[k] for k in ("unet", "reference_bank", "pose_guider_full"))
             peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
-            results.append(Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
-                                  dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
-                                  denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30,
-                                  dict(stats.calls)))
             logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
-    return results
+            yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
+                         dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
+                         denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls))
 
 
-def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig) -> Any:
+def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:
+    """One whole run as a user sees it: prepare the portrait, animate, encode H.264 (on a worker thread, as
+    ``animate_to_file`` does); ``total_s`` ends when the file is closed."""
+    from megactor_rt.media import VideoWriter, probe_video
+    from megactor_rt.runtime.pipeline import prefetch
+
+    size = anim.image_size
+    fps = probe_video(driver).fps
     t0 = time.perf_counter()
     state = anim.prepare(inputs)
     prep = time.perf_counter() - t0
-    for _ in anim.animate(state, driver, config=cfg):
-        pass
+    with VideoWriter(work_dir / "bench_output.mp4", fps, size, size) as w:
+        for frame in prefetch(anim.animate(state, driver, config=cfg), depth=8, name="decode"):
+            w.write(frame)
     stats = anim.last_stats
     stats.stage_seconds["prepare_portrait"] = prep
-    stats.total_s += prep
+    stats.total_s = time.perf_counter() - t0
     stats.first_frame_s += prep
     return stats
 
 
-def run_bench(suite: str, out: str | Path, device: str | None = None) -> dict:
-    """Run a suite; write ``results.json`` and ``results.md`` into ``out``; return the report."""
+def shrink(sc: Scenario, device: torch.device) -> Scenario:
+    """A scenario's dry-run form: tiny model, 128 px, at most 10 frames and 2 steps (window/overlap kept
+    where they fit), fp32 off-GPU. Exercises the same code path in seconds."""
+    frames = min(sc.frames, 10)
+    window = min(sc.window, 4)
+    return replace(sc, name=f"{sc.name} [dry run]", model="tiny", image_size=128, frames=frames, window=window,
+                   overlap=min(sc.overlap, window - 1), steps=min(sc.steps, 2), repeats=1,
+                   precision=sc.precision if device.type == "cuda" else "fp32")
+
+
+def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: bool = False) -> dict:
+    """Run a suite; write ``results.json`` and ``results.md`` into ``out`` (after every scenario); return the
+    report. ``dry_run`` shrinks every scenario (see ``shrink``)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite '{suite}'; known: {sorted(SUITES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scenarios = SUITES[suite]
+    scenarios = [shrink(s, dev) for s in SUITES[suite]] if dry_run else SUITES[suite]
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
     report: dict[str, Any] = {
-        "suite": suite, "date": date.today().isoformat(), "device": _device_name(dev),
+        "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": _device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
         "scenarios": [asdict(s) for s in scenarios], "results": [],
     }
-    for sc in scenarios:
-        report["results"] += [asdict(r) for r in run_scenario(sc, dev, out)]
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown(report))
+    with tempfile.TemporaryDirectory(prefix="megactor-bench-") as work:  # looped drivers, encoded outputs
+        for sc in scenarios:
+            for result in run_scenario(sc, dev, Path(work)):
+                report["results"].append(asdict(result))
+                _write_atomic(out / "results.json", json.dumps(report, indent=1))  # after every result: a run
+                _write_atomic(out / "results.md", markdown(report))  # cut short keeps what it measured
     return report
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _device_name(dev: torch.device) -> str:
@@ -299,14 +334,22 @@ def markdown(report: dict) -> str:
                      f"{r['first_frame_s']:.2f} | {r['stage_s'].get('denoise', 0):.2f} | "
                      f"{r['stage_s'].get('vae_decode', 0):.2f} | {dn:.3f} | {r['denoise_tflops_per_s']:.3f} | "
                      f"{100 * r['denoise_tflops_per_s'] / report['matmul_tflops']:.0f} % | {r['peak_memory_gb']:.2f} |")
-    ratios = []
+    ratios, variants = [], []
     for name, modes in by_scenario.items():
         if {"reference", "optimized"} <= modes.keys():
             ref, opt = modes["reference"], modes["optimized"]
             fr = sum(ref["flops"].values()) / max(sum(opt["flops"].values()), 1e-12)
             dr = ref["stage_s"]["denoise"] / opt["stage_s"]["denoise"]
             ratios.append(f"| {name} | {ref['total_s'] / opt['total_s']:.2f}x | {dr:.2f}x | {fr:.2f}x |")
+        for mode, r in modes.items():
+            base = modes.get(mode.split("+")[0])
+            if "+" in mode and base is not None:
+                variants.append(f"| {name} | {mode} | {r['total_s'] / base['total_s']:.3f} | "
+                                f"{r['first_frame_s'] / base['first_frame_s']:.3f} |")
     if ratios:
         lines += ["", "| scenario | speed-up, whole run | speed-up, denoise stage | FLOP ratio (reference/optimized) |",
                   "|---|---|---|---|", *ratios]
+    if variants:
+        lines += ["", "| scenario | variant | whole-run time / base mode's | first-frame time / base mode's |",
+                  "|---|---|---|---|", *variants]
     return "\n".join(lines) + "\n"

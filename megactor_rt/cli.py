@@ -146,7 +146,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import run_bench
 
-    run_bench(args.suite, args.out, device=args.device)
+    run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run)
     return 0
 
 
@@ -214,9 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build_engines)
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
-    be.add_argument("--suite", default="cpu-tiny", help="cpu-tiny, cpu-full-256, gpu-full")
+    be.add_argument("--suite", default="cpu-tiny", help="cpu-tiny, cpu-smoke, cpu-full-256, gpu-full, long-tiny")
     be.add_argument("--out", type=Path, default=Path("bench-results"))
     be.add_argument("--device", default=None)
+    be.add_argument("--dry-run", action="store_true",
+                    help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end in "
+                         "seconds; its figures mean nothing)")
     be.set_defaults(fn=cmd_bench)
     return p
 

@@ -205,6 +205,9 @@ class AnimateConfig:
             (the original release config), computed once per portrait.
         mode: REFERENCE (upstream-equivalent evaluation) or OPTIMIZED (exact-preserving savings).
         max_frames: optional cap on driving frames (upstream capped at 50; we do not by default).
+        decode_streams: on CUDA, VAE-decode on a side stream with ``DECODE_DEPTH`` batches in flight and
+            pinned-memory copies, overlapping the host's frame handling (False: one batch at a time on the
+            default stream). Same frames either way.
     """
 
     steps: int = 25
@@ -215,6 +218,7 @@ class AnimateConfig:
     reference_timestep: int | None = None
     mode: Mode = Mode.OPTIMIZED
     max_frames: int | None = None
+    decode_streams: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:

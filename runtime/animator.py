@@ -25,7 +25,7 @@ from megactor_rt.progress import progress
 from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.denoise import denoise
 from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver
-from megactor_rt.runtime.pipeline import RunStats, StageTimer, prefetch
+from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
 from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 POSE_BATCH = 16  # driving frames per PoseGuider call
 DECODE_BATCH = 4  # frames per VAE decode call
+DECODE_DEPTH = 3  # decode batches in flight (CUDA streams)
 ADA_SIZE = 512  # the PoseGuider FiLM branch needs a 512x512 reference
 
 
@@ -146,7 +147,7 @@ class Animator:
         calls0 = dict(self.sub.calls)
         plan = plan_driver(driver, cfg.max_frames, face_crop)
         latents = self._denoise(state, plan, cfg, timer)
-        for frame in self._decode(latents, timer):
+        for frame in self._decode(latents, timer, cfg.decode_streams):
             timer.frame_out()
             yield frame
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
@@ -172,14 +173,21 @@ class Animator:
         with timer.stage("denoise"):
             return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance)
 
-    def _decode(self, latents: torch.Tensor, timer: StageTimer) -> Iterator[np.ndarray]:
+    def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool) -> Iterator[np.ndarray]:
+        """VAE-decode ``DECODE_BATCH`` frames per call; the stage time is device time (CUDA events) on GPU."""
         scale = self.sub.config.vae.scaling_factor
         n = latents.shape[2]
-        for i in progress(range(0, n, DECODE_BATCH), desc="decode", unit="batch"):
-            with timer.stage("vae_decode"):
-                z = latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3) / scale  # (b, 4, h, w)
-                frames = latents_to_uint8(self.sub.vae_decode(z)).cpu().numpy()  # (b, S, S, 3)
-            yield from frames
+
+        def decode(i: int) -> torch.Tensor:
+            z = latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3) / scale  # (b, 4, h, w)
+            return latents_to_uint8(self.sub.vae_decode(z))  # (b, S, S, 3) uint8
+
+        flight = InFlight(self.sub.device, DECODE_DEPTH, streams=streams)
+        try:
+            for frames in flight.map(decode, progress(range(0, n, DECODE_BATCH), desc="decode", unit="batch")):
+                yield from frames.numpy()
+        finally:
+            timer.add("vae_decode", flight.device_seconds)
 
     def animate_to_file(self, portrait: str | Path | np.ndarray, driver: str | Path, output: str | Path, *,
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,

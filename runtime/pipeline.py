@@ -1,8 +1,10 @@
-"""Stage overlap with worker threads and bounded queues (works on CPU and GPU alike).
+"""Stage overlap: worker threads with bounded queues (CPU and GPU) and CUDA streams with events (GPU).
 
 ``prefetch`` runs a producer iterator on a worker thread, at most ``depth`` items ahead of the consumer,
-and re-raises the producer's exception in the consumer. ``StageTimer`` accumulates wall time per stage and
-the first-frame latency into a ``RunStats``.
+and re-raises the producer's exception in the consumer. ``InFlight`` launches device work ahead of its
+consumer: on CUDA each item runs on a side stream and lands in pinned host memory, an event marks it done,
+so the GPU computes item i+1.. while the host consumes item i. ``StageTimer`` accumulates wall time per
+stage and the first-frame latency into a ``RunStats``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 _DONE = object()
@@ -65,6 +70,11 @@ class StageTimer:
             with self._lock:
                 self.stats.stage_seconds[name] = self.stats.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
 
+    def add(self, name: str, seconds: float) -> None:
+        """Add time measured elsewhere (e.g. device time from CUDA events) to a stage."""
+        with self._lock:
+            self.stats.stage_seconds[name] = self.stats.stage_seconds.get(name, 0.0) + seconds
+
     def frame_out(self) -> None:
         now = time.perf_counter() - self.start
         self.stats.frames += 1
@@ -109,3 +119,68 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+class InFlight:
+    """Runs ``fn(item) -> tensor`` for a stream of items with up to ``depth`` of them in flight.
+
+    On a CUDA device each call is issued on a dedicated side stream (which first waits for the work already
+    queued on the caller's stream), its result is copied into pinned host memory without blocking, and a
+    pair of timing events brackets it; ``map`` hands out result i only once its end event has completed and
+    issues item i+depth before doing so, so the device keeps working while the host consumes. The caller
+    must not modify the tensors ``fn`` reads until ``map`` is exhausted. ``device_seconds`` sums the device
+    time of the calls (CUDA events).
+
+    Elsewhere (or with ``streams=False``) each call runs when its result is asked for, and ``device_seconds``
+    is its wall time (after a device synchronize).
+    """
+
+    def __init__(self, device: torch.device, depth: int = 3, streams: bool = True) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.device, self.depth = device, depth
+        self.cuda = streams and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.device_seconds = 0.0
+        self.launched = 0
+
+    def _launch(self, fn: Callable[[T], torch.Tensor], item: T) -> tuple:
+        self.launched += 1
+        if self.stream is None:
+            t0 = time.perf_counter()
+            out = fn(item)
+            if out.device.type == "cuda":  # streams disabled on a CUDA device: time the device work
+                torch.cuda.synchronize(out.device)
+            self.device_seconds += time.perf_counter() - t0
+            return out.cpu(), None, None, None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            out = fn(item)
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            end.record(self.stream)
+        return host, out, start, end  # ``out`` stays referenced until its copy is done
+
+    def map(self, fn: Callable[[T], torch.Tensor], items: Iterable[T]) -> Iterator[torch.Tensor]:
+        """Yield ``fn(item)`` as host tensors, in order."""
+        if self.stream is None:  # nothing runs concurrently: compute each item only when it is asked for
+            for item in items:
+                yield self._launch(fn, item)[0]
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        source = iter(items)
+        pending: deque[tuple] = deque()
+        for item in source:
+            pending.append(self._launch(fn, item))
+            if len(pending) == self.depth:
+                break
+        while pending:
+            host, _, start, end = pending.popleft()
+            if end is not None:
+                end.synchronize()
+                self.device_seconds += start.elapsed_time(end) / 1e3
+            for item in source:  # issue the next one before handing this one out
+                pending.append(self._launch(fn, item))
+                break
+            yield host

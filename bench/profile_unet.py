@@ -1,0 +1,171 @@
+"""Where one denoiser window call spends its time (GPU): event-timed calls and a kernel profile.
+
+For one context window (full-size SD1.5 UNet + motion modules, 512 px -> 64x64 latents, 16 frames, CFG) it
+times the optimized call (batch-1 down path shared by both CFG halves, bank attention in the conditional
+half only) and the upstream-style call (batch 2, bank attention for both halves, uncond recomputed) with
+CUDA events, counts their FLOPs (torch.utils.flop_counter), and profiles the optimized call: device time per
+kernel class (GEMM, attention, convolution, normalisation, other) and the top kernels. Also times the
+optimized call with the UNet in channels_last memory format (a layout experiment; same math).
+
+    python bench/profile_unet.py --out OUT            # on a GPU (fp16)
+    python bench/profile_unet.py --out OUT --tiny     # the tiny model on CPU, fp32: checks the script
+
+Writes ``profile_unet.json`` and ``profile_unet.md`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from megactor_rt.benchmark import matmul_tflops
+from megactor_rt.config import full_config, tiny_config
+from megactor_rt.weights import build_models
+
+CLASSES = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+           ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "matmul", "mm_")),
+           ("convolution", ("conv", "implicit", "winograd", "dgrad", "fprop", "cudnn")),
+           ("normalisation", ("norm", "welford", "moments")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other (elementwise, copies, ...)"
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
+    """Median seconds of fn(); CUDA events on GPU, wall clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny model, 128 px, fp32 on CPU (script check)")
+    ap.add_argument("--frames", type=int, default=16)
+    args = ap.parse_args()
+    dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    cfg = replace(tiny_config(), image_size=128) if args.tiny else replace(full_config(), image_size=512)
+    models = build_models(cfg, seed=0, only=("temporal_unet", "reference_net")).to(dev, dtype)
+    unet, refnet = models.unet, models.reference_net
+    h, f = cfg.image_size // 8, args.frames
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dev, dtype)
+
+    tokens = rand(1, 257, cfg.unet.cross_attention_dim)
+    t = torch.tensor(500, device=dev)
+    with torch.inference_mode():
+        bank = refnet(rand(1, 4, h, h), t, tokens)
+    lat1, pose1 = rand(1, 9, f, h, h), rand(1, 4, f, h, h)
+    lat2, pose2, tok2 = lat1.repeat(2, 1, 1, 1, 1), pose1.repeat(2, 1, 1, 1, 1), tokens.repeat(2, 1, 1)
+    bank2 = [b.repeat(2, 1, 1) for b in bank]
+
+    @torch.inference_mode()
+    def optimized() -> object:
+        return unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True)
+
+    @torch.inference_mode()
+    def upstream() -> object:
+        return unet(lat2, t, tok2, pose2, bank2, n_uncond=1, upstream=True)
+
+    report: dict = {"date": date.today().isoformat(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
+                    "matmul_tflops": matmul_tflops(dev, dtype), "calls": {}}
+    for name, fn in (("optimized", optimized), ("upstream", upstream)):
+        secs = time_call(fn, dev)
+        flops = count_flops(fn)
+        report["calls"][name] = {"seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
+
+    kernels: dict[str, float] = defaultdict(float)
+    if dev.type == "cuda":
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                optimized()
+                torch.cuda.synchronize()
+            for evt in prof.key_averages():
+                us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+                if us and getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                    kernels[evt.key] += us / 1e6
+        except Exception as exc:  # the timings above still count
+            report["profile_error"] = repr(exc)
+    classes: dict[str, float] = defaultdict(float)
+    for k, s in kernels.items():
+        classes[kernel_class(k)] += s
+    report["kernel_classes_s"] = dict(classes)
+    report["top_kernels_s"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        unet.to(memory_format=torch.channels_last)
+        secs = time_call(optimized, dev)
+        opt_tflop = report["calls"]["optimized"]["tflop"]
+        report["calls"]["optimized, channels_last"] = {"seconds": secs, "tflop": opt_tflop,
+                                                      "tflops_per_s": opt_tflop / secs}
+    except Exception as exc:
+        report["channels_last_error"] = repr(exc)
+    (args.out / "profile_unet.json").write_text(json.dumps(report, indent=1))
+    (args.out / "profile_unet.md").write_text(markdown(report))
+    print(markdown(report))  # noqa: T201 - a script's output
+
+
+def markdown(r: dict) -> str:
+    lines = [f"One denoiser window call on {r['device']}, {r['date']}, torch {r['torch']}, {r['dtype']}, "
+             f"{r['image_size']} px, {r['frames']} frames, CFG; measured matmul rate {r['matmul_tflops']:.1f} "
+             "TFLOP/s.", "", "| call | ms | TFLOP | TFLOP/s | % of matmul |", "|---|---|---|---|---|"]
+    for name, c in r["calls"].items():
+        lines.append(f"| {name} | {1e3 * c['seconds']:.1f} | {c['tflop']:.2f} | {c['tflops_per_s']:.1f} | "
+                     f"{100 * c['tflops_per_s'] / r['matmul_tflops']:.0f} % |")
+    total = sum(r["kernel_classes_s"].values())
+    if total:
+        lines += ["", "Optimized call, device time by kernel class (torch.profiler):", "",
+                  "| class | ms | share |", "|---|---|---|"]
+        for cls, s in sorted(r["kernel_classes_s"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {cls} | {1e3 * s:.1f} | {100 * s / total:.0f} % |")
+        lines += ["", "| top kernels | ms |", "|---|---|"]
+        lines += [f"| `{k[:110]}` | {1e3 * s:.2f} |" for k, s in r["top_kernels_s"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
