@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tiny", action="store_true", help="tiny model, 128 px, fp32 on CPU (script check)")
     ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the optimized call through torch.compile (compile time, max |diff| vs eager)")
+    ap.add_argument("--quick", action="store_true", help="skip the upstream call, the profile and channels_last")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -110,13 +113,37 @@ def main() -> None:
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
                     "matmul_tflops": matmul_tflops(dev, dtype), "calls": {}}
-    for name, fn in (("optimized", optimized), ("upstream", upstream)):
+    for name, fn in (("optimized", optimized), ("upstream", upstream))[:1 if args.quick else 2]:
         secs = time_call(fn, dev)
         flops = count_flops(fn)
         report["calls"][name] = {"seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
+    opt_tflop = report["calls"]["optimized"]["tflop"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.compile:
+        compiled_unet = torch.compile(unet, dynamic=False)
+
+        @torch.inference_mode()
+        def compiled() -> torch.Tensor:
+            return compiled_unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True)
+
+        try:
+            t0 = time.perf_counter()
+            out_c = compiled()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            out_e = optimized()
+            diff = (out_c.float() - out_e.float()).abs().max().item()  # type: ignore[union-attr]
+            secs = time_call(compiled, dev)
+            report["calls"]["optimized, torch.compile"] = {
+                "seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs, "compile_s": compile_s,
+                "max_abs_diff_vs_eager": diff, "max_abs_eager": out_e.float().abs().max().item()}  # type: ignore
+        except Exception as exc:
+            report["compile_error"] = repr(exc)
+        (args.out / "profile_unet.json").write_text(json.dumps(report, indent=1))
 
     kernels: dict[str, float] = defaultdict(float)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not args.quick:
         try:
             from torch.profiler import ProfilerActivity, profile
 
@@ -135,15 +162,14 @@ def main() -> None:
     report["kernel_classes_s"] = dict(classes)
     report["top_kernels_s"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        unet.to(memory_format=torch.channels_last)
-        secs = time_call(optimized, dev)
-        opt_tflop = report["calls"]["optimized"]["tflop"]
-        report["calls"]["optimized, channels_last"] = {"seconds": secs, "tflop": opt_tflop,
-                                                      "tflops_per_s": opt_tflop / secs}
-    except Exception as exc:
-        report["channels_last_error"] = repr(exc)
+    if not args.quick:
+        try:
+            unet.to(memory_format=torch.channels_last)
+            secs = time_call(optimized, dev)
+            report["calls"]["optimized, channels_last"] = {"seconds": secs, "tflop": opt_tflop,
+                                                          "tflops_per_s": opt_tflop / secs}
+        except Exception as exc:
+            report["channels_last_error"] = repr(exc)
     (args.out / "profile_unet.json").write_text(json.dumps(report, indent=1))
     (args.out / "profile_unet.md").write_text(markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
@@ -156,6 +182,13 @@ def markdown(r: dict) -> str:
     for name, c in r["calls"].items():
         lines.append(f"| {name} | {1e3 * c['seconds']:.1f} | {c['tflop']:.2f} | {c['tflops_per_s']:.1f} | "
                      f"{100 * c['tflops_per_s'] / r['matmul_tflops']:.0f} % |")
+    c = r["calls"].get("optimized, torch.compile")
+    if c:
+        lines += ["", f"torch.compile: first call (compilation) {c['compile_s']:.1f} s; max |compiled - eager| "
+                      f"{c['max_abs_diff_vs_eager']:.3g} (max |eager| {c['max_abs_eager']:.3g})."]
+    for key in ("compile_error", "profile_error", "channels_last_error"):
+        if key in r:
+            lines += ["", f"{key}: {r[key]}"]
     total = sum(r["kernel_classes_s"].values())
     if total:
         lines += ["", "Optimized call, device time by kernel class (torch.profiler):", "",

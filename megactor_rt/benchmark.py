@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
@@ -51,8 +51,12 @@ class Scenario:
     note: str = ""
 
 
-# run-setting variants of a mode, e.g. "optimized+serial-decode": same math, a pipeline feature switched off
-VARIANTS: dict[str, dict[str, Any]] = {"serial-decode": {"decode_streams": False}}
+# variants of a mode, e.g. "optimized+serial-decode": same math, one run setting ("config", AnimateConfig
+# fields) or backend setting ("submodels", TorchSubmodels attributes, restored afterwards) changed
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "serial-decode": {"config": {"decode_streams": False}},  # CUDA side stream for VAE decode off
+    "compile": {"submodels": {"compile": True}},  # temporal UNet through torch.compile (Inductor)
+}
 
 SUITES: dict[str, list[Scenario]] = {
     "cpu-tiny": [Scenario("tiny 128px, 12 frames, w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2)],
@@ -60,11 +64,12 @@ SUITES: dict[str, list[Scenario]] = {
     "cpu-full-256": [Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2)],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                 modes=("reference", "optimized", "optimized+serial-decode"), precision="fp16"),
-        Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized",), precision="fp16",
-                 note="changes the math: fewer DDIM steps, less overlap"),
-        Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized",), precision="fp16",
-                 note="changes the math: fewer DDIM steps, no overlap"),
+                 modes=("reference", "optimized", "optimized+serial-decode", "optimized+compile"),
+                 precision="fp16"),
+        Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized", "optimized+compile"),
+                 precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
+        Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),
+                 precision="fp16", note="changes the math: fewer DDIM steps, no overlap"),
     ],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
                            modes=("optimized",), note="memory flatness over a long driver")
@@ -216,37 +221,51 @@ def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
 def run_scenario(sc: Scenario, device: torch.device, work_dir: Path) -> Iterator[Result]:
     """Run every mode of ``sc`` (warm-up, then ``repeats`` timed runs); yields each result as it is measured."""
     from megactor_rt.assets import ASSETS_DIR
-    from megactor_rt.runtime.animator import Animator
 
     sub, ledger = _submodels(sc, device)
     driver = driver_of_length(sc.frames, work_dir)
     portrait = ASSETS_DIR / "portrait.png"
-    for mode in sc.modes:
+    for mode in sc.modes:  # with a variant: its settings for this mode only
         base, *variants = mode.split("+")
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"scenario '{sc.name}': unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
-        options = {k: v for name in variants for k, v in VARIANTS[name].items()}
+        options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
+        sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
         cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
                             mode=Mode(base), max_frames=sc.frames, **options)
-        anim = Animator(sub, cfg)
-        inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
-        warm = replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
-        _consume(anim, inputs, driver, warm, work_dir)  # warm-up: allocator, kernels, FLOP signatures
-        for _ in range(sc.repeats):
-            anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
-            ledger.reset()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as mem:
-                stats = _consume(anim, inputs, driver, cfg, work_dir)
-            denoise_flops = sum(ledger.totals[k] for k in ("unet", "reference_bank", "pose_guider_full"))
-            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
-            logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
-            yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
-                         dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
-                         denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls))
+        saved = {k: getattr(sub, k) for k in sub_options}
+        try:
+            for k, v in sub_options.items():
+                setattr(sub, k, v)
+            yield from _run_mode(sc, mode, cfg, sub, ledger, device, portrait, driver, work_dir)
+        finally:
+            for k, v in saved.items():
+                setattr(sub, k, v)
+
+
+def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,
+              portrait: Path, driver: Path, work_dir: Path) -> Iterator[Result]:
+    from megactor_rt.runtime.animator import Animator
+
+    anim = Animator(sub, cfg)
+    inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
+    warm = replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
+    _consume(anim, inputs, driver, warm, work_dir)  # warm-up: allocator, kernels, FLOP signatures
+    for _ in range(sc.repeats):
+        anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
+        ledger.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as mem:
+            stats = _consume(anim, inputs, driver, cfg, work_dir)
+        denoise_flops = sum(ledger.totals[k] for k in ("unet", "reference_bank", "pose_guider_full"))
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
+        logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
+        yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
+                     dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
+                     denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls))
 
 
 def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:
@@ -280,15 +299,23 @@ def shrink(sc: Scenario, device: torch.device) -> Scenario:
                    precision=sc.precision if device.type == "cuda" else "fp32")
 
 
-def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: bool = False) -> dict:
-    """Run a suite; write ``results.json`` and ``results.md`` into ``out`` (after every scenario); return the
-    report. ``dry_run`` shrinks every scenario (see ``shrink``)."""
+def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: bool = False,
+              modes: Collection[str] | None = None) -> dict:
+    """Run a suite; write ``results.json`` and ``results.md`` into ``out`` (after every result); return the
+    report. ``dry_run`` shrinks every scenario (see ``shrink``); ``modes`` keeps only those modes (scenarios
+    left with none are skipped)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite '{suite}'; known: {sorted(SUITES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scenarios = [shrink(s, dev) for s in SUITES[suite]] if dry_run else SUITES[suite]
+    if modes is not None:
+        known = {m for s in scenarios for m in s.modes}
+        if not set(modes) <= known:
+            raise ValueError(f"suite '{suite}' has no mode(s) {sorted(set(modes) - known)}; known: {sorted(known)}")
+        scenarios = [replace(s, modes=tuple(m for m in s.modes if m in modes)) for s in scenarios]
+        scenarios = [s for s in scenarios if s.modes]
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
     report: dict[str, Any] = {
         "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": _device_name(dev),
@@ -336,19 +363,21 @@ def markdown(report: dict) -> str:
                      f"{100 * r['denoise_tflops_per_s'] / report['matmul_tflops']:.0f} % | {r['peak_memory_gb']:.2f} |")
     ratios, variants = [], []
     for name, modes in by_scenario.items():
-        if {"reference", "optimized"} <= modes.keys():
-            ref, opt = modes["reference"], modes["optimized"]
+        ref = modes.get("reference")
+        for mode, opt in modes.items():
+            if ref is None or mode == "reference":
+                continue
             fr = sum(ref["flops"].values()) / max(sum(opt["flops"].values()), 1e-12)
             dr = ref["stage_s"]["denoise"] / opt["stage_s"]["denoise"]
-            ratios.append(f"| {name} | {ref['total_s'] / opt['total_s']:.2f}x | {dr:.2f}x | {fr:.2f}x |")
+            ratios.append(f"| {name} | {mode} | {ref['total_s'] / opt['total_s']:.2f}x | {dr:.2f}x | {fr:.2f}x |")
         for mode, r in modes.items():
             base = modes.get(mode.split("+")[0])
             if "+" in mode and base is not None:
                 variants.append(f"| {name} | {mode} | {r['total_s'] / base['total_s']:.3f} | "
                                 f"{r['first_frame_s'] / base['first_frame_s']:.3f} |")
     if ratios:
-        lines += ["", "| scenario | speed-up, whole run | speed-up, denoise stage | FLOP ratio (reference/optimized) |",
-                  "|---|---|---|---|", *ratios]
+        lines += ["", "| scenario | mode | speed-up over reference, whole run | speed-up, denoise stage | "
+                  "FLOP ratio (reference/mode) |", "|---|---|---|---|---|", *ratios]
     if variants:
         lines += ["", "| scenario | variant | whole-run time / base mode's | first-frame time / base mode's |",
                   "|---|---|---|---|", *variants]

@@ -146,7 +146,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import run_bench
 
-    run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run)
+    run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run, modes=args.modes)
     return 0
 
 
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dry-run", action="store_true",
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end in "
                          "seconds; its figures mean nothing)")
+    be.add_argument("--modes", nargs="+", default=None,
+                    help="run only these modes of the suite (e.g. reference optimized optimized+compile)")
     be.set_defaults(fn=cmd_bench)
     return p
 
