@@ -58,7 +58,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
-                                 config=_run_config(args))
+                                 config=_run_config(args), compile=args.compile)
     stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
                                  mask=args.mask, audio=not args.no_audio)
     _report(stats, args.output)
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt backend: where graphs without a valid plan run")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    a.add_argument("--compile", action="store_true",
+                   help="torch backend: run the denoiser through torch.compile (first window compiles, about "
+                        "15 s on a GPU, minutes on CPU; then ~1.5x faster denoising on an H200, docs/performance.md)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +90,18 @@ class Box:
 # ---------------------------------------------------------------------------------------------- detection
 
 
-@lru_cache(maxsize=1)
-def _hog_detector() -> Any:  # dlib ships no type stubs
-    import dlib  # lazy: no import-time work
+_DETECTORS = threading.local()
 
-    return dlib.get_frontal_face_detector()
+
+def _hog_detector() -> Any:  # dlib ships no type stubs
+    """This thread's HOG detector (one per thread: detection runs on worker threads, dlib releases the GIL,
+    and a detector object is not documented as safe to share)."""
+    det = getattr(_DETECTORS, "hog", None)
+    if det is None:
+        import dlib  # lazy: no import-time work
+
+        det = _DETECTORS.hog = dlib.get_frontal_face_detector()
+    return det
 
 
 def _check_rgb(image: np.ndarray, name: str = "image") -> None:

@@ -65,7 +65,7 @@ class Animator:
                      precision: Precision | str | None = None, onnx_dir: str | Path | None = None,
                      engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
                      fallback: str = "torch", config: AnimateConfig | None = None,
-                     cache: PortraitCache | None = None) -> Animator:
+                     cache: PortraitCache | None = None, compile: bool = False) -> Animator:
         """Load converted weights (``megactor-rt convert-weights``) for ``backend``.
 
         Args:
@@ -74,14 +74,20 @@ class Animator:
                 ``engine_dir``; graphs without a valid plan, or listed in ``force_fallback``, run on
                 ``fallback``).
             device / precision: default cuda+fp16 where available, else cpu+fp32.
+            compile: torch backend only: the temporal UNet through ``torch.compile`` (see ``TorchSubmodels``).
+
+        Raises:
+            ValueError: ``compile`` with a backend other than torch.
         """
         from megactor_rt.runtime.backends import require_backend
 
         require_backend(backend)
+        if compile and backend != "torch":
+            raise ValueError(f"compile applies to the torch backend only, not '{backend}'")
         dev = torch.device(device) if device else default_device()
         prec = Precision(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         if backend == "torch":
-            sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype)
+            sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype, compile=compile)
         else:
             from megactor_rt.runtime.onnx_backend import make_graph_submodels
 

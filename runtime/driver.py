@@ -2,8 +2,9 @@
 
 Pass 1 decodes the clip once to find a face in every frame and fixes one square crop for the whole clip
 (centre of the union of the face boxes, as upstream). Pass 2 decodes again and yields each frame cropped,
-resized, face-isolated (a box around the face, black elsewhere) and grey - the PoseGuider input. Neither
-pass holds more than a few frames, so drivers of any length fit in memory.
+resized, face-isolated (a box around the face, black elsewhere) and grey - the PoseGuider input. Face
+detection runs on a pool of threads (dlib releases the GIL), frames in order. Neither pass holds more than
+a few frames, so drivers of any length fit in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from megactor_rt.kernels.ops import preprocess_frame
 from megactor_rt.media import VideoInfo, iter_video_frames, probe_video
 from megactor_rt.preprocess import Box, Crop, crop_resize, driver_crop, face_keep_rect, first_face
 from megactor_rt.progress import progress
+from megactor_rt.runtime.pipeline import ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,10 @@ def plan_driver(path: str | Path, max_frames: int | None = None, face_crop: bool
     path = Path(path)
     info = probe_video(path)
     boxes: list[Box | None] = []
-    for frame in progress(iter_video_frames(path, max_frames), total=_total(info, max_frames),
-                          desc="driver: find faces", unit="frame"):
-        boxes.append(detect_scaled(frame) if face_crop else None)
+    frames = iter_video_frames(path, max_frames)
+    found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
+    for box in progress(found, total=_total(info, max_frames), desc="driver: find faces", unit="frame"):
+        boxes.append(box)
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=path.name)
     logger.info("driver %s: %d frames at %s fps, crop %s", path.name, len(boxes), info.fps, crop)
     return DriverPlan(path, info, crop, len(boxes), face_crop)
@@ -85,10 +88,15 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     """
     pending: list[np.ndarray] = []
     last: Box | None = None
-    for frame in iter_video_frames(plan.path, plan.num_frames):
+
+    def detect(frame: np.ndarray) -> tuple[np.ndarray, Box | None]:
+        if not plan.face_crop:
+            return frame, None
+        resized = crop_resize(frame, plan.crop, size).to(torch.uint8).permute(1, 2, 0).numpy()
+        return frame, first_face(resized)
+
+    for frame, box in ordered_map(detect, iter_video_frames(plan.path, plan.num_frames)):
         if plan.face_crop:
-            resized = crop_resize(frame, plan.crop, size).to(torch.uint8).permute(1, 2, 0).numpy()
-            box = first_face(resized)
             last = box or last
         if plan.face_crop and last is None:
             pending.append(frame)

@@ -1,7 +1,8 @@
 """Stage overlap: worker threads with bounded queues (CPU and GPU) and CUDA streams with events (GPU).
 
 ``prefetch`` runs a producer iterator on a worker thread, at most ``depth`` items ahead of the consumer,
-and re-raises the producer's exception in the consumer. ``InFlight`` launches device work ahead of its
+and re-raises the producer's exception in the consumer. ``ordered_map`` applies a function on a pool of
+threads (for work that releases the GIL, e.g. face detection), in order, with a bounded number in flight. ``InFlight`` launches device work ahead of its
 consumer: on CUDA each item runs on a side stream and lands in pinned host memory, an event marks it done,
 so the GPU computes item i+1.. while the host consumes item i. ``StageTimer`` accumulates wall time per
 stage and the first-frame latency into a ``RunStats``.
@@ -9,11 +10,13 @@ stage and the first-frame latency into a ``RunStats``.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,6 +24,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+U = TypeVar("U")
 _DONE = object()
 
 
@@ -119,6 +123,46 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def default_workers() -> int:
+    """Threads for CPU-side per-frame work: the machine's cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``workers`` threads, kept for reuse: per-thread state (e.g. a face detector,
+    about half a second to build) survives from one driver video to the next."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix=f"megactor-pool{workers}")
+        return _POOLS[workers]
+
+
+def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> Iterator[U]:
+    """``map(fn, items)`` on ``workers`` threads of a shared pool (default ``default_workers()``): results in
+    input order, at most ``2 * workers`` items in flight (so an endless ``items`` is fine), the first
+    exception re-raised. The consumer's pace bounds the work done ahead."""
+    workers = workers or default_workers()
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    pool = shared_pool(workers)
+    pending: deque[Future[U]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 class InFlight:

@@ -258,3 +258,15 @@ def test_export_cli_writes_manifest(tmp_path: Path, capsys: pytest.CaptureFixtur
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert list(manifest["graphs"]) == ["pose_guider.fp32"]
     assert "pose_guider" in capsys.readouterr().out
+
+
+def test_compile_is_torch_only(weights: Path) -> None:
+    with pytest.raises(ValueError, match="torch backend only"):
+        Animator.from_weights(weights, backend="onnxruntime", device="cpu", compile=True)
+
+
+def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
+    anim = Animator.from_weights(weights, device="cpu", compile=True)
+    assert anim.sub.compile is True  # type: ignore[attr-defined]
+    assert cli.build_parser().parse_args(["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights",
+                                          "w", "--compile"]).compile is True

@@ -75,3 +75,82 @@ def test_streamed_decode_gives_the_same_frames_as_serial_decode() -> None:
     serial = list(anim.animate(state, driver, config=AnimateConfig(**{**cfg.__dict__, "decode_streams": False})))
     assert len(streamed) == len(serial) == 10
     assert all(np.array_equal(a, b) for a, b in zip(streamed, serial))
+
+
+def test_compiled_unet_is_built_once_and_used_only_when_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wiring of ``TorchSubmodels.compile`` (torch.compile itself is measured on a GPU: docs/performance.md;
+    compiling on this 2-core CI machine takes minutes)."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.runtime.submodels import TorchSubmodels
+    from megactor_rt.weights import build_models
+
+    compiled_calls: list[int] = []
+
+    def fake_compile(module: torch.nn.Module, **kwargs: object) -> object:
+        assert kwargs == {"dynamic": False}
+
+        def run(*args: object, **kw: object) -> torch.Tensor:
+            compiled_calls.append(1)
+            return module(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sub = TorchSubmodels(build_models(tiny_config(), seed=0))
+    g = torch.Generator().manual_seed(0)
+    lat, pose = torch.randn(1, 9, 2, 16, 16, generator=g), torch.randn(1, 4, 2, 16, 16, generator=g)
+    tokens = torch.randn(1, 257, sub.config.unet.cross_attention_dim, generator=g)
+    eager = sub.unet(lat, 500, tokens, pose, None)
+    assert compiled_calls == []
+    sub.compile = True
+    out = [sub.unet(lat, 500, tokens, pose, None) for _ in range(2)]
+    assert len(compiled_calls) == 2 and sub._compiled_unet is not None
+    assert all(torch.equal(o, eager) for o in out)
+    sub.compile = False
+    sub.unet(lat, 500, tokens, pose, None)
+    assert len(compiled_calls) == 2
+
+
+def test_ordered_map_keeps_order_bounds_work_and_reraises() -> None:
+    import threading
+    import time
+
+    from megactor_rt.runtime.pipeline import ordered_map
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def slow(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.01 * (5 - i % 5))  # later items finish first
+        return i * i
+
+    it = ordered_map(slow, range(100), workers=3)
+    assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+    time.sleep(0.1)
+    assert len(started) <= 5 + 2 * 3  # bounded look-ahead, not the whole input
+    assert list(it) == [i * i for i in range(5, 100)]
+
+    def boom(i: int) -> int:
+        if i == 3:
+            raise ValueError("item 3")
+        return i
+
+    with pytest.raises(ValueError, match="item 3"):
+        list(ordered_map(boom, range(10), workers=2))
+
+
+def test_threaded_face_detection_gives_the_same_driver_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.runtime import pipeline
+    from megactor_rt.runtime.driver import iter_driver_inputs, plan_driver
+
+    def run(workers: int) -> tuple:
+        monkeypatch.setattr(pipeline, "default_workers", lambda: workers)
+        plan = plan_driver(ASSETS_DIR / "driver.mp4", max_frames=12)
+        return plan.crop, list(iter_driver_inputs(plan, 128))
+
+    crop1, frames1 = run(1)
+    crop3, frames3 = run(3)
+    assert crop1 == crop3 and len(frames1) == len(frames3) == 12
+    assert all(torch.equal(a, b) for a, b in zip(frames1, frames3))
