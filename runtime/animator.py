@@ -151,7 +151,8 @@ class Animator:
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
         calls0 = dict(self.sub.calls)
-        plan = plan_driver(driver, cfg.max_frames, face_crop)
+        with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
+            plan = plan_driver(driver, cfg.max_frames, face_crop)
         latents = self._denoise(state, plan, cfg, timer)
         for frame in self._decode(latents, timer, cfg.decode_streams):
             timer.frame_out()

@@ -270,3 +270,12 @@ def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
     assert anim.sub.compile is True  # type: ignore[attr-defined]
     assert cli.build_parser().parse_args(["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights",
                                           "w", "--compile"]).compile is True
+
+
+@pytest.mark.parametrize("argv, problem", [(["--suite", "nope"], "unknown benchmark suite 'nope'"),
+                                           (["--suite", "gpu-full", "--modes", "fast"], "has no mode(s) fast")])
+def test_bench_rejects_unknown_suite_or_mode(argv: list[str], problem: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "bench", *argv, "--out", tmp_path / "b")
+    assert code == 2 and problem in err
+    assert not (tmp_path / "b").exists()
