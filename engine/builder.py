@@ -36,7 +36,15 @@ from .cache import (
     write_atomic,
     write_plan,
 )
-from .manifest import GraphEntry, Manifest, Precision, ProfileShapes, load_manifest, profile_to_json
+from .manifest import (
+    GraphEntry,
+    Manifest,
+    Precision,
+    ProfileShapes,
+    load_manifest,
+    parse_precision,
+    profile_to_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +81,7 @@ class BuildOptions:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "precision", Precision.parse(self.precision))
+        object.__setattr__(self, "precision", parse_precision(self.precision))
         if not isinstance(self.optimization_level, int) or not 0 <= self.optimization_level <= 5:
             raise InputError(f"builder optimization level must be an int in 0..5, got {self.optimization_level!r}")
         if self.workspace_gib is not None and not self.workspace_gib > 0:
@@ -254,7 +262,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, precision: str | Pr
         EngineMismatch: an ONNX file does not match its manifest sha256.
         EngineBuildError: TensorRT failed to parse or build a graph.
     """
-    options = BuildOptions(Precision.parse(precision), profile, optimization_level, workspace_gib, timing_cache,
+    options = BuildOptions(parse_precision(precision), profile, optimization_level, workspace_gib, timing_cache,
                            force, verbose)
     import_tensorrt()  # fail fast, before reading anything, with the install hint
     device = DeviceInfo.current()

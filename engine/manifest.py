@@ -18,10 +18,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from megactor_rt.config import Precision
 from megactor_rt.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
@@ -38,18 +38,21 @@ class ManifestError(InputError):
     """The export manifest is missing, malformed, or inconsistent with the ONNX files next to it."""
 
 
-class Precision(str, Enum):
-    """Engine precision. TensorRT 11 networks are strongly typed: the ONNX graph carries the precision."""
+ENGINE_PRECISIONS = (Precision.FP16, Precision.FP32)
+"""Precisions of exported graphs and engines. TensorRT 11 networks are strongly typed: the ONNX graph carries
+the precision (bf16 runs on the torch backend only)."""
 
-    FP16 = "fp16"
-    FP32 = "fp32"
 
-    @classmethod
-    def parse(cls, value: str | Precision) -> Precision:
-        try:
-            return cls(value)
-        except ValueError:
-            raise InputError(f"unknown precision '{value}'; expected one of {[p.value for p in cls]}") from None
+def parse_precision(value: str | Precision) -> Precision:
+    """``value`` as an engine precision; raises ``InputError`` naming the allowed ones."""
+    try:
+        precision = Precision(value)
+    except ValueError:
+        precision = None
+    if precision not in ENGINE_PRECISIONS:
+        raise InputError(f"unknown precision '{getattr(value, 'value', value)}'; expected one of "
+                         f"{[p.value for p in ENGINE_PRECISIONS]}")
+    return precision  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class GraphEntry:
     outputs: dict[str, TensorSpec]
     profiles: dict[str, dict[str, ProfileShapes]]
     root: Path = field(default=Path("."), compare=False)
+    weights_id: str | None = None  # the converted weights the graph was exported from (None: not recorded)
 
     @property
     def path(self) -> Path:
@@ -171,14 +175,18 @@ def _parse_graph(name: str, g: Any, root: Path, where: str) -> GraphEntry:
     for key in ("file", "submodel", "precision", "sha256"):
         _expect(isinstance(g.get(key), str) and g[key], where, f"'{key}' must be a non-empty string")
     _expect(g["submodel"] in SUBMODELS, where, f"unknown submodel '{g['submodel']}'; expected one of {SUBMODELS}")
-    _expect(g["precision"] in [p.value for p in Precision], where, f"unknown precision '{g['precision']}'")
+    _expect(g["precision"] in [p.value for p in ENGINE_PRECISIONS], where, f"unknown precision '{g['precision']}'")
     _expect(re.fullmatch(r"[0-9a-f]{64}", g["sha256"]) is not None, where, "'sha256' must be 64 lowercase hex digits")
     inputs = _parse_tensors(g.get("inputs"), f"{where}.inputs")
     outputs = _parse_tensors(g.get("outputs"), f"{where}.outputs")
     profiles_raw = g.get("profiles", {})
     _expect(isinstance(profiles_raw, dict), where, "'profiles' must be an object")
     profiles = {p: _parse_profile(v, f"{where}.profiles.{p}") for p, v in profiles_raw.items()}
-    return GraphEntry(name, g["file"], g["submodel"], g["precision"], g["sha256"], inputs, outputs, profiles, root)
+    weights_id = g.get("weights_id")
+    _expect(weights_id is None or (isinstance(weights_id, str) and weights_id), where,
+            "'weights_id' must be a non-empty string when present")
+    return GraphEntry(name, g["file"], g["submodel"], g["precision"], g["sha256"], inputs, outputs, profiles, root,
+                      weights_id)
 
 
 def _parse_tensors(raw: Any, where: str) -> dict[str, TensorSpec]:

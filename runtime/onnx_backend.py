@@ -7,7 +7,6 @@ TensorRT backend can fall back per submodel.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -141,8 +140,7 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
         raise InputError(f"the {backend} backend needs --onnx DIR (the output of `megactor-rt export`)")
     cfg, weights_id = converted_config(weights_dir)
     manifest = load_manifest(onnx_dir)
-    raw = json.loads((Path(onnx_dir) / "manifest.json").read_text())["graphs"]
-    foreign = sorted(n for n, g in raw.items() if g.get("weights_id") not in (None, weights_id))
+    foreign = sorted(n for n, g in manifest.graphs.items() if g.weights_id not in (None, weights_id))
     if foreign:
         raise InputError(f"{onnx_dir}: graphs {foreign} were exported from other weights than {weights_dir} "
                          f"(weights id {weights_id}); re-run `megactor-rt export --weights {weights_dir}`")

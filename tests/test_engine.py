@@ -425,3 +425,12 @@ def test_runner_checks_inputs_against_the_profile_before_running(onnx_dir: Path,
     with pytest.raises(InputError, match="the engine takes torch.float16"):
         runner._prepare_input("x", torch.zeros(2, 8, dtype=torch.int64))
     runner._check_shape("x", (3, 8))  # inside the profile: no error
+
+
+def test_engine_precision_is_the_config_enum_without_bf16() -> None:
+    from megactor_rt.config import Precision as ConfigPrecision
+    from megactor_rt.engine.manifest import parse_precision
+
+    assert Precision is ConfigPrecision and parse_precision("fp32") is ConfigPrecision.FP32
+    with pytest.raises(InputError, match=r"unknown precision 'bf16'; expected one of \['fp16', 'fp32'\]"):
+        parse_precision(ConfigPrecision.BF16)
