@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
     a.add_argument("--compile", action="store_true",
-                   help="torch backend: run the denoiser through torch.compile (first window compiles, about "
-                        "15 s on a GPU, minutes on CPU; then ~1.5x faster denoising on an H200, docs/performance.md)")
+                   help="torch backend: run the denoiser through torch.compile (the first window compiles: up to "
+                        "about a minute on a GPU, minutes on CPU; then 1.4x faster denoising on an H200, "
+                        "docs/performance.md)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 

@@ -217,3 +217,16 @@ def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallb
     got = sub.pose_features(frames, scale, shift)
     ref = _torch_outputs(spec, models, (frames, scale, shift))["pose"]
     assert _rel(got, ref) <= 1e-4
+
+
+def test_graphs_from_other_weights_are_refused(models, manifest, export_dir, tmp_path):
+    from megactor_rt.config import Precision
+    from megactor_rt.errors import InputError
+    from megactor_rt.runtime.onnx_backend import make_graph_submodels
+    from megactor_rt.weights import converted_config, write_converted
+
+    assert {g.weights_id for g in manifest.graphs.values()} == {models.weights_id}
+    weights = write_converted(models.config, {k: m.state_dict() for k, m in models.modules().items()}, tmp_path / "w")
+    assert converted_config(weights)[1] != models.weights_id
+    with pytest.raises(InputError, match="exported from other weights"):
+        make_graph_submodels("onnxruntime", weights, export_dir, torch.device("cpu"), Precision.FP32)
