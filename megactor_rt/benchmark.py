@@ -178,6 +178,7 @@ class Result:
     denoise_tflops_per_s: float
     peak_memory_gb: float
     calls: dict[str, int] = field(default_factory=dict)
+    warmup_s: float = 0.0  # the untimed warm-up run (1 step, one window): includes compilation with +compile
 
 
 def driver_of_length(n: int, work_dir: Path) -> Path:
@@ -251,7 +252,9 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
     anim = Animator(sub, cfg)
     inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
     warm = replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
-    _consume(anim, inputs, driver, warm, work_dir)  # warm-up: allocator, kernels, FLOP signatures
+    t0 = time.perf_counter()
+    _consume(anim, inputs, driver, warm, work_dir)  # warm-up: allocator, kernels, FLOP signatures, compilation
+    warmup_s = time.perf_counter() - t0
     for _ in range(sc.repeats):
         anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
         ledger.reset()
@@ -265,7 +268,8 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
         logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
         yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
                      dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
-                     denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls))
+                     denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls),
+                     warmup_s)
 
 
 def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:
@@ -346,13 +350,17 @@ def _device_name(dev: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
 def markdown(report: dict) -> str:
     lines = [f"Suite `{report['suite']}` on {report['device']}, {report['date']}, torch {report['torch']}, "
              f"{report['threads']} threads; measured matmul rate {report['matmul_tflops']:.3f} TFLOP/s "
              f"({report['matmul_dtype']}).", "",
              "| scenario | mode | frames | total s | fps | first frame s | denoise s | decode s | denoise TFLOP "
-             "| denoise TFLOP/s | % of matmul | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| denoise TFLOP/s | % of matmul | peak mem GiB | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_scenario: dict[str, dict[str, dict]] = {}
     for r in report["results"]:
         by_scenario.setdefault(r["scenario"], {})[r["mode"]] = r
@@ -360,7 +368,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['scenario']} | {r['mode']} | {r['frames']} | {r['total_s']:.2f} | {r['fps']:.3f} | "
                      f"{r['first_frame_s']:.2f} | {r['stage_s'].get('denoise', 0):.2f} | "
                      f"{r['stage_s'].get('vae_decode', 0):.2f} | {dn:.3f} | {r['denoise_tflops_per_s']:.3f} | "
-                     f"{100 * r['denoise_tflops_per_s'] / report['matmul_tflops']:.0f} % | {r['peak_memory_gb']:.2f} |")
+                     f"{100 * r['denoise_tflops_per_s'] / report['matmul_tflops']:.0f} % | {r['peak_memory_gb']:.2f} | "
+                     f"{_fmt(r.get('warmup_s'))} |")
     ratios, variants = [], []
     for name, modes in by_scenario.items():
         ref = modes.get("reference")
