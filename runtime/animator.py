@@ -139,6 +139,35 @@ class Animator:
             self.cache.put(state)
         return state
 
+    def warmup(self, config: AnimateConfig | None = None) -> float:
+        """Run every network once on dummy inputs of a request's shapes (one context window, one decode batch),
+        so that one-time costs - ``torch.compile`` compilation, cuDNN algorithm selection, allocator growth,
+        TensorRT context setup - are paid now, not by the first request. Touches no cache.
+
+        Returns:
+            Seconds taken.
+        """
+        import time
+
+        cfg = config or self.config
+        t0 = time.perf_counter()
+        mcfg, size = self.sub.config, self.image_size
+        h = size // 2 ** (len(mcfg.vae.block_out_channels) - 1)
+        image = torch.zeros(1, 3, size, size)
+        mean, _ = self.sub.vae_encode(image)
+        tokens = self.sub.clip_tokens(torch.zeros(1, 3, mcfg.clip.image_size, mcfg.clip.image_size))
+        scale, shift = self.sub.film(torch.zeros(1, 3, ADA_SIZE, ADA_SIZE))
+        pose = self.sub.pose_features(torch.zeros(cfg.window, 3, size, size), scale, shift)
+        t = mcfg.scheduler.num_train_timesteps - 1
+        bank = self.sub.reference_bank(mean, t, tokens)
+        lat = torch.zeros(1, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
+        eps = self.sub.unet(lat, t, tokens, pose.permute(1, 0, 2, 3)[None], bank,
+                            **({"n_uncond": 1, "shared_down": True} if cfg.cfg else {}))
+        latents_to_uint8(self.sub.vae_decode(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3)))
+        if self.sub.device.type == "cuda":
+            torch.cuda.synchronize(self.sub.device)
+        return time.perf_counter() - t0
+
     # -- animation -------------------------------------------------------------------------------------
     def animate(self, state: PortraitState, driver: str | Path, *, face_crop: bool = True,
                 config: AnimateConfig | None = None) -> Iterator[np.ndarray]:

@@ -277,3 +277,12 @@ def test_no_face_crop_uses_the_centre_square(anim: Animator, media: dict[str, Pa
     expected = crop_resize(img, (28, 0, 228, 200), 128).to(dtype=state.inputs.image.dtype)
     assert np.array_equal(state.inputs.image.numpy(), expected.numpy())
     assert int(state.inputs.background_mask.sum()) == 128 * 128  # no face: everything is background
+
+
+def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> None:
+    before, cached = dict(anim.sub.calls), len(anim.cache)
+    seconds = anim.warmup()
+    ran = {k: v - before.get(k, 0) for k, v in anim.sub.calls.items() if v != before.get(k, 0)}
+    assert ran == {"vae_encode": 1, "clip_tokens": 1, "film": 1, "pose_features": 1, "reference_bank": 1,
+                   "unet": 1, "vae_decode": 1}
+    assert seconds > 0 and len(anim.cache) == cached
