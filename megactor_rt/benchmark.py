@@ -219,8 +219,12 @@ def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
     return _MODELS[key]
 
 
-def run_scenario(sc: Scenario, device: torch.device, work_dir: Path) -> Iterator[Result]:
-    """Run every mode of ``sc`` (warm-up, then ``repeats`` timed runs); yields each result as it is measured."""
+def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
+                 errors: list[dict[str, str]] | None = None) -> Iterator[Result]:
+    """Run every mode of ``sc`` (warm-up, then ``repeats`` timed runs); yields each result as it is measured.
+
+    With ``errors`` given, a mode that raises is recorded there (scenario, mode, error) and the next mode
+    runs: one failing variant does not cost a whole GPU session's measurements."""
     from megactor_rt.assets import ASSETS_DIR
 
     sub, ledger = _submodels(sc, device)
@@ -240,6 +244,13 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path) -> Iterator
             for k, v in sub_options.items():
                 setattr(sub, k, v)
             yield from _run_mode(sc, mode, cfg, sub, ledger, device, portrait, driver, work_dir)
+        except Exception as exc:
+            if errors is None:
+                raise
+            logger.exception("%s [%s] failed", sc.name, mode)
+            errors.append({"scenario": sc.name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         finally:
             for k, v in saved.items():
                 setattr(sub, k, v)
@@ -325,14 +336,16 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": _device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
-        "scenarios": [asdict(s) for s in scenarios], "results": [],
+        "scenarios": [asdict(s) for s in scenarios], "results": [], "errors": [],
     }
     with tempfile.TemporaryDirectory(prefix="megactor-bench-") as work:  # looped drivers, encoded outputs
         for sc in scenarios:
-            for result in run_scenario(sc, dev, Path(work)):
+            for result in run_scenario(sc, dev, Path(work), report["errors"]):
                 report["results"].append(asdict(result))
                 _write_atomic(out / "results.json", json.dumps(report, indent=1))  # after every result: a run
                 _write_atomic(out / "results.md", markdown(report))  # cut short keeps what it measured
+    _write_atomic(out / "results.json", json.dumps(report, indent=1))
+    _write_atomic(out / "results.md", markdown(report))
     return report
 
 
@@ -387,6 +400,8 @@ def markdown(report: dict) -> str:
     if ratios:
         lines += ["", "| scenario | mode | speed-up over reference, whole run | speed-up, denoise stage | "
                   "FLOP ratio (reference/mode) |", "|---|---|---|---|---|", *ratios]
+    for e in report.get("errors", []):
+        lines += ["", f"**{e['scenario']} [{e['mode']}] failed:** {e['error']}"]
     if variants:
         lines += ["", "| scenario | variant | whole-run time / base mode's | first-frame time / base mode's |",
                   "|---|---|---|---|", *variants]

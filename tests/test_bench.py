@@ -44,3 +44,21 @@ def test_flop_ledger_counts_each_signature_once():
     sub.unet(torch.randn(4, 4), 1)
     assert len(ledger.table) == 2
     assert ledger.totals["unet"] == 2 * (2 * 8**3) + 2 * 4**3
+
+
+def test_a_failing_mode_is_recorded_and_the_next_mode_still_runs(tmp_path, monkeypatch):
+    import torch
+
+    from megactor_rt import benchmark
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setitem(benchmark.SUITES, "test-errors", [
+        benchmark.Scenario("tiny, 2 frames", "tiny", 128, 2, 2, 1, 1, modes=("optimized+compile", "optimized"))])
+    report = run_bench("test-errors", tmp_path)
+    assert [e["mode"] for e in report["errors"]] == ["optimized+compile"]
+    assert "compiler exploded" in report["errors"][0]["error"]
+    assert [r["mode"] for r in report["results"]] == ["optimized"]
+    assert "[optimized+compile] failed:** RuntimeError: compiler exploded" in (tmp_path / "results.md").read_text()
