@@ -1,11 +1,11 @@
 """Stage overlap: worker threads with bounded queues (CPU and GPU) and CUDA streams with events (GPU).
 
 ``prefetch`` runs a producer iterator on a worker thread, at most ``depth`` items ahead of the consumer,
-and re-raises the producer's exception in the consumer. ``ordered_map`` applies a function on a pool of
-threads (for work that releases the GIL, e.g. face detection), in order, with a bounded number in flight. ``InFlight`` launches device work ahead of its
-consumer: on CUDA each item runs on a side stream and lands in pinned host memory, an event marks it done,
-so the GPU computes item i+1.. while the host consumes item i. ``StageTimer`` accumulates wall time per
-stage and the first-frame latency into a ``RunStats``.
+and re-raises the producer's exception in the consumer. ``ordered_map`` applies a function on a shared pool
+of threads (for work that releases the GIL, e.g. face detection), in order, a bounded number in flight.
+``InFlight`` launches device work ahead of its consumer: on CUDA each item runs on a side stream and lands
+in pinned host memory, an event marks it done, so the GPU computes item i+1.. while the host consumes item
+i. ``StageTimer`` accumulates wall time per stage and the first-frame latency into a ``RunStats``.
 """
 
 from __future__ import annotations
