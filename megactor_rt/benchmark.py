@@ -56,6 +56,7 @@ class Scenario:
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "serial-decode": {"config": {"decode_streams": False}},  # CUDA side stream for VAE decode off
     "compile": {"submodels": {"compile": True}},  # temporal UNet through torch.compile (Inductor)
+    "compile-graphs": {"submodels": {"compile": "reduce-overhead"}},  # ... and CUDA graphs
 }
 
 SUITES: dict[str, list[Scenario]] = {
@@ -70,6 +71,9 @@ SUITES: dict[str, list[Scenario]] = {
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, no overlap"),
+        Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream), CUDA graphs", "full", 512, 48, 16, 8,
+                 25, modes=("optimized+compile-graphs",), precision="fp16",
+                 note="last: untried on a GPU so far; compared with optimized+compile of the first scenario"),
     ],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
                            modes=("optimized",), note="memory flatness over a long driver")

@@ -176,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt backend: where graphs without a valid plan run")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
-    a.add_argument("--compile", action="store_true",
-                   help="torch backend: run the denoiser through torch.compile (the first window compiles: up to "
-                        "about a minute on a GPU, minutes on CPU; then 1.4x faster denoising on an H200, "
-                        "docs/performance.md)")
+    a.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
+                        "mode such as reduce-overhead (the first window compiles: up to about a minute on a GPU, "
+                        "minutes on CPU; then 1.4x faster denoising on an H200, docs/performance.md)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 

@@ -65,7 +65,7 @@ class Animator:
                      precision: Precision | str | None = None, onnx_dir: str | Path | None = None,
                      engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
                      fallback: str = "torch", config: AnimateConfig | None = None,
-                     cache: PortraitCache | None = None, compile: bool = False) -> Animator:
+                     cache: PortraitCache | None = None, compile: bool | str = False) -> Animator:
         """Load converted weights (``megactor-rt convert-weights``) for ``backend``.
 
         Args:
@@ -74,7 +74,8 @@ class Animator:
                 ``engine_dir``; graphs without a valid plan, or listed in ``force_fallback``, run on
                 ``fallback``).
             device / precision: default cuda+fp16 where available, else cpu+fp32.
-            compile: torch backend only: the temporal UNet through ``torch.compile`` (see ``TorchSubmodels``).
+            compile: torch backend only: the temporal UNet through ``torch.compile``, optionally with a
+                compile mode (see ``TorchSubmodels``).
 
         Raises:
             ValueError: ``compile`` with a backend other than torch.

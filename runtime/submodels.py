@@ -73,26 +73,29 @@ class TorchSubmodels(Submodels):
     Args:
         compile: run the temporal UNet (about 98 % of the FLOPs) through ``torch.compile`` (Inductor: fuses
             the normalisations, activations, residual adds and layout copies that eager mode runs as
-            separate memory-bound kernels). The first call per input shape compiles (minutes at full size);
-            results equal eager mode within floating-point reordering. Can be switched per call site with
-            the ``compile`` attribute.
+            separate memory-bound kernels). ``True`` = Inductor's default mode; a string is passed as
+            ``mode`` (e.g. ``"reduce-overhead"``: CUDA graphs as well). The first call per input shape
+            compiles; results equal eager mode within floating-point reordering. Can be switched per call
+            site with the ``compile`` attribute.
     """
 
     name = "torch"
 
     def __init__(self, models: MegActorModels, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, compile: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, compile: bool | str = False) -> None:
         super().__init__(models.config, models.weights_id, torch.device(device), dtype)
         self.models = models.to(self.device, dtype)
         self.compile = compile
-        self._compiled_unet: torch.nn.Module | None = None
+        self._compiled_unets: dict[str | None, torch.nn.Module] = {}
 
     def _unet_module(self) -> torch.nn.Module:
         if not self.compile:
             return self.models.unet
-        if self._compiled_unet is None:
-            self._compiled_unet = torch.compile(self.models.unet, dynamic=False)  # type: ignore[assignment]
-        return self._compiled_unet  # type: ignore[return-value]
+        mode = self.compile if isinstance(self.compile, str) else None
+        if mode not in self._compiled_unets:
+            kwargs = {"mode": mode} if mode else {}
+            self._compiled_unets[mode] = torch.compile(self.models.unet, dynamic=False, **kwargs)  # type: ignore
+        return self._compiled_unets[mode]
 
     @torch.inference_mode()
     def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:

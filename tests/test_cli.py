@@ -268,8 +268,10 @@ def test_compile_is_torch_only(weights: Path) -> None:
 def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
     anim = Animator.from_weights(weights, device="cpu", compile=True)
     assert anim.sub.compile is True  # type: ignore[attr-defined]
-    assert cli.build_parser().parse_args(["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights",
-                                          "w", "--compile"]).compile is True
+    base = ["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
+    assert cli.build_parser().parse_args([*base, "--compile"]).compile is True
+    assert cli.build_parser().parse_args([*base, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert cli.build_parser().parse_args(base).compile is False
 
 
 @pytest.mark.parametrize("argv, problem", [(["--suite", "nope"], "unknown benchmark suite 'nope'"),

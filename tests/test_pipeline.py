@@ -86,8 +86,11 @@ def test_compiled_unet_is_built_once_and_used_only_when_switched_on(monkeypatch:
 
     compiled_calls: list[int] = []
 
+    modes: list[object] = []
+
     def fake_compile(module: torch.nn.Module, **kwargs: object) -> object:
-        assert kwargs == {"dynamic": False}
+        assert kwargs.pop("dynamic") is False
+        modes.append(kwargs.get("mode"))
 
         def run(*args: object, **kw: object) -> torch.Tensor:
             compiled_calls.append(1)
@@ -103,11 +106,14 @@ def test_compiled_unet_is_built_once_and_used_only_when_switched_on(monkeypatch:
     assert compiled_calls == []
     sub.compile = True
     out = [sub.unet(lat, 500, tokens, pose, None) for _ in range(2)]
-    assert len(compiled_calls) == 2 and sub._compiled_unet is not None
+    assert len(compiled_calls) == 2 and modes == [None]  # compiled once, used twice
     assert all(torch.equal(o, eager) for o in out)
     sub.compile = False
     sub.unet(lat, 500, tokens, pose, None)
     assert len(compiled_calls) == 2
+    sub.compile = "reduce-overhead"  # another mode: compiled separately, the first one kept
+    sub.unet(lat, 500, tokens, pose, None)
+    assert modes == [None, "reduce-overhead"] and len(compiled_calls) == 3
 
 
 def test_ordered_map_keeps_order_bounds_work_and_reraises() -> None:
