@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one call (budget 560 s; give the call a 590 s limit): install, build the CUDA kernels, run the GPU
-# tests, the kernel benchmark, every GPU benchmark scenario and a profile of one denoiser call. Tables land in $OUT
-# (default bench-results/gpu), results after every scenario, so a run cut short keeps what it measured.
+# The whole GPU measurement in one call (budget 560 s: give the call a 590 s limit): install, build the CUDA
+# kernels, run the GPU tests, the kernel benchmark, every GPU benchmark scenario and a profile of one
+# denoiser call. Tables land in $OUT (default bench-results/gpu), results after every mode, so a run cut
+# short keeps what it measured.
 # On the lent, offline GPU machine run `bash bench/fetch_wheels.sh` here first and carry `.whl` (README
 # "Benchmarks"). Each step has its own time limit; a failing step does not stop the later ones.
 set -uo pipefail
