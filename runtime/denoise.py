@@ -51,15 +51,18 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     cfg = guidance != 1.0
     n = latents.shape[2]
     halves = 2 if cfg else 1
-    counts = torch.zeros(n, dtype=torch.float32, device=latents.device)
+    counts = torch.zeros(n, dtype=torch.float32)
     for w in windows:
         counts[list(w)] += 1
+    counts = counts.to(latents.device)
+    # frame indices on the device once, before any device work: building them per window would make the host
+    # wait for the device (a blocking host-to-device copy) before every window
+    indices = [torch.as_tensor(list(w), device=latents.device) for w in windows]
     bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
     for i, step in enumerate(plan):
         model.begin_step(step)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for w in windows:
-            idx = torch.as_tensor(list(w), device=latents.device)
+        for w, idx in zip(windows, indices):
             eps = model.predict(latents[:, :, idx], w, step)  # (halves, 4, F, h, w)
             if eps.shape[0] != halves:
                 raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")

@@ -25,6 +25,14 @@ class _Base:
         self.cfg = guidance != 1.0
         self.reference_timestep = reference_timestep
         self.bank: list[torch.Tensor] | None = None
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def frame_index(self, frames: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``frames`` as an index tensor on ``device``, made once per window (no host wait per call)."""
+        key = tuple(frames)
+        if key not in self._indices:
+            self._indices[key] = torch.as_tensor(key, device=device)
+        return self._indices[key]
 
     def ref_t(self, step: DDIMStep) -> int:
         return step.timestep if self.reference_timestep is None else self.reference_timestep
@@ -47,7 +55,7 @@ class OptimizedPredictor(_Base):
 
     def predict(self, latents: torch.Tensor, frames: Sequence[int], step: DDIMStep) -> torch.Tensor:
         lat = self.window_latents(latents, frames)
-        pose = self.pose[:, :, list(frames)]
+        pose = self.pose.index_select(2, self.frame_index(frames, self.pose.device))
         if self.cfg:  # batch-1 inputs, output [uncond, cond]
             return self.sub.unet(lat, step.timestep, self.state.tokens, pose, self.bank, n_uncond=1,
                                  shared_down=True)
@@ -71,7 +79,8 @@ class ReferencePredictor(_Base):
 
     def predict(self, latents: torch.Tensor, frames: Sequence[int], step: DDIMStep) -> torch.Tensor:
         s = self.state
-        pose = self.sub.pose_guider_full(self._dup(self.driving[:, :, list(frames)]), self._dup(s.ada_reference))
+        frames_in = self.driving.index_select(2, self.frame_index(frames, self.driving.device))
+        pose = self.sub.pose_guider_full(self._dup(frames_in), self._dup(s.ada_reference))
         lat = self._dup(self.window_latents(latents, frames))
         return self.sub.unet(lat, step.timestep, self._dup(s.tokens), pose, self.bank,
                              n_uncond=1 if self.cfg else 0, upstream=True)

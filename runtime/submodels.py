@@ -87,6 +87,14 @@ class TorchSubmodels(Submodels):
         self.models = models.to(self.device, dtype)
         self.compile = compile
         self._compiled_unets: dict[str | None, torch.nn.Module] = {}
+        self._timesteps: dict[int, torch.Tensor] = {}
+
+    def _timestep(self, t: int) -> torch.Tensor:
+        """The timestep as a device scalar, made once per value: a fresh ``torch.tensor(t, device=cuda)`` per
+        call is a blocking copy that makes the host wait for all queued device work first."""
+        if t not in self._timesteps:
+            self._timesteps[t] = torch.tensor(t, device=self.device)
+        return self._timesteps[t]
 
     def _unet_module(self) -> torch.nn.Module:
         if not self.compile:
@@ -135,7 +143,7 @@ class TorchSubmodels(Submodels):
     @torch.inference_mode()
     def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
         self.calls["reference_bank"] += 1
-        t = torch.tensor(timestep, device=self.device)
+        t = self._timestep(timestep)
         return self.models.reference_net(self._in(latent), t, self._in(tokens))
 
     @torch.inference_mode()
@@ -143,7 +151,7 @@ class TorchSubmodels(Submodels):
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
              upstream: bool = False) -> torch.Tensor:
         self.calls["unet"] += 1
-        t = torch.tensor(timestep, device=self.device)
+        t = self._timestep(timestep)
         bank = [self._in(b) for b in bank] if bank is not None else None
         return self._unet_module()(self._in(latents), t, self._in(tokens), self._in(pose), bank,
                                    n_uncond=n_uncond, shared_down=shared_down, upstream=upstream)
