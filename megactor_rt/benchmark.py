@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import resource
+import statistics
 import tempfile
 import threading
 import time
@@ -183,6 +184,7 @@ class Result:
     peak_memory_gb: float
     calls: dict[str, int] = field(default_factory=dict)
     warmup_s: float = 0.0  # the untimed warm-up run (1 step, one window): includes compilation with +compile
+    step_s: list[float] = field(default_factory=list)  # each denoising step
 
 
 def driver_of_length(n: int, work_dir: Path) -> Path:
@@ -284,7 +286,7 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
         yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
                      dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
                      denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls),
-                     warmup_s)
+                     warmup_s, list(stats.step_seconds))
 
 
 def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:
@@ -404,6 +406,11 @@ def markdown(report: dict) -> str:
     if ratios:
         lines += ["", "| scenario | mode | speed-up over reference, whole run | speed-up, denoise stage | "
                   "FLOP ratio (reference/mode) |", "|---|---|---|---|---|", *ratios]
+    steps = [f"| {r['scenario']} | {r['mode']} | {r['step_s'][0]:.3f} | {statistics.median(r['step_s']):.3f} | "
+             f"{r['step_s'][-1]:.3f} |" for r in report["results"] if r.get("step_s")]
+    if steps:
+        lines += ["", "| scenario | mode | first step s | median step s | last step s |", "|---|---|---|---|---|",
+                  *steps]
     for e in report.get("errors", []):
         lines += ["", f"**{e['scenario']} [{e['mode']}] failed:** {e['error']}"]
     if variants:

@@ -208,7 +208,8 @@ class Animator:
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
         with timer.stage("denoise"):
-            return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance)
+            return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance,
+                           on_step=timer.step_clock())
 
     def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool) -> Iterator[np.ndarray]:
         """VAE-decode ``DECODE_BATCH`` frames per call; the stage time is device time (CUDA events) on GPU."""

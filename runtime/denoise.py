@@ -34,7 +34,8 @@ StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
 
 
 def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], windows: Sequence[Sequence[int]],
-            guidance: float, callback: StepCallback | None = None) -> torch.Tensor:
+            guidance: float, callback: StepCallback | None = None,
+            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Run the whole DDIM schedule over all frames.
 
     Args:
@@ -44,6 +45,7 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         windows: frame indices of each context window (see ``context_windows``).
         guidance: CFG scale; 1.0 means conditional only.
         callback: called after each step with (index, step, guided eps, new latents).
+        on_step: called with i before step i and with ``len(plan)`` after the last (e.g. to time steps).
 
     Returns:
         Final latents ``(1, 4, N, h, w)``.
@@ -60,6 +62,8 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     indices = [torch.as_tensor(list(w), device=latents.device) for w in windows]
     bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
     for i, step in enumerate(plan):
+        if on_step is not None:
+            on_step(i)
         model.begin_step(step)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
         for w, idx in zip(windows, indices):
@@ -73,4 +77,6 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         if callback is not None:
             callback(i, step, guided, latents)
     bar.close()
+    if on_step is not None:
+        on_step(len(plan))
     return latents

@@ -39,6 +39,7 @@ class RunStats:
         total_s: seconds from start to the last frame.
         calls: submodel calls made during the run.
         portrait_cache_hit: whether the portrait state came from the cache.
+        step_seconds: wall time of each denoising step (device work finished, on GPU).
     """
 
     frames: int = 0
@@ -47,6 +48,7 @@ class RunStats:
     total_s: float | None = None
     calls: dict[str, int] = field(default_factory=dict)
     portrait_cache_hit: bool = False
+    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def fps(self) -> float | None:
@@ -73,6 +75,19 @@ class StageTimer:
                 self.sync()
             with self._lock:
                 self.stats.stage_seconds[name] = self.stats.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def step_clock(self) -> Callable[[int], None]:
+        """A ``denoise(on_step=...)`` hook that appends each step's time to ``stats.step_seconds``."""
+        last: list[float] = []
+
+        def tick(i: int) -> None:
+            if self.sync is not None:
+                self.sync()
+            now = time.perf_counter()
+            if last:
+                self.stats.step_seconds.append(now - last[0])
+            last[:] = [now]
+        return tick
 
     def add(self, name: str, seconds: float) -> None:
         """Add time measured elsewhere (e.g. device time from CUDA events) to a stage."""

@@ -286,3 +286,10 @@ def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> No
     assert ran == {"vae_encode": 1, "clip_tokens": 1, "film": 1, "pose_features": 1, "reference_bank": 1,
                    "unet": 1, "vae_decode": 1}
     assert seconds > 0 and len(anim.cache) == cached
+
+
+def test_every_denoising_step_is_timed(anim: Animator, optimized_run: Run) -> None:
+    stats = optimized_run.stats
+    assert len(stats.step_seconds) == anim.config.steps
+    assert all(s > 0 for s in stats.step_seconds)
+    assert sum(stats.step_seconds) <= stats.stage_seconds["denoise"]
