@@ -27,11 +27,13 @@ from typing import Any
 import torch
 
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, full_config, tiny_config
+from megactor_rt.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("clip_tokens", "vae_encode", "vae_decode", "film", "pose_features", "pose_guider_full",
            "reference_bank", "unet")
+DENOISE_METHODS = ("unet", "reference_bank", "pose_guider_full")  # the denoise stage's FLOPs
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
             torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as mem:
             stats = _consume(anim, inputs, driver, cfg, work_dir)
-        denoise_flops = sum(ledger.totals[k] for k in ("unet", "reference_bank", "pose_guider_full"))
+        denoise_flops = sum(ledger.totals[k] for k in DENOISE_METHODS)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
         logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
         yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
@@ -326,17 +328,18 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     report. ``dry_run`` shrinks every scenario (see ``shrink``); ``modes`` keeps only those modes (scenarios
     left with none are skipped)."""
     if suite not in SUITES:
-        raise ValueError(f"unknown suite '{suite}'; known: {sorted(SUITES)}")
+        raise InputError(f"unknown benchmark suite '{suite}'; known: {', '.join(sorted(SUITES))}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     scenarios = [shrink(s, dev) for s in SUITES[suite]] if dry_run else SUITES[suite]
-    if modes is not None:
+    if modes:
         known = {m for s in scenarios for m in s.modes}
         if not set(modes) <= known:
-            raise ValueError(f"suite '{suite}' has no mode(s) {sorted(set(modes) - known)}; known: {sorted(known)}")
+            raise InputError(f"suite '{suite}' has no mode(s) {', '.join(sorted(set(modes) - known))}; "
+                             f"known: {', '.join(sorted(known))}")
         scenarios = [replace(s, modes=tuple(m for m in s.modes if m in modes)) for s in scenarios]
         scenarios = [s for s in scenarios if s.modes]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
     report: dict[str, Any] = {
         "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": _device_name(dev),
@@ -348,17 +351,16 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         for sc in scenarios:
             for result in run_scenario(sc, dev, Path(work), report["errors"]):
                 report["results"].append(asdict(result))
-                _write_atomic(out / "results.json", json.dumps(report, indent=1))  # after every result: a run
-                _write_atomic(out / "results.md", markdown(report))  # cut short keeps what it measured
-    _write_atomic(out / "results.json", json.dumps(report, indent=1))
-    _write_atomic(out / "results.md", markdown(report))
+                _save(report, out)  # after every result: a run cut short keeps what it measured
+    _save(report, out)  # errors recorded after the last result
     return report
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _save(report: dict, out: Path) -> None:
+    from megactor_rt.engine.cache import write_atomic
+
+    write_atomic(out / "results.json", json.dumps(report, indent=1).encode())
+    write_atomic(out / "results.md", markdown(report).encode())
 
 
 def _device_name(dev: torch.device) -> str:
@@ -383,7 +385,7 @@ def markdown(report: dict) -> str:
     by_scenario: dict[str, dict[str, dict]] = {}
     for r in report["results"]:
         by_scenario.setdefault(r["scenario"], {})[r["mode"]] = r
-        dn = sum(r["flops"].get(k, 0.0) for k in ("unet", "reference_bank", "pose_guider_full"))
+        dn = sum(r["flops"].get(k, 0.0) for k in DENOISE_METHODS)
         lines.append(f"| {r['scenario']} | {r['mode']} | {r['frames']} | {r['total_s']:.2f} | {r['fps']:.3f} | "
                      f"{r['first_frame_s']:.2f} | {r['stage_s'].get('denoise', 0):.2f} | "
                      f"{r['stage_s'].get('vae_decode', 0):.2f} | {dn:.3f} | {r['denoise_tflops_per_s']:.3f} | "
