@@ -108,6 +108,11 @@ class Animator:
     def image_size(self) -> int:
         return self.sub.config.image_size
 
+    @property
+    def latent_size(self) -> int:
+        """Side of the VAE latent grid (image size / the VAE's downsampling)."""
+        return self.image_size // 2 ** (len(self.sub.config.vae.block_out_channels) - 1)
+
     # -- portrait --------------------------------------------------------------------------------------
     def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
                         mask: str | Path | None = None) -> PortraitInputs:
@@ -152,8 +157,7 @@ class Animator:
 
         cfg = config or self.config
         t0 = time.perf_counter()
-        mcfg, size = self.sub.config, self.image_size
-        h = size // 2 ** (len(mcfg.vae.block_out_channels) - 1)
+        mcfg, size, h = self.sub.config, self.image_size, self.latent_size
         image = torch.zeros(1, 3, size, size)
         mean, _ = self.sub.vae_encode(image)
         tokens = self.sub.clip_tokens(torch.zeros(1, 3, mcfg.clip.image_size, mcfg.clip.image_size))
@@ -203,7 +207,7 @@ class Animator:
                                   for b in _batches(frames, POSE_BATCH)])  # (N, 4, h, w)
                 model = OptimizedPredictor(sub, state, pose.permute(1, 0, 2, 3)[None], cfg.guidance,
                                            cfg.reference_timestep)
-        h = size // 2 ** (len(sub.config.vae.block_out_channels) - 1)
+        h = self.latent_size
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)

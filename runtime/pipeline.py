@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TypeVar
 
 import torch
@@ -198,20 +199,22 @@ class InFlight:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.device, self.depth = device, depth
-        self.cuda = streams and device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = torch.cuda.Stream(device) if streams and device.type == "cuda" else None
         self.device_seconds = 0.0
         self.launched = 0
 
-    def _launch(self, fn: Callable[[T], torch.Tensor], item: T) -> tuple:
+    def _run_now(self, fn: Callable[[T], torch.Tensor], item: T) -> torch.Tensor:
         self.launched += 1
-        if self.stream is None:
-            t0 = time.perf_counter()
-            out = fn(item)
-            if out.device.type == "cuda":  # streams disabled on a CUDA device: time the device work
-                torch.cuda.synchronize(out.device)
-            self.device_seconds += time.perf_counter() - t0
-            return out.cpu(), None, None, None
+        t0 = time.perf_counter()
+        out = fn(item)
+        if out.device.type == "cuda":  # streams disabled on a CUDA device: time the device work
+            torch.cuda.synchronize(out.device)
+        self.device_seconds += time.perf_counter() - t0
+        return out.cpu()
+
+    def _launch(self, fn: Callable[[T], torch.Tensor], item: T) -> tuple:
+        assert self.stream is not None
+        self.launched += 1
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             start.record(self.stream)
@@ -225,21 +228,14 @@ class InFlight:
         """Yield ``fn(item)`` as host tensors, in order."""
         if self.stream is None:  # nothing runs concurrently: compute each item only when it is asked for
             for item in items:
-                yield self._launch(fn, item)[0]
+                yield self._run_now(fn, item)
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         source = iter(items)
-        pending: deque[tuple] = deque()
-        for item in source:
-            pending.append(self._launch(fn, item))
-            if len(pending) == self.depth:
-                break
+        pending = deque(self._launch(fn, item) for item in islice(source, self.depth))
         while pending:
             host, _, start, end = pending.popleft()
-            if end is not None:
-                end.synchronize()
-                self.device_seconds += start.elapsed_time(end) / 1e3
-            for item in source:  # issue the next one before handing this one out
-                pending.append(self._launch(fn, item))
-                break
+            end.synchronize()
+            self.device_seconds += start.elapsed_time(end) / 1e3
+            pending.extend(self._launch(fn, item) for item in islice(source, 1))  # next one before handing out
             yield host
