@@ -46,22 +46,18 @@ def kernel_class(name: str) -> str:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
-    """Median seconds of fn(); CUDA events on GPU, wall clock elsewhere."""
+    """Median seconds of fn(): CUDA events on GPU (``bench_kernels.time_ms``), wall clock elsewhere."""
+    if device.type == "cuda":
+        from bench_kernels import time_ms  # this folder is on sys.path when run as a script
+
+        return time_ms(fn, warmup, iters) / 1e3
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
