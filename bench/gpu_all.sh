@@ -10,24 +10,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/gpu}
 BUDGET_S=${BUDGET_S:-560}  # the whole script; the end-to-end suite gets what the earlier steps leave
 E2E_ARGS=${E2E_ARGS:-}  # e.g. --dry-run (checks this script on any machine in a minute), --modes ...
-PROFILE_ARGS=${PROFILE_ARGS:---compile}  # bench/profile_unet.py options (--quick: timings only)
+PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled}  # bench/profile_unet.py options (--quick: timings only)
 SKIP_KERNEL_CHECKS=${SKIP_KERNEL_CHECKS:-0}  # 1: skip the kernel GPU tests and kernel benchmark
 mkdir -p "$OUT/kernels" "$OUT/e2e"
 exec > >(tee "$OUT/gpu_all.log") 2>&1
 left() { echo $((BUDGET_S - SECONDS)); }
 step() { echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
 
-step "machine"
+step "machine + install (offline: wheels carried in .whl/)"
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
-
-step "install (offline: wheels carried in .whl/)"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
-export MEGACTOR_PROGRESS=0 PYTHONUNBUFFERED=1
+. bench/gpu_install.sh
 
 step "build the CUDA kernels (sm_90)"
 timeout 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \
@@ -40,6 +32,12 @@ timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_pipelin
 if [ "${PIPESTATUS[0]}" != 0 ] && [ -d build/kernels ]; then
   echo "GPU tests failed: the end-to-end runs below use the PyTorch reference ops (build/kernels moved aside)"
   mv build/kernels build/kernels.failed
+fi
+step "GPU tests of the short-attention Triton kernel (alone and inside the compiled UNet)"
+timeout 150 python3 -m pytest -q -m gpu tests/test_short_attention.py -p no:cacheprovider 2>&1 | tail -15
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  echo "short-attention GPU tests failed: the runs below use SDPA in the motion modules"
+  export MEGACTOR_SHORT_ATTENTION=0
 fi
 
 step "kernel benchmark"

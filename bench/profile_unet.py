@@ -1,7 +1,8 @@
 """Where one denoiser window call spends its time (GPU): event-timed calls and a kernel profile.
 
 For one context window (full-size SD1.5 UNet + motion modules, 512 px -> 64x64 latents, 16 frames, CFG) it
-times the optimized call (batch-1 down path shared by both CFG halves, bank attention in the conditional
+times the optimized call (motion-module attention through the short-attention Triton kernel, and once more
+through SDPA for comparison; batch-1 down path shared by both CFG halves, bank attention in the conditional
 half only) and the upstream-style call (batch 2, bank attention for both halves, uncond recomputed) with
 CUDA events, counts their FLOPs (torch.utils.flop_counter), and profiles the optimized call: device time per
 kernel class (GEMM, attention, convolution, normalisation, other) and the top kernels. Also times the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -29,6 +31,7 @@ import torch
 
 from megactor_rt.benchmark import matmul_tflops
 from megactor_rt.config import full_config, tiny_config
+from megactor_rt.kernels.short_attention import short_attention_usable
 from megactor_rt.weights import build_models
 
 CLASSES = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
@@ -76,8 +79,20 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--compile", action="store_true",
                     help="also time the optimized call through torch.compile (compile time, max |diff| vs eager)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode (e.g. max-autotune-no-cudagraphs, reduce-overhead); default Inductor's")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (e.g. freezing=1, coordinate_descent_tuning=1); repeatable")
+    ap.add_argument("--profile", choices=("eager", "compiled", "none"), default=None,
+                    help="which call torch.profiler breaks down by kernel class (default: eager; none with --quick)")
+    ap.add_argument("--name", default="", help="suffix of the output files (profile_unet-NAME.*)")
     ap.add_argument("--quick", action="store_true", help="skip the upstream call, the profile and channels_last")
     args = ap.parse_args()
+    profile_what = args.profile or ("none" if args.quick else "eager")
+    if profile_what == "compiled" and not args.compile:
+        ap.error("--profile compiled needs --compile")
+    inductor_opts = dict(_parse_option(o) for o in args.inductor)
+    stem = "profile_unet" + (f"-{args.name}" if args.name else "")
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = replace(tiny_config(), image_size=128) if args.tiny else replace(full_config(), image_size=512)
@@ -108,15 +123,28 @@ def main() -> None:
     report: dict = {"date": date.today().isoformat(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
-                    "matmul_tflops": matmul_tflops(dev, dtype), "calls": {}}
+                    "matmul_tflops": matmul_tflops(dev, dtype), "calls": {},
+                    "compile_mode": args.compile_mode, "inductor": inductor_opts, "profiled": profile_what}
     for name, fn in (("optimized", optimized), ("upstream", upstream))[:1 if args.quick else 2]:
         secs = time_call(fn, dev)
         flops = count_flops(fn)
         report["calls"][name] = {"seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
     opt_tflop = report["calls"]["optimized"]["tflop"]
+    if dev.type == "cuda" and short_attention_usable(torch.empty(1, f, 1, 320, device=dev, dtype=dtype), 8):
+        os.environ["MEGACTOR_SHORT_ATTENTION"] = "0"  # eager calls read it each time: the same call, SDPA in the motion modules
+        try:
+            secs = time_call(optimized, dev)
+        finally:
+            del os.environ["MEGACTOR_SHORT_ATTENTION"]
+        report["calls"]["optimized, motion-module attention via SDPA"] = {
+            "seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.compile:
-        compiled_unet = torch.compile(unet, dynamic=False)
+        import torch._inductor.config as inductor_config
+
+        for key, value in inductor_opts.items():
+            setattr(inductor_config, key, value)
+        compiled_unet = torch.compile(unet, dynamic=False, mode=args.compile_mode)
 
         @torch.inference_mode()
         def compiled() -> torch.Tensor:
@@ -131,20 +159,20 @@ def main() -> None:
             out_e = optimized()
             diff = (out_c.float() - out_e.float()).abs().max().item()  # type: ignore[union-attr]
             secs = time_call(compiled, dev)
-            report["calls"]["optimized, torch.compile"] = {
+            report["calls"][COMPILED] = {
                 "seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs, "compile_s": compile_s,
                 "max_abs_diff_vs_eager": diff, "max_abs_eager": out_e.float().abs().max().item()}  # type: ignore
         except Exception as exc:
             report["compile_error"] = repr(exc)
-        (args.out / "profile_unet.json").write_text(json.dumps(report, indent=1))
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
 
     kernels: dict[str, float] = defaultdict(float)
-    if dev.type == "cuda" and not args.quick:
+    if dev.type == "cuda" and profile_what != "none" and (profile_what == "eager" or COMPILED in report["calls"]):
         try:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                optimized()
+                (compiled if profile_what == "compiled" else optimized)()
                 torch.cuda.synchronize()
             for evt in prof.key_averages():
                 us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
@@ -166,9 +194,24 @@ def main() -> None:
                                                           "tflops_per_s": opt_tflop / secs}
         except Exception as exc:
             report["channels_last_error"] = repr(exc)
-    (args.out / "profile_unet.json").write_text(json.dumps(report, indent=1))
-    (args.out / "profile_unet.md").write_text(markdown(report))
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
+
+
+COMPILED = "optimized, torch.compile"
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--inductor wants KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def markdown(r: dict) -> str:
@@ -178,16 +221,18 @@ def markdown(r: dict) -> str:
     for name, c in r["calls"].items():
         lines.append(f"| {name} | {1e3 * c['seconds']:.1f} | {c['tflop']:.2f} | {c['tflops_per_s']:.1f} | "
                      f"{100 * c['tflops_per_s'] / r['matmul_tflops']:.0f} % |")
-    c = r["calls"].get("optimized, torch.compile")
+    c = r["calls"].get(COMPILED)
     if c:
-        lines += ["", f"torch.compile: first call (compilation) {c['compile_s']:.1f} s; max |compiled - eager| "
+        opts = ", ".join([f"mode {r.get('compile_mode')}"] + [f"{k}={v}" for k, v in r.get("inductor", {}).items()])
+        lines += ["", f"torch.compile ({opts}): first call (compilation) {c['compile_s']:.1f} s; max |compiled - eager| "
                       f"{c['max_abs_diff_vs_eager']:.3g} (max |eager| {c['max_abs_eager']:.3g})."]
     for key in ("compile_error", "profile_error", "channels_last_error"):
         if key in r:
             lines += ["", f"{key}: {r[key]}"]
     total = sum(r["kernel_classes_s"].values())
     if total:
-        lines += ["", "Optimized call, device time by kernel class (torch.profiler):", "",
+        what = "Compiled optimized" if r.get("profiled") == "compiled" else "Optimized (eager)"
+        lines += ["", f"{what} call, device time by kernel class (torch.profiler):", "",
                   "| class | ms | share |", "|---|---|---|"]
         for cls, s in sorted(r["kernel_classes_s"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {cls} | {1e3 * s:.1f} | {100 * s / total:.0f} % |")

@@ -68,7 +68,7 @@ SUITES: dict[str, list[Scenario]] = {
     "cpu-full-256": [Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2)],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                 modes=("reference", "optimized", "optimized+serial-decode", "optimized+compile"),
+                 modes=("reference", "optimized", "optimized+compile"),
                  precision="fp16"),
         Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megactor_rt.kernels.short_attention import short_attention
+
 
 def repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     """``(B, ...)`` -> ``(B*F, ...)``: each sample repeated for its F frames (sample-major, like the fold).
@@ -161,12 +163,13 @@ class TemporalAttention(Attention):
         self.pos_encoder = PositionalEncoding(dim, pe_max_len)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
+        """``x (B*F, HW, C)`` folded activations; attends over the F frames at every position, in place of
+        upstream's rearrange to ``(B*HW, F, C)``: the projections are per token and ``short_attention``
+        takes the frame-major layout as it is (the Triton kernel on CUDA, SDPA elsewhere)."""
         bf, hw, c = x.shape
-        b = bf // frames
-        t = x.view(b, frames, hw, c).transpose(1, 2).reshape(b * hw, frames, c)  # (B*HW, F, C)
-        t = self.pos_encoder(t)
-        out = super().forward(t)
-        return out.view(b, hw, frames, c).transpose(1, 2).reshape(bf, hw, c)
+        t = x.view(bf // frames, frames, hw, c) + self.pos_encoder.pe[:, :frames, None, :]
+        o = short_attention(self.to_q(t), self.to_k(t), self.to_v(t), self.heads)  # (B, F, HW, C)
+        return self.to_out[0](o).view(bf, hw, c)
 
 
 class TemporalTransformerBlock(nn.Module):

@@ -1,0 +1,126 @@
+"""The motion modules' short-sequence attention (kernels/short_attention.py): the Triton kernel against SDPA
+and an einsum oracle - on CPU through Triton's interpreter (a subprocess with TRITON_INTERPRET=1), on a GPU
+(marked `gpu`) at the denoiser's real shapes, alone and inside the compiled UNet; the dispatch rules."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from megactor_rt.kernels import short_attention as SA
+
+
+def _oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    b, seq, pos, c = q.shape
+    d = c // heads
+    qq, kk, vv = (t.double().view(b, seq, pos, heads, d) for t in (q, k, v))
+    s = torch.einsum("biphd,bjphd->bphij", qq, kk) / d ** 0.5
+    return torch.einsum("bphij,bjphd->biphd", s.softmax(-1), vv).reshape(b, seq, pos, c)
+
+
+SHAPES = [(2, 16, 6, 8, 40), (1, 12, 3, 2, 80), (1, 33, 2, 1, 160), (1, 1, 5, 2, 8), (3, 64, 1, 4, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_oracle(shape: tuple[int, ...]) -> None:
+    b, seq, pos, heads, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, seq, pos, heads * d, generator=g) for _ in range(3))
+    torch.testing.assert_close(SA.short_attention_ref(q, k, v, heads), _oracle(q, k, v, heads).float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_in_triton_interpreter() -> None:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
+    script = textwrap.dedent(f"""
+        import torch
+        from megactor_rt.kernels import short_attention as SA
+        g = torch.Generator().manual_seed(1)
+        for b, seq, pos, heads, d in {SHAPES!r}:
+            for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+                q, k, v = (torch.randn(b, seq, pos, heads * d, generator=g).to(dtype) for _ in range(3))
+                out = SA.short_attention_triton(q, k, v, heads)
+                assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
+                ref = SA.short_attention_ref(q.float(), k.float(), v.float(), heads)
+                err = (out.float() - ref).abs().max().item()
+                assert err < tol, (b, seq, pos, heads, d, dtype, err)
+        # strided views (channel slices of one projection, as a fused qkv would give)
+        x = torch.randn(2, 16, 3, 3 * 64, generator=g)
+        q, k, v = x.split(64, dim=-1)
+        err = (SA.short_attention_triton(q, k, v, 2) - SA.short_attention_ref(q, k, v, 2)).abs().max().item()
+        assert err < 1e-5, err
+        print("ok")
+        """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_dispatch_falls_back_on_cpu_and_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = torch.randn(1, 16, 4, 32)
+    assert not SA.short_attention_usable(q, 4)  # CPU tensors: SDPA
+    torch.testing.assert_close(SA.short_attention(q, q, q, 4), SA.short_attention_ref(q, q, q, 4))
+    monkeypatch.setenv("MEGACTOR_SHORT_ATTENTION", "0")
+    assert not SA.short_attention_usable(q, 4)
+
+
+def test_bad_shapes_are_named() -> None:
+    q = torch.randn(1, 16, 4, 32)
+    with pytest.raises(ValueError, match="one shape"):
+        SA._check(q, q[:, :8], q, 4)
+    with pytest.raises(ValueError, match="L <= 64"):
+        SA._check(torch.randn(1, 65, 1, 8), torch.randn(1, 65, 1, 8), torch.randn(1, 65, 1, 8), 1)
+    with pytest.raises(ValueError, match="heads"):
+        SA._check(q, q, q, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 16, 4096, 8, 40), (2, 16, 1024, 8, 80), (2, 16, 64, 8, 160),
+                                   (1, 24, 256, 8, 160), (1, 7, 33, 2, 40)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernel_on_gpu(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    b, seq, pos, heads, d = shape
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(b, seq, pos, heads * d, generator=g).to("cuda", dtype) for _ in range(3))
+    assert SA.short_attention_usable(q, heads)
+    out = SA.short_attention(q, k, v, heads)
+    ref = SA.short_attention_ref(q.float(), k.float(), v.float(), heads)
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    assert (out.float() - ref).abs().max().item() < tol
+
+
+@pytest.mark.gpu
+def test_compiled_unet_keeps_the_kernel() -> None:
+    """The custom op inside torch.compile: same output as eager SDPA, no graph break at the motion modules."""
+    from dataclasses import replace
+
+    from megactor_rt.config import tiny_config
+    from megactor_rt.weights import build_models
+
+    cfg = replace(tiny_config(), image_size=128)
+    unet = build_models(cfg, seed=0, only=("temporal_unet",)).unet.to("cuda", torch.float16)
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g).to("cuda", torch.float16)
+
+    args = (rand(1, 9, 16, 16, 16), torch.tensor(500, device="cuda"), rand(1, 257, cfg.unet.cross_attention_dim),
+            rand(1, 4, 16, 16, 16))
+    with torch.inference_mode():
+        os.environ["MEGACTOR_SHORT_ATTENTION"] = "0"
+        try:
+            ref = unet(*args)
+        finally:
+            del os.environ["MEGACTOR_SHORT_ATTENTION"]
+        eager = unet(*args)
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, dynamic=False, fullgraph=True)(*args)
+    assert (eager.float() - ref.float()).abs().max().item() < 5e-3
+    assert (compiled.float() - ref.float()).abs().max().item() < 5e-3
