@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -64,7 +65,7 @@ def attn_flops(shape: Shape) -> int:
 
 
 def main() -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -78,21 +79,9 @@ def main() -> None:
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     rows = []
     for shape, count in sorted(shapes.items(), key=lambda kv: -attn_flops(kv[0]) * kv[1]):
-        qs, ks = shape
-        q = torch.randn(qs, device=dev, dtype=dtype)
-        k, v = torch.randn(ks, device=dev, dtype=dtype), torch.randn(ks, device=dev, dtype=dtype)
-        row = {"q": qs, "k": ks, "calls": count, "gflop_per_call": attn_flops(shape) / 1e9, "ms": {}}
-        for name, backend in backends.items():
-            try:
-                with sdpa_kernel([backend]):
-                    row["ms"][name] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), dev)
-            except RuntimeError as exc:  # backend does not support this shape/device
-                row["ms"][name] = None
-                row.setdefault("unsupported", {})[name] = str(exc).splitlines()[0][:160]
-        with torch.inference_mode():  # the backend PyTorch picks by itself
-            row["ms"]["default"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), dev)
+        row = {"q": shape[0], "k": shape[1], "calls": count, "gflop_per_call": attn_flops(shape) / 1e9}
+        row.update(_time_shape(shape, backends, dev, dtype))
         rows.append(row)
-        del q, k, v
     report = {"date": date.today().isoformat(), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
@@ -102,7 +91,29 @@ def main() -> None:
     print(markdown(report))  # noqa: T201 - a script's output
 
 
-def _time_ms(fn, dev: torch.device) -> float:  # type: ignore[no-untyped-def]
+def _time_shape(shape: Shape, backends: dict, dev: torch.device, dtype: torch.dtype) -> dict:
+    """ms per call of each backend (None where it refuses the shape) and of PyTorch's own choice."""
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.randn(shape[0], device=dev, dtype=dtype)
+    k, v = torch.randn(shape[1], device=dev, dtype=dtype), torch.randn(shape[1], device=dev, dtype=dtype)
+
+    def call() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    out: dict = {"ms": {}}
+    for name, backend in backends.items():
+        try:
+            with sdpa_kernel([backend]):
+                out["ms"][name] = _time_ms(call, dev)
+        except RuntimeError as exc:  # backend does not support this shape/device
+            out["ms"][name] = None
+            out.setdefault("unsupported", {})[name] = str(exc).splitlines()[0][:160]
+    out["ms"]["default"] = _time_ms(call, dev)
+    return out
+
+
+def _time_ms(fn: Callable[[], object], dev: torch.device) -> float:
     if dev.type == "cuda":
         from bench_kernels import time_ms  # this folder is on sys.path when run as a script
 

@@ -68,15 +68,12 @@ SUITES: dict[str, list[Scenario]] = {
     "cpu-full-256": [Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2)],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                 modes=("reference", "optimized", "optimized+compile"),
+                 modes=("reference", "optimized", "optimized+compile", "optimized+compile-graphs"),
                  precision="fp16"),
         Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, no overlap"),
-        Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream), CUDA graphs", "full", 512, 48, 16, 8,
-                 25, modes=("optimized+compile-graphs",), precision="fp16",
-                 note="last: untried on a GPU so far; compared with optimized+compile of the first scenario"),
     ],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
                            modes=("optimized",), note="memory flatness over a long driver")
