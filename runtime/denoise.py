@@ -25,8 +25,10 @@ class EpsModel(Protocol):
 
     def begin_step(self, step: DDIMStep) -> None: ...
 
-    def predict(self, latents: torch.Tensor, frames: Sequence[int], step: DDIMStep) -> torch.Tensor:
-        """``latents (1, 4, F, h, w)`` of the window's frames -> eps ``(2 or 1, 4, F, h, w)`` ([uncond, cond])."""
+    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
+        """``latents (1, 4, F, h, w)`` of the window's frames -> eps ``(2 or 1, 4, F, h, w)`` ([uncond, cond]).
+        ``frames``: the window's frame indices, a 1-D int64 tensor on the latents' device (made once per run by
+        ``denoise``, so no predictor copies indices to the device while device work is queued)."""
         ...
 
 
@@ -66,8 +68,8 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             on_step(i)
         model.begin_step(step)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for w, idx in zip(windows, indices):
-            eps = model.predict(latents[:, :, idx], w, step)  # (halves, 4, F, h, w)
+        for idx in indices:
+            eps = model.predict(latents[:, :, idx], idx, step)  # (halves, 4, F, h, w)
             if eps.shape[0] != halves:
                 raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
             acc.index_add_(2, idx, eps.to(acc.dtype))

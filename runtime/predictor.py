@@ -10,8 +10,6 @@ half recomputed): same math, used as the baseline in benchmarks and equivalence 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from megactor_rt.models.scheduler import DDIMStep
@@ -25,19 +23,11 @@ class _Base:
         self.cfg = guidance != 1.0
         self.reference_timestep = reference_timestep
         self.bank: list[torch.Tensor] | None = None
-        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def frame_index(self, frames: Sequence[int], device: torch.device) -> torch.Tensor:
-        """``frames`` as an index tensor on ``device``, made once per window (no host wait per call)."""
-        key = tuple(frames)
-        if key not in self._indices:
-            self._indices[key] = torch.as_tensor(key, device=device)
-        return self._indices[key]
 
     def ref_t(self, step: DDIMStep) -> int:
         return step.timestep if self.reference_timestep is None else self.reference_timestep
 
-    def window_latents(self, latents: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
+    def window_latents(self, latents: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """``(1, 4, F, h, w)`` -> ``(1, 9, F, h, w)``: noisy | reference latent + mask (same for every frame)."""
         cond = self.state.cond[:, :, None].expand(-1, -1, len(frames), -1, -1)
         return torch.cat([latents.to(cond.dtype), cond], dim=1)
@@ -53,9 +43,9 @@ class OptimizedPredictor(_Base):
     def begin_step(self, step: DDIMStep) -> None:
         self.bank = self.state.bank(self.ref_t(step), self.sub)
 
-    def predict(self, latents: torch.Tensor, frames: Sequence[int], step: DDIMStep) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
         lat = self.window_latents(latents, frames)
-        pose = self.pose.index_select(2, self.frame_index(frames, self.pose.device))
+        pose = self.pose.index_select(2, frames.to(self.pose.device))
         if self.cfg:  # batch-1 inputs, output [uncond, cond]
             return self.sub.unet(lat, step.timestep, self.state.tokens, pose, self.bank, n_uncond=1,
                                  shared_down=True)
@@ -65,9 +55,10 @@ class OptimizedPredictor(_Base):
 class ReferencePredictor(_Base):
     def __init__(self, sub: Submodels, state: PortraitState, driving: torch.Tensor, guidance: float,
                  reference_timestep: int | None = None) -> None:
-        """``driving``: preprocessed driving frames of all N frames, ``(1, 3, N, H, W)`` in [0, 1]."""
+        """``driving``: preprocessed driving frames of all N frames, ``(1, 3, N, H, W)`` in [0, 1]; moved to the
+        networks' device and dtype once here (upstream keeps them on the GPU too), not per window."""
         super().__init__(sub, state, guidance, reference_timestep)
-        self.driving = driving
+        self.driving = sub._in(driving)
         self.batch = 2 if self.cfg else 1
 
     def _dup(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +68,9 @@ class ReferencePredictor(_Base):
         s = self.state
         self.bank = self.sub.reference_bank(self._dup(s.ref_latent), self.ref_t(step), self._dup(s.tokens))
 
-    def predict(self, latents: torch.Tensor, frames: Sequence[int], step: DDIMStep) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
         s = self.state
-        frames_in = self.driving.index_select(2, self.frame_index(frames, self.driving.device))
+        frames_in = self.driving.index_select(2, frames.to(self.driving.device))
         pose = self.sub.pose_guider_full(self._dup(frames_in), self._dup(s.ada_reference))
         lat = self._dup(self.window_latents(latents, frames))
         return self.sub.unet(lat, step.timestep, self._dup(s.tokens), pose, self.bank,
