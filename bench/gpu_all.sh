@@ -12,14 +12,9 @@ BUDGET_S=${BUDGET_S:-560}  # the whole script; the end-to-end suite gets what th
 E2E_ARGS=${E2E_ARGS:-}  # e.g. --dry-run (checks this script on any machine in a minute), --modes ...
 PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled}  # bench/profile_unet.py options (--quick: timings only)
 SKIP_KERNEL_CHECKS=${SKIP_KERNEL_CHECKS:-0}  # 1: skip the kernel GPU tests and kernel benchmark
+LOG=gpu_all.log
+. bench/gpu_common.sh
 mkdir -p "$OUT/kernels" "$OUT/e2e"
-exec > >(tee "$OUT/gpu_all.log") 2>&1
-left() { echo $((BUDGET_S - SECONDS)); }
-step() { echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
-
-step "machine + install (offline: wheels carried in .whl/)"
-date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-. bench/gpu_install.sh
 
 step "build the CUDA kernels (sm_90)"
 timeout 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \

@@ -7,13 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/variants}
 BUDGET_S=${BUDGET_S:-270}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/variants.log") 2>&1
-left() { echo $((BUDGET_S - SECONDS)); }
-step() { echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
-step "machine + install"
-date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-. bench/gpu_install.sh
+LOG=variants.log
+. bench/gpu_common.sh
 variant() {  # NAME LIMIT_S ARGS...: one profile_unet.py process (eager baseline + one compiled variant)
   local name=$1 limit=$2; shift 2
   [ "$(left)" -lt 40 ] && { echo "skipped $name: too little time left"; return; }
