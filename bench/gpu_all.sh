@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one call (budget 560 s: give the call a 590 s limit): install, build the CUDA
-# kernels, run the GPU tests, the kernel benchmark, every GPU benchmark scenario and a profile of one
-# denoiser call. Tables land in $OUT (default bench-results/gpu), results after every mode, so a run cut
-# short keeps what it measured.
+# kernels, run the GPU tests, the kernel benchmark, every GPU benchmark scenario, a profile of one
+# denoiser call and a per-step device-time profile. Tables land in $OUT (default bench-results/gpu),
+# results after every mode, so a run cut short keeps what it measured.
 # On the lent, offline GPU machine run `bash bench/fetch_wheels.sh` here first and carry `.whl` (README
 # "Benchmarks"). Each step has its own time limit; a failing step does not stop the later ones.
 set -uo pipefail
@@ -44,13 +44,21 @@ timeout 90 python3 bench/bench_kernels.py --out "$OUT/kernels" || echo "kernel b
 fi
 
 step "end-to-end: reference vs optimized (same run), streams on/off, faster settings ($(left) s left)"
-timeout $(( $(left) - 100 )) python3 -m megactor_rt.cli bench --suite gpu-full --out "$OUT/e2e" $E2E_ARGS \
+timeout $(( $(left) - 140 )) python3 -m megactor_rt.cli bench --suite gpu-full --out "$OUT/e2e" $E2E_ARGS \
   || echo "end-to-end suite stopped early (rc $?): results.json holds the scenarios that finished"
 nvidia-smi --query-gpu=memory.used,clocks.sm,temperature.gpu --format=csv || true
 
 step "one denoiser window call: event timing, FLOPs, kernel classes ($(left) s left)"
 if [ "$(left)" -gt 60 ]; then
-  timeout $(( $(left) - 5 )) python3 bench/profile_unet.py --out "$OUT/e2e" $PROFILE_ARGS || echo "profile failed or timed out"
+  timeout $(( $(left) - 65 > 60 ? $(left) - 65 : $(left) - 5 )) python3 bench/profile_unet.py --out "$OUT/e2e" $PROFILE_ARGS \
+    || echo "profile failed or timed out"
+else
+  echo "skipped: too little time left"
+fi
+
+step "device-busy vs wall time per denoising step (the slow first step) ($(left) s left)"
+if [ "$(left)" -gt 55 ]; then
+  timeout $(( $(left) - 5 )) python3 bench/profile_steps.py --out "$OUT/e2e" --mode optimized || echo "step profile failed or timed out"
 else
   echo "skipped: too little time left"
 fi

@@ -1,0 +1,126 @@
+"""Why is the first denoising step slower? Device-busy vs wall time per step of one benchmark run.
+
+On the H200 (docs/performance.md, 2026-11-26) the first of 25 steps took 1.2-2.0 s longer than the others in
+every mode, after a warm-up run of the same window shape. This runs one mode of the `gpu-full` suite's
+first scenario exactly as `megactor-rt bench` does (same submodels, FLOP ledger, warm-up and whole-run
+consumer; the profiled run itself animates in this thread and discards the frames), with fewer steps,
+under torch.profiler, and reports per step: wall time, the summed duration of
+the device kernels launched in it, the difference (device idle: the host was the bottleneck) and the kernel
+count. It also lists call signatures the FLOP ledger saw first in the timed run (each is counted under
+FlopCounterMode once, which is slow).
+
+    python bench/profile_steps.py --out OUT                       # GPU, optimized mode, 48 frames, 3 steps
+    python bench/profile_steps.py --out OUT --mode optimized+compile
+    python bench/profile_steps.py --out OUT --tiny                # the dry-run scenario on CPU: checks the script
+
+Writes ``profile_steps.json`` and ``profile_steps.md`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import megactor_rt.runtime.animator as animator_module
+from megactor_rt import benchmark as B
+from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.config import AnimateConfig, Mode
+
+STEP = "megactor denoise step "
+
+
+def _with_step_ranges(denoise):  # type: ignore[no-untyped-def]
+    """``denoise`` whose steps are profiler ranges named ``STEP + i`` (after the caller's own on_step hook,
+    which synchronises the device first)."""
+    def wrapped(*args, on_step=None, **kwargs):  # type: ignore[no-untyped-def]
+        steps = len(args[2])
+        open_ranges: list[record_function] = []
+
+        def hook(i: int) -> None:
+            if on_step is not None:
+                on_step(i)
+            if open_ranges:
+                open_ranges.pop().__exit__(None, None, None)
+            if i < steps:
+                rf = record_function(f"{STEP}{i}")
+                rf.__enter__()
+                open_ranges.append(rf)
+        return denoise(*args, on_step=hook, **kwargs)
+    return wrapped
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--mode", default="optimized", help="a mode of the gpu-full suite (e.g. optimized+compile)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="the dry-run (tiny, CPU) form of the scenario")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    sc = B.SUITES["gpu-full"][0]
+    sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))
+    base, *variants = args.mode.split("+")
+    sub, ledger = B._submodels(sc, dev)
+    for name in variants:
+        for k, v in B.VARIANTS[name].get("submodels", {}).items():
+            setattr(sub, k, v)
+    cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
+                        mode=Mode(base), max_frames=sc.frames,
+                        **{k: v for n in variants for k, v in B.VARIANTS[n].get("config", {}).items()})
+    animator_module.denoise = _with_step_ranges(animator_module.denoise)
+    with tempfile.TemporaryDirectory(prefix="megactor-steps-") as work:
+        driver = B.driver_of_length(sc.frames, Path(work))
+        anim = animator_module.Animator(sub, cfg)
+        inputs = anim.portrait_inputs(ASSETS_DIR / "portrait.png")
+        B._consume(anim, inputs, driver, replace(cfg, steps=1, max_frames=min(sc.frames, sc.window)), Path(work))
+        anim.cache = type(anim.cache)()
+        known = set(ledger.table)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as prof:  # in this thread (the profiler's ranges are per thread)
+            for _ in anim.animate(anim.prepare(inputs), driver, config=cfg):
+                pass  # frames discarded: the steps are what is looked at
+        stats = anim.last_stats
+    new_signatures = [repr(k)[:200] for k in ledger.table if k not in known]
+
+    events = prof.events()
+    ranges = sorted((int(e.name[len(STEP):]), e.time_range.start, e.time_range.end)
+                    for e in events if e.name.startswith(STEP))
+    kernels = [(e.time_range.start, e.time_range.end - e.time_range.start) for e in events
+               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    rows = []
+    for (i, start, end), wall in zip(ranges, stats.step_seconds):
+        inside = [d for s, d in kernels if start <= s < end]
+        busy = sum(inside) / 1e6
+        rows.append({"step": i, "wall_s": wall, "device_busy_s": busy, "device_idle_s": wall - busy,
+                     "kernels": len(inside)})
+    report = {"date": date.today().isoformat(), "torch": torch.__version__, "device": B._device_name(dev),
+              "scenario": sc.name, "mode": args.mode, "frames": sc.frames, "steps": sc.steps,
+              "stage_s": dict(stats.stage_seconds), "per_step": rows,
+              "new_flop_signatures_in_timed_run": new_signatures}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_steps.json").write_text(json.dumps(report, indent=1))
+    (args.out / "profile_steps.md").write_text(markdown(report))
+    print(markdown(report))  # noqa: T201 - a script's output
+
+
+def markdown(r: dict) -> str:
+    lines = [f"Per-step device time, {r['scenario']} [{r['mode']}], {r['steps']} steps, on {r['device']}, "
+             f"{r['date']}, torch {r['torch']} (under torch.profiler: its overhead is in every step).", "",
+             "| step | wall s | device busy s | device idle s | kernels |", "|---|---|---|---|---|"]
+    lines += [f"| {x['step']} | {x['wall_s']:.3f} | {x['device_busy_s']:.3f} | {x['device_idle_s']:.3f} | "
+              f"{x['kernels']} |" for x in r["per_step"]]
+    sigs = r["new_flop_signatures_in_timed_run"]
+    lines += ["", f"FLOP-ledger signatures first seen in the timed run: {len(sigs)}"]
+    lines += [f"* `{s}`" for s in sigs]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
