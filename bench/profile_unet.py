@@ -1,8 +1,8 @@
 """Where one denoiser window call spends its time (GPU): event-timed calls and a kernel profile.
 
 For one context window (full-size SD1.5 UNet + motion modules, 512 px -> 64x64 latents, 16 frames, CFG) it
-times the optimized call (motion-module attention through the short-attention Triton kernel, and once more
-through SDPA for comparison; batch-1 down path shared by both CFG halves, bank attention in the conditional
+times the optimized call (with the Triton kernels for the motion-module attention and the frame-spanning
+GroupNorm+SiLU, and again with each and both switched off for comparison; batch-1 down path shared by both CFG halves, bank attention in the conditional
 half only) and the upstream-style call (batch 2, bank attention for both halves, uncond recomputed) with
 CUDA events, counts their FLOPs (torch.utils.flop_counter), and profiles the optimized call: device time per
 kernel class (GEMM, attention, convolution, normalisation, other) and the top kernels. Also times the
@@ -31,7 +31,6 @@ import torch
 
 from megactor_rt.benchmark import matmul_tflops
 from megactor_rt.config import full_config, tiny_config
-from megactor_rt.kernels.short_attention import short_attention_usable
 from megactor_rt.weights import build_models
 
 CLASSES = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
@@ -130,14 +129,16 @@ def main() -> None:
         flops = count_flops(fn)
         report["calls"][name] = {"seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
     opt_tflop = report["calls"]["optimized"]["tflop"]
-    if dev.type == "cuda" and short_attention_usable(torch.empty(1, f, 1, 320, device=dev, dtype=dtype), 8):
-        os.environ["MEGACTOR_SHORT_ATTENTION"] = "0"  # eager calls read it each time: the same call, SDPA in the motion modules
-        try:
-            secs = time_call(optimized, dev)
-        finally:
-            del os.environ["MEGACTOR_SHORT_ATTENTION"]
-        report["calls"]["optimized, motion-module attention via SDPA"] = {
-            "seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs}
+    if dev.type == "cuda":  # the same eager call with the Triton kernels switched off (eager reads the switches)
+        for label, switches in TRITON_OFF:
+            os.environ.update(dict.fromkeys(switches, "0"))
+            try:
+                secs = time_call(optimized, dev)
+            finally:
+                for var in switches:
+                    del os.environ[var]
+            report["calls"][f"optimized, {label}"] = {"seconds": secs, "tflop": opt_tflop,
+                                                      "tflops_per_s": opt_tflop / secs}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.compile:
         import torch._inductor.config as inductor_config
@@ -200,6 +201,9 @@ def main() -> None:
 
 
 COMPILED = "optimized, torch.compile"
+TRITON_OFF = (("motion-module attention via SDPA", ("MEGACTOR_SHORT_ATTENTION",)),
+              ("GroupNorm+SiLU via PyTorch", ("MEGACTOR_TRITON_GROUP_NORM",)),
+              ("no Triton kernels", ("MEGACTOR_SHORT_ATTENTION", "MEGACTOR_TRITON_GROUP_NORM")))
 
 
 def _parse_option(text: str) -> tuple[str, object]:

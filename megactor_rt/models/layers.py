@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megactor_rt.kernels.group_norm import group_norm_silu
 from megactor_rt.kernels.short_attention import short_attention
 
 
@@ -23,25 +24,6 @@ def repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     Written as expand + reshape (not ``repeat_interleave``) so exported graphs stay a plain Expand.
     """
     return x.unsqueeze(1).expand(x.shape[0], frames, *x.shape[1:]).reshape(-1, *x.shape[1:])
-
-
-def group_norm_frames(x: torch.Tensor, norm: nn.GroupNorm, frames: int) -> torch.Tensor:
-    """GroupNorm whose statistics span all frames of a sample (upstream's 5-D GroupNorm quirk).
-
-    Args:
-        x: folded activations ``(B*F, C, H, W)``.
-        norm: the GroupNorm module holding groups/eps/affine parameters.
-        frames: F.
-
-    Returns:
-        ``(B*F, C, H, W)`` normalised with per-(sample, group) statistics over C/G x F x H x W.
-    """
-    bf, c, h, w = x.shape
-    if frames == 1:
-        return norm(x)
-    x5 = x.view(bf // frames, frames, c, h * w).transpose(1, 2)  # (B, C, F, HW)
-    y = F.group_norm(x5, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return y.transpose(1, 2).reshape(bf, c, h, w)
 
 
 class Attention(nn.Module):
@@ -111,10 +93,10 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         # x: (B*F, C, H, W); temb: (B, T)
-        h = self.conv1(F.silu(group_norm_frames(x, self.norm1, frames)))
+        h = self.conv1(group_norm_silu(x, self.norm1, frames))
         t = self.time_emb_proj(F.silu(temb))  # (B, C_out)
         h = h + repeat_frames(t, frames)[:, :, None, None]
-        h = self.conv2(F.silu(group_norm_frames(h, self.norm2, frames)))
+        h = self.conv2(group_norm_silu(h, self.norm2, frames))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h

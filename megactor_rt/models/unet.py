@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from torch import nn
 
 from megactor_rt.config import UNetConfig
-from megactor_rt.models.layers import Downsample, MotionModule, ResnetBlock, Upsample, group_norm_frames
+from megactor_rt.kernels.group_norm import group_norm_silu
+from megactor_rt.models.layers import Downsample, MotionModule, ResnetBlock, Upsample
 from megactor_rt.models.pose_guider import PoseGuider
 from megactor_rt.models.transformer import AttnContext, BankTap, SpatialTransformer
 
@@ -180,7 +180,7 @@ class TemporalUNet(_UNetBase):
             skips = [torch.cat([s, s]) for s in skips]
         banks = iter(bank) if bank is not None else None
         x = self._mid_up(x, temb, ctx, skips, banks)
-        x = self.conv_out(F.silu(group_norm_frames(x, self.conv_norm_out, f)))
+        x = self.conv_out(group_norm_silu(x, self.conv_norm_out, f))
         return x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)  # (B, 4, F, h, w)
 
     def _mid_up(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext, skips: list[torch.Tensor],

@@ -1,0 +1,97 @@
+"""Frame-spanning GroupNorm + SiLU (kernels/group_norm.py): the reference against an independent 5-D
+GroupNorm, the Triton kernels against the reference on CPU through Triton's interpreter (subprocess with
+TRITON_INTERPRET=1) and on a GPU (marked `gpu`, the UNet's real shapes), and the dispatch rules."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megactor_rt.kernels import group_norm as GN
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+@pytest.mark.parametrize("silu", [True, False])
+def test_reference_matches_5d_group_norm(frames: int, silu: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, c, h, groups = 2, 16, 6, 4
+    x = torch.randn(b * frames, c, h, h, generator=g)
+    w, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    x5 = x.view(b, frames, c, h, h).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W), upstream's layout
+    want = F.group_norm(x5, groups, w, bias, 1e-6).permute(0, 2, 1, 3, 4).reshape_as(x)
+    want = F.silu(want) if silu else want
+    got = GN.group_norm_silu_ref(x, w, bias, groups, frames, 1e-6, silu)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+CASES = [  # (B, F, C, H, groups, affine, silu): multi-chunk spans, frames=1, no affine, odd sizes
+    (1, 16, 64, 8, 32, True, True), (2, 4, 32, 8, 8, True, False), (1, 1, 64, 16, 32, False, True),
+    (2, 3, 40, 5, 4, True, True), (1, 2, 16, 70, 4, True, True)]
+
+
+def test_kernels_in_triton_interpreter() -> None:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
+    script = textwrap.dedent(f"""
+        import torch
+        from megactor_rt.kernels import group_norm as GN
+        g = torch.Generator().manual_seed(1)
+        for b, f, c, h, groups, affine, silu in {CASES!r}:
+            for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
+                x = (torch.randn(b * f, c, h, h, generator=g) * 3 + 5).to(dtype)  # offset mean: the variance must not cancel
+                w = torch.randn(c, generator=g).to(dtype) if affine else None
+                bias = torch.randn(c, generator=g).to(dtype) if affine else None
+                out = GN.group_norm_silu_triton(x, w, bias, groups, f, 1e-6, silu)
+                ref = GN.group_norm_silu_ref(x.float(), None if w is None else w.float(),
+                                             None if bias is None else bias.float(), groups, f, 1e-6, silu)
+                assert out.shape == x.shape and out.dtype == dtype
+                err = (out.float() - ref).abs().max().item()
+                assert err < tol * max(1.0, ref.abs().max().item()), (b, f, c, h, groups, dtype, err)
+        print("ok")
+        """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_dispatch_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    norm = nn.GroupNorm(4, 16, eps=1e-6)
+    x = torch.randn(8, 16, 4, 4)
+    assert not GN.group_norm_silu_usable(x)  # CPU: PyTorch
+    torch.testing.assert_close(GN.group_norm_silu(x, norm, 4),
+                               GN.group_norm_silu_ref(x, norm.weight, norm.bias, 4, 4, 1e-6))
+    monkeypatch.setenv("MEGACTOR_TRITON_GROUP_NORM", "0")
+    assert not GN.group_norm_silu_usable(x)
+    if importlib.util.find_spec("triton") is not None:
+        with pytest.raises(ValueError, match="multiple of frames"):
+            GN.group_norm_silu_triton(x, None, None, 4, 3, 1e-6)
+        with pytest.raises(ValueError, match="contiguous"):
+            GN.group_norm_silu_triton(x.transpose(2, 3), None, None, 4, 4, 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 16, 320, 64), (1, 16, 640, 32), (2, 16, 1280, 8), (1, 1, 320, 64),
+                                   (2, 16, 2560, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernels_on_gpu(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    b, f, c, h = shape
+    g = torch.Generator().manual_seed(2)
+    norm = nn.GroupNorm(32, c, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    norm = norm.to("cuda", dtype)
+    x = (torch.randn(b * f, c, h, h, generator=g) * 2 + 1).to("cuda", dtype)
+    assert GN.group_norm_silu_usable(x)
+    out = GN.group_norm_silu(x, norm, f)
+    ref = GN.group_norm_silu_ref(x.float(), norm.weight.float(), norm.bias.float(), 32, f, 1e-5)
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    assert (out.float() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
