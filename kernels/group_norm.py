@@ -9,7 +9,7 @@ apply kernel that merges the chunk statistics (Chan's formula, float32), normali
 parameters and the SiLU, and writes once.
 
 * ``group_norm_silu(x, norm, frames, silu=True)`` - dispatch: the kernels on CUDA in eager mode with Triton
-  importable; inside ``torch.compile`` (Inductor fuses these ops itself), while exporting, on CPU or with
+  importable and a once-per-device self-check passed; inside ``torch.compile`` (Inductor fuses these ops itself), while exporting, on CPU or with
   ``MEGACTOR_TRITON_GROUP_NORM=0``, ``group_norm_silu_ref``.
 * ``group_norm_silu_ref(...)`` - PyTorch; the definition and the fallback.
 * ``group_norm_silu_triton(...)`` - always the kernels (tests; CPU tensors under ``TRITON_INTERPRET=1``).
@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["group_norm_silu", "group_norm_silu_ref", "group_norm_silu_triton", "group_norm_silu_usable"]
 
@@ -51,7 +54,27 @@ def group_norm_silu_usable(x: torch.Tensor) -> bool:
     if os.environ.get("MEGACTOR_TRITON_GROUP_NORM", "1") == "0" or torch.onnx.is_in_onnx_export() \
             or torch.jit.is_tracing():
         return False
-    return x.dim() == 4 and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return x.dim() == 4 and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        and _self_check(x.device)
+
+
+@functools.cache
+def _self_check(device: torch.device) -> bool:
+    """Once per process and device: the kernels against the reference on a small input. A failure (a Triton
+    version that cannot compile them, a wrong result) is logged and the reference is used from then on."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 32, 9, 9, generator=g) * 2 + 1).to(device)
+    w, b = torch.randn(32, generator=g).to(device), torch.randn(32, generator=g).to(device)
+    try:
+        out = group_norm_silu_triton(x, w, b, 8, 3, 1e-5)
+        err = (out - group_norm_silu_ref(x, w, b, 8, 3, 1e-5)).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels
+        logger.warning("Triton GroupNorm kernels unusable on %s (%s); using PyTorch", device, exc)
+        return False
+    if not err < 1e-4:
+        logger.warning("Triton GroupNorm kernels off on %s: self-check error %.3g; using PyTorch", device, err)
+        return False
+    return True
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, frames: int, silu: bool = True) -> torch.Tensor:

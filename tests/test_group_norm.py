@@ -95,3 +95,26 @@ def test_kernels_on_gpu(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     ref = GN.group_norm_silu_ref(x.float(), norm.weight.float(), norm.bias.float(), 32, f, 1e-5)
     tol = 2e-5 if dtype == torch.float32 else 4e-3
     assert (out.float() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+
+
+def test_self_check_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A Triton that cannot build the kernels, or kernels that compute wrong values, mean PyTorch from then on."""
+    cpu = torch.device("cpu")
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("no kernel for you")
+
+    def wrong(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    for fake, message in ((broken, "unusable"), (wrong, "self-check error")):
+        GN._self_check.cache_clear()
+        monkeypatch.setattr(GN, "group_norm_silu_triton", fake)
+        with caplog.at_level("WARNING", logger=GN.__name__):
+            assert GN._self_check(cpu) is False
+        assert message in caplog.text
+    monkeypatch.setattr(GN, "group_norm_silu_triton", lambda x, w, b, g, f, eps, silu=True:
+                        GN.group_norm_silu_ref(x, w, b, g, f, eps, silu))
+    GN._self_check.cache_clear()
+    assert GN._self_check(cpu) is True
+    GN._self_check.cache_clear()
