@@ -9,8 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/gpu}
 BUDGET_S=${BUDGET_S:-560}  # the whole script; the end-to-end suite gets what the earlier steps leave
-E2E_ARGS=${E2E_ARGS:-}  # e.g. --dry-run (checks this script on any machine in a minute), --modes ...
+E2E_ARGS=${E2E_ARGS:-}  # e.g. --modes ...; a check of this script on a CPU machine (~8 min):
+#   E2E_ARGS=--dry-run PROFILE_ARGS="--tiny --quick" STEP_PROFILE_ARGS=--tiny bash bench/gpu_all.sh
 PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled}  # bench/profile_unet.py options (--quick: timings only)
+STEP_PROFILE_ARGS=${STEP_PROFILE_ARGS:---mode optimized}  # bench/profile_steps.py options (--tiny: CPU check)
 SKIP_KERNEL_CHECKS=${SKIP_KERNEL_CHECKS:-0}  # 1: skip the kernel GPU tests and kernel benchmark
 LOG=gpu_all.log
 . bench/gpu_common.sh
@@ -61,7 +63,7 @@ fi
 
 step "device-busy vs wall time per denoising step (the slow first step) ($(left) s left)"
 if [ "$(left)" -gt 55 ]; then
-  timeout $(( $(left) - 5 )) python3 bench/profile_steps.py --out "$OUT/e2e" --mode optimized || echo "step profile failed or timed out"
+  timeout $(( $(left) - 5 )) python3 bench/profile_steps.py --out "$OUT/e2e" $STEP_PROFILE_ARGS || echo "step profile failed or timed out"
 else
   echo "skipped: too little time left"
 fi
