@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 MAX_LEN = 64  # longest sequence the kernel takes (all keys of a sequence sit in registers)
 MAX_HEAD_DIM = 256
