@@ -31,7 +31,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import megactor_rt.runtime.animator as animator_module
 from megactor_rt import benchmark as B
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.config import AnimateConfig, Mode
 
 STEP = "megactor denoise step "
 
@@ -66,20 +65,16 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     sc = B.SUITES["gpu-full"][0]
     sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))
-    base, *variants = args.mode.split("+")
+    cfg, sub_options = B.mode_settings(sc, args.mode)
     sub, ledger = B._submodels(sc, dev)
-    for name in variants:
-        for k, v in B.VARIANTS[name].get("submodels", {}).items():
-            setattr(sub, k, v)
-    cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
-                        mode=Mode(base), max_frames=sc.frames,
-                        **{k: v for n in variants for k, v in B.VARIANTS[n].get("config", {}).items()})
+    for k, v in sub_options.items():
+        setattr(sub, k, v)
     animator_module.denoise = _with_step_ranges(animator_module.denoise)
     with tempfile.TemporaryDirectory(prefix="megactor-steps-") as work:
         driver = B.driver_of_length(sc.frames, Path(work))
         anim = animator_module.Animator(sub, cfg)
         inputs = anim.portrait_inputs(ASSETS_DIR / "portrait.png")
-        B._consume(anim, inputs, driver, replace(cfg, steps=1, max_frames=min(sc.frames, sc.window)), Path(work))
+        B._consume(anim, inputs, driver, B.warmup_config(sc, cfg), Path(work))
         anim.cache = type(anim.cache)()
         known = set(ledger.table)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

@@ -236,14 +236,7 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
     driver = driver_of_length(sc.frames, work_dir)
     portrait = ASSETS_DIR / "portrait.png"
     for mode in sc.modes:  # with a variant: its settings for this mode only
-        base, *variants = mode.split("+")
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"scenario '{sc.name}': unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
-        options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
-        sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
-        cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
-                            mode=Mode(base), max_frames=sc.frames, **options)
+        cfg, sub_options = mode_settings(sc, mode)
         saved = {k: getattr(sub, k) for k in sub_options}
         try:
             for k, v in sub_options.items():
@@ -261,15 +254,33 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                 setattr(sub, k, v)
 
 
+def mode_settings(sc: Scenario, mode: str) -> tuple[AnimateConfig, dict[str, Any]]:
+    """The run config of ``mode`` ("base" or "base+variant+...") in ``sc``, and the TorchSubmodels attributes
+    its variants set."""
+    base, *variants = mode.split("+")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"scenario '{sc.name}': unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
+    sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
+    cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
+                        mode=Mode(base), max_frames=sc.frames, **options)
+    return cfg, sub_options
+
+
+def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
+    """The untimed warm-up run before a mode's timed runs: one step over one window of frames."""
+    return replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
+
+
 def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,
               portrait: Path, driver: Path, work_dir: Path) -> Iterator[Result]:
     from megactor_rt.runtime.animator import Animator
 
     anim = Animator(sub, cfg)
     inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
-    warm = replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
     t0 = time.perf_counter()
-    _consume(anim, inputs, driver, warm, work_dir)  # warm-up: allocator, kernels, FLOP signatures, compilation
+    _consume(anim, inputs, driver, warmup_config(sc, cfg), work_dir)  # warm-up: allocator, kernels, FLOP signatures, compilation
     warmup_s = time.perf_counter() - t0
     for _ in range(sc.repeats):
         anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too

@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
     a.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
-                        "mode such as reduce-overhead (the first window compiles: up to about a minute on a GPU, "
-                        "minutes on CPU; then 1.4x faster denoising on an H200, docs/performance.md)")
+                        "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh GPU "
+                        "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
+                        "on an H200, docs/performance.md)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 
