@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
-    a.add_argument("--portrait", required=True, type=Path)
+    a.add_argument("--portrait", required=True, type=Path, help="portrait image, or a video (its first frame)")
     a.add_argument("--driver", required=True, type=Path)
     a.add_argument("-o", "--output", required=True, type=Path)
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_animate)
 
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
-    d.add_argument("--portrait", type=Path, default=None, help="your portrait (default: the bundled one)")
+    d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
     d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"))
     d.add_argument("--device", default=None)

@@ -89,6 +89,31 @@ def read_image(path: PathLike) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).copy()  # (H, W, 3)
 
 
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
+
+
+def read_portrait(path: PathLike) -> np.ndarray:
+    """The portrait as RGB: a still image (:func:`read_image`), or the first frame of a video, as upstream's
+    ``eval.py`` takes it (files ending in .mp4, .mov, .m4v, .mkv, .webm, .avi; an animated GIF gives its
+    first frame through Pillow either way).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        InputError: missing/unreadable file, no decodable frame, or a side outside 64..8192 px.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        return read_image(path)
+    _require_file(path, "video")
+    frame = next(iter_video_frames(path, 1), None)
+    if frame is None:  # iter_video_frames raises on a file without frames; this is only a safety net
+        raise InputError(f"{path}: no decodable video frame for the portrait")
+    _check_image_size(path, (frame.shape[1], frame.shape[0]))
+    return frame
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """``convert("RGB")``, except that 16/32-bit greyscale is scaled to 8 bit instead of clipped to white."""
     if im.mode == "I" or im.mode.startswith("I;16"):

@@ -20,7 +20,7 @@ from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, landmarks_model_path
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import latents_to_uint8
-from megactor_rt.media import VideoWriter, check_output_path, read_image
+from megactor_rt.media import VideoWriter, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, context_windows
 from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
 from megactor_rt.progress import progress
@@ -120,7 +120,7 @@ class Animator:
                         mask: str | Path | None = None) -> PortraitInputs:
         """Crop the portrait around its face, derive the background mask and the CLIP background image."""
         name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
-        img = read_image(portrait) if isinstance(portrait, (str, Path)) else np.asarray(portrait)
+        img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else np.asarray(portrait)
         size = self.image_size
         crop, face = portrait_crop(img, face_crop=face_crop, size=size, source_name=name)
         image = crop_resize(img, crop, size).to(torch.uint8)  # (3, S, S), truncated like upstream

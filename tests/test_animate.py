@@ -293,3 +293,10 @@ def test_every_denoising_step_is_timed(anim: Animator, optimized_run: Run) -> No
     assert len(stats.step_seconds) == anim.config.steps
     assert all(s > 0 for s in stats.step_seconds)
     assert sum(stats.step_seconds) <= stats.stage_seconds["denoise"]
+
+
+def test_video_portrait_uses_its_first_frame(anim: Animator, media: dict[str, Path]) -> None:
+    from megactor_rt.media import iter_video_frames
+
+    first = next(iter_video_frames(media["short"], 1))
+    assert anim.portrait_inputs(media["short"]).digest() == anim.portrait_inputs(first).digest()

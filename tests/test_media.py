@@ -21,6 +21,7 @@ from megactor_rt.media import (
     iter_video_frames,
     probe_video,
     read_image,
+    read_portrait,
 )
 
 PORTRAIT = ASSETS_DIR / "portrait.png"
@@ -405,3 +406,25 @@ def test_bad_audio_source_fails_before_work(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="bogus_audio.mp4"):
         VideoWriter(tmp_path / "out.mp4", Fraction(25), 64, 64, audio_source=bogus)
     assert [p.name for p in tmp_path.iterdir()] == ["bogus_audio.mp4"]
+
+
+def test_portrait_from_a_video_is_its_first_frame(tmp_path: Path) -> None:
+    from media_fixtures import write_face_driver
+
+    clip = write_face_driver(tmp_path / "source.MP4", n=3, size=96)  # suffix case does not matter
+    first = next(iter_video_frames(clip, 1))
+    np.testing.assert_array_equal(read_portrait(clip), first)
+    np.testing.assert_array_equal(read_portrait(PORTRAIT), read_image(PORTRAIT))  # stills unchanged
+
+
+@pytest.mark.parametrize("case", ["zero-frame", "missing", "no-video-stream"])
+def test_bad_video_portrait_names_the_file(tmp_path: Path, case: str) -> None:
+    path = tmp_path / f"{case}.mp4"
+    if case == "zero-frame":
+        _zero_frame_clip(path)
+    elif case == "no-video-stream":
+        _audio_only(path)
+    with pytest.raises(InputError, match=f"{case}.mp4: ") as info:
+        read_portrait(path)
+    assert {"zero-frame": "no decodable video frame", "missing": "video file does not exist",
+            "no-video-stream": "no video stream"}[case] in str(info.value)
