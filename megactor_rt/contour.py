@@ -36,7 +36,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,27 +252,42 @@ class ContourPlan:
         return contour_frame(frame, self.rects, self.matrix)
 
 
-def plan_contour(driver_landmarks: Sequence[np.ndarray | None], portrait_landmarks: np.ndarray, size: int,
+def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmarks: np.ndarray, size: int,
                  source_name: str = "driver") -> ContourPlan:
     """Rectangles and affine of a clip from its per-frame landmarks (None: no face in that frame).
 
-    Frames without landmarks reuse the previous frame's (the first found, before it), as upstream's
-    DWPose would always return some face; the affine uses the last frame's (upstream quirk).
+    Consumes ``driver_landmarks`` as a stream (memory does not grow with the clip's length). Frames without
+    landmarks reuse the previous frame's (the first found, before it), as upstream's DWPose would always
+    return some face; that never changes a union. The affine uses the last frame's landmarks (upstream quirk).
 
     Raises:
         InputError: no frame has landmarks.
     """
-    found = [lm for lm in driver_landmarks if lm is not None]
-    if not found:
-        raise InputError(f"contour mode: no face landmarks found in any of the {len(driver_landmarks)} cropped "
-                         f"frames of driving video {source_name}")
-    missing = len(driver_landmarks) - len(found)
+    last: np.ndarray | None = None
+    total = missing = 0
+
+    def found() -> Iterator[np.ndarray]:
+        nonlocal last, total, missing
+        for lm in driver_landmarks:
+            total += 1
+            if lm is None:
+                missing += 1
+                continue
+            last = lm
+            yield lm
+
+    try:
+        rects = contour_rects(found(), size)
+    except ValueError as exc:
+        if last is not None:
+            raise
+        raise InputError(f"contour mode: no face landmarks found in any of the {total} cropped frames of "
+                         f"driving video {source_name}") from exc
     if missing:
         logger.warning("contour mode: %d of %d frames of %s have no face; they reuse a neighbour's landmarks",
-                       missing, len(driver_landmarks), source_name)
-    # reusing a neighbour's landmarks never changes a union, so the union over the found ones is the same
-    rects = contour_rects(found, size)
-    return ContourPlan(tuple(rects), contour_affine(found[-1], portrait_landmarks))
+                       missing, total, source_name)
+    assert last is not None  # contour_rects saw at least one frame
+    return ContourPlan(tuple(rects), contour_affine(last, portrait_landmarks))
 
 
 def _check_landmarks(lm: np.ndarray) -> None:

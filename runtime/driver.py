@@ -100,7 +100,7 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
         return landmarker(_cropped_uint8(frame, plan.crop, size))
 
     found = ordered_map(landmarks, iter_video_frames(plan.path, plan.num_frames))
-    per_frame = list(progress(found, total=plan.num_frames, desc="driver: face landmarks", unit="frame"))
+    per_frame = progress(found, total=plan.num_frames, desc="driver: face landmarks", unit="frame")
     contour = plan_contour(per_frame, portrait_landmarks, size, plan.path.name)
     logger.info("driver %s: contour rectangles %s", plan.path.name, contour.rects)
     return contour
@@ -124,19 +124,21 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
         return
     pending: list[np.ndarray] = []
     last: Box | None = None
+    frames = iter_video_frames(plan.path, plan.num_frames)
+    if not plan.face_crop:  # whole crops: no detection, nothing for the thread pool to do
+        for frame in frames:
+            yield _model_input(frame, plan.crop, None, size, device)
+        return
 
     def detect(frame: np.ndarray) -> tuple[np.ndarray, Box | None]:
-        if not plan.face_crop:
-            return frame, None
         return frame, first_face(_cropped_uint8(frame, plan.crop, size))
 
-    for frame, box in ordered_map(detect, iter_video_frames(plan.path, plan.num_frames)):
-        if plan.face_crop:
-            last = box or last
-        if plan.face_crop and last is None:
+    for frame, box in ordered_map(detect, frames):
+        last = box or last
+        if last is None:
             pending.append(frame)
             continue
-        keep = face_keep_rect(last, size) if plan.face_crop else None
+        keep = face_keep_rect(last, size)
         for f in [*pending, frame]:
             yield _model_input(f, plan.crop, keep, size, device)
         pending.clear()
