@@ -52,6 +52,7 @@ class Scenario:
     precision: str = "fp32"
     repeats: int = 1
     note: str = ""
+    cfg_steps: int | None = None  # CFG truncation (AnimateConfig.cfg_steps)
 
 
 # variants of a mode, e.g. "optimized+serial-decode": same math, one run setting ("config", AnimateConfig
@@ -65,7 +66,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 SUITES: dict[str, list[Scenario]] = {
     "cpu-tiny": [Scenario("tiny 128px, 12 frames, w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2)],
     "cpu-smoke": [Scenario("tiny 128px, 4 frames, w4/o2, 1 step", "tiny", 128, 4, 4, 2, 1)],
-    "cpu-full-256": [Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2)],
+    "cpu-full-256": [
+        Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2),
+        Scenario("faster: CFG in the first of 2 steps", "full", 256, 8, 4, 2, 2, modes=("optimized",),
+                 cfg_steps=1, note="changes the math: CFG truncation"),
+    ],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
                  modes=("reference", "optimized", "optimized+compile", "optimized+compile-graphs"),
@@ -74,6 +79,9 @@ SUITES: dict[str, list[Scenario]] = {
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, no overlap"),
+        # eager only: a compiled conditional-only UNet would be a second graph to compile in the GPU time slice
+        Scenario("faster: 10 steps, w16/o4, CFG in the first 5", "full", 512, 48, 16, 4, 10, modes=("optimized",),
+                 precision="fp16", cfg_steps=5, note="changes the math: fewer steps, less overlap, CFG truncation"),
     ],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
                            modes=("optimized",), note="memory flatness over a long driver")
@@ -264,13 +272,16 @@ def mode_settings(sc: Scenario, mode: str) -> tuple[AnimateConfig, dict[str, Any
     options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
     cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
-                        mode=Mode(base), max_frames=sc.frames, **options)
+                        mode=Mode(base), max_frames=sc.frames, cfg_steps=sc.cfg_steps, **options)
     return cfg, sub_options
 
 
 def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
-    """The untimed warm-up run before a mode's timed runs: one step over one window of frames."""
-    return replace(cfg, steps=1, max_frames=min(sc.frames, sc.window))
+    """The untimed warm-up run before a mode's timed runs: one step over one window of frames (two steps, the
+    first with CFG, when the run truncates CFG: both kinds of UNet call get warmed up)."""
+    truncated = cfg.cfg and cfg.cfg_steps is not None and 0 < cfg.cfg_steps < cfg.steps
+    return replace(cfg, steps=2 if truncated else 1, cfg_steps=1 if truncated else cfg.cfg_steps,
+                   max_frames=min(sc.frames, sc.window))
 
 
 def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,
@@ -327,6 +338,7 @@ def shrink(sc: Scenario, device: torch.device) -> Scenario:
     window = min(sc.window, 4)
     return replace(sc, name=f"{sc.name} [dry run]", model="tiny", image_size=128, frames=frames, window=window,
                    overlap=min(sc.overlap, window - 1), steps=min(sc.steps, 2), repeats=1,
+                   cfg_steps=None if sc.cfg_steps is None else min(sc.cfg_steps, 1),
                    precision=sc.precision if device.type == "cuda" else "fp32")
 
 

@@ -168,8 +168,11 @@ class Animator:
         t = mcfg.scheduler.num_train_timesteps - 1
         bank = self.sub.reference_bank(mean, t, tokens)
         lat = torch.zeros(1, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
-        eps = self.sub.unet(lat, t, tokens, pose.permute(1, 0, 2, 3)[None], bank,
-                            **({"n_uncond": 1, "shared_down": True} if cfg.cfg else {}))
+        pose = pose.permute(1, 0, 2, 3)[None]
+        if cfg.cfg and cfg.cfg_steps != 0:  # the CFG pair
+            eps = self.sub.unet(lat, t, tokens, pose, bank, n_uncond=1, shared_down=True)
+        if not cfg.cfg or (cfg.cfg_steps is not None and cfg.cfg_steps < cfg.steps):  # conditional only
+            eps = self.sub.unet(lat, t, tokens, pose, bank)
         latents_to_uint8(self.sub.vae_decode(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3)))
         if self.sub.device.type == "cuda":
             torch.cuda.synchronize(self.sub.device)
@@ -242,7 +245,7 @@ class Animator:
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
         with timer.stage("denoise"):
             return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance,
-                           on_step=timer.step_clock())
+                           on_step=timer.step_clock(), cfg_steps=cfg.cfg_steps)
 
     def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool) -> Iterator[np.ndarray]:
         """VAE-decode ``DECODE_BATCH`` frames per call; the stage time is device time (CUDA events) on GPU."""

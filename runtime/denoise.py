@@ -21,12 +21,14 @@ from megactor_rt.progress import progress
 
 
 class EpsModel(Protocol):
-    """Predicts the noise of one window; ``begin_step`` lets it prepare per-timestep state (the bank)."""
+    """Predicts the noise of one window; ``begin_step`` lets it prepare per-timestep state (the bank) and says
+    whether this step evaluates both CFG halves (``cfg``) or the conditional half only."""
 
-    def begin_step(self, step: DDIMStep) -> None: ...
+    def begin_step(self, step: DDIMStep, cfg: bool) -> None: ...
 
     def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
-        """``latents (1, 4, F, h, w)`` of the window's frames -> eps ``(2 or 1, 4, F, h, w)`` ([uncond, cond]).
+        """``latents (1, 4, F, h, w)`` of the window's frames -> eps ``(2, 4, F, h, w)`` ([uncond, cond]) in a CFG
+        step, ``(1, 4, F, h, w)`` (cond) otherwise.
         ``frames``: the window's frame indices, a 1-D int64 tensor on the latents' device (made once per run by
         ``denoise``, so no predictor copies indices to the device while device work is queued)."""
         ...
@@ -37,7 +39,7 @@ StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
 
 def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], windows: Sequence[Sequence[int]],
             guidance: float, callback: StepCallback | None = None,
-            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+            on_step: Callable[[int], None] | None = None, cfg_steps: int | None = None) -> torch.Tensor:
     """Run the whole DDIM schedule over all frames.
 
     Args:
@@ -48,13 +50,14 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         guidance: CFG scale; 1.0 means conditional only.
         callback: called after each step with (index, step, guided eps, new latents).
         on_step: called with i before step i and with ``len(plan)`` after the last (e.g. to time steps).
+        cfg_steps: CFG truncation (changes the math; None = upstream, CFG in every step): guidance only in the
+            first ``cfg_steps`` steps, the conditional half alone after them.
 
     Returns:
         Final latents ``(1, 4, N, h, w)``.
     """
     cfg = guidance != 1.0
     n = latents.shape[2]
-    halves = 2 if cfg else 1
     counts = torch.zeros(n, dtype=torch.float32)
     for w in windows:
         counts[list(w)] += 1
@@ -66,7 +69,9 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     for i, step in enumerate(plan):
         if on_step is not None:
             on_step(i)
-        model.begin_step(step)
+        step_cfg = cfg and (cfg_steps is None or i < cfg_steps)
+        halves = 2 if step_cfg else 1
+        model.begin_step(step, step_cfg)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
         for idx in indices:
             eps = model.predict(latents[:, :, idx], idx, step)  # (halves, 4, F, h, w)

@@ -20,7 +20,7 @@ from megactor_rt.runtime.submodels import Submodels
 class _Base:
     def __init__(self, sub: Submodels, state: PortraitState, guidance: float, reference_timestep: int | None):
         self.sub, self.state = sub, state
-        self.cfg = guidance != 1.0
+        self.cfg = guidance != 1.0  # this step evaluates both CFG halves (begin_step may turn it off)
         self.reference_timestep = reference_timestep
         self.bank: list[torch.Tensor] | None = None
 
@@ -40,7 +40,8 @@ class OptimizedPredictor(_Base):
         super().__init__(sub, state, guidance, reference_timestep)
         self.pose = pose_features
 
-    def begin_step(self, step: DDIMStep) -> None:
+    def begin_step(self, step: DDIMStep, cfg: bool) -> None:
+        self.cfg = cfg
         self.bank = self.state.bank(self.ref_t(step), self.sub)
 
     def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
@@ -59,12 +60,16 @@ class ReferencePredictor(_Base):
         networks' device and dtype once here (upstream keeps them on the GPU too), not per window."""
         super().__init__(sub, state, guidance, reference_timestep)
         self.driving = sub._in(driving)
-        self.batch = 2 if self.cfg else 1
+
+    @property
+    def batch(self) -> int:
+        return 2 if self.cfg else 1
 
     def _dup(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat(self.batch, *([1] * (x.dim() - 1)))
 
-    def begin_step(self, step: DDIMStep) -> None:
+    def begin_step(self, step: DDIMStep, cfg: bool) -> None:
+        self.cfg = cfg
         s = self.state
         self.bank = self.sub.reference_bank(self._dup(s.ref_latent), self.ref_t(step), self._dup(s.tokens))
 

@@ -288,6 +288,29 @@ def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> No
     assert seconds > 0 and len(anim.cache) == cached
 
 
+def test_warmup_covers_both_unet_calls_of_truncated_cfg(anim: Animator) -> None:
+    """With CFG truncation a run makes CFG-pair and conditional-only UNet calls (two compiled graphs)."""
+    seen: list[int] = []
+    unet = anim.sub.unet
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(int(kwargs.get("n_uncond", 0)))  # type: ignore[call-overload]
+        return unet(*args, **kwargs)  # type: ignore[arg-type]
+
+    anim.sub.unet = spy  # type: ignore[method-assign]
+    try:
+        anim.warmup(replace(CFG, cfg_steps=1))
+        assert seen == [1, 0]
+        seen.clear()
+        anim.warmup(replace(CFG, cfg_steps=CFG.steps))  # CFG in every step: the pair only
+        assert seen == [1]
+        seen.clear()
+        anim.warmup(replace(CFG, cfg_steps=0))  # no CFG step: conditional only
+        assert seen == [0]
+    finally:
+        del anim.sub.unet
+
+
 def test_every_denoising_step_is_timed(anim: Animator, optimized_run: Run) -> None:
     stats = optimized_run.stats
     assert len(stats.step_seconds) == anim.config.steps

@@ -274,6 +274,30 @@ def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
     assert cli.build_parser().parse_args(base).compile is False
 
 
+def test_cfg_steps_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from megactor_rt.runtime.pipeline import RunStats
+
+    seen: dict[str, object] = {}
+
+    def fake(self: Animator, portrait: Path, driver: Path, output: Path, **kw: object) -> RunStats:
+        seen.update(kw, config=self.config)
+        return RunStats()
+
+    monkeypatch.setattr(Animator, "animate_to_file", fake)
+    monkeypatch.setattr(cli, "_report", lambda stats, out: None)
+    model = tmp_path / "lm.dat"
+    code, _, err = run(capsys, "demo", "--cfg-steps", 5, "--contour-preserve", "--landmarks-model", model,
+                       "-o", tmp_path / "o.mp4")
+    assert code == 0, err
+    assert seen["config"].cfg_steps == 5  # type: ignore[attr-defined]
+    assert seen["contour"] is True and seen["landmarks_model"] == model
+    code, _, _ = run(capsys, "demo", "--contour-reserve", "-o", tmp_path / "o.mp4")  # upstream's spelling
+    assert code == 0 and seen["contour"] is True and seen["config"].cfg_steps is None  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="cfg_steps must be >= 0"):
+        AnimateConfig(cfg_steps=-1)
+
+
 @pytest.mark.parametrize("argv, problem", [(["--suite", "nope"], "unknown benchmark suite 'nope'"),
                                            (["--suite", "gpu-full", "--modes", "fast"], "has no mode(s) fast")])
 def test_bench_rejects_unknown_suite_or_mode(argv: list[str], problem: str, tmp_path: Path,

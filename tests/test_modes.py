@@ -31,7 +31,7 @@ def setup():
     return sub, state, frames
 
 
-def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None):
+def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None, cfg_steps=None, callback=None):
     idx = [i % frames.shape[0] for i in range(n)]
     fr = frames[idx]
     if mode == "optimized":
@@ -41,7 +41,8 @@ def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=
         model = ReferencePredictor(sub, state, fr.permute(1, 0, 2, 3)[None], guidance, ref_t)
     h = state.cond.shape[-1]
     noise = torch.randn(1, 4, n, h, h, generator=torch.Generator().manual_seed(n))
-    return denoise(noise, model, DDIM().plan(steps), context_windows(n, window, overlap), guidance)
+    return denoise(noise, model, DDIM().plan(steps), context_windows(n, window, overlap), guidance,
+                   callback=callback, cfg_steps=cfg_steps)
 
 
 @pytest.mark.parametrize("n,window,overlap,guidance", [
@@ -98,3 +99,58 @@ def test_uncond_half_ignores_bank(setup):
     b = sub.unet(lat, 501, state.tokens, pose, [x * 1.5 for x in bank], n_uncond=1, shared_down=True)
     assert torch.equal(a[0], b[0])
     assert (a[1] - b[1]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- CFG truncation
+# (a speed knob that changes the math; these tests pin down which math)
+
+
+@pytest.mark.parametrize("mode", ["optimized", "reference"])
+def test_cfg_in_every_step_is_the_default(setup, mode):
+    sub, state, frames = setup
+    full = _run(sub, state, frames, 7, 4, 2, 4.5, mode)
+    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, cfg_steps=2), full)
+    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, cfg_steps=9), full)
+
+
+@pytest.mark.parametrize("mode", ["optimized", "reference"])
+def test_cfg_steps_zero_is_conditional_only(setup, mode):
+    sub, state, frames = setup
+    cond_only = _run(sub, state, frames, 7, 4, 2, 1.0, mode)
+    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, cfg_steps=0), cond_only)
+
+
+def test_truncated_cfg_guides_the_first_steps_only(setup):
+    sub, state, frames = setup
+    seen = {}
+
+    def keep(tag):
+        return lambda i, step, eps, lat: seen.setdefault(tag, []).append(lat.clone())
+
+    calls = []
+    unet = sub.unet
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("n_uncond", 0))
+        return unet(*args, **kwargs)
+
+    _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, callback=keep("cfg"))
+    _run(sub, state, frames, 7, 4, 2, 1.0, "optimized", steps=3, callback=keep("cond"))
+    sub.unet = spy
+    try:
+        out = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, cfg_steps=1, callback=keep("cut"))
+    finally:
+        del sub.unet
+    assert calls == [1] * 4 + [0] * 8  # 4 windows per step: a CFG pair in step 0, conditional only after
+    assert torch.equal(seen["cut"][0], seen["cfg"][0])  # step 0 guided as usual
+    assert not torch.equal(seen["cut"][1], seen["cfg"][1])  # step 1 not guided ...
+    assert not torch.equal(seen["cut"][1], seen["cond"][1])  # ... but starts from the guided step 0
+    assert torch.equal(out, seen["cut"][-1])
+
+
+def test_truncated_cfg_optimized_equals_reference(setup):
+    sub, state, frames = setup
+    ref = _run(sub, state, frames, 7, 4, 2, 4.5, "reference", steps=3, cfg_steps=2)
+    opt = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, cfg_steps=2)
+    err = (opt - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), f"optimized vs reference: {err:.3g}"
