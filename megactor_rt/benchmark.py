@@ -61,13 +61,27 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "serial-decode": {"config": {"decode_streams": False}},  # CUDA side stream for VAE decode off
     "compile": {"submodels": {"compile": True}},  # temporal UNet through torch.compile (Inductor)
     "compile-graphs": {"submodels": {"compile": "reduce-overhead"}},  # ... and CUDA graphs
+    # changes the output: TAESD's tiny decoder (random weights written by the bench) instead of the VAE's
+    "tiny-decoder": {"config": {"tiny_decoder": "random"}},
 }
+
+
+def random_tiny_decoder(work_dir: Path) -> Path:
+    """A random-weight TAESD decoder in the Hugging Face layout (seed 0), written once into ``work_dir``."""
+    folder = work_dir / "taesd-random"
+    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+        from diffusers import AutoencoderTiny
+
+        torch.manual_seed(0)
+        AutoencoderTiny().save_pretrained(folder)
+    return folder
 
 SUITES: dict[str, list[Scenario]] = {
     "cpu-tiny": [Scenario("tiny 128px, 12 frames, w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2)],
     "cpu-smoke": [Scenario("tiny 128px, 4 frames, w4/o2, 1 step", "tiny", 128, 4, 4, 2, 1)],
     "cpu-full-256": [
-        Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2),
+        Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2,
+                 modes=("reference", "optimized", "optimized+tiny-decoder")),
         Scenario("faster: CFG in the first of 2 steps", "full", 256, 8, 4, 2, 2, modes=("optimized",),
                  cfg_steps=1, note="changes the math: CFG truncation"),
     ],
@@ -80,7 +94,8 @@ SUITES: dict[str, list[Scenario]] = {
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, no overlap"),
         # eager only: a compiled conditional-only UNet would be a second graph to compile in the GPU time slice
-        Scenario("faster: 10 steps, w16/o4, CFG in the first 5", "full", 512, 48, 16, 4, 10, modes=("optimized",),
+        Scenario("faster: 10 steps, w16/o4, CFG in the first 5", "full", 512, 48, 16, 4, 10,
+                 modes=("optimized", "optimized+tiny-decoder"),
                  precision="fp16", cfg_steps=5, note="changes the math: fewer steps, less overlap, CFG truncation"),
     ],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
@@ -245,6 +260,8 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
     portrait = ASSETS_DIR / "portrait.png"
     for mode in sc.modes:  # with a variant: its settings for this mode only
         cfg, sub_options = mode_settings(sc, mode)
+        if cfg.tiny_decoder == "random":
+            cfg = replace(cfg, tiny_decoder=str(random_tiny_decoder(work_dir)))
         saved = {k: getattr(sub, k) for k in sub_options}
         try:
             for k, v in sub_options.items():

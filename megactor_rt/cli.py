@@ -25,6 +25,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--cfg-steps", type=int, default=None, metavar="K",
                    help="CFG truncation (faster, changes the result): guidance only in the first K steps, the "
                         "conditional half alone afterwards (default: every step, as upstream)")
+    p.add_argument("--tiny-decoder", default=None, metavar="PATH",
+                   help="decode with TAESD's tiny decoder (faster, blurrier; weights: huggingface.co/madebyollin/"
+                        "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
     p.add_argument("--window", type=int, default=16, help="context window in frames (upstream 16)")
     p.add_argument("--overlap", type=int, default=8, help="window overlap in frames (upstream 8)")
     p.add_argument("--seed", type=int, default=42)
@@ -53,7 +56,8 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
 
     return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
                          seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
-                         max_frames=args.max_frames, cfg_steps=args.cfg_steps)
+                         max_frames=args.max_frames, cfg_steps=args.cfg_steps,
+                         tiny_decoder=args.tiny_decoder)
 
 
 def _report(stats, out: Path) -> None:  # noqa: ANN001

@@ -212,6 +212,9 @@ class AnimateConfig:
             ``cfg_steps`` denoising steps (the high-noise ones, where it shapes the result), the conditional half
             alone afterwards, which skips the unconditional up path (about a third of a CFG window call in the
             optimized mode). None (default, upstream): CFG in every step.
+        tiny_decoder: decode the latents with TAESD's tiny decoder from this file or folder instead of the VAE
+            (a speed knob that changes the output: cheaper and blurrier; see
+            :mod:`megactor_rt.models.tiny_decoder`). None (default): the VAE decoder.
     """
 
     steps: int = 25
@@ -224,6 +227,7 @@ class AnimateConfig:
     max_frames: int | None = None
     decode_streams: bool = True
     cfg_steps: int | None = None
+    tiny_decoder: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:

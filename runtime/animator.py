@@ -22,6 +22,7 @@ from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, context_windows
+from megactor_rt.models.tiny_decoder import load_tiny_decoder
 from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
 from megactor_rt.progress import progress
 from megactor_rt.runtime.cache import PortraitCache
@@ -60,6 +61,7 @@ class Animator:
         self.config = config or AnimateConfig()
         self.cache = cache if cache is not None else PortraitCache()
         self.last_stats = RunStats()
+        self._tiny_decoders: dict[str, torch.nn.Module] = {}
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -173,7 +175,12 @@ class Animator:
             eps = self.sub.unet(lat, t, tokens, pose, bank, n_uncond=1, shared_down=True)
         if not cfg.cfg or (cfg.cfg_steps is not None and cfg.cfg_steps < cfg.steps):  # conditional only
             eps = self.sub.unet(lat, t, tokens, pose, bank)
-        latents_to_uint8(self.sub.vae_decode(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3)))
+        z = eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3)
+        if cfg.tiny_decoder is None:
+            latents_to_uint8(self.sub.vae_decode(z))
+        else:
+            with torch.inference_mode():
+                latents_to_uint8(self.tiny_decoder(cfg.tiny_decoder)(z))
         if self.sub.device.type == "cuda":
             torch.cuda.synchronize(self.sub.device)
         return time.perf_counter() - t0
@@ -197,7 +204,8 @@ class Animator:
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
         calls0 = dict(self.sub.calls)
-        landmarker = Landmarker(landmarks_model) if contour else None
+        landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
+        tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = plan_driver(driver, cfg.max_frames, face_crop)
         contour_plan = None
@@ -206,7 +214,7 @@ class Animator:
                 contour_plan = plan_driver_contour(plan, self.image_size, self.portrait_landmarks(state, landmarker),
                                                    landmarker)
         latents = self._denoise(state, plan, cfg, timer, contour_plan)
-        for frame in self._decode(latents, timer, cfg.decode_streams):
+        for frame in self._decode(latents, timer, cfg.decode_streams, tiny):
             timer.frame_out()
             yield frame
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
@@ -247,14 +255,31 @@ class Animator:
             return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance,
                            on_step=timer.step_clock(), cfg_steps=cfg.cfg_steps)
 
-    def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool) -> Iterator[np.ndarray]:
-        """VAE-decode ``DECODE_BATCH`` frames per call; the stage time is device time (CUDA events) on GPU."""
+    def tiny_decoder(self, path: str | Path) -> torch.nn.Module:
+        """The TAESD decoder from ``path`` on the submodels' device and dtype (loaded once per path).
+
+        Raises:
+            WeightsError: missing or wrong weights (see :func:`megactor_rt.models.tiny_decoder.load_tiny_decoder`).
+        """
+        key = str(Path(path).resolve())
+        if key not in self._tiny_decoders:
+            self._tiny_decoders[key] = load_tiny_decoder(path).to(self.sub.device, self.sub.dtype)
+        return self._tiny_decoders[key]
+
+    def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool,
+                tiny: torch.nn.Module | None = None) -> Iterator[np.ndarray]:
+        """VAE-decode ``DECODE_BATCH`` frames per call (or with ``tiny``, the TAESD decoder, which takes the
+        scaled latents as they are); the stage time is device time (CUDA events) on GPU."""
         scale = self.sub.config.vae.scaling_factor
         n = latents.shape[2]
 
         def decode(i: int) -> torch.Tensor:
-            z = latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3) / scale  # (b, 4, h, w)
-            return latents_to_uint8(self.sub.vae_decode(z))  # (b, S, S, 3) uint8
+            z = latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3)  # (b, 4, h, w), scaled
+            if tiny is None:
+                return latents_to_uint8(self.sub.vae_decode(z / scale))  # (b, S, S, 3) uint8
+            self.sub.calls["tiny_decode"] += 1
+            with torch.inference_mode():
+                return latents_to_uint8(tiny(z.to(self.sub.device, self.sub.dtype)))
 
         flight = InFlight(self.sub.device, DECODE_DEPTH, streams=streams)
         try:

@@ -274,7 +274,7 @@ def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
     assert cli.build_parser().parse_args(base).compile is False
 
 
-def test_cfg_steps_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from megactor_rt.runtime.pipeline import RunStats
 
@@ -288,9 +288,10 @@ def test_cfg_steps_and_contour_flags_reach_the_animator(monkeypatch: pytest.Monk
     monkeypatch.setattr(cli, "_report", lambda stats, out: None)
     model = tmp_path / "lm.dat"
     code, _, err = run(capsys, "demo", "--cfg-steps", 5, "--contour-preserve", "--landmarks-model", model,
-                       "-o", tmp_path / "o.mp4")
+                       "--tiny-decoder", tmp_path / "taesd", "-o", tmp_path / "o.mp4")
     assert code == 0, err
     assert seen["config"].cfg_steps == 5  # type: ignore[attr-defined]
+    assert seen["config"].tiny_decoder == str(tmp_path / "taesd")  # type: ignore[attr-defined]
     assert seen["contour"] is True and seen["landmarks_model"] == model
     code, _, _ = run(capsys, "demo", "--contour-reserve", "-o", tmp_path / "o.mp4")  # upstream's spelling
     assert code == 0 and seen["contour"] is True and seen["config"].cfg_steps is None  # type: ignore[attr-defined]

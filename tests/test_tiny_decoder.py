@@ -1,0 +1,114 @@
+"""The TAESD tiny decoder (``--tiny-decoder``): both released weight layouts load and decode exactly like
+diffusers' ``AutoencoderTiny`` with the same weights, bad files are clear errors, and a run uses it instead
+of the VAE decoder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from media_fixtures import PORTRAIT, write_face_driver
+from safetensors.torch import save_file
+
+from megactor_rt.config import AnimateConfig
+from megactor_rt.errors import WeightsError
+from megactor_rt.models.tiny_decoder import load_tiny_decoder
+from megactor_rt.progress import set_progress_enabled
+from megactor_rt.runtime.animator import Animator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def taesd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AutoencoderTiny]:
+    """A random-weight AutoencoderTiny (TAESD's default configuration) saved as the HF repo holds it."""
+    folder = tmp_path_factory.mktemp("taesd")
+    torch.manual_seed(0)
+    ae = AutoencoderTiny().eval()
+    ae.save_pretrained(folder)
+    return folder, ae
+
+
+def _original_layout(ae: AutoencoderTiny) -> dict[str, torch.Tensor]:
+    """madebyollin/taesd's taesd_decoder layout: nn.Sequential keys, index 0 a parameter-free clamp."""
+    out = {}
+    for key, value in ae.decoder.state_dict().items():
+        _, index, rest = key.split(".", 2)  # "layers.<i>.<rest>"
+        out[f"{int(index) + 1}.{rest}"] = value.clone()
+    return out
+
+
+def _decode_reference(ae: AutoencoderTiny, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return ae.decode(z).sample
+
+
+@pytest.mark.parametrize("layout", ["diffusers folder", "original .pth", "original .safetensors"])
+def test_both_layouts_decode_like_diffusers(taesd: tuple[Path, AutoencoderTiny], tmp_path: Path,
+                                            layout: str) -> None:
+    folder, ae = taesd
+    if layout == "diffusers folder":
+        path = folder
+    elif layout == "original .pth":
+        path = tmp_path / "taesd_decoder.pth"
+        torch.save(_original_layout(ae), path)
+    else:
+        path = tmp_path / "taesd_decoder.safetensors"
+        save_file(_original_layout(ae), str(path))
+    model = load_tiny_decoder(path)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(z)
+    assert out.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(out, _decode_reference(ae, z), rtol=0, atol=0)
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match=r"nope\.pth: tiny decoder weights not found .*madebyollin/taesd"):
+        load_tiny_decoder(tmp_path / "nope.pth")
+    with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.safetensors: tiny decoder weights not found"):
+        load_tiny_decoder(tmp_path)  # a folder without the diffusers weights file
+
+
+def test_sixteen_channel_model_is_refused(tmp_path: Path) -> None:
+    AutoencoderTiny(latent_channels=16).save_pretrained(tmp_path)  # taesd3 / taef1 shape
+    with pytest.raises(WeightsError, match="shapes do not match TAESD for SD 1.x latents"):
+        load_tiny_decoder(tmp_path)
+
+
+def test_foreign_checkpoint_lists_missing_keys(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, str(path))
+    with pytest.raises(WeightsError, match=r"other\.safetensors: not a TAESD decoder: \d+ missing keys"):
+        load_tiny_decoder(path)
+
+
+class _Payload:  # a pickled object that is not a tensor: weights_only loading must refuse it
+    pass
+
+
+def test_pickled_code_is_never_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"1.weight": _Payload()}, path)
+    with pytest.raises(WeightsError, match=r"evil\.pth: not a tensor-only PyTorch checkpoint.*Unsupported global.*_Payload"):
+        load_tiny_decoder(path)
+
+
+def test_a_run_decodes_with_the_tiny_decoder(taesd: tuple[Path, AutoencoderTiny], tmp_path: Path) -> None:
+    set_progress_enabled(False)
+    folder, _ = taesd
+    cfg = AnimateConfig(steps=1, window=4, overlap=2)
+    anim = Animator.demo(seed=0, device="cpu", config=cfg)
+    driver = write_face_driver(tmp_path / "face.mp4", n=5)
+    state = anim.prepare(PORTRAIT)
+    vae_frames = list(anim.animate(state, driver))
+    assert anim.last_stats.calls.get("vae_decode") == 2 and "tiny_decode" not in anim.last_stats.calls
+    tiny_frames = list(anim.animate(state, driver, config=replace(cfg, tiny_decoder=str(folder))))
+    assert anim.last_stats.calls.get("tiny_decode") == 2 and "vae_decode" not in anim.last_stats.calls
+    assert len(tiny_frames) == 5 and tiny_frames[0].shape == vae_frames[0].shape == (128, 128, 3)
+    assert any((a != b).any() for a, b in zip(tiny_frames, vae_frames))
+    with pytest.raises(WeightsError, match="tiny decoder weights not found"):
+        next(anim.animate(state, driver, config=replace(cfg, tiny_decoder=str(tmp_path / "gone.pth"))))
