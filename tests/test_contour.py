@@ -244,8 +244,7 @@ def test_contour_animation_writes_every_frame(landmarker: contour.Landmarker, tm
     assert state.face_landmarks is not None  # kept with the portrait for the next driver
 
 
-@needs_model
-def test_contour_mode_changes_the_pose_guider_input(landmarker: contour.Landmarker, tmp_path: Path) -> None:
+def test_contour_mode_changes_the_pose_guider_input(tmp_path: Path) -> None:
     set_progress_enabled(False)
     driver = write_face_driver(tmp_path / "face.mp4", n=3)
     plan = plan_driver(driver)
@@ -256,9 +255,8 @@ def test_contour_mode_changes_the_pose_guider_input(landmarker: contour.Landmark
     assert not torch.equal(with_contour, default)
 
 
-def test_portrait_without_face_is_an_input_error_in_contour_mode(tmp_path: Path) -> None:
-    if MODEL is None:
-        pytest.skip("dlib's 68-point landmark model is not installed (pip install 'megactor-rt[contour]')")
+@needs_model
+def test_portrait_without_face_is_an_input_error_in_contour_mode() -> None:
     set_progress_enabled(False)
     anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2, max_frames=2))
     state = anim.prepare(PORTRAIT)
