@@ -18,19 +18,18 @@ parameters and the SiLU, and writes once.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megactor_rt.kernels._triton import HAVE_TRITON, switched_off
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["group_norm_silu", "group_norm_silu_ref", "group_norm_silu_triton", "group_norm_silu_usable"]
 
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 CHUNK = 4096  # elements per program: one chunk's second read comes from cache
 
 
@@ -49,10 +48,7 @@ def group_norm_silu_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
 def group_norm_silu_usable(x: torch.Tensor) -> bool:
     """Whether ``group_norm_silu`` runs the Triton kernels for activations like ``x``."""
-    if not (x.is_cuda and _HAVE_TRITON) or torch.compiler.is_compiling():
-        return False
-    if os.environ.get("MEGACTOR_TRITON_GROUP_NORM", "1") == "0" or torch.onnx.is_in_onnx_export() \
-            or torch.jit.is_tracing():
+    if not (x.is_cuda and HAVE_TRITON) or torch.compiler.is_compiling() or switched_off("MEGACTOR_TRITON_GROUP_NORM"):
         return False
     return x.dim() == 4 and x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
         and _self_check(x.device)

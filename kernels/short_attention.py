@@ -21,11 +21,12 @@ their ``(B, F, HW, C)`` activations as they are: no frame or head transposes on 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
+
+from megactor_rt.kernels._triton import HAVE_TRITON, switched_off
 
 MAX_LEN = 64  # longest sequence the kernel takes (all keys of a sequence sit in registers)
 MAX_HEAD_DIM = 256
@@ -46,7 +47,6 @@ def short_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     return o.transpose(1, 2).reshape(b, pos, seq, c).transpose(1, 2)
 
 
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _OFF_AT_IMPORT = os.environ.get("MEGACTOR_SHORT_ATTENTION", "1") == "0"
 
 
@@ -56,13 +56,12 @@ def short_attention_usable(q: torch.Tensor, heads: int) -> bool:
     Inside ``torch.compile`` only the shape checks and the switch as it was at import are traced (so no graph
     breaks); eager calls read ``MEGACTOR_SHORT_ATTENTION`` each time and never use the kernel while exporting.
     """
-    if not (q.is_cuda and _HAVE_TRITON and _OP is not None):
+    if not (q.is_cuda and HAVE_TRITON and _OP is not None):
         return False
     if torch.compiler.is_compiling():
         if _OFF_AT_IMPORT:
             return False
-    elif (os.environ.get("MEGACTOR_SHORT_ATTENTION", "1") == "0" or torch.onnx.is_in_onnx_export()
-          or torch.jit.is_tracing()):
+    elif switched_off("MEGACTOR_SHORT_ATTENTION"):
         return False
     b, seq, pos, c = q.shape
     return c % heads == 0 and seq <= MAX_LEN and c // heads <= MAX_HEAD_DIM and q.dtype in (
@@ -155,7 +154,7 @@ def _register():  # type: ignore[no-untyped-def]
     """The kernel as a torch custom op, so ``torch.compile`` keeps it in its graph instead of breaking there.
     Registered at import (no Triton import needed for that); None where this torch has no ``triton_op``."""
     triton_op = getattr(torch.library, "triton_op", None)
-    if not _HAVE_TRITON or triton_op is None:
+    if not HAVE_TRITON or triton_op is None:
         return None
 
     @triton_op("megactor::short_attention", mutates_args={})
