@@ -36,7 +36,7 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 
 from megactor_rt.errors import InputError
-from megactor_rt.preprocess import Box, Crop, detect_faces
+from megactor_rt.preprocess import Box, Crop, first_face
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,8 @@ class Landmarker:
         Returns:
             ``(68, 2)`` float64 (x, y) pixel coordinates, or None when no face is found.
         """
-        faces = detect_faces(image)
-        if not faces:
-            return None
-        return self.on_box(image, faces[0])
+        face = first_face(image)
+        return None if face is None else self.on_box(image, face)
 
     def on_box(self, image: np.ndarray, box: Box) -> np.ndarray:
         """Landmarks inside a known face box of ``image`` (``(H, W, 3)`` uint8 RGB) -> ``(68, 2)``."""
@@ -191,13 +189,19 @@ def contour_rects(landmarks_per_frame: Iterable[np.ndarray], size: int) -> list[
     """
     rects: list[Crop] | None = None
     for lm in landmarks_per_frame:
-        _check_landmarks(lm)
-        boxes = [group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS]
-        rects = boxes if rects is None else [(min(r[0], b[0]), min(r[1], b[1]), max(r[2], b[2]), max(r[3], b[3]))
-                                              for r, b in zip(rects, boxes)]
+        rects = _add_frame(rects, lm, size)
     if rects is None:
         raise ValueError("contour_rects needs the landmarks of at least one frame")
     return rects
+
+
+def _add_frame(rects: list[Crop] | None, lm: np.ndarray, size: int) -> list[Crop]:
+    """``rects`` (None: no frame yet) grown by one frame's group boxes."""
+    _check_landmarks(lm)
+    boxes = [group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS]
+    if rects is None:
+        return boxes
+    return [(min(r[0], b[0]), min(r[1], b[1]), max(r[2], b[2]), max(r[3], b[3])) for r, b in zip(rects, boxes)]
 
 
 def bbox_corners(landmarks: np.ndarray) -> np.ndarray:
@@ -263,30 +267,21 @@ def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmar
     Raises:
         InputError: no frame has landmarks.
     """
+    rects: list[Crop] | None = None
     last: np.ndarray | None = None
     total = missing = 0
-
-    def found() -> Iterator[np.ndarray]:
-        nonlocal last, total, missing
-        for lm in driver_landmarks:
-            total += 1
-            if lm is None:
-                missing += 1
-                continue
-            last = lm
-            yield lm
-
-    try:
-        rects = contour_rects(found(), size)
-    except ValueError as exc:
-        if last is not None:
-            raise
+    for lm in driver_landmarks:
+        total += 1
+        if lm is None:
+            missing += 1
+            continue
+        rects, last = _add_frame(rects, lm, size), lm
+    if rects is None or last is None:
         raise InputError(f"contour mode: no face landmarks found in any of the {total} cropped frames of "
-                         f"driving video {source_name}") from exc
+                         f"driving video {source_name}")
     if missing:
         logger.warning("contour mode: %d of %d frames of %s have no face; they reuse a neighbour's landmarks",
                        missing, total, source_name)
-    assert last is not None  # contour_rects saw at least one frame
     return ContourPlan(tuple(rects), contour_affine(last, portrait_landmarks))
 
 
