@@ -65,12 +65,12 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     sc = B.SUITES["gpu-full"][0]
     sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))
-    cfg, sub_options = B.mode_settings(sc, args.mode)
     sub, ledger = B._submodels(sc, dev)
-    for k, v in sub_options.items():
-        setattr(sub, k, v)
     animator_module.denoise = _with_step_ranges(animator_module.denoise)
     with tempfile.TemporaryDirectory(prefix="megactor-steps-") as work:
+        cfg, sub_options = B.mode_settings(sc, args.mode, Path(work))
+        for k, v in sub_options.items():
+            setattr(sub, k, v)
         driver = B.driver_of_length(sc.frames, Path(work))
         anim = animator_module.Animator(sub, cfg)
         inputs = anim.portrait_inputs(ASSETS_DIR / "portrait.png")

@@ -260,9 +260,7 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
     driver = driver_of_length(sc.frames, work_dir)
     portrait = ASSETS_DIR / "portrait.png"
     for mode in sc.modes:  # with a variant: its settings for this mode only
-        cfg, sub_options = mode_settings(sc, mode)
-        if cfg.tiny_decoder == "random":
-            cfg = replace(cfg, tiny_decoder=str(random_tiny_decoder(work_dir)))
+        cfg, sub_options = mode_settings(sc, mode, work_dir)
         saved = {k: getattr(sub, k) for k in sub_options}
         try:
             for k, v in sub_options.items():
@@ -280,9 +278,9 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                 setattr(sub, k, v)
 
 
-def mode_settings(sc: Scenario, mode: str) -> tuple[AnimateConfig, dict[str, Any]]:
+def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfig, dict[str, Any]]:
     """The run config of ``mode`` ("base" or "base+variant+...") in ``sc``, and the TorchSubmodels attributes
-    its variants set."""
+    its variants set. Files a variant needs (the random tiny decoder) are written into ``work_dir``."""
     base, *variants = mode.split("+")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -291,13 +289,15 @@ def mode_settings(sc: Scenario, mode: str) -> tuple[AnimateConfig, dict[str, Any
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
     cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
                         mode=Mode(base), max_frames=sc.frames, cfg_steps=sc.cfg_steps, **options)
+    if cfg.tiny_decoder == "random":
+        cfg = replace(cfg, tiny_decoder=str(random_tiny_decoder(work_dir)))
     return cfg, sub_options
 
 
 def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
     """The untimed warm-up run before a mode's timed runs: one step over one window of frames (two steps, the
     first with CFG, when the run truncates CFG: both kinds of UNet call get warmed up)."""
-    truncated = cfg.cfg and cfg.cfg_steps is not None and 0 < cfg.cfg_steps < cfg.steps
+    truncated = len(cfg.step_kinds()) == 2
     return replace(cfg, steps=2 if truncated else 1, cfg_steps=1 if truncated else cfg.cfg_steps,
                    max_frames=min(sc.frames, sc.window))
 

@@ -245,6 +245,18 @@ class AnimateConfig:
     def cfg(self) -> bool:
         return self.guidance != 1.0
 
+    def step_kinds(self) -> tuple[bool, ...]:
+        """The kinds of denoising step a run makes, CFG-pair steps first: ``(True,)``, ``(False,)`` or both
+        (CFG truncation). See :func:`step_uses_cfg`."""
+        kinds = {step_uses_cfg(i, self.guidance, self.cfg_steps) for i in range(self.steps)}
+        return tuple(sorted(kinds, reverse=True))
+
+
+def step_uses_cfg(i: int, guidance: float, cfg_steps: int | None) -> bool:
+    """Whether denoising step ``i`` evaluates both CFG halves: guidance on (!= 1) and, with CFG truncation,
+    ``i < cfg_steps``; otherwise the conditional half alone."""
+    return guidance != 1.0 and (cfg_steps is None or i < cfg_steps)
+
 
 def config_from_upstream(arch: dict[str, Any], image_size: int) -> ModelConfig:
     """ModelConfig from the configs the original code consumes (the golden packs' ``architecture`` block).

@@ -171,16 +171,10 @@ class Animator:
         bank = self.sub.reference_bank(mean, t, tokens)
         lat = torch.zeros(1, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
         pose = pose.permute(1, 0, 2, 3)[None]
-        if cfg.cfg and cfg.cfg_steps != 0:  # the CFG pair
-            eps = self.sub.unet(lat, t, tokens, pose, bank, n_uncond=1, shared_down=True)
-        if not cfg.cfg or (cfg.cfg_steps is not None and cfg.cfg_steps < cfg.steps):  # conditional only
-            eps = self.sub.unet(lat, t, tokens, pose, bank)
-        z = eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3)
-        if cfg.tiny_decoder is None:
-            latents_to_uint8(self.sub.vae_decode(z))
-        else:
-            with torch.inference_mode():
-                latents_to_uint8(self.tiny_decoder(cfg.tiny_decoder)(z))
+        for pair in cfg.step_kinds():  # the CFG pair and/or the conditional-only call, as the run makes them
+            eps = self.sub.unet(lat, t, tokens, pose, bank, **({"n_uncond": 1, "shared_down": True} if pair else {}))
+        tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
+        self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny)
         if self.sub.device.type == "cuda":
             torch.cuda.synchronize(self.sub.device)
         return time.perf_counter() - t0
@@ -266,20 +260,23 @@ class Animator:
             self._tiny_decoders[key] = load_tiny_decoder(path).to(self.sub.device, self.sub.dtype)
         return self._tiny_decoders[key]
 
+    def _decode_batch(self, z: torch.Tensor, tiny: torch.nn.Module | None) -> torch.Tensor:
+        """Scaled latents ``(b, 4, h, w)`` -> ``(b, S, S, 3)`` uint8 frames: the VAE decoder (after unscaling),
+        or ``tiny``, the TAESD decoder, which takes the scaled latents as they are."""
+        if tiny is None:
+            return latents_to_uint8(self.sub.vae_decode(z / self.sub.config.vae.scaling_factor))
+        self.sub.calls["tiny_decode"] += 1
+        with torch.inference_mode():
+            return latents_to_uint8(tiny(z.to(self.sub.device, self.sub.dtype)))
+
     def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool,
                 tiny: torch.nn.Module | None = None) -> Iterator[np.ndarray]:
-        """VAE-decode ``DECODE_BATCH`` frames per call (or with ``tiny``, the TAESD decoder, which takes the
-        scaled latents as they are); the stage time is device time (CUDA events) on GPU."""
-        scale = self.sub.config.vae.scaling_factor
+        """Decode ``DECODE_BATCH`` frames per call (:meth:`_decode_batch`); the stage time is device time (CUDA
+        events) on GPU."""
         n = latents.shape[2]
 
         def decode(i: int) -> torch.Tensor:
-            z = latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3)  # (b, 4, h, w), scaled
-            if tiny is None:
-                return latents_to_uint8(self.sub.vae_decode(z / scale))  # (b, S, S, 3) uint8
-            self.sub.calls["tiny_decode"] += 1
-            with torch.inference_mode():
-                return latents_to_uint8(tiny(z.to(self.sub.device, self.sub.dtype)))
+            return self._decode_batch(latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3), tiny)
 
         flight = InFlight(self.sub.device, DECODE_DEPTH, streams=streams)
         try:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from megactor_rt.config import step_uses_cfg
 from megactor_rt.kernels.ops import ddim_cfg_update
 from megactor_rt.models.scheduler import DDIMStep
 from megactor_rt.progress import progress
@@ -56,7 +57,6 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     Returns:
         Final latents ``(1, 4, N, h, w)``.
     """
-    cfg = guidance != 1.0
     n = latents.shape[2]
     counts = torch.zeros(n, dtype=torch.float32)
     for w in windows:
@@ -69,7 +69,7 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     for i, step in enumerate(plan):
         if on_step is not None:
             on_step(i)
-        step_cfg = cfg and (cfg_steps is None or i < cfg_steps)
+        step_cfg = step_uses_cfg(i, guidance, cfg_steps)
         halves = 2 if step_cfg else 1
         model.begin_step(step, step_cfg)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
