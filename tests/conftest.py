@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -42,3 +46,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_interpreter() -> Callable[[str, int], None]:
+    """Runs a test script (dedented; it must print "ok" last) in a subprocess under Triton's CPU interpreter
+    (``TRITON_INTERPRET=1`` must be set before Triton is imported); skips where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
+
+    def run(script: str, timeout: int) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                             text=True, timeout=timeout)
+        assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+    return run

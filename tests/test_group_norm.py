@@ -5,10 +5,7 @@ TRITON_INTERPRET=1) and on a GPU (marked `gpu`, the UNet's real shapes), and the
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -37,10 +34,8 @@ CASES = [  # (B, F, C, H, groups, affine, silu): multi-chunk spans, frames=1, no
     (2, 3, 40, 5, 4, True, True), (1, 2, 16, 70, 4, True, True)]
 
 
-def test_kernels_in_triton_interpreter() -> None:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
-    script = textwrap.dedent(f"""
+def test_kernels_in_triton_interpreter(triton_interpreter: Callable[[str, int], None]) -> None:
+    triton_interpreter(f"""
         import torch
         from megactor_rt.kernels import group_norm as GN
         g = torch.Generator().manual_seed(1)
@@ -56,10 +51,7 @@ def test_kernels_in_triton_interpreter() -> None:
                 err = (out.float() - ref).abs().max().item()
                 assert err < tol * max(1.0, ref.abs().max().item()), (b, f, c, h, groups, dtype, err)
         print("ok")
-        """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+        """, 900)
 
 
 def test_dispatch_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:

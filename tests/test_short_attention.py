@@ -4,11 +4,8 @@ and an einsum oracle - on CPU through Triton's interpreter (a subprocess with TR
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
-import textwrap
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -36,10 +33,8 @@ def test_reference_matches_oracle(shape: tuple[int, ...]) -> None:
                                atol=1e-5, rtol=1e-5)
 
 
-def test_kernel_in_triton_interpreter() -> None:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
-    script = textwrap.dedent(f"""
+def test_kernel_in_triton_interpreter(triton_interpreter: Callable[[str, int], None]) -> None:
+    triton_interpreter(f"""
         import torch
         from megactor_rt.kernels import short_attention as SA
         g = torch.Generator().manual_seed(1)
@@ -57,10 +52,7 @@ def test_kernel_in_triton_interpreter() -> None:
         err = (SA.short_attention_triton(q, k, v, 2) - SA.short_attention_ref(q, k, v, 2)).abs().max().item()
         assert err < 1e-5, err
         print("ok")
-        """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+        """, 600)
 
 
 def test_dispatch_falls_back_on_cpu_and_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
