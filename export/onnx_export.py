@@ -40,7 +40,8 @@ FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization",
 
 GRAPH_MODULES = {"clip_image_encoder": "clip_image_encoder", "vae_encoder": "vae", "vae_decoder": "vae",
                  "reference_net": "reference_net", "pose_guider": "temporal_unet", "pose_guider_film": "temporal_unet",
-                 "temporal_unet": "temporal_unet", "temporal_unet_cond": "temporal_unet"}
+                 "temporal_unet": "temporal_unet", "temporal_unet_cond": "temporal_unet",
+                 "temporal_unet_reuse": "temporal_unet", "temporal_unet_cond_reuse": "temporal_unet"}
 
 
 def load_models_for_export(weights: str | Path, graphs: Sequence[str] | None = None) -> MegActorModels:

@@ -10,13 +10,20 @@ Graph boundaries (DESIGN.md), with S = image size, h = latent size, T/D = CLIP t
 | reference_net | latent (1,4,h,h), timestep (1,), tokens -> bank_00..bank_09 (1,L_i,C_i) |
 | pose_guider | frames (batch,3,S,S), film_scale, film_shift (1,128) -> pose (batch,4,h,h) |
 | pose_guider_film | reference (1,3,512,512) -> film_scale, film_shift |
-| temporal_unet | latents (1,9,F,h,h), timestep, tokens, pose (1,4,F,h,h), bank_00..09 -> eps (2,4,F,h,h) |
-| temporal_unet_cond | same inputs -> eps (1,4,F,h,h) (guidance 1: conditional only) |
+| temporal_unet | latents (1,9,F,h,h), timestep, tokens, pose (1,4,F,h,h), bank_00..09 -> eps (2,4,F,h,h), deep (2,F,C0,h,h) |
+| temporal_unet_cond | same inputs -> eps (1,4,F,h,h), deep (1,F,C0,h,h) (guidance 1: conditional only) |
+| temporal_unet_reuse | latents, timestep, tokens, pose, deep (2,F,C0,h,h), bank_08..09 -> eps (2,4,F,h,h) |
+| temporal_unet_cond_reuse | same with deep (1,F,C0,h,h) -> eps (1,4,F,h,h) |
 
 The temporal UNet takes the ReferenceNet bank as explicit inputs (normed tokens, not pre-projected K/V:
 10 tensors of 1 x L x C instead of 20, and the K/V projection is a small share of the attention cost). The
 CFG graph computes the down path once and both halves above it, the unconditional one without the bank -
 upstream's CFG pair, exactly. Graph variants are specs over the same modules, never copies of code.
+
+Feature reuse (``AnimateConfig.feature_reuse``): the two whole-UNet graphs also output their deep feature (the
+input of the top up block's recomputed layers; writing it costs one extra output buffer), and the two
+``_reuse`` graphs are the shallow path that starts from it (only the top level's weights; they read only the
+bank tensors of the layers they run).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from torch import nn
 
 from megactor_rt.config import ModelConfig
-from megactor_rt.models.unet import NUM_BANKS
+from megactor_rt.models.unet import NUM_BANKS, REUSE_BANKS
 from megactor_rt.weights import MegActorModels
 
 BANK_NAMES = tuple(f"bank_{i:02d}" for i in range(NUM_BANKS))
@@ -149,16 +156,21 @@ class _Film(_PoseGuider):
 
 
 class _UNet(nn.Module):
-    def __init__(self, m: MegActorModels, cfg_pair: bool) -> None:
+    """The whole UNet (outputs eps and the deep feature), or with ``reuse`` the shallow path (inputs end with
+    the deep feature and the last ``REUSE_BANKS`` bank tensors)."""
+
+    def __init__(self, m: MegActorModels, cfg_pair: bool, reuse: bool = False) -> None:
         super().__init__()
         self.unet = m.unet
-        self.cfg_pair = cfg_pair
+        self.pair = {"n_uncond": 1, "shared_down": True} if cfg_pair else {}
+        self.reuse = reuse
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor, pose: torch.Tensor,
-                *bank: torch.Tensor) -> torch.Tensor:
-        if self.cfg_pair:
-            return self.unet(latents, timestep, tokens, pose, list(bank), n_uncond=1, shared_down=True)
-        return self.unet(latents, timestep, tokens, pose, list(bank))
+                *rest: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.reuse:
+            deep, *bank = rest
+            return self.unet(latents, timestep, tokens, pose, bank, deep=deep, **self.pair)
+        return self.unet(latents, timestep, tokens, pose, list(rest), keep_deep=True, **self.pair)
 
 
 def bank_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -180,7 +192,20 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
     frames = {"frames": {"default": (1, window, window), "long": (1, window, 32)}}
     bank = tuple(TensorSpec(n, shp) for n, shp in zip(BANK_NAMES, bank_shapes(cfg)))
     unet_in = (TensorSpec("latents", (1, 9, "frames", h, h)), TensorSpec("timestep", (1,)),
-               TensorSpec("tokens", (1, t, d)), TensorSpec("pose", (1, 4, "frames", h, h)), *bank)
+               TensorSpec("tokens", (1, t, d)), TensorSpec("pose", (1, 4, "frames", h, h)))
+    c0 = cfg.unet.block_out_channels[0]
+
+    def eps(b: int) -> TensorSpec:
+        return TensorSpec("eps", (b, 4, "frames", h, h))
+
+    def deep(b: int) -> TensorSpec:
+        return TensorSpec("deep", (b, "frames", c0, h, h))
+
+    def unet(name: str, b: int, reuse: bool) -> ExportSpec:
+        ins = (*unet_in, deep(b), *bank[-REUSE_BANKS:]) if reuse else (*unet_in, *bank)
+        outs = (eps(b),) if reuse else (eps(b), deep(b))
+        return ExportSpec(name, name, ins, outs, lambda m: _UNet(m, cfg_pair=b == 2, reuse=reuse), frames,
+                          keep_fp32=("timestep",))
     return [
         ExportSpec("clip_image_encoder", "clip_image_encoder", (TensorSpec("pixels", (1, 3, c, c)),),
                    (TensorSpec("tokens", (1, t, d)),), _Clip),
@@ -199,8 +224,8 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
                    {"batch": {"default": (1, pose_batch, pose_batch)}}),
         ExportSpec("pose_guider_film", "pose_guider_film", (TensorSpec("reference", (1, 3, 512, 512)),),
                    (TensorSpec("film_scale", (1, 128)), TensorSpec("film_shift", (1, 128))), _Film),
-        ExportSpec("temporal_unet", "temporal_unet", unet_in, (TensorSpec("eps", (2, 4, "frames", h, h)),),
-                   lambda m: _UNet(m, cfg_pair=True), frames, keep_fp32=("timestep",)),
-        ExportSpec("temporal_unet_cond", "temporal_unet_cond", unet_in, (TensorSpec("eps", (1, 4, "frames", h, h)),),
-                   lambda m: _UNet(m, cfg_pair=False), frames, keep_fp32=("timestep",)),
+        unet("temporal_unet", 2, reuse=False),
+        unet("temporal_unet_cond", 1, reuse=False),
+        unet("temporal_unet_reuse", 2, reuse=True),
+        unet("temporal_unet_cond_reuse", 1, reuse=True),
     ]

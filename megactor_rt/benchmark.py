@@ -53,6 +53,7 @@ class Scenario:
     repeats: int = 1
     note: str = ""
     cfg_steps: int | None = None  # CFG truncation (AnimateConfig.cfg_steps)
+    feature_reuse: int | None = None  # feature reuse across steps (AnimateConfig.feature_reuse)
 
 
 # variants of a mode, e.g. "optimized+serial-decode": same math, one run setting ("config", AnimateConfig
@@ -85,6 +86,8 @@ SUITES: dict[str, list[Scenario]] = {
                  modes=("reference", "optimized", "optimized+tiny-decoder")),
         Scenario("faster: CFG in the first of 2 steps", "full", 256, 8, 4, 2, 2, modes=("optimized",),
                  cfg_steps=1, note="changes the math: CFG truncation"),
+        Scenario("faster: the second of 2 steps reuses the first's deep features", "full", 256, 8, 4, 2, 2,
+                 modes=("optimized",), feature_reuse=2, note="changes the math: feature reuse"),
     ],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
@@ -98,6 +101,10 @@ SUITES: dict[str, list[Scenario]] = {
         Scenario("faster: 10 steps, w16/o4, CFG in the first 5", "full", 512, 48, 16, 4, 10,
                  modes=("optimized", "optimized+tiny-decoder"),
                  precision="fp16", cfg_steps=5, note="changes the math: fewer steps, less overlap, CFG truncation"),
+        # eager only, like the one above (two more graphs to compile)
+        Scenario("faster: 10 steps, w16/o4, feature reuse every 2nd step", "full", 512, 48, 16, 4, 10,
+                 modes=("optimized",), precision="fp16", feature_reuse=2,
+                 note="changes the math: fewer steps, less overlap, feature reuse"),
     ],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
                            modes=("optimized",), note="memory flatness over a long driver")
@@ -288,18 +295,18 @@ def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfi
     options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
     cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
-                        mode=Mode(base), max_frames=sc.frames, cfg_steps=sc.cfg_steps, **options)
+                        mode=Mode(base), max_frames=sc.frames, cfg_steps=sc.cfg_steps,
+                        feature_reuse=sc.feature_reuse, **options)
     if cfg.tiny_decoder == "random":
         cfg = replace(cfg, tiny_decoder=str(random_tiny_decoder(work_dir)))
     return cfg, sub_options
 
 
 def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
-    """The untimed warm-up run before a mode's timed runs: one step over one window of frames (two steps, the
-    first with CFG, when the run truncates CFG: both kinds of UNet call get warmed up)."""
-    truncated = len(cfg.step_kinds()) == 2
-    return replace(cfg, steps=2 if truncated else 1, cfg_steps=1 if truncated else cfg.cfg_steps,
-                   max_frames=min(sc.frames, sc.window))
+    """The untimed warm-up run before a mode's timed runs: over one window of frames, the fewest leading steps
+    that make every kind of UNet call the run makes (one step, unless CFG truncation or feature reuse add
+    kinds; ``AnimateConfig.warmup_steps``)."""
+    return replace(cfg, steps=cfg.warmup_steps(), max_frames=min(sc.frames, sc.window))
 
 
 def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,

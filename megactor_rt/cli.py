@@ -25,6 +25,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--cfg-steps", type=int, default=None, metavar="K",
                    help="CFG truncation (faster, changes the result): guidance only in the first K steps, the "
                         "conditional half alone afterwards (default: every step, as upstream)")
+    p.add_argument("--feature-reuse", type=int, default=None, metavar="K",
+                   help="feature reuse across steps (DeepCache-style; faster, changes the result): the whole UNet "
+                        "every K-th step, only its top level in the steps between, reusing the deeper levels' "
+                        "output of the last whole step (default: the whole UNet in every step, as upstream)")
     p.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="decode with TAESD's tiny decoder (faster, blurrier; weights: huggingface.co/madebyollin/"
                         "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
@@ -57,7 +61,7 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
     return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
                          seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
                          max_frames=args.max_frames, cfg_steps=args.cfg_steps,
-                         tiny_decoder=args.tiny_decoder)
+                         tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse)
 
 
 def _report(stats, out: Path) -> None:  # noqa: ANN001

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Precision(str, enum.Enum):
@@ -215,6 +215,11 @@ class AnimateConfig:
         tiny_decoder: decode the latents with TAESD's tiny decoder from this file or folder instead of the VAE
             (a speed knob that changes the output: cheaper and blurrier; see
             :mod:`megactor_rt.models.tiny_decoder`). None (default): the VAE decoder.
+        feature_reuse: feature reuse across steps (DeepCache's idea; a speed knob that changes the math): the
+            whole UNet runs only every ``feature_reuse``-th step (steps 0, k, 2k, ...); in the steps between,
+            each window reuses the deep feature its last whole call produced and recomputes only the shallow
+            path (conv_in, the first top-level down layer, the top up block's last layers). None or 1
+            (default, upstream): the whole UNet in every step.
     """
 
     steps: int = 25
@@ -228,6 +233,7 @@ class AnimateConfig:
     decode_streams: bool = True
     cfg_steps: int | None = None
     tiny_decoder: str | None = None
+    feature_reuse: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -240,22 +246,55 @@ class AnimateConfig:
             raise ValueError(f"guidance must be >= 1.0, got {self.guidance}")
         if self.cfg_steps is not None and self.cfg_steps < 0:
             raise ValueError(f"cfg_steps must be >= 0 (or None for every step), got {self.cfg_steps}")
+        if self.feature_reuse is not None and self.feature_reuse < 1:
+            raise ValueError(f"feature_reuse must be >= 1 (or None: no reuse), got {self.feature_reuse}")
 
     @property
     def cfg(self) -> bool:
         return self.guidance != 1.0
 
-    def step_kinds(self) -> tuple[bool, ...]:
-        """The kinds of denoising step a run makes, CFG-pair steps first: ``(True,)``, ``(False,)`` or both
-        (CFG truncation). See :func:`step_uses_cfg`."""
-        kinds = {step_uses_cfg(i, self.guidance, self.cfg_steps) for i in range(self.steps)}
-        return tuple(sorted(kinds, reverse=True))
+    @property
+    def reuses_features(self) -> bool:
+        return (self.feature_reuse or 1) > 1
+
+    def step_kind(self, i: int) -> StepKind:
+        """What denoising step ``i`` runs (see :func:`step_kind`)."""
+        return step_kind(i, self.guidance, self.cfg_steps, self.feature_reuse)
+
+    def step_kinds(self) -> tuple[StepKind, ...]:
+        """The kinds of denoising step a run makes, in the order they first occur (step 0 is always a whole
+        CFG-pair step when guidance is on, so every reusing kind comes after a whole step)."""
+        return tuple(dict.fromkeys(self.step_kind(i) for i in range(self.steps)))
+
+    def warmup_steps(self) -> int:
+        """The fewest leading steps in which every kind of step of the run occurs (a warm-up that runs them
+        meets every UNet call the run makes)."""
+        kinds, seen = set(self.step_kinds()), set()
+        for i in range(self.steps):
+            seen.add(self.step_kind(i))
+            if seen == kinds:
+                return i + 1
+        return self.steps
 
 
-def step_uses_cfg(i: int, guidance: float, cfg_steps: int | None) -> bool:
-    """Whether denoising step ``i`` evaluates both CFG halves: guidance on (!= 1) and, with CFG truncation,
-    ``i < cfg_steps``; otherwise the conditional half alone."""
-    return guidance != 1.0 and (cfg_steps is None or i < cfg_steps)
+class StepKind(NamedTuple):
+    """One denoising step's kind of UNet call: ``cfg`` both CFG halves (else the conditional half alone);
+    ``reuse`` the shallow path from the window's kept deep feature (feature reuse), else the whole UNet."""
+
+    cfg: bool
+    reuse: bool
+
+
+def step_kind(i: int, guidance: float, cfg_steps: int | None = None, feature_reuse: int | None = None
+              ) -> StepKind:
+    """What denoising step ``i`` runs, the one rule for the loop, the warm-ups and the benchmarks.
+
+    ``cfg``: guidance on (!= 1) and, with CFG truncation, ``i < cfg_steps``; otherwise the conditional half
+    alone. ``reuse``: with feature reuse every ``feature_reuse``-th step (0, k, 2k, ...) runs the whole UNet and
+    the steps between reuse its deep features.
+    """
+    every = feature_reuse or 1
+    return StepKind(guidance != 1.0 and (cfg_steps is None or i < cfg_steps), every > 1 and i % every != 0)
 
 
 def config_from_upstream(arch: dict[str, Any], image_size: int) -> ModelConfig:

@@ -30,7 +30,7 @@ from megactor_rt.runtime.denoise import denoise
 from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver, plan_driver_contour
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
-from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
+from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor, reusable
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels
 from megactor_rt.weights import build_models, load_converted
 
@@ -171,8 +171,13 @@ class Animator:
         bank = self.sub.reference_bank(mean, t, tokens)
         lat = torch.zeros(1, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
         pose = pose.permute(1, 0, 2, 3)[None]
-        for pair in cfg.step_kinds():  # the CFG pair and/or the conditional-only call, as the run makes them
-            eps = self.sub.unet(lat, t, tokens, pose, bank, **({"n_uncond": 1, "shared_down": True} if pair else {}))
+        kept: torch.Tensor | None = None
+        for kind in cfg.step_kinds():  # every kind of UNet call the run makes, in the order it first makes them
+            pair = {"n_uncond": 1, "shared_down": True} if kind.cfg else {}
+            deep = reusable(kept, kind.cfg) if kind.reuse else None
+            out = self.sub.unet(lat, t, tokens, pose, bank, deep=deep,
+                                keep_deep=cfg.reuses_features and deep is None, **pair)
+            eps, kept = out if isinstance(out, tuple) else (out, kept)
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny)
         if self.sub.device.type == "cuda":
@@ -235,19 +240,20 @@ class Animator:
         with timer.stage("driver+pose_guider"):
             if cfg.mode is Mode.REFERENCE:
                 driving = torch.stack(list(frames), dim=1)[None]  # (1, 3, N, S, S)
-                model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep)
+                model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep,
+                                           cfg.reuses_features)
             else:
                 pose = torch.cat([sub.pose_features(torch.stack(b), state.film_scale, state.film_shift)
                                   for b in _batches(frames, POSE_BATCH)])  # (N, 4, h, w)
                 model = OptimizedPredictor(sub, state, pose.permute(1, 0, 2, 3)[None], cfg.guidance,
-                                           cfg.reference_timestep)
+                                           cfg.reference_timestep, cfg.reuses_features)
         h = self.latent_size
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
         with timer.stage("denoise"):
             return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance,
-                           on_step=timer.step_clock(), cfg_steps=cfg.cfg_steps)
+                           on_step=timer.step_clock(), cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
 
     def tiny_decoder(self, path: str | Path) -> torch.nn.Module:
         """The TAESD decoder from ``path`` on the submodels' device and dtype (loaded once per path).

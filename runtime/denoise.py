@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from megactor_rt.config import step_uses_cfg
+from megactor_rt.config import StepKind, step_kind
 from megactor_rt.kernels.ops import ddim_cfg_update
 from megactor_rt.models.scheduler import DDIMStep
 from megactor_rt.progress import progress
@@ -23,15 +23,16 @@ from megactor_rt.progress import progress
 
 class EpsModel(Protocol):
     """Predicts the noise of one window; ``begin_step`` lets it prepare per-timestep state (the bank) and says
-    whether this step evaluates both CFG halves (``cfg``) or the conditional half only."""
+    what this step runs (``kind``: both CFG halves or the conditional half only; whole UNet or feature reuse)."""
 
-    def begin_step(self, step: DDIMStep, cfg: bool) -> None: ...
+    def begin_step(self, step: DDIMStep, kind: StepKind) -> None: ...
 
-    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep, window: int) -> torch.Tensor:
         """``latents (1, 4, F, h, w)`` of the window's frames -> eps ``(2, 4, F, h, w)`` ([uncond, cond]) in a CFG
         step, ``(1, 4, F, h, w)`` (cond) otherwise.
         ``frames``: the window's frame indices, a 1-D int64 tensor on the latents' device (made once per run by
-        ``denoise``, so no predictor copies indices to the device while device work is queued)."""
+        ``denoise``, so no predictor copies indices to the device while device work is queued).
+        ``window``: the window's position in ``windows`` (the same frames at every step)."""
         ...
 
 
@@ -40,7 +41,8 @@ StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
 
 def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], windows: Sequence[Sequence[int]],
             guidance: float, callback: StepCallback | None = None,
-            on_step: Callable[[int], None] | None = None, cfg_steps: int | None = None) -> torch.Tensor:
+            on_step: Callable[[int], None] | None = None, cfg_steps: int | None = None,
+            feature_reuse: int | None = None) -> torch.Tensor:
     """Run the whole DDIM schedule over all frames.
 
     Args:
@@ -53,6 +55,8 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         on_step: called with i before step i and with ``len(plan)`` after the last (e.g. to time steps).
         cfg_steps: CFG truncation (changes the math; None = upstream, CFG in every step): guidance only in the
             first ``cfg_steps`` steps, the conditional half alone after them.
+        feature_reuse: feature reuse (changes the math; None or 1 = upstream): the whole UNet every
+            ``feature_reuse``-th step, the shallow path from each window's kept deep feature in between.
 
     Returns:
         Final latents ``(1, 4, N, h, w)``.
@@ -69,12 +73,12 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     for i, step in enumerate(plan):
         if on_step is not None:
             on_step(i)
-        step_cfg = step_uses_cfg(i, guidance, cfg_steps)
-        halves = 2 if step_cfg else 1
-        model.begin_step(step, step_cfg)
+        kind = step_kind(i, guidance, cfg_steps, feature_reuse)
+        halves = 2 if kind.cfg else 1
+        model.begin_step(step, kind)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for idx in indices:
-            eps = model.predict(latents[:, :, idx], idx, step)  # (halves, 4, F, h, w)
+        for k, idx in enumerate(indices):
+            eps = model.predict(latents[:, :, idx], idx, step, k)  # (halves, 4, F, h, w)
             if eps.shape[0] != halves:
                 raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
             acc.index_add_(2, idx, eps.to(acc.dtype))

@@ -18,6 +18,7 @@ from megactor_rt.config import ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, load_manifest
 from megactor_rt.errors import BackendUnavailable, InputError
 from megactor_rt.export.specs import BANK_NAMES
+from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
 from megactor_rt.runtime.submodels import Submodels
 from megactor_rt.weights import converted_config
@@ -114,17 +115,28 @@ class GraphSubmodels(Submodels):
 
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
-             upstream: bool = False) -> torch.Tensor:
+             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if upstream or bank is None or (shared_down, n_uncond) not in ((True, 1), (False, 0)):
             raise InputError(f"{self.name}: the exported UNet graphs cover the optimized CFG pair and the "
                              "conditional-only call; use mode='optimized' (the reference mode needs torch)")
-        graph = "temporal_unet" if shared_down else "temporal_unet_cond"
+        graph = ("temporal_unet" if shared_down else "temporal_unet_cond") + ("_reuse" if deep is not None else "")
         if not self._has(graph):
             return self.fallback.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond,
-                                      shared_down=shared_down)
+                                      shared_down=shared_down, deep=deep, keep_deep=keep_deep)
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
-        feed.update(zip(BANK_NAMES, bank))
-        return self._run(graph, **feed)["eps"]
+        if deep is not None:
+            self.calls["unet_reuse"] += 1
+            feed.update(zip(BANK_NAMES[-REUSE_BANKS:], bank[-REUSE_BANKS:]), deep=deep)
+        else:
+            feed.update(zip(BANK_NAMES, bank))
+        out = self._run(graph, **feed)
+        if not keep_deep:
+            return out["eps"]
+        if "deep" not in out:
+            raise InputError(f"{self.name}: graph '{graph}' has no 'deep' output (exported before feature reuse "
+                             "existed): re-run `megactor-rt export` (and `build-engines`)")
+        return out["eps"], out["deep"]
 
 
 def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,

@@ -6,23 +6,56 @@ the down path once for both CFG halves, and reference attention only in the cond
 ``ReferencePredictor`` evaluates as upstream does (batch-2 ReferenceNet every step, PoseGuider and FiLM
 inside every call, batch-2 UNet with the bank attention computed for both halves and the unconditional
 half recomputed): same math, used as the baseline in benchmarks and equivalence tests.
+
+Both implement feature reuse (``AnimateConfig.feature_reuse``) the same way: with it on, every whole UNet call
+keeps its deep feature per window, and a reusing step runs the shallow path from it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from megactor_rt.config import StepKind
 from megactor_rt.models.scheduler import DDIMStep
 from megactor_rt.runtime.portrait import PortraitState
 from megactor_rt.runtime.submodels import Submodels
 
 
+def reusable(deep: torch.Tensor | None, cfg: bool) -> torch.Tensor | None:
+    """The part of a kept deep feature ``(B, F, C, h, w)`` a call of this kind can reuse: the CFG pair needs
+    both halves (B = 2, [uncond, cond]); a conditional-only call takes the conditional (last) one."""
+    if deep is None or (cfg and deep.shape[0] != 2):
+        return None
+    return deep if cfg else deep[-1:]
+
+
 class _Base:
-    def __init__(self, sub: Submodels, state: PortraitState, guidance: float, reference_timestep: int | None):
+    def __init__(self, sub: Submodels, state: PortraitState, guidance: float, reference_timestep: int | None,
+                 feature_reuse: bool = False):
         self.sub, self.state = sub, state
         self.cfg = guidance != 1.0  # this step evaluates both CFG halves (begin_step may turn it off)
         self.reference_timestep = reference_timestep
         self.bank: list[torch.Tensor] | None = None
+        self.keep = feature_reuse  # whole calls keep their deep feature, per window
+        self.reuse = False  # this step reuses them
+        self.deep: dict[int, torch.Tensor] = {}
+
+    def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
+        self.cfg, self.reuse = kind.cfg, kind.reuse
+
+    def unet(self, window: int, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
+             **kwargs: Any) -> torch.Tensor:
+        """``sub.unet`` on this step's bank, with feature reuse: the shallow path where this step reuses and the
+        window has a kept feature of the right kind, else the whole UNet (keeping its deep feature when reuse
+        is on)."""
+        deep = reusable(self.deep.get(window), self.cfg) if self.reuse else None
+        out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
+                            keep_deep=self.keep and deep is None, **kwargs)
+        if isinstance(out, tuple):
+            out, self.deep[window] = out
+        return out
 
     def ref_t(self, step: DDIMStep) -> int:
         return step.timestep if self.reference_timestep is None else self.reference_timestep
@@ -35,30 +68,28 @@ class _Base:
 
 class OptimizedPredictor(_Base):
     def __init__(self, sub: Submodels, state: PortraitState, pose_features: torch.Tensor, guidance: float,
-                 reference_timestep: int | None = None) -> None:
+                 reference_timestep: int | None = None, feature_reuse: bool = False) -> None:
         """``pose_features``: PoseGuider output of all frames, ``(1, 4, N, h, w)``."""
-        super().__init__(sub, state, guidance, reference_timestep)
+        super().__init__(sub, state, guidance, reference_timestep, feature_reuse)
         self.pose = pose_features
 
-    def begin_step(self, step: DDIMStep, cfg: bool) -> None:
-        self.cfg = cfg
+    def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
+        super().begin_step(step, kind)
         self.bank = self.state.bank(self.ref_t(step), self.sub)
 
-    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep, window: int) -> torch.Tensor:
         lat = self.window_latents(latents, frames)
         pose = self.pose.index_select(2, frames.to(self.pose.device))
-        if self.cfg:  # batch-1 inputs, output [uncond, cond]
-            return self.sub.unet(lat, step.timestep, self.state.tokens, pose, self.bank, n_uncond=1,
-                                 shared_down=True)
-        return self.sub.unet(lat, step.timestep, self.state.tokens, pose, self.bank)
+        pair = {"n_uncond": 1, "shared_down": True} if self.cfg else {}  # batch-1 inputs, output [uncond, cond]
+        return self.unet(window, lat, step.timestep, self.state.tokens, pose, **pair)
 
 
 class ReferencePredictor(_Base):
     def __init__(self, sub: Submodels, state: PortraitState, driving: torch.Tensor, guidance: float,
-                 reference_timestep: int | None = None) -> None:
+                 reference_timestep: int | None = None, feature_reuse: bool = False) -> None:
         """``driving``: preprocessed driving frames of all N frames, ``(1, 3, N, H, W)`` in [0, 1]; moved to the
         networks' device and dtype once here (upstream keeps them on the GPU too), not per window."""
-        super().__init__(sub, state, guidance, reference_timestep)
+        super().__init__(sub, state, guidance, reference_timestep, feature_reuse)
         self.driving = sub._in(driving)
 
     @property
@@ -68,15 +99,15 @@ class ReferencePredictor(_Base):
     def _dup(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat(self.batch, *([1] * (x.dim() - 1)))
 
-    def begin_step(self, step: DDIMStep, cfg: bool) -> None:
-        self.cfg = cfg
+    def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
+        super().begin_step(step, kind)
         s = self.state
         self.bank = self.sub.reference_bank(self._dup(s.ref_latent), self.ref_t(step), self._dup(s.tokens))
 
-    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep, window: int) -> torch.Tensor:
         s = self.state
         frames_in = self.driving.index_select(2, frames.to(self.driving.device))
         pose = self.sub.pose_guider_full(self._dup(frames_in), self._dup(s.ada_reference))
         lat = self._dup(self.window_latents(latents, frames))
-        return self.sub.unet(lat, step.timestep, self._dup(s.tokens), pose, self.bank,
-                             n_uncond=1 if self.cfg else 0, upstream=True)
+        return self.unet(window, lat, step.timestep, self._dup(s.tokens), pose, n_uncond=1 if self.cfg else 0,
+                         upstream=True)

@@ -59,8 +59,10 @@ class Submodels(ABC):
     @abstractmethod
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
-             upstream: bool = False) -> torch.Tensor:
-        """Temporal UNet; argument conventions of ``TemporalUNet.forward``."""
+             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Temporal UNet; argument conventions of ``TemporalUNet.forward`` (``deep``/``keep_deep``: feature
+        reuse). Calls are counted as ``unet``, and the feature-reusing ones also as ``unet_reuse``."""
 
     def pose_guider_full(self, frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Upstream's per-call PoseGuider (features + FiLM recomputed): ``(B,3,F,H,W)`` -> ``(B,4,F,h,w)``."""
@@ -153,9 +155,14 @@ class TorchSubmodels(Submodels):
     @torch.inference_mode()
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
-             upstream: bool = False) -> torch.Tensor:
+             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         self.calls["unet"] += 1
+        if deep is not None:
+            self.calls["unet_reuse"] += 1
+            deep = self._in(deep)
         t = self._timestep(timestep)
         bank = [self._in(b) for b in bank] if bank is not None else None
         return self._unet_module()(self._in(latents), t, self._in(tokens), self._in(pose), bank,
-                                   n_uncond=n_uncond, shared_down=shared_down, upstream=upstream)
+                                   n_uncond=n_uncond, shared_down=shared_down, upstream=upstream, deep=deep,
+                                   keep_deep=keep_deep)

@@ -311,6 +311,28 @@ def test_warmup_covers_both_unet_calls_of_truncated_cfg(anim: Animator) -> None:
         del anim.sub.unet
 
 
+def test_warmup_covers_every_unet_call_of_feature_reuse(anim: Animator) -> None:
+    """With feature reuse a run makes whole calls that keep their deep feature and shallow calls that reuse it
+    (with CFG truncation: for the pair and for the conditional half alone)."""
+    seen: list[tuple[int, bool, bool]] = []
+    unet = anim.sub.unet
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append((int(kwargs.get("n_uncond", 0)), kwargs.get("deep") is not None,  # type: ignore[call-overload]
+                     bool(kwargs.get("keep_deep"))))
+        return unet(*args, **kwargs)  # type: ignore[arg-type]
+
+    anim.sub.unet = spy  # type: ignore[method-assign]
+    try:
+        anim.warmup(replace(CFG, steps=4, feature_reuse=2))
+        assert seen == [(1, False, True), (1, True, False)]
+        seen.clear()
+        anim.warmup(replace(CFG, steps=4, cfg_steps=1, feature_reuse=2))  # kinds: pair whole, cond reuse, whole
+        assert seen == [(1, False, True), (0, True, False), (0, False, True)]
+    finally:
+        del anim.sub.unet
+
+
 def test_every_denoising_step_is_timed(anim: Animator, optimized_run: Run) -> None:
     stats = optimized_run.stats
     assert len(stats.step_seconds) == anim.config.steps

@@ -77,7 +77,7 @@ def _rel(a, b):
 
 
 GRAPHS = ["clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
-          "temporal_unet", "temporal_unet_cond"]
+          "temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"]
 
 
 @pytest.mark.parametrize("name", GRAPHS)
@@ -180,12 +180,19 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path):
-    """End to end on the tiny model: frames of the onnxruntime backend vs torch, PSNR >= 40 dB."""
+@pytest.mark.parametrize("knobs,graphs", [
+    ({}, {"temporal_unet"}),
+    ({"feature_reuse": 2}, {"temporal_unet", "temporal_unet_reuse"}),
+    ({"steps": 3, "cfg_steps": 1, "feature_reuse": 2}, {"temporal_unet", "temporal_unet_cond_reuse",
+                                                        "temporal_unet_cond"}),
+], ids=["upstream", "feature-reuse", "feature-reuse+cfg-steps"])
+def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path, knobs, graphs):
+    """End to end on the tiny model: frames of the onnxruntime backend vs torch, PSNR >= 40 dB (with feature
+    reuse too: the whole graphs' deep outputs feed the reuse graphs)."""
     from megactor_rt.assets import ASSETS_DIR
     from megactor_rt.runtime.animator import Animator
 
-    cfg = AnimateConfig(steps=2, window=WINDOW, overlap=2, max_frames=6)
+    cfg = AnimateConfig(window=WINDOW, overlap=2, max_frames=6, **{"steps": 2, **knobs})
     ort_sub = GraphSubmodels("onnxruntime", models.config, models.weights_id,
                              {g.submodel: OrtRunner(g) for g in manifest.graphs.values() if g.precision == "fp32"},
                              torch.device("cpu"), torch.float32)
@@ -196,6 +203,9 @@ def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path):
         frames[name] = np.stack(list(anim.animate(state, ASSETS_DIR / "driver.mp4")))
     assert frames["torch"].shape == frames["onnxruntime"].shape == (6, 128, 128, 3)
     assert _psnr(frames["onnxruntime"], frames["torch"]) >= 40.0
+    assert {g for g in graphs if ort_sub.calls[g]} == graphs and not any(
+        ort_sub.calls[g] for g in {"temporal_unet", "temporal_unet_cond", "temporal_unet_reuse",
+                                   "temporal_unet_cond_reuse"} - graphs)
 
 
 @pytest.mark.parametrize("fallback", ["onnxruntime", "torch"])

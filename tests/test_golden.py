@@ -112,8 +112,8 @@ def test_end_to_end(pack, models, mode):
     first = {}
     orig_predict = model.predict
 
-    def predict(lat, w, step):
-        eps = orig_predict(lat, w, step)
+    def predict(lat, w, step, window):
+        eps = orig_predict(lat, w, step, window)
         first.setdefault("pred", eps)
         return eps
 

@@ -31,18 +31,22 @@ def setup():
     return sub, state, frames
 
 
-def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None, cfg_steps=None, callback=None):
+def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None, cfg_steps=None, callback=None,
+         feature_reuse=None, models=None):
     idx = [i % frames.shape[0] for i in range(n)]
     fr = frames[idx]
+    keep = (feature_reuse or 1) > 1
     if mode == "optimized":
         pose = sub.pose_features(fr, state.film_scale, state.film_shift).permute(1, 0, 2, 3)[None]
-        model = OptimizedPredictor(sub, state, pose, guidance, ref_t)
+        model = OptimizedPredictor(sub, state, pose, guidance, ref_t, keep)
     else:
-        model = ReferencePredictor(sub, state, fr.permute(1, 0, 2, 3)[None], guidance, ref_t)
+        model = ReferencePredictor(sub, state, fr.permute(1, 0, 2, 3)[None], guidance, ref_t, keep)
+    if models is not None:
+        models.append(model)
     h = state.cond.shape[-1]
     noise = torch.randn(1, 4, n, h, h, generator=torch.Generator().manual_seed(n))
     return denoise(noise, model, DDIM().plan(steps), context_windows(n, window, overlap), guidance,
-                   callback=callback, cfg_steps=cfg_steps)
+                   callback=callback, cfg_steps=cfg_steps, feature_reuse=feature_reuse)
 
 
 @pytest.mark.parametrize("n,window,overlap,guidance", [
@@ -154,3 +158,94 @@ def test_truncated_cfg_optimized_equals_reference(setup):
     opt = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, cfg_steps=2)
     err = (opt - ref).abs().max().item()
     assert err <= 1e-4 * ref.abs().max().item(), f"optimized vs reference: {err:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------- feature reuse
+# (a speed knob that changes the math: DeepCache's idea on the temporal UNet)
+
+
+def _window_inputs(setup, frames_n=4):
+    sub, state, frames = setup
+    pose = sub.pose_features(frames[:frames_n], state.film_scale, state.film_shift).permute(1, 0, 2, 3)[None]
+    lat = torch.randn(1, 4, frames_n, *state.cond.shape[-2:], generator=torch.Generator().manual_seed(3))
+    lat = torch.cat([lat, state.cond[:, :, None].expand(-1, -1, frames_n, -1, -1)], dim=1)
+    return sub, state, lat, pose, state.bank(801, sub)
+
+
+@pytest.mark.parametrize("call", ["cfg pair", "conditional", "upstream batch 2"])
+def test_shallow_path_from_its_own_deep_feature_is_the_whole_unet(setup, call):
+    """The split is exact: fed the deep feature of the same inputs, the shallow path gives the whole UNet's
+    output bit for bit (so reuse changes only which step's deep feature is used)."""
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    tokens = state.tokens
+    kw = {"cfg pair": dict(n_uncond=1, shared_down=True), "conditional": {},
+          "upstream batch 2": dict(n_uncond=1, upstream=True)}[call]
+    if call == "upstream batch 2":
+        lat, pose, tokens = lat.repeat(2, 1, 1, 1, 1), pose.repeat(2, 1, 1, 1, 1), tokens.repeat(2, 1, 1)
+    whole = sub.unet(lat, 801, tokens, pose, bank, **kw)
+    eps, deep = sub.unet(lat, 801, tokens, pose, bank, keep_deep=True, **kw)
+    assert torch.equal(eps, whole)
+    c0 = sub.models.unet.config.block_out_channels[0]
+    assert deep.shape == (whole.shape[0], lat.shape[2], c0, *lat.shape[-2:])
+    assert torch.equal(sub.unet(lat, 801, tokens, pose, bank, deep=deep, **kw), whole)
+    other = sub.unet(lat, 801, tokens, pose, bank, deep=deep + 0.1, **kw)  # the deep feature is used
+    assert (other - whole).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["optimized", "reference"])
+def test_feature_reuse_one_is_the_default(setup, mode):
+    sub, state, frames = setup
+    full = _run(sub, state, frames, 7, 4, 2, 4.5, mode)
+    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, feature_reuse=1), full)
+
+
+def test_feature_reuse_runs_the_whole_unet_every_kth_step(setup):
+    sub, state, frames = setup
+    seen, models = {}, []
+
+    def keep(tag):
+        return lambda i, step, eps, lat: seen.setdefault(tag, []).append(lat.clone())
+
+    _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, callback=keep("whole"))
+    before = dict(sub.calls)
+    out = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, callback=keep("reuse"), feature_reuse=2,
+               models=models)
+    calls = {k: v - before.get(k, 0) for k, v in sub.calls.items()}
+    assert calls["unet"] == 12 and calls["unet_reuse"] == 4  # 4 windows per step; step 1 reuses
+    assert len(models[0].deep) == 4  # one kept feature per window
+    assert all(d.shape[0] == 2 for d in models[0].deep.values())  # both CFG halves
+    assert torch.equal(seen["reuse"][0], seen["whole"][0])  # step 0: the whole UNet, as usual
+    assert not torch.equal(seen["reuse"][1], seen["whole"][1])  # step 1 reuses step 0's deep features
+    assert torch.isfinite(out).all() and torch.equal(out, seen["reuse"][-1])
+
+
+@pytest.mark.parametrize("steps,cfg_steps,reuse", [
+    (3, None, 2),
+    (4, 2, 2),   # CFG pair whole + reuse, then conditional whole + reuse
+    (3, 1, 3),   # conditional-only steps reuse the conditional half kept by a CFG step
+    (3, None, 5),  # every step after the first reuses
+])
+def test_feature_reuse_optimized_equals_reference(setup, steps, cfg_steps, reuse):
+    sub, state, frames = setup
+    ref = _run(sub, state, frames, 7, 4, 2, 4.5, "reference", steps=steps, cfg_steps=cfg_steps, feature_reuse=reuse)
+    opt = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=steps, cfg_steps=cfg_steps, feature_reuse=reuse)
+    err = (opt - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), f"optimized vs reference: {err:.3g}"
+    plain = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=steps, cfg_steps=cfg_steps)
+    assert (opt - plain).abs().max() > 1e-4  # the knob changed the result
+
+
+def test_step_kinds_and_warmup_steps():
+    from megactor_rt.config import AnimateConfig, StepKind
+
+    cfg = AnimateConfig(steps=10, cfg_steps=5, feature_reuse=2)
+    assert [cfg.step_kind(i) for i in range(7)] == [StepKind(True, False), StepKind(True, True)] * 2 + [
+        StepKind(True, False), StepKind(False, True), StepKind(False, False)]
+    assert cfg.step_kinds() == (StepKind(True, False), StepKind(True, True), StepKind(False, True),
+                                StepKind(False, False))
+    assert cfg.warmup_steps() == 7
+    assert AnimateConfig(steps=25).warmup_steps() == 1
+    assert AnimateConfig(steps=25, feature_reuse=3).warmup_steps() == 2
+    assert AnimateConfig(steps=1, feature_reuse=3).step_kinds() == (StepKind(True, False),)
+    with pytest.raises(ValueError, match="feature_reuse must be >= 1"):
+        AnimateConfig(feature_reuse=0)

@@ -12,7 +12,7 @@ downsamplers}``, ``mid_block``, ``up_blocks``), so checkpoint keys load as they 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
@@ -25,6 +25,10 @@ from megactor_rt.models.pose_guider import PoseGuider
 from megactor_rt.models.transformer import AttnContext, BankTap, SpatialTransformer
 
 NUM_BANKS = 10
+# feature reuse (a speed knob, DeepCache's shallowest branch): top-level down layers a reusing call recomputes;
+# the last up block's layers from ``layers_per_block - REUSE_DOWN_LAYERS`` on consume their skips
+REUSE_DOWN_LAYERS = 1
+REUSE_BANKS = REUSE_DOWN_LAYERS + 1  # bank tensors a reusing call reads: the last ones, one per recomputed up layer
 
 
 class _Block(nn.Module):
@@ -123,13 +127,17 @@ class _UNetBase(nn.Module):
                                      downscale_freq_shift=self.config.freq_shift)
         return self.time_embedding(emb.to(dtype))  # (B, 4*C0)
 
-    def run_down(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext
+    def run_down(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext, layers: int | None = None
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path from conv_in's output; returns (x, skips). ``layers``: stop after that many layers
+        of the first block (the shallow path of feature reuse)."""
         skips = [x]
         for block in self._blocks(self.down_blocks):
             for i in range(len(block.resnets)):
                 x, _ = block.layer(i, x, temb, ctx)
                 skips.append(x)
+                if layers is not None and len(skips) > layers:
+                    return x, skips
             if hasattr(block, "downsamplers"):
                 x = block.downsamplers[0](x)
                 skips.append(x)
@@ -148,7 +156,9 @@ class TemporalUNet(_UNetBase):
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
                 pose_features: torch.Tensor, bank: Sequence[torch.Tensor] | None = None, *,
-                n_uncond: int = 0, shared_down: bool = False, upstream: bool = False) -> torch.Tensor:
+                n_uncond: int = 0, shared_down: bool = False, upstream: bool = False,
+                deep: torch.Tensor | None = None, keep_deep: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the noise of one context window.
 
         Args:
@@ -163,39 +173,75 @@ class TemporalUNet(_UNetBase):
                 blocks, first mid resnet) runs once and is then duplicated into [uncond, cond]: output batch
                 2. Exact, since both CFG halves get identical inputs.
             upstream: evaluate the way upstream does (see ``AttnContext``).
+            deep: feature reuse (changes the math): the deep feature ``(B_out, F, C0, h, w)`` a ``keep_deep``
+                call returned at an earlier step for the same frames. Only the shallow path runs: conv_in, the
+                first ``REUSE_DOWN_LAYERS`` layers of the top down block, and the top up block's layers from the
+                one that consumes their skips on, starting from ``deep`` instead of the deeper levels' output.
+            keep_deep: also return the deep feature (the input of that first recomputed up layer).
 
         Returns:
-            Predicted noise ``(B_out, 4, F, h, w)``.
+            Predicted noise ``(B_out, 4, F, h, w)``; with ``keep_deep``, ``(noise, deep feature)``.
         """
         b, _, f, h, w = latents.shape
         x = torch.cat([latents, pose_features], dim=1)  # (B, 13, F, h, w)
         x = x.permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)  # fold frames: (B*F, 13, h, w)
         temb = self.time_embed(timestep, b, x.dtype)
         ctx = AttnContext(tokens, f, 0 if shared_down else n_uncond, upstream)
-        x, skips = self.run_down(self.conv_in(x), temb, ctx)
-        x = self.mid_block.resnets[0](x, temb, f)
+        x, skips = self.run_down(self.conv_in(x), temb, ctx, None if deep is None else REUSE_DOWN_LAYERS)
+        if deep is None:
+            x = self.mid_block.resnets[0](x, temb, f)
         if shared_down:
             b, ctx = 2, AttnContext(tokens.expand(2, -1, -1), f, 1, upstream)
             x, temb = torch.cat([x, x]), temb.expand(2, -1)
             skips = [torch.cat([s, s]) for s in skips]
-        banks = iter(bank) if bank is not None else None
-        x = self._mid_up(x, temb, ctx, skips, banks)
+        banks = list(bank) if bank is not None else None
+        kept = None
+        if deep is None:
+            x, kept = self._mid_up(x, temb, ctx, skips, banks, keep_deep)
+        else:
+            x = self._top_up(deep.flatten(0, 1), temb, ctx, skips, banks)
         x = self.conv_out(group_norm_silu(x, self.conv_norm_out, f))
-        return x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)  # (B, 4, F, h, w)
+        eps = x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)  # (B, 4, F, h, w)
+        if keep_deep:
+            assert kept is not None, "keep_deep needs the whole UNet (deep=None)"
+            return eps, kept.unflatten(0, (b, f))
+        return eps
+
+    def _reuse_start(self) -> int:
+        """Index, in the top up block, of the first layer a feature-reusing call recomputes."""
+        return self.config.layers_per_block - REUSE_DOWN_LAYERS
 
     def _mid_up(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext, skips: list[torch.Tensor],
-                banks: Iterator[torch.Tensor] | None) -> torch.Tensor:
+                banks: list[torch.Tensor] | None, keep_deep: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        it = iter(banks) if banks is not None else None
+
         def nxt() -> torch.Tensor | None:
-            return next(banks) if banks is not None else None
+            return next(it) if it is not None else None
 
         x, _ = self.mid_block.attentions[0](x, ctx, nxt())
         x = self.mid_block.resnets[1](x, temb, ctx.frames)
-        for block in self._blocks(self.up_blocks):
+        blocks = self._blocks(self.up_blocks)
+        kept = None
+        for block in blocks:
             for i in range(len(block.resnets)):
+                if keep_deep and block is blocks[-1] and i == self._reuse_start():
+                    kept = x
                 x = torch.cat([x, skips.pop()], dim=1)
                 x, _ = block.layer(i, x, temb, ctx, nxt() if hasattr(block, "attentions") else None)
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x)
+        return x, kept
+
+    def _top_up(self, x: torch.Tensor, temb: torch.Tensor, ctx: AttnContext, skips: list[torch.Tensor],
+                banks: list[torch.Tensor] | None) -> torch.Tensor:
+        """The top up block's layers a feature-reusing call recomputes, from the deep feature ``x``."""
+        top = self._blocks(self.up_blocks)[-1]
+        layers = range(self._reuse_start(), len(top.resnets))
+        own = banks[len(banks) - len(layers):] if banks is not None else [None] * len(layers)  # one per layer
+        for i, bank in zip(layers, own):
+            x = torch.cat([x, skips.pop()], dim=1)
+            x, _ = top.layer(i, x, temb, ctx, bank)
         return x
 
 
