@@ -4,7 +4,8 @@ For one context window (full-size SD1.5 UNet + motion modules, 512 px -> 64x64 l
 times the optimized call (with the Triton kernels for the motion-module attention and the frame-spanning
 GroupNorm+SiLU, and again with each and both switched off for comparison; batch-1 down path shared by both CFG halves, bank attention in the conditional
 half only) and the upstream-style call (batch 2, bank attention for both halves, uncond recomputed) with
-CUDA events, counts their FLOPs (torch.utils.flop_counter), and profiles the optimized call: device time per
+CUDA events, counts their FLOPs (torch.utils.flop_counter), times the call a ``--feature-reuse`` step makes
+instead (the shallow path from a kept deep feature), and profiles the optimized call: device time per
 kernel class (GEMM, attention, convolution, normalisation, other) and the top kernels. Also times the
 optimized call with the UNet in channels_last memory format (a layout experiment; same math).
 
@@ -119,12 +120,20 @@ def main() -> None:
     def upstream() -> object:
         return unet(lat2, t, tok2, pose2, bank2, n_uncond=1, upstream=True)
 
+    with torch.inference_mode():
+        _, deep = unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True, keep_deep=True)
+
+    @torch.inference_mode()
+    def reusing() -> object:  # a feature-reuse step's call: the shallow path from a kept deep feature
+        return unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True, deep=deep)
+
     report: dict = {"date": date.today().isoformat(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
                     "matmul_tflops": matmul_tflops(dev, dtype), "calls": {},
                     "compile_mode": args.compile_mode, "inductor": inductor_opts, "profiled": profile_what}
-    for name, fn in (("optimized", optimized), ("upstream", upstream))[:1 if args.quick else 2]:
+    calls = (("optimized", optimized), ("upstream", upstream), (REUSING, reusing))
+    for name, fn in calls[:1] if args.quick else calls:
         secs = time_call(fn, dev)
         flops = count_flops(fn)
         report["calls"][name] = {"seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
@@ -201,6 +210,7 @@ def main() -> None:
 
 
 COMPILED = "optimized, torch.compile"
+REUSING = "optimized, a feature-reuse step (shallow path), eager"
 TRITON_OFF = (("motion-module attention via SDPA", ("MEGACTOR_SHORT_ATTENTION",)),
               ("GroupNorm+SiLU via PyTorch", ("MEGACTOR_TRITON_GROUP_NORM",)),
               ("no Triton kernels", ("MEGACTOR_SHORT_ATTENTION", "MEGACTOR_TRITON_GROUP_NORM")))

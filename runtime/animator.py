@@ -305,6 +305,9 @@ class Animator:
         out = check_output_path(output)
         if contour:
             landmarks_model = landmarks_model_path(landmarks_model)  # fail before any work if it is missing
+        cfg = config or self.config
+        if cfg.tiny_decoder is not None:
+            self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
         info = probe_video(driver)
         hits = self.cache.hits
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)

@@ -112,3 +112,14 @@ def test_a_run_decodes_with_the_tiny_decoder(taesd: tuple[Path, AutoencoderTiny]
     assert any((a != b).any() for a, b in zip(tiny_frames, vae_frames))
     with pytest.raises(WeightsError, match="tiny decoder weights not found"):
         next(anim.animate(state, driver, config=replace(cfg, tiny_decoder=str(tmp_path / "gone.pth"))))
+
+
+def test_a_bad_tiny_decoder_fails_before_any_work(tmp_path: Path) -> None:
+    """animate_to_file checks the tiny decoder before the portrait's networks run, and writes nothing."""
+    set_progress_enabled(False)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2,
+                                                                   tiny_decoder=str(tmp_path / "gone.pth")))
+    out = tmp_path / "out.mp4"
+    with pytest.raises(WeightsError, match="gone.pth"):
+        anim.animate_to_file(PORTRAIT, write_face_driver(tmp_path / "face.mp4", n=5), out)
+    assert not anim.sub.calls and not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "face.mp4"]
