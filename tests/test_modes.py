@@ -110,11 +110,12 @@ def test_uncond_half_ignores_bank(setup):
 
 
 @pytest.mark.parametrize("mode", ["optimized", "reference"])
-def test_cfg_in_every_step_is_the_default(setup, mode):
+def test_speed_knobs_at_their_neutral_values_are_the_default(setup, mode):
+    """CFG in every step (cfg_steps >= steps) and feature reuse every step (1) are upstream, bit for bit."""
     sub, state, frames = setup
     full = _run(sub, state, frames, 7, 4, 2, 4.5, mode)
-    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, cfg_steps=2), full)
-    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, cfg_steps=9), full)
+    for knob in ({"cfg_steps": 2}, {"cfg_steps": 9}, {"feature_reuse": 1}):
+        assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, **knob), full), knob
 
 
 @pytest.mark.parametrize("mode", ["optimized", "reference"])
@@ -190,13 +191,6 @@ def test_shallow_path_from_its_own_deep_feature_is_the_whole_unet(setup, call):
     assert torch.equal(sub.unet(lat, 801, tokens, pose, bank, deep=deep, **kw), whole)
     other = sub.unet(lat, 801, tokens, pose, bank, deep=deep + 0.1, **kw)  # the deep feature is used
     assert (other - whole).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("mode", ["optimized", "reference"])
-def test_feature_reuse_one_is_the_default(setup, mode):
-    sub, state, frames = setup
-    full = _run(sub, state, frames, 7, 4, 2, 4.5, mode)
-    assert torch.equal(_run(sub, state, frames, 7, 4, 2, 4.5, mode, feature_reuse=1), full)
 
 
 def test_feature_reuse_runs_the_whole_unet_every_kth_step(setup):

@@ -182,6 +182,8 @@ class TemporalUNet(_UNetBase):
         Returns:
             Predicted noise ``(B_out, 4, F, h, w)``; with ``keep_deep``, ``(noise, deep feature)``.
         """
+        if keep_deep and deep is not None:
+            raise ValueError("keep_deep needs the whole UNet: pass either deep or keep_deep, not both")
         b, _, f, h, w = latents.shape
         x = torch.cat([latents, pose_features], dim=1)  # (B, 13, F, h, w)
         x = x.permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)  # fold frames: (B*F, 13, h, w)
@@ -192,7 +194,7 @@ class TemporalUNet(_UNetBase):
             x = self.mid_block.resnets[0](x, temb, f)
         if shared_down:
             b, ctx = 2, AttnContext(tokens.expand(2, -1, -1), f, 1, upstream)
-            x, temb = torch.cat([x, x]), temb.expand(2, -1)
+            x, temb = torch.cat([x, x]) if deep is None else x, temb.expand(2, -1)
             skips = [torch.cat([s, s]) for s in skips]
         banks = list(bank) if bank is not None else None
         kept = None
@@ -202,8 +204,7 @@ class TemporalUNet(_UNetBase):
             x = self._top_up(deep.flatten(0, 1), temb, ctx, skips, banks)
         x = self.conv_out(group_norm_silu(x, self.conv_norm_out, f))
         eps = x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)  # (B, 4, F, h, w)
-        if keep_deep:
-            assert kept is not None, "keep_deep needs the whole UNet (deep=None)"
+        if kept is not None:
             return eps, kept.unflatten(0, (b, f))
         return eps
 
