@@ -30,7 +30,13 @@ from megactor_rt.runtime.denoise import denoise
 from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver, plan_driver_contour
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
-from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor, reusable
+from megactor_rt.runtime.predictor import (
+    OptimizedPredictor,
+    ReferencePredictor,
+    feature_offload,
+    kept_feature_bytes,
+    reusable,
+)
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels
 from megactor_rt.weights import build_models, load_converted
 
@@ -251,9 +257,16 @@ class Animator:
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
+        windows = context_windows(n, cfg.window, cfg.overlap)
+        if cfg.reuses_features:
+            kept = kept_feature_bytes(len(windows), len(windows[0]), cfg.cfg, sub.config.unet.block_out_channels[0],
+                                      h, sub.dtype.itemsize)
+            model.offload = feature_offload(sub.device, kept)
+            if model.offload:
+                logger.info("feature reuse: %.1f GB of kept features for %d frames go to host memory", kept / 1e9, n)
         with timer.stage("denoise"):
-            return denoise(noise, model, steps, context_windows(n, cfg.window, cfg.overlap), cfg.guidance,
-                           on_step=timer.step_clock(), cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
+            return denoise(noise, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
+                           cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
 
     def tiny_decoder(self, path: str | Path) -> torch.nn.Module:
         """The TAESD decoder from ``path`` on the submodels' device and dtype (loaded once per path).

@@ -31,6 +31,18 @@ def reusable(deep: torch.Tensor | None, cfg: bool) -> torch.Tensor | None:
     return deep if cfg else deep[-1:]
 
 
+def kept_feature_bytes(windows: int, window: int, cfg: bool, channels: int, latent: int, itemsize: int) -> int:
+    """Bytes of the deep features feature reuse keeps: one ``(halves, F, C0, h, w)`` tensor per window."""
+    return windows * (2 if cfg else 1) * window * channels * latent * latent * itemsize
+
+
+def feature_offload(device: torch.device, nbytes: int, share: float = 0.5) -> bool:
+    """Whether kept deep features should live in host memory: on CUDA when they would take more than ``share``
+    of the free device memory (long drivers: about 10 MB per frame at 512 px, fp16, CFG, overlap 8). Costs a
+    device-host copy of each feature per whole step and back per reusing step."""
+    return device.type == "cuda" and nbytes > share * torch.cuda.mem_get_info(device)[0]
+
+
 class _Base:
     def __init__(self, sub: Submodels, state: PortraitState, guidance: float, reference_timestep: int | None,
                  feature_reuse: bool = False):
@@ -41,6 +53,7 @@ class _Base:
         self.keep = feature_reuse  # whole calls keep their deep feature, per window
         self.reuse = False  # this step reuses them
         self.deep: dict[int, torch.Tensor] = {}
+        self.offload = False  # keep them in host memory (see ``feature_offload``)
 
     def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
         self.cfg, self.reuse = kind.cfg, kind.reuse
@@ -51,11 +64,26 @@ class _Base:
         window has a kept feature of the right kind, else the whole UNet (keeping its deep feature when reuse
         is on)."""
         deep = reusable(self.deep.get(window), self.cfg) if self.reuse else None
+        if deep is not None and self.offload:
+            deep = deep.to(latents.device, non_blocking=True)  # from pinned memory: queued, no host wait
         out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
                             keep_deep=self.keep and deep is None, **kwargs)
         if isinstance(out, tuple):
-            out, self.deep[window] = out
+            out, kept = out
+            self._keep(window, kept)
         return out
+
+    def _keep(self, window: int, deep: torch.Tensor) -> None:
+        if not self.offload:
+            self.deep[window] = deep
+            return
+        host = self.deep.get(window)
+        if host is None or host.shape != deep.shape or host.stride() != deep.stride():
+            # same layout as on the device (the kernels that read it back choose by layout); pinned on CUDA, so
+            # the copies queue without a host wait
+            host = self.deep[window] = torch.empty_strided(deep.shape, deep.stride(), dtype=deep.dtype,
+                                                           pin_memory=deep.device.type == "cuda")
+        host.copy_(deep, non_blocking=True)  # stream order keeps it ahead of the next step's read
 
     def ref_t(self, step: DDIMStep) -> int:
         return step.timestep if self.reference_timestep is None else self.reference_timestep

@@ -32,7 +32,7 @@ def setup():
 
 
 def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None, cfg_steps=None, callback=None,
-         feature_reuse=None, models=None):
+         feature_reuse=None, models=None, offload=False):
     idx = [i % frames.shape[0] for i in range(n)]
     fr = frames[idx]
     keep = (feature_reuse or 1) > 1
@@ -41,6 +41,7 @@ def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=
         model = OptimizedPredictor(sub, state, pose, guidance, ref_t, keep)
     else:
         model = ReferencePredictor(sub, state, fr.permute(1, 0, 2, 3)[None], guidance, ref_t, keep)
+    model.offload = offload
     if models is not None:
         models.append(model)
     h = state.cond.shape[-1]
@@ -243,3 +244,27 @@ def test_step_kinds_and_warmup_steps():
     assert AnimateConfig(steps=1, feature_reuse=3).step_kinds() == (StepKind(True, False),)
     with pytest.raises(ValueError, match="feature_reuse must be >= 1"):
         AnimateConfig(feature_reuse=0)
+
+
+def test_kept_features_in_host_memory_give_the_same_result(setup):
+    """Offloaded features (long drivers on CUDA) are copied out and back; the result is bit-identical, also
+    when a conditional-only whole step replaces a CFG pair's kept feature with a smaller one."""
+    sub, state, frames = setup
+    models = []
+    on_device, in_host_memory = (_run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=5, cfg_steps=3,
+                                      feature_reuse=2, models=models, offload=offload) for offload in (False, True))
+    assert torch.equal(in_host_memory, on_device)
+    assert models[1].deep.keys() == models[0].deep.keys()
+    assert all(torch.equal(models[1].deep[k], models[0].deep[k]) for k in models[0].deep)
+    assert all(d.shape[0] == 1 for d in models[1].deep.values())  # the last whole step was conditional only
+
+
+def test_kept_features_go_to_host_memory_only_when_large(monkeypatch):
+    from megactor_rt.runtime.predictor import feature_offload, kept_feature_bytes
+
+    per_run = kept_feature_bytes(6, 16, True, 320, 64, 2)  # 48 frames at 512 px, w16/o8, CFG, fp16
+    assert per_run == 6 * 2 * 16 * 320 * 64 * 64 * 2  # 84 MB per window, ~10.5 MB per frame
+    assert not feature_offload(torch.device("cpu"), 10**15)  # host memory already
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 10**9, 80 * 10**9))
+    assert not feature_offload(torch.device("cuda"), per_run)
+    assert feature_offload(torch.device("cuda"), 2 * 10**9 + 1)
