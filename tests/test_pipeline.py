@@ -77,6 +77,34 @@ def test_streamed_decode_gives_the_same_frames_as_serial_decode() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(streamed, serial))
 
 
+@pytest.mark.gpu
+def test_feature_reuse_with_features_in_pinned_host_memory_gives_the_same_frames(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Long drivers keep feature reuse's deep features in pinned host memory (copies queued on the stream, no
+    host wait); the frames must equal those with the features on the device."""
+    import logging
+
+    import numpy as np
+
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.config import AnimateConfig
+    from megactor_rt.runtime import animator as animator_module
+    from megactor_rt.runtime.animator import Animator
+
+    cfg = AnimateConfig(steps=4, window=4, overlap=2, max_frames=10, cfg_steps=3, feature_reuse=2)
+    anim = Animator.demo(device="cuda", config=cfg)
+    state = anim.prepare(ASSETS_DIR / "portrait.png")
+    driver = ASSETS_DIR / "driver.mp4"
+    on_device = list(anim.animate(state, driver))
+    monkeypatch.setattr(animator_module, "feature_offload", lambda device, nbytes: True)
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.animator"):
+        in_host_memory = list(anim.animate(state, driver))
+    assert "go to host memory" in caplog.text
+    assert anim.last_stats.calls.get("unet_reuse") == 2 * 5  # steps 1 and 3, 5 windows each
+    assert len(in_host_memory) == len(on_device) == 10
+    assert all(np.array_equal(a, b) for a, b in zip(in_host_memory, on_device))
+
+
 def test_compiled_unet_is_built_once_and_used_only_when_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wiring of ``TorchSubmodels.compile`` (torch.compile itself is measured on a GPU: docs/performance.md;
     compiling on this 2-core CI machine takes minutes)."""
