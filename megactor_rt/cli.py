@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from megactor_rt.errors import MegactorError
+from megactor_rt.errors import InputError, MegactorError
 
 logger = logging.getLogger("megactor_rt")
 
@@ -58,10 +58,13 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
 def _run_config(args: argparse.Namespace):  # noqa: ANN202
     from megactor_rt.config import AnimateConfig, Mode
 
-    return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
-                         seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
-                         max_frames=args.max_frames, cfg_steps=args.cfg_steps,
-                         tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse)
+    try:
+        return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
+                             seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
+                             max_frames=args.max_frames, cfg_steps=args.cfg_steps,
+                             tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse)
+    except ValueError as exc:  # a setting out of range: the user's input, not a bug
+        raise InputError(f"bad run settings: {exc}") from exc
 
 
 def _report(stats, out: Path) -> None:  # noqa: ANN001

@@ -301,6 +301,19 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
         AnimateConfig(cfg_steps=-1)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (("--feature-reuse", 0), "feature_reuse must be >= 1"),
+    (("--cfg-steps", -1), "cfg_steps must be >= 0"),
+    (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
+])
+def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                flags: tuple, message: str) -> None:
+    out = tmp_path / "o.mp4"
+    code, _, err = run(capsys, "demo", *flags, "-o", out)
+    assert code == 2 and f"error: bad run settings: {message}" in err and "unexpected" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv, problem", [(["--suite", "nope"], "unknown benchmark suite 'nope'"),
                                            (["--suite", "gpu-full", "--modes", "fast"], "has no mode(s) fast")])
 def test_bench_rejects_unknown_suite_or_mode(argv: list[str], problem: str, tmp_path: Path,
