@@ -357,7 +357,7 @@ def _progress_monitor(trt: Any, label: str) -> Any:
 
     class _Monitor(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
-            base.__init__(self)
+            base.__init__(self)  # type: ignore[misc]  # the pybind11 base needs its own __init__ called
             self.started: dict[str, float] = {}
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:

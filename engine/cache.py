@@ -65,8 +65,8 @@ class DeviceInfo:
         if not torch.cuda.is_available():
             raise BackendUnavailable("TensorRT engines need a CUDA device, and none is visible to torch")
         index = torch.cuda.current_device() if device is None else device
-        return cls(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)),
-                   str(trt.__version__))
+        major, minor = torch.cuda.get_device_capability(index)
+        return cls(torch.cuda.get_device_name(index), (major, minor), str(trt.__version__))
 
 
 def import_tensorrt() -> Any:
@@ -155,7 +155,8 @@ class EngineRecord:
 
     @property
     def device(self) -> DeviceInfo:
-        return DeviceInfo(self.gpu_name, tuple(self.compute_capability), self.trt_version)
+        major, minor = self.compute_capability
+        return DeviceInfo(self.gpu_name, (major, minor), self.trt_version)
 
     def engine_key(self) -> EngineKey:
         return EngineKey(self.device, self.precision, self.onnx_sha256, self.profile_name, self.profile_shapes)

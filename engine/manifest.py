@@ -165,7 +165,7 @@ def parse_manifest(raw: Any, path: Path) -> Manifest:
     fmt = raw.get("format")
     _expect(fmt == MANIFEST_FORMAT, where, f"'format' must be {MANIFEST_FORMAT}, got {fmt!r}")
     graphs_raw = raw.get("graphs")
-    _expect(isinstance(graphs_raw, dict) and graphs_raw, where, "'graphs' must be a non-empty object")
+    _expect(isinstance(graphs_raw, dict) and bool(graphs_raw), where, "'graphs' must be a non-empty object")
     graphs = {name: _parse_graph(name, g, path.parent, f"{where}: graphs.{name}") for name, g in graphs_raw.items()}
     return Manifest(path=path, format=fmt, graphs=graphs)
 
@@ -173,7 +173,7 @@ def parse_manifest(raw: Any, path: Path) -> Manifest:
 def _parse_graph(name: str, g: Any, root: Path, where: str) -> GraphEntry:
     _expect(isinstance(g, dict), where, "must be an object")
     for key in ("file", "submodel", "precision", "sha256"):
-        _expect(isinstance(g.get(key), str) and g[key], where, f"'{key}' must be a non-empty string")
+        _expect(isinstance(g.get(key), str) and bool(g[key]), where, f"'{key}' must be a non-empty string")
     _expect(g["submodel"] in SUBMODELS, where, f"unknown submodel '{g['submodel']}'; expected one of {SUBMODELS}")
     _expect(g["precision"] in [p.value for p in ENGINE_PRECISIONS], where, f"unknown precision '{g['precision']}'")
     _expect(re.fullmatch(r"[0-9a-f]{64}", g["sha256"]) is not None, where, "'sha256' must be 64 lowercase hex digits")
@@ -183,14 +183,14 @@ def _parse_graph(name: str, g: Any, root: Path, where: str) -> GraphEntry:
     _expect(isinstance(profiles_raw, dict), where, "'profiles' must be an object")
     profiles = {p: _parse_profile(v, f"{where}.profiles.{p}") for p, v in profiles_raw.items()}
     weights_id = g.get("weights_id")
-    _expect(weights_id is None or (isinstance(weights_id, str) and weights_id), where,
+    _expect(weights_id is None or (isinstance(weights_id, str) and bool(weights_id)), where,
             "'weights_id' must be a non-empty string when present")
     return GraphEntry(name, g["file"], g["submodel"], g["precision"], g["sha256"], inputs, outputs, profiles, root,
                       weights_id)
 
 
 def _parse_tensors(raw: Any, where: str) -> dict[str, TensorSpec]:
-    _expect(isinstance(raw, dict) and raw, where, "must be a non-empty object")
+    _expect(isinstance(raw, dict) and bool(raw), where, "must be a non-empty object")
     out = {}
     for name, spec in raw.items():
         w = f"{where}.{name}"
@@ -199,7 +199,7 @@ def _parse_tensors(raw: Any, where: str) -> dict[str, TensorSpec]:
         shape = spec.get("shape")
         _expect(isinstance(shape, list), w, "'shape' must be a list")
         for d in shape:
-            ok = (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d)
+            ok = (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and bool(d))
             _expect(ok, w, f"dims must be non-negative ints or dim names, got {d!r}")
         out[name] = TensorSpec(name, spec["dtype"], tuple(shape))
     return out

@@ -196,6 +196,7 @@ class TensorRTRunner(Runner):
             return None
         for name, t in inputs.items():
             state.static_inputs[name].copy_(t)
+        assert state.graph is not None  # captured above
         state.graph.replay()
         return {n: t.clone() for n, t in state.static_outputs.items()}
 

@@ -87,7 +87,7 @@ def select_backends(submodels: Sequence[str], engine_dir: str | Path | None,
         prof = profile.get(sub) if isinstance(profile, Mapping) else profile
         if sub in forced:
             choice = BackendChoice(sub, fb, "forced to the fallback by the user")
-        elif not ok:
+        elif not ok or device is None:  # with ok, device is known (set above)
             choice = BackendChoice(sub, fb, f"TensorRT unavailable: {why}")
         elif engine_dir is None or not Path(engine_dir).is_dir():
             choice = BackendChoice(sub, fb, f"no engine directory ({engine_dir})")

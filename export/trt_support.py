@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+_FLOAT_TYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 _TWO_GIB = 2 << 30
 
 
@@ -98,10 +98,10 @@ def scan_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> di
         elif node.op_type not in supported:
             op, reason = node.op_type, f"not supported by the TensorRT {version} ONNX parser, e.g. {label}"
         else:
-            op, reason = node.op_type, _precision_problem(node, supported[node.op_type], types, precision, version)
-            if reason is None:
+            problem = _precision_problem(node, supported[node.op_type], types, precision, version)
+            if problem is None:
                 continue
-            reason += f", e.g. {label}"
+            op, reason = node.op_type, f"{problem}, e.g. {label}"
         reasons = found.setdefault(op, [])
         if not any(r.split(", e.g.")[0] == reason.split(", e.g.")[0] for r in reasons):
             reasons.append(reason)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -24,7 +24,7 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", leave: bool = False) -> Iterator[T] | tqdm:
+             unit: str = "it", leave: bool = False) -> tqdm:
     """Wrap an iterable (or create a manual bar when ``iterable`` is None) in a progress bar."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not _ENABLED,
                 dynamic_ncols=True)

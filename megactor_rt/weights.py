@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +31,10 @@ from torch import nn
 
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import WeightsError
+
+if TYPE_CHECKING:
+    from megactor_rt.models.clip import ClipImageEncoder
+    from megactor_rt.models.unet import ReferenceNet, TemporalUNet
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +44,16 @@ FORMAT_VERSION = 1
 
 @dataclass
 class MegActorModels:
-    """The four networks of one model (the PoseGuider lives inside ``unet.condition_input_layer``)."""
+    """The four networks of one model (the PoseGuider lives inside ``unet.condition_input_layer``).
+
+    A network left out of ``build_models(only=...)`` is an ``nn.Identity`` placeholder despite its type.
+    """
 
     config: ModelConfig
-    unet: nn.Module
-    reference_net: nn.Module
+    unet: TemporalUNet
+    reference_net: ReferenceNet
     vae: nn.Module
-    clip: nn.Module
+    clip: ClipImageEncoder
     weights_id: str = "random"
 
     def modules(self) -> dict[str, nn.Module]:
@@ -82,8 +90,9 @@ def build_models(cfg: ModelConfig, seed: int | None = None, only: Collection[str
         if seed is not None:
             torch.manual_seed(seed + i)  # per network, so ``only`` does not change the others' weights
         built[name] = make() if only is None or name in only else nn.Identity()
-    models = MegActorModels(cfg, built["temporal_unet"], built["reference_net"], built["vae"],
-                            built["clip_image_encoder"])
+    models = MegActorModels(cfg, cast("TemporalUNet", built["temporal_unet"]),
+                            cast("ReferenceNet", built["reference_net"]), built["vae"],
+                            cast("ClipImageEncoder", built["clip_image_encoder"]))
     for m in models.modules().values():
         m.eval().requires_grad_(False)
     return models

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,7 +250,7 @@ class Animator:
                 model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep,
                                            cfg.reuses_features)
             else:
-                pose = torch.cat([sub.pose_features(torch.stack(b), state.film_scale, state.film_shift)
+                pose = torch.cat([sub.pose_features(torch.stack(list(b)), state.film_scale, state.film_shift)
                                   for b in _batches(frames, POSE_BATCH)])  # (N, 4, h, w)
                 model = OptimizedPredictor(sub, state, pose.permute(1, 0, 2, 3)[None], cfg.guidance,
                                            cfg.reference_timestep, cfg.reuses_features)
@@ -334,7 +335,7 @@ class Animator:
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats
 
-    def with_config(self, **changes: object) -> Animator:
+    def with_config(self, **changes: Any) -> Animator:
         """A new Animator sharing submodels and cache with some settings changed."""
         return Animator(self.sub, replace(self.config, **changes), self.cache)
 

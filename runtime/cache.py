@@ -80,6 +80,8 @@ class PortraitCache:
         tmp.replace(final)
 
     def _load(self, key: str, device: torch.device | str) -> PortraitState | None:
+        if self.disk_dir is None:
+            return None
         path = self.disk_dir / f"{_file_key(key)}.safetensors"
         if not path.is_file():
             return None

@@ -85,7 +85,7 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             bar.update(1)
         guided = torch.empty_like(latents) if callback is not None else None
         latents = ddim_cfg_update(acc, counts, latents, guidance, step.alpha_t, step.alpha_prev, eps_out=guided)
-        if callback is not None:
+        if callback is not None and guided is not None:  # guided is made exactly when there is a callback
             callback(i, step, guided, latents)
     bar.close()
     if on_step is not None:

@@ -52,6 +52,8 @@ class OrtRunner(Runner):
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         arrays = {n: feed[n].detach().cpu().numpy().astype(_NP[self.graph.inputs[n].dtype], copy=False)
                   for n in self.input_names}
+        if self.session is None:
+            raise BackendUnavailable(f"onnxruntime session for {self.graph.name} is not active (call activate())")
         outs = self.session.run(list(self.output_names), arrays)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.output_names, outs)}
 
@@ -71,6 +73,12 @@ class GraphSubmodels(Submodels):
         out = self.runners[graph].infer(feed)
         return {k: v.to(self.device, self.dtype) for k, v in out.items()}
 
+    def _fb(self) -> Submodels:
+        """The fallback submodels (``_has`` returned False, so there is one)."""
+        if self.fallback is None:
+            raise BackendUnavailable(f"{self.name}: no fallback backend")
+        return self.fallback
+
     def _has(self, graph: str) -> bool:
         if graph in self.runners:
             return True
@@ -80,34 +88,34 @@ class GraphSubmodels(Submodels):
 
     def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self._has("clip_image_encoder"):
-            return self.fallback.clip_tokens(pixels)
+            return self._fb().clip_tokens(pixels)
         return self._run("clip_image_encoder", pixels=pixels)["tokens"]
 
     def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._has("vae_encoder"):
-            return self.fallback.vae_encode(images)
+            return self._fb().vae_encode(images)
         out = self._run("vae_encoder", images=images)
         return out["mean"], out["logvar"]
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not self._has("vae_decoder"):
-            return self.fallback.vae_decode(latents)
+            return self._fb().vae_decode(latents)
         return self._run("vae_decoder", latents=latents)["images"]
 
     def film(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._has("pose_guider_film"):
-            return self.fallback.film(reference)
+            return self._fb().film(reference)
         out = self._run("pose_guider_film", reference=reference)
         return out["film_scale"], out["film_shift"]
 
     def pose_features(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         if not self._has("pose_guider"):
-            return self.fallback.pose_features(frames, scale, shift)
+            return self._fb().pose_features(frames, scale, shift)
         return self._run("pose_guider", frames=frames, film_scale=scale, film_shift=shift)["pose"]
 
     def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
         if not self._has("reference_net"):
-            return self.fallback.reference_bank(latent, timestep, tokens)
+            return self._fb().reference_bank(latent, timestep, tokens)
         if latent.shape[0] != 1:
             raise InputError("the reference_net graph runs at batch 1 (use mode='optimized')")
         out = self._run("reference_net", latent=latent, timestep=torch.tensor([float(timestep)]), tokens=tokens)
@@ -122,7 +130,7 @@ class GraphSubmodels(Submodels):
                              "conditional-only call; use mode='optimized' (the reference mode needs torch)")
         graph = ("temporal_unet" if shared_down else "temporal_unet_cond") + ("_reuse" if deep is not None else "")
         if not self._has(graph):
-            return self.fallback.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond,
+            return self._fb().unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond,
                                       shared_down=shared_down, deep=deep, keep_deep=keep_deep)
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
         if deep is not None:
@@ -158,7 +166,8 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
                          f"(weights id {weights_id}); re-run `megactor-rt export --weights {weights_dir}`")
     want = "fp16" if precision is Precision.FP16 else "fp32"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-    ort_runners = {e.submodel: OrtRunner(e, providers) for e in manifest.graphs.values() if e.precision == want}
+    ort_runners: dict[str, Runner] = {e.submodel: OrtRunner(e, providers) for e in manifest.graphs.values()
+                                      if e.precision == want}
     if not ort_runners:
         raise InputError(f"{onnx_dir}: the manifest has no {want} graphs (export with --precision {want})")
     dtype = torch.float16 if want == "fp16" else torch.float32
