@@ -261,20 +261,22 @@ class AnimateConfig:
         """What denoising step ``i`` runs (see :func:`step_kind`)."""
         return step_kind(i, self.guidance, self.cfg_steps, self.feature_reuse)
 
+    def _first_steps(self) -> dict[StepKind, int]:
+        """Each kind of step the run makes -> the first step of that kind, in step order."""
+        first: dict[StepKind, int] = {}
+        for i in range(self.steps):
+            first.setdefault(self.step_kind(i), i)
+        return first
+
     def step_kinds(self) -> tuple[StepKind, ...]:
         """The kinds of denoising step a run makes, in the order they first occur (step 0 is always a whole
         CFG-pair step when guidance is on, so every reusing kind comes after a whole step)."""
-        return tuple(dict.fromkeys(self.step_kind(i) for i in range(self.steps)))
+        return tuple(self._first_steps())
 
     def warmup_steps(self) -> int:
         """The fewest leading steps in which every kind of step of the run occurs (a warm-up that runs them
         meets every UNet call the run makes)."""
-        kinds, seen = set(self.step_kinds()), set()
-        for i in range(self.steps):
-            seen.add(self.step_kind(i))
-            if seen == kinds:
-                return i + 1
-        return self.steps
+        return max(self._first_steps().values()) + 1
 
 
 class StepKind(NamedTuple):

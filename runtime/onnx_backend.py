@@ -73,49 +73,48 @@ class GraphSubmodels(Submodels):
         out = self.runners[graph].infer(feed)
         return {k: v.to(self.device, self.dtype) for k, v in out.items()}
 
-    def _fb(self) -> Submodels:
-        """The fallback submodels (``_has`` returned False, so there is one)."""
-        if self.fallback is None:
-            raise BackendUnavailable(f"{self.name}: no fallback backend")
-        return self.fallback
+    def _fallback(self, graph: str) -> Submodels | None:
+        """None when ``graph`` has a runner; otherwise the submodels that run it instead.
 
-    def _has(self, graph: str) -> bool:
+        Raises:
+            BackendUnavailable: no runner for ``graph`` and no fallback.
+        """
         if graph in self.runners:
-            return True
+            return None
         if self.fallback is None:
             raise BackendUnavailable(f"{self.name}: no graph '{graph}' and no fallback")
-        return False
+        return self.fallback
 
     def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not self._has("clip_image_encoder"):
-            return self._fb().clip_tokens(pixels)
+        if (fb := self._fallback("clip_image_encoder")) is not None:
+            return fb.clip_tokens(pixels)
         return self._run("clip_image_encoder", pixels=pixels)["tokens"]
 
     def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._has("vae_encoder"):
-            return self._fb().vae_encode(images)
+        if (fb := self._fallback("vae_encoder")) is not None:
+            return fb.vae_encode(images)
         out = self._run("vae_encoder", images=images)
         return out["mean"], out["logvar"]
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if not self._has("vae_decoder"):
-            return self._fb().vae_decode(latents)
+        if (fb := self._fallback("vae_decoder")) is not None:
+            return fb.vae_decode(latents)
         return self._run("vae_decoder", latents=latents)["images"]
 
     def film(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._has("pose_guider_film"):
-            return self._fb().film(reference)
+        if (fb := self._fallback("pose_guider_film")) is not None:
+            return fb.film(reference)
         out = self._run("pose_guider_film", reference=reference)
         return out["film_scale"], out["film_shift"]
 
     def pose_features(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        if not self._has("pose_guider"):
-            return self._fb().pose_features(frames, scale, shift)
+        if (fb := self._fallback("pose_guider")) is not None:
+            return fb.pose_features(frames, scale, shift)
         return self._run("pose_guider", frames=frames, film_scale=scale, film_shift=shift)["pose"]
 
     def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
-        if not self._has("reference_net"):
-            return self._fb().reference_bank(latent, timestep, tokens)
+        if (fb := self._fallback("reference_net")) is not None:
+            return fb.reference_bank(latent, timestep, tokens)
         if latent.shape[0] != 1:
             raise InputError("the reference_net graph runs at batch 1 (use mode='optimized')")
         out = self._run("reference_net", latent=latent, timestep=torch.tensor([float(timestep)]), tokens=tokens)
@@ -129,9 +128,9 @@ class GraphSubmodels(Submodels):
             raise InputError(f"{self.name}: the exported UNet graphs cover the optimized CFG pair and the "
                              "conditional-only call; use mode='optimized' (the reference mode needs torch)")
         graph = ("temporal_unet" if shared_down else "temporal_unet_cond") + ("_reuse" if deep is not None else "")
-        if not self._has(graph):
-            return self._fb().unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond,
-                                      shared_down=shared_down, deep=deep, keep_deep=keep_deep)
+        if (fb := self._fallback(graph)) is not None:
+            return fb.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond, shared_down=shared_down,
+                           deep=deep, keep_deep=keep_deep)
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
         if deep is not None:
             self.calls["unet_reuse"] += 1
