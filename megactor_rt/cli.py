@@ -34,6 +34,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
     p.add_argument("--window", type=int, default=16, help="context window in frames (upstream 16)")
     p.add_argument("--overlap", type=int, default=8, help="window overlap in frames (upstream 8)")
+    p.add_argument("--no-wrap", dest="closed_loop", action="store_false",
+                   help="open context windows (changes the result): the clip's end no longer shares windows with "
+                        "its start (upstream wraps them); frames are then written while the rest still denoises, "
+                        "so long drivers give their first frames early")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--reference-timestep", type=int, default=None,
                    help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
@@ -62,7 +66,8 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
         return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
                              seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
                              max_frames=args.max_frames, cfg_steps=args.cfg_steps,
-                             tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse)
+                             tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse,
+                             closed_loop=args.closed_loop)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
         raise InputError(f"bad run settings: {exc}") from exc
 

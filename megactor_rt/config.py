@@ -220,6 +220,12 @@ class AnimateConfig:
             each window reuses the deep feature its last whole call produced and recomputes only the shallow
             path (conv_in, the first top-level down layer, the top up block's last layers). None or 1
             (default, upstream): the whole UNet in every step.
+        closed_loop: True (upstream): context windows wrap modulo N, so the clip's last frames share windows with
+            its first ones (the motion modules and the frame-spanning GroupNorm treat the end as adjacent to the
+            start; spec pitfall 8). False (the fix, changes the math): open windows, the last one moved back to
+            end at the last frame; then the optimized mode also streams: frames are decoded and yielded as soon
+            as they are final, long before the run ends on long drivers (see
+            :func:`megactor_rt.runtime.denoise.denoise_stream`).
     """
 
     steps: int = 25
@@ -234,6 +240,7 @@ class AnimateConfig:
     cfg_steps: int | None = None
     tiny_decoder: str | None = None
     feature_reuse: int | None = None
+    closed_loop: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -256,6 +263,12 @@ class AnimateConfig:
     @property
     def reuses_features(self) -> bool:
         return (self.feature_reuse or 1) > 1
+
+    @property
+    def streams_frames(self) -> bool:
+        """Frames leave the denoising loop one stretch at a time (:func:`~megactor_rt.runtime.denoise.denoise_stream`):
+        open windows in the optimized mode (the reference mode keeps upstream's step-by-step order)."""
+        return not self.closed_loop and self.mode is Mode.OPTIMIZED
 
     def step_kind(self, i: int) -> StepKind:
         """What denoising step ``i`` runs (see :func:`step_kind`)."""

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,12 +23,12 @@ from megactor_rt.contour import ContourPlan, Landmarker, landmarks_model_path
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
-from megactor_rt.models.scheduler import DDIM, context_windows
+from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder
 from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
 from megactor_rt.progress import progress
 from megactor_rt.runtime.cache import PortraitCache
-from megactor_rt.runtime.denoise import denoise
+from megactor_rt.runtime.denoise import EpsModel, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver, plan_driver_contour
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
@@ -219,8 +220,15 @@ class Animator:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
                 contour_plan = plan_driver_contour(plan, self.image_size, self.portrait_landmarks(state, landmarker),
                                                    landmarker)
-        latents = self._denoise(state, plan, cfg, timer, contour_plan)
-        for frame in self._decode(latents, timer, cfg.decode_streams, tiny):
+        latents, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
+        if cfg.streams_frames:
+            frames = self._stream(latents, model, steps, windows, cfg, timer, tiny)
+        else:
+            with timer.stage("denoise"):
+                latents = denoise(latents, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
+                                  cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
+            frames = self._decode(latents, timer, cfg.decode_streams, tiny)
+        for frame in frames:
             timer.frame_out()
             yield frame
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
@@ -240,10 +248,14 @@ class Animator:
             state.face_landmarks = found
         return state.face_landmarks
 
-    def _denoise(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,
-                 contour: ContourPlan | None = None) -> torch.Tensor:
+    def _loop(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,
+              contour: ContourPlan | None = None
+              ) -> tuple[torch.Tensor, OptimizedPredictor | ReferencePredictor, list[DDIMStep], list[list[int]]]:
+        """Driver frames through PoseGuider, and what the denoising loop needs: the initial noise, the window
+        predictor, the DDIM steps and the context windows."""
         sub, n, size = self.sub, plan.num_frames, self.image_size
         frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=8, name="driver-decode")
+        model: OptimizedPredictor | ReferencePredictor
         with timer.stage("driver+pose_guider"):
             if cfg.mode is Mode.REFERENCE:
                 driving = torch.stack(list(frames), dim=1)[None]  # (1, 3, N, S, S)
@@ -258,16 +270,46 @@ class Animator:
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
-        windows = context_windows(n, cfg.window, cfg.overlap)
-        if cfg.reuses_features:
-            kept = kept_feature_bytes(len(windows), len(windows[0]), cfg.cfg, sub.config.unet.block_out_channels[0],
+        windows = context_windows(n, cfg.window, cfg.overlap, cfg.closed_loop)
+        if cfg.reuses_features:  # one kept feature per window (streaming: per window in flight)
+            held = windows_in_flight(windows, n, cfg.steps) if cfg.streams_frames else len(windows)
+            kept = kept_feature_bytes(held, len(windows[0]), cfg.cfg, sub.config.unet.block_out_channels[0],
                                       h, sub.dtype.itemsize)
             model.offload = feature_offload(sub.device, kept)
             if model.offload:
                 logger.info("feature reuse: %.1f GB of kept features for %d frames go to host memory", kept / 1e9, n)
-        with timer.stage("denoise"):
-            return denoise(noise, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
-                           cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
+        return noise, model, steps, windows
+
+    def _stream(self, latents: torch.Tensor, model: EpsModel, steps: list[DDIMStep], windows: list[list[int]],
+                cfg: AnimateConfig, timer: StageTimer, tiny: torch.nn.Module | None) -> Iterator[np.ndarray]:
+        """Open windows: denoise in wavefront order (:func:`denoise_stream`) and decode each batch of frames as
+        soon as it is final, while the later windows are still denoising (on CUDA the decode runs on a side
+        stream). Stage times: ``denoise`` is the device time from the first window call to the last update
+        less the decodes queued on the same stream (on CPU: the time spent in the loop), ``vae_decode`` the
+        decodes' device time. No per-step times: the steps interleave."""
+        n = latents.shape[2]
+        loop = denoise_stream(latents, model, steps, windows, cfg.guidance, cfg.cfg_steps, cfg.feature_reuse)
+        flight = InFlight(self.sub.device, DECODE_DEPTH, streams=cfg.decode_streams)
+        clock = _LoopClock(self.sub.device)
+        start = 0
+        try:
+            while True:
+                with clock:
+                    final = next(loop, None)
+                if final is None:
+                    break
+                while start < final and (final - start >= DECODE_BATCH or final == n):
+                    end = min(start + DECODE_BATCH, final)
+                    flight.launch(lambda ab: self._decode_batch(latents[0, :, ab[0]:ab[1]].permute(1, 0, 2, 3), tiny),
+                                  (start, end))
+                    start = end
+                for frames in flight.ready():
+                    yield from frames.numpy()
+            for frames in flight.drain():
+                yield from frames.numpy()
+        finally:
+            timer.add("vae_decode", flight.device_seconds)
+            timer.add("denoise", clock.seconds(minus=flight.device_seconds if flight.stream is None else 0.0))
 
     def tiny_decoder(self, path: str | Path) -> torch.nn.Module:
         """The TAESD decoder from ``path`` on the submodels' device and dtype (loaded once per path).
@@ -349,3 +391,33 @@ def _batches(items: Iterator[torch.Tensor], size: int) -> Iterator[Sequence[torc
             batch = []
     if batch:
         yield batch
+
+
+class _LoopClock:
+    """Time spent in a loop entered many times (``with clock:`` around each resumption): on CUDA the device
+    time from the first entry to the last exit (events on the current stream), elsewhere the summed wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.wall = 0.0
+        self.first: torch.cuda.Event | None = None
+        self.last: torch.cuda.Event | None = None
+
+    def __enter__(self) -> None:
+        if self.cuda and self.first is None:
+            self.first = torch.cuda.Event(enable_timing=True)
+            self.first.record()
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._t0
+        if self.cuda:
+            self.last = torch.cuda.Event(enable_timing=True)
+            self.last.record()
+
+    def seconds(self, minus: float = 0.0) -> float:
+        """The loop's time, less ``minus`` (device work of other stages queued in between on the same stream)."""
+        if self.first is None or self.last is None:
+            return self.wall
+        self.last.synchronize()
+        return max(self.first.elapsed_time(self.last) / 1e3 - minus, 0.0)

@@ -1,16 +1,21 @@
-"""The faithful denoising loop (backend-independent).
+"""The faithful denoising loop (backend-independent), in two orders.
 
-Upstream MegActor v1 (pipeline.py:778-895), step by step: every context window (frames modulo N) is
-predicted, predictions are summed per frame and divided by the number of windows covering the frame, CFG
+Upstream MegActor v1 (pipeline.py:778-895), step by step (``denoise``): every context window (frames modulo N)
+is predicted, predictions are summed per frame and divided by the number of windows covering the frame, CFG
 combines the unconditional and conditional halves, and one DDIM step (eta 0) updates all N latents.
 
+``denoise_stream`` computes the same per-frame math on open (non-wrapping) windows in a wavefront order: a
+window runs step s as soon as every frame it holds has finished step s - 1, lowest window first, so the first
+frames are final after about steps x (steps + 1) / 2 window calls instead of after all of them.
+
 What a "prediction" is - which backend, reference or optimized evaluation, where the ReferenceNet bank comes
-from - is the job of the ``EpsModel`` passed in; this loop is the only copy of the algorithm.
+from - is the job of the ``EpsModel`` passed in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -33,6 +38,10 @@ class EpsModel(Protocol):
         ``frames``: the window's frame indices, a 1-D int64 tensor on the latents' device (made once per run by
         ``denoise``, so no predictor copies indices to the device while device work is queued).
         ``window``: the window's position in ``windows`` (the same frames at every step)."""
+        ...
+
+    def end_window(self, window: int) -> None:
+        """``window`` will not be predicted again in this run (per-window state can go)."""
         ...
 
 
@@ -61,14 +70,7 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     Returns:
         Final latents ``(1, 4, N, h, w)``.
     """
-    n = latents.shape[2]
-    counts = torch.zeros(n, dtype=torch.float32)
-    for w in windows:
-        counts[list(w)] += 1
-    counts = counts.to(latents.device)
-    # frame indices on the device once, before any device work: building them per window would make the host
-    # wait for the device (a blocking host-to-device copy) before every window
-    indices = [torch.as_tensor(list(w), device=latents.device) for w in windows]
+    counts, indices = _coverage(latents, windows)
     bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
     for i, step in enumerate(plan):
         if on_step is not None:
@@ -91,3 +93,123 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     if on_step is not None:
         on_step(len(plan))
     return latents
+
+
+def _coverage(latents: torch.Tensor, windows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Windows covering each frame ``(N,)`` and each window's frame indices, on the latents' device. Both are made
+    once per run, before any device work: building indices per window would make the host wait for the
+    device (a blocking host-to-device copy) before every window."""
+    counts = torch.zeros(latents.shape[2], dtype=torch.float32)
+    for w in windows:
+        counts[list(w)] += 1
+    return counts.to(latents.device), [torch.as_tensor(list(w), device=latents.device) for w in windows]
+
+
+def _open_spans(windows: Sequence[Sequence[int]], n: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each window; ValueError unless the windows are open: contiguous ranges with strictly
+    increasing starts and ends that cover frames 0..n-1 without a gap (``context_windows(closed_loop=False)``)."""
+    spans = [(w[0], w[0] + len(w)) for w in windows]
+    ok = bool(windows) and all(list(w) == list(range(a, b)) for w, (a, b) in zip(windows, spans))
+    ok = ok and spans[0][0] == 0 and spans[-1][1] == n
+    ok = ok and all(a0 < a1 <= b0 < b1 for (a0, b0), (a1, b1) in zip(spans, spans[1:]))
+    if not ok:
+        raise ValueError("denoise_stream needs open windows (contiguous, increasing, covering every frame; "
+                         "context_windows(..., closed_loop=False)), got wrapping or unordered ones")
+    return spans
+
+
+def wavefront(windows: Sequence[Sequence[int]], n: int, steps: int) -> Iterator[tuple[int, int]]:
+    """The order of ``denoise_stream``'s window calls: ``(window, step)`` pairs, each window's steps in order.
+
+    Window k may run step s once window k-1 has run step s (so every frame sums its windows' predictions in
+    window order, as ``denoise`` does) and every window owning one of its frames has run step s - 1 (the frame
+    has its latent after step s - 1); of the windows that may, the lowest runs. The lowest window with the
+    fewest steps done always may, so the order holds every pair. Frames [start_k, start_k+1) are owned by
+    window k, the last window holding them: their DDIM update for step s follows window k's call at step s.
+
+    Raises:
+        ValueError: the windows are not open (see ``_open_spans``).
+    """
+    spans = _open_spans(windows, n)
+    starts = [a for a, _ in spans]
+    reach = [bisect_left(starts, b) - 1 for _, b in spans]  # the last window owning a frame of window k
+    done = [0] * len(spans)  # steps each window has run
+    lowest = 0  # lowest window with steps left
+    while lowest < len(spans):
+        k = next(k for k in range(lowest, len(spans)) if _ready(k, done, reach, steps))
+        yield k, done[k]
+        done[k] += 1
+        while lowest < len(spans) and done[lowest] == steps:
+            lowest += 1
+
+
+def windows_in_flight(windows: Sequence[Sequence[int]], n: int, steps: int) -> int:
+    """The most windows ``denoise_stream`` has begun and not finished at once (each holds a kept deep feature
+    under feature reuse): about ``steps`` + 1 once there are more windows than that."""
+    most = now = 0
+    for _, s in wavefront(windows, n, steps):
+        now += s == 0
+        most = max(most, now)
+        now -= s == steps - 1
+    return most
+
+
+def denoise_stream(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep],
+                   windows: Sequence[Sequence[int]], guidance: float, cfg_steps: int | None = None,
+                   feature_reuse: int | None = None) -> Iterator[int]:
+    """``denoise``'s math on open windows, in wavefront order; frames are final in order, long before the end.
+
+    Every frame gets the same per-step sum of its windows' predictions (added in the same window order), the
+    same CFG and the same DDIM update as in ``denoise``, so the final latents are the same, bit for bit; only
+    the order of the window calls differs (:func:`wavefront`).
+
+    Args:
+        latents: initial noise ``(1, 4, N, h, w)``, updated in place (frame f holds its final latent once a
+            yielded count exceeds f).
+        windows: open windows (``context_windows(..., closed_loop=False)``); ValueError otherwise.
+        model, plan, guidance, cfg_steps, feature_reuse: as for ``denoise``. ``model.begin_step`` is called
+            whenever the next window call is at another step than the last one; ``model.end_window`` after a
+            window's last call.
+
+    Yields:
+        After every window call, the number of leading frames that are final (non-decreasing; N at the end).
+    """
+    n, steps = latents.shape[2], len(plan)
+    order = wavefront(windows, n, steps)  # checks the windows before any work
+    counts, indices = _coverage(latents, windows)
+    starts = [w[0] for w in windows]
+    own = [(a, b) for a, b in zip(starts, [*starts[1:], n])]  # frames whose last window is k
+    acc = torch.zeros((2 if guidance != 1.0 else 1, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
+    current: int | None = None
+    final = 0  # frames final so far
+    bar = progress(total=steps * len(windows), desc="denoise", unit="window")
+    for k, s in order:
+        step, kind = plan[s], step_kind(s, guidance, cfg_steps, feature_reuse)
+        halves = 2 if kind.cfg else 1
+        if current != s:
+            model.begin_step(step, kind)
+            current = s
+        idx = indices[k]
+        eps = model.predict(latents[:, :, idx], idx, step, k)
+        if eps.shape[0] != halves:
+            raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
+        part = acc[acc.shape[0] - halves:]  # a conditional-only step sums into the conditional slot
+        part.index_add_(2, idx, eps.to(acc.dtype))
+        a, b = own[k]
+        latents[:, :, a:b] = ddim_cfg_update(part[:, :, a:b], counts[a:b], latents[:, :, a:b], guidance,
+                                             step.alpha_t, step.alpha_prev)
+        acc[:, :, a:b] = 0
+        bar.update(1)
+        if s == steps - 1:
+            model.end_window(k)
+            final = b
+        yield final
+    bar.close()
+
+
+def _ready(k: int, done: list[int], reach: list[int], steps: int) -> bool:
+    """Whether window k may run its next step s (see :func:`wavefront`)."""
+    s = done[k]
+    if s == steps or (k > 0 and done[k - 1] <= s):
+        return False
+    return all(done[j] >= s for j in range(k + 1, reach[k] + 1))

@@ -189,7 +189,8 @@ class InFlight:
     pair of timing events brackets it; ``map`` hands out result i only once its end event has completed and
     issues item i+depth before doing so, so the device keeps working while the host consumes. The caller
     must not modify the tensors ``fn`` reads until ``map`` is exhausted. ``device_seconds`` sums the device
-    time of the calls (CUDA events).
+    time of the calls (CUDA events). ``launch`` / ``ready`` / ``drain`` do the same for items that appear while
+    the caller's stream keeps working (each launch first waits for the work queued there so far).
 
     Elsewhere (or with ``streams=False``) each call runs when its result is asked for, and ``device_seconds``
     is its wall time (after a device synchronize).
@@ -202,6 +203,8 @@ class InFlight:
         self.stream = torch.cuda.Stream(device) if streams and device.type == "cuda" else None
         self.device_seconds = 0.0
         self.launched = 0
+        self._pending: deque[tuple] = deque()  # launched on the side stream (launch / ready / drain)
+        self._done: deque[torch.Tensor] = deque()  # computed without a side stream, not yet handed out
 
     def _run_now(self, fn: Callable[[T], torch.Tensor], item: T) -> torch.Tensor:
         self.launched += 1
@@ -224,6 +227,12 @@ class InFlight:
             end.record(self.stream)
         return host, out, start, end  # ``out`` stays referenced until its copy is done
 
+    def _finish(self, launched: tuple) -> torch.Tensor:
+        host, _, start, end = launched
+        end.synchronize()
+        self.device_seconds += start.elapsed_time(end) / 1e3
+        return host
+
     def map(self, fn: Callable[[T], torch.Tensor], items: Iterable[T]) -> Iterator[torch.Tensor]:
         """Yield ``fn(item)`` as host tensors, in order."""
         if self.stream is None:  # nothing runs concurrently: compute each item only when it is asked for
@@ -234,8 +243,31 @@ class InFlight:
         source = iter(items)
         pending = deque(self._launch(fn, item) for item in islice(source, self.depth))
         while pending:
-            host, _, start, end = pending.popleft()
-            end.synchronize()
-            self.device_seconds += start.elapsed_time(end) / 1e3
+            host = self._finish(pending.popleft())
             pending.extend(self._launch(fn, item) for item in islice(source, 1))  # next one before handing out
             yield host
+
+    # -- incremental use: items that become available while other device work runs (streamed denoising) --
+    def launch(self, fn: Callable[[T], torch.Tensor], item: T) -> None:
+        """Start ``fn(item)`` now, after the work already queued on the caller's stream (which may have produced
+        its inputs since the last launch); its result comes out of :meth:`ready` or :meth:`drain`. Without a
+        side stream it runs here, to completion."""
+        if self.stream is None:
+            self._done.append(self._run_now(fn, item))
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._pending.append(self._launch(fn, item))
+
+    def ready(self) -> Iterator[torch.Tensor]:
+        """The launched results that are done, in launch order, without waiting; waits only while more than
+        ``depth`` are pending (bounded host memory)."""
+        while self._done:
+            yield self._done.popleft()
+        while self._pending and (len(self._pending) > self.depth or self._pending[0][3].query()):
+            yield self._finish(self._pending.popleft())
+
+    def drain(self) -> Iterator[torch.Tensor]:
+        """Every launched result not yet handed out, in launch order (waits for them)."""
+        yield from self.ready()
+        while self._pending:
+            yield self._finish(self._pending.popleft())

@@ -58,6 +58,9 @@ class _Base:
     def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
         self.cfg, self.reuse = kind.cfg, kind.reuse
 
+    def end_window(self, window: int) -> None:
+        self.deep.pop(window, None)  # its kept feature: streaming runs hold only the windows in flight
+
     def unet(self, window: int, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              **kwargs: Any) -> torch.Tensor:
         """``sub.unet`` on this step's bank, with feature reuse: the shallow path where this step reuses and the

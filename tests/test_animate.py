@@ -55,6 +55,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "audio": write_face_driver(root / "face_audio.mp4", n=6, fps=25, audio=True),  # 2 windows, 2 decodes
         "ntsc": write_face_driver(root / "face_ntsc.mp4", n=5, fps=Fraction(30000, 1001)),  # silent
         "short": write_face_driver(root / "face_short.mp4", n=4, fps=25),  # 1 window, 1 decode batch
+        "long": write_face_driver(root / "face_long.mp4", n=12, fps=25),  # open windows: 5 of 4 frames
         "faceless": plain_image(root / "faceless.png", 200, 256),
     }
 
@@ -338,6 +339,36 @@ def test_every_denoising_step_is_timed(anim: Animator, optimized_run: Run) -> No
     assert len(stats.step_seconds) == anim.config.steps
     assert all(s > 0 for s in stats.step_seconds)
     assert sum(stats.step_seconds) <= stats.stage_seconds["denoise"]
+
+
+# ---------------------------------------------------------------------------------------------- open windows
+
+
+def test_open_windows_stream_frames_while_denoising(anim: Animator, media: dict[str, Path]) -> None:
+    """--no-wrap: the first frames are decoded and yielded while later windows still denoise; the frames are
+    the reference mode's step-by-step result on the same open windows (fp32 rounding) and not the wrapped run's."""
+    cfg = replace(CFG, closed_loop=False)
+    state = anim.prepare(PORTRAIT)
+    unet0, decode0 = anim.sub.calls["unet"], anim.sub.calls["vae_decode"]
+    gen = anim.animate(state, media["long"], config=cfg)
+    frames = [next(gen)]
+    unet_at_first = anim.sub.calls["unet"] - unet0
+    frames += list(gen)
+    unet_total = anim.sub.calls["unet"] - unet0
+    assert len(frames) == 12 and unet_total == 5 * cfg.steps  # 5 open windows (wrapped: 6)
+    # windows [0-3] [2-5] [4-7] [6-9] [8-11]; the first decode batch (frames 0-3) is final once window 1 has run
+    # both steps, the fifth call: (0, 0), (1, 0), (0, 1), (2, 0), (1, 1)
+    assert unet_at_first == 5 < unet_total
+    assert anim.sub.calls["vae_decode"] - decode0 == 12 // DECODE_BATCH
+    stats = anim.last_stats
+    assert stats.step_seconds == []  # the steps interleave
+    assert stats.stage_seconds["denoise"] > 0 and stats.stage_seconds["vae_decode"] > 0
+    assert 0 < stats.first_frame_s < stats.total_s
+    ref = list(anim.animate(state, media["long"], config=replace(cfg, mode=Mode.REFERENCE)))
+    assert anim.last_stats.step_seconds != []  # the reference mode keeps upstream's step order
+    assert max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(ref, frames, strict=True)) <= 1
+    wrapped = list(anim.animate(state, media["long"]))
+    assert max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(wrapped, frames, strict=True)) > 1
 
 
 def test_video_portrait_uses_its_first_frame(anim: Animator, media: dict[str, Path]) -> None:

@@ -288,8 +288,9 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cli, "_report", lambda stats, out: None)
     model = tmp_path / "lm.dat"
     code, _, err = run(capsys, "demo", "--cfg-steps", 5, "--contour-preserve", "--landmarks-model", model,
-                       "--tiny-decoder", tmp_path / "taesd", "--feature-reuse", 3, "-o", tmp_path / "o.mp4")
+                       "--tiny-decoder", tmp_path / "taesd", "--feature-reuse", 3, "--no-wrap", "-o", tmp_path / "o.mp4")
     assert code == 0, err
+    assert seen["config"].closed_loop is False  # type: ignore[attr-defined]
     assert seen["config"].cfg_steps == 5  # type: ignore[attr-defined]
     assert seen["config"].feature_reuse == 3  # type: ignore[attr-defined]
     assert seen["config"].tiny_decoder == str(tmp_path / "taesd")  # type: ignore[attr-defined]
@@ -297,6 +298,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     code, _, _ = run(capsys, "demo", "--contour-reserve", "-o", tmp_path / "o.mp4")  # upstream's spelling
     assert code == 0 and seen["contour"] is True and seen["config"].cfg_steps is None  # type: ignore[attr-defined]
     assert seen["config"].feature_reuse is None  # type: ignore[attr-defined]
+    assert seen["config"].closed_loop is True  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="cfg_steps must be >= 0"):
         AnimateConfig(cfg_steps=-1)
 

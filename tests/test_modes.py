@@ -11,7 +11,7 @@ import torch
 from golden_pack import GoldenPack, pack_dir
 
 from megactor_rt.models.scheduler import DDIM, context_windows
-from megactor_rt.runtime.denoise import denoise
+from megactor_rt.runtime.denoise import denoise, denoise_stream
 from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
 from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
 from megactor_rt.runtime.submodels import TorchSubmodels
@@ -32,7 +32,7 @@ def setup():
 
 
 def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None, cfg_steps=None, callback=None,
-         feature_reuse=None, models=None, offload=False):
+         feature_reuse=None, models=None, offload=False, closed_loop=True, stream=None):
     idx = [i % frames.shape[0] for i in range(n)]
     fr = frames[idx]
     keep = (feature_reuse or 1) > 1
@@ -46,7 +46,12 @@ def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=
         models.append(model)
     h = state.cond.shape[-1]
     noise = torch.randn(1, 4, n, h, h, generator=torch.Generator().manual_seed(n))
-    return denoise(noise, model, DDIM().plan(steps), context_windows(n, window, overlap), guidance,
+    windows = context_windows(n, window, overlap, closed_loop)
+    if stream is not None:  # a list: receives each yielded count of final frames
+        stream.extend(denoise_stream(noise, model, DDIM().plan(steps), windows, guidance, cfg_steps=cfg_steps,
+                                     feature_reuse=feature_reuse))
+        return noise
+    return denoise(noise, model, DDIM().plan(steps), windows, guidance,
                    callback=callback, cfg_steps=cfg_steps, feature_reuse=feature_reuse)
 
 
@@ -268,3 +273,65 @@ def test_kept_features_go_to_host_memory_only_when_large(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 10**9, 80 * 10**9))
     assert not feature_offload(torch.device("cuda"), per_run)
     assert feature_offload(torch.device("cuda"), 2 * 10**9 + 1)
+
+
+# ---------------------------------------------------------------------------------------------- open windows
+# closed_loop=False (the fix of upstream's wrap) and the streaming order it allows
+
+
+@pytest.mark.parametrize("n,window,overlap,guidance,knobs", [
+    (11, 4, 2, 4.5, {}),                     # last window moved back: frames covered 3x
+    (14, 4, 1, 4.5, {}),
+    (9, 3, 0, 4.5, {}),                      # no overlap except the moved-back last window
+    (11, 4, 2, 1.0, {}),                     # no CFG
+    (12, 4, 2, 4.5, {"cfg_steps": 1}),       # CFG truncation
+    (12, 4, 2, 4.5, {"feature_reuse": 2}),   # feature reuse
+    (3, 4, 2, 4.5, {}),                      # one window holding every frame
+])
+def test_stream_order_is_the_same_math(setup, n, window, overlap, guidance, knobs):
+    """denoise_stream's wavefront order gives denoise's step-by-step result on open windows, bit for bit, and
+    yields frames as they become final, in order, the first ones before the last window call."""
+    sub, state, frames = setup
+    steps = 3
+    whole = _run(sub, state, frames, n, window, overlap, guidance, "optimized", steps=steps, closed_loop=False,
+                 **knobs)
+    calls = sub.calls["unet"]
+    yielded: list[int] = []
+    streamed = _run(sub, state, frames, n, window, overlap, guidance, "optimized", steps=steps, closed_loop=False,
+                    stream=yielded, **knobs)
+    assert torch.equal(streamed, whole)
+    windows = len(context_windows(n, window, overlap, closed_loop=False))
+    assert sub.calls["unet"] - calls == len(yielded) == steps * windows
+    assert yielded == sorted(yielded) and yielded[-1] == n
+    if windows > steps:  # a front frame is final once the wavefront has passed it
+        assert yielded.index(next(c for c in yielded if c > 0)) < len(yielded) - 1
+
+
+def test_open_windows_optimized_equals_reference(setup):
+    """Open windows: the optimized mode streaming equals the reference mode step by step (fp32 rounding)."""
+    sub, state, frames = setup
+    ref = _run(sub, state, frames, 11, 4, 2, 4.5, "reference", closed_loop=False)
+    opt = _run(sub, state, frames, 11, 4, 2, 4.5, "optimized", closed_loop=False, stream=[])
+    assert (opt - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    wrapped = _run(sub, state, frames, 11, 4, 2, 4.5, "optimized")
+    assert (wrapped - ref).abs().max().item() > 1e-3  # and the wrap really is different math
+
+
+def test_stream_first_frames_early_and_features_released(setup):
+    """With more windows than steps, frames leave early: the first window's frames are final after
+    steps x (steps + 1) / 2 calls; feature reuse holds only the windows in flight."""
+    sub, state, frames = setup
+    steps, n = 3, 30  # 14 windows of 4 frames, stride 2
+    yielded: list[int] = []
+    models: list = []
+    _run(sub, state, frames, n, 4, 2, 4.5, "optimized", steps=steps, closed_loop=False, stream=yielded,
+         feature_reuse=2, models=models)
+    first = next(i for i, c in enumerate(yielded) if c > 0) + 1
+    assert first == steps * (steps + 1) // 2
+    assert models[0].deep == {}
+
+
+def test_stream_refuses_wrapping_windows(setup):
+    sub, state, frames = setup
+    with pytest.raises(ValueError, match="open windows"):
+        _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", stream=[])

@@ -48,3 +48,26 @@ def test_context_windows_coverage_upstream_numbers():
     for w, o, nw, slots in [(8, 4, 13, 104), (16, 8, 7, 112)]:
         wins = context_windows(50, w, o)
         assert len(wins) == nw and sum(map(len, wins)) == slots
+
+
+@pytest.mark.parametrize("n,w,o,expected", [
+    (3, 4, 2, [[0, 1, 2]]),
+    (10, 4, 2, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]),
+    (11, 4, 2, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9], [7, 8, 9, 10]]),
+    (5, 4, 0, [[0, 1, 2, 3], [1, 2, 3, 4]]),
+    (8, 4, 0, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+])
+def test_context_windows_open(n, w, o, expected):
+    """closed_loop=False (the fix of upstream's wrap): no window holds the clip's end and its start together."""
+    assert context_windows(n, w, o, closed_loop=False) == expected
+
+
+def test_context_windows_open_cover_every_frame_in_order():
+    for n in range(1, 60):
+        for w, o in [(16, 8), (8, 4), (5, 1), (4, 0)]:
+            wins = context_windows(n, w, o, closed_loop=False)
+            assert sorted({f for win in wins for f in win}) == list(range(n))
+            assert all(win == list(range(win[0], win[0] + len(win))) for win in wins)
+            assert all(len(win) == min(n, w) for win in wins)
+            starts = [win[0] for win in wins]
+            assert starts == sorted(set(starts))

@@ -50,15 +50,21 @@ class DDIM:
         return out
 
 
-def context_windows(num_frames: int, window: int, overlap: int) -> list[list[int]]:
-    """Upstream's "uniform" context schedule at step 0, closed loop (windows wrap modulo N).
+def context_windows(num_frames: int, window: int, overlap: int, closed_loop: bool = True) -> list[list[int]]:
+    """Upstream's "uniform" context schedule at step 0: windows of ``window`` frames every ``window - overlap``.
 
-    Returns the frame indices of every window, e.g. N=10, window 4, overlap 2 ->
-    [[0,1,2,3], [2,3,4,5], [4,5,6,7], [6,7,8,9], [8,9,0,1]].
+    ``closed_loop`` (upstream): the windows wrap modulo N, so the clip's end shares windows with its start
+    (spec pitfall 8), e.g. N=10, window 4, overlap 2 -> [[0,1,2,3], [2,3,4,5], [4,5,6,7], [6,7,8,9], [8,9,0,1]].
+    Open (``closed_loop=False``, the fix): no wrapping; the last window is moved back to end at the last frame,
+    e.g. N=11 -> [[0,1,2,3], [2,3,4,5], [4,5,6,7], [6,7,8,9], [7,8,9,10]]. Open windows are contiguous with
+    increasing starts and ends, which is what lets ``denoise_stream`` finish frames in order.
     """
     if num_frames < 1:
         raise ValueError("need at least one frame")
     if num_frames <= window:
         return [list(range(num_frames))]
     stride = window - overlap
-    return [[j % num_frames for j in range(s, s + window)] for s in range(0, num_frames, stride)]
+    if closed_loop:
+        return [[j % num_frames for j in range(s, s + window)] for s in range(0, num_frames, stride)]
+    starts = [*range(0, num_frames - window, stride), num_frames - window]
+    return [list(range(s, s + window)) for s in starts]
