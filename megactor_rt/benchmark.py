@@ -64,6 +64,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "compile-graphs": {"submodels": {"compile": "reduce-overhead"}},  # ... and CUDA graphs
     # changes the output: TAESD's tiny decoder (random weights written by the bench) instead of the VAE's
     "tiny-decoder": {"config": {"tiny_decoder": "random"}},
+    # changes the math: open context windows (no wrap-around); the optimized mode then streams its frames
+    "no-wrap": {"config": {"closed_loop": False}},
 }
 
 
@@ -106,6 +108,9 @@ SUITES: dict[str, list[Scenario]] = {
                  modes=("optimized",), precision="fp16", feature_reuse=2,
                  note="changes the math: fewer steps, less overlap, feature reuse"),
     ],
+    "cpu-stream": [Scenario("tiny 128px, 240 frames, w16/o8, 10 steps", "tiny", 128, 240, 16, 8, 10,
+                            modes=("optimized", "optimized+no-wrap"),
+                            note="first-frame latency of a long driver: wrapped windows vs open, streamed")],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
                            modes=("optimized",), note="memory flatness over a long driver")
                   for n in (100, 1000)],

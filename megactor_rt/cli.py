@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build_engines)
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
-    be.add_argument("--suite", default="cpu-tiny", help="cpu-tiny, cpu-smoke, cpu-full-256, gpu-full, long-tiny")
+    be.add_argument("--suite", default="cpu-tiny", help="cpu-tiny, cpu-smoke, cpu-full-256, cpu-stream, gpu-full, long-tiny")
     be.add_argument("--out", type=Path, default=Path("bench-results"))
     be.add_argument("--device", default=None)
     be.add_argument("--dry-run", action="store_true",
