@@ -62,3 +62,18 @@ def test_a_failing_mode_is_recorded_and_the_next_mode_still_runs(tmp_path, monke
     assert "compiler exploded" in report["errors"][0]["error"]
     assert [r["mode"] for r in report["results"]] == ["optimized"]
     assert "[optimized+compile] failed:** RuntimeError: compiler exploded" in (tmp_path / "results.md").read_text()
+
+
+def test_cpu_stream_suite_dry_run(tmp_path):
+    """The streamed open-window variant runs through the benchmark (dry run: tiny model, 10 frames, window 4 /
+    overlap 3): fewer window calls than the wrapped run (7 open windows, 10 wrapping), per-step times only for
+    the step-by-step run, and the variant's ratios in the table."""
+    run_bench("cpu-stream", tmp_path, dry_run=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    modes = {r["mode"]: r for r in saved["results"]}
+    assert set(modes) == {"optimized", "optimized+no-wrap"} and saved["errors"] == []
+    wrapped, open_ = modes["optimized"], modes["optimized+no-wrap"]
+    assert wrapped["calls"]["unet"] == 10 * 2 and open_["calls"]["unet"] == 7 * 2
+    assert len(wrapped["step_s"]) == 2 and open_["step_s"] == []
+    assert open_["frames"] == 10 and 0 < open_["first_frame_s"] < open_["total_s"]
+    assert "optimized+no-wrap" in (tmp_path / "results.md").read_text()
