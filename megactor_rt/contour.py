@@ -12,8 +12,10 @@ moves them onto the portrait's face:
    bottom-left) onto the same corners of the portrait's, applied to every masked frame (bilinear, black
    border), then the usual grey conversion.
 
-Upstream quirk reproduced: the driver's bounding box comes from the landmarks of the **last** frame (the
-code reads a loop variable left over from the landmark pass), although the branch is written for frame 0.
+Upstream quirk reproduced by default: the driver's bounding box comes from the landmarks of the **last** frame
+(the code reads a loop variable left over from the landmark pass), although the branch is written for frame 0
+(spec pitfall 6). The fix is an option (``affine_frame="first"``, CLI ``--contour-affine-frame first``): the
+first frame with landmarks, as the code intended.
 
 Difference from upstream, forced by what runs offline here: landmarks come from dlib's 68-point shape
 predictor on dlib's HOG face box instead of DWPose (YOLOX + DWPose-L, downloaded weights). Both use the
@@ -256,18 +258,27 @@ class ContourPlan:
         return contour_frame(frame, self.rects, self.matrix)
 
 
+AFFINE_FRAMES = ("last", "first")  # whose landmarks give the driver's box: upstream's quirk, the intended one
+
+
 def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmarks: np.ndarray, size: int,
-                 source_name: str = "driver") -> ContourPlan:
+                 source_name: str = "driver", affine_frame: str = "last") -> ContourPlan:
     """Rectangles and affine of a clip from its per-frame landmarks (None: no face in that frame).
 
     Consumes ``driver_landmarks`` as a stream (memory does not grow with the clip's length). Frames without
     landmarks reuse the previous frame's (the first found, before it), as upstream's DWPose would always
-    return some face; that never changes a union. The affine uses the last frame's landmarks (upstream quirk).
+    return some face; that never changes a union. The affine maps the driver's landmark box of the last frame
+    (``affine_frame="last"``, upstream's quirk) or of the first frame with landmarks (``"first"``, the fix) onto
+    the portrait's.
 
     Raises:
         InputError: no frame has landmarks.
+        ValueError: ``affine_frame`` not in ``AFFINE_FRAMES``.
     """
+    if affine_frame not in AFFINE_FRAMES:
+        raise ValueError(f"affine_frame must be one of {AFFINE_FRAMES}, got {affine_frame!r}")
     rects: list[Crop] | None = None
+    first: np.ndarray | None = None
     last: np.ndarray | None = None
     total = missing = 0
     for lm in driver_landmarks:
@@ -276,13 +287,14 @@ def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmar
             missing += 1
             continue
         rects, last = _add_frame(rects, lm, size), lm
-    if rects is None or last is None:
+        first = lm if first is None else first
+    if rects is None or last is None or first is None:
         raise InputError(f"contour mode: no face landmarks found in any of the {total} cropped frames of "
                          f"driving video {source_name}")
     if missing:
         logger.warning("contour mode: %d of %d frames of %s have no face; they reuse a neighbour's landmarks",
                        missing, total, source_name)
-    return ContourPlan(tuple(rects), contour_affine(last, portrait_landmarks))
+    return ContourPlan(tuple(rects), contour_affine(last if affine_frame == "last" else first, portrait_landmarks))
 
 
 def _check_landmarks(lm: np.ndarray) -> None:

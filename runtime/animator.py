@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
-from megactor_rt.contour import ContourPlan, Landmarker, landmarks_model_path
+from megactor_rt.contour import AFFINE_FRAMES, ContourPlan, Landmarker, landmarks_model_path
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
@@ -195,7 +195,7 @@ class Animator:
     # -- animation -------------------------------------------------------------------------------------
     def animate(self, state: PortraitState, driver: str | Path, *, face_crop: bool = True,
                 contour: bool = False, landmarks_model: str | Path | None = None,
-                config: AnimateConfig | None = None) -> Iterator[np.ndarray]:
+                contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> Iterator[np.ndarray]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
@@ -206,7 +206,14 @@ class Animator:
                 moved onto the portrait's face, so the portrait keeps its face shape (see
                 :mod:`megactor_rt.contour`; needs the 68-point landmark model).
             landmarks_model: the landmark model file for ``contour`` (default: found automatically).
+            contour_affine_frame: whose landmarks place the driver's face box for ``contour``'s affine: "last"
+                (upstream's quirk, the default) or "first" (the frame upstream's code meant).
+
+        Raises:
+            ValueError: ``contour_affine_frame`` is neither "last" nor "first".
         """
+        if contour_affine_frame not in AFFINE_FRAMES:
+            raise ValueError(f"contour_affine_frame must be one of {AFFINE_FRAMES}, got {contour_affine_frame!r}")
         cfg = config or self.config
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
@@ -219,7 +226,7 @@ class Animator:
         if landmarker is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
                 contour_plan = plan_driver_contour(plan, self.image_size, self.portrait_landmarks(state, landmarker),
-                                                   landmarker)
+                                                   landmarker, contour_affine_frame)
         latents, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         if cfg.streams_frames:
             frames = self._stream(latents, model, steps, windows, cfg, timer, tiny)
@@ -350,15 +357,17 @@ class Animator:
     def animate_to_file(self, portrait: str | Path | np.ndarray, driver: str | Path, output: str | Path, *,
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
-                        config: AnimateConfig | None = None) -> RunStats:
+                        contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> RunStats:
         """Prepare + animate + write an H.264 mp4 at the driver's frame rate with its audio.
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
-        under ``output``. ``contour`` / ``landmarks_model``: see :meth:`animate`.
+        under ``output``. ``contour`` / ``landmarks_model`` / ``contour_affine_frame``: see :meth:`animate`.
         """
         from megactor_rt.media import probe_video
 
         out = check_output_path(output)
+        if contour_affine_frame not in AFFINE_FRAMES:
+            raise ValueError(f"contour_affine_frame must be one of {AFFINE_FRAMES}, got {contour_affine_frame!r}")
         if contour:
             landmarks_model = landmarks_model_path(landmarks_model)  # fail before any work if it is missing
         cfg = config or self.config
@@ -371,7 +380,8 @@ class Animator:
         size = self.image_size
         with VideoWriter(out, info.fps, size, size, audio_source=driver if audio and info.has_audio else None) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
-                                  landmarks_model=landmarks_model, config=config)
+                                  landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
+                                  config=config)
             for frame in prefetch(frames, depth=8, name="decode"):
                 w.write(frame)
         self.last_stats.portrait_cache_hit = hit

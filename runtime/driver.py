@@ -89,9 +89,10 @@ def _cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:
     return np.ascontiguousarray(crop_resize(frame, crop, size).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndarray, landmarker: Landmarker
-                        ) -> ContourPlan:
-    """Contour mode's landmark pass: 68 landmarks on every cropped frame -> kept rectangles and affine.
+def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndarray, landmarker: Landmarker,
+                        affine_frame: str = "last") -> ContourPlan:
+    """Contour mode's landmark pass: 68 landmarks on every cropped frame -> kept rectangles and affine
+    (``affine_frame``: see :func:`~megactor_rt.contour.plan_contour`).
 
     Raises:
         InputError: no face landmarks in any cropped frame.
@@ -101,7 +102,7 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
 
     found = ordered_map(landmarks, iter_video_frames(plan.path, plan.num_frames))
     per_frame = progress(found, total=plan.num_frames, desc="driver: face landmarks", unit="frame")
-    contour = plan_contour(per_frame, portrait_landmarks, size, plan.path.name)
+    contour = plan_contour(per_frame, portrait_landmarks, size, plan.path.name, affine_frame)
     logger.info("driver %s: contour rectangles %s", plan.path.name, contour.rects)
     return contour
 

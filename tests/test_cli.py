@@ -295,6 +295,9 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     assert seen["config"].feature_reuse == 3  # type: ignore[attr-defined]
     assert seen["config"].tiny_decoder == str(tmp_path / "taesd")  # type: ignore[attr-defined]
     assert seen["contour"] is True and seen["landmarks_model"] == model
+    assert seen["contour_affine_frame"] == "last"  # upstream's quirk unless asked
+    code, _, _ = run(capsys, "demo", "--contour-reserve", "--contour-affine-frame", "first", "-o", tmp_path / "o.mp4")
+    assert code == 0 and seen["contour_affine_frame"] == "first"
     code, _, _ = run(capsys, "demo", "--contour-reserve", "-o", tmp_path / "o.mp4")  # upstream's spelling
     assert code == 0 and seen["contour"] is True and seen["config"].cfg_steps is None  # type: ignore[attr-defined]
     assert seen["config"].feature_reuse is None  # type: ignore[attr-defined]

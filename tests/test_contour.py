@@ -111,6 +111,22 @@ def test_plan_uses_the_last_frame_for_the_affine_and_skips_faceless_frames() -> 
         plan_contour([None, None, None], por, 512, "clip.mp4")
 
 
+def test_plan_can_take_the_first_frame_for_the_affine() -> None:
+    """affine_frame="first" (the fix of upstream's quirk): the first frame with landmarks places the box; the
+    kept rectangles (the union over the clip) do not change."""
+    por = np.full((68, 2), 100.0)
+    por[0], por[1] = (50, 50), (150, 150)
+    first, last = np.full((68, 2), 20.0), np.full((68, 2), 30.0)
+    first[0], first[1] = (0, 0), (100, 100)
+    last[0], last[1] = (10, 20), (60, 120)
+    plan = plan_contour([None, first, last], por, 512, "clip.mp4", affine_frame="first")
+    src = np.array([[0, 0, 1], [100, 100, 1], [0, 100, 1]], np.float64)
+    np.testing.assert_allclose(src @ plan.matrix.T, [[50, 50], [150, 150], [50, 150]], atol=1e-9)
+    assert plan.rects == plan_contour([None, first, last], por, 512, "clip.mp4").rects
+    with pytest.raises(ValueError, match="affine_frame must be one of"):
+        plan_contour([first], por, 512, "clip.mp4", affine_frame="middle")
+
+
 def test_frame_keeps_only_the_rectangles_then_warps() -> None:
     rng = np.random.default_rng(0)
     frame = rng.uniform(1, 255, (64, 64, 3)).astype(np.float32)  # no zero pixels
@@ -227,6 +243,12 @@ def test_driver_inputs_keep_only_the_warped_rectangles(landmarker: contour.Landm
     m = contour_frame(x, list(cplan.rects), cplan.matrix)
     grey = np.clip(0.2989 * m[..., 0] + 0.5870 * m[..., 1] + 0.1140 * m[..., 2], 0, 255) / 255
     np.testing.assert_allclose(frames[0][0].numpy(), grey, atol=1e-6)
+    # --contour-affine-frame first: the same rectangles, the affine from the first frame's landmarks
+    first = plan_driver_contour(plan, 128, target * 128 / 512, landmarker, affine_frame="first")
+    lm0 = landmarker(np.ascontiguousarray(crop_resize(next(iter_video_frames(driver, 1)), plan.crop, 128)
+                                          .to(torch.uint8).permute(1, 2, 0).numpy()))
+    assert lm0 is not None and first.rects == cplan.rects
+    np.testing.assert_allclose(first.matrix, contour_affine(lm0, target * 128 / 512), atol=1e-9)
 
 
 @needs_model
