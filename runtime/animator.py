@@ -34,6 +34,7 @@ from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetc
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
 from megactor_rt.runtime.predictor import (
     OptimizedPredictor,
+    PoseFeed,
     ReferencePredictor,
     feature_offload,
     kept_feature_bytes,
@@ -165,8 +166,6 @@ class Animator:
         Returns:
             Seconds taken.
         """
-        import time
-
         cfg = config or self.config
         t0 = time.perf_counter()
         mcfg, size, h = self.sub.config, self.image_size, self.latent_size
@@ -199,7 +198,10 @@ class Animator:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
-        (stage times, first-frame latency, submodel calls) are in ``self.last_stats``.
+        (stage times, first-frame latency, submodel calls) are in ``self.last_stats``. In the optimized mode
+        the driver's second pass (decode, crop, face isolation) and the PoseGuider run while denoising, as the
+        windows first need their frames (:class:`PoseFeed`): stage ``driver+pose_guider`` is then the time the
+        loop spent on them, a part of stage ``denoise``.
 
         Args:
             contour: upstream's contour-preserving mode: only the driver's eyes, mouth and brows are kept and
@@ -238,6 +240,9 @@ class Animator:
         for frame in frames:
             timer.frame_out()
             yield frame
+        if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed):
+            timer.add("driver+pose_guider", model.pose.seconds)  # spent inside the denoise stage
+            model.pose.close()
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
         self.cache.trim()
 
@@ -261,23 +266,21 @@ class Animator:
         """Driver frames through PoseGuider, and what the denoising loop needs: the initial noise, the window
         predictor, the DDIM steps and the context windows."""
         sub, n, size = self.sub, plan.num_frames, self.image_size
-        frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=8, name="driver-decode")
+        windows = context_windows(n, cfg.window, cfg.overlap, cfg.closed_loop)
+        frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=2 * POSE_BATCH, name="driver-decode")
         model: OptimizedPredictor | ReferencePredictor
-        with timer.stage("driver+pose_guider"):
-            if cfg.mode is Mode.REFERENCE:
+        if cfg.mode is Mode.REFERENCE:  # upstream: every driving frame preprocessed before denoising starts
+            with timer.stage("driver+pose_guider"):
                 driving = torch.stack(list(frames), dim=1)[None]  # (1, 3, N, S, S)
-                model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep,
-                                           cfg.reuses_features)
-            else:
-                pose = torch.cat([sub.pose_features(torch.stack(list(b)), state.film_scale, state.film_shift)
-                                  for b in _batches(frames, POSE_BATCH)])  # (N, 4, h, w)
-                model = OptimizedPredictor(sub, state, pose.permute(1, 0, 2, 3)[None], cfg.guidance,
-                                           cfg.reference_timestep, cfg.reuses_features)
+            model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep,
+                                       cfg.reuses_features)
+        else:  # the driver's second pass and PoseGuider run as the windows first need their frames
+            feed = PoseFeed(sub, frames, n, state.film_scale, state.film_shift, windows, POSE_BATCH)
+            model = OptimizedPredictor(sub, state, feed, cfg.guidance, cfg.reference_timestep, cfg.reuses_features)
         h = self.latent_size
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
-        windows = context_windows(n, cfg.window, cfg.overlap, cfg.closed_loop)
         if cfg.reuses_features:  # one kept feature per window (streaming: per window in flight)
             held = windows_in_flight(windows, n, cfg.steps) if cfg.streams_frames else len(windows)
             kept = kept_feature_bytes(held, len(windows[0]), cfg.cfg, sub.config.unet.block_out_channels[0],
@@ -390,17 +393,6 @@ class Animator:
     def with_config(self, **changes: Any) -> Animator:
         """A new Animator sharing submodels and cache with some settings changed."""
         return Animator(self.sub, replace(self.config, **changes), self.cache)
-
-
-def _batches(items: Iterator[torch.Tensor], size: int) -> Iterator[Sequence[torch.Tensor]]:
-    batch: list[torch.Tensor] = []
-    for x in items:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class _LoopClock:

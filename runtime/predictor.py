@@ -13,6 +13,9 @@ keeps its deep feature per window, and a reusing step runs the shallow path from
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
@@ -41,6 +44,60 @@ def feature_offload(device: torch.device, nbytes: int, share: float = 0.5) -> bo
     of the free device memory (long drivers: about 10 MB per frame at 512 px, fp16, CFG, overlap 8). Costs a
     device-host copy of each feature per whole step and back per reusing step."""
     return device.type == "cuda" and nbytes > share * torch.cuda.mem_get_info(device)[0]
+
+
+class PoseFeed:
+    """PoseGuider features of a driver's frames, computed as the denoising loop first needs them.
+
+    The frames come from an iterator (the driver's second pass, decoded and preprocessed on worker threads);
+    each window's first call pulls the frames up to its last one, in batches of ``batch`` consecutive frames
+    from frame 0 - the batches a whole-clip pass makes, so the features are the same values. Decoding and
+    preprocessing the rest of the driver thus overlaps denoising instead of preceding it (in step order the
+    windows of step 0 need their frames in order; the open-window wavefront likewise).
+
+    Args:
+        frames: ``(3, S, S)`` PoseGuider inputs of frames 0..n-1, in order.
+        windows: the run's context windows (a window's last frame decides how far its first call pulls).
+    """
+
+    def __init__(self, sub: Submodels, frames: Iterator[torch.Tensor], n: int, film_scale: torch.Tensor,
+                 film_shift: torch.Tensor, windows: Sequence[Sequence[int]], batch: int) -> None:
+        self.sub, self.frames, self.n, self.batch = sub, frames, n, batch
+        self.scale, self.shift = film_scale, film_shift
+        self.need = [max(w) + 1 for w in windows]
+        self.features: torch.Tensor | None = None  # (1, 4, n, h, w), filled from frame 0 up
+        self.done = 0  # frames whose features are in ``features``
+        self.seconds = 0.0  # host time spent here: waiting for frames, PoseGuider calls
+
+    def window(self, window: int, frames: torch.Tensor) -> torch.Tensor:
+        """Features ``(1, 4, F, h, w)`` of ``frames`` (window ``window``'s indices, on the device)."""
+        self.fill(self.need[window])
+        assert self.features is not None
+        return self.features.index_select(2, frames.to(self.features.device))
+
+    def fill(self, end: int) -> None:
+        """Compute features up to frame ``end`` (exclusive), a batch at a time.
+
+        Raises:
+            RuntimeError: the frame iterator ended before frame ``end``.
+        """
+        t0 = time.perf_counter()
+        while self.done < end:
+            batch = list(islice(self.frames, min(self.batch, self.n - self.done)))
+            if not batch:
+                raise RuntimeError(f"driver frames ended after {self.done} of {self.n}")
+            out = self.sub.pose_features(torch.stack(batch), self.scale, self.shift)  # (b, 4, h, w)
+            if self.features is None:
+                self.features = out.new_empty((1, out.shape[1], self.n, *out.shape[2:]))
+            self.features[0, :, self.done:self.done + len(batch)] = out.permute(1, 0, 2, 3)
+            self.done += len(batch)
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Stop the frame source (its worker thread) if it can be stopped."""
+        close = getattr(self.frames, "close", None)
+        if close is not None:
+            close()
 
 
 class _Base:
@@ -98,9 +155,10 @@ class _Base:
 
 
 class OptimizedPredictor(_Base):
-    def __init__(self, sub: Submodels, state: PortraitState, pose_features: torch.Tensor, guidance: float,
+    def __init__(self, sub: Submodels, state: PortraitState, pose_features: torch.Tensor | PoseFeed, guidance: float,
                  reference_timestep: int | None = None, feature_reuse: bool = False) -> None:
-        """``pose_features``: PoseGuider output of all frames, ``(1, 4, N, h, w)``."""
+        """``pose_features``: PoseGuider output of all frames, ``(1, 4, N, h, w)``, or a ``PoseFeed`` that
+        computes it as windows need it."""
         super().__init__(sub, state, guidance, reference_timestep, feature_reuse)
         self.pose = pose_features
 
@@ -110,7 +168,10 @@ class OptimizedPredictor(_Base):
 
     def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep, window: int) -> torch.Tensor:
         lat = self.window_latents(latents, frames)
-        pose = self.pose.index_select(2, frames.to(self.pose.device))
+        if isinstance(self.pose, PoseFeed):
+            pose = self.pose.window(window, frames)
+        else:
+            pose = self.pose.index_select(2, frames.to(self.pose.device))
         pair = {"n_uncond": 1, "shared_down": True} if self.cfg else {}  # batch-1 inputs, output [uncond, cond]
         return self.unet(window, lat, step.timestep, self.state.tokens, pose, **pair)
 

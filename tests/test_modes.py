@@ -13,7 +13,7 @@ from golden_pack import GoldenPack, pack_dir
 from megactor_rt.models.scheduler import DDIM, context_windows
 from megactor_rt.runtime.denoise import denoise, denoise_stream
 from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
-from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
+from megactor_rt.runtime.predictor import OptimizedPredictor, PoseFeed, ReferencePredictor
 from megactor_rt.runtime.submodels import TorchSubmodels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -335,3 +335,29 @@ def test_stream_refuses_wrapping_windows(setup):
     sub, state, frames = setup
     with pytest.raises(ValueError, match="open windows"):
         _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", stream=[])
+
+
+# ---------------------------------------------------------------------------------------------- PoseFeed
+
+
+def test_pose_feed_is_the_upfront_pass_computed_as_windows_need_it(setup):
+    """The optimized mode's PoseGuider features come from a PoseFeed: the batches of a whole-clip pass (so the
+    same values, bit for bit), but each computed only when the first window needing its frames runs."""
+    sub, state, frames = setup
+    n, b = 7, 3
+    fr = frames[[i % frames.shape[0] for i in range(n)]]
+    windows = context_windows(n, 4, 2)  # [0-3] [2-5] [4-6,0] [6,0-2]
+    upfront = torch.cat([sub.pose_features(fr[i:i + b], state.film_scale, state.film_shift)
+                         for i in range(0, n, b)]).permute(1, 0, 2, 3)[None]
+    calls = sub.calls["pose_features"]
+    feed = PoseFeed(sub, iter(fr), n, state.film_scale, state.film_shift, windows, b)
+    assert feed.done == 0  # nothing before the first window asks
+    idx = torch.tensor(windows[0])
+    assert torch.equal(feed.window(0, idx), upfront.index_select(2, idx))
+    assert feed.done == 6 and sub.calls["pose_features"] - calls == 2  # frames 0-5: two batches of 3
+    for k, w in enumerate(windows):
+        assert torch.equal(feed.window(k, torch.tensor(w)), upfront.index_select(2, torch.tensor(w)))
+    assert feed.done == n and sub.calls["pose_features"] - calls == 3
+    short = PoseFeed(sub, iter(fr[:3]), n, state.film_scale, state.film_shift, windows, b)
+    with pytest.raises(RuntimeError, match="ended after 3 of 7"):
+        short.window(0, idx)
