@@ -93,8 +93,8 @@ SUITES: dict[str, list[Scenario]] = {
     ],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                 modes=("reference", "optimized", "optimized+compile", "optimized+compile-graphs"),
-                 precision="fp16"),
+                 modes=("reference", "optimized", "optimized+compile", "optimized+compile-graphs",
+                        "optimized+no-wrap"), precision="fp16"),
         Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),

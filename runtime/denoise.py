@@ -124,8 +124,9 @@ def wavefront(windows: Sequence[Sequence[int]], n: int, steps: int) -> Iterator[
     Window k may run step s once window k-1 has run step s (so every frame sums its windows' predictions in
     window order, as ``denoise`` does) and every window owning one of its frames has run step s - 1 (the frame
     has its latent after step s - 1); of the windows that may, the lowest runs. The lowest window with the
-    fewest steps done always may, so the order holds every pair. Frames [start_k, start_k+1) are owned by
-    window k, the last window holding them: their DDIM update for step s follows window k's call at step s.
+    fewest steps done always may, so the order never stalls and holds every pair. Frames [start_k, start_k+1)
+    are owned by window k, the last window holding them: their DDIM update for step s follows window k's call
+    at step s.
 
     Raises:
         ValueError: the windows are not open (see ``_open_spans``).
@@ -175,15 +176,14 @@ def denoise_stream(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMSt
         After every window call, the number of leading frames that are final (non-decreasing; N at the end).
     """
     n, steps = latents.shape[2], len(plan)
-    order = wavefront(windows, n, steps)  # checks the windows before any work
+    starts = [a for a, _ in _open_spans(windows, n)]  # ValueError at the first next(), before any model call
+    own = list(zip(starts, [*starts[1:], n]))  # frames whose last window is k: [start_k, start_k+1)
     counts, indices = _coverage(latents, windows)
-    starts = [w[0] for w in windows]
-    own = [(a, b) for a, b in zip(starts, [*starts[1:], n])]  # frames whose last window is k
     acc = torch.zeros((2 if guidance != 1.0 else 1, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
     current: int | None = None
     final = 0  # frames final so far
     bar = progress(total=steps * len(windows), desc="denoise", unit="window")
-    for k, s in order:
+    for k, s in wavefront(windows, n, steps):
         step, kind = plan[s], step_kind(s, guidance, cfg_steps, feature_reuse)
         halves = 2 if kind.cfg else 1
         if current != s:
