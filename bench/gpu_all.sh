@@ -30,8 +30,8 @@ if [ "${PIPESTATUS[0]}" != 0 ] && [ -d build/kernels ]; then
   echo "kernel GPU tests failed: the end-to-end runs below use the PyTorch reference ops (build/kernels moved aside)"
   mv build/kernels build/kernels.failed
 fi
-step "GPU tests: streams, decode pipeline, compiled submodels"
-timeout 100 python3 -m pytest -q -m gpu tests/test_pipeline.py -p no:cacheprovider 2>&1 | tail -15
+step "GPU tests: streams, decode pipeline (also streamed during denoising), compiled submodels"
+timeout 120 python3 -m pytest -q -m gpu tests/test_pipeline.py -p no:cacheprovider 2>&1 | tail -15
 # the Triton kernels; a failing one is switched off for the runs below (the compiled-UNet test is left to a
 # plain `pytest -m gpu`: its compilation takes a minute; the profile step checks compiled against eager)
 step "GPU tests: Triton kernels (short attention, GroupNorm+SiLU)"

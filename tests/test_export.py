@@ -185,7 +185,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     ({"feature_reuse": 2}, {"temporal_unet", "temporal_unet_reuse"}),
     ({"steps": 3, "cfg_steps": 1, "feature_reuse": 2}, {"temporal_unet", "temporal_unet_cond_reuse",
                                                         "temporal_unet_cond"}),
-], ids=["upstream", "feature-reuse", "feature-reuse+cfg-steps"])
+    ({"closed_loop": False, "feature_reuse": 2}, {"temporal_unet", "temporal_unet_reuse"}),
+], ids=["upstream", "feature-reuse", "feature-reuse+cfg-steps", "open-windows-streamed+feature-reuse"])
 def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path, knobs, graphs):
     """End to end on the tiny model: frames of the onnxruntime backend vs torch, PSNR >= 40 dB (with feature
     reuse too: the whole graphs' deep outputs feed the reuse graphs)."""
