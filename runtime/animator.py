@@ -245,6 +245,7 @@ class Animator:
             model.pose.close()
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
         self.cache.trim()
+        self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
 
     def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker) -> np.ndarray:
         """The 68 face landmarks of the portrait crop (computed once per portrait state).
@@ -252,12 +253,12 @@ class Animator:
         Raises:
             InputError: no face in the portrait crop.
         """
-        if state.face_landmarks is None:
+        if state.face_landmarks is None or state.landmarks_model != str(landmarker.path):
             found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()))
             if found is None:
                 raise InputError("contour mode: no face found in the portrait crop; it needs the portrait's face "
                                  "landmarks (use a frontal, well-lit face, or run without --contour-preserve)")
-            state.face_landmarks = found
+            state.face_landmarks, state.landmarks_model = found, str(landmarker.path)
         return state.face_landmarks
 
     def _loop(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,

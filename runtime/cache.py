@@ -2,6 +2,11 @@
 
 Key = portrait content (crop, mask, CLIP image, FiLM reference) + weights id + backend/dtype + seed. The
 state's ReferenceNet banks are keyed by timestep inside the state, so one entry serves any step count.
+
+With ``disk_dir`` (CLI ``--cache-dir``) each state is written there after a run that added to it (the banks
+fill during the first run) and read back on a memory miss, e.g. by the next process: a later run with the
+same portrait, weights and settings then does no per-portrait work at all. Files are written under a
+temporary name and renamed; an unreadable file is reported, ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState
@@ -31,8 +38,10 @@ class PortraitCache:
         self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._mem: OrderedDict[str, PortraitState] = OrderedDict()
+        self._on_disk: dict[str, tuple[frozenset[int], str | None]] = {}  # key -> what its file holds
         self.hits = 0
         self.misses = 0
+        self.disk_hits = 0
 
     def __len__(self) -> int:
         return len(self._mem)
@@ -47,6 +56,7 @@ class PortraitCache:
             state = self._load(key, device)
             if state is not None:
                 self._mem[key] = state
+                self.disk_hits += 1
         if state is None:
             self.misses += 1
             return None
@@ -65,8 +75,17 @@ class PortraitCache:
             key, _ = self._mem.popitem(last=False)
             logger.debug("portrait cache: evicted %s", key[:12])
 
+    def persist(self, state: PortraitState) -> bool:
+        """Write ``state`` to the disk store if it holds more than its file (new banks or landmarks); returns
+        whether it wrote. No-op without ``disk_dir``."""
+        if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
+            return False
+        self.save(state)
+        return True
+
     def save(self, state: PortraitState) -> None:
-        """Write a state (with the banks computed so far) to the disk store."""
+        """Write a state (with the banks computed so far, and the portrait's landmarks if known) to the disk
+        store: a temporary file, renamed on success."""
         if self.disk_dir is None:
             return
         self.disk_dir.mkdir(parents=True, exist_ok=True)
@@ -74,27 +93,60 @@ class PortraitCache:
         inp = state.inputs
         tensors.update({"in_image": inp.image, "in_background_mask": inp.background_mask,
                         "in_clip_image": inp.clip_image, "in_ada_reference": inp.ada_reference})
-        final = self.disk_dir / f"{_file_key(state.key)}.safetensors"
-        tmp = final.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"key": state.key, "banks": json.dumps(sorted(state.banks))})
-        tmp.replace(final)
+        meta = {"key": state.key, "banks": json.dumps(sorted(state.banks))}
+        if state.face_landmarks is not None and state.landmarks_model is not None:
+            tensors["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(state.face_landmarks))
+            meta["landmarks_model"] = state.landmarks_model
+        final = self._path(state.key)
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._on_disk[state.key] = _content(state)
+        logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(state.banks))
+
+    def _path(self, key: str) -> Path:
+        assert self.disk_dir is not None
+        return self.disk_dir / f"{_file_key(key)}.safetensors"
 
     def _load(self, key: str, device: torch.device | str) -> PortraitState | None:
         if self.disk_dir is None:
             return None
-        path = self.disk_dir / f"{_file_key(key)}.safetensors"
+        path = self._path(key)
         if not path.is_file():
             return None
-        t = {k: v.to(device) for k, v in load_file(str(path)).items()}
-        banks: dict[int, list[torch.Tensor]] = {}
-        for name in sorted(k for k in t if k.startswith("bank_")):
-            _, ts, _ = name.split("_")
-            banks.setdefault(int(ts), []).append(t[name])
-        inputs = PortraitInputs(t["in_image"].cpu(), t["in_background_mask"].cpu(), t["in_clip_image"].cpu(),
-                                t["in_ada_reference"].cpu())
-        return PortraitState(key=key, inputs=inputs, ref_latent=t["ref_latent"], cond=t["cond"],
-                             tokens=t["tokens"], film_scale=t["film_scale"], film_shift=t["film_shift"],
-                             ada_reference=t["ada_reference"], banks=banks)
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("key") != key:  # a file-name collision, or a file from elsewhere: not this state
+                logger.warning("portrait cache: %s holds another portrait state; ignoring it", path)
+                return None
+            t = {k: v.to(device) for k, v in load_file(str(path)).items()}
+            banks: dict[int, list[torch.Tensor]] = {}
+            for name in sorted(k for k in t if k.startswith("bank_")):
+                _, ts, _ = name.split("_")
+                banks.setdefault(int(ts), []).append(t[name])
+            inputs = PortraitInputs(t["in_image"].cpu(), t["in_background_mask"].cpu(), t["in_clip_image"].cpu(),
+                                    t["in_ada_reference"].cpu())
+            lm = t.get("face_landmarks")
+            state = PortraitState(key=key, inputs=inputs, ref_latent=t["ref_latent"], cond=t["cond"],
+                                  tokens=t["tokens"], film_scale=t["film_scale"], film_shift=t["film_shift"],
+                                  ada_reference=t["ada_reference"], banks=banks,
+                                  face_landmarks=None if lm is None else lm.cpu().numpy(),
+                                  landmarks_model=meta.get("landmarks_model") if lm is not None else None)
+        except Exception as exc:  # a truncated or foreign file must not stop a run: recompute and rewrite it
+            logger.warning("portrait cache: cannot read %s (%s: %s); computing the portrait again",
+                           path, type(exc).__name__, exc)
+            return None
+        self._on_disk[key] = _content(state)
+        return state
+
+
+def _content(state: PortraitState) -> tuple[frozenset[int], str | None]:
+    """What a state's file would hold beyond the fixed tensors: bank timesteps, landmark model."""
+    return frozenset(state.banks), state.landmarks_model if state.face_landmarks is not None else None
 
 
 def _file_key(key: str) -> str:

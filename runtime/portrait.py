@@ -55,7 +55,8 @@ class PortraitState:
         film_scale / film_shift: ``(1, 128)`` PoseGuider FiLM code.
         ada_reference: ``(1, 3, 512, 512)`` in [0, 1] (kept for the reference-mode evaluation).
         banks: ReferenceNet bank per timestep, filled on demand.
-        face_landmarks: ``(68, 2)`` landmarks of the crop (contour mode), filled on demand, not stored on disk.
+        face_landmarks: ``(68, 2)`` landmarks of the crop (contour mode), filled on demand.
+        landmarks_model: the landmark model file ``face_landmarks`` came from (another model recomputes them).
     """
 
     key: str
@@ -68,6 +69,7 @@ class PortraitState:
     ada_reference: torch.Tensor
     banks: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     face_landmarks: np.ndarray | None = None
+    landmarks_model: str | None = None
 
     def bank(self, timestep: int, sub: Submodels) -> list[torch.Tensor]:
         """The batch-1 ReferenceNet bank at ``timestep`` (computed once, then cached)."""

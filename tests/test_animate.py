@@ -199,6 +199,48 @@ def test_reference_timestep_zero_computes_bank_once(anim: Animator, media: dict[
     assert set(state.banks) == {0}
 
 
+def test_disk_cache_serves_the_next_process(anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
+    """--cache-dir: a fresh Animator with the same store (as in the next process) does no per-portrait work -
+    VAE latents, CLIP tokens, FiLM code and every bank the first run made come from disk - and gives the same
+    frames; the file is rewritten only when a run adds banks, never left half-written."""
+    store = tmp_path / "portraits"
+    first = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    frames1 = list(first.animate(first.prepare(PORTRAIT), media["short"]))
+    files = list(store.iterdir())
+    assert [f.suffix for f in files] == [".safetensors"]
+    second = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    calls0 = dict(anim.sub.calls)
+    state = second.prepare(PORTRAIT)
+    frames2 = list(second.animate(state, media["short"]))
+    used = {k: v - calls0.get(k, 0) for k, v in anim.sub.calls.items()}
+    assert second.cache.disk_hits == 1 and used["unet"] > 0
+    assert all(used.get(k, 0) == 0 for k in (*PER_PORTRAIT, "reference_bank")), used
+    assert all(np.array_equal(a, b) for a, b in zip(frames1, frames2, strict=True))
+    assert not second.cache.persist(state)  # nothing new to write
+    list(second.animate(state, media["short"], config=replace(CFG, steps=3)))  # t 667, 334 new (1 was there)
+    third = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    assert sorted(third.prepare(PORTRAIT).banks) == sorted(state.banks) == [1, 334, 501, 667]
+    assert [f.name for f in store.iterdir()] == [files[0].name]  # no temporary file left
+
+
+def test_unreadable_disk_cache_file_is_recomputed_and_rewritten(anim: Animator, media: dict[str, Path],
+                                                                 tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    store = tmp_path / "portraits"
+    first = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    list(first.animate(first.prepare(PORTRAIT), media["short"]))
+    (path,) = store.iterdir()
+    path.write_bytes(path.read_bytes()[:100])  # truncated, e.g. by a full disk
+    second = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    calls0 = anim.sub.calls["vae_encode"]
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        state = second.prepare(PORTRAIT)
+    assert anim.sub.calls["vae_encode"] == calls0 + 1 and second.cache.disk_hits == 0
+    assert str(path) in caplog.text and "computing the portrait again" in caplog.text
+    list(second.animate(state, media["short"]))
+    assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
+
+
 def test_animate_to_file_reports_cache_hit(anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
     a = fresh(anim, max_frames=2, steps=1)
     first = a.animate_to_file(PORTRAIT, media["short"], tmp_path / "a.mp4")

@@ -113,6 +113,20 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
 # ---------------------------------------------------------------------------------------------- animate
 
 
+def test_cache_dir_lets_the_next_run_skip_the_portrait(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--cache-dir: the second process-level run finds the prepared portrait on disk (and says so); same frames."""
+    common = ("animate", "--portrait", media["portrait"], "--driver", media["driver"], "--weights", weights,
+              "--device", "cpu", *FAST, "--max-frames", 4, "--no-audio", "--cache-dir", tmp_path / "cache")
+    code, first, err = run(capsys, *common, "-o", tmp_path / "a.mp4")
+    assert code == 0, err
+    assert "portrait from cache" not in first and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    code, second, err = run(capsys, *common, "-o", tmp_path / "b.mp4")
+    assert code == 0 and "portrait from cache" in second, err
+    a, b = frames_of(tmp_path / "a.mp4"), frames_of(tmp_path / "b.mp4")
+    assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_animate_cli_and_python_give_identical_frames(weights: Path, media: dict[str, Path], tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.mp4"

@@ -266,6 +266,37 @@ def test_contour_animation_writes_every_frame(landmarker: contour.Landmarker, tm
     assert state.face_landmarks is not None  # kept with the portrait for the next driver
 
 
+@needs_model
+def test_disk_cache_keeps_the_portrait_landmarks(landmarker: contour.Landmarker, tmp_path: Path) -> None:
+    """With --cache-dir the portrait's landmarks travel with its state: the next process does not recompute
+    them for the same landmark model, and does for another one."""
+    from megactor_rt.runtime.cache import PortraitCache
+
+    set_progress_enabled(False)
+    cfg = AnimateConfig(steps=1, window=4, overlap=2, max_frames=4)
+    anim = Animator.demo(seed=0, device="cpu", config=cfg)
+    anim.cache = PortraitCache(disk_dir=tmp_path / "cache")
+    anim.animate_to_file(PORTRAIT, DRIVER, tmp_path / "o.mp4", contour=True, audio=False)
+    fresh = Animator(anim.sub, cfg, PortraitCache(disk_dir=tmp_path / "cache"))
+    state = fresh.prepare(PORTRAIT)
+    assert fresh.cache.disk_hits == 1 and state.landmarks_model == str(landmarker.path)
+    assert state.face_landmarks is not None
+    np.testing.assert_array_equal(state.face_landmarks, landmarker(np.ascontiguousarray(
+        state.inputs.image.permute(1, 2, 0).numpy())))
+
+    class Refusing:  # the same model file, but any call would mean a recomputation
+        path = landmarker.path
+
+        def __call__(self, image: np.ndarray) -> np.ndarray:
+            raise AssertionError("recomputed the portrait's landmarks")
+
+    assert fresh.portrait_landmarks(state, Refusing()) is state.face_landmarks  # type: ignore[arg-type]
+    other = Refusing()
+    other.path = tmp_path / "other_model.dat"
+    with pytest.raises(AssertionError, match="recomputed"):
+        fresh.portrait_landmarks(state, other)  # type: ignore[arg-type]
+
+
 def test_contour_mode_changes_the_pose_guider_input(tmp_path: Path) -> None:
     set_progress_enabled(False)
     driver = write_face_driver(tmp_path / "face.mp4", n=3)
