@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one call (budget 560 s: give the call a 590 s limit): install, build the CUDA
 # kernels, run the GPU tests, the kernel benchmark, every GPU benchmark scenario, a profile of one
-# denoiser call and a per-step device-time profile. Tables land in $OUT (default bench-results/gpu),
-# results after every mode, so a run cut short keeps what it measured.
+# denoiser call, a per-step device-time profile and (if time is left) the portrait store's saving. Tables
+# land in $RES (default $OUT, default bench-results/gpu), results after every mode, so a run cut short keeps
+# what it measured.
 # On the lent, offline GPU machine run `bash bench/fetch_wheels.sh` here first and carry `.whl` (README
 # "Benchmarks"). Each step has its own time limit; a failing step does not stop the later ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/gpu}
+# Result files go to $RES (default: $OUT). On the lent GPU machine, which returns at most 8 files from $OUT,
+# run with RES=/tmp/gpu_results: every result file then also comes back packed in $OUT/results.tar.gz
+# (refreshed before every step, so a run cut short keeps what it measured), beside $OUT/gpu_all.log.
+RES=${RES:-$OUT}
 BUDGET_S=${BUDGET_S:-560}  # the whole script; the end-to-end suite gets what the earlier steps leave
 E2E_ARGS=${E2E_ARGS:-}  # e.g. --modes ...; a check of this script on a CPU machine (~8 min):
-#   E2E_ARGS=--dry-run PROFILE_ARGS="--tiny --quick" STEP_PROFILE_ARGS=--tiny bash bench/gpu_all.sh
+#   E2E_ARGS=--dry-run PROFILE_ARGS="--tiny --quick" STEP_PROFILE_ARGS=--tiny PORTRAIT_ARGS=--tiny bash bench/gpu_all.sh
 PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled}  # bench/profile_unet.py options (--quick: timings only)
 STEP_PROFILE_ARGS=${STEP_PROFILE_ARGS:---mode optimized}  # bench/profile_steps.py options (--tiny: CPU check)
+PORTRAIT_ARGS=${PORTRAIT_ARGS:-}  # bench/portrait_cache.py options (--tiny: CPU check)
 SKIP_KERNEL_CHECKS=${SKIP_KERNEL_CHECKS:-0}  # 1: skip the kernel GPU tests and kernel benchmark
 LOG=gpu_all.log
+on_step() { if [ "$RES" != "$OUT" ] && [ -d "$RES" ]; then tar czf "$OUT/results.tar.gz" -C "$RES" .; fi; }
 . bench/gpu_common.sh
-mkdir -p "$OUT/kernels" "$OUT/e2e"
+mkdir -p "$RES/kernels" "$RES/e2e"
 
 step "build the CUDA kernels (sm_90)"
 timeout 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \
@@ -45,17 +52,17 @@ for pair in short_attention:MEGACTOR_SHORT_ATTENTION group_norm:MEGACTOR_TRITON_
 done
 
 step "kernel benchmark"
-timeout 90 python3 bench/bench_kernels.py --out "$OUT/kernels" || echo "kernel benchmark failed or timed out"
+timeout 90 python3 bench/bench_kernels.py --out "$RES/kernels" || echo "kernel benchmark failed or timed out"
 fi
 
 step "end-to-end: reference vs optimized (same run), streams on/off, faster settings ($(left) s left)"
-timeout $(( $(left) - 140 )) python3 -m megactor_rt.cli bench --suite gpu-full --out "$OUT/e2e" $E2E_ARGS \
+timeout $(( $(left) - 140 )) python3 -m megactor_rt.cli bench --suite gpu-full --out "$RES/e2e" $E2E_ARGS \
   || echo "end-to-end suite stopped early (rc $?): results.json holds the scenarios that finished"
 nvidia-smi --query-gpu=memory.used,clocks.sm,temperature.gpu --format=csv || true
 
 step "one denoiser window call: event timing, FLOPs, kernel classes ($(left) s left)"
 if [ "$(left)" -gt 60 ]; then
-  timeout $(( $(left) - 65 > 60 ? $(left) - 65 : $(left) - 5 )) python3 bench/profile_unet.py --out "$OUT/e2e" $PROFILE_ARGS \
+  timeout $(( $(left) - 65 > 60 ? $(left) - 65 : $(left) - 5 )) python3 bench/profile_unet.py --out "$RES/e2e" $PROFILE_ARGS \
     || echo "profile failed or timed out"
 else
   echo "skipped: too little time left"
@@ -63,11 +70,19 @@ fi
 
 step "device-busy vs wall time per denoising step (the slow first step) ($(left) s left)"
 if [ "$(left)" -gt 55 ]; then
-  timeout $(( $(left) - 5 )) python3 bench/profile_steps.py --out "$OUT/e2e" $STEP_PROFILE_ARGS || echo "step profile failed or timed out"
+  timeout $(( $(left) - 5 )) python3 bench/profile_steps.py --out "$RES/e2e" $STEP_PROFILE_ARGS || echo "step profile failed or timed out"
+else
+  echo "skipped: too little time left"
+fi
+
+step "portrait store: per-portrait work computed vs read back ($(left) s left)"
+if [ "$(left)" -gt 45 ]; then
+  timeout $(( $(left) - 5 )) python3 bench/portrait_cache.py --out "$RES/e2e" $PORTRAIT_ARGS || echo "portrait cache bench failed or timed out"
 else
   echo "skipped: too little time left"
 fi
 
 step "tables"
-cat "$OUT"/kernels/*.md "$OUT"/e2e/*.md 2>/dev/null
+cat "$RES"/kernels/*.md "$RES"/e2e/*.md 2>/dev/null
+on_step
 echo "done in ${SECONDS}s"

@@ -5,7 +5,8 @@
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$LOG") 2>&1
 left() { echo $((BUDGET_S - SECONDS)); }
-step() { echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
+# a script may define `on_step` (run before each heading, e.g. to pack the results so far)
+step() { if declare -F on_step >/dev/null; then on_step; fi; echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
 
 step "machine + install (offline: wheels carried in .whl/)"
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
