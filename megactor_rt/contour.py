@@ -261,6 +261,12 @@ class ContourPlan:
 AFFINE_FRAMES = ("last", "first")  # whose landmarks give the driver's box: upstream's quirk, the intended one
 
 
+def check_affine_frame(affine_frame: str) -> None:
+    """ValueError unless ``affine_frame`` is one of ``AFFINE_FRAMES``."""
+    if affine_frame not in AFFINE_FRAMES:
+        raise ValueError(f"affine_frame must be one of {AFFINE_FRAMES}, got {affine_frame!r}")
+
+
 def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmarks: np.ndarray, size: int,
                  source_name: str = "driver", affine_frame: str = "last") -> ContourPlan:
     """Rectangles and affine of a clip from its per-frame landmarks (None: no face in that frame).
@@ -275,8 +281,7 @@ def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmar
         InputError: no frame has landmarks.
         ValueError: ``affine_frame`` not in ``AFFINE_FRAMES``.
     """
-    if affine_frame not in AFFINE_FRAMES:
-        raise ValueError(f"affine_frame must be one of {AFFINE_FRAMES}, got {affine_frame!r}")
+    check_affine_frame(affine_frame)
     rects: list[Crop] | None = None
     first: np.ndarray | None = None
     last: np.ndarray | None = None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
-from megactor_rt.contour import AFFINE_FRAMES, ContourPlan, Landmarker, landmarks_model_path
+from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, landmarks_model_path
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
@@ -214,8 +214,7 @@ class Animator:
         Raises:
             ValueError: ``contour_affine_frame`` is neither "last" nor "first".
         """
-        if contour_affine_frame not in AFFINE_FRAMES:
-            raise ValueError(f"contour_affine_frame must be one of {AFFINE_FRAMES}, got {contour_affine_frame!r}")
+        check_affine_frame(contour_affine_frame)
         cfg = config or self.config
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
@@ -264,8 +263,9 @@ class Animator:
     def _loop(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,
               contour: ContourPlan | None = None
               ) -> tuple[torch.Tensor, OptimizedPredictor | ReferencePredictor, list[DDIMStep], list[list[int]]]:
-        """Driver frames through PoseGuider, and what the denoising loop needs: the initial noise, the window
-        predictor, the DDIM steps and the context windows."""
+        """What the denoising loop needs: the initial noise, the window predictor, the DDIM steps and the context
+        windows. The optimized predictor gets a ``PoseFeed`` (the driver's second pass and the PoseGuider run as
+        the windows need their frames); the reference predictor gets every preprocessed driving frame, here."""
         sub, n, size = self.sub, plan.num_frames, self.image_size
         windows = context_windows(n, cfg.window, cfg.overlap, cfg.closed_loop)
         frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=2 * POSE_BATCH, name="driver-decode")
@@ -370,8 +370,7 @@ class Animator:
         from megactor_rt.media import probe_video
 
         out = check_output_path(output)
-        if contour_affine_frame not in AFFINE_FRAMES:
-            raise ValueError(f"contour_affine_frame must be one of {AFFINE_FRAMES}, got {contour_affine_frame!r}")
+        check_affine_frame(contour_affine_frame)
         if contour:
             landmarks_model = landmarks_model_path(landmarks_model)  # fail before any work if it is missing
         cfg = config or self.config
