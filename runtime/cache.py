@@ -77,10 +77,15 @@ class PortraitCache:
 
     def persist(self, state: PortraitState) -> bool:
         """Write ``state`` to the disk store if it holds more than its file (new banks or landmarks); returns
-        whether it wrote. No-op without ``disk_dir``."""
+        whether it wrote. No-op without ``disk_dir``. A store that cannot be written (full disk, no permission)
+        is a warning, not an error: the run's output must not be lost to its cache."""
         if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
             return False
-        self.save(state)
+        try:
+            self.save(state)
+        except OSError as exc:
+            logger.warning("portrait cache: cannot write to %s (%s); the portrait is not stored", self.disk_dir, exc)
+            return False
         return True
 
     def save(self, state: PortraitState) -> None:

@@ -241,6 +241,19 @@ def test_unreadable_disk_cache_file_is_recomputed_and_rewritten(anim: Animator, 
     assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
 
 
+def test_unwritable_disk_cache_is_a_warning_and_the_output_stays(anim: Animator, media: dict[str, Path],
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the store should be")
+    writer = Animator(anim.sub, CFG, PortraitCache(disk_dir=blocker / "portraits"))
+    out = tmp_path / "out.mp4"
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        stats = writer.animate_to_file(PORTRAIT, media["short"], out, audio=False)
+    assert stats.frames == 4 and stream_facts(out)[0] == 4
+    assert "cannot write to" in caplog.text and "not stored" in caplog.text
+
+
 def test_animate_to_file_reports_cache_hit(anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
     a = fresh(anim, max_frames=2, steps=1)
     first = a.animate_to_file(PORTRAIT, media["short"], tmp_path / "a.mp4")
