@@ -86,7 +86,10 @@ class PoseFeed:
             batch = list(islice(self.frames, min(self.batch, self.n - self.done)))
             if not batch:
                 raise RuntimeError(f"driver frames ended after {self.done} of {self.n}")
-            out = self.sub.pose_features(torch.stack(batch), self.scale, self.shift)  # (b, 4, h, w)
+            frames = torch.stack(batch)
+            if self.sub.device.type == "cuda":  # pinned + non-blocking: no host wait for the queued denoising
+                frames = frames.pin_memory().to(self.sub.device, non_blocking=True)
+            out = self.sub.pose_features(frames, self.scale, self.shift)  # (b, 4, h, w)
             if self.features is None:
                 self.features = out.new_empty((1, out.shape[1], self.n, *out.shape[2:]))
             self.features[0, :, self.done:self.done + len(batch)] = out.permute(1, 0, 2, 3)
