@@ -6,13 +6,15 @@ state's ReferenceNet banks are keyed by timestep inside the state, so one entry 
 With ``disk_dir`` (CLI ``--cache-dir``) each state is written there after a run that added to it (the banks
 fill during the first run) and read back on a memory miss, e.g. by the next process: a later run with the
 same portrait, weights and settings then does no per-portrait work at all. Files are written under a
-temporary name and renamed; an unreadable file is reported, ignored and rewritten.
+temporary name and renamed; an unreadable file is reported, ignored and rewritten. The store keeps to a size
+budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least recently used files go first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,10 +34,14 @@ class PortraitCache:
     Args:
         max_bytes: memory budget of the cached tensors (least recently used entries are evicted).
         disk_dir: optional folder; states are also written there and read back on a memory miss.
+        max_disk_bytes: budget of the store's files: after a write, the least recently used other files
+            (by modification time; a read refreshes it) are deleted until the store fits.
     """
 
-    def __init__(self, max_bytes: int = 2 << 30, disk_dir: str | Path | None = None) -> None:
+    def __init__(self, max_bytes: int = 2 << 30, disk_dir: str | Path | None = None,
+                 max_disk_bytes: int = 20 << 30) -> None:
         self.max_bytes = max_bytes
+        self.max_disk_bytes = max_disk_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._mem: OrderedDict[str, PortraitState] = OrderedDict()
         self._on_disk: dict[str, tuple[frozenset[int], str | None]] = {}  # key -> what its file holds
@@ -111,6 +117,21 @@ class PortraitCache:
             tmp.unlink(missing_ok=True)
         self._on_disk[state.key] = _content(state)
         logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(state.banks))
+        self._trim_disk(keep=final)
+
+    def _trim_disk(self, keep: Path) -> None:
+        """Delete the least recently used state files (not ``keep``) until the store fits ``max_disk_bytes``."""
+        assert self.disk_dir is not None
+        files = sorted(((p.stat().st_mtime_ns, p) for p in self.disk_dir.glob("*.safetensors")), reverse=True)
+        total = 0
+        for _, path in files:  # newest first: each one stays while the store still fits
+            size = path.stat().st_size
+            if path != keep and total + size > self.max_disk_bytes:
+                path.unlink(missing_ok=True)
+                self._on_disk = {k: v for k, v in self._on_disk.items() if self._path(k) != path}
+                logger.info("portrait cache: removed %s (store over %.1f GB)", path.name, self.max_disk_bytes / 1e9)
+                continue
+            total += size
 
     def _path(self, key: str) -> Path:
         assert self.disk_dir is not None
@@ -146,6 +167,7 @@ class PortraitCache:
                            path, type(exc).__name__, exc)
             return None
         self._on_disk[key] = _content(state)
+        os.utime(path)  # recently used: the last to go when the store is over its budget
         return state
 
 

@@ -241,6 +241,26 @@ def test_unreadable_disk_cache_file_is_recomputed_and_rewritten(anim: Animator, 
     assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
 
 
+def test_disk_store_keeps_to_its_budget_least_recently_used_first(anim: Animator, tmp_path: Path) -> None:
+    """max_disk_bytes: after a write, the least recently used other files go (a read counts as a use)."""
+    import os
+
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    states = [replace(base, key=f"portrait-{i}") for i in range(3)]
+    probe = PortraitCache(disk_dir=store)
+    probe.save(states[0])
+    size = next(store.iterdir()).stat().st_size
+    cache = PortraitCache(disk_dir=store, max_disk_bytes=2 * size + size // 2)  # room for two files
+    cache.save(states[1])
+    first = cache._path("portrait-0")
+    os.utime(first, ns=(0, 0))  # written long ago ...
+    assert PortraitCache(disk_dir=store).get("portrait-0") is not None  # ... but read just now: recent again
+    os.utime(cache._path("portrait-1"), ns=(1, 1))  # now the least recently used
+    cache.save(states[2])
+    assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("portrait-0", "portrait-2"))
+
+
 def test_unwritable_disk_cache_is_a_warning_and_the_output_stays(anim: Animator, media: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:

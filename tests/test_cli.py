@@ -4,6 +4,7 @@ and every bad-input case (exit code 2, ``error: <file>: <problem>`` on stderr, n
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -125,6 +126,8 @@ def test_cache_dir_lets_the_next_run_skip_the_portrait(weights: Path, media: dic
     assert code == 0 and "portrait from cache" in second, err
     a, b = frames_of(tmp_path / "a.mp4"), frames_of(tmp_path / "b.mp4")
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    budget = cli._cache(argparse.Namespace(cache_dir=tmp_path / "cache", cache_max_gb=0.5))
+    assert budget is not None and budget.max_disk_bytes == 500_000_000
 
 
 def test_animate_cli_and_python_give_identical_frames(weights: Path, media: dict[str, Path], tmp_path: Path,
