@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState
 
@@ -122,10 +122,10 @@ class PortraitCache:
     def _trim_disk(self, keep: Path) -> None:
         """Delete the least recently used state files (not ``keep``) until the store fits ``max_disk_bytes``."""
         assert self.disk_dir is not None
-        files = sorted(((p.stat().st_mtime_ns, p) for p in self.disk_dir.glob("*.safetensors")), reverse=True)
+        files = sorted(((st.st_mtime_ns, st.st_size, p) for p in self.disk_dir.glob("*.safetensors")
+                        for st in (p.stat(),)), reverse=True)
         total = 0
-        for _, path in files:  # newest first: each one stays while the store still fits
-            size = path.stat().st_size
+        for _, size, path in files:  # newest first: each one stays while the store still fits
             if path != keep and total + size > self.max_disk_bytes:
                 path.unlink(missing_ok=True)
                 self._on_disk = {k: v for k, v in self._on_disk.items() if self._path(k) != path}
@@ -144,23 +144,23 @@ class PortraitCache:
         if not path.is_file():
             return None
         try:
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "pt") as f:  # one read: header (metadata) and tensors
                 meta = f.metadata() or {}
-            if meta.get("key") != key:  # a file-name collision, or a file from elsewhere: not this state
-                logger.warning("portrait cache: %s holds another portrait state; ignoring it", path)
-                return None
-            t = {k: v.to(device) for k, v in load_file(str(path)).items()}
+                if meta.get("key") != key:  # a file-name collision, or a file from elsewhere: not this state
+                    logger.warning("portrait cache: %s holds another portrait state; ignoring it", path)
+                    return None
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable; host
+            d = {k: v.to(device) for k, v in t.items() if k not in _HOST_TENSORS}
             banks: dict[int, list[torch.Tensor]] = {}
-            for name in sorted(k for k in t if k.startswith("bank_")):
+            for name in sorted(k for k in d if k.startswith("bank_")):
                 _, ts, _ = name.split("_")
-                banks.setdefault(int(ts), []).append(t[name])
-            inputs = PortraitInputs(t["in_image"].cpu(), t["in_background_mask"].cpu(), t["in_clip_image"].cpu(),
-                                    t["in_ada_reference"].cpu())
+                banks.setdefault(int(ts), []).append(d[name])
+            inputs = PortraitInputs(t["in_image"], t["in_background_mask"], t["in_clip_image"], t["in_ada_reference"])
             lm = t.get("face_landmarks")
-            state = PortraitState(key=key, inputs=inputs, ref_latent=t["ref_latent"], cond=t["cond"],
-                                  tokens=t["tokens"], film_scale=t["film_scale"], film_shift=t["film_shift"],
-                                  ada_reference=t["ada_reference"], banks=banks,
-                                  face_landmarks=None if lm is None else lm.cpu().numpy(),
+            state = PortraitState(key=key, inputs=inputs, ref_latent=d["ref_latent"], cond=d["cond"],
+                                  tokens=d["tokens"], film_scale=d["film_scale"], film_shift=d["film_shift"],
+                                  ada_reference=d["ada_reference"], banks=banks,
+                                  face_landmarks=None if lm is None else lm.numpy(),
                                   landmarks_model=meta.get("landmarks_model") if lm is not None else None)
         except Exception as exc:  # a truncated or foreign file must not stop a run: recompute and rewrite it
             logger.warning("portrait cache: cannot read %s (%s: %s); computing the portrait again",
@@ -169,6 +169,10 @@ class PortraitCache:
         self._on_disk[key] = _content(state)
         os.utime(path)  # recently used: the last to go when the store is over its budget
         return state
+
+
+# stored tensors that stay on the host: the portrait's pixels (``PortraitInputs``) and its landmarks
+_HOST_TENSORS = frozenset({"in_image", "in_background_mask", "in_clip_image", "in_ada_reference", "face_landmarks"})
 
 
 def _content(state: PortraitState) -> tuple[frozenset[int], str | None]:
