@@ -255,6 +255,8 @@ class AnimateConfig:
             raise ValueError(f"cfg_steps must be >= 0 (or None for every step), got {self.cfg_steps}")
         if self.feature_reuse is not None and self.feature_reuse < 1:
             raise ValueError(f"feature_reuse must be >= 1 (or None: no reuse), got {self.feature_reuse}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1 (or None: every frame), got {self.max_frames}")
 
     @property
     def cfg(self) -> bool:

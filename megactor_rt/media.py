@@ -6,6 +6,9 @@ Behaviour on bad input (every case raises :class:`~megactor_rt.errors.InputError
 
 * images: missing, unreadable, not an image, smaller than 64 px or larger than 8192 px on a side;
 * videos: missing, unreadable, no video stream, zero decodable frames;
+* a video's display matrix (phones record upright clips as landscape frames plus a rotation) is applied to
+  every decoded frame the way the ffmpeg command line applies it (quarter turns and flips), so frames and
+  :class:`VideoInfo` sizes are the upright picture a player shows; another angle is logged and ignored;
 * a video that breaks off mid-stream (truncated download, corrupt packets) raises when the break is
   reached, after the frames before it were yielded; a clean end of stream well short of the frame count
   the header announces counts as a break too (raised after the last decoded frame). A consumer that writes through :class:`VideoWriter`
@@ -150,8 +153,9 @@ class VideoInfo:
 
     Attributes:
         path: the probed file.
-        width: frame width in pixels.
-        height: frame height in pixels.
+        width: frame width in pixels, upright (after the display matrix, as :func:`iter_video_frames`
+            yields the frames).
+        height: frame height in pixels, upright.
         fps: the container's average frame rate, exact.
         num_frames: frame count from the header, or None where the container does not record it.
         has_audio: whether the file has at least one audio stream.
@@ -206,15 +210,101 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration_s = container.duration / av.time_base
+        width, height = stream.codec_context.width, stream.codec_context.height
+        orient = _stream_orientation(path, container, stream)
+        if orient is not None and orient.swaps_sides:
+            width, height = height, width
         return VideoInfo(
             path=path,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
+            width=width,
+            height=height,
             fps=_stream_fps(path, stream),
             num_frames=stream.frames if stream.frames > 0 else None,
             has_audio=bool(container.streams.audio),
             duration_s=duration_s,
         )
+
+
+# ---------------------------------------------------------------------------------------------- orientation
+
+
+@dataclass(frozen=True)
+class _Orientation:
+    """How to turn a decoded frame upright: an optional transpose, then optional flips (numpy views).
+
+    ``transpose`` swaps rows and columns (FFmpeg's ``transpose=cclock_flip``); ``hflip``/``vflip`` mirror
+    the columns/rows after it. Every quarter turn and mirror is one such combination."""
+
+    transpose: bool = False
+    hflip: bool = False
+    vflip: bool = False
+
+    @property
+    def swaps_sides(self) -> bool:
+        return self.transpose
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        if not (self.transpose or self.hflip or self.vflip):
+            return rgb
+        out = rgb.transpose(1, 0, 2) if self.transpose else rgb
+        if self.hflip:
+            out = out[:, ::-1]
+        if self.vflip:
+            out = out[::-1]
+        return np.ascontiguousarray(out)
+
+
+_UPRIGHT = _Orientation()
+# FFmpeg's transpose filter directions as transpose + flips of the transposed picture.
+_CLOCK = _Orientation(transpose=True, hflip=True)        # 90 degrees clockwise
+_CCLOCK = _Orientation(transpose=True, vflip=True)       # 90 degrees counter-clockwise
+_CCLOCK_FLIP = _Orientation(transpose=True)              # counter-clockwise, then vertical flip
+_CLOCK_FLIP = _Orientation(transpose=True, hflip=True, vflip=True)  # clockwise, then vertical flip
+
+
+def display_orientation(matrix: np.ndarray, path: Path | None = None) -> _Orientation:
+    """The upright transform of a display matrix (FFmpeg's ``AV_FRAME_DATA_DISPLAYMATRIX``: 9 int32, 16.16
+    fixed point for the 2x2 part), decided exactly as the ffmpeg command line's autorotation does: the angle
+    is ``-av_display_rotation_get`` in [0, 360); 90 -> clockwise turn (or a transpose when the matrix also
+    mirrors), 180 -> horizontal and/or vertical flip, 270 -> counter-clockwise turn (or the clockwise
+    flip), 0 -> vertical flip when the matrix mirrors rows. Any other angle is logged and ignored (the
+    frame is used as decoded)."""
+    m = [float(v) / 65536.0 for v in np.asarray(matrix, dtype=np.int64).reshape(9)]
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0.0 or scale1 == 0.0:
+        logger.warning("%s: singular display matrix ignored", path or "video")
+        return _UPRIGHT
+    theta = float(round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0))))  # = -rotation_get
+    theta -= 360.0 * math.floor(theta / 360.0 + 0.9 / 360.0)
+    if abs(theta - 90.0) < 1.0:
+        return _CCLOCK_FLIP if m[3] > 0 else _CLOCK
+    if abs(theta - 180.0) < 1.0:
+        return _Orientation(hflip=m[0] < 0, vflip=m[4] < 0)
+    if abs(theta - 270.0) < 1.0:
+        return _CLOCK_FLIP if m[3] < 0 else _CCLOCK
+    if abs(theta) > 1.0:
+        logger.warning("%s: display rotation of %.0f degrees is not a quarter turn; frames are used as "
+                       "decoded", path or "video", theta)
+        return _UPRIGHT
+    return _Orientation(vflip=m[4] < 0)
+
+
+def _frame_orientation(path: Path, frame: av.VideoFrame) -> _Orientation:
+    for sd in cast(Any, frame.side_data):  # yields SideData entries (the stubs say str keys)
+        if str(sd.type).endswith("DISPLAYMATRIX") and len(bytes(sd)) >= 36:
+            return display_orientation(np.frombuffer(bytes(sd), dtype=np.int32, count=9), path)
+    return _UPRIGHT
+
+
+def _stream_orientation(path: Path, container: av.container.InputContainer,
+                        stream: av.video.stream.VideoStream) -> _Orientation | None:
+    """The orientation of a stream's frames, from its first frame (PyAV exposes the display matrix on
+    decoded frames only). None when no frame decodes (decoding reports that, with the file's name)."""
+    try:
+        frame = next(container.decode(stream), None)
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    return None if frame is None else _frame_orientation(path, frame)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -248,6 +338,7 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
         stream = container.streams.video[0]
         # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
         frames = container.decode(stream)
+        orient: _Orientation | None = None
         while True:
             try:
                 frame = next(frames)
@@ -261,7 +352,9 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
                                "decoded so far", path, count, exc, count)
                 return
-            yield frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+            if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
+                orient = _frame_orientation(path, frame)
+            yield orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
             count += 1
             if max_frames is not None and count >= max_frames:
                 return

@@ -18,6 +18,7 @@ from megactor_rt.media import (
     VideoWriter,
     _check_complete,
     check_output_path,
+    display_orientation,
     iter_video_frames,
     probe_video,
     read_image,
@@ -428,3 +429,87 @@ def test_bad_video_portrait_names_the_file(tmp_path: Path, case: str) -> None:
         read_portrait(path)
     assert {"zero-frame": "no decodable video frame", "missing": "video file does not exist",
             "no-video-stream": "no video stream"}[case] in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- orientation
+
+
+def _corner_pattern(h: int = 72, w: int = 112) -> np.ndarray:
+    """A picture that every quarter turn and mirror changes: three coloured corners, one dark."""
+    img = np.full((h, w, 3), 20, np.uint8)
+    img[:16, :16] = (255, 0, 0)
+    img[:16, -16:] = (0, 255, 0)
+    img[-16:, :16] = (0, 0, 255)
+    return img
+
+
+def _write_with_display_matrix(path: Path, frames: list[np.ndarray], degrees: int, hflip: bool = False,
+                               vflip: bool = False) -> Path:
+    """Near-lossless H.264 (qp 0, 4:4:4) whose container says: turn by ``degrees`` counter-clockwise,
+    then mirror, to show it (PyAV's ``set_display_rotation``, as a phone writes its upright clips)."""
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
+        stream.options = {"qp": "0"}
+        stream.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for f in frames:
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, -90])
+@pytest.mark.parametrize("hflip", [False, True])
+def test_display_matrix_applied(tmp_path: Path, degrees: int, hflip: bool) -> None:
+    """All eight orientations (four turns, each also mirrored) come out as a player shows them."""
+    stored = _corner_pattern()
+    clip = _write_with_display_matrix(tmp_path / "turned.mp4", [stored] * 3, degrees, hflip)
+    shown = np.rot90(stored, degrees // 90)  # np.rot90 turns counter-clockwise
+    if hflip:
+        shown = shown[:, ::-1]
+    frames = list(iter_video_frames(clip))
+    assert len(frames) == 3
+    for f in frames:
+        assert f.shape == shown.shape and f.flags.c_contiguous
+        assert np.abs(f.astype(int) - shown).max() <= 8  # colour conversion rounding only
+    info = probe_video(clip)
+    assert (info.height, info.width) == shown.shape[:2]
+    np.testing.assert_array_equal(read_portrait(clip), frames[0])
+
+
+def test_phone_matrix_is_a_clockwise_turn() -> None:
+    """The matrix phones write for an upright clip recorded as landscape (ISO 14496-12 a=0, b=1, c=-1, d=0;
+    ffprobe: 'rotation of -90.00 degrees'; the ffmpeg command line turns it clockwise)."""
+    one, w = 1 << 16, 1 << 30
+    orient = display_orientation(np.array([0, one, 0, -one, 0, 0, 0, 0, w], np.int32))
+    img = _corner_pattern()
+    np.testing.assert_array_equal(orient.apply(img), np.rot90(img, -1))
+    upright = display_orientation(np.array([one, 0, 0, 0, one, 0, 0, 0, w], np.int32))
+    assert upright.apply(img) is img  # no copy for the common case
+
+
+def test_odd_display_angle_is_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    c, s = int(round(np.cos(np.radians(30)) * 65536)), int(round(np.sin(np.radians(30)) * 65536))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        orient = display_orientation(np.array([c, s, 0, -s, c, 0, 0, 0, 1 << 30], np.int32), Path("odd.mp4"))
+    img = _corner_pattern()
+    assert orient.apply(img) is img
+    assert "odd.mp4: display rotation of 30 degrees is not a quarter turn" in caplog.text
+
+
+def test_turned_driver_gets_the_upright_crop(tmp_path: Path) -> None:
+    """A driver stored sideways with a display matrix is planned like the same clip stored upright: the face
+    is found and the crop is taken in the upright frame (a non-square clip, so a swapped size would show)."""
+    from media_fixtures import face_frames
+
+    from megactor_rt.runtime.driver import plan_driver
+
+    upright = [np.pad(f, ((0, 0), (0, 64), (0, 0)), mode="edge") for f in face_frames(4, size=192)]  # 192x256
+    straight = _write_with_display_matrix(tmp_path / "upright.mp4", upright, 0)
+    sideways = _write_with_display_matrix(tmp_path / "sideways.mp4",
+                                          [np.ascontiguousarray(np.rot90(f, 1)) for f in upright], -90)
+    a, b = plan_driver(straight), plan_driver(sideways)
+    assert (b.info.height, b.info.width) == (a.info.height, a.info.width) == (192, 256)
+    assert b.num_frames == a.num_frames == 4
+    assert np.abs(np.subtract(a.crop, b.crop)).max() <= 2, (a.crop, b.crop)
