@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import BackendUnavailable, EngineMismatch
+from megactor_rt.files import literal, remove_stale
 
 PLAN_NAME = "engine.plan"
 SIDECAR_NAME = "engine.json"
@@ -198,6 +199,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    remove_stale(path.parent, f".{literal(path.name)}.*.tmp")  # earlier writes of this file killed midway
 
 
 def write_plan(directory: Path, plan: bytes, record: EngineRecord) -> None:

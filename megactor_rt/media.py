@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
+from megactor_rt.files import literal, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -559,6 +560,8 @@ class VideoWriter:
             self._discard()
             raise
         self._closed = True
+        # earlier writes of this name killed midway (same naming as self._tmp)
+        remove_stale(self.path.parent, f".{literal(self.path.stem)}.{'[0-9a-f]' * 8}.tmp{literal(self.path.suffix)}")
         logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
 
     def abort(self) -> None:

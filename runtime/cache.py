@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megactor_rt.files import remove_stale
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class PortraitCache:
             tensors["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(state.face_landmarks))
             meta["landmarks_model"] = state.landmarks_model
         final = self._path(state.key)
-        tmp = final.with_name(final.name + ".tmp")
+        tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
         try:
             save_file(tensors, str(tmp), metadata=meta)
             tmp.replace(final)
@@ -120,8 +122,11 @@ class PortraitCache:
         self._trim_disk(keep=final)
 
     def _trim_disk(self, keep: Path) -> None:
-        """Delete the least recently used state files (not ``keep``) until the store fits ``max_disk_bytes``."""
+        """Delete the least recently used state files (not ``keep``) until the store fits ``max_disk_bytes``,
+        and temporary files older than an hour (left by a writer that was killed mid-write; a younger
+        one may belong to another process writing now: :func:`megactor_rt.files.remove_stale`)."""
         assert self.disk_dir is not None
+        remove_stale(self.disk_dir, "*.safetensors.*.tmp")
         files = sorted(((st.st_mtime_ns, st.st_size, p) for p in self.disk_dir.glob("*.safetensors")
                         for st in (p.stat(),)), reverse=True)
         total = 0

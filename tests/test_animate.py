@@ -261,6 +261,26 @@ def test_disk_store_keeps_to_its_budget_least_recently_used_first(anim: Animator
     assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("portrait-0", "portrait-2"))
 
 
+def test_disk_store_removes_stale_temporary_files(anim: Animator, tmp_path: Path) -> None:
+    """A write killed midway leaves its temporary file; the next write removes it once it is old enough to
+    be nobody's current write, and keeps a young one (another process may be writing it)."""
+    import os
+    import time
+
+    from megactor_rt.files import STALE_S
+
+    store = tmp_path / "portraits"
+    store.mkdir()
+    stale, young = store / "aaaa.safetensors.1-dead.tmp", store / "bbbb.safetensors.2-busy.tmp"
+    for p in (stale, young):
+        p.write_bytes(b"half a file")
+    old = time.time() - STALE_S - 60
+    os.utime(stale, (old, old))
+    cache = PortraitCache(disk_dir=store)
+    cache.save(replace(anim.prepare(PORTRAIT), key="portrait-x"))
+    assert sorted(p.name for p in store.iterdir()) == sorted([young.name, cache._path("portrait-x").name])
+
+
 def test_unwritable_disk_cache_is_a_warning_and_the_output_stays(anim: Animator, media: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:

@@ -434,3 +434,22 @@ def test_engine_precision_is_the_config_enum_without_bf16() -> None:
     assert Precision is ConfigPrecision and parse_precision("fp32") is ConfigPrecision.FP32
     with pytest.raises(InputError, match=r"unknown precision 'bf16'; expected one of \['fp16', 'fp32'\]"):
         parse_precision(ConfigPrecision.BF16)
+
+
+def test_atomic_write_removes_stale_temporaries(tmp_path: Path) -> None:
+    """write_atomic's temporary files of the same target left by a killed build go once over an hour old."""
+    import os
+
+    from megactor_rt.engine.cache import write_atomic
+    from megactor_rt.files import STALE_S
+
+    stale, young = tmp_path / ".plan.engine.k1l2m3.tmp", tmp_path / ".plan.engine.n4o5p6.tmp"
+    other = tmp_path / ".sidecar.json.q7r8s9.tmp"
+    for p in (stale, young, other):
+        p.write_bytes(b"half a plan")
+    old = stale.stat().st_mtime - STALE_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    write_atomic(tmp_path / "plan.engine", b"plan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plan.engine", young.name, other.name])
+    assert (tmp_path / "plan.engine").read_bytes() == b"plan"

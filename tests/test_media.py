@@ -369,6 +369,24 @@ def test_writer_final_name_only_after_close(tmp_path: Path) -> None:
     assert out.exists() and len(list(tmp_path.iterdir())) == 1
 
 
+def test_writer_removes_its_stale_temporaries(tmp_path: Path) -> None:
+    """A write of out.mp4 killed midway left its hidden temporary file; the next successful write of out.mp4
+    removes it once it is over an hour old, and leaves a young one (a concurrent writer's) and other files."""
+    from megactor_rt.files import STALE_S
+
+    stale, young = tmp_path / ".out.0123abcd.tmp.mp4", tmp_path / ".out.4567cdef.tmp.mp4"
+    other, lookalike = tmp_path / ".other.89abcdef.tmp.mp4", tmp_path / ".out.notours.tmp.mp4"
+    for p in (stale, young, other, lookalike):
+        p.write_bytes(b"half a video")
+        if p is not young:
+            old = p.stat().st_mtime - STALE_S - 60
+            os.utime(p, (old, old))
+    with VideoWriter(tmp_path / "out.mp4", Fraction(25), 64, 64) as w:
+        w.write(_frames(1)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out.mp4", young.name, other.name, lookalike.name])
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "parent_is_file", "is_dir", "bad_suffix"])
 def test_unwritable_destination(tmp_path: Path, case: str) -> None:
     if case == "missing_dir":

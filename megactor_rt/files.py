@@ -1,0 +1,40 @@
+"""Leftovers of interrupted writes.
+
+Every output (result video, portrait store file, engine plan) is written to a temporary file beside its final
+name and renamed on success. A process killed mid-write (SIGKILL, power loss) cannot delete its temporary
+file; the next successful write to the same place removes such files once they are old enough to belong to
+no running writer.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STALE_S = 3600.0  # older than any write takes (seconds for a video, a state file or a plan)
+
+
+def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list[Path]:
+    """Delete the files in ``folder`` matching the glob ``pattern`` last modified more than ``max_age_s``
+    ago; returns them. A file that vanishes meanwhile or cannot be deleted is skipped."""
+    removed: list[Path] = []
+    now = time.time()
+    for path in folder.glob(pattern):
+        try:
+            if now - path.stat().st_mtime > max_age_s:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    for path in removed:
+        logger.info("removed %s, left by an interrupted write", path)
+    return removed
+
+
+def literal(name: str) -> str:
+    """``name`` as a glob pattern that matches only itself."""
+    return glob.escape(name)
