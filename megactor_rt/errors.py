@@ -21,3 +21,7 @@ class BackendUnavailable(MegactorError):
 
 class EngineMismatch(MegactorError):
     """A TensorRT plan or ONNX file was built for another GPU, TensorRT version, precision or graph."""
+
+
+class ResourceError(MegactorError):
+    """Out of GPU or host memory; the message says which and what setting lowers the need."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, landmarks_model_path
-from megactor_rt.errors import InputError
+from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
@@ -53,6 +54,25 @@ ADA_SIZE = 512  # the PoseGuider FiLM branch needs a 512x512 reference
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+MEMORY_HINT = ("lower the memory needed: a smaller context window (--window 8 --overlap 4, config window/overlap: "
+               "the UNet's activations grow with it), CFG off or truncated (--guidance 1 or --cfg-steps K: CFG "
+               "doubles the UNet batch), no --feature-reuse (it keeps deep features per window), fp16 weights "
+               "(--precision fp16), or free the device (other processes: nvidia-smi)")
+
+
+@contextmanager
+def memory_errors(what: str, device: torch.device) -> Iterator[None]:
+    """Turn running out of GPU or host memory during ``what`` into a :class:`ResourceError` that says so and
+    names what lowers the need (instead of a raw allocator traceback)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "allocation failed"
+        raise ResourceError(f"out of GPU memory while {what} on {device} ({first}); {MEMORY_HINT}") from exc
+    except MemoryError as exc:
+        raise ResourceError(f"out of host memory while {what} ({exc or 'allocation failed'}); {MEMORY_HINT}") from exc
 
 
 class Animator:
@@ -154,7 +174,8 @@ class Animator:
         key = f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.name}|{self.sub.dtype}|seed={self.config.seed}"
         state = self.cache.get(key, self.sub.device)
         if state is None:
-            state = prepare_portrait(self.sub, inputs, self.config.seed, key=key)
+            with memory_errors("preparing the portrait", self.sub.device):
+                state = prepare_portrait(self.sub, inputs, self.config.seed, key=key)
             self.cache.put(state)
         return state
 
@@ -166,7 +187,10 @@ class Animator:
         Returns:
             Seconds taken.
         """
-        cfg = config or self.config
+        with memory_errors("warming up", self.sub.device):
+            return self._warmup(config or self.config)
+
+    def _warmup(self, cfg: AnimateConfig) -> float:
         t0 = time.perf_counter()
         mcfg, size, h = self.sub.config, self.image_size, self.latent_size
         image = torch.zeros(1, 3, size, size)
@@ -213,9 +237,16 @@ class Animator:
 
         Raises:
             ValueError: ``contour_affine_frame`` is neither "last" nor "first".
+            ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
         check_affine_frame(contour_affine_frame)
-        cfg = config or self.config
+        with memory_errors("animating", self.sub.device):
+            yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
+                                     config or self.config)
+
+    def _animate(self, state: PortraitState, driver: str | Path, face_crop: bool, contour: bool,
+                 landmarks_model: str | Path | None, contour_affine_frame: str,
+                 cfg: AnimateConfig) -> Iterator[np.ndarray]:
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
         calls0 = dict(self.sub.calls)

@@ -15,6 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from media_fixtures import (
     BAD_INPUT_CASES,
     PORTRAIT,
@@ -25,7 +26,7 @@ from media_fixtures import (
 )
 
 from megactor_rt.config import AnimateConfig, Mode
-from megactor_rt.errors import InputError
+from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.media import read_image
 from megactor_rt.models.scheduler import DDIM
 from megactor_rt.preprocess import center_square, crop_resize
@@ -471,3 +472,27 @@ def test_video_portrait_uses_its_first_frame(anim: Animator, media: dict[str, Pa
 
     first = next(iter_video_frames(media["short"], 1))
     assert anim.portrait_inputs(media["short"]).digest() == anim.portrait_inputs(first).digest()
+
+
+def _oom(*args: object, **kw: object) -> None:
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                      "of 79.19 GiB of which 1.06 GiB is free.\nmore allocator details")
+
+
+@pytest.mark.parametrize("where", ["unet", "vae_decode", "pose_features", "vae_encode"])
+def test_running_out_of_gpu_memory_is_a_clear_error(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Device memory running out anywhere (portrait preparation, PoseGuider, denoising, decoding) is a
+    ResourceError that says so, keeps the allocator's first line and names what lowers the need; the result
+    file is not left behind."""
+    runner = fresh(anim)  # empty portrait cache: preparation runs too
+    monkeypatch.setattr(runner.sub, where, _oom)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(ResourceError) as info:
+        runner.animate_to_file(PORTRAIT, media["short"], out, audio=False)
+    msg = str(info.value)
+    stage = "preparing the portrait" if where == "vae_encode" else "animating"
+    assert f"out of GPU memory while {stage} on cpu (CUDA out of memory. Tried to allocate 2.00 GiB." in msg
+    assert "more allocator details" not in msg and "--window 8 --overlap 4" in msg and "--guidance 1" in msg
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert list(tmp_path.iterdir()) == []

@@ -344,3 +344,18 @@ def test_bench_rejects_unknown_suite_or_mode(argv: list[str], problem: str, tmp_
     code, _, err = run(capsys, "bench", *argv, "--out", tmp_path / "b")
     assert code == 2 and problem in err
     assert not (tmp_path / "b").exists()
+
+
+def test_out_of_memory_is_exit_2_with_a_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    def oom(self: Animator, *args: object, **kw: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr("megactor_rt.runtime.submodels.TorchSubmodels.unet", oom)
+    out = tmp_path / "o.mp4"
+    code, _, err = run(capsys, "demo", *FAST, "-o", out)
+    assert code == 2 and "error: out of GPU memory while animating" in err and "Tried to allocate 8.00 GiB" in err
+    assert "--window 8" in err and "unexpected" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
