@@ -21,7 +21,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, landmarks_model_path
-from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
@@ -55,11 +55,6 @@ ADA_SIZE = 512  # the PoseGuider FiLM branch needs a 512x512 reference
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-MEMORY_HINT = ("lower the memory needed: a smaller context window (--window 8 --overlap 4, config window/overlap: "
-               "the UNet's activations grow with it), CFG off or truncated (--guidance 1 or --cfg-steps K: CFG "
-               "doubles the UNet batch), no --feature-reuse (it keeps deep features per window), fp16 weights "
-               "(--precision fp16), or free the device (other processes: nvidia-smi)")
 
 
 @contextmanager

@@ -8,6 +8,7 @@ TensorRT backend can fall back per submodel.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from megactor_rt.config import ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, load_manifest
-from megactor_rt.errors import BackendUnavailable, InputError
+from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import BANK_NAMES
 from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
@@ -26,6 +27,8 @@ from megactor_rt.weights import converted_config
 logger = logging.getLogger(__name__)
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+# onnxruntime's allocation failures (CPU arena, CUDA provider), as its status messages word them
+_ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaErrorMemoryAllocation", re.IGNORECASE)
 
 
 class OrtRunner(Runner):
@@ -54,7 +57,14 @@ class OrtRunner(Runner):
                   for n in self.input_names}
         if self.session is None:
             raise BackendUnavailable(f"onnxruntime session for {self.graph.name} is not active (call activate())")
-        outs = self.session.run(list(self.output_names), arrays)
+        try:
+            outs = self.session.run(list(self.output_names), arrays)
+        except Exception as exc:  # onnxruntime's own exception types (pybind11), one for every failure
+            if not _ORT_OOM.search(str(exc)):
+                raise
+            status = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResourceError(f"out of memory in onnxruntime graph {self.graph.name} on {', '.join(self.providers)} "
+                                f"({status}); {MEMORY_HINT}") from exc
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.output_names, outs)}
 
 

@@ -241,3 +241,34 @@ def test_graphs_from_other_weights_are_refused(models, manifest, export_dir, tmp
     assert converted_config(weights)[1] != models.weights_id
     with pytest.raises(InputError, match="exported from other weights"):
         make_graph_submodels("onnxruntime", weights, export_dir, torch.device("cpu"), Precision.FP32)
+
+
+@pytest.mark.parametrize("status", [
+    "Failed to allocate memory for requested buffer of size 2147483648",  # the CPU/CUDA arena
+    "CUDA failure 2: out of memory ; GPU=0 ; hostname=x ; file=cuda_allocator.cc",  # the CUDA provider
+    "Non-zero status code returned while running Conv node. Name:'/conv_in' Status Message: bad shape",  # not memory
+])
+def test_onnxruntime_out_of_memory_is_a_resource_error(models, manifest, status):
+    """onnxruntime's allocation failures become a ResourceError naming the graph and what lowers the need;
+    its other failures pass through unchanged."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    from megactor_rt.errors import ResourceError
+
+    runner = _ort(manifest, "pose_guider", "fp32")
+
+    class Session:
+        def run(self, names, feed):
+            raise RuntimeException(f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : {status}")
+
+    runner.session = Session()
+    spec = _specs(models)["pose_guider"]
+    feed = dict(zip([t.name for t in spec.inputs], _fresh_inputs(spec)))
+    if "memory" not in status:
+        with pytest.raises(RuntimeException, match="bad shape"):
+            runner.infer(feed)
+        return
+    with pytest.raises(ResourceError) as info:
+        runner.infer(feed)
+    assert f"out of memory in onnxruntime graph {runner.graph.name} on CPUExecutionProvider" in str(info.value)
+    assert status.split(" ;")[0] in str(info.value) and "--window 8 --overlap 4" in str(info.value)
