@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megactor_rt.errors import EngineMismatch, InputError
+from megactor_rt.errors import MEMORY_HINT, EngineMismatch, InputError, ResourceError
 from megactor_rt.runner import Runner
 
 from .cache import (
@@ -134,8 +134,8 @@ class TensorRTRunner(Runner):
                                      "raise max_contexts")
                 context = self._engine.create_execution_context()
                 if context is None:
-                    raise MemoryError(f"runner '{self.name}': TensorRT could not create an execution context "
-                                      "(out of GPU memory?)")
+                    raise ResourceError(f"runner '{self.name}': TensorRT could not create an execution context "
+                                        f"(out of GPU memory?); {MEMORY_HINT}")
                 state = self._contexts[key] = _ContextState(context)
             return state
 

@@ -96,18 +96,63 @@ def _report(stats, out: Path) -> None:  # noqa: ANN001
           f"{stats.first_frame_s:.1f}s; {cached}{stages})")
 
 
+def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> list[tuple[Path, Path, Path]]:
+    """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file. More:
+    ``output`` is a folder (created) holding ``<portrait stem>_<driver stem>.mp4``; names that collide with
+    each other or with an input are an error before any work."""
+    from megactor_rt.media import VIDEO_SUFFIXES
+
+    if len(portraits) == 1 and len(drivers) == 1:
+        return [(portraits[0], drivers[0], output)]
+    count = f"{len(portraits)} portrait(s) x {len(drivers)} driver(s)"
+    if output.suffix.lower() in VIDEO_SUFFIXES:
+        raise InputError(f"{output}: with {count}, -o names a folder for the results, not a video file")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: with {count}, -o names a folder for the results; this is a file")
+    jobs = [(p, d, output / f"{p.stem}_{d.stem}.mp4") for p in portraits for d in drivers]
+    names = [o.name for _, _, o in jobs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{output}: several jobs would write {', '.join(twice)} (inputs with the same file name "
+                         "in different folders); rename them or run them separately")
+    inputs = {x.resolve() for x in (*portraits, *drivers)}
+    clash = sorted(str(o) for _, _, o in jobs if o.resolve() in inputs)
+    if clash:
+        raise InputError(f"{', '.join(clash)}: a result would overwrite an input; choose another -o folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot create the results folder ({exc})") from exc
+    return jobs
+
+
 def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator
 
+    if args.mask is not None and len(args.portrait) > 1:
+        raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with {len(args.portrait)}")
+    jobs = animate_jobs(args.portrait, args.driver, args.output)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
                                  config=_run_config(args), compile=args.compile, cache=_cache(args))
-    stats = anim.animate_to_file(args.portrait, args.driver, args.output, face_crop=not args.no_face_crop,
-                                 mask=args.mask, audio=not args.no_audio, contour=args.contour,
-                                 landmarks_model=args.landmarks_model,
-                                 contour_affine_frame=args.contour_affine_frame)
-    _report(stats, args.output)
+    failed: list[str] = []
+    for portrait, driver, output in jobs:  # one process: weights, compiled graphs and prepared portraits reused
+        try:
+            stats = anim.animate_to_file(portrait, driver, output, face_crop=not args.no_face_crop,
+                                         mask=args.mask, audio=not args.no_audio, contour=args.contour,
+                                         landmarks_model=args.landmarks_model,
+                                         contour_affine_frame=args.contour_affine_frame)
+        except MegactorError as exc:
+            if len(jobs) == 1:
+                raise
+            print(f"error: {exc}", file=sys.stderr)  # this job's output is not written; the next job runs
+            failed.append(output.name)
+            continue
+        _report(stats, output)
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -206,9 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
-    a.add_argument("--portrait", required=True, type=Path, help="portrait image, or a video (its first frame)")
-    a.add_argument("--driver", required=True, type=Path)
-    a.add_argument("-o", "--output", required=True, type=Path)
+    a.add_argument("--portrait", required=True, type=Path, nargs="+",
+                   help="portrait image, or a video (its first frame); several: each one with every driver")
+    a.add_argument("--driver", required=True, type=Path, nargs="+", help="driving video(s)")
+    a.add_argument("-o", "--output", required=True, type=Path,
+                   help="result video; with several portraits or drivers a folder (created) that receives "
+                        "<portrait>_<driver>.mp4 per pair, all in one process (weights loaded and compiled once, "
+                        "each portrait prepared once); a failed pair is reported and the others still run")
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
     a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")

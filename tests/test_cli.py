@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import types
 from collections.abc import Iterator
@@ -359,3 +360,55 @@ def test_out_of_memory_is_exit_2_with_a_hint(monkeypatch: pytest.MonkeyPatch, tm
     assert code == 2 and "error: out of GPU memory while animating" in err and "Tried to allocate 8.00 GiB" in err
     assert "--window 8" in err and "unexpected" not in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path, media: dict[str, Path],
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """One portrait x three drivers (one without a face): two results written, named <portrait>_<driver>.mp4,
+    the portrait prepared once, the failed pair named on stderr with exit code 2; a pair's frames equal a
+    single run's."""
+    out = tmp_path / "results"
+    common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 4, "--no-audio")
+    code, stdout, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"],
+                            media["faceless_driver"], shutil.copy(media["driver"], tmp_path / "second_driver.mp4"),
+                            "-o", out, *common)
+    assert code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["my_face_my_driver.mp4", "my_face_second_driver.mp4"]
+    assert "no face found" in err and "faceless_driver.mp4" in err
+    assert "1 of 3 results not written: my_face_faceless_driver.mp4" in err
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("wrote ")]
+    assert len(lines) == 2 and "portrait from cache" not in lines[0] and "portrait from cache" in lines[1]
+    single = tmp_path / "single.mp4"
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], "-o", single,
+                       *common)
+    assert code == 0, err
+    a, b = frames_of(out / "my_face_my_driver.mp4"), frames_of(single)
+    assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("case", ["file_output", "same_stems", "overwrites_input", "mask_with_two_portraits"])
+def test_batch_settings_checked_before_any_work(case: str, weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a").mkdir()
+    twin = shutil.copy(media["driver"], tmp_path / "a" / media["driver"].name)  # same name, other folder
+    portraits, drivers, out, extra = [media["portrait"]], [media["driver"], twin], tmp_path / "res", []
+    needle = "several jobs would write my_face_my_driver.mp4"
+    if case == "file_output":
+        drivers, out, needle = [media["driver"], media["faceless_driver"]], tmp_path / "res.mp4", \
+            "-o names a folder for the results, not a video file"
+    elif case == "overwrites_input":
+        clash = tmp_path / "a" / f"{media['portrait'].stem}_{media['driver'].stem}.mp4"
+        shutil.copy(media["driver"], clash)
+        drivers, out, needle = [media["driver"], clash], tmp_path / "a", "a result would overwrite an input"
+    elif case == "mask_with_two_portraits":
+        portraits, drivers, extra, needle = [media["portrait"], PORTRAIT], [media["driver"]], \
+            ["--mask", PORTRAIT], "--mask belongs to one portrait"
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run(capsys, "animate", "--portrait", *portraits, "--driver", *drivers, "-o", out,
+                       "--weights", weights, "--device", "cpu", *FAST, *extra)
+    assert code == 2 and err.startswith("error: ") and needle in err, err
+    assert sorted(tmp_path.rglob("*")) == before
