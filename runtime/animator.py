@@ -30,7 +30,14 @@ from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mas
 from megactor_rt.progress import progress
 from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.denoise import EpsModel, denoise, denoise_stream, windows_in_flight
-from megactor_rt.runtime.driver import DriverPlan, iter_driver_inputs, plan_driver, plan_driver_contour
+from megactor_rt.runtime.driver import (
+    Driver,
+    DriverPlan,
+    driver_info,
+    iter_driver_inputs,
+    plan_driver,
+    plan_driver_contour,
+)
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
 from megactor_rt.runtime.predictor import (
@@ -211,7 +218,7 @@ class Animator:
         return time.perf_counter() - t0
 
     # -- animation -------------------------------------------------------------------------------------
-    def animate(self, state: PortraitState, driver: str | Path, *, face_crop: bool = True,
+    def animate(self, state: PortraitState, driver: Driver, *, face_crop: bool = True,
                 contour: bool = False, landmarks_model: str | Path | None = None,
                 contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> Iterator[np.ndarray]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
@@ -223,6 +230,8 @@ class Animator:
         loop spent on them, a part of stage ``denoise``.
 
         Args:
+            driver: the driving video file, or its frames in memory
+                (:class:`~megactor_rt.runtime.driver.DriverFrames`: ``(H, W, 3)`` uint8 RGB and their fps).
             contour: upstream's contour-preserving mode: only the driver's eyes, mouth and brows are kept and
                 moved onto the portrait's face, so the portrait keeps its face shape (see
                 :mod:`megactor_rt.contour`; needs the 68-point landmark model).
@@ -239,7 +248,7 @@ class Animator:
             yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
                                      config or self.config)
 
-    def _animate(self, state: PortraitState, driver: str | Path, face_crop: bool, contour: bool,
+    def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,
                  cfg: AnimateConfig) -> Iterator[np.ndarray]:
         stats = self.last_stats = RunStats()
@@ -384,7 +393,7 @@ class Animator:
         finally:
             timer.add("vae_decode", flight.device_seconds)
 
-    def animate_to_file(self, portrait: str | Path | np.ndarray, driver: str | Path, output: str | Path, *,
+    def animate_to_file(self, portrait: str | Path | np.ndarray, driver: Driver, output: str | Path, *,
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> RunStats:
@@ -393,8 +402,6 @@ class Animator:
         The file is written to a temporary name and renamed on success; on any error nothing remains
         under ``output``. ``contour`` / ``landmarks_model`` / ``contour_affine_frame``: see :meth:`animate`.
         """
-        from megactor_rt.media import probe_video
-
         out = check_output_path(output)
         check_affine_frame(contour_affine_frame)
         if contour:
@@ -402,12 +409,12 @@ class Animator:
         cfg = config or self.config
         if cfg.tiny_decoder is not None:
             self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
-        info = probe_video(driver)
+        info = driver_info(driver)
         hits = self.cache.hits
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)
         hit = self.cache.hits > hits
         size = self.image_size
-        with VideoWriter(out, info.fps, size, size, audio_source=driver if audio and info.has_audio else None) as w:
+        with VideoWriter(out, info.fps, size, size, audio_source=info.path if audio and info.has_audio else None) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)

@@ -9,13 +9,17 @@ a few frames, so drivers of any length fit in memory.
 Contour mode (:mod:`megactor_rt.contour`) needs the whole clip's landmarks before its first frame: a
 landmark pass over the cropped frames (:func:`plan_driver_contour`) runs between the two, and pass 2 then
 keeps the eye/mouth/brow rectangles and warps them onto the portrait's face instead.
+
+A driver is a video file or, from Python, frames already in memory (:class:`DriverFrames`); each pass
+iterates it again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch
 from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import grey_unit, preprocess_frame
-from megactor_rt.media import VideoInfo, iter_video_frames, probe_video
+from megactor_rt.media import MIN_IMAGE_SIDE, VideoInfo, iter_video_frames, probe_video
 from megactor_rt.preprocess import Box, Crop, crop_resize, driver_crop, face_keep_rect, first_face
 from megactor_rt.progress import progress
 from megactor_rt.runtime.pipeline import ordered_map
@@ -35,14 +39,87 @@ DETECT_MAX_SIDE = 640  # frames are downscaled to at most this for face detectio
 
 
 @dataclass(frozen=True)
+class DriverFrames:
+    """A driving clip already in memory, for the Python API (``Animator.animate(state, DriverFrames(...))``).
+
+    Args:
+        frames: ``(H, W, 3)`` uint8 RGB frames, all the same size (a list, or an ``(N, H, W, 3)`` array); it
+            is read once per pass (two, three in contour mode), so it must be a sequence, not an iterator.
+        fps: their frame rate (the result video's rate; audio is not carried).
+        name: how errors and logs name the clip.
+    """
+
+    frames: Sequence[np.ndarray] | np.ndarray
+    fps: Fraction | float = Fraction(25)
+    name: str = "in-memory driver"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.frames, Iterator) or not hasattr(self.frames, "__len__"):
+            raise InputError(f"{self.name}: frames must be a sequence (read once per pass), not an iterator")
+        if len(self.frames) == 0:
+            raise InputError(f"{self.name}: no frames")
+        if not float(self.fps) > 0:
+            raise InputError(f"{self.name}: fps must be positive, got {self.fps}")
+        first = np.asarray(self.frames[0])
+        if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
+            raise InputError(f"{self.name}: frames must be (H, W, 3) uint8 RGB, frame 0 is {first.shape} {first.dtype}")
+        if min(first.shape[:2]) < MIN_IMAGE_SIDE:
+            raise InputError(f"{self.name}: frames are {first.shape[1]}x{first.shape[0]} px; each side must be at "
+                             f"least {MIN_IMAGE_SIDE} px")
+
+    def info(self) -> VideoInfo:
+        h, w = np.asarray(self.frames[0]).shape[:2]
+        fps = self.fps if isinstance(self.fps, Fraction) else Fraction(self.fps).limit_denominator(1001000)
+        return VideoInfo(path=Path(self.name), width=w, height=h, fps=fps, num_frames=len(self.frames),
+                         has_audio=False, duration_s=len(self.frames) / float(fps))
+
+    def iter_frames(self, max_frames: int | None = None) -> Iterator[np.ndarray]:
+        shape = np.asarray(self.frames[0]).shape
+        for i, frame in enumerate(self.frames):
+            if max_frames is not None and i >= max_frames:
+                return
+            f = np.asarray(frame)
+            if f.shape != shape or f.dtype != np.uint8:
+                raise InputError(f"{self.name}: frame {i} is {f.shape} {f.dtype}; every frame must be {shape} uint8")
+            yield f
+
+
+Driver = str | Path | DriverFrames
+
+
+def driver_info(driver: Driver) -> VideoInfo:
+    """A driver's size, rate, frame count and audio presence (a file's header, or the frames in memory)."""
+    return driver.info() if isinstance(driver, DriverFrames) else probe_video(driver)
+
+
+def driver_frames(driver: Driver, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """One pass over a driver's ``(H, W, 3)`` uint8 RGB frames (decoded as they are needed from a file)."""
+    if isinstance(driver, DriverFrames):
+        return driver.iter_frames(max_frames)
+    return iter_video_frames(driver, max_frames)
+
+
+def driver_name(driver: Driver) -> str:
+    return driver.name if isinstance(driver, DriverFrames) else Path(driver).name
+
+
+@dataclass(frozen=True)
 class DriverPlan:
     """What pass 1 decided: the clip's crop and frame count."""
 
-    path: Path
+    source: Driver
     info: VideoInfo
     crop: Crop
     num_frames: int
     face_crop: bool
+
+    @property
+    def name(self) -> str:
+        return driver_name(self.source)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Another pass over the planned frames."""
+        return driver_frames(self.source, self.num_frames)
 
 
 def detect_scaled(frame: np.ndarray) -> Box | None:
@@ -60,22 +137,22 @@ def detect_scaled(frame: np.ndarray) -> Box | None:
     return Box(box.left / s, box.top / s, min(box.right / s, w), min(box.bottom / s, h))
 
 
-def plan_driver(path: str | Path, max_frames: int | None = None, face_crop: bool = True) -> DriverPlan:
+def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True) -> DriverPlan:
     """Pass 1: count frames and choose the crop.
 
     Raises:
         InputError: unreadable/empty video, or no face in any frame (unless ``face_crop`` is False).
     """
-    path = Path(path)
-    info = probe_video(path)
+    source = driver if isinstance(driver, DriverFrames) else Path(driver)
+    info, name = driver_info(source), driver_name(source)
     boxes: list[Box | None] = []
-    frames = iter_video_frames(path, max_frames)
+    frames = driver_frames(source, max_frames)
     found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
     for box in progress(found, total=_total(info, max_frames), desc="driver: find faces", unit="frame"):
         boxes.append(box)
-    crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=path.name)
-    logger.info("driver %s: %d frames at %s fps, crop %s", path.name, len(boxes), info.fps, crop)
-    return DriverPlan(path, info, crop, len(boxes), face_crop)
+    crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
+    logger.info("driver %s: %d frames at %s fps, crop %s", name, len(boxes), info.fps, crop)
+    return DriverPlan(source, info, crop, len(boxes), face_crop)
 
 
 def _total(info: VideoInfo, max_frames: int | None) -> int | None:
@@ -100,10 +177,10 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
     def landmarks(frame: np.ndarray) -> np.ndarray | None:
         return landmarker(_cropped_uint8(frame, plan.crop, size))
 
-    found = ordered_map(landmarks, iter_video_frames(plan.path, plan.num_frames))
+    found = ordered_map(landmarks, plan.frames())
     per_frame = progress(found, total=plan.num_frames, desc="driver: face landmarks", unit="frame")
-    contour = plan_contour(per_frame, portrait_landmarks, size, plan.path.name, affine_frame)
-    logger.info("driver %s: contour rectangles %s", plan.path.name, contour.rects)
+    contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
+    logger.info("driver %s: contour rectangles %s", plan.name, contour.rects)
     return contour
 
 
@@ -121,11 +198,11 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
             warped = torch.from_numpy(contour.apply(x)).permute(2, 0, 1)  # (3, S, S)
             return grey_unit(warped).to(device)
 
-        yield from ordered_map(contour_input, iter_video_frames(plan.path, plan.num_frames))
+        yield from ordered_map(contour_input, plan.frames())
         return
     pending: list[np.ndarray] = []
     last: Box | None = None
-    frames = iter_video_frames(plan.path, plan.num_frames)
+    frames = plan.frames()
     if not plan.face_crop:  # whole crops: no detection, nothing for the thread pool to do
         for frame in frames:
             yield _model_input(frame, plan.crop, None, size, device)
@@ -144,7 +221,7 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
             yield _model_input(f, plan.crop, keep, size, device)
         pending.clear()
     if pending:
-        raise InputError(f"no face found in the cropped frames of driving video {plan.path.name}; "
+        raise InputError(f"no face found in the cropped frames of driving video {plan.name}; "
                          "pass --no-face-crop to use whole frames")
 
 

@@ -7,6 +7,7 @@ reuse (proved with the submodels' call counters), streaming, reference/optimized
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -496,3 +497,39 @@ def test_running_out_of_gpu_memory_is_a_clear_error(anim: Animator, media: dict[
     assert "more allocator details" not in msg and "--window 8 --overlap 4" in msg and "--guidance 1" in msg
     assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- in-memory drivers
+
+
+def test_in_memory_driver_gives_the_file_drivers_frames(anim: Animator, media: dict[str, Path],
+                                                        short_frames: list[np.ndarray], tmp_path: Path) -> None:
+    """DriverFrames holding a clip's decoded frames animates exactly like the file (list or one array), and
+    animate_to_file writes it at the given rate, silent."""
+    from megactor_rt.media import iter_video_frames
+    from megactor_rt.runtime.driver import DriverFrames
+
+    decoded = list(iter_video_frames(media["short"]))
+    for frames in (decoded, np.stack(decoded)):
+        got = list(anim.animate(anim.prepare(PORTRAIT), DriverFrames(frames, fps=25, name="clip")))
+        assert len(got) == len(short_frames) and all(np.array_equal(a, b) for a, b in zip(got, short_frames))
+    out = tmp_path / "mem.mp4"
+    stats = anim.animate_to_file(PORTRAIT, DriverFrames(decoded, fps=Fraction(30000, 1001)), out)
+    assert stats.frames == 4 and stream_facts(out) == (4, Fraction(30000, 1001), False)
+
+
+@pytest.mark.parametrize("case", ["iterator", "empty", "float", "grey", "small", "fps", "ragged"])
+def test_in_memory_driver_bad_frames(anim: Animator, media: dict[str, Path], case: str) -> None:
+    from megactor_rt.media import iter_video_frames
+    from megactor_rt.runtime.driver import DriverFrames
+
+    good = list(iter_video_frames(media["short"]))
+    frames: object = {"iterator": iter(good), "empty": [], "float": [f.astype(np.float32) for f in good],
+                      "grey": [f[..., 0] for f in good], "small": [f[:40, :40] for f in good],
+                      "ragged": [*good[:2], good[2][:, :-2], good[3]]}.get(case, good)
+    needle = {"iterator": "must be a sequence", "empty": "no frames", "float": "must be (H, W, 3) uint8 RGB",
+              "grey": "must be (H, W, 3) uint8 RGB", "small": "each side must be at least 64 px",
+              "fps": "fps must be positive", "ragged": "clip: frame 2 is (192, 190, 3) uint8"}[case]
+    with pytest.raises(InputError, match=re.escape(needle)):
+        driver = DriverFrames(frames, fps=0 if case == "fps" else 25, name="clip")  # type: ignore[arg-type]
+        list(anim.animate(anim.prepare(PORTRAIT), driver))
