@@ -324,8 +324,13 @@ def _add_profile(trt: Any, builder: Any, network: Any, config: Any, job: BuildJo
     profile = builder.create_optimization_profile()
     for name in dynamic:
         s = job.profile[name]
-        profile.set_shape(name, s.min, s.opt, s.max)
-    config.add_optimization_profile(profile)
+        try:
+            profile.set_shape(name, s.min, s.opt, s.max)
+        except RuntimeError as exc:  # the binding raises on min/opt/max inconsistent with the input's rank
+            raise EngineBuildError(f"profile '{job.profile_name}' of {job.graph.path}: input {name} "
+                                   f"min/opt/max {s.min}/{s.opt}/{s.max} rejected by TensorRT ({exc})") from exc
+    if config.add_optimization_profile(profile) < 0:
+        raise EngineBuildError(f"TensorRT rejected profile '{job.profile_name}' of {job.graph.path} as invalid")
 
 
 def _load_timing_cache(config: Any, path: Path | None) -> Any:
@@ -333,7 +338,7 @@ def _load_timing_cache(config: Any, path: Path | None) -> Any:
         return None
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, False):
+    if cache is None or not config.set_timing_cache(cache, False):  # None: bytes TensorRT cannot read
         logger.warning("timing cache %s does not match this GPU/TensorRT; starting a new one", path)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)

@@ -3,7 +3,10 @@
 One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``), so several
 streams can run the same engine concurrently. Each call sets the input shapes (``set_input_shape``), binds
 torch tensors by address (``set_tensor_address``), allocates outputs from ``get_tensor_shape`` and runs
-``execute_async_v3`` on the caller's current torch CUDA stream; nothing synchronizes the host. With
+``execute_async_v3`` on the caller's current torch CUDA stream, except where that is the legacy default
+stream (torch's unless the caller chose one), on which TensorRT adds device-wide synchronizations: then on a
+stream of the calling thread's own, entered after the caller's queued work and waited for by the caller's
+next (stream waits only; nothing synchronizes the host). With
 ``cuda_graph=True`` the first call at a given input shape is captured into a CUDA graph and replayed for
 later calls at that shape (inputs are copied into static buffers; outputs are returned as fresh tensors).
 """
@@ -78,6 +81,7 @@ class TensorRTRunner(Runner):
         self._runtime: Any = None
         self._contexts: dict[int, _ContextState] = {}
         self._lock = threading.Lock()
+        self._own = threading.local()  # per thread: the stream used instead of the legacy default stream
         self._device = torch.device("cuda")
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -114,15 +118,32 @@ class TensorRTRunner(Runner):
 
     # -- inference -------------------------------------------------------------------------------------
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stream = torch.cuda.current_stream(self._device)
+        caller = torch.cuda.current_stream(self._device)
         inputs = {n: self._prepare_input(n, feed[n]) for n in self.input_names}
-        state = self._context_for(stream)
         shapes = {n: tuple(t.shape) for n, t in inputs.items()}
         if self.cuda_graph:
-            out = self._infer_graph(state, inputs, shapes, stream)
+            out = self._infer_graph(self._context_for(caller), inputs, shapes, caller)
             if out is not None:
                 return out
-        return self._infer_eager(state, inputs, shapes, stream)
+        stream = self._enqueue_stream(caller)
+        if stream is caller:
+            return self._infer_eager(self._context_for(stream), inputs, shapes, stream)
+        # Inputs and outputs are allocated on the caller's stream, which waits for this work before reusing
+        # their memory: no record_stream needed.
+        stream.wait_stream(caller)
+        out = self._infer_eager(self._context_for(stream), inputs, shapes, stream)
+        caller.wait_stream(stream)
+        return out
+
+    def _enqueue_stream(self, caller: torch.cuda.Stream) -> torch.cuda.Stream:
+        """``caller``, or this thread's own stream where ``caller`` is the legacy default stream (handle 0):
+        TensorRT's enqueue on it adds device synchronizations (NvInferRuntime.h, ``enqueueV3``)."""
+        if caller.cuda_stream != 0:
+            return caller
+        own = getattr(self._own, "stream", None)
+        if own is None:
+            own = self._own.stream = torch.cuda.Stream(self._device)
+        return own
 
     def _context_for(self, stream: torch.cuda.Stream) -> _ContextState:
         key = stream.cuda_stream

@@ -1,6 +1,9 @@
 """CPU tests of the engine package: manifest, cache keys, sidecars, foreign plans, build skipping, selection.
 
-Nothing here needs TensorRT or a GPU: plans are fake bytes written through the same code path as real ones.
+Nothing here needs TensorRT or a GPU: plans are fake bytes written through the same code path as real ones,
+and the TensorRT build code itself runs against ``tests/fake_tensorrt.py``, a stand-in modelling the real
+bindings' behaviour (return values, enums, failure modes). The runner's execution needs CUDA and TensorRT
+(``tests/test_engine_trt.py``, marker ``trt``).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -453,3 +457,69 @@ def test_atomic_write_removes_stale_temporaries(tmp_path: Path) -> None:
     write_atomic(tmp_path / "plan.engine", b"plan")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["plan.engine", young.name, other.name])
     assert (tmp_path / "plan.engine").read_bytes() == b"plan"
+
+
+# -- the TensorRT build code against a stand-in module (tests/fake_tensorrt.py) ----------------------------
+
+@pytest.fixture()
+def fake_trt(monkeypatch: pytest.MonkeyPatch):
+    import fake_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: H100))
+    monkeypatch.setattr(fake_tensorrt.Builder, "fail_builds", False)
+    return fake_tensorrt
+
+
+def _job(onnx_dir: Path, tmp_path: Path):
+    return plan_jobs(load_manifest(onnx_dir), H100, tmp_path / "engines", BuildOptions(profile="default"))[0]
+
+
+def test_tensorrt_build_code_drives_the_api(fake_trt, onnx_dir: Path, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """build_engines through _build_plan_trt: strongly typed network, the profile's min/opt/max, workspace
+    limit, progress monitor, I/O read back from the network into the sidecar, timing cache kept and reused."""
+    engines = tmp_path / "engines"
+    with caplog.at_level(logging.INFO, logger="megactor_rt.engine.builder"):
+        results = build_engines(onnx_dir, engines, "fp16", "default", workspace_gib=1.5)
+    assert [r.status for r in results] == ["built"]
+    assert "vae_decoder_fp16[default]: Building engine (1 steps)" in caplog.text  # the progress monitor ran
+    record = read_sidecar(results[0].directory)
+    assert record.inputs == {"x": {"dtype": "float16", "shape": [-1, 8]}}
+    assert record.outputs == {"y": {"dtype": "float16", "shape": [-1, 4]}}
+    plan = json.loads((results[0].directory / PLAN_NAME).read_bytes())
+    assert plan == {"inputs": ["x"], "level": 3, "workspace": int(1.5 * (1 << 30)),
+                    "profiles": [{"x": [[1, 8], [2, 8], [4, 8]]}]}
+    cache = builder_mod.timing_cache_path(engines, H100)
+    assert cache.read_bytes().endswith(b'{"builds": 1}')
+    build_engines(onnx_dir, engines, "fp16", "default", force=True)
+    assert cache.read_bytes().endswith(b'{"builds": 2}')  # read back and extended
+
+
+def test_unreadable_timing_cache_is_replaced_not_fatal(fake_trt, onnx_dir: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    engines = tmp_path / "engines"
+    cache = builder_mod.timing_cache_path(engines, H100)
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"garbage from a crashed or foreign build")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.engine.builder"):
+        assert [r.status for r in build_engines(onnx_dir, engines, "fp16", "default")] == ["built"]
+    assert "does not match this GPU/TensorRT; starting a new one" in caplog.text
+    assert cache.read_bytes().endswith(b'{"builds": 1}')
+
+
+@pytest.mark.parametrize("damage", ["bad_shapes", "unparseable", "build_fails"])
+def test_tensorrt_build_failures_are_engine_build_errors(fake_trt, onnx_dir: Path, tmp_path: Path,
+                                                         damage: str) -> None:
+    job = _job(onnx_dir, tmp_path)
+    needle = {"bad_shapes": "input x min/opt/max (4, 8)/(2, 8)/(1, 8) rejected by TensorRT",
+              "unparseable": "could not parse", "build_fails": "failed to build"}[damage]
+    if damage == "bad_shapes":
+        job = replace(job, profile={"x": ProfileShapes((4, 8), (2, 8), (1, 8))})
+    elif damage == "unparseable":
+        (tmp_path / "broken.onnx").write_bytes(b"not a protobuf")
+        job = replace(job, graph=replace(job.graph, root=tmp_path, file="broken.onnx"))
+    else:
+        fake_trt.Builder.fail_builds = True
+    with pytest.raises(builder_mod.EngineBuildError, match=re.escape(needle)):
+        builder_mod._build_plan_trt(job, BuildOptions(profile="default"), None)

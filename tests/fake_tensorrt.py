@@ -1,0 +1,214 @@
+"""A stand-in for the ``tensorrt`` module's build API, so CPU tests run ``engine/builder.py``'s TensorRT code.
+
+It models what the real Python bindings do (TensorRT 10.x/11.x, checked against NVIDIA/TensorRT's
+``python/src/infer`` bindings, samples and Polygraphy; see docs/decisions.md): the strongly typed flag is
+passed as ``1 << int(flag)``; ``parse_from_file`` returns a bool and keeps errors that print; dynamic
+dimensions are -1 in a ``Dims`` that ``list()`` accepts; ``DataType`` members are named FLOAT/HALF/...;
+``OptimizationProfile.set_shape`` raises ``RuntimeError`` on shapes inconsistent with the input;
+``add_optimization_profile`` returns -1 for an incomplete profile; ``create_timing_cache`` returns None for
+bytes it cannot read and ``set_timing_cache`` returns a bool; ``build_serialized_network`` returns a
+buffer or None; a progress monitor subclass must call the base ``__init__``. It builds nothing: the "plan"
+is a JSON description of what the build was given, so tests can check it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+import onnx
+
+__version__ = "11.1.0.106"
+
+_CACHE_MAGIC = b"FAKE-TIMING-CACHE:"
+_ONNX_TYPES = {onnx.TensorProto.FLOAT: "FLOAT", onnx.TensorProto.FLOAT16: "HALF", onnx.TensorProto.BFLOAT16: "BF16",
+               onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32", onnx.TensorProto.BOOL: "BOOL"}
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    INT8 = 2
+    INT32 = 3
+    BOOL = 4
+    UINT8 = 5
+    BF16 = 7
+    INT64 = 8
+
+
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    STRONGLY_TYPED = 0  # TensorRT 11 numbering (10.x: 1); code must not hard-code it
+
+
+class MemoryPoolType(enum.Enum):
+    WORKSPACE = 0
+
+
+class Logger:
+    VERBOSE = 4
+    WARNING = 2
+
+    def __init__(self, severity: int = WARNING) -> None:
+        self.severity = severity
+
+
+class _Tensor:
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: DataType) -> None:
+        self.name, self.shape, self.dtype = name, shape, dtype
+
+
+class _Network:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.inputs: list[_Tensor] = []
+        self.outputs: list[_Tensor] = []
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_input(self, i: int) -> _Tensor:
+        return self.inputs[i]
+
+    def get_output(self, i: int) -> _Tensor:
+        return self.outputs[i]
+
+
+class _ParserError:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class OnnxParser:
+    def __init__(self, network: _Network, logger: Logger) -> None:
+        self.network = network
+        self.errors: list[_ParserError] = []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> _ParserError:
+        return self.errors[i]
+
+    def parse_from_file(self, path: str) -> bool:
+        try:
+            model = onnx.load(path)  # external data resolved next to the file, as the real parser does
+        except Exception as exc:  # noqa: BLE001 - the real parser reports every failure the same way
+            self.errors.append(_ParserError(f"ModelImporter.cpp: Failed to parse ONNX model from file {path}: {exc}"))
+            return False
+
+        def tensors(values: Any) -> list[_Tensor]:
+            out = []
+            for v in values:
+                t = v.type.tensor_type
+                shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+                out.append(_Tensor(v.name, shape, DataType[_ONNX_TYPES[t.elem_type]]))
+            return out
+
+        init = {i.name for i in model.graph.initializer}
+        self.network.inputs = tensors(v for v in model.graph.input if v.name not in init)
+        self.network.outputs = tensors(model.graph.output)
+        return True
+
+
+class OptimizationProfile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+    def set_shape(self, name: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - the binding's names
+        lo, mid, hi = tuple(min), tuple(opt), tuple(max)
+        if not len(lo) == len(mid) == len(hi) or any(a > b or b > c for a, b, c in zip(lo, mid, hi)):
+            raise RuntimeError(f"Shape provided for min is inconsistent with other shapes for {name}")
+        self.shapes[name] = (lo, mid, hi)
+
+
+class IProgressMonitor:
+    def __init__(self) -> None:
+        self.base_initialised = True
+
+
+class _TimingCache:
+    def __init__(self, entries: dict[str, int]) -> None:
+        self.entries = entries
+
+    def serialize(self) -> bytes:
+        return _CACHE_MAGIC + json.dumps(self.entries).encode()
+
+
+class _BuilderConfig:
+    def __init__(self) -> None:
+        self.builder_optimization_level = 3
+        self.pool_limits: dict[MemoryPoolType, int] = {}
+        self.profiles: list[OptimizationProfile] = []
+        self.timing_cache: _TimingCache | None = None
+        self.progress_monitor: IProgressMonitor | None = None
+
+    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+        self.pool_limits[pool] = int(size)
+
+    def add_optimization_profile(self, profile: OptimizationProfile) -> int:
+        if not profile.shapes:
+            return -1
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, data: bytes) -> _TimingCache | None:
+        if not data:
+            return _TimingCache({})
+        if not data.startswith(_CACHE_MAGIC):
+            return None  # the real binding logs "Magic tag does not match" and hands back nothing usable
+        return _TimingCache(json.loads(data[len(_CACHE_MAGIC):]))
+
+    def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        if not isinstance(cache, _TimingCache):
+            raise TypeError("set_timing_cache(): incompatible function arguments")  # what pybind11 raises
+        self.timing_cache = cache
+        return True
+
+    def get_timing_cache(self) -> _TimingCache | None:
+        return self.timing_cache
+
+
+class Builder:
+    fail_builds = False  # tests set it to make build_serialized_network return None
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def create_network(self, flags: int = 0) -> _Network:
+        return _Network(flags)
+
+    def create_builder_config(self) -> _BuilderConfig:
+        return _BuilderConfig()
+
+    def create_optimization_profile(self) -> OptimizationProfile:
+        return OptimizationProfile()
+
+    def build_serialized_network(self, network: _Network, config: _BuilderConfig) -> memoryview | None:
+        if network.flags != 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED):
+            raise RuntimeError("fake TensorRT: this project builds strongly typed networks only")
+        monitor = config.progress_monitor
+        if monitor is not None:
+            if not getattr(monitor, "base_initialised", False):
+                raise TypeError("IProgressMonitor.__init__() must be called")  # pybind11's complaint
+            monitor.phase_start("Building engine", None, 1)
+            monitor.step_complete("Building engine", 0)
+            monitor.phase_finish("Building engine")
+        if Builder.fail_builds:
+            return None
+        if config.timing_cache is not None:
+            config.timing_cache.entries["builds"] = config.timing_cache.entries.get("builds", 0) + 1
+        plan = {"inputs": [t.name for t in network.inputs], "level": config.builder_optimization_level,
+                "workspace": config.pool_limits.get(MemoryPoolType.WORKSPACE),
+                "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config.profiles]}
+        return memoryview(json.dumps(plan).encode())
+
