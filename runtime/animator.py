@@ -63,7 +63,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-
 @contextmanager
 def memory_errors(what: str, device: torch.device) -> Iterator[None]:
     """Turn running out of GPU or host memory during ``what`` into a :class:`ResourceError` that says so and
@@ -79,6 +78,13 @@ def memory_errors(what: str, device: torch.device) -> Iterator[None]:
 
 class Animator:
     """Portrait animation with one set of submodels (one backend) and one run configuration.
+
+    Threads: one Animator runs one animation at a time (``last_stats`` is that run's). For concurrent
+    requests give each worker thread its own :meth:`with_config` copy: the copies share the networks (read
+    only at inference) and the portrait cache (locked), and their runs may overlap (driver decoding and face
+    detection of one while another denoises; on one GPU the device work queues up). That holds for the
+    eager torch, onnxruntime and TensorRT backends (a TensorRT runner keeps one execution context per
+    stream); a ``torch.compile``d UNet should be driven by one thread at a time.
 
     Args:
         submodels: the backend's networks (``TorchSubmodels``, ``OrtSubmodels``, ...).

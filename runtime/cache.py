@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 class PortraitCache:
-    """LRU of ``PortraitState`` by key.
+    """LRU of ``PortraitState`` by key; safe to share between threads (one lock around every operation).
 
     Args:
         max_bytes: memory budget of the cached tensors (least recently used entries are evicted).
@@ -50,55 +51,66 @@ class PortraitCache:
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._mem)
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self._mem.values())
+        with self._lock:
+            return sum(s.nbytes() for s in self._mem.values())
 
     def get(self, key: str, device: torch.device | str = "cpu") -> PortraitState | None:
-        state = self._mem.get(key)
-        if state is None and self.disk_dir is not None:
-            state = self._load(key, device)
-            if state is not None:
-                self._mem[key] = state
-                self.disk_hits += 1
-        if state is None:
-            self.misses += 1
-            return None
-        self._mem.move_to_end(key)
-        self.hits += 1
-        return state
+        with self._lock:
+            state = self._mem.get(key)
+            if state is None and self.disk_dir is not None:
+                state = self._load(key, device)
+                if state is not None:
+                    self._mem[key] = state
+                    self.disk_hits += 1
+            if state is None:
+                self.misses += 1
+                return None
+            self._mem.move_to_end(key)
+            self.hits += 1
+            return state
 
     def put(self, state: PortraitState) -> None:
-        self._mem[state.key] = state
-        self._mem.move_to_end(state.key)
-        self.trim()
+        with self._lock:
+            self._mem[state.key] = state
+            self._mem.move_to_end(state.key)
+            self.trim()
 
     def trim(self) -> None:
         """Evict least-recently-used entries until within budget (banks grow after ``put``)."""
-        while len(self._mem) > 1 and self.nbytes > self.max_bytes:
-            key, _ = self._mem.popitem(last=False)
-            logger.debug("portrait cache: evicted %s", key[:12])
+        with self._lock:
+            while len(self._mem) > 1 and self.nbytes > self.max_bytes:
+                key, _ = self._mem.popitem(last=False)
+                logger.debug("portrait cache: evicted %s", key[:12])
 
     def persist(self, state: PortraitState) -> bool:
         """Write ``state`` to the disk store if it holds more than its file (new banks or landmarks); returns
         whether it wrote. No-op without ``disk_dir``. A store that cannot be written (full disk, no permission)
         is a warning, not an error: the run's output must not be lost to its cache."""
-        if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
-            return False
-        try:
-            self.save(state)
-        except OSError as exc:
-            logger.warning("portrait cache: cannot write to %s (%s); the portrait is not stored", self.disk_dir, exc)
-            return False
-        return True
+        with self._lock:
+            if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
+                return False
+            try:
+                self.save(state)
+            except OSError as exc:
+                logger.warning("portrait cache: cannot write to %s (%s); the portrait is not stored",
+                               self.disk_dir, exc)
+                return False
+            return True
 
     def save(self, state: PortraitState) -> None:
         """Write a state (with the banks computed so far, and the portrait's landmarks if known) to the disk
         store: a temporary file, renamed on success."""
+        with self._lock:
+            self._save(state)
+
+    def _save(self, state: PortraitState) -> None:
         if self.disk_dir is None:
             return
         self.disk_dir.mkdir(parents=True, exist_ok=True)

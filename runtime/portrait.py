@@ -80,7 +80,7 @@ class PortraitState:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"ref_latent": self.ref_latent, "cond": self.cond, "tokens": self.tokens,
                "film_scale": self.film_scale, "film_shift": self.film_shift, "ada_reference": self.ada_reference}
-        for t, bank in self.banks.items():
+        for t, bank in list(self.banks.items()):  # a snapshot: another thread's run may be adding a bank
             out.update({f"bank_{t}_{i:02d}": b for i, b in enumerate(bank)})
         return out
 
