@@ -349,7 +349,8 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
                 if count == 0:
                     raise InputError(f"{path}: no decodable video frame ({exc})") from exc
                 if strict:
-                    raise InputError(f"{path}: video is truncated or corrupt after frame {count} ({exc})") from exc
+                    raise InputError(f"{path}: video is truncated or corrupt after frame {count} ({exc}); "
+                                     f"{_use_first(count)}") from exc
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
                                "decoded so far", path, count, exc, count)
                 return
@@ -364,6 +365,10 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
         _check_complete(path, stream.frames, count, strict)
 
 
+def _use_first(count: int) -> str:
+    return f"--max-frames {count} (AnimateConfig.max_frames) animates the {count} frames before the break"
+
+
 def _check_complete(path: Path, announced: int, decoded: int, strict: bool) -> None:
     """A clean EOF well short of the header's frame count means the file was cut off (no moov error)."""
     if announced <= 0 or decoded >= announced:
@@ -371,7 +376,7 @@ def _check_complete(path: Path, announced: int, decoded: int, strict: bool) -> N
     message = f"{path}: video is truncated: the header announces {announced} frames but only {decoded} decode"
     # Edit lists may legitimately hide a frame or two; a cut-off file misses many more.
     if strict and announced - decoded > max(2, announced // 100):
-        raise InputError(message)
+        raise InputError(f"{message}; {_use_first(decoded)}")
     logger.warning("%s; using the %d decoded frames", message, decoded)
 
 

@@ -412,3 +412,21 @@ def test_batch_settings_checked_before_any_work(case: str, weights: Path, media:
                        "--weights", weights, "--device", "cpu", *FAST, *extra)
     assert code == 2 and err.startswith("error: ") and needle in err, err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_truncated_driver_error_says_how_to_use_what_decodes(weights: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A cut-off driver fails before any denoising, and the --max-frames the message suggests then works."""
+    from media_fixtures import write_truncated_video
+
+    cut = write_truncated_video(tmp_path / "cut.mp4")
+    out = tmp_path / "o.mp4"
+    args = ["animate", "--portrait", PORTRAIT, "--driver", cut, "-o", out, "--weights", weights, "--device", "cpu",
+            *FAST]
+    code, _, err = run(capsys, *args)
+    hint = re.search(r"--max-frames (\d+) \(AnimateConfig.max_frames\) animates the \1 frames before the break", err)
+    assert code == 2 and "cut.mp4: video is truncated" in err and hint, err
+    assert not out.exists()
+    code, _, err = run(capsys, *args, "--max-frames", hint.group(1))
+    assert code == 0, err
+    assert len(frames_of(out)) == int(hint.group(1))

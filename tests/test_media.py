@@ -232,10 +232,12 @@ def _truncated_faststart(tmp_path: Path) -> Path:
 def test_truncated_strict_raises_after_partial_frames(tmp_path: Path) -> None:
     cut = _truncated_faststart(tmp_path)
     got = []
-    with pytest.raises(InputError, match="cut.mp4.*truncated"):
+    with pytest.raises(InputError, match="cut.mp4.*truncated") as info:
         for f in iter_video_frames(cut):
             got.append(f)
     assert 0 < len(got) < 60
+    assert f"--max-frames {len(got)} (AnimateConfig.max_frames) animates the {len(got)} frames" in str(info.value)
+    assert len(list(iter_video_frames(cut, len(got)))) == len(got)  # and that works
 
 
 def test_corrupt_middle_raises(tmp_path: Path) -> None:
