@@ -204,7 +204,11 @@ class AnimateConfig:
         reference_timestep: None = ReferenceNet at the current t (upstream inference.yaml); 0 = fixed t=0
             (the original release config), computed once per portrait.
         mode: REFERENCE (upstream-equivalent evaluation) or OPTIMIZED (exact-preserving savings).
-        max_frames: optional cap on driving frames (upstream capped at 50; we do not by default).
+        max_frames: optional cap on driving frames (upstream capped at 50; we do not by default); with
+            ``fps`` it counts the frames kept.
+        fps: a frame rate to bring faster drivers down to, by keeping the source frame shown at each output
+            frame's time (60 fps -> 30 keeps every other frame, half the work; timing and audio stay in step).
+            Drivers at or below it keep their rate. None (default): every driver frame, at the driver's rate.
         decode_streams: on CUDA, VAE-decode on a side stream with ``DECODE_DEPTH`` batches in flight and
             pinned-memory copies, overlapping the host's frame handling (False: one batch at a time on the
             default stream). Same frames either way.
@@ -241,6 +245,7 @@ class AnimateConfig:
     tiny_decoder: str | None = None
     feature_reuse: int | None = None
     closed_loop: bool = True
+    fps: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -255,6 +260,8 @@ class AnimateConfig:
             raise ValueError(f"cfg_steps must be >= 0 (or None for every step), got {self.cfg_steps}")
         if self.feature_reuse is not None and self.feature_reuse < 1:
             raise ValueError(f"feature_reuse must be >= 1 (or None: no reuse), got {self.feature_reuse}")
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0 (or None: the driver's rate), got {self.fps}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 (or None: every frame), got {self.max_frames}")
 

@@ -35,6 +35,7 @@ from megactor_rt.runtime.driver import (
     DriverPlan,
     driver_info,
     iter_driver_inputs,
+    output_fps,
     plan_driver,
     plan_driver_contour,
 )
@@ -263,7 +264,7 @@ class Animator:
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
-            plan = plan_driver(driver, cfg.max_frames, face_crop)
+            plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps)
         contour_plan = None
         if landmarker is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
@@ -420,7 +421,8 @@ class Animator:
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)
         hit = self.cache.hits > hits
         size = self.image_size
-        with VideoWriter(out, info.fps, size, size, audio_source=info.path if audio and info.has_audio else None) as w:
+        fps = output_fps(info.fps, cfg.fps)
+        with VideoWriter(out, fps, size, size, audio_source=info.path if audio and info.has_audio else None) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)

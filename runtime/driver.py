@@ -17,6 +17,7 @@ iterates it again.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -92,11 +93,45 @@ def driver_info(driver: Driver) -> VideoInfo:
     return driver.info() if isinstance(driver, DriverFrames) else probe_video(driver)
 
 
-def driver_frames(driver: Driver, max_frames: int | None = None) -> Iterator[np.ndarray]:
-    """One pass over a driver's ``(H, W, 3)`` uint8 RGB frames (decoded as they are needed from a file)."""
-    if isinstance(driver, DriverFrames):
-        return driver.iter_frames(max_frames)
-    return iter_video_frames(driver, max_frames)
+def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction = Fraction(1)
+                  ) -> Iterator[np.ndarray]:
+    """One pass over a driver's ``(H, W, 3)`` uint8 RGB frames (decoded as they are needed from a file): all
+    of them, or with ``ratio`` > 1 (source fps / output fps, see :func:`output_fps`) the ones kept
+    (:func:`kept_frame`); ``max_frames`` caps the frames yielded."""
+    if ratio == 1:
+        return driver.iter_frames(max_frames) if isinstance(driver, DriverFrames) else iter_video_frames(driver, max_frames)
+    return _kept(driver_frames(driver), max_frames, ratio)
+
+
+def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Iterator[np.ndarray]:
+    count = 0
+    for i, frame in enumerate(frames):
+        if kept_frame(i, ratio):
+            yield frame
+            count += 1
+            if max_frames is not None and count >= max_frames:
+                return
+
+
+def output_fps(source: Fraction, fps: float | Fraction | None) -> Fraction:
+    """The rate a driver at ``source`` fps is animated at: ``fps`` where that is lower, else ``source``."""
+    if fps is None:
+        return source
+    target = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001000)
+    return min(source, target)
+
+
+def kept_frame(i: int, ratio: Fraction) -> bool:
+    """Whether source frame ``i`` is shown when resampling by ``ratio`` = source / output fps (>= 1): output
+    frame k shows source frame floor(k * ratio), the one on screen at its time, so each source frame is
+    shown at most once."""
+    k = math.ceil(Fraction(i) / ratio)
+    return k * ratio < i + 1
+
+
+def kept_count(n: int, ratio: Fraction) -> int:
+    """How many of ``n`` source frames :func:`kept_frame` keeps: the output frames k with k * ratio < n."""
+    return math.ceil(Fraction(n) / ratio)
 
 
 def driver_name(driver: Driver) -> str:
@@ -112,14 +147,20 @@ class DriverPlan:
     crop: Crop
     num_frames: int
     face_crop: bool
+    ratio: Fraction = Fraction(1)  # source fps / output fps: frames kept when resampling (see kept_frame)
 
     @property
     def name(self) -> str:
         return driver_name(self.source)
 
+    @property
+    def fps(self) -> Fraction:
+        """The rate of the planned frames (the result's)."""
+        return self.info.fps / self.ratio
+
     def frames(self) -> Iterator[np.ndarray]:
         """Another pass over the planned frames."""
-        return driver_frames(self.source, self.num_frames)
+        return driver_frames(self.source, self.num_frames, self.ratio)
 
 
 def detect_scaled(frame: np.ndarray) -> Box | None:
@@ -137,28 +178,34 @@ def detect_scaled(frame: np.ndarray) -> Box | None:
     return Box(box.left / s, box.top / s, min(box.right / s, w), min(box.bottom / s, h))
 
 
-def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True) -> DriverPlan:
-    """Pass 1: count frames and choose the crop.
+def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
+                fps: float | Fraction | None = None) -> DriverPlan:
+    """Pass 1: count frames and choose the crop (``fps``: resample a faster driver to it, see
+    :func:`output_fps`; ``max_frames`` counts the frames kept).
 
     Raises:
         InputError: unreadable/empty video, or no face in any frame (unless ``face_crop`` is False).
     """
     source = driver if isinstance(driver, DriverFrames) else Path(driver)
     info, name = driver_info(source), driver_name(source)
+    ratio = info.fps / output_fps(info.fps, fps)
     boxes: list[Box | None] = []
-    frames = driver_frames(source, max_frames)
+    frames = driver_frames(source, max_frames, ratio)
     found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
-    for box in progress(found, total=_total(info, max_frames), desc="driver: find faces", unit="frame"):
+    for box in progress(found, total=_total(info, max_frames, ratio), desc="driver: find faces", unit="frame"):
         boxes.append(box)
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
-    logger.info("driver %s: %d frames at %s fps, crop %s", name, len(boxes), info.fps, crop)
-    return DriverPlan(source, info, crop, len(boxes), face_crop)
+    plan = DriverPlan(source, info, crop, len(boxes), face_crop, ratio)
+    resampled = f" (resampled from {info.fps} fps)" if ratio != 1 else ""
+    logger.info("driver %s: %d frames at %s fps%s, crop %s", name, len(boxes), plan.fps, resampled, crop)
+    return plan
 
 
-def _total(info: VideoInfo, max_frames: int | None) -> int | None:
+def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction) -> int | None:
     if info.num_frames is None:
         return max_frames
-    return min(info.num_frames, max_frames) if max_frames else info.num_frames
+    n = kept_count(info.num_frames, ratio)
+    return min(n, max_frames) if max_frames else n
 
 
 def _cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:

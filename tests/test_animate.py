@@ -553,3 +553,42 @@ def test_animators_sharing_networks_run_in_threads_at_once(anim: Animator, media
     for a, b in zip(alone, together, strict=True):
         assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(alone[0][0], alone[2][0])  # the seeds matter: the runs differ
+
+
+# ---------------------------------------------------------------------------------------------- --fps
+
+
+@pytest.mark.parametrize("source,target,n", [(Fraction(60), Fraction(30), 10), (Fraction(30000, 1001), Fraction(25), 60),
+                                             (Fraction(50), Fraction(24), 50), (Fraction(25), Fraction(25), 7)])
+def test_resampling_keeps_the_frame_on_screen_at_each_output_time(source: Fraction, target: Fraction,
+                                                                   n: int) -> None:
+    from megactor_rt.runtime.driver import kept_count, kept_frame
+
+    ratio = source / target
+    kept = [i for i in range(n) if kept_frame(i, ratio)]
+    expected = sorted({int(k * ratio) for k in range(n * 2) if int(k * ratio) < n})  # floor(k * ratio)
+    assert kept == expected and kept_count(n, ratio) == len(kept)
+    if source == 60:
+        assert kept == [0, 2, 4, 6, 8]
+
+
+def test_fps_brings_a_fast_driver_down_in_step(anim: Animator, tmp_path: Path) -> None:
+    """--fps 25 on a 50 fps driver animates every other frame at 25 fps: the same frames as those source
+    frames given directly, a 25 fps result as long as the driver, audio included."""
+    from megactor_rt.media import iter_video_frames
+    from megactor_rt.runtime.driver import DriverFrames
+
+    fast = write_face_driver(tmp_path / "fast.mp4", n=8, fps=50, audio=True)
+    runner = anim.with_config(fps=25)
+    out = tmp_path / "out.mp4"
+    stats = runner.animate_to_file(PORTRAIT, fast, out)
+    assert stats.frames == 4 and stream_facts(out) == (4, Fraction(25), True)
+    every_other = list(iter_video_frames(fast))[::2]
+    direct = list(anim.animate(anim.prepare(PORTRAIT), DriverFrames(every_other, fps=25)))
+    got = list(iter_video_frames(out))
+    assert len(got) == len(direct) == 4
+    resampled = list(runner.animate(runner.prepare(PORTRAIT), fast))
+    assert all(np.array_equal(a, b) for a, b in zip(resampled, direct, strict=True))
+    slow = anim.with_config(fps=60)  # above the driver's rate: every frame, the driver's rate
+    assert slow.animate_to_file(PORTRAIT, fast, tmp_path / "same.mp4").frames == 8
+    assert stream_facts(tmp_path / "same.mp4")[:2] == (8, Fraction(50))

@@ -329,6 +329,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     (("--cfg-steps", -1), "cfg_steps must be >= 0"),
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
     (("--max-frames", 0), "max_frames must be >= 1"),
+    (("--fps", 0), "fps must be > 0"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: tuple, message: str) -> None:
