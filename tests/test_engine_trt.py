@@ -136,3 +136,20 @@ def test_one_context_per_stream(built) -> None:
         assert torch.equal(outs[0]["y"], outs[1]["y"])
         with torch.cuda.stream(torch.cuda.Stream()), pytest.raises(InputError, match="max_contexts"):
             runner.infer({"x": x})
+
+
+def test_default_stream_calls_enqueue_on_a_stream_of_their_own(built) -> None:
+    """TensorRT adds device-wide synchronizations on the legacy default stream: a caller on it gets its
+    thread's own stream (ordered by stream waits), and the same result as a caller on its own stream."""
+    _, plan_dir, _ = built
+    x = torch.randn(4, 8, device="cuda").half()
+    with TensorRTRunner(plan_dir) as runner:
+        assert torch.cuda.current_stream().cuda_stream == 0
+        on_default = runner.infer({"x": x})["y"].clone()  # the caller's stream waits for the result
+        assert 0 not in runner._contexts and len(runner._contexts) == 1
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            on_own = runner.infer({"x": x})["y"]
+        torch.cuda.synchronize()
+        assert torch.equal(on_default, on_own)
