@@ -150,7 +150,7 @@ def _require_file(path: Path, what: str) -> None:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What :func:`probe_video` learns from a container header without decoding.
+    """What :func:`probe_video` learns from a container header (and the first frame's display matrix).
 
     Attributes:
         path: the probed file.
@@ -188,7 +188,8 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
 
 
 def probe_video(path: PathLike) -> VideoInfo:
-    """Read a video's header: size, exact frame rate, frame count, audio presence, duration.
+    """Read a video's header: size, exact frame rate, frame count, audio presence, duration (and its first
+    frame, whose display matrix says whether the upright picture swaps width and height).
 
     Args:
         path: any container/codec FFmpeg (PyAV) can demux.
