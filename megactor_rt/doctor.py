@@ -21,6 +21,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
         "backends": {name: ("available: " if ok else "unavailable: ") + reason
                      for name, (ok, reason) in backend_status().items()},
         "kernels": {k: str(v) for k, v in kernels_status().items()},
+        "media": _media_status(),
         "contour mode": _landmarks_status(),
     }
     if weights is not None:
@@ -36,6 +37,19 @@ def _weights_status(path: Path) -> dict[str, Any]:
     files = {name: (path / f"{name}.safetensors").is_file() for name in MODULE_FILES}
     ok = all(files.values()) and (path / "config.json").is_file()
     return {"path": str(path), "status": "converted weights found" if ok else "incomplete", **files}
+
+
+def _media_status() -> dict[str, Any]:
+    """PyAV and its FFmpeg (decoding, display matrices, audio) and the video encoder results are written with."""
+    import av
+
+    from megactor_rt.media import _video_encoder
+
+    try:
+        encoder = _video_encoder()
+    except RuntimeError as exc:
+        encoder = f"none: {exc}"
+    return {"pyav": av.__version__, "ffmpeg": str(getattr(av, "ffmpeg_version_info", "unknown")), "encoder": encoder}
 
 
 def _landmarks_status() -> dict[str, Any]:

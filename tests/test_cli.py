@@ -227,6 +227,10 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     report = json.loads(out)
     assert report["backends"]["torch"].startswith("available")
     assert report["weights"]["status"] == "converted weights found"
+    import av
+
+    assert report["media"]["pyav"] == av.__version__ and report["media"]["encoder"] in ("libx264", "libopenh264",
+                                                                                         "mpeg4")
 
 
 def test_download_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
