@@ -45,6 +45,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
                    help="optimized (exact-preserving savings) or reference (upstream evaluation order)")
     p.add_argument("--max-frames", type=int, default=None, help="use at most this many driving frames")
+    p.add_argument("--start", type=float, default=None, metavar="SECONDS",
+                   help="begin this many seconds into the driver (its audio too; default: at its start)")
     p.add_argument("--fps", type=float, default=None,
                    help="bring a faster driver down to this frame rate by keeping the frame shown at each output "
                         "frame's time (60 -> 30 halves the work; timing and audio stay in step); slower drivers "
@@ -80,7 +82,7 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
                              seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
                              max_frames=args.max_frames, cfg_steps=args.cfg_steps,
                              tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse,
-                             closed_loop=args.closed_loop, fps=args.fps)
+                             closed_loop=args.closed_loop, fps=args.fps, start=args.start)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
         raise InputError(f"bad run settings: {exc}") from exc
 

@@ -206,6 +206,8 @@ class AnimateConfig:
         mode: REFERENCE (upstream-equivalent evaluation) or OPTIMIZED (exact-preserving savings).
         max_frames: optional cap on driving frames (upstream capped at 50; we do not by default); with
             ``fps`` it counts the frames kept.
+        start: where in the driver to begin, in seconds (its first frame at or after that time; the result's
+            audio starts there too). None or 0 (default): at its start.
         fps: a frame rate to bring faster drivers down to, by keeping the source frame shown at each output
             frame's time (60 fps -> 30 keeps every other frame, half the work; timing and audio stay in step).
             Drivers at or below it keep their rate. None (default): every driver frame, at the driver's rate.
@@ -246,6 +248,7 @@ class AnimateConfig:
     feature_reuse: int | None = None
     closed_loop: bool = True
     fps: float | None = None
+    start: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -260,6 +263,8 @@ class AnimateConfig:
             raise ValueError(f"cfg_steps must be >= 0 (or None for every step), got {self.cfg_steps}")
         if self.feature_reuse is not None and self.feature_reuse < 1:
             raise ValueError(f"feature_reuse must be >= 1 (or None: no reuse), got {self.feature_reuse}")
+        if self.start is not None and not self.start >= 0:
+            raise ValueError(f"start must be >= 0 seconds (or None), got {self.start}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0 (or None: the driver's rate), got {self.fps}")
         if self.max_frames is not None and self.max_frames < 1:

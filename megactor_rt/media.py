@@ -427,14 +427,14 @@ def _video_encoder() -> str:
     raise RuntimeError(f"PyAV has none of the video encoders {_VIDEO_ENCODERS}")
 
 
-def _head_samples(frame: av.AudioFrame, keep: int) -> av.AudioFrame:
-    """The first ``keep`` samples of an audio frame (planar: (C, N) arrays; packed: (1, N*C))."""
+def _sample_slice(frame: av.AudioFrame, first: int, end: int) -> av.AudioFrame:
+    """Samples ``[first, end)`` of an audio frame as a new frame (planar: (C, N) arrays; packed: (1, N*C))."""
     data: Any = frame.to_ndarray()
     per_sample = 1 if frame.format.is_planar else len(frame.layout.channels)
-    head = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, : keep * per_sample]),
+    part = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, first * per_sample: end * per_sample]),
                                       format=frame.format.name, layout=frame.layout)
-    head.sample_rate = frame.sample_rate
-    return head
+    part.sample_rate = frame.sample_rate
+    return part
 
 
 class VideoWriter:
@@ -452,7 +452,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
-                 audio_source: PathLike | None = None, crf: int = 18) -> None:
+                 audio_source: PathLike | None = None, crf: int = 18, audio_offset: Fraction = Fraction(0)) -> None:
         """Open the temporary output and set up streams.
 
         Args:
@@ -462,6 +462,9 @@ class VideoWriter:
             height: frame height (even).
             audio_source: a media file whose first audio stream is carried over, or None.
             crf: libx264 constant rate factor (lower = better; 18 is visually lossless).
+            audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
+                there on is carried over (copied audio starts at the first whole packet from there, at most one
+                packet, about 20 ms, late; transcoded audio starts at the exact sample).
 
         Raises:
             InputError: the destination is unwritable or ``audio_source`` is unreadable.
@@ -478,6 +481,9 @@ class VideoWriter:
         self._audio_in: av.container.InputContainer | None = None
         self._audio_in_stream: av.audio.stream.AudioStream | None = None
         self._audio_copy = False
+        self._audio_offset = Fraction(audio_offset)
+        if self._audio_offset < 0:
+            raise ValueError(f"audio_offset must be >= 0, got {audio_offset}")
         self._closed = False
         if audio_source is not None:
             self._open_audio_source(Path(audio_source))
@@ -595,28 +601,41 @@ class VideoWriter:
 
     def _mux_audio(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream,
                    duration: Fraction) -> None:
-        """Carry the source audio over for ``[0, duration)`` s (copy: whole packets; transcode: exact)."""
+        """Carry the source audio of ``[offset, offset + duration)`` s over (copy: whole packets; transcode:
+        exact samples)."""
         tb = src.time_base or Fraction(1, src.codec_context.sample_rate or 1)
         start = (src.start_time or 0) * tb
+        offset = self._audio_offset
         if self._audio_copy:
+            shift = round(offset / tb)  # in stream ticks: the packet at the offset lands at 0
             for packet in source.demux(src):
                 if packet.pts is None or packet.size == 0:
                     continue  # flush packet
-                if packet.pts * tb - start >= duration:
+                t = packet.pts * tb - start
+                if t < offset:  # (with no offset: nothing is skipped, timestamps are kept as they are)
+                    continue
+                if t - offset >= duration:
                     break
+                if shift:
+                    packet.pts -= shift
+                    if packet.dts is not None:
+                        packet.dts -= shift
                 packet.stream = self._audio_out
                 self._out.mux(packet)
             return
-        done = 0  # samples passed to the encoder
+        consumed = 0  # source samples read (the time of frames without a timestamp)
         for frame in source.decode(src):
-            t0 = frame.pts * tb - start if frame.pts is not None else Fraction(done, frame.sample_rate)
-            keep = math.ceil((duration - t0) * frame.sample_rate)
-            if keep <= 0:
+            t0 = frame.pts * tb - start if frame.pts is not None else Fraction(consumed, frame.sample_rate)
+            consumed += frame.samples
+            first = max(0, math.ceil((offset - t0) * frame.sample_rate))  # samples before the offset
+            end = min(frame.samples, math.ceil((offset + duration - t0) * frame.sample_rate))
+            if end <= 0:
                 break
-            if keep < frame.samples:
-                frame = _head_samples(frame, keep)
+            if first >= frame.samples:
+                continue
+            if first > 0 or end < frame.samples:
+                frame = _sample_slice(frame, first, end)
             frame.pts = None  # let the encoder number samples contiguously from 0
-            done += frame.samples
             self._out.mux(self._audio_out.encode(frame))
         self._out.mux(self._audio_out.encode(None))
 

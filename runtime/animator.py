@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from megactor_rt.runtime.driver import (
     output_fps,
     plan_driver,
     plan_driver_contour,
+    start_frame,
 )
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
@@ -264,7 +266,7 @@ class Animator:
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
-            plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps)
+            plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start)
         contour_plan = None
         if landmarker is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
@@ -421,8 +423,9 @@ class Animator:
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)
         hit = self.cache.hits > hits
         size = self.image_size
-        fps = output_fps(info.fps, cfg.fps)
-        with VideoWriter(out, fps, size, size, audio_source=info.path if audio and info.has_audio else None) as w:
+        fps, offset = output_fps(info.fps, cfg.fps), Fraction(start_frame(info.fps, cfg.start)) / info.fps
+        with VideoWriter(out, fps, size, size, audio_source=info.path if audio and info.has_audio else None,
+                         audio_offset=offset) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)

@@ -16,6 +16,7 @@ iterates it again.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -93,14 +94,15 @@ def driver_info(driver: Driver) -> VideoInfo:
     return driver.info() if isinstance(driver, DriverFrames) else probe_video(driver)
 
 
-def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction = Fraction(1)
+def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction = Fraction(1), skip: int = 0
                   ) -> Iterator[np.ndarray]:
-    """One pass over a driver's ``(H, W, 3)`` uint8 RGB frames (decoded as they are needed from a file): all
-    of them, or with ``ratio`` > 1 (source fps / output fps, see :func:`output_fps`) the ones kept
-    (:func:`kept_frame`); ``max_frames`` caps the frames yielded."""
-    if ratio == 1:
+    """One pass over a driver's ``(H, W, 3)`` uint8 RGB frames (decoded as they are needed from a file): from
+    source frame ``skip`` on (see :func:`start_frame`), all of them, or with ``ratio`` > 1 (source fps / output
+    fps, see :func:`output_fps`) the ones kept (:func:`kept_frame`, counted from ``skip``); ``max_frames``
+    caps the frames yielded."""
+    if ratio == 1 and skip == 0:
         return driver.iter_frames(max_frames) if isinstance(driver, DriverFrames) else iter_video_frames(driver, max_frames)
-    return _kept(driver_frames(driver), max_frames, ratio)
+    return _kept(itertools.islice(driver_frames(driver), skip, None), max_frames, ratio)
 
 
 def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Iterator[np.ndarray]:
@@ -111,6 +113,13 @@ def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction)
             count += 1
             if max_frames is not None and count >= max_frames:
                 return
+
+
+def start_frame(fps: Fraction, start: float | None) -> int:
+    """The first frame at or after ``start`` seconds of a clip at ``fps``."""
+    if not start:
+        return 0
+    return math.ceil(Fraction(start).limit_denominator(1_000_000) * fps)
 
 
 def output_fps(source: Fraction, fps: float | Fraction | None) -> Fraction:
@@ -148,6 +157,7 @@ class DriverPlan:
     num_frames: int
     face_crop: bool
     ratio: Fraction = Fraction(1)  # source fps / output fps: frames kept when resampling (see kept_frame)
+    skip: int = 0  # source frames before the first one used (see start_frame)
 
     @property
     def name(self) -> str:
@@ -160,7 +170,12 @@ class DriverPlan:
 
     def frames(self) -> Iterator[np.ndarray]:
         """Another pass over the planned frames."""
-        return driver_frames(self.source, self.num_frames, self.ratio)
+        return driver_frames(self.source, self.num_frames, self.ratio, self.skip)
+
+    @property
+    def start_s(self) -> Fraction:
+        """Where in the source the first planned frame is, in seconds (where the result's audio starts)."""
+        return self.skip / self.info.fps
 
 
 def detect_scaled(frame: np.ndarray) -> Box | None:
@@ -179,32 +194,47 @@ def detect_scaled(frame: np.ndarray) -> Box | None:
 
 
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
-                fps: float | Fraction | None = None) -> DriverPlan:
-    """Pass 1: count frames and choose the crop (``fps``: resample a faster driver to it, see
-    :func:`output_fps`; ``max_frames`` counts the frames kept).
+                fps: float | Fraction | None = None, start: float | None = None) -> DriverPlan:
+    """Pass 1: count frames and choose the crop (``start``: begin at this many seconds, see
+    :func:`start_frame`; ``fps``: resample a faster driver to it, see :func:`output_fps`; ``max_frames``
+    counts the frames used).
 
     Raises:
-        InputError: unreadable/empty video, or no face in any frame (unless ``face_crop`` is False).
+        InputError: unreadable/empty video, ``start`` at or past its end, or no face in any frame (unless
+            ``face_crop`` is False).
     """
     source = driver if isinstance(driver, DriverFrames) else Path(driver)
     info, name = driver_info(source), driver_name(source)
     ratio = info.fps / output_fps(info.fps, fps)
+    skip = start_frame(info.fps, start)
+    if info.num_frames is not None and skip >= info.num_frames:
+        raise _past_the_end(name, start, info.num_frames, info.fps)
     boxes: list[Box | None] = []
-    frames = driver_frames(source, max_frames, ratio)
+    frames = driver_frames(source, max_frames, ratio, skip)
     found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
-    for box in progress(found, total=_total(info, max_frames, ratio), desc="driver: find faces", unit="frame"):
+    for box in progress(found, total=_total(info, max_frames, ratio, skip), desc="driver: find faces", unit="frame"):
         boxes.append(box)
+    if not boxes and skip:  # a header without a frame count: known only now
+        raise _past_the_end(name, start, skip, info.fps, at_least=False)
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
-    plan = DriverPlan(source, info, crop, len(boxes), face_crop, ratio)
+    plan = DriverPlan(source, info, crop, len(boxes), face_crop, ratio, skip)
     resampled = f" (resampled from {info.fps} fps)" if ratio != 1 else ""
-    logger.info("driver %s: %d frames at %s fps%s, crop %s", name, len(boxes), plan.fps, resampled, crop)
+    started = f" from {float(plan.start_s):.3f} s" if skip else ""
+    logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, plan.fps, resampled, crop)
     return plan
 
 
-def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction) -> int | None:
+def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at_least: bool = True
+                  ) -> InputError:
+    has = f"{frames} frames ({float(frames / fps):.2f} s)" if at_least else f"fewer than {frames} frames"
+    return InputError(f"{name}: start {start} s is at or past the driver's end (it has {has}); "
+                      "use a smaller --start")
+
+
+def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction, skip: int = 0) -> int | None:
     if info.num_frames is None:
         return max_frames
-    n = kept_count(info.num_frames, ratio)
+    n = kept_count(max(info.num_frames - skip, 0), ratio)
     return min(n, max_frames) if max_frames else n
 
 

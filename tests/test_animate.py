@@ -592,3 +592,25 @@ def test_fps_brings_a_fast_driver_down_in_step(anim: Animator, tmp_path: Path) -
     slow = anim.with_config(fps=60)  # above the driver's rate: every frame, the driver's rate
     assert slow.animate_to_file(PORTRAIT, fast, tmp_path / "same.mp4").frames == 8
     assert stream_facts(tmp_path / "same.mp4")[:2] == (8, Fraction(50))
+
+
+def test_start_begins_later_in_the_driver(anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
+    """start=0.2 s on a 25 fps driver: its frames from the 6th on (the same frames as those given directly),
+    written with audio; a start at or past the end is a clear error before any denoising."""
+    from megactor_rt.media import iter_video_frames
+    from megactor_rt.runtime.driver import DriverFrames
+
+    later = anim.with_config(start=0.2)
+    voiced = write_face_driver(tmp_path / "voiced.mp4", n=12, fps=25, audio=True)
+    out = tmp_path / "later.mp4"
+    stats = later.animate_to_file(PORTRAIT, voiced, out)
+    assert stats.frames == 7 and stream_facts(out) == (7, Fraction(25), True)
+    tail = list(iter_video_frames(voiced))[5:]
+    direct = list(anim.animate(anim.prepare(PORTRAIT), DriverFrames(tail, fps=25)))
+    again = list(later.animate(later.prepare(PORTRAIT), voiced))
+    assert len(again) == 7 and all(np.array_equal(a, b) for a, b in zip(again, direct, strict=True))
+    calls = anim.sub.calls["unet"]
+    with pytest.raises(InputError, match=r"face_long\.mp4: start 0\.48 s is at or past the driver's end \(it has "
+                                         r"12 frames \(0\.48 s\)\)"):
+        list(anim.with_config(start=0.48).animate(anim.prepare(PORTRAIT), media["long"]))
+    assert anim.sub.calls["unet"] == calls

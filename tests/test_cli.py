@@ -334,6 +334,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
     (("--max-frames", 0), "max_frames must be >= 1"),
     (("--fps", 0), "fps must be > 0"),
+    (("--start", -1), "start must be >= 0 seconds"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: tuple, message: str) -> None:

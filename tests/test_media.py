@@ -533,3 +533,56 @@ def test_turned_driver_gets_the_upright_crop(tmp_path: Path) -> None:
     assert (b.info.height, b.info.width) == (a.info.height, a.info.width) == (192, 256)
     assert b.num_frames == a.num_frames == 4
     assert np.abs(np.subtract(a.crop, b.crop)).max() <= 2, (a.crop, b.crop)
+
+
+# ---------------------------------------------------------------------------------------------- audio offset
+
+
+def _marker_audio(path: Path, codec: str, rate: int = 16000) -> Path:
+    """2 s of mono audio: silent for the first second, a loud tone in the second (AAC in .m4a is copied
+    into an MP4; PCM in .mkv must be transcoded)."""
+    wave = np.zeros(2 * rate, np.float32)
+    wave[rate:] = 0.5 * np.sin(np.arange(rate) * 2 * np.pi * 440 / rate)
+    with av.open(str(path), "w") as c:
+        aus = c.add_stream(codec, rate=rate)
+        aus.layout = "mono"
+        fmt, data = ("fltp", wave[None]) if codec == "aac" else ("s16", (wave * 32767).astype(np.int16)[None])
+        for start in range(0, 2 * rate, 1024):
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, start:start + 1024]), format=fmt,
+                                            layout="mono")
+            af.sample_rate, af.pts = rate, start
+            c.mux(aus.encode(af))
+        c.mux(aus.encode(None))
+    return path
+
+
+def _audio_level(path: Path, first_s: float, last_s: float) -> float:
+    """RMS of the decoded audio between two times of the file."""
+    with av.open(str(path)) as c:
+        chunks = [f.to_ndarray().astype(np.float32).reshape(-1) for f in c.decode(c.streams.audio[0])]
+        rate = c.streams.audio[0].codec_context.sample_rate
+    pcm = np.concatenate(chunks)
+    pcm = pcm / 32767 if np.abs(pcm).max() > 2 else pcm
+    part = pcm[int(first_s * rate): int(last_s * rate)]
+    return float(np.sqrt(np.mean(part ** 2)))
+
+
+@pytest.mark.parametrize("codec,suffix", [("aac", ".m4a"), ("pcm_s16le", ".mkv")])
+def test_audio_offset_carries_the_audio_from_there(tmp_path: Path, codec: str, suffix: str) -> None:
+    """audio_offset=1 s: the result's audio is the source's second second (the tone) from its start, and
+    lasts as long as the video; without an offset it begins with the silent first second."""
+    src = _marker_audio(tmp_path / f"marker{suffix}", codec)
+    levels = {}
+    for offset in (Fraction(0), Fraction(1)):
+        out = tmp_path / f"out_{offset}.mp4"
+        with VideoWriter(out, Fraction(25), 64, 64, audio_source=src, audio_offset=offset) as w:
+            for f in _frames(20):  # 0.8 s
+                w.write(f)
+        with av.open(str(out)) as c:
+            a = c.streams.audio[0]
+            audio_s = float(a.duration * a.time_base)
+        assert 0.75 < audio_s < 0.9, audio_s  # 0.8 s (whole AAC packets / priming)
+        levels[offset] = (_audio_level(out, 0.1, 0.7))
+    assert levels[Fraction(0)] < 0.01 and levels[Fraction(1)] > 0.2, levels
+    with pytest.raises(ValueError, match="audio_offset must be >= 0"):
+        VideoWriter(tmp_path / "x.mp4", Fraction(25), 64, 64, audio_offset=Fraction(-1))
