@@ -104,8 +104,8 @@ def _report(stats, out: Path) -> None:  # noqa: ANN001
 
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> list[tuple[Path, Path, Path]]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file. More:
-    ``output`` is a folder (created) holding ``<portrait stem>_<driver stem>.mp4``; names that collide with
-    each other or with an input are an error before any work."""
+    ``output`` is a folder (created once the weights have loaded) holding ``<portrait stem>_<driver stem>.mp4``;
+    names that collide with each other or with an input are an error before any work."""
     from megactor_rt.media import VIDEO_SUFFIXES
 
     if len(portraits) == 1 and len(drivers) == 1:
@@ -125,11 +125,14 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> li
     clash = sorted(str(o) for _, _, o in jobs if o.resolve() in inputs)
     if clash:
         raise InputError(f"{', '.join(clash)}: a result would overwrite an input; choose another -o folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{output}: cannot create the results folder ({exc})") from exc
     return jobs
+
+
+def _results_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the results folder ({exc})") from exc
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
@@ -142,6 +145,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
                                  config=_run_config(args), compile=args.compile, cache=_cache(args))
+    if len(jobs) > 1:
+        _results_folder(args.output)
     failed: list[str] = []
     for portrait, driver, output in jobs:  # one process: weights, compiled graphs and prepared portraits reused
         try:

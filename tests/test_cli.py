@@ -396,7 +396,8 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("case", ["file_output", "same_stems", "overwrites_input", "mask_with_two_portraits"])
+@pytest.mark.parametrize("case", ["file_output", "same_stems", "overwrites_input", "mask_with_two_portraits",
+                                  "weights_missing"])
 def test_batch_settings_checked_before_any_work(case: str, weights: Path, media: dict[str, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a").mkdir()
@@ -413,6 +414,8 @@ def test_batch_settings_checked_before_any_work(case: str, weights: Path, media:
     elif case == "mask_with_two_portraits":
         portraits, drivers, extra, needle = [media["portrait"], PORTRAIT], [media["driver"]], \
             ["--mask", PORTRAIT], "--mask belongs to one portrait"
+    elif case == "weights_missing":  # the results folder is not created for nothing
+        drivers, weights, needle = [media["driver"], media["faceless_driver"]], tmp_path / "none", "does not exist"
     before = sorted(tmp_path.rglob("*"))
     code, _, err = run(capsys, "animate", "--portrait", *portraits, "--driver", *drivers, "-o", out,
                        "--weights", weights, "--device", "cpu", *FAST, *extra)
