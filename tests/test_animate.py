@@ -541,15 +541,15 @@ def test_animators_sharing_networks_run_in_threads_at_once(anim: Animator, media
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = [("audio", 42), ("short", 42), ("audio", 7)]  # the first two share one portrait state
-    shared = fresh(anim)
 
-    def one(job: tuple[str, int]) -> list[np.ndarray]:
+    def one(shared: Animator, job: tuple[str, int]) -> list[np.ndarray]:
         worker = shared.with_config(seed=job[1])
         return list(worker.animate(worker.prepare(PORTRAIT), media[job[0]]))
 
-    alone = [one(j) for j in jobs]
+    first, second = fresh(anim), fresh(anim)  # empty caches: the threads prepare and add banks concurrently
+    alone = [one(first, j) for j in jobs]
     with ThreadPoolExecutor(max_workers=3) as pool:
-        together = list(pool.map(one, jobs))
+        together = list(pool.map(lambda j: one(second, j), jobs))
     for a, b in zip(alone, together, strict=True):
         assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(alone[0][0], alone[2][0])  # the seeds matter: the runs differ
