@@ -312,13 +312,14 @@ def _stream_orientation(path: Path, container: av.container.InputContainer,
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: bool = True
+def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: bool = True, skip: int = 0
                       ) -> Iterator[np.ndarray]:
     """Decode a video frame by frame (streaming; never holds the whole clip).
 
     Args:
         path: the video file.
-        max_frames: stop after this many frames (None: all).
+        max_frames: stop after yielding this many frames (None: all).
+        skip: decode but do not yield (nor convert to RGB) the first ``skip`` frames.
         strict: when the stream breaks off after some frames were decoded (truncated or corrupt file,
             or fewer frames than the header announces), raise (True, default) or log a warning and stop
             (False). A file that yields no frame at all always raises. With ``max_frames`` the check
@@ -351,33 +352,37 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
                     raise InputError(f"{path}: no decodable video frame ({exc})") from exc
                 if strict:
                     raise InputError(f"{path}: video is truncated or corrupt after frame {count} ({exc}); "
-                                     f"{_use_first(count)}") from exc
+                                     f"{_use_first(count - skip)}") from exc
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
                                "decoded so far", path, count, exc, count)
                 return
+            count += 1
+            if count <= skip:
+                continue
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
             yield orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
-            count += 1
-            if max_frames is not None and count >= max_frames:
+            if max_frames is not None and count - skip >= max_frames:
                 return
         if count == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames")
-        _check_complete(path, stream.frames, count, strict)
+        _check_complete(path, stream.frames, count, strict, skip)
 
 
 def _use_first(count: int) -> str:
+    if count <= 0:
+        return "it breaks off before the first frame used (--start)"
     return f"--max-frames {count} (AnimateConfig.max_frames) animates the {count} frames before the break"
 
 
-def _check_complete(path: Path, announced: int, decoded: int, strict: bool) -> None:
+def _check_complete(path: Path, announced: int, decoded: int, strict: bool, skip: int = 0) -> None:
     """A clean EOF well short of the header's frame count means the file was cut off (no moov error)."""
     if announced <= 0 or decoded >= announced:
         return
     message = f"{path}: video is truncated: the header announces {announced} frames but only {decoded} decode"
     # Edit lists may legitimately hide a frame or two; a cut-off file misses many more.
     if strict and announced - decoded > max(2, announced // 100):
-        raise InputError(f"{message}; {_use_first(decoded)}")
+        raise InputError(f"{message}; {_use_first(decoded - skip)}")
     logger.warning("%s; using the %d decoded frames", message, decoded)
 
 

@@ -100,15 +100,18 @@ def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction
     source frame ``skip`` on (see :func:`start_frame`), all of them, or with ``ratio`` > 1 (source fps / output
     fps, see :func:`output_fps`) the ones kept (:func:`kept_frame`, counted from ``skip``); ``max_frames``
     caps the frames yielded."""
-    if ratio == 1 and skip == 0:
-        return driver.iter_frames(max_frames) if isinstance(driver, DriverFrames) else iter_video_frames(driver, max_frames)
-    return _kept(itertools.islice(driver_frames(driver), skip, None), max_frames, ratio)
+    frames: Iterator[np.ndarray]
+    if isinstance(driver, DriverFrames):
+        frames = itertools.islice(driver.iter_frames(), skip, None)
+    else:  # the skipped frames are decoded but not converted
+        frames = iter_video_frames(driver, skip=skip)
+    return _kept(frames, max_frames, ratio)
 
 
 def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Iterator[np.ndarray]:
     count = 0
     for i, frame in enumerate(frames):
-        if kept_frame(i, ratio):
+        if ratio == 1 or kept_frame(i, ratio):
             yield frame
             count += 1
             if max_frames is not None and count >= max_frames:

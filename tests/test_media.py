@@ -238,6 +238,11 @@ def test_truncated_strict_raises_after_partial_frames(tmp_path: Path) -> None:
     assert 0 < len(got) < 60
     assert f"--max-frames {len(got)} (AnimateConfig.max_frames) animates the {len(got)} frames" in str(info.value)
     assert len(list(iter_video_frames(cut, len(got)))) == len(got)  # and that works
+    with pytest.raises(InputError) as info:  # a later start: the hint counts the frames from there
+        later = list(iter_video_frames(cut, skip=3))
+    assert f"--max-frames {len(got) - 3} (AnimateConfig.max_frames)" in str(info.value)
+    later = list(iter_video_frames(cut, len(got) - 3, skip=3))
+    assert len(later) == len(got) - 3 and all(np.array_equal(a, b) for a, b in zip(later, got[3:]))
 
 
 def test_corrupt_middle_raises(tmp_path: Path) -> None:
