@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,11 @@ from megactor_rt.runtime.denoise import EpsModel, denoise, denoise_stream, windo
 from megactor_rt.runtime.driver import (
     Driver,
     DriverPlan,
+    FrameSelection,
     driver_info,
     iter_driver_inputs,
-    output_fps,
     plan_driver,
     plan_driver_contour,
-    start_frame,
 )
 from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
@@ -423,9 +421,9 @@ class Animator:
         state = self.prepare(portrait, face_crop=face_crop, mask=mask)
         hit = self.cache.hits > hits
         size = self.image_size
-        fps, offset = output_fps(info.fps, cfg.fps), Fraction(start_frame(info.fps, cfg.start)) / info.fps
-        with VideoWriter(out, fps, size, size, audio_source=info.path if audio and info.has_audio else None,
-                         audio_offset=offset) as w:
+        sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
+        with VideoWriter(out, sel.fps, size, size, audio_source=info.path if audio and info.has_audio else None,
+                         audio_offset=sel.start_s) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)

@@ -151,6 +151,37 @@ def driver_name(driver: Driver) -> str:
 
 
 @dataclass(frozen=True)
+class FrameSelection:
+    """Which source frames a run uses and at what rate: from frame ``skip`` on, the ones ``ratio`` keeps.
+
+    Attributes:
+        source_fps: the driver's rate.
+        ratio: source fps / output fps, >= 1 (see :func:`kept_frame`).
+        skip: source frames before the first one used (see :func:`start_frame`).
+    """
+
+    source_fps: Fraction
+    ratio: Fraction = Fraction(1)
+    skip: int = 0
+
+    @classmethod
+    def of(cls, source_fps: Fraction, fps: float | Fraction | None = None, start: float | None = None
+           ) -> FrameSelection:
+        """The selection for ``AnimateConfig.fps`` / ``.start`` on a driver at ``source_fps``."""
+        return cls(source_fps, source_fps / output_fps(source_fps, fps), start_frame(source_fps, start))
+
+    @property
+    def fps(self) -> Fraction:
+        """The rate of the selected frames (the result's)."""
+        return self.source_fps / self.ratio
+
+    @property
+    def start_s(self) -> Fraction:
+        """Where in the source the first selected frame is, in seconds (where the result's audio starts)."""
+        return self.skip / self.source_fps
+
+
+@dataclass(frozen=True)
 class DriverPlan:
     """What pass 1 decided: the clip's crop and frame count."""
 
@@ -159,26 +190,15 @@ class DriverPlan:
     crop: Crop
     num_frames: int
     face_crop: bool
-    ratio: Fraction = Fraction(1)  # source fps / output fps: frames kept when resampling (see kept_frame)
-    skip: int = 0  # source frames before the first one used (see start_frame)
+    selection: FrameSelection
 
     @property
     def name(self) -> str:
         return driver_name(self.source)
 
-    @property
-    def fps(self) -> Fraction:
-        """The rate of the planned frames (the result's)."""
-        return self.info.fps / self.ratio
-
     def frames(self) -> Iterator[np.ndarray]:
         """Another pass over the planned frames."""
-        return driver_frames(self.source, self.num_frames, self.ratio, self.skip)
-
-    @property
-    def start_s(self) -> Fraction:
-        """Where in the source the first planned frame is, in seconds (where the result's audio starts)."""
-        return self.skip / self.info.fps
+        return driver_frames(self.source, self.num_frames, self.selection.ratio, self.selection.skip)
 
 
 def detect_scaled(frame: np.ndarray) -> Box | None:
@@ -208,8 +228,8 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     """
     source = driver if isinstance(driver, DriverFrames) else Path(driver)
     info, name = driver_info(source), driver_name(source)
-    ratio = info.fps / output_fps(info.fps, fps)
-    skip = start_frame(info.fps, start)
+    sel = FrameSelection.of(info.fps, fps, start)
+    ratio, skip = sel.ratio, sel.skip
     if info.num_frames is not None and skip >= info.num_frames:
         raise _past_the_end(name, start, info.num_frames, info.fps)
     boxes: list[Box | None] = []
@@ -220,11 +240,10 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     if not boxes and skip:  # a header without a frame count: known only now
         raise _past_the_end(name, start, skip, info.fps, at_least=False)
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
-    plan = DriverPlan(source, info, crop, len(boxes), face_crop, ratio, skip)
     resampled = f" (resampled from {info.fps} fps)" if ratio != 1 else ""
-    started = f" from {float(plan.start_s):.3f} s" if skip else ""
-    logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, plan.fps, resampled, crop)
-    return plan
+    started = f" from {float(sel.start_s):.3f} s" if skip else ""
+    logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, sel.fps, resampled, crop)
+    return DriverPlan(source, info, crop, len(boxes), face_crop, sel)
 
 
 def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at_least: bool = True
