@@ -14,6 +14,7 @@ bytes checked against the sidecar's sha256, so a foreign or truncated plan gives
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import BackendUnavailable, EngineMismatch
-from megactor_rt.files import literal, remove_stale
+from megactor_rt.files import remove_stale
 
 PLAN_NAME = "engine.plan"
 SIDECAR_NAME = "engine.json"
@@ -199,7 +200,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    remove_stale(path.parent, f".{literal(path.name)}.*.tmp")  # earlier writes of this file killed midway
+    remove_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # earlier writes of this file killed midway
 
 
 def write_plan(directory: Path, plan: bytes, record: EngineRecord) -> None:

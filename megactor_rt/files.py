@@ -8,7 +8,6 @@ no running writer.
 
 from __future__ import annotations
 
-import glob
 import logging
 import time
 from pathlib import Path
@@ -33,8 +32,3 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list
     for path in removed:
         logger.info("removed %s, left by an interrupted write", path)
     return removed
-
-
-def literal(name: str) -> str:
-    """``name`` as a glob pattern that matches only itself."""
-    return glob.escape(name)

@@ -21,6 +21,7 @@ name only after the container was closed successfully; no partial file ever carr
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
-from megactor_rt.files import literal, remove_stale
+from megactor_rt.files import remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -578,7 +579,7 @@ class VideoWriter:
             raise
         self._closed = True
         # earlier writes of this name killed midway (same naming as self._tmp)
-        remove_stale(self.path.parent, f".{literal(self.path.stem)}.{'[0-9a-f]' * 8}.tmp{literal(self.path.suffix)}")
+        remove_stale(self.path.parent, f".{glob.escape(self.path.stem)}.{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}")
         logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
 
     def abort(self) -> None:
