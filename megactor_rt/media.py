@@ -22,6 +22,7 @@ name only after the container was closed successfully; no partial file ever carr
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import math
 import os
@@ -313,6 +314,67 @@ def _stream_orientation(path: Path, container: av.container.InputContainer,
 # ---------------------------------------------------------------------------------------------- decoding
 
 
+# A start this many frames or more into the clip is reached by seeking to the key frame before it; a nearer
+# one by decoding from the beginning (a seek costs about as much as decoding a group of pictures).
+SEEK_MIN_SKIP = 60
+# How far before the start successive seek attempts aim, in seconds (a container that indexes key frames by
+# decoding time may land on one shown after the start; then aim earlier, at most at the first frame).
+_SEEK_BACK_S = (0, 2, 10)
+
+
+class _SeekFailed(Exception):
+    """Seeking could not position decoding at or before the start frame; decode from the beginning."""
+
+
+class _FrameClock:
+    """Source frame numbers from timestamps: frame ``round((pts - first pts) * time_base * fps)``, which for a
+    constant-rate clip is its position in decoding order, and after a seek still is. Frames without a
+    timestamp take their position in decoding order (``fallback``)."""
+
+    def __init__(self, stream: av.video.stream.VideoStream, fps: Fraction) -> None:
+        self.time_base = stream.time_base
+        self.fps = fps
+        self.first_pts: int | None = None
+
+    def index(self, frame: av.VideoFrame, fallback: int) -> int:
+        if frame.pts is None or self.time_base is None:
+            return fallback
+        if self.first_pts is None:
+            self.first_pts = frame.pts
+        return round((frame.pts - self.first_pts) * self.time_base * self.fps)
+
+    def seek(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, skip: int
+             ) -> Iterator[av.VideoFrame]:
+        """Decoded frames from a key frame at or before source frame ``skip`` (frames before that key frame
+        are dropped, so none shown is decoded from a reference before the seek point).
+
+        Raises:
+            _SeekFailed: no timestamps, a demuxer that cannot seek, or no such key frame found.
+        """
+        if self.first_pts is None or self.time_base is None:
+            raise _SeekFailed("no timestamps")
+        for back in _SEEK_BACK_S:
+            aim = max(Fraction(skip) / self.fps - back, Fraction(0))  # seconds after the first frame
+            try:
+                container.seek(self.first_pts + math.floor(aim / self.time_base), stream=stream, backward=True,
+                               any_frame=False)
+                frames = container.decode(stream)
+                for frame in frames:
+                    i = self.index(frame, -1)
+                    if frame.pts is None:
+                        raise _SeekFailed("a frame without a timestamp after seeking")
+                    if frame.key_frame and i <= skip:
+                        logger.debug("seek to frame %d: decoding from key frame %d", skip, i)
+                        return itertools.chain([frame], frames)
+                    if i >= skip:
+                        break  # landed after the start: aim earlier
+                if aim == 0:
+                    break
+            except (av.error.FFmpegError, OSError, ValueError) as exc:
+                raise _SeekFailed(str(exc)) from exc
+        raise _SeekFailed(f"no key frame before frame {skip}")
+
+
 def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: bool = True, skip: int = 0
                       ) -> Iterator[np.ndarray]:
     """Decode a video frame by frame (streaming; never holds the whole clip).
@@ -320,7 +382,12 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
     Args:
         path: the video file.
         max_frames: stop after yielding this many frames (None: all).
-        skip: decode but do not yield (nor convert to RGB) the first ``skip`` frames.
+        skip: start at source frame ``skip``, counted by timestamp (for a constant-rate clip, its position
+            in the clip; for a variable-rate one, the frame shown ``skip / average fps`` seconds after the
+            first, where the audio for it is). From :data:`SEEK_MIN_SKIP` frames on, decoding seeks to the
+            key frame before it (the frames yielded are the same); nearer starts, containers that cannot
+            seek and clips without timestamps decode from the beginning. Frames before the start are
+            decoded but not converted to RGB.
         strict: when the stream breaks off after some frames were decoded (truncated or corrupt file,
             or fewer frames than the header announces), raise (True, default) or log a warning and stop
             (False). A file that yields no frame at all always raises. With ``max_frames`` the check
@@ -335,13 +402,30 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
     path = Path(path)
     if max_frames is not None and max_frames <= 0:
         return
-    count = 0
+    frames = _decode(path, max_frames, strict, skip, seek=skip >= SEEK_MIN_SKIP)
+    try:
+        first = next(frames)
+    except StopIteration:
+        return
+    except _SeekFailed as exc:  # raised before any frame was yielded
+        logger.info("%s: cannot seek to frame %d (%s); decoding from the beginning", path, skip, exc)
+        frames = _decode(path, max_frames, strict, skip, seek=False)
+        first = next(frames, None)  # type: ignore[arg-type]
+        if first is None:
+            return
+    yield first
+    yield from frames
+
+
+def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: bool) -> Iterator[np.ndarray]:
     with _open_input(path) as container:
         if not container.streams.video:
             raise InputError(f"{path}: the file has no video stream")
         stream = container.streams.video[0]
         # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
         frames = container.decode(stream)
+        clock = _FrameClock(stream, _stream_fps(path, stream)) if skip else None
+        count = 0  # source frames up to and including the last one decoded
         orient: _Orientation | None = None
         while True:
             try:
@@ -357,9 +441,16 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
                                "decoded so far", path, count, exc, count)
                 return
-            count += 1
-            if count <= skip:
-                continue
+            if clock is not None:  # before the start
+                index = clock.index(frame, count)
+                count = index + 1
+                if index < skip:
+                    if seek:
+                        frames, seek = clock.seek(container, stream, skip), False
+                    continue
+                count, clock = skip + 1, None
+            else:
+                count += 1
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
             yield orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from megactor_rt import media
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
@@ -591,3 +592,106 @@ def test_audio_offset_carries_the_audio_from_there(tmp_path: Path, codec: str, s
     assert levels[Fraction(0)] < 0.01 and levels[Fraction(1)] > 0.2, levels
     with pytest.raises(ValueError, match="audio_offset must be >= 0"):
         VideoWriter(tmp_path / "x.mp4", Fraction(25), 64, 64, audio_offset=Fraction(-1))
+
+
+# ---------------------------------------------------------------------------------------------- --start: seeking
+
+
+def _numbered_clip(path: Path, codec: str, rate: Fraction | int, n: int = 96, gop: int = 12,
+                   options: dict[str, str] | None = None) -> Path:
+    """A clip whose frame i shows i in binary blocks (plus a moving square), a key frame every ``gop``."""
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream(codec, rate=rate, options=options or {})
+        vs.width, vs.height, vs.pix_fmt = 96, 64, "yuv420p"
+        vs.gop_size = gop
+        for i in range(n):
+            f = np.full((64, 96, 3), 30, np.uint8)
+            for b in range(8):
+                if (i >> b) & 1:
+                    f[8:24, 4 + 11 * b:13 + 11 * b] = 240
+            f[40:56, (i * 5) % 80:(i * 5) % 80 + 16] = (250, 120, 10)
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(vs.encode(None))
+    return path
+
+
+_SEEK_CLIPS = {  # B-frames and decoding-time key frame index (mp4), open GOPs and ms timestamps (mkv), ...
+    "h264.mp4": ("libx264", 30, {}),
+    "h264-open-gop-2997.mkv": ("libx264", Fraction(30000, 1001), {"x264-params": "open-gop=1"}),
+    "mpeg4.avi": ("mpeg4", 25, {}),
+    "vp9.webm": ("libvpx-vp9", 30, {}),
+    # x265's open GOPs: a seek for frame 11 lands on key frame 12 (indexed by decoding time), so aim earlier
+    "hevc.mp4": ("libx265", 30, {"x265-params": "log-level=error"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SEEK_CLIPS))
+def test_start_seeks_to_a_key_frame_and_gives_the_same_frames(tmp_path: Path, name: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    codec, rate, options = _SEEK_CLIPS[name]
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    clip = _numbered_clip(tmp_path / name, codec, rate, options=options)
+    full = list(iter_video_frames(clip))
+    assert len(full) == 96
+    monkeypatch.setattr(media, "SEEK_MIN_SKIP", 1)  # seek for every start
+    for skip in (1, 11, 12, 13, 50, 77, 95):
+        with caplog.at_level(logging.DEBUG, logger="megactor_rt.media"):
+            caplog.clear()
+            got = list(iter_video_frames(clip, skip=skip))
+        assert len(got) == 96 - skip, skip
+        assert all(np.array_equal(a, b) for a, b in zip(got, full[skip:])), skip
+        landed = [r.args[1] for r in caplog.records if r.getMessage().startswith("seek to frame")]
+        assert len(landed) == 1 and 0 <= landed[0] <= skip, (skip, landed)
+        if skip >= 50:  # decoding started at a key frame well after the clip's first frame
+            assert landed[0] >= 24, (skip, landed)
+        assert not any("cannot seek" in r.getMessage() for r in caplog.records)
+    got = list(iter_video_frames(clip, 5, skip=77))
+    assert len(got) == 5 and all(np.array_equal(a, b) for a, b in zip(got, full[77:82]))
+    assert list(iter_video_frames(clip, skip=120)) == []  # past the end: nothing (plan_driver says why)
+
+
+def test_start_decodes_from_the_beginning_where_seeking_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    clip = _numbered_clip(tmp_path / "clip.mp4", "libx264", 25)
+    full = list(iter_video_frames(clip))
+
+    def fail(*args: object) -> None:
+        raise media._SeekFailed("not seekable here")
+
+    monkeypatch.setattr(media, "SEEK_MIN_SKIP", 1)
+    monkeypatch.setattr(media._FrameClock, "seek", fail)
+    with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
+        got = list(iter_video_frames(clip, skip=40))
+    assert len(got) == 56 and all(np.array_equal(a, b) for a, b in zip(got, full[40:]))
+    assert any("cannot seek to frame 40 (not seekable here)" in r.getMessage() for r in caplog.records)
+
+
+def test_start_in_a_truncated_clip_reports_as_without_seeking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    src = tmp_path / "full.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(src), "w", options={"movflags": "faststart"}) as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width = vs.height = 64
+        vs.gop_size = 12
+        for _ in range(96):  # noise: half the bytes hold about half the frames
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 64, 3), np.uint8), format="rgb24")))
+        c.mux(vs.encode(None))
+    data = src.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+
+    def outcome(skip: int, seek_from: int) -> tuple[int, str]:
+        monkeypatch.setattr(media, "SEEK_MIN_SKIP", seek_from)
+        got = []
+        with pytest.raises(InputError) as info:
+            for f in iter_video_frames(cut, skip=skip):
+                got.append(f)
+        return len(got), str(info.value)
+
+    for skip in (20, 80):  # before and after the break
+        assert outcome(skip, 1) == outcome(skip, 10**9), skip
+    n, message = outcome(80, 1)
+    assert n == 0 and "breaks off before the first frame used (--start)" in message
