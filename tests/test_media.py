@@ -695,3 +695,35 @@ def test_start_in_a_truncated_clip_reports_as_without_seeking(tmp_path: Path, mo
         assert outcome(skip, 1) == outcome(skip, 10**9), skip
     n, message = outcome(80, 1)
     assert n == 0 and "breaks off before the first frame used (--start)" in message
+
+
+def test_start_in_a_variable_rate_clip_is_the_frame_shown_then(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """Frames are numbered by timestamp: the start frame is the one on screen at the start time (where the
+    result's audio starts), not the one at that position in decoding order."""
+    times = [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)]  # 30 fps for 1 s, then 15 fps
+    clip = tmp_path / "vfr.mkv"
+    with av.open(str(clip), "w") as c:
+        vs = c.add_stream("libx264", rate=30)
+        vs.width, vs.height, vs.pix_fmt = 96, 64, "yuv420p"
+        vs.codec_context.time_base = Fraction(1, 1000)
+        vs.gop_size = 12
+        for i, t in enumerate(times):
+            f = np.full((64, 96, 3), 30, np.uint8)
+            for b in range(8):
+                if (i >> b) & 1:
+                    f[8:24, 4 + 11 * b:13 + 11 * b] = 240
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            c.mux(vs.encode(frame))
+        c.mux(vs.encode(None))
+    fps = probe_video(clip).fps
+    full = list(iter_video_frames(clip))
+    assert len(full) == 60
+    for seek_from in (10**9, 1):  # decoding from the beginning, and seeking: the same frame
+        monkeypatch.setattr(media, "SEEK_MIN_SKIP", seek_from)
+        for skip in (10, 40, 50):
+            shown = next(i for i, t in enumerate(times) if round(Fraction(round(t * 1000), 1000) * fps) >= skip)
+            got = list(iter_video_frames(clip, skip=skip))
+            assert len(got) == 60 - shown and np.array_equal(got[0], full[shown]), (seek_from, skip, shown)
+    assert shown != skip  # the clip's second half is slower: position and time disagree there
