@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,27 @@ from megactor_rt.errors import InputError, MegactorError
 logger = logging.getLogger("megactor_rt")
 
 HF_REPO = "HVSiniX/RawVideoDriven"
+
+
+def seconds(text: str) -> float:
+    """A time on the command line: seconds (``90``, ``1.5``) or ``[HH:]MM:SS[.ms]`` (``1:30``, ``0:01:30.5``)."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) > 3 or any(not p for p in parts):
+            raise ValueError
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a time: give seconds (90, 1.5) or [HH:]MM:SS[.ms] "
+                                         "(1:30, 0:01:30.5)") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a time: it must be finite and not negative")
+    if any(v >= 60 for v in values[1:]) or any(v != int(v) for v in values[:-1]):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a time: minutes and seconds after a ':' must be "
+                                         "below 60 and the fields before the last whole numbers")
+    total = 0.0
+    for v in values:
+        total = total * 60 + v
+    return total
 
 
 def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
@@ -45,8 +67,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
                    help="optimized (exact-preserving savings) or reference (upstream evaluation order)")
     p.add_argument("--max-frames", type=int, default=None, help="use at most this many driving frames")
-    p.add_argument("--start", type=float, default=None, metavar="SECONDS",
-                   help="begin this many seconds into the driver (its audio too; default: at its start)")
+    p.add_argument("--start", type=seconds, default=None, metavar="TIME",
+                   help="begin this far into the driver, in seconds or [HH:]MM:SS[.ms] (its audio too; "
+                        "default: at its start)")
+    p.add_argument("--duration", type=seconds, default=None, metavar="TIME",
+                   help="use at most this much of the driver from the start, in seconds or [HH:]MM:SS[.ms] "
+                        "(default: to its end)")
     p.add_argument("--fps", type=float, default=None,
                    help="bring a faster driver down to this frame rate by keeping the frame shown at each output "
                         "frame's time (60 -> 30 halves the work; timing and audio stay in step); slower drivers "
@@ -82,7 +108,8 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
                              seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
                              max_frames=args.max_frames, cfg_steps=args.cfg_steps,
                              tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse,
-                             closed_loop=args.closed_loop, fps=args.fps, start=args.start)
+                             closed_loop=args.closed_loop, fps=args.fps, start=args.start,
+                             duration=args.duration)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
         raise InputError(f"bad run settings: {exc}") from exc
 

@@ -208,6 +208,8 @@ class AnimateConfig:
             ``fps`` it counts the frames kept.
         start: where in the driver to begin, in seconds (its first frame at or after that time; the result's
             audio starts there too). None or 0 (default): at its start.
+        duration: use at most this many seconds of the driver from ``start`` (the frames shown in that span,
+            at the result's rate; with ``max_frames``, whichever is fewer). None (default): to its end.
         fps: a frame rate to bring faster drivers down to, by keeping the source frame shown at each output
             frame's time (60 fps -> 30 keeps every other frame, half the work; timing and audio stay in step).
             Drivers at or below it keep their rate. None (default): every driver frame, at the driver's rate.
@@ -249,6 +251,7 @@ class AnimateConfig:
     closed_loop: bool = True
     fps: float | None = None
     start: float | None = None
+    duration: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -265,6 +268,8 @@ class AnimateConfig:
             raise ValueError(f"feature_reuse must be >= 1 (or None: no reuse), got {self.feature_reuse}")
         if self.start is not None and not self.start >= 0:
             raise ValueError(f"start must be >= 0 seconds (or None), got {self.start}")
+        if self.duration is not None and not self.duration > 0:
+            raise ValueError(f"duration must be > 0 seconds (or None: to the driver's end), got {self.duration}")
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"fps must be > 0 (or None: the driver's rate), got {self.fps}")
         if self.max_frames is not None and self.max_frames < 1:

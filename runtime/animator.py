@@ -264,7 +264,7 @@ class Animator:
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
-            plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start)
+            plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start, cfg.duration)
         contour_plan = None
         if landmarker is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame

@@ -175,6 +175,13 @@ class FrameSelection:
         """The rate of the selected frames (the result's)."""
         return self.source_fps / self.ratio
 
+    def frames_within(self, seconds: float | None) -> int | None:
+        """How many selected frames are shown in the first ``seconds`` from the start: output frames k with
+        k / fps < seconds (at least one). None for None (no limit)."""
+        if seconds is None:
+            return None
+        return max(1, math.ceil(Fraction(seconds).limit_denominator(1_000_000) * self.fps))
+
     @property
     def start_s(self) -> Fraction:
         """Where in the source the first selected frame is, in seconds (where the result's audio starts)."""
@@ -217,10 +224,12 @@ def detect_scaled(frame: np.ndarray) -> Box | None:
 
 
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
-                fps: float | Fraction | None = None, start: float | None = None) -> DriverPlan:
+                fps: float | Fraction | None = None, start: float | None = None,
+                duration: float | None = None) -> DriverPlan:
     """Pass 1: count frames and choose the crop (``start``: begin at this many seconds, see
     :func:`start_frame`; ``fps``: resample a faster driver to it, see :func:`output_fps`; ``max_frames``
-    counts the frames used).
+    counts the frames used; ``duration``: at most the frames of that many seconds from the start, see
+    :meth:`FrameSelection.frames_within`).
 
     Raises:
         InputError: unreadable/empty video, ``start`` at or past its end, or no face in any frame (unless
@@ -230,6 +239,9 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     info, name = driver_info(source), driver_name(source)
     sel = FrameSelection.of(info.fps, fps, start)
     ratio, skip = sel.ratio, sel.skip
+    within = sel.frames_within(duration)
+    if within is not None:
+        max_frames = min(max_frames, within) if max_frames else within
     if info.num_frames is not None and skip >= info.num_frames:
         raise _past_the_end(name, start, info.num_frames, info.fps)
     boxes: list[Box | None] = []

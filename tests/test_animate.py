@@ -572,6 +572,16 @@ def test_resampling_keeps_the_frame_on_screen_at_each_output_time(source: Fracti
         assert kept == [0, 2, 4, 6, 8]
 
 
+@pytest.mark.parametrize("source,fps,seconds,n", [(Fraction(25), None, 0.2, 5), (Fraction(25), None, 0.21, 6),
+                                                  (Fraction(60), 30, 1.0, 30), (Fraction(30000, 1001), None, 1.0, 30),
+                                                  (Fraction(25), None, 0.001, 1)])
+def test_duration_counts_the_frames_shown_in_it(source: Fraction, fps: float | None, seconds: float, n: int) -> None:
+    from megactor_rt.runtime.driver import FrameSelection
+
+    sel = FrameSelection.of(source, fps)
+    assert sel.frames_within(seconds) == n and sel.frames_within(None) is None
+
+
 def test_fps_brings_a_fast_driver_down_in_step(anim: Animator, tmp_path: Path) -> None:
     """--fps 25 on a 50 fps driver animates every other frame at 25 fps: the same frames as those source
     frames given directly, a 25 fps result as long as the driver, audio included."""
@@ -609,6 +619,10 @@ def test_start_begins_later_in_the_driver(anim: Animator, media: dict[str, Path]
     direct = list(anim.animate(anim.prepare(PORTRAIT), DriverFrames(tail, fps=25)))
     again = list(later.animate(later.prepare(PORTRAIT), voiced))
     assert len(again) == 7 and all(np.array_equal(a, b) for a, b in zip(again, direct, strict=True))
+    span = anim.with_config(start=0.2, duration=0.2)  # 0.2 s at 25 fps: 5 frames, with their audio
+    stats = span.animate_to_file(PORTRAIT, voiced, out)
+    assert stats.frames == 5 and stream_facts(out) == (5, Fraction(25), True)
+    assert all(np.array_equal(a, b) for a, b in zip(iter_video_frames(out), iter_video_frames(tmp_path / "later.mp4")))
     calls = anim.sub.calls["unet"]
     with pytest.raises(InputError, match=r"face_long\.mp4: start 0\.48 s is at or past the driver's end \(it has "
                                          r"12 frames \(0\.48 s\)\)"):

@@ -334,7 +334,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
     (("--max-frames", 0), "max_frames must be >= 1"),
     (("--fps", 0), "fps must be > 0"),
-    (("--start", -1), "start must be >= 0 seconds"),
+    (("--duration", 0), "duration must be > 0 seconds"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: tuple, message: str) -> None:
@@ -439,3 +439,20 @@ def test_truncated_driver_error_says_how_to_use_what_decodes(weights: Path, tmp_
     code, _, err = run(capsys, *args, "--max-frames", hint.group(1))
     assert code == 0, err
     assert len(frames_of(out)) == int(hint.group(1))
+
+
+@pytest.mark.parametrize("text,value", [("90", 90.0), ("1.5", 1.5), ("1:30", 90.0), ("0:01:30.5", 90.5),
+                                        ("1:02:03", 3723.0), ("00:00", 0.0)])
+def test_times_in_seconds_or_clock_notation(text: str, value: float) -> None:
+    assert cli.seconds(text) == value
+    with pytest.raises(ValueError, match="start must be >= 0 seconds"):  # the Python API checks its own
+        AnimateConfig(start=-1)
+
+
+@pytest.mark.parametrize("text", ["", "a", "1:60", "-1", "1::2", ":30", "1.5:30", "1:2:3:4", "nan", "inf"])
+def test_bad_times_are_usage_errors(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.mp4"
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "demo", f"--start={text}", "-o", str(out)])
+    assert exc.value.code == 2 and f"'{text}' is not a time" in capsys.readouterr().err
+    assert not out.exists()
