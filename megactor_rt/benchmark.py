@@ -3,8 +3,10 @@ first-frame latency, peak memory, FLOPs and achieved FLOP/s, against the measure
 
 FLOPs are counted with ``torch.utils.flop_counter`` on the real calls: each distinct submodel call signature
 (method + input shapes + options) is counted once during the warm-up run, then every timed call adds its
-signature's count, so timed runs carry no counting overhead. ``megactor-rt bench --suite NAME`` runs a suite
-and writes ``results.json`` and ``results.md``.
+signature's count, so timed runs carry no counting overhead. Modes on the graph backends (``+onnxruntime``,
+``+tensorrt``) run the same networks as exported graphs; their calls are counted on the torch networks (same
+math, same signatures). ``megactor-rt bench --suite NAME`` runs a suite and writes ``results.json`` and
+``results.md``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-decoder": {"config": {"tiny_decoder": "random"}},
     # changes the math: open context windows (no wrap-around); the optimized mode then streams its frames
     "no-wrap": {"config": {"closed_loop": False}},
+    # the same networks as exported graphs (from the same random weights, into the bench's work folder): under
+    # onnxruntime, or as TensorRT plans built there first (minutes per graph at full size; needs TensorRT)
+    "onnxruntime": {"backend": {"name": "onnxruntime"}},
+    "tensorrt": {"backend": {"name": "tensorrt"}},
 }
 
 
@@ -108,6 +114,12 @@ SUITES: dict[str, list[Scenario]] = {
                  modes=("optimized",), precision="fp16", feature_reuse=2,
                  note="changes the math: fewer steps, less overlap, feature reuse"),
     ],
+    # the same networks on each backend, same run (onnxruntime here; add optimized+tensorrt where it is installed)
+    "cpu-backends": [Scenario("tiny 128px, 8 frames, w4/o2, 2 steps", "tiny", 128, 8, 4, 2, 2,
+                              modes=("optimized", "optimized+onnxruntime"), note="same math on each backend")],
+    "gpu-backends": [Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
+                              modes=("reference", "optimized", "optimized+compile", "optimized+tensorrt"),
+                              precision="fp16", note="TensorRT plans built from the same random weights first")],
     "cpu-stream": [Scenario("tiny 128px, 240 frames, w16/o8, 10 steps", "tiny", 128, 240, 16, 8, 10,
                             modes=("optimized", "optimized+no-wrap"),
                             note="first-frame latency of a long driver: wrapped windows vs open, streamed")],
@@ -134,21 +146,37 @@ def _signature(name: str, args: tuple, kwargs: dict) -> tuple:
 
 
 class FlopLedger:
-    """Counts FLOPs per submodel method by call signature (see module docstring)."""
+    """Counts FLOPs per submodel method by call signature (see module docstring).
 
-    def __init__(self, sub: Any) -> None:
-        self.table: dict[tuple, int] = {}
+    Args:
+        sub: the submodels whose methods are wrapped.
+        table: a signature -> FLOPs table to share (another ledger's, for the same networks).
+        twin: torch submodels of the same networks that count a new signature's call when ``sub`` runs
+            graphs the FLOP counter cannot see (onnxruntime, TensorRT); None: count ``sub``'s own call.
+    """
+
+    def __init__(self, sub: Any, table: dict[tuple, int] | None = None, twin: Any = None) -> None:
+        self.table: dict[tuple, int] = {} if table is None else table
         self.totals: Counter[str] = Counter()
+        self.twin = twin
         for name in METHODS:
-            setattr(sub, name, self._wrap(name, getattr(sub, name)))
+            if hasattr(sub, name):
+                setattr(sub, name, self._wrap(name, getattr(sub, name)))
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
         from torch.utils.flop_counter import FlopCounterMode
+
+        twin = self.twin
+        count = fn if twin is None else getattr(type(twin), name).__get__(twin)  # not the twin's own ledger
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             key = _signature(name, args, kwargs)
             if key not in self.table:
                 with FlopCounterMode(display=False) as counter:
+                    out = fn(*args, **kwargs) if twin is None else None
+                    if twin is not None:
+                        count(*_moved(args, twin), **_moved(kwargs, twin))
+                if twin is not None:
                     out = fn(*args, **kwargs)
                 self.table[key] = counter.get_total_flops()
             else:
@@ -159,6 +187,17 @@ class FlopLedger:
 
     def reset(self) -> None:
         self.totals.clear()
+
+
+def _moved(x: Any, sub: Any) -> Any:
+    """``x``'s tensors on ``sub``'s device, floating ones in its dtype (lists, tuples and dicts followed)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(sub.device, sub.dtype) if x.is_floating_point() else x.to(sub.device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_moved(i, sub) for i in x)
+    if isinstance(x, dict):
+        return {k: _moved(v, sub) for k, v in x.items()}
+    return x
 
 
 class PeakRSS:
@@ -268,13 +307,18 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
     runs: one failing variant does not cost a whole GPU session's measurements."""
     from megactor_rt.assets import ASSETS_DIR
 
-    sub, ledger = _submodels(sc, device)
+    torch_sub, torch_ledger = _submodels(sc, device)
     driver = driver_of_length(sc.frames, work_dir)
     portrait = ASSETS_DIR / "portrait.png"
     for mode in sc.modes:  # with a variant: its settings for this mode only
-        cfg, sub_options = mode_settings(sc, mode, work_dir)
-        saved = {k: getattr(sub, k) for k in sub_options}
+        sub, ledger = torch_sub, torch_ledger
+        saved: dict[str, Any] = {}
         try:
+            cfg, sub_options = mode_settings(sc, mode, work_dir)
+            backend = mode_backend(mode)
+            if backend != "torch":
+                sub, ledger = _graph_submodels(sc, cfg, backend, device, work_dir, torch_sub, torch_ledger)
+            saved = {k: getattr(sub, k) for k in sub_options}
             for k, v in sub_options.items():
                 setattr(sub, k, v)
             yield from _run_mode(sc, mode, cfg, sub, ledger, device, portrait, driver, work_dir)
@@ -290,6 +334,12 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                 setattr(sub, k, v)
 
 
+def mode_backend(mode: str) -> str:
+    """The backend a mode runs on: ``torch`` unless a variant names a graph backend."""
+    names = [VARIANTS[v]["backend"]["name"] for v in mode.split("+")[1:] if "backend" in VARIANTS.get(v, {})]
+    return names[-1] if names else "torch"
+
+
 def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfig, dict[str, Any]]:
     """The run config of ``mode`` ("base" or "base+variant+...") in ``sc``, and the TorchSubmodels attributes
     its variants set. Files a variant needs (the random tiny decoder) are written into ``work_dir``."""
@@ -299,12 +349,55 @@ def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfi
         raise ValueError(f"scenario '{sc.name}': unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
     options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
+    backends = [v for v in variants if "backend" in VARIANTS[v]]
+    if backends and (base != "optimized" or sub_options or len(backends) > 1):
+        raise ValueError(f"mode '{mode}': a graph backend ({', '.join(backends)}) runs one backend, in the optimized "
+                         "mode only (the exported graphs hold the optimized calls), without torch settings such "
+                         "as compile")
     cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
                         mode=Mode(base), max_frames=sc.frames, cfg_steps=sc.cfg_steps,
                         feature_reuse=sc.feature_reuse, **options)
     if cfg.tiny_decoder == "random":
         cfg = replace(cfg, tiny_decoder=str(random_tiny_decoder(work_dir)))
     return cfg, sub_options
+
+
+def graphs_needed(cfg: AnimateConfig) -> list[str]:
+    """The exported graphs a run with ``cfg`` calls (the UNet graphs of its kinds of step)."""
+    unets = [("temporal_unet" if kind.cfg else "temporal_unet_cond") + ("_reuse" if kind.reuse else "")
+             for kind in cfg.step_kinds()]
+    return ["clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
+            *unets]
+
+
+def _graph_submodels(sc: Scenario, cfg: AnimateConfig, backend: str, device: torch.device, work_dir: Path,
+                     twin: Any, twin_ledger: FlopLedger) -> tuple[Any, FlopLedger]:
+    """The scenario's networks as exported graphs on ``backend`` (onnxruntime, tensorrt): exported from the
+    same seeded random weights as the torch submodels ``twin`` into ``work_dir`` (kept for the suite's other
+    modes; TensorRT plans are built there too), with a FLOP ledger that counts on ``twin``."""
+    from megactor_rt.config import Precision
+    from megactor_rt.engine.manifest import load_manifest
+    from megactor_rt.export.onnx_export import export_models
+    from megactor_rt.runtime.backends import require_backend
+    from megactor_rt.runtime.onnx_backend import graph_submodels
+    from megactor_rt.weights import build_models
+
+    require_backend(backend)  # its reason, before minutes of exporting
+    onnx_dir = work_dir / f"onnx-{sc.model}-{sc.image_size}-w{sc.window}"
+    models = build_models(model_config(sc.model, sc.image_size), seed=0)  # the twin's weights, fp32 on the CPU
+    models.weights_id = twin.weights_id
+    export_models(models, onnx_dir, precisions=(sc.precision,), frames=sc.window, graphs=graphs_needed(cfg))
+    del models
+    engine_dir = None
+    if backend == "tensorrt":
+        from megactor_rt.engine.builder import build_engines
+
+        engine_dir = work_dir / "engines"
+        build_engines(onnx_dir, engine_dir, sc.precision)
+    precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
+    sub = graph_submodels(backend, twin.config, twin.weights_id, load_manifest(onnx_dir), device, precision,
+                          engine_dir=engine_dir, torch_fallback=lambda dtype: twin, onnx_dir=onnx_dir)
+    return sub, FlopLedger(sub, table=twin_ledger.table, twin=twin)
 
 
 def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
@@ -382,12 +475,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scenarios = [shrink(s, dev) for s in SUITES[suite]] if dry_run else SUITES[suite]
     if modes:
-        known = {m for s in scenarios for m in s.modes}
-        if not set(modes) <= known:
-            raise InputError(f"suite '{suite}' has no mode(s) {', '.join(sorted(set(modes) - known))}; "
-                             f"known: {', '.join(sorted(known))}")
-        scenarios = [replace(s, modes=tuple(m for m in s.modes if m in modes)) for s in scenarios]
-        scenarios = [s for s in scenarios if s.modes]
+        scenarios = select_modes(suite, scenarios, modes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
@@ -404,6 +492,25 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
                 _save(report, out)  # after every result: a run cut short keeps what it measured
     _save(report, out)  # errors recorded after the last result
     return report
+
+
+def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) -> list[Scenario]:
+    """The scenarios with only ``modes`` (those left with none dropped). A mode the suite lacks that is one of
+    its base modes with known variants (``optimized+tensorrt``) runs in every scenario that has the base mode.
+
+    Raises:
+        InputError: a mode that is neither.
+    """
+    known = {m for s in scenarios for m in s.modes}
+    bases = {m.split("+")[0] for m in known}
+    extra = [m for m in modes if m not in known]
+    bad = [m for m in extra if m.split("+")[0] not in bases or not set(m.split("+")[1:]) <= set(VARIANTS)]
+    if bad:
+        raise InputError(f"suite '{suite}' has no mode(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}"
+                         f", each optionally with variants {', '.join('+' + v for v in VARIANTS)}")
+    chosen = [replace(s, modes=tuple(m for m in s.modes if m in modes)
+                      + tuple(m for m in extra if m.split("+")[0] in s.modes)) for s in scenarios]
+    return [s for s in chosen if s.modes]
 
 
 def _save(report: dict, out: Path) -> None:

@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end in "
                          "seconds; its figures mean nothing)")
     be.add_argument("--modes", nargs="+", default=None,
-                    help="run only these modes of the suite (e.g. reference optimized optimized+compile)")
+                    help="run only these modes of the suite (e.g. reference optimized optimized+compile); a suite's "
+                         "mode with other variants runs where that mode does (e.g. optimized+tensorrt: TensorRT "
+                         "plans of the same networks, built first)")
     be.set_defaults(fn=cmd_bench)
     return p
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from megactor_rt.config import ModelConfig, Precision
-from megactor_rt.engine.manifest import GraphEntry, load_manifest
+from megactor_rt.engine.manifest import GraphEntry, Manifest, load_manifest
 from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import BANK_NAMES
 from megactor_rt.models.unet import REUSE_BANKS
@@ -173,6 +173,24 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
     if foreign:
         raise InputError(f"{onnx_dir}: graphs {foreign} were exported from other weights than {weights_dir} "
                          f"(weights id {weights_id}); re-run `megactor-rt export --weights {weights_dir}`")
+
+    def torch_fallback(dtype: torch.dtype) -> Submodels:
+        from megactor_rt.runtime.submodels import TorchSubmodels
+        from megactor_rt.weights import load_converted
+
+        return TorchSubmodels(load_converted(weights_dir), device, dtype)
+
+    return graph_submodels(backend, cfg, weights_id, manifest, device, precision, engine_dir=engine_dir,
+                           force_fallback=force_fallback, fallback=fallback, torch_fallback=torch_fallback,
+                           onnx_dir=onnx_dir)
+
+
+def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: Manifest, device: torch.device,
+                    precision: Precision, *, torch_fallback: Callable[[torch.dtype], Submodels],
+                    engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
+                    fallback: str = "torch", onnx_dir: str | Path = "the export folder") -> GraphSubmodels:
+    """:func:`make_graph_submodels` for a loaded manifest of graphs exported from ``weights_id``'s networks;
+    ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan (tensorrt only)."""
     want = "fp16" if precision is Precision.FP16 else "fp32"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
     ort_runners: dict[str, Runner] = {e.submodel: OrtRunner(e, providers) for e in manifest.graphs.values()
@@ -183,14 +201,14 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
     if backend == "onnxruntime":
         logger.info("onnxruntime graphs: %s", sorted(ort_runners))
         return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype)
-    return _tensorrt_submodels(cfg, weights_id, weights_dir, engine_dir, manifest, ort_runners, device, dtype,
+    return _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
                                want, force_fallback, fallback)
 
 
-def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, weights_dir: str | Path, engine_dir: str | Path | None,
-                        manifest: object, ort_runners: dict[str, Runner], device: torch.device,
-                        dtype: torch.dtype, precision: str, force_fallback: str | Sequence[str] | None,
-                        fallback: str) -> GraphSubmodels:
+def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Callable[[torch.dtype], Submodels],
+                        engine_dir: str | Path | None, manifest: Manifest, ort_runners: dict[str, Runner],
+                        device: torch.device, dtype: torch.dtype, precision: str,
+                        force_fallback: str | Sequence[str] | None, fallback: str) -> GraphSubmodels:
     from megactor_rt.engine.runner import TensorRTRunner
     from megactor_rt.engine.select import select_backends
 
@@ -204,10 +222,5 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, weights_dir: str | Pa
             runners[graph] = TensorRTRunner(choice.plan_dir)
         elif choice.backend == "onnxruntime":
             runners[graph] = ort_runners[graph]
-    torch_fb = None
-    if len(runners) < len(choices):
-        from megactor_rt.runtime.submodels import TorchSubmodels
-        from megactor_rt.weights import load_converted
-
-        torch_fb = TorchSubmodels(load_converted(weights_dir), device, dtype)
+    torch_fb = torch_fallback(dtype) if len(runners) < len(choices) else None
     return GraphSubmodels("tensorrt", cfg, weights_id, runners, device, dtype, fallback=torch_fb)

@@ -77,3 +77,40 @@ def test_cpu_stream_suite_dry_run(tmp_path):
     assert len(wrapped["step_s"]) == 2 and open_["step_s"] == []
     assert open_["frames"] == 10 and 0 < open_["first_frame_s"] < open_["total_s"]
     assert "optimized+no-wrap" in (tmp_path / "results.md").read_text()
+
+
+def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch):
+    """An onnxruntime mode runs the exported graphs of the same random networks (every graph it needs called,
+    none the run does not need exported) and counts the FLOPs of the torch networks' calls: the same totals as
+    a torch-only run; modes a graph backend cannot run are recorded with the reason."""
+    from megactor_rt import benchmark
+
+    monkeypatch.setitem(benchmark.SUITES, "test-backends", [benchmark.Scenario(
+        "tiny, 4 frames", "tiny", 128, 4, 4, 2, 1,
+        modes=("optimized+onnxruntime", "reference+onnxruntime", "optimized+onnxruntime+compile",
+               "optimized+tensorrt"))])
+    monkeypatch.setattr(benchmark, "_MODELS", {})  # a fresh FLOP table: counted through the onnxruntime mode
+    report = run_bench("test-backends", tmp_path / "graphs")
+    (ort,) = report["results"]
+    assert ort["mode"] == "optimized+onnxruntime" and ort["frames"] == 4 and ort["fps"] > 0
+    assert ort["calls"]["temporal_unet"] == 1 and ort["calls"]["reference_net"] == 1  # 1 window, 1 step, CFG
+    assert {"pose_guider", "vae_decoder"} <= set(ort["calls"])  # (the portrait's calls come before the count)
+    errors = {e["mode"]: e["error"] for e in report["errors"]}
+    assert "optimized mode only" in errors["reference+onnxruntime"]
+    assert "without torch settings" in errors["optimized+onnxruntime+compile"]
+    assert "tensorrt" in errors["optimized+tensorrt"] and "unavailable" in errors["optimized+tensorrt"]
+
+    monkeypatch.setattr(benchmark, "_MODELS", {})
+    monkeypatch.setitem(benchmark.SUITES, "test-torch", [benchmark.Scenario(
+        "tiny, 4 frames", "tiny", 128, 4, 4, 2, 1, modes=("optimized",))])
+    (torch_run,) = run_bench("test-torch", tmp_path / "torch")["results"]
+    assert ort["flops"] == torch_run["flops"] and ort["flops"]["unet"] > 0
+
+
+def test_a_suite_mode_with_other_variants_runs_where_that_mode_does():
+    from megactor_rt import benchmark
+
+    gpu = benchmark.SUITES["gpu-full"]
+    chosen = benchmark.select_modes("gpu-full", gpu, ["reference", "optimized+tensorrt"])
+    assert [s.modes for s in chosen] == [("reference", "optimized+tensorrt")] + [("optimized+tensorrt",)] * (len(gpu) - 1)
+    assert benchmark.select_modes("gpu-full", gpu, ["optimized+compile"])[0].modes == ("optimized+compile",)

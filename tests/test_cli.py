@@ -345,7 +345,9 @@ def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("argv, problem", [(["--suite", "nope"], "unknown benchmark suite 'nope'"),
-                                           (["--suite", "gpu-full", "--modes", "fast"], "has no mode(s) fast")])
+                                           (["--suite", "gpu-full", "--modes", "fast"], "has no mode(s) fast"),
+                                           (["--suite", "cpu-smoke", "--modes", "optimized+warp"],
+                                            "has no mode(s) optimized+warp")])
 def test_bench_rejects_unknown_suite_or_mode(argv: list[str], problem: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "bench", *argv, "--out", tmp_path / "b")

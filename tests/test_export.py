@@ -213,11 +213,15 @@ def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path, knobs, graphs)
 def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallback):
     """Without TensorRT (or without plans) every graph runs on the fallback backend and gives the same result."""
     from megactor_rt.runtime.onnx_backend import _tensorrt_submodels
-    from megactor_rt.weights import write_converted
+    from megactor_rt.weights import load_converted, write_converted
 
     weights = write_converted(models.config, {k: m.state_dict() for k, m in models.modules().items()}, tmp_path / "w")
     ort_runners = {g.submodel: OrtRunner(g) for g in manifest.graphs.values() if g.precision == "fp32"}
-    sub = _tensorrt_submodels(models.config, models.weights_id, weights, tmp_path / "no-engines", manifest,
+
+    def torch_fallback(dtype):
+        return TorchSubmodels(load_converted(weights), torch.device("cpu"), dtype)
+
+    sub = _tensorrt_submodels(models.config, models.weights_id, torch_fallback, tmp_path / "no-engines", manifest,
                               ort_runners, torch.device("cpu"), torch.float32, "fp32", "reference_net", fallback)
     if fallback == "onnxruntime":
         assert set(sub.runners) == set(ort_runners) and sub.fallback is None
