@@ -11,6 +11,7 @@ math, same signatures). ``megactor-rt bench --suite NAME`` runs a suite and writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -466,10 +467,11 @@ def shrink(sc: Scenario, device: torch.device) -> Scenario:
 
 
 def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: bool = False,
-              modes: Collection[str] | None = None) -> dict:
+              modes: Collection[str] | None = None, work_dir: str | Path | None = None) -> dict:
     """Run a suite; write ``results.json`` and ``results.md`` into ``out`` (after every result); return the
     report. ``dry_run`` shrinks every scenario (see ``shrink``); ``modes`` keeps only those modes (scenarios
-    left with none are skipped)."""
+    left with none are skipped, see :func:`select_modes`); ``work_dir`` keeps looped drivers, exported graphs
+    and TensorRT plans for later runs (default: a temporary folder)."""
     if suite not in SUITES:
         raise InputError(f"unknown benchmark suite '{suite}'; known: {', '.join(sorted(SUITES))}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -485,7 +487,12 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
         "scenarios": [asdict(s) for s in scenarios], "results": [], "errors": [],
     }
-    with tempfile.TemporaryDirectory(prefix="megactor-bench-") as work:  # looped drivers, encoded outputs
+    with contextlib.ExitStack() as stack:  # looped drivers, encoded outputs, exported graphs, plans
+        if work_dir is None:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="megactor-bench-"))
+        else:
+            work = str(work_dir)
+            Path(work).mkdir(parents=True, exist_ok=True)
         for sc in scenarios:
             for result in run_scenario(sc, dev, Path(work), report["errors"]):
                 report["results"].append(asdict(result))

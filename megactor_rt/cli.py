@@ -18,6 +18,8 @@ from megactor_rt.errors import InputError, MegactorError
 logger = logging.getLogger("megactor_rt")
 
 HF_REPO = "HVSiniX/RawVideoDriven"
+# megactor_rt.benchmark.SUITES (not imported here: it imports torch)
+SUITE_HELP = "cpu-tiny, cpu-smoke, cpu-full-256, cpu-stream, cpu-backends, long-tiny, gpu-full, gpu-backends"
 
 
 def seconds(text: str) -> float:
@@ -278,7 +280,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import run_bench
 
-    run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run, modes=args.modes)
+    run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run, modes=args.modes,
+              work_dir=args.work_dir)
     return 0
 
 
@@ -355,12 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build_engines)
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
-    be.add_argument("--suite", default="cpu-tiny", help="cpu-tiny, cpu-smoke, cpu-full-256, cpu-stream, gpu-full, long-tiny")
+    be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)
     be.add_argument("--out", type=Path, default=Path("bench-results"))
     be.add_argument("--device", default=None)
     be.add_argument("--dry-run", action="store_true",
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end in "
                          "seconds; its figures mean nothing)")
+    be.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                    help="keep the bench's files here for the next run: looped drivers, exported graphs and "
+                         "TensorRT plans of the +onnxruntime/+tensorrt modes (default: a temporary folder)")
     be.add_argument("--modes", nargs="+", default=None,
                     help="run only these modes of the suite (e.g. reference optimized optimized+compile); a suite's "
                          "mode with other variants runs where that mode does (e.g. optimized+tensorrt: TensorRT "

@@ -114,3 +114,9 @@ def test_a_suite_mode_with_other_variants_runs_where_that_mode_does():
     chosen = benchmark.select_modes("gpu-full", gpu, ["reference", "optimized+tensorrt"])
     assert [s.modes for s in chosen] == [("reference", "optimized+tensorrt")] + [("optimized+tensorrt",)] * (len(gpu) - 1)
     assert benchmark.select_modes("gpu-full", gpu, ["optimized+compile"])[0].modes == ("optimized+compile",)
+
+
+def test_the_cli_names_every_suite():
+    from megactor_rt import benchmark, cli
+
+    assert set(cli.SUITE_HELP.split(", ")) == set(benchmark.SUITES)
