@@ -35,9 +35,7 @@ def test_flop_ledger_counts_each_signature_once():
             return x @ x
 
     sub = Sub()
-    ledger = FlopLedger.__new__(FlopLedger)
-    ledger.table, ledger.totals = {}, __import__("collections").Counter()
-    sub.unet = ledger._wrap("unet", sub.unet)
+    ledger = FlopLedger(sub)  # wraps the methods sub has
     x = torch.randn(8, 8)
     sub.unet(x, 1)
     sub.unet(x, 2)
