@@ -174,11 +174,9 @@ class FlopLedger:
             key = _signature(name, args, kwargs)
             if key not in self.table:
                 with FlopCounterMode(display=False) as counter:
-                    out = fn(*args, **kwargs) if twin is None else None
-                    if twin is not None:
-                        count(*_moved(args, twin), **_moved(kwargs, twin))
+                    out = fn(*args, **kwargs) if twin is None else count(*_moved(args, twin), **_moved(kwargs, twin))
                 if twin is not None:
-                    out = fn(*args, **kwargs)
+                    out = fn(*args, **kwargs)  # the graph's own call, outside the counter
                 self.table[key] = counter.get_total_flops()
             else:
                 out = fn(*args, **kwargs)
