@@ -20,15 +20,16 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from megactor_rt.config import full_config, tiny_config
+from megactor_rt.config import ModelConfig, full_config, tiny_config
 from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.progress import progress
-from megactor_rt.weights import MegActorModels, build_models, load_converted
+from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ def load_models_for_export(weights: str | Path, graphs: Sequence[str] | None = N
         models.weights_id = f"random-{weights}-seed0"
         return models
     return load_converted(weights)
+
+
+def model_config_of(weights: str | Path) -> ModelConfig:
+    """The model config of a converted weights folder, or of ``tiny`` / ``full`` (no weights read)."""
+    if str(weights) in ("tiny", "full"):
+        return tiny_config() if str(weights) == "tiny" else full_config()
+    return converted_config(weights)[0]
 
 
 def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str) -> str:
@@ -83,6 +91,29 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
     if graphs is not None and len(specs) != len(set(graphs)):
         known = [s.name for s in export_specs(models.config)]
         raise ValueError(f"unknown graph in {list(graphs)}; known: {known}")
+    return _export_specs(specs, models, out, opset, precisions)
+
+
+def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, *, opset: int = 18,
+                        precisions: Sequence[str] = ("fp32", "fp16")) -> list[dict]:
+    """Export TAESD's decoder from ``path`` (a ``--tiny-decoder`` file or folder) as the ``tiny_decoder`` graph
+    beside the other graphs of ``config``'s size; its ``weights_id`` is the weights file's (see
+    :func:`~megactor_rt.models.tiny_decoder.tiny_decoder_id`), so a run with another file does not use it.
+
+    Raises:
+        WeightsError: missing or wrong weights.
+    """
+    from megactor_rt.export.specs import TinyDecoderModels, tiny_decoder_spec
+    from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
+
+    models = TinyDecoderModels(config, tiny_decoder_id(path), load_tiny_decoder(path))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _export_specs([tiny_decoder_spec(config)], models, out, opset, precisions)
+
+
+def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: int, precisions: Sequence[str]
+                  ) -> list[dict]:
     manifest = _read_manifest(out)
     rows = []
     for spec in progress(specs, desc="export", unit="graph", leave=True):
@@ -101,7 +132,7 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
     return rows
 
 
-def export_graph(spec: ExportSpec, models: MegActorModels, out: Path, opset: int, precision: str,
+def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision: str,
                  manifest: dict, fp32_path: Path | None = None) -> tuple[dict, str]:
     """Export one graph at one precision (reusing a matching earlier export). Returns (entry, status)."""
     key = export_key(spec, models.weights_id, opset, precision)
@@ -138,7 +169,7 @@ def _dtype(name: str, spec: ExportSpec, precision: str) -> str:
     return "float16" if precision == "fp16" and name not in spec.keep_fp32 else "float32"
 
 
-def _torch_export(spec: ExportSpec, models: MegActorModels, path: Path, opset: int) -> None:
+def _torch_export(spec: ExportSpec, models: Any, path: Path, opset: int) -> None:
     module = spec.build(models).eval()
     sample = spec.sample_inputs(which=TRACE)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():

@@ -14,6 +14,7 @@ Graph boundaries (DESIGN.md), with S = image size, h = latent size, T/D = CLIP t
 | temporal_unet_cond | same inputs -> eps (1,4,F,h,h), deep (1,F,C0,h,h) (guidance 1: conditional only) |
 | temporal_unet_reuse | latents, timestep, tokens, pose, deep (2,F,C0,h,h), bank_08..09 -> eps (2,4,F,h,h) |
 | temporal_unet_cond_reuse | same with deep (1,F,C0,h,h) -> eps (1,4,F,h,h) |
+| tiny_decoder | latents (batch,4,h,h), scaled -> images (batch,3,S,S) (TAESD, from its own weights file) |
 
 The temporal UNet takes the ReferenceNet bank as explicit inputs (normed tokens, not pre-projected K/V:
 10 tensors of 1 x L x C instead of 20, and the K/V projection is a small share of the attention cost). The
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +69,7 @@ class ExportSpec:
     submodel: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    build: Callable[[MegActorModels], nn.Module]
+    build: Callable[[Any], nn.Module]  # MegActorModels (TinyDecoderModels for the tiny decoder)
     dims: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
     keep_fp32: tuple[str, ...] = ()
 
@@ -153,6 +155,24 @@ class _PoseGuider(nn.Module):
 class _Film(_PoseGuider):
     def forward(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         return self.pg.film(reference)
+
+
+@dataclass
+class TinyDecoderModels:
+    """What the tiny decoder's export needs in place of :class:`MegActorModels`: the loaded TAESD decoder, the
+    id of its weights file (the graph's ``weights_id``) and the model config whose sizes the graph takes."""
+
+    config: ModelConfig
+    weights_id: str
+    tiny_decoder: nn.Module
+
+
+def tiny_decoder_spec(cfg: ModelConfig, decode_batch: int = 4) -> ExportSpec:
+    """The TAESD decoder as a graph (``--tiny-decoder``; scaled latents in, like the VAE decoder's images out)."""
+    s, h = cfg.image_size, cfg.latent_size
+    return ExportSpec("tiny_decoder", "tiny_decoder", (TensorSpec("latents", ("batch", 4, h, h)),),
+                      (TensorSpec("images", ("batch", 3, s, s)),), lambda m: m.tiny_decoder,
+                      {"batch": {"default": (1, decode_batch, decode_batch)}})
 
 
 class _UNet(nn.Module):

@@ -376,7 +376,7 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, backend: str, device: tor
     modes; TensorRT plans are built there too), with a FLOP ledger that counts on ``twin``."""
     from megactor_rt.config import Precision
     from megactor_rt.engine.manifest import load_manifest
-    from megactor_rt.export.onnx_export import export_models
+    from megactor_rt.export.onnx_export import export_models, export_tiny_decoder
     from megactor_rt.runtime.backends import require_backend
     from megactor_rt.runtime.onnx_backend import graph_submodels
     from megactor_rt.weights import build_models
@@ -387,6 +387,8 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, backend: str, device: tor
     models.weights_id = twin.weights_id
     export_models(models, onnx_dir, precisions=(sc.precision,), frames=sc.window, graphs=graphs_needed(cfg))
     del models
+    if cfg.tiny_decoder is not None:  # +tiny-decoder: its graph too, so the backend runs it
+        export_tiny_decoder(cfg.tiny_decoder, twin.config, onnx_dir, precisions=(sc.precision,))
     engine_dir = None
     if backend == "tensorrt":
         from megactor_rt.engine.builder import build_engines

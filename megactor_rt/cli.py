@@ -260,8 +260,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from megactor_rt.export.onnx_export import export_all
 
+    if args.tiny_decoder is not None:  # a bad file fails before minutes of exporting
+        from megactor_rt.models.tiny_decoder import load_tiny_decoder
+
+        load_tiny_decoder(args.tiny_decoder)
     summary = export_all(args.weights, args.out, opset=args.opset, precisions=args.precision,
                          frames=args.window, graphs=args.graphs)
+    if args.tiny_decoder is not None:
+        from megactor_rt.export.onnx_export import export_tiny_decoder, model_config_of
+
+        summary += export_tiny_decoder(args.tiny_decoder, model_config_of(args.weights), args.out, opset=args.opset,
+                                       precisions=args.precision)
     for row in summary:
         print(f"{row['graph']:32s} {row['precision']:5s} {row['size_mb']:9.1f} MB  {row['seconds']:7.1f}s  "
               f"{row['status']}  {row['file']}")
@@ -348,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
     e.add_argument("--window", type=int, default=16, help="the context window length the profiles target")
     e.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
+    e.add_argument("--tiny-decoder", default=None, metavar="PATH",
+                   help="also export TAESD's tiny decoder from these weights (the --tiny-decoder of animate), so "
+                        "the onnxruntime/tensorrt backends run it as a graph/engine")
     e.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-engines", help="build TensorRT plans for this GPU from exported ONNX")

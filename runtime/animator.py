@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
-from megactor_rt.models.tiny_decoder import load_tiny_decoder
+from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
 from megactor_rt.progress import progress
 from megactor_rt.runtime.cache import PortraitCache
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 POSE_BATCH = 16  # driving frames per PoseGuider call
 DECODE_BATCH = 4  # frames per VAE decode call
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents (b, 4, h, w) -> images (b, 3, S, S) in [-1, 1]
 DECODE_DEPTH = 3  # decode batches in flight (CUDA streams)
 ADA_SIZE = 512  # the PoseGuider FiLM branch needs a 512x512 reference
 
@@ -99,7 +100,7 @@ class Animator:
         self.config = config or AnimateConfig()
         self.cache = cache if cache is not None else PortraitCache()
         self.last_stats = RunStats()
-        self._tiny_decoders: dict[str, torch.nn.Module] = {}
+        self._tiny_decoders: dict[str, Decoder] = {}
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -334,7 +335,7 @@ class Animator:
         return noise, model, steps, windows
 
     def _stream(self, latents: torch.Tensor, model: EpsModel, steps: list[DDIMStep], windows: list[list[int]],
-                cfg: AnimateConfig, timer: StageTimer, tiny: torch.nn.Module | None) -> Iterator[np.ndarray]:
+                cfg: AnimateConfig, timer: StageTimer, tiny: Decoder | None) -> Iterator[np.ndarray]:
         """Open windows: denoise in wavefront order (:func:`denoise_stream`) and decode each batch of frames as
         soon as it is final, while the later windows are still denoising (on CUDA the decode runs on a side
         stream). Stage times: ``denoise`` is the device time from the first window call to the last update
@@ -364,18 +365,23 @@ class Animator:
             timer.add("vae_decode", flight.device_seconds)
             timer.add("denoise", clock.seconds(minus=flight.device_seconds if flight.stream is None else 0.0))
 
-    def tiny_decoder(self, path: str | Path) -> torch.nn.Module:
-        """The TAESD decoder from ``path`` on the submodels' device and dtype (loaded once per path).
+    def tiny_decoder(self, path: str | Path) -> Decoder:
+        """The TAESD decoder from ``path`` on the submodels' device and dtype (loaded once per path): the
+        backend's exported ``tiny_decoder`` graph where it has one from the same weights file, else torch.
 
         Raises:
             WeightsError: missing or wrong weights (see :func:`megactor_rt.models.tiny_decoder.load_tiny_decoder`).
         """
         key = str(Path(path).resolve())
         if key not in self._tiny_decoders:
-            self._tiny_decoders[key] = load_tiny_decoder(path).to(self.sub.device, self.sub.dtype)
+            graph = getattr(self.sub, "tiny_decoder_graph", None)  # graph backends: an exported tiny_decoder
+            decoder = graph(tiny_decoder_id(path)) if graph is not None else None
+            if decoder is None:
+                decoder = load_tiny_decoder(path).to(self.sub.device, self.sub.dtype)
+            self._tiny_decoders[key] = decoder
         return self._tiny_decoders[key]
 
-    def _decode_batch(self, z: torch.Tensor, tiny: torch.nn.Module | None) -> torch.Tensor:
+    def _decode_batch(self, z: torch.Tensor, tiny: Decoder | None) -> torch.Tensor:
         """Scaled latents ``(b, 4, h, w)`` -> ``(b, S, S, 3)`` uint8 frames: the VAE decoder (after unscaling),
         or ``tiny``, the TAESD decoder, which takes the scaled latents as they are."""
         if tiny is None:
@@ -385,7 +391,7 @@ class Animator:
             return latents_to_uint8(tiny(z.to(self.sub.device, self.sub.dtype)))
 
     def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool,
-                tiny: torch.nn.Module | None = None) -> Iterator[np.ndarray]:
+                tiny: Decoder | None = None) -> Iterator[np.ndarray]:
         """Decode ``DECODE_BATCH`` frames per call (:meth:`_decode_batch`); the stage time is device time (CUDA
         events) on GPU."""
         n = latents.shape[2]

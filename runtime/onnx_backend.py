@@ -72,11 +72,25 @@ class GraphSubmodels(Submodels):
     """Submodels backed by graph runners keyed by graph name, with an optional per-graph fallback."""
 
     def __init__(self, name: str, config: ModelConfig, weights_id: str, runners: Mapping[str, Runner],
-                 device: torch.device, dtype: torch.dtype, fallback: Submodels | None = None) -> None:
+                 device: torch.device, dtype: torch.dtype, fallback: Submodels | None = None,
+                 graph_weights: Mapping[str, str | None] | None = None) -> None:
         super().__init__(config, weights_id, device, dtype)
         self.name = name
         self.runners = dict(runners)
         self.fallback = fallback
+        self.graph_weights = dict(graph_weights or {})  # graph -> weights id it was exported from
+
+    def tiny_decoder_graph(self, weights_id: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Decoding with the exported ``tiny_decoder`` graph where this backend runs one exported from the TAESD
+        weights ``weights_id`` (:func:`~megactor_rt.models.tiny_decoder.tiny_decoder_id`); None otherwise,
+        and the caller runs TAESD in torch."""
+        if "tiny_decoder" not in self.runners:
+            return None
+        if self.graph_weights.get("tiny_decoder") != weights_id:
+            logger.info("%s: the exported tiny_decoder graph comes from other TAESD weights (%s, not %s); "
+                        "decoding with TAESD in torch", self.name, self.graph_weights.get("tiny_decoder"), weights_id)
+            return None
+        return lambda latents: self._run("tiny_decoder", latents=latents)["images"]
 
     def _run(self, graph: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls[graph] += 1
@@ -169,7 +183,8 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
         raise InputError(f"the {backend} backend needs --onnx DIR (the output of `megactor-rt export`)")
     cfg, weights_id = converted_config(weights_dir)
     manifest = load_manifest(onnx_dir)
-    foreign = sorted(n for n, g in manifest.graphs.items() if g.weights_id not in (None, weights_id))
+    foreign = sorted(n for n, g in manifest.graphs.items()  # (the tiny decoder has weights of its own)
+                     if g.weights_id not in (None, weights_id) and g.submodel != "tiny_decoder")
     if foreign:
         raise InputError(f"{onnx_dir}: graphs {foreign} were exported from other weights than {weights_dir} "
                          f"(weights id {weights_id}); re-run `megactor-rt export --weights {weights_dir}`")
@@ -198,11 +213,15 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
     if not ort_runners:
         raise InputError(f"{onnx_dir}: the manifest has no {want} graphs (export with --precision {want})")
     dtype = torch.float16 if want == "fp16" else torch.float32
+    graph_weights = {e.submodel: e.weights_id for e in manifest.graphs.values() if e.precision == want}
     if backend == "onnxruntime":
         logger.info("onnxruntime graphs: %s", sorted(ort_runners))
-        return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype)
-    return _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
-                               want, force_fallback, fallback)
+        return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype,
+                              graph_weights=graph_weights)
+    sub = _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
+                              want, force_fallback, fallback)
+    sub.graph_weights = graph_weights
+    return sub
 
 
 def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Callable[[torch.dtype], Submodels],

@@ -280,6 +280,10 @@ def test_export_cli_writes_manifest(tmp_path: Path, capsys: pytest.CaptureFixtur
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert list(manifest["graphs"]) == ["pose_guider.fp32"]
     assert "pose_guider" in capsys.readouterr().out
+    bad = ["-q", "export", "--weights", "tiny", "--out", str(tmp_path / "more"), "--graphs", "pose_guider",
+           "--precision", "fp32", "--tiny-decoder", str(tmp_path / "gone.pth")]
+    assert main(bad) == 2 and "gone.pth: tiny decoder weights not found" in capsys.readouterr().err
+    assert not (tmp_path / "more").exists()  # refused before any export
 
 
 def test_compile_is_torch_only(weights: Path) -> None:

@@ -276,3 +276,26 @@ def test_onnxruntime_out_of_memory_is_a_resource_error(models, manifest, status)
         runner.infer(feed)
     assert f"out of memory in onnxruntime graph {runner.graph.name} on CPUExecutionProvider" in str(info.value)
     assert status.split(" ;")[0] in str(info.value) and "--window 8 --overlap 4" in str(info.value)
+
+
+def test_a_tiny_decoder_graph_has_weights_of_its_own(models, export_dir, tmp_path, monkeypatch):
+    """The tiny_decoder graph records its TAESD file's id, not the networks' weights id: loading the export
+    with the networks' weights does not refuse it as foreign, and the backend knows which file it is from."""
+    import shutil
+
+    import diffusers
+
+    from megactor_rt.config import Precision
+    from megactor_rt.export.onnx_export import export_tiny_decoder
+    from megactor_rt.models.tiny_decoder import tiny_decoder_id
+    from megactor_rt.runtime import onnx_backend
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderTiny().save_pretrained(tmp_path / "taesd")
+    onnx = shutil.copytree(export_dir, tmp_path / "onnx")
+    export_tiny_decoder(tmp_path / "taesd", models.config, onnx, precisions=("fp32",))
+    monkeypatch.setattr(onnx_backend, "converted_config", lambda w: (models.config, models.weights_id))
+    sub = onnx_backend.make_graph_submodels("onnxruntime", tmp_path / "w", onnx, torch.device("cpu"), Precision.FP32)
+    assert "tiny_decoder" in sub.runners and sub.graph_weights["tiny_decoder"] == tiny_decoder_id(tmp_path / "taesd")
+    assert sub.tiny_decoder_graph(tiny_decoder_id(tmp_path / "taesd")) is not None
+    assert sub.tiny_decoder_graph("taesd-another") is None

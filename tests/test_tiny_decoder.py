@@ -123,3 +123,48 @@ def test_a_bad_tiny_decoder_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="gone.pth"):
         anim.animate_to_file(PORTRAIT, write_face_driver(tmp_path / "face.mp4", n=5), out)
     assert not anim.sub.calls and not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "face.mp4"]
+
+
+def test_the_tiny_decoder_exports_and_runs_as_a_graph(taesd: tuple[Path, AutoencoderTiny], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`export --tiny-decoder`: the TAESD decoder becomes the ``tiny_decoder`` graph (fp32 and fp16, every op
+    in TensorRT's parser list), keyed by its weights file; a graph backend's animator decodes with it (same
+    images as torch) for that file, and with TAESD in torch for another file."""
+    import logging
+
+    from megactor_rt.config import tiny_config
+    from megactor_rt.engine.manifest import load_manifest
+    from megactor_rt.export.onnx_export import export_tiny_decoder
+    from megactor_rt.export.trt_support import unsupported_ops
+    from megactor_rt.models.tiny_decoder import tiny_decoder_id
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels, OrtRunner
+
+    folder, ae = taesd
+    cfg = tiny_config()
+    rows = export_tiny_decoder(folder, cfg, tmp_path / "onnx")
+    assert [(r["graph"], r["precision"], r["status"]) for r in rows] == [
+        ("tiny_decoder", "fp32", "exported"), ("tiny_decoder", "fp16", "exported")]
+    assert [r["status"] for r in export_tiny_decoder(folder, cfg, tmp_path / "onnx")] == ["cached", "cached"]
+    manifest = load_manifest(tmp_path / "onnx")
+    graphs = {g.precision: g for g in manifest.graphs.values()}
+    assert {g.weights_id for g in graphs.values()} == {tiny_decoder_id(folder)}
+    assert unsupported_ops(graphs["fp16"].path, "fp16") == []
+
+    z = torch.randn(3, 4, cfg.latent_size, cfg.latent_size, generator=torch.Generator().manual_seed(1))
+    expected = _decode_reference(ae, z)
+    for precision, tol in (("fp32", 1e-4), ("fp16", 2e-2)):
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        sub = GraphSubmodels("onnxruntime", cfg, "w", {"tiny_decoder": OrtRunner(graphs[precision])},
+                             torch.device("cpu"), dtype, graph_weights={"tiny_decoder": graphs[precision].weights_id})
+        anim = Animator(sub, AnimateConfig(steps=1))
+        decoder = anim.tiny_decoder(folder)
+        assert not isinstance(decoder, torch.nn.Module)  # the graph
+        got = decoder(z.to(dtype)).float()
+        assert sub.calls["tiny_decoder"] == 1 and got.shape == expected.shape == (3, 3, 128, 128)
+        assert (got - expected).abs().max() <= tol * expected.abs().max(), precision
+
+    other = tmp_path / "other.safetensors"
+    save_file(_original_layout(ae), str(other))  # the same weights in another file: another id
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.onnx_backend"):
+        fallback = anim.tiny_decoder(other)
+    assert isinstance(fallback, torch.nn.Module) and "comes from other TAESD weights" in caplog.text

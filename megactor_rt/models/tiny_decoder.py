@@ -72,6 +72,30 @@ def _to_diffusers_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def tiny_decoder_file(path: str | Path) -> Path:
+    """The weights file of a ``--tiny-decoder`` path (a diffusers folder's safetensors, or the file itself)."""
+    path = Path(path)
+    return path / _DIFFUSERS_WEIGHTS if path.is_dir() else path
+
+
+def tiny_decoder_id(path: str | Path) -> str:
+    """An id of the weights at ``path`` (sha256 of the file): what an exported ``tiny_decoder`` graph records.
+
+    Raises:
+        WeightsError: the file is missing.
+    """
+    import hashlib
+
+    file = tiny_decoder_file(path)
+    if not file.is_file():
+        raise WeightsError(f"{file}: tiny decoder weights not found (TAESD for SD 1.x: {TAESD_URL})")
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"taesd-{h.hexdigest()[:16]}"
+
+
 def load_tiny_decoder(path: str | Path) -> DecoderTiny:
     """Load TAESD decoder weights (see the module docstring for the accepted layouts).
 
@@ -79,8 +103,7 @@ def load_tiny_decoder(path: str | Path) -> DecoderTiny:
         WeightsError: missing file, unreadable or unsafe checkpoint, missing/unexpected keys or wrong shapes
             (for example a 16-channel ``taesd3``/``taef1`` model), each naming the file.
     """
-    path = Path(path)
-    file = path / _DIFFUSERS_WEIGHTS if path.is_dir() else path
+    file = tiny_decoder_file(path)
     if not file.is_file():
         raise WeightsError(f"{file}: tiny decoder weights not found (TAESD for SD 1.x: {TAESD_URL})")
     sd = _to_diffusers_keys(_read_state_dict(file))
