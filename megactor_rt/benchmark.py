@@ -73,6 +73,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # onnxruntime, or as TensorRT plans built there first (minutes per graph at full size; needs TensorRT)
     "onnxruntime": {"backend": {"name": "onnxruntime"}},
     "tensorrt": {"backend": {"name": "tensorrt"}},
+    "tensorrt-graphs": {"backend": {"name": "tensorrt", "cuda_graphs": True}},  # ... replayed as CUDA graphs
 }
 
 
@@ -119,7 +120,8 @@ SUITES: dict[str, list[Scenario]] = {
     "cpu-backends": [Scenario("tiny 128px, 8 frames, w4/o2, 2 steps", "tiny", 128, 8, 4, 2, 2,
                               modes=("optimized", "optimized+onnxruntime"), note="same math on each backend")],
     "gpu-backends": [Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                              modes=("reference", "optimized", "optimized+compile", "optimized+tensorrt"),
+                              modes=("reference", "optimized", "optimized+compile", "optimized+tensorrt",
+                                     "optimized+tensorrt-graphs"),
                               precision="fp16", note="TensorRT plans built from the same random weights first")],
     "cpu-stream": [Scenario("tiny 128px, 240 frames, w16/o8, 10 steps", "tiny", 128, 240, 16, 8, 10,
                             modes=("optimized", "optimized+no-wrap"),
@@ -316,7 +318,7 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
             cfg, sub_options = mode_settings(sc, mode, work_dir)
             backend = mode_backend(mode)
             if backend != "torch":
-                sub, ledger = _graph_submodels(sc, cfg, backend, device, work_dir, torch_sub, torch_ledger)
+                sub, ledger = _graph_submodels(sc, cfg, mode, device, work_dir, torch_sub, torch_ledger)
             saved = {k: getattr(sub, k) for k in sub_options}
             for k, v in sub_options.items():
                 setattr(sub, k, v)
@@ -369,7 +371,7 @@ def graphs_needed(cfg: AnimateConfig) -> list[str]:
             *unets]
 
 
-def _graph_submodels(sc: Scenario, cfg: AnimateConfig, backend: str, device: torch.device, work_dir: Path,
+def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.device, work_dir: Path,
                      twin: Any, twin_ledger: FlopLedger) -> tuple[Any, FlopLedger]:
     """The scenario's networks as exported graphs on ``backend`` (onnxruntime, tensorrt): exported from the
     same seeded random weights as the torch submodels ``twin`` into ``work_dir`` (kept for the suite's other
@@ -381,6 +383,7 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, backend: str, device: tor
     from megactor_rt.runtime.onnx_backend import graph_submodels
     from megactor_rt.weights import build_models
 
+    backend = mode_backend(mode)
     require_backend(backend)  # its reason, before minutes of exporting
     onnx_dir = work_dir / f"onnx-{sc.model}-{sc.image_size}-w{sc.window}"
     models = build_models(model_config(sc.model, sc.image_size), seed=0)  # the twin's weights, fp32 on the CPU
@@ -396,8 +399,10 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, backend: str, device: tor
         engine_dir = work_dir / "engines"
         build_engines(onnx_dir, engine_dir, sc.precision)
     precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
+    options = next(VARIANTS[v]["backend"] for v in reversed(mode.split("+")[1:]) if "backend" in VARIANTS[v])
     sub = graph_submodels(backend, twin.config, twin.weights_id, load_manifest(onnx_dir), device, precision,
-                          engine_dir=engine_dir, torch_fallback=lambda dtype: twin, onnx_dir=onnx_dir)
+                          engine_dir=engine_dir, torch_fallback=lambda dtype: twin, onnx_dir=onnx_dir,
+                          cuda_graphs=options.get("cuda_graphs", False))
     return sub, FlopLedger(sub, table=twin_ledger.table, twin=twin)
 
 

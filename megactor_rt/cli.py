@@ -173,7 +173,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
-                                 config=_run_config(args), compile=args.compile, cache=_cache(args))
+                                 config=_run_config(args), compile=args.compile, cache=_cache(args),
+                                 cuda_graphs=args.cuda_graphs)
     if len(jobs) > 1:
         _results_folder(args.output)
     failed: list[str] = []
@@ -323,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh GPU "
                         "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
                         "on an H200, docs/performance.md)")
+    a.add_argument("--cuda-graphs", action="store_true",
+                   help="tensorrt backend: capture each engine's calls into CUDA graphs and replay them (fewer "
+                        "host launches; not yet measured here)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 

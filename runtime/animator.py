@@ -108,7 +108,8 @@ class Animator:
                      precision: Precision | str | None = None, onnx_dir: str | Path | None = None,
                      engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
                      fallback: str = "torch", config: AnimateConfig | None = None,
-                     cache: PortraitCache | None = None, compile: bool | str = False) -> Animator:
+                     cache: PortraitCache | None = None, compile: bool | str = False,
+                     cuda_graphs: bool = False) -> Animator:
         """Load converted weights (``megactor-rt convert-weights``) for ``backend``.
 
         Args:
@@ -119,15 +120,22 @@ class Animator:
             device / precision: default cuda+fp16 where available, else cpu+fp32.
             compile: torch backend only: the temporal UNet through ``torch.compile``, optionally with a
                 compile mode (see ``TorchSubmodels``).
+            cuda_graphs: tensorrt backend only: each engine's first call at an input shape is captured into a
+                CUDA graph that later calls of that shape replay (fewer host launches; the inputs and outputs
+                are copied through static buffers). Not yet run on a GPU in this project.
 
         Raises:
-            ValueError: ``compile`` with a backend other than torch.
+            ValueError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
+                tensorrt.
         """
         from megactor_rt.runtime.backends import require_backend
 
         require_backend(backend)
         if compile and backend != "torch":
             raise ValueError(f"compile applies to the torch backend only, not '{backend}'")
+        if cuda_graphs and backend != "tensorrt":
+            raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not '{backend}' (torch: "
+                             "compile='reduce-overhead')")
         dev = torch.device(device) if device else default_device()
         prec = Precision(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         if backend == "torch":
@@ -136,7 +144,7 @@ class Animator:
             from megactor_rt.runtime.onnx_backend import make_graph_submodels
 
             sub = make_graph_submodels(backend, weights_dir, onnx_dir, dev, prec, engine_dir=engine_dir,
-                                       force_fallback=force_fallback, fallback=fallback)
+                                       force_fallback=force_fallback, fallback=fallback, cuda_graphs=cuda_graphs)
         return cls(sub, config, cache)
 
     @classmethod

@@ -172,11 +172,11 @@ class GraphSubmodels(Submodels):
 
 def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,
                          device: torch.device, precision: Precision, *, engine_dir: str | Path | None = None,
-                         force_fallback: str | Sequence[str] | None = None, fallback: str = "torch"
-                         ) -> GraphSubmodels:
+                         force_fallback: str | Sequence[str] | None = None, fallback: str = "torch",
+                         cuda_graphs: bool = False) -> GraphSubmodels:
     """Graph-backed submodels: ``onnxruntime`` from an export folder, or ``tensorrt`` from an engine cache
     with per-graph fallback (to ``fallback``: torch or onnxruntime) where no valid plan exists or the user
-    forces it."""
+    forces it; ``cuda_graphs``: the TensorRT runners capture and replay a CUDA graph per input shape."""
     if backend not in ("onnxruntime", "tensorrt"):
         raise BackendUnavailable(f"unknown graph backend '{backend}'")
     if onnx_dir is None:
@@ -197,13 +197,14 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
 
     return graph_submodels(backend, cfg, weights_id, manifest, device, precision, engine_dir=engine_dir,
                            force_fallback=force_fallback, fallback=fallback, torch_fallback=torch_fallback,
-                           onnx_dir=onnx_dir)
+                           onnx_dir=onnx_dir, cuda_graphs=cuda_graphs)
 
 
 def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: Manifest, device: torch.device,
                     precision: Precision, *, torch_fallback: Callable[[torch.dtype], Submodels],
                     engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
-                    fallback: str = "torch", onnx_dir: str | Path = "the export folder") -> GraphSubmodels:
+                    fallback: str = "torch", onnx_dir: str | Path = "the export folder",
+                    cuda_graphs: bool = False) -> GraphSubmodels:
     """:func:`make_graph_submodels` for a loaded manifest of graphs exported from ``weights_id``'s networks;
     ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan (tensorrt only)."""
     want = "fp16" if precision is Precision.FP16 else "fp32"
@@ -219,7 +220,7 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
         return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype,
                               graph_weights=graph_weights)
     sub = _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
-                              want, force_fallback, fallback)
+                              want, force_fallback, fallback, cuda_graphs)
     sub.graph_weights = graph_weights
     return sub
 
@@ -227,7 +228,8 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
 def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Callable[[torch.dtype], Submodels],
                         engine_dir: str | Path | None, manifest: Manifest, ort_runners: dict[str, Runner],
                         device: torch.device, dtype: torch.dtype, precision: str,
-                        force_fallback: str | Sequence[str] | None, fallback: str) -> GraphSubmodels:
+                        force_fallback: str | Sequence[str] | None, fallback: str, cuda_graphs: bool = False
+                        ) -> GraphSubmodels:
     from megactor_rt.engine.runner import TensorRTRunner
     from megactor_rt.engine.select import select_backends
 
@@ -238,7 +240,7 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
     runners: dict[str, Runner] = {}
     for graph, choice in choices.items():
         if choice.backend == "tensorrt":
-            runners[graph] = TensorRTRunner(choice.plan_dir)
+            runners[graph] = TensorRTRunner(choice.plan_dir, cuda_graph=cuda_graphs)
         elif choice.backend == "onnxruntime":
             runners[graph] = ort_runners[graph]
     torch_fb = torch_fallback(dtype) if len(runners) < len(choices) else None

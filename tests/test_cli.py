@@ -289,6 +289,11 @@ def test_export_cli_writes_manifest(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_compile_is_torch_only(weights: Path) -> None:
     with pytest.raises(ValueError, match="torch backend only"):
         Animator.from_weights(weights, backend="onnxruntime", device="cpu", compile=True)
+    with pytest.raises(ValueError, match="tensorrt backend only"):
+        Animator.from_weights(weights, backend="torch", device="cpu", cuda_graphs=True)
+    base = ["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
+    assert cli.build_parser().parse_args([*base, "--cuda-graphs"]).cuda_graphs is True
+    assert cli.build_parser().parse_args(base).cuda_graphs is False
 
 
 def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:

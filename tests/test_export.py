@@ -299,3 +299,29 @@ def test_a_tiny_decoder_graph_has_weights_of_its_own(models, export_dir, tmp_pat
     assert "tiny_decoder" in sub.runners and sub.graph_weights["tiny_decoder"] == tiny_decoder_id(tmp_path / "taesd")
     assert sub.tiny_decoder_graph(tiny_decoder_id(tmp_path / "taesd")) is not None
     assert sub.tiny_decoder_graph("taesd-another") is None
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_tensorrt_runners_get_the_cuda_graph_setting(models, manifest, monkeypatch, cuda_graphs):
+    """Graphs with a valid plan run on TensorRT runners built with the animator's cuda_graphs setting."""
+    from types import SimpleNamespace
+
+    from megactor_rt.engine import runner, select
+    from megactor_rt.runtime.onnx_backend import _tensorrt_submodels
+
+    made = []
+
+    class Recorder:
+        def __init__(self, plan_dir, cuda_graph=False):
+            made.append((plan_dir, cuda_graph))
+
+    def choose(graphs, *args, **kwargs):
+        return {g: SimpleNamespace(backend="tensorrt" if g == "vae_decoder" else "onnxruntime", plan_dir=f"plans/{g}")
+                for g in graphs}
+
+    monkeypatch.setattr(runner, "TensorRTRunner", Recorder)
+    monkeypatch.setattr(select, "select_backends", choose)
+    ort_runners = {g.submodel: OrtRunner(g) for g in manifest.graphs.values() if g.precision == "fp32"}
+    sub = _tensorrt_submodels(models.config, models.weights_id, lambda dtype: None, None, manifest, ort_runners,
+                              torch.device("cpu"), torch.float32, "fp32", None, "onnxruntime", cuda_graphs)
+    assert made == [("plans/vae_decoder", cuda_graphs)] and isinstance(sub.runners["vae_decoder"], Recorder)
