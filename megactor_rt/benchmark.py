@@ -363,46 +363,24 @@ def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfi
     return cfg, sub_options
 
 
-def graphs_needed(cfg: AnimateConfig) -> list[str]:
-    """The exported graphs a run with ``cfg`` calls (the UNet graphs of its kinds of step)."""
-    unets = [("temporal_unet" if kind.cfg else "temporal_unet_cond") + ("_reuse" if kind.reuse else "")
-             for kind in cfg.step_kinds()]
-    return ["clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
-            *unets]
-
-
 def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.device, work_dir: Path,
                      twin: Any, twin_ledger: FlopLedger) -> tuple[Any, FlopLedger]:
-    """The scenario's networks as exported graphs on ``backend`` (onnxruntime, tensorrt): exported from the
-    same seeded random weights as the torch submodels ``twin`` into ``work_dir`` (kept for the suite's other
-    modes; TensorRT plans are built there too), with a FLOP ledger that counts on ``twin``."""
+    """The scenario's networks as exported graphs on ``mode``'s backend (onnxruntime, tensorrt): exported from
+    the same seeded random weights as the torch submodels ``twin`` into ``work_dir`` (kept for the suite's
+    other modes; TensorRT plans are built there too), with a FLOP ledger that counts on ``twin``."""
     from megactor_rt.config import Precision
-    from megactor_rt.engine.manifest import load_manifest
-    from megactor_rt.export.onnx_export import export_models, export_tiny_decoder
     from megactor_rt.runtime.backends import require_backend
-    from megactor_rt.runtime.onnx_backend import graph_submodels
+    from megactor_rt.runtime.onnx_backend import exported_submodels
     from megactor_rt.weights import build_models
 
     backend = mode_backend(mode)
-    require_backend(backend)  # its reason, before minutes of exporting
-    onnx_dir = work_dir / f"onnx-{sc.model}-{sc.image_size}-w{sc.window}"
+    require_backend(backend)  # its reason, before building a second copy of the networks
     models = build_models(model_config(sc.model, sc.image_size), seed=0)  # the twin's weights, fp32 on the CPU
     models.weights_id = twin.weights_id
-    export_models(models, onnx_dir, precisions=(sc.precision,), frames=sc.window, graphs=graphs_needed(cfg))
-    del models
-    if cfg.tiny_decoder is not None:  # +tiny-decoder: its graph too, so the backend runs it
-        export_tiny_decoder(cfg.tiny_decoder, twin.config, onnx_dir, precisions=(sc.precision,))
-    engine_dir = None
-    if backend == "tensorrt":
-        from megactor_rt.engine.builder import build_engines
-
-        engine_dir = work_dir / "engines"
-        build_engines(onnx_dir, engine_dir, sc.precision)
-    precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
     options = next(VARIANTS[v]["backend"] for v in reversed(mode.split("+")[1:]) if "backend" in VARIANTS[v])
-    sub = graph_submodels(backend, twin.config, twin.weights_id, load_manifest(onnx_dir), device, precision,
-                          engine_dir=engine_dir, torch_fallback=lambda dtype: twin, onnx_dir=onnx_dir,
-                          cuda_graphs=options.get("cuda_graphs", False))
+    precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
+    sub = exported_submodels(models, backend, work_dir / f"{sc.model}-{sc.image_size}-w{sc.window}", device, precision, cfg,
+                             torch_fallback=lambda dtype: twin, cuda_graphs=options.get("cuda_graphs", False))
     return sub, FlopLedger(sub, table=twin_ledger.table, twin=twin)
 
 

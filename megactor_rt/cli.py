@@ -206,7 +206,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
-    anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args))
+    anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args), backend=args.backend,
+                         work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs)
     if args.cache_dir is not None:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
@@ -335,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"))
     d.add_argument("--device", default=None)
+    d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                   help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
+                        "plans) into --work-dir first, a check of that backend's install without real weights")
+    d.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                   help="where --backend onnxruntime/tensorrt keep the tiny model's graphs and plans (default: "
+                        "~/.cache/megactor-rt/demo; reused by later runs)")
+    d.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: fp32, fp16 with --backend tensorrt")
+    d.add_argument("--cuda-graphs", action="store_true", help="--backend tensorrt: replay engine calls as CUDA graphs")
     _add_run_flags(d, steps=4)
     d.set_defaults(fn=cmd_demo)
 

@@ -148,12 +148,35 @@ class Animator:
         return cls(sub, config, cache)
 
     @classmethod
-    def demo(cls, seed: int = 0, device: str | None = None, config: AnimateConfig | None = None) -> Animator:
+    def demo(cls, seed: int = 0, device: str | None = None, config: AnimateConfig | None = None, *,
+             backend: str = "torch", work_dir: str | Path | None = None, precision: Precision | str | None = None,
+             cuda_graphs: bool = False) -> Animator:
         """A tiny random-weight model (golden-pack architecture, 128 px): exercises the whole pipeline
-        (crop, I/O, audio, fps) without real weights. Its output is NOT a real animation."""
+        (crop, I/O, audio, fps) without real weights. Its output is NOT a real animation.
+
+        With ``backend`` ``onnxruntime`` or ``tensorrt`` the tiny networks are first exported to ONNX (and built
+        into TensorRT plans) in ``work_dir`` (default ``demo_work_dir()``; reused by later calls) and run there:
+        a check of that backend's install in a minute, without real weights. Precision: fp32 (torch,
+        onnxruntime), fp16 (tensorrt) unless given; device: cpu (torch, onnxruntime), cuda (tensorrt).
+        """
         models = build_models(tiny_config(), seed=seed)
         models.weights_id = f"tiny-random-{seed}"
-        return cls(TorchSubmodels(models, device or "cpu", torch.float32), config)
+        if backend == "torch":
+            if cuda_graphs:
+                raise ValueError("cuda_graphs applies to the tensorrt backend only, not 'torch'")
+            prec = Precision(precision) if precision else Precision.FP32
+            return cls(TorchSubmodels(models, device or "cpu", prec.torch_dtype), config)
+        from megactor_rt.runtime.onnx_backend import exported_submodels
+
+        if cuda_graphs and backend != "tensorrt":
+            raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not '{backend}'")
+        dev = torch.device(device or ("cuda" if backend == "tensorrt" else "cpu"))
+        prec = Precision(precision) if precision else (Precision.FP16 if backend == "tensorrt" else Precision.FP32)
+        cfg = config or AnimateConfig()
+        sub = exported_submodels(models, backend, work_dir or demo_work_dir(), dev, prec, cfg,
+                                 torch_fallback=lambda dtype: TorchSubmodels(models, dev, dtype),
+                                 cuda_graphs=cuda_graphs)
+        return cls(sub, cfg)
 
     @property
     def image_size(self) -> int:
@@ -449,6 +472,14 @@ class Animator:
     def with_config(self, **changes: Any) -> Animator:
         """A new Animator sharing submodels and cache with some settings changed."""
         return Animator(self.sub, replace(self.config, **changes), self.cache)
+
+
+def demo_work_dir() -> Path:
+    """Where ``Animator.demo`` keeps the tiny model's graphs and plans: ``$XDG_CACHE_HOME/megactor-rt/demo``
+    (default ``~/.cache/megactor-rt/demo``)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megactor-rt" / "demo"
 
 
 class _LoopClock:

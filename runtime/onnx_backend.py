@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megactor_rt.config import ModelConfig, Precision
+from megactor_rt.config import AnimateConfig, ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, Manifest, load_manifest
 from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import BANK_NAMES
 from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
 from megactor_rt.runtime.submodels import Submodels
-from megactor_rt.weights import converted_config
+from megactor_rt.weights import MegActorModels, converted_config
 
 logger = logging.getLogger(__name__)
 
@@ -245,3 +245,44 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
             runners[graph] = ort_runners[graph]
     torch_fb = torch_fallback(dtype) if len(runners) < len(choices) else None
     return GraphSubmodels("tensorrt", cfg, weights_id, runners, device, dtype, fallback=torch_fb)
+
+
+def graphs_needed(cfg: AnimateConfig) -> list[str]:
+    """The exported graphs a run with ``cfg`` calls (the UNet graphs of its kinds of step)."""
+    unets = [("temporal_unet" if kind.cfg else "temporal_unet_cond") + ("_reuse" if kind.reuse else "")
+             for kind in cfg.step_kinds()]
+    return ["clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
+            *unets]
+
+
+def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Path, device: torch.device,
+                       precision: Precision, config: AnimateConfig, *,
+                       torch_fallback: Callable[[torch.dtype], Submodels], cuda_graphs: bool = False
+                       ) -> GraphSubmodels:
+    """In-memory networks on a graph backend, as a self-contained check of that backend (``demo --backend``,
+    the bench's ``+onnxruntime``/``+tensorrt`` modes): the graphs a run with ``config`` needs (and its tiny
+    decoder's) exported from ``models`` (fp32, CPU) into ``work_dir/onnx-<weights id>``, for ``tensorrt`` built
+    into ``work_dir/engines`` too. Exports and plans are content-keyed, so a later call with the same networks
+    reuses them.
+
+    Raises:
+        BackendUnavailable: ``backend`` is missing here (before any export).
+    """
+    from megactor_rt.engine.builder import build_engines
+    from megactor_rt.export.onnx_export import export_models, export_tiny_decoder
+    from megactor_rt.runtime.backends import require_backend
+
+    require_backend(backend)
+    work = Path(work_dir)
+    onnx_dir = work / f"onnx-{models.weights_id}"
+    want = "fp16" if precision is Precision.FP16 else "fp32"
+    export_models(models, onnx_dir, precisions=(want,), frames=config.window, graphs=graphs_needed(config))
+    if config.tiny_decoder is not None:  # its graph too, so the backend decodes with it
+        export_tiny_decoder(config.tiny_decoder, models.config, onnx_dir, precisions=(want,))
+    engine_dir = None
+    if backend == "tensorrt":
+        engine_dir = work / "engines"
+        build_engines(onnx_dir, engine_dir, want)
+    return graph_submodels(backend, models.config, models.weights_id, load_manifest(onnx_dir), device, precision,
+                           engine_dir=engine_dir, torch_fallback=torch_fallback, onnx_dir=onnx_dir,
+                           cuda_graphs=cuda_graphs)

@@ -92,6 +92,28 @@ def test_demo_bundled_media_capped(tmp_path: Path, capsys: pytest.CaptureFixture
     assert [p.name for p in tmp_path.iterdir()] == ["demo.mp4"]
 
 
+def test_demo_on_onnxruntime_matches_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo --backend onnxruntime`: the tiny model is exported into --work-dir (only the graphs the run
+    needs), runs there, and gives the torch demo's frames up to fp32 rounding (and H.264); the TensorRT
+    demo runs where TensorRT is installed and is a one-line error naming it elsewhere."""
+    ort, ref, work = tmp_path / "ort.mp4", tmp_path / "torch.mp4", tmp_path / "work"
+    code, _, err = run(capsys, "demo", "--backend", "onnxruntime", "--work-dir", work, "--max-frames", 4, *FAST,
+                       "-o", ort)
+    assert code == 0, err
+    manifest = json.loads(next(work.glob("onnx-*/manifest.json")).read_text())
+    assert "temporal_unet.fp32" in manifest["graphs"] and "temporal_unet_cond.fp32" not in manifest["graphs"]
+    assert run(capsys, "demo", "--max-frames", 4, *FAST, "-o", ref)[0] == 0
+    a, b = (np.stack(frames_of(p)).astype(np.float64) for p in (ort, ref))
+    assert a.shape == b.shape == (4, 128, 128, 3) and np.abs(a - b).mean() < 2.0
+    trt = tmp_path / "trt.mp4"
+    code, _, err = run(capsys, "demo", "--backend", "tensorrt", "--work-dir", work, "--max-frames", 4, *FAST, "-o", trt)
+    if code == 0:  # a TensorRT machine: fp16 plans of the same networks
+        c = np.stack(frames_of(trt)).astype(np.float64)
+        assert c.shape == b.shape and np.abs(c - b).mean() < 8.0
+    else:
+        assert code == 2 and "backend 'tensorrt' is unavailable" in err and not trt.exists()
+
+
 def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo_user.mp4"
