@@ -316,8 +316,7 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
         saved: dict[str, Any] = {}
         try:
             cfg, sub_options = mode_settings(sc, mode, work_dir)
-            backend = mode_backend(mode)
-            if backend != "torch":
+            if mode_backend(mode)["name"] != "torch":
                 sub, ledger = _graph_submodels(sc, cfg, mode, device, work_dir, torch_sub, torch_ledger)
             saved = {k: getattr(sub, k) for k in sub_options}
             for k, v in sub_options.items():
@@ -335,10 +334,11 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                 setattr(sub, k, v)
 
 
-def mode_backend(mode: str) -> str:
-    """The backend a mode runs on: ``torch`` unless a variant names a graph backend."""
-    names = [VARIANTS[v]["backend"]["name"] for v in mode.split("+")[1:] if "backend" in VARIANTS.get(v, {})]
-    return names[-1] if names else "torch"
+def mode_backend(mode: str) -> dict[str, Any]:
+    """The backend settings of a mode: ``{"name": "torch"}`` unless a variant names a graph backend (its
+    ``VARIANTS`` entry, e.g. ``{"name": "tensorrt", "cuda_graphs": True}``)."""
+    found = [VARIANTS[v]["backend"] for v in mode.split("+")[1:] if "backend" in VARIANTS.get(v, {})]
+    return found[-1] if found else {"name": "torch"}
 
 
 def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfig, dict[str, Any]]:
@@ -373,11 +373,11 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.
     from megactor_rt.runtime.onnx_backend import exported_submodels
     from megactor_rt.weights import build_models
 
-    backend = mode_backend(mode)
+    options = mode_backend(mode)
+    backend = options["name"]
     require_backend(backend)  # its reason, before building a second copy of the networks
     models = build_models(model_config(sc.model, sc.image_size), seed=0)  # the twin's weights, fp32 on the CPU
     models.weights_id = twin.weights_id
-    options = next(VARIANTS[v]["backend"] for v in reversed(mode.split("+")[1:]) if "backend" in VARIANTS[v])
     precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
     sub = exported_submodels(models, backend, work_dir / f"{sc.model}-{sc.image_size}-w{sc.window}", device, precision, cfg,
                              torch_fallback=lambda dtype: twin, cuda_graphs=options.get("cuda_graphs", False))

@@ -360,9 +360,9 @@ class _FrameClock:
                                any_frame=False)
                 frames = container.decode(stream)
                 for frame in frames:
-                    i = self.index(frame, -1)
                     if frame.pts is None:
                         raise _SeekFailed("a frame without a timestamp after seeking")
+                    i = self.index(frame, -1)
                     if frame.key_frame and i <= skip:
                         logger.debug("seek to frame %d: decoding from key frame %d", skip, i)
                         return itertools.chain([frame], frames)

@@ -133,9 +133,7 @@ class Animator:
         require_backend(backend)
         if compile and backend != "torch":
             raise ValueError(f"compile applies to the torch backend only, not '{backend}'")
-        if cuda_graphs and backend != "tensorrt":
-            raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not '{backend}' (torch: "
-                             "compile='reduce-overhead')")
+        _check_cuda_graphs(backend, cuda_graphs)
         dev = torch.device(device) if device else default_device()
         prec = Precision(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         if backend == "torch":
@@ -159,17 +157,14 @@ class Animator:
         a check of that backend's install in a minute, without real weights. Precision: fp32 (torch,
         onnxruntime), fp16 (tensorrt) unless given; device: cpu (torch, onnxruntime), cuda (tensorrt).
         """
+        _check_cuda_graphs(backend, cuda_graphs)
         models = build_models(tiny_config(), seed=seed)
         models.weights_id = f"tiny-random-{seed}"
         if backend == "torch":
-            if cuda_graphs:
-                raise ValueError("cuda_graphs applies to the tensorrt backend only, not 'torch'")
             prec = Precision(precision) if precision else Precision.FP32
             return cls(TorchSubmodels(models, device or "cpu", prec.torch_dtype), config)
         from megactor_rt.runtime.onnx_backend import exported_submodels
 
-        if cuda_graphs and backend != "tensorrt":
-            raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not '{backend}'")
         dev = torch.device(device or ("cuda" if backend == "tensorrt" else "cpu"))
         prec = Precision(precision) if precision else (Precision.FP16 if backend == "tensorrt" else Precision.FP32)
         cfg = config or AnimateConfig()
@@ -472,6 +467,12 @@ class Animator:
     def with_config(self, **changes: Any) -> Animator:
         """A new Animator sharing submodels and cache with some settings changed."""
         return Animator(self.sub, replace(self.config, **changes), self.cache)
+
+
+def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:
+    if cuda_graphs and backend != "tensorrt":
+        raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not '{backend}' (torch: "
+                         "compile='reduce-overhead')")
 
 
 def demo_work_dir() -> Path:

@@ -219,17 +219,15 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
         logger.info("onnxruntime graphs: %s", sorted(ort_runners))
         return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype,
                               graph_weights=graph_weights)
-    sub = _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
-                              want, force_fallback, fallback, cuda_graphs)
-    sub.graph_weights = graph_weights
-    return sub
+    return _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
+                               want, force_fallback, fallback, cuda_graphs, graph_weights=graph_weights)
 
 
 def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Callable[[torch.dtype], Submodels],
                         engine_dir: str | Path | None, manifest: Manifest, ort_runners: dict[str, Runner],
                         device: torch.device, dtype: torch.dtype, precision: str,
-                        force_fallback: str | Sequence[str] | None, fallback: str, cuda_graphs: bool = False
-                        ) -> GraphSubmodels:
+                        force_fallback: str | Sequence[str] | None, fallback: str, cuda_graphs: bool = False,
+                        *, graph_weights: Mapping[str, str | None] | None = None) -> GraphSubmodels:
     from megactor_rt.engine.runner import TensorRTRunner
     from megactor_rt.engine.select import select_backends
 
@@ -244,7 +242,8 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
         elif choice.backend == "onnxruntime":
             runners[graph] = ort_runners[graph]
     torch_fb = torch_fallback(dtype) if len(runners) < len(choices) else None
-    return GraphSubmodels("tensorrt", cfg, weights_id, runners, device, dtype, fallback=torch_fb)
+    return GraphSubmodels("tensorrt", cfg, weights_id, runners, device, dtype, fallback=torch_fb,
+                          graph_weights=graph_weights)
 
 
 def graphs_needed(cfg: AnimateConfig) -> list[str]:

@@ -73,9 +73,16 @@ def _to_diffusers_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def tiny_decoder_file(path: str | Path) -> Path:
-    """The weights file of a ``--tiny-decoder`` path (a diffusers folder's safetensors, or the file itself)."""
+    """The weights file of a ``--tiny-decoder`` path (a diffusers folder's safetensors, or the file itself).
+
+    Raises:
+        WeightsError: the file is missing.
+    """
     path = Path(path)
-    return path / _DIFFUSERS_WEIGHTS if path.is_dir() else path
+    file = path / _DIFFUSERS_WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise WeightsError(f"{file}: tiny decoder weights not found (TAESD for SD 1.x: {TAESD_URL})")
+    return file
 
 
 def tiny_decoder_id(path: str | Path) -> str:
@@ -87,8 +94,6 @@ def tiny_decoder_id(path: str | Path) -> str:
     import hashlib
 
     file = tiny_decoder_file(path)
-    if not file.is_file():
-        raise WeightsError(f"{file}: tiny decoder weights not found (TAESD for SD 1.x: {TAESD_URL})")
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -104,8 +109,6 @@ def load_tiny_decoder(path: str | Path) -> DecoderTiny:
             (for example a 16-channel ``taesd3``/``taef1`` model), each naming the file.
     """
     file = tiny_decoder_file(path)
-    if not file.is_file():
-        raise WeightsError(f"{file}: tiny decoder weights not found (TAESD for SD 1.x: {TAESD_URL})")
     sd = _to_diffusers_keys(_read_state_dict(file))
     model = build_tiny_decoder()
     expected = model.state_dict()
