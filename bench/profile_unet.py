@@ -5,7 +5,8 @@ times the optimized call (with the Triton kernels for the motion-module attentio
 GroupNorm+SiLU, and again with each and both switched off for comparison; batch-1 down path shared by both CFG halves, bank attention in the conditional
 half only) and the upstream-style call (batch 2, bank attention for both halves, uncond recomputed) with
 CUDA events, counts their FLOPs (torch.utils.flop_counter), times the call a ``--feature-reuse`` step makes
-instead (the shallow path from a kept deep feature), and profiles the optimized call: device time per
+instead (the shallow path from a kept deep feature) and the optimized call for ``--window-batch`` windows at
+once (``AnimateConfig.window_batch``; reported per window), and profiles the optimized call: device time per
 kernel class (GEMM, attention, convolution, normalisation, other) and the top kernels. Also times the
 optimized call with the UNet in channels_last memory format (a layout experiment; same math).
 
@@ -87,6 +88,8 @@ def main() -> None:
                     help="which call torch.profiler breaks down by kernel class (default: eager; none with --quick)")
     ap.add_argument("--name", default="", help="suffix of the output files (profile_unet-NAME.*)")
     ap.add_argument("--quick", action="store_true", help="skip the upstream call, the profile and channels_last")
+    ap.add_argument("--window-batch", type=int, default=3, metavar="K",
+                    help="also time one eager call holding K windows (reported per window; default 3, 1: skip)")
     args = ap.parse_args()
     profile_what = args.profile or ("none" if args.quick else "eager")
     if profile_what == "compiled" and not args.compile:
@@ -116,6 +119,13 @@ def main() -> None:
     def optimized() -> object:
         return unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True)
 
+    k = args.window_batch
+    lat_k, pose_k = lat1.repeat(k, 1, 1, 1, 1), pose1.repeat(k, 1, 1, 1, 1)
+
+    @torch.inference_mode()
+    def windows() -> object:  # K windows in one call (AnimateConfig.window_batch): the same math per window
+        return unet(lat_k, t, tokens, pose_k, bank, n_uncond=1, shared_down=True)
+
     @torch.inference_mode()
     def upstream() -> object:
         return unet(lat2, t, tok2, pose2, bank2, n_uncond=1, upstream=True)
@@ -138,6 +148,10 @@ def main() -> None:
         flops = count_flops(fn)
         report["calls"][name] = {"seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
     opt_tflop = report["calls"]["optimized"]["tflop"]
+    if k > 1:  # cheap (eager), so also with --quick; seconds and FLOPs per window
+        secs, flops = time_call(windows, dev) / k, count_flops(windows) / k
+        report["calls"][f"optimized, {k} windows per call (per window)"] = {
+            "seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
     if dev.type == "cuda":  # the same eager call with the Triton kernels switched off (eager reads the switches)
         for label, switches in TRITON_OFF:
             os.environ.update(dict.fromkeys(switches, "0"))

@@ -69,6 +69,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-decoder": {"config": {"tiny_decoder": "random"}},
     # changes the math: open context windows (no wrap-around); the optimized mode then streams its frames
     "no-wrap": {"config": {"closed_loop": False}},
+    # same math: up to 2 or 3 context windows per UNet call (AnimateConfig.window_batch)
+    "batch2": {"config": {"window_batch": 2}},
+    "batch3": {"config": {"window_batch": 3}},
     # the same networks as exported graphs (from the same random weights, into the bench's work folder): under
     # onnxruntime, or as TensorRT plans built there first (minutes per graph at full size; needs TensorRT)
     "onnxruntime": {"backend": {"name": "onnxruntime"}},
@@ -99,10 +102,18 @@ SUITES: dict[str, list[Scenario]] = {
         Scenario("faster: the second of 2 steps reuses the first's deep features", "full", 256, 8, 4, 2, 2,
                  modes=("optimized",), feature_reuse=2, note="changes the math: feature reuse"),
     ],
+    # same math, bigger UNet calls (AnimateConfig.window_batch): the tiny model is overhead-bound, as a GPU is
+    # for small calls; at full size the CPU's matrix multiplies are large already
+    "cpu-window-batch": [
+        Scenario("tiny 128px, 12 frames (6 windows), w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2,
+                 modes=("optimized", "optimized+batch2", "optimized+batch3"), note="same math"),
+        Scenario("full-size 256px, 8 frames (4 windows), w4/o2, 2 steps", "full", 256, 8, 4, 2, 2,
+                 modes=("optimized", "optimized+batch2"), note="same math"),
+    ],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
                  modes=("reference", "optimized", "optimized+compile", "optimized+compile-graphs",
-                        "optimized+no-wrap"), precision="fp16"),
+                        "optimized+batch3", "optimized+no-wrap"), precision="fp16"),
         Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
         Scenario("faster: 6 steps, w16/o0", "full", 512, 48, 16, 0, 6, modes=("optimized", "optimized+compile"),
@@ -385,10 +396,12 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.
 
 
 def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
-    """The untimed warm-up run before a mode's timed runs: over one window of frames, the fewest leading steps
-    that make every kind of UNet call the run makes (one step, unless CFG truncation or feature reuse add
-    kinds; ``AnimateConfig.warmup_steps``)."""
-    return replace(cfg, steps=cfg.warmup_steps(), max_frames=min(sc.frames, sc.window))
+    """The untimed warm-up run before a mode's timed runs: over one window of frames (``window_batch`` K > 1:
+    the frames of K windows, so calls of K windows are met too), the fewest leading steps that make every kind
+    of UNet call the run makes (one step, unless CFG truncation or feature reuse add kinds;
+    ``AnimateConfig.warmup_steps``)."""
+    frames = sc.window + (cfg.window_batch - 1) * (sc.window - sc.overlap)
+    return replace(cfg, steps=cfg.warmup_steps(), max_frames=min(sc.frames, frames))
 
 
 def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,

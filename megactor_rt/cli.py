@@ -19,7 +19,8 @@ logger = logging.getLogger("megactor_rt")
 
 HF_REPO = "HVSiniX/RawVideoDriven"
 # megactor_rt.benchmark.SUITES (not imported here: it imports torch)
-SUITE_HELP = "cpu-tiny, cpu-smoke, cpu-full-256, cpu-stream, cpu-backends, long-tiny, gpu-full, gpu-backends"
+SUITE_HELP = ("cpu-tiny, cpu-smoke, cpu-full-256, cpu-window-batch, cpu-stream, cpu-backends, long-tiny, gpu-full, "
+              "gpu-backends")
 
 
 def seconds(text: str) -> float:
@@ -62,6 +63,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="open context windows (changes the result): the clip's end no longer shares windows with "
                         "its start (upstream wraps them); frames are then written while the rest still denoises, "
                         "so long drivers give their first frames early")
+    p.add_argument("--window-batch", type=int, default=1, metavar="K",
+                   help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
+                        "K times the activation memory; optimized mode with wrapping windows, torch backend; "
+                        "default 1, as upstream)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--reference-timestep", type=int, default=None,
                    help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
@@ -111,7 +116,7 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
                              max_frames=args.max_frames, cfg_steps=args.cfg_steps,
                              tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse,
                              closed_loop=args.closed_loop, fps=args.fps, start=args.start,
-                             duration=args.duration)
+                             duration=args.duration, window_batch=args.window_batch)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
         raise InputError(f"bad run settings: {exc}") from exc
 

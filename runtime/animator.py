@@ -226,6 +226,18 @@ class Animator:
         with memory_errors("warming up", self.sub.device):
             return self._warmup(config or self.config)
 
+    def window_batch(self, cfg: AnimateConfig) -> int:
+        """Context windows per UNet call for a run of ``cfg`` (``AnimateConfig.window_batch`` where it
+        applies: the optimized mode's step-by-step loop, on a backend whose UNet takes several; else 1)."""
+        if cfg.window_batch == 1 or cfg.mode is not Mode.OPTIMIZED or cfg.streams_frames:
+            return 1
+        most = self.sub.max_window_batch
+        if most is not None and most < cfg.window_batch:
+            logger.info("window_batch %d: the %s backend's UNet takes %d window(s) per call",
+                        cfg.window_batch, self.sub.name, most)
+            return most
+        return cfg.window_batch
+
     def _warmup(self, cfg: AnimateConfig) -> float:
         t0 = time.perf_counter()
         mcfg, size, h = self.sub.config, self.image_size, self.latent_size
@@ -236,15 +248,17 @@ class Animator:
         pose = self.sub.pose_features(torch.zeros(cfg.window, 3, size, size), scale, shift)
         t = mcfg.scheduler.num_train_timesteps - 1
         bank = self.sub.reference_bank(mean, t, tokens)
-        lat = torch.zeros(1, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
         pose = pose.permute(1, 0, 2, 3)[None]
-        kept: torch.Tensor | None = None
-        for kind in cfg.step_kinds():  # every kind of UNet call the run makes, in the order it first makes them
-            pair = {"n_uncond": 1, "shared_down": True} if kind.cfg else {}
-            deep = reusable(kept, kind.cfg) if kind.reuse else None
-            out = self.sub.unet(lat, t, tokens, pose, bank, deep=deep,
-                                keep_deep=cfg.reuses_features and deep is None, **pair)
-            eps, kept = out if isinstance(out, tuple) else (out, kept)
+        per_call = self.window_batch(cfg)
+        for k in sorted({1, per_call}):  # calls of one window (short drivers) and of window_batch windows
+            lat = torch.zeros(k, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
+            kept: torch.Tensor | None = None
+            for kind in cfg.step_kinds():  # every kind of UNet call the run makes, in the order it first makes them
+                pair = {"n_uncond": 1, "shared_down": True} if kind.cfg else {}
+                deep = reusable(kept, kind.cfg, k) if kind.reuse else None
+                out = self.sub.unet(lat, t, tokens, pose.expand(k, -1, -1, -1, -1), bank, deep=deep,
+                                    keep_deep=cfg.reuses_features and deep is None, **pair)
+                eps, kept = out if isinstance(out, tuple) else (out, kept)
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny)
         if self.sub.device.type == "cuda":
@@ -347,6 +361,7 @@ class Animator:
         else:  # the driver's second pass and PoseGuider run as the windows first need their frames
             feed = PoseFeed(sub, frames, n, state.film_scale, state.film_shift, windows, POSE_BATCH)
             model = OptimizedPredictor(sub, state, feed, cfg.guidance, cfg.reference_timestep, cfg.reuses_features)
+            model.window_batch = self.window_batch(cfg)
         h = self.latent_size
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)

@@ -45,6 +45,34 @@ class EpsModel(Protocol):
         ...
 
 
+class BatchedEpsModel(EpsModel, Protocol):
+    """An ``EpsModel`` that can also predict several windows in one call (``denoise`` uses it when its
+    ``window_batch`` is above 1)."""
+
+    window_batch: int
+
+    def predict_windows(self, latents: torch.Tensor, frames: Sequence[torch.Tensor], step: DDIMStep,
+                        windows: Sequence[int]) -> list[torch.Tensor]:
+        """``predict`` for K windows of equal length: ``latents (K, 4, F, h, w)``, their frame indices and
+        positions -> K predictions, each as ``predict`` returns it."""
+        ...
+
+
+def window_batches(windows: Sequence[Sequence[int]], batch: int) -> list[list[int]]:
+    """Positions of ``windows`` grouped into UNet calls of at most ``batch`` windows each: consecutive
+    windows of equal length, in order, as many full calls as possible (a run whose window count is not a
+    multiple of ``batch`` ends each step with one smaller call)."""
+    if batch < 1:
+        raise ValueError(f"window batch must be >= 1, got {batch}")
+    groups: list[list[int]] = []
+    for k, w in enumerate(windows):
+        if groups and len(groups[-1]) < batch and len(windows[groups[-1][0]]) == len(w):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
+
+
 StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
 
 
@@ -56,7 +84,9 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
 
     Args:
         latents: initial noise ``(1, 4, N, h, w)``.
-        model: window noise predictor; returns both CFG halves when ``guidance != 1``.
+        model: window noise predictor; returns both CFG halves when ``guidance != 1``. A ``BatchedEpsModel``
+            whose ``window_batch`` is K > 1 gets up to K windows per call (``window_batches``); every frame
+            still sums its windows' predictions in window order.
         plan: DDIM steps (timesteps and alpha-bars).
         windows: frame indices of each context window (see ``context_windows``).
         guidance: CFG scale; 1.0 means conditional only.
@@ -71,6 +101,9 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         Final latents ``(1, 4, N, h, w)``.
     """
     counts, indices = _coverage(latents, windows)
+    per_call = getattr(model, "window_batch", 1)
+    batched: BatchedEpsModel | None = model if per_call > 1 else None  # type: ignore[assignment]
+    groups = window_batches(windows, per_call)
     bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
     for i, step in enumerate(plan):
         if on_step is not None:
@@ -79,12 +112,19 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         halves = 2 if kind.cfg else 1
         model.begin_step(step, kind)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for k, idx in enumerate(indices):
-            eps = model.predict(latents[:, :, idx], idx, step, k)  # (halves, 4, F, h, w)
-            if eps.shape[0] != halves:
-                raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
-            acc.index_add_(2, idx, eps.to(acc.dtype))
-            bar.update(1)
+        for group in groups:
+            if len(group) == 1:
+                k = group[0]
+                preds = [model.predict(latents[:, :, indices[k]], indices[k], step, k)]  # (halves, 4, F, h, w)
+            else:
+                assert batched is not None  # groups of several windows only come from a batched model
+                lat = torch.cat([latents[:, :, indices[k]] for k in group])
+                preds = batched.predict_windows(lat, [indices[k] for k in group], step, group)
+            for k, eps in zip(group, preds, strict=True):  # summed in window order, as one window per call does
+                if eps.shape[0] != halves:
+                    raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
+                acc.index_add_(2, indices[k], eps.to(acc.dtype))
+                bar.update(1)
         guided = torch.empty_like(latents) if callback is not None else None
         latents = ddim_cfg_update(acc, counts, latents, guidance, step.alpha_t, step.alpha_prev, eps_out=guided)
         if callback is not None and guided is not None:  # guided is made exactly when there is a callback

@@ -71,6 +71,8 @@ class OrtRunner(Runner):
 class GraphSubmodels(Submodels):
     """Submodels backed by graph runners keyed by graph name, with an optional per-graph fallback."""
 
+    max_window_batch = 1  # the UNet graphs are exported for one context window (batch 1, its CFG pair inside)
+
     def __init__(self, name: str, config: ModelConfig, weights_id: str, runners: Mapping[str, Runner],
                  device: torch.device, dtype: torch.dtype, fallback: Submodels | None = None,
                  graph_weights: Mapping[str, str | None] | None = None) -> None:

@@ -26,12 +26,13 @@ from megactor_rt.runtime.portrait import PortraitState
 from megactor_rt.runtime.submodels import Submodels
 
 
-def reusable(deep: torch.Tensor | None, cfg: bool) -> torch.Tensor | None:
-    """The part of a kept deep feature ``(B, F, C, h, w)`` a call of this kind can reuse: the CFG pair needs
-    both halves (B = 2, [uncond, cond]); a conditional-only call takes the conditional (last) one."""
-    if deep is None or (cfg and deep.shape[0] != 2):
+def reusable(deep: torch.Tensor | None, cfg: bool, windows: int = 1) -> torch.Tensor | None:
+    """The part of a kept deep feature ``(B, F, C, h, w)`` of ``windows`` windows a call of this kind can reuse:
+    the CFG pair needs both halves (B = 2 x windows, [uncond | cond]); a conditional-only call takes the
+    conditional (last) ones."""
+    if deep is None or (cfg and deep.shape[0] != 2 * windows):
         return None
-    return deep if cfg else deep[-1:]
+    return deep if cfg else deep[-windows:]
 
 
 def kept_feature_bytes(windows: int, window: int, cfg: bool, channels: int, latent: int, itemsize: int) -> int:
@@ -136,16 +137,50 @@ class _Base:
             self._keep(window, kept)
         return out
 
+    def unet_windows(self, windows: Sequence[int], latents: torch.Tensor, timestep: int, tokens: torch.Tensor,
+                     pose: torch.Tensor) -> list[torch.Tensor]:
+        """One ``sub.unet`` call for several windows (``latents (K, 9, F, h, w)``, ``pose (K, 4, F, h, w)``, the
+        CFG halves shared-down): each window's output ``(halves, 4, F, h, w)``, with feature reuse as in
+        ``unet``. The call's output is [K uncond | K cond] (CFG) or [K cond]; window j's rows are j and K + j."""
+        k = len(windows)
+        deeps = [reusable(self.deep.get(w), self.cfg) if self.reuse else None for w in windows]
+        if any(d is None for d in deeps) and any(d is not None for d in deeps):  # never in step order; exact anyway
+            return [self.unet(w, latents[j:j + 1], timestep, tokens, pose[j:j + 1], **self._pair())
+                    for j, w in enumerate(windows)]
+        deep = None
+        if deeps[0] is not None:
+            parts = [d for d in deeps if d is not None]
+            deep = torch.cat([d[h:h + 1] for h in range(parts[0].shape[0]) for d in parts])  # [uncond.. | cond..]
+            if self.offload:
+                deep = deep.to(latents.device, non_blocking=True)
+        out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
+                            keep_deep=self.keep and deep is None, **self._pair())
+        kept = None
+        if isinstance(out, tuple):
+            out, kept = out
+        halves = out.shape[0] // k
+        eps = out.unflatten(0, (halves, k))  # (halves, K, 4, F, h, w)
+        if kept is not None:
+            kept = kept.unflatten(0, (halves, k))
+            for j, w in enumerate(windows):
+                self._keep(w, kept[:, j])
+        return [eps[:, j] for j in range(k)]
+
+    def _pair(self) -> dict[str, Any]:
+        """The CFG arguments of a ``sub.unet`` call with batch-1-per-window inputs (shared down path)."""
+        return {"n_uncond": 1, "shared_down": True} if self.cfg else {}
+
     def _keep(self, window: int, deep: torch.Tensor) -> None:
         if not self.offload:
             self.deep[window] = deep
             return
         host = self.deep.get(window)
-        if host is None or host.shape != deep.shape or host.stride() != deep.stride():
-            # same layout as on the device (the kernels that read it back choose by layout); pinned on CUDA, so
+        layout = torch.empty_like(deep, device="meta")  # the device's strides where dense, else suggested ones
+        if host is None or host.shape != deep.shape or host.stride() != layout.stride():
+            # same layout as on the device (the kernels that read it back choose by layout; a window's part of a
+            # several-window call is not dense and gets the layout torch suggests for it); pinned on CUDA, so
             # the copies queue without a host wait
-            host = self.deep[window] = torch.empty_strided(deep.shape, deep.stride(), dtype=deep.dtype,
-                                                           pin_memory=deep.device.type == "cuda")
+            host = self.deep[window] = torch.empty_like(deep, device="cpu", pin_memory=deep.device.type == "cuda")
         host.copy_(deep, non_blocking=True)  # stream order keeps it ahead of the next step's read
 
     def ref_t(self, step: DDIMStep) -> int:
@@ -164,6 +199,7 @@ class OptimizedPredictor(_Base):
         computes it as windows need it."""
         super().__init__(sub, state, guidance, reference_timestep, feature_reuse)
         self.pose = pose_features
+        self.window_batch = 1  # windows per UNet call in ``denoise`` (``predict_windows``; see AnimateConfig)
 
     def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
         super().begin_step(step, kind)
@@ -171,12 +207,20 @@ class OptimizedPredictor(_Base):
 
     def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep, window: int) -> torch.Tensor:
         lat = self.window_latents(latents, frames)
+        return self.unet(window, lat, step.timestep, self.state.tokens, self._pose(window, frames), **self._pair())
+
+    def predict_windows(self, latents: torch.Tensor, frames: Sequence[torch.Tensor], step: DDIMStep,
+                        windows: Sequence[int]) -> list[torch.Tensor]:
+        """``predict`` for K windows of equal length in one UNet call (``latents (K, 4, F, h, w)``): the same
+        math, a bigger batch (see ``AnimateConfig.window_batch``)."""
+        lat = torch.cat([self.window_latents(latents[j:j + 1], f) for j, f in enumerate(frames)])
+        pose = torch.cat([self._pose(w, f) for w, f in zip(windows, frames)])
+        return self.unet_windows(windows, lat, step.timestep, self.state.tokens, pose)
+
+    def _pose(self, window: int, frames: torch.Tensor) -> torch.Tensor:
         if isinstance(self.pose, PoseFeed):
-            pose = self.pose.window(window, frames)
-        else:
-            pose = self.pose.index_select(2, frames.to(self.pose.device))
-        pair = {"n_uncond": 1, "shared_down": True} if self.cfg else {}  # batch-1 inputs, output [uncond, cond]
-        return self.unet(window, lat, step.timestep, self.state.tokens, pose, **pair)
+            return self.pose.window(window, frames)
+        return self.pose.index_select(2, frames.to(self.pose.device))
 
 
 class ReferencePredictor(_Base):

@@ -21,6 +21,7 @@ class Submodels(ABC):
     """Backend-specific execution of: CLIP, VAE encode/decode, FiLM, PoseGuider, ReferenceNet, temporal UNet."""
 
     name = "abstract"
+    max_window_batch: int | None = None  # context windows one ``unet`` call may hold (None: any number)
 
     def __init__(self, config: ModelConfig, weights_id: str, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config

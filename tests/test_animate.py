@@ -159,6 +159,28 @@ def test_reference_and_optimized_modes_agree(anim: Animator, media: dict[str, Pa
     assert diff <= 1
 
 
+def test_window_batch_is_the_same_video_in_fewer_calls(anim: Animator, media: dict[str, Path],
+                                                      optimized_run: Run) -> None:
+    """``window_batch`` 3: the 6-frame driver's 3 windows in one UNet call per step, the same frames."""
+    batched = list(anim.animate(anim.prepare(PORTRAIT), media["audio"], config=replace(CFG, window_batch=3)))
+    assert anim.last_stats.calls["unet"] == CFG.steps == optimized_run.stats.calls["unet"] // 3
+    diff = max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(batched, optimized_run.frames))
+    assert len(batched) == 6 and diff <= 1
+
+
+def test_window_batch_applies_where_several_windows_share_a_call(anim: Animator,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    assert anim.window_batch(replace(CFG, window_batch=4)) == 4
+    assert anim.window_batch(replace(CFG, window_batch=4, mode=Mode.REFERENCE)) == 1  # upstream: one per call
+    assert anim.window_batch(replace(CFG, window_batch=4, closed_loop=False)) == 1  # streaming order
+    monkeypatch.setattr(anim.sub, "max_window_batch", GraphSubmodels.max_window_batch)  # one-window graphs
+    assert anim.window_batch(replace(CFG, window_batch=4)) == 1
+    with pytest.raises(ValueError, match="window_batch must be >= 1"):
+        replace(CFG, window_batch=0)
+
+
 # ---------------------------------------------------------------------------------------------- caching
 
 
@@ -427,6 +449,22 @@ def test_warmup_covers_every_unet_call_of_feature_reuse(anim: Animator) -> None:
         seen.clear()
         anim.warmup(replace(CFG, steps=4, cfg_steps=1, feature_reuse=2))  # kinds: pair whole, cond reuse, whole
         assert seen == [(1, False, True), (0, True, False), (0, False, True)]
+    finally:
+        del anim.sub.unet
+
+
+def test_warmup_covers_one_window_and_window_batch_calls(anim: Animator) -> None:
+    seen: list[int] = []
+    unet = anim.sub.unet
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(args[0].shape[0])  # type: ignore[attr-defined]
+        return unet(*args, **kwargs)  # type: ignore[arg-type]
+
+    anim.sub.unet = spy  # type: ignore[method-assign]
+    try:
+        anim.warmup(replace(CFG, window_batch=3))
+        assert seen == [1, 3]
     finally:
         del anim.sub.unet
 

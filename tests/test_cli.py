@@ -341,8 +341,10 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cli, "_report", lambda stats, out: None)
     model = tmp_path / "lm.dat"
     code, _, err = run(capsys, "demo", "--cfg-steps", 5, "--contour-preserve", "--landmarks-model", model,
-                       "--tiny-decoder", tmp_path / "taesd", "--feature-reuse", 3, "--no-wrap", "-o", tmp_path / "o.mp4")
+                       "--tiny-decoder", tmp_path / "taesd", "--feature-reuse", 3, "--no-wrap", "--window-batch", 3,
+                       "-o", tmp_path / "o.mp4")
     assert code == 0, err
+    assert seen["config"].window_batch == 3  # type: ignore[attr-defined]
     assert seen["config"].closed_loop is False  # type: ignore[attr-defined]
     assert seen["config"].cfg_steps == 5  # type: ignore[attr-defined]
     assert seen["config"].feature_reuse == 3  # type: ignore[attr-defined]
@@ -355,6 +357,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     assert code == 0 and seen["contour"] is True and seen["config"].cfg_steps is None  # type: ignore[attr-defined]
     assert seen["config"].feature_reuse is None  # type: ignore[attr-defined]
     assert seen["config"].closed_loop is True  # type: ignore[attr-defined]
+    assert seen["config"].window_batch == 1  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="cfg_steps must be >= 0"):
         AnimateConfig(cfg_steps=-1)
 
@@ -366,6 +369,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     (("--max-frames", 0), "max_frames must be >= 1"),
     (("--fps", 0), "fps must be > 0"),
     (("--duration", 0), "duration must be > 0 seconds"),
+    (("--window-batch", 0), "window_batch must be >= 1"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: tuple, message: str) -> None:

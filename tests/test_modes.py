@@ -32,13 +32,14 @@ def setup():
 
 
 def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=None, cfg_steps=None, callback=None,
-         feature_reuse=None, models=None, offload=False, closed_loop=True, stream=None):
+         feature_reuse=None, models=None, offload=False, closed_loop=True, stream=None, window_batch=1):
     idx = [i % frames.shape[0] for i in range(n)]
     fr = frames[idx]
     keep = (feature_reuse or 1) > 1
     if mode == "optimized":
         pose = sub.pose_features(fr, state.film_scale, state.film_shift).permute(1, 0, 2, 3)[None]
         model = OptimizedPredictor(sub, state, pose, guidance, ref_t, keep)
+        model.window_batch = window_batch
     else:
         model = ReferencePredictor(sub, state, fr.permute(1, 0, 2, 3)[None], guidance, ref_t, keep)
     model.offload = offload
@@ -233,6 +234,42 @@ def test_feature_reuse_optimized_equals_reference(setup, steps, cfg_steps, reuse
     assert err <= 1e-4 * ref.abs().max().item(), f"optimized vs reference: {err:.3g}"
     plain = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=steps, cfg_steps=cfg_steps)
     assert (opt - plain).abs().max() > 1e-4  # the knob changed the result
+
+
+@pytest.mark.parametrize("n,window,overlap,guidance,batch,knobs", [
+    (7, 4, 2, 4.5, 3, {}),  # 4 wrapping windows: calls of 3 + 1
+    (10, 5, 1, 4.5, 2, {}),  # 3 windows: 2 + 1
+    (7, 4, 2, 1.0, 4, {}),  # no CFG: conditional only, all 4 windows in one call
+    (7, 4, 2, 4.5, 2, {"steps": 4, "cfg_steps": 2, "feature_reuse": 2}),  # both knobs, reuse in batches
+    (7, 4, 2, 4.5, 2, {"steps": 3, "cfg_steps": 1, "feature_reuse": 3, "offload": True}),
+])
+def test_window_batches_are_the_same_math(setup, n, window, overlap, guidance, batch, knobs):
+    """Several windows per UNet call (``window_batch``) give the one-window-per-call result (fp32 rounding) in
+    fewer calls, with CFG, without, and with the knobs that keep per-window state (feature reuse, offloaded)."""
+    sub, state, frames = setup
+    calls = []
+    for k in (1, batch):
+        before = sub.calls["unet"]
+        out = _run(sub, state, frames, n, window, overlap, guidance, "optimized", window_batch=k, **knobs)
+        calls.append(sub.calls["unet"] - before)
+        if k == 1:
+            one = out
+    err = (out - one).abs().max().item()
+    assert err <= 1e-5 * one.abs().max().item(), f"window_batch {batch} vs 1: {err:.3g}"
+    windows = len(context_windows(n, window, overlap))
+    per_step = -(-windows // batch)
+    assert calls == [knobs.get("steps", 2) * windows, knobs.get("steps", 2) * per_step]
+
+
+def test_window_batches_group_equal_windows_in_order():
+    from megactor_rt.runtime.denoise import window_batches
+
+    assert window_batches(context_windows(48, 16, 8), 2) == [[0, 1], [2, 3], [4, 5]]
+    assert window_batches(context_windows(48, 16, 8), 4) == [[0, 1, 2, 3], [4, 5]]
+    assert window_batches(context_windows(3, 4, 2), 3) == [[0]]
+    assert window_batches([[0, 1], [1, 2], [2]], 3) == [[0, 1], [2]]  # only windows of one length share a call
+    with pytest.raises(ValueError, match="window batch must be >= 1"):
+        window_batches([[0]], 0)
 
 
 def test_step_kinds_and_warmup_steps():

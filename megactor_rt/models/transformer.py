@@ -23,7 +23,8 @@ class AttnContext:
     """Per-call arguments every spatial transformer needs.
 
     Attributes:
-        tokens: CLIP tokens ``(B, T, D)`` (one set per sample, shared by its frames).
+        tokens: CLIP tokens ``(B, T, D)`` (one set per sample, shared by its frames) or ``(1, T, D)`` (shared by
+            every sample; not with ``upstream``).
         frames: F, the frames per sample in the folded batch.
         n_uncond: leading samples that attend without the bank (CFG unconditional half).
         upstream: evaluate the way upstream does (tokens repeated per frame before projection, bank K/V
@@ -62,9 +63,10 @@ class BasicTransformerBlock(nn.Module):
         tokens = ctx.tokens
         if ctx.upstream:  # upstream repeats the tokens per frame, then projects every copy
             k, v = self.attn2.project_kv(repeat_frames(tokens, ctx.frames))
-        else:  # project once per sample, share across frames: identical values
-            k, v = self.attn2.project_kv(tokens)  # (B, h, T, d)
-            k, v = (repeat_frames(t, ctx.frames) for t in (k, v))
+        else:  # project once per sample (or once for all: batch 1), share across frames: identical values
+            k, v = self.attn2.project_kv(tokens)  # (B or 1, h, T, d)
+            b = x.shape[0] // ctx.frames
+            k, v = (repeat_frames(t.expand(b, -1, -1, -1), ctx.frames) for t in (k, v))
         return self.attn2.attend(x, k, v)
 
     def _self_attention(self, n: torch.Tensor, ctx: AttnContext, bank: torch.Tensor | None) -> torch.Tensor:

@@ -164,14 +164,15 @@ class TemporalUNet(_UNetBase):
         Args:
             latents: ``(B, 9, F, h, w)`` = noisy latent 4 | reference latent 4 | background mask 1.
             timestep: scalar or ``(B,)``.
-            tokens: CLIP tokens ``(B, T, D)``.
+            tokens: CLIP tokens ``(B, T, D)``, or ``(1, T, D)`` shared by all samples (not with ``upstream``).
             pose_features: PoseGuider output ``(B, 4, F, h, w)``.
             bank: the 10 ReferenceNet tensors ``(Bb, L_i, C_i)`` for the conditional samples (Bb = 1 is
                 broadcast), or None for no reference attention anywhere.
             n_uncond: leading samples that attend without the bank (1 for upstream's CFG pair).
-            shared_down: inputs have batch 1; the path up to the first reference attention (conv_in, down
-                blocks, first mid resnet) runs once and is then duplicated into [uncond, cond]: output batch
-                2. Exact, since both CFG halves get identical inputs.
+            shared_down: the inputs are B samples (context windows) without their CFG twins; the path up to
+                the first reference attention (conv_in, down blocks, first mid resnet) runs once per sample and
+                is then duplicated into [B uncond, B cond]: output batch 2B (``n_uncond`` is then B). Exact,
+                since both CFG halves get identical inputs. ``tokens`` may have batch 1 (shared by all).
             upstream: evaluate the way upstream does (see ``AttnContext``).
             deep: feature reuse (changes the math): the deep feature ``(B_out, F, C0, h, w)`` a ``keep_deep``
                 call returned at an earlier step for the same frames. Only the shallow path runs: conv_in, the
@@ -192,9 +193,10 @@ class TemporalUNet(_UNetBase):
         x, skips = self.run_down(self.conv_in(x), temb, ctx, None if deep is None else REUSE_DOWN_LAYERS)
         if deep is None:
             x = self.mid_block.resnets[0](x, temb, f)
-        if shared_down:
-            b, ctx = 2, AttnContext(tokens.expand(2, -1, -1), f, 1, upstream)
-            x, temb = torch.cat([x, x]) if deep is None else x, temb.expand(2, -1)
+        if shared_down:  # [B samples] -> [B uncond | B cond]
+            pair = tokens if tokens.shape[0] == 1 else torch.cat([tokens, tokens])
+            b, ctx = 2 * b, AttnContext(pair, f, b, upstream)
+            x, temb = torch.cat([x, x]) if deep is None else x, temb.repeat(2, 1)
             skips = [torch.cat([s, s]) for s in skips]
         banks = list(bank) if bank is not None else None
         kept = None
