@@ -396,12 +396,13 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.
 
 
 def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
-    """The untimed warm-up run before a mode's timed runs: over one window of frames (``window_batch`` K > 1:
-    the frames of K windows, so calls of K windows are met too), the fewest leading steps that make every kind
-    of UNet call the run makes (one step, unless CFG truncation or feature reuse add kinds;
+    """The untimed warm-up run before a mode's timed runs: over one window of frames (with ``window_batch`` > 1
+    over all of the run's frames, so it meets the run's calls of several windows, whose sizes depend on the
+    window count, and no others: a compiled UNet compiles once per call size), the fewest leading steps that
+    make every kind of UNet call the run makes (one step, unless CFG truncation or feature reuse add kinds;
     ``AnimateConfig.warmup_steps``)."""
-    frames = sc.window + (cfg.window_batch - 1) * (sc.window - sc.overlap)
-    return replace(cfg, steps=cfg.warmup_steps(), max_frames=min(sc.frames, frames))
+    frames = sc.frames if cfg.window_batch > 1 else min(sc.frames, sc.window)
+    return replace(cfg, steps=cfg.warmup_steps(), max_frames=frames)
 
 
 def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,

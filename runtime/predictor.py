@@ -122,48 +122,36 @@ class _Base:
     def end_window(self, window: int) -> None:
         self.deep.pop(window, None)  # its kept feature: streaming runs hold only the windows in flight
 
-    def unet(self, window: int, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
-             **kwargs: Any) -> torch.Tensor:
-        """``sub.unet`` on this step's bank, with feature reuse: the shallow path where this step reuses and the
-        window has a kept feature of the right kind, else the whole UNet (keeping its deep feature when reuse
-        is on)."""
-        deep = reusable(self.deep.get(window), self.cfg) if self.reuse else None
+    def unet(self, windows: Sequence[int], latents: torch.Tensor, timestep: int, tokens: torch.Tensor,
+             pose: torch.Tensor, **kwargs: Any) -> list[torch.Tensor]:
+        """One ``sub.unet`` call on this step's bank for the K windows ``windows`` (``latents (K, 9, F, h, w)``,
+        ``pose (K, 4, F, h, w)``; ``kwargs``: the CFG arguments, by default the shared-down pair), with feature
+        reuse: the shallow path where this step reuses and the windows have kept features of the right kind,
+        else the whole UNet (keeping its deep features when reuse is on). Returns each window's output
+        ``(halves, 4, F, h, w)``: the call's is [K uncond | K cond] (CFG) or [K cond], so window j's rows are j
+        and K + j."""
+        kwargs = kwargs or self._pair()
+        k = len(windows)
+        deeps = [reusable(self.deep.get(w), self.cfg) if self.reuse else None for w in windows]
+        if k > 1 and any(d is None for d in deeps) and any(d is not None for d in deeps):  # not in step order
+            return [self.unet([w], latents[j:j + 1], timestep, tokens, pose[j:j + 1], **kwargs)[0]
+                    for j, w in enumerate(windows)]
+        deep = deeps[0]
+        if deep is not None and k > 1:  # [uncond of each window | cond of each window]
+            deep = torch.cat([d[half:half + 1] for half in range(deep.shape[0]) for d in deeps])  # type: ignore
         if deep is not None and self.offload:
             deep = deep.to(latents.device, non_blocking=True)  # from pinned memory: queued, no host wait
         out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
                             keep_deep=self.keep and deep is None, **kwargs)
-        if isinstance(out, tuple):
-            out, kept = out
-            self._keep(window, kept)
-        return out
-
-    def unet_windows(self, windows: Sequence[int], latents: torch.Tensor, timestep: int, tokens: torch.Tensor,
-                     pose: torch.Tensor) -> list[torch.Tensor]:
-        """One ``sub.unet`` call for several windows (``latents (K, 9, F, h, w)``, ``pose (K, 4, F, h, w)``, the
-        CFG halves shared-down): each window's output ``(halves, 4, F, h, w)``, with feature reuse as in
-        ``unet``. The call's output is [K uncond | K cond] (CFG) or [K cond]; window j's rows are j and K + j."""
-        k = len(windows)
-        deeps = [reusable(self.deep.get(w), self.cfg) if self.reuse else None for w in windows]
-        if any(d is None for d in deeps) and any(d is not None for d in deeps):  # never in step order; exact anyway
-            return [self.unet(w, latents[j:j + 1], timestep, tokens, pose[j:j + 1], **self._pair())
-                    for j, w in enumerate(windows)]
-        deep = None
-        if deeps[0] is not None:
-            parts = [d for d in deeps if d is not None]
-            deep = torch.cat([d[h:h + 1] for h in range(parts[0].shape[0]) for d in parts])  # [uncond.. | cond..]
-            if self.offload:
-                deep = deep.to(latents.device, non_blocking=True)
-        out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
-                            keep_deep=self.keep and deep is None, **self._pair())
-        kept = None
-        if isinstance(out, tuple):
-            out, kept = out
+        out, kept = out if isinstance(out, tuple) else (out, None)
         halves = out.shape[0] // k
-        eps = out.unflatten(0, (halves, k))  # (halves, K, 4, F, h, w)
         if kept is not None:
             kept = kept.unflatten(0, (halves, k))
             for j, w in enumerate(windows):
                 self._keep(w, kept[:, j])
+        if k == 1:
+            return [out]
+        eps = out.unflatten(0, (halves, k))  # (halves, K, 4, F, h, w)
         return [eps[:, j] for j in range(k)]
 
     def _pair(self) -> dict[str, Any]:
@@ -207,7 +195,7 @@ class OptimizedPredictor(_Base):
 
     def predict(self, latents: torch.Tensor, frames: torch.Tensor, step: DDIMStep, window: int) -> torch.Tensor:
         lat = self.window_latents(latents, frames)
-        return self.unet(window, lat, step.timestep, self.state.tokens, self._pose(window, frames), **self._pair())
+        return self.unet([window], lat, step.timestep, self.state.tokens, self._pose(window, frames))[0]
 
     def predict_windows(self, latents: torch.Tensor, frames: Sequence[torch.Tensor], step: DDIMStep,
                         windows: Sequence[int]) -> list[torch.Tensor]:
@@ -215,7 +203,7 @@ class OptimizedPredictor(_Base):
         math, a bigger batch (see ``AnimateConfig.window_batch``)."""
         lat = torch.cat([self.window_latents(latents[j:j + 1], f) for j, f in enumerate(frames)])
         pose = torch.cat([self._pose(w, f) for w, f in zip(windows, frames)])
-        return self.unet_windows(windows, lat, step.timestep, self.state.tokens, pose)
+        return self.unet(windows, lat, step.timestep, self.state.tokens, pose)
 
     def _pose(self, window: int, frames: torch.Tensor) -> torch.Tensor:
         if isinstance(self.pose, PoseFeed):
@@ -248,5 +236,5 @@ class ReferencePredictor(_Base):
         frames_in = self.driving.index_select(2, frames.to(self.driving.device))
         pose = self.sub.pose_guider_full(self._dup(frames_in), self._dup(s.ada_reference))
         lat = self._dup(self.window_latents(latents, frames))
-        return self.unet(window, lat, step.timestep, self._dup(s.tokens), pose, n_uncond=1 if self.cfg else 0,
-                         upstream=True)
+        return self.unet([window], lat, step.timestep, self._dup(s.tokens), pose, n_uncond=1 if self.cfg else 0,
+                         upstream=True)[0]

@@ -24,6 +24,16 @@ def _trt_reason() -> str | None:
     return None if torch.cuda.is_available() else "TensorRT needs a CUDA device"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker (the README's ``-n 2``: one per core), one intra-op thread per process, for its
+    subprocesses too: two workers with a thread per core each would oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -121,20 +121,20 @@ def test_the_cli_names_every_suite():
 
 
 def test_the_warm_up_meets_the_calls_of_window_batch_windows():
-    """A mode running K windows per UNet call warms up on enough frames for calls of K windows (a compiled UNet
-    compiles per batch size) and of fewer."""
-    from dataclasses import replace
-
+    """A mode running K windows per UNet call warms up on calls of the sizes the timed run makes, and no others
+    (a compiled UNet compiles per call size); one window per call warms up on one window."""
     from megactor_rt.benchmark import SUITES, mode_settings, warmup_config
     from megactor_rt.models.scheduler import context_windows
     from megactor_rt.runtime.denoise import window_batches
 
-    sc = SUITES["gpu-full"][0]
-    for mode, sizes in (("optimized", {1}), ("optimized+batch3", {3, 1})):
+    def sizes(sc, cfg):
+        return {len(g) for g in window_batches(context_windows(cfg.max_frames, sc.window, sc.overlap),
+                                               cfg.window_batch)}
+
+    for suite, mode in (("gpu-full", "optimized"), ("gpu-full", "optimized+batch3"),
+                        ("cpu-window-batch", "optimized+batch3")):
+        sc = SUITES[suite][0]
         cfg, _ = mode_settings(sc, mode, None)  # type: ignore[arg-type]
         warm = warmup_config(sc, cfg)
-        groups = window_batches(context_windows(warm.max_frames, sc.window, sc.overlap), cfg.window_batch)
-        assert {len(g) for g in groups} == sizes and warm.steps == 1
-        assert {len(g) for g in window_batches(context_windows(sc.frames, sc.window, sc.overlap),
-                                               cfg.window_batch)} <= sizes  # the timed run meets no new size
-    assert warmup_config(sc, replace(cfg, window_batch=2)).max_frames == 24
+        assert sizes(sc, warm) == sizes(sc, cfg) and warm.steps == 1
+        assert warm.max_frames == (sc.window if mode == "optimized" else sc.frames)
