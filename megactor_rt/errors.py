@@ -29,6 +29,7 @@ class ResourceError(MegactorError):
 
 # What lowers the memory a run needs, for ResourceError messages.
 MEMORY_HINT = ("lower the memory needed: a smaller context window (--window 8 --overlap 4, config window/overlap: "
-               "the UNet's activations grow with it), one window per UNet call (--window-batch 1, the default), CFG off or truncated (--guidance 1 or --cfg-steps K: CFG "
-               "doubles the UNet batch), no --feature-reuse (it keeps deep features per window), fp16 weights "
-               "(--precision fp16), or free the device (other processes: nvidia-smi)")
+               "the UNet's activations grow with it), one window per UNet call (--window-batch 1, the default), "
+               "CFG off or truncated (--guidance 1 or --cfg-steps K: CFG doubles the UNet batch), no "
+               "--feature-reuse (it keeps deep features per window), fp16 weights (--precision fp16), or free the "
+               "device (other processes: nvidia-smi)")

@@ -133,9 +133,9 @@ class _Base:
         kwargs = kwargs or self._pair()
         k = len(windows)
         deeps = [reusable(self.deep.get(w), self.cfg) if self.reuse else None for w in windows]
-        if k > 1 and any(d is None for d in deeps) and any(d is not None for d in deeps):  # not in step order
-            return [self.unet([w], latents[j:j + 1], timestep, tokens, pose[j:j + 1], **kwargs)[0]
-                    for j, w in enumerate(windows)]
+        if any(d is None for d in deeps) and any(d is not None for d in deeps):
+            # denoise's step order keeps every window of a step in the same state
+            raise ValueError(f"windows {list(windows)} share a UNet call but only some have a kept feature to reuse")
         deep = deeps[0]
         if deep is not None and k > 1:  # [uncond of each window | cond of each window]
             deep = torch.cat([d[half:half + 1] for half in range(deep.shape[0]) for d in deeps])  # type: ignore

@@ -10,6 +10,7 @@ import pytest
 import torch
 from golden_pack import GoldenPack, pack_dir
 
+from megactor_rt.config import StepKind
 from megactor_rt.models.scheduler import DDIM, context_windows
 from megactor_rt.runtime.denoise import denoise, denoise_stream
 from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
@@ -259,6 +260,15 @@ def test_window_batches_are_the_same_math(setup, n, window, overlap, guidance, b
     windows = len(context_windows(n, window, overlap))
     per_step = -(-windows // batch)
     assert calls == [knobs.get("steps", 2) * windows, knobs.get("steps", 2) * per_step]
+
+
+def test_a_call_of_several_windows_reuses_for_all_or_none(setup):
+    sub, state, _ = setup
+    model = OptimizedPredictor(sub, state, torch.zeros(1, 4, 8, 1, 1), 4.5, feature_reuse=True)
+    model.begin_step(DDIM().plan(2)[1], StepKind(cfg=True, reuse=True))
+    model.deep = {0: torch.zeros(2, 4, 8, 1, 1)}  # window 1 kept nothing
+    with pytest.raises(ValueError, match=r"windows \[0, 1\] share a UNet call but only some"):
+        model.unet([0, 1], torch.zeros(2, 9, 4, 1, 1), 1, state.tokens, torch.zeros(2, 4, 4, 1, 1))
 
 
 def test_window_batches_group_equal_windows_in_order():
