@@ -234,8 +234,9 @@ class AnimateConfig:
             end at the last frame; then the optimized mode also streams: frames are decoded and yielded as soon
             as they are final, long before the run ends on long drivers (see
             :func:`megactor_rt.runtime.denoise.denoise_stream`).
-        window_batch: context windows per temporal-UNet call, up to this many (1, default: one, as upstream's
-            evaluation). Exact-preserving: the windows of a step are independent (the frame-spanning GroupNorm and
+        window_batch: context windows per temporal-UNet call (1, default: one, as upstream's evaluation); K > 1:
+            calls of K windows, the windows left over one per call (two call shapes, both prepared by
+            ``Animator.warmup``). Exact-preserving: the windows of a step are independent (the frame-spanning GroupNorm and
             the motion modules stay within each window), so the result is the same up to floating-point
             reordering; bigger calls use a GPU better (fewer launches per window, fuller matrix multiplies
             at the small latent levels) for about ``window_batch`` times the activation memory. The optimized

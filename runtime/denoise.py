@@ -59,18 +59,23 @@ class BatchedEpsModel(EpsModel, Protocol):
 
 
 def window_batches(windows: Sequence[Sequence[int]], batch: int) -> list[list[int]]:
-    """Positions of ``windows`` grouped into UNet calls of at most ``batch`` windows each: consecutive
-    windows of equal length, in order, as many full calls as possible (a run whose window count is not a
-    multiple of ``batch`` ends each step with one smaller call)."""
+    """Positions of ``windows`` grouped into UNet calls, in order: ``batch`` consecutive windows of equal length
+    per call, and the windows left over (fewer than ``batch``) one per call. Calls thus hold 1 or ``batch``
+    windows, whatever the window count: the two shapes ``Animator.warmup`` prepares (a compiled UNet compiles
+    once per shape)."""
     if batch < 1:
         raise ValueError(f"window batch must be >= 1, got {batch}")
     groups: list[list[int]] = []
+    run: list[int] = []  # consecutive windows of one length not yet in a call
     for k, w in enumerate(windows):
-        if groups and len(groups[-1]) < batch and len(windows[groups[-1][0]]) == len(w):
-            groups[-1].append(k)
-        else:
-            groups.append([k])
-    return groups
+        if run and len(windows[run[0]]) != len(w):
+            groups += [[j] for j in run]
+            run = []
+        run.append(k)
+        if len(run) == batch:
+            groups.append(run)
+            run = []
+    return groups + [[j] for j in run]
 
 
 StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]

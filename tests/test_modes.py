@@ -258,7 +258,7 @@ def test_window_batches_are_the_same_math(setup, n, window, overlap, guidance, b
     err = (out - one).abs().max().item()
     assert err <= 1e-5 * one.abs().max().item(), f"window_batch {batch} vs 1: {err:.3g}"
     windows = len(context_windows(n, window, overlap))
-    per_step = -(-windows // batch)
+    per_step = windows // batch + windows % batch  # calls of `batch` windows, the rest one by one
     assert calls == [knobs.get("steps", 2) * windows, knobs.get("steps", 2) * per_step]
 
 
@@ -275,9 +275,12 @@ def test_window_batches_group_equal_windows_in_order():
     from megactor_rt.runtime.denoise import window_batches
 
     assert window_batches(context_windows(48, 16, 8), 2) == [[0, 1], [2, 3], [4, 5]]
-    assert window_batches(context_windows(48, 16, 8), 4) == [[0, 1, 2, 3], [4, 5]]
+    assert window_batches(context_windows(48, 16, 8), 4) == [[0, 1, 2, 3], [4], [5]]  # calls of 4 or of 1
+    assert window_batches(context_windows(48, 16, 8), 1) == [[k] for k in range(6)]
     assert window_batches(context_windows(3, 4, 2), 3) == [[0]]
-    assert window_batches([[0, 1], [1, 2], [2]], 3) == [[0, 1], [2]]  # only windows of one length share a call
+    # only windows of one length share a call
+    assert window_batches([[0, 1], [1, 2], [2, 3], [3]], 2) == [[0, 1], [2], [3]]
+    assert window_batches([[0], [0, 1], [1, 2]], 2) == [[0], [1, 2]]
     with pytest.raises(ValueError, match="window batch must be >= 1"):
         window_batches([[0]], 0)
 
