@@ -322,6 +322,13 @@ SEEK_MIN_SKIP = 60
 _SEEK_BACK_S = (0, 2, 10)
 
 
+# The driver's audio for a result that starts this far (seconds) or more into it is read from a seek to a
+# second before that point (AUDIO_SEEK_MARGIN_S: a decoder's warm-up after a seek falls before it); nearer, from
+# the beginning (demuxing takes about a second per 10 minutes of copied audio, decoding longer).
+AUDIO_SEEK_MIN_S = Fraction(10)
+AUDIO_SEEK_MARGIN_S = Fraction(1)
+
+
 class _SeekFailed(Exception):
     """Seeking could not position decoding at or before the start frame; decode from the beginning."""
 
@@ -577,6 +584,7 @@ class VideoWriter:
         self.frames_written = 0
         self._audio_in: av.container.InputContainer | None = None
         self._audio_in_stream: av.audio.stream.AudioStream | None = None
+        self._audio_path: Path | None = None
         self._audio_copy = False
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
@@ -600,6 +608,7 @@ class VideoWriter:
             logger.info("%s has no audio stream; the output will be silent", source)
             return
         self._audio_in, self._audio_in_stream = container, container.streams.audio[0]
+        self._audio_path = source
 
     def _setup_output(self, crf: int) -> None:
         options = {"movflags": "+faststart"} if self.path.suffix.lower() != ".mkv" else {}
@@ -699,31 +708,85 @@ class VideoWriter:
     def _mux_audio(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream,
                    duration: Fraction) -> None:
         """Carry the source audio of ``[offset, offset + duration)`` s over (copy: whole packets; transcode:
-        exact samples)."""
+        exact samples). From :data:`AUDIO_SEEK_MIN_S` on, reading starts at a seek to a second before the
+        offset; where that cannot be done exactly (the demuxer cannot seek, lands after that point, or frames
+        lack timestamps) it starts again from the beginning, before anything of the audio is written."""
+        seek = self._audio_offset >= AUDIO_SEEK_MIN_S
+        while True:
+            try:
+                (self._copy_audio if self._audio_copy else self._transcode_audio)(source, src, duration, seek)
+                return
+            except _SeekFailed as exc:
+                logger.info("%s: cannot seek the audio to %.1f s (%s); reading it from the beginning",
+                            self._audio_path, float(self._audio_offset), exc)
+                assert self._audio_path is not None  # set with the source
+                self._close_audio_in()
+                source = self._audio_in = _open_input(self._audio_path, what="audio source")
+                src = self._audio_in_stream = source.streams.audio[0]
+                seek = False
+
+    def _audio_clock(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream, seek: bool
+                     ) -> tuple[Fraction, Fraction, Fraction | None]:
+        """(stream time base, stream start in s, the time the first packet must not be after or None): with
+        ``seek``, the demuxer is positioned at or before a second ahead of the offset.
+
+        Raises:
+            _SeekFailed: the demuxer cannot seek there.
+        """
         tb = src.time_base or Fraction(1, src.codec_context.sample_rate or 1)
         start = (src.start_time or 0) * tb
+        if not seek:
+            return tb, start, None
+        aim = self._audio_offset - AUDIO_SEEK_MARGIN_S
+        try:
+            source.seek(math.floor((start + aim) / tb), stream=src, backward=True, any_frame=False)
+        except (av.error.FFmpegError, OverflowError, ValueError) as exc:
+            raise _SeekFailed(str(exc)) from exc
+        return tb, start, aim
+
+    def _copy_audio(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream,
+                    duration: Fraction, seek: bool) -> None:
+        tb, start, latest = self._audio_clock(source, src, seek)
         offset = self._audio_offset
-        if self._audio_copy:
-            shift = round(offset / tb)  # in stream ticks: the packet at the offset lands at 0
-            for packet in source.demux(src):
-                if packet.pts is None or packet.size == 0:
-                    continue  # flush packet
-                t = packet.pts * tb - start
-                if t < offset:  # (with no offset: nothing is skipped, timestamps are kept as they are)
-                    continue
-                if t - offset >= duration:
-                    break
-                if shift:
-                    packet.pts -= shift
-                    if packet.dts is not None:
-                        packet.dts -= shift
-                packet.stream = self._audio_out
-                self._out.mux(packet)
-            return
-        consumed = 0  # source samples read (the time of frames without a timestamp)
+        shift = round(offset / tb)  # in stream ticks: the packet at the offset lands at 0
+        for packet in source.demux(src):
+            if packet.pts is None or packet.size == 0:
+                continue  # flush packet
+            t = packet.pts * tb - start
+            if latest is not None:  # the first packet after the seek must come from before the aim
+                if t > latest:
+                    raise _SeekFailed(f"the first packet after seeking is at {float(t):.2f} s")
+                latest = None
+            if t < offset:  # (with no offset: nothing is skipped, timestamps are kept as they are)
+                continue
+            if t - offset >= duration:
+                break
+            if shift:
+                packet.pts -= shift
+                if packet.dts is not None:
+                    packet.dts -= shift
+            packet.stream = self._audio_out
+            self._out.mux(packet)
+
+    def _transcode_audio(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream,
+                         duration: Fraction, seek: bool) -> None:
+        tb, start, latest = self._audio_clock(source, src, seek)
+        offset = self._audio_offset
+        following: Fraction | None = Fraction(0)  # when the next frame starts if it has no timestamp
+        if latest is not None:
+            following = None  # unknown after a seek until a frame with a timestamp
         for frame in source.decode(src):
-            t0 = frame.pts * tb - start if frame.pts is not None else Fraction(consumed, frame.sample_rate)
-            consumed += frame.samples
+            if frame.pts is not None:
+                t0 = frame.pts * tb - start
+            elif following is not None:
+                t0 = following
+            else:
+                raise _SeekFailed("a frame without a timestamp after seeking")
+            if latest is not None:
+                if t0 > latest:
+                    raise _SeekFailed(f"the first frame after seeking is at {float(t0):.2f} s")
+                latest = None
+            following = t0 + Fraction(frame.samples, frame.sample_rate)
             first = max(0, math.ceil((offset - t0) * frame.sample_rate))  # samples before the offset
             end = min(frame.samples, math.ceil((offset + duration - t0) * frame.sample_rate))
             if end <= 0:

@@ -594,6 +594,84 @@ def test_audio_offset_carries_the_audio_from_there(tmp_path: Path, codec: str, s
         VideoWriter(tmp_path / "x.mp4", Fraction(25), 64, 64, audio_offset=Fraction(-1))
 
 
+def _tone_after(path: Path, codec: str, seconds: int, tone_from: int, rate: int) -> Path:
+    """``seconds`` of mono audio, silent up to ``tone_from`` s, then a 440 Hz tone that rises in loudness (so
+    a misplaced start shows), in whatever container ``path`` names."""
+    n = seconds * rate
+    t = np.arange(n) / rate
+    wave = np.where(t >= tone_from, 0.1 + 0.4 * (t - tone_from) / (seconds - tone_from), 0.0)
+    wave = (wave * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    with av.open(str(path), "w") as c:
+        aus = c.add_stream(codec, rate=rate)
+        aus.layout = "mono"
+        step = aus.codec_context.frame_size or 1024
+        fmt = aus.codec_context.format.name
+        for start in range(0, n, step):
+            part = wave[start:start + step]
+            data = (part * 32767).astype(np.int16)[None] if fmt.startswith("s16") else part[None]
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout="mono")
+            af.sample_rate, af.pts = rate, start
+            c.mux(aus.encode(af))
+        c.mux(aus.encode(None))
+    return path
+
+
+def _audio_track(path: Path) -> tuple[list[bytes], np.ndarray]:
+    """The audio packets' bytes and the decoded samples of a result."""
+    with av.open(str(path)) as c:
+        packets = [bytes(p) for p in c.demux(c.streams.audio[0]) if p.size]
+    with av.open(str(path)) as c:
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(c.streams.audio[0])])
+    return packets, pcm
+
+
+@pytest.mark.parametrize("codec,suffix,rate", [("aac", ".m4a", 16000), ("opus", ".mkv", 48000)])
+def test_a_late_audio_offset_seeks_and_carries_the_same_audio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              codec: str, suffix: str, rate: int) -> None:
+    """12.4 s into the audio (past AUDIO_SEEK_MIN_S) the audio is read from a seek: the result's audio equals
+    the one read from the beginning - AAC copied packet for packet, Opus (not storable in MP4) transcoded to
+    the same samples - also when the seek fails and the writer starts again from the beginning."""
+    src = _tone_after(tmp_path / f"tone{suffix}", codec, 16, 12, rate)
+    offset = Fraction(62, 5)
+    assert offset >= media.AUDIO_SEEK_MIN_S
+
+    def result(name: str) -> tuple[list[bytes], np.ndarray]:
+        out = tmp_path / f"{name}.mp4"
+        with VideoWriter(out, Fraction(25), 64, 64, audio_source=src, audio_offset=offset) as w:
+            for f in _frames(30):  # 1.2 s
+                w.write(f)
+        return _audio_track(out)
+
+    seeks: list[int] = []
+    clock = VideoWriter._audio_clock
+
+    def counted(self: VideoWriter, source: object, stream: object, seek: bool) -> object:
+        seeks.append(seek)
+        return clock(self, source, stream, seek)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VideoWriter, "_audio_clock", counted)
+    sought = result("sought")
+    assert seeks == [True]
+    monkeypatch.setattr(media, "AUDIO_SEEK_MIN_S", Fraction(10**6))
+    whole = result("whole")
+    assert seeks == [True, False]
+    assert sought[0] == whole[0] and np.array_equal(sought[1], whole[1])
+    level = float(np.sqrt(np.mean(whole[1].astype(np.float64) ** 2)))
+    assert level > 0.05  # the tone, which starts at 12 s: the audio is from the offset on
+
+    def failing(self: VideoWriter, source: object, stream: object, seek: bool) -> object:
+        seeks.append(seek)
+        if seek:
+            raise media._SeekFailed("test")
+        return clock(self, source, stream, seek)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(media, "AUDIO_SEEK_MIN_S", Fraction(10))
+    monkeypatch.setattr(VideoWriter, "_audio_clock", failing)
+    fell_back = result("fell_back")
+    assert seeks[2:] == [True, False]
+    assert fell_back[0] == whole[0] and np.array_equal(fell_back[1], whole[1])
+
+
 # ---------------------------------------------------------------------------------------------- --start: seeking
 
 
