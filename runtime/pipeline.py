@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -54,6 +54,13 @@ class RunStats:
     @property
     def fps(self) -> float | None:
         return self.frames / self.total_s if self.total_s else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The facts as plain JSON values (``fps`` included)."""
+        return {"frames": self.frames, "fps": self.fps, "total_s": self.total_s,
+                "first_frame_s": self.first_frame_s, "stage_seconds": dict(self.stage_seconds),
+                "step_seconds": list(self.step_seconds), "calls": dict(self.calls),
+                "portrait_cache_hit": self.portrait_cache_hit}
 
 
 class StageTimer:

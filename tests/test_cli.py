@@ -118,9 +118,16 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo_user.mp4"
     code, _, err = run(capsys, "demo", "--portrait", media["portrait"], "--driver", media["driver"], *FAST,
-                       "--seed", 3, "-o", out)
+                       "--seed", 3, "-o", out, "--stats", tmp_path / "stats" / "demo.json")
     assert code == 0, err
     assert stream_facts(out) == (6, Fraction(25), True)  # no cap: every frame of the user's clip
+    doc = json.loads((tmp_path / "stats" / "demo.json").read_text())
+    (facts,) = doc["runs"]
+    assert doc["command"] == "demo" and doc["backend"] == "torch" and doc["device"] == "cpu"
+    assert doc["config"]["steps"] == 2 and doc["config"]["seed"] == 3 and doc["config"]["mode"] == "optimized"
+    assert facts["output"] == str(out) and facts["frames"] == 6 and len(facts["step_seconds"]) == 2
+    assert facts["fps"] == pytest.approx(6 / facts["total_s"]) and 0 < facts["first_frame_s"] <= facts["total_s"]
+    assert facts["stage_seconds"]["denoise"] > 0 and facts["calls"]["unet"] == 3 * 2  # 3 windows x 2 steps
     anim = Animator.demo(seed=3, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, seed=3))
     py_out = tmp_path / "python.mp4"
     anim.animate_to_file(media["portrait"], media["driver"], py_out)
@@ -418,8 +425,13 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 4, "--no-audio")
     code, stdout, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"],
                             media["faceless_driver"], shutil.copy(media["driver"], tmp_path / "second_driver.mp4"),
-                            "-o", out, *common)
+                            "-o", out, *common, "--stats", tmp_path / "stats.json")
     assert code == 2
+    runs = json.loads((tmp_path / "stats.json").read_text())["runs"]  # a record per pair, in order
+    assert [Path(r["output"]).name for r in runs] == ["my_face_my_driver.mp4", "my_face_faceless_driver.mp4",
+                                                      "my_face_second_driver.mp4"]
+    assert [r.get("frames") for r in runs] == [4, None, 4] and "no face found" in runs[1]["error"]
+    assert not runs[0]["portrait_cache_hit"] and runs[2]["portrait_cache_hit"]
     assert sorted(p.name for p in out.iterdir()) == ["my_face_my_driver.mp4", "my_face_second_driver.mp4"]
     assert "no face found" in err and "faceless_driver.mp4" in err
     assert "1 of 3 results not written: my_face_faceless_driver.mp4" in err
@@ -431,6 +443,13 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     assert code == 0, err
     a, b = frames_of(out / "my_face_my_driver.mp4"), frames_of(single)
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_stats_naming_a_folder_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o.mp4"
+    code, _, err = run(capsys, "demo", "-o", out, "--stats", tmp_path)
+    assert code == 2 and f"{tmp_path}: --stats names a file to write, and this is a folder" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("case", ["file_output", "same_stems", "overwrites_input", "mask_with_two_portraits",
