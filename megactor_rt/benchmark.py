@@ -464,15 +464,23 @@ def shrink(sc: Scenario, device: torch.device) -> Scenario:
 
 
 def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: bool = False,
-              modes: Collection[str] | None = None, work_dir: str | Path | None = None) -> dict:
+              modes: Collection[str] | None = None, work_dir: str | Path | None = None,
+              only: Collection[int] | None = None) -> dict:
     """Run a suite; write ``results.json`` and ``results.md`` into ``out`` (after every result); return the
-    report. ``dry_run`` shrinks every scenario (see ``shrink``); ``modes`` keeps only those modes (scenarios
-    left with none are skipped, see :func:`select_modes`); ``work_dir`` keeps looped drivers, exported graphs
-    and TensorRT plans for later runs (default: a temporary folder)."""
+    report. ``dry_run`` shrinks every scenario (see ``shrink``); ``only`` keeps the scenarios at those
+    1-based positions of the suite; ``modes`` keeps only those modes (scenarios left with none are skipped,
+    see :func:`select_modes`); ``work_dir`` keeps looped drivers, exported graphs and TensorRT plans for later
+    runs (default: a temporary folder)."""
     if suite not in SUITES:
         raise InputError(f"unknown benchmark suite '{suite}'; known: {', '.join(sorted(SUITES))}")
+    chosen = SUITES[suite]
+    if only:
+        bad = sorted(i for i in set(only) if not 1 <= i <= len(chosen))
+        if bad:
+            raise InputError(f"suite '{suite}' has scenarios 1 to {len(chosen)}, not {', '.join(map(str, bad))}")
+        chosen = [sc for i, sc in enumerate(chosen, 1) if i in set(only)]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    scenarios = [shrink(s, dev) for s in SUITES[suite]] if dry_run else SUITES[suite]
+    scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
     if modes:
         scenarios = select_modes(suite, scenarios, modes)
     out = Path(out)

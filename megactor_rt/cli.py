@@ -346,7 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import run_bench
 
     run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run, modes=args.modes,
-              work_dir=args.work_dir)
+              work_dir=args.work_dir, only=args.scenarios)
     return 0
 
 
@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                     help="keep the bench's files here for the next run: looped drivers, exported graphs and "
                          "TensorRT plans of the +onnxruntime/+tensorrt modes (default: a temporary folder)")
+    be.add_argument("--scenarios", nargs="+", type=int, default=None, metavar="N",
+                    help="run only the suite's scenarios at these positions (1 = its first; default: all)")
     be.add_argument("--modes", nargs="+", default=None,
                     help="run only these modes of the suite (e.g. reference optimized optimized+compile); a suite's "
                          "mode with other variants runs where that mode does (e.g. optimized+tensorrt: TensorRT "

@@ -138,3 +138,11 @@ def test_the_warm_up_meets_the_calls_of_window_batch_windows():
         warm = warmup_config(sc, cfg)
         assert sizes(sc, warm) == sizes(sc, cfg) and warm.steps == 1
         assert warm.max_frames == (sc.window if mode == "optimized" else sc.frames)
+
+
+def test_scenarios_picks_a_suite_s_scenarios_by_position(tmp_path):
+    from megactor_rt.benchmark import SUITES
+
+    report = run_bench("cpu-window-batch", tmp_path, dry_run=True, only=[2], modes=["optimized"])
+    assert [s["name"] for s in report["scenarios"]] == [SUITES["cpu-window-batch"][1].name + " [dry run]"]
+    assert [r["mode"] for r in report["results"]] == ["optimized"] and not report["errors"]

@@ -387,6 +387,8 @@ def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize("argv, problem", [(["--suite", "nope"], "unknown benchmark suite 'nope'"),
+                                           (["--suite", "gpu-full", "--scenarios", "1", "9", "0"],
+                                            "suite 'gpu-full' has scenarios 1 to 5, not 0, 9"),
                                            (["--suite", "gpu-full", "--modes", "fast"], "has no mode(s) fast"),
                                            (["--suite", "cpu-smoke", "--modes", "optimized+warp"],
                                             "has no mode(s) optimized+warp")])
