@@ -31,6 +31,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, full_config, tiny_config
 from megactor_rt.errors import InputError
+from megactor_rt.runtime.backends import device_name
 
 logger = logging.getLogger(__name__)
 
@@ -475,10 +476,11 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         raise InputError(f"unknown benchmark suite '{suite}'; known: {', '.join(sorted(SUITES))}")
     chosen = SUITES[suite]
     if only:
-        bad = sorted(i for i in set(only) if not 1 <= i <= len(chosen))
+        bad = sorted({i for i in only if not 1 <= i <= len(chosen)})
         if bad:
             raise InputError(f"suite '{suite}' has scenarios 1 to {len(chosen)}, not {', '.join(map(str, bad))}")
-        chosen = [sc for i, sc in enumerate(chosen, 1) if i in set(only)]
+        picked = set(only)
+        chosen = [sc for i, sc in enumerate(chosen, 1) if i in picked]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
     if modes:
@@ -487,7 +489,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
     report: dict[str, Any] = {
-        "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": _device_name(dev),
+        "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
         "scenarios": [asdict(s) for s in scenarios], "results": [], "errors": [],
@@ -530,14 +532,6 @@ def _save(report: dict, out: Path) -> None:
 
     write_atomic(out / "results.json", json.dumps(report, indent=1).encode())
     write_atomic(out / "results.md", markdown(report).encode())
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    import os
-
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _fmt(x: float | None) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
 from megactor_rt.progress import progress
+from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.denoise import EpsModel, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import (
@@ -48,6 +48,7 @@ from megactor_rt.runtime.predictor import (
     OptimizedPredictor,
     PoseFeed,
     ReferencePredictor,
+    cfg_pair,
     feature_offload,
     kept_feature_bytes,
     reusable,
@@ -235,10 +236,8 @@ class Animator:
         gets here (for records of measured runs, e.g. ``animate --stats``)."""
         cfg = config or self.config
         dev = self.sub.device
-        name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
         fields = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(cfg).items()}
-        return {"backend": self.sub.name, "device": str(dev), "device_name": name,
+        return {"backend": self.sub.name, "device": str(dev), "device_name": device_name(dev),
                 "dtype": str(self.sub.dtype).removeprefix("torch."), "compile": getattr(self.sub, "compile", False),
                 "weights_id": self.sub.weights_id, "config": fields, "window_batch_used": self.window_batch(cfg)}
 
@@ -270,10 +269,9 @@ class Animator:
             lat = torch.zeros(k, 9, cfg.window, h, h, device=mean.device, dtype=mean.dtype)
             kept: torch.Tensor | None = None
             for kind in cfg.step_kinds():  # every kind of UNet call the run makes, in the order it first makes them
-                pair = {"n_uncond": 1, "shared_down": True} if kind.cfg else {}
                 deep = reusable(kept, kind.cfg, k) if kind.reuse else None
                 out = self.sub.unet(lat, t, tokens, pose.expand(k, -1, -1, -1, -1), bank, deep=deep,
-                                    keep_deep=cfg.reuses_features and deep is None, **pair)
+                                    keep_deep=cfg.reuses_features and deep is None, **cfg_pair(kind.cfg))
                 eps, kept = out if isinstance(out, tuple) else (out, kept)
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny)
@@ -509,8 +507,6 @@ def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:
 def demo_work_dir() -> Path:
     """Where ``Animator.demo`` keeps the tiny model's graphs and plans: ``$XDG_CACHE_HOME/megactor-rt/demo``
     (default ``~/.cache/megactor-rt/demo``)."""
-    import os
-
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megactor-rt" / "demo"
 
 

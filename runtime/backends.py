@@ -8,8 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megactor_rt.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,18 @@ def _module_available(module: str) -> tuple[bool, str]:
     if importlib.util.find_spec(module) is None:
         return False, f"python module '{module}' is not installed"
     return True, "ok"
+
+
+def device_name(dev: torch.device) -> str:
+    """A device as measured figures name it: the GPU's name, or the CPU's kind and core count."""
+    import os
+    import platform
+
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _torch_check() -> tuple[bool, str]:

@@ -35,6 +35,12 @@ def reusable(deep: torch.Tensor | None, cfg: bool, windows: int = 1) -> torch.Te
     return deep if cfg else deep[-windows:]
 
 
+def cfg_pair(cfg: bool) -> dict[str, Any]:
+    """The CFG arguments of a ``sub.unet`` call on one sample per window: with CFG, the shared down path and
+    output [uncond | cond]; without, none (the conditional half alone)."""
+    return {"n_uncond": 1, "shared_down": True} if cfg else {}
+
+
 def kept_feature_bytes(windows: int, window: int, cfg: bool, channels: int, latent: int, itemsize: int) -> int:
     """Bytes of the deep features feature reuse keeps: one ``(halves, F, C0, h, w)`` tensor per window."""
     return windows * (2 if cfg else 1) * window * channels * latent * latent * itemsize
@@ -130,7 +136,7 @@ class _Base:
         else the whole UNet (keeping its deep features when reuse is on). Returns each window's output
         ``(halves, 4, F, h, w)``: the call's is [K uncond | K cond] (CFG) or [K cond], so window j's rows are j
         and K + j."""
-        kwargs = kwargs or self._pair()
+        kwargs = kwargs or cfg_pair(self.cfg)
         k = len(windows)
         deeps = [reusable(self.deep.get(w), self.cfg) if self.reuse else None for w in windows]
         if any(d is None for d in deeps) and any(d is not None for d in deeps):
@@ -153,10 +159,6 @@ class _Base:
             return [out]
         eps = out.unflatten(0, (halves, k))  # (halves, K, 4, F, h, w)
         return [eps[:, j] for j in range(k)]
-
-    def _pair(self) -> dict[str, Any]:
-        """The CFG arguments of a ``sub.unet`` call with batch-1-per-window inputs (shared down path)."""
-        return {"n_uncond": 1, "shared_down": True} if self.cfg else {}
 
     def _keep(self, window: int, deep: torch.Tensor) -> None:
         if not self.offload:
