@@ -52,11 +52,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     frames = [np.zeros((64, 64, 3), np.uint8)] * RESULT_FRAMES
     rows = []
+    seek_from = media.AUDIO_SEEK_MIN_S  # the writer's own threshold; "from the beginning" raises it past the offset
     for codec, suffix, how in (("aac", ".m4a", "copied"), ("mp2", ".mka", "transcoded to AAC")):
         src = long_audio(args.out / f"audio_{codec}{suffix}", codec, MINUTES * 60)
         seconds = {}
-        for label, minimum in (("from the beginning", Fraction(10**9)), ("seek", media.AUDIO_SEEK_MIN_S)):
-            media.AUDIO_SEEK_MIN_S, kept = minimum, media.AUDIO_SEEK_MIN_S
+        for label, minimum in (("from the beginning", Fraction(10**9)), ("seek", seek_from)):
+            media.AUDIO_SEEK_MIN_S = minimum
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -65,7 +66,6 @@ def main() -> None:
                     for f in frames:
                         w.write(f)
                 times.append(time.perf_counter() - t0)
-            media.AUDIO_SEEK_MIN_S = kept
             seconds[label] = min(times)
         src.unlink()
         rows.append({"codec": codec, "audio": how, **seconds})

@@ -333,6 +333,16 @@ class _SeekFailed(Exception):
     """Seeking could not position decoding at or before the start frame; decode from the beginning."""
 
 
+def _check_first_after_seek(t: Fraction, latest: Fraction, what: str) -> None:
+    """The first audio packet or frame read after a seek must not start after ``latest``.
+
+    Raises:
+        _SeekFailed: it starts later (the seek overshot, so audio before it would be lost).
+    """
+    if t > latest:
+        raise _SeekFailed(f"the first {what} after seeking is at {float(t):.2f} s")
+
+
 class _FrameClock:
     """Source frame numbers from timestamps: frame ``round((pts - first pts) * time_base * fps)``, which for a
     constant-rate clip is its position in decoding order, and after a seek still is. Frames without a
@@ -711,10 +721,10 @@ class VideoWriter:
         exact samples). From :data:`AUDIO_SEEK_MIN_S` on, reading starts at a seek to a second before the
         offset; where that cannot be done exactly (the demuxer cannot seek, lands after that point, or frames
         lack timestamps) it starts again from the beginning, before anything of the audio is written."""
-        seek = self._audio_offset >= AUDIO_SEEK_MIN_S
-        while True:
+        mux = self._copy_audio if self._audio_copy else self._transcode_audio
+        if self._audio_offset >= AUDIO_SEEK_MIN_S:
             try:
-                (self._copy_audio if self._audio_copy else self._transcode_audio)(source, src, duration, seek)
+                mux(source, src, duration, True)
                 return
             except _SeekFailed as exc:
                 logger.info("%s: cannot seek the audio to %.1f s (%s); reading it from the beginning",
@@ -723,7 +733,7 @@ class VideoWriter:
                 self._close_audio_in()
                 source = self._audio_in = _open_input(self._audio_path, what="audio source")
                 src = self._audio_in_stream = source.streams.audio[0]
-                seek = False
+        mux(source, src, duration, False)
 
     def _audio_clock(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream, seek: bool
                      ) -> tuple[Fraction, Fraction, Fraction | None]:
@@ -753,9 +763,8 @@ class VideoWriter:
             if packet.pts is None or packet.size == 0:
                 continue  # flush packet
             t = packet.pts * tb - start
-            if latest is not None:  # the first packet after the seek must come from before the aim
-                if t > latest:
-                    raise _SeekFailed(f"the first packet after seeking is at {float(t):.2f} s")
+            if latest is not None:  # the first packet after the seek
+                _check_first_after_seek(t, latest, "packet")
                 latest = None
             if t < offset:  # (with no offset: nothing is skipped, timestamps are kept as they are)
                 continue
@@ -772,9 +781,8 @@ class VideoWriter:
                          duration: Fraction, seek: bool) -> None:
         tb, start, latest = self._audio_clock(source, src, seek)
         offset = self._audio_offset
-        following: Fraction | None = Fraction(0)  # when the next frame starts if it has no timestamp
-        if latest is not None:
-            following = None  # unknown after a seek until a frame with a timestamp
+        # when the next frame starts if it has no timestamp: unknown after a seek until a frame with one
+        following: Fraction | None = None if latest is not None else Fraction(0)
         for frame in source.decode(src):
             if frame.pts is not None:
                 t0 = frame.pts * tb - start
@@ -782,9 +790,8 @@ class VideoWriter:
                 t0 = following
             else:
                 raise _SeekFailed("a frame without a timestamp after seeking")
-            if latest is not None:
-                if t0 > latest:
-                    raise _SeekFailed(f"the first frame after seeking is at {float(t0):.2f} s")
+            if latest is not None:  # the first frame after the seek
+                _check_first_after_seek(t0, latest, "frame")
                 latest = None
             following = t0 + Fraction(frame.samples, frame.sample_rate)
             first = max(0, math.ceil((offset - t0) * frame.sample_rate))  # samples before the offset
