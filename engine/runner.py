@@ -179,6 +179,11 @@ class TensorRTRunner(Runner):
             raise InputError(f"runner '{self.name}': input '{name}' has shape {list(shape)}; profile "
                              f"'{self.record.profile_name}' allows {list(lo)} .. {list(hi)}")
 
+    def max_size(self, name: str, axis: int) -> int | None:
+        """The plan's profile maximum (a static input: its size)."""
+        limits = self.record.profile_shapes.get(name)
+        return int((limits[2] if limits else self.record.inputs[name]["shape"])[axis])
+
     def _bind(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
               shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         ctx = state.context

@@ -65,29 +65,31 @@ def model_config_of(weights: str | Path) -> ModelConfig:
 
 def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str) -> str:
     desc = {"weights": weights_id, "name": spec.name, "inputs": [t.__dict__ for t in spec.inputs],
-            "outputs": [t.__dict__ for t in spec.outputs], "dims": spec.dims, "opset": opset,
+            "outputs": [t.__dict__ for t in spec.outputs], "dims": spec.dims, "trace": spec.trace_sizes, "opset": opset,
             "precision": precision, "exporter": EXPORTER_VERSION, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisions: Sequence[str] = ("fp32", "fp16"),
-               frames: int = 16, graphs: Sequence[str] | None = None) -> list[dict]:
+               frames: int = 16, graphs: Sequence[str] | None = None, window_batch: int = 1) -> list[dict]:
     """Export every graph (or ``graphs``) at every precision into ``out`` and write ``out/manifest.json``.
+    ``frames`` / ``window_batch``: the window length and the windows per UNet call the TensorRT profiles target.
 
     Returns:
         One summary row per graph x precision: graph, precision, file, size_mb, seconds, status.
     """
     return export_models(load_models_for_export(weights, graphs), out, opset=opset, precisions=precisions, frames=frames,
-                         graphs=graphs)
+                         graphs=graphs, window_batch=window_batch)
 
 
 def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
                   precisions: Sequence[str] = ("fp32", "fp16"), frames: int = 16,
-                  graphs: Sequence[str] | None = None) -> list[dict]:
+                  graphs: Sequence[str] | None = None, window_batch: int = 1) -> list[dict]:
     """``export_all`` for already-loaded models."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [s for s in export_specs(models.config, window=frames) if graphs is None or s.name in graphs]
+    specs = [s for s in export_specs(models.config, window=frames, window_batch=window_batch)
+             if graphs is None or s.name in graphs]
     if graphs is not None and len(specs) != len(set(graphs)):
         known = [s.name for s in export_specs(models.config)]
         raise ValueError(f"unknown graph in {list(graphs)}; known: {known}")

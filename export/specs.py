@@ -10,16 +10,20 @@ Graph boundaries (DESIGN.md), with S = image size, h = latent size, T/D = CLIP t
 | reference_net | latent (1,4,h,h), timestep (1,), tokens -> bank_00..bank_09 (1,L_i,C_i) |
 | pose_guider | frames (batch,3,S,S), film_scale, film_shift (1,128) -> pose (batch,4,h,h) |
 | pose_guider_film | reference (1,3,512,512) -> film_scale, film_shift |
-| temporal_unet | latents (1,9,F,h,h), timestep, tokens, pose (1,4,F,h,h), bank_00..09 -> eps (2,4,F,h,h), deep (2,F,C0,h,h) |
-| temporal_unet_cond | same inputs -> eps (1,4,F,h,h), deep (1,F,C0,h,h) (guidance 1: conditional only) |
-| temporal_unet_reuse | latents, timestep, tokens, pose, deep (2,F,C0,h,h), bank_08..09 -> eps (2,4,F,h,h) |
-| temporal_unet_cond_reuse | same with deep (1,F,C0,h,h) -> eps (1,4,F,h,h) |
+| temporal_unet | latents (W,9,F,h,h), timestep, tokens, pose (W,4,F,h,h), bank_00..09 -> eps (2W,4,F,h,h), deep (2W,F,C0,h,h) |
+| temporal_unet_cond | same inputs -> eps (W,4,F,h,h), deep (W,F,C0,h,h) (guidance 1: conditional only) |
+| temporal_unet_reuse | latents, timestep, tokens, pose, deep (2W,F,C0,h,h), bank_08..09 -> eps (2W,4,F,h,h) |
+| temporal_unet_cond_reuse | same with deep (W,F,C0,h,h) -> eps (W,4,F,h,h) |
 | tiny_decoder | latents (batch,4,h,h), scaled -> images (batch,3,S,S) (TAESD, from its own weights file) |
 
 The temporal UNet takes the ReferenceNet bank as explicit inputs (normed tokens, not pre-projected K/V:
 10 tensors of 1 x L x C instead of 20, and the K/V projection is a small share of the attention cost). The
 CFG graph computes the down path once and both halves above it, the unconditional one without the bank -
 upstream's CFG pair, exactly. Graph variants are specs over the same modules, never copies of code.
+
+W (dim ``windows``) is the number of context windows in one call (``AnimateConfig.window_batch``; tokens and bank
+have batch 1 and serve all of them); a CFG graph's outputs are [W unconditional | W conditional] (dim ``pairs``
+= 2W). onnxruntime runs any W; a TensorRT plan runs W up to its profile's maximum (``export --window-batch``).
 
 Feature reuse (``AnimateConfig.feature_reuse``): the two whole-UNet graphs also output their deep feature (the
 input of the top up block's recomputed layers; writing it costs one extra output buffer), and the two
@@ -63,6 +67,8 @@ class ExportSpec:
         build: wraps the loaded models into a module whose forward takes the inputs positionally.
         dims: per dynamic dim name, (min, opt, max) per profile name.
         keep_fp32: inputs that stay float32 in the fp16 graph (the timestep: sinusoids need it).
+        trace_sizes: size of a dynamic dim in the traced sample where it must not follow the profiles (a dim
+            whose profiles all end at 1 is still traced at 2, so no size-1 special case is baked in).
     """
 
     name: str
@@ -72,6 +78,7 @@ class ExportSpec:
     build: Callable[[Any], nn.Module]  # MegActorModels (TinyDecoderModels for the tiny decoder)
     dims: dict[str, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
     keep_fp32: tuple[str, ...] = ()
+    trace_sizes: dict[str, int] = field(default_factory=dict)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
@@ -81,8 +88,8 @@ class ExportSpec:
         """Shape at a profile's min (0) / opt (1) / max (2), or ``TRACE`` (-1): 2 wherever the range allows,
         small enough to trace a full-size model on CPU quickly and > 1 so no size-1 special case is baked in."""
         if which == TRACE:
-            return tuple(d if isinstance(d, int) else min(max(2, self.dims[d][profile][0]), self.dims[d][profile][2])
-                         for d in shape)
+            return tuple(d if isinstance(d, int) else self.trace_sizes.get(d) or
+                         min(max(2, self.dims[d][profile][0]), self.dims[d][profile][2]) for d in shape)
         return tuple(d if isinstance(d, int) else self.dims[d][profile][which] for d in shape)
 
     def profiles(self) -> dict[str, dict[str, list[list[int]]]]:
@@ -203,29 +210,37 @@ def bank_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decode_batch: int = 4
-                 ) -> list[ExportSpec]:
-    """Every graph the runtime needs, with profiles for windows of up to ``window`` frames."""
+def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decode_batch: int = 4,
+                 window_batch: int = 1) -> list[ExportSpec]:
+    """Every graph the runtime needs, with profiles for windows of up to ``window`` frames and UNet calls of up
+    to ``window_batch`` windows (the TensorRT profiles' maximum; the graphs themselves take any number)."""
+    if window < 1 or window_batch < 1:
+        raise ValueError(f"window ({window}) and window_batch ({window_batch}) must be >= 1")
     s, h = cfg.image_size, cfg.latent_size
     t, d = cfg.clip.num_tokens, cfg.unet.cross_attention_dim
     c = cfg.clip.image_size
-    frames = {"frames": {"default": (1, window, window), "long": (1, window, 32)}}
+    k = window_batch
+    # the long-window profile (up to 32 frames) keeps one window per call
+    unet_dims = {"frames": {"default": (1, window, window), "long": (1, window, 32)},
+                 "windows": {"default": (1, k, k), "long": (1, 1, 1)},
+                 "pairs": {"default": (2, 2 * k, 2 * k), "long": (2, 2, 2)}}
     bank = tuple(TensorSpec(n, shp) for n, shp in zip(BANK_NAMES, bank_shapes(cfg)))
-    unet_in = (TensorSpec("latents", (1, 9, "frames", h, h)), TensorSpec("timestep", (1,)),
-               TensorSpec("tokens", (1, t, d)), TensorSpec("pose", (1, 4, "frames", h, h)))
+    unet_in = (TensorSpec("latents", ("windows", 9, "frames", h, h)), TensorSpec("timestep", (1,)),
+               TensorSpec("tokens", (1, t, d)), TensorSpec("pose", ("windows", 4, "frames", h, h)))
     c0 = cfg.unet.block_out_channels[0]
 
-    def eps(b: int) -> TensorSpec:
+    def eps(b: str) -> TensorSpec:
         return TensorSpec("eps", (b, 4, "frames", h, h))
 
-    def deep(b: int) -> TensorSpec:
+    def deep(b: str) -> TensorSpec:
         return TensorSpec("deep", (b, "frames", c0, h, h))
 
-    def unet(name: str, b: int, reuse: bool) -> ExportSpec:
+    def unet(name: str, pair: bool, reuse: bool) -> ExportSpec:
+        b = "pairs" if pair else "windows"  # output samples: [W uncond | W cond], or W cond
         ins = (*unet_in, deep(b), *bank[-REUSE_BANKS:]) if reuse else (*unet_in, *bank)
         outs = (eps(b),) if reuse else (eps(b), deep(b))
-        return ExportSpec(name, name, ins, outs, lambda m: _UNet(m, cfg_pair=b == 2, reuse=reuse), frames,
-                          keep_fp32=("timestep",))
+        return ExportSpec(name, name, ins, outs, lambda m: _UNet(m, cfg_pair=pair, reuse=reuse), unet_dims,
+                          keep_fp32=("timestep",), trace_sizes={"windows": 2, "pairs": 4})
     return [
         ExportSpec("clip_image_encoder", "clip_image_encoder", (TensorSpec("pixels", (1, 3, c, c)),),
                    (TensorSpec("tokens", (1, t, d)),), _Clip),
@@ -244,8 +259,8 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
                    {"batch": {"default": (1, pose_batch, pose_batch)}}),
         ExportSpec("pose_guider_film", "pose_guider_film", (TensorSpec("reference", (1, 3, 512, 512)),),
                    (TensorSpec("film_scale", (1, 128)), TensorSpec("film_shift", (1, 128))), _Film),
-        unet("temporal_unet", 2, reuse=False),
-        unet("temporal_unet_cond", 1, reuse=False),
-        unet("temporal_unet_reuse", 2, reuse=True),
-        unet("temporal_unet_cond_reuse", 1, reuse=True),
+        unet("temporal_unet", True, reuse=False),
+        unet("temporal_unet_cond", False, reuse=False),
+        unet("temporal_unet_reuse", True, reuse=True),
+        unet("temporal_unet_cond_reuse", False, reuse=True),
     ]

@@ -107,7 +107,8 @@ SUITES: dict[str, list[Scenario]] = {
     # for small calls; at full size the CPU's matrix multiplies are large already
     "cpu-window-batch": [
         Scenario("tiny 128px, 12 frames (6 windows), w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2,
-                 modes=("optimized", "optimized+batch2", "optimized+batch3"), note="same math"),
+                 modes=("optimized", "optimized+batch2", "optimized+batch3", "optimized+onnxruntime",
+                        "optimized+onnxruntime+batch3"), note="same math (onnxruntime: the same graphs)"),
         Scenario("full-size 256px, 8 frames (4 windows), w4/o2, 2 steps", "full", 256, 8, 4, 2, 2,
                  modes=("optimized", "optimized+batch2"), note="same math"),
     ],

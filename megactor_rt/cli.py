@@ -29,6 +29,17 @@ SUITE_HELP = ("cpu-tiny, cpu-smoke, cpu-full-256, cpu-window-batch, cpu-stream, 
               "gpu-backends")
 
 
+def _positive_int(text: str) -> int:
+    """A count on the command line (>= 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def seconds(text: str) -> float:
     """A time on the command line: seconds (``90``, ``1.5``) or ``[HH:]MM:SS[.ms]`` (``1:30``, ``0:01:30.5``)."""
     parts = text.strip().split(":")
@@ -71,8 +82,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "so long drivers give their first frames early")
     p.add_argument("--window-batch", type=int, default=1, metavar="K",
                    help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
-                        "K times the activation memory; optimized mode with wrapping windows, torch backend; "
-                        "default 1, as upstream)")
+                        "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
+                        "to the K of `export --window-batch`; default 1, as upstream)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--reference-timestep", type=int, default=None,
                    help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
@@ -321,7 +332,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         load_tiny_decoder(args.tiny_decoder)
     summary = export_all(args.weights, args.out, opset=args.opset, precisions=args.precision,
-                         frames=args.window, graphs=args.graphs)
+                         frames=args.window, graphs=args.graphs, window_batch=args.window_batch)
     if args.tiny_decoder is not None:
         from megactor_rt.export.onnx_export import export_tiny_decoder, model_config_of
 
@@ -423,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path)
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
-    e.add_argument("--window", type=int, default=16, help="the context window length the profiles target")
+    e.add_argument("--window", type=_positive_int, default=16, help="the context window length the profiles target")
+    e.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
+                   help="context windows per UNet call the TensorRT profiles allow (animate --window-batch K; "
+                        "onnxruntime runs any number with the same graphs)")
     e.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
     e.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="also export TAESD's tiny decoder from these weights (the --tiny-decoder of animate), so "

@@ -240,9 +240,9 @@ class AnimateConfig:
             the motion modules stay within each window), so the result is the same up to floating-point
             reordering; bigger calls use a GPU better (fewer launches per window, fuller matrix multiplies
             at the small latent levels) for about ``window_batch`` times the activation memory. The optimized
-            mode's step-by-step loop only: the reference mode keeps upstream's one window per call, the
-            streaming order of open windows runs one window at a time, and the exported-graph backends' UNet
-            graphs hold one window.
+            mode's step-by-step loop only: the reference mode keeps upstream's one window per call and the
+            streaming order of open windows runs one window at a time. Graph backends: onnxruntime takes any
+            number of windows per call, a TensorRT plan up to its profile's maximum (``export --window-batch``).
     """
 
     steps: int = 25

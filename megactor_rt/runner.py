@@ -80,3 +80,7 @@ class Runner(ABC):
     @abstractmethod
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backend-specific execution."""
+
+    def max_size(self, name: str, axis: int) -> int | None:
+        """The largest size axis ``axis`` of input ``name`` may have in a call (None: no limit known here)."""
+        return None

@@ -52,6 +52,11 @@ class OrtRunner(Runner):
     def deactivate_impl(self) -> None:
         self.session = None
 
+    def max_size(self, name: str, axis: int) -> int | None:
+        """None for a dynamic axis (onnxruntime takes any size), else the exported size."""
+        dim = self.graph.inputs[name].shape[axis]
+        return None if isinstance(dim, str) else int(dim)
+
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         arrays = {n: feed[n].detach().cpu().numpy().astype(_NP[self.graph.inputs[n].dtype], copy=False)
                   for n in self.input_names}
@@ -71,8 +76,6 @@ class OrtRunner(Runner):
 class GraphSubmodels(Submodels):
     """Submodels backed by graph runners keyed by graph name, with an optional per-graph fallback."""
 
-    max_window_batch = 1  # the UNet graphs are exported for one context window (batch 1, its CFG pair inside)
-
     def __init__(self, name: str, config: ModelConfig, weights_id: str, runners: Mapping[str, Runner],
                  device: torch.device, dtype: torch.dtype, fallback: Submodels | None = None,
                  graph_weights: Mapping[str, str | None] | None = None) -> None:
@@ -81,6 +84,11 @@ class GraphSubmodels(Submodels):
         self.runners = dict(runners)
         self.fallback = fallback
         self.graph_weights = dict(graph_weights or {})  # graph -> weights id it was exported from
+        # context windows per UNet call: what every UNet graph takes (a TensorRT plan: its profile's maximum;
+        # graphs exported before the windows dim: 1; a graph on the torch fallback: any)
+        limits = [r.max_size("latents", 0) for g, r in self.runners.items() if g.startswith("temporal_unet")]
+        known = [n for n in limits if n is not None]
+        self.max_window_batch = min(known) if known else None
 
     def tiny_decoder_graph(self, weights_id: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Decoding with the exported ``tiny_decoder`` graph where this backend runs one exported from the TAESD
@@ -277,7 +285,8 @@ def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Pat
     work = Path(work_dir)
     onnx_dir = work / f"onnx-{models.weights_id}"
     want = "fp16" if precision is Precision.FP16 else "fp32"
-    export_models(models, onnx_dir, precisions=(want,), frames=config.window, graphs=graphs_needed(config))
+    export_models(models, onnx_dir, precisions=(want,), frames=config.window, graphs=graphs_needed(config),
+                  window_batch=config.window_batch)
     if config.tiny_decoder is not None:  # its graph too, so the backend decodes with it
         export_tiny_decoder(config.tiny_decoder, models.config, onnx_dir, precisions=(want,))
     engine_dir = None

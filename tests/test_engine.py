@@ -429,6 +429,9 @@ def test_runner_checks_inputs_against_the_profile_before_running(onnx_dir: Path,
     with pytest.raises(InputError, match="the engine takes torch.float16"):
         runner._prepare_input("x", torch.zeros(2, 8, dtype=torch.int64))
     runner._check_shape("x", (3, 8))  # inside the profile: no error
+    assert runner.max_size("x", 0) == 4 and runner.max_size("x", 1) == 8  # profile max; a static dim's size
+    big, _ = _built(onnx_dir, tmp_path / "engines-big", profile="big")
+    assert TensorRTRunner(big[0].directory, device=H100).max_size("x", 0) == 16
 
 
 def test_engine_precision_is_the_config_enum_without_bf16() -> None:

@@ -105,16 +105,47 @@ def test_fp16_parity_earned(models, manifest, name):
         assert err <= 4 * budget + 1e-3, f"{name}.{k}: fp16 graph rel err {err:.2e} vs torch fp16 {budget:.2e}"
 
 
-def test_dynamic_frames_beyond_sample(models, manifest):
-    """The UNet graph is traced at F=2; it must be right at F=1 and F=3 too (dynamic axes really dynamic)."""
-    spec = _specs(models)["temporal_unet"]
-    runner = _ort(manifest, "temporal_unet", "fp32")
-    for f in (1, 3):
-        inputs = list(spec.sample_inputs(seed=f))
-        inputs[0], inputs[3] = inputs[0][:, :, :f], inputs[3][:, :, :f]
-        ref = _torch_outputs(spec, models, inputs)["eps"]
-        got = runner.infer(dict(zip([t.name for t in spec.inputs], inputs)))["eps"]
-        assert got.shape == ref.shape and _rel(got, ref) <= 1e-4
+UNET_GRAPHS = ["temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"]
+
+
+@pytest.mark.parametrize("name", UNET_GRAPHS)
+def test_dynamic_windows_and_frames_beyond_sample(models, manifest, name):
+    """The UNet graphs are traced at 2 windows of 2 frames; they must be right at other counts of both (dynamic
+    axes really dynamic): W windows in, [W uncond | W cond] (or W cond) out, as the torch module gives."""
+    from dataclasses import replace
+
+    spec = _specs(models)[name]
+    assert spec.dims["windows"]["default"] == (1, 1, 1)  # export_models' default: TensorRT plans of one window
+    runner = _ort(manifest, name, "fp32")
+    for w, f in ((1, 1), (3, 2), (2, 3)):
+        at = replace(spec, dims={**spec.dims, "windows": {"default": (w, w, w)}, "pairs": {"default": (2 * w,) * 3},
+                                 "frames": {"default": (f, f, f)}})
+        inputs = at.sample_inputs(seed=w + f)
+        ref = _torch_outputs(spec, models, inputs)
+        got = runner.infer(dict(zip([t.name for t in spec.inputs], inputs)))
+        halves = 2 if "_cond" not in name else 1
+        assert got["eps"].shape == ref["eps"].shape == (halves * w, 4, f, *ref["eps"].shape[-2:])
+        for k in ref:
+            assert _rel(got[k], ref[k]) <= 1e-4, f"{name} at {w} windows x {f} frames, {k}: {_rel(got[k], ref[k]):.2e}"
+
+
+def test_window_batch_sets_the_unet_profiles():
+    """``window_batch`` K: TensorRT profiles of 1..K windows (opt K) for the UNet graphs' default profile, one
+    window in the long-window profile; no other graph changes."""
+    from megactor_rt.config import tiny_config
+
+    one = {s.name: s for s in export_specs(tiny_config(), window=4)}
+    three = {s.name: s for s in export_specs(tiny_config(), window=4, window_batch=3)}
+    for name in UNET_GRAPHS:
+        prof = three[name].profiles()
+        lo, opt, hi = prof["default"]["latents"]
+        assert (lo[0], opt[0], hi[0]) == (1, 3, 3) and opt[2] == hi[2] == 4
+        assert [s[0] for s in prof["long"]["pose"]] == [1, 1, 1]
+        if name.endswith("_reuse"):  # the kept deep feature: 2 per window with CFG
+            assert [s[0] for s in prof["default"]["deep"]] == ([2, 6, 6] if "_cond" not in name else [1, 3, 3])
+    assert all(three[n].profiles() == one[n].profiles() for n in one if n not in UNET_GRAPHS)
+    with pytest.raises(ValueError, match="window_batch"):
+        export_specs(tiny_config(), window_batch=0)
 
 
 def test_golden_vectors_through_onnxruntime(pack, models, manifest):
@@ -207,6 +238,43 @@ def test_animate_onnxruntime_vs_torch(models, manifest, tmp_path, knobs, graphs)
     assert {g for g in graphs if ort_sub.calls[g]} == graphs and not any(
         ort_sub.calls[g] for g in {"temporal_unet", "temporal_unet_cond", "temporal_unet_reuse",
                                    "temporal_unet_cond_reuse"} - graphs)
+
+
+def test_onnxruntime_takes_several_windows_per_call(models, manifest):
+    """``window_batch`` on the onnxruntime backend: the graphs take any number of windows, so a run of 3 windows
+    makes one UNet call per step and gives the one-window-per-call frames (same math, fp32 rounding); a manifest
+    from before the windows dim (batch 1 in the graph) allows one."""
+    from dataclasses import replace
+
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.runtime.animator import Animator
+
+    def sub(entries):
+        return GraphSubmodels("onnxruntime", models.config, models.weights_id,
+                              {g.submodel: OrtRunner(g) for g in entries if g.precision == "fp32"},
+                              torch.device("cpu"), torch.float32)
+
+    cfg = AnimateConfig(window=WINDOW, overlap=2, max_frames=6, steps=2)  # 3 wrapped windows
+    frames, calls = {}, {}
+    for k in (1, 3):
+        ort_sub = sub(manifest.graphs.values())
+        assert ort_sub.max_window_batch is None
+        anim = Animator(ort_sub, cfg)
+        run = replace(cfg, window_batch=k)
+        assert anim.window_batch(run) == k
+        frames[k] = np.stack(list(anim.animate(anim.prepare(ASSETS_DIR / "portrait.png"), ASSETS_DIR / "driver.mp4",
+                                               config=run)))
+        calls[k] = ort_sub.calls["temporal_unet"]
+    assert calls == {1: 6, 3: 2}
+    assert np.abs(frames[3].astype(int) - frames[1].astype(int)).max() <= 1  # uint8 frames: rounding at most
+
+    def one_window(g):
+        inputs = {n: replace(t, shape=(1, *t.shape[1:])) if n in ("latents", "pose") else t
+                  for n, t in g.inputs.items()}
+        return replace(g, inputs=inputs)
+
+    old = sub([one_window(g) if g.submodel.startswith("temporal_unet") else g for g in manifest.graphs.values()])
+    assert old.max_window_batch == 1 and Animator(old, cfg).window_batch(replace(cfg, window_batch=3)) == 1
 
 
 @pytest.mark.parametrize("fallback", ["onnxruntime", "torch"])
