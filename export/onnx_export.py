@@ -64,8 +64,12 @@ def model_config_of(weights: str | Path) -> ModelConfig:
 
 
 def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str) -> str:
+    """What the graph file's content depends on. Not the shape profiles: they are manifest data for TensorRT
+    (an export for another ``--window``/``--window-batch`` reuses the files and rewrites the profiles), except
+    through the sizes the sample is traced at."""
+    traced = [spec.concrete(t.shape, "default", TRACE) for t in spec.inputs]  # as _torch_export traces
     desc = {"weights": weights_id, "name": spec.name, "inputs": [t.__dict__ for t in spec.inputs],
-            "outputs": [t.__dict__ for t in spec.outputs], "dims": spec.dims, "trace": spec.trace_sizes, "opset": opset,
+            "outputs": [t.__dict__ for t in spec.outputs], "traced": traced, "opset": opset,
             "precision": precision, "exporter": EXPORTER_VERSION, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -141,7 +145,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     name = f"{spec.name}.{precision}.{key[:12]}.onnx"
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
-        return old, "cached"
+        return {**old, "profiles": spec.profiles()}, "cached"
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
         if src is None:

@@ -134,8 +134,9 @@ SUITES: dict[str, list[Scenario]] = {
                               modes=("optimized", "optimized+onnxruntime"), note="same math on each backend")],
     "gpu-backends": [Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
                               modes=("reference", "optimized", "optimized+compile", "optimized+tensorrt",
-                                     "optimized+tensorrt-graphs"),
-                              precision="fp16", note="TensorRT plans built from the same random weights first")],
+                                     "optimized+tensorrt-graphs", "optimized+tensorrt+batch3"),
+                              precision="fp16", note="TensorRT plans built from the same random weights first "
+                                                     "(+batch3: UNet plans of 1..3 windows, built too)")],
     "cpu-stream": [Scenario("tiny 128px, 240 frames, w16/o8, 10 steps", "tiny", 128, 240, 16, 8, 10,
                             modes=("optimized", "optimized+no-wrap"),
                             note="first-frame latency of a long driver: wrapped windows vs open, streamed")],

@@ -196,6 +196,21 @@ def test_reexport_is_cached(models, export_dir):
     assert status == "cached" and entry == manifest["graphs"]["pose_guider.fp32"]
 
 
+def test_other_profiles_reuse_the_graph_file(models, export_dir):
+    """The profiles are not the graph's content: an export for 3 windows per call reuses the one-window export's
+    file (same key, same sha256) and only its manifest entry's profiles change; another traced shape does not."""
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    old = manifest["graphs"]["temporal_unet_cond.fp32"]
+    spec = {s.name: s for s in export_specs(models.config, window=WINDOW, window_batch=3)}["temporal_unet_cond"]
+    entry, status = export_graph(spec, models, export_dir, 18, "fp32", manifest)
+    assert status == "cached" and (entry["file"], entry["sha256"]) == (old["file"], old["sha256"])
+    assert entry["profiles"]["default"]["latents"][2][0] == 3 and old["profiles"]["default"]["latents"][2][0] == 1
+    from megactor_rt.export.onnx_export import export_key
+
+    one_frame = {s.name: s for s in export_specs(models.config, window=1)}["temporal_unet_cond"]  # traced at F=1
+    assert export_key(one_frame, models.weights_id, 18, "fp32") != old["export_key"]
+
+
 def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):
     import onnx
 
