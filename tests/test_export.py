@@ -292,6 +292,43 @@ def test_onnxruntime_takes_several_windows_per_call(models, manifest):
     assert old.max_window_batch == 1 and Animator(old, cfg).window_batch(replace(cfg, window_batch=3)) == 1
 
 
+def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, export_dir, tmp_path, monkeypatch):
+    """export --window-batch 2, then build-engines (against tests/fake_tensorrt.py): the UNet plan's profile
+    allows 1..2 windows (and the reused graph file), so its runner, and with it the backend, takes 2 per call."""
+    import shutil
+    import sys
+
+    import fake_tensorrt
+
+    from megactor_rt.engine import builder as builder_mod
+    from megactor_rt.engine.builder import build_engines
+    from megactor_rt.engine.cache import DeviceInfo
+    from megactor_rt.engine.runner import TensorRTRunner
+    from megactor_rt.export.onnx_export import _export_specs
+
+    gpu = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), fake_tensorrt.__version__)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    monkeypatch.setattr(fake_tensorrt.Builder, "fail_builds", False)
+    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: gpu))
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    name = json.loads((export_dir / "manifest.json").read_text())["graphs"]["temporal_unet_cond.fp32"]["file"]
+    shutil.copy(export_dir / name, onnx_dir / name)  # an export of one window per call, as a user had it
+    manifest = {"format": 1, "graphs": {"temporal_unet_cond.fp32": {
+        **json.loads((export_dir / "manifest.json").read_text())["graphs"]["temporal_unet_cond.fp32"]}}}
+    (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
+    spec = {s.name: s for s in export_specs(models.config, window=WINDOW, window_batch=2)}["temporal_unet_cond"]
+    rows = _export_specs([spec], models, onnx_dir, 18, ("fp32",))
+    assert [r["status"] for r in rows] == ["cached"]
+    results = build_engines(onnx_dir, tmp_path / "engines", "fp32", "default")
+    assert [r.status for r in results] == ["built"]
+    runner = TensorRTRunner(results[0].directory, device=gpu)  # reads the plan's sidecar only
+    assert runner.max_size("latents", 0) == runner.max_size("pose", 0) == 2 and runner.max_size("latents", 2) == WINDOW
+    sub = GraphSubmodels("tensorrt", models.config, models.weights_id, {"temporal_unet_cond": runner},
+                         torch.device("cpu"), torch.float32)
+    assert sub.max_window_batch == 2
+
+
 @pytest.mark.parametrize("fallback", ["onnxruntime", "torch"])
 def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallback):
     """Without TensorRT (or without plans) every graph runs on the fallback backend and gives the same result."""
