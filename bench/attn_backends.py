@@ -50,7 +50,7 @@ def record_shapes(tiny: bool, frames: int) -> Counter[Shape]:
     t = torch.tensor(500, device=dev)
     with torch.inference_mode():
         bank = models.reference_net(torch.empty(1, 4, h, h, device=dev), t, tokens)
-        layers.F.scaled_dot_product_attention = spy  # type: ignore[attr-defined]
+        layers.F.scaled_dot_product_attention = spy  # type: ignore[attr-defined, assignment]
         try:
             models.unet(torch.empty(1, 9, frames, h, h, device=dev), t, tokens,
                         torch.empty(1, 4, frames, h, h, device=dev), bank, n_uncond=1, shared_down=True)

@@ -16,6 +16,7 @@ import time
 from datetime import date
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -29,7 +30,7 @@ MINUTES, OFFSET_S, RESULT_FRAMES = 30, 29 * 60 + 50, 200
 def long_audio(path: Path, codec: str, seconds: int, rate: int = 44100) -> Path:
     """``seconds`` of a stereo tone whose pitch changes every second."""
     with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=rate)
+        s: Any = c.add_stream(codec, rate=rate)  # an audio stream (av's stubs give the union of all kinds)
         s.layout = "stereo"
         size, fmt = s.codec_context.frame_size or 1024, s.codec_context.format
         t = np.arange(size) / rate
@@ -51,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     frames = [np.zeros((64, 64, 3), np.uint8)] * RESULT_FRAMES
-    rows = []
+    rows: list[dict[str, Any]] = []
     seek_from = media.AUDIO_SEEK_MIN_S  # the writer's own threshold; "from the beginning" raises it past the offset
     for codec, suffix, how in (("aac", ".m4a", "copied"), ("mp2", ".mka", "transcoded to AAC")):
         src = long_audio(args.out / f"audio_{codec}{suffix}", codec, MINUTES * 60)

@@ -18,7 +18,9 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,8 +75,8 @@ def scenarios() -> list[Scenario]:
             Scenario(
                 f"preprocess_frame 1080x1920 crop800->512 {dtype}",
                 moved,
-                lambda d=dtype: K.preprocess_frame_cuda(frame, crop, keep, 512, d),
-                lambda d=dtype: K.preprocess_frame_ref(frame, crop, keep, 512, d),
+                partial(K.preprocess_frame_cuda, frame, crop, keep, 512, dtype),
+                partial(K.preprocess_frame_ref, frame, crop, keep, 512, dtype),
             )
         )
     for frames in (16, 48):
@@ -87,8 +89,8 @@ def scenarios() -> list[Scenario]:
                 Scenario(
                     f"ddim_cfg_update (2,4,{frames},64,64) {dtype}",
                     moved,
-                    lambda e=eps_sum, x=lat, c=counts: K.ddim_cfg_update_cuda(e, c, x, 7.5, 0.3, 0.4),
-                    lambda e=eps_sum, x=lat, c=counts: K.ddim_cfg_update_ref(e, c, x, 7.5, 0.3, 0.4),
+                    partial(K.ddim_cfg_update_cuda, eps_sum, counts, lat, 7.5, 0.3, 0.4),
+                    partial(K.ddim_cfg_update_ref, eps_sum, counts, lat, 7.5, 0.3, 0.4),
                 )
             )
     for dtype in (torch.float16, torch.float32):
@@ -98,8 +100,8 @@ def scenarios() -> list[Scenario]:
             Scenario(
                 f"latents_to_uint8 (16,3,512,512) {dtype}",
                 moved,
-                lambda i=images: K.latents_to_uint8_cuda(i),
-                lambda i=images: K.latents_to_uint8_ref(i),
+                partial(K.latents_to_uint8_cuda, images),
+                partial(K.latents_to_uint8_ref, images),
             )
         )
     return out
@@ -112,7 +114,7 @@ def run(warmup: int, iters: int) -> dict:
     for sc in scenarios():
         ref_ms = time_ms(sc.ref, warmup, iters)
         fused_ms = time_ms(sc.fused, warmup, iters) if lib.available else float("nan")
-        row = {"scenario": sc.name, "bytes": sc.bytes_moved, "fused_ms": fused_ms, "ref_ms": ref_ms}
+        row: dict[str, Any] = {"scenario": sc.name, "bytes": sc.bytes_moved, "fused_ms": fused_ms, "ref_ms": ref_ms}
         row["fused_gbs"] = sc.bytes_moved / fused_ms / 1e6
         row["ref_gbs"] = sc.bytes_moved / ref_ms / 1e6
         row["fused_frac_of_copy"] = row["fused_gbs"] / copy_gbs

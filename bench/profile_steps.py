@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import megactor_rt.runtime.animator as animator_module
 from megactor_rt import benchmark as B
 from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.runtime.backends import device_name
 
 STEP = "megactor denoise step "
 
@@ -95,7 +96,7 @@ def main() -> None:
         busy = sum(inside) / 1e6
         rows.append({"step": i, "wall_s": wall, "device_busy_s": busy, "device_idle_s": wall - busy,
                      "kernels": len(inside)})
-    report = {"date": date.today().isoformat(), "torch": torch.__version__, "device": B._device_name(dev),
+    report = {"date": date.today().isoformat(), "torch": torch.__version__, "device": device_name(dev),
               "scenario": sc.name, "mode": args.mode, "frames": sc.frames, "steps": sc.steps,
               "stage_s": dict(stats.stage_seconds), "per_step": rows,
               "new_flop_signatures_in_timed_run": new_signatures}
