@@ -72,3 +72,18 @@ def triton_interpreter() -> Callable[[str, int], None]:
         assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
 
     return run
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch: pytest.MonkeyPatch):
+    """``import tensorrt`` gives the stand-in ``tests/fake_tensorrt.py`` (builds succeed) and this machine is
+    an H100 with that TensorRT version, so the TensorRT build code runs on a CPU."""
+    import fake_tensorrt
+
+    from megactor_rt.engine.cache import DeviceInfo
+
+    gpu = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), fake_tensorrt.__version__)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    monkeypatch.setattr(DeviceInfo, "current", classmethod(lambda cls, device=None: gpu))
+    monkeypatch.setattr(fake_tensorrt.Builder, "fail_builds", False)
+    return fake_tensorrt

@@ -464,16 +464,6 @@ def test_atomic_write_removes_stale_temporaries(tmp_path: Path) -> None:
 
 # -- the TensorRT build code against a stand-in module (tests/fake_tensorrt.py) ----------------------------
 
-@pytest.fixture()
-def fake_trt(monkeypatch: pytest.MonkeyPatch):
-    import fake_tensorrt
-
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
-    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: H100))
-    monkeypatch.setattr(fake_tensorrt.Builder, "fail_builds", False)
-    return fake_tensorrt
-
-
 def _job(onnx_dir: Path, tmp_path: Path):
     return plan_jobs(load_manifest(onnx_dir), H100, tmp_path / "engines", BuildOptions(profile="default"))[0]
 

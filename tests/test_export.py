@@ -292,30 +292,22 @@ def test_onnxruntime_takes_several_windows_per_call(models, manifest):
     assert old.max_window_batch == 1 and Animator(old, cfg).window_batch(replace(cfg, window_batch=3)) == 1
 
 
-def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, export_dir, tmp_path, monkeypatch):
+def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, export_dir, tmp_path, fake_trt):
     """export --window-batch 2, then build-engines (against tests/fake_tensorrt.py): the UNet plan's profile
     allows 1..2 windows (and the reused graph file), so its runner, and with it the backend, takes 2 per call."""
     import shutil
-    import sys
 
-    import fake_tensorrt
-
-    from megactor_rt.engine import builder as builder_mod
     from megactor_rt.engine.builder import build_engines
     from megactor_rt.engine.cache import DeviceInfo
     from megactor_rt.engine.runner import TensorRTRunner
     from megactor_rt.export.onnx_export import _export_specs
 
-    gpu = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), fake_tensorrt.__version__)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
-    monkeypatch.setattr(fake_tensorrt.Builder, "fail_builds", False)
-    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: gpu))
+    gpu = DeviceInfo.current()  # the stand-in's H100
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
-    name = json.loads((export_dir / "manifest.json").read_text())["graphs"]["temporal_unet_cond.fp32"]["file"]
-    shutil.copy(export_dir / name, onnx_dir / name)  # an export of one window per call, as a user had it
-    manifest = {"format": 1, "graphs": {"temporal_unet_cond.fp32": {
-        **json.loads((export_dir / "manifest.json").read_text())["graphs"]["temporal_unet_cond.fp32"]}}}
+    entry = json.loads((export_dir / "manifest.json").read_text())["graphs"]["temporal_unet_cond.fp32"]
+    shutil.copy(export_dir / entry["file"], onnx_dir / entry["file"])  # an export of one window per call
+    manifest = {"format": 1, "graphs": {"temporal_unet_cond.fp32": entry}}
     (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
     spec = {s.name: s for s in export_specs(models.config, window=WINDOW, window_batch=2)}["temporal_unet_cond"]
     rows = _export_specs([spec], models, onnx_dir, 18, ("fp32",))
