@@ -9,6 +9,10 @@ dimensions are -1 in a ``Dims`` that ``list()`` accepts; ``DataType`` members ar
 bytes it cannot read and ``set_timing_cache`` returns a bool; ``build_serialized_network`` returns a
 buffer or None; a progress monitor subclass must call the base ``__init__``. It builds nothing: the "plan"
 is a JSON description of what the build was given, so tests can check it.
+
+Its classes, methods (with the bindings' parameter names), properties and enum values are checked against
+TensorRT 11.4's recorded Python API (``engine/data/trt_python_api_11.4.0.106.json``) by ``tests/test_trt_api.py``;
+``REAL_NAMES`` says which real class each stands for.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ class Logger:
     VERBOSE = 4
     WARNING = 2
 
-    def __init__(self, severity: int = WARNING) -> None:
-        self.severity = severity
+    def __init__(self, min_severity: int = WARNING) -> None:
+        self.min_severity = min_severity
 
 
 class _Tensor:
@@ -72,11 +76,11 @@ class _Network:
     def num_outputs(self) -> int:
         return len(self.outputs)
 
-    def get_input(self, i: int) -> _Tensor:
-        return self.inputs[i]
+    def get_input(self, index: int) -> _Tensor:
+        return self.inputs[index]
 
-    def get_output(self, i: int) -> _Tensor:
-        return self.outputs[i]
+    def get_output(self, index: int) -> _Tensor:
+        return self.outputs[index]
 
 
 class _ParserError:
@@ -96,10 +100,11 @@ class OnnxParser:
     def num_errors(self) -> int:
         return len(self.errors)
 
-    def get_error(self, i: int) -> _ParserError:
-        return self.errors[i]
+    def get_error(self, index: int) -> _ParserError:
+        return self.errors[index]
 
-    def parse_from_file(self, path: str) -> bool:
+    def parse_from_file(self, model: str) -> bool:
+        path = model
         try:
             model = onnx.load(path)  # external data resolved next to the file, as the real parser does
         except Exception as exc:  # noqa: BLE001 - the real parser reports every failure the same way
@@ -124,11 +129,11 @@ class OptimizationProfile:
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
 
-    def set_shape(self, name: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - the binding's names
+    def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - the binding's names
         lo, mid, hi = tuple(min), tuple(opt), tuple(max)
         if not len(lo) == len(mid) == len(hi) or any(a > b or b > c for a, b, c in zip(lo, mid, hi)):
-            raise RuntimeError(f"Shape provided for min is inconsistent with other shapes for {name}")
-        self.shapes[name] = (lo, mid, hi)
+            raise RuntimeError(f"Shape provided for min is inconsistent with other shapes for {input}")
+        self.shapes[input] = (lo, mid, hi)
 
 
 class IProgressMonitor:
@@ -152,8 +157,8 @@ class _BuilderConfig:
         self.timing_cache: _TimingCache | None = None
         self.progress_monitor: IProgressMonitor | None = None
 
-    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
-        self.pool_limits[pool] = int(size)
+    def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
+        self.pool_limits[pool] = int(pool_size)
 
     def add_optimization_profile(self, profile: OptimizationProfile) -> int:
         if not profile.shapes:
@@ -161,7 +166,8 @@ class _BuilderConfig:
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
-    def create_timing_cache(self, data: bytes) -> _TimingCache | None:
+    def create_timing_cache(self, serialized_timing_cache: bytes) -> _TimingCache | None:
+        data = serialized_timing_cache
         if not data:
             return _TimingCache({})
         if not data.startswith(_CACHE_MAGIC):
@@ -212,3 +218,10 @@ class Builder:
                 "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config.profiles]}
         return memoryview(json.dumps(plan).encode())
 
+
+# which TensorRT class each stand-in is (tests/test_trt_api.py checks them against the recorded API)
+REAL_NAMES = {"DataType": "DataType", "NetworkDefinitionCreationFlag": "NetworkDefinitionCreationFlag",
+              "MemoryPoolType": "MemoryPoolType", "Logger": "Logger", "_Tensor": "ITensor",
+              "_Network": "INetworkDefinition", "_ParserError": "ParserError", "OnnxParser": "OnnxParser",
+              "OptimizationProfile": "IOptimizationProfile", "IProgressMonitor": "IProgressMonitor",
+              "_TimingCache": "ITimingCache", "_BuilderConfig": "IBuilderConfig", "Builder": "Builder"}
