@@ -20,6 +20,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
                  "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
         "backends": {name: ("available: " if ok else "unavailable: ") + reason
                      for name, (ok, reason) in backend_status().items()},
+        "tensorrt": _tensorrt_status(),
         "kernels": {k: str(v) for k, v in kernels_status().items()},
         "media": _media_status(),
         "contour mode": _landmarks_status(),
@@ -37,6 +38,24 @@ def _weights_status(path: Path) -> dict[str, Any]:
     files = {name: (path / f"{name}.safetensors").is_file() for name in MODULE_FILES}
     ok = all(files.values()) and (path / "config.json").is_file()
     return {"path": str(path), "status": "converted weights found" if ok else "incomplete", **files}
+
+
+def _tensorrt_status() -> dict[str, Any]:
+    """The installed TensorRT (if any) beside the releases whose Python API the engine code is checked against."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from megactor_rt.engine.trt_api import recorded_versions
+
+    installed = "no"
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings"):
+        try:
+            installed = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    checked = recorded_versions()
+    return {"installed": installed,
+            "code checked against": f"the Python APIs of TensorRT {', '.join(checked)} (tests/test_trt_api.py)"}
 
 
 def _media_status() -> dict[str, Any]:

@@ -256,6 +256,7 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     report = json.loads(out)
     assert report["backends"]["torch"].startswith("available")
     assert report["weights"]["status"] == "converted weights found"
+    assert "11.4.0.106" in report["tensorrt"]["code checked against"] and report["tensorrt"]["installed"]
     import av
 
     assert report["media"]["pyav"] == av.__version__ and report["media"]["encoder"] in ("libx264", "libopenh264",
