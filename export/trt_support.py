@@ -2,8 +2,9 @@
 
 The JSON is the operator matrix of onnx-tensorrt ``docs/operators.md`` at the commit TensorRT 11.1 ships
 (its provenance is in the file). An operator is unsupported when the parser does not list it, when it lives
-in a custom domain (TensorRT would need a plugin), or when its tensors use a float type the parser does not
-list for it (e.g. an fp16 ``STFT``).
+in a custom domain (TensorRT would need a plugin), when its tensors use a float type the parser does not
+list for it (e.g. an fp16 ``STFT``), or when a node breaks a restriction of the table's notes that can be
+read off the node (Squeeze/Unsqueeze/ReduceMean axes not constant, LayerNormalization's extra outputs, string/sparse Constants, Resize modes, ScatterND reductions).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def scan_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> di
     version = table["tensorrt_version"]
     types = _elem_types(model)
     functions = {(f.domain, f.name): f for f in model.functions}
+    initializers = {i.name for g in _all_graphs(model.graph) for i in g.initializer}
+    constants = initializers | {o for g in _all_graphs(model.graph) for n in g.node if n.op_type == "Constant"
+                                for o in n.output}
     found: dict[str, list[str]] = {}
     for node, _ in _walk(model.graph, functions, set()):
         label = f"node '{node.name or (node.output[0] if node.output else node.op_type)}'"
@@ -98,7 +102,8 @@ def scan_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> di
         elif node.op_type not in supported:
             op, reason = node.op_type, f"not supported by the TensorRT {version} ONNX parser, e.g. {label}"
         else:
-            problem = _precision_problem(node, supported[node.op_type], types, precision, version)
+            problem = _precision_problem(node, supported[node.op_type], types, precision, version) \
+                or _restriction_problem(node, constants, version)
             if problem is None:
                 continue
             op, reason = node.op_type, f"{problem}, e.g. {label}"
@@ -119,6 +124,45 @@ def _precision_problem(node: onnx.NodeProto, entry: dict[str, Any], types: dict[
     missing = [p for p in used if not entry.get(p)]
     if missing:
         return f"no {'/'.join(missing)} support in the TensorRT {version} ONNX parser"
+    return None
+
+
+# Restrictions of the operator table's "notes" column that can be read off a node (the parser rejects the
+# node otherwise). Keyed by op type; each rule returns a problem or None.
+_RESIZE_COORDS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
+_RESIZE_MODES = {"nearest", "linear"}
+_RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _restriction_problem(node: onnx.NodeProto, constants: set[str], version: str) -> str | None:
+    """A documented per-node restriction of the TensorRT ONNX parser that ``node`` breaks, or None."""
+    op, a = node.op_type, _attrs(node)
+    if op in ("Squeeze", "Unsqueeze", "ReduceMean") and len(node.input) > 1 and node.input[1] and \
+            node.input[1] not in constants:
+        return f"'axes' is computed at run time; the TensorRT {version} parser needs it constant"
+    if op == "LayerNormalization" and len([o for o in node.output if o]) > 1:
+        return f"uses the Mean/InvStdDev outputs; the TensorRT {version} parser supports only Y"
+    if op == "Constant" and {"sparse_value", "value_string", "value_strings"} & set(a):
+        return f"a {sorted({'sparse_value', 'value_string', 'value_strings'} & set(a))[0]} constant, " \
+               f"unsupported by the TensorRT {version} parser"
+    if op == "Resize":
+        bad = [f"{k}={a[k]}" for k, allowed in (("coordinate_transformation_mode", _RESIZE_COORDS),
+                                                 ("mode", _RESIZE_MODES), ("nearest_mode", _RESIZE_NEAREST),
+                                                 ("keep_aspect_ratio_policy", {"stretch"})) if k in a and a[k] not in allowed]
+        if a.get("antialias", 0):
+            bad.append("antialias=1")
+        if bad:
+            return f"Resize with {', '.join(bad)}, which the TensorRT {version} parser does not support"
+    if op == "ScatterND" and a.get("reduction", "none") != "none":
+        return f"ScatterND reduction '{a['reduction']}' is unsupported by the TensorRT {version} parser"
     return None
 
 

@@ -110,3 +110,35 @@ def test_checker_and_opset_problems_are_reported(tmp_path: Path) -> None:
     assert "no such ONNX file" in check_trt_ready(tmp_path / "missing.onnx")[0]
     (tmp_path / "junk.onnx").write_bytes(b"\x01\x02not a model")
     assert "not a loadable ONNX model" in check_trt_ready(tmp_path / "junk.onnx")[0]
+
+
+def test_nodes_breaking_the_parsers_documented_restrictions_are_named() -> None:
+    """The restrictions of operators.md's notes column that a node shows: each flagged, the allowed form not."""
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    x1 = [helper.make_tensor_value_info("x", F16, [8])]
+    ok = _model([helper.make_node("Unsqueeze", ["x", "axes"], ["y"])], inputs=x1, inits=[axes])
+    assert unsupported_ops(ok) == []
+    computed = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Unsqueeze", ["x", "s"], ["y"])],
+                      inputs=x1)
+    assert "needs it constant" in scan_ops(computed)["Unsqueeze"][0]
+
+    ln_in = [helper.make_tensor_value_info("x", F16, [2, 8])]
+    scale = helper.make_tensor("g", F16, [8], [1.0] * 8)
+    one = _model([helper.make_node("LayerNormalization", ["x", "g"], ["y"])], inputs=ln_in, inits=[scale])
+    assert unsupported_ops(one) == []
+    three = _model([helper.make_node("LayerNormalization", ["x", "g"], ["y", "mean", "inv"])], inputs=ln_in,
+                   inits=[scale])
+    assert "supports only Y" in scan_ops(three)["LayerNormalization"][0]
+
+    sizes = helper.make_tensor("sizes", TensorProto.INT64, [2], [4, 16])
+    def resize(**attrs: object) -> onnx.ModelProto:
+        return _model([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], **attrs)], inits=[sizes])
+    assert unsupported_ops(resize(mode="nearest", coordinate_transformation_mode="asymmetric",
+                                  nearest_mode="floor")) == []
+    assert "mode=cubic" in scan_ops(resize(mode="cubic"))["Resize"][0]
+    assert "antialias=1" in scan_ops(resize(mode="linear", antialias=1))["Resize"][0]
+    assert "tf_crop_and_resize" in scan_ops(resize(coordinate_transformation_mode="tf_crop_and_resize"))["Resize"][0]
+
+    text = _model([helper.make_node("Constant", [], ["c"], value_strings=["a"]), helper.make_node("Relu", ["x"], ["y"])])
+    assert "value_strings constant" in scan_ops(text)["Constant"][0]
+
