@@ -63,7 +63,7 @@ def model_config_of(weights: str | Path) -> ModelConfig:
     return converted_config(weights)[0]
 
 
-def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str) -> str:
+def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str, fp16_softmax: bool = False) -> str:
     """What the graph file's content depends on. Not the shape profiles: they are manifest data for TensorRT
     (an export for another ``--window``/``--window-batch`` reuses the files and rewrites the profiles), except
     through the sizes the sample is traced at."""
@@ -71,24 +71,29 @@ def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str) ->
     desc = {"weights": weights_id, "name": spec.name, "inputs": [t.__dict__ for t in spec.inputs],
             "outputs": [t.__dict__ for t in spec.outputs], "traced": traced, "opset": opset,
             "precision": precision, "exporter": EXPORTER_VERSION, "torch": torch.__version__}
+    if fp16_softmax and precision == "fp16":  # (absent otherwise: earlier exports keep their keys)
+        desc["fp16_softmax"] = True
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisions: Sequence[str] = ("fp32", "fp16"),
-               frames: int = 16, graphs: Sequence[str] | None = None, window_batch: int = 1) -> list[dict]:
+               frames: int = 16, graphs: Sequence[str] | None = None, window_batch: int = 1,
+               fp16_softmax: bool = False) -> list[dict]:
     """Export every graph (or ``graphs``) at every precision into ``out`` and write ``out/manifest.json``.
     ``frames`` / ``window_batch``: the window length and the windows per UNet call the TensorRT profiles target.
+    ``fp16_softmax``: the fp16 graphs compute their attention softmax in fp16 too (see :func:`to_fp16`).
 
     Returns:
         One summary row per graph x precision: graph, precision, file, size_mb, seconds, status.
     """
     return export_models(load_models_for_export(weights, graphs), out, opset=opset, precisions=precisions, frames=frames,
-                         graphs=graphs, window_batch=window_batch)
+                         graphs=graphs, window_batch=window_batch, fp16_softmax=fp16_softmax)
 
 
 def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
                   precisions: Sequence[str] = ("fp32", "fp16"), frames: int = 16,
-                  graphs: Sequence[str] | None = None, window_batch: int = 1) -> list[dict]:
+                  graphs: Sequence[str] | None = None, window_batch: int = 1,
+                  fp16_softmax: bool = False) -> list[dict]:
     """``export_all`` for already-loaded models."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,7 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
     if graphs is not None and len(specs) != len(set(graphs)):
         known = [s.name for s in export_specs(models.config)]
         raise ValueError(f"unknown graph in {list(graphs)}; known: {known}")
-    return _export_specs(specs, models, out, opset, precisions)
+    return _export_specs(specs, models, out, opset, precisions, fp16_softmax)
 
 
 def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, *, opset: int = 18,
@@ -118,15 +123,16 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
     return _export_specs([tiny_decoder_spec(config)], models, out, opset, precisions)
 
 
-def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: int, precisions: Sequence[str]
-                  ) -> list[dict]:
+def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: int, precisions: Sequence[str],
+                  fp16_softmax: bool = False) -> list[dict]:
     manifest = _read_manifest(out)
     rows = []
     for spec in progress(specs, desc="export", unit="graph", leave=True):
         fp32_path = None
         for precision in sorted(precisions, key=lambda p: p != "fp32"):  # fp32 first: fp16 derives from it
             t0 = time.perf_counter()
-            entry, status = export_graph(spec, models, out, opset, precision, manifest, fp32_path)
+            entry, status = export_graph(spec, models, out, opset, precision, manifest, fp32_path,
+                                         fp16_softmax=fp16_softmax)
             if precision == "fp32":
                 fp32_path = out / entry["file"]
             manifest["graphs"][f"{spec.name}.{precision}"] = entry
@@ -139,9 +145,10 @@ def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: in
 
 
 def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision: str,
-                 manifest: dict, fp32_path: Path | None = None) -> tuple[dict, str]:
+                 manifest: dict, fp32_path: Path | None = None, *, fp16_softmax: bool = False) -> tuple[dict, str]:
     """Export one graph at one precision (reusing a matching earlier export). Returns (entry, status)."""
-    key = export_key(spec, models.weights_id, opset, precision)
+    fp16_softmax = fp16_softmax and precision == "fp16"
+    key = export_key(spec, models.weights_id, opset, precision, fp16_softmax)
     name = f"{spec.name}.{precision}.{key[:12]}.onnx"
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
@@ -154,7 +161,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
         if precision == "fp16":
             inferred = _infer_shapes(src, Path(tmp))
             try:
-                model = to_fp16(_load(inferred), spec)
+                model = to_fp16(_load(inferred), spec, fp16_softmax=fp16_softmax)
             finally:
                 inferred.unlink(missing_ok=True)
         else:
@@ -168,6 +175,8 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
              "outputs": {t.name: {"dtype": "float16" if precision == "fp16" else "float32", "shape": list(t.shape)}
                          for t in spec.outputs},
              "profiles": spec.profiles()}
+    if fp16_softmax:
+        entry["fp16_softmax"] = True
     return entry, "exported"
 
 
@@ -229,13 +238,19 @@ def _proto_bytes(model) -> int | None:  # noqa: ANN001
         return None
 
 
-def to_fp16(model, spec: ExportSpec):  # noqa: ANN001, ANN201
-    """fp32 graph -> fp16 graph, keeping normalisation/softmax and the timestep embedding in fp32."""
+def to_fp16(model, spec: ExportSpec, *, fp16_softmax: bool = False):  # noqa: ANN001, ANN201
+    """fp32 graph -> fp16 graph, keeping normalisation/softmax and the timestep embedding in fp32.
+
+    ``fp16_softmax``: Softmax in fp16 as well (no Cast between the attention's two matrix multiplies), the
+    form TensorRT's fused-attention pattern and NVIDIA's own fp16 diffusion exports have; whether
+    TensorRT fuses the default form (fp16 matmuls around an fp32 softmax) in a strongly typed network is
+    unverified here (docs/export.md)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     keep = timestep_nodes(model) if "timestep" in spec.keep_fp32 else []
-    model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), op_block_list=FP32_OPS,
+    block = [op for op in FP32_OPS if not (fp16_softmax and op == "Softmax")]
+    model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), op_block_list=block,
                                      node_block_list=keep, disable_shape_infer=True)
     OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end
     return model

@@ -332,7 +332,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         load_tiny_decoder(args.tiny_decoder)
     summary = export_all(args.weights, args.out, opset=args.opset, precisions=args.precision,
-                         frames=args.window, graphs=args.graphs, window_batch=args.window_batch)
+                         frames=args.window, graphs=args.graphs, window_batch=args.window_batch,
+                         fp16_softmax=args.fp16_softmax)
     if args.tiny_decoder is not None:
         from megactor_rt.export.onnx_export import export_tiny_decoder, model_config_of
 
@@ -439,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context windows per UNet call the TensorRT profiles allow (animate --window-batch K; "
                         "onnxruntime runs any number with the same graphs)")
     e.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
+    e.add_argument("--fp16-softmax", action="store_true",
+                   help="fp16 graphs compute the attention softmax in fp16 too (default: fp32 between fp16 matrix "
+                        "multiplies); the form TensorRT's attention fusion documents - try it where a TensorRT "
+                        "plan shows unfused attention (docs/export.md)")
     e.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="also export TAESD's tiny decoder from these weights (the --tiny-decoder of animate), so "
                         "the onnxruntime/tensorrt backends run it as a graph/engine")

@@ -221,6 +221,40 @@ def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):
     assert graph.inputs["timestep"].dtype == "float32"
 
 
+def test_fp16_softmax_export(models, manifest, tmp_path):
+    """``export --fp16-softmax``: the fp16 UNet graph's softmax is fp16 (no Cast between its attention
+    matmuls), it is a different file with its own key, TensorRT-ready, and as close to PyTorch as the
+    default fp16 graph is allowed to be."""
+    import onnx
+
+    name = "temporal_unet"
+    export_models(models, tmp_path, precisions=("fp16",), frames=WINDOW, graphs=[name], fp16_softmax=True)
+    raw = json.loads((tmp_path / "manifest.json").read_text())["graphs"][f"{name}.fp16"]
+    from megactor_rt.export.onnx_export import export_key
+
+    spec = _specs(models)[name]
+    assert raw["fp16_softmax"] is True and raw["export_key"] == export_key(spec, models.weights_id, 18, "fp16", True)
+    assert raw["export_key"] != export_key(spec, models.weights_id, 18, "fp16")  # the default graph's
+    assert raw["file"] != manifest.graphs[f"{name}.fp16"].path.name
+    graph = load_manifest(tmp_path).graphs[f"{name}.fp16"]
+    model = onnx.load(str(graph.path), load_external_data=False)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmaxes and all(producers[n.input[0]].op_type == "MatMul" for n in softmaxes)
+    default = onnx.load(str(manifest.graphs[f"{name}.fp16"].path), load_external_data=False)
+    default_producers = {o: n for n in default.graph.node for o in n.output}
+    assert all(default_producers[n.input[0]].op_type == "Cast" for n in default.graph.node if n.op_type == "Softmax")
+    assert check_trt_ready(graph.path, "fp16") == []
+
+    inputs = _fresh_inputs(spec)
+    ref = _torch_outputs(spec, models, inputs)
+    t16 = _torch_outputs(spec, models, inputs, torch.float16)
+    got = OrtRunner(graph).activate().infer(dict(zip([t.name for t in spec.inputs], inputs)))
+    for k in ref:
+        err, budget = _rel(got[k], ref[k]), _rel(t16[k], ref[k])
+        assert err <= 4 * budget + 1e-3, f"{name}.{k}: fp16-softmax graph rel err {err:.2e} vs torch fp16 {budget:.2e}"
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
