@@ -78,6 +78,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "onnxruntime": {"backend": {"name": "onnxruntime"}},
     "tensorrt": {"backend": {"name": "tensorrt"}},
     "tensorrt-graphs": {"backend": {"name": "tensorrt", "cuda_graphs": True}},  # ... replayed as CUDA graphs
+    # with a graph backend: fp16 graphs exported with their attention softmax in fp16 (export --fp16-softmax)
+    "fp16-softmax": {"export": {"fp16_softmax": True}},
 }
 
 
@@ -134,7 +136,8 @@ SUITES: dict[str, list[Scenario]] = {
                               modes=("optimized", "optimized+onnxruntime"), note="same math on each backend")],
     "gpu-backends": [Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
                               modes=("reference", "optimized", "optimized+compile", "optimized+tensorrt",
-                                     "optimized+tensorrt-graphs", "optimized+tensorrt+batch3"),
+                                     "optimized+tensorrt-graphs", "optimized+tensorrt+batch3",
+                                     "optimized+tensorrt+fp16-softmax"),
                               precision="fp16", note="TensorRT plans built from the same random weights first "
                                                      "(+batch3: UNet plans of 1..3 windows, built too)")],
     "cpu-stream": [Scenario("tiny 128px, 240 frames, w16/o8, 10 steps", "tiny", 128, 240, 16, 8, 10,
@@ -365,6 +368,10 @@ def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfi
     options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
     backends = [v for v in variants if "backend" in VARIANTS[v]]
+    exports = [v for v in variants if "export" in VARIANTS[v]]
+    if exports and not backends:
+        raise ValueError(f"mode '{mode}': {', '.join(exports)} changes the exported graphs; add a graph backend "
+                         "(+onnxruntime, +tensorrt)")
     if backends and (base != "optimized" or sub_options or len(backends) > 1):
         raise ValueError(f"mode '{mode}': a graph backend ({', '.join(backends)}) runs one backend, in the optimized "
                          "mode only (the exported graphs hold the optimized calls), without torch settings such "
@@ -389,12 +396,15 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.
 
     options = mode_backend(mode)
     backend = options["name"]
+    export = {k: v for name in mode.split("+")[1:] for k, v in VARIANTS.get(name, {}).get("export", {}).items()}
     require_backend(backend)  # its reason, before building a second copy of the networks
     models = build_models(model_config(sc.model, sc.image_size), seed=0)  # the twin's weights, fp32 on the CPU
     models.weights_id = twin.weights_id
     precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
-    sub = exported_submodels(models, backend, work_dir / f"{sc.model}-{sc.image_size}-w{sc.window}", device, precision, cfg,
-                             torch_fallback=lambda dtype: twin, cuda_graphs=options.get("cuda_graphs", False))
+    folder = f"{sc.model}-{sc.image_size}-w{sc.window}" + "".join(f"-{k}" for k, v in sorted(export.items()) if v)
+    sub = exported_submodels(models, backend, work_dir / folder, device, precision, cfg,
+                             torch_fallback=lambda dtype: twin, cuda_graphs=options.get("cuda_graphs", False),
+                             **export)
     return sub, FlopLedger(sub, table=twin_ledger.table, twin=twin)
 
 

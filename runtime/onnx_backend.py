@@ -266,13 +266,13 @@ def graphs_needed(cfg: AnimateConfig) -> list[str]:
 
 def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Path, device: torch.device,
                        precision: Precision, config: AnimateConfig, *,
-                       torch_fallback: Callable[[torch.dtype], Submodels], cuda_graphs: bool = False
-                       ) -> GraphSubmodels:
+                       torch_fallback: Callable[[torch.dtype], Submodels], cuda_graphs: bool = False,
+                       fp16_softmax: bool = False) -> GraphSubmodels:
     """In-memory networks on a graph backend, as a self-contained check of that backend (``demo --backend``,
     the bench's ``+onnxruntime``/``+tensorrt`` modes): the graphs a run with ``config`` needs (and its tiny
     decoder's) exported from ``models`` (fp32, CPU) into ``work_dir/onnx-<weights id>``, for ``tensorrt`` built
     into ``work_dir/engines`` too. Exports and plans are content-keyed, so a later call with the same networks
-    reuses them.
+    reuses them. ``fp16_softmax``: see ``export --fp16-softmax``.
 
     Raises:
         BackendUnavailable: ``backend`` is missing here (before any export).
@@ -286,7 +286,7 @@ def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Pat
     onnx_dir = work / f"onnx-{models.weights_id}"
     want = "fp16" if precision is Precision.FP16 else "fp32"
     export_models(models, onnx_dir, precisions=(want,), frames=config.window, graphs=graphs_needed(config),
-                  window_batch=config.window_batch)
+                  window_batch=config.window_batch, fp16_softmax=fp16_softmax)
     if config.tiny_decoder is not None:  # its graph too, so the backend decodes with it
         export_tiny_decoder(config.tiny_decoder, models.config, onnx_dir, precisions=(want,))
     engine_dir = None

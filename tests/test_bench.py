@@ -86,7 +86,7 @@ def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch):
     monkeypatch.setitem(benchmark.SUITES, "test-backends", [benchmark.Scenario(
         "tiny, 4 frames", "tiny", 128, 4, 4, 2, 1,
         modes=("optimized+onnxruntime", "reference+onnxruntime", "optimized+onnxruntime+compile",
-               "optimized+tensorrt"))])
+               "optimized+tensorrt", "optimized+fp16-softmax"))])
     monkeypatch.setattr(benchmark, "_MODELS", {})  # a fresh FLOP table: counted through the onnxruntime mode
     report = run_bench("test-backends", tmp_path / "graphs")
     (ort,) = report["results"]
@@ -97,6 +97,7 @@ def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch):
     assert "optimized mode only" in errors["reference+onnxruntime"]
     assert "without torch settings" in errors["optimized+onnxruntime+compile"]
     assert "tensorrt" in errors["optimized+tensorrt"] and "unavailable" in errors["optimized+tensorrt"]
+    assert "add a graph backend" in errors["optimized+fp16-softmax"]
 
     monkeypatch.setattr(benchmark, "_MODELS", {})
     monkeypatch.setitem(benchmark.SUITES, "test-torch", [benchmark.Scenario(
