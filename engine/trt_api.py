@@ -205,7 +205,10 @@ def describe_wheel(wheel: Path) -> dict[str, Any]:
         if not sos:
             raise InputError(f"{wheel}: no tensorrt_bindings/tensorrt*.so inside")
         (root / "lib").mkdir()
-        symbols = _stub_libraries(sos[0], root / "lib")
+        try:
+            symbols = _stub_libraries(sos[0], root / "lib")
+        except FileNotFoundError as exc:  # no cc / nm / readelf
+            raise InputError(f"recording {wheel.name} needs a C compiler (cc), nm and readelf: {exc}") from exc
         code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import tensorrt_bindings as trt; "
                 "from megactor_rt.engine.trt_api import describe; json.dump(describe(trt), sys.stdout)")
         env = dict(os.environ, LD_LIBRARY_PATH=str(root / "lib"))
