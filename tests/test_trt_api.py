@@ -208,3 +208,13 @@ def test_every_tensorrt_use_exists_in_the_installed_tensorrt() -> None:
     for source, (seeds, _) in SOURCES.items():
         result = check_source(api, ROOT / source, seeds)
         assert result.problems == [], "\n".join(result.problems)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_dtype_names_the_engine_code_maps_are_tensorrts(version: str) -> None:
+    """builder.py and runner.py read ``DataType.name`` through ``TRT_DTYPE_NAMES``: every key must be a member
+    (a renamed member would turn an engine's I/O check into a mismatch)."""
+    from megactor_rt.engine.builder import TRT_DTYPE_NAMES
+
+    members = load_api(version=version).names["DataType"]["members"]
+    assert set(TRT_DTYPE_NAMES) <= set(members), sorted(set(TRT_DTYPE_NAMES) - set(members))
