@@ -49,6 +49,12 @@ class MemoryPoolType(enum.Enum):
     WORKSPACE = 0
 
 
+class ProfilingVerbosity(enum.Enum):
+    LAYER_NAMES_ONLY = 0
+    NONE = 1
+    DETAILED = 2
+
+
 class Logger:
     VERBOSE = 4
     WARNING = 2
@@ -152,6 +158,7 @@ class _TimingCache:
 class _BuilderConfig:
     def __init__(self) -> None:
         self.builder_optimization_level = 3
+        self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
         self.pool_limits: dict[MemoryPoolType, int] = {}
         self.profiles: list[OptimizationProfile] = []
         self.timing_cache: _TimingCache | None = None
@@ -214,6 +221,7 @@ class Builder:
         if config.timing_cache is not None:
             config.timing_cache.entries["builds"] = config.timing_cache.entries.get("builds", 0) + 1
         plan = {"inputs": [t.name for t in network.inputs], "level": config.builder_optimization_level,
+                "verbosity": config.profiling_verbosity.name,
                 "workspace": config.pool_limits.get(MemoryPoolType.WORKSPACE),
                 "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config.profiles]}
         return memoryview(json.dumps(plan).encode())
@@ -221,7 +229,7 @@ class Builder:
 
 # which TensorRT class each stand-in is (tests/test_trt_api.py checks them against the recorded API)
 REAL_NAMES = {"DataType": "DataType", "NetworkDefinitionCreationFlag": "NetworkDefinitionCreationFlag",
-              "MemoryPoolType": "MemoryPoolType", "Logger": "Logger", "_Tensor": "ITensor",
-              "_Network": "INetworkDefinition", "_ParserError": "ParserError", "OnnxParser": "OnnxParser",
+              "MemoryPoolType": "MemoryPoolType", "ProfilingVerbosity": "ProfilingVerbosity", "Logger": "Logger",
+              "_Tensor": "ITensor", "_Network": "INetworkDefinition", "_ParserError": "ParserError", "OnnxParser": "OnnxParser",
               "OptimizationProfile": "IOptimizationProfile", "IProgressMonitor": "IProgressMonitor",
               "_TimingCache": "ITimingCache", "_BuilderConfig": "IBuilderConfig", "Builder": "Builder"}

@@ -481,7 +481,7 @@ def test_tensorrt_build_code_drives_the_api(fake_trt, onnx_dir: Path, tmp_path: 
     assert record.inputs == {"x": {"dtype": "float16", "shape": [-1, 8]}}
     assert record.outputs == {"y": {"dtype": "float16", "shape": [-1, 4]}}
     plan = json.loads((results[0].directory / PLAN_NAME).read_bytes())
-    assert plan == {"inputs": ["x"], "level": 3, "workspace": int(1.5 * (1 << 30)),
+    assert plan == {"inputs": ["x"], "level": 3, "verbosity": "DETAILED", "workspace": int(1.5 * (1 << 30)),
                     "profiles": [{"x": [[1, 8], [2, 8], [4, 8]]}]}
     cache = builder_mod.timing_cache_path(engines, H100)
     assert cache.read_bytes().endswith(b'{"builds": 1}')

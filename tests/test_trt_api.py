@@ -36,6 +36,7 @@ SOURCES = {
         ["Logger(...)", "Builder(...)", "Builder.create_network(...)", "OnnxParser(...)",
          "OnnxParser.parse_from_file(...)", "OnnxParser.get_error(...)", "Builder.create_builder_config(...)",
          "set IBuilderConfig.builder_optimization_level", "IBuilderConfig.set_memory_pool_limit(...)",
+         "set IBuilderConfig.profiling_verbosity", "ProfilingVerbosity.DETAILED",
          "MemoryPoolType.WORKSPACE", "set IBuilderConfig.progress_monitor", "Builder.build_serialized_network(...)",
          "memoryview(IHostMemory)", "IBuilderConfig.get_timing_cache(...)", "ITimingCache.serialize(...)",
          "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "INetworkDefinition.get_input(...)",
