@@ -286,8 +286,9 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
         raise EngineBuildError(f"TensorRT {trt.__version__} could not parse {job.graph.path}:\n  {errors}")
     config = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
-    # layer names, precisions and tactics kept in the plan (no effect on speed), so `polygraphy inspect model
-    # PLAN --show layers` or the engine inspector can show what TensorRT fused (e.g. the attention blocks)
+    # layer names and parameters kept in the plan (the engine inspector's documented use of it; trtexec's
+    # --profilingVerbosity=detailed), so `polygraphy inspect model PLAN --show layers` shows what TensorRT
+    # fused (e.g. the attention blocks)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
