@@ -244,7 +244,7 @@ def to_fp16(model, spec: ExportSpec, *, fp16_softmax: bool = False):  # noqa: AN
     ``fp16_softmax``: Softmax in fp16 as well (no Cast between the attention's two matrix multiplies), the
     form TensorRT's fused-attention pattern and NVIDIA's own fp16 diffusion exports have; whether
     TensorRT fuses the default form (fp16 matmuls around an fp32 softmax) in a strongly typed network is
-    unverified here (docs/export.md)."""
+    unverified here (docs/decisions.md)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 

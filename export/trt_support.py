@@ -4,7 +4,8 @@ The JSON is the operator matrix of onnx-tensorrt ``docs/operators.md`` at the co
 (its provenance is in the file). An operator is unsupported when the parser does not list it, when it lives
 in a custom domain (TensorRT would need a plugin), when its tensors use a float type the parser does not
 list for it (e.g. an fp16 ``STFT``), or when a node breaks a restriction of the table's notes that can be
-read off the node (Squeeze/Unsqueeze/ReduceMean axes not constant, LayerNormalization's extra outputs, string/sparse Constants, Resize modes, ScatterND reductions).
+read off the node (Squeeze/Unsqueeze/ReduceMean axes not constant, LayerNormalization's extra outputs,
+string/sparse Constants, Resize modes, ScatterND reductions).
 """
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ def _restriction_problem(node: onnx.NodeProto, constants: set[str], version: str
         return f"a {sorted({'sparse_value', 'value_string', 'value_strings'} & set(a))[0]} constant, " \
                f"unsupported by the TensorRT {version} parser"
     if op == "Resize":
-        bad = [f"{k}={a[k]}" for k, allowed in (("coordinate_transformation_mode", _RESIZE_COORDS),
-                                                 ("mode", _RESIZE_MODES), ("nearest_mode", _RESIZE_NEAREST),
-                                                 ("keep_aspect_ratio_policy", {"stretch"})) if k in a and a[k] not in allowed]
+        rules = (("coordinate_transformation_mode", _RESIZE_COORDS), ("mode", _RESIZE_MODES),
+                 ("nearest_mode", _RESIZE_NEAREST), ("keep_aspect_ratio_policy", {"stretch"}))
+        bad = [f"{k}={a[k]}" for k, allowed in rules if k in a and a[k] not in allowed]
         if a.get("antialias", 0):
             bad.append("antialias=1")
         if bad:

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16-softmax", action="store_true",
                    help="fp16 graphs compute the attention softmax in fp16 too (default: fp32 between fp16 matrix "
                         "multiplies); the form TensorRT's attention fusion documents - try it where a TensorRT "
-                        "plan shows unfused attention (docs/export.md)")
+                        "plan shows unfused attention (docs/decisions.md)")
     e.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="also export TAESD's tiny decoder from these weights (the --tiny-decoder of animate), so "
                         "the onnxruntime/tensorrt backends run it as a graph/engine")
