@@ -109,12 +109,11 @@ class OnnxParser:
     def get_error(self, index: int) -> _ParserError:
         return self.errors[index]
 
-    def parse_from_file(self, model: str) -> bool:
-        path = model
+    def parse_from_file(self, model: str) -> bool:  # (the binding's parameter name: the file's path)
         try:
-            model = onnx.load(path)  # external data resolved next to the file, as the real parser does
+            proto = onnx.load(model)  # external data resolved next to the file, as the real parser does
         except Exception as exc:  # noqa: BLE001 - the real parser reports every failure the same way
-            self.errors.append(_ParserError(f"ModelImporter.cpp: Failed to parse ONNX model from file {path}: {exc}"))
+            self.errors.append(_ParserError(f"ModelImporter.cpp: Failed to parse ONNX model from file {model}: {exc}"))
             return False
 
         def tensors(values: Any) -> list[_Tensor]:
@@ -125,9 +124,9 @@ class OnnxParser:
                 out.append(_Tensor(v.name, shape, DataType[_ONNX_TYPES[t.elem_type]]))
             return out
 
-        init = {i.name for i in model.graph.initializer}
-        self.network.inputs = tensors(v for v in model.graph.input if v.name not in init)
-        self.network.outputs = tensors(model.graph.output)
+        init = {i.name for i in proto.graph.initializer}
+        self.network.inputs = tensors(v for v in proto.graph.input if v.name not in init)
+        self.network.outputs = tensors(proto.graph.output)
         return True
 
 
