@@ -354,6 +354,20 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_export(args: argparse.Namespace) -> int:
+    from megactor_rt.export.trt_support import check_export, trt_op_table
+
+    results = check_export(args.onnx, args.precision)
+    for name, problems in results.items():
+        print(f"{name:36s} {'ready' if not problems else f'{len(problems)} problem(s)'}")
+        for problem in problems:
+            print(f"    {problem}")
+    bad = sum(1 for p in results.values() if p)
+    print(f"{len(results) - bad} of {len(results)} graphs ready for the TensorRT {trt_op_table()['tensorrt_version']} "
+          "ONNX parser (onnx checker, operators and their restrictions, opset, shape profiles)")
+    return 2 if bad else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import run_bench
 
@@ -455,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
     b.add_argument("--profile", default=None, help="optimization profile name from the export manifest")
     b.set_defaults(fn=cmd_build_engines)
+
+    ce = sub.add_parser("check-export", help="will TensorRT take these graphs? (checks run here, no TensorRT needed; "
+                                            "exit code 2 when a graph has problems)")
+    ce.add_argument("--onnx", required=True, type=Path, help="the export folder (megactor-rt export --out)")
+    ce.add_argument("--precision", default=None, choices=["fp16", "fp32"], help="only these graphs (default: all)")
+    ce.set_defaults(fn=cmd_check_export)
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
     be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)

@@ -515,3 +515,32 @@ def test_bad_times_are_usage_errors(text: str, tmp_path: Path, capsys: pytest.Ca
         main(["-q", "demo", f"--start={text}", "-o", str(out)])
     assert exc.value.code == 2 and f"'{text}' is not a time" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_check_export_says_which_graphs_tensorrt_would_take(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``check-export`` on an export folder: each graph ready or its problems, exit 2 when any has one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = tmp_path / "onnx"
+    code, _, _ = run(capsys, "export", "--weights", "tiny", "--out", out, "--precision", "fp16",
+                     "--graphs", "pose_guider", "pose_guider_film")
+    assert code == 0
+    code, text, _ = run(capsys, "check-export", "--onnx", out)
+    assert code == 0, text
+    assert re.search(r"pose_guider\.fp16 +ready", text) and "2 of 2 graphs ready" in text
+
+    # the same graph name, now holding an operator TensorRT's parser does not take
+    path = out / json.loads((out / "manifest.json").read_text())["graphs"]["pose_guider_film.fp16"]["file"]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Unique", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    code, text, _ = run(capsys, "check-export", "--onnx", out)
+    assert code == 2 and "1 of 2 graphs ready" in text
+    assert re.search(r"pose_guider_film\.fp16 +\d problem", text) and "op 'Unique'" in text
+
+    code, _, err = run(capsys, "check-export", "--onnx", out, "--precision", "fp32")
+    assert code == 2 and "no fp32 graphs" in err
+    code, _, err = run(capsys, "check-export", "--onnx", tmp_path / "nowhere")
+    assert code == 2 and "no export manifest" in err
