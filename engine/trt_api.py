@@ -91,7 +91,7 @@ def parse_signatures(doc: str | None, name: str) -> list[dict[str, Any]]:
     return sigs
 
 
-def _describe_member(owner: type, name: str, value: Any) -> dict[str, Any] | None:
+def _describe_member(name: str, value: Any) -> dict[str, Any] | None:
     if isinstance(value, property):
         sig = _SIG.match("fget" + ((value.fget.__doc__ or "").strip().splitlines() or [""])[0])
         return {"kind": "property", "settable": value.fset is not None,
@@ -119,7 +119,7 @@ def _has_buffer(cls: type) -> bool:
 def _describe_class(cls: type) -> dict[str, Any]:
     members = getattr(cls, "__members__", None)
     if isinstance(members, dict) and members and all(hasattr(v, "value") for v in members.values()):
-        props = {k: _describe_member(cls, k, v) for c in cls.__mro__ for k, v in vars(c).items()
+        props = {k: _describe_member(k, v) for c in cls.__mro__ for k, v in vars(c).items()
                  if isinstance(v, property) and not k.startswith("_")}
         return {"kind": "enum", "members": {k: int(v.value) for k, v in members.items()}, "properties": props}
     out: dict[str, Any] = {"kind": "class", "bases": [b.__name__ for b in cls.__bases__ if b is not object
@@ -134,7 +134,7 @@ def _describe_class(cls: type) -> dict[str, Any]:
             continue
         if name.startswith("__") and type(raw).__name__ == "wrapper_descriptor":
             continue  # object's (or pybind11_object's "No constructor defined") slot, not the class's own
-        desc = _describe_member(cls, name, raw)
+        desc = _describe_member(name, raw)
         if desc is not None:
             out["members"][name] = desc
     return out
@@ -156,7 +156,7 @@ def describe(module: Any) -> dict[str, Any]:
         elif callable(value):
             names[name] = {"kind": "function", "overloads": parse_signatures(value.__doc__, name)}
         elif not isinstance(value, type(sys)):
-            names[name] = _describe_member(type(module), name, value) or {"kind": "attribute"}
+            names[name] = _describe_member(name, value) or {"kind": "attribute"}
     return {"tensorrt_version": str(getattr(module, "__version__", "unknown")), "names": names}
 
 
@@ -286,6 +286,15 @@ class SourceCheck:
 _MODULE = "module"
 
 
+def _getattr_call(node: ast.Call) -> tuple[ast.expr, str] | None:
+    """``getattr(obj, "name"[, default])`` -> (obj, "name"); None for any other call."""
+    f, args = node.func, node.args
+    if isinstance(f, ast.Name) and f.id == "getattr" and len(args) >= 2 and isinstance(args[1], ast.Constant) \
+            and isinstance(args[1].value, str):
+        return args[0], args[1].value
+    return None
+
+
 class _Types:
     """Flow-insensitive types of the expressions of one function: ``module`` (tensorrt), ``class:X`` (the
     class or enum X itself), ``X`` (an instance of X), from seeds, ``trt.X(...)`` constructors, method return
@@ -302,9 +311,8 @@ class _Types:
             return self._attr(self.of(node.value), node.attr)
         if isinstance(node, ast.Call):
             f = node.func
-            if isinstance(f, ast.Name) and f.id == "getattr" and len(node.args) >= 2 and \
-                    isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
-                return self._attr(self.of(node.args[0]), node.args[1].value)
+            if (named := _getattr_call(node)) is not None:
+                return self._attr(self.of(named[0]), named[1])
             ft = self.of(f)
             if ft is not None and ft.startswith("class:"):
                 return ft[6:]
@@ -408,16 +416,16 @@ def check_source(api: TrtApi, path: str | Path, seeds: dict[str, str] | None = N
         if problem:
             result.problems.append(f"{where}: {problem}")
 
-    def exists(rt: str, attr: str) -> bool:
-        if rt == _MODULE:
-            return attr in api.names or (attr.startswith("__") and attr.endswith("__"))  # __version__, __file__
-        if rt.startswith("class:"):
-            owner = rt[6:]
-            return api.member(owner, attr) is not None or f"{owner}.{attr}" in api.names
-        return api.member(rt, attr) is not None
-
     def label(rt: str, attr: str) -> str:
         return f"{'tensorrt' if rt == _MODULE else rt.removeprefix('class:')}.{attr}"
+
+    def attribute(node: ast.AST, rt: str, attr: str) -> None:
+        """``attr`` read from a value of type ``rt`` (the module, a class or enum, an instance) must exist."""
+        if rt == _MODULE:
+            found = attr in api.names or (attr.startswith("__") and attr.endswith("__"))  # __version__, __file__
+        else:  # (member() also finds nested classes such as ILogger.Severity)
+            found = api.member(rt.removeprefix("class:"), attr) is not None
+        note(node, label(rt, attr), None if found else f"{label(rt, attr)} does not exist in TensorRT {api.version}")
 
     def subclass(node: ast.ClassDef, types: _Types) -> None:
         """Methods of a Python subclass of a TensorRT class (TensorRT calls them) against the real ones."""
@@ -446,8 +454,7 @@ def check_source(api: TrtApi, path: str | Path, seeds: dict[str, str] | None = N
             if isinstance(node, ast.Attribute):
                 rt = types.of(node.value)
                 if rt is not None and ast.unparse(node) not in types.env:
-                    note(node, label(rt, node.attr), None if exists(rt, node.attr)
-                         else f"{label(rt, node.attr)} does not exist in TensorRT {api.version}")
+                    attribute(node, rt, node.attr)
                 if rt is not None and rt != _MODULE and not rt.startswith("class:") and \
                         isinstance(getattr(node, "ctx", None), ast.Store):
                     member = api.member(rt, node.attr)
@@ -460,13 +467,10 @@ def check_source(api: TrtApi, path: str | Path, seeds: dict[str, str] | None = N
                     continue
                 kws = [str(k.arg) for k in node.keywords]
                 f = node.func
-                if isinstance(f, ast.Name) and f.id == "getattr" and len(node.args) >= 2 and \
-                        isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
-                    rt = types.of(node.args[0])
+                if (named := _getattr_call(node)) is not None:
+                    rt = types.of(named[0])
                     if rt is not None:
-                        attr = node.args[1].value
-                        note(node, label(rt, attr), None if exists(rt, attr)
-                             else f"{label(rt, attr)} does not exist in TensorRT {api.version}")
+                        attribute(node, rt, named[1])
                     continue
                 if isinstance(f, ast.Name) and f.id in ("memoryview", "bytes", "bytearray") and len(node.args) == 1:
                     at = types.of(node.args[0])
