@@ -91,9 +91,9 @@ def scan_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> di
     version = table["tensorrt_version"]
     types = _elem_types(model)
     functions = {(f.domain, f.name): f for f in model.functions}
-    initializers = {i.name for g in _all_graphs(model.graph) for i in g.initializer}
-    constants = initializers | {o for g in _all_graphs(model.graph) for n in g.node if n.op_type == "Constant"
-                                for o in n.output}
+    graphs = list(_all_graphs(model.graph))
+    constants = {i.name for g in graphs for i in g.initializer} | \
+        {o for g in graphs for n in g.node if n.op_type == "Constant" for o in n.output}
     found: dict[str, list[str]] = {}
     for node, _ in _walk(model.graph, functions, set()):
         label = f"node '{node.name or (node.output[0] if node.output else node.op_type)}'"

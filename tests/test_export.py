@@ -92,17 +92,21 @@ def test_fp32_parity(models, manifest, name):
         assert _rel(got[k], ref[k]) <= 1e-4, f"{name}.{k}: rel err {_rel(got[k], ref[k]):.2e}"
 
 
-@pytest.mark.parametrize("name", GRAPHS)
-def test_fp16_parity_earned(models, manifest, name):
-    """fp16 graph vs PyTorch fp32, judged against what PyTorch fp16 achieves on the same inputs."""
-    spec = _specs(models)[name]
+def _assert_fp16_parity_earned(spec, models, runner):
+    """An fp16 graph vs PyTorch fp32 on fresh inputs, within 4x what PyTorch fp16 achieves on them (+1e-3)."""
     inputs = _fresh_inputs(spec)
     ref = _torch_outputs(spec, models, inputs)
     t16 = _torch_outputs(spec, models, inputs, torch.float16)
-    got = _ort(manifest, name, "fp16").infer(dict(zip([t.name for t in spec.inputs], inputs)))
+    got = runner.infer(dict(zip([t.name for t in spec.inputs], inputs)))
     for k in ref:
         err, budget = _rel(got[k], ref[k]), _rel(t16[k], ref[k])
-        assert err <= 4 * budget + 1e-3, f"{name}.{k}: fp16 graph rel err {err:.2e} vs torch fp16 {budget:.2e}"
+        assert err <= 4 * budget + 1e-3, f"{spec.name}.{k}: fp16 graph rel err {err:.2e} vs torch fp16 {budget:.2e}"
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_fp16_parity_earned(models, manifest, name):
+    """fp16 graph vs PyTorch fp32, judged against what PyTorch fp16 achieves on the same inputs."""
+    _assert_fp16_parity_earned(_specs(models)[name], models, _ort(manifest, name, "fp16"))
 
 
 UNET_GRAPHS = ["temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"]
@@ -245,14 +249,7 @@ def test_fp16_softmax_export(models, manifest, tmp_path):
     default_producers = {o: n for n in default.graph.node for o in n.output}
     assert all(default_producers[n.input[0]].op_type == "Cast" for n in default.graph.node if n.op_type == "Softmax")
     assert check_trt_ready(graph.path, "fp16") == []
-
-    inputs = _fresh_inputs(spec)
-    ref = _torch_outputs(spec, models, inputs)
-    t16 = _torch_outputs(spec, models, inputs, torch.float16)
-    got = OrtRunner(graph).activate().infer(dict(zip([t.name for t in spec.inputs], inputs)))
-    for k in ref:
-        err, budget = _rel(got[k], ref[k]), _rel(t16[k], ref[k])
-        assert err <= 4 * budget + 1e-3, f"{name}.{k}: fp16-softmax graph rel err {err:.2e} vs torch fp16 {budget:.2e}"
+    _assert_fp16_parity_earned(spec, models, OrtRunner(graph).activate())
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
