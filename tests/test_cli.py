@@ -540,6 +540,17 @@ def test_check_export_says_which_graphs_tensorrt_would_take(tmp_path: Path, caps
     assert code == 2 and "1 of 2 graphs ready" in text
     assert re.search(r"pose_guider_film\.fp16 +\d problem", text) and "op 'Unique'" in text
 
+    # a shape profile that no longer covers a dynamic dimension: reported with that graph's other problems
+    # (the checks of every other graph still run)
+    manifest = json.loads((out / "manifest.json").read_text())
+    profile = manifest["graphs"]["pose_guider.fp16"]["profiles"]["default"]
+    name = next(iter(profile))
+    profile[name] = [profile[name][2], profile[name][1], profile[name][0]]  # min and max swapped
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, text, _ = run(capsys, "check-export", "--onnx", out)
+    assert code == 2 and "0 of 2 graphs ready" in text
+    assert re.search(r"pose_guider\.fp16 +1 problem", text) and "shape profile: " in text and "op 'Unique'" in text
+
     code, _, err = run(capsys, "check-export", "--onnx", out, "--precision", "fp32")
     assert code == 2 and "no fp32 graphs" in err
     code, _, err = run(capsys, "check-export", "--onnx", tmp_path / "nowhere")
