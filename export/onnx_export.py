@@ -166,7 +166,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
                 inferred.unlink(missing_ok=True)
         else:
             model = _load(src)
-        _save(model, out / name)
+        _save(model, out / name, Path(tmp))
     _remove_stale(out, spec.name, precision, keep=name)
     entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256_graph(out / name),
              "export_key": key, "weights_id": models.weights_id, "opset": opset,
@@ -210,22 +210,49 @@ def _load(path: Path):  # noqa: ANN202 - onnx imported lazily
     return onnx.load(str(path), load_external_data=True)
 
 
-def _save(model, path: Path) -> None:  # noqa: ANN001
-    """Write to a temporary name (external data beside it when large), check, then rename."""
+def _save(model, path: Path, staging: Path) -> None:  # noqa: ANN001
+    """Write into the folder ``staging`` (on the same file system; external data beside the graph when large),
+    check, then rename into place: the external data first, then the graph. An earlier file of the same name
+    and its data are replaced whole, never appended to."""
     import onnx
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = staging / path.name
     data = external_data_path(path)
     size = _proto_bytes(model)
     large = size is None or size > EXTERNAL_DATA_BYTES
     if large:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        # onnx's own location= check looks for an existing file relative to the working directory, not the
+        # graph's folder: mark the tensors with a generated name, then point them at data.name in staging
+        from onnx.external_data_helper import convert_model_to_external_data
+
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, size_threshold=1024)
+        for tensor in _external_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        onnx.save_model(model, str(tmp))
     else:
-        data.unlink(missing_ok=True)
         onnx.save_model(model, str(tmp))
     onnx.checker.check_model(str(tmp))
+    if large:
+        external_data_path(tmp).replace(data)
+    else:
+        data.unlink(missing_ok=True)
     tmp.replace(path)
+
+
+def _external_tensors(model):  # noqa: ANN001, ANN202
+    """The initializers of ``model``'s graph and its subgraphs that are stored as external data."""
+    from onnx import AttributeProto, TensorProto
+
+    found, graphs = [], [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        found += [t for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs += [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+    return found
 
 
 def _proto_bytes(model) -> int | None:  # noqa: ANN001

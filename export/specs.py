@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from megactor_rt.config import ModelConfig
+from megactor_rt.errors import InputError
 from megactor_rt.models.unet import NUM_BANKS, REUSE_BANKS
 from megactor_rt.weights import MegActorModels
 
@@ -215,13 +216,16 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
     """Every graph the runtime needs, with profiles for windows of up to ``window`` frames and UNet calls of up
     to ``window_batch`` windows (the TensorRT profiles' maximum; the graphs themselves take any number)."""
     if window < 1 or window_batch < 1:
-        raise ValueError(f"window ({window}) and window_batch ({window_batch}) must be >= 1")
+        raise InputError(f"window ({window}) and window_batch ({window_batch}) must be >= 1")
+    longest = cfg.unet.motion_pe_max_len  # the motion modules' positional encoding: the longest window there is
+    if window > longest:
+        raise InputError(f"window ({window}) must be <= {longest} (motion-module positional encoding length)")
     s, h = cfg.image_size, cfg.latent_size
     t, d = cfg.clip.num_tokens, cfg.unet.cross_attention_dim
     c = cfg.clip.image_size
     k = window_batch
-    # the long-window profile (up to 32 frames) keeps one window per call
-    unet_dims = {"frames": {"default": (1, window, window), "long": (1, window, 32)},
+    # the long-window profile (up to the positional encoding's length) keeps one window per call
+    unet_dims = {"frames": {"default": (1, window, window), "long": (1, window, longest)},
                  "windows": {"default": (1, k, k), "long": (1, 1, 1)},
                  "pairs": {"default": (2, 2 * k, 2 * k), "long": (2, 2, 2)}}
     bank = tuple(TensorSpec(n, shp) for n, shp in zip(BANK_NAMES, bank_shapes(cfg)))

@@ -13,6 +13,7 @@ from golden_pack import GoldenPack, pack_dir
 
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.manifest import check_profiles_cover, load_manifest
+from megactor_rt.errors import InputError
 from megactor_rt.export.onnx_export import export_graph, export_models
 from megactor_rt.export.specs import export_specs
 from megactor_rt.export.trt_support import check_trt_ready
@@ -148,8 +149,31 @@ def test_window_batch_sets_the_unet_profiles():
         if name.endswith("_reuse"):  # the kept deep feature: 2 per window with CFG
             assert [s[0] for s in prof["default"]["deep"]] == ([2, 6, 6] if "_cond" not in name else [1, 3, 3])
     assert all(three[n].profiles() == one[n].profiles() for n in one if n not in UNET_GRAPHS)
-    with pytest.raises(ValueError, match="window_batch"):
+    with pytest.raises(InputError, match="window_batch"):
         export_specs(tiny_config(), window_batch=0)
+
+
+def test_long_profile_reaches_the_positional_encoding_length():
+    """The long-window profile covers windows up to the motion modules' positional-encoding length (every
+    profile stays min <= opt <= max); a longer window is refused before anything is written."""
+    from megactor_rt.config import tiny_config
+
+    cfg = tiny_config()
+    longest = cfg.unet.motion_pe_max_len
+    for window in (4, longest):
+        specs = export_specs(cfg, window=window)
+        lo, opt, hi = specs_by_name(specs)["temporal_unet"].profiles()["long"]["latents"]
+        assert (lo[2], opt[2], hi[2]) == (1, window, longest)
+        for spec in specs:
+            for profile in spec.profiles().values():
+                for name, (a, b, c) in profile.items():
+                    assert all(x <= y <= z for x, y, z in zip(a, b, c)), (spec.name, name, a, b, c)
+    with pytest.raises(InputError, match=f"must be <= {longest}"):
+        export_specs(cfg, window=longest + 1)
+
+
+def specs_by_name(specs):
+    return {s.name: s for s in specs}
 
 
 def test_golden_vectors_through_onnxruntime(pack, models, manifest):
@@ -468,3 +492,41 @@ def test_tensorrt_runners_get_the_cuda_graph_setting(models, manifest, monkeypat
     sub = _tensorrt_submodels(models.config, models.weights_id, lambda dtype: None, None, manifest, ort_runners,
                               torch.device("cpu"), torch.float32, "fp32", None, "onnxruntime", cuda_graphs)
     assert made == [("plans/vae_decoder", cuda_graphs)] and isinstance(sub.runners["vae_decoder"], Recorder)
+
+
+@pytest.mark.parametrize("cwd_is_out", [False, True])
+def test_saving_a_large_graph_again_replaces_its_external_data(tmp_path, monkeypatch, cwd_is_out):
+    """A graph written with external data (over 2 GB at full size; here with the threshold lowered) and written
+    again under the same name - an export re-run after its manifest was lost - replaces the data file rather
+    than appending to it (onnx's default) or failing because it exists (onnx with the folder as cwd)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from megactor_rt.engine.cache import external_data_path
+    from megactor_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    if cwd_is_out:
+        monkeypatch.chdir(out)
+    path = out / "g.onnx"
+
+    def model(value: float) -> onnx.ModelProto:
+        w = numpy_helper.from_array(np.full((64, 64), value, np.float32), "w")
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    sizes = []
+    for value in (1.0, 2.0):
+        staging = out / f"staging{value}"
+        staging.mkdir()
+        onnx_export._save(model(value), path, staging)
+        sizes.append(external_data_path(path).stat().st_size)
+        saved = onnx.load(str(path))
+        assert float(numpy_helper.to_array(saved.graph.initializer[0]).max()) == value
+        assert not any(staging.iterdir())  # everything moved into place
+    assert sizes[0] == sizes[1] >= 64 * 64 * 4
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["g.onnx", external_data_path(path).name]
