@@ -165,14 +165,19 @@ def plan_jobs(manifest: Manifest, device: DeviceInfo, engine_dir: str | Path, op
     return jobs
 
 
-def cached_reason(job: BuildJob, device: DeviceInfo) -> str | None:
-    """Why the job's plan can be reused, or None when it must be (re)built."""
+def cached_reason(job: BuildJob, device: DeviceInfo, options: BuildOptions) -> str | None:
+    """Why the job's plan can be reused, or None when it must be (re)built: no valid plan, or one built with
+    other builder settings (optimization level, workspace)."""
     if not (job.directory / SIDECAR_NAME).exists():
         return None
     try:
         record = load_valid_record(job.directory, device, job.key)
     except EngineMismatch as exc:
         logger.info("%s [%s]: existing plan is not valid, rebuilding: %s", job.graph.name, job.profile_name, exc)
+        return None
+    if record.builder != options.builder_settings():
+        logger.info("%s [%s]: existing plan was built with %s, now asked for %s: rebuilding", job.graph.name,
+                    job.profile_name, record.builder or "unrecorded settings", options.builder_settings())
         return None
     return f"valid plan built {record.built_at or 'earlier'} in {record.build_seconds:.0f} s"
 
@@ -214,7 +219,7 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
             label = f"{job.graph.name}[{job.profile_name}]"
             bar.set_postfix_str(label)
             check_onnx_file(job.graph)
-            reason = None if options.force else cached_reason(job, device)
+            reason = None if options.force else cached_reason(job, device, options)
             if reason is not None:
                 logger.info("%s: skipped, %s (%s)", label, reason, job.directory)
                 results.append(BuildResult(job.graph.name, job.profile_name, job.directory, "skipped", 0.0, reason))

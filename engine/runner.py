@@ -6,16 +6,21 @@ torch tensors by address (``set_tensor_address``), allocates outputs from ``get_
 ``execute_async_v3`` on the caller's current torch CUDA stream, except where that is the legacy default
 stream (torch's unless the caller chose one), on which TensorRT adds device-wide synchronizations: then on a
 stream of the calling thread's own, entered after the caller's queued work and waited for by the caller's
-next (stream waits only; nothing synchronizes the host). With
-``cuda_graph=True`` the first call at a given input shape is captured into a CUDA graph and replayed for
-later calls at that shape (inputs are copied into static buffers; outputs are returned as fresh tensors).
+next (stream waits only; nothing synchronizes the host). Calls that share a context (threads on one stream)
+bind and enqueue one at a time. With ``cuda_graph=True`` the first call at a given set of input shapes (per
+stream; per thread on the legacy default stream) is captured into a CUDA graph on an execution context of its
+own and replayed for later calls at those shapes (inputs are copied into static buffers; outputs are returned
+as fresh tensors). Up to ``max_graphs`` graphs are kept, least recently used dropped first, so calls that
+alternate between shapes (a step's K-window calls and its single leftover window) replay instead of
+recapturing; each kept graph holds its context's activation memory.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +47,29 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "uint8": torch.uint8}
 
 
+# TensorRT takes tensor addresses aligned to 256 bytes (NvInferRuntime.h, setTensorAddress)
+ADDRESS_ALIGNMENT = 256
+
+
 @dataclass
 class _ContextState:
-    """One execution context and what it last had bound (per stream)."""
+    """One execution context and what it last had bound (per stream), or one captured CUDA graph with the
+    context and static buffers it was captured on."""
 
     context: Any
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # bind + enqueue (or copy + replay) of one call
     graph: torch.cuda.CUDAGraph | None = None
-    graph_shapes: dict[str, tuple[int, ...]] | None = None
     static_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     static_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def aligned_for_tensorrt(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at an address TensorRT accepts: a copy where it is not contiguous or is a view that
+    starts inside its storage at an offset breaking the alignment (torch's CUDA allocator hands out blocks
+    aligned to 512 bytes)."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % ADDRESS_ALIGNMENT else t
 
 
 class TensorRTRunner(Runner):
@@ -60,26 +78,31 @@ class TensorRTRunner(Runner):
     Args:
         plan_dir: a cache directory holding ``engine.plan`` + ``engine.json`` (or the plan path itself).
         device: the machine to check the plan against (default: this process's GPU and TensorRT).
-        max_contexts: most execution contexts (= concurrent streams) this runner creates.
+        max_contexts: most execution contexts (= concurrent streams) this runner creates for eager calls.
         cuda_graph: capture and replay a CUDA graph per fixed input shape.
+        max_graphs: most CUDA graphs (each on a context of its own) kept at once with ``cuda_graph``.
         verify_hash: check the plan bytes against the sidecar's sha256 before deserializing.
         name: runner name (default: the graph name).
     """
 
     def __init__(self, plan_dir: str | Path, *, device: DeviceInfo | None = None, max_contexts: int = 4,
-                 cuda_graph: bool = False, verify_hash: bool = True, name: str | None = None) -> None:
+                 cuda_graph: bool = False, max_graphs: int = 3, verify_hash: bool = True,
+                 name: str | None = None) -> None:
         self.plan_dir = Path(plan_dir).parent if Path(plan_dir).suffix == ".plan" else Path(plan_dir)
         self.record: EngineRecord = read_sidecar(self.plan_dir)
         super().__init__(name or self.record.graph, list(self.record.inputs), list(self.record.outputs))
-        if max_contexts < 1:
-            raise InputError(f"max_contexts must be >= 1, got {max_contexts}")
+        if max_contexts < 1 or max_graphs < 1:
+            raise InputError(f"max_contexts and max_graphs must be >= 1, got {max_contexts} and {max_graphs}")
         self.device_info = device
         self.max_contexts = max_contexts
         self.cuda_graph = cuda_graph
         self.verify_hash = verify_hash
         self._engine: Any = None
         self._runtime: Any = None
+        self.max_graphs = max_graphs
+        self.captures = 0  # CUDA graphs captured so far
         self._contexts: dict[int, _ContextState] = {}
+        self._graphs: OrderedDict[tuple, _ContextState] = OrderedDict()  # (stream, thread, shapes) -> graph
         self._lock = threading.Lock()
         self._own = threading.local()  # per thread: the stream used instead of the legacy default stream
         self._device = torch.device("cuda")
@@ -101,6 +124,7 @@ class TensorRTRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self._contexts.clear()
+        self._graphs.clear()
         self._engine = None
         self._runtime = None
 
@@ -122,7 +146,7 @@ class TensorRTRunner(Runner):
         inputs = {n: self._prepare_input(n, feed[n]) for n in self.input_names}
         shapes = {n: tuple(t.shape) for n, t in inputs.items()}
         if self.cuda_graph:
-            out = self._infer_graph(self._context_for(caller), inputs, shapes, caller)
+            out = self._infer_graph(inputs, shapes, caller)
             if out is not None:
                 return out
         stream = self._enqueue_stream(caller)
@@ -145,6 +169,13 @@ class TensorRTRunner(Runner):
             own = self._own.stream = torch.cuda.Stream(self._device)
         return own
 
+    def _new_context(self) -> Any:
+        context = self._engine.create_execution_context()
+        if context is None:
+            raise ResourceError(f"runner '{self.name}': TensorRT could not create an execution context "
+                                f"(out of GPU memory?); {MEMORY_HINT}")
+        return context
+
     def _context_for(self, stream: torch.cuda.Stream) -> _ContextState:
         key = stream.cuda_stream
         with self._lock:
@@ -153,11 +184,7 @@ class TensorRTRunner(Runner):
                 if len(self._contexts) >= self.max_contexts:
                     raise InputError(f"runner '{self.name}': more than {self.max_contexts} CUDA streams used it; "
                                      "raise max_contexts")
-                context = self._engine.create_execution_context()
-                if context is None:
-                    raise ResourceError(f"runner '{self.name}': TensorRT could not create an execution context "
-                                        f"(out of GPU memory?); {MEMORY_HINT}")
-                state = self._contexts[key] = _ContextState(context)
+                state = self._contexts[key] = _ContextState(self._new_context())
             return state
 
     def _prepare_input(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -168,21 +195,31 @@ class TensorRTRunner(Runner):
         if t.dtype != dtype and t.dtype.is_floating_point != dtype.is_floating_point:
             raise InputError(f"runner '{self.name}': input '{name}' is {t.dtype}, the engine takes {dtype}")
         self._check_shape(name, tuple(t.shape))
-        return t.to(device=self._device, dtype=dtype).contiguous()
+        return aligned_for_tensorrt(t.to(device=self._device, dtype=dtype))
+
+    def shape_range(self, name: str) -> tuple[list[int], list[int], list[int]]:
+        """Input ``name``'s (min, opt, max) shapes in this plan's profile (a static input: its shape thrice)."""
+        limits = self.record.profile_shapes.get(name)
+        spec_shape = list(self.record.inputs[name]["shape"])
+        return (list(limits[0]), list(limits[1]), list(limits[2])) if limits else (spec_shape, spec_shape, spec_shape)
+
+    def covers(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether this plan's profile takes inputs of these shapes."""
+        for name, shape in shapes.items():
+            lo, _, hi = self.shape_range(name)
+            if not (len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))):
+                return False
+        return True
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        spec_shape = self.record.inputs[name]["shape"]
-        limits = self.record.profile_shapes.get(name)
-        lo, hi = (limits[0], limits[2]) if limits else (spec_shape, spec_shape)
-        ok = len(shape) == len(spec_shape) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
-        if not ok:
+        if not self.covers({name: shape}):
+            lo, _, hi = self.shape_range(name)
             raise InputError(f"runner '{self.name}': input '{name}' has shape {list(shape)}; profile "
                              f"'{self.record.profile_name}' allows {list(lo)} .. {list(hi)}")
 
     def max_size(self, name: str, axis: int) -> int | None:
         """The plan's profile maximum (a static input: its size)."""
-        limits = self.record.profile_shapes.get(name)
-        return int((limits[2] if limits else self.record.inputs[name]["shape"])[axis])
+        return int(self.shape_range(name)[2][axis])
 
     def _bind(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
               shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -192,7 +229,7 @@ class TensorRTRunner(Runner):
                 if not ctx.set_input_shape(name, shapes[name]):
                     raise InputError(f"runner '{self.name}': TensorRT rejected shape {list(shapes[name])} of '{name}'")
                 state.shapes[name] = shapes[name]
-            ctx.set_tensor_address(name, t.data_ptr())
+            self._set_address(ctx, name, t)
         outputs = {}
         for name in self.output_names:
             shape = tuple(ctx.get_tensor_shape(name))
@@ -200,9 +237,15 @@ class TensorRTRunner(Runner):
                 raise InputError(f"runner '{self.name}': output '{name}' has data-dependent shape {list(shape)}, "
                                  "which this runner does not support")
             out = torch.empty(shape, dtype=TORCH_DTYPES[self.record.outputs[name]["dtype"]], device=self._device)
-            ctx.set_tensor_address(name, out.data_ptr())
+            self._set_address(ctx, name, out)
             outputs[name] = out
         return outputs
+
+    def _set_address(self, ctx: Any, name: str, t: torch.Tensor) -> None:
+        """Bind ``t``; TensorRT answers False (and keeps the previous address) for one it does not take."""
+        if not ctx.set_tensor_address(name, t.data_ptr()):
+            raise RuntimeError(f"runner '{self.name}': TensorRT refused the address of '{name}' "
+                               f"({t.data_ptr():#x}, {tuple(t.shape)}); see the TensorRT log")
 
     def _execute(self, state: _ContextState, stream: torch.cuda.Stream) -> None:
         if not state.context.execute_async_v3(stream.cuda_stream):
@@ -210,32 +253,54 @@ class TensorRTRunner(Runner):
 
     def _infer_eager(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
                      shapes: Mapping[str, tuple[int, ...]], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
-        outputs = self._bind(state, inputs, shapes)
-        self._execute(state, stream)
+        with state.lock:
+            outputs = self._bind(state, inputs, shapes)
+            self._execute(state, stream)
         return outputs
 
-    def _infer_graph(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
-                     shapes: dict[str, tuple[int, ...]], stream: torch.cuda.Stream) -> dict[str, torch.Tensor] | None:
-        """Replay (capturing first if the shapes changed); None when capture is impossible (eager fallback)."""
-        stale = state.graph is None or state.graph_shapes != shapes
-        if stale and not self._capture(state, inputs, shapes, stream):
-            return None
-        for name, t in inputs.items():
-            state.static_inputs[name].copy_(t)
-        assert state.graph is not None  # captured above
-        state.graph.replay()
-        return {n: t.clone() for n, t in state.static_outputs.items()}
+    def _infer_graph(self, inputs: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                     caller: torch.cuda.Stream) -> dict[str, torch.Tensor] | None:
+        """Replay the graph of these shapes on the caller's stream (capturing it first); None when capture is
+        impossible (eager from then on)."""
+        thread = threading.get_ident() if caller.cuda_stream == 0 else 0  # the default stream: one per thread
+        key = (caller.cuda_stream, thread, tuple(sorted(shapes.items())))
+        with self._lock:
+            state = self._graphs.get(key)
+            if state is not None:
+                self._graphs.move_to_end(key)
+        if state is None:
+            state = self._capture(inputs, shapes, caller)
+            if state is None:
+                return None
+            with self._lock:
+                self._graphs[key] = state
+                evicted = [self._graphs.popitem(last=False)[1] for _ in range(len(self._graphs) - self.max_graphs)]
+            for old in evicted:  # its replays may still be queued: let them finish before its memory goes
+                with old.lock:
+                    torch.cuda.synchronize(self._device)
+        with state.lock:
+            for name, t in inputs.items():
+                state.static_inputs[name].copy_(t)
+            assert state.graph is not None  # captured
+            state.graph.replay()
+            return {n: t.clone() for n, t in state.static_outputs.items()}
 
-    def _capture(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
-                 shapes: dict[str, tuple[int, ...]], stream: torch.cuda.Stream) -> bool:
-        if state.graph is not None:
-            logger.info("runner '%s': input shapes changed, recapturing the CUDA graph", self.name)
-        state.graph = state.graph_shapes = None
+    def _capture(self, inputs: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                 caller: torch.cuda.Stream) -> _ContextState | None:
+        """A CUDA graph of one call at these shapes, on a new execution context (a graph fixes its context's
+        shapes and addresses); None, and eager calls from then on, where TensorRT cannot be captured."""
+        logger.info("runner '%s': capturing a CUDA graph for input shapes %s", self.name,
+                    {n: list(s) for n, s in shapes.items()})
+        state = _ContextState(self._new_context())
         state.static_inputs = {n: torch.empty_like(t) for n, t in inputs.items()}
         state.static_outputs = self._bind(state, state.static_inputs, shapes)
         for name, t in inputs.items():
             state.static_inputs[name].copy_(t)
-        self._execute(state, stream)  # warm-up: TensorRT does its shape-dependent setup outside the capture
+        # warm-up: TensorRT does its shape-dependent setup outside the capture (on a stream of this thread's
+        # own where the caller's is the legacy default stream)
+        stream = self._enqueue_stream(caller)
+        stream.wait_stream(caller)
+        self._execute(state, stream)
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream(self._device)
         side.wait_stream(stream)
@@ -245,7 +310,59 @@ class TensorRTRunner(Runner):
         except Exception as exc:  # e.g. engines with data-dependent control flow
             logger.warning("runner '%s': CUDA graph capture failed (%s); running without graphs", self.name, exc)
             self.cuda_graph = False
-            return False
-        stream.wait_stream(side)
-        state.graph, state.graph_shapes = graph, dict(shapes)
-        return True
+            return None
+        caller.wait_stream(side)
+        state.graph = graph
+        self.captures += 1
+        return state
+
+class ProfileSetRunner(Runner):
+    """One graph's plans for several shape profiles (``build-engines`` builds every profile of the export:
+    for the UNet ``default``, tuned for the export's window and windows per call, and ``long``, windows up to
+    the positional encoding's length): each call runs on a plan whose profile takes its input shapes,
+    preferring one tuned (opt) for exactly them, then the first in the given order. Plans are deserialized
+    on first use, so a run that only needs one loads one.
+
+    Args:
+        plan_dirs: the plans' cache directories, in order of preference.
+        **options: :class:`TensorRTRunner`'s keyword arguments, for each plan.
+    """
+
+    def __init__(self, plan_dirs: Sequence[str | Path], **options: Any) -> None:
+        if not plan_dirs:
+            raise InputError("ProfileSetRunner needs at least one plan")
+        self.runners = [TensorRTRunner(d, **options) for d in plan_dirs]
+        first = self.runners[0]
+        for r in self.runners[1:]:
+            if (r.record.graph, r.input_names, r.output_names) != (first.record.graph, first.input_names,
+                                                                    first.output_names):
+                raise InputError(f"plans {first.plan_dir} and {r.plan_dir} are not of one graph "
+                                 f"('{first.record.graph}' vs '{r.record.graph}')")
+        super().__init__(options.get("name") or first.record.graph, first.input_names, first.output_names)
+
+    def runner_for(self, shapes: Mapping[str, tuple[int, ...]]) -> TensorRTRunner:
+        """The plan that runs inputs of these shapes.
+
+        Raises:
+            InputError: no plan's profile takes them (the message lists each profile's ranges).
+        """
+        fits = [r for r in self.runners if r.covers(shapes)]
+        tuned = [r for r in fits if all(r.shape_range(n)[1] == list(s) for n, s in shapes.items())]
+        if tuned or fits:
+            return (tuned or fits)[0]
+        ranges = "; ".join(f"'{r.record.profile_name}': " + ", ".join(
+            f"{n} {r.shape_range(n)[0]}..{r.shape_range(n)[2]}" for n in shapes) for r in self.runners)
+        raise InputError(f"runner '{self.name}': no plan takes input shapes "
+                         f"{ {n: list(s) for n, s in shapes.items()} } (profiles {ranges}); export and build "
+                         "engines for this window (`megactor-rt export --window`, `--window-batch`)")
+
+    def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.runner_for({n: tuple(feed[n].shape) for n in self.input_names}).infer(feed)
+
+    def deactivate_impl(self) -> None:
+        for r in self.runners:
+            r.deactivate()
+
+    def max_size(self, name: str, axis: int) -> int | None:
+        """The largest size any of the plans takes."""
+        return max(int(r.shape_range(name)[2][axis]) for r in self.runners)

@@ -28,6 +28,7 @@ class BackendChoice:
     backend: str
     reason: str
     plan_dir: Path | None = None
+    plan_dirs: tuple[Path, ...] = ()  # every valid plan of the submodel (one per profile), ``plan_dir`` first
 
 
 def parse_submodel_list(value: str | Iterable[str] | None, known: Sequence[str] = SUBMODELS) -> list[str]:
@@ -104,6 +105,7 @@ def _choose_plan(sub: str, engine_dir: Path, fb: str, device: DeviceInfo, precis
     if manifest is not None:
         shas = {g.sha256: g for g in manifest.for_submodel(sub, precision)}
     rejected: list[str] = []
+    valid: list[tuple[str, Path]] = []
     for directory in iter_plan_dirs(engine_dir):
         try:
             record = read_sidecar(directory)
@@ -127,7 +129,15 @@ def _choose_plan(sub: str, engine_dir: Path, fb: str, device: DeviceInfo, precis
         except EngineMismatch as exc:
             rejected.append(str(exc))
             continue
-        return BackendChoice(sub, "tensorrt", f"valid plan {directory.name}", directory)
+        valid.append((record.profile_name, directory))
+    if valid:
+        # every profile's plan (the runner picks, per call, one whose shape ranges hold the inputs), the
+        # default profile's first: it is tuned for the export's window
+        valid.sort(key=lambda v: (v[0] != "default", v[0], v[1].name))
+        valid = [v for i, v in enumerate(valid) if v[0] not in {n for n, _ in valid[:i]}]  # one per profile
+        dirs = tuple(d for _, d in valid)
+        profiles = ", ".join(f"{d.name} ({name})" for name, d in valid)
+        return BackendChoice(sub, "tensorrt", f"valid plan{'s' if len(dirs) > 1 else ''} {profiles}", dirs[0], dirs)
     if rejected:
         return BackendChoice(sub, fb, "no usable TensorRT plan: " + " | ".join(rejected))
     want = f"{precision}" + (f", profile '{profile}'" if profile else "")

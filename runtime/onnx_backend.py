@@ -238,7 +238,7 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
                         device: torch.device, dtype: torch.dtype, precision: str,
                         force_fallback: str | Sequence[str] | None, fallback: str, cuda_graphs: bool = False,
                         *, graph_weights: Mapping[str, str | None] | None = None) -> GraphSubmodels:
-    from megactor_rt.engine.runner import TensorRTRunner
+    from megactor_rt.engine.runner import ProfileSetRunner, TensorRTRunner
     from megactor_rt.engine.select import select_backends
 
     if fallback not in ("torch", "onnxruntime"):
@@ -248,7 +248,8 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
     runners: dict[str, Runner] = {}
     for graph, choice in choices.items():
         if choice.backend == "tensorrt":
-            runners[graph] = TensorRTRunner(choice.plan_dir, cuda_graph=cuda_graphs)
+            runners[graph] = (ProfileSetRunner(choice.plan_dirs, cuda_graph=cuda_graphs) if len(choice.plan_dirs) > 1
+                              else TensorRTRunner(choice.plan_dir, cuda_graph=cuda_graphs))
         elif choice.backend == "onnxruntime":
             runners[graph] = ort_runners[graph]
     torch_fb = torch_fallback(dtype) if len(runners) < len(choices) else None

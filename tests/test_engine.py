@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from megactor_rt.engine import builder as builder_mod
@@ -271,6 +272,13 @@ def test_build_skips_valid_plans_and_rebuilds_invalid_ones(onnx_dir: Path, tmp_p
     again, fake2 = _built(onnx_dir, engines)
     assert fake2.calls == [] and {r.status for r in again} == {"skipped"}
 
+    # other builder settings: the plans are rebuilt (same directories: one plan per graph, profile and key)
+    tuned, fake_t = _built(onnx_dir, engines, optimization_level=5)
+    assert len(fake_t.calls) == 2 and [r.directory for r in tuned] == [r.directory for r in first]
+    assert load_valid_record(first[0].directory, H100).builder["optimization_level"] == 5
+    back, fake_b = _built(onnx_dir, engines)
+    assert len(fake_b.calls) == 2 and {r.status for r in back} == {"built"}
+
     forced, fake3 = _built(onnx_dir, engines, force=True)
     assert len(fake3.calls) == 2 and {r.status for r in forced} == {"built"}
 
@@ -369,6 +377,41 @@ def test_select_uses_tensorrt_for_valid_plans_and_fallback_otherwise(onnx_dir: P
 
     other_profile = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, profile="big")
     assert other_profile["vae_decoder"].backend == "onnxruntime"
+
+
+def test_select_offers_every_profile_and_each_call_runs_on_a_plan_that_takes_it(onnx_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    """With plans for several profiles (``build-engines`` builds all), the choice lists them all, default
+    first, and the runner sends each call to a plan whose profile holds its shapes, preferring one tuned
+    for them; shapes no plan takes are an InputError naming each profile's ranges. (Plans are only
+    deserialized on a call; choosing reads the sidecars.)"""
+    from megactor_rt.engine.runner import ProfileSetRunner
+
+    engines = tmp_path / "engines"
+    _built(onnx_dir, engines)  # profiles default (x: 1..4, opt 2) and big (1..16, opt 8)
+    choice = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok,
+                             manifest=load_manifest(onnx_dir))["vae_decoder"]
+    assert choice.backend == "tensorrt" and len(choice.plan_dirs) == 2 and choice.plan_dir == choice.plan_dirs[0]
+    assert [read_sidecar(d).profile_name for d in choice.plan_dirs] == ["default", "big"]
+    runner = ProfileSetRunner(choice.plan_dirs, device=H100)
+    assert runner.input_names == ("x",) and runner.max_size("x", 0) == 16
+    picked = {b: runner.runner_for({"x": (b, 8)}).record.profile_name for b in (1, 2, 3, 4, 5, 8, 16)}
+    assert picked == {1: "default", 2: "default", 3: "default", 4: "default", 5: "big", 8: "big", 16: "big"}
+    with pytest.raises(InputError, match=r"no plan takes input shapes.*'default': x \[1, 8\]..\[4, 8\]"):
+        runner.runner_for({"x": (17, 8)})
+    with pytest.raises(InputError, match="not of one graph"):
+        ProfileSetRunner([choice.plan_dir, _other_graph_plan(tmp_path)], device=H100)
+
+
+def _other_graph_plan(tmp_path: Path) -> Path:
+    """A plan directory (sidecar only) of a graph other than the fixture's."""
+    d = tmp_path / "other-onnx"
+    d.mkdir()
+    sha = _write_onnx(d / "vae_encoder.fp16.onnx")
+    graph = _graph_json("vae_encoder.fp16.onnx", sha, submodel="vae_encoder")
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"vae_encoder_fp16": graph}}))
+    results, _ = _built(d, tmp_path / "other-engines", profile="default")
+    return results[0].directory
 
 
 def test_select_falls_back_on_foreign_plans_and_missing_tensorrt(onnx_dir: Path, tmp_path: Path) -> None:
@@ -516,3 +559,19 @@ def test_tensorrt_build_failures_are_engine_build_errors(fake_trt, onnx_dir: Pat
         fake_trt.Builder.fail_builds = True
     with pytest.raises(builder_mod.EngineBuildError, match=re.escape(needle)):
         builder_mod._build_plan_trt(job, BuildOptions(profile="default"), None)
+
+
+def test_unaligned_views_are_copied_for_tensorrt() -> None:
+    """TensorRT refuses tensor addresses not aligned to 256 bytes; a contiguous view at such an offset is
+    copied, an aligned tensor is passed as it is."""
+    from megactor_rt.engine.runner import ADDRESS_ALIGNMENT, aligned_for_tensorrt
+
+    base = torch.arange(1024, dtype=torch.float32)
+    k = (-base.data_ptr() % ADDRESS_ALIGNMENT) // 4  # the first element at an aligned address
+    aligned = base[k:k + 16]
+    assert aligned.data_ptr() % ADDRESS_ALIGNMENT == 0 and aligned_for_tensorrt(aligned) is aligned
+    unaligned = base[k + 1:k + 17]
+    fixed = aligned_for_tensorrt(unaligned)
+    assert fixed.data_ptr() != unaligned.data_ptr() and torch.equal(fixed, unaligned)
+    strided = base[k:k + 32:2]
+    assert torch.equal(aligned_for_tensorrt(strided), strided) and aligned_for_tensorrt(strided).is_contiguous()

@@ -111,14 +111,28 @@ def test_out_of_profile_shape_is_an_input_error(built) -> None:
 
 def test_cuda_graph_replay_matches_eager(built) -> None:
     _, plan_dir, _ = built
-    xs = [torch.randn(b, 8, device="cuda").half() for b in (2, 2, 3, 3)]
-    with TensorRTRunner(plan_dir) as eager, TensorRTRunner(plan_dir, cuda_graph=True) as graphed:
-        for x in xs:  # second call of each shape replays; the shape change recaptures
+    xs = [torch.randn(b, 8, device="cuda").half() for b in (2, 2, 3, 3, 2, 3, 4)]
+    with TensorRTRunner(plan_dir) as eager, TensorRTRunner(plan_dir, cuda_graph=True, max_graphs=2) as graphed:
+        for x in xs:  # each shape's first call captures, alternating shapes replay; a third shape evicts one
             a, b = eager.infer({"x": x}), graphed.infer({"x": x})
             torch.cuda.synchronize()
             for name in ("y", "z"):
                 assert torch.equal(a[name], b[name]), name
         assert graphed.cuda_graph, "capture fell back to eager"
+        assert graphed.captures == 3 and len(graphed._graphs) == 2
+
+
+def test_a_view_at_an_unaligned_offset_runs_like_a_copy(built) -> None:
+    """TensorRT takes addresses aligned to 256 bytes: a view into a tensor's storage at another offset is
+    copied first, not refused (or silently left bound to the previous call's address)."""
+    _, plan_dir, _ = built
+    base = torch.randn(5, 8, device="cuda").half()
+    view = base[1:]  # 16 bytes into the storage
+    assert view.is_contiguous() and view.data_ptr() % 256
+    with TensorRTRunner(plan_dir) as runner:
+        a, b = runner.infer({"x": view})["y"], runner.infer({"x": view.clone()})["y"]
+        torch.cuda.synchronize()
+        assert torch.equal(a, b)
 
 
 def test_one_context_per_stream(built) -> None:

@@ -48,7 +48,7 @@ SOURCES = {
          "_Monitor.step_complete overrides IProgressMonitor.step_complete",
          "_Monitor.phase_finish overrides IProgressMonitor.phase_finish"]),
     "engine/runner.py": (
-        {"state.context": "IExecutionContext"},
+        {"state.context": "IExecutionContext", "_set_address:ctx": "IExecutionContext"},
         ["Runtime(...)", "Runtime.deserialize_cuda_engine(...)", "ICudaEngine.num_io_tensors",
          "ICudaEngine.get_tensor_name(...)", "ICudaEngine.get_tensor_mode(...)", "TensorIOMode.INPUT",
          "ICudaEngine.get_tensor_dtype(...)", "ICudaEngine.create_execution_context(...)",
