@@ -42,7 +42,7 @@ from megactor_rt.runtime.driver import (
     plan_driver,
     plan_driver_contour,
 )
-from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, prefetch
+from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, cancellable, prefetch
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
 from megactor_rt.runtime.predictor import (
     OptimizedPredictor,
@@ -207,17 +207,27 @@ class Animator:
                               clip_image=torch.from_numpy(clip_bg).permute(2, 0, 1).contiguous(), ada_reference=ada)
 
     def prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, *, face_crop: bool = True,
-                mask: str | Path | None = None) -> PortraitState:
-        """Everything per-portrait, from the cache when this portrait was prepared before."""
+                mask: str | Path | None = None, seed: int | None = None) -> PortraitState:
+        """Everything per-portrait, from the cache when this portrait was prepared before. ``seed`` (default
+        this Animator's ``config.seed``) draws the VAE posterior sample of the concatenated reference, as the
+        run's seed does upstream: animate with a state prepared with the run's seed."""
+        return self._prepare(portrait, face_crop, mask, seed)[0]
+
+    def _prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, face_crop: bool,
+                 mask: str | Path | None, seed: int | None) -> tuple[PortraitState, bool]:
+        """:meth:`prepare`, and whether the state came from the cache."""
+        seed = self.config.seed if seed is None else seed
         inputs = portrait if isinstance(portrait, PortraitInputs) else \
             self.portrait_inputs(portrait, face_crop=face_crop, mask=mask)
-        key = f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.name}|{self.sub.dtype}|seed={self.config.seed}"
+        key = (f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.name}|{self.sub.dtype}|{self.sub.device}"
+               f"|seed={seed}")
         state = self.cache.get(key, self.sub.device)
-        if state is None:
-            with memory_errors("preparing the portrait", self.sub.device):
-                state = prepare_portrait(self.sub, inputs, self.config.seed, key=key)
-            self.cache.put(state)
-        return state
+        if state is not None:
+            return state, True
+        with memory_errors("preparing the portrait", self.sub.device):
+            state = prepare_portrait(self.sub, inputs, seed, key=key)
+        self.cache.put(state)
+        return state, False
 
     def warmup(self, config: AnimateConfig | None = None) -> float:
         """Run every network once on dummy inputs of a request's shapes (one context window, one decode batch),
@@ -456,7 +466,9 @@ class Animator:
 
         flight = InFlight(self.sub.device, DECODE_DEPTH, streams=streams)
         try:
-            for frames in flight.map(decode, progress(range(0, n, DECODE_BATCH), desc="decode", unit="batch")):
+            batches = progress(cancellable(range(0, n, DECODE_BATCH)), total=-(-n // DECODE_BATCH), desc="decode",
+                               unit="batch")
+            for frames in flight.map(decode, batches):
                 yield from frames.numpy()
         finally:
             timer.add("vae_decode", flight.device_seconds)
@@ -478,9 +490,7 @@ class Animator:
         if cfg.tiny_decoder is not None:
             self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
         info = driver_info(driver)
-        hits = self.cache.hits
-        state = self.prepare(portrait, face_crop=face_crop, mask=mask)
-        hit = self.cache.hits > hits
+        state, hit = self._prepare(portrait, face_crop, mask, cfg.seed)
         size = self.image_size
         sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         with VideoWriter(out, sel.fps, size, size, audio_source=info.path if audio and info.has_audio else None,

@@ -64,16 +64,20 @@ class PortraitCache:
     def get(self, key: str, device: torch.device | str = "cpu") -> PortraitState | None:
         with self._lock:
             state = self._mem.get(key)
+            from_disk = False
             if state is None and self.disk_dir is not None:
                 state = self._load(key, device)
                 if state is not None:
                     self._mem[key] = state
                     self.disk_hits += 1
+                    from_disk = True
             if state is None:
                 self.misses += 1
                 return None
             self._mem.move_to_end(key)
             self.hits += 1
+            if from_disk:
+                self.trim()  # the state read back counts against the memory budget like any other
             return state
 
     def put(self, state: PortraitState) -> None:
@@ -98,9 +102,9 @@ class PortraitCache:
                 return False
             try:
                 self.save(state)
-            except OSError as exc:
-                logger.warning("portrait cache: cannot write to %s (%s); the portrait is not stored",
-                               self.disk_dir, exc)
+            except Exception as exc:  # noqa: BLE001 - any failure to store: warn, keep the run's result
+                logger.warning("portrait cache: cannot write to %s (%s: %s); the portrait is not stored",
+                               self.disk_dir, type(exc).__name__, exc)
                 return False
             return True
 
@@ -114,10 +118,12 @@ class PortraitCache:
         if self.disk_dir is None:
             return
         self.disk_dir.mkdir(parents=True, exist_ok=True)
+        content = _content(state)  # what this file holds: banks another thread adds during the write are not
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.tensors().items()}
         inp = state.inputs
         tensors.update({"in_image": inp.image, "in_background_mask": inp.background_mask,
                         "in_clip_image": inp.clip_image, "in_ada_reference": inp.ada_reference})
+        tensors = _unshared(tensors)
         meta = {"key": state.key, "banks": json.dumps(sorted(state.banks))}
         if state.face_landmarks is not None and state.landmarks_model is not None:
             tensors["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(state.face_landmarks))
@@ -129,7 +135,7 @@ class PortraitCache:
             tmp.replace(final)
         finally:
             tmp.unlink(missing_ok=True)
-        self._on_disk[state.key] = _content(state)
+        self._on_disk[state.key] = content
         logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(state.banks))
         self._trim_disk(keep=final)
 
@@ -184,12 +190,27 @@ class PortraitCache:
                            path, type(exc).__name__, exc)
             return None
         self._on_disk[key] = _content(state)
-        os.utime(path)  # recently used: the last to go when the store is over its budget
+        try:
+            os.utime(path)  # recently used: the last to go when the store is over its budget
+        except OSError:  # removed meanwhile by another process trimming the store: this read stands
+            self._on_disk.pop(key, None)
         return state
 
 
 # stored tensors that stay on the host: the portrait's pixels (``PortraitInputs``) and its landmarks
 _HOST_TENSORS = frozenset({"in_image", "in_background_mask", "in_clip_image", "in_ada_reference", "face_landmarks"})
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every tensor that shares memory with an earlier one copied (safetensors refuses shared
+    memory; e.g. the portrait image is also its FiLM reference at 512 px)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def _content(state: PortraitState) -> tuple[frozenset[int], str | None]:

@@ -24,6 +24,7 @@ from megactor_rt.config import StepKind, step_kind
 from megactor_rt.kernels.ops import ddim_cfg_update
 from megactor_rt.models.scheduler import DDIMStep
 from megactor_rt.progress import progress
+from megactor_rt.runtime.pipeline import check_cancelled
 
 
 class EpsModel(Protocol):
@@ -118,6 +119,7 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         model.begin_step(step, kind)
         acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
         for group in groups:
+            check_cancelled()
             if len(group) == 1:
                 k = group[0]
                 preds = [model.predict(latents[:, :, indices[k]], indices[k], step, k)]  # (halves, 4, F, h, w)
@@ -235,6 +237,7 @@ def denoise_stream(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMSt
             model.begin_step(step, kind)
             current = s
         idx = indices[k]
+        check_cancelled()
         eps = model.predict(latents[:, :, idx], idx, step, k)
         if eps.shape[0] != halves:
             raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")

@@ -33,7 +33,7 @@ from megactor_rt.kernels.ops import grey_unit, preprocess_frame
 from megactor_rt.media import MIN_IMAGE_SIDE, VideoInfo, iter_video_frames, probe_video
 from megactor_rt.preprocess import Box, Crop, crop_resize, driver_crop, face_keep_rect, first_face
 from megactor_rt.progress import progress
-from megactor_rt.runtime.pipeline import ordered_map
+from megactor_rt.runtime.pipeline import cancellable, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,8 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     boxes: list[Box | None] = []
     frames = driver_frames(source, max_frames, ratio, skip)
     found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
-    for box in progress(found, total=_total(info, max_frames, ratio, skip), desc="driver: find faces", unit="frame"):
+    for box in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc="driver: find faces",
+                        unit="frame"):
         boxes.append(box)
     if not boxes and skip:  # a header without a frame count: known only now
         raise _past_the_end(name, start, skip, info.fps, at_least=False)
@@ -289,7 +290,7 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
         return landmarker(_cropped_uint8(frame, plan.crop, size))
 
     found = ordered_map(landmarks, plan.frames())
-    per_frame = progress(found, total=plan.num_frames, desc="driver: face landmarks", unit="frame")
+    per_frame = progress(cancellable(found), total=plan.num_frames, desc="driver: face landmarks", unit="frame")
     contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
     logger.info("driver %s: contour rectangles %s", plan.name, contour.rects)
     return contour

@@ -10,6 +10,7 @@ i. ``StageTimer`` accumulates wall time per stage and the first-frame latency in
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -23,6 +24,8 @@ from itertools import islice
 from typing import Any, TypeVar
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -110,8 +113,37 @@ class StageTimer:
         self.stats.total_s = now
 
 
+class Cancelled(Exception):  # noqa: N818 - a state, not a failure
+    """Raised by :func:`check_cancelled` in a :func:`prefetch` producer whose consumer has stopped."""
+
+
+_producer = threading.local()  # .stop: the stop event of the prefetch this thread produces for
+# how long a stopping consumer waits for its producer to reach a cancellation point (one UNet window call
+# or decode batch; an interpreter exiting while a worker is inside torch aborts the process)
+JOIN_S = 120.0
+
+
+def check_cancelled() -> None:
+    """Raise :class:`Cancelled` where this thread produces items for a :func:`prefetch` whose consumer has
+    stopped (closed it, or raised, e.g. on Ctrl-C): long loops (denoising windows, decode batches, driver
+    frames) call it so abandoned work stops at the next window instead of running to the end. Elsewhere (the
+    caller's own thread) a no-op."""
+    stop = getattr(_producer, "stop", None)
+    if stop is not None and stop.is_set():
+        raise Cancelled("the consumer of this work has stopped")
+
+
+def cancellable(items: Iterable[T]) -> Iterator[T]:
+    """``items``, with :func:`check_cancelled` before each."""
+    for item in items:
+        check_cancelled()
+        yield item
+
+
 def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iterator[T]:
-    """Iterate ``items`` on a daemon thread, keeping at most ``depth`` results buffered."""
+    """Iterate ``items`` on a daemon thread, keeping at most ``depth`` results buffered. When the consumer
+    stops early (closes the iterator or raises), the producer is cancelled at its next
+    :func:`check_cancelled` or item, ``items`` is closed on its thread, and the consumer waits for that."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -125,13 +157,18 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
         return False
 
     def work() -> None:
+        _producer.stop = stop
         try:
             for item in items:
                 if not put(item):
                     return
             put(_DONE)
-        except BaseException as exc:  # handed to the consumer
+        except BaseException as exc:  # handed to the consumer (a Cancelled one is dropped: nobody waits)
             put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # a generator left at a yield: run its cleanup here, not at garbage collection
+                close()
 
     thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
@@ -145,7 +182,9 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=JOIN_S)
+        if thread.is_alive():
+            logger.warning("%s: the worker thread did not stop within %.0f s", name, JOIN_S)
 
 
 def default_workers() -> int:

@@ -85,7 +85,10 @@ class PortraitState:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes held: the cached tensors and the portrait's pixels (one tensor in two fields counted once)."""
+        inp = self.inputs
+        held = [*self.tensors().values(), inp.image, inp.background_mask, inp.clip_image, inp.ada_reference]
+        return sum({(t.data_ptr(), t.shape): t.numel() * t.element_size() for t in held}.values())
 
 
 def prepare_portrait(sub: Submodels, inputs: PortraitInputs, seed: int, key: str = "",

@@ -340,6 +340,71 @@ def test_cache_hit_flag_is_false_for_a_new_portrait(anim: Animator, media: dict[
     assert stats.portrait_cache_hit is False
 
 
+def test_shared_pixels_are_stored_and_read_back(anim: Animator, tmp_path: Path) -> None:
+    """At 512 px the portrait crop is also its FiLM reference (one tensor in two fields); safetensors refuses
+    tensors that share memory, so the store copies one of them (was: persist raised at the end of the run)."""
+    base = anim.prepare(PORTRAIT)
+    shared = replace(base, key="shared-pixels", inputs=replace(base.inputs, ada_reference=base.inputs.image))
+    cache = PortraitCache(disk_dir=tmp_path / "portraits")
+    assert cache.persist(shared)
+    back = PortraitCache(disk_dir=tmp_path / "portraits").get("shared-pixels")
+    assert back is not None and torch.equal(back.inputs.ada_reference, base.inputs.image)
+
+
+def test_memory_budget_holds_for_states_read_from_disk(anim: Animator, tmp_path: Path) -> None:
+    """States read back from the store count against the memory budget like computed ones, and a state's
+    size includes the portrait's pixels it holds."""
+    base = anim.prepare(PORTRAIT)
+    inp = base.inputs
+    pixels = sum(t.numel() * t.element_size() for t in (inp.image, inp.background_mask, inp.clip_image,
+                                                        inp.ada_reference))
+    assert base.nbytes() >= pixels + sum(t.numel() * t.element_size() for t in base.tensors().values())
+    store = tmp_path / "portraits"
+    writer = PortraitCache(disk_dir=store)
+    for i in range(3):
+        writer.save(replace(base, key=f"portrait-{i}"))
+    reader = PortraitCache(max_bytes=base.nbytes() * 3 // 2, disk_dir=store)  # room for one state
+    for i in range(3):
+        assert reader.get(f"portrait-{i}") is not None
+        assert reader.nbytes <= reader.max_bytes and len(reader) == 1
+
+
+def test_a_store_file_removed_by_another_process_after_reading_is_no_error(anim: Animator, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process trimming the shared store may delete a file just after this one read it: the state
+    read stands (was: FileNotFoundError from refreshing the file's time)."""
+    import os
+
+    store = tmp_path / "portraits"
+    PortraitCache(disk_dir=store).save(replace(anim.prepare(PORTRAIT), key="portrait-r"))
+    reader = PortraitCache(disk_dir=store)
+    path = reader._path("portrait-r")
+
+    def removed_meanwhile(p: object, *args: object, **kwargs: object) -> None:
+        os.remove(path)
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(os, "utime", removed_meanwhile)
+    assert reader.get("portrait-r") is not None and reader.disk_hits == 1
+
+
+def test_animate_to_file_prepares_the_portrait_with_the_runs_seed(anim: Animator, media: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """``animate_to_file(config=...)``'s seed draws the portrait's VAE posterior sample as well as the initial
+    noise: the same frames as an Animator configured with that seed (was: the portrait used the Animator's)."""
+    a = fresh(anim, max_frames=2, steps=1)
+    other = replace(a.config, seed=a.config.seed + 1)
+    a.animate_to_file(PORTRAIT, media["short"], tmp_path / "a.mp4", config=other, audio=False)
+    assert [k.rsplit("|", 1)[1] for k in a.cache._mem] == [f"seed={other.seed}"]
+    b = Animator(anim.sub, other, PortraitCache())
+    b.animate_to_file(PORTRAIT, media["short"], tmp_path / "b.mp4", audio=False)
+    from megactor_rt.media import iter_video_frames
+
+    a_frames, b_frames = (list(iter_video_frames(tmp_path / n)) for n in ("a.mp4", "b.mp4"))
+    assert len(a_frames) == 2 and all(np.array_equal(x, y) for x, y in zip(a_frames, b_frames, strict=True))
+    assert str(a.sub.device) in next(iter(a.cache._mem))  # states of another device are other entries
+
+
 # ---------------------------------------------------------------------------------------------- streaming
 
 

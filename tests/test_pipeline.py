@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megactor_rt.runtime.pipeline import InFlight
+from megactor_rt.runtime.pipeline import Cancelled, InFlight, check_cancelled, prefetch
 
 
 def test_cpu_runs_each_item_when_asked_and_keeps_order() -> None:
@@ -222,3 +222,42 @@ def test_open_windows_stream_decode_while_denoising_on_cuda() -> None:
     serial = list(anim.animate(state, driver, config=AnimateConfig(**{**cfg.__dict__, "decode_streams": False})))
     assert len(streamed) == len(serial) == 24
     assert all(np.array_equal(a, b) for a, b in zip(streamed, serial))
+
+
+def test_a_stopped_consumer_cancels_its_producer_at_the_next_check() -> None:
+    """When prefetch's consumer stops (raises, e.g. Ctrl-C, or closes it), the producer's next
+    ``check_cancelled`` raises ``Cancelled`` on the worker thread, the producer's cleanup runs there, and the
+    consumer returns only after the worker has stopped (was: the worker went on computing for up to the
+    whole run, and an interpreter exiting meanwhile aborted)."""
+    import threading
+    import time
+
+    events: list[str] = []
+    release = threading.Event()
+
+    def producer():
+        try:
+            yield 0
+            release.wait(5)  # a long window call, under way when the consumer stops
+            for i in range(1, 10_000):
+                check_cancelled()
+                time.sleep(0.01)
+                events.append(f"work {i}")
+                yield i
+        except Cancelled:
+            events.append("cancelled")
+        finally:
+            events.append(f"cleanup on {threading.current_thread().name}")
+
+    it = prefetch(producer(), depth=1, name="producer-test")
+    assert next(it) == 0
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            threading.Timer(0.2, release.set).start()
+            it.close()  # what leaving the consumer's loop by an exception does
+    assert "cancelled" in events and events[-1] == "cleanup on producer-test"
+    assert sum(e.startswith("work") for e in events) <= 2  # at most the items already under way
+    assert not any(t.name == "producer-test" for t in threading.enumerate())
+    check_cancelled()  # on a thread that produces for no prefetch: nothing to cancel
