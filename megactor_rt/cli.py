@@ -10,10 +10,13 @@ import argparse
 import json
 import logging
 import math
+import os
+import signal
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from megactor_rt.errors import InputError, MegactorError
 
@@ -142,11 +145,28 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
         raise InputError(f"bad run settings: {exc}") from exc
 
 
+def _output_folder(path: Path, flag: str) -> Path:
+    """Check, before any work, that ``path`` can be a folder for a command's outputs: a folder already, or
+    creatable (the command creates it once it has something to write).
+
+    Raises:
+        InputError: ``path`` is a file, or its nearest existing folder is not writable.
+    """
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: {flag} cannot be written ({existing} is not a writable folder)")
+    return path
+
+
 def _cache(args: argparse.Namespace):  # noqa: ANN202
     from megactor_rt.runtime.cache import PortraitCache
 
     if args.cache_dir is None:
         return None
+    if not (math.isfinite(args.cache_max_gb) and args.cache_max_gb > 0):
+        raise InputError(f"--cache-max-gb must be a finite number > 0, got {args.cache_max_gb}")
     return PortraitCache(disk_dir=args.cache_dir, max_disk_bytes=int(args.cache_max_gb * 1e9))
 
 
@@ -165,9 +185,18 @@ class StatsFile:
         InputError: ``path`` is a folder (checked at once) or cannot be written.
     """
 
-    def __init__(self, path: Path | None, command: str) -> None:
-        if path is not None and path.is_dir():
-            raise InputError(f"{path}: --stats names a file to write, and this is a folder")
+    def __init__(self, path: Path | None, command: str, results: Sequence[Path] = (),
+                 inputs: Sequence[Path | None] = ()) -> None:
+        if path is not None:
+            if path.is_dir():
+                raise InputError(f"{path}: --stats names a file to write, and this is a folder")
+            parent = path.absolute().parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"{path}: --stats cannot be written: its folder {parent} "
+                                 f"{'is not writable' if parent.is_dir() else 'does not exist'}")
+            for what, others in (("a result", results), ("an input", inputs)):
+                if any(o is not None and _same_path(path, o) for o in others):
+                    raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")
         self.path, self.command = path, command
         self.runs: list[dict] = []
 
@@ -191,6 +220,16 @@ class StatsFile:
             raise InputError(f"{self.path}: cannot write the --stats file ({exc})") from exc
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (existing or not)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> list[tuple[Path, Path, Path]]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file. More:
     ``output`` is a folder (created once the weights have loaded) holding ``<portrait stem>_<driver stem>.mp4``;
@@ -204,6 +243,10 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> li
         raise InputError(f"{output}: with {count}, -o names a folder for the results, not a video file")
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: with {count}, -o names a folder for the results; this is a file")
+    for what, given in (("portrait", portraits), ("driver", drivers)):
+        twice_given = sorted({str(x) for x in given if sum(_same_path(x, y) for y in given) > 1})
+        if twice_given:
+            raise InputError(f"{', '.join(twice_given)}: the same {what} is given more than once")
     jobs = [(p, d, output / f"{p.stem}_{d.stem}.mp4") for p in portraits for d in drivers]
     names = [o.name for _, _, o in jobs]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -230,7 +273,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.mask is not None and len(args.portrait) > 1:
         raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with {len(args.portrait)}")
     jobs = animate_jobs(args.portrait, args.driver, args.output)
-    record = StatsFile(args.stats, "animate")
+    record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -266,7 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
-    record = StatsFile(args.stats, "demo")
+    record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
@@ -285,7 +328,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from megactor_rt.weights import convert_release
 
-    dst = convert_release(args.src, args.dst)
+    dst = convert_release(args.src, _output_folder(args.dst, "dst"))
     print(f"converted {args.src} -> {dst}")
     return 0
 
@@ -331,7 +374,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from megactor_rt.models.tiny_decoder import load_tiny_decoder
 
         load_tiny_decoder(args.tiny_decoder)
-    summary = export_all(args.weights, args.out, opset=args.opset, precisions=args.precision,
+    summary = export_all(args.weights, _output_folder(args.out, "--out"), opset=args.opset, precisions=args.precision,
                          frames=args.window, graphs=args.graphs, window_batch=args.window_batch,
                          fp16_softmax=args.fp16_softmax)
     if args.tiny_decoder is not None:
@@ -348,7 +391,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from megactor_rt.engine.builder import build_engines
 
-    results = build_engines(args.onnx, args.out, precision=args.precision, profile=args.profile)
+    results = build_engines(args.onnx, _output_folder(args.out, "--out"), precision=args.precision,
+                            profile=args.profile)
     for r in results:
         print(r)
     return 0
@@ -371,7 +415,7 @@ def cmd_check_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import run_bench
 
-    run_bench(args.suite, args.out, device=args.device, dry_run=args.dry_run, modes=args.modes,
+    run_bench(args.suite, _output_folder(args.out, "--out"), device=args.device, dry_run=args.dry_run, modes=args.modes,
               work_dir=args.work_dir, only=args.scenarios)
     return 0
 
@@ -504,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         from megactor_rt.progress import set_progress_enabled
 
         set_progress_enabled(False)
+    previous = _terminate_like_interrupt()
     try:
         return args.fn(args)
     except MegactorError as exc:
@@ -512,11 +557,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except Exception as exc:
         if args.verbose:
             raise
         print(f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt
+    """SIGTERM arrived (e.g. ``docker stop``, a job scheduler): the command stops the way Ctrl-C stops it."""
+
+
+def _terminate_like_interrupt() -> Any:
+    """Raise :class:`Terminated` on SIGTERM in the main thread, so a terminated run unwinds like an
+    interrupted one (workers cancelled, temporary outputs removed) instead of leaving its temporary files;
+    returns the previous handler (None where no handler can be set: not the main thread)."""
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread of the main interpreter
+        return None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ models are described by the same types.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -192,6 +193,9 @@ def tiny_config() -> ModelConfig:
     )
 
 
+# the slowest output frame rate a run takes (one frame every 100 s): below it frame times lose precision
+MIN_FPS = 0.01
+
 @dataclass(frozen=True)
 class AnimateConfig:
     """Run settings; the defaults reproduce upstream MegActor v1's ``inference.yaml``.
@@ -270,8 +274,13 @@ class AnimateConfig:
             raise ValueError(f"need window >= 1 and 0 <= overlap < window, got {self.window}/{self.overlap}")
         if self.window > 32:
             raise ValueError("window must be <= 32 (motion-module positional encoding length)")
-        if self.guidance < 1.0:
-            raise ValueError(f"guidance must be >= 1.0, got {self.guidance}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 1.0):
+            raise ValueError(f"guidance must be a finite number >= 1.0, got {self.guidance}")
+        if not -(2 ** 63) <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must fit in 64 bits (-2**63 .. 2**63-1), got {self.seed}")
+        if self.reference_timestep is not None and self.reference_timestep < 0:
+            raise ValueError(f"reference_timestep must be >= 0 (or None: the current step's), got "
+                             f"{self.reference_timestep}")
         if self.cfg_steps is not None and self.cfg_steps < 0:
             raise ValueError(f"cfg_steps must be >= 0 (or None for every step), got {self.cfg_steps}")
         if self.feature_reuse is not None and self.feature_reuse < 1:
@@ -280,8 +289,8 @@ class AnimateConfig:
             raise ValueError(f"start must be >= 0 seconds (or None), got {self.start}")
         if self.duration is not None and not self.duration > 0:
             raise ValueError(f"duration must be > 0 seconds (or None: to the driver's end), got {self.duration}")
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"fps must be > 0 (or None: the driver's rate), got {self.fps}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps >= MIN_FPS):
+            raise ValueError(f"fps must be a finite number >= {MIN_FPS} (or None: the driver's rate), got {self.fps}")
         if self.window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
         if self.max_frames is not None and self.max_frames < 1:

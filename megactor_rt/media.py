@@ -39,7 +39,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from megactor_rt.errors import InputError
+from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ MAX_IMAGE_SIDE = 8192
 # Output containers we write, and the audio codecs each accepts without transcoding.
 _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
     ".mp4": frozenset({"aac", "mp3", "alac", "ac3", "eac3"}),
-    ".m4v": frozenset({"aac", "mp3", "alac", "ac3", "eac3"}),
+    ".m4v": frozenset({"aac", "alac", "ac3"}),  # FFmpeg's ipod muxer refuses MP3 and E-AC-3
     ".mov": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le"}),
     ".mkv": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "vorbis", "flac", "pcm_s16le"}),
 }
@@ -511,6 +511,9 @@ def check_output_path(path: PathLike) -> Path:
         InputError: unsupported suffix, missing or unwritable folder, or ``path`` is a directory.
     """
     path = Path(path).expanduser().absolute()
+    if len(path.name.encode()) > _name_max(path.parent):
+        raise InputError(f"{path}: the file name is longer than this file system allows "
+                         f"({len(path.name.encode())} > {_name_max(path.parent)} bytes)")
     if path.suffix.lower() not in _AUDIO_COPY_CODECS:
         raise InputError(f"{path}: unsupported output format {path.suffix!r}; use one of "
                          f"{', '.join(sorted(_AUDIO_COPY_CODECS))}")
@@ -526,6 +529,42 @@ def check_output_path(path: PathLike) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{path}: existing output file is not writable")
     return path
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system takes (255 where it cannot be asked)."""
+    try:
+        return os.pathconf(folder if folder.exists() else folder.anchor or "/", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+# the temporary file of a result: hidden, beside it, the stem cut so that a name the file system takes
+# still fits with the added characters
+_TMP_STEM_CHARS = 200
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.stem[:_TMP_STEM_CHARS]}."
+
+
+def check_not_an_input(output: Path, **inputs: object) -> None:
+    """Refuse a result path that is one of the run's input files (the result would replace it); inputs that
+    are not paths (arrays, frames in memory, None) are skipped.
+
+    Raises:
+        InputError: naming the input.
+    """
+    for what, source in inputs.items():
+        if source is None or not isinstance(source, (str, os.PathLike)):
+            continue
+        try:
+            same = Path(output).exists() and Path(source).exists() and os.path.samefile(output, source)
+        except OSError:
+            same = False
+        if same:
+            raise InputError(f"{output}: the result would overwrite the {what} (an input of this run); "
+                             "choose another output path")
 
 
 @lru_cache(maxsize=1)
@@ -602,7 +641,7 @@ class VideoWriter:
         self._closed = False
         if audio_source is not None:
             self._open_audio_source(Path(audio_source))
-        self._tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
+        self._tmp = self.path.with_name(f"{_tmp_prefix(self.path)}{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
         try:
             self._setup_output(crf)
         except BaseException:
@@ -664,8 +703,15 @@ class VideoWriter:
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         vf = vf.reformat(format="yuv420p")
         vf.pts, vf.time_base = self.frames_written, self._frame_tb
-        self._out.mux(self._video.encode(vf))
+        try:
+            self._out.mux(self._video.encode(vf))
+        except OSError as exc:  # e.g. a full disk (PyAV's file errors are OSErrors)
+            raise self._write_error(exc) from exc
         self.frames_written += 1
+
+    def _write_error(self, exc: OSError) -> ResourceError:
+        return ResourceError(f"{self.path}: cannot write the result video ({exc}); nothing was written under "
+                             "this name")
 
     def close(self) -> None:
         """Flush the encoder, mux the audio, close the file and rename it onto ``path``.
@@ -684,12 +730,16 @@ class VideoWriter:
             self._out.close()
             self._close_audio_in()
             os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self._discard()
+            raise self._write_error(exc) from exc
         except BaseException:
             self._discard()
             raise
         self._closed = True
         # earlier writes of this name killed midway (same naming as self._tmp)
-        remove_stale(self.path.parent, f".{glob.escape(self.path.stem)}.{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}")
+        remove_stale(self.path.parent,
+                     f"{glob.escape(_tmp_prefix(self.path))}{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}")
         logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
 
     def abort(self) -> None:
@@ -706,7 +756,10 @@ class VideoWriter:
             except (av.error.FFmpegError, OSError, ValueError) as exc:
                 logger.debug("ignoring error while closing aborted output: %s", exc)
         self._close_audio_in()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            self._tmp.unlink(missing_ok=True)
+        except OSError as exc:  # never hide the error that made us discard
+            logger.warning("could not remove the temporary file %s: %s", self._tmp, exc)
 
     def _close_audio_in(self) -> None:
         if self._audio_in is not None:

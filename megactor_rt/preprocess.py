@@ -362,7 +362,7 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None) 
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: mask file does not exist")
+        raise InputError(f"{path}: mask file {'is not a regular file' if path.exists() else 'does not exist'}")
     try:
         with Image.open(path) as im:
             im.load()

@@ -226,7 +226,7 @@ def convert_release(src: str | Path, dst: str | Path) -> Path:
     """
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise WeightsError(f"weights folder {src} does not exist")
+        raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
     ckpts = sorted(src.glob("checkpoint-steps*.ckpt")) or sorted(src.glob("*.ckpt"))
     if not ckpts:
         raise WeightsError(f"no checkpoint-steps*.ckpt in {src}")
@@ -253,22 +253,35 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         state.pop("vision_model.embeddings.position_ids", None)  # buffer of older transformers versions
         check_state(module, state, name, source)
         states = {**states, name: state}
-    dst.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    for name in MODULE_FILES:
-        tensors = {k: v.contiguous() for k, v in states[name].items()}
-        final = dst / f"{name}.safetensors"
-        tmp = final.with_suffix(".safetensors.tmp")
-        save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
-        tmp.replace(final)
-        with open(final, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
-            "model": cfg.to_dict()}
-    tmp = dst / "config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(dst / "config.json")
+    if dst.exists() and not dst.is_dir():
+        raise WeightsError(f"{dst}: the converted weights go to a folder, and this is a file")
+    written: list[tuple[Path, Path]] = []  # (temporary, final): renamed only once every file is written
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        for name in MODULE_FILES:
+            tensors = {k: v.contiguous() for k, v in states[name].items()}
+            final = dst / f"{name}.safetensors"
+            tmp = final.with_suffix(".safetensors.tmp")
+            written.append((tmp, final))
+            save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
+            with open(tmp, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+        meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
+                "model": cfg.to_dict()}
+        tmp = dst / "config.json.tmp"
+        written.append((tmp, dst / "config.json"))
+        tmp.write_text(json.dumps(meta, indent=1))
+        (dst / "config.json").unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
+        for tmp, final in written:  # config.json last: its presence marks a complete folder
+            tmp.replace(final)
+    except Exception as exc:  # a full disk, no permission (safetensors' own error type included)
+        raise WeightsError(f"{dst}: cannot write the converted weights ({type(exc).__name__}: {exc}); no "
+                           "temporary file is left: run the conversion again once that is fixed") from exc
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
     logger.info("wrote converted weights to %s", dst)
     return dst
 
@@ -276,6 +289,8 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
 def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
     """Architecture and weights id of a converted weights folder (its config.json), format-checked."""
     weights_dir = Path(weights_dir)
+    if weights_dir.exists() and not weights_dir.is_dir():
+        raise WeightsError(f"{weights_dir}: --weights names the converted weights folder, and this is a file")
     if not weights_dir.is_dir():
         raise WeightsError(f"weights directory {weights_dir} does not exist (run `megactor-rt convert-weights` "
                            f"or `megactor-rt download` first)")

@@ -25,7 +25,7 @@ from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, landmarks_model_path
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
-from megactor_rt.media import VideoWriter, check_output_path, read_portrait
+from megactor_rt.media import VideoWriter, check_not_an_input, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
@@ -320,9 +320,24 @@ class Animator:
             yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
                                      config or self.config)
 
+    def check_run(self, config: AnimateConfig | None = None) -> None:
+        """Check ``config``'s settings against this model's scheduler (before any work).
+
+        Raises:
+            InputError: more steps than the scheduler's training timesteps, or a reference timestep past them.
+        """
+        cfg = config or self.config
+        total = self.sub.config.scheduler.num_train_timesteps
+        if cfg.steps > total:
+            raise InputError(f"steps must be at most {total} (the scheduler's training timesteps), got {cfg.steps}")
+        if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
+            raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
+                             f"got {cfg.reference_timestep}")
+
     def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,
                  cfg: AnimateConfig) -> Iterator[np.ndarray]:
+        self.check_run(cfg)
         stats = self.last_stats = RunStats()
         timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
         calls0 = dict(self.sub.calls)
@@ -483,10 +498,13 @@ class Animator:
         under ``output``. ``contour`` / ``landmarks_model`` / ``contour_affine_frame``: see :meth:`animate`.
         """
         out = check_output_path(output)
+        cfg = config or self.config
+        self.check_run(cfg)
+        check_not_an_input(out, portrait=portrait, driver=driver if isinstance(driver, (str, Path)) else None,
+                           mask=mask)
         check_affine_frame(contour_affine_frame)
         if contour:
             landmarks_model = landmarks_model_path(landmarks_model)  # fail before any work if it is missing
-        cfg = config or self.config
         if cfg.tiny_decoder is not None:
             self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
         info = driver_info(driver)

@@ -555,3 +555,68 @@ def test_check_export_says_which_graphs_tensorrt_would_take(tmp_path: Path, caps
     assert code == 2 and "no fp32 graphs" in err
     code, _, err = run(capsys, "check-export", "--onnx", tmp_path / "nowhere")
     assert code == 2 and "no export manifest" in err
+
+
+def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A result or --stats path that is one of the run's inputs (or the result itself) is refused, and the
+    input is untouched; settings no run can use (infinite or vanishing fps, NaN guidance, more steps than the
+    scheduler has, a seed over 64 bits, a NaN store budget, a file name too long for the file system) are exit
+    2 with the setting named, before any frame is computed. Output folders that are files: exit 2."""
+    from megactor_rt.assets import ASSETS_DIR
+
+    driver = tmp_path / "d.mp4"
+    shutil.copy(ASSETS_DIR / "driver.mp4", driver)
+    before = driver.read_bytes()
+    code, _, err = run(capsys, "demo", "--driver", driver, "-o", driver, *FAST)
+    assert code == 2 and "would overwrite the driver" in err and driver.read_bytes() == before
+    out = tmp_path / "r.mp4"
+    code, _, err = run(capsys, "demo", "--stats", out, "-o", out, *FAST)
+    assert code == 2 and "--stats would overwrite a result" in err
+    code, _, err = run(capsys, "demo", "--driver", driver, "--stats", driver, "-o", out, *FAST)
+    assert code == 2 and "--stats would overwrite an input" in err and driver.read_bytes() == before
+    for flag, value, says in (("--fps", "inf", "fps must be a finite number"), ("--fps", "1e-9", "fps must be"),
+                              ("--guidance", "nan", "guidance must be a finite number"),
+                              ("--steps", "5000", "steps must be at most 1000"),
+                              ("--seed", str(10 ** 20), "seed must fit in 64 bits"),
+                              ("--reference-timestep", "1000", "reference_timestep must be below 1000")):
+        code, _, err = run(capsys, "demo", *FAST, flag, value, "-o", out)
+        assert code == 2 and says in err, (flag, value, err)
+    code, _, err = run(capsys, "demo", *FAST, "--cache-dir", tmp_path / "c", "--cache-max-gb", "nan", "-o", out)
+    assert code == 2 and "--cache-max-gb must be a finite number" in err
+    code, _, err = run(capsys, "demo", *FAST, "-o", tmp_path / ("a" * 300 + ".mp4"))
+    assert code == 2 and "file name is longer than this file system allows" in err
+    assert not out.exists()
+    for argv in (("export", "--weights", "tiny", "--graphs", "pose_guider", "--out", driver),
+                 ("bench", "--suite", "cpu-tiny", "--dry-run", "--out", driver)):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "names a folder for the outputs, and this is a file" in err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.mp4"] and driver.read_bytes() == before
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """SIGTERM (``docker stop``, a scheduler) raises ``Terminated`` in the main thread while a command runs, so
+    the output being written is discarded on the way out, as on Ctrl-C (exit 143); the previous handler
+    comes back afterwards."""
+    import signal
+
+    from megactor_rt.media import VideoWriter
+
+    before = signal.getsignal(signal.SIGTERM)
+    previous = cli._terminate_like_interrupt()
+    try:
+        with pytest.raises(cli.Terminated), VideoWriter(tmp_path / "r.mp4", Fraction(25), 64, 64) as w:
+            w.write(np.zeros((64, 64, 3), np.uint8))
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes of the main thread
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_the_same_input_twice_in_a_batch_is_named(tmp_path: Path) -> None:
+    d = tmp_path / "d.mp4"
+    d.write_bytes(b"")
+    with pytest.raises(cli.InputError, match="the same driver is given more than once"):
+        cli.animate_jobs([tmp_path / "p.png"], [d, tmp_path / "." / "d.mp4"], tmp_path / "out")

@@ -306,6 +306,51 @@ def test_writer_copies_mp3_from_real_driver(tmp_path: Path) -> None:
     assert np.abs(decoded[10].astype(int) - frames[10]).mean() < 4  # crf 18 is near-lossless
 
 
+def test_writer_transcodes_mp3_into_m4v(tmp_path: Path) -> None:
+    """FFmpeg's ipod muxer (.m4v) refuses MP3 (and E-AC-3): the bundled driver's MP3 is transcoded to AAC
+    there (was: an error from the muxer)."""
+    out = tmp_path / "with_audio.m4v"
+    with VideoWriter(out, Fraction(30), 64, 64, audio_source=DRIVER) as w:
+        for f in _frames(30):
+            w.write(f)
+    assert _reread(out) == (30, Fraction(30), True, "aac")
+
+
+def test_writer_disk_errors_name_the_output_and_leave_nothing(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (here: a full disk, as FFmpeg reports it) is a ResourceError naming the result, and
+    neither the result nor its temporary file remains; a result name the file system takes also fits its
+    temporary file (the temporary stem is cut)."""
+    import errno
+
+    from megactor_rt.errors import ResourceError
+
+    out = tmp_path / "full.mp4"
+    w = VideoWriter(out, Fraction(25), 64, 64)
+    w.write(_frames(1)[0])
+
+    class FullDisk:  # the container, whose writes fail
+        def __init__(self, real: object) -> None:
+            self.real = real
+
+        def mux(self, *args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(w, "_out", FullDisk(w._out))
+    with pytest.raises(ResourceError, match=r"full\.mp4: cannot write the result video .*No space left"):
+        w.write(_frames(1)[0])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    long = tmp_path / ("a" * 248 + ".mp4")  # 252 bytes: fits, its temporary name would not uncut
+    with VideoWriter(long, Fraction(25), 64, 64) as w:
+        w.write(_frames(1)[0])
+    assert [p.name for p in tmp_path.iterdir()] == [long.name]
+
+
 def test_writer_transcodes_audio_into_mp4(tmp_path: Path) -> None:
     src = tmp_path / "src.mkv"
     with av.open(str(src), "w") as c:  # PCM in Matroska: a codec MP4 cannot take as is

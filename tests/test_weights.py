@@ -73,6 +73,35 @@ def test_release_layout_converts_and_loads(pack, tmp_path):
     assert not list(dst.glob("*.tmp"))
 
 
+def test_a_conversion_that_cannot_write_leaves_the_earlier_one(pack, tmp_path, monkeypatch):
+    """A write failing midway (a full disk) is a WeightsError naming the folder; the earlier conversion there
+    keeps every file (new files are renamed in only once all are written) and no temporary file remains. A
+    destination that is a file is refused."""
+    from megactor_rt import weights as weights_mod
+    from megactor_rt.errors import WeightsError
+
+    src = write_release(pack, tmp_path / "weights")
+    dst = convert_release(src, tmp_path / "converted")
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    real, calls = weights_mod.save_file, []
+
+    def fails_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(weights_mod, "save_file", fails_second)
+    with pytest.raises(WeightsError, match=r"converted: cannot write the converted weights .*No space left"):
+        convert_release(src, dst)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    monkeypatch.undo()
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    with pytest.raises(WeightsError, match="this is a file"):
+        convert_release(src, a_file)
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing", "missing keys"),
     ("extra", "keys outside"),

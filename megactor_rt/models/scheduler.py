@@ -36,7 +36,14 @@ class DDIM:
         self.final_alpha = 1.0 if self.cfg.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def timesteps(self, steps: int) -> list[int]:
-        """Leading spacing + steps_offset: 25 steps -> [961, 921, ..., 1]."""
+        """Leading spacing + steps_offset: 25 steps -> [961, 921, ..., 1].
+
+        Raises:
+            ValueError: ``steps`` is not 1 .. the training timesteps (more steps would all land on t=1).
+        """
+        if not 1 <= steps <= self.cfg.num_train_timesteps:
+            raise ValueError(f"steps must be 1..{self.cfg.num_train_timesteps} (the scheduler's training "
+                             f"timesteps), got {steps}")
         ratio = self.cfg.num_train_timesteps // steps
         return [int(i * ratio + self.cfg.steps_offset) for i in reversed(range(steps))]
 
