@@ -344,7 +344,8 @@ def person_mask(image: np.ndarray, face_box: Box, iterations: int = 4) -> np.nda
     return fg  # (H, W) uint8
 
 
-def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None) -> np.ndarray:
+def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None,
+                   image_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a user-supplied person mask (white = person; or the alpha channel of a cut-out).
 
     Args:
@@ -353,12 +354,15 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None) 
         size: output side.
         crop: if given, the mask is aligned with the original portrait and is cut with the same crop
             before resizing; otherwise the whole mask is resized.
+        image_shape: the portrait's ``(height, width)``, which the mask must have (a mask of another size
+            would be cut at the wrong place).
 
     Returns:
         ``(size, size)`` uint8, 1 = person.
 
     Raises:
-        InputError: unreadable file, crop outside the mask, or a mask without any person pixel.
+        InputError: unreadable file, a size other than the portrait's, crop outside the mask, or a mask
+            without any person pixel.
     """
     path = Path(path)
     if not path.is_file():
@@ -371,11 +375,14 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None) 
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable mask image ({exc})") from exc
     full = ((alpha if alpha is not None and alpha.min() < 255 else grey) >= 128).astype(np.uint8)  # (h, w)
+    if image_shape is not None and full.shape != tuple(image_shape):
+        raise InputError(f"{path}: mask is {full.shape[1]}x{full.shape[0]} px, the portrait "
+                         f"{image_shape[1]}x{image_shape[0]}; the mask must have the portrait's size")
     if crop is not None:
         top, left, bottom, right = crop
         if bottom > full.shape[0] or right > full.shape[1]:
             raise InputError(f"{path}: mask is {full.shape[1]}x{full.shape[0]} px but the portrait crop "
-                             f"needs {right}x{bottom}; the mask must have the portrait's size")
+                             f"reaches x={right}, y={bottom}; the mask must have the portrait's size")
         full = full[top:bottom, left:right]
     mask = np.asarray(cv2.resize(full, (size, size), interpolation=cv2.INTER_NEAREST), np.uint8)
     if not mask.any():

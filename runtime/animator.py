@@ -197,7 +197,7 @@ class Animator:
         image = crop_resize(img, crop, size).to(torch.uint8)  # (3, S, S), truncated like upstream
         hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
         if mask is not None:
-            person = load_user_mask(mask, size, crop=crop)
+            person = load_user_mask(mask, size, crop=crop, image_shape=img.shape[:2])
         else:
             face_in_crop = face.to_crop_coords(crop, size) if face is not None else None
             person = person_mask(hwc, face_in_crop) if face_in_crop is not None else np.zeros((size, size), np.uint8)

@@ -262,8 +262,8 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
 def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at_least: bool = True
                   ) -> InputError:
     has = f"{frames} frames ({float(frames / fps):.2f} s)" if at_least else f"fewer than {frames} frames"
-    return InputError(f"{name}: start {start} s is at or past the driver's end (it has {has}); "
-                      "use a smaller --start")
+    return InputError(f"{name}: no frame starts at or after {start} s (the first would be frame "
+                      f"{start_frame(fps, start)}; the driver has {has}); use a smaller --start")
 
 
 def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction, skip: int = 0) -> int | None:

@@ -725,7 +725,9 @@ def test_start_begins_later_in_the_driver(anim: Animator, media: dict[str, Path]
     assert stats.frames == 5 and stream_facts(out) == (5, Fraction(25), True)
     assert all(np.array_equal(a, b) for a, b in zip(iter_video_frames(out), iter_video_frames(tmp_path / "later.mp4")))
     calls = anim.sub.calls["unet"]
-    with pytest.raises(InputError, match=r"face_long\.mp4: start 0\.48 s is at or past the driver's end \(it has "
-                                         r"12 frames \(0\.48 s\)\)"):
+    with pytest.raises(InputError, match=r"face_long\.mp4: no frame starts at or after 0\.48 s \(the first would be "
+                                         r"frame 12; the driver has 12 frames \(0\.48 s\)\)"):
         list(anim.with_config(start=0.48).animate(anim.prepare(PORTRAIT), media["long"]))
+    with pytest.raises(InputError, match=r"no frame starts at or after 0\.47 s \(the first would be frame 12"):
+        list(anim.with_config(start=0.47).animate(anim.prepare(PORTRAIT), media["long"]))  # 11.75 rounds up
     assert anim.sub.calls["unet"] == calls

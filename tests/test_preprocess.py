@@ -268,7 +268,7 @@ def test_load_user_mask_grey_alpha_and_crop(tmp_path: Path) -> None:
     assert m[:40].sum() == 0 and m[40:].all()
 
 
-@pytest.mark.parametrize("case", ["missing", "text", "empty", "crop_outside"])
+@pytest.mark.parametrize("case", ["missing", "text", "empty", "crop_outside", "other_size", "directory"])
 def test_load_user_mask_bad(tmp_path: Path, case: str) -> None:
     path = tmp_path / f"mask_{case}.png"
     kwargs = {}
@@ -279,5 +279,13 @@ def test_load_user_mask_bad(tmp_path: Path, case: str) -> None:
     elif case == "crop_outside":
         Image.new("L", (64, 64), 255).save(path)
         kwargs = {"crop": (0, 0, 128, 128)}
-    with pytest.raises(InputError, match=path.name):
+    elif case == "other_size":  # the crop fits, but a mask of another size would be cut at the wrong place
+        Image.new("L", (64, 60), 255).save(path)
+        kwargs = {"crop": (0, 0, 32, 32), "image_shape": (64, 64)}
+    elif case == "directory":
+        path.mkdir()
+    says = {"missing": "does not exist", "text": "not a readable mask", "empty": "no person",
+            "crop_outside": "reaches x=128", "other_size": "mask is 64x60 px, the portrait 64x64",
+            "directory": "is not a regular file"}[case]
+    with pytest.raises(InputError, match=f"{path.name}.*{says}"):
         load_user_mask(path, 64, **kwargs)
