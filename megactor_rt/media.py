@@ -121,10 +121,13 @@ def read_portrait(path: PathLike) -> np.ndarray:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """``convert("RGB")``, except that 16/32-bit greyscale is scaled to 8 bit instead of clipped to white."""
-    if im.mode == "I" or im.mode.startswith("I;16"):
-        grey = np.asarray(im).astype(np.float64)  # (H, W)
-        if grey.max() > 255:
+    """``convert("RGB")``, except that 16/32-bit greyscale is scaled to 8 bit instead of clipped to white, and
+    floating-point greyscale in 0..1 (32-bit float TIFF) is scaled by 255 instead of truncated to black."""
+    if im.mode == "I" or im.mode.startswith("I;16") or im.mode == "F":
+        grey = np.nan_to_num(np.asarray(im).astype(np.float64))  # (H, W)
+        if im.mode == "F" and grey.max() <= 1.0:
+            grey = grey * 255
+        elif grey.max() > 255:
             grey = grey * (255 / 65535)
         im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
     return im.convert("RGB")

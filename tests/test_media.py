@@ -113,6 +113,15 @@ def test_read_16bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert np.abs(out[..., 0].astype(int) - (grey16 >> 8)).max() <= 1
 
 
+def test_read_float_grey_in_0_1_is_scaled(tmp_path: Path) -> None:
+    """A 32-bit float TIFF with values in 0..1 (scientific and HDR tools write these) keeps its picture
+    (was: truncated to black)."""
+    grey = (np.arange(80 * 90).reshape(80, 90) / (80 * 90 - 1)).astype(np.float32)  # 0..1
+    Image.fromarray(grey, "F").save(tmp_path / "f.tiff")
+    out = read_image(tmp_path / "f.tiff")
+    assert out.shape == (80, 90, 3) and np.abs(out[..., 0].astype(int) - np.rint(grey * 255)).max() <= 1
+
+
 def test_exif_orientation_applied(tmp_path: Path) -> None:
     im = Image.new("RGB", (100, 70), (10, 20, 30))
     exif = Image.Exif()
