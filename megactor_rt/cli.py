@@ -190,10 +190,9 @@ class StatsFile:
         if path is not None:
             if path.is_dir():
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
-            parent = path.absolute().parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                raise InputError(f"{path}: --stats cannot be written: its folder {parent} "
-                                 f"{'is not writable' if parent.is_dir() else 'does not exist'}")
+            existing = next(p for p in path.absolute().parents if p.exists())  # the folder, or what will hold it
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise InputError(f"{path}: --stats cannot be written ({existing} is not a writable folder)")
             for what, others in (("a result", results), ("an input", inputs)):
                 if any(o is not None and _same_path(path, o) for o in others):
                     raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")

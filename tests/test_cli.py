@@ -375,7 +375,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     (("--cfg-steps", -1), "cfg_steps must be >= 0"),
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
     (("--max-frames", 0), "max_frames must be >= 1"),
-    (("--fps", 0), "fps must be > 0"),
+    (("--fps", 0), "fps must be a finite number >= 0.01"),
     (("--duration", 0), "duration must be > 0 seconds"),
     (("--window-batch", 0), "window_batch must be >= 1"),
 ])

@@ -483,8 +483,8 @@ def test_tensorrt_runners_get_the_cuda_graph_setting(models, manifest, monkeypat
             made.append((plan_dir, cuda_graph))
 
     def choose(graphs, *args, **kwargs):
-        return {g: SimpleNamespace(backend="tensorrt" if g == "vae_decoder" else "onnxruntime", plan_dir=f"plans/{g}")
-                for g in graphs}
+        return {g: SimpleNamespace(backend="tensorrt" if g == "vae_decoder" else "onnxruntime", plan_dir=f"plans/{g}",
+                                   plan_dirs=(f"plans/{g}",)) for g in graphs}
 
     monkeypatch.setattr(runner, "TensorRTRunner", Recorder)
     monkeypatch.setattr(select, "select_backends", choose)
