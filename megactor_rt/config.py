@@ -285,10 +285,11 @@ class AnimateConfig:
             raise ValueError(f"cfg_steps must be >= 0 (or None for every step), got {self.cfg_steps}")
         if self.feature_reuse is not None and self.feature_reuse < 1:
             raise ValueError(f"feature_reuse must be >= 1 (or None: no reuse), got {self.feature_reuse}")
-        if self.start is not None and not self.start >= 0:
-            raise ValueError(f"start must be >= 0 seconds (or None), got {self.start}")
-        if self.duration is not None and not self.duration > 0:
-            raise ValueError(f"duration must be > 0 seconds (or None: to the driver's end), got {self.duration}")
+        if self.start is not None and not (math.isfinite(self.start) and self.start >= 0):
+            raise ValueError(f"start must be a finite number >= 0 seconds (or None), got {self.start}")
+        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
+            raise ValueError(f"duration must be a finite number > 0 seconds (or None: to the driver's end), got "
+                             f"{self.duration}")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps >= MIN_FPS):
             raise ValueError(f"fps must be a finite number >= {MIN_FPS} (or None: the driver's rate), got {self.fps}")
         if self.window_batch < 1:

@@ -121,16 +121,24 @@ def read_portrait(path: PathLike) -> np.ndarray:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """``convert("RGB")``, except that 16/32-bit greyscale is scaled to 8 bit instead of clipped to white, and
-    floating-point greyscale in 0..1 (32-bit float TIFF) is scaled by 255 instead of truncated to black."""
-    if im.mode == "I" or im.mode.startswith("I;16") or im.mode == "F":
-        grey = np.nan_to_num(np.asarray(im).astype(np.float64))  # (H, W)
-        if im.mode == "F" and grey.max() <= 1.0:
-            grey = grey * 255
-        elif grey.max() > 255:
-            grey = grey * (255 / 65535)
-        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    """``convert("RGB")``, except that greyscale of more than 8 bits is scaled to 8 bits instead of clipped to
+    white (see :func:`grey_to_uint8`)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = Image.fromarray(grey_to_uint8(im), "L")
     return im.convert("RGB")
+
+
+def grey_to_uint8(im: Image.Image) -> np.ndarray:
+    """A greyscale image of more than 8 bits as ``(H, W)`` uint8: 16-bit (``I;16*``) over 0..65535; 32-bit
+    integer (``I``, which 16-bit PNGs may also open as) over 0..65535 where any value exceeds 255, else as it
+    is; floating point (``F``) over 0..1 where nothing exceeds 1.5 (overshoot from resampling is clipped; a
+    0..255 picture has brighter pixels), else over 0..255."""
+    grey = np.nan_to_num(np.asarray(im).astype(np.float64))  # (H, W)
+    if im.mode.startswith("I;16") or (im.mode == "I" and grey.max() > 255):
+        grey = grey * (255 / 65535)
+    elif im.mode == "F" and grey.max() <= 1.5:
+        grey = grey * 255
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
 def _check_image_size(path: Path, size: tuple[int, int]) -> None:
@@ -446,6 +454,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
         frames = container.decode(stream)
         clock = _FrameClock(stream, _stream_fps(path, stream)) if skip else None
         count = 0  # source frames up to and including the last one decoded
+        last_time: float | None = None  # the last decoded frame's presentation time, seconds
         orient: _Orientation | None = None
         while True:
             try:
@@ -473,12 +482,26 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 count += 1
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
+            last_time = frame.time
             yield orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
             if max_frames is not None and count - skip >= max_frames:
                 return
         if count == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames")
-        _check_complete(path, stream.frames, count, strict, skip)
+        if not _reaches_the_end(stream, last_time):
+            _check_complete(path, stream.frames, count, strict, skip)
+
+
+def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | None) -> bool:
+    """Whether the last decoded frame is shown until the stream's declared end (within two frame times). Then
+    the file is complete even where fewer frames decode than its header counts: an edit list hides some (what
+    a cut on a non-key frame writes), or the rate varies. A file cut off ends early in time too."""
+    if last_time is None or not stream.duration or stream.time_base is None:
+        return False
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    rate = stream.average_rate or stream.guessed_rate
+    frame_s = float(1 / rate) if rate else 0.0
+    return last_time + 2 * frame_s >= start + float(stream.duration * stream.time_base)
 
 
 def _use_first(count: int) -> str:

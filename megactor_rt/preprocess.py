@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
+from megactor_rt.media import grey_to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -368,10 +369,14 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None,
     if not path.is_file():
         raise InputError(f"{path}: mask file {'is not a regular file' if path.exists() else 'does not exist'}")
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im: Image.Image = opened
+            if im.mode in ("P", "PA", "L", "LA", "RGB") and "transparency" in im.info:  # palette/colour-key cut-outs
+                im = im.convert("RGBA")
             alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
-            grey = np.asarray(im.convert("L"))
+            grey = grey_to_uint8(im) if im.mode in ("I", "F") or im.mode.startswith("I;16") else \
+                np.asarray(im.convert("L"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable mask image ({exc})") from exc
     full = ((alpha if alpha is not None and alpha.min() < 255 else grey) >= 128).astype(np.uint8)  # (h, w)

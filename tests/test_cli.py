@@ -376,7 +376,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
     (("--max-frames", 0), "max_frames must be >= 1"),
     (("--fps", 0), "fps must be a finite number >= 0.01"),
-    (("--duration", 0), "duration must be > 0 seconds"),
+    (("--duration", 0), "duration must be a finite number > 0 seconds"),
     (("--window-batch", 0), "window_batch must be >= 1"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
@@ -504,8 +504,9 @@ def test_truncated_driver_error_says_how_to_use_what_decodes(weights: Path, tmp_
                                         ("1:02:03", 3723.0), ("00:00", 0.0)])
 def test_times_in_seconds_or_clock_notation(text: str, value: float) -> None:
     assert cli.seconds(text) == value
-    with pytest.raises(ValueError, match="start must be >= 0 seconds"):  # the Python API checks its own
-        AnimateConfig(start=-1)
+    for bad in ({"start": -1}, {"start": float("inf")}, {"duration": float("inf")}):  # the Python API checks its own
+        with pytest.raises(ValueError, match=r"(start|duration) must be a finite number"):
+            AnimateConfig(**bad)
 
 
 @pytest.mark.parametrize("text", ["", "a", "1:60", "-1", "1::2", ":30", "1.5:30", "1:2:3:4", "nan", "inf"])

@@ -859,3 +859,44 @@ def test_start_in_a_variable_rate_clip_is_the_frame_shown_then(tmp_path: Path, m
             got = list(iter_video_frames(clip, skip=skip))
             assert len(got) == 60 - shown and np.array_equal(got[0], full[shown]), (seek_from, skip, shown)
     assert shown != skip  # the clip's second half is slower: position and time disagree there
+
+
+def test_a_clip_whose_edit_list_hides_frames_is_complete(tmp_path: Path) -> None:
+    """An MP4 whose edit list hides its first 10 of 100 coded frames (what a stream-copy cut on a non-key
+    frame writes): its header counts 100 samples, 90 are shown and decode, and the last one reaches the
+    stream's end, so the clip is complete, not truncated (was: refused as truncated)."""
+    path = tmp_path / "cut.mp4"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width = vs.height = 64
+        vs.pix_fmt, vs.gop_size = "yuv420p", 200
+        vs.codec_context.time_base = Fraction(1, 25)
+        for i in range(100):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 2, np.uint8), format="rgb24")
+            f.pts, f.time_base = i - 10, Fraction(1, 25)
+            c.mux(vs.encode(f))
+        c.mux(vs.encode(None))
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 100
+    assert len(list(iter_video_frames(path))) == 90
+    assert len(list(iter_video_frames(path, skip=40))) == 50
+
+
+def test_a_clip_cut_off_midway_is_still_truncated(tmp_path: Path) -> None:
+    """The other side of the check above: an MP4 with its index in front (faststart) whose data is cut off
+    at half: decoding ends early in time as well as in frames, so it is refused as truncated."""
+    path = tmp_path / "whole.mp4"
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width = vs.height = 64
+        vs.pix_fmt = "yuv420p"
+        for i in range(100):
+            f = av.VideoFrame.from_ndarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8),
+                                           format="rgb24")
+            f.pts = i
+            c.mux(vs.encode(f))
+        c.mux(vs.encode(None))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match="cut.mp4.*truncated"):
+        list(iter_video_frames(cut))

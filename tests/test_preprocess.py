@@ -289,3 +289,23 @@ def test_load_user_mask_bad(tmp_path: Path, case: str) -> None:
             "directory": "is not a regular file"}[case]
     with pytest.raises(InputError, match=f"{path.name}.*{says}"):
         load_user_mask(path, 64, **kwargs)
+
+
+def test_palette_and_16_bit_masks(tmp_path: Path) -> None:
+    """A cut-out saved as a palette PNG with a transparent colour (pngquant, GIF) gives the same mask as its
+    RGBA form (was: inverted: the transparency was ignored); a 16-bit mask is thresholded at half its range,
+    32768 (was: at 128 of 65535)."""
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere: only the transparency says where the person is
+    rgba[32:, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    Image.fromarray(rgba, "RGBA").quantize(2).save(tmp_path / "cut_palette.png", transparency=0)
+    palette = Image.open(tmp_path / "cut_palette.png")
+    assert palette.mode == "P" and "transparency" in palette.info
+    expected = load_user_mask(tmp_path / "cut.png", size=64)
+    assert expected[:32].sum() == 0 and expected[32:].all()
+    assert np.array_equal(load_user_mask(tmp_path / "cut_palette.png", size=64), expected)
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))  # dark left, bright right
+    Image.fromarray(ramp).save(tmp_path / "m16.png")
+    m16 = load_user_mask(tmp_path / "m16.png", size=64)
+    assert np.array_equal(m16[0], (ramp[0] / 257 >= 127.5).astype(np.uint8))
