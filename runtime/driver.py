@@ -301,7 +301,8 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     """Pass 2: yield the PoseGuider input of every frame, ``(3, size, size)`` float32 in [0, 1].
 
     Frames whose cropped version shows no face reuse the previous frame's face box; frames before the first
-    detection wait (a short look-ahead buffer) and use the first one. With a ``contour`` plan every frame
+    detection use the first one: up to ``LOOKAHEAD`` of them wait in memory, a longer faceless opening is read
+    again once the first face is found (memory stays bounded for any driver). With a ``contour`` plan every frame
     keeps the plan's rectangles instead and is warped onto the portrait's face (no detection here).
     """
     if contour is not None:
@@ -323,18 +324,33 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     def detect(frame: np.ndarray) -> tuple[np.ndarray, Box | None]:
         return frame, first_face(_cropped_uint8(frame, plan.crop, size))
 
+    skipped = 0  # frames before the first face not kept in memory: read again once that face is found
     for frame, box in ordered_map(detect, frames):
         last = box or last
         if last is None:
-            pending.append(frame)
+            if skipped or len(pending) >= LOOKAHEAD:  # a long faceless opening: count it instead of holding it
+                skipped += len(pending) + 1
+                pending.clear()
+            else:
+                pending.append(frame)
             continue
         keep = face_keep_rect(last, size)
+        if skipped:
+            logger.info("driver %s: no face in the first %d cropped frames; reading them again with the first "
+                        "face found", plan.name, skipped)
+            for f in itertools.islice(plan.frames(), skipped):
+                yield _model_input(f, plan.crop, keep, size, device)
+            skipped = 0
         for f in [*pending, frame]:
             yield _model_input(f, plan.crop, keep, size, device)
         pending.clear()
-    if pending:
+    if pending or skipped:
         raise InputError(f"no face found in the cropped frames of driving video {plan.name}; "
                          "pass --no-face-crop to use whole frames")
+
+
+# frames before the first face that pass 2 holds in memory (a longer faceless opening is read twice instead)
+LOOKAHEAD = 16
 
 
 def _model_input(frame: np.ndarray, crop: Crop, keep: Crop | None, size: int, device: torch.device | str

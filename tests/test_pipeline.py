@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -200,6 +202,43 @@ def test_threaded_face_detection_gives_the_same_driver_inputs(monkeypatch: pytes
     crop3, frames3 = run(3)
     assert crop1 == crop3 and len(frames1) == len(frames3) == 12
     assert all(torch.equal(a, b) for a, b in zip(frames1, frames3))
+
+
+def test_a_long_faceless_opening_is_read_again_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass 2 holds at most LOOKAHEAD frames before the first face in a cropped frame; a longer faceless
+    opening is read again once the face is found, and gives the same inputs as holding it all (was: every
+    frame before the first face held in memory, e.g. 1.9 GB for a 10 s 1080p intro)."""
+    import sys
+
+    import numpy as np
+
+    from megactor_rt.runtime import driver as driver_mod
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from media_fixtures import face_frames
+
+    faces = face_frames(3, 160)
+    blank = np.full((160, 160, 3), 128, np.uint8)
+    plan = plan_driver(DriverFrames([blank] * 9 + faces, fps=25))
+    reads = 0
+    frames_of_plan = type(plan).frames
+
+    def counting_frames(self):  # noqa: ANN001, ANN202
+        nonlocal reads
+        reads += 1
+        return frames_of_plan(self)
+
+    def run(lookahead: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(driver_mod, "LOOKAHEAD", lookahead)
+        return list(iter_driver_inputs(plan, 64))
+
+    monkeypatch.setattr(type(plan), "frames", counting_frames)
+    everything = run(1000)
+    assert reads == 1 and len(everything) == 12
+    bounded = run(4)
+    assert reads == 3  # pass 2, then the opening once more
+    assert all(torch.equal(a, b) for a, b in zip(everything, bounded, strict=True))
 
 
 @pytest.mark.gpu
