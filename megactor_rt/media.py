@@ -54,6 +54,9 @@ _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
     ".mov": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le"}),
     ".mkv": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "vorbis", "flac", "pcm_s16le"}),
 }
+# a transcoded audio stream starting later than this after the video's first frame (or a gap in it) is
+# padded with silence, so it stays in step
+AUDIO_GAP_S = Fraction(1, 100)
 # H.264 encoders in order of preference; mpeg4 (part 2) is the last resort every FFmpeg build has.
 _VIDEO_ENCODERS = ("libx264", "libopenh264", "mpeg4")
 
@@ -174,6 +177,8 @@ class VideoInfo:
         num_frames: frame count from the header, or None where the container does not record it.
         has_audio: whether the file has at least one audio stream.
         duration_s: duration in seconds (video stream, else container), or None if unknown.
+        start_s: where the video stream starts on the container's clock, seconds (the audio stream may start
+            elsewhere, e.g. in MPEG-TS or screen recordings: :class:`VideoWriter`'s ``video_start``).
     """
 
     path: Path
@@ -183,6 +188,7 @@ class VideoInfo:
     num_frames: int | None
     has_audio: bool
     duration_s: float | None
+    start_s: Fraction = Fraction(0)
 
 
 def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
@@ -237,6 +243,8 @@ def probe_video(path: PathLike) -> VideoInfo:
             num_frames=stream.frames if stream.frames > 0 else None,
             has_audio=bool(container.streams.audio),
             duration_s=duration_s,
+            start_s=Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base
+            else Fraction(0),
         )
 
 
@@ -631,7 +639,8 @@ class VideoWriter:
     """
 
     def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
-                 audio_source: PathLike | None = None, crf: int = 18, audio_offset: Fraction = Fraction(0)) -> None:
+                 audio_source: PathLike | None = None, crf: int = 18, audio_offset: Fraction = Fraction(0),
+                 video_start: Fraction = Fraction(0)) -> None:
         """Open the temporary output and set up streams.
 
         Args:
@@ -641,6 +650,9 @@ class VideoWriter:
             height: frame height (even).
             audio_source: a media file whose first audio stream is carried over, or None.
             crf: libx264 constant rate factor (lower = better; 18 is visually lossless).
+            video_start: where the driver's video starts on ``audio_source``'s clock (its video stream's start,
+                :attr:`VideoInfo.start_s`); ``audio_offset`` counts from there, so audio that starts before or
+                after the video stays in step (audio before it is dropped, a later start is kept as silence).
             audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
                 there on is carried over (copied audio starts at the first whole packet from there, at most one
                 packet, about 20 ms, late; transcoded audio starts at the exact sample).
@@ -664,6 +676,7 @@ class VideoWriter:
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
             raise ValueError(f"audio_offset must be >= 0, got {audio_offset}")
+        self._video_start = Fraction(video_start)
         self._closed = False
         if audio_source is not None:
             self._open_audio_source(Path(audio_source))
@@ -816,14 +829,14 @@ class VideoWriter:
 
     def _audio_clock(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream, seek: bool
                      ) -> tuple[Fraction, Fraction, Fraction | None]:
-        """(stream time base, stream start in s, the time the first packet must not be after or None): with
-        ``seek``, the demuxer is positioned at or before a second ahead of the offset.
+        """(stream time base, the video's start in s on the stream's clock, the time the first packet must not be
+        after or None): with ``seek``, the demuxer is positioned at or before a second ahead of the offset.
 
         Raises:
             _SeekFailed: the demuxer cannot seek there.
         """
         tb = src.time_base or Fraction(1, src.codec_context.sample_rate or 1)
-        start = (src.start_time or 0) * tb
+        start = self._video_start  # audio times count from the video's first frame
         if not seek:
             return tb, start, None
         aim = self._audio_offset - AUDIO_SEEK_MARGIN_S
@@ -837,7 +850,7 @@ class VideoWriter:
                     duration: Fraction, seek: bool) -> None:
         tb, start, latest = self._audio_clock(source, src, seek)
         offset = self._audio_offset
-        shift = round(offset / tb)  # in stream ticks: the packet at the offset lands at 0
+        shift = round((start + offset) / tb)  # in stream ticks: the packet at the offset lands at 0
         for packet in source.demux(src):
             if packet.pts is None or packet.size == 0:
                 continue  # flush packet
@@ -845,7 +858,7 @@ class VideoWriter:
             if latest is not None:  # the first packet after the seek
                 _check_first_after_seek(t, latest, "packet")
                 latest = None
-            if t < offset:  # (with no offset: nothing is skipped, timestamps are kept as they are)
+            if t < offset:  # audio before the video's start (or the offset); a later start keeps its delay
                 continue
             if t - offset >= duration:
                 break
@@ -862,6 +875,7 @@ class VideoWriter:
         offset = self._audio_offset
         # when the next frame starts if it has no timestamp: unknown after a seek until a frame with one
         following: Fraction | None = None if latest is not None else Fraction(0)
+        written = Fraction(0)  # output audio so far, seconds
         for frame in source.decode(src):
             if frame.pts is not None:
                 t0 = frame.pts * tb - start
@@ -879,11 +893,27 @@ class VideoWriter:
                 break
             if first >= frame.samples:
                 continue
+            at = t0 + Fraction(first, frame.sample_rate) - offset  # where this audio belongs in the result
+            if at - written > AUDIO_GAP_S:  # audio starting after the video (or a gap): keep it in step
+                written += self._encode_silence(at - written, frame)
             if first > 0 or end < frame.samples:
                 frame = _sample_slice(frame, first, end)
             frame.pts = None  # let the encoder number samples contiguously from 0
             self._out.mux(self._audio_out.encode(frame))
+            written += Fraction(frame.samples, frame.sample_rate)
         self._out.mux(self._audio_out.encode(None))
+
+    def _encode_silence(self, seconds: Fraction, like: av.AudioFrame) -> Fraction:
+        """Encode ``seconds`` of silence in the sample format, layout and rate of the source frame ``like`` (what
+        the encoder's resampler was set up for); returns the seconds encoded."""
+        n = round(seconds * like.sample_rate)
+        channels = len(like.layout.channels)
+        shape = (channels, n) if like.format.is_planar else (1, n * channels)
+        frame = av.AudioFrame.from_ndarray(np.zeros(shape, like.to_ndarray().dtype), format=like.format.name,
+                                           layout=like.layout)
+        frame.sample_rate, frame.pts = like.sample_rate, None
+        self._out.mux(self._audio_out.encode(frame))
+        return Fraction(n, like.sample_rate)
 
     # -- context manager
 

@@ -512,7 +512,7 @@ class Animator:
         size = self.image_size
         sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         with VideoWriter(out, sel.fps, size, size, audio_source=info.path if audio and info.has_audio else None,
-                         audio_offset=sel.start_s) as w:
+                         audio_offset=sel.start_s, video_start=info.start_s) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)

@@ -900,3 +900,67 @@ def test_a_clip_cut_off_midway_is_still_truncated(tmp_path: Path) -> None:
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match="cut.mp4.*truncated"):
         list(iter_video_frames(cut))
+
+
+def _clip_with_offset_audio(path: Path, acodec: str, video_start: float, audio_start: float) -> None:
+    """1 s of 10 fps video from ``video_start``; 2 s of mono audio from ``audio_start``, silent before the
+    video's first frame and a tone from then on (absolute times on the container's clock)."""
+    rate = 16000
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=10)
+        vs.width = vs.height = 64
+        vs.pix_fmt = "yuv420p"
+        vs.codec_context.time_base = Fraction(1, 10)
+        aus = c.add_stream(acodec, rate=rate)
+        aus.layout = "mono"
+        t = audio_start + np.arange(2 * rate) / rate
+        wave = np.where(t >= video_start, 0.5 * np.sin(t * 2 * np.pi * 440), 0).astype(np.float32)
+        packets = []
+        for i in range(10):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 20 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = round(video_start * 10) + i, Fraction(1, 10)
+            packets += vs.encode(f)
+        packets += vs.encode(None)
+        fmt, data = ("fltp", wave[None]) if acodec == "aac" else ("s16", (wave * 32767).astype(np.int16)[None])
+        for s in range(0, 2 * rate, 1024):
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, s:s + 1024]), format=fmt, layout="mono")
+            af.sample_rate, af.pts = rate, round(audio_start * rate) + s
+            packets += aus.encode(af)
+        packets += aus.encode(None)
+        for p in sorted(packets, key=lambda p: float((p.dts if p.dts is not None else p.pts) * p.time_base)):
+            c.mux(p)
+
+
+def _rms(path: Path, a: float, b: float) -> float:
+    """RMS level of the audio between result times ``a`` and ``b`` s (the stream's start time honoured)."""
+    with av.open(str(path)) as c:
+        s = c.streams.audio[0]
+        rate, start = s.codec_context.sample_rate, float((s.start_time or 0) * s.time_base)
+        pcm = np.concatenate([f.to_ndarray().astype(np.float32).reshape(-1) for f in c.decode(s)])
+    pcm = pcm / 32767 if np.abs(pcm).max() > 2 else pcm
+    part = pcm[max(int((a - start) * rate), 0):max(int((b - start) * rate), 0)]
+    return float(np.sqrt(np.mean(part ** 2))) if len(part) else 0.0
+
+
+@pytest.mark.parametrize("name,acodec,video_start,audio_start", [
+    ("late_video.mkv", "pcm_s16le", 1.0, 0.0),  # transcoded; audio before the video is dropped
+    ("late_audio.mkv", "pcm_s16le", 0.0, 0.5),  # transcoded; the audio's later start is kept as silence
+    ("late_video.mp4", "aac", 1.0, 0.0),  # copied
+])
+def test_audio_stays_in_step_when_its_stream_starts_elsewhere_than_the_video(
+        tmp_path: Path, name: str, acodec: str, video_start: float, audio_start: float) -> None:
+    """Audio and video streams that start at different times (MPEG-TS, screen recordings): the result's audio
+    is aligned with its first frame by the video stream's start (``VideoInfo.start_s``), not the audio's own
+    (was: off by the difference, e.g. the tone 1 s late)."""
+    src = tmp_path / name
+    _clip_with_offset_audio(src, acodec, video_start, audio_start)
+    info = probe_video(src)
+    assert info.start_s == Fraction(video_start).limit_denominator(100)
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, info.fps, 64, 64, audio_source=src, video_start=info.start_s) as w:
+        for f in iter_video_frames(src):
+            w.write(f)
+    tone_from = max(audio_start - video_start, 0.0)  # in the result
+    assert _rms(out, tone_from + 0.05, 0.95) > 0.3
+    if tone_from:
+        assert _rms(out, 0.0, tone_from - 0.05) < 0.01
