@@ -179,6 +179,9 @@ class VideoInfo:
         duration_s: duration in seconds (video stream, else container), or None if unknown.
         start_s: where the video stream starts on the container's clock, seconds (the audio stream may start
             elsewhere, e.g. in MPEG-TS or screen recordings: :class:`VideoWriter`'s ``video_start``).
+        variable_rate: the header's average frame rate differs from its nominal one by over 1 % (a variable
+            frame rate, which the result, at a constant rate, does not follow; some containers, e.g.
+            Matroska, do not tell).
     """
 
     path: Path
@@ -189,6 +192,7 @@ class VideoInfo:
     has_audio: bool
     duration_s: float | None
     start_s: Fraction = Fraction(0)
+    variable_rate: bool = False
 
 
 def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
@@ -245,6 +249,8 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s=duration_s,
             start_s=Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base
             else Fraction(0),
+            variable_rate=bool(stream.average_rate and stream.base_rate
+                               and abs(stream.average_rate / stream.base_rate - 1) > 0.01),
         )
 
 

@@ -964,3 +964,26 @@ def test_audio_stays_in_step_when_its_stream_starts_elsewhere_than_the_video(
     assert _rms(out, tone_from + 0.05, 0.95) > 0.3
     if tone_from:
         assert _rms(out, 0.0, tone_from - 0.05) < 0.01
+
+
+def test_a_variable_frame_rate_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A driver whose frames come at 30 fps, then 15 fps: the header's average rate is not its nominal one, so
+    the probe flags it and planning warns that the constant-rate result does not follow it (a known limit:
+    docs/decisions.md); a constant-rate clip is not flagged."""
+    from megactor_rt.runtime.driver import plan_driver
+
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=30)
+        vs.width = vs.height = 64
+        vs.pix_fmt = "yuv420p"
+        vs.codec_context.time_base = Fraction(1, 30)
+        for i, pts in enumerate([*range(10), *range(10, 30, 2)]):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 10 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = pts, Fraction(1, 30)
+            c.mux(vs.encode(f))
+        c.mux(vs.encode(None))
+    assert probe_video(path).variable_rate and not probe_video(DRIVER).variable_rate
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.driver"):
+        plan_driver(path, face_crop=False)
+    assert "variable frame rate" in caplog.text and "vfr.mp4" in caplog.text
