@@ -118,7 +118,7 @@ class PortraitCache:
         if self.disk_dir is None:
             return
         self.disk_dir.mkdir(parents=True, exist_ok=True)
-        content = _content(state)  # what this file holds: banks another thread adds during the write are not
+        content = _content(state)  # what this file holds (not banks another thread adds during the write)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.tensors().items()}
         inp = state.inputs
         tensors.update({"in_image": inp.image, "in_background_mask": inp.background_mask,

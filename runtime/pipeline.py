@@ -168,7 +168,10 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
         finally:
             close = getattr(items, "close", None)
             if close is not None:  # a generator left at a yield: run its cleanup here, not at garbage collection
-                close()
+                try:
+                    close()
+                except BaseException as exc:  # noqa: BLE001 - nobody is left to hand it to
+                    logger.warning("%s: error while closing the abandoned producer: %s", name, exc)
 
     thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
