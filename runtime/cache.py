@@ -1,6 +1,6 @@
 """Portrait cache: an in-memory LRU with a byte budget, plus an optional on-disk safetensors store.
 
-Key = portrait content (crop, mask, CLIP image, FiLM reference) + weights id + backend/dtype + seed. The
+Key = portrait content (crop, mask, CLIP image, FiLM reference) + weights id + backend/dtype/device + seed. The
 state's ReferenceNet banks are keyed by timestep inside the state, so one entry serves any step count.
 
 With ``disk_dir`` (CLI ``--cache-dir``) each state is written there after a run that added to it (the banks
