@@ -35,10 +35,14 @@ from megactor_rt.benchmark import matmul_tflops
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.weights import build_models
 
+# first match wins: convolutions run as cuDNN implicit GEMMs (``sm90_xmma_fprop_implicit_gemm...``) and Inductor
+# names fused pointwise kernels after the ops they follow (``triton_poi_fused_mm_t_view``), so the specific
+# patterns come before the generic GEMM ones
 CLASSES = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
-           ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "matmul", "mm_")),
-           ("convolution", ("conv", "implicit", "winograd", "dgrad", "fprop", "cudnn")),
-           ("normalisation", ("norm", "welford", "moments")))
+           ("other (elementwise, copies, ...)", ("triton_poi", "nchwtonhwc", "nhwctonchw")),
+           ("normalisation", ("norm", "welford", "moments", "triton_red", "triton_per")),  # Inductor reductions: mostly norms
+           ("convolution", ("conv", "implicit", "winograd", "dgrad", "fprop")),
+           ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "cublas", "matmul", "mm_", "triton_tem")))
 
 
 def kernel_class(name: str) -> str:

@@ -179,6 +179,7 @@ class FlopLedger:
         self.table: dict[tuple, int] = {} if table is None else table
         self.totals: Counter[str] = Counter()
         self.twin = twin
+        self.sub = sub
         for name in METHODS:
             if hasattr(sub, name):
                 setattr(sub, name, self._wrap(name, getattr(sub, name)))
@@ -192,10 +193,19 @@ class FlopLedger:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             key = _signature(name, args, kwargs)
             if key not in self.table:
+                # A torch.compile'd UNet first called under the counter (a dispatch mode) is never compiled
+                # afterwards: with --compile the counted call runs eager and the real one follows, compiled.
+                compiled = twin is None and bool(getattr(self.sub, "compile", False))
                 with FlopCounterMode(display=False) as counter:
-                    out = fn(*args, **kwargs) if twin is None else count(*_moved(args, twin), **_moved(kwargs, twin))
-                if twin is not None:
-                    out = fn(*args, **kwargs)  # the graph's own call, outside the counter
+                    if twin is not None:
+                        out = count(*_moved(args, twin), **_moved(kwargs, twin))
+                    elif compiled:
+                        with _eager(self.sub):
+                            out = fn(*args, **kwargs)
+                    else:
+                        out = fn(*args, **kwargs)
+                if twin is not None or compiled:
+                    out = fn(*args, **kwargs)  # the real call, outside the counter
                 self.table[key] = counter.get_total_flops()
             else:
                 out = fn(*args, **kwargs)
@@ -205,6 +215,20 @@ class FlopLedger:
 
     def reset(self) -> None:
         self.totals.clear()
+
+
+@contextlib.contextmanager
+def _eager(sub: Any) -> Iterator[None]:
+    """``sub`` without ``compile`` for one counted call, its call counters as they were afterwards (the real
+    call that follows counts itself)."""
+    mode, calls = sub.compile, Counter(sub.calls)
+    sub.compile = False
+    try:
+        yield
+    finally:
+        sub.compile = mode
+        sub.calls.clear()
+        sub.calls.update(calls)
 
 
 def _moved(x: Any, sub: Any) -> Any:

@@ -44,6 +44,38 @@ def test_flop_ledger_counts_each_signature_once():
     assert ledger.totals["unet"] == 2 * (2 * 8**3) + 2 * 4**3
 
 
+def test_a_compiled_unets_first_call_is_counted_eager_and_made_compiled_outside_the_counter():
+    """With ``compile`` on, a new signature is counted by an eager call and then really made, compiled,
+    outside the FLOP counter: a torch.compile'd module first called under the counter (a dispatch mode) is
+    never compiled afterwards, so a mode such as ``optimized+compile`` run first would have been timed eager.
+    The call counters see the real call only."""
+    from collections import Counter
+
+    import torch
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    seen = []
+
+    class Sub:
+        compile = True
+
+        def __init__(self):
+            self.calls = Counter()
+
+        def unet(self, x):
+            self.calls["unet"] += 1
+            seen.append((self.compile, _get_current_dispatch_mode() is not None))
+            return x @ x
+
+    sub = Sub()
+    ledger = FlopLedger(sub)
+    x = torch.randn(8, 8)
+    sub.unet(x)
+    assert seen == [(False, True), (True, False)]  # counted eager under the counter, then the compiled call
+    sub.unet(x)
+    assert seen[2:] == [(True, False)] and sub.calls["unet"] == 2 and ledger.totals["unet"] == 2 * (2 * 8**3)
+
+
 def test_a_failing_mode_is_recorded_and_the_next_mode_still_runs(tmp_path, monkeypatch):
     import torch
 
@@ -147,3 +179,22 @@ def test_scenarios_picks_a_suite_s_scenarios_by_position(tmp_path):
     report = run_bench("cpu-window-batch", tmp_path, dry_run=True, only=[2], modes=["optimized"])
     assert [s["name"] for s in report["scenarios"]] == [SUITES["cpu-window-batch"][1].name + " [dry run]"]
     assert [r["mode"] for r in report["results"]] == ["optimized"] and not report["errors"]
+
+
+def test_profile_kernel_classes_put_implicit_gemm_convolutions_with_convolutions():
+    """bench/profile_unet.py's kernel classes: cuDNN's implicit-GEMM convolutions are convolutions, Inductor's
+    fused pointwise kernels named after a matmul are elementwise, layout copies are copies (all three were
+    GEMM or convolution before, which skewed the compiled call's split in docs/performance.md)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from profile_unet import kernel_class
+
+    cases = {"sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x256x64_cudnn": "convolution",
+             "triton_poi_fused_mm_t_view_3": "other (elementwise, copies, ...)",
+             "void cudnn::ops::nchwToNhwcKernel<__half>": "other (elementwise, copies, ...)",
+             "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64": "gemm", "triton_tem_fused_mm_1": "gemm",
+             "triton_red_fused_native_group_norm_0": "normalisation",
+             "cudnn_generated_fort_native_sdpa_sm90_knob_7": "attention"}
+    assert {name: kernel_class(name) for name in cases} == cases
