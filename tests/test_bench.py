@@ -198,3 +198,25 @@ def test_profile_kernel_classes_put_implicit_gemm_convolutions_with_convolutions
              "triton_red_fused_native_group_norm_0": "normalisation",
              "cudnn_generated_fort_native_sdpa_sm90_knob_7": "attention"}
     assert {name: kernel_class(name) for name in cases} == cases
+
+
+def test_ratio_table_uses_each_modes_median_and_both_flop_ratios():
+    """The reference-vs-mode table takes each mode's median over its repeats (was: the last repeat) and
+    gives the denoise stage's FLOP ratio beside the whole run's (was: only the whole run's, next to the
+    denoise speed-up)."""
+    from megactor_rt.benchmark import markdown
+
+    def result(mode, total, denoise, unet_flops):
+        return {"scenario": "s", "mode": mode, "frames": 4, "total_s": total, "fps": 4 / total,
+                "first_frame_s": total, "stage_s": {"denoise": denoise}, "flops": {"unet": unet_flops,
+                "vae_decode": 1.0}, "denoise_tflops_per_s": 1.0, "peak_memory_gb": 1.0, "warmup_s": 1.0}
+
+    report = {"suite": "t", "device": "cpu", "date": "2026-11-27", "torch": "x", "threads": 2,
+              "matmul_tflops": 2.0, "matmul_dtype": "float32",
+              "results": [result("reference", 10.0, 8.0, 3.0), result("reference", 12.0, 9.0, 3.0),
+                          result("reference", 30.0, 20.0, 3.0),
+                          result("optimized", 5.0, 4.0, 1.0), result("optimized", 6.0, 4.5, 1.0),
+                          result("optimized", 2.0, 1.0, 1.0)]}
+    md = markdown(report)
+    # medians: reference 12 s / 9 s, optimized 5 s / 4 s; FLOPs: denoise 3/1, whole run 4/2
+    assert "| s | optimized | 2.40x | 2.25x | 3.00x | 2.00x |" in md, md
