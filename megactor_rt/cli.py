@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megactor_rt.errors import InputError, MegactorError
+from megactor_rt.files import nearest_folder, same_file
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
     from megactor_rt.runtime.animator import Animator
@@ -154,7 +155,7 @@ def _output_folder(path: Path, flag: str) -> Path:
     """
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    existing = nearest_folder(path)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{path}: {flag} cannot be written ({existing} is not a writable folder)")
     return path
@@ -190,11 +191,11 @@ class StatsFile:
         if path is not None:
             if path.is_dir():
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
-            existing = next(p for p in path.absolute().parents if p.exists())  # the folder, or what will hold it
+            existing = nearest_folder(path.absolute().parent)  # the folder, or what will hold it
             if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
                 raise InputError(f"{path}: --stats cannot be written ({existing} is not a writable folder)")
             for what, others in (("a result", results), ("an input", inputs)):
-                if any(o is not None and _same_path(path, o) for o in others):
+                if any(o is not None and same_file(path, o) for o in others):
                     raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")
         self.path, self.command = path, command
         self.runs: list[dict] = []
@@ -219,16 +220,6 @@ class StatsFile:
             raise InputError(f"{self.path}: cannot write the --stats file ({exc})") from exc
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one file (existing or not)."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> list[tuple[Path, Path, Path]]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file. More:
     ``output`` is a folder (created once the weights have loaded) holding ``<portrait stem>_<driver stem>.mp4``;
@@ -243,7 +234,7 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> li
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: with {count}, -o names a folder for the results; this is a file")
     for what, given in (("portrait", portraits), ("driver", drivers)):
-        twice_given = sorted({str(x) for x in given if sum(_same_path(x, y) for y in given) > 1})
+        twice_given = sorted({str(x) for x in given if sum(same_file(x, y) for y in given) > 1})
         if twice_given:
             raise InputError(f"{', '.join(twice_given)}: the same {what} is given more than once")
     jobs = [(p, d, output / f"{p.stem}_{d.stem}.mp4") for p in portraits for d in drivers]

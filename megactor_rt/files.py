@@ -9,6 +9,7 @@ no running writer.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -32,3 +33,20 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list
     for path in removed:
         logger.info("removed %s, left by an interrupted write", path)
     return removed
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same file where both exist (links followed), else the same
+    resolved path."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def nearest_folder(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where writing ``path`` (creating folders) starts."""
+    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.files import remove_stale
+from megactor_rt.files import remove_stale, same_file
 
 logger = logging.getLogger(__name__)
 
@@ -598,11 +598,7 @@ def check_not_an_input(output: Path, **inputs: object) -> None:
     for what, source in inputs.items():
         if source is None or not isinstance(source, (str, os.PathLike)):
             continue
-        try:
-            same = Path(output).exists() and Path(source).exists() and os.path.samefile(output, source)
-        except OSError:
-            same = False
-        if same:
+        if Path(source).exists() and same_file(output, source):
             raise InputError(f"{output}: the result would overwrite the {what} (an input of this run); "
                              "choose another output path")
 
