@@ -243,16 +243,11 @@ def _save(model, path: Path, staging: Path) -> None:  # noqa: ANN001
 
 def _external_tensors(model):  # noqa: ANN001, ANN202
     """The initializers of ``model``'s graph and its subgraphs that are stored as external data."""
-    from onnx import AttributeProto, TensorProto
+    from onnx import TensorProto
 
-    found, graphs = [], [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        found += [t for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
-        for node in graph.node:
-            for attr in node.attribute:
-                graphs += [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
-    return found
+    from megactor_rt.export.trt_support import all_graphs
+
+    return [t for g in all_graphs(model.graph) for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
 
 
 def _proto_bytes(model) -> int | None:  # noqa: ANN001

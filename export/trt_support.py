@@ -91,7 +91,7 @@ def scan_ops(model: onnx.ModelProto | str | Path, precision: str = "fp16") -> di
     version = table["tensorrt_version"]
     types = _elem_types(model)
     functions = {(f.domain, f.name): f for f in model.functions}
-    graphs = list(_all_graphs(model.graph))
+    graphs = list(all_graphs(model.graph))
     constants = {i.name for g in graphs for i in g.initializer} | \
         {o for g in graphs for n in g.node if n.op_type == "Constant" for o in n.output}
     found: dict[str, list[str]] = {}
@@ -187,19 +187,20 @@ def _model_bytes(path: Path, model: onnx.ModelProto) -> int:
     """Size of the .onnx file plus its external data files."""
     total = path.stat().st_size
     locations = set()
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for init in g.initializer:
             if init.data_location == onnx.TensorProto.EXTERNAL:
                 locations |= {e.value for e in init.external_data if e.key == "location"}
     return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
-def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph of its nodes (If/Loop/Scan bodies), recursively."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _all_graphs(sub)
+                yield from all_graphs(sub)
 
 
 def check_trt_ready(path: str | Path, precision: str = "fp16") -> list[str]:
