@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megactor_rt.benchmark import provenance
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.models import layers
 from megactor_rt.weights import build_models
@@ -82,7 +83,7 @@ def main() -> None:
         row = {"q": shape[0], "k": shape[1], "calls": count, "gflop_per_call": attn_flops(shape) / 1e9}
         row.update(_time_shape(shape, backends, dev, dtype))
         rows.append(row)
-    report = {"date": date.today().isoformat(), "torch": torch.__version__,
+    report = {"date": date.today().isoformat(), "provenance": provenance(), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
     args.out.mkdir(parents=True, exist_ok=True)

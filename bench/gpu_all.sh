@@ -6,6 +6,8 @@
 # after every mode, so a run cut short keeps what it measured.
 # On the lent, offline GPU machine run `bash bench/fetch_wheels.sh` here first and carry `.whl` (README
 # "Benchmarks"). Each step has its own time limit; a failing step does not stop the later ones.
+# Where the tree arrives without its .git (the device tool's copy), give the commit for the results' provenance:
+#   MEGACTOR_COMMIT=<hash of HEAD, written out> RES=/tmp/gpu_results bash bench/gpu_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results/gpu}
@@ -29,6 +31,7 @@ step "build the CUDA kernels (sm_90)"
 timeout 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \
   && timeout 150 cmake --build build -j16 >/dev/null || echo "kernel build failed"
 python3 -m megactor_rt.cli doctor
+echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MEGACTOR_COMMIT:-unknown (no .git, MEGACTOR_COMMIT unset)}")"
 
 if [ "$SKIP_KERNEL_CHECKS" != 1 ]; then
 step "GPU tests: CUDA kernels vs references"

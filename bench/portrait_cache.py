@@ -85,7 +85,8 @@ def main() -> None:
         recomputed = {k: v - calls.get(k, 0) for k, v in sub.calls.items() if v - calls.get(k, 0)}
     if recomputed or anim.cache.disk_hits != 1:
         raise SystemExit(f"the store did not serve the state: disk hits {anim.cache.disk_hits}, calls {recomputed}")
-    report = {"date": date.today().isoformat(), "torch": torch.__version__, "device": device_name(dev),
+    report = {"date": date.today().isoformat(), "provenance": B.provenance(), "torch": torch.__version__,
+              "device": device_name(dev),
               "threads": torch.get_num_threads(), "model": sc.model, "image_size": sc.image_size,
               "precision": precision, "steps": args.steps, "computed_s": computed, "write_s": write,
               "loaded_s": loaded, "file_mb": size_mb, "ratio": computed / loaded}

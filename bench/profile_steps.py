@@ -75,7 +75,7 @@ def main() -> None:
         driver = B.driver_of_length(sc.frames, Path(work))
         anim = animator_module.Animator(sub, cfg)
         inputs = anim.portrait_inputs(ASSETS_DIR / "portrait.png")
-        B._consume(anim, inputs, driver, B.warmup_config(sc, cfg), Path(work))
+        B.warm_up(sc, cfg, anim, inputs, ledger, driver, Path(work))
         anim.cache = type(anim.cache)()
         known = set(ledger.table)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -96,7 +96,8 @@ def main() -> None:
         busy = sum(inside) / 1e6
         rows.append({"step": i, "wall_s": wall, "device_busy_s": busy, "device_idle_s": wall - busy,
                      "kernels": len(inside)})
-    report = {"date": date.today().isoformat(), "torch": torch.__version__, "device": device_name(dev),
+    report = {"date": date.today().isoformat(), "provenance": B.provenance(), "torch": torch.__version__,
+              "device": device_name(dev),
               "scenario": sc.name, "mode": args.mode, "frames": sc.frames, "steps": sc.steps,
               "stage_s": dict(stats.stage_seconds), "per_step": rows,
               "new_flop_signatures_in_timed_run": new_signatures}

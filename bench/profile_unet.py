@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import matmul_tflops
+from megactor_rt.benchmark import matmul_tflops, provenance
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.weights import build_models
 
@@ -141,7 +141,7 @@ def main() -> None:
     def reusing() -> object:  # a feature-reuse step's call: the shallow path from a kept deep feature
         return unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True, deep=deep)
 
-    report: dict = {"date": date.today().isoformat(), "torch": torch.__version__,
+    report: dict = {"date": date.today().isoformat(), "provenance": provenance(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
                     "matmul_tflops": matmul_tflops(dev, dtype), "calls": {},

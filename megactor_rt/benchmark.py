@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -37,7 +39,9 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("clip_tokens", "vae_encode", "vae_decode", "film", "pose_features", "pose_guider_full",
            "reference_bank", "unet")
-DENOISE_METHODS = ("unet", "reference_bank", "pose_guider_full")  # the denoise stage's FLOPs
+# The denoise stage's FLOPs: the optimized modes compute the PoseGuider (pose_features) as the windows first need
+# their frames, inside the denoise stage's time; the reference path runs it in every window call (pose_guider_full).
+DENOISE_METHODS = ("unet", "reference_bank", "pose_guider_full", "pose_features")
 
 
 @dataclass(frozen=True)
@@ -184,21 +188,24 @@ class FlopLedger:
             if hasattr(sub, name):
                 setattr(sub, name, self._wrap(name, getattr(sub, name)))
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
+    def _wrap(self, name: str, fn: Callable, count: Callable | None = None) -> Callable:
+        """``fn`` counted under ``name``; ``count``: the torch call that counts a new signature where ``fn`` runs a
+        graph (default: the twin's method ``name``, or ``fn`` itself without a twin)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        twin = self.twin
-        count = fn if twin is None else getattr(type(twin), name).__get__(twin)  # not the twin's own ledger
+        twin, own = self.twin, count is None  # own: one of the submodels' methods
+        counter_fn = count if count is not None else (
+            fn if twin is None else getattr(type(twin), name).__get__(twin))  # not the twin's own ledger
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             key = _signature(name, args, kwargs)
             if key not in self.table:
                 # A torch.compile'd UNet first called under the counter (a dispatch mode) is never compiled
                 # afterwards: with --compile the counted call runs eager and the real one follows, compiled.
-                compiled = twin is None and bool(getattr(self.sub, "compile", False))
+                compiled = own and twin is None and bool(getattr(self.sub, "compile", False))
                 with FlopCounterMode(display=False) as counter:
                     if twin is not None:
-                        out = count(*_moved(args, twin), **_moved(kwargs, twin))
+                        out = counter_fn(*_moved(args, twin), **_moved(kwargs, twin))
                     elif compiled:
                         with _eager(self.sub):
                             out = fn(*args, **kwargs)
@@ -215,6 +222,21 @@ class FlopLedger:
 
     def reset(self) -> None:
         self.totals.clear()
+
+    def count_tiny_decoder(self, anim: Any, path: str | Path) -> None:
+        """Count the FLOPs of ``anim``'s TAESD decoder from ``path`` (method name ``tiny_decode``), loading it; on
+        a graph backend they are counted on a torch copy of it on the twin's device."""
+        from megactor_rt.models.tiny_decoder import load_tiny_decoder
+
+        decoder = anim.tiny_decoder(path)
+        if getattr(decoder, "_counted_by", None) is self:
+            return
+        count = None
+        if self.twin is not None:
+            count = load_tiny_decoder(path).to(self.twin.device, self.twin.dtype)
+        wrapped = self._wrap("tiny_decode", decoder, count)
+        wrapped._counted_by = self  # type: ignore[attr-defined]
+        anim._tiny_decoders[str(Path(path).resolve())] = wrapped  # the Animator's loaded decoder, now counted
 
 
 @contextlib.contextmanager
@@ -269,20 +291,56 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
-    """Measured dense matmul rate (the ceiling the denoiser is compared with)."""
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10,
+                  rounds: int = 3) -> float:
+    """Measured dense matmul rate (the ceiling the denoiser is compared with): the best of ``rounds`` timings of
+    ``reps`` ``n`` x ``n`` products (one timing on a busy CPU can be several times too low)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    best = 0.0
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def provenance(package_dir: Path | None = None) -> dict[str, Any]:
+    """What produced a benchmark's figures: the commit (``git`` in the package's checkout, else the
+    ``MEGACTOR_COMMIT`` environment variable, e.g. set by whoever copies the tree to a GPU machine without its
+    ``.git``; None if neither), whether the checkout had changes, the compiled kernels' status and the kernel
+    switches set in the environment."""
+    from megactor_rt.kernels._triton import HAVE_TRITON
+    from megactor_rt.kernels.ops import kernels_status
+
+    here = package_dir or Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    kernels = kernels_status()
+    return {
+        "commit": commit or os.environ.get("MEGACTOR_COMMIT") or None,
+        "commit_from": "git" if commit else ("MEGACTOR_COMMIT" if os.environ.get("MEGACTOR_COMMIT") else None),
+        "uncommitted_changes": None if status is None else bool(status),
+        "cuda_kernels": kernels["reason"] if not kernels["available"] else f"ok ({kernels['build_info']})",
+        "triton": HAVE_TRITON,
+        "switches": {k: v for k, v in sorted(os.environ.items())
+                     if k in ("MEGACTOR_SHORT_ATTENTION", "MEGACTOR_TRITON_GROUP_NORM", "MEGACTOR_KERNELS_LIB")},
+    }
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -301,6 +359,8 @@ class Result:
     calls: dict[str, int] = field(default_factory=dict)
     warmup_s: float = 0.0  # the untimed warm-up run (1 step, one window): includes compilation with +compile
     step_s: list[float] = field(default_factory=list)  # each denoising step
+    # submodel methods whose FLOPs were first counted (under the slow FLOP counter) inside this timed run
+    first_counted: list[str] = field(default_factory=list)
 
 
 def driver_of_length(n: int, work_dir: Path) -> Path:
@@ -442,18 +502,49 @@ def warmup_config(sc: Scenario, cfg: AnimateConfig) -> AnimateConfig:
     return replace(cfg, steps=cfg.warmup_steps(), max_frames=frames)
 
 
+def batch_sizes(n: int, batch: int) -> set[int]:
+    """The call sizes of ``n`` items taken ``batch`` at a time (the last call takes the rest)."""
+    return {min(n, batch)} | ({n % batch} if n > batch and n % batch else set())
+
+
+def warm_up(sc: Scenario, cfg: AnimateConfig, anim: Any, inputs: Any, ledger: FlopLedger, driver: Path,
+            work_dir: Path) -> float:
+    """The untimed run before a mode's timed runs (:func:`warmup_config`: allocator, kernels, compilation), then
+    one untimed call of each PoseGuider and decoder batch size the timed run makes and the warm-up's single
+    window did not (the FLOP ledger counts a new call signature under the FLOP counter, which is slow: in the
+    timed run it would add to the stage it falls in). Returns the seconds taken."""
+    from megactor_rt.runtime.animator import DECODE_BATCH, POSE_BATCH
+
+    t0 = time.perf_counter()
+    if cfg.tiny_decoder is not None:
+        ledger.count_tiny_decoder(anim, cfg.tiny_decoder)
+    _consume(anim, inputs, driver, warmup_config(sc, cfg), work_dir)
+    sub, state = anim.sub, anim.prepare(inputs)  # the warm-up's portrait (cached)
+    device, size, h = sub.device, anim.image_size, anim.latent_size
+    with torch.inference_mode():
+        if cfg.mode is not Mode.REFERENCE:  # the optimized modes' PoseGuider batches (PoseFeed)
+            for b in sorted(batch_sizes(sc.frames, POSE_BATCH)):
+                sub.pose_features(torch.zeros(b, 3, size, size, device=device), state.film_scale, state.film_shift)
+        tiny = anim.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
+        for b in sorted(batch_sizes(sc.frames, DECODE_BATCH)):
+            z = torch.zeros(b, 4, h, h, device=device, dtype=sub.dtype)
+            sub.vae_decode(z) if tiny is None else tiny(z)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,
               portrait: Path, driver: Path, work_dir: Path) -> Iterator[Result]:
     from megactor_rt.runtime.animator import Animator
 
     anim = Animator(sub, cfg)
     inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
-    t0 = time.perf_counter()
-    _consume(anim, inputs, driver, warmup_config(sc, cfg), work_dir)  # warm-up: allocator, kernels, FLOP signatures, compilation
-    warmup_s = time.perf_counter() - t0
+    warmup_s = warm_up(sc, cfg, anim, inputs, ledger, driver, work_dir)
     for _ in range(sc.repeats):
         anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
         ledger.reset()
+        known = set(ledger.table)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -462,10 +553,14 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
         denoise_flops = sum(ledger.totals[k] for k in DENOISE_METHODS)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
         logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
+        first_counted = sorted(k[0] for k in ledger.table if k not in known)
+        if first_counted:
+            logger.warning("%s [%s]: FLOPs of %s first counted in the timed run (slower there)", sc.name, mode,
+                           ", ".join(first_counted))
         yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
                      dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
                      denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls),
-                     warmup_s, list(stats.step_seconds))
+                     warmup_s, list(stats.step_seconds), first_counted)
 
 
 def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:
@@ -528,8 +623,9 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": device_name(dev),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
-        "scenarios": [asdict(s) for s in scenarios], "results": [], "errors": [],
+        "provenance": provenance(), "scenarios": [asdict(s) for s in scenarios], "results": [], "errors": [],
     }
+    report["matmul_samples_tflops"] = [report["matmul_tflops"]]
     with contextlib.ExitStack() as stack:  # looped drivers, encoded outputs, exported graphs, plans
         if work_dir is None:
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="megactor-bench-"))
@@ -540,6 +636,10 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
             for result in run_scenario(sc, dev, Path(work), report["errors"]):
                 report["results"].append(asdict(result))
                 _save(report, out)  # after every result: a run cut short keeps what it measured
+    # sampled again after the runs: "% of matmul" is against the better of the two (the ceiling, on a CPU whose
+    # rate drifts with load and clocks; the runs' figures keep the rate they were saved with until here)
+    report["matmul_samples_tflops"].append(matmul_tflops(dev, dtype))
+    report["matmul_tflops"] = max(report["matmul_samples_tflops"])
     _save(report, out)  # errors recorded after the last result
     return report
 
@@ -589,9 +689,14 @@ def _median_result(results: list[dict]) -> dict:
 
 
 def markdown(report: dict) -> str:
+    samples = report.get("matmul_samples_tflops", [report["matmul_tflops"]])
+    prov = report.get("provenance") or {}
+    commit = (prov.get("commit") or "unknown")[:12] + (" with uncommitted changes" if prov.get("uncommitted_changes")
+                                                     else "")
     lines = [f"Suite `{report['suite']}` on {report['device']}, {report['date']}, torch {report['torch']}, "
-             f"{report['threads']} threads; measured matmul rate {report['matmul_tflops']:.3f} TFLOP/s "
-             f"({report['matmul_dtype']}).", "",
+             f"{report['threads']} threads, commit {commit}; measured matmul rate {report['matmul_tflops']:.3f} "
+             f"TFLOP/s ({report['matmul_dtype']}; the best of {' and '.join(f'{x:.3f}' for x in samples)}, "
+             "measured before and after the runs).", "",
              "| scenario | mode | frames | total s | fps | first frame s | denoise s | decode s | denoise TFLOP "
              "| denoise TFLOP/s | % of matmul | peak mem GiB | warm-up s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -632,6 +737,11 @@ def markdown(report: dict) -> str:
     if steps:
         lines += ["", "| scenario | mode | first step s | median step s | last step s |", "|---|---|---|---|---|",
                   *steps]
+    late = [f"{r['scenario']} [{r['mode']}]: {', '.join(r['first_counted'])}" for r in report["results"]
+            if r.get("first_counted")]
+    if late:
+        lines += ["", "FLOPs first counted inside a timed run (under the slow FLOP counter, so that run's time is "
+                  "too long): " + "; ".join(late)]
     for e in report.get("errors", []):
         lines += ["", f"**{e['scenario']} [{e['mode']}] failed:** {e['error']}"]
     if variants:

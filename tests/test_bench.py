@@ -220,3 +220,53 @@ def test_ratio_table_uses_each_modes_median_and_both_flop_ratios():
     md = markdown(report)
     # medians: reference 12 s / 9 s, optimized 5 s / 4 s; FLOPs: denoise 3/1, whole run 4/2
     assert "| s | optimized | 2.40x | 2.25x | 3.00x | 2.00x |" in md, md
+
+
+def test_the_warm_up_counts_every_call_size_of_the_timed_run(tmp_path, monkeypatch):
+    """After the warm-up (one window) the FLOP ledger knows every call signature the timed run makes: the
+    PoseGuider's batches of all the run's frames and the decoder's last, shorter batch are counted untimed
+    (counted inside the timed run, under the slow FLOP counter, they lengthened its stages). Without those
+    untimed calls the run reports them as first counted in it. The tiny decoder's FLOPs are counted; the
+    optimized mode's PoseGuider FLOPs are part of the denoise stage's."""
+    from megactor_rt import benchmark
+
+    monkeypatch.setitem(benchmark.SUITES, "test-warm", [benchmark.Scenario(
+        "tiny, 6 frames", "tiny", 128, 6, 4, 2, 1, modes=("optimized", "optimized+tiny-decoder", "reference"))])
+    report = run_bench("test-warm", tmp_path / "a")
+    assert not report["errors"]
+    modes = {r["mode"]: r for r in report["results"]}
+    assert all(r["first_counted"] == [] for r in modes.values()), modes
+    opt, tiny = modes["optimized"], modes["optimized+tiny-decoder"]
+    assert tiny["flops"]["tiny_decode"] > 0 and "vae_decode" not in tiny["flops"]
+    assert opt["flops"]["pose_features"] > 0
+    denoise = sum(opt["flops"][k] for k in ("unet", "reference_bank", "pose_features"))
+    assert abs(opt["denoise_tflops_per_s"] * opt["stage_s"]["denoise"] - denoise) < 1e-9 * max(denoise, 1)
+    import subprocess
+    from pathlib import Path
+
+    git = subprocess.run(["git", "-C", str(Path(benchmark.__file__).parents[1]), "rev-parse", "HEAD"],
+                         capture_output=True, text=True)
+    if git.returncode == 0:  # a git checkout (CI's is): the run names its commit
+        assert report["provenance"]["commit"] == git.stdout.strip()
+    assert len(report["matmul_samples_tflops"]) == 2
+    assert report["matmul_tflops"] == max(report["matmul_samples_tflops"])
+
+    monkeypatch.setattr(benchmark, "_MODELS", {})  # a fresh FLOP table
+    monkeypatch.setattr(benchmark, "batch_sizes", lambda n, batch: set())  # the warm-up's window only
+    monkeypatch.setitem(benchmark.SUITES, "test-warm", [benchmark.Scenario(
+        "tiny, 6 frames", "tiny", 128, 6, 4, 2, 1, modes=("optimized",))])
+    (late,) = run_bench("test-warm", tmp_path / "b")["results"]
+    assert late["first_counted"] == ["pose_features", "vae_decode"]
+    assert "first counted inside a timed run" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_provenance_takes_the_commit_from_the_environment_without_git(tmp_path, monkeypatch):
+    from megactor_rt.benchmark import provenance
+
+    monkeypatch.setenv("MEGACTOR_COMMIT", "abc123")
+    monkeypatch.setenv("MEGACTOR_SHORT_ATTENTION", "0")
+    prov = provenance(tmp_path)  # not a git checkout
+    assert prov["commit"] == "abc123" and prov["commit_from"] == "MEGACTOR_COMMIT"
+    assert prov["uncommitted_changes"] is None and prov["switches"] == {"MEGACTOR_SHORT_ATTENTION": "0"}
+    monkeypatch.delenv("MEGACTOR_COMMIT")
+    assert provenance(tmp_path)["commit"] is None
