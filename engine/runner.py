@@ -217,9 +217,13 @@ class TensorRTRunner(Runner):
             raise InputError(f"runner '{self.name}': input '{name}' has shape {list(shape)}; profile "
                              f"'{self.record.profile_name}' allows {list(lo)} .. {list(hi)}")
 
-    def max_size(self, name: str, axis: int) -> int | None:
-        """The plan's profile maximum (a static input: its size)."""
-        return int(self.shape_range(name)[2][axis])
+    def max_size(self, name: str, axis: int, where: Mapping[int, int] | None = None) -> int | None:
+        """The plan's profile maximum (a static input: its size); 0 where the profile does not take the sizes
+        ``where`` (axis -> size) of that input."""
+        lo, _, hi = self.shape_range(name)
+        if any(not lo[a] <= s <= hi[a] for a, s in (where or {}).items()):
+            return 0
+        return int(hi[axis])
 
     def _bind(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
               shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -363,6 +367,8 @@ class ProfileSetRunner(Runner):
         for r in self.runners:
             r.deactivate()
 
-    def max_size(self, name: str, axis: int) -> int | None:
-        """The largest size any of the plans takes."""
-        return max(int(r.shape_range(name)[2][axis]) for r in self.runners)
+    def max_size(self, name: str, axis: int, where: Mapping[int, int] | None = None) -> int | None:
+        """The largest size any of the plans takes (of those whose profile takes the sizes ``where``; 0 if
+        none does). E.g. the UNet's ``default`` plan takes 3 windows of the export's 16 frames and its ``long``
+        plan one window of up to 32: 3 windows of 16 frames, one of 24."""
+        return max(r.max_size(name, axis, where) or 0 for r in self.runners)

@@ -161,7 +161,22 @@ def _register():  # type: ignore[no-untyped-def]
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
         return _launch(q, k, v, heads, wrap=True)
 
+    _register_flops(torch.ops.megactor.short_attention)
     return op
+
+
+def _register_flops(packet) -> None:  # type: ignore[no-untyped-def]
+    """The op's FLOPs for ``torch.utils.flop_counter`` (the benchmark's FLOP ledger), as SDPA's are counted:
+    q k^T and the weighted sum of v, 2 FLOPs per multiply-add; without it the kernel's calls counted 0."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if packet in flop_registry:  # this module imported again
+        return
+
+    @register_flop_formula(packet)
+    def flops(q_shape, k_shape, v_shape, heads, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        b, seq, pos, c = q_shape
+        return 4 * b * pos * seq * seq * c
 
 
 _OP = _register()

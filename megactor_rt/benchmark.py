@@ -102,7 +102,9 @@ SUITES: dict[str, list[Scenario]] = {
     "cpu-tiny": [Scenario("tiny 128px, 12 frames, w4/o2, 3 steps", "tiny", 128, 12, 4, 2, 3, repeats=2)],
     "cpu-smoke": [Scenario("tiny 128px, 4 frames, w4/o2, 1 step", "tiny", 128, 4, 4, 2, 1)],
     "cpu-full-256": [
-        Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2,
+        # 3 interleaved runs per mode: this 2-core machine's speed drifts (one window call took 15.1, 15.8 and
+        # 20.2 s in a row); the ratio table takes each mode's median
+        Scenario("full-size 256px, 8 frames, w4/o2, 2 steps", "full", 256, 8, 4, 2, 2, repeats=3,
                  modes=("reference", "optimized", "optimized+tiny-decoder")),
         Scenario("faster: CFG in the first of 2 steps", "full", 256, 8, 4, 2, 2, modes=("optimized",),
                  cfg_steps=1, note="changes the math: CFG truncation"),
@@ -403,7 +405,10 @@ def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
 
 def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                  errors: list[dict[str, str]] | None = None) -> Iterator[Result]:
-    """Run every mode of ``sc`` (warm-up, then ``repeats`` timed runs); yields each result as it is measured.
+    """Run every mode of ``sc``: each mode's untimed warm-up and first timed run, mode after mode; then, with
+    ``repeats`` > 1, the further timed runs in rounds of one run per mode (reference, optimized, reference,
+    optimized, ...), so that a slow spell of a shared machine lands on one run of each mode rather than on
+    all runs of one. Yields each result as it is measured.
 
     With ``errors`` given, a mode that raises is recorded there (scenario, mode, error) and the next mode
     runs: one failing variant does not cost a whole GPU session's measurements."""
@@ -412,27 +417,40 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
     torch_sub, torch_ledger = _submodels(sc, device)
     driver = driver_of_length(sc.frames, work_dir)
     portrait = ASSETS_DIR / "portrait.png"
-    for mode in sc.modes:  # with a variant: its settings for this mode only
-        sub, ledger = torch_sub, torch_ledger
-        saved: dict[str, Any] = {}
-        try:
-            cfg, sub_options = mode_settings(sc, mode, work_dir)
-            if mode_backend(mode)["name"] != "torch":
-                sub, ledger = _graph_submodels(sc, cfg, mode, device, work_dir, torch_sub, torch_ledger)
-            saved = {k: getattr(sub, k) for k in sub_options}
-            for k, v in sub_options.items():
-                setattr(sub, k, v)
-            yield from _run_mode(sc, mode, cfg, sub, ledger, device, portrait, driver, work_dir)
-        except Exception as exc:
-            if errors is None:
-                raise
-            logger.exception("%s [%s] failed", sc.name, mode)
-            errors.append({"scenario": sc.name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        finally:
-            for k, v in saved.items():
-                setattr(sub, k, v)
+    ready: dict[str, _ModeRun] = {}
+    failed: set[str] = set()
+    for _ in range(sc.repeats):
+        for mode in sc.modes:  # with a variant: its settings for this mode only
+            if mode in failed:
+                continue
+            run = ready.get(mode)
+            saved: dict[str, Any] = {}
+            target: Any = None  # the submodels whose settings this mode changed
+            try:
+                if run is None:
+                    cfg, sub_options = mode_settings(sc, mode, work_dir)
+                    sub, ledger = torch_sub, torch_ledger
+                    if mode_backend(mode)["name"] != "torch":
+                        sub, ledger = _graph_submodels(sc, cfg, mode, device, work_dir, torch_sub, torch_ledger)
+                    run = _ModeRun(cfg, sub, ledger, sub_options)
+                target, saved = run.sub, {k: getattr(run.sub, k) for k in run.sub_options}
+                for k, v in run.sub_options.items():
+                    setattr(run.sub, k, v)
+                if mode not in ready:
+                    run.start(sc, portrait, driver, work_dir)  # the Animator and its warm-up
+                    ready[mode] = run
+                yield run.timed(sc, mode, device, driver, work_dir)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                logger.exception("%s [%s] failed", sc.name, mode)
+                errors.append({"scenario": sc.name, "mode": mode, "error": f"{type(exc).__name__}: {exc}"})
+                failed.add(mode)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            finally:
+                for k, v in saved.items():
+                    setattr(target, k, v)
 
 
 def mode_backend(mode: str) -> dict[str, Any]:
@@ -534,14 +552,28 @@ def warm_up(sc: Scenario, cfg: AnimateConfig, anim: Any, inputs: Any, ledger: Fl
     return time.perf_counter() - t0
 
 
-def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: FlopLedger, device: torch.device,
-              portrait: Path, driver: Path, work_dir: Path) -> Iterator[Result]:
-    from megactor_rt.runtime.animator import Animator
+@dataclass
+class _ModeRun:
+    """One mode of a scenario: its settings, submodels and FLOP ledger, then its Animator, portrait inputs and
+    warm-up time (``start``)."""
 
-    anim = Animator(sub, cfg)
-    inputs = anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
-    warmup_s = warm_up(sc, cfg, anim, inputs, ledger, driver, work_dir)
-    for _ in range(sc.repeats):
+    cfg: AnimateConfig
+    sub: Any
+    ledger: FlopLedger
+    sub_options: dict[str, Any]
+    anim: Any = None
+    inputs: Any = None
+    warmup_s: float = 0.0
+
+    def start(self, sc: Scenario, portrait: Path, driver: Path, work_dir: Path) -> None:
+        from megactor_rt.runtime.animator import Animator
+
+        self.anim = Animator(self.sub, self.cfg)
+        self.inputs = self.anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
+        self.warmup_s = warm_up(sc, self.cfg, self.anim, self.inputs, self.ledger, driver, work_dir)
+
+    def timed(self, sc: Scenario, mode: str, device: torch.device, driver: Path, work_dir: Path) -> Result:
+        anim, ledger = self.anim, self.ledger
         anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
         ledger.reset()
         known = set(ledger.table)
@@ -549,7 +581,7 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as mem:
-            stats = _consume(anim, inputs, driver, cfg, work_dir)
+            stats = _consume(anim, self.inputs, driver, self.cfg, work_dir)
         denoise_flops = sum(ledger.totals[k] for k in DENOISE_METHODS)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
         logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
@@ -557,10 +589,10 @@ def _run_mode(sc: Scenario, mode: str, cfg: AnimateConfig, sub: Any, ledger: Flo
         if first_counted:
             logger.warning("%s [%s]: FLOPs of %s first counted in the timed run (slower there)", sc.name, mode,
                            ", ".join(first_counted))
-        yield Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
-                     dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
-                     denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls),
-                     warmup_s, list(stats.step_seconds), first_counted)
+        return Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
+                      dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
+                      denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls),
+                      self.warmup_s, list(stats.step_seconds), first_counted)
 
 
 def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:

@@ -81,6 +81,7 @@ class Runner(ABC):
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backend-specific execution."""
 
-    def max_size(self, name: str, axis: int) -> int | None:
-        """The largest size axis ``axis`` of input ``name`` may have in a call (None: no limit known here)."""
+    def max_size(self, name: str, axis: int, where: Mapping[int, int] | None = None) -> int | None:
+        """The largest size axis ``axis`` of input ``name`` may have in a call (None: no limit known here);
+        ``where`` (axis -> size of the same input): in a call whose input has those sizes (0: no such call)."""
         return None

@@ -256,10 +256,10 @@ class Animator:
         applies: the optimized mode's step-by-step loop, on a backend whose UNet takes several; else 1)."""
         if cfg.window_batch == 1 or cfg.mode is not Mode.OPTIMIZED or cfg.streams_frames:
             return 1
-        most = self.sub.max_window_batch
+        most = self.sub.window_batch_limit(cfg.window)
         if most is not None and most < cfg.window_batch:
-            logger.info("window_batch %d: the %s backend's UNet takes %d window(s) per call",
-                        cfg.window_batch, self.sub.name, most)
+            logger.info("window_batch %d: the %s backend's UNet takes %d window(s) of %d frames per call",
+                        cfg.window_batch, self.sub.name, most, cfg.window)
             return most
         return cfg.window_batch
 

@@ -52,9 +52,13 @@ class OrtRunner(Runner):
     def deactivate_impl(self) -> None:
         self.session = None
 
-    def max_size(self, name: str, axis: int) -> int | None:
-        """None for a dynamic axis (onnxruntime takes any size), else the exported size."""
-        dim = self.graph.inputs[name].shape[axis]
+    def max_size(self, name: str, axis: int, where: Mapping[int, int] | None = None) -> int | None:
+        """None for a dynamic axis (onnxruntime takes any size), else the exported size (0 where ``where``
+        names another size of an exported axis)."""
+        shape = self.graph.inputs[name].shape
+        if any(not isinstance(shape[a], str) and int(shape[a]) != s for a, s in (where or {}).items()):
+            return 0
+        dim = shape[axis]
         return None if isinstance(dim, str) else int(dim)
 
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,6 +93,15 @@ class GraphSubmodels(Submodels):
         limits = [r.max_size("latents", 0) for g, r in self.runners.items() if g.startswith("temporal_unet")]
         known = [n for n in limits if n is not None]
         self.max_window_batch = min(known) if known else None
+
+    def window_batch_limit(self, frames: int) -> int | None:
+        """Context windows of ``frames`` frames every UNet graph takes in one call: a set of TensorRT plans
+        answers for the plans whose profile takes windows that long (the ``long`` plans: one window). At least
+        1: a window length no plan takes fails at the call, with a message naming the profiles."""
+        limits = [r.max_size("latents", 0, {2: frames}) for g, r in self.runners.items()
+                  if g.startswith("temporal_unet")]
+        known = [n for n in limits if n is not None]
+        return max(1, min(known)) if known else None
 
     def tiny_decoder_graph(self, weights_id: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Decoding with the exported ``tiny_decoder`` graph where this backend runs one exported from the TAESD

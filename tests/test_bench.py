@@ -270,3 +270,26 @@ def test_provenance_takes_the_commit_from_the_environment_without_git(tmp_path, 
     assert prov["uncommitted_changes"] is None and prov["switches"] == {"MEGACTOR_SHORT_ATTENTION": "0"}
     monkeypatch.delenv("MEGACTOR_COMMIT")
     assert provenance(tmp_path)["commit"] is None
+
+
+def test_repeats_run_in_rounds_of_one_run_per_mode(tmp_path, monkeypatch):
+    """With repeats, the timed runs interleave (reference, optimized, reference, optimized): a slow spell of the
+    machine falls on one run of each mode, not on all of one mode's. Each mode warms up once."""
+    from megactor_rt import benchmark
+
+    monkeypatch.setitem(benchmark.SUITES, "test-rounds", [benchmark.Scenario(
+        "tiny, 2 frames", "tiny", 128, 2, 2, 1, 1, repeats=2, modes=("reference", "optimized"))])
+    order = []
+    timed = benchmark._ModeRun.timed
+
+    def spy(self, sc, mode, *args):
+        order.append(mode)
+        return timed(self, sc, mode, *args)
+
+    monkeypatch.setattr(benchmark._ModeRun, "timed", spy)
+    report = run_bench("test-rounds", tmp_path)
+    assert order == ["reference", "optimized", "reference", "optimized"] and not report["errors"]
+    assert [r["mode"] for r in report["results"]] == order
+    warm = {}
+    for r in report["results"]:
+        assert warm.setdefault(r["mode"], r["warmup_s"]) == r["warmup_s"]  # one warm-up per mode

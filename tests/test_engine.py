@@ -395,6 +395,9 @@ def test_select_offers_every_profile_and_each_call_runs_on_a_plan_that_takes_it(
     assert [read_sidecar(d).profile_name for d in choice.plan_dirs] == ["default", "big"]
     runner = ProfileSetRunner(choice.plan_dirs, device=H100)
     assert runner.input_names == ("x",) and runner.max_size("x", 0) == 16
+    # limits for calls of given sizes: batch 5 only in "big"; no plan takes 9 features
+    assert runner.runners[0].max_size("x", 0, {0: 5}) == 0 and runner.max_size("x", 1, {0: 5}) == 8
+    assert runner.max_size("x", 0, {1: 8}) == 16 and runner.max_size("x", 0, {1: 9}) == 0
     picked = {b: runner.runner_for({"x": (b, 8)}).record.profile_name for b in (1, 2, 3, 4, 5, 8, 16)}
     assert picked == {1: "default", 2: "default", 3: "default", 4: "default", 5: "big", 8: "big", 16: "big"}
     with pytest.raises(InputError, match=r"no plan takes input shapes.*'default': x \[1, 8\]..\[4, 8\]"):
@@ -575,3 +578,34 @@ def test_unaligned_views_are_copied_for_tensorrt() -> None:
     assert fixed.data_ptr() != unaligned.data_ptr() and torch.equal(fixed, unaligned)
     strided = base[k:k + 32:2]
     assert torch.equal(aligned_for_tensorrt(strided), strided) and aligned_for_tensorrt(strided).is_contiguous()
+
+
+def test_windows_per_call_follow_the_plans_that_take_the_window_length() -> None:
+    """A TensorRT UNet with a ``default`` plan (up to 3 windows of the export's 16 frames) and a ``long`` plan
+    (one window of up to 32): runs with 16-frame windows get 3 windows per call, runs with 24-frame windows one
+    (before, 3, which no plan took: the run failed at its first UNet call); a window length no plan takes
+    leaves 1 (the call then names the profiles)."""
+    from megactor_rt.config import AnimateConfig, tiny_config
+    from megactor_rt.runner import Runner
+    from megactor_rt.runtime.animator import Animator
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    class Plans(Runner):  # the UNet's plans as (windows max, frames min, frames max)
+        def __init__(self, *plans: tuple[int, int, int]) -> None:
+            super().__init__("temporal_unet_cond", ("latents",), ("eps",))
+            self.plans = plans
+
+        def infer_impl(self, feed):  # type: ignore[no-untyped-def]
+            raise AssertionError("not called")
+
+        def max_size(self, name, axis, where=None):  # type: ignore[no-untyped-def]
+            frames = (where or {}).get(2)
+            return max((k for k, lo, hi in self.plans if frames is None or lo <= frames <= hi), default=0)
+
+    sub = GraphSubmodels("tensorrt", tiny_config(), "w", {"temporal_unet_cond": Plans((3, 1, 16), (1, 16, 32))},
+                         torch.device("cpu"), torch.float32)
+    assert sub.max_window_batch == 3
+    assert [sub.window_batch_limit(f) for f in (8, 16, 24, 32, 40)] == [3, 3, 1, 1, 1]
+    anim = Animator(sub, AnimateConfig(window=24, overlap=8, window_batch=3))
+    assert anim.window_batch(anim.config) == 1
+    assert anim.window_batch(AnimateConfig(window=16, overlap=8, window_batch=3)) == 3

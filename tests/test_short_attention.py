@@ -55,6 +55,24 @@ def test_kernel_in_triton_interpreter(triton_interpreter: Callable[[str, int], N
         """, 600)
 
 
+def test_the_kernels_flops_are_counted_as_sdpas(triton_interpreter: Callable[[str, int], None]) -> None:
+    """The benchmark's FLOP ledger (torch.utils.flop_counter) counts a call of the kernel's op as it counts the
+    SDPA call it replaces (it counted 0 before the op had a FLOP formula)."""
+    triton_interpreter("""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        from megactor_rt.kernels import short_attention as SA
+        q, k, v = (torch.randn(2, 16, 6, 8 * 40) for _ in range(3))
+        counts = []
+        for fn in (torch.ops.megactor.short_attention, SA.short_attention_ref):
+            with FlopCounterMode(display=False) as counter:
+                fn(q, k, v, 8)
+            counts.append(counter.get_total_flops())
+        assert counts[0] == counts[1] == 4 * 2 * 6 * 16 * 16 * 320, counts
+        print("ok")
+        """, 300)
+
+
 def test_dispatch_falls_back_on_cpu_and_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 16, 4, 32)
     assert not SA.short_attention_usable(q, 4)  # CPU tensors: SDPA
