@@ -44,6 +44,24 @@ METHODS = ("clip_tokens", "vae_encode", "vae_decode", "film", "pose_features", "
 DENOISE_METHODS = ("unet", "reference_bank", "pose_guider_full", "pose_features")
 
 
+def _count_cpu_attention() -> None:
+    """Give SDPA's CPU kernel the FLOP formula ``torch.utils.flop_counter`` gives its GPU kernels (q k^T and the
+    weighted sum of v). Without it (torch 2.13) every attention product on the CPU counted 0: the CPU FLOP
+    figures before 2026-11-27 lack them."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_count_cpu_attention()
+
+
 @dataclass(frozen=True)
 class Scenario:
     """One benchmark setting, run once per mode (same inputs, same process)."""

@@ -293,3 +293,20 @@ def test_repeats_run_in_rounds_of_one_run_per_mode(tmp_path, monkeypatch):
     warm = {}
     for r in report["results"]:
         assert warm.setdefault(r["mode"], r["warmup_s"]) == r["warmup_s"]  # one warm-up per mode
+
+
+def test_attention_products_are_counted_on_the_cpu():
+    """SDPA's CPU kernel counts q k^T and the weighted sum of v, as its GPU kernels do (it counted 0: every CPU
+    FLOP figure lacked the attention products)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Sub:
+        def unet(self, q):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    sub = Sub()
+    ledger = FlopLedger(sub)
+    b, h, n, d = 2, 4, 64, 32
+    sub.unet(torch.randn(b, h, n, d))
+    assert ledger.totals["unet"] == 2 * (2 * b * h * n * n * d)
