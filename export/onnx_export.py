@@ -45,10 +45,20 @@ GRAPH_MODULES = {"clip_image_encoder": "clip_image_encoder", "vae_encoder": "vae
                  "temporal_unet_reuse": "temporal_unet", "temporal_unet_cond_reuse": "temporal_unet"}
 
 
+def _random(weights: str | Path) -> bool:
+    """``tiny`` / ``full`` name random-weight architectures, unless a folder of that name exists (then it is the
+    converted weights folder it names, as any other path)."""
+    random = str(weights) in ("tiny", "full") and not Path(weights).exists()
+    if str(weights) in ("tiny", "full") and not random:
+        logger.info("--weights %s: using the folder ./%s (not the random-weight %s architecture)", weights,
+                    weights, weights)
+    return random
+
+
 def load_models_for_export(weights: str | Path, graphs: Sequence[str] | None = None) -> MegActorModels:
     """A converted weights folder, or ``tiny`` / ``full`` for random-weight architectures (seeded; only the
     networks ``graphs`` need are built)."""
-    if str(weights) in ("tiny", "full"):
+    if _random(weights):
         only = None if graphs is None else {GRAPH_MODULES[g] for g in graphs if g in GRAPH_MODULES}
         models = build_models(tiny_config() if str(weights) == "tiny" else full_config(), seed=0, only=only)
         models.weights_id = f"random-{weights}-seed0"
@@ -58,7 +68,7 @@ def load_models_for_export(weights: str | Path, graphs: Sequence[str] | None = N
 
 def model_config_of(weights: str | Path) -> ModelConfig:
     """The model config of a converted weights folder, or of ``tiny`` / ``full`` (no weights read)."""
-    if str(weights) in ("tiny", "full"):
+    if _random(weights):
         return tiny_config() if str(weights) == "tiny" else full_config()
     return converted_config(weights)[0]
 

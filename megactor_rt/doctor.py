@@ -31,13 +31,22 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
 
 
 def _weights_status(path: Path) -> dict[str, Any]:
-    from megactor_rt.weights import MODULE_FILES
+    from megactor_rt.errors import WeightsError
+    from megactor_rt.weights import MODULE_FILES, converted_config
 
-    if not path.is_dir():
+    if not path.exists():
         return {"path": str(path), "status": "missing"}
+    if not path.is_dir():
+        return {"path": str(path), "status": "is a file: --weights names the converted weights folder"}
     files = {name: (path / f"{name}.safetensors").is_file() for name in MODULE_FILES}
-    ok = all(files.values()) and (path / "config.json").is_file()
-    return {"path": str(path), "status": "converted weights found" if ok else "incomplete", **files}
+    try:
+        _, weights_id = converted_config(path)  # config.json: present, readable, this format
+    except WeightsError as exc:
+        return {"path": str(path), "status": f"unusable: {exc}", **files}
+    if not all(files.values()):
+        return {"path": str(path), "status": "incomplete: " + ", ".join(
+            f"{name}.safetensors missing" for name, ok in files.items() if not ok), **files}
+    return {"path": str(path), "status": f"converted weights found (weights id {weights_id})", **files}
 
 
 def _tensorrt_status() -> dict[str, Any]:

@@ -17,13 +17,15 @@ per module (``temporal_unet``, ``reference_net``, ``vae``, ``clip_image_encoder`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -128,6 +130,47 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+# -- reading files ---------------------------------------------------------------------------------
+LFS_POINTER = b"version https://git-lfs"
+
+
+def check_not_lfs_pointer(path: Path) -> None:
+    """Raise ``WeightsError`` if ``path`` is a Git LFS pointer (a clone without ``git lfs pull``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    if head == LFS_POINTER:
+        raise WeightsError(f"{path} is a Git LFS pointer, not the weights: fetch the files (`git lfs pull` in the "
+                           "cloned repository) and try again")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; ``WeightsError`` naming the file if it is damaged or an LFS pointer."""
+    check_not_lfs_pointer(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error type (truncated, bad header), OSError
+        raise WeightsError(f"cannot read {path} ({type(exc).__name__}: {exc}): the file is damaged or incomplete; "
+                           "download or convert it again") from exc
+
+
+def read_torch_file(path: Path, what: str = "") -> Any:
+    """A torch-saved file with ``weights_only=True`` (nothing is unpickled as code), memory-mapped where its
+    format allows (the zip format of torch >= 1.6; older files are read whole)."""
+    check_not_lfs_pointer(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
+    except Exception as exc:  # UnpicklingError for code objects, RuntimeError for corrupt zips
+        raise WeightsError(f"cannot read {what or 'weights file'} {path} safely (weights_only=True): {exc}") from exc
+
+
 # -- released training checkpoint -------------------------------------------------------------------
 def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split ``checkpoint-steps*.ckpt`` into (denoiser state, ReferenceNet state).
@@ -136,10 +179,7 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
         WeightsError: unreadable file, a pickle holding anything but tensors/containers/numbers, or keys
             that belong to neither network.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # UnpicklingError for code objects, RuntimeError for corrupt zips
-        raise WeightsError(f"cannot read checkpoint {path} safely (weights_only=True): {exc}") from exc
+    obj = read_torch_file(path, "checkpoint")
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"checkpoint {path} does not hold a state_dict of tensors")
@@ -164,17 +204,37 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
     return unet, ref
 
 
-def _read_folder_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _read_folder_weights(folder: Path, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], Path]:
+    """The first of ``names`` in ``folder``: its tensors and its path."""
     for name in names:
         p = folder / name
         if p.is_file():
             if p.suffix == ".safetensors":
-                return load_file(str(p))
-            try:
-                return torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise WeightsError(f"cannot read {p} safely (weights_only=True): {exc}") from exc
+                return read_safetensors(p), p
+            state = read_torch_file(p)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise WeightsError(f"{p} does not hold a state_dict of tensors")
+            return state, p
     raise WeightsError(f"no weights file ({' or '.join(names)}) in {folder}")
+
+
+# diffusers <= 0.4 named the VAE's attention projections query/key/value/proj_attn (sd-vae-ft-mse's files
+# were written then); diffusers renames them on load, and so do we
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def rename_old_attention_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``...attentions.N.query.weight`` -> ``...attentions.N.to_q.weight`` (and key, value, proj_attn); 1x1
+    convolution weights of those projections become linear weights."""
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if len(parts) >= 3 and ".attentions." in f".{key}" and parts[-2] in _OLD_ATTENTION_NAMES:
+            key = ".".join([*parts[:-2], _OLD_ATTENTION_NAMES[parts[-2]], parts[-1]])
+            if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
+                tensor = tensor[:, :, 0, 0]
+        out[key] = tensor
+    return out
 
 
 def _read_json(path: Path) -> dict:
@@ -186,29 +246,64 @@ def _read_json(path: Path) -> dict:
         raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _config_errors(path: Path) -> Iterator[None]:
+    """A config file's missing or unusable fields as a ``WeightsError`` naming the file."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except KeyError as exc:
+        raise WeightsError(f"{path}: missing field {exc}") from exc
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"{path}: unsupported configuration: {exc}") from exc
+
+
 def release_config(src: Path) -> ModelConfig:
     """Architecture of a released weights folder (full-size defaults, refined by the folder's configs)."""
     cfg = ModelConfig()
     unet_cfg = src / "StableDiffusion" / "unet" / "config.json"
     if unet_cfg.is_file():
-        base = UNetConfig.from_diffusers(_read_json(unet_cfg))
-        cfg = ModelConfig(unet=UNetConfig(**{**base.__dict__, "in_channels": 13}),
-                          reference_net=UNetConfig(**{**base.__dict__, "in_channels": 4}),
-                          vae=cfg.vae, clip=cfg.clip)
+        with _config_errors(unet_cfg):
+            base = UNetConfig.from_diffusers(_read_json(unet_cfg))
+            cfg = ModelConfig(unet=UNetConfig(**{**base.__dict__, "in_channels": 13}),
+                              reference_net=UNetConfig(**{**base.__dict__, "in_channels": 4}),
+                              vae=cfg.vae, clip=cfg.clip)
     vae_json = src / "sd-vae-ft-mse" / "config.json"
     clip_json = src / "StableDiffusion" / "image_encoder" / "config.json"
     vae = _read_json(vae_json)
     clip = _read_json(clip_json)
-    clip = clip.get("vision_config", clip)
-    return ModelConfig(
-        unet=cfg.unet, reference_net=cfg.reference_net,
-        vae=VAEConfig(block_out_channels=tuple(vae["block_out_channels"]),
-                      layers_per_block=vae.get("layers_per_block", 2),
-                      latent_channels=vae.get("latent_channels", 4),
-                      norm_num_groups=vae.get("norm_num_groups", 32),
-                      scaling_factor=vae.get("scaling_factor", 0.18215)),
-        clip=CLIPConfig(**{k: clip[k] for k in CLIPConfig.__dataclass_fields__ if k in clip}),
-    )
+    with _config_errors(vae_json):
+        vae_cfg = VAEConfig(block_out_channels=tuple(vae["block_out_channels"]),
+                            layers_per_block=vae.get("layers_per_block", 2),
+                            latent_channels=vae.get("latent_channels", 4),
+                            norm_num_groups=vae.get("norm_num_groups", 32),
+                            scaling_factor=vae.get("scaling_factor", 0.18215))
+    with _config_errors(clip_json):
+        clip = clip.get("vision_config", clip)
+        clip_cfg = CLIPConfig(**{k: clip[k] for k in CLIPConfig.__dataclass_fields__ if k in clip})
+    if clip_cfg.projection_dim != cfg.unet.cross_attention_dim:
+        raise WeightsError(f"{clip_json}: this image encoder projects to {clip_cfg.projection_dim} features, the "
+                           f"denoiser's cross-attention takes {cfg.unet.cross_attention_dim} (MegActor v1 uses "
+                           "the ViT-L/14 image encoder, 768)")
+    return ModelConfig(unet=cfg.unet, reference_net=cfg.reference_net, vae=vae_cfg, clip=clip_cfg)
+
+
+_STEP = re.compile(r"checkpoint-steps(\d+)\.ckpt$")
+
+
+def release_checkpoint(src: Path) -> Path:
+    """The released folder's training checkpoint: ``checkpoint-steps<N>.ckpt``, the highest N if several (with a
+    warning). MegActor-Sigma's ``megactor-sigma.ckpt`` in the same folder is another model and never taken."""
+    found = sorted((int(m.group(1)), p) for p in src.glob("checkpoint-steps*.ckpt") if (m := _STEP.search(p.name)))
+    if not found:
+        others = sorted(p.name for p in src.glob("*.ckpt"))
+        raise WeightsError(f"no checkpoint-steps<N>.ckpt in {src}" + (
+            f" (found {', '.join(others)}: not MegActor v1's training checkpoint)" if others else ""))
+    if len(found) > 1:
+        logger.warning("%s holds %d checkpoints (%s): converting %s, the most trained", src, len(found),
+                       ", ".join(p.name for _, p in found), found[-1][1].name)
+    return found[-1][1]
 
 
 def convert_release(src: str | Path, dst: str | Path) -> Path:
@@ -227,31 +322,30 @@ def convert_release(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
-    ckpts = sorted(src.glob("checkpoint-steps*.ckpt")) or sorted(src.glob("*.ckpt"))
-    if not ckpts:
-        raise WeightsError(f"no checkpoint-steps*.ckpt in {src}")
+    ckpt = release_checkpoint(src)
     cfg = release_config(src)
-    unet_sd, ref_sd = read_training_checkpoint(ckpts[-1])
-    states = {
-        "temporal_unet": unet_sd,
-        "reference_net": ref_sd,
-        "vae": _read_folder_weights(src / "sd-vae-ft-mse",
-                                    ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
-        "clip_image_encoder": _read_folder_weights(src / "StableDiffusion" / "image_encoder",
-                                                   ("model.safetensors", "pytorch_model.bin")),
-    }
-    return write_converted(cfg, states, dst, source=str(ckpts[-1]))
+    unet_sd, ref_sd = read_training_checkpoint(ckpt)
+    vae_sd, vae_file = _read_folder_weights(src / "sd-vae-ft-mse",
+                                            ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+    clip_sd, clip_file = _read_folder_weights(src / "StableDiffusion" / "image_encoder",
+                                              ("model.safetensors", "pytorch_model.bin"))
+    states = {"temporal_unet": unet_sd, "reference_net": ref_sd, "vae": rename_old_attention_keys(vae_sd),
+              "clip_image_encoder": clip_sd}
+    files = {"temporal_unet": ckpt, "reference_net": ckpt, "vae": vae_file, "clip_image_encoder": clip_file}
+    return write_converted(cfg, states, dst, source=str(ckpt), files=files)
 
 
 def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]], dst: Path,
-                    source: str = "") -> Path:
-    """Validate each module's state against the architecture, then write the converted layout."""
+                    source: str = "", files: Mapping[str, str | Path] | None = None) -> Path:
+    """Validate each module's state against the architecture, then write the converted layout. ``source``: what
+    the conversion came from (recorded); ``files``: each module's source file (named in errors; default
+    ``source``)."""
     with torch.device("meta"):
         skeleton = build_models(cfg)
     for name, module in skeleton.modules().items():
         state = dict(states[name])
         state.pop("vision_model.embeddings.position_ids", None)  # buffer of older transformers versions
-        check_state(module, state, name, source)
+        check_state(module, state, name, (files or {}).get(name, source))
         states = {**states, name: state}
     if dst.exists() and not dst.is_dir():
         raise WeightsError(f"{dst}: the converted weights go to a folder, and this is a file")
@@ -294,11 +388,16 @@ def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
     if not weights_dir.is_dir():
         raise WeightsError(f"weights directory {weights_dir} does not exist (run `megactor-rt convert-weights` "
                            f"or `megactor-rt download` first)")
-    meta = _read_json(weights_dir / "config.json")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(f"{weights_dir / 'config.json'}: unsupported format_version "
-                           f"{meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-    return ModelConfig.from_dict(meta["model"]), meta.get("weights_id", "unknown")
+    config = weights_dir / "config.json"
+    if not config.is_file() and any(weights_dir.glob("checkpoint-steps*.ckpt")):
+        raise WeightsError(f"{weights_dir} holds the released weights, not converted ones: convert them once with "
+                           f"`megactor-rt convert-weights {weights_dir} OUT` and pass OUT as --weights")
+    meta = _read_json(config)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise WeightsError(f"{config}: unsupported format_version {found!r} (expected {FORMAT_VERSION})")
+    with _config_errors(config):
+        return ModelConfig.from_dict(meta["model"]), meta.get("weights_id", "unknown")
 
 
 def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
@@ -308,16 +407,21 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
     cfg, weights_id = converted_config(weights_dir)
     with torch.device("meta"):
         models = build_models(cfg)
-    for name, module in models.modules().items():
+    for name, module in models.modules().items():  # one module's tensors in host memory at a time
         path = weights_dir / f"{name}.safetensors"
         if not path.is_file():
             raise WeightsError(f"missing {path}")
-        state = load_file(str(path))
-        module.to_empty(device="cpu")
-        load_state_strict(module, state, name, path)
+        state = read_safetensors(path)
+        check_state(module, state, name, path)
+        module.load_state_dict(state, strict=True, assign=True)  # the file's tensors become the parameters
+        del state
         _restore_buffers(module)
+        left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:
+            raise WeightsError(f"{path}: no values for {', '.join(left[:10])}")
+        nn.Module.to(module, device=device, dtype=dtype)  # base method, as MegActorModels.to
     models.weights_id = weights_id
-    return models.to(device, dtype)
+    return models
 
 
 def _restore_buffers(module: nn.Module) -> None:

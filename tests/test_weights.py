@@ -143,3 +143,142 @@ def test_missing_folders_are_clear(tmp_path):
     with pytest.raises(WeightsError, match="checkpoint-steps"):
         (tmp_path / "empty").mkdir()
         convert_release(tmp_path / "empty", tmp_path / "out")
+
+
+def test_the_vae_with_diffusers_0_4_attention_names_converts(pack, tmp_path):
+    """sd-vae-ft-mse's files were written by diffusers 0.4, whose VAE attention projections are named
+    query/key/value/proj_attn (diffusers renames them on load): they convert to the same weights (before: a
+    missing-keys error that named the UNet checkpoint instead of the VAE file)."""
+    from safetensors.torch import load_file
+
+    src = write_release(pack, tmp_path / "weights")
+    vae_file = src / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors"
+    new_names = load_file(str(vae_file))
+    old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    renamed = {}
+    for k, v in new_names.items():
+        for a, b in old.items():
+            if ".attentions." in k and a in k:
+                k = k.replace(a, b)
+                v = v[:, :, None, None] if v.dim() == 2 and b == ".query." else v  # one as a 1x1 conv
+        renamed[k] = v
+    assert any(".proj_attn." in k for k in renamed)
+    save_file(renamed, str(vae_file))
+    models = load_converted(convert_release(src, tmp_path / "converted"))
+    for k, v in models.vae.state_dict().items():
+        assert torch.equal(v, new_names[k]), k
+
+
+def test_module_files_are_named_in_their_errors(pack, tmp_path):
+    from safetensors.torch import load_file
+
+    src = write_release(pack, tmp_path / "weights")
+    clip_file = src / "StableDiffusion" / "image_encoder" / "model.safetensors"
+    state = load_file(str(clip_file))
+    del state["visual_projection.weight"]
+    save_file(state, str(clip_file))
+    with pytest.raises(WeightsError, match=r"clip_image_encoder weights in .*image_encoder.model\.safetensors"):
+        convert_release(src, tmp_path / "out")
+
+
+def test_lfs_pointers_damaged_files_and_bad_configs_are_named(pack, tmp_path):
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
+    src = write_release(pack, tmp_path / "a")
+    (src / "checkpoint-steps9000.ckpt").write_bytes(pointer)
+    with pytest.raises(WeightsError, match=r"checkpoint-steps9000\.ckpt is a Git LFS pointer.*git lfs pull"):
+        convert_release(src, tmp_path / "out")
+    src = write_release(pack, tmp_path / "b")
+    (src / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors").write_bytes(pointer)
+    with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.safetensors is a Git LFS pointer"):
+        convert_release(src, tmp_path / "out")
+
+    good = convert_release(write_release(pack, tmp_path / "c"), tmp_path / "converted")
+    vae = good / "vae.safetensors"
+    vae.write_bytes(vae.read_bytes()[:100])
+    with pytest.raises(WeightsError, match=r"cannot read .*vae\.safetensors.*damaged or incomplete"):
+        load_converted(good)
+
+    src = write_release(pack, tmp_path / "d")
+    (src / "sd-vae-ft-mse" / "config.json").write_text(json.dumps({"layers_per_block": 2}))
+    with pytest.raises(WeightsError, match=r"sd-vae-ft-mse.config\.json: missing field 'block_out_channels'"):
+        convert_release(src, tmp_path / "out")
+    meta = json.loads((good / "config.json").read_text())
+    del meta["model"]
+    (good / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=r"config\.json: missing field 'model'"):
+        load_converted(good)
+
+
+def test_a_legacy_format_checkpoint_converts(pack, tmp_path):
+    """A checkpoint saved in torch's pre-1.6 (non-zip) format cannot be memory-mapped; it is read whole, still
+    with weights_only (before: refused as unsafe)."""
+    src = write_release(pack, tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    obj = torch.load(ckpt, weights_only=True)
+    torch.save(obj, ckpt, _use_new_zipfile_serialization=False)
+    models = load_converted(convert_release(src, tmp_path / "converted"))
+    assert torch.equal(models.unet.conv_in.weight, pack.models().unet.conv_in.weight)
+
+
+def test_the_most_trained_checkpoint_is_converted_and_sigma_is_not(pack, tmp_path, caplog):
+    import logging
+
+    src = write_release(pack, tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    torch.save({"state_dict": {"module.unet.x": torch.zeros(1)}}, src / "checkpoint-steps800.ckpt")  # less trained
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.weights"):
+        dst = convert_release(src, tmp_path / "converted")  # 9000 > 800 (by number, not by name)
+    assert json.loads((dst / "config.json").read_text())["source"] == str(ckpt) and "2 checkpoints" in caplog.text
+    (src / "checkpoint-steps800.ckpt").unlink()
+    ckpt.rename(src / "megactor-sigma.ckpt")
+    with pytest.raises(WeightsError, match="found megactor-sigma.ckpt: not MegActor v1"):
+        convert_release(src, tmp_path / "out")
+
+
+def test_an_image_encoder_of_another_width_is_refused_at_conversion(pack, tmp_path):
+    src = write_release(pack, tmp_path / "weights")
+    cfg_file = src / "StableDiffusion" / "image_encoder" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["projection_dim"] = cfg["projection_dim"] + 16
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="projects to .* features, the denoiser's cross-attention takes"):
+        convert_release(src, tmp_path / "out")
+
+
+def test_a_released_folder_given_as_converted_weights_says_convert_it(pack, tmp_path):
+    from megactor_rt.doctor import _weights_status
+
+    src = write_release(pack, tmp_path / "weights")
+    with pytest.raises(WeightsError, match="holds the released weights, not converted ones.*convert-weights"):
+        load_converted(src)
+    assert "convert-weights" in _weights_status(src)["status"]
+    dst = convert_release(src, tmp_path / "converted")
+    assert _weights_status(dst)["status"].startswith("converted weights found")
+    (dst / "vae.safetensors").unlink()
+    assert _weights_status(dst)["status"] == "incomplete: vae.safetensors missing"
+    (dst / "config.json").write_text("{")
+    assert _weights_status(dst)["status"].startswith("unusable: ") and "not valid JSON" in _weights_status(dst)["status"]
+
+
+def test_loaded_weights_are_the_files_tensors_in_the_asked_dtype(pack, tmp_path):
+    """Loading assigns each file's tensors (no second full-size copy) and casts module by module; nothing is
+    left uninitialised, and the modules stay without gradients."""
+    dst = convert_release(write_release(pack, tmp_path / "weights"), tmp_path / "converted")
+    models = load_converted(dst, dtype=torch.float16)
+    ref = pack.models()
+    for name, module in models.modules().items():
+        theirs = ref.modules()[name].state_dict()
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                assert v.dtype == torch.float16 and torch.equal(v, theirs[k].half()), f"{name}.{k}"
+        assert not any(p.requires_grad for p in module.parameters()) and not module.training
+
+
+def test_a_weights_folder_named_full_is_that_folder_not_the_random_model(pack, tmp_path, monkeypatch):
+    from megactor_rt.export.onnx_export import load_models_for_export, model_config_of
+
+    monkeypatch.chdir(tmp_path)
+    assert model_config_of("full") == full_config()  # no such folder: the random full-size architecture
+    dst = convert_release(write_release(pack, tmp_path / "weights"), Path("full"))
+    assert model_config_of("full").unet == pack.model_config().unet != full_config().unet
+    assert load_models_for_export("full").weights_id == json.loads((dst / "config.json").read_text())["weights_id"]
