@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -27,6 +28,7 @@ import torch
 from megactor_rt.config import ModelConfig, full_config, tiny_config
 from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from megactor_rt.errors import InputError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.progress import progress
 from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
@@ -100,18 +102,31 @@ def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisi
                          graphs=graphs, window_batch=window_batch, fp16_softmax=fp16_softmax)
 
 
+OPSETS = (17, 20)  # checked: every graph exports and passes check-export at 17 and 20 (default 18)
+
+
+def check_opset(opset: int) -> None:
+    """Raise ``InputError`` for an opset outside :data:`OPSETS` (below 17 LayerNormalization and attention
+    decompose or fail to export; above 20 torch's TorchScript exporter stops)."""
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise InputError(f"--opset {opset}: the export supports opsets {OPSETS[0]} to {OPSETS[1]} (default 18)")
+
+
 def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
                   precisions: Sequence[str] = ("fp32", "fp16"), frames: int = 16,
                   graphs: Sequence[str] | None = None, window_batch: int = 1,
                   fp16_softmax: bool = False) -> list[dict]:
     """``export_all`` for already-loaded models."""
+    check_opset(opset)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = [s for s in export_specs(models.config, window=frames, window_batch=window_batch)
              if graphs is None or s.name in graphs]
     if graphs is not None and len(specs) != len(set(graphs)):
         known = [s.name for s in export_specs(models.config)]
-        raise ValueError(f"unknown graph in {list(graphs)}; known: {known}")
+        unknown = sorted(set(graphs) - set(known))
+        hint = " (the tiny_decoder graph comes from --tiny-decoder PATH)" if "tiny_decoder" in unknown else ""
+        raise InputError(f"unknown graph(s) {', '.join(unknown)}{hint}; known: {', '.join(known)}")
     return _export_specs(specs, models, out, opset, precisions, fp16_softmax)
 
 
@@ -127,6 +142,7 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
     from megactor_rt.export.specs import TinyDecoderModels, tiny_decoder_spec
     from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 
+    check_opset(opset)
     models = TinyDecoderModels(config, tiny_decoder_id(path), load_tiny_decoder(path))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +162,8 @@ def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: in
             if precision == "fp32":
                 fp32_path = out / entry["file"]
             manifest["graphs"][f"{spec.name}.{precision}"] = entry
-            _write_manifest(out, manifest)
+            _update_manifest(out, f"{spec.name}.{precision}", entry)
+            _remove_stale(out, spec.name, precision, keep=entry["file"])  # once the manifest names the new file
             size = sum(p.stat().st_size for p in (out / entry["file"], external_data_path(out / entry["file"]))
                        if p.is_file())
             rows.append({"graph": spec.name, "precision": precision, "file": entry["file"],
@@ -177,7 +194,6 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
         else:
             model = _load(src)
         _save(model, out / name, Path(tmp))
-    _remove_stale(out, spec.name, precision, keep=name)
     entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256_graph(out / name),
              "export_key": key, "weights_id": models.weights_id, "opset": opset,
              "inputs": {t.name: {"dtype": _dtype(t.name, spec, precision), "shape": list(t.shape)}
@@ -312,18 +328,36 @@ def _remove_stale(out: Path, name: str, precision: str, keep: str) -> None:
 
 
 def _read_manifest(out: Path) -> dict:
+    """The folder's manifest as written by an export (graph name -> entry); a new one where there is none or it
+    is unreadable or not in that form (with a warning: its graphs are exported again)."""
     path = out / MANIFEST_NAME
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.get("format") == MANIFEST_FORMAT:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            logger.warning("%s is unreadable (%s); starting a new manifest", path, exc)
+        else:
+            graphs = data.get("graphs") if isinstance(data, dict) else None
+            if (isinstance(graphs, dict) and all(isinstance(e, dict) for e in graphs.values())
+                    and data.get("format") == MANIFEST_FORMAT):
                 return data
-        except json.JSONDecodeError:
-            logger.warning("%s is corrupt; starting a new manifest", path)
+            logger.warning("%s is not an export manifest of format %s; starting a new manifest", path,
+                           MANIFEST_FORMAT)
     return {"format": MANIFEST_FORMAT, "graphs": {}}
 
 
-def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / MANIFEST_NAME)
+def _update_manifest(out: Path, key: str, entry: dict) -> None:
+    """Set one graph's entry in the folder's manifest: read, change and replaced under a lock, so exports of other
+    graphs into the same folder at the same time keep theirs."""
+    import fcntl
+
+    with open(out / (MANIFEST_NAME + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = _read_manifest(out)
+        manifest["graphs"][key] = entry
+        tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(manifest, indent=1))
+            tmp.replace(out / MANIFEST_NAME)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -86,12 +86,16 @@ class ExportSpec:
                 for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
 
     def concrete(self, shape: tuple[Dim, ...], profile: str, which: int) -> tuple[int, ...]:
-        """Shape at a profile's min (0) / opt (1) / max (2), or ``TRACE`` (-1): 2 wherever the range allows,
+        """Shape at a profile's min (0) / opt (1) / max (2), or ``TRACE`` (-1): 2 wherever some profile allows
+        it (the graph serves them all: an export for 1-frame windows still has a ``long`` profile of up to 32),
         small enough to trace a full-size model on CPU quickly and > 1 so no size-1 special case is baked in."""
         if which == TRACE:
-            return tuple(d if isinstance(d, int) else self.trace_sizes.get(d) or
-                         min(max(2, self.dims[d][profile][0]), self.dims[d][profile][2]) for d in shape)
+            return tuple(d if isinstance(d, int) else self.trace_sizes.get(d) or self._trace_size(d) for d in shape)
         return tuple(d if isinstance(d, int) else self.dims[d][profile][which] for d in shape)
+
+    def _trace_size(self, dim: str) -> int:
+        ranges = self.dims[dim].values()
+        return min(max(2, min(r[0] for r in ranges)), max(r[2] for r in ranges))
 
     def profiles(self) -> dict[str, dict[str, list[list[int]]]]:
         """TensorRT min/opt/max shapes of every input, per profile name."""

@@ -260,4 +260,45 @@ def check_export(onnx_dir: str | Path, precision: str | None = None) -> dict[str
     if not graphs:
         raise InputError(f"{onnx_dir}: the export manifest has no {precision} graphs")
     return {g.name: [f"shape profile: {p}" for p in check_profiles_cover(g)] + check_trt_ready(g.path, g.precision)
-            for g in graphs}
+            + check_against_manifest(g) for g in graphs}
+
+
+_ONNX_DTYPES = {"float32": 1, "float16": 10, "int64": 7, "int32": 6, "bfloat16": 16, "bool": 9, "uint8": 2}
+
+
+def check_against_manifest(g: Any) -> list[str]:
+    """Whether the graph file is the one the manifest describes (``build-engines`` refuses one that is not):
+    its content hash (with external data) and its inputs' names, element types and ranks."""
+    from megactor_rt.engine.cache import sha256_graph
+
+    path = g.path
+    if not path.is_file():
+        return []  # check_trt_ready reports it
+    problems = []
+    try:
+        digest = sha256_graph(path)
+    except OSError as exc:
+        return [f"{path}: cannot read it: {exc}"]
+    if digest != g.sha256:
+        problems.append(f"{path}: its content (with external data) does not match the manifest's sha256: another "
+                        "or a damaged file; export again")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - check_trt_ready reports an unloadable file
+        return problems
+    weights = {t.name for t in model.graph.initializer}
+    found = {i.name: i for i in model.graph.input if i.name not in weights}
+    if set(found) != set(g.inputs):
+        problems.append(f"{path}: inputs {sorted(found)} differ from the manifest's {sorted(g.inputs)}")
+    for name, spec in g.inputs.items():
+        i = found.get(name)
+        if i is None:
+            continue
+        kind = i.type.tensor_type
+        if _ONNX_DTYPES.get(spec.dtype) not in (None, kind.elem_type):
+            problems.append(f"{path}: input '{name}' has element type {onnx.TensorProto.DataType.Name(kind.elem_type)}"
+                            f", the manifest says {spec.dtype}")
+        if len(kind.shape.dim) != len(spec.shape):
+            problems.append(f"{path}: input '{name}' has rank {len(kind.shape.dim)}, the manifest says "
+                            f"{len(spec.shape)}")
+    return problems

@@ -358,8 +358,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from megactor_rt.export.onnx_export import export_all
+    from megactor_rt.export.onnx_export import check_opset, export_all
 
+    check_opset(args.opset)  # before any work or folder
     if args.tiny_decoder is not None:  # a bad file fails before minutes of exporting
         from megactor_rt.models.tiny_decoder import load_tiny_decoder
 
