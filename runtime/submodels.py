@@ -23,16 +23,16 @@ class Submodels(ABC):
     name = "abstract"
     max_window_batch: int | None = None  # context windows one ``unet`` call may hold (None: any number)
 
-    def window_batch_limit(self, frames: int) -> int | None:
-        """Context windows of ``frames`` frames one ``unet`` call may hold (None: any number)."""
-        return self.max_window_batch
-
     def __init__(self, config: ModelConfig, weights_id: str, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.weights_id = weights_id
         self.device = device
         self.dtype = dtype
         self.calls: Counter[str] = Counter()
+
+    def window_batch_limit(self, frames: int) -> int | None:
+        """Context windows of ``frames`` frames one ``unet`` call may hold (None: any number)."""
+        return self.max_window_batch
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.dtype)
