@@ -16,9 +16,12 @@ from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
+
+if TYPE_CHECKING:
+    from megactor_rt.engine.manifest import GraphEntry
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
@@ -263,10 +266,7 @@ def check_export(onnx_dir: str | Path, precision: str | None = None) -> dict[str
             + check_against_manifest(g) for g in graphs}
 
 
-_ONNX_DTYPES = {"float32": 1, "float16": 10, "int64": 7, "int32": 6, "bfloat16": 16, "bool": 9, "uint8": 2}
-
-
-def check_against_manifest(g: Any) -> list[str]:
+def check_against_manifest(g: GraphEntry) -> list[str]:
     """Whether the graph file is the one the manifest describes (``build-engines`` refuses one that is not):
     its content hash (with external data) and its inputs' names, element types and ranks."""
     from megactor_rt.engine.cache import sha256_graph
@@ -295,9 +295,12 @@ def check_against_manifest(g: Any) -> list[str]:
         if i is None:
             continue
         kind = i.type.tensor_type
-        if _ONNX_DTYPES.get(spec.dtype) not in (None, kind.elem_type):
-            problems.append(f"{path}: input '{name}' has element type {onnx.TensorProto.DataType.Name(kind.elem_type)}"
-                            f", the manifest says {spec.dtype}")
+        try:
+            elem = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type).name  # float16, float32, int64, ...
+        except (KeyError, ValueError):
+            elem = onnx.TensorProto.DataType.Name(kind.elem_type)
+        if elem != spec.dtype:
+            problems.append(f"{path}: input '{name}' has element type {elem}, the manifest says {spec.dtype}")
         if len(kind.shape.dim) != len(spec.shape):
             problems.append(f"{path}: input '{name}' has rank {len(kind.shape.dim)}, the manifest says "
                             f"{len(spec.shape)}")

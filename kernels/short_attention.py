@@ -168,7 +168,7 @@ def _register():  # type: ignore[no-untyped-def]
 def _register_flops(packet) -> None:  # type: ignore[no-untyped-def]
     """The op's FLOPs for ``torch.utils.flop_counter`` (the benchmark's FLOP ledger), as SDPA's are counted:
     q k^T and the weighted sum of v, 2 FLOPs per multiply-add; without it the kernel's calls counted 0."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
     if packet in flop_registry:  # this module imported again
         return
@@ -176,7 +176,8 @@ def _register_flops(packet) -> None:  # type: ignore[no-untyped-def]
     @register_flop_formula(packet)
     def flops(q_shape, k_shape, v_shape, heads, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
         b, seq, pos, c = q_shape
-        return 4 * b * pos * seq * seq * c
+        split = (b * pos, heads, seq, c // heads)  # short_attention_ref's SDPA call
+        return sdpa_flop_count(split, split, split)
 
 
 _OP = _register()

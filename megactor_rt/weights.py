@@ -100,10 +100,12 @@ def build_models(cfg: ModelConfig, seed: int | None = None, only: Collection[str
     return models
 
 
-def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str | Path) -> None:
-    """Load a state dict, raising ``WeightsError`` that lists every missing/unexpected/mis-shaped key."""
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str | Path,
+                      assign: bool = False) -> None:
+    """Load a state dict, raising ``WeightsError`` that lists every missing/unexpected/mis-shaped key.
+    ``assign``: the state's tensors become the module's (a meta-device module gets them without a copy)."""
     check_state(module, state, what, source)
-    module.load_state_dict(dict(state), strict=True)
+    module.load_state_dict(dict(state), strict=True, assign=assign)
 
 
 def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str | Path) -> None:
@@ -171,6 +173,13 @@ def read_torch_file(path: Path, what: str = "") -> Any:
         raise WeightsError(f"cannot read {what or 'weights file'} {path} safely (weights_only=True): {exc}") from exc
 
 
+def _tensors(state: object, what: str) -> dict[str, torch.Tensor]:
+    """``state`` if it is a state_dict of tensors, else a ``WeightsError`` saying ``what`` does not hold one."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{what} does not hold a state_dict of tensors")
+    return state
+
+
 # -- released training checkpoint -------------------------------------------------------------------
 def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split ``checkpoint-steps*.ckpt`` into (denoiser state, ReferenceNet state).
@@ -180,9 +189,7 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
             that belong to neither network.
     """
     obj = read_torch_file(path, "checkpoint")
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"checkpoint {path} does not hold a state_dict of tensors")
+    state = _tensors(obj.get("state_dict", obj) if isinstance(obj, dict) else None, f"checkpoint {path}")
     unet, ref, ignored, foreign = {}, {}, 0, []
     for key, tensor in state.items():
         k = key[len("module."):] if key.startswith("module.") else key
@@ -211,10 +218,7 @@ def _read_folder_weights(folder: Path, names: tuple[str, ...]) -> tuple[dict[str
         if p.is_file():
             if p.suffix == ".safetensors":
                 return read_safetensors(p), p
-            state = read_torch_file(p)
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise WeightsError(f"{p} does not hold a state_dict of tensors")
-            return state, p
+            return _tensors(read_torch_file(p), str(p)), p
     raise WeightsError(f"no weights file ({' or '.join(names)}) in {folder}")
 
 
@@ -412,8 +416,7 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
         if not path.is_file():
             raise WeightsError(f"missing {path}")
         state = read_safetensors(path)
-        check_state(module, state, name, path)
-        module.load_state_dict(state, strict=True, assign=True)  # the file's tensors become the parameters
+        load_state_strict(module, state, name, path, assign=True)  # the file's tensors become the parameters
         del state
         _restore_buffers(module)
         left = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
