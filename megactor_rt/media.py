@@ -180,8 +180,8 @@ class VideoInfo:
         start_s: where the video stream starts on the container's clock, seconds (the audio stream may start
             elsewhere, e.g. in MPEG-TS or screen recordings: :class:`VideoWriter`'s ``video_start``).
         variable_rate: the header's average frame rate differs from its nominal one by over 1 % (a variable
-            frame rate, which the result, at a constant rate, does not follow; some containers, e.g.
-            Matroska, do not tell).
+            frame rate, which :func:`iter_video_frames` puts on a constant-rate grid by timestamp; some
+            containers, e.g. Matroska, do not tell).
     """
 
     path: Path
@@ -419,13 +419,19 @@ class _FrameClock:
 
 def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: bool = True, skip: int = 0
                       ) -> Iterator[np.ndarray]:
-    """Decode a video frame by frame (streaming; never holds the whole clip).
+    """Decode a video frame by frame (streaming; never holds the whole clip), on a constant-rate grid.
+
+    Frames are placed by timestamp at the stream's average rate (``probe_video(path).fps``): output frame k
+    is the frame on screen ``k / fps`` seconds after the first one (the one whose timestamp rounds to k on
+    that grid, the last of several). A constant-rate clip yields each frame once, in order. A variable-rate
+    one (phone recordings) keeps its timing: a frame is repeated over a gap in the timestamps and one of
+    several frames within one grid step is shown, as ``ffmpeg -fps_mode cfr`` does, so the result's motion
+    stays with its audio. Frames without timestamps are counted instead.
 
     Args:
         path: the video file.
         max_frames: stop after yielding this many frames (None: all).
-        skip: start at source frame ``skip``, counted by timestamp (for a constant-rate clip, its position
-            in the clip; for a variable-rate one, the frame shown ``skip / average fps`` seconds after the
+        skip: start at frame ``skip`` of that grid (the frame on screen ``skip / fps`` seconds after the
             first, where the audio for it is). From :data:`SEEK_MIN_SKIP` frames on, decoding seeks to the
             key frame before it (the frames yielded are the same); nearer starts, containers that cannot
             seek and clips without timestamps decode from the beginning. Frames before the start are
@@ -460,50 +466,73 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
 
 
 def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: bool) -> Iterator[np.ndarray]:
+    """:func:`iter_video_frames`' generator: frames on a constant-rate grid by timestamp (see there)."""
     with _open_input(path) as container:
         if not container.streams.video:
             raise InputError(f"{path}: the file has no video stream")
         stream = container.streams.video[0]
         # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
         frames = container.decode(stream)
-        clock = _FrameClock(stream, _stream_fps(path, stream)) if skip else None
-        count = 0  # source frames up to and including the last one decoded
+        clock = _FrameClock(stream, _stream_fps(path, stream))
+        decoded = 0  # frames decoded; after a seek, counted from the start frame's slot
+        slot = 0  # the next output frame (grid slot) to yield
+        held: av.VideoFrame | None = None  # the last decoded frame, on screen from slot ``held_at`` on
+        held_at = 0
         last_time: float | None = None  # the last decoded frame's presentation time, seconds
         orient: _Orientation | None = None
+
+        def shown(frame: av.VideoFrame, upto: int) -> Iterator[np.ndarray]:
+            """``frame`` for each slot before ``upto`` not yet yielded (from ``skip`` on, at most max_frames)."""
+            nonlocal slot, orient
+            slot = max(slot, skip)
+            if slot >= upto:
+                return
+            if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
+                orient = _frame_orientation(path, frame)
+            rgb = orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
+            if upto - slot > 1:
+                logger.debug("%s: frame at %.3f s repeated for %d slots (a gap in its timestamps)", path,
+                             frame.time or 0.0, upto - slot)
+            while slot < upto and (max_frames is None or slot - skip < max_frames):
+                yield rgb
+                slot += 1
+
         while True:
             try:
                 frame = next(frames)
             except StopIteration:
                 break
             except (av.error.FFmpegError, OSError, ValueError) as exc:
-                if count == 0:
+                if decoded == 0:
                     raise InputError(f"{path}: no decodable video frame ({exc})") from exc
+                if held is not None:  # the last frame before the break, shown once
+                    yield from shown(held, held_at + 1)
                 if strict:
-                    raise InputError(f"{path}: video is truncated or corrupt after frame {count} ({exc}); "
-                                     f"{_use_first(count - skip)}") from exc
+                    raise InputError(f"{path}: video is truncated or corrupt after frame {decoded} ({exc}); "
+                                     f"{_use_first(slot - skip)}") from exc
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
-                               "decoded so far", path, count, exc, count)
+                               "decoded so far", path, decoded, exc, slot - skip)
                 return
-            if clock is not None:  # before the start
-                index = clock.index(frame, count)
-                count = index + 1
-                if index < skip:
-                    if seek:
-                        frames, seek = clock.seek(container, stream, skip), False
-                    continue
-                count, clock = skip + 1, None
-            else:
-                count += 1
-            if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
-                orient = _frame_orientation(path, frame)
+            at = clock.index(frame, decoded)
+            decoded = max(decoded + 1, at + 1)
+            if seek and at < skip:
+                frames, seek = clock.seek(container, stream, skip), False
+                continue
             last_time = frame.time
-            yield orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
-            if max_frames is not None and count - skip >= max_frames:
+            if held is not None and at > held_at:  # ``held`` was on screen until this frame's slot
+                yield from shown(held, at)
+            if held is None or at > held_at:
+                held_at = at
+            held = frame  # frames on one slot (a faster stretch): the last one is on screen at its time
+            if max_frames is not None and held_at - skip >= max_frames - 1:
+                yield from shown(held, held_at + 1)  # the last frame wanted: do not decode past it
                 return
-        if count == 0:
+        if held is not None:
+            yield from shown(held, held_at + 1)
+        if decoded == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames")
         if not _reaches_the_end(stream, last_time):
-            _check_complete(path, stream.frames, count, strict, skip)
+            _check_complete(path, stream.frames, decoded, strict, skip)
 
 
 def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | None) -> bool:

@@ -257,10 +257,10 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     started = f" from {float(sel.start_s):.3f} s" if skip else ""
     logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, sel.fps, resampled, crop)
     if info.variable_rate:
-        logger.warning("driver %s has a variable frame rate (its header's average, %.3f fps, is not its nominal "
-                       "rate): the result shows its frames at a constant %.3f fps, so motion and audio may drift "
-                       "apart; convert it to a constant rate first (e.g. ffmpeg -i in.mp4 -fps_mode cfr -r 30 "
-                       "out.mp4)", name, float(info.fps), float(sel.fps))
+        logger.info("driver %s has a variable frame rate (its header's average, %.3f fps, is not its nominal "
+                    "rate): its frames are placed by timestamp at a constant %.3f fps (a frame repeated over a gap, "
+                    "one of several within a frame time), so motion keeps in step with the audio", name,
+                    float(info.fps), float(sel.fps))
     return DriverPlan(source, info, crop, len(boxes), face_crop, sel)
 
 

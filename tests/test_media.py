@@ -829,12 +829,8 @@ def test_start_in_a_truncated_clip_reports_as_without_seeking(tmp_path: Path, mo
     assert n == 0 and "breaks off before the first frame used (--start)" in message
 
 
-def test_start_in_a_variable_rate_clip_is_the_frame_shown_then(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
-    """Frames are numbered by timestamp: the start frame is the one on screen at the start time (where the
-    result's audio starts), not the one at that position in decoding order."""
-    times = [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)]  # 30 fps for 1 s, then 15 fps
-    clip = tmp_path / "vfr.mkv"
+def _write_numbered_vfr(clip: Path, times: list[float]) -> None:
+    """Frame i at ``times[i]`` seconds (a 1 ms clock), its number written in 8 bright bars (see _frame_number)."""
     with av.open(str(clip), "w") as c:
         vs = c.add_stream("libx264", rate=30)
         vs.width, vs.height, vs.pix_fmt = 96, 64, "yuv420p"
@@ -849,16 +845,49 @@ def test_start_in_a_variable_rate_clip_is_the_frame_shown_then(tmp_path: Path, m
             frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
             c.mux(vs.encode(frame))
         c.mux(vs.encode(None))
+
+
+def _frame_number(rgb: np.ndarray) -> int:
+    return sum(1 << b for b in range(8) if rgb[16, 8 + 11 * b].mean() > 128)
+
+
+def test_a_variable_rate_clip_keeps_its_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames are placed by timestamp on a constant-rate grid: output frame k is the frame on screen k / fps
+    seconds in, so a stretch recorded at half the rate has each frame twice and the clip lasts as long as it
+    did (was: frames counted, the slow stretch played at double speed and ran ahead of the audio). A start is
+    a slot of the same grid, with or without seeking."""
+    times = [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)]  # 30 fps for 1 s, then 15 fps
+    clip = tmp_path / "vfr.mkv"
+    _write_numbered_vfr(clip, times)
     fps = probe_video(clip).fps
-    full = list(iter_video_frames(clip))
-    assert len(full) == 60
-    for seek_from in (10**9, 1):  # decoding from the beginning, and seeking: the same frame
+    assert fps == 30  # Matroska: no average rate, the nominal one
+    full = [_frame_number(f) for f in iter_video_frames(clip)]
+    slots = [round(Fraction(round(t * 1000), 1000) * fps) for t in times]
+    assert len(full) == slots[-1] + 1 == 89
+    # slot k shows the last frame whose timestamp rounds to k or earlier
+    assert full == [max(i for i, s in enumerate(slots) if s <= k) for k in range(len(full))]
+    assert full[:30] == list(range(30)) and full[30:36] == [30, 30, 31, 31, 32, 32]
+    for seek_from in (10**9, 1):  # decoding from the beginning, and seeking: the same frames
         monkeypatch.setattr(media, "SEEK_MIN_SKIP", seek_from)
-        for skip in (10, 40, 50):
-            shown = next(i for i, t in enumerate(times) if round(Fraction(round(t * 1000), 1000) * fps) >= skip)
-            got = list(iter_video_frames(clip, skip=skip))
-            assert len(got) == 60 - shown and np.array_equal(got[0], full[shown]), (seek_from, skip, shown)
-    assert shown != skip  # the clip's second half is slower: position and time disagree there
+        for skip in (10, 40, 41, 50, 88):
+            assert [_frame_number(f) for f in iter_video_frames(clip, skip=skip)] == full[skip:], (seek_from, skip)
+        assert [_frame_number(f) for f in iter_video_frames(clip, 5, skip=41)] == full[41:46]
+        assert list(iter_video_frames(clip, skip=89)) == []
+
+
+def test_frames_crowded_into_one_grid_step_show_the_latest(tmp_path: Path) -> None:
+    """An MP4 of 30 fps then 15 fps: its average rate is the grid; where frames come faster than it, the one on
+    screen at each grid time is kept, and the count is about the header's (its rate is frames over duration)."""
+    times = [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)]
+    clip = tmp_path / "vfr.mp4"
+    _write_numbered_vfr(clip, times)
+    info = probe_video(clip)
+    assert info.variable_rate and 19 < info.fps < 21
+    got = [_frame_number(f) for f in iter_video_frames(clip)]
+    slots = [round(Fraction(round(t * 1000), 1000) * info.fps) for t in times]
+    assert got == [max(i for i, s in enumerate(slots) if s <= k) for k in range(slots[-1] + 1)]
+    assert abs(len(got) - 60) <= 2
+    assert 1 not in got and len(set(got)) < 60  # the fast part's frames do not all fit its slots: some are dropped
 
 
 def test_a_clip_whose_edit_list_hides_frames_is_complete(tmp_path: Path) -> None:
@@ -968,8 +997,8 @@ def test_audio_stays_in_step_when_its_stream_starts_elsewhere_than_the_video(
 
 def test_a_variable_frame_rate_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A driver whose frames come at 30 fps, then 15 fps: the header's average rate is not its nominal one, so
-    the probe flags it and planning warns that the constant-rate result does not follow it (a known limit:
-    docs/decisions.md); a constant-rate clip is not flagged."""
+    the probe flags it, and planning says the frames are placed by timestamp: the result lasts as long as the
+    clip (was: a warning that the result does not follow it). A constant-rate clip is not flagged."""
     from megactor_rt.runtime.driver import plan_driver
 
     path = tmp_path / "vfr.mp4"
@@ -984,6 +1013,9 @@ def test_a_variable_frame_rate_is_flagged(tmp_path: Path, caplog: pytest.LogCapt
             c.mux(vs.encode(f))
         c.mux(vs.encode(None))
     assert probe_video(path).variable_rate and not probe_video(DRIVER).variable_rate
-    with caplog.at_level("WARNING", logger="megactor_rt.runtime.driver"):
-        plan_driver(path, face_crop=False)
-    assert "variable frame rate" in caplog.text and "vfr.mp4" in caplog.text
+    with caplog.at_level("INFO", logger="megactor_rt.runtime.driver"):
+        plan = plan_driver(path, face_crop=False)
+    assert "variable frame rate" in caplog.text and "vfr.mp4" in caplog.text and "by timestamp" in caplog.text
+    info = probe_video(path)
+    assert abs((plan.num_frames - 1) / info.fps - Fraction(28, 30)) <= 1 / (2 * info.fps)  # the last frame at its time
+    assert len(list(plan.frames())) == plan.num_frames
