@@ -480,6 +480,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
         held_at = 0
         last_time: float | None = None  # the last decoded frame's presentation time, seconds
         orient: _Orientation | None = None
+        repeats = 0  # frames yielded more than once
 
         def shown(frame: av.VideoFrame, upto: int) -> Iterator[np.ndarray]:
             """``frame`` for each slot before ``upto`` not yet yielded (from ``skip`` on, at most max_frames)."""
@@ -493,9 +494,12 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
             if upto - slot > 1:
                 logger.debug("%s: frame at %.3f s repeated for %d slots (a gap in its timestamps)", path,
                              frame.time or 0.0, upto - slot)
+            nonlocal repeats
+            first = slot
             while slot < upto and (max_frames is None or slot - skip < max_frames):
                 yield rgb
                 slot += 1
+            repeats += max(slot - first - 1, 0)
 
         while True:
             try:
@@ -529,6 +533,10 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 return
         if held is not None:
             yield from shown(held, held_at + 1)
+        if repeats > slot - skip - repeats:  # more repeats than frames: the grid is finer than the frames
+            logger.warning("%s: its frames come much slower than its header's %.3f fps (%d of %d yielded frames "
+                           "repeat the one before); --fps F (AnimateConfig.fps) animates it at F fps with fewer "
+                           "repeats", path, float(clock.fps), repeats, slot - skip)
         if decoded == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames")
         if not _reaches_the_end(stream, last_time):

@@ -829,10 +829,11 @@ def test_start_in_a_truncated_clip_reports_as_without_seeking(tmp_path: Path, mo
     assert n == 0 and "breaks off before the first frame used (--start)" in message
 
 
-def _write_numbered_vfr(clip: Path, times: list[float]) -> None:
-    """Frame i at ``times[i]`` seconds (a 1 ms clock), its number written in 8 bright bars (see _frame_number)."""
+def _write_numbered_vfr(clip: Path, times: list[float], rate: int = 30) -> None:
+    """Frame i at ``times[i]`` seconds (a 1 ms clock), its number written in 8 bright bars (see _frame_number);
+    ``rate``: the nominal rate in the header."""
     with av.open(str(clip), "w") as c:
-        vs = c.add_stream("libx264", rate=30)
+        vs = c.add_stream("libx264", rate=rate)
         vs.width, vs.height, vs.pix_fmt = 96, 64, "yuv420p"
         vs.codec_context.time_base = Fraction(1, 1000)
         vs.gop_size = 12
@@ -873,6 +874,20 @@ def test_a_variable_rate_clip_keeps_its_timing(tmp_path: Path, monkeypatch: pyte
             assert [_frame_number(f) for f in iter_video_frames(clip, skip=skip)] == full[skip:], (seek_from, skip)
         assert [_frame_number(f) for f in iter_video_frames(clip, 5, skip=41)] == full[41:46]
         assert list(iter_video_frames(clip, skip=89)) == []
+
+
+def test_a_header_rate_far_above_the_frames_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A header claiming 1000 fps over frames 40 ms apart (what some conversions write): each frame fills 40
+    grid steps, and the log says so and names --fps; a constant-rate clip does not warn."""
+    clip = tmp_path / "k.mkv"
+    _write_numbered_vfr(clip, [i / 25 for i in range(10)], rate=1000)
+    assert probe_video(clip).fps == 1000
+    got = [_frame_number(f) for f in iter_video_frames(clip)]
+    assert len(got) == 361 and got[::40] == list(range(10))
+    assert "much slower than its header's 1000.000 fps (351 of 361" in caplog.text and "--fps F" in caplog.text
+    caplog.clear()
+    list(iter_video_frames(DRIVER))
+    assert "much slower" not in caplog.text
 
 
 def test_frames_crowded_into_one_grid_step_show_the_latest(tmp_path: Path) -> None:
