@@ -12,6 +12,7 @@ around them.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import InputError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
+from megactor_rt.files import remove_stale, remove_stale_dirs
 from megactor_rt.progress import progress
 from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
 
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 EXPORTER_VERSION = 1
 EXTERNAL_DATA_BYTES = 1_800_000_000  # keep well under protobuf's 2 GiB
+STAGING_PREFIX = ".export-"  # each graph is written in such a folder inside the export folder, then moved
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean",
             "Pow", "Sqrt", "Erf"]
 
@@ -180,7 +183,9 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
         return {**old, "profiles": spec.profiles()}, "cached"
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    remove_stale_dirs(out, f"{STAGING_PREFIX}*")  # staging folders of exports killed midway (SIGKILL)
+    remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
+    with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
         src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
         if src is None:
             src = Path(tmp) / "fp32.onnx"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,6 +33,27 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list
             continue
     for path in removed:
         logger.info("removed %s, left by an interrupted write", path)
+    return removed
+
+
+def remove_stale_dirs(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list[Path]:
+    """Delete the folders in ``folder`` matching the glob ``pattern`` (staging folders of interrupted exports)
+    in which nothing was created, changed or removed for ``max_age_s``: neither the folder nor a file in it
+    was modified since; returns them. One that vanishes meanwhile or cannot be deleted is skipped."""
+    removed: list[Path] = []
+    now = time.time()
+    for path in folder.glob(pattern):
+        try:
+            if not path.is_dir() or path.is_symlink():
+                continue
+            newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+            if now - newest > max_age_s:
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            continue
+    for path in removed:
+        logger.info("removed %s, left by an interrupted export", path)
     return removed
 
 

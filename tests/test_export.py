@@ -554,6 +554,30 @@ def test_an_interrupted_reexport_leaves_the_folder_usable(models, tmp_path, monk
     assert check_export(tmp_path) == {"vae_encoder.fp32": []}
 
 
+def test_a_killed_exports_staging_folder_is_removed_later(models, tmp_path):
+    """An export killed mid-graph (SIGKILL: no cleanup runs) leaves its staging folder with a partial graph,
+    GBs at full size. The next export into the folder removes such folders once nothing in them changed for an
+    hour (older than any graph takes); a recent one (maybe a running export's) and other folders stay."""
+    import os
+    import time
+
+    from megactor_rt.export.onnx_export import STAGING_PREFIX
+
+    old, recent, other = (tmp_path / f"{STAGING_PREFIX}old", tmp_path / f"{STAGING_PREFIX}recent", tmp_path / "mine")
+    for folder in (old, recent, other):
+        folder.mkdir()
+        (folder / "fp32.onnx").write_bytes(b"partial")
+    stale_tmp = tmp_path / "manifest.json.123.tmp"
+    stale_tmp.write_text("{")
+    hours_ago = time.time() - 2 * 3600
+    for path in (old / "fp32.onnx", old, other / "fp32.onnx", other, stale_tmp):
+        os.utime(path, (hours_ago, hours_ago))
+    export_models(models, tmp_path, graphs=["vae_encoder"], precisions=("fp32",))
+    assert not old.exists() and not stale_tmp.exists()
+    assert (recent / "fp32.onnx").is_file() and (other / "fp32.onnx").is_file()
+    assert not [p for p in tmp_path.glob(f"{STAGING_PREFIX}*") if p != recent]  # this export's own is gone
+
+
 def test_exports_into_one_folder_keep_each_others_entries(models, tmp_path):
     """Each graph's entry is merged into the manifest as it is on disk then (another export process may have
     added graphs since this one read it); a malformed manifest is replaced with a warning, not a crash."""
