@@ -281,7 +281,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         except MegactorError as exc:
             if len(jobs) == 1:
                 raise
-            print(f"error: {exc}", file=sys.stderr)  # this job's output is not written; the next job runs
+            # this job's output is not written; the next job runs
+            print(f"error: {Path(portrait).name} + {Path(driver).name} -> {output.name}: {exc}", file=sys.stderr)
             failed.append(output.name)
             record.add(anim, portrait, driver, output, error=str(exc))
             continue

@@ -7,7 +7,10 @@ moves them onto the portrait's face:
 1. 68 face landmarks (iBUG 300-W order) on the portrait crop and on every cropped driving frame.
 2. For four landmark groups (eye 36-41, eye 42-47, mouth 48-67, brows 17-26) a box of ``size/4`` around the
    group's centroid (clipped to the frame, truncated to ints) per frame; each group's box is the **union
-   over the whole clip**, so the kept region is four static rectangles. Everything else is black.
+   over the clip**, so the kept region is four static rectangles. Everything else is black. Upstream uses at
+   most 50 driving frames, so its union spans at most 50 frames; a longer clip here takes, for each frame,
+   the union over the :data:`CONTOUR_SPAN` frames around it (the same union for every frame of a clip of up
+   to 50 frames), so the boxes do not grow with the clip's length and let the driver's face shape back in.
 3. One affine transform from three corners of the driver's landmark bounding box (top-left, bottom-right,
    bottom-left) onto the same corners of the portrait's, applied to every masked frame (bilinear, black
    border), then the usual grey conversion.
@@ -46,7 +49,7 @@ import cv2
 import numpy as np
 
 from megactor_rt.errors import InputError
-from megactor_rt.preprocess import Box, Crop, first_face
+from megactor_rt.preprocess import UPSAMPLE_BELOW_PX, Box, Crop, detect_faces
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ NUM_LANDMARKS = 68
 # (first, end) landmark index ranges of the kept groups, in upstream's order: eye, eye, mouth, brows
 CONTOUR_GROUPS: tuple[tuple[int, int], ...] = ((36, 42), (42, 48), (48, 68), (17, 27))
 PATCH_DIV = 8  # each group box reaches size / PATCH_DIV from its centroid (128 px at 512)
+# frames whose group boxes make one frame's kept rectangles: upstream animates at most 50 driving frames and
+# takes the union over all of them; a longer clip takes it over the 50 frames around each frame
+CONTOUR_SPAN = 50
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -144,8 +150,10 @@ class Landmarker:
         Returns:
             ``(68, 2)`` float64 (x, y) pixel coordinates, or None when no face is found.
         """
-        face = first_face(image)
-        return None if face is None else self.on_box(image, face)
+        faces = detect_faces(image, clip=False)  # the predictor places its mean shape in dlib's own box
+        if not faces and min(image.shape[:2]) >= UPSAMPLE_BELOW_PX:  # a face under ~80 px: look closer
+            faces = detect_faces(image, clip=False, upsample=1)
+        return self.on_box(image, faces[0]) if faces else None
 
     def on_box(self, image: np.ndarray, box: Box) -> np.ndarray:
         """Landmarks inside a known face box of ``image`` (``(H, W, 3)`` uint8 RGB) -> ``(68, 2)``."""
@@ -170,10 +178,16 @@ def group_box(points: np.ndarray, size: int, div: int = PATCH_DIV) -> Crop:
 
     Returns:
         ``(top, left, bottom, right)``: centroid -/+ size/div, clipped to the frame, each truncated to int.
+        A group off the frame gives an empty box (upstream's union starts from an empty box whose right and
+        bottom edges are 0, which clamps a negative edge to 0).
     """
     x, y = np.mean(points, axis=0)
     half = size / div
-    return (int(max(0.0, y - half)), int(max(0.0, x - half)), int(min(size, y + half)), int(min(size, x + half)))
+
+    def inside(v: float) -> int:
+        return int(min(float(size), max(0.0, v)))
+
+    return inside(y - half), inside(x - half), inside(y + half), inside(x + half)
 
 
 def contour_rects(landmarks_per_frame: Iterable[np.ndarray], size: int) -> list[Crop]:
@@ -215,17 +229,24 @@ def bbox_corners(landmarks: np.ndarray) -> np.ndarray:
     return np.array([[left, top], [right, bottom], [left, bottom]]).astype(np.int32).astype(np.float32)
 
 
-def contour_affine(driver_landmarks: np.ndarray, portrait_landmarks: np.ndarray) -> np.ndarray:
+def contour_affine(driver_landmarks: np.ndarray, portrait_landmarks: np.ndarray, driver_name: str = "driver"
+                   ) -> np.ndarray:
     """The ``(2, 3)`` affine matrix mapping the driver's landmark box onto the portrait's.
 
     Raises:
         InputError: either box has no width or no height (degenerate landmarks).
     """
-    src, dst = bbox_corners(driver_landmarks), bbox_corners(portrait_landmarks)
-    for name, pts in (("driving video", src), ("portrait", dst)):
-        if pts[1, 0] <= pts[0, 0] or pts[1, 1] <= pts[0, 1]:
-            raise InputError(f"contour mode: the {name}'s face landmarks span no area ({pts.tolist()})")
-    return cv2.getAffineTransform(src, dst)
+    check_landmark_area(driver_landmarks, f"driving video {driver_name}")
+    check_landmark_area(portrait_landmarks, "the portrait")
+    return cv2.getAffineTransform(bbox_corners(driver_landmarks), bbox_corners(portrait_landmarks))
+
+
+def check_landmark_area(landmarks: np.ndarray, what: str) -> None:
+    """InputError naming ``what`` where the landmarks' box (as :func:`bbox_corners` truncates it) has no width or
+    no height: the affine onto or from it would be singular."""
+    pts = bbox_corners(landmarks)
+    if pts[1, 0] <= pts[0, 0] or pts[1, 1] <= pts[0, 1]:
+        raise InputError(f"contour mode: the face landmarks of {what} span no area ({pts.tolist()})")
 
 
 def contour_frame(frame: np.ndarray, rects: Sequence[Crop], matrix: np.ndarray) -> np.ndarray:
@@ -249,13 +270,39 @@ def contour_frame(frame: np.ndarray, rects: Sequence[Crop], matrix: np.ndarray) 
 
 @dataclass(frozen=True)
 class ContourPlan:
-    """What the landmark pass decided for a clip: the kept rectangles and the affine onto the portrait."""
+    """What the landmark pass decided for a clip: the kept rectangles of each frame and the affine onto the
+    portrait.
 
-    rects: tuple[Crop, ...]
-    matrix: np.ndarray  # (2, 3) float64
+    Attributes:
+        unions: ``(U, 4, 4)`` int: for each span start, the four groups' union boxes
+            ``(top, left, bottom, right)`` over the ``span`` frames from there (U = 1 for a clip of at most
+            ``span`` frames: one union for the whole clip).
+        matrix: ``(2, 3)`` float64 affine (:func:`contour_affine`).
+        span: frames per union (:data:`CONTOUR_SPAN`).
+    """
 
-    def apply(self, frame: np.ndarray) -> np.ndarray:
-        return contour_frame(frame, self.rects, self.matrix)
+    unions: np.ndarray
+    matrix: np.ndarray
+    span: int = CONTOUR_SPAN
+
+    def rects(self, index: int = 0) -> list[Crop]:
+        """The kept rectangles of frame ``index``: the union over the ``span`` frames centred on it (clamped to
+        the clip)."""
+        start = min(max(index - self.span // 2, 0), len(self.unions) - 1)
+        return [(int(t), int(left), int(b), int(r)) for t, left, b, r in self.unions[start]]
+
+    def apply(self, frame: np.ndarray, index: int = 0) -> np.ndarray:
+        """Frame ``index`` of the clip, masked to its rectangles and warped (:func:`contour_frame`)."""
+        return contour_frame(frame, self.rects(index), self.matrix)
+
+
+def span_unions(boxes: np.ndarray, span: int = CONTOUR_SPAN) -> np.ndarray:
+    """``(N, G, 4)`` per-frame group boxes -> ``(max(N - span + 1, 1), G, 4)``: the union of each run of ``span``
+    consecutive frames (of all N where N <= span)."""
+    if len(boxes) <= span:
+        return np.concatenate([boxes[:, :, :2].min(axis=0), boxes[:, :, 2:].max(axis=0)], axis=-1)[None]
+    runs = np.lib.stride_tricks.sliding_window_view(boxes, span, axis=0)  # (N - span + 1, G, 4, span)
+    return np.concatenate([runs[:, :, :2].min(axis=-1), runs[:, :, 2:].max(axis=-1)], axis=-1)
 
 
 AFFINE_FRAMES = ("last", "first")  # whose landmarks give the driver's box: upstream's quirk, the intended one
@@ -268,38 +315,47 @@ def check_affine_frame(affine_frame: str) -> None:
 
 
 def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmarks: np.ndarray, size: int,
-                 source_name: str = "driver", affine_frame: str = "last") -> ContourPlan:
+                 source_name: str = "driver", affine_frame: str = "last", span: int = CONTOUR_SPAN) -> ContourPlan:
     """Rectangles and affine of a clip from its per-frame landmarks (None: no face in that frame).
 
-    Consumes ``driver_landmarks`` as a stream (memory does not grow with the clip's length). Frames without
-    landmarks reuse the previous frame's (the first found, before it), as upstream's DWPose would always
-    return some face; that never changes a union. The affine maps the driver's landmark box of the last frame
-    (``affine_frame="last"``, upstream's quirk) or of the first frame with landmarks (``"first"``, the fix) onto
-    the portrait's.
+    Consumes ``driver_landmarks`` as a stream, keeping only each frame's four group boxes (64 bytes a frame).
+    Frames without landmarks reuse the previous frame's (the first found, before it), as upstream's DWPose
+    would always return some face. Each frame's rectangles are the union of the group boxes over the ``span``
+    frames around it (:class:`ContourPlan`): for a clip of up to ``span`` frames, one union over all of it, as
+    upstream. The affine maps the driver's landmark box of the last frame (``affine_frame="last"``, upstream's
+    quirk) or of the first frame with landmarks (``"first"``, the fix) onto the portrait's.
 
     Raises:
         InputError: no frame has landmarks.
-        ValueError: ``affine_frame`` not in ``AFFINE_FRAMES``.
+        ValueError: ``affine_frame`` not in ``AFFINE_FRAMES``, or ``span`` < 1.
     """
     check_affine_frame(affine_frame)
-    rects: list[Crop] | None = None
+    if span < 1:
+        raise ValueError(f"span must be at least 1 frame, got {span}")
+    boxes: list[np.ndarray | None] = []
     first: np.ndarray | None = None
     last: np.ndarray | None = None
-    total = missing = 0
+    missing = 0
     for lm in driver_landmarks:
-        total += 1
         if lm is None:
             missing += 1
+            boxes.append(boxes[-1] if boxes else None)
             continue
-        rects, last = _add_frame(rects, lm, size), lm
+        _check_landmarks(lm)
+        last = lm
         first = lm if first is None else first
-    if rects is None or last is None or first is None:
-        raise InputError(f"contour mode: no face landmarks found in any of the {total} cropped frames of "
+        boxes.append(np.array([group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS], np.int32))
+    if first is None or last is None:
+        raise InputError(f"contour mode: no face landmarks found in any of the {len(boxes)} cropped frames of "
                          f"driving video {source_name}")
     if missing:
         logger.warning("contour mode: %d of %d frames of %s have no face; they reuse a neighbour's landmarks",
-                       missing, total, source_name)
-    return ContourPlan(tuple(rects), contour_affine(last if affine_frame == "last" else first, portrait_landmarks))
+                       missing, len(boxes), source_name)
+    lead = next(b for b in boxes if b is not None)  # frames before the first face take its boxes
+    per_frame = np.stack([lead if b is None else b for b in boxes])
+    return ContourPlan(span_unions(per_frame, span),
+                       contour_affine(last if affine_frame == "last" else first, portrait_landmarks, source_name),
+                       span)
 
 
 def _check_landmarks(lm: np.ndarray) -> None:

@@ -110,26 +110,32 @@ def _check_rgb(image: np.ndarray, name: str = "image") -> None:
         raise ValueError(f"{name} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
 
 
-def detect_faces(image: np.ndarray) -> list[Box]:
+def detect_faces(image: np.ndarray, *, clip: bool = True, upsample: int | None = None) -> list[Box]:
     """Find frontal faces with dlib's HOG detector.
 
     Args:
-        image: ``(H, W, 3)`` uint8 RGB. Images whose short side is under 400 px are upsampled once.
+        image: ``(H, W, 3)`` uint8 RGB.
+        clip: clip the boxes to the image (False: dlib's boxes as found, which may reach past the border: what
+            its shape predictor expects for a face the image cuts off).
+        upsample: times dlib upsamples the image 2x before detecting (finds faces down to about 80 px / 2^n);
+            None: once where the short side is under ``UPSAMPLE_BELOW_PX``, else not.
 
     Returns:
-        Face boxes clipped to the image, largest first (empty list: no face).
+        Face boxes, largest first by their area inside the image (empty list: no face).
 
     Raises:
         ValueError: ``image`` is not (H, W, 3) uint8.
     """
     _check_rgb(image)
     height, width = image.shape[:2]
-    upsample = 1 if min(height, width) < UPSAMPLE_BELOW_PX else 0
+    if upsample is None:
+        upsample = 1 if min(height, width) < UPSAMPLE_BELOW_PX else 0
     rects = _hog_detector()(np.ascontiguousarray(image), upsample)
-    boxes = [Box(float(max(r.left(), 0)), float(max(r.top(), 0)),
-                 float(min(r.right() + 1, width)), float(min(r.bottom() + 1, height))) for r in rects]
-    boxes = [b for b in boxes if b.area > 0]
-    return sorted(boxes, key=lambda b: b.area, reverse=True)
+    found = [(Box(float(max(r.left(), 0)), float(max(r.top(), 0)), float(min(r.right() + 1, width)),
+                  float(min(r.bottom() + 1, height))),
+              Box(float(r.left()), float(r.top()), float(r.right() + 1), float(r.bottom() + 1))) for r in rects]
+    found = sorted((f for f in found if f[0].area > 0), key=lambda f: f[0].area, reverse=True)
+    return [inside if clip else raw for inside, raw in found]
 
 
 def first_face(image: np.ndarray) -> Box | None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
-from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, landmarks_model_path
+from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_not_an_input, check_output_path, read_portrait
@@ -343,13 +343,14 @@ class Animator:
         calls0 = dict(self.sub.calls)
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
+        portrait_lm = self.portrait_landmarks(state, landmarker) if landmarker is not None else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start, cfg.duration)
         contour_plan = None
-        if landmarker is not None:
+        if landmarker is not None and portrait_lm is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
-                contour_plan = plan_driver_contour(plan, self.image_size, self.portrait_landmarks(state, landmarker),
-                                                   landmarker, contour_affine_frame)
+                contour_plan = plan_driver_contour(plan, self.image_size, portrait_lm, landmarker,
+                                                   contour_affine_frame)
         latents, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         if cfg.streams_frames:
             frames = self._stream(latents, model, steps, windows, cfg, timer, tiny)
@@ -368,19 +369,26 @@ class Animator:
         self.cache.trim()
         self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
 
-    def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker) -> np.ndarray:
-        """The 68 face landmarks of the portrait crop (computed once per portrait state).
+    def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker, source: str = "the portrait"
+                           ) -> np.ndarray:
+        """The 68 face landmarks of the portrait crop (computed once per portrait state and landmark model).
+
+        Args:
+            source: the portrait's name, for the error.
 
         Raises:
-            InputError: no face in the portrait crop.
+            InputError: no face in the portrait crop, or landmarks that span no area.
         """
-        if state.face_landmarks is None or state.landmarks_model != str(landmarker.path):
+        found, model = state.face_landmarks, state.landmarks_model  # one read: another thread may replace both
+        if found is None or model != str(landmarker.path):
             found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()))
             if found is None:
-                raise InputError("contour mode: no face found in the portrait crop; it needs the portrait's face "
-                                 "landmarks (use a frontal, well-lit face, or run without --contour-preserve)")
+                raise InputError(f"contour mode: no face found in the portrait crop of {source}; it needs the "
+                                 "portrait's face landmarks (use a frontal, well-lit face, or run without "
+                                 "--contour-preserve)")
+            check_landmark_area(found, f"portrait {source}")
             state.face_landmarks, state.landmarks_model = found, str(landmarker.path)
-        return state.face_landmarks
+        return found
 
     def _loop(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,
               contour: ContourPlan | None = None
@@ -503,12 +511,16 @@ class Animator:
         check_not_an_input(out, portrait=portrait, driver=driver if isinstance(driver, (str, Path)) else None,
                            mask=mask)
         check_affine_frame(contour_affine_frame)
-        if contour:
-            landmarks_model = landmarks_model_path(landmarks_model)  # fail before any work if it is missing
+        # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)
+        landmarker = Landmarker(landmarks_model) if contour else None
         if cfg.tiny_decoder is not None:
             self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
         info = driver_info(driver)
         state, hit = self._prepare(portrait, face_crop, mask, cfg.seed)
+        if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
+            self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
+                                    else Path(portrait).name)
+            landmarks_model = landmarker.path
         size = self.image_size
         sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         with VideoWriter(out, sel.fps, size, size, audio_source=info.path if audio and info.has_audio else None,

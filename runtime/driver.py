@@ -297,7 +297,11 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
     found = ordered_map(landmarks, plan.frames())
     per_frame = progress(cancellable(found), total=plan.num_frames, desc="driver: face landmarks", unit="frame")
     contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
-    logger.info("driver %s: contour rectangles %s", plan.name, contour.rects)
+    if len(contour.unions) == 1:
+        logger.info("driver %s: contour rectangles %s", plan.name, contour.rects())
+    else:
+        logger.info("driver %s: contour rectangles of each frame over the %d frames around it (first: %s)",
+                    plan.name, contour.span, contour.rects())
     return contour
 
 
@@ -308,15 +312,16 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     Frames whose cropped version shows no face reuse the previous frame's face box; frames before the first
     detection use the first one: up to ``LOOKAHEAD`` of them wait in memory, a longer faceless opening is read
     again once the first face is found (memory stays bounded for any driver). With a ``contour`` plan every frame
-    keeps the plan's rectangles instead and is warped onto the portrait's face (no detection here).
+    keeps its rectangles of the plan instead and is warped onto the portrait's face (no detection here).
     """
     if contour is not None:
-        def contour_input(frame: np.ndarray) -> torch.Tensor:
+        def contour_input(item: tuple[int, np.ndarray]) -> torch.Tensor:
+            index, frame = item
             x = crop_resize(frame, plan.crop, size).permute(1, 2, 0).numpy()  # (S, S, 3) float32 0..255
-            warped = torch.from_numpy(contour.apply(x)).permute(2, 0, 1)  # (3, S, S)
+            warped = torch.from_numpy(contour.apply(x, index)).permute(2, 0, 1)  # (3, S, S)
             return grey_unit(warped).to(device)
 
-        yield from ordered_map(contour_input, plan.frames())
+        yield from ordered_map(contour_input, enumerate(plan.frames()))
         return
     pending: list[np.ndarray] = []
     last: Box | None = None

@@ -437,6 +437,7 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     assert not runs[0]["portrait_cache_hit"] and runs[2]["portrait_cache_hit"]
     assert sorted(p.name for p in out.iterdir()) == ["my_face_my_driver.mp4", "my_face_second_driver.mp4"]
     assert "no face found" in err and "faceless_driver.mp4" in err
+    assert "error: my_face.png + faceless_driver.mp4 -> my_face_faceless_driver.mp4: " in err  # which pair
     assert "1 of 3 results not written: my_face_faceless_driver.mp4" in err
     lines = [ln for ln in stdout.splitlines() if ln.startswith("wrote ")]
     assert len(lines) == 2 and "portrait from cache" not in lines[0] and "portrait from cache" in lines[1]

@@ -62,6 +62,18 @@ def test_group_box_is_clipped_to_the_frame() -> None:
     assert group_box(np.array([[60.0, 20.0]]), 128) == (4, 44, 36, 76)  # 128 px: +/- 16
 
 
+def test_a_group_off_the_frame_keeps_nothing() -> None:
+    """A centroid more than size/8 left of or above the frame gives an empty box, as upstream's union (which
+    starts from right = bottom = 0) does; was: a negative right edge, which a numpy slice reads from the end,
+    so a 476 px wide strip was kept."""
+    assert group_box(np.array([[-100.0, 200.0]]), 512) == (136, 0, 264, 0)
+    assert group_box(np.array([[200.0, -100.0]]), 512) == (0, 136, 0, 264)
+    assert group_box(np.array([[700.0, 200.0]]), 512) == (136, 512, 264, 512)
+    frame = np.ones((512, 512, 3), np.float32)
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    assert not contour_frame(frame, [group_box(np.array([[-100.0, 200.0]]), 512)], identity).any()
+
+
 def test_rectangles_are_the_union_over_frames_per_group() -> None:
     f1 = landmarks_at({(36, 42): (150, 200), (42, 48): (300, 200), (48, 68): (220, 320), (17, 27): (220, 150)})
     f2 = landmarks_at({(36, 42): (160, 190), (42, 48): (310, 210), (48, 68): (220, 340), (17, 27): (200, 150)})
@@ -93,8 +105,10 @@ def test_affine_maps_the_driver_box_onto_the_portrait_box() -> None:
     np.testing.assert_allclose(contour_affine(drv, por), [[2, 0, 50], [0, 2, 60]], atol=1e-9)
     flat = np.zeros((68, 2))
     flat[:, 0] = np.arange(68)  # all on one row: no height
-    with pytest.raises(InputError, match="driving video's face landmarks span no area"):
-        contour_affine(flat, por)
+    with pytest.raises(InputError, match="face landmarks of driving video clip.mp4 span no area"):
+        contour_affine(flat, por, "clip.mp4")
+    with pytest.raises(InputError, match="face landmarks of the portrait span no area"):
+        contour_affine(drv, flat)
 
 
 def test_plan_uses_the_last_frame_for_the_affine_and_skips_faceless_frames() -> None:
@@ -106,7 +120,7 @@ def test_plan_uses_the_last_frame_for_the_affine_and_skips_faceless_frames() -> 
     plan = plan_contour([first, None, last, None], por, 512, "clip.mp4")
     src = np.array([[10, 20, 1], [60, 120, 1], [10, 120, 1]], np.float64)
     np.testing.assert_allclose(src @ plan.matrix.T, [[50, 50], [150, 150], [50, 150]], atol=1e-9)
-    assert list(plan.rects) == contour_rects([first, last], 512)
+    assert plan.rects() == plan.rects(3) == contour_rects([first, last], 512) and len(plan.unions) == 1
     with pytest.raises(InputError, match="no face landmarks .* 3 cropped frames of driving video clip.mp4"):
         plan_contour([None, None, None], por, 512, "clip.mp4")
 
@@ -122,9 +136,36 @@ def test_plan_can_take_the_first_frame_for_the_affine() -> None:
     plan = plan_contour([None, first, last], por, 512, "clip.mp4", affine_frame="first")
     src = np.array([[0, 0, 1], [100, 100, 1], [0, 100, 1]], np.float64)
     np.testing.assert_allclose(src @ plan.matrix.T, [[50, 50], [150, 150], [50, 150]], atol=1e-9)
-    assert plan.rects == plan_contour([None, first, last], por, 512, "clip.mp4").rects
+    np.testing.assert_array_equal(plan.unions, plan_contour([None, first, last], por, 512, "clip.mp4").unions)
     with pytest.raises(ValueError, match="affine_frame must be one of"):
         plan_contour([first], por, 512, "clip.mp4", affine_frame="middle")
+
+
+def test_a_long_clip_takes_the_union_over_the_frames_around_each_frame() -> None:
+    """Upstream animates at most 50 frames and keeps the union of their boxes. A longer clip here takes, for
+    each frame, the union over the 50 frames around it, so a mouth that moves away late in a long clip does not
+    widen the boxes of its first frames (was: one union over the whole clip, which grows with its length and
+    lets the driver's face shape back in). A clip of up to 50 frames keeps one union, as upstream."""
+    por = np.full((68, 2), 100.0)
+    por[0], por[1] = (50, 50), (150, 150)
+
+    def at(x: float) -> np.ndarray:
+        lm = landmarks_at({(48, 68): (x, 300)})
+        lm[0], lm[1] = (150, 150), (350, 350)
+        return lm
+
+    clip = [at(200.0)] * 60 + [at(300.0)] * 60  # the mouth moves 100 px right at frame 60
+    plan = plan_contour(clip, por, 512, "long.mp4")
+    mouth = [plan.rects(i)[2] for i in range(120)]
+    assert mouth[0] == mouth[34] == group_box(at(200.0)[48:68], 512)  # only the first position near the start
+    assert mouth[119] == mouth[85] == group_box(at(300.0)[48:68], 512)
+    assert mouth[60] == (236, 136, 364, 364)  # both positions around the move
+    assert mouth[0] != contour_rects(clip, 512)[2]  # the whole-clip union is wider
+    assert len(plan.unions) == 120 - contour.CONTOUR_SPAN + 1
+    short = plan_contour(clip[30:80], por, 512, "short.mp4")  # 50 frames: one union, as upstream
+    assert len(short.unions) == 1 and short.rects(0) == short.rects(49) == contour_rects(clip[30:80], 512)
+    with pytest.raises(ValueError, match="span must be at least 1"):
+        plan_contour(clip, por, 512, span=0)
 
 
 def test_frame_keeps_only_the_rectangles_then_warps() -> None:
@@ -213,6 +254,44 @@ def test_portrait_landmarks_are_a_face(landmarker: contour.Landmarker, portrait_
 
 
 @needs_model
+def test_a_face_cut_by_the_border_keeps_its_shape(landmarker: contour.Landmarker, portrait_512: np.ndarray) -> None:
+    """The shape predictor starts from dlib's own face box, also where it reaches past the image (a selfie with
+    the forehead cut off): shifted back, the landmarks of a face cut at the top left are within 2 px of the
+    whole face's (was: the box clipped to the image, which squashed the start shape: 8 px off, the landmark box
+    18 % too tall, and so the affine's scale)."""
+    whole = landmarker(portrait_512)
+    assert whole is not None
+    box = contour.detect_faces(portrait_512)[0]
+    dx, dy = int(box.left) + 20, int(box.top) + 25  # the face box starts 20 / 25 px outside the image
+    cut = np.zeros_like(portrait_512)
+    cut[:512 - dy, :512 - dx] = portrait_512[dy:, dx:]
+    assert contour.detect_faces(cut, clip=False)[0].left < 0 and contour.detect_faces(cut, clip=False)[0].top < 0
+    found = landmarker(cut)
+    assert found is not None
+    assert np.abs(found + (dx, dy) - whole).mean() < 2.0
+
+
+@needs_model
+def test_a_small_face_in_the_crop_is_found(landmarker: contour.Landmarker) -> None:
+    """A portrait whose face is under 80 px in the 512 px crop (a wide photo): HOG at its default scale misses
+    it, so the landmark pass looks again at twice the size (was: "no face found in the portrait crop", though
+    the default mode animates that portrait)."""
+    img = np.asarray(cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB))
+    small = cv2.resize(img, None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA)
+    canvas = np.full((2000, 3000, 3), 120, np.uint8)
+    canvas[700:700 + small.shape[0], 1200:1200 + small.shape[1]] = small
+    crop, face = portrait_crop(canvas)
+    c = np.ascontiguousarray(crop_resize(canvas, crop, 512).to(torch.uint8).permute(1, 2, 0).numpy())
+    assert face is not None and face.to_crop_coords(crop, 512).width < 60
+    assert not contour.detect_faces(c)  # not at the default scale
+    lm = landmarker(c)
+    assert lm is not None
+    fb = face.to_crop_coords(crop, 512)
+    cx, cy = lm[36:48].mean(axis=0)  # the eyes lie inside the face box found in the whole photo
+    assert fb.left < cx < fb.right and fb.top < cy < fb.bottom
+
+
+@needs_model
 def test_no_face_gives_none(landmarker: contour.Landmarker) -> None:
     assert landmarker(np.full((128, 128, 3), 90, np.uint8)) is None
 
@@ -229,7 +308,7 @@ def test_driver_inputs_keep_only_the_warped_rectangles(landmarker: contour.Landm
     frames = list(iter_driver_inputs(plan, 128, contour=cplan))
     assert len(frames) == 5
     kept = np.zeros((128, 128), np.float32)
-    for top, left, bottom, right in cplan.rects:
+    for top, left, bottom, right in cplan.rects():
         kept[top:bottom, left:right] = 1
     reach = cv2.warpAffine(kept, cplan.matrix, (128, 128)) > 0  # pixels the warped rectangles can touch
     for f in frames:
@@ -240,14 +319,14 @@ def test_driver_inputs_keep_only_the_warped_rectangles(landmarker: contour.Landm
         assert g[reach].mean() > 0.1 and g.max() <= 1
     # upstream order: mask the cropped frame, warp, grey (the frame as decoded from the H.264 clip)
     x = crop_resize(next(iter_video_frames(driver, 1)), plan.crop, 128).permute(1, 2, 0).numpy()
-    m = contour_frame(x, list(cplan.rects), cplan.matrix)
+    m = contour_frame(x, cplan.rects(), cplan.matrix)
     grey = np.clip(0.2989 * m[..., 0] + 0.5870 * m[..., 1] + 0.1140 * m[..., 2], 0, 255) / 255
     np.testing.assert_allclose(frames[0][0].numpy(), grey, atol=1e-6)
     # --contour-affine-frame first: the same rectangles, the affine from the first frame's landmarks
     first = plan_driver_contour(plan, 128, target * 128 / 512, landmarker, affine_frame="first")
     lm0 = landmarker(np.ascontiguousarray(crop_resize(next(iter_video_frames(driver, 1)), plan.crop, 128)
                                           .to(torch.uint8).permute(1, 2, 0).numpy()))
-    assert lm0 is not None and first.rects == cplan.rects
+    assert lm0 is not None and first.rects() == cplan.rects()
     np.testing.assert_allclose(first.matrix, contour_affine(lm0, target * 128 / 512), atol=1e-9)
 
 
@@ -301,7 +380,7 @@ def test_contour_mode_changes_the_pose_guider_input(tmp_path: Path) -> None:
     set_progress_enabled(False)
     driver = write_face_driver(tmp_path / "face.mp4", n=3)
     plan = plan_driver(driver)
-    cplan = ContourPlan(((0, 0, 64, 64),), np.array([[1.0, 0, 0], [0, 1.0, 0]]))
+    cplan = ContourPlan(np.array([[[0, 0, 64, 64]]]), np.array([[1.0, 0, 0], [0, 1.0, 0]]))
     with_contour = next(iter_driver_inputs(plan, 128, contour=cplan))
     default = next(iter_driver_inputs(plan, 128))
     assert not with_contour[:, 64:].any() and not with_contour[:, :, 64:].any()
@@ -317,3 +396,24 @@ def test_portrait_without_face_is_an_input_error_in_contour_mode() -> None:
                        face_landmarks=None)
     with pytest.raises(InputError, match="no face found in the portrait crop"):
         anim.portrait_landmarks(faceless, contour.Landmarker())
+
+
+@needs_model
+def test_a_faceless_portrait_fails_before_the_driver_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contour mode checks the portrait crop's landmarks right after preparing it: the error names the portrait
+    file, and the driver is not decoded first (was: after the driver's whole face pass, unnamed)."""
+    from megactor_rt.runtime import animator as animator_module
+
+    set_progress_enabled(False)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2, max_frames=2))
+    blank = tmp_path / "blank_wall.png"
+    cv2.imwrite(str(blank), np.full((256, 256, 3), 90, np.uint8))
+
+    def no_driver_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the driver was read")
+
+    monkeypatch.setattr(animator_module, "plan_driver", no_driver_pass)
+    out = tmp_path / "o.mp4"
+    with pytest.raises(InputError, match="no face found in the portrait crop of blank_wall.png"):
+        anim.animate_to_file(blank, DRIVER, out, face_crop=False, contour=True, audio=False)
+    assert leftovers(tmp_path, "o") == []
