@@ -2,8 +2,10 @@
 
 Nothing is loaded at import time. ``cuda_lib()`` / ``host_lib()`` find, load and check a library on
 first use and cache the outcome (including the reason it is unavailable).
-Lookup order for each library name: the directory of ``$MEGACTOR_KERNELS_LIB`` (for the CUDA library,
-that exact file), then ``<repo>/build/kernels/``, then next to this file.
+Lookup for each library name: where ``$MEGACTOR_KERNELS_LIB`` points, if set (a folder, or the CUDA library's
+file; the host libraries are looked for beside it), and nowhere else; otherwise ``<repo>/build/kernels/``, then
+next to this file. A CUDA library whose compiled architectures do not run on a GPU is not used there
+(:func:`cuda_lib_for`).
 """
 
 from __future__ import annotations
@@ -119,13 +121,15 @@ class LoadedLib:
 
 
 def _candidates(name: str) -> list[Path]:
-    paths: list[Path] = []
+    """Where to look for library ``name``: with ``$MEGACTOR_KERNELS_LIB`` set, only where it points (the CUDA
+    library: that file, or ``name`` in that folder; the host libraries: beside it), so a library it names that
+    is missing or does not load is reported, not silently replaced by another build."""
     env = os.environ.get(ENV_VAR)
     if env:
         env_path = Path(env).expanduser()
-        paths.append(env_path if name == CUDA_LIB_NAME else env_path.parent / name)
-    paths += [_REPO_BUILD_DIR / name, _HERE / name]
-    return paths
+        folder = env_path if env_path.is_dir() else env_path.parent
+        return [env_path if name == CUDA_LIB_NAME and not env_path.is_dir() else folder / name]
+    return [_REPO_BUILD_DIR / name, _HERE / name]
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -173,6 +177,8 @@ def _load(name: str) -> LoadedLib:
         return out
     if not out.reason:
         out.reason = f"{name} not found (tried {', '.join(out.tried)}); build it with: {BUILD_COMMAND}"
+    if os.environ.get(ENV_VAR):
+        out.reason += f" (${ENV_VAR} is set: only where it points is searched)"
     return out
 
 
@@ -197,6 +203,58 @@ def _cached(key: str, loader: Callable[[], LoadedLib]) -> LoadedLib:
             _cache[key] = loader()
             logger.debug("kernels: %s -> %s", key, _cache[key].path or _cache[key].reason)
         return _cache[key]
+
+
+def compiled_archs(build_info: str) -> list[str]:
+    """The ``CMAKE_CUDA_ARCHITECTURES`` entries a CUDA library was built for (from its build info), e.g.
+    ``["80-real", "86-real", "90"]``; empty for a host library or an unknown list."""
+    if not build_info.startswith("cuda;archs="):
+        return []
+    archs = [a.strip() for a in build_info.split("=", 1)[1].split(",") if a.strip()]
+    return [] if archs == ["unknown"] else archs
+
+
+def arch_runs_on(archs: list[str], capability: tuple[int, int]) -> bool | None:
+    """Whether code built for ``archs`` (CMake's CUDA architecture entries) runs on a GPU of compute
+    ``capability`` (major, minor); None where the list cannot tell (empty, or ``native``/``all``...).
+
+    An entry ``NN`` embeds machine code (SASS) for NN and PTX; ``NN-real`` SASS only; ``NN-virtual`` PTX only.
+    SASS runs on the same major version at the same or a higher minor one; PTX is compiled by the driver for
+    any GPU at least as new. Arch-specific entries (``90a``, ``100f``) run on that exact GPU (family) only.
+    """
+    major, minor = capability
+    told = False
+    for entry in archs:
+        code, _, kind = entry.partition("-")
+        digits = code.rstrip("af")
+        if not digits.isdigit() or len(digits) < 2 or kind not in ("", "real", "virtual"):
+            continue  # native, all, all-major, or a form not known here
+        told = True
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if code != digits:  # 90a / 100f: that GPU (family) only
+            if (major, minor) == (a_major, a_minor) or (code.endswith("f") and major == a_major
+                                                        and minor >= a_minor):
+                return True
+            continue
+        if kind in ("", "real") and major == a_major and minor >= a_minor:
+            return True
+        if kind in ("", "virtual") and (major, minor) >= (a_major, a_minor):
+            return True
+    return False if told else None
+
+
+def cuda_lib_for(capability: tuple[int, int]) -> LoadedLib:
+    """:func:`cuda_lib` where its compiled architectures run on a GPU of ``capability``; otherwise an unavailable
+    :class:`LoadedLib` saying so (a launch there would fail with "no kernel image is available")."""
+    lib = cuda_lib()
+    if not lib.available or arch_runs_on(compiled_archs(lib.build_info), capability) is not False:
+        return lib
+    arch = f"{capability[0]}{capability[1]}"
+    return LoadedLib(name=lib.name, path=lib.path, build_info=lib.build_info, tried=lib.tried,
+                     reason=f"{lib.path} was built for CUDA architectures {','.join(compiled_archs(lib.build_info))}, "
+                            f"which do not run on this compute capability {capability[0]}.{capability[1]} GPU; "
+                            f"rebuild with: cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES={arch} && "
+                            "cmake --build build -j2")
 
 
 def cuda_lib() -> LoadedLib:
@@ -225,9 +283,7 @@ def kernels_status() -> dict:
         ``host_library`` (path or None), ``build_command`` (str).
     """
     cuda, host = cuda_lib(), host_lib()
-    archs: list[str] = []
-    if cuda.build_info.startswith("cuda;archs="):
-        archs = [a.split("-")[0] for a in cuda.build_info.split("=", 1)[1].split(",") if a]
+    archs = [a.split("-")[0] for a in compiled_archs(cuda.build_info)]
     return {
         "available": cuda.available,
         "library": str(cuda.path) if cuda.path else None,

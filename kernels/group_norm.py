@@ -171,11 +171,11 @@ def _kernels():  # type: ignore[no-untyped-def]
             idx = off + tl.arange(0, BLOCK)
             m = idx < end
             v = (tl.load(x_ptr + base + idx, mask=m, other=0.0).to(tl.float32) - mu) * rstd
+            ch = g * cg + idx // hw
             if AFFINE:
-                ch = g * cg + idx // hw
                 v = v * tl.load(w_ptr + ch, mask=m, other=1.0).to(tl.float32)
-                if HAS_BIAS:
-                    v = v + tl.load(b_ptr + ch, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:  # also without a weight (F.group_norm takes either alone)
+                v = v + tl.load(b_ptr + ch, mask=m, other=0.0).to(tl.float32)
             if SILU:
                 v = v / (1.0 + tl.exp(-v))
             tl.store(y_ptr + base + idx, v.to(y_ptr.dtype.element_ty), mask=m)

@@ -72,7 +72,7 @@ def _use_kernel(*tensors: torch.Tensor) -> bool:
     global _fallback_logged
     if not all(t.is_cuda for t in tensors):
         return False
-    lib = _lib.cuda_lib()
+    lib = _lib.cuda_lib_for(torch.cuda.get_device_capability(tensors[0].device))
     if not lib.available and not _fallback_logged:
         _fallback_logged = True
         logger.info("CUDA kernels unavailable (%s); using the PyTorch reference ops", lib.reason)
@@ -99,7 +99,7 @@ def _run(
         raise ValueError(
             f"{fn}_cuda takes CUDA tensors on one device, got {[str(t.device) for t in tensors]}"
         )
-    lib = _lib.cuda_lib()
+    lib = _lib.cuda_lib_for(torch.cuda.get_device_capability(device))
     if not lib.available:
         raise RuntimeError(
             f"{fn}_cuda: compiled CUDA kernels unavailable: {lib.reason}. "

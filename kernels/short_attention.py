@@ -50,8 +50,10 @@ def short_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 _OFF_AT_IMPORT = os.environ.get("MEGACTOR_SHORT_ATTENTION", "1") == "0"
 
 
-def short_attention_usable(q: torch.Tensor, heads: int) -> bool:
-    """Whether ``short_attention`` runs the kernel for queries like ``q``.
+def short_attention_usable(q: torch.Tensor, heads: int, k: torch.Tensor | None = None,
+                           v: torch.Tensor | None = None) -> bool:
+    """Whether ``short_attention`` runs the kernel for queries like ``q`` (and keys and values like ``k``, ``v``
+    where given: the same shape, dtype and device, channels contiguous; others take the reference).
 
     Inside ``torch.compile`` only the shape checks and the switch as it was at import are traced (so no graph
     breaks); eager calls read ``MEGACTOR_SHORT_ATTENTION`` each time and never use the kernel while exporting.
@@ -63,6 +65,12 @@ def short_attention_usable(q: torch.Tensor, heads: int) -> bool:
             return False
     elif switched_off("MEGACTOR_SHORT_ATTENTION"):
         return False
+    if q.dim() != 4:
+        return False
+    others = [t for t in (k, v) if t is not None]
+    if any(t.shape != q.shape or t.dtype != q.dtype or t.device != q.device for t in others) or any(
+            t.stride(-1) != 1 for t in (q, *others)):
+        return False
     b, seq, pos, c = q.shape
     return c % heads == 0 and seq <= MAX_LEN and c // heads <= MAX_HEAD_DIM and q.dtype in (
         torch.float16, torch.bfloat16, torch.float32)
@@ -70,7 +78,7 @@ def short_attention_usable(q: torch.Tensor, heads: int) -> bool:
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Self-attention of short sequences; see the module docstring."""
-    if short_attention_usable(q, heads):
+    if short_attention_usable(q, heads, k, v):
         return _OP(q, k, v, heads)
     return short_attention_ref(q, k, v, heads)
 

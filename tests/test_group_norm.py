@@ -43,7 +43,7 @@ def test_kernels_in_triton_interpreter(triton_interpreter: Callable[[str, int], 
             for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
                 x = (torch.randn(b * f, c, h, h, generator=g) * 3 + 5).to(dtype)  # offset mean: the variance must not cancel
                 w = torch.randn(c, generator=g).to(dtype) if affine else None
-                bias = torch.randn(c, generator=g).to(dtype) if affine else None
+                bias = torch.randn(c, generator=g).to(dtype) if affine or silu else None  # silu alone: bias alone
                 out = GN.group_norm_silu_triton(x, w, bias, groups, f, 1e-6, silu)
                 ref = GN.group_norm_silu_ref(x.float(), None if w is None else w.float(),
                                              None if bias is None else bias.float(), groups, f, 1e-6, silu)

@@ -9,6 +9,7 @@ under CI (env CI=true), where `cmake -S . -B build && cmake --build build -j2` m
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,6 +341,58 @@ def test_missing_library_message_names_build_command(monkeypatch, tmp_path):
         if frame is not None:
             with pytest.raises(RuntimeError, match="cmake -S . -B build"):
                 K.preprocess_frame_cuda(frame, (0, 0, 8, 8), None, 8)
+    finally:
+        _lib.reset_cache()
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    (["80-real", "86-real", "90"], (9, 0), True),  # the default build on an H100
+    (["80-real", "86-real", "90"], (8, 9), True),  # L4 / RTX 4090: 86 SASS runs on 8.9
+    (["80-real", "86-real", "90"], (10, 0), True),  # Blackwell: compute_90 PTX, compiled by the driver
+    (["80-real", "86-real", "90"], (7, 5), False),  # T4: nothing that old
+    (["90"], (8, 0), False),  # bench/gpu_all.sh's build on an A100: "no kernel image is available"
+    (["90-real"], (10, 0), False),  # SASS does not cross major versions
+    (["80-virtual"], (9, 0), True),
+    (["90a"], (9, 0), True),
+    (["90a"], (10, 0), False),  # arch-specific code: that GPU only
+    (["100f"], (10, 3), True),
+    (["native"], (7, 0), None),  # cannot tell: try it
+    ([], (9, 0), None),
+])
+def test_compiled_architectures_decide_where_the_library_runs(archs, capability, runs):
+    assert _lib.arch_runs_on(archs, capability) is runs
+
+
+def test_a_library_built_for_other_gpus_falls_back(monkeypatch):
+    """A CUDA library built for sm_90 only, on a compute capability 8.0 GPU: unavailable there, with the
+    rebuild command for that GPU (was: used, and every launch failed with "no kernel image is available")."""
+    built = _lib.LoadedLib(name=_lib.CUDA_LIB_NAME, lib=object(), path=Path("/x/libmegactor_kernels.so"),  # type: ignore[arg-type]
+                           build_info="cuda;archs=90")
+    monkeypatch.setattr(_lib, "cuda_lib", lambda: built)
+    assert _lib.cuda_lib_for((9, 0)) is built
+    other = _lib.cuda_lib_for((8, 0))
+    assert not other.available and "built for CUDA architectures 90" in other.reason
+    assert "compute capability 8.0" in other.reason and "-DCMAKE_CUDA_ARCHITECTURES=80" in other.reason
+    assert _lib.compiled_archs("cuda;archs=80-real,86-real,90") == ["80-real", "86-real", "90"]
+    assert _lib.compiled_archs("host;x86_64") == [] and _lib.compiled_archs("cuda;archs=unknown") == []
+
+
+def test_the_environment_variable_is_the_only_place_searched(monkeypatch, tmp_path):
+    """With $MEGACTOR_KERNELS_LIB set, a library it names that is missing is reported as such, not replaced by
+    the repository's build (was: silently used build/kernels/); a folder there holds the libraries."""
+    if not _lib.host_lib().available:
+        pytest.skip(f"host kernel library not built: {_lib.host_lib().reason}")
+    built = _lib.host_lib().path
+    monkeypatch.setenv(_lib.ENV_VAR, str(tmp_path / "nope.so"))
+    _lib.reset_cache()
+    try:
+        lib = _lib.host_lib()
+        assert not lib.available and lib.tried == [str(tmp_path / _lib.HOST_LIB_NAME)]
+        assert "$MEGACTOR_KERNELS_LIB is set" in lib.reason
+        assert not _lib.cuda_lib().available and _lib.cuda_lib().tried == [str(tmp_path / "nope.so")]
+        monkeypatch.setenv(_lib.ENV_VAR, str(built.parent))  # a folder
+        _lib.reset_cache()
+        assert _lib.host_lib().path == built
     finally:
         _lib.reset_cache()
 

@@ -100,11 +100,17 @@ def test_kernel_on_gpu(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     b, seq, pos, heads, d = shape
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(b, seq, pos, heads * d, generator=g).to("cuda", dtype) for _ in range(3))
-    assert SA.short_attention_usable(q, heads)
+    assert SA.short_attention_usable(q, heads) and SA.short_attention_usable(q, heads, k, v)
     out = SA.short_attention(q, k, v, heads)
     ref = SA.short_attention_ref(q.float(), k.float(), v.float(), heads)
     tol = 2e-5 if dtype == torch.float32 else 2e-3
     assert (out.float() - ref).abs().max().item() < tol
+    # keys or values the kernel cannot take go to the reference instead of raising
+    odd = [k.float() if dtype != torch.float32 else k.half(), k.transpose(-1, -2).contiguous().transpose(-1, -2)]
+    for bad in odd:
+        assert not SA.short_attention_usable(q, heads, bad, v)
+        ok = SA.short_attention(q, bad.to(dtype), v, heads)  # the call itself still works
+        assert ok.shape == q.shape
 
 
 @pytest.mark.gpu
