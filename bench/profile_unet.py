@@ -8,7 +8,9 @@ CUDA events, counts their FLOPs (torch.utils.flop_counter), times the call a ``-
 instead (the shallow path from a kept deep feature) and the optimized call for ``--window-batch`` windows at
 once (``AnimateConfig.window_batch``; reported per window), and profiles the optimized call: device time per
 kernel class (GEMM, attention, convolution, normalisation, other) and the top kernels. Also times the
-optimized call with the UNet in channels_last memory format (a layout experiment; same math).
+optimized call with the UNet in channels_last memory format (a layout experiment; same math), and (GPU) with
+the CPU's residual order, in which channels-last activations flow on from the first transformer
+(``layers.residual_add``; CUDA's order before 2026-11-27).
 
     python bench/profile_unet.py --out OUT            # on a GPU (fp16)
     python bench/profile_unet.py --out OUT --tiny     # the tiny model on CPU, fp32: checks the script
@@ -33,6 +35,7 @@ import torch
 
 from megactor_rt.benchmark import matmul_tflops, provenance
 from megactor_rt.config import full_config, tiny_config
+from megactor_rt.models.layers import residual_add as layers_residual_add
 from megactor_rt.weights import build_models
 
 # first match wins: convolutions run as cuDNN implicit GEMMs (``sm90_xmma_fprop_implicit_gemm...``) and Inductor
@@ -166,6 +169,18 @@ def main() -> None:
                     del os.environ[var]
             report["calls"][f"optimized, {label}"] = {"seconds": secs, "tflop": opt_tflop,
                                                       "tflops_per_s": opt_tflop / secs}
+        # the residual order the CPU takes (layers.residual_add): channels-last activations flow on from the
+        # first transformer, and the resnet norms fall back to PyTorch; the eager figures before 2026-11-27 had it
+        from megactor_rt.models import layers, transformer
+
+        for module in (layers, transformer):
+            module.residual_add = _branch_first  # type: ignore[attr-defined]
+        try:
+            secs = time_call(optimized, dev)
+        finally:
+            for module in (layers, transformer):
+                module.residual_add = layers_residual_add  # type: ignore[attr-defined]
+        report["calls"][CL_FLOW] = {"seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.compile:
         import torch._inductor.config as inductor_config
@@ -227,7 +242,12 @@ def main() -> None:
     print(markdown(report))  # noqa: T201 - a script's output
 
 
+def _branch_first(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    return branch + x
+
+
 COMPILED = "optimized, torch.compile"
+CL_FLOW = "optimized, channels-last flow (the CPU's residual order; before 2026-11-27 also CUDA's)"
 REUSING = "optimized, a feature-reuse step (shallow path), eager"
 TRITON_OFF = (("motion-module attention via SDPA", ("MEGACTOR_SHORT_ATTENTION",)),
               ("GroupNorm+SiLU via PyTorch", ("MEGACTOR_TRITON_GROUP_NORM",)),

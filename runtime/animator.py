@@ -194,7 +194,10 @@ class Animator:
         img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else np.asarray(portrait)
         size = self.image_size
         crop, face = portrait_crop(img, face_crop=face_crop, size=size, source_name=name)
-        image = crop_resize(img, crop, size).to(torch.uint8)  # (3, S, S), truncated like upstream
+        # upstream resizes in fp16: its values, rounded to fp16, feed the FiLM branch as they are and the VAE
+        # truncated to uint8 (spec 2.1 (a), (b))
+        resized = crop_resize(img, crop, size).half()
+        image = resized.to(torch.uint8)  # (3, S, S), truncated like upstream
         hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
         if mask is not None:
             person = load_user_mask(mask, size, crop=crop, image_shape=img.shape[:2])
@@ -202,7 +205,7 @@ class Animator:
             face_in_crop = face.to_crop_coords(crop, size) if face is not None else None
             person = person_mask(hwc, face_in_crop) if face_in_crop is not None else np.zeros((size, size), np.uint8)
         background, clip_bg = background_inputs(hwc, person)
-        ada = image if size == ADA_SIZE else crop_resize(img, crop, ADA_SIZE).to(torch.uint8)
+        ada = resized if size == ADA_SIZE else crop_resize(img, crop, ADA_SIZE).half()  # not truncated
         return PortraitInputs(image=image, background_mask=torch.from_numpy(background),
                               clip_image=torch.from_numpy(clip_bg).permute(2, 0, 1).contiguous(), ada_reference=ada)
 
@@ -328,8 +331,10 @@ class Animator:
         """
         cfg = config or self.config
         total = self.sub.config.scheduler.num_train_timesteps
-        if cfg.steps > total:
-            raise InputError(f"steps must be at most {total} (the scheduler's training timesteps), got {cfg.steps}")
+        most = DDIM(self.sub.config.scheduler).max_steps()
+        if cfg.steps > most:
+            raise InputError(f"steps must be at most {most} (the scheduler's {total} training timesteps with "
+                             f"offset {self.sub.config.scheduler.steps_offset}), got {cfg.steps}")
         if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
             raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
                              f"got {cfg.reference_timestep}")

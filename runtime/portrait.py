@@ -21,13 +21,14 @@ from megactor_rt.runtime.submodels import Submodels
 
 @dataclass
 class PortraitInputs:
-    """Preprocessed portrait pixels (uint8, CHW) as the networks consume them.
+    """Preprocessed portrait pixels (CHW; uint8, the FiLM reference fp16) as the networks consume them.
 
     Attributes:
         image: ``(3, S, S)`` face crop (VAE input, both latent paths).
         background_mask: ``(S, S)`` 1 = background, 0 = person.
         clip_image: ``(3, S, S)`` person-removed image for CLIP.
-        ada_reference: ``(3, 512, 512)`` FiLM reference (the crop itself when S = 512).
+        ada_reference: ``(3, 512, 512)`` FiLM reference, 0..255 in fp16 as upstream's resize gives it, not
+            truncated (the crop itself before truncation when S = 512); uint8 is taken too.
     """
 
     image: torch.Tensor

@@ -569,6 +569,26 @@ def test_open_windows_stream_frames_while_denoising(anim: Animator, media: dict[
     assert max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(wrapped, frames, strict=True)) > 1
 
 
+def test_the_film_branch_gets_the_untruncated_crop(anim: Animator) -> None:
+    """Upstream resizes the portrait in fp16; its FiLM branch takes those values / 255 and only the VAE path
+    truncates them to uint8 (spec 2.1 (a), (b)). Was: the FiLM branch got the truncated pixels too."""
+    from media_fixtures import PORTRAIT
+
+    from megactor_rt.media import read_image
+    from megactor_rt.preprocess import crop_resize, portrait_crop
+
+    img = read_image(PORTRAIT)
+    inputs = anim.portrait_inputs(PORTRAIT)
+    crop, _ = portrait_crop(img, size=anim.image_size)
+    resized = crop_resize(img, crop, 512).half()
+    assert inputs.ada_reference.dtype == torch.float16 and torch.equal(inputs.ada_reference, resized)
+    assert (inputs.ada_reference != inputs.ada_reference.floor()).float().mean() > 0.3  # fractions kept
+    assert torch.equal(inputs.image, crop_resize(img, crop, anim.image_size).half().to(torch.uint8))
+    scale, _ = anim.sub.film(inputs.ada_reference.float()[None] / 255)
+    truncated, _ = anim.sub.film(inputs.ada_reference.to(torch.uint8).float()[None] / 255)
+    assert not torch.equal(scale, truncated)  # the difference reaches the FiLM code
+
+
 def test_video_portrait_uses_its_first_frame(anim: Animator, media: dict[str, Path]) -> None:
     from megactor_rt.media import iter_video_frames
 

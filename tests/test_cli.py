@@ -579,7 +579,8 @@ def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work
     assert code == 2 and "--stats would overwrite an input" in err and driver.read_bytes() == before
     for flag, value, says in (("--fps", "inf", "fps must be a finite number"), ("--fps", "1e-9", "fps must be"),
                               ("--guidance", "nan", "guidance must be a finite number"),
-                              ("--steps", "5000", "steps must be at most 1000"),
+                              ("--steps", "5000", "steps must be at most 999"),
+                              ("--steps", "1000", "steps must be at most 999"),  # t = 1000 does not exist
                               ("--seed", str(10 ** 20), "seed must fit in 64 bits"),
                               ("--reference-timestep", "1000", "reference_timestep must be below 1000")):
         code, _, err = run(capsys, "demo", *FAST, flag, value, "-o", out)

@@ -110,3 +110,55 @@ def test_self_check_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch, caplo
     GN._self_check.cache_clear()
     assert GN._self_check(cpu) is True
     GN._self_check.cache_clear()
+
+
+@pytest.mark.parametrize("upstream", [False, True])
+def test_every_unet_group_norm_gets_contiguous_activations_on_cuda(monkeypatch: pytest.MonkeyPatch,
+                                                                   upstream: bool) -> None:
+    """The Triton kernels take contiguous (NCHW) activations only. On CUDA the transformers' residual sums put x
+    first (``layers.residual_add``), so their output keeps x's layout: before, ``proj_out(t) + x`` took the
+    permuted view's channels-last layout, every later conv kept it, and 41 of the tiny UNet's 45 frame-spanning
+    norms fell back to PyTorch. Here on the CPU the CUDA order is patched in, which checks that those sums are
+    the only place the layout changes, in both evaluation styles, with the ReferenceNet's bank."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.models import layers, transformer, unet
+
+    seen: list[bool] = []
+
+    def recording(x: torch.Tensor, norm: nn.GroupNorm, frames: int, silu: bool = True) -> torch.Tensor:
+        seen.append(x.is_contiguous())
+        return GN.group_norm_silu_ref(x, norm.weight, norm.bias, norm.num_groups, frames, norm.eps, silu)
+
+    def run() -> list[bool]:
+        seen.clear()
+        torch.manual_seed(0)
+        cfg = tiny_config()
+        model, refnet = unet.TemporalUNet(cfg.unet).eval(), unet.ReferenceNet(cfg.reference_net).eval()
+        tokens = torch.randn(1, 17, cfg.unet.cross_attention_dim)
+        with torch.no_grad():
+            bank = refnet(torch.randn(1, 4, 16, 16), torch.tensor(501), tokens)
+            model(torch.randn(2, 9, 4, 16, 16), torch.tensor(501), tokens.expand(2, -1, -1),
+                  torch.randn(2, 4, 4, 16, 16), bank, n_uncond=1, shared_down=not upstream, upstream=upstream)
+        return list(seen)
+
+    monkeypatch.setattr(layers, "group_norm_silu", recording)
+    monkeypatch.setattr(unet, "group_norm_silu", recording)
+    on_cpu = run()
+    assert not all(on_cpu)  # the CPU order: channels-last flows on (faster oneDNN convs)
+    for module in (layers, transformer):
+        monkeypatch.setattr(module, "residual_add", lambda x, branch: x + branch)  # what CUDA tensors take
+    on_cuda = run()
+    assert len(on_cuda) > 20 and all(on_cuda), f"{on_cuda.count(False)} of {len(on_cuda)} norms non-contiguous"
+
+
+def test_residual_add_order_sets_the_layout() -> None:
+    from megactor_rt.models.layers import residual_add
+
+    x = torch.randn(2, 8, 4, 4)
+    branch = torch.randn(2, 4, 4, 8).permute(0, 3, 1, 2)  # a channels-last view, like the permuted tokens
+    out = residual_add(x, branch)
+    torch.testing.assert_close(out, x + branch, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()  # CPU: branch first
+    if torch.cuda.is_available():
+        on_gpu = residual_add(x.cuda(), branch.cuda())
+        assert on_gpu.is_contiguous()

@@ -34,6 +34,18 @@ def test_upstream_timesteps_25():
     assert ts[0] == 961 and ts[-1] == 1 and len(ts) == 25
 
 
+def test_the_most_steps_have_a_first_timestep_below_1000():
+    """Leading spacing with offset 1: 1000 steps would start at t = 1000, past the schedule (was an IndexError
+    deep in plan(), as in diffusers); 999 steps start at 999."""
+    ddim = DDIM()
+    assert ddim.max_steps() == 999
+    assert ddim.timesteps(999)[0] == 999 and len(ddim.plan(999)) == 999
+    with pytest.raises(ValueError, match=r"steps must be 1\.\.999"):
+        ddim.plan(1000)
+    with pytest.raises(ValueError, match=r"steps must be 1\.\.999"):
+        ddim.timesteps(0)
+
+
 @pytest.mark.parametrize("n,w,o,expected", [
     (3, 4, 2, [[0, 1, 2]]),
     (10, 4, 2, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9], [8, 9, 0, 1]]),

@@ -35,15 +35,21 @@ class DDIM:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.final_alpha = 1.0 if self.cfg.set_alpha_to_one else float(self.alphas_cumprod[0])
 
+    def max_steps(self) -> int:
+        """The most steps whose timesteps all exist: the first, ``(steps - 1) * (T // steps) + steps_offset``,
+        must be below T (with upstream's offset 1 and T = 1000: 999, as 1000 steps would start at t = 1000)."""
+        n = self.cfg.num_train_timesteps
+        return max((s for s in range(1, n + 1) if (s - 1) * (n // s) + self.cfg.steps_offset < n), default=0)
+
     def timesteps(self, steps: int) -> list[int]:
         """Leading spacing + steps_offset: 25 steps -> [961, 921, ..., 1].
 
         Raises:
-            ValueError: ``steps`` is not 1 .. the training timesteps (more steps would all land on t=1).
+            ValueError: ``steps`` is not 1 .. :meth:`max_steps`.
         """
-        if not 1 <= steps <= self.cfg.num_train_timesteps:
-            raise ValueError(f"steps must be 1..{self.cfg.num_train_timesteps} (the scheduler's training "
-                             f"timesteps), got {steps}")
+        if not 1 <= steps <= self.max_steps():
+            raise ValueError(f"steps must be 1..{self.max_steps()} (the scheduler's {self.cfg.num_train_timesteps} "
+                             f"training timesteps, offset {self.cfg.steps_offset}), got {steps}")
         ratio = self.cfg.num_train_timesteps // steps
         return [int(i * ratio + self.cfg.steps_offset) for i in reversed(range(steps))]
 

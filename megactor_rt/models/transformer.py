@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megactor_rt.models.layers import Attention, FeedForward, repeat_frames
+from megactor_rt.models.layers import Attention, FeedForward, repeat_frames, residual_add
 
 
 @dataclass
@@ -108,7 +108,7 @@ class SpatialTransformer(nn.Module):
         t = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         t, normed = self.transformer_blocks[0](t, ctx, bank)
         t = t.reshape(bf, h, w, c).permute(0, 3, 1, 2)
-        return self.proj_out(t) + x, normed
+        return residual_add(x, self.proj_out(t)), normed
 
 
 class _NormOnlyBlock(nn.Module):
