@@ -122,7 +122,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "later run with the same portrait, weights and seed skips all per-portrait work")
     p.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
                    help="size budget of --cache-dir: least recently used portraits are removed beyond it "
-                        "(default 20; a 512 px portrait state takes about 0.35 GB)")
+                        "(GiB, default 20; a 512 px portrait state takes about 0.35 GB)")
     p.add_argument("--stats", type=Path, default=None, metavar="FILE",
                    help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
                         "latency, seconds per stage and per denoising step, submodel calls; plus the device, "
@@ -168,7 +168,7 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
         return None
     if not (math.isfinite(args.cache_max_gb) and args.cache_max_gb > 0):
         raise InputError(f"--cache-max-gb must be a finite number > 0, got {args.cache_max_gb}")
-    return PortraitCache(disk_dir=args.cache_dir, max_disk_bytes=int(args.cache_max_gb * 1e9))
+    return PortraitCache(disk_dir=args.cache_dir, max_disk_bytes=int(args.cache_max_gb * 2**30))  # GiB, as Python
 
 
 def _report(stats, out: Path) -> None:  # noqa: ANN001
@@ -262,6 +262,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
     if args.mask is not None and len(args.portrait) > 1:
         raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with {len(args.portrait)}")
+    if args.torch_fallback and args.fallback != "torch":
+        raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
+                         f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
@@ -431,11 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
     a.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
     a.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
-                   help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder")
+                   help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder (graphs "
+                        "without a valid plan then run with torch too)")
     a.add_argument("--fallback", default="torch", choices=["torch", "onnxruntime"],
-                   help="tensorrt backend: where graphs without a valid plan run")
+                   help="tensorrt backend: where graphs without a valid plan run (default: torch)")
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="network precision (default: fp16 on CUDA, fp32 on the CPU; the loop state stays fp32)")
     a.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                    help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
                         "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh GPU "
@@ -451,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
     d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"))
-    d.add_argument("--device", default=None)
+    d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
                         "plans) into --work-dir first, a check of that backend's install without real weights")
@@ -470,20 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
 
     dl = sub.add_parser("download", help=f"snapshot the released weights ({HF_REPO}) from the Hugging Face Hub")
-    dl.add_argument("--repo", default=HF_REPO)
+    dl.add_argument("--repo", default=HF_REPO, help=f"Hugging Face repository (default: {HF_REPO})")
     dl.add_argument("--out", type=Path, default=Path("megactor-weights"))
     dl.set_defaults(fn=cmd_download)
 
     dr = sub.add_parser("doctor", help="what is available here: backends, CUDA, TensorRT, kernels, weights")
     dr.add_argument("--weights", type=Path, default=None)
-    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
     dr.set_defaults(fn=cmd_doctor)
 
     e = sub.add_parser("export", help="export every submodel to ONNX (fp32 and fp16)")
     e.add_argument("--weights", required=True, type=Path, help="converted weights folder, or 'tiny' / 'full' "
                                                               "for random-weight architectures")
     e.add_argument("--out", required=True, type=Path)
-    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 20 (default: 18)")
     e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
     e.add_argument("--window", type=_positive_int, default=16, help="the context window length the profiles target")
     e.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
@@ -503,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--onnx", required=True, type=Path)
     b.add_argument("--out", required=True, type=Path)
     b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
-    b.add_argument("--profile", default=None, help="optimization profile name from the export manifest")
+    b.add_argument("--profile", default=None,
+                   help="build only this optimization profile of the export manifest (default: all; without the "
+                        "`long` plans a --window longer than the export's cannot run on TensorRT)")
     b.set_defaults(fn=cmd_build_engines)
 
     ce = sub.add_parser("check-export", help="will TensorRT take these graphs? (checks run here, no TensorRT needed; "
@@ -515,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
     be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)
     be.add_argument("--out", type=Path, default=Path("bench-results"))
-    be.add_argument("--device", default=None)
+    be.add_argument("--device", default=None, help="default: the suite's (cuda for gpu-* suites, else cpu)")
     be.add_argument("--dry-run", action="store_true",
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end in "
                          "seconds; its figures mean nothing)")

@@ -204,10 +204,23 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
 
 
 def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
-    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+    """The rate of a stream's frame grid (and of the result): its nominal rate where that is at most twice
+    the average (and at most 240 fps), else the average, else a guess. A constant-rate MP4 whose last sample is
+    short or long averages, say, 30.19 or 20 fps over 30 fps frames, and a phone recording that dips to 24 fps
+    in low light averages below its 30; a grid at the average would drop frames and show an odd rate. A nominal
+    rate far above the average (a static screen recording) would repeat most frames, so the average is used."""
+    avg, base = stream.average_rate, stream.base_rate
+    if avg and base and 0.99 <= base / avg <= 2 and base <= 240:
+        return Fraction(base.numerator, base.denominator)
+    for rate in (avg, stream.guessed_rate, base):
         if rate:
             return Fraction(rate.numerator, rate.denominator)
     raise InputError(f"{path}: the video stream has no usable frame rate")
+
+
+def _variable(stream: av.video.stream.VideoStream) -> bool:
+    """Whether the header's average rate differs from its nominal one by over 1 %."""
+    return bool(stream.average_rate and stream.base_rate and abs(stream.average_rate / stream.base_rate - 1) > 0.01)
 
 
 def probe_video(path: PathLike) -> VideoInfo:
@@ -249,8 +262,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s=duration_s,
             start_s=Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base
             else Fraction(0),
-            variable_rate=bool(stream.average_rate and stream.base_rate
-                               and abs(stream.average_rate / stream.base_rate - 1) > 0.01),
+            variable_rate=_variable(stream),
         )
 
 
@@ -369,21 +381,37 @@ def _check_first_after_seek(t: Fraction, latest: Fraction, what: str) -> None:
 
 
 class _FrameClock:
-    """Source frame numbers from timestamps: frame ``round((pts - first pts) * time_base * fps)``, which for a
-    constant-rate clip is its position in decoding order, and after a seek still is. Frames without a
-    timestamp take their position in decoding order (``fallback``)."""
+    """Grid slots from timestamps: slot ``floor((pts - first pts) * time_base * fps + 1/2)``, which for a
+    constant-rate clip is the frame's position in decoding order, and after a seek still is. Frames without a
+    timestamp take their position in decoding order (``fallback``). Halves round up, so a stretch at twice the
+    grid's rate keeps every other frame evenly (Python's round() would keep 1, 3, 1, 3 frames apart)."""
 
     def __init__(self, stream: av.video.stream.VideoStream, fps: Fraction) -> None:
         self.time_base = stream.time_base
         self.fps = fps
         self.first_pts: int | None = None
 
+    def slot_of(self, pts: int) -> int:
+        assert self.first_pts is not None and self.time_base is not None
+        return math.floor((pts - self.first_pts) * self.time_base * self.fps + Fraction(1, 2))
+
     def index(self, frame: av.VideoFrame, fallback: int) -> int:
         if frame.pts is None or self.time_base is None:
             return fallback
         if self.first_pts is None:
             self.first_pts = frame.pts
-        return round((frame.pts - self.first_pts) * self.time_base * self.fps)
+        return self.slot_of(frame.pts)
+
+    def offset(self, frame: av.VideoFrame, slot: int) -> Fraction:
+        """How far ``frame``'s time is from ``slot``'s, in grid steps (0 without a timestamp)."""
+        if frame.pts is None or self.time_base is None or self.first_pts is None:
+            return Fraction(0)
+        return abs((frame.pts - self.first_pts) * self.time_base * self.fps - slot)
+
+    def reanchor(self, frame: av.VideoFrame, slot: int) -> None:
+        """Number the timeline from ``frame`` on so that it lands on ``slot`` (after a timestamp discontinuity)."""
+        if frame.pts is not None and self.time_base is not None:
+            self.first_pts = frame.pts - math.floor(Fraction(slot) / self.fps / self.time_base)
 
     def seek(self, container: av.container.InputContainer, stream: av.video.stream.VideoStream, skip: int
              ) -> Iterator[av.VideoFrame]:
@@ -421,12 +449,15 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
                       ) -> Iterator[np.ndarray]:
     """Decode a video frame by frame (streaming; never holds the whole clip), on a constant-rate grid.
 
-    Frames are placed by timestamp at the stream's average rate (``probe_video(path).fps``): output frame k
-    is the frame on screen ``k / fps`` seconds after the first one (the one whose timestamp rounds to k on
-    that grid, the last of several). A constant-rate clip yields each frame once, in order. A variable-rate
-    one (phone recordings) keeps its timing: a frame is repeated over a gap in the timestamps and one of
-    several frames within one grid step is shown, as ``ffmpeg -fps_mode cfr`` does, so the result's motion
-    stays with its audio. Frames without timestamps are counted instead.
+    Frames are placed by timestamp at the grid rate ``probe_video(path).fps`` (the nominal rate, or the average
+    where that is far off: ``_stream_fps``): output frame k
+    is the frame shown ``k / fps`` seconds after the first one (of the frames whose timestamps round to k on
+    that grid, the nearest; a frame with none holds the one before). A constant-rate clip yields each frame
+    once, in order. A variable-rate one (phone recordings) keeps its timing: a frame is repeated over a gap in
+    the timestamps and one of several frames within one grid step is shown, as ``ffmpeg -fps_mode cfr`` does,
+    so the result's motion stays with its audio; the last frame lasts until the stream's declared end.
+    Timestamps that jump back (joined recordings) continue from the next step. Frames without timestamps are
+    counted instead.
 
     Args:
         path: the video file.
@@ -465,6 +496,10 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
     yield from frames
 
 
+# A timestamp jump forward of more than this many seconds is logged (a joined recording; the grid keeps it).
+_JUMP_WARN_S = 10
+
+
 def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: bool) -> Iterator[np.ndarray]:
     """:func:`iter_video_frames`' generator: frames on a constant-rate grid by timestamp (see there)."""
     with _open_input(path) as container:
@@ -474,34 +509,39 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
         # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
         frames = container.decode(stream)
         clock = _FrameClock(stream, _stream_fps(path, stream))
-        decoded = 0  # frames decoded; after a seek, counted from the start frame's slot
-        slot = 0  # the next output frame (grid slot) to yield
+        decoded = 0  # frames decoded in this pass
+        seeked = False
+        slot = 0  # the next grid slot to yield
         held: av.VideoFrame | None = None  # the last decoded frame, on screen from slot ``held_at`` on
         held_at = 0
+        held_off = Fraction(0)  # how far ``held`` is from its slot's time, in slots
         last_time: float | None = None  # the last decoded frame's presentation time, seconds
         orient: _Orientation | None = None
         repeats = 0  # frames yielded more than once
+        reanchored = False
+
+        def done() -> bool:
+            return max_frames is not None and slot - skip >= max_frames
 
         def shown(frame: av.VideoFrame, upto: int) -> Iterator[np.ndarray]:
             """``frame`` for each slot before ``upto`` not yet yielded (from ``skip`` on, at most max_frames)."""
-            nonlocal slot, orient
+            nonlocal slot, orient, repeats
             slot = max(slot, skip)
-            if slot >= upto:
+            if slot >= upto or done():
                 return
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
             rgb = orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
-            if upto - slot > 1:
-                logger.debug("%s: frame at %.3f s repeated for %d slots (a gap in its timestamps)", path,
-                             frame.time or 0.0, upto - slot)
-            nonlocal repeats
             first = slot
-            while slot < upto and (max_frames is None or slot - skip < max_frames):
+            while slot < upto and not done():
                 yield rgb
                 slot += 1
             repeats += max(slot - first - 1, 0)
 
-        while True:
+        def where() -> int:  # frames up to the last one decoded (after a seek, counted on the grid)
+            return held_at + 1 if seeked else decoded
+
+        while not done():
             try:
                 frame = next(frames)
             except StopIteration:
@@ -511,28 +551,43 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                     raise InputError(f"{path}: no decodable video frame ({exc})") from exc
                 if held is not None:  # the last frame before the break, shown once
                     yield from shown(held, held_at + 1)
+                if done():
+                    return  # the frames wanted all came before the break
                 if strict:
-                    raise InputError(f"{path}: video is truncated or corrupt after frame {decoded} ({exc}); "
+                    raise InputError(f"{path}: video is truncated or corrupt after frame {where()} ({exc}); "
                                      f"{_use_first(slot - skip)}") from exc
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
-                               "decoded so far", path, decoded, exc, slot - skip)
+                               "decoded so far", path, where(), exc, slot - skip)
                 return
-            at = clock.index(frame, decoded)
-            decoded = max(decoded + 1, at + 1)
+            decoded += 1
+            at = clock.index(frame, decoded - 1)
             if seek and at < skip:
-                frames, seek = clock.seek(container, stream, skip), False
+                frames, seek, seeked = clock.seek(container, stream, skip), False, True
                 continue
+            if held is not None and at < held_at and frame.pts is not None:
+                # timestamps went back (joined MPEG-TS recordings): go on from the next slot
+                logger.warning("%s: timestamps jump back at %.3f s; the frames from there follow on", path,
+                               float(frame.time or 0.0))
+                clock.reanchor(frame, held_at + 1)
+                at, reanchored = held_at + 1, True
+            elif held is not None and at - held_at > _JUMP_WARN_S * clock.fps:
+                logger.warning("%s: no frame for %.1f s before %.3f s; the frame before is shown for that long",
+                               path, float((at - held_at) / clock.fps), float(frame.time or 0.0))
             last_time = frame.time
             if held is not None and at > held_at:  # ``held`` was on screen until this frame's slot
                 yield from shown(held, at)
             if held is None or at > held_at:
-                held_at = at
-            held = frame  # frames on one slot (a faster stretch): the last one is on screen at its time
-            if max_frames is not None and held_at - skip >= max_frames - 1:
-                yield from shown(held, held_at + 1)  # the last frame wanted: do not decode past it
-                return
+                held, held_at, held_off = frame, at, clock.offset(frame, at)
+            elif (off := clock.offset(frame, at)) < held_off:  # frames on one slot (a faster stretch):
+                held, held_off = frame, off  # the one nearest the slot's time
+        if done():
+            return  # the completeness check covers only the frames read
         if held is not None:
-            yield from shown(held, held_at + 1)
+            complete = _reaches_the_end(stream, last_time) or not _short(stream.frames, where())
+            end = None if reanchored or not complete else _end_slot(stream, clock)
+            yield from shown(held, max(held_at + 1, end or 0))  # the last frame until the stream ends
+            if done():
+                return  # as many frames as asked for: the completeness check covers only the frames read
         if repeats > slot - skip - repeats:  # more repeats than frames: the grid is finer than the frames
             logger.warning("%s: its frames come much slower than its header's %.3f fps (%d of %d yielded frames "
                            "repeat the one before); --fps F (AnimateConfig.fps) animates it at F fps with fewer "
@@ -540,7 +595,15 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
         if decoded == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames")
         if not _reaches_the_end(stream, last_time):
-            _check_complete(path, stream.frames, decoded, strict, skip)
+            _check_complete(path, stream.frames, where(), strict, slot - skip)
+
+
+def _end_slot(stream: av.video.stream.VideoStream, clock: _FrameClock) -> int | None:
+    """The grid slot at which the stream's declared end falls (its last frame is shown up to it), or None."""
+    if not stream.duration or stream.time_base is None or clock.first_pts is None:
+        return None
+    start = stream.start_time if stream.start_time is not None else clock.first_pts
+    return clock.slot_of(start + stream.duration)
 
 
 def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | None) -> bool:
@@ -561,14 +624,20 @@ def _use_first(count: int) -> str:
     return f"--max-frames {count} (AnimateConfig.max_frames) animates the {count} frames before the break"
 
 
-def _check_complete(path: Path, announced: int, decoded: int, strict: bool, skip: int = 0) -> None:
-    """A clean EOF well short of the header's frame count means the file was cut off (no moov error)."""
+def _short(announced: int, decoded: int) -> bool:
+    """Whether ``decoded`` frames fall short of the header's count by more than an edit list may hide."""
+    return announced > 0 and announced - decoded > max(2, announced // 100)
+
+
+def _check_complete(path: Path, announced: int, decoded: int, strict: bool, usable: int) -> None:
+    """A clean EOF well short of the header's frame count means the file was cut off (no moov error);
+    ``usable``: the frames yielded (the ``--max-frames`` that animates them)."""
     if announced <= 0 or decoded >= announced:
         return
     message = f"{path}: video is truncated: the header announces {announced} frames but only {decoded} decode"
     # Edit lists may legitimately hide a frame or two; a cut-off file misses many more.
-    if strict and announced - decoded > max(2, announced // 100):
-        raise InputError(f"{message}; {_use_first(decoded - skip)}")
+    if strict and _short(announced, decoded):
+        raise InputError(f"{message}; {_use_first(usable)}")
     logger.warning("%s; using the %d decoded frames", message, decoded)
 
 

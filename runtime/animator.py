@@ -69,6 +69,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has.
+
+    Raises:
+        InputError: not a device name, or a CUDA device where torch sees no GPU (or not that many).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"device {device!r} is not a torch device name (cpu, cuda, cuda:1, ...)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
+                             "or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
+    return dev
+
+
 @contextmanager
 def memory_errors(what: str, device: torch.device) -> Iterator[None]:
     """Turn running out of GPU or host memory during ``what`` into a :class:`ResourceError` that says so and
@@ -129,16 +148,16 @@ class Animator:
                 are copied through static buffers). Not yet run on a GPU in this project.
 
         Raises:
-            ValueError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
+            InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
                 tensorrt.
         """
         from megactor_rt.runtime.backends import require_backend
 
         require_backend(backend)
         if compile and backend != "torch":
-            raise ValueError(f"compile applies to the torch backend only, not '{backend}'")
+            raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         _check_cuda_graphs(backend, cuda_graphs)
-        dev = torch.device(device) if device else default_device()
+        dev = check_device(device) if device else default_device()
         prec = Precision(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         if backend == "torch":
             sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype, compile=compile)
@@ -166,10 +185,12 @@ class Animator:
         models.weights_id = f"tiny-random-{seed}"
         if backend == "torch":
             prec = Precision(precision) if precision else Precision.FP32
-            return cls(TorchSubmodels(models, device or "cpu", prec.torch_dtype), config)
+            return cls(TorchSubmodels(models, check_device(device or "cpu"), prec.torch_dtype), config)
+        from megactor_rt.runtime.backends import require_backend
         from megactor_rt.runtime.onnx_backend import exported_submodels
 
-        dev = torch.device(device or ("cuda" if backend == "tensorrt" else "cpu"))
+        require_backend(backend)  # a missing backend is named before the device
+        dev = check_device(device or ("cuda" if backend == "tensorrt" else "cpu"))
         prec = Precision(precision) if precision else (Precision.FP16 if backend == "tensorrt" else Precision.FP32)
         cfg = config or AnimateConfig()
         sub = exported_submodels(models, backend, work_dir or demo_work_dir(), dev, prec, cfg,
@@ -545,8 +566,9 @@ class Animator:
 
 def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:
     if cuda_graphs and backend != "tensorrt":
-        raise ValueError(f"cuda_graphs applies to the tensorrt backend only, not '{backend}' (torch: "
-                         "compile='reduce-overhead')")
+        raise InputError(f"cuda_graphs (--cuda-graphs) applies to the tensorrt backend only, not '{backend}' (the "
+                         "torch backend captures CUDA graphs with --compile reduce-overhead, "
+                         "compile='reduce-overhead' in Python)")
 
 
 def demo_work_dir() -> Path:

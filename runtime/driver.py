@@ -242,8 +242,9 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     within = sel.frames_within(duration)
     if within is not None:
         max_frames = min(max_frames, within) if max_frames else within
-    if info.num_frames is not None and skip >= info.num_frames:
-        raise _past_the_end(name, start, info.num_frames, info.fps)
+    grid = _grid_frames(info)
+    if grid is not None and skip >= grid:
+        raise _past_the_end(name, start, grid, info.fps)
     boxes: list[Box | None] = []
     frames = driver_frames(source, max_frames, ratio, skip)
     found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
@@ -271,10 +272,22 @@ def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at
                       f"{start_frame(fps, start)}; the driver has {has}); use a smaller --start")
 
 
-def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction, skip: int = 0) -> int | None:
+def _grid_frames(info: VideoInfo) -> int | None:
+    """About how many frames the header promises on the clip's constant-rate grid (``iter_video_frames``): its
+    frame count, or more where its duration at the grid's rate holds more (a last frame shown long, a slow
+    stretch repeated); None where the header has no count."""
     if info.num_frames is None:
+        return None
+    if info.duration_s:
+        return max(info.num_frames, math.ceil(Fraction(info.duration_s).limit_denominator(10**6) * info.fps))
+    return info.num_frames
+
+
+def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction, skip: int = 0) -> int | None:
+    grid = _grid_frames(info)
+    if grid is None:
         return max_frames
-    n = kept_count(max(info.num_frames - skip, 0), ratio)
+    n = kept_count(max(grid - skip, 0), ratio)
     return min(n, max_frames) if max_frames else n
 
 

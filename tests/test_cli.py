@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from media_fixtures import (
     BAD_INPUT_CASES,
     PORTRAIT,
@@ -32,6 +33,7 @@ from PIL import Image
 from megactor_rt import cli
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig, tiny_config
+from megactor_rt.errors import InputError
 from megactor_rt.media import iter_video_frames
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
@@ -157,7 +159,7 @@ def test_cache_dir_lets_the_next_run_skip_the_portrait(weights: Path, media: dic
     a, b = frames_of(tmp_path / "a.mp4"), frames_of(tmp_path / "b.mp4")
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
     budget = cli._cache(argparse.Namespace(cache_dir=tmp_path / "cache", cache_max_gb=0.5))
-    assert budget is not None and budget.max_disk_bytes == 500_000_000
+    assert budget is not None and budget.max_disk_bytes == 2**29  # GiB, as PortraitCache's default (20 << 30)
 
 
 def test_animate_cli_and_python_give_identical_frames(weights: Path, media: dict[str, Path], tmp_path: Path,
@@ -316,11 +318,25 @@ def test_export_cli_writes_manifest(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "more").exists()  # refused before any export
 
 
-def test_compile_is_torch_only(weights: Path) -> None:
-    with pytest.raises(ValueError, match="torch backend only"):
+def test_compile_is_torch_only(weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Backend-only options with another backend, and a device this machine lacks, are bad settings: exit code
+    2 with the flag named (was: exit 1, "unexpected error: ValueError/AssertionError")."""
+    with pytest.raises(InputError, match=r"compile \(--compile\) applies to the torch backend only"):
         Animator.from_weights(weights, backend="onnxruntime", device="cpu", compile=True)
-    with pytest.raises(ValueError, match="tensorrt backend only"):
+    with pytest.raises(InputError, match=r"--cuda-graphs\) applies to the tensorrt backend only.*--compile "
+                                         "reduce-overhead"):
         Animator.from_weights(weights, backend="torch", device="cpu", cuda_graphs=True)
+    code, _, err = run(capsys, "demo", "--cuda-graphs", "-o", "x.mp4")
+    assert code == 2 and "applies to the tensorrt backend only" in err and "unexpected" not in err
+    code, _, err = run(capsys, "demo", "--device", "tpu9", "-o", "x.mp4")
+    assert code == 2 and "'tpu9' is not a torch device name" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "demo", "--device", "cuda", "-o", "x.mp4")
+        assert code == 2 and "sees no CUDA GPU" in err and "unexpected" not in err
+    code, _, err = run(capsys, "animate", "--portrait", "p.png", "--driver", "d.mp4", "-o", "o.mp4", "--weights",
+                       weights, "--backend", "tensorrt", "--torch-fallback", "vae_decoder", "--fallback",
+                       "onnxruntime")
+    assert code == 2 and "cannot be combined with --fallback onnxruntime" in err
     base = ["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
     assert cli.build_parser().parse_args([*base, "--cuda-graphs"]).cuda_graphs is True
     assert cli.build_parser().parse_args(base).cuda_graphs is False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -269,12 +271,12 @@ def test_corrupt_middle_raises(tmp_path: Path) -> None:
 
 
 def test_short_stream_vs_header() -> None:
-    _check_complete(Path("clip.mp4"), announced=96, decoded=96, strict=True)  # complete
-    _check_complete(Path("clip.mp4"), announced=0, decoded=10, strict=True)  # count unknown
-    _check_complete(Path("clip.mp4"), announced=96, decoded=94, strict=True)  # edit-list slack
-    with pytest.raises(InputError, match="clip.mp4.*announces 96 frames but only 40"):
-        _check_complete(Path("clip.mp4"), announced=96, decoded=40, strict=True)
-    _check_complete(Path("clip.mp4"), announced=96, decoded=40, strict=False)  # lenient: warns only
+    _check_complete(Path("clip.mp4"), announced=96, decoded=96, strict=True, usable=96)  # complete
+    _check_complete(Path("clip.mp4"), announced=0, decoded=10, strict=True, usable=10)  # count unknown
+    _check_complete(Path("clip.mp4"), announced=96, decoded=94, strict=True, usable=94)  # edit-list slack
+    with pytest.raises(InputError, match="clip.mp4.*announces 96 frames but only 40.*--max-frames 37 "):
+        _check_complete(Path("clip.mp4"), announced=96, decoded=40, strict=True, usable=37)  # the hint: usable
+    _check_complete(Path("clip.mp4"), announced=96, decoded=40, strict=False, usable=40)  # lenient: warns only
 
 
 def test_truncated_lenient_warns_and_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -829,27 +831,43 @@ def test_start_in_a_truncated_clip_reports_as_without_seeking(tmp_path: Path, mo
     assert n == 0 and "breaks off before the first frame used (--start)" in message
 
 
-def _write_numbered_vfr(clip: Path, times: list[float], rate: int = 30) -> None:
+def _write_numbered_vfr(clip: Path, times: list[float], rate: int = 30, last_s: float | None = None,
+                        noise: bool = False, first: int = 0) -> None:
     """Frame i at ``times[i]`` seconds (a 1 ms clock), its number written in 8 bright bars (see _frame_number);
-    ``rate``: the nominal rate in the header."""
+    ``rate``: the nominal rate in the header; ``last_s``: how long the last frame is shown (its packet's
+    duration); ``noise``: random pixels around the bars (big frames, so a cut file loses many); ``first``: the
+    first frame's number."""
+    rng = np.random.default_rng(0)
     with av.open(str(clip), "w") as c:
         vs = c.add_stream("libx264", rate=rate)
         vs.width, vs.height, vs.pix_fmt = 96, 64, "yuv420p"
         vs.codec_context.time_base = Fraction(1, 1000)
         vs.gop_size = 12
-        for i, t in enumerate(times):
-            f = np.full((64, 96, 3), 30, np.uint8)
+        vs.codec_context.max_b_frames = 0
+        packets = []
+        for i, t in enumerate(times, first):
+            f = rng.integers(0, 100, (64, 96, 3), np.uint8) if noise else np.full((64, 96, 3), 30, np.uint8)
+            f[8:24] = 30
             for b in range(8):
                 if (i >> b) & 1:
                     f[8:24, 4 + 11 * b:13 + 11 * b] = 240
             frame = av.VideoFrame.from_ndarray(f, format="rgb24")
             frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
-            c.mux(vs.encode(frame))
-        c.mux(vs.encode(None))
+            packets += vs.encode(frame)
+        packets += vs.encode(None)
+        if last_s is not None:
+            packets[-1].duration = round(last_s / packets[-1].time_base)
+        for packet in packets:
+            c.mux(packet)
 
 
 def _frame_number(rgb: np.ndarray) -> int:
     return sum(1 << b for b in range(8) if rgb[16, 8 + 11 * b].mean() > 128)
+
+
+def _slot(t: float, fps: Fraction) -> int:
+    """The grid slot of a frame at ``t`` s (1 ms clock): halves round up."""
+    return math.floor(Fraction(round(t * 1000), 1000) * fps + Fraction(1, 2))
 
 
 def test_a_variable_rate_clip_keeps_its_timing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -858,51 +876,106 @@ def test_a_variable_rate_clip_keeps_its_timing(tmp_path: Path, monkeypatch: pyte
     did (was: frames counted, the slow stretch played at double speed and ran ahead of the audio). A start is
     a slot of the same grid, with or without seeking."""
     times = [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)]  # 30 fps for 1 s, then 15 fps
-    clip = tmp_path / "vfr.mkv"
+    for name in ("vfr.mkv", "vfr.mp4"):  # Matroska: no average rate; MP4: average 20 fps, nominal 30 fps
+        clip = tmp_path / name
+        _write_numbered_vfr(clip, times)
+        info = probe_video(clip)
+        assert info.fps == 30 and info.variable_rate == name.endswith(".mp4")
+        full = [_frame_number(f) for f in iter_video_frames(clip)]
+        slots = [_slot(t, info.fps) for t in times]
+        assert full == [max(i for i, s in enumerate(slots) if s <= k) for k in range(len(full))]
+        assert full[:30] == list(range(30)) and full[30:36] == [30, 30, 31, 31, 32, 32]
+        assert len(full) in (89, 90)  # up to the stream's end where the container says it (MP4: 1/15 s after)
+        for seek_from in (10**9, 1):  # decoding from the beginning, and seeking: the same frames
+            monkeypatch.setattr(media, "SEEK_MIN_SKIP", seek_from)
+            for skip in (10, 40, 41, 50, 88):
+                got = [_frame_number(f) for f in iter_video_frames(clip, skip=skip)]
+                assert got == full[skip:], (name, seek_from, skip)
+            assert [_frame_number(f) for f in iter_video_frames(clip, 5, skip=41)] == full[41:46]
+            assert list(iter_video_frames(clip, skip=len(full))) == []
+        monkeypatch.setattr(media, "SEEK_MIN_SKIP", 60)
+
+
+def test_a_faster_stretch_keeps_evenly_spaced_frames(tmp_path: Path) -> None:
+    """60 fps for a second on a 30 fps grid: every other frame, evenly (the one on screen at each grid time;
+    halves round up: with Python's round() they would be 1, 3, 1, 3 apart). Reading M frames gives the first M
+    of the whole read."""
+    times = [i / 30 for i in range(30)] + [1 + k / 60 for k in range(60)]
+    clip = tmp_path / "fast.mkv"
     _write_numbered_vfr(clip, times)
-    fps = probe_video(clip).fps
-    assert fps == 30  # Matroska: no average rate, the nominal one
     full = [_frame_number(f) for f in iter_video_frames(clip)]
-    slots = [round(Fraction(round(t * 1000), 1000) * fps) for t in times]
-    assert len(full) == slots[-1] + 1 == 89
-    # slot k shows the last frame whose timestamp rounds to k or earlier
-    assert full == [max(i for i, s in enumerate(slots) if s <= k) for k in range(len(full))]
-    assert full[:30] == list(range(30)) and full[30:36] == [30, 30, 31, 31, 32, 32]
-    for seek_from in (10**9, 1):  # decoding from the beginning, and seeking: the same frames
-        monkeypatch.setattr(media, "SEEK_MIN_SKIP", seek_from)
-        for skip in (10, 40, 41, 50, 88):
-            assert [_frame_number(f) for f in iter_video_frames(clip, skip=skip)] == full[skip:], (seek_from, skip)
-        assert [_frame_number(f) for f in iter_video_frames(clip, 5, skip=41)] == full[41:46]
-        assert list(iter_video_frames(clip, skip=89)) == []
+    assert full[:30] == list(range(30))
+    assert full[30:] == list(range(30, 90, 2)) + [89][: len(full) - 60]
+    for m in (29, 31, 44, 45):
+        assert [_frame_number(f) for f in iter_video_frames(clip, m)] == full[:m]
 
 
-def test_a_header_rate_far_above_the_frames_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A header claiming 1000 fps over frames 40 ms apart (what some conversions write): each frame fills 40
-    grid steps, and the log says so and names --fps; a constant-rate clip does not warn."""
-    clip = tmp_path / "k.mkv"
-    _write_numbered_vfr(clip, [i / 25 for i in range(10)], rate=1000)
-    assert probe_video(clip).fps == 1000
-    got = [_frame_number(f) for f in iter_video_frames(clip)]
-    assert len(got) == 361 and got[::40] == list(range(10))
-    assert "much slower than its header's 1000.000 fps (351 of 361" in caplog.text and "--fps F" in caplog.text
-    caplog.clear()
-    list(iter_video_frames(DRIVER))
-    assert "much slower" not in caplog.text
+def test_a_long_last_frame_lasts_to_the_streams_end(tmp_path: Path) -> None:
+    """A recording whose last frame stays on screen for a second (a paused screen recording): the grid runs to
+    the stream's declared end, so the result lasts as long as the clip (and keeps that much of its audio), and
+    a start inside the last frame's time is a frame; its nominal 30 fps is the grid's rate, not the 20 fps
+    average the long frame pulls the header's average down to."""
+    from megactor_rt.runtime.driver import plan_driver
 
-
-def test_frames_crowded_into_one_grid_step_show_the_latest(tmp_path: Path) -> None:
-    """An MP4 of 30 fps then 15 fps: its average rate is the grid; where frames come faster than it, the one on
-    screen at each grid time is kept, and the count is about the header's (its rate is frames over duration)."""
-    times = [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)]
-    clip = tmp_path / "vfr.mp4"
-    _write_numbered_vfr(clip, times)
+    clip = tmp_path / "paused.mp4"
+    _write_numbered_vfr(clip, [i / 30 for i in range(60)], last_s=1.0)
     info = probe_video(clip)
-    assert info.variable_rate and 19 < info.fps < 21
+    assert info.fps == 30 and info.num_frames == 60 and abs(info.duration_s - 2.967) < 0.01
     got = [_frame_number(f) for f in iter_video_frames(clip)]
-    slots = [round(Fraction(round(t * 1000), 1000) * info.fps) for t in times]
-    assert got == [max(i for i, s in enumerate(slots) if s <= k) for k in range(slots[-1] + 1)]
-    assert abs(len(got) - 60) <= 2
-    assert 1 not in got and len(set(got)) < 60  # the fast part's frames do not all fit its slots: some are dropped
+    assert got[:60] == list(range(60)) and set(got[59:]) == {59} and len(got) == 89
+    plan = plan_driver(clip, face_crop=False, start=2.5)
+    assert plan.num_frames == 14
+
+
+def test_a_constant_rate_mp4_with_an_odd_last_sample_keeps_every_frame(tmp_path: Path) -> None:
+    """30 fps frames whose last MP4 sample lasts 1 ms: the header's average is 30.19 fps; the grid takes the
+    nominal 30 fps, so each frame once (at the average one would be dropped and others repeated)."""
+    clip = tmp_path / "short_last.mp4"
+    _write_numbered_vfr(clip, [i / 30 for i in range(150)], last_s=0.001)
+    with av.open(str(clip)) as c:
+        assert float(c.streams.video[0].average_rate) > 30.1
+    assert probe_video(clip).fps == 30
+    assert [_frame_number(f) for f in iter_video_frames(clip)] == list(range(150))
+
+
+def test_timestamps_that_jump_back_follow_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two MPEG-TS recordings joined byte for byte (each with its own clock, as HLS segments or DVR files put
+    together): where the timestamps jump back, the frames follow on from the next grid step, with a warning
+    (was: every later frame landed on a step already passed, and half the clip vanished silently)."""
+    parts = [tmp_path / "a.ts", tmp_path / "b.ts"]
+    for i, part in enumerate(parts):
+        _write_numbered_vfr(part, [k / 30 for k in range(30)], first=30 * i)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(parts[0].read_bytes() + parts[1].read_bytes())
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        got = [_frame_number(f) for f in iter_video_frames(joined, strict=False)]
+    assert got == list(range(60)) and "timestamps jump back" in caplog.text
+
+
+def test_a_cut_variable_rate_clip_is_truncated(tmp_path: Path) -> None:
+    """A variable-rate MP4 (10 fps, then 50 fps) cut cleanly at a packet: strict reading refuses it by its
+    real decoded count, and the --max-frames it names (grid frames, not decoded ones) reads what is there."""
+    times = [k / 10 for k in range(50)] + [5 + k / 50 for k in range(250)]
+    src = tmp_path / "whole.mp4"
+    with av.open(str(src), "w", options={"movflags": "+faststart"}) as c:
+        vs = c.add_stream("libx264", rate=50)
+        vs.width = vs.height = 64
+        vs.pix_fmt, vs.gop_size = "yuv420p", 12
+        vs.codec_context.time_base = Fraction(1, 1000)
+        rng = np.random.default_rng(0)
+        for t in times:
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 64, 3), np.uint8), format="rgb24")
+            f.pts, f.time_base = round(t * 1000), Fraction(1, 1000)
+            c.mux(vs.encode(f))
+        c.mux(vs.encode(None))
+    with av.open(str(src)) as c:
+        at = sorted(p.pos for p in c.demux(c.streams.video[0]) if p.pos is not None and p.pos >= 0)[200]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(src.read_bytes()[:at])  # the first 200 frames, complete
+    with pytest.raises(InputError, match=r"announces 300 frames but only 200 decode; --max-frames (\d+) ") as info:
+        list(iter_video_frames(cut))
+    n = int(re.search(r"--max-frames (\d+) ", str(info.value)).group(1))  # type: ignore[union-attr]
+    assert len(list(iter_video_frames(cut, n))) == n > 200  # grid frames: the slow stretch repeats
 
 
 def test_a_clip_whose_edit_list_hides_frames_is_complete(tmp_path: Path) -> None:
