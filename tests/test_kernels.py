@@ -514,6 +514,23 @@ def test_to_uint8_cuda_matches_ref(shape, dtype):
 
 
 @pytest.mark.gpu
+def test_to_uint8_cuda_past_32_bit_indices():
+    """2731 frames at 512 px: 3 x 716 M output pixels pass 2^31, so the kernel takes its 64-bit index path
+    (never run by the shapes above). The images at both ends against the reference (about 7 GB of GPU memory)."""
+    _need_cuda_lib()
+    n = 2731
+    assert 3 * n * 512 * 512 > 2**31 - 1
+    x = torch.empty(n, 3, 512, 512, dtype=torch.float16, device="cuda")
+    x[:4] = _images((4, 3, 512, 512), torch.float16, device="cuda")
+    x[-4:] = _images((4, 3, 512, 512), torch.float16, device="cuda", seed=6)
+    x[4:-4] = 0.25
+    got = K.latents_to_uint8(x)
+    for part in (slice(0, 4), slice(n - 4, n)):
+        assert torch.equal(got[part].cpu(), K.latents_to_uint8_ref(x[part].cpu()))
+    assert torch.equal(got[n // 2].cpu(), K.latents_to_uint8_ref(x[n // 2:n // 2 + 1].cpu())[0])
+
+
+@pytest.mark.gpu
 def test_cuda_runs_on_current_stream():
     _need_cuda_lib()
     s = torch.cuda.Stream()
