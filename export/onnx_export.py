@@ -31,7 +31,7 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import InputError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
-from megactor_rt.files import remove_stale, remove_stale_dirs
+from megactor_rt.files import remove_stale
 from megactor_rt.progress import progress
 from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
 
@@ -183,7 +183,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
         return {**old, "profiles": spec.profiles()}, "cached"
-    remove_stale_dirs(out, f"{STAGING_PREFIX}*")  # staging folders of exports killed midway (SIGKILL)
+    remove_stale(out, f"{STAGING_PREFIX}*", folders=True)  # staging folders of exports killed midway (SIGKILL)
     remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
     with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
         src = fp32_path if (precision == "fp16" and fp32_path is not None) else None

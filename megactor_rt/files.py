@@ -19,41 +19,25 @@ logger = logging.getLogger(__name__)
 STALE_S = 3600.0  # older than any write takes (seconds for a video, a state file or a plan)
 
 
-def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list[Path]:
+def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, folders: bool = False) -> list[Path]:
     """Delete the files in ``folder`` matching the glob ``pattern`` last modified more than ``max_age_s``
-    ago; returns them. A file that vanishes meanwhile or cannot be deleted is skipped."""
+    ago; returns them. With ``folders``: the matching folders (staging folders of interrupted exports) in which
+    nothing was created, changed or removed for that long (neither the folder nor anything in it modified).
+    One that vanishes meanwhile or cannot be deleted is skipped."""
     removed: list[Path] = []
     now = time.time()
     for path in folder.glob(pattern):
         try:
-            if now - path.stat().st_mtime > max_age_s:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue
-    for path in removed:
-        logger.info("removed %s, left by an interrupted write", path)
-    return removed
-
-
-def remove_stale_dirs(folder: Path, pattern: str, max_age_s: float = STALE_S) -> list[Path]:
-    """Delete the folders in ``folder`` matching the glob ``pattern`` (staging folders of interrupted exports)
-    in which nothing was created, changed or removed for ``max_age_s``: neither the folder nor a file in it
-    was modified since; returns them. One that vanishes meanwhile or cannot be deleted is skipped."""
-    removed: list[Path] = []
-    now = time.time()
-    for path in folder.glob(pattern):
-        try:
-            if not path.is_dir() or path.is_symlink():
+            if folders and (not path.is_dir() or path.is_symlink()):
                 continue
-            newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
-            if now - newest > max_age_s:
-                shutil.rmtree(path)
+            inside = path.rglob("*") if folders else ()
+            if now - max([path.stat().st_mtime, *(p.stat().st_mtime for p in inside)]) > max_age_s:
+                shutil.rmtree(path) if folders else path.unlink()
                 removed.append(path)
         except OSError:
             continue
     for path in removed:
-        logger.info("removed %s, left by an interrupted export", path)
+        logger.info("removed %s, left by an interrupted %s", path, "export" if folders else "write")
     return removed
 
 
