@@ -177,8 +177,10 @@ class VideoInfo:
         num_frames: frame count from the header, or None where the container does not record it.
         has_audio: whether the file has at least one audio stream.
         duration_s: duration in seconds (video stream, else container), or None if unknown.
-        start_s: where the video stream starts on the container's clock, seconds (the audio stream may start
-            elsewhere, e.g. in MPEG-TS or screen recordings: :class:`VideoWriter`'s ``video_start``).
+        start_s: where the first decodable frame is on the container's clock, seconds: where the frame grid
+            of :func:`iter_video_frames` starts (the audio stream may start elsewhere, e.g. in MPEG-TS or
+            screen recordings: :class:`VideoWriter`'s ``video_start``; a cut MPEG-TS may start its video
+            stream at frames that cannot be decoded).
         variable_rate: the header's average frame rate differs from its nominal one by over 1 % (a variable
             frame rate, which :func:`iter_video_frames` puts on a constant-rate grid by timestamp; some
             containers, e.g. Matroska, do not tell).
@@ -249,9 +251,14 @@ def probe_video(path: PathLike) -> VideoInfo:
         elif container.duration is not None:
             duration_s = container.duration / av.time_base
         width, height = stream.codec_context.width, stream.codec_context.height
-        orient = _stream_orientation(path, container, stream)
-        if orient is not None and orient.swaps_sides:
+        first = _first_frame(container, stream)
+        if first is not None and _frame_orientation(path, first).swaps_sides:
             width, height = height, width
+        start_s = Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base \
+            else Fraction(0)
+        if first is not None and first.pts is not None and first.time_base is not None:
+            start_s = Fraction(first.pts * first.time_base)  # where the frame grid starts (a cut MPEG-TS may
+            # start its stream at a frame that cannot be decoded without the ones before it)
         return VideoInfo(
             path=path,
             width=width,
@@ -260,8 +267,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             num_frames=stream.frames if stream.frames > 0 else None,
             has_audio=bool(container.streams.audio),
             duration_s=duration_s,
-            start_s=Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base
-            else Fraction(0),
+            start_s=start_s,
             variable_rate=_variable(stream),
         )
 
@@ -337,15 +343,14 @@ def _frame_orientation(path: Path, frame: av.VideoFrame) -> _Orientation:
     return _UPRIGHT
 
 
-def _stream_orientation(path: Path, container: av.container.InputContainer,
-                        stream: av.video.stream.VideoStream) -> _Orientation | None:
-    """The orientation of a stream's frames, from its first frame (PyAV exposes the display matrix on
-    decoded frames only). None when no frame decodes (decoding reports that, with the file's name)."""
+def _first_frame(container: av.container.InputContainer, stream: av.video.stream.VideoStream
+                 ) -> av.VideoFrame | None:
+    """The stream's first decodable frame (PyAV exposes the display matrix on decoded frames only), or None
+    when none decodes (decoding reports that, with the file's name)."""
     try:
-        frame = next(container.decode(stream), None)
+        return next(container.decode(stream), None)
     except (av.error.FFmpegError, OSError, ValueError):
         return None
-    return None if frame is None else _frame_orientation(path, frame)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

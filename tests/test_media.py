@@ -978,6 +978,31 @@ def test_a_cut_variable_rate_clip_is_truncated(tmp_path: Path) -> None:
     assert len(list(iter_video_frames(cut, n))) == n > 200  # grid frames: the slow stretch repeats
 
 
+def test_a_stream_cut_mid_gop_starts_at_its_first_decodable_frame(tmp_path: Path) -> None:
+    """An MPEG-TS whose video starts with frames that need the ones before them (cut between key frames): the
+    clip starts, for the result and its audio, at the first frame that decodes, not at the stream's start
+    (was: the stream's start, so the audio of the frames that do not decode played under the first one)."""
+    src = tmp_path / "src.mkv"
+    _write_numbered_vfr(src, [i / 25 for i in range(75)])
+    ts = tmp_path / "cut.ts"
+    with av.open(str(src)) as i, av.open(str(ts), "w") as o:
+        vi = i.streams.video[0]
+        vo = o.add_stream_from_template(vi)
+        for n, packet in enumerate(p for p in i.demux(vi) if p.dts is not None):
+            if n >= 3:  # the key frame and 2 more dropped: frames until the next key frame cannot decode
+                packet.stream = vo
+                o.mux(packet)
+    with av.open(str(ts)) as c:
+        v = c.streams.video[0]
+        stream_start = Fraction(v.start_time * v.time_base)
+        first = next(c.decode(v))
+        first_s, first_number = Fraction(first.pts * first.time_base), _frame_number(first.to_ndarray(format="rgb24"))
+    assert first_s > stream_start  # the stream's first frames do not decode
+    assert probe_video(ts).start_s == first_s
+    assert _frame_number(next(iter_video_frames(ts, strict=False))) == first_number
+    assert probe_video(DRIVER).start_s == 0
+
+
 def test_a_clip_whose_edit_list_hides_frames_is_complete(tmp_path: Path) -> None:
     """An MP4 whose edit list hides its first 10 of 100 coded frames (what a stream-copy cut on a non-key
     frame writes): its header counts 100 samples, 90 are shown and decode, and the last one reaches the
