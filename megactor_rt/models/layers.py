@@ -66,8 +66,8 @@ def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     * CUDA: ``x`` first, so activations stay contiguous NCHW as upstream's (diffusers calls ``.contiguous()``
       there), and the Triton GroupNorm+SiLU kernels, which take contiguous input, serve every resnet norm (in
       the other order 41 of the tiny UNet's 45 got channels-last input and fell back to PyTorch);
-    * CPU: ``branch`` first, so channels-last flows on: oneDNN's convs ran a full-size 256 px window call
-      about 10 % faster that way on this project's 2-core machine (2026-11-27).
+    * CPU: ``branch`` first, so channels-last flows on: a full-size 256 px window call ran about 8 % faster
+      that way on this project's 2-core machine (2026-11-27, docs/performance.md).
     """
     return x + branch if x.is_cuda else branch + x
 
