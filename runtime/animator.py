@@ -405,7 +405,7 @@ class Animator:
         Raises:
             InputError: no face in the portrait crop, or landmarks that span no area.
         """
-        found, model = state.face_landmarks, state.landmarks_model  # one read: another thread may replace both
+        found, model = state.face_landmarks, state.landmarks_model  # returned as read or computed here, never re-read
         if found is None or model != str(landmarker.path):
             found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()))
             if found is None:
