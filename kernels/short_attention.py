@@ -21,12 +21,15 @@ their ``(B, F, HW, C)`` activations as they are: no frame or head transposes on 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
 from megactor_rt.kernels._triton import HAVE_TRITON, switched_off
+
+logger = logging.getLogger(__name__)
 
 MAX_LEN = 64  # longest sequence the kernel takes (all keys of a sequence sit in registers)
 MAX_HEAD_DIM = 256
@@ -73,7 +76,24 @@ def short_attention_usable(q: torch.Tensor, heads: int, k: torch.Tensor | None =
         return False
     b, seq, pos, c = q.shape
     return c % heads == 0 and seq <= MAX_LEN and c // heads <= MAX_HEAD_DIM and q.dtype in (
-        torch.float16, torch.bfloat16, torch.float32)
+        torch.float16, torch.bfloat16, torch.float32) and (torch.compiler.is_compiling() or _self_check(q.device))
+
+
+@functools.cache
+def _self_check(device: torch.device) -> bool:
+    """Once per process and device (eager calls): the kernel against the reference on a small input. A failure
+    (a Triton that cannot compile it, a wrong result) is logged and the reference is used from then on."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 5, 64, generator=g).to(device) for _ in range(3))
+    try:
+        err = (short_attention_triton(q, k, v, 4) - short_attention_ref(q, k, v, 4)).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
+        logger.warning("Triton short-attention kernel unusable on %s (%s); using SDPA", device, exc)
+        return False
+    if not err < 1e-3:
+        logger.warning("Triton short-attention kernel off on %s: self-check error %.3g; using SDPA", device, err)
+        return False
+    return True
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

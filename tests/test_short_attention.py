@@ -82,6 +82,29 @@ def test_dispatch_falls_back_on_cpu_and_when_disabled(monkeypatch: pytest.Monkey
     assert not SA.short_attention_usable(q, 4)
 
 
+def test_self_check_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A Triton that cannot build the kernel, or a kernel that computes wrong values, means SDPA from then on
+    (was: the eager forward raised, or used wrong values)."""
+    cpu = torch.device("cpu")
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("no kernel for you")
+
+    def wrong(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.zeros_like(q)
+
+    for fake, message in ((broken, "unusable"), (wrong, "self-check error")):
+        SA._self_check.cache_clear()
+        monkeypatch.setattr(SA, "short_attention_triton", fake)
+        with caplog.at_level("WARNING", logger=SA.__name__):
+            assert SA._self_check(cpu) is False
+        assert message in caplog.text
+    monkeypatch.setattr(SA, "short_attention_triton", SA.short_attention_ref)
+    SA._self_check.cache_clear()
+    assert SA._self_check(cpu) is True
+    SA._self_check.cache_clear()
+
+
 def test_bad_shapes_are_named() -> None:
     q = torch.randn(1, 16, 4, 32)
     with pytest.raises(ValueError, match="one shape"):
