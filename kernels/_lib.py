@@ -280,11 +280,12 @@ def kernels_status() -> dict:
     Returns:
         dict with keys ``available`` (bool), ``library`` (path or None), ``reason`` (str),
         ``build_info`` (str), ``compute_capabilities`` (list of str, e.g. ["80", "86", "90"]),
-        ``host_library`` (path or None), ``build_command`` (str).
+        ``host_library`` (path or None), ``build_command`` (str); with a usable library and a GPU in view also
+        ``this_gpu`` (str): whether its architectures run on the current GPU (else the rebuild command).
     """
     cuda, host = cuda_lib(), host_lib()
     archs = [a.split("-")[0] for a in compiled_archs(cuda.build_info)]
-    return {
+    status = {
         "available": cuda.available,
         "library": str(cuda.path) if cuda.path else None,
         "reason": cuda.reason or "ok",
@@ -293,3 +294,18 @@ def kernels_status() -> dict:
         "host_library": str(host.path) if host.path else None,
         "build_command": BUILD_COMMAND,
     }
+    capability = _gpu_capability() if cuda.available else None
+    if capability is not None:
+        here = cuda_lib_for(capability)
+        status["this_gpu"] = (f"compute capability {capability[0]}.{capability[1]}: "
+                              + ("the library runs here" if here.available else here.reason))
+    return status
+
+
+def _gpu_capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability, or None without one (torch imported only here)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None  # type: ignore[return-value]

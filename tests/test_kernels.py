@@ -376,6 +376,20 @@ def test_a_library_built_for_other_gpus_falls_back(monkeypatch):
     assert _lib.compiled_archs("host;x86_64") == [] and _lib.compiled_archs("cuda;archs=unknown") == []
 
 
+def test_doctor_says_whether_the_library_runs_on_this_gpu(monkeypatch):
+    built = _lib.LoadedLib(name=_lib.CUDA_LIB_NAME, lib=object(), path=Path("/x/libmegactor_kernels.so"),  # type: ignore[arg-type]
+                           build_info="cuda;archs=90")
+    monkeypatch.setattr(_lib, "cuda_lib", lambda: built)
+    monkeypatch.setattr(_lib, "_gpu_capability", lambda: (8, 0))
+    status = _lib.kernels_status()
+    assert status["this_gpu"].startswith("compute capability 8.0: ") and "-DCMAKE_CUDA_ARCHITECTURES=80" in \
+        status["this_gpu"]
+    monkeypatch.setattr(_lib, "_gpu_capability", lambda: (9, 0))
+    assert _lib.kernels_status()["this_gpu"] == "compute capability 9.0: the library runs here"
+    monkeypatch.setattr(_lib, "_gpu_capability", lambda: None)
+    assert "this_gpu" not in _lib.kernels_status()
+
+
 def test_the_environment_variable_is_the_only_place_searched(monkeypatch, tmp_path):
     """With $MEGACTOR_KERNELS_LIB set, a library it names that is missing is reported as such, not replaced by
     the repository's build (was: silently used build/kernels/); a folder there holds the libraries."""
