@@ -1,10 +1,12 @@
-"""What the Triton kernel modules (``short_attention``, ``group_norm``) share: whether Triton is installed, and
-when an eager call must not use a kernel."""
+"""What the Triton kernel modules (``short_attention``, ``group_norm``) share: whether Triton is installed,
+when an eager call must not use a kernel, and the self-check that decides once per device whether it can."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -16,3 +18,19 @@ def switched_off(env_var: str) -> bool:
     to ``0`` (read on every call), or an ONNX export or TorchScript trace under way (their graphs must hold
     the PyTorch ops)."""
     return os.environ.get(env_var, "1") == "0" or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def kernel_passes(what: str, device: torch.device, error: Callable[[], float], tolerance: float,
+                  log: logging.Logger, instead: str) -> bool:
+    """Run a kernel's self-check on ``device``: ``error()`` runs the kernel and its reference on a small input and
+    returns the largest difference. Any failure (a Triton that cannot compile the kernel) or an error not below
+    ``tolerance`` is logged on ``log``, naming ``what`` and the ``instead`` used from then on, and gives False."""
+    try:
+        err = error()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
+        log.warning("Triton %s unusable on %s (%s); using %s", what, device, exc, instead)
+        return False
+    if not err < tolerance:
+        log.warning("Triton %s off on %s: self-check error %.3g; using %s", what, device, err, instead)
+        return False
+    return True

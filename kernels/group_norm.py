@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megactor_rt.kernels._triton import HAVE_TRITON, switched_off
+from megactor_rt.kernels._triton import HAVE_TRITON, kernel_passes, switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +61,12 @@ def _self_check(device: torch.device) -> bool:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(6, 32, 9, 9, generator=g) * 2 + 1).to(device)
     w, b = torch.randn(32, generator=g).to(device), torch.randn(32, generator=g).to(device)
-    try:
+
+    def error() -> float:
         out = group_norm_silu_triton(x, w, b, 8, 3, 1e-5)
-        err = (out - group_norm_silu_ref(x, w, b, 8, 3, 1e-5)).abs().max().item()
-    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels
-        logger.warning("Triton GroupNorm kernels unusable on %s (%s); using PyTorch", device, exc)
-        return False
-    if not err < 1e-4:
-        logger.warning("Triton GroupNorm kernels off on %s: self-check error %.3g; using PyTorch", device, err)
-        return False
-    return True
+        return (out - group_norm_silu_ref(x, w, b, 8, 3, 1e-5)).abs().max().item()
+
+    return kernel_passes("GroupNorm kernels", device, error, 1e-4, logger, "PyTorch")
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, frames: int, silu: bool = True) -> torch.Tensor:

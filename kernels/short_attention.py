@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from megactor_rt.kernels._triton import HAVE_TRITON, switched_off
+from megactor_rt.kernels._triton import HAVE_TRITON, kernel_passes, switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,11 @@ def _self_check(device: torch.device) -> bool:
     (a Triton that cannot compile it, a wrong result) is logged and the reference is used from then on."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 16, 5, 64, generator=g).to(device) for _ in range(3))
-    try:
-        err = (short_attention_triton(q, k, v, 4) - short_attention_ref(q, k, v, 4)).abs().max().item()
-    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernel
-        logger.warning("Triton short-attention kernel unusable on %s (%s); using SDPA", device, exc)
-        return False
-    if not err < 1e-3:
-        logger.warning("Triton short-attention kernel off on %s: self-check error %.3g; using SDPA", device, err)
-        return False
-    return True
+
+    def error() -> float:
+        return (short_attention_triton(q, k, v, 4) - short_attention_ref(q, k, v, 4)).abs().max().item()
+
+    return kernel_passes("short-attention kernel", device, error, 1e-3, logger, "SDPA")
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
