@@ -203,21 +203,26 @@ def contour_rects(landmarks_per_frame: Iterable[np.ndarray], size: int) -> list[
     Raises:
         ValueError: no frames, or landmarks of the wrong shape.
     """
-    rects: list[Crop] | None = None
-    for lm in landmarks_per_frame:
-        rects = _add_frame(rects, lm, size)
-    if rects is None:
+    per_frame = [group_boxes(lm, size) for lm in landmarks_per_frame]
+    if not per_frame:
         raise ValueError("contour_rects needs the landmarks of at least one frame")
-    return rects
+    return _crops(span_unions(np.stack(per_frame), len(per_frame))[0])
 
 
-def _add_frame(rects: list[Crop] | None, lm: np.ndarray, size: int) -> list[Crop]:
-    """``rects`` (None: no frame yet) grown by one frame's group boxes."""
+def group_boxes(lm: np.ndarray, size: int) -> np.ndarray:
+    """One frame's ``(68, 2)`` landmarks -> its ``(4, 4)`` int32 :func:`group_box` per group of
+    :data:`CONTOUR_GROUPS`.
+
+    Raises:
+        ValueError: landmarks of the wrong shape.
+    """
     _check_landmarks(lm)
-    boxes = [group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS]
-    if rects is None:
-        return boxes
-    return [(min(r[0], b[0]), min(r[1], b[1]), max(r[2], b[2]), max(r[3], b[3])) for r, b in zip(rects, boxes)]
+    return np.array([group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS], np.int32)
+
+
+def _crops(boxes: np.ndarray) -> list[Crop]:
+    """``(G, 4)`` int boxes -> ``(top, left, bottom, right)`` tuples of Python ints."""
+    return [(int(t), int(left), int(b), int(r)) for t, left, b, r in boxes]
 
 
 def bbox_corners(landmarks: np.ndarray) -> np.ndarray:
@@ -289,7 +294,7 @@ class ContourPlan:
         """The kept rectangles of frame ``index``: the union over the ``span`` frames centred on it (clamped to
         the clip)."""
         start = min(max(index - self.span // 2, 0), len(self.unions) - 1)
-        return [(int(t), int(left), int(b), int(r)) for t, left, b, r in self.unions[start]]
+        return _crops(self.unions[start])
 
     def apply(self, frame: np.ndarray, index: int = 0) -> np.ndarray:
         """Frame ``index`` of the clip, masked to its rectangles and warped (:func:`contour_frame`)."""
@@ -318,7 +323,7 @@ def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmar
                  source_name: str = "driver", affine_frame: str = "last", span: int = CONTOUR_SPAN) -> ContourPlan:
     """Rectangles and affine of a clip from its per-frame landmarks (None: no face in that frame).
 
-    Consumes ``driver_landmarks`` as a stream, keeping only each frame's four group boxes (64 bytes a frame).
+    Consumes ``driver_landmarks`` as a stream, keeping only each frame's four group boxes.
     Frames without landmarks reuse the previous frame's (the first found, before it), as upstream's DWPose
     would always return some face. Each frame's rectangles are the union of the group boxes over the ``span``
     frames around it (:class:`ContourPlan`): for a clip of up to ``span`` frames, one union over all of it, as
@@ -341,10 +346,9 @@ def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmar
             missing += 1
             boxes.append(boxes[-1] if boxes else None)
             continue
-        _check_landmarks(lm)
+        boxes.append(group_boxes(lm, size))
         last = lm
         first = lm if first is None else first
-        boxes.append(np.array([group_box(lm[a:b], size) for a, b in CONTOUR_GROUPS], np.int32))
     if first is None or last is None:
         raise InputError(f"contour mode: no face landmarks found in any of the {len(boxes)} cropped frames of "
                          f"driving video {source_name}")
