@@ -396,9 +396,13 @@ class _FrameClock:
         self.fps = fps
         self.first_pts: int | None = None
 
-    def slot_of(self, pts: int) -> int:
+    def position(self, pts: int) -> Fraction:
+        """Where ``pts`` falls on the grid, in steps after the first frame (exact)."""
         assert self.first_pts is not None and self.time_base is not None
-        return math.floor((pts - self.first_pts) * self.time_base * self.fps + Fraction(1, 2))
+        return (pts - self.first_pts) * self.time_base * self.fps
+
+    def slot_of(self, pts: int) -> int:
+        return math.floor(self.position(pts) + Fraction(1, 2))
 
     def index(self, frame: av.VideoFrame, fallback: int) -> int:
         if frame.pts is None or self.time_base is None:
@@ -411,7 +415,7 @@ class _FrameClock:
         """How far ``frame``'s time is from ``slot``'s, in grid steps (0 without a timestamp)."""
         if frame.pts is None or self.time_base is None or self.first_pts is None:
             return Fraction(0)
-        return abs((frame.pts - self.first_pts) * self.time_base * self.fps - slot)
+        return abs(self.position(frame.pts) - slot)
 
     def reanchor(self, frame: av.VideoFrame, slot: int) -> None:
         """Number the timeline from ``frame`` on so that it lands on ``slot`` (after a timestamp discontinuity)."""
@@ -587,8 +591,9 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 held, held_off = frame, off  # the one nearest the slot's time
         if done():
             return  # the completeness check covers only the frames read
+        ends = _reaches_the_end(stream, last_time)
         if held is not None:
-            complete = _reaches_the_end(stream, last_time) or not _short(stream.frames, where())
+            complete = ends or not _short(stream.frames, where())
             end = None if reanchored or not complete else _end_slot(stream, clock)
             yield from shown(held, max(held_at + 1, end or 0))  # the last frame until the stream ends
             if done():
@@ -599,7 +604,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                            "repeats", path, float(clock.fps), repeats, slot - skip)
         if decoded == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames")
-        if not _reaches_the_end(stream, last_time):
+        if not ends:
             _check_complete(path, stream.frames, where(), strict, slot - skip)
 
 
