@@ -154,6 +154,8 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
 
 def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: int, precisions: Sequence[str],
                   fp16_softmax: bool = False) -> list[dict]:
+    remove_stale(out, f"{STAGING_PREFIX}*", folders=True)  # staging folders of exports killed midway (SIGKILL)
+    remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
     manifest = _read_manifest(out)
     rows = []
     for spec in progress(specs, desc="export", unit="graph", leave=True):
@@ -183,8 +185,6 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
         return {**old, "profiles": spec.profiles()}, "cached"
-    remove_stale(out, f"{STAGING_PREFIX}*", folders=True)  # staging folders of exports killed midway (SIGKILL)
-    remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
     with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
         src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
         if src is None:
