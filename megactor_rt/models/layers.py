@@ -69,7 +69,10 @@ def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     * CPU: ``branch`` first, so channels-last flows on: a full-size 256 px window call ran about 8 % faster
       that way on this project's 2-core machine (2026-11-27, docs/performance.md).
     """
-    return x + branch if x.is_cuda else branch + x
+    return x + branch if x.is_cuda and KEEP_NCHW_ON_CUDA else branch + x
+
+
+KEEP_NCHW_ON_CUDA = True  # residual_add's CUDA order; bench/profile_unet.py times False (the CPU's) on a GPU
 
 
 class GEGLU(nn.Module):
