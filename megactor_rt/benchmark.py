@@ -662,7 +662,9 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
             raise InputError(f"suite '{suite}' has scenarios 1 to {len(chosen)}, not {', '.join(map(str, bad))}")
         picked = set(only)
         chosen = [sc for i, sc in enumerate(chosen, 1) if i in picked]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from megactor_rt.runtime.animator import check_device, default_device
+
+    dev = check_device(device) if device else default_device()  # a device this machine lacks: InputError
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
     if modes:
         scenarios = select_modes(suite, scenarios, modes)
