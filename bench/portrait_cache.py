@@ -59,7 +59,8 @@ def main() -> None:
     anim = Animator(sub, AnimateConfig(steps=args.steps))
     inputs = anim.portrait_inputs(ASSETS_DIR / "portrait.png")  # crop + mask: not timed
     timesteps = DDIM(sub.config.scheduler).timesteps(args.steps)
-    anim.prepare(inputs)  # warm-up (kernels, allocator); its state is dropped below
+    anim.prepare(inputs).bank(timesteps[0], sub)  # warm-up (kernels, allocator, the ReferenceNet's first
+    # call); its state is dropped below
 
     def timed_state() -> tuple[PortraitState, float]:
         """Prepare the portrait and fill every bank of the run, as a run does; every tensor read once."""

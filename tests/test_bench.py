@@ -216,10 +216,52 @@ def test_ratio_table_uses_each_modes_median_and_both_flop_ratios():
               "results": [result("reference", 10.0, 8.0, 3.0), result("reference", 12.0, 9.0, 3.0),
                           result("reference", 30.0, 20.0, 3.0),
                           result("optimized", 5.0, 4.0, 1.0), result("optimized", 6.0, 4.5, 1.0),
-                          result("optimized", 2.0, 1.0, 1.0)]}
+                          result("optimized", 2.0, 1.0, 1.0), result("optimized+no-wrap", 4.0, 3.0, 1.0)]}
     md = markdown(report)
     # medians: reference 12 s / 9 s, optimized 5 s / 4 s; FLOPs: denoise 3/1, whole run 4/2
-    assert "| s | optimized | 2.40x | 2.25x | 3.00x | 2.00x |" in md, md
+    assert "| s | optimized | yes | 2.40x | 2.25x | 3.00x | 2.00x |" in md, md
+    # open windows change the output: its speed-up is marked as not the same math
+    assert "| s | optimized+no-wrap | no | 3.00x | 3.00x | 3.00x | 2.00x |" in md, md
+
+
+def test_modes_are_told_apart_by_math_and_by_cuda_graphs():
+    from megactor_rt.benchmark import changes_math, replays_cuda_graphs
+
+    assert [changes_math(m) for m in ("optimized", "optimized+compile+batch3", "optimized+tiny-decoder",
+                                      "optimized+no-wrap", "optimized+tensorrt+fp16-softmax")] == \
+        [False, False, True, True, True]
+    assert [replays_cuda_graphs(m) for m in ("optimized+compile", "optimized+compile-graphs",
+                                             "optimized+tensorrt", "optimized+tensorrt-graphs")] == \
+        [False, True, False, True]
+
+
+def test_modes_warm_up_twice_for_cuda_graphs_and_release_their_portrait_state(tmp_path, monkeypatch):
+    """A mode that replays CUDA graphs makes its warm-up run twice (graphs are recorded on the second call of a
+    shape, which would otherwise fall in the timed run). After its warm-up and after each timed run a mode
+    drops the portrait state its cache keeps, so the next mode's peak memory does not include it."""
+    from megactor_rt import benchmark
+
+    runs, held = [], []
+    consume, timed = benchmark._consume, benchmark._ModeRun.timed
+
+    def count(anim, inputs, driver, cfg, work_dir):
+        runs.append(cfg.steps)
+        return consume(anim, inputs, driver, cfg, work_dir)
+
+    def spy(self, *args):
+        out = timed(self, *args)
+        held.append(len(self.anim.cache))
+        return out
+
+    monkeypatch.setattr(benchmark, "_consume", count)
+    monkeypatch.setattr(benchmark._ModeRun, "timed", spy)
+    monkeypatch.setattr(benchmark, "replays_cuda_graphs", lambda mode: mode == "optimized+batch2")
+    monkeypatch.setitem(benchmark.SUITES, "test-graphs", [benchmark.Scenario(
+        "tiny, 2 frames", "tiny", 128, 2, 2, 1, 2, modes=("optimized", "optimized+batch2"))])
+    report = run_bench("test-graphs", tmp_path)
+    assert not report["errors"]
+    assert runs == [1, 2, 1, 1, 2], runs  # warm-up, timed; warm-up twice, timed
+    assert held == [0, 0], held
 
 
 def test_the_warm_up_counts_every_call_size_of_the_timed_run(tmp_path, monkeypatch):
