@@ -165,11 +165,11 @@ def main() -> None:
             try:
                 secs = time_call(optimized, dev)
             finally:
-                for var, value in before.items():
-                    if value is None:
+                for var, was in before.items():
+                    if was is None:
                         del os.environ[var]
                     else:
-                        os.environ[var] = value
+                        os.environ[var] = was
             report["calls"][f"optimized, {label}"] = {"seconds": secs, "tflop": opt_tflop,
                                                       "tflops_per_s": opt_tflop / secs}
         # the residual order the CPU takes (layers.residual_add): channels-last activations flow on from the
