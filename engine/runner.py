@@ -107,6 +107,10 @@ class TensorRTRunner(Runner):
         self._own = threading.local()  # per thread: the stream used instead of the legacy default stream
         self._device = torch.device("cuda")
 
+    def identity(self) -> str:
+        """TensorRT, and the ONNX graph the plan was built from."""
+        return f"tensorrt:{self.record.onnx_sha256[:16]}"
+
     # -- lifecycle -------------------------------------------------------------------------------------
     def activate_impl(self) -> None:
         device = self.device_info or DeviceInfo.current()
@@ -331,6 +335,10 @@ class ProfileSetRunner(Runner):
         plan_dirs: the plans' cache directories, in order of preference.
         **options: :class:`TensorRTRunner`'s keyword arguments, for each plan.
     """
+
+    def identity(self) -> str:
+        """The plans' graph (every profile is a plan of one ONNX file)."""
+        return self.runners[0].identity()
 
     def __init__(self, plan_dirs: Sequence[str | Path], **options: Any) -> None:
         if not plan_dirs:

@@ -3,6 +3,7 @@ when an eager call must not use a kernel, and the self-check that decides once p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -34,3 +35,12 @@ def kernel_passes(what: str, device: torch.device, error: Callable[[], float], t
         log.warning("Triton %s off on %s: self-check error %.3g; using %s", what, device, err, instead)
         return False
     return True
+
+
+def on_tensor_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A launch guard: Triton launches on the current CUDA device and its current stream, so a kernel on tensors
+    of another device (``--device cuda:1`` in a thread whose current device is 0) enters that device first.
+    Nothing for CPU tensors (the interpreter) or tensors of the current device."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

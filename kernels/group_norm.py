@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megactor_rt.kernels._triton import HAVE_TRITON, kernel_passes, switched_off
+from megactor_rt.kernels._triton import HAVE_TRITON, kernel_passes, on_tensor_device, switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +97,15 @@ def group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: t
     count = torch.empty_like(mean)
     stats, apply = _kernels()
     grid = (b * groups, frames, split)
-    stats[grid](x, mean, m2, count, groups, frames, c, cg, hw, span, chunk, split, BLOCK=1024)
     out = torch.empty_like(x)
     has_affine = weight is not None
     w_arg = weight if has_affine else x  # never read without affine
     b_arg = bias if bias is not None else x
-    apply[grid](x, out, mean, m2, count, w_arg, b_arg, groups, frames, c, cg, hw, span, chunk, split, parts, eps,
-                BLOCK=1024, BLOCK_P=max(16, triton.next_power_of_2(parts)), AFFINE=has_affine,
-                HAS_BIAS=bias is not None, SILU=silu)
+    with on_tensor_device(x):
+        stats[grid](x, mean, m2, count, groups, frames, c, cg, hw, span, chunk, split, BLOCK=1024)
+        apply[grid](x, out, mean, m2, count, w_arg, b_arg, groups, frames, c, cg, hw, span, chunk, split, parts,
+                    eps, BLOCK=1024, BLOCK_P=max(16, triton.next_power_of_2(parts)), AFFINE=has_affine,
+                    HAS_BIAS=bias is not None, SILU=silu)
     return out
 
 

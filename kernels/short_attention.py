@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from megactor_rt.kernels._triton import HAVE_TRITON, kernel_passes, switched_off
+from megactor_rt.kernels._triton import HAVE_TRITON, kernel_passes, on_tensor_device, switched_off
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +130,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, wrap:
         kernel = wrap_triton(kernel)
     block_l = max(16, triton.next_power_of_2(seq))
     block_d = max(16, triton.next_power_of_2(d))
-    kernel[(b * pos * heads,)](
-        q, k, v, out, heads, pos, seq, d, d ** -0.5,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        BLOCK_L=block_l, BLOCK_D=block_d, IEEE=q.dtype == torch.float32, num_warps=4 if block_d * block_l <= 64 * 64 else 8)
+    with on_tensor_device(q):
+        kernel[(b * pos * heads,)](
+            q, k, v, out, heads, pos, seq, d, d ** -0.5,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            BLOCK_L=block_l, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
+            num_warps=4 if block_d * block_l <= 64 * 64 else 8)
     return out
 
 

@@ -28,6 +28,11 @@ class Runner(ABC):
         self.calls = 0
         self.total_seconds = 0.0
 
+    def identity(self) -> str:
+        """What computes this runner's outputs (backend and the graph it runs), for cache keys: two runners
+        with one identity give the same numbers for the same inputs."""
+        return type(self).__name__
+
     # -- lifecycle -----------------------------------------------------------------------------------
     def activate(self) -> Runner:
         if not self.is_active:

@@ -59,6 +59,9 @@ from megactor_rt.weights import build_models, load_converted
 logger = logging.getLogger(__name__)
 
 POSE_BATCH = 16  # driving frames per PoseGuider call
+# the portrait cache's key names this: raise it when a change to the code gives other numbers for a portrait
+# state (its VAE latents, CLIP tokens, FiLM code or ReferenceNet banks), so an on-disk store is not read back
+STATE_FORMAT = 1
 DECODE_BATCH = 4  # frames per VAE decode call
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents (b, 4, h, w) -> images (b, 3, S, S) in [-1, 1]
 DECODE_DEPTH = 3  # decode batches in flight (CUDA streams)
@@ -243,8 +246,8 @@ class Animator:
         seed = self.config.seed if seed is None else seed
         inputs = portrait if isinstance(portrait, PortraitInputs) else \
             self.portrait_inputs(portrait, face_crop=face_crop, mask=mask)
-        key = (f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.name}|{self.sub.dtype}|{self.sub.device}"
-               f"|seed={seed}")
+        key = (f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.state_id}|{self.sub.dtype}|{self.sub.device}"
+               f"|seed={seed}|format={STATE_FORMAT}")
         state = self.cache.get(key, self.sub.device)
         if state is not None:
             return state, True
@@ -365,7 +368,8 @@ class Animator:
                  cfg: AnimateConfig) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         stats = self.last_stats = RunStats()
-        timer = StageTimer(stats, torch.cuda.synchronize if self.sub.device.type == "cuda" else None)
+        dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
+        timer = StageTimer(stats, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None)
         calls0 = dict(self.sub.calls)
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
@@ -378,19 +382,23 @@ class Animator:
                 contour_plan = plan_driver_contour(plan, self.image_size, portrait_lm, landmarker,
                                                    contour_affine_frame)
         latents, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
-        if cfg.streams_frames:
-            frames = self._stream(latents, model, steps, windows, cfg, timer, tiny)
-        else:
-            with timer.stage("denoise"):
-                latents = denoise(latents, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
-                                  cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
-            frames = self._decode(latents, timer, cfg.decode_streams, tiny)
-        for frame in frames:
-            timer.frame_out()
-            yield frame
-        if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed):
-            timer.add("driver+pose_guider", model.pose.seconds)  # spent inside the denoise stage
-            model.pose.close()
+        feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
+        try:
+            if cfg.streams_frames:
+                frames = self._stream(latents, model, steps, windows, cfg, timer, tiny)
+            else:
+                with timer.stage("denoise"):
+                    latents = denoise(latents, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
+                                      cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
+                frames = self._decode(latents, timer, cfg.decode_streams, tiny)
+            for frame in frames:
+                timer.frame_out()
+                yield frame
+        finally:  # also on an error or an early stop: the driver's decode thread stops now, not at a collection
+            if feed is not None:
+                feed.close()
+        if feed is not None:
+            timer.add("driver+pose_guider", feed.seconds)  # spent inside the denoise stage
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
         self.cache.trim()
         self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
@@ -579,10 +587,12 @@ def demo_work_dir() -> Path:
 
 class _LoopClock:
     """Time spent in a loop entered many times (``with clock:`` around each resumption): on CUDA the device
-    time from the first entry to the last exit (events on the current stream), elsewhere the summed wall time."""
+    time from the first entry to the last exit (events on the device's current stream), elsewhere the summed wall
+    time."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.wall = 0.0
         self.first: torch.cuda.Event | None = None
         self.last: torch.cuda.Event | None = None
@@ -590,14 +600,14 @@ class _LoopClock:
     def __enter__(self) -> None:
         if self.cuda and self.first is None:
             self.first = torch.cuda.Event(enable_timing=True)
-            self.first.record()
+            self.first.record(torch.cuda.current_stream(self.device))
         self._t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         self.wall += time.perf_counter() - self._t0
         if self.cuda:
             self.last = torch.cuda.Event(enable_timing=True)
-            self.last.record()
+            self.last.record(torch.cuda.current_stream(self.device))
 
     def seconds(self, minus: float = 0.0) -> float:
         """The loop's time, less ``minus`` (device work of other stages queued in between on the same stream)."""

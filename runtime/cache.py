@@ -145,8 +145,14 @@ class PortraitCache:
         one may belong to another process writing now: :func:`megactor_rt.files.remove_stale`)."""
         assert self.disk_dir is not None
         remove_stale(self.disk_dir, "*.safetensors.*.tmp")
-        files = sorted(((st.st_mtime_ns, st.st_size, p) for p in self.disk_dir.glob("*.safetensors")
-                        for st in (p.stat(),)), reverse=True)
+        found = []
+        for p in self.disk_dir.glob("*.safetensors"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # removed meanwhile by another process trimming a shared store
+                continue
+            found.append((st.st_mtime_ns, st.st_size, p))
+        files = sorted(found, reverse=True)
         total = 0
         for _, size, path in files:  # newest first: each one stays while the store still fits
             if path != keep and total + size > self.max_disk_bytes:
@@ -164,7 +170,12 @@ class PortraitCache:
         if self.disk_dir is None:
             return None
         path = self._path(key)
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                return None
+        except OSError as exc:  # e.g. a store folder this user may not search: computed, as without a store
+            logger.warning("portrait cache: cannot look for %s (%s: %s); computing the portrait",
+                           path, type(exc).__name__, exc)
             return None
         try:
             with safe_open(str(path), "pt") as f:  # one read: header (metadata) and tensors

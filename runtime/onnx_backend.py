@@ -31,6 +31,10 @@ _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaErrorMemoryAllocation", re.IGNORECASE)
 
 
+# the graphs whose outputs a portrait state holds (runtime.portrait.prepare_portrait, PortraitState.bank)
+PORTRAIT_GRAPHS = ("clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net")
+
+
 class OrtRunner(Runner):
     """One onnxruntime session for one exported graph (CPU, or CUDA/TensorRT providers where installed)."""
 
@@ -40,6 +44,10 @@ class OrtRunner(Runner):
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.threads = threads
         self.session = None
+
+    def identity(self) -> str:
+        """onnxruntime, and the ONNX graph it runs."""
+        return f"onnxruntime:{self.graph.sha256[:16]}"
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
@@ -114,6 +122,16 @@ class GraphSubmodels(Submodels):
                         "decoding with TAESD in torch", self.name, self.graph_weights.get("tiny_decoder"), weights_id)
             return None
         return lambda latents: self._run("tiny_decoder", latents=latents)["images"]
+
+    @property
+    def state_id(self) -> str:
+        """This backend's name, and for each graph that computes a portrait state what runs it (a plan, a
+        session, a fallback) and from which ONNX graph (``--fp16-softmax`` exports other graphs)."""
+        parts = []
+        for graph in PORTRAIT_GRAPHS:
+            runner = self.runners.get(graph)
+            parts.append(f"{graph}={runner.identity() if runner is not None else getattr(self.fallback, 'name', None)}")
+        return f"{self.name}({','.join(parts)})"
 
     def _run(self, graph: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls[graph] += 1

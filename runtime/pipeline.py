@@ -181,7 +181,10 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
-                raise item
+                try:
+                    raise item
+                finally:  # else this frame (via `item`) and the exception's traceback (via this frame) keep each
+                    item = None  # other, and every producer frame, alive until a garbage collection
             yield item
     finally:
         stop.set()

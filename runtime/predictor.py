@@ -142,11 +142,13 @@ class _Base:
         if any(d is None for d in deeps) and any(d is not None for d in deeps):
             # denoise's step order keeps every window of a step in the same state
             raise ValueError(f"windows {list(windows)} share a UNet call but only some have a kept feature to reuse")
+        if deeps[0] is not None and self.offload:  # from pinned memory: queued, no host wait; joined on the
+            # device below, in stream order after the copies that wrote the host buffers (a host-side join would
+            # read them before those copies are done)
+            deeps = [d.to(latents.device, non_blocking=True) for d in deeps]  # type: ignore[union-attr]
         deep = deeps[0]
         if deep is not None and k > 1:  # [uncond of each window | cond of each window]
             deep = torch.cat([d[half:half + 1] for half in range(deep.shape[0]) for d in deeps])  # type: ignore
-        if deep is not None and self.offload:
-            deep = deep.to(latents.device, non_blocking=True)  # from pinned memory: queued, no host wait
         out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
                             keep_deep=self.keep and deep is None, **kwargs)
         out, kept = out if isinstance(out, tuple) else (out, None)

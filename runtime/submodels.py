@@ -34,6 +34,12 @@ class Submodels(ABC):
         """Context windows of ``frames`` frames one ``unet`` call may hold (None: any number)."""
         return self.max_window_batch
 
+    @property
+    def state_id(self) -> str:
+        """What computes a portrait state on this backend, for the portrait cache's key (graph backends add
+        the runner and the graph of each per-portrait submodel)."""
+        return self.name
+
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.dtype)
 

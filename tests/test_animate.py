@@ -388,6 +388,74 @@ def test_a_store_file_removed_by_another_process_after_reading_is_no_error(anim:
     assert reader.get("portrait-r") is not None and reader.disk_hits == 1
 
 
+def test_a_store_file_removed_while_trimming_is_skipped(anim: Animator, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process may remove a store file between this one listing the store and reading the file's size:
+    the trim goes on without it and the save stands (was: FileNotFoundError, reported as 'not stored')."""
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store)
+    cache.save(replace(base, key="portrait-a"))
+    listed = Path.glob
+
+    def glob_then_remove(self: Path, pattern: str):  # noqa: ANN202
+        for p in listed(self, pattern):
+            if p == cache._path("portrait-a"):
+                p.unlink()  # the other process's trim
+            yield p
+
+    monkeypatch.setattr(Path, "glob", glob_then_remove)
+    assert cache.persist(replace(base, key="portrait-b"))
+    monkeypatch.undo()
+    assert [p.name for p in store.glob("*.safetensors")] == [cache._path("portrait-b").name]
+
+
+def test_a_store_folder_that_cannot_be_searched_is_a_warning(anim: Animator, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A store whose folder this user may not search (EACCES) means computing the portrait, with a warning, as
+    a store that cannot be written does (was: PermissionError out of prepare)."""
+    store, is_file = tmp_path / "portraits", Path.is_file
+
+    def denied(self: Path) -> bool:
+        if self.parent == store:
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_file(self)
+
+    reader = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    monkeypatch.setattr(Path, "is_file", denied)
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        assert reader.prepare(PORTRAIT) is not None
+    assert "cannot look for" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_the_portrait_key_names_what_computes_the_state(anim: Animator) -> None:
+    """The key holds the state format and the backend's per-portrait runners and graphs: states computed by
+    another TensorRT/onnxruntime/fallback mix, or by another export (--fp16-softmax), are not read back."""
+    from megactor_rt.runtime.animator import STATE_FORMAT
+    from megactor_rt.runtime.onnx_backend import PORTRAIT_GRAPHS, GraphSubmodels
+
+    key = anim.prepare(PORTRAIT).key
+    assert f"|{anim.sub.state_id}|" in key and key.endswith(f"|format={STATE_FORMAT}")
+
+    class Graph:  # a runner for one exported graph
+        def __init__(self, sha: str) -> None:
+            self.sha = sha
+
+        def identity(self) -> str:
+            return f"onnxruntime:{self.sha}"
+
+    def graph_sub(runners: dict) -> GraphSubmodels:
+        return GraphSubmodels("tensorrt", anim.sub.config, "w", runners, torch.device("cpu"), torch.float32,
+                              fallback=anim.sub)
+
+    every = {g: Graph("a") for g in PORTRAIT_GRAPHS}
+    ids = {graph_sub(every).state_id, graph_sub({**every, "reference_net": Graph("b")}).state_id,
+           graph_sub({g: r for g, r in every.items() if g != "reference_net"}).state_id}
+    assert len(ids) == 3, ids
+    assert "reference_net=torch" in graph_sub({g: r for g, r in every.items() if g != "reference_net"}).state_id
+
+
 def test_animate_to_file_prepares_the_portrait_with_the_runs_seed(anim: Animator, media: dict[str, Path],
                                                                   tmp_path: Path) -> None:
     """``animate_to_file(config=...)``'s seed draws the portrait's VAE posterior sample as well as the initial

@@ -300,3 +300,50 @@ def test_a_stopped_consumer_cancels_its_producer_at_the_next_check() -> None:
     assert sum(e.startswith("work") for e in events) <= 2  # at most the items already under way
     assert not any(t.name == "producer-test" for t in threading.enumerate())
     check_cancelled()  # on a thread that produces for no prefetch: nothing to cancel
+
+
+def test_a_failed_run_stops_its_driver_thread_at_once_and_frees_its_state() -> None:
+    """A run that fails inside denoising stops its driver-decode worker before the error reaches the caller,
+    and once the caller drops the error, reference counting frees the run's state (was: ``prefetch`` re-raised from a frame that the exception's
+    traceback kept alive, so the worker went on decoding and the predictor, latents and features stayed alive
+    until a garbage collection; in the CLI's job loop the next job then ran beside them)."""
+    import gc
+    import threading
+    import weakref
+
+    from media_fixtures import PORTRAIT, face_frames
+
+    from megactor_rt.config import AnimateConfig
+    from megactor_rt.runtime import animator as animator_module
+    from megactor_rt.runtime.animator import Animator
+    from megactor_rt.runtime.driver import DriverFrames
+
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2))
+    state = anim.prepare(PORTRAIT)
+    real, calls, models = anim.sub.unet, [0], []
+    made = animator_module.OptimizedPredictor
+
+    def unet(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("UNet failed")
+        return real(*args, **kwargs)
+
+    class Predictor(made):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            models.append(weakref.ref(self))
+
+    anim.sub.unet = unet
+    animator_module.OptimizedPredictor = Predictor  # type: ignore[misc]
+    gc.disable()  # reference counting alone must free the run
+    try:
+        with pytest.raises(RuntimeError, match="UNet failed") as caught:
+            list(anim.animate(state, DriverFrames(face_frames(120), fps=25, name="clip")))
+        assert caught.value is not None  # the caller still holds the error (its traceback: the run's frames)
+        assert not [t.name for t in threading.enumerate() if t.name == "driver-decode"]
+        del caught
+        assert models and models[0]() is None  # dropping the error frees the run
+    finally:
+        gc.enable()
+        animator_module.OptimizedPredictor = made  # type: ignore[misc]
