@@ -295,6 +295,8 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
     # --profilingVerbosity=detailed), so `polygraphy inspect model PLAN --show layers` shows what TensorRT
     # fused (e.g. the attention blocks)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if job.graph.precision == "fp32":  # TF32 is on by default: an fp32 plan would round its matmul/conv inputs
+        config.clear_flag(trt.BuilderFlag.TF32)  # to 10 mantissa bits; fp32 plans are for exactness
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
     _add_profile(trt, builder, network, config, job)

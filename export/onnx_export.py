@@ -298,11 +298,13 @@ def to_fp16(model, spec: ExportSpec, *, fp16_softmax: bool = False):  # noqa: AN
     form TensorRT's fused-attention pattern and NVIDIA's own fp16 diffusion exports have; whether
     TensorRT fuses the default form (fp16 matmuls around an fp32 softmax) in a strongly typed network is
     unverified here (docs/decisions.md)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     keep = timestep_nodes(model) if "timestep" in spec.keep_fp32 else []
-    block = [op for op in FP32_OPS if not (fp16_softmax and op == "Softmax")]
+    # the converter's own list (ops without fp16 kernels: Range, CumSum, TopK, ...) applies only when no list is
+    # given, so it is joined to ours
+    block = sorted({op for op in FP32_OPS if not (fp16_softmax and op == "Softmax")} | set(DEFAULT_OP_BLOCK_LIST))
     model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), op_block_list=block,
                                      node_block_list=keep, disable_shape_infer=True)
     OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end

@@ -149,9 +149,13 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 def _restriction_problem(node: onnx.NodeProto, constants: set[str], version: str) -> str | None:
     """A documented per-node restriction of the TensorRT ONNX parser that ``node`` breaks, or None."""
     op, a = node.op_type, _attrs(node)
-    if op in ("Squeeze", "Unsqueeze", "ReduceMean") and len(node.input) > 1 and node.input[1] and \
-            node.input[1] not in constants:
+    if (op in ("Squeeze", "Unsqueeze") or op.startswith("Reduce")) and len(node.input) > 1 and node.input[1] and \
+            node.input[1] not in constants:  # the table's note on every Reduce* op: "axes must be an initializer"
         return f"'axes' is computed at run time; the TensorRT {version} parser needs it constant"
+    if op == "CumSum" and len(node.input) > 1 and node.input[1] not in constants:
+        return f"CumSum's 'axis' is computed at run time; the TensorRT {version} parser needs it constant"
+    if op == "TopK" and not a.get("sorted", 1):
+        return f"TopK with sorted=0, which the TensorRT {version} parser does not support"
     if op == "LayerNormalization" and len([o for o in node.output if o]) > 1:
         return f"uses the Mean/InvStdDev outputs; the TensorRT {version} parser supports only Y"
     if op == "Constant" and {"sparse_value", "value_string", "value_strings"} & set(a):

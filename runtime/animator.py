@@ -297,7 +297,9 @@ class Animator:
         mean, _ = self.sub.vae_encode(image)
         tokens = self.sub.clip_tokens(torch.zeros(1, 3, mcfg.clip.image_size, mcfg.clip.image_size))
         scale, shift = self.sub.film(torch.zeros(1, 3, ADA_SIZE, ADA_SIZE))
-        pose = self.sub.pose_features(torch.zeros(cfg.window, 3, size, size), scale, shift)
+        # in PoseFeed's batches (the PoseGuider plans take at most POSE_BATCH frames; a window may be longer)
+        pose = torch.cat([self.sub.pose_features(torch.zeros(min(POSE_BATCH, cfg.window - i), 3, size, size),
+                                                 scale, shift) for i in range(0, cfg.window, POSE_BATCH)])
         t = mcfg.scheduler.num_train_timesteps - 1
         bank = self.sub.reference_bank(mean, t, tokens)
         pose = pose.permute(1, 0, 2, 3)[None]

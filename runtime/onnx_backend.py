@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ from megactor_rt.weights import MegActorModels, converted_config
 
 logger = logging.getLogger(__name__)
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+# the manifest's dtypes that numpy holds (bfloat16: none; the exports make no bfloat16 graphs)
+_NP: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32,
+       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 # onnxruntime's allocation failures (CPU arena, CUDA provider), as its status messages word them
 _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaErrorMemoryAllocation", re.IGNORECASE)
 
@@ -35,10 +38,32 @@ _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaEr
 PORTRAIT_GRAPHS = ("clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net")
 
 
+def ort_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]] | None:
+    """onnxruntime's execution providers for ``device``: None (the CPU) for a CPU device; on CUDA, the CUDA
+    provider on that GPU (``device_id``), with the CPU for what it lacks.
+
+    Raises:
+        InputError: a CUDA device, and an onnxruntime without the CUDA provider (the CPU build: the graphs
+            would run on the CPU, about a hundred times slower, with only a warning from onnxruntime).
+    """
+    if device.type != "cuda":
+        return None
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise InputError(f"device {device}: this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider "
+                         f"(providers: {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime, "
+                         "or run onnxruntime on --device cpu")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
 class OrtRunner(Runner):
     """One onnxruntime session for one exported graph (CPU, or CUDA/TensorRT providers where installed)."""
 
-    def __init__(self, graph: GraphEntry, providers: Sequence[str] | None = None, threads: int = 0) -> None:
+    def __init__(self, graph: GraphEntry, providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+                 threads: int = 0) -> None:
         super().__init__(graph.name, list(graph.inputs), list(graph.outputs))
         self.graph = graph
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -55,7 +80,9 @@ class OrtRunner(Runner):
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        self.session = ort.InferenceSession(str(self.graph.path), opts, providers=self.providers)
+        session = ort.InferenceSession(str(self.graph.path), opts, providers=self.providers)
+        logger.debug("onnxruntime %s: providers %s", self.graph.name, session.get_providers())
+        self.session = session
 
     def deactivate_impl(self) -> None:
         self.session = None
@@ -70,6 +97,9 @@ class OrtRunner(Runner):
         return None if isinstance(dim, str) else int(dim)
 
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        unknown = {n: self.graph.inputs[n].dtype for n in self.input_names if self.graph.inputs[n].dtype not in _NP}
+        if unknown:
+            raise InputError(f"{self.graph.path}: inputs of a dtype onnxruntime's numpy feed cannot hold: {unknown}")
         arrays = {n: feed[n].detach().cpu().numpy().astype(_NP[self.graph.inputs[n].dtype], copy=False)
                   for n in self.input_names}
         if self.session is None:
@@ -80,7 +110,8 @@ class OrtRunner(Runner):
             if not _ORT_OOM.search(str(exc)):
                 raise
             status = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ResourceError(f"out of memory in onnxruntime graph {self.graph.name} on {', '.join(self.providers)} "
+            where = ", ".join(p if isinstance(p, str) else p[0] for p in self.providers)
+            raise ResourceError(f"out of memory in onnxruntime graph {self.graph.name} on {where} "
                                 f"({status}); {MEMORY_HINT}") from exc
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self.output_names, outs)}
 
@@ -249,7 +280,9 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
     """:func:`make_graph_submodels` for a loaded manifest of graphs exported from ``weights_id``'s networks;
     ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan (tensorrt only)."""
     want = "fp16" if precision is Precision.FP16 else "fp32"
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+    # the onnxruntime sessions run every graph (backend onnxruntime) or the graphs without a plan (tensorrt with
+    # fallback onnxruntime); with the torch fallback they are never run
+    providers = ort_providers(device) if backend == "onnxruntime" or fallback == "onnxruntime" else None
     ort_runners: dict[str, Runner] = {e.submodel: OrtRunner(e, providers) for e in manifest.graphs.values()
                                       if e.precision == want}
     if not ort_runners:

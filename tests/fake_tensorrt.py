@@ -49,6 +49,10 @@ class MemoryPoolType(enum.Enum):
     WORKSPACE = 0
 
 
+class BuilderFlag(enum.Enum):
+    TF32 = 6  # set by default (NvInfer.h: "kTF32 ... Enabled by default")
+
+
 class ProfilingVerbosity(enum.Enum):
     LAYER_NAMES_ONLY = 0
     NONE = 1
@@ -58,9 +62,14 @@ class ProfilingVerbosity(enum.Enum):
 class Logger:
     VERBOSE = 4
     WARNING = 2
+    ERROR = 1
 
     def __init__(self, min_severity: int = WARNING) -> None:
         self.min_severity = min_severity
+        self.messages: list[tuple[int, str]] = []
+
+    def log(self, severity: int, msg: str) -> None:
+        self.messages.append((severity, msg))
 
 
 class _Tensor:
@@ -162,6 +171,16 @@ class _BuilderConfig:
         self.profiles: list[OptimizationProfile] = []
         self.timing_cache: _TimingCache | None = None
         self.progress_monitor: IProgressMonitor | None = None
+        self._flags = {BuilderFlag.TF32}
+
+    def set_flag(self, flag: BuilderFlag) -> None:
+        self._flags.add(flag)
+
+    def clear_flag(self, flag: BuilderFlag) -> None:
+        self._flags.discard(flag)
+
+    def get_flag(self, flag: BuilderFlag) -> bool:
+        return flag in self._flags
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
         self.pool_limits[pool] = int(pool_size)
@@ -217,18 +236,46 @@ class Builder:
             monitor.phase_finish("Building engine")
         if Builder.fail_builds:
             return None
+        problem = _profile_problem(network, config.profiles)
+        if problem is not None:  # the real builder logs an error and returns None
+            self.logger.log(Logger.ERROR, problem)
+            return None
         if config.timing_cache is not None:
             config.timing_cache.entries["builds"] = config.timing_cache.entries.get("builds", 0) + 1
         plan = {"inputs": [t.name for t in network.inputs], "level": config.builder_optimization_level,
                 "verbosity": config.profiling_verbosity.name,
                 "workspace": config.pool_limits.get(MemoryPoolType.WORKSPACE),
+                "tf32": config.get_flag(BuilderFlag.TF32),
                 "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config.profiles]}
         return memoryview(json.dumps(plan).encode())
 
 
+def _profile_problem(network: _Network, profiles: list[OptimizationProfile]) -> str | None:
+    """What the real build rejects about the profiles (NvInfer.h: a network with dynamic inputs needs at least
+    one profile; IOptimizationProfile::setDimensions: each profile's shapes have the input's rank and its
+    static sizes; every dynamic input needs shapes in every profile), or None."""
+    dynamic = [t for t in network.inputs if -1 in t.shape]
+    if dynamic and not profiles:
+        return f"Network has dynamic or shape inputs, but no optimization profile has been defined ({dynamic[0].name})"
+    known = {t.name: t for t in network.inputs}
+    for i, p in enumerate(profiles):
+        for name in p.shapes:
+            if name not in known:
+                return f"profile {i}: no network input named {name}"
+        for t in network.inputs:
+            if t.name not in p.shapes:
+                if -1 in t.shape:
+                    return f"profile {i}: no dimensions for dynamic input {t.name}"
+                continue
+            for dims in p.shapes[t.name]:
+                if len(dims) != len(t.shape) or any(n != -1 and d != n for d, n in zip(dims, t.shape)):
+                    return f"profile {i}: {t.name} dims {list(dims)} do not match the network's {list(t.shape)}"
+    return None
+
+
 # which TensorRT class each stand-in is (tests/test_trt_api.py checks them against the recorded API)
 REAL_NAMES = {"DataType": "DataType", "NetworkDefinitionCreationFlag": "NetworkDefinitionCreationFlag",
-              "MemoryPoolType": "MemoryPoolType", "ProfilingVerbosity": "ProfilingVerbosity", "Logger": "Logger",
+              "MemoryPoolType": "MemoryPoolType", "BuilderFlag": "BuilderFlag", "ProfilingVerbosity": "ProfilingVerbosity", "Logger": "Logger",
               "_Tensor": "ITensor", "_Network": "INetworkDefinition", "_ParserError": "ParserError", "OnnxParser": "OnnxParser",
               "OptimizationProfile": "IOptimizationProfile", "IProgressMonitor": "IProgressMonitor",
               "_TimingCache": "ITimingCache", "_BuilderConfig": "IBuilderConfig", "Builder": "Builder"}

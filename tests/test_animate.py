@@ -463,7 +463,7 @@ def test_animate_to_file_prepares_the_portrait_with_the_runs_seed(anim: Animator
     a = fresh(anim, max_frames=2, steps=1)
     other = replace(a.config, seed=a.config.seed + 1)
     a.animate_to_file(PORTRAIT, media["short"], tmp_path / "a.mp4", config=other, audio=False)
-    assert [k.rsplit("|", 1)[1] for k in a.cache._mem] == [f"seed={other.seed}"]
+    assert [[p for p in k.split("|") if p.startswith("seed=")] for k in a.cache._mem] == [[f"seed={other.seed}"]]
     b = Animator(anim.sub, other, PortraitCache())
     b.animate_to_file(PORTRAIT, media["short"], tmp_path / "b.mp4", audio=False)
     from megactor_rt.media import iter_video_frames
@@ -537,6 +537,24 @@ def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> No
     assert ran == {"vae_encode": 1, "clip_tokens": 1, "film": 1, "pose_features": 1, "reference_bank": 1,
                    "unet": 1, "vae_decode": 1}
     assert seconds > 0 and len(anim.cache) == cached
+
+
+def test_warmup_runs_the_pose_guider_in_the_runs_batches(anim: Animator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window longer than the PoseGuider's batch (its plans take at most POSE_BATCH frames) is warmed up in
+    POSE_BATCH-frame calls, as a run's PoseFeed makes them (was: one call of the window's length, which a
+    TensorRT PoseGuider plan refused)."""
+    from megactor_rt.runtime.animator import POSE_BATCH
+
+    sizes: list[int] = []
+    pose = anim.sub.pose_features
+
+    def spy(frames: torch.Tensor, *args: object) -> torch.Tensor:
+        sizes.append(frames.shape[0])
+        return pose(frames, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(anim.sub, "pose_features", spy)
+    anim.warmup(replace(CFG, window=POSE_BATCH + 4, overlap=2))
+    assert sizes == [POSE_BATCH, 4]
 
 
 def test_warmup_covers_both_unet_calls_of_truncated_cfg(anim: Animator) -> None:

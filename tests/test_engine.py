@@ -528,11 +528,40 @@ def test_tensorrt_build_code_drives_the_api(fake_trt, onnx_dir: Path, tmp_path: 
     assert record.outputs == {"y": {"dtype": "float16", "shape": [-1, 4]}}
     plan = json.loads((results[0].directory / PLAN_NAME).read_bytes())
     assert plan == {"inputs": ["x"], "level": 3, "verbosity": "DETAILED", "workspace": int(1.5 * (1 << 30)),
-                    "profiles": [{"x": [[1, 8], [2, 8], [4, 8]]}]}
+                    "tf32": True, "profiles": [{"x": [[1, 8], [2, 8], [4, 8]]}]}
     cache = builder_mod.timing_cache_path(engines, H100)
     assert cache.read_bytes().endswith(b'{"builds": 1}')
     build_engines(onnx_dir, engines, "fp16", "default", force=True)
     assert cache.read_bytes().endswith(b'{"builds": 2}')  # read back and extended
+
+
+def test_fp32_plans_are_built_without_tf32(fake_trt, onnx_dir: Path, tmp_path: Path) -> None:
+    """TensorRT computes fp32 matmuls and convolutions in TF32 unless told not to; an fp32 plan is built without."""
+    job = _job(onnx_dir, tmp_path)
+    fp32 = replace(job, graph=replace(job.graph, precision="fp32"))
+    built = {j.graph.precision: json.loads(bytes(builder_mod._build_plan_trt(j, BuildOptions(profile="default"),
+                                                                            None)[0]))["tf32"]
+             for j in (job, fp32)}
+    assert built == {"fp16": True, "fp32": False}
+
+
+def test_the_stand_in_refuses_builds_the_real_tensorrt_refuses(fake_trt, onnx_dir: Path, tmp_path: Path) -> None:
+    """tests/fake_tensorrt.py fails a build as TensorRT does (None, an error logged) for a dynamic input without
+    an optimization profile or a profile at odds with the network (rank, static sizes), so a builder that added
+    no profile or a wrong one cannot pass the CPU tests."""
+    job = _job(onnx_dir, tmp_path)
+    for profiles, problem in (({}, "no optimization profile"), ({"x": [(1, 4), (2, 4), (4, 4)]}, "do not match"),
+                              ({"x": [(1, 8, 1), (2, 8, 1), (4, 8, 1)]}, "do not match")):
+        trt_logger = fake_trt.Logger()
+        network = fake_trt.Builder(trt_logger).create_network(1 << int(fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        assert fake_trt.OnnxParser(network, trt_logger).parse_from_file(str(job.graph.path))
+        config = fake_trt.Builder(trt_logger).create_builder_config()
+        for name, shapes in profiles.items():
+            p = fake_trt.Builder(trt_logger).create_optimization_profile()
+            p.set_shape(name, *shapes)
+            config.add_optimization_profile(p)
+        assert fake_trt.Builder(trt_logger).build_serialized_network(network, config) is None
+        assert problem in trt_logger.messages[-1][1]
 
 
 def test_unreadable_timing_cache_is_replaced_not_fatal(fake_trt, onnx_dir: Path, tmp_path: Path,

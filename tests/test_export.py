@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -610,3 +611,30 @@ def test_unknown_graphs_and_opsets_are_input_errors(models, tmp_path):
         export_models(models, tmp_path, graphs=["tiny_decoder"])
     with pytest.raises(InputError, match="--opset 9: the export supports opsets 17 to 20"):
         export_models(models, tmp_path, graphs=["vae_encoder"], opset=9)
+
+
+def test_onnxruntime_on_cuda_asks_for_that_gpu_or_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA device the sessions get the CUDA provider on that GPU (device_id); an onnxruntime without it (the
+    CPU build this project installs) is an InputError naming onnxruntime-gpu (was: onnxruntime warned and ran the
+    graphs on the CPU)."""
+    import onnxruntime as ort
+
+    from megactor_rt.runtime.onnx_backend import ort_providers
+
+    assert ort_providers(torch.device("cpu")) is None
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert ort_providers(torch.device("cuda:1")) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                     "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(InputError, match="onnxruntime-gpu"):
+        ort_providers(torch.device("cuda:0"))
+
+
+def test_an_input_dtype_numpy_cannot_hold_is_an_input_error(tmp_path: Path) -> None:
+    from megactor_rt.engine.manifest import GraphEntry, TensorSpec
+
+    graph = GraphEntry("g", "g.onnx", "g", "fp16", "0" * 64, {"x": TensorSpec("x", "bfloat16", (1,))},
+                       {"y": TensorSpec("y", "bfloat16", (1,))}, {}, root=tmp_path)
+    runner = OrtRunner(graph)
+    with pytest.raises(InputError, match="bfloat16"):
+        runner.infer_impl({"x": torch.zeros(1, dtype=torch.bfloat16)})

@@ -121,6 +121,15 @@ def test_nodes_breaking_the_parsers_documented_restrictions_are_named() -> None:
     computed = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Unsqueeze", ["x", "s"], ["y"])],
                       inputs=x1)
     assert "needs it constant" in scan_ops(computed)["Unsqueeze"][0]
+    for reduce in ("ReduceSum", "ReduceMax"):  # every Reduce* op: 'axes' (an input from opset 18) an initializer
+        fixed = _model([helper.make_node(reduce, ["x", "axes"], ["y"])], inputs=x1, inits=[axes])
+        assert unsupported_ops(fixed) == [], reduce
+        run_time = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node(reduce, ["x", "s"], ["y"])],
+                          inputs=x1)
+        assert "needs it constant" in scan_ops(run_time)[reduce][0], reduce
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
+    top = _model([helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=0)], inputs=x1, inits=[k])
+    assert "sorted=0" in scan_ops(top)["TopK"][0]
 
     ln_in = [helper.make_tensor_value_info("x", F16, [2, 8])]
     scale = helper.make_tensor("g", F16, [8], [1.0] * 8)
