@@ -185,8 +185,8 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
     """Split ``checkpoint-steps*.ckpt`` into (denoiser state, ReferenceNet state).
 
     Raises:
-        WeightsError: unreadable file, a pickle holding anything but tensors/containers/numbers, or keys
-            that belong to neither network.
+        WeightsError: unreadable file, a pickle holding anything but tensors/containers/numbers, or no keys of
+            one of the networks (keys of neither are skipped with a warning, as upstream skips them).
     """
     obj = read_torch_file(path, "checkpoint")
     state = _tensors(obj.get("state_dict", obj) if isinstance(obj, dict) else None, f"checkpoint {path}")
@@ -201,9 +201,9 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
             ignored += 1
         else:
             foreign.append(key)
-    if foreign:
-        raise WeightsError(f"checkpoint {path} has {len(foreign)} keys outside unet./appearance_encoder./vae./"
-                           f"text_encoder.: {foreign[:10]}")
+    if foreign:  # upstream's animate.py picks the unet./appearance_encoder. keys and skips every other one
+        logger.warning("checkpoint %s: %d keys outside unet./appearance_encoder./vae./text_encoder. are not used "
+                       "(as upstream): %s", path, len(foreign), ", ".join(foreign[:5]))
     if not unet or not ref:
         raise WeightsError(f"checkpoint {path} lacks {'unet.*' if not unet else 'appearance_encoder.*'} keys")
     logger.info("checkpoint %s: %d denoiser, %d ReferenceNet tensors (%d vae/text-encoder ignored)",
@@ -290,7 +290,21 @@ def release_config(src: Path) -> ModelConfig:
         raise WeightsError(f"{clip_json}: this image encoder projects to {clip_cfg.projection_dim} features, the "
                            f"denoiser's cross-attention takes {cfg.unet.cross_attention_dim} (MegActor v1 uses "
                            "the ViT-L/14 image encoder, 768)")
-    return ModelConfig(unet=cfg.unet, reference_net=cfg.reference_net, vae=vae_cfg, clip=clip_cfg)
+    out = ModelConfig(unet=cfg.unet, reference_net=cfg.reference_net, vae=vae_cfg, clip=clip_cfg)
+    meta_models(out, ", ".join(str(p) for p in (unet_cfg, vae_json, clip_json) if p.is_file()))
+    return out
+
+
+def meta_models(cfg: ModelConfig, where: str) -> MegActorModels:
+    """``cfg``'s networks on the meta device (no memory). Values that parse but describe no network (channels
+    not divisible by the groups, heads not dividing the width, ...) are a ``WeightsError`` naming ``where``
+    (the config files), not an unexpected error."""
+    try:
+        with torch.device("meta"):
+            return build_models(cfg)
+    except Exception as exc:  # any builder's complaint (ValueError, TypeError, transformers' validation)
+        raise WeightsError(f"{where}: these configs describe networks that cannot be built "
+                           f"({type(exc).__name__}: {exc})") from exc
 
 
 _STEP = re.compile(r"checkpoint-steps(\d+)\.ckpt$")
@@ -333,6 +347,11 @@ def convert_release(src: str | Path, dst: str | Path) -> Path:
                                             ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
     clip_sd, clip_file = _read_folder_weights(src / "StableDiffusion" / "image_encoder",
                                               ("model.safetensors", "pytorch_model.bin"))
+    if "vision_config" in _read_json(src / "StableDiffusion" / "image_encoder" / "config.json"):
+        # a whole CLIPModel (upstream's from_pretrained of the vision tower loads it, skipping the text tower)
+        text = [k for k in clip_sd if k.startswith(("text_model.", "text_projection.")) or k == "logit_scale"]
+        clip_sd = {k: v for k, v in clip_sd.items() if k not in set(text)}
+        logger.info("%s: a whole CLIP model; its %d text-tower tensors are not used", clip_file, len(text))
     states = {"temporal_unet": unet_sd, "reference_net": ref_sd, "vae": rename_old_attention_keys(vae_sd),
               "clip_image_encoder": clip_sd}
     files = {"temporal_unet": ckpt, "reference_net": ckpt, "vae": vae_file, "clip_image_encoder": clip_file}
@@ -356,7 +375,8 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
     written: list[tuple[Path, Path]] = []  # (temporary, final): renamed only once every file is written
     try:
         dst.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())  # the architecture too: a
+        # config change that keeps every tensor's shape (attention heads, norm eps) is other weights
         for name in MODULE_FILES:
             tensors = {k: v.contiguous() for k, v in states[name].items()}
             final = dst / f"{name}.safetensors"
@@ -401,7 +421,11 @@ def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise WeightsError(f"{config}: unsupported format_version {found!r} (expected {FORMAT_VERSION})")
     with _config_errors(config):
-        return ModelConfig.from_dict(meta["model"]), meta.get("weights_id", "unknown")
+        cfg, weights_id = ModelConfig.from_dict(meta["model"]), meta["weights_id"]
+    if not isinstance(weights_id, str) or not weights_id:
+        raise WeightsError(f"{config}: weights_id {weights_id!r} is not an id (it keys the caches and exports); "
+                           "convert the weights again with `megactor-rt convert-weights`")
+    return cfg, weights_id
 
 
 def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
@@ -409,8 +433,7 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
     """Load a converted weights folder into eval-mode modules on ``device``/``dtype``."""
     weights_dir = Path(weights_dir)
     cfg, weights_id = converted_config(weights_dir)
-    with torch.device("meta"):
-        models = build_models(cfg)
+    models = meta_models(cfg, str(weights_dir / "config.json"))
     for name, module in models.modules().items():  # one module's tensors in host memory at a time
         path = weights_dir / f"{name}.safetensors"
         if not path.is_file():

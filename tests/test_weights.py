@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from golden_pack import ROOT, GoldenPack, pack_dir
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from megactor_rt.config import full_config
 from megactor_rt.errors import WeightsError
@@ -104,7 +104,6 @@ def test_a_conversion_that_cannot_write_leaves_the_earlier_one(pack, tmp_path, m
 
 @pytest.mark.parametrize("case,needle", [
     ("missing", "missing keys"),
-    ("extra", "keys outside"),
     ("extra_unet", "unexpected keys"),
     ("shape", "wrong shapes"),
 ])
@@ -112,8 +111,6 @@ def test_bad_checkpoints_name_the_problem(pack, tmp_path, case, needle):
     def mutate(state):
         if case == "missing":
             del state["module.unet.conv_in.weight"]
-        elif case == "extra":
-            state["module.something_else.weight"] = torch.zeros(1)
         elif case == "extra_unet":
             state["module.unet.not_a_layer.weight"] = torch.zeros(1)
         elif case == "shape":
@@ -124,6 +121,68 @@ def test_bad_checkpoints_name_the_problem(pack, tmp_path, case, needle):
     assert needle in str(err.value)
     assert "checkpoint-steps9000.ckpt" in str(err.value) or "temporal_unet" in str(err.value)
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_keys_of_neither_network_are_skipped_with_a_warning(pack, tmp_path, caplog):
+    """Upstream's loader picks the unet./appearance_encoder. keys and skips the rest (e.g. a training wrapper's
+    other modules); so does the conversion, naming them (was: an error)."""
+    def mutate(state):
+        state["module.controlnet.weight"] = torch.zeros(1)
+
+    with caplog.at_level("WARNING", logger="megactor_rt.weights"):
+        dst = convert_release(write_release(pack, tmp_path / "w", mutate), tmp_path / "out")
+    assert "1 keys outside" in caplog.text and "module.controlnet.weight" in caplog.text
+    assert (dst / "config.json").is_file()
+
+
+def test_configs_describing_no_network_are_named(pack, tmp_path):
+    """Config values that parse but build no network are a WeightsError naming the config files (exit 2), not an
+    unexpected error (exit 1) without a file."""
+    from megactor_rt import cli
+
+    src = write_release(pack, tmp_path / "w")
+    unet_json = src / "StableDiffusion" / "unet" / "config.json"
+    unet_json.write_text(json.dumps({**json.loads(unet_json.read_text()), "norm_num_groups": 7}))
+    with pytest.raises(WeightsError, match=r"unet.config\.json.*cannot be built.*divisible"):
+        convert_release(src, tmp_path / "out")
+    assert cli.main(["convert-weights", str(src), str(tmp_path / "out")]) == 2
+
+
+def test_a_whole_clip_model_folder_converts_without_its_text_tower(pack, tmp_path):
+    """An image_encoder folder holding a whole CLIPModel (vision + text towers, as upstream's from_pretrained of the
+    vision tower accepts) converts: the text tower's tensors are left out."""
+    from transformers import CLIPConfig as HFCLIPConfig
+
+    src = write_release(pack, tmp_path / "w")
+    enc = src / "StableDiffusion" / "image_encoder"
+    vision = json.loads((enc / "config.json").read_text())
+    HFCLIPConfig(vision_config=vision, projection_dim=vision["projection_dim"]).to_json_file(str(enc / "config.json"))
+    state = load_file(str(enc / "model.safetensors"))
+    state.update({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 2),
+                  "text_projection.weight": torch.zeros(2, 2), "logit_scale": torch.zeros(())})
+    save_file(state, str(enc / "model.safetensors"))
+    dst = convert_release(src, tmp_path / "out")
+    reference = load_converted(convert_release(write_release(pack, tmp_path / "v"), tmp_path / "ref"))
+    for k, v in load_converted(dst).clip.state_dict().items():
+        assert torch.equal(v, reference.clip.state_dict()[k]), k
+
+
+def test_the_weights_id_covers_the_architecture_and_is_required(pack, tmp_path):
+    """Two conversions of the same tensors under configs that differ only where no tensor's shape changes get
+    other ids (the id keys portrait caches and exports); a converted folder without an id is refused."""
+    from megactor_rt.weights import converted_config
+
+    a = convert_release(write_release(pack, tmp_path / "a"), tmp_path / "ca")
+    src = write_release(pack, tmp_path / "b")
+    vae_json = src / "sd-vae-ft-mse" / "config.json"
+    vae_json.write_text(json.dumps({**json.loads(vae_json.read_text()), "scaling_factor": 0.2}))
+    b = convert_release(src, tmp_path / "cb")
+    assert converted_config(a)[1] != converted_config(b)[1]
+    meta = json.loads((b / "config.json").read_text())
+    del meta["weights_id"]
+    (b / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="weights_id"):
+        converted_config(b)
 
 
 class NotATensor:
