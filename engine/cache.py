@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import BackendUnavailable, EngineMismatch
-from megactor_rt.files import remove_stale
+from megactor_rt.files import remove_stale, umask_mode
 
 PLAN_NAME = "engine.plan"
 SIDECAR_NAME = "engine.json"
@@ -195,6 +195,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # as a plain write would make it (mkstemp: 0600, unreadable to others)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

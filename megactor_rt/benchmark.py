@@ -682,7 +682,12 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     report. ``dry_run`` shrinks every scenario (see ``shrink``); ``only`` keeps the scenarios at those
     1-based positions of the suite; ``modes`` keeps only those modes (scenarios left with none are skipped,
     see :func:`select_modes`); ``work_dir`` keeps looped drivers, exported graphs and TensorRT plans for later
-    runs (default: a temporary folder)."""
+    runs (default: a temporary folder).
+
+    Raises:
+        InputError: an unknown suite, scenario or mode; a device this machine lacks (a ``gpu-*`` suite without
+            ``device`` or ``dry_run`` needs CUDA).
+    """
     if suite not in SUITES:
         raise InputError(f"unknown benchmark suite '{suite}'; known: {', '.join(sorted(SUITES))}")
     chosen = SUITES[suite]
@@ -694,6 +699,11 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         chosen = [sc for i, sc in enumerate(chosen, 1) if i in picked]
     from megactor_rt.runtime.animator import check_device, default_device
 
+    if device is None and suite.startswith("gpu-") and not dry_run:  # the help's default: cuda for gpu-* suites
+        if not torch.cuda.is_available():
+            raise InputError(f"suite '{suite}' is measured on a GPU and this torch sees no CUDA device; --dry-run "
+                             "checks it here at small sizes, --device cpu runs it here in full (hours)")
+        device = "cuda"
     dev = check_device(device) if device else default_device()  # a device this machine lacks: InputError
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
     if modes:

@@ -258,6 +258,7 @@ def _results_folder(folder: Path) -> None:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
+    from megactor_rt.media import check_output_path, require_file
     from megactor_rt.runtime.animator import Animator
 
     if args.mask is not None and len(args.portrait) > 1:
@@ -267,6 +268,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
                          f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
+    # what a typo breaks, before the weights (or TensorRT plans) load: the inputs exist, one result can be written
+    for path, what in [*((p, "portrait") for p in args.portrait), *((d, "driver") for d in args.driver)]:
+        require_file(Path(path), what)
+    if len(jobs) == 1:
+        check_output_path(jobs[0][2])
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -540,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: print their bytes escaped
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -569,6 +579,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The ``megactor-rt`` command: :func:`main`, then exit with its status. After an interrupt has stopped the
+    command (its outputs cleaned up), a second Ctrl-C or SIGTERM while the interpreter shuts down (seconds,
+    releasing the model) would abort it half-way (SIGABRT from a native thread), so they are ignored from then
+    on and the status stays 130 or 143."""
+    code = main()
+    if code in (130, 143):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt
     """SIGTERM arrived (e.g. ``docker stop``, a job scheduler): the command stops the way Ctrl-C stops it."""
 
@@ -587,4 +609,4 @@ def _terminate_like_interrupt() -> Any:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -41,6 +41,17 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
     return removed
 
 
+# the process's umask, read once at import (reading it means setting it: not done later, beside other threads)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def umask_mode() -> int:
+    """The permission bits a plain ``open()`` gives a new file under this process's umask (``0o666 & ~umask``):
+    for files first written under a private temporary name (``mkstemp`` and safetensors make them 0600)."""
+    return 0o666 & ~_UMASK
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether ``a`` and ``b`` name one file: the same file where both exist (links followed), else the same
     resolved path."""

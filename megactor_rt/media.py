@@ -83,7 +83,7 @@ def read_image(path: PathLike) -> np.ndarray:
         InputError: the file is missing, unreadable, not an image, or a side is outside 64..8192 px.
     """
     path = Path(path)
-    _require_file(path, "image")
+    require_file(path, "image")
     try:
         with Image.open(path) as im:
             _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
@@ -115,7 +115,7 @@ def read_portrait(path: PathLike) -> np.ndarray:
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         return read_image(path)
-    _require_file(path, "video")
+    require_file(path, "video")
     frame = next(iter_video_frames(path, 1), None)
     if frame is None:  # iter_video_frames raises on a file without frames; this is only a safety net
         raise InputError(f"{path}: no decodable video frame for the portrait")
@@ -152,7 +152,8 @@ def _check_image_size(path: Path, size: tuple[int, int]) -> None:
         raise InputError(f"{path}: image is {width}x{height} px; each side must be at most {MAX_IMAGE_SIDE} px")
 
 
-def _require_file(path: Path, what: str) -> None:
+def require_file(path: Path, what: str) -> None:
+    """An InputError naming ``path`` unless it is a readable regular file (``what``: its role, for the message)."""
     if not path.exists():
         raise InputError(f"{path}: {what} file does not exist")
     if not path.is_file():
@@ -184,6 +185,8 @@ class VideoInfo:
         variable_rate: the header's average frame rate differs from its nominal one by over 1 % (a variable
             frame rate, which :func:`iter_video_frames` puts on a constant-rate grid by timestamp; some
             containers, e.g. Matroska, do not tell).
+        still_image: the file is a single picture (PNG, JPEG, ... read through FFmpeg's image demuxers), not a
+            video.
     """
 
     path: Path
@@ -195,10 +198,11 @@ class VideoInfo:
     duration_s: float | None
     start_s: Fraction = Fraction(0)
     variable_rate: bool = False
+    still_image: bool = False
 
 
 def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
-    _require_file(path, what)
+    require_file(path, what)
     try:
         return av.open(str(path), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
@@ -269,6 +273,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s=duration_s,
             start_s=start_s,
             variable_rate=_variable(stream),
+            still_image=container.format.name == "image2" or container.format.name.endswith("_pipe"),
         )
 
 
@@ -667,14 +672,15 @@ def check_output_path(path: PathLike) -> Path:
         InputError: unsupported suffix, missing or unwritable folder, or ``path`` is a directory.
     """
     path = Path(path).expanduser().absolute()
-    if len(path.name.encode()) > _name_max(path.parent):
+    size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)
+    if size > _name_max(path.parent):
         raise InputError(f"{path}: the file name is longer than this file system allows "
-                         f"({len(path.name.encode())} > {_name_max(path.parent)} bytes)")
+                         f"({size} > {_name_max(path.parent)} bytes)")
+    if path.is_dir():
+        raise InputError(f"{path}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
     if path.suffix.lower() not in _AUDIO_COPY_CODECS:
         raise InputError(f"{path}: unsupported output format {path.suffix!r}; use one of "
                          f"{', '.join(sorted(_AUDIO_COPY_CODECS))}")
-    if path.is_dir():
-        raise InputError(f"{path}: output path is a directory")
     parent = path.parent
     if not parent.exists():
         raise InputError(f"{path}: output folder {parent} does not exist")

@@ -33,6 +33,7 @@ from torch import nn
 
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import WeightsError
+from megactor_rt.files import umask_mode
 
 if TYPE_CHECKING:
     from megactor_rt.models.clip import ClipImageEncoder
@@ -383,6 +384,7 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
             tmp = final.with_suffix(".safetensors.tmp")
             written.append((tmp, final))
             save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
+            tmp.chmod(umask_mode())  # readable as other written files (safetensors writes 0600), e.g. by a service
             with open(tmp, "rb") as f:
                 while block := f.read(1 << 24):
                     digest.update(block)

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megactor_rt.files import remove_stale
+from megactor_rt.files import remove_stale, umask_mode
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class PortraitCache:
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
         try:
             save_file(tensors, str(tmp), metadata=meta)
+            os.chmod(tmp, umask_mode())  # a store shared by several users (safetensors writes 0600)
             tmp.replace(final)
         finally:
             tmp.unlink(missing_ok=True)

@@ -90,8 +90,17 @@ Driver = str | Path | DriverFrames
 
 
 def driver_info(driver: Driver) -> VideoInfo:
-    """A driver's size, rate, frame count and audio presence (a file's header, or the frames in memory)."""
-    return driver.info() if isinstance(driver, DriverFrames) else probe_video(driver)
+    """A driver's size, rate, frame count and audio presence (a file's header, or the frames in memory).
+
+    Raises:
+        InputError: the file is a still image (e.g. the portrait and driver given the other way round).
+    """
+    if isinstance(driver, DriverFrames):
+        return driver.info()
+    info = probe_video(driver)
+    if info.still_image:
+        raise InputError(f"{driver}: a still image, not a driving video (were the portrait and the driver swapped?)")
+    return info
 
 
 def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction = Fraction(1), skip: int = 0

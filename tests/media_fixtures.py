@@ -176,7 +176,7 @@ def bad_input(case: str, root: Path, portrait: Path, driver: Path) -> tuple[Path
     what, _, problem = case.partition("_")
     bad = root / f"bad_{problem}"
     if case == "portrait_missing":
-        portrait, needle = bad.with_suffix(".png"), r"bad_missing\.png: image file does not exist"
+        portrait, needle = bad.with_suffix(".png"), r"bad_missing\.png: (image|portrait) file does not exist"
     elif case == "portrait_not_media":
         portrait = bad.with_suffix(".png")
         portrait.write_text("this is not an image\n" * 20)
@@ -194,7 +194,7 @@ def bad_input(case: str, root: Path, portrait: Path, driver: Path) -> tuple[Path
         portrait = plain_image(bad.with_suffix(".png"), 8200, 64)
         needle = r"bad_huge\.png: image is 8200x64 px.*at most 8192"
     elif case == "driver_missing":
-        driver, needle = bad.with_suffix(".mp4"), r"bad_missing\.mp4: video file does not exist"
+        driver, needle = bad.with_suffix(".mp4"), r"bad_missing\.mp4: (video|driver) file does not exist"
     elif case == "driver_not_media":
         driver = bad.with_suffix(".mp4")
         driver.write_text("this is not a video\n" * 50)

@@ -639,3 +639,79 @@ def test_the_same_input_twice_in_a_batch_is_named(tmp_path: Path) -> None:
     d.write_bytes(b"")
     with pytest.raises(cli.InputError, match="the same driver is given more than once"):
         cli.animate_jobs([tmp_path / "p.png"], [d, tmp_path / "." / "d.mp4"], tmp_path / "out")
+
+
+def test_a_result_name_that_is_not_utf8_is_written(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """File names are bytes on Linux and need not be UTF-8 (Python gives them surrogates): such a result name
+    is written like any other (was: UnicodeEncodeError, exit 1, and in a batch every later pair lost)."""
+    out = tmp_path / os.fsdecode(b"r\xe9sultat.mp4")
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], "-o", out,
+                       "--weights", weights, "--device", "cpu", "--max-frames", "2", *FAST)
+    assert code == 0, err
+    assert len(frames_of(out)) == 2 and os.fsencode(out.name) in os.listdir(os.fsencode(tmp_path))
+
+
+def test_typos_in_inputs_and_output_are_named_before_the_weights_load(tmp_path: Path, media: dict[str, Path],
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing portrait or driver, or an output folder that does not exist, is named before the weights (and
+    TensorRT plans) are loaded: here the weights are missing too, and the error is about the typo. A still image
+    given as the driver (portrait and driver swapped) is refused, and an existing folder as the output says so."""
+    missing = tmp_path / "no_weights"
+    for argv, needle in (
+            (["--portrait", tmp_path / "potrait.png", "--driver", media["driver"], "-o", tmp_path / "r.mp4"],
+             "potrait.png: portrait file does not exist"),
+            (["--portrait", media["portrait"], "--driver", tmp_path / "drvier.mp4", "-o", tmp_path / "r.mp4"],
+             "drvier.mp4: driver file does not exist"),
+            (["--portrait", media["portrait"], "--driver", media["driver"], "-o", tmp_path / "nope" / "r.mp4"],
+             "output folder"),
+            (["--portrait", media["portrait"], "--driver", media["driver"], "-o", tmp_path],
+             "output path is a directory")):
+        code, _, err = run(capsys, "animate", *argv, "--weights", missing, "--device", "cpu")
+        assert code == 2 and needle in err and "no_weights" not in err, err
+    from megactor_rt.runtime.driver import driver_info
+
+    with pytest.raises(InputError, match="a still image, not a driving video"):
+        driver_info(media["portrait"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_gpu_suite_without_a_gpu_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench --suite gpu-full` on a machine without CUDA is a usage error naming --dry-run (was: the full-size
+    suite started on the CPU, silently, for hours)."""
+    code, _, err = run(capsys, "bench", "--suite", "gpu-full", "--out", tmp_path / "b")
+    assert code == 2 and "sees no CUDA device" in err and "--dry-run" in err, err
+
+
+def test_the_command_ignores_signals_after_an_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After Ctrl-C (130) or SIGTERM (143) stopped a command, a second one while the interpreter shuts down is
+    ignored (it aborted the process with SIGABRT); a normal exit leaves the handlers alone."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for code, ignored in ((0, False), (130, True), (143, True)):
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            monkeypatch.setattr(cli, "main", lambda code=code: code)
+            with pytest.raises(SystemExit) as exc:
+                cli.entry()
+            assert exc.value.code == code
+            assert (signal.getsignal(signal.SIGINT) == signal.SIG_IGN) == ignored
+            assert (signal.getsignal(signal.SIGTERM) == signal.SIG_IGN) == ignored
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_files_written_under_a_private_temporary_name_get_the_umask_mode(tmp_path: Path) -> None:
+    """Results written atomically (mkstemp: 0600) and safetensors files (0600) end up with the mode a plain write
+    gets, so a service account can read a store or weights another user wrote."""
+    from megactor_rt.engine.cache import write_atomic
+    from megactor_rt.files import umask_mode
+
+    write_atomic(tmp_path / "stats.json", b"{}")
+    assert (tmp_path / "stats.json").stat().st_mode & 0o777 == umask_mode()
+    models = build_models(tiny_config(), seed=0)
+    dst = write_converted(tiny_config(), {n: m.state_dict() for n, m in models.modules().items()}, tmp_path / "w")
+    assert {p.stat().st_mode & 0o777 for p in dst.iterdir()} == {umask_mode()}
