@@ -699,6 +699,8 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         chosen = [sc for i, sc in enumerate(chosen, 1) if i in picked]
     from megactor_rt.runtime.animator import check_device, default_device
 
+    if modes:  # settings first (a mode the suite lacks), then the machine
+        chosen = select_modes(suite, chosen, modes)
     if device is None and suite.startswith("gpu-") and not dry_run:  # the help's default: cuda for gpu-* suites
         if not torch.cuda.is_available():
             raise InputError(f"suite '{suite}' is measured on a GPU and this torch sees no CUDA device; --dry-run "
@@ -706,8 +708,6 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         device = "cuda"
     dev = check_device(device) if device else default_device()  # a device this machine lacks: InputError
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
-    if modes:
-        scenarios = select_modes(suite, scenarios, modes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
