@@ -122,7 +122,6 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
     """``export_all`` for already-loaded models."""
     check_opset(opset)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = [s for s in export_specs(models.config, window=frames, window_batch=window_batch)
              if graphs is None or s.name in graphs]
     if graphs is not None and len(specs) != len(set(graphs)):
@@ -130,6 +129,7 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
         unknown = sorted(set(graphs) - set(known))
         hint = " (the tiny_decoder graph comes from --tiny-decoder PATH)" if "tiny_decoder" in unknown else ""
         raise InputError(f"unknown graph(s) {', '.join(unknown)}{hint}; known: {', '.join(known)}")
+    out.mkdir(parents=True, exist_ok=True)  # once the graphs are known: a typo leaves no empty folder
     return _export_specs(specs, models, out, opset, precisions, fp16_softmax)
 
 

@@ -281,7 +281,11 @@ class Animator:
     def window_batch(self, cfg: AnimateConfig) -> int:
         """Context windows per UNet call for a run of ``cfg`` (``AnimateConfig.window_batch`` where it
         applies: the optimized mode's step-by-step loop, on a backend whose UNet takes several; else 1)."""
-        if cfg.window_batch == 1 or cfg.mode is not Mode.OPTIMIZED or cfg.streams_frames:
+        if cfg.window_batch == 1:
+            return 1
+        if cfg.mode is not Mode.OPTIMIZED or cfg.streams_frames:
+            logger.info("window_batch %d: not used by %s (one window per UNet call)", cfg.window_batch,
+                        "the reference mode" if cfg.mode is not Mode.OPTIMIZED else "open windows (streamed)")
             return 1
         most = self.sub.window_batch_limit(cfg.window)
         if most is not None and most < cfg.window_batch:

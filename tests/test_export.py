@@ -608,7 +608,8 @@ def test_check_export_finds_a_graph_file_that_is_not_the_manifests(models, tmp_p
 
 def test_unknown_graphs_and_opsets_are_input_errors(models, tmp_path):
     with pytest.raises(InputError, match="unknown graph.*tiny_decoder graph comes from --tiny-decoder"):
-        export_models(models, tmp_path, graphs=["tiny_decoder"])
+        export_models(models, tmp_path / "onnx", graphs=["tiny_decoder"])
+    assert not (tmp_path / "onnx").exists()  # a typo leaves no empty folder
     with pytest.raises(InputError, match="--opset 9: the export supports opsets 17 to 20"):
         export_models(models, tmp_path, graphs=["vae_encoder"], opset=9)
 
