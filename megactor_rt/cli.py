@@ -168,6 +168,9 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
         return None
     if not (math.isfinite(args.cache_max_gb) and args.cache_max_gb > 0):
         raise InputError(f"--cache-max-gb must be a finite number > 0, got {args.cache_max_gb}")
+    if args.cache_dir.exists() and not args.cache_dir.is_dir():  # a typo naming a file (a store that cannot be
+        # written for other reasons only warns: the result matters more than the store)
+        raise InputError(f"{args.cache_dir}: --cache-dir names a folder for the portrait store, and this is a file")
     return PortraitCache(disk_dir=args.cache_dir, max_disk_bytes=int(args.cache_max_gb * 2**30))  # GiB, as Python
 
 

@@ -160,6 +160,9 @@ def test_cache_dir_lets_the_next_run_skip_the_portrait(weights: Path, media: dic
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
     budget = cli._cache(argparse.Namespace(cache_dir=tmp_path / "cache", cache_max_gb=0.5))
     assert budget is not None and budget.max_disk_bytes == 2**29  # GiB, as PortraitCache's default (20 << 30)
+    (tmp_path / "a_file").write_text("not a store")
+    with pytest.raises(InputError, match="a_file: --cache-dir names a folder .* this is a file"):
+        cli._cache(argparse.Namespace(cache_dir=tmp_path / "a_file", cache_max_gb=1.0))
 
 
 def test_animate_cli_and_python_give_identical_frames(weights: Path, media: dict[str, Path], tmp_path: Path,
