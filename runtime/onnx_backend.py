@@ -28,8 +28,9 @@ from megactor_rt.weights import MegActorModels, converted_config
 logger = logging.getLogger(__name__)
 
 # the manifest's dtypes that numpy holds (bfloat16: none; the exports make no bfloat16 graphs)
-_NP: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32,
-       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+_NP: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16, "float64": np.float64,
+                                    "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8,
+                                    "bool": np.bool_}
 # onnxruntime's allocation failures (CPU arena, CUDA provider), as its status messages word them
 _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaErrorMemoryAllocation", re.IGNORECASE)
 
@@ -77,6 +78,9 @@ class OrtRunner(Runner):
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
+        unknown = {n: self.graph.inputs[n].dtype for n in self.input_names if self.graph.inputs[n].dtype not in _NP}
+        if unknown:  # once per session, not per call: the graph's input dtypes are fixed
+            raise InputError(f"{self.graph.path}: inputs of a dtype onnxruntime's numpy feed cannot hold: {unknown}")
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
@@ -97,9 +101,6 @@ class OrtRunner(Runner):
         return None if isinstance(dim, str) else int(dim)
 
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        unknown = {n: self.graph.inputs[n].dtype for n in self.input_names if self.graph.inputs[n].dtype not in _NP}
-        if unknown:
-            raise InputError(f"{self.graph.path}: inputs of a dtype onnxruntime's numpy feed cannot hold: {unknown}")
         arrays = {n: feed[n].detach().cpu().numpy().astype(_NP[self.graph.inputs[n].dtype], copy=False)
                   for n in self.input_names}
         if self.session is None:
