@@ -90,8 +90,10 @@ class BuildOptions:
             raise InputError("profile name must not be empty")
 
     def builder_settings(self) -> dict[str, Any]:
+        """What a plan's sidecar records of how it was built; a plan recorded with other settings is rebuilt
+        (so a plan from before a settings change, e.g. fp32 plans made with TF32, is not reused)."""
         return {"optimization_level": self.optimization_level, "workspace_gib": self.workspace_gib,
-                "strongly_typed": True}
+                "strongly_typed": True, "tf32": self.precision is not Precision.FP32}
 
 
 @dataclass(frozen=True)

@@ -279,6 +279,14 @@ def test_build_skips_valid_plans_and_rebuilds_invalid_ones(onnx_dir: Path, tmp_p
     back, fake_b = _built(onnx_dir, engines)
     assert len(fake_b.calls) == 2 and {r.status for r in back} == {"built"}
 
+    # a plan whose sidecar predates a recorded setting (here "tf32") is rebuilt, not reused
+    sidecar = first[0].directory / SIDECAR_NAME
+    old = json.loads(sidecar.read_text())
+    del old["builder"]["tf32"]
+    sidecar.write_text(json.dumps(old))
+    older, fake_o = _built(onnx_dir, engines)
+    assert fake_o.calls == [f"vae_decoder_fp16[{first[0].profile_name}]"]
+
     forced, fake3 = _built(onnx_dir, engines, force=True)
     assert len(fake3.calls) == 2 and {r.status for r in forced} == {"built"}
 
@@ -329,7 +337,8 @@ def test_make_record_describes_the_plan(onnx_dir: Path, tmp_path: Path) -> None:
     job = plan_jobs(load_manifest(onnx_dir), H100, tmp_path, BuildOptions(profile="default"))[0]
     rec = make_record(job, b"abc", FAKE_IO, 12.5, BuildOptions(optimization_level=5, workspace_gib=8))
     assert rec.plan_bytes == 3 and rec.plan_sha256 == hashlib.sha256(b"abc").hexdigest()
-    assert rec.builder == {"optimization_level": 5, "workspace_gib": 8, "strongly_typed": True}
+    assert rec.builder == {"optimization_level": 5, "workspace_gib": 8, "strongly_typed": True, "tf32": True}
+    assert BuildOptions(precision="fp32").builder_settings()["tf32"] is False
     assert rec.profile_shapes == {"x": [[1, 8], [2, 8], [4, 8]]}
     assert (rec.gpu_name, rec.compute_capability, rec.trt_version) == ("NVIDIA H100 80GB HBM3", [9, 0], "11.1.0.106")
     assert rec.onnx_sha256 == job.graph.sha256 and rec.build_seconds == 12.5 and rec.built_at
