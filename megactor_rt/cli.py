@@ -331,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from megactor_rt.weights import convert_release
 
-    dst = convert_release(args.src, _output_folder(args.dst, "dst"))
+    dst = convert_release(args.src, _output_folder(args.dst, "dst"), checkpoint=args.checkpoint)
     print(f"converted {args.src} -> {dst}")
     return 0
 
@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-weights", help="released weights/ folder -> megactor-rt safetensors layout")
     c.add_argument("src", type=Path)
     c.add_argument("dst", type=Path)
+    c.add_argument("--checkpoint", type=Path, help="the training checkpoint to convert: a path, or a file name in "
+                   "SRC (default: the highest checkpoint-steps<N>.ckpt in SRC; upstream uses checkpoint-steps9000.ckpt)")
     c.set_defaults(fn=cmd_convert)
 
     dl = sub.add_parser("download", help=f"snapshot the released weights ({HF_REPO}) from the Hugging Face Hub")

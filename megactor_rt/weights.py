@@ -311,26 +311,46 @@ def meta_models(cfg: ModelConfig, where: str) -> MegActorModels:
 _STEP = re.compile(r"checkpoint-steps(\d+)\.ckpt$")
 
 
-def release_checkpoint(src: Path) -> Path:
-    """The released folder's training checkpoint: ``checkpoint-steps<N>.ckpt``, the highest N if several (with a
-    warning). MegActor-Sigma's ``megactor-sigma.ckpt`` in the same folder is another model and never taken."""
+def release_checkpoint(src: Path, checkpoint: str | Path | None = None) -> Path:
+    """The released folder's training checkpoint: ``checkpoint`` where given (a path, or a file name inside
+    ``src``), else ``checkpoint-steps<N>.ckpt``, the highest N if several (with a warning; upstream's
+    inference.yaml names ``checkpoint-steps9000.ckpt``). MegActor-Sigma's ``megactor-sigma.ckpt`` in the same
+    folder is another model and never taken."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file() and not path.is_absolute() and (src / path).is_file():
+            path = src / path
+        if not path.is_file():
+            raise WeightsError(f"checkpoint {checkpoint} {'is not a file' if path.exists() else 'does not exist'}"
+                               f" (give a path, or a file name inside {src})")
+        if path.name == "megactor-sigma.ckpt":
+            raise WeightsError(f"{path} is MegActor-Sigma's checkpoint, another model; give MegActor v1's "
+                               "checkpoint-steps<N>.ckpt")
+        return path
     found = sorted((int(m.group(1)), p) for p in src.glob("checkpoint-steps*.ckpt") if (m := _STEP.search(p.name)))
     if not found:
         others = sorted(p.name for p in src.glob("*.ckpt"))
-        raise WeightsError(f"no checkpoint-steps<N>.ckpt in {src}" + (
-            f" (found {', '.join(others)}: not MegActor v1's training checkpoint)" if others else ""))
+        hint = ""
+        if others:
+            hint = f" (found {', '.join(others)}: not MegActor v1's training checkpoint)"
+        elif any((src / "weights").glob("checkpoint-steps*.ckpt")):  # the download root, not its weights/
+            hint = f": it is in {src / 'weights'}, pass that folder"
+        raise WeightsError(f"no checkpoint-steps<N>.ckpt in {src}{hint}")
     if len(found) > 1:
-        logger.warning("%s holds %d checkpoints (%s): converting %s, the most trained", src, len(found),
+        logger.warning("%s holds %d checkpoints (%s): converting %s, the most trained (upstream's inference "
+                       "config names checkpoint-steps9000.ckpt; --checkpoint picks one)", src, len(found),
                        ", ".join(p.name for _, p in found), found[-1][1].name)
     return found[-1][1]
 
 
-def convert_release(src: str | Path, dst: str | Path) -> Path:
+def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Convert a released ``weights/`` folder into the converted layout.
 
     Args:
         src: folder holding ``checkpoint-steps*.ckpt``, ``sd-vae-ft-mse/`` and ``StableDiffusion/image_encoder/``.
         dst: output folder (created); files are written to temporaries and renamed on success.
+        checkpoint: the training checkpoint to convert (a path, or a file name in ``src``); default: the
+            highest ``checkpoint-steps<N>.ckpt`` in ``src``.
 
     Returns:
         ``dst``.
@@ -341,7 +361,7 @@ def convert_release(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
-    ckpt = release_checkpoint(src)
+    ckpt = release_checkpoint(src, checkpoint)
     cfg = release_config(src)
     unet_sd, ref_sd = read_training_checkpoint(ckpt)
     vae_sd, vae_file = _read_folder_weights(src / "sd-vae-ft-mse",
@@ -415,9 +435,11 @@ def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
         raise WeightsError(f"weights directory {weights_dir} does not exist (run `megactor-rt convert-weights` "
                            f"or `megactor-rt download` first)")
     config = weights_dir / "config.json"
-    if not config.is_file() and any(weights_dir.glob("checkpoint-steps*.ckpt")):
+    released = next((d for d in (weights_dir, weights_dir / "weights") if any(d.glob("checkpoint-steps*.ckpt"))),
+                    None) if not config.is_file() else None  # the released folder, or the download's root
+    if released is not None:
         raise WeightsError(f"{weights_dir} holds the released weights, not converted ones: convert them once with "
-                           f"`megactor-rt convert-weights {weights_dir} OUT` and pass OUT as --weights")
+                           f"`megactor-rt convert-weights {released} OUT` and pass OUT as --weights")
     meta = _read_json(config)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None

@@ -294,6 +294,34 @@ def test_the_most_trained_checkpoint_is_converted_and_sigma_is_not(pack, tmp_pat
         convert_release(src, tmp_path / "out")
 
 
+def test_a_chosen_checkpoint_is_converted_and_the_download_root_gets_a_hint(pack, tmp_path):
+    """--checkpoint picks the file (a name in the folder, or a path); a missing one or Sigma's is refused. The
+    download's root (holding weights/) is named as such, for conversion and for --weights."""
+    from megactor_rt.cli import main
+
+    src = write_release(pack, tmp_path / "root" / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    torch.save({"state_dict": {"module.unet.x": torch.zeros(1)}}, src / "checkpoint-steps99999.ckpt")  # foreign
+    with pytest.raises(WeightsError, match="checkpoint-steps99999.ckpt"):
+        convert_release(src, tmp_path / "highest")  # the default takes the highest N, which is not loadable here
+    dst = convert_release(src, tmp_path / "chosen", checkpoint=ckpt)
+    assert json.loads((dst / "config.json").read_text())["source"] == str(ckpt)
+    assert main(["convert-weights", str(src), str(tmp_path / "cli"), "--checkpoint", "checkpoint-steps9000.ckpt"]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["source"] == str(ckpt)
+    with pytest.raises(WeightsError, match=r"checkpoint-steps100\.ckpt does not exist"):
+        convert_release(src, tmp_path / "out", checkpoint="checkpoint-steps100.ckpt")
+    ckpt.rename(src / "megactor-sigma.ckpt")
+    with pytest.raises(WeightsError, match="MegActor-Sigma's checkpoint"):
+        convert_release(src, tmp_path / "out", checkpoint="megactor-sigma.ckpt")
+    (src / "megactor-sigma.ckpt").rename(ckpt)
+    (src / "checkpoint-steps99999.ckpt").unlink()
+    with pytest.raises(WeightsError, match=r"no checkpoint-steps<N>\.ckpt in .*root: it is in .*weights, pass that"):
+        convert_release(tmp_path / "root", tmp_path / "out")
+    with pytest.raises(WeightsError, match=r"holds the released weights.*convert-weights .*root/weights OUT"):
+        load_converted(tmp_path / "root")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_image_encoder_of_another_width_is_refused_at_conversion(pack, tmp_path):
     src = write_release(pack, tmp_path / "weights")
     cfg_file = src / "StableDiffusion" / "image_encoder" / "config.json"
