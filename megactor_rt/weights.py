@@ -8,7 +8,8 @@ Released layout (``HVSiniX/RawVideoDriven``'s ``weights/`` folder, spec section 
   Loaded with ``torch.load(weights_only=True)``: pickled code is never executed.
 * ``sd-vae-ft-mse/`` - diffusers AutoencoderKL folder.
 * ``StableDiffusion/image_encoder/`` - transformers CLIPVisionModelWithProjection folder
-  (``StableDiffusion/feature_extractor/`` only holds the processor settings, which are fixed here).
+  (``StableDiffusion/feature_extractor/`` only holds the processor settings, which are fixed here; a
+  conversion warns where they differ).
 * ``StableDiffusion/unet/config.json`` - optional: the SD1.5 UNet config (architecture only).
 
 Converted layout (written by ``megactor-rt convert-weights``, read by everything else): one safetensors file
@@ -308,6 +309,42 @@ def meta_models(cfg: ModelConfig, where: str) -> MegActorModels:
                            f"({type(exc).__name__}: {exc})") from exc
 
 
+def feature_extractor_differences(src: Path, size: int) -> list[str]:
+    """How the released ``StableDiffusion/feature_extractor/preprocessor_config.json`` differs from the CLIP
+    preprocessing this engine applies (``models.clip.clip_pixels``: shortest side -> ``size`` bicubic, centre
+    crop, /255, CLIP mean/std); empty when it agrees or is absent. Upstream preprocesses with that file."""
+    from megactor_rt.models.clip import CLIP_MEAN, CLIP_STD
+
+    path = src / "StableDiffusion" / "feature_extractor" / "preprocessor_config.json"
+    if not path.is_file():
+        return []
+    raw = _read_json(path)
+
+    def edge(value: Any, *keys: str) -> Any:  # transformers wrote 224 before it wrote {"shortest_edge": 224}
+        return next((value[k] for k in keys if k in value), None) if isinstance(value, dict) else value
+
+    def close(a: Any, b: tuple[float, ...]) -> bool:
+        return isinstance(a, list) and len(a) == len(b) and all(abs(float(x) - y) < 1e-6 for x, y in zip(a, b))
+
+    checks = {
+        "size": (edge(raw.get("size", size), "shortest_edge"), size),
+        "crop_size": (edge(raw.get("crop_size", size), "height"), size),
+        "crop_size width": (edge(raw.get("crop_size", size), "width"), size),
+        "resample": (raw.get("resample", 3), 3),
+        "do_resize": (raw.get("do_resize", True), True),
+        "do_center_crop": (raw.get("do_center_crop", True), True),
+        "do_normalize": (raw.get("do_normalize", True), True),
+        "do_rescale": (raw.get("do_rescale", True), True),
+    }
+    out = [f"{k} {got!r} (this engine: {want!r})" for k, (got, want) in checks.items() if got != want]
+    if "rescale_factor" in raw and abs(float(raw["rescale_factor"]) - 1 / 255) > 1e-9:
+        out.append(f"rescale_factor {raw['rescale_factor']!r} (this engine: 1/255)")
+    for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        if key in raw and not close(raw[key], want):
+            out.append(f"{key} {raw[key]!r} (this engine: {list(want)!r})")
+    return out
+
+
 _STEP = re.compile(r"checkpoint-steps(\d+)\.ckpt$")
 
 
@@ -363,6 +400,11 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
         raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
     ckpt = release_checkpoint(src, checkpoint)
     cfg = release_config(src)
+    differences = feature_extractor_differences(src, cfg.clip.image_size)
+    if differences:
+        logger.warning("%s: the CLIP image processor differs from the fixed preprocessing this engine applies, "
+                       "so its CLIP tokens will differ from upstream's: %s", src / "StableDiffusion" /
+                       "feature_extractor" / "preprocessor_config.json", "; ".join(differences))
     unet_sd, ref_sd = read_training_checkpoint(ckpt)
     vae_sd, vae_file = _read_folder_weights(src / "sd-vae-ft-mse",
                                             ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))

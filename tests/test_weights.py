@@ -322,6 +322,29 @@ def test_a_chosen_checkpoint_is_converted_and_the_download_root_gets_a_hint(pack
     assert not (tmp_path / "out").exists()
 
 
+def test_the_feature_extractor_is_compared_with_the_fixed_clip_preprocessing(tmp_path):
+    """The released processor settings (SD1.5's, in transformers' old and new spelling) agree with the fixed CLIP
+    preprocessing; a setting that differs is named (a conversion logs it: upstream preprocesses with the file)."""
+    from megactor_rt.weights import feature_extractor_differences
+
+    folder = tmp_path / "StableDiffusion" / "feature_extractor"
+    folder.mkdir(parents=True)
+    assert feature_extractor_differences(tmp_path, 224) == []  # absent: nothing to compare
+    stock = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+             "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+             "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
+    newer = {**stock, "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
+             "do_rescale": True, "rescale_factor": 0.00392156862745098}
+    for cfg in (stock, newer):
+        (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
+        assert feature_extractor_differences(tmp_path, 224) == []
+    (folder / "preprocessor_config.json").write_text(json.dumps({**newer, "resample": 2, "image_std": [0.5] * 3}))
+    found = feature_extractor_differences(tmp_path, 224)
+    assert len(found) == 2 and found[0].startswith("resample 2") and found[1].startswith("image_std [0.5")
+    assert feature_extractor_differences(tmp_path, 336)[:2] == ["size 224 (this engine: 336)",
+                                                                "crop_size 224 (this engine: 336)"]
+
+
 def test_an_image_encoder_of_another_width_is_refused_at_conversion(pack, tmp_path):
     src = write_release(pack, tmp_path / "weights")
     cfg_file = src / "StableDiffusion" / "image_encoder" / "config.json"
