@@ -368,6 +368,12 @@ class Animator:
         if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
             raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
                              f"got {cfg.reference_timestep}")
+        if cfg.cfg_steps is not None and cfg.guidance == 1.0:
+            logger.warning("cfg_steps %d has no effect: guidance 1 runs no classifier-free guidance at all",
+                           cfg.cfg_steps)
+        elif cfg.cfg_steps is not None and cfg.cfg_steps >= cfg.steps:
+            logger.info("cfg_steps %d >= steps %d: guidance in every step, as without cfg_steps", cfg.cfg_steps,
+                        cfg.steps)
 
     def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,

@@ -7,6 +7,7 @@ reuse (proved with the submodels' call counters), streaming, reference/optimized
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -837,3 +838,15 @@ def test_start_begins_later_in_the_driver(anim: Animator, media: dict[str, Path]
     with pytest.raises(InputError, match=r"no frame starts at or after 0\.47 s \(the first would be frame 12"):
         list(anim.with_config(start=0.47).animate(anim.prepare(PORTRAIT), media["long"]))  # 11.75 rounds up
     assert anim.sub.calls["unet"] == calls
+
+
+def test_cfg_steps_that_change_nothing_are_logged(anim: Animator, caplog: pytest.LogCaptureFixture) -> None:
+    """CFG truncation with guidance 1 (no CFG at all) is a warning, and cfg_steps >= steps (CFG in every step,
+    as without it) a note; a truncation that applies logs neither."""
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.animator"):
+        anim.check_run(AnimateConfig(steps=4, guidance=1.0, cfg_steps=2))
+        anim.check_run(AnimateConfig(steps=4, cfg_steps=4))
+        anim.check_run(AnimateConfig(steps=4, cfg_steps=2))
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "cfg_steps" in r.getMessage()]
+    assert said == [(logging.WARNING, "cfg_steps 2 has no effect: guidance 1 runs no classifier-free guidance at all"),
+                    (logging.INFO, "cfg_steps 4 >= steps 4: guidance in every step, as without cfg_steps")]
