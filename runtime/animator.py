@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 POSE_BATCH = 16  # driving frames per PoseGuider call
 # the portrait cache's key names this: raise it when a change to the code gives other numbers for a portrait
 # state (its VAE latents, CLIP tokens, FiLM code or ReferenceNet banks), so an on-disk store is not read back
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: fp32 FiLM reference, VAE input normalised in fp16 as upstream
 DECODE_BATCH = 4  # frames per VAE decode call
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents (b, 4, h, w) -> images (b, 3, S, S) in [-1, 1]
 DECODE_DEPTH = 3  # decode batches in flight (CUDA streams)
@@ -218,9 +218,9 @@ class Animator:
         img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else np.asarray(portrait)
         size = self.image_size
         crop, face = portrait_crop(img, face_crop=face_crop, size=size, source_name=name)
-        # upstream resizes in fp16: its values, rounded to fp16, feed the FiLM branch as they are and the VAE
-        # truncated to uint8 (spec 2.1 (a), (b))
-        resized = crop_resize(img, crop, size).half()
+        # upstream resizes in fp32 (crop_and_resize_tensor casts to float first): those values / 255 feed the
+        # FiLM branch, and the VAE the same values truncated to uint8 (spec 2.1 (a), (b))
+        resized = crop_resize(img, crop, size)
         image = resized.to(torch.uint8)  # (3, S, S), truncated like upstream
         hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
         if mask is not None:
@@ -229,7 +229,7 @@ class Animator:
             face_in_crop = face.to_crop_coords(crop, size) if face is not None else None
             person = person_mask(hwc, face_in_crop) if face_in_crop is not None else np.zeros((size, size), np.uint8)
         background, clip_bg = background_inputs(hwc, person)
-        ada = resized if size == ADA_SIZE else crop_resize(img, crop, ADA_SIZE).half()  # not truncated
+        ada = resized if size == ADA_SIZE else crop_resize(img, crop, ADA_SIZE)  # fp32, not truncated
         return PortraitInputs(image=image, background_mask=torch.from_numpy(background),
                               clip_image=torch.from_numpy(clip_bg).permute(2, 0, 1).contiguous(), ada_reference=ada)
 

@@ -21,13 +21,13 @@ from megactor_rt.runtime.submodels import Submodels
 
 @dataclass
 class PortraitInputs:
-    """Preprocessed portrait pixels (CHW; uint8, the FiLM reference fp16) as the networks consume them.
+    """Preprocessed portrait pixels (CHW; uint8, the FiLM reference fp32) as the networks consume them.
 
     Attributes:
         image: ``(3, S, S)`` face crop (VAE input, both latent paths).
         background_mask: ``(S, S)`` 1 = background, 0 = person.
         clip_image: ``(3, S, S)`` person-removed image for CLIP.
-        ada_reference: ``(3, 512, 512)`` FiLM reference, 0..255 in fp16 as upstream's resize gives it, not
+        ada_reference: ``(3, 512, 512)`` FiLM reference, 0..255 in fp32 as upstream's resize gives it, not
             truncated (the crop itself before truncation when S = 512); uint8 is taken too.
     """
 
@@ -104,8 +104,10 @@ def prepare_portrait(sub: Submodels, inputs: PortraitInputs, seed: int, key: str
         vae_eps: explicit posterior noise ``(1, 4, h, w)`` (golden tests); default: seeded randn.
     """
     cfg = sub.config
-    img = inputs.image.float()[None] / 255.0  # (1, 3, S, S) in [0, 1]
-    mean, logvar = sub.vae_encode((img - 0.5) * 2.0)
+    # (1, 3, S, S) in [-1, 1]; in fp16 runs computed in fp16 as upstream does (x / 255 - 0.5) * 2 (its concat
+    # path's x / 127.5 - 1 gives the same fp16 values), elsewhere in fp32 and cast once
+    dtype = torch.float16 if sub.dtype == torch.float16 else torch.float32
+    mean, logvar = sub.vae_encode((inputs.image.to(dtype)[None] / 255 - 0.5) * 2)
     if vae_eps is None:
         gen = torch.Generator().manual_seed(seed)
         vae_eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32)

@@ -657,8 +657,9 @@ def test_open_windows_stream_frames_while_denoising(anim: Animator, media: dict[
 
 
 def test_the_film_branch_gets_the_untruncated_crop(anim: Animator) -> None:
-    """Upstream resizes the portrait in fp16; its FiLM branch takes those values / 255 and only the VAE path
-    truncates them to uint8 (spec 2.1 (a), (b)). Was: the FiLM branch got the truncated pixels too."""
+    """Upstream resizes the portrait in fp32 (``crop_and_resize_tensor`` casts to float before interpolating);
+    its FiLM branch takes those values / 255 and only the VAE path truncates them to uint8 (spec 2.1 (a), (b)).
+    Was: the FiLM branch got the truncated pixels, then (2026-11-27) values rounded to fp16 first."""
     from media_fixtures import PORTRAIT
 
     from megactor_rt.media import read_image
@@ -667,13 +668,40 @@ def test_the_film_branch_gets_the_untruncated_crop(anim: Animator) -> None:
     img = read_image(PORTRAIT)
     inputs = anim.portrait_inputs(PORTRAIT)
     crop, _ = portrait_crop(img, size=anim.image_size)
-    resized = crop_resize(img, crop, 512).half()
-    assert inputs.ada_reference.dtype == torch.float16 and torch.equal(inputs.ada_reference, resized)
+    resized = crop_resize(img, crop, 512)
+    assert inputs.ada_reference.dtype == torch.float32 and torch.equal(inputs.ada_reference, resized)
+    assert not torch.equal(resized, resized.half().float())  # fp16 rounding would change these values
     assert (inputs.ada_reference != inputs.ada_reference.floor()).float().mean() > 0.3  # fractions kept
-    assert torch.equal(inputs.image, crop_resize(img, crop, anim.image_size).half().to(torch.uint8))
+    assert torch.equal(inputs.image, crop_resize(img, crop, anim.image_size).to(torch.uint8))
     scale, _ = anim.sub.film(inputs.ada_reference.float()[None] / 255)
     truncated, _ = anim.sub.film(inputs.ada_reference.to(torch.uint8).float()[None] / 255)
     assert not torch.equal(scale, truncated)  # the difference reaches the FiLM code
+
+
+def test_the_vae_input_is_normalised_in_fp16_as_upstream(anim: Animator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In fp16 runs the VAE gets upstream's fp16 ``(x / 255 - 0.5) * 2`` (equal to its concat path's
+    ``x / 127.5 - 1``), which differs from an fp32 result cast once in 1 ulp for 140 of the 256 values; in fp32
+    runs the fp32 values."""
+    from media_fixtures import PORTRAIT
+
+    from megactor_rt.runtime.portrait import prepare_portrait
+
+    class Seen(Exception):
+        pass
+
+    def capture(images: torch.Tensor) -> None:
+        raise Seen(images)
+
+    inputs = anim.portrait_inputs(PORTRAIT)
+    monkeypatch.setattr(anim.sub, "vae_encode", capture)
+    for dtype, want in ((torch.float16, inputs.image.half()[None] / 127.5 - 1),
+                        (torch.float32, (inputs.image.float()[None] / 255 - 0.5) * 2)):
+        monkeypatch.setattr(anim.sub, "dtype", dtype)
+        with pytest.raises(Seen) as seen:
+            prepare_portrait(anim.sub, inputs, 0)
+        got = seen.value.args[0]
+        assert got.dtype == dtype and torch.equal(got, want)
+    assert not torch.equal(inputs.image.half()[None] / 127.5 - 1, ((inputs.image.float()[None] / 255 - 0.5) * 2).half())
 
 
 def test_video_portrait_uses_its_first_frame(anim: Animator, media: dict[str, Path]) -> None:
