@@ -138,9 +138,9 @@ def detect_faces(image: np.ndarray, *, clip: bool = True, upsample: int | None =
     return [inside if clip else raw for inside, raw in found]
 
 
-def first_face(image: np.ndarray) -> Box | None:
-    """The largest face of ``image`` (see :func:`detect_faces`), or None."""
-    faces = detect_faces(image)
+def first_face(image: np.ndarray, upsample: int | None = None) -> Box | None:
+    """The largest face of ``image`` (see :func:`detect_faces`, also for ``upsample``), or None."""
+    faces = detect_faces(image, upsample=upsample)
     return faces[0] if faces else None
 
 

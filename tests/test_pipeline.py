@@ -347,3 +347,31 @@ def test_a_failed_run_stops_its_driver_thread_at_once_and_frees_its_state() -> N
     finally:
         gc.enable()
         animator_module.OptimizedPredictor = made  # type: ignore[misc]
+
+
+def test_a_small_face_found_in_pass_1_is_found_in_the_crops(caplog: pytest.LogCaptureFixture) -> None:
+    """A face about 110 px high in a 1920x1080 frame comes out about 52 px in the 512 px crop, under what HOG
+    finds without upsampling: pass 2 detects it upsampled, as pass 1 found it (was: "no face found in the
+    cropped frames", although pass 1 had found it in every frame). Larger faces keep the default."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.media import read_image
+    from megactor_rt.runtime.driver import DriverFrames, crop_upsample, iter_driver_inputs, plan_driver
+
+    img = read_image(ASSETS_DIR / "portrait.png")  # its face is about 310 px
+    s = 110 / 310
+    small = np.asarray(Image.fromarray(img).resize((round(768 * s), round(844 * s)), Image.BILINEAR))
+    frame = np.full((1080, 1920, 3), 120, np.uint8)
+    y0, x0 = 540 - round(422 * s), 960 - round(388 * s)
+    frame[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+    plan = plan_driver(DriverFrames([frame], fps=25))
+    assert plan.face_fraction is not None and plan.face_fraction * 512 < 60 and crop_upsample(plan, 512) == 1
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.driver"):
+        out = next(iter_driver_inputs(plan, 512))
+    assert "detecting them upsampled" in caplog.text
+    assert 0.005 < float((out > 0).float().mean()) < 0.05  # the small face region kept, the rest black
+    assert crop_upsample(plan_driver(DriverFrames([img], fps=25)), 512) is None  # a large face: the default
