@@ -20,8 +20,9 @@ Differences from upstream, all forced by what runs offline here:
   from OpenCV GrabCut seeded by the face box (:func:`person_mask`), or from a user-supplied mask image
   (:func:`load_user_mask`). :func:`background_inputs` then builds the same ``background_mask`` /
   ``background`` pair as upstream's ``densedw.py``.
-* **Precision**: upstream rounds the cropped driver to fp16 before isolation and greys in fp16; here
-  everything stays fp32 (the networks' input cast happens later).
+* **Precision**: upstream rounds the cropped driver to fp16 before isolation, greys it in fp32 with the
+  weights rounded to fp16 (0.298828125, 0.5869140625, 0.114013671875), then casts to fp16 and divides by 255
+  in fp16; here everything stays fp32 with the stated weights (the networks' input cast happens later).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
 from megactor_rt.media import grey_to_uint8
@@ -377,7 +378,7 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None,
     try:
         with Image.open(path) as opened:
             opened.load()
-            im: Image.Image = opened
+            im: Image.Image = ImageOps.exif_transpose(opened)  # upright, as read_image turns the portrait
             if im.mode in ("P", "PA", "L", "LA", "RGB") and "transparency" in im.info:  # palette/colour-key cut-outs
                 im = im.convert("RGBA")
             alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None

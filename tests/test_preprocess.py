@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -309,3 +310,18 @@ def test_palette_and_16_bit_masks(tmp_path: Path) -> None:
     Image.fromarray(ramp).save(tmp_path / "m16.png")
     m16 = load_user_mask(tmp_path / "m16.png", size=64)
     assert np.array_equal(m16[0], (ramp[0] / 257 >= 127.5).astype(np.uint8))
+
+
+def test_a_mask_stored_sideways_is_turned_upright_like_the_portrait(tmp_path: Path) -> None:
+    """A phone mask stores its pixels sideways with an EXIF orientation, as the phone portrait does; read_image
+    turns the portrait upright, and the mask is turned the same way (was: a size error for a non-square
+    portrait, and a square one silently used the sideways mask)."""
+    upright = np.zeros((60, 40), np.uint8)
+    upright[30:, 10:30] = 255  # the person in the lower middle
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "m.png", exif=exif)
+    assert Image.open(tmp_path / "m.png").size == (60, 40)  # stored sideways
+    mask = load_user_mask(tmp_path / "m.png", size=60, image_shape=(60, 40))
+    want = cv2.resize((upright >= 128).astype(np.uint8), (60, 60), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(mask, want)
