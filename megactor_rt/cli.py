@@ -106,7 +106,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "frame's time (60 -> 30 halves the work; timing and audio stay in step); slower drivers "
                         "keep theirs (default: every driver frame)")
     p.add_argument("--no-face-crop", action="store_true",
-                   help="centre crops instead of face-centred crops (portrait and driver)")
+                   help="centre crops instead of face-centred crops (portrait and driver); a face found in them "
+                        "still seeds the person mask and the driver's face isolation, without one the whole crop is "
+                        "used (a warning says so)")
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")

@@ -28,7 +28,14 @@ from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import VideoWriter, check_not_an_input, check_output_path, read_portrait
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
-from megactor_rt.preprocess import background_inputs, crop_resize, load_user_mask, person_mask, portrait_crop
+from megactor_rt.preprocess import (
+    background_inputs,
+    crop_resize,
+    first_face,
+    load_user_mask,
+    person_mask,
+    portrait_crop,
+)
 from megactor_rt.progress import progress
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
@@ -226,7 +233,11 @@ class Animator:
         if mask is not None:
             person = load_user_mask(mask, size, crop=crop, image_shape=img.shape[:2])
         else:
-            face_in_crop = face.to_crop_coords(crop, size) if face is not None else None
+            # without a face crop (centre square), the face is looked for in the crop to seed the person mask
+            face_in_crop = face.to_crop_coords(crop, size) if face is not None else first_face(hwc)
+            if face_in_crop is None:
+                logger.warning("%s: no face in the centre crop, so no person mask: the CLIP image keeps the whole "
+                               "crop and every pixel counts as background (pass --mask to give one)", name)
             person = person_mask(hwc, face_in_crop) if face_in_crop is not None else np.zeros((size, size), np.uint8)
         background, clip_bg = background_inputs(hwc, person)
         ada = resized if size == ADA_SIZE else crop_resize(img, crop, ADA_SIZE)  # fp32, not truncated

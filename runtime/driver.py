@@ -344,7 +344,9 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
                        contour: ContourPlan | None = None) -> Iterator[torch.Tensor]:
     """Pass 2: yield the PoseGuider input of every frame, ``(3, size, size)`` float32 in [0, 1].
 
-    Frames whose cropped version shows no face reuse the previous frame's face box; frames before the first
+    Each cropped frame keeps only its face (upstream's isolation, also in the centre crops of a plan without
+    face crops: there, a driver without any face found in them is used whole, with a warning). Frames whose
+    cropped version shows no face reuse the previous frame's face box; frames before the first
     detection use the first one: up to ``LOOKAHEAD`` of them wait in memory, a longer faceless opening is read
     again once the first face is found (memory stays bounded for any driver). With a ``contour`` plan every frame
     keeps its rectangles of the plan instead and is warped onto the portrait's face (no detection here).
@@ -361,11 +363,6 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     pending: list[np.ndarray] = []
     last: Box | None = None
     frames = plan.frames()
-    if not plan.face_crop:  # whole crops: no detection, nothing for the thread pool to do
-        for frame in frames:
-            yield _model_input(frame, plan.crop, None, size, device)
-        return
-
     upsample = crop_upsample(plan, size)
     if upsample:
         logger.info("driver %s: faces of about %.0f px in the %d px crop: detecting them upsampled", plan.name,
@@ -394,9 +391,14 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
         for f in [*pending, frame]:
             yield _model_input(f, plan.crop, keep, size, device)
         pending.clear()
-    if pending or skipped:
+    if (pending or skipped) and plan.face_crop:
         raise InputError(f"no face found in the cropped frames of driving video {plan.name}; "
                          "pass --no-face-crop to use whole frames")
+    if pending or skipped:  # centre crops (no face crop) without a face anywhere: the whole crops drive
+        logger.warning("driver %s: no face in its centre crops, so no face isolation: the whole frames drive the "
+                       "animation", plan.name)
+        for f in itertools.chain(itertools.islice(plan.frames(), skipped), pending):
+            yield _model_input(f, plan.crop, None, size, device)
 
 
 # frames before the first face that pass 2 holds in memory (a longer faceless opening is read twice instead)

@@ -520,15 +520,43 @@ def test_failure_while_writing_leaves_previous_output(anim: Animator, media: dic
     assert [p.name for p in tmp_path.iterdir()] == ["result.mp4"]
 
 
-def test_no_face_crop_uses_the_centre_square(anim: Animator, media: dict[str, Path]) -> None:
+def test_no_face_crop_uses_the_centre_square(anim: Animator, media: dict[str, Path],
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Without a face crop the portrait is the centre square; a face found in it still seeds the person mask
+    (was: no mask at all), and without one every pixel is background, with a warning."""
+    import logging
+
     with pytest.raises(InputError, match="no face found in portrait faceless.png"):
         anim.prepare(media["faceless"])
-    state = anim.prepare(media["faceless"], face_crop=False)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.animator"):
+        state = anim.prepare(media["faceless"], face_crop=False)
+    assert "faceless.png: no face in the centre crop, so no person mask" in caplog.text
     img = read_image(media["faceless"])  # 200 wide, 256 high: centre square rows 28..228
     assert center_square(256, 200) == (28, 0, 228, 200)
-    expected = crop_resize(img, (28, 0, 228, 200), 128).half().to(dtype=state.inputs.image.dtype)  # as upstream
+    expected = crop_resize(img, (28, 0, 228, 200), 128).to(dtype=state.inputs.image.dtype)  # as upstream
     assert np.array_equal(state.inputs.image.numpy(), expected.numpy())
     assert int(state.inputs.background_mask.sum()) == 128 * 128  # no face: everything is background
+    centred = anim.portrait_inputs(PORTRAIT, face_crop=False)
+    person = 1 - centred.background_mask.float()
+    assert 0.2 < float(person.mean()) < 0.9  # the face in the centre square seeds GrabCut
+
+
+def test_no_face_crop_still_isolates_the_drivers_face(media: dict[str, Path],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Centre crops of the driver keep only the face found in them, as face crops do (was: whole frames); a
+    driver without a face in them is used whole, with a warning (was the same, silently)."""
+    import logging
+
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    for crop in (True, False):
+        kept = next(iter_driver_inputs(plan_driver(media["short"], face_crop=crop), 128))
+        assert 0.1 < float((kept > 0).float().mean()) < 0.8, crop  # the face region, black around it
+    blank = [np.full((96, 96, 3), 100, np.uint8)] * 3
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+        whole = list(iter_driver_inputs(plan_driver(DriverFrames(blank, fps=25), face_crop=False), 64))
+    assert len(whole) == 3 and all(bool((x > 0).all()) for x in whole)
+    assert "no face in its centre crops, so no face isolation" in caplog.text
 
 
 def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> None:
