@@ -312,7 +312,9 @@ def _grabcut_seed(height: int, width: int, face: Box) -> np.ndarray:
     seed[:, :border] = cv2.GC_PR_BGD
     seed[:, -border:] = cv2.GC_PR_BGD
     dx, dy = 0.2 * fw, 0.2 * fh
-    seed[int(face.top + dy):math.ceil(face.bottom - dy), int(face.left + dx):math.ceil(face.right - dx)] = cv2.GC_FGD
+    # starts clamped at 0: a face box reaching past the crop's top or left must not slice from the far end
+    seed[max(int(face.top + dy), 0):math.ceil(face.bottom - dy),
+         max(int(face.left + dx), 0):math.ceil(face.right - dx)] = cv2.GC_FGD
     return seed
 
 

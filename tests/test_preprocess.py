@@ -325,3 +325,14 @@ def test_a_mask_stored_sideways_is_turned_upright_like_the_portrait(tmp_path: Pa
     mask = load_user_mask(tmp_path / "m.png", size=60, image_shape=(60, 40))
     want = cv2.resize((upright >= 128).astype(np.uint8), (60, 60), interpolation=cv2.INTER_NEAREST)
     assert np.array_equal(mask, want)
+
+
+def test_grabcut_seed_of_a_face_past_the_top_left_corner() -> None:
+    """A face box starting above and left of the crop (negative coordinates, a face cut by the crop) marks only
+    the part inside as definite foreground (was: a negative start sliced from the far end of the array, so
+    nothing was marked)."""
+    from megactor_rt.preprocess import _grabcut_seed
+
+    seed = _grabcut_seed(100, 100, Box(-60.0, -60.0, 30.0, 30.0))
+    fgd = np.argwhere(seed == cv2.GC_FGD)
+    assert len(fgd) and fgd.min(axis=0).tolist() == [0, 0] and fgd.max(axis=0).tolist() == [11, 11]
