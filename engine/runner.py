@@ -89,6 +89,9 @@ class TensorRTRunner(Runner):
                  cuda_graph: bool = False, max_graphs: int = 3, verify_hash: bool = True,
                  name: str | None = None) -> None:
         self.plan_dir = Path(plan_dir).parent if Path(plan_dir).suffix == ".plan" else Path(plan_dir)
+        if not self.plan_dir.is_dir():
+            raise InputError(f"plan folder {self.plan_dir} {'is a file' if self.plan_dir.exists() else 'does not exist'}"
+                             " (give a plan's folder under the engine dir, or its engine.plan)")
         self.record: EngineRecord = read_sidecar(self.plan_dir)
         super().__init__(name or self.record.graph, list(self.record.inputs), list(self.record.outputs))
         if max_contexts < 1 or max_graphs < 1:

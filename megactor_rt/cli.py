@@ -121,7 +121,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "quirk, default) or from the first frame's (what upstream's code meant)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, landmarks): a "
-                        "later run with the same portrait, weights and seed skips all per-portrait work")
+                        "later run with the same portrait, weights and seed skips the per-portrait network work "
+                        "(face detection and the person mask still run: they make the key)")
     p.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
                    help="size budget of --cache-dir: least recently used portraits are removed beyond it "
                         "(GiB, default 20; a 512 px portrait state takes about 0.35 GB)")
@@ -310,11 +311,15 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.media import check_output_path, require_file
     from megactor_rt.runtime.animator import Animator
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
+    require_file(Path(portrait), "portrait")  # before the model is built, as animate checks them
+    require_file(Path(driver), "driver")
+    check_output_path(args.output)
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
@@ -369,7 +374,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"{section}:")
             for k, v in items.items():
                 print(f"  {k}: {v}")
-    return 0
+    weights = report.get("weights")
+    return 1 if weights is not None and not str(weights["status"]).startswith("converted weights found") else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -493,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(fn=cmd_download)
 
     dr = sub.add_parser("doctor", help="what is available here: backends, CUDA, TensorRT, kernels, weights")
-    dr.add_argument("--weights", type=Path, default=None)
+    dr.add_argument("--weights", type=Path, default=None,
+                    help="also check this converted weights folder (exit 1 when it is missing or unusable)")
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
     dr.set_defaults(fn=cmd_doctor)
 

@@ -18,6 +18,14 @@ class Precision(str, enum.Enum):
     FP16 = "fp16"
     BF16 = "bf16"
 
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        """``value`` as a Precision; ValueError naming the parameter and the choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"precision must be one of {', '.join(p.value for p in cls)}, got {value!r}") from None
+
     @property
     def torch_dtype(self):  # noqa: ANN201 - torch imported lazily
         import torch
@@ -269,6 +277,10 @@ class AnimateConfig:
     window_batch: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mode, Mode):  # a plain "reference" would compare unequal to Mode.REFERENCE
+            if self.mode not in {m.value for m in Mode}:
+                raise ValueError(f"mode must be one of {', '.join(m.value for m in Mode)}, got {self.mode!r}")
+            object.__setattr__(self, "mode", Mode(self.mode))
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.window < 1 or not 0 <= self.overlap < self.window:

@@ -21,7 +21,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
         "backends": {name: ("available: " if ok else "unavailable: ") + reason
                      for name, (ok, reason) in backend_status().items()},
         "tensorrt": _tensorrt_status(),
-        "kernels": {k: str(v) for k, v in kernels_status().items()},
+        "kernels": kernels_status(),  # JSON values as they are (a bool stays a bool for scripts)
         "media": _media_status(),
         "contour mode": _landmarks_status(),
     }

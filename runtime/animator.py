@@ -168,7 +168,7 @@ class Animator:
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         _check_cuda_graphs(backend, cuda_graphs)
         dev = check_device(device) if device else default_device()
-        prec = Precision(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
+        prec = Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         if backend == "torch":
             sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype, compile=compile)
         else:
@@ -194,14 +194,14 @@ class Animator:
         models = build_models(tiny_config(), seed=seed)
         models.weights_id = f"tiny-random-{seed}"
         if backend == "torch":
-            prec = Precision(precision) if precision else Precision.FP32
+            prec = Precision.parse(precision) if precision else Precision.FP32
             return cls(TorchSubmodels(models, check_device(device or "cpu"), prec.torch_dtype), config)
         from megactor_rt.runtime.backends import require_backend
         from megactor_rt.runtime.onnx_backend import exported_submodels
 
         require_backend(backend)  # a missing backend is named before the device
         dev = check_device(device or ("cuda" if backend == "tensorrt" else "cpu"))
-        prec = Precision(precision) if precision else (Precision.FP16 if backend == "tensorrt" else Precision.FP32)
+        prec = Precision.parse(precision) if precision else (Precision.FP16 if backend == "tensorrt" else Precision.FP32)
         cfg = config or AnimateConfig()
         sub = exported_submodels(models, backend, work_dir or demo_work_dir(), dev, prec, cfg,
                                  torch_fallback=lambda dtype: TorchSubmodels(models, dev, dtype),
@@ -221,8 +221,13 @@ class Animator:
     def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
                         mask: str | Path | None = None) -> PortraitInputs:
         """Crop the portrait around its face, derive the background mask and the CLIP background image."""
+        if not isinstance(portrait, (str, Path, np.ndarray)):
+            raise InputError(f"portrait must be an image or video file path or an (H, W, 3) uint8 RGB array, got "
+                             f"{type(portrait).__name__}")
         name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
-        img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else np.asarray(portrait)
+        img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
         size = self.image_size
         crop, face = portrait_crop(img, face_crop=face_crop, size=size, source_name=name)
         # upstream resizes in fp32 (crop_and_resize_tensor casts to float first): those values / 255 feed the
@@ -257,8 +262,7 @@ class Animator:
         seed = self.config.seed if seed is None else seed
         inputs = portrait if isinstance(portrait, PortraitInputs) else \
             self.portrait_inputs(portrait, face_crop=face_crop, mask=mask)
-        key = (f"{inputs.digest()}|{self.sub.weights_id}|{self.sub.state_id}|{self.sub.dtype}|{self.sub.device}"
-               f"|seed={seed}|format={STATE_FORMAT}")
+        key = f"{inputs.digest()}|{self._state_owner()}|seed={seed}|format={STATE_FORMAT}"
         state = self.cache.get(key, self.sub.device)
         if state is not None:
             return state, True
@@ -266,6 +270,19 @@ class Animator:
             state = prepare_portrait(self.sub, inputs, seed, key=key)
         self.cache.put(state)
         return state, False
+
+    def _state_owner(self) -> str:
+        """The part of a portrait state's key that says which model computed it, and how."""
+        return f"{self.sub.weights_id}|{self.sub.state_id}|{self.sub.dtype}|{self.sub.device}"
+
+    def _check_state(self, state: PortraitState) -> None:
+        """``state`` came from :meth:`prepare` of a model like this one (weights, backend, dtype, device)."""
+        if not isinstance(state, PortraitState):
+            raise InputError(f"animate takes the PortraitState that prepare() returns, got {type(state).__name__} "
+                             "(animate_to_file takes a portrait file)")
+        if state.key and f"|{self._state_owner()}|" not in state.key:  # key "": made by hand (tests, tools)
+            raise InputError("this portrait state was prepared by another model (other weights, backend, precision "
+                             "or device); prepare the portrait with this Animator")
 
     def warmup(self, config: AnimateConfig | None = None) -> float:
         """Run every network once on dummy inputs of a request's shapes (one context window, one decode batch),
@@ -379,6 +396,10 @@ class Animator:
         if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
             raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
                              f"got {cfg.reference_timestep}")
+
+    @staticmethod
+    def _note_settings(cfg: AnimateConfig) -> None:
+        """Log settings that change nothing (once per run)."""
         if cfg.cfg_steps is not None and cfg.guidance == 1.0:
             logger.warning("cfg_steps %d has no effect: guidance 1 runs no classifier-free guidance at all",
                            cfg.cfg_steps)
@@ -390,6 +411,8 @@ class Animator:
                  landmarks_model: str | Path | None, contour_affine_frame: str,
                  cfg: AnimateConfig) -> Iterator[np.ndarray]:
         self.check_run(cfg)
+        self._check_state(state)
+        self._note_settings(cfg)
         stats = self.last_stats = RunStats()
         dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
         timer = StageTimer(stats, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None)

@@ -5,7 +5,8 @@ state's ReferenceNet banks are keyed by timestep inside the state, so one entry 
 
 With ``disk_dir`` (CLI ``--cache-dir``) each state is written there after a run that added to it (the banks
 fill during the first run) and read back on a memory miss, e.g. by the next process: a later run with the
-same portrait, weights and settings then does no per-portrait work at all. Files are written under a
+same portrait, weights and settings then runs no network on the portrait (its crop, face detection and
+person mask still run: they make the key). Files are written under a
 temporary name and renamed; an unreadable file is reported, ignored and rewritten. The store keeps to a size
 budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least recently used files go first.
 """

@@ -253,7 +253,8 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
     if backend not in ("onnxruntime", "tensorrt"):
         raise BackendUnavailable(f"unknown graph backend '{backend}'")
     if onnx_dir is None:
-        raise InputError(f"the {backend} backend needs --onnx DIR (the output of `megactor-rt export`)")
+        raise InputError(f"the {backend} backend needs the exported graphs: --onnx DIR (Python: onnx_dir=DIR), "
+                         "the output of `megactor-rt export`")
     cfg, weights_id = converted_config(weights_dir)
     manifest = load_manifest(onnx_dir)
     foreign = sorted(n for n, g in manifest.graphs.items()  # (the tiny decoder has weights of its own)

@@ -900,9 +900,32 @@ def test_cfg_steps_that_change_nothing_are_logged(anim: Animator, caplog: pytest
     """CFG truncation with guidance 1 (no CFG at all) is a warning, and cfg_steps >= steps (CFG in every step,
     as without it) a note; a truncation that applies logs neither."""
     with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.animator"):
-        anim.check_run(AnimateConfig(steps=4, guidance=1.0, cfg_steps=2))
-        anim.check_run(AnimateConfig(steps=4, cfg_steps=4))
-        anim.check_run(AnimateConfig(steps=4, cfg_steps=2))
+        anim._note_settings(AnimateConfig(steps=4, guidance=1.0, cfg_steps=2))
+        anim._note_settings(AnimateConfig(steps=4, cfg_steps=4))
+        anim._note_settings(AnimateConfig(steps=4, cfg_steps=2))
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "cfg_steps" in r.getMessage()]
     assert said == [(logging.WARNING, "cfg_steps 2 has no effect: guidance 1 runs no classifier-free guidance at all"),
                     (logging.INFO, "cfg_steps 4 >= steps 4: guidance in every step, as without cfg_steps")]
+
+
+def test_misused_api_arguments_are_input_errors(anim: Animator, media: dict[str, Path]) -> None:
+    """A mode given as a string is that mode (was: ignored, so "reference" ran the optimized path), an unknown
+    one is refused; a portrait of the wrong type or array shape, a path given to animate() instead of a state,
+    and a state prepared by another model (here: other weights) are InputErrors naming the problem, before any
+    driver frame is decoded."""
+    assert AnimateConfig(mode="reference").mode is Mode.REFERENCE
+    assert anim.with_config(mode="reference").config.mode is Mode.REFERENCE
+    with pytest.raises(ValueError, match="mode must be one of reference, optimized, got 'bogus'"):
+        AnimateConfig(mode="bogus")
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, got 'fp8'"):
+        Animator.demo(precision="fp8")
+    for bad, says in ((123, "portrait must be an image or video file path .* got int"),
+                      (np.zeros((64, 64), np.uint8), r"portrait array must be \(H, W, 3\) uint8 RGB, got \(64, 64\)"),
+                      (np.zeros((64, 64, 3), np.float32), "got .* float32")):
+        with pytest.raises(InputError, match=says):
+            anim.prepare(bad)
+    with pytest.raises(InputError, match="animate takes the PortraitState that prepare.. returns, got str"):
+        next(anim.animate(str(PORTRAIT), media["short"]))  # type: ignore[arg-type]
+    other = Animator.demo(seed=1, device="cpu", config=CFG)
+    with pytest.raises(InputError, match="prepared by another model"):
+        next(anim.animate(other.prepare(PORTRAIT), media["short"]))

@@ -94,6 +94,15 @@ def test_demo_bundled_media_capped(tmp_path: Path, capsys: pytest.CaptureFixture
     assert [p.name for p in tmp_path.iterdir()] == ["demo.mp4"]
 
 
+def test_demo_checks_its_inputs_before_building_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing portrait or driver is named with its role before the banner and the model (was: the model
+    built first, then "meme.mp4: video file does not exist")."""
+    for flag, what in (("--portrait", "portrait"), ("--driver", "driver")):
+        code, stdout, err = run(capsys, "demo", flag, tmp_path / "missing.file", "-o", tmp_path / "out.mp4")
+        assert code == 2 and f"missing.file: {what} file does not exist" in err and "TINY" not in stdout, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_on_onnxruntime_matches_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`demo --backend onnxruntime`: the tiny model is exported into --work-dir (only the graphs the run
     needs), runs there, and gives the torch demo's frames up to fp32 rounding (and H.264); the TensorRT
@@ -261,6 +270,10 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     report = json.loads(out)
     assert report["backends"]["torch"].startswith("available")
     assert report["weights"]["status"].startswith("converted weights found")
+    assert isinstance(report["kernels"]["available"], bool)  # was the string "False", true to any script
+    assert isinstance(report["kernels"]["compute_capabilities"], list)
+    code, out, _ = run(capsys, "doctor", "--json", "--weights", weights / "missing")
+    assert code == 1 and json.loads(out)["weights"]["status"] == "missing"  # a script can tell
     assert "11.4.0.106" in report["tensorrt"]["code checked against"] and report["tensorrt"]["installed"]
     import av
 

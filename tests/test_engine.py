@@ -258,6 +258,8 @@ def test_runner_without_sidecar_is_refused(tmp_path: Path) -> None:
     (tmp_path / PLAN_NAME).write_bytes(b"foreign plan")
     with pytest.raises(EngineMismatch, match="missing engine sidecar.*rebuild"):
         TensorRTRunner(tmp_path / PLAN_NAME, device=H100)
+    with pytest.raises(InputError, match="plan folder .*nowhere does not exist"):
+        TensorRTRunner(tmp_path / "nowhere", device=H100)  # was: "missing engine sidecar ... rebuild"
 
 
 # -- build planning and skip logic -----------------------------------------------------------------------
