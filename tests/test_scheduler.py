@@ -83,3 +83,16 @@ def test_context_windows_open_cover_every_frame_in_order():
             assert all(len(win) == min(n, w) for win in wins)
             starts = [win[0] for win in wins]
             assert starts == sorted(set(starts))
+
+
+def test_refusals_of_what_the_networks_cannot_take():
+    """Windows longer than the motion modules' positional encoding (32 frames) and a FiLM reference of another
+    size than 512x512 (the PoseGuider's flattened 512-feature code) are refused with the reason."""
+    from megactor_rt.config import AnimateConfig
+    from megactor_rt.models.pose_guider import PoseGuider
+
+    assert AnimateConfig(window=32, overlap=8).window == 32
+    with pytest.raises(ValueError, match="window must be <= 32 .motion-module positional encoding length"):
+        AnimateConfig(window=33, overlap=8)
+    with pytest.raises(ValueError, match=r"needs a 512x512 reference, got \(1, 3, 256, 256\)"):
+        PoseGuider().film(torch.zeros(1, 3, 256, 256))
