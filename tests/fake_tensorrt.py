@@ -164,12 +164,21 @@ class _TimingCache:
 
 
 class _BuilderConfig:
+    # the real IBuilderConfig's writable properties this stand-in models (tests/test_trt_api.py checks each is
+    # one); like a pybind11 object it refuses any other attribute (its own bookkeeping is underscored)
+    SETTABLE = frozenset({"builder_optimization_level", "profiling_verbosity", "progress_monitor"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith("_") and name not in self.SETTABLE:
+            raise AttributeError(f"'tensorrt.IBuilderConfig' object has no attribute '{name}'")
+        super().__setattr__(name, value)
+
     def __init__(self) -> None:
         self.builder_optimization_level = 3
         self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
-        self.pool_limits: dict[MemoryPoolType, int] = {}
-        self.profiles: list[OptimizationProfile] = []
-        self.timing_cache: _TimingCache | None = None
+        self._pool_limits: dict[MemoryPoolType, int] = {}
+        self._profiles: list[OptimizationProfile] = []
+        self._timing_cache: _TimingCache | None = None
         self.progress_monitor: IProgressMonitor | None = None
         self._flags = {BuilderFlag.TF32}
 
@@ -183,13 +192,13 @@ class _BuilderConfig:
         return flag in self._flags
 
     def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
-        self.pool_limits[pool] = int(pool_size)
+        self._pool_limits[pool] = int(pool_size)
 
     def add_optimization_profile(self, profile: OptimizationProfile) -> int:
         if not profile.shapes:
             return -1
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
+        self._profiles.append(profile)
+        return len(self._profiles) - 1
 
     def create_timing_cache(self, serialized_timing_cache: bytes) -> _TimingCache | None:
         data = serialized_timing_cache
@@ -202,11 +211,11 @@ class _BuilderConfig:
     def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
         if not isinstance(cache, _TimingCache):
             raise TypeError("set_timing_cache(): incompatible function arguments")  # what pybind11 raises
-        self.timing_cache = cache
+        self._timing_cache = cache
         return True
 
     def get_timing_cache(self) -> _TimingCache | None:
-        return self.timing_cache
+        return self._timing_cache
 
 
 class Builder:
@@ -236,17 +245,17 @@ class Builder:
             monitor.phase_finish("Building engine")
         if Builder.fail_builds:
             return None
-        problem = _profile_problem(network, config.profiles)
+        problem = _profile_problem(network, config._profiles)
         if problem is not None:  # the real builder logs an error and returns None
             self.logger.log(Logger.ERROR, problem)
             return None
-        if config.timing_cache is not None:
-            config.timing_cache.entries["builds"] = config.timing_cache.entries.get("builds", 0) + 1
+        if config._timing_cache is not None:
+            config._timing_cache.entries["builds"] = config._timing_cache.entries.get("builds", 0) + 1
         plan = {"inputs": [t.name for t in network.inputs], "level": config.builder_optimization_level,
                 "verbosity": config.profiling_verbosity.name,
-                "workspace": config.pool_limits.get(MemoryPoolType.WORKSPACE),
+                "workspace": config._pool_limits.get(MemoryPoolType.WORKSPACE),
                 "tf32": config.get_flag(BuilderFlag.TF32),
-                "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config.profiles]}
+                "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config._profiles]}
         return memoryview(json.dumps(plan).encode())
 
 

@@ -929,3 +929,18 @@ def test_misused_api_arguments_are_input_errors(anim: Animator, media: dict[str,
     other = Animator.demo(seed=1, device="cpu", config=CFG)
     with pytest.raises(InputError, match="prepared by another model"):
         next(anim.animate(other.prepare(PORTRAIT), media["short"]))
+
+
+def test_the_memory_cache_evicts_the_least_recently_used_state(anim: Animator) -> None:
+    """Over its byte budget the cache drops the state used longest ago; a get() counts as a use (was untested:
+    evicting the newest state instead passed every test)."""
+    from megactor_rt.runtime.cache import PortraitCache
+
+    base = anim.prepare(PORTRAIT)
+    a, b, c = (replace(base, key=k) for k in "abc")
+    cache = PortraitCache(max_bytes=int(2.5 * base.nbytes()))
+    cache.put(a)
+    cache.put(b)
+    assert cache.get("a") is a  # a is now the most recently used
+    cache.put(c)
+    assert [cache.get(k) is not None for k in "abc"] == [True, False, True] and len(cache) == 2

@@ -519,6 +519,30 @@ def test_atomic_write_removes_stale_temporaries(tmp_path: Path) -> None:
     assert (tmp_path / "plan.engine").read_bytes() == b"plan"
 
 
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new content arrives by a rename (a new inode: a reader holding the old file keeps reading the old
+    bytes); a failure before the rename (a full disk at fsync) keeps the old file and leaves no temporary."""
+    import os
+
+    from megactor_rt.engine import cache as cache_mod
+
+    target = tmp_path / "engine.json"
+    target.write_bytes(b"old")
+    inode = target.stat().st_ino
+    with open(target, "rb") as reader:
+        cache_mod.write_atomic(target, b"new")
+        assert reader.read() == b"old"  # replaced by a rename, not rewritten in place
+    assert target.read_bytes() == b"new" and target.stat().st_ino != inode
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cache_mod.write_atomic(target, b"newer")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["engine.json"]
+
+
 # -- the TensorRT build code against a stand-in module (tests/fake_tensorrt.py) ----------------------------
 
 def _job(onnx_dir: Path, tmp_path: Path):

@@ -200,7 +200,7 @@ def test_golden_vectors_through_onnxruntime(pack, models, manifest):
     bank = sub.reference_bank(mean * models.config.vae.scaling_factor, int(v["refnet_timestep"]), tokens)
     for i, b in enumerate(bank):
         pack.check(f"refnet_bank_{i:02d}", b)
-    w0 = v["e2e_windows"][0].tolist()
+    w0 = v["e2e_windows"][int(pack.run["cfg_window_index"])].tolist()  # the pack's CFG window, not always the first
     lat = v["cfg_latent_model_input"][:1]
     eps = sub.unet(lat, int(v["cfg_timestep"]), tokens, pose[:, :, w0], bank, n_uncond=1, shared_down=True)
     pack.check("cfg_eps_uncond", eps[:1])

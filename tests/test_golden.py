@@ -58,7 +58,9 @@ def module_outputs(pack, models):
         bank = models.reference_net(out["ref_latent"], v["refnet_timestep"], out["clip_tokens"])
         out.update({f"refnet_bank_{i:02d}": b for i, b in enumerate(bank)})
         w0 = v["e2e_windows"][int(pack.run["cfg_window_index"])].tolist()
-        lat = torch.cat([v["in_e2e_init_noise"][:, :, w0], out["concat_latents"][:, :, w0]], 1)
+        k = int(pack.run["cfg_step_index"])  # the CFG call's step: its latents are the previous step's output
+        noisy = v["in_e2e_init_noise"] if k == 0 else v[f"e2e_step{k - 1}_latents"]
+        lat = torch.cat([noisy[:, :, w0], out["concat_latents"][:, :, w0]], 1)
         out["cfg_latent_model_input"] = lat.expand(2, -1, -1, -1, -1)
         out["cfg_pose_guide"] = frames[w0].permute(1, 0, 2, 3)[None]
         tok2 = out["clip_tokens"].expand(2, -1, -1)
@@ -124,6 +126,9 @@ def test_end_to_end(pack, models, mode):
     final = denoise(v["in_e2e_init_noise"].clone(), model, plan, wins, run["guidance_scale"],
                     callback=lambda i, s, e, x: seen.update({f"e2e_step{i}_eps_guided": e, f"e2e_step{i}_latents": x}))
     pack.check("e2e_first_window_pred", first["pred"])
+    expected = {f"e2e_step{i}_{what}" for i in range(run["num_inference_steps"]) for what in ("eps_guided", "latents")}
+    assert set(seen) == expected, "every step's vectors are computed"  # and the pack holds each one:
+    assert expected <= set(v), sorted(expected - set(v))
     for name, value in seen.items():
         pack.check(name, value)
     pack.check("e2e_final_latents", final)

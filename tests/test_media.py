@@ -397,10 +397,14 @@ def test_writer_synthetic_audio_and_silent_source(tmp_path: Path) -> None:
 
 
 def test_writer_exception_leaves_no_file(tmp_path: Path) -> None:
+    """Enough frames that the encoder has written to the temporary file before the failure (5 frames stay in
+    x264's buffers, so the file was never made and its removal went untested)."""
     out = tmp_path / "never.mp4"
     with pytest.raises(RuntimeError, match="boom"), VideoWriter(out, Fraction(25), 64, 64, audio_source=DRIVER) as w:
-        for f in _frames(5):
+        for f in _frames(100):
             w.write(f)
+        written = [p.name for p in tmp_path.iterdir()]
+        assert len(written) == 1 and written[0].startswith(".never.") and written[0].endswith(".tmp.mp4")
         raise RuntimeError("boom")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone too

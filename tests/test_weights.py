@@ -279,6 +279,24 @@ def test_a_legacy_format_checkpoint_converts(pack, tmp_path):
     assert torch.equal(models.unet.conv_in.weight, pack.models().unet.conv_in.weight)
 
 
+def test_a_checkpoint_saved_without_the_ddp_prefix_converts(pack, tmp_path):
+    """Keys without ``module.`` (a model saved outside DistributedDataParallel) convert to the same weights as
+    the released, prefixed ones (was untested: cutting the prefix from every key passed)."""
+    from megactor_rt.weights import read_training_checkpoint
+
+    src = write_release(pack, tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    # the reader memory-maps the file: its tensors are copied before the file is rewritten below
+    prefixed = [{k: v.clone() for k, v in part.items()} for part in read_training_checkpoint(ckpt)]
+    obj = torch.load(ckpt, weights_only=True)
+    plain = {k.removeprefix("module."): v for k, v in obj["state_dict"].items()}
+    assert len(plain) == len(obj["state_dict"]) and not any(k.startswith("module.") for k in plain)
+    torch.save({**obj, "state_dict": plain}, ckpt)
+    unprefixed = read_training_checkpoint(ckpt)
+    for ours, theirs in zip(unprefixed, prefixed):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_the_most_trained_checkpoint_is_converted_and_sigma_is_not(pack, tmp_path, caplog):
     import logging
 
