@@ -336,3 +336,27 @@ def test_grabcut_seed_of_a_face_past_the_top_left_corner() -> None:
     seed = _grabcut_seed(100, 100, Box(-60.0, -60.0, 30.0, 30.0))
     fgd = np.argwhere(seed == cv2.GC_FGD)
     assert len(fgd) and fgd.min(axis=0).tolist() == [0, 0] and fgd.max(axis=0).tolist() == [11, 11]
+
+
+def test_a_large_portrait_is_searched_on_a_smaller_copy_first(portrait: np.ndarray,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3840x4220 portrait is searched on a copy at most 1024 px (HOG time grows with the pixels: seconds on
+    a phone photo); the box scaled back agrees with the portrait's own box scaled up, and so does the crop.
+    Where the copy shows no face, the full image is searched."""
+    from megactor_rt import preprocess
+
+    big = cv2.resize(portrait, (portrait.shape[1] * 5, portrait.shape[0] * 5), interpolation=cv2.INTER_LINEAR)
+    searched: list[tuple[int, ...]] = []
+    real = preprocess.first_face
+    monkeypatch.setattr(preprocess, "first_face", lambda img, *a: searched.append(img.shape) or real(img, *a))
+    crop, face = preprocess.portrait_crop(big)
+    assert searched == [(1024, 932, 3)] and face is not None
+    own = real(portrait)
+    assert own is not None
+    for ours, theirs in zip((face.left, face.top, face.right, face.bottom),
+                            (own.left, own.top, own.right, own.bottom)):
+        assert abs(ours - 5 * theirs) <= 0.05 * 5 * own.width
+    monkeypatch.setattr(preprocess, "first_face", lambda img, *a: searched.append(img.shape) or (
+        None if img.shape[0] == 1024 else Box(0.0, 0.0, 10.0, 10.0)))
+    searched.clear()
+    assert preprocess.portrait_crop(big)[1] == Box(0.0, 0.0, 10.0, 10.0) and searched[-1] == big.shape
