@@ -54,6 +54,10 @@ _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
     ".mov": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le"}),
     ".mkv": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "vorbis", "flac", "pcm_s16le"}),
 }
+# the sample rates FFmpeg's AAC encoder takes; other sources (192 kHz, 37.8 kHz) are resampled to the nearest
+_AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+# MP3 below this rate (MPEG-2.5) is refused by the MP4/MOV muxers ("not standard"): transcoded there instead
+_MP3_MIN_COPY_RATE = 16000
 # a transcoded audio stream starting later than this after the video's first frame (or a gap in it) is
 # padded with silence, so it stays in step
 AUDIO_GAP_S = Fraction(1, 100)
@@ -244,9 +248,7 @@ def probe_video(path: PathLike) -> VideoInfo:
     """
     path = Path(path)
     with _open_input(path) as container:
-        if not container.streams.video:
-            raise InputError(f"{path}: the file has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(path, container)
         if not stream.codec_context.width or not stream.codec_context.height:
             raise InputError(f"{path}: the video stream has no frame size (corrupt header?)")
         duration_s: float | None = None
@@ -510,6 +512,21 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
     yield from frames
 
 
+def _video_stream(path: Path, container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The file's main video stream: FFmpeg's best one that is not a cover picture (an MP3's album art is a
+    one-frame "video" stream).
+
+    Raises:
+        InputError: no video stream, or only cover pictures.
+    """
+    streams = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        raise InputError(f"{path}: the file has no video stream" + (
+            " (only a cover picture)" if container.streams.video else ""))
+    best = container.streams.best("video")
+    return best if best in streams else max(streams, key=lambda v: (v.frames or 0, v.index == streams[0].index))
+
+
 # A timestamp jump forward of more than this many seconds is logged (a joined recording; the grid keeps it).
 _JUMP_WARN_S = 10
 
@@ -517,9 +534,8 @@ _JUMP_WARN_S = 10
 def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: bool) -> Iterator[np.ndarray]:
     """:func:`iter_video_frames`' generator: frames on a constant-rate grid by timestamp (see there)."""
     with _open_input(path) as container:
-        if not container.streams.video:
-            raise InputError(f"{path}: the file has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(path, container)
+        size = (stream.codec_context.width, stream.codec_context.height)  # the probed size, as planned
         # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
         frames = container.decode(stream)
         clock = _FrameClock(stream, _stream_fps(path, stream))
@@ -545,7 +561,11 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 return
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
-            rgb = orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
+            if (frame.width, frame.height) == size:
+                rgb = orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
+            else:  # the stream changed its size mid-way (a WebRTC recording): scaled to the probed size, so
+                # every frame has the size the crop was planned for
+                rgb = orient.apply(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
             first = slot
             while slot < upto and not done():
                 yield rgb
@@ -796,6 +816,8 @@ class VideoWriter:
         self._audio_in: av.container.InputContainer | None = None
         self._audio_in_stream: av.audio.stream.AudioStream | None = None
         self._audio_path: Path | None = None
+        self._resampler: av.AudioResampler | None = None  # transcoded audio: to AAC's format, layout and rate
+        self._resampler_in: tuple[str, str, int] | None = None  # the source parameters it was made for
         self._audio_copy = False
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
@@ -837,15 +859,24 @@ class VideoWriter:
 
     def _setup_audio_stream(self, src: av.audio.stream.AudioStream) -> None:
         codec = src.codec_context.codec.canonical_name  # "mp3", not the decoder name "mp3float"
-        self._audio_copy = codec in _AUDIO_COPY_CODECS[self.path.suffix.lower()]
+        rate = src.codec_context.sample_rate or 44100
+        suffix = self.path.suffix.lower()
+        self._audio_copy = codec in _AUDIO_COPY_CODECS[suffix] and not (
+            codec == "mp3" and suffix != ".mkv" and rate < _MP3_MIN_COPY_RATE)
         if self._audio_copy:
             self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream_from_template(src))
         else:
-            logger.info("transcoding audio %s to AAC", codec)
-            self._audio_out = cast(av.audio.stream.AudioStream,
-                                   self._out.add_stream("aac", rate=src.codec_context.sample_rate or 44100))
+            out_rate = rate if rate in _AAC_RATES else min(_AAC_RATES, key=lambda r: abs(r - rate))
+            logger.info("transcoding audio %s at %d Hz to AAC at %d Hz", codec, rate, out_rate)
+            self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream("aac", rate=out_rate))
             # by channel count: sources may carry unordered layouts ("1 channels") that AAC rejects
             self._audio_out.layout = "mono" if src.codec_context.channels == 1 else "stereo"
+            self._audio_out.format = "fltp"  # AAC's sample format: frames are resampled to it (see _resampled)
+        try:  # writes the header now: a stream the container cannot hold fails here, before any frame is made
+            self._out.start_encoding()
+        except av.error.FFmpegError as exc:
+            raise InputError(f"{self._audio_path}: its audio ({codec}, {rate} Hz) cannot be written into a "
+                             f"{suffix} result ({exc}); pass --no-audio, or convert the audio") from exc
 
     # -- writing
 
@@ -1000,7 +1031,7 @@ class VideoWriter:
         # when the next frame starts if it has no timestamp: unknown after a seek until a frame with one
         following: Fraction | None = None if latest is not None else Fraction(0)
         written = Fraction(0)  # output audio so far, seconds
-        for frame in source.decode(src):
+        for frame in self._decoded(source, src):
             if frame.pts is not None:
                 t0 = frame.pts * tb - start
             elif following is not None:
@@ -1022,21 +1053,65 @@ class VideoWriter:
                 written += self._encode_silence(at - written, frame)
             if first > 0 or end < frame.samples:
                 frame = _sample_slice(frame, first, end)
-            frame.pts = None  # let the encoder number samples contiguously from 0
-            self._out.mux(self._audio_out.encode(frame))
             written += Fraction(frame.samples, frame.sample_rate)
+            self._encode_audio(frame)
+        self._encode_audio(None)
         self._out.mux(self._audio_out.encode(None))
 
+    def _decoded(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream
+                 ) -> Iterator[av.AudioFrame]:
+        """The source's audio frames; a packet that does not decode (damaged audio in a good driver) is skipped
+        and counted in a warning instead of failing the run at its end."""
+        bad = 0
+        for packet in source.demux(src):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                bad += 1
+                continue
+            yield from cast(list[av.AudioFrame], frames)
+        if bad:
+            logger.warning("%s: %d audio packets could not be decoded and were skipped (the audio shifts earlier by "
+                           "their length from there)", self._audio_path, bad)
+
+    def _encode_audio(self, frame: av.AudioFrame | None) -> None:
+        """Encode ``frame`` (None: flush the resampler) after resampling it to the AAC stream's format, layout
+        and rate, with a resampler made anew whenever the source's format, layout or rate changes (a joined
+        broadcast recording going from stereo to mono): the encoder's own one is fixed by the first frame."""
+        if frame is not None:
+            params = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if params != self._resampler_in:
+                self._flush_resampler()
+                self._resampler_in = params
+                self._resampler = av.AudioResampler(
+                    format="fltp", layout=self._audio_out.layout.name, rate=self._audio_out.rate)
+            frame.pts = None
+            resampler = self._resampler
+            assert resampler is not None
+            for out in resampler.resample(frame):
+                out.pts = None  # let the encoder number samples contiguously from 0
+                self._out.mux(self._audio_out.encode(out))
+        else:
+            self._flush_resampler()
+
+    def _flush_resampler(self) -> None:
+        resampler = self._resampler
+        if resampler is not None:
+            for out in resampler.resample(None):
+                out.pts = None
+                self._out.mux(self._audio_out.encode(out))
+            self._resampler = None
+
     def _encode_silence(self, seconds: Fraction, like: av.AudioFrame) -> Fraction:
-        """Encode ``seconds`` of silence in the sample format, layout and rate of the source frame ``like`` (what
-        the encoder's resampler was set up for); returns the seconds encoded."""
+        """Encode ``seconds`` of silence in the sample format, layout and rate of the source frame ``like`` (so it
+        goes through the same resampler); returns the seconds encoded."""
         n = round(seconds * like.sample_rate)
         channels = len(like.layout.channels)
         shape = (channels, n) if like.format.is_planar else (1, n * channels)
         frame = av.AudioFrame.from_ndarray(np.zeros(shape, like.to_ndarray().dtype), format=like.format.name,
                                            layout=like.layout)
         frame.sample_rate, frame.pts = like.sample_rate, None
-        self._out.mux(self._audio_out.encode(frame))
+        self._encode_audio(frame)
         return Fraction(n, like.sample_rate)
 
     # -- context manager

@@ -101,6 +101,9 @@ def driver_info(driver: Driver) -> VideoInfo:
     info = probe_video(driver)
     if info.still_image:
         raise InputError(f"{driver}: a still image, not a driving video (were the portrait and the driver swapped?)")
+    if min(info.width, info.height) < MIN_IMAGE_SIDE:  # as for frames in memory and portraits
+        raise InputError(f"{driver}: frames are {info.width}x{info.height} px; each side must be at least "
+                         f"{MIN_IMAGE_SIDE} px")
     return info
 
 

@@ -1136,3 +1136,199 @@ def test_a_variable_frame_rate_is_flagged(tmp_path: Path, caplog: pytest.LogCapt
     info = probe_video(path)
     assert abs((plan.num_frames - 1) / info.fps - Fraction(28, 30)) <= 1 / (2 * info.fps)  # the last frame at its time
     assert len(list(plan.frames())) == plan.num_frames
+
+
+# -- inputs a media audit found (2026-11-27) --------------------------------------------------------------
+
+def _audio_clip(path: Path, codec: str, rate: int, segments: list[tuple[str, int]], container: str | None = None,
+                seconds: float = 2.0) -> Path:
+    """A 64 px, 25 fps clip of ``seconds`` with an audio track of ``codec``; each of ``segments`` (layout, rate)
+    is ``seconds`` long, encoded by its own encoder and muxed into the one stream (a stream that changes its
+    layout or rate, as joined broadcast recordings do)."""
+    with av.open(str(path), "w", format=container) as c:
+        v = c.add_stream("libx264", rate=25)
+        v.width = v.height = 64
+        v.pix_fmt = "yuv420p"
+        a = c.add_stream(codec, rate=rate)
+        a.layout = segments[0][0]
+        for i in range(round(25 * seconds)):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i, np.uint8), format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+        c.mux(v.encode(None))
+        start = Fraction(0)
+        for layout, seg_rate in segments:
+            enc = av.CodecContext.create(codec, "w")
+            enc.sample_rate, enc.layout, enc.time_base = seg_rate, layout, Fraction(1, seg_rate)
+            enc.format = enc.codec.audio_formats[0].name
+            chunk = enc.frame_size or 1024
+            channels = len(av.AudioLayout(layout).channels)
+            dtype = {"s16": np.int16, "s32": np.int32, "flt": np.float32, "dbl": np.float64}[enc.format.packed.name]
+            for k in range(0, round(seg_rate * seconds), chunk):
+                shape = (channels, chunk) if enc.format.is_planar else (1, chunk * channels)
+                fr = av.AudioFrame.from_ndarray(np.zeros(shape, dtype), format=enc.format.name, layout=layout)
+                fr.sample_rate, fr.pts = seg_rate, k
+                for pk in enc.encode(fr):
+                    _mux_on_one_clock(c, a, pk, start, seg_rate, rate)
+            for pk in enc.encode(None):
+                _mux_on_one_clock(c, a, pk, start, seg_rate, rate)
+            start += Fraction(seconds)
+    return path
+
+
+def _mux_on_one_clock(c, stream, pk, start: Fraction, seg_rate: int, rate: int) -> None:  # noqa: ANN001
+    """Mux a segment encoder's packet with its time moved onto the stream's clock (segments follow each other)."""
+    if pk.pts is not None:
+        pk.pts = pk.dts = int((start + Fraction(pk.pts, seg_rate)) * rate)
+    pk.time_base, pk.stream = Fraction(1, rate), stream
+    c.mux(pk)
+
+
+def _written_audio(path: Path) -> tuple[str, int, float]:
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        samples = sum(f.samples for f in c.decode(a))
+        return a.codec_context.name, a.codec_context.sample_rate, samples / a.codec_context.sample_rate
+
+
+@pytest.mark.parametrize(("codec", "rate", "container", "expect"), [
+    ("pcm_s24le", 192000, "matroska", ("aac", 96000)),  # AAC has no 192 kHz: resampled to its nearest rate
+    ("pcm_s16le", 37800, "matroska", ("aac", 32000)),
+    ("libmp3lame", 8000, "matroska", ("aac", 8000)),  # MP3 at 8 kHz: MP4 refuses to hold it, so transcoded
+])
+def test_audio_the_result_cannot_hold_as_it_is_is_converted(tmp_path: Path, codec: str, rate: int,
+                                                           container: str, expect: tuple[str, int]) -> None:
+    """Sample rates AAC lacks and MP3 below 16 kHz in MP4 were a raw PyAV error after the last frame (or at the
+    41st), losing the run."""
+    layout = "mono" if rate < 16000 else "stereo"
+    src = _audio_clip(tmp_path / "src.mkv", codec, rate, [(layout, rate)], container)
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, Fraction(25), 64, 64, audio_source=src) as w:
+        for f in _frames(50):
+            w.write(f)
+    name, got_rate, seconds = _written_audio(out)
+    assert (name, got_rate) == expect and 1.9 < seconds < 2.4  # 2 s of video, plus AAC's frame padding
+
+
+def test_audio_that_changes_layout_or_rate_midway_is_carried_over(tmp_path: Path) -> None:
+    """A stream going from stereo to mono, or from 48 to 44.1 kHz (PyAV's encoder resampler is fixed by the
+    first frame: "Frame does not match AudioResampler setup" at the end of the run)."""
+    for name, segments in (("layout", [("stereo", 48000), ("mono", 48000)]),
+                           ("rate", [("stereo", 48000), ("stereo", 44100)])):
+        src = _audio_clip(tmp_path / f"{name}.ts", "mp2", 48000, segments, "mpegts", seconds=1.0)
+        with av.open(str(src)) as c:
+            seen = {(f.layout.name, f.sample_rate) for f in c.decode(audio=0)}
+        assert seen == set(segments)  # the source really changes
+        out = tmp_path / f"{name}.mp4"
+        with VideoWriter(out, Fraction(25), 64, 64, audio_source=src, video_start=probe_video(src).start_s) as w:
+            for f in _frames(50):
+                w.write(f)
+        assert _written_audio(out)[0] == "aac" and _written_audio(out)[2] > 1.9
+
+
+def test_damaged_audio_packets_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Damaged packets in the driver's audio lost the whole run at its end (InvalidDataError); now they are
+    skipped and counted."""
+    import logging
+
+    src = _audio_clip(tmp_path / "good.mkv", "flac", 48000, [("stereo", 48000)], "matroska")
+    data = bytearray(src.read_bytes())
+    with av.open(str(src)) as c:
+        positions = [p.pos for p in c.demux(c.streams.audio[0]) if p.size and p.pos and p.pos > 0]
+    rng = np.random.default_rng(1)
+    for pos in positions[len(positions) // 2:len(positions) // 2 + 5]:
+        for k in range(8, 60):
+            data[pos + k] = int(rng.integers(0, 255))
+    bad = tmp_path / "bad.mkv"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"), \
+            VideoWriter(out, Fraction(25), 64, 64, audio_source=bad) as w:
+        for f in _frames(50):
+            w.write(f)
+    assert out.is_file() and _written_audio(out)[0] == "aac"
+    assert "audio packets could not be decoded and were skipped" in caplog.text
+
+
+def test_cover_pictures_and_second_video_streams(tmp_path: Path) -> None:
+    """An MP3's cover picture is not a driving video (was: a 1-frame driver at 90000 fps); of several video
+    streams the main one is read (was: always the first)."""
+    song = tmp_path / "song.mp3"
+    with av.open(str(song), "w") as c:
+        a = c.add_stream("libmp3lame", rate=44100)
+        a.layout = "stereo"
+        pic = c.add_stream("mjpeg")
+        pic.width = pic.height = 96
+        pic.pix_fmt = "yuvj420p"
+        pic.disposition = av.stream.Disposition.attached_pic
+        f = av.VideoFrame.from_ndarray(np.full((96, 96, 3), 200, np.uint8), format="rgb24").reformat(format="yuvj420p")
+        f.pts = 0
+        for pk in [*pic.encode(f), *pic.encode(None)]:
+            c.mux(pk)
+        for s in range(0, 44100, 1152):
+            fr = av.AudioFrame.from_ndarray(np.zeros((2, 1152), np.float32), format="fltp", layout="stereo")
+            fr.sample_rate, fr.pts = 44100, s
+            c.mux(a.encode(fr))
+        c.mux(a.encode(None))
+    with pytest.raises(InputError, match="song.mp3: the file has no video stream .only a cover picture"):
+        probe_video(song)
+    two = tmp_path / "two.mkv"
+    with av.open(str(two), "w") as c:
+        thumb = c.add_stream("mjpeg", rate=25)
+        thumb.width, thumb.height, thumb.pix_fmt = 80, 64, "yuvj420p"
+        main = c.add_stream("libx264", rate=25)
+        main.width, main.height, main.pix_fmt = 96, 64, "yuv420p"
+        f = av.VideoFrame.from_ndarray(np.zeros((64, 80, 3), np.uint8), format="rgb24").reformat(format="yuvj420p")
+        f.pts = 0
+        for pk in [*thumb.encode(f), *thumb.encode(None)]:
+            c.mux(pk)
+        for i, frame in enumerate(_frames(20, 64)):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.pad(frame, ((0, 0), (0, 32), (0, 0)))),
+                                            format="rgb24")
+            vf.pts = i
+            c.mux(main.encode(vf))
+        c.mux(main.encode(None))
+    info = probe_video(two)
+    assert (info.width, info.height) == (96, 64) and len(list(iter_video_frames(two))) == 20
+
+
+def test_a_stream_that_changes_size_midway_keeps_the_probed_size(tmp_path: Path) -> None:
+    """Frames after a resolution change (WebRTC/MediaRecorder recordings) are scaled to the probed size the crop
+    was planned for (was: yielded at their own size and cropped in the wrong coordinates)."""
+    path = tmp_path / "switch.ts"
+    with av.open(str(path), "w", format="mpegts") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+        n = 0
+        for w, h in ((160, 120), (320, 240)):
+            enc = av.CodecContext.create("libx264", "w")
+            enc.width, enc.height, enc.pix_fmt = w, h, "yuv420p"
+            enc.time_base, enc.framerate = Fraction(1, 25), Fraction(25)
+            for _ in range(12):
+                f = av.VideoFrame.from_ndarray(np.full((h, w, 3), 100, np.uint8), format="rgb24")
+                f = f.reformat(format="yuv420p")
+                f.pts = n
+                n += 1
+                for pk in enc.encode(f):
+                    pk.stream = s
+                    c.mux(pk)
+            for pk in enc.encode(None):
+                pk.stream = s
+                c.mux(pk)
+    with av.open(str(path)) as c:
+        assert {(f.width, f.height) for f in c.decode(video=0)} == {(160, 120), (320, 240)}
+    shapes = {f.shape for f in iter_video_frames(path)}
+    assert shapes == {(120, 160, 3)}
+
+
+def test_a_driver_file_smaller_than_64_px_is_refused(tmp_path: Path) -> None:
+    """As frames in memory and portraits are (was: "no face found", and with --no-face-crop a 1x1 driver
+    upscaled to 512 px)."""
+    from megactor_rt.runtime.driver import driver_info
+
+    path = tmp_path / "tiny.mp4"
+    with VideoWriter(path, Fraction(25), 32, 32) as w:
+        for f in _frames(3, 32):
+            w.write(f)
+    with pytest.raises(InputError, match="tiny.mp4: frames are 32x32 px; each side must be at least 64 px"):
+        driver_info(path)
