@@ -348,7 +348,8 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     """Pass 2: yield the PoseGuider input of every frame, ``(3, size, size)`` float32 in [0, 1].
 
     Each cropped frame keeps only its face (upstream's isolation, also in the centre crops of a plan without
-    face crops: there, a driver without any face found in them is used whole, with a warning). Frames whose
+    face crops: there, crops without a face in their first ``LOOKAHEAD`` frames are used whole from then on,
+    with a warning, so the frames keep streaming). Frames whose
     cropped version shows no face reuse the previous frame's face box; frames before the first
     detection use the first one: up to ``LOOKAHEAD`` of them wait in memory, a longer faceless opening is read
     again once the first face is found (memory stays bounded for any driver). With a ``contour`` plan every frame
@@ -371,14 +372,30 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
         logger.info("driver %s: faces of about %.0f px in the %d px crop: detecting them upsampled", plan.name,
                     (plan.face_fraction or 0) * size, size)
 
+    whole = False  # centre crops without a face in their first LOOKAHEAD frames: used whole, no more detection
+
     def detect(frame: np.ndarray) -> tuple[np.ndarray, Box | None]:
-        return frame, first_face(_cropped_uint8(frame, plan.crop, size), upsample)
+        return frame, None if whole else first_face(_cropped_uint8(frame, plan.crop, size), upsample)
+
+    def use_whole(count: int) -> None:
+        nonlocal whole
+        whole = True
+        logger.warning("driver %s: no face in its first %d centre crops, so no face isolation: the whole centre "
+                       "crops drive the animation", plan.name, count)
 
     skipped = 0  # frames before the first face not kept in memory: read again once that face is found
     for frame, box in ordered_map(detect, frames):
+        if whole:
+            yield _model_input(frame, plan.crop, None, size, device)
+            continue
         last = box or last
         if last is None:
-            if skipped or len(pending) >= LOOKAHEAD:  # a long faceless opening: count it instead of holding it
+            if not plan.face_crop and len(pending) >= LOOKAHEAD:  # keeps streaming: no wait for a later face
+                use_whole(len(pending) + 1)
+                for f in [*pending, frame]:
+                    yield _model_input(f, plan.crop, None, size, device)
+                pending.clear()
+            elif skipped or len(pending) >= LOOKAHEAD:  # a long faceless opening: count it instead of holding it
                 skipped += len(pending) + 1
                 pending.clear()
             else:
@@ -396,11 +413,10 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
         pending.clear()
     if (pending or skipped) and plan.face_crop:
         raise InputError(f"no face found in the cropped frames of driving video {plan.name}; "
-                         "pass --no-face-crop to use whole frames")
-    if pending or skipped:  # centre crops (no face crop) without a face anywhere: the whole crops drive
-        logger.warning("driver %s: no face in its centre crops, so no face isolation: the whole frames drive the "
-                       "animation", plan.name)
-        for f in itertools.chain(itertools.islice(plan.frames(), skipped), pending):
+                         "pass --no-face-crop to use centre crops")
+    if pending:  # a short clip of centre crops without a face: used whole
+        use_whole(len(pending))
+        for f in pending:
             yield _model_input(f, plan.crop, None, size, device)
 
 

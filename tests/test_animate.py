@@ -556,7 +556,27 @@ def test_no_face_crop_still_isolates_the_drivers_face(media: dict[str, Path],
     with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
         whole = list(iter_driver_inputs(plan_driver(DriverFrames(blank, fps=25), face_crop=False), 64))
     assert len(whole) == 3 and all(bool((x > 0).all()) for x in whole)
-    assert "no face in its centre crops, so no face isolation" in caplog.text
+    assert "no face in its first 3 centre crops, so no face isolation" in caplog.text
+    # a longer faceless driver keeps streaming: no detection after its first LOOKAHEAD crops, read once
+    from megactor_rt.runtime import driver as driver_mod
+
+    plan = plan_driver(DriverFrames(blank[:1] * 40, fps=25), face_crop=False)
+    searched = 0
+    real = driver_mod.first_face
+
+    def counting(*args):  # noqa: ANN002, ANN202
+        nonlocal searched
+        searched += 1
+        return real(*args)
+
+    driver_mod.first_face = counting
+    try:
+        inputs = iter_driver_inputs(plan, 64)
+        next(inputs)
+        assert searched <= driver_mod.LOOKAHEAD + 8  # the thread pool may have looked a little ahead
+        assert len(list(inputs)) == 39 and searched <= driver_mod.LOOKAHEAD + 8
+    finally:
+        driver_mod.first_face = real
 
 
 def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> None:
