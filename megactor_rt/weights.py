@@ -318,16 +318,25 @@ def feature_extractor_differences(src: Path, size: int) -> list[str]:
     path = src / "StableDiffusion" / "feature_extractor" / "preprocessor_config.json"
     if not path.is_file():
         return []
-    raw = _read_json(path)
+    try:
+        raw: Any = _read_json(path)
+    except WeightsError as exc:  # an optional file the engine does not use: named, not fatal
+        return [f"unreadable ({exc})"]
+    if not isinstance(raw, dict):
+        return [f"{path.name} holds no settings object"]
 
-    def edge(value: Any, *keys: str) -> Any:  # transformers wrote 224 before it wrote {"shortest_edge": 224}
-        return next((value[k] for k in keys if k in value), None) if isinstance(value, dict) else value
+    def edge(value: Any, *keys: str) -> Any:  # transformers wrote 224 before it wrote {"shortest_edge": 224};
+        # {"height": 224, "width": 224} resizes the square crop to the same 224 x 224
+        if isinstance(value, dict):
+            return next((value[k] for k in keys if k in value), value)
+        return value
 
     def close(a: Any, b: tuple[float, ...]) -> bool:
         return isinstance(a, list) and len(a) == len(b) and all(abs(float(x) - y) < 1e-6 for x, y in zip(a, b))
 
     checks = {
-        "size": (edge(raw.get("size", size), "shortest_edge"), size),
+        "size": (edge(raw.get("size", size), "shortest_edge", "height"), size),
+        "size width": (edge(raw.get("size", size), "shortest_edge", "width"), size),
         "crop_size": (edge(raw.get("crop_size", size), "height"), size),
         "crop_size width": (edge(raw.get("crop_size", size), "width"), size),
         "resample": (raw.get("resample", 3), 3),

@@ -281,13 +281,13 @@ def test_build_skips_valid_plans_and_rebuilds_invalid_ones(onnx_dir: Path, tmp_p
     back, fake_b = _built(onnx_dir, engines)
     assert len(fake_b.calls) == 2 and {r.status for r in back} == {"built"}
 
-    # a plan whose sidecar predates a recorded setting (here "tf32") is rebuilt, not reused
+    # an fp16 plan whose sidecar predates the "tf32" setting was built with TF32 on, as now: reused
     sidecar = first[0].directory / SIDECAR_NAME
     old = json.loads(sidecar.read_text())
     del old["builder"]["tf32"]
     sidecar.write_text(json.dumps(old))
     older, fake_o = _built(onnx_dir, engines)
-    assert fake_o.calls == [f"vae_decoder_fp16[{first[0].profile_name}]"]
+    assert fake_o.calls == [] and {r.status for r in older} == {"skipped"}
 
     forced, fake3 = _built(onnx_dir, engines, force=True)
     assert len(fake3.calls) == 2 and {r.status for r in forced} == {"built"}
@@ -426,6 +426,28 @@ def _other_graph_plan(tmp_path: Path) -> Path:
     (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"vae_encoder_fp16": graph}}))
     results, _ = _built(d, tmp_path / "other-engines", profile="default")
     return results[0].directory
+
+
+def test_fp32_plans_built_with_tf32_are_rebuilt_and_not_selected(tmp_path: Path) -> None:
+    """An fp32 plan from before TF32 was turned off (its sidecar lacks "tf32": built with it on) is rebuilt by
+    build-engines and refused by the runtime's selection (fp32 plans are for exactness), with the reason."""
+    d = tmp_path / "onnx"
+    d.mkdir()
+    sha = _write_onnx(d / "vae_decoder.fp32.onnx")
+    graph = _graph_json("vae_decoder.fp32.onnx", sha, precision="fp32")
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"vae_decoder_fp32": graph}}))
+    engines = tmp_path / "engines"
+    first, _ = _built(d, engines, precision="fp32", profile="default")
+    picked = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, precision="fp32")
+    assert picked["vae_decoder"].backend == "tensorrt"
+    sidecar = first[0].directory / SIDECAR_NAME
+    old = json.loads(sidecar.read_text())
+    del old["builder"]["tf32"]
+    sidecar.write_text(json.dumps(old))
+    refused = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, precision="fp32")
+    assert refused["vae_decoder"].backend != "tensorrt" and "built with TF32" in refused["vae_decoder"].reason
+    again, fake = _built(d, engines, precision="fp32", profile="default")
+    assert fake.calls == ["vae_decoder_fp32[default]"]
 
 
 def test_select_falls_back_on_foreign_plans_and_missing_tensorrt(onnx_dir: Path, tmp_path: Path) -> None:

@@ -353,14 +353,21 @@ def test_the_feature_extractor_is_compared_with_the_fixed_clip_preprocessing(tmp
              "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
     newer = {**stock, "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
              "do_rescale": True, "rescale_factor": 0.00392156862745098}
-    for cfg in (stock, newer):
+    square = {**newer, "size": {"height": 224, "width": 224}}  # the square crop resized to 224 x 224: the same
+    for cfg in (stock, newer, square):
         (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
         assert feature_extractor_differences(tmp_path, 224) == []
     (folder / "preprocessor_config.json").write_text(json.dumps({**newer, "resample": 2, "image_std": [0.5] * 3}))
     found = feature_extractor_differences(tmp_path, 224)
     assert len(found) == 2 and found[0].startswith("resample 2") and found[1].startswith("image_std [0.5")
-    assert feature_extractor_differences(tmp_path, 336)[:2] == ["size 224 (this engine: 336)",
+    assert feature_extractor_differences(tmp_path, 336)[:3] == ["size 224 (this engine: 336)",
+                                                                "size width 224 (this engine: 336)",
                                                                 "crop_size 224 (this engine: 336)"]
+    (folder / "preprocessor_config.json").write_text(json.dumps({**newer, "size": {"longest_edge": 300}}))
+    assert feature_extractor_differences(tmp_path, 224)[0] == "size {'longest_edge': 300} (this engine: 224)"
+    for text, says in (("[]", "holds no settings object"), ("{", "unreadable (")):
+        (folder / "preprocessor_config.json").write_text(text)
+        assert says in feature_extractor_differences(tmp_path, 224)[0]  # named, and the conversion goes on
 
 
 def test_an_image_encoder_of_another_width_is_refused_at_conversion(pack, tmp_path):
