@@ -37,6 +37,7 @@ from typing import Any, cast
 
 import av
 import numpy as np
+from av.video.reformatter import Colorspace, Interpolation
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError, ResourceError
@@ -512,6 +513,27 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
     yield from frames
 
 
+# YUV -> RGB with accurate rounding and full chroma interpolation: swscale's default path decodes 10-bit
+# white as 253 and mid grey as 126 (about 1 % dark), and 8-bit colours up to 2 levels off
+_RGB_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+_UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED: a stream without a colour matrix tag
+_SMPTE170M, _TV_RANGE = 6, 1  # AVCOL_SPC_SMPTE170M (BT.601), AVCOL_RANGE_MPEG: how results are converted
+HD_MIN_HEIGHT = 720  # untagged streams this tall are decoded as BT.709, as players show them
+
+
+def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+    """A decoded frame as ``(H, W, 3)`` uint8 RGB at the stream's probed ``size`` (width, height): a frame after
+    a mid-stream size change (WebRTC recordings) is scaled to it, so every frame has the size the crop was
+    planned for. A frame without a colour matrix tag is BT.709 from 720 lines on (what players assume for
+    HD; swscale would take BT.601), tagged ones use their tag."""
+    kwargs: dict[str, Any] = {"format": "rgb24", "interpolation": _RGB_FLAGS}
+    if (frame.width, frame.height) != size:
+        kwargs["width"], kwargs["height"] = size
+    if int(frame.colorspace) == _UNSPECIFIED and frame.height >= HD_MIN_HEIGHT:
+        kwargs["src_colorspace"] = Colorspace.ITU709
+    return frame.to_ndarray(**kwargs)
+
+
 def _video_stream(path: Path, container: av.container.InputContainer) -> av.video.stream.VideoStream:
     """The file's main video stream: FFmpeg's best one that is not a cover picture (an MP3's album art is a
     one-frame "video" stream).
@@ -561,11 +583,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 return
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
-            if (frame.width, frame.height) == size:
-                rgb = orient.apply(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8, upright
-            else:  # the stream changed its size mid-way (a WebRTC recording): scaled to the probed size, so
-                # every frame has the size the crop was planned for
-                rgb = orient.apply(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+            rgb = orient.apply(_to_rgb24(frame, size))  # (H, W, 3) uint8, upright
             first = slot
             while slot < upto and not done():
                 yield rgb
@@ -850,6 +868,9 @@ class VideoWriter:
         encoder = _video_encoder()
         stream = cast(av.video.stream.VideoStream, self._out.add_stream(encoder, rate=self.fps))
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+        # frames are converted to YUV with BT.601 in limited range (swscale's default): say so, or players
+        # guess, and take BT.709 for HD sizes
+        stream.codec_context.colorspace, stream.codec_context.color_range = _SMPTE170M, _TV_RANGE
         stream.time_base = self._frame_tb = 1 / self.fps  # the muxer changes stream.time_base later
         if encoder == "libx264":
             stream.options = {"crf": str(crf), "preset": "medium"}
@@ -896,6 +917,7 @@ class VideoWriter:
                              f"{frame.shape} {frame.dtype}")
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         vf = vf.reformat(format="yuv420p")
+        vf.colorspace, vf.color_range = _SMPTE170M, _TV_RANGE
         vf.pts, vf.time_base = self.frames_written, self._frame_tb
         try:
             self._out.mux(self._video.encode(vf))

@@ -1332,3 +1332,59 @@ def test_a_driver_file_smaller_than_64_px_is_refused(tmp_path: Path) -> None:
             w.write(f)
     with pytest.raises(InputError, match="tiny.mp4: frames are 32x32 px; each side must be at least 64 px"):
         driver_info(path)
+
+
+_COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [128, 128, 128], [200, 100, 50]], float)
+
+
+def _yuv_clip(path: Path, width: int, height: int, pix: str, bits: int, tag: int | None) -> Path:
+    """Six colour bars written as limited-range BT.709 YUV computed by formula (an independent reference),
+    lossless, tagged BT.709 or not tagged at all."""
+    kr, kb = 0.2126, 0.0722
+    r, g, b = (_COLOURS / 255).T
+    y = kr * r + (1 - kr - kb) * g + kb * b
+    u, v = (b - y) / (2 * (1 - kb)), (r - y) / (2 * (1 - kr))
+    sc = 1 << (bits - 8)
+    yuv = np.rint(np.stack([(16 + 219 * y) * sc, (128 + 224 * u) * sc, (128 + 224 * v) * sc], 1)).astype(int)
+    dt = np.uint8 if bits == 8 else np.uint16
+    bw = width // len(_COLOURS)
+    planes = [np.zeros((height, width), dt), np.zeros((height // 2, width // 2), dt),
+              np.zeros((height // 2, width // 2), dt)]
+    for i, (yy, uu, vv) in enumerate(yuv):
+        planes[0][:, i * bw:(i + 1) * bw] = yy
+        planes[1][:, i * bw // 2:(i + 1) * bw // 2] = uu
+        planes[2][:, i * bw // 2:(i + 1) * bw // 2] = vv
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = width, height, pix, {"qp": "0"}
+        if tag is not None:
+            s.codec_context.colorspace, s.codec_context.color_range = tag, 1
+        for i in range(2):
+            f = av.VideoFrame(width, height, pix)
+            for plane, arr in zip(f.planes, planes):
+                a = np.frombuffer(plane, dtype=dt).reshape(-1, plane.line_size // arr.itemsize)
+                a[:arr.shape[0], :arr.shape[1]] = arr
+            if tag is not None:
+                f.colorspace, f.color_range = tag, 1
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(("pix", "bits", "tag"), [("yuv420p", 8, None), ("yuv420p10le", 10, 1)])
+def test_hd_colours_decode_as_players_show_them(tmp_path: Path, pix: str, bits: int, tag: int | None) -> None:
+    """An untagged HD clip is BT.709, as players show it (was: BT.601, red off by up to 23 levels); a 10-bit clip
+    decodes its white as 255 and mid grey as 128 (was 253 and 126). Results say how they were converted
+    (BT.601, limited range; was: no tag, so players guessed)."""
+    path = _yuv_clip(tmp_path / "bars.mp4", 1296, 720, pix, bits, tag)
+    frame = next(iter_video_frames(path, 1))
+    bw = frame.shape[1] // len(_COLOURS)
+    got = np.array([frame[360, i * bw + bw // 2] for i in range(len(_COLOURS))], float)
+    assert np.abs(got - _COLOURS).max() <= 1
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, Fraction(25), 64, 64) as w:
+        w.write(np.zeros((64, 64, 3), np.uint8))
+    with av.open(str(out)) as c:
+        cc = c.streams.video[0].codec_context
+        assert (int(cc.colorspace), int(cc.color_range)) == (6, 1)
