@@ -139,10 +139,14 @@ def start_frame(fps: Fraction, start: float | None) -> int:
 
 
 def output_fps(source: Fraction, fps: float | Fraction | None) -> Fraction:
-    """The rate a driver at ``source`` fps is animated at: ``fps`` where that is lower, else ``source``."""
+    """The rate a driver at ``source`` fps is animated at: ``fps`` where that is lower, else ``source``. A rate
+    within 0.01 % of the source's is the source's (``--fps 29.97`` on an NTSC clip at 30000/1001 keeps every
+    frame and its exact rate, instead of dropping one frame in a million and writing 2997/100)."""
     if fps is None:
         return source
     target = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001000)
+    if abs(target - source) <= source * Fraction(1, 10000):
+        return source
     return min(source, target)
 
 

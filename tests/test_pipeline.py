@@ -375,3 +375,16 @@ def test_a_small_face_found_in_pass_1_is_found_in_the_crops(caplog: pytest.LogCa
     assert "detecting them upsampled" in caplog.text
     assert 0.005 < float((out > 0).float().mean()) < 0.05  # the small face region kept, the rest black
     assert crop_upsample(plan_driver(DriverFrames([img], fps=25)), 512) is None  # a large face: the default
+
+
+def test_an_output_rate_within_a_hair_of_the_source_rate_is_the_source_rate() -> None:
+    """``--fps 29.97`` on an NTSC clip (30000/1001) keeps its exact rate and every frame (was: 2997/100, one frame
+    in a million dropped); lower rates resample, higher ones keep the source's."""
+    from fractions import Fraction
+
+    from megactor_rt.runtime.driver import output_fps
+
+    ntsc = Fraction(30000, 1001)
+    assert output_fps(ntsc, 29.97) == ntsc and output_fps(Fraction(24000, 1001), 23.976) == Fraction(24000, 1001)
+    assert output_fps(ntsc, 25) == 25 and output_fps(ntsc, 60) == ntsc and output_fps(ntsc, None) == ntsc
+    assert output_fps(Fraction(30), 29.99) == Fraction(2999, 100)  # 0.03 % lower: a real resampling
