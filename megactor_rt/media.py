@@ -251,6 +251,9 @@ def probe_video(path: PathLike) -> VideoInfo:
     with _open_input(path) as container:
         stream = _video_stream(path, container)
         if not stream.codec_context.width or not stream.codec_context.height:
+            if path.suffix.lower() == ".webp":  # FFmpeg's WebP decoder reads still images only
+                raise InputError(f"{path}: an animated WebP, which FFmpeg cannot decode; convert it to a video "
+                                 "first (e.g. an .mp4 or a .gif)")
             raise InputError(f"{path}: the video stream has no frame size (corrupt header?)")
         duration_s: float | None = None
         if stream.duration is not None and stream.time_base is not None:

@@ -1388,3 +1388,12 @@ def test_hd_colours_decode_as_players_show_them(tmp_path: Path, pix: str, bits: 
     with av.open(str(out)) as c:
         cc = c.streams.video[0].codec_context
         assert (int(cc.colorspace), int(cc.color_range)) == (6, 1)
+
+
+def test_an_animated_webp_driver_is_named_as_such(tmp_path: Path) -> None:
+    """FFmpeg cannot decode animated WebP: the message says so and what to do (was: "no frame size (corrupt
+    header?)")."""
+    frames = [Image.fromarray(np.full((80, 80, 3), i * 40, np.uint8)) for i in range(4)]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(InputError, match="anim.webp: an animated WebP, which FFmpeg cannot decode; convert it"):
+        probe_video(tmp_path / "anim.webp")
