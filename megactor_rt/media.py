@@ -264,6 +264,9 @@ def probe_video(path: PathLike) -> VideoInfo:
         first = _first_frame(container, stream)
         if first is not None and _frame_orientation(path, first).swaps_sides:
             width, height = height, width
+        if first is not None and int(first.color_trc) in _HDR_TRANSFERS:
+            logger.warning("%s is HDR video (%s transfer): it is converted to RGB without tone mapping, so its "
+                           "colours come out flat and dim", path, _HDR_TRANSFERS[int(first.color_trc)])
         start_s = Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base \
             else Fraction(0)
         if first is not None and first.pts is not None and first.time_base is not None:
@@ -520,6 +523,7 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
 # white as 253 and mid grey as 126 (about 1 % dark), and 8-bit colours up to 2 levels off
 _RGB_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
 _UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED: a stream without a colour matrix tag
+_HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # AVCOL_TRC_SMPTE2084, AVCOL_TRC_ARIB_STD_B67 (phones record HLG)
 _SMPTE170M, _TV_RANGE = 6, 1  # AVCOL_SPC_SMPTE170M (BT.601), AVCOL_RANGE_MPEG: how results are converted
 HD_MIN_HEIGHT = 720  # untagged streams this tall are decoded as BT.709, as players show them
 
@@ -820,7 +824,8 @@ class VideoWriter:
                 after the video stays in step (audio before it is dropped, a later start is kept as silence).
             audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
                 there on is carried over (copied audio starts at the first whole packet from there, at most one
-                packet, about 20 ms, late; transcoded audio starts at the exact sample).
+                packet late: about 20-30 ms at 44.1-48 kHz, longer at low sample rates; transcoded audio
+                starts at the exact sample).
 
         Raises:
             InputError: the destination is unwritable or ``audio_source`` is unreadable.

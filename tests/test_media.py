@@ -1397,3 +1397,24 @@ def test_an_animated_webp_driver_is_named_as_such(tmp_path: Path) -> None:
     frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, loop=0)
     with pytest.raises(InputError, match="anim.webp: an animated WebP, which FFmpeg cannot decode; convert it"):
         probe_video(tmp_path / "anim.webp")
+
+
+def test_hdr_video_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """HLG (phones' HDR) and PQ clips are converted without tone mapping; a warning says so (was: silent)."""
+    import logging
+
+    path = tmp_path / "hlg.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        s.codec_context.color_trc = 18
+        for i in range(2):
+            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 100, np.uint8), format="rgb24").reformat(format="yuv420p")
+            f.color_trc, f.pts = 18, i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        probe_video(path)
+        probe_video(DRIVER)
+    assert [r.getMessage().split(" is ")[1][:26] for r in caplog.records] == ["HDR video (HLG transfer): "]
