@@ -353,10 +353,10 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
 
     Each cropped frame keeps only its face (upstream's isolation, also in the centre crops of a plan without
     face crops: there, crops without a face in their first ``LOOKAHEAD`` frames are used whole from then on,
-    with a warning, so the frames keep streaming). Frames whose
-    cropped version shows no face reuse the previous frame's face box; frames before the first
-    detection use the first one: up to ``LOOKAHEAD`` of them wait in memory, a longer faceless opening is read
-    again once the first face is found (memory stays bounded for any driver). With a ``contour`` plan every frame
+    with a warning, so the frames keep streaming). Frames whose cropped version shows no face reuse the
+    previous frame's face box; frames before the first detection use the first one: up to ``LOOKAHEAD`` of
+    them wait in memory, a longer faceless opening is read again once the first face is found (memory stays
+    bounded for any driver). With a ``contour`` plan every frame
     keeps its rectangles of the plan instead and is warped onto the portrait's face (no detection here).
     """
     if contour is not None:
