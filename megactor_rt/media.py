@@ -900,7 +900,7 @@ class VideoWriter:
             self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream("aac", rate=out_rate))
             # by channel count: sources may carry unordered layouts ("1 channels") that AAC rejects
             self._audio_out.layout = "mono" if src.codec_context.channels == 1 else "stereo"
-            self._audio_out.format = "fltp"  # AAC's sample format: frames are resampled to it (see _resampled)
+            self._audio_out.format = "fltp"  # AAC's sample format: frames are resampled to it (_encode_audio)
         try:  # writes the header now: a stream the container cannot hold fails here, before any frame is made
             self._out.start_encoding()
         except av.error.FFmpegError as exc:
@@ -1101,8 +1101,8 @@ class VideoWriter:
                 continue
             yield from cast(list[av.AudioFrame], frames)
         if bad:
-            logger.warning("%s: %d audio packets could not be decoded and were skipped (the audio shifts earlier by "
-                           "their length from there)", self._audio_path, bad)
+            logger.warning("%s: %d audio packets could not be decoded and were skipped (silence in their place, "
+                           "from the timestamps of the frames after them)", self._audio_path, bad)
 
     def _encode_audio(self, frame: av.AudioFrame | None) -> None:
         """Encode ``frame`` (None: flush the resampler) after resampling it to the AAC stream's format, layout
