@@ -221,9 +221,13 @@ class Animator:
     def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
                         mask: str | Path | None = None) -> PortraitInputs:
         """Crop the portrait around its face, derive the background mask and the CLIP background image."""
+        from PIL import Image, ImageOps
+
+        if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
+            portrait = np.asarray(ImageOps.exif_transpose(portrait).convert("RGB"))
         if not isinstance(portrait, (str, Path, np.ndarray)):
-            raise InputError(f"portrait must be an image or video file path or an (H, W, 3) uint8 RGB array, got "
-                             f"{type(portrait).__name__}")
+            raise InputError(f"portrait must be an image or video file path, a PIL image or an (H, W, 3) uint8 RGB "
+                             f"array, got {type(portrait).__name__}")
         name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
         img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:

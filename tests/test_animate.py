@@ -939,7 +939,11 @@ def test_misused_api_arguments_are_input_errors(anim: Animator, media: dict[str,
         AnimateConfig(mode="bogus")
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, got 'fp8'"):
         Animator.demo(precision="fp8")
-    for bad, says in ((123, "portrait must be an image or video file path .* got int"),
+    from PIL import Image
+
+    pil = Image.open(PORTRAIT)  # a PIL image is taken as its pixels are
+    assert torch.equal(anim.portrait_inputs(pil).image, anim.portrait_inputs(PORTRAIT).image)
+    for bad, says in ((123, "portrait must be an image or video file path, a PIL image or .* got int"),
                       (np.zeros((64, 64), np.uint8), r"portrait array must be \(H, W, 3\) uint8 RGB, got \(64, 64\)"),
                       (np.zeros((64, 64, 3), np.float32), "got .* float32")):
         with pytest.raises(InputError, match=says):
