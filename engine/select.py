@@ -94,7 +94,9 @@ def select_backends(submodels: Sequence[str], engine_dir: str | Path | None,
             choice = BackendChoice(sub, fb, f"no engine directory ({engine_dir})")
         else:
             choice = _choose_plan(sub, Path(engine_dir), fb, device, precision, prof, manifest)
-        logger.info("%s: backend %s (%s)", sub, choice.backend, choice.reason)
+        # a plan that exists but cannot be used means a slower run than asked for: said at the default level
+        level = logging.WARNING if choice.reason.startswith("no usable TensorRT plan") else logging.INFO
+        logger.log(level, "%s: backend %s (%s)", sub, choice.backend, choice.reason)
         choices[sub] = choice
     return choices
 

@@ -386,10 +386,11 @@ class Animator:
                                      config or self.config)
 
     def check_run(self, config: AnimateConfig | None = None) -> None:
-        """Check ``config``'s settings against this model's scheduler (before any work).
+        """Check ``config``'s settings against this model's scheduler and backend (before any work).
 
         Raises:
-            InputError: more steps than the scheduler's training timesteps, or a reference timestep past them.
+            InputError: more steps than the scheduler's training timesteps, a reference timestep past them, or
+                a run the backend cannot make (graph backends: reference mode, a graph the export lacks).
         """
         cfg = config or self.config
         total = self.sub.config.scheduler.num_train_timesteps
@@ -400,6 +401,7 @@ class Animator:
         if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
             raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
                              f"got {cfg.reference_timestep}")
+        self.sub.check_run(cfg)
 
     @staticmethod
     def _note_settings(cfg: AnimateConfig) -> None:
@@ -426,6 +428,7 @@ class Animator:
         portrait_lm = self.portrait_landmarks(state, landmarker) if landmarker is not None else None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start, cfg.duration)
+        self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame

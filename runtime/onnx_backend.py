@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, ModelConfig, Precision
+from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, Manifest, load_manifest
 from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import BANK_NAMES
@@ -142,6 +142,35 @@ class GraphSubmodels(Submodels):
                   if g.startswith("temporal_unet")]
         known = [n for n in limits if n is not None]
         return max(1, min(known)) if known else None
+
+    def check_run(self, cfg: AnimateConfig) -> None:
+        """What a run of ``cfg`` needs from the exported graphs, checked before any work.
+
+        Raises:
+            InputError: reference mode (torch only), or a graph the run calls that the export lacks (with no
+                fallback to run it).
+        """
+        if cfg.mode is Mode.REFERENCE:
+            raise InputError(f"reference mode (upstream's evaluation, for benchmarks) runs on the torch backend "
+                             f"only, not {self.name}; use mode optimized (the same math)")
+        missing = [g for g in graphs_needed(cfg) if g not in self.runners] if self.fallback is None else []
+        if missing:
+            raise InputError(f"{self.name}: the export has no {', '.join(missing)} graph, which this run needs; "
+                             "export again (megactor-rt export) without --graphs, or with the settings of this run")
+
+    def check_window(self, frames: int) -> None:
+        """A window of ``frames`` frames fits some plan of every UNet graph (TensorRT: its profiles' frame
+        range; onnxruntime and torch take any).
+
+        Raises:
+            InputError: no plan takes windows that long, naming what would.
+        """
+        short = [g for g, r in self.runners.items() if g.startswith("temporal_unet")
+                 and r.max_size("latents", 0, {2: frames}) == 0]
+        if short:
+            raise InputError(f"{self.name}: no plan of {', '.join(sorted(short))} takes windows of {frames} frames; "
+                             "build the `long` plans too (build-engines without --profile), export with --window "
+                             f"{frames}, or run with a shorter --window")
 
     def tiny_decoder_graph(self, weights_id: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Decoding with the exported ``tiny_decoder`` graph where this backend runs one exported from the TAESD
@@ -281,7 +310,7 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
                     cuda_graphs: bool = False) -> GraphSubmodels:
     """:func:`make_graph_submodels` for a loaded manifest of graphs exported from ``weights_id``'s networks;
     ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan (tensorrt only)."""
-    want = "fp16" if precision is Precision.FP16 else "fp32"
+    want = graph_precision(backend, precision)
     # the onnxruntime sessions run every graph (backend onnxruntime) or the graphs without a plan (tensorrt with
     # fallback onnxruntime); with the torch fallback they are never run
     providers = ort_providers(device) if backend == "onnxruntime" or fallback == "onnxruntime" else None
@@ -323,6 +352,17 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
                           graph_weights=graph_weights)
 
 
+def graph_precision(backend: str, precision: Precision) -> str:
+    """The exported graphs' precision a run at ``precision`` uses.
+
+    Raises:
+        InputError: bf16, which exported graphs do not come in.
+    """
+    if precision is Precision.BF16:
+        raise InputError(f"the {backend} backend runs fp16 or fp32 graphs; bf16 runs on the torch backend only")
+    return "fp16" if precision is Precision.FP16 else "fp32"
+
+
 def graphs_needed(cfg: AnimateConfig) -> list[str]:
     """The exported graphs a run with ``cfg`` calls (the UNet graphs of its kinds of step)."""
     unets = [("temporal_unet" if kind.cfg else "temporal_unet_cond") + ("_reuse" if kind.reuse else "")
@@ -349,9 +389,9 @@ def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Pat
     from megactor_rt.runtime.backends import require_backend
 
     require_backend(backend)
+    want = graph_precision(backend, precision)  # before any export
     work = Path(work_dir)
     onnx_dir = work / f"onnx-{models.weights_id}"
-    want = "fp16" if precision is Precision.FP16 else "fp32"
     export_models(models, onnx_dir, precisions=(want,), frames=config.window, graphs=graphs_needed(config),
                   window_batch=config.window_batch, fp16_softmax=fp16_softmax)
     if config.tiny_decoder is not None:  # its graph too, so the backend decodes with it

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from megactor_rt.config import ModelConfig
+from megactor_rt.config import AnimateConfig, ModelConfig
 from megactor_rt.weights import MegActorModels
 
 
@@ -33,6 +33,15 @@ class Submodels(ABC):
     def window_batch_limit(self, frames: int) -> int | None:
         """Context windows of ``frames`` frames one ``unet`` call may hold (None: any number)."""
         return self.max_window_batch
+
+    def check_run(self, cfg: AnimateConfig) -> None:
+        """Refuse, before any work, a run of ``cfg`` this backend cannot make (InputError); the torch backend
+        makes any."""
+        return None
+
+    def check_window(self, frames: int) -> None:
+        """Refuse, before denoising, windows of ``frames`` frames the UNet cannot take (InputError)."""
+        return None
 
     @property
     def state_id(self) -> str:

@@ -450,12 +450,17 @@ def test_fp32_plans_built_with_tf32_are_rebuilt_and_not_selected(tmp_path: Path)
     assert fake.calls == ["vae_decoder_fp32[default]"]
 
 
-def test_select_falls_back_on_foreign_plans_and_missing_tensorrt(onnx_dir: Path, tmp_path: Path) -> None:
+def test_select_falls_back_on_foreign_plans_and_missing_tensorrt(onnx_dir: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A plan that exists but cannot be used falls back with a warning (the CLI shows warnings; was: info, so
+    a run silently went several times slower); the other fallbacks are notes."""
     engines = tmp_path / "engines"
     _built(onnx_dir, engines, profile="default")
     a100 = DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), "11.1.0.106")
-    foreign = select_backends(["vae_decoder"], engines, device=a100, tensorrt_status=_trt_ok)["vae_decoder"]
+    with caplog.at_level(logging.INFO, logger="megactor_rt.engine.select"):
+        foreign = select_backends(["vae_decoder"], engines, device=a100, tensorrt_status=_trt_ok)["vae_decoder"]
     assert foreign.backend == "onnxruntime" and "rebuild" in foreign.reason and "H100" in foreign.reason
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
     no_trt = select_backends(["vae_decoder"], engines, fallback={"vae_decoder": "torch"},
                              tensorrt_status=lambda: (False, "python module 'tensorrt' is not installed"))
@@ -695,3 +700,12 @@ def test_windows_per_call_follow_the_plans_that_take_the_window_length() -> None
     anim = Animator(sub, AnimateConfig(window=24, overlap=8, window_batch=3))
     assert anim.window_batch(anim.config) == 1
     assert anim.window_batch(AnimateConfig(window=16, overlap=8, window_batch=3)) == 3
+    # refused before denoising (was: at the first UNet call, after the portrait and the driver's faces)
+    sub.check_window(32)
+    with pytest.raises(InputError, match="no plan of temporal_unet_cond takes windows of 40 frames; build the `long`"):
+        sub.check_window(40)
+    # what the export lacks, and reference mode, are refused before any work
+    with pytest.raises(InputError, match="reference mode .* runs on the torch backend only, not tensorrt"):
+        anim.check_run(AnimateConfig(mode="reference", guidance=1.0))
+    with pytest.raises(InputError, match="the export has no .*temporal_unet_cond_reuse graph, which this run needs"):
+        anim.check_run(AnimateConfig(guidance=1.0, feature_reuse=2))

@@ -638,3 +638,14 @@ def test_an_input_dtype_numpy_cannot_hold_is_an_input_error(tmp_path: Path) -> N
                        {"y": TensorSpec("y", "bfloat16", (1,))}, {}, root=tmp_path)
     with pytest.raises(InputError, match="bfloat16"):
         OrtRunner(graph).activate()  # before a session is made (the file does not exist)
+
+
+def test_graph_backends_refuse_bf16_before_exporting(tmp_path: Path) -> None:
+    """Exported graphs are fp16 or fp32: bf16 on a graph backend is refused before any export (was: fp32 graphs
+    run silently, the stats saying float32)."""
+    from megactor_rt.errors import InputError
+    from megactor_rt.runtime.animator import Animator
+
+    with pytest.raises(InputError, match="onnxruntime backend runs fp16 or fp32 graphs; bf16 runs on the torch"):
+        Animator.demo(backend="onnxruntime", precision="bf16", device="cpu", work_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
