@@ -233,19 +233,27 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
     return crop, face
 
 
-def _portrait_face(image: np.ndarray) -> Box | None:
-    """The largest face, found on a copy at most ``PORTRAIT_DETECT_MAX_SIDE`` px wide and high (HOG's time grows
-    with the pixels: 2.4 s for a 6000x4000 image, 0.8 s with the copy) and scaled back; where the copy shows none
-    (small faces in a large photo), on the image itself."""
+def first_face_scaled(image: np.ndarray, max_side: int) -> Box | None:
+    """The largest face of ``image``, detected on a copy downscaled to at most ``max_side`` px (HOG's time
+    grows with the pixels) and scaled back to ``image``'s coordinates; None where the copy shows none."""
     height, width = image.shape[:2]
-    scale = PORTRAIT_DETECT_MAX_SIDE / max(height, width)
-    if scale < 1:
-        small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-        box = first_face(small)
-        if box is not None:
-            return Box(box.left / scale, box.top / scale, min(box.right / scale, width),
-                       min(box.bottom / scale, height))
-    return first_face(image)
+    scale = min(1.0, max_side / max(height, width))
+    if scale == 1.0:
+        return first_face(image)
+    small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    box = first_face(small)
+    if box is None:
+        return None
+    return Box(box.left / scale, box.top / scale, min(box.right / scale, width), min(box.bottom / scale, height))
+
+
+def _portrait_face(image: np.ndarray) -> Box | None:
+    """The largest face, found on a copy at most ``PORTRAIT_DETECT_MAX_SIDE`` px (2.4 s for a 6000x4000 image,
+    0.8 s with the copy); where the copy shows none (small faces in a large photo), on the image itself."""
+    box = first_face_scaled(image, PORTRAIT_DETECT_MAX_SIDE)
+    if box is None and max(image.shape[:2]) > PORTRAIT_DETECT_MAX_SIDE:
+        return first_face(image)
+    return box
 
 
 def driver_crop(boxes_per_frame: Sequence[Box | None], height: int, width: int, face_crop: bool = True,

@@ -31,7 +31,15 @@ from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import grey_unit, preprocess_frame
 from megactor_rt.media import MIN_IMAGE_SIDE, VideoInfo, iter_video_frames, probe_video
-from megactor_rt.preprocess import Box, Crop, crop_resize, driver_crop, face_keep_rect, first_face
+from megactor_rt.preprocess import (
+    Box,
+    Crop,
+    crop_resize,
+    driver_crop,
+    face_keep_rect,
+    first_face,
+    first_face_scaled,
+)
 from megactor_rt.progress import progress
 from megactor_rt.runtime.pipeline import cancellable, ordered_map
 
@@ -228,17 +236,7 @@ class DriverPlan:
 
 def detect_scaled(frame: np.ndarray) -> Box | None:
     """Largest face of a frame, detected on a copy downscaled to ``DETECT_MAX_SIDE``."""
-    h, w = frame.shape[:2]
-    s = min(1.0, DETECT_MAX_SIDE / max(h, w))
-    if s == 1.0:
-        return first_face(frame)
-    import cv2
-
-    small = cv2.resize(frame, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
-    box = first_face(small)
-    if box is None:
-        return None
-    return Box(box.left / s, box.top / s, min(box.right / s, w), min(box.bottom / s, h))
+    return first_face_scaled(frame, DETECT_MAX_SIDE)
 
 
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
