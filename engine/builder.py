@@ -177,10 +177,7 @@ def cached_reason(job: BuildJob, device: DeviceInfo, options: BuildOptions) -> s
     except EngineMismatch as exc:
         logger.info("%s [%s]: existing plan is not valid, rebuilding: %s", job.graph.name, job.profile_name, exc)
         return None
-    recorded = dict(record.builder)
-    if recorded and "tf32" not in recorded:  # recorded before TF32 was: it was on, as it still is below fp32
-        recorded["tf32"] = True
-    if recorded != options.builder_settings():
+    if record.builder_settings() != options.builder_settings():
         logger.info("%s [%s]: existing plan was built with %s, now asked for %s: rebuilding", job.graph.name,
                     job.profile_name, record.builder or "unrecorded settings", options.builder_settings())
         return None

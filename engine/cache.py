@@ -155,6 +155,11 @@ class EngineRecord:
     builder: dict[str, Any] = field(default_factory=dict)  # optimization level, workspace, ...
     format: int = SIDECAR_FORMAT
 
+    def builder_settings(self) -> dict[str, Any]:
+        """``builder`` as the current settings name it: a sidecar written before TF32 was recorded was built
+        with TF32 on (TensorRT's default). Empty where nothing was recorded."""
+        return {**self.builder, "tf32": self.builder.get("tf32", True)} if self.builder else {}
+
     @property
     def device(self) -> DeviceInfo:
         major, minor = self.compute_capability

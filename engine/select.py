@@ -131,7 +131,7 @@ def _choose_plan(sub: str, engine_dir: Path, fb: str, device: DeviceInfo, precis
         except EngineMismatch as exc:
             rejected.append(str(exc))
             continue
-        if precision == "fp32" and record.builder.get("tf32", True):  # built before TF32 was turned off
+        if precision == "fp32" and record.builder_settings().get("tf32", True):  # built before TF32 was turned off
             rejected.append(f"{directory} is an fp32 plan built with TF32 (matmuls and convolutions rounded to "
                             "10 mantissa bits); rebuild it with `megactor-rt build-engines`")
             continue
