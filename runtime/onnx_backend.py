@@ -130,17 +130,20 @@ class GraphSubmodels(Submodels):
         self.graph_weights = dict(graph_weights or {})  # graph -> weights id it was exported from
         # context windows per UNet call: what every UNet graph takes (a TensorRT plan: its profile's maximum;
         # graphs exported before the windows dim: 1; a graph on the torch fallback: any)
-        limits = [r.max_size("latents", 0) for g, r in self.runners.items() if g.startswith("temporal_unet")]
-        known = [n for n in limits if n is not None]
+        known = [n for n in self._unet_limits().values() if n is not None]
         self.max_window_batch = min(known) if known else None
+
+    def _unet_limits(self, frames: int | None = None) -> dict[str, int | None]:
+        """Each UNet graph's runner: the most windows it takes in a call (of ``frames`` frames where given: 0 if
+        no plan takes windows that long; None: any number)."""
+        where = {2: frames} if frames is not None else None
+        return {g: r.max_size("latents", 0, where) for g, r in self.runners.items() if g.startswith("temporal_unet")}
 
     def window_batch_limit(self, frames: int) -> int | None:
         """Context windows of ``frames`` frames every UNet graph takes in one call: a set of TensorRT plans
         answers for the plans whose profile takes windows that long (the ``long`` plans: one window). At least
         1: a window length no plan takes fails at the call, with a message naming the profiles."""
-        limits = [r.max_size("latents", 0, {2: frames}) for g, r in self.runners.items()
-                  if g.startswith("temporal_unet")]
-        known = [n for n in limits if n is not None]
+        known = [n for n in self._unet_limits(frames).values() if n is not None]
         return max(1, min(known)) if known else None
 
     def check_run(self, cfg: AnimateConfig) -> None:
@@ -165,8 +168,7 @@ class GraphSubmodels(Submodels):
         Raises:
             InputError: no plan takes windows that long, naming what would.
         """
-        short = [g for g, r in self.runners.items() if g.startswith("temporal_unet")
-                 and r.max_size("latents", 0, {2: frames}) == 0]
+        short = [g for g, n in self._unet_limits(frames).items() if n == 0]
         if short:
             raise InputError(f"{self.name}: no plan of {', '.join(sorted(short))} takes windows of {frames} frames; "
                              "build the `long` plans too (build-engines without --profile), export with --window "
