@@ -92,15 +92,15 @@ def read_image(path: PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            rgb = image_to_rgb(im)
     except InputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: image is corrupt or truncated ({exc})") from exc
-    _check_image_size(path, rgb.size)  # EXIF rotation swaps sides, limits are symmetric anyway
-    return np.asarray(rgb, dtype=np.uint8).copy()  # (H, W, 3)
+    _check_image_size(path, (rgb.shape[1], rgb.shape[0]))  # EXIF rotation swaps sides, limits are symmetric
+    return rgb  # (H, W, 3)
 
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
@@ -126,6 +126,12 @@ def read_portrait(path: PathLike) -> np.ndarray:
         raise InputError(f"{path}: no decodable video frame for the portrait")
     _check_image_size(path, (frame.shape[1], frame.shape[0]))
     return frame
+
+
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image as :func:`read_image` reads a file: upright by its EXIF orientation, RGB (see
+    :func:`_to_rgb`), ``(H, W, 3)`` uint8."""
+    return np.asarray(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8).copy()
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -553,7 +559,7 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.vide
         raise InputError(f"{path}: the file has no video stream" + (
             " (only a cover picture)" if container.streams.video else ""))
     best = container.streams.best("video")
-    return best if best in streams else max(streams, key=lambda v: (v.frames or 0, v.index == streams[0].index))
+    return best if best in streams else max(streams, key=lambda v: v.frames or 0)  # the first of equals
 
 
 # A timestamp jump forward of more than this many seconds is logged (a joined recording; the grid keeps it).

@@ -25,7 +25,7 @@ from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
-from megactor_rt.media import VideoWriter, check_not_an_input, check_output_path, read_portrait
+from megactor_rt.media import VideoWriter, check_not_an_input, check_output_path, image_to_rgb, read_portrait
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import (
@@ -221,10 +221,10 @@ class Animator:
     def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
                         mask: str | Path | None = None) -> PortraitInputs:
         """Crop the portrait around its face, derive the background mask and the CLIP background image."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
         if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
-            portrait = np.asarray(ImageOps.exif_transpose(portrait).convert("RGB"))
+            portrait = image_to_rgb(portrait)
         if not isinstance(portrait, (str, Path, np.ndarray)):
             raise InputError(f"portrait must be an image or video file path, a PIL image or an (H, W, 3) uint8 RGB "
                              f"array, got {type(portrait).__name__}")
