@@ -309,13 +309,16 @@ def meta_models(cfg: ModelConfig, where: str) -> MegActorModels:
                            f"({type(exc).__name__}: {exc})") from exc
 
 
+FEATURE_EXTRACTOR = Path("StableDiffusion") / "feature_extractor" / "preprocessor_config.json"  # in the release
+
+
 def feature_extractor_differences(src: Path, size: int) -> list[str]:
     """How the released ``StableDiffusion/feature_extractor/preprocessor_config.json`` differs from the CLIP
     preprocessing this engine applies (``models.clip.clip_pixels``: shortest side -> ``size`` bicubic, centre
     crop, /255, CLIP mean/std); empty when it agrees or is absent. Upstream preprocesses with that file."""
     from megactor_rt.models.clip import CLIP_MEAN, CLIP_STD
 
-    path = src / "StableDiffusion" / "feature_extractor" / "preprocessor_config.json"
+    path = src / FEATURE_EXTRACTOR
     if not path.is_file():
         return []
     try:
@@ -412,8 +415,8 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
     differences = feature_extractor_differences(src, cfg.clip.image_size)
     if differences:
         logger.warning("%s: the CLIP image processor differs from the fixed preprocessing this engine applies, "
-                       "so its CLIP tokens will differ from upstream's: %s", src / "StableDiffusion" /
-                       "feature_extractor" / "preprocessor_config.json", "; ".join(differences))
+                       "so its CLIP tokens will differ from upstream's: %s", src / FEATURE_EXTRACTOR,
+                       "; ".join(differences))
     unet_sd, ref_sd = read_training_checkpoint(ckpt)
     vae_sd, vae_file = _read_folder_weights(src / "sd-vae-ft-mse",
                                             ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
