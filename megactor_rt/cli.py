@@ -263,8 +263,18 @@ def _results_folder(folder: Path) -> None:
         raise InputError(f"{folder}: cannot create the results folder ({exc})") from exc
 
 
-def cmd_animate(args: argparse.Namespace) -> int:
+def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None) -> None:
+    """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist,
+    and the one result (``output``, where given) can be written."""
     from megactor_rt.media import check_output_path, require_file
+
+    for path, what in [*((p, "portrait") for p in portraits), *((d, "driver") for d in drivers)]:
+        require_file(Path(path), what)
+    if output is not None:
+        check_output_path(output)
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator
 
     if args.mask is not None and len(args.portrait) > 1:
@@ -274,11 +284,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                          f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
-    # what a typo breaks, before the weights (or TensorRT plans) load: the inputs exist, one result can be written
-    for path, what in [*((p, "portrait") for p in args.portrait), *((d, "driver") for d in args.driver)]:
-        require_file(Path(path), what)
-    if len(jobs) == 1:
-        check_output_path(jobs[0][2])
+    _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -311,15 +317,12 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from megactor_rt.assets import ASSETS_DIR
-    from megactor_rt.media import check_output_path, require_file
     from megactor_rt.runtime.animator import Animator
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
-    require_file(Path(portrait), "portrait")  # before the model is built, as animate checks them
-    require_file(Path(driver), "driver")
-    check_output_path(args.output)
+    _check_files([portrait], [driver], args.output)
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
