@@ -23,31 +23,42 @@ STEP_PROFILE_ARGS=${STEP_PROFILE_ARGS:---mode optimized}  # bench/profile_steps.
 PORTRAIT_ARGS=${PORTRAIT_ARGS:-}  # bench/portrait_cache.py options (--tiny: CPU check)
 SKIP_KERNEL_CHECKS=${SKIP_KERNEL_CHECKS:-0}  # 1: skip the kernel GPU tests and kernel benchmark
 LOG=gpu_all.log
-on_step() { if [ "$RES" != "$OUT" ] && [ -d "$RES" ]; then tar czf "$OUT/results.tar.gz" -C "$RES" .; fi; }
+on_step() {  # packed under a temporary name first: a kill mid-way leaves the last complete pack
+  if [ "$RES" != "$OUT" ] && [ -d "$RES" ]; then
+    tar czf "$OUT/.pack.$BASHPID" -C "$RES" . && mv "$OUT/.pack.$BASHPID" "$OUT/results.tar.gz"
+  fi
+}
 . bench/gpu_common.sh
+# and every 20 s: a step killed by the machine's own time limit still leaves what it wrote (2026-11-27: a
+# whole end-to-end suite was lost, as the pack was made only between steps)
+if [ "$RES" != "$OUT" ]; then
+  ( while sleep 20; do on_step; done ) &
+  packer=$!
+  trap 'kill $packer 2>/dev/null' EXIT
+fi
 mkdir -p "$RES/kernels" "$RES/e2e"
 
 step "build the CUDA kernels (sm_90)"
-timeout 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \
-  && timeout 150 cmake --build build -j16 >/dev/null || echo "kernel build failed"
+limit 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \
+  && limit 150 cmake --build build -j16 >/dev/null || echo "kernel build failed"
 python3 -m megactor_rt.cli doctor
 echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${MEGACTOR_COMMIT:-unknown (no .git, MEGACTOR_COMMIT unset)}")"
 
 if [ "$SKIP_KERNEL_CHECKS" != 1 ]; then
 step "GPU tests: CUDA kernels vs references"
-timeout 100 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -15
+limit 100 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tail -15
 if [ "${PIPESTATUS[0]}" != 0 ] && [ -d build/kernels ]; then
   echo "kernel GPU tests failed: the end-to-end runs below use the PyTorch reference ops (build/kernels moved aside)"
   mv build/kernels build/kernels.failed
 fi
 step "GPU tests: streams, decode pipeline (also streamed during denoising), compiled submodels"
-timeout 120 python3 -m pytest -q -m gpu tests/test_pipeline.py -p no:cacheprovider 2>&1 | tail -15
+limit 120 python3 -m pytest -q -m gpu tests/test_pipeline.py -p no:cacheprovider 2>&1 | tail -15
 # the Triton kernels; a failing one is switched off for the runs below (the compiled-UNet test is left to a
 # plain `pytest -m gpu`: its compilation takes a minute; the profile step checks compiled against eager)
 step "GPU tests: Triton kernels (short attention, GroupNorm+SiLU)"
 for pair in short_attention:MEGACTOR_SHORT_ATTENTION group_norm:MEGACTOR_TRITON_GROUP_NORM; do
   name=${pair%%:*}; var=${pair##*:}
-  timeout 120 python3 -m pytest -q -m gpu "tests/test_$name.py" -k "not compiled" -p no:cacheprovider 2>&1 | tail -6
+  limit 120 python3 -m pytest -q -m gpu "tests/test_$name.py" -k "not compiled" -p no:cacheprovider 2>&1 | tail -6
   if [ "${PIPESTATUS[0]}" != 0 ]; then
     echo "$name GPU tests failed: the runs below use PyTorch there ($var=0)"
     export "$var=0"
@@ -55,13 +66,13 @@ for pair in short_attention:MEGACTOR_SHORT_ATTENTION group_norm:MEGACTOR_TRITON_
 done
 
 step "kernel benchmark"
-timeout 90 python3 bench/bench_kernels.py --out "$RES/kernels" || echo "kernel benchmark failed or timed out"
+limit 90 python3 bench/bench_kernels.py --out "$RES/kernels" || echo "kernel benchmark failed or timed out"
 fi
 
 step "end-to-end: reference vs optimized (same run), streams on/off, faster settings ($(left) s left)"
 e2e_s=$(( $(left) - 140 ))  # the profiles below get the rest; `timeout 0` would mean no limit at all
 if [ "$e2e_s" -gt 30 ]; then
-  timeout "$e2e_s" python3 -m megactor_rt.cli bench --suite gpu-full --out "$RES/e2e" $E2E_ARGS \
+  limit "$e2e_s" python3 -m megactor_rt.cli bench --suite gpu-full --out "$RES/e2e" $E2E_ARGS \
     || echo "end-to-end suite stopped early (rc $?): results.json holds the scenarios that finished"
 else
   echo "skipped: the steps before it left too little time ($(left) s)"
@@ -71,7 +82,7 @@ nvidia-smi --query-gpu=memory.used,clocks.sm,temperature.gpu --format=csv || tru
 
 step "one denoiser window call: event timing, FLOPs, kernel classes ($(left) s left)"
 if [ "$(left)" -gt 60 ]; then
-  timeout $(( $(left) - 65 > 60 ? $(left) - 65 : $(left) - 5 )) python3 bench/profile_unet.py --out "$RES/e2e" $PROFILE_ARGS \
+  limit $(( $(left) - 65 > 60 ? $(left) - 65 : $(left) - 20 )) python3 bench/profile_unet.py --out "$RES/e2e" $PROFILE_ARGS \
     || echo "profile failed or timed out"
 else
   echo "skipped: too little time left"
@@ -79,21 +90,21 @@ fi
 
 step "device-busy vs wall time per denoising step (the slow first step) ($(left) s left)"
 if [ "$(left)" -gt 55 ]; then
-  timeout $(( $(left) - 5 )) python3 bench/profile_steps.py --out "$RES/e2e" $STEP_PROFILE_ARGS || echo "step profile failed or timed out"
+  limit $(( $(left) - 20 )) python3 bench/profile_steps.py --out "$RES/e2e" $STEP_PROFILE_ARGS || echo "step profile failed or timed out"
 else
   echo "skipped: too little time left"
 fi
 
 step "portrait store: per-portrait work computed vs read back ($(left) s left)"
 if [ "$(left)" -gt 45 ]; then
-  timeout $(( $(left) - 5 )) python3 bench/portrait_cache.py --out "$RES/e2e" $PORTRAIT_ARGS || echo "portrait cache bench failed or timed out"
+  limit $(( $(left) - 20 )) python3 bench/portrait_cache.py --out "$RES/e2e" $PORTRAIT_ARGS || echo "portrait cache bench failed or timed out"
 else
   echo "skipped: too little time left"
 fi
 
 step "if time is left: compiled UNet calls of 3 windows vs 1 (scenario 1) ($(left) s left)"
 if [ "$(left)" -gt 240 ]; then  # two cold compilations take about 4 minutes
-  timeout $(( $(left) - 5 )) python3 -m megactor_rt.cli bench --suite gpu-full --scenarios 1 \
+  limit $(( $(left) - 20 )) python3 -m megactor_rt.cli bench --suite gpu-full --scenarios 1 \
     --modes optimized+compile optimized+compile+batch3 --out "$RES/e2e-batch" $E2E_ARGS \
     || echo "window-batch runs stopped early: results.json holds what finished"
 else

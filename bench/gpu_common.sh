@@ -5,6 +5,9 @@
 mkdir -p "$OUT"
 exec > >(tee "$OUT/$LOG") 2>&1
 left() { echo $((BUDGET_S - SECONDS)); }
+# `timeout` with a kill 15 s after its SIGTERM: a benchmark stopped while a worker thread compiles waits up to
+# 2 minutes for it and then may not exit at all (2026-11-27: that hung the rest of a GPU session's script)
+limit() { timeout -k 15 "$@"; }
 # a script may define `on_step` (run before each heading, e.g. to pack the results so far)
 step() { if declare -F on_step >/dev/null; then on_step; fi; echo; echo "=== [$(date -u +%H:%M:%S), ${SECONDS}s] $*"; }
 

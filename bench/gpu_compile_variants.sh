@@ -14,12 +14,12 @@ variant() {  # NAME LIMIT_S ARGS...: one profile_unet.py process (eager baseline
   [ "$(left)" -lt 40 ] && { echo "skipped $name: too little time left"; return; }
   [ "$limit" -gt "$(( $(left) - 5 ))" ] && limit=$(( $(left) - 5 ))
   step "variant $name (limit ${limit}s)"
-  timeout "$limit" python3 bench/profile_unet.py --out "$OUT" --quick --compile --name "$name" "$@" \
+  limit "$limit" python3 bench/profile_unet.py --out "$OUT" --quick --compile --name "$name" "$@" \
     | grep -v '^|' || echo "variant $name failed or timed out"
 }
 variant default 150 --profile compiled
 step "SDPA backends on the denoiser's attention shapes"
-timeout 60 python3 bench/attn_backends.py --out "$OUT" | tail -8 || echo "attention benchmark failed"
+limit 60 python3 bench/attn_backends.py --out "$OUT" | tail -8 || echo "attention benchmark failed"
 variant freezing 90 --inductor freezing=1
 variant graphs 60 --compile-mode reduce-overhead
 variant autotune 200 --compile-mode max-autotune-no-cudagraphs --inductor freezing=1

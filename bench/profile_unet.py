@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import matmul_tflops, provenance
+from megactor_rt.benchmark import matmul_tflops, provenance, random_models
 from megactor_rt.config import full_config, tiny_config
-from megactor_rt.weights import build_models
 
 # first match wins: convolutions run as cuDNN implicit GEMMs (``sm90_xmma_fprop_implicit_gemm...``) and Inductor
 # names fused pointwise kernels after the ops they follow (``triton_poi_fused_mm_t_view``), so the specific
@@ -105,7 +104,7 @@ def main() -> None:
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = replace(tiny_config(), image_size=128) if args.tiny else replace(full_config(), image_size=512)
-    models = build_models(cfg, seed=0, only=("temporal_unet", "reference_net")).to(dev, dtype)
+    models = random_models(cfg, dev, only=("temporal_unet", "reference_net")).to(dev, dtype)
     unet, refnet = models.unet, models.reference_net
     h, f = cfg.image_size // 8, args.frames
     g = torch.Generator().manual_seed(0)

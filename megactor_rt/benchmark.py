@@ -195,6 +195,25 @@ def model_config(kind: str, image_size: int) -> ModelConfig:
     return replace(cfg, image_size=image_size)
 
 
+def random_models(cfg: ModelConfig, device: torch.device, only: Collection[str] | None = None) -> Any:
+    """The benchmark's random-weight networks (seed 0, see ``weights.build_models``), initialised on ``device``.
+
+    On a GPU the networks are built there: the CPU's initialisation of the full-size networks took 40-50 s of
+    every GPU benchmark process (53 s on the 2-core dev machine), a second of GPU time does the same. The values
+    then differ from a CPU build's for the same seed; shapes, FLOPs and timings do not. Should building there
+    fail, the networks are built on the CPU (with a warning) rather than losing the GPU session's run."""
+    from megactor_rt.weights import build_models
+
+    if device.type != "cpu":
+        try:
+            with torch.device(device):
+                return build_models(cfg, seed=0, only=only)
+        except Exception as exc:  # noqa: BLE001 - any failure there: the CPU build still measures everything
+            logger.warning("building the random networks on %s failed (%s: %s); building them on the CPU",
+                           device, type(exc).__name__, exc)
+    return build_models(cfg, seed=0, only=only)
+
+
 # -- FLOP accounting --------------------------------------------------------------------------------
 def _signature(name: str, args: tuple, kwargs: dict) -> tuple:
     def sig(x: Any) -> Any:
@@ -425,12 +444,11 @@ def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
     """Torch submodels (with their FLOP ledger) for a scenario; random-weight models are built once per
     (model, size, precision)."""
     from megactor_rt.runtime.submodels import TorchSubmodels
-    from megactor_rt.weights import build_models
 
     key = (sc.model, sc.image_size, sc.precision, str(device))
     if key not in _MODELS:
         _MODELS.clear()  # one full-size model set at a time
-        models = build_models(model_config(sc.model, sc.image_size), seed=0)
+        models = random_models(model_config(sc.model, sc.image_size), device)
         models.weights_id = f"bench-{sc.model}"
         dtype = torch.float16 if sc.precision == "fp16" else torch.float32
         sub = TorchSubmodels(models, device, dtype)
@@ -529,13 +547,13 @@ def _graph_submodels(sc: Scenario, cfg: AnimateConfig, mode: str, device: torch.
     from megactor_rt.config import Precision
     from megactor_rt.runtime.backends import require_backend
     from megactor_rt.runtime.onnx_backend import exported_submodels
-    from megactor_rt.weights import build_models
 
     options = mode_backend(mode)
     backend = options["name"]
     export = {k: v for name in mode.split("+")[1:] for k, v in VARIANTS.get(name, {}).get("export", {}).items()}
     require_backend(backend)  # its reason, before building a second copy of the networks
-    models = build_models(model_config(sc.model, sc.image_size), seed=0)  # the twin's weights, fp32 on the CPU
+    # the twin's weights (made where the twin's were), fp32 on the CPU for the export
+    models = random_models(model_config(sc.model, sc.image_size), device).to(torch.device("cpu"), torch.float32)
     models.weights_id = twin.weights_id
     precision = Precision.FP16 if sc.precision == "fp16" else Precision.FP32
     folder = f"{sc.model}-{sc.image_size}-w{sc.window}" + "".join(f"-{k}" for k, v in sorted(export.items()) if v)
@@ -613,11 +631,15 @@ class _ModeRun:
 
     def release(self) -> None:
         """Drop the portrait state this mode's cache keeps (its device tensors: with the optimized modes a
-        ReferenceNet bank per step), so that it does not count in the next mode's peak memory."""
+        ReferenceNet bank per step), so that it does not count in the next mode's peak memory.
+
+        The allocator keeps its cached blocks (no ``torch.cuda.empty_cache()``): the peak is of allocated memory,
+        which they are not part of, and emptying the cache after the warm-up made every timed run allocate its
+        activations from the driver again in its first window calls, which a serving process with a warm
+        allocator does not (on an H200 the first step was 1.9-2.1 s slower than the others on 2026-11-27, 1.2-1.6 s
+        on 2026-11-26, before the emptying came in; how much of that difference it made is not measured)."""
         self.anim.cache = type(self.anim.cache)()
         gc.collect()
-        if self.sub.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def timed(self, sc: Scenario, mode: str, device: torch.device, driver: Path, work_dir: Path) -> Result:
         anim, ledger = self.anim, self.ledger

@@ -600,12 +600,29 @@ def entry() -> None:
     """The ``megactor-rt`` command: :func:`main`, then exit with its status. After an interrupt has stopped the
     command (its outputs cleaned up), a second Ctrl-C or SIGTERM while the interpreter shuts down (seconds,
     releasing the model) would abort it half-way (SIGABRT from a native thread), so they are ignored from then
-    on and the status stays 130 or 143."""
+    on and the status stays 130 or 143. Where a worker thread is still running even so (it did not reach a
+    cancellation point within the pipeline's wait, e.g. inside a ``torch.compile`` compilation), the process
+    ends at once with that status: a shutdown waiting for it hung a terminated benchmark on a GPU machine
+    (2026-11-27) until it was killed."""
     code = main()
     if code in (130, 143):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        _exit_now_if_workers_remain(code)
     sys.exit(code)
+
+
+def _exit_now_if_workers_remain(code: int) -> None:
+    from megactor_rt.runtime.pipeline import abandoned_workers
+
+    left = abandoned_workers()
+    if left:
+        logging.getLogger(__name__).warning("ending the process without waiting for %d worker thread(s) still "
+                                            "running (%s)", len(left), ", ".join(t.name for t in left))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt

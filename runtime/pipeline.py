@@ -121,6 +121,14 @@ _producer = threading.local()  # .stop: the stop event of the prefetch this thre
 # how long a stopping consumer waits for its producer to reach a cancellation point (one UNet window call
 # or decode batch; an interpreter exiting while a worker is inside torch aborts the process)
 JOIN_S = 120.0
+_abandoned: list[threading.Thread] = []  # producers still running after that wait (see abandoned_workers)
+
+
+def abandoned_workers() -> list[threading.Thread]:
+    """The :func:`prefetch` producer threads still running after their consumer stopped and waited
+    ``JOIN_S`` for them (e.g. inside a ``torch.compile`` compilation, which cannot be cancelled). An interpreter
+    shutting down meanwhile can wait for them indefinitely: the CLI ends the process without waiting."""
+    return [t for t in _abandoned if t.is_alive()]
 
 
 def check_cancelled() -> None:
@@ -191,6 +199,7 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
         thread.join(timeout=JOIN_S)
         if thread.is_alive():
             logger.warning("%s: the worker thread did not stop within %.0f s", name, JOIN_S)
+            _abandoned.append(thread)
 
 
 def default_workers() -> int:

@@ -352,3 +352,30 @@ def test_attention_products_are_counted_on_the_cpu():
     b, h, n, d = 2, 4, 64, 32
     sub.unet(torch.randn(b, h, n, d))
     assert ledger.totals["unet"] == 2 * (2 * b * h * n * n * d)
+
+
+def test_random_networks_are_built_on_the_device_they_are_asked_for(caplog):
+    """The GPU benchmarks build their random networks on the GPU (the CPU's initialisation of the full-size
+    networks took 40-50 s of every GPU benchmark process). Every constructor must honour the default device:
+    built under the meta device, no parameter or buffer may land elsewhere. Where building there fails (here:
+    CUDA on a CPU-only torch), the networks come from the CPU, with a warning, equal to a plain CPU build."""
+    import logging
+
+    import torch
+
+    from megactor_rt.benchmark import random_models
+    from megactor_rt.config import tiny_config
+    from megactor_rt.weights import build_models
+
+    cfg = tiny_config()
+    meta = random_models(cfg, torch.device("meta"))
+    tensors = [t for m in meta.modules().values() for t in [*m.parameters(), *m.buffers()]]
+    assert len(tensors) > 100 and {t.device.type for t in tensors} == {"meta"}
+    if not torch.cuda.is_available():
+        with caplog.at_level(logging.WARNING, logger="megactor_rt.benchmark"):
+            fallback = random_models(cfg, torch.device("cuda"))
+        assert "building them on the CPU" in caplog.text
+        plain = build_models(cfg, seed=0)
+        for name, module in fallback.modules().items():
+            ref = plain.modules()[name].state_dict()
+            assert all(torch.equal(v, ref[k]) and v.device.type == "cpu" for k, v in module.state_dict().items())

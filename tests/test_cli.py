@@ -720,6 +720,56 @@ def test_the_command_ignores_signals_after_an_interrupt(monkeypatch: pytest.Monk
             signal.signal(sig, handler)
 
 
+def test_a_stopped_command_ends_without_waiting_for_a_worker_still_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer thread that does not reach a cancellation point within the pipeline's wait (e.g. inside a
+    torch.compile compilation) is listed as abandoned, and a stopped command then ends the process at once with
+    its status (a shutdown waiting for such a thread hung a terminated GPU benchmark, 2026-11-27); once the
+    thread has ended it is no longer listed, and a command without one exits normally."""
+    import signal
+    import threading
+
+    from megactor_rt.runtime import pipeline
+
+    release = threading.Event()
+
+    def stuck():
+        yield 1
+        release.wait(10)  # "inside a call" that checks for cancellation only afterwards
+        yield 2
+
+    monkeypatch.setattr(pipeline, "JOIN_S", 0.2)
+    monkeypatch.setattr(pipeline, "_abandoned", [])
+    items = pipeline.prefetch(stuck(), depth=1, name="stuck")
+    assert next(items) == 1
+    items.close()  # the consumer stops; the producer is still waiting
+    assert [t.name for t in pipeline.abandoned_workers()] == ["stuck"]
+
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli, "main", lambda: 143)
+    try:
+        with pytest.raises(SystemExit):
+            cli.entry()
+        assert exits == [143]
+        release.set()
+        for t in pipeline._abandoned:
+            t.join(5)
+        assert pipeline.abandoned_workers() == []
+        with pytest.raises(SystemExit) as done:
+            cli.entry()
+        assert done.value.code == 143 and exits == [143]  # sys.exit this time, not the immediate end
+    finally:
+        release.set()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_files_written_under_a_private_temporary_name_get_the_umask_mode(tmp_path: Path) -> None:
     """Results written atomically (mkstemp: 0600) and safetensors files (0600) end up with the mode a plain write
     gets, so a service account can read a store or weights another user wrote."""
