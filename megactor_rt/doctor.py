@@ -81,10 +81,12 @@ def _media_status() -> dict[str, Any]:
 
 
 def _landmarks_status() -> dict[str, Any]:
-    from megactor_rt.contour import landmarks_model_path
+    """The landmark model contour mode would use, loaded (about a second): a damaged or wrong file found where
+    it is looked for is reported here, not at the first contour run."""
+    from megactor_rt.contour import Landmarker
     from megactor_rt.errors import InputError
 
     try:
-        return {"landmark model": str(landmarks_model_path())}
-    except InputError as exc:
+        return {"landmark model": f"{Landmarker().path} (loads, 68 points)"}
+    except (InputError, ImportError) as exc:
         return {"landmark model": f"unavailable: {exc}"}

@@ -781,3 +781,16 @@ def test_files_written_under_a_private_temporary_name_get_the_umask_mode(tmp_pat
     models = build_models(tiny_config(), seed=0)
     dst = write_converted(tiny_config(), {n: m.state_dict() for n, m in models.modules().items()}, tmp_path / "w")
     assert {p.stat().st_mode & 0o777 for p in dst.iterdir()} == {umask_mode()}
+
+
+def test_contour_options_without_contour_mode_are_named_as_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    for argv, warned in ((["demo", "--landmarks-model", "lm.dat", "--contour-affine-frame", "first"], True),
+                         (["demo", "--landmarks-model", "lm.dat", "--contour-preserve"], False),
+                         (["demo"], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+            cli._note_contour_options(cli.build_parser().parse_args(argv))
+        assert ("--landmarks-model and --contour-affine-frame only apply with --contour-preserve" in caplog.text) \
+            == warned, (argv, caplog.text)

