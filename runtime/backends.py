@@ -99,7 +99,8 @@ def _torch_check() -> tuple[bool, str]:
 def _ort_check() -> tuple[bool, str]:
     ok, reason = _module_available("onnxruntime")
     if not ok:
-        return ok, reason + " (pip install 'megactor-rt[onnx]')"
+        return ok, reason + (" (pip install onnx onnxruntime onnxscript polygraphy: the 'onnx' extra, "
+                             "pip install -e '.[onnx]' in this checkout)")
     import onnxruntime as ort
 
     return True, f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}"
@@ -108,7 +109,8 @@ def _ort_check() -> tuple[bool, str]:
 def _trt_check() -> tuple[bool, str]:
     ok, reason = _module_available("tensorrt")
     if not ok:
-        return ok, reason + " (needs an NVIDIA GPU; pip install 'megactor-rt[tensorrt]')"
+        return ok, reason + (" (needs an NVIDIA GPU; pip install tensorrt cuda-python polygraphy: the 'tensorrt' extra, "
+                             "pip install -e '.[tensorrt]' in this checkout)")
     try:
         import tensorrt as trt
     except Exception as exc:  # stub packages raise at import

@@ -349,7 +349,7 @@ def test_make_record_describes_the_plan(onnx_dir: Path, tmp_path: Path) -> None:
 def test_build_engines_without_tensorrt_raises_backend_unavailable(onnx_dir: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail everywhere
-    with pytest.raises(BackendUnavailable, match=r"pip install 'megactor-rt\[tensorrt\]'"):
+    with pytest.raises(BackendUnavailable, match=r"pip install tensorrt cuda-python .*pip install -e '\.\[tensorrt\]'"):
         build_engines(onnx_dir, tmp_path / "engines")
     assert not (tmp_path / "engines").exists()
 
