@@ -119,7 +119,9 @@ class Animator:
     only at inference) and the portrait cache (locked), and their runs may overlap (driver decoding and face
     detection of one while another denoises; on one GPU the device work queues up). That holds for the
     eager torch, onnxruntime and TensorRT backends (a TensorRT runner keeps one execution context per
-    stream); a ``torch.compile``d UNet should be driven by one thread at a time.
+    stream); a ``torch.compile``d UNet should be driven by one thread at a time. ``last_stats.calls`` counts
+    the shared submodels' calls made while the run went on: with overlapping runs of copies it includes theirs
+    (the other figures are the run's own).
 
     Args:
         submodels: the backend's networks (``TorchSubmodels``, ``OrtSubmodels``, ...).

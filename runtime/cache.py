@@ -13,6 +13,7 @@ budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least recently used files g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ class PortraitCache:
     """LRU of ``PortraitState`` by key; safe to share between threads (one lock around every operation).
 
     Args:
-        max_bytes: memory budget of the cached tensors (least recently used entries are evicted).
+        max_bytes: memory budget of the cached tensors (least recently used entries are evicted; the most
+            recently used one stays even where it alone is over the budget: a run is using it).
         disk_dir: optional folder; states are also written there and read back on a memory miss.
         max_disk_bytes: budget of the store's files: after a write, the least recently used other files
             (by modification time; a read refreshes it) are deleted until the store fits.
@@ -63,22 +65,31 @@ class PortraitCache:
             return sum(s.nbytes() for s in self._mem.values())
 
     def get(self, key: str, device: torch.device | str = "cpu") -> PortraitState | None:
+        """The state of ``key`` from memory, else from the disk store (read outside the lock: other threads'
+        lookups do not wait for a file of some hundred MB), else None."""
         with self._lock:
             state = self._mem.get(key)
-            from_disk = False
-            if state is None and self.disk_dir is not None:
-                state = self._load(key, device)
-                if state is not None:
-                    self._mem[key] = state
-                    self.disk_hits += 1
-                    from_disk = True
+            if state is not None:
+                self._mem.move_to_end(key)
+                self.hits += 1
+                return state
+            if self.disk_dir is None:
+                self.misses += 1
+                return None
+        loaded = self._load(key, device)
+        with self._lock:
+            state = self._mem.get(key)  # another thread may have put or read it meanwhile: that one is used
+            if state is None and loaded is not None:
+                state = self._mem[key] = loaded
+                if self._path(key).is_file():  # not removed meanwhile by another process trimming the store
+                    self._on_disk[key] = _content(loaded)
+                self.disk_hits += 1
             if state is None:
                 self.misses += 1
                 return None
             self._mem.move_to_end(key)
             self.hits += 1
-            if from_disk:
-                self.trim()  # the state read back counts against the memory budget like any other
+            self.trim()  # the state read back counts against the memory budget like any other
             return state
 
     def put(self, state: PortraitState) -> None:
@@ -101,34 +112,23 @@ class PortraitCache:
         with self._lock:
             if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
                 return False
-            try:
-                self.save(state)
-            except Exception as exc:  # noqa: BLE001 - any failure to store: warn, keep the run's result
-                logger.warning("portrait cache: cannot write to %s (%s: %s); the portrait is not stored",
-                               self.disk_dir, type(exc).__name__, exc)
-                return False
-            return True
+        try:
+            self.save(state)
+        except Exception as exc:  # noqa: BLE001 - any failure to store: warn, keep the run's result
+            logger.warning("portrait cache: cannot write to %s (%s: %s); the portrait is not stored",
+                           self.disk_dir, type(exc).__name__, exc)
+            return False
+        return True
 
     def save(self, state: PortraitState) -> None:
         """Write a state (with the banks computed so far, and the portrait's landmarks if known) to the disk
-        store: a temporary file, renamed on success."""
-        with self._lock:
-            self._save(state)
-
-    def _save(self, state: PortraitState) -> None:
+        store: a temporary file, renamed on success. The tensors are gathered under the lock, the file is
+        written outside it: other threads' lookups do not wait for a disk write of some hundred MB."""
         if self.disk_dir is None:
             return
+        with self._lock:
+            content, tensors, meta = _snapshot(state)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
-        content = _content(state)  # what this file holds (not banks another thread adds during the write)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.tensors().items()}
-        inp = state.inputs
-        tensors.update({"in_image": inp.image, "in_background_mask": inp.background_mask,
-                        "in_clip_image": inp.clip_image, "in_ada_reference": inp.ada_reference})
-        tensors = _unshared(tensors)
-        meta = {"key": state.key, "banks": json.dumps(sorted(state.banks))}
-        if state.face_landmarks is not None and state.landmarks_model is not None:
-            tensors["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(state.face_landmarks))
-            meta["landmarks_model"] = state.landmarks_model
         final = self._path(state.key)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
         try:
@@ -137,9 +137,10 @@ class PortraitCache:
             tmp.replace(final)
         finally:
             tmp.unlink(missing_ok=True)
-        self._on_disk[state.key] = content
-        logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(state.banks))
-        self._trim_disk(keep=final)
+        logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(content[0]))
+        with self._lock:
+            self._on_disk[state.key] = content
+            self._trim_disk(keep=final)
 
     def _trim_disk(self, keep: Path) -> None:
         """Delete the least recently used state files (not ``keep``) until the store fits ``max_disk_bytes``,
@@ -202,16 +203,29 @@ class PortraitCache:
             logger.warning("portrait cache: cannot read %s (%s: %s); computing the portrait again",
                            path, type(exc).__name__, exc)
             return None
-        self._on_disk[key] = _content(state)
-        try:
+        with contextlib.suppress(OSError):  # removed meanwhile by another process trimming the store: it stands
             os.utime(path)  # recently used: the last to go when the store is over its budget
-        except OSError:  # removed meanwhile by another process trimming the store: this read stands
-            self._on_disk.pop(key, None)
         return state
 
 
 # stored tensors that stay on the host: the portrait's pixels (``PortraitInputs``) and its landmarks
 _HOST_TENSORS = frozenset({"in_image", "in_background_mask", "in_clip_image", "in_ada_reference", "face_landmarks"})
+
+
+def _snapshot(state: PortraitState) -> tuple[tuple[frozenset[int], str | None], dict[str, torch.Tensor],
+                                             dict[str, str]]:
+    """What a state's file holds (see :func:`_content`), its tensors on the host and its metadata."""
+    content = _content(state)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.tensors().items()}
+    inp = state.inputs
+    tensors.update({"in_image": inp.image, "in_background_mask": inp.background_mask,
+                    "in_clip_image": inp.clip_image, "in_ada_reference": inp.ada_reference})
+    tensors = _unshared(tensors)
+    meta = {"key": state.key, "banks": json.dumps(sorted(content[0]))}
+    if state.face_landmarks is not None and state.landmarks_model is not None:
+        tensors["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(state.face_landmarks))
+        meta["landmarks_model"] = state.landmarks_model
+    return content, tensors, meta
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

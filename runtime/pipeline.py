@@ -121,14 +121,17 @@ _producer = threading.local()  # .stop: the stop event of the prefetch this thre
 # how long a stopping consumer waits for its producer to reach a cancellation point (one UNet window call
 # or decode batch; an interpreter exiting while a worker is inside torch aborts the process)
 JOIN_S = 120.0
-_abandoned: list[threading.Thread] = []  # producers still running after that wait (see abandoned_workers)
+# producers whose consumer stopped, with the event each sets when its work has ended (see abandoned_workers);
+# not Thread.is_alive(): a join broken off by Ctrl-C marks a running thread as stopped (CPython bpo-45274)
+_abandoned: list[tuple[threading.Thread, threading.Event]] = []
 
 
 def abandoned_workers() -> list[threading.Thread]:
     """The :func:`prefetch` producer threads still running after their consumer stopped and waited
     ``JOIN_S`` for them (e.g. inside a ``torch.compile`` compilation, which cannot be cancelled). An interpreter
     shutting down meanwhile can wait for them indefinitely: the CLI ends the process without waiting."""
-    return [t for t in _abandoned if t.is_alive()]
+    _abandoned[:] = [(t, ended) for t, ended in _abandoned if not ended.is_set()]
+    return [t for t, _ in _abandoned]
 
 
 def check_cancelled() -> None:
@@ -153,7 +156,7 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
     stops early (closes the iterator or raises), the producer is cancelled at its next
     :func:`check_cancelled` or item, ``items`` is closed on its thread, and the consumer waits for that."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    stop, ended = threading.Event(), threading.Event()
 
     def put(item: object) -> bool:
         while not stop.is_set():
@@ -180,6 +183,7 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
                     close()
                 except BaseException as exc:  # noqa: BLE001 - nobody is left to hand it to
                     logger.warning("%s: error while closing the abandoned producer: %s", name, exc)
+            ended.set()
 
     thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
@@ -196,10 +200,12 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
             yield item
     finally:
         stop.set()
-        thread.join(timeout=JOIN_S)
-        if thread.is_alive():
+        # listed before the wait, so that a second Ctrl-C / SIGTERM breaking it off anywhere leaves it listed;
+        # abandoned_workers() leaves out the threads that have ended
+        _abandoned[:] = [*((t, e) for t, e in _abandoned if not e.is_set()), (thread, ended)]
+        ended.wait(timeout=JOIN_S)
+        if not ended.is_set():
             logger.warning("%s: the worker thread did not stop within %.0f s", name, JOIN_S)
-            _abandoned.append(thread)
 
 
 def default_workers() -> int:

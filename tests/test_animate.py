@@ -370,6 +370,49 @@ def test_memory_budget_holds_for_states_read_from_disk(anim: Animator, tmp_path:
         assert reader.nbytes <= reader.max_bytes and len(reader) == 1
 
 
+def test_store_reads_and_writes_do_not_hold_up_other_threads_lookups(anim: Animator, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk write (persist, some hundred MB at 512 px) or read of one portrait runs outside the cache's lock:
+    another thread's lookup of a portrait in memory is answered meanwhile (was: it waited for the whole write)."""
+    import threading
+    import time
+
+    from megactor_rt.runtime import cache as cache_module
+
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=tmp_path / "portraits")
+    cache.put(replace(base, key="in-memory"))
+    inside, release = threading.Event(), threading.Event()
+    real_save, real_load = cache_module.save_file, PortraitCache._load
+
+    def slow_save(*args: object, **kwargs: object) -> None:
+        inside.set()
+        release.wait(10)
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def slow_load(self: PortraitCache, *args: object) -> object:
+        inside.set()
+        release.wait(10)
+        return real_load(self, *args)  # type: ignore[arg-type]
+
+    for patch, work in (((cache_module, "save_file", slow_save), lambda: cache.persist(replace(base, key="new"))),
+                        ((PortraitCache, "_load", slow_load), lambda: cache.get("new"))):
+        inside.clear()
+        release.clear()
+        monkeypatch.setattr(*patch)
+        worker = threading.Thread(target=work)
+        worker.start()
+        assert inside.wait(10)
+        t0 = time.perf_counter()
+        assert cache.get("in-memory") is not None
+        waited = time.perf_counter() - t0
+        release.set()
+        worker.join(10)
+        monkeypatch.undo()
+        assert waited < 1.0, waited
+    assert cache.disk_hits == 1 and cache.get("new") is not None  # written, then read back
+
+
 def test_a_store_file_removed_by_another_process_after_reading_is_no_error(anim: Animator, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process trimming the shared store may delete a file just after this one read it: the state

@@ -758,7 +758,7 @@ def test_a_stopped_command_ends_without_waiting_for_a_worker_still_running(monke
             cli.entry()
         assert exits == [143]
         release.set()
-        for t in pipeline._abandoned:
+        for t, _ in pipeline._abandoned:
             t.join(5)
         assert pipeline.abandoned_workers() == []
         with pytest.raises(SystemExit) as done:
@@ -781,6 +781,40 @@ def test_files_written_under_a_private_temporary_name_get_the_umask_mode(tmp_pat
     models = build_models(tiny_config(), seed=0)
     dst = write_converted(tiny_config(), {n: m.state_dict() for n, m in models.modules().items()}, tmp_path / "w")
     assert {p.stat().st_mode & 0o777 for p in dst.iterdir()} == {umask_mode()}
+
+
+def test_a_second_interrupt_during_the_wait_still_records_the_running_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C twice: the second one breaks off the wait for the producer; the producer, still running, is
+    recorded all the same, so the command ends at once instead of the interpreter shutting down under a thread
+    inside torch (was: SIGABRT, 'terminate called without an active exception')."""
+    import _thread
+    import contextlib
+    import threading
+
+    from megactor_rt.runtime import pipeline
+
+    release = threading.Event()
+
+    def stuck():
+        yield 1
+        release.wait(10)
+        yield 2
+
+    monkeypatch.setattr(pipeline, "JOIN_S", 5.0)
+    monkeypatch.setattr(pipeline, "_abandoned", [])
+    items = pipeline.prefetch(stuck(), depth=1, name="stuck-twice")
+    assert next(items) == 1
+    timer = threading.Timer(0.3, _thread.interrupt_main)  # the second Ctrl-C, during the 5 s wait
+    timer.start()
+    with contextlib.suppress(KeyboardInterrupt):
+        items.close()
+    try:
+        assert [t.name for t in pipeline.abandoned_workers()] == ["stuck-twice"]
+    finally:
+        timer.cancel()
+        release.set()
+        for t, _ in pipeline._abandoned:
+            t.join(5)
 
 
 def test_contour_options_without_contour_mode_are_named_as_ignored(caplog: pytest.LogCaptureFixture) -> None:
