@@ -31,6 +31,7 @@ from .cache import (
     import_tensorrt,
     load_valid_record,
     plan_dir,
+    plan_lock,
     sha256_graph,
     timing_cache_path,
     write_atomic,
@@ -221,23 +222,28 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
             label = f"{job.graph.name}[{job.profile_name}]"
             bar.set_postfix_str(label)
             check_onnx_file(job.graph)
-            reason = None if options.force else cached_reason(job, device, options)
-            if reason is not None:
-                logger.info("%s: skipped, %s (%s)", label, reason, job.directory)
-                results.append(BuildResult(job.graph.name, job.profile_name, job.directory, "skipped", 0.0, reason))
-            else:
-                logger.info("%s: building %s plan for %s", label, job.key.precision, device.describe())
-                start = time.perf_counter()
-                plan, io = build_fn(job, options, cache)
-                seconds = time.perf_counter() - start
-                write_plan(job.directory, plan, make_record(job, plan, io, seconds, options))
-                logger.info("%s: built in %.1f s -> %s", label, seconds, job.directory)
-                results.append(BuildResult(job.graph.name, job.profile_name, job.directory, "built", seconds,
-                                           "forced" if options.force else "no valid plan"))
+            with plan_lock(job.directory):  # another build-engines building this plan now: wait, then reuse it
+                results.append(_run_job(job, label, device, options, build_fn, cache))
             bar.update(1)
     finally:
         bar.close()
     return results
+
+
+def _run_job(job: BuildJob, label: str, device: DeviceInfo, options: BuildOptions, build_fn: BuildFn,
+             cache: Path | None) -> BuildResult:
+    reason = None if options.force else cached_reason(job, device, options)
+    if reason is not None:
+        logger.info("%s: skipped, %s (%s)", label, reason, job.directory)
+        return BuildResult(job.graph.name, job.profile_name, job.directory, "skipped", 0.0, reason)
+    logger.info("%s: building %s plan for %s", label, job.key.precision, device.describe())
+    start = time.perf_counter()
+    plan, io = build_fn(job, options, cache)
+    seconds = time.perf_counter() - start
+    write_plan(job.directory, plan, make_record(job, plan, io, seconds, options))
+    logger.info("%s: built in %.1f s -> %s", label, seconds, job.directory)
+    return BuildResult(job.graph.name, job.profile_name, job.directory, "built", seconds,
+                       "forced" if options.force else "no valid plan")
 
 
 # -- entry point -----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ bytes checked against the sidecar's sha256, so a foreign or truncated plan gives
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -226,6 +227,19 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def plan_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a plan directory (a ``.build.lock`` file in it, ``flock``): two
+    ``build-engines`` runs building the same plan at once would otherwise pair one build's plan with the other's
+    sidecar (TensorRT builds are not bit-reproducible). The second waits, then finds the first's plan valid."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_plan(directory: Path, plan: bytes, record: EngineRecord) -> None:

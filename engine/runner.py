@@ -1,16 +1,18 @@
 """TensorRT runner: a deserialized plan behind the runtime's ``Runner`` interface (torch tensors in and out).
 
 One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``), so several
-streams can run the same engine concurrently. Each call sets the input shapes (``set_input_shape``), binds
+streams can run the same engine concurrently; a stream beyond that takes over the least recently used
+stream's context, and its first call waits on the device (a CUDA event) for that context's last one (every
+run's decode side stream is a new one: before 2026-11-27 the fifth run on one runner was refused). Each call sets the input shapes (``set_input_shape``), binds
 torch tensors by address (``set_tensor_address``), allocates outputs from ``get_tensor_shape`` and runs
 ``execute_async_v3`` on the caller's current torch CUDA stream, except where that is the legacy default
 stream (torch's unless the caller chose one), on which TensorRT adds device-wide synchronizations: then on a
 stream of the calling thread's own, entered after the caller's queued work and waited for by the caller's
 next (stream waits only; nothing synchronizes the host). Calls that share a context (threads on one stream)
-bind and enqueue one at a time. With ``cuda_graph=True`` the first call at a given set of input shapes (per
-stream; per thread on the legacy default stream) is captured into a CUDA graph on an execution context of its
-own and replayed for later calls at those shapes (inputs are copied into static buffers; outputs are returned
-as fresh tensors). Up to ``max_graphs`` graphs are kept, least recently used dropped first, so calls that
+bind and enqueue one at a time. With ``cuda_graph=True`` the first call at a given set of input shapes is
+captured into a CUDA graph on an execution context of its own and replayed for later calls at those shapes,
+on the caller's stream (inputs are copied into static buffers, outputs returned as fresh tensors; a call
+from another stream first waits on the device for the graph's previous replay). Up to ``max_graphs`` graphs are kept, least recently used dropped first, so calls that
 alternate between shapes (a step's K-window calls and its single leftover window) replay instead of
 recapturing; each kept graph holds its context's activation memory.
 """
@@ -62,6 +64,20 @@ class _ContextState:
     graph: torch.cuda.CUDAGraph | None = None
     static_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     static_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    done: Any = None  # a CUDA event recorded after the last call enqueued on this context (or graph)
+    done_stream: int | None = None  # the stream that call went on
+
+    def follow(self, stream: torch.cuda.Stream) -> None:
+        """Make ``stream`` wait (on the device) for this context's last call where that went on another
+        stream: its activation memory (or static buffers) is reused now. Under ``lock``."""
+        if self.done is not None and self.done_stream != stream.cuda_stream:
+            stream.wait_event(self.done)
+
+    def mark(self, stream: torch.cuda.Stream) -> None:
+        """Record that a call has just been enqueued on ``stream``. Under ``lock``."""
+        self.done = torch.cuda.Event()
+        self.done.record(stream)
+        self.done_stream = stream.cuda_stream
 
 
 def aligned_for_tensorrt(t: torch.Tensor) -> torch.Tensor:
@@ -78,16 +94,19 @@ class TensorRTRunner(Runner):
     Args:
         plan_dir: a cache directory holding ``engine.plan`` + ``engine.json`` (or the plan path itself).
         device: the machine to check the plan against (default: this process's GPU and TensorRT).
-        max_contexts: most execution contexts (= concurrent streams) this runner creates for eager calls.
+        max_contexts: most execution contexts (= streams running it concurrently) this runner creates for eager
+            calls; further streams take over the least recently used stream's context.
         cuda_graph: capture and replay a CUDA graph per fixed input shape.
         max_graphs: most CUDA graphs (each on a context of its own) kept at once with ``cuda_graph``.
         verify_hash: check the plan bytes against the sidecar's sha256 before deserializing.
         name: runner name (default: the graph name).
+        cuda_device: the GPU that runs the plan (a ``torch.device('cuda', i)`` or its index; default: the
+            current device when it is loaded); it is made current around every TensorRT call.
     """
 
     def __init__(self, plan_dir: str | Path, *, device: DeviceInfo | None = None, max_contexts: int = 4,
                  cuda_graph: bool = False, max_graphs: int = 3, verify_hash: bool = True,
-                 name: str | None = None) -> None:
+                 name: str | None = None, cuda_device: torch.device | int | None = None) -> None:
         self.plan_dir = Path(plan_dir).parent if Path(plan_dir).suffix == ".plan" else Path(plan_dir)
         if not self.plan_dir.is_dir():
             raise InputError(f"plan folder {self.plan_dir} {'is a file' if self.plan_dir.exists() else 'does not exist'}"
@@ -104,11 +123,12 @@ class TensorRTRunner(Runner):
         self._runtime: Any = None
         self.max_graphs = max_graphs
         self.captures = 0  # CUDA graphs captured so far
-        self._contexts: dict[int, _ContextState] = {}
-        self._graphs: OrderedDict[tuple, _ContextState] = OrderedDict()  # (stream, thread, shapes) -> graph
+        self._contexts: OrderedDict[int, _ContextState] = OrderedDict()  # stream -> context, least recent first
+        self._graphs: OrderedDict[tuple, _ContextState] = OrderedDict()  # input shapes -> graph
         self._lock = threading.Lock()
         self._own = threading.local()  # per thread: the stream used instead of the legacy default stream
         self._device = torch.device("cuda")
+        self._cuda_index = (cuda_device.index if isinstance(cuda_device, torch.device) else cuda_device)
 
     def identity(self) -> str:
         """TensorRT, and the ONNX graph the plan was built from."""
@@ -116,13 +136,15 @@ class TensorRTRunner(Runner):
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def activate_impl(self) -> None:
-        device = self.device_info or DeviceInfo.current()
+        device = self.device_info or DeviceInfo.current(self._cuda_index)
         check_record(self.record, device, self.plan_dir)  # foreign plan -> EngineMismatch, before TensorRT
         plan = check_plan_file(self.plan_dir, self.record, verify_hash=self.verify_hash).read_bytes()
         trt = import_tensorrt()
-        self._device = torch.device("cuda", torch.cuda.current_device())
+        index = torch.cuda.current_device() if self._cuda_index is None else self._cuda_index
+        self._device = torch.device("cuda", index)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = self._runtime.deserialize_cuda_engine(plan)
+        with torch.cuda.device(self._device):  # the engine lives on the GPU current at deserialization
+            engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise EngineMismatch(f"TensorRT {trt.__version__} could not deserialize {self.plan_dir} although its "
                                  f"sidecar matches this machine; {REBUILD_HINT}")
@@ -130,6 +152,8 @@ class TensorRTRunner(Runner):
         self._check_io(trt)
 
     def deactivate_impl(self) -> None:
+        if self._contexts or self._graphs:  # calls still queued on them must finish before they are destroyed
+            torch.cuda.synchronize(self._device)
         self._contexts.clear()
         self._graphs.clear()
         self._engine = None
@@ -149,6 +173,10 @@ class TensorRTRunner(Runner):
 
     # -- inference -------------------------------------------------------------------------------------
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.cuda.device(self._device):  # contexts, enqueues and graphs on the plan's GPU (--device cuda:1)
+            return self._infer_on_device(feed)
+
+    def _infer_on_device(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         caller = torch.cuda.current_stream(self._device)
         inputs = {n: self._prepare_input(n, feed[n]) for n in self.input_names}
         shapes = {n: tuple(t.shape) for n, t in inputs.items()}
@@ -184,14 +212,18 @@ class TensorRTRunner(Runner):
         return context
 
     def _context_for(self, stream: torch.cuda.Stream) -> _ContextState:
+        """The execution context of ``stream``: its own, a new one while fewer than ``max_contexts`` exist, else
+        the least recently used stream's (the call waits for that one's last on the device:
+        :meth:`_ContextState.follow`)."""
         key = stream.cuda_stream
         with self._lock:
-            state = self._contexts.get(key)
+            state = self._contexts.pop(key, None)
             if state is None:
                 if len(self._contexts) >= self.max_contexts:
-                    raise InputError(f"runner '{self.name}': more than {self.max_contexts} CUDA streams used it; "
-                                     "raise max_contexts")
-                state = self._contexts[key] = _ContextState(self._new_context())
+                    _, state = self._contexts.popitem(last=False)
+                else:
+                    state = _ContextState(self._new_context())
+            self._contexts[key] = state  # the most recently used, last
             return state
 
     def _prepare_input(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -265,16 +297,17 @@ class TensorRTRunner(Runner):
     def _infer_eager(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
                      shapes: Mapping[str, tuple[int, ...]], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         with state.lock:
+            state.follow(stream)
             outputs = self._bind(state, inputs, shapes)
             self._execute(state, stream)
+            state.mark(stream)
         return outputs
 
     def _infer_graph(self, inputs: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
                      caller: torch.cuda.Stream) -> dict[str, torch.Tensor] | None:
         """Replay the graph of these shapes on the caller's stream (capturing it first); None when capture is
         impossible (eager from then on)."""
-        thread = threading.get_ident() if caller.cuda_stream == 0 else 0  # the default stream: one per thread
-        key = (caller.cuda_stream, thread, tuple(sorted(shapes.items())))
+        key = tuple(sorted(shapes.items()))
         with self._lock:
             state = self._graphs.get(key)
             if state is not None:
@@ -289,12 +322,15 @@ class TensorRTRunner(Runner):
             for old in evicted:  # its replays may still be queued: let them finish before its memory goes
                 with old.lock:
                     torch.cuda.synchronize(self._device)
-        with state.lock:
+        with state.lock:  # on the caller's (current) stream: the copies, the replay, the clones
+            state.follow(caller)
             for name, t in inputs.items():
                 state.static_inputs[name].copy_(t)
             assert state.graph is not None  # captured
             state.graph.replay()
-            return {n: t.clone() for n, t in state.static_outputs.items()}
+            out = {n: t.clone() for n, t in state.static_outputs.items()}
+            state.mark(caller)
+            return out
 
     def _capture(self, inputs: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
                  caller: torch.cuda.Stream) -> _ContextState | None:
@@ -316,7 +352,8 @@ class TensorRTRunner(Runner):
         side = torch.cuda.Stream(self._device)
         side.wait_stream(stream)
         try:
-            with torch.cuda.graph(graph, stream=side):
+            # thread_local: other threads' CUDA work meanwhile (the driver feed, decode) does not void the capture
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self._execute(state, side)
         except Exception as exc:  # e.g. engines with data-dependent control flow
             logger.warning("runner '%s': CUDA graph capture failed (%s); running without graphs", self.name, exc)
@@ -330,9 +367,11 @@ class TensorRTRunner(Runner):
 class ProfileSetRunner(Runner):
     """One graph's plans for several shape profiles (``build-engines`` builds every profile of the export:
     for the UNet ``default``, tuned for the export's window and windows per call, and ``long``, windows up to
-    the positional encoding's length): each call runs on a plan whose profile takes its input shapes,
-    preferring one tuned (opt) for exactly them, then the first in the given order. Plans are deserialized
-    on first use, so a run that only needs one loads one.
+    the positional encoding's length): each call runs on a plan whose profile takes its input shapes: of the
+    plans already loaded, one tuned (opt) for exactly them, else the first; where none is loaded, the first
+    in the given order. Plans are deserialized on first use, so a run that only needs one loads one (was,
+    before 2026-11-27: a plan tuned for the shapes was preferred even unloaded, so an export at K windows per
+    call loaded ``long`` as well, for the single windows ``default`` also takes: a second full-size UNet).
 
     Args:
         plan_dirs: the plans' cache directories, in order of preference.
@@ -362,9 +401,10 @@ class ProfileSetRunner(Runner):
             InputError: no plan's profile takes them (the message lists each profile's ranges).
         """
         fits = [r for r in self.runners if r.covers(shapes)]
-        tuned = [r for r in fits if all(r.shape_range(n)[1] == list(s) for n, s in shapes.items())]
-        if tuned or fits:
-            return (tuned or fits)[0]
+        loaded = [r for r in fits if r.is_active]
+        tuned = [r for r in loaded if all(r.shape_range(n)[1] == list(s) for n, s in shapes.items())]
+        if fits:
+            return (tuned or loaded or fits)[0]
         ranges = "; ".join(f"'{r.record.profile_name}': " + ", ".join(
             f"{n} {r.shape_range(n)[0]}..{r.shape_range(n)[2]}" for n in shapes) for r in self.runners)
         raise InputError(f"runner '{self.name}': no plan takes input shapes "

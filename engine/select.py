@@ -54,7 +54,8 @@ def select_backends(submodels: Sequence[str], engine_dir: str | Path | None,
                     fallback: str | Mapping[str, str] = "onnxruntime", precision: str = "fp16",
                     profile: str | Mapping[str, str] | None = None, manifest: Manifest | None = None,
                     device: DeviceInfo | None = None,
-                    tensorrt_status: Callable[[], tuple[bool, str]] | None = None) -> dict[str, BackendChoice]:
+                    tensorrt_status: Callable[[], tuple[bool, str]] | None = None,
+                    cuda_device: int | None = None) -> dict[str, BackendChoice]:
     """Choose the backend of each submodel.
 
     Args:
@@ -67,6 +68,7 @@ def select_backends(submodels: Sequence[str], engine_dir: str | Path | None,
         manifest: the current export manifest; when given, only plans of its graphs' sha256 count.
         device: this machine (default: detected; only needed when TensorRT is available).
         tensorrt_status: availability check (default: the backend registry's).
+        cuda_device: the GPU index the plans will run on, for the detected ``device`` (default: the current one).
 
     Returns:
         Submodel -> ``BackendChoice``.
@@ -79,7 +81,7 @@ def select_backends(submodels: Sequence[str], engine_dir: str | Path | None,
     ok, why = (tensorrt_status or _tensorrt_status)()
     if ok and device is None:
         try:
-            device = DeviceInfo.current()
+            device = DeviceInfo.current(cuda_device)
         except BackendUnavailable as exc:
             ok, why = False, str(exc)
     choices = {}

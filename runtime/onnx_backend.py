@@ -340,13 +340,15 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
 
     if fallback not in ("torch", "onnxruntime"):
         raise InputError(f"fallback backend must be torch or onnxruntime, got '{fallback}'")
+    index = device.index if device.type == "cuda" else None  # plans checked against, and run on, this GPU
     choices = select_backends(sorted(ort_runners), engine_dir, force_fallback, fallback=fallback,
-                              precision=precision, manifest=manifest)
+                              precision=precision, manifest=manifest, cuda_device=index)
     runners: dict[str, Runner] = {}
     for graph, choice in choices.items():
         if choice.backend == "tensorrt":
-            runners[graph] = (ProfileSetRunner(choice.plan_dirs, cuda_graph=cuda_graphs) if len(choice.plan_dirs) > 1
-                              else TensorRTRunner(choice.plan_dir, cuda_graph=cuda_graphs))
+            options = {"cuda_graph": cuda_graphs, "cuda_device": index}
+            runners[graph] = (ProfileSetRunner(choice.plan_dirs, **options) if len(choice.plan_dirs) > 1
+                              else TensorRTRunner(choice.plan_dir, **options))
         elif choice.backend == "onnxruntime":
             runners[graph] = ort_runners[graph]
     torch_fb = torch_fallback(dtype) if len(runners) < len(choices) else None

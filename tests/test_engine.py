@@ -413,8 +413,72 @@ def test_select_offers_every_profile_and_each_call_runs_on_a_plan_that_takes_it(
     assert picked == {1: "default", 2: "default", 3: "default", 4: "default", 5: "big", 8: "big", 16: "big"}
     with pytest.raises(InputError, match=r"no plan takes input shapes.*'default': x \[1, 8\]..\[4, 8\]"):
         runner.runner_for({"x": (17, 8)})
+    # a plan tuned for the shapes is preferred only once loaded: a call that 'default' takes does not load
+    # 'big' for being tuned for it (an export at K windows per call loaded both UNet plans)
+    big = runner.runners[1]
+    ranges = big.shape_range
+    big.shape_range = lambda name: (ranges(name)[0], [3, 8], ranges(name)[2])  # type: ignore[method-assign]
+    assert runner.runner_for({"x": (3, 8)}).record.profile_name == "default"
+    big.is_active = True  # loaded (for a batch only it takes)
+    assert runner.runner_for({"x": (3, 8)}).record.profile_name == "big"
+    runner.runners[0].is_active = True
+    assert [runner.runner_for({"x": (b, 8)}).record.profile_name for b in (2, 3)] == ["default", "big"]
+    big.is_active = runner.runners[0].is_active = False
     with pytest.raises(InputError, match="not of one graph"):
         ProfileSetRunner([choice.plan_dir, _other_graph_plan(tmp_path)], device=H100)
+
+
+def test_a_stream_beyond_max_contexts_takes_over_the_least_recently_used_context(onnx_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Every run's decode side stream is a new CUDA stream: a fifth stream on a runner of 4 contexts takes over
+    the least recently used stream's context (its first call then waits for that context's last on the device)
+    instead of being refused (was: InputError 'more than 4 CUDA streams used it' at the fifth run)."""
+    from types import SimpleNamespace
+
+    from megactor_rt.engine.runner import TensorRTRunner
+
+    engines = tmp_path / "engines"
+    plan_dir = _built(onnx_dir, engines)[0][0].directory
+    runner = TensorRTRunner(plan_dir, device=H100, max_contexts=2)
+    made: list[object] = []
+    runner._engine = SimpleNamespace(create_execution_context=lambda: made.append(object()) or made[-1])
+    s = [SimpleNamespace(cuda_stream=h) for h in (11, 12, 13, 14)]
+    a, b = runner._context_for(s[0]), runner._context_for(s[1])
+    assert a is not b and len(made) == 2
+    assert runner._context_for(s[0]) is a  # stream 11 used again: stream 12's context is now the oldest
+    c = runner._context_for(s[2])
+    assert c is b and len(made) == 2 and list(runner._contexts) == [11, 13]
+    assert runner._context_for(s[3]) is a and list(runner._contexts) == [13, 14]
+
+
+def test_two_builds_of_one_plan_at_once_build_it_once(onnx_dir: Path, tmp_path: Path) -> None:
+    """Two build-engines runs at once on one engine dir: each plan is built by one of them, the other waits
+    for it and skips it as valid (was: both built, and one's plan could end up beside the other's sidecar)."""
+    import threading
+    import time
+
+    engines = tmp_path / "engines"
+    options = BuildOptions()
+    jobs = plan_jobs(load_manifest(onnx_dir), H100, engines, options)
+    builds: list[str] = []
+
+    def slow(job, opts, cache):  # long enough for the other run to reach the same plan meanwhile
+        builds.append(job.graph.name + job.profile_name)
+        time.sleep(0.3)
+        return b"PLAN:" + job.key.digest().encode() + str(len(builds)).encode(), FAKE_IO
+
+    results: list[list] = []
+    runs = [threading.Thread(target=lambda: results.append(run_jobs(jobs, H100, engines, options, slow)))
+            for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(60)
+    assert len(results) == 2 and sorted(builds) == sorted(set(builds)) and len(builds) == len(jobs)
+    for first, second in zip(*results, strict=True):
+        assert {first.status, second.status} == {"built", "skipped"}
+    for job in jobs:  # every plan matches its own sidecar
+        load_valid_record(job.directory, H100)  # raises EngineMismatch for a plan of another build
 
 
 def _other_graph_plan(tmp_path: Path) -> Path:

@@ -472,21 +472,25 @@ def test_a_tiny_decoder_graph_has_weights_of_its_own(models, export_dir, tmp_pat
     assert sub.tiny_decoder_graph("taesd-another") is None
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_tensorrt_runners_get_the_cuda_graph_setting(models, manifest, monkeypatch, cuda_graphs):
-    """Graphs with a valid plan run on TensorRT runners built with the animator's cuda_graphs setting."""
+@pytest.mark.parametrize("cuda_graphs, device, index", [(False, "cpu", None), (True, "cpu", None),
+                                                         (False, "cuda:1", 1)])
+def test_tensorrt_runners_get_the_cuda_graph_setting_and_the_gpu(models, manifest, monkeypatch, cuda_graphs,
+                                                                 device, index):
+    """Graphs with a valid plan run on TensorRT runners built with the animator's cuda_graphs setting, on the
+    animator's GPU, against which the plans are also chosen (was: the current GPU, whatever --device said)."""
     from types import SimpleNamespace
 
     from megactor_rt.engine import runner, select
     from megactor_rt.runtime.onnx_backend import _tensorrt_submodels
 
-    made = []
+    made, chosen_for = [], []
 
     class Recorder:
-        def __init__(self, plan_dir, cuda_graph=False):
-            made.append((plan_dir, cuda_graph))
+        def __init__(self, plan_dir, cuda_graph=False, cuda_device=None):
+            made.append((plan_dir, cuda_graph, cuda_device))
 
     def choose(graphs, *args, **kwargs):
+        chosen_for.append(kwargs.get("cuda_device"))
         return {g: SimpleNamespace(backend="tensorrt" if g == "vae_decoder" else "onnxruntime", plan_dir=f"plans/{g}",
                                    plan_dirs=(f"plans/{g}",)) for g in graphs}
 
@@ -494,8 +498,9 @@ def test_tensorrt_runners_get_the_cuda_graph_setting(models, manifest, monkeypat
     monkeypatch.setattr(select, "select_backends", choose)
     ort_runners = {g.submodel: OrtRunner(g) for g in manifest.graphs.values() if g.precision == "fp32"}
     sub = _tensorrt_submodels(models.config, models.weights_id, lambda dtype: None, None, manifest, ort_runners,
-                              torch.device("cpu"), torch.float32, "fp32", None, "onnxruntime", cuda_graphs)
-    assert made == [("plans/vae_decoder", cuda_graphs)] and isinstance(sub.runners["vae_decoder"], Recorder)
+                              torch.device(device), torch.float32, "fp32", None, "onnxruntime", cuda_graphs)
+    assert made == [("plans/vae_decoder", cuda_graphs, index)] and isinstance(sub.runners["vae_decoder"], Recorder)
+    assert chosen_for == [index]
 
 
 @pytest.mark.parametrize("cwd_is_out", [False, True])
