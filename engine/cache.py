@@ -333,6 +333,19 @@ def check_plan_file(directory: Path, record: EngineRecord, *, verify_hash: bool 
     return plan
 
 
+def read_plan(directory: Path, record: EngineRecord, *, verify_hash: bool = True) -> bytes:
+    """The plan's bytes, checked (size, and sha256 with ``verify_hash``) on the bytes read, which are the
+    ones to deserialize: a plan replaced between a check and a second read (another build) is not loaded."""
+    plan = check_plan_file(directory, record, verify_hash=False)
+    data = plan.read_bytes()
+    if len(data) != record.plan_bytes:
+        raise EngineMismatch(f"{plan}: {len(data)} bytes, the sidecar says {record.plan_bytes} (replaced while "
+                             f"read?); {REBUILD_HINT}")
+    if verify_hash and hashlib.sha256(data).hexdigest() != record.plan_sha256:
+        raise EngineMismatch(f"{plan}: content does not match the sidecar's sha256 (corrupt); {REBUILD_HINT}")
+    return data
+
+
 def load_valid_record(directory: str | Path, device: DeviceInfo, expected: EngineKey | None = None,
                       *, verify_hash: bool = True) -> EngineRecord:
     """Sidecar + device + plan-file checks in one call; returns the record or raises ``EngineMismatch``."""

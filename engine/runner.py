@@ -36,9 +36,9 @@ from .cache import (
     REBUILD_HINT,
     DeviceInfo,
     EngineRecord,
-    check_plan_file,
     check_record,
     import_tensorrt,
+    read_plan,
     read_sidecar,
 )
 
@@ -138,7 +138,7 @@ class TensorRTRunner(Runner):
     def activate_impl(self) -> None:
         device = self.device_info or DeviceInfo.current(self._cuda_index)
         check_record(self.record, device, self.plan_dir)  # foreign plan -> EngineMismatch, before TensorRT
-        plan = check_plan_file(self.plan_dir, self.record, verify_hash=self.verify_hash).read_bytes()
+        plan = read_plan(self.plan_dir, self.record, verify_hash=self.verify_hash)
         trt = import_tensorrt()
         index = torch.cuda.current_device() if self._cuda_index is None else self._cuda_index
         self._device = torch.device("cuda", index)

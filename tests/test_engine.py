@@ -481,6 +481,22 @@ def test_two_builds_of_one_plan_at_once_build_it_once(onnx_dir: Path, tmp_path: 
         load_valid_record(job.directory, H100)  # raises EngineMismatch for a plan of another build
 
 
+def test_the_plan_bytes_loaded_are_the_bytes_checked(onnx_dir: Path, tmp_path: Path) -> None:
+    """The runner deserializes the bytes whose size and sha256 it checked (one read), so a plan damaged or
+    replaced between a check and a second read is never loaded."""
+    from megactor_rt.engine.cache import read_plan
+
+    job_dir = _built(onnx_dir, tmp_path / "engines")[0][0].directory
+    record = read_sidecar(job_dir)
+    assert read_plan(job_dir, record) == (job_dir / PLAN_NAME).read_bytes()
+    data = bytearray((job_dir / PLAN_NAME).read_bytes())
+    data[-1] ^= 1
+    (job_dir / PLAN_NAME).write_bytes(bytes(data))
+    with pytest.raises(EngineMismatch, match="sha256"):
+        read_plan(job_dir, record)
+    assert read_plan(job_dir, record, verify_hash=False) == bytes(data)
+
+
 def _other_graph_plan(tmp_path: Path) -> Path:
     """A plan directory (sidecar only) of a graph other than the fixture's."""
     d = tmp_path / "other-onnx"
