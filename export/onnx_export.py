@@ -12,6 +12,7 @@ around them.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -78,6 +79,20 @@ def model_config_of(weights: str | Path) -> ModelConfig:
     return converted_config(weights)[0]
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of the code a graph is traced from and converted by (the networks' modules, ``megactor_rt/models``,
+    and this export package): a changed network or export step makes new graphs, where a fixed version number
+    had to be remembered (a random-weight export, ``tiny``/``full``, has the same weights id in every version)."""
+    import megactor_rt.models as models_pkg
+
+    digest = hashlib.sha256()
+    for folder in (Path(models_pkg.__file__).parent, Path(__file__).parent):
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str, fp16_softmax: bool = False) -> str:
     """What the graph file's content depends on. Not the shape profiles: they are manifest data for TensorRT
     (an export for another ``--window``/``--window-batch`` reuses the files and rewrites the profiles), except
@@ -85,10 +100,21 @@ def export_key(spec: ExportSpec, weights_id: str, opset: int, precision: str, fp
     traced = [spec.concrete(t.shape, "default", TRACE) for t in spec.inputs]  # as _torch_export traces
     desc = {"weights": weights_id, "name": spec.name, "inputs": [t.__dict__ for t in spec.inputs],
             "outputs": [t.__dict__ for t in spec.outputs], "traced": traced, "opset": opset,
-            "precision": precision, "exporter": EXPORTER_VERSION, "torch": torch.__version__}
-    if fp16_softmax and precision == "fp16":  # (absent otherwise: earlier exports keep their keys)
+            "precision": precision, "exporter": EXPORTER_VERSION, "torch": torch.__version__, "code": code_digest()}
+    if precision == "fp16":  # the fp16 graphs come from onnxruntime's float16 converter
+        desc["onnxruntime"] = _ort_version()
+    if fp16_softmax and precision == "fp16":
         desc["fp16_softmax"] = True
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    except ImportError:  # exporting fp16 needs it (to_fp16 says so); the key is made before that
+        return "none"
 
 
 def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisions: Sequence[str] = ("fp32", "fp16"),

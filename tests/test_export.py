@@ -243,6 +243,22 @@ def test_other_profiles_reuse_the_graph_file(models, export_dir):
     assert export_key(one_frame, models.weights_id, 18, "fp32") == old["export_key"]
 
 
+def test_the_export_key_follows_the_network_code_and_the_fp16_converter(models, monkeypatch):
+    """A changed network or export module, or another onnxruntime (whose converter makes the fp16 graphs), makes
+    a new graph file: a random-weight export has the same weights id in every version of the code (was: only
+    a hand-bumped exporter version told them apart, so graphs of older code were reused)."""
+    from megactor_rt.export import onnx_export
+
+    spec = {s.name: s for s in export_specs(models.config, window=WINDOW)}["pose_guider"]
+    key = lambda precision: onnx_export.export_key(spec, models.weights_id, 18, precision)  # noqa: E731
+    assert len(onnx_export.code_digest()) == 16 and key("fp32") == key("fp32")
+    before = {p: key(p) for p in ("fp32", "fp16")}
+    monkeypatch.setattr(onnx_export, "_ort_version", lambda: "0.0.1")
+    assert key("fp32") == before["fp32"] and key("fp16") != before["fp16"]
+    monkeypatch.setattr(onnx_export, "code_digest", lambda: "0" * 16)
+    assert key("fp32") != before["fp32"]
+
+
 def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):
     import onnx
 
