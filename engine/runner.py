@@ -1,20 +1,21 @@
 """TensorRT runner: a deserialized plan behind the runtime's ``Runner`` interface (torch tensors in and out).
 
-One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``), so several
-streams can run the same engine concurrently; a stream beyond that takes over the least recently used
-stream's context, and its first call waits on the device (a CUDA event) for that context's last one (every
-run's decode side stream is a new one: before 2026-11-27 the fifth run on one runner was refused). Each call sets the input shapes (``set_input_shape``), binds
-torch tensors by address (``set_tensor_address``), allocates outputs from ``get_tensor_shape`` and runs
-``execute_async_v3`` on the caller's current torch CUDA stream, except where that is the legacy default
-stream (torch's unless the caller chose one), on which TensorRT adds device-wide synchronizations: then on a
-stream of the calling thread's own, entered after the caller's queued work and waited for by the caller's
-next (stream waits only; nothing synchronizes the host). Calls that share a context (threads on one stream)
-bind and enqueue one at a time. With ``cuda_graph=True`` the first call at a given set of input shapes is
-captured into a CUDA graph on an execution context of its own and replayed for later calls at those shapes,
-on the caller's stream (inputs are copied into static buffers, outputs returned as fresh tensors; a call
-from another stream first waits on the device for the graph's previous replay). Up to ``max_graphs`` graphs are kept, least recently used dropped first, so calls that
-alternate between shapes (a step's K-window calls and its single leftover window) replay instead of
-recapturing; each kept graph holds its context's activation memory.
+One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``), so several streams
+can run the same engine concurrently; a stream beyond that takes over the least recently used stream's context,
+and its first call waits on the device (a CUDA event) for that context's last one (every run's decode side
+stream is a new one: before 2026-11-27 the fifth run on one runner was refused). Each call sets the input shapes
+(``set_input_shape``), binds torch tensors by address (``set_tensor_address``), allocates outputs from
+``get_tensor_shape`` and runs ``execute_async_v3`` on the caller's current torch CUDA stream, except where that
+is the legacy default stream (torch's unless the caller chose one), on which TensorRT adds device-wide
+synchronizations: then on a stream of the calling thread's own, entered after the caller's queued work and
+waited for by the caller's next (stream waits only; nothing synchronizes the host). Calls that share a context
+(threads on one stream) bind and enqueue one at a time. With ``cuda_graph=True`` the first call at a given set
+of input shapes is captured into a CUDA graph on an execution context of its own and replayed for later calls at
+those shapes, on the caller's stream (inputs are copied into static buffers, outputs returned as fresh tensors;
+a call from another stream first waits on the device for the graph's previous replay). Up to ``max_graphs``
+graphs are kept, least recently used dropped first, so calls that alternate between shapes (a step's K-window
+calls and its single leftover window) replay instead of recapturing; each kept graph holds its context's
+activation memory.
 """
 
 from __future__ import annotations

@@ -124,14 +124,16 @@ JOIN_S = 120.0
 # producers whose consumer stopped, with the event each sets when its work has ended (see abandoned_workers);
 # not Thread.is_alive(): a join broken off by Ctrl-C marks a running thread as stopped (CPython bpo-45274)
 _abandoned: list[tuple[threading.Thread, threading.Event]] = []
+_abandoned_lock = threading.Lock()
 
 
 def abandoned_workers() -> list[threading.Thread]:
     """The :func:`prefetch` producer threads still running after their consumer stopped and waited
     ``JOIN_S`` for them (e.g. inside a ``torch.compile`` compilation, which cannot be cancelled). An interpreter
     shutting down meanwhile can wait for them indefinitely: the CLI ends the process without waiting."""
-    _abandoned[:] = [(t, ended) for t, ended in _abandoned if not ended.is_set()]
-    return [t for t, _ in _abandoned]
+    with _abandoned_lock:
+        _abandoned[:] = [(t, ended) for t, ended in _abandoned if not ended.is_set()]
+        return [t for t, _ in _abandoned]
 
 
 def check_cancelled() -> None:
@@ -202,7 +204,8 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch") -> Iter
         stop.set()
         # listed before the wait, so that a second Ctrl-C / SIGTERM breaking it off anywhere leaves it listed;
         # abandoned_workers() leaves out the threads that have ended
-        _abandoned[:] = [*((t, e) for t, e in _abandoned if not e.is_set()), (thread, ended)]
+        with _abandoned_lock:
+            _abandoned[:] = [*((t, e) for t, e in _abandoned if not e.is_set()), (thread, ended)]
         ended.wait(timeout=JOIN_S)
         if not ended.is_set():
             logger.warning("%s: the worker thread did not stop within %.0f s", name, JOIN_S)
