@@ -32,9 +32,10 @@ on_step() {  # packed under a temporary name first: a kill mid-way leaves the la
 # and every 20 s: a step killed by the machine's own time limit still leaves what it wrote (2026-11-27: a
 # whole end-to-end suite was lost, as the pack was made only between steps)
 if [ "$RES" != "$OUT" ]; then
-  ( while sleep 20; do on_step; done ) &
+  # its sleep is killed with it; a pack it is making finishes first, and its temporary file is removed below
+  ( trap 'kill $(jobs -p) 2>/dev/null; exit 0' TERM; while true; do sleep 20 & wait $!; on_step; done ) &
   packer=$!
-  trap 'kill $packer 2>/dev/null' EXIT
+  trap 'kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT"/.pack.*' EXIT
 fi
 mkdir -p "$RES/kernels" "$RES/e2e"
 

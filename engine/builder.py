@@ -222,20 +222,30 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
             label = f"{job.graph.name}[{job.profile_name}]"
             bar.set_postfix_str(label)
             check_onnx_file(job.graph)
-            with plan_lock(job.directory):  # another build-engines building this plan now: wait, then reuse it
-                results.append(_run_job(job, label, device, options, build_fn, cache))
+            skipped = None if options.force else _skipped(job, label, device, options)
+            if skipped is None:  # locked only to build (a valid plan in a folder this user may not write is fine)
+                with plan_lock(job.directory):  # another build-engines building it now: wait, then reuse it
+                    skipped = None if options.force else _skipped(job, label, device, options)
+                    results.append(skipped or _build_job(job, label, device, options, build_fn, cache))
+            else:
+                results.append(skipped)
             bar.update(1)
     finally:
         bar.close()
     return results
 
 
-def _run_job(job: BuildJob, label: str, device: DeviceInfo, options: BuildOptions, build_fn: BuildFn,
-             cache: Path | None) -> BuildResult:
-    reason = None if options.force else cached_reason(job, device, options)
-    if reason is not None:
-        logger.info("%s: skipped, %s (%s)", label, reason, job.directory)
-        return BuildResult(job.graph.name, job.profile_name, job.directory, "skipped", 0.0, reason)
+def _skipped(job: BuildJob, label: str, device: DeviceInfo, options: BuildOptions) -> BuildResult | None:
+    """The job's result when its plan is valid already, else None."""
+    reason = cached_reason(job, device, options)
+    if reason is None:
+        return None
+    logger.info("%s: skipped, %s (%s)", label, reason, job.directory)
+    return BuildResult(job.graph.name, job.profile_name, job.directory, "skipped", 0.0, reason)
+
+
+def _build_job(job: BuildJob, label: str, device: DeviceInfo, options: BuildOptions, build_fn: BuildFn,
+               cache: Path | None) -> BuildResult:
     logger.info("%s: building %s plan for %s", label, job.key.precision, device.describe())
     start = time.perf_counter()
     plan, io = build_fn(job, options, cache)

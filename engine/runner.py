@@ -318,12 +318,20 @@ class TensorRTRunner(Runner):
             if state is None:
                 return None
             with self._lock:
-                self._graphs[key] = state
-                evicted = [self._graphs.popitem(last=False)[1] for _ in range(len(self._graphs) - self.max_graphs)]
+                kept = self._graphs.get(key)  # another stream captured these shapes meanwhile: keep that one
+                if kept is not None:
+                    evicted, state = [state], kept
+                else:
+                    self._graphs[key] = state
+                    evicted = [self._graphs.popitem(last=False)[1]
+                               for _ in range(len(self._graphs) - self.max_graphs)]
             for old in evicted:  # its replays may still be queued: let them finish before its memory goes
                 with old.lock:
                     torch.cuda.synchronize(self._device)
         with state.lock:  # on the caller's (current) stream: the copies, the replay, the clones
+            with self._lock:
+                if self._graphs.get(key) is not state:  # evicted meanwhile (its memory may go): run eagerly
+                    return None
             state.follow(caller)
             for name, t in inputs.items():
                 state.static_inputs[name].copy_(t)

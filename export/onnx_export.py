@@ -81,15 +81,21 @@ def model_config_of(weights: str | Path) -> ModelConfig:
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """sha256 of the code a graph is traced from and converted by (the networks' modules, ``megactor_rt/models``,
-    and this export package): a changed network or export step makes new graphs, where a fixed version number
-    had to be remembered (a random-weight export, ``tiny``/``full``, has the same weights id in every version)."""
+    """sha256 of the code a graph is traced from and converted by (the networks' modules, ``megactor_rt/models``;
+    the kernels' PyTorch references they call when traced, ``kernels/``; the model config; this export package):
+    a changed network or export step makes new graphs, where a fixed version number had to be remembered (a
+    random-weight export, ``tiny``/``full``, has the same weights id in every version)."""
+    import megactor_rt.config as config_module
+    import megactor_rt.kernels as kernels_pkg
     import megactor_rt.models as models_pkg
 
+    files = [Path(config_module.__file__)]
+    for package in (models_pkg, kernels_pkg):
+        files += sorted(Path(str(package.__file__)).parent.glob("*.py"))
+    files += sorted(Path(__file__).parent.glob("*.py"))
     digest = hashlib.sha256()
-    for folder in (Path(models_pkg.__file__).parent, Path(__file__).parent):
-        for path in sorted(folder.glob("*.py")):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -201,17 +201,23 @@ def random_models(cfg: ModelConfig, device: torch.device, only: Collection[str] 
     On a GPU the networks are built there: the CPU's initialisation of the full-size networks took 40-50 s of
     every GPU benchmark process (53 s on the 2-core dev machine), a second of GPU time does the same. The values
     then differ from a CPU build's for the same seed; shapes, FLOPs and timings do not. Should building there
-    fail, the networks are built on the CPU (with a warning) rather than losing the GPU session's run."""
+    fail, the networks are built on the CPU (with a warning) rather than losing the GPU session's run. Their
+    ``weights_id`` says where they were built (``random-built-on-cuda``): exports of them are told apart."""
     from megactor_rt.weights import build_models
 
+    models = None
     if device.type != "cpu":
         try:
             with torch.device(device):
-                return build_models(cfg, seed=0, only=only)
+                models = build_models(cfg, seed=0, only=only)
         except Exception as exc:  # noqa: BLE001 - any failure there: the CPU build still measures everything
             logger.warning("building the random networks on %s failed (%s: %s); building them on the CPU",
                            device, type(exc).__name__, exc)
-    return build_models(cfg, seed=0, only=only)
+    if models is None:
+        models = build_models(cfg, seed=0, only=only)
+    where = next((p.device.type for m in models.modules().values() for p in m.parameters()), "cpu")
+    models.weights_id = f"random-built-on-{where}"
+    return models
 
 
 # -- FLOP accounting --------------------------------------------------------------------------------
@@ -449,7 +455,7 @@ def _submodels(sc: Scenario, device: torch.device) -> tuple[Any, FlopLedger]:
     if key not in _MODELS:
         _MODELS.clear()  # one full-size model set at a time
         models = random_models(model_config(sc.model, sc.image_size), device)
-        models.weights_id = f"bench-{sc.model}"
+        models.weights_id = f"bench-{sc.model}-" + models.weights_id.removeprefix("random-")
         dtype = torch.float16 if sc.precision == "fp16" else torch.float32
         sub = TorchSubmodels(models, device, dtype)
         _MODELS[key] = (sub, FlopLedger(sub))
@@ -625,6 +631,8 @@ class _ModeRun:
         from megactor_rt.runtime.animator import Animator
 
         self.anim = Animator(self.sub, self.cfg)
+        if self.sub.device.type == "cuda":  # the memory earlier modes left cached goes back (TensorRT and
+            torch.cuda.empty_cache()        # onnxruntime allocate outside torch); this mode's warm-up refills it
         self.inputs = self.anim.portrait_inputs(portrait)  # face crop + mask: not part of the timed work
         self.warmup_s = warm_up(sc, self.cfg, self.anim, self.inputs, self.ledger, driver, work_dir, warmup_runs)
         self.release()
@@ -633,11 +641,12 @@ class _ModeRun:
         """Drop the portrait state this mode's cache keeps (its device tensors: with the optimized modes a
         ReferenceNet bank per step), so that it does not count in the next mode's peak memory.
 
-        The allocator keeps its cached blocks (no ``torch.cuda.empty_cache()``): the peak is of allocated memory,
-        which they are not part of, and emptying the cache after the warm-up made every timed run allocate its
-        activations from the driver again in its first window calls, which a serving process with a warm
-        allocator does not (on an H200 the first step was 1.9-2.1 s slower than the others on 2026-11-27, 1.2-1.6 s
-        on 2026-11-26, before the emptying came in; how much of that difference it made is not measured)."""
+        The allocator keeps its cached blocks here (it is emptied before the next mode's warm-up instead): the
+        peak is of allocated memory, which they are not part of, and emptying the cache after the warm-up made
+        every timed run allocate its activations from the driver again in its first window calls, which a serving
+        process with a warm allocator does not (on an H200 the first step took 2.1 s more than the median step on
+        2026-11-27, 1.2-1.4 s more on 2026-11-26, before the emptying came in; how much of that difference it made
+        is not measured)."""
         self.anim.cache = type(self.anim.cache)()
         gc.collect()
 

@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 a clear user-facing error (bad input, missing weights, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -619,7 +620,7 @@ def entry() -> None:
     if code in (130, 143):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        _exit_now_if_workers_remain(code)
+    _exit_now_if_workers_remain(code)  # also after an error that stopped a run mid-way
     sys.exit(code)
 
 
@@ -631,8 +632,9 @@ def _exit_now_if_workers_remain(code: int) -> None:
         logging.getLogger(__name__).warning("ending the process without waiting for %d worker thread(s) still "
                                             "running (%s)", len(left), ", ".join(t.name for t in left))
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe must not stop the exit
+                stream.flush()
         os._exit(code)
 
 

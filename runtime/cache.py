@@ -55,6 +55,7 @@ class PortraitCache:
         self.misses = 0
         self.disk_hits = 0
         self._lock = threading.RLock()
+        self._write_lock = threading.Lock()  # a file's rename and its record in _on_disk, together (not reads)
 
     def __len__(self) -> int:
         return len(self._mem)
@@ -134,12 +135,14 @@ class PortraitCache:
         try:
             save_file(tensors, str(tmp), metadata=meta)
             os.chmod(tmp, umask_mode())  # a store shared by several users (safetensors writes 0600)
-            tmp.replace(final)
+            with self._write_lock:  # two writers of one key: the record is the content of the file that stays
+                tmp.replace(final)
+                with self._lock:
+                    self._on_disk[state.key] = content
         finally:
             tmp.unlink(missing_ok=True)
         logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(content[0]))
         with self._lock:
-            self._on_disk[state.key] = content
             self._trim_disk(keep=final)
 
     def _trim_disk(self, keep: Path) -> None:

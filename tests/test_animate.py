@@ -413,6 +413,43 @@ def test_store_reads_and_writes_do_not_hold_up_other_threads_lookups(anim: Anima
     assert cache.disk_hits == 1 and cache.get("new") is not None  # written, then read back
 
 
+def test_two_writers_of_one_portrait_leave_the_record_of_the_file_that_stays(anim: Animator, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs persisting one portrait at once (one with more banks): what the cache records as stored is what
+    the file that stays holds (was: writer B renamed, writer A renamed and recorded, then B recorded its banks:
+    the store lacked B's bank while the cache said it had it, so it was never written again)."""
+    import json
+    import threading
+
+    from safetensors import safe_open
+
+    base = anim.prepare(PORTRAIT)
+    bank = next(iter(base.banks.values())) if base.banks else [base.ref_latent]
+    fewer = replace(base, key="race", banks={1: bank})
+    more = replace(base, key="race", banks={1: bank, 2: bank})
+    cache = PortraitCache(disk_dir=tmp_path / "portraits")
+    real_replace, started = Path.replace, []
+
+    def replace_then_let_the_other_write(self: Path, target: Path) -> Path:  # type: ignore[override]
+        out = real_replace(self, target)
+        if threading.current_thread().name == "B" and not started:
+            other = threading.Thread(target=cache.save, args=(fewer,), name="A")
+            started.append(other)
+            other.start()
+            other.join(1.0)  # A runs as far as it can before B records
+        return out
+
+    monkeypatch.setattr(Path, "replace", replace_then_let_the_other_write)
+    b = threading.Thread(target=cache.save, args=(more,), name="B")
+    b.start()
+    b.join(10)
+    started[0].join(10)
+    monkeypatch.undo()
+    with safe_open(str(cache._path("race")), "pt") as f:
+        in_file = set(json.loads((f.metadata() or {})["banks"]))
+    assert set(cache._on_disk["race"][0]) == in_file
+
+
 def test_a_store_file_removed_by_another_process_after_reading_is_no_error(anim: Animator, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process trimming the shared store may delete a file just after this one read it: the state

@@ -371,10 +371,11 @@ def test_random_networks_are_built_on_the_device_they_are_asked_for(caplog):
     meta = random_models(cfg, torch.device("meta"))
     tensors = [t for m in meta.modules().values() for t in [*m.parameters(), *m.buffers()]]
     assert len(tensors) > 100 and {t.device.type for t in tensors} == {"meta"}
+    assert meta.weights_id == "random-built-on-meta"  # where they were built: other values, another id
     if not torch.cuda.is_available():
         with caplog.at_level(logging.WARNING, logger="megactor_rt.benchmark"):
             fallback = random_models(cfg, torch.device("cuda"))
-        assert "building them on the CPU" in caplog.text
+        assert "building them on the CPU" in caplog.text and fallback.weights_id == "random-built-on-cpu"
         plain = build_models(cfg, seed=0)
         for name, module in fallback.modules().items():
             ref = plain.modules()[name].state_dict()

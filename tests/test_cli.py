@@ -752,18 +752,20 @@ def test_a_stopped_command_ends_without_waiting_for_a_worker_still_running(monke
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
-    monkeypatch.setattr(cli, "main", lambda: 143)
     try:
-        with pytest.raises(SystemExit):
-            cli.entry()
-        assert exits == [143]
+        for code in (143, 2):  # after an interrupt, and after an error that stopped the run mid-way
+            monkeypatch.setattr(cli, "main", lambda code=code: code)
+            with pytest.raises(SystemExit):
+                cli.entry()
+        assert exits == [143, 2]
+        monkeypatch.setattr(cli, "main", lambda: 143)
         release.set()
         for t, _ in pipeline._abandoned:
             t.join(5)
         assert pipeline.abandoned_workers() == []
         with pytest.raises(SystemExit) as done:
             cli.entry()
-        assert done.value.code == 143 and exits == [143]  # sys.exit this time, not the immediate end
+        assert done.value.code == 143 and exits == [143, 2]  # sys.exit this time, not the immediate end
     finally:
         release.set()
         for sig, handler in saved.items():

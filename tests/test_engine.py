@@ -481,6 +481,21 @@ def test_two_builds_of_one_plan_at_once_build_it_once(onnx_dir: Path, tmp_path: 
         load_valid_record(job.directory, H100)  # raises EngineMismatch for a plan of another build
 
 
+def test_valid_plans_are_skipped_without_taking_their_lock(onnx_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build lock is taken only to build: plans already valid in a folder this user may not write (a shared
+    engine cache) are skipped as before (was: PermissionError creating the lock file)."""
+    engines = tmp_path / "engines"
+    first, _ = _built(onnx_dir, engines)
+
+    def no_lock(directory: Path):  # noqa: ANN202
+        raise PermissionError(directory / ".build.lock")
+
+    monkeypatch.setattr(builder_mod, "plan_lock", no_lock)
+    again, fake = _built(onnx_dir, engines)
+    assert fake.calls == [] and {r.status for r in again} == {"skipped"} and len(again) == len(first)
+
+
 def test_the_plan_bytes_loaded_are_the_bytes_checked(onnx_dir: Path, tmp_path: Path) -> None:
     """The runner deserializes the bytes whose size and sha256 it checked (one read), so a plan damaged or
     replaced between a check and a second read is never loaded."""
