@@ -327,7 +327,7 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
         raise EngineBuildError(f"TensorRT {trt.__version__} failed to build {job.graph.path} with profile "
                                f"'{job.profile_name}' (see the TensorRT log above)")
     if cache is not None and cache_path is not None:
-        write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        _save_timing_cache(config, cache_path)
     return memoryview(plan), _network_io(network)
 
 
@@ -372,6 +372,22 @@ def _load_timing_cache(config: Any, path: Path | None) -> Any:
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
     return cache
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    """Write this build's timing cache combined with what the file holds now, under a lock: builds of other
+    plans running at the same time (another ``build-engines``) keep their timings instead of the last writer's
+    replacing them."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ours = config.get_timing_cache()
+        theirs = config.create_timing_cache(path.read_bytes()) if path.is_file() else None
+        if theirs is not None and not ours.combine(theirs, False):
+            logger.warning("timing cache %s could not be combined with this build's; writing this build's", path)
+        write_atomic(path, bytes(memoryview(ours.serialize())))
 
 
 def _network_io(network: Any) -> dict[str, Any]:

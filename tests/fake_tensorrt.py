@@ -162,6 +162,12 @@ class _TimingCache:
     def serialize(self) -> bytes:
         return _CACHE_MAGIC + json.dumps(self.entries).encode()
 
+    def combine(self, input_cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        """Add the entries ``input_cache`` has and this one lacks (TensorRT keeps its own on a conflict)."""
+        for key, value in input_cache.entries.items():
+            self.entries.setdefault(key, value)
+        return True
+
 
 class _BuilderConfig:
     # the real IBuilderConfig's writable properties this stand-in models (tests/test_trt_api.py checks each is

@@ -733,6 +733,19 @@ def test_unreadable_timing_cache_is_replaced_not_fatal(fake_trt, onnx_dir: Path,
     assert cache.read_bytes().endswith(b'{"builds": 1}')
 
 
+def test_the_timing_cache_keeps_what_other_builds_wrote_meanwhile(fake_trt, tmp_path: Path) -> None:
+    """Another build-engines writing the timing cache while this build ran: its timings are combined with this
+    build's, not replaced by them."""
+    path = tmp_path / "timing" / "cache.bin"
+    config = fake_trt.Builder(fake_trt.Logger()).create_builder_config()
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    config.get_timing_cache().entries["mine"] = 1
+    path.parent.mkdir()
+    path.write_bytes(fake_trt._TimingCache({"theirs": 2}).serialize())  # written meanwhile by another build
+    builder_mod._save_timing_cache(config, path)
+    assert config.create_timing_cache(path.read_bytes()).entries == {"mine": 1, "theirs": 2}
+
+
 @pytest.mark.parametrize("damage", ["bad_shapes", "unparseable", "build_fails"])
 def test_tensorrt_build_failures_are_engine_build_errors(fake_trt, onnx_dir: Path, tmp_path: Path,
                                                          damage: str) -> None:

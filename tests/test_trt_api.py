@@ -32,6 +32,7 @@ SOURCES = {
     "engine/builder.py": (
         {"_add_profile:builder": "Builder", "_add_profile:network": "INetworkDefinition",
          "_add_profile:config": "IBuilderConfig", "_load_timing_cache:config": "IBuilderConfig",
+         "_save_timing_cache:config": "IBuilderConfig",
          "_network_io:network": "INetworkDefinition", "_network_io:t": "ITensor"},
         ["Logger(...)", "Builder(...)", "Builder.create_network(...)", "OnnxParser(...)",
          "OnnxParser.parse_from_file(...)", "OnnxParser.get_error(...)", "Builder.create_builder_config(...)",
@@ -39,6 +40,7 @@ SOURCES = {
          "set IBuilderConfig.profiling_verbosity", "ProfilingVerbosity.DETAILED",
          "MemoryPoolType.WORKSPACE", "set IBuilderConfig.progress_monitor", "Builder.build_serialized_network(...)",
          "memoryview(IHostMemory)", "IBuilderConfig.get_timing_cache(...)", "ITimingCache.serialize(...)",
+         "ITimingCache.combine(...)",
          "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "INetworkDefinition.get_input(...)",
          "INetworkDefinition.num_inputs", "ITensor.shape", "ITensor.dtype", "DataType.name",
          "Builder.create_optimization_profile(...)", "IOptimizationProfile.set_shape(...)",
