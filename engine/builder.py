@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import EngineMismatch, InputError, MegactorError
+from megactor_rt.files import locked
 from megactor_rt.progress import progress
 
 from .cache import (
@@ -222,13 +223,12 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
             label = f"{job.graph.name}[{job.profile_name}]"
             bar.set_postfix_str(label)
             check_onnx_file(job.graph)
-            skipped = None if options.force else _skipped(job, label, device, options)
-            if skipped is None:  # locked only to build (a valid plan in a folder this user may not write is fine)
+            result = _skipped(job, label, device, options)
+            if result is None:  # locked only to build (a valid plan in a folder this user may not write is fine)
                 with plan_lock(job.directory):  # another build-engines building it now: wait, then reuse it
-                    skipped = None if options.force else _skipped(job, label, device, options)
-                    results.append(skipped or _build_job(job, label, device, options, build_fn, cache))
-            else:
-                results.append(skipped)
+                    result = _skipped(job, label, device, options) or _build_job(job, label, device, options,
+                                                                                 build_fn, cache)
+            results.append(result)
             bar.update(1)
     finally:
         bar.close()
@@ -236,8 +236,8 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
 
 
 def _skipped(job: BuildJob, label: str, device: DeviceInfo, options: BuildOptions) -> BuildResult | None:
-    """The job's result when its plan is valid already, else None."""
-    reason = cached_reason(job, device, options)
+    """The job's result when its plan is valid already (and no rebuild is forced), else None."""
+    reason = None if options.force else cached_reason(job, device, options)
     if reason is None:
         return None
     logger.info("%s: skipped, %s (%s)", label, reason, job.directory)
@@ -378,11 +378,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     """Write this build's timing cache combined with what the file holds now, under a lock: builds of other
     plans running at the same time (another ``build-engines``) keep their timings instead of the last writer's
     replacing them."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path.with_name(path.name + ".lock")):
         ours = config.get_timing_cache()
         theirs = config.create_timing_cache(path.read_bytes()) if path.is_file() else None
         if theirs is not None and not ours.combine(theirs, False):

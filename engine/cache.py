@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import BackendUnavailable, EngineMismatch
-from megactor_rt.files import remove_stale, umask_mode
+from megactor_rt.files import locked, remove_stale, umask_mode
 
 PLAN_NAME = "engine.plan"
 SIDECAR_NAME = "engine.json"
@@ -229,17 +229,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def plan_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a plan directory (a ``.build.lock`` file in it, ``flock``): two
-    ``build-engines`` runs building the same plan at once would otherwise pair one build's plan with the other's
-    sidecar (TensorRT builds are not bit-reproducible). The second waits, then finds the first's plan valid."""
-    import fcntl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+def plan_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on a plan directory (a ``.build.lock`` file in it, :func:`megactor_rt.files.locked`):
+    two ``build-engines`` runs building the same plan at once would otherwise pair one build's plan with the
+    other's sidecar (TensorRT builds are not bit-reproducible). The second waits, then finds the first's plan
+    valid."""
+    return locked(directory / ".build.lock")
 
 
 def write_plan(directory: Path, plan: bytes, record: EngineRecord) -> None:

@@ -32,7 +32,7 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import InputError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
-from megactor_rt.files import remove_stale
+from megactor_rt.files import locked, remove_stale
 from megactor_rt.progress import progress
 from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
 
@@ -388,10 +388,7 @@ def _read_manifest(out: Path) -> dict:
 def _update_manifest(out: Path, key: str, entry: dict) -> None:
     """Set one graph's entry in the folder's manifest: read, change and replaced under a lock, so exports of other
     graphs into the same folder at the same time keep theirs."""
-    import fcntl
-
-    with open(out / (MANIFEST_NAME + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(out / (MANIFEST_NAME + ".lock")):
         manifest = _read_manifest(out)
         manifest["graphs"][key] = entry
         tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"

@@ -612,9 +612,9 @@ def entry() -> None:
     """The ``megactor-rt`` command: :func:`main`, then exit with its status. After an interrupt has stopped the
     command (its outputs cleaned up), a second Ctrl-C or SIGTERM while the interpreter shuts down (seconds,
     releasing the model) would abort it half-way (SIGABRT from a native thread), so they are ignored from then
-    on and the status stays 130 or 143. Where a worker thread is still running even so (it did not reach a
-    cancellation point within the pipeline's wait, e.g. inside a ``torch.compile`` compilation), the process
-    ends at once with that status: a shutdown waiting for it hung a terminated benchmark on a GPU machine
+    on and the status stays 130 or 143. Where a worker thread is still running after a stopped run (interrupt
+    or error: it did not reach a cancellation point within the pipeline's wait, e.g. inside a ``torch.compile``
+    compilation), the process ends at once with the status: a shutdown waiting for it hung a terminated benchmark on a GPU machine
     (2026-11-27) until it was killed."""
     code = main()
     if code in (130, 143):

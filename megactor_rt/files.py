@@ -8,10 +8,12 @@ no running writer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,18 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
 # the process's umask, read once at import (reading it means setting it: not done later, beside other threads)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created, with its folder, where missing) for the block:
+    writers in other processes and threads (each opening it itself) take turns at a read-change-write."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def umask_mode() -> int:
