@@ -185,7 +185,9 @@ SUITES: dict[str, list[Scenario]] = {
                             modes=("optimized", "optimized+no-wrap"),
                             note="first-frame latency of a long driver: wrapped windows vs open, streamed")],
     "long-tiny": [Scenario(f"tiny 128px, {n} frames, w16/o0, 1 step", "tiny", 128, n, 16, 0, 1,
-                           modes=("optimized",), note="memory flatness over a long driver")
+                           modes=("optimized", "optimized+no-wrap"),
+                           note="memory over a long driver: wrapping windows hold every frame's loop state, "
+                                "open ones (streamed) the frames in flight")
                   for n in (100, 1000)],
 }
 

@@ -39,7 +39,7 @@ from megactor_rt.preprocess import (
 from megactor_rt.progress import progress
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
-from megactor_rt.runtime.denoise import EpsModel, denoise, denoise_stream, windows_in_flight
+from megactor_rt.runtime.denoise import EpsModel, NoiseSource, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import (
     Driver,
     DriverPlan,
@@ -49,7 +49,15 @@ from megactor_rt.runtime.driver import (
     plan_driver,
     plan_driver_contour,
 )
-from megactor_rt.runtime.pipeline import InFlight, RunStats, StageTimer, cancellable, prefetch
+from megactor_rt.runtime.noise import FrameNoise, initial_noise
+from megactor_rt.runtime.pipeline import (
+    InFlight,
+    RunStats,
+    StageTimer,
+    cancellable,
+    prefetch,
+    to_device_queued,
+)
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState, prepare_portrait
 from megactor_rt.runtime.predictor import (
     OptimizedPredictor,
@@ -436,14 +444,14 @@ class Animator:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
                 contour_plan = plan_driver_contour(plan, self.image_size, portrait_lm, landmarker,
                                                    contour_affine_frame)
-        latents, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
+        noise, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
         try:
-            if cfg.streams_frames:
-                frames = self._stream(latents, model, steps, windows, cfg, timer, tiny)
+            if not isinstance(noise, torch.Tensor):  # a NoiseSource: frames stream (cfg.streams_frames)
+                frames = self._stream(noise, model, steps, windows, cfg, timer, tiny)
             else:
                 with timer.stage("denoise"):
-                    latents = denoise(latents, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
+                    latents = denoise(noise, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
                                       cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
                 frames = self._decode(latents, timer, cfg.decode_streams, tiny)
             for frame in frames:
@@ -481,9 +489,10 @@ class Animator:
 
     def _loop(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,
               contour: ContourPlan | None = None
-              ) -> tuple[torch.Tensor, OptimizedPredictor | ReferencePredictor, list[DDIMStep], list[list[int]]]:
-        """What the denoising loop needs: the initial noise, the window predictor, the DDIM steps and the context
-        windows. The optimized predictor gets a ``PoseFeed`` (the driver's second pass and the PoseGuider run as
+              ) -> tuple[torch.Tensor | NoiseSource, OptimizedPredictor | ReferencePredictor, list[DDIMStep],
+                         list[list[int]]]:
+        """What the denoising loop needs: the initial noise (a ``NoiseSource`` where frames stream), the window
+        predictor, the DDIM steps and the context windows. The optimized predictor gets a ``PoseFeed`` (the driver's second pass and the PoseGuider run as
         the windows need their frames); the reference predictor gets every preprocessed driving frame, here."""
         sub, n, size = self.sub, plan.num_frames, self.image_size
         windows = context_windows(n, cfg.window, cfg.overlap, cfg.closed_loop)
@@ -499,8 +508,14 @@ class Animator:
             model = OptimizedPredictor(sub, state, feed, cfg.guidance, cfg.reference_timestep, cfg.reuses_features)
             model.window_batch = self.window_batch(cfg)
         h = self.latent_size
-        gen = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.randn((1, 4, n, h, h), generator=gen).to(sub.device)
+        noise: torch.Tensor | NoiseSource
+        if cfg.streams_frames:  # the frames in flight only (see denoise_stream): same values, drawn in order
+            frame_noise = FrameNoise(cfg.seed, n, 4, h, h)
+
+            def noise(a: int, b: int) -> torch.Tensor:
+                return to_device_queued(frame_noise.take(b), sub.device)
+        else:
+            noise = initial_noise(cfg.seed, (1, 4, n, h, h)).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)
         if cfg.reuses_features:  # one kept feature per window (streaming: per window in flight)
             held = windows_in_flight(windows, n, cfg.steps) if cfg.streams_frames else len(windows)
@@ -511,29 +526,35 @@ class Animator:
                 logger.info("feature reuse: %.1f GB of kept features for %d frames go to host memory", kept / 1e9, n)
         return noise, model, steps, windows
 
-    def _stream(self, latents: torch.Tensor, model: EpsModel, steps: list[DDIMStep], windows: list[list[int]],
+    def _stream(self, noise: NoiseSource, model: EpsModel, steps: list[DDIMStep], windows: list[list[int]],
                 cfg: AnimateConfig, timer: StageTimer, tiny: Decoder | None) -> Iterator[np.ndarray]:
         """Open windows: denoise in wavefront order (:func:`denoise_stream`) and decode each batch of frames as
         soon as it is final, while the later windows are still denoising (on CUDA the decode runs on a side
-        stream). Stage times: ``denoise`` is the device time from the first window call to the last update
-        less the decodes queued on the same stream (on CPU: the time spent in the loop), ``vae_decode`` the
-        decodes' device time. No per-step times: the steps interleave."""
-        n = latents.shape[2]
-        loop = denoise_stream(latents, model, steps, windows, cfg.guidance, cfg.cfg_steps, cfg.feature_reuse)
+        stream). Only the frames in flight are held, so memory does not grow with the driver's length. Stage
+        times: ``denoise`` is the device time from the first window call to the last update less the decodes
+        queued on the same stream (on CPU: the time spent in the loop), ``vae_decode`` the decodes' device time.
+        No per-step times: the steps interleave."""
+        loop = denoise_stream(noise, model, steps, windows, cfg.guidance, cfg.cfg_steps, cfg.feature_reuse)
+        n = windows[-1][-1] + 1
         flight = InFlight(self.sub.device, DECODE_DEPTH, streams=cfg.decode_streams)
         clock = _LoopClock(self.sub.device)
-        start = 0
+        pending: list[torch.Tensor] = []  # final latents (1, 4, f, h, w) not yet decoded, in order
         try:
             while True:
                 with clock:
-                    final = next(loop, None)
-                if final is None:
+                    out = next(loop, None)
+                if out is None:
                     break
-                while start < final and (final - start >= DECODE_BATCH or final == n):
-                    end = min(start + DECODE_BATCH, final)
-                    flight.launch(lambda ab: self._decode_batch(latents[0, :, ab[0]:ab[1]].permute(1, 0, 2, 3), tiny),
-                                  (start, end))
-                    start = end
+                final, latents = out
+                if latents is not None:
+                    pending.append(latents)
+                held = sum(p.shape[2] for p in pending)
+                if held >= DECODE_BATCH or (final == n and held):
+                    ready = torch.cat(pending, dim=2)[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
+                    cut = held if final == n else held - held % DECODE_BATCH
+                    for a in range(0, cut, DECODE_BATCH):
+                        flight.launch(lambda z: self._decode_batch(z, tiny), ready[a:min(a + DECODE_BATCH, cut)])
+                    pending = [ready[cut:].permute(1, 0, 2, 3)[None]] if cut < held else []
                 for frames in flight.ready():
                     yield from frames.numpy()
             for frames in flight.drain():

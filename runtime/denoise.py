@@ -6,7 +6,9 @@ combines the unconditional and conditional halves, and one DDIM step (eta 0) upd
 
 ``denoise_stream`` computes the same per-frame math on open (non-wrapping) windows in a wavefront order: a
 window runs step s as soon as every frame it holds has finished step s - 1, lowest window first, so the first
-frames are final after about steps x (steps + 1) / 2 window calls instead of after all of them.
+frames are final after about steps x (steps + 1) / 2 window calls instead of after all of them. It holds the
+latents of the frames in flight only (about steps + 1 windows' worth), so its memory does not grow with the
+driver's length; ``denoise`` holds all N frames' latents, as every step runs every window.
 
 What a "prediction" is - which backend, reference or optimized evaluation, where the ReferenceNet bank comes
 from - is the job of the ``EpsModel`` passed in.
@@ -142,13 +144,19 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     return latents
 
 
+def _counts(n: int, windows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Windows covering each of the ``n`` frames, ``(n,)`` float32 on the host."""
+    counts = torch.zeros(n, dtype=torch.float32)
+    for w in windows:
+        counts[list(w)] += 1
+    return counts
+
+
 def _coverage(latents: torch.Tensor, windows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Windows covering each frame ``(N,)`` and each window's frame indices, on the latents' device. Both are made
     once per run, before any device work: building indices per window would make the host wait for the
     device (a blocking host-to-device copy) before every window."""
-    counts = torch.zeros(latents.shape[2], dtype=torch.float32)
-    for w in windows:
-        counts[list(w)] += 1
+    counts = _counts(latents.shape[2], windows)
     return counts.to(latents.device), [torch.as_tensor(list(w), device=latents.device) for w in windows]
 
 
@@ -202,33 +210,56 @@ def windows_in_flight(windows: Sequence[Sequence[int]], n: int, steps: int) -> i
     return most
 
 
-def denoise_stream(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep],
+NoiseSource = Callable[[int, int], torch.Tensor]
+"""``noise(a, b)``: frames ``[a, b)`` of a run's initial noise, ``(1, 4, b - a, h, w)`` on the loop's device
+(asked for in order, each range once)."""
+
+
+def denoise_stream(noise: torch.Tensor | NoiseSource, model: EpsModel, plan: Sequence[DDIMStep],
                    windows: Sequence[Sequence[int]], guidance: float, cfg_steps: int | None = None,
-                   feature_reuse: int | None = None) -> Iterator[int]:
+                   feature_reuse: int | None = None) -> Iterator[tuple[int, torch.Tensor | None]]:
     """``denoise``'s math on open windows, in wavefront order; frames are final in order, long before the end.
 
     Every frame gets the same per-step sum of its windows' predictions (added in the same window order), the
     same CFG and the same DDIM update as in ``denoise``, so the final latents are the same, bit for bit; only
     the order of the window calls differs (:func:`wavefront`).
 
+    Memory is bounded by the windows in flight, not by the driver's length: the latents and the CFG
+    accumulator are kept per segment (frames ``[start_k, start_k+1)``, those whose last window is k), a segment
+    is made (from ``noise``) when the first window holding it begins and handed out when it is final.
+
     Args:
-        latents: initial noise ``(1, 4, N, h, w)``, updated in place (frame f holds its final latent once a
-            yielded count exceeds f).
+        noise: the initial noise ``(1, 4, N, h, w)`` (not modified), or a ``NoiseSource`` giving it a frame range
+            at a time (N is then the last window's end).
         windows: open windows (``context_windows(..., closed_loop=False)``); ValueError otherwise.
         model, plan, guidance, cfg_steps, feature_reuse: as for ``denoise``. ``model.begin_step`` is called
             whenever the next window call is at another step than the last one; ``model.end_window`` after a
             window's last call.
 
     Yields:
-        After every window call, the number of leading frames that are final (non-decreasing; N at the end).
+        After every window call, ``(final, latents)``: the number of leading frames that are final
+        (non-decreasing; N at the end) and the final latents ``(1, 4, b - a, h, w)`` of the frames this call
+        made final (``[a, b)``, b = ``final``), or None where it made none final.
     """
-    n, steps = latents.shape[2], len(plan)
-    starts = [a for a, _ in _open_spans(windows, n)]  # ValueError at the first next(), before any model call
-    own = list(zip(starts, [*starts[1:], n]))  # frames whose last window is k: [start_k, start_k+1)
-    counts, indices = _coverage(latents, windows)
-    acc = torch.zeros((2 if guidance != 1.0 else 1, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-    current: int | None = None
+    source: NoiseSource
+    if isinstance(noise, torch.Tensor):
+        whole, n = noise, noise.shape[2]
+        source = lambda a, b: whole[:, :, a:b].clone()  # noqa: E731
+    else:
+        n, source = (max(w[-1] for w in windows) + 1 if windows else 0), noise
+    steps = len(plan)
+    spans = _open_spans(windows, n)  # ValueError at the first next(), before any model call
+    starts = [a for a, _ in spans]
+    own = list(zip(starts, [*starts[1:], n]))  # segment k: the frames whose last window is k
+    reach = [bisect_left(starts, b) - 1 for _, b in spans]  # the last segment of window k
+    cfg = guidance != 1.0
+    lat: dict[int, torch.Tensor] = {}  # segments begun and not yet final
+    acc: dict[int, torch.Tensor] = {}  # their sums of predictions, [uncond, cond] or [cond]
+    frames: dict[int, torch.Tensor] = {}  # frame indices of the windows in flight, on the device
+    counts: torch.Tensor | None = None
+    made = 0  # segments made so far
     final = 0  # frames final so far
+    current: int | None = None
     bar = progress(total=steps * len(windows), desc="denoise", unit="window")
     for k, s in wavefront(windows, n, steps):
         step, kind = plan[s], step_kind(s, guidance, cfg_steps, feature_reuse)
@@ -236,22 +267,37 @@ def denoise_stream(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMSt
         if current != s:
             model.begin_step(step, kind)
             current = s
-        idx = indices[k]
+        if s == 0:  # window k begins: its segments (made in order, as reach only grows)
+            for j in range(made, reach[k] + 1):
+                lat[j] = source(*own[j])
+                acc[j] = lat[j].new_zeros((2 if cfg else 1, *lat[j].shape[1:]))
+            made = max(made, reach[k] + 1)
+            dev = lat[k].device
+            if counts is None:  # windows covering each frame: once, before any device work is queued
+                counts = _counts(n, windows).to(dev)
+            frames[k] = torch.arange(*spans[k], device=dev)  # a device op: no host wait for queued work
+        assert counts is not None
+        parts = [(j, max(spans[k][0], own[j][0]), min(spans[k][1], own[j][1])) for j in range(k, reach[k] + 1)]
+        x = torch.cat([lat[j][:, :, a - own[j][0]:b - own[j][0]] for j, a, b in parts], dim=2)
         check_cancelled()
-        eps = model.predict(latents[:, :, idx], idx, step, k)
+        eps = model.predict(x, frames[k], step, k)
         if eps.shape[0] != halves:
             raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
-        part = acc[acc.shape[0] - halves:]  # a conditional-only step sums into the conditional slot
-        part.index_add_(2, idx, eps.to(acc.dtype))
+        for j, a, b in parts:
+            part = acc[j][acc[j].shape[0] - halves:]  # a conditional-only step sums into the conditional slot
+            part[:, :, a - own[j][0]:b - own[j][0]] += eps[:, :, a - spans[k][0]:b - spans[k][0]].to(part.dtype)
         a, b = own[k]
-        latents[:, :, a:b] = ddim_cfg_update(part[:, :, a:b], counts[a:b], latents[:, :, a:b], guidance,
-                                             step.alpha_t, step.alpha_prev)
-        acc[:, :, a:b] = 0
+        lat[k] = ddim_cfg_update(acc[k][acc[k].shape[0] - halves:], counts[a:b], lat[k], guidance,
+                                 step.alpha_t, step.alpha_prev)
+        acc[k].zero_()
         bar.update(1)
-        if s == steps - 1:
+        if s == steps - 1:  # segment k is final: no window holding its frames runs again
             model.end_window(k)
+            del acc[k], frames[k]
             final = b
-        yield final
+            yield final, lat.pop(k)
+        else:
+            yield final, None
     bar.close()
 
 

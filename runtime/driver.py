@@ -428,5 +428,8 @@ LOOKAHEAD = 16
 
 def _model_input(frame: np.ndarray, crop: Crop, keep: Crop | None, size: int, device: torch.device | str
                  ) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(frame)).to(device)
+    frame = np.ascontiguousarray(frame)
+    if not frame.flags.writeable:  # e.g. a caller's read-only view: torch warns on those (it is never written)
+        frame = frame.copy()
+    t = torch.from_numpy(frame).to(device)
     return preprocess_frame(t, crop, keep, size=size, dtype=torch.float32)

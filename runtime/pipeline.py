@@ -251,6 +251,14 @@ def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = 
             f.cancel()
 
 
+def to_device_queued(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device``; to a GPU from pinned memory without blocking, so the copy is queued like a kernel
+    instead of making the host wait for the device work queued before it (a copy from pageable memory does)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class InFlight:
     """Runs ``fn(item) -> tensor`` for a stream of items with up to ``depth`` of them in flight.
 
@@ -258,7 +266,8 @@ class InFlight:
     queued on the caller's stream), its result is copied into pinned host memory without blocking, and a
     pair of timing events brackets it; ``map`` hands out result i only once its end event has completed and
     issues item i+depth before doing so, so the device keeps working while the host consumes. The caller
-    must not modify the tensors ``fn`` reads until ``map`` is exhausted. ``device_seconds`` sums the device
+    must not modify the tensors ``fn`` reads until ``map`` is exhausted; an item (e.g. a tensor ``fn`` reads)
+    stays referenced until its call is done, so the memory of an input made for one call is not reused early. ``device_seconds`` sums the device
     time of the calls (CUDA events). ``launch`` / ``ready`` / ``drain`` do the same for items that appear while
     the caller's stream keeps working (each launch first waits for the work queued there so far).
 
@@ -295,10 +304,10 @@ class InFlight:
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
             end.record(self.stream)
-        return host, out, start, end  # ``out`` stays referenced until its copy is done
+        return host, out, start, end, item  # ``out`` and ``item`` (its input) stay referenced until it is done
 
     def _finish(self, launched: tuple) -> torch.Tensor:
-        host, _, start, end = launched
+        host, _, start, end, _ = launched
         end.synchronize()
         self.device_seconds += start.elapsed_time(end) / 1e3
         return host

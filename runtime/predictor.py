@@ -22,6 +22,7 @@ import torch
 
 from megactor_rt.config import StepKind
 from megactor_rt.models.scheduler import DDIMStep
+from megactor_rt.runtime.pipeline import to_device_queued
 from megactor_rt.runtime.portrait import PortraitState
 from megactor_rt.runtime.submodels import Submodels
 
@@ -62,6 +63,9 @@ class PoseFeed:
     preprocessing the rest of the driver thus overlaps denoising instead of preceding it (in step order the
     windows of step 0 need their frames in order; the open-window wavefront likewise).
 
+    The features are kept per batch; ``release(k)`` (after window k's last call) drops the batches no later
+    window holds, so with open windows only the frames in flight are kept, whatever the driver's length.
+
     Args:
         frames: ``(3, S, S)`` PoseGuider inputs of frames 0..n-1, in order.
         windows: the run's context windows (a window's last frame decides how far its first call pulls).
@@ -71,16 +75,37 @@ class PoseFeed:
                  film_shift: torch.Tensor, windows: Sequence[Sequence[int]], batch: int) -> None:
         self.sub, self.frames, self.n, self.batch = sub, frames, n, batch
         self.scale, self.shift = film_scale, film_shift
+        self.windows = [list(w) for w in windows]
         self.need = [max(w) + 1 for w in windows]
-        self.features: torch.Tensor | None = None  # (1, 4, n, h, w), filled from frame 0 up
-        self.done = 0  # frames whose features are in ``features``
+        self.keep_from = [n] * len(windows)  # the lowest frame of the windows after k
+        for k in range(len(windows) - 2, -1, -1):
+            self.keep_from[k] = min(self.keep_from[k + 1], min(windows[k + 1]))
+        self.batches: dict[int, torch.Tensor] = {}  # first frame -> features (1, 4, b, h, w), contiguous
+        self.done = 0  # frames whose features have been computed
         self.seconds = 0.0  # host time spent here: waiting for frames, PoseGuider calls
 
-    def window(self, window: int, frames: torch.Tensor) -> torch.Tensor:
-        """Features ``(1, 4, F, h, w)`` of ``frames`` (window ``window``'s indices, on the device)."""
+    def window(self, window: int, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Features ``(1, 4, F, h, w)`` of window ``window``'s frames (a new tensor). ``frames`` (its indices on
+        the device) is not needed: the feed knows the windows.
+
+        Raises:
+            RuntimeError: a frame released before (see ``release``).
+        """
         self.fill(self.need[window])
-        assert self.features is not None
-        return self.features.index_select(2, frames.to(self.features.device))
+        pieces = []
+        w = self.windows[window]
+        i = 0
+        while i < len(w):  # runs of consecutive frames within one batch
+            first = w[i] - w[i] % self.batch
+            chunk = self.batches.get(first)
+            if chunk is None:
+                raise RuntimeError(f"PoseGuider features of frame {w[i]} were released before window {window}")
+            j = i + 1
+            while j < len(w) and w[j] == w[j - 1] + 1 and w[j] < first + chunk.shape[2]:
+                j += 1
+            pieces.append(chunk[:, :, w[i] - first:w[j - 1] - first + 1])
+            i = j
+        return torch.cat(pieces, dim=2)
 
     def fill(self, end: int) -> None:
         """Compute features up to frame ``end`` (exclusive), a batch at a time.
@@ -93,15 +118,17 @@ class PoseFeed:
             batch = list(islice(self.frames, min(self.batch, self.n - self.done)))
             if not batch:
                 raise RuntimeError(f"driver frames ended after {self.done} of {self.n}")
-            frames = torch.stack(batch)
-            if self.sub.device.type == "cuda":  # pinned + non-blocking: no host wait for the queued denoising
-                frames = frames.pin_memory().to(self.sub.device, non_blocking=True)
+            frames = to_device_queued(torch.stack(batch), self.sub.device)  # no host wait for the denoising
             out = self.sub.pose_features(frames, self.scale, self.shift)  # (b, 4, h, w)
-            if self.features is None:
-                self.features = out.new_empty((1, out.shape[1], self.n, *out.shape[2:]))
-            self.features[0, :, self.done:self.done + len(batch)] = out.permute(1, 0, 2, 3)
+            self.batches[self.done] = out.permute(1, 0, 2, 3)[None].contiguous()
             self.done += len(batch)
         self.seconds += time.perf_counter() - t0
+
+    def release(self, window: int) -> None:
+        """Window ``window`` has had its last call: drop the batches no later window holds a frame of."""
+        keep = self.keep_from[window]
+        for first in [f for f, chunk in self.batches.items() if f + chunk.shape[2] <= keep]:
+            del self.batches[first]
 
     def close(self) -> None:
         """Stop the frame source (its worker thread) if it can be stopped."""
@@ -208,6 +235,11 @@ class OptimizedPredictor(_Base):
         lat = torch.cat([self.window_latents(latents[j:j + 1], f) for j, f in enumerate(frames)])
         pose = torch.cat([self._pose(w, f) for w, f in zip(windows, frames)])
         return self.unet(windows, lat, step.timestep, self.state.tokens, pose)
+
+    def end_window(self, window: int) -> None:
+        super().end_window(window)
+        if isinstance(self.pose, PoseFeed):  # the features no later window needs
+            self.pose.release(window)
 
     def _pose(self, window: int, frames: torch.Tensor) -> torch.Tensor:
         if isinstance(self.pose, PoseFeed):

@@ -50,9 +50,15 @@ def _run(sub, state, frames, n, window, overlap, guidance, mode, steps=2, ref_t=
     noise = torch.randn(1, 4, n, h, h, generator=torch.Generator().manual_seed(n))
     windows = context_windows(n, window, overlap, closed_loop)
     if stream is not None:  # a list: receives each yielded count of final frames
-        stream.extend(denoise_stream(noise, model, DDIM().plan(steps), windows, guidance, cfg_steps=cfg_steps,
-                                     feature_reuse=feature_reuse))
-        return noise
+        out = torch.full_like(noise, float("nan"))
+        for final, latents in denoise_stream(noise, model, DDIM().plan(steps), windows, guidance,
+                                             cfg_steps=cfg_steps, feature_reuse=feature_reuse):
+            before = stream[-1] if stream else 0
+            assert (latents is None) == (final == before)  # exactly the frames that became final
+            if latents is not None:
+                out[:, :, before:final] = latents
+            stream.append(final)
+        return out
     return denoise(noise, model, DDIM().plan(steps), windows, guidance,
                    callback=callback, cfg_steps=cfg_steps, feature_reuse=feature_reuse)
 

@@ -1,0 +1,139 @@
+"""Open windows hold only the frames in flight: chunked noise, per-segment loop state, released PoseGuider
+features (issue #6: memory stays bounded for arbitrarily long drivers)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from megactor_rt.config import StepKind
+from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
+from megactor_rt.runtime.denoise import denoise, denoise_stream, wavefront
+from megactor_rt.runtime.noise import FrameNoise, chunked_fill_matches, initial_noise
+from megactor_rt.runtime.predictor import PoseFeed
+
+
+@pytest.mark.parametrize("n,h,w,cuts", [
+    (7, 8, 8, [3, 3, 7]),        # uneven ranges, an empty one
+    (48, 64, 64, [16, 24, 40, 48]),  # the 512 px latent size
+    (13, 4, 4, list(range(1, 14))),  # 16 elements per frame, one frame at a time
+    (9, 3, 5, [4, 9]),           # 15 elements per frame: drawn whole, then sliced
+])
+def test_frame_noise_is_the_whole_noise_in_parts(n, h, w, cuts):
+    whole = initial_noise(5, (1, 4, n, h, w))
+    noise = FrameNoise(5, n, 4, h, w)
+    assert noise.chunked == ((h * w) % 16 == 0)
+    parts, start = [], 0
+    for end in cuts:
+        part = noise.take(end)
+        assert part.shape == (1, 4, end - start, h, w)
+        parts.append(part)
+        start = end
+    assert torch.equal(torch.cat(parts, dim=2), whole)
+    with pytest.raises(ValueError, match="in order"):
+        noise.take(end - 1)
+
+
+def test_this_torch_fills_in_parts_as_whole():
+    """The property FrameNoise relies on; should a torch release change it, the noise is drawn whole (slower to
+    start, more memory, same values) - this test then says so."""
+    assert chunked_fill_matches()
+
+
+class _Stub:
+    """An EpsModel whose prediction is a fixed function of its input: cheap, deterministic, and any mix-up of
+    frames or segments changes the result."""
+
+    def __init__(self) -> None:
+        self.ended: list[int] = []
+
+    def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
+        self.halves = 2 if kind.cfg else 1
+
+    def predict(self, latents, frames, step, window):
+        eps = torch.sin(latents * 3 + frames.view(1, 1, -1, 1, 1).to(latents.dtype) * 0.01 + step.timestep * 1e-3)
+        return torch.cat([eps * (1 + 0.1 * i) for i in range(self.halves)])
+
+    def end_window(self, window: int) -> None:
+        self.ended.append(window)
+
+
+@pytest.mark.parametrize("n,window,overlap,guidance", [(37, 8, 4, 4.5), (20, 6, 0, 1.0), (5, 8, 4, 4.5)])
+def test_stream_from_a_noise_source_is_denoise(n, window, overlap, guidance):
+    """The streamed loop from a NoiseSource gives ``denoise``'s latents bit for bit, made from the whole noise."""
+    h = 8
+    windows = context_windows(n, window, overlap, closed_loop=False)
+    plan = DDIM().plan(4)
+    whole = denoise(initial_noise(1, (1, 4, n, h, h)), _Stub(), plan, windows, guidance)
+    frame_noise = FrameNoise(1, n, 4, h, h)
+    got = [lat for _, lat in denoise_stream(lambda a, b: frame_noise.take(b), _Stub(), plan, windows, guidance)
+           if lat is not None]
+    assert torch.equal(torch.cat(got, dim=2), whole)
+
+
+def test_stream_holds_only_the_frames_in_flight():
+    """A 2000-frame run at the 512 px latent size: the noise is asked for as windows begin, each final segment
+    is handed out and then referenced by nothing in the loop, and the frames begun but not final stay under
+    what about steps + 1 windows hold - not the driver's length."""
+    n, window, overlap, steps, h = 2000, 16, 8, 3, 64
+    windows = context_windows(n, window, overlap, closed_loop=False)
+    noise = FrameNoise(0, n, 4, h, h)
+    asked = [0]
+
+    def source(a: int, b: int) -> torch.Tensor:
+        assert a == asked[0]
+        asked[0] = b
+        return noise.take(b)
+
+    model = _Stub()
+    most = 0  # frames begun and not yet final, at most
+    handed = 0
+    for final, latents in denoise_stream(source, model, DDIM().plan(steps), windows, 4.5):
+        most = max(most, asked[0] - final)
+        if latents is not None:
+            handed += 1
+            ref = weakref.ref(latents)
+            del latents
+            assert ref() is None, f"the loop still holds final segment {handed} while it runs"
+    assert asked[0] == n and model.ended == list(range(len(windows))) and handed == len(windows)
+    assert most <= (steps + 2) * (window - overlap) + window, most  # 48 frames, of 2000
+
+
+def test_pose_feed_releases_what_no_later_window_holds():
+    """Open windows: after window k's last call the feed keeps only the batches of later windows' frames; a
+    released frame asked for again is an error naming it. Wrapping windows release nothing before the last
+    one (the last window holds frame 0)."""
+
+    class Sub:
+        device = torch.device("cpu")
+        calls = 0
+
+        def pose_features(self, frames, scale, shift):
+            Sub.calls += 1
+            return frames[:, :1].repeat(1, 4, 1, 1) * scale + shift  # (b, 4, S, S)
+
+    n, batch = 200, 8
+    frames = [torch.full((3, 2, 2), float(i)) for i in range(n)]
+    windows = context_windows(n, 16, 8, closed_loop=False)
+    feed = PoseFeed(Sub(), iter(frames), n, torch.tensor(1.0), torch.tensor(0.0), windows, batch)
+    most = 0
+    for k, s in wavefront(windows, n, 3):
+        got = feed.window(k)
+        assert torch.equal(got[0, 0, :, 0, 0], torch.tensor(windows[k], dtype=torch.float32))
+        if s == 2:
+            feed.release(k)
+        most = max(most, sum(c.shape[2] for c in feed.batches.values()))
+    assert feed.done == n and not feed.batches and most <= 64
+    with pytest.raises(RuntimeError, match="frame 0 were released before window 0"):
+        feed.window(0)
+    wrapping = context_windows(20, 8, 4)
+    feed = PoseFeed(Sub(), iter(frames[:20]), 20, torch.tensor(1.0), torch.tensor(0.0), wrapping, batch)
+    for k, w in enumerate(wrapping):
+        assert torch.equal(feed.window(k)[0, 0, :, 0, 0], torch.tensor(w, dtype=torch.float32))
+        if k < len(wrapping) - 1:
+            feed.release(k)
+    assert sum(c.shape[2] for c in feed.batches.values()) == 20
+    feed.release(len(wrapping) - 1)  # after the last window nothing is held
+    assert not feed.batches
