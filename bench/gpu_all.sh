@@ -17,10 +17,12 @@ OUT=${OUT:-bench-results/gpu}
 RES=${RES:-$OUT}
 BUDGET_S=${BUDGET_S:-560}  # the whole script; the end-to-end suite gets what the earlier steps leave
 E2E_ARGS=${E2E_ARGS:-}  # e.g. --modes ...; a check of this script on a CPU machine (~8 min):
-#   E2E_ARGS=--dry-run PROFILE_ARGS="--tiny --quick" STEP_PROFILE_ARGS=--tiny PORTRAIT_ARGS=--tiny bash bench/gpu_all.sh
+#   E2E_ARGS=--dry-run PROFILE_ARGS="--tiny --quick" STEP_PROFILE_ARGS=--tiny PORTRAIT_ARGS=--tiny \
+#   STREAM_MEMORY_ARGS="--frames 40 80 --steps 3" bash bench/gpu_all.sh
 PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled}  # bench/profile_unet.py options (--quick: timings only)
 STEP_PROFILE_ARGS=${STEP_PROFILE_ARGS:---mode optimized}  # bench/profile_steps.py options (--tiny: CPU check)
 PORTRAIT_ARGS=${PORTRAIT_ARGS:-}  # bench/portrait_cache.py options (--tiny: CPU check)
+STREAM_MEMORY_ARGS=${STREAM_MEMORY_ARGS:---frames 250 1000 4000}  # bench/stream_memory.py options
 SKIP_KERNEL_CHECKS=${SKIP_KERNEL_CHECKS:-0}  # 1: skip the kernel GPU tests and kernel benchmark
 LOG=gpu_all.log
 on_step() {  # packed under a temporary name first: a kill mid-way leaves the last complete pack
@@ -37,7 +39,7 @@ if [ "$RES" != "$OUT" ]; then
   packer=$!
   trap 'kill $packer 2>/dev/null; wait $packer 2>/dev/null; rm -f "$OUT"/.pack.*' EXIT
 fi
-mkdir -p "$RES/kernels" "$RES/e2e"
+mkdir -p "$RES/kernels" "$RES/e2e" "$RES/memory"
 
 step "build the CUDA kernels (sm_90)"
 limit 150 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null \
@@ -103,6 +105,14 @@ else
   echo "skipped: too little time left"
 fi
 
+step "the denoising loop's memory vs the driver's length, wrapping vs open windows ($(left) s left)"
+if [ "$(left)" -gt 60 ]; then
+  limit $(( $(left) - 20 < 90 ? $(left) - 20 : 90 )) python3 bench/stream_memory.py --out "$RES/memory" $STREAM_MEMORY_ARGS \
+    || echo "loop memory bench failed or timed out"
+else
+  echo "skipped: too little time left"
+fi
+
 step "if time is left: compiled UNet calls of 3 windows vs 1 (scenario 1) ($(left) s left)"
 if [ "$(left)" -gt 240 ]; then  # two cold compilations take about 4 minutes
   limit $(( $(left) - 20 )) python3 -m megactor_rt.cli bench --suite gpu-full --scenarios 1 \
@@ -113,6 +123,6 @@ else
 fi
 
 step "tables"
-cat "$RES"/kernels/*.md "$RES"/e2e/*.md "$RES"/e2e-batch/*.md 2>/dev/null
+cat "$RES"/kernels/*.md "$RES"/e2e/*.md "$RES"/memory/*.md "$RES"/e2e-batch/*.md 2>/dev/null
 on_step
 echo "done in ${SECONDS}s"

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,26 @@ class DeviceInfo:
             raise BackendUnavailable("TensorRT engines need a CUDA device, and none is visible to torch")
         index = torch.cuda.current_device() if device is None else device
         major, minor = torch.cuda.get_device_capability(index)
-        return cls(torch.cuda.get_device_name(index), (major, minor), str(trt.__version__))
+        flavour = tensorrt_cuda_flavour()
+        version = str(trt.__version__) + (f"+{flavour}" if flavour else "")
+        return cls(torch.cuda.get_device_name(index), (major, minor), version)
+
+
+def tensorrt_cuda_flavour(names: Iterable[str] | None = None) -> str:
+    """The CUDA major version of the installed TensorRT wheels (``"cu12"``, ``"cu13"``), from their distribution
+    names (``tensorrt-cu12-libs``, ``tensorrt_cu13_bindings``, ...); "" where none says (a tarball or system
+    install). One TensorRT release ships builds for several CUDA majors under the same ``__version__``; the
+    flavour keeps their plans apart (a plan is rebuilt rather than failing to deserialize).
+
+    Args:
+        names: distribution names to look at (default: every installed distribution's).
+    """
+    if names is None:
+        from importlib.metadata import distributions
+
+        names = (d.metadata["Name"] or "" for d in distributions())
+    found = sorted({m.group(1) for n in names if (m := re.fullmatch(r"tensorrt[-_.](cu\d+)(?:[-_.].*)?", n.lower()))})
+    return "+".join(found)
 
 
 def import_tensorrt() -> Any:

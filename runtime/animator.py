@@ -432,7 +432,7 @@ class Animator:
         stats = self.last_stats = RunStats()
         dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
         timer = StageTimer(stats, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None)
-        calls0 = dict(self.sub.calls)
+        calls0 = self.sub.calls.snapshot()
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         portrait_lm = self.portrait_landmarks(state, landmarker) if landmarker is not None else None
@@ -462,7 +462,7 @@ class Animator:
                 feed.close()
         if feed is not None:
             timer.add("driver+pose_guider", feed.seconds)  # spent inside the denoise stage
-        stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.items() if v - calls0.get(k, 0)}
+        stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.snapshot().items() if v - calls0.get(k, 0)}
         self.cache.trim()
         self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
 
@@ -584,7 +584,7 @@ class Animator:
         or ``tiny``, the TAESD decoder, which takes the scaled latents as they are."""
         if tiny is None:
             return latents_to_uint8(self.sub.vae_decode(z / self.sub.config.vae.scaling_factor))
-        self.sub.calls["tiny_decode"] += 1
+        self.sub.calls.bump("tiny_decode")
         with torch.inference_mode():
             return latents_to_uint8(tiny(z.to(self.sub.device, self.sub.dtype)))
 

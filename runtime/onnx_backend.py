@@ -197,7 +197,7 @@ class GraphSubmodels(Submodels):
         return f"{self.name}({','.join(parts)})"
 
     def _run(self, graph: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.calls[graph] += 1
+        self.calls.bump(graph)
         out = self.runners[graph].infer(feed)
         return {k: v.to(self.device, self.dtype) for k, v in out.items()}
 
@@ -261,7 +261,7 @@ class GraphSubmodels(Submodels):
                            deep=deep, keep_deep=keep_deep)
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
         if deep is not None:
-            self.calls["unet_reuse"] += 1
+            self.calls.bump("unet_reuse")
             feed.update(zip(BANK_NAMES[-REUSE_BANKS:], bank[-REUSE_BANKS:]), deep=deep)
         else:
             feed.update(zip(BANK_NAMES, bank))

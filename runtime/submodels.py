@@ -7,6 +7,7 @@ Every call is counted per method (``calls``), so tests can prove that cached wor
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +16,23 @@ import torch
 
 from megactor_rt.config import AnimateConfig, ModelConfig
 from megactor_rt.weights import MegActorModels
+
+
+class CallCounter(Counter[str]):
+    """Calls per submodel. ``bump`` and ``snapshot`` hold a lock: runs on several threads share one counter, and
+    ``calls[k] += 1`` is a read and a write (two threads could both read 5 and write 6)."""
+
+    def __init__(self, *args: object, **kwargs: int) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-overload]
+        self._lock = threading.Lock()
+
+    def bump(self, key: str) -> None:
+        with self._lock:
+            self[key] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self)
 
 
 class Submodels(ABC):
@@ -28,7 +46,7 @@ class Submodels(ABC):
         self.weights_id = weights_id
         self.device = device
         self.dtype = dtype
-        self.calls: Counter[str] = Counter()
+        self.calls = CallCounter()
 
     def window_batch_limit(self, frames: int) -> int | None:
         """Context windows of ``frames`` frames one ``unet`` call may hold (None: any number)."""
@@ -133,42 +151,42 @@ class TorchSubmodels(Submodels):
 
     @torch.inference_mode()
     def clip_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        self.calls["clip_tokens"] += 1
+        self.calls.bump("clip_tokens")
         return self.models.clip.tokens(self._in(pixels))
 
     @torch.inference_mode()
     def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from megactor_rt.models.vae import vae_moments
 
-        self.calls["vae_encode"] += 1
+        self.calls.bump("vae_encode")
         return vae_moments(self.models.vae, self._in(images))
 
     @torch.inference_mode()
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         from megactor_rt.models.vae import vae_decode
 
-        self.calls["vae_decode"] += 1
+        self.calls.bump("vae_decode")
         return vae_decode(self.models.vae, self._in(latents))
 
     @torch.inference_mode()
     def film(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls["film"] += 1
+        self.calls.bump("film")
         return self.models.unet.condition_input_layer.film(self._in(reference))
 
     @torch.inference_mode()
     def pose_features(self, frames: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        self.calls["pose_features"] += 1
+        self.calls.bump("pose_features")
         pg = self.models.unet.condition_input_layer
         return pg.modulate(pg.features(self._in(frames)), self._in(scale), self._in(shift))
 
     @torch.inference_mode()
     def pose_guider_full(self, frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        self.calls["pose_guider_full"] += 1
+        self.calls.bump("pose_guider_full")
         return self.models.unet.condition_input_layer(self._in(frames), self._in(reference))
 
     @torch.inference_mode()
     def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
-        self.calls["reference_bank"] += 1
+        self.calls.bump("reference_bank")
         t = self._timestep(timestep)
         return self.models.reference_net(self._in(latent), t, self._in(tokens))
 
@@ -177,9 +195,9 @@ class TorchSubmodels(Submodels):
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
              upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        self.calls["unet"] += 1
+        self.calls.bump("unet")
         if deep is not None:
-            self.calls["unet_reuse"] += 1
+            self.calls.bump("unet_reuse")
             deep = self._in(deep)
         t = self._timestep(timestep)
         bank = [self._in(b) for b in bank] if bank is not None else None

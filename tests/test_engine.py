@@ -31,6 +31,7 @@ from megactor_rt.engine.cache import (
     EngineRecord,
     load_valid_record,
     read_sidecar,
+    tensorrt_cuda_flavour,
     write_plan,
 )
 from megactor_rt.engine.manifest import (
@@ -215,6 +216,7 @@ def test_sidecar_round_trip(onnx_dir: Path, tmp_path: Path) -> None:
     replace(H100, gpu_name="NVIDIA GeForce RTX 4090"),
     replace(H100, compute_capability=(8, 9)),
     replace(H100, trt_version="10.13.0.35"),
+    replace(H100, trt_version=H100.trt_version + "+cu13"),  # the same release, its CUDA 13 build
 ])
 def test_foreign_plan_raises_engine_mismatch_with_rebuild(onnx_dir: Path, tmp_path: Path, other: DeviceInfo) -> None:
     results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
@@ -225,6 +227,17 @@ def test_foreign_plan_raises_engine_mismatch_with_rebuild(onnx_dir: Path, tmp_pa
     with pytest.raises(EngineMismatch, match="rebuild"):
         runner.activate()  # refused before TensorRT is imported
     assert not runner.is_active
+
+
+def test_tensorrt_cuda_flavour_comes_from_the_wheels_names() -> None:
+    """The cu12 and cu13 wheels of one TensorRT release share ``__version__``; their distribution names tell
+    them apart, and DeviceInfo.current adds the flavour to the version a plan is tied to."""
+    assert tensorrt_cuda_flavour(["numpy", "tensorrt", "tensorrt-cu12", "tensorrt_cu12_libs",
+                                  "tensorrt-cu12-bindings"]) == "cu12"
+    assert tensorrt_cuda_flavour(["TensorRT-CU13-Libs", "torch"]) == "cu13"
+    assert tensorrt_cuda_flavour(["tensorrt", "tensorrt-llm", "tensorrt_cu"]) == ""  # nothing says
+    assert tensorrt_cuda_flavour(["tensorrt-cu12", "tensorrt-cu13-libs"]) == "cu12+cu13"  # both: kept apart too
+    assert isinstance(tensorrt_cuda_flavour(), str)  # this environment's distributions (none of them here)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing_field", "unknown_field", "no_sidecar", "truncated",

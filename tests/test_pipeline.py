@@ -388,3 +388,21 @@ def test_an_output_rate_within_a_hair_of_the_source_rate_is_the_source_rate() ->
     assert output_fps(ntsc, 29.97) == ntsc and output_fps(Fraction(24000, 1001), 23.976) == Fraction(24000, 1001)
     assert output_fps(ntsc, 25) == 25 and output_fps(ntsc, 60) == ntsc and output_fps(ntsc, None) == ntsc
     assert output_fps(Fraction(30), 29.99) == Fraction(2999, 100)  # 0.03 % lower: a real resampling
+
+
+def test_call_counts_are_bumped_under_a_lock() -> None:
+    """Runs on several threads share one submodels' ``calls``; ``calls[k] += 1`` is a read then a write, so
+    ``bump`` holds the counter's lock (a bump from another thread waits for it) and a snapshot is one copy."""
+    import threading
+
+    from megactor_rt.runtime.submodels import CallCounter
+
+    calls = CallCounter()
+    calls.bump("unet")
+    worker = threading.Thread(target=calls.bump, args=("unet",))
+    with calls._lock:
+        worker.start()
+        worker.join(0.2)
+        assert worker.is_alive() and calls["unet"] == 1  # waiting for the lock
+    worker.join(5)
+    assert not worker.is_alive() and calls.snapshot() == {"unet": 2}
