@@ -513,7 +513,7 @@ class Animator:
             frame_noise = FrameNoise(cfg.seed, n, 4, h, h)
 
             def noise(a: int, b: int) -> torch.Tensor:
-                return to_device_queued(frame_noise.take(b), sub.device)
+                return to_device_queued(frame_noise.take(a, b), sub.device)
         else:
             noise = initial_noise(cfg.seed, (1, 4, n, h, h)).to(sub.device)
         steps = DDIM(sub.config.scheduler).plan(cfg.steps)

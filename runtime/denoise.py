@@ -7,8 +7,8 @@ combines the unconditional and conditional halves, and one DDIM step (eta 0) upd
 ``denoise_stream`` computes the same per-frame math on open (non-wrapping) windows in a wavefront order: a
 window runs step s as soon as every frame it holds has finished step s - 1, lowest window first, so the first
 frames are final after about steps x (steps + 1) / 2 window calls instead of after all of them. It holds the
-latents of the frames in flight only (about steps + 1 windows' worth), so its memory does not grow with the
-driver's length; ``denoise`` holds all N frames' latents, as every step runs every window.
+latents of the frames in flight only (window 16 / overlap 8: 40 frames at 3 steps, 216 at 25), so its memory
+does not grow with the driver's length; ``denoise`` holds all N frames' latents, as every step runs every window.
 
 What a "prediction" is - which backend, reference or optimized evaluation, where the ReferenceNet bank comes
 from - is the job of the ``EpsModel`` passed in.

@@ -41,7 +41,7 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class FrameNoise:
-    """``initial_noise(seed, (1, channels, n, h, w))``, read frame range by frame range, in order.
+    """``initial_noise(seed, (1, channels, n, h, w))``, read frame range by frame range, in order (``take``).
 
     Args:
         seed: the run's seed.
@@ -59,15 +59,16 @@ class FrameNoise:
             logger.debug("noise of %d frames drawn whole (frame size %d x %d, or this torch's generator fills "
                          "differently in parts)", n, h, w)
 
-    def take(self, end: int) -> torch.Tensor:
-        """Frames ``[next, end)`` of the noise, ``(1, channels, end - next, h, w)`` (CPU, fp32); ``next`` moves on.
+    def take(self, start: int, end: int) -> torch.Tensor:
+        """Frames ``[start, end)`` of the noise, ``(1, channels, end - start, h, w)`` (CPU, fp32); ranges are read
+        in order, each once (``start`` is where the last one ended).
 
         Raises:
-            ValueError: ``end`` before the frames already taken or past the last frame.
+            ValueError: a range not starting where the last one ended, or past the last frame.
         """
-        start = self.next
-        if not start <= end <= self.n:
-            raise ValueError(f"noise frames are read in order: asked up to frame {end}, after {start} of {self.n}")
+        if start != self.next or not start <= end <= self.n:
+            raise ValueError(f"noise frames are read in order: asked for frames [{start}, {end}) after {self.next} "
+                             f"of {self.n}")
         self.next = end
         if not self.chunked:
             if self._whole is None:

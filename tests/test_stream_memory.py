@@ -27,13 +27,15 @@ def test_frame_noise_is_the_whole_noise_in_parts(n, h, w, cuts):
     assert noise.chunked == ((h * w) % 16 == 0)
     parts, start = [], 0
     for end in cuts:
-        part = noise.take(end)
+        part = noise.take(start, end)
         assert part.shape == (1, 4, end - start, h, w)
         parts.append(part)
         start = end
     assert torch.equal(torch.cat(parts, dim=2), whole)
     with pytest.raises(ValueError, match="in order"):
-        noise.take(end - 1)
+        noise.take(end - 1, end)
+    with pytest.raises(ValueError, match="in order"):
+        FrameNoise(5, n, 4, h, w).take(1, 2)  # a range after a gap
 
 
 def test_this_torch_fills_in_parts_as_whole():
@@ -68,7 +70,7 @@ def test_stream_from_a_noise_source_is_denoise(n, window, overlap, guidance):
     plan = DDIM().plan(4)
     whole = denoise(initial_noise(1, (1, 4, n, h, h)), _Stub(), plan, windows, guidance)
     frame_noise = FrameNoise(1, n, 4, h, h)
-    got = [lat for _, lat in denoise_stream(lambda a, b: frame_noise.take(b), _Stub(), plan, windows, guidance)
+    got = [lat for _, lat in denoise_stream(lambda a, b: frame_noise.take(a, b), _Stub(), plan, windows, guidance)
            if lat is not None]
     assert torch.equal(torch.cat(got, dim=2), whole)
 
@@ -85,7 +87,7 @@ def test_stream_holds_only_the_frames_in_flight():
     def source(a: int, b: int) -> torch.Tensor:
         assert a == asked[0]
         asked[0] = b
-        return noise.take(b)
+        return noise.take(a, b)
 
     model = _Stub()
     most = 0  # frames begun and not yet final, at most
