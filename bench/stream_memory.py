@@ -135,7 +135,9 @@ def main() -> None:
         for kind in ("wrap", "open"):
             cmd = [sys.executable, __file__, "--case", kind, str(n), "--size", str(args.size), "--steps",
                    str(args.steps), "--window", str(args.window), "--overlap", str(args.overlap)]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"case {kind} {n} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             report["results"].append(json.loads(done.stdout.strip().splitlines()[-1]))
             # after every case: a run stopped by a time limit keeps what it measured
             (args.out / "stream_memory.json").write_text(json.dumps(report, indent=1))

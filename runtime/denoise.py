@@ -90,15 +90,22 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             feature_reuse: int | None = None) -> torch.Tensor:
     """Run the whole DDIM schedule over all frames.
 
+    Within a step a frame's DDIM update is made as soon as the last window holding it has been predicted
+    (windows run in order; no later window of the step reads it), from its own sum of predictions: the same
+    per-frame math as one update of all frames after the last window, bit for bit, but the prediction sums are
+    held only for the frames begun and not yet updated (a window or two, plus the frames the last windows wrap
+    onto), not for all N frames. What stays N frames long is the latents themselves.
+
     Args:
-        latents: initial noise ``(1, 4, N, h, w)``.
+        latents: initial noise ``(1, 4, N, h, w)``; updated in place, step by step.
         model: window noise predictor; returns both CFG halves when ``guidance != 1``. A ``BatchedEpsModel``
             whose ``window_batch`` is K > 1 gets up to K windows per call (``window_batches``); every frame
             still sums its windows' predictions in window order.
         plan: DDIM steps (timesteps and alpha-bars).
         windows: frame indices of each context window (see ``context_windows``).
         guidance: CFG scale; 1.0 means conditional only.
-        callback: called after each step with (index, step, guided eps, new latents).
+        callback: called after each step with (index, step, guided eps, new latents) (both of all N frames,
+            gathered and copied for it).
         on_step: called with i before step i and with ``len(plan)`` after the last (e.g. to time steps).
         cfg_steps: CFG truncation (changes the math; None = upstream, CFG in every step): guidance only in the
             first ``cfg_steps`` steps, the conditional half alone after them.
@@ -106,12 +113,21 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             ``feature_reuse``-th step, the shallow path from each window's kept deep feature in between.
 
     Returns:
-        Final latents ``(1, 4, N, h, w)``.
+        Final latents ``(1, 4, N, h, w)`` (``latents``).
     """
     counts, indices = _coverage(latents, windows)
     per_call = getattr(model, "window_batch", 1)
     batched: BatchedEpsModel | None = model if per_call > 1 else None  # type: ignore[assignment]
     groups = window_batches(windows, per_call)
+    # the frames each call finishes (their last window is in it), as host lists and device indices, made once
+    last = {f: k for k, w in enumerate(windows) for f in w}  # dicts keep the last value written: the last window
+    call_of = {k: g for g, group in enumerate(groups) for k in group}
+    finishes: list[list[int]] = [[] for _ in groups]
+    for f, k in sorted(last.items()):
+        finishes[call_of[k]].append(f)
+    finish_idx = [torch.as_tensor(fs, device=latents.device) if fs else None for fs in finishes]
+    finish_counts = [counts.index_select(0, ix) if ix is not None else None for ix in finish_idx]
+    shape = latents.shape[3:]
     bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
     for i, step in enumerate(plan):
         if on_step is not None:
@@ -119,8 +135,9 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         kind = step_kind(i, guidance, cfg_steps, feature_reuse)
         halves = 2 if kind.cfg else 1
         model.begin_step(step, kind)
-        acc = torch.zeros((halves, *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for group in groups:
+        sums: dict[int, torch.Tensor] = {}  # frame -> its prediction sums (halves, 4, h, w), until its update
+        guided = torch.empty_like(latents) if callback is not None else None
+        for g, group in enumerate(groups):
             check_cancelled()
             if len(group) == 1:
                 k = group[0]
@@ -132,12 +149,25 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             for k, eps in zip(group, preds, strict=True):  # summed in window order, as one window per call does
                 if eps.shape[0] != halves:
                     raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
-                acc.index_add_(2, indices[k], eps.to(acc.dtype))
+                eps = eps.to(latents.dtype)
+                for j, f in enumerate(windows[k]):
+                    if f not in sums:
+                        sums[f] = latents.new_zeros((halves, latents.shape[1], *shape))
+                    sums[f].add_(eps[:, :, j])
                 bar.update(1)
-        guided = torch.empty_like(latents) if callback is not None else None
-        latents = ddim_cfg_update(acc, counts, latents, guidance, step.alpha_t, step.alpha_prev, eps_out=guided)
+            ix = finish_idx[g]
+            if ix is not None:  # these frames' sums are complete: their update, now
+                acc = torch.stack([sums.pop(f) for f in finishes[g]], dim=2)  # (halves, 4, m, h, w)
+                out = torch.empty((1, *acc.shape[1:]), dtype=latents.dtype, device=latents.device) \
+                    if guided is not None else None
+                new = ddim_cfg_update(acc, finish_counts[g], latents.index_select(2, ix), guidance, step.alpha_t,
+                                      step.alpha_prev, eps_out=out)
+                latents.index_copy_(2, ix, new)
+                if guided is not None and out is not None:
+                    guided.index_copy_(2, ix, out)
+        assert not sums, "every frame is updated once per step"
         if callback is not None and guided is not None:  # guided is made exactly when there is a callback
-            callback(i, step, guided, latents)
+            callback(i, step, guided, latents.clone())  # a copy: ``latents`` changes in place at the next step
     bar.close()
     if on_step is not None:
         on_step(len(plan))

@@ -139,3 +139,53 @@ def test_pose_feed_releases_what_no_later_window_holds():
     assert sum(c.shape[2] for c in feed.batches.values()) == 20
     feed.release(len(wrapping) - 1)  # after the last window nothing is held
     assert not feed.batches
+
+
+def _whole_loop(latents, model, plan, windows, guidance, cfg_steps=None):
+    """The step-by-step loop as it was before 2026-11-27: N frames of prediction sums, one update after the last
+    window of each step (the order the golden vectors were checked with)."""
+    from megactor_rt.config import step_kind
+    from megactor_rt.kernels.ops import ddim_cfg_update
+
+    counts = torch.zeros(latents.shape[2])
+    for w in windows:
+        counts[w] += 1
+    for i, step in enumerate(plan):
+        kind = step_kind(i, guidance, cfg_steps, None)
+        model.begin_step(step, kind)
+        acc = torch.zeros((2 if kind.cfg else 1, *latents.shape[1:]))
+        for k, w in enumerate(windows):
+            idx = torch.tensor(w)
+            acc.index_add_(2, idx, model.predict(latents[:, :, idx], idx, step, k))
+        latents = ddim_cfg_update(acc, counts, latents, guidance, step.alpha_t, step.alpha_prev)
+    return latents
+
+
+class _BatchedStub(_Stub):
+    window_batch = 3
+
+    def predict_windows(self, latents, frames, step, windows):
+        return [self.predict(latents[j:j + 1], f, step, w) for j, (f, w) in enumerate(zip(frames, windows))]
+
+
+@pytest.mark.parametrize("n,window,overlap,closed,guidance,cfg_steps,stub", [
+    (23, 8, 4, True, 4.5, None, _Stub),       # wrapping: the last windows' frames 0.. are updated last
+    (23, 8, 4, False, 4.5, None, _Stub),
+    (9, 4, 2, True, 1.0, None, _Stub),        # no CFG
+    (17, 6, 3, True, 4.5, 2, _Stub),          # CFG truncation: the sums change size between steps
+    (20, 4, 2, True, 4.5, None, _BatchedStub),  # 3 windows per call (and leftovers one per call)
+    (3, 8, 4, True, 4.5, None, _Stub),        # one window, shorter than asked
+    (12, 4, 0, True, 4.5, None, _Stub),       # no overlap
+])
+def test_early_updates_are_the_whole_loops_math(n, window, overlap, closed, guidance, cfg_steps, stub):
+    """``denoise`` updates each frame after the last window holding it instead of all frames after the last
+    window: the same latents, bit for bit, and every step's latents handed to the callback as they were."""
+    windows = context_windows(n, window, overlap, closed_loop=closed)
+    plan = DDIM().plan(4)
+    noise = initial_noise(2, (1, 4, n, 8, 8))
+    want = _whole_loop(noise.clone(), stub(), plan, windows, guidance, cfg_steps)
+    seen = []
+    got = denoise(noise.clone(), stub(), plan, windows, guidance, cfg_steps=cfg_steps,
+                  callback=lambda i, s, e, x: seen.append(x))
+    assert torch.equal(got, want)
+    assert len(seen) == 4 and torch.equal(seen[-1], want) and not torch.equal(seen[0], seen[-1])
