@@ -440,10 +440,16 @@ def cmd_check_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from megactor_rt.benchmark import run_bench
+    from megactor_rt.benchmark import markdown, run_bench
 
-    run_bench(args.suite, _output_folder(args.out, "--out"), device=args.device, dry_run=args.dry_run, modes=args.modes,
-              work_dir=args.work_dir, only=args.scenarios)
+    out = _output_folder(args.out, "--out")
+    report = run_bench(args.suite, out, device=args.device, dry_run=args.dry_run, modes=args.modes,
+                       work_dir=args.work_dir, only=args.scenarios)
+    print(markdown(report))
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+    if report.get("errors"):
+        print(f"error: {len(report['errors'])} mode(s) failed (listed above and in results.json)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -559,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, default=Path("bench-results"))
     be.add_argument("--device", default=None, help="default: the suite's (cuda for gpu-* suites, else cpu)")
     be.add_argument("--dry-run", action="store_true",
-                    help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end in "
-                         "seconds; its figures mean nothing)")
+                    help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end; "
+                         "its figures mean nothing; on a CPU the +compile modes' warm-ups take minutes)")
     be.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                     help="keep the bench's files here for the next run: looped drivers, exported graphs and "
                          "TensorRT plans of the +onnxruntime/+tensorrt modes (default: a temporary folder)")
@@ -598,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say to it
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as exc:
         if args.verbose:
             raise

@@ -179,6 +179,7 @@ class Animator:
         _check_cuda_graphs(backend, cuda_graphs)
         dev = check_device(device) if device else default_device()
         prec = Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
+        _warn_half_on_cpu(dev, prec)
         if backend == "torch":
             sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype, compile=compile)
         else:
@@ -205,13 +206,16 @@ class Animator:
         models.weights_id = f"tiny-random-{seed}"
         if backend == "torch":
             prec = Precision.parse(precision) if precision else Precision.FP32
-            return cls(TorchSubmodels(models, check_device(device or "cpu"), prec.torch_dtype), config)
+            dev = check_device(device or "cpu")
+            _warn_half_on_cpu(dev, prec)
+            return cls(TorchSubmodels(models, dev, prec.torch_dtype), config)
         from megactor_rt.runtime.backends import require_backend
         from megactor_rt.runtime.onnx_backend import exported_submodels
 
         require_backend(backend)  # a missing backend is named before the device
         dev = check_device(device or ("cuda" if backend == "tensorrt" else "cpu"))
         prec = Precision.parse(precision) if precision else (Precision.FP16 if backend == "tensorrt" else Precision.FP32)
+        _warn_half_on_cpu(dev, prec)
         cfg = config or AnimateConfig()
         sub = exported_submodels(models, backend, work_dir or demo_work_dir(), dev, prec, cfg,
                                  torch_fallback=lambda dtype: TorchSubmodels(models, dev, dtype),
@@ -653,6 +657,14 @@ def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:
         raise InputError(f"cuda_graphs (--cuda-graphs) applies to the tensorrt backend only, not '{backend}' (the "
                          "torch backend captures CUDA graphs with --compile reduce-overhead, "
                          "compile='reduce-overhead' in Python)")
+
+
+def _warn_half_on_cpu(device: torch.device, precision: Precision) -> None:
+    """Half precision on the CPU runs, but several times slower than fp32 (about 4x for the demo model on 2
+    cores, 2026-11-27): the CPU kernels mostly convert to fp32 and back. Said once per model load."""
+    if device.type == "cpu" and precision is not Precision.FP32:
+        logger.warning("%s on the CPU is several times slower than fp32 (few half-precision CPU kernels); "
+                       "--precision fp32 is the CPU's fast setting", precision.value)
 
 
 def demo_work_dir() -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -830,3 +831,43 @@ def test_contour_options_without_contour_mode_are_named_as_ignored(caplog: pytes
             cli._note_contour_options(cli.build_parser().parse_args(argv))
         assert ("--landmarks-model and --contour-affine-frame only apply with --contour-preserve" in caplog.text) \
             == warned, (argv, caplog.text)
+
+
+def test_bench_prints_its_table_and_where_the_results_are(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A successful bench said nothing (the tables were only in the files); a mode that failed is exit 2."""
+    from megactor_rt import benchmark
+
+    report = {"suite": "cpu-smoke", "results": [], "errors": []}
+    monkeypatch.setattr(benchmark, "run_bench", lambda *a, **k: report)
+    monkeypatch.setattr(benchmark, "markdown", lambda r: "| the table |")
+    code, out, _ = run(capsys, "bench", "--suite", "cpu-smoke", "--out", tmp_path / "b")
+    assert code == 0 and "| the table |" in out and str(tmp_path / "b" / "results.json") in out
+    report["errors"] = [{"scenario": "s", "mode": "optimized", "error": "RuntimeError: boom"}]
+    code, _, err = run(capsys, "bench", "--suite", "cpu-smoke", "--out", tmp_path / "b")
+    assert code == 2 and "1 mode(s) failed" in err
+
+
+def test_a_closed_stdout_pipe_ends_quietly(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    """`megactor-rt doctor --json | head`: the reader leaving is exit 141 (as a shell reports SIGPIPE), not an
+    'unexpected error' on stderr."""
+    from megactor_rt import cli
+
+    def gone(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_doctor", gone)
+    monkeypatch.setattr(cli.os, "dup2", lambda *a: None)  # keep pytest's stdout
+    code, _, err = run(capsys, "doctor")
+    assert code == 141 and "unexpected error" not in err
+
+
+def test_half_precision_on_the_cpu_is_named_slow(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        Animator.demo(precision="fp16")
+    assert any("fp16 on the CPU is several times slower than fp32" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Animator.demo()
+    assert not any("slower than fp32" in r.message for r in caplog.records)
