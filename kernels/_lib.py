@@ -288,7 +288,8 @@ def kernels_status() -> dict:
     status = {
         "available": cuda.available,
         "library": str(cuda.path) if cuda.path else None,
-        "reason": cuda.reason or "ok",
+        "reason": (cuda.reason or "ok") + (" (the CUDA runtime finds no NVIDIA driver: no GPU on this machine?)"
+                                           if "driver version is insufficient" in (cuda.reason or "") else ""),
         "build_info": cuda.build_info,
         "compute_capabilities": archs,
         "host_library": str(host.path) if host.path else None,

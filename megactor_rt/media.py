@@ -217,7 +217,9 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
     try:
         return av.open(str(path), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable {what} file ({exc})") from exc
+        # FFmpeg's errors read "[Errno 1094995529] Invalid data found when processing input: 'x.txt'": keep the words
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
 
 
 def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
