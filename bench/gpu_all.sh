@@ -76,7 +76,7 @@ step "end-to-end: reference vs optimized (same run), streams on/off, faster sett
 e2e_s=$(( $(left) - 140 ))  # the profiles below get the rest; `timeout 0` would mean no limit at all
 if [ "$e2e_s" -gt 30 ]; then
   limit "$e2e_s" python3 -m megactor_rt.cli bench --suite gpu-full --out "$RES/e2e" $E2E_ARGS \
-    || echo "end-to-end suite stopped early (rc $?): results.json holds the scenarios that finished"
+    || echo "end-to-end suite: rc $? (2: a mode failed, named in results.json; 124/137: stopped by its time limit): results.json holds what finished"
 else
   echo "skipped: the steps before it left too little time ($(left) s)"
 fi
