@@ -285,8 +285,6 @@ def _note_contour_options(args: argparse.Namespace) -> None:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from megactor_rt.runtime.animator import Animator
-
     if args.mask is not None and len(args.portrait) > 1:
         raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with {len(args.portrait)}")
     if args.torch_fallback and args.fallback != "torch":
@@ -296,6 +294,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None)
     _note_contour_options(args)
+    from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
+
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -871,3 +872,15 @@ def test_half_precision_on_the_cpu_is_named_slow(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING):
         Animator.demo()
     assert not any("slower than fp32" in r.message for r in caplog.records)
+
+
+def test_a_bad_file_is_named_before_torch_is_imported(tmp_path: Path) -> None:
+    """`animate` checks its files before importing the runtime (torch: about 7 s on this machine), so a typo
+    in a path is answered in about 2 s instead of 9."""
+    code = ("import sys\nfrom megactor_rt.cli import main\n"
+            f"code = main(['-q', 'animate', '--weights', 'w', '--portrait', {str(tmp_path / 'missing.png')!r}, "
+            f"'--driver', 'x.mp4', '-o', {str(tmp_path / 'o.mp4')!r}])\n"
+            "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "missing.png: portrait file does not exist" in done.stderr
