@@ -496,8 +496,9 @@ class Animator:
               ) -> tuple[torch.Tensor | NoiseSource, OptimizedPredictor | ReferencePredictor, list[DDIMStep],
                          list[list[int]]]:
         """What the denoising loop needs: the initial noise (a ``NoiseSource`` where frames stream), the window
-        predictor, the DDIM steps and the context windows. The optimized predictor gets a ``PoseFeed`` (the driver's second pass and the PoseGuider run as
-        the windows need their frames); the reference predictor gets every preprocessed driving frame, here."""
+        predictor, the DDIM steps and the context windows. The optimized predictor gets a ``PoseFeed`` (the
+        driver's second pass and the PoseGuider run as the windows need their frames); the reference predictor
+        gets every preprocessed driving frame, here."""
         sub, n, size = self.sub, plan.num_frames, self.image_size
         windows = context_windows(n, cfg.window, cfg.overlap, cfg.closed_loop)
         frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=2 * POSE_BATCH, name="driver-decode")

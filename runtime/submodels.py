@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from megactor_rt.config import AnimateConfig, ModelConfig
+from megactor_rt.runtime.pipeline import to_device_queued
 from megactor_rt.weights import MegActorModels
 
 
@@ -132,12 +133,9 @@ class TorchSubmodels(Submodels):
     def _timestep(self, t: int) -> torch.Tensor:
         """The timestep as a device scalar, made once per value. A plain ``torch.tensor(t, device=cuda)`` is a
         blocking copy from pageable memory that makes the host wait for all queued device work (once per DDIM
-        step); from pinned memory with ``non_blocking`` the copy is queued like any kernel."""
+        step); ``to_device_queued`` copies from pinned memory, queued like any kernel."""
         if t not in self._timesteps:
-            host = torch.tensor(t)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-            self._timesteps[t] = host.to(self.device, non_blocking=True)
+            self._timesteps[t] = to_device_queued(torch.tensor(t), self.device)
         return self._timesteps[t]
 
     def _unet_module(self) -> torch.nn.Module:
