@@ -378,7 +378,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     """Write this build's timing cache combined with what the file holds now, under a lock: builds of other
     plans running at the same time (another ``build-engines``) keep their timings instead of the last writer's
     replacing them."""
-    with locked(path.with_name(path.name + ".lock")):
+    with locked(path.with_name(f".{path.name}.lock")):
         ours = config.get_timing_cache()
         theirs = config.create_timing_cache(path.read_bytes()) if path.is_file() else None
         if theirs is not None and not ours.combine(theirs, False):

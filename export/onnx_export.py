@@ -388,7 +388,7 @@ def _read_manifest(out: Path) -> dict:
 def _update_manifest(out: Path, key: str, entry: dict) -> None:
     """Set one graph's entry in the folder's manifest: read, change and replaced under a lock, so exports of other
     graphs into the same folder at the same time keep theirs."""
-    with locked(out / (MANIFEST_NAME + ".lock")):
+    with locked(out / f".{MANIFEST_NAME}.lock"):  # hidden, as the plan folders' .build.lock
         manifest = _read_manifest(out)
         manifest["graphs"][key] = entry
         tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"

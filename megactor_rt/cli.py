@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import nearest_folder, same_file
+from megactor_rt.weights_layout import check_converted_folder
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
     from megactor_rt.runtime.animator import Animator
@@ -42,6 +43,27 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 on the command line (``--overlap 0`` is allowed, ``--overlap -1`` names its flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 1 (1 disables CFG)")
     return value
 
 
@@ -67,35 +89,35 @@ def seconds(text: str) -> float:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
-    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale (upstream 4.5; 1 disables CFG)")
-    p.add_argument("--cfg-steps", type=int, default=None, metavar="K",
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
+    p.add_argument("--guidance", type=_guidance, default=4.5, help="CFG scale (upstream 4.5; 1 disables CFG)")
+    p.add_argument("--cfg-steps", type=_count, default=None, metavar="K",
                    help="CFG truncation (faster, changes the result): guidance only in the first K steps, the "
                         "conditional half alone afterwards (default: every step, as upstream)")
-    p.add_argument("--feature-reuse", type=int, default=None, metavar="K",
+    p.add_argument("--feature-reuse", type=_positive_int, default=None, metavar="K",
                    help="feature reuse across steps (DeepCache-style; faster, changes the result): the whole UNet "
                         "every K-th step, only its top level in the steps between, reusing the deeper levels' "
                         "output of the last whole step (default: the whole UNet in every step, as upstream)")
     p.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="decode with TAESD's tiny decoder (faster, blurrier; weights: huggingface.co/madebyollin/"
                         "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
-    p.add_argument("--window", type=int, default=16, help="context window in frames (upstream 16)")
-    p.add_argument("--overlap", type=int, default=8, help="window overlap in frames (upstream 8)")
+    p.add_argument("--window", type=_positive_int, default=16, help="context window in frames (upstream 16)")
+    p.add_argument("--overlap", type=_count, default=8, help="window overlap in frames (upstream 8)")
     p.add_argument("--no-wrap", dest="closed_loop", action="store_false",
                    help="open context windows (changes the result): the clip's end no longer shares windows with "
                         "its start (upstream wraps them); frames are then written while the rest still denoises, "
                         "so long drivers give their first frames early")
-    p.add_argument("--window-batch", type=int, default=1, metavar="K",
+    p.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
                    help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
                         "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
                         "to the K of `export --window-batch`; default 1, as upstream)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--reference-timestep", type=int, default=None,
+    p.add_argument("--reference-timestep", type=_count, default=None,
                    help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
                         "current t")
     p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
                    help="optimized (exact-preserving savings) or reference (upstream evaluation order)")
-    p.add_argument("--max-frames", type=int, default=None, help="use at most this many driving frames")
+    p.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
     p.add_argument("--start", type=seconds, default=None, metavar="TIME",
                    help="begin this far into the driver, in seconds or [HH:]MM:SS[.ms] (its audio too; "
                         "default: at its start)")
@@ -293,6 +315,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     jobs = animate_jobs(args.portrait, args.driver, args.output)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None)
+    check_converted_folder(args.weights)
     _note_contour_options(args)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
@@ -394,6 +417,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if str(args.weights) not in ("tiny", "full") or Path(args.weights).exists():  # see onnx_export._random
+        check_converted_folder(args.weights)  # before torch's import (seconds)
     from megactor_rt.export.onnx_export import check_opset, export_all
 
     check_opset(args.opset)  # before any work or folder

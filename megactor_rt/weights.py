@@ -35,6 +35,7 @@ from torch import nn
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import WeightsError
 from megactor_rt.files import umask_mode
+from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder
 
 if TYPE_CHECKING:
     from megactor_rt.models.clip import ClipImageEncoder
@@ -482,18 +483,8 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
 
 def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
     """Architecture and weights id of a converted weights folder (its config.json), format-checked."""
-    weights_dir = Path(weights_dir)
-    if weights_dir.exists() and not weights_dir.is_dir():
-        raise WeightsError(f"{weights_dir}: --weights names the converted weights folder, and this is a file")
-    if not weights_dir.is_dir():
-        raise WeightsError(f"weights directory {weights_dir} does not exist (run `megactor-rt convert-weights` "
-                           f"or `megactor-rt download` first)")
-    config = weights_dir / "config.json"
-    released = next((d for d in (weights_dir, weights_dir / "weights") if any(d.glob("checkpoint-steps*.ckpt"))),
-                    None) if not config.is_file() else None  # the released folder, or the download's root
-    if released is not None:
-        raise WeightsError(f"{weights_dir} holds the released weights, not converted ones: convert them once with "
-                           f"`megactor-rt convert-weights {released} OUT` and pass OUT as --weights")
+    weights_dir = check_converted_folder(weights_dir)
+    config = weights_dir / CONFIG_NAME
     meta = _read_json(config)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None

@@ -405,19 +405,40 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--feature-reuse", 0), "feature_reuse must be >= 1"),
-    (("--cfg-steps", -1), "cfg_steps must be >= 0"),
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
-    (("--max-frames", 0), "max_frames must be >= 1"),
+    (("--window", 33), "window must be <= 32"),
     (("--fps", 0), "fps must be a finite number >= 0.01"),
     (("--duration", 0), "duration must be a finite number > 0 seconds"),
-    (("--window-batch", 0), "window_batch must be >= 1"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: tuple, message: str) -> None:
     out = tmp_path / "o.mp4"
     code, _, err = run(capsys, "demo", *flags, "-o", out)
     assert code == 2 and f"error: bad run settings: {message}" in err and "unexpected" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--steps", "0", "0 is not >= 1"),
+    ("--feature-reuse", "0", "0 is not >= 1"),
+    ("--cfg-steps", "-1", "-1 is not >= 0"),
+    ("--overlap", "-2", "-2 is not >= 0"),
+    ("--reference-timestep", "-1", "-1 is not >= 0"),
+    ("--max-frames", "0", "0 is not >= 1"),
+    ("--window", "0", "0 is not >= 1"),
+    ("--window-batch", "0", "0 is not >= 1"),
+    ("--steps", "2.5", "'2.5' is not a whole number"),
+    ("--guidance", "0.5", "0.5 is not a finite number >= 1"),
+    ("--guidance", "nan", "nan is not a finite number >= 1"),
+])
+def test_out_of_range_flags_name_the_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str,
+                                          value: str, message: str) -> None:
+    """A count or scale out of range is refused by the parser, naming the flag (not the config field)."""
+    out = tmp_path / "o.mp4"
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "demo", f"{flag}={value}", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}: {message}" in err
     assert not out.exists()
 
 
@@ -612,7 +633,6 @@ def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work
     code, _, err = run(capsys, "demo", "--driver", driver, "--stats", driver, "-o", out, *FAST)
     assert code == 2 and "--stats would overwrite an input" in err and driver.read_bytes() == before
     for flag, value, says in (("--fps", "inf", "fps must be a finite number"), ("--fps", "1e-9", "fps must be"),
-                              ("--guidance", "nan", "guidance must be a finite number"),
                               ("--steps", "5000", "steps must be at most 999"),
                               ("--steps", "1000", "steps must be at most 999"),  # t = 1000 does not exist
                               ("--seed", str(10 ** 20), "seed must fit in 64 bits"),
@@ -875,8 +895,8 @@ def test_half_precision_on_the_cpu_is_named_slow(caplog: pytest.LogCaptureFixtur
 
 
 def test_a_bad_file_is_named_before_torch_is_imported(tmp_path: Path) -> None:
-    """`animate` checks its files before importing the runtime (torch: about 7 s on this machine), so a typo
-    in a path is answered in about 2 s instead of 9."""
+    """`animate` checks its files and `animate`/`export` the weights folder before importing the runtime (torch:
+    about 7 s on this machine), so a typo in a path is answered in about 2 s instead of 9."""
     code = ("import sys\nfrom megactor_rt.cli import main\n"
             f"code = main(['-q', 'animate', '--weights', 'w', '--portrait', {str(tmp_path / 'missing.png')!r}, "
             f"'--driver', 'x.mp4', '-o', {str(tmp_path / 'o.mp4')!r}])\n"
@@ -884,3 +904,19 @@ def test_a_bad_file_is_named_before_torch_is_imported(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
     assert "missing.png: portrait file does not exist" in done.stderr
+    media = Path(__file__).resolve().parents[1] / "megactor_rt" / "assets"
+    released = tmp_path / "release"
+    released.mkdir()
+    (released / "checkpoint-steps9000.ckpt").write_bytes(b"")
+    for argv, says in ((["animate", "--weights", str(tmp_path / "nope"), "--portrait", str(media / "portrait.png"),
+                         "--driver", str(media / "driver.mp4"), "-o", str(tmp_path / "o.mp4")],
+                        "nope does not exist"),
+                       (["export", "--weights", str(released), "--out", str(tmp_path / "onnx")],
+                        "holds the released weights, not converted ones"),
+                       (["export", "--weights", str(tmp_path), "--out", str(tmp_path / "onnx")],
+                        "is not a converted weights folder")):
+        code = ("import sys\nfrom megactor_rt.cli import main\n"
+                f"code = main(['-q', *{argv!r}])\nprint(code, 'torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["2", "False"] and says in done.stderr, (argv, done.stdout + done.stderr)
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "onnx").exists()
