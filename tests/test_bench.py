@@ -380,3 +380,36 @@ def test_random_networks_are_built_on_the_device_they_are_asked_for(caplog):
         for name, module in fallback.modules().items():
             ref = plain.modules()[name].state_dict()
             assert all(torch.equal(v, ref[k]) and v.device.type == "cpu" for k, v in module.state_dict().items())
+
+
+def test_suites_run_the_eager_headline_and_faster_settings_before_compilations(tmp_path, monkeypatch):
+    """A GPU time slice that ends early keeps the reference-vs-optimized ratio and every faster setting: the
+    eager reference and optimized modes of all scenarios run first, then the compiled and graph-backend modes,
+    then the other variants (the 2026-11-26/27 GPU runs spent their whole slice on scenario 1's modes)."""
+    from megactor_rt import benchmark
+
+    assert benchmark.mode_priority("reference") == benchmark.mode_priority("optimized") == 0
+    assert {benchmark.mode_priority(m) for m in ("optimized+compile", "optimized+compile-graphs",
+                                                 "optimized+compile+batch3", "optimized+tensorrt",
+                                                 "optimized+tensorrt-graphs", "optimized+onnxruntime")} == {1}
+    assert {benchmark.mode_priority(m) for m in ("optimized+batch3", "optimized+no-wrap",
+                                                 "optimized+tiny-decoder")} == {2}
+    ran = []
+
+    def spy(sc, device, work_dir, errors=None):
+        ran.append((sc.name.split(",")[0], sc.modes))
+        return iter(())
+
+    monkeypatch.setattr(benchmark, "run_scenario", spy)
+    monkeypatch.setattr(benchmark, "matmul_tflops", lambda *a: 1.0)
+    benchmark.run_bench("gpu-full", tmp_path, device="cpu")
+    gpu_full = benchmark.SUITES["gpu-full"]
+    assert ran == [
+        ("full 512px fp16", ("reference", "optimized")), ("faster: 10 steps", ("optimized",)),
+        ("faster: 6 steps", ("optimized",)), ("faster: 10 steps", ("optimized",)),
+        ("faster: 10 steps", ("optimized",)),
+        ("full 512px fp16", ("optimized+compile", "optimized+compile-graphs")),
+        ("faster: 10 steps", ("optimized+compile",)), ("faster: 6 steps", ("optimized+compile",)),
+        ("full 512px fp16", ("optimized+batch3", "optimized+no-wrap")), ("faster: 10 steps", ("optimized+tiny-decoder",)),
+    ]
+    assert sorted(m for _, modes in ran for m in modes) == sorted(m for sc in gpu_full for m in sc.modes)

@@ -237,7 +237,10 @@ def test_tensorrt_cuda_flavour_comes_from_the_wheels_names() -> None:
     assert tensorrt_cuda_flavour(["TensorRT-CU13-Libs", "torch"]) == "cu13"
     assert tensorrt_cuda_flavour(["tensorrt", "tensorrt-llm", "tensorrt_cu"]) == ""  # nothing says
     assert tensorrt_cuda_flavour(["tensorrt-cu12", "tensorrt-cu13-libs"]) == "cu12+cu13"  # both: kept apart too
-    assert isinstance(tensorrt_cuda_flavour(), str)  # this environment's distributions (none of them here)
+    import importlib.metadata
+
+    here = [d.metadata["Name"] or "" for d in importlib.metadata.distributions()]  # this environment's wheels
+    assert tensorrt_cuda_flavour() == tensorrt_cuda_flavour(here)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing_field", "unknown_field", "no_sidecar", "truncated",

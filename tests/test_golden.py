@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from golden_pack import GoldenPack, pack_dir
 
+from megactor_rt.config import step_kind
+from megactor_rt.kernels.ops import ddim_cfg_update
 from megactor_rt.models.clip import clip_pixels
 from megactor_rt.models.scheduler import DDIM, context_windows
-from megactor_rt.models.vae import posterior_sample, vae_decode, vae_moments
+from megactor_rt.models.vae import vae_decode, vae_moments
 from megactor_rt.runtime.denoise import denoise
 from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
 from megactor_rt.runtime.predictor import OptimizedPredictor, ReferencePredictor
@@ -35,12 +36,28 @@ def models(pack):
 
 @pytest.fixture(scope="module")
 def module_outputs(pack, models):
-    """Everything module-level, computed from the pack's inputs."""
+    """Everything module-level, computed from the pack's inputs. The tensors the runtime assembles between the
+    networks (the VAE's input, the concat latents, the CFG call's inputs, the guided eps) are taken from the
+    runtime's own code (``prepare_portrait``, ``ReferencePredictor``, ``ddim_cfg_update``), not rebuilt here."""
     v, out = pack.vectors, {}
+    seen: dict[str, torch.Tensor] = {}
+    sub = TorchSubmodels(models)
+
+    def spy_on(name: str) -> None:  # records the first argument of each call of ``sub.<name>``
+        call = getattr(sub, name)
+
+        def spy(*args, **kwargs):
+            seen[name] = args[0]
+            return call(*args, **kwargs)
+        setattr(sub, name, spy)
+
+    for name in ("vae_encode", "pose_guider_full", "unet"):
+        spy_on(name)
     with torch.no_grad():
         out["clip_pixel_values"] = px = clip_pixels(v["in_clip_raw_image_u8"][0], models.config.clip.image_size)
         out["clip_tokens"], out["clip_last_hidden_state"] = models.clip.tokens_and_hidden(px)
-        out["vae_encode_in"] = x = (v["in_src_image_u8"].float() / 255 - 0.5) * 2
+        state = _pack_portrait(pack, sub)
+        out["vae_encode_in"] = x = seen["vae_encode"]
         mean, logvar = vae_moments(models.vae, x)
         out["vae_posterior_mean"], out["vae_posterior_logvar"] = mean, logvar
         out["ref_latent"] = mean * models.config.vae.scaling_factor
@@ -52,22 +69,27 @@ def module_outputs(pack, models):
         out["driven_features_prefilm"] = feats.permute(1, 0, 2, 3)[None]
         pose = pg.modulate(feats, out["film_scale"], out["film_shift"]).permute(1, 0, 2, 3)[None]
         out["driven_encoder_out"] = pose
-        z = posterior_sample(mean, logvar, v["in_vae_concat_eps"]) * models.config.vae.scaling_factor
-        mask = F.interpolate(v["in_background_mask_u8"][None].float(), size=z.shape[-2:], mode="nearest")
-        out["concat_latents"] = torch.cat([z, mask], 1)[:, :, None].expand(-1, -1, frames.shape[0], -1, -1)
+        out["concat_latents"] = state.cond[:, :, None].expand(-1, -1, frames.shape[0], -1, -1)
         bank = models.reference_net(out["ref_latent"], v["refnet_timestep"], out["clip_tokens"])
         out.update({f"refnet_bank_{i:02d}": b for i, b in enumerate(bank)})
         w0 = v["e2e_windows"][int(pack.run["cfg_window_index"])].tolist()
         k = int(pack.run["cfg_step_index"])  # the CFG call's step: its latents are the previous step's output
         noisy = v["in_e2e_init_noise"] if k == 0 else v[f"e2e_step{k - 1}_latents"]
-        lat = torch.cat([noisy[:, :, w0], out["concat_latents"][:, :, w0]], 1)
-        out["cfg_latent_model_input"] = lat.expand(2, -1, -1, -1, -1)
-        out["cfg_pose_guide"] = frames[w0].permute(1, 0, 2, 3)[None]
+        guidance = pack.run["guidance_scale"]
+        step = DDIM().plan(pack.run["num_inference_steps"])[k]
+        model = ReferencePredictor(sub, state, frames.permute(1, 0, 2, 3)[None], guidance)
+        model.begin_step(step, step_kind(k, guidance, None, None))
+        pair = model.predict(noisy[:, :, w0], torch.tensor(w0), step, int(pack.run["cfg_window_index"]))
+        out["cfg_latent_model_input"] = seen["unet"]
+        out["cfg_pose_guide"] = seen["pose_guider_full"][:1]  # the CFG halves' frames are the same
         tok2 = out["clip_tokens"].expand(2, -1, -1)
         eps = models.unet(out["cfg_latent_model_input"], v["cfg_timestep"], tok2,
                           pose[:, :, w0].expand(2, -1, -1, -1, -1), bank, n_uncond=1)
+        torch.testing.assert_close(pair, eps)  # the predictor's call is the module's call
         out["cfg_eps_uncond"], out["cfg_eps_cond"] = eps[:1], eps[1:]
-        out["cfg_eps_guided"] = eps[:1] + pack.run["guidance_scale"] * (eps[1:] - eps[:1])
+        out["cfg_eps_guided"] = torch.empty(eps[:1].shape, dtype=eps.dtype)  # the runtime's guidance (inside its DDIM update)
+        ddim_cfg_update(eps, torch.ones(len(w0)), noisy[:, :, w0], guidance, step.alpha_t, step.alpha_prev,
+                        eps_out=out["cfg_eps_guided"])
     return out
 
 

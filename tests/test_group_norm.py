@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from stand_ins import ClaimsCuda, PastTheSwitch
 from torch import nn
 
 from megactor_rt.kernels import group_norm as GN
@@ -38,6 +39,7 @@ def test_kernels_in_triton_interpreter(triton_interpreter: Callable[[str, int], 
     triton_interpreter(f"""
         import torch
         from megactor_rt.kernels import group_norm as GN
+from stand_ins import ClaimsCuda, PastTheSwitch
         g = torch.Generator().manual_seed(1)
         for b, f, c, h, groups, affine, silu in {CASES!r}:
             for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
@@ -60,8 +62,12 @@ def test_dispatch_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not GN.group_norm_silu_usable(x)  # CPU: PyTorch
     torch.testing.assert_close(GN.group_norm_silu(x, norm, 4),
                                GN.group_norm_silu_ref(x, norm.weight, norm.bias, 4, 4, 1e-6))
-    monkeypatch.setenv("MEGACTOR_TRITON_GROUP_NORM", "0")
-    assert not GN.group_norm_silu_usable(x)
+    monkeypatch.setattr(GN, "HAVE_TRITON", True)  # the switch, where a CUDA tensor and Triton are there:
+    monkeypatch.setenv("MEGACTOR_TRITON_GROUP_NORM", "0")  # off: no
+    assert not GN.group_norm_silu_usable(ClaimsCuda())  # type: ignore[arg-type]
+    monkeypatch.setenv("MEGACTOR_TRITON_GROUP_NORM", "1")  # on: the checks go on to the stand-in's shape
+    with pytest.raises(PastTheSwitch):
+        GN.group_norm_silu_usable(ClaimsCuda())  # type: ignore[arg-type]
     if importlib.util.find_spec("triton") is not None:
         with pytest.raises(ValueError, match="multiple of frames"):
             GN.group_norm_silu_triton(x, None, None, 4, 3, 1e-6)

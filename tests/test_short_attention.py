@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from stand_ins import ClaimsCuda, PastTheSwitch
 
 from megactor_rt.kernels import short_attention as SA
 
@@ -37,6 +38,7 @@ def test_kernel_in_triton_interpreter(triton_interpreter: Callable[[str, int], N
     triton_interpreter(f"""
         import torch
         from megactor_rt.kernels import short_attention as SA
+from stand_ins import ClaimsCuda, PastTheSwitch
         g = torch.Generator().manual_seed(1)
         for b, seq, pos, heads, d in {SHAPES!r}:
             for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
@@ -63,6 +65,7 @@ def test_the_kernels_flops_are_counted_as_sdpas(triton_interpreter: Callable[[st
         from torch.utils.flop_counter import FlopCounterMode
         import megactor_rt.benchmark  # SDPA's CPU kernel's FLOP formula, as the benchmark counts
         from megactor_rt.kernels import short_attention as SA
+from stand_ins import ClaimsCuda, PastTheSwitch
         q, k, v = (torch.randn(2, 16, 6, 8 * 40) for _ in range(3))
         counts = []
         for fn in (torch.ops.megactor.short_attention, SA.short_attention_ref):
@@ -78,8 +81,15 @@ def test_dispatch_falls_back_on_cpu_and_when_disabled(monkeypatch: pytest.Monkey
     q = torch.randn(1, 16, 4, 32)
     assert not SA.short_attention_usable(q, 4)  # CPU tensors: SDPA
     torch.testing.assert_close(SA.short_attention(q, q, q, 4), SA.short_attention_ref(q, q, q, 4))
+    # the switch itself, where everything before it holds (a CUDA tensor, Triton, the kernel): with it off the
+    # answer is no; with it on, the checks go on past it (to the stand-in's shape, which raises)
+    monkeypatch.setattr(SA, "HAVE_TRITON", True)
+    monkeypatch.setattr(SA, "_OP", object())
     monkeypatch.setenv("MEGACTOR_SHORT_ATTENTION", "0")
-    assert not SA.short_attention_usable(q, 4)
+    assert not SA.short_attention_usable(ClaimsCuda(), 4)  # type: ignore[arg-type]
+    monkeypatch.setenv("MEGACTOR_SHORT_ATTENTION", "1")
+    with pytest.raises(PastTheSwitch):
+        SA.short_attention_usable(ClaimsCuda(), 4)  # type: ignore[arg-type]
 
 
 def test_self_check_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
