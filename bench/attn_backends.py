@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from megactor_rt.benchmark import provenance
 from megactor_rt.config import full_config, tiny_config
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.models import layers
 from megactor_rt.weights import build_models
 
@@ -87,8 +88,8 @@ def main() -> None:
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attn_backends.json").write_text(json.dumps(report, indent=1))
-    (args.out / "attn_backends.md").write_text(markdown(report))
+    write_atomic(args.out / "attn_backends.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out / "attn_backends.md", markdown(report).encode())
     print(markdown(report))  # noqa: T201 - a script's output
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from megactor_rt import kernels as K
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.kernels import _lib
 
 
@@ -197,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if not report["kernels"]["available"]:
         print(f"Fused kernels unavailable ({report['kernels']['reason']}); timing references only.")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_kernels.json").write_text(json.dumps(report, indent=2, default=str))
+    write_atomic(args.out / "bench_kernels.json", json.dumps(report, indent=2, default=str).encode())
     md = to_markdown(report)
-    (args.out / "bench_kernels.md").write_text(md)
+    write_atomic(args.out / "bench_kernels.md", md.encode())
     print(md)
     return 0
 

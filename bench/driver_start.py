@@ -30,6 +30,7 @@ import numpy as np
 
 from megactor_rt import media
 from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.media import iter_video_frames
 from megactor_rt.progress import set_progress_enabled
 from megactor_rt.runtime.driver import iter_driver_inputs, plan_driver
@@ -83,8 +84,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     set_progress_enabled(False)
     clip = args.clip or args.out / f"long_{args.height}p_{args.seconds:g}s.mp4"
-    if not clip.exists():
-        write_long_clip(clip, args.seconds, args.height)
+    if not clip.exists():  # written under a temporary name: an interrupted write is never taken for the clip
+        partial = clip.with_name(f".{clip.stem}.{os.getpid()}.tmp{clip.suffix}")
+        try:
+            write_long_clip(partial, args.seconds, args.height)
+            partial.replace(clip)
+        finally:
+            partial.unlink(missing_ok=True)
     info = media.probe_video(clip)
     passes(clip, 0.0, 8, args.size)  # warm-up: face detector, thread pool, file cache
     rows = []
@@ -105,7 +111,7 @@ def main() -> None:
               "clip": {"file": clip.name, "width": info.width, "height": info.height, "fps": str(info.fps),
                        "frames": info.num_frames, "key_frames": key_frames(clip)},
               "max_frames": args.max_frames, "size": args.size, "seek_min_skip": seek_from, "rows": rows}
-    (args.out / "driver_start.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(args.out / "driver_start.json", (json.dumps(result, indent=2) + "\n").encode())
     lines = [f"# Driver passes for a late --start ({result['date']}, {result['device']})", "",
              f"Clip: {info.width}x{info.height} H.264, {info.fps} fps, {info.num_frames} frames, "
              f"{result['clip']['key_frames']} key frames; segment of {args.max_frames} frames; model input "
@@ -116,7 +122,7 @@ def main() -> None:
         a, b = r["decode_all_s"], r["seek_s"]
         lines.append(f"| {r['start_s']:g} | {r['frames']} | {a['pass1']:.2f} + {a['pass2']:.2f} | "
                      f"{b['pass1']:.2f} + {b['pass2']:.2f} | {r['speedup']:.2f}x | {r['identical_inputs']} |")
-    (args.out / "driver_start.md").write_text("\n".join(lines) + "\n")
+    write_atomic(args.out / "driver_start.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 
 

@@ -27,6 +27,7 @@ import torch
 from megactor_rt import benchmark as B
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.models.scheduler import DDIM
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.backends import device_name
@@ -92,8 +93,8 @@ def main() -> None:
               "precision": precision, "steps": args.steps, "computed_s": computed, "write_s": write,
               "loaded_s": loaded, "file_mb": size_mb, "ratio": computed / loaded}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "portrait_cache.json").write_text(json.dumps(report, indent=1))
-    (args.out / "portrait_cache.md").write_text(markdown(report))
+    write_atomic(args.out / "portrait_cache.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out / "portrait_cache.md", markdown(report).encode())
     print(markdown(report))  # noqa: T201 - a script's output
 
 

@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import megactor_rt.runtime.animator as animator_module
 from megactor_rt import benchmark as B
 from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.runtime.backends import device_name
 
 STEP = "megactor denoise step "
@@ -102,8 +103,8 @@ def main() -> None:
               "stage_s": dict(stats.stage_seconds), "per_step": rows,
               "new_flop_signatures_in_timed_run": new_signatures}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_steps.json").write_text(json.dumps(report, indent=1))
-    (args.out / "profile_steps.md").write_text(markdown(report))
+    write_atomic(args.out / "profile_steps.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out / "profile_steps.md", markdown(report).encode())
     print(markdown(report))  # noqa: T201 - a script's output
 
 

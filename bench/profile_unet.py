@@ -35,6 +35,7 @@ import torch
 
 from megactor_rt.benchmark import matmul_tflops, provenance, random_models
 from megactor_rt.config import full_config, tiny_config
+from megactor_rt.engine.cache import write_atomic
 
 # first match wins: convolutions run as cuDNN implicit GEMMs (``sm90_xmma_fprop_implicit_gemm...``) and Inductor
 # names fused pointwise kernels after the ops they follow (``triton_poi_fused_mm_t_view``), so the specific
@@ -183,8 +184,8 @@ def main() -> None:
         report["calls"][CL_FLOW] = {"seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs}
     args.out.mkdir(parents=True, exist_ok=True)
     # the eager rows first, so a compilation cut short by the time limit loses only its own rows
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out / f"{stem}.md", markdown(report).encode())
     if args.compile:
         import torch._inductor.config as inductor_config
 
@@ -210,7 +211,7 @@ def main() -> None:
                 "max_abs_diff_vs_eager": diff, "max_abs_eager": out_e.float().abs().max().item()}  # type: ignore
         except Exception as exc:
             report["compile_error"] = repr(exc)
-        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1).encode())
 
     kernels: dict[str, float] = defaultdict(float)
     if dev.type == "cuda" and profile_what != "none" and (profile_what == "eager" or COMPILED in report["calls"]):
@@ -240,8 +241,8 @@ def main() -> None:
                                                           "tflops_per_s": opt_tflop / secs}
         except Exception as exc:
             report["channels_last_error"] = repr(exc)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1).encode())
+    write_atomic(args.out / f"{stem}.md", markdown(report).encode())
     print(markdown(report))  # noqa: T201 - a script's output
 
 

@@ -34,6 +34,7 @@ import torch
 
 from megactor_rt import benchmark as B
 from megactor_rt.config import StepKind
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.denoise import denoise, denoise_stream
@@ -140,8 +141,8 @@ def main() -> None:
                 raise SystemExit(f"case {kind} {n} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             report["results"].append(json.loads(done.stdout.strip().splitlines()[-1]))
             # after every case: a run stopped by a time limit keeps what it measured
-            (args.out / "stream_memory.json").write_text(json.dumps(report, indent=1))
-            (args.out / "stream_memory.md").write_text(markdown(report))
+            write_atomic(args.out / "stream_memory.json", json.dumps(report, indent=1).encode())
+            write_atomic(args.out / "stream_memory.md", markdown(report).encode())
             print(f"{kind} {n}: {report['results'][-1]['peak_gb']:.3f} GiB", file=sys.stderr)  # noqa: T201
     print(markdown(report))  # noqa: T201 - a script's output
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -169,7 +170,28 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
                              closed_loop=args.closed_loop, fps=args.fps, start=args.start,
                              duration=args.duration, window_batch=args.window_batch)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
-        raise InputError(f"bad run settings: {exc}") from exc
+        raise InputError(f"bad run settings: {as_flags(str(exc))}") from exc
+
+
+# AnimateConfig's fields whose flag is not the field's name (``steps`` is ``--steps``, ``fps`` ``--fps``, ...)
+_FIELD_FLAGS = {"reference_timestep": "--reference-timestep", "cfg_steps": "--cfg-steps",
+                "feature_reuse": "--feature-reuse", "window_batch": "--window-batch", "max_frames": "--max-frames"}
+_PLAIN_FIELDS = ("steps", "window", "guidance", "seed", "fps", "start", "duration")
+
+
+def as_flags(message: str) -> str:
+    """A run-settings error of the library (which names ``AnimateConfig``'s fields) in the command line's terms:
+    the field it begins with, and any snake_case field in it, as its flag."""
+    message = re.sub(r"\b(" + "|".join(_FIELD_FLAGS) + r")\b", lambda m: _FIELD_FLAGS[m.group(1)], message)
+    return re.sub(r"^(" + "|".join(_PLAIN_FIELDS) + r") ", r"--\1 ", message)
+
+
+def _check_run(anim: Animator) -> None:
+    """The run's settings against the model (its scheduler's timesteps, the backend), named by their flags."""
+    try:
+        anim.check_run()
+    except InputError as exc:
+        raise InputError(as_flags(str(exc))) from exc
 
 
 def _output_folder(path: Path, flag: str) -> Path:
@@ -324,6 +346,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  fallback="torch" if args.torch_fallback else args.fallback,
                                  config=_run_config(args), compile=args.compile, cache=_cache(args),
                                  cuda_graphs=args.cuda_graphs)
+    _check_run(anim)
     if len(jobs) > 1:
         _results_folder(args.output)
     failed: list[str] = []
@@ -357,12 +380,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
     _check_files([portrait], [driver], args.output)
+    if args.work_dir is not None:
+        _output_folder(args.work_dir, "--work-dir")
     _note_contour_options(args)
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
     anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args), backend=args.backend,
                          work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs)
+    _check_run(anim)
     if args.cache_dir is not None:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
@@ -468,6 +494,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from megactor_rt.benchmark import markdown, run_bench
 
     out = _output_folder(args.out, "--out")
+    if args.work_dir is not None:
+        _output_folder(args.work_dir, "--work-dir")
     report = run_bench(args.suite, out, device=args.device, dry_run=args.dry_run, modes=args.modes,
                        work_dir=args.work_dir, only=args.scenarios)
     print(markdown(report))
@@ -626,9 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
+    except Terminated as exc:
+        print("terminated" if exc.signum == signal.SIGTERM else "hung up", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say to it
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
@@ -639,21 +667,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def entry() -> None:
     """The ``megactor-rt`` command: :func:`main`, then exit with its status. After an interrupt has stopped the
     command (its outputs cleaned up), a second Ctrl-C or SIGTERM while the interpreter shuts down (seconds,
     releasing the model) would abort it half-way (SIGABRT from a native thread), so they are ignored from then
-    on and the status stays 130 or 143. Where a worker thread is still running after a stopped run (interrupt
+    on and the status stays 130, 143 (SIGTERM) or 129 (SIGHUP). Where a worker thread is still running after a stopped run (interrupt
     or error: it did not reach a cancellation point within the pipeline's wait, e.g. inside a ``torch.compile``
     compilation), the process ends at once with the status: a shutdown waiting for it hung a terminated benchmark on a GPU machine
     (2026-11-27) until it was killed."""
     code = main()
-    if code in (130, 143):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+    if code in (129, 130, 143):
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             signal.signal(sig, signal.SIG_IGN)
     _exit_now_if_workers_remain(code)  # also after an error that stopped a run mid-way
     sys.exit(code)
@@ -674,20 +702,33 @@ def _exit_now_if_workers_remain(code: int) -> None:
 
 
 class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt
-    """SIGTERM arrived (e.g. ``docker stop``, a job scheduler): the command stops the way Ctrl-C stops it."""
+    """SIGTERM (e.g. ``docker stop``, a job scheduler) or SIGHUP (the terminal or SSH session closed) arrived:
+    the command stops the way Ctrl-C stops it."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
-def _terminate_like_interrupt() -> Any:
-    """Raise :class:`Terminated` on SIGTERM in the main thread, so a terminated run unwinds like an
+def _terminate_like_interrupt() -> dict[int, Any]:
+    """Raise :class:`Terminated` on SIGTERM and SIGHUP in the main thread, so a terminated run unwinds like an
     interrupted one (workers cancelled, temporary outputs removed) instead of leaving its temporary files;
-    returns the previous handler (None where no handler can be set: not the main thread)."""
+    returns the previous handlers (none where no handler can be set: not the main thread). A SIGHUP that is
+    ignored (``nohup``) stays ignored."""
     def terminate(signum: int, frame: object) -> None:
-        raise Terminated()
+        raise Terminated(signum)
 
-    try:
-        return signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread of the main interpreter
-        return None
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:  # no SIGHUP on Windows
+            continue
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN and sig != signal.SIGTERM:
+                continue
+            previous[sig] = signal.signal(sig, terminate)
+        except ValueError:  # not the main thread of the main interpreter
+            return previous
+    return previous
 
 
 if __name__ == "__main__":

@@ -251,6 +251,8 @@ def _read_json(path: Path) -> dict:
         raise WeightsError(f"missing {path}") from exc
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # no permission, a folder, not text
+        raise WeightsError(f"{path}: cannot be read as a JSON file ({type(exc).__name__}: {exc})") from exc
 
 
 @contextlib.contextmanager

@@ -643,7 +643,9 @@ class Animator:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)
-            for frame in prefetch(frames, depth=8, name="decode"):
+            # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
+            # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
+            for frame in prefetch(frames, depth=8, name="decode", on_stop=w.abort):
                 w.write(frame)
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats

@@ -128,47 +128,47 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     finish_idx = [torch.as_tensor(fs, device=latents.device) if fs else None for fs in finishes]
     finish_counts = [counts.index_select(0, ix) if ix is not None else None for ix in finish_idx]
     shape = latents.shape[3:]
-    bar = progress(total=len(plan) * len(windows), desc="denoise", unit="window")
-    for i, step in enumerate(plan):
-        if on_step is not None:
-            on_step(i)
-        kind = step_kind(i, guidance, cfg_steps, feature_reuse)
-        halves = 2 if kind.cfg else 1
-        model.begin_step(step, kind)
-        sums: dict[int, torch.Tensor] = {}  # frame -> its prediction sums (halves, 4, h, w), until its update
-        guided = torch.empty_like(latents) if callback is not None else None
-        for g, group in enumerate(groups):
-            check_cancelled()
-            if len(group) == 1:
-                k = group[0]
-                preds = [model.predict(latents[:, :, indices[k]], indices[k], step, k)]  # (halves, 4, F, h, w)
-            else:
-                assert batched is not None  # groups of several windows only come from a batched model
-                lat = torch.cat([latents[:, :, indices[k]] for k in group])
-                preds = batched.predict_windows(lat, [indices[k] for k in group], step, group)
-            for k, eps in zip(group, preds, strict=True):  # summed in window order, as one window per call does
-                if eps.shape[0] != halves:
-                    raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
-                eps = eps.to(latents.dtype)
-                for j, f in enumerate(windows[k]):
-                    if f not in sums:
-                        sums[f] = latents.new_zeros((halves, latents.shape[1], *shape))
-                    sums[f].add_(eps[:, :, j])
-                bar.update(1)
-            ix = finish_idx[g]
-            if ix is not None:  # these frames' sums are complete: their update, now
-                acc = torch.stack([sums.pop(f) for f in finishes[g]], dim=2)  # (halves, 4, m, h, w)
-                out = torch.empty((1, *acc.shape[1:]), dtype=latents.dtype, device=latents.device) \
-                    if guided is not None else None
-                new = ddim_cfg_update(acc, finish_counts[g], latents.index_select(2, ix), guidance, step.alpha_t,
-                                      step.alpha_prev, eps_out=out)
-                latents.index_copy_(2, ix, new)
-                if guided is not None and out is not None:
-                    guided.index_copy_(2, ix, out)
-        assert not sums, "every frame is updated once per step"
-        if callback is not None and guided is not None:  # guided is made exactly when there is a callback
-            callback(i, step, guided, latents.clone())  # a copy: ``latents`` changes in place at the next step
-    bar.close()
+    # the bar is closed also when the loop stops early (an error, Ctrl-C, a cancelled run)
+    with progress(total=len(plan) * len(windows), desc="denoise", unit="window") as bar:
+        for i, step in enumerate(plan):
+            if on_step is not None:
+                on_step(i)
+            kind = step_kind(i, guidance, cfg_steps, feature_reuse)
+            halves = 2 if kind.cfg else 1
+            model.begin_step(step, kind)
+            sums: dict[int, torch.Tensor] = {}  # frame -> its prediction sums (halves, 4, h, w), until its update
+            guided = torch.empty_like(latents) if callback is not None else None
+            for g, group in enumerate(groups):
+                check_cancelled()
+                if len(group) == 1:
+                    k = group[0]
+                    preds = [model.predict(latents[:, :, indices[k]], indices[k], step, k)]  # (halves, 4, F, h, w)
+                else:
+                    assert batched is not None  # groups of several windows only come from a batched model
+                    lat = torch.cat([latents[:, :, indices[k]] for k in group])
+                    preds = batched.predict_windows(lat, [indices[k] for k in group], step, group)
+                for k, eps in zip(group, preds, strict=True):  # summed in window order, as one window per call does
+                    if eps.shape[0] != halves:
+                        raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
+                    eps = eps.to(latents.dtype)
+                    for j, f in enumerate(windows[k]):
+                        if f not in sums:
+                            sums[f] = latents.new_zeros((halves, latents.shape[1], *shape))
+                        sums[f].add_(eps[:, :, j])
+                    bar.update(1)
+                ix = finish_idx[g]
+                if ix is not None:  # these frames' sums are complete: their update, now
+                    acc = torch.stack([sums.pop(f) for f in finishes[g]], dim=2)  # (halves, 4, m, h, w)
+                    out = torch.empty((1, *acc.shape[1:]), dtype=latents.dtype, device=latents.device) \
+                        if guided is not None else None
+                    new = ddim_cfg_update(acc, finish_counts[g], latents.index_select(2, ix), guidance, step.alpha_t,
+                                          step.alpha_prev, eps_out=out)
+                    latents.index_copy_(2, ix, new)
+                    if guided is not None and out is not None:
+                        guided.index_copy_(2, ix, out)
+            assert not sums, "every frame is updated once per step"
+            if callback is not None and guided is not None:  # guided is made exactly when there is a callback
+                callback(i, step, guided, latents.clone())  # a copy: ``latents`` changes in place at the next step
     if on_step is not None:
         on_step(len(plan))
     return latents
@@ -290,45 +290,45 @@ def denoise_stream(noise: torch.Tensor | NoiseSource, model: EpsModel, plan: Seq
     made = 0  # segments made so far
     final = 0  # frames final so far
     current: int | None = None
-    bar = progress(total=steps * len(windows), desc="denoise", unit="window")
-    for k, s in wavefront(windows, n, steps):
-        step, kind = plan[s], step_kind(s, guidance, cfg_steps, feature_reuse)
-        halves = 2 if kind.cfg else 1
-        if current != s:
-            model.begin_step(step, kind)
-            current = s
-        if s == 0:  # window k begins: its segments (made in order, as reach only grows)
-            for j in range(made, reach[k] + 1):
-                lat[j] = source(*own[j])
-                acc[j] = lat[j].new_zeros((2 if cfg else 1, *lat[j].shape[1:]))
-            made = max(made, reach[k] + 1)
-            dev = lat[k].device
-            if counts is None:  # windows covering each frame: once, before any device work is queued
-                counts = _counts(n, windows).to(dev)
-            frames[k] = torch.arange(*spans[k], device=dev)  # a device op: no host wait for queued work
-        assert counts is not None
-        parts = [(j, max(spans[k][0], own[j][0]), min(spans[k][1], own[j][1])) for j in range(k, reach[k] + 1)]
-        x = torch.cat([lat[j][:, :, a - own[j][0]:b - own[j][0]] for j, a, b in parts], dim=2)
-        check_cancelled()
-        eps = model.predict(x, frames[k], step, k)
-        if eps.shape[0] != halves:
-            raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
-        for j, a, b in parts:
-            part = acc[j][acc[j].shape[0] - halves:]  # a conditional-only step sums into the conditional slot
-            part[:, :, a - own[j][0]:b - own[j][0]] += eps[:, :, a - spans[k][0]:b - spans[k][0]].to(part.dtype)
-        a, b = own[k]
-        lat[k] = ddim_cfg_update(acc[k][acc[k].shape[0] - halves:], counts[a:b], lat[k], guidance,
-                                 step.alpha_t, step.alpha_prev)
-        acc[k].zero_()
-        bar.update(1)
-        if s == steps - 1:  # segment k is final: no window holding its frames runs again
-            model.end_window(k)
-            del acc[k], frames[k]
-            final = b
-            yield final, lat.pop(k)
-        else:
-            yield final, None
-    bar.close()
+    # the bar is closed also when the loop stops early (an error, Ctrl-C, a cancelled run)
+    with progress(total=steps * len(windows), desc="denoise", unit="window") as bar:
+        for k, s in wavefront(windows, n, steps):
+            step, kind = plan[s], step_kind(s, guidance, cfg_steps, feature_reuse)
+            halves = 2 if kind.cfg else 1
+            if current != s:
+                model.begin_step(step, kind)
+                current = s
+            if s == 0:  # window k begins: its segments (made in order, as reach only grows)
+                for j in range(made, reach[k] + 1):
+                    lat[j] = source(*own[j])
+                    acc[j] = lat[j].new_zeros((2 if cfg else 1, *lat[j].shape[1:]))
+                made = max(made, reach[k] + 1)
+                dev = lat[k].device
+                if counts is None:  # windows covering each frame: once, before any device work is queued
+                    counts = _counts(n, windows).to(dev)
+                frames[k] = torch.arange(*spans[k], device=dev)  # a device op: no host wait for queued work
+            assert counts is not None
+            parts = [(j, max(spans[k][0], own[j][0]), min(spans[k][1], own[j][1])) for j in range(k, reach[k] + 1)]
+            x = torch.cat([lat[j][:, :, a - own[j][0]:b - own[j][0]] for j, a, b in parts], dim=2)
+            check_cancelled()
+            eps = model.predict(x, frames[k], step, k)
+            if eps.shape[0] != halves:
+                raise ValueError(f"EpsModel returned batch {eps.shape[0]}, expected {halves}")
+            for j, a, b in parts:
+                part = acc[j][acc[j].shape[0] - halves:]  # a conditional-only step sums into the conditional slot
+                part[:, :, a - own[j][0]:b - own[j][0]] += eps[:, :, a - spans[k][0]:b - spans[k][0]].to(part.dtype)
+            a, b = own[k]
+            lat[k] = ddim_cfg_update(acc[k][acc[k].shape[0] - halves:], counts[a:b], lat[k], guidance,
+                                     step.alpha_t, step.alpha_prev)
+            acc[k].zero_()
+            bar.update(1)
+            if s == steps - 1:  # segment k is final: no window holding its frames runs again
+                model.end_window(k)
+                del acc[k], frames[k]
+                final = b
+                yield final, lat.pop(k)
+            else:
+                yield final, None
 
 
 def _ready(k: int, done: list[int], reach: list[int], steps: int) -> bool:

@@ -18,7 +18,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, Manifest, load_manifest
-from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, InputError, ResourceError
+from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, EngineMismatch, InputError, ResourceError
 from megactor_rt.export.specs import BANK_NAMES
 from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
@@ -84,7 +84,14 @@ class OrtRunner(Runner):
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        session = ort.InferenceSession(str(self.graph.path), opts, providers=self.providers)
+        if not self.graph.path.is_file():
+            raise InputError(f"graph '{self.graph.name}': ONNX file {self.graph.path} is missing (re-run the export)")
+        try:
+            session = ort.InferenceSession(str(self.graph.path), opts, providers=self.providers)
+        except Exception as exc:  # onnxruntime's own exception types (pybind11): a damaged or incomplete file
+            raise EngineMismatch(f"graph '{self.graph.name}': onnxruntime cannot load {self.graph.path} "
+                                 f"({type(exc).__name__}: {str(exc).strip()[:300]}); the export is damaged or "
+                                 "incomplete: re-run it (`megactor-rt check-export` checks a folder)") from exc
         logger.debug("onnxruntime %s: providers %s", self.graph.name, session.get_providers())
         self.session = session
 
@@ -320,6 +327,11 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
                                       if e.precision == want}
     if not ort_runners:
         raise InputError(f"{onnx_dir}: the manifest has no {want} graphs (export with --precision {want})")
+    missing = sorted(str(e.path) for e in manifest.graphs.values() if e.precision == want and not e.path.is_file())
+    if missing and backend == "onnxruntime":  # named now, not at the graph's first call (the decoder's: after the
+        # whole denoising); TensorRT plans run without their ONNX files
+        raise InputError(f"{onnx_dir}: ONNX files the manifest names are missing: {', '.join(missing)} (re-run the "
+                         "export)")
     dtype = torch.float16 if want == "fp16" else torch.float32
     graph_weights = {e.submodel: e.weights_id for e in manifest.graphs.values() if e.precision == want}
     if backend == "onnxruntime":

@@ -406,9 +406,9 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("flags,message", [
     (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
-    (("--window", 33), "window must be <= 32"),
-    (("--fps", 0), "fps must be a finite number >= 0.01"),
-    (("--duration", 0), "duration must be a finite number > 0 seconds"),
+    (("--window", 33), "--window must be <= 32"),
+    (("--fps", 0), "--fps must be a finite number >= 0.01"),
+    (("--duration", 0), "--duration must be a finite number > 0 seconds"),
 ])
 def test_out_of_range_settings_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 flags: tuple, message: str) -> None:
@@ -632,11 +632,11 @@ def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work
     assert code == 2 and "--stats would overwrite a result" in err
     code, _, err = run(capsys, "demo", "--driver", driver, "--stats", driver, "-o", out, *FAST)
     assert code == 2 and "--stats would overwrite an input" in err and driver.read_bytes() == before
-    for flag, value, says in (("--fps", "inf", "fps must be a finite number"), ("--fps", "1e-9", "fps must be"),
-                              ("--steps", "5000", "steps must be at most 999"),
-                              ("--steps", "1000", "steps must be at most 999"),  # t = 1000 does not exist
+    for flag, value, says in (("--fps", "inf", "--fps must be a finite number"), ("--fps", "1e-9", "--fps must be"),
+                              ("--steps", "5000", "--steps must be at most 999"),
+                              ("--steps", "1000", "--steps must be at most 999"),  # t = 1000 does not exist
                               ("--seed", str(10 ** 20), "seed must fit in 64 bits"),
-                              ("--reference-timestep", "1000", "reference_timestep must be below 1000")):
+                              ("--reference-timestep", "1000", "--reference-timestep must be below 1000")):
         code, _, err = run(capsys, "demo", *FAST, flag, value, "-o", out)
         assert code == 2 and says in err, (flag, value, err)
     code, _, err = run(capsys, "demo", *FAST, "--cache-dir", tmp_path / "c", "--cache-max-gb", "nan", "-o", out)
@@ -645,31 +645,45 @@ def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work
     assert code == 2 and "file name is longer than this file system allows" in err
     assert not out.exists()
     for argv in (("export", "--weights", "tiny", "--graphs", "pose_guider", "--out", driver),
-                 ("bench", "--suite", "cpu-tiny", "--dry-run", "--out", driver)):
+                 ("bench", "--suite", "cpu-tiny", "--dry-run", "--out", driver),
+                 ("bench", "--suite", "cpu-smoke", "--out", tmp_path / "b", "--work-dir", driver),
+                 ("demo", *FAST, "--backend", "onnxruntime", "--work-dir", driver, "-o", out)):
         code, _, err = run(capsys, *argv)
         assert code == 2 and "names a folder for the outputs, and this is a file" in err, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.mp4"] and driver.read_bytes() == before
 
 
-def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_file(tmp_path: Path) -> None:
-    """SIGTERM (``docker stop``, a scheduler) raises ``Terminated`` in the main thread while a command runs, so
-    the output being written is discarded on the way out, as on Ctrl-C (exit 143); the previous handler
-    comes back afterwards."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary_file(tmp_path: Path, signame: str) -> None:
+    """SIGTERM (``docker stop``, a scheduler) and SIGHUP (the terminal or SSH session closed) raise
+    ``Terminated`` in the main thread while a command runs, so the output being written is discarded on the way
+    out, as on Ctrl-C (exit 143 / 129); the previous handlers come back afterwards. An ignored SIGHUP (``nohup``)
+    stays ignored."""
     import signal
 
     from megactor_rt.media import VideoWriter
 
-    before = signal.getsignal(signal.SIGTERM)
+    sig = getattr(signal, signame)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     previous = cli._terminate_like_interrupt()
     try:
-        with pytest.raises(cli.Terminated), VideoWriter(tmp_path / "r.mp4", Fraction(25), 64, 64) as w:
+        with pytest.raises(cli.Terminated) as stopped, VideoWriter(tmp_path / "r.mp4", Fraction(25), 64, 64) as w:
             w.write(np.zeros((64, 64, 3), np.uint8))
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
             for _ in range(100):  # the handler runs between bytecodes of the main thread
                 pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert stopped.value.signum == sig
+    assert list(tmp_path.iterdir()) == [] and {s: signal.getsignal(s) for s in before} == before
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert signal.SIGHUP not in cli._terminate_like_interrupt()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before[signal.SIGTERM])
+        signal.signal(signal.SIGHUP, before[signal.SIGHUP])
 
 
 def test_the_same_input_twice_in_a_batch_is_named(tmp_path: Path) -> None:

@@ -691,3 +691,26 @@ def test_graph_backends_refuse_bf16_before_exporting(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="onnxruntime backend runs fp16 or fp32 graphs; bf16 runs on the torch"):
         Animator.demo(backend="onnxruntime", precision="bf16", device="cpu", work_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_path):
+    """A truncated ONNX file fails when its session is made with an error naming the graph and the file (was:
+    onnxruntime's own exception, exit 1, and for the decoder only after the whole denoising); a missing one is
+    named when the onnxruntime submodels are made, before any work."""
+    import dataclasses
+
+    from megactor_rt.errors import EngineMismatch
+    from megactor_rt.runtime.onnx_backend import graph_submodels
+
+    entry = manifest.graphs["pose_guider.fp32"]
+    damaged = dataclasses.replace(entry, root=tmp_path)
+    damaged.path.write_bytes(entry.path.read_bytes()[:1000])
+    with pytest.raises(EngineMismatch, match=r"graph 'pose_guider.fp32': onnxruntime cannot load .*re-run it"):
+        OrtRunner(damaged).activate()
+    damaged.path.unlink()
+    with pytest.raises(InputError, match="pose_guider.fp32.*is missing"):
+        OrtRunner(damaged).activate()
+    moved = dataclasses.replace(manifest, graphs={**manifest.graphs, "pose_guider.fp32": damaged})
+    with pytest.raises(InputError, match=f"ONNX files the manifest names are missing: {damaged.path}"):
+        graph_submodels("onnxruntime", models.config, models.weights_id, moved, torch.device("cpu"), "fp32",
+                        torch_fallback=lambda dtype: None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,32 @@ def test_call_counts_are_bumped_under_a_lock() -> None:
         assert worker.is_alive() and calls["unet"] == 1  # waiting for the lock
     worker.join(5)
     assert not worker.is_alive() and calls.snapshot() == {"unet": 2}
+
+
+def test_prefetch_calls_on_stop_before_waiting_for_its_worker() -> None:
+    """A consumer that stops (here: raises) has ``on_stop`` called while the worker is still busy, before the
+    wait for it (animate_to_file discards its temporary video there, not after up to JOIN_S); a consumer that
+    takes every item does not."""
+    import threading
+
+    release, worker_done = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def slow() -> Iterator[int]:
+        try:
+            yield 1
+            release.wait(10)  # busy, not at a cancellation point
+            yield 2
+        finally:
+            worker_done.set()
+
+    def on_stop() -> None:
+        seen.append(worker_done.is_set())
+        release.set()
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        for _ in prefetch(slow(), depth=1, on_stop=on_stop):
+            raise RuntimeError("consumer failed")
+    assert seen == [False] and worker_done.is_set()  # called while the worker ran; the wait came after
+    calls: list[int] = []
+    assert list(prefetch(iter([1, 2, 3]), on_stop=lambda: calls.append(1))) == [1, 2, 3] and calls == []

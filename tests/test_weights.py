@@ -393,6 +393,13 @@ def test_a_released_folder_given_as_converted_weights_says_convert_it(pack, tmp_
     assert _weights_status(dst)["status"] == "incomplete: vae.safetensors missing"
     (dst / "config.json").write_text("{")
     assert _weights_status(dst)["status"].startswith("unusable: ") and "not valid JSON" in _weights_status(dst)["status"]
+    (dst / "config.json").write_bytes(b"\xff\xfe{")  # not text: named, not a UnicodeDecodeError (exit 1)
+    with pytest.raises(WeightsError, match=r"config.json: cannot be read as a JSON file \(UnicodeDecodeError"):
+        load_converted(dst)
+    (dst / "config.json").unlink()
+    (dst / "config.json").mkdir()  # not a file: refused as an unfinished conversion
+    with pytest.raises(WeightsError, match="is not a converted weights folder"):
+        load_converted(dst)
 
 
 def test_loaded_weights_are_the_files_tensors_in_the_asked_dtype(pack, tmp_path):
