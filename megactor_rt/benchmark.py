@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -153,7 +154,13 @@ def random_tiny_decoder(work_dir: Path) -> Path:
 
         torch.manual_seed(0)
         model: Any = AutoencoderTiny()  # diffusers' mixins are not visible to mypy
-        model.save_pretrained(folder)
+        staging = Path(tempfile.mkdtemp(prefix=".taesd-random.", dir=work_dir))  # renamed once complete: an
+        try:  # interrupted write is never taken for the decoder by a later run in this work folder
+            model.save_pretrained(staging)
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder of an older version of this code
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 SUITES: dict[str, list[Scenario]] = {

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megactor_rt.config import parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import nearest_folder, same_file
 from megactor_rt.weights_layout import check_converted_folder
@@ -70,23 +71,10 @@ def _guidance(text: str) -> float:
 
 def seconds(text: str) -> float:
     """A time on the command line: seconds (``90``, ``1.5``) or ``[HH:]MM:SS[.ms]`` (``1:30``, ``0:01:30.5``)."""
-    parts = text.strip().split(":")
     try:
-        if len(parts) > 3 or any(not p for p in parts):
-            raise ValueError
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a time: give seconds (90, 1.5) or [HH:]MM:SS[.ms] "
-                                         "(1:30, 0:01:30.5)") from None
-    if not all(math.isfinite(v) and v >= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a time: it must be finite and not negative")
-    if any(v >= 60 for v in values[1:]) or any(v != int(v) for v in values[:-1]):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a time: minutes and seconds after a ':' must be "
-                                         "below 60 and the fields before the last whole numbers")
-    total = 0.0
-    for v in values:
-        total = total * 60 + v
-    return total
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:

@@ -205,6 +205,32 @@ def tiny_config() -> ModelConfig:
 # the slowest output frame rate a run takes (one frame every 100 s): below it frame times lose precision
 MIN_FPS = 0.01
 
+
+def parse_time(text: str) -> float:
+    """A time as people write it: seconds (``"90"``, ``"1.5"``) or ``[HH:]MM:SS[.ms]`` (``"1:30"``,
+    ``"0:01:30.5"``), in seconds.
+
+    Raises:
+        ValueError: anything else (the message says what is accepted).
+    """
+    parts = text.strip().split(":")
+    try:
+        if len(parts) > 3 or any(not p for p in parts):
+            raise ValueError
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"'{text}' is not a time: give seconds (90, 1.5) or [HH:]MM:SS[.ms] (1:30, "
+                         "0:01:30.5)") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"'{text}' is not a time: it must be finite and not negative")
+    if any(v >= 60 for v in values[1:]) or any(v != int(v) for v in values[:-1]):
+        raise ValueError(f"'{text}' is not a time: minutes and seconds after a ':' must be below 60 and the "
+                         "fields before the last whole numbers")
+    total = 0.0
+    for v in values:
+        total = total * 60 + v
+    return total
+
 @dataclass(frozen=True)
 class AnimateConfig:
     """Run settings; the defaults reproduce upstream MegActor v1's ``inference.yaml``.
@@ -220,9 +246,11 @@ class AnimateConfig:
         max_frames: optional cap on driving frames (upstream capped at 50; we do not by default); with
             ``fps`` it counts the frames kept.
         start: where in the driver to begin, in seconds (its first frame at or after that time; the result's
-            audio starts there too). None or 0 (default): at its start.
+            audio starts there too), or a ``"[HH:]MM:SS[.ms]"`` string (``"1:05"``). None or 0 (default): at its
+            start.
         duration: use at most this many seconds of the driver from ``start`` (the frames shown in that span,
-            at the result's rate; with ``max_frames``, whichever is fewer). None (default): to its end.
+            at the result's rate; with ``max_frames``, whichever is fewer), or a ``"[HH:]MM:SS[.ms]"`` string.
+            None (default): to its end.
         fps: a frame rate to bring faster drivers down to, by keeping the source frame shown at each output
             frame's time (60 fps -> 30 keeps every other frame, half the work; timing and audio stay in step).
             Drivers at or below it keep their rate. None (default): every driver frame, at the driver's rate.
@@ -277,6 +305,16 @@ class AnimateConfig:
     window_batch: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("start", "duration"):  # "1:05" as on the command line; a number stays as it is
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    object.__setattr__(self, name, parse_time(value))
+                except ValueError as exc:
+                    raise ValueError(f"{name}: {exc}") from None
+            elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be seconds (a number) or a '[HH:]MM:SS[.ms]' string, got "
+                                 f"{type(value).__name__}")
         if not isinstance(self.mode, Mode):  # a plain "reference" would compare unequal to Mode.REFERENCE
             if self.mode not in {m.value for m in Mode}:
                 raise ValueError(f"mode must be one of {', '.join(m.value for m in Mode)}, got {self.mode!r}")

@@ -913,7 +913,7 @@ class VideoWriter:
             self._out.start_encoding()
         except av.error.FFmpegError as exc:
             raise InputError(f"{self._audio_path}: its audio ({codec}, {rate} Hz) cannot be written into a "
-                             f"{suffix} result ({exc}); pass --no-audio, or convert the audio") from exc
+                             f"{suffix} result ({exc}); pass --no-audio (Python: audio=False), or convert the audio") from exc
 
     # -- writing
 

@@ -224,7 +224,8 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
     face = _portrait_face(image)
     if face is None:
         raise InputError(f"no face found in portrait {source_name}; use a frontal, well-lit face or "
-                         "pass --no-face-crop to use a centre crop")
+                         "pass --no-face-crop (Python: face_crop=False) to use a centre "
+                         "crop")
     crop = square_crop_around(height, width, *face.center)
     side = crop[2] - crop[0]
     if side < size // 4:
@@ -281,7 +282,8 @@ def driver_crop(boxes_per_frame: Sequence[Box | None], height: int, width: int, 
     found = [b for b in boxes_per_frame if b is not None]
     if not found:
         raise InputError(f"no face found in any of the {len(boxes_per_frame)} frames of driving video "
-                         f"{source_name}; pass --no-face-crop to use a centre crop")
+                         f"{source_name}; pass --no-face-crop (Python: face_crop=False) to use a centre "
+                         "crop")
     union = found[0]
     for box in found[1:]:
         union = union.union(box)

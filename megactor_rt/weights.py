@@ -22,7 +22,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from torch import nn
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import WeightsError
 from megactor_rt.files import umask_mode
+from megactor_rt.progress import progress
 from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder
 
 if TYPE_CHECKING:
@@ -455,10 +458,10 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         dst.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())  # the architecture too: a
         # config change that keeps every tensor's shape (attention heads, norm eps) is other weights
-        for name in MODULE_FILES:
+        for name in progress(MODULE_FILES, desc="convert-weights: write", unit="file"):
             tensors = {k: v.contiguous() for k, v in states[name].items()}
             final = dst / f"{name}.safetensors"
-            tmp = final.with_suffix(".safetensors.tmp")
+            tmp = _temporary_beside(final)  # a name of its own: another conversion into dst cannot take it
             written.append((tmp, final))
             save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
             tmp.chmod(umask_mode())  # readable as other written files (safetensors writes 0600), e.g. by a service
@@ -467,7 +470,7 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
                     digest.update(block)
         meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
                 "model": cfg.to_dict()}
-        tmp = dst / "config.json.tmp"
+        tmp = _temporary_beside(dst / "config.json")
         written.append((tmp, dst / "config.json"))
         tmp.write_text(json.dumps(meta, indent=1))
         (dst / "config.json").unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
@@ -481,6 +484,17 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
             tmp.unlink(missing_ok=True)
     logger.info("wrote converted weights to %s", dst)
     return dst
+
+
+def _temporary_beside(final: Path) -> Path:
+    """A new, empty temporary file beside ``final`` (hidden, unique to this call), with the permissions a plain
+    write would give it (mkstemp makes it 0600)."""
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, umask_mode())
+    finally:
+        os.close(fd)
+    return Path(name)
 
 
 def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -100,7 +101,7 @@ def check_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
-                             "or install a CUDA build of torch")
+                             "(Python: device='cpu') or install a CUDA build of torch")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
     return dev
@@ -166,10 +167,18 @@ class Animator:
             cuda_graphs: tensorrt backend only: each engine's first call at an input shape is captured into a
                 CUDA graph that later calls of that shape replay (fewer host launches; the inputs and outputs
                 are copied through static buffers). Not yet run on a GPU in this project.
+            onnx_dir / engine_dir: the ``megactor-rt export`` folder and the ``build-engines`` folder.
+            force_fallback: graph names (or one) that run on ``fallback`` even where a plan exists.
+            fallback: what runs the graphs without a valid plan (tensorrt backend): ``torch`` or
+                ``onnxruntime``.
+            config: run settings (:class:`~megactor_rt.config.AnimateConfig`; default: upstream's).
+            cache: the portrait cache (default: in memory only; ``PortraitCache(disk_dir=...)`` keeps prepared
+                portraits on disk for later processes).
 
         Raises:
             InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
-                tensorrt.
+                tensorrt, a device this machine lacks, a backend whose package is missing.
+            WeightsError: ``weights_dir`` is not a complete converted weights folder.
         """
         from megactor_rt.runtime.backends import require_backend
 
@@ -200,6 +209,14 @@ class Animator:
         into TensorRT plans) in ``work_dir`` (default ``demo_work_dir()``; reused by later calls) and run there:
         a check of that backend's install in a minute, without real weights. Precision: fp32 (torch,
         onnxruntime), fp16 (tensorrt) unless given; device: cpu (torch, onnxruntime), cuda (tensorrt).
+
+        Args:
+            seed: seed of the random weights (not of the runs: that is ``config.seed``).
+            config: run settings (:class:`~megactor_rt.config.AnimateConfig`; default: upstream's).
+            cuda_graphs: tensorrt backend only, as for :meth:`from_weights`.
+
+        The portrait cache is in memory; for the on-disk store, set ``anim.cache =
+        PortraitCache(disk_dir=...)`` on the result (as ``megactor-rt demo --cache-dir`` does).
         """
         _check_cuda_graphs(backend, cuda_graphs)
         models = build_models(tiny_config(), seed=seed)
@@ -269,9 +286,21 @@ class Animator:
 
     def prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, *, face_crop: bool = True,
                 mask: str | Path | None = None, seed: int | None = None) -> PortraitState:
-        """Everything per-portrait, from the cache when this portrait was prepared before. ``seed`` (default
-        this Animator's ``config.seed``) draws the VAE posterior sample of the concatenated reference, as the
-        run's seed does upstream: animate with a state prepared with the run's seed."""
+        """Everything per-portrait, from the cache when this portrait was prepared before.
+
+        Args:
+            portrait: an image file, a video file (its first frame, as upstream), an ``(H, W, 3)`` uint8 RGB
+                array, a PIL image, or :class:`PortraitInputs` already cropped.
+            face_crop: crop around the largest face (False: the centre square; a face found there still seeds
+                the person mask).
+            mask: a person mask image (white = person) instead of the GrabCut mask.
+            seed: draws the VAE posterior sample of the concatenated reference (default: this Animator's
+                ``config.seed``), as the run's seed does upstream: animate with a state prepared with the
+                run's seed (another seed is allowed, with a warning: the frames then differ from that seed's).
+
+        Raises:
+            InputError: an unreadable portrait or mask, no face (with ``face_crop``), a size outside 64..8192 px.
+        """
         return self._prepare(portrait, face_crop, mask, seed)[0]
 
     def _prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, face_crop: bool,
@@ -302,10 +331,25 @@ class Animator:
             raise InputError("this portrait state was prepared by another model (other weights, backend, precision "
                              "or device); prepare the portrait with this Animator")
 
+    @staticmethod
+    def _note_seed(state: PortraitState, cfg: AnimateConfig) -> None:
+        """A state prepared with another seed than the run's gives other frames than one prepared with the run's
+        (its VAE sample follows the state's seed, the noise the run's): allowed, but said (once per run)."""
+        found = re.search(r"\|seed=(-?\d+)\|", state.key)
+        if found is not None and int(found.group(1)) != cfg.seed:
+            logger.warning("this portrait state was prepared with seed %s and the run's seed is %d: its reference "
+                           "latent sample follows seed %s, the noise seed %d (the frames differ from a run that "
+                           "prepares the portrait with seed %d; prepare(..., seed=%d) for that)", found.group(1),
+                           cfg.seed, found.group(1), cfg.seed, cfg.seed, cfg.seed)
+
     def warmup(self, config: AnimateConfig | None = None) -> float:
         """Run every network once on dummy inputs of a request's shapes (one context window, one decode batch),
         so that one-time costs - ``torch.compile`` compilation, cuDNN algorithm selection, allocator growth,
         TensorRT context setup - are paid now, not by the first request. Touches no cache.
+
+        Args:
+            config: the settings whose shapes to warm up (default: this Animator's; window, window batch, CFG
+                and feature reuse change the UNet calls' shapes).
 
         Returns:
             Seconds taken.
@@ -381,8 +425,11 @@ class Animator:
         loop spent on them, a part of stage ``denoise``.
 
         Args:
+            state: what :meth:`prepare` returned (by this Animator or one sharing its model).
             driver: the driving video file, or its frames in memory
                 (:class:`~megactor_rt.runtime.driver.DriverFrames`: ``(H, W, 3)`` uint8 RGB and their fps).
+            face_crop: crop the driver around its faces (False: the centre square).
+            config: this run's settings (default: this Animator's).
             contour: upstream's contour-preserving mode: only the driver's eyes, mouth and brows are kept and
                 moved onto the portrait's face, so the portrait keeps its face shape (see
                 :mod:`megactor_rt.contour`; needs the 68-point landmark model).
@@ -390,7 +437,10 @@ class Animator:
             contour_affine_frame: whose landmarks place the driver's face box for ``contour``'s affine: "last"
                 (upstream's quirk, the default) or "first" (the frame upstream's code meant).
 
-        Raises:
+        Raises (when the first frame is asked for: this is a generator):
+            InputError: a missing or unreadable driver, one that is neither a path nor ``DriverFrames``, no face
+                in it (with ``face_crop``), a ``start`` past its end, a state prepared by another model,
+                settings this model cannot run.
             ValueError: ``contour_affine_frame`` is neither "last" nor "first".
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
@@ -432,6 +482,7 @@ class Animator:
                  cfg: AnimateConfig) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         self._check_state(state)
+        self._note_seed(state, cfg)
         self._note_settings(cfg)
         stats = self.last_stats = RunStats()
         dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
@@ -618,7 +669,13 @@ class Animator:
         """Prepare + animate + write an H.264 mp4 at the driver's frame rate with its audio.
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
-        under ``output``. ``contour`` / ``landmarks_model`` / ``contour_affine_frame``: see :meth:`animate`.
+        under ``output``. ``portrait``, ``face_crop``, ``mask``: see :meth:`prepare` (a PIL image is taken too);
+        ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``: see :meth:`animate`
+        (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
+        (the part under the frames used).
+
+        Returns:
+            The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
         """
         out = check_output_path(output)
         cfg = config or self.config
@@ -651,7 +708,9 @@ class Animator:
         return self.last_stats
 
     def with_config(self, **changes: Any) -> Animator:
-        """A new Animator sharing submodels and cache with some settings changed."""
+        """A new Animator sharing submodels and cache with some settings changed: ``changes`` are
+        :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
+        Also the way to run requests in several threads (see the class)."""
         return Animator(self.sub, replace(self.config, **changes), self.cache)
 
 

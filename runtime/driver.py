@@ -98,12 +98,29 @@ class DriverFrames:
 Driver = str | Path | DriverFrames
 
 
+def driver_source(driver: object) -> Path | DriverFrames:
+    """``driver`` as the runtime reads it: a video file's path, or frames in memory.
+
+    Raises:
+        InputError: anything else (frames in memory must come as ``DriverFrames``, which carries their rate).
+    """
+    if isinstance(driver, DriverFrames):
+        return driver
+    if isinstance(driver, (str, Path)):
+        return Path(driver)
+    hint = (" (frames in memory: DriverFrames(frames, fps=...), which carries their rate)"
+            if isinstance(driver, (list, tuple, np.ndarray)) or hasattr(driver, "__iter__") else "")
+    raise InputError(f"the driver must be a video file's path or DriverFrames, got {type(driver).__name__}{hint}")
+
+
 def driver_info(driver: Driver) -> VideoInfo:
     """A driver's size, rate, frame count and audio presence (a file's header, or the frames in memory).
 
     Raises:
-        InputError: the file is a still image (e.g. the portrait and driver given the other way round).
+        InputError: the file is a still image (e.g. the portrait and driver given the other way round), or the
+            driver is neither a path nor ``DriverFrames``.
     """
+    driver = driver_source(driver)
     if isinstance(driver, DriverFrames):
         return driver.info()
     info = probe_video(driver)
@@ -251,7 +268,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
         InputError: unreadable/empty video, ``start`` at or past its end, or no face in any frame (unless
             ``face_crop`` is False).
     """
-    source = driver if isinstance(driver, DriverFrames) else Path(driver)
+    source = driver_source(driver)
     info, name = driver_info(source), driver_name(source)
     sel = FrameSelection.of(info.fps, fps, start)
     ratio, skip = sel.ratio, sel.skip
@@ -296,7 +313,8 @@ def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at
                   ) -> InputError:
     has = f"{frames} frames ({float(frames / fps):.2f} s)" if at_least else f"fewer than {frames} frames"
     return InputError(f"{name}: no frame starts at or after {start} s (the first would be frame "
-                      f"{start_frame(fps, start)}; the driver has {has}); use a smaller --start")
+                      f"{start_frame(fps, start)}; the driver has {has}); use a smaller --start "
+                      "(Python: start=)")
 
 
 def _grid_frames(info: VideoInfo) -> int | None:

@@ -179,7 +179,7 @@ class GraphSubmodels(Submodels):
         if short:
             raise InputError(f"{self.name}: no plan of {', '.join(sorted(short))} takes windows of {frames} frames; "
                              "build the `long` plans too (build-engines without --profile), export with --window "
-                             f"{frames}, or run with a shorter --window")
+                             f"{frames}, or run with a shorter --window (Python: window=)")
 
     def tiny_decoder_graph(self, weights_id: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Decoding with the exported ``tiny_decoder`` graph where this backend runs one exported from the TAESD

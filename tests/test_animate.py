@@ -141,12 +141,16 @@ def test_max_frames_caps_the_output(anim: Animator, media: dict[str, Path]) -> N
 # ---------------------------------------------------------------------------------------------- reproducibility
 
 
-def test_same_seed_same_frames(anim: Animator, media: dict[str, Path], short_frames: list[np.ndarray]) -> None:
+def test_same_seed_same_frames(anim: Animator, media: dict[str, Path], short_frames: list[np.ndarray],
+                               caplog: pytest.LogCaptureFixture) -> None:
     other = Animator.demo(seed=0, device="cpu", config=CFG)  # separate model build and cache
-    again = list(other.animate(other.prepare(PORTRAIT), media["short"]))
-    assert len(again) == 4
+    with caplog.at_level(logging.WARNING):
+        again = list(other.animate(other.prepare(PORTRAIT), media["short"]))
+    assert len(again) == 4 and "prepared with seed" not in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(short_frames, again, strict=True))
-    reseeded = list(anim.animate(anim.prepare(PORTRAIT), media["short"], config=replace(CFG, seed=1)))
+    with caplog.at_level(logging.WARNING):  # a state of the old seed in a reseeded run: allowed, and said
+        reseeded = list(anim.animate(anim.prepare(PORTRAIT), media["short"], config=replace(CFG, seed=1)))
+    assert f"prepared with seed {CFG.seed} and the run's seed is 1" in caplog.text
     assert any(not np.array_equal(a, b) for a, b in zip(short_frames, reseeded, strict=True))
 
 
@@ -897,6 +901,21 @@ def test_in_memory_driver_bad_frames(anim: Animator, media: dict[str, Path], cas
     with pytest.raises(InputError, match=re.escape(needle)):
         driver = DriverFrames(frames, fps=0 if case == "fps" else 25, name="clip")  # type: ignore[arg-type]
         list(anim.animate(anim.prepare(PORTRAIT), driver))
+
+
+def test_frames_in_memory_without_driver_frames_are_named(anim: Animator, media: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """A list or array of frames passed as the driver (without ``DriverFrames``, which carries their rate) is an
+    InputError saying so (was pathlib's TypeError from deep inside the driver pass), before any work."""
+    from megactor_rt.media import iter_video_frames
+
+    good = list(iter_video_frames(media["short"]))
+    for driver in (good, np.stack(good)):
+        with pytest.raises(InputError, match=r"must be a video file's path or DriverFrames, got .*DriverFrames\(fra"):
+            next(anim.animate(anim.prepare(PORTRAIT), driver))  # type: ignore[arg-type]
+        with pytest.raises(InputError, match="must be a video file's path or DriverFrames"):
+            anim.animate_to_file(PORTRAIT, driver, tmp_path / "o.mp4")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_animators_sharing_networks_run_in_threads_at_once(anim: Animator, media: dict[str, Path]) -> None:

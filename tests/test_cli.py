@@ -563,6 +563,14 @@ def test_times_in_seconds_or_clock_notation(text: str, value: float) -> None:
     for bad in ({"start": -1}, {"start": float("inf")}, {"duration": float("inf")}):  # the Python API checks its own
         with pytest.raises(ValueError, match=r"(start|duration) must be a finite number"):
             AnimateConfig(**bad)
+    # and takes the command line's notation too (was: "TypeError: must be real number, not str")
+    assert AnimateConfig(start=text).start == value
+    assert value == 0 or AnimateConfig(duration=text).duration == value  # (a duration must be > 0)
+    with pytest.raises(ValueError, match=r"start: '1:60' is not a time"):
+        AnimateConfig(start="1:60")
+    with pytest.raises(ValueError, match=r"duration must be seconds \(a number\) or a '\[HH:\]MM:SS\[.ms\]' string, "
+                                         r"got list"):
+        AnimateConfig(duration=[8])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("text", ["", "a", "1:60", "-1", "1::2", ":30", "1.5:30", "1:2:3:4", "nan", "inf"])

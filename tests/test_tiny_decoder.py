@@ -93,7 +93,24 @@ class _Payload:  # a pickled object that is not a tensor: weights_only loading m
 def test_pickled_code_is_never_loaded(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"1.weight": _Payload()}, path)
-    with pytest.raises(WeightsError, match=r"evil\.pth: not a tensor-only PyTorch checkpoint.*Unsupported global.*_Payload"):
+    with pytest.raises(WeightsError, match=r"evil\.pth: the --tiny-decoder file holds more than tensors; refused "
+                                           r"without unpickling code.*Unsupported global.*_Payload"):
+        load_tiny_decoder(path)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "the --tiny-decoder file is empty"),
+    (b"not a checkpoint", "the --tiny-decoder file is not a PyTorch checkpoint or safetensors file"),
+    ({1: torch.zeros(1)}, "the --tiny-decoder file holds a dict, not a state dict of named tensors"),
+    ([torch.zeros(1)], "the --tiny-decoder file holds a list, not a state dict of named tensors"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_with_its_reason(tmp_path: Path, content: object, says: str) -> None:
+    path = tmp_path / "taesd.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(WeightsError, match=rf"taesd\.pth: {says}"):
         load_tiny_decoder(path)
 
 

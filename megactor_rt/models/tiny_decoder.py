@@ -49,15 +49,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: the --tiny-decoder file is empty (TAESD for SD 1.x: {TAESD_URL})")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an unsafe pickle, or not a checkpoint at all
         lines = str(exc).splitlines()
-        reason = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
-        raise WeightsError(f"{path}: not a tensor-only PyTorch checkpoint, refused without unpickling code "
-                           f"({reason})") from exc
-    if not isinstance(sd, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(sd).__name__}")
+        unsafe = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), None)
+        if unsafe is not None and unsafe.split("WeightsUnpickler error:", 1)[-1].strip():  # garbage: no reason
+            raise WeightsError(f"{path}: the --tiny-decoder file holds more than tensors; refused without unpickling "
+                               f"code ({unsafe})") from exc
+        raise WeightsError(f"{path}: the --tiny-decoder file is not a PyTorch checkpoint or safetensors file "
+                           f"({type(exc).__name__}: {lines[0] if lines else ''})") from exc
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise WeightsError(f"{path}: the --tiny-decoder file holds a {type(sd).__name__}, not a state dict of named "
+                           "tensors")
     return sd
 
 
