@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -106,7 +107,7 @@ def driver_source(driver: object) -> Path | DriverFrames:
     """
     if isinstance(driver, DriverFrames):
         return driver
-    if isinstance(driver, (str, Path)):
+    if isinstance(driver, (str, os.PathLike)):
         return Path(driver)
     hint = (" (frames in memory: DriverFrames(frames, fps=...), which carries their rate)"
             if isinstance(driver, (list, tuple, np.ndarray)) or hasattr(driver, "__iter__") else "")
