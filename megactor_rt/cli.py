@@ -37,26 +37,24 @@ SUITE_HELP = ("cpu-tiny, cpu-smoke, cpu-full-256, cpu-window-batch, cpu-stream, 
               "gpu-backends")
 
 
-def _positive_int(text: str) -> int:
-    """A count on the command line (>= 1)."""
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is not >= {least}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """A count on the command line (>= 1)."""
+    return _whole_number(text, 1)
 
 
 def _count(text: str) -> int:
     """A whole number >= 0 on the command line (``--overlap 0`` is allowed, ``--overlap -1`` names its flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
-    return value
+    return _whole_number(text, 0)
 
 
 def _guidance(text: str) -> float:
