@@ -635,26 +635,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except MegactorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _last_word(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _last_word("interrupted")
         return 130
     except Terminated as exc:
-        print("terminated" if exc.signum == signal.SIGTERM else "hung up", file=sys.stderr)
+        _last_word("terminated" if exc.signum == signal.SIGTERM else "hung up")
         return 128 + exc.signum
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say to it
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        _silence(sys.stdout)
         return 141
     except Exception as exc:
         if args.verbose:
             raise
-        print(f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        _last_word(f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
         return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _silence(*streams: Any) -> None:
+    """Point ``streams`` at /dev/null: their reader is gone, and the interpreter's flush at exit must not fail."""
+    for stream in streams:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def _last_word(text: str) -> None:
+    """``text`` on stderr where it can still be written: after a hang-up the terminal is gone and writing to it
+    raises (EIO), which must not turn the command's status into 1."""
+    try:
+        print(text, file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        _silence(sys.stdout, sys.stderr)
 
 
 def entry() -> None:

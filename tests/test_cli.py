@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import types
 from collections.abc import Iterator
 from fractions import Fraction
@@ -942,3 +943,33 @@ def test_a_bad_file_is_named_before_torch_is_imported(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.stdout.split() == ["2", "False"] and says in done.stderr, (argv, done.stdout + done.stderr)
     assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_a_hang_up_ends_the_command_with_129_although_the_terminal_is_gone(tmp_path: Path) -> None:
+    """A closed terminal sends SIGHUP and takes stderr with it: writing "hung up" there raises (EIO), which
+    must not make the status 1 (nor skip the exit's guards). A command on a pseudo-terminal whose other side
+    closes."""
+    script = tmp_path / "hup.py"
+    script.write_text(textwrap.dedent("""
+        import os, pty, sys, time
+        master, slave = pty.openpty()
+        pid = os.fork()
+        if pid == 0:
+            os.close(master)
+            os.setsid()
+            import fcntl, termios
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            os.dup2(slave, 1)
+            os.dup2(slave, 2)
+            from megactor_rt import cli
+            cli.cmd_doctor = lambda args: time.sleep(20) or 0
+            sys.argv = ["megactor-rt", "doctor"]
+            cli.entry()
+        os.close(slave)
+        time.sleep(3)  # the child is inside its command
+        os.close(master)  # the terminal goes away: SIGHUP to the session
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["129"], done.stdout + done.stderr

@@ -39,7 +39,6 @@ def test_kernels_in_triton_interpreter(triton_interpreter: Callable[[str, int], 
     triton_interpreter(f"""
         import torch
         from megactor_rt.kernels import group_norm as GN
-from stand_ins import ClaimsCuda, PastTheSwitch
         g = torch.Generator().manual_seed(1)
         for b, f, c, h, groups, affine, silu in {CASES!r}:
             for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):

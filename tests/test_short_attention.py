@@ -38,7 +38,6 @@ def test_kernel_in_triton_interpreter(triton_interpreter: Callable[[str, int], N
     triton_interpreter(f"""
         import torch
         from megactor_rt.kernels import short_attention as SA
-from stand_ins import ClaimsCuda, PastTheSwitch
         g = torch.Generator().manual_seed(1)
         for b, seq, pos, heads, d in {SHAPES!r}:
             for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
@@ -65,7 +64,6 @@ def test_the_kernels_flops_are_counted_as_sdpas(triton_interpreter: Callable[[st
         from torch.utils.flop_counter import FlopCounterMode
         import megactor_rt.benchmark  # SDPA's CPU kernel's FLOP formula, as the benchmark counts
         from megactor_rt.kernels import short_attention as SA
-from stand_ins import ClaimsCuda, PastTheSwitch
         q, k, v = (torch.randn(2, 16, 6, 8 * 40) for _ in range(3))
         counts = []
         for fn in (torch.ops.megactor.short_attention, SA.short_attention_ref):
