@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -312,7 +313,7 @@ class AnimateConfig:
                     object.__setattr__(self, name, parse_time(value))
                 except ValueError as exc:
                     raise ValueError(f"{name}: {exc}") from None
-            elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            elif value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise ValueError(f"{name} must be seconds (a number) or a '[HH:]MM:SS[.ms]' string, got "
                                  f"{type(value).__name__}")
         if not isinstance(self.mode, Mode):  # a plain "reference" would compare unequal to Mode.REFERENCE

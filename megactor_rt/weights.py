@@ -36,7 +36,7 @@ from torch import nn
 
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import WeightsError
-from megactor_rt.files import umask_mode
+from megactor_rt.files import remove_stale, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder
 
@@ -456,22 +456,25 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
     written: list[tuple[Path, Path]] = []  # (temporary, final): renamed only once every file is written
     try:
         dst.mkdir(parents=True, exist_ok=True)
+        for leftover in (".*.safetensors.*.tmp", ".config.json.*.tmp"):  # of conversions killed an hour ago or more
+            remove_stale(dst, leftover)
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())  # the architecture too: a
         # config change that keeps every tensor's shape (attention heads, norm eps) is other weights
         for name in progress(MODULE_FILES, desc="convert-weights: write", unit="file"):
             tensors = {k: v.contiguous() for k, v in states[name].items()}
             final = dst / f"{name}.safetensors"
-            tmp = _temporary_beside(final)  # a name of its own: another conversion into dst cannot take it
-            written.append((tmp, final))
+            tmp = _temporary_beside(final, written)  # a name of its own: another conversion cannot take it
             save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
             tmp.chmod(umask_mode())  # readable as other written files (safetensors writes 0600), e.g. by a service
-            with open(tmp, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
+            # the id hashes the tensors, not the file: safetensors writes its metadata in an order that differs
+            # from process to process, so the same weights converted twice gave two ids (and cold caches)
+            for key in sorted(tensors):
+                t = tensors[key]
+                digest.update(f"{name}/{key}:{t.dtype}:{tuple(t.shape)};".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
                 "model": cfg.to_dict()}
-        tmp = _temporary_beside(dst / "config.json")
-        written.append((tmp, dst / "config.json"))
+        tmp = _temporary_beside(dst / "config.json", written)
         tmp.write_text(json.dumps(meta, indent=1))
         (dst / "config.json").unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
         for tmp, final in written:  # config.json last: its presence marks a complete folder
@@ -486,10 +489,12 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
     return dst
 
 
-def _temporary_beside(final: Path) -> Path:
-    """A new, empty temporary file beside ``final`` (hidden, unique to this call), with the permissions a plain
-    write would give it (mkstemp makes it 0600)."""
+def _temporary_beside(final: Path, written: list[tuple[Path, Path]]) -> Path:
+    """A new, empty temporary file beside ``final`` (hidden, unique to this call), listed in ``written`` with
+    ``final`` as soon as it exists (the caller removes what is listed there), with the permissions a plain write
+    would give it (mkstemp makes it 0600)."""
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    written.append((Path(name), final))
     try:
         os.fchmod(fd, umask_mode())
     finally:

@@ -572,6 +572,9 @@ def test_times_in_seconds_or_clock_notation(text: str, value: float) -> None:
     with pytest.raises(ValueError, match=r"duration must be seconds \(a number\) or a '\[HH:\]MM:SS\[.ms\]' string, "
                                          r"got list"):
         AnimateConfig(duration=[8])  # type: ignore[arg-type]
+    from fractions import Fraction as F
+
+    assert AnimateConfig(start=np.float32(1.5), duration=F(1, 2)).duration == 0.5  # any real number, as before
 
 
 @pytest.mark.parametrize("text", ["", "a", "1:60", "-1", "1::2", ":30", "1.5:30", "1:2:3:4", "nan", "inf"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from golden_pack import ROOT, GoldenPack, pack_dir
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from megactor_rt.config import full_config
@@ -95,7 +96,35 @@ def test_a_conversion_that_cannot_write_leaves_the_earlier_one(pack, tmp_path, m
     with pytest.raises(WeightsError, match=r"converted: cannot write the converted weights .*No space left"):
         convert_release(src, dst)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+
+    def no_chmod(fd, mode):  # a file system without permissions (vfat): the temporary file just made goes too
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(weights_mod.os, "fchmod", no_chmod)
+    with pytest.raises(WeightsError, match=r"cannot write the converted weights .*Operation not permitted"):
+        convert_release(src, dst)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     monkeypatch.undo()
+    import os
+    import time
+
+    old = time.time() - 2 * 3600  # left by a conversion killed two hours ago: removed by the next one
+    stale, fresh = dst / ".vae.safetensors.k1ll3d.tmp", dst / ".config.json.n0w.tmp"  # (fresh: maybe running)
+    for leftover in (stale, fresh):
+        leftover.write_bytes(b"partial")
+    os.utime(stale, (old, old))
+    convert_release(src, dst)
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()
+    # the same weights again: the same files and the same weights id (safetensors orders its metadata
+    # differently from process to process, so the id hashes the tensors, not the file bytes)
+    assert sorted(p.name for p in dst.iterdir()) == sorted(before)
+    again = json.loads((dst / "config.json").read_text())
+    assert again == json.loads(before["config.json"])
+    for name in (n for n in before if n.endswith(".safetensors")):
+        old_tensors, new_tensors = load_bytes(before[name]), load_file(str(dst / name))
+        assert old_tensors.keys() == new_tensors.keys()
+        assert all(torch.equal(old_tensors[k], new_tensors[k]) for k in old_tensors)
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
     with pytest.raises(WeightsError, match="this is a file"):
