@@ -35,6 +35,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, full_config, tiny_config
 from megactor_rt.errors import InputError
+from megactor_rt.files import folder_mode, remove_stale
 from megactor_rt.runtime.backends import device_name
 
 logger = logging.getLogger(__name__)
@@ -136,12 +137,16 @@ def mode_priority(mode: str) -> int:
     return 2
 
 
-def in_run_order(scenarios: Sequence[Scenario]) -> list[Scenario]:
-    """``scenarios`` split by :func:`mode_priority` and run priority by priority (within one, in suite order): a
-    GPU session's time slice that ends early then still holds the reference-vs-optimized ratio and every faster
-    setting (eager: seconds each) before the compilations (2026-11-26/27: the whole slice went to scenario 1's
-    modes, so the faster settings were never reached). A scenario's modes of one priority stay together, so
-    ``repeats`` still alternates them round by round; the report groups results by scenario name as before."""
+def in_run_order(suite: str, scenarios: Sequence[Scenario]) -> list[Scenario]:
+    """The order a suite's scenarios run in. A ``gpu-*`` suite (run in a GPU session's time slice) is split by
+    :func:`mode_priority` and run priority by priority (within one, in suite order), so a slice that ends early
+    still holds the reference-vs-optimized ratio and every faster setting (eager: seconds each) before the
+    compilations (2026-11-26/27: the whole slice went to scenario 1's modes and the faster settings were never
+    reached). The report groups results by scenario name as before. Other suites keep their order: there a
+    scenario's modes alternate round by round with ``repeats`` (a variant beside its base on a machine whose
+    speed drifts), and each scenario's networks are built once."""
+    if not suite.startswith("gpu-"):
+        return list(scenarios)
     return [replace(sc, modes=modes) for rank in range(3) for sc in scenarios
             if (modes := tuple(m for m in sc.modes if mode_priority(m) == rank))]
 
@@ -154,8 +159,10 @@ def random_tiny_decoder(work_dir: Path) -> Path:
 
         torch.manual_seed(0)
         model: Any = AutoencoderTiny()  # diffusers' mixins are not visible to mypy
+        remove_stale(work_dir, ".taesd-random.*", folders=True)  # of runs killed an hour ago or more
         staging = Path(tempfile.mkdtemp(prefix=".taesd-random.", dir=work_dir))  # renamed once complete: an
         try:  # interrupted write is never taken for the decoder by a later run in this work folder
+            staging.chmod(folder_mode())  # as a plain mkdir makes it: a shared work folder's users read it
             model.save_pretrained(staging)
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder of an older version of this code
             staging.rename(folder)
@@ -787,7 +794,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         else:
             work = str(work_dir)
             Path(work).mkdir(parents=True, exist_ok=True)
-        for sc in in_run_order(scenarios):
+        for sc in in_run_order(suite, scenarios):
             for result in run_scenario(sc, dev, Path(work), report["errors"]):
                 report["results"].append(asdict(result))
                 _save(report, out)  # after every result: a run cut short keeps what it measured

@@ -66,6 +66,11 @@ def umask_mode() -> int:
     return 0o666 & ~_UMASK
 
 
+def folder_mode() -> int:
+    """The permission bits a plain ``mkdir()`` gives a new folder under this process's umask (``mkdtemp``: 0700)."""
+    return 0o777 & ~_UMASK
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether ``a`` and ``b`` name one file: the same file where both exist (links followed), else the same
     resolved path."""

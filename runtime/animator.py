@@ -177,7 +177,8 @@ class Animator:
 
         Raises:
             InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
-                tensorrt, a device this machine lacks, a backend whose package is missing.
+                tensorrt, a device this machine lacks.
+            BackendUnavailable: the backend's package is missing here.
             WeightsError: ``weights_dir`` is not a complete converted weights folder.
         """
         from megactor_rt.runtime.backends import require_backend
@@ -680,7 +681,7 @@ class Animator:
         out = check_output_path(output)
         cfg = config or self.config
         self.check_run(cfg)
-        check_not_an_input(out, portrait=portrait, driver=driver if isinstance(driver, (str, Path)) else None,
+        check_not_an_input(out, portrait=portrait, driver=driver if isinstance(driver, (str, os.PathLike)) else None,
                            mask=mask)
         check_affine_frame(contour_affine_frame)
         # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)

@@ -60,6 +60,12 @@ def ort_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
+# the graphs every run calls whatever its settings (which UNet graphs it calls depends on them: see
+# graphs_needed; the tiny decoder's on --tiny-decoder)
+RUN_GRAPHS = frozenset({"clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider",
+                        "pose_guider_film"})
+
+
 class OrtRunner(Runner):
     """One onnxruntime session for one exported graph (CPU, or CUDA/TensorRT providers where installed)."""
 
@@ -89,6 +95,10 @@ class OrtRunner(Runner):
         try:
             session = ort.InferenceSession(str(self.graph.path), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime's own exception types (pybind11): a damaged or incomplete file
+            if _ORT_OOM.search(str(exc)):  # loading a big graph's initializers: not the file's fault
+                where = ", ".join(p if isinstance(p, str) else p[0] for p in self.providers)
+                raise ResourceError(f"out of memory loading onnxruntime graph {self.graph.name} on {where}; "
+                                    f"{MEMORY_HINT}") from exc
             raise EngineMismatch(f"graph '{self.graph.name}': onnxruntime cannot load {self.graph.path} "
                                  f"({type(exc).__name__}: {str(exc).strip()[:300]}); the export is damaged or "
                                  "incomplete: re-run it (`megactor-rt check-export` checks a folder)") from exc
@@ -327,9 +337,11 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
                                       if e.precision == want}
     if not ort_runners:
         raise InputError(f"{onnx_dir}: the manifest has no {want} graphs (export with --precision {want})")
-    missing = sorted(str(e.path) for e in manifest.graphs.values() if e.precision == want and not e.path.is_file())
+    missing = sorted(str(e.path) for e in manifest.graphs.values() if e.precision == want and not e.path.is_file()
+                     and e.submodel in RUN_GRAPHS)
     if missing and backend == "onnxruntime":  # named now, not at the graph's first call (the decoder's: after the
-        # whole denoising); TensorRT plans run without their ONNX files
+        # whole denoising); TensorRT plans run without their ONNX files; a missing UNet or tiny decoder graph is
+        # named when a run first calls it (which of them a run calls depends on its settings)
         raise InputError(f"{onnx_dir}: ONNX files the manifest names are missing: {', '.join(missing)} (re-run the "
                          "export)")
     dtype = torch.float16 if want == "fp16" else torch.float32

@@ -209,15 +209,15 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch",
             yield item
     finally:
         stop.set()
+        # listed before on_stop and the wait, so that a second Ctrl-C / SIGTERM breaking either off leaves it
+        # listed; abandoned_workers() leaves out the threads that have ended
+        with _abandoned_lock:
+            _abandoned[:] = [*((t, e) for t, e in _abandoned if not e.is_set()), (thread, ended)]
         if on_stop is not None and not exhausted:
             try:
                 on_stop()
             except Exception as exc:  # noqa: BLE001 - the error that stopped the iteration is the one to report
                 logger.warning("%s: error while stopping: %s", name, exc)
-        # listed before the wait, so that a second Ctrl-C / SIGTERM breaking it off anywhere leaves it listed;
-        # abandoned_workers() leaves out the threads that have ended
-        with _abandoned_lock:
-            _abandoned[:] = [*((t, e) for t, e in _abandoned if not e.is_set()), (thread, ended)]
         ended.wait(timeout=JOIN_S)
         if not ended.is_set():
             logger.warning("%s: the worker thread did not stop within %.0f s", name, JOIN_S)

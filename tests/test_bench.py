@@ -413,3 +413,5 @@ def test_suites_run_the_eager_headline_and_faster_settings_before_compilations(t
         ("full 512px fp16", ("optimized+batch3", "optimized+no-wrap")), ("faster: 10 steps", ("optimized+tiny-decoder",)),
     ]
     assert sorted(m for _, modes in ran for m in modes) == sorted(m for sc in gpu_full for m in sc.modes)
+    for suite in ("cpu-full-256", "cpu-window-batch"):  # elsewhere variants alternate with their base modes
+        assert benchmark.in_run_order(suite, benchmark.SUITES[suite]) == benchmark.SUITES[suite]

@@ -710,6 +710,21 @@ def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_
     damaged.path.unlink()
     with pytest.raises(InputError, match="pose_guider.fp32.*is missing"):
         OrtRunner(damaged).activate()
+    import onnxruntime
+
+    from megactor_rt.errors import ResourceError
+
+    def no_memory(*args, **kwargs):  # loading a big graph's initializers on a full GPU: not the file's fault
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
+                           "buffer of size 1073741824")
+
+    real = onnxruntime.InferenceSession
+    onnxruntime.InferenceSession = no_memory  # type: ignore[assignment,misc]
+    try:
+        with pytest.raises(ResourceError, match="out of memory loading onnxruntime graph pose_guider.fp32"):
+            OrtRunner(entry).activate()
+    finally:
+        onnxruntime.InferenceSession = real  # type: ignore[misc]
     moved = dataclasses.replace(manifest, graphs={**manifest.graphs, "pose_guider.fp32": damaged})
     with pytest.raises(InputError, match=f"ONNX files the manifest names are missing: {damaged.path}"):
         graph_submodels("onnxruntime", models.config, models.weights_id, moved, torch.device("cpu"), "fp32",

@@ -60,7 +60,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: the --tiny-decoder file holds more than tensors; refused without unpickling "
                                f"code ({unsafe})") from exc
         raise WeightsError(f"{path}: the --tiny-decoder file is not a PyTorch checkpoint or safetensors file "
-                           f"({type(exc).__name__}: {lines[0] if lines else ''})") from exc
+                           f"({type(exc).__name__})") from exc  # (torch's text advises weights_only=False: not here)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise WeightsError(f"{path}: the --tiny-decoder file holds a {type(sd).__name__}, not a state dict of named "
                            "tensors")
