@@ -776,6 +776,8 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
             raise InputError(f"suite '{suite}' is measured on a GPU and this torch sees no CUDA device; --dry-run "
                              "checks it here at small sizes, --device cpu runs it here in full (hours)")
         device = "cuda"
+    if device is None and suite.startswith("cpu-"):  # the suite's name says where it measures
+        device = "cpu"
     dev = check_device(device) if device else default_device()  # a device this machine lacks: InputError
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
     out = Path(out)

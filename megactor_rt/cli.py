@@ -98,7 +98,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
                         "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
                         "to the K of `export --window-batch`; default 1, as upstream)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the initial noise and the reference latent's "
+                                                         "sample (default 42, as upstream)")
     p.add_argument("--reference-timestep", type=_count, default=None,
                    help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
                         "current t")
@@ -569,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "for random-weight architectures")
     e.add_argument("--out", required=True, type=Path)
     e.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 20 (default: 18)")
-    e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
+    e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"],
+                   help="which graphs to write (default: both; fp16 graphs are what TensorRT fp16 plans take)")
     e.add_argument("--window", type=_positive_int, default=16, help="the context window length the profiles target")
     e.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
                    help="context windows per UNet call the TensorRT profiles allow (animate --window-batch K; "
@@ -602,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
     be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)
     be.add_argument("--out", type=Path, default=Path("bench-results"))
-    be.add_argument("--device", default=None, help="default: the suite's (cuda for gpu-* suites, else cpu)")
+    be.add_argument("--device", default=None, help="default: cpu for cpu-* suites, cuda for gpu-* suites, otherwise cuda where torch "
+                         "sees a GPU, else cpu")
     be.add_argument("--dry-run", action="store_true",
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end; "
                          "its figures mean nothing; on a CPU the +compile modes' warm-ups take minutes)")

@@ -415,3 +415,17 @@ def test_suites_run_the_eager_headline_and_faster_settings_before_compilations(t
     assert sorted(m for _, modes in ran for m in modes) == sorted(m for sc in gpu_full for m in sc.modes)
     for suite in ("cpu-full-256", "cpu-window-batch"):  # elsewhere variants alternate with their base modes
         assert benchmark.in_run_order(suite, benchmark.SUITES[suite]) == benchmark.SUITES[suite]
+
+
+def test_cpu_suites_measure_the_cpu_by_default(tmp_path, monkeypatch):
+    """`bench --suite cpu-*` without --device measures the CPU also where torch sees a GPU (was: the GPU)."""
+    import torch
+
+    from megactor_rt import benchmark
+
+    devices = []
+    monkeypatch.setattr(benchmark, "run_scenario", lambda sc, device, *a, **k: devices.append(device) or iter(()))
+    monkeypatch.setattr(benchmark, "matmul_tflops", lambda *a: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    benchmark.run_bench("cpu-smoke", tmp_path)
+    assert [d.type for d in devices] == ["cpu"]
