@@ -361,7 +361,6 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from megactor_rt.assets import ASSETS_DIR
-    from megactor_rt.runtime.animator import Animator
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
@@ -370,6 +369,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     _note_contour_options(args)
+    from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
@@ -387,9 +387,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    out = _output_folder(args.dst, "dst")  # both checked before torch's import (seconds)
+    if not Path(args.src).is_dir():
+        what = "is a file, not a folder" if Path(args.src).exists() else "does not exist"
+        raise InputError(f"weights folder {args.src} {what}")
     from megactor_rt.weights import convert_release
 
-    dst = convert_release(args.src, _output_folder(args.dst, "dst"), checkpoint=args.checkpoint)
+    dst = convert_release(args.src, out, checkpoint=args.checkpoint)
     print(f"converted {args.src} -> {dst}")
     return 0
 
@@ -478,11 +482,14 @@ def cmd_check_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from megactor_rt.benchmark import markdown, run_bench
-
+    known = SUITE_HELP.split(", ")
+    if args.suite not in known:  # before torch's import (seconds); run_bench checks it again
+        raise InputError(f"unknown benchmark suite '{args.suite}'; known: {', '.join(sorted(known))}")
     out = _output_folder(args.out, "--out")
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
+    from megactor_rt.benchmark import markdown, run_bench
+
     report = run_bench(args.suite, out, device=args.device, dry_run=args.dry_run, modes=args.modes,
                        work_dir=args.work_dir, only=args.scenarios)
     print(markdown(report))

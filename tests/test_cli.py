@@ -921,8 +921,9 @@ def test_half_precision_on_the_cpu_is_named_slow(caplog: pytest.LogCaptureFixtur
 
 
 def test_a_bad_file_is_named_before_torch_is_imported(tmp_path: Path) -> None:
-    """`animate` checks its files and `animate`/`export` the weights folder before importing the runtime (torch:
-    about 7 s on this machine), so a typo in a path is answered in about 2 s instead of 9."""
+    """`animate` and `demo` check their files, `animate`/`export`/`convert-weights` the weights folder and `bench`
+    its suite before importing the runtime (torch: about 7 s on this machine), so a typo is answered in about 2 s
+    instead of 9."""
     code = ("import sys\nfrom megactor_rt.cli import main\n"
             f"code = main(['-q', 'animate', '--weights', 'w', '--portrait', {str(tmp_path / 'missing.png')!r}, "
             f"'--driver', 'x.mp4', '-o', {str(tmp_path / 'o.mp4')!r}])\n"
@@ -940,7 +941,12 @@ def test_a_bad_file_is_named_before_torch_is_imported(tmp_path: Path) -> None:
                        (["export", "--weights", str(released), "--out", str(tmp_path / "onnx")],
                         "holds the released weights, not converted ones"),
                        (["export", "--weights", str(tmp_path), "--out", str(tmp_path / "onnx")],
-                        "is not a converted weights folder")):
+                        "is not a converted weights folder"),
+                       (["convert-weights", str(tmp_path / "nope"), str(tmp_path / "onnx")], "nope does not exist"),
+                       (["demo", "--portrait", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o.mp4")],
+                        "nope.png: portrait file does not exist"),
+                       (["bench", "--suite", "gpu-ful", "--out", str(tmp_path / "onnx")],
+                        "unknown benchmark suite 'gpu-ful'")):
         code = ("import sys\nfrom megactor_rt.cli import main\n"
                 f"code = main(['-q', *{argv!r}])\nprint(code, 'torch' in sys.modules)")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
