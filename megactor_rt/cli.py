@@ -611,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
     be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)
     be.add_argument("--out", type=Path, default=Path("bench-results"))
-    be.add_argument("--device", default=None, help="default: cpu for cpu-* suites, cuda for gpu-* suites, otherwise cuda where torch "
-                         "sees a GPU, else cpu")
+    be.add_argument("--device", default=None,
+                    help="default: cpu for cpu-* suites, cuda for gpu-* suites, otherwise cuda where torch sees a "
+                         "GPU, else cpu")
     be.add_argument("--dry-run", action="store_true",
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end; "
                          "its figures mean nothing; on a CPU the +compile modes' warm-ups take minutes)")
