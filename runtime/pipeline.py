@@ -218,8 +218,10 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch",
                 on_stop()
             except Exception as exc:  # noqa: BLE001 - the error that stopped the iteration is the one to report
                 logger.warning("%s: error while stopping: %s", name, exc)
-        ended.wait(timeout=JOIN_S)
-        if not ended.is_set():
+        if ended.wait(timeout=JOIN_S):
+            thread.join(timeout=5.0)  # past its last statement: only returning is left (a moment, but under load
+            # the thread was still listed by threading.enumerate() when the caller looked)
+        else:
             logger.warning("%s: the worker thread did not stop within %.0f s", name, JOIN_S)
 
 
