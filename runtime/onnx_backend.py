@@ -177,6 +177,10 @@ class GraphSubmodels(Submodels):
         if missing:
             raise InputError(f"{self.name}: the export has no {', '.join(missing)} graph, which this run needs; "
                              "export again (megactor-rt export) without --graphs, or with the settings of this run")
+        gone = [str(r.graph.path) for g in graphs_needed(cfg) if isinstance(r := self.runners.get(g), OrtRunner)
+                and r.session is None and not r.graph.path.is_file()]
+        if gone:  # before any work, not at the graph's first call (the UNet's: after the portrait's preparation)
+            raise InputError(f"ONNX files this run needs are missing: {', '.join(gone)} (re-run the export)")
 
     def check_window(self, frames: int) -> None:
         """A window of ``frames`` frames fits some plan of every UNet graph (TensorRT: its profiles' frame

@@ -729,3 +729,11 @@ def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_
     with pytest.raises(InputError, match=f"ONNX files the manifest names are missing: {damaged.path}"):
         graph_submodels("onnxruntime", models.config, models.weights_id, moved, torch.device("cpu"), "fp32",
                         torch_fallback=lambda dtype: None)
+    # a UNet graph (which ones a run calls depends on its settings) is named by the run's check, before any work
+    unet = dataclasses.replace(manifest.graphs["temporal_unet.fp32"], root=tmp_path)
+    sub = graph_submodels("onnxruntime", models.config, models.weights_id,
+                          dataclasses.replace(manifest, graphs={**manifest.graphs, "temporal_unet.fp32": unet}),
+                          torch.device("cpu"), "fp32", torch_fallback=lambda dtype: None)
+    with pytest.raises(InputError, match=f"ONNX files this run needs are missing: {unet.path}"):
+        sub.check_run(AnimateConfig(steps=2))
+    sub.check_run(AnimateConfig(steps=2, guidance=1.0))  # a run without CFG calls temporal_unet_cond instead
