@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from megactor_rt.config import parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import nearest_folder, same_file
-from megactor_rt.weights_layout import check_converted_folder
+from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
     from megactor_rt.runtime.animator import Animator
@@ -388,9 +388,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     out = _output_folder(args.dst, "dst")  # both checked before torch's import (seconds)
-    if not Path(args.src).is_dir():
-        what = "is a file, not a folder" if Path(args.src).exists() else "does not exist"
-        raise InputError(f"weights folder {args.src} {what}")
+    check_release_folder(args.src)
     from megactor_rt.weights import convert_release
 
     dst = convert_release(args.src, out, checkpoint=args.checkpoint)

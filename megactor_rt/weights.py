@@ -38,7 +38,7 @@ from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import WeightsError
 from megactor_rt.files import remove_stale, umask_mode
 from megactor_rt.progress import progress
-from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder
+from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder, check_release_folder
 
 if TYPE_CHECKING:
     from megactor_rt.models.clip import ClipImageEncoder
@@ -413,9 +413,7 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
     Raises:
         WeightsError: missing files, unsafe pickles, or keys that do not match the architecture.
     """
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
+    src, dst = check_release_folder(src), Path(dst)
     ckpt = release_checkpoint(src, checkpoint)
     cfg = release_config(src)
     differences = feature_extractor_differences(src, cfg.clip.image_size)
@@ -456,7 +454,8 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
     written: list[tuple[Path, Path]] = []  # (temporary, final): renamed only once every file is written
     try:
         dst.mkdir(parents=True, exist_ok=True)
-        for leftover in (".*.safetensors.*.tmp", ".config.json.*.tmp"):  # of conversions killed an hour ago or more
+        for leftover in (".*.safetensors.*.tmp", f".{CONFIG_NAME}.*.tmp"):  # _temporary_beside's names, left by
+            # conversions killed an hour ago or more
             remove_stale(dst, leftover)
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())  # the architecture too: a
         # config change that keeps every tensor's shape (attention heads, norm eps) is other weights
@@ -474,9 +473,9 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
                 digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
         meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
                 "model": cfg.to_dict()}
-        tmp = _temporary_beside(dst / "config.json", written)
+        tmp = _temporary_beside(dst / CONFIG_NAME, written)
         tmp.write_text(json.dumps(meta, indent=1))
-        (dst / "config.json").unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
+        (dst / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
         for tmp, final in written:  # config.json last: its presence marks a complete folder
             tmp.replace(final)
     except Exception as exc:  # a full disk, no permission (safetensors' own error type included)
@@ -523,7 +522,7 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
     """Load a converted weights folder into eval-mode modules on ``device``/``dtype``."""
     weights_dir = Path(weights_dir)
     cfg, weights_id = converted_config(weights_dir)
-    models = meta_models(cfg, str(weights_dir / "config.json"))
+    models = meta_models(cfg, str(weights_dir / CONFIG_NAME))
     for name, module in models.modules().items():  # one module's tensors in host memory at a time
         path = weights_dir / f"{name}.safetensors"
         if not path.is_file():

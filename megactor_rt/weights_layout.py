@@ -1,5 +1,5 @@
-"""The converted weights folder's layout, checked without importing torch (the CLI asks before loading the
-runtime, which takes seconds to import)."""
+"""The weights folders' layout (the released one, the converted one), checked without importing torch (the CLI
+asks before loading the runtime, which takes seconds to import)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def check_converted_folder(weights_dir: str | Path) -> Path:
                            f"`megactor-rt convert-weights {released} OUT` and pass OUT as --weights")
     raise WeightsError(f"missing {weights_dir / CONFIG_NAME}: {weights_dir} is not a converted weights folder (or its "
                        "conversion did not finish): run `megactor-rt convert-weights` into it")
+
+
+def check_release_folder(src: str | Path) -> Path:
+    """``src`` as a ``Path`` if it is a folder (the released ``weights/`` folder ``convert-weights`` reads);
+    otherwise a ``WeightsError`` saying what it is."""
+    src = Path(src)
+    if not src.is_dir():
+        raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
+    return src

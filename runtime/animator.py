@@ -46,6 +46,7 @@ from megactor_rt.runtime.driver import (
     DriverPlan,
     FrameSelection,
     driver_info,
+    driver_source,
     iter_driver_inputs,
     plan_driver,
     plan_driver_contour,
@@ -681,8 +682,8 @@ class Animator:
         out = check_output_path(output)
         cfg = config or self.config
         self.check_run(cfg)
-        check_not_an_input(out, portrait=portrait, driver=driver if isinstance(driver, (str, os.PathLike)) else None,
-                           mask=mask)
+        source = driver_source(driver)
+        check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask)
         check_affine_frame(contour_affine_frame)
         # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)
         landmarker = Landmarker(landmarks_model) if contour else None

@@ -693,7 +693,7 @@ def test_graph_backends_refuse_bf16_before_exporting(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_path):
+def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_path, monkeypatch):
     """A truncated ONNX file fails when its session is made with an error naming the graph and the file (was:
     onnxruntime's own exception, exit 1, and for the decoder only after the whole denoising); a missing one is
     named when the onnxruntime submodels are made, before any work."""
@@ -718,13 +718,10 @@ def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested "
                            "buffer of size 1073741824")
 
-    real = onnxruntime.InferenceSession
-    onnxruntime.InferenceSession = no_memory  # type: ignore[assignment,misc]
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(onnxruntime, "InferenceSession", no_memory)
         with pytest.raises(ResourceError, match="out of memory loading onnxruntime graph pose_guider.fp32"):
             OrtRunner(entry).activate()
-    finally:
-        onnxruntime.InferenceSession = real  # type: ignore[misc]
     moved = dataclasses.replace(manifest, graphs={**manifest.graphs, "pose_guider.fp32": damaged})
     with pytest.raises(InputError, match=f"ONNX files the manifest names are missing: {damaged.path}"):
         graph_submodels("onnxruntime", models.config, models.weights_id, moved, torch.device("cpu"), "fp32",
