@@ -40,7 +40,7 @@ from megactor_rt.runtime.backends import device_name
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("clip_tokens", "vae_encode", "vae_decode", "film", "pose_features", "pose_guider_full",
+METHODS = ("clip_tokens", "token_kv", "vae_encode", "vae_decode", "film", "pose_features", "pose_guider_full",
            "reference_bank", "unet")
 # The denoise stage's FLOPs: the optimized modes compute the PoseGuider (pose_features) as the windows first need
 # their frames, inside the denoise stage's time; the reference path runs it in every window call (pose_guider_full).
@@ -286,7 +286,9 @@ class FlopLedger:
         self.twin = twin
         self.sub = sub
         for name in METHODS:
-            if hasattr(sub, name):
+            # a graph backend's UNet graphs project the tokens in every call (counted there, on the twin's
+            # unet); its token_kv computes nothing, so the twin's projection must not be counted for it
+            if hasattr(sub, name) and not (name == "token_kv" and twin is not None):
                 setattr(sub, name, self._wrap(name, getattr(sub, name)))
 
     def _wrap(self, name: str, fn: Callable, count: Callable | None = None) -> Callable:

@@ -398,6 +398,7 @@ class Animator:
                                                  scale, shift) for i in range(0, cfg.window, POSE_BATCH)])
         t = mcfg.scheduler.num_train_timesteps - 1
         bank = self.sub.reference_bank(mean, t, tokens)
+        token_kv = self.sub.token_kv(tokens) if cfg.mode is Mode.OPTIMIZED else None  # as the run's calls take it
         pose = pose.permute(1, 0, 2, 3)[None]
         per_call = self.window_batch(cfg)
         for k in sorted({1, per_call}):  # calls of one window (short drivers) and of window_batch windows
@@ -406,7 +407,8 @@ class Animator:
             for kind in cfg.step_kinds():  # every kind of UNet call the run makes, in the order it first makes them
                 deep = reusable(kept, kind.cfg, k) if kind.reuse else None
                 out = self.sub.unet(lat, t, tokens, pose.expand(k, -1, -1, -1, -1), bank, deep=deep,
-                                    keep_deep=cfg.reuses_features and deep is None, **cfg_pair(kind.cfg))
+                                    keep_deep=cfg.reuses_features and deep is None, token_kv=token_kv,
+                                    **cfg_pair(kind.cfg))
                 eps, kept = out if isinstance(out, tuple) else (out, kept)
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny)

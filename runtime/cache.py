@@ -50,7 +50,7 @@ class PortraitCache:
         self.max_disk_bytes = max_disk_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._mem: OrderedDict[str, PortraitState] = OrderedDict()
-        self._on_disk: dict[str, tuple[frozenset[int], str | None]] = {}  # key -> what its file holds
+        self._on_disk: dict[str, tuple[frozenset[int], str | None, bool]] = {}  # key -> what its file holds
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
@@ -195,11 +195,12 @@ class PortraitCache:
             for name in sorted(k for k in d if k.startswith("bank_")):
                 _, ts, _ = name.split("_")
                 banks.setdefault(int(ts), []).append(d[name])
+            kv = [d[name] for name in sorted(k for k in d if k.startswith("token_kv_"))]
             inputs = PortraitInputs(t["in_image"], t["in_background_mask"], t["in_clip_image"], t["in_ada_reference"])
             lm = t.get("face_landmarks")
             state = PortraitState(key=key, inputs=inputs, ref_latent=d["ref_latent"], cond=d["cond"],
                                   tokens=d["tokens"], film_scale=d["film_scale"], film_shift=d["film_shift"],
-                                  ada_reference=d["ada_reference"], banks=banks,
+                                  ada_reference=d["ada_reference"], banks=banks, token_kv=kv or None,
                                   face_landmarks=None if lm is None else lm.numpy(),
                                   landmarks_model=meta.get("landmarks_model") if lm is not None else None)
         except Exception as exc:  # a truncated or foreign file must not stop a run: recompute and rewrite it
@@ -215,7 +216,7 @@ class PortraitCache:
 _HOST_TENSORS = frozenset({"in_image", "in_background_mask", "in_clip_image", "in_ada_reference", "face_landmarks"})
 
 
-def _snapshot(state: PortraitState) -> tuple[tuple[frozenset[int], str | None], dict[str, torch.Tensor],
+def _snapshot(state: PortraitState) -> tuple[tuple[frozenset[int], str | None, bool], dict[str, torch.Tensor],
                                              dict[str, str]]:
     """What a state's file holds (see :func:`_content`), its tensors on the host and its metadata."""
     content = _content(state)
@@ -243,9 +244,11 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _content(state: PortraitState) -> tuple[frozenset[int], str | None]:
-    """What a state's file would hold beyond the fixed tensors: bank timesteps, landmark model."""
-    return frozenset(state.banks), state.landmarks_model if state.face_landmarks is not None else None
+def _content(state: PortraitState) -> tuple[frozenset[int], str | None, bool]:
+    """What a state's file would hold beyond the fixed tensors: bank timesteps, landmark model, whether the
+    tokens' keys/values (a file written by an older version has none; they are computed on its first use)."""
+    return (frozenset(state.banks), state.landmarks_model if state.face_landmarks is not None else None,
+            state.token_kv is not None)
 
 
 def _file_key(key: str) -> str:

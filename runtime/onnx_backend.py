@@ -271,15 +271,17 @@ class GraphSubmodels(Submodels):
 
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
-             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False,
+             token_kv: Sequence[torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if upstream or bank is None or (shared_down, n_uncond) not in ((True, 1), (False, 0)):
             raise InputError(f"{self.name}: the exported UNet graphs cover the optimized CFG pair and the "
                              "conditional-only call; use mode='optimized' (the reference mode needs torch)")
         graph = ("temporal_unet" if shared_down else "temporal_unet_cond") + ("_reuse" if deep is not None else "")
         if (fb := self._fallback(graph)) is not None:
             return fb.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond, shared_down=shared_down,
-                           deep=deep, keep_deep=keep_deep)
+                           deep=deep, keep_deep=keep_deep, token_kv=token_kv)
+        # the graphs project the tokens themselves (the same values as ``token_kv``, which this backend's
+        # ``token_kv`` leaves None)
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
         if deep is not None:
             self.calls.bump("unet_reuse")

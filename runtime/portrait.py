@@ -1,8 +1,9 @@
 """Per-portrait state: everything that depends only on the portrait, computed once (spec section 2.7).
 
 crop pixels -> VAE posterior (mean for the ReferenceNet, a seeded sample for the concat channels) ->
-background mask at latent size -> CLIP background tokens -> PoseGuider FiLM code -> ReferenceNet bank per
-timestep (filled lazily, then reused by every window and every later video of the same portrait).
+background mask at latent size -> CLIP background tokens and the UNet's cross-attention keys/values of them ->
+PoseGuider FiLM code -> ReferenceNet bank per timestep (filled lazily, then reused by every window and every
+later video of the same portrait).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class PortraitState:
         ref_latent: ``(1, 4, h, w)`` VAE mean x scaling (ReferenceNet input).
         cond: ``(1, 5, h, w)`` VAE sample x scaling | background mask (conv_in channels 4..8).
         tokens: CLIP tokens ``(1, T, D)``.
+        token_kv: the temporal UNet's cross-attention keys and values of ``tokens`` (``Submodels.token_kv``;
+            None where the backend's UNet projects the tokens itself, or not computed yet: :meth:`cross_kv`).
         film_scale / film_shift: ``(1, 128)`` PoseGuider FiLM code.
         ada_reference: ``(1, 3, 512, 512)`` in [0, 1] (kept for the reference-mode evaluation).
         banks: ReferenceNet bank per timestep, filled on demand.
@@ -69,6 +72,7 @@ class PortraitState:
     film_shift: torch.Tensor
     ada_reference: torch.Tensor
     banks: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    token_kv: list[torch.Tensor] | None = None
     face_landmarks: np.ndarray | None = None
     landmarks_model: str | None = None
 
@@ -78,9 +82,18 @@ class PortraitState:
             self.banks[timestep] = sub.reference_bank(self.ref_latent, timestep, self.tokens)
         return self.banks[timestep]
 
+    def cross_kv(self, sub: Submodels) -> list[torch.Tensor] | None:
+        """The UNet's cross-attention keys and values of the tokens (computed once, then cached; a state read
+        from a store file written without them computes them here), or None where ``sub``'s UNet projects the
+        tokens itself."""
+        if self.token_kv is None:
+            self.token_kv = sub.token_kv(self.tokens)
+        return self.token_kv
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"ref_latent": self.ref_latent, "cond": self.cond, "tokens": self.tokens,
                "film_scale": self.film_scale, "film_shift": self.film_shift, "ada_reference": self.ada_reference}
+        out.update({f"token_kv_{i:02d}": t for i, t in enumerate(self.token_kv or ())})
         for t, bank in list(self.banks.items()):  # a snapshot: another thread's run may be adding a bank
             out.update({f"bank_{t}_{i:02d}": b for i, b in enumerate(bank)})
         return out
@@ -120,4 +133,4 @@ def prepare_portrait(sub: Submodels, inputs: PortraitInputs, seed: int, key: str
     film_scale, film_shift = sub.film(ada)
     return PortraitState(key=key, inputs=inputs, ref_latent=mean * scale, cond=cond.to(mean.dtype),
                          tokens=tokens, film_scale=film_scale, film_shift=film_shift,
-                         ada_reference=ada.to(mean.device, mean.dtype))
+                         ada_reference=ada.to(mean.device, mean.dtype), token_kv=sub.token_kv(tokens))

@@ -148,6 +148,7 @@ class _Base:
         self.reuse = False  # this step reuses them
         self.deep: dict[int, torch.Tensor] = {}
         self.offload = False  # keep them in host memory (see ``feature_offload``)
+        self.token_kv: list[torch.Tensor] | None = None  # the tokens' cross-attention K/V (optimized path)
 
     def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
         self.cfg, self.reuse = kind.cfg, kind.reuse
@@ -177,7 +178,7 @@ class _Base:
         if deep is not None and k > 1:  # [uncond of each window | cond of each window]
             deep = torch.cat([d[half:half + 1] for half in range(deep.shape[0]) for d in deeps])  # type: ignore
         out = self.sub.unet(latents, timestep, tokens, pose, self.bank, deep=deep,
-                            keep_deep=self.keep and deep is None, **kwargs)
+                            keep_deep=self.keep and deep is None, token_kv=self.token_kv, **kwargs)
         out, kept = out if isinstance(out, tuple) else (out, None)
         halves = out.shape[0] // k
         if kept is not None:
@@ -217,6 +218,7 @@ class OptimizedPredictor(_Base):
         """``pose_features``: PoseGuider output of all frames, ``(1, 4, N, h, w)``, or a ``PoseFeed`` that
         computes it as windows need it."""
         super().__init__(sub, state, guidance, reference_timestep, feature_reuse)
+        self.token_kv = state.cross_kv(sub)  # projected once per portrait, not in every call
         self.pose = pose_features
         self.window_batch = 1  # windows per UNet call in ``denoise`` (``predict_windows``; see AnimateConfig)
 

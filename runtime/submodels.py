@@ -95,13 +95,20 @@ class Submodels(ABC):
     def reference_bank(self, latent: torch.Tensor, timestep: int, tokens: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 4, h, w)``, t, ``(B, T, D)`` -> the 10 bank tensors ``(B, L_i, C_i)``."""
 
+    def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
+        """The UNet's cross-attention keys and values of ``tokens (1, T, D)`` (``TemporalUNet.token_kv``), for
+        ``unet``'s ``token_kv``: projected once per portrait instead of in every call. None where the backend's
+        UNet projects the tokens itself (the exported graphs take the tokens, see docs/decisions.md)."""
+        return None
+
     @abstractmethod
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
-             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False,
+             token_kv: Sequence[torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Temporal UNet; argument conventions of ``TemporalUNet.forward`` (``deep``/``keep_deep``: feature
-        reuse). Calls are counted as ``unet``, and the feature-reusing ones also as ``unet_reuse``."""
+        reuse; ``token_kv``: this backend's :meth:`token_kv` of ``tokens``, or None). Calls are counted as
+        ``unet``, and the feature-reusing ones also as ``unet_reuse``."""
 
     def pose_guider_full(self, frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Upstream's per-call PoseGuider (features + FiLM recomputed): ``(B,3,F,H,W)`` -> ``(B,4,F,h,w)``."""
@@ -189,10 +196,15 @@ class TorchSubmodels(Submodels):
         return self.models.reference_net(self._in(latent), t, self._in(tokens))
 
     @torch.inference_mode()
+    def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        self.calls.bump("token_kv")
+        return self.models.unet.token_kv(self._in(tokens))
+
+    @torch.inference_mode()
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
-             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False,
+             token_kv: Sequence[torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         self.calls.bump("unet")
         if deep is not None:
             self.calls.bump("unet_reuse")
@@ -201,4 +213,5 @@ class TorchSubmodels(Submodels):
         bank = [self._in(b) for b in bank] if bank is not None else None
         return self._unet_module()(self._in(latents), t, self._in(tokens), self._in(pose), bank,
                                    n_uncond=n_uncond, shared_down=shared_down, upstream=upstream, deep=deep,
-                                   keep_deep=keep_deep)
+                                   keep_deep=keep_deep,
+                                   token_kv=[self._in(t) for t in token_kv] if token_kv is not None else None)

@@ -38,7 +38,7 @@ from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.pipeline import RunStats
 
 CFG = AnimateConfig(steps=2, window=4, overlap=2, max_frames=12)
-PER_PORTRAIT = ("clip_tokens", "vae_encode", "film")
+PER_PORTRAIT = ("clip_tokens", "token_kv", "vae_encode", "film")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -266,6 +266,32 @@ def test_unreadable_disk_cache_file_is_recomputed_and_rewritten(anim: Animator, 
     assert str(path) in caplog.text and "computing the portrait again" in caplog.text
     list(second.animate(state, media["short"]))
     assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
+
+
+def test_a_store_file_without_token_kv_computes_them_once_and_is_rewritten(anim: Animator,
+                                                                           media: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """A state file written before the tokens' cross-attention keys/values were stored: read as it is, the K/V
+    are projected on the state's first run (once), and the file is rewritten with them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    store = tmp_path / "portraits"
+    first = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    frames1 = list(first.animate(first.prepare(PORTRAIT), media["short"]))
+    (path,) = store.iterdir()
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    old = {k: v for k, v in load_file(str(path)).items() if not k.startswith("token_kv_")}
+    save_file(old, str(path), metadata=meta)  # as an older version wrote it
+    second = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    state = second.prepare(PORTRAIT)
+    assert second.cache.disk_hits == 1 and state.token_kv is None
+    before = anim.sub.calls["token_kv"]
+    frames2 = list(second.animate(state, media["short"]))
+    assert anim.sub.calls["token_kv"] == before + 1 and state.token_kv is not None
+    assert all(np.array_equal(a, b) for a, b in zip(frames1, frames2, strict=True))
+    assert any(k.startswith("token_kv_") for k in load_file(str(path)))  # rewritten with them
 
 
 def test_disk_store_keeps_to_its_budget_least_recently_used_first(anim: Animator, tmp_path: Path) -> None:
@@ -667,8 +693,8 @@ def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> No
     before, cached = dict(anim.sub.calls), len(anim.cache)
     seconds = anim.warmup()
     ran = {k: v - before.get(k, 0) for k, v in anim.sub.calls.items() if v != before.get(k, 0)}
-    assert ran == {"vae_encode": 1, "clip_tokens": 1, "film": 1, "pose_features": 1, "reference_bank": 1,
-                   "unet": 1, "vae_decode": 1}
+    assert ran == {"vae_encode": 1, "clip_tokens": 1, "token_kv": 1, "film": 1, "pose_features": 1,
+                   "reference_bank": 1, "unet": 1, "vae_decode": 1}
     assert seconds > 0 and len(anim.cache) == cached
 
 

@@ -126,6 +126,58 @@ def test_uncond_half_ignores_bank(setup):
     assert (a[1] - b[1]).abs().max() > 1e-3
 
 
+def _count_token_projections(sub):
+    """Forward hooks on every UNet cross-attention's key projection: how many times the tokens were projected."""
+    count = [0]
+    hooks = [b.attn2.to_k.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+             for b in sub.models.unet.transformer_blocks()]
+    return count, hooks
+
+
+def test_token_kv_projected_once_per_portrait(setup):
+    """CLIP keys/values once per portrait: the portrait state holds the UNet's cross-attention K/V of its tokens
+    (one projection per transformer block, made when the portrait is prepared), the optimized path's UNet calls
+    project nothing, the reference path still projects in every call (upstream's work), and the frames agree."""
+    sub, state, frames = setup
+    n_blocks = sub.models.unet.num_transformer_blocks
+    t, heads = state.tokens.shape[1], sub.config.unet.attention_heads
+    assert state.token_kv is not None and len(state.token_kv) == 2 * n_blocks
+    assert all(kv.shape[:3] == (1, heads, t) for kv in state.token_kv)
+    count, hooks = _count_token_projections(sub)
+    try:
+        before = sub.calls["token_kv"]
+        opt = _run(sub, state, frames, 6, 4, 2, 4.5, "optimized", steps=2)
+        assert count[0] == 0 and sub.calls["token_kv"] == before  # cached: no per-call or per-run projection
+        ref = _run(sub, state, frames, 6, 4, 2, 4.5, "reference", steps=2)
+        assert count[0] == 2 * len(context_windows(6, 4, 2)) * n_blocks  # reference: every block of every call
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (opt - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [dict(n_uncond=1, shared_down=True), {}], ids=["cfg pair", "conditional"])
+def test_unet_with_cached_token_kv_is_the_same_call(setup, kw):
+    """Fed the portrait's K/V, a UNet call (one window and two per call) gives the values it projects itself."""
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    for k in (2, 1):
+        lk, pk = lat.repeat(k, 1, 1, 1, 1), pose.repeat(k, 1, 1, 1, 1)
+        own = sub.unet(lk, 801, state.tokens, pk, bank, **kw)
+        cached = sub.unet(lk, 801, state.tokens, pk, bank, token_kv=state.token_kv, **kw)
+        assert torch.equal(own, cached)
+    other = sub.unet(lat, 801, state.tokens, pose, bank, token_kv=[x * 1.5 for x in state.token_kv], **kw)
+    assert (other - own).abs().max() > 1e-3  # the K/V given are the ones used (own: the one-window call)
+    with pytest.raises(ValueError, match="token_kv"):
+        sub.unet(lat, 801, state.tokens, pose, bank, token_kv=state.token_kv[:-2], **kw)
+
+
+def test_upstream_calls_refuse_cached_token_kv(setup):
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    with pytest.raises(ValueError, match="upstream"):
+        sub.unet(lat.repeat(2, 1, 1, 1, 1), 801, state.tokens.repeat(2, 1, 1), pose.repeat(2, 1, 1, 1, 1), bank,
+                 n_uncond=1, upstream=True, token_kv=state.token_kv)
+
+
 # ---------------------------------------------------------------------------------------------- CFG truncation
 # (a speed knob that changes the math; these tests pin down which math)
 

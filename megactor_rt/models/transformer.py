@@ -10,6 +10,7 @@ blocks, and the temporal UNet takes them as an input. Semantics of the reader (s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +31,22 @@ class AttnContext:
         upstream: evaluate the way upstream does (tokens repeated per frame before projection, bank K/V
             for every sample and the unconditional rows recomputed). Same math, more work; for
             ``Mode.REFERENCE`` benchmarks.
+        token_kv: the cross-attention keys and values of ``tokens`` (batch 1), projected once per portrait
+            (``TemporalUNet.token_kv``): ``[k, v]`` per transformer block in ``kv_slot`` order; None: each
+            block projects ``tokens`` itself. Not with ``upstream``.
     """
 
     tokens: torch.Tensor
     frames: int
     n_uncond: int = 0
     upstream: bool = False
+    token_kv: Sequence[torch.Tensor] | None = None
 
 
 class BasicTransformerBlock(nn.Module):
     """LayerNorm -> self-attention (+bank) -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU FF."""
+
+    kv_slot = -1  # this block's place in a UNet's ``token_kv`` list (numbered by the UNet, in module order)
 
     def __init__(self, dim: int, heads: int, context_dim: int) -> None:
         super().__init__()
@@ -64,7 +71,10 @@ class BasicTransformerBlock(nn.Module):
         if ctx.upstream:  # upstream repeats the tokens per frame, then projects every copy
             k, v = self.attn2.project_kv(repeat_frames(tokens, ctx.frames))
         else:  # project once per sample (or once for all: batch 1), share across frames: identical values
-            k, v = self.attn2.project_kv(tokens)  # (B or 1, h, T, d)
+            if ctx.token_kv is not None:  # projected once per portrait
+                k, v = ctx.token_kv[2 * self.kv_slot], ctx.token_kv[2 * self.kv_slot + 1]  # (1, h, T, d)
+            else:
+                k, v = self.attn2.project_kv(tokens)  # (B or 1, h, T, d)
             b = x.shape[0] // ctx.frames
             k, v = (repeat_frames(t.expand(b, -1, -1, -1), ctx.frames) for t in (k, v))
         return self.attn2.attend(x, k, v)

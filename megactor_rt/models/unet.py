@@ -22,7 +22,7 @@ from megactor_rt.config import UNetConfig
 from megactor_rt.kernels.group_norm import group_norm_silu
 from megactor_rt.models.layers import Downsample, MotionModule, ResnetBlock, Upsample
 from megactor_rt.models.pose_guider import PoseGuider
-from megactor_rt.models.transformer import AttnContext, BankTap, SpatialTransformer
+from megactor_rt.models.transformer import AttnContext, BankTap, BasicTransformerBlock, SpatialTransformer
 
 NUM_BANKS = 10
 # feature reuse (a speed knob, DeepCache's shallowest branch): top-level down layers a reusing call recomputes;
@@ -115,6 +115,22 @@ class _UNetBase(nn.Module):
             prev = c
         if bank_writer:  # upstream's truncated last transformer block
             self._blocks(self.up_blocks)[-1].attentions[-1] = BankTap(ch[0], cfg.norm_num_groups)
+        blocks = self.transformer_blocks()
+        for slot, block in enumerate(blocks):
+            block.kv_slot = slot
+        self.num_transformer_blocks = len(blocks)
+
+    def transformer_blocks(self) -> list[BasicTransformerBlock]:
+        """The spatial transformer blocks (one cross-attention each), in module order: ``kv_slot`` order."""
+        return [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The cross-attention keys and values of every transformer block for ``tokens (1, T, D)``, flat in
+        ``kv_slot`` order ``[k_0, v_0, k_1, v_1, ...]``, each ``(1, heads, T, d)``: what every call would project
+        from the same tokens, computed once per portrait (``forward``'s ``token_kv``)."""
+        if tokens.shape[0] != 1:
+            raise ValueError(f"token_kv takes one set of tokens (1, T, D), not {tuple(tokens.shape)}")
+        return [t for block in self.transformer_blocks() for t in block.attn2.project_kv(tokens)]
 
     @staticmethod
     def _blocks(blocks: nn.ModuleList) -> list[_Block]:
@@ -157,7 +173,8 @@ class TemporalUNet(_UNetBase):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
                 pose_features: torch.Tensor, bank: Sequence[torch.Tensor] | None = None, *,
                 n_uncond: int = 0, shared_down: bool = False, upstream: bool = False,
-                deep: torch.Tensor | None = None, keep_deep: bool = False
+                deep: torch.Tensor | None = None, keep_deep: bool = False,
+                token_kv: Sequence[torch.Tensor] | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the noise of one context window.
 
@@ -179,23 +196,28 @@ class TemporalUNet(_UNetBase):
                 first ``REUSE_DOWN_LAYERS`` layers of the top down block, and the top up block's layers from the
                 one that consumes their skips on, starting from ``deep`` instead of the deeper levels' output.
             keep_deep: also return the deep feature (the input of that first recomputed up layer).
+            token_kv: :meth:`token_kv` of ``tokens`` (the same values, projected once per portrait instead of in
+                every call); not with ``upstream``, which projects the tokens per frame as upstream does.
 
         Returns:
             Predicted noise ``(B_out, 4, F, h, w)``; with ``keep_deep``, ``(noise, deep feature)``.
         """
         if keep_deep and deep is not None:
             raise ValueError("keep_deep needs the whole UNet: pass either deep or keep_deep, not both")
+        if token_kv is not None and (upstream or len(token_kv) != 2 * self.num_transformer_blocks):
+            raise ValueError(f"token_kv: {len(token_kv)} tensors, expected 2 x {self.num_transformer_blocks} "
+                             "(TemporalUNet.token_kv), and not with upstream (it projects the tokens per frame)")
         b, _, f, h, w = latents.shape
         x = torch.cat([latents, pose_features], dim=1)  # (B, 13, F, h, w)
         x = x.permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)  # fold frames: (B*F, 13, h, w)
         temb = self.time_embed(timestep, b, x.dtype)
-        ctx = AttnContext(tokens, f, 0 if shared_down else n_uncond, upstream)
+        ctx = AttnContext(tokens, f, 0 if shared_down else n_uncond, upstream, token_kv)
         x, skips = self.run_down(self.conv_in(x), temb, ctx, None if deep is None else REUSE_DOWN_LAYERS)
         if deep is None:
             x = self.mid_block.resnets[0](x, temb, f)
         if shared_down:  # [B samples] -> [B uncond | B cond]
             pair = tokens if tokens.shape[0] == 1 else torch.cat([tokens, tokens])
-            b, ctx = 2 * b, AttnContext(pair, f, b, upstream)
+            b, ctx = 2 * b, AttnContext(pair, f, b, upstream, token_kv)
             x, temb = torch.cat([x, x]) if deep is None else x, temb.repeat(2, 1)
             skips = [torch.cat([s, s]) for s in skips]
         banks = list(bank) if bank is not None else None
