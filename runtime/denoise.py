@@ -26,7 +26,7 @@ from megactor_rt.config import StepKind, step_kind
 from megactor_rt.kernels.ops import ddim_cfg_update
 from megactor_rt.models.scheduler import DDIMStep
 from megactor_rt.progress import progress
-from megactor_rt.runtime.pipeline import check_cancelled
+from megactor_rt.runtime.pipeline import check_cancelled, to_device_queued
 
 
 class EpsModel(Protocol):
@@ -304,8 +304,9 @@ def denoise_stream(noise: torch.Tensor | NoiseSource, model: EpsModel, plan: Seq
                     acc[j] = lat[j].new_zeros((2 if cfg else 1, *lat[j].shape[1:]))
                 made = max(made, reach[k] + 1)
                 dev = lat[k].device
-                if counts is None:  # windows covering each frame: once, before any device work is queued
-                    counts = _counts(n, windows).to(dev)
+                if counts is None:  # windows covering each frame, once; queued behind the segment copies and
+                    # this step's bank (a plain copy from pageable memory would make the host wait for them)
+                    counts = to_device_queued(_counts(n, windows), dev)
                 frames[k] = torch.arange(*spans[k], device=dev)  # a device op: no host wait for queued work
             assert counts is not None
             parts = [(j, max(spans[k][0], own[j][0]), min(spans[k][1], own[j][1])) for j in range(k, reach[k] + 1)]

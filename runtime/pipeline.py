@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeVar
@@ -164,6 +164,10 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch",
     up to ``JOIN_S`` (a ``docker stop`` kills the process 10 s after its SIGTERM)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop, ended = threading.Event(), threading.Event()
+    # a new thread starts on the default CUDA stream: the producer's device work goes on the caller's stream
+    # instead, ordered after what the caller queued there (a portrait state prepared under `with
+    # torch.cuda.stream(s)`, say)
+    stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def put(item: object) -> bool:
         while not stop.is_set():
@@ -177,9 +181,10 @@ def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch",
     def work() -> None:
         _producer.stop = stop
         try:
-            for item in items:
-                if not put(item):
-                    return
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                for item in items:
+                    if not put(item):
+                        return
             put(_DONE)
         except BaseException as exc:  # handed to the consumer (a Cancelled one is dropped: nobody waits)
             put(exc)

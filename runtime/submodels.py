@@ -211,7 +211,13 @@ class TorchSubmodels(Submodels):
             deep = self._in(deep)
         t = self._timestep(timestep)
         bank = [self._in(b) for b in bank] if bank is not None else None
-        return self._unet_module()(self._in(latents), t, self._in(tokens), self._in(pose), bank,
-                                   n_uncond=n_uncond, shared_down=shared_down, upstream=upstream, deep=deep,
-                                   keep_deep=keep_deep,
-                                   token_kv=[self._in(t) for t in token_kv] if token_kv is not None else None)
+        out = self._unet_module()(self._in(latents), t, self._in(tokens), self._in(pose), bank,
+                                  n_uncond=n_uncond, shared_down=shared_down, upstream=upstream, deep=deep,
+                                  keep_deep=keep_deep,
+                                  token_kv=[self._in(t) for t in token_kv] if token_kv is not None else None)
+        if keep_deep and self.compile == "reduce-overhead":
+            # CUDA graphs: a replay's outputs live in the graph's memory, which the next replay overwrites (and
+            # reading them after it raises), but a kept deep feature is read again at a later step
+            eps, kept = out
+            return eps, kept.clone()
+        return out

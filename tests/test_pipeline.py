@@ -93,6 +93,22 @@ def test_streamed_decode_gives_the_same_frames_as_serial_decode() -> None:
 
 
 @pytest.mark.gpu
+def test_prefetch_runs_its_producer_on_the_callers_cuda_stream() -> None:
+    """A new thread starts on the default stream; the producer (``animate_to_file``'s whole run) must queue its
+    device work on the caller's stream, after what the caller queued there (e.g. a portrait state prepared under
+    ``with torch.cuda.stream(s)``)."""
+    from megactor_rt.runtime.pipeline import prefetch
+
+    def producer() -> Iterator[int]:
+        yield torch.cuda.current_stream().cuda_stream
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert list(prefetch(producer())) == [side.cuda_stream]
+    assert list(prefetch(producer())) == [torch.cuda.current_stream().cuda_stream]
+
+
+@pytest.mark.gpu
 def test_feature_reuse_with_features_in_pinned_host_memory_gives_the_same_frames(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Long drivers keep feature reuse's deep features in pinned host memory (copies queued on the stream, no
@@ -157,6 +173,38 @@ def test_compiled_unet_is_built_once_and_used_only_when_switched_on(monkeypatch:
     sub.compile = "reduce-overhead"  # another mode: compiled separately, the first one kept
     sub.unet(lat, 500, tokens, pose, None)
     assert modes == [None, "reduce-overhead"] and len(compiled_calls) == 3
+
+
+def test_a_kept_deep_feature_outlives_the_next_cuda_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile="reduce-overhead"`` replays CUDA graphs, whose outputs live in the graph's memory and are
+    overwritten by the next replay; feature reuse reads a call's deep feature steps later. Simulated here with
+    a compiled UNet that returns its outputs in the same two buffers every call (a real replay needs a GPU):
+    the feature kept from the first call must still hold that call's values after the second."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.runtime.submodels import TorchSubmodels
+    from megactor_rt.weights import build_models
+
+    static: dict[str, torch.Tensor] = {}
+
+    def fake_compile(module: torch.nn.Module, **kwargs: object) -> object:
+        def replay(*args: object, **kw: object) -> object:
+            out = module(*args, **kw)
+            if not isinstance(out, tuple):
+                return out
+            for name, t in zip(("eps", "deep"), out):  # written into the graph's fixed output buffers
+                static.setdefault(name, torch.empty_like(t)).copy_(t)
+            return static["eps"], static["deep"]
+        return replay
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sub = TorchSubmodels(build_models(tiny_config(), seed=0), compile="reduce-overhead")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 257, sub.config.unet.cross_attention_dim, generator=g)
+    inputs = [(torch.randn(1, 9, 2, 16, 16, generator=g), torch.randn(1, 4, 2, 16, 16, generator=g)) for _ in range(2)]
+    _, kept = sub.unet(*inputs[0][:1], 500, tokens, inputs[0][1], None, keep_deep=True)
+    first = kept.clone()
+    sub.unet(inputs[1][0], 500, tokens, inputs[1][1], None, keep_deep=True)  # the next replay
+    assert torch.equal(kept, first) and not torch.equal(static["deep"], first)
 
 
 def test_ordered_map_keeps_order_bounds_work_and_reraises() -> None:
