@@ -35,6 +35,7 @@ from .cache import (
     plan_lock,
     sha256_graph,
     timing_cache_path,
+    trt_logger,
     write_atomic,
     write_plan,
 )
@@ -300,13 +301,14 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
                     cache_path: Path | None) -> tuple[memoryview, dict[str, Any]]:
     """Parse the ONNX file and build a serialized plan with the TensorRT Python API."""
     trt = import_tensorrt()
-    trt_logger = trt.Logger(trt.Logger.VERBOSE if options.verbose else trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
+    log = trt_logger(trt, verbose=options.verbose)
+    builder = trt.Builder(log)
     network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, trt_logger)
+    parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(job.graph.path)):  # resolves external data next to the file
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT {trt.__version__} could not parse {job.graph.path}:\n  {errors}")
+    io = _network_io(network, job.graph.path)  # I/O the runner cannot bind is refused before the build
     config = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
     # layer names and parameters kept in the plan (the engine inspector's documented use of it; trtexec's
@@ -328,7 +330,7 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
                                f"'{job.profile_name}' (see the TensorRT log above)")
     if cache is not None and cache_path is not None:
         _save_timing_cache(config, cache_path)
-    return memoryview(plan), _network_io(network)
+    return memoryview(plan), io
 
 
 def _network_flags(trt: Any) -> int:
@@ -386,9 +388,13 @@ def _save_timing_cache(config: Any, path: Path) -> None:
         write_atomic(path, bytes(memoryview(ours.serialize())))
 
 
-def _network_io(network: Any) -> dict[str, Any]:
+def _network_io(network: Any, source: Path) -> dict[str, Any]:
     def describe(t: Any) -> dict[str, Any]:
-        return {"dtype": TRT_DTYPE_NAMES.get(t.dtype.name, t.dtype.name.lower()), "shape": list(t.shape)}
+        dtype = TRT_DTYPE_NAMES.get(t.dtype.name)
+        if dtype is None:  # e.g. FP8/INT4/FP4 I/O: the runner has no torch tensor type to bind
+            raise EngineBuildError(f"{source}: network tensor '{t.name}' is {t.dtype.name}; the runner binds "
+                                   f"inputs and outputs of {', '.join(sorted(TRT_DTYPE_NAMES))} only")
+        return {"dtype": dtype, "shape": list(t.shape)}
 
     return {"inputs": {network.get_input(i).name: describe(network.get_input(i)) for i in range(network.num_inputs)},
             "outputs": {network.get_output(i).name: describe(network.get_output(i))

@@ -104,6 +104,21 @@ def import_tensorrt() -> Any:
     return trt
 
 
+_TRT_LOGGERS: dict[int, Any] = {}  # id(TensorRT module) -> its one logger
+
+
+def trt_logger(trt: Any, verbose: bool | None = None) -> Any:
+    """The process's one TensorRT logger: TensorRT keeps the first logger it is given and ignores later ones
+    (NVIDIA/TensorRT#1475), so builders and runtimes share this one. ``verbose``: set its level (VERBOSE, or
+    WARNING with False); None leaves it as it is (WARNING when first made)."""
+    made = _TRT_LOGGERS.get(id(trt))
+    if made is None:
+        made = _TRT_LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
+    if verbose is not None:
+        made.min_severity = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
+    return made
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "unknown"
 

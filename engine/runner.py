@@ -1,7 +1,8 @@
 """TensorRT runner: a deserialized plan behind the runtime's ``Runner`` interface (torch tensors in and out).
 
-One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``), so several streams
-can run the same engine concurrently; a stream beyond that takes over the least recently used stream's context,
+One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``; a new stream first
+takes an idle one), so several streams can run the same engine concurrently; a stream beyond that takes over the
+least recently used stream's context,
 and its first call waits on the device (a CUDA event) for that context's last one (every run's decode side
 stream is a new one: before 2026-11-27 the fifth run on one runner was refused). Each call sets the input shapes
 (``set_input_shape``), binds torch tensors by address (``set_tensor_address``), allocates outputs from
@@ -41,6 +42,7 @@ from .cache import (
     import_tensorrt,
     read_plan,
     read_sidecar,
+    trt_logger,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,10 @@ class _ContextState:
         stream: its activation memory (or static buffers) is reused now. Under ``lock``."""
         if self.done is not None and self.done_stream != stream.cuda_stream:
             stream.wait_event(self.done)
+
+    def idle(self) -> bool:
+        """No call holds it and the device has finished its last one (a context another stream may take)."""
+        return not self.lock.locked() and (self.done is None or bool(self.done.query()))
 
     def mark(self, stream: torch.cuda.Stream) -> None:
         """Record that a call has just been enqueued on ``stream``. Under ``lock``."""
@@ -143,7 +149,7 @@ class TensorRTRunner(Runner):
         trt = import_tensorrt()
         index = torch.cuda.current_device() if self._cuda_index is None else self._cuda_index
         self._device = torch.device("cuda", index)
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._runtime = trt.Runtime(trt_logger(trt))
         with torch.cuda.device(self._device):  # the engine lives on the GPU current at deserialization
             engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
@@ -213,14 +219,18 @@ class TensorRTRunner(Runner):
         return context
 
     def _context_for(self, stream: torch.cuda.Stream) -> _ContextState:
-        """The execution context of ``stream``: its own, a new one while fewer than ``max_contexts`` exist, else
-        the least recently used stream's (the call waits for that one's last on the device:
-        :meth:`_ContextState.follow`)."""
+        """The execution context of ``stream``: its own; else an idle one (its last call done on the device),
+        as each context holds activation memory for the plan's whole profile and every run's decode side stream
+        is a new stream; else a new one while fewer than ``max_contexts`` exist; else the least recently used
+        stream's (the call waits for that one's last on the device: :meth:`_ContextState.follow`)."""
         key = stream.cuda_stream
         with self._lock:
             state = self._contexts.pop(key, None)
             if state is None:
-                if len(self._contexts) >= self.max_contexts:
+                idle = next((k for k, s in self._contexts.items() if s.idle()), None)
+                if idle is not None:
+                    state = self._contexts.pop(idle)
+                elif len(self._contexts) >= self.max_contexts:
                     _, state = self._contexts.popitem(last=False)
                 else:
                     state = _ContextState(self._new_context())
@@ -358,7 +368,10 @@ class TensorRTRunner(Runner):
         stream.wait_stream(caller)
         self._execute(state, stream)
         graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(self._device)
+        # torch hands out streams from a pool of 32 per device and priority, so a new one may be a stream another
+        # thread is using now (its work would fall into the capture); this project makes every other stream at
+        # the default priority, so a high-priority one is not shared
+        side = torch.cuda.Stream(self._device, priority=-1)
         side.wait_stream(stream)
         try:
             # thread_local: other threads' CUDA work meanwhile (the driver feed, decode) does not void the capture

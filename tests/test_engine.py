@@ -458,13 +458,43 @@ def test_a_stream_beyond_max_contexts_takes_over_the_least_recently_used_context
     runner = TensorRTRunner(plan_dir, device=H100, max_contexts=2)
     made: list[object] = []
     runner._engine = SimpleNamespace(create_execution_context=lambda: made.append(object()) or made[-1])
+    running = SimpleNamespace(query=lambda: False)  # a last call the device has not finished
     s = [SimpleNamespace(cuda_stream=h) for h in (11, 12, 13, 14)]
-    a, b = runner._context_for(s[0]), runner._context_for(s[1])
+    a = runner._context_for(s[0])
+    a.done = running
+    b = runner._context_for(s[1])
+    b.done = running
     assert a is not b and len(made) == 2
     assert runner._context_for(s[0]) is a  # stream 11 used again: stream 12's context is now the oldest
     c = runner._context_for(s[2])
     assert c is b and len(made) == 2 and list(runner._contexts) == [11, 13]
     assert runner._context_for(s[3]) is a and list(runner._contexts) == [13, 14]
+
+
+def test_a_new_stream_takes_an_idle_context_before_making_one(onnx_dir: Path, tmp_path: Path) -> None:
+    """Each context holds activation memory for its plan's whole profile, and every run's decode side stream is
+    a new one: a new stream takes a context whose last call the device has finished (and no call holds)
+    rather than making one more (was: the VAE decoder's runner made one per run, up to max_contexts)."""
+    from types import SimpleNamespace
+
+    from megactor_rt.engine.runner import TensorRTRunner
+
+    engines = tmp_path / "engines"
+    runner = TensorRTRunner(_built(onnx_dir, engines)[0][0].directory, device=H100, max_contexts=4)
+    made: list[object] = []
+    runner._engine = SimpleNamespace(create_execution_context=lambda: made.append(object()) or made[-1])
+    finished, running = SimpleNamespace(query=lambda: True), SimpleNamespace(query=lambda: False)
+    s = [SimpleNamespace(cuda_stream=h) for h in (21, 22, 23, 24)]
+    a = runner._context_for(s[0])
+    a.done = finished
+    assert runner._context_for(s[1]) is a and len(made) == 1 and list(runner._contexts) == [22]
+    a.done = running  # still running: the next new stream gets a context of its own
+    b = runner._context_for(s[2])
+    assert b is not a and len(made) == 2
+    b.done = finished
+    with a.lock:  # finished on the device, but a call is binding or enqueuing on it now
+        a.done = finished
+        assert runner._context_for(s[3]) is b and len(made) == 2
 
 
 def test_two_builds_of_one_plan_at_once_build_it_once(onnx_dir: Path, tmp_path: Path) -> None:
@@ -777,6 +807,37 @@ def test_tensorrt_build_failures_are_engine_build_errors(fake_trt, onnx_dir: Pat
         fake_trt.Builder.fail_builds = True
     with pytest.raises(builder_mod.EngineBuildError, match=re.escape(needle)):
         builder_mod._build_plan_trt(job, BuildOptions(profile="default"), None)
+
+
+def test_network_io_the_runner_cannot_bind_is_refused_before_the_build(tmp_path: Path) -> None:
+    """TensorRT 11 has I/O types the runner has no torch tensor type for (FP8, INT4, FP4, E8M0): such a network
+    is refused with the tensor named, right after parsing (was: "fp8" written into the sidecar after a build of
+    minutes, then a misleading "engine I/O differs" when loading it)."""
+    from types import SimpleNamespace
+
+    def tensor(name: str, dtype: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, dtype=SimpleNamespace(name=dtype), shape=(-1, 8))
+
+    def network(out_dtype: str) -> SimpleNamespace:
+        ins, outs = [tensor("x", "HALF")], [tensor("y", out_dtype)]
+        return SimpleNamespace(num_inputs=1, num_outputs=1, get_input=ins.__getitem__, get_output=outs.__getitem__)
+
+    src = tmp_path / "g.onnx"
+    assert builder_mod._network_io(network("HALF"), src) == {"inputs": {"x": {"dtype": "float16", "shape": [-1, 8]}},
+                                                             "outputs": {"y": {"dtype": "float16", "shape": [-1, 8]}}}
+    with pytest.raises(builder_mod.EngineBuildError, match=r"g\.onnx: network tensor 'y' is FP8"):
+        builder_mod._network_io(network("FP8"), src)
+
+
+def test_one_tensorrt_logger_per_process(fake_trt) -> None:
+    """TensorRT keeps the first logger it is given: builders and runtimes share one, whose level a build sets."""
+    from megactor_rt.engine.cache import trt_logger
+
+    log = trt_logger(fake_trt)
+    assert trt_logger(fake_trt, verbose=True) is log and log.min_severity == fake_trt.Logger.VERBOSE
+    assert trt_logger(fake_trt) is log and log.min_severity == fake_trt.Logger.VERBOSE  # a runner leaves it
+    trt_logger(fake_trt, verbose=False)
+    assert log.min_severity == fake_trt.Logger.WARNING
 
 
 def test_unaligned_views_are_copied_for_tensorrt() -> None:

@@ -34,7 +34,7 @@ SOURCES = {
          "_add_profile:config": "IBuilderConfig", "_load_timing_cache:config": "IBuilderConfig",
          "_save_timing_cache:config": "IBuilderConfig",
          "_network_io:network": "INetworkDefinition", "_network_io:t": "ITensor"},
-        ["Logger(...)", "Builder(...)", "Builder.create_network(...)", "OnnxParser(...)",
+        ["Builder(...)", "Builder.create_network(...)", "OnnxParser(...)",
          "OnnxParser.parse_from_file(...)", "OnnxParser.get_error(...)", "Builder.create_builder_config(...)",
          "set IBuilderConfig.builder_optimization_level", "IBuilderConfig.set_memory_pool_limit(...)",
          "set IBuilderConfig.profiling_verbosity", "ProfilingVerbosity.DETAILED",
@@ -56,7 +56,8 @@ SOURCES = {
          "ICudaEngine.get_tensor_dtype(...)", "ICudaEngine.create_execution_context(...)",
          "IExecutionContext.set_input_shape(...)", "IExecutionContext.set_tensor_address(...)",
          "IExecutionContext.get_tensor_shape(...)", "IExecutionContext.execute_async_v3(...)"]),
-    "engine/cache.py": ({}, ["tensorrt.__version__"]),
+    "engine/cache.py": ({"trt_logger:made": "Logger"},
+                        ["tensorrt.__version__", "Logger(...)", "Logger.VERBOSE", "set Logger.min_severity"]),
     "runtime/backends.py": ({}, ["tensorrt.__version__"]),
     "engine/trt_api.py": ({}, []),
 }
