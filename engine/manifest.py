@@ -27,7 +27,7 @@ from megactor_rt.errors import InputError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 SUBMODELS = ("clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
-             "temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse", "tiny_decoder")
+             "token_kv", "temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse", "tiny_decoder")
 DTYPES = ("float16", "float32", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 
 Dim = int | str  # int = static, str = named dynamic dim

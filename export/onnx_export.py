@@ -47,7 +47,7 @@ FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization",
 
 GRAPH_MODULES = {"clip_image_encoder": "clip_image_encoder", "vae_encoder": "vae", "vae_decoder": "vae",
                  "reference_net": "reference_net", "pose_guider": "temporal_unet", "pose_guider_film": "temporal_unet",
-                 "temporal_unet": "temporal_unet", "temporal_unet_cond": "temporal_unet",
+                 "token_kv": "temporal_unet", "temporal_unet": "temporal_unet", "temporal_unet_cond": "temporal_unet",
                  "temporal_unet_reuse": "temporal_unet", "temporal_unet_cond_reuse": "temporal_unet"}
 
 

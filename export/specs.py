@@ -10,13 +10,16 @@ Graph boundaries (DESIGN.md), with S = image size, h = latent size, T/D = CLIP t
 | reference_net | latent (1,4,h,h), timestep (1,), tokens -> bank_00..bank_09 (1,L_i,C_i) |
 | pose_guider | frames (batch,3,S,S), film_scale, film_shift (1,128) -> pose (batch,4,h,h) |
 | pose_guider_film | reference (1,3,512,512) -> film_scale, film_shift |
-| temporal_unet | latents (W,9,F,h,h), timestep, tokens, pose (W,4,F,h,h), bank_00..09 -> eps (2W,4,F,h,h), deep (2W,F,C0,h,h) |
+| token_kv | tokens (1,T,D) -> kv_00_k, kv_00_v .. kv_15_k, kv_15_v (1,8,T,C_i/8): the UNet's cross-attention K/V |
+| temporal_unet | latents (W,9,F,h,h), timestep, pose (W,4,F,h,h), kv_00_k..kv_15_v, bank_00..09 -> eps (2W,4,F,h,h), deep (2W,F,C0,h,h) |
 | temporal_unet_cond | same inputs -> eps (W,4,F,h,h), deep (W,F,C0,h,h) (guidance 1: conditional only) |
-| temporal_unet_reuse | latents, timestep, tokens, pose, deep (2W,F,C0,h,h), bank_08..09 -> eps (2W,4,F,h,h) |
+| temporal_unet_reuse | latents, timestep, pose, kv of blocks 0, 14, 15, deep (2W,F,C0,h,h), bank_08..09 -> eps (2W,4,F,h,h) |
 | temporal_unet_cond_reuse | same with deep (W,F,C0,h,h) -> eps (W,4,F,h,h) |
 | tiny_decoder | latents (batch,4,h,h), scaled -> images (batch,3,S,S) (TAESD, from its own weights file) |
 
-The temporal UNet takes the ReferenceNet bank as explicit inputs (normed tokens, not pre-projected K/V:
+The CLIP tokens' cross-attention keys and values depend only on the portrait: ``token_kv`` projects them once
+per portrait and the UNet graphs take them (32 inputs; a feature-reusing graph only those of the blocks it
+runs) instead of projecting the tokens in every call. The temporal UNet takes the ReferenceNet bank as explicit inputs (normed tokens, not pre-projected K/V:
 10 tensors of 1 x L x C instead of 20, and the K/V projection is a small share of the attention cost). The
 CFG graph computes the down path once and both halves above it, the unconditional one without the bank -
 upstream's CFG pair, exactly. Graph variants are specs over the same modules, never copies of code.
@@ -42,7 +45,7 @@ from torch import nn
 
 from megactor_rt.config import ModelConfig
 from megactor_rt.errors import InputError
-from megactor_rt.models.unet import NUM_BANKS, REUSE_BANKS
+from megactor_rt.models.unet import NUM_BANKS, REUSE_BANKS, reuse_kv_slots
 from megactor_rt.weights import MegActorModels
 
 BANK_NAMES = tuple(f"bank_{i:02d}" for i in range(NUM_BANKS))
@@ -187,22 +190,38 @@ def tiny_decoder_spec(cfg: ModelConfig, decode_batch: int = 4) -> ExportSpec:
                       {"batch": {"default": (1, decode_batch, decode_batch)}})
 
 
+class _TokenKV(nn.Module):
+    def __init__(self, m: MegActorModels) -> None:
+        super().__init__()
+        self.unet = m.unet
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.unet.token_kv(tokens))
+
+
 class _UNet(nn.Module):
     """The whole UNet (outputs eps and the deep feature), or with ``reuse`` the shallow path (inputs end with
-    the deep feature and the last ``REUSE_BANKS`` bank tensors)."""
+    the deep feature and the last ``REUSE_BANKS`` bank tensors). After latents, timestep and pose come the
+    tokens' keys and values of the transformer blocks ``slots`` (all of them, or those a reusing call runs)."""
 
     def __init__(self, m: MegActorModels, cfg_pair: bool, reuse: bool = False) -> None:
         super().__init__()
         self.unet = m.unet
         self.pair = {"n_uncond": 1, "shared_down": True} if cfg_pair else {}
         self.reuse = reuse
+        blocks = m.unet.num_transformer_blocks
+        self.slots = reuse_kv_slots(blocks) if reuse else list(range(blocks))
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor, pose: torch.Tensor,
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, pose: torch.Tensor,
                 *rest: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        kv: list[torch.Tensor | None] = [None] * (2 * self.unet.num_transformer_blocks)
+        for j, slot in enumerate(self.slots):
+            kv[2 * slot], kv[2 * slot + 1] = rest[2 * j], rest[2 * j + 1]
+        rest = rest[2 * len(self.slots):]
         if self.reuse:
             deep, *bank = rest
-            return self.unet(latents, timestep, tokens, pose, bank, deep=deep, **self.pair)
-        return self.unet(latents, timestep, tokens, pose, list(rest), keep_deep=True, **self.pair)
+            return self.unet(latents, timestep, None, pose, bank, deep=deep, token_kv=kv, **self.pair)
+        return self.unet(latents, timestep, None, pose, list(rest), keep_deep=True, token_kv=kv, **self.pair)
 
 
 def bank_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -213,6 +232,21 @@ def bank_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
     for level in range(n - 2, -1, -1):  # up blocks 1..3 work at latent/4, /2, /1
         shapes += [(1, (h // 2**level) ** 2, ch[level])] * 3
     return shapes
+
+
+def token_kv_shapes(cfg: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """Shapes ``(1, heads, T, C / heads)`` of the temporal UNet's token keys and values (``TemporalUNet.token_kv``),
+    a key and a value per transformer block in module order: the top 3 down levels, mid, up blocks 1..3."""
+    u, t = cfg.unet, cfg.clip.num_tokens
+    ch, per_level = u.block_out_channels, u.layers_per_block
+    widths = ([c for c in ch[:-1] for _ in range(per_level)] + [ch[-1]]
+              + [c for c in reversed(ch[:-1]) for _ in range(per_level + 1)])
+    return [(1, u.attention_heads, t, c // u.attention_heads) for c in widths for _ in ("k", "v")]
+
+
+def token_kv_names(blocks: int) -> list[str]:
+    """Graph tensor names of :func:`token_kv_shapes`' keys and values, in the same order."""
+    return [f"kv_{i:02d}_{kind}" for i in range(blocks) for kind in ("k", "v")]
 
 
 def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decode_batch: int = 4,
@@ -233,8 +267,10 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
                  "windows": {"default": (1, k, k), "long": (1, 1, 1)},
                  "pairs": {"default": (2, 2 * k, 2 * k), "long": (2, 2, 2)}}
     bank = tuple(TensorSpec(n, shp) for n, shp in zip(BANK_NAMES, bank_shapes(cfg)))
+    kv_shapes = token_kv_shapes(cfg)
+    kv = tuple(TensorSpec(n, shp) for n, shp in zip(token_kv_names(len(kv_shapes) // 2), kv_shapes))
     unet_in = (TensorSpec("latents", ("windows", 9, "frames", h, h)), TensorSpec("timestep", (1,)),
-               TensorSpec("tokens", (1, t, d)), TensorSpec("pose", ("windows", 4, "frames", h, h)))
+               TensorSpec("pose", ("windows", 4, "frames", h, h)))
     c0 = cfg.unet.block_out_channels[0]
 
     def eps(b: str) -> TensorSpec:
@@ -245,7 +281,11 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
 
     def unet(name: str, pair: bool, reuse: bool) -> ExportSpec:
         b = "pairs" if pair else "windows"  # output samples: [W uncond | W cond], or W cond
-        ins = (*unet_in, deep(b), *bank[-REUSE_BANKS:]) if reuse else (*unet_in, *bank)
+        if reuse:
+            used = [t for slot in reuse_kv_slots(len(kv) // 2) for t in kv[2 * slot:2 * slot + 2]]
+            ins = (*unet_in, *used, deep(b), *bank[-REUSE_BANKS:])
+        else:
+            ins = (*unet_in, *kv, *bank)
         outs = (eps(b),) if reuse else (eps(b), deep(b))
         return ExportSpec(name, name, ins, outs, lambda m: _UNet(m, cfg_pair=pair, reuse=reuse), unet_dims,
                           keep_fp32=("timestep",), trace_sizes={"windows": 2, "pairs": 4})
@@ -267,6 +307,7 @@ def export_specs(cfg: ModelConfig, window: int = 16, pose_batch: int = 16, decod
                    {"batch": {"default": (1, pose_batch, pose_batch)}}),
         ExportSpec("pose_guider_film", "pose_guider_film", (TensorSpec("reference", (1, 3, 512, 512)),),
                    (TensorSpec("film_scale", (1, 128)), TensorSpec("film_shift", (1, 128))), _Film),
+        ExportSpec("token_kv", "token_kv", (TensorSpec("tokens", (1, t, d)),), kv, _TokenKV),
         unet("temporal_unet", True, reuse=False),
         unet("temporal_unet_cond", False, reuse=False),
         unet("temporal_unet_reuse", True, reuse=True),

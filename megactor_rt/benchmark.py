@@ -286,9 +286,7 @@ class FlopLedger:
         self.twin = twin
         self.sub = sub
         for name in METHODS:
-            # a graph backend's UNet graphs project the tokens in every call (counted there, on the twin's
-            # unet); its token_kv computes nothing, so the twin's projection must not be counted for it
-            if hasattr(sub, name) and not (name == "token_kv" and twin is not None):
+            if hasattr(sub, name):
                 setattr(sub, name, self._wrap(name, getattr(sub, name)))
 
     def _wrap(self, name: str, fn: Callable, count: Callable | None = None) -> Callable:

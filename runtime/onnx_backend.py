@@ -19,7 +19,7 @@ import torch
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision
 from megactor_rt.engine.manifest import GraphEntry, Manifest, load_manifest
 from megactor_rt.errors import MEMORY_HINT, BackendUnavailable, EngineMismatch, InputError, ResourceError
-from megactor_rt.export.specs import BANK_NAMES
+from megactor_rt.export.specs import BANK_NAMES, token_kv_names, token_kv_shapes
 from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
 from megactor_rt.runtime.submodels import Submodels
@@ -36,7 +36,7 @@ _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaEr
 
 
 # the graphs whose outputs a portrait state holds (runtime.portrait.prepare_portrait, PortraitState.bank)
-PORTRAIT_GRAPHS = ("clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net")
+PORTRAIT_GRAPHS = ("clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net", "token_kv")
 
 
 def ort_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]] | None:
@@ -63,7 +63,7 @@ def ort_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]
 # the graphs every run calls whatever its settings (which UNet graphs it calls depends on them: see
 # graphs_needed; the tiny decoder's on --tiny-decoder)
 RUN_GRAPHS = frozenset({"clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider",
-                        "pose_guider_film"})
+                        "pose_guider_film", "token_kv"})
 
 
 class OrtRunner(Runner):
@@ -145,6 +145,7 @@ class GraphSubmodels(Submodels):
         self.runners = dict(runners)
         self.fallback = fallback
         self.graph_weights = dict(graph_weights or {})  # graph -> weights id it was exported from
+        self.kv_names = token_kv_names(len(token_kv_shapes(config)) // 2)  # the token_kv graph's outputs, in order
         # context windows per UNet call: what every UNet graph takes (a TensorRT plan: its profile's maximum;
         # graphs exported before the windows dim: 1; a graph on the torch fallback: any)
         known = [n for n in self._unet_limits().values() if n is not None]
@@ -269,6 +270,12 @@ class GraphSubmodels(Submodels):
         out = self._run("reference_net", latent=latent, timestep=torch.tensor([float(timestep)]), tokens=tokens)
         return [out[n] for n in BANK_NAMES]
 
+    def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
+        if (fb := self._fallback("token_kv")) is not None:
+            return fb.token_kv(tokens)
+        out = self._run("token_kv", tokens=tokens)
+        return [out[n] for n in self.kv_names]
+
     def unet(self, latents: torch.Tensor, timestep: int, tokens: torch.Tensor, pose: torch.Tensor,
              bank: Sequence[torch.Tensor] | None, *, n_uncond: int = 0, shared_down: bool = False,
              upstream: bool = False, deep: torch.Tensor | None = None, keep_deep: bool = False,
@@ -280,9 +287,14 @@ class GraphSubmodels(Submodels):
         if (fb := self._fallback(graph)) is not None:
             return fb.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond, shared_down=shared_down,
                            deep=deep, keep_deep=keep_deep, token_kv=token_kv)
-        # the graphs project the tokens themselves (the same values as ``token_kv``, which this backend's
-        # ``token_kv`` leaves None)
-        feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), tokens=tokens, pose=pose)
+        takes = set(self.runners[graph].input_names)
+        if "tokens" in takes:  # the graph projects the tokens itself, as the UNet graphs did until 2026-11-27
+            raise InputError(f"{self.name}: graph '{graph}' takes the CLIP tokens, not their keys/values: it was "
+                             "exported by an older version; re-run `megactor-rt export` (and `build-engines`)")
+        kv = token_kv if token_kv is not None else self.token_kv(tokens)  # (callers without a portrait state)
+        assert kv is not None
+        feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), pose=pose)
+        feed.update((n, t) for n, t in zip(self.kv_names, kv) if n in takes)  # a reusing graph: its blocks' only
         if deep is not None:
             self.calls.bump("unet_reuse")
             feed.update(zip(BANK_NAMES[-REUSE_BANKS:], bank[-REUSE_BANKS:]), deep=deep)
@@ -402,7 +414,7 @@ def graphs_needed(cfg: AnimateConfig) -> list[str]:
     unets = [("temporal_unet" if kind.cfg else "temporal_unet_cond") + ("_reuse" if kind.reuse else "")
              for kind in cfg.step_kinds()]
     return ["clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
-            *unets]
+            "token_kv", *unets]
 
 
 def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Path, device: torch.device,

@@ -98,7 +98,7 @@ class Submodels(ABC):
     def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
         """The UNet's cross-attention keys and values of ``tokens (1, T, D)`` (``TemporalUNet.token_kv``), for
         ``unet``'s ``token_kv``: projected once per portrait instead of in every call. None where the backend's
-        UNet projects the tokens itself (the exported graphs take the tokens, see docs/decisions.md)."""
+        UNet projects the tokens itself (none of this project's backends: a stand-in may)."""
         return None
 
     @abstractmethod

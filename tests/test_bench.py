@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from megactor_rt.benchmark import FlopLedger, run_bench
 
 
@@ -137,23 +135,7 @@ def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch):
     monkeypatch.setitem(benchmark.SUITES, "test-torch", [benchmark.Scenario(
         "tiny, 4 frames", "tiny", 128, 4, 4, 2, 1, modes=("optimized",))])
     (torch_run,) = run_bench("test-torch", tmp_path / "torch")["results"]
-    # the same networks; only the UNet graphs project the CLIP tokens in every call, where the torch path
-    # takes the portrait's keys/values (projected once, with the portrait, before the count)
-    assert "token_kv" not in ort["flops"]
-    assert {k: v for k, v in ort["flops"].items() if k != "unet"} == {
-        k: v for k, v in torch_run["flops"].items() if k not in ("unet", "token_kv")}
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from megactor_rt.models.unet import TemporalUNet
-
-    cfg = benchmark.model_config("tiny", 128)
-    with torch.device("meta"), FlopCounterMode(display=False) as projection:
-        TemporalUNet(cfg.unet).token_kv(torch.empty(1, cfg.clip.num_tokens, cfg.unet.cross_attention_dim))
-    per_call = projection.get_total_flops()
-    assert per_call > 0 and ort["flops"]["unet"] > 0
-    extra = ort["calls"]["temporal_unet"] * per_call / 1e12  # the results are in TFLOP
-    assert ort["flops"]["unet"] == pytest.approx(torch_run["flops"]["unet"] + extra, rel=1e-9)
+    assert ort["flops"] == torch_run["flops"] and ort["flops"]["unet"] > 0
 
 
 def test_a_suite_mode_with_other_variants_runs_where_that_mode_does():

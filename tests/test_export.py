@@ -79,7 +79,7 @@ def _rel(a, b):
 
 
 GRAPHS = ["clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
-          "temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"]
+          "token_kv", "temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"]
 
 
 @pytest.mark.parametrize("name", GRAPHS)

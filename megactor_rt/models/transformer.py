@@ -32,15 +32,16 @@ class AttnContext:
             for every sample and the unconditional rows recomputed). Same math, more work; for
             ``Mode.REFERENCE`` benchmarks.
         token_kv: the cross-attention keys and values of ``tokens`` (batch 1), projected once per portrait
-            (``TemporalUNet.token_kv``): ``[k, v]`` per transformer block in ``kv_slot`` order; None: each
-            block projects ``tokens`` itself. Not with ``upstream``.
+            (``TemporalUNet.token_kv``): ``[k, v]`` per transformer block in ``kv_slot`` order (None for blocks
+            a call does not run, as in the exported feature-reuse graphs); None: each block projects ``tokens``
+            itself. Not with ``upstream``.
     """
 
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None  # None: only with token_kv
     frames: int
     n_uncond: int = 0
     upstream: bool = False
-    token_kv: Sequence[torch.Tensor] | None = None
+    token_kv: Sequence[torch.Tensor | None] | None = None
 
 
 class BasicTransformerBlock(nn.Module):
@@ -67,16 +68,18 @@ class BasicTransformerBlock(nn.Module):
         return x, normed
 
     def _cross_attention(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        tokens = ctx.tokens
         if ctx.upstream:  # upstream repeats the tokens per frame, then projects every copy
-            k, v = self.attn2.project_kv(repeat_frames(tokens, ctx.frames))
-        else:  # project once per sample (or once for all: batch 1), share across frames: identical values
-            if ctx.token_kv is not None:  # projected once per portrait
-                k, v = ctx.token_kv[2 * self.kv_slot], ctx.token_kv[2 * self.kv_slot + 1]  # (1, h, T, d)
-            else:
-                k, v = self.attn2.project_kv(tokens)  # (B or 1, h, T, d)
-            b = x.shape[0] // ctx.frames
-            k, v = (repeat_frames(t.expand(b, -1, -1, -1), ctx.frames) for t in (k, v))
+            assert ctx.tokens is not None, "upstream projects the tokens: AttnContext needs them"
+            return self.attn2.attend(x, *self.attn2.project_kv(repeat_frames(ctx.tokens, ctx.frames)))
+        if ctx.token_kv is not None:  # projected once per portrait
+            k, v = ctx.token_kv[2 * self.kv_slot], ctx.token_kv[2 * self.kv_slot + 1]  # (1, h, T, d)
+            if k is None or v is None:
+                raise ValueError(f"token_kv holds no keys/values for transformer block {self.kv_slot}")
+        else:
+            assert ctx.tokens is not None, "AttnContext needs tokens or token_kv"
+            k, v = self.attn2.project_kv(ctx.tokens)  # (B or 1, h, T, d): once per sample, or once for all
+        b = x.shape[0] // ctx.frames  # the same values for every frame: broadcast
+        k, v = (repeat_frames(t.expand(b, -1, -1, -1), ctx.frames) for t in (k, v))
         return self.attn2.attend(x, k, v)
 
     def _self_attention(self, n: torch.Tensor, ctx: AttnContext, bank: torch.Tensor | None) -> torch.Tensor:

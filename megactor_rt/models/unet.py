@@ -31,6 +31,12 @@ REUSE_DOWN_LAYERS = 1
 REUSE_BANKS = REUSE_DOWN_LAYERS + 1  # bank tensors a reusing call reads: the last ones, one per recomputed up layer
 
 
+def reuse_kv_slots(num_blocks: int) -> list[int]:
+    """The transformer blocks (``kv_slot``) a feature-reusing call runs, of a UNet with ``num_blocks``: the first
+    ``REUSE_DOWN_LAYERS`` (top down block) and the last ``REUSE_BANKS`` (the top up block's recomputed layers)."""
+    return [*range(REUSE_DOWN_LAYERS), *range(num_blocks - REUSE_BANKS, num_blocks)]
+
+
 class _Block(nn.Module):
     """One down or up block: (resnet [, transformer] [, motion module]) x n, then down/upsampler."""
 
@@ -170,18 +176,19 @@ class TemporalUNet(_UNetBase):
         self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
         self.condition_input_layer = PoseGuider()
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor,
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, tokens: torch.Tensor | None,
                 pose_features: torch.Tensor, bank: Sequence[torch.Tensor] | None = None, *,
                 n_uncond: int = 0, shared_down: bool = False, upstream: bool = False,
                 deep: torch.Tensor | None = None, keep_deep: bool = False,
-                token_kv: Sequence[torch.Tensor] | None = None
+                token_kv: Sequence[torch.Tensor | None] | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict the noise of one context window.
 
         Args:
             latents: ``(B, 9, F, h, w)`` = noisy latent 4 | reference latent 4 | background mask 1.
             timestep: scalar or ``(B,)``.
-            tokens: CLIP tokens ``(B, T, D)``, or ``(1, T, D)`` shared by all samples (not with ``upstream``).
+            tokens: CLIP tokens ``(B, T, D)``, or ``(1, T, D)`` shared by all samples (not with ``upstream``);
+                None with ``token_kv``.
             pose_features: PoseGuider output ``(B, 4, F, h, w)``.
             bank: the 10 ReferenceNet tensors ``(Bb, L_i, C_i)`` for the conditional samples (Bb = 1 is
                 broadcast), or None for no reference attention anywhere.
@@ -197,7 +204,8 @@ class TemporalUNet(_UNetBase):
                 one that consumes their skips on, starting from ``deep`` instead of the deeper levels' output.
             keep_deep: also return the deep feature (the input of that first recomputed up layer).
             token_kv: :meth:`token_kv` of ``tokens`` (the same values, projected once per portrait instead of in
-                every call); not with ``upstream``, which projects the tokens per frame as upstream does.
+                every call; None in the slots a call does not run: :func:`reuse_kv_slots`); not with
+                ``upstream``, which projects the tokens per frame as upstream does.
 
         Returns:
             Predicted noise ``(B_out, 4, F, h, w)``; with ``keep_deep``, ``(noise, deep feature)``.
@@ -207,6 +215,8 @@ class TemporalUNet(_UNetBase):
         if token_kv is not None and (upstream or len(token_kv) != 2 * self.num_transformer_blocks):
             raise ValueError(f"token_kv: {len(token_kv)} tensors, expected 2 x {self.num_transformer_blocks} "
                              "(TemporalUNet.token_kv), and not with upstream (it projects the tokens per frame)")
+        if tokens is None and token_kv is None:
+            raise ValueError("the UNet needs the CLIP tokens or their keys/values (token_kv)")
         b, _, f, h, w = latents.shape
         x = torch.cat([latents, pose_features], dim=1)  # (B, 13, F, h, w)
         x = x.permute(0, 2, 1, 3, 4).reshape(b * f, -1, h, w)  # fold frames: (B*F, 13, h, w)
@@ -216,7 +226,7 @@ class TemporalUNet(_UNetBase):
         if deep is None:
             x = self.mid_block.resnets[0](x, temb, f)
         if shared_down:  # [B samples] -> [B uncond | B cond]
-            pair = tokens if tokens.shape[0] == 1 else torch.cat([tokens, tokens])
+            pair = tokens if tokens is None or tokens.shape[0] == 1 else torch.cat([tokens, tokens])
             b, ctx = 2 * b, AttnContext(pair, f, b, upstream, token_kv)
             x, temb = torch.cat([x, x]) if deep is None else x, temb.repeat(2, 1)
             skips = [torch.cat([s, s]) for s in skips]
