@@ -16,7 +16,7 @@ from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.manifest import check_profiles_cover, load_manifest
 from megactor_rt.errors import InputError
 from megactor_rt.export.onnx_export import export_graph, export_models
-from megactor_rt.export.specs import export_specs
+from megactor_rt.export.specs import BANK_NAMES, export_specs
 from megactor_rt.export.trt_support import check_trt_ready
 from megactor_rt.runtime.onnx_backend import GraphSubmodels, OrtRunner
 from megactor_rt.runtime.submodels import TorchSubmodels
@@ -386,6 +386,29 @@ def test_onnxruntime_takes_several_windows_per_call(models, manifest):
 
     old = sub([one_window(g) if g.submodel.startswith("temporal_unet") else g for g in manifest.graphs.values()])
     assert old.max_window_batch == 1 and Animator(old, cfg).window_batch(replace(cfg, window_batch=3)) == 1
+
+
+def test_unet_graphs_that_take_the_tokens_are_refused_as_an_older_export(models, manifest):
+    """UNet graphs exported before the token_kv graph took the CLIP tokens: a run on them says to export again
+    instead of feeding inputs they lack; the portrait's keys/values come from the token_kv graph."""
+    from megactor_rt.runtime.portrait import PortraitInputs, prepare_portrait
+
+    runners = {g.submodel: OrtRunner(g) for g in manifest.graphs.values() if g.precision == "fp32"}
+    for name, runner in runners.items():
+        if name.startswith("temporal_unet"):  # the interface of an older export's UNet graph
+            runner.input_names = ("latents", "timestep", "tokens", "pose", *BANK_NAMES)
+    sub = GraphSubmodels("onnxruntime", models.config, models.weights_id, runners, torch.device("cpu"),
+                         torch.float32)
+    s = models.config.image_size
+    image = torch.zeros(3, s, s, dtype=torch.uint8)
+    state = prepare_portrait(sub, PortraitInputs(image, torch.zeros(s, s, dtype=torch.uint8), image,
+                                                 torch.zeros(3, 512, 512)), seed=0)
+    assert sub.calls["token_kv"] == 1 and state.token_kv is not None and len(state.token_kv) == len(sub.kv_names)
+    h = models.config.latent_size
+    lat, pose = torch.zeros(1, 9, WINDOW, h, h), torch.zeros(1, 4, WINDOW, h, h)
+    with pytest.raises(InputError, match=r"takes the CLIP tokens.*re-run `megactor-rt export`"):
+        sub.unet(lat, 501, state.tokens, pose, state.bank(501, sub), n_uncond=1, shared_down=True,
+                 token_kv=state.token_kv)
 
 
 def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, export_dir, tmp_path, fake_trt):
