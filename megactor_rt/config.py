@@ -40,8 +40,7 @@ class Mode(str, enum.Enum):
     REFERENCE computes exactly what upstream computes, the way upstream computes it (batch-2 CFG calls,
     ReferenceNet at batch 2 per step, PoseGuider inside every call). OPTIMIZED applies only exact-preserving
     savings (shared down path, reference attention only in the conditional half, batch-1 ReferenceNet once
-    per timestep, PoseGuider once per frame, CLIP K/V once per call instead of once per window: see
-    docs/decisions.md for why not once per portrait).
+    per timestep, PoseGuider once per frame, CLIP K/V once per portrait instead of per frame of every call).
     """
 
     REFERENCE = "reference"

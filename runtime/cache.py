@@ -190,12 +190,15 @@ class PortraitCache:
                     logger.warning("portrait cache: %s holds another portrait state; ignoring it", path)
                     return None
                 t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable; host
-            d = {k: v.to(device) for k, v in t.items() if k not in _HOST_TENSORS}
+            with torch.inference_mode():  # as a computed state's (a compiled UNet's guards tell them apart)
+                d = {k: v.to(device, copy=True) for k, v in t.items() if k not in _HOST_TENSORS}
             banks: dict[int, list[torch.Tensor]] = {}
             for name in sorted(k for k in d if k.startswith("bank_")):
                 _, ts, _ = name.split("_")
                 banks.setdefault(int(ts), []).append(d[name])
-            kv = [d[name] for name in sorted(k for k in d if k.startswith("token_kv_"))]
+            kv_at = {int(k.rsplit("_", 1)[1]): v for k, v in d.items() if k.startswith("token_kv_")}
+            whole = sorted(kv_at) == list(range(len(kv_at))) and len(kv_at) % 2 == 0  # k and v of every block
+            kv = [kv_at[i] for i in range(len(kv_at))] if whole else []  # else computed on the first run
             inputs = PortraitInputs(t["in_image"], t["in_background_mask"], t["in_clip_image"], t["in_ada_reference"])
             lm = t.get("face_landmarks")
             state = PortraitState(key=key, inputs=inputs, ref_latent=d["ref_latent"], cond=d["cond"],

@@ -174,10 +174,16 @@ class GraphSubmodels(Submodels):
         if cfg.mode is Mode.REFERENCE:
             raise InputError(f"reference mode (upstream's evaluation, for benchmarks) runs on the torch backend "
                              f"only, not {self.name}; use mode optimized (the same math)")
+        older = [g for g in graphs_needed(cfg) if g in self.runners and "tokens" in self.runners[g].input_names
+                 and g.startswith("temporal_unet")]
+        if older:
+            raise self._older_export(older[0])
         missing = [g for g in graphs_needed(cfg) if g not in self.runners] if self.fallback is None else []
         if missing:
-            raise InputError(f"{self.name}: the export has no {', '.join(missing)} graph, which this run needs; "
-                             "export again (megactor-rt export) without --graphs, or with the settings of this run")
+            older_hint = " (exports made before 2026-11-27 have no token_kv graph)" if "token_kv" in missing else ""
+            raise InputError(f"{self.name}: the export has no {', '.join(missing)} graph, which this run needs"
+                             f"{older_hint}; export again (megactor-rt export) without --graphs, or with the "
+                             "settings of this run")
         gone = [str(r.graph.path) for g in graphs_needed(cfg) if isinstance(r := self.runners.get(g), OrtRunner)
                 and r.session is None and not r.graph.path.is_file()]
         if gone:  # before any work, not at the graph's first call (the UNet's: after the portrait's preparation)
@@ -270,7 +276,14 @@ class GraphSubmodels(Submodels):
         out = self._run("reference_net", latent=latent, timestep=torch.tensor([float(timestep)]), tokens=tokens)
         return [out[n] for n in BANK_NAMES]
 
+    def _older_export(self, graph: str) -> InputError:
+        return InputError(f"{self.name}: graph '{graph}' takes the CLIP tokens, not their keys/values: it was "
+                          "exported by an older version; re-run `megactor-rt export` (and `build-engines`)")
+
     def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
+        if "token_kv" not in self.runners and self.fallback is None:
+            raise InputError(f"{self.name}: the export has no token_kv graph (exports made before 2026-11-27 lack "
+                             "it); re-run `megactor-rt export` (and `build-engines`)")
         if (fb := self._fallback("token_kv")) is not None:
             return fb.token_kv(tokens)
         out = self._run("token_kv", tokens=tokens)
@@ -289,8 +302,7 @@ class GraphSubmodels(Submodels):
                            deep=deep, keep_deep=keep_deep, token_kv=token_kv)
         takes = set(self.runners[graph].input_names)
         if "tokens" in takes:  # the graph projects the tokens itself, as the UNet graphs did until 2026-11-27
-            raise InputError(f"{self.name}: graph '{graph}' takes the CLIP tokens, not their keys/values: it was "
-                             "exported by an older version; re-run `megactor-rt export` (and `build-engines`)")
+            raise self._older_export(graph)
         kv = token_kv if token_kv is not None else self.token_kv(tokens)  # (callers without a portrait state)
         assert kv is not None
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), pose=pose)

@@ -115,6 +115,18 @@ class Submodels(ABC):
         raise NotImplementedError(f"reference mode needs the torch backend, not {self.name}")
 
 
+def replays_cuda_graphs(compile: bool | str) -> bool:
+    """Whether a ``torch.compile`` mode replays CUDA graphs (``reduce-overhead``, ``max-autotune``)."""
+    if not isinstance(compile, str):
+        return False
+    try:
+        from torch._inductor import list_mode_options
+
+        return bool(list_mode_options(compile).get("triton.cudagraphs"))
+    except Exception:  # noqa: BLE001 - an unknown mode (torch.compile names it) or another torch's internals
+        return compile in ("reduce-overhead", "max-autotune")
+
+
 class TorchSubmodels(Submodels):
     """The PyTorch reference/fallback: runs the nn.Modules under ``torch.inference_mode``.
 
@@ -215,7 +227,7 @@ class TorchSubmodels(Submodels):
                                   n_uncond=n_uncond, shared_down=shared_down, upstream=upstream, deep=deep,
                                   keep_deep=keep_deep,
                                   token_kv=[self._in(t) for t in token_kv] if token_kv is not None else None)
-        if keep_deep and self.compile == "reduce-overhead":
+        if keep_deep and replays_cuda_graphs(self.compile):
             # CUDA graphs: a replay's outputs live in the graph's memory, which the next replay overwrites (and
             # reading them after it raises), but a kept deep feature is read again at a later step
             eps, kept = out

@@ -268,11 +268,12 @@ def test_unreadable_disk_cache_file_is_recomputed_and_rewritten(anim: Animator, 
     assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
 
 
+@pytest.mark.parametrize("kept", ["none", "partial"])
 def test_a_store_file_without_token_kv_computes_them_once_and_is_rewritten(anim: Animator,
                                                                            media: dict[str, Path],
-                                                                           tmp_path: Path) -> None:
-    """A state file written before the tokens' cross-attention keys/values were stored: read as it is, the K/V
-    are projected on the state's first run (once), and the file is rewritten with them."""
+                                                                           tmp_path: Path, kept: str) -> None:
+    """A state file written before the tokens' cross-attention keys/values were stored (or holding only some of
+    them): read as it is, the K/V are projected on the state's first run (once), and the file is rewritten."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -282,11 +283,13 @@ def test_a_store_file_without_token_kv_computes_them_once_and_is_rewritten(anim:
     (path,) = store.iterdir()
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    old = {k: v for k, v in load_file(str(path)).items() if not k.startswith("token_kv_")}
+    drop = (lambda k: k.startswith("token_kv_")) if kept == "none" else (lambda k: k == "token_kv_05")
+    old = {k: v for k, v in load_file(str(path)).items() if not drop(k)}
     save_file(old, str(path), metadata=meta)  # as an older version wrote it
     second = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
     state = second.prepare(PORTRAIT)
     assert second.cache.disk_hits == 1 and state.token_kv is None
+    assert all(t.is_inference() for t in state.tensors().values())  # as a computed state's: no recompilation
     before = anim.sub.calls["token_kv"]
     frames2 = list(second.animate(state, media["short"]))
     assert anim.sub.calls["token_kv"] == before + 1 and state.token_kv is not None

@@ -409,6 +409,16 @@ def test_unet_graphs_that_take_the_tokens_are_refused_as_an_older_export(models,
     with pytest.raises(InputError, match=r"takes the CLIP tokens.*re-run `megactor-rt export`"):
         sub.unet(lat, 501, state.tokens, pose, state.bank(501, sub), n_uncond=1, shared_down=True,
                  token_kv=state.token_kv)
+    with pytest.raises(InputError, match=r"'temporal_unet' takes the CLIP tokens.*re-run"):
+        sub.check_run(AnimateConfig())  # before any work
+    # and an export without the token_kv graph: named as an older one, by check_run and by a prepare()
+    fresh = {g.submodel: OrtRunner(g) for g in manifest.graphs.values()
+             if g.precision == "fp32" and g.submodel != "token_kv"}
+    old = GraphSubmodels("onnxruntime", models.config, models.weights_id, fresh, torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError, match=r"no token_kv graph, which this run needs \(exports made before"):
+        old.check_run(AnimateConfig())
+    with pytest.raises(InputError, match=r"no token_kv graph \(exports made before .*re-run `megactor-rt export`"):
+        old.token_kv(state.tokens)
 
 
 def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, export_dir, tmp_path, fake_trt):

@@ -142,7 +142,7 @@ def test_token_kv_projected_once_per_portrait(setup):
     n_blocks = sub.models.unet.num_transformer_blocks
     t, heads = state.tokens.shape[1], sub.config.unet.attention_heads
     assert state.token_kv is not None and len(state.token_kv) == 2 * n_blocks
-    assert all(kv.shape[:3] == (1, heads, t) for kv in state.token_kv)
+    assert all(kv.shape[:3] == (1, heads, t) and kv.is_contiguous() for kv in state.token_kv)  # as stored
     count, hooks = _count_token_projections(sub)
     try:
         before = sub.calls["token_kv"]
@@ -169,6 +169,18 @@ def test_unet_with_cached_token_kv_is_the_same_call(setup, kw):
     assert (other - own).abs().max() > 1e-3  # the K/V given are the ones used (own: the one-window call)
     with pytest.raises(ValueError, match="token_kv"):
         sub.unet(lat, 801, state.tokens, pose, bank, token_kv=state.token_kv[:-2], **kw)
+
+
+def test_a_transformer_block_no_unet_numbered_refuses_token_kv(setup):
+    from megactor_rt.models.transformer import AttnContext, BasicTransformerBlock
+
+    sub, state, _ = setup
+    block = BasicTransformerBlock(32, 8, sub.config.unet.cross_attention_dim)
+    x = torch.randn(4, 16, 32)
+    with torch.inference_mode():  # (the state's tensors are inference tensors)
+        block(x, AttnContext(state.tokens, 4))  # projects the tokens itself
+        with pytest.raises(ValueError, match="no UNet numbered"):
+            block(x, AttnContext(None, 4, token_kv=state.token_kv))
 
 
 def test_upstream_calls_refuse_cached_token_kv(setup):

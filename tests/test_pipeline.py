@@ -175,7 +175,8 @@ def test_compiled_unet_is_built_once_and_used_only_when_switched_on(monkeypatch:
     assert modes == [None, "reduce-overhead"] and len(compiled_calls) == 3
 
 
-def test_a_kept_deep_feature_outlives_the_next_cuda_graph_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])  # both replay CUDA graphs
+def test_a_kept_deep_feature_outlives_the_next_cuda_graph_replay(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """``compile="reduce-overhead"`` replays CUDA graphs, whose outputs live in the graph's memory and are
     overwritten by the next replay; feature reuse reads a call's deep feature steps later. Simulated here with
     a compiled UNet that returns its outputs in the same two buffers every call (a real replay needs a GPU):
@@ -197,7 +198,7 @@ def test_a_kept_deep_feature_outlives_the_next_cuda_graph_replay(monkeypatch: py
         return replay
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    sub = TorchSubmodels(build_models(tiny_config(), seed=0), compile="reduce-overhead")
+    sub = TorchSubmodels(build_models(tiny_config(), seed=0), compile=mode)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(1, 257, sub.config.unet.cross_attention_dim, generator=g)
     inputs = [(torch.randn(1, 9, 2, 16, 16, generator=g), torch.randn(1, 4, 2, 16, 16, generator=g)) for _ in range(2)]

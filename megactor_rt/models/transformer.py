@@ -72,6 +72,8 @@ class BasicTransformerBlock(nn.Module):
             assert ctx.tokens is not None, "upstream projects the tokens: AttnContext needs them"
             return self.attn2.attend(x, *self.attn2.project_kv(repeat_frames(ctx.tokens, ctx.frames)))
         if ctx.token_kv is not None:  # projected once per portrait
+            if self.kv_slot < 0:
+                raise ValueError("token_kv given to a transformer block no UNet numbered (kv_slot)")
             k, v = ctx.token_kv[2 * self.kv_slot], ctx.token_kv[2 * self.kv_slot + 1]  # (1, h, T, d)
             if k is None or v is None:
                 raise ValueError(f"token_kv holds no keys/values for transformer block {self.kv_slot}")

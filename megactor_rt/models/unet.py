@@ -136,7 +136,9 @@ class _UNetBase(nn.Module):
         from the same tokens, computed once per portrait (``forward``'s ``token_kv``)."""
         if tokens.shape[0] != 1:
             raise ValueError(f"token_kv takes one set of tokens (1, T, D), not {tuple(tokens.shape)}")
-        return [t for block in self.transformer_blocks() for t in block.attn2.project_kv(tokens)]
+        # contiguous: as a portrait store file gives them back (a compiled UNet's guards check strides) and as a
+        # TensorRT plan takes them
+        return [t.contiguous() for block in self.transformer_blocks() for t in block.attn2.project_kv(tokens)]
 
     @staticmethod
     def _blocks(blocks: nn.ModuleList) -> list[_Block]:
@@ -212,9 +214,11 @@ class TemporalUNet(_UNetBase):
         """
         if keep_deep and deep is not None:
             raise ValueError("keep_deep needs the whole UNet: pass either deep or keep_deep, not both")
-        if token_kv is not None and (upstream or len(token_kv) != 2 * self.num_transformer_blocks):
+        if token_kv is not None and upstream:
+            raise ValueError("upstream projects the tokens in every call, per frame: token_kv is for the others")
+        if token_kv is not None and len(token_kv) != 2 * self.num_transformer_blocks:
             raise ValueError(f"token_kv: {len(token_kv)} tensors, expected 2 x {self.num_transformer_blocks} "
-                             "(TemporalUNet.token_kv), and not with upstream (it projects the tokens per frame)")
+                             "(TemporalUNet.token_kv)")
         if tokens is None and token_kv is None:
             raise ValueError("the UNet needs the CLIP tokens or their keys/values (token_kv)")
         b, _, f, h, w = latents.shape
