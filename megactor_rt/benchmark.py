@@ -119,8 +119,10 @@ def changes_math(mode: str) -> bool:
 def replays_cuda_graphs(mode: str) -> bool:
     """Whether ``mode`` replays CUDA graphs (``--compile reduce-overhead``, TensorRT plans as graphs): they are
     recorded on a call after the first of each shape, so its warm-up runs twice (:func:`warm_up`)."""
+    from megactor_rt.runtime.submodels import replays_cuda_graphs as compiled_with_graphs
+
     variants = mode.split("+")[1:]
-    return any(VARIANTS.get(v, {}).get("submodels", {}).get("compile") == "reduce-overhead"
+    return any(compiled_with_graphs(VARIANTS.get(v, {}).get("submodels", {}).get("compile", False))
                or VARIANTS.get(v, {}).get("backend", {}).get("cuda_graphs") for v in variants)
 
 

@@ -35,6 +35,8 @@ _NP: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16
 _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaErrorMemoryAllocation", re.IGNORECASE)
 
 
+NO_TOKEN_KV = "exports made before 2026-11-27 have no token_kv graph"  # (the UNet graphs took the tokens)
+
 # the graphs whose outputs a portrait state holds (runtime.portrait.prepare_portrait, PortraitState.bank)
 PORTRAIT_GRAPHS = ("clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net", "token_kv")
 
@@ -180,7 +182,7 @@ class GraphSubmodels(Submodels):
             raise self._older_export(older[0])
         missing = [g for g in graphs_needed(cfg) if g not in self.runners] if self.fallback is None else []
         if missing:
-            older_hint = " (exports made before 2026-11-27 have no token_kv graph)" if "token_kv" in missing else ""
+            older_hint = f" ({NO_TOKEN_KV})" if "token_kv" in missing else ""
             raise InputError(f"{self.name}: the export has no {', '.join(missing)} graph, which this run needs"
                              f"{older_hint}; export again (megactor-rt export) without --graphs, or with the "
                              "settings of this run")
@@ -282,8 +284,8 @@ class GraphSubmodels(Submodels):
 
     def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
         if "token_kv" not in self.runners and self.fallback is None:
-            raise InputError(f"{self.name}: the export has no token_kv graph (exports made before 2026-11-27 lack "
-                             "it); re-run `megactor-rt export` (and `build-engines`)")
+            raise InputError(f"{self.name}: the export has no token_kv graph ({NO_TOKEN_KV}); re-run "
+                             "`megactor-rt export` (and `build-engines`)")
         if (fb := self._fallback("token_kv")) is not None:
             return fb.token_kv(tokens)
         out = self._run("token_kv", tokens=tokens)

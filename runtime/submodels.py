@@ -226,7 +226,7 @@ class TorchSubmodels(Submodels):
         out = self._unet_module()(self._in(latents), t, self._in(tokens), self._in(pose), bank,
                                   n_uncond=n_uncond, shared_down=shared_down, upstream=upstream, deep=deep,
                                   keep_deep=keep_deep,
-                                  token_kv=[self._in(t) for t in token_kv] if token_kv is not None else None)
+                                  token_kv=[self._in(kv) for kv in token_kv] if token_kv is not None else None)
         if keep_deep and replays_cuda_graphs(self.compile):
             # CUDA graphs: a replay's outputs live in the graph's memory, which the next replay overwrites (and
             # reading them after it raises), but a kept deep feature is read again at a later step
