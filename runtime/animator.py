@@ -512,6 +512,8 @@ class Animator:
                 with timer.stage("denoise"):
                     latents = denoise(noise, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
                                       cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
+                del model  # what only the loop needed (the reference path's driving frames: 1.5 MB per frame at
+                # 512 px in fp16) goes before the decode; denoise has already let each window's state go
                 frames = self._decode(latents, timer, cfg.decode_streams, tiny)
             for frame in frames:
                 timer.frame_out()

@@ -171,6 +171,8 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
                 callback(i, step, guided, latents.clone())  # a copy: ``latents`` changes in place at the next step
     if on_step is not None:
         on_step(len(plan))
+    for k in range(len(windows)):  # no window runs again: its kept feature and driver features can go before the
+        model.end_window(k)  # decode (they are about 10 MB per frame at 512 px with feature reuse)
     return latents
 
 

@@ -1,7 +1,8 @@
 """The run's initial noise, whole or a few frames at a time.
 
 A run's noise is ``torch.randn((1, 4, n, h, w), generator=torch.Generator().manual_seed(seed))`` (CPU generator,
-fp32), as upstream draws it. The streamed loop (open windows) needs the frames in order and only a few at a
+fp32: the same frames for a seed on every device; upstream draws fp16 noise on the GPU, so its exact values
+differ: docs/decisions.md, "Random numbers"). The streamed loop (open windows) needs the frames in order and only a few at a
 time; holding the whole tensor would cost 64 KiB per frame at 512 px for the whole run. ``FrameNoise`` gives
 the same values a frame range at a time: the tensor is channel-major, so it keeps one generator per channel,
 each advanced to its channel's first element.
@@ -36,7 +37,7 @@ def chunked_fill_matches() -> bool:
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The whole noise tensor (CPU, fp32), as upstream draws it."""
+    """The whole noise tensor (CPU, fp32; see the module's docstring)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), device="cpu")
 
 

@@ -187,6 +187,38 @@ def test_window_batch_applies_where_several_windows_share_a_call(anim: Animator,
 # ---------------------------------------------------------------------------------------------- caching
 
 
+@pytest.mark.parametrize("mode", ["reference", "optimized"])
+def test_the_loop_state_is_gone_before_the_decode(anim: Animator, media: dict[str, Path], mode: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With wrapping windows the frames are decoded only after the last step: by then the window predictor
+    (the reference path's driving frames, every window's kept deep feature) is no longer referenced."""
+    import weakref
+
+    from megactor_rt.runtime import animator as animator_module
+
+    made: list[weakref.ref] = []
+    cls = animator_module.ReferencePredictor if mode == "reference" else animator_module.OptimizedPredictor
+
+    class Watched(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(animator_module, cls.__name__, Watched)
+    alive_at_decode: list[bool] = []
+    real = anim._decode_batch
+
+    def decode(*args: object) -> torch.Tensor:
+        alive_at_decode.append(made[-1]() is not None)
+        return real(*args)
+
+    monkeypatch.setattr(anim, "_decode_batch", decode)
+    frames = list(anim.animate(anim.prepare(PORTRAIT), media["long"],
+                               config=replace(CFG, mode=Mode(mode), feature_reuse=2)))
+    assert len(frames) == 12 and len(made) == 1
+    assert alive_at_decode and not any(alive_at_decode)
+
+
 def test_second_prepare_is_a_cache_hit(anim: Animator) -> None:
     a = fresh(anim)
     first = a.prepare(PORTRAIT)

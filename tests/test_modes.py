@@ -287,12 +287,18 @@ def test_feature_reuse_runs_the_whole_unet_every_kth_step(setup):
 
     _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, callback=keep("whole"))
     before = dict(sub.calls)
-    out = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, callback=keep("reuse"), feature_reuse=2,
+    kept = []
+
+    def reuse(i, step, eps, lat):
+        keep("reuse")(i, step, eps, lat)
+        kept.append({k: d.shape[0] for k, d in models[0].deep.items()})
+
+    out = _run(sub, state, frames, 7, 4, 2, 4.5, "optimized", steps=3, callback=reuse, feature_reuse=2,
                models=models)
     calls = {k: v - before.get(k, 0) for k, v in sub.calls.items()}
     assert calls["unet"] == 12 and calls["unet_reuse"] == 4  # 4 windows per step; step 1 reuses
-    assert len(models[0].deep) == 4  # one kept feature per window
-    assert all(d.shape[0] == 2 for d in models[0].deep.values())  # both CFG halves
+    assert kept[0] == {0: 2, 1: 2, 2: 2, 3: 2}  # one kept feature per window, both CFG halves
+    assert models[0].deep == {}  # and none once the run is over (before the decode)
     assert torch.equal(seen["reuse"][0], seen["whole"][0])  # step 0: the whole UNet, as usual
     assert not torch.equal(seen["reuse"][1], seen["whole"][1])  # step 1 reuses step 0's deep features
     assert torch.isfinite(out).all() and torch.equal(out, seen["reuse"][-1])
@@ -465,6 +471,31 @@ def test_stream_refuses_wrapping_windows(setup):
 
 
 # ---------------------------------------------------------------------------------------------- PoseFeed
+
+
+def test_a_wrapping_run_keeps_no_window_state_after_its_last_step(setup):
+    """``denoise`` ends every window after the last step: the kept deep features and the driver's PoseGuider
+    features are gone before the decode (they grow with the driver's length), and the result is unchanged."""
+    sub, state, frames = setup
+    n, b = 7, 3
+    fr = frames[[i % frames.shape[0] for i in range(n)]]
+    windows = context_windows(n, 4, 2)
+    feed = PoseFeed(sub, iter(fr), n, state.film_scale, state.film_shift, windows, b)
+    model = OptimizedPredictor(sub, state, feed, 4.5, feature_reuse=True)
+    seen = []
+
+    def held(i, step, eps, lat):
+        seen.append((len(model.deep), sum(c.shape[2] for c in feed.batches.values())))
+
+    noise = torch.randn(1, 4, n, *state.cond.shape[-2:], generator=torch.Generator().manual_seed(n))
+    out = denoise(noise, model, DDIM().plan(3), windows, 4.5, callback=held, feature_reuse=2)
+    assert seen[0] == (len(windows), n)  # during the run: every window's feature, every frame's features
+    assert model.deep == {} and feed.batches == {}  # after it: none
+    pose = torch.cat([sub.pose_features(fr[i:i + b], state.film_scale, state.film_shift)  # the feed's batches
+                      for i in range(0, n, b)]).permute(1, 0, 2, 3)[None]
+    upfront = OptimizedPredictor(sub, state, pose, 4.5, feature_reuse=True)
+    noise = torch.randn(1, 4, n, *state.cond.shape[-2:], generator=torch.Generator().manual_seed(n))
+    assert torch.equal(out, denoise(noise, upfront, DDIM().plan(3), windows, 4.5, feature_reuse=2))
 
 
 def test_pose_feed_is_the_upfront_pass_computed_as_windows_need_it(setup):
