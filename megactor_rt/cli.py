@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from megactor_rt.config import parse_time
 from megactor_rt.errors import InputError, MegactorError
@@ -77,7 +77,8 @@ def seconds(text: str) -> float:
 
 def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--steps", type=_positive_int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
-    p.add_argument("--guidance", type=_guidance, default=4.5, help="CFG scale (upstream 4.5; 1 disables CFG)")
+    p.add_argument("--guidance", type=_guidance, default=4.5,
+                   help="CFG scale (default 4.5, as upstream; 1 disables CFG)")
     p.add_argument("--cfg-steps", type=_count, default=None, metavar="K",
                    help="CFG truncation (faster, changes the result): guidance only in the first K steps, the "
                         "conditional half alone afterwards (default: every step, as upstream)")
@@ -88,8 +89,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="decode with TAESD's tiny decoder (faster, blurrier; weights: huggingface.co/madebyollin/"
                         "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
-    p.add_argument("--window", type=_positive_int, default=16, help="context window in frames (upstream 16)")
-    p.add_argument("--overlap", type=_count, default=8, help="window overlap in frames (upstream 8)")
+    p.add_argument("--window", type=_positive_int, default=16,
+                   help="context window in frames (default 16, as upstream)")
+    p.add_argument("--overlap", type=_count, default=8,
+                   help="window overlap in frames, below --window (default 8, as upstream)")
     p.add_argument("--no-wrap", dest="closed_loop", action="store_false",
                    help="open context windows (changes the result): the clip's end no longer shares windows with "
                         "its start (upstream wraps them); frames are then written while the rest still denoises, "
@@ -104,7 +107,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
                         "current t")
     p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
-                   help="optimized (exact-preserving savings) or reference (upstream evaluation order)")
+                   help="optimized (exact-preserving savings; the default) or reference (upstream evaluation "
+                        "order: the same frames, slower)")
     p.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
     p.add_argument("--start", type=seconds, default=None, metavar="TIME",
                    help="begin this far into the driver, in seconds or [HH:]MM:SS[.ms] (its audio too; "
@@ -162,7 +166,8 @@ def _run_config(args: argparse.Namespace):  # noqa: ANN202
 
 # AnimateConfig's fields whose flag is not the field's name (``steps`` is ``--steps``, ``fps`` ``--fps``, ...)
 _FIELD_FLAGS = {"reference_timestep": "--reference-timestep", "cfg_steps": "--cfg-steps",
-                "feature_reuse": "--feature-reuse", "window_batch": "--window-batch", "max_frames": "--max-frames"}
+                "feature_reuse": "--feature-reuse", "window_batch": "--window-batch", "max_frames": "--max-frames",
+                "overlap": "--overlap"}
 _PLAIN_FIELDS = ("steps", "window", "guidance", "seed", "fps", "start", "duration")
 
 
@@ -170,6 +175,7 @@ def as_flags(message: str) -> str:
     """A run-settings error of the library (which names ``AnimateConfig``'s fields) in the command line's terms:
     the field it begins with, and any snake_case field in it, as its flag."""
     message = re.sub(r"\b(" + "|".join(_FIELD_FLAGS) + r")\b", lambda m: _FIELD_FLAGS[m.group(1)], message)
+    message = re.sub(r"\bwindow (?=\d)", "--window ", message)  # "got window 4, --overlap 4"
     return re.sub(r"^(" + "|".join(_PLAIN_FIELDS) + r") ", r"--\1 ", message)
 
 
@@ -306,13 +312,30 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_output_path(output)
 
 
-def _note_contour_options(args: argparse.Namespace) -> None:
-    """Contour-mode options given without contour mode change nothing: say so (once)."""
+def _note_ignored_options(args: argparse.Namespace) -> None:
+    """Options that change nothing with the others given: say so (once, before any work)."""
     if not args.contour:
         given = [flag for flag, set_ in (("--landmarks-model", args.landmarks_model is not None),
                                          ("--contour-affine-frame", args.contour_affine_frame != "last")) if set_]
         if given:
-            logger.warning("%s only apply with --contour-preserve, which is not given: ignored", " and ".join(given))
+            logger.warning("%s only appl%s with --contour-preserve, which is not given: ignored", " and ".join(given),
+                           "y" if len(given) > 1 else "ies")
+    backend = getattr(args, "backend", "torch")
+    if backend != "tensorrt":
+        given = [flag for flag, set_ in (("--torch-fallback", getattr(args, "torch_fallback", None) is not None),
+                                         ("--fallback", getattr(args, "fallback", "torch") != "torch")) if set_]
+        if given:
+            logger.warning("%s only appl%s to --backend tensorrt, not %s: ignored", " and ".join(given),
+                           "y" if len(given) > 1 else "ies", backend)
+    if args.cfg_steps is not None and args.cfg_steps >= args.steps:
+        logger.warning("--cfg-steps %d with --steps %d: guidance in every step, as without --cfg-steps",
+                       args.cfg_steps, args.steps)
+    if args.feature_reuse == 1:
+        logger.warning("--feature-reuse 1 runs the whole UNet in every step, as without --feature-reuse")
+    if args.window_batch > 1 and (args.mode != "optimized" or not args.closed_loop):
+        logger.warning("--window-batch %d applies to the optimized mode with wrapping windows, not %s: one window "
+                       "per UNet call", args.window_batch,
+                       "--mode reference" if args.mode != "optimized" else "--no-wrap")
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
@@ -325,7 +348,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None)
     check_converted_folder(args.weights)
-    _note_contour_options(args)
+    _note_ignored_options(args)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
@@ -368,7 +391,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_files([portrait], [driver], args.output)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
-    _note_contour_options(args)
+    _note_ignored_options(args)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
@@ -498,8 +521,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr and exit code 2, as every clear error (argparse's own prints
+    its whole usage block, about 15 lines for ``animate``, above the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megactor-rt", description="Fast inference engine for MegActor v1")
+    p = _Parser(prog="megactor-rt", description="Fast inference engine for MegActor v1")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
@@ -538,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
     d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
     d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
-    d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"))
+    d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
+                   help="the result video (default: megactor_demo.mp4)")
     d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
@@ -553,15 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("convert-weights", help="released weights/ folder -> megactor-rt safetensors layout")
-    c.add_argument("src", type=Path)
-    c.add_argument("dst", type=Path)
+    c.add_argument("src", type=Path, help="the released weights/ folder (megactor-rt download --out)")
+    c.add_argument("dst", type=Path, help="the converted weights folder to write (animate --weights)")
     c.add_argument("--checkpoint", type=Path, help="the training checkpoint to convert: a path, or a file name in "
                    "SRC (default: the highest checkpoint-steps<N>.ckpt in SRC; upstream uses checkpoint-steps9000.ckpt)")
     c.set_defaults(fn=cmd_convert)
 
     dl = sub.add_parser("download", help=f"snapshot the released weights ({HF_REPO}) from the Hugging Face Hub")
     dl.add_argument("--repo", default=HF_REPO, help=f"Hugging Face repository (default: {HF_REPO})")
-    dl.add_argument("--out", type=Path, default=Path("megactor-weights"))
+    dl.add_argument("--out", type=Path, default=Path("megactor-weights"),
+                    help="where the snapshot goes (default: megactor-weights)")
     dl.set_defaults(fn=cmd_download)
 
     dr = sub.add_parser("doctor", help="what is available here: backends, CUDA, TensorRT, kernels, weights")
@@ -573,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export every submodel to ONNX (fp32 and fp16)")
     e.add_argument("--weights", required=True, type=Path, help="converted weights folder, or 'tiny' / 'full' "
                                                               "for random-weight architectures")
-    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path, help="the export folder to write (graphs and manifest)")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 20 (default: 18)")
     e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"],
                    help="which graphs to write (default: both; fp16 graphs are what TensorRT fp16 plans take)")
@@ -592,9 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-engines", help="build TensorRT plans for this GPU from exported ONNX")
-    b.add_argument("--onnx", required=True, type=Path)
-    b.add_argument("--out", required=True, type=Path)
-    b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    b.add_argument("--onnx", required=True, type=Path, help="the export folder (megactor-rt export --out)")
+    b.add_argument("--out", required=True, type=Path,
+                   help="the engine folder (animate --engines): one plan per graph, profile and GPU")
+    b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="build from these graphs of the export (default: fp16)")
     b.add_argument("--profile", default=None,
                    help="build only this optimization profile of the export manifest (default: all; without the "
                         "`long` plans a --window longer than the export's cannot run on TensorRT)")
@@ -608,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
     be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)
-    be.add_argument("--out", type=Path, default=Path("bench-results"))
+    be.add_argument("--out", type=Path, default=Path("bench-results"),
+                    help="results folder: results.json and results.md (default: bench-results)")
     be.add_argument("--device", default=None,
                     help="default: cpu for cpu-* suites, cuda for gpu-* suites, otherwise cuda where torch sees a "
                          "GPU, else cpu")

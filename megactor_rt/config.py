@@ -322,7 +322,8 @@ class AnimateConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.window < 1 or not 0 <= self.overlap < self.window:
-            raise ValueError(f"need window >= 1 and 0 <= overlap < window, got {self.window}/{self.overlap}")
+            raise ValueError(f"window must be >= 1 and overlap from 0 to window - 1, got window {self.window}, "
+                             f"overlap {self.overlap}")
         if self.window > 32:
             raise ValueError("window must be <= 32 (motion-module positional encoding length)")
         if not (math.isfinite(self.guidance) and self.guidance >= 1.0):

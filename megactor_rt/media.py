@@ -623,7 +623,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 if strict:
                     raise InputError(f"{path}: video is truncated or corrupt after frame {where()} ({exc}); "
                                      f"{_use_first(slot - skip)}") from exc
-                logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frames "
+                logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frame(s) "
                                "decoded so far", path, where(), exc, slot - skip)
                 return
             decoded += 1
@@ -689,7 +689,8 @@ def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | Non
 def _use_first(count: int) -> str:
     if count <= 0:
         return "it breaks off before the first frame used (--start)"
-    return f"--max-frames {count} (AnimateConfig.max_frames) animates the {count} frames before the break"
+    what = "the frame" if count == 1 else f"the {count} frames"
+    return f"--max-frames {count} (AnimateConfig.max_frames) animates {what} before the break"
 
 
 def _short(announced: int, decoded: int) -> bool:
@@ -982,16 +983,18 @@ class VideoWriter:
     def _discard(self) -> None:
         self._closed = True
         out = getattr(self, "_out", None)
-        if out is not None:
-            try:
-                out.close()
-            except (av.error.FFmpegError, OSError, ValueError) as exc:
-                logger.debug("ignoring error while closing aborted output: %s", exc)
-        self._close_audio_in()
         try:
-            self._tmp.unlink(missing_ok=True)
-        except OSError as exc:  # never hide the error that made us discard
-            logger.warning("could not remove the temporary file %s: %s", self._tmp, exc)
+            if out is not None:
+                try:
+                    out.close()
+                except (av.error.FFmpegError, OSError, ValueError) as exc:
+                    logger.debug("ignoring error while closing aborted output: %s", exc)
+            self._close_audio_in()
+        finally:  # also when a second Ctrl-C or SIGTERM breaks the close off (GNU timeout signals twice)
+            try:
+                self._tmp.unlink(missing_ok=True)
+            except OSError as exc:  # never hide the error that made us discard
+                logger.warning("could not remove the temporary file %s: %s", self._tmp, exc)
 
     def _close_audio_in(self) -> None:
         if self._audio_in is not None:

@@ -70,7 +70,7 @@ from megactor_rt.runtime.predictor import (
     kept_feature_bytes,
     reusable,
 )
-from megactor_rt.runtime.submodels import Submodels, TorchSubmodels
+from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
 from megactor_rt.weights import build_models, load_converted
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ class Animator:
         require_backend(backend)
         if compile and backend != "torch":
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
+        check_compile_mode(compile)  # before the weights load
         _check_cuda_graphs(backend, cuda_graphs)
         dev = check_device(device) if device else default_device()
         prec = Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)

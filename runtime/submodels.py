@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from megactor_rt.config import AnimateConfig, ModelConfig
+from megactor_rt.errors import InputError
 from megactor_rt.runtime.pipeline import to_device_queued
 from megactor_rt.weights import MegActorModels
 
@@ -115,6 +116,32 @@ class Submodels(ABC):
         raise NotImplementedError(f"reference mode needs the torch backend, not {self.name}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # where torch's list
+# (``torch._inductor.list_mode_options``, private) cannot be read
+
+
+def compile_modes() -> tuple[str, ...]:
+    """The ``torch.compile`` modes this torch knows."""
+    try:
+        from torch._inductor import list_mode_options
+
+        return tuple(list_mode_options())
+    except Exception:  # noqa: BLE001 - another torch's internals
+        return COMPILE_MODES
+
+
+def check_compile_mode(compile: bool | str) -> None:
+    """Refuse a ``torch.compile`` mode this torch does not know, before any weights are loaded (torch itself
+    names it only at the first UNet call).
+
+    Raises:
+        InputError: naming the known modes.
+    """
+    if isinstance(compile, str) and compile not in (known := compile_modes()):
+        raise InputError(f"unknown torch.compile mode '{compile}' (--compile MODE); this torch knows: "
+                         f"{', '.join(known)}")
+
+
 def replays_cuda_graphs(compile: bool | str) -> bool:
     """Whether a ``torch.compile`` mode replays CUDA graphs (``reduce-overhead``, ``max-autotune``)."""
     if not isinstance(compile, str):
@@ -143,6 +170,7 @@ class TorchSubmodels(Submodels):
 
     def __init__(self, models: MegActorModels, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool | str = False) -> None:
+        check_compile_mode(compile)
         super().__init__(models.config, models.weights_id, torch.device(device), dtype)
         self.models = models.to(self.device, dtype)
         self.compile = compile

@@ -244,10 +244,15 @@ def test_failed_run_keeps_previous_output(weights: Path, media: dict[str, Path],
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["animate", "--portrait", "p.png"])
-    assert exc.value.code == 2
-    assert "--driver" in capsys.readouterr().err
+    """One line, as the other clear errors (was: argparse's usage block above the message)."""
+    for argv, needle in ((["animate", "--portrait", "p.png"], "required: --driver"),
+                         (["demo", "--steps", "0"], "argument --steps: 0 is not >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+        assert f"`megactor-rt {argv[0]} --help` lists the options" in err
 
 
 def test_unexpected_error_exits_1_without_traceback(monkeypatch: pytest.MonkeyPatch,
@@ -361,9 +366,29 @@ def test_compile_is_torch_only(weights: Path, capsys: pytest.CaptureFixture[str]
     assert cli.build_parser().parse_args(base).cuda_graphs is False
 
 
+def test_an_unknown_compile_mode_is_refused_before_any_work(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: accepted, the weights loaded, and torch refused it at the first UNet call (exit 1, "unexpected
+    error: RuntimeError")."""
+    import megactor_rt.runtime.animator as animator_module
+
+    loads: list[object] = []
+    real_load = animator_module.load_converted
+    monkeypatch.setattr(animator_module, "load_converted", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(InputError, match=r"unknown torch.compile mode 'bogus' \(--compile MODE\);.*reduce-overhead"):
+        Animator.from_weights(weights, device="cpu", compile="bogus")
+    out = tmp_path / "o.mp4"
+    code, _, err = run(capsys, "animate", "--weights", weights, "--portrait", media["portrait"], "--driver",
+                       media["driver"], "-o", out, *FAST, "--compile", "bogus")
+    assert code == 2 and "unknown torch.compile mode 'bogus'" in err and "unexpected" not in err
+    assert loads == [] and not out.exists()
+
+
 def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
     anim = Animator.from_weights(weights, device="cpu", compile=True)
     assert anim.sub.compile is True  # type: ignore[attr-defined]
+    assert Animator.from_weights(weights, device="cpu", compile="max-autotune").sub.compile == "max-autotune"  # type: ignore[attr-defined]
     base = ["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
     assert cli.build_parser().parse_args([*base, "--compile"]).compile is True
     assert cli.build_parser().parse_args([*base, "--compile", "reduce-overhead"]).compile == "reduce-overhead"
@@ -406,7 +431,8 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--window", 4, "--overlap", 4), "need window >= 1 and 0 <= overlap < window"),
+    (("--window", 4, "--overlap", 4), "--window must be >= 1 and --overlap from 0 to window - 1, got --window 4, "
+                                      "--overlap 4"),
     (("--window", 33), "--window must be <= 32"),
     (("--fps", 0), "--fps must be a finite number >= 0.01"),
     (("--duration", 0), "--duration must be a finite number > 0 seconds"),
@@ -867,6 +893,33 @@ def test_a_second_interrupt_during_the_wait_still_records_the_running_worker(mon
             t.join(5)
 
 
+@pytest.mark.parametrize("argv,warning", [
+    (["animate", "--backend", "torch", "--torch-fallback", "vae_decoder"],
+     "--torch-fallback only applies to --backend tensorrt, not torch: ignored"),
+    (["animate", "--backend", "onnxruntime", "--fallback", "onnxruntime"],
+     "--fallback only applies to --backend tensorrt, not onnxruntime"),
+    (["demo", "--steps", "4", "--cfg-steps", "4"], "--cfg-steps 4 with --steps 4: guidance in every step"),
+    (["demo", "--feature-reuse", "1"], "--feature-reuse 1 runs the whole UNet in every step"),
+    (["demo", "--window-batch", "2", "--no-wrap"], "--window-batch 2 applies to the optimized mode with wrapping "
+                                                   "windows, not --no-wrap"),
+    (["demo", "--window-batch", "2", "--mode", "reference"], "not --mode reference"),
+    (["demo", "--steps", "4", "--cfg-steps", "3", "--feature-reuse", "2", "--window-batch", "2"], None),
+    (["animate", "--backend", "tensorrt", "--torch-fallback", "vae_decoder"], None),
+])
+def test_options_that_change_nothing_are_named_as_ignored(argv: list[str], warning: str | None,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    if argv[0] == "animate":
+        argv = [*argv, "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        cli._note_ignored_options(cli.build_parser().parse_args(argv))
+    if warning is None:
+        assert caplog.text == ""
+    else:
+        assert warning in caplog.text and len(caplog.records) == 1
+
+
 def test_contour_options_without_contour_mode_are_named_as_ignored(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
@@ -875,7 +928,7 @@ def test_contour_options_without_contour_mode_are_named_as_ignored(caplog: pytes
                          (["demo"], False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="megactor_rt"):
-            cli._note_contour_options(cli.build_parser().parse_args(argv))
+            cli._note_ignored_options(cli.build_parser().parse_args(argv))
         assert ("--landmarks-model and --contour-affine-frame only apply with --contour-preserve" in caplog.text) \
             == warned, (argv, caplog.text)
 

@@ -362,6 +362,27 @@ def test_writer_disk_errors_name_the_output_and_leave_nothing(tmp_path: Path,
     assert [p.name for p in tmp_path.iterdir()] == [long.name]
 
 
+def test_abort_broken_off_by_a_second_interrupt_still_removes_the_temporary_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second Ctrl-C or SIGTERM (GNU ``timeout`` signals the process and then its group) can arrive while an
+    aborted output is being closed: the temporary file goes all the same."""
+    w = VideoWriter(tmp_path / "out.mp4", Fraction(25), 64, 64)
+    for frame in _frames(60):  # past the encoder's look-ahead: the file is on disk
+        w.write(frame)
+    assert [p.name for p in tmp_path.iterdir()] == [w._tmp.name]
+    real = w._out
+
+    class Interrupted:
+        def close(self) -> None:
+            real.close()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(w, "_out", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_writer_transcodes_audio_into_mp4(tmp_path: Path) -> None:
     src = tmp_path / "src.mkv"
     with av.open(str(src), "w") as c:  # PCM in Matroska: a codec MP4 cannot take as is
