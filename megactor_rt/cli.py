@@ -301,15 +301,16 @@ def _results_folder(folder: Path) -> None:
         raise InputError(f"{folder}: cannot create the results folder ({exc})") from exc
 
 
-def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None) -> None:
+def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None, mask: Path | None = None) -> None:
     """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist,
-    and the one result (``output``, where given) can be written."""
-    from megactor_rt.media import check_output_path, require_file
+    and the one result (``output``, where given) can be written and is none of them."""
+    from megactor_rt.media import check_not_an_input, check_output_path, require_file
 
     for path, what in [*((p, "portrait") for p in portraits), *((d, "driver") for d in drivers)]:
         require_file(Path(path), what)
     if output is not None:
         check_output_path(output)
+        check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask)
 
 
 def _note_ignored_options(args: argparse.Namespace) -> None:
@@ -346,7 +347,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                          f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
-    _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None)
+    _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask)
     check_converted_folder(args.weights)
     _note_ignored_options(args)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
@@ -388,7 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
-    _check_files([portrait], [driver], args.output)
+    _check_files([portrait], [driver], args.output, args.mask)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     _note_ignored_options(args)

@@ -108,8 +108,9 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
 
 def read_portrait(path: PathLike) -> np.ndarray:
     """The portrait as RGB: a still image (:func:`read_image`), or the first frame of a video, as upstream's
-    ``eval.py`` takes it (files ending in .mp4, .mov, .m4v, .mkv, .webm, .avi; an animated GIF gives its
-    first frame through Pillow either way).
+    ``eval.py`` takes it (files ending in .mp4, .mov, .m4v, .mkv, .webm, .avi, and any other file that is no
+    image but FFmpeg reads as a video: .ts, .3gp, .flv, ...; an animated GIF gives its first frame through
+    Pillow either way).
 
     Returns:
         ``(H, W, 3)`` uint8 RGB array.
@@ -119,13 +120,29 @@ def read_portrait(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
-        return read_image(path)
+        try:
+            return read_image(path)
+        except InputError:
+            if not path.is_file() or not _has_video(path):  # not a video under another name (.ts, .3gp, .flv):
+                raise  # the image error stands
     require_file(path, "video")
     frame = next(iter_video_frames(path, 1), None)
     if frame is None:  # iter_video_frames raises on a file without frames; this is only a safety net
         raise InputError(f"{path}: no decodable video frame for the portrait")
     _check_image_size(path, (frame.shape[1], frame.shape[0]))
     return frame
+
+
+def _has_video(path: Path) -> bool:
+    """Whether FFmpeg reads ``path`` as a video (not as a still image: its image demuxers) with a frame size."""
+    try:
+        with av.open(str(path)) as container:
+            name = container.format.name
+            if name == "image2" or name.endswith("_pipe"):
+                return False
+            return any(v.codec_context.width for v in container.streams.video)
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError):
+        return False
 
 
 def image_to_rgb(im: Image.Image) -> np.ndarray:
@@ -222,6 +239,17 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
         raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
 
 
+def _display_size(stream: av.video.stream.VideoStream) -> tuple[int, int]:
+    """The frame size players show: the coded width scaled by the sample aspect ratio where pixels are not
+    square (DV and HDV camcorders, anamorphic DVD rips: 1440x1080 shown as 1920x1080), the height kept. Frames
+    are scaled to it, so faces keep their shape (was, until 2026-11-27: the coded size, faces squeezed)."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio  # None or 0/1: unknown
+    if not sar or sar <= 0 or sar == 1:
+        return width, height
+    return max(1, round(width * sar)), height
+
+
 def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
     """The rate of a stream's frame grid (and of the result): its nominal rate where that is at most twice
     the average (and at most 240 fps), else the average, else a guess. A constant-rate MP4 whose last sample is
@@ -268,7 +296,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration_s = container.duration / av.time_base
-        width, height = stream.codec_context.width, stream.codec_context.height
+        width, height = _display_size(stream)
         first = _first_frame(container, stream)
         if first is not None and _frame_orientation(path, first).swaps_sides:
             width, height = height, width
@@ -572,7 +600,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
     """:func:`iter_video_frames`' generator: frames on a constant-rate grid by timestamp (see there)."""
     with _open_input(path) as container:
         stream = _video_stream(path, container)
-        size = (stream.codec_context.width, stream.codec_context.height)  # the probed size, as planned
+        size = _display_size(stream)  # the probed size, as planned
         # No frame threading: it delays output, so a corrupt packet would hide the frames before it.
         frames = container.decode(stream)
         clock = _FrameClock(stream, _stream_fps(path, stream))
@@ -854,6 +882,7 @@ class VideoWriter:
         self._resampler: av.AudioResampler | None = None  # transcoded audio: to AAC's format, layout and rate
         self._resampler_in: tuple[str, str, int] | None = None  # the source parameters it was made for
         self._audio_copy = False
+        self._audio_samples = 0  # transcoded audio handed to the encoder so far (samples at the AAC rate)
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
             raise ValueError(f"audio_offset must be >= 0, got {audio_offset}")
@@ -1130,8 +1159,7 @@ class VideoWriter:
             resampler = self._resampler
             assert resampler is not None
             for out in resampler.resample(frame):
-                out.pts = None  # let the encoder number samples contiguously from 0
-                self._out.mux(self._audio_out.encode(out))
+                self._encode_resampled(out)
         else:
             self._flush_resampler()
 
@@ -1139,9 +1167,18 @@ class VideoWriter:
         resampler = self._resampler
         if resampler is not None:
             for out in resampler.resample(None):
-                out.pts = None
-                self._out.mux(self._audio_out.encode(out))
+                self._encode_resampled(out)
             self._resampler = None
+
+    def _encode_resampled(self, out: av.AudioFrame) -> None:
+        """Encode a frame of AAC's format, numbered contiguously from sample 0. A frame with a timestamp lets
+        the encoder stamp its first packet before 0 by its start-up delay (1024 samples), which the muxer
+        records (an MP4 edit list, a Matroska codec delay) so that players skip the priming samples; without
+        one (was, until 2026-11-27) the first packet was stamped 0 and all the audio played 1024 samples late:
+        21 ms at 48 kHz, 128 ms at 8 kHz."""
+        out.pts, out.time_base = self._audio_samples, Fraction(1, self._audio_out.rate)
+        self._audio_samples += out.samples
+        self._out.mux(self._audio_out.encode(out))
 
     def _encode_silence(self, seconds: Fraction, like: av.AudioFrame) -> Fraction:
         """Encode ``seconds`` of silence in the sample format, layout and rate of the source frame ``like`` (so it

@@ -652,6 +652,27 @@ def test_check_export_says_which_graphs_tensorrt_would_take(tmp_path: Path, caps
     assert code == 2 and "no export manifest" in err
 
 
+def test_a_result_onto_an_input_is_refused_before_the_model_is_built(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from megactor_rt.assets import ASSETS_DIR
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(Animator, "demo", built)
+    monkeypatch.setattr(Animator, "from_weights", built)
+    driver = tmp_path / "d.mp4"
+    shutil.copy(ASSETS_DIR / "driver.mp4", driver)
+    portrait = tmp_path / "p.mp4"  # a video portrait (its first frame)
+    shutil.copy(ASSETS_DIR / "driver.mp4", portrait)
+    for argv, what in ((["demo", "--driver", driver, "-o", driver], "driver"),
+                       (["demo", "--portrait", portrait, "-o", portrait], "portrait"),
+                       (["animate", "--weights", tmp_path, "--portrait", portrait, "--driver", driver, "-o", driver],
+                        "driver")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"would overwrite the {what}" in err, err
+
+
 def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A result or --stats path that is one of the run's inputs (or the result itself) is refused, and the

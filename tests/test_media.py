@@ -405,6 +405,57 @@ def test_writer_transcodes_audio_into_mp4(tmp_path: Path) -> None:
     assert 0.95 < audio_s < 1.15  # 2 s of source trimmed to 1 s (+ AAC priming/padding)
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_transcoded_audio_starts_on_time(tmp_path: Path, suffix: str) -> None:
+    """A click 0.5 s into PCM audio at 8 kHz is 0.5 s into the result's AAC audio, as players place it (the
+    decoded samples from the first packet's time on). Was: 1024 samples late (128 ms at 8 kHz), as the
+    encoder's start-up delay went unrecorded."""
+    rate, click = 8000, 4000
+    src = tmp_path / "src.mkv"
+    with av.open(str(src), "w") as c:
+        aus = c.add_stream("pcm_s16le", rate=rate)
+        aus.layout = "mono"
+        wave = np.zeros((1, 2 * rate), np.int16)
+        wave[0, click:click + 8] = 20000
+        af = av.AudioFrame.from_ndarray(wave, format="s16", layout="mono")
+        af.sample_rate, af.pts = rate, 0
+        c.mux(aus.encode(af))
+        c.mux(aus.encode(None))
+    out = tmp_path / f"out{suffix}"
+    with VideoWriter(out, Fraction(25), 64, 64, audio_source=src) as w:
+        for f in _frames(25):
+            w.write(f)
+    with av.open(str(out)) as c:
+        frames = list(c.decode(audio=0))
+    start = frames[0].pts * frames[0].time_base  # where the decoded audio begins on the result's clock
+    got = np.concatenate([f.to_ndarray()[0] for f in frames])
+    at = float(start) + int(np.argmax(np.abs(got))) / rate
+    assert abs(at - click / rate) < 0.003, at
+
+
+@pytest.mark.parametrize("sar,shown", [(Fraction(2), (256, 128)), (Fraction(1, 2), (64, 128))])
+def test_non_square_pixels_are_shown_at_their_display_size(tmp_path: Path, sar: Fraction,
+                                                            shown: tuple[int, int]) -> None:
+    """A 128x128 video whose pixels are twice as wide (or half as wide) as high plays at 256x128 (64x128): the
+    probe, the frames and a video portrait have that size, so faces keep their shape."""
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width = vs.height = 128
+        vs.pix_fmt = "yuv420p"
+        vs.codec_context.sample_aspect_ratio = sar
+        for f in _frames(3, 128):
+            c.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(vs.encode(None))
+    info = probe_video(path)
+    assert (info.width, info.height) == shown
+    frames = list(iter_video_frames(path))
+    assert len(frames) == 3 and all(f.shape == (shown[1], shown[0], 3) for f in frames)
+    assert read_portrait(path).shape == (shown[1], shown[0], 3)
+    square = np.asarray(Image.fromarray(_frames(1, 128)[0]).resize(shown, Image.BILINEAR), np.float32)
+    assert np.abs(frames[0].astype(np.float32) - square).mean() < 6  # the picture stretched, not cropped
+
+
 def test_writer_synthetic_audio_and_silent_source(tmp_path: Path) -> None:
     with_audio = _write_clip(tmp_path / "a.mp4", audio=True)
     silent = _write_clip(tmp_path / "s.mp4", audio=False)
@@ -523,6 +574,18 @@ def test_portrait_from_a_video_is_its_first_frame(tmp_path: Path) -> None:
     first = next(iter_video_frames(clip, 1))
     np.testing.assert_array_equal(read_portrait(clip), first)
     np.testing.assert_array_equal(read_portrait(PORTRAIT), read_image(PORTRAIT))  # stills unchanged
+
+
+def test_portrait_from_a_video_under_another_suffix(tmp_path: Path) -> None:
+    """A video whose suffix is not one of the video suffixes (.ts, .3gp, .flv...) is read as a video when it is
+    no image (was: "not a readable image"); a file that is neither keeps the image error."""
+    clip = _write_clip(tmp_path / "clip.mp4", n=3, size=128, audio=False)
+    other = clip.rename(tmp_path / "clip.ts")
+    assert np.array_equal(read_portrait(other), next(iter_video_frames(other, 1)))
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(InputError, match=r"notes\.png: not a readable image"):
+        read_portrait(text)
 
 
 @pytest.mark.parametrize("case", ["zero-frame", "missing", "no-video-stream"])
