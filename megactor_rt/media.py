@@ -247,6 +247,10 @@ def _display_size(stream: av.video.stream.VideoStream) -> tuple[int, int]:
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio  # None or 0/1: unknown
     if not sar or sar <= 0 or sar == 1:
         return width, height
+    if not Fraction(1, 4) <= sar <= 4:  # no real footage has such pixels: a broken header, read as square
+        logger.warning("ignoring the video's sample aspect ratio %s (pixels that wide or narrow are a broken "
+                       "header); its frames are taken as square-pixel %dx%d", sar, width, height)
+        return width, height
     return max(1, round(width * sar)), height
 
 

@@ -433,7 +433,8 @@ def test_transcoded_audio_starts_on_time(tmp_path: Path, suffix: str) -> None:
     assert abs(at - click / rate) < 0.003, at
 
 
-@pytest.mark.parametrize("sar,shown", [(Fraction(2), (256, 128)), (Fraction(1, 2), (64, 128))])
+@pytest.mark.parametrize("sar,shown", [(Fraction(2), (256, 128)), (Fraction(1, 2), (64, 128)),
+                                      (Fraction(8), (128, 128))])  # a broken header: square pixels
 def test_non_square_pixels_are_shown_at_their_display_size(tmp_path: Path, sar: Fraction,
                                                             shown: tuple[int, int]) -> None:
     """A 128x128 video whose pixels are twice as wide (or half as wide) as high plays at 256x128 (64x128): the
