@@ -145,6 +145,8 @@ def load_manifest(path: str | Path, *, validate_profiles: bool = True) -> Manife
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
+        if path.name != MANIFEST_NAME and not path.exists():  # the folder given is not there
+            raise ManifestError(f"{path}: no such export folder (the --out of `megactor-rt export`)")
         raise ManifestError(f"no export manifest at {path} (run the ONNX export first)")
     try:
         raw = json.loads(path.read_text())

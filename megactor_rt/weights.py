@@ -122,16 +122,21 @@ def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
     shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or shapes:
+        if own and state and not set(own) & set(state):  # e.g. two networks' files swapped
+            raise WeightsError(f"{what} weights in {source} do not match the model: the file holds none of its "
+                               f"{len(own)} keys (its {len(state)} keys begin {', '.join(sorted(state)[:3])}, ...): "
+                               "another network's file?")
+
         def show(xs: list[str]) -> str:
-            return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20} more)" if len(xs) > 20 else "")
-        parts = [f"{what} weights in {source} do not match the model:"]
+            return ", ".join(xs[:5]) + (f", ... (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        parts = []
         if missing:
             parts.append(f"missing keys ({len(missing)}): {show(missing)}")
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {show(unexpected)}")
         if shapes:
             parts.append(f"wrong shapes ({len(shapes)}): {show(shapes)}")
-        raise WeightsError("\n  ".join(parts))
+        raise WeightsError(f"{what} weights in {source} do not match the model: {'; '.join(parts)}")
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -390,6 +395,8 @@ def release_checkpoint(src: Path, checkpoint: str | Path | None = None) -> Path:
             hint = f" (found {', '.join(others)}: not MegActor v1's training checkpoint)"
         elif any((src / "weights").glob("checkpoint-steps*.ckpt")):  # the download root, not its weights/
             hint = f": it is in {src / 'weights'}, pass that folder"
+        elif (src / CONFIG_NAME).is_file() and any(src.glob("*.safetensors")):  # convert-weights' own output
+            hint = " (it looks like a folder convert-weights already wrote: give it to animate --weights as it is)"
         raise WeightsError(f"no checkpoint-steps<N>.ckpt in {src}{hint}")
     if len(found) > 1:
         logger.warning("%s holds %d checkpoints (%s): converting %s, the most trained (upstream's inference "

@@ -131,6 +131,8 @@ def test_malformed_manifest_names_file_and_field(tmp_path: Path, mutate, message
 def test_unreadable_or_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no export manifest"):
         load_manifest(tmp_path)
+    with pytest.raises(ManifestError, match=r"onnx_typo: no such export folder \(the --out of `megactor-rt export`\)"):
+        load_manifest(tmp_path / "onnx_typo")
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not a readable JSON manifest"):
         load_manifest(tmp_path)

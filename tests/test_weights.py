@@ -152,6 +152,27 @@ def test_bad_checkpoints_name_the_problem(pack, tmp_path, case, needle):
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+def test_a_state_of_another_network_is_named_in_one_line():
+    """Two networks' files swapped: one line saying the file holds none of the model's keys (was: three lines
+    listing 20 missing and 20 unexpected keys); a partial mismatch lists 5 keys per kind."""
+    from torch import nn
+
+    from megactor_rt.weights import check_state
+
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(8)))
+    other = {f"encoder.{i}.weight": torch.zeros(2, 2) for i in range(8)}
+    with pytest.raises(WeightsError) as err:
+        check_state(model, other, "vae", "w/vae.safetensors")
+    message = str(err.value)
+    assert "\n" not in message and "the file holds none of its 16 keys" in message
+    assert "(its 8 keys begin encoder.0.weight, encoder.1.weight, encoder.2.weight, ...): another network's file?" \
+        in message
+    partial = {k: v for k, v in model.state_dict().items() if not k.endswith("bias")}
+    with pytest.raises(WeightsError, match=r"vae weights in w/vae\.safetensors do not match the model: missing keys "
+                                           r"\(8\): 0\.bias, 1\.bias, 2\.bias, 3\.bias, 4\.bias, \.\.\. \(\+3 more\)$"):
+        check_state(model, partial, "vae", "w/vae.safetensors")
+
+
 def test_keys_of_neither_network_are_skipped_with_a_warning(pack, tmp_path, caplog):
     """Upstream's loader picks the unet./appearance_encoder. keys and skips the rest (e.g. a training wrapper's
     other modules); so does the conversion, naming them (was: an error)."""
@@ -366,6 +387,8 @@ def test_a_chosen_checkpoint_is_converted_and_the_download_root_gets_a_hint(pack
         convert_release(tmp_path / "root", tmp_path / "out")
     with pytest.raises(WeightsError, match=r"holds the released weights.*convert-weights .*root/weights OUT"):
         load_converted(tmp_path / "root")
+    with pytest.raises(WeightsError, match=r"chosen \(it looks like a folder convert-weights already wrote"):
+        convert_release(dst, tmp_path / "out")  # a converted folder given as the source
     assert not (tmp_path / "out").exists()
 
 
