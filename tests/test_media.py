@@ -1041,6 +1041,18 @@ def test_timestamps_that_jump_back_follow_on(tmp_path: Path, caplog: pytest.LogC
     assert got == list(range(60)) and "timestamps jump back" in caplog.text
 
 
+def test_a_grid_twice_as_fine_as_the_frames_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Frames 33 ms apart, every 4th 15 ms late, on a 1 ms clock: FFmpeg's nominal rate is 60 fps, under twice
+    the average, so the grid is 60 fps and every frame comes twice. Said in a warning that names --fps (was:
+    silent, at exactly half the frames repeated)."""
+    clip = tmp_path / "jitter.mp4"
+    _write_numbered_vfr(clip, sorted({int(i * 33.3 + (15 if i % 4 == 0 else 0)) / 1000 for i in range(45)}))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        frames = list(iter_video_frames(clip))
+    assert len(frames) == 90 and "come much slower than its header's 60.000 fps" in caplog.text
+    assert "--fps F" in caplog.text
+
+
 def test_a_cut_variable_rate_clip_is_truncated(tmp_path: Path) -> None:
     """A variable-rate MP4 (10 fps, then 50 fps) cut cleanly at a packet: strict reading refuses it by its
     real decoded count, and the --max-frames it names (grid frames, not decoded ones) reads what is there."""
