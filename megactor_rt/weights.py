@@ -12,6 +12,16 @@ Released layout (``HVSiniX/RawVideoDriven``'s ``weights/`` folder, spec section 
   conversion warns where they differ).
 * ``StableDiffusion/unet/config.json`` - optional: the SD1.5 UNet config (architecture only).
 
+The SD1.5 UNet's weights and the ``appearance_encoder/`` folder are not read. Upstream loads them first and
+then overlays the checkpoint (non-strict, asserting only that no key is unexpected), so a key missing from the
+checkpoint would keep their tensor, or a random/zero initial value for the layers SD1.5 lacks. The released
+checkpoint holds every key (1300 denoiser and 662 ReferenceNet tensors, the counts upstream's ``animate.py``
+notes), so every tensor comes from it, as here; a checkpoint missing keys is refused with their names, not
+filled in. The ReferenceNet's architecture is taken from the SD1.5 UNet config (upstream: the
+``appearance_encoder`` folder's, MagicAnimate's copy of it); where that folder's config is present and differs,
+the conversion warns. The VAE's latent scale is upstream's hard-coded 0.18215 (a conversion warns where the
+VAE config says otherwise).
+
 Converted layout (written by ``megactor-rt convert-weights``, read by everything else): one safetensors file
 per module (``temporal_unet``, ``reference_net``, ``vae``, ``clip_image_encoder``) plus ``config.json``.
 """
@@ -212,7 +222,8 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
             ignored += 1
         else:
             foreign.append(key)
-    if foreign:  # upstream's animate.py picks the unet./appearance_encoder. keys and skips every other one
+    if foreign:  # upstream's animate.py keeps keys containing "unet." / "appearance_encoder." (stripping
+        # "module." where present) and skips the rest; it would stop at an unstripped key, this is lenient
         logger.warning("checkpoint %s: %d keys outside unet./appearance_encoder./vae./text_encoder. are not used "
                        "(as upstream): %s", path, len(foreign), ", ".join(foreign[:5]))
     if not unet or not ref:
@@ -276,13 +287,34 @@ def _config_errors(path: Path) -> Iterator[None]:
         raise WeightsError(f"{path}: unsupported configuration: {exc}") from exc
 
 
+UPSTREAM_LATENT_SCALE = 0.18215  # animate.py and pipeline.py hard-code it (spec section 2)
+# UNet config fields that change no tensor shape (a difference goes unnoticed by the weights' shapes)
+_SHAPELESS_FIELDS = ("attention_head_dim", "norm_eps", "upcast_attention", "flip_sin_to_cos", "freq_shift",
+                     "norm_num_groups", "act_fn", "only_cross_attention", "use_linear_projection")
+
+
+def _check_reference_net_config(src: Path, unet_cfg: dict[str, Any]) -> None:
+    """Warn where the ``appearance_encoder`` folder's config (upstream builds the ReferenceNet from it) differs
+    from the SD1.5 UNet config (this conversion's) in a field no tensor shape shows."""
+    path = src / "appearance_encoder" / "appearance_encoder" / "config.json"
+    if not path.is_file():
+        return
+    ref = _read_json(path)
+    differ = [f"{k}: {ref[k]!r} vs {unet_cfg.get(k)!r}" for k in _SHAPELESS_FIELDS if k in ref and ref[k] != unet_cfg.get(k)]
+    if differ:
+        logger.warning("%s differs from the SD1.5 UNet config, whose architecture the ReferenceNet is built with "
+                       "here (upstream builds it from this file): %s", path, "; ".join(differ))
+
+
 def release_config(src: Path) -> ModelConfig:
     """Architecture of a released weights folder (full-size defaults, refined by the folder's configs)."""
     cfg = ModelConfig()
     unet_cfg = src / "StableDiffusion" / "unet" / "config.json"
     if unet_cfg.is_file():
         with _config_errors(unet_cfg):
-            base = UNetConfig.from_diffusers(_read_json(unet_cfg))
+            raw = _read_json(unet_cfg)
+            _check_reference_net_config(src, raw)
+            base = UNetConfig.from_diffusers(raw)
             cfg = ModelConfig(unet=UNetConfig(**{**base.__dict__, "in_channels": 13}),
                               reference_net=UNetConfig(**{**base.__dict__, "in_channels": 4}),
                               vae=cfg.vae, clip=cfg.clip)
@@ -295,7 +327,10 @@ def release_config(src: Path) -> ModelConfig:
                             layers_per_block=vae.get("layers_per_block", 2),
                             latent_channels=vae.get("latent_channels", 4),
                             norm_num_groups=vae.get("norm_num_groups", 32),
-                            scaling_factor=vae.get("scaling_factor", 0.18215))
+                            scaling_factor=UPSTREAM_LATENT_SCALE)
+        if vae.get("scaling_factor", UPSTREAM_LATENT_SCALE) != UPSTREAM_LATENT_SCALE:
+            logger.warning("%s: scaling_factor %s; upstream scales the latents by %s whatever the config says, and "
+                           "so does this conversion", vae_json, vae["scaling_factor"], UPSTREAM_LATENT_SCALE)
     with _config_errors(clip_json):
         clip = clip.get("vision_config", clip)
         clip_cfg = CLIPConfig(**{k: clip[k] for k in CLIPConfig.__dataclass_fields__ if k in clip})

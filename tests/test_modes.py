@@ -258,6 +258,24 @@ def _window_inputs(setup, frames_n=4):
     return sub, state, lat, pose, state.bank(801, sub)
 
 
+def test_the_motion_modules_use_their_loaded_positional_encodings(setup):
+    """The checkpoint's ``pos_encoder.pe`` buffers are what the temporal attention adds (the golden pack's equal
+    the sinusoid a module builds, so a forward that rebuilt them would pass every golden test): changing one
+    changes the output."""
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    whole = sub.unet(lat, 801, state.tokens, pose, bank, n_uncond=1, shared_down=True)
+    pes = [b for name, b in sub.models.unet.named_buffers() if name.endswith("pos_encoder.pe")]
+    assert pes, "the temporal UNet has positional-encoding buffers"
+    saved = pes[0].clone()
+    try:
+        pes[0].add_(0.5)
+        moved = sub.unet(lat, 801, state.tokens, pose, bank, n_uncond=1, shared_down=True)
+    finally:
+        pes[0].copy_(saved)
+    assert (moved - whole).abs().max() > 1e-4
+    assert torch.equal(sub.unet(lat, 801, state.tokens, pose, bank, n_uncond=1, shared_down=True), whole)
+
+
 @pytest.mark.parametrize("call", ["cfg pair", "conditional", "upstream batch 2"])
 def test_shallow_path_from_its_own_deep_feature_is_the_whole_unet(setup, call):
     """The split is exact: fed the deep feature of the same inputs, the shallow path gives the whole UNet's

@@ -44,7 +44,9 @@ def write_release(pack: GoldenPack, root: Path, mutate=None) -> Path:
     root.mkdir(parents=True)
     w, arch = pack.weights, pack.config["architecture"]
     state = {f"module.{k}": v for k, v in w.items() if k.startswith(("unet.", "appearance_encoder."))}
-    state.update({f"module.vae.{k}": v for k, v in list(strip_prefix(w, "vae.").items())[:3]})  # ignored
+    # the wrapper's VAE and text encoder: ignored (values unlike the VAE folder's, so taking them would show)
+    state.update({f"module.vae.{k}": v + 100 for k, v in strip_prefix(w, "vae.").items()})
+    state["module.text_encoder.text_model.embeddings.token_embedding.weight"] = torch.zeros(4, 8)
     if mutate:
         mutate(state)
     torch.save({"epoch": 1, "global_step": 9000, "state_dict": state}, root / "checkpoint-steps9000.ckpt")
@@ -54,7 +56,9 @@ def write_release(pack: GoldenPack, root: Path, mutate=None) -> Path:
     enc.mkdir()
     cfg = pack.model_config()
     hf_vision_config(cfg.clip).to_json_file(str(enc / "config.json"))
-    save_file(strip_prefix(w, "image_encoder."), str(enc / "model.safetensors"))
+    clip = strip_prefix(w, "image_encoder.")  # + the buffer older transformers versions saved (dropped)
+    clip["vision_model.embeddings.position_ids"] = torch.arange(cfg.clip.num_tokens)[None]
+    save_file(clip, str(enc / "model.safetensors"))
     vae = root / "sd-vae-ft-mse"
     vae.mkdir()
     (vae / "config.json").write_text(json.dumps(arch["vae_config"]))
@@ -217,17 +221,42 @@ def test_a_whole_clip_model_folder_converts_without_its_text_tower(pack, tmp_pat
         assert torch.equal(v, reference.clip.state_dict()[k]), k
 
 
-def test_the_weights_id_covers_the_architecture_and_is_required(pack, tmp_path):
+def test_a_reference_net_config_unlike_the_unets_is_named(pack, tmp_path, caplog):
+    """Upstream builds the ReferenceNet from ``appearance_encoder/appearance_encoder/config.json``, this
+    conversion from the SD1.5 UNet config: a difference in a field no tensor shape shows is a warning."""
+    src = write_release(pack, tmp_path / "w")
+    unet = json.loads((src / "StableDiffusion" / "unet" / "config.json").read_text())
+    folder = src / "appearance_encoder" / "appearance_encoder"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(unet))
+    with caplog.at_level("WARNING", logger="megactor_rt.weights"):
+        convert_release(src, tmp_path / "same")
+    assert "differs from the SD1.5 UNet config" not in caplog.text
+    (folder / "config.json").write_text(json.dumps({**unet, "norm_eps": 1e-6}))
+    with caplog.at_level("WARNING", logger="megactor_rt.weights"):
+        convert_release(src, tmp_path / "other")
+    assert "differs from the SD1.5 UNet config" in caplog.text and "norm_eps: 1e-06 vs 1e-05" in caplog.text
+
+
+def test_the_weights_id_covers_the_architecture_and_is_required(pack, tmp_path, caplog):
     """Two conversions of the same tensors under configs that differ only where no tensor's shape changes get
-    other ids (the id keys portrait caches and exports); a converted folder without an id is refused."""
+    other ids (the id keys portrait caches and exports); a converted folder without an id is refused. The VAE
+    config's latent scale is not read (upstream hard-codes 0.18215): a conversion warns and keeps the same id."""
     from megactor_rt.weights import converted_config
 
     a = convert_release(write_release(pack, tmp_path / "a"), tmp_path / "ca")
     src = write_release(pack, tmp_path / "b")
-    vae_json = src / "sd-vae-ft-mse" / "config.json"
-    vae_json.write_text(json.dumps({**json.loads(vae_json.read_text()), "scaling_factor": 0.2}))
+    clip_json = src / "StableDiffusion" / "image_encoder" / "config.json"
+    clip_json.write_text(json.dumps({**json.loads(clip_json.read_text()), "layer_norm_eps": 1e-6}))
     b = convert_release(src, tmp_path / "cb")
     assert converted_config(a)[1] != converted_config(b)[1]
+    src = write_release(pack, tmp_path / "c")
+    vae_json = src / "sd-vae-ft-mse" / "config.json"
+    vae_json.write_text(json.dumps({**json.loads(vae_json.read_text()), "scaling_factor": 0.2}))
+    with caplog.at_level("WARNING", logger="megactor_rt.weights"):
+        c = convert_release(src, tmp_path / "cc")
+    assert "scaling_factor 0.2; upstream scales the latents by 0.18215" in caplog.text
+    assert converted_config(c) == converted_config(a)
     meta = json.loads((b / "config.json").read_text())
     del meta["weights_id"]
     (b / "config.json").write_text(json.dumps(meta))
