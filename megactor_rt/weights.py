@@ -299,7 +299,14 @@ def _check_reference_net_config(src: Path, unet_cfg: dict[str, Any]) -> None:
     path = src / "appearance_encoder" / "appearance_encoder" / "config.json"
     if not path.is_file():
         return
-    ref = _read_json(path)
+    try:
+        ref = _read_json(path)
+    except WeightsError as exc:  # only read for this check: not a reason to stop
+        logger.warning("cannot compare the ReferenceNet's config with the UNet's: %s", exc)
+        return
+    if not isinstance(ref, dict):
+        logger.warning("%s is not a config object; the ReferenceNet's config is not compared with the UNet's", path)
+        return
     differ = [f"{k}: {ref[k]!r} vs {unet_cfg.get(k)!r}" for k in _SHAPELESS_FIELDS if k in ref and ref[k] != unet_cfg.get(k)]
     if differ:
         logger.warning("%s differs from the SD1.5 UNet config, whose architecture the ReferenceNet is built with "

@@ -236,6 +236,10 @@ def test_a_reference_net_config_unlike_the_unets_is_named(pack, tmp_path, caplog
     with caplog.at_level("WARNING", logger="megactor_rt.weights"):
         convert_release(src, tmp_path / "other")
     assert "differs from the SD1.5 UNet config" in caplog.text and "norm_eps: 1e-06 vs 1e-05" in caplog.text
+    (folder / "config.json").write_text("{broken")  # only read for the warning: the conversion goes on
+    with caplog.at_level("WARNING", logger="megactor_rt.weights"):
+        convert_release(src, tmp_path / "broken")
+    assert "cannot compare the ReferenceNet's config" in caplog.text
 
 
 def test_the_weights_id_covers_the_architecture_and_is_required(pack, tmp_path, caplog):
