@@ -649,6 +649,9 @@ def test_check_export_says_which_graphs_tensorrt_would_take(tmp_path: Path, caps
     code, _, err = run(capsys, "check-export", "--onnx", out, "--precision", "fp32")
     assert code == 2 and "no fp32 graphs" in err
     code, _, err = run(capsys, "check-export", "--onnx", tmp_path / "nowhere")
+    assert code == 2 and "nowhere: no such export folder" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "check-export", "--onnx", tmp_path / "empty")
     assert code == 2 and "no export manifest" in err
 
 
