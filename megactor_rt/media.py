@@ -137,12 +137,17 @@ def _has_video(path: Path) -> bool:
     """Whether FFmpeg reads ``path`` as a video (not as a still image: its image demuxers) with a frame size."""
     try:
         with av.open(str(path)) as container:
-            name = container.format.name
-            if name == "image2" or name.endswith("_pipe"):
+            if _still_image_format(container):
                 return False
             return any(v.codec_context.width for v in container.streams.video)
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError):
         return False
+
+
+def _still_image_format(container: av.container.InputContainer) -> bool:
+    """Whether FFmpeg opened the file with one of its image demuxers (a still picture, not a video)."""
+    name = container.format.name
+    return name == "image2" or name.endswith("_pipe")
 
 
 def image_to_rgb(im: Image.Image) -> np.ndarray:
@@ -322,7 +327,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s=duration_s,
             start_s=start_s,
             variable_rate=_variable(stream),
-            still_image=container.format.name == "image2" or container.format.name.endswith("_pipe"),
+            still_image=_still_image_format(container),
         )
 
 

@@ -176,10 +176,8 @@ class GraphSubmodels(Submodels):
         if cfg.mode is Mode.REFERENCE:
             raise InputError(f"reference mode (upstream's evaluation, for benchmarks) runs on the torch backend "
                              f"only, not {self.name}; use mode optimized (the same math)")
-        older = [g for g in graphs_needed(cfg) if g in self.runners and "tokens" in self.runners[g].input_names
-                 and g.startswith("temporal_unet")]
-        if older:
-            raise self._older_export(older[0])
+        for g in graphs_needed(cfg):
+            self._check_unet_inputs(g)
         missing = [g for g in graphs_needed(cfg) if g not in self.runners] if self.fallback is None else []
         if missing:
             older_hint = f" ({NO_TOKEN_KV})" if "token_kv" in missing else ""
@@ -278,9 +276,12 @@ class GraphSubmodels(Submodels):
         out = self._run("reference_net", latent=latent, timestep=torch.tensor([float(timestep)]), tokens=tokens)
         return [out[n] for n in BANK_NAMES]
 
-    def _older_export(self, graph: str) -> InputError:
-        return InputError(f"{self.name}: graph '{graph}' takes the CLIP tokens, not their keys/values: it was "
-                          "exported by an older version; re-run `megactor-rt export` (and `build-engines`)")
+    def _check_unet_inputs(self, graph: str) -> None:
+        """Refuse a UNet graph that projects the CLIP tokens itself, as the UNet graphs did until 2026-11-27."""
+        runner = self.runners.get(graph)
+        if graph.startswith("temporal_unet") and runner is not None and "tokens" in runner.input_names:
+            raise InputError(f"{self.name}: graph '{graph}' takes the CLIP tokens, not their keys/values: it was "
+                             "exported by an older version; re-run `megactor-rt export` (and `build-engines`)")
 
     def token_kv(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
         if "token_kv" not in self.runners and self.fallback is None:
@@ -302,9 +303,8 @@ class GraphSubmodels(Submodels):
         if (fb := self._fallback(graph)) is not None:
             return fb.unet(latents, timestep, tokens, pose, bank, n_uncond=n_uncond, shared_down=shared_down,
                            deep=deep, keep_deep=keep_deep, token_kv=token_kv)
+        self._check_unet_inputs(graph)  # also here: the Python API's runs need not pass check_run
         takes = set(self.runners[graph].input_names)
-        if "tokens" in takes:  # the graph projects the tokens itself, as the UNet graphs did until 2026-11-27
-            raise self._older_export(graph)
         kv = token_kv if token_kv is not None else self.token_kv(tokens)  # (callers without a portrait state)
         assert kv is not None
         feed = dict(latents=latents, timestep=torch.tensor([float(timestep)]), pose=pose)

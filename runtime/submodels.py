@@ -11,6 +11,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -142,6 +143,7 @@ def check_compile_mode(compile: bool | str) -> None:
                          f"{', '.join(known)}")
 
 
+@cache  # asked in every UNet call that keeps its deep feature
 def replays_cuda_graphs(compile: bool | str) -> bool:
     """Whether a ``torch.compile`` mode replays CUDA graphs (``reduce-overhead``, ``max-autotune``)."""
     if not isinstance(compile, str):
