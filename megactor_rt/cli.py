@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from megactor_rt.config import parse_time
+from megactor_rt.config import AnimateConfig, parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import nearest_folder, same_file
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
@@ -150,8 +150,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
 
 
-def _run_config(args: argparse.Namespace):  # noqa: ANN202
-    from megactor_rt.config import AnimateConfig, Mode
+def _run_config(args: argparse.Namespace) -> AnimateConfig:
+    from megactor_rt.config import Mode
 
     try:
         return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
@@ -313,7 +313,7 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask)
 
 
-def _note_ignored_options(args: argparse.Namespace) -> None:
+def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> None:
     """Options that change nothing with the others given: say so (once, before any work)."""
     if not args.contour:
         given = [flag for flag, set_ in (("--landmarks-model", args.landmarks_model is not None),
@@ -328,14 +328,14 @@ def _note_ignored_options(args: argparse.Namespace) -> None:
         if given:
             logger.warning("%s only appl%s to --backend tensorrt, not %s: ignored", " and ".join(given),
                            "y" if len(given) > 1 else "ies", backend)
-    if args.cfg_steps is not None and args.cfg_steps >= args.steps:
+    if config.cfg_steps is not None and config.cfg_steps >= config.steps:
         logger.warning("--cfg-steps %d with --steps %d: guidance in every step, as without --cfg-steps",
-                       args.cfg_steps, args.steps)
-    if args.feature_reuse == 1:
+                       config.cfg_steps, config.steps)
+    if config.feature_reuse == 1:
         logger.warning("--feature-reuse 1 runs the whole UNet in every step, as without --feature-reuse")
-    if args.window_batch > 1 and (args.mode != "optimized" or not args.closed_loop):
+    if config.window_batch > 1 and not config.batches_windows:
         logger.warning("--window-batch %d applies to the optimized mode with wrapping windows, not %s: one window "
-                       "per UNet call", args.window_batch,
+                       "per UNet call", config.window_batch,
                        "--mode reference" if args.mode != "optimized" else "--no-wrap")
 
 
@@ -349,13 +349,14 @@ def cmd_animate(args: argparse.Namespace) -> int:
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask)
     check_converted_folder(args.weights)
-    _note_ignored_options(args)
+    config = _run_config(args)
+    _note_ignored_options(args, config)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
-                                 config=_run_config(args), compile=args.compile, cache=_cache(args),
+                                 config=config, compile=args.compile, cache=_cache(args),
                                  cuda_graphs=args.cuda_graphs)
     _check_run(anim)
     if len(jobs) > 1:
@@ -392,12 +393,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_files([portrait], [driver], args.output, args.mask)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
-    _note_ignored_options(args)
+    config = _run_config(args)
+    _note_ignored_options(args, config)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
-    anim = Animator.demo(seed=args.seed, device=args.device, config=_run_config(args), backend=args.backend,
+    anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
                          work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs)
     _check_run(anim)
     if args.cache_dir is not None:

@@ -358,6 +358,12 @@ class AnimateConfig:
         return (self.feature_reuse or 1) > 1
 
     @property
+    def batches_windows(self) -> bool:
+        """Whether ``window_batch`` can apply: the optimized mode's step-by-step loop (the reference mode keeps
+        upstream's one window per call; open windows stream one at a time)."""
+        return self.mode is Mode.OPTIMIZED and not self.streams_frames
+
+    @property
     def streams_frames(self) -> bool:
         """Frames leave the denoising loop one stretch at a time (:func:`~megactor_rt.runtime.denoise.denoise_stream`):
         open windows in the optimized mode (the reference mode keeps upstream's step-by-step order)."""

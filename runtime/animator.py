@@ -376,7 +376,7 @@ class Animator:
         applies: the optimized mode's step-by-step loop, on a backend whose UNet takes several; else 1)."""
         if cfg.window_batch == 1:
             return 1
-        if cfg.mode is not Mode.OPTIMIZED or cfg.streams_frames:
+        if not cfg.batches_windows:
             logger.info("window_batch %d: not used by %s (one window per UNet call)", cfg.window_batch,
                         "the reference mode" if cfg.mode is not Mode.OPTIMIZED else "open windows (streamed)")
             return 1

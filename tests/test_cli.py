@@ -937,7 +937,7 @@ def test_options_that_change_nothing_are_named_as_ignored(argv: list[str], warni
     if argv[0] == "animate":
         argv = [*argv, "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
     with caplog.at_level(logging.WARNING, logger="megactor_rt"):
-        cli._note_ignored_options(cli.build_parser().parse_args(argv))
+        cli._note_ignored_options(args := cli.build_parser().parse_args(argv), cli._run_config(args))
     if warning is None:
         assert caplog.text == ""
     else:
@@ -952,7 +952,7 @@ def test_contour_options_without_contour_mode_are_named_as_ignored(caplog: pytes
                          (["demo"], False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="megactor_rt"):
-            cli._note_ignored_options(cli.build_parser().parse_args(argv))
+            cli._note_ignored_options(args := cli.build_parser().parse_args(argv), cli._run_config(args))
         assert ("--landmarks-model and --contour-affine-frame only apply with --contour-preserve" in caplog.text) \
             == warned, (argv, caplog.text)
 
