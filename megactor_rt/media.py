@@ -264,14 +264,61 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
     the average (and at most 240 fps), else the average, else a guess. A constant-rate MP4 whose last sample is
     short or long averages, say, 30.19 or 20 fps over 30 fps frames, and a phone recording that dips to 24 fps
     in low light averages below its 30; a grid at the average would drop frames and show an odd rate. A nominal
-    rate far above the average (a static screen recording) would repeat most frames, so the average is used."""
+    rate far above the average (a static screen recording) would repeat most frames, so the average is used.
+    A nominal rate 1.5 to 2.5 times the average may be FFmpeg's misreading of jittered timestamps, at which
+    nearly every frame would repeat (or, above twice the average, an odd rate like 29.997 fps): where the
+    timestamps show the frames mostly coming at half of it or slower (:func:`_frames_at_half_rate`), the grid
+    is at half the nominal rate."""
     avg, base = stream.average_rate, stream.base_rate
-    if avg and base and 0.99 <= base / avg <= 2 and base <= 240:
-        return Fraction(base.numerator, base.denominator)
+    if avg and base and base <= 240:
+        nominal = Fraction(base.numerator, base.denominator)
+        if 1.5 <= base / avg <= 2.5 and _frames_at_half_rate(path, stream.index, stream.time_base, nominal):
+            return nominal / 2
+        if 0.99 <= base / avg <= 2:
+            return nominal
     for rate in (avg, stream.guessed_rate, base):
         if rate:
             return Fraction(rate.numerator, rate.denominator)
     raise InputError(f"{path}: the video stream has no usable frame rate")
+
+
+# How many of a video's first packets _frames_at_half_rate reads (their timestamps; nothing is decoded).
+_RATE_CHECK_PACKETS = 1200
+
+
+def _frames_at_half_rate(path: Path, index: int, time_base: Fraction | None, nominal: Fraction) -> bool:
+    """Whether the stream's first frames mostly come two or more nominal frame times apart: at most a third of
+    the steps between their timestamps (sorted) are under 1.5 frame times. Such timestamps are jittered or
+    vsync-locked capture (33, 50, 17 ms at 30 fps on a 60 Hz clock), for which FFmpeg reads the nominal rate
+    from the shortest steps; a phone clip that runs at the nominal rate half of the time keeps it. Cached per
+    file version (and logged once), as every pass over a driver asks it."""
+    if time_base is None:
+        return False
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _mostly_slow(str(path), stat.st_mtime_ns, stat.st_size, index, time_base, nominal)
+
+
+@lru_cache(maxsize=64)
+def _mostly_slow(path: str, mtime_ns: int, size: int, index: int, time_base: Fraction, nominal: Fraction) -> bool:
+    del mtime_ns, size  # in the cache key: another version of the file is read again
+    try:
+        with av.open(path, mode="r") as container:
+            stream = next(s for s in container.streams if s.index == index)
+            pts = sorted({p.pts for p in itertools.islice(container.demux(stream), _RATE_CHECK_PACKETS)
+                          if p.pts is not None and p.size})
+    except (av.error.FFmpegError, OSError, ValueError, StopIteration):
+        return False
+    if len(pts) < 8:  # too few to tell
+        return False
+    fast = sum((b - a) * time_base * nominal < Fraction(3, 2) for a, b in itertools.pairwise(pts))
+    if 3 * fast > len(pts) - 1:
+        return False
+    logger.info("%s: the header's %.3f fps is twice the rate of most of its frames' timestamps; read at %.3f fps",
+                path, float(nominal), float(nominal / 2))
+    return True
 
 
 def _variable(stream: av.video.stream.VideoStream) -> bool:

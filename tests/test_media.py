@@ -1041,16 +1041,46 @@ def test_timestamps_that_jump_back_follow_on(tmp_path: Path, caplog: pytest.LogC
     assert got == list(range(60)) and "timestamps jump back" in caplog.text
 
 
-def test_a_grid_twice_as_fine_as_the_frames_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_jittered_timestamps_read_as_twice_their_rate_are_read_at_half_of_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Frames 33 ms apart, every 4th 15 ms late, on a 1 ms clock: FFmpeg's nominal rate is 60 fps, under twice
-    the average, so the grid is 60 fps and every frame comes twice. Said in a warning that names --fps (was:
-    silent, at exactly half the frames repeated)."""
+    the average. Most steps between the timestamps are two or more 60 fps frame times, so the grid is at 30 fps
+    and the frames come about once each (was: 60 fps, every frame twice, each computed again)."""
     clip = tmp_path / "jitter.mp4"
     _write_numbered_vfr(clip, sorted({int(i * 33.3 + (15 if i % 4 == 0 else 0)) / 1000 for i in range(45)}))
+    with av.open(str(clip)) as c:
+        assert c.streams.video[0].base_rate == 60  # what FFmpeg makes of these timestamps
+    with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
+        assert probe_video(clip).fps == 30
+        got = [_frame_number(f) for f in iter_video_frames(clip)]
+    assert len(got) == 45 and got == sorted(got) and len(set(got)) >= 40  # a few slip a step: the anchor is late
+    assert caplog.text.count("twice the rate of most of its frames' timestamps") == 1  # once for both passes
+    assert "come much slower" not in caplog.text
+
+
+def test_vsync_locked_capture_is_read_at_its_frame_rate(tmp_path: Path) -> None:
+    """A 30 fps capture whose frames land on a 60 Hz clock (steps of 33, 50 and 17 ms, as webcams and screen
+    recorders deliver them; FFmpeg's nominal rate 60, just over twice the average): read at 30 fps (was: the
+    average, 29.997 fps). A frame 50 ms after the one before is half a step late and shares the next frame's
+    step, one of the two shown (as ``ffmpeg -r 30`` does)."""
+    steps = [2, 2, 3, 1, 2, 2, 2, 3, 1, 2] * 9
+    times = [sum(steps[:k]) / 60 for k in range(len(steps))]
+    clip = tmp_path / "vsync.mp4"
+    _write_numbered_vfr(clip, times)
+    got = [_frame_number(f) for f in iter_video_frames(clip)]
+    assert probe_video(clip).fps == 30 and abs(len(got) - len(times)) <= 2 and got == sorted(got)
+    assert len(set(got)) >= 0.8 * len(times)
+
+
+def test_a_grid_much_finer_than_the_frames_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A clip at 60 fps for 0.4 s, then 30 fps: the nominal 60 fps grid is right for 40 % of its steps, so it is
+    kept, and the 30 fps part repeats every frame. Said in a warning that names --fps (was: silent)."""
+    clip = tmp_path / "mixed.mp4"
+    _write_numbered_vfr(clip, [k / 60 for k in range(24)] + [0.4 + k / 30 for k in range(36)])
     with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
         frames = list(iter_video_frames(clip))
-    assert len(frames) == 90 and "come much slower than its header's 60.000 fps" in caplog.text
-    assert "--fps F" in caplog.text
+    assert probe_video(clip).fps == 60 and len(frames) == 96
+    assert "come much slower than its header's 60.000 fps (36 of 96" in caplog.text and "--fps F" in caplog.text
 
 
 def test_a_cut_variable_rate_clip_is_truncated(tmp_path: Path) -> None:
