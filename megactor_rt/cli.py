@@ -108,7 +108,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "current t")
     p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
                    help="optimized (exact-preserving savings; the default) or reference (upstream evaluation "
-                        "order: the same frames, slower)")
+                        "order: the same frames up to rounding, slower; torch backend only)")
     p.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
     p.add_argument("--start", type=seconds, default=None, metavar="TIME",
                    help="begin this far into the driver, in seconds or [HH:]MM:SS[.ms] (its audio too; "
@@ -140,10 +140,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "(face detection and the person mask still run: they make the key)")
     p.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
                    help="size budget of --cache-dir: least recently used portraits are removed beyond it "
-                        "(GiB, default 20; a 512 px portrait state takes about 0.35 GB)")
+                        "(GiB, default 20; a 512 px portrait state takes about 0.36 GB)")
     p.add_argument("--stats", type=Path, default=None, metavar="FILE",
                    help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
-                        "latency, seconds per stage and per denoising step, submodel calls; plus the device, "
+                        "latency, seconds per stage and per denoising step (none with --no-wrap, whose steps interleave), "
+                        "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
+                        "--feature-reuse's deep features); plus the device, "
                         "backend and every setting), rewritten after each result")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
@@ -176,6 +178,7 @@ def as_flags(message: str) -> str:
     the field it begins with, and any snake_case field in it, as its flag."""
     message = re.sub(r"\b(" + "|".join(_FIELD_FLAGS) + r")\b", lambda m: _FIELD_FLAGS[m.group(1)], message)
     message = re.sub(r"\bwindow (?=\d)", "--window ", message)  # "got window 4, --overlap 4"
+    message = re.sub(r"\bmode (?=optimized|reference)", "--mode ", message)  # "use mode optimized"
     return re.sub(r"^(" + "|".join(_PLAIN_FIELDS) + r") ", r"--\1 ", message)
 
 
@@ -454,7 +457,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             for k, v in items.items():
                 print(f"  {k}: {v}")
     weights = report.get("weights")
-    return 1 if weights is not None and not str(weights["status"]).startswith("converted weights found") else 0
+    # missing or unusable weights are a clear error, exit 2 as every other (1 is kept for unexpected ones)
+    return 2 if weights is not None and not str(weights["status"]).startswith("converted weights found") else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -580,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plans) into --work-dir first, a check of that backend's install without real weights")
     d.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                    help="where --backend onnxruntime/tensorrt keep the tiny model's graphs and plans (default: "
-                        "~/.cache/megactor-rt/demo; reused by later runs)")
+                        "$XDG_CACHE_HOME/megactor-rt/demo, where unset ~/.cache/megactor-rt/demo; reused by later runs)")
     d.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: fp32, fp16 with --backend tensorrt")
     d.add_argument("--cuda-graphs", action="store_true", help="--backend tensorrt: replay engine calls as CUDA graphs")
@@ -602,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="what is available here: backends, CUDA, TensorRT, kernels, weights")
     dr.add_argument("--weights", type=Path, default=None,
-                    help="also check this converted weights folder (exit 1 when it is missing or unusable)")
+                    help="also check this converted weights folder (exit 2 when it is missing or unusable)")
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
     dr.set_defaults(fn=cmd_doctor)
 
@@ -641,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce = sub.add_parser("check-export", help="will TensorRT take these graphs? (checks run here, no TensorRT needed; "
                                             "exit code 2 when a graph has problems)")
     ce.add_argument("--onnx", required=True, type=Path, help="the export folder (megactor-rt export --out)")
-    ce.add_argument("--precision", default=None, choices=["fp16", "fp32"], help="only these graphs (default: all)")
+    ce.add_argument("--precision", default=None, choices=["fp16", "fp32"], help="only the graphs of this precision (default: all)")
     ce.set_defaults(fn=cmd_check_export)
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
@@ -664,6 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "mode with other variants runs where that mode does (e.g. optimized+tensorrt: TensorRT "
                          "plans of the same networks, built first)")
     be.set_defaults(fn=cmd_bench)
+    for command in sub.choices.values():  # also after the command (`megactor-rt demo -q`); not given there, the
+        # value before the command stands
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging and tracebacks (as before the command)")
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars (as before the command)")
     return p
 
 

@@ -724,7 +724,7 @@ class Animator:
 def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:
     if cuda_graphs and backend != "tensorrt":
         raise InputError(f"cuda_graphs (--cuda-graphs) applies to the tensorrt backend only, not '{backend}' (the "
-                         "torch backend captures CUDA graphs with --compile reduce-overhead, "
+                         "torch backend captures CUDA graphs with `megactor-rt animate --compile reduce-overhead`, "
                          "compile='reduce-overhead' in Python)")
 
 

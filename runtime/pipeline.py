@@ -41,9 +41,11 @@ class RunStats:
         stage_seconds: wall time per stage (stages may overlap, so they need not add up to the total).
         first_frame_s: seconds from the start of ``animate`` to the first yielded frame.
         total_s: seconds from start to the last frame.
-        calls: submodel calls made during the run.
+        calls: submodel calls made during the run (``unet`` counts every UNet call, ``unet_reuse`` those of
+            them that reused the kept deep features of ``feature_reuse``).
         portrait_cache_hit: whether the portrait state came from the cache.
-        step_seconds: wall time of each denoising step (device work finished, on GPU).
+        step_seconds: wall time of each denoising step (device work finished, on GPU); empty for open windows
+            (``closed_loop=False``), whose steps interleave.
     """
 
     frames: int = 0

@@ -281,7 +281,7 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     assert isinstance(report["kernels"]["available"], bool)  # was the string "False", true to any script
     assert isinstance(report["kernels"]["compute_capabilities"], list)
     code, out, _ = run(capsys, "doctor", "--json", "--weights", weights / "missing")
-    assert code == 1 and json.loads(out)["weights"]["status"] == "missing"  # a script can tell
+    assert code == 2 and json.loads(out)["weights"]["status"] == "missing"  # a script can tell
     assert "11.4.0.106" in report["tensorrt"]["code checked against"] and report["tensorrt"]["installed"]
     import av
 
@@ -1061,3 +1061,27 @@ def test_a_hang_up_ends_the_command_with_129_although_the_terminal_is_gone(tmp_p
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["129"], done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- docs audit
+
+
+def test_verbose_and_quiet_also_go_after_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`megactor-rt doctor -q` and `... -v` work as before the command (were: 'unrecognized arguments');
+    not given after it, the value given before stands."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["doctor", "-q"]).quiet and not parser.parse_args(["doctor", "-q"]).verbose
+    assert parser.parse_args(["-v", "doctor"]).verbose and parser.parse_args(["doctor", "--verbose"]).verbose
+    assert parser.parse_args(["-q", "demo"]).quiet and not parser.parse_args(["demo"]).quiet
+    assert main(["doctor", "-q"]) == 0 and "backends:" in capsys.readouterr().out
+
+
+def test_doctor_exits_2_for_unusable_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Missing weights are a clear error (2), not the 'unexpected error' code (1), so a script tells them apart."""
+    code, out, _ = run(capsys, "doctor", "--weights", tmp_path / "missing")
+    assert code == 2 and "missing" in out
+
+
+def test_reference_mode_on_a_graph_backend_is_named_by_its_flag() -> None:
+    assert cli.as_flags("reference mode ... runs on the torch backend only, not onnxruntime; use mode optimized "
+                        "(the same math)").endswith("use --mode optimized (the same math)")
