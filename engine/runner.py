@@ -177,6 +177,11 @@ class TensorRTRunner(Runner):
         if io != expected:
             raise EngineMismatch(f"{self.plan_dir}: engine I/O {io} differs from its sidecar {expected}; "
                                  f"{REBUILD_HINT}")
+        host = [n for n in names if self._engine.get_tensor_location(n) == trt.TensorLocation.HOST]
+        if host:  # shape tensors: this runner binds GPU memory only (the export's graphs have none)
+            raise EngineMismatch(f"{self.plan_dir}: the engine takes {host} in host memory (shape tensors), which "
+                                 f"this runner does not bind; the plan was not built from this project's export; "
+                                 f"{REBUILD_HINT}")
 
     # -- inference -------------------------------------------------------------------------------------
     def infer_impl(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

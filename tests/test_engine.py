@@ -499,6 +499,37 @@ def test_a_new_stream_takes_an_idle_context_before_making_one(onnx_dir: Path, tm
         assert runner._context_for(s[3]) is b and len(made) == 2
 
 
+def test_an_engine_with_host_located_io_is_refused(onnx_dir: Path, tmp_path: Path) -> None:
+    """A plan whose inputs TensorRT keeps in host memory (shape tensors; none of the export's graphs has one)
+    is refused when loaded, naming the tensor, instead of being handed a GPU address at the first call."""
+    import enum
+    from types import SimpleNamespace
+
+    from megactor_rt.engine.runner import TensorRTRunner
+
+    class Mode(enum.Enum):
+        INPUT, OUTPUT = 0, 1
+
+    class Location(enum.Enum):
+        DEVICE, HOST = 0, 1
+
+    runner = TensorRTRunner(_built(onnx_dir, tmp_path / "engines")[0][0].directory, device=H100)
+    trt = SimpleNamespace(TensorIOMode=Mode, TensorLocation=Location)
+    dtype = SimpleNamespace(name="HALF")
+    io = {"x": Mode.INPUT, "y": Mode.OUTPUT}
+
+    def engine(host: set[str]) -> SimpleNamespace:
+        return SimpleNamespace(num_io_tensors=2, get_tensor_name=lambda i: list(io)[i], get_tensor_mode=io.get,
+                               get_tensor_dtype=lambda n: dtype,
+                               get_tensor_location=lambda n: Location.HOST if n in host else Location.DEVICE)
+
+    runner._engine = engine(set())
+    runner._check_io(trt)  # every tensor on the device: accepted
+    runner._engine = engine({"x"})
+    with pytest.raises(EngineMismatch, match=r"takes \['x'\] in host memory"):
+        runner._check_io(trt)
+
+
 def test_two_builds_of_one_plan_at_once_build_it_once(onnx_dir: Path, tmp_path: Path) -> None:
     """Two build-engines runs at once on one engine dir: each plan is built by one of them, the other waits
     for it and skips it as valid (was: both built, and one's plan could end up beside the other's sidecar)."""
