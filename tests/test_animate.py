@@ -1128,3 +1128,57 @@ def test_the_memory_cache_evicts_the_least_recently_used_state(anim: Animator) -
     assert cache.get("a") is a  # a is now the most recently used
     cache.put(c)
     assert [cache.get(k) is not None for k in "abc"] == [True, False, True] and len(cache) == 2
+
+
+def test_a_state_over_the_budget_stays_while_it_is_the_only_one(anim: Animator, tmp_path: Path) -> None:
+    """A portrait state bigger than the memory budget (or its file bigger than the disk budget) is kept while
+    it is the only one: evicting it at once would recompute the portrait at every prepare()."""
+    state = replace(anim.prepare(PORTRAIT), key="big")
+    cache = PortraitCache(max_bytes=1)
+    cache.put(state)
+    assert len(cache) == 1 and cache.get("big") is state
+    store = PortraitCache(disk_dir=tmp_path / "store", max_disk_bytes=1)
+    store.save(state)
+    assert store._path("big").is_file()
+    assert PortraitCache(disk_dir=tmp_path / "store").get("big") is not None
+
+
+def test_a_store_file_holding_another_key_is_not_read(anim: Animator, tmp_path: Path) -> None:
+    """A file under a key's name whose recorded key is another (copied in, or a file-name clash) would animate
+    another portrait silently: it is ignored, and the portrait computed."""
+    import shutil
+
+    cache = PortraitCache(disk_dir=tmp_path)
+    cache.save(replace(anim.prepare(PORTRAIT), key="a"))
+    shutil.copy(cache._path("a"), cache._path("b"))
+    assert PortraitCache(disk_dir=tmp_path).get("b") is None
+    assert PortraitCache(disk_dir=tmp_path).get("a") is not None
+
+
+def test_states_of_another_precision_are_other_entries(anim: Animator) -> None:
+    """Two Animators of one model in different precisions sharing a cache each get their own state."""
+    half = Animator.demo(seed=0, device="cpu", config=CFG, precision="bf16")
+    half.cache = anim.cache
+    ours = anim.prepare(PORTRAIT)
+    theirs = half.prepare(PORTRAIT)
+    assert theirs is not ours and theirs.ref_latent.dtype == torch.bfloat16 and ours.ref_latent.dtype == torch.float32
+
+
+def test_warmup_with_batched_windows_cfg_truncation_and_feature_reuse(anim: Animator) -> None:
+    """warmup() runs every step kind of the run's settings at its window batch: with cfg_steps and feature_reuse
+    the reusing calls get kept features of as many windows (and halves) as their latents."""
+    seen: list[tuple[int, int]] = []
+    unet = anim.sub.unet
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        deep = kwargs.get("deep")
+        if deep is not None:
+            seen.append((args[0].shape[0], deep.shape[0] // (2 if kwargs.get("n_uncond") else 1)))
+        return unet(*args, **kwargs)
+
+    anim.sub.unet = spy  # type: ignore[method-assign]
+    try:
+        anim.warmup(replace(CFG, steps=4, cfg_steps=1, feature_reuse=2, window_batch=3))
+    finally:
+        del anim.sub.unet
+    assert seen and all(latents == deep for latents, deep in seen), seen

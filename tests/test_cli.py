@@ -1085,3 +1085,14 @@ def test_doctor_exits_2_for_unusable_weights(tmp_path: Path, capsys: pytest.Capt
 def test_reference_mode_on_a_graph_backend_is_named_by_its_flag() -> None:
     assert cli.as_flags("reference mode ... runs on the torch backend only, not onnxruntime; use mode optimized "
                         "(the same math)").endswith("use --mode optimized (the same math)")
+
+
+def test_the_cli_defaults_are_the_python_apis(tmp_path: Path) -> None:
+    """`animate` without settings runs AnimateConfig()'s (seed 42, guidance 4.5, ...) and --cache-dir keeps
+    PortraitCache's disk budget (20 GiB), as the README says."""
+    from megactor_rt.runtime.cache import PortraitCache
+
+    args = cli.build_parser().parse_args(["animate", "--weights", "w", "--portrait", "p.png", "--driver", "d.mp4",
+                                          "-o", "o.mp4", "--cache-dir", str(tmp_path / "c")])
+    assert cli._run_config(args) == AnimateConfig() and AnimateConfig().seed == 42
+    assert cli._cache(args).max_disk_bytes == PortraitCache().max_disk_bytes == 20 * 2**30

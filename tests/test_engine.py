@@ -245,6 +245,47 @@ def test_tensorrt_cuda_flavour_comes_from_the_wheels_names() -> None:
     assert tensorrt_cuda_flavour() == tensorrt_cuda_flavour(here)
 
 
+def test_the_device_version_names_the_tensorrt_wheels_cuda_flavour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeviceInfo.current ties plans to TensorRT's version and its wheels' CUDA flavour (cu12 and cu13 builds of
+    one release share __version__; a plan of one would not deserialize under the other)."""
+    import fake_tensorrt
+
+    from megactor_rt.engine import cache as engine_cache
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA H100")
+    monkeypatch.setattr(engine_cache, "tensorrt_cuda_flavour", lambda names=None: "cu13")
+    device = DeviceInfo.current()
+    assert device.trt_version == f"{fake_tensorrt.__version__}+cu13" and device.compute_capability == (9, 0)
+    monkeypatch.setattr(engine_cache, "tensorrt_cuda_flavour", lambda names=None: "")  # a tarball install
+    assert DeviceInfo.current().trt_version == str(fake_tensorrt.__version__)
+
+
+def test_a_sidecar_edited_without_its_key_is_refused(onnx_dir: Path, tmp_path: Path) -> None:
+    """A sidecar whose fields no longer give the key its folder is named by (edited, or copied from another
+    plan) is not trusted."""
+    directory = _built(onnx_dir, tmp_path / "engines")[0][0].directory
+    raw = json.loads((directory / SIDECAR_NAME).read_text())
+    raw["onnx_sha256"] = "0" * 64
+    (directory / SIDECAR_NAME).write_text(json.dumps(raw))
+    with pytest.raises(EngineMismatch, match="does not match its own fields"):
+        load_valid_record(directory, H100)
+
+
+def test_a_plan_of_other_profile_shapes_is_not_the_expected_one(onnx_dir: Path, tmp_path: Path) -> None:
+    """After a re-export that changed only the profiles (same graph file), the plan built for the old ones is
+    not taken for the new ones: build-engines rebuilds it and the runtime does not select it."""
+    directory = _built(onnx_dir, tmp_path / "engines")[0][0].directory
+    key = read_sidecar(directory).engine_key()
+    assert load_valid_record(directory, H100, key)
+    other = {name: [[*shape[:-1], shape[-1] + 1] for shape in limits] for name, limits in key.profile_shapes.items()}
+    with pytest.raises(EngineMismatch, match="profile_shapes"):
+        load_valid_record(directory, H100, replace(key, profile_shapes=other))
+
+
 @pytest.mark.parametrize("damage", ["garbage", "missing_field", "unknown_field", "no_sidecar", "truncated",
                                     "flipped"])
 def test_corrupt_or_missing_sidecar_or_plan_raises_rebuild(onnx_dir: Path, tmp_path: Path, damage: str) -> None:

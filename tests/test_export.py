@@ -255,8 +255,47 @@ def test_the_export_key_follows_the_network_code_and_the_fp16_converter(models, 
     before = {p: key(p) for p in ("fp32", "fp16")}
     monkeypatch.setattr(onnx_export, "_ort_version", lambda: "0.0.1")
     assert key("fp32") == before["fp32"] and key("fp16") != before["fp16"]
+    assert onnx_export.export_key(spec, models.weights_id, 17, "fp32") != before["fp32"]  # another opset
     monkeypatch.setattr(onnx_export, "code_digest", lambda: "0" * 16)
     assert key("fp32") != before["fp32"]
+
+
+def test_the_code_digest_covers_the_kernels_pytorch_references(tmp_path, monkeypatch):
+    """The graphs trace the kernels' PyTorch reference ops (kernels/*.py): a change there makes new graphs."""
+    import shutil
+
+    import megactor_rt.kernels as kernels_pkg
+    from megactor_rt.export import onnx_export
+
+    before = onnx_export.code_digest()
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(str(kernels_pkg.__file__)).parent, copy, ignore=shutil.ignore_patterns("csrc", "__pycache__"))
+    (copy / "ops.py").write_text((copy / "ops.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(kernels_pkg, "__file__", str(copy / "__init__.py"))
+    onnx_export.code_digest.cache_clear()
+    try:
+        assert onnx_export.code_digest() != before
+    finally:
+        monkeypatch.undo()
+        onnx_export.code_digest.cache_clear()
+    assert onnx_export.code_digest() == before
+
+
+def test_a_graph_file_changed_since_its_export_is_exported_again(tmp_path):
+    """A damaged or edited graph file is not 'cached' (build-engines would refuse it at every run, asking for
+    the export that kept skipping it): its hash is checked, and it is written again."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.engine.cache import sha256_graph
+    from megactor_rt.weights import build_models
+
+    tiny = build_models(tiny_config(), seed=0)
+    tiny.weights_id = "tiny-random-0"
+    (row,) = export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    path = tmp_path / row["file"]
+    path.write_bytes(path.read_bytes() + b"\0")
+    (again,) = export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert again["status"] == "exported" and manifest["graphs"]["pose_guider.fp32"]["sha256"] == sha256_graph(path)
 
 
 def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):

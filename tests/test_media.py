@@ -986,9 +986,9 @@ def test_a_variable_rate_clip_keeps_its_timing(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_faster_stretch_keeps_evenly_spaced_frames(tmp_path: Path) -> None:
-    """60 fps for a second on a 30 fps grid: every other frame, evenly (the one on screen at each grid time;
-    halves round up: with Python's round() they would be 1, 3, 1, 3 apart). Reading M frames gives the first M
-    of the whole read."""
+    """60 fps for a second on a 30 fps grid: every other frame, evenly (of the frames on one grid step, the
+    nearest to its time; how a frame exactly half-way is placed: test_a_frame_half_way_between_two_grid_steps_
+    takes_the_later_step). Reading M frames gives the first M of the whole read."""
     times = [i / 30 for i in range(30)] + [1 + k / 60 for k in range(60)]
     clip = tmp_path / "fast.mkv"
     _write_numbered_vfr(clip, times)
@@ -1544,3 +1544,37 @@ def test_hdr_video_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
         probe_video(path)
         probe_video(DRIVER)
     assert [r.getMessage().split(" is ")[1][:26] for r in caplog.records] == ["HDR video (HLG transfer): "]
+
+
+def test_a_frame_half_way_between_two_grid_steps_takes_the_later_step(tmp_path: Path) -> None:
+    """Halves round up (``floor(x + 1/2)``): a frame at 4.5 grid steps lands on step 5, so the frame before it
+    holds steps 3 and 4 (Python's round() would put it on step 4: 0, 1, 2, 3, 4, 4, 5)."""
+    clip = tmp_path / "half.mkv"
+    _write_numbered_vfr(clip, [0, 1 / 30, 2 / 30, 0.1, 0.15, 0.2])  # 0.15 s: step 4.5 at 30 fps
+    assert [_frame_number(f) for f in iter_video_frames(clip)][:7] == [0, 1, 2, 3, 3, 4, 5]
+
+
+def test_a_driver_short_of_its_header_by_over_one_percent_is_truncated() -> None:
+    """An edit list may hide a few frames (at most 1 % or 2 frames); more missing is a cut-off file."""
+    _check_complete(Path("c.mp4"), announced=1000, decoded=990, strict=True, usable=990)
+    with pytest.raises(InputError, match="truncated"):
+        _check_complete(Path("c.mp4"), announced=1000, decoded=985, strict=True, usable=985)
+
+
+def test_the_end_is_reached_within_two_frame_times() -> None:
+    """A last frame shown up to two frame times before the declared end is the whole file; earlier, it was cut."""
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(duration=100, time_base=Fraction(1, 25), start_time=0, average_rate=Fraction(25),
+                             guessed_rate=None)  # 4 s at 25 fps
+    assert media._reaches_the_end(stream, 3.96) and media._reaches_the_end(stream, 3.92)
+    assert not media._reaches_the_end(stream, 3.8)  # 5 frames short
+
+
+def test_the_result_starts_at_time_zero(tmp_path: Path) -> None:
+    """The first written frame is shown at 0 s (one frame late, the whole video would lag its audio)."""
+    with VideoWriter(tmp_path / "o.mp4", Fraction(25), 64, 64) as w:
+        for i in range(3):
+            w.write(np.full((64, 64, 3), 40 * i, np.uint8))
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert next(c.decode(video=0)).time == 0 and (c.streams.video[0].start_time or 0) == 0

@@ -485,3 +485,22 @@ def test_prefetch_calls_on_stop_before_waiting_for_its_worker() -> None:
     assert seen == [False] and worker_done.is_set()  # called while the worker ran; the wait came after
     calls: list[int] = []
     assert list(prefetch(iter([1, 2, 3]), on_stop=lambda: calls.append(1))) == [1, 2, 3] and calls == []
+
+
+def test_prefetch_runs_at_most_depth_items_ahead() -> None:
+    """The producer waits while ``depth`` results are buffered (the driver's preprocessed frames, about 3 MB each
+    at 512 px, would otherwise pile up while the denoiser is slower)."""
+    import time
+
+    made = [0]
+
+    def producer() -> Iterator[int]:
+        for i in range(50):  # finite: an unbounded queue would drain it, not hang
+            made[0] += 1
+            yield i
+
+    items = prefetch(producer(), depth=3)
+    assert next(items) == 0
+    time.sleep(0.3)
+    assert made[0] <= 3 + 2  # the one taken, three buffered, one waiting to be put
+    assert list(items) == list(range(1, 50))

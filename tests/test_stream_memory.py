@@ -10,7 +10,7 @@ import torch
 
 from megactor_rt.config import StepKind
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
-from megactor_rt.runtime.denoise import denoise, denoise_stream, wavefront
+from megactor_rt.runtime.denoise import denoise, denoise_stream, wavefront, windows_in_flight
 from megactor_rt.runtime.noise import FrameNoise, chunked_fill_matches, initial_noise
 from megactor_rt.runtime.predictor import PoseFeed
 
@@ -189,3 +189,51 @@ def test_early_updates_are_the_whole_loops_math(n, window, overlap, closed, guid
                   callback=lambda i, s, e, x: seen.append(x))
     assert torch.equal(got, want)
     assert len(seen) == 4 and torch.equal(seen[-1], want) and not torch.equal(seen[0], seen[-1])
+
+
+# ---------------------------------------------------------------------------------------------- checks the loop makes
+
+
+class _OneHalf:
+    """An EpsModel that returns one half where a CFG step needs two (a graph exported without the unconditional
+    half, or a predictor bug): the guidance would broadcast it into both halves and silently do nothing."""
+
+    def begin_step(self, step: DDIMStep, kind: StepKind) -> None:
+        pass
+
+    def predict(self, latents: torch.Tensor, frames: list[int], step: DDIMStep, window: int) -> torch.Tensor:
+        return torch.sin(latents)
+
+    def end_window(self, window: int) -> None:
+        pass
+
+
+def test_a_model_returning_one_half_in_a_cfg_step_is_refused() -> None:
+    with pytest.raises(ValueError, match="returned batch 1, expected 2"):
+        denoise(initial_noise(0, (1, 4, 9, 8, 8)), _OneHalf(), DDIM().plan(2), context_windows(9, 4, 2), 4.5)
+    with pytest.raises(ValueError, match="returned batch 1, expected 2"):
+        list(denoise_stream(initial_noise(0, (1, 4, 9, 8, 8)), _OneHalf(), DDIM().plan(2),
+                            context_windows(9, 4, 2, closed_loop=False), 4.5))
+
+
+def test_windows_in_flight_grow_with_the_steps_not_the_driver() -> None:
+    """What sizes the kept features' memory (and decides their offload to host memory on CUDA)."""
+    windows = context_windows(200, 16, 8, closed_loop=False)
+    assert len(windows) == 24 and windows_in_flight(windows, 200, 3) == 3
+
+
+def test_the_stream_refuses_windows_that_do_not_cover_the_noise() -> None:
+    """Windows missing the last frames, or shifted off the first, would leave frames never denoised."""
+    noise = initial_noise(0, (1, 4, 10, 8, 8))
+    with pytest.raises(ValueError, match="open windows"):
+        next(denoise_stream(noise, _OneHalf(), DDIM().plan(2), context_windows(8, 4, 2, closed_loop=False), 1.0))
+    shifted = [[f + 1 for f in w] for w in context_windows(9, 4, 2, closed_loop=False)]
+    with pytest.raises(ValueError, match="open windows"):
+        next(denoise_stream(noise, _OneHalf(), DDIM().plan(2), shifted, 1.0))
+
+
+def test_frame_noise_refuses_frames_past_the_end() -> None:
+    noise = FrameNoise(0, 5, 4, 8, 8)  # 5 frames
+    with pytest.raises(ValueError, match="in order"):
+        noise.take(0, 6)
+    assert noise.take(0, 5).shape[2] == 5

@@ -262,6 +262,10 @@ def test_the_weights_id_covers_the_architecture_and_is_required(pack, tmp_path, 
     assert "scaling_factor 0.2; upstream scales the latents by 0.18215" in caplog.text
     assert converted_config(c) == converted_config(a)
     meta = json.loads((b / "config.json").read_text())
+    for bad in ("", None, 7):  # an id that cannot tell folders apart keys every cache and export alike
+        (b / "config.json").write_text(json.dumps({**meta, "weights_id": bad}))
+        with pytest.raises(WeightsError, match="is not an id"):
+            converted_config(b)
     del meta["weights_id"]
     (b / "config.json").write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="weights_id"):
