@@ -1182,3 +1182,21 @@ def test_warmup_with_batched_windows_cfg_truncation_and_feature_reuse(anim: Anim
     finally:
         del anim.sub.unet
     assert seen and all(latents == deep for latents, deep in seen), seen
+
+
+# ---------------------------------------------------------------------------------------------- portrait state (mutation audit)
+
+
+def test_a_state_counts_a_tensor_held_in_two_fields_once() -> None:
+    """The portrait cache's memory budget counts each tensor once: at 512 px the crop is also the FiLM
+    reference (one tensor in two fields); counted twice, states look bigger than they are and the cache
+    evicts portraits it has room for."""
+    from megactor_rt.runtime.portrait import PortraitInputs, PortraitState
+
+    pixels = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    inputs = PortraitInputs(image=pixels, background_mask=torch.zeros(16, 16, dtype=torch.uint8),
+                            clip_image=torch.zeros(3, 16, 16, dtype=torch.uint8), ada_reference=pixels)
+    one = torch.zeros(1, 4)  # 16 bytes each
+    state = PortraitState(key="k", inputs=inputs, ref_latent=one.clone(), cond=one.clone(), tokens=one.clone(),
+                          film_scale=one.clone(), film_shift=one.clone(), ada_reference=one.clone())
+    assert state.nbytes() == 6 * 16 + 768 + 256 + 768  # the shared crop once

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
 
 from megactor_rt.benchmark import FlopLedger, run_bench
 
@@ -429,3 +436,117 @@ def test_cpu_suites_measure_the_cpu_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     benchmark.run_bench("cpu-smoke", tmp_path)
     assert [d.type for d in devices] == ["cpu"]
+
+
+# ---------------------------------------------------------------------------------------------- benchmark (mutation audit)
+
+
+def test_the_measured_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An n x n matmul is 2 n^3 FLOPs (a multiply and an add per term), as torch's FLOP counter counts the
+    denoiser's: with n^3 the ceiling is half the real one and every "% of matmul" in results.md doubles."""
+    from megactor_rt import benchmark
+
+    clock = iter(np.arange(0.0, 100.0, 0.5))  # every timed round: 0.5 s
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: float(next(clock)))
+    n, reps = 32, 3
+    rate = benchmark.matmul_tflops(torch.device("cpu"), torch.float32, n=n, reps=reps, rounds=2)
+    assert rate == pytest.approx(2 * n**3 * reps / 0.5 / 1e12, rel=1e-12)
+
+
+def _timed_result(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, totals: dict[str, float],
+                  stage_s: dict[str, float], peak_bytes: int) -> object:
+    """A ``_ModeRun.timed`` result whose run (``_consume``) counted ``totals`` FLOPs per method, took
+    ``stage_s`` per stage, and whose sampled peak resident memory was ``peak_bytes``."""
+    from megactor_rt import benchmark
+
+    ledger = benchmark.FlopLedger(SimpleNamespace())  # no methods to wrap: the test sets the totals
+
+    def consume(anim, inputs, driver, cfg, work_dir):  # type: ignore[no-untyped-def]
+        ledger.totals.update(totals)
+        return SimpleNamespace(frames=4, total_s=sum(stage_s.values()), fps=1.0, first_frame_s=0.5,
+                               stage_seconds=dict(stage_s), calls={"unet": 2}, step_seconds=[0.1])
+
+    class Peak:
+        def __init__(self) -> None:
+            self.peak = peak_bytes
+
+        def __enter__(self) -> Peak:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(benchmark, "_consume", consume)
+    monkeypatch.setattr(benchmark, "PeakRSS", Peak)
+    run = benchmark._ModeRun(cfg=None, sub=None, ledger=ledger, sub_options={}, anim=SimpleNamespace(cache={}))
+    sc = benchmark.Scenario("s", "tiny", 128, 4, 4, 2, 1)
+    return run.timed(sc, "reference", torch.device("cpu"), tmp_path / "driver.mp4", tmp_path)
+
+
+def test_a_timed_runs_figures_are_in_the_units_the_report_names(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """results.md's columns say "peak mem GiB" and "denoise TFLOP/s": the peak is bytes / 2^30 (in GB it reads
+    7 % high), the rate is the denoise stage's FLOPs (the reference path's per-call PoseGuider,
+    ``pose_guider_full``, included: without it the reference looks cheaper than it is) over the denoise stage's
+    time (over the whole run's it mixes in the decoder's and the portrait's seconds)."""
+    r = _timed_result(monkeypatch, tmp_path,
+                      totals={"unet": 6e12, "reference_bank": 2e12, "pose_guider_full": 1e12, "vae_decode": 5e12},
+                      stage_s={"denoise": 3.0, "vae_decode": 1.0, "prepare_portrait": 1.0}, peak_bytes=3 * 2**30)
+    assert r.peak_memory_gb == 3.0  # type: ignore[attr-defined]
+    assert r.flops == {"unet": 6.0, "reference_bank": 2.0, "pose_guider_full": 1.0,  # type: ignore[attr-defined]
+                       "vae_decode": 5.0}
+    assert r.denoise_tflops_per_s == pytest.approx((6 + 2 + 1) / 3.0)  # type: ignore[attr-defined]
+
+
+def test_first_frame_latency_includes_the_portrait_preparation(tmp_path: Path) -> None:
+    """The first-frame latency is what a user waits for: the portrait's preparation (timed as its own stage)
+    and then the run's first frame; without the preparation a cold portrait's latency reads too low."""
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.benchmark import _consume
+
+    class Anim:
+        image_size = 64
+
+        def prepare(self, inputs: object) -> str:
+            time.sleep(0.3)
+            return "state"
+
+        def animate(self, state, driver, config):  # type: ignore[no-untyped-def]
+            self.last_stats = SimpleNamespace(stage_seconds={"denoise": 0.1}, first_frame_s=0.25, total_s=0.0)
+            time.sleep(0.3)  # its first frame, 0.25 s after it started as its own stats say (and a bit)
+            for _ in range(2):
+                yield np.zeros((64, 64, 3), np.uint8)
+
+    stats = _consume(Anim(), None, ASSETS_DIR / "driver.mp4", None, tmp_path)
+    prep = stats.stage_seconds["prepare_portrait"]
+    assert prep >= 0.3 and stats.first_frame_s == pytest.approx(0.25 + prep)
+    assert stats.first_frame_s <= stats.total_s
+
+
+def _row(scenario: str, mode: str, total: float, first: float, flops: dict[str, float],
+         denoise_s: float = 2.0, rate: float = 1.0) -> dict:
+    return {"scenario": scenario, "mode": mode, "frames": 4, "total_s": total, "fps": 4 / total,
+            "first_frame_s": first, "stage_s": {"denoise": denoise_s, "vae_decode": 0.5}, "flops": flops,
+            "denoise_tflops_per_s": rate, "peak_memory_gb": 1.0, "warmup_s": 1.0}
+
+
+def test_report_rows_give_percent_of_matmul_denoise_flops_and_median_first_frame_ratios() -> None:
+    """results.md: "% of matmul" is a percentage (0.5 of the rate reads 50 %, not 0 %); the "denoise TFLOP"
+    column counts the PoseGuider calls of either path (per-call in the reference, per-frame in the optimized
+    mode); a variant's first-frame time over its base mode's is variant / base (under 1: the variant is
+    faster) and uses each mode's median first frame over its repeats, as the whole-run time does."""
+    from megactor_rt.benchmark import markdown
+
+    ref = {"unet": 3.0, "reference_bank": 1.0, "pose_guider_full": 0.5, "vae_decode": 1.0}
+    opt = {"unet": 2.0, "reference_bank": 0.5, "pose_features": 0.25, "vae_decode": 1.0}
+    report = {"suite": "t", "device": "cpu", "date": "2026-11-28", "torch": "x", "threads": 2,
+              "matmul_tflops": 2.0, "matmul_dtype": "float32",
+              "results": [_row("s", "reference", 10.0, 4.0, ref),
+                          _row("s", "optimized", 6.0, 1.0, opt), _row("s", "optimized", 6.0, 2.0, opt),
+                          _row("s", "optimized", 6.0, 9.0, opt),
+                          _row("s", "optimized+no-wrap", 3.0, 1.0, opt)]}
+    md = markdown(report)
+    assert "| s | reference | 4 | 10.00 | 0.400 | 4.00 | 2.00 | 0.50 | 4.500 | 1.000 | 50 % | 1.00 | 1.0 |" in md, md
+    assert "| s | optimized | 4 | 6.00 | 0.667 | 1.00 | 2.00 | 0.50 | 2.750 | 1.000 | 50 % | 1.00 | 1.0 |" in md, md
+    # medians of optimized: whole run 6 s, first frame 2 s (its last repeat's is 9 s)
+    assert "| s | optimized+no-wrap | 0.500 | 0.500 |" in md, md

@@ -442,3 +442,18 @@ def test_a_faceless_portrait_fails_before_the_driver_is_read(tmp_path: Path, mon
     with pytest.raises(InputError, match="no face found in the portrait crop of blank_wall.png"):
         anim.animate_to_file(blank, DRIVER, out, face_crop=False, contour=True, audio=False)
     assert leftovers(tmp_path, "o") == []
+
+
+# ---------------------------------------------------------------------------------------------- contour (mutation audit)
+
+
+def test_the_mouth_box_is_centred_on_all_twenty_mouth_landmarks() -> None:
+    """The mouth group is landmarks 48..67 (iBUG 300-W: 20 points, upstream's slice 48:68): the inner lip's
+    last point moves the centroid, and with it the kept mouth rectangle, as upstream's does."""
+    from megactor_rt.contour import group_boxes
+
+    lm = np.full((68, 2), 256.0)
+    lm[48:67] = (200.0, 300.0)
+    lm[67] = (400.0, 300.0)  # mean x = 200 + 200 / 20 = 210
+    top, left, bottom, right = group_boxes(lm, 512)[2]
+    assert (left, right) == (210 - 64, 210 + 64) and (top, bottom) == (300 - 64, 300 + 64)

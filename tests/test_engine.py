@@ -968,3 +968,44 @@ def test_windows_per_call_follow_the_plans_that_take_the_window_length() -> None
         anim.check_run(AnimateConfig(mode="reference", guidance=1.0))
     with pytest.raises(InputError, match="the export has no .*temporal_unet_cond_reuse graph, which this run needs"):
         anim.check_run(AnimateConfig(guidance=1.0, feature_reuse=2))
+
+
+# ---------------------------------------------------------------------------------------------- engine selection (mutation audit)
+
+
+def test_a_plan_of_another_precision_is_never_chosen(tmp_path: Path) -> None:
+    """Without the export's manifest (selection by sidecars alone) an fp32 plan is not taken for an fp16 run
+    (or the reverse): the run would get the other precision's outputs and speed."""
+
+    from megactor_rt.engine.select import select_backends
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    sha = _write_onnx(d / "vae_decoder.fp32.onnx")
+    (d / "manifest.json").write_text(json.dumps(
+        {"format": 1, "graphs": {"vae_decoder_fp32": _graph_json("vae_decoder.fp32.onnx", sha, precision="fp32")}}))
+    _built(d, tmp_path / "engines", precision="fp32", profile="default")
+    fp32 = select_backends(["vae_decoder"], tmp_path / "engines", device=H100, tensorrt_status=_trt_ok,
+                           precision="fp32")["vae_decoder"]
+    fp16 = select_backends(["vae_decoder"], tmp_path / "engines", device=H100, tensorrt_status=_trt_ok,
+                           precision="fp16")["vae_decoder"]
+    assert fp32.backend == "tensorrt" and fp16.backend == "onnxruntime" and "no TensorRT plan" in fp16.reason
+
+
+def test_build_engines_builds_only_the_graphs_asked_for(tmp_path: Path) -> None:
+    """``build-engines --graphs vae_decoder`` builds that graph's plans only (a full-size UNet plan takes
+    many minutes to build)."""
+
+    from megactor_rt.engine.builder import BuildOptions, plan_jobs
+    from megactor_rt.engine.manifest import load_manifest
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    graphs = {}
+    for sub in ("vae_decoder", "vae_encoder"):
+        sha = _write_onnx(d / f"{sub}.fp16.onnx")
+        graphs[f"{sub}_fp16"] = _graph_json(f"{sub}.fp16.onnx", sha, submodel=sub)
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": graphs}))
+    jobs = plan_jobs(load_manifest(d), H100, tmp_path / "engines", BuildOptions(profile="default"),
+                     graphs=["vae_encoder_fp16"])
+    assert [(j.graph.name, j.profile_name) for j in jobs] == [("vae_encoder_fp16", "default")]

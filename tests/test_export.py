@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -806,3 +807,71 @@ def test_a_damaged_or_missing_graph_file_is_a_clear_error(models, manifest, tmp_
     with pytest.raises(InputError, match=f"ONNX files this run needs are missing: {unet.path}"):
         sub.check_run(AnimateConfig(steps=2))
     sub.check_run(AnimateConfig(steps=2, guidance=1.0))  # a run without CFG calls temporal_unet_cond instead
+
+
+# ---------------------------------------------------------------------------------------------- graph backend (mutation audit)
+
+
+class _UNetPlans:
+    """A UNet graph's runner that takes at most ``windows`` context windows per call (of any length)."""
+
+    def __init__(self, name: str, windows: int, sha: str = "a") -> None:
+        self.name, self.windows, self.sha = name, windows, sha
+        self.input_names = ("latents",)
+
+    def max_size(self, name: str, axis: int, where: dict[int, int] | None = None) -> int:
+        return self.windows
+
+    def identity(self) -> str:
+        return f"tensorrt:{self.sha}"
+
+
+def test_windows_per_call_are_what_every_unet_graph_takes() -> None:
+    """An export whose CFG UNet plans take 3 windows per call but whose conditional-only plans take 1 (built
+    from an older export, or another --window-batch) runs 1 window per call: with the most any graph takes,
+    a CFG-truncated run sends 3 windows to a plan of 1 and fails at its first conditional-only step."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    runners = {"temporal_unet": _UNetPlans("temporal_unet", 3), "temporal_unet_cond": _UNetPlans("temporal_unet_cond", 1)}
+    sub = GraphSubmodels("tensorrt", tiny_config(), "w", runners, torch.device("cpu"), torch.float32)  # type: ignore[arg-type]
+    assert sub.max_window_batch == 1 and sub.window_batch_limit(16) == 1
+
+
+@pytest.mark.parametrize("graph", ["clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net", "token_kv"])
+def test_the_portrait_key_changes_with_each_graph_that_computes_the_state(graph: str) -> None:
+    """Every graph whose output a portrait state holds (CLIP tokens, the VAE posterior, the FiLM code, the
+    ReferenceNet banks, the token keys/values) is part of the state's cache key: a state computed by another
+    plan or session of any of them (another export, --fp16-softmax, a TensorRT plan instead of a fallback) is
+    recomputed, not read back from the store. (The list is spelled out here: the test must not take it from
+    the code under test.)"""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    portrait = ("clip_image_encoder", "vae_encoder", "pose_guider_film", "reference_net", "token_kv")
+
+    def state_id(runners: dict) -> str:
+        return GraphSubmodels("tensorrt", tiny_config(), "w", runners, torch.device("cpu"), torch.float32,
+                              fallback=SimpleNamespace(name="torch")).state_id  # type: ignore[arg-type]
+
+    every = {g: _UNetPlans(g, 1) for g in portrait}
+    assert state_id(every) != state_id({**every, graph: _UNetPlans(graph, 1, sha="b")})
+    assert state_id(every) != state_id({g: r for g, r in every.items() if g != graph})
+
+
+# ---------------------------------------------------------------------------------------------- export profiles (mutation audit)
+
+
+def test_the_profiles_take_the_short_calls_of_a_run() -> None:
+    """The TensorRT profiles start at 1: the decoder's last batch of a clip (6 frames at batch 4: a call of 2),
+    the PoseGuider's last batch, and windows shorter than --window (a clip shorter than the window) fit a
+    plan; a profile starting at the full size makes those runs fail at that call."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.export.specs import export_specs
+
+    specs = {s.name: s for s in export_specs(tiny_config(), window=8, pose_batch=16, decode_batch=4)}
+    assert specs["vae_decoder"].profiles()["default"]["latents"][0][0] == 1
+    assert specs["pose_guider"].profiles()["default"]["frames"][0][0] == 1
+    for name in ("temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"):
+        lo, opt, hi = specs[name].profiles()["default"]["latents"]
+        assert (lo[2], opt[2], hi[2]) == (1, 8, 8), name

@@ -549,3 +549,20 @@ def test_pose_feed_is_the_upfront_pass_computed_as_windows_need_it(setup):
     short = PoseFeed(sub, iter(fr[:3]), n, state.film_scale, state.film_shift, windows, b)
     with pytest.raises(RuntimeError, match="ended after 3 of 7"):
         short.window(0, idx)
+
+
+# ---------------------------------------------------------------------------------------------- run settings (mutation audit)
+
+
+@pytest.mark.parametrize("field, value, says", [("max_frames", 0, "max_frames must be >= 1"),
+                                                ("guidance", 0.5, "guidance must be a finite number >= 1.0"),
+                                                ("reference_timestep", -1, "reference_timestep must be >= 0")])
+def test_python_api_settings_out_of_range_are_refused(field: str, value: float, says: str) -> None:
+    """The Python API refuses what the CLI's parser refuses for its flags: no frames, guidance below 1
+    (inverted CFG, not upstream's), a negative ReferenceNet timestep (sinusoids of a time that does not
+    exist), before any model work."""
+    from megactor_rt.config import AnimateConfig
+
+    with pytest.raises(ValueError, match=says):
+        AnimateConfig(**{field: value})
+    AnimateConfig(**{field: {"max_frames": 1, "guidance": 1.0, "reference_timestep": 0}[field]})  # the edge is fine

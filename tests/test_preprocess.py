@@ -360,3 +360,63 @@ def test_a_large_portrait_is_searched_on_a_smaller_copy_first(portrait: np.ndarr
         None if img.shape[0] == 1024 else Box(0.0, 0.0, 10.0, 10.0)))
     searched.clear()
     assert preprocess.portrait_crop(big)[1] == Box(0.0, 0.0, 10.0, 10.0) and searched[-1] == big.shape
+
+
+# ---------------------------------------------------------------------------------------------- driver (mutation audit)
+
+
+def test_upsampled_detection_follows_the_median_face_not_the_smallest() -> None:
+    """Pass 2 detects upsampled (4x the work) only where pass 1's faces are small in the crop: the median face
+    decides, so one small face (a frame where the person stepped back, a false detection) does not make the
+    whole clip's detection 4x slower. Slow-ish: three 1080p frames through HOG (about 3 s)."""
+    from PIL import Image
+
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.media import read_image
+    from megactor_rt.runtime.driver import DriverFrames, crop_upsample, plan_driver
+
+    img = read_image(ASSETS_DIR / "portrait.png")  # 768x844, its face about 310 px
+
+    def frame(scale: float) -> np.ndarray:
+        face = np.asarray(Image.fromarray(img).resize((round(768 * scale), round(844 * scale)), Image.BILINEAR))
+        out = np.full((1080, 1920, 3), 120, np.uint8)
+        y0, x0 = 540 - face.shape[0] // 2, 960 - face.shape[1] // 2
+        out[y0:y0 + face.shape[0], x0:x0 + face.shape[1]] = face
+        return out
+
+    large, small = frame(1.0), frame(110 / 310)
+    plan = plan_driver(DriverFrames([large, small, large], fps=25))
+    assert plan.face_fraction is not None and plan.face_fraction * 512 > 100
+    assert crop_upsample(plan, 512) is None
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing (mutation audit)
+
+
+def test_a_mask_at_exactly_half_grey_is_person(tmp_path: Path) -> None:
+    """Masks are thresholded at 128 (>= 128 is person, as documented): an anti-aliased edge at exactly 128
+    stays person."""
+    from PIL import Image
+
+    from megactor_rt.preprocess import load_user_mask
+
+    grey = np.zeros((32, 32), np.uint8)
+    grey[:, 16:] = 128
+    Image.fromarray(grey).save(tmp_path / "m.png")
+    mask = load_user_mask(tmp_path / "m.png", size=32)
+    assert mask[:, :16].sum() == 0 and mask[:, 16:].all()
+
+
+def test_an_opaque_alpha_channel_leaves_the_grey_values_in_charge(tmp_path: Path) -> None:
+    """An RGBA mask whose alpha is opaque everywhere (a grey mask saved by an editor as RGBA) is read from its
+    grey values; taking the alpha would mark every pixel as person (a black background input)."""
+    from PIL import Image
+
+    from megactor_rt.preprocess import load_user_mask
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, 16:, :3] = 255  # right half is the person
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
+    mask = load_user_mask(tmp_path / "m.png", size=32)
+    assert mask[:, :16].sum() == 0 and mask[:, 16:].all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -151,3 +152,73 @@ def test_nodes_breaking_the_parsers_documented_restrictions_are_named() -> None:
     text = _model([helper.make_node("Constant", [], ["c"], value_strings=["a"]), helper.make_node("Relu", ["x"], ["y"])])
     assert "value_strings constant" in scan_ops(text)["Constant"][0]
 
+
+# ---------------------------------------------------------------------------------------------- TensorRT op check (mutation audit)
+
+
+def test_an_opset_above_the_parsers_range_is_a_problem(tmp_path: Path) -> None:
+    """A graph exported at an opset newer than the TensorRT parser's table goes (e.g. a future default) is
+    reported by check-export, not found out minutes into build-engines."""
+    import onnx
+
+    from megactor_rt.export.trt_support import check_trt_ready, trt_op_table
+
+    lo, hi = trt_op_table()["opset_range"]
+    model = _supported_model()
+    model.opset_import[0].version = hi + 1
+    onnx.save(model, str(tmp_path / "new.onnx"))
+    assert any(f"opset {hi + 1} is outside" in p for p in check_trt_ready(tmp_path / "new.onnx"))
+    model.opset_import[0].version = hi
+    onnx.save(model, str(tmp_path / "top.onnx"))
+    assert check_trt_ready(tmp_path / "top.onnx") == []
+
+
+def test_a_node_of_unknown_tensor_types_is_checked_at_the_graphs_precision() -> None:
+    """Where shape inference cannot type a node's tensors (a >2 GiB graph, ops it does not know), the graph's
+    precision decides: an fp32-only op (STFT) in an fp16 graph is still reported."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Opaque", ["x"], ["a"], domain="com.x"), helper.make_node("Opaque", ["x"], ["s"], domain="com.x"),
+             helper.make_node("STFT", ["a", "s"], ["b"], name="spectrum"),
+             helper.make_node("Opaque", ["b"], ["y"], domain="com.x")]
+    model = _model(nodes, extra_opsets=[helper.make_opsetid("com.x", 1)])
+    from megactor_rt.export.trt_support import scan_ops
+
+    found = scan_ops(model, precision="fp16")
+    assert "no fp16 support" in found["STFT"][0] and "spectrum" in found["STFT"][0]
+    assert "STFT" not in scan_ops(model, precision="fp32")
+
+
+def test_a_cumsum_with_a_run_time_axis_is_named() -> None:
+    """The parser's note on CumSum: 'axis' must be a build-time constant; a computed one is reported, an
+    initializer is not."""
+    from onnx import TensorProto, helper
+
+    from megactor_rt.export.trt_support import scan_ops
+
+    x = [helper.make_tensor_value_info("x", F16, [8])]
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [0])
+    fixed = _model([helper.make_node("CumSum", ["x", "axis"], ["y"])], inputs=x, inits=[axis])
+    assert "CumSum" not in scan_ops(fixed)
+    computed = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Squeeze", ["s"], ["a"]),
+                       helper.make_node("CumSum", ["x", "a"], ["y"])], inputs=x)
+    assert "'axis' is computed at run time" in scan_ops(computed)["CumSum"][0]
+
+
+def test_check_export_names_an_input_of_another_element_type(tmp_path: Path) -> None:
+    """A graph file whose input is float16 where the manifest says float32 (a file of the other precision
+    under this name) is named by check-export, as build-engines would refuse it."""
+    from test_engine import _graph_json, _write_onnx
+
+    from megactor_rt.engine.manifest import load_manifest
+    from megactor_rt.export.trt_support import check_against_manifest
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    sha = _write_onnx(d / "vae_decoder.fp32.onnx")  # its input x is float16
+    entry = _graph_json("vae_decoder.fp32.onnx", sha, precision="fp32")
+    entry["inputs"]["x"]["dtype"] = "float32"
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"vae_decoder_fp32": entry}}))
+    graph = load_manifest(d).graphs["vae_decoder_fp32"]
+    problems = check_against_manifest(graph)
+    assert problems == [f"{graph.path}: input 'x' has element type float16, the manifest says float32"]
