@@ -1083,8 +1083,13 @@ def test_doctor_exits_2_for_unusable_weights(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_reference_mode_on_a_graph_backend_is_named_by_its_flag() -> None:
-    assert cli.as_flags("reference mode ... runs on the torch backend only, not onnxruntime; use mode optimized "
-                        "(the same math)").endswith("use --mode optimized (the same math)")
+    """The graph backends' refusal of reference mode, as the CLI prints it, names the flag to use."""
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    sub = GraphSubmodels("onnxruntime", tiny_config(), "w", {}, torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError) as info:
+        sub.check_run(AnimateConfig(mode="reference"))
+    assert cli.as_flags(str(info.value)).endswith("use --mode optimized (the same math)")
 
 
 def test_the_cli_defaults_are_the_python_apis(tmp_path: Path) -> None:

@@ -976,7 +976,6 @@ def test_windows_per_call_follow_the_plans_that_take_the_window_length() -> None
 def test_a_plan_of_another_precision_is_never_chosen(tmp_path: Path) -> None:
     """Without the export's manifest (selection by sidecars alone) an fp32 plan is not taken for an fp16 run
     (or the reverse): the run would get the other precision's outputs and speed."""
-
     from megactor_rt.engine.select import select_backends
 
     d = tmp_path / "onnx"
@@ -995,7 +994,6 @@ def test_a_plan_of_another_precision_is_never_chosen(tmp_path: Path) -> None:
 def test_build_engines_builds_only_the_graphs_asked_for(tmp_path: Path) -> None:
     """``build-engines --graphs vae_decoder`` builds that graph's plans only (a full-size UNet plan takes
     many minutes to build)."""
-
     from megactor_rt.engine.builder import BuildOptions, plan_jobs
     from megactor_rt.engine.manifest import load_manifest
 
