@@ -113,6 +113,33 @@ def test_schedule_and_windows(pack):
     assert wins == pack.vectors["e2e_windows"].tolist()
 
 
+def test_posterior_sample_is_diffusers_at_the_clamp_bounds():
+    """``posterior_sample`` draws as upstream's diffusers ``DiagonalGaussianDistribution`` does, including its
+    clamp of logvar to [-30, 20] (the pack's logvars lie well inside it, so the golden vectors cannot tell)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from megactor_rt.models.vae import posterior_sample
+
+    logvar = torch.tensor([-45.0, -30.0, -25.0, -10.0, 0.0, 10.0, 20.0, 25.0]).view(1, 8, 1, 1)
+    mean = torch.zeros_like(logvar)  # the sample is then std * eps: every clamp bound shows in full
+    eps = torch.full_like(logvar, 2.0)
+    dist = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    torch.testing.assert_close(posterior_sample(mean, logvar, eps), dist.mean + dist.std * eps, rtol=1e-6, atol=0)
+
+
+def test_positional_encodings_are_upstreams(pack):
+    """A motion module builds the sinusoidal ``pos_encoder.pe`` upstream's checkpoint holds (the pack's, saved
+    by the original code): loaded weights overwrite it, so no other golden test sees how it is built, but a
+    model built without a checkpoint (``build_models``, the benchmarks) uses it."""
+    from megactor_rt.models.layers import PositionalEncoding
+
+    pes = {k: t for k, t in pack.weights.items() if k.endswith("pos_encoder.pe")}
+    assert pes, "the pack holds the motion modules' encodings"
+    for name, pe in pes.items():
+        built = PositionalEncoding(pe.shape[2], pe.shape[1]).pe
+        torch.testing.assert_close(built, pe, rtol=0, atol=1e-6, msg=name)
+
+
 def _pack_portrait(pack, sub):
     v = pack.vectors
     inputs = PortraitInputs(image=v["in_src_image_u8"][0], background_mask=v["in_background_mask_u8"][0],

@@ -30,9 +30,10 @@ def test_reference_matches_5d_group_norm(frames: int, silu: bool) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-CASES = [  # (B, F, C, H, groups, affine, silu): multi-chunk spans, frames=1, no affine, odd sizes
+CASES = [  # (B, F, C, H, groups, affine, silu): multi-chunk spans, frames=1, no affine, odd sizes, and 17 frames
+    # (more partial statistics per group than the apply kernel's smallest block of 16)
     (1, 16, 64, 8, 32, True, True), (2, 4, 32, 8, 8, True, False), (1, 1, 64, 16, 32, False, True),
-    (2, 3, 40, 5, 4, True, True), (1, 2, 16, 70, 4, True, True)]
+    (2, 3, 40, 5, 4, True, True), (1, 2, 16, 70, 4, True, True), (1, 17, 8, 2, 4, True, True)]
 
 
 def test_kernels_in_triton_interpreter(triton_interpreter: Callable[[str, int], None]) -> None:
@@ -72,6 +73,34 @@ def test_dispatch_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
             GN.group_norm_silu_triton(x, None, None, 4, 3, 1e-6)
         with pytest.raises(ValueError, match="contiguous"):
             GN.group_norm_silu_triton(x.transpose(2, 3), None, None, 4, 4, 1e-6)
+
+
+def test_cpu_activations_never_reach_the_self_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU activations take the reference before any kernel question, even with Triton importable: the
+    once-per-device self-check (a Triton compile, which fails for CPU tensors outside the interpreter) is for
+    CUDA devices only."""
+    def no_self_check(device: torch.device) -> bool:
+        raise AssertionError(f"self-check asked for {device}")
+
+    monkeypatch.setattr(GN, "HAVE_TRITON", True)
+    monkeypatch.setattr(GN, "_self_check", no_self_check)
+    monkeypatch.setenv("MEGACTOR_TRITON_GROUP_NORM", "1")
+    norm = nn.GroupNorm(4, 16, eps=1e-6)
+    x = torch.randn(8, 16, 4, 4)
+    assert not GN.group_norm_silu_usable(x)
+    torch.testing.assert_close(GN.group_norm_silu(x, norm, 4),
+                               GN.group_norm_silu_ref(x, norm.weight, norm.bias, 4, 4, 1e-6))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernels_refuse_channels_that_do_not_split_into_the_groups() -> None:
+    """The kernels index a group's channels as C/G consecutive ones: C not a multiple of G is refused before any
+    launch (by name), as F.group_norm refuses it."""
+    x = torch.randn(4, 10, 2, 2)
+    with pytest.raises(ValueError, match="channels 10 of groups=4"):
+        GN.group_norm_silu_triton(x, None, None, 4, 2, 1e-6)
+    with pytest.raises(RuntimeError):  # the reference's own refusal (PyTorch's)
+        GN.group_norm_silu_ref(x, None, None, 4, 2, 1e-6)
 
 
 @pytest.mark.gpu

@@ -162,6 +162,19 @@ def test_ddim_ref_equals_diffusers_step():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_ddim_coefficients_are_diffusers_float32_values():
+    """The four DDIM coefficients are computed in float32 as diffusers computes them from its float32
+    ``alphas_cumprod`` (``1 - a`` and the square roots in float32), bit for bit, not in float64."""
+    from megactor_rt.models.scheduler import DDIM
+
+    alphas = DDIM().alphas_cumprod  # float32
+    for t, prev in ((961, 921), (501, 461), (41, 1), (1, 0)):
+        a_t, a_p = alphas[t], alphas[prev]
+        want = tuple(float(v) for v in (a_t.sqrt(), (1 - a_t).sqrt(), a_p.sqrt(), (1 - a_p).sqrt()))
+        assert K.ddim_coefficients(a_t, a_p) == want
+        assert K.ddim_coefficients(float(a_t), float(a_p)) == want  # a Python float of the same value
+
+
 def test_to_uint8_ref_matches_naive():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 5, 7, generator=g) * 0.8
@@ -434,6 +447,8 @@ def test_kernels_status_shape():
         lambda: K.preprocess_frame_ref(torch.zeros(4, 4, 3, dtype=torch.uint8), (2, 0, 2, 4)),  # empty crop
         lambda: K.preprocess_frame_ref(torch.zeros(4, 4, 3, dtype=torch.uint8), (0, 0, 4)),  # 3 values
         lambda: K.preprocess_frame_ref(torch.zeros(4, 4, 3, dtype=torch.uint8), (0, 0, 4, 4), size=0),
+        lambda: K.preprocess_frame_ref(torch.zeros(4, 4, 3, dtype=torch.uint8), (0, 0, 4, 5)),  # crop too wide
+        lambda: K.preprocess_frame_ref(torch.zeros(4, 4, 3, dtype=torch.uint8), (0, 0, 4, 4), size=4.0),  # float
         lambda: K.preprocess_frame_ref(
             torch.zeros(4, 4, 3, dtype=torch.uint8), (0, 0, 4, 4), dtype=torch.int32
         ),
@@ -445,6 +460,18 @@ def test_kernels_status_shape():
         ),
         lambda: K.ddim_cfg_update_ref(
             torch.zeros(2, 1, 2, 2, 2), torch.ones(2), torch.zeros(1, 1, 2, 2, 2), 1, 0.0, 0.5
+        ),
+        lambda: K.ddim_cfg_update_ref(  # alpha_prev 0 (the update divides by neither, but it is no alpha-bar)
+            torch.zeros(2, 1, 2, 2, 2), torch.ones(2), torch.zeros(1, 1, 2, 2, 2), 1, 0.5, 0.0
+        ),
+        lambda: K.ddim_cfg_update_ref(  # latents of batch 2
+            torch.zeros(2, 1, 2, 2, 2), torch.ones(2), torch.zeros(2, 1, 2, 2, 2), 1, 0.5, 0.5
+        ),
+        lambda: K.ddim_cfg_update_ref(  # eps sums with 2 channels for latents with 1 (would broadcast)
+            torch.zeros(2, 2, 2, 2, 2), torch.ones(2), torch.zeros(1, 1, 2, 2, 2), 1, 0.5, 0.5
+        ),
+        lambda: K.ddim_cfg_update_ref(  # counts on another device (meta: no GPU needed)
+            torch.zeros(2, 1, 2, 2, 2), torch.ones(2, device="meta"), torch.zeros(1, 1, 2, 2, 2), 1, 0.5, 0.5
         ),
         lambda: K.ddim_cfg_update_ref(
             torch.zeros(2, 1, 2, 2, 2, dtype=torch.int64),
@@ -462,6 +489,15 @@ def test_kernels_status_shape():
             0.5,
             0.5,
             eps_out=torch.zeros(1, 1, 2, 2, 3),
+        ),
+        lambda: K.ddim_cfg_update_ref(  # eps_out of the right shape but not contiguous (the kernels write it flat)
+            torch.zeros(2, 1, 2, 2, 2),
+            torch.ones(2),
+            torch.zeros(1, 1, 2, 2, 2),
+            1,
+            0.5,
+            0.5,
+            eps_out=torch.zeros(1, 1, 2, 2, 2).transpose(3, 4),
         ),
         lambda: K.latents_to_uint8_ref(torch.zeros(1, 4, 2, 2)),
         lambda: K.latents_to_uint8_ref(torch.zeros(1, 3, 2, 2, dtype=torch.uint8)),

@@ -169,6 +169,76 @@ def test_unet_with_cached_token_kv_is_the_same_call(setup, kw):
     assert (other - own).abs().max() > 1e-3  # the K/V given are the ones used (own: the one-window call)
     with pytest.raises(ValueError, match="token_kv"):
         sub.unet(lat, 801, state.tokens, pose, bank, token_kv=state.token_kv[:-2], **kw)
+    with pytest.raises(ValueError, match="token_kv"):  # too many is refused as well (the slots would shift)
+        sub.unet(lat, 801, state.tokens, pose, bank, token_kv=[*state.token_kv, *state.token_kv[:2]], **kw)
+
+
+def test_token_kv_takes_one_set_of_tokens(setup):
+    """``TemporalUNet.token_kv`` projects the one portrait's tokens (batch 1, shared by every call): a batch of
+    token sets is refused, not projected into keys/values of batch 2 that every call would broadcast wrongly."""
+    sub, state, _ = setup
+    with torch.inference_mode():
+        kv = sub.models.unet.token_kv(state.tokens)
+        assert len(kv) == 2 * sub.models.unet.num_transformer_blocks and all(t.shape[0] == 1 for t in kv)
+        for n in (2, 3):
+            with pytest.raises(ValueError, match="one set of tokens"):
+                sub.models.unet.token_kv(state.tokens.repeat(n, 1, 1))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(upstream=True), dict(shared_down=True)],
+                         ids=["optimized", "upstream", "cfg pairs"])
+def test_a_batch_of_samples_is_each_samples_own_call(setup, kw):
+    """Folded batches are sample-major: a call on two samples, each with its own latents, timestep, tokens and
+    bank, gives what each sample's one-sample call gives (the per-sample values a call repeats over the frames
+    of its sample: the time embedding, the tokens' keys/values, the bank). With ``shared_down`` each sample's
+    call gives its [uncond, cond] pair, and the two-sample call [both uncond | both cond]."""
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    g = torch.Generator().manual_seed(7)
+    other = lambda t: t + 0.5 * torch.randn(t.shape, generator=g)  # noqa: E731 - a second sample's values
+    lat2, pose2, tokens2 = (torch.cat([t, other(t)]) for t in (lat, pose, state.tokens))
+    bank2 = [torch.cat([b, other(b)]) for b in bank]
+    t2 = torch.tensor([801, 301])
+    unet = sub.models.unet
+    with torch.inference_mode():
+        both = unet(lat2, t2, tokens2, pose2, bank2, **kw)
+        own = [unet(lat2[i:i + 1], t2[i:i + 1], tokens2[i:i + 1], pose2[i:i + 1], [b[i:i + 1] for b in bank2], **kw)
+               for i in range(2)]
+    each = torch.cat([o[:1] for o in own] + [o[1:] for o in own])  # (a pair per sample with shared_down)
+    assert (own[0] - own[1]).abs().max() > 1e-2  # the samples differ, so a mix-up would show
+    torch.testing.assert_close(both, each, rtol=0, atol=1e-4 * each.abs().max().item())
+
+
+def test_time_embedding_takes_the_activations_dtype(setup):
+    """The sinusoidal timestep features (float32, diffusers') are cast to the activations' dtype before the
+    time-embedding MLP, so a half-precision UNet (the GPU's float16/bfloat16 runs) embeds its timesteps in its
+    own dtype: the same values as the float32 UNet's, to bfloat16 precision."""
+    import copy
+
+    sub, _, _ = setup
+    unet = sub.models.unet
+    half = copy.deepcopy(unet).to(torch.bfloat16)
+    t = torch.tensor([801, 301])
+    with torch.inference_mode():
+        want = unet.time_embed(t, 2, torch.float32)
+        got = half.time_embed(t, 2, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05 * want.abs().max().item())
+
+
+def test_upstream_pose_guider_keeps_each_samples_film_code(setup):
+    """The full PoseGuider call (reference mode) modulates each sample's frames with the FiLM code of that
+    sample's reference: a two-sample call gives each sample's own call."""
+    sub, _, frames = setup
+    pg = sub.models.unet.condition_input_layer
+    g = torch.Generator().manual_seed(8)
+    fr = frames[:3].permute(1, 0, 2, 3)[None]  # (1, 3, F, H, W)
+    fr2 = torch.cat([fr, fr.flip(2)])
+    refs = torch.rand(2, 3, pg.REFERENCE_SIZE, pg.REFERENCE_SIZE, generator=g)
+    with torch.inference_mode():
+        both = pg(fr2, refs)
+        each = torch.cat([pg(fr2[i:i + 1], refs[i:i + 1]) for i in range(2)])
+    assert both.shape == (2, 4, 3, fr.shape[-2] // 8, fr.shape[-1] // 8)
+    torch.testing.assert_close(both, each, rtol=0, atol=1e-5 * each.abs().max().item())
 
 
 def test_a_transformer_block_no_unet_numbered_refuses_token_kv(setup):
@@ -294,6 +364,37 @@ def test_shallow_path_from_its_own_deep_feature_is_the_whole_unet(setup, call):
     assert torch.equal(sub.unet(lat, 801, tokens, pose, bank, deep=deep, **kw), whole)
     other = sub.unet(lat, 801, tokens, pose, bank, deep=deep + 0.1, **kw)  # the deep feature is used
     assert (other - whole).abs().max() > 1e-3
+
+
+def test_a_call_that_both_reuses_and_keeps_the_deep_feature_is_refused(setup):
+    """``keep_deep`` returns the deep feature the whole UNet computes; a feature-reusing call (``deep``) does
+    not compute one, so asking for both is refused rather than handing back a feature it never made."""
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    with torch.inference_mode():
+        _, deep = sub.models.unet(lat, torch.tensor(801), state.tokens, pose, bank, keep_deep=True)
+        with pytest.raises(ValueError, match="either deep or keep_deep"):
+            sub.models.unet(lat, torch.tensor(801), state.tokens, pose, bank, deep=deep, keep_deep=True)
+
+
+def test_reuse_kv_slots_are_the_blocks_a_reusing_call_runs(setup):
+    """``reuse_kv_slots`` (the keys/values an exported feature-reusing graph takes) names exactly the transformer
+    blocks whose cross-attention a feature-reusing call runs, in ``kv_slot`` order."""
+    from megactor_rt.models.unet import reuse_kv_slots
+
+    sub, state, lat, pose, bank = _window_inputs(setup)
+    unet = sub.models.unet
+    ran: list[int] = []
+    hooks = [b.attn2.to_q.register_forward_hook(lambda m, *_, slot=b.kv_slot: ran.append(slot))
+             for b in unet.transformer_blocks()]
+    try:
+        with torch.inference_mode():
+            _, deep = unet(lat, torch.tensor(801), state.tokens, pose, bank, keep_deep=True)
+            ran.clear()
+            unet(lat, torch.tensor(801), state.tokens, pose, bank, deep=deep)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == reuse_kv_slots(unet.num_transformer_blocks)
 
 
 def test_feature_reuse_runs_the_whole_unet_every_kth_step(setup):

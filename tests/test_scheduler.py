@@ -6,16 +6,19 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from megactor_rt.config import SchedulerConfig
 from megactor_rt.kernels.ops import ddim_cfg_update_ref
 from megactor_rt.models.scheduler import DDIM, context_windows
 
 
-@pytest.mark.parametrize("steps", [1, 3, 25, 50])
-def test_ddim_matches_diffusers(steps):
-    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
+@pytest.mark.parametrize("steps,offset", [(1, 1), (3, 1), (25, 1), (50, 1), (4, 0), (10, 0)])
+def test_ddim_matches_diffusers(steps, offset):
+    """Upstream's steps_offset 1, and 0 (whose last step's previous timestep is t = 0: alphas_cumprod[0], not
+    the final alpha of 1 that only a negative previous timestep takes)."""
+    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=offset,
                         clip_sample=False)
     ref.set_timesteps(steps)
-    ours = DDIM()
+    ours = DDIM(SchedulerConfig(steps_offset=offset))
     assert ours.timesteps(steps) == ref.timesteps.tolist()
     gen = torch.Generator().manual_seed(steps)
     x = torch.randn(1, 4, 5, 8, 8, generator=gen)
@@ -27,6 +30,13 @@ def test_ddim_matches_diffusers(steps):
         ref_x = ref.step(guided, st.timestep, x).prev_sample
         assert torch.allclose(ours_x, ref_x, atol=1e-5, rtol=1e-5)
         x = ref_x
+
+
+def test_only_the_linear_beta_schedule_is_taken():
+    """Upstream's inference uses linear betas; another schedule is refused, not computed as linear betas."""
+    for schedule in ("scaled_linear", "squaredcos_cap_v2"):
+        with pytest.raises(ValueError, match="only the linear beta schedule"):
+            DDIM(SchedulerConfig(beta_schedule=schedule))
 
 
 def test_upstream_timesteps_25():
@@ -48,6 +58,7 @@ def test_the_most_steps_have_a_first_timestep_below_1000():
 
 @pytest.mark.parametrize("n,w,o,expected", [
     (3, 4, 2, [[0, 1, 2]]),
+    (4, 4, 2, [[0, 1, 2, 3]]),  # exactly one window's frames: that window alone (upstream: num_frames <= size)
     (10, 4, 2, [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9], [8, 9, 0, 1]]),
     (5, 4, 0, [[0, 1, 2, 3], [4, 0, 1, 2]]),
 ])
@@ -96,3 +107,6 @@ def test_refusals_of_what_the_networks_cannot_take():
         AnimateConfig(window=33, overlap=8)
     with pytest.raises(ValueError, match=r"needs a 512x512 reference, got \(1, 3, 256, 256\)"):
         PoseGuider().film(torch.zeros(1, 3, 256, 256))
+    for shape in ((1, 3, 256, 512), (1, 3, 512, 256)):  # both sides are checked
+        with pytest.raises(ValueError, match="needs a 512x512 reference"):
+            PoseGuider().film(torch.zeros(shape))

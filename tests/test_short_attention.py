@@ -121,6 +121,29 @@ def test_bad_shapes_are_named() -> None:
         SA._check(torch.randn(1, 65, 1, 8), torch.randn(1, 65, 1, 8), torch.randn(1, 65, 1, 8), 1)
     with pytest.raises(ValueError, match="heads"):
         SA._check(q, q, q, 5)
+    edge = torch.randn(1, SA.MAX_LEN, 1, SA.MAX_HEAD_DIM)  # the longest sequence and the largest head: taken
+    SA._check(edge, edge, edge, 1)
+    with pytest.raises(ValueError, match="d <= 256"):
+        wide = torch.randn(1, 4, 1, 2 * (SA.MAX_HEAD_DIM + 1))
+        SA._check(wide, wide, wide, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = torch.randn(1, 4, 1, 64).transpose(1, 3)
+        SA._check(strided, strided, strided, 1)
+
+
+def test_cpu_queries_never_reach_the_self_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors take SDPA before any kernel question, even with Triton and the op there: the once-per-device
+    self-check (a Triton compile, which fails for CPU tensors outside the interpreter) is for CUDA devices."""
+    def no_self_check(device: torch.device) -> bool:
+        raise AssertionError(f"self-check asked for {device}")
+
+    monkeypatch.setattr(SA, "HAVE_TRITON", True)
+    monkeypatch.setattr(SA, "_OP", object())
+    monkeypatch.setattr(SA, "_self_check", no_self_check)
+    monkeypatch.setenv("MEGACTOR_SHORT_ATTENTION", "1")
+    q = torch.randn(1, 16, 4, 32)
+    assert not SA.short_attention_usable(q, 4, q, q)
+    torch.testing.assert_close(SA.short_attention(q, q, q, 4), SA.short_attention_ref(q, q, q, 4))
 
 
 @pytest.mark.gpu

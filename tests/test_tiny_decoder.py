@@ -66,6 +66,23 @@ def test_both_layouts_decode_like_diffusers(taesd: tuple[Path, AutoencoderTiny],
     torch.testing.assert_close(out, _decode_reference(ae, z), rtol=0, atol=0)
 
 
+def test_the_weights_id_is_the_files_sha256(taesd: tuple[Path, AutoencoderTiny], tmp_path: Path) -> None:
+    """``tiny_decoder_id`` is ``taesd-`` and the first 16 hex digits of the weights file's sha256 (what exported
+    ``tiny_decoder`` graphs record, so the ids of graphs exported earlier keep matching), the same for a
+    diffusers folder and its weights file, and another one for other weights."""
+    import hashlib
+
+    from megactor_rt.models.tiny_decoder import tiny_decoder_id
+
+    folder, ae = taesd
+    file = folder / "diffusion_pytorch_model.safetensors"
+    want = "taesd-" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    assert tiny_decoder_id(folder) == tiny_decoder_id(file) == want
+    other = tmp_path / "taesd_decoder.safetensors"
+    save_file(_original_layout(ae), str(other))
+    assert tiny_decoder_id(other) != want
+
+
 def test_missing_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"nope\.pth: tiny decoder weights not found .*madebyollin/taesd"):
         load_tiny_decoder(tmp_path / "nope.pth")
