@@ -1200,3 +1200,32 @@ def test_a_state_counts_a_tensor_held_in_two_fields_once() -> None:
     state = PortraitState(key="k", inputs=inputs, ref_latent=one.clone(), cond=one.clone(), tokens=one.clone(),
                           film_scale=one.clone(), film_shift=one.clone(), ada_reference=one.clone())
     assert state.nbytes() == 6 * 16 + 768 + 256 + 768  # the shared crop once
+
+
+def test_the_portrait_digest_covers_every_input_and_its_shape() -> None:
+    """The portrait's cache key covers all four inputs, the FiLM reference too (below 512 px it is the crop
+    before truncation: two portraits with one crop can differ there only), and their shapes (the same bytes
+    at another shape are another portrait). (Mutation audit.)"""
+    from megactor_rt.runtime.portrait import PortraitInputs
+
+    def inputs(**changes: torch.Tensor) -> PortraitInputs:
+        base = dict(image=torch.zeros(3, 4, 4, dtype=torch.uint8), background_mask=torch.zeros(4, 4, dtype=torch.uint8),
+                    clip_image=torch.zeros(3, 4, 4, dtype=torch.uint8), ada_reference=torch.zeros(3, 8, 8))
+        return PortraitInputs(**{**base, **changes})
+
+    digest = inputs().digest()
+    assert inputs().digest() == digest
+    assert inputs(ada_reference=torch.ones(3, 8, 8)).digest() != digest
+    assert inputs(ada_reference=torch.zeros(3, 4, 16)).digest() != digest  # the same bytes, another shape
+
+
+def test_the_portraits_vae_sample_follows_the_seed(anim: Animator) -> None:
+    """``prepare_portrait`` draws the VAE posterior sample (the UNet's concat channels) from its seed: another
+    seed gives another sample, the same seed the same one; the ReferenceNet's input (the mean) does not
+    depend on it. (Mutation audit.)"""
+    from megactor_rt.runtime.portrait import prepare_portrait
+
+    inputs = anim.prepare(PORTRAIT).inputs
+    a, b, c = (prepare_portrait(anim.sub, inputs, seed) for seed in (1, 2, 1))
+    assert torch.equal(a.cond, c.cond) and not torch.equal(a.cond[:, :4], b.cond[:, :4])
+    assert torch.equal(a.cond[:, 4:], b.cond[:, 4:]) and torch.equal(a.ref_latent, b.ref_latent)

@@ -1101,3 +1101,21 @@ def test_the_cli_defaults_are_the_python_apis(tmp_path: Path) -> None:
                                           "-o", "o.mp4", "--cache-dir", str(tmp_path / "c")])
     assert cli._run_config(args) == AnimateConfig() and AnimateConfig().seed == 42
     assert cli._cache(args).max_disk_bytes == PortraitCache().max_disk_bytes == 20 * 2**30
+
+
+def test_progress_bars_follow_the_switch_and_the_environment() -> None:
+    """-q (``set_progress_enabled(False)``) hides every progress bar and they show by default; the environment's
+    MEGACTOR_PROGRESS=0 starts a process with them off, any other value with them on. (Mutation audit.)"""
+    from megactor_rt.progress import progress
+
+    set_progress_enabled(False)
+    assert progress(range(2)).disable
+    set_progress_enabled(True)
+    bar = progress(range(2))
+    assert not bar.disable
+    bar.close()
+    script = "from megactor_rt.progress import progress_enabled; print(progress_enabled())"
+    for value, shown in (("0", "False"), ("false", "False"), ("1", "True")):
+        res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "MEGACTOR_PROGRESS": value},
+                             capture_output=True, text=True, timeout=60)
+        assert res.stdout.strip() == shown, (value, res.stdout + res.stderr)

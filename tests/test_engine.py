@@ -761,6 +761,44 @@ def test_atomic_write_removes_stale_temporaries(tmp_path: Path) -> None:
     assert (tmp_path / "plan.engine").read_bytes() == b"plan"
 
 
+def test_a_staging_folder_with_recent_contents_is_kept(tmp_path: Path) -> None:
+    """``remove_stale(folders=True)`` removes a folder only when nothing in it changed for the age either: a
+    running export writing into an old folder (its own mtime changes only when entries are added or removed,
+    not when a file in it grows) keeps its folder; once everything is old the folder goes. (Mutation audit.)"""
+    import os
+    import time
+
+    from megactor_rt.files import STALE_S, remove_stale
+
+    busy, dead = tmp_path / ".staging-busy", tmp_path / ".staging-dead"
+    for folder in (busy, dead):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "fp32.onnx").write_bytes(b"partial")
+    old = time.time() - STALE_S - 60
+    for path in (busy / "sub", busy, dead / "sub" / "fp32.onnx", dead / "sub", dead):  # busy's file is recent
+        os.utime(path, (old, old))
+    assert remove_stale(tmp_path, ".staging-*", folders=True) == [dead]
+    assert (busy / "sub" / "fp32.onnx").is_file() and not dead.exists()
+
+
+def test_umask_modes_are_what_a_plain_write_gets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``umask_mode`` / ``folder_mode`` are the bits a plain ``open()`` / ``mkdir()`` gives under the process's
+    umask (here 027: no bits for others), not 0666 / 0777 whatever the umask. (Mutation audit.)"""
+    import os
+
+    from megactor_rt import files
+
+    monkeypatch.setattr(files, "_UMASK", 0o027)
+    was = os.umask(0o027)
+    try:
+        (tmp_path / "plain").write_bytes(b"")
+        (tmp_path / "folder").mkdir()
+    finally:
+        os.umask(was)
+    assert files.umask_mode() == (tmp_path / "plain").stat().st_mode & 0o777 == 0o640
+    assert files.folder_mode() == (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
+
+
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The new content arrives by a rename (a new inode: a reader holding the old file keeps reading the old
     bytes); a failure before the rename (a full disk at fsync) keeps the old file and leaves no temporary."""
@@ -1007,3 +1045,66 @@ def test_build_engines_builds_only_the_graphs_asked_for(tmp_path: Path) -> None:
     jobs = plan_jobs(load_manifest(d), H100, tmp_path / "engines", BuildOptions(profile="default"),
                      graphs=["vae_encoder_fp16"])
     assert [(j.graph.name, j.profile_name) for j in jobs] == [("vae_encoder_fp16", "default")]
+
+
+def test_a_runner_checks_the_feed_before_activating_and_activates_once() -> None:
+    """``Runner.infer`` names missing and unknown inputs before any work (a graph backend would otherwise fail
+    inside onnxruntime/TensorRT with its own message, or silently ignore an extra input), activates an inactive
+    runner at its first call, and only then. (Mutation audit.)"""
+    from megactor_rt.runner import Runner
+
+    class Echo(Runner):
+        activations = 0
+
+        def activate_impl(self) -> None:
+            self.activations += 1
+
+        def infer_impl(self, feed):  # noqa: ANN001, ANN202
+            return {"y": feed["x"] + 1}
+
+    runner = Echo("g", ["x"], ["y"])
+    with pytest.raises(InputError, match=r"runner 'g': missing inputs \[\], unexpected inputs \['z'\]"):
+        runner.infer({"x": torch.zeros(1), "z": torch.zeros(1)})
+    with pytest.raises(InputError, match=r"missing inputs \['x'\], unexpected inputs \[\]"):
+        runner.infer({})
+    assert not runner.is_active and runner.calls == 0
+    assert runner.infer({"x": torch.ones(1)})["y"].item() == 2 and runner.is_active
+    runner.infer({"x": torch.ones(1)})
+    assert runner.activations == 1 and runner.calls == 2
+
+
+def test_nearest_folder_is_the_path_itself_where_it_exists(tmp_path: Path) -> None:
+    """Where writing a path starts: the path itself when it exists (an existing output folder is what must be
+    writable, not its parent), else its nearest existing ancestor. (Mutation audit.)"""
+    from megactor_rt.files import nearest_folder
+
+    (tmp_path / "out").mkdir()
+    assert nearest_folder(tmp_path / "out") == tmp_path / "out"
+    assert nearest_folder(tmp_path / "out" / "a" / "b.mp4") == tmp_path / "out"
+
+
+def test_an_unavailable_backend_is_refused_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``require_backend`` raises BackendUnavailable with the backend's own reason when its check fails, and
+    names the known backends for an unknown name (``exported_submodels`` relies on it to refuse before any
+    export). (Mutation audit.)"""
+    from megactor_rt.runtime import backends
+
+    backends.backend_names()  # the built-in ones registered
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    backends.register_backend("nothing", lambda: (False, "its library is missing"), "a stand-in")
+    with pytest.raises(BackendUnavailable, match="backend 'nothing' is unavailable: its library is missing"):
+        backends.require_backend("nothing")
+    with pytest.raises(BackendUnavailable, match=r"unknown backend 'nope'; known: \['nothing', 'onnxruntime'"):
+        backends.require_backend("nope")
+    assert backends.require_backend("torch").name == "torch"
+
+
+def test_tensorrt_without_a_visible_cuda_device_is_unavailable(fake_trt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed TensorRT is available only with a CUDA device (its plans run nowhere else): doctor and
+    require_backend say which of the two is missing. (Mutation audit.)"""
+    from megactor_rt.runtime.backends import _trt_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _trt_check() == (False, f"tensorrt {fake_trt.__version__} is installed but no CUDA device is visible")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _trt_check() == (True, f"tensorrt {fake_trt.__version__}")

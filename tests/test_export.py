@@ -875,3 +875,31 @@ def test_the_profiles_take_the_short_calls_of_a_run() -> None:
     for name in ("temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse"):
         lo, opt, hi = specs[name].profiles()["default"]["latents"]
         assert (lo[2], opt[2], hi[2]) == (1, 8, 8), name
+
+
+def test_a_fixed_size_onnx_graph_takes_only_its_exported_window_length() -> None:
+    """An ONNX UNet graph with fixed sizes (exported before the dynamic windows and frames dims) takes windows of
+    its exported length only: ``max_size`` answers 0 for calls of another length and ``check_window`` names
+    it before denoising; a dynamic axis takes any size, and a window no fixed plan takes still runs one
+    window per call. (Mutation audit.)"""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    def runner(shape: list) -> OrtRunner:
+        latents = SimpleNamespace(shape=shape, dtype="float32")
+        return OrtRunner(SimpleNamespace(name="temporal_unet", inputs={"latents": latents}, outputs={"eps": None}))
+
+    fixed, dynamic = runner([1, 9, 4, 16, 16]), runner(["windows", 9, "frames", 16, 16])
+    assert fixed.max_size("latents", 0) == 1 and fixed.max_size("latents", 0, {2: 4}) == 1
+    assert fixed.max_size("latents", 0, {2: 8}) == 0
+    assert dynamic.max_size("latents", 0) is None and dynamic.max_size("latents", 0, {2: 8}) is None
+
+    def sub(r: OrtRunner) -> GraphSubmodels:
+        return GraphSubmodels("onnxruntime", tiny_config(), "w", {"temporal_unet": r}, torch.device("cpu"),
+                              torch.float32)
+
+    sub(dynamic).check_window(8)
+    sub(fixed).check_window(4)
+    with pytest.raises(InputError, match="no plan of temporal_unet takes windows of 8 frames"):
+        sub(fixed).check_window(8)
+    assert sub(fixed).window_batch_limit(8) == 1 and sub(dynamic).window_batch_limit(8) is None

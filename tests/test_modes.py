@@ -667,3 +667,31 @@ def test_python_api_settings_out_of_range_are_refused(field: str, value: float, 
     with pytest.raises(ValueError, match=says):
         AnimateConfig(**{field: value})
     AnimateConfig(**{field: {"max_frames": 1, "guidance": 1.0, "reference_timestep": 0}[field]})  # the edge is fine
+
+
+def test_which_runs_keep_deep_features_stream_or_batch_windows():
+    """feature_reuse None or 1 keeps no deep features (each costs about 10 MB per frame at 512 px, for nothing:
+    no step reuses them), 2 and more do; window batches apply to the optimized mode's step-by-step loop only
+    (the reference mode keeps upstream's one window per call, open windows stream one at a time), and only
+    the optimized mode streams. (Mutation audit.)"""
+    from megactor_rt.config import AnimateConfig
+
+    assert not AnimateConfig().reuses_features and not AnimateConfig(feature_reuse=1).reuses_features
+    assert AnimateConfig(feature_reuse=2).reuses_features
+    assert AnimateConfig().batches_windows and not AnimateConfig(mode="reference").batches_windows
+    assert not AnimateConfig(closed_loop=False).batches_windows and AnimateConfig(closed_loop=False).streams_frames
+    assert not AnimateConfig(mode="reference", closed_loop=False).streams_frames
+
+
+def test_a_conditional_only_call_reuses_the_conditional_half():
+    """A kept deep feature is [uncond of each window | cond of each window]: a conditional-only reusing call
+    (CFG truncation with feature reuse) takes the last ``windows`` rows, a CFG call needs both halves and gets
+    nothing from a conditional-only feature. The reference and optimized modes share this rule, so their
+    equality cannot catch a wrong half. (Mutation audit.)"""
+    from megactor_rt.runtime.predictor import reusable
+
+    deep = torch.arange(4.0).view(4, 1, 1, 1, 1)  # 2 windows: [u0, u1 | c0, c1]
+    assert reusable(deep, cfg=False, windows=2).flatten().tolist() == [2.0, 3.0]
+    assert reusable(deep[:2], cfg=False, windows=1).flatten().tolist() == [1.0]
+    assert reusable(deep, cfg=True, windows=2) is deep
+    assert reusable(deep[2:], cfg=True, windows=2) is None and reusable(None, cfg=False) is None

@@ -504,3 +504,23 @@ def test_prefetch_runs_at_most_depth_items_ahead() -> None:
     time.sleep(0.3)
     assert made[0] <= 3 + 2  # the one taken, three buffered, one waiting to be put
     assert list(items) == list(range(1, 50))
+
+
+def test_cuda_graph_modes_are_known_without_torchs_mode_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch's table of compile modes cannot be read (another torch's internals), ``reduce-overhead`` and
+    ``max-autotune`` still count as replaying CUDA graphs (so a kept deep feature is cloned out of the graph's
+    memory before the next replay overwrites it); ``default`` and plain True/False do not. (Mutation audit.)"""
+    import torch._inductor
+
+    from megactor_rt.runtime import submodels
+
+    def unreadable(*args: object) -> dict:
+        raise RuntimeError("no mode table in this torch")
+
+    monkeypatch.setattr(torch._inductor, "list_mode_options", unreadable)
+    submodels.replays_cuda_graphs.cache_clear()
+    try:
+        modes = ("reduce-overhead", "max-autotune", "default", True, False)
+        assert [submodels.replays_cuda_graphs(m) for m in modes] == [True, True, False, False, False]
+    finally:
+        submodels.replays_cuda_graphs.cache_clear()

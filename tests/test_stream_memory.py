@@ -237,3 +237,15 @@ def test_frame_noise_refuses_frames_past_the_end() -> None:
     with pytest.raises(ValueError, match="in order"):
         noise.take(0, 6)
     assert noise.take(0, 5).shape[2] == 5
+
+
+def test_frame_noise_drawn_whole_is_dropped_after_the_last_frame() -> None:
+    """Where the noise is drawn whole (a frame size not a multiple of 16), the whole tensor is let go once its
+    last frame is handed out, not held (with every frame's noise) until the run ends. (Mutation audit.)"""
+    noise = FrameNoise(5, 6, 4, 3, 5)  # 15 elements per frame: drawn whole
+    assert not noise.chunked
+    first = noise.take(0, 4)
+    assert noise._whole is not None  # frames 4..5 still to come
+    last = noise.take(4, 6)
+    assert noise._whole is None
+    assert torch.equal(torch.cat([first, last], dim=2), initial_noise(5, (1, 4, 6, 3, 5)))

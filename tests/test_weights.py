@@ -513,3 +513,34 @@ def test_a_weights_folder_named_full_is_that_folder_not_the_random_model(pack, t
     dst = convert_release(write_release(pack, tmp_path / "weights"), Path("full"))
     assert model_config_of("full").unet == pack.model_config().unet != full_config().unet
     assert load_models_for_export("full").weights_id == json.loads((dst / "config.json").read_text())["weights_id"]
+
+
+def test_a_file_given_as_a_weights_folder_is_named_as_a_file(tmp_path):
+    """--weights and convert-weights' source naming a file say it is a file, not that it does not exist (the
+    user sees the file: 'does not exist' sends them looking in the wrong place). (Mutation audit.)"""
+    from megactor_rt.weights_layout import check_converted_folder, check_release_folder
+
+    file = tmp_path / "unet.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(WeightsError, match="--weights names the converted weights folder, and this is a file"):
+        check_converted_folder(file)
+    with pytest.raises(WeightsError, match="unet.safetensors is a file, not a folder"):
+        check_release_folder(file)
+    with pytest.raises(WeightsError, match="nope does not exist"):
+        check_release_folder(tmp_path / "nope")
+    assert check_release_folder(tmp_path) == tmp_path
+
+
+def test_unet_configs_with_3d_block_names_and_per_block_heads_are_read() -> None:
+    """AnimateDiff-style UNet configs name the SD1.5 blocks ``...3D``: the same layout, read (was only tested
+    with 2D names); a list of equal per-block head counts is one count; another layout, or unequal heads,
+    are named. (Mutation audit.)"""
+    from megactor_rt.config import UNetConfig
+
+    down3d = ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"]
+    cfg = UNetConfig.from_diffusers({"down_block_types": down3d, "attention_head_dim": [5, 5, 5, 5]})
+    assert cfg.attention_heads == 5 and cfg.in_channels == 4
+    with pytest.raises(ValueError, match="only the SD1.5 block layout is supported"):
+        UNetConfig.from_diffusers({"down_block_types": ["DownBlock2D"] * 4})
+    with pytest.raises(ValueError, match="per-block attention_head_dim is not supported"):
+        UNetConfig.from_diffusers({"attention_head_dim": [5, 10, 20, 20]})
