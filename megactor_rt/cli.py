@@ -316,21 +316,24 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask)
 
 
+def _flags_apply(flags: list[str]) -> tuple[str, str]:
+    """``flags`` joined with "and", and the verb that agrees with them."""
+    return " and ".join(flags), "apply" if len(flags) > 1 else "applies"
+
+
 def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> None:
     """Options that change nothing with the others given: say so (once, before any work)."""
     if not args.contour:
         given = [flag for flag, set_ in (("--landmarks-model", args.landmarks_model is not None),
                                          ("--contour-affine-frame", args.contour_affine_frame != "last")) if set_]
         if given:
-            logger.warning("%s only appl%s with --contour-preserve, which is not given: ignored", " and ".join(given),
-                           "y" if len(given) > 1 else "ies")
+            logger.warning("%s only %s with --contour-preserve, which is not given: ignored", *_flags_apply(given))
     backend = getattr(args, "backend", "torch")
     if backend != "tensorrt":
         given = [flag for flag, set_ in (("--torch-fallback", getattr(args, "torch_fallback", None) is not None),
                                          ("--fallback", getattr(args, "fallback", "torch") != "torch")) if set_]
         if given:
-            logger.warning("%s only appl%s to --backend tensorrt, not %s: ignored", " and ".join(given),
-                           "y" if len(given) > 1 else "ies", backend)
+            logger.warning("%s only %s to --backend tensorrt, not %s: ignored", *_flags_apply(given), backend)
     if config.cfg_steps is not None and config.cfg_steps >= config.steps:
         logger.warning("--cfg-steps %d with --steps %d: guidance in every step, as without --cfg-steps",
                        config.cfg_steps, config.steps)
