@@ -118,7 +118,7 @@ def memory_errors(what: str, device: torch.device) -> Iterator[None]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "allocation failed"
         raise ResourceError(f"out of GPU memory while {what} on {device} ({first}); {MEMORY_HINT}") from exc
     except MemoryError as exc:
-        raise ResourceError(f"out of host memory while {what} ({exc or 'allocation failed'}); {MEMORY_HINT}") from exc
+        raise ResourceError(f"out of host memory while {what} ({str(exc).strip() or 'allocation failed'}); {MEMORY_HINT}") from exc
 
 
 class Animator:

@@ -1229,3 +1229,251 @@ def test_the_portraits_vae_sample_follows_the_seed(anim: Animator) -> None:
     a, b, c = (prepare_portrait(anim.sub, inputs, seed) for seed in (1, 2, 1))
     assert torch.equal(a.cond, c.cond) and not torch.equal(a.cond[:, :4], b.cond[:, :4])
     assert torch.equal(a.cond[:, 4:], b.cond[:, 4:]) and torch.equal(a.ref_latent, b.ref_latent)
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit (animator, driver, cache)
+
+
+def test_a_cuda_device_this_machine_lacks_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cuda:N`` must be below the GPU count (``cuda:2`` on a 2-GPU machine is the third GPU, which it lacks);
+    no GPU at all, or a name that is no device, are named too. (Mutation audit.)"""
+    from megactor_rt.runtime.animator import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda", 1) and check_device("cuda") == torch.device("cuda")
+    with pytest.raises(InputError, match=r"device cuda:2: there are 2 CUDA GPUs"):
+        check_device("cuda:2")
+    with pytest.raises(InputError, match="is not a torch device name"):
+        check_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="sees no CUDA GPU; use --device cpu"):
+        check_device("cuda:0")
+
+
+def test_the_cache_keeps_to_its_budget_when_a_run_grows_its_state(anim: Animator, media: dict[str, Path]) -> None:
+    """A run adds ReferenceNet banks to its portrait state after the state was put in the cache: at the end of the
+    run the cache is trimmed to its budget again, least recently used state first. (Mutation audit.)"""
+    cache = PortraitCache()
+    runner = Animator(anim.sub, CFG, cache)
+    state = runner.prepare(PORTRAIT)
+    assert not state.banks
+    cache._mem.clear()
+    cache.max_bytes = 2 * state.nbytes() + 1024  # room for two states without banks
+    cache.put(replace(state, key="other", banks={}))
+    cache.put(state)  # the run's state is the most recently used
+    assert len(cache) == 2
+    list(runner.animate(state, media["short"]))
+    assert state.banks and len(cache) == 1 and cache.get(state.key) is state and cache.get("other") is None
+
+
+def test_the_driver_pass_and_the_pose_guider_are_timed_inside_denoising(optimized_run: Run) -> None:
+    """The optimized mode runs the driver's second pass and the PoseGuider as the windows need their frames:
+    their time is a stage of its own, a part of ``denoise``. (Mutation audit.)"""
+    stages = optimized_run.stats.stage_seconds
+    assert 0 < stages["driver+pose_guider"] <= stages["denoise"]
+
+
+@pytest.mark.parametrize("closed_loop", [True, False])
+def test_feature_reuse_sizes_its_kept_features_by_the_windows_it_holds(anim: Animator, media: dict[str, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       closed_loop: bool) -> None:
+    """Whether kept deep features go to host memory is decided on what the run holds at once: a feature per
+    window for wrapping windows, per window in flight when frames stream (fewer on a long driver: sizing
+    those by every window would move them off the GPU for nothing). (Mutation audit.)"""
+    from megactor_rt.models.scheduler import context_windows
+    from megactor_rt.runtime import animator as animator_module
+    from megactor_rt.runtime.denoise import windows_in_flight
+    from megactor_rt.runtime.predictor import kept_feature_bytes
+
+    class Sized(Exception):
+        pass
+
+    def offload(device: torch.device, nbytes: int) -> bool:
+        raise Sized(nbytes)  # the decision is made before any denoising: the run can stop here
+
+    monkeypatch.setattr(animator_module, "feature_offload", offload)
+    cfg = replace(CFG, closed_loop=closed_loop, feature_reuse=2)
+    with pytest.raises(Sized) as sized:
+        next(anim.animate(anim.prepare(PORTRAIT), media["long"], config=cfg))
+    windows = context_windows(12, cfg.window, cfg.overlap, closed_loop)
+    held = len(windows) if closed_loop else windows_in_flight(windows, 12, cfg.steps)
+    assert closed_loop or held < len(windows)
+    sub = anim.sub
+    assert sized.value.args[0] == kept_feature_bytes(held, cfg.window, True, sub.config.unet.block_out_channels[0],
+                                                     anim.latent_size, sub.dtype.itemsize)
+
+
+def test_open_windows_decode_the_last_frames_that_fill_no_decode_batch(anim: Animator,
+                                                                     media: dict[str, Path]) -> None:
+    """Streamed frames are decoded DECODE_BATCH at a time; the frames left at the end (6 = 4 + 2 here) are decoded
+    too, and are the reference mode's. (Mutation audit.)"""
+    cfg = replace(CFG, closed_loop=False)
+    state = anim.prepare(PORTRAIT)
+    streamed = list(anim.animate(state, media["audio"], config=cfg))
+    assert len(streamed) == anim.last_stats.frames == 6
+    ref = list(anim.animate(state, media["audio"], config=replace(cfg, mode=Mode.REFERENCE)))
+    assert max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(ref, streamed, strict=True)) <= 1
+
+
+def test_the_result_takes_the_audio_from_the_first_frame_used(anim: Animator, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """animate_to_file opens its writer at the result's rate with the driver's audio from the first source frame
+    used (``start`` counted in source frames, also when ``fps`` resamples) and the driver's video start on the
+    audio's clock. (Mutation audit.)"""
+    from megactor_rt.runtime import animator as animator_module
+    from megactor_rt.runtime.driver import driver_info
+
+    fast = write_face_driver(tmp_path / "fast.mp4", n=8, fps=50, audio=True)
+    shifted = replace(driver_info(fast), start_s=Fraction(1, 3))  # its video 1/3 s into its audio's clock
+    monkeypatch.setattr(animator_module, "driver_info", lambda driver: shifted)
+
+    class Opened(Exception):
+        pass
+
+    def writer(path: Path, fps: Fraction, width: int, height: int, **kwargs: object) -> None:
+        raise Opened(fps, kwargs)
+
+    monkeypatch.setattr(animator_module, "VideoWriter", writer)
+    with pytest.raises(Opened) as opened:
+        anim.with_config(fps=25, start=0.1).animate_to_file(PORTRAIT, fast, tmp_path / "out.mp4")
+    fps, kwargs = opened.value.args
+    assert fps == 25 and kwargs["audio_source"] == fast
+    assert kwargs["audio_offset"] == Fraction(5, 50)  # source frame 5 at 50 fps
+    assert kwargs["video_start"] == Fraction(1, 3)
+    assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("precision, slow", [("bf16", True), ("fp16", True), ("fp32", False)])
+def test_half_precisions_on_the_cpu_are_named_slow(caplog: pytest.LogCaptureFixture, precision: str,
+                                                   slow: bool) -> None:
+    """bf16 runs on the CPU as slowly as fp16 (few half-precision CPU kernels): both are named. (Mutation audit.)"""
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.animator"):
+        Animator.demo(device="cpu", precision=precision)
+    assert (f"{precision} on the CPU is several times slower than fp32" in caplog.text) is slow
+
+
+def test_running_out_of_host_memory_is_a_clear_error(anim: Animator, media: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (host memory) while preparing or animating is a ResourceError that says so and names what
+    lowers the need, as running out of GPU memory is. (Mutation audit.)"""
+    runner = fresh(anim)
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(runner.sub, "vae_encode", no_memory)
+    with pytest.raises(ResourceError, match=r"^out of host memory while preparing the portrait \(allocation "
+                                            r"failed\); lower the memory needed") as info:
+        runner.prepare(PORTRAIT)
+    assert isinstance(info.value.__cause__, MemoryError)
+    monkeypatch.undo()
+    state = runner.prepare(PORTRAIT)
+    monkeypatch.setattr(runner.sub, "unet", no_memory)
+    with pytest.raises(ResourceError, match=r"^out of host memory while animating .*--window 8 --overlap 4"):
+        list(runner.animate(state, media["short"]))
+
+
+def test_the_demo_work_dir_follows_xdg_cache_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Animator.demo's graphs and plans go to $XDG_CACHE_HOME/megactor-rt/demo, else ~/.cache/megactor-rt/demo
+    (an empty XDG_CACHE_HOME counts as unset). (Mutation audit.)"""
+    from megactor_rt.runtime.animator import demo_work_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo_work_dir() == tmp_path / "xdg" / "megactor-rt" / "demo"
+    for unset in (lambda: monkeypatch.delenv("XDG_CACHE_HOME"), lambda: monkeypatch.setenv("XDG_CACHE_HOME", "")):
+        unset()
+        assert demo_work_dir() == tmp_path / "home" / ".cache" / "megactor-rt" / "demo"
+
+
+def test_with_config_copies_share_the_networks_and_the_portrait_cache(anim: Animator) -> None:
+    """A with_config copy changes only the settings: the networks and the portrait cache are shared (a portrait
+    prepared by one is a cache hit for the other). (Mutation audit.)"""
+    copy = anim.with_config(steps=3)
+    assert copy.sub is anim.sub and copy.cache is anim.cache
+    assert copy.config == replace(anim.config, steps=3) and anim.config.steps == CFG.steps
+    assert copy.prepare(PORTRAIT) is anim.prepare(PORTRAIT)
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+
+
+def test_in_memory_frames_at_the_smallest_side_are_taken_and_later_frames_checked() -> None:
+    """Frames of exactly MIN_IMAGE_SIDE px are taken (one less is not), and every later frame must have the first
+    one's shape and dtype (a later uint16 frame is named, not cast). (Mutation audit.)"""
+    from megactor_rt.media import MIN_IMAGE_SIDE
+    from megactor_rt.runtime.driver import DriverFrames
+
+    frame = np.zeros((MIN_IMAGE_SIDE, MIN_IMAGE_SIDE + 8, 3), np.uint8)
+    assert DriverFrames([frame], fps=25).info().height == MIN_IMAGE_SIDE
+    with pytest.raises(InputError, match="each side must be at least"):
+        DriverFrames([frame[1:]], fps=25)
+    clip = DriverFrames([frame, frame.astype(np.uint16)], fps=25, name="clip")
+    with pytest.raises(InputError, match=r"clip: frame 1 is \(64, 72, 3\) uint16; every frame must be \(64, 72, 3\) "
+                                         r"uint8"):
+        list(clip.iter_frames())
+
+
+def test_an_in_memory_driver_starts_later_resamples_and_knows_its_end() -> None:
+    """``start`` and ``fps`` select the same frames of frames in memory as of a file: from the first frame at or
+    after ``start``, then every other one at half the rate; a start at the end is named with the clip's length.
+    (Mutation audit.)"""
+    from megactor_rt.runtime.driver import DriverFrames, plan_driver
+
+    clip = DriverFrames([np.full((64, 64, 3), i, np.uint8) for i in range(10)], fps=25, name="clip")
+    assert clip.info().num_frames == 10 and clip.info().duration_s == pytest.approx(0.4)
+    for fps, want in ((None, [5, 6, 7, 8, 9]), (12.5, [5, 7, 9])):
+        plan = plan_driver(clip, face_crop=False, start=0.2, fps=fps)
+        assert plan.num_frames == len(want) and [int(f[0, 0, 0]) for f in plan.frames()] == want
+    with pytest.raises(InputError, match=r"clip: no frame starts at or after 0\.4 s \(the first would be frame 10; "
+                                         r"the driver has 10 frames \(0\.40 s\)\)"):
+        plan_driver(clip, face_crop=False, start=0.4)
+
+
+def test_a_start_within_the_header_duration_is_not_past_the_end(media: dict[str, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header counting fewer frames than its duration holds on the frame grid (a last frame shown long) does not
+    refuse a start inside that duration. (Mutation audit.)"""
+    from megactor_rt.runtime import driver as driver_mod
+
+    info = driver_mod.driver_info(media["long"])
+    assert info.num_frames == 12 and float(info.duration_s) == pytest.approx(0.48)
+    monkeypatch.setattr(driver_mod, "driver_info", lambda driver: replace(info, num_frames=8))
+    assert driver_mod.plan_driver(media["long"], face_crop=False, start=0.4).num_frames == 2
+
+
+# ---------------------------------------------------------------------------------------------- portrait cache
+
+
+def test_putting_a_state_again_makes_it_the_most_recently_used(anim: Animator) -> None:
+    """A state put again under its key (computed again by another thread) counts as just used. (Mutation audit.)"""
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(max_bytes=int(2.5 * base.nbytes()))
+    for key in ("a", "b", "a", "c"):
+        cache.put(replace(base, key=key))
+    assert [k in cache._mem for k in "abc"] == [True, False, True]
+
+
+def test_a_state_whose_file_the_store_budget_removed_is_written_again(anim: Animator, tmp_path: Path) -> None:
+    """When the disk budget removes a state's file, the cache forgets that it stored it: the next persist of that
+    state writes it again (was untested: a stale record made persist skip it). (Mutation audit.)"""
+    base = anim.prepare(PORTRAIT)
+    probe = PortraitCache(disk_dir=tmp_path / "probe")
+    probe.save(replace(base, key="a"))
+    size = probe._path("a").stat().st_size
+    cache = PortraitCache(disk_dir=tmp_path / "portraits", max_disk_bytes=size + size // 2)  # room for one file
+    assert cache.persist(replace(base, key="a")) and cache.persist(replace(base, key="b"))
+    assert not cache._path("a").exists()
+    assert cache.persist(replace(base, key="a")) and cache._path("a").is_file()
+
+
+def test_store_files_get_the_mode_of_a_plain_write(anim: Animator, tmp_path: Path) -> None:
+    """A store shared by several users: its files get the umask's mode, not safetensors' 0600. (Mutation audit.)"""
+    from megactor_rt.files import umask_mode
+
+    if umask_mode() == 0o600:
+        pytest.skip("this process's umask gives 0600 files anyway")
+    cache = PortraitCache(disk_dir=tmp_path / "portraits")
+    cache.save(replace(anim.prepare(PORTRAIT), key="mode"))
+    assert cache._path("mode").stat().st_mode & 0o777 == umask_mode()

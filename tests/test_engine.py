@@ -1108,3 +1108,196 @@ def test_tensorrt_without_a_visible_cuda_device_is_unavailable(fake_trt, monkeyp
     assert _trt_check() == (False, f"tensorrt {fake_trt.__version__} is installed but no CUDA device is visible")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _trt_check() == (True, f"tensorrt {fake_trt.__version__}")
+
+
+# ---------------------------------------------------------------------------------------------- engine package (mutation audit, second round)
+
+
+def _write_static_onnx(path: Path) -> str:
+    """A graph whose input has fixed sizes (no dynamic dim: no shape profile needed)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT16, [8, 4], [0.5] * 32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "static", [x], [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_optimization_level_tensorrt_has_is_accepted() -> None:
+    """TensorRT's builder optimization levels are 0..5, both ends included (0: fastest build)."""
+    assert [BuildOptions(optimization_level=n).optimization_level for n in (0, 5)] == [0, 5]
+    for bad in (-1, 6, 2.0):
+        with pytest.raises(InputError, match="0..5"):
+            BuildOptions(optimization_level=bad)  # type: ignore[arg-type]
+
+
+def test_a_static_graph_gets_the_static_profile_and_a_dynamic_one_needs_a_profile() -> None:
+    """A graph without dynamic inputs and without profiles is built once, as profile 'static' (asked for by that
+    name, or by no name); one with any dynamic input and no profile is refused, even beside static inputs."""
+    from megactor_rt.engine.builder import graph_profiles
+
+    static = _graph({"x": (2, 8), "t": (1,)}, {})
+    assert graph_profiles(static) == {"static": {}} and graph_profiles(static, "static") == {"static": {}}
+    with pytest.raises(InputError, match="static and has no profile 'default'"):
+        graph_profiles(static, "default")
+    with pytest.raises(InputError, match="has dynamic inputs but no shape profile"):
+        graph_profiles(_graph({"x": ("b", 8), "t": (1,)}, {}))
+
+
+def test_a_static_graph_builds_without_an_optimization_profile(fake_trt, tmp_path: Path) -> None:
+    """build-engines --profile static on an export whose graph takes fixed sizes: one plan, built with no
+    optimization profile (TensorRT refuses an empty one), and with --no-timing-cache no timing cache is
+    written."""
+    d = tmp_path / "onnx"
+    d.mkdir()
+    sha = _write_static_onnx(d / "pose_guider_film.fp16.onnx")
+    entry = {"file": "pose_guider_film.fp16.onnx", "submodel": "pose_guider_film", "precision": "fp16", "sha256": sha,
+             "inputs": {"x": {"dtype": "float16", "shape": [2, 8]}},
+             "outputs": {"y": {"dtype": "float16", "shape": [2, 4]}}}
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"film": entry}}))
+    engines = tmp_path / "engines"
+    results = build_engines(d, engines, "fp16", "static", timing_cache=False)
+    assert [(r.graph, r.profile_name, r.status) for r in results] == [("film", "static", "built")]
+    plan = json.loads((results[0].directory / PLAN_NAME).read_bytes())
+    assert plan["profiles"] == [] and plan["inputs"] == ["x"]
+    assert not (engines / "timing_cache").exists()
+    assert read_sidecar(results[0].directory).inputs == {"x": {"dtype": "float16", "shape": [2, 8]}}
+
+
+def test_a_build_result_says_why_the_plan_was_built(onnx_dir: Path, tmp_path: Path) -> None:
+    """build-engines prints each result: a plan built because none was valid says so, a forced rebuild says
+    'forced', a reused one says when it was built."""
+    engines = tmp_path / "engines"
+    first, _ = _built(onnx_dir, engines, profile="default")
+    again, _ = _built(onnx_dir, engines, profile="default")
+    forced, _ = _built(onnx_dir, engines, profile="default", force=True)
+    assert [r.reason for r in first] == ["no valid plan"] and [r.reason for r in forced] == ["forced"]
+    assert again[0].reason.startswith("valid plan built ")
+
+
+def test_a_plan_folder_without_its_sidecar_is_named_when_selecting(onnx_dir: Path, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A plan whose sidecar is missing (a build killed between the two writes, a plan copied without it) is a
+    plan that cannot be used: the fallback's reason names it, as a warning (not 'no plan, build one')."""
+    plan = tmp_path / "engines" / "vae_decoder_fp16" / "somekey" / PLAN_NAME
+    plan.parent.mkdir(parents=True)
+    plan.write_bytes(b"a plan")
+    with caplog.at_level(logging.INFO, logger="megactor_rt.engine.select"):
+        got = select_backends(["vae_decoder"], tmp_path / "engines", device=H100, tensorrt_status=_trt_ok)
+    assert got["vae_decoder"].backend == "onnxruntime"
+    assert got["vae_decoder"].reason.startswith("no usable TensorRT plan: ") and "missing engine sidecar" in \
+        got["vae_decoder"].reason
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_the_graph_hash_covers_its_external_data(tmp_path: Path) -> None:
+    """A graph over 2 GB keeps its weights in ``<file>.data``: a re-export that changed only those weights gets
+    another sha256 (so another engine key, and build-engines refuses a mismatched pair)."""
+    from megactor_rt.engine.cache import external_data_path, sha256_graph
+
+    path = tmp_path / "g.onnx"
+    _write_onnx(path)
+    alone = sha256_graph(path)
+    assert alone == hashlib.sha256(path.read_bytes()).hexdigest()
+    external_data_path(path).write_bytes(b"weights v1")
+    v1 = sha256_graph(path)
+    external_data_path(path).write_bytes(b"weights v2")
+    assert len({alone, v1, sha256_graph(path)}) == 3
+
+
+def test_one_plan_per_profile_is_offered(onnx_dir: Path, tmp_path: Path) -> None:
+    """Plans of two exports of one graph (selection without the manifest: both valid for this machine) with the
+    same profile: the choice offers one of them, not both (one plan per profile)."""
+    engines = tmp_path / "engines"
+    first = _built(onnx_dir, engines, profile="default")[0][0].directory
+    d2 = tmp_path / "onnx2"
+    d2.mkdir()
+    model = onnx.load(str(onnx_dir / "vae_decoder.fp16.onnx"))
+    model.doc_string = "another export"
+    onnx.save(model, str(d2 / "vae_decoder.fp16.onnx"))
+    sha = hashlib.sha256((d2 / "vae_decoder.fp16.onnx").read_bytes()).hexdigest()
+    (d2 / "manifest.json").write_text(json.dumps(
+        {"format": 1, "graphs": {"vae_decoder_fp16": _graph_json("vae_decoder.fp16.onnx", sha)}}))
+    second = _built(d2, engines, profile="default")[0][0].directory
+    assert second != first and second.parent == first.parent  # two valid plans of profile 'default'
+    choice = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok)["vae_decoder"]
+    assert choice.backend == "tensorrt" and len(choice.plan_dirs) == 1 and choice.reason.startswith("valid plan ")
+
+
+def test_a_plan_for_the_old_profile_shapes_is_not_selected(onnx_dir: Path, tmp_path: Path) -> None:
+    """A re-export that changed only a profile's shapes (same graph file, same sha256): the plan built for the
+    old shapes is not selected for the new manifest (it would refuse the calls the new profile allows)."""
+    engines = tmp_path / "engines"
+    _built(onnx_dir, engines, profile="default")
+    m = load_manifest(onnx_dir)
+    g = m.graphs["vae_decoder_fp16"]
+    wider = replace(m, graphs={g.name: replace(g, profiles={"default": {"x": ProfileShapes((1, 8), (2, 8), (8, 8))}})})
+    assert select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok,
+                           manifest=m)["vae_decoder"].backend == "tensorrt"
+    got = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, manifest=wider)
+    assert got["vae_decoder"].backend == "onnxruntime" and "profile_shapes" in got["vae_decoder"].reason
+
+
+def test_the_runner_casts_floats_and_checks_ranks(onnx_dir: Path, tmp_path: Path) -> None:
+    """A float32 tensor for a float16 input is cast (only a float/integer mix is refused); a shape of another
+    rank is outside the profile; 0 contexts or graphs are refused."""
+    plan_dir = _built(onnx_dir, tmp_path / "engines", profile="default")[0][0].directory
+    runner = TensorRTRunner(plan_dir, device=H100)
+    runner._device = torch.device("cpu")  # where the prepared input goes (a GPU in a real run)
+    x = runner._prepare_input("x", torch.ones(2, 8))
+    assert x.dtype == torch.float16 and torch.equal(x, torch.ones(2, 8, dtype=torch.float16))
+    assert runner.covers({"x": (2, 8)})
+    assert not runner.covers({"x": (2,)}) and not runner.covers({"x": (2, 8, 1)})
+    with pytest.raises(InputError, match=r"shape \[2, 8, 1\]"):
+        runner._check_shape("x", (2, 8, 1))
+    for bad in ({"max_contexts": 0}, {"max_graphs": 0}):
+        with pytest.raises(InputError, match="max_contexts and max_graphs must be >= 1"):
+            TensorRTRunner(plan_dir, device=H100, **bad)
+
+
+def test_an_engine_whose_io_differs_from_its_sidecar_is_refused(onnx_dir: Path, tmp_path: Path) -> None:
+    """An engine whose tensors are of other types than its sidecar says (a plan replaced under its sidecar) is
+    refused when loaded, before outputs of the wrong type are allocated."""
+    import enum
+    from types import SimpleNamespace
+
+    class Mode(enum.Enum):
+        INPUT, OUTPUT = 0, 1
+
+    class Location(enum.Enum):
+        DEVICE, HOST = 0, 1
+
+    runner = TensorRTRunner(_built(onnx_dir, tmp_path / "engines")[0][0].directory, device=H100)
+    trt = SimpleNamespace(TensorIOMode=Mode, TensorLocation=Location)
+    io = {"x": Mode.INPUT, "y": Mode.OUTPUT}
+
+    def engine(dtypes: dict[str, str]) -> SimpleNamespace:
+        return SimpleNamespace(num_io_tensors=2, get_tensor_name=lambda i: list(io)[i], get_tensor_mode=io.get,
+                               get_tensor_dtype=lambda n: SimpleNamespace(name=dtypes[n]),
+                               get_tensor_location=lambda n: Location.DEVICE)
+
+    runner._engine = engine({"x": "HALF", "y": "HALF"})
+    runner._check_io(trt)
+    runner._engine = engine({"x": "HALF", "y": "FLOAT"})
+    with pytest.raises(EngineMismatch, match="engine I/O .* differs from its sidecar"):
+        runner._check_io(trt)
+
+
+def test_a_context_waits_for_its_last_call_only_from_another_stream() -> None:
+    """A context (or graph) last used on another stream makes the new stream wait on the device for that call
+    (its activation memory is reused); on its own stream the order is already kept, and before any call there
+    is nothing to wait for."""
+    from types import SimpleNamespace
+
+    from megactor_rt.engine.runner import _ContextState
+
+    waits: list[object] = []
+    same, other = (SimpleNamespace(cuda_stream=h, wait_event=waits.append) for h in (7, 8))
+    state = _ContextState(context=None)
+    state.follow(other)
+    assert waits == []
+    state.done, state.done_stream = "last call", 7
+    state.follow(same)
+    assert waits == []
+    state.follow(other)
+    assert waits == ["last call"]

@@ -184,3 +184,18 @@ def test_end_to_end(pack, models, mode):
     lat = final[0].permute(1, 0, 2, 3) / models.config.vae.scaling_factor  # (N, 4, h, w)
     video = (sub.vae_decode(lat) / 2 + 0.5).clamp(0, 1)
     pack.check("e2e_video", video.permute(1, 0, 2, 3)[None])
+
+
+def test_the_animators_decode_gives_upstreams_video(pack):
+    """The Animator's decode step (unscale the final latents, VAE decoder, truncation to uint8) turns the pack's
+    final latents into upstream's video, within the truncation's one level (was untested end to end: the
+    end-to-end test decodes by itself). (Mutation audit.)"""
+    from megactor_rt.runtime.animator import Animator
+
+    torch.manual_seed(0)
+    anim = Animator(TorchSubmodels(pack.models()))
+    final = pack.vectors["e2e_final_latents"]  # (1, 4, N, h, w), scaled as the UNet sees them
+    frames = anim._decode_batch(final[0].permute(1, 0, 2, 3), None)  # (N, S, S, 3) uint8
+    video = pack.vectors["e2e_video"][0].permute(1, 2, 3, 0) * 255  # (N, S, S, 3) in [0, 255]
+    assert frames.dtype == torch.uint8 and frames.shape == video.shape
+    assert (frames.float() - video.float()).abs().max() <= 1 + pack.atol("e2e_video") * 255

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -524,3 +526,71 @@ def test_cuda_graph_modes_are_known_without_torchs_mode_table(monkeypatch: pytes
         assert [submodels.replays_cuda_graphs(m) for m in modes] == [True, True, False, False, False]
     finally:
         submodels.replays_cuda_graphs.cache_clear()
+
+
+def test_a_cropped_frame_without_a_face_keeps_the_previous_face() -> None:
+    """Pass 2: a cropped frame in which no face is found after the first one reuses the previous frame's face box
+    (was untested: taking only each frame's own box made a driver ending on a faceless frame an error).
+    (Mutation audit.)"""
+    from media_fixtures import face_frames
+
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    blank = np.full((160, 160, 3), 128, np.uint8)
+    plan = plan_driver(DriverFrames([*face_frames(2, 160), blank], fps=25))
+    inputs = list(iter_driver_inputs(plan, 64))
+    assert len(inputs) == 3
+    kept = inputs[2] > 0  # the blank frame, black outside the second frame's face box
+    assert 0.1 < float(kept.float().mean()) < 0.8
+
+
+def test_faces_lost_in_the_crops_are_an_error_however_long_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pass 1 found faces but no cropped frame shows one: an InputError, also where the faceless frames were more
+    than LOOKAHEAD and were counted instead of held (was untested: such a driver gave no frames at all).
+    (Mutation audit.)"""
+    from media_fixtures import face_frames
+
+    from megactor_rt.errors import InputError
+    from megactor_rt.runtime import driver as driver_mod
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    plan = plan_driver(DriverFrames(face_frames(6, 160), fps=25, name="clip"))
+    monkeypatch.setattr(driver_mod, "first_face", lambda *args: None)
+    for lookahead in (2, 16):  # the opening counted, and held
+        monkeypatch.setattr(driver_mod, "LOOKAHEAD", lookahead)
+        with pytest.raises(InputError, match="no face found in the cropped frames of driving video clip; pass "
+                                             "--no-face-crop"):
+            list(iter_driver_inputs(plan, 64))
+
+
+def test_the_rate_tolerance_is_relative_to_the_source_rate() -> None:
+    """``--fps 119.88`` on a 120000/1001 clip (0.0001 % off, 0.00012 fps) keeps the source rate; the tolerance
+    scales with the rate, so 60 -> 59.99 (0.017 %) still resamples. (Mutation audit.)"""
+    from fractions import Fraction
+
+    from megactor_rt.runtime.driver import output_fps
+
+    assert output_fps(Fraction(120000, 1001), 119.88) == Fraction(120000, 1001)
+    assert output_fps(Fraction(60), 59.99) == Fraction(5999, 100)
+
+
+def test_stage_times_add_up_over_several_entries() -> None:
+    """A stage entered twice, or given time measured elsewhere twice, sums its times; the first frame's time is
+    kept while the total grows. (Mutation audit.)"""
+    from megactor_rt.runtime.pipeline import RunStats, StageTimer
+
+    stats = RunStats()
+    timer = StageTimer(stats)
+    for _ in range(2):
+        with timer.stage("decode"):
+            time.sleep(0.02)
+    assert stats.stage_seconds["decode"] >= 0.04
+    timer.add("vae_decode", 0.5)
+    timer.add("vae_decode", 0.25)
+    assert stats.stage_seconds["vae_decode"] == 0.75
+    timer.frame_out()
+    first = stats.first_frame_s
+    time.sleep(0.01)
+    timer.frame_out()
+    assert stats.frames == 2 and first is not None and stats.first_frame_s == first
+    assert stats.total_s is not None and stats.total_s > first and stats.fps == pytest.approx(2 / stats.total_s)

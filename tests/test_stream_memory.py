@@ -249,3 +249,22 @@ def test_frame_noise_drawn_whole_is_dropped_after_the_last_frame() -> None:
     last = noise.take(4, 6)
     assert noise._whole is None
     assert torch.equal(torch.cat([first, last], dim=2), initial_noise(5, (1, 4, 6, 3, 5)))
+
+
+def test_the_stream_begins_a_step_only_where_the_step_changes() -> None:
+    """``begin_step`` (a model's per-timestep preparation, e.g. the ReferenceNet bank) is called where the next
+    window call is at another step than the last one, not before every window call. (Mutation audit.)"""
+    n, steps = 20, 3
+    windows = context_windows(n, 6, 2, closed_loop=False)
+    plan = DDIM().plan(steps)
+    begun: list[int] = []
+
+    class Recording(_Stub):
+        def begin_step(self, step, kind):  # noqa: ANN001, ANN202
+            begun.append(step.timestep)
+            super().begin_step(step, kind)
+
+    list(denoise_stream(initial_noise(0, (1, 4, n, 4, 4)), Recording(), plan, windows, 4.5))
+    order = [plan[s].timestep for _, s in wavefront(windows, n, steps)]
+    changes = [t for i, t in enumerate(order) if i == 0 or order[i - 1] != t]
+    assert begun == changes and len(begun) < len(order)

@@ -238,3 +238,31 @@ def test_the_stand_in_refuses_attributes_tensorrt_lacks() -> None:
     config.builder_optimization_level = 5
     with pytest.raises(AttributeError, match="IBuilderConfig' object has no attribute 'max_workspace_size'"):
         config.max_workspace_size = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------- (mutation audit, second round)
+
+
+def test_a_call_with_a_keyword_the_signature_lacks_or_already_got_is_flagged() -> None:
+    """A keyword a method does not take is flagged even when every parameter is otherwise given, and so is a
+    keyword naming a parameter already passed positionally (Python raises a TypeError for both)."""
+    assert API.call_error("IBuilderConfig", "set_memory_pool_limit", 2, []) is None
+    assert API.call_error("IBuilderConfig", "set_memory_pool_limit", 1, ["pool_size"]) is None
+    extra = API.call_error("IBuilderConfig", "set_memory_pool_limit", 2, ["size"])
+    twice = API.call_error("IBuilderConfig", "set_memory_pool_limit", 1, ["pool", "pool_size"])
+    for error in (extra, twice):
+        assert error is not None and "binds to none of TensorRT" in error and "[['pool', 'pool_size']]" in error
+
+
+def test_the_recorded_versions_are_ordered_by_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Versions sort as numbers (11.10 after 11.4, 10.x after 9.x), so the newest is the default API."""
+    from types import SimpleNamespace
+
+    from megactor_rt.engine import trt_api
+
+    (tmp_path / "data").mkdir()
+    for version in ("11.10.0.1", "9.3.0.1", "11.4.0.106", "10.0.1"):
+        (tmp_path / "data" / f"trt_python_api_{version}.json").write_text("{}")
+    (tmp_path / "data" / "notes.txt").write_text("")
+    monkeypatch.setattr(trt_api, "resources", SimpleNamespace(files=lambda package: tmp_path))
+    assert trt_api.recorded_versions() == ["9.3.0.1", "10.0.1", "11.4.0.106", "11.10.0.1"]

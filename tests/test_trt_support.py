@@ -222,3 +222,96 @@ def test_check_export_names_an_input_of_another_element_type(tmp_path: Path) -> 
     graph = load_manifest(d).graphs["vae_decoder_fp32"]
     problems = check_against_manifest(graph)
     assert problems == [f"{graph.path}: input 'x' has element type float16, the manifest says float32"]
+
+
+# ---------------------------------------------------------------------------------------------- TensorRT op check (mutation audit, second round)
+
+
+def test_default_domain_nodes_named_ai_onnx_are_not_custom() -> None:
+    """The default ONNX domain may be spelled "ai.onnx": such a node is checked against the table like one of
+    domain "", not reported as needing a plugin."""
+    node = helper.make_node("Relu", ["x"], ["y"], domain="ai.onnx")
+    assert scan_ops(_model([node])) == {}
+    unique = helper.make_node("Unique", ["x"], ["y"], domain="ai.onnx")
+    assert "not supported by the TensorRT" in scan_ops(_model([unique]))["Unique"][0]
+
+
+def test_the_parsers_defaults_and_omitted_inputs_are_not_flagged() -> None:
+    """A Reduce* node without its optional 'axes' (an empty input name: reduce over all axes) and a TopK without
+    a 'sorted' attribute (the default, 1) are what the parser takes; a ScatterND with a reduction is not."""
+    x1 = [helper.make_tensor_value_info("x", F16, [8])]
+    all_axes = _model([helper.make_node("ReduceSum", ["x", ""], ["y"])], inputs=x1,
+                      outputs=[helper.make_tensor_value_info("y", F16, [1])])
+    assert scan_ops(all_axes) == {}
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
+    top = _model([helper.make_node("TopK", ["x", "k"], ["v", "i"])], inputs=x1, inits=[k])
+    assert "TopK" not in scan_ops(top)
+    idx = helper.make_tensor("idx", TensorProto.INT64, [2, 1], [0, 3])
+    upd = helper.make_tensor("upd", F16, [2], [1.0, 2.0])
+
+    def scatter(**attrs: object) -> onnx.ModelProto:
+        return _model([helper.make_node("ScatterND", ["x", "idx", "upd"], ["y"], **attrs)], inputs=x1,
+                      outputs=[helper.make_tensor_value_info("y", F16, [8])], inits=[idx, upd])
+
+    assert scan_ops(scatter()) == {} and scan_ops(scatter(reduction="none")) == {}
+    assert "ScatterND reduction 'add' is unsupported" in scan_ops(scatter(reduction="add"))["ScatterND"][0]
+
+
+def test_ops_inside_model_local_functions_are_checked_not_the_call() -> None:
+    """The parser inlines model-local functions: the call of one (in its own domain) is not a custom op, the
+    ops inside it are checked (an unsupported one is named)."""
+    def with_function(op: str) -> onnx.ModelProto:
+        body = helper.make_function("local", "Block", ["a"], ["b"], [helper.make_node(op, ["a"], ["b"])],
+                                    [helper.make_opsetid("", 17)])
+        model = _model([helper.make_node("Block", ["x"], ["y"], domain="local")],
+                       extra_opsets=[helper.make_opsetid("local", 1)])
+        model.functions.append(body)
+        return model
+
+    assert scan_ops(with_function("Relu")) == {}
+    assert list(scan_ops(with_function("Unique"))) == ["Unique"]
+
+
+def test_one_line_per_distinct_reason() -> None:
+    """Several nodes failing for the same reason give one line (naming the first), not one per node."""
+    nodes = [helper.make_node("Unique", ["x"], ["u1"], name="first"), helper.make_node("Unique", ["x"], ["u2"], name="second"),
+             helper.make_node("Relu", ["x"], ["y"])]
+    found = scan_ops(_model(nodes))
+    assert list(found) == ["Unique"] and len(found["Unique"]) == 1 and "node 'first'" in found["Unique"][0]
+
+
+def test_the_checker_runs_shape_inference_on_graphs_under_2_gib(tmp_path: Path) -> None:
+    """Below 2 GiB the checker runs with full_check (strict shape inference): a graph whose shapes cannot
+    broadcast is reported before TensorRT finds it."""
+    a = helper.make_tensor_value_info("a", F16, [2, 8])
+    b = helper.make_tensor_value_info("b", F16, [3, 8])
+    model = _model([helper.make_node("Add", ["a", "b"], ["y"])], inputs=[a, b])
+    onnx.save(model, str(tmp_path / "bad_shapes.onnx"))
+    assert any("onnx.checker failed" in p for p in check_trt_ready(tmp_path / "bad_shapes.onnx"))
+
+
+def test_a_bool_op_of_unknown_tensor_types_is_precision_neutral() -> None:
+    """An op the parser lists for no float type (And: bool only) is not judged by the graph's precision, even
+    where shape inference cannot type its tensors."""
+    nodes = [helper.make_node("Opaque", ["x"], ["a"], domain="com.x"), helper.make_node("Opaque", ["x"], ["b"], domain="com.x"),
+             helper.make_node("And", ["a", "b"], ["c"]), helper.make_node("Opaque", ["c"], ["y"], domain="com.x")]
+    found = scan_ops(_model(nodes, extra_opsets=[helper.make_opsetid("com.x", 1)]), precision="fp16")
+    assert list(found) == ["com.x::Opaque"]
+
+
+def test_check_export_names_an_input_of_another_rank(tmp_path: Path) -> None:
+    """A graph file whose input has another rank than the manifest says is named by check-export."""
+    from test_engine import _graph_json, _write_onnx
+
+    from megactor_rt.engine.manifest import load_manifest
+    from megactor_rt.export.trt_support import check_against_manifest
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    sha = _write_onnx(d / "vae_decoder.fp16.onnx")  # its input x is [batch, 8]
+    entry = _graph_json("vae_decoder.fp16.onnx", sha)
+    entry["inputs"]["x"]["shape"] = ["batch", 8, 1]
+    entry["profiles"] = {"default": {"x": [[1, 8, 1], [2, 8, 1], [4, 8, 1]]}}
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"vae_decoder_fp16": entry}}))
+    graph = load_manifest(d).graphs["vae_decoder_fp16"]
+    assert check_against_manifest(graph) == [f"{graph.path}: input 'x' has rank 2, the manifest says 3"]

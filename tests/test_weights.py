@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -544,3 +545,133 @@ def test_unet_configs_with_3d_block_names_and_per_block_heads_are_read() -> None
         UNetConfig.from_diffusers({"down_block_types": ["DownBlock2D"] * 4})
     with pytest.raises(ValueError, match="per-block attention_head_dim is not supported"):
         UNetConfig.from_diffusers({"attention_head_dim": [5, 10, 20, 20]})
+
+
+class _Payload:
+    """Pickled, it runs ``Path.touch`` on load: a stand-in for code in a pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def test_a_legacy_format_checkpoint_is_read_without_running_its_code(pack, tmp_path):
+    """A pre-1.6 (non-zip) checkpoint cannot be memory-mapped and is read whole: still with weights_only, so
+    pickled code is refused, never run. (Mutation audit.)"""
+    src = write_release(pack, tmp_path / "weights")
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": {"module.unet.x": _Payload(marker)}}, src / "checkpoint-steps9000.ckpt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match="weights_only"):
+        convert_release(src, tmp_path / "out")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_holding_a_bare_state_dict_is_read(pack, tmp_path):
+    """A checkpoint saved as the state dict itself (no ``{"state_dict": ...}`` wrapper) gives the same networks'
+    tensors. (Mutation audit.)"""
+    from megactor_rt.weights import read_training_checkpoint
+
+    src = write_release(pack, tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    wrapped = [{k: v.clone() for k, v in part.items()} for part in read_training_checkpoint(ckpt)]
+    torch.save(torch.load(ckpt, weights_only=True)["state_dict"], ckpt)
+    for bare, theirs in zip(read_training_checkpoint(ckpt), wrapped, strict=True):
+        assert bare.keys() == theirs.keys() and all(torch.equal(bare[k], theirs[k]) for k in bare)
+
+
+@pytest.mark.parametrize("dropped, lacks", [("appearance_encoder.", "appearance_encoder.*"), ("unet.", "unet.*")])
+def test_a_checkpoint_without_one_networks_keys_says_which(pack, tmp_path, dropped, lacks):
+    """A checkpoint holding the keys of one network only names the other one's prefix. (Mutation audit.)"""
+    from megactor_rt.weights import read_training_checkpoint
+
+    def drop(state):
+        for key in [k for k in state if k.startswith(f"module.{dropped}")]:
+            del state[key]
+
+    src = write_release(pack, tmp_path / "weights", drop)
+    with pytest.raises(WeightsError, match=rf"checkpoint .*checkpoint-steps9000\.ckpt lacks {re.escape(lacks)} keys$"):
+        read_training_checkpoint(src / "checkpoint-steps9000.ckpt")
+
+
+def test_a_vae_folder_holding_only_the_bin_file_converts(pack, tmp_path):
+    """sd-vae-ft-mse/ with ``diffusion_pytorch_model.bin`` and no safetensors file converts to the same VAE, read
+    with weights_only (pickled code in it is refused). (Mutation audit.)"""
+    src = write_release(pack, tmp_path / "weights")
+    vae = src / "sd-vae-ft-mse"
+    state = load_file(str(vae / "diffusion_pytorch_model.safetensors"))
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, vae / "diffusion_pytorch_model.bin")
+    models = load_converted(convert_release(src, tmp_path / "converted"))
+    assert all(torch.equal(v, state[k]) for k, v in models.vae.state_dict().items())
+    marker = tmp_path / "code_ran"
+    torch.save({**state, "x": _Payload(marker)}, vae / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.bin safely \(weights_only=True\)"):
+        convert_release(src, tmp_path / "other")
+    assert not marker.exists()
+
+
+def test_the_weights_id_covers_the_tensors_values(pack, tmp_path):
+    """Two conversions of tensors of the same names and shapes but other values get other weights ids (the id
+    keys the portrait caches and exports). (Mutation audit.)"""
+    from megactor_rt.weights import converted_config
+
+    def nudge(state):
+        state["module.unet.conv_in.weight"] = state["module.unet.conv_in.weight"] * 1.5
+
+    a = convert_release(write_release(pack, tmp_path / "a"), tmp_path / "ca")
+    b = convert_release(write_release(pack, tmp_path / "b", nudge), tmp_path / "cb")
+    assert converted_config(a)[1] != converted_config(b)[1]
+
+
+def test_a_conversion_broken_off_while_renaming_leaves_an_incomplete_folder(pack, tmp_path, monkeypatch):
+    """The files of a conversion are renamed into place after config.json is removed (written back last): broken
+    off in between, the folder is refused as unfinished rather than loaded with a stale config and a mix of old
+    and new files. (Mutation audit.)"""
+    src = write_release(pack, tmp_path / "weights")
+    dst = convert_release(src, tmp_path / "converted")
+    real, renamed = Path.replace, []
+
+    def fails_second(self: Path, target: Path) -> Path:
+        renamed.append(target)
+        if len(renamed) == 2:
+            raise OSError(5, "Input/output error")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", fails_second)
+    with pytest.raises(WeightsError, match="cannot write the converted weights .*Input/output error"):
+        convert_release(src, dst)
+    monkeypatch.undo()
+    assert not (dst / "config.json").exists() and not list(dst.glob(".*.tmp"))
+    with pytest.raises(WeightsError, match="is not a converted weights folder .*conversion did not finish"):
+        load_converted(dst)
+
+
+def test_a_converted_folder_of_another_format_is_refused(tmp_path):
+    """config.json's format_version must be this engine's: another one, or none, is refused. (Mutation audit.)"""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.weights import FORMAT_VERSION, converted_config
+
+    meta = {"format_version": FORMAT_VERSION, "source": "", "weights_id": "0123abcd", "model": tiny_config().to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    assert converted_config(tmp_path) == (tiny_config(), "0123abcd")
+    for version in (FORMAT_VERSION + 1, None):
+        bad = {**meta, "format_version": version} if version else {k: v for k, v in meta.items()
+                                                                    if k != "format_version"}
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(WeightsError, match=rf"unsupported format_version {version!r} \(expected {FORMAT_VERSION}\)"):
+            converted_config(tmp_path)
+
+
+def test_a_vae_file_that_does_not_match_is_named(pack, tmp_path):
+    """A VAE file with a key missing is named in the error (not the training checkpoint). (Mutation audit.)"""
+    src = write_release(pack, tmp_path / "weights")
+    vae_file = src / "sd-vae-ft-mse" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(vae_file))
+    del state[sorted(state)[0]]
+    save_file(state, str(vae_file))
+    with pytest.raises(WeightsError, match=r"vae weights in .*sd-vae-ft-mse.diffusion_pytorch_model\.safetensors do "
+                                           r"not match the model: missing keys \(1\)"):
+        convert_release(src, tmp_path / "out")
