@@ -8,6 +8,7 @@ bindings' behaviour (return values, enums, failure modes). The runner's executio
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -492,8 +494,6 @@ def test_a_stream_beyond_max_contexts_takes_over_the_least_recently_used_context
     """Every run's decode side stream is a new CUDA stream: a fifth stream on a runner of 4 contexts takes over
     the least recently used stream's context (its first call then waits for that context's last on the device)
     instead of being refused (was: InputError 'more than 4 CUDA streams used it' at the fifth run)."""
-    from types import SimpleNamespace
-
     from megactor_rt.engine.runner import TensorRTRunner
 
     engines = tmp_path / "engines"
@@ -518,8 +518,6 @@ def test_a_new_stream_takes_an_idle_context_before_making_one(onnx_dir: Path, tm
     """Each context holds activation memory for its plan's whole profile, and every run's decode side stream is
     a new one: a new stream takes a context whose last call the device has finished (and no call holds)
     rather than making one more (was: the VAE decoder's runner made one per run, up to max_contexts)."""
-    from types import SimpleNamespace
-
     from megactor_rt.engine.runner import TensorRTRunner
 
     engines = tmp_path / "engines"
@@ -540,35 +538,37 @@ def test_a_new_stream_takes_an_idle_context_before_making_one(onnx_dir: Path, tm
         assert runner._context_for(s[3]) is b and len(made) == 2
 
 
+class _IOMode(enum.Enum):  # TensorRT's TensorIOMode and TensorLocation, for _io_engine
+    INPUT, OUTPUT = 0, 1
+
+
+class _IOLocation(enum.Enum):
+    DEVICE, HOST = 0, 1
+
+
+_IO_TRT = SimpleNamespace(TensorIOMode=_IOMode, TensorLocation=_IOLocation)
+
+
+def _io_engine(dtypes: dict[str, str], host: frozenset[str] | set[str] = frozenset()) -> SimpleNamespace:
+    """A stand-in engine with input ``x`` and output ``y`` of these TensorRT dtype names (``_IO_TRT``'s enums),
+    the tensors named in ``host`` kept in host memory."""
+    io = {"x": _IOMode.INPUT, "y": _IOMode.OUTPUT}
+    return SimpleNamespace(num_io_tensors=2, get_tensor_name=lambda i: list(io)[i], get_tensor_mode=io.get,
+                           get_tensor_dtype=lambda n: SimpleNamespace(name=dtypes[n]),
+                           get_tensor_location=lambda n: _IOLocation.HOST if n in host else _IOLocation.DEVICE)
+
+
 def test_an_engine_with_host_located_io_is_refused(onnx_dir: Path, tmp_path: Path) -> None:
     """A plan whose inputs TensorRT keeps in host memory (shape tensors; none of the export's graphs has one)
     is refused when loaded, naming the tensor, instead of being handed a GPU address at the first call."""
-    import enum
-    from types import SimpleNamespace
-
     from megactor_rt.engine.runner import TensorRTRunner
 
-    class Mode(enum.Enum):
-        INPUT, OUTPUT = 0, 1
-
-    class Location(enum.Enum):
-        DEVICE, HOST = 0, 1
-
     runner = TensorRTRunner(_built(onnx_dir, tmp_path / "engines")[0][0].directory, device=H100)
-    trt = SimpleNamespace(TensorIOMode=Mode, TensorLocation=Location)
-    dtype = SimpleNamespace(name="HALF")
-    io = {"x": Mode.INPUT, "y": Mode.OUTPUT}
-
-    def engine(host: set[str]) -> SimpleNamespace:
-        return SimpleNamespace(num_io_tensors=2, get_tensor_name=lambda i: list(io)[i], get_tensor_mode=io.get,
-                               get_tensor_dtype=lambda n: dtype,
-                               get_tensor_location=lambda n: Location.HOST if n in host else Location.DEVICE)
-
-    runner._engine = engine(set())
-    runner._check_io(trt)  # every tensor on the device: accepted
-    runner._engine = engine({"x"})
+    runner._engine = _io_engine({"x": "HALF", "y": "HALF"})
+    runner._check_io(_IO_TRT)  # every tensor on the device: accepted
+    runner._engine = _io_engine({"x": "HALF", "y": "HALF"}, host={"x"})
     with pytest.raises(EngineMismatch, match=r"takes \['x'\] in host memory"):
-        runner._check_io(trt)
+        runner._check_io(_IO_TRT)
 
 
 def test_two_builds_of_one_plan_at_once_build_it_once(onnx_dir: Path, tmp_path: Path) -> None:
@@ -925,8 +925,6 @@ def test_network_io_the_runner_cannot_bind_is_refused_before_the_build(tmp_path:
     """TensorRT 11 has I/O types the runner has no torch tensor type for (FP8, INT4, FP4, E8M0): such a network
     is refused with the tensor named, right after parsing (was: "fp8" written into the sidecar after a build of
     minutes, then a misleading "engine I/O differs" when loading it)."""
-    from types import SimpleNamespace
-
     def tensor(name: str, dtype: str) -> SimpleNamespace:
         return SimpleNamespace(name=name, dtype=SimpleNamespace(name=dtype), shape=(-1, 8))
 
@@ -1258,37 +1256,18 @@ def test_the_runner_casts_floats_and_checks_ranks(onnx_dir: Path, tmp_path: Path
 def test_an_engine_whose_io_differs_from_its_sidecar_is_refused(onnx_dir: Path, tmp_path: Path) -> None:
     """An engine whose tensors are of other types than its sidecar says (a plan replaced under its sidecar) is
     refused when loaded, before outputs of the wrong type are allocated."""
-    import enum
-    from types import SimpleNamespace
-
-    class Mode(enum.Enum):
-        INPUT, OUTPUT = 0, 1
-
-    class Location(enum.Enum):
-        DEVICE, HOST = 0, 1
-
     runner = TensorRTRunner(_built(onnx_dir, tmp_path / "engines")[0][0].directory, device=H100)
-    trt = SimpleNamespace(TensorIOMode=Mode, TensorLocation=Location)
-    io = {"x": Mode.INPUT, "y": Mode.OUTPUT}
-
-    def engine(dtypes: dict[str, str]) -> SimpleNamespace:
-        return SimpleNamespace(num_io_tensors=2, get_tensor_name=lambda i: list(io)[i], get_tensor_mode=io.get,
-                               get_tensor_dtype=lambda n: SimpleNamespace(name=dtypes[n]),
-                               get_tensor_location=lambda n: Location.DEVICE)
-
-    runner._engine = engine({"x": "HALF", "y": "HALF"})
-    runner._check_io(trt)
-    runner._engine = engine({"x": "HALF", "y": "FLOAT"})
+    runner._engine = _io_engine({"x": "HALF", "y": "HALF"})
+    runner._check_io(_IO_TRT)
+    runner._engine = _io_engine({"x": "HALF", "y": "FLOAT"})
     with pytest.raises(EngineMismatch, match="engine I/O .* differs from its sidecar"):
-        runner._check_io(trt)
+        runner._check_io(_IO_TRT)
 
 
 def test_a_context_waits_for_its_last_call_only_from_another_stream() -> None:
     """A context (or graph) last used on another stream makes the new stream wait on the device for that call
     (its activation memory is reused); on its own stream the order is already kept, and before any call there
     is nothing to wait for."""
-    from types import SimpleNamespace
-
     from megactor_rt.engine.runner import _ContextState
 
     waits: list[object] = []
