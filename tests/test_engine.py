@@ -120,6 +120,11 @@ def test_manifest_loads_graphs_and_profiles(onnx_dir: Path) -> None:
     (lambda m: m["graphs"]["g"].update(sha256="xyz"), "sha256"),
     (lambda m: m["graphs"]["g"]["inputs"]["x"].update(dtype="float64"), "graphs.g.inputs.x: 'dtype'"),
     (lambda m: m["graphs"]["g"]["profiles"]["default"].update(x=[[1, 8], [2, 8]]), "must be \\[\\[min\\]"),
+    (lambda m: m.update(graphs={}), "'graphs' must be a non-empty object"),
+    (lambda m: m["graphs"]["g"].update(file=""), "graphs.g: 'file' must be a non-empty string"),
+    (lambda m: m["graphs"]["g"].update(precision="bf16"), "graphs.g: unknown precision 'bf16'"),
+    (lambda m: m["graphs"]["g"]["inputs"]["x"].update(shape=[-1, 8]), "graphs.g.inputs.x: dims must be non-negative"),
+    (lambda m: m["graphs"]["g"].update(weights_id=""), "graphs.g: 'weights_id' must be a non-empty string"),
 ])
 def test_malformed_manifest_names_file_and_field(tmp_path: Path, mutate, message: str) -> None:
     raw = {"format": 1, "graphs": {"g": _graph_json("g.onnx", "0" * 64)}}
@@ -166,6 +171,10 @@ def test_check_profiles_cover_accepts_a_good_profile() -> None:
       "pose": ([1, 4, 64, 64], [8, 4, 64, 64], [24, 4, 64, 64])}, "dim 'frames' is 1/8/24 here but 1/16/24"),
     ({"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 64]),
       "pose": ([1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64]), "bogus": ([1], [1], [1])}, "'bogus'"),
+    ({"lat": ([2, 9, 1, 64, 64], [2, 9, 16, 64, 32], [2, 9, 24, 64, 64]),  # only opt off the static size
+      "pose": ([1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64])}, "static axis 4 is 64 but the profile gives 64/32/64"),
+    ({"lat": ([2, 9, -1, 64, 64], [2, 9, 16, 64, 64], [2, 9, 24, 64, 64]),  # a negative minimum
+      "pose": ([-1, 4, 64, 64], [16, 4, 64, 64], [24, 4, 64, 64])}, "needs 0 <= min <= opt <= max, got -1/16/24"),
 ])
 def test_check_profiles_cover_finds_each_problem(profile: dict, needle: str) -> None:
     g = _graph({"lat": (2, 9, "frames", 64, 64), "pose": ("frames", 4, 64, 64)}, {"p": profile})
@@ -175,6 +184,7 @@ def test_check_profiles_cover_finds_each_problem(profile: dict, needle: str) -> 
 
 def test_dynamic_graph_without_profiles_is_a_problem(tmp_path: Path) -> None:
     assert "no profile" in check_profiles_cover(_graph({"x": ("b", 3)}, {}))[0]
+    assert check_profiles_cover(_graph({"x": (2, 3)}, {})) == []  # fixed sizes: no profile needed
     raw = {"format": 1, "graphs": {"g": _graph_json("g.onnx", "0" * 64)}}
     raw["graphs"]["g"]["profiles"]["default"]["x"] = [[4, 8], [2, 8], [1, 8]]
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
@@ -289,7 +299,7 @@ def test_a_plan_of_other_profile_shapes_is_not_the_expected_one(onnx_dir: Path, 
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing_field", "unknown_field", "no_sidecar", "truncated",
-                                    "flipped"])
+                                    "flipped", "other_format", "bad_capability"])
 def test_corrupt_or_missing_sidecar_or_plan_raises_rebuild(onnx_dir: Path, tmp_path: Path, damage: str) -> None:
     results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
     d = results[0].directory
@@ -305,6 +315,12 @@ def test_corrupt_or_missing_sidecar_or_plan_raises_rebuild(onnx_dir: Path, tmp_p
         side.write_text(json.dumps(raw))
     elif damage == "no_sidecar":
         side.unlink()
+    elif damage == "other_format":  # a sidecar another version of the project wrote
+        raw["format"] = 2
+        side.write_text(json.dumps(raw))
+    elif damage == "bad_capability":
+        raw["compute_capability"] = [9, 0, 1]
+        side.write_text(json.dumps(raw))
     elif damage == "truncated":
         plan.write_bytes(plan.read_bytes()[:-3])
     else:
@@ -661,6 +677,10 @@ def test_fp32_plans_built_with_tf32_are_rebuilt_and_not_selected(tmp_path: Path)
     sidecar.write_text(json.dumps(old))
     refused = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, precision="fp32")
     assert refused["vae_decoder"].backend != "tensorrt" and "built with TF32" in refused["vae_decoder"].reason
+    del old["builder"]  # from before any builder setting was recorded: TF32 on too
+    sidecar.write_text(json.dumps(old))
+    older = select_backends(["vae_decoder"], engines, device=H100, tensorrt_status=_trt_ok, precision="fp32")
+    assert older["vae_decoder"].backend != "tensorrt" and "built with TF32" in older["vae_decoder"].reason
     again, fake = _built(d, engines, precision="fp32", profile="default")
     assert fake.calls == ["vae_decoder_fp32[default]"]
 
@@ -904,13 +924,16 @@ def test_the_timing_cache_keeps_what_other_builds_wrote_meanwhile(fake_trt, tmp_
     assert config.create_timing_cache(path.read_bytes()).entries == {"mine": 1, "theirs": 2}
 
 
-@pytest.mark.parametrize("damage", ["bad_shapes", "unparseable", "build_fails"])
+@pytest.mark.parametrize("damage", ["bad_shapes", "unparseable", "build_fails", "unknown_input"])
 def test_tensorrt_build_failures_are_engine_build_errors(fake_trt, onnx_dir: Path, tmp_path: Path,
                                                          damage: str) -> None:
     job = _job(onnx_dir, tmp_path)
     needle = {"bad_shapes": "input x min/opt/max (4, 8)/(2, 8)/(1, 8) rejected by TensorRT",
-              "unparseable": "could not parse", "build_fails": "failed to build"}[damage]
-    if damage == "bad_shapes":
+              "unparseable": "could not parse", "build_fails": "failed to build",
+              "unknown_input": "profile 'default' names ['bogus'], not inputs of"}[damage]
+    if damage == "unknown_input":  # a profile of another graph's inputs: refused, not silently dropped
+        job = replace(job, profile={**job.profile, "bogus": ProfileShapes((1,), (1,), (1,))})
+    elif damage == "bad_shapes":
         job = replace(job, profile={"x": ProfileShapes((4, 8), (2, 8), (1, 8))})
     elif damage == "unparseable":
         (tmp_path / "broken.onnx").write_bytes(b"not a protobuf")

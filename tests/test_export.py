@@ -903,3 +903,124 @@ def test_a_fixed_size_onnx_graph_takes_only_its_exported_window_length() -> None
     with pytest.raises(InputError, match="no plan of temporal_unet takes windows of 8 frames"):
         sub(fixed).check_window(8)
     assert sub(fixed).window_batch_limit(8) == 1 and sub(dynamic).window_batch_limit(8) is None
+
+
+# ---------------------------------------------------------------------------------------------- export (mutation audit, second round)
+
+
+def test_a_window_of_no_frames_is_refused() -> None:
+    """``--window 0`` gives profiles whose opt and max (0) are below their min (1): refused before export."""
+    from megactor_rt.config import tiny_config
+
+    with pytest.raises(InputError, match=r"window \(0\) and window_batch \(1\) must be >= 1"):
+        export_specs(tiny_config(), window=0)
+
+
+def test_the_supported_opsets_are_17_to_20_inclusive() -> None:
+    from megactor_rt.export.onnx_export import check_opset
+
+    for opset in (17, 18, 20):
+        check_opset(opset)
+    for opset in (16, 21):
+        with pytest.raises(InputError, match=f"--opset {opset}: the export supports opsets 17 to 20"):
+            check_opset(opset)
+
+
+def test_a_graph_saved_small_after_large_drops_its_old_external_data(tmp_path, monkeypatch):
+    """A graph written with external data and then again without (a re-export of a smaller model under the same
+    name) leaves no ``.data`` file: its hash, which covers that file, would otherwise never match a fresh one."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from megactor_rt.engine.cache import external_data_path, sha256_graph
+    from megactor_rt.export import onnx_export
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    path = tmp_path / "g.onnx"
+    for limit, staging in ((0, tmp_path / "large"), (onnx_export.EXTERNAL_DATA_BYTES, tmp_path / "small")):
+        monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", limit)
+        staging.mkdir()
+        onnx_export._save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path, staging)
+        assert external_data_path(path).is_file() == (limit == 0)
+    assert sha256_graph(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert float(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]).max()) == 1.0
+
+
+def test_a_manifest_of_another_format_is_started_anew(tmp_path, caplog):
+    """An export folder's manifest of another format (a future or older exporter) is not extended: the export
+    starts a new one, with a warning (its graphs are exported again)."""
+    import logging
+
+    from megactor_rt.export.onnx_export import _read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 2, "graphs": {"g.fp32": {"file": "g.onnx"}}}))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.export.onnx_export"):
+        assert _read_manifest(tmp_path) == {"format": 1, "graphs": {}}
+    assert "is not an export manifest of format 1" in caplog.text
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"g.fp32": {"file": "g.onnx"}}}))
+    assert _read_manifest(tmp_path)["graphs"] == {"g.fp32": {"file": "g.onnx"}}
+
+
+def test_an_unknown_graph_beside_known_ones_is_refused(models, tmp_path):
+    """``--graphs pose_guider vae_decodr``: the typo is named before anything is exported (was not: only a list
+    of nothing but unknown names)."""
+    with pytest.raises(InputError, match="unknown graph\\(s\\) vae_decodr; known: "):
+        export_models(models, tmp_path / "onnx", graphs=["pose_guider", "vae_decodr"])
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_every_graph_has_a_default_profile_and_the_decoders_start_at_one():
+    """Graphs of fixed sizes get a 'default' profile too (their sizes thrice), so ``build-engines --profile
+    default`` builds every graph; the tiny decoder's batch, like the VAE decoder's, runs from 1 (a clip's last
+    batch) to the decode batch."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.export.specs import tiny_decoder_spec
+
+    cfg = tiny_config()
+    clip = specs_by_name(export_specs(cfg, window=4))["clip_image_encoder"]
+    c = cfg.clip.image_size
+    assert clip.profiles() == {"default": {"pixels": [[1, 3, c, c]] * 3}}
+    h = cfg.latent_size
+    assert tiny_decoder_spec(cfg, decode_batch=4).profiles() == {
+        "default": {"latents": [[1, 4, h, h], [4, 4, h, h], [4, 4, h, h]]}}
+
+
+def test_fp16_softmax_leaves_the_fp32_graphs_as_they_are(models, tmp_path):
+    """``--fp16-softmax`` changes the fp16 graphs only: the fp32 graph is the default one (same key, so the same
+    file) and its manifest entry does not claim an fp16 softmax."""
+    from megactor_rt.export.onnx_export import export_key
+
+    export_models(models, tmp_path, precisions=("fp32",), frames=WINDOW, graphs=["pose_guider"], fp16_softmax=True)
+    entry = json.loads((tmp_path / "manifest.json").read_text())["graphs"]["pose_guider.fp32"]
+    assert "fp16_softmax" not in entry
+    assert entry["export_key"] == export_key(_specs(models)["pose_guider"], models.weights_id, 18, "fp32")
+
+
+def test_the_manifest_gives_each_tensor_the_element_type_of_the_graph_file(models, tmp_path):
+    """The manifest describes its files: an fp16 graph's inputs and outputs are float16 there as in the file
+    (the fp32 graph's float32)."""
+    import onnx
+
+    export_models(models, tmp_path, frames=WINDOW, graphs=["pose_guider"])
+    for name, entry in json.loads((tmp_path / "manifest.json").read_text())["graphs"].items():
+        graph = onnx.load(str(tmp_path / entry["file"]), load_external_data=False).graph
+        in_file = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+                   for v in (*graph.input, *graph.output)}
+        float_type = "float16" if entry["precision"] == "fp16" else "float32"
+        for kind in ("inputs", "outputs"):
+            assert {n: t["dtype"] for n, t in entry[kind].items()} == {n: in_file[n] for n in entry[kind]}, name
+            assert {t["dtype"] for t in entry[kind].values()} == {float_type}, name
+
+
+def test_a_reexport_removes_the_graph_file_it_replaces(models, tmp_path):
+    """A graph exported again under another key (here another opset) leaves one file of it, the one the
+    manifest names: the replaced file (GBs at full size) goes once the manifest names the new one."""
+    export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",), opset=17)
+    entry = json.loads((tmp_path / "manifest.json").read_text())["graphs"]["pose_guider.fp32"]
+    assert entry["opset"] == 17 and [p.name for p in tmp_path.glob("pose_guider.fp32.*.onnx")] == [entry["file"]]
