@@ -105,10 +105,20 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "tensorrt-graphs": {"backend": {"name": "tensorrt", "cuda_graphs": True}},  # ... replayed as CUDA graphs
     # with a graph backend: fp16 graphs exported with their attention softmax in fp16 (export --fp16-softmax)
     "fp16-softmax": {"export": {"fp16_softmax": True}},
+    # same math: PyTorch's own ops where this project has kernels of its own (environment switches set for the
+    # mode's runs only): SDPA for the motion modules' short attention (upstream calls xformers' memory-efficient
+    # attention there), torch's GroupNorm then SiLU. With "reference" it is the upstream path as upstream's code
+    # runs it, a second baseline; the plain "reference" shares every kernel with "optimized", so their ratio is
+    # the savings' alone. Eager CUDA only: on the CPU these kernels never run, and compiled graphs read the
+    # switches when the package is imported.
+    "upstream-ops": {"env": {"MEGACTOR_SHORT_ATTENTION": "0", "MEGACTOR_TRITON_GROUP_NORM": "0"}},
 }
 # the variants whose output differs from the reference path's beyond floating-point reordering: their speed-up
 # over the reference is a faster setting's, not an exact-preserving saving's (marked so in the ratio table)
 CHANGES_MATH = frozenset({"tiny-decoder", "no-wrap", "fp16-softmax"})
+
+
+UPSTREAM = "reference+upstream-ops"  # the upstream path with PyTorch's own ops: the ratio table's second baseline
 
 
 def changes_math(mode: str) -> bool:
@@ -132,7 +142,7 @@ def mode_priority(mode: str) -> int:
     question; minutes of compilation or plan building each), 2 the other variants (same-math and math-changing
     alternatives)."""
     base, *variants = mode.split("+")
-    if not variants:
+    if not variants or all(set(VARIANTS.get(v, {})) == {"env"} for v in variants):  # a baseline (upstream-ops)
         return 0
     if any(v in ("compile", "compile-graphs") or "backend" in VARIANTS.get(v, {}) for v in variants):
         return 1
@@ -196,7 +206,7 @@ SUITES: dict[str, list[Scenario]] = {
     ],
     "gpu-full": [
         Scenario("full 512px fp16, 48 frames, w16/o8, 25 steps (upstream)", "full", 512, 48, 16, 8, 25,
-                 modes=("reference", "optimized", "optimized+compile", "optimized+compile-graphs",
+                 modes=("reference", "optimized", UPSTREAM, "optimized+compile", "optimized+compile-graphs",
                         "optimized+batch3", "optimized+no-wrap"), precision="fp16"),
         Scenario("faster: 10 steps, w16/o4", "full", 512, 48, 16, 4, 10, modes=("optimized", "optimized+compile"),
                  precision="fp16", note="changes the math: fewer DDIM steps, less overlap"),
@@ -536,10 +546,12 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                 target, saved = run.sub, {k: getattr(run.sub, k) for k in run.sub_options}
                 for k, v in run.sub_options.items():
                     setattr(run.sub, k, v)
-                if mode not in ready:
-                    run.start(sc, portrait, driver, work_dir, 2 if replays_cuda_graphs(mode) else 1)
-                    ready[mode] = run
-                yield run.timed(sc, mode, device, driver, work_dir)
+                with switched_env(mode_env(mode)):  # the worker threads read the switches at each call
+                    if mode not in ready:
+                        run.start(sc, portrait, driver, work_dir, 2 if replays_cuda_graphs(mode) else 1)
+                        ready[mode] = run
+                    result = run.timed(sc, mode, device, driver, work_dir)
+                yield result
             except Exception as exc:
                 if errors is None:
                     raise
@@ -551,6 +563,26 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
             finally:
                 for k, v in saved.items():
                     setattr(target, k, v)
+
+
+def mode_env(mode: str) -> dict[str, str]:
+    """The environment switches ``mode``'s variants set for its runs (their ``"env"`` entries in VARIANTS)."""
+    return {k: v for name in mode.split("+")[1:] for k, v in VARIANTS.get(name, {}).get("env", {}).items()}
+
+
+@contextlib.contextmanager
+def switched_env(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in ``os.environ`` for the block; afterwards every name has its old value again (or none)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def mode_backend(mode: str) -> dict[str, Any]:
@@ -571,6 +603,10 @@ def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfi
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
     backends = [v for v in variants if "backend" in VARIANTS[v]]
     exports = [v for v in variants if "export" in VARIANTS[v]]
+    switches = [v for v in variants if "env" in VARIANTS[v]]
+    if switches and (backends or sub_options.get("compile")):
+        raise ValueError(f"mode '{mode}': {', '.join(switches)} switches kernels of the eager torch networks; "
+                         "exported graphs and compiled ones do not read it (drop the graph backend or compile)")
     if exports and not backends:
         raise ValueError(f"mode '{mode}': {', '.join(exports)} changes the exported graphs; add a graph backend "
                          "(+onnxruntime, +tensorrt)")
@@ -878,6 +914,7 @@ def markdown(report: dict) -> str:
     # ratios from each mode's median over its repeats (times) and its FLOPs (the same in every repeat)
     by_scenario = {name: {mode: _median_result(rs) for mode, rs in modes.items()} for name, modes in repeats.items()}
     ratios, variants = [], []
+    upstream = any(UPSTREAM in modes for modes in by_scenario.values())  # a second baseline: its own column
     for name, modes in by_scenario.items():
         ref = modes.get("reference")
         for mode, opt in modes.items():
@@ -886,8 +923,12 @@ def markdown(report: dict) -> str:
             fr = sum(ref["flops"].values()) / max(sum(opt["flops"].values()), 1e-12)
             fd = _denoise_flops(ref) / max(_denoise_flops(opt), 1e-12)
             dr = ref["stage_s"]["denoise"] / opt["stage_s"]["denoise"]
+            over = ""
+            if upstream:
+                up = modes.get(UPSTREAM)
+                over = f" {up['total_s'] / opt['total_s']:.2f}x |" if up is not None and mode != UPSTREAM else " - |"
             ratios.append(f"| {name} | {mode} | {'no' if changes_math(mode) else 'yes'} | "
-                          f"{ref['total_s'] / opt['total_s']:.2f}x | {dr:.2f}x | {fd:.2f}x | {fr:.2f}x |")
+                          f"{ref['total_s'] / opt['total_s']:.2f}x | {dr:.2f}x | {fd:.2f}x | {fr:.2f}x |{over}")
         for mode, r in modes.items():
             base = modes.get(mode.split("+")[0])
             if "+" in mode and base is not None:
@@ -898,8 +939,9 @@ def markdown(report: dict) -> str:
                   "output, e.g. another decoder or open windows, so its speed-up is a faster setting's, not an "
                   "exact-preserving saving's):", "",
                   "| scenario | mode | same math | speed-up over reference, whole run | speed-up, denoise stage | "
-                  "FLOP ratio, denoise (reference/mode) | FLOP ratio, whole run |", "|---|---|---|---|---|---|---|",
-                  *ratios]
+                  "FLOP ratio, denoise (reference/mode) | FLOP ratio, whole run |"
+                  + (f" speed-up over {UPSTREAM} (upstream's own ops), whole run |" if upstream else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if upstream else ""), *ratios]
     steps = [f"| {r['scenario']} | {r['mode']} | {r['step_s'][0]:.3f} | {statistics.median(r['step_s']):.3f} | "
              f"{r['step_s'][-1]:.3f} |" for r in report["results"] if r.get("step_s")]
     if steps:

@@ -396,6 +396,7 @@ def test_suites_run_the_eager_headline_and_faster_settings_before_compilations(t
     from megactor_rt import benchmark
 
     assert benchmark.mode_priority("reference") == benchmark.mode_priority("optimized") == 0
+    assert benchmark.mode_priority("reference+upstream-ops") == 0  # the second baseline
     assert {benchmark.mode_priority(m) for m in ("optimized+compile", "optimized+compile-graphs",
                                                  "optimized+compile+batch3", "optimized+tensorrt",
                                                  "optimized+tensorrt-graphs", "optimized+onnxruntime")} == {1}
@@ -412,7 +413,7 @@ def test_suites_run_the_eager_headline_and_faster_settings_before_compilations(t
     benchmark.run_bench("gpu-full", tmp_path, device="cpu")
     gpu_full = benchmark.SUITES["gpu-full"]
     assert ran == [
-        ("full 512px fp16", ("reference", "optimized")), ("faster: 10 steps", ("optimized",)),
+        ("full 512px fp16", ("reference", "optimized", "reference+upstream-ops")), ("faster: 10 steps", ("optimized",)),
         ("faster: 6 steps", ("optimized",)), ("faster: 10 steps", ("optimized",)),
         ("faster: 10 steps", ("optimized",)),
         ("full 512px fp16", ("optimized+compile", "optimized+compile-graphs")),
@@ -550,3 +551,42 @@ def test_report_rows_give_percent_of_matmul_denoise_flops_and_median_first_frame
     assert "| s | optimized | 4 | 6.00 | 0.667 | 1.00 | 2.00 | 0.50 | 2.750 | 1.000 | 50 % | 1.00 | 1.0 |" in md, md
     # medians of optimized: whole run 6 s, first frame 2 s (its last repeat's is 9 s)
     assert "| s | optimized+no-wrap | 0.500 | 0.500 |" in md, md
+
+
+def test_upstream_ops_switch_this_projects_kernels_off_for_that_modes_runs_only(tmp_path, monkeypatch):
+    """``reference+upstream-ops`` (upstream's path with PyTorch's own ops, a second baseline) runs its warm-up and
+    timed runs with the kernel switches off; the modes around it see the switches as they were, and afterwards
+    each switch has its old value again (or none). The ratio table then gives every mode's speed-up over it
+    too. The switches mean nothing to exported or compiled graphs: such a mode is refused."""
+    import os
+
+    from megactor_rt import benchmark
+
+    monkeypatch.setenv("MEGACTOR_SHORT_ATTENTION", "1")
+    monkeypatch.delenv("MEGACTOR_TRITON_GROUP_NORM", raising=False)
+    seen = []
+    consume = benchmark._consume
+
+    def spy(anim, inputs, driver, cfg, work_dir):
+        seen.append((cfg.mode.value, os.environ.get("MEGACTOR_SHORT_ATTENTION"),
+                     os.environ.get("MEGACTOR_TRITON_GROUP_NORM")))
+        return consume(anim, inputs, driver, cfg, work_dir)
+
+    monkeypatch.setattr(benchmark, "_consume", spy)
+    monkeypatch.setitem(benchmark.SUITES, "test-upstream", [benchmark.Scenario(
+        "tiny, 2 frames", "tiny", 128, 2, 2, 1, 1, modes=("reference", "reference+upstream-ops", "optimized"))])
+    report = run_bench("test-upstream", tmp_path)
+    assert not report["errors"]
+    assert seen == [("reference", "1", None)] * 2 + [("reference", "0", "0")] * 2 + [("optimized", "1", None)] * 2
+    assert os.environ["MEGACTOR_SHORT_ATTENTION"] == "1" and "MEGACTOR_TRITON_GROUP_NORM" not in os.environ
+    md = (tmp_path / "results.md").read_text()
+    assert "speed-up over reference+upstream-ops (upstream's own ops), whole run |" in md
+    totals = {r["mode"]: r["total_s"] for r in report["results"]}
+    row = next(line for line in md.splitlines() if line.startswith("| tiny, 2 frames | optimized | yes |"))
+    assert row.endswith(f" {totals['reference+upstream-ops'] / totals['optimized']:.2f}x |"), row
+    assert any(line.startswith("| tiny, 2 frames | reference+upstream-ops | yes |") and line.endswith(" - |")
+               for line in md.splitlines()), md
+    sc = benchmark.SUITES["test-upstream"][0]
+    for mode in ("optimized+upstream-ops+compile", "optimized+onnxruntime+upstream-ops"):
+        with pytest.raises(ValueError, match="upstream-ops switches kernels of the eager torch networks"):
+            benchmark.mode_settings(sc, mode, tmp_path)
