@@ -106,11 +106,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # with a graph backend: fp16 graphs exported with their attention softmax in fp16 (export --fp16-softmax)
     "fp16-softmax": {"export": {"fp16_softmax": True}},
     # same math: PyTorch's own ops where this project has kernels of its own (environment switches set for the
-    # mode's runs only): SDPA for the motion modules' short attention (upstream calls xformers' memory-efficient
-    # attention there), torch's GroupNorm then SiLU. With "reference" it is the upstream path as upstream's code
-    # runs it, a second baseline; the plain "reference" shares every kernel with "optimized", so their ratio is
-    # the savings' alone. Eager CUDA only: on the CPU these kernels never run, and compiled graphs read the
-    # switches when the package is imported.
+    # mode's runs only): SDPA for the motion modules' short attention, torch's GroupNorm then SiLU. With
+    # "reference" it is the upstream path with PyTorch's ops, a second baseline (upstream's code itself runs the
+    # motion modules' attention as bmm + softmax and its spatial attention through xformers: not measured here);
+    # the plain "reference" shares every kernel with "optimized", so their ratio is the savings' alone. Eager
+    # CUDA only: on the CPU these kernels never run, and compiled graphs read the switches at import.
     "upstream-ops": {"env": {"MEGACTOR_SHORT_ATTENTION": "0", "MEGACTOR_TRITON_GROUP_NORM": "0"}},
 }
 # the variants whose output differs from the reference path's beyond floating-point reordering: their speed-up
