@@ -152,10 +152,17 @@ class Landmarker:
         Returns:
             ``(68, 2)`` float64 (x, y) pixel coordinates, or None when no face is found.
         """
-        faces = detect_faces(image, clip=False)  # the predictor places its mean shape in dlib's own box
+        faces = self.faces(image)
+        return self.on_box(image, faces[0]) if faces else None
+
+    @staticmethod
+    def faces(image: np.ndarray) -> list[Box]:
+        """The face boxes the landmarks are placed in (largest first; dlib's own boxes, which may reach past the
+        border: the predictor places its mean shape in them), looking closer where none is found."""
+        faces = detect_faces(image, clip=False)
         if not faces and min(image.shape[:2]) >= UPSAMPLE_BELOW_PX:  # a face under ~80 px: look closer
             faces = detect_faces(image, clip=False, upsample=1)
-        return self.on_box(image, faces[0]) if faces else None
+        return faces
 
     def on_box(self, image: np.ndarray, box: Box) -> np.ndarray:
         """Landmarks inside a known face box of ``image`` (``(H, W, 3)`` uint8 RGB) -> ``(68, 2)``."""

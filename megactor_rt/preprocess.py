@@ -11,7 +11,8 @@ Differences from upstream, all forced by what runs offline here:
 * **Face detector**: dlib's HOG frontal-face detector (built into the dlib wheel, no model download)
   replaces RetinaFace/mobilenet (pyfacer). HOG boxes are tighter and placed slightly differently, so the
   crop centre and the kept face rectangle move by a few pixels; HOG also misses strongly turned or tiny
-  faces. Faces are ordered largest first (upstream took RetinaFace's first, highest-score face).
+  faces. Faces are ordered largest first (upstream took RetinaFace's first, highest-score face); a driving
+  clip of several people follows one face through its frames (:class:`FaceTrack`).
   Boxes are clipped to the image.
 * **Missing faces**: upstream crashes when the portrait or the first driving frame has no face. Here the
   portrait raises :class:`InputError` (or uses the centre square with ``face_crop=False``); a driving
@@ -77,6 +78,11 @@ class Box:
     def center(self) -> tuple[float, float]:
         """(x, y) of the box centre."""
         return (self.left + self.right) / 2, (self.top + self.bottom) / 2
+
+    def overlap(self, other: Box) -> float:
+        """The area this box shares with ``other`` (0 where they do not meet)."""
+        return (max(min(self.right, other.right) - max(self.left, other.left), 0.0)
+                * max(min(self.bottom, other.bottom) - max(self.top, other.top), 0.0))
 
     def union(self, other: Box) -> Box:
         return Box(min(self.left, other.left), min(self.top, other.top),
@@ -234,18 +240,69 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
     return crop, face
 
 
-def first_face_scaled(image: np.ndarray, max_side: int) -> Box | None:
-    """The largest face of ``image``, detected on a copy downscaled to at most ``max_side`` px (HOG's time
-    grows with the pixels) and scaled back to ``image``'s coordinates; None where the copy shows none."""
+def faces_scaled(image: np.ndarray, max_side: int) -> list[Box]:
+    """Every face of ``image``, largest first, detected on a copy downscaled to at most ``max_side`` px (HOG's
+    time grows with the pixels) and scaled back to ``image``'s coordinates."""
     height, width = image.shape[:2]
     scale = min(1.0, max_side / max(height, width))
     if scale == 1.0:
-        return first_face(image)
+        return detect_faces(image)
     small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-    box = first_face(small)
-    if box is None:
-        return None
-    return Box(box.left / scale, box.top / scale, min(box.right / scale, width), min(box.bottom / scale, height))
+    return [Box(box.left / scale, box.top / scale, min(box.right / scale, width), min(box.bottom / scale, height))
+            for box in detect_faces(small)]
+
+
+def first_face_scaled(image: np.ndarray, max_side: int) -> Box | None:
+    """The largest face of :func:`faces_scaled`, or None where the copy shows none."""
+    faces = faces_scaled(image, max_side)
+    return faces[0] if faces else None
+
+
+class FaceTrack:
+    """Chooses one face per frame of a clip so that a clip of several people follows one person throughout.
+
+    Upstream takes each frame's first detection and this project each frame's largest face, so in a clip of two
+    people the chosen face can jump from one to the other and back (the isolated driving frames then show
+    either). Here each frame's largest face is taken until a frame shows two faces or more (a clip of one
+    person is never affected); from then on, or from ``start`` on where given, the face that overlaps the last
+    chosen box most. A frame where none overlaps it gives None, like a frame without a face (callers keep the
+    last box); after ``patience`` frames in a row without the followed face it counts as gone (left the
+    picture, a cut) and the frame's largest face is followed from then on.
+
+    Call it with each frame's faces in order (largest first, as :func:`detect_faces` gives them).
+    """
+
+    def __init__(self, patience: int, start: Box | None = None) -> None:
+        self.patience = max(1, patience)
+        self.last = start
+        self.first: Box | None = start  # the first face chosen (or ``start``)
+        self.following = start is not None  # the clip has shown several faces (or was known to)
+        self.engaged_at: int | None = 0 if self.following else None  # the frame that showed several faces
+        self.missed = 0  # frames in a row without the followed face
+        self.reacquired = 0  # times the followed face counted as gone and the largest face was taken instead
+        self.frames = 0
+
+    def __call__(self, faces: Sequence[Box]) -> Box | None:
+        index, self.frames = self.frames, self.frames + 1
+        if len(faces) > 1 and not self.following:
+            self.following, self.engaged_at = True, index
+        if not faces:
+            self.missed += 1
+            return None
+        if self.following and self.last is not None:
+            if self.missed < self.patience:
+                best = max(faces, key=self.last.overlap)  # the first of equals: the larger face
+                if self.last.overlap(best) <= 0:
+                    self.missed += 1
+                    return None
+            else:
+                best = faces[0]
+                self.reacquired += 1
+        else:
+            best = faces[0]
+        self.last, self.missed = best, 0
+        self.first = self.first or best
+        return best
 
 
 def _portrait_face(image: np.ndarray) -> Box | None:

@@ -35,11 +35,12 @@ from megactor_rt.media import MIN_IMAGE_SIDE, VideoInfo, iter_video_frames, prob
 from megactor_rt.preprocess import (
     Box,
     Crop,
+    FaceTrack,
     crop_resize,
+    detect_faces,
     driver_crop,
     face_keep_rect,
-    first_face,
-    first_face_scaled,
+    faces_scaled,
 )
 from megactor_rt.progress import progress
 from megactor_rt.runtime.pipeline import cancellable, ordered_map
@@ -242,6 +243,7 @@ class DriverPlan:
     face_crop: bool
     selection: FrameSelection
     face_fraction: float | None = None  # pass 1's median face side / the crop's side (None: no face crop)
+    follow: Box | None = None  # a clip of several people: the face pass 1 followed, where it first chose it
 
     @property
     def name(self) -> str:
@@ -252,9 +254,14 @@ class DriverPlan:
         return driver_frames(self.source, self.num_frames, self.selection.ratio, self.selection.skip)
 
 
-def detect_scaled(frame: np.ndarray) -> Box | None:
-    """Largest face of a frame, detected on a copy downscaled to ``DETECT_MAX_SIDE``."""
-    return first_face_scaled(frame, DETECT_MAX_SIDE)
+def detect_scaled(frame: np.ndarray) -> list[Box]:
+    """The faces of a frame (largest first), detected on a copy downscaled to ``DETECT_MAX_SIDE``."""
+    return faces_scaled(frame, DETECT_MAX_SIDE)
+
+
+def follow_patience(fps: Fraction) -> int:
+    """Frames in a row without the followed face before a :class:`FaceTrack` takes it as gone: one second's."""
+    return max(1, round(fps))
 
 
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
@@ -281,10 +288,11 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
         raise _past_the_end(name, start, grid, info.fps)
     boxes: list[Box | None] = []
     frames = driver_frames(source, max_frames, ratio, skip)
-    found = ordered_map(detect_scaled, frames) if face_crop else (None for _ in frames)
-    for box in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc="driver: find faces",
-                        unit="frame"):
-        boxes.append(box)
+    found = ordered_map(detect_scaled, frames) if face_crop else ([] for _ in frames)
+    track = FaceTrack(follow_patience(sel.fps))
+    for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc="driver: find faces",
+                          unit="frame"):
+        boxes.append(track(faces))
     if not boxes and skip:  # a header without a frame count: known only now
         raise _past_the_end(name, start, skip, info.fps, at_least=False)
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
@@ -296,9 +304,23 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
                     "rate): its frames are placed by timestamp at a constant %.3f fps (a frame repeated over a gap, "
                     "one of several within a frame time), so motion keeps in step with the audio", name,
                     float(info.fps), float(sel.fps))
+    follow = None
+    if track.following:
+        follow = track.first
+        logger.info("driver %s: frame %d shows several faces: the crop and the face isolation follow one person, "
+                    "the face first chosen in the clip (the largest then)%s", name, track.engaged_at,
+                    f"; it was lost for a second or more {track.reacquired} time(s), and the largest face then "
+                    "followed instead" if track.reacquired else "")
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
-    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction)
+    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow)
+
+
+def face_track(plan: DriverPlan, size: int) -> FaceTrack:
+    """The :class:`FaceTrack` of a pass over ``plan``'s ``size``-px crops: one person throughout, from the face
+    pass 1 followed where it followed one (a clip of several people)."""
+    start = plan.follow.to_crop_coords(plan.crop, size) if plan.follow is not None else None
+    return FaceTrack(follow_patience(plan.selection.fps), start)
 
 
 def crop_upsample(plan: DriverPlan, size: int) -> int | None:
@@ -350,11 +372,19 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
     Raises:
         InputError: no face landmarks in any cropped frame.
     """
-    def landmarks(frame: np.ndarray) -> np.ndarray | None:
-        return landmarker(_cropped_uint8(frame, plan.crop, size))
+    def faces(frame: np.ndarray) -> tuple[np.ndarray, list[Box]]:
+        image = _cropped_uint8(frame, plan.crop, size)
+        return image, landmarker.faces(image)
 
-    found = ordered_map(landmarks, plan.frames())
-    per_frame = progress(cancellable(found), total=plan.num_frames, desc="driver: face landmarks", unit="frame")
+    def landmarks(found: Iterator[tuple[np.ndarray, list[Box]]]) -> Iterator[np.ndarray | None]:
+        track = face_track(plan, size)  # in frame order, like pass 2's: the same person's landmarks
+        for image, boxes in found:
+            box = track(boxes)
+            yield landmarker.on_box(image, box) if box is not None else None
+
+    found = ordered_map(faces, plan.frames())
+    per_frame = progress(landmarks(cancellable(found)), total=plan.num_frames, desc="driver: face landmarks",
+                         unit="frame")
     contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
     if len(contour.unions) == 1:
         logger.info("driver %s: contour rectangles %s", plan.name, contour.rects())
@@ -370,7 +400,8 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
 
     Each cropped frame keeps only its face (upstream's isolation, also in the centre crops of a plan without
     face crops: there, crops without a face in their first ``LOOKAHEAD`` frames are used whole from then on,
-    with a warning, so the frames keep streaming). Frames whose cropped version shows no face reuse the
+    with a warning, so the frames keep streaming). Of several faces, the one followed through the clip is kept
+    (:func:`face_track`). Frames whose cropped version shows no face (or not the followed one) reuse the
     previous frame's face box; frames before the first detection use the first one: up to ``LOOKAHEAD`` of
     them wait in memory, a longer faceless opening is read again once the first face is found (memory stays
     bounded for any driver). With a ``contour`` plan every frame
@@ -395,8 +426,10 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
 
     whole = False  # centre crops without a face in their first LOOKAHEAD frames: used whole, no more detection
 
-    def detect(frame: np.ndarray) -> tuple[np.ndarray, Box | None]:
-        return frame, None if whole else first_face(_cropped_uint8(frame, plan.crop, size), upsample)
+    def detect(frame: np.ndarray) -> tuple[np.ndarray, list[Box]]:
+        return frame, [] if whole else detect_faces(_cropped_uint8(frame, plan.crop, size), upsample=upsample)
+
+    track = face_track(plan, size)
 
     def use_whole(count: int) -> None:
         nonlocal whole
@@ -405,11 +438,11 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
                        "crops drive the animation", plan.name, count)
 
     skipped = 0  # frames before the first face not kept in memory: read again once that face is found
-    for frame, box in ordered_map(detect, frames):
+    for frame, faces in ordered_map(detect, frames):
         if whole:
             yield _model_input(frame, plan.crop, None, size, device)
             continue
-        last = box or last
+        last = track(faces) or last
         if last is None:
             if not plan.face_crop and len(pending) >= LOOKAHEAD:  # keeps streaming: no wait for a later face
                 use_whole(len(pending) + 1)

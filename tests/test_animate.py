@@ -707,21 +707,21 @@ def test_no_face_crop_still_isolates_the_drivers_face(media: dict[str, Path],
 
     plan = plan_driver(DriverFrames(blank[:1] * 40, fps=25), face_crop=False)
     searched = 0
-    real = driver_mod.first_face
+    real = driver_mod.detect_faces
 
-    def counting(*args):  # noqa: ANN002, ANN202
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         nonlocal searched
         searched += 1
-        return real(*args)
+        return real(*args, **kwargs)
 
-    driver_mod.first_face = counting
+    driver_mod.detect_faces = counting
     try:
         inputs = iter_driver_inputs(plan, 64)
         next(inputs)
         assert searched <= driver_mod.LOOKAHEAD + 8  # the thread pool may have looked a little ahead
         assert len(list(inputs)) == 39 and searched <= driver_mod.LOOKAHEAD + 8
     finally:
-        driver_mod.first_face = real
+        driver_mod.detect_faces = real
 
 
 def test_warmup_runs_every_network_once_and_caches_nothing(anim: Animator) -> None:

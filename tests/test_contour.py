@@ -457,3 +457,25 @@ def test_the_mouth_box_is_centred_on_all_twenty_mouth_landmarks() -> None:
     lm[67] = (400.0, 300.0)  # mean x = 200 + 200 / 20 = 210
     top, left, bottom, right = group_boxes(lm, 512)[2]
     assert (left, right) == (210 - 64, 210 + 64) and (top, bottom) == (300 - 64, 300 + 64)
+
+
+@needs_model
+def test_contour_landmarks_follow_one_person_of_two(landmarker: contour.Landmarker,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver of two people whose largest face alternates between them: contour mode's landmarks are placed on
+    the face pass 1 followed (A, in the middle) in every frame, not on each frame's largest face."""
+    from test_preprocess import _two_people
+
+    from megactor_rt.runtime.driver import DriverFrames
+
+    set_progress_enabled(False)
+    plan = plan_driver(DriverFrames(_two_people(4), fps=25, name="two"))
+    assert plan.follow is not None
+    placed: list[float] = []
+    on_box = landmarker.on_box
+    monkeypatch.setattr(landmarker, "on_box", lambda image, box: placed.append(box.center[0]) or on_box(image, box))
+    target = landmarker(_two_people(1)[0])
+    assert target is not None
+    placed.clear()
+    plan_driver_contour(plan, 256, target * 256 / 640, landmarker)
+    assert len(placed) == 4 and all(x > 100 for x in placed), placed  # A about 128 in the 256 px crop, B 42

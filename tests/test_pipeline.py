@@ -555,7 +555,7 @@ def test_faces_lost_in_the_crops_are_an_error_however_long_the_driver(monkeypatc
     from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
 
     plan = plan_driver(DriverFrames(face_frames(6, 160), fps=25, name="clip"))
-    monkeypatch.setattr(driver_mod, "first_face", lambda *args: None)
+    monkeypatch.setattr(driver_mod, "detect_faces", lambda *args, **kwargs: [])
     for lookahead in (2, 16):  # the opening counted, and held
         monkeypatch.setattr(driver_mod, "LOOKAHEAD", lookahead)
         with pytest.raises(InputError, match="no face found in the cropped frames of driving video clip; pass "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -347,17 +348,17 @@ def test_a_large_portrait_is_searched_on_a_smaller_copy_first(portrait: np.ndarr
 
     big = cv2.resize(portrait, (portrait.shape[1] * 5, portrait.shape[0] * 5), interpolation=cv2.INTER_LINEAR)
     searched: list[tuple[int, ...]] = []
-    real = preprocess.first_face
-    monkeypatch.setattr(preprocess, "first_face", lambda img, *a: searched.append(img.shape) or real(img, *a))
+    real = preprocess.detect_faces
+    monkeypatch.setattr(preprocess, "detect_faces", lambda img, **k: searched.append(img.shape) or real(img, **k))
     crop, face = preprocess.portrait_crop(big)
     assert searched == [(1024, 932, 3)] and face is not None
-    own = real(portrait)
+    own = preprocess.first_face(portrait)
     assert own is not None
     for ours, theirs in zip((face.left, face.top, face.right, face.bottom),
                             (own.left, own.top, own.right, own.bottom)):
         assert abs(ours - 5 * theirs) <= 0.05 * 5 * own.width
-    monkeypatch.setattr(preprocess, "first_face", lambda img, *a: searched.append(img.shape) or (
-        None if img.shape[0] == 1024 else Box(0.0, 0.0, 10.0, 10.0)))
+    monkeypatch.setattr(preprocess, "detect_faces", lambda img, **k: searched.append(img.shape) or (
+        [] if img.shape[0] == 1024 else [Box(0.0, 0.0, 10.0, 10.0)]))
     searched.clear()
     assert preprocess.portrait_crop(big)[1] == Box(0.0, 0.0, 10.0, 10.0) and searched[-1] == big.shape
 
@@ -420,3 +421,82 @@ def test_an_opaque_alpha_channel_leaves_the_grey_values_in_charge(tmp_path: Path
     Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
     mask = load_user_mask(tmp_path / "m.png", size=32)
     assert mask[:, :16].sum() == 0 and mask[:, 16:].all()
+
+
+# ---------------------------------------------------------------------------------------------- several people
+
+
+def test_a_face_track_takes_the_largest_face_until_a_frame_shows_two() -> None:
+    """One person: each frame's largest face, whatever it overlaps (a cut that moves the face is followed at
+    once, as before). Once a frame shows two faces, the face overlapping the last choice, also where the other
+    is larger."""
+    from megactor_rt.preprocess import FaceTrack
+
+    left, right = Box(0, 0, 100, 100), Box(300, 0, 400, 100)
+    track = FaceTrack(patience=3)
+    assert [track([left]), track([right]), track([]), track([left])] == [left, right, None, left]
+    assert not track.following
+    bigger_right = Box(280, 0, 420, 120)
+    moved_left = Box(10, 5, 110, 105)
+    assert track([bigger_right, moved_left]) == moved_left  # continues with the left face (overlap), not the larger
+    assert track.following and track.engaged_at == 4 and track.first == left
+
+
+def test_a_followed_face_missing_for_patience_frames_counts_as_gone() -> None:
+    """A frame where only the other person is detected gives no face (the caller keeps the last box); after
+    ``patience`` such frames, or frames without any face, in a row, the largest face is followed instead."""
+    from megactor_rt.preprocess import FaceTrack
+
+    a, b = Box(0, 0, 100, 100), Box(300, 0, 420, 120)
+    track = FaceTrack(patience=2, start=a)  # from pass 1: following from the start
+    assert track.following and track([b, a]) == a
+    assert [track([b]), track([])] == [None, None] and track.reacquired == 0
+    assert track([b, a]) == b and track.reacquired == 1  # gone for 2 frames: the largest, then followed
+    assert track([a, Box(310, 10, 410, 110)]) == Box(310, 10, 410, 110)
+    assert track([b, a]) == b  # an overlap within the patience: the followed face again
+
+
+def _two_people(n: int, side: int = 640) -> list[np.ndarray]:
+    """``n`` square frames of two copies of the portrait's face: A in the middle, B in the top left corner, the
+    larger of the two alternating frame by frame (the largest face jumps from one to the other). A crop centred
+    on A is the whole frame, B included."""
+    from media_fixtures import face_frames
+
+    face = face_frames(1, 192)[0]
+    frames = []
+    for i in range(n):
+        a, b = (190, 150) if i % 2 == 0 else (150, 190)
+        canvas = np.full((side, side, 3), 90, np.uint8)
+        top = (side - a) // 2
+        canvas[top:top + a, top:top + a] = cv2.resize(face, (a, a))
+        canvas[10:10 + b, 10:10 + b] = cv2.resize(face, (b, b))
+        frames.append(canvas)
+    return frames
+
+
+@pytest.mark.parametrize("face_crop", [True, False])
+def test_a_driver_of_two_people_keeps_one_face_in_every_frame(face_crop: bool, caplog) -> None:
+    """The largest face of a clip of two people jumps between them frame by frame; the isolated driving frames
+    keep the face chosen first (A, the largest in frame 0) in every frame: pass 1 follows it and hands it to
+    pass 2 (``face_crop``), or pass 2 follows on its own from the first frame of two faces (centre crops)."""
+    import logging
+
+    from megactor_rt.preprocess import detect_faces
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    frames = _two_people(6)
+    largest = [detect_faces(f)[0].center[0] > 200 for f in frames]
+    assert largest == [True, False] * 3  # without following, the isolation would jump from A to B and back
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.driver"):
+        plan = plan_driver(DriverFrames(frames, fps=25, name="two"), face_crop=face_crop)
+    assert plan.crop[:2] <= (2, 2) and (plan.follow is not None) == face_crop  # B inside the crop
+    if face_crop:
+        assert plan.follow.center[0] > 200 and plan.follow.center[1] > 200
+        assert "frame 0 shows several faces: the crop and the face isolation follow one person" in caplog.text
+
+    def kept_x(plan) -> list[float]:  # where the kept face rectangle is (all else black): A about 128, B 42
+        return [float(np.nonzero(x[0].numpy())[1].mean()) for x in iter_driver_inputs(plan, 256)]
+
+    assert all(x > 100 for x in kept_x(plan)), kept_x(plan)
+    if face_crop:  # pass 2 starts from pass 1's face, not from its own first choice
+        assert all(x < 70 for x in kept_x(replace(plan, follow=detect_faces(frames[1])[0]))), kept_x(plan)
