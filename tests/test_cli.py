@@ -388,6 +388,7 @@ def test_an_unknown_compile_mode_is_refused_before_any_work(weights: Path, media
 def test_compile_flag_reaches_the_torch_submodels(weights: Path) -> None:
     anim = Animator.from_weights(weights, device="cpu", compile=True)
     assert anim.sub.compile is True  # type: ignore[attr-defined]
+    assert anim.sub.dtype == torch.float32  # no precision given: fp32 on the CPU (fp16 on a GPU)
     assert Animator.from_weights(weights, device="cpu", compile="max-autotune").sub.compile == "max-autotune"  # type: ignore[attr-defined]
     base = ["animate", "--portrait", "p", "--driver", "d", "-o", "o", "--weights", "w"]
     assert cli.build_parser().parse_args([*base, "--compile"]).compile is True
