@@ -265,8 +265,9 @@ class FaceTrack:
     people the chosen face can jump from one to the other and back (the isolated driving frames then show
     either). Here each frame's largest face is taken until a frame shows two faces or more (a clip of one
     person is never affected); from then on, or from ``start`` on where given, the face that overlaps the last
-    chosen box most. A frame where none overlaps it gives None, like a frame without a face (callers keep the
-    last box); after ``patience`` frames in a row without the followed face it counts as gone (left the
+    chosen box most (where ``start`` overlaps none of the first frame with faces, its largest is taken). A frame
+    where none overlaps the last choice gives None, like a frame without a face (callers keep the last box);
+    after ``patience`` frames in a row without the followed face it counts as gone (left the
     picture, a cut) and the frame's largest face is followed from then on.
 
     Call it with each frame's faces in order (largest first, as :func:`detect_faces` gives them).
@@ -280,6 +281,7 @@ class FaceTrack:
         self.engaged_at: int | None = 0 if self.following else None  # the frame that showed several faces
         self.missed = 0  # frames in a row without the followed face
         self.reacquired = 0  # times the followed face counted as gone and the largest face was taken instead
+        self.chosen = 0  # frames a face was chosen in
         self.frames = 0
 
     def __call__(self, faces: Sequence[Box]) -> Box | None:
@@ -293,14 +295,16 @@ class FaceTrack:
             if self.missed < self.patience:
                 best = max(faces, key=self.last.overlap)  # the first of equals: the larger face
                 if self.last.overlap(best) <= 0:
-                    self.missed += 1
-                    return None
+                    if self.chosen:
+                        self.missed += 1
+                        return None
+                    best = faces[0]  # ``start`` meets no face here (another pass's box): not a reason to wait
             else:
                 best = faces[0]
                 self.reacquired += 1
         else:
             best = faces[0]
-        self.last, self.missed = best, 0
+        self.last, self.missed, self.chosen = best, 0, self.chosen + 1
         self.first = self.first or best
         return best
 

@@ -454,6 +454,9 @@ def test_a_followed_face_missing_for_patience_frames_counts_as_gone() -> None:
     assert track([b, a]) == b and track.reacquired == 1  # gone for 2 frames: the largest, then followed
     assert track([a, Box(310, 10, 410, 110)]) == Box(310, 10, 410, 110)
     assert track([b, a]) == b  # an overlap within the patience: the followed face again
+    # a start (pass 1's box) that meets no face of the first frame with faces: its largest, then followed
+    track = FaceTrack(patience=5, start=Box(200, 200, 250, 250))
+    assert [track([]), track([b, a]), track([a]), track([b])] == [None, b, None, b]
 
 
 def _two_people(n: int, side: int = 640) -> list[np.ndarray]:
