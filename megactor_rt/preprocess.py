@@ -258,13 +258,16 @@ def first_face_scaled(image: np.ndarray, max_side: int) -> Box | None:
     return faces[0] if faces else None
 
 
+CONFIRM_SEVERAL = 2  # frames showing several faces before a FaceTrack follows one (one may be a false detection)
+
+
 class FaceTrack:
     """Chooses one face per frame of a clip so that a clip of several people follows one person throughout.
 
     Upstream takes each frame's first detection and this project each frame's largest face, so in a clip of two
     people the chosen face can jump from one to the other and back (the isolated driving frames then show
-    either). Here each frame's largest face is taken until a frame shows two faces or more (a clip of one
-    person is never affected); from then on, or from ``start`` on where given, the face that overlaps the last
+    either). Here each frame's largest face is taken until a second frame shows two faces or more (a clip of
+    one person is never affected, nor one with a single false detection); from then on, or from ``start`` on where given, the face that overlaps the last
     chosen box most (where ``start`` overlaps none of the first frame with faces, its largest is taken). A frame
     where none overlaps the last choice gives None, like a frame without a face (callers keep the last box);
     after ``patience`` frames in a row without the followed face it counts as gone (left the
@@ -278,7 +281,8 @@ class FaceTrack:
         self.last = start
         self.first: Box | None = start  # the first face chosen (or ``start``)
         self.following = start is not None  # the clip has shown several faces (or was known to)
-        self.engaged_at: int | None = 0 if self.following else None  # the frame that showed several faces
+        self.engaged_at: int | None = 0 if self.following else None  # the frame that confirmed several faces
+        self.several = 0  # frames that showed several faces
         self.missed = 0  # frames in a row without the followed face
         self.reacquired = 0  # times the followed face counted as gone and the largest face was taken instead
         self.chosen = 0  # frames a face was chosen in
@@ -286,8 +290,10 @@ class FaceTrack:
 
     def __call__(self, faces: Sequence[Box]) -> Box | None:
         index, self.frames = self.frames, self.frames + 1
-        if len(faces) > 1 and not self.following:
-            self.following, self.engaged_at = True, index
+        if len(faces) > 1:
+            self.several += 1
+            if self.several >= CONFIRM_SEVERAL and not self.following:
+                self.following, self.engaged_at = True, index
         if not faces:
             self.missed += 1
             return None

@@ -307,8 +307,8 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     follow = None
     if track.following:
         follow = track.first
-        logger.info("driver %s: frame %d shows several faces: the crop and the face isolation follow one person, "
-                    "the face first chosen in the clip (the largest then)%s", name, track.engaged_at,
+        logger.info("driver %s: frame %d is the second to show several faces: the crop and the face isolation "
+                    "follow one person, the face first chosen in the clip (the largest then)%s", name, track.engaged_at,
                     f"; it was lost for a second or more {track.reacquired} time(s), and the largest face then "
                     "followed instead" if track.reacquired else "")
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
