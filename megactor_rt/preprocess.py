@@ -267,51 +267,53 @@ class FaceTrack:
     Upstream takes each frame's first detection and this project each frame's largest face, so in a clip of two
     people the chosen face can jump from one to the other and back (the isolated driving frames then show
     either). Here each frame's largest face is taken until a second frame shows two faces or more (a clip of
-    one person is never affected, nor one with a single false detection); from then on, or from ``start`` on where given, the face that overlaps the last
-    chosen box most (where ``start`` overlaps none of the first frame with faces, its largest is taken). A frame
-    where none overlaps the last choice gives None, like a frame without a face (callers keep the last box);
-    after ``patience`` frames in a row without the followed face it counts as gone (left the
-    picture, a cut) and the frame's largest face is followed from then on.
+    one person is never affected, nor one with a single false detection); from then on the face that overlaps
+    the last chosen box most. A frame where none overlaps it gives None, like a frame without a face (callers
+    keep the last box); after ``patience`` frames in a row without the followed face it counts as gone (left
+    the picture, a cut) and the frame's largest face is followed from then on.
 
-    Call it with each frame's faces in order (largest first, as :func:`detect_faces` gives them).
+    ``start`` = ``(frame, box)``, another pass's :attr:`followed_from` over the same frames (its box in this
+    pass's coordinates): the largest face until that frame, as that pass took, then the face overlapping
+    ``box`` (the largest where none does), and on as above; the track then does not decide by itself when to
+    follow. Call it with each frame's faces in order (largest first, as :func:`detect_faces` gives them).
     """
 
-    def __init__(self, patience: int, start: Box | None = None) -> None:
+    def __init__(self, patience: int, start: tuple[int, Box] | None = None) -> None:
         self.patience = max(1, patience)
-        self.last = start
-        self.first: Box | None = start  # the first face chosen (or ``start``)
-        self.following = start is not None  # the clip has shown several faces (or was known to)
-        self.engaged_at: int | None = 0 if self.following else None  # the frame that confirmed several faces
-        self.several = 0  # frames that showed several faces
+        self.start = start
+        self.last: Box | None = None
+        self.following = False
+        self.fresh = False  # ``last`` came from another pass: the next choice may be the largest face
+        self.several = 0  # frames that showed several faces (before following)
         self.missed = 0  # frames in a row without the followed face
         self.reacquired = 0  # times the followed face counted as gone and the largest face was taken instead
-        self.chosen = 0  # frames a face was chosen in
+        self.followed_from: tuple[int, Box] | None = None  # the first frame chosen while following, its face
         self.frames = 0
 
     def __call__(self, faces: Sequence[Box]) -> Box | None:
         index, self.frames = self.frames, self.frames + 1
-        if len(faces) > 1:
+        if self.start is not None and index == self.start[0]:
+            self.following, self.last, self.fresh, self.missed = True, self.start[1], True, 0
+        elif self.start is None and not self.following and len(faces) > 1:
             self.several += 1
-            if self.several >= CONFIRM_SEVERAL and not self.following:
-                self.following, self.engaged_at = True, index
+            self.following = self.several >= CONFIRM_SEVERAL
         if not faces:
             self.missed += 1
             return None
-        if self.following and self.last is not None:
-            if self.missed < self.patience:
-                best = max(faces, key=self.last.overlap)  # the first of equals: the larger face
-                if self.last.overlap(best) <= 0:
-                    if self.chosen:
-                        self.missed += 1
-                        return None
-                    best = faces[0]  # ``start`` meets no face here (another pass's box): not a reason to wait
-            else:
-                best = faces[0]
-                self.reacquired += 1
+        if self.following and self.last is not None and self.missed < self.patience:
+            best = max(faces, key=self.last.overlap)  # the first of equals: the larger face
+            if self.last.overlap(best) <= 0:
+                if not self.fresh:
+                    self.missed += 1
+                    return None
+                best = faces[0]  # the other pass's box meets no face here: not a reason to wait
         else:
+            if self.following and self.last is not None:  # the followed face is gone
+                self.reacquired += 1
             best = faces[0]
-        self.last, self.missed, self.chosen = best, 0, self.chosen + 1
-        self.first = self.first or best
+        if self.following and self.followed_from is None:
+            self.followed_from = (index, best)
+        self.last, self.missed, self.fresh = best, 0, False
         return best
 
 

@@ -243,7 +243,7 @@ class DriverPlan:
     face_crop: bool
     selection: FrameSelection
     face_fraction: float | None = None  # pass 1's median face side / the crop's side (None: no face crop)
-    follow: Box | None = None  # a clip of several people: the face pass 1 followed, where it first chose it
+    follow: tuple[int, Box] | None = None  # a clip of several people: where pass 1 began to follow one face, and it
 
     @property
     def name(self) -> str:
@@ -304,11 +304,10 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
                     "rate): its frames are placed by timestamp at a constant %.3f fps (a frame repeated over a gap, "
                     "one of several within a frame time), so motion keeps in step with the audio", name,
                     float(info.fps), float(sel.fps))
-    follow = None
-    if track.following:
-        follow = track.first
-        logger.info("driver %s: frame %d is the second to show several faces: the crop and the face isolation "
-                    "follow one person, the face first chosen in the clip (the largest then)%s", name, track.engaged_at,
+    follow = track.followed_from
+    if follow is not None:
+        logger.info("driver %s: several faces; from frame %d on the crop and the face isolation follow one person "
+                    "(the face chosen before)%s", name, follow[0],
                     f"; it was lost for a second or more {track.reacquired} time(s), and the largest face then "
                     "followed instead" if track.reacquired else "")
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
@@ -317,9 +316,9 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
 
 
 def face_track(plan: DriverPlan, size: int) -> FaceTrack:
-    """The :class:`FaceTrack` of a pass over ``plan``'s ``size``-px crops: one person throughout, from the face
-    pass 1 followed where it followed one (a clip of several people)."""
-    start = plan.follow.to_crop_coords(plan.crop, size) if plan.follow is not None else None
+    """The :class:`FaceTrack` of a pass over ``plan``'s ``size``-px crops: where pass 1 followed one face (a clip
+    of several people), the same face from the same frame on."""
+    start = (plan.follow[0], plan.follow[1].to_crop_coords(plan.crop, size)) if plan.follow is not None else None
     return FaceTrack(follow_patience(plan.selection.fps), start)
 
 

@@ -435,14 +435,13 @@ def test_a_face_track_takes_the_largest_face_until_two_frames_show_two() -> None
     left, right = Box(0, 0, 100, 100), Box(300, 0, 400, 100)
     track = FaceTrack(patience=3)
     assert [track([left]), track([right]), track([]), track([left])] == [left, right, None, left]
-    assert not track.following
     bigger_right = Box(280, 0, 420, 120)
     moved_left = Box(10, 5, 110, 105)
     assert track([bigger_right, moved_left]) == bigger_right  # one frame of two faces: a false detection?
-    assert not track.following
+    assert not track.following and track.followed_from is None
     assert track([moved_left]) == moved_left
     assert track([bigger_right, moved_left]) == moved_left  # a second one: the face overlapping the last choice
-    assert track.following and track.engaged_at == 6 and track.first == left
+    assert track.following and track.followed_from == (6, moved_left)
 
 
 def test_a_followed_face_missing_for_patience_frames_counts_as_gone() -> None:
@@ -451,15 +450,25 @@ def test_a_followed_face_missing_for_patience_frames_counts_as_gone() -> None:
     from megactor_rt.preprocess import FaceTrack
 
     a, b = Box(0, 0, 100, 100), Box(300, 0, 420, 120)
-    track = FaceTrack(patience=2, start=a)  # from pass 1: following from the start
-    assert track.following and track([b, a]) == a
+    track = FaceTrack(patience=2, start=(0, a))  # from pass 1: following from frame 0, face a
+    assert track([b, a]) == a and track.following and track.followed_from == (0, a)
     assert [track([b]), track([])] == [None, None] and track.reacquired == 0
     assert track([b, a]) == b and track.reacquired == 1  # gone for 2 frames: the largest, then followed
     assert track([a, Box(310, 10, 410, 110)]) == Box(310, 10, 410, 110)
     assert track([b, a]) == b  # an overlap within the patience: the followed face again
-    # a start (pass 1's box) that meets no face of the first frame with faces: its largest, then followed
-    track = FaceTrack(patience=5, start=Box(200, 200, 250, 250))
-    assert [track([]), track([b, a]), track([a]), track([b])] == [None, b, None, b]
+
+
+def test_a_face_track_started_by_another_pass_takes_the_largest_faces_until_then() -> None:
+    """``start`` = (frame, box) from pass 1: before that frame each frame's largest face, as pass 1 took (and
+    no following of its own, however many faces); from it on the face overlapping the box, or the largest where
+    none does (a box of another pass is no reason to wait), then followed."""
+    from megactor_rt.preprocess import FaceTrack
+
+    a, b = Box(0, 0, 100, 100), Box(300, 0, 420, 120)
+    track = FaceTrack(patience=5, start=(2, a))
+    assert [track([b, a]), track([b, a]), track([b, a]), track([b]), track([a, b])] == [b, b, a, None, a]
+    track = FaceTrack(patience=5, start=(1, Box(200, 200, 250, 250)))
+    assert [track([a]), track([b, a]), track([a]), track([b])] == [a, b, None, b]
 
 
 def _two_people(n: int, side: int = 640) -> list[np.ndarray]:
@@ -497,12 +506,13 @@ def test_a_driver_of_two_people_keeps_one_face_in_every_frame(face_crop: bool, c
         plan = plan_driver(DriverFrames(frames, fps=25, name="two"), face_crop=face_crop)
     assert plan.crop[:2] <= (2, 2) and (plan.follow is not None) == face_crop  # B inside the crop
     if face_crop:
-        assert plan.follow.center[0] > 200 and plan.follow.center[1] > 200
-        assert "frame 1 is the second to show several faces: the crop and the face isolation follow" in caplog.text
+        assert plan.follow[0] == 1 and plan.follow[1].center[0] > 200 and plan.follow[1].center[1] > 200
+        assert "several faces; from frame 1 on the crop and the face isolation follow one person" in caplog.text
 
     def kept_x(plan) -> list[float]:  # where the kept face rectangle is (all else black): A about 128, B 42
         return [float(np.nonzero(x[0].numpy())[1].mean()) for x in iter_driver_inputs(plan, 256)]
 
     assert all(x > 100 for x in kept_x(plan)), kept_x(plan)
     if face_crop:  # pass 2 starts from pass 1's face, not from its own first choice
-        assert all(x < 70 for x in kept_x(replace(plan, follow=detect_faces(frames[1])[0]))), kept_x(plan)
+        b = (0, detect_faces(frames[1])[0])  # B, from frame 0 on
+        assert all(x < 70 for x in kept_x(replace(plan, follow=b))), kept_x(replace(plan, follow=b))
