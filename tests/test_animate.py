@@ -1018,7 +1018,7 @@ def test_resampling_keeps_the_frame_on_screen_at_each_output_time(source: Fracti
 
 @pytest.mark.parametrize("source,fps,seconds,n", [(Fraction(25), None, 0.2, 5), (Fraction(25), None, 0.21, 6),
                                                   (Fraction(60), 30, 1.0, 30), (Fraction(30000, 1001), None, 1.0, 30),
-                                                  (Fraction(25), None, 0.001, 1)])
+                                                  (Fraction(25), None, 0.001, 1), (Fraction(25), None, 1e-9, 1)])
 def test_duration_counts_the_frames_shown_in_it(source: Fraction, fps: float | None, seconds: float, n: int) -> None:
     from megactor_rt.runtime.driver import FrameSelection
 
