@@ -1459,6 +1459,12 @@ def test_a_driver_file_smaller_than_64_px_is_refused(tmp_path: Path) -> None:
             w.write(f)
     with pytest.raises(InputError, match="tiny.mp4: frames are 32x32 px; each side must be at least 64 px"):
         driver_info(path)
+    strip = tmp_path / "strip.mp4"  # one side is enough (a mutant testing the longer side survived the suite)
+    with VideoWriter(strip, Fraction(25), 128, 32) as w:
+        for f in _frames(3, 32):
+            w.write(np.ascontiguousarray(np.tile(f, (1, 4, 1))))
+    with pytest.raises(InputError, match="strip.mp4: frames are 128x32 px; each side must be at least 64 px"):
+        driver_info(strip)
 
 
 _COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [128, 128, 128], [200, 100, 50]], float)
