@@ -483,6 +483,8 @@ def test_window_batches_group_equal_windows_in_order():
     # only windows of one length share a call
     assert window_batches([[0, 1], [1, 2], [2, 3], [3]], 2) == [[0, 1], [2], [3]]
     assert window_batches([[0], [0, 1], [1, 2]], 2) == [[0], [1, 2]]
+    # a run cut short by a window of another length goes one window per call (calls hold 1 or ``batch``)
+    assert window_batches([[0, 1], [1, 2], [2], [2, 3], [3, 4], [4, 5]], 3) == [[0], [1], [2], [3, 4, 5]]
     with pytest.raises(ValueError, match="window batch must be >= 1"):
         window_batches([[0]], 0)
 
