@@ -268,3 +268,14 @@ def test_the_stream_begins_a_step_only_where_the_step_changes() -> None:
     order = [plan[s].timestep for _, s in wavefront(windows, n, steps)]
     changes = [t for i, t in enumerate(order) if i == 0 or order[i - 1] != t]
     assert begun == changes and len(begun) < len(order)
+
+
+def test_the_stream_leaves_the_callers_noise_as_it_was() -> None:
+    """A noise tensor given to ``denoise_stream`` is read, not denoised in place (the segments are copies): the
+    caller may run it again, or compare with ``denoise`` on the same noise."""
+    noise = initial_noise(0, (1, 4, 9, 8, 8))
+    before = noise.clone()
+    made = [lat for _, lat in denoise_stream(noise, _OneHalf(), DDIM().plan(2),
+                                             context_windows(9, 4, 2, closed_loop=False), 1.0) if lat is not None]
+    assert torch.equal(noise, before)
+    assert not torch.equal(torch.cat(made, dim=2), before)  # it did denoise
