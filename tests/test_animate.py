@@ -138,6 +138,16 @@ def test_max_frames_caps_the_output(anim: Animator, media: dict[str, Path]) -> N
     assert all(f.shape == (128, 128, 3) and f.dtype == np.uint8 for f in frames)
 
 
+def test_a_driver_shorter_than_the_window_is_checked_at_its_length(anim: Animator, media: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window a backend is asked to take before denoising is the one the run makes: a 4-frame driver with
+    window 8 makes one window of 4 frames (a graph backend of fixed window length refuses that, not 8)."""
+    asked: list[int] = []
+    monkeypatch.setattr(anim.sub, "check_window", asked.append)
+    frames = list(anim.animate(anim.prepare(PORTRAIT), media["short"], config=AnimateConfig(steps=1, window=8, overlap=2)))
+    assert len(frames) == 4 and asked == [4]
+
+
 # ---------------------------------------------------------------------------------------------- reproducibility
 
 
