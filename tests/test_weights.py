@@ -675,3 +675,21 @@ def test_a_vae_file_that_does_not_match_is_named(pack, tmp_path):
     with pytest.raises(WeightsError, match=r"vae weights in .*sd-vae-ft-mse.diffusion_pytorch_model\.safetensors do "
                                            r"not match the model: missing keys \(1\)"):
         convert_release(src, tmp_path / "out")
+
+
+def test_a_checkpoint_name_is_taken_from_the_working_folder_before_the_release_folder(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """``--checkpoint x.ckpt`` names the file where the user is (as any relative path on a command line); the
+    release folder's file of that name is taken only where the working folder has none."""
+    from megactor_rt.weights import release_checkpoint
+
+    src, here = tmp_path / "weights", tmp_path / "here"
+    src.mkdir()
+    here.mkdir()
+    (src / "checkpoint-steps9000.ckpt").write_bytes(b"release")
+    (src / "mine.ckpt").write_bytes(b"release copy")
+    monkeypatch.chdir(here)
+    assert release_checkpoint(src, "checkpoint-steps9000.ckpt") == src / "checkpoint-steps9000.ckpt"
+    (here / "checkpoint-steps9000.ckpt").write_bytes(b"mine")
+    assert release_checkpoint(src, "checkpoint-steps9000.ckpt") == Path("checkpoint-steps9000.ckpt")
+    assert release_checkpoint(src, "mine.ckpt") == src / "mine.ckpt"
