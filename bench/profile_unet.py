@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import matmul_tflops, provenance, random_models
+from megactor_rt.benchmark import matmul_tflops, provenance, random_models, switched_env
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.engine.cache import write_atomic
 
@@ -161,16 +160,8 @@ def main() -> None:
             "seconds": secs, "tflop": flops / 1e12, "tflops_per_s": flops / 1e12 / secs}
     if dev.type == "cuda":  # the same eager call with the Triton kernels switched off (eager reads the switches)
         for label, switches in TRITON_OFF:
-            before = {var: os.environ.get(var) for var in switches}  # gpu_all.sh sets one to 0 if its tests fail
-            os.environ.update(dict.fromkeys(switches, "0"))
-            try:
+            with switched_env(dict.fromkeys(switches, "0")):  # restored after: gpu_all.sh may have set one to 0
                 secs = time_call(optimized, dev)
-            finally:
-                for var, was in before.items():
-                    if was is None:
-                        del os.environ[var]
-                    else:
-                        os.environ[var] = was
             report["calls"][f"optimized, {label}"] = {"seconds": secs, "tflop": opt_tflop,
                                                       "tflops_per_s": opt_tflop / secs}
         # the residual order the CPU takes (layers.residual_add): channels-last activations flow on from the
