@@ -267,16 +267,26 @@ class StatsFile:
             raise InputError(f"{self.path}: cannot write the --stats file ({exc})") from exc
 
 
-def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> list[tuple[Path, Path, Path]]:
-    """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file. More:
-    ``output`` is a folder (created once the weights have loaded) holding ``<portrait stem>_<driver stem>.mp4``;
-    names that collide with each other or with an input are an error before any work."""
-    from megactor_rt.media import VIDEO_SUFFIXES
+# the formats results are written in (megactor_rt.media.RESULT_SUFFIXES, not imported here: PyAV takes a while)
+RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "webm")
+
+
+def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
+                 fmt: str | None = None) -> list[tuple[Path, Path, Path]]:
+    """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file (its suffix
+    picks the format; ``fmt``, if given, must agree). More: ``output`` is a folder (created once the weights have
+    loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4); names that collide with each other or
+    with an input are an error before any work."""
+    from megactor_rt.media import RESULT_SUFFIXES, VIDEO_SUFFIXES
 
     if len(portraits) == 1 and len(drivers) == 1:
+        if fmt is not None and output.suffix.lower() != f".{fmt}":
+            raise InputError(f"{output}: -o names the result file, whose suffix picks its format; --format {fmt} is "
+                             f"for a folder of results (several portraits or drivers): name the file "
+                             f"{output.with_suffix('.' + fmt).name} instead")
         return [(portraits[0], drivers[0], output)]
     count = f"{len(portraits)} portrait(s) x {len(drivers)} driver(s)"
-    if output.suffix.lower() in VIDEO_SUFFIXES:
+    if output.suffix.lower() in VIDEO_SUFFIXES or output.suffix.lower() in RESULT_SUFFIXES:
         raise InputError(f"{output}: with {count}, -o names a folder for the results, not a video file")
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: with {count}, -o names a folder for the results; this is a file")
@@ -284,7 +294,7 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path) -> li
         twice_given = sorted({str(x) for x in given if sum(same_file(x, y) for y in given) > 1})
         if twice_given:
             raise InputError(f"{', '.join(twice_given)}: the same {what} is given more than once")
-    jobs = [(p, d, output / f"{p.stem}_{d.stem}.mp4") for p in portraits for d in drivers]
+    jobs = [(p, d, output / f"{p.stem}_{d.stem}.{fmt or 'mp4'}") for p in portraits for d in drivers]
     names = [o.name for _, _, o in jobs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -351,7 +361,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.torch_fallback and args.fallback != "torch":
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
                          f"too; it cannot be combined with --fallback {args.fallback}")
-    jobs = animate_jobs(args.portrait, args.driver, args.output)
+    jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask)
     check_converted_folder(args.weights)
@@ -403,7 +413,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _note_ignored_options(args, config)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
-          "preprocessing, denoising, decoding, H.264 + audio at the driver's fps). Without real weights the "
+          "preprocessing, denoising, decoding, encoding at the driver's fps with its audio). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
     anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
                          work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs)
@@ -550,9 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="portrait image, or a video (its first frame); several: each one with every driver")
     a.add_argument("--driver", required=True, type=Path, nargs="+", help="driving video(s)")
     a.add_argument("-o", "--output", required=True, type=Path,
-                   help="result video; with several portraits or drivers a folder (created) that receives "
-                        "<portrait>_<driver>.mp4 per pair, all in one process (weights loaded and compiled once, "
-                        "each portrait prepared once); a failed pair is reported and the others still run")
+                   help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9) or .gif (no sound, at most 50 "
+                        "fps); with several portraits or drivers a folder (created) that receives "
+                        "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
+                        "compiled once, each portrait prepared once); a failed pair is reported and the others "
+                        "still run")
+    a.add_argument("--format", choices=RESULT_FORMATS, default=None,
+                   help="the results' format when -o is a folder (default: mp4)")
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
     a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
@@ -580,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
     d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
-                   help="the result video (default: megactor_demo.mp4)")
+                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm or .gif (default: megactor_demo.mp4)")
     d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "

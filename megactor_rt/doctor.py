@@ -68,16 +68,24 @@ def _tensorrt_status() -> dict[str, Any]:
 
 
 def _media_status() -> dict[str, Any]:
-    """PyAV and its FFmpeg (decoding, display matrices, audio) and the video encoder results are written with."""
+    """PyAV and its FFmpeg (decoding, display matrices, audio) and the video encoders results are written with:
+    ``encoder`` that of the H.264 containers, ``formats`` each result suffix's (or why it cannot be written)."""
     import av
 
-    from megactor_rt.media import _video_encoder
+    from megactor_rt.media import RESULT_SUFFIXES, _encoder_for, _video_encoder
 
     try:
         encoder = _video_encoder()
     except RuntimeError as exc:
         encoder = f"none: {exc}"
-    return {"pyav": av.__version__, "ffmpeg": str(getattr(av, "ffmpeg_version_info", "unknown")), "encoder": encoder}
+    formats = {}
+    for suffix in RESULT_SUFFIXES:
+        try:
+            formats[suffix] = _encoder_for(suffix)
+        except RuntimeError as exc:
+            formats[suffix] = f"unavailable: {exc}"
+    return {"pyav": av.__version__, "ffmpeg": str(getattr(av, "ffmpeg_version_info", "unknown")), "encoder": encoder,
+            "formats": formats}
 
 
 def _landmarks_status() -> dict[str, Any]:

@@ -48,15 +48,24 @@ logger = logging.getLogger(__name__)
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_SIDE = 8192
 
-# Output containers we write, and the audio codecs each accepts without transcoding.
+# Output containers we write, and the audio codecs each accepts without transcoding (.gif: no audio track).
 _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
     ".mp4": frozenset({"aac", "mp3", "alac", "ac3", "eac3"}),
     ".m4v": frozenset({"aac", "alac", "ac3"}),  # FFmpeg's ipod muxer refuses MP3 and E-AC-3
     ".mov": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le"}),
     ".mkv": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "vorbis", "flac", "pcm_s16le"}),
+    ".webm": frozenset({"opus", "vorbis"}),  # WebM takes these two audio codecs only
+    ".gif": frozenset(),
 }
-# the sample rates FFmpeg's AAC encoder takes; other sources (192 kHz, 37.8 kHz) are resampled to the nearest
+# the suffixes of the results VideoWriter writes
+RESULT_SUFFIXES = tuple(sorted(_AUDIO_COPY_CODECS))
+# what other audio is converted to: AAC, except in WebM (Opus)
+_AUDIO_ENCODER = {".webm": "libopus"}
+# the sample rates each audio encoder takes (and its sample format); other sources (192 kHz, 37.8 kHz) are
+# resampled to the nearest
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+_ENCODER_RATES = {"aac": _AAC_RATES, "libopus": (48000, 24000, 16000, 12000, 8000)}
+_ENCODER_FORMAT = {"aac": "fltp", "libopus": "flt"}
 # MP3 below this rate (MPEG-2.5) is refused by the MP4/MOV muxers ("not standard"): transcoded there instead
 _MP3_MIN_COPY_RATE = 16000
 # a transcoded audio stream starting later than this after the video's first frame (or a gap in it) is
@@ -64,6 +73,18 @@ _MP3_MIN_COPY_RATE = 16000
 AUDIO_GAP_S = Fraction(1, 100)
 # H.264 encoders in order of preference; mpeg4 (part 2) is the last resort every FFmpeg build has.
 _VIDEO_ENCODERS = ("libx264", "libopenh264", "mpeg4")
+# the encoder of the containers that take no H.264
+_OTHER_VIDEO_ENCODERS = {".webm": "libvpx-vp9", ".gif": "gif"}
+# VP9 (WebM) quality: constant quality 24 of 0-63 (about libx264's crf 18 on the bundled driver: mean error
+# 1.7 levels); speed 4 of 0-8 with row threading (about 25 ms per 512 px frame on one core)
+_VP9_OPTIONS = {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+# GIF: frame delays are whole hundredths of a second, and browsers show a delay under 2/100 s as 1/10 s
+GIF_MAX_FPS = 50
+# GIF colours: one 256-colour palette made from the first frame (a portrait keeps its colours; a palette per
+# frame doubled the file and flickers), ordered dithering (error diffusion shimmers between frames and took
+# 3x as long)
+_GIF_PALETTE = "stats_mode=full"
+_GIF_DITHER = "dither=bayer:bayer_scale=3"
 
 PathLike = str | os.PathLike[str]
 
@@ -268,8 +289,11 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
     A nominal rate 1.5 to 2.5 times the average may be FFmpeg's misreading of jittered timestamps, at which
     nearly every frame would repeat (or, above twice the average, an odd rate like 29.997 fps): where the
     timestamps show the frames mostly coming at half of it or slower (:func:`_frames_at_half_rate`), the grid
-    is at half the nominal rate."""
+    is at half the nominal rate. A GIF's rate is its frames over its duration where FFmpeg gives that (below)."""
     avg, base = stream.average_rate, stream.base_rate
+    gif = _gif_rate(stream)
+    if gif is not None:
+        return gif
     if avg and base and base <= 240:
         nominal = Fraction(base.numerator, base.denominator)
         if 1.5 <= base / avg <= 2.5 and _frames_at_half_rate(path, stream.index, stream.time_base, nominal):
@@ -280,6 +304,18 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
         if rate:
             return Fraction(rate.numerator, rate.denominator)
     raise InputError(f"{path}: the video stream has no usable frame rate")
+
+
+def _gif_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
+    """A GIF's frame rate: its frames over its duration, or the whole number within 0.5 % of that (30, not
+    4700/157). GIF frame delays are whole hundredths of a second, so a 30 fps GIF steps 3, 3, 4, ... hundredths,
+    and FFmpeg's average rate may come out as 100/3 fps, on whose grid every tenth frame would repeat (and the
+    work grow by as much). None for other codecs, or where FFmpeg gives no frame count or duration."""
+    if stream.codec_context.name != "gif" or not stream.frames or not stream.duration or not stream.time_base:
+        return None
+    mean = Fraction(stream.frames) / (stream.duration * stream.time_base)
+    whole = Fraction(round(mean))
+    return whole if whole and abs(whole / mean - 1) <= Fraction(1, 200) else mean
 
 
 # How many of a video's first packets _frames_at_half_rate reads (their timestamps; nothing is decoded).
@@ -802,13 +838,15 @@ def check_output_path(path: PathLike) -> Path:
     """Check, before any work, that a result video can be written to ``path``.
 
     Args:
-        path: destination file; its suffix picks the container (.mp4, .m4v, .mov, .mkv).
+        path: destination file; its suffix picks the container (.mp4, .m4v, .mov, .mkv: H.264; .webm: VP9;
+            .gif).
 
     Returns:
         ``path`` as an absolute :class:`Path`.
 
     Raises:
-        InputError: unsupported suffix, missing or unwritable folder, or ``path`` is a directory.
+        InputError: unsupported suffix (or no encoder for it in this PyAV build), missing or unwritable folder,
+            or ``path`` is a directory.
     """
     path = Path(path).expanduser().absolute()
     size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)
@@ -820,6 +858,10 @@ def check_output_path(path: PathLike) -> Path:
     if path.suffix.lower() not in _AUDIO_COPY_CODECS:
         raise InputError(f"{path}: unsupported output format {path.suffix!r}; use one of "
                          f"{', '.join(sorted(_AUDIO_COPY_CODECS))}")
+    try:
+        _encoder_for(path.suffix.lower())
+    except RuntimeError as exc:
+        raise InputError(f"{path}: {exc}; write .mp4 or .mkv instead") from exc
     parent = path.parent
     if not parent.exists():
         raise InputError(f"{path}: output folder {parent} does not exist")
@@ -830,6 +872,18 @@ def check_output_path(path: PathLike) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{path}: existing output file is not writable")
     return path
+
+
+def check_result_rate(path: Path, fps: Fraction) -> None:
+    """Refuse a frame rate the result's format cannot show: a GIF above :data:`GIF_MAX_FPS`.
+
+    Raises:
+        InputError: naming the result and the way out.
+    """
+    if path.suffix.lower() == ".gif" and fps > GIF_MAX_FPS:
+        raise InputError(f"{path}: a GIF plays at most {GIF_MAX_FPS} frames per second (its frame delays are whole "
+                         f"hundredths of a second, and browsers slow shorter ones down), not {float(fps):g}: pass "
+                         "--fps 25 (Python: fps=25 in the AnimateConfig), or write .mp4 or .webm")
 
 
 def _name_max(folder: Path) -> int:
@@ -877,6 +931,23 @@ def _video_encoder() -> str:
     raise RuntimeError(f"PyAV has none of the video encoders {_VIDEO_ENCODERS}")
 
 
+@lru_cache(maxsize=8)
+def _encoder_for(suffix: str) -> str:
+    """The video encoder of a result container (``suffix``: lower case, with its dot).
+
+    Raises:
+        RuntimeError: this PyAV build lacks it.
+    """
+    name = _OTHER_VIDEO_ENCODERS.get(suffix)
+    if name is None:
+        return _video_encoder()
+    try:
+        av.codec.Codec(name, "w")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise RuntimeError(f"this PyAV build has no {name} encoder for {suffix} results") from exc
+    return name
+
+
 def _sample_slice(frame: av.AudioFrame, first: int, end: int) -> av.AudioFrame:
     """Samples ``[first, end)`` of an audio frame as a new frame (planar: (C, N) arrays; packed: (1, N*C))."""
     data: Any = frame.to_ndarray()
@@ -887,13 +958,44 @@ def _sample_slice(frame: av.AudioFrame, first: int, end: int) -> av.AudioFrame:
     return part
 
 
+def _palette_filter(first: av.VideoFrame, time_base: Fraction) -> tuple[av.filter.Graph, av.filter.FilterContext]:
+    """A filter graph that maps RGB frames onto a 256-colour palette made from ``first``, and its frame input
+    (frames are pushed there and pulled from the graph one at a time: nothing waits for the end of the video)."""
+    rgb = av.video.format.VideoFormat("rgb24")
+    make = av.filter.Graph()
+    source = make.add_buffer(width=first.width, height=first.height, format=rgb, time_base=time_base)
+    sink = make.add("buffersink")
+    gen = make.add("palettegen", _GIF_PALETTE)
+    source.link_to(gen)
+    gen.link_to(sink)
+    make.configure()
+    source.push(first)
+    source.push(None)
+    palette = cast(av.VideoFrame, make.pull())
+    graph = av.filter.Graph()
+    frames = graph.add_buffer(width=first.width, height=first.height, format=rgb, time_base=time_base)
+    colours = graph.add_buffer(width=palette.width, height=palette.height, format=palette.format,
+                               time_base=time_base)
+    use, out = graph.add("paletteuse", _GIF_DITHER), graph.add("buffersink")
+    frames.link_to(use, 0, 0)
+    colours.link_to(use, 0, 1)
+    use.link_to(out)
+    graph.configure()
+    palette.pts = 0
+    colours.push(palette)
+    colours.push(None)  # the one palette serves every frame
+    return graph, frames
+
+
 class VideoWriter:
-    """Encode RGB frames to an H.264 (yuv420p) video at an exact frame rate, optionally with audio.
+    """Encode RGB frames to a video at an exact frame rate, optionally with audio: H.264 (yuv420p) in .mp4, .m4v,
+    .mov and .mkv, VP9 in .webm, or an animated GIF (looping, no audio, at most :data:`GIF_MAX_FPS`).
 
     Frames go to a hidden temporary file beside ``path``. :meth:`close` (or a clean ``with`` exit)
     muxes the first audio stream of ``audio_source`` trimmed to the video's duration (packets copied
-    when the codec fits the container, e.g. MP3/AAC into MP4; otherwise transcoded to AAC) and renames
-    the file onto ``path``. An exception inside the ``with`` block, or :meth:`abort`, deletes it.
+    when the codec fits the container, e.g. MP3/AAC into MP4, Opus into WebM; otherwise transcoded to AAC,
+    in WebM to Opus) and renames the file onto ``path``. An exception inside the ``with`` block, or
+    :meth:`abort`, deletes it.
 
     Example:
         >>> with VideoWriter("out.mp4", Fraction(30), 512, 512, audio_source="driver.mp4") as w:
@@ -907,12 +1009,14 @@ class VideoWriter:
         """Open the temporary output and set up streams.
 
         Args:
-            path: final destination (.mp4/.m4v/.mov/.mkv).
+            path: final destination (.mp4/.m4v/.mov/.mkv/.webm/.gif).
             fps: exact frame rate; frame i is stamped i/fps.
             width: frame width (even).
             height: frame height (even).
-            audio_source: a media file whose first audio stream is carried over, or None.
-            crf: libx264 constant rate factor (lower = better; 18 is visually lossless).
+            audio_source: a media file whose first audio stream is carried over, or None (a GIF has no sound: it is
+                left out, logged).
+            crf: libx264 constant rate factor (lower = better; 18 is visually lossless); VP9 and GIF have their own
+                settings.
             video_start: where the driver's video starts on ``audio_source``'s clock (its video stream's start,
                 :attr:`VideoInfo.start_s`); ``audio_offset`` counts from there, so audio that starts before or
                 after the video stays in step (audio before it is dropped, a later start is kept as silence).
@@ -922,13 +1026,22 @@ class VideoWriter:
                 starts at the exact sample).
 
         Raises:
-            InputError: the destination is unwritable or ``audio_source`` is unreadable.
+            InputError: the destination is unwritable, ``audio_source`` is unreadable, or a GIF above
+                :data:`GIF_MAX_FPS`.
             ValueError: non-positive fps, odd or non-positive frame size.
         """
         self.path = check_output_path(path)
         self.fps = Fraction(fps)
         if self.fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
+        self._suffix = self.path.suffix.lower()
+        self._gif = self._suffix == ".gif"
+        check_result_rate(self.path, self.fps)
+        if self._gif and audio_source is not None:
+            logger.info("%s: a GIF has no sound; the audio of %s is left out", self.path.name, audio_source)
+            audio_source = None
+        # GIF: a filter graph applying the first frame's palette, and its input
+        self._palette: tuple[av.filter.Graph, av.filter.FilterContext] | None = None
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"frame size must be positive and even for yuv420p, got {width}x{height}")
         self.width, self.height = width, height
@@ -939,6 +1052,7 @@ class VideoWriter:
         self._resampler: av.AudioResampler | None = None  # transcoded audio: to AAC's format, layout and rate
         self._resampler_in: tuple[str, str, int] | None = None  # the source parameters it was made for
         self._audio_copy = False
+        self._audio_format = ""  # the transcoding encoder's sample format
         self._audio_samples = 0  # transcoded audio handed to the encoder so far (samples at the AAC rate)
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
@@ -966,17 +1080,21 @@ class VideoWriter:
         self._audio_path = source
 
     def _setup_output(self, crf: int) -> None:
-        options = {"movflags": "+faststart"} if self.path.suffix.lower() != ".mkv" else {}
+        options = {"movflags": "+faststart"} if self._suffix in (".mp4", ".m4v", ".mov") else {}
         self._out = av.open(str(self._tmp), mode="w", container_options=options)
-        encoder = _video_encoder()
+        encoder = _encoder_for(self._suffix)
         stream = cast(av.video.stream.VideoStream, self._out.add_stream(encoder, rate=self.fps))
-        stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
-        # frames are converted to YUV with BT.601 in limited range (swscale's default): say so, or players
-        # guess, and take BT.709 for HD sizes
-        stream.codec_context.colorspace, stream.codec_context.color_range = _SMPTE170M, _TV_RANGE
+        stream.width, stream.height = self.width, self.height
+        stream.pix_fmt = "pal8" if self._gif else "yuv420p"
+        if not self._gif:
+            # frames are converted to YUV with BT.601 in limited range (swscale's default): say so, or players
+            # guess, and take BT.709 for HD sizes
+            stream.codec_context.colorspace, stream.codec_context.color_range = _SMPTE170M, _TV_RANGE
         stream.time_base = self._frame_tb = 1 / self.fps  # the muxer changes stream.time_base later
         if encoder == "libx264":
             stream.options = {"crf": str(crf), "preset": "medium"}
+        elif encoder == "libvpx-vp9":
+            stream.options = dict(_VP9_OPTIONS)
         self._video = stream
         if self._audio_in_stream is not None:
             self._setup_audio_stream(self._audio_in_stream)
@@ -984,18 +1102,22 @@ class VideoWriter:
     def _setup_audio_stream(self, src: av.audio.stream.AudioStream) -> None:
         codec = src.codec_context.codec.canonical_name  # "mp3", not the decoder name "mp3float"
         rate = src.codec_context.sample_rate or 44100
-        suffix = self.path.suffix.lower()
+        suffix = self._suffix
         self._audio_copy = codec in _AUDIO_COPY_CODECS[suffix] and not (
             codec == "mp3" and suffix != ".mkv" and rate < _MP3_MIN_COPY_RATE)
         if self._audio_copy:
             self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream_from_template(src))
         else:
-            out_rate = rate if rate in _AAC_RATES else min(_AAC_RATES, key=lambda r: abs(r - rate))
-            logger.info("transcoding audio %s at %d Hz to AAC at %d Hz", codec, rate, out_rate)
-            self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream("aac", rate=out_rate))
+            encoder = _AUDIO_ENCODER.get(suffix, "aac")
+            rates = _ENCODER_RATES[encoder]
+            out_rate = rate if rate in rates else min(rates, key=lambda r: abs(r - rate))
+            logger.info("transcoding audio %s at %d Hz to %s at %d Hz", codec, rate,
+                        "Opus" if encoder == "libopus" else "AAC", out_rate)
+            self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream(encoder, rate=out_rate))
             # by channel count: sources may carry unordered layouts ("1 channels") that AAC rejects
             self._audio_out.layout = "mono" if src.codec_context.channels == 1 else "stereo"
-            self._audio_out.format = "fltp"  # AAC's sample format: frames are resampled to it (_encode_audio)
+            # the encoder's sample format: frames are resampled to it (_encode_audio)
+            self._audio_out.format = self._audio_format = _ENCODER_FORMAT[encoder]
         try:  # writes the header now: a stream the container cannot hold fails here, before any frame is made
             self._out.start_encoding()
         except av.error.FFmpegError as exc:
@@ -1019,14 +1141,33 @@ class VideoWriter:
             raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, got "
                              f"{frame.shape} {frame.dtype}")
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        vf = vf.reformat(format="yuv420p")
-        vf.colorspace, vf.color_range = _SMPTE170M, _TV_RANGE
+        if not self._gif:
+            vf = vf.reformat(format="yuv420p")
+            vf.colorspace, vf.color_range = _SMPTE170M, _TV_RANGE
         vf.pts, vf.time_base = self.frames_written, self._frame_tb
         try:
-            self._out.mux(self._video.encode(vf))
+            if self._gif:
+                self._encode_gif(vf)
+            else:
+                self._out.mux(self._video.encode(vf))
         except OSError as exc:  # e.g. a full disk (PyAV's file errors are OSErrors)
             raise self._write_error(exc) from exc
         self.frames_written += 1
+
+    def _encode_gif(self, vf: av.VideoFrame | None) -> None:
+        """Reduce an RGB frame to the palette of the first frame (made from it on the first call) and encode it;
+        None: flush the filter."""
+        if self._palette is None:
+            assert vf is not None  # close() flushes only after a frame was written
+            self._palette = _palette_filter(vf, self._frame_tb)
+        graph, source = self._palette
+        source.push(vf)
+        while True:
+            try:
+                out = cast(av.VideoFrame, graph.pull())
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return
+            self._out.mux(self._video.encode(out))
 
     def _write_error(self, exc: OSError) -> ResourceError:
         return ResourceError(f"{self.path}: cannot write the result video ({exc}); nothing was written under "
@@ -1043,6 +1184,8 @@ class VideoWriter:
         try:
             if self.frames_written == 0:
                 raise ValueError(f"{self.path}: no frames were written")
+            if self._gif:
+                self._encode_gif(None)
             self._out.mux(self._video.encode(None))
             if self._audio_in is not None and self._audio_in_stream is not None:
                 self._mux_audio(self._audio_in, self._audio_in_stream, Fraction(self.frames_written) / self.fps)
@@ -1202,7 +1345,7 @@ class VideoWriter:
                            "from the timestamps of the frames after them)", self._audio_path, bad)
 
     def _encode_audio(self, frame: av.AudioFrame | None) -> None:
-        """Encode ``frame`` (None: flush the resampler) after resampling it to the AAC stream's format, layout
+        """Encode ``frame`` (None: flush the resampler) after resampling it to the AAC (Opus) stream's format, layout
         and rate, with a resampler made anew whenever the source's format, layout or rate changes (a joined
         broadcast recording going from stereo to mono): the encoder's own one is fixed by the first frame."""
         if frame is not None:
@@ -1211,7 +1354,7 @@ class VideoWriter:
                 self._flush_resampler()
                 self._resampler_in = params
                 self._resampler = av.AudioResampler(
-                    format="fltp", layout=self._audio_out.layout.name, rate=self._audio_out.rate)
+                    format=self._audio_format, layout=self._audio_out.layout.name, rate=self._audio_out.rate)
             frame.pts = None
             resampler = self._resampler
             assert resampler is not None

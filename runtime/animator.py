@@ -26,7 +26,14 @@ from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
-from megactor_rt.media import VideoWriter, check_not_an_input, check_output_path, image_to_rgb, read_portrait
+from megactor_rt.media import (
+    VideoWriter,
+    check_not_an_input,
+    check_output_path,
+    check_result_rate,
+    image_to_rgb,
+    read_portrait,
+)
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import (
@@ -673,7 +680,9 @@ class Animator:
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> RunStats:
-        """Prepare + animate + write an H.264 mp4 at the driver's frame rate with its audio.
+        """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
+        .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
+        any work: pass ``config`` with ``fps=25``).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
         under ``output``. ``portrait``, ``face_crop``, ``mask``: see :meth:`prepare` (a PIL image is taken too);
@@ -695,13 +704,14 @@ class Animator:
         if cfg.tiny_decoder is not None:
             self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
         info = driver_info(driver)
+        sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
+        check_result_rate(out, sel.fps)  # a 60 fps GIF, before the portrait is prepared
         state, hit = self._prepare(portrait, face_crop, mask, cfg.seed)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
                                     else Path(portrait).name)
             landmarks_model = landmarker.path
         size = self.image_size
-        sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         with VideoWriter(out, sel.fps, size, size, audio_source=info.path if audio and info.has_audio else None,
                          audio_offset=sel.start_s, video_start=info.start_s) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,

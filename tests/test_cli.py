@@ -15,9 +15,11 @@ import sys
 import textwrap
 import types
 from collections.abc import Iterator
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -287,6 +289,8 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
 
     assert report["media"]["pyav"] == av.__version__ and report["media"]["encoder"] in ("libx264", "libopenh264",
                                                                                          "mpeg4")
+    formats = report["media"]["formats"]
+    assert (formats[".mp4"], formats[".webm"], formats[".gif"]) == (report["media"]["encoder"], "libvpx-vp9", "gif")
 
 
 def test_download_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -532,6 +536,62 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--format webm names a batch's results .webm (VP9, the driver's AAC audio as Opus); -o NAME.gif writes a GIF
+    (the audio left out). Each has the run's frames, near the mp4 result's (the GIF in 8x8 blocks: the tiny
+    random model's frames are coloured noise, which 256 dithered colours draw only on average)."""
+    common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 4)
+    second = shutil.copy(media["driver"], tmp_path / "second.mp4")
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], second,
+                       "-o", tmp_path / "res", "--format", "webm", *common)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["my_face_my_driver.webm", "my_face_second.webm"]
+    webm = tmp_path / "res" / "my_face_my_driver.webm"
+    assert stream_facts(webm) == (4, Fraction(25), True)
+    with av.open(str(webm)) as c:
+        assert (c.streams.video[0].codec_context.name, c.streams.audio[0].codec_context.name) == ("vp9", "opus")
+    gif = tmp_path / "one.gif"
+    code, stdout, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], "-o", gif,
+                            *common)
+    assert code == 0, err
+    assert f"wrote {gif}: 4 frames" in stdout and stream_facts(gif) == (4, Fraction(25), False)
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"],
+                       "-o", tmp_path / "one.mp4", *common)
+    assert code == 0, err
+    def blocks(frame: np.ndarray) -> np.ndarray:
+        n = frame.shape[0] // 8
+        return frame.astype(float).reshape(n, 8, n, 8, 3).mean(axis=(1, 3))
+
+    for other, limit in ((gif, 5), (webm, 3)):
+        errors = [np.abs(blocks(a) - blocks(b)).mean()
+                  for a, b in zip(frames_of(other), frames_of(tmp_path / "one.mp4"), strict=True)]
+        assert max(errors) < limit, (other.name, errors)
+
+
+def test_formats_of_the_cli_are_the_writers() -> None:
+    from megactor_rt.media import RESULT_SUFFIXES
+
+    assert tuple(f".{f}" for f in cli.RESULT_FORMATS) == RESULT_SUFFIXES
+
+
+def test_a_60_fps_driver_into_a_gif_is_refused_before_the_portrait_is_prepared(
+        media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    anim = Animator.demo()
+    driver = write_face_driver(tmp_path / "fast.mp4", n=4, fps=60)
+
+    def prepared(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the portrait was prepared")
+
+    monkeypatch.setattr(anim, "_prepare", prepared)
+    with pytest.raises(InputError, match=r"r\.gif: a GIF plays at most 50 frames per second .* not 60: pass --fps 25"):
+        anim.animate_to_file(media["portrait"], driver, tmp_path / "r.gif")
+    monkeypatch.undo()
+    anim.animate_to_file(media["portrait"], driver, tmp_path / "r.gif", config=replace(anim.config, fps=25, steps=1,
+                                                                                     window=4, overlap=2))
+    assert stream_facts(tmp_path / "r.gif")[1] == Fraction(25)
+
+
 def test_stats_naming_a_folder_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o.mp4"
     code, _, err = run(capsys, "demo", "-o", out, "--stats", tmp_path)
@@ -539,17 +599,21 @@ def test_stats_naming_a_folder_is_refused_before_any_work(tmp_path: Path, capsys
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["file_output", "same_stems", "overwrites_input", "mask_with_two_portraits",
-                                  "weights_missing"])
+@pytest.mark.parametrize("case", ["file_output", "gif_file_output", "format_disagrees", "same_stems",
+                                  "overwrites_input", "mask_with_two_portraits", "weights_missing"])
 def test_batch_settings_checked_before_any_work(case: str, weights: Path, media: dict[str, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a").mkdir()
     twin = shutil.copy(media["driver"], tmp_path / "a" / media["driver"].name)  # same name, other folder
     portraits, drivers, out, extra = [media["portrait"]], [media["driver"], twin], tmp_path / "res", []
     needle = "several jobs would write my_face_my_driver.mp4"
-    if case == "file_output":
-        drivers, out, needle = [media["driver"], media["faceless_driver"]], tmp_path / "res.mp4", \
+    if case in ("file_output", "gif_file_output"):
+        drivers, out, needle = [media["driver"], media["faceless_driver"]], \
+            tmp_path / ("res.mp4" if case == "file_output" else "res.gif"), \
             "-o names a folder for the results, not a video file"
+    elif case == "format_disagrees":
+        drivers, out, extra, needle = [media["driver"]], tmp_path / "res.mp4", ["--format", "gif"], \
+            "--format gif is for a folder of results (several portraits or drivers): name the file res.gif instead"
     elif case == "overwrites_input":
         clash = tmp_path / "a" / f"{media['portrait'].stem}_{media['driver'].stem}.mp4"
         shutil.copy(media["driver"], clash)

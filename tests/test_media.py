@@ -405,10 +405,10 @@ def test_writer_transcodes_audio_into_mp4(tmp_path: Path) -> None:
     assert 0.95 < audio_s < 1.15  # 2 s of source trimmed to 1 s (+ AAC priming/padding)
 
 
-@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".webm"])
 def test_transcoded_audio_starts_on_time(tmp_path: Path, suffix: str) -> None:
-    """A click 0.5 s into PCM audio at 8 kHz is 0.5 s into the result's AAC audio, as players place it (the
-    decoded samples from the first packet's time on). Was: 1024 samples late (128 ms at 8 kHz), as the
+    """A click 0.5 s into PCM audio at 8 kHz is 0.5 s into the result's AAC (WebM: Opus) audio, as players place
+    it (the decoded samples from the first packet's time on). Was: 1024 samples late (128 ms at 8 kHz), as the
     encoder's start-up delay went unrecorded."""
     rate, click = 8000, 4000
     src = tmp_path / "src.mkv"
@@ -429,7 +429,7 @@ def test_transcoded_audio_starts_on_time(tmp_path: Path, suffix: str) -> None:
         frames = list(c.decode(audio=0))
     start = frames[0].pts * frames[0].time_base  # where the decoded audio begins on the result's clock
     got = np.concatenate([f.to_ndarray()[0] for f in frames])
-    at = float(start) + int(np.argmax(np.abs(got))) / rate
+    at = float(start) + int(np.argmax(np.abs(got))) / frames[0].sample_rate  # AAC keeps 8 kHz, Opus has 48
     assert abs(at - click / rate) < 0.003, at
 
 
@@ -1584,3 +1584,126 @@ def test_the_result_starts_at_time_zero(tmp_path: Path) -> None:
             w.write(np.full((64, 64, 3), 40 * i, np.uint8))
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert next(c.decode(video=0)).time == 0 and (c.streams.video[0].start_time or 0) == 0
+
+
+# ---------------------------------------------------------------------------------------------- WebM and GIF results
+
+
+def test_webm_result_is_vp9_with_the_drivers_audio_as_opus(tmp_path: Path) -> None:
+    """.webm: VP9 video near the frames written, the bundled driver's MP3 (which WebM cannot hold) converted to
+    Opus and trimmed to the video."""
+    frames = list(iter_video_frames(DRIVER, max_frames=30))
+    out = tmp_path / "result.webm"
+    with VideoWriter(out, Fraction(30), 512, 512, audio_source=DRIVER) as w:
+        for f in frames:
+            w.write(f)
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].codec_context.name == "vp9"
+        a = c.streams.audio[0]
+        assert a.codec_context.name in ("opus", "libopus") and a.codec_context.sample_rate == 48000
+        audio_s = sum(f.samples for f in c.decode(a)) / 48000
+    assert 0.95 < audio_s < 1.05, audio_s  # 1 s of video
+    info = probe_video(out)
+    assert (info.fps, info.has_audio) == (Fraction(30), True)
+    decoded = list(iter_video_frames(out))
+    assert len(decoded) == 30
+    assert max(np.abs(d.astype(int) - f).mean() for d, f in zip(decoded, frames, strict=True)) < 4
+
+
+def test_webm_result_copies_opus_audio(tmp_path: Path) -> None:
+    """Opus audio goes into a WebM result as it is: the result's packets are a run of the source's (from the first
+    whole packet at the video's start: the source's first one starts 7 ms before it, with the encoder's
+    start-up samples)."""
+    src = _tone_after(tmp_path / "tone.mkv", "libopus", seconds=2, tone_from=0, rate=48000)
+    out = tmp_path / "result.webm"
+    with VideoWriter(out, Fraction(25), 64, 64, audio_source=src) as w:
+        for f in _frames(25):
+            w.write(f)
+    packets, _ = _audio_track(out)
+    source_packets, _ = _audio_track(src)
+    assert len(packets) >= 45 and packets == source_packets[1:1 + len(packets)]  # 20 ms packets over 1 s
+
+
+@pytest.mark.parametrize("fps", [Fraction(25), Fraction(30), Fraction(50), Fraction(15, 2)])
+def test_gif_result_keeps_every_frame_and_its_rate(tmp_path: Path, fps: Fraction) -> None:
+    """A GIF result reads back with the frames written, at their rate (a GIF steps in hundredths of a second: 30
+    fps is 3, 3, 4, ...), looping, in colours near the frames'."""
+    frames = list(iter_video_frames(DRIVER, max_frames=24))
+    out = tmp_path / "result.gif"
+    with VideoWriter(out, fps, 512, 512) as w:
+        for f in frames:
+            w.write(f)
+    info = probe_video(out)
+    assert info.fps == fps and not info.has_audio
+    decoded = list(iter_video_frames(out))
+    assert len(decoded) == 24
+    errors = [np.abs(d.astype(int) - f).mean() for d, f in zip(decoded, frames, strict=True)]
+    assert max(errors) < 5, errors  # 256 colours, dithered
+    assert b"NETSCAPE2.0\x03\x01\x00\x00" in out.read_bytes()  # loops forever
+
+
+def test_gif_palette_comes_from_the_first_frame(tmp_path: Path) -> None:
+    """One palette, made from the first frame: a colour only later frames show is drawn from the first frame's
+    colours (it would be exact with a palette per frame)."""
+    first = np.zeros((64, 64, 3), np.uint8)
+    first[:, :32] = (200, 30, 30)
+    later = first.copy()
+    later[:, 32:] = (30, 60, 220)
+    out = tmp_path / "palette.gif"
+    with VideoWriter(out, Fraction(10), 64, 64) as w:
+        w.write(first)
+        w.write(later)
+    decoded = list(iter_video_frames(out))
+    assert np.abs(decoded[0].astype(int) - first).max() <= 2
+    assert np.abs(decoded[1][:, :32].astype(int) - first[:, :32]).max() <= 2
+    assert np.abs(decoded[1][:, 32:].astype(int) - later[:, 32:]).mean() > 20  # not in the first frame's palette
+
+
+def test_gif_result_leaves_the_audio_out_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "result.gif"
+    with caplog.at_level(logging.INFO, logger="megactor_rt.media"), \
+            VideoWriter(out, Fraction(25), 64, 64, audio_source=DRIVER) as w:
+        for f in _frames(5):
+            w.write(f)
+    assert not probe_video(out).has_audio
+    assert any("a GIF has no sound" in r.getMessage() and "driver.mp4" in r.getMessage() for r in caplog.records)
+
+
+def test_gif_result_above_50_fps_is_refused_before_any_file(tmp_path: Path) -> None:
+    """A 60 fps GIF would step 1, 2, 2, ... hundredths, and browsers show a step under 2 as 10: refused, naming
+    the way out, before a file is made."""
+    out = tmp_path / "fast.gif"
+    with pytest.raises(InputError, match=r"fast\.gif: a GIF plays at most 50 frames per second .* not 60: pass --fps"):
+        VideoWriter(out, Fraction(60), 64, 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_result_formats_without_an_encoder_are_refused_up_front(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(media._OTHER_VIDEO_ENCODERS, ".webm", "no-such-encoder")
+    media._encoder_for.cache_clear()
+    try:
+        with pytest.raises(InputError, match=r"x\.webm: this PyAV build has no no-such-encoder encoder for \.webm "
+                                             r"results; write \.mp4 or \.mkv instead"):
+            check_output_path(tmp_path / "x.webm")
+        assert check_output_path(tmp_path / "x.gif") == tmp_path / "x.gif"
+    finally:
+        media._encoder_for.cache_clear()
+    with pytest.raises(InputError, match=r"unsupported output format '\.avi'; use one of .*\.gif.*\.webm"):
+        check_output_path(tmp_path / "x.avi")
+
+
+@pytest.mark.parametrize(("delays_ms", "rate"), [([30, 30, 40], Fraction(30)), ([40], Fraction(25)),
+                                                 ([30], Fraction(100, 3)), ([70, 70, 70, 80], Fraction(4800, 348)),
+                                                 ([40, 50], Fraction(4800, 216))])
+def test_gif_driver_gives_each_frame_once(tmp_path: Path, delays_ms: list[int], rate: Fraction | None) -> None:
+    """A GIF driver (Pillow-made, as memes are) gives every frame exactly once. A 30 fps GIF steps 3, 3, 4
+    hundredths; FFmpeg's average rate is then 100/3 fps, on whose grid every tenth frame repeated (53 frames of
+    48): now its rate is the frames over the duration."""
+    delays = delays_ms * (48 // len(delays_ms))
+    images = [Image.fromarray(np.full((64, 64, 3), i * 5, np.uint8)) for i in range(len(delays))]
+    gif = tmp_path / "meme.gif"
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=delays, loop=0)
+    assert probe_video(gif).fps == rate
+    shades = [int(f[0, 0, 0]) for f in iter_video_frames(gif)]
+    assert shades == [i * 5 for i in range(len(delays))]
