@@ -127,6 +127,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="the result shows the driver's crop (as the model sees it, before the face isolation), "
+                        "the portrait's crop and the animation side by side (three times as wide)")
     p.add_argument("--contour-preserve", "--contour-reserve", dest="contour", action="store_true",
                    help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
                         "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
@@ -383,7 +386,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
             stats = anim.animate_to_file(portrait, driver, output, face_crop=not args.no_face_crop,
                                          mask=args.mask, audio=not args.no_audio, contour=args.contour,
                                          landmarks_model=args.landmarks_model,
-                                         contour_affine_frame=args.contour_affine_frame)
+                                         contour_affine_frame=args.contour_affine_frame,
+                                         side_by_side=args.side_by_side)
         except MegactorError as exc:
             if len(jobs) == 1:
                 raise
@@ -422,7 +426,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
                                  audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model,
-                                 contour_affine_frame=args.contour_affine_frame)
+                                 contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side)
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

@@ -52,6 +52,7 @@ from megactor_rt.runtime.driver import (
     Driver,
     DriverPlan,
     FrameSelection,
+    cropped_frames,
     driver_info,
     driver_source,
     iter_driver_inputs,
@@ -131,7 +132,8 @@ def memory_errors(what: str, device: torch.device) -> Iterator[None]:
 class Animator:
     """Portrait animation with one set of submodels (one backend) and one run configuration.
 
-    Threads: one Animator runs one animation at a time (``last_stats`` is that run's). For concurrent
+    Threads: one Animator runs one animation at a time (``last_stats`` and ``last_plan`` are that run's: its
+    facts, and its driver's crop and frame selection, set before its first frame). For concurrent
     requests give each worker thread its own :meth:`with_config` copy: the copies share the networks (read
     only at inference) and the portrait cache (locked), and their runs may overlap (driver decoding and face
     detection of one while another denoises; on one GPU the device work queues up). That holds for the
@@ -152,6 +154,7 @@ class Animator:
         self.config = config or AnimateConfig()
         self.cache = cache if cache is not None else PortraitCache()
         self.last_stats = RunStats()
+        self.last_plan: DriverPlan | None = None
         self._tiny_decoders: dict[str, Decoder] = {}
 
     # -- construction ---------------------------------------------------------------------------------
@@ -503,8 +506,10 @@ class Animator:
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         portrait_lm = self.portrait_landmarks(state, landmarker) if landmarker is not None else None
+        self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
-            plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start, cfg.duration)
+            plan = self.last_plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start,
+                                                cfg.duration)
         self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
@@ -679,7 +684,8 @@ class Animator:
     def animate_to_file(self, portrait: str | Path | np.ndarray, driver: Driver, output: str | Path, *,
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
-                        contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> RunStats:
+                        contour_affine_frame: str = "last", config: AnimateConfig | None = None,
+                        side_by_side: bool = False) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -688,7 +694,9 @@ class Animator:
         under ``output``. ``portrait``, ``face_crop``, ``mask``: see :meth:`prepare` (a PIL image is taken too);
         ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``: see :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
-        (the part under the frames used).
+        (the part under the frames used). ``side_by_side``: each frame shows the driver's crop (as the model saw it,
+        before its face isolation), the portrait's crop and the result side by side, three times as wide; the
+        driver is read once more for it, while the result is written.
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
@@ -712,17 +720,42 @@ class Animator:
                                     else Path(portrait).name)
             landmarks_model = landmarker.path
         size = self.image_size
-        with VideoWriter(out, sel.fps, size, size, audio_source=info.path if audio and info.has_audio else None,
+        with VideoWriter(out, sel.fps, size * (3 if side_by_side else 1), size,
+                         audio_source=info.path if audio and info.has_audio else None,
                          audio_offset=sel.start_s, video_start=info.start_s) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
-            for frame in prefetch(frames, depth=8, name="decode", on_stop=w.abort):
+            results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)
+            for frame in self._beside_inputs(results, state, size) if side_by_side else results:
                 w.write(frame)
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats
+
+    def _beside_inputs(self, results: Iterator[np.ndarray], state: PortraitState, size: int
+                       ) -> Iterator[np.ndarray]:
+        """``results`` with the driver's crop (another pass over the run's planned frames, begun at the first
+        result, when the plan is made) and the portrait's crop on their left."""
+        portrait = np.ascontiguousarray(state.inputs.image.to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+        drivers: Iterator[np.ndarray] | None = None
+        plan: DriverPlan | None = None
+        try:
+            for frame in results:
+                if plan is None or drivers is None:
+                    plan = self.last_plan
+                    assert plan is not None  # made before the first frame
+                    drivers = cropped_frames(plan, size)
+                driven = next(drivers, None)
+                if driven is None:  # the plan's frames are the run's: cannot happen unless the file changed
+                    raise InputError(f"{plan.name}: the driver gave fewer frames on its side-by-side pass than "
+                                     "before (was it changed during the run?)")
+                yield np.concatenate([driven, portrait, frame], axis=1)
+        finally:
+            close = getattr(drivers, "close", None)
+            if close is not None:
+                close()
 
     def with_config(self, **changes: Any) -> Animator:
         """A new Animator sharing submodels and cache with some settings changed: ``changes`` are

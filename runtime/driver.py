@@ -358,6 +358,13 @@ def _total(info: VideoInfo, max_frames: int | None, ratio: Fraction, skip: int =
     return min(n, max_frames) if max_frames else n
 
 
+def cropped_frames(plan: DriverPlan, size: int) -> Iterator[np.ndarray]:
+    """Another pass over the planned frames, each cut to the clip's crop at ``size`` px as the model saw it
+    before its face isolation: ``(size, size, 3)`` uint8 RGB (the driver panel of a side-by-side result)."""
+    for frame in plan.frames():
+        yield _cropped_uint8(frame, plan.crop, size)
+
+
 def _cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:
     """The frame cut to the clip's crop and resized, truncated to uint8 like upstream -> ``(size, size, 3)``."""
     return np.ascontiguousarray(crop_resize(frame, crop, size).to(torch.uint8).permute(1, 2, 0).numpy())

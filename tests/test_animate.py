@@ -1487,3 +1487,31 @@ def test_store_files_get_the_mode_of_a_plain_write(anim: Animator, tmp_path: Pat
     cache = PortraitCache(disk_dir=tmp_path / "portraits")
     cache.save(replace(anim.prepare(PORTRAIT), key="mode"))
     assert cache._path("mode").stat().st_mode & 0o777 == umask_mode()
+
+
+def test_side_by_side_shows_the_frames_each_result_was_driven_by(anim: Animator, tmp_path: Path) -> None:
+    """side_by_side: each frame is [driver crop | portrait crop | result], three times as wide. The driver panel
+    is the driver frame of that result also with a late start and a lower rate (a clip of one shade per frame:
+    50 fps, start 0.1 s, 25 fps, so frames 5, 7, 9, 11); the portrait panel is the state's crop; the result panel
+    the plain run's frames."""
+    from megactor_rt.media import VideoWriter, iter_video_frames
+
+    driver = tmp_path / "shades.mp4"
+    with VideoWriter(driver, Fraction(50), 160, 128) as w:
+        for i in range(16):
+            w.write(np.full((128, 160, 3), 10 * i + 40, np.uint8))
+    cfg = replace(CFG, max_frames=4, start=0.1, fps=25)
+    portrait = PORTRAIT
+    size = anim.image_size
+    plain, beside = tmp_path / "plain.mkv", tmp_path / "beside.mkv"
+    anim.animate_to_file(portrait, driver, plain, face_crop=False, config=cfg)
+    anim.animate_to_file(portrait, driver, beside, face_crop=False, config=cfg, side_by_side=True)
+    results, panels = list(iter_video_frames(plain)), list(iter_video_frames(beside))
+    assert len(panels) == len(results) == 4 and panels[0].shape == (size, 3 * size, 3)
+    shades = [round(float(p[:, :size].mean())) for p in panels]
+    assert all(abs(s - (10 * i + 40)) <= 2 for s, i in zip(shades, (5, 7, 9, 11), strict=True)), shades
+    crop = anim.prepare(portrait, face_crop=False).inputs.image.permute(1, 2, 0).numpy().astype(int)
+    for p, r in zip(panels, results, strict=True):
+        assert np.abs(p[:, size:2 * size].astype(int) - crop).mean() < 4
+        assert np.abs(p[:, 2 * size:].astype(int) - r).mean() < 6
+    assert anim.last_plan is not None and anim.last_plan.num_frames == 4

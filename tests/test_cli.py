@@ -569,6 +569,16 @@ def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path
         assert max(errors) < limit, (other.name, errors)
 
 
+def test_side_by_side_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--side-by-side: driver crop, portrait crop and result in one frame, three times as wide, with the audio."""
+    out = tmp_path / "compare.mp4"
+    code, _, err = run(capsys, "demo", "--max-frames", 3, *FAST, "--side-by-side", "-o", out)
+    assert code == 0, err
+    frames = frames_of(out)
+    size = frames[0].shape[0]
+    assert len(frames) == 3 and frames[0].shape == (size, 3 * size, 3) and stream_facts(out)[2]
+
+
 def test_formats_of_the_cli_are_the_writers() -> None:
     from megactor_rt.media import RESULT_SUFFIXES
 
