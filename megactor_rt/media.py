@@ -291,7 +291,7 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
     timestamps show the frames mostly coming at half of it or slower (:func:`_frames_at_half_rate`), the grid
     is at half the nominal rate. A GIF's rate is its frames over its duration where FFmpeg gives that (below)."""
     avg, base = stream.average_rate, stream.base_rate
-    gif = _gif_rate(stream)
+    gif = _gif_rate(path, stream)
     if gif is not None:
         return gif
     if avg and base and base <= 240:
@@ -306,16 +306,45 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
     raise InputError(f"{path}: the video stream has no usable frame rate")
 
 
-def _gif_rate(stream: av.video.stream.VideoStream) -> Fraction | None:
-    """A GIF's frame rate: its frames over its duration, or the whole number within 0.5 % of that (30, not
-    4700/157). GIF frame delays are whole hundredths of a second, so a 30 fps GIF steps 3, 3, 4, ... hundredths,
-    and FFmpeg's average rate may come out as 100/3 fps, on whose grid every tenth frame would repeat (and the
-    work grow by as much). None for other codecs, or where FFmpeg gives no frame count or duration."""
-    if stream.codec_context.name != "gif" or not stream.frames or not stream.duration or not stream.time_base:
+def _gif_rate(path: Path, stream: av.video.stream.VideoStream) -> Fraction | None:
+    """A GIF's frame rate: its frames over its duration (or the whole number within 0.5 % of that: 30, not
+    4700/157), else the lower of FFmpeg's nominal and average rate, whichever is first to put each of its first
+    frames' timestamps on a step of its own (so no frame is dropped). GIF frame delays are whole hundredths of a
+    second, so a 30 fps GIF steps 3, 3, 4, ... hundredths: its average rate may come out as 100/3 fps, on whose
+    grid every tenth frame would repeat (and the work grow by as much), its mean rate is 30. A GIF that holds a
+    frame (a pause at the end) keeps the rate of its other frames, the pause then repeats a frame. None for other
+    codecs, or where no rate fits (then the rules for any video apply)."""
+    if stream.codec_context.name != "gif" or stream.time_base is None:
         return None
-    mean = Fraction(stream.frames) / (stream.duration * stream.time_base)
-    whole = Fraction(round(mean))
-    return whole if whole and abs(whole / mean - 1) <= Fraction(1, 200) else mean
+    candidates = sorted(Fraction(r.numerator, r.denominator) for r in (stream.base_rate, stream.average_rate) if r)
+    if stream.frames and stream.duration:
+        mean = Fraction(stream.frames) / (stream.duration * stream.time_base)
+        whole = Fraction(round(mean))
+        candidates.insert(0, whole if whole and abs(whole / mean - 1) <= Fraction(1, 200) else mean)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    times = _packet_times(str(path), stat.st_mtime_ns, stat.st_size, stream.index, stream.time_base)
+    for rate in (r for r in candidates if r > 0):
+        steps = [round(t * rate) for t in times]
+        if len(set(steps)) == len(steps):
+            return rate
+    return None
+
+
+@lru_cache(maxsize=64)
+def _packet_times(path: str, mtime_ns: int, size: int, index: int, time_base: Fraction) -> tuple[Fraction, ...]:
+    """The times (s, from the first) of a stream's first packets, sorted; () where they cannot be read."""
+    del mtime_ns, size  # in the cache key: another version of the file is read again
+    try:
+        with av.open(path, mode="r") as container:
+            stream = next(s for s in container.streams if s.index == index)
+            pts = sorted({p.pts for p in itertools.islice(container.demux(stream), _RATE_CHECK_PACKETS)
+                          if p.pts is not None and p.size})
+    except (av.error.FFmpegError, OSError, ValueError, StopIteration):
+        return ()
+    return tuple((p - pts[0]) * time_base for p in pts)
 
 
 # How many of a video's first packets _frames_at_half_rate reads (their timestamps; nothing is decoded).

@@ -1696,14 +1696,26 @@ def test_result_formats_without_an_encoder_are_refused_up_front(tmp_path: Path,
 @pytest.mark.parametrize(("delays_ms", "rate"), [([30, 30, 40], Fraction(30)), ([40], Fraction(25)),
                                                  ([30], Fraction(100, 3)), ([70, 70, 70, 80], Fraction(4800, 348)),
                                                  ([40, 50], Fraction(4800, 216))])
-def test_gif_driver_gives_each_frame_once(tmp_path: Path, delays_ms: list[int], rate: Fraction | None) -> None:
+def test_gif_driver_gives_each_frame_once(tmp_path: Path, delays_ms: list[int], rate: Fraction) -> None:
     """A GIF driver (Pillow-made, as memes are) gives every frame exactly once. A 30 fps GIF steps 3, 3, 4
     hundredths; FFmpeg's average rate is then 100/3 fps, on whose grid every tenth frame repeated (53 frames of
     48): now its rate is the frames over the duration."""
     delays = delays_ms * (48 // len(delays_ms))
-    images = [Image.fromarray(np.full((64, 64, 3), i * 5, np.uint8)) for i in range(len(delays))]
-    gif = tmp_path / "meme.gif"
-    images[0].save(gif, save_all=True, append_images=images[1:], duration=delays, loop=0)
-    assert probe_video(gif).fps == rate
-    shades = [int(f[0, 0, 0]) for f in iter_video_frames(gif)]
-    assert shades == [i * 5 for i in range(len(delays))]
+    shades = _gif_driver(tmp_path / "meme.gif", delays)
+    assert shades[0] == rate
+    assert shades[1] == [i * 5 for i in range(len(delays))]
+
+
+def _gif_driver(gif: Path, delays_ms: list[int]) -> tuple[Fraction, list[int]]:
+    """A GIF of one shade per frame (5 x its index) with these delays: (its rate, the shades read back)."""
+    images = [Image.fromarray(np.full((64, 64, 3), i * 5, np.uint8)) for i in range(len(delays_ms))]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=delays_ms, loop=0)
+    return probe_video(gif).fps, [int(f[0, 0, 0]) for f in iter_video_frames(gif)]
+
+
+def test_gif_driver_that_pauses_keeps_every_frame(tmp_path: Path) -> None:
+    """A GIF of ten frames at 10 fps that holds its last for a second (5.5 frames a second on average) is read at
+    10 fps, its pause as repeats; at its mean rate frames 1, 3, 6 and 8 were dropped."""
+    rate, shades = _gif_driver(tmp_path / "pause.gif", [100] * 10 + [1000])
+    assert rate == 10
+    assert shades == [i * 5 for i in range(11)] + [50] * 9
