@@ -472,7 +472,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         for section, items in report.items():
             print(f"{section}:")
             for k, v in items.items():
-                print(f"  {k}: {v}")
+                shown = ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v
+                print(f"  {k}: {shown}")
     weights = report.get("weights")
     # missing or unusable weights are a clear error, exit 2 as every other (1 is kept for unexpected ones)
     return 2 if weights is not None and not str(weights["status"]).startswith("converted weights found") else 0

@@ -275,6 +275,7 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, "doctor")
     assert code == 0
     assert "backends:" in out and "torch:" in out and "cuda:" in out
+    assert re.search(r"^  formats: \.gif gif, .*\.webm libvpx-vp9$", out, re.M)  # a mapping, one line
     code, out, _ = run(capsys, "doctor", "--json", "--weights", weights)
     assert code == 0
     report = json.loads(out)
