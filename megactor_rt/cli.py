@@ -329,6 +329,15 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask)
 
 
+def _check_result_rate(driver: Path, output: Path, config: AnimateConfig) -> None:
+    """A rate the result's format cannot show (a 60 fps driver into a GIF), before the weights load."""
+    if output.suffix.lower() == ".gif":
+        from megactor_rt.media import check_result_rate
+        from megactor_rt.runtime.driver import FrameSelection, driver_info
+
+        check_result_rate(output, FrameSelection.of(driver_info(driver).fps, config.fps, config.start).fps)
+
+
 def _flags_apply(flags: list[str]) -> tuple[str, str]:
     """``flags`` joined with "and", and the verb that agrees with them."""
     return " and ".join(flags), "apply" if len(flags) > 1 else "applies"
@@ -372,6 +381,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     _note_ignored_options(args, config)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
+    if len(jobs) == 1:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
+        _check_result_rate(jobs[0][1], jobs[0][2], config)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,

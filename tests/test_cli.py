@@ -39,7 +39,7 @@ from megactor_rt import cli
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig, tiny_config
 from megactor_rt.errors import InputError
-from megactor_rt.media import iter_video_frames
+from megactor_rt.media import iter_video_frames, probe_video
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.weights import build_models, write_converted
@@ -578,6 +578,25 @@ def test_side_by_side_result(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     frames = frames_of(out)
     size = frames[0].shape[0]
     assert len(frames) == 3 and frames[0].shape == (size, 3 * size, 3) and stream_facts(out)[2]
+
+
+def test_a_60_fps_driver_into_a_gif_is_refused_before_the_weights_load(
+        weights: Path, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = write_face_driver(tmp_path / "fast.mp4", n=12, fps=60)
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Animator, "from_weights", load)
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", fast, "-o", tmp_path / "r.gif",
+                       "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2 and "r.gif: a GIF plays at most 50 frames per second" in err and "not 60: pass --fps 25" in err
+    monkeypatch.undo()
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", fast, "-o", tmp_path / "r.gif",
+                       "--weights", weights, "--device", "cpu", *FAST, "--fps", 30)
+    assert code == 0, err
+    assert len(frames_of(tmp_path / "r.gif")) == 6 and probe_video(tmp_path / "r.gif").fps == 30
 
 
 def test_formats_of_the_cli_are_the_writers() -> None:
