@@ -124,6 +124,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="centre crops instead of face-centred crops (portrait and driver); a face found in them "
                         "still seeds the person mask and the driver's face isolation, without one the whole crop is "
                         "used (a warning says so)")
+    p.add_argument("--portrait-face", type=_positive_int, default=None, metavar="N",
+                   help="a portrait of several people: animate the N-th face from the left (1 = leftmost; "
+                        "default: the largest)")
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
@@ -156,8 +159,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
 
 
 def _run_config(args: argparse.Namespace) -> AnimateConfig:
+    """The run's settings (``animate``, ``demo``), after the checks of flags that cannot go together."""
     from megactor_rt.config import Mode
 
+    if args.portrait_face is not None and args.no_face_crop:
+        raise InputError("--portrait-face chooses where the portrait's face crop centres; it cannot be used with "
+                         "--no-face-crop, whose crop is the centre square")
     try:
         return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
                              seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
@@ -398,7 +405,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          mask=args.mask, audio=not args.no_audio, contour=args.contour,
                                          landmarks_model=args.landmarks_model,
                                          contour_affine_frame=args.contour_affine_frame,
-                                         side_by_side=args.side_by_side)
+                                         side_by_side=args.side_by_side, face=args.portrait_face)
         except MegactorError as exc:
             if len(jobs) == 1:
                 raise
@@ -437,7 +444,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
                                  audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model,
-                                 contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side)
+                                 contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
+                                 face=args.portrait_face)
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

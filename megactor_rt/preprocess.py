@@ -209,35 +209,56 @@ def crop_resize(image: np.ndarray, crop: Crop, size: int = 512) -> torch.Tensor:
 
 
 def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
-                  source_name: str = "portrait") -> tuple[Crop, Box | None]:
-    """Choose the portrait's square crop: centred on its largest face, or the centre square.
+                  source_name: str = "portrait", face: int | None = None) -> tuple[Crop, Box | None]:
+    """Choose the portrait's square crop: centred on its largest face (or the ``face``-th from the left), or the
+    centre square.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB portrait.
         face_crop: False skips detection and uses the centre square.
         size: the side the crop will be resized to (only used to warn about heavy upscaling).
         source_name: file name for messages.
+        face: which face of a portrait of several people: its place from the left, counted from 1 (by the
+            faces' centres); None: the largest (a portrait of several faces then logs how to choose another).
 
     Returns:
         ``(crop, face)`` with ``face`` the detected box in image coordinates (None without face crop).
 
     Raises:
-        InputError: ``face_crop`` and no face was found.
+        InputError: ``face_crop`` and no face was found, ``face`` below 1 or past the faces found, or ``face``
+            without ``face_crop``.
     """
     height, width = image.shape[:2]
+    if face is not None and face < 1:
+        raise InputError(f"the portrait's face is counted from 1 (the leftmost), got {face}")
     if not face_crop:
+        if face is not None:
+            raise InputError("a portrait face (--portrait-face) chooses where the face crop centres; it cannot be "
+                             "used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
         return center_square(height, width), None
-    face = _portrait_face(image)
-    if face is None:
+    faces = _portrait_faces(image)
+    if not faces:
         raise InputError(f"no face found in portrait {source_name}; use a frontal, well-lit face or "
                          "pass --no-face-crop (Python: face_crop=False) to use a centre "
                          "crop")
-    crop = square_crop_around(height, width, *face.center)
+    if face is not None:
+        if face > len(faces):
+            raise InputError(f"portrait {source_name}: face {face} from the left is asked for (--portrait-face), "
+                             f"and {len(faces)} face(s) were found")
+        chosen = sorted(faces, key=lambda b: b.center[0])[face - 1]
+    else:
+        chosen = faces[0]
+        if len(faces) > 1:
+            logger.info("portrait %s: %d faces; the largest (face %d from the left) is animated; --portrait-face N "
+                        "(Python: face=N) animates the N-th from the left instead", source_name, len(faces),
+                        sorted(faces, key=lambda b: b.center[0]).index(chosen) + 1)
+    face_box = chosen
+    crop = square_crop_around(height, width, *face_box.center)
     side = crop[2] - crop[0]
     if side < size // 4:
         logger.warning("%s: the face is near the border; the %d px crop is upscaled to %d px",
                        source_name, side, size)
-    return crop, face
+    return crop, face_box
 
 
 def faces_scaled(image: np.ndarray, max_side: int) -> list[Box]:
@@ -250,12 +271,6 @@ def faces_scaled(image: np.ndarray, max_side: int) -> list[Box]:
     small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
     return [Box(box.left / scale, box.top / scale, min(box.right / scale, width), min(box.bottom / scale, height))
             for box in detect_faces(small)]
-
-
-def first_face_scaled(image: np.ndarray, max_side: int) -> Box | None:
-    """The largest face of :func:`faces_scaled`, or None where the copy shows none."""
-    faces = faces_scaled(image, max_side)
-    return faces[0] if faces else None
 
 
 CONFIRM_SEVERAL = 2  # frames showing several faces before a FaceTrack follows one (one may be a false detection)
@@ -317,13 +332,13 @@ class FaceTrack:
         return best
 
 
-def _portrait_face(image: np.ndarray) -> Box | None:
-    """The largest face, found on a copy at most ``PORTRAIT_DETECT_MAX_SIDE`` px (2.4 s for a 6000x4000 image,
-    0.8 s with the copy); where the copy shows none (small faces in a large photo), on the image itself."""
-    box = first_face_scaled(image, PORTRAIT_DETECT_MAX_SIDE)
-    if box is None and max(image.shape[:2]) > PORTRAIT_DETECT_MAX_SIDE:
-        return first_face(image)
-    return box
+def _portrait_faces(image: np.ndarray) -> list[Box]:
+    """The faces (largest first), found on a copy at most ``PORTRAIT_DETECT_MAX_SIDE`` px (2.4 s for a 6000x4000
+    image, 0.8 s with the copy); where the copy shows none (small faces in a large photo), on the image itself."""
+    faces = faces_scaled(image, PORTRAIT_DETECT_MAX_SIDE)
+    if not faces and max(image.shape[:2]) > PORTRAIT_DETECT_MAX_SIDE:
+        return detect_faces(image)
+    return faces
 
 
 def driver_crop(boxes_per_frame: Sequence[Box | None], height: int, width: int, face_crop: bool = True,

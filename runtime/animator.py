@@ -263,8 +263,9 @@ class Animator:
 
     # -- portrait --------------------------------------------------------------------------------------
     def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
-                        mask: str | Path | None = None) -> PortraitInputs:
-        """Crop the portrait around its face, derive the background mask and the CLIP background image."""
+                        mask: str | Path | None = None, face: int | None = None) -> PortraitInputs:
+        """Crop the portrait around its face (``face``: see :meth:`prepare`), derive the background mask and the
+        CLIP background image."""
         from PIL import Image
 
         if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
@@ -277,7 +278,7 @@ class Animator:
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
         size = self.image_size
-        crop, face = portrait_crop(img, face_crop=face_crop, size=size, source_name=name)
+        crop, found = portrait_crop(img, face_crop=face_crop, size=size, source_name=name, face=face)
         # upstream resizes in fp32 (crop_and_resize_tensor casts to float first): those values / 255 feed the
         # FiLM branch, and the VAE the same values truncated to uint8 (spec 2.1 (a), (b))
         resized = crop_resize(img, crop, size)
@@ -287,7 +288,7 @@ class Animator:
             person = load_user_mask(mask, size, crop=crop, image_shape=img.shape[:2])
         else:
             # without a face crop (centre square), the face is looked for in the crop to seed the person mask
-            face_in_crop = face.to_crop_coords(crop, size) if face is not None else first_face(hwc)
+            face_in_crop = found.to_crop_coords(crop, size) if found is not None else first_face(hwc)
             if face_in_crop is None:
                 logger.warning("%s: no face in the centre crop, so no person mask: the CLIP image keeps the whole "
                                "crop and every pixel counts as background (pass --mask to give one)", name)
@@ -298,7 +299,7 @@ class Animator:
                               clip_image=torch.from_numpy(clip_bg).permute(2, 0, 1).contiguous(), ada_reference=ada)
 
     def prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, *, face_crop: bool = True,
-                mask: str | Path | None = None, seed: int | None = None) -> PortraitState:
+                mask: str | Path | None = None, seed: int | None = None, face: int | None = None) -> PortraitState:
         """Everything per-portrait, from the cache when this portrait was prepared before.
 
         Args:
@@ -306,22 +307,25 @@ class Animator:
                 array, a PIL image, or :class:`PortraitInputs` already cropped.
             face_crop: crop around the largest face (False: the centre square; a face found there still seeds
                 the person mask).
+            face: a portrait of several people: crop around the ``face``-th face from the left (1 = the
+                leftmost, by the faces' centres) instead of the largest; it also seeds the person mask.
             mask: a person mask image (white = person) instead of the GrabCut mask.
             seed: draws the VAE posterior sample of the concatenated reference (default: this Animator's
                 ``config.seed``), as the run's seed does upstream: animate with a state prepared with the
                 run's seed (another seed is allowed, with a warning: the frames then differ from that seed's).
 
         Raises:
-            InputError: an unreadable portrait or mask, no face (with ``face_crop``), a size outside 64..8192 px.
+            InputError: an unreadable portrait or mask, no face (with ``face_crop``), fewer faces than ``face``
+                (or ``face`` without ``face_crop``), a size outside 64..8192 px.
         """
-        return self._prepare(portrait, face_crop, mask, seed)[0]
+        return self._prepare(portrait, face_crop, mask, seed, face)[0]
 
     def _prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, face_crop: bool,
-                 mask: str | Path | None, seed: int | None) -> tuple[PortraitState, bool]:
+                 mask: str | Path | None, seed: int | None, face: int | None = None) -> tuple[PortraitState, bool]:
         """:meth:`prepare`, and whether the state came from the cache."""
         seed = self.config.seed if seed is None else seed
         inputs = portrait if isinstance(portrait, PortraitInputs) else \
-            self.portrait_inputs(portrait, face_crop=face_crop, mask=mask)
+            self.portrait_inputs(portrait, face_crop=face_crop, mask=mask, face=face)
         key = f"{inputs.digest()}|{self._state_owner()}|seed={seed}|format={STATE_FORMAT}"
         state = self.cache.get(key, self.sub.device)
         if state is not None:
@@ -685,13 +689,14 @@ class Animator:
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
-                        side_by_side: bool = False) -> RunStats:
+                        side_by_side: bool = False, face: int | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
-        under ``output``. ``portrait``, ``face_crop``, ``mask``: see :meth:`prepare` (a PIL image is taken too);
+        under ``output``. ``portrait``, ``face_crop``, ``mask``, ``face``: see :meth:`prepare` (a PIL image is
+        taken too);
         ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``: see :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
         (the part under the frames used). ``side_by_side``: each frame shows the driver's crop (as the model saw it,
@@ -714,7 +719,7 @@ class Animator:
         info = driver_info(driver)
         sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         check_result_rate(out, sel.fps)  # a 60 fps GIF, before the portrait is prepared
-        state, hit = self._prepare(portrait, face_crop, mask, cfg.seed)
+        state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
                                     else Path(portrait).name)

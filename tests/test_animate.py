@@ -1515,3 +1515,39 @@ def test_side_by_side_shows_the_frames_each_result_was_driven_by(anim: Animator,
         assert np.abs(p[:, size:2 * size].astype(int) - crop).mean() < 4
         assert np.abs(p[:, 2 * size:].astype(int) - r).mean() < 6
     assert anim.last_plan is not None and anim.last_plan.num_frames == 4
+
+
+def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """face=1 (and the CLI's --portrait-face 1) crops a two-person portrait around its left face, the smaller one:
+    the crop is the one around that face, and the person mask covers the crop's centre; --portrait-face 3 is an
+    error naming the two faces found."""
+    import cv2
+    from PIL import Image
+
+    from megactor_rt.cli import main
+    from megactor_rt.preprocess import detect_faces, square_crop_around
+
+    face = read_image(PORTRAIT)
+    small, big = cv2.resize(face, None, fx=0.4, fy=0.4), cv2.resize(face, None, fx=0.6, fy=0.6)
+    group = np.full((big.shape[0], small.shape[1] + big.shape[1], 3), 90, np.uint8)
+    group[: small.shape[0], : small.shape[1]] = small
+    group[:, small.shape[1]:] = big
+    left = min(detect_faces(group), key=lambda b: b.center[0])
+    inputs = anim.portrait_inputs(group, face=1)
+    expected = crop_resize(group, square_crop_around(*group.shape[:2], *left.center), anim.image_size)
+    assert torch.equal(inputs.image, expected.to(torch.uint8))
+    assert not torch.equal(inputs.image, anim.portrait_inputs(group).image)  # the largest: the right face
+    c = anim.image_size // 2
+    assert inputs.background_mask[c - 4:c + 4, c - 4:c + 4].sum() == 0  # the face: person, not background
+    path = tmp_path / "group.png"
+    Image.fromarray(group).save(path)
+    out = tmp_path / "left.mp4"
+    args = ["-q", "demo", "--portrait", str(path), "--max-frames", "2", "--steps", "1", "--window", "2", "--overlap",
+            "1", "-o", str(out)]
+    assert main([*args, "--portrait-face", "1"]) == 0
+    assert main([*args, "--portrait-face", "3"]) == 2
+    assert "group.png: face 3 from the left is asked for (--portrait-face), and 2 face(s) were found" in \
+        capsys.readouterr().err
+    assert main([*args, "--portrait-face", "1", "--no-face-crop"]) == 2
+    assert "--portrait-face chooses where the portrait's face crop centres" in capsys.readouterr().err

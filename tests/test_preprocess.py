@@ -167,6 +167,42 @@ def test_portrait_without_face(tmp_path: Path) -> None:
     assert crop == (0, 50, 300, 350) and face is None
 
 
+def _two_faces(portrait: np.ndarray) -> np.ndarray:
+    """A small copy of the portrait on the left, a large one on the right (the largest face is not the first
+    from the left)."""
+    big, small = _resize(portrait, 0.6), _resize(portrait, 0.4)
+    canvas = np.full((big.shape[0], small.shape[1] + big.shape[1], 3), 90, np.uint8)
+    canvas[: small.shape[0], : small.shape[1]] = small
+    canvas[:, small.shape[1]:] = big
+    return canvas
+
+
+def test_a_portrait_of_two_people_animates_the_face_asked_for(portrait: np.ndarray,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """face=N crops around the N-th face from the left; by default the largest, with a log saying how to choose."""
+    import logging
+
+    canvas = _two_faces(portrait)
+    boundary = canvas.shape[1] - _resize(portrait, 0.6).shape[1]
+    with caplog.at_level(logging.INFO, logger="megactor_rt.preprocess"):
+        _, largest = portrait_crop(canvas, source_name="group.png")
+    assert largest is not None and largest.center[0] > boundary  # the big face, on the right
+    assert any("group.png: 2 faces; the largest (face 2 from the left) is animated; --portrait-face N"
+               in r.getMessage() for r in caplog.records)
+    crop1, left = portrait_crop(canvas, face=1)
+    crop2, right = portrait_crop(canvas, face=2)
+    assert left is not None and right is not None and left.center[0] < boundary < right.center[0]
+    assert right == largest and crop1 != crop2
+    assert crop1 == square_crop_around(*canvas.shape[:2], *left.center)
+    with pytest.raises(InputError, match=r"portrait group\.png: face 3 from the left is asked for \(--portrait-face\), "
+                                         r"and 2 face\(s\) were found"):
+        portrait_crop(canvas, face=3, source_name="group.png")
+    with pytest.raises(InputError, match="counted from 1"):
+        portrait_crop(canvas, face=0)
+    with pytest.raises(InputError, match="cannot be used with --no-face-crop"):
+        portrait_crop(canvas, face_crop=False, face=1)
+
+
 def test_driver_crop_union_centre() -> None:
     boxes = [Box(100, 100, 200, 200), None, Box(140, 120, 260, 220)]
     # union (100, 100, 260, 220) -> centre (180, 160) -> half = min(180, 160, 460, 352)
