@@ -130,6 +130,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
+    p.add_argument("--audio", type=Path, default=None, metavar="FILE",
+                   help="the result's sound from this file (from its start, cut to the video) instead of the "
+                        "driver's")
     p.add_argument("--side-by-side", action="store_true",
                    help="the result shows the driver's crop (as the model sees it, before the face isolation), "
                         "the portrait's crop and the animation side by side (three times as wide)")
@@ -162,6 +165,8 @@ def _run_config(args: argparse.Namespace) -> AnimateConfig:
     """The run's settings (``animate``, ``demo``), after the checks of flags that cannot go together."""
     from megactor_rt.config import Mode
 
+    if args.audio is not None and args.no_audio:
+        raise InputError(f"{args.audio}: --audio gives the result's sound; it cannot be used with --no-audio")
     if args.portrait_face is not None and args.no_face_crop:
         raise InputError("--portrait-face chooses where the portrait's face crop centres; it cannot be used with "
                          "--no-face-crop, whose crop is the centre square")
@@ -324,16 +329,20 @@ def _results_folder(folder: Path) -> None:
         raise InputError(f"{folder}: cannot create the results folder ({exc})") from exc
 
 
-def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None, mask: Path | None = None) -> None:
-    """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist,
-    and the one result (``output``, where given) can be written and is none of them."""
-    from megactor_rt.media import check_not_an_input, check_output_path, require_file
+def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None, mask: Path | None = None,
+                 audio: Path | None = None) -> None:
+    """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist
+    (the --audio file with its sound), and the one result (``output``, where given) can be written and is none
+    of them."""
+    from megactor_rt.media import check_audio_file, check_not_an_input, check_output_path, require_file
 
     for path, what in [*((p, "portrait") for p in portraits), *((d, "driver") for d in drivers)]:
         require_file(Path(path), what)
+    if audio is not None:
+        check_audio_file(audio)
     if output is not None:
         check_output_path(output)
-        check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask)
+        check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask, audio=audio)
 
 
 def _check_result_rate(driver: Path, output: Path, config: AnimateConfig) -> None:
@@ -343,6 +352,11 @@ def _check_result_rate(driver: Path, output: Path, config: AnimateConfig) -> Non
         from megactor_rt.runtime.driver import FrameSelection, driver_info
 
         check_result_rate(output, FrameSelection.of(driver_info(driver).fps, config.fps, config.start).fps)
+
+
+def _sound(args: argparse.Namespace) -> bool | Path:
+    """``animate_to_file``'s ``audio``: the --audio file, or whether to copy the driver's audio."""
+    return args.audio if args.audio is not None else not args.no_audio
 
 
 def _flags_apply(flags: list[str]) -> tuple[str, str]:
@@ -381,8 +395,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
                          f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
-    record = StatsFile(args.stats, "animate", [o for _, _, o in jobs], [*args.portrait, *args.driver, args.mask])
-    _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask)
+    record = StatsFile(args.stats, "animate", [o for _, _, o in jobs],
+                       [*args.portrait, *args.driver, args.mask, args.audio])
+    _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask, args.audio)
     check_converted_folder(args.weights)
     config = _run_config(args)
     _note_ignored_options(args, config)
@@ -402,7 +417,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     for portrait, driver, output in jobs:  # one process: weights, compiled graphs and prepared portraits reused
         try:
             stats = anim.animate_to_file(portrait, driver, output, face_crop=not args.no_face_crop,
-                                         mask=args.mask, audio=not args.no_audio, contour=args.contour,
+                                         mask=args.mask, audio=_sound(args), contour=args.contour,
                                          landmarks_model=args.landmarks_model,
                                          contour_affine_frame=args.contour_affine_frame,
                                          side_by_side=args.side_by_side, face=args.portrait_face)
@@ -427,8 +442,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
-    record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask])
-    _check_files([portrait], [driver], args.output, args.mask)
+    record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio])
+    _check_files([portrait], [driver], args.output, args.mask, args.audio)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     config = _run_config(args)
@@ -443,7 +458,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.cache_dir is not None:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
-                                 audio=not args.no_audio, contour=args.contour, landmarks_model=args.landmarks_model,
+                                 audio=_sound(args), contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
                                  face=args.portrait_face)
     _report(stats, args.output)

@@ -265,6 +265,19 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
         raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
 
 
+def check_audio_file(path: PathLike) -> Path:
+    """Check that a file given for a result's sound has an audio stream PyAV can read (before any work).
+
+    Raises:
+        InputError: missing, unreadable, or without audio.
+    """
+    path = Path(path)
+    with _open_input(path, what="audio") as container:
+        if not container.streams.audio:
+            raise InputError(f"{path}: has no audio stream (given for the result's sound)")
+    return path
+
+
 def _display_size(stream: av.video.stream.VideoStream) -> tuple[int, int]:
     """The frame size players show: the coded width scaled by the sample aspect ratio where pixels are not
     square (DV and HDV camcorders, anamorphic DVD rips: 1440x1080 shown as 1920x1080), the height kept. Frames

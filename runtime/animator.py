@@ -28,6 +28,7 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
     VideoWriter,
+    check_audio_file,
     check_not_an_input,
     check_output_path,
     check_result_rate,
@@ -686,7 +687,7 @@ class Animator:
             timer.add("vae_decode", flight.device_seconds)
 
     def animate_to_file(self, portrait: str | Path | np.ndarray, driver: Driver, output: str | Path, *,
-                        face_crop: bool = True, mask: str | Path | None = None, audio: bool = True,
+                        face_crop: bool = True, mask: str | Path | None = None, audio: bool | str | Path = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                         side_by_side: bool = False, face: int | None = None) -> RunStats:
@@ -699,7 +700,8 @@ class Animator:
         taken too);
         ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``: see :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
-        (the part under the frames used). ``side_by_side``: each frame shows the driver's crop (as the model saw it,
+        (the part under the frames used); False: no sound; a file: its sound instead, from its start, cut to the
+        video's length. ``side_by_side``: each frame shows the driver's crop (as the model saw it,
         before its face isolation), the portrait's crop and the result side by side, three times as wide; the
         driver is read once more for it, while the result is written.
 
@@ -710,7 +712,9 @@ class Animator:
         cfg = config or self.config
         self.check_run(cfg)
         source = driver_source(driver)
-        check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask)
+        sound = check_audio_file(audio) if isinstance(audio, (str, Path)) else None
+        check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask,
+                           audio=sound)
         check_affine_frame(contour_affine_frame)
         # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)
         landmarker = Landmarker(landmarks_model) if contour else None
@@ -725,9 +729,12 @@ class Animator:
                                     else Path(portrait).name)
             landmarks_model = landmarker.path
         size = self.image_size
-        with VideoWriter(out, sel.fps, size * (3 if side_by_side else 1), size,
-                         audio_source=info.path if audio and info.has_audio else None,
-                         audio_offset=sel.start_s, video_start=info.start_s) as w:
+        if sound is not None:  # another file's sound: from its start
+            sound_args: dict[str, Any] = {"audio_source": sound}
+        else:
+            sound_args = {"audio_source": info.path if audio and info.has_audio else None,
+                          "audio_offset": sel.start_s, "video_start": info.start_s}
+        with VideoWriter(out, sel.fps, size * (3 if side_by_side else 1), size, **sound_args) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config)

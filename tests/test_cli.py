@@ -1219,3 +1219,31 @@ def test_progress_bars_follow_the_switch_and_the_environment() -> None:
         res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "MEGACTOR_PROGRESS": value},
                              capture_output=True, text=True, timeout=60)
         assert res.stdout.strip() == shown, (value, res.stdout + res.stderr)
+
+
+def test_audio_from_another_file(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--audio FILE: the result's sound is that file's (from its start), also for a silent driver; a file
+    without sound, or --audio with --no-audio, is an error before any work."""
+    from media_fixtures import write_sine_audio
+
+    tone = write_sine_audio(tmp_path / "song.m4a", seconds=2.0, freq=1000.0)
+    out = tmp_path / "sung.mp4"
+    common = ("--portrait", media["portrait"], "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 4)
+    code, _, err = run(capsys, "animate", "--driver", media["faceless_driver"], "--no-face-crop", "-o", out,
+                       "--audio", tone, *common)
+    assert code == 0, err
+    with av.open(str(out)) as c:
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+        rate = c.streams.audio[0].codec_context.sample_rate
+    spectrum = np.abs(np.fft.rfft(pcm[: rate // 10]))
+    assert abs(int(np.argmax(spectrum)) * 10 - 1000) <= 20  # the file's 1 kHz, not the driver's 440 Hz
+    assert 0.1 < len(pcm) / rate < 0.25  # 4 frames at 25 fps, plus AAC's frame padding
+    silent = plain_image(tmp_path / "still.png", 64, 64)
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", tmp_path / "x.mp4", "--audio", silent,
+                       *common)
+    assert code == 2 and "still.png: has no audio stream (given for the result's sound)" in err
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", tmp_path / "x.mp4", "--audio", tone,
+                       "--no-audio", *common)
+    assert code == 2 and "cannot be used with --no-audio" in err
+    assert not (tmp_path / "x.mp4").exists()
