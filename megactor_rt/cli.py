@@ -127,6 +127,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--portrait-face", type=_positive_int, default=None, metavar="N",
                    help="a portrait of several people: animate the N-th face from the left (1 = leftmost; "
                         "default: the largest)")
+    p.add_argument("--driver-face", type=_positive_int, default=None, metavar="N",
+                   help="a driver of several people: follow the N-th face from the left (counted in the first frame "
+                        "that shows N faces; default: the largest, then the one it overlaps)")
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
@@ -167,9 +170,10 @@ def _run_config(args: argparse.Namespace) -> AnimateConfig:
 
     if args.audio is not None and args.no_audio:
         raise InputError(f"{args.audio}: --audio gives the result's sound; it cannot be used with --no-audio")
-    if args.portrait_face is not None and args.no_face_crop:
-        raise InputError("--portrait-face chooses where the portrait's face crop centres; it cannot be used with "
-                         "--no-face-crop, whose crop is the centre square")
+    for flag, given in (("--portrait-face", args.portrait_face), ("--driver-face", args.driver_face)):
+        if given is not None and args.no_face_crop:
+            raise InputError(f"{flag} chooses where the face crop centres; it cannot be used with --no-face-crop, "
+                             "whose crop is the centre square")
     try:
         return AnimateConfig(steps=args.steps, guidance=args.guidance, window=args.window, overlap=args.overlap,
                              seed=args.seed, reference_timestep=args.reference_timestep, mode=Mode(args.mode),
@@ -420,7 +424,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          mask=args.mask, audio=_sound(args), contour=args.contour,
                                          landmarks_model=args.landmarks_model,
                                          contour_affine_frame=args.contour_affine_frame,
-                                         side_by_side=args.side_by_side, face=args.portrait_face)
+                                         side_by_side=args.side_by_side, face=args.portrait_face,
+                                         driver_face=args.driver_face)
         except MegactorError as exc:
             if len(jobs) == 1:
                 raise
@@ -460,7 +465,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
                                  audio=_sound(args), contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
-                                 face=args.portrait_face)
+                                 face=args.portrait_face, driver_face=args.driver_face)
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

@@ -290,12 +290,18 @@ class FaceTrack:
     ``start`` = ``(frame, box)``, another pass's :attr:`followed_from` over the same frames (its box in this
     pass's coordinates): the largest face until that frame, as that pass took, then the face overlapping
     ``box`` (the largest where none does), and on as above; the track then does not decide by itself when to
-    follow. Call it with each frame's faces in order (largest first, as :func:`detect_faces` gives them).
+    follow. ``choose`` = N (the user's choice of a person): None for every frame until one shows N faces or
+    more, then that frame's N-th face from the left (by the faces' centres), followed as above; where it is gone
+    for ``patience`` frames, the N-th from the left of the next frame that shows N faces. Call it with each
+    frame's faces in order (largest first, as :func:`detect_faces` gives them).
     """
 
-    def __init__(self, patience: int, start: tuple[int, Box] | None = None) -> None:
+    def __init__(self, patience: int, start: tuple[int, Box] | None = None, choose: int | None = None) -> None:
+        if choose is not None and choose < 1:
+            raise ValueError(f"faces are counted from 1 (the leftmost), got {choose}")
         self.patience = max(1, patience)
         self.start = start
+        self.choose = choose if start is None else None  # another pass's choice already holds the user's
         self.last: Box | None = None
         self.following = False
         self.fresh = False  # ``last`` came from another pass: the next choice may be the largest face
@@ -307,6 +313,8 @@ class FaceTrack:
 
     def __call__(self, faces: Sequence[Box]) -> Box | None:
         index, self.frames = self.frames, self.frames + 1
+        if self.choose is not None and (not self.following or self.missed >= self.patience):
+            return self._chosen(index, faces)
         if self.start is not None and index == self.start[0]:
             self.following, self.last, self.fresh, self.missed = True, self.start[1], True, 0
         elif self.start is None and not self.following and len(faces) > 1:
@@ -327,6 +335,21 @@ class FaceTrack:
                 self.reacquired += 1
             best = faces[0]
         if self.following and self.followed_from is None:
+            self.followed_from = (index, best)
+        self.last, self.missed, self.fresh = best, 0, False
+        return best
+
+    def _chosen(self, index: int, faces: Sequence[Box]) -> Box | None:
+        """``choose``: the N-th face from the left where the frame shows N or more (then followed), else None."""
+        assert self.choose is not None
+        if len(faces) < self.choose:
+            self.missed += 1
+            return None
+        if self.following:  # the chosen face was gone for ``patience`` frames: chosen anew
+            self.reacquired += 1
+        best = sorted(faces, key=lambda b: b.center[0])[self.choose - 1]
+        self.following = True
+        if self.followed_from is None:
             self.followed_from = (index, best)
         self.last, self.missed, self.fresh = best, 0, False
         return best

@@ -435,7 +435,8 @@ class Animator:
     # -- animation -------------------------------------------------------------------------------------
     def animate(self, state: PortraitState, driver: Driver, *, face_crop: bool = True,
                 contour: bool = False, landmarks_model: str | Path | None = None,
-                contour_affine_frame: str = "last", config: AnimateConfig | None = None) -> Iterator[np.ndarray]:
+                contour_affine_frame: str = "last", config: AnimateConfig | None = None,
+                driver_face: int | None = None) -> Iterator[np.ndarray]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
@@ -449,6 +450,9 @@ class Animator:
             driver: the driving video file, or its frames in memory
                 (:class:`~megactor_rt.runtime.driver.DriverFrames`: ``(H, W, 3)`` uint8 RGB and their fps).
             face_crop: crop the driver around its faces (False: the centre square).
+            driver_face: a driver of several people: follow the ``driver_face``-th face from the left (counted in
+                the first frame that shows that many faces) instead of the face chosen automatically (the
+                largest until two frames show several faces, then the one overlapping the last choice).
             config: this run's settings (default: this Animator's).
             contour: upstream's contour-preserving mode: only the driver's eyes, mouth and brows are kept and
                 moved onto the portrait's face, so the portrait keeps its face shape (see
@@ -467,7 +471,7 @@ class Animator:
         check_affine_frame(contour_affine_frame)
         with memory_errors("animating", self.sub.device):
             yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
-                                     config or self.config)
+                                     config or self.config, driver_face)
 
     def check_run(self, config: AnimateConfig | None = None) -> None:
         """Check ``config``'s settings against this model's scheduler and backend (before any work).
@@ -499,7 +503,7 @@ class Animator:
 
     def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,
-                 cfg: AnimateConfig) -> Iterator[np.ndarray]:
+                 cfg: AnimateConfig, driver_face: int | None = None) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         self._check_state(state)
         self._note_seed(state, cfg)
@@ -514,7 +518,7 @@ class Animator:
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = self.last_plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start,
-                                                cfg.duration)
+                                                cfg.duration, driver_face)
         self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
@@ -690,7 +694,8 @@ class Animator:
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool | str | Path = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
-                        side_by_side: bool = False, face: int | None = None) -> RunStats:
+                        side_by_side: bool = False, face: int | None = None,
+                        driver_face: int | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -698,7 +703,8 @@ class Animator:
         The file is written to a temporary name and renamed on success; on any error nothing remains
         under ``output``. ``portrait``, ``face_crop``, ``mask``, ``face``: see :meth:`prepare` (a PIL image is
         taken too);
-        ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``: see :meth:`animate`
+        ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``, ``driver_face``: see
+        :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
         (the part under the frames used); False: no sound; a file: its sound instead, from its start, cut to the
         video's length. ``side_by_side``: each frame shows the driver's crop (as the model saw it,
@@ -737,7 +743,7 @@ class Animator:
         with VideoWriter(out, sel.fps, size * (3 if side_by_side else 1), size, **sound_args) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
-                                  config=config)
+                                  config=config, driver_face=driver_face)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
             results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)

@@ -266,16 +266,21 @@ def follow_patience(fps: Fraction) -> int:
 
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
                 fps: float | Fraction | None = None, start: float | None = None,
-                duration: float | None = None) -> DriverPlan:
+                duration: float | None = None, face: int | None = None) -> DriverPlan:
     """Pass 1: count frames and choose the crop (``start``: begin at this many seconds, see
     :func:`start_frame`; ``fps``: resample a faster driver to it, see :func:`output_fps`; ``max_frames``
     counts the frames used; ``duration``: at most the frames of that many seconds from the start, see
-    :meth:`FrameSelection.frames_within`).
+    :meth:`FrameSelection.frames_within`; ``face``: a driver of several people: follow the ``face``-th face
+    from the left of the first frame that shows that many, see :class:`FaceTrack`'s ``choose``).
 
     Raises:
-        InputError: unreadable/empty video, ``start`` at or past its end, or no face in any frame (unless
-            ``face_crop`` is False).
+        InputError: unreadable/empty video, ``start`` at or past its end, no face in any frame (unless
+            ``face_crop`` is False), ``face`` without ``face_crop`` or below 1, or no frame with ``face`` faces.
     """
+    if face is not None and (face < 1 or not face_crop):
+        raise InputError(f"the driver's face is counted from 1 (the leftmost), got {face}" if face < 1 else
+                         "a driver face (--driver-face) chooses the person the driver's crop centres on; it cannot "
+                         "be used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
     source = driver_source(driver)
     info, name = driver_info(source), driver_name(source)
     sel = FrameSelection.of(info.fps, fps, start)
@@ -289,12 +294,17 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     boxes: list[Box | None] = []
     frames = driver_frames(source, max_frames, ratio, skip)
     found = ordered_map(detect_scaled, frames) if face_crop else ([] for _ in frames)
-    track = FaceTrack(follow_patience(sel.fps))
+    track = FaceTrack(follow_patience(sel.fps), choose=face)
+    most = 0  # faces in one frame
     for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc="driver: find faces",
                           unit="frame"):
         boxes.append(track(faces))
+        most = max(most, len(faces))
     if not boxes and skip:  # a header without a frame count: known only now
         raise _past_the_end(name, start, skip, info.fps, at_least=False)
+    if face is not None and track.followed_from is None and boxes:
+        raise InputError(f"driver {name}: face {face} from the left is asked for (--driver-face), and no frame shows "
+                         f"{face} faces (at most {most} in one frame)")
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
     resampled = f" (resampled from {info.fps} fps)" if ratio != 1 else ""
     started = f" from {float(sel.start_s):.3f} s" if skip else ""
@@ -305,7 +315,11 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
                     "one of several within a frame time), so motion keeps in step with the audio", name,
                     float(info.fps), float(sel.fps))
     follow = track.followed_from
-    if follow is not None:
+    if follow is not None and face is not None:
+        logger.info("driver %s: face %d from the left followed from frame %d on%s", name, face, follow[0],
+                    f"; it was lost for a second or more {track.reacquired} time(s), and chosen anew" if
+                    track.reacquired else "")
+    elif follow is not None:
         logger.info("driver %s: several faces; from frame %d on the crop and the face isolation follow one person "
                     "(the face chosen before)%s", name, follow[0],
                     f"; it was lost for a second or more {track.reacquired} time(s), and the largest face then "

@@ -1550,4 +1550,9 @@ def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path
     assert "group.png: face 3 from the left is asked for (--portrait-face), and 2 face(s) were found" in \
         capsys.readouterr().err
     assert main([*args, "--portrait-face", "1", "--no-face-crop"]) == 2
-    assert "--portrait-face chooses where the portrait's face crop centres" in capsys.readouterr().err
+    assert "--portrait-face chooses where the face crop centres" in capsys.readouterr().err
+    assert main([*args, "--driver-face", "2"]) == 2  # the bundled driver shows one person
+    assert "face 2 from the left is asked for (--driver-face), and no frame shows 2 faces (at most 1" in \
+        capsys.readouterr().err
+    assert main([*args, "--driver-face", "1", "--no-face-crop"]) == 2
+    assert "--driver-face chooses where the face crop centres" in capsys.readouterr().err

@@ -507,6 +507,24 @@ def test_a_face_track_started_by_another_pass_takes_the_largest_faces_until_then
     assert [track([a]), track([b, a]), track([a]), track([b])] == [a, b, None, b]
 
 
+def test_a_face_track_of_a_chosen_face() -> None:
+    """``choose`` = 2: nothing until a frame shows two faces, then its second from the left (not the largest),
+    followed; gone for ``patience`` frames, the second from the left of the next frame with two is taken."""
+    from megactor_rt.preprocess import FaceTrack
+
+    left, right = Box(0, 0, 100, 100), Box(300, 0, 360, 60)
+    moved = Box(310, 5, 370, 65)
+    track = FaceTrack(patience=2, choose=2)
+    assert [track([left]), track([left, right]), track([left, moved]), track([moved, left])] == \
+        [None, right, moved, moved]
+    assert track.followed_from == (1, right)
+    far = Box(500, 300, 560, 360)
+    assert [track([left]), track([left]), track([left, far])] == [None, None, far]  # gone: chosen anew
+    assert track.reacquired == 1
+    with pytest.raises(ValueError, match="counted from 1"):
+        FaceTrack(patience=2, choose=0)
+
+
 def _two_people(n: int, side: int = 640) -> list[np.ndarray]:
     """``n`` square frames of two copies of the portrait's face: A in the middle, B in the top left corner, the
     larger of the two alternating frame by frame (the largest face jumps from one to the other). A crop centred
@@ -523,6 +541,30 @@ def _two_people(n: int, side: int = 640) -> list[np.ndarray]:
         canvas[10:10 + b, 10:10 + b] = cv2.resize(face, (b, b))
         frames.append(canvas)
     return frames
+
+
+def test_a_driver_face_chosen_by_the_user_is_cropped_and_isolated(caplog: pytest.LogCaptureFixture) -> None:
+    """face=1 follows the leftmost person (B, top left; the largest face alternates between A and B): the crop
+    centres on B and every isolated frame keeps B; face=3 is an error naming what was found."""
+    import logging
+
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    frames = DriverFrames(_two_people(6), fps=25, name="two")
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.driver"):
+        plan = plan_driver(frames, face=1)
+    assert "driver two: face 1 from the left followed from frame 0 on" in caplog.text
+    assert plan.follow is not None and plan.follow[0] == 0 and plan.follow[1].center[0] < 200
+    top, left, bottom, right = plan.crop
+    assert max(top, left) <= 10 and bottom < 260  # around B alone (A's face spans 225..415)
+    for x in iter_driver_inputs(plan, 256):
+        kept = np.nonzero(x[0].numpy())
+        assert kept[0].size and abs(float(kept[1].mean()) - 128) < 40  # B, in the middle of its own crop
+    with pytest.raises(InputError, match=r"driver two: face 3 from the left is asked for \(--driver-face\), and no "
+                                         r"frame shows 3 faces \(at most 2 in one frame\)"):
+        plan_driver(frames, face=3)
+    with pytest.raises(InputError, match="cannot be used with --no-face-crop"):
+        plan_driver(frames, face=1, face_crop=False)
 
 
 @pytest.mark.parametrize("face_crop", [True, False])
