@@ -252,13 +252,12 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
             logger.info("portrait %s: %d faces; the largest (face %d from the left) is animated; --portrait-face N "
                         "(Python: face=N) animates the N-th from the left instead", source_name, len(faces),
                         sorted(faces, key=lambda b: b.center[0]).index(chosen) + 1)
-    face_box = chosen
-    crop = square_crop_around(height, width, *face_box.center)
+    crop = square_crop_around(height, width, *chosen.center)
     side = crop[2] - crop[0]
     if side < size // 4:
         logger.warning("%s: the face is near the border; the %d px crop is upscaled to %d px",
                        source_name, side, size)
-    return crop, face_box
+    return crop, chosen
 
 
 def faces_scaled(image: np.ndarray, max_side: int) -> list[Box]:
