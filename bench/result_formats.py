@@ -1,0 +1,78 @@
+"""What each result format costs the writer: seconds per frame, and bytes per frame, on the bundled driver's frames.
+
+The result is encoded by the consumer thread while the next frames are denoised, so a format costs nothing
+as long as its encoder is faster than the denoiser: this measures that margin. Frames: the bundled driver's
+first 48, centre-cropped to 512 px (real faces, unlike the demo model's output); its MP3 audio is carried
+(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF). Each format is written 3 times, best kept.
+
+    python bench/result_formats.py --out OUT     # writes result_formats.md / .json (about 30 s on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from datetime import date
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.engine.cache import write_atomic
+from megactor_rt.media import RESULT_SUFFIXES, VideoWriter, iter_video_frames
+
+FRAMES, SIZE, REPEATS = 48, 512, 3
+
+
+def driver_frames() -> list[np.ndarray]:
+    """The bundled driver's first frames, centre-cropped to ``SIZE`` px."""
+    out = []
+    for f in iter_video_frames(ASSETS_DIR / "driver.mp4", max_frames=FRAMES):
+        h, w = f.shape[:2]
+        top, left = (h - SIZE) // 2, (w - SIZE) // 2
+        out.append(np.ascontiguousarray(f[top:top + SIZE, left:left + SIZE]))
+    return out
+
+
+def time_format(scratch: Path, suffix: str, frames: list[np.ndarray]) -> dict[str, Any]:
+    path = scratch / f"result{suffix}"
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        with VideoWriter(path, Fraction(30), SIZE, SIZE, audio_source=ASSETS_DIR / "driver.mp4") as w:
+            for f in frames:
+                w.write(f)
+        times.append(time.perf_counter() - t0)
+    return {"format": suffix, "ms_per_frame": 1000 * min(times) / len(frames),
+            "kb_per_frame": path.stat().st_size / len(frames) / 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    frames = driver_frames()
+    scratch = Path(tempfile.mkdtemp(prefix="result-formats-", dir=args.out))  # the results: removed however
+    try:  # the run ends
+        rows = [time_format(scratch, suffix, frames) for suffix in RESULT_SUFFIXES]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
+              "frames": len(frames), "size": SIZE, "fps": 30, "repeats": REPEATS, "rows": rows}
+    write_atomic(args.out / "result_formats.json", json.dumps(report, indent=1).encode())
+    lines = [f"Writing {len(frames)} frames of {SIZE} px at 30 fps with the driver's audio, {report['date']} "
+             f"(best of {REPEATS}):", "", "| format | ms per frame | KB per frame |", "|---|---|---|"]
+    lines += [f"| {r['format']} | {r['ms_per_frame']:.1f} | {r['kb_per_frame']:.1f} |" for r in rows]
+    write_atomic(args.out / "result_formats.md", ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))  # noqa: T201 - a script's output
+
+
+if __name__ == "__main__":
+    main()
