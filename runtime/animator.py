@@ -53,6 +53,7 @@ from megactor_rt.runtime.driver import (
     Driver,
     DriverPlan,
     FrameSelection,
+    check_driver_face,
     cropped_frames,
     driver_info,
     driver_source,
@@ -722,6 +723,7 @@ class Animator:
         check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask,
                            audio=sound)
         check_affine_frame(contour_affine_frame)
+        check_driver_face(driver_face, face_crop)
         # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)
         landmarker = Landmarker(landmarks_model) if contour else None
         if cfg.tiny_decoder is not None:

@@ -264,6 +264,18 @@ def follow_patience(fps: Fraction) -> int:
     return max(1, round(fps))
 
 
+def check_driver_face(face: int | None, face_crop: bool) -> None:
+    """Refuse a driver face (``plan_driver``'s ``face``) below 1 or without a face crop.
+
+    Raises:
+        InputError: naming the problem.
+    """
+    if face is not None and (face < 1 or not face_crop):
+        raise InputError(f"the driver's face is counted from 1 (the leftmost), got {face}" if face < 1 else
+                         "a driver face (--driver-face) chooses the person the driver's crop centres on; it cannot "
+                         "be used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
+
+
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
                 fps: float | Fraction | None = None, start: float | None = None,
                 duration: float | None = None, face: int | None = None) -> DriverPlan:
@@ -277,10 +289,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
         InputError: unreadable/empty video, ``start`` at or past its end, no face in any frame (unless
             ``face_crop`` is False), ``face`` without ``face_crop`` or below 1, or no frame with ``face`` faces.
     """
-    if face is not None and (face < 1 or not face_crop):
-        raise InputError(f"the driver's face is counted from 1 (the leftmost), got {face}" if face < 1 else
-                         "a driver face (--driver-face) chooses the person the driver's crop centres on; it cannot "
-                         "be used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
+    check_driver_face(face, face_crop)
     source = driver_source(driver)
     info, name = driver_info(source), driver_name(source)
     sel = FrameSelection.of(info.fps, fps, start)

@@ -1556,3 +1556,14 @@ def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path
         capsys.readouterr().err
     assert main([*args, "--driver-face", "1", "--no-face-crop"]) == 2
     assert "--driver-face chooses where the face crop centres" in capsys.readouterr().err
+
+    def prepared(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the portrait was prepared")
+
+    anim_prepare, anim._prepare = anim._prepare, prepared  # type: ignore[method-assign]
+    try:
+        with pytest.raises(InputError, match="the driver's face is counted from 1"):
+            anim.animate_to_file(path, out, tmp_path / "x.mp4", driver_face=0)
+    finally:
+        anim._prepare = anim_prepare  # type: ignore[method-assign]
+    assert not (tmp_path / "x.mp4").exists()
