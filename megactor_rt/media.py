@@ -357,7 +357,7 @@ def _packet_times(path: str, mtime_ns: int, size: int, index: int, time_base: Fr
                           if p.pts is not None and p.size})
     except (av.error.FFmpegError, OSError, ValueError, StopIteration):
         return ()
-    return tuple((p - pts[0]) * time_base for p in pts)
+    return tuple((p - pts[0]) * time_base for p in pts)  # () where no packet has a time
 
 
 # How many of a video's first packets _frames_at_half_rate reads (their timestamps; nothing is decoded).
@@ -381,18 +381,11 @@ def _frames_at_half_rate(path: Path, index: int, time_base: Fraction | None, nom
 
 @lru_cache(maxsize=64)
 def _mostly_slow(path: str, mtime_ns: int, size: int, index: int, time_base: Fraction, nominal: Fraction) -> bool:
-    del mtime_ns, size  # in the cache key: another version of the file is read again
-    try:
-        with av.open(path, mode="r") as container:
-            stream = next(s for s in container.streams if s.index == index)
-            pts = sorted({p.pts for p in itertools.islice(container.demux(stream), _RATE_CHECK_PACKETS)
-                          if p.pts is not None and p.size})
-    except (av.error.FFmpegError, OSError, ValueError, StopIteration):
+    times = _packet_times(path, mtime_ns, size, index, time_base)  # cached per file version too
+    if len(times) < 8:  # too few to tell
         return False
-    if len(pts) < 8:  # too few to tell
-        return False
-    fast = sum((b - a) * time_base * nominal < Fraction(3, 2) for a, b in itertools.pairwise(pts))
-    if 3 * fast > len(pts) - 1:
+    fast = sum((b - a) * nominal < Fraction(3, 2) for a, b in itertools.pairwise(times))
+    if 3 * fast > len(times) - 1:
         return False
     logger.info("%s: the header's %.3f fps is twice the rate of most of its frames' timestamps; read at %.3f fps",
                 path, float(nominal), float(nominal / 2))
