@@ -253,7 +253,7 @@ class StatsFile:
     """
 
     def __init__(self, path: Path | None, command: str, results: Sequence[Path] = (),
-                 inputs: Sequence[Path | None] = ()) -> None:
+                 inputs: Sequence[Path | None] = (), options: dict[str, Any] | None = None) -> None:
         if path is not None:
             if path.is_dir():
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
@@ -264,6 +264,7 @@ class StatsFile:
                 if any(o is not None and same_file(path, o) for o in others):
                     raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")
         self.path, self.command = path, command
+        self.options = options or {}  # the result-shaping flags that are no AnimateConfig field
         self.runs: list[dict] = []
 
     def add(self, anim: Animator, portrait: Path, driver: Path, output: Path, stats: RunStats | None = None,
@@ -279,7 +280,7 @@ class StatsFile:
         self.runs.append({"portrait": str(portrait), "driver": str(driver), "output": str(output), **facts})
         doc = {"command": self.command, "megactor_rt": __version__, "torch": torch.__version__,
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **anim.run_settings(),
-               "runs": self.runs}
+               "options": self.options, "runs": self.runs}
         try:
             write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
         except OSError as exc:
@@ -358,6 +359,15 @@ def _check_result_rate(driver: Path, output: Path, config: AnimateConfig) -> Non
         check_result_rate(output, FrameSelection.of(driver_info(driver).fps, config.fps, config.start).fps)
 
 
+def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What shapes the results besides the run settings (``AnimateConfig``), for ``--stats``."""
+    return {"face_crop": not args.no_face_crop, "portrait_face": args.portrait_face, "driver_face": args.driver_face,
+            "mask": None if args.mask is None else str(args.mask),
+            "audio": str(args.audio) if args.audio is not None else not args.no_audio,
+            "contour": args.contour, "contour_affine_frame": args.contour_affine_frame,
+            "side_by_side": args.side_by_side}
+
+
 def _sound(args: argparse.Namespace) -> bool | Path:
     """``animate_to_file``'s ``audio``: the --audio file, or whether to copy the driver's audio."""
     return args.audio if args.audio is not None else not args.no_audio
@@ -400,7 +410,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                          f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs],
-                       [*args.portrait, *args.driver, args.mask, args.audio])
+                       [*args.portrait, *args.driver, args.mask, args.audio], _stats_options(args))
     _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask, args.audio)
     check_converted_folder(args.weights)
     config = _run_config(args)
@@ -447,7 +457,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
-    record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio])
+    record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio],
+                       _stats_options(args))
     _check_files([portrait], [driver], args.output, args.mask, args.audio)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
