@@ -1704,6 +1704,7 @@ def test_gif_driver_gives_each_frame_once(tmp_path: Path, delays_ms: list[int], 
     shades = _gif_driver(tmp_path / "meme.gif", delays)
     assert shades[0] == rate
     assert shades[1] == [i * 5 for i in range(len(delays))]
+    assert not probe_video(tmp_path / "meme.gif").variable_rate  # every step holds one frame
 
 
 def _gif_driver(gif: Path, delays_ms: list[int]) -> tuple[Fraction, list[int]]:
@@ -1719,3 +1720,6 @@ def test_gif_driver_that_pauses_keeps_every_frame(tmp_path: Path) -> None:
     rate, shades = _gif_driver(tmp_path / "pause.gif", [100] * 10 + [1000])
     assert rate == 10
     assert shades == [i * 5 for i in range(11)] + [50] * 9
+    rate, shades = _gif_driver(tmp_path / "pauses.gif", [20, 20, 500] * 3)  # pauses between its frames
+    assert rate == 50 and probe_video(tmp_path / "pauses.gif").variable_rate
+    assert sorted(set(shades)) == [i * 5 for i in range(9)] and len(shades) > 9
