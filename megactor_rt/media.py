@@ -334,16 +334,26 @@ def _gif_rate(path: Path, stream: av.video.stream.VideoStream) -> Fraction | Non
         mean = Fraction(stream.frames) / (stream.duration * stream.time_base)
         whole = Fraction(round(mean))
         candidates.insert(0, whole if whole and abs(whole / mean - 1) <= Fraction(1, 200) else mean)
-    try:
-        stat = path.stat()
-    except OSError:
+    times = _stream_times(path, stream)
+    if times is None:
         return None
-    times = _packet_times(str(path), stat.st_mtime_ns, stat.st_size, stream.index, stream.time_base)
     for rate in (r for r in candidates if r > 0):
         steps = [round(t * rate) for t in times]
         if len(set(steps)) == len(steps):
             return rate
     return None
+
+
+def _stream_times(path: Path, stream: av.video.stream.VideoStream) -> tuple[Fraction, ...] | None:
+    """:func:`_packet_times` of ``stream`` in the file's current version; None where the file cannot be looked at
+    or the stream has no time base."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    if stream.time_base is None:
+        return None
+    return _packet_times(str(path), stat.st_mtime_ns, stat.st_size, stream.index, stream.time_base)
 
 
 @lru_cache(maxsize=64)
@@ -395,13 +405,9 @@ def _mostly_slow(path: str, mtime_ns: int, size: int, index: int, time_base: Fra
 def _gif_variable(path: Path, stream: av.video.stream.VideoStream, fps: Fraction) -> bool:
     """Whether a GIF's frames (the first ones) leave steps empty at ``fps``: a pause, or delays of several
     lengths beyond the hundredths' rounding (a 30 fps GIF's 3, 3, 4 hundredths fill every step: not variable)."""
-    try:
-        stat = path.stat()
-    except OSError:
+    times = _stream_times(path, stream)
+    if times is None:
         return False
-    if stream.time_base is None:
-        return False
-    times = _packet_times(str(path), stat.st_mtime_ns, stat.st_size, stream.index, stream.time_base)
     return [round(t * fps) for t in times] != list(range(len(times)))
 
 
@@ -1101,7 +1107,6 @@ class VideoWriter:
         self._resampler: av.AudioResampler | None = None  # transcoded audio: to AAC's format, layout and rate
         self._resampler_in: tuple[str, str, int] | None = None  # the source parameters it was made for
         self._audio_copy = False
-        self._audio_format = ""  # the transcoding encoder's sample format
         self._audio_samples = 0  # transcoded audio handed to the encoder so far (samples at the AAC rate)
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
@@ -1166,7 +1171,7 @@ class VideoWriter:
             # by channel count: sources may carry unordered layouts ("1 channels") that AAC rejects
             self._audio_out.layout = "mono" if src.codec_context.channels == 1 else "stereo"
             # the encoder's sample format: frames are resampled to it (_encode_audio)
-            self._audio_out.format = self._audio_format = _ENCODER_FORMAT[encoder]
+            self._audio_out.format = _ENCODER_FORMAT[encoder]
         try:  # writes the header now: a stream the container cannot hold fails here, before any frame is made
             self._out.start_encoding()
         except av.error.FFmpegError as exc:
@@ -1403,7 +1408,8 @@ class VideoWriter:
                 self._flush_resampler()
                 self._resampler_in = params
                 self._resampler = av.AudioResampler(
-                    format=self._audio_format, layout=self._audio_out.layout.name, rate=self._audio_out.rate)
+                    format=self._audio_out.format.name, layout=self._audio_out.layout.name,
+                    rate=self._audio_out.rate)
             frame.pts = None
             resampler = self._resampler
             assert resampler is not None
