@@ -208,6 +208,27 @@ def crop_resize(image: np.ndarray, crop: Crop, size: int = 512) -> torch.Tensor:
     return out[0]  # (3, size, size)
 
 
+def left_to_right(faces: Sequence[Box]) -> list[Box]:
+    """``faces`` by their centres from left to right: how a user counts the people in a picture."""
+    return sorted(faces, key=lambda b: b.center[0])
+
+
+def check_face_choice(face: int | None, face_crop: bool, whose: str) -> None:
+    """Refuse the user's choice of a face (``--portrait-face``, ``--driver-face``: ``whose`` is "portrait" or
+    "driver") below 1 or without a face crop.
+
+    Raises:
+        InputError: naming the problem.
+    """
+    if face is None:
+        return
+    if face < 1:
+        raise InputError(f"the {whose}'s face is counted from 1 (the leftmost), got {face}")
+    if not face_crop:
+        raise InputError(f"a {whose} face (--{whose}-face) chooses where the {whose}'s face crop centres; it cannot "
+                         "be used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
+
+
 def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
                   source_name: str = "portrait", face: int | None = None) -> tuple[Crop, Box | None]:
     """Choose the portrait's square crop: centred on its largest face (or the ``face``-th from the left), or the
@@ -229,12 +250,8 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
             without ``face_crop``.
     """
     height, width = image.shape[:2]
-    if face is not None and face < 1:
-        raise InputError(f"the portrait's face is counted from 1 (the leftmost), got {face}")
+    check_face_choice(face, face_crop, "portrait")
     if not face_crop:
-        if face is not None:
-            raise InputError("a portrait face (--portrait-face) chooses where the face crop centres; it cannot be "
-                             "used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
         return center_square(height, width), None
     faces = _portrait_faces(image)
     if not faces:
@@ -245,13 +262,13 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
         if face > len(faces):
             raise InputError(f"portrait {source_name}: face {face} from the left is asked for (--portrait-face), "
                              f"and {len(faces)} face(s) were found")
-        chosen = sorted(faces, key=lambda b: b.center[0])[face - 1]
+        chosen = left_to_right(faces)[face - 1]
     else:
         chosen = faces[0]
         if len(faces) > 1:
             logger.info("portrait %s: %d faces; the largest (face %d from the left) is animated; --portrait-face N "
                         "(Python: face=N) animates the N-th from the left instead", source_name, len(faces),
-                        sorted(faces, key=lambda b: b.center[0]).index(chosen) + 1)
+                        left_to_right(faces).index(chosen) + 1)
     crop = square_crop_around(height, width, *chosen.center)
     side = crop[2] - crop[0]
     if side < size // 4:
@@ -346,7 +363,7 @@ class FaceTrack:
             return None
         if self.following:  # the chosen face was gone for ``patience`` frames: chosen anew
             self.reacquired += 1
-        best = sorted(faces, key=lambda b: b.center[0])[self.choose - 1]
+        best = left_to_right(faces)[self.choose - 1]
         self.following = True
         if self.followed_from is None:
             self.followed_from = (index, best)

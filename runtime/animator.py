@@ -39,6 +39,7 @@ from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import (
     background_inputs,
+    check_face_choice,
     crop_resize,
     first_face,
     load_user_mask,
@@ -53,7 +54,6 @@ from megactor_rt.runtime.driver import (
     Driver,
     DriverPlan,
     FrameSelection,
-    check_driver_face,
     cropped_frames,
     driver_info,
     driver_source,
@@ -723,7 +723,7 @@ class Animator:
         check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask,
                            audio=sound)
         check_affine_frame(contour_affine_frame)
-        check_driver_face(driver_face, face_crop)
+        check_face_choice(driver_face, face_crop, "driver")
         # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)
         landmarker = Landmarker(landmarks_model) if contour else None
         if cfg.tiny_decoder is not None:

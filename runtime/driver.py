@@ -36,6 +36,7 @@ from megactor_rt.preprocess import (
     Box,
     Crop,
     FaceTrack,
+    check_face_choice,
     crop_resize,
     detect_faces,
     driver_crop,
@@ -264,18 +265,6 @@ def follow_patience(fps: Fraction) -> int:
     return max(1, round(fps))
 
 
-def check_driver_face(face: int | None, face_crop: bool) -> None:
-    """Refuse a driver face (``plan_driver``'s ``face``) below 1 or without a face crop.
-
-    Raises:
-        InputError: naming the problem.
-    """
-    if face is not None and (face < 1 or not face_crop):
-        raise InputError(f"the driver's face is counted from 1 (the leftmost), got {face}" if face < 1 else
-                         "a driver face (--driver-face) chooses the person the driver's crop centres on; it cannot "
-                         "be used with --no-face-crop (Python: face_crop=False), whose crop is the centre square")
-
-
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
                 fps: float | Fraction | None = None, start: float | None = None,
                 duration: float | None = None, face: int | None = None) -> DriverPlan:
@@ -289,7 +278,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
         InputError: unreadable/empty video, ``start`` at or past its end, no face in any frame (unless
             ``face_crop`` is False), ``face`` without ``face_crop`` or below 1, or no frame with ``face`` faces.
     """
-    check_driver_face(face, face_crop)
+    check_face_choice(face, face_crop, "driver")
     source = driver_source(driver)
     info, name = driver_info(source), driver_name(source)
     sel = FrameSelection.of(info.fps, fps, start)
