@@ -136,9 +136,14 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--audio", type=Path, default=None, metavar="FILE",
                    help="the result's sound from this file (from its start, cut to the video) instead of the "
                         "driver's")
-    p.add_argument("--side-by-side", action="store_true",
-                   help="the result shows the driver's crop (as the model sees it, before the face isolation), "
-                        "the portrait's crop and the animation side by side (three times as wide)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--side-by-side", action="store_true",
+                       help="the result shows the driver's crop (as the model sees it, before the face isolation), "
+                            "the portrait's crop and the animation side by side (three times as wide)")
+    shape.add_argument("--paste-back", action="store_true",
+                       help="the result is the whole portrait with the animation put back where its crop came from, "
+                            "fading into the portrait at the crop's inner edges (the portrait scaled down so its crop "
+                            "is the animation's size where it is larger)")
     p.add_argument("--contour-preserve", "--contour-reserve", dest="contour", action="store_true",
                    help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
                         "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
@@ -365,7 +370,7 @@ def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
             "mask": None if args.mask is None else str(args.mask),
             "audio": str(args.audio) if args.audio is not None else not args.no_audio,
             "contour": args.contour, "contour_affine_frame": args.contour_affine_frame,
-            "side_by_side": args.side_by_side}
+            "side_by_side": args.side_by_side, "paste_back": args.paste_back}
 
 
 def _sound(args: argparse.Namespace) -> bool | Path:
@@ -435,7 +440,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          landmarks_model=args.landmarks_model,
                                          contour_affine_frame=args.contour_affine_frame,
                                          side_by_side=args.side_by_side, face=args.portrait_face,
-                                         driver_face=args.driver_face)
+                                         driver_face=args.driver_face, paste_back=args.paste_back)
         except MegactorError as exc:
             if len(jobs) == 1:
                 raise
@@ -476,7 +481,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
                                  audio=_sound(args), contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
-                                 face=args.portrait_face, driver_face=args.driver_face)
+                                 face=args.portrait_face, driver_face=args.driver_face, paste_back=args.paste_back)
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

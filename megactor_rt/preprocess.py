@@ -208,6 +208,86 @@ def crop_resize(image: np.ndarray, crop: Crop, size: int = 512) -> torch.Tensor:
     return out[0]  # (3, size, size)
 
 
+PASTE_FEATHER = 0.04  # share of the crop's side over which a pasted result fades into the portrait
+
+
+@dataclass(frozen=True)
+class PasteBack:
+    """Puts result frames back where their crop came from in the whole portrait (``--paste-back``).
+
+    The portrait is scaled so that its crop is no larger than the result (a crop of 1080 px around the face of
+    a 512 px model: the whole portrait at 512/1080 of its size; a smaller crop: the portrait at its own size),
+    to even sides (H.264's 4:2:0 needs them: at its own size an odd side loses its last row or column). Each result frame is resized onto the crop's place and fades into
+    the portrait over :data:`PASTE_FEATHER` of the crop's side at the edges that lie inside the portrait (an
+    edge on the portrait's border needs no fade).
+
+    Attributes:
+        canvas: ``(H, W, 3)`` uint8 RGB, the portrait at the result's scale.
+        box: the crop's place in ``canvas``, ``(top, left, bottom, right)``.
+        alpha: ``(h, w, 1)`` float32 weight of the result in ``box`` (1 inside, fading to 0 at inner edges).
+    """
+
+    canvas: np.ndarray
+    box: Crop
+    alpha: np.ndarray
+
+    @classmethod
+    def of(cls, image: np.ndarray, crop: Crop, size: int) -> PasteBack:
+        """The paste of ``size``-px results cut by ``crop`` out of ``image`` (``(H, W, 3)`` uint8 RGB)."""
+        _check_rgb(image)
+        height, width = image.shape[:2]
+        top, left, bottom, right = crop
+        if not (0 <= top < bottom <= height and 0 <= left < right <= width):
+            raise ValueError(f"crop {crop} is empty or outside a {width}x{height} image")
+        scale = min(1.0, size / max(bottom - top, right - left))
+        # (the 1e-9: 1002 * (512 / 1002) is 511.99999999999994)
+        out_w, out_h = (max(2, int(side * scale + 1e-9) // 2 * 2) for side in (width, height))
+        if scale == 1.0:  # the portrait's own pixels; an odd side loses its last row or column
+            canvas = image[:out_h, :out_w]
+            box = (top, left, min(bottom, out_h), min(right, out_w))
+        else:
+            sx, sy = out_w / width, out_h / height
+            canvas = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_AREA)
+            box = (round(top * sy), round(left * sx), round(bottom * sy), round(right * sx))
+        t, lf, b, r = box
+        feather = max(1.0, PASTE_FEATHER * max(b - t, r - lf))
+
+        def ramp(n: int, fade_start: bool, fade_end: bool) -> np.ndarray:
+            pos = np.arange(n, dtype=np.float32) + 0.5
+            w = np.ones(n, np.float32)
+            if fade_start:
+                w = np.minimum(w, pos / feather)
+            if fade_end:
+                w = np.minimum(w, (n - pos) / feather)
+            return w
+
+        rows = ramp(b - t, t > 0, b < out_h)
+        cols = ramp(r - lf, lf > 0, r < out_w)
+        alpha = np.minimum(rows[:, None], cols[None, :])[..., None]
+        return cls(np.ascontiguousarray(canvas), box, alpha)
+
+    @property
+    def width(self) -> int:
+        return int(self.canvas.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.canvas.shape[0])
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """``frame`` (``(S, S, 3)`` uint8 RGB result) in the portrait: a new ``(H, W, 3)`` uint8 image."""
+        t, lf, b, r = self.box
+        h, w = b - t, r - lf
+        shrink = h < frame.shape[0]
+        placed = frame if frame.shape[:2] == (h, w) else \
+            cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        out = self.canvas.copy()
+        under = out[t:b, lf:r].astype(np.float32)
+        out[t:b, lf:r] = np.clip(under + self.alpha * (placed.astype(np.float32) - under) + 0.5, 0, 255
+                                 ).astype(np.uint8)
+        return out
+
+
 def left_to_right(faces: Sequence[Box]) -> list[Box]:
     """``faces`` by their centres from left to right: how a user counts the people in a picture."""
     return sorted(faces, key=lambda b: b.center[0])

@@ -38,6 +38,9 @@ from megactor_rt.media import (
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 from megactor_rt.preprocess import (
+    Box,
+    Crop,
+    PasteBack,
     background_inputs,
     check_face_choice,
     crop_resize,
@@ -268,6 +271,11 @@ class Animator:
                         mask: str | Path | None = None, face: int | None = None) -> PortraitInputs:
         """Crop the portrait around its face (``face``: see :meth:`prepare`), derive the background mask and the
         CLIP background image."""
+        return self._cropped_inputs(*self._portrait_crop(portrait, face_crop, face), mask)
+
+    def _portrait_crop(self, portrait: str | Path | np.ndarray, face_crop: bool, face: int | None
+                       ) -> tuple[np.ndarray, str, Crop, Box | None]:
+        """The portrait's pixels, its name for messages, its crop and the face the crop is centred on."""
         from PIL import Image
 
         if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
@@ -279,8 +287,12 @@ class Animator:
         img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+        crop, found = portrait_crop(img, face_crop=face_crop, size=self.image_size, source_name=name, face=face)
+        return img, name, crop, found
+
+    def _cropped_inputs(self, img: np.ndarray, name: str, crop: Crop, found: Box | None,
+                        mask: str | Path | None) -> PortraitInputs:
         size = self.image_size
-        crop, found = portrait_crop(img, face_crop=face_crop, size=size, source_name=name, face=face)
         # upstream resizes in fp32 (crop_and_resize_tensor casts to float first): those values / 255 feed the
         # FiLM branch, and the VAE the same values truncated to uint8 (spec 2.1 (a), (b))
         resized = crop_resize(img, crop, size)
@@ -696,7 +708,7 @@ class Animator:
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                         side_by_side: bool = False, face: int | None = None,
-                        driver_face: int | None = None) -> RunStats:
+                        driver_face: int | None = None, paste_back: bool = False) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -710,7 +722,10 @@ class Animator:
         (the part under the frames used); False: no sound; a file: its sound instead, from its start, cut to the
         video's length. ``side_by_side``: each frame shows the driver's crop (as the model saw it,
         before its face isolation), the portrait's crop and the result side by side, three times as wide; the
-        driver is read once more for it, while the result is written.
+        driver is read once more for it, while the result is written. ``paste_back``: each result frame is put
+        back into the whole portrait where its crop came from, fading into it at the crop's inner edges (the
+        portrait scaled so its crop is the result's size where it is larger: :class:`~megactor_rt.preprocess.
+        PasteBack`); not with ``side_by_side``.
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
@@ -724,6 +739,9 @@ class Animator:
                            audio=sound)
         check_affine_frame(contour_affine_frame)
         check_face_choice(driver_face, face_crop, "driver")
+        if paste_back and side_by_side:
+            raise InputError("paste_back (--paste-back) and side_by_side (--side-by-side) do not go together: the "
+                             "result is either the whole portrait or the three crops side by side")
         # a missing or foreign landmark model fails here, before any work (loaded once; animate() finds it)
         landmarker = Landmarker(landmarks_model) if contour else None
         if cfg.tiny_decoder is not None:
@@ -731,26 +749,35 @@ class Animator:
         info = driver_info(driver)
         sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         check_result_rate(out, sel.fps)  # a 60 fps GIF, before the portrait is prepared
-        state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face)
+        size = self.image_size
+        paste: PasteBack | None = None
+        if paste_back:
+            img, name, crop, found = self._portrait_crop(portrait, face_crop, face)
+            paste = PasteBack.of(img, crop, size)
+            state, hit = self._prepare(self._cropped_inputs(img, name, crop, found, mask), face_crop, mask, cfg.seed)
+        else:
+            state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
                                     else Path(portrait).name)
             landmarks_model = landmarker.path
-        size = self.image_size
         if sound is not None:  # another file's sound: from its start
             sound_args: dict[str, Any] = {"audio_source": sound}
         else:
             sound_args = {"audio_source": info.path if audio and info.has_audio else None,
                           "audio_offset": sel.start_s, "video_start": info.start_s}
-        with VideoWriter(out, sel.fps, size * (3 if side_by_side else 1), size, **sound_args) as w:
+        width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
+        with VideoWriter(out, sel.fps, width, height, **sound_args) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config, driver_face=driver_face)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
             results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)
-            for frame in self._beside_inputs(results, state, size) if side_by_side else results:
-                w.write(frame)
+            if side_by_side:
+                results = self._beside_inputs(results, state, size)
+            for frame in results:
+                w.write(paste(frame) if paste else frame)
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats
 

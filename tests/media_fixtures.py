@@ -127,6 +127,13 @@ def decode_all(path: Path) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
 
 
+def block_means(frame: np.ndarray, k: int = 8) -> np.ndarray:
+    """Means of ``frame``'s k x k blocks (its last partial row and column of blocks left out): compares frames
+    through a lossy codec, whose error on the tiny model's noisy frames is large per pixel and small per block."""
+    h, w = frame.shape[0] // k * k, frame.shape[1] // k * k
+    return frame[:h, :w].astype(float).reshape(h // k, k, w // k, k, -1).mean(axis=(1, 3))
+
+
 def stream_facts(path: Path) -> tuple[int, Fraction, bool]:
     """(decoded frame count, average frame rate, has an audio stream) via plain PyAV."""
     with av.open(str(path)) as c:

@@ -22,6 +22,7 @@ from media_fixtures import (
     BAD_INPUT_CASES,
     PORTRAIT,
     bad_input,
+    block_means,
     plain_image,
     stream_facts,
     write_face_driver,
@@ -1515,6 +1516,41 @@ def test_side_by_side_shows_the_frames_each_result_was_driven_by(anim: Animator,
         assert np.abs(p[:, size:2 * size].astype(int) - crop).mean() < 4
         assert np.abs(p[:, 2 * size:].astype(int) - r).mean() < 6
     assert anim.last_plan is not None and anim.last_plan.num_frames == 4
+
+
+def test_paste_back_puts_each_result_where_its_crop_came_from(anim: Animator, media: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """paste_back: each frame is the whole portrait at the scale of its crop, with the plain run's result on the
+    crop's place (from the same prepared portrait: a cache hit) and the portrait around it, each frame its own
+    result (compared through the codec by 8 px block means). With side_by_side: refused before any work, nothing
+    written."""
+    from megactor_rt.media import iter_video_frames
+    from megactor_rt.preprocess import PasteBack, portrait_crop
+
+    cfg = replace(CFG, max_frames=3, steps=1)
+    results = list(anim.animate(anim.prepare(PORTRAIT), media["short"], config=cfg))
+    pasted = tmp_path / "pasted.mkv"
+    stats = anim.animate_to_file(PORTRAIT, media["short"], pasted, config=cfg, paste_back=True)
+    assert stats.portrait_cache_hit
+    image = read_image(PORTRAIT)
+    paste = PasteBack.of(image, portrait_crop(image, size=anim.image_size)[0], anim.image_size)
+    frames = list(iter_video_frames(pasted))
+    assert len(frames) == len(results) == 3 and frames[0].shape == paste.canvas.shape
+    assert paste.canvas.shape[:2] != image.shape[:2]  # scaled: the crop is larger than the tiny model's result
+    top, left, bottom, right = paste.box
+    around = np.ones(paste.canvas.shape[:2], bool)
+    around[top:bottom, left:right] = False
+    canvas = paste.canvas.astype(int)
+    for i, frame in enumerate(frames):
+        errors = [np.abs(block_means(frame) - block_means(paste(r))).mean() for r in results]
+        assert errors[i] < 3 and min(e for j, e in enumerate(errors) if j != i) > 3 * errors[i], errors
+        assert np.abs(frame[around].astype(int) - canvas[around]).mean() < 3
+        assert np.abs(block_means(frame[top:bottom, left:right]) - block_means(paste.canvas[top:bottom, left:right])
+                      ).mean() > 10
+    refused = tmp_path / "both.mp4"
+    with pytest.raises(InputError, match="do not go together"):
+        anim.animate_to_file(PORTRAIT, media["short"], refused, config=cfg, paste_back=True, side_by_side=True)
+    assert not refused.exists()
 
 
 def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path,

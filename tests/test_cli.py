@@ -27,6 +27,7 @@ from media_fixtures import (
     BAD_INPUT_CASES,
     PORTRAIT,
     bad_input,
+    block_means,
     face_frames,
     plain_image,
     stream_facts,
@@ -39,7 +40,7 @@ from megactor_rt import cli
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig, tiny_config
 from megactor_rt.errors import InputError
-from megactor_rt.media import iter_video_frames, probe_video
+from megactor_rt.media import iter_video_frames, probe_video, read_image
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.weights import build_models, write_converted
@@ -142,7 +143,8 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     assert doc["command"] == "demo" and doc["backend"] == "torch" and doc["device"] == "cpu"
     assert doc["config"]["steps"] == 2 and doc["config"]["seed"] == 3 and doc["config"]["mode"] == "optimized"
     assert doc["options"] == {"face_crop": True, "portrait_face": None, "driver_face": None, "mask": None,
-                              "audio": True, "contour": False, "contour_affine_frame": "last", "side_by_side": False}
+                              "audio": True, "contour": False, "contour_affine_frame": "last", "side_by_side": False,
+                              "paste_back": False}
     assert facts["output"] == str(out) and facts["frames"] == 6 and len(facts["step_seconds"]) == 2
     assert facts["fps"] == pytest.approx(6 / facts["total_s"]) and 0 < facts["first_frame_s"] <= facts["total_s"]
     assert facts["stage_seconds"]["denoise"] > 0 and facts["calls"]["unet"] == 3 * 2  # 3 windows x 2 steps
@@ -562,12 +564,8 @@ def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path
     code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"],
                        "-o", tmp_path / "one.mp4", *common)
     assert code == 0, err
-    def blocks(frame: np.ndarray) -> np.ndarray:
-        n = frame.shape[0] // 8
-        return frame.astype(float).reshape(n, 8, n, 8, 3).mean(axis=(1, 3))
-
     for other, limit in ((gif, 5), (webm, 3)):
-        errors = [np.abs(blocks(a) - blocks(b)).mean()
+        errors = [np.abs(block_means(a) - block_means(b)).mean()
                   for a, b in zip(frames_of(other), frames_of(tmp_path / "one.mp4"), strict=True)]
         assert max(errors) < limit, (other.name, errors)
 
@@ -580,6 +578,26 @@ def test_side_by_side_result(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     frames = frames_of(out)
     size = frames[0].shape[0]
     assert len(frames) == 3 and frames[0].shape == (size, 3 * size, 3) and stream_facts(out)[2]
+
+
+def test_paste_back_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--paste-back: the whole bundled portrait (768x844) at the scale of its 768 px face crop for the tiny
+    model's result, with the audio; with --side-by-side: refused by the parser, nothing written."""
+    from megactor_rt.preprocess import PasteBack, portrait_crop
+
+    out = tmp_path / "whole.mp4"
+    code, _, err = run(capsys, "demo", "--max-frames", 3, *FAST, "--paste-back", "-o", out)
+    assert code == 0, err
+    frames = frames_of(out)
+    size = tiny_config().image_size
+    image = read_image(PORTRAIT)
+    paste = PasteBack.of(image, portrait_crop(image, size=size)[0], size)
+    assert len(frames) == 3 and frames[0].shape == paste.canvas.shape and stream_facts(out)[2]
+    assert frames[0].shape[0] > size > frames[0].shape[1] - 2  # taller than the square result
+    both = tmp_path / "both.mp4"
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "demo", "--max-frames", 3, *FAST, "--paste-back", "--side-by-side", "-o", both)
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err and not both.exists()
 
 
 def test_a_60_fps_driver_into_a_gif_is_refused_before_the_weights_load(

@@ -17,6 +17,7 @@ from megactor_rt.kernels.ops import preprocess_frame
 from megactor_rt.media import iter_video_frames, read_image
 from megactor_rt.preprocess import (
     Box,
+    PasteBack,
     background_inputs,
     center_square,
     crop_resize,
@@ -594,3 +595,68 @@ def test_a_driver_of_two_people_keeps_one_face_in_every_frame(face_crop: bool, c
     if face_crop:  # pass 2 starts from pass 1's face, not from its own first choice
         b = (0, detect_faces(frames[1])[0])  # B, from frame 0 on
         assert all(x < 70 for x in kept_x(replace(plan, follow=b))), kept_x(replace(plan, follow=b))
+
+
+def _pattern(height: int, width: int) -> np.ndarray:
+    """A smooth RGB pattern whose every place differs from its neighbours a few pixels away."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = [128 + 90 * np.sin(x / 7.0), 128 + 90 * np.cos(y / 9.0), 128 + 60 * np.sin((x + y) / 11.0)]
+    return np.clip(np.stack(rgb, axis=-1), 0, 255).astype(np.uint8)
+
+
+def test_paste_back_of_a_crop_larger_than_the_result() -> None:
+    """A 300x200 portrait cut to its 200 px centre square for 64 px results: the portrait at 0.32 of its size
+    (96x64), the result on the crop's place (columns 16..80); it fades in at the left and right edges, which lie
+    inside the portrait, and not at the top and bottom, which are the portrait's border; outside it the portrait."""
+    image = np.full((200, 300, 3), 20, np.uint8)
+    paste = PasteBack.of(image, (0, 50, 200, 250), 64)
+    assert (paste.width, paste.height) == (96, 64) and paste.box == (0, 16, 64, 80)
+    out = paste(np.full((64, 64, 3), 200, np.uint8))
+    assert out.shape == (64, 96, 3) and out.dtype == np.uint8
+    assert (out[:, :16] == 20).all() and (out[:, 80:] == 20).all()
+    assert (out[:, 24:72] == 200).all()  # the middle, top and bottom rows included
+    edge = out[32, 16:24, 0].astype(int)
+    assert 20 < edge[0] < 110 and (np.diff(edge) >= 0).all() and edge[-1] == 200, edge
+
+
+def test_paste_back_of_a_phone_photo() -> None:
+    """A 1080x1920 photo whose 1080 px crop feeds a 512 px model: 512x910 frames, the crop's place the top 512
+    rows. A 1002 px wide one: 512 wide too, although 1002 * (512 / 1002) is just below 512 in floating point."""
+    paste = PasteBack.of(np.zeros((1920, 1080, 3), np.uint8), (0, 0, 1080, 1080), 512)
+    assert (paste.width, paste.height) == (512, 910) and paste.box == (0, 0, 512, 512)
+    paste = PasteBack.of(np.zeros((1600, 1002, 3), np.uint8), (100, 0, 1102, 1002), 512)
+    assert (paste.width, paste.height) == (512, 816) and paste.box == (51, 0, 562, 512)  # 816 / 1600 down
+
+
+def test_paste_back_at_the_portraits_own_size_keeps_its_pixels() -> None:
+    """A crop smaller than the result: the portrait at its own size, its odd last row and column dropped (H.264
+    takes even sides), fading in on all four sides; the result resized onto the crop."""
+    image = _pattern(81, 101)
+    paste = PasteBack.of(image, (10, 20, 70, 80), 64)
+    assert (paste.width, paste.height) == (100, 80) and paste.box == (10, 20, 70, 80)
+    assert np.array_equal(paste.canvas, image[:80, :100])
+    out = paste(np.full((64, 64, 3), 255, np.uint8))
+    assert np.array_equal(out[:10], image[:10, :100]) and np.array_equal(out[70:], image[70:80, :100])
+    assert (out[14:66, 24:76] == 255).all()
+    for row, col in ((10, 50), (69, 50), (40, 20), (40, 79)):  # each edge fades in
+        assert out[row, col, 0] < 255
+
+
+@pytest.mark.parametrize("shape, crop", [((200, 300), (0, 50, 200, 250)), ((260, 180), (40, 0, 220, 180)),
+                                         ((90, 120), (20, 35, 70, 85))])
+def test_pasting_the_crop_itself_gives_the_portrait_back(shape: tuple[int, int], crop: tuple[int, int, int, int]
+                                                         ) -> None:
+    """A result that is the portrait's crop as the model takes it (crop_resize) lands where it came from: the
+    pasted frame matches the portrait at the result's scale up to resampling; the same paste one crop-pixel off
+    does not."""
+    image = _pattern(*shape)
+    size = 96
+    result = crop_resize(image, crop, size).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    paste = PasteBack.of(image, crop, size)
+    error = np.abs(paste(result).astype(int) - paste.canvas.astype(int)).mean()
+    top, left, bottom, right = crop
+    moved = [(top + dy, left + dx, bottom + dy, right + dx) for dy, dx in ((0, 4), (0, -4), (4, 0), (-4, 0))]
+    off = PasteBack.of(image, next(c for c in moved if c[0] >= 0 and c[1] >= 0 and c[2] <= shape[0] and
+                                   c[3] <= shape[1]), size)
+    shifted = np.abs(off(result).astype(int) - off.canvas.astype(int)).mean()
+    assert error < 1 and shifted > 2, (error, shifted)
