@@ -332,6 +332,15 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
     return jobs
 
 
+def _without_existing(jobs: list[tuple[Path, Path, Path]]) -> list[tuple[Path, Path, Path]]:
+    """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
+    complete, so one that exists is whole); the kept ones are named on stdout, like the written ones."""
+    for _, _, output in jobs:
+        if output.is_file():
+            print(f"kept {output}: it exists (--skip-existing)")
+    return [job for job in jobs if not job[2].is_file()]
+
+
 def _results_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -414,15 +423,20 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
                          f"too; it cannot be combined with --fallback {args.fallback}")
     jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
+    batch = len(jobs) > 1
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs],
                        [*args.portrait, *args.driver, args.mask, args.audio], _stats_options(args))
-    _check_files(args.portrait, args.driver, jobs[0][2] if len(jobs) == 1 else None, args.mask, args.audio)
+    _check_files(args.portrait, args.driver, None if batch else jobs[0][2], args.mask, args.audio)
     check_converted_folder(args.weights)
     config = _run_config(args)
     _note_ignored_options(args, config)
+    if args.skip_existing:
+        jobs = _without_existing(jobs)
+        if not jobs:
+            return 0
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
-    if len(jobs) == 1:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
+    if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
         _check_result_rate(jobs[0][1], jobs[0][2], config)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
@@ -430,7 +444,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  config=config, compile=args.compile, cache=_cache(args),
                                  cuda_graphs=args.cuda_graphs)
     _check_run(anim)
-    if len(jobs) > 1:
+    if batch:
         _results_folder(args.output)
     failed: list[str] = []
     for portrait, driver, output in jobs:  # one process: weights, compiled graphs and prepared portraits reused
@@ -442,7 +456,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          side_by_side=args.side_by_side, face=args.portrait_face,
                                          driver_face=args.driver_face, paste_back=args.paste_back)
         except MegactorError as exc:
-            if len(jobs) == 1:
+            if not batch:
                 raise
             # this job's output is not written; the next job runs
             print(f"error: {Path(portrait).name} + {Path(driver).name} -> {output.name}: {exc}", file=sys.stderr)
@@ -627,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "still run")
     a.add_argument("--format", choices=RESULT_FORMATS, default=None,
                    help="the results' format when -o is a folder (default: mp4)")
+    a.add_argument("--skip-existing", action="store_true",
+                   help="keep results that exist already and do not redo their pairs (a batch run again after a "
+                        "failure or an interruption does the rest; a result exists only once it is complete); "
+                        "default: overwrite")
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
     a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")

@@ -541,6 +541,38 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--skip-existing: a batch run again keeps the results there (not rewritten, named on stdout) and writes the
+    missing one; a single result that exists: nothing to do, the weights not even loaded. Without the flag a
+    result is overwritten."""
+    out = tmp_path / "results"
+    second = shutil.copy(media["driver"], tmp_path / "second.mp4")
+    common = ("--portrait", media["portrait"], "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2,
+              "--no-audio")
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common)
+    assert code == 0, err
+    kept, redone = out / "my_face_my_driver.mp4", out / "my_face_second.mp4"
+    redone.unlink()
+    os.utime(kept, (1e9, 1e9))
+    code, stdout, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common,
+                            "--skip-existing")
+    assert code == 0, err
+    assert f"kept {kept}: it exists (--skip-existing)" in stdout and f"wrote {redone}" in stdout
+    assert kept.stat().st_mtime == 1e9 and len(frames_of(redone)) == 2
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Animator, "from_weights", load)
+    code, stdout, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common, "--skip-existing")
+    assert code == 0 and f"kept {kept}" in stdout and kept.stat().st_mtime == 1e9, err
+    monkeypatch.undo()
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common)
+    assert code == 0 and kept.stat().st_mtime > 1e9, err
+
+
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """--format webm names a batch's results .webm (VP9, the driver's AAC audio as Opus); -o NAME.gif writes a GIF
