@@ -643,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the results' format when -o is a folder (default: mp4)")
     a.add_argument("--skip-existing", action="store_true",
                    help="keep results that exist already and do not redo their pairs (a batch run again after a "
-                        "failure or an interruption does the rest; a result exists only once it is complete); "
-                        "default: overwrite")
+                        "failure or an interruption does the rest; a result exists only once it is complete; kept "
+                        "results get no --stats record); default: overwrite")
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
     a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
