@@ -273,6 +273,14 @@ class Animator:
         CLIP background image."""
         return self._cropped_inputs(*self._portrait_crop(portrait, face_crop, face), mask)
 
+    def paste_back(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True, face: int | None = None
+                   ) -> PasteBack:
+        """What puts this portrait's result frames back into the whole portrait, as ``animate_to_file(...,
+        paste_back=True)`` does: ``paste(frame)`` for each frame :meth:`animate` yields (``face_crop``, ``face``:
+        as given to :meth:`prepare`; the face is detected again)."""
+        img, _, crop, _ = self._portrait_crop(portrait, face_crop, face)
+        return PasteBack.of(img, crop, self.image_size)
+
     def _portrait_crop(self, portrait: str | Path | np.ndarray, face_crop: bool, face: int | None
                        ) -> tuple[np.ndarray, str, Crop, Box | None]:
         """The portrait's pixels, its name for messages, its crop and the face the crop is centred on."""

@@ -1534,6 +1534,8 @@ def test_paste_back_puts_each_result_where_its_crop_came_from(anim: Animator, me
     assert stats.portrait_cache_hit
     image = read_image(PORTRAIT)
     paste = PasteBack.of(image, portrait_crop(image, size=anim.image_size)[0], anim.image_size)
+    api = anim.paste_back(PORTRAIT)  # the same, for frames streamed by animate()
+    assert api.box == paste.box and np.array_equal(api.canvas, paste.canvas) and np.array_equal(api.alpha, paste.alpha)
     frames = list(iter_video_frames(pasted))
     assert len(frames) == len(results) == 3 and frames[0].shape == paste.canvas.shape
     assert paste.canvas.shape[:2] != image.shape[:2]  # scaled: the crop is larger than the tiny model's result
