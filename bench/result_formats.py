@@ -1,9 +1,11 @@
-"""What each result format costs the writer: seconds per frame, and bytes per frame, on the bundled driver's frames.
+"""What each result format costs the writer: seconds, bytes and error per frame, on the bundled driver's frames.
 
 The result is encoded by the consumer thread while the next frames are denoised, so a format costs nothing
 as long as its encoder is faster than the denoiser: this measures that margin. Frames: the bundled driver's
 first 48, centre-cropped to 512 px (real faces, unlike the demo model's output); its MP3 audio is carried
-(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF). Each format is written 3 times, best kept.
+(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF). Each format is written 3 times, best kept;
+H.264 and VP9 also at higher ``--crf`` values (smaller files). The error is the mean absolute difference of the
+decoded result from the frames written, in 8-bit levels.
 
     python bench/result_formats.py --out OUT     # writes result_formats.md / .json (about 30 s on 2 cores)
 """
@@ -28,6 +30,8 @@ from megactor_rt.engine.cache import write_atomic
 from megactor_rt.media import RESULT_SUFFIXES, VideoWriter, iter_video_frames
 
 FRAMES, SIZE, REPEATS = 48, 512, 3
+# (suffix, crf) beyond each format at its default
+LOWER_QUALITY = [(".mp4", 23), (".mp4", 28), (".webm", 32), (".webm", 40)]
 
 
 def driver_frames() -> list[np.ndarray]:
@@ -40,17 +44,19 @@ def driver_frames() -> list[np.ndarray]:
     return out
 
 
-def time_format(scratch: Path, suffix: str, frames: list[np.ndarray]) -> dict[str, Any]:
+def time_format(scratch: Path, suffix: str, frames: list[np.ndarray], crf: int | None = None) -> dict[str, Any]:
     path = scratch / f"result{suffix}"
     times = []
     for _ in range(REPEATS):
         t0 = time.perf_counter()
-        with VideoWriter(path, Fraction(30), SIZE, SIZE, audio_source=ASSETS_DIR / "driver.mp4") as w:
+        with VideoWriter(path, Fraction(30), SIZE, SIZE, audio_source=ASSETS_DIR / "driver.mp4", crf=crf) as w:
             for f in frames:
                 w.write(f)
         times.append(time.perf_counter() - t0)
-    return {"format": suffix, "ms_per_frame": 1000 * min(times) / len(frames),
-            "kb_per_frame": path.stat().st_size / len(frames) / 1000}
+    decoded = list(iter_video_frames(path))
+    error = float(np.mean([np.abs(d.astype(np.int16) - f).mean() for d, f in zip(decoded, frames, strict=True)]))
+    return {"format": suffix, "crf": crf, "ms_per_frame": 1000 * min(times) / len(frames),
+            "kb_per_frame": path.stat().st_size / len(frames) / 1000, "mean_error": error}
 
 
 def main() -> None:
@@ -62,14 +68,17 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="result-formats-", dir=args.out))  # the results: removed however
     try:  # the run ends
         rows = [time_format(scratch, suffix, frames) for suffix in RESULT_SUFFIXES]
+        rows += [time_format(scratch, suffix, frames, crf) for suffix, crf in LOWER_QUALITY]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
               "frames": len(frames), "size": SIZE, "fps": 30, "repeats": REPEATS, "rows": rows}
     write_atomic(args.out / "result_formats.json", json.dumps(report, indent=1).encode())
     lines = [f"Writing {len(frames)} frames of {SIZE} px at 30 fps with the driver's audio, {report['date']} "
-             f"(best of {REPEATS}):", "", "| format | ms per frame | KB per frame |", "|---|---|---|"]
-    lines += [f"| {r['format']} | {r['ms_per_frame']:.1f} | {r['kb_per_frame']:.1f} |" for r in rows]
+             f"(best of {REPEATS}):", "", "| format | --crf | ms per frame | KB per frame | mean error (levels) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['format']} | {'default' if r['crf'] is None else r['crf']} | {r['ms_per_frame']:.1f} | "
+              f"{r['kb_per_frame']:.1f} | {r['mean_error']:.2f} |" for r in rows]
     write_atomic(args.out / "result_formats.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))  # noqa: T201 - a script's output
 

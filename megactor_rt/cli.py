@@ -136,6 +136,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--audio", type=Path, default=None, metavar="FILE",
                    help="the result's sound from this file (from its start, cut to the video) instead of the "
                         "driver's")
+    p.add_argument("--crf", type=_count, default=None, metavar="N",
+                   help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
+                        "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--side-by-side", action="store_true",
                        help="the result shows the driver's crop (as the model sees it, before the face isolation), "
@@ -364,6 +367,14 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask, audio=audio)
 
 
+def _check_quality(output: Path, crf: int | None) -> None:
+    """A --crf the result's encoder does not take, before the weights load."""
+    if crf is not None:
+        from megactor_rt.media import check_quality
+
+        check_quality(output, crf)
+
+
 def _check_result_rate(driver: Path, output: Path, config: AnimateConfig) -> None:
     """A rate the result's format cannot show (a 60 fps driver into a GIF), before the weights load."""
     if output.suffix.lower() == ".gif":
@@ -379,7 +390,7 @@ def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
             "mask": None if args.mask is None else str(args.mask),
             "audio": str(args.audio) if args.audio is not None else not args.no_audio,
             "contour": args.contour, "contour_affine_frame": args.contour_affine_frame,
-            "side_by_side": args.side_by_side, "paste_back": args.paste_back}
+            "side_by_side": args.side_by_side, "paste_back": args.paste_back, "crf": args.crf}
 
 
 def _sound(args: argparse.Namespace) -> bool | Path:
@@ -427,6 +438,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs],
                        [*args.portrait, *args.driver, args.mask, args.audio], _stats_options(args))
     _check_files(args.portrait, args.driver, None if batch else jobs[0][2], args.mask, args.audio)
+    _check_quality(jobs[0][2], args.crf)  # a batch's results share their format
     check_converted_folder(args.weights)
     config = _run_config(args)
     _note_ignored_options(args, config)
@@ -454,7 +466,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          landmarks_model=args.landmarks_model,
                                          contour_affine_frame=args.contour_affine_frame,
                                          side_by_side=args.side_by_side, face=args.portrait_face,
-                                         driver_face=args.driver_face, paste_back=args.paste_back)
+                                         driver_face=args.driver_face, paste_back=args.paste_back, crf=args.crf)
         except MegactorError as exc:
             if not batch:
                 raise
@@ -479,6 +491,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio],
                        _stats_options(args))
     _check_files([portrait], [driver], args.output, args.mask, args.audio)
+    _check_quality(args.output, args.crf)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     config = _run_config(args)
@@ -495,7 +508,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
                                  audio=_sound(args), contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
-                                 face=args.portrait_face, driver_face=args.driver_face, paste_back=args.paste_back)
+                                 face=args.portrait_face, driver_face=args.driver_face, paste_back=args.paste_back,
+                                 crf=args.crf)
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

@@ -78,6 +78,8 @@ _OTHER_VIDEO_ENCODERS = {".webm": "libvpx-vp9", ".gif": "gif"}
 # VP9 (WebM) quality: constant quality 24 of 0-63 (about libx264's crf 18 on the bundled driver: mean error
 # 1.7 levels); speed 4 of 0-8 with row threading (about 25 ms per 512 px frame on one core)
 _VP9_OPTIONS = {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"}
+# the constant-quality scale of the encoders that have one: (best, worst, default); lower is better and larger
+CRF_SCALES = {"libx264": (0, 51, 18), "libvpx-vp9": (0, 63, int(_VP9_OPTIONS["crf"]))}
 # GIF: frame delays are whole hundredths of a second, and browsers show a delay under 2/100 s as 1/10 s
 GIF_MAX_FPS = 50
 # GIF colours: one 256-colour palette made from the first frame (a portrait keeps its colours; a palette per
@@ -941,6 +943,29 @@ def check_result_rate(path: Path, fps: Fraction) -> None:
                          "--fps 25 (Python: fps=25 in the AnimateConfig), or write .mp4 or .webm")
 
 
+def check_quality(path: Path, crf: int | None) -> None:
+    """Refuse a constant-quality value (``crf``; None: the format's default) that the result's encoder does not take:
+    outside its scale (:data:`CRF_SCALES`), or an encoder without one (GIF; FFmpeg builds without libx264).
+
+    Raises:
+        InputError: naming the result, the encoder and its scale.
+    """
+    if crf is None:
+        return
+    try:
+        encoder = _encoder_for(path.suffix.lower())
+    except RuntimeError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+    scale = CRF_SCALES.get(encoder)
+    if scale is None:
+        raise InputError(f"{path}: crf (--crf) sets the quality of H.264 (libx264) and VP9 results; this result's "
+                         f"encoder, {encoder}, has no such scale: leave it out")
+    best, worst, default = scale
+    if not best <= crf <= worst:
+        raise InputError(f"{path}: crf (--crf) {crf} is outside {encoder}'s scale of {best} (best, largest) to "
+                         f"{worst} (worst, smallest); its default is {default}")
+
+
 def _name_max(folder: Path) -> int:
     """The longest file name (bytes) ``folder``'s file system takes (255 where it cannot be asked)."""
     try:
@@ -1059,7 +1084,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
-                 audio_source: PathLike | None = None, crf: int = 18, audio_offset: Fraction = Fraction(0),
+                 audio_source: PathLike | None = None, crf: int | None = None, audio_offset: Fraction = Fraction(0),
                  video_start: Fraction = Fraction(0)) -> None:
         """Open the temporary output and set up streams.
 
@@ -1070,8 +1095,8 @@ class VideoWriter:
             height: frame height (even).
             audio_source: a media file whose first audio stream is carried over, or None (a GIF has no sound: it is
                 left out, logged).
-            crf: libx264 constant rate factor (lower = better; 18 is visually lossless); VP9 and GIF have their own
-                settings.
+            crf: constant quality of an H.264 (libx264: 0-51) or VP9 (0-63) result, lower is better and larger;
+                None: 18 for H.264 (visually lossless), 24 for VP9 (about the same error); a GIF takes none.
             video_start: where the driver's video starts on ``audio_source``'s clock (its video stream's start,
                 :attr:`VideoInfo.start_s`); ``audio_offset`` counts from there, so audio that starts before or
                 after the video stays in step (audio before it is dropped, a later start is kept as silence).
@@ -1081,8 +1106,8 @@ class VideoWriter:
                 starts at the exact sample).
 
         Raises:
-            InputError: the destination is unwritable, ``audio_source`` is unreadable, or a GIF above
-                :data:`GIF_MAX_FPS`.
+            InputError: the destination is unwritable, ``audio_source`` is unreadable, a GIF above
+                :data:`GIF_MAX_FPS`, or a ``crf`` the encoder does not take (:func:`check_quality`).
             ValueError: non-positive fps, odd or non-positive frame size.
         """
         self.path = check_output_path(path)
@@ -1092,6 +1117,7 @@ class VideoWriter:
         self._suffix = self.path.suffix.lower()
         self._gif = self._suffix == ".gif"
         check_result_rate(self.path, self.fps)
+        check_quality(self.path, crf)
         if self._gif and audio_source is not None:
             logger.info("%s: a GIF has no sound; the audio of %s is left out", self.path.name, audio_source)
             audio_source = None
@@ -1133,7 +1159,7 @@ class VideoWriter:
         self._audio_in, self._audio_in_stream = container, container.streams.audio[0]
         self._audio_path = source
 
-    def _setup_output(self, crf: int) -> None:
+    def _setup_output(self, crf: int | None) -> None:
         options = {"movflags": "+faststart"} if self._suffix in (".mp4", ".m4v", ".mov") else {}
         self._out = av.open(str(self._tmp), mode="w", container_options=options)
         encoder = _encoder_for(self._suffix)
@@ -1145,10 +1171,10 @@ class VideoWriter:
             # guess, and take BT.709 for HD sizes
             stream.codec_context.colorspace, stream.codec_context.color_range = _SMPTE170M, _TV_RANGE
         stream.time_base = self._frame_tb = 1 / self.fps  # the muxer changes stream.time_base later
-        if encoder == "libx264":
-            stream.options = {"crf": str(crf), "preset": "medium"}
-        elif encoder == "libvpx-vp9":
-            stream.options = dict(_VP9_OPTIONS)
+        if encoder in CRF_SCALES:
+            quality = str(CRF_SCALES[encoder][2] if crf is None else crf)
+            stream.options = {"crf": quality, "preset": "medium"} if encoder == "libx264" else \
+                {**_VP9_OPTIONS, "crf": quality}
         self._video = stream
         if self._audio_in_stream is not None:
             self._setup_audio_stream(self._audio_in_stream)

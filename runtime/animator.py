@@ -31,6 +31,7 @@ from megactor_rt.media import (
     check_audio_file,
     check_not_an_input,
     check_output_path,
+    check_quality,
     check_result_rate,
     image_to_rgb,
     read_portrait,
@@ -716,7 +717,7 @@ class Animator:
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                         side_by_side: bool = False, face: int | None = None,
-                        driver_face: int | None = None, paste_back: bool = False) -> RunStats:
+                        driver_face: int | None = None, paste_back: bool = False, crf: int | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -733,12 +734,14 @@ class Animator:
         driver is read once more for it, while the result is written. ``paste_back``: each result frame is put
         back into the whole portrait where its crop came from, fading into it at the crop's inner edges (the
         portrait scaled so its crop is the result's size where it is larger: :class:`~megactor_rt.preprocess.
-        PasteBack`); not with ``side_by_side``.
+        PasteBack`); not with ``side_by_side``. ``crf``: the result's constant quality, lower is better and larger
+        (H.264: 0-51, default 18; VP9: 0-63, default 24; a GIF takes none).
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
         """
         out = check_output_path(output)
+        check_quality(out, crf)
         cfg = config or self.config
         self.check_run(cfg)
         source = driver_source(driver)
@@ -775,7 +778,7 @@ class Animator:
             sound_args = {"audio_source": info.path if audio and info.has_audio else None,
                           "audio_offset": sel.start_s, "video_start": info.start_s}
         width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
-        with VideoWriter(out, sel.fps, width, height, **sound_args) as w:
+        with VideoWriter(out, sel.fps, width, height, crf=crf, **sound_args) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config, driver_face=driver_face)

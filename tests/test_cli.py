@@ -144,7 +144,7 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     assert doc["config"]["steps"] == 2 and doc["config"]["seed"] == 3 and doc["config"]["mode"] == "optimized"
     assert doc["options"] == {"face_crop": True, "portrait_face": None, "driver_face": None, "mask": None,
                               "audio": True, "contour": False, "contour_affine_frame": "last", "side_by_side": False,
-                              "paste_back": False}
+                              "paste_back": False, "crf": None}
     assert facts["output"] == str(out) and facts["frames"] == 6 and len(facts["step_seconds"]) == 2
     assert facts["fps"] == pytest.approx(6 / facts["total_s"]) and 0 < facts["first_frame_s"] <= facts["total_s"]
     assert facts["stage_seconds"]["denoise"] > 0 and facts["calls"]["unet"] == 3 * 2  # 3 windows x 2 steps
@@ -630,6 +630,29 @@ def test_paste_back_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit) as exc:
         run(capsys, "demo", "--max-frames", 3, *FAST, "--paste-back", "--side-by-side", "-o", both)
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err and not both.exists()
+
+
+def test_a_crf_the_format_does_not_take_is_refused_before_the_weights_load(
+        weights: Path, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--crf past H.264's 51 (one result) or for a batch of GIFs: exit 2 naming the scale, before the weights load;
+    --crf 30 is taken (and recorded in --stats)."""
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    common = ("--portrait", media["portrait"], "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2)
+    monkeypatch.setattr(Animator, "from_weights", load)
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", tmp_path / "r.mp4", *common, "--crf", 60)
+    assert code == 2 and "r.mp4: crf (--crf) 60 is outside libx264's scale of 0" in err
+    second = shutil.copy(media["driver"], tmp_path / "second.mp4")
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", tmp_path / "gifs", "--format",
+                       "gif", *common, "--crf", 20)
+    assert code == 2 and "encoder, gif, has no such scale" in err and not (tmp_path / "gifs").exists()
+    monkeypatch.undo()
+    code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", tmp_path / "r.mp4", *common, "--crf", 30,
+                       "--stats", tmp_path / "s.json")
+    assert code == 0 and len(frames_of(tmp_path / "r.mp4")) == 2, err
+    assert json.loads((tmp_path / "s.json").read_text())["options"]["crf"] == 30
 
 
 def test_a_60_fps_driver_into_a_gif_is_refused_before_the_weights_load(

@@ -18,9 +18,11 @@ from megactor_rt import media
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
+    CRF_SCALES,
     VideoWriter,
     _check_complete,
     check_output_path,
+    check_quality,
     display_orientation,
     iter_video_frames,
     probe_video,
@@ -315,6 +317,37 @@ def test_writer_copies_mp3_from_real_driver(tmp_path: Path) -> None:
     assert 0.9 < audio_s < 1.0 + 0.1  # trimmed to the 1 s of video (packet granularity)
     decoded = list(iter_video_frames(out))
     assert np.abs(decoded[10].astype(int) - frames[10]).mean() < 4  # crf 18 is near-lossless
+
+
+@pytest.mark.parametrize("suffix, worse", [(".mp4", 32), (".webm", 45)])
+def test_crf_trades_quality_for_size(tmp_path: Path, suffix: str, worse: int) -> None:
+    """crf: a higher value gives a smaller file with a larger error, in H.264 and VP9 (the default is the
+    format's own: 18 and 24, the same file as without crf)."""
+    frames = list(iter_video_frames(DRIVER, max_frames=12))
+    facts = {}
+    for crf in (None, CRF_SCALES["libx264" if suffix == ".mp4" else "libvpx-vp9"][2], worse):
+        out = tmp_path / f"{crf}{suffix}"
+        with VideoWriter(out, Fraction(30), 512, 512, crf=crf) as w:
+            for f in frames:
+                w.write(f)
+        decoded = list(iter_video_frames(out))
+        error = float(np.mean([np.abs(d.astype(int) - f).mean() for d, f in zip(decoded, frames, strict=True)]))
+        facts[crf] = (out.stat().st_size, error)
+    (default_size, default_error), (size, error) = facts[None], facts[worse]
+    assert list(facts.values())[1] == facts[None]
+    assert size < 0.7 * default_size and error > default_error + 0.3, facts
+
+
+def test_crf_outside_the_encoders_scale_is_refused(tmp_path: Path) -> None:
+    """crf is checked against the result's encoder before a file is opened: 52 is past H.264's 51 (VP9 takes
+    it), a GIF has no crf; nothing is left behind."""
+    with pytest.raises(InputError, match=r"r\.mp4: crf \(--crf\) 52 is outside libx264's scale of 0 .* to 51"):
+        VideoWriter(tmp_path / "r.mp4", Fraction(25), 64, 64, crf=52)
+    with pytest.raises(InputError, match=r"r\.gif: .*encoder, gif, has no such scale"):
+        VideoWriter(tmp_path / "r.gif", Fraction(25), 64, 64, crf=20)
+    assert list(tmp_path.iterdir()) == []
+    check_quality(tmp_path / "r.webm", 52)
+    check_quality(tmp_path / "r.gif", None)
 
 
 def test_writer_transcodes_mp3_into_m4v(tmp_path: Path) -> None:
