@@ -102,7 +102,8 @@ def read_image(path: PathLike) -> np.ndarray:
     is applied (upstream ignored it; a rotated phone photo would otherwise lose its face).
 
     Args:
-        path: PNG, JPEG, WebP, BMP or any other format Pillow reads.
+        path: PNG, JPEG, WebP, AVIF, HEIC/HEIF (phone photos, through pillow-heif), BMP or any other format Pillow
+            reads.
 
     Returns:
         ``(H, W, 3)`` uint8 RGB array.
@@ -112,6 +113,7 @@ def read_image(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     require_file(path, "image")
+    _heif_opener()
     try:
         with Image.open(path) as im:
             _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
@@ -171,6 +173,20 @@ def _still_image_format(container: av.container.InputContainer) -> bool:
     """Whether FFmpeg opened the file with one of its image demuxers (a still picture, not a video)."""
     name = container.format.name
     return name == "image2" or name.endswith("_pipe")
+
+
+@lru_cache(maxsize=1)
+def _heif_opener() -> bool:
+    """Teach Pillow HEIC/HEIF (iPhones' photos) through pillow-heif, once; False where it is not installed (FFmpeg
+    then reads such a photo as a one-frame video where it can). libheif applies the photo's rotation and
+    pillow-heif clears its EXIF orientation, so it is not applied twice."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        logger.debug("pillow-heif is not installed: HEIC photos are read through FFmpeg where it can")
+        return False
+    register_heif_opener()
+    return True
 
 
 def image_to_rgb(im: Image.Image) -> np.ndarray:
@@ -536,10 +552,25 @@ def display_orientation(matrix: np.ndarray, path: Path | None = None) -> _Orient
 
 
 def _frame_orientation(path: Path, frame: av.VideoFrame) -> _Orientation:
-    for sd in cast(Any, frame.side_data):  # yields SideData entries (the stubs say str keys)
+    try:
+        entries = list(cast(Any, frame.side_data))  # SideData entries (the stubs say str keys)
+    except ValueError:  # side data of a type this PyAV does not know: FFmpeg 8's EXIF (HEIF photos), view ids
+        return _rotation_only(path, frame)  # (MV-HEVC), ...; PyAV 18.1 fails to list any then
+    for sd in entries:
         if str(sd.type).endswith("DISPLAYMATRIX") and len(bytes(sd)) >= 36:
             return display_orientation(np.frombuffer(bytes(sd), dtype=np.int32, count=9), path)
     return _UPRIGHT
+
+
+def _rotation_only(path: Path, frame: av.VideoFrame) -> _Orientation:
+    """The frame's display rotation as PyAV reads it without listing its side data (``VideoFrame.rotation``,
+    counter-clockwise degrees), as the display matrix of that rotation; a mirroring in the matrix is not seen."""
+    angle = math.radians(float(getattr(frame, "rotation", 0) or 0))
+    if angle == 0.0:
+        return _UPRIGHT
+    logger.debug("%s: frame side data unreadable by this PyAV; its display rotation alone is applied", path)
+    c, s = round(math.cos(angle) * 65536), round(math.sin(angle) * 65536)
+    return display_orientation(np.array([c, -s, 0, s, c, 0, 0, 0, 1 << 30], np.int64), path)
 
 
 def _first_frame(container: av.container.InputContainer, stream: av.video.stream.VideoStream

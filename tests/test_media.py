@@ -21,6 +21,7 @@ from megactor_rt.media import (
     CRF_SCALES,
     VideoWriter,
     _check_complete,
+    _has_video,
     check_output_path,
     check_quality,
     display_orientation,
@@ -132,6 +133,52 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     im.save(tmp_path / "phone.jpg", exif=exif)
     assert read_image(tmp_path / "phone.jpg").shape == (100, 70, 3)
+
+
+def _upright_picture() -> np.ndarray:
+    """160x120 RGB: a red band on top, a green one on the left, blue elsewhere (every quarter turn and flip of it
+    differs)."""
+    img = np.zeros((160, 120, 3), np.uint8)
+    img[...] = (0, 0, 255)
+    img[:, :30] = (0, 255, 0)
+    img[:40] = (255, 0, 0)
+    return img
+
+
+# EXIF orientation -> how a camera stores an upright picture under it (the inverse of its display transform)
+_STORED_AS = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _heic_photo(path: Path, orientation: int) -> Path:
+    """A phone-style HEIC of :func:`_upright_picture`: the pixels stored turned, with the EXIF orientation that
+    turns them back (pillow-heif also writes it as the HEIF rotation property, as iPhones do)."""
+    pytest.importorskip("pillow_heif", reason="pillow-heif (a dependency of megactor-rt) writes the HEIC fixtures")
+    media._heif_opener()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_upright_picture()).transpose(_STORED_AS[orientation]).save(path, exif=exif.tobytes(),
+                                                                                 quality=95)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_heic_photos_are_read_upright(tmp_path: Path, orientation: int) -> None:
+    """An iPhone-style HEIC portrait (turned pixels + rotation) is read upright, once turned (not twice: libheif
+    applies the rotation, and the EXIF orientation left beside it must not be applied again)."""
+    out = read_portrait(_heic_photo(tmp_path / f"photo{orientation}.heic", orientation))
+    assert out.shape == (160, 120, 3) and np.abs(out.astype(int) - _upright_picture()).mean() < 4
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_heic_photo_read_through_ffmpeg_keeps_its_rotation(tmp_path: Path, orientation: int) -> None:
+    """FFmpeg reads a HEIC photo as a one-frame video (the way without pillow-heif): its frames carry side data of
+    a type PyAV 18.1 does not know (FFmpeg 8's EXIF), which made listing them raise ValueError (a crash with no
+    file named); the rotation is now read on its own, so the frame comes out upright."""
+    path = _heic_photo(tmp_path / "photo.heic", orientation)
+    if not _has_video(path):
+        pytest.skip(f"this PyAV's FFmpeg ({av.library_versions['libavformat']}) does not read HEIC")
+    (frame,) = list(iter_video_frames(path))
+    assert frame.shape == (160, 120, 3) and np.abs(frame.astype(int) - _upright_picture()).mean() < 4
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "tiny", "huge", "truncated"])
