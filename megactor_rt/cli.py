@@ -134,8 +134,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
     p.add_argument("--audio", type=Path, default=None, metavar="FILE",
-                   help="the result's sound from this file (from its start, cut to the video) instead of the "
-                        "driver's")
+                   help="the result's sound from this file (from its start, or --audio-start; cut to the video) "
+                        "instead of the driver's")
+    p.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
+                   help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
     p.add_argument("--crf", type=_count, default=None, metavar="N",
                    help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
                         "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF")
@@ -352,16 +354,23 @@ def _results_folder(folder: Path) -> None:
 
 
 def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None, mask: Path | None = None,
-                 audio: Path | None = None) -> None:
+                 audio: Path | None = None, audio_start: float | None = None) -> None:
     """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist
     (the --audio file with its sound), and the one result (``output``, where given) can be written and is none
     of them."""
-    from megactor_rt.media import check_audio_file, check_not_an_input, check_output_path, require_file
+    from megactor_rt.media import (
+        audio_start_seconds,
+        check_audio_file,
+        check_not_an_input,
+        check_output_path,
+        require_file,
+    )
 
     for path, what in [*((p, "portrait") for p in portraits), *((d, "driver") for d in drivers)]:
         require_file(Path(path), what)
+    start = audio_start_seconds(audio, audio_start)
     if audio is not None:
-        check_audio_file(audio)
+        check_audio_file(audio, start)
     if output is not None:
         check_output_path(output)
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask, audio=audio)
@@ -388,7 +397,7 @@ def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
     """What shapes the results besides the run settings (``AnimateConfig``), for ``--stats``."""
     return {"face_crop": not args.no_face_crop, "portrait_face": args.portrait_face, "driver_face": args.driver_face,
             "mask": None if args.mask is None else str(args.mask),
-            "audio": str(args.audio) if args.audio is not None else not args.no_audio,
+            "audio": str(args.audio) if args.audio is not None else not args.no_audio, "audio_start": args.audio_start,
             "contour": args.contour, "contour_affine_frame": args.contour_affine_frame,
             "side_by_side": args.side_by_side, "paste_back": args.paste_back, "crf": args.crf}
 
@@ -437,7 +446,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     batch = len(jobs) > 1
     record = StatsFile(args.stats, "animate", [o for _, _, o in jobs],
                        [*args.portrait, *args.driver, args.mask, args.audio], _stats_options(args))
-    _check_files(args.portrait, args.driver, None if batch else jobs[0][2], args.mask, args.audio)
+    _check_files(args.portrait, args.driver, None if batch else jobs[0][2], args.mask, args.audio, args.audio_start)
     _check_quality(jobs[0][2], args.crf)  # a batch's results share their format
     check_converted_folder(args.weights)
     config = _run_config(args)
@@ -466,7 +475,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          landmarks_model=args.landmarks_model,
                                          contour_affine_frame=args.contour_affine_frame,
                                          side_by_side=args.side_by_side, face=args.portrait_face,
-                                         driver_face=args.driver_face, paste_back=args.paste_back, crf=args.crf)
+                                         driver_face=args.driver_face, paste_back=args.paste_back, crf=args.crf,
+                                         audio_start=args.audio_start)
         except MegactorError as exc:
             if not batch:
                 raise
@@ -490,7 +500,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio],
                        _stats_options(args))
-    _check_files([portrait], [driver], args.output, args.mask, args.audio)
+    _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start)
     _check_quality(args.output, args.crf)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
@@ -509,7 +519,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  audio=_sound(args), contour=args.contour, landmarks_model=args.landmarks_model,
                                  contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
                                  face=args.portrait_face, driver_face=args.driver_face, paste_back=args.paste_back,
-                                 crf=args.crf)
+                                 crf=args.crf, audio_start=args.audio_start)
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

@@ -283,16 +283,46 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
         raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
 
 
-def check_audio_file(path: PathLike) -> Path:
-    """Check that a file given for a result's sound has an audio stream PyAV can read (before any work).
+def audio_start_seconds(audio: object, start: float | str | None) -> float:
+    """Where in an audio file the result's sound begins (``animate_to_file(audio=PATH, audio_start=...)``,
+    ``--audio-start``), in seconds; 0 where ``start`` is None.
 
     Raises:
-        InputError: missing, unreadable, or without audio.
+        InputError: a start without an audio file (``audio`` not a path), or not a time >= 0.
+    """
+    from megactor_rt.config import parse_time
+
+    if start is None:
+        return 0.0
+    if not isinstance(audio, (str, os.PathLike)):
+        raise InputError("audio_start (--audio-start) is where in an audio file (audio=PATH, --audio FILE) the "
+                         "result's sound begins; the driver's own audio begins with its frames (start=, --start)")
+    try:
+        value = parse_time(start) if isinstance(start, str) else float(start)
+    except ValueError as exc:
+        raise InputError(f"audio_start (--audio-start): {exc}") from exc
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"audio_start (--audio-start) must be a finite time >= 0 seconds, got {start}")
+    return value
+
+
+def check_audio_file(path: PathLike, start: float = 0.0) -> Path:
+    """Check that a file given for a result's sound has an audio stream PyAV can read (before any work), and
+    sound after ``start`` seconds where its length is known.
+
+    Raises:
+        InputError: missing, unreadable, without audio, or ``start`` at or past its end.
     """
     path = Path(path)
     with _open_input(path, what="audio") as container:
         if not container.streams.audio:
             raise InputError(f"{path}: has no audio stream (given for the result's sound)")
+        stream = container.streams.audio[0]
+        length = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
+            (container.duration / av.time_base if container.duration else None)
+    if start and length is not None and start >= length:
+        raise InputError(f"{path}: its sound is {length:.1f} s long; the audio start ({start:g} s, --audio-start) is "
+                         "at or past its end")
     return path
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from enum import Enum
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
     VideoWriter,
+    audio_start_seconds,
     check_audio_file,
     check_not_an_input,
     check_output_path,
@@ -717,7 +719,8 @@ class Animator:
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                         side_by_side: bool = False, face: int | None = None,
-                        driver_face: int | None = None, paste_back: bool = False, crf: int | None = None) -> RunStats:
+                        driver_face: int | None = None, paste_back: bool = False, crf: int | None = None,
+                        audio_start: float | str | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -728,8 +731,8 @@ class Animator:
         ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``, ``driver_face``: see
         :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
-        (the part under the frames used); False: no sound; a file: its sound instead, from its start, cut to the
-        video's length. ``side_by_side``: each frame shows the driver's crop (as the model saw it,
+        (the part under the frames used); False: no sound; a file: its sound instead, from its start (or from
+        ``audio_start``: seconds or ``"[HH:]MM:SS[.ms]"``), cut to the video's length. ``side_by_side``: each frame shows the driver's crop (as the model saw it,
         before its face isolation), the portrait's crop and the result side by side, three times as wide; the
         driver is read once more for it, while the result is written. ``paste_back``: each result frame is put
         back into the whole portrait where its crop came from, fading into it at the crop's inner edges (the
@@ -745,7 +748,8 @@ class Animator:
         cfg = config or self.config
         self.check_run(cfg)
         source = driver_source(driver)
-        sound = check_audio_file(audio) if isinstance(audio, (str, Path)) else None
+        from_s = audio_start_seconds(audio, audio_start)
+        sound = check_audio_file(audio, from_s) if isinstance(audio, (str, Path)) else None
         check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask,
                            audio=sound)
         check_affine_frame(contour_affine_frame)
@@ -773,7 +777,7 @@ class Animator:
                                     else Path(portrait).name)
             landmarks_model = landmarker.path
         if sound is not None:  # another file's sound: from its start
-            sound_args: dict[str, Any] = {"audio_source": sound}
+            sound_args: dict[str, Any] = {"audio_source": sound, "audio_offset": Fraction(from_s)}
         else:
             sound_args = {"audio_source": info.path if audio and info.has_audio else None,
                           "audio_offset": sel.start_s, "video_start": info.start_s}

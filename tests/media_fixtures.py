@@ -37,13 +37,19 @@ def face_frames(n: int, size: int = 192, step: int = 3) -> list[np.ndarray]:
     return out
 
 
-def write_sine_audio(path: Path, seconds: float, rate: int = 16000, freq: float = 440.0) -> Path:
-    """An audio-only AAC file (.m4a) holding a mono sine of ``seconds``."""
+def write_sine_audio(path: Path, seconds: float, rate: int = 16000, freq: float = 440.0,
+                     then: float | None = None) -> Path:
+    """An audio-only AAC file (.m4a) holding a mono sine of ``seconds`` (its second half at ``then`` Hz, if
+    given)."""
     with av.open(str(path), "w") as c:
         stream = c.add_stream("aac", rate=rate)
         stream.layout = "mono"
         samples = int(rate * seconds)
-        wave = (0.3 * np.sin(2 * np.pi * freq * np.arange(samples) / rate)).astype(np.float32)[None]  # (1, N)
+        hz = np.full(samples, float(freq))
+        if then is not None:
+            hz[samples // 2:] = then
+        phase = 2 * np.pi * np.cumsum(hz) / rate
+        wave = (0.3 * np.sin(phase)).astype(np.float32)[None]  # (1, N)
         for start in range(0, samples, 1024):
             frame = av.AudioFrame.from_ndarray(wave[:, start:start + 1024], format="fltp", layout="mono")
             frame.sample_rate, frame.pts = rate, start

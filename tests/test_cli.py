@@ -143,7 +143,7 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     assert doc["command"] == "demo" and doc["backend"] == "torch" and doc["device"] == "cpu"
     assert doc["config"]["steps"] == 2 and doc["config"]["seed"] == 3 and doc["config"]["mode"] == "optimized"
     assert doc["options"] == {"face_crop": True, "portrait_face": None, "driver_face": None, "mask": None,
-                              "audio": True, "contour": False, "contour_affine_frame": "last", "side_by_side": False,
+                              "audio": True, "audio_start": None, "contour": False, "contour_affine_frame": "last", "side_by_side": False,
                               "paste_back": False, "crf": None}
     assert facts["output"] == str(out) and facts["frames"] == 6 and len(facts["step_seconds"]) == 2
     assert facts["fps"] == pytest.approx(6 / facts["total_s"]) and 0 < facts["first_frame_s"] <= facts["total_s"]
@@ -1308,12 +1308,9 @@ def test_audio_from_another_file(weights: Path, media: dict[str, Path], tmp_path
     code, _, err = run(capsys, "animate", "--driver", media["faceless_driver"], "--no-face-crop", "-o", out,
                        "--audio", tone, *common)
     assert code == 0, err
-    with av.open(str(out)) as c:
-        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
-        rate = c.streams.audio[0].codec_context.sample_rate
-    spectrum = np.abs(np.fft.rfft(pcm[: rate // 10]))
-    assert abs(int(np.argmax(spectrum)) * 10 - 1000) <= 20  # the file's 1 kHz, not the driver's 440 Hz
-    assert 0.1 < len(pcm) / rate < 0.25  # 4 frames at 25 fps, plus AAC's frame padding
+    found, length = _main_hz(out)
+    assert abs(found - 1000) <= 20  # the file's 1 kHz, not the driver's 440 Hz
+    assert 0.1 < length < 0.25  # 4 frames at 25 fps, plus AAC's frame padding
     silent = plain_image(tmp_path / "still.png", 64, 64)
     code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", tmp_path / "x.mp4", "--audio", silent,
                        *common)
@@ -1321,4 +1318,37 @@ def test_audio_from_another_file(weights: Path, media: dict[str, Path], tmp_path
     code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", tmp_path / "x.mp4", "--audio", tone,
                        "--no-audio", *common)
     assert code == 2 and "cannot be used with --no-audio" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def _main_hz(path: Path, seconds: float = 0.1) -> tuple[int, float]:
+    """The strongest frequency of a result's first ``seconds`` of sound (10 Hz bins), and its sound's length."""
+    with av.open(str(path)) as c:
+        pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+        rate = c.streams.audio[0].codec_context.sample_rate
+    n = int(rate * seconds)
+    return int(np.argmax(np.abs(np.fft.rfft(pcm[:n])))) * round(1 / seconds), len(pcm) / rate
+
+
+def test_audio_from_another_file_from_a_later_start(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--audio-start: the --audio file's sound from there (a file of 1 kHz, then 2 kHz after 1 s: from 1.5 s or
+    0:01.2 the result sounds 2 kHz, from its start 1 kHz); past the file's end, or without --audio, an error
+    before any work."""
+    from media_fixtures import write_sine_audio
+
+    song = write_sine_audio(tmp_path / "song.m4a", seconds=2.0, freq=1000.0, then=2000.0)
+    common = ("--portrait", media["portrait"], "--driver", media["driver"], "--weights", weights, "--device", "cpu",
+              *FAST, "--max-frames", 4)
+    for start, hz in ((None, 1000), ("1.5", 2000), ("0:01.2", 2000)):
+        out = tmp_path / f"from_{start}.mp4"
+        code, _, err = run(capsys, "animate", "-o", out, "--audio", song, *common,
+                           *(("--audio-start", start) if start else ()))
+        assert code == 0, err
+        found, length = _main_hz(out)
+        assert abs(found - hz) <= 20 and 0.1 < length < 0.25, (start, found, length)
+    code, _, err = run(capsys, "animate", "-o", tmp_path / "x.mp4", "--audio", song, "--audio-start", "2.5", *common)
+    assert code == 2 and "song.m4a: its sound is 2.0 s long; the audio start (2.5 s, --audio-start) is at or past" in err
+    code, _, err = run(capsys, "animate", "-o", tmp_path / "x.mp4", "--audio-start", "1", *common)
+    assert code == 2 and "audio_start (--audio-start) is where in an audio file" in err
     assert not (tmp_path / "x.mp4").exists()
