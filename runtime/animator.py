@@ -732,9 +732,10 @@ class Animator:
         :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
         (the part under the frames used); False: no sound; a file: its sound instead, from its start (or from
-        ``audio_start``: seconds or ``"[HH:]MM:SS[.ms]"``), cut to the video's length. ``side_by_side``: each frame shows the driver's crop (as the model saw it,
-        before its face isolation), the portrait's crop and the result side by side, three times as wide; the
-        driver is read once more for it, while the result is written. ``paste_back``: each result frame is put
+        ``audio_start``: seconds or ``"[HH:]MM:SS[.ms]"``), cut to the video's length. ``side_by_side``: each
+        frame shows the driver's crop (as the model saw it, before its face isolation), the portrait's crop and the
+        result side by side, three times as wide; the driver is read once more for it, while the result is
+        written. ``paste_back``: each result frame is put
         back into the whole portrait where its crop came from, fading into it at the crop's inner edges (the
         portrait scaled so its crop is the result's size where it is larger: :class:`~megactor_rt.preprocess.
         PasteBack`); not with ``side_by_side``. ``crf``: the result's constant quality, lower is better and larger
