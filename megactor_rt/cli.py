@@ -97,6 +97,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="open context windows (changes the result): the clip's end no longer shares windows with "
                         "its start (upstream wraps them); frames are then written while the rest still denoises, "
                         "so long drivers give their first frames early")
+    p.add_argument("--size", type=_positive_int, default=None, metavar="PX",
+                   help="torch backend: crop and animate at this size instead of the weights' (512 for the released "
+                        "model, trained at that size: another changes the result; 384 px has 0.56x the pixels of 512, so "
+                        "less work); a multiple of 64 from 128 to 1024")
     p.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
                    help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
                         "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
@@ -463,7 +467,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
                                  config=config, compile=args.compile, cache=_cache(args),
-                                 cuda_graphs=args.cuda_graphs)
+                                 cuda_graphs=args.cuda_graphs, image_size=args.size)
     _check_run(anim)
     if batch:
         _results_folder(args.output)
@@ -511,7 +515,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "preprocessing, denoising, decoding, encoding at the driver's fps with its audio). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
     anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
-                         work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs)
+                         work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs,
+                         image_size=args.size)
     _check_run(anim)
     if args.cache_dir is not None:
         anim.cache = _cache(args)

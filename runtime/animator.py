@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
+from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
@@ -87,7 +87,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
-from megactor_rt.weights import build_models, load_converted
+from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Animator:
                      engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
                      fallback: str = "torch", config: AnimateConfig | None = None,
                      cache: PortraitCache | None = None, compile: bool | str = False,
-                     cuda_graphs: bool = False) -> Animator:
+                     cuda_graphs: bool = False, image_size: int | None = None) -> Animator:
         """Load converted weights (``megactor-rt convert-weights``) for ``backend``.
 
         Args:
@@ -193,10 +193,14 @@ class Animator:
             config: run settings (:class:`~megactor_rt.config.AnimateConfig`; default: upstream's).
             cache: the portrait cache (default: in memory only; ``PortraitCache(disk_dir=...)`` keeps prepared
                 portraits on disk for later processes).
+            image_size: torch backend only: crop and animate at this size instead of the weights' (512 for the
+                released model, which was trained at that size: other sizes change the result, and smaller
+                ones run faster); a multiple of 64 from 128 to 1024.
 
         Raises:
-            InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
-                tensorrt, a device this machine lacks.
+            InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` or ``image_size`` with one
+                other than tensorrt or torch, a device this machine lacks, an ``image_size`` the networks cannot
+                take.
             BackendUnavailable: the backend's package is missing here.
             WeightsError: ``weights_dir`` is not a complete converted weights folder.
         """
@@ -207,11 +211,15 @@ class Animator:
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         check_compile_mode(compile)  # before the weights load
         _check_cuda_graphs(backend, cuda_graphs)
+        _check_image_size_backend(backend, image_size)
         dev = check_device(device) if device else default_device()
         prec = Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         _warn_half_on_cpu(dev, prec)
         if backend == "torch":
-            sub: Submodels = TorchSubmodels(load_converted(weights_dir), dev, prec.torch_dtype, compile=compile)
+            if image_size is not None:  # a size the networks cannot take: before the weights load
+                _check_image_size(converted_config(weights_dir)[0], image_size)
+            models = load_converted(weights_dir)
+            sub: Submodels = TorchSubmodels(_resized(models, image_size), dev, prec.torch_dtype, compile=compile)
         else:
             from megactor_rt.runtime.onnx_backend import make_graph_submodels
 
@@ -222,8 +230,9 @@ class Animator:
     @classmethod
     def demo(cls, seed: int = 0, device: str | None = None, config: AnimateConfig | None = None, *,
              backend: str = "torch", work_dir: str | Path | None = None, precision: Precision | str | None = None,
-             cuda_graphs: bool = False) -> Animator:
-        """A tiny random-weight model (golden-pack architecture, 128 px): exercises the whole pipeline
+             cuda_graphs: bool = False, image_size: int | None = None) -> Animator:
+        """A tiny random-weight model (golden-pack architecture, 128 px; ``image_size``: another, as for
+        :meth:`from_weights`): exercises the whole pipeline
         (crop, I/O, audio, fps) without real weights. Its output is NOT a real animation.
 
         With ``backend`` ``onnxruntime`` or ``tensorrt`` the tiny networks are first exported to ONNX (and built
@@ -240,7 +249,8 @@ class Animator:
         PortraitCache(disk_dir=...)`` on the result (as ``megactor-rt demo --cache-dir`` does).
         """
         _check_cuda_graphs(backend, cuda_graphs)
-        models = build_models(tiny_config(), seed=seed)
+        _check_image_size_backend(backend, image_size)
+        models = _resized(build_models(tiny_config(), seed=seed), image_size)
         models.weights_id = f"tiny-random-{seed}"
         if backend == "torch":
             prec = Precision.parse(precision) if precision else Precision.FP32
@@ -408,7 +418,8 @@ class Animator:
         fields = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(cfg).items()}
         return {"backend": self.sub.name, "device": str(dev), "device_name": device_name(dev),
                 "dtype": str(self.sub.dtype).removeprefix("torch."), "compile": getattr(self.sub, "compile", False),
-                "weights_id": self.sub.weights_id, "config": fields, "window_batch_used": self.window_batch(cfg)}
+                "weights_id": self.sub.weights_id, "image_size": self.image_size, "config": fields,
+                "window_batch_used": self.window_batch(cfg)}
 
     def window_batch(self, cfg: AnimateConfig) -> int:
         """Context windows per UNet call for a run of ``cfg`` (``AnimateConfig.window_batch`` where it
@@ -825,6 +836,41 @@ class Animator:
         :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
         Also the way to run requests in several threads (see the class)."""
         return Animator(self.sub, replace(self.config, **changes), self.cache)
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 128, 1024  # the sizes image_size (--size) takes
+
+
+def _check_image_size_backend(backend: str, image_size: int | None) -> None:
+    if image_size is not None and backend != "torch":
+        raise InputError(f"image_size (--size) applies to the torch backend only, not '{backend}': its graphs were "
+                         "exported at the weights' size")
+
+
+def _check_image_size(cfg: ModelConfig, image_size: int) -> None:
+    """Every network takes any size that their downsampling divides: the VAE's and then the UNet's.
+
+    Raises:
+        InputError: a size outside :data:`MIN_IMAGE_SIZE`..:data:`MAX_IMAGE_SIZE` or not a multiple of that
+            downsampling.
+    """
+    step = 2 ** (len(cfg.vae.block_out_channels) - 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+    if not (MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE and image_size % step == 0):
+        raise InputError(f"image_size (--size) {image_size}: must be a multiple of {step} from {MIN_IMAGE_SIZE} to "
+                         f"{MAX_IMAGE_SIZE} (the weights' own size is {cfg.image_size})")
+
+
+def _resized(models: MegActorModels, image_size: int | None) -> MegActorModels:
+    """``models`` set to crop and animate at ``image_size`` (None: the weights' own; see :func:`_check_image_size`)."""
+    if image_size is None:
+        return models
+    cfg = models.config
+    _check_image_size(cfg, image_size)
+    if image_size != cfg.image_size:
+        logger.info("animating at %d px instead of the weights' %d px (this changes the result)", image_size,
+                    cfg.image_size)
+    models.config = replace(cfg, image_size=image_size)
+    return models
 
 
 def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:

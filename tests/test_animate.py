@@ -1555,6 +1555,34 @@ def test_paste_back_puts_each_result_where_its_crop_came_from(anim: Animator, me
     assert not refused.exists()
 
 
+def test_another_image_size(media: dict[str, Path], tmp_path: Path) -> None:
+    """image_size: the tiny model (128 px) crops and animates at 192 px, contour mode (where its landmark model is
+    installed) and the paste-back included (frames of 192 px, the portrait state's tensors at 192 px and a 24 px latent grid); sizes the
+    networks cannot take, or another backend, are refused naming the rule."""
+    from megactor_rt.media import iter_video_frames
+
+    cfg = replace(CFG, max_frames=4, steps=1)
+    anim = Animator.demo(seed=0, device="cpu", config=cfg, image_size=192)
+    assert (anim.image_size, anim.latent_size) == (192, 24)
+    state = anim.prepare(PORTRAIT)
+    assert state.inputs.image.shape == (3, 192, 192) and state.ref_latent.shape[-2:] == (24, 24)
+    from megactor_rt.contour import packaged_landmarks_model
+
+    contour = packaged_landmarks_model() is not None  # (the contour extra, installed by the dev extra)
+    frames = list(anim.animate(state, media["short"], contour=contour))
+    assert len(frames) == 4 and frames[0].shape == (192, 192, 3)
+    pasted = tmp_path / "pasted.mp4"
+    anim.animate_to_file(PORTRAIT, media["short"], pasted, paste_back=True)
+    assert next(iter_video_frames(pasted)).shape == anim.paste_back(PORTRAIT).canvas.shape
+    assert anim.run_settings()["image_size"] == 192
+    for size in (100, 200, 2048):
+        with pytest.raises(InputError, match=rf"image_size \(--size\) {size}: must be a multiple of 64 from 128 to "
+                                             r"1024 \(the weights' own size is 128\)"):
+            Animator.demo(device="cpu", image_size=size)
+    with pytest.raises(InputError, match="applies to the torch backend only, not 'onnxruntime'"):
+        Animator.demo(device="cpu", backend="onnxruntime", image_size=192)
+
+
 def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """face=1 (and the CLI's --portrait-face 1) crops a two-person portrait around its left face, the smaller one:

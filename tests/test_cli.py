@@ -632,6 +632,27 @@ def test_paste_back_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err and not both.exists()
 
 
+def test_size_flag(weights: Path, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--size 192: results of 192 px from the 128 px tiny weights, recorded in --stats; --size 100 is refused
+    before the weights load."""
+    common = ("--portrait", media["portrait"], "--driver", media["driver"], "--weights", weights, "--device", "cpu",
+              *FAST, "--max-frames", 2)
+    out = tmp_path / "r.mp4"
+    code, _, err = run(capsys, "animate", "-o", out, *common, "--size", 192, "--stats", tmp_path / "s.json")
+    assert code == 0, err
+    assert frames_of(out)[0].shape == (192, 192, 3)
+    assert json.loads((tmp_path / "s.json").read_text())["image_size"] == 192
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr("megactor_rt.runtime.animator.load_converted", load)
+    code, _, err = run(capsys, "animate", "-o", tmp_path / "x.mp4", *common, "--size", 100)
+    assert code == 2 and "image_size (--size) 100: must be a multiple of 64 from 128 to 1024" in err, err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_a_crf_the_format_does_not_take_is_refused_before_the_weights_load(
         weights: Path, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
