@@ -26,14 +26,15 @@ import itertools
 import logging
 import math
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import av
 import numpy as np
@@ -187,6 +188,83 @@ def _heif_opener() -> bool:
         return False
     register_heif_opener()
     return True
+
+
+def is_animated_webp(path: PathLike) -> bool:
+    """Whether ``path`` is an animated WebP (FFmpeg decodes still WebP images only; Pillow reads the frames)."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "WEBP" and bool(getattr(im, "is_animated", False))
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        return False
+
+
+@lru_cache(maxsize=8)
+def _webp_durations(path: Path, size: int, mtime_ns: int) -> tuple[int, ...]:
+    """Each frame's display time (ms) of an animated WebP (Pillow decodes every frame to tell; cached per file
+    version)."""
+    durations = []
+    with Image.open(path) as im:
+        _check_image_size(path, im.size)
+        for i in range(getattr(im, "n_frames", 1)):
+            im.seek(i)
+            im.load()  # (Pillow sets a frame's duration when it decodes it)
+            durations.append(int(im.info.get("duration", 0) or 0))
+    return tuple(durations)
+
+
+# an animated WebP frame without a display time is shown for this long (as browsers do)
+WEBP_DEFAULT_MS = 100
+
+
+class AnimatedWebP(Sequence[np.ndarray]):
+    """The frames of an animated WebP (a meme as Giphy or a browser saves it), on a constant-rate grid: the rate
+    of its most common display time, each frame repeated to fill its own (a pause is repeated frames, as for a
+    GIF). Frames are decoded by Pillow when asked for (a pass reads them in order), RGB, the alpha dropped.
+
+    Raises:
+        InputError: not readable as an animated WebP, or a side outside 64..8192 px.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        require_file(self.path, "driver")
+        try:
+            stat = self.path.stat()
+            durations = _webp_durations(self.path, stat.st_size, stat.st_mtime_ns)
+        except InputError:
+            raise
+        except (OSError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{self.path}: not a readable animated WebP ({exc})") from exc
+        shown = [d if d > 0 else WEBP_DEFAULT_MS for d in durations]
+        base = max(sorted(set(shown)), key=shown.count)  # the most common display time (a tie: the shortest)
+        self.fps = Fraction(1000, base)
+        self._source = [i for i, d in enumerate(shown) for _ in range(max(1, round(d / base)))]
+        self._open = threading.local()  # each reading thread its own decoder
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @overload
+    def __getitem__(self, k: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, k: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        im = getattr(self._open, "image", None)
+        if im is None:
+            im = self._open.image = Image.open(self.path)
+        try:
+            im.seek(self._source[k])
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"{self.path}: frame {self._source[k]} of the animated WebP cannot be decoded ({exc})"
+                             ) from exc
 
 
 def image_to_rgb(im: Image.Image) -> np.ndarray:
@@ -482,8 +560,8 @@ def probe_video(path: PathLike) -> VideoInfo:
         stream = _video_stream(path, container)
         if not stream.codec_context.width or not stream.codec_context.height:
             if path.suffix.lower() == ".webp":  # FFmpeg's WebP decoder reads still images only
-                raise InputError(f"{path}: an animated WebP, which FFmpeg cannot decode; convert it to a video "
-                                 "first (e.g. an .mp4 or a .gif)")
+                raise InputError(f"{path}: an animated WebP, which FFmpeg cannot decode (a driver reads it through "
+                                 "Pillow: megactor_rt.media.AnimatedWebP)")
             raise InputError(f"{path}: the video stream has no frame size (corrupt header?)")
         duration_s: float | None = None
         if stream.duration is not None and stream.time_base is not None:

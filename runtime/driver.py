@@ -31,7 +31,14 @@ import torch
 from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import grey_unit, preprocess_frame
-from megactor_rt.media import MIN_IMAGE_SIDE, VideoInfo, iter_video_frames, probe_video
+from megactor_rt.media import (
+    MIN_IMAGE_SIDE,
+    AnimatedWebP,
+    VideoInfo,
+    is_animated_webp,
+    iter_video_frames,
+    probe_video,
+)
 from megactor_rt.preprocess import (
     Box,
     Crop,
@@ -110,7 +117,11 @@ def driver_source(driver: object) -> Path | DriverFrames:
     if isinstance(driver, DriverFrames):
         return driver
     if isinstance(driver, (str, os.PathLike)):
-        return Path(driver)
+        path = Path(driver)
+        if path.suffix.lower() == ".webp" and is_animated_webp(path):  # FFmpeg reads still WebP images only
+            frames = AnimatedWebP(path)
+            return DriverFrames(frames, fps=frames.fps, name=path.name)
+        return path
     hint = (" (frames in memory: DriverFrames(frames, fps=...), which carries their rate)"
             if isinstance(driver, (list, tuple, np.ndarray)) or hasattr(driver, "__iter__") else "")
     raise InputError(f"the driver must be a video file's path or DriverFrames, got {type(driver).__name__}{hint}")

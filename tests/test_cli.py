@@ -676,6 +676,20 @@ def test_a_crf_the_format_does_not_take_is_refused_before_the_weights_load(
     assert json.loads((tmp_path / "s.json").read_text())["options"]["crf"] == 30
 
 
+def test_an_animated_webp_meme_drives(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An animated WebP driver (the portrait's face moving, 50 ms per frame): a result of every frame at 20 fps,
+    silent; --fps 10 keeps every second frame."""
+    meme = tmp_path / "meme.webp"
+    faces = [Image.fromarray(f) for f in face_frames(6)]
+    faces[0].save(meme, save_all=True, append_images=faces[1:], duration=50, loop=0, quality=90)
+    out = tmp_path / "r.mp4"
+    code, _, err = run(capsys, "demo", "--driver", meme, *FAST, "-o", out)
+    assert code == 0, err
+    assert stream_facts(out) == (6, Fraction(20), False)
+    code, _, err = run(capsys, "demo", "--driver", meme, *FAST, "--fps", 10, "-o", tmp_path / "half.mp4")
+    assert code == 0 and stream_facts(tmp_path / "half.mp4") == (3, Fraction(10), False), err
+
+
 def test_a_60_fps_driver_into_a_gif_is_refused_before_the_weights_load(
         weights: Path, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1602,13 +1602,37 @@ def test_hd_colours_decode_as_players_show_them(tmp_path: Path) -> None:
         assert (int(cc.colorspace), int(cc.color_range)) == (6, 1)
 
 
-def test_an_animated_webp_driver_is_named_as_such(tmp_path: Path) -> None:
-    """FFmpeg cannot decode animated WebP: the message says so and what to do (was: "no frame size (corrupt
-    header?)")."""
-    frames = [Image.fromarray(np.full((80, 80, 3), i * 40, np.uint8)) for i in range(4)]
-    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    with pytest.raises(InputError, match="anim.webp: an animated WebP, which FFmpeg cannot decode; convert it"):
-        probe_video(tmp_path / "anim.webp")
+def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
+    """FFmpeg cannot decode animated WebP (probe_video says so, naming the way that can: was "no frame size
+    (corrupt header?)"); a driver reads it through Pillow on the grid of its most common display time (40 ms:
+    25 fps), a frame shown three times as long repeated three times, each frame's pixels as stored (lossless);
+    a still WebP and a PNG are no animated WebP."""
+    from megactor_rt.media import AnimatedWebP, is_animated_webp
+    from megactor_rt.runtime.driver import DriverFrames, driver_info, driver_source
+
+    shades = [np.full((80, 96, 3), 20 * i + 30, np.uint8) for i in range(6)]
+    shades[2][:10] = (255, 0, 0)
+    frames = [Image.fromarray(s) for s in shades]
+    path = tmp_path / "meme.webp"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[40, 40, 120, 40, 40, 40], loop=0,
+                   lossless=True)
+    with pytest.raises(InputError, match="meme.webp: an animated WebP, which FFmpeg cannot decode .*AnimatedWebP"):
+        probe_video(path)
+    webp = AnimatedWebP(path)
+    assert webp.fps == 25 and len(webp) == 8
+    source = [0, 1, 2, 2, 2, 3, 4, 5]
+    assert all(np.array_equal(webp[k], shades[i]) for k, i in enumerate(source))
+    assert np.array_equal(webp[-1], shades[5]) and len(webp[2:5]) == 3
+    with pytest.raises(IndexError):
+        webp[8]
+    driver = driver_source(path)
+    assert isinstance(driver, DriverFrames) and driver.name == "meme.webp"
+    info = driver_info(path)
+    assert (info.fps, info.num_frames, info.width, info.height, info.has_audio) == (25, 8, 96, 80, False)
+    frames[0].save(tmp_path / "still.webp")
+    frames[0].save(tmp_path / "still.png")
+    assert is_animated_webp(path) and not is_animated_webp(tmp_path / "still.webp")
+    assert not is_animated_webp(tmp_path / "still.png") and not is_animated_webp(tmp_path / "missing.webp")
 
 
 def test_hdr_video_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
