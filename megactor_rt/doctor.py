@@ -85,8 +85,17 @@ def _media_status() -> dict[str, Any]:
             formats[suffix] = _encoder_for(suffix)
         except RuntimeError as exc:
             formats[suffix] = f"unavailable: {exc}"
+    from PIL import __version__ as pillow
+    from PIL import features
+
+    try:
+        from pillow_heif import __version__ as heif
+        heic = f"pillow-heif {heif}"
+    except ImportError:
+        heic = "pillow-heif not installed: HEIC photos only where FFmpeg reads them"
     return {"pyav": av.__version__, "ffmpeg": str(getattr(av, "ffmpeg_version_info", "unknown")), "encoder": encoder,
-            "formats": formats}
+            "formats": formats, "pillow": pillow, "portrait images": {"heic": heic,
+                                                                     "avif": bool(features.check("avif"))}}
 
 
 def _detector_status() -> dict[str, Any]:

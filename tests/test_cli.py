@@ -296,6 +296,10 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
                                                                                          "mpeg4")
     formats = report["media"]["formats"]
     assert (formats[".mp4"], formats[".webm"], formats[".gif"]) == (report["media"]["encoder"], "libvpx-vp9", "gif")
+    import pillow_heif
+
+    assert report["media"]["portrait images"]["heic"] == f"pillow-heif {pillow_heif.__version__}"
+    assert report["face detection"]["hog"] == "dlib's HOG detector (built in)"
 
 
 def test_download_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
