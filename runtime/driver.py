@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,15 +40,18 @@ from megactor_rt.media import (
     probe_video,
 )
 from megactor_rt.preprocess import (
+    CNN_MODEL_FILE,
     Box,
     Crop,
     FaceTrack,
     check_face_choice,
+    cnn_faces,
     crop_resize,
     detect_faces,
     driver_crop,
     face_keep_rect,
     faces_scaled,
+    packaged_dlib_model,
 )
 from megactor_rt.progress import progress
 from megactor_rt.runtime.pipeline import cancellable, ordered_map
@@ -256,6 +259,7 @@ class DriverPlan:
     selection: FrameSelection
     face_fraction: float | None = None  # pass 1's median face side / the crop's side (None: no face crop)
     follow: tuple[int, Box] | None = None  # a clip of several people: where pass 1 began to follow one face, and it
+    detector: str = "hog"  # the face detector that found the faces (pass 2 uses it too): "hog" or "cnn"
 
     @property
     def name(self) -> str:
@@ -271,6 +275,22 @@ def detect_scaled(frame: np.ndarray) -> list[Box]:
     return faces_scaled(frame, DETECT_MAX_SIDE)
 
 
+def cnn_scaled(frame: np.ndarray) -> list[Box]:
+    """The faces of a frame (largest first) by dlib's CNN detector, on a copy of at most ``CNN_MAX_SIDE``."""
+    return cnn_faces(frame) or []
+
+
+def _detector_hint(asked: str, used: str) -> str:
+    """What the no-face error adds about the face detector: the CNN detector where it has not looked yet."""
+    if used == "cnn":
+        return ""
+    if packaged_dlib_model(CNN_MODEL_FILE) is None:
+        return (", or pip install face-recognition-models==0.3.0: dlib's CNN detector then looks for the faces HOG "
+                "misses (tilted, half-lit, partly covered)")
+    return ", or --face-detector auto or cnn (dlib's CNN detector finds tilted, half-lit faces HOG misses)" \
+        if asked == "hog" else ""
+
+
 def follow_patience(fps: Fraction) -> int:
     """Frames in a row without the followed face before a :class:`FaceTrack` takes it as gone: one second's."""
     return max(1, round(fps))
@@ -278,12 +298,14 @@ def follow_patience(fps: Fraction) -> int:
 
 def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool = True,
                 fps: float | Fraction | None = None, start: float | None = None,
-                duration: float | None = None, face: int | None = None) -> DriverPlan:
+                duration: float | None = None, face: int | None = None, detector: str = "auto") -> DriverPlan:
     """Pass 1: count frames and choose the crop (``start``: begin at this many seconds, see
     :func:`start_frame`; ``fps``: resample a faster driver to it, see :func:`output_fps`; ``max_frames``
     counts the frames used; ``duration``: at most the frames of that many seconds from the start, see
     :meth:`FrameSelection.frames_within`; ``face``: a driver of several people: follow the ``face``-th face
-    from the left of the first frame that shows that many, see :class:`FaceTrack`'s ``choose``).
+    from the left of the first frame that shows that many, see :class:`FaceTrack`'s ``choose``; ``detector``:
+    ``AnimateConfig.face_detector``, "auto" running the CNN detector over the clip again where HOG finds no face
+    in any frame and the CNN model is installed).
 
     Raises:
         InputError: unreadable/empty video, ``start`` at or past its end, no face in any frame (unless
@@ -300,21 +322,34 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     grid = _grid_frames(info)
     if grid is not None and skip >= grid:
         raise _past_the_end(name, start, grid, info.fps)
-    boxes: list[Box | None] = []
-    frames = driver_frames(source, max_frames, ratio, skip)
-    found = ordered_map(detect_scaled, frames) if face_crop else ([] for _ in frames)
-    track = FaceTrack(follow_patience(sel.fps), choose=face)
-    most = 0  # faces in one frame
-    for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc="driver: find faces",
-                          unit="frame"):
-        boxes.append(track(faces))
-        most = max(most, len(faces))
+
+    def scan(detect: Callable[[np.ndarray], list[Box]], desc: str) -> tuple[list[Box | None], FaceTrack, int]:
+        boxes: list[Box | None] = []
+        frames = driver_frames(source, max_frames, ratio, skip)
+        found = ordered_map(detect, frames) if face_crop else ([] for _ in frames)
+        track = FaceTrack(follow_patience(sel.fps), choose=face)
+        most = 0  # faces in one frame
+        for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc=desc,
+                              unit="frame"):
+            boxes.append(track(faces))
+            most = max(most, len(faces))
+        return boxes, track, most
+
+    used = "cnn" if detector == "cnn" else "hog"
+    boxes, track, most = scan(cnn_scaled if used == "cnn" else detect_scaled, "driver: find faces")
+    if (detector == "auto" and face_crop and boxes and all(b is None for b in boxes)
+            and packaged_dlib_model(CNN_MODEL_FILE) is not None):
+        logger.warning("driver %s: the HOG detector found no face in any of its %d frames; dlib's CNN detector "
+                       "looks again (slower: about 1-2 s per frame on 2 CPU cores)", name, len(boxes))
+        used = "cnn"
+        boxes, track, most = scan(cnn_scaled, "driver: find faces (CNN)")
     if not boxes and skip:  # a header without a frame count: known only now
         raise _past_the_end(name, start, skip, info.fps, at_least=False)
     if face is not None and track.followed_from is None and boxes:
         raise InputError(f"driver {name}: face {face} from the left is asked for (--driver-face), and no frame shows "
                          f"{face} faces (at most {most} in one frame)")
-    crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name)
+    crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name,
+                       hint=_detector_hint(detector, used))
     resampled = f" (resampled from {info.fps} fps)" if ratio != 1 else ""
     started = f" from {float(sel.start_s):.3f} s" if skip else ""
     logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, sel.fps, resampled, crop)
@@ -335,7 +370,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
                     "followed instead" if track.reacquired else "")
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
-    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow)
+    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used)
 
 
 def face_track(plan: DriverPlan, size: int) -> FaceTrack:
@@ -456,7 +491,10 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     whole = False  # centre crops without a face in their first LOOKAHEAD frames: used whole, no more detection
 
     def detect(frame: np.ndarray) -> tuple[np.ndarray, list[Box]]:
-        return frame, [] if whole else detect_faces(_cropped_uint8(frame, plan.crop, size), upsample=upsample)
+        if whole:
+            return frame, []
+        cropped = _cropped_uint8(frame, plan.crop, size)
+        return frame, cnn_scaled(cropped) if plan.detector == "cnn" else detect_faces(cropped, upsample=upsample)
 
     track = face_track(plan, size)
 

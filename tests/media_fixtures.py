@@ -70,6 +70,17 @@ def write_face_driver(path: Path, n: int = 8, fps: int | Fraction = 25, audio: b
     return path
 
 
+def write_half_lit_driver(path: Path, n: int = 6) -> Path:
+    """:func:`write_face_driver`'s moving face with its left half in deep shadow: dlib's HOG detector finds no
+    face in any frame, its CNN detector finds it in each."""
+    with VideoWriter(path, Fraction(25), 192, 192) as w:
+        for frame in face_frames(n):
+            shaded = frame.copy()
+            shaded[30:170, :96] //= 4
+            w.write(shaded)
+    return path
+
+
 def write_plain_driver(path: Path, n: int = 6, fps: int = 25, size: int = 128, audio: bool = False) -> Path:
     """A clip with no face anywhere (a grey gradient with a moving bar), optionally with sine audio."""
     source = write_sine_audio(path.with_name(path.stem + "_sine.m4a"), seconds=n / fps + 0.5) if audio else None

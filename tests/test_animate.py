@@ -1555,6 +1555,46 @@ def test_paste_back_puts_each_result_where_its_crop_came_from(anim: Animator, me
     assert not refused.exists()
 
 
+def test_a_half_lit_driver_is_found_by_the_cnn_detector(media: dict[str, Path], tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver whose face is half in shadow in every frame: face_detector "hog" finds no face (the error names
+    the CNN detector); "auto" says so and looks again with dlib's CNN detector, which finds it, and pass 2 uses it
+    too (every frame animated); "cnn" uses it from the start. Without the CNN model: "auto" fails naming how to
+    install it, "cnn" is refused before any work."""
+    from megactor_rt.preprocess import CNN_MODEL_FILE, packaged_dlib_model
+
+    if packaged_dlib_model(CNN_MODEL_FILE) is None:
+        pytest.skip("face-recognition-models (the contour extra) is not installed: no CNN detector")
+    from media_fixtures import write_half_lit_driver
+
+    driver = write_half_lit_driver(tmp_path / "shaded.mp4", n=6)
+    runs, crops = {}, {}
+    for detector in ("auto", "cnn"):
+        anim = Animator.demo(seed=0, device="cpu", config=replace(CFG, steps=1, face_detector=detector))
+        with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+            runs[detector] = list(anim.animate(anim.prepare(PORTRAIT), driver))
+        assert anim.last_plan is not None and anim.last_plan.detector == "cnn"
+        crops[detector] = anim.last_plan.crop
+    assert len(runs["auto"]) == len(runs["cnn"]) == 6 and crops["auto"] == crops["cnn"]  # (the portrait's crops
+    # differ: "cnn" finds the portrait's face with the CNN detector too)
+    assert "shaded.mp4: the HOG detector found no face in any of its 6 frames; dlib's CNN detector looks again" \
+        in caplog.text
+    hog = Animator.demo(seed=0, device="cpu", config=replace(CFG, steps=1, face_detector="hog"))
+    with pytest.raises(InputError, match=r"no face found in any of the 6 frames of driving video shaded\.mp4; .*"
+                                         r"--face-detector auto or cnn"):
+        list(hog.animate(hog.prepare(PORTRAIT), driver))
+    monkeypatch.setattr("megactor_rt.runtime.driver.packaged_dlib_model", lambda name: None)
+    monkeypatch.setattr("megactor_rt.preprocess.packaged_dlib_model", lambda name: None)
+    auto = Animator.demo(seed=0, device="cpu", config=replace(CFG, steps=1))
+    with pytest.raises(InputError, match=r"shaded\.mp4; .*pip install face-recognition-models==0\.3\.0: dlib's CNN"):
+        list(auto.animate(auto.prepare(PORTRAIT), driver))
+    with pytest.raises(InputError, match=r"face_detector \(--face-detector\) cnn needs dlib's CNN face detector"):
+        auto.check_run(replace(CFG, face_detector="cnn"))
+    with pytest.raises(ValueError, match="face_detector must be one of auto, hog, cnn, got 'yolo'"):
+        replace(CFG, face_detector="yolo")
+
+
 def test_another_image_size(media: dict[str, Path], tmp_path: Path) -> None:
     """image_size: the tiny model (128 px) crops and animates at 192 px, contour mode (where its landmark model is
     installed) and the paste-back included (frames of 192 px, the portrait state's tensors at 192 px and a 24 px latent grid); sizes the
