@@ -114,7 +114,7 @@ def read_image(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     require_file(path, "image")
-    _heif_opener()
+    register_heif()
     try:
         with Image.open(path) as im:
             _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
@@ -177,7 +177,7 @@ def _still_image_format(container: av.container.InputContainer) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _heif_opener() -> bool:
+def register_heif() -> bool:
     """Teach Pillow HEIC/HEIF (iPhones' photos) through pillow-heif, once; False where it is not installed (FFmpeg
     then reads such a photo as a one-frame video where it can). libheif applies the photo's rotation and
     pillow-heif clears its EXIF orientation, so it is not applied twice."""

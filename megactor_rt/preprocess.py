@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
-from megactor_rt.media import grey_to_uint8
+from megactor_rt.media import grey_to_uint8, register_heif
 
 logger = logging.getLogger(__name__)
 
@@ -684,6 +684,7 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None,
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: mask file {'is not a regular file' if path.exists() else 'does not exist'}")
+    register_heif()  # a HEIC mask, as a HEIC portrait
     try:
         with Image.open(path) as opened:
             opened.load()

@@ -153,7 +153,7 @@ def _heic_photo(path: Path, orientation: int) -> Path:
     """A phone-style HEIC of :func:`_upright_picture`: the pixels stored turned, with the EXIF orientation that
     turns them back (pillow-heif also writes it as the HEIF rotation property, as iPhones do)."""
     pytest.importorskip("pillow_heif", reason="pillow-heif (a dependency of megactor-rt) writes the HEIC fixtures")
-    media._heif_opener()
+    media.register_heif()
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(_upright_picture()).transpose(_STORED_AS[orientation]).save(path, exif=exif.tobytes(),
