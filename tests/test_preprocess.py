@@ -698,3 +698,19 @@ def test_pasting_the_crop_itself_gives_the_portrait_back(shape: tuple[int, int],
                                    c[3] <= shape[1]), size)
     shifted = np.abs(off(result).astype(int) - off.canvas.astype(int)).mean()
     assert error < 1 and shifted > 2, (error, shifted)
+
+
+def test_a_heic_mask_is_read_in_a_process_that_read_no_heic_portrait(tmp_path: Path) -> None:
+    """A HEIC mask beside a PNG portrait: the HEIC reader is registered before the mask is opened (in a fresh
+    process: this one may have registered it already)."""
+    import subprocess
+    import sys
+
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif (a dependency of megactor-rt) writes it")
+    mask = np.zeros((96, 96), np.uint8)
+    mask[20:80, 30:70] = 255
+    pillow_heif.from_pillow(Image.fromarray(mask).convert("RGB")).save(tmp_path / "mask.heic", quality=95)
+    script = ("import numpy as np; from megactor_rt.preprocess import load_user_mask; "
+              f"m = load_user_mask({str(tmp_path / 'mask.heic')!r}, 96); print(int(m[50, 50]), int(m[5, 5]))")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == ["1", "0"], res.stdout + res.stderr
