@@ -343,8 +343,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
 
     used = "cnn" if detector == "cnn" else "hog"
     boxes, track, most = scan(cnn_scaled if used == "cnn" else detect_scaled, "driver: find faces")
-    if (detector == "auto" and face_crop and boxes and all(b is None for b in boxes)
-            and packaged_dlib_model(CNN_MODEL_FILE) is not None):
+    if detector == "auto" and face_crop and boxes and most == 0 and packaged_dlib_model(CNN_MODEL_FILE) is not None:
         logger.warning("driver %s: the HOG detector found no face in any of its %d frames; dlib's CNN detector "
                        "looks again (slower: about 1 s per frame on 2 CPU cores)", name, len(boxes))
         used = "cnn"
