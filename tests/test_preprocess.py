@@ -599,9 +599,12 @@ def test_a_driver_face_chosen_by_the_user_is_cropped_and_isolated(caplog: pytest
     for x in iter_driver_inputs(plan, 256):
         kept = np.nonzero(x[0].numpy())
         assert kept[0].size and abs(float(kept[1].mean()) - 128) < 40  # B, in the middle of its own crop
-    with pytest.raises(InputError, match=r"driver two: face 3 from the left is asked for \(--driver-face\), and no "
-                                         r"frame shows 3 faces \(at most 2 in one frame\)"):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megactor_rt.runtime.driver"), \
+            pytest.raises(InputError, match=r"driver two: face 3 from the left is asked for \(--driver-face\), and "
+                                            r"no frame shows 3 faces \(at most 2 in one frame\)"):
         plan_driver(frames, face=3)
+    assert "CNN detector looks again" not in caplog.text  # HOG found faces: only not the third
     with pytest.raises(InputError, match="cannot be used with --no-face-crop"):
         plan_driver(frames, face=1, face_crop=False)
 
