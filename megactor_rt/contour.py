@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 
 from megactor_rt.errors import InputError
-from megactor_rt.preprocess import UPSAMPLE_BELOW_PX, Box, Crop, detect_faces, packaged_dlib_model
+from megactor_rt.preprocess import UPSAMPLE_BELOW_PX, Box, Crop, cnn_faces, detect_faces, packaged_dlib_model
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ PATCH_DIV = 8  # each group box reaches size / PATCH_DIV from its centroid (128 
 # frames whose group boxes make one frame's kept rectangles: upstream animates at most 50 driving frames and
 # takes the union over all of them; a longer clip takes it over the 50 frames around each frame
 CONTOUR_SPAN = 50
+CNN_LANDMARK_SIDE = 256  # the CNN detector's copy of a crop whose landmarks HOG found no face for (0.4 s at 512 px)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -134,25 +135,30 @@ class Landmarker:
         self.path = landmarks_model_path(model)
         self._predictor, self._lock = _load_predictor(str(self.path))
 
-    def __call__(self, image: np.ndarray) -> np.ndarray | None:
+    def __call__(self, image: np.ndarray, cnn: bool = False) -> np.ndarray | None:
         """Landmarks of ``image``'s largest face.
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB.
+            cnn: where HOG finds no face, place them in dlib's CNN detector's box (see :meth:`faces`).
 
         Returns:
             ``(68, 2)`` float64 (x, y) pixel coordinates, or None when no face is found.
         """
-        faces = self.faces(image)
+        faces = self.faces(image, cnn)
         return self.on_box(image, faces[0]) if faces else None
 
     @staticmethod
-    def faces(image: np.ndarray) -> list[Box]:
+    def faces(image: np.ndarray, cnn: bool = False) -> list[Box]:
         """The face boxes the landmarks are placed in (largest first; dlib's own boxes, which may reach past the
-        border: the predictor places its mean shape in them), looking closer where none is found."""
+        border: the predictor places its mean shape in them), looking closer where none is found; with ``cnn``,
+        dlib's CNN detector's boxes where HOG finds none at all (where its model is installed: a face half in
+        shadow or tilted). HOG comes first because the 68-point model was trained on HOG's boxes."""
         faces = detect_faces(image, clip=False)
         if not faces and min(image.shape[:2]) >= UPSAMPLE_BELOW_PX:  # a face under ~80 px: look closer
             faces = detect_faces(image, clip=False, upsample=1)
+        if not faces and cnn:
+            faces = cnn_faces(image, CNN_LANDMARK_SIDE) or []
         return faces
 
     def on_box(self, image: np.ndarray, box: Box) -> np.ndarray:

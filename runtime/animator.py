@@ -557,7 +557,8 @@ class Animator:
         calls0 = self.sub.calls.snapshot()
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
-        portrait_lm = self.portrait_landmarks(state, landmarker) if landmarker is not None else None
+        cnn = cfg.face_detector != "hog"
+        portrait_lm = self.portrait_landmarks(state, landmarker, cnn=cnn) if landmarker is not None else None
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = self.last_plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start,
@@ -567,7 +568,7 @@ class Animator:
         if landmarker is not None and portrait_lm is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
                 contour_plan = plan_driver_contour(plan, self.image_size, portrait_lm, landmarker,
-                                                   contour_affine_frame)
+                                                   contour_affine_frame, cnn=cnn)
         noise, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
         try:
@@ -592,19 +593,21 @@ class Animator:
         self.cache.trim()
         self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
 
-    def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker, source: str = "the portrait"
-                           ) -> np.ndarray:
+    def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker, source: str = "the portrait",
+                           cnn: bool = True) -> np.ndarray:
         """The 68 face landmarks of the portrait crop (computed once per portrait state and landmark model).
 
         Args:
             source: the portrait's name, for the error.
+            cnn: where HOG finds no face in the crop, place them in dlib's CNN detector's box
+                (``AnimateConfig.face_detector`` other than "hog").
 
         Raises:
             InputError: no face in the portrait crop, or landmarks that span no area.
         """
         found, model = state.face_landmarks, state.landmarks_model  # returned as read or computed here, never re-read
         if found is None or model != str(landmarker.path):
-            found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()))
+            found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()), cnn)
             if found is None:
                 raise InputError(f"contour mode: no face found in the portrait crop of {source}; it needs the "
                                  "portrait's face landmarks (use a frontal, well-lit face, or run without "
@@ -794,7 +797,7 @@ class Animator:
             state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face, cfg.face_detector)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
-                                    else Path(portrait).name)
+                                    else Path(portrait).name, cfg.face_detector != "hog")
             landmarks_model = landmarker.path
         if sound is not None:  # another file's sound: from its start
             sound_args: dict[str, Any] = {"audio_source": sound, "audio_offset": Fraction(from_s)}

@@ -434,16 +434,17 @@ def _cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:
 
 
 def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndarray, landmarker: Landmarker,
-                        affine_frame: str = "last") -> ContourPlan:
+                        affine_frame: str = "last", cnn: bool = False) -> ContourPlan:
     """Contour mode's landmark pass: 68 landmarks on every cropped frame -> kept rectangles and affine
-    (``affine_frame``: see :func:`~megactor_rt.contour.plan_contour`).
+    (``affine_frame``: see :func:`~megactor_rt.contour.plan_contour`; ``cnn``: in a frame HOG finds no face in,
+    the landmarks go in dlib's CNN detector's box, see :meth:`~megactor_rt.contour.Landmarker.faces`).
 
     Raises:
         InputError: no face landmarks in any cropped frame.
     """
     def faces(frame: np.ndarray) -> tuple[np.ndarray, list[Box]]:
         image = _cropped_uint8(frame, plan.crop, size)
-        return image, landmarker.faces(image)
+        return image, landmarker.faces(image, cnn)
 
     def landmarks(found: Iterator[tuple[np.ndarray, list[Box]]]) -> Iterator[np.ndarray | None]:
         track = face_track(plan, size)  # in frame order, like pass 2's: the same person's landmarks

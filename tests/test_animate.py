@@ -1595,6 +1595,32 @@ def test_a_half_lit_driver_is_found_by_the_cnn_detector(media: dict[str, Path], 
         replace(CFG, face_detector="yolo")
 
 
+def test_contour_mode_on_faces_only_the_cnn_detector_finds(media: dict[str, Path], tmp_path: Path) -> None:
+    """Contour mode with a portrait and a driver whose faces are half in shadow: HOG finds none, so the landmarks
+    of the portrait's crop and of every driver crop are placed in dlib's CNN detector's boxes (face_detector
+    "auto"); with "hog" the portrait has no face."""
+    from megactor_rt.contour import packaged_landmarks_model
+    from megactor_rt.preprocess import CNN_MODEL_FILE, packaged_dlib_model
+
+    if packaged_dlib_model(CNN_MODEL_FILE) is None or packaged_landmarks_model() is None:
+        pytest.skip("face-recognition-models (the contour extra) is not installed: no CNN detector or landmarks")
+    from media_fixtures import write_half_lit_driver
+    from PIL import Image
+
+    shaded = read_image(PORTRAIT)
+    shaded[267:578, 233:388] //= 4  # the left half of the face (HOG box 233..543 x 267..578)
+    portrait = tmp_path / "shaded.png"
+    Image.fromarray(shaded).save(portrait)
+    driver = write_half_lit_driver(tmp_path / "shaded.mp4", n=6)
+    anim = Animator.demo(seed=0, device="cpu", config=replace(CFG, steps=1))
+    state = anim.prepare(portrait)
+    frames = list(anim.animate(state, driver, contour=True))
+    assert len(frames) == 6 and state.face_landmarks is not None
+    hog = anim.with_config(face_detector="hog")
+    with pytest.raises(InputError, match="no face found in portrait shaded.png"):
+        hog.prepare(portrait)
+
+
 def test_another_image_size(media: dict[str, Path], tmp_path: Path) -> None:
     """image_size: the tiny model (128 px) crops and animates at 192 px, contour mode (where its landmark model is
     installed) and the paste-back included (frames of 192 px, the portrait state's tensors at 192 px and a 24 px latent grid); sizes the
