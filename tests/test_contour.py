@@ -391,7 +391,7 @@ def test_disk_cache_keeps_the_portrait_landmarks(landmarker: contour.Landmarker,
     class Refusing:  # the same model file, but any call would mean a recomputation
         path = landmarker.path
 
-        def __call__(self, image: np.ndarray) -> np.ndarray:
+        def __call__(self, image: np.ndarray, cnn: bool = False) -> np.ndarray:
             raise AssertionError("recomputed the portrait's landmarks")
 
     assert fresh.portrait_landmarks(state, Refusing()) is state.face_landmarks  # type: ignore[arg-type]
