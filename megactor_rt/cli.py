@@ -350,10 +350,10 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
 def _without_existing(jobs: list[tuple[Path, Path, Path]]) -> list[tuple[Path, Path, Path]]:
     """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
     complete, so one that exists is whole); the kept ones are named on stdout, like the written ones."""
-    for _, _, output in jobs:
-        if output.is_file():
-            print(f"kept {output}: it exists (--skip-existing)")
-    return [job for job in jobs if not job[2].is_file()]
+    kept = [output for _, _, output in jobs if output.is_file()]  # (looked at once: in job order)
+    for output in kept:
+        print(f"kept {output}: it exists (--skip-existing)")
+    return [job for job in jobs if job[2] not in kept]
 
 
 def _results_folder(folder: Path) -> None:
@@ -412,9 +412,15 @@ def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
             "side_by_side": args.side_by_side, "paste_back": args.paste_back, "crf": args.crf}
 
 
-def _sound(args: argparse.Namespace) -> bool | Path:
-    """``animate_to_file``'s ``audio``: the --audio file, or whether to copy the driver's audio."""
-    return args.audio if args.audio is not None else not args.no_audio
+def _result_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``animate_to_file``'s keyword arguments from the flags (``animate`` and ``demo``): ``audio`` is the --audio
+    file, or whether to copy the driver's audio."""
+    return {"face_crop": not args.no_face_crop, "mask": args.mask,
+            "audio": args.audio if args.audio is not None else not args.no_audio, "audio_start": args.audio_start,
+            "contour": args.contour, "landmarks_model": args.landmarks_model,
+            "contour_affine_frame": args.contour_affine_frame, "side_by_side": args.side_by_side,
+            "face": args.portrait_face, "driver_face": args.driver_face, "paste_back": args.paste_back,
+            "crf": args.crf}
 
 
 def _flags_apply(flags: list[str]) -> tuple[str, str]:
@@ -480,13 +486,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     failed: list[str] = []
     for portrait, driver, output in jobs:  # one process: weights, compiled graphs and prepared portraits reused
         try:
-            stats = anim.animate_to_file(portrait, driver, output, face_crop=not args.no_face_crop,
-                                         mask=args.mask, audio=_sound(args), contour=args.contour,
-                                         landmarks_model=args.landmarks_model,
-                                         contour_affine_frame=args.contour_affine_frame,
-                                         side_by_side=args.side_by_side, face=args.portrait_face,
-                                         driver_face=args.driver_face, paste_back=args.paste_back, crf=args.crf,
-                                         audio_start=args.audio_start)
+            stats = anim.animate_to_file(portrait, driver, output, **_result_options(args))
         except MegactorError as exc:
             if not batch:
                 raise
@@ -526,11 +526,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_run(anim)
     if args.cache_dir is not None:
         anim.cache = _cache(args)
-    stats = anim.animate_to_file(portrait, driver, args.output, face_crop=not args.no_face_crop, mask=args.mask,
-                                 audio=_sound(args), contour=args.contour, landmarks_model=args.landmarks_model,
-                                 contour_affine_frame=args.contour_affine_frame, side_by_side=args.side_by_side,
-                                 face=args.portrait_face, driver_face=args.driver_face, paste_back=args.paste_back,
-                                 crf=args.crf, audio_start=args.audio_start)
+    stats = anim.animate_to_file(portrait, driver, args.output, **_result_options(args))
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0
