@@ -368,19 +368,11 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
     """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist
     (the --audio file with its sound), and the one result (``output``, where given) can be written and is none
     of them."""
-    from megactor_rt.media import (
-        audio_start_seconds,
-        check_audio_file,
-        check_not_an_input,
-        check_output_path,
-        require_file,
-    )
+    from megactor_rt.media import check_not_an_input, check_output_path, check_sound, require_file
 
     for path, what in [*((p, "portrait") for p in portraits), *((d, "driver") for d in drivers)]:
         require_file(Path(path), what)
-    start = audio_start_seconds(audio, audio_start)
-    if audio is not None:
-        check_audio_file(audio, start)
+    check_sound(audio, audio_start)
     if output is not None:
         check_output_path(output)
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask, audio=audio)

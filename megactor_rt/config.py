@@ -209,6 +209,23 @@ def tiny_config() -> ModelConfig:
 MIN_FPS = 0.01
 
 
+def time_seconds(name: str, value: object) -> float:
+    """A time given as seconds (a number) or as a ``"[HH:]MM:SS[.ms]"`` string, in seconds.
+
+    Raises:
+        ValueError: naming ``name``: an unreadable string, or neither a number nor a string.
+    """
+    if isinstance(value, str):
+        try:
+            return parse_time(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be seconds (a number) or a '[HH:]MM:SS[.ms]' string, got "
+                         f"{type(value).__name__}")
+    return float(value)
+
+
 def parse_time(text: str) -> float:
     """A time as people write it: seconds (``"90"``, ``"1.5"``) or ``[HH:]MM:SS[.ms]`` (``"1:30"``,
     ``"0:01:30.5"``), in seconds.
@@ -315,14 +332,10 @@ class AnimateConfig:
     def __post_init__(self) -> None:
         for name in ("start", "duration"):  # "1:05" as on the command line; a number stays as it is
             value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    object.__setattr__(self, name, parse_time(value))
-                except ValueError as exc:
-                    raise ValueError(f"{name}: {exc}") from None
-            elif value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise ValueError(f"{name} must be seconds (a number) or a '[HH:]MM:SS[.ms]' string, got "
-                                 f"{type(value).__name__}")
+            if value is not None:
+                seconds = time_seconds(name, value)
+                if isinstance(value, str):
+                    object.__setattr__(self, name, seconds)
         if not isinstance(self.mode, Mode):  # a plain "reference" would compare unequal to Mode.REFERENCE
             if self.mode not in {m.value for m in Mode}:
                 raise ValueError(f"mode must be one of {', '.join(m.value for m in Mode)}, got {self.mode!r}")

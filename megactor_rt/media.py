@@ -361,37 +361,33 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
         raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
 
 
-def audio_start_seconds(audio: object, start: float | str | None) -> float:
-    """Where in an audio file the result's sound begins (``animate_to_file(audio=PATH, audio_start=...)``,
-    ``--audio-start``), in seconds; 0 where ``start`` is None.
+def check_sound(audio: object, start: float | str | None = None) -> tuple[Path | None, float]:
+    """The result's sound from another file (``animate_to_file(audio=PATH, audio_start=...)``, ``--audio``,
+    ``--audio-start``), checked before any work: the file, and where in it (seconds) the sound begins; ``(None,
+    0.0)`` where ``audio`` is no file (True: the driver's sound; False: none).
 
     Raises:
-        InputError: a start without an audio file (``audio`` not a path), or not a time >= 0.
+        InputError: a start without an audio file, a start that is no time >= 0, or a file that is missing,
+            unreadable, without audio, or whose sound ends at or before the start.
     """
-    from megactor_rt.config import parse_time
+    from megactor_rt.config import time_seconds
 
-    if start is None:
-        return 0.0
     if not isinstance(audio, (str, os.PathLike)):
-        raise InputError("audio_start (--audio-start) is where in an audio file (audio=PATH, --audio FILE) the "
-                         "result's sound begins; the driver's own audio begins with its frames (start=, --start)")
+        if start is not None:
+            raise InputError("audio_start (--audio-start) is where in an audio file (audio=PATH, --audio FILE) the "
+                             "result's sound begins; the driver's own audio begins with its frames (start=, --start)")
+        return None, 0.0
     try:
-        value = parse_time(start) if isinstance(start, str) else float(start)
+        from_s = 0.0 if start is None else time_seconds("audio_start (--audio-start)", start)
     except ValueError as exc:
-        raise InputError(f"audio_start (--audio-start): {exc}") from exc
-    if not (math.isfinite(value) and value >= 0):
+        raise InputError(str(exc)) from exc
+    if not (math.isfinite(from_s) and from_s >= 0):
         raise InputError(f"audio_start (--audio-start) must be a finite time >= 0 seconds, got {start}")
-    return value
+    return _check_audio_file(Path(audio), from_s), from_s
 
 
-def check_audio_file(path: PathLike, start: float = 0.0) -> Path:
-    """Check that a file given for a result's sound has an audio stream PyAV can read (before any work), and
-    sound after ``start`` seconds where its length is known.
-
-    Raises:
-        InputError: missing, unreadable, without audio, or ``start`` at or past its end.
-    """
-    path = Path(path)
+def _check_audio_file(path: Path, start: float) -> Path:
+    """``path`` has an audio stream PyAV can read, with sound after ``start`` seconds where its length is known."""
     with _open_input(path, what="audio") as container:
         if not container.streams.audio:
             raise InputError(f"{path}: has no audio stream (given for the result's sound)")

@@ -29,12 +29,11 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
     VideoWriter,
-    audio_start_seconds,
-    check_audio_file,
     check_not_an_input,
     check_output_path,
     check_quality,
     check_result_rate,
+    check_sound,
     image_to_rgb,
     read_portrait,
 )
@@ -771,8 +770,7 @@ class Animator:
         cfg = config or self.config
         self.check_run(cfg)
         source = driver_source(driver)
-        from_s = audio_start_seconds(audio, audio_start)
-        sound = check_audio_file(audio, from_s) if isinstance(audio, (str, Path)) else None
+        sound, from_s = check_sound(audio, audio_start)
         check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask,
                            audio=sound)
         check_affine_frame(contour_affine_frame)
@@ -799,7 +797,7 @@ class Animator:
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
                                     else Path(portrait).name, cfg.face_detector != "hog")
             landmarks_model = landmarker.path
-        if sound is not None:  # another file's sound: from its start
+        if sound is not None:  # another file's sound: from its start, or from audio_start
             sound_args: dict[str, Any] = {"audio_source": sound, "audio_offset": Fraction(from_s)}
         else:
             sound_args = {"audio_source": info.path if audio and info.has_audio else None,
