@@ -158,7 +158,7 @@ class Landmarker:
         if not faces and min(image.shape[:2]) >= UPSAMPLE_BELOW_PX:  # a face under ~80 px: look closer
             faces = detect_faces(image, clip=False, upsample=1)
         if not faces and cnn:
-            faces = cnn_faces(image, CNN_LANDMARK_SIDE) or []
+            faces = cnn_faces(image, CNN_LANDMARK_SIDE)
         return faces
 
     def on_box(self, image: np.ndarray, box: Box) -> np.ndarray:

