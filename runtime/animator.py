@@ -277,7 +277,7 @@ class Animator:
     @property
     def latent_size(self) -> int:
         """Side of the VAE latent grid (image size / the VAE's downsampling)."""
-        return self.image_size // 2 ** (len(self.sub.config.vae.block_out_channels) - 1)
+        return self.sub.config.latent_size
 
     # -- portrait --------------------------------------------------------------------------------------
     def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
@@ -556,8 +556,7 @@ class Animator:
         calls0 = self.sub.calls.snapshot()
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
-        cnn = cfg.face_detector != "hog"
-        portrait_lm = self.portrait_landmarks(state, landmarker, cnn=cnn) if landmarker is not None else None
+        portrait_lm = None if landmarker is None else self.portrait_landmarks(state, landmarker, cnn=cfg.cnn_fallback)
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan = self.last_plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start,
@@ -567,7 +566,7 @@ class Animator:
         if landmarker is not None and portrait_lm is not None:
             with timer.stage("driver_contour"):  # contour mode: landmarks of every cropped frame
                 contour_plan = plan_driver_contour(plan, self.image_size, portrait_lm, landmarker,
-                                                   contour_affine_frame, cnn=cnn)
+                                                   contour_affine_frame, cnn=cfg.cnn_fallback)
         noise, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
         try:
@@ -599,7 +598,7 @@ class Animator:
         Args:
             source: the portrait's name, for the error.
             cnn: where HOG finds no face in the crop, place them in dlib's CNN detector's box
-                (``AnimateConfig.face_detector`` other than "hog").
+                (``AnimateConfig.cnn_fallback``).
 
         Raises:
             InputError: no face in the portrait crop, or landmarks that span no area.
@@ -795,7 +794,7 @@ class Animator:
             state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face, cfg.face_detector)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
             self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
-                                    else Path(portrait).name, cfg.face_detector != "hog")
+                                    else Path(portrait).name, cfg.cnn_fallback)
             landmarks_model = landmarker.path
         if sound is not None:  # another file's sound: from its start, or from audio_start
             sound_args: dict[str, Any] = {"audio_source": sound, "audio_offset": Fraction(from_s)}
@@ -863,7 +862,7 @@ def _check_image_size(cfg: ModelConfig, image_size: int) -> None:
         InputError: a size outside :data:`MIN_IMAGE_SIZE`..:data:`MAX_IMAGE_SIZE` or not a multiple of that
             downsampling.
     """
-    step = 2 ** (len(cfg.vae.block_out_channels) - 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+    step = cfg.vae_scale * 2 ** (len(cfg.unet.block_out_channels) - 1)
     if not (MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE and image_size % step == 0):
         raise InputError(f"image_size (--size) {image_size}: must be a multiple of {step} from {MIN_IMAGE_SIZE} to "
                          f"{MAX_IMAGE_SIZE} (the weights' own size is {cfg.image_size})")
