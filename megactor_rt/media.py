@@ -199,10 +199,21 @@ def is_animated_webp(path: PathLike) -> bool:
         return False
 
 
+def _file_version(path: Path) -> tuple[int, int]:
+    """``(mtime_ns, size)``: with the path, the key of what is cached about a file (another version is read
+    again).
+
+    Raises:
+        OSError: the file cannot be looked at.
+    """
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
 @lru_cache(maxsize=8)
-def _webp_durations(path: Path, size: int, mtime_ns: int) -> tuple[int, ...]:
+def _webp_durations(path: Path, mtime_ns: int, size: int) -> tuple[int, ...]:
     """Each frame's display time (ms) of an animated WebP (Pillow decodes every frame to tell; cached per file
-    version)."""
+    version, :func:`_file_version`)."""
     durations = []
     with Image.open(path) as im:
         _check_image_size(path, im.size)
@@ -230,8 +241,7 @@ class AnimatedWebP(Sequence[np.ndarray]):
         self.path = Path(path)
         require_file(self.path, "driver")
         try:
-            stat = self.path.stat()
-            durations = _webp_durations(self.path, stat.st_size, stat.st_mtime_ns)
+            durations = _webp_durations(self.path, *_file_version(self.path))
         except InputError:
             raise
         except (OSError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
@@ -469,13 +479,13 @@ def _gif_rate(path: Path, stream: av.video.stream.VideoStream) -> Fraction | Non
 def _stream_times(path: Path, stream: av.video.stream.VideoStream) -> tuple[Fraction, ...] | None:
     """:func:`_packet_times` of ``stream`` in the file's current version; None where the file cannot be looked at
     or the stream has no time base."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
     if stream.time_base is None:
         return None
-    return _packet_times(str(path), stat.st_mtime_ns, stat.st_size, stream.index, stream.time_base)
+    try:
+        version = _file_version(path)
+    except OSError:
+        return None
+    return _packet_times(str(path), *version, stream.index, stream.time_base)
 
 
 @lru_cache(maxsize=64)
@@ -505,10 +515,10 @@ def _frames_at_half_rate(path: Path, index: int, time_base: Fraction | None, nom
     if time_base is None:
         return False
     try:
-        stat = path.stat()
+        version = _file_version(path)
     except OSError:
         return False
-    return _mostly_slow(str(path), stat.st_mtime_ns, stat.st_size, index, time_base, nominal)
+    return _mostly_slow(str(path), *version, index, time_base, nominal)
 
 
 @lru_cache(maxsize=64)
