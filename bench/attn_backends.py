@@ -15,7 +15,6 @@ Writes ``attn_backends.json`` and ``attn_backends.md`` to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megactor_rt.benchmark import provenance
+from megactor_rt.benchmark import provenance, save_tables
 from megactor_rt.config import full_config, tiny_config
-from megactor_rt.engine.cache import write_atomic
 from megactor_rt.models import layers
 from megactor_rt.weights import build_models
 
@@ -88,8 +86,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "attn_backends.json", json.dumps(report, indent=1).encode())
-    write_atomic(args.out / "attn_backends.md", markdown(report).encode())
+    save_tables(args.out, "attn_backends", report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 
 

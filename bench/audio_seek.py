@@ -10,7 +10,6 @@ from 29:50 on, reading it both ways (best of 3, same run, same files).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import av
 import numpy as np
 
 from megactor_rt import media
-from megactor_rt.engine.cache import write_atomic
+from megactor_rt.benchmark import save_tables
 from megactor_rt.media import VideoWriter
 
 MINUTES, OFFSET_S, RESULT_FRAMES = 30, 29 * 60 + 50, 200
@@ -85,12 +84,11 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
               "source_minutes": MINUTES, "offset_s": OFFSET_S, "result_frames": RESULT_FRAMES, "rows": rows}
-    write_atomic(args.out / "audio_seek.json", json.dumps(report, indent=1).encode())
     lines = [f"Audio of an 8 s result from 29:50 of a {MINUTES}-minute file, {report['date']} (best of 3 each):", "",
              "| source audio | into the MP4 | from the beginning s | seek s | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {r['codec']} | {r['audio']} | {r['from the beginning']:.2f} | {r['seek']:.2f} | "
               f"{r['from the beginning'] / r['seek']:.1f}x |" for r in rows]
-    write_atomic(args.out / "audio_seek.md", ("\n".join(lines) + "\n").encode())
+    save_tables(args.out, "audio_seek", report, "\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201 - a script's output
 
 

@@ -16,7 +16,6 @@ Writes ``portrait_cache.json`` and ``portrait_cache.md`` to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from datetime import date
@@ -27,7 +26,6 @@ import torch
 from megactor_rt import benchmark as B
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
-from megactor_rt.engine.cache import write_atomic
 from megactor_rt.models.scheduler import DDIM
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.backends import device_name
@@ -93,8 +91,7 @@ def main() -> None:
               "precision": precision, "steps": args.steps, "computed_s": computed, "write_s": write,
               "loaded_s": loaded, "file_mb": size_mb, "ratio": computed / loaded}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "portrait_cache.json", json.dumps(report, indent=1).encode())
-    write_atomic(args.out / "portrait_cache.md", markdown(report).encode())
+    B.save_tables(args.out, "portrait_cache", report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 
 

@@ -19,7 +19,6 @@ Writes ``profile_steps.json`` and ``profile_steps.md`` to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from dataclasses import replace
 from datetime import date
@@ -31,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import megactor_rt.runtime.animator as animator_module
 from megactor_rt import benchmark as B
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.engine.cache import write_atomic
 from megactor_rt.runtime.backends import device_name
 
 STEP = "megactor denoise step "
@@ -103,8 +101,7 @@ def main() -> None:
               "stage_s": dict(stats.stage_seconds), "per_step": rows,
               "new_flop_signatures_in_timed_run": new_signatures}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "profile_steps.json", json.dumps(report, indent=1).encode())
-    write_atomic(args.out / "profile_steps.md", markdown(report).encode())
+    B.save_tables(args.out, "profile_steps", report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import matmul_tflops, provenance, random_models, switched_env
+from megactor_rt.benchmark import matmul_tflops, provenance, random_models, save_tables, switched_env
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.engine.cache import write_atomic
 
@@ -176,8 +176,7 @@ def main() -> None:
         report["calls"][CL_FLOW] = {"seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs}
     args.out.mkdir(parents=True, exist_ok=True)
     # the eager rows first, so a compilation cut short by the time limit loses only its own rows
-    write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1).encode())
-    write_atomic(args.out / f"{stem}.md", markdown(report).encode())
+    save_tables(args.out, stem, report, markdown(report))
     if args.compile:
         import torch._inductor.config as inductor_config
 
@@ -233,8 +232,7 @@ def main() -> None:
                                                           "tflops_per_s": opt_tflop / secs}
         except Exception as exc:
             report["channels_last_error"] = repr(exc)
-    write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1).encode())
-    write_atomic(args.out / f"{stem}.md", markdown(report).encode())
+    save_tables(args.out, stem, report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 
 

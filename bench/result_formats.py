@@ -15,7 +15,6 @@ decoded result from the frames written, in 8-bit levels.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.engine.cache import write_atomic
+from megactor_rt.benchmark import save_tables
 from megactor_rt.media import RESULT_SUFFIXES, VideoWriter, iter_video_frames, read_image
 from megactor_rt.preprocess import PasteBack, portrait_crop
 
@@ -87,14 +86,13 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
               "frames": len(frames), "size": SIZE, "fps": 30, "repeats": REPEATS, "rows": rows}
-    write_atomic(args.out / "result_formats.json", json.dumps(report, indent=1).encode())
     lines = [f"Writing {len(frames)} frames of {SIZE} px at 30 fps with the driver's audio, {report['date']} "
              f"(best of {REPEATS}):", "",
              "| format | --crf | --paste-back | ms per frame | KB per frame | mean error (levels) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {'default' if r['crf'] is None else r['crf']} | {r['paste_back'] or '-'} | "
               f"{r['ms_per_frame']:.1f} | {r['kb_per_frame']:.1f} | {r['mean_error']:.2f} |" for r in rows]
-    write_atomic(args.out / "result_formats.md", ("\n".join(lines) + "\n").encode())
+    save_tables(args.out, "result_formats", report, "\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201 - a script's output
 
 

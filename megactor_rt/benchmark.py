@@ -866,10 +866,16 @@ def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) 
 
 
 def _save(report: dict, out: Path) -> None:
+    save_tables(out, "results", report, markdown(report))
+
+
+def save_tables(out: Path, stem: str, report: dict, text: str) -> None:
+    """A benchmark's results in ``out``: ``stem``.json (``report``) and ``stem``.md (``text``), each written
+    atomically."""
     from megactor_rt.engine.cache import write_atomic
 
-    write_atomic(out / "results.json", json.dumps(report, indent=1).encode())
-    write_atomic(out / "results.md", markdown(report).encode())
+    write_atomic(out / f"{stem}.json", json.dumps(report, indent=1).encode())
+    write_atomic(out / f"{stem}.md", text.encode())
 
 
 def _fmt(x: float | None) -> str:
