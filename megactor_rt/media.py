@@ -43,6 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale, same_file
+from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
 
 logger = logging.getLogger(__name__)
 
@@ -578,9 +579,9 @@ def probe_video(path: PathLike) -> VideoInfo:
         first = _first_frame(container, stream)
         if first is not None and _frame_orientation(path, first).swaps_sides:
             width, height = height, width
-        if first is not None and int(first.color_trc) in _HDR_TRANSFERS:
-            logger.warning("%s is HDR video (%s transfer): it is converted to RGB without tone mapping, so its "
-                           "colours come out flat and dim", path, _HDR_TRANSFERS[int(first.color_trc)])
+        if first is not None and int(first.color_trc) in HDR_TRANSFERS:
+            logger.info("%s is HDR video (%s): its frames are tone-mapped to SDR (BT.709)", path,
+                        HDR_TRANSFERS[int(first.color_trc)])
         start_s = Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base \
             else Fraction(0)
         if first is not None and first.pts is not None and first.time_base is not None:
@@ -853,7 +854,6 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
 # level instead of 2-3 (10-bit white 253 instead of 255) but took 10 instead of 1 ms per 1080p frame here, for
 # every frame of every driver pass; the driver is greyed, and such an error does not show there
 _UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED: a stream without a colour matrix tag
-_HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # AVCOL_TRC_SMPTE2084, AVCOL_TRC_ARIB_STD_B67 (phones record HLG)
 _SMPTE170M, _TV_RANGE = 6, 1  # AVCOL_SPC_SMPTE170M (BT.601), AVCOL_RANGE_MPEG: how results are converted
 HD_MIN_HEIGHT = 720  # untagged streams this tall are decoded as BT.709, as players show them
 
@@ -862,10 +862,17 @@ def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     """A decoded frame as ``(H, W, 3)`` uint8 RGB at the stream's probed ``size`` (width, height): a frame after
     a mid-stream size change (WebRTC recordings) is scaled to it, so every frame has the size the crop was
     planned for. A frame without a colour matrix tag is BT.709 from 720 lines on (what players assume for
-    HD; swscale would take BT.601), tagged ones use their tag."""
+    HD; swscale would take BT.601), tagged ones use their tag. HDR frames (HLG, PQ) are tone-mapped to SDR
+    (:mod:`megactor_rt.hdr`; an untagged matrix is BT.2020's there)."""
     kwargs: dict[str, Any] = {"format": "rgb24"}
     if (frame.width, frame.height) != size:
         kwargs["width"], kwargs["height"] = size
+    transfer = int(frame.color_trc)
+    if transfer in HDR_TRANSFERS:
+        kwargs["format"] = "rgb48le"
+        if int(frame.colorspace) == _UNSPECIFIED:
+            kwargs["src_colorspace"] = Colorspace.BT2020
+        return tone_map(frame.to_ndarray(**kwargs), transfer, int(frame.color_primaries) != BT709_PRIMARIES)
     if int(frame.colorspace) == _UNSPECIFIED and frame.height >= HD_MIN_HEIGHT:
         kwargs["src_colorspace"] = Colorspace.ITU709
     return frame.to_ndarray(**kwargs)

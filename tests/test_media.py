@@ -1635,27 +1635,6 @@ def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
     assert not is_animated_webp(tmp_path / "still.png") and not is_animated_webp(tmp_path / "missing.webp")
 
 
-def test_hdr_video_is_named_in_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """HLG (phones' HDR) and PQ clips are converted without tone mapping; a warning says so (was: silent)."""
-    import logging
-
-    path = tmp_path / "hlg.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width = s.height = 64
-        s.pix_fmt = "yuv420p"
-        s.codec_context.color_trc = 18
-        for i in range(2):
-            f = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 100, np.uint8), format="rgb24").reformat(format="yuv420p")
-            f.color_trc, f.pts = 18, i
-            c.mux(s.encode(f))
-        c.mux(s.encode(None))
-    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
-        probe_video(path)
-        probe_video(DRIVER)
-    assert [r.getMessage().split(" is ")[1][:26] for r in caplog.records] == ["HDR video (HLG transfer): "]
-
-
 def test_a_frame_half_way_between_two_grid_steps_takes_the_later_step(tmp_path: Path) -> None:
     """Halves round up (``floor(x + 1/2)``): a frame at 4.5 grid steps lands on step 5, so the frame before it
     holds steps 3 and 4 (Python's round() would put it on step 4: 0, 1, 2, 3, 4, 4, 5)."""
