@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from megactor_rt.config import AnimateConfig, parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import nearest_folder, same_file
+from megactor_rt.jobs import Job, read_jobs
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
@@ -312,7 +313,7 @@ RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "webm")
 
 
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
-                 fmt: str | None = None) -> list[tuple[Path, Path, Path]]:
+                 fmt: str | None = None) -> list[Job]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file (its suffix
     picks the format; ``fmt``, if given, must agree). More: ``output`` is a folder (created once the weights have
     loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4); names that collide with each other or
@@ -324,7 +325,7 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
             raise InputError(f"{output}: -o names the result file, whose suffix picks its format; --format {fmt} is "
                              f"for a folder of results (several portraits or drivers): name the file "
                              f"{output.with_suffix('.' + fmt).name} instead")
-        return [(portraits[0], drivers[0], output)]
+        return [Job(portraits[0], drivers[0], output)]
     count = f"{len(portraits)} portrait(s) x {len(drivers)} driver(s)"
     if output.suffix.lower() in VIDEO_SUFFIXES or output.suffix.lower() in RESULT_SUFFIXES:
         raise InputError(f"{output}: with {count}, -o names a folder for the results, not a video file")
@@ -334,26 +335,76 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
         twice_given = sorted({str(x) for x in given if sum(same_file(x, y) for y in given) > 1})
         if twice_given:
             raise InputError(f"{', '.join(twice_given)}: the same {what} is given more than once")
-    jobs = [(p, d, output / f"{p.stem}_{d.stem}.{fmt or 'mp4'}") for p in portraits for d in drivers]
-    names = [o.name for _, _, o in jobs]
+    jobs = [Job(p, d, output / f"{p.stem}_{d.stem}.{fmt or 'mp4'}") for p in portraits for d in drivers]
+    names = [job.output.name for job in jobs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"{output}: several jobs would write {', '.join(twice)} (inputs with the same file name "
                          "in different folders); rename them or run them separately")
     inputs = {x.resolve() for x in (*portraits, *drivers)}
-    clash = sorted(str(o) for _, _, o in jobs if o.resolve() in inputs)
+    clash = sorted(str(job.output) for job in jobs if job.output.resolve() in inputs)
     if clash:
         raise InputError(f"{', '.join(clash)}: a result would overwrite an input; choose another -o folder")
     return jobs
 
 
-def _without_existing(jobs: list[tuple[Path, Path, Path]]) -> list[tuple[Path, Path, Path]]:
+def _without_existing(jobs: list[Job]) -> list[Job]:
     """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
     complete, so one that exists is whole); the kept ones are named on stdout, like the written ones."""
-    kept = [output for _, _, output in jobs if output.is_file()]  # (looked at once: in job order)
+    kept = [job.output for job in jobs if job.output.is_file()]  # (looked at once: in job order)
     for output in kept:
         print(f"kept {output}: it exists (--skip-existing)")
-    return [job for job in jobs if job[2] not in kept]
+    return [job for job in jobs if job.output not in kept]
+
+
+_NOT_WITH_JOBS = (("--portrait", "portrait"), ("--driver", "driver"), ("-o", "output"), ("--format", "format"),
+                  ("--mask", "mask"))
+
+
+def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
+    """``--jobs FILE``'s jobs (:mod:`megactor_rt.jobs`), each checked as a single run's flags are before the weights
+    load: its inputs exist (the sound file with its sound), its result can be written (its folder, or the nearest
+    one that exists, writable: missing folders are created after the weights load) and overwrites no input of any
+    job, its run settings are valid.
+
+    Raises:
+        InputError: naming the jobs file and line.
+    """
+    from megactor_rt.media import RESULT_SUFFIXES, check_output_path, check_sound, require_file
+
+    given = [flag for flag, name in _NOT_WITH_JOBS if getattr(args, name) is not None]
+    if given:
+        raise InputError(f"{args.jobs}: the jobs file names each job's portrait, driver, output and mask; "
+                         f"{', '.join(given)} cannot be given with --jobs")
+    jobs = read_jobs(args.jobs, config)
+    inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
+                                                    job.options.get("audio"), args.audio)
+              if isinstance(p, Path) and p.exists()}
+    for job in jobs:
+        options = _result_options(args) | job.options
+        try:
+            for path, what in ((job.portrait, "portrait"), (job.driver, "driver"), (options["mask"], "mask")):
+                if path is not None:
+                    require_file(Path(path), what)
+            check_sound(options["audio"], options["audio_start"])
+            if args.no_face_crop and (job.options.keys() & {"face", "driver_face"}):
+                raise InputError("portrait_face and driver_face choose where the face crop centres; they cannot be "
+                                 "used with --no-face-crop, whose crop is the centre square")
+            if job.output.suffix.lower() not in RESULT_SUFFIXES:
+                raise InputError(f"{job.output}: unsupported output format {job.output.suffix!r}; use one of "
+                                 f"{', '.join(RESULT_SUFFIXES)}")
+            if job.output.parent.is_dir():
+                check_output_path(job.output)
+            elif not os.access(nearest_folder(job.output.parent), os.W_OK | os.X_OK):
+                raise InputError(f"{job.output}: its folder cannot be created ({nearest_folder(job.output.parent)} "
+                                 "is not writable)")
+            if job.output.resolve() in inputs:
+                raise InputError(f"{job.output}: the result would overwrite an input of this run (of this job or "
+                                 "another); choose another output")
+            _check_quality(job.output, args.crf)
+        except InputError as exc:
+            raise InputError(f"{job.where}: {exc}") from None
+    return jobs
 
 
 def _results_folder(folder: Path) -> None:
@@ -445,19 +496,33 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    if args.mask is not None and len(args.portrait) > 1:
-        raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with {len(args.portrait)}")
     if args.torch_fallback and args.fallback != "torch":
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
                          f"too; it cannot be combined with --fallback {args.fallback}")
-    jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
-    batch = len(jobs) > 1
-    record = StatsFile(args.stats, "animate", [o for _, _, o in jobs],
-                       [*args.portrait, *args.driver, args.mask, args.audio], _stats_options(args))
-    _check_files(args.portrait, args.driver, None if batch else jobs[0][2], args.mask, args.audio, args.audio_start)
-    _check_quality(jobs[0][2], args.crf)  # a batch's results share their format
+    if args.jobs is not None:
+        config = _run_config(args)
+        jobs, batch = file_jobs(args, config), True
+        inputs: list[Path | None] = [p for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"))]
+    else:
+        missing = [flag for flag, name in _NOT_WITH_JOBS[:3] if getattr(args, name) is None]
+        if missing:
+            raise InputError(f"animate needs {', '.join(missing)} (or --jobs FILE: a CSV file of the pairs to "
+                             "animate)")
+        if args.mask is not None and len(args.portrait) > 1:
+            raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with "
+                             f"{len(args.portrait)}")
+        jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
+        batch = len(jobs) > 1
+        inputs = [*args.portrait, *args.driver, args.mask]
+    record = StatsFile(args.stats, "animate", [job.output for job in jobs], [*inputs, args.audio],
+                       _stats_options(args))
+    if args.jobs is None:
+        _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
+                     args.audio_start)
+        _check_quality(jobs[0].output, args.crf)  # a batch's results share their format
     check_converted_folder(args.weights)
-    config = _run_config(args)
+    if args.jobs is None:
+        config = _run_config(args)
     _note_ignored_options(args, config)
     if args.skip_existing:
         jobs = _without_existing(jobs)
@@ -466,7 +531,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
-        _check_result_rate(jobs[0][1], jobs[0][2], config)
+        _check_result_rate(jobs[0].driver, jobs[0].output, config)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -474,11 +539,14 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  cuda_graphs=args.cuda_graphs, image_size=args.size)
     _check_run(anim)
     if batch:
-        _results_folder(args.output)
+        for folder in dict.fromkeys(job.output.parent for job in jobs):
+            _results_folder(folder)
     failed: list[str] = []
-    for portrait, driver, output in jobs:  # one process: weights, compiled graphs and prepared portraits reused
+    for job in jobs:  # one process: weights, compiled graphs and prepared portraits reused
+        portrait, driver, output = job.portrait, job.driver, job.output
         try:
-            stats = anim.animate_to_file(portrait, driver, output, **_result_options(args))
+            stats = anim.animate_to_file(portrait, driver, output, **(_result_options(args) | job.options),
+                                         config=job.run_config(config))
         except MegactorError as exc:
             if not batch:
                 raise
@@ -653,10 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
-    a.add_argument("--portrait", required=True, type=Path, nargs="+",
+    a.add_argument("--portrait", type=Path, nargs="+",
                    help="portrait image, or a video (its first frame); several: each one with every driver")
-    a.add_argument("--driver", required=True, type=Path, nargs="+", help="driving video(s)")
-    a.add_argument("-o", "--output", required=True, type=Path,
+    a.add_argument("--driver", type=Path, nargs="+", help="driving video(s)")
+    a.add_argument("-o", "--output", type=Path,
                    help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9) or .gif (no sound, at most 50 "
                         "fps); with several portraits or drivers a folder (created) that receives "
                         "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
@@ -664,6 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "still run")
     a.add_argument("--format", choices=RESULT_FORMATS, default=None,
                    help="the results' format when -o is a folder (default: mp4)")
+    a.add_argument("--jobs", type=Path, default=None, metavar="FILE",
+                   help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
+                        "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "
+                        "portrait_face, driver_face, start, duration (empty: the flag's value); relative paths are "
+                        "relative to the file's folder; all in one process, as a batch")
     a.add_argument("--skip-existing", action="store_true",
                    help="keep results that exist already and do not redo their pairs (a batch run again after a "
                         "failure or an interruption does the rest; a result exists only once it is complete; kept "

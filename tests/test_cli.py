@@ -251,7 +251,7 @@ def test_failed_run_keeps_previous_output(weights: Path, media: dict[str, Path],
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """One line, as the other clear errors (was: argparse's usage block above the message)."""
-    for argv, needle in ((["animate", "--portrait", "p.png"], "required: --driver"),
+    for argv, needle in ((["animate", "--portrait", "p.png"], "required: --weights"),
                          (["demo", "--steps", "0"], "argument --steps: 0 is not >= 1")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
@@ -575,6 +575,67 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     monkeypatch.undo()
     code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common)
     assert code == 0 and kept.stat().st_mtime > 1e9, err
+
+
+def test_a_jobs_file_runs_its_pairs_with_their_own_options(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """--jobs: each row's pair into its own result (folders created, formats by suffix), with its own start and
+    sound; a failed row is reported and the others still run (exit 2); a row's frames equal a single run's with
+    the same flags; --skip-existing keeps what a jobs file wrote."""
+    shutil.copy(media["driver"], tmp_path / "clip.mp4")
+    shutil.copy(media["portrait"], tmp_path / "face.png")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,start,audio\n"
+                    "face.png,clip.mp4,out/late.mp4,0.08,\n"
+                    f"face.png,{media['faceless_driver']},out/none.mp4,,\n"
+                    "face.png,clip.mp4,other/quiet.webm,,none\n")
+    common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2)
+    code, stdout, err = run(capsys, "animate", "--jobs", jobs, *common, "--stats", tmp_path / "stats.json")
+    assert code == 2
+    assert "error: face.png + faceless_driver.mp4 -> none.mp4: " in err and "1 of 3 results not written" in err
+    late, quiet = tmp_path / "out" / "late.mp4", tmp_path / "other" / "quiet.webm"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["late.mp4"] and quiet.is_file()
+    assert stream_facts(late) == (2, Fraction(25), True) and stream_facts(quiet) == (2, Fraction(25), False)
+    runs = json.loads((tmp_path / "stats.json").read_text())["runs"]
+    assert [Path(r["output"]).name for r in runs] == ["late.mp4", "none.mp4", "quiet.webm"]
+    single = tmp_path / "single.mp4"
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], "-o", single,
+                       "--start", "0.08", *common)
+    assert code == 0, err
+    a, b = frames_of(late), frames_of(single)
+    assert len(a) == len(b) == 2 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], frames_of(quiet.with_suffix(".webm"))[0])  # from the clip's start instead
+    os.utime(late, (1e9, 1e9))
+    code, stdout, err = run(capsys, "animate", "--jobs", jobs, *common, "--skip-existing")
+    assert code == 2 and f"kept {late}" in stdout and f"kept {quiet}" in stdout and late.stat().st_mtime == 1e9
+
+
+@pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf"])
+def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path, media: dict[str, Path],
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row's inputs, result and settings are checked first (the error names the file and line); --jobs
+    replaces --portrait, --driver and -o, and without it they are needed."""
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Animator, "from_weights", load)
+    jobs = tmp_path / "jobs.csv"
+    rows = {"missing-portrait": f"{media['portrait']},{media['driver']},a.mp4\nnobody.png,{media['driver']},b.mp4\n",
+            "result-over-input": f"{media['portrait']},{media['driver']},a.mp4\n{media['portrait']},"
+                                 f"{media['faceless_driver']},{media['driver']}\n",  # row 1's driver
+            "bad-crf": f"{media['portrait']},{media['driver']},a.mp4\n{media['portrait']},{media['driver']},b.gif\n"}
+    jobs.write_text("portrait,driver,output\n" + rows.get(case, rows["missing-portrait"]))
+    flags = {"with-portrait": ("--jobs", jobs, "--portrait", media["portrait"]), "nothing": (),
+             "bad-crf": ("--jobs", jobs, "--crf", 20)}.get(case, ("--jobs", jobs))
+    code, _, err = run(capsys, "animate", *flags, "--weights", weights, "--device", "cpu")
+    expected = {"missing-portrait": f"{jobs}:3: .*nobody.png.*portrait",
+                "result-over-input": f"{jobs}:3: .*my_driver.mp4: the result would overwrite an input",
+                "with-portrait": "--portrait cannot be given with --jobs",
+                "nothing": "animate needs --portrait, --driver, -o .or --jobs FILE",
+                "bad-crf": f"{jobs}:3: .*b.gif"}[case]
+    assert code == 2 and re.search(expected, err), err
+    assert "Traceback" not in err and not list(tmp_path.glob("*.mp4"))
 
 
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,

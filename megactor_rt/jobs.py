@@ -1,0 +1,139 @@
+"""Jobs files (``megactor-rt animate --jobs FILE``): chosen portrait/driver pairs in one process.
+
+``--portrait A B --driver X Y`` animates every portrait with every driver. A jobs file names the pairs
+instead, each with its own result and, where wanted, its own mask, sound, faces and part of the driver. It is
+CSV (comma-separated, as spreadsheets save it) with a header row naming its columns:
+
+    portrait,driver,output,start,duration
+    alice.jpg,speech.mp4,out/alice_speech.mp4,,
+    bob.png,song.mov,out/bob_song.webm,0:42,15
+
+Columns (any order; the first three are required): ``portrait``, ``driver``, ``output`` (its suffix picks the
+format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_start``, ``portrait_face``,
+``driver_face``, ``start``, ``duration``, which mean what the ``animate`` flags of the same name mean (with
+``-`` for ``_``). An empty cell takes the flag's value (or its default). Relative paths are relative to the
+jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from megactor_rt.config import AnimateConfig, time_seconds
+from megactor_rt.errors import InputError
+
+REQUIRED = ("portrait", "driver", "output")
+PATH_COLUMNS = ("mask", "audio")
+FACE_COLUMNS = {"portrait_face": "face", "driver_face": "driver_face"}  # column -> animate_to_file keyword
+CONFIG_COLUMNS = ("start", "duration")  # AnimateConfig fields
+COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS)
+NO_SOUND = "none"
+
+
+@dataclass
+class Job:
+    """One result to make: ``options`` are ``animate_to_file`` keyword arguments and ``config`` changes to the
+    run's :class:`~megactor_rt.config.AnimateConfig` that this job sets; ``where`` names its line for errors."""
+
+    portrait: Path
+    driver: Path
+    output: Path
+    options: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+    def run_config(self, base: AnimateConfig) -> AnimateConfig:
+        """``base`` with this job's changes."""
+        return replace(base, **self.config) if self.config else base
+
+
+def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
+    """The jobs in ``path`` (see the module doc), each checked against ``base`` (its start and duration make a
+    valid run config).
+
+    Raises:
+        InputError: naming the file and line: unreadable file, no header or rows, a missing or unknown column, a
+            row with another number of cells than the header, a face number or time that is not one, two jobs
+            writing the same result.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a BOM: spreadsheets' "CSV UTF-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: jobs file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: --jobs names a CSV file, and this is a folder") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the jobs file ({exc})") from exc
+    rows = [(n, cells) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not
+            line.lstrip().startswith("#") for cells in csv.reader([line], skipinitialspace=True)]
+    if not rows:
+        raise InputError(f"{path}: the jobs file is empty (a header row, then one row per result: "
+                         f"{','.join(REQUIRED)})")
+    head_line, header = rows[0]
+    names = [c.strip().lower().replace("-", "_") for c in header]
+    unknown = [c for c in names if c not in COLUMNS]
+    if unknown:
+        raise InputError(f"{path}:{head_line}: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "
+                         f"{', '.join(COLUMNS)} (the first row names them)")
+    missing = [c for c in REQUIRED if c not in names]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if missing or twice:
+        problem = f"no {', '.join(missing)} column" if missing else f"column(s) {', '.join(twice)} given twice"
+        raise InputError(f"{path}:{head_line}: {problem} (the first row names the columns: {','.join(REQUIRED)}, ...)")
+    folder = path.parent
+    jobs = [_job(path, n, dict(zip(names, cells, strict=False)), len(cells), len(names), folder, base)
+            for n, cells in rows[1:]]
+    if not jobs:
+        raise InputError(f"{path}: no jobs (only the header row)")
+    seen: dict[Path, str] = {}
+    for job in jobs:
+        key = job.output.absolute()
+        if key in seen:
+            raise InputError(f"{job.where}: writes {job.output}, as {seen[key]} does; each job needs its own output")
+        seen[key] = job.where
+    return jobs
+
+
+def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int, folder: Path,
+         base: AnimateConfig) -> Job:
+    where = f"{path}:{line}"
+    if count != expected:
+        raise InputError(f"{where}: {count} cell(s), the header has {expected} (a comma inside a path needs the "
+                         "path in double quotes)")
+    value = {k: v.strip() for k, v in cells.items() if v.strip()}
+    for column in REQUIRED:
+        if column not in value:
+            raise InputError(f"{where}: no {column} given")
+
+    def resolve(text: str) -> Path:
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else folder / p
+
+    job = Job(resolve(value["portrait"]), resolve(value["driver"]), resolve(value["output"]), where=where)
+    if "mask" in value:
+        job.options["mask"] = resolve(value["mask"])
+    if "audio" in value:
+        job.options["audio"] = False if value["audio"].lower() == NO_SOUND else resolve(value["audio"])
+    for column, keyword in FACE_COLUMNS.items():
+        if column in value:
+            try:
+                number = int(value[column])
+            except ValueError:
+                number = 0
+            if number < 1:
+                raise InputError(f"{where}: {column} must be a face number from 1 (the leftmost), got "
+                                 f"{value[column]!r}")
+            job.options[keyword] = number
+    try:
+        if "audio_start" in value:
+            job.options["audio_start"] = time_seconds("audio_start", value["audio_start"])
+        for column in CONFIG_COLUMNS:
+            if column in value:
+                job.config[column] = time_seconds(column, value[column])
+        job.run_config(base)  # a start/duration the run config refuses
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return job

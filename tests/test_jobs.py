@@ -1,0 +1,74 @@
+"""Jobs files (``animate --jobs FILE``): parsing and every malformed-file case (named by file and line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megactor_rt.config import AnimateConfig
+from megactor_rt.errors import InputError
+from megactor_rt.jobs import read_jobs
+
+BASE = AnimateConfig()
+
+
+def _jobs_file(tmp_path: Path, text: str, name: str = "jobs.csv", encoding: str = "utf-8") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding=encoding)
+    return path
+
+
+def test_rows_become_jobs_with_their_own_options(tmp_path: Path) -> None:
+    """Columns in any order and case, spaces after commas, a spreadsheet's BOM, comments and blank lines; relative
+    paths from the file's folder, absolute ones kept; empty cells set nothing; times as seconds or M:SS."""
+    path = _jobs_file(tmp_path, "\ufeffDriver, Portrait ,output,start,duration,portrait_face,driver-face,mask,audio,"
+                                "audio_start\n"
+                                "# the first pair\n"
+                                "\n"
+                                "d1.mp4, a.png, out/a_d1.mp4,,,,,,,\n"
+                                f"{tmp_path}/d2.mov,sub/b.jpg,b.webm,0:42,15,2,1,b_mask.png,none,\n"
+                                '"d,3.mp4",c.png,c.gif,,,,,,song.mp3,1:05.5\n')
+    jobs = read_jobs(path, BASE)
+    assert [(j.portrait, j.driver, j.output) for j in jobs] == [
+        (tmp_path / "a.png", tmp_path / "d1.mp4", tmp_path / "out" / "a_d1.mp4"),
+        (tmp_path / "sub" / "b.jpg", tmp_path / "d2.mov", tmp_path / "b.webm"),
+        (tmp_path / "c.png", tmp_path / "d,3.mp4", tmp_path / "c.gif")]
+    assert [j.options for j in jobs] == [{}, {"mask": tmp_path / "b_mask.png", "audio": False, "face": 2,
+                                               "driver_face": 1},
+                                         {"audio": tmp_path / "song.mp3", "audio_start": 65.5}]
+    assert [j.config for j in jobs] == [{}, {"start": 42.0, "duration": 15.0}, {}]
+    assert jobs[1].run_config(BASE) == AnimateConfig(start=42, duration=15) and jobs[0].run_config(BASE) is BASE
+    assert [j.where for j in jobs] == [f"{path}:4", f"{path}:5", f"{path}:6"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "the jobs file is empty"),
+    ("# only a comment\n\n", "the jobs file is empty"),
+    ("portrait,driver,output\n", r"no jobs \(only the header row\)"),
+    ("portrait,driver\np.png,d.mp4\n", r"jobs.csv:1: no output column"),
+    ("portrait,driver,output,speed\np,d,o.mp4,2\n", r"jobs.csv:1: unknown column\(s\) 'speed'; the columns are"),
+    ("portrait,driver,output,output\np,d,o.mp4,x.mp4\n", "jobs.csv:1: column.s. output given twice"),
+    ("portrait,driver,output\np.png,d,3.mp4,o.mp4\n", "jobs.csv:2: 4 cell.s., the header has 3 .a comma inside a path"),
+    ("portrait,driver,output\n\np.png,,o.mp4\n", "jobs.csv:3: no driver given"),
+    ("portrait,driver,output,portrait_face\np,d,o.mp4,0\n", "jobs.csv:2: portrait_face must be a face number from 1"),
+    ("portrait,driver,output,driver_face\np,d,o.mp4,left\n", "jobs.csv:2: driver_face must be a face number"),
+    ("portrait,driver,output,start\np,d,o.mp4,soon\n", "jobs.csv:2: start: "),
+    ("portrait,driver,output,duration\np,d,o.mp4,0\n", "jobs.csv:2: duration must be a finite number > 0"),
+    ("portrait,driver,output,audio_start\np,d,o.mp4,1:xx\n", "jobs.csv:2: audio_start: "),
+    ("portrait,driver,output\np,d,o.mp4\nq,e,./o.mp4\n", r"jobs.csv:3: writes .*o.mp4, as .*jobs.csv:2 does"),
+], ids=["empty", "comments-only", "header-only", "no-output-column", "unknown-column", "column-twice",
+        "unquoted-comma", "empty-required-cell", "face-zero", "face-word", "bad-start", "zero-duration",
+        "bad-audio-start", "same-output-twice"])
+def test_a_malformed_jobs_file_is_named_by_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        read_jobs(_jobs_file(tmp_path, text), BASE)
+
+
+def test_an_unreadable_jobs_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="jobs file not found"):
+        read_jobs(tmp_path / "missing.csv", BASE)
+    with pytest.raises(InputError, match="names a CSV file, and this is a folder"):
+        read_jobs(tmp_path, BASE)
+    with pytest.raises(InputError, match="cannot read the jobs file"):
+        read_jobs(_jobs_file(tmp_path, "portrait,driver,output\n\xe9,d,o.mp4\n", encoding="latin-1"), BASE)
