@@ -495,6 +495,31 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
                        "--mode reference" if args.mode != "optimized" else "--no-wrap")
 
 
+def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -> int:
+    """``--dry-run``: each job's portrait crop and driver plan (:mod:`megactor_rt.runtime.preflight`), without
+    loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``)."""
+    from megactor_rt.runtime.animator import run_image_size
+    from megactor_rt.runtime.preflight import preflight
+
+    size = run_image_size(args.weights, args.backend, args.size)
+    failed = 0
+    for job in jobs:
+        options = _result_options(args) | job.options
+        try:
+            found = preflight(job.portrait, job.driver, job.output, image_size=size, config=job.run_config(config),
+                              face_crop=not args.no_face_crop, face=options["face"],
+                              driver_face=options["driver_face"], mask=options["mask"])
+        except MegactorError as exc:
+            print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"ok {job.output}: {found.summary()}")
+    if failed:
+        print(f"error: {failed} of {len(jobs)} results would not be written (--dry-run: nothing was)", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_animate(args: argparse.Namespace) -> int:
     if args.torch_fallback and args.fallback != "torch":
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
@@ -528,6 +553,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         jobs = _without_existing(jobs)
         if not jobs:
             return 0
+    if args.dry_run:
+        return _dry_run(args, jobs, config)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
@@ -732,6 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "still run")
     a.add_argument("--format", choices=RESULT_FORMATS, default=None,
                    help="the results' format when -o is a folder (default: mp4)")
+    a.add_argument("--dry-run", action="store_true",
+                   help="check every result's inputs and find the faces (each portrait's crop, each driver's frames "
+                        "and crop) without loading the weights or writing anything: a line per result, exit code 2 "
+                        "if any would fail (contour mode's landmarks are not checked)")
     a.add_argument("--jobs", type=Path, default=None, metavar="FILE",
                    help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
                         "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "

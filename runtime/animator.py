@@ -868,6 +868,17 @@ def _check_image_size(cfg: ModelConfig, image_size: int) -> None:
                          f"{MAX_IMAGE_SIZE} (the weights' own size is {cfg.image_size})")
 
 
+def run_image_size(weights_dir: str | Path, backend: str = "torch", image_size: int | None = None) -> int:
+    """The crop side a run of these converted weights takes, read from their config without loading them:
+    ``image_size`` (checked as :meth:`Animator.from_weights` checks it) or the weights' own."""
+    _check_image_size_backend(backend, image_size)
+    cfg = converted_config(weights_dir)[0]
+    if image_size is None:
+        return cfg.image_size
+    _check_image_size(cfg, image_size)
+    return image_size
+
+
 def _resized(models: MegActorModels, image_size: int | None) -> MegActorModels:
     """``models`` set to crop and animate at ``image_size`` (None: the weights' own; see :func:`_check_image_size`)."""
     if image_size is None:

@@ -260,6 +260,7 @@ class DriverPlan:
     face_fraction: float | None = None  # pass 1's median face side / the crop's side (None: no face crop)
     follow: tuple[int, Box] | None = None  # a clip of several people: where pass 1 began to follow one face, and it
     detector: str = "hog"  # the face detector that found the faces (pass 2 uses it too): "hog" or "cnn"
+    with_face: int | None = None  # the frames pass 1 found a face in (None: no face crop)
 
     @property
     def name(self) -> str:
@@ -375,7 +376,8 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
                     "followed instead" if track.reacquired else "")
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
-    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used)
+    with_face = sum(b is not None for b in boxes) if face_crop else None
+    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used, with_face)
 
 
 def face_track(plan: DriverPlan, size: int) -> FaceTrack:

@@ -638,6 +638,44 @@ def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path
     assert "Traceback" not in err and not list(tmp_path.glob("*.mp4"))
 
 
+def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dry-run: each result's portrait crop and driver plan, a line each, without loading the weights or writing
+    anything; a faceless portrait or driver, or a start past the driver's end, is named (exit 2). Its frame count
+    and crop are the real run's."""
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,start\n"
+                    f"{media['portrait']},{media['driver']},out/good.mp4,0.08\n"
+                    f"{media['faceless_portrait']},{media['driver']},out/no_face.mp4,\n"
+                    f"{media['portrait']},{media['faceless_driver']},out/no_driver_face.mp4,\n"
+                    f"{media['portrait']},{media['driver']},out/late.mp4,9\n")
+    with monkeypatch.context() as m:
+        m.setattr(Animator, "from_weights", load)
+        code, stdout, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--dry-run")
+    assert code == 2 and "Traceback" not in err
+    [line] = stdout.splitlines()
+    found = re.fullmatch(rf"ok {re.escape(str(tmp_path / 'out' / 'good.mp4'))}: portrait 256x256, face \d+x\d+ px, "
+                         r"crop (\d+) px; driver 192x192, 4 frames at 25 fps, a face in 4 of them, crop (\d+) px; "
+                         r"1 window\(s\) x 25 steps", line)
+    assert found, line
+    for name, problem in (("no_face.mp4", "no face found"), ("no_driver_face.mp4", "no face found"),
+                          ("late.mp4", "no frame starts at or after 9.0 s")):
+        assert re.search(rf"error: \S+ \+ \S+ -> {name}: .*{problem}", err), err
+    assert "3 of 4 results would not be written (--dry-run: nothing was)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv"]  # no result, no folder
+    anim = Animator.from_weights(weights, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, start=0.08))
+    anim.animate_to_file(media["portrait"], media["driver"], tmp_path / "real.mp4", audio=False)
+    plan = anim.last_plan
+    assert plan is not None and plan.num_frames == len(frames_of(tmp_path / "real.mp4")) == 4
+    assert int(found[2]) == plan.crop[2] - plan.crop[0]
+    crop = anim._portrait_crop(media["portrait"], True, None, "auto")[2]  # the run's portrait crop
+    assert int(found[1]) == crop[2] - crop[0]
+
+
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """--format webm names a batch's results .webm (VP9, the driver's AAC audio as Opus); -o NAME.gif writes a GIF
