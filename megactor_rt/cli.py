@@ -151,6 +151,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--crf", type=_count, default=None, metavar="N",
                    help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
                         "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF")
+    p.add_argument("--no-metadata", action="store_true",
+                   help="do not write the run's settings into the result (by default JSON in its comment tag: "
+                        "version, portrait and driver file names, weights id, every setting; ffprobe shows it)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--side-by-side", action="store_true",
                        help="the result shows the driver's crop (as the model sees it, before the face isolation), "
@@ -452,7 +455,8 @@ def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
             "mask": None if args.mask is None else str(args.mask),
             "audio": str(args.audio) if args.audio is not None else not args.no_audio, "audio_start": args.audio_start,
             "contour": args.contour, "contour_affine_frame": args.contour_affine_frame,
-            "side_by_side": args.side_by_side, "paste_back": args.paste_back, "crf": args.crf}
+            "side_by_side": args.side_by_side, "paste_back": args.paste_back, "crf": args.crf,
+            "metadata": not args.no_metadata}
 
 
 def _result_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -463,7 +467,7 @@ def _result_options(args: argparse.Namespace) -> dict[str, Any]:
             "contour": args.contour, "landmarks_model": args.landmarks_model,
             "contour_affine_frame": args.contour_affine_frame, "side_by_side": args.side_by_side,
             "face": args.portrait_face, "driver_face": args.driver_face, "paste_back": args.paste_back,
-            "crf": args.crf}
+            "crf": args.crf, "metadata": not args.no_metadata}
 
 
 def _flags_apply(flags: list[str]) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -1043,6 +1043,28 @@ def _check_complete(path: Path, announced: int, decoded: int, strict: bool, usab
 # ---------------------------------------------------------------------------------------------- encoding
 
 
+RESULT_TAG = "comment"  # the container tag that holds a result's settings (MP4/MOV ©cmt, Matroska COMMENT)
+
+
+def result_settings(path: PathLike) -> dict[str, Any] | None:
+    """The settings a result was made with (``animate_to_file`` writes them as JSON into the container's
+    comment tag), or None where the file has none (a GIF, ``metadata=False``, another program's video).
+
+    Raises:
+        InputError: missing or unreadable file.
+    """
+    import json
+
+    path = Path(path)
+    with _open_input(path) as container:
+        tags = {k.lower(): v for k, v in container.metadata.items()}
+    try:
+        doc = json.loads(tags.get(RESULT_TAG, ""))
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and "megactor_rt" in doc else None
+
+
 def check_output_path(path: PathLike) -> Path:
     """Check, before any work, that a result video can be written to ``path``.
 
@@ -1237,7 +1259,7 @@ class VideoWriter:
 
     def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
                  audio_source: PathLike | None = None, crf: int | None = None, audio_offset: Fraction = Fraction(0),
-                 video_start: Fraction = Fraction(0)) -> None:
+                 video_start: Fraction = Fraction(0), metadata: Mapping[str, str] | None = None) -> None:
         """Open the temporary output and set up streams.
 
         Args:
@@ -1256,6 +1278,7 @@ class VideoWriter:
                 there on is carried over (copied audio starts at the first whole packet from there, at most one
                 packet late: about 20-30 ms at 44.1-48 kHz, longer at low sample rates; transcoded audio
                 starts at the exact sample).
+            metadata: container tags (e.g. ``{"comment": ...}``; a GIF holds none: left out).
 
         Raises:
             InputError: the destination is unwritable, ``audio_source`` is unreadable, a GIF above
@@ -1295,7 +1318,7 @@ class VideoWriter:
             self._open_audio_source(Path(audio_source))
         self._tmp = self.path.with_name(f"{_tmp_prefix(self.path)}{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
         try:
-            self._setup_output(crf)
+            self._setup_output(crf, metadata or {})
         except BaseException:
             self._discard()
             raise
@@ -1311,9 +1334,11 @@ class VideoWriter:
         self._audio_in, self._audio_in_stream = container, container.streams.audio[0]
         self._audio_path = source
 
-    def _setup_output(self, crf: int | None) -> None:
+    def _setup_output(self, crf: int | None, metadata: Mapping[str, str]) -> None:
         options = {"movflags": "+faststart"} if self._suffix in (".mp4", ".m4v", ".mov") else {}
         self._out = av.open(str(self._tmp), mode="w", container_options=options)
+        if not self._gif:
+            self._out.metadata.update(metadata)
         encoder = _encoder_for(self._suffix)
         stream = cast(av.video.stream.VideoStream, self._out.add_stream(encoder, rate=self.fps))
         stream.width, stream.height = self.width, self.height

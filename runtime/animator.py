@@ -28,6 +28,7 @@ from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, che
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
+    RESULT_TAG,
     VideoWriter,
     check_not_an_input,
     check_output_path,
@@ -62,6 +63,7 @@ from megactor_rt.runtime.driver import (
     FrameSelection,
     cropped_frames,
     driver_info,
+    driver_name,
     driver_source,
     iter_driver_inputs,
     plan_driver,
@@ -740,7 +742,7 @@ class Animator:
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                         side_by_side: bool = False, face: int | None = None,
                         driver_face: int | None = None, paste_back: bool = False, crf: int | None = None,
-                        audio_start: float | str | None = None) -> RunStats:
+                        audio_start: float | str | None = None, metadata: bool = True) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -759,7 +761,10 @@ class Animator:
         back into the whole portrait where its crop came from, fading into it at the crop's inner edges (the
         portrait scaled so its crop is the result's size where it is larger: :class:`~megactor_rt.preprocess.
         PasteBack`); not with ``side_by_side``. ``crf``: the result's constant quality, lower is better and larger
-        (H.264: 0-51, default 18; VP9: 0-63, default 24; a GIF takes none).
+        (H.264: 0-51, default 18; VP9: 0-63, default 24; a GIF takes none). ``metadata``: write the run's
+        settings into the result (JSON in the container's comment tag: the megactor-rt version, the portrait's
+        and driver's file names, :meth:`run_settings` and these options; read back by
+        :func:`~megactor_rt.media.result_settings`; a GIF holds none); False: none.
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
@@ -802,7 +807,12 @@ class Animator:
             sound_args = {"audio_source": info.path if audio and info.has_audio else None,
                           "audio_offset": sel.start_s, "video_start": info.start_s}
         width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
-        with VideoWriter(out, sel.fps, width, height, crf=crf, **sound_args) as w:
+        tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, {
+            "face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": _name(mask),
+            "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
+            "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
+            "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
+        with VideoWriter(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
                                   config=config, driver_face=driver_face)
@@ -815,6 +825,18 @@ class Animator:
                 w.write(paste(frame) if paste else frame)
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats
+
+    def _settings_tag(self, portrait: object, driver: object, cfg: AnimateConfig, options: dict[str, Any]) -> str:
+        """The JSON that ``animate_to_file(metadata=True)`` writes into a result (file names only: no folders)."""
+        import json
+
+        from megactor_rt import __version__
+
+        settings = self.run_settings(cfg)
+        del settings["device_name"]  # (the device stays: cpu, cuda)
+        doc = {"megactor_rt": __version__, "portrait": _name(portrait) or "in memory",
+               "driver": _name(driver) or driver_name(driver_source(driver)), **settings, "options": options}
+        return json.dumps(doc, separators=(",", ":"), default=str)
 
     def _beside_inputs(self, results: Iterator[np.ndarray], state: PortraitState, size: int
                        ) -> Iterator[np.ndarray]:
@@ -847,6 +869,11 @@ class Animator:
 
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 128, 1024  # the sizes image_size (--size) takes
+
+
+def _name(path: object) -> str | None:
+    """A file's name without its folders (None for anything that is no path)."""
+    return Path(path).name if isinstance(path, (str, os.PathLike)) else None
 
 
 def _check_image_size_backend(backend: str, image_size: int | None) -> None:

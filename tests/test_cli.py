@@ -676,6 +676,43 @@ def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: di
     assert int(found[1]) == crop[2] - crop[0]
 
 
+def test_a_result_carries_its_settings(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Every setting of the run, the weights id and the inputs' file names (not their folders) are in the result's
+    comment tag, in MP4 and WebM alike; --no-metadata leaves them out, and a GIF has no place for them."""
+    from megactor_rt import __version__
+    from megactor_rt.media import result_settings
+
+    common = ("--portrait", media["portrait"], "--driver", media["driver"], "--weights", weights, "--device", "cpu",
+              *FAST, "--max-frames", 2, "--seed", 7)
+    for suffix in ("mp4", "webm"):
+        out = tmp_path / f"r.{suffix}"
+        code, _, err = run(capsys, "animate", *common, "-o", out, "--crf", 20, "--driver-face", 1)
+        assert code == 0, err
+        doc = result_settings(out)
+        assert doc is not None
+        assert (doc["megactor_rt"], doc["portrait"], doc["driver"]) == (__version__, "my_face.png", "my_driver.mp4")
+        assert (doc["config"]["seed"], doc["config"]["steps"], doc["config"]["window"]) == (7, 2, 4)
+        assert doc["config"]["max_frames"] == 2 and doc["backend"] == "torch" and doc["image_size"] == 128
+        assert doc["options"] | {"crf": 20, "driver_face": 1, "audio": True} == doc["options"]
+        assert doc["weights_id"] == Animator.from_weights(weights, device="cpu").sub.weights_id
+        with av.open(str(out)) as c:
+            assert str(tmp_path) not in json.dumps(dict(c.metadata))
+    for flags, name in ((("--no-metadata",), "bare.mp4"), ((), "r.gif")):
+        code, _, err = run(capsys, "animate", *common, "-o", tmp_path / name, *flags)
+        assert code == 0, err
+        assert result_settings(tmp_path / name) is None
+    assert result_settings(media["driver"]) is None  # another program's video
+    from megactor_rt.runtime.driver import DriverFrames
+
+    anim = Animator.from_weights(weights, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2,
+                                                                             max_frames=2))
+    anim.animate_to_file(read_image(media["portrait"]), DriverFrames(frames_of(media["driver"]), 25, "clip"),
+                         tmp_path / "api.mkv")
+    doc = result_settings(tmp_path / "api.mkv")
+    assert doc is not None and (doc["portrait"], doc["driver"], doc["options"]["audio"]) == ("in memory", "clip", True)
+
+
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """--format webm names a batch's results .webm (VP9, the driver's AAC audio as Opus); -o NAME.gif writes a GIF
