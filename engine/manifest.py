@@ -95,6 +95,7 @@ class GraphEntry:
     profiles: dict[str, dict[str, ProfileShapes]]
     root: Path = field(default=Path("."), compare=False)
     weights_id: str | None = None  # the converted weights the graph was exported from (None: not recorded)
+    image_size: int | None = None  # the portrait crop side the graph takes (None: not recorded, the weights' own)
 
     @property
     def path(self) -> Path:
@@ -119,6 +120,14 @@ class Manifest:
     @property
     def root(self) -> Path:
         return self.path.parent
+
+    def image_sizes(self, default: int) -> dict[int, list[str]]:
+        """Image size -> the graphs exported at it (``default``, the weights' own size, where an entry does not
+        record one: exports before ``export --size``)."""
+        sizes: dict[int, list[str]] = {}
+        for name, g in sorted(self.graphs.items()):
+            sizes.setdefault(g.image_size or default, []).append(name)
+        return sizes
 
     def for_submodel(self, submodel: str, precision: str | None = None) -> list[GraphEntry]:
         """Graphs exported for ``submodel`` (optionally only those of ``precision``)."""
@@ -187,8 +196,11 @@ def _parse_graph(name: str, g: Any, root: Path, where: str) -> GraphEntry:
     weights_id = g.get("weights_id")
     _expect(weights_id is None or (isinstance(weights_id, str) and bool(weights_id)), where,
             "'weights_id' must be a non-empty string when present")
+    image_size = g.get("image_size")
+    _expect(image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0),
+            where, "'image_size' must be a positive integer when present")
     return GraphEntry(name, g["file"], g["submodel"], g["precision"], g["sha256"], inputs, outputs, profiles, root,
-                      weights_id)
+                      weights_id, image_size)
 
 
 def _parse_tensors(raw: Any, where: str) -> dict[str, TensorSpec]:

@@ -34,7 +34,14 @@ from megactor_rt.errors import InputError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.files import locked, remove_stale
 from megactor_rt.progress import progress
-from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
+from megactor_rt.weights import (
+    MegActorModels,
+    build_models,
+    check_image_size,
+    converted_config,
+    load_converted,
+    resized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +132,37 @@ def _ort_version() -> str:
 
 def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisions: Sequence[str] = ("fp32", "fp16"),
                frames: int = 16, graphs: Sequence[str] | None = None, window_batch: int = 1,
-               fp16_softmax: bool = False) -> list[dict]:
+               fp16_softmax: bool = False, image_size: int | None = None) -> list[dict]:
     """Export every graph (or ``graphs``) at every precision into ``out`` and write ``out/manifest.json``.
     ``frames`` / ``window_batch``: the window length and the windows per UNet call the TensorRT profiles target.
     ``fp16_softmax``: the fp16 graphs compute their attention softmax in fp16 too (see :func:`to_fp16`).
+    ``image_size``: the portrait crop side the graphs take (default: the weights' own; see ``animate --size``).
 
     Returns:
         One summary row per graph x precision: graph, precision, file, size_mb, seconds, status.
     """
-    return export_models(load_models_for_export(weights, graphs), out, opset=opset, precisions=precisions, frames=frames,
-                         graphs=graphs, window_batch=window_batch, fp16_softmax=fp16_softmax)
+    if image_size is not None:  # a size the networks cannot take: before they are loaded
+        check_image_size(model_config_of(weights), image_size)
+    models = resized(load_models_for_export(weights, graphs), image_size)
+    return export_models(models, out, opset=opset, precisions=precisions, frames=frames, graphs=graphs,
+                         window_batch=window_batch, fp16_softmax=fp16_softmax)
+
+
+def check_export_size(out: str | Path, image_size: int, weights_size: int, replaced: Sequence[str]) -> None:
+    """Refuse an export at ``image_size`` into a folder holding graphs of another size that it does not replace
+    (``replaced``: the manifest keys it writes, ``<graph>.<precision>``): one folder holds one size.
+
+    Raises:
+        InputError: naming the graphs left at the other size.
+    """
+    graphs = _read_manifest(Path(out))["graphs"] if Path(out).is_dir() else {}
+    stale = sorted(k for k, e in graphs.items() if (e.get("image_size") or weights_size) != image_size
+                   and k not in replaced)
+    if stale:
+        sizes = sorted({graphs[k].get("image_size") or weights_size for k in stale})
+        raise InputError(f"{out}: holds graphs exported at {', '.join(map(str, sizes))} px that this export at "
+                         f"{image_size} px would not replace ({', '.join(stale)}); export into another folder, or "
+                         "export those graphs too")
 
 
 OPSETS = (17, 20)  # checked: all 20 tiny graphs export and pass check-export at 17 and at 20 (default 18)
@@ -232,7 +260,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
             model = _load(src)
         _save(model, out / name, Path(tmp))
     entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256_graph(out / name),
-             "export_key": key, "weights_id": models.weights_id, "opset": opset,
+             "export_key": key, "weights_id": models.weights_id, "image_size": models.config.image_size, "opset": opset,
              "inputs": {t.name: {"dtype": _dtype(t.name, spec, precision), "shape": list(t.shape)}
                         for t in spec.inputs},
              "outputs": {t.name: {"dtype": "float16" if precision == "fp16" else "float32", "shape": list(t.shape)}

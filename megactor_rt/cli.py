@@ -99,9 +99,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "its start (upstream wraps them); frames are then written while the rest still denoises, "
                         "so long drivers give their first frames early")
     p.add_argument("--size", type=_positive_int, default=None, metavar="PX",
-                   help="torch backend: crop and animate at this size instead of the weights' (512 for the released "
-                        "model, trained at that size: another changes the result; 384 px has 0.56x the pixels of 512, so "
-                        "less work); a multiple of 64 from 128 to 1024")
+                   help="crop and animate at this size instead of the weights' (512 for the released model, trained "
+                        "at that size: another changes the result; 384 px has 0.56x the pixels of 512, so less "
+                        "work); a multiple of 64 from 128 to 1024; the onnxruntime/tensorrt backends take the size "
+                        "of their export (`export --size`)")
     p.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
                    help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
                         "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
@@ -505,7 +506,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     from megactor_rt.runtime.animator import run_image_size
     from megactor_rt.runtime.preflight import preflight
 
-    size = run_image_size(args.weights, args.backend, args.size)
+    size = run_image_size(args.weights, args.backend, args.size, args.onnx)
     failed = 0
     for job in jobs:
         options = _result_options(args) | job.options
@@ -673,21 +674,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if str(args.weights) not in ("tiny", "full") or Path(args.weights).exists():  # see onnx_export._random
         check_converted_folder(args.weights)  # before torch's import (seconds)
-    from megactor_rt.export.onnx_export import check_opset, export_all
+    from dataclasses import replace
+
+    from megactor_rt.export.onnx_export import check_export_size, check_opset, export_all, model_config_of
+    from megactor_rt.export.specs import export_specs
+    from megactor_rt.weights import check_image_size
 
     check_opset(args.opset)  # before any work or folder
+    cfg = model_config_of(args.weights)
+    if args.size is not None:
+        check_image_size(cfg, args.size)
+    names = args.graphs or [s.name for s in export_specs(cfg)]
     if args.tiny_decoder is not None:  # a bad file fails before minutes of exporting
         from megactor_rt.models.tiny_decoder import load_tiny_decoder
 
         load_tiny_decoder(args.tiny_decoder)
+        names = [*names, "tiny_decoder"]
+    check_export_size(args.out, args.size or cfg.image_size, cfg.image_size,
+                      [f"{n}.{p}" for n in names for p in args.precision])
     summary = export_all(args.weights, _output_folder(args.out, "--out"), opset=args.opset, precisions=args.precision,
                          frames=args.window, graphs=args.graphs, window_batch=args.window_batch,
-                         fp16_softmax=args.fp16_softmax)
+                         fp16_softmax=args.fp16_softmax, image_size=args.size)
     if args.tiny_decoder is not None:
-        from megactor_rt.export.onnx_export import export_tiny_decoder, model_config_of
+        from megactor_rt.export.onnx_export import export_tiny_decoder
 
-        summary += export_tiny_decoder(args.tiny_decoder, model_config_of(args.weights), args.out, opset=args.opset,
-                                       precisions=args.precision)
+        summary += export_tiny_decoder(args.tiny_decoder, replace(cfg, image_size=args.size or cfg.image_size),
+                                       args.out, opset=args.opset, precisions=args.precision)
     for row in summary:
         print(f"{row['graph']:32s} {row['precision']:5s} {row['size_mb']:9.1f} MB  {row['seconds']:7.1f}s  "
               f"{row['status']}  {row['file']}")
@@ -848,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context windows per UNet call the TensorRT profiles allow (animate --window-batch K; "
                         "onnxruntime runs any number with the same graphs)")
     e.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
+    e.add_argument("--size", type=_positive_int, default=None, metavar="PX",
+                   help="the portrait crop side the graphs take (as animate --size; default: the weights' own, 512 "
+                        "for the released model); one size per export folder")
     e.add_argument("--fp16-softmax", action="store_true",
                    help="fp16 graphs compute the attention softmax in fp16 too (default: fp32 between fp16 matrix "
                         "multiplies); the form TensorRT's attention fusion documents - try it where a TensorRT "

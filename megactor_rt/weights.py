@@ -36,7 +36,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
-from megactor_rt.errors import WeightsError
+from megactor_rt.errors import InputError, WeightsError
 from megactor_rt.files import remove_stale, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder, check_release_folder
@@ -82,6 +82,35 @@ class MegActorModels:
         for m in self.modules().values():
             nn.Module.to(m, device=device, dtype=dtype)  # base method: diffusers' override only adds a warning
         return self
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 128, 1024  # the sizes image_size (--size) takes
+
+
+def check_image_size(cfg: ModelConfig, image_size: int) -> None:
+    """Every network takes any size that their downsampling divides: the VAE's and then the UNet's.
+
+    Raises:
+        InputError: a size outside :data:`MIN_IMAGE_SIZE`..:data:`MAX_IMAGE_SIZE` or not a multiple of that
+            downsampling.
+    """
+    step = cfg.vae_scale * 2 ** (len(cfg.unet.block_out_channels) - 1)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not (
+            MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE and image_size % step == 0):
+        raise InputError(f"image_size (--size) {image_size}: must be a multiple of {step} from {MIN_IMAGE_SIZE} to "
+                         f"{MAX_IMAGE_SIZE} (the weights' own size is {cfg.image_size})")
+
+
+def resized(models: MegActorModels, image_size: int | None) -> MegActorModels:
+    """``models`` set to crop and animate at ``image_size`` (None: the weights' own; see :func:`check_image_size`;
+    the released model was trained at 512 px: another size changes the result)."""
+    if image_size is None or image_size == models.config.image_size:
+        return models
+    check_image_size(models.config, image_size)
+    logger.info("networks at %d px instead of the weights' %d px (this changes the result)", image_size,
+                models.config.image_size)
+    models.config = replace(models.config, image_size=image_size)
+    return models
 
 
 def build_models(cfg: ModelConfig, seed: int | None = None, only: Collection[str] | None = None) -> MegActorModels:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision, tiny_config
+from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
@@ -89,7 +89,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
-from megactor_rt.weights import MegActorModels, build_models, converted_config, load_converted
+from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +195,15 @@ class Animator:
             config: run settings (:class:`~megactor_rt.config.AnimateConfig`; default: upstream's).
             cache: the portrait cache (default: in memory only; ``PortraitCache(disk_dir=...)`` keeps prepared
                 portraits on disk for later processes).
-            image_size: torch backend only: crop and animate at this size instead of the weights' (512 for the
-                released model, which was trained at that size: other sizes change the result, and smaller
-                ones run faster); a multiple of 64 from 128 to 1024.
+            image_size: crop and animate at this size instead of the weights' (512 for the released model,
+                which was trained at that size: other sizes change the result, and smaller ones run faster); a
+                multiple of 64 from 128 to 1024. The graph backends run at the size their graphs were exported
+                at (``megactor-rt export --size``): there it may be left out, and must be that size if given.
 
         Raises:
-            InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` or ``image_size`` with one
-                other than tensorrt or torch, a device this machine lacks, an ``image_size`` the networks cannot
-                take.
+            InputError: ``compile`` with a backend other than torch, ``cuda_graphs`` with one other than
+                tensorrt, a device this machine lacks, an ``image_size`` the networks cannot take (or, on a graph
+                backend, not the size of the exported graphs).
             BackendUnavailable: the backend's package is missing here.
             WeightsError: ``weights_dir`` is not a complete converted weights folder.
         """
@@ -213,20 +214,20 @@ class Animator:
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         check_compile_mode(compile)  # before the weights load
         _check_cuda_graphs(backend, cuda_graphs)
-        _check_image_size_backend(backend, image_size)
         dev = check_device(device) if device else default_device()
         prec = Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
         _warn_half_on_cpu(dev, prec)
         if backend == "torch":
             if image_size is not None:  # a size the networks cannot take: before the weights load
-                _check_image_size(converted_config(weights_dir)[0], image_size)
+                check_image_size(converted_config(weights_dir)[0], image_size)
             models = load_converted(weights_dir)
-            sub: Submodels = TorchSubmodels(_resized(models, image_size), dev, prec.torch_dtype, compile=compile)
+            sub: Submodels = TorchSubmodels(resized(models, image_size), dev, prec.torch_dtype, compile=compile)
         else:
             from megactor_rt.runtime.onnx_backend import make_graph_submodels
 
             sub = make_graph_submodels(backend, weights_dir, onnx_dir, dev, prec, engine_dir=engine_dir,
-                                       force_fallback=force_fallback, fallback=fallback, cuda_graphs=cuda_graphs)
+                                       force_fallback=force_fallback, fallback=fallback, cuda_graphs=cuda_graphs,
+                                       image_size=image_size)
         return cls(sub, config, cache)
 
     @classmethod
@@ -251,8 +252,7 @@ class Animator:
         PortraitCache(disk_dir=...)`` on the result (as ``megactor-rt demo --cache-dir`` does).
         """
         _check_cuda_graphs(backend, cuda_graphs)
-        _check_image_size_backend(backend, image_size)
-        models = _resized(build_models(tiny_config(), seed=seed), image_size)
+        models = resized(build_models(tiny_config(), seed=seed), image_size)
         models.weights_id = f"tiny-random-{seed}"
         if backend == "torch":
             prec = Precision.parse(precision) if precision else Precision.FP32
@@ -868,55 +868,26 @@ class Animator:
         return Animator(self.sub, replace(self.config, **changes), self.cache)
 
 
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 128, 1024  # the sizes image_size (--size) takes
-
-
 def _name(path: object) -> str | None:
     """A file's name without its folders (None for anything that is no path)."""
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
 
 
-def _check_image_size_backend(backend: str, image_size: int | None) -> None:
-    if image_size is not None and backend != "torch":
-        raise InputError(f"image_size (--size) applies to the torch backend only, not '{backend}': its graphs were "
-                         "exported at the weights' size")
-
-
-def _check_image_size(cfg: ModelConfig, image_size: int) -> None:
-    """Every network takes any size that their downsampling divides: the VAE's and then the UNet's.
-
-    Raises:
-        InputError: a size outside :data:`MIN_IMAGE_SIZE`..:data:`MAX_IMAGE_SIZE` or not a multiple of that
-            downsampling.
-    """
-    step = cfg.vae_scale * 2 ** (len(cfg.unet.block_out_channels) - 1)
-    if not (MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE and image_size % step == 0):
-        raise InputError(f"image_size (--size) {image_size}: must be a multiple of {step} from {MIN_IMAGE_SIZE} to "
-                         f"{MAX_IMAGE_SIZE} (the weights' own size is {cfg.image_size})")
-
-
-def run_image_size(weights_dir: str | Path, backend: str = "torch", image_size: int | None = None) -> int:
-    """The crop side a run of these converted weights takes, read from their config without loading them:
-    ``image_size`` (checked as :meth:`Animator.from_weights` checks it) or the weights' own."""
-    _check_image_size_backend(backend, image_size)
+def run_image_size(weights_dir: str | Path, backend: str = "torch", image_size: int | None = None,
+                   onnx_dir: str | Path | None = None) -> int:
+    """The crop side a run of these converted weights takes, found without loading them: ``image_size``
+    (checked as :meth:`Animator.from_weights` checks it), else the weights' own, or on a graph backend with
+    ``onnx_dir`` the size its graphs were exported at."""
     cfg = converted_config(weights_dir)[0]
+    if backend != "torch" and onnx_dir is not None:
+        from megactor_rt.engine.manifest import load_manifest
+        from megactor_rt.runtime.onnx_backend import export_image_size
+
+        return export_image_size(load_manifest(onnx_dir, validate_profiles=False), cfg, image_size, onnx_dir)
     if image_size is None:
         return cfg.image_size
-    _check_image_size(cfg, image_size)
+    check_image_size(cfg, image_size)
     return image_size
-
-
-def _resized(models: MegActorModels, image_size: int | None) -> MegActorModels:
-    """``models`` set to crop and animate at ``image_size`` (None: the weights' own; see :func:`_check_image_size`)."""
-    if image_size is None:
-        return models
-    cfg = models.config
-    _check_image_size(cfg, image_size)
-    if image_size != cfg.image_size:
-        logger.info("animating at %d px instead of the weights' %d px (this changes the result)", image_size,
-                    cfg.image_size)
-    models.config = replace(cfg, image_size=image_size)
-    return models
 
 
 def _check_cuda_graphs(backend: str, cuda_graphs: bool) -> None:

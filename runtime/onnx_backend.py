@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from megactor_rt.export.specs import BANK_NAMES, token_kv_names, token_kv_shapes
 from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
 from megactor_rt.runtime.submodels import Submodels
-from megactor_rt.weights import MegActorModels, converted_config
+from megactor_rt.weights import MegActorModels, converted_config, resized
 
 logger = logging.getLogger(__name__)
 
@@ -323,13 +324,35 @@ class GraphSubmodels(Submodels):
         return out["eps"], out["deep"]
 
 
+def export_image_size(manifest: Manifest, cfg: ModelConfig, image_size: int | None = None,
+                      onnx_dir: str | Path = "the export folder") -> int:
+    """The portrait crop side the graphs of ``manifest`` take (``export --size``; the weights' own, ``cfg``'s,
+    where not recorded).
+
+    Raises:
+        InputError: the graphs were exported at different sizes, or ``image_size`` is given and is not theirs.
+    """
+    sizes = manifest.image_sizes(cfg.image_size)
+    if len(sizes) > 1:
+        listing = "; ".join(f"{size} px: {', '.join(names)}" for size, names in sorted(sizes.items()))
+        raise InputError(f"{onnx_dir}: its graphs were exported at different sizes ({listing}); export them all "
+                         "at one size (megactor-rt export --size PX), or into separate folders")
+    (size,) = sizes
+    if image_size is not None and image_size != size:
+        raise InputError(f"image_size (--size) {image_size}: the graphs in {onnx_dir} were exported at {size} px; "
+                         f"export them at {image_size} px (megactor-rt export --size {image_size} --out ANOTHER_DIR) "
+                         "or leave --size out")
+    return size
+
+
 def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,
                          device: torch.device, precision: Precision, *, engine_dir: str | Path | None = None,
                          force_fallback: str | Sequence[str] | None = None, fallback: str = "torch",
-                         cuda_graphs: bool = False) -> GraphSubmodels:
+                         cuda_graphs: bool = False, image_size: int | None = None) -> GraphSubmodels:
     """Graph-backed submodels: ``onnxruntime`` from an export folder, or ``tensorrt`` from an engine cache
     with per-graph fallback (to ``fallback``: torch or onnxruntime) where no valid plan exists or the user
-    forces it; ``cuda_graphs``: the TensorRT runners capture and replay a CUDA graph per input shape."""
+    forces it; ``cuda_graphs``: the TensorRT runners capture and replay a CUDA graph per input shape. They run
+    at the size the graphs were exported at (``image_size``, if given, must be that size)."""
     if backend not in ("onnxruntime", "tensorrt"):
         raise BackendUnavailable(f"unknown graph backend '{backend}'")
     if onnx_dir is None:
@@ -337,6 +360,8 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
                          "the output of `megactor-rt export`")
     cfg, weights_id = converted_config(weights_dir)
     manifest = load_manifest(onnx_dir)
+    size = export_image_size(manifest, cfg, image_size, onnx_dir)  # before the weights load
+    cfg = replace(cfg, image_size=size)
     foreign = sorted(n for n, g in manifest.graphs.items()  # (the tiny decoder has weights of its own)
                      if g.weights_id not in (None, weights_id) and g.submodel != "tiny_decoder")
     if foreign:
@@ -347,7 +372,7 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
         from megactor_rt.runtime.submodels import TorchSubmodels
         from megactor_rt.weights import load_converted
 
-        return TorchSubmodels(load_converted(weights_dir), device, dtype)
+        return TorchSubmodels(resized(load_converted(weights_dir), size), device, dtype)
 
     return graph_submodels(backend, cfg, weights_id, manifest, device, precision, engine_dir=engine_dir,
                            force_fallback=force_fallback, fallback=fallback, torch_fallback=torch_fallback,
@@ -359,9 +384,11 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
                     engine_dir: str | Path | None = None, force_fallback: str | Sequence[str] | None = None,
                     fallback: str = "torch", onnx_dir: str | Path = "the export folder",
                     cuda_graphs: bool = False) -> GraphSubmodels:
-    """:func:`make_graph_submodels` for a loaded manifest of graphs exported from ``weights_id``'s networks;
-    ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan (tensorrt only)."""
+    """:func:`make_graph_submodels` for a loaded manifest of graphs exported from ``weights_id``'s networks at
+    ``cfg.image_size``; ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan
+    (tensorrt only, at that size too)."""
     want = graph_precision(backend, precision)
+    export_image_size(manifest, cfg, cfg.image_size, onnx_dir)  # graphs of another size: named, not a shape error
     # the onnxruntime sessions run every graph (backend onnxruntime) or the graphs without a plan (tensorrt with
     # fallback onnxruntime); with the torch fallback they are never run
     providers = ort_providers(device) if backend == "onnxruntime" or fallback == "onnxruntime" else None
@@ -451,7 +478,7 @@ def exported_submodels(models: MegActorModels, backend: str, work_dir: str | Pat
     require_backend(backend)
     want = graph_precision(backend, precision)  # before any export
     work = Path(work_dir)
-    onnx_dir = work / f"onnx-{models.weights_id}"
+    onnx_dir = work / f"onnx-{models.weights_id}-{models.config.image_size}px"  # one size per export folder
     export_models(models, onnx_dir, precisions=(want,), frames=config.window, graphs=graphs_needed(config),
                   window_batch=config.window_batch, fp16_softmax=fp16_softmax)
     if config.tiny_decoder is not None:  # its graph too, so the backend decodes with it

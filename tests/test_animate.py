@@ -1624,7 +1624,8 @@ def test_contour_mode_on_faces_only_the_cnn_detector_finds(media: dict[str, Path
 def test_another_image_size(media: dict[str, Path], tmp_path: Path) -> None:
     """image_size: the tiny model (128 px) crops and animates at 192 px, contour mode (where its landmark model is
     installed) and the paste-back included (frames of 192 px, the portrait state's tensors at 192 px and a 24 px latent grid); sizes the
-    networks cannot take, or another backend, are refused naming the rule."""
+    networks cannot take are refused naming the rule, on every backend (the graph backends run at their
+    export's size: tests/test_export_size.py)."""
     from megactor_rt.media import iter_video_frames
 
     cfg = replace(CFG, max_frames=4, steps=1)
@@ -1645,8 +1646,9 @@ def test_another_image_size(media: dict[str, Path], tmp_path: Path) -> None:
         with pytest.raises(InputError, match=rf"image_size \(--size\) {size}: must be a multiple of 64 from 128 to "
                                              r"1024 \(the weights' own size is 128\)"):
             Animator.demo(device="cpu", image_size=size)
-    with pytest.raises(InputError, match="applies to the torch backend only, not 'onnxruntime'"):
-        Animator.demo(device="cpu", backend="onnxruntime", image_size=192)
+    with pytest.raises(InputError, match=r"image_size \(--size\) 100: must be a multiple of 64"):
+        Animator.demo(device="cpu", backend="onnxruntime", image_size=100, work_dir=tmp_path / "work")
+    assert not (tmp_path / "work").exists()  # refused before any export
 
 
 def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path,
