@@ -671,6 +671,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 2 if weights is not None and not str(weights["status"]).startswith("converted weights found") else 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from megactor_rt.describe import describe
+
+    reports: dict[str, Any] = {}
+    failed = 0
+    for path in args.files:
+        try:
+            reports[str(path)] = describe(path, faces=not args.no_faces)
+        except MegactorError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    if args.json:
+        print(json.dumps(reports, indent=1))
+    else:
+        for name, report in reports.items():
+            print(f"{name}:")
+            for key, value in report.items():
+                if key == "made_with":
+                    print("  made with: " + json.dumps(value, indent=2).replace("\n", "\n  "))
+                elif key == "duration_s" and value is not None:
+                    print(f"  duration: {value} s")
+                elif key == "faces":
+                    print(f"  faces (left to right): {len(value)}" + "".join(f"\n    {i}: {f}"
+                                                                        for i, f in enumerate(value, 1)))
+                elif value is not None:
+                    print(f"  {key.replace('_', ' ')}: {value}")
+    return 2 if failed else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if str(args.weights) not in ("tiny", "full") or Path(args.weights).exists():  # see onnx_export._random
         check_converted_folder(args.weights)  # before torch's import (seconds)
@@ -847,6 +876,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also check this converted weights folder (exit 2 when it is missing or unusable)")
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
     dr.set_defaults(fn=cmd_doctor)
+
+    ins = sub.add_parser("inspect", help="what the engine sees in images and videos: size, rate, frames, sound, HDR, "
+                                         "faces, and a result's settings")
+    ins.add_argument("files", type=Path, nargs="+", help="images, videos, results")
+    ins.add_argument("--no-faces", action="store_true", help="do not look for faces (the slow part for large photos)")
+    ins.add_argument("--json", action="store_true", help="print the reports as JSON")
+    ins.set_defaults(fn=cmd_inspect)
 
     e = sub.add_parser("export", help="export every submodel to ONNX (fp32 and fp16)")
     e.add_argument("--weights", required=True, type=Path, help="converted weights folder, or 'tiny' / 'full' "

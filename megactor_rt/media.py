@@ -348,6 +348,7 @@ class VideoInfo:
             containers, e.g. Matroska, do not tell).
         still_image: the file is a single picture (PNG, JPEG, ... read through FFmpeg's image demuxers), not a
             video.
+        hdr: "HLG" or "PQ" for HDR video (its frames are tone-mapped to SDR), else None.
     """
 
     path: Path
@@ -360,6 +361,7 @@ class VideoInfo:
     start_s: Fraction = Fraction(0)
     variable_rate: bool = False
     still_image: bool = False
+    hdr: str | None = None
 
 
 def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
@@ -579,9 +581,9 @@ def probe_video(path: PathLike) -> VideoInfo:
         first = _first_frame(container, stream)
         if first is not None and _frame_orientation(path, first).swaps_sides:
             width, height = height, width
-        if first is not None and int(first.color_trc) in HDR_TRANSFERS:
-            logger.info("%s is HDR video (%s): its frames are tone-mapped to SDR (BT.709)", path,
-                        HDR_TRANSFERS[int(first.color_trc)])
+        hdr = HDR_TRANSFERS.get(int(first.color_trc)) if first is not None else None
+        if hdr is not None:
+            logger.info("%s is HDR video (%s): its frames are tone-mapped to SDR (BT.709)", path, hdr)
         start_s = Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base \
             else Fraction(0)
         if first is not None and first.pts is not None and first.time_base is not None:
@@ -599,6 +601,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             start_s=start_s,
             variable_rate=_variable(stream) if stream.codec_context.name != "gif" else _gif_variable(path, stream, fps),
             still_image=_still_image_format(container),
+            hdr=hdr,
         )
 
 

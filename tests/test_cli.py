@@ -713,6 +713,29 @@ def test_a_result_carries_its_settings(weights: Path, media: dict[str, Path], tm
     assert doc is not None and (doc["portrait"], doc["driver"], doc["options"]["audio"]) == ("in memory", "clip", True)
 
 
+def test_inspect_says_what_the_engine_sees(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """inspect: an image's size and faces, a video's rate, frames, sound and faces, a result's settings; a missing
+    file is named (exit 2) and the others still reported; --json gives the same as JSON."""
+    result = tmp_path / "r.mp4"
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], "-o", result,
+                       "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2, "--seed", 5)
+    assert code == 0, err
+    files = (media["portrait"], media["faceless_portrait"], media["driver"], result, tmp_path / "missing.mp4")
+    code, stdout, err = run(capsys, "inspect", *files, "--json")
+    assert code == 2 and "missing.mp4: input file does not exist" in err
+    reports = json.loads(stdout)
+    portrait, faceless, driver, made = (reports[str(f)] for f in files[:4])
+    assert (portrait["kind"], portrait["size"], len(portrait["faces"])) == ("image", "256x256", 1)
+    assert faceless["faces"] == []
+    assert (driver["kind"], driver["fps"], driver["frames"], driver["audio"], driver["hdr"]) == ("video", "25", 6,
+                                                                                                True, None)
+    assert len(driver["faces"]) == 1 and "made_with" not in driver
+    assert made["made_with"]["config"]["seed"] == 5 and made["made_with"]["portrait"] == "my_face.png"
+    code, stdout, _ = run(capsys, "inspect", media["portrait"], media["driver"], "--no-faces")
+    assert code == 0 and "faces" not in stdout and "fps: 25" in stdout and "size: 256x256" in stdout
+
+
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """--format webm names a batch's results .webm (VP9, the driver's AAC audio as Opus); -o NAME.gif writes a GIF

@@ -137,5 +137,5 @@ def test_an_hdr_clip_is_logged_as_tone_mapped(tmp_path: Path, caplog: pytest.Log
     path = tmp_path / "hlg.mov"
     _write_hdr_clip(path, np.full((64, 64, 3), 100, np.uint8), HLG)
     with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
-        probe_video(path)
+        assert probe_video(path).hdr == "HLG"
     assert any("is HDR video (HLG): its frames are tone-mapped" in r.getMessage() for r in caplog.records)
