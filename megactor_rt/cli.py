@@ -352,13 +352,55 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
     return jobs
 
 
-def _without_existing(jobs: list[Job]) -> list[Job]:
+def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
-    complete, so one that exists is whole); the kept ones are named on stdout, like the written ones."""
-    kept = [job.output for job in jobs if job.output.is_file()]  # (looked at once: in job order)
-    for output in kept:
-        print(f"kept {output}: it exists (--skip-existing)")
-    return [job for job in jobs if job.output not in kept]
+    complete, so one that exists is whole); the kept ones are named on stdout, like the written ones, and a
+    warning names the settings a kept result was made with that differ from this run's (as its metadata records
+    them)."""
+    from megactor_rt.weights import converted_config
+
+    kept = [job for job in jobs if job.output.is_file()]  # (looked at once: in job order)
+    if kept:
+        weights_cfg, weights_id = converted_config(args.weights)
+        made = {"weights_id": weights_id, "image_size": args.size or weights_cfg.image_size}
+    for job in kept:
+        print(f"kept {job.output}: it exists (--skip-existing)")
+        changed = _changed_settings(job.output, made, job.run_config(config), _result_options(args) | job.options)
+        if changed:
+            logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
+    return [job for job in jobs if job not in kept]
+
+
+# AnimateConfig fields that do not change a result (the reference mode's frames equal the optimized mode's up to
+# rounding; window batches and decode streams are the same math)
+_SAME_RESULT_FIELDS = ("mode", "window_batch", "decode_streams")
+_COMPARED_OPTIONS = ("face_crop", "face", "driver_face", "contour", "side_by_side", "paste_back", "crf")
+
+
+def _changed_settings(result: Path, made: dict[str, Any], config: AnimateConfig, options: dict[str, Any]) -> list[str]:
+    """``result``'s recorded settings (:func:`~megactor_rt.media.result_settings`) that differ from ``made`` (weights
+    id, image size), ``config`` and ``options`` (``animate_to_file`` keywords): "steps 10 (now 25)", ...; none where
+    the result records no settings."""
+    from dataclasses import asdict
+    from enum import Enum
+
+    from megactor_rt.errors import InputError
+    from megactor_rt.media import result_settings
+
+    try:
+        doc = result_settings(result)
+    except InputError:  # unreadable: kept as it is, as without metadata
+        return []
+    if doc is None:
+        return []
+    now = json.loads(json.dumps({k: v.value if isinstance(v, Enum) else v for k, v in asdict(config).items()},
+                                default=str))
+    then = {**{k: doc.get(k) for k in made}, **{f"config.{k}": v for k, v in doc.get("config", {}).items()},
+            **{f"options.{k}": v for k, v in doc.get("options", {}).items()}}
+    wanted = {**made, **{f"config.{k}": v for k, v in now.items() if k not in _SAME_RESULT_FIELDS},
+              **{f"options.{k}": options.get(k) for k in _COMPARED_OPTIONS}}
+    return [f"{key.split('.')[-1]} {then.get(key)!r} (now {value!r})" for key, value in wanted.items()
+            if then.get(key) != value]
 
 
 _NOT_WITH_JOBS = (("--portrait", "portrait"), ("--driver", "driver"), ("-o", "output"), ("--format", "format"),
@@ -555,7 +597,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         config = _run_config(args)
     _note_ignored_options(args, config)
     if args.skip_existing:
-        jobs = _without_existing(jobs)
+        jobs = _without_existing(jobs, args, config)
         if not jobs:
             return 0
     if args.dry_run:
@@ -816,7 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-existing", action="store_true",
                    help="keep results that exist already and do not redo their pairs (a batch run again after a "
                         "failure or an interruption does the rest; a result exists only once it is complete; kept "
-                        "results get no --stats record); default: overwrite")
+                        "results get no --stats record, and a warning where their metadata says they were made "
+                        "with other settings); default: overwrite")
     a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
     a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")

@@ -546,11 +546,11 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
 
 
 def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, Path], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
     """--skip-existing: a batch run again keeps the results there (not rewritten, named on stdout) and writes the
     missing one; a single result that exists: nothing to do, the weights not even loaded. Without the flag a
-    result is overwritten."""
+    result is overwritten. A kept result made with other settings (its metadata says) is named in a warning."""
     out = tmp_path / "results"
     second = shutil.copy(media["driver"], tmp_path / "second.mp4")
     common = ("--portrait", media["portrait"], "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2,
@@ -560,11 +560,21 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     kept, redone = out / "my_face_my_driver.mp4", out / "my_face_second.mp4"
     redone.unlink()
     os.utime(kept, (1e9, 1e9))
-    code, stdout, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common,
-                            "--skip-existing")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        code, stdout, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common,
+                                "--skip-existing")
     assert code == 0, err
     assert f"kept {kept}: it exists (--skip-existing)" in stdout and f"wrote {redone}" in stdout
     assert kept.stat().st_mtime == 1e9 and len(frames_of(redone)) == 2
+    assert "other settings" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        code, stdout, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common,
+                                "--skip-existing", "--seed", 9, "--crf", 20, "--window-batch", 2)
+    assert code == 0 and stdout.count("kept ") == 2, err  # kept, with a warning naming what differs
+    assert (f"kept {kept} was made with other settings than this run's: seed 42 (now 9); crf None (now 20)"
+            in caplog.text)
+    assert "window_batch" not in caplog.text  # (the same math)
 
     def load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded")
