@@ -129,6 +129,26 @@ class Manifest:
             sizes.setdefault(g.image_size or default, []).append(name)
         return sizes
 
+    def export_size(self, default: int, image_size: int | None = None) -> int:
+        """The portrait crop side the graphs take (``export --size``; ``default``, the weights' own size, where
+        not recorded).
+
+        Raises:
+            ManifestError: the graphs were exported at different sizes, or ``image_size`` is given and is not
+                theirs.
+        """
+        sizes = self.image_sizes(default)
+        if len(sizes) > 1:
+            listing = "; ".join(f"{size} px: {', '.join(names)}" for size, names in sorted(sizes.items()))
+            raise ManifestError(f"{self.root}: its graphs were exported at different sizes ({listing}); export them "
+                                "all at one size (megactor-rt export --size PX), or into separate folders")
+        (size,) = sizes
+        if image_size is not None and image_size != size:
+            raise ManifestError(f"image_size (--size) {image_size}: the graphs in {self.root} were exported at {size} "
+                                f"px; export them at {image_size} px (megactor-rt export --size {image_size} --out "
+                                "ANOTHER_DIR) or leave --size out")
+        return size
+
     def for_submodel(self, submodel: str, precision: str | None = None) -> list[GraphEntry]:
         """Graphs exported for ``submodel`` (optionally only those of ``precision``)."""
         return [g for g in self.graphs.values()

@@ -154,7 +154,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF")
     p.add_argument("--no-metadata", action="store_true",
                    help="do not write the run's settings into the result (by default JSON in its comment tag: "
-                        "version, portrait and driver file names, weights id, every setting; ffprobe shows it)")
+                        "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
+                        "shows it)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--side-by-side", action="store_true",
                        help="the result shows the driver's crop (as the model sees it, before the face isolation), "
@@ -362,7 +363,12 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     kept = [job for job in jobs if job.output.is_file()]  # (looked at once: in job order)
     if kept:
         weights_cfg, weights_id = converted_config(args.weights)
-        made = {"weights_id": weights_id, "image_size": args.size or weights_cfg.image_size}
+        size = args.size or weights_cfg.image_size
+        if args.backend != "torch" and args.onnx is not None:  # the size of the export
+            from megactor_rt.engine.manifest import load_manifest
+
+            size = load_manifest(args.onnx, validate_profiles=False).export_size(weights_cfg.image_size, args.size)
+        made = {"weights_id": weights_id, "image_size": size}
     for job in kept:
         print(f"kept {job.output}: it exists (--skip-existing)")
         changed = _changed_settings(job.output, made, job.run_config(config), _result_options(args) | job.options)

@@ -881,9 +881,8 @@ def run_image_size(weights_dir: str | Path, backend: str = "torch", image_size: 
     cfg = converted_config(weights_dir)[0]
     if backend != "torch" and onnx_dir is not None:
         from megactor_rt.engine.manifest import load_manifest
-        from megactor_rt.runtime.onnx_backend import export_image_size
 
-        return export_image_size(load_manifest(onnx_dir, validate_profiles=False), cfg, image_size, onnx_dir)
+        return load_manifest(onnx_dir, validate_profiles=False).export_size(cfg.image_size, image_size)
     if image_size is None:
         return cfg.image_size
     check_image_size(cfg, image_size)

@@ -324,27 +324,6 @@ class GraphSubmodels(Submodels):
         return out["eps"], out["deep"]
 
 
-def export_image_size(manifest: Manifest, cfg: ModelConfig, image_size: int | None = None,
-                      onnx_dir: str | Path = "the export folder") -> int:
-    """The portrait crop side the graphs of ``manifest`` take (``export --size``; the weights' own, ``cfg``'s,
-    where not recorded).
-
-    Raises:
-        InputError: the graphs were exported at different sizes, or ``image_size`` is given and is not theirs.
-    """
-    sizes = manifest.image_sizes(cfg.image_size)
-    if len(sizes) > 1:
-        listing = "; ".join(f"{size} px: {', '.join(names)}" for size, names in sorted(sizes.items()))
-        raise InputError(f"{onnx_dir}: its graphs were exported at different sizes ({listing}); export them all "
-                         "at one size (megactor-rt export --size PX), or into separate folders")
-    (size,) = sizes
-    if image_size is not None and image_size != size:
-        raise InputError(f"image_size (--size) {image_size}: the graphs in {onnx_dir} were exported at {size} px; "
-                         f"export them at {image_size} px (megactor-rt export --size {image_size} --out ANOTHER_DIR) "
-                         "or leave --size out")
-    return size
-
-
 def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | Path | None,
                          device: torch.device, precision: Precision, *, engine_dir: str | Path | None = None,
                          force_fallback: str | Sequence[str] | None = None, fallback: str = "torch",
@@ -360,7 +339,7 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
                          "the output of `megactor-rt export`")
     cfg, weights_id = converted_config(weights_dir)
     manifest = load_manifest(onnx_dir)
-    size = export_image_size(manifest, cfg, image_size, onnx_dir)  # before the weights load
+    size = manifest.export_size(cfg.image_size, image_size)  # before the weights load
     cfg = replace(cfg, image_size=size)
     foreign = sorted(n for n, g in manifest.graphs.items()  # (the tiny decoder has weights of its own)
                      if g.weights_id not in (None, weights_id) and g.submodel != "tiny_decoder")
@@ -388,7 +367,7 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
     ``cfg.image_size``; ``torch_fallback(dtype)`` makes the torch submodels that run the graphs without a plan
     (tensorrt only, at that size too)."""
     want = graph_precision(backend, precision)
-    export_image_size(manifest, cfg, cfg.image_size, onnx_dir)  # graphs of another size: named, not a shape error
+    manifest.export_size(cfg.image_size, cfg.image_size)  # graphs of another size: named, not a shape error
     # the onnxruntime sessions run every graph (backend onnxruntime) or the graphs without a plan (tensorrt with
     # fallback onnxruntime); with the torch fallback they are never run
     providers = ort_providers(device) if backend == "onnxruntime" or fallback == "onnxruntime" else None
