@@ -152,6 +152,11 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--crf", type=_count, default=None, metavar="N",
                    help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
                         "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="save the denoising state in DIR after each step; the same run started again (after a "
+                        "crash, Ctrl-C or a preempted machine) continues from its last step, with the same result; "
+                        "wrapping windows only (not --no-wrap); the file goes when the run is done (at 512 px 64 "
+                        "KiB per frame)")
     p.add_argument("--no-metadata", action="store_true",
                    help="do not write the run's settings into the result (by default JSON in its comment tag: "
                         "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
@@ -266,6 +271,8 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
 def _report(stats, out: Path) -> None:  # noqa: ANN001
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items())
     cached = "portrait from cache; " if stats.portrait_cache_hit else ""
+    if stats.resumed_from_step:
+        cached += f"resumed at step {stats.resumed_from_step + 1}; "
     print(f"wrote {out}: {stats.frames} frames in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
           f"{stats.first_frame_s:.1f}s; {cached}{stages})")
 
@@ -516,7 +523,7 @@ def _result_options(args: argparse.Namespace) -> dict[str, Any]:
             "contour": args.contour, "landmarks_model": args.landmarks_model,
             "contour_affine_frame": args.contour_affine_frame, "side_by_side": args.side_by_side,
             "face": args.portrait_face, "driver_face": args.driver_face, "paste_back": args.paste_back,
-            "crf": args.crf, "metadata": not args.no_metadata}
+            "crf": args.crf, "metadata": not args.no_metadata, "checkpoint_dir": args.checkpoint_dir}
 
 
 def _flags_apply(flags: list[str]) -> tuple[str, str]:
@@ -602,6 +609,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.jobs is None:
         config = _run_config(args)
     _note_ignored_options(args, config)
+    if args.checkpoint_dir is not None:
+        from megactor_rt.runtime.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(args.checkpoint_dir)
     if args.skip_existing:
         jobs = _without_existing(jobs, args, config)
         if not jobs:

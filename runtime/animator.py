@@ -56,6 +56,7 @@ from megactor_rt.preprocess import (
 from megactor_rt.progress import progress
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
+from megactor_rt.runtime.checkpoint import StepCheckpoint, run_key
 from megactor_rt.runtime.denoise import EpsModel, NoiseSource, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import (
     Driver,
@@ -478,7 +479,7 @@ class Animator:
     def animate(self, state: PortraitState, driver: Driver, *, face_crop: bool = True,
                 contour: bool = False, landmarks_model: str | Path | None = None,
                 contour_affine_frame: str = "last", config: AnimateConfig | None = None,
-                driver_face: int | None = None) -> Iterator[np.ndarray]:
+                driver_face: int | None = None, checkpoint_dir: str | Path | None = None) -> Iterator[np.ndarray]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
@@ -502,6 +503,9 @@ class Animator:
             landmarks_model: the landmark model file for ``contour`` (default: found automatically).
             contour_affine_frame: whose landmarks place the driver's face box for ``contour``'s affine: "last"
                 (upstream's quirk, the default) or "first" (the frame upstream's code meant).
+            checkpoint_dir: save the denoising state there after each step, and continue from it when the same
+                run is started again (:mod:`~megactor_rt.runtime.checkpoint`; wrapping windows only); the
+                checkpoint goes once the last frame is out. ``last_stats.resumed_from_step`` says where it began.
 
         Raises (when the first frame is asked for: this is a generator):
             InputError: a missing or unreadable driver, one that is neither a path nor ``DriverFrames``, no face
@@ -513,7 +517,7 @@ class Animator:
         check_affine_frame(contour_affine_frame)
         with memory_errors("animating", self.sub.device):
             yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
-                                     config or self.config, driver_face)
+                                     config or self.config, driver_face, checkpoint_dir)
 
     def check_run(self, config: AnimateConfig | None = None) -> None:
         """Check ``config``'s settings against this model's scheduler and backend (before any work).
@@ -547,7 +551,8 @@ class Animator:
 
     def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,
-                 cfg: AnimateConfig, driver_face: int | None = None) -> Iterator[np.ndarray]:
+                 cfg: AnimateConfig, driver_face: int | None = None,
+                 checkpoint_dir: str | Path | None = None) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         self._check_state(state)
         self._note_seed(state, cfg)
@@ -571,19 +576,26 @@ class Animator:
                                                    contour_affine_frame, cnn=cfg.cnn_fallback)
         noise, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
+        saved = None if checkpoint_dir is None else self._step_checkpoint(
+            checkpoint_dir, state, plan, cfg, len(steps), contour and (landmarks_model, contour_affine_frame))
         try:
             if not isinstance(noise, torch.Tensor):  # a NoiseSource: frames stream (cfg.streams_frames)
                 frames = self._stream(noise, model, steps, windows, cfg, timer, tiny)
             else:
+                stats.resumed_from_step = saved.load(noise) if saved is not None else 0
                 with timer.stage("denoise"):
                     latents = denoise(noise, model, steps, windows, cfg.guidance, on_step=timer.step_clock(),
-                                      cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse)
+                                      cfg_steps=cfg.cfg_steps, feature_reuse=cfg.feature_reuse,
+                                      start_step=stats.resumed_from_step,
+                                      after_step=saved.save if saved is not None else None)
                 del model  # what only the loop needed (the reference path's driving frames: 1.5 MB per frame at
                 # 512 px in fp16) goes before the decode; denoise has already let each window's state go
                 frames = self._decode(latents, timer, cfg.decode_streams, tiny)
             for frame in frames:
                 timer.frame_out()
                 yield frame
+            if saved is not None:  # every frame is out: the run is done
+                saved.remove()
         finally:  # also on an error or an early stop: the driver's decode thread stops now, not at a collection
             if feed is not None:
                 feed.close()
@@ -592,6 +604,26 @@ class Animator:
         stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.snapshot().items() if v - calls0.get(k, 0)}
         self.cache.trim()
         self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
+
+    def _step_checkpoint(self, folder: str | Path, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig,
+                         steps: int, contour: object) -> StepCheckpoint | None:
+        """This run's checkpoint in ``folder`` (:mod:`~megactor_rt.runtime.checkpoint`), or None where runs of
+        its kind are not saved (open windows, a driver in memory: a warning says so)."""
+        if cfg.streams_frames:
+            logger.warning("checkpoint_dir (--checkpoint-dir): open windows (closed_loop=False, --no-wrap) finish "
+                           "frames at different steps, so this run saves no checkpoint")
+            return None
+        if not isinstance(plan.source, Path):
+            logger.warning("checkpoint_dir (--checkpoint-dir): a driver in memory is not saved (no file to know it "
+                           "by when the run starts again)")
+            return None
+        st = plan.source.stat()
+        facts = {"portrait": state.key, "driver": [str(plan.source.resolve()), st.st_size, st.st_mtime_ns],
+                 "frames": plan.num_frames, "crop": plan.crop, "face_crop": plan.face_crop, "follow": plan.follow,
+                 "selection": [plan.selection.skip, str(plan.selection.ratio)], "detector": plan.detector,
+                 "contour": contour, "backend": self.sub.name, "dtype": str(self.sub.dtype),
+                 "weights": self.sub.weights_id, "image_size": self.image_size}
+        return StepCheckpoint(folder, run_key(facts, cfg), steps, lambda i: not cfg.step_kind(i).reuse)
 
     def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker, source: str = "the portrait",
                            cnn: bool = True) -> np.ndarray:
@@ -742,7 +774,8 @@ class Animator:
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                         side_by_side: bool = False, face: int | None = None,
                         driver_face: int | None = None, paste_back: bool = False, crf: int | None = None,
-                        audio_start: float | str | None = None, metadata: bool = True) -> RunStats:
+                        audio_start: float | str | None = None, metadata: bool = True,
+                        checkpoint_dir: str | Path | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
@@ -764,7 +797,8 @@ class Animator:
         (H.264: 0-51, default 18; VP9: 0-63, default 24; a GIF takes none). ``metadata``: write the run's
         settings into the result (JSON in the container's comment tag: the megactor-rt version, the portrait's
         and driver's file names, :meth:`run_settings` and these options; read back by
-        :func:`~megactor_rt.media.result_settings`; a GIF holds none); False: none.
+        :func:`~megactor_rt.media.result_settings`; a GIF holds none); False: none. ``checkpoint_dir``: see
+        :meth:`animate` (a run started again with it continues where it stopped).
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
@@ -815,7 +849,7 @@ class Animator:
         with VideoWriter(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
             frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
                                   landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
-                                  config=config, driver_face=driver_face)
+                                  config=config, driver_face=driver_face, checkpoint_dir=checkpoint_dir)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
             results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)

@@ -87,7 +87,8 @@ StepCallback = Callable[[int, DDIMStep, torch.Tensor, torch.Tensor], None]
 def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], windows: Sequence[Sequence[int]],
             guidance: float, callback: StepCallback | None = None,
             on_step: Callable[[int], None] | None = None, cfg_steps: int | None = None,
-            feature_reuse: int | None = None) -> torch.Tensor:
+            feature_reuse: int | None = None, start_step: int = 0,
+            after_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run the whole DDIM schedule over all frames.
 
     Within a step a frame's DDIM update is made as soon as the last window holding it has been predicted
@@ -111,6 +112,9 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             first ``cfg_steps`` steps, the conditional half alone after them.
         feature_reuse: feature reuse (changes the math; None or 1 = upstream): the whole UNet every
             ``feature_reuse``-th step, the shallow path from each window's kept deep feature in between.
+        start_step: begin with this step, ``latents`` being the state after the steps before it (a resumed
+            run: :mod:`~megactor_rt.runtime.checkpoint`); with feature reuse it must be a whole UNet step.
+        after_step: called with (i, latents) after step i (the latents of all frames, not copied).
 
     Returns:
         Final latents ``(1, 4, N, h, w)`` (``latents``).
@@ -128,9 +132,13 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
     finish_idx = [torch.as_tensor(fs, device=latents.device) if fs else None for fs in finishes]
     finish_counts = [counts.index_select(0, ix) if ix is not None else None for ix in finish_idx]
     shape = latents.shape[3:]
+    if start_step and step_kind(start_step, guidance, cfg_steps, feature_reuse).reuse:
+        raise ValueError(f"step {start_step} reuses the deep features of the step before it; a run cannot start there")
     # the bar is closed also when the loop stops early (an error, Ctrl-C, a cancelled run)
-    with progress(total=len(plan) * len(windows), desc="denoise", unit="window") as bar:
+    with progress(total=(len(plan) - start_step) * len(windows), desc="denoise", unit="window") as bar:
         for i, step in enumerate(plan):
+            if i < start_step:
+                continue
             if on_step is not None:
                 on_step(i)
             kind = step_kind(i, guidance, cfg_steps, feature_reuse)
@@ -169,6 +177,8 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
             assert not sums, "every frame is updated once per step"
             if callback is not None and guided is not None:  # guided is made exactly when there is a callback
                 callback(i, step, guided, latents.clone())  # a copy: ``latents`` changes in place at the next step
+            if after_step is not None:
+                after_step(i, latents)
     if on_step is not None:
         on_step(len(plan))
     for k in range(len(windows)):  # no window runs again: its kept feature and driver features can go before the

@@ -46,6 +46,8 @@ class RunStats:
         portrait_cache_hit: whether the portrait state came from the cache.
         step_seconds: wall time of each denoising step (device work finished, on GPU); empty for open windows
             (``closed_loop=False``), whose steps interleave.
+        resumed_from_step: the step a run with a checkpoint began with (0: the first; see
+            :mod:`~megactor_rt.runtime.checkpoint`).
     """
 
     frames: int = 0
@@ -55,6 +57,7 @@ class RunStats:
     calls: dict[str, int] = field(default_factory=dict)
     portrait_cache_hit: bool = False
     step_seconds: list[float] = field(default_factory=list)
+    resumed_from_step: int = 0
 
     @property
     def fps(self) -> float | None:
@@ -65,7 +68,7 @@ class RunStats:
         return {"frames": self.frames, "fps": self.fps, "total_s": self.total_s,
                 "first_frame_s": self.first_frame_s, "stage_seconds": dict(self.stage_seconds),
                 "step_seconds": list(self.step_seconds), "calls": dict(self.calls),
-                "portrait_cache_hit": self.portrait_cache_hit}
+                "portrait_cache_hit": self.portrait_cache_hit, "resumed_from_step": self.resumed_from_step}
 
 
 class StageTimer:

@@ -1,0 +1,130 @@
+"""Resumable runs (``checkpoint_dir``, ``--checkpoint-dir``): a run stopped after a step and started again continues
+from the step after it and gives the uninterrupted run's frames exactly; another run never reads its checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media_fixtures import PORTRAIT, face_frames, write_face_driver
+
+from megactor_rt.cli import main
+from megactor_rt.config import AnimateConfig
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.runtime.checkpoint import StepCheckpoint
+from megactor_rt.runtime.driver import DriverFrames
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CFG = AnimateConfig(steps=4, window=4, overlap=2, max_frames=6)
+
+
+class Stop(Exception):
+    """Stands for a crash, Ctrl-C or a preempted machine."""
+
+
+@pytest.fixture(scope="module")
+def anim() -> Animator:
+    return Animator.demo(seed=0, device="cpu", config=CFG)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_face_driver(tmp_path_factory.mktemp("ckpt") / "driver.mp4", n=6, fps=25)
+
+
+def _stop_after(monkeypatch: pytest.MonkeyPatch, step: int) -> list[int]:
+    """Make the run stop right after step ``step`` (its checkpoint written first); returns the steps saved."""
+    saved: list[int] = []
+    original = StepCheckpoint.save
+
+    def save(self: StepCheckpoint, i: int, latents: object) -> None:
+        before = self.path.stat().st_mtime_ns if self.path.exists() else None
+        original(self, i, latents)  # type: ignore[arg-type]
+        if self.path.exists() and self.path.stat().st_mtime_ns != before:
+            saved.append(i)
+        if i == step:
+            raise Stop
+
+    monkeypatch.setattr(StepCheckpoint, "save", save)
+    return saved
+
+
+def _run(anim: Animator, driver: Path | DriverFrames, folder: Path, config: AnimateConfig = CFG) -> list[np.ndarray]:
+    return list(anim.animate(anim.prepare(PORTRAIT), driver, config=config, checkpoint_dir=folder))
+
+
+@pytest.mark.parametrize("feature_reuse", [None, 2], ids=["whole-unet", "feature-reuse"])
+def test_a_stopped_run_continues_where_it_stopped(anim: Animator, driver: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, feature_reuse: int | None) -> None:
+    """Stopped after step 3 of 4 (index 2), the run started again makes only step 4 and gives the uninterrupted
+    run's frames bit for bit; the checkpoint is gone once it is done. With feature reuse every 2nd step only
+    the states before a whole UNet step are saved (after steps 2 and 4, not 1 and 3)."""
+    cfg = replace(CFG, feature_reuse=feature_reuse)
+    whole = list(anim.animate(anim.prepare(PORTRAIT), driver, config=cfg))
+    calls = anim.last_stats.calls["unet"]
+    with monkeypatch.context() as m:
+        saved = _stop_after(m, 2)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path, cfg)
+    assert saved == ([0, 1, 2] if feature_reuse is None else [1])
+    assert len(list(tmp_path.glob("run-*.safetensors"))) == 1
+    again = _run(anim, driver, tmp_path, cfg)
+    resumed = 3 if feature_reuse is None else 2
+    assert anim.last_stats.resumed_from_step == resumed
+    assert anim.last_stats.calls["unet"] == calls * (4 - resumed) // 4  # only the steps left
+    assert len(again) == len(whole) == 6 and all(np.array_equal(a, b) for a, b in zip(again, whole, strict=True))
+    assert list(tmp_path.iterdir()) == []  # done: the checkpoint went
+
+
+def test_another_run_never_reads_the_checkpoint(anim: Animator, driver: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Another seed starts from its first step (its own checkpoint name); a corrupt checkpoint is named in a
+    warning and the run starts from the first step, giving the uninterrupted frames."""
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+    (stopped,) = tmp_path.glob("run-*.safetensors")
+    _run(anim, driver, tmp_path, replace(CFG, seed=7))
+    assert anim.last_stats.resumed_from_step == 0 and stopped.exists()
+    whole = list(anim.animate(anim.prepare(PORTRAIT), driver))
+    stopped.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        again = _run(anim, driver, tmp_path)
+    assert "unreadable checkpoint" in caplog.text and anim.last_stats.resumed_from_step == 0
+    assert all(np.array_equal(a, b) for a, b in zip(again, whole, strict=True)) and not stopped.exists()
+
+
+def test_runs_that_cannot_be_saved_say_so(anim: Animator, driver: Path, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    """Open windows and drivers in memory run without a checkpoint (a warning each); a checkpoint folder that
+    is a file is refused by the CLI before any work."""
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        _run(anim, driver, tmp_path / "a", replace(CFG, closed_loop=False))
+        _run(anim, DriverFrames(face_frames(6, 96), 25), tmp_path / "b")
+    assert "open windows" in caplog.text and "a driver in memory is not saved" in caplog.text
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "file").write_text("")
+    code = main(["-q", "demo", "--checkpoint-dir", str(tmp_path / "file"), "-o", str(tmp_path / "r.mp4")])
+    assert code == 2 and "the checkpoint folder (--checkpoint-dir) is a file" in capsys.readouterr().err
+    assert not (tmp_path / "r.mp4").exists()
+
+
+def test_the_cli_resumes_and_says_so(driver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["-q", "demo", "--driver", str(driver), "--steps", "3", "--window", "4", "--overlap", "2",
+             "--checkpoint-dir", str(tmp_path / "ckpt")]
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        assert main([*flags, "-o", str(tmp_path / "r.mp4")]) == 1  # (an unexpected error, for the CLI)
+    assert not (tmp_path / "r.mp4").exists()
+    capsys.readouterr()
+    assert main([*flags, "-o", str(tmp_path / "r.mp4")]) == 0
+    assert "resumed at step 3; " in capsys.readouterr().out and (tmp_path / "r.mp4").is_file()
+    assert list((tmp_path / "ckpt").iterdir()) == []
