@@ -167,6 +167,7 @@ class Animator:
         self.last_stats = RunStats()
         self.last_plan: DriverPlan | None = None
         self._tiny_decoders: dict[str, Decoder] = {}
+        self._checkpoint: StepCheckpoint | None = None  # the running or last run's (checkpoint_dir)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -515,9 +516,23 @@ class Animator:
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
         check_affine_frame(contour_affine_frame)
+        yield from self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
+                                config or self.config, driver_face, checkpoint_dir)
+        self._drop_checkpoint()  # every frame is out: the run is done
+
+    def _frames(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
+                landmarks_model: str | Path | None, contour_affine_frame: str, cfg: AnimateConfig,
+                driver_face: int | None, checkpoint_dir: str | Path | None) -> Iterator[np.ndarray]:
+        """:meth:`animate`'s frames, its checkpoint (if any) left for the caller to drop once they are kept."""
         with memory_errors("animating", self.sub.device):
-            yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
-                                     config or self.config, driver_face, checkpoint_dir)
+            yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame, cfg,
+                                     driver_face, checkpoint_dir)
+
+    def _drop_checkpoint(self) -> None:
+        """Remove the last run's checkpoint: its frames are kept (yielded, or written into a result)."""
+        if self._checkpoint is not None:
+            self._checkpoint.remove()
+            self._checkpoint = None
 
     def check_run(self, config: AnimateConfig | None = None) -> None:
         """Check ``config``'s settings against this model's scheduler and backend (before any work).
@@ -576,7 +591,7 @@ class Animator:
                                                    contour_affine_frame, cnn=cfg.cnn_fallback)
         noise, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
-        saved = None if checkpoint_dir is None else self._step_checkpoint(
+        saved = self._checkpoint = None if checkpoint_dir is None else self._step_checkpoint(
             checkpoint_dir, state, plan, cfg, len(steps), contour and (landmarks_model, contour_affine_frame))
         try:
             if not isinstance(noise, torch.Tensor):  # a NoiseSource: frames stream (cfg.streams_frames)
@@ -594,8 +609,6 @@ class Animator:
             for frame in frames:
                 timer.frame_out()
                 yield frame
-            if saved is not None:  # every frame is out: the run is done
-                saved.remove()
         finally:  # also on an error or an early stop: the driver's decode thread stops now, not at a collection
             if feed is not None:
                 feed.close()
@@ -847,9 +860,8 @@ class Animator:
             "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
         with VideoWriter(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
-            frames = self.animate(state, driver, face_crop=face_crop, contour=contour,
-                                  landmarks_model=landmarks_model, contour_affine_frame=contour_affine_frame,
-                                  config=config, driver_face=driver_face, checkpoint_dir=checkpoint_dir)
+            frames = self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame, cfg,
+                                  driver_face, checkpoint_dir)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
             results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)
@@ -857,6 +869,7 @@ class Animator:
                 results = self._beside_inputs(results, state, size)
             for frame in results:
                 w.write(paste(frame) if paste else frame)
+        self._drop_checkpoint()  # the result is in place: its checkpoint can go
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats
 
