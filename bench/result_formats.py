@@ -3,7 +3,7 @@
 The result is encoded by the consumer thread while the next frames are denoised, so a format costs nothing
 as long as its encoder is faster than the denoiser: this measures that margin. Frames: the bundled driver's
 first 48, centre-cropped to 512 px (real faces, unlike the demo model's output); its MP3 audio is carried
-(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF). Each format is written 3 times, best kept;
+(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF or an animated WebP). Each format is written 3 times, best kept;
 H.264 and VP9 also at higher ``--crf`` values (smaller files), and H.264 with ``--paste-back`` (each frame put
 back into the bundled portrait, 768x844, where its 768 px face crop came from: 512x562 frames; the paste is
 timed with the writer). The error is the mean absolute difference of the
@@ -28,7 +28,7 @@ import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.benchmark import save_tables
-from megactor_rt.media import RESULT_SUFFIXES, VideoWriter, iter_video_frames, read_image
+from megactor_rt.media import RESULT_SUFFIXES, AnimatedWebP, VideoWriter, iter_video_frames, read_image
 from megactor_rt.preprocess import PasteBack, portrait_crop
 
 FRAMES, SIZE, REPEATS = 48, 512, 3
@@ -57,7 +57,8 @@ def time_format(scratch: Path, suffix: str, frames: list[np.ndarray], crf: int |
             for f in frames:
                 w.write(paste(f) if paste else f)
         times.append(time.perf_counter() - t0)
-    decoded = list(iter_video_frames(path))
+    decoded = list(AnimatedWebP(path)) if suffix == ".webp" else list(iter_video_frames(path))  # (FFmpeg cannot
+    # decode animated WebP)
     written = [paste(f) for f in frames] if paste else frames
     error = float(np.mean([np.abs(d.astype(np.int16) - f).mean() for d, f in zip(decoded, written, strict=True)]))
     return {"format": suffix, "crf": crf, "paste_back": f"{width}x{height}" if paste else None,

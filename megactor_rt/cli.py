@@ -321,7 +321,7 @@ class StatsFile:
 
 
 # the formats results are written in (megactor_rt.media.RESULT_SUFFIXES, not imported here: PyAV takes a while)
-RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "webm")
+RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "webm", "webp")
 
 
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
@@ -856,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="portrait image, or a video (its first frame); several: each one with every driver")
     a.add_argument("--driver", type=Path, nargs="+", help="driving video(s)")
     a.add_argument("-o", "--output", type=Path,
-                   help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9) or .gif (no sound, at most 50 "
+                   help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
+                        "or .gif (no sound, at most 50 "
                         "fps); with several portraits or drivers a folder (created) that receives "
                         "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
                         "compiled once, each portrait prepared once); a failed pair is reported and the others "
@@ -904,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
     d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
-                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm or .gif (default: megactor_demo.mp4)")
+                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif (default: megactor_demo.mp4)")
     d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "

@@ -790,7 +790,8 @@ class Animator:
                         audio_start: float | str | None = None, metadata: bool = True,
                         checkpoint_dir: str | Path | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
-        .mov, .m4v; VP9 in .webm (audio in Opus); or an animated GIF (.gif: no sound; refused above 50 fps, before
+        .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); or an animated GIF (.gif: no
+        sound; refused above 50 fps, before
         any work: pass ``config`` with ``fps=25``).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
@@ -807,10 +808,10 @@ class Animator:
         back into the whole portrait where its crop came from, fading into it at the crop's inner edges (the
         portrait scaled so its crop is the result's size where it is larger: :class:`~megactor_rt.preprocess.
         PasteBack`); not with ``side_by_side``. ``crf``: the result's constant quality, lower is better and larger
-        (H.264: 0-51, default 18; VP9: 0-63, default 24; a GIF takes none). ``metadata``: write the run's
+        (H.264: 0-51, default 18; VP9: 0-63, default 24; a GIF or WebP takes none). ``metadata``: write the run's
         settings into the result (JSON in the container's comment tag: the megactor-rt version, the portrait's
         and driver's file names, :meth:`run_settings` and these options; read back by
-        :func:`~megactor_rt.media.result_settings`; a GIF holds none); False: none. ``checkpoint_dir``: see
+        :func:`~megactor_rt.media.result_settings`; a GIF or WebP holds none); False: none. ``checkpoint_dir``: see
         :meth:`animate` (a run started again with it continues where it stopped).
 
         Returns:

@@ -689,7 +689,8 @@ def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: di
 def test_a_result_carries_its_settings(weights: Path, media: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Every setting of the run, the weights id and the inputs' file names (not their folders) are in the result's
-    comment tag, in MP4 and WebM alike; --no-metadata leaves them out, and a GIF has no place for them."""
+    comment tag, in MP4 and WebM alike; --no-metadata leaves them out, and a GIF or an animated WebP has no place
+    for them."""
     from megactor_rt import __version__
     from megactor_rt.media import result_settings
 
@@ -708,7 +709,7 @@ def test_a_result_carries_its_settings(weights: Path, media: dict[str, Path], tm
         assert doc["weights_id"] == Animator.from_weights(weights, device="cpu").sub.weights_id
         with av.open(str(out)) as c:
             assert str(tmp_path) not in json.dumps(dict(c.metadata))
-    for flags, name in ((("--no-metadata",), "bare.mp4"), ((), "r.gif")):
+    for flags, name in ((("--no-metadata",), "bare.mp4"), ((), "r.gif"), ((), "r.webp")):
         code, _, err = run(capsys, "animate", *common, "-o", tmp_path / name, *flags)
         assert code == 0, err
         assert result_settings(tmp_path / name) is None

@@ -19,6 +19,7 @@ from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
     CRF_SCALES,
+    AnimatedWebP,
     VideoWriter,
     _check_complete,
     _has_video,
@@ -1750,6 +1751,35 @@ def test_gif_result_leaves_the_audio_out_and_says_so(tmp_path: Path, caplog: pyt
             w.write(f)
     assert not probe_video(out).has_audio
     assert any("a GIF has no sound" in r.getMessage() and "driver.mp4" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fps", [Fraction(25), Fraction(30)])
+def test_animated_webp_result_keeps_every_frame(tmp_path: Path, fps: Fraction,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """An animated WebP result (memes, chat stickers) reads back (through Pillow, as a WebP driver is read) with
+    the frames written, each shown for its time in whole milliseconds (30 fps: 33 or 34 ms), looping forever, in
+    full colour near the frames'; the driver's audio is left out with a note, and --crf is refused."""
+    frames = list(iter_video_frames(DRIVER, max_frames=12))
+    out = tmp_path / "result.webp"
+    with caplog.at_level(logging.INFO, logger="megactor_rt.media"), \
+            VideoWriter(out, fps, 512, 512, audio_source=DRIVER) as w:
+        for f in frames:
+            w.write(f)
+    assert any("an animated WebP has no sound" in r.getMessage() for r in caplog.records)
+    with Image.open(out) as im:
+        assert im.n_frames == 12 and im.info["loop"] == 0
+        durations = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            im.load()  # (Pillow sets a frame's duration when it decodes it)
+            durations.append(im.info["duration"])
+    assert all(abs(d - 1000 / fps) < 1 for d in durations[:-1]), durations
+    decoded = list(AnimatedWebP(out))
+    errors = [np.abs(d.astype(int) - f).mean() for d, f in zip(decoded, frames, strict=True)]
+    assert len(decoded) == 12 and max(errors) < 5, errors
+    assert not [p for p in tmp_path.iterdir() if p != out]  # no temporary file left
+    with pytest.raises(InputError, match="libwebp_anim, has no such scale"):
+        VideoWriter(tmp_path / "q.webp", fps, 64, 64, crf=20)
 
 
 def test_gif_result_above_50_fps_is_refused_before_any_file(tmp_path: Path) -> None:
