@@ -2,7 +2,8 @@
 
 ``--portrait A B --driver X Y`` animates every portrait with every driver. A jobs file names the pairs
 instead, each with its own result and, where wanted, its own mask, sound, faces and part of the driver. It is
-CSV (comma-separated, as spreadsheets save it) with a header row naming its columns:
+CSV (comma-separated, as spreadsheets save it; semicolons or tabs are taken too, as the header row shows) with a
+header row naming its columns:
 
     portrait,driver,output,start,duration
     alice.jpg,speech.mp4,out/alice_speech.mp4,,
@@ -67,8 +68,11 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: --jobs names a CSV file, and this is a folder") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the jobs file ({exc})") from exc
-    rows = [(n, cells) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not
-            line.lstrip().startswith("#") for cells in csv.reader([line], skipinitialspace=True)]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    delimiter = _delimiter(lines[0][1]) if lines else ","
+    rows = [(n, cells) for n, line in lines
+            for cells in csv.reader([line], delimiter=delimiter, skipinitialspace=True)]
     if not rows:
         raise InputError(f"{path}: the jobs file is empty (a header row, then one row per result: "
                          f"{','.join(REQUIRED)})")
@@ -95,6 +99,14 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
             raise InputError(f"{job.where}: writes {job.output}, as {seen[key]} does; each job needs its own output")
         seen[key] = job.where
     return jobs
+
+
+def _delimiter(header: str) -> str:
+    """The header row's separator: a comma; a semicolon (spreadsheets in locales whose decimal mark is a comma save
+    CSV so) or a tab (TSV) where the header has one of them and no comma."""
+    if "," in header:
+        return ","
+    return next((d for d in (";", "\t") if d in header), ",")
 
 
 def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int, folder: Path,

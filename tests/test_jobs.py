@@ -65,6 +65,15 @@ def test_a_malformed_jobs_file_is_named_by_line(tmp_path: Path, text: str, messa
         read_jobs(_jobs_file(tmp_path, text), BASE)
 
 
+@pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolons", "tabs"])
+def test_semicolons_and_tabs_separate_cells_too(tmp_path: Path, separator: str) -> None:
+    """Spreadsheets in locales with a decimal comma save CSV with semicolons; TSV has tabs: the header tells."""
+    text = separator.join(["portrait", "driver", "output", "start"]) + "\n" + separator.join(
+        ["a, b.png", "d.mp4", "o.mp4", "1.5"]) + "\n"
+    (job,) = read_jobs(_jobs_file(tmp_path, text), BASE)
+    assert (job.portrait, job.output, job.config) == (tmp_path / "a, b.png", tmp_path / "o.mp4", {"start": 1.5})
+
+
 def test_an_unreadable_jobs_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="jobs file not found"):
         read_jobs(tmp_path / "missing.csv", BASE)
