@@ -86,3 +86,18 @@ def test_an_export_at_a_size_the_networks_cannot_take_is_refused(setup: dict[str
     code = main(["-q", "export", "--weights", str(setup["weights"]), "--out", str(tmp_path / "o"), "--size", "200"])
     assert code == 2 and "image_size (--size) 200: must be a multiple of 64" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_tensorrt_backend_falls_back_to_torch_at_the_export_size(setup: dict[str, Path], tmp_path: Path,
+                                                                    fake_trt: object) -> None:
+    """Graphs without a TensorRT plan (here: none was built) run on the torch fallback, at the export's size."""
+    import torch
+
+    from megactor_rt.config import AnimateConfig, Precision
+    from megactor_rt.runtime.onnx_backend import make_graph_submodels
+
+    sub = make_graph_submodels("tensorrt", setup["weights"], setup["onnx"], torch.device("cpu"), Precision.FP32,
+                               engine_dir=tmp_path / "engines")
+    anim = Animator(sub, AnimateConfig(steps=1, window=4, overlap=2, max_frames=3))
+    frames = list(anim.animate(anim.prepare(PORTRAIT), setup["driver"]))
+    assert sub.config.image_size == SIZE and len(frames) == 3 and frames[0].shape == (SIZE, SIZE, 3)
