@@ -558,14 +558,17 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
 def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -> int:
     """``--dry-run``: each job's portrait crop and driver plan (:mod:`megactor_rt.runtime.preflight`), without
     loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``)."""
-    from megactor_rt.runtime.animator import run_image_size
+    from megactor_rt.runtime.animator import check_schedule, run_image_size
     from megactor_rt.runtime.preflight import preflight
+    from megactor_rt.weights import converted_config
 
     size = run_image_size(args.weights, args.backend, args.size, args.onnx)
+    model = converted_config(args.weights)[0]
     failed = 0
     for job in jobs:
         options = _result_options(args) | job.options
         try:
+            check_schedule(model, job.run_config(config))
             found = preflight(job.portrait, job.driver, job.output, image_size=size, config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
                               driver_face=options["driver_face"], mask=options["mask"])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, Mode, Precision, tiny_config
+from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision, tiny_config
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
@@ -543,15 +543,7 @@ class Animator:
                 CNN face detector without its model.
         """
         cfg = config or self.config
-        check_face_detector(cfg.face_detector)
-        total = self.sub.config.scheduler.num_train_timesteps
-        most = DDIM(self.sub.config.scheduler).max_steps()
-        if cfg.steps > most:
-            raise InputError(f"steps must be at most {most} (the scheduler's {total} training timesteps with "
-                             f"offset {self.sub.config.scheduler.steps_offset}), got {cfg.steps}")
-        if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
-            raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
-                             f"got {cfg.reference_timestep}")
+        check_schedule(self.sub.config, cfg)
         self.sub.check_run(cfg)
 
     @staticmethod
@@ -919,6 +911,24 @@ class Animator:
 def _name(path: object) -> str | None:
     """A file's name without its folders (None for anything that is no path)."""
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
+
+
+def check_schedule(model: ModelConfig, cfg: AnimateConfig) -> None:
+    """The part of :meth:`Animator.check_run` that needs only the weights' config (``--dry-run`` checks it too).
+
+    Raises:
+        InputError: more steps than the scheduler's training timesteps, a reference timestep past them, the CNN
+            face detector without its model.
+    """
+    check_face_detector(cfg.face_detector)
+    total = model.scheduler.num_train_timesteps
+    most = DDIM(model.scheduler).max_steps()
+    if cfg.steps > most:
+        raise InputError(f"steps must be at most {most} (the scheduler's {total} training timesteps with "
+                         f"offset {model.scheduler.steps_offset}), got {cfg.steps}")
+    if cfg.reference_timestep is not None and cfg.reference_timestep >= total:
+        raise InputError(f"reference_timestep must be below {total} (the scheduler's training timesteps), "
+                         f"got {cfg.reference_timestep}")
 
 
 def run_image_size(weights_dir: str | Path, backend: str = "torch", image_size: int | None = None,

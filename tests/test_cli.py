@@ -678,6 +678,8 @@ def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: di
         assert re.search(rf"error: \S+ \+ \S+ -> {name}: .*{problem}", err), err
     assert "3 of 4 results would not be written (--dry-run: nothing was)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv"]  # no result, no folder
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--dry-run", "--steps", 5000)
+    assert code == 2 and err.count("steps must be at most") == 4, err  # the scheduler's limit, for every result
     anim = Animator.from_weights(weights, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, start=0.08))
     anim.animate_to_file(media["portrait"], media["driver"], tmp_path / "real.mp4", audio=False)
     plan = anim.last_plan
