@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from megactor_rt.config import AnimateConfig, parse_time
 from megactor_rt.errors import InputError, MegactorError
-from megactor_rt.files import nearest_folder, same_file
+from megactor_rt.files import same_file, unwritable
 from megactor_rt.jobs import Job, read_jobs
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
@@ -249,9 +249,9 @@ def _output_folder(path: Path, flag: str) -> Path:
     """
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
-    existing = nearest_folder(path)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: {flag} cannot be written ({existing} is not a writable folder)")
+    blocked = unwritable(path)
+    if blocked is not None:
+        raise InputError(f"{path}: {flag} cannot be written ({blocked} is not a writable folder)")
     return path
 
 
@@ -290,9 +290,9 @@ class StatsFile:
         if path is not None:
             if path.is_dir():
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
-            existing = nearest_folder(path.absolute().parent)  # the folder, or what will hold it
-            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-                raise InputError(f"{path}: --stats cannot be written ({existing} is not a writable folder)")
+            blocked = unwritable(path.absolute().parent)  # the folder, or what will hold it
+            if blocked is not None:
+                raise InputError(f"{path}: --stats cannot be written ({blocked} is not a writable folder)")
             for what, others in (("a result", results), ("an input", inputs)):
                 if any(o is not None and same_file(path, o) for o in others):
                     raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")
@@ -454,9 +454,8 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
                                  f"{', '.join(RESULT_SUFFIXES)}")
             if job.output.parent.is_dir():
                 check_output_path(job.output)
-            elif not os.access(nearest_folder(job.output.parent), os.W_OK | os.X_OK):
-                raise InputError(f"{job.output}: its folder cannot be created ({nearest_folder(job.output.parent)} "
-                                 "is not writable)")
+            elif (blocked := unwritable(job.output.parent)) is not None:
+                raise InputError(f"{job.output}: its folder cannot be created ({blocked} is not writable)")
             if job.output.resolve() in inputs:
                 raise InputError(f"{job.output}: the result would overwrite an input of this run (of this job or "
                                  "another); choose another output")

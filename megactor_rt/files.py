@@ -86,3 +86,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def nearest_folder(path: Path) -> Path:
     """``path`` or its nearest ancestor that exists: where writing ``path`` (creating folders) starts."""
     return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+
+
+def unwritable(folder: Path) -> Path | None:
+    """Where writing into ``folder`` (creating it and the folders above it that are missing) would fail: its
+    nearest existing ancestor (or itself) when that is no writable folder; None when it can be written."""
+    existing = nearest_folder(folder)
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from enum import Enum
@@ -33,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.errors import InputError
-from megactor_rt.files import nearest_folder
+from megactor_rt.files import unwritable
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +52,9 @@ def check_checkpoint_dir(folder: str | Path) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) is a file")
-    existing = nearest_folder(folder)
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) cannot be written ({existing} is not "
+    blocked = unwritable(folder)
+    if blocked is not None:
+        raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) cannot be written ({blocked} is not "
                          "a writable folder)")
 
 
