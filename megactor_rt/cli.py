@@ -386,7 +386,7 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
 
 # AnimateConfig fields that do not change a result (the reference mode's frames equal the optimized mode's up to
 # rounding; window batches and decode streams are the same math)
-_SAME_RESULT_FIELDS = ("mode", "window_batch", "decode_streams")
+_SAME_RESULT_FIELDS = ("mode", *AnimateConfig.SAME_LATENTS)
 _COMPARED_OPTIONS = ("face_crop", "face", "driver_face", "contour", "side_by_side", "paste_back", "crf")
 
 
@@ -394,9 +394,6 @@ def _changed_settings(result: Path, made: dict[str, Any], config: AnimateConfig,
     """``result``'s recorded settings (:func:`~megactor_rt.media.result_settings`) that differ from ``made`` (weights
     id, image size), ``config`` and ``options`` (``animate_to_file`` keywords): "steps 10 (now 25)", ...; none where
     the result records no settings."""
-    from dataclasses import asdict
-    from enum import Enum
-
     from megactor_rt.errors import InputError
     from megactor_rt.media import result_settings
 
@@ -406,8 +403,7 @@ def _changed_settings(result: Path, made: dict[str, Any], config: AnimateConfig,
         return []
     if doc is None:
         return []
-    now = json.loads(json.dumps({k: v.value if isinstance(v, Enum) else v for k, v in asdict(config).items()},
-                                default=str))
+    now = json.loads(json.dumps(config.plain(), default=str))
     then = {**{k: doc.get(k) for k in made}, **{f"config.{k}": v for k, v in doc.get("config", {}).items()},
             **{f"options.{k}": v for k, v in doc.get("options", {}).items()}}
     wanted = {**made, **{f"config.{k}": v for k, v in now.items() if k not in _SAME_RESULT_FIELDS},

@@ -402,6 +402,13 @@ class AnimateConfig:
         open windows in the optimized mode (the reference mode keeps upstream's step-by-step order)."""
         return not self.closed_loop and self.mode is Mode.OPTIMIZED
 
+    # fields that do not change the latents (window batches and decode streams are the same math)
+    SAME_LATENTS = ("decode_streams", "window_batch")
+
+    def plain(self) -> dict[str, Any]:
+        """Every field as a plain JSON value (enums as their values), for records of runs."""
+        return {k: v.value if isinstance(v, enum.Enum) else v for k, v in asdict(self).items()}
+
     def step_kind(self, i: int) -> StepKind:
         """What denoising step ``i`` runs (see :func:`step_kind`)."""
         return step_kind(i, self.guidance, self.cfg_steps, self.feature_reuse)

@@ -14,8 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
-from enum import Enum
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -424,7 +423,7 @@ class Animator:
         gets here (for records of measured runs, e.g. ``animate --stats``)."""
         cfg = config or self.config
         dev = self.sub.device
-        fields = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(cfg).items()}
+        fields = cfg.plain()
         return {"backend": self.sub.name, "device": str(dev), "device_name": device_name(dev),
                 "dtype": str(self.sub.dtype).removeprefix("torch."), "compile": getattr(self.sub, "compile", False),
                 "weights_id": self.sub.weights_id, "image_size": self.image_size, "config": fields,

@@ -22,8 +22,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "1"
-_SAME_MATH = ("decode_streams", "window_batch")  # AnimateConfig fields that do not change the latents
 
 
 def check_checkpoint_dir(folder: str | Path) -> None:
@@ -61,7 +58,7 @@ def check_checkpoint_dir(folder: str | Path) -> None:
 def run_key(facts: dict[str, Any], config: AnimateConfig) -> str:
     """The hash naming a run's checkpoint: ``facts`` (portrait, driver, plan, backend...) and every setting of
     ``config`` that changes the math."""
-    settings = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(config).items() if k not in _SAME_MATH}
+    settings = {k: v for k, v in config.plain().items() if k not in AnimateConfig.SAME_LATENTS}
     doc = json.dumps({"format": CHECKPOINT_FORMAT, **facts, "config": settings}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
 
