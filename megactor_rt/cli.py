@@ -365,17 +365,13 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     complete, so one that exists is whole); the kept ones are named on stdout, like the written ones, and a
     warning names the settings a kept result was made with that differ from this run's (as its metadata records
     them)."""
-    from megactor_rt.weights import converted_config
-
     kept = [job for job in jobs if job.output.is_file()]  # (looked at once: in job order)
     if kept:
-        weights_cfg, weights_id = converted_config(args.weights)
-        size = args.size or weights_cfg.image_size
-        if args.backend != "torch" and args.onnx is not None:  # the size of the export
-            from megactor_rt.engine.manifest import load_manifest
+        from megactor_rt.runtime.animator import run_image_size
+        from megactor_rt.weights import converted_config
 
-            size = load_manifest(args.onnx, validate_profiles=False).export_size(weights_cfg.image_size, args.size)
-        made = {"weights_id": weights_id, "image_size": size}
+        made = {"weights_id": converted_config(args.weights)[1],
+                "image_size": run_image_size(args.weights, args.backend, args.size, args.onnx)}
     for job in kept:
         print(f"kept {job.output}: it exists (--skip-existing)")
         changed = _changed_settings(job.output, made, job.run_config(config), _result_options(args) | job.options)

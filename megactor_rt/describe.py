@@ -11,6 +11,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
     VIDEO_SUFFIXES,
@@ -37,11 +39,12 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     path = Path(path)
     require_file(path, "input")
     report: dict[str, Any]
+    image = None  # a still image's pixels, read once for its size and its faces
     if path.suffix.lower() == ".webp" and is_animated_webp(path):
         frames = AnimatedWebP(path)
         h, w = frames[0].shape[:2]
         report = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps), "frames": len(frames)}
-    elif path.suffix.lower() in VIDEO_SUFFIXES or not _is_image(path):
+    elif path.suffix.lower() in VIDEO_SUFFIXES or (image := _image(path)) is None:
         info = probe_video(path)
         if info.still_image:
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
@@ -50,12 +53,11 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
                   round(info.duration_s, 3), "audio": info.has_audio, "variable_rate": info.variable_rate,
                   "hdr": info.hdr}
     else:
-        image = read_image(path)
         report = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
     if faces:
         from megactor_rt.preprocess import portrait_faces
 
-        found = portrait_faces(read_portrait(path), path.name)
+        found = portrait_faces(image if image is not None else read_portrait(path), path.name)
         report["faces"] = [f"{round(b.width)}x{round(b.height)} px at ({round(b.left)}, {round(b.top)})"
                            for b in sorted(found, key=lambda b: b.left)]  # left to right, as --portrait-face counts
     if report["kind"] == "video":
@@ -65,12 +67,12 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     return report
 
 
-def _is_image(path: Path) -> bool:
+def _image(path: Path) -> np.ndarray | None:
+    """The still image's pixels (as a portrait is read), or None where Pillow does not read it as one."""
     try:
-        read_image(path)
+        return read_image(path)
     except InputError:
-        return False
-    return True
+        return None
 
 
 def _rate(fps: Fraction) -> str:

@@ -85,24 +85,27 @@ def tone_map(rgb16: np.ndarray, transfer: int, bt2020: bool = True) -> np.ndarra
     import torch  # here: importing this module (media does) stays light
 
     lut = _linear_lut(transfer)
+    luma = torch.tensor(_BT2020_LUMA) if transfer == 18 else None
+    gamut = torch.from_numpy(_BT2020_TO_BT709.T.astype(np.float32)) if bt2020 else None
     out = np.empty(rgb16.shape, np.uint8)
     with torch.inference_mode():
         for y in range(0, rgb16.shape[0], _BAND_ROWS):
             band = torch.from_numpy(lut[rgb16[y:y + _BAND_ROWS]])  # (h, W, 3) float32
-            out[y:y + _BAND_ROWS] = _band_to_sdr(band, transfer, bt2020).numpy()
+            out[y:y + _BAND_ROWS] = _band_to_sdr(band, luma, gamut).numpy()
     return out
 
 
-def _band_to_sdr(light: torch.Tensor, transfer: int, bt2020: bool) -> torch.Tensor:
-    """Steps 2-5 of the module doc on one slice of linear light (changed in place)."""
+def _band_to_sdr(light: torch.Tensor, luma: torch.Tensor | None, gamut: torch.Tensor | None) -> torch.Tensor:
+    """Steps 2-5 of the module doc on one slice of linear light (changed in place): ``luma``, BT.2020's luminance
+    weights for HLG's OOTF (None: PQ, already display light); ``gamut``, the BT.2020 -> BT.709 matrix (None:
+    BT.709 primaries)."""
     import torch
 
-    if transfer == 18:  # HLG OOTF: Fd = Lw * Ys^(gamma - 1) * E, relative to reference white
-        luma = light @ torch.tensor(_BT2020_LUMA)
-        light.mul_(luma.clamp_min_(1e-6).pow_(HLG_GAMMA - 1).mul_(HLG_PEAK_NITS / REFERENCE_WHITE_NITS)
+    if luma is not None:  # HLG OOTF: Fd = Lw * Ys^(gamma - 1) * E, relative to reference white
+        light.mul_((light @ luma).clamp_min_(1e-6).pow_(HLG_GAMMA - 1).mul_(HLG_PEAK_NITS / REFERENCE_WHITE_NITS)
                    .unsqueeze(-1))
-    if bt2020:
-        light = light @ torch.from_numpy(_BT2020_TO_BT709.T.astype(np.float32))
+    if gamut is not None:
+        light = light @ gamut
     light.clamp_min_(0)
     peak = light.amax(-1)
     rolled = torch.where(peak > KNEE, KNEE + (1 - KNEE) * (1 - torch.exp((KNEE - peak) / (1 - KNEE))), peak)

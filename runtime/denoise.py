@@ -136,9 +136,7 @@ def denoise(latents: torch.Tensor, model: EpsModel, plan: Sequence[DDIMStep], wi
         raise ValueError(f"step {start_step} reuses the deep features of the step before it; a run cannot start there")
     # the bar is closed also when the loop stops early (an error, Ctrl-C, a cancelled run)
     with progress(total=(len(plan) - start_step) * len(windows), desc="denoise", unit="window") as bar:
-        for i, step in enumerate(plan):
-            if i < start_step:
-                continue
+        for i, step in enumerate(plan[start_step:], start_step):
             if on_step is not None:
                 on_step(i)
             kind = step_kind(i, guidance, cfg_steps, feature_reuse)
