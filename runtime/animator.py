@@ -66,8 +66,8 @@ from megactor_rt.runtime.driver import (
     driver_name,
     driver_source,
     iter_driver_inputs,
-    plan_driver,
     plan_driver_contour,
+    plan_run,
 )
 from megactor_rt.runtime.noise import FrameNoise, initial_noise
 from megactor_rt.runtime.pipeline import (
@@ -299,23 +299,7 @@ class Animator:
 
     def _portrait_crop(self, portrait: str | Path | np.ndarray, face_crop: bool, face: int | None, detector: str
                        ) -> tuple[np.ndarray, str, Crop, Box | None]:
-        """The portrait's pixels, its name for messages, its crop and the face the crop is centred on (found by
-        ``detector``, ``AnimateConfig.face_detector``)."""
-        from PIL import Image
-
-        check_face_detector(detector)
-        if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
-            portrait = image_to_rgb(portrait)
-        if not isinstance(portrait, (str, Path, np.ndarray)):
-            raise InputError(f"portrait must be an image or video file path, a PIL image or an (H, W, 3) uint8 RGB "
-                             f"array, got {type(portrait).__name__}")
-        name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
-        img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
-        crop, found = portrait_crop(img, face_crop=face_crop, size=self.image_size, source_name=name, face=face,
-                                    detector=detector)
-        return img, name, crop, found
+        return crop_portrait(portrait, self.image_size, face_crop, face, detector)
 
     def _cropped_inputs(self, img: np.ndarray, name: str, crop: Crop, found: Box | None,
                         mask: str | Path | None) -> PortraitInputs:
@@ -572,8 +556,7 @@ class Animator:
         portrait_lm = None if landmarker is None else self.portrait_landmarks(state, landmarker, cnn=cfg.cnn_fallback)
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
-            plan = self.last_plan = plan_driver(driver, cfg.max_frames, face_crop, cfg.fps, cfg.start,
-                                                cfg.duration, driver_face, cfg.face_detector)
+            plan = self.last_plan = plan_run(driver, cfg, face_crop, driver_face)
         self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
@@ -910,6 +893,26 @@ class Animator:
 def _name(path: object) -> str | None:
     """A file's name without its folders (None for anything that is no path)."""
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
+
+
+def crop_portrait(portrait: str | Path | np.ndarray, size: int, face_crop: bool = True, face: int | None = None,
+                  detector: str = "auto") -> tuple[np.ndarray, str, Crop, Box | None]:
+    """The portrait's pixels, its name for messages, its crop for ``size``-px networks and the face the crop is
+    centred on (found by ``detector``, ``AnimateConfig.face_detector``; a PIL image is taken too)."""
+    from PIL import Image
+
+    check_face_detector(detector)
+    if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
+        portrait = image_to_rgb(portrait)
+    if not isinstance(portrait, (str, Path, np.ndarray)):
+        raise InputError(f"portrait must be an image or video file path, a PIL image or an (H, W, 3) uint8 RGB "
+                         f"array, got {type(portrait).__name__}")
+    name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
+    img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+    crop, found = portrait_crop(img, face_crop=face_crop, size=size, source_name=name, face=face, detector=detector)
+    return img, name, crop, found
 
 
 def check_schedule(model: ModelConfig, cfg: AnimateConfig) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megactor_rt.config import AnimateConfig
 from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import grey_unit, preprocess_frame
@@ -378,6 +379,12 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
     with_face = sum(b is not None for b in boxes) if face_crop else None
     return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used, with_face)
+
+
+def plan_run(driver: Driver, config: AnimateConfig, face_crop: bool = True, face: int | None = None) -> DriverPlan:
+    """:func:`plan_driver` for a run of ``config`` (its frames, rate, span and face detector)."""
+    return plan_driver(driver, config.max_frames, face_crop, config.fps, config.start, config.duration, face,
+                       config.face_detector)
 
 
 def face_track(plan: DriverPlan, size: int) -> FaceTrack:

@@ -16,10 +16,11 @@ from fractions import Fraction
 from pathlib import Path
 
 from megactor_rt.config import AnimateConfig
-from megactor_rt.media import check_result_rate, read_portrait
+from megactor_rt.media import check_result_rate
 from megactor_rt.models.scheduler import context_windows
-from megactor_rt.preprocess import Box, load_user_mask, portrait_crop
-from megactor_rt.runtime.driver import Driver, DriverPlan, plan_driver
+from megactor_rt.preprocess import Box, load_user_mask
+from megactor_rt.runtime.animator import crop_portrait
+from megactor_rt.runtime.driver import Driver, DriverPlan, plan_run
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,10 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
     Raises:
         InputError: what the run would raise for these inputs, before its first step.
     """
-    img = read_portrait(portrait)
-    name = Path(portrait).name
-    crop, found = portrait_crop(img, face_crop=face_crop, size=image_size, source_name=name, face=face,
-                                detector=config.face_detector)
+    img, name, crop, found = crop_portrait(portrait, image_size, face_crop, face, config.face_detector)
     if mask is not None:
         load_user_mask(mask, image_size, crop=crop, image_shape=img.shape[:2])
-    plan = plan_driver(driver, config.max_frames, face_crop, config.fps, config.start, config.duration, driver_face,
-                       config.face_detector)
+    plan = plan_run(driver, config, face_crop, driver_face)
     if output is not None:
         check_result_rate(Path(output), plan.selection.fps)
     windows = len(context_windows(plan.num_frames, min(config.window, plan.num_frames), config.overlap,

@@ -437,7 +437,7 @@ def test_a_faceless_portrait_fails_before_the_driver_is_read(tmp_path: Path, mon
     def no_driver_pass(*args: object, **kwargs: object) -> None:
         raise AssertionError("the driver was read")
 
-    monkeypatch.setattr(animator_module, "plan_driver", no_driver_pass)
+    monkeypatch.setattr(animator_module, "plan_run", no_driver_pass)
     out = tmp_path / "o.mp4"
     with pytest.raises(InputError, match="no face found in the portrait crop of blank_wall.png"):
         anim.animate_to_file(blank, DRIVER, out, face_crop=False, contour=True, audio=False)
