@@ -10,11 +10,9 @@ from 29:50 on, reading it both ways (best of 3, same run, same files).
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
-from datetime import date
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import av
 import numpy as np
 
 from megactor_rt import media
-from megactor_rt.benchmark import save_tables
+from megactor_rt.benchmark import save_tables, script_facts
 from megactor_rt.media import VideoWriter
 
 MINUTES, OFFSET_S, RESULT_FRAMES = 30, 29 * 60 + 50, 200
@@ -82,7 +80,7 @@ def main() -> None:
             rows.append(time_codec(scratch, codec, suffix, how, frames, seek_from))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
+    report = {**script_facts(),
               "source_minutes": MINUTES, "offset_s": OFFSET_S, "result_frames": RESULT_FRAMES, "rows": rows}
     lines = [f"Audio of an 8 s result from 29:50 of a {MINUTES}-minute file, {report['date']} (best of 3 each):", "",
              "| source audio | into the MP4 | from the beginning s | seek s | ratio |", "|---|---|---|---|---|"]

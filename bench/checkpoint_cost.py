@@ -8,16 +8,14 @@ temporary file, fsynced and renamed), on the file system of ``--out``. Best of 3
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import save_tables
+from megactor_rt.benchmark import save_tables, script_facts
 from megactor_rt.runtime.checkpoint import StepCheckpoint
 
 FRAMES = (48, 1800, 18000)  # the GPU suite's clip; a minute at 30 fps; ten minutes
@@ -50,7 +48,7 @@ def main() -> None:
         rows = [measure(scratch, n) for n in FRAMES]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
+    report = {**script_facts(),
               "repeats": REPEATS, "rows": rows}
     lines = [f"Saving and loading a checkpoint of N frames at 512 px, {report['date']} (best of {REPEATS}):", "",
              "| frames | MB | save s | load s |", "|---|---|---|---|"]

@@ -12,11 +12,9 @@ so no two frames are alike; x265 at ``--crf 18``. Each clip is decoded 3 times t
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import torch
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import save_tables
+from megactor_rt.benchmark import save_tables, script_facts
 from megactor_rt.media import iter_video_frames
 
 FRAMES, WIDTH, HEIGHT, REPEATS = 24, 1920, 1080, 3
@@ -83,7 +81,7 @@ def main() -> None:
     base = rows[0]["ms_per_frame"]
     for r in rows:
         r["ratio_to_sdr"] = r["ms_per_frame"] / base
-    report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
+    report = {**script_facts(),
               "torch_threads": torch.get_num_threads(), "frames": FRAMES, "size": f"{WIDTH}x{HEIGHT}",
               "repeats": REPEATS, "rows": rows}
     lines = [f"Decoding {FRAMES} frames of 10-bit HEVC at {WIDTH}x{HEIGHT} to 8-bit RGB, {report['date']}, "

@@ -15,11 +15,9 @@ decoded result from the frames written, in 8-bit levels.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
-from datetime import date
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import save_tables
+from megactor_rt.benchmark import save_tables, script_facts
 from megactor_rt.media import RESULT_SUFFIXES, AnimatedWebP, VideoWriter, iter_video_frames, read_image
 from megactor_rt.preprocess import PasteBack, portrait_crop
 
@@ -85,7 +83,7 @@ def main() -> None:
         rows.append(time_format(scratch, ".mp4", frames, paste=photo_paste()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}",
+    report = {**script_facts(),
               "frames": len(frames), "size": SIZE, "fps": 30, "repeats": REPEATS, "rows": rows}
     lines = [f"Writing {len(frames)} frames of {SIZE} px at 30 fps with the driver's audio, {report['date']} "
              f"(best of {REPEATS}):", "",

@@ -869,6 +869,11 @@ def _save(report: dict, out: Path) -> None:
     save_tables(out, "results", report, markdown(report))
 
 
+def script_facts() -> dict[str, str]:
+    """Where and when a CPU bench script ran: today's date and the machine (its reports begin with these)."""
+    return {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}"}
+
+
 def save_tables(out: Path, stem: str, report: dict, text: str) -> None:
     """A benchmark's results in ``out``: ``stem``.json (``report``) and ``stem``.md (``text``), each written
     atomically."""
