@@ -3,7 +3,8 @@
 The result is encoded by the consumer thread while the next frames are denoised, so a format costs nothing
 as long as its encoder is faster than the denoiser: this measures that margin. Frames: the bundled driver's
 first 48, centre-cropped to 512 px (real faces, unlike the demo model's output); its MP3 audio is carried
-(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF or an animated WebP). Each format is written 3 times, best kept;
+(copied into MP4/MKV, converted to Opus for WebM, left out of a GIF, an animated WebP or a PNG frame sequence). Each
+format is written 3 times, best kept;
 H.264 and VP9 also at higher ``--crf`` values (smaller files), and H.264 with ``--paste-back`` (each frame put
 back into the bundled portrait, 768x844, where its 768 px face crop came from: 512x562 frames; the paste is
 timed with the writer). The error is the mean absolute difference of the
@@ -26,8 +27,9 @@ import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.benchmark import save_tables, script_facts
-from megactor_rt.media import RESULT_SUFFIXES, AnimatedWebP, VideoWriter, iter_video_frames, read_image
+from megactor_rt.media import ALL_RESULT_SUFFIXES, AnimatedWebP, iter_video_frames, read_image, result_writer
 from megactor_rt.preprocess import PasteBack, portrait_crop
+from megactor_rt.sequence import SEQUENCE_SUFFIXES, frame_pattern, is_sequence
 
 FRAMES, SIZE, REPEATS = 48, 512, 3
 # (suffix, crf) beyond each format at its default
@@ -46,22 +48,23 @@ def driver_frames() -> list[np.ndarray]:
 
 def time_format(scratch: Path, suffix: str, frames: list[np.ndarray], crf: int | None = None,
                 paste: PasteBack | None = None) -> dict[str, Any]:
-    path = scratch / f"result{suffix}"
+    path = scratch / "png" / f"%05d{suffix}" if suffix in SEQUENCE_SUFFIXES else scratch / f"result{suffix}"
     width, height = (paste.width, paste.height) if paste else (SIZE, SIZE)
     times = []
     for _ in range(REPEATS):
         t0 = time.perf_counter()
-        with VideoWriter(path, Fraction(30), width, height, audio_source=ASSETS_DIR / "driver.mp4", crf=crf) as w:
+        with result_writer(path, Fraction(30), width, height, audio_source=ASSETS_DIR / "driver.mp4", crf=crf) as w:
             for f in frames:
                 w.write(paste(f) if paste else f)
         times.append(time.perf_counter() - t0)
-    decoded = list(AnimatedWebP(path)) if suffix == ".webp" else list(iter_video_frames(path))  # (FFmpeg cannot
-    # decode animated WebP)
+    files = frame_pattern(path).frames() if is_sequence(path) else [path]
+    decoded = [read_image(p) for p in files] if is_sequence(path) else list(AnimatedWebP(path)) \
+        if suffix == ".webp" else list(iter_video_frames(path))  # (FFmpeg cannot decode animated WebP)
     written = [paste(f) for f in frames] if paste else frames
     error = float(np.mean([np.abs(d.astype(np.int16) - f).mean() for d, f in zip(decoded, written, strict=True)]))
     return {"format": suffix, "crf": crf, "paste_back": f"{width}x{height}" if paste else None,
             "ms_per_frame": 1000 * min(times) / len(frames),
-            "kb_per_frame": path.stat().st_size / len(frames) / 1000, "mean_error": error}
+            "kb_per_frame": sum(p.stat().st_size for p in files) / len(frames) / 1000, "mean_error": error}
 
 
 def photo_paste() -> PasteBack:
@@ -78,7 +81,7 @@ def main() -> None:
     frames = driver_frames()
     scratch = Path(tempfile.mkdtemp(prefix="result-formats-", dir=args.out))  # the results: removed however
     try:  # the run ends
-        rows = [time_format(scratch, suffix, frames) for suffix in RESULT_SUFFIXES]
+        rows = [time_format(scratch, suffix, frames) for suffix in ALL_RESULT_SUFFIXES]
         rows += [time_format(scratch, suffix, frames, crf) for suffix, crf in LOWER_QUALITY]
         rows.append(time_format(scratch, ".mp4", frames, paste=photo_paste()))
     finally:

@@ -151,7 +151,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
     p.add_argument("--crf", type=_count, default=None, metavar="N",
                    help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
-                        "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF")
+                        "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF, WebP or PNG")
     p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                    help="save the denoising state in DIR after each step; the same run started again (after a "
                         "crash, Ctrl-C or a preempted machine) continues from its last step, with the same result; "
@@ -320,17 +320,17 @@ class StatsFile:
             raise InputError(f"{self.path}: cannot write the --stats file ({exc})") from exc
 
 
-# the formats results are written in (megactor_rt.media.RESULT_SUFFIXES, not imported here: PyAV takes a while)
-RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "webm", "webp")
+# the formats results are written in (megactor_rt.media.ALL_RESULT_SUFFIXES, not imported here: PyAV takes a while)
+RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "png", "webm", "webp")
 
 
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
                  fmt: str | None = None) -> list[Job]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file (its suffix
     picks the format; ``fmt``, if given, must agree). More: ``output`` is a folder (created once the weights have
-    loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4); names that collide with each other or
-    with an input are an error before any work."""
-    from megactor_rt.media import RESULT_SUFFIXES, VIDEO_SUFFIXES
+    loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of that name holding the
+    frames ``%05d.png``); names that collide with each other or with an input are an error before any work."""
+    from megactor_rt.media import ALL_RESULT_SUFFIXES, VIDEO_SUFFIXES, result_replaces
 
     if len(portraits) == 1 and len(drivers) == 1:
         if fmt is not None and output.suffix.lower() != f".{fmt}":
@@ -339,7 +339,7 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
                              f"{output.with_suffix('.' + fmt).name} instead")
         return [Job(portraits[0], drivers[0], output)]
     count = f"{len(portraits)} portrait(s) x {len(drivers)} driver(s)"
-    if output.suffix.lower() in VIDEO_SUFFIXES or output.suffix.lower() in RESULT_SUFFIXES:
+    if output.suffix.lower() in VIDEO_SUFFIXES or output.suffix.lower() in ALL_RESULT_SUFFIXES:
         raise InputError(f"{output}: with {count}, -o names a folder for the results, not a video file")
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: with {count}, -o names a folder for the results; this is a file")
@@ -347,14 +347,14 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
         twice_given = sorted({str(x) for x in given if sum(same_file(x, y) for y in given) > 1})
         if twice_given:
             raise InputError(f"{', '.join(twice_given)}: the same {what} is given more than once")
-    jobs = [Job(p, d, output / f"{p.stem}_{d.stem}.{fmt or 'mp4'}") for p in portraits for d in drivers]
-    names = [job.output.name for job in jobs]
+    name = "{}_{}/%05d.png" if fmt == "png" else f"{{}}_{{}}.{fmt or 'mp4'}"
+    jobs = [Job(p, d, output / name.format(p.stem, d.stem)) for p in portraits for d in drivers]
+    names = [str(job.output.relative_to(output)) for job in jobs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"{output}: several jobs would write {', '.join(twice)} (inputs with the same file name "
                          "in different folders); rename them or run them separately")
-    inputs = {x.resolve() for x in (*portraits, *drivers)}
-    clash = sorted(str(job.output) for job in jobs if job.output.resolve() in inputs)
+    clash = sorted(str(job.output) for job in jobs if any(result_replaces(job.output, x) for x in (*portraits, *drivers)))
     if clash:
         raise InputError(f"{', '.join(clash)}: a result would overwrite an input; choose another -o folder")
     return jobs
@@ -365,7 +365,9 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     complete, so one that exists is whole); the kept ones are named on stdout, like the written ones, and a
     warning names the settings a kept result was made with that differ from this run's (as its metadata records
     them)."""
-    kept = [job for job in jobs if job.output.is_file()]  # (looked at once: in job order)
+    from megactor_rt.media import result_exists
+
+    kept = [job for job in jobs if result_exists(job.output)]  # (looked at once: in job order)
     if kept:
         from megactor_rt.runtime.animator import run_image_size
         from megactor_rt.weights import converted_config
@@ -421,7 +423,14 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     Raises:
         InputError: naming the jobs file and line.
     """
-    from megactor_rt.media import RESULT_SUFFIXES, check_output_path, check_sound, require_file
+    from megactor_rt.media import (
+        ALL_RESULT_SUFFIXES,
+        check_output_path,
+        check_sound,
+        require_file,
+        result_folder,
+        result_replaces,
+    )
 
     given = [flag for flag, name in _NOT_WITH_JOBS if getattr(args, name) is not None]
     if given:
@@ -441,14 +450,14 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
             if args.no_face_crop and (job.options.keys() & {"face", "driver_face"}):
                 raise InputError("portrait_face and driver_face choose where the face crop centres; they cannot be "
                                  "used with --no-face-crop, whose crop is the centre square")
-            if job.output.suffix.lower() not in RESULT_SUFFIXES:
+            if job.output.suffix.lower() not in ALL_RESULT_SUFFIXES:
                 raise InputError(f"{job.output}: unsupported output format {job.output.suffix!r}; use one of "
-                                 f"{', '.join(RESULT_SUFFIXES)}")
-            if job.output.parent.is_dir():
+                                 f"{', '.join(ALL_RESULT_SUFFIXES)}")
+            if result_folder(job.output).is_dir():
                 check_output_path(job.output)
-            elif (blocked := unwritable(job.output.parent)) is not None:
+            elif (blocked := unwritable(result_folder(job.output))) is not None:
                 raise InputError(f"{job.output}: its folder cannot be created ({blocked} is not writable)")
-            if job.output.resolve() in inputs:
+            if any(result_replaces(job.output, p) for p in inputs):
                 raise InputError(f"{job.output}: the result would overwrite an input of this run (of this job or "
                                  "another); choose another output")
             _check_quality(job.output, args.crf)
@@ -624,7 +633,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                  cuda_graphs=args.cuda_graphs, image_size=args.size)
     _check_run(anim)
     if batch:
-        for folder in dict.fromkeys(job.output.parent for job in jobs):
+        from megactor_rt.media import result_folder
+
+        for folder in dict.fromkeys(result_folder(job.output) for job in jobs):
             _results_folder(folder)
     failed: list[str] = []
     for job in jobs:  # one process: weights, compiled graphs and prepared portraits reused
@@ -851,13 +862,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--driver", type=Path, nargs="+", help="driving video(s)")
     a.add_argument("-o", "--output", type=Path,
                    help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
-                        "or .gif (no sound, at most 50 "
-                        "fps); with several portraits or drivers a folder (created) that receives "
+                        "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
+                        "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; no sound); "
+                        "with several portraits or drivers a folder (created) that receives "
                         "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
                         "compiled once, each portrait prepared once); a failed pair is reported and the others "
                         "still run")
     a.add_argument("--format", choices=RESULT_FORMATS, default=None,
-                   help="the results' format when -o is a folder (default: mp4)")
+                   help="the results' format when -o is a folder (default: mp4; png: a folder of frames "
+                        "<portrait>_<driver>/%%05d.png per pair)")
     a.add_argument("--dry-run", action="store_true",
                    help="check every result's inputs and find the faces (each portrait's crop, each driver's frames "
                         "and crop) without loading the weights or writing anything: a line per result, exit code 2 "

@@ -2,16 +2,20 @@
 
 For an image: its size (upright, as a portrait is read) and the faces the portrait crop would choose from. For a
 video (or animated GIF/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, the
-faces in its first frame (a video portrait's), and for a result of this engine the settings it was made with.
+faces in its first frame (a video portrait's), and for a result of this engine the settings it was made with. For a
+PNG frame sequence (its number pattern, ``take1/%05d.png``, or one of its frames): its size, rate, frames and
+settings as its frames record them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
@@ -24,6 +28,7 @@ from megactor_rt.media import (
     require_file,
     result_settings,
 )
+from megactor_rt.sequence import FPS_KEY, SETTINGS_KEY, frame_pattern, is_sequence
 
 
 def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
@@ -37,6 +42,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         InputError: missing or unreadable file (the message says why).
     """
     path = Path(path)
+    if is_sequence(path) and "%" in path.name:
+        return _describe_sequence(path, faces)
     require_file(path, "input")
     report: dict[str, Any]
     image = None  # a still image's pixels, read once for its size and its faces
@@ -64,7 +71,45 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         settings = result_settings(path)
         if settings is not None:
             report["made_with"] = settings
+    elif report["kind"] == "image" and is_sequence(path):  # a frame of a sequence result
+        report.update(_frame_facts(path))
     return report
+
+
+def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
+    """A frame sequence's report: its first frame's size, faces and text chunks, and its frame numbers."""
+    pattern = frame_pattern(path)
+    frames = pattern.frames()
+    if not frames:
+        raise InputError(f"{path}: no frame named by this pattern in {pattern.folder}"
+                         if pattern.folder.is_dir() else f"{path}: the folder {pattern.folder} does not exist")
+    first, last = pattern.number(frames[0].name), pattern.number(frames[-1].name)
+    first_frame = describe(frames[0], faces)
+    report = {"kind": "frame sequence", "size": first_frame.pop("size"), "fps": first_frame.pop("fps", None),
+              "frames": len(frames), "numbers": f"{first}-{last}"}
+    if last is not None and first is not None and last - first + 1 != len(frames):
+        report["missing_frames"] = last - first + 1 - len(frames)
+    del first_frame["kind"]
+    return report | first_frame  # its faces and settings
+
+
+def _frame_facts(path: Path) -> dict[str, Any]:
+    """A sequence frame's rate and settings (its PNG text chunks), where it records them."""
+    import json
+
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}))
+    facts: dict[str, Any] = {}
+    if FPS_KEY in text:
+        with contextlib.suppress(ValueError, ZeroDivisionError):
+            facts["fps"] = _rate(Fraction(text[FPS_KEY]))
+    try:
+        settings = json.loads(text.get(SETTINGS_KEY, ""))
+    except ValueError:
+        settings = None
+    if isinstance(settings, dict) and "megactor_rt" in settings:
+        facts["made_with"] = settings
+    return facts
 
 
 def _image(path: Path) -> np.ndarray | None:

@@ -44,6 +44,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
+from megactor_rt.sequence import (
+    SETTINGS_KEY,
+    SequenceWriter,
+    check_sequence_path,
+    frame_pattern,
+    is_sequence,
+    sequence_exists,
+    sequence_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
 }
 # the suffixes of the results VideoWriter writes
 RESULT_SUFFIXES = tuple(sorted(_AUDIO_COPY_CODECS))
+# every result format: those and PNG frame sequences (megactor_rt.sequence)
+ALL_RESULT_SUFFIXES = tuple(sorted((*RESULT_SUFFIXES, ".png")))
 # what other audio is converted to: AAC, except in WebM (Opus)
 _AUDIO_ENCODER = {".webm": "libopus"}
 # the sample rates each audio encoder takes (and its sample format); other sources (192 kHz, 37.8 kHz) are
@@ -1057,7 +1068,8 @@ RESULT_TAG = "comment"  # the container tag that holds a result's settings (MP4/
 
 def result_settings(path: PathLike) -> dict[str, Any] | None:
     """The settings a result was made with (``animate_to_file`` writes them as JSON into the container's
-    comment tag), or None where the file has none (a GIF, ``metadata=False``, another program's video).
+    comment tag, or a frame sequence's frames: ``path`` is then its pattern, :mod:`megactor_rt.sequence`), or None
+    where the file has none (a GIF, ``metadata=False``, another program's video, a sequence without frames).
 
     Raises:
         InputError: missing or unreadable file.
@@ -1065,8 +1077,12 @@ def result_settings(path: PathLike) -> dict[str, Any] | None:
     import json
 
     path = Path(path)
-    with _open_input(path) as container:
-        tags = {k.lower(): v for k, v in container.metadata.items()}
+    if is_sequence(path):
+        text = sequence_settings(path) or {}
+        tags = {RESULT_TAG: text.get(SETTINGS_KEY, "")}
+    else:
+        with _open_input(path) as container:
+            tags = {k.lower(): v for k, v in container.metadata.items()}
     try:
         doc = json.loads(tags.get(RESULT_TAG, ""))
     except ValueError:
@@ -1079,7 +1095,8 @@ def check_output_path(path: PathLike) -> Path:
 
     Args:
         path: destination file; its suffix picks the container (.mp4, .m4v, .mov, .mkv: H.264; .webm: VP9;
-            .gif; .webp: animated WebP).
+            .gif; .webp: animated WebP), or a PNG frame sequence's number pattern (``take1/%05d.png``:
+            :func:`~megactor_rt.sequence.check_sequence_path`).
 
     Returns:
         ``path`` as an absolute :class:`Path`.
@@ -1088,6 +1105,8 @@ def check_output_path(path: PathLike) -> Path:
         InputError: unsupported suffix (or no encoder for it in this PyAV build), missing or unwritable folder,
             or ``path`` is a directory.
     """
+    if is_sequence(path):
+        return check_sequence_path(path)
     path = Path(path).expanduser().absolute()
     size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)
     if size > _name_max(path.parent):
@@ -1097,7 +1116,7 @@ def check_output_path(path: PathLike) -> Path:
         raise InputError(f"{path}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
     if path.suffix.lower() not in _AUDIO_COPY_CODECS:
         raise InputError(f"{path}: unsupported output format {path.suffix!r}; use one of "
-                         f"{', '.join(sorted(_AUDIO_COPY_CODECS))}")
+                         f"{', '.join(ALL_RESULT_SUFFIXES)}")
     try:
         _encoder_for(path.suffix.lower())
     except RuntimeError as exc:
@@ -1135,6 +1154,8 @@ def check_quality(path: Path, crf: int | None) -> None:
     """
     if crf is None:
         return
+    if is_sequence(path):
+        raise InputError(f"{path}: PNG frames are lossless: crf (--crf) does not apply; leave it out")
     try:
         encoder = _encoder_for(path.suffix.lower())
     except RuntimeError as exc:
@@ -1167,8 +1188,9 @@ def _tmp_prefix(path: Path) -> str:
 
 
 def check_not_an_input(output: Path, **inputs: object) -> None:
-    """Refuse a result path that is one of the run's input files (the result would replace it); inputs that
-    are not paths (arrays, frames in memory, None) are skipped.
+    """Refuse a result path that is one of the run's input files (the result would replace it), or for a frame
+    sequence, an input inside the sequence's folder (replaced as a whole); inputs that are not paths (arrays,
+    frames in memory, None) are skipped.
 
     Raises:
         InputError: naming the input.
@@ -1176,9 +1198,32 @@ def check_not_an_input(output: Path, **inputs: object) -> None:
     for what, source in inputs.items():
         if source is None or not isinstance(source, (str, os.PathLike)):
             continue
+        if is_sequence(output) and result_replaces(output, source):
+            raise InputError(f"{output}: the {what} {source} (an input of this run) is in the result's folder, which "
+                             "the frames replace as a whole; choose another output folder")
         if Path(source).exists() and same_file(output, source):
             raise InputError(f"{output}: the result would overwrite the {what} (an input of this run); "
                              "choose another output path")
+
+
+def result_replaces(output: PathLike, source: PathLike) -> bool:
+    """Whether writing the result ``output`` would replace ``source``: the same file, or a file in a frame
+    sequence's folder (replaced as a whole)."""
+    if is_sequence(output):
+        folder = frame_pattern(output).folder
+        return folder.exists() and any(same_file(folder, p) for p in Path(source).absolute().parents)
+    return same_file(output, source)
+
+
+def result_exists(output: PathLike) -> bool:
+    """Whether the result ``output`` is in place (a file; a frame sequence: a frame in its folder). Results are
+    renamed into place only when complete, so one that exists is whole."""
+    return sequence_exists(output) if is_sequence(output) else Path(output).is_file()
+
+
+def result_folder(output: PathLike) -> Path:
+    """The folder a result is written into: the file's, or the folder that holds a frame sequence's folder."""
+    return frame_pattern(output).folder.parent if is_sequence(output) else Path(output).parent
 
 
 @lru_cache(maxsize=1)
@@ -1675,3 +1720,10 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def result_writer(path: PathLike, fps: Fraction | int, width: int, height: int, **options: Any
+                  ) -> VideoWriter | SequenceWriter:
+    """The writer of a result at ``path``: a :class:`VideoWriter`, or for a PNG frame sequence's pattern
+    (``take1/%05d.png``) a :class:`~megactor_rt.sequence.SequenceWriter`; ``options``: :class:`VideoWriter`'s."""
+    return (SequenceWriter if is_sequence(path) else VideoWriter)(path, fps, width, height, **options)

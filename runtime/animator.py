@@ -28,7 +28,6 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
     RESULT_TAG,
-    VideoWriter,
     check_not_an_input,
     check_output_path,
     check_quality,
@@ -36,6 +35,7 @@ from megactor_rt.media import (
     check_sound,
     image_to_rgb,
     read_portrait,
+    result_writer,
 )
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
@@ -834,7 +834,7 @@ class Animator:
             "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
             "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
-        with VideoWriter(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
+        with result_writer(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
             frames = self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame, cfg,
                                   driver_face, checkpoint_dir)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the

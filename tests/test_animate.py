@@ -1345,7 +1345,7 @@ def test_the_result_takes_the_audio_from_the_first_frame_used(anim: Animator, tm
     def writer(path: Path, fps: Fraction, width: int, height: int, **kwargs: object) -> None:
         raise Opened(fps, kwargs)
 
-    monkeypatch.setattr(animator_module, "VideoWriter", writer)
+    monkeypatch.setattr(animator_module, "result_writer", writer)
     with pytest.raises(Opened) as opened:
         anim.with_config(fps=25, start=0.1).animate_to_file(PORTRAIT, fast, tmp_path / "out.mp4")
     fps, kwargs = opened.value.args

@@ -887,9 +887,9 @@ def test_a_60_fps_driver_into_a_gif_is_refused_before_the_weights_load(
 
 
 def test_formats_of_the_cli_are_the_writers() -> None:
-    from megactor_rt.media import RESULT_SUFFIXES
+    from megactor_rt.media import ALL_RESULT_SUFFIXES
 
-    assert tuple(f".{f}" for f in cli.RESULT_FORMATS) == RESULT_SUFFIXES
+    assert tuple(f".{f}" for f in cli.RESULT_FORMATS) == ALL_RESULT_SUFFIXES
 
 
 def test_a_60_fps_driver_into_a_gif_is_refused_before_the_portrait_is_prepared(

@@ -1,0 +1,254 @@
+"""PNG frame-sequence results (megactor_rt.sequence): lossless numbered frames in a folder of their own, published
+as a whole (a temporary folder renamed into place), an earlier result replaced but nothing else deleted; through
+the Python API (frames equal to the streamed run's) and the CLI (batches, --skip-existing, jobs files, inspect)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media_fixtures import PORTRAIT, write_face_driver
+from PIL import Image
+
+from megactor_rt.cli import main
+from megactor_rt.config import AnimateConfig, tiny_config
+from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.media import check_not_an_input, check_output_path, result_exists, result_settings
+from megactor_rt.progress import progress_enabled, set_progress_enabled
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.sequence import FramePattern, SequenceWriter, frame_pattern
+from megactor_rt.weights import build_models, write_converted
+
+FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def _restore_progress() -> Iterator[None]:
+    was = progress_enabled()
+    yield
+    set_progress_enabled(was)
+
+
+def frames(n: int, size: int = 24, seed: int = 0) -> list[np.ndarray]:
+    return list(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def write(path: Path, content: list[np.ndarray], fps: Fraction | int = 25, **options: object) -> None:
+    with SequenceWriter(path, fps, content[0].shape[1], content[0].shape[0], **options) as w:  # type: ignore[arg-type]
+        for f in content:
+            w.write(f)
+
+
+def read(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------- the writer
+
+
+def test_frames_are_lossless_numbered_from_1_and_record_their_rate_and_settings(tmp_path: Path) -> None:
+    content = frames(12)
+    write(tmp_path / "take1" / "frame_%04d.png", content, Fraction(30000, 1001), metadata={"comment": '{"a": 1}'})
+    folder = tmp_path / "take1"
+    assert sorted(p.name for p in folder.iterdir()) == [f"frame_{i:04d}.png" for i in range(1, 13)]
+    assert all(np.array_equal(a, b) for a, b in zip(read(folder), content, strict=True))
+    with Image.open(folder / "frame_0007.png") as im:
+        assert im.text == {"fps": "30000/1001", "Comment": '{"a": 1}'}  # type: ignore[attr-defined]
+    assert hidden(tmp_path) == [] and result_exists(tmp_path / "take1" / "frame_%04d.png")
+    assert not result_exists(tmp_path / "take1" / "other_%04d.png")
+
+
+def test_frame_numbers_beyond_the_padding_and_without_it() -> None:
+    padded, plain = FramePattern(Path("/x"), "f", ".png", 3), FramePattern(Path("/x"), "", ".png", 0)
+    assert (padded.name(7), padded.name(12345), plain.name(7)) == ("f007.png", "f12345.png", "7.png")
+    assert [padded.number(n) for n in ("f007.png", "f12345.png", "f07.png", "f0007.png", "g007.png")] == \
+        [7, 12345, None, None, None]
+    assert [plain.number(n) for n in ("7.png", "123.png", "07.png", "7.PNG")] == [7, 123, None, None]
+    assert frame_pattern("a/b/%d.png").digits == 0 and frame_pattern("a/%05d.png").folder.name == "a"
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("take.png", "give its file name one number pattern"),
+    ("t%d_%d.png", "give its file name one number pattern"),
+    ("t%s%d.png", "only the file name may hold a number pattern"),
+    ("shot%d/%05d.png", "only the file name may hold a number pattern"),
+])
+def test_a_sequence_needs_one_number_pattern_in_its_file_name(tmp_path: Path, name: str, problem: str) -> None:
+    with pytest.raises(InputError, match=problem) as err:
+        check_output_path(tmp_path / name)
+    assert "%05d.png" in str(err.value)  # an example to follow
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_earlier_result_is_replaced_as_a_whole(tmp_path: Path) -> None:
+    pattern = tmp_path / "take" / "%05d.png"
+    write(pattern, frames(5))
+    write(pattern, frames(3, seed=1))  # shorter: frames 4 and 5 of the first must not stay
+    assert all(np.array_equal(a, b) for a, b in zip(read(tmp_path / "take"), frames(3, seed=1), strict=True))
+    assert hidden(tmp_path) == []
+
+
+def test_a_folder_holding_other_files_is_refused_before_any_work(tmp_path: Path) -> None:
+    folder = tmp_path / "renders"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "00001.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"holds notes\.txt besides frames named 00001\.png, \.\.\.; a frame "
+                                         "sequence's folder is replaced as a whole"):
+        SequenceWriter(folder / "%05d.png", 25, 24, 24)
+    assert (folder / "notes.txt").read_text() == "keep me" and hidden(tmp_path) == []
+
+
+def test_a_failed_run_leaves_the_earlier_result_untouched(tmp_path: Path) -> None:
+    pattern = tmp_path / "take" / "%05d.png"
+    write(pattern, frames(4))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()}
+    with pytest.raises(RuntimeError, match="stopped"), SequenceWriter(pattern, 25, 24, 24) as w:
+        for f in frames(2, seed=3):
+            w.write(f)
+        raise RuntimeError("stopped")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()} == before
+    assert hidden(tmp_path) == []
+    with pytest.raises(ValueError, match="no frames were written"):
+        SequenceWriter(tmp_path / "new" / "%05d.png", 25, 24, 24).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["take"]
+
+
+def test_a_file_put_into_the_folder_during_the_run_is_not_deleted(tmp_path: Path) -> None:
+    folder = tmp_path / "take"
+    w = SequenceWriter(folder / "%05d.png", 25, 24, 24)
+    w.write(frames(1)[0])
+    folder.mkdir()
+    (folder / "mine.txt").write_text("x")
+    with pytest.raises(ResourceError, match=r"now holds mine\.txt.*nothing was replaced, the 1 frames are in") as err:
+        w.close()
+    kept = Path(str(err.value).rsplit(" are in ", 1)[1])
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"] and (kept / "00001.png").is_file()
+
+
+def test_crf_is_refused_the_audio_left_out_and_odd_sizes_taken(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(InputError, match="PNG frames are lossless"):
+        SequenceWriter(tmp_path / "a" / "%05d.png", 25, 24, 24, crf=18)
+    with caplog.at_level(logging.INFO, logger="megactor_rt.sequence"):
+        write(tmp_path / "b" / "%05d.png", [f[:, :23] for f in frames(2)], audio_source=tmp_path / "driver.mp4",
+              audio_offset=Fraction(1))
+    assert "a frame sequence has no sound; the audio of" in caplog.text
+    assert Image.open(tmp_path / "b" / "00002.png").size == (23, 24)
+
+
+def test_a_stale_temporary_folder_of_a_killed_write_is_removed(tmp_path: Path) -> None:
+    stale, fresh = tmp_path / ".take.0123abcd.tmp", tmp_path / ".take.4567cdef.tmp"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "00001.png").write_bytes(b"")
+    for p in (stale / "00001.png", stale):
+        os.utime(p, (1e9, 1e9))
+    write(tmp_path / "take" / "%05d.png", frames(1))
+    assert hidden(tmp_path) == [fresh.name]  # a running writer's is not touched
+
+
+def test_an_input_in_the_sequence_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "shot"
+    folder.mkdir()
+    driver = folder / "plate.mp4"
+    driver.write_bytes(b"")
+    with pytest.raises(InputError, match="the driver .*plate.mp4 .* is in the result's folder"):
+        check_not_an_input(folder / "%05d.png", driver=driver)
+    check_not_an_input(tmp_path / "other" / "%05d.png", driver=driver)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_face_driver(tmp_path_factory.mktemp("seq_media") / "clip.mp4", n=6, fps=25, audio=True)
+
+
+def test_animate_to_file_writes_the_runs_frames_exactly(driver: Path, tmp_path: Path) -> None:
+    cfg = AnimateConfig(steps=2, window=4, overlap=2, max_frames=5)
+    anim = Animator.demo(seed=0, device="cpu", config=cfg)
+    streamed = list(anim.animate(anim.prepare(PORTRAIT), driver))
+    anim.animate_to_file(PORTRAIT, driver, tmp_path / "take" / "%05d.png")
+    written = read(tmp_path / "take")
+    assert len(written) == len(streamed) == 5 and all(np.array_equal(a, b) for a, b in zip(written, streamed))
+    settings = result_settings(tmp_path / "take" / "%05d.png")
+    assert settings is not None and settings["driver"] == "clip.mp4" and settings["config"]["max_frames"] == 5
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = build_models(tiny_config(), seed=0)
+    states = {name: module.state_dict() for name, module in models.modules().items()}
+    return write_converted(tiny_config(), states, tmp_path_factory.mktemp("seq_weights") / "tiny")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--format png gives each pair a folder of frames; --skip-existing keeps a sequence that is there; a jobs
+    file's .png row writes one, its folders created; inspect reads a sequence's rate, frames and settings."""
+    second = driver.with_name("clip2.mp4")
+    second.write_bytes(driver.read_bytes())
+    common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 3)
+    out = tmp_path / "results"
+    code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
+                            "--format", "png", *common)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["portrait_clip", "portrait_clip2"]
+    assert sorted(p.name for p in (out / "portrait_clip").iterdir()) == ["00001.png", "00002.png", "00003.png"]
+    first = out / "portrait_clip" / "00001.png"
+    os.utime(first, (1e9, 1e9))
+    code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
+                            "--format", "png", *common, "--skip-existing")
+    assert code == 0 and stdout.count("kept ") == 2 and first.stat().st_mtime == 1e9, err
+
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output\n{PORTRAIT},{driver},shots/a/%04d.png\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, *common)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "shots" / "a").iterdir()) == ["0001.png", "0002.png", "0003.png"]
+    assert all(np.array_equal(a, b) for a, b in zip(read(tmp_path / "shots" / "a"), read(out / "portrait_clip")))
+
+    code, stdout, err = run(capsys, "inspect", tmp_path / "shots" / "a" / "%04d.png", "--json", "--no-faces")
+    assert code == 0, err
+    report = json.loads(stdout)[str(tmp_path / "shots" / "a" / "%04d.png")]
+    assert (report["kind"], report["size"], report["fps"], report["frames"], report["numbers"]) == \
+        ("frame sequence", "128x128", "25", 3, "1-3")
+    assert report["made_with"]["driver"] == "clip.mp4" and "missing_frames" not in report
+
+
+def test_cli_refuses_a_sequence_onto_a_folder_of_other_files_before_the_weights_load(
+        weights: Path, driver: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Animator, "from_weights", load)
+    code, _, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, "-o", tmp_path / "%05d.png",
+                       "--weights", weights, "--device", "cpu")
+    assert code == 2 and "holds notes.txt besides frames named 00001.png" in err
+    code, _, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, "-o", tmp_path / "s" /
+                       "%05d.png", "--weights", weights, "--device", "cpu", "--crf", 18)
+    assert code == 2 and "PNG frames are lossless" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
