@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -28,6 +29,7 @@ from megactor_rt.weights_layout import check_converted_folder, check_release_fol
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
     from megactor_rt.runtime.animator import Animator
+    from megactor_rt.runtime.driver import DriverFrames
     from megactor_rt.runtime.pipeline import RunStats
 
 logger = logging.getLogger("megactor_rt")
@@ -56,6 +58,17 @@ def _positive_int(text: str) -> int:
 def _count(text: str) -> int:
     """A whole number >= 0 on the command line (``--overlap 0`` is allowed, ``--overlap -1`` names its flag)."""
     return _whole_number(text, 0)
+
+
+def _frame_rate(text: str) -> Fraction:
+    """A frame rate: ``24``, ``29.97`` or ``30000/1001`` (> 0)."""
+    try:
+        value = Fraction(text.strip()) if "/" in text else Fraction(float(text)).limit_denominator(1001000)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a frame rate (24, 29.97, 30000/1001)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
 
 
 def _guidance(text: str) -> float:
@@ -126,6 +139,11 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                    help="bring a faster driver down to this frame rate by keeping the frame shown at each output "
                         "frame's time (60 -> 30 halves the work; timing and audio stay in step); slower drivers "
                         "keep theirs (default: every driver frame)")
+    p.add_argument("--sequence-fps", type=_frame_rate, default=None, metavar="FPS",
+                   help="the frame rate (24, 30000/1001) of a driver given as an image sequence (plate/%%04d.png, "
+                        "frames/%%d.jpg) "
+                        "(default: the rate its frames record, as this engine's PNG results do, else 25 as FFmpeg "
+                        "takes)")
     p.add_argument("--no-face-crop", action="store_true",
                    help="centre crops instead of face-centred crops (portrait and driver); a face found in them "
                         "still seeds the person mask and the driver's face isolation, without one the whole crop is "
@@ -348,7 +366,7 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
         if twice_given:
             raise InputError(f"{', '.join(twice_given)}: the same {what} is given more than once")
     name = "{}_{}/%05d.png" if fmt == "png" else f"{{}}_{{}}.{fmt or 'mp4'}"
-    jobs = [Job(p, d, output / name.format(p.stem, d.stem)) for p in portraits for d in drivers]
+    jobs = [Job(p, d, output / name.format(_stem(p), _stem(d))) for p in portraits for d in drivers]
     names = [str(job.output.relative_to(output)) for job in jobs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -358,6 +376,33 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
     if clash:
         raise InputError(f"{', '.join(clash)}: a result would overwrite an input; choose another -o folder")
     return jobs
+
+
+def _stem(path: Path) -> str:
+    """An input's name in a batch's result names: its file name's stem, an image sequence's folder name."""
+    from megactor_rt.sequence import is_frame_pattern
+
+    return path.parent.name if is_frame_pattern(path) else path.stem
+
+
+def _require_driver(path: Path, sequence_fps: Fraction | None) -> None:
+    """A driver file exists; an image sequence's frames are there, numbered without a gap (no torch: before the
+    weights load)."""
+    from megactor_rt.media import require_file
+    from megactor_rt.sequence import FrameSequence, is_frame_pattern
+
+    if is_frame_pattern(path):
+        FrameSequence(path, sequence_fps)
+    else:
+        require_file(path, "driver")
+
+
+def _run_driver(path: Path, args: argparse.Namespace) -> Path | DriverFrames:
+    """A driver as the run reads it: an image sequence at ``--sequence-fps``, else the file."""
+    from megactor_rt.runtime.driver import sequence_driver
+    from megactor_rt.sequence import is_frame_pattern
+
+    return sequence_driver(path, args.sequence_fps) if is_frame_pattern(path) else path
 
 
 def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
@@ -443,9 +488,10 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     for job in jobs:
         options = _result_options(args) | job.options
         try:
-            for path, what in ((job.portrait, "portrait"), (job.driver, "driver"), (options["mask"], "mask")):
+            for path, what in ((job.portrait, "portrait"), (options["mask"], "mask")):
                 if path is not None:
                     require_file(Path(path), what)
+            _require_driver(job.driver, args.sequence_fps)
             check_sound(options["audio"], options["audio_start"])
             if args.no_face_crop and (job.options.keys() & {"face", "driver_face"}):
                 raise InputError("portrait_face and driver_face choose where the face crop centres; they cannot be "
@@ -474,14 +520,17 @@ def _results_folder(folder: Path) -> None:
 
 
 def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None, mask: Path | None = None,
-                 audio: Path | None = None, audio_start: float | None = None) -> None:
+                 audio: Path | None = None, audio_start: float | None = None, sequence_fps: Fraction | None = None
+                 ) -> None:
     """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist
-    (the --audio file with its sound), and the one result (``output``, where given) can be written and is none
-    of them."""
+    (the --audio file with its sound; an image sequence's frames), and the one result (``output``, where given) can
+    be written and is none of them."""
     from megactor_rt.media import check_not_an_input, check_output_path, check_sound, require_file
 
-    for path, what in [*((p, "portrait") for p in portraits), *((d, "driver") for d in drivers)]:
-        require_file(Path(path), what)
+    for path in portraits:
+        require_file(Path(path), "portrait")
+    for path in drivers:
+        _require_driver(Path(path), sequence_fps)
     check_sound(audio, audio_start)
     if output is not None:
         check_output_path(output)
@@ -496,7 +545,7 @@ def _check_quality(output: Path, crf: int | None) -> None:
         check_quality(output, crf)
 
 
-def _check_result_rate(driver: Path, output: Path, config: AnimateConfig) -> None:
+def _check_result_rate(driver: Path | DriverFrames, output: Path, config: AnimateConfig) -> None:
     """A rate the result's format cannot show (a 60 fps driver into a GIF), before the weights load."""
     if output.suffix.lower() == ".gif":
         from megactor_rt.media import check_result_rate
@@ -547,6 +596,14 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
     if config.cfg_steps is not None and config.cfg_steps >= config.steps:
         logger.warning("--cfg-steps %d with --steps %d: guidance in every step, as without --cfg-steps",
                        config.cfg_steps, config.steps)
+    named = getattr(args, "driver", None)  # animate: a list (None with --jobs); demo: one path or None
+    drivers = named if isinstance(named, list) else [] if args.command != "demo" else [named or Path("driver.mp4")]
+    if args.sequence_fps is not None and drivers:
+        from megactor_rt.sequence import is_frame_pattern
+
+        if not any(is_frame_pattern(d) for d in drivers):
+            logger.warning("--sequence-fps sets the rate of image-sequence drivers (plate/%04d.png); none is given: "
+                           "ignored")
     if config.feature_reuse == 1:
         logger.warning("--feature-reuse 1 runs the whole UNet in every step, as without --feature-reuse")
     if config.window_batch > 1 and not config.batches_windows:
@@ -569,7 +626,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
         options = _result_options(args) | job.options
         try:
             check_schedule(model, job.run_config(config))
-            found = preflight(job.portrait, job.driver, job.output, image_size=size, config=job.run_config(config),
+            found = preflight(job.portrait, _run_driver(job.driver, args), job.output, image_size=size, config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
                               driver_face=options["driver_face"], mask=options["mask"])
         except MegactorError as exc:
@@ -606,7 +663,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                        _stats_options(args))
     if args.jobs is None:
         _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
-                     args.audio_start)
+                     args.audio_start, args.sequence_fps)
         _check_quality(jobs[0].output, args.crf)  # a batch's results share their format
     check_converted_folder(args.weights)
     if args.jobs is None:
@@ -625,7 +682,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
-        _check_result_rate(jobs[0].driver, jobs[0].output, config)
+        _check_result_rate(_run_driver(jobs[0].driver, args), jobs[0].output, config)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -641,7 +698,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     for job in jobs:  # one process: weights, compiled graphs and prepared portraits reused
         portrait, driver, output = job.portrait, job.driver, job.output
         try:
-            stats = anim.animate_to_file(portrait, driver, output, **(_result_options(args) | job.options),
+            stats = anim.animate_to_file(portrait, _run_driver(driver, args), output,
+                                         **(_result_options(args) | job.options),
                                          config=job.run_config(config))
         except MegactorError as exc:
             if not batch:
@@ -666,7 +724,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio],
                        _stats_options(args))
-    _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start)
+    _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start, args.sequence_fps)
     _check_quality(args.output, args.crf)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
@@ -682,7 +740,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_run(anim)
     if args.cache_dir is not None:
         anim.cache = _cache(args)
-    stats = anim.animate_to_file(portrait, driver, args.output, **_result_options(args))
+    stats = anim.animate_to_file(portrait, _run_driver(driver, args), args.output, **_result_options(args))
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0

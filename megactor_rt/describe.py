@@ -2,20 +2,19 @@
 
 For an image: its size (upright, as a portrait is read) and the faces the portrait crop would choose from. For a
 video (or animated GIF/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, the
-faces in its first frame (a video portrait's), and for a result of this engine the settings it was made with. For a
-PNG frame sequence (its number pattern, ``take1/%05d.png``, or one of its frames): its size, rate, frames and
-settings as its frames record them.
+faces in its first frame (a video portrait's), and for a result of this engine the settings it was made with. For an
+image sequence (its number pattern, ``take1/%05d.png``, ``plate/%04d.jpg``): its first frame's size and faces, its
+frame numbers (and any missing), and the rate and settings its frames record (this engine's PNG results; a frame of
+one alone too).
 """
 
 from __future__ import annotations
 
-import contextlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
@@ -28,7 +27,13 @@ from megactor_rt.media import (
     require_file,
     result_settings,
 )
-from megactor_rt.sequence import FPS_KEY, SETTINGS_KEY, frame_pattern, is_sequence
+from megactor_rt.sequence import (
+    DEFAULT_FPS,
+    frame_pattern,
+    is_frame_pattern,
+    is_sequence,
+    recorded_fps,
+)
 
 
 def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
@@ -42,7 +47,7 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         InputError: missing or unreadable file (the message says why).
     """
     path = Path(path)
-    if is_sequence(path) and "%" in path.name:
+    if is_frame_pattern(path):
         return _describe_sequence(path, faces)
     require_file(path, "input")
     report: dict[str, Any]
@@ -85,7 +90,8 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
                          if pattern.folder.is_dir() else f"{path}: the folder {pattern.folder} does not exist")
     first, last = pattern.number(frames[0].name), pattern.number(frames[-1].name)
     first_frame = describe(frames[0], faces)
-    report = {"kind": "frame sequence", "size": first_frame.pop("size"), "fps": first_frame.pop("fps", None),
+    fps = first_frame.pop("fps", None) or f"none recorded ({_rate(DEFAULT_FPS)} taken as a driver; --sequence-fps)"
+    report = {"kind": "frame sequence", "size": first_frame.pop("size"), "fps": fps,
               "frames": len(frames), "numbers": f"{first}-{last}"}
     if last is not None and first is not None and last - first + 1 != len(frames):
         report["missing_frames"] = last - first + 1 - len(frames)
@@ -95,21 +101,8 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
 
 def _frame_facts(path: Path) -> dict[str, Any]:
     """A sequence frame's rate and settings (its PNG text chunks), where it records them."""
-    import json
-
-    with Image.open(path) as im:
-        text = dict(getattr(im, "text", {}))
-    facts: dict[str, Any] = {}
-    if FPS_KEY in text:
-        with contextlib.suppress(ValueError, ZeroDivisionError):
-            facts["fps"] = _rate(Fraction(text[FPS_KEY]))
-    try:
-        settings = json.loads(text.get(SETTINGS_KEY, ""))
-    except ValueError:
-        settings = None
-    if isinstance(settings, dict) and "megactor_rt" in settings:
-        facts["made_with"] = settings
-    return facts
+    fps, settings = recorded_fps(path), result_settings(path)
+    return {**({"fps": _rate(fps)} if fps else {}), **({"made_with": settings} if settings else {})}
 
 
 def _image(path: Path) -> np.ndarray | None:

@@ -14,6 +14,10 @@ result as a whole:
   and, unless metadata is off, ``Comment`` with the run's settings (as a video result's comment tag).
 
 A sequence has no sound: the driver's audio is left out (logged), as for a GIF.
+
+Image sequences are read as drivers too (:class:`FrameSequence`): any image format Pillow reads (PNG, JPEG, TIFF,
+...), named by a number pattern the same way, its frames consecutive from whatever number the first has, at the rate
+its frames record (this engine's sequences do) or a given one, else FFmpeg's default of 25 fps.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import overload
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -47,6 +52,7 @@ SETTINGS_KEY = "Comment"  # the PNG text chunk with the run's settings (JSON), P
 _PNG_LEVEL = 1
 _NUMBER = re.compile(r"%(0?\d*)d")
 _TMP_NAME_CHARS = 200  # the folder name's part in its temporary name (the file system's limit is 255 bytes)
+DEFAULT_FPS = Fraction(25)  # the rate of an image sequence that records none (FFmpeg's image2 default)
 
 
 def is_sequence(path: str | os.PathLike[str]) -> bool:
@@ -99,16 +105,24 @@ def frame_pattern(path: str | os.PathLike[str]) -> FramePattern:
     """
     path = Path(path).expanduser().absolute()
     found = list(_NUMBER.finditer(path.name))
-    example = path.with_name(f"%05d{path.suffix}")
+    stem = path.stem.split("%")[0].rstrip("_-. ")
+    example = (path.parent / stem if stem else path.parent) / f"%05d{path.suffix}"
     if len(found) != 1:
-        raise InputError(f"{path}: a {path.suffix} result is a folder of numbered frames: give its file name one "
-                         f"number pattern, e.g. {example} (frames {FIRST_FRAME:05d}{path.suffix}, ...)")
+        what = f"a {path.suffix} result is a folder of numbered frames" if is_sequence(path) and not found else \
+            "the frames of a sequence are named by a number pattern"
+        raise InputError(f"{path}: {what}: give its file name one number pattern, e.g. {example} (frames "
+                         f"{FIRST_FRAME:05d}{path.suffix}, ...)")
     match = found[0]
     head, tail = path.name[:match.start()], path.name[match.end():]
     if "%" in head + tail or "%" in str(path.parent):
         raise InputError(f"{path}: only the file name may hold a number pattern (%d or %05d), once, e.g. {example}")
     width = match.group(1)
     return FramePattern(path.parent, head, tail, int(width) if width else 0)
+
+
+def is_frame_pattern(path: object) -> bool:
+    """Whether ``path`` is a path whose file name holds a number pattern (``%d``, ``%04d``): an image sequence."""
+    return isinstance(path, (str, os.PathLike)) and _NUMBER.search(Path(path).name) is not None
 
 
 def check_sequence_path(path: str | os.PathLike[str]) -> Path:
@@ -155,20 +169,27 @@ def _tmp_prefix(folder: Path) -> str:
     return f".{folder.name[:_TMP_NAME_CHARS]}."
 
 
-def sequence_settings(path: str | os.PathLike[str]) -> dict[str, str] | None:
-    """The text chunks of a sequence's first frame (``fps``, ``Comment``), or None where it has no frame.
+def frame_text(frame: Path) -> dict[str, str]:
+    """A frame's PNG text chunks (``fps``, ``Comment``; none in other formats).
 
     Raises:
-        InputError: the first frame is no PNG Pillow reads.
+        InputError: no image Pillow reads.
+    """
+    try:
+        with Image.open(frame) as im:
+            return dict(getattr(im, "text", {}))
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{frame}: cannot read this frame ({exc})") from exc
+
+
+def sequence_settings(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The text chunks of a sequence's first frame (:func:`frame_text`), or None where it has no frame.
+
+    Raises:
+        InputError: the first frame is no image Pillow reads.
     """
     frames = frame_pattern(path).frames()
-    if not frames:
-        return None
-    try:
-        with Image.open(frames[0]) as im:
-            return dict(getattr(im, "text", {}))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"{frames[0]}: cannot read this frame ({exc})") from exc
+    return frame_text(frames[0]) if frames else None
 
 
 def sequence_exists(path: str | os.PathLike[str]) -> bool:
@@ -298,3 +319,83 @@ class SequenceWriter:
             self.close()
         else:
             self.abort()
+
+
+def recorded_fps(frame: Path) -> Fraction | None:
+    """The rate a frame's ``fps`` text chunk records (this engine's sequences), or None."""
+    try:
+        fps = Fraction(frame_text(frame)[FPS_KEY])
+    except (InputError, KeyError, ValueError, ZeroDivisionError):  # (an unreadable frame's own read names it)
+        return None
+    return fps if fps > 0 else None
+
+
+class FrameSequence(Sequence[np.ndarray]):
+    """The frames of an image sequence (``plate/%04d.png``, ``frames/img_%d.jpg``) as ``(H, W, 3)`` uint8 RGB,
+    each read when asked for (upright and RGB as a portrait is read); ``files`` are the frames in number order.
+
+    Args:
+        path: the pattern (:func:`frame_pattern`).
+        fps: the frames' rate; None: the rate their first frame records, else :data:`DEFAULT_FPS` (logged).
+
+    Raises:
+        InputError: no pattern, no folder, no frame, a gap in the numbers, or a non-positive ``fps``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fps: Fraction | float | None = None) -> None:
+        self.pattern = frame_pattern(path)
+        self.path = Path(path).expanduser().absolute()
+        folder = self.pattern.folder
+        self.name = f"{folder.name}/{self.path.name}"
+        if not folder.is_dir():
+            raise InputError(f"{self.path}: the folder {folder} does not exist" if not folder.exists() else
+                             f"{self.path}: {folder} is not a folder")
+        self.files = tuple(self.pattern.frames())
+        if not self.files:
+            raise InputError(f"{self.path}: no frame named by this pattern in {folder} (e.g. "
+                             f"{self.pattern.name(FIRST_FRAME)})")
+        numbers = [self.pattern.number(p.name) or 0 for p in self.files]
+        self.first_number = numbers[0]
+        if numbers[-1] - numbers[0] + 1 != len(numbers):
+            have = set(numbers)
+            missing = [n for n in range(numbers[0], numbers[-1]) if n not in have]
+            shown = ", ".join(self.pattern.name(n) for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise InputError(f"{self.path}: {len(missing)} frame(s) missing between {self.files[0].name} and "
+                             f"{self.files[-1].name}: {shown}; a sequence's frames must be consecutive")
+        if fps is not None:
+            rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001000)
+            if not rate > 0:
+                raise InputError(f"{self.path}: the frame rate must be positive, got {fps}")
+            self.fps = rate
+        else:
+            found = recorded_fps(self.files[0])
+            if found is None:
+                logger.info("%s: the frames record no rate; taken as %s fps (give the rate: --sequence-fps, "
+                            "Python: fps=)", self.name, DEFAULT_FPS)
+            self.fps = found or DEFAULT_FPS
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @overload
+    def __getitem__(self, k: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, k: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        from megactor_rt.media import read_image  # (media imports this module)
+
+        return read_image(self.files[k])
+
+    def identity(self) -> list[object]:
+        """What tells this sequence from another version of it: its pattern, frame count, bytes and latest change.
+
+        Raises:
+            OSError: a frame cannot be looked at.
+        """
+        stats = [p.stat() for p in self.files]
+        return [str(self.path.resolve()), len(self.files), sum(s.st_size for s in stats),
+                max(s.st_mtime_ns for s in stats), str(self.fps)]

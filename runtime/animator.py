@@ -62,6 +62,8 @@ from megactor_rt.runtime.driver import (
     DriverPlan,
     FrameSelection,
     cropped_frames,
+    driver_file,
+    driver_identity,
     driver_info,
     driver_name,
     driver_source,
@@ -89,6 +91,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
+from megactor_rt.sequence import is_frame_pattern
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
 logger = logging.getLogger(__name__)
@@ -600,12 +603,12 @@ class Animator:
             logger.warning("checkpoint_dir (--checkpoint-dir): open windows (closed_loop=False, --no-wrap) finish "
                            "frames at different steps, so this run saves no checkpoint")
             return None
-        if not isinstance(plan.source, Path):
+        identity = driver_identity(plan.source)
+        if identity is None:
             logger.warning("checkpoint_dir (--checkpoint-dir): a driver in memory is not saved (no file to know it "
                            "by when the run starts again)")
             return None
-        st = plan.source.stat()
-        facts = {"portrait": state.key, "driver": [str(plan.source.resolve()), st.st_size, st.st_mtime_ns],
+        facts = {"portrait": state.key, "driver": identity,
                  "frames": plan.num_frames, "crop": plan.crop, "face_crop": plan.face_crop, "follow": plan.follow,
                  "selection": [plan.selection.skip, str(plan.selection.ratio)], "detector": plan.detector,
                  "contour": contour, "backend": self.sub.name, "dtype": str(self.sub.dtype),
@@ -797,7 +800,7 @@ class Animator:
         self.check_run(cfg)
         source = driver_source(driver)
         sound, from_s = check_sound(audio, audio_start)
-        check_not_an_input(out, portrait=portrait, driver=source if isinstance(source, Path) else None, mask=mask,
+        check_not_an_input(out, portrait=portrait, driver=driver_file(source), mask=mask,
                            audio=sound)
         check_affine_frame(contour_affine_frame)
         check_face_choice(driver_face, face_crop, "driver")
@@ -891,7 +894,10 @@ class Animator:
 
 
 def _name(path: object) -> str | None:
-    """A file's name without its folders (None for anything that is no path)."""
+    """A file's name without its folders (an image sequence's: with its folder's; None for anything that is no
+    path)."""
+    if is_frame_pattern(path):
+        return f"{Path(path).parent.name}/{Path(path).name}"  # type: ignore[arg-type]
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
 
 

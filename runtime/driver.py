@@ -10,8 +10,9 @@ Contour mode (:mod:`megactor_rt.contour`) needs the whole clip's landmarks befor
 landmark pass over the cropped frames (:func:`plan_driver_contour`) runs between the two, and pass 2 then
 keeps the eye/mouth/brow rectangles and warps them onto the portrait's face instead.
 
-A driver is a video file or, from Python, frames already in memory (:class:`DriverFrames`); each pass
-iterates it again.
+A driver is a video file, an image sequence named by a number pattern (``plate/%04d.png``, read a frame at a time:
+:func:`sequence_driver`) or, from Python, frames already in memory (:class:`DriverFrames`); each pass iterates it
+again.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from megactor_rt.preprocess import (
 )
 from megactor_rt.progress import progress
 from megactor_rt.runtime.pipeline import cancellable, ordered_map
+from megactor_rt.sequence import FrameSequence, is_frame_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ def driver_source(driver: object) -> Path | DriverFrames:
         return driver
     if isinstance(driver, (str, os.PathLike)):
         path = Path(driver)
+        if is_frame_pattern(path):
+            return sequence_driver(path)
         if path.suffix.lower() == ".webp" and is_animated_webp(path):  # FFmpeg reads still WebP images only
             frames = AnimatedWebP(path)
             return DriverFrames(frames, fps=frames.fps, name=path.name)
@@ -129,6 +133,36 @@ def driver_source(driver: object) -> Path | DriverFrames:
     hint = (" (frames in memory: DriverFrames(frames, fps=...), which carries their rate)"
             if isinstance(driver, (list, tuple, np.ndarray)) or hasattr(driver, "__iter__") else "")
     raise InputError(f"the driver must be a video file's path or DriverFrames, got {type(driver).__name__}{hint}")
+
+
+def sequence_driver(path: str | os.PathLike[str], fps: Fraction | float | None = None) -> DriverFrames:
+    """An image sequence (``plate/%04d.png``: :class:`~megactor_rt.sequence.FrameSequence`) as a driver, its
+    frames read when a pass needs them; ``fps``: their rate (None: the rate they record, else 25).
+
+    Raises:
+        InputError: no frames, a gap in their numbers, a first frame that is no readable image.
+    """
+    frames = FrameSequence(path, fps)
+    return DriverFrames(frames, fps=frames.fps, name=frames.name)
+
+
+def driver_file(source: Path | DriverFrames) -> Path | None:
+    """Where a driver is on disk: its file, an image sequence's pattern; None for frames in memory."""
+    if isinstance(source, Path):
+        return source
+    return source.frames.path if isinstance(source.frames, FrameSequence) else None
+
+
+def driver_identity(source: Path | DriverFrames) -> list[object] | None:
+    """What tells a driver on disk from another version of it (path, size, last change), or None in memory.
+
+    Raises:
+        OSError: it cannot be looked at.
+    """
+    if isinstance(source, Path):
+        st = source.stat()
+        return [str(source.resolve()), st.st_size, st.st_mtime_ns]
+    return source.frames.identity() if isinstance(source.frames, FrameSequence) else None
 
 
 def driver_info(driver: Driver) -> VideoInfo:

@@ -22,7 +22,8 @@ from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.media import check_not_an_input, check_output_path, result_exists, result_settings
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
-from megactor_rt.sequence import FramePattern, SequenceWriter, frame_pattern
+from megactor_rt.runtime.driver import DriverFrames, driver_identity, driver_source
+from megactor_rt.sequence import FramePattern, FrameSequence, SequenceWriter, frame_pattern
 from megactor_rt.weights import build_models, write_converted
 
 FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
@@ -252,3 +253,116 @@ def test_cli_refuses_a_sequence_onto_a_folder_of_other_files_before_the_weights_
                        "%05d.png", "--weights", weights, "--device", "cpu", "--crf", 18)
     assert code == 2 and "PNG frames are lossless" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- as drivers
+
+
+def plate(folder: Path, content: list[np.ndarray], name: str = "img_%04d.png", first: int = 1001) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(content):
+        Image.fromarray(f).save(folder / (name % (first + i)))
+    return folder / name
+
+
+def test_an_image_sequence_reads_its_frames_in_number_order_at_its_rate(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    content = frames(12, size=64)
+    pattern = plate(tmp_path / "plate", content)
+    (tmp_path / "plate" / "notes.txt").write_text("ignored")  # other files beside a driver's frames are fine
+    with caplog.at_level(logging.INFO, logger="megactor_rt.sequence"):
+        seq = FrameSequence(pattern)
+    assert (len(seq), seq.first_number, seq.fps, seq.name) == (12, 1001, 25, "plate/img_%04d.png")
+    assert "the frames record no rate; taken as 25 fps" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(seq, content, strict=True)) and np.array_equal(seq[-1], content[-1])
+    assert FrameSequence(pattern, Fraction(30000, 1001)).fps == Fraction(30000, 1001)
+    write(tmp_path / "made" / "%05d.png", content[:3], Fraction(24))
+    assert FrameSequence(tmp_path / "made" / "%05d.png").fps == 24  # as the engine's result records it
+
+
+@pytest.mark.parametrize(("case", "problem"), [
+    ("gap", r"2 frame\(s\) missing between img_1001.png and img_1006.png: img_1003.png, img_1004.png; a sequence's "
+            "frames must be consecutive"),
+    ("none", r"no frame named by this pattern in .*plate \(e.g. img_0001.png\)"),
+    ("folder", "the folder .*nowhere does not exist"),
+    ("rate", "the frame rate must be positive"),
+])
+def test_a_broken_image_sequence_is_named(tmp_path: Path, case: str, problem: str) -> None:
+    pattern = plate(tmp_path / "plate", frames(6, size=64))
+    fps = None
+    if case == "gap":
+        for n in (1003, 1004):
+            (tmp_path / "plate" / f"img_{n}.png").unlink()
+    elif case == "none":
+        pattern = tmp_path / "plate" / "img_%04d.png"
+        for p in (tmp_path / "plate").iterdir():
+            p.unlink()
+    elif case == "folder":
+        pattern = tmp_path / "nowhere" / "%04d.png"
+    else:
+        fps = 0.0
+    with pytest.raises(InputError, match=problem):
+        FrameSequence(pattern, fps)
+
+
+def test_a_sequence_drives_as_its_frames_in_memory_do(tmp_path: Path) -> None:
+    """An image sequence animates exactly as the same frames handed over in memory; a checkpoint knows the
+    sequence by its frames (another version of a frame is another driver)."""
+    tmp_path_frames = write_face_frames(tmp_path)
+    content = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(tmp_path_frames.iterdir())]
+    cfg = AnimateConfig(steps=2, window=4, overlap=2)
+    anim = Animator.demo(seed=0, device="cpu", config=cfg)
+    state = anim.prepare(PORTRAIT)
+    from_files = list(anim.animate(state, tmp_path_frames / "%03d.png"))
+    in_memory = list(anim.animate(state, DriverFrames(content, fps=25)))
+    assert len(from_files) == len(content) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(from_files, in_memory))
+    source = driver_source(tmp_path_frames / "%03d.png")
+    before = driver_identity(source)
+    assert before is not None and driver_identity(DriverFrames(content, fps=25)) is None
+    Image.fromarray(content[0][::-1]).save(tmp_path_frames / "001.png")
+    os.utime(tmp_path_frames / "001.png", ns=(10**18, 10**18))
+    assert driver_identity(source) != before
+
+
+def write_face_frames(tmp_path: Path) -> Path:
+    """The face driver's 6 frames as a PNG sequence 001.png ... (lossless: the same pixels as decoded)."""
+    clip = write_face_driver(tmp_path / "clip.mp4", n=6, fps=25)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    from megactor_rt.media import iter_video_frames
+
+    for i, f in enumerate(iter_video_frames(clip), 1):
+        Image.fromarray(f).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--driver plate/%04d.png at --sequence-fps; a batch names its result by the sequence's folder; a gap in the
+    numbers or a result sequence onto the driver's own frames is refused before the weights load."""
+    folder = write_face_frames(tmp_path)
+    common = ("--portrait", PORTRAIT, "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 3)
+    code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", tmp_path / "r.mp4", *common,
+                       "--sequence-fps", "30000/1001")
+    assert code == 0, err
+    from megactor_rt.media import probe_video
+
+    info = probe_video(tmp_path / "r.mp4")
+    assert (info.num_frames, info.fps, info.has_audio) == (3, Fraction(30000, 1001), False)
+    code, stdout, err = run(capsys, "animate", "--driver", folder / "%03d.png", tmp_path / "clip.mp4", "-o",
+                            tmp_path / "batch", *common)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "batch").iterdir()) == \
+        ["portrait_clip.mp4", "portrait_faces.mp4"], err
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Animator, "from_weights", load)
+    code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", folder / "%03d.png", *common)
+    assert code == 2 and "is in the result's folder, which the frames replace as a whole" in err
+    (folder / "004.png").unlink()
+    code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", tmp_path / "x.mp4", *common)
+    assert code == 2 and "1 frame(s) missing between 001.png and 006.png: 004.png" in err
+    assert not (tmp_path / "x.mp4").exists() and len(list(folder.iterdir())) == 5
