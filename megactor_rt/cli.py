@@ -21,7 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from megactor_rt.config import AnimateConfig, parse_time
+from megactor_rt.config import AnimateConfig, parse_frame_rate, parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
 from megactor_rt.jobs import Job, read_jobs
@@ -63,12 +63,9 @@ def _count(text: str) -> int:
 def _frame_rate(text: str) -> Fraction:
     """A frame rate: ``24``, ``29.97`` or ``30000/1001`` (> 0)."""
     try:
-        value = Fraction(text.strip()) if "/" in text else Fraction(float(text)).limit_denominator(1001000)
-    except (ValueError, ZeroDivisionError, OverflowError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a frame rate (24, 29.97, 30000/1001)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
+        return parse_frame_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _guidance(text: str) -> float:
@@ -397,12 +394,17 @@ def _require_driver(path: Path, sequence_fps: Fraction | None) -> None:
         require_file(path, "driver")
 
 
-def _run_driver(path: Path, args: argparse.Namespace) -> Path | DriverFrames:
-    """A driver as the run reads it: an image sequence at ``--sequence-fps``, else the file."""
+def _run_driver(path: Path, args: argparse.Namespace, job: Job | None = None) -> Path | DriverFrames:
+    """A driver as the run reads it: an image sequence at its rate (the job's ``sequence_fps``, else
+    ``--sequence-fps``), else the file."""
     from megactor_rt.runtime.driver import sequence_driver
     from megactor_rt.sequence import is_frame_pattern
 
-    return sequence_driver(path, args.sequence_fps) if is_frame_pattern(path) else path
+    return sequence_driver(path, _sequence_fps(args, job)) if is_frame_pattern(path) else path
+
+
+def _sequence_fps(args: argparse.Namespace, job: Job | None) -> Fraction | None:
+    return job.sequence_fps if job is not None and job.sequence_fps is not None else args.sequence_fps
 
 
 def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
@@ -491,7 +493,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
             for path, what in ((job.portrait, "portrait"), (options["mask"], "mask")):
                 if path is not None:
                     require_file(Path(path), what)
-            _require_driver(job.driver, args.sequence_fps)
+            _require_driver(job.driver, _sequence_fps(args, job))
             check_sound(options["audio"], options["audio_start"])
             if args.no_face_crop and (job.options.keys() & {"face", "driver_face"}):
                 raise InputError("portrait_face and driver_face choose where the face crop centres; they cannot be "
@@ -626,7 +628,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
         options = _result_options(args) | job.options
         try:
             check_schedule(model, job.run_config(config))
-            found = preflight(job.portrait, _run_driver(job.driver, args), job.output, image_size=size, config=job.run_config(config),
+            found = preflight(job.portrait, _run_driver(job.driver, args, job), job.output, image_size=size, config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
                               driver_face=options["driver_face"], mask=options["mask"])
         except MegactorError as exc:
@@ -682,7 +684,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
-        _check_result_rate(_run_driver(jobs[0].driver, args), jobs[0].output, config)
+        _check_result_rate(_run_driver(jobs[0].driver, args, jobs[0]), jobs[0].output, config)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -698,7 +700,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     for job in jobs:  # one process: weights, compiled graphs and prepared portraits reused
         portrait, driver, output = job.portrait, job.driver, job.output
         try:
-            stats = anim.animate_to_file(portrait, _run_driver(driver, args), output,
+            stats = anim.animate_to_file(portrait, _run_driver(driver, args, job), output,
                                          **(_result_options(args) | job.options),
                                          config=job.run_config(config))
         except MegactorError as exc:

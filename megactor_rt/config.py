@@ -11,6 +11,7 @@ import enum
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 
@@ -229,6 +230,21 @@ def time_seconds(name: str, value: object) -> float:
         raise ValueError(f"{name} must be seconds (a number) or a '[HH:]MM:SS[.ms]' string, got "
                          f"{type(value).__name__}")
     return float(value)
+
+
+def parse_frame_rate(text: str) -> Fraction:
+    """A frame rate as people write it: ``"24"``, ``"29.97"`` or ``"30000/1001"``, > 0.
+
+    Raises:
+        ValueError: anything else (the message says what is accepted).
+    """
+    try:
+        value = Fraction(text.strip()) if "/" in text else Fraction(float(text)).limit_denominator(1001000)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"'{text}' is not a frame rate (24, 29.97, 30000/1001)") from None
+    if value <= 0:
+        raise ValueError(f"{text} is not a frame rate > 0")
+    return value
 
 
 def parse_time(text: str) -> float:

@@ -11,8 +11,8 @@ header row naming its columns:
 
 Columns (any order; the first three are required): ``portrait``, ``driver``, ``output`` (its suffix picks the
 format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_start``, ``portrait_face``,
-``driver_face``, ``start``, ``duration``, which mean what the ``animate`` flags of the same name mean (with
-``-`` for ``_``). An empty cell takes the flag's value (or its default). Relative paths are relative to the
+``driver_face``, ``start``, ``duration``, ``sequence_fps`` (an image-sequence driver's rate), which mean what
+the ``animate`` flags of the same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its default). Relative paths are relative to the
 jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
 """
 
@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from megactor_rt.config import AnimateConfig, time_seconds
+from megactor_rt.config import AnimateConfig, parse_frame_rate, time_seconds
 from megactor_rt.errors import InputError
 
 REQUIRED = ("portrait", "driver", "output")
 PATH_COLUMNS = ("mask", "audio")
 FACE_COLUMNS = {"portrait_face": "face", "driver_face": "driver_face"}  # column -> animate_to_file keyword
 CONFIG_COLUMNS = ("start", "duration")  # AnimateConfig fields
-COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS)
+COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "sequence_fps")
 NO_SOUND = "none"
 
 
@@ -45,6 +46,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    sequence_fps: Fraction | None = None  # an image-sequence driver's rate (None: --sequence-fps)
 
     def run_config(self, base: AnimateConfig) -> AnimateConfig:
         """``base`` with this job's changes."""
@@ -142,6 +144,8 @@ def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int
     try:
         if "audio_start" in value:
             job.options["audio_start"] = time_seconds("audio_start", value["audio_start"])
+        if "sequence_fps" in value:
+            job.sequence_fps = parse_frame_rate(value["sequence_fps"])
         for column in CONFIG_COLUMNS:
             if column in value:
                 job.config[column] = time_seconds(column, value[column])

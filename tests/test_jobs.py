@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,24 @@ def test_rows_become_jobs_with_their_own_options(tmp_path: Path) -> None:
     ("portrait,driver,output,start\np,d,o.mp4,soon\n", "jobs.csv:2: start: "),
     ("portrait,driver,output,duration\np,d,o.mp4,0\n", "jobs.csv:2: duration must be a finite number > 0"),
     ("portrait,driver,output,audio_start\np,d,o.mp4,1:xx\n", "jobs.csv:2: audio_start: "),
+    ("portrait,driver,output,sequence_fps\np,d/%04d.png,o.mp4,fast\n", "jobs.csv:2: 'fast' is not a frame rate"),
     ("portrait,driver,output\np,d,o.mp4\nq,e,./o.mp4\n", r"jobs.csv:3: writes .*o.mp4, as .*jobs.csv:2 does"),
 ], ids=["empty", "comments-only", "header-only", "no-output-column", "unknown-column", "column-twice",
         "unquoted-comma", "empty-required-cell", "face-zero", "face-word", "bad-start", "zero-duration",
-        "bad-audio-start", "same-output-twice"])
+        "bad-audio-start", "bad-sequence-fps", "same-output-twice"])
 def test_a_malformed_jobs_file_is_named_by_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         read_jobs(_jobs_file(tmp_path, text), BASE)
+
+
+def test_an_image_sequence_row_has_its_own_rate(tmp_path: Path) -> None:
+    path = _jobs_file(tmp_path, "portrait,driver,output,sequence_fps\n"
+                                "a.png,plate/%04d.jpg,a/%05d.png,30000/1001\n"
+                                "a.png,b/%d.png,b.mp4,23.976\n"
+                                "a.png,c.mp4,c.mp4,\n")
+    jobs = read_jobs(path, BASE)
+    assert [j.sequence_fps for j in jobs] == [Fraction(30000, 1001), Fraction(2997, 125), None]
+    assert (jobs[0].driver, jobs[0].output) == (tmp_path / "plate" / "%04d.jpg", tmp_path / "a" / "%05d.png")
 
 
 @pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolons", "tabs"])

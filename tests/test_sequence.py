@@ -355,6 +355,12 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
                             tmp_path / "batch", *common)
     assert code == 0 and sorted(p.name for p in (tmp_path / "batch").iterdir()) == \
         ["portrait_clip.mp4", "portrait_faces.mp4"], err
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output,sequence_fps\n{PORTRAIT},faces/%03d.png,j24.mp4,24\n"
+                    f"{PORTRAIT},faces/%03d.png,j.mp4,\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, *common[2:], "--sequence-fps", 12)
+    assert code == 0, err
+    assert (probe_video(tmp_path / "j24.mp4").fps, probe_video(tmp_path / "j.mp4").fps) == (24, 12)
 
     def load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded")
