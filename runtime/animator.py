@@ -52,7 +52,7 @@ from megactor_rt.preprocess import (
     person_mask,
     portrait_crop,
 )
-from megactor_rt.progress import progress
+from megactor_rt.progress import Progress, Reporter, progress, reporting
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.checkpoint import StepCheckpoint, run_key
@@ -466,7 +466,8 @@ class Animator:
     def animate(self, state: PortraitState, driver: Driver, *, face_crop: bool = True,
                 contour: bool = False, landmarks_model: str | Path | None = None,
                 contour_affine_frame: str = "last", config: AnimateConfig | None = None,
-                driver_face: int | None = None, checkpoint_dir: str | Path | None = None) -> Iterator[np.ndarray]:
+                driver_face: int | None = None, checkpoint_dir: str | Path | None = None,
+                on_progress: Reporter | None = None) -> Iterator[np.ndarray]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
@@ -493,6 +494,11 @@ class Animator:
             checkpoint_dir: save the denoising state there after each step, and continue from it when the same
                 run is started again (:mod:`~megactor_rt.runtime.checkpoint`; wrapping windows only); the
                 checkpoint goes once the last frame is out. ``last_stats.resumed_from_step`` says where it began.
+            on_progress: called with a :class:`~megactor_rt.progress.Progress` (stage, done, total, unit) after each
+                unit of the run's work (a driver frame scanned, a window call, a decoder batch), as the progress
+                bars count them (also with the bars off), in the thread running the stage; for a service's progress
+                display (with wrapping windows the first frame comes only after the last step). It should return
+                quickly; an exception it raises stops the run and comes out of this generator.
 
         Raises (when the first frame is asked for: this is a generator):
             InputError: a missing or unreadable driver, one that is neither a path nor ``DriverFrames``, no face
@@ -502,8 +508,8 @@ class Animator:
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
         check_affine_frame(contour_affine_frame)
-        yield from self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
-                                config or self.config, driver_face, checkpoint_dir)
+        yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
+                                          config or self.config, driver_face, checkpoint_dir), on_progress)
         self._drop_checkpoint()  # every frame is out: the run is done
 
     def _frames(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
@@ -765,7 +771,7 @@ class Animator:
                         side_by_side: bool = False, face: int | None = None,
                         driver_face: int | None = None, paste_back: bool = False, crf: int | None = None,
                         audio_start: float | str | None = None, metadata: bool = True,
-                        checkpoint_dir: str | Path | None = None) -> RunStats:
+                        checkpoint_dir: str | Path | None = None, on_progress: Reporter | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); or an animated GIF (.gif: no
         sound; refused above 50 fps, before
@@ -789,7 +795,9 @@ class Animator:
         settings into the result (JSON in the container's comment tag: the megactor-rt version, the portrait's
         and driver's file names, :meth:`run_settings` and these options; read back by
         :func:`~megactor_rt.media.result_settings`; a GIF or WebP holds none); False: none. ``checkpoint_dir``: see
-        :meth:`animate` (a run started again with it continues where it stopped).
+        :meth:`animate` (a run started again with it continues where it stopped). ``on_progress``: see
+        :meth:`animate`; here also stage ``"write"``, once per frame written (in the calling thread; the other stages
+        report from the run's worker thread).
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
@@ -838,8 +846,8 @@ class Animator:
             "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
         with result_writer(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
-            frames = self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame, cfg,
-                                  driver_face, checkpoint_dir)
+            frames = reporting(self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
+                                            cfg, driver_face, checkpoint_dir), on_progress)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
             results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)
@@ -847,6 +855,9 @@ class Animator:
                 results = self._beside_inputs(results, state, size)
             for frame in results:
                 w.write(paste(frame) if paste else frame)
+                if on_progress is not None:
+                    plan = self.last_plan  # (made before the first frame)
+                    on_progress(Progress("write", w.frames_written, plan.num_frames if plan else None, "frame"))
         self._drop_checkpoint()  # the result is in place: its checkpoint can go
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats

@@ -372,7 +372,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
         track = FaceTrack(follow_patience(sel.fps), choose=face)
         most = 0  # faces in one frame
         for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc=desc,
-                              unit="frame"):
+                              unit="frame", stage="driver"):
             boxes.append(track(faces))
             most = max(most, len(faces))
         return boxes, track, most
@@ -497,7 +497,7 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
 
     found = ordered_map(faces, plan.frames())
     per_frame = progress(landmarks(cancellable(found)), total=plan.num_frames, desc="driver: face landmarks",
-                         unit="frame")
+                         unit="frame", stage="contour")
     contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
     if len(contour.unions) == 1:
         logger.info("driver %s: contour rectangles %s", plan.name, contour.rects())
