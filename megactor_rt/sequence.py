@@ -354,6 +354,7 @@ class FrameSequence(Sequence[np.ndarray]):
         if not self.files:
             raise InputError(f"{self.path}: no frame named by this pattern in {folder} (e.g. "
                              f"{self.pattern.name(FIRST_FRAME)})")
+        self._size: tuple[int, ...] | None = None  # the first frame's (height, width), once read
         numbers = [self.pattern.number(p.name) or 0 for p in self.files]
         self.first_number = numbers[0]
         if numbers[-1] - numbers[0] + 1 != len(numbers):
@@ -388,7 +389,13 @@ class FrameSequence(Sequence[np.ndarray]):
             return [self[i] for i in range(*k.indices(len(self)))]
         from megactor_rt.media import read_image  # (media imports this module)
 
-        return read_image(self.files[k])
+        frame = read_image(self.files[k])
+        if self._size is None:
+            self._size = frame.shape[:2] if k in (0, -len(self)) else self[0].shape[:2]
+        if frame.shape[:2] != self._size:
+            raise InputError(f"{self.files[k]}: {frame.shape[1]}x{frame.shape[0]} px, the sequence's first frame "
+                             f"{self.files[0].name} is {self._size[1]}x{self._size[0]}: every frame must have one size")
+        return frame
 
     def identity(self) -> list[object]:
         """What tells this sequence from another version of it: its pattern, frame count, bytes and latest change.

@@ -286,6 +286,7 @@ def test_an_image_sequence_reads_its_frames_in_number_order_at_its_rate(tmp_path
     ("none", r"no frame named by this pattern in .*plate \(e.g. img_0001.png\)"),
     ("folder", "the folder .*nowhere does not exist"),
     ("rate", "the frame rate must be positive"),
+    ("size", r"img_1004.png: 80x64 px, the sequence's first frame img_1001.png is 64x64: every frame must have one"),
 ])
 def test_a_broken_image_sequence_is_named(tmp_path: Path, case: str, problem: str) -> None:
     pattern = plate(tmp_path / "plate", frames(6, size=64))
@@ -299,10 +300,12 @@ def test_a_broken_image_sequence_is_named(tmp_path: Path, case: str, problem: st
             p.unlink()
     elif case == "folder":
         pattern = tmp_path / "nowhere" / "%04d.png"
+    elif case == "size":
+        Image.fromarray(frames(1, size=80)[0][:64]).save(tmp_path / "plate" / "img_1004.png")
     else:
         fps = 0.0
     with pytest.raises(InputError, match=problem):
-        FrameSequence(pattern, fps)
+        list(FrameSequence(pattern, fps))
 
 
 def test_a_sequence_drives_as_its_frames_in_memory_do(tmp_path: Path) -> None:
