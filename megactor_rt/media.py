@@ -103,10 +103,13 @@ _VP9_OPTIONS = {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "4", "row
 CRF_SCALES = {"libx264": (0, 51, 18), "libvpx-vp9": (0, 63, int(_VP9_OPTIONS["crf"]))}
 # GIF: frame delays are whole hundredths of a second, and browsers show a delay under 2/100 s as 1/10 s
 GIF_MAX_FPS = 50
-# GIF colours: one 256-colour palette made from the first frame (a portrait keeps its colours; a palette per
-# frame doubled the file and flickers), ordered dithering (error diffusion shimmers between frames and took
-# 3x as long)
+# GIF colours: one 256-colour palette made from the first frames (a portrait keeps its colours; a palette per
+# frame doubled the file and flickers): the first GIF_PALETTE_FRAMES frames (half a second at 30 fps: an open mouth,
+# teeth, a turned head seen early get their colours; they are held until the palette is made, at most
+# GIF_PALETTE_BYTES of them), ordered dithering (error diffusion shimmers between frames and took 3x as long)
 _GIF_PALETTE = "stats_mode=full"
+GIF_PALETTE_FRAMES = 16
+GIF_PALETTE_BYTES = 64 << 20
 _GIF_DITHER = "dither=bayer:bayer_scale=3"
 
 PathLike = str | os.PathLike[str]
@@ -1268,10 +1271,13 @@ def _sample_slice(frame: av.AudioFrame, first: int, end: int) -> av.AudioFrame:
     return part
 
 
-def _palette_filter(first: av.VideoFrame, time_base: Fraction) -> tuple[av.filter.Graph, av.filter.FilterContext]:
-    """A filter graph that maps RGB frames onto a 256-colour palette made from ``first``, and its frame input
-    (frames are pushed there and pulled from the graph one at a time: nothing waits for the end of the video)."""
+def _palette_filter(sample: list[av.VideoFrame], time_base: Fraction
+                    ) -> tuple[av.filter.Graph, av.filter.FilterContext]:
+    """A filter graph that maps RGB frames onto a 256-colour palette made from the frames of ``sample`` (their
+    colours counted together), and its frame input (frames are pushed there and pulled from the graph one at a
+    time: nothing waits for the end of the video)."""
     rgb = av.video.format.VideoFormat("rgb24")
+    first = sample[0]
     make = av.filter.Graph()
     source = make.add_buffer(width=first.width, height=first.height, format=rgb, time_base=time_base)
     sink = make.add("buffersink")
@@ -1279,7 +1285,8 @@ def _palette_filter(first: av.VideoFrame, time_base: Fraction) -> tuple[av.filte
     source.link_to(gen)
     gen.link_to(sink)
     make.configure()
-    source.push(first)
+    for frame in sample:
+        source.push(frame)
     source.push(None)
     palette = cast(av.VideoFrame, make.pull())
     graph = av.filter.Graph()
@@ -1353,8 +1360,10 @@ class VideoWriter:
             logger.info("%s: a%s has no sound; the audio of %s is left out", self.path.name,
                         " GIF" if self._gif else "n animated WebP", audio_source)
             audio_source = None
-        # GIF: a filter graph applying the first frame's palette, and its input
+        # GIF: a filter graph applying the palette of the first frames, and its input; the frames held until it
+        # is made
         self._palette: tuple[av.filter.Graph, av.filter.FilterContext] | None = None
+        self._palette_sample: list[av.VideoFrame] = []
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"frame size must be positive and even for yuv420p, got {width}x{height}")
         self.width, self.height = width, height
@@ -1473,11 +1482,26 @@ class VideoWriter:
         self.frames_written += 1
 
     def _encode_gif(self, vf: av.VideoFrame | None) -> None:
-        """Reduce an RGB frame to the palette of the first frame (made from it on the first call) and encode it;
-        None: flush the filter."""
+        """Hold the first :data:`GIF_PALETTE_FRAMES` frames (fewer for large frames: at most
+        :data:`GIF_PALETTE_BYTES`), make the palette from them, then reduce and encode them and every later frame;
+        None (at the end): make the palette from the frames held, if not made yet, and flush the filter."""
         if self._palette is None:
-            assert vf is not None  # close() flushes only after a frame was written
-            self._palette = _palette_filter(vf, self._frame_tb)
+            if vf is not None:
+                self._palette_sample.append(vf)
+                held = max(1, min(GIF_PALETTE_FRAMES, GIF_PALETTE_BYTES // (3 * vf.width * vf.height)))
+                if len(self._palette_sample) < held:
+                    return
+            sample, self._palette_sample = self._palette_sample, []
+            self._palette = _palette_filter(sample, self._frame_tb)
+            for held_frame in sample:
+                self._reduce_gif(held_frame)
+            if vf is not None:
+                return
+        self._reduce_gif(vf)
+
+    def _reduce_gif(self, vf: av.VideoFrame | None) -> None:
+        """Reduce an RGB frame to the palette (made) and encode it; None: flush the filter."""
+        assert self._palette is not None
         graph, source = self._palette
         source.push(vf)
         while True:

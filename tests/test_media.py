@@ -1726,21 +1726,43 @@ def test_gif_result_keeps_every_frame_and_its_rate(tmp_path: Path, fps: Fraction
     assert b"NETSCAPE2.0\x03\x01\x00\x00" in out.read_bytes()  # loops forever
 
 
-def test_gif_palette_comes_from_the_first_frame(tmp_path: Path) -> None:
-    """One palette, made from the first frame: a colour only later frames show is drawn from the first frame's
-    colours (it would be exact with a palette per frame)."""
+@pytest.mark.parametrize("frames", [2, media.GIF_PALETTE_FRAMES + 3])
+def test_gif_palette_comes_from_the_first_frames(tmp_path: Path, frames: int) -> None:
+    """One palette, made from the first GIF_PALETTE_FRAMES frames (held until it is made; fewer frames: all of
+    them): a colour first shown in the second frame is in it; one shown only after them is drawn from their
+    colours (it would be exact with a palette per frame). Every frame comes out, in order."""
     first = np.zeros((64, 64, 3), np.uint8)
     first[:, :32] = (200, 30, 30)
-    later = first.copy()
-    later[:, 32:] = (30, 60, 220)
+    second = first.copy()
+    second[:, 32:] = (30, 60, 220)
+    late = first.copy()
+    late[:, 32:] = (20, 200, 40)
     out = tmp_path / "palette.gif"
+    content = [first, second, *[first] * (frames - 3), late][:frames]
     with VideoWriter(out, Fraction(10), 64, 64) as w:
-        w.write(first)
-        w.write(later)
+        for f in content:
+            w.write(f)
     decoded = list(iter_video_frames(out))
+    assert len(decoded) == frames
     assert np.abs(decoded[0].astype(int) - first).max() <= 2
-    assert np.abs(decoded[1][:, :32].astype(int) - first[:, :32]).max() <= 2
-    assert np.abs(decoded[1][:, 32:].astype(int) - later[:, 32:]).mean() > 20  # not in the first frame's palette
+    assert np.abs(decoded[1].astype(int) - second).max() <= 2  # its blue is in the palette
+    if frames > media.GIF_PALETTE_FRAMES:
+        assert np.abs(decoded[-2].astype(int) - first).max() <= 2
+        assert np.abs(decoded[-1][:, 32:].astype(int) - late[:, 32:]).mean() > 20  # not in the palette
+
+
+def test_gif_palette_holds_fewer_large_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most GIF_PALETTE_BYTES of frames are held for the palette: with room for two, a colour first shown in
+    the third frame is not in it."""
+    monkeypatch.setattr(media, "GIF_PALETTE_BYTES", 2 * 64 * 64 * 3)
+    base = np.full((64, 64, 3), (200, 30, 30), np.uint8)
+    third = base.copy()
+    third[:, 32:] = (30, 60, 220)
+    out = tmp_path / "held.gif"
+    with VideoWriter(out, Fraction(10), 64, 64) as w:
+        for f in (base, base, third):
+            w.write(f)
+    assert np.abs(list(iter_video_frames(out))[2][:, 32:].astype(int) - third[:, 32:]).mean() > 20
 
 
 def test_gif_result_leaves_the_audio_out_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
