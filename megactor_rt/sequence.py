@@ -2,7 +2,8 @@
 
 Compositing and editing tools read image sequences, and re-encoding a lossy video loses quality twice. A sequence
 result is named by a number pattern in its file name, as FFmpeg names them (``%d``, or ``%05d``: at least five
-digits, zero-padded); its frames are numbered from :data:`FIRST_FRAME`. The folder that holds the pattern is the
+digits, zero-padded); its frames are numbered from :data:`FIRST_FRAME`, or, driven by an image sequence (below) at
+its own rate, with the numbers of the driver's frames they animate (a plate's 1001, 1002, ...). The folder that holds the pattern is the
 result as a whole:
 
 * it is written as a hidden temporary folder beside it and renamed onto its name once every frame is written, so a
@@ -205,9 +206,11 @@ class SequenceWriter:
 
     def __init__(self, path: str | os.PathLike[str], fps: Fraction | int, width: int, height: int,
                  audio_source: str | os.PathLike[str] | None = None, crf: int | None = None,
-                 metadata: Mapping[str, str] | None = None, **_audio_timing: Fraction) -> None:
+                 metadata: Mapping[str, str] | None = None, first_number: int = FIRST_FRAME,
+                 **_audio_timing: Fraction) -> None:
         """Args: as :class:`~megactor_rt.media.VideoWriter`'s (``audio_offset`` and ``video_start`` are taken and
-        unused); ``metadata``: its ``comment`` goes into every frame's ``Comment`` chunk.
+        unused); ``metadata``: its ``comment`` goes into every frame's ``Comment`` chunk; ``first_number``: the
+        first frame's number (>= 0).
 
         Raises:
             InputError: the path is no writable sequence (:func:`check_sequence_path`), or a ``crf`` is given (PNG
@@ -218,6 +221,9 @@ class SequenceWriter:
         self.pattern = frame_pattern(self.path)
         if crf is not None:
             raise InputError(f"{self.path}: PNG frames are lossless: crf (--crf) does not apply; leave it out")
+        if first_number < 0:
+            raise ValueError(f"first_number must be >= 0, got {first_number}")
+        self.first_number = first_number
         self.fps = Fraction(fps)
         if self.fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
@@ -249,7 +255,7 @@ class SequenceWriter:
         if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
             raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, got {frame.shape} "
                              f"{frame.dtype}")
-        name = self.pattern.name(FIRST_FRAME + self.frames_written)
+        name = self.pattern.name(self.first_number + self.frames_written)
         try:
             Image.fromarray(np.ascontiguousarray(frame)).save(self._tmp / name, "PNG", compress_level=_PNG_LEVEL,
                                                               pnginfo=self._info)

@@ -59,6 +59,7 @@ from megactor_rt.runtime.checkpoint import StepCheckpoint, run_key
 from megactor_rt.runtime.denoise import EpsModel, NoiseSource, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import (
     Driver,
+    DriverFrames,
     DriverPlan,
     FrameSelection,
     cropped_frames,
@@ -91,7 +92,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
-from megactor_rt.sequence import is_frame_pattern
+from megactor_rt.sequence import FrameSequence, is_frame_pattern, is_sequence
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
 logger = logging.getLogger(__name__)
@@ -845,6 +846,9 @@ class Animator:
             "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
             "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
+        if is_sequence(out) and isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence) and \
+                sel.ratio == 1:  # a plate's frames: the result's frames take their numbers
+            sound_args["first_number"] = source.frames.first_number + sel.skip
         with result_writer(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
             frames = reporting(self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
                                             cfg, driver_face, checkpoint_dir), on_progress)

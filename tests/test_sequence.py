@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.media import check_not_an_input, check_output_path, result_exists, result_settings
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
-from megactor_rt.runtime.driver import DriverFrames, driver_identity, driver_source
+from megactor_rt.runtime.driver import DriverFrames, driver_identity, driver_source, sequence_driver
 from megactor_rt.sequence import FramePattern, FrameSequence, SequenceWriter, frame_pattern
 from megactor_rt.weights import build_models, write_converted
 
@@ -375,3 +376,20 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
     code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", tmp_path / "x.mp4", *common)
     assert code == 2 and "1 frame(s) missing between 001.png and 006.png: 004.png" in err
     assert not (tmp_path / "x.mp4").exists() and len(list(folder.iterdir())) == 5
+
+
+def test_a_result_sequence_takes_the_numbers_of_the_plate_it_animates(tmp_path: Path) -> None:
+    """Driven by an image sequence at its own rate, a sequence result's frames carry the driver frames' numbers
+    (from --start's first one); at another rate they count from 1."""
+    folder = write_face_frames(tmp_path)
+    plate_dir = tmp_path / "plate"
+    plate_dir.mkdir()
+    for i, p in enumerate(sorted(folder.iterdir())):
+        p.rename(plate_dir / f"p.{1001 + i}.png")
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2))
+    anim.animate_to_file(PORTRAIT, plate_dir / "p.%d.png", tmp_path / "a" / "%04d.png",
+                         config=replace(anim.config, start=0.08))  # 2 frames in at 25 fps
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["1003.png", "1004.png", "1005.png", "1006.png"]
+    anim.animate_to_file(PORTRAIT, sequence_driver(plate_dir / "p.%d.png", fps=50), tmp_path / "b" / "%04d.png",
+                         config=replace(anim.config, fps=25))  # every second frame
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["0001.png", "0002.png", "0003.png"]
