@@ -150,8 +150,15 @@ def check_sequence_path(path: str | os.PathLike[str]) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{path}: the folder {parent} is not writable (the sequence's folder {folder.name} is "
                          "written beside it and renamed into place)")
+    cwd = Path.cwd()
+    if folder.exists() and (folder.samefile(cwd) or any(folder.samefile(p) for p in cwd.parents)):
+        raise InputError(f"{path}: the sequence's folder {folder} is the current folder or holds it; it is replaced "
+                         f"as a whole: name a folder of its own, e.g. {folder / 'frames' / path.name}")
     if folder.exists():
-        if not folder.is_dir() or folder.is_symlink():
+        if folder.is_symlink():
+            raise InputError(f"{path}: {folder} is a symbolic link; a frame sequence's folder is replaced as a whole "
+                             f"(the link by a folder): name the folder it points to, {folder.resolve()}")
+        if not folder.is_dir():
             raise InputError(f"{path}: {folder} is not a folder (a frame sequence's frames go into a folder of "
                              "their own)")
         others = pattern.others()

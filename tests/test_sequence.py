@@ -113,6 +113,20 @@ def test_a_folder_holding_other_files_is_refused_before_any_work(tmp_path: Path)
     assert (folder / "notes.txt").read_text() == "keep me" and hidden(tmp_path) == []
 
 
+def test_the_current_folder_and_links_are_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(InputError, match="is the current folder or holds it"):
+        check_output_path("%05d.png")
+    with pytest.raises(InputError, match="is the current folder or holds it"):
+        check_output_path(tmp_path / "%05d.png")
+    (tmp_path / "there").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "there")
+    with pytest.raises(InputError, match="is a symbolic link.*name the folder it points to"):
+        check_output_path(tmp_path / "link" / "%05d.png")
+    check_output_path("frames/%05d.png")  # a new folder below it
+
+
 def test_a_failed_run_leaves_the_earlier_result_untouched(tmp_path: Path) -> None:
     pattern = tmp_path / "take" / "%05d.png"
     write(pattern, frames(4))
