@@ -28,13 +28,13 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast, overload
+from typing import Any, cast
 
 import av
 import numpy as np
@@ -46,6 +46,7 @@ from megactor_rt.files import remove_stale, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
 from megactor_rt.sequence import (
     SETTINGS_KEY,
+    LazyFrames,
     SequenceWriter,
     check_sequence_path,
     frame_pattern,
@@ -251,7 +252,7 @@ def _webp_durations(path: Path, mtime_ns: int, size: int) -> tuple[int, ...]:
 WEBP_DEFAULT_MS = 100
 
 
-class AnimatedWebP(Sequence[np.ndarray]):
+class AnimatedWebP(LazyFrames):
     """The frames of an animated WebP (a meme as Giphy or a browser saves it), on a constant-rate grid: the rate
     of its most common display time, each frame repeated to fill its own (a pause is repeated frames, as for a
     GIF). Frames are decoded by Pillow when asked for (a pass reads them in order), RGB, the alpha dropped.
@@ -278,17 +279,7 @@ class AnimatedWebP(Sequence[np.ndarray]):
     def __len__(self) -> int:
         return len(self._source)
 
-    @overload
-    def __getitem__(self, k: int) -> np.ndarray: ...
-
-    @overload
-    def __getitem__(self, k: slice) -> list[np.ndarray]: ...
-
-    def __getitem__(self, k: int | slice) -> np.ndarray | list[np.ndarray]:
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        if not -len(self) <= k < len(self):
-            raise IndexError(k)
+    def _read(self, k: int) -> np.ndarray:
         im = getattr(self._open, "image", None)
         if im is None:
             im = self._open.image = Image.open(self.path)

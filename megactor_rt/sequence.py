@@ -343,7 +343,31 @@ def recorded_fps(frame: Path) -> Fraction | None:
     return fps if fps > 0 else None
 
 
-class FrameSequence(Sequence[np.ndarray]):
+class LazyFrames(Sequence[np.ndarray]):
+    """Frames read one at a time when asked for: ``frames[k]`` (negative too), ``frames[a:b]`` (a list)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _read(self, k: int) -> np.ndarray:
+        """Frame ``k`` (0 <= k < len)."""
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, k: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, k: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(k, slice):
+            return [self._read(i) for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return self._read(k % len(self))
+
+
+class FrameSequence(LazyFrames):
     """The frames of an image sequence (``plate/%04d.png``, ``frames/img_%d.jpg``) as ``(H, W, 3)`` uint8 RGB,
     each read when asked for (upright and RGB as a portrait is read); ``files`` are the frames in number order.
 
@@ -391,20 +415,12 @@ class FrameSequence(Sequence[np.ndarray]):
     def __len__(self) -> int:
         return len(self.files)
 
-    @overload
-    def __getitem__(self, k: int) -> np.ndarray: ...
-
-    @overload
-    def __getitem__(self, k: slice) -> list[np.ndarray]: ...
-
-    def __getitem__(self, k: int | slice) -> np.ndarray | list[np.ndarray]:
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
+    def _read(self, k: int) -> np.ndarray:
         from megactor_rt.media import read_image  # (media imports this module)
 
         frame = read_image(self.files[k])
         if self._size is None:
-            self._size = frame.shape[:2] if k in (0, -len(self)) else self[0].shape[:2]
+            self._size = frame.shape[:2] if k == 0 else self._read(0).shape[:2]
         if frame.shape[:2] != self._size:
             raise InputError(f"{self.files[k]}: {frame.shape[1]}x{frame.shape[0]} px, the sequence's first frame "
                              f"{self.files[0].name} is {self._size[1]}x{self._size[0]}: every frame must have one size")
