@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 import av
@@ -47,6 +46,7 @@ from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
 from megactor_rt.sequence import (
     SETTINGS_KEY,
     LazyFrames,
+    ResultWriter,
     SequenceWriter,
     check_sequence_path,
     frame_pattern,
@@ -1295,7 +1295,7 @@ def _palette_filter(sample: list[av.VideoFrame], time_base: Fraction
     return graph, frames
 
 
-class VideoWriter:
+class VideoWriter(ResultWriter):
     """Encode RGB frames to a video at an exact frame rate, optionally with audio: H.264 (yuv420p) in .mp4, .m4v,
     .mov and .mkv, VP9 in .webm, or an animated GIF (looping, no audio, at most :data:`GIF_MAX_FPS`).
 
@@ -1726,21 +1726,10 @@ class VideoWriter:
         self._encode_audio(frame)
         return Fraction(n, like.sample_rate)
 
-    # -- context manager
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def result_writer(path: PathLike, fps: Fraction | int, width: int, height: int, **options: Any
-                  ) -> VideoWriter | SequenceWriter:
+                  ) -> ResultWriter:
     """The writer of a result at ``path``: a :class:`VideoWriter`, or for a PNG frame sequence's pattern
     (``take1/%05d.png``) a :class:`~megactor_rt.sequence.SequenceWriter`; ``options``: :class:`VideoWriter`'s."""
     return (SequenceWriter if is_sequence(path) else VideoWriter)(path, fps, width, height, **options)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import overload
+from typing import TypeVar, overload
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -205,7 +205,37 @@ def sequence_exists(path: str | os.PathLike[str]) -> bool:
     return bool(frame_pattern(path).frames())
 
 
-class SequenceWriter:
+_W = TypeVar("_W", bound="ResultWriter")
+
+
+class ResultWriter:
+    """What writes a result (:class:`SequenceWriter`, :class:`~megactor_rt.media.VideoWriter`): :meth:`write` each
+    frame, :meth:`close` puts the result in place, :meth:`abort` discards it; a ``with`` block closes it on a clean
+    exit and aborts it on an exception."""
+
+    frames_written: int
+
+    def write(self, frame: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SequenceWriter(ResultWriter):
     """Write RGB frames as a PNG sequence (:mod:`megactor_rt.sequence`); the same use as
     :class:`~megactor_rt.media.VideoWriter`: :meth:`write` each frame, then :meth:`close` (or a clean ``with`` exit)
     renames the temporary folder into place; an exception inside the ``with`` block, or :meth:`abort`, deletes it.
@@ -323,15 +353,6 @@ class SequenceWriter:
         except OSError as exc:
             logger.warning("could not remove the temporary folder %s: %s", self._tmp, exc)
 
-    def __enter__(self) -> SequenceWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def recorded_fps(frame: Path) -> Fraction | None:
