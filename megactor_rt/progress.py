@@ -29,7 +29,8 @@ class Progress:
     Attributes:
         stage: ``"driver"`` (pass 1: finding the driver's faces; again with dlib's CNN detector where HOG found
             none), ``"contour"`` (contour mode's landmark pass), ``"denoise"`` (window calls over all steps),
-            ``"decode"`` (VAE decoder batches), ``"write"`` (frames written into the result: ``animate_to_file``).
+            ``"decode"`` (VAE decoder batches; with open windows, ``closed_loop=False``, frames are decoded as they
+            finish, inside ``"denoise"``), ``"write"`` (frames written into the result: ``animate_to_file``).
         done: units of the stage done so far (1, 2, ... up to ``total``).
         total: the stage's units, None where not known in advance.
         unit: ``"frame"``, ``"window"`` or ``"batch"``.
