@@ -320,6 +320,8 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
 def _report(stats, out: Path) -> None:  # noqa: ANN001
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items())
     cached = "portrait from cache; " if stats.portrait_cache_hit else ""
+    if stats.driver_plan_hit:
+        cached += "driver's faces kept from an earlier run; "
     if stats.resumed_from_step:
         cached += f"resumed at step {stats.resumed_from_step + 1}; "
     print(f"wrote {out}: {stats.frames} frames in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "

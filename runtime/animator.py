@@ -62,6 +62,7 @@ from megactor_rt.runtime.driver import (
     DriverFrames,
     DriverPlan,
     FrameSelection,
+    PlanCache,
     cropped_frames,
     driver_file,
     driver_identity,
@@ -70,7 +71,6 @@ from megactor_rt.runtime.driver import (
     driver_source,
     iter_driver_inputs,
     plan_driver_contour,
-    plan_run,
 )
 from megactor_rt.runtime.noise import FrameNoise, initial_noise
 from megactor_rt.runtime.pipeline import (
@@ -163,10 +163,11 @@ class Animator:
     """
 
     def __init__(self, submodels: Submodels, config: AnimateConfig | None = None,
-                 cache: PortraitCache | None = None) -> None:
+                 cache: PortraitCache | None = None, plans: PlanCache | None = None) -> None:
         self.sub = submodels
         self.config = config or AnimateConfig()
         self.cache = cache if cache is not None else PortraitCache()
+        self.plans = plans if plans is not None else PlanCache()  # drivers' pass 1, for the next run
         self.last_stats = RunStats()
         self.last_plan: DriverPlan | None = None
         self._tiny_decoders: dict[str, Decoder] = {}
@@ -566,7 +567,8 @@ class Animator:
         portrait_lm = None if landmarker is None else self.portrait_landmarks(state, landmarker, cnn=cfg.cnn_fallback)
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
-            plan = self.last_plan = plan_run(driver, cfg, face_crop, driver_face)
+            plan, stats.driver_plan_hit = self.plans.plan(driver, cfg, face_crop, driver_face)
+            self.last_plan = plan
         self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
@@ -902,10 +904,10 @@ class Animator:
                 close()
 
     def with_config(self, **changes: Any) -> Animator:
-        """A new Animator sharing submodels and cache with some settings changed: ``changes`` are
+        """A new Animator sharing submodels, portrait cache and driver plans with some settings changed: ``changes`` are
         :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
         Also the way to run requests in several threads (see the class)."""
-        return Animator(self.sub, replace(self.config, **changes), self.cache)
+        return Animator(self.sub, replace(self.config, **changes), self.cache, self.plans)
 
 
 def _name(path: object) -> str | None:

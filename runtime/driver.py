@@ -18,9 +18,12 @@ again.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -419,6 +422,42 @@ def plan_run(driver: Driver, config: AnimateConfig, face_crop: bool = True, face
     """:func:`plan_driver` for a run of ``config`` (its frames, rate, span and face detector)."""
     return plan_driver(driver, config.max_frames, face_crop, config.fps, config.start, config.duration, face,
                        config.face_detector)
+
+
+class PlanCache:
+    """Driver plans (pass 1: the frames, the faces, the crop) of drivers on disk, kept by the driver's version
+    (:func:`driver_identity`) and every setting pass 1 reads, so that a batch of portraits with one driver finds its
+    faces once. The ``size`` least recently used are kept (a plan is small: a box per frame at most). Thread-safe;
+    drivers in memory are planned every time (nothing to know them by)."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._plans: OrderedDict[str, DriverPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def plan(self, driver: Driver, config: AnimateConfig, face_crop: bool = True, face: int | None = None
+             ) -> tuple[DriverPlan, bool]:
+        """:func:`plan_run`'s plan, and whether it was kept from an earlier run."""
+        source = driver_source(driver)
+        try:
+            identity = driver_identity(source)
+        except OSError:
+            identity = None  # (plan_run names the problem)
+        if identity is None or self.size <= 0:
+            return plan_run(source, config, face_crop, face), False
+        key = json.dumps([identity, face_crop, face, config.max_frames, str(config.fps), config.start,
+                          config.duration, config.face_detector], default=str)
+        with self._lock:
+            kept = self._plans.get(key)
+            if kept is not None:
+                self._plans.move_to_end(key)
+                return kept, True
+        plan = plan_run(source, config, face_crop, face)
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan, False
 
 
 def face_track(plan: DriverPlan, size: int) -> FaceTrack:

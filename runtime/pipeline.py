@@ -44,6 +44,8 @@ class RunStats:
         calls: submodel calls made during the run (``unet`` counts every UNet call, ``unet_reuse`` those of
             them that reused the kept deep features of ``feature_reuse``).
         portrait_cache_hit: whether the portrait state came from the cache.
+        driver_plan_hit: whether the driver's plan (pass 1: its faces and crop) was kept from an earlier run of
+            this Animator (or one made by its ``with_config``) on the same driver file with the same settings.
         step_seconds: wall time of each denoising step (device work finished, on GPU); empty for open windows
             (``closed_loop=False``), whose steps interleave.
         resumed_from_step: the step a run with a checkpoint began with (0: the first; see
@@ -56,6 +58,7 @@ class RunStats:
     total_s: float | None = None
     calls: dict[str, int] = field(default_factory=dict)
     portrait_cache_hit: bool = False
+    driver_plan_hit: bool = False
     step_seconds: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
 
@@ -68,7 +71,8 @@ class RunStats:
         return {"frames": self.frames, "fps": self.fps, "total_s": self.total_s,
                 "first_frame_s": self.first_frame_s, "stage_seconds": dict(self.stage_seconds),
                 "step_seconds": list(self.step_seconds), "calls": dict(self.calls),
-                "portrait_cache_hit": self.portrait_cache_hit, "resumed_from_step": self.resumed_from_step}
+                "portrait_cache_hit": self.portrait_cache_hit, "driver_plan_hit": self.driver_plan_hit,
+                "resumed_from_step": self.resumed_from_step}
 
 
 class StageTimer:

@@ -8,7 +8,9 @@ reuse (proved with the submodels' call counters), streaming, reference/optimized
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -27,6 +29,7 @@ from media_fixtures import (
     stream_facts,
     write_face_driver,
 )
+from PIL import Image
 
 from megactor_rt.config import AnimateConfig, Mode
 from megactor_rt.errors import InputError, ResourceError
@@ -401,6 +404,36 @@ def test_animate_to_file_reports_cache_hit(anim: Animator, media: dict[str, Path
     assert (first.portrait_cache_hit, second.portrait_cache_hit) == (False, True)
     assert {k: a.sub.calls[k] for k in PER_PORTRAIT} == calls
     assert "reference_bank" not in second.calls
+
+
+def test_a_driver_is_planned_once_for_several_portraits(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's pass 1 (its faces, its crop) is kept for the next run on the same file with the same settings,
+    also by a with_config() Animator: a second portrait animates with no face detection on the driver and the frames
+    a fresh Animator makes. Another start, or the file changed, plans again."""
+    from megactor_rt.runtime import driver as driver_module
+
+    scans: list[int] = []
+    detect = driver_module.detect_scaled
+    monkeypatch.setattr(driver_module, "detect_scaled", lambda f: scans.append(1) or detect(f))
+    a = fresh(anim, max_frames=3, steps=1)
+    clip = Path(shutil.copy(media["short"], tmp_path / "clip.mp4"))
+    flipped = tmp_path / "flipped.png"
+    Image.fromarray(np.ascontiguousarray(read_image(PORTRAIT)[:, ::-1])).save(flipped)
+    first = a.animate_to_file(PORTRAIT, clip, tmp_path / "a.mp4")
+    assert not first.driver_plan_hit and len(scans) == 3
+    other = a.with_config()
+    frames = list(other.animate(other.prepare(flipped), clip))
+    assert other.last_stats.driver_plan_hit and len(scans) == 3
+    alone = fresh(anim, max_frames=3, steps=1)
+    assert all(np.array_equal(x, y) for x, y in zip(frames, alone.animate(alone.prepare(flipped), clip),
+                                                    strict=True))
+    scans.clear()
+    list(a.animate(a.prepare(PORTRAIT), clip, config=replace(a.config, start=0.04)))
+    assert not a.last_stats.driver_plan_hit and len(scans) == 3
+    os.utime(clip, ns=(10**18, 10**18))  # another version of the file
+    list(a.animate(a.prepare(PORTRAIT), clip))
+    assert not a.last_stats.driver_plan_hit and len(scans) == 6
 
 
 def test_cache_hit_flag_is_false_for_a_new_portrait(anim: Animator, media: dict[str, Path],

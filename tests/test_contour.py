@@ -427,7 +427,7 @@ def test_portrait_without_face_is_an_input_error_in_contour_mode() -> None:
 def test_a_faceless_portrait_fails_before_the_driver_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Contour mode checks the portrait crop's landmarks right after preparing it: the error names the portrait
     file, and the driver is not decoded first (was: after the driver's whole face pass, unnamed)."""
-    from megactor_rt.runtime import animator as animator_module
+    from megactor_rt.runtime import driver as driver_module
 
     set_progress_enabled(False)
     anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2, max_frames=2))
@@ -437,7 +437,7 @@ def test_a_faceless_portrait_fails_before_the_driver_is_read(tmp_path: Path, mon
     def no_driver_pass(*args: object, **kwargs: object) -> None:
         raise AssertionError("the driver was read")
 
-    monkeypatch.setattr(animator_module, "plan_run", no_driver_pass)
+    monkeypatch.setattr(driver_module, "plan_run", no_driver_pass)  # (what PlanCache.plan calls)
     out = tmp_path / "o.mp4"
     with pytest.raises(InputError, match="no face found in the portrait crop of blank_wall.png"):
         anim.animate_to_file(blank, DRIVER, out, face_crop=False, contour=True, audio=False)
