@@ -514,6 +514,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         result_folder,
         result_replaces,
     )
+    from megactor_rt.sequence import is_frame_pattern
 
     given = [flag for flag, name in _NOT_WITH_JOBS if getattr(args, name) is not None]
     if given:
@@ -522,7 +523,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     jobs = read_jobs(args.jobs, config)
     inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
                                                     job.options.get("audio"), args.audio)
-              if isinstance(p, Path) and p.exists()}
+              if isinstance(p, Path) and (p.exists() or is_frame_pattern(p))}  # (an image sequence's pattern too)
     for job in jobs:
         options = _result_options(args) | job.options
         try:

@@ -498,7 +498,8 @@ class Animator:
                 checkpoint goes once the last frame is out. ``last_stats.resumed_from_step`` says where it began.
             on_progress: called with a :class:`~megactor_rt.progress.Progress` (stage, done, total, unit) after each
                 unit of the run's work (a driver frame scanned, a window call, a decoder batch), as the progress
-                bars count them (also with the bars off), in the thread running the stage; for a service's progress
+                bars count them (also with the bars off), in the thread running the stage (a driver planned by an
+                earlier run, ``last_stats.driver_plan_hit``, has no ``"driver"`` stage); for a service's progress
                 display (with wrapping windows the first frame comes only after the last step). It should return
                 quickly; an exception it raises stops the run and comes out of this generator.
 

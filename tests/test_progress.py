@@ -28,8 +28,14 @@ def _bars_off() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def anim() -> Animator:
+def networks() -> Animator:
     return Animator.demo(seed=0, device="cpu", config=CFG)
+
+
+@pytest.fixture
+def anim(networks: Animator) -> Animator:
+    """The networks with empty caches: every run finds its driver's faces (a kept plan reports no driver stage)."""
+    return Animator(networks.sub, CFG)
 
 
 @pytest.fixture(scope="module")

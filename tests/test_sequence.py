@@ -386,6 +386,9 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
     monkeypatch.setattr(Animator, "from_weights", load)
     code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", folder / "%03d.png", *common)
     assert code == 2 and "is in the result's folder, which the frames replace as a whole" in err
+    jobs.write_text(f"portrait,driver,output\n{PORTRAIT},faces/%03d.png,x.mp4\n{PORTRAIT},clip.mp4,faces/%03d.png\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, *common[2:])
+    assert code == 2 and f"{jobs}:3: " in err and "would overwrite an input of this run (of this job or another)" in err
     (folder / "004.png").unlink()
     code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", tmp_path / "x.mp4", *common)
     assert code == 2 and "1 frame(s) missing between 001.png and 006.png: 004.png" in err
