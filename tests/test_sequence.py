@@ -142,6 +142,29 @@ def test_a_failed_run_leaves_the_earlier_result_untouched(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["take"]
 
 
+def test_a_full_disk_is_named_and_leaves_the_earlier_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    pattern = tmp_path / "take" / "%05d.png"
+    write(pattern, frames(2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()}
+    save = Image.Image.save
+    written: list[int] = []
+
+    def full_disk(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(1)
+        save(self, fp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(ResourceError, match=r"cannot write the result's frames .*No space left on device.*nothing "
+                                            "was written under"):
+        write(pattern, frames(4, seed=1))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()} == before and hidden(tmp_path) == []
+
+
 def test_a_file_put_into_the_folder_during_the_run_is_not_deleted(tmp_path: Path) -> None:
     folder = tmp_path / "take"
     w = SequenceWriter(folder / "%05d.png", 25, 24, 24)
