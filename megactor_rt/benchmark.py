@@ -730,6 +730,7 @@ class _ModeRun:
     def timed(self, sc: Scenario, mode: str, device: torch.device, driver: Path, work_dir: Path) -> Result:
         anim, ledger = self.anim, self.ledger
         anim.cache = type(anim.cache)()  # cold portrait every time: per-portrait work is timed too
+        anim.plans = type(anim.plans)()  # and the driver's pass 1 (kept by an earlier round's run otherwise)
         ledger.reset()
         known = set(ledger.table)
         if device.type == "cuda":

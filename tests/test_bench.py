@@ -336,8 +336,19 @@ def test_repeats_run_in_rounds_of_one_run_per_mode(tmp_path, monkeypatch):
         return timed(self, sc, mode, *args)
 
     monkeypatch.setattr(benchmark._ModeRun, "timed", spy)
+    from megactor_rt.runtime.driver import PlanCache
+
+    plan, hits = PlanCache.plan, []
+
+    def kept(self, *args, **kwargs):
+        made = plan(self, *args, **kwargs)
+        hits.append(made[1])
+        return made
+
+    monkeypatch.setattr(PlanCache, "plan", kept)
     report = run_bench("test-rounds", tmp_path)
     assert order == ["reference", "optimized", "reference", "optimized"] and not report["errors"]
+    assert hits and not any(hits)  # every run finds the driver's faces: pass 1 is timed in each round
     assert [r["mode"] for r in report["results"]] == order
     warm = {}
     for r in report["results"]:
