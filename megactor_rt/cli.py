@@ -415,17 +415,18 @@ def _stem(path: Path) -> str:
     """An input's name in a batch's result names: its file name's stem, an image sequence's folder name."""
     from megactor_rt.sequence import is_frame_pattern
 
-    return path.parent.name if is_frame_pattern(path) else path.stem
+    return path.parent.name if is_frame_pattern(path) else path.name if path.is_dir() else path.stem
 
 
 def _require_driver(path: Path, sequence_fps: Fraction | None) -> None:
     """A driver file exists; an image sequence's frames are there, numbered without a gap (no torch: before the
     weights load)."""
     from megactor_rt.media import require_file
-    from megactor_rt.sequence import FrameSequence, is_frame_pattern
+    from megactor_rt.sequence import FrameSequence, sequence_pattern
 
-    if is_frame_pattern(path):
-        FrameSequence(path, sequence_fps)
+    pattern = sequence_pattern(path)
+    if pattern is not None:
+        FrameSequence(pattern, sequence_fps)
     else:
         require_file(path, "driver")
 
@@ -434,9 +435,10 @@ def _run_driver(path: Path, args: argparse.Namespace, job: Job | None = None) ->
     """A driver as the run reads it: an image sequence at its rate (the job's ``sequence_fps``, else
     ``--sequence-fps``), else the file."""
     from megactor_rt.runtime.driver import sequence_driver
-    from megactor_rt.sequence import is_frame_pattern
+    from megactor_rt.sequence import sequence_pattern
 
-    return sequence_driver(path, _sequence_fps(args, job)) if is_frame_pattern(path) else path
+    pattern = sequence_pattern(path)
+    return sequence_driver(pattern, _sequence_fps(args, job)) if pattern is not None else path
 
 
 def _sequence_fps(args: argparse.Namespace, job: Job | None) -> Fraction | None:

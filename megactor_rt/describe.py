@@ -29,6 +29,7 @@ from megactor_rt.media import (
 )
 from megactor_rt.sequence import (
     DEFAULT_FPS,
+    find_pattern,
     frame_pattern,
     is_frame_pattern,
     is_sequence,
@@ -47,8 +48,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         InputError: missing or unreadable file (the message says why).
     """
     path = Path(path)
-    if is_frame_pattern(path):
-        return _describe_sequence(path, faces)
+    if is_frame_pattern(path) or path.is_dir():  # a folder: its image sequence
+        return _describe_sequence(path if is_frame_pattern(path) else find_pattern(path), faces)
     require_file(path, "input")
     report: dict[str, Any]
     image = None  # a still image's pixels, read once for its size and its faces

@@ -1206,8 +1206,8 @@ def result_replaces(output: PathLike, source: PathLike) -> bool:
     """Whether writing the result ``output`` would replace ``source``: the same file, or a file in a frame
     sequence's folder (replaced as a whole)."""
     if is_sequence(output):
-        folder = frame_pattern(output).folder
-        return folder.exists() and any(same_file(folder, p) for p in Path(source).absolute().parents)
+        folder, source = frame_pattern(output).folder, Path(source).absolute()
+        return folder.exists() and any(same_file(folder, p) for p in (source, *source.parents))
     return same_file(output, source)
 
 

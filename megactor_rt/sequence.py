@@ -126,6 +126,52 @@ def is_frame_pattern(path: object) -> bool:
     return isinstance(path, (str, os.PathLike)) and _NUMBER.search(Path(path).name) is not None
 
 
+# the image files a folder of frames is looked through for (find_pattern)
+FRAME_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+_NUMBERED = re.compile(r"(.*?)(\d+)([^\d]*)")  # head, the last run of digits, tail
+
+
+def find_pattern(folder: str | os.PathLike[str]) -> Path:
+    """The number pattern of the one image sequence in ``folder`` (``plate/`` holding ``p.1001.png`` ... gives
+    ``plate/p.%04d.png``; unpadded numbers of several lengths give ``%d``); files of other kinds are left out.
+
+    Raises:
+        InputError: no numbered image in it, or several sequences (each named, with its pattern to pass instead).
+    """
+    folder = Path(folder)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in folder.iterdir():
+        match = _NUMBERED.fullmatch(p.name)
+        if match is not None and p.suffix.lower() in FRAME_SUFFIXES and p.is_file():
+            groups.setdefault((match.group(1), match.group(3)), []).append(match.group(2))
+    if not groups:
+        raise InputError(f"{folder}: a folder is read as an image sequence, and this one holds no numbered image "
+                         f"({', '.join(sorted(FRAME_SUFFIXES))})")
+    patterns = []
+    for (head, tail), numbers in sorted(groups.items()):
+        widths = {len(n) for n in numbers}
+        padded = len(widths) == 1 and (any(n.startswith("0") for n in numbers) or len(numbers) > 1)
+        patterns.append(folder / f"{head}%{f'0{widths.pop()}' if padded else ''}d{tail}")
+    if len(patterns) > 1:
+        raise InputError(f"{folder}: holds several image sequences ({', '.join(p.name for p in patterns)}); name "
+                         f"the one to use by its pattern, e.g. {patterns[0]}")
+    return patterns[0]
+
+
+def sequence_pattern(path: object) -> Path | None:
+    """An input's image-sequence pattern: the path itself where it is one, a folder's (:func:`find_pattern`); None
+    for anything else (a file, a missing path, frames in memory).
+
+    Raises:
+        InputError: a folder without one image sequence.
+    """
+    if is_frame_pattern(path):
+        return Path(path)  # type: ignore[arg-type]
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
+        return find_pattern(path)
+    return None
+
+
 def check_sequence_path(path: str | os.PathLike[str]) -> Path:
     """Check, before any work, that a frame sequence can be written at ``path`` (a pattern: see
     :func:`frame_pattern`): the folder above its folder exists and is writable, and its folder is new, empty or

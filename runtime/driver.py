@@ -60,7 +60,7 @@ from megactor_rt.preprocess import (
 )
 from megactor_rt.progress import progress
 from megactor_rt.runtime.pipeline import cancellable, ordered_map
-from megactor_rt.sequence import FrameSequence, is_frame_pattern
+from megactor_rt.sequence import FrameSequence, sequence_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +127,9 @@ def driver_source(driver: object) -> Path | DriverFrames:
         return driver
     if isinstance(driver, (str, os.PathLike)):
         path = Path(driver)
-        if is_frame_pattern(path):
-            return sequence_driver(path)
+        pattern = sequence_pattern(path)  # a pattern, or a folder of frames
+        if pattern is not None:
+            return sequence_driver(pattern)
         if path.suffix.lower() == ".webp" and is_animated_webp(path):  # FFmpeg reads still WebP images only
             frames = AnimatedWebP(path)
             return DriverFrames(frames, fps=frames.fps, name=path.name)

@@ -24,7 +24,7 @@ from megactor_rt.media import check_not_an_input, check_output_path, result_exis
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.driver import DriverFrames, driver_identity, driver_source, sequence_driver
-from megactor_rt.sequence import FramePattern, FrameSequence, SequenceWriter, frame_pattern
+from megactor_rt.sequence import FramePattern, FrameSequence, SequenceWriter, find_pattern, frame_pattern
 from megactor_rt.weights import build_models, write_converted
 
 FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
@@ -273,6 +273,8 @@ def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver:
     assert (report["kind"], report["size"], report["fps"], report["frames"], report["numbers"]) == \
         ("frame sequence", "128x128", "25", 3, "1-3")
     assert report["made_with"]["driver"] == "clip.mp4" and "missing_frames" not in report
+    code, stdout, err = run(capsys, "inspect", tmp_path / "shots" / "a", "--json", "--no-faces")  # the folder
+    assert code == 0 and json.loads(stdout)[str(tmp_path / "shots" / "a")]["numbers"] == "1-3", err
 
 
 def test_cli_refuses_a_sequence_onto_a_folder_of_other_files_before_the_weights_load(
@@ -346,6 +348,24 @@ def test_a_broken_image_sequence_is_named(tmp_path: Path, case: str, problem: st
         list(FrameSequence(pattern, fps))
 
 
+@pytest.mark.parametrize(("names", "found"), [
+    (["p.1001.png", "p.1002.png", "notes.txt", "p.1003.png"], "p.%04d.png"),
+    (["0001.jpg", "0002.jpg"], "%04d.jpg"),
+    (["f8.png", "f9.png", "f10.png"], "f%d.png"),
+    (["IMG_2023_07.tif", "IMG_2023_08.tif"], "IMG_2023_%02d.tif"),
+    (["a_1.png", "b_1.png"], "holds several image sequences .a_%d.png, b_%d.png.; name the one to use"),
+    (["readme.txt", "cover.png"], "holds no numbered image"),
+])
+def test_a_folder_of_frames_names_its_one_sequence(tmp_path: Path, names: list[str], found: str) -> None:
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    if found.endswith(("png", "jpg", "tif")):
+        assert find_pattern(tmp_path) == tmp_path / found
+    else:
+        with pytest.raises(InputError, match=found):
+            find_pattern(tmp_path)
+
+
 def test_a_sequence_drives_as_its_frames_in_memory_do(tmp_path: Path) -> None:
     """An image sequence animates exactly as the same frames handed over in memory; a checkpoint knows the
     sequence by its frames (another version of a frame is another driver)."""
@@ -392,8 +412,8 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
 
     info = probe_video(tmp_path / "r.mp4")
     assert (info.num_frames, info.fps, info.has_audio) == (3, Fraction(30000, 1001), False)
-    code, stdout, err = run(capsys, "animate", "--driver", folder / "%03d.png", tmp_path / "clip.mp4", "-o",
-                            tmp_path / "batch", *common)
+    code, stdout, err = run(capsys, "animate", "--driver", folder, tmp_path / "clip.mp4", "-o",
+                            tmp_path / "batch", *common)  # (a folder of frames drives as its one sequence)
     assert code == 0 and sorted(p.name for p in (tmp_path / "batch").iterdir()) == \
         ["portrait_clip.mp4", "portrait_faces.mp4"], err
     jobs = tmp_path / "jobs.csv"
@@ -407,8 +427,9 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(Animator, "from_weights", load)
-    code, _, err = run(capsys, "animate", "--driver", folder / "%03d.png", "-o", folder / "%03d.png", *common)
-    assert code == 2 and "is in the result's folder, which the frames replace as a whole" in err
+    for given in (folder / "%03d.png", folder):
+        code, _, err = run(capsys, "animate", "--driver", given, "-o", folder / "%03d.png", *common)
+        assert code == 2 and "is in the result's folder, which the frames replace as a whole" in err
     jobs.write_text(f"portrait,driver,output\n{PORTRAIT},faces/%03d.png,x.mp4\n{PORTRAIT},clip.mp4,faces/%03d.png\n")
     code, _, err = run(capsys, "animate", "--jobs", jobs, *common[2:])
     assert code == 2 and f"{jobs}:3: " in err and "would overwrite an input of this run (of this job or another)" in err
