@@ -323,7 +323,10 @@ class SequenceWriter(ResultWriter):
         self.frames_written = 0
         folder = self.pattern.folder
         self._tmp = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.tmp")
-        self._tmp.mkdir()
+        try:
+            self._tmp.mkdir()
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         self._closed = False
 
     def write(self, frame: np.ndarray) -> None:
@@ -370,11 +373,19 @@ class SequenceWriter(ResultWriter):
             raise ResourceError(f"{self.path}: {folder} now holds {others[0].name}, which is no frame of this "
                                 f"result; nothing was replaced, the {self.frames_written} frames are in {self._tmp}")
         old = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.old")
+        moved = False
         try:
             if folder.exists():
                 os.replace(folder, old)
+                moved = True
             os.replace(self._tmp, folder)
         except OSError as exc:
+            if moved:  # the earlier result goes back under its name
+                try:
+                    os.replace(old, folder)
+                except OSError as again:
+                    logger.warning("%s: the earlier frames could not be put back; they are in %s (%s)", folder, old,
+                                   again)
             self._discard()
             raise self._write_error(exc) from exc
         self._closed = True

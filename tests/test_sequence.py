@@ -165,6 +165,24 @@ def test_a_full_disk_is_named_and_leaves_the_earlier_result(tmp_path: Path, monk
     assert {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()} == before and hidden(tmp_path) == []
 
 
+def test_a_failed_rename_puts_the_earlier_result_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pattern = tmp_path / "take" / "%05d.png"
+    write(pattern, frames(2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()}
+    replace_path = os.replace
+
+    def second_fails(src: Path, dst: Path) -> None:
+        if str(src).endswith(".tmp"):
+            raise OSError(18, "Invalid cross-device link")
+        replace_path(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(ResourceError, match="cannot write the result's frames"):
+        write(pattern, frames(3, seed=1))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()} == before and hidden(tmp_path) == []
+
+
 def test_a_file_put_into_the_folder_during_the_run_is_not_deleted(tmp_path: Path) -> None:
     folder = tmp_path / "take"
     w = SequenceWriter(folder / "%05d.png", 25, 24, 24)
