@@ -12,8 +12,8 @@ header row naming its columns:
 Columns (any order; the first three are required): ``portrait``, ``driver``, ``output`` (its suffix picks the
 format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_start``, ``portrait_face``,
 ``driver_face``, ``start``, ``duration``, ``sequence_fps`` (an image-sequence driver's rate), which mean what
-the ``animate`` flags of the same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its default). Relative paths are relative to the
-jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
+the ``animate`` flags of the same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
+default). Relative paths are relative to the jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
 """
 
 from __future__ import annotations

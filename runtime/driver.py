@@ -151,10 +151,11 @@ def sequence_driver(path: str | os.PathLike[str], fps: Fraction | float | None =
 
 
 def driver_file(source: Path | DriverFrames) -> Path | None:
-    """Where a driver is on disk: its file, an image sequence's pattern; None for frames in memory."""
+    """Where a driver is on disk: its file (an animated WebP's too), an image sequence's pattern; None for frames
+    in memory."""
     if isinstance(source, Path):
         return source
-    return source.frames.path if isinstance(source.frames, FrameSequence) else None
+    return source.frames.path if isinstance(source.frames, (FrameSequence, AnimatedWebP)) else None
 
 
 def driver_identity(source: Path | DriverFrames) -> list[object] | None:
@@ -163,10 +164,13 @@ def driver_identity(source: Path | DriverFrames) -> list[object] | None:
     Raises:
         OSError: it cannot be looked at.
     """
-    if isinstance(source, Path):
-        st = source.stat()
-        return [str(source.resolve()), st.st_size, st.st_mtime_ns]
-    return source.frames.identity() if isinstance(source.frames, FrameSequence) else None
+    if isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence):
+        return source.frames.identity()
+    path = driver_file(source)
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def driver_info(driver: Driver) -> VideoInfo:

@@ -436,6 +436,24 @@ def test_a_driver_is_planned_once_for_several_portraits(anim: Animator, media: d
     assert not a.last_stats.driver_plan_hit and len(scans) == 6
 
 
+def test_an_animated_webp_driver_is_known_by_its_file(anim: Animator, tmp_path: Path) -> None:
+    """An animated WebP (read through Pillow, like frames in memory) is still a file: its plan is kept for the next
+    run, and a result onto it is refused."""
+    from media_fixtures import face_frames
+
+    meme = tmp_path / "meme.webp"
+    faces = [Image.fromarray(f) for f in face_frames(4)]
+    faces[0].save(meme, save_all=True, append_images=faces[1:], duration=40, loop=0, quality=90)
+    a = fresh(anim, max_frames=2, steps=1)
+    list(a.animate(a.prepare(PORTRAIT), meme))
+    list(a.animate(a.prepare(PORTRAIT), meme))
+    assert a.last_stats.driver_plan_hit
+    before = meme.read_bytes()
+    with pytest.raises(InputError, match="the result would overwrite the driver"):
+        a.animate_to_file(PORTRAIT, meme, meme)
+    assert meme.read_bytes() == before
+
+
 def test_cache_hit_flag_is_false_for_a_new_portrait(anim: Animator, media: dict[str, Path],
                                                      tmp_path: Path) -> None:
     a = fresh(anim, max_frames=2, steps=1)
