@@ -49,6 +49,7 @@ from megactor_rt.sequence import (
     ResultWriter,
     SequenceWriter,
     check_sequence_path,
+    find_pattern,
     frame_pattern,
     frame_text,
     is_frame_pattern,
@@ -1064,7 +1065,8 @@ RESULT_TAG = "comment"  # the container tag that holds a result's settings (MP4/
 
 def result_settings(path: PathLike) -> dict[str, Any] | None:
     """The settings a result was made with (``animate_to_file`` writes them as JSON into the container's
-    comment tag, or a frame sequence's frames: ``path`` is then its pattern or one frame, :mod:`megactor_rt.sequence`), or None
+    comment tag, or a frame sequence's frames: ``path`` is then its pattern, its folder or one frame,
+    :mod:`megactor_rt.sequence`), or None
     where the file has none (a GIF, ``metadata=False``, another program's video, a sequence without frames).
 
     Raises:
@@ -1073,6 +1075,8 @@ def result_settings(path: PathLike) -> dict[str, Any] | None:
     import json
 
     path = Path(path)
+    if path.is_dir():  # a sequence's folder
+        path = find_pattern(path)
     if is_sequence(path):  # a sequence's pattern: its first frame's; a frame alone: its own
         text = (sequence_settings(path) if is_frame_pattern(path) else frame_text(path)) or {}
         tags = {RESULT_TAG: text.get(SETTINGS_KEY, "")}

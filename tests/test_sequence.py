@@ -244,6 +244,7 @@ def test_animate_to_file_writes_the_runs_frames_exactly(driver: Path, tmp_path: 
     assert len(written) == len(streamed) == 5 and all(np.array_equal(a, b) for a, b in zip(written, streamed))
     settings = result_settings(tmp_path / "take" / "%05d.png")
     assert settings is not None and settings["driver"] == "clip.mp4" and settings["config"]["max_frames"] == 5
+    assert result_settings(tmp_path / "take") == settings == result_settings(tmp_path / "take" / "00003.png")
 
 
 @pytest.fixture(scope="module")
