@@ -176,6 +176,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "crash, Ctrl-C or a preempted machine) continues from its last step, with the same result; "
                         "wrapping windows only (not --no-wrap); the file goes when the run is done (at 512 px 64 "
                         "KiB per frame)")
+    p.add_argument("--first-number", type=_count, default=None, metavar="N",
+                   help="a PNG sequence result's first frame number (e.g. 1001, as compositing tools count; default: "
+                        "1, or an image-sequence driver's own numbers at its rate)")
     p.add_argument("--no-metadata", action="store_true",
                    help="do not write the run's settings into the result (by default JSON in its comment tag: "
                         "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
@@ -578,6 +581,17 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask, audio=audio)
 
 
+def _check_first_number(outputs: list[Path], first_number: int | None) -> None:
+    """--first-number numbers a PNG sequence's frames: refused for a result that is one file, before any work."""
+    if first_number is not None:
+        from megactor_rt.sequence import is_sequence
+
+        single = next((out for out in outputs if not is_sequence(out)), None)
+        if single is not None:
+            raise InputError(f"{single}: --first-number numbers the frames of a PNG sequence result (e.g. "
+                             "take1/%05d.png, or --format png); this result is one file")
+
+
 def _check_quality(output: Path, crf: int | None) -> None:
     """A --crf the result's encoder does not take, before the weights load."""
     if crf is not None:
@@ -602,7 +616,7 @@ def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
             "audio": str(args.audio) if args.audio is not None else not args.no_audio, "audio_start": args.audio_start,
             "contour": args.contour, "contour_affine_frame": args.contour_affine_frame,
             "side_by_side": args.side_by_side, "paste_back": args.paste_back, "crf": args.crf,
-            "metadata": not args.no_metadata}
+            "metadata": not args.no_metadata, "first_number": args.first_number}
 
 
 def _result_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -613,7 +627,8 @@ def _result_options(args: argparse.Namespace) -> dict[str, Any]:
             "contour": args.contour, "landmarks_model": args.landmarks_model,
             "contour_affine_frame": args.contour_affine_frame, "side_by_side": args.side_by_side,
             "face": args.portrait_face, "driver_face": args.driver_face, "paste_back": args.paste_back,
-            "crf": args.crf, "metadata": not args.no_metadata, "checkpoint_dir": args.checkpoint_dir}
+            "crf": args.crf, "metadata": not args.no_metadata, "checkpoint_dir": args.checkpoint_dir,
+            "first_number": args.first_number}
 
 
 def _flags_apply(flags: list[str]) -> tuple[str, str]:
@@ -702,6 +717,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         inputs = [*args.portrait, *args.driver, args.mask]
     record = StatsFile(args.stats, "animate", [job.output for job in jobs], [*inputs, args.audio],
                        _stats_options(args))
+    _check_first_number([job.output for job in jobs], args.first_number)
     if args.jobs is None:
         _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
                      args.audio_start, args.sequence_fps)
@@ -767,6 +783,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        _stats_options(args))
     _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start, args.sequence_fps)
     _check_quality(args.output, args.crf)
+    _check_first_number([args.output], args.first_number)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     config = _run_config(args)

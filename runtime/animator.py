@@ -775,7 +775,8 @@ class Animator:
                         side_by_side: bool = False, face: int | None = None,
                         driver_face: int | None = None, paste_back: bool = False, crf: int | None = None,
                         audio_start: float | str | None = None, metadata: bool = True,
-                        checkpoint_dir: str | Path | None = None, on_progress: Reporter | None = None) -> RunStats:
+                        checkpoint_dir: str | Path | None = None, on_progress: Reporter | None = None,
+                        first_number: int | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); or an animated GIF (.gif: no
         sound; refused above 50 fps, before
@@ -801,13 +802,20 @@ class Animator:
         :func:`~megactor_rt.media.result_settings`; a GIF or WebP holds none); False: none. ``checkpoint_dir``: see
         :meth:`animate` (a run started again with it continues where it stopped). ``on_progress``: see
         :meth:`animate`; here also stage ``"write"``, once per frame written (in the calling thread; the other stages
-        report from the run's worker thread).
+        report from the run's worker thread). ``first_number``: a PNG sequence result's first frame number (None:
+        1, or, driven by an image sequence at its own rate, the number of the driver frame it animates); refused for
+        other results.
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
         """
         out = check_output_path(output)
         check_quality(out, crf)
+        if first_number is not None and not is_sequence(out):
+            raise InputError(f"{out}: first_number (--first-number) numbers the frames of a PNG sequence result "
+                             "(e.g. take1/%05d.png); this result is one file")
+        if first_number is not None and first_number < 0:
+            raise InputError(f"first_number (--first-number) must be >= 0, got {first_number}")
         cfg = config or self.config
         self.check_run(cfg)
         source = driver_source(driver)
@@ -849,7 +857,9 @@ class Animator:
             "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
             "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
-        if is_sequence(out) and isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence) and \
+        if first_number is not None:
+            sound_args["first_number"] = first_number
+        elif is_sequence(out) and isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence) and \
                 sel.ratio == 1:  # a plate's frames: the result's frames take their numbers
             sound_args["first_number"] = source.frames.first_number + sel.skip
         with result_writer(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:

@@ -144,7 +144,8 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     assert doc["config"]["steps"] == 2 and doc["config"]["seed"] == 3 and doc["config"]["mode"] == "optimized"
     assert doc["options"] == {"face_crop": True, "portrait_face": None, "driver_face": None, "mask": None,
                               "audio": True, "audio_start": None, "contour": False, "contour_affine_frame": "last", "side_by_side": False,
-                              "paste_back": False, "crf": None, "metadata": True}
+                              "paste_back": False, "crf": None, "metadata": True,
+                              "first_number": None}
     assert facts["output"] == str(out) and facts["frames"] == 6 and len(facts["step_seconds"]) == 2
     assert facts["fps"] == pytest.approx(6 / facts["total_s"]) and 0 < facts["first_frame_s"] <= facts["total_s"]
     assert facts["stage_seconds"]["denoise"] > 0 and facts["calls"]["unet"] == 3 * 2  # 3 windows x 2 steps

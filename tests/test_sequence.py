@@ -269,11 +269,11 @@ def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver:
     common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 3)
     out = tmp_path / "results"
     code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
-                            "--format", "png", *common)
+                            "--format", "png", *common, "--first-number", 1001)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["portrait_clip", "portrait_clip2"]
-    assert sorted(p.name for p in (out / "portrait_clip").iterdir()) == ["00001.png", "00002.png", "00003.png"]
-    first = out / "portrait_clip" / "00001.png"
+    assert sorted(p.name for p in (out / "portrait_clip").iterdir()) == ["01001.png", "01002.png", "01003.png"]
+    first = out / "portrait_clip" / "01001.png"
     os.utime(first, (1e9, 1e9))
     code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
                             "--format", "png", *common, "--skip-existing")
@@ -311,6 +311,9 @@ def test_cli_refuses_a_sequence_onto_a_folder_of_other_files_before_the_weights_
     code, _, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, "-o", tmp_path / "s" /
                        "%05d.png", "--weights", weights, "--device", "cpu", "--crf", 18)
     assert code == 2 and "PNG frames are lossless" in err
+    code, _, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, "-o", tmp_path / "s.mp4",
+                       "--weights", weights, "--device", "cpu", "--first-number", 1001)
+    assert code == 2 and "--first-number numbers the frames of a PNG sequence result" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -473,3 +476,8 @@ def test_a_result_sequence_takes_the_numbers_of_the_plate_it_animates(tmp_path: 
     anim.animate_to_file(PORTRAIT, sequence_driver(plate_dir / "p.%d.png", fps=50), tmp_path / "b" / "%04d.png",
                          config=replace(anim.config, fps=25))  # every second frame
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["0001.png", "0002.png", "0003.png"]
+    anim.animate_to_file(PORTRAIT, plate_dir / "p.%d.png", tmp_path / "c" / "%04d.png", first_number=0,
+                         config=replace(anim.config, max_frames=2))  # numbered as asked instead
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0000.png", "0001.png"]
+    with pytest.raises(InputError, match="first_number .--first-number. numbers the frames of a PNG sequence"):
+        anim.animate_to_file(PORTRAIT, plate_dir / "p.%d.png", tmp_path / "d.mp4", first_number=1001)
