@@ -976,7 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
     a.add_argument("--portrait", type=Path, nargs="+",
                    help="portrait image, or a video (its first frame); several: each one with every driver")
-    a.add_argument("--driver", type=Path, nargs="+", help="driving video(s)")
+    a.add_argument("--driver", type=Path, nargs="+",
+                   help="driving video(s), animated GIF/WebP, or image sequences (plate/%%04d.png, or a folder "
+                        "holding one)")
     a.add_argument("-o", "--output", type=Path,
                    help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
                         "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
@@ -1027,9 +1029,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
     d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
-    d.add_argument("--driver", type=Path, default=None, help="your driving video (default: the bundled clip)")
+    d.add_argument("--driver", type=Path, default=None,
+                   help="your driving video or image sequence (plate/%%04d.png; default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
-                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif (default: megactor_demo.mp4)")
+                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, or PNG frames DIR/%%05d.png "
+                        "(default: megactor_demo.mp4)")
     d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
