@@ -72,21 +72,25 @@ def _media_status() -> dict[str, Any]:
     """PyAV and its FFmpeg (decoding, display matrices, audio) and the video encoders results are written with:
     ``encoder`` that of the H.264 containers, ``formats`` each result suffix's (or why it cannot be written)."""
     import av
+    from PIL import __version__ as pillow
+    from PIL import features
 
-    from megactor_rt.media import RESULT_SUFFIXES, _encoder_for, _video_encoder
+    from megactor_rt.media import ALL_RESULT_SUFFIXES, _encoder_for, _video_encoder
+    from megactor_rt.sequence import SEQUENCE_SUFFIXES
 
     try:
         encoder = _video_encoder()
     except RuntimeError as exc:
         encoder = f"none: {exc}"
     formats = {}
-    for suffix in RESULT_SUFFIXES:
+    for suffix in ALL_RESULT_SUFFIXES:
+        if suffix in SEQUENCE_SUFFIXES:  # frame sequences: written by Pillow
+            formats[suffix] = "png frames (Pillow)" if features.check("zlib") else "unavailable: Pillow lacks zlib"
+            continue
         try:
             formats[suffix] = _encoder_for(suffix)
         except RuntimeError as exc:
             formats[suffix] = f"unavailable: {exc}"
-    from PIL import __version__ as pillow
-    from PIL import features
 
     try:
         from pillow_heif import __version__ as heif

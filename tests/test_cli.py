@@ -296,6 +296,7 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     assert report["media"]["pyav"] == av.__version__ and report["media"]["encoder"] in ("libx264", "libopenh264",
                                                                                          "mpeg4")
     formats = report["media"]["formats"]
+    assert formats[".png"] == "png frames (Pillow)"
     assert (formats[".mp4"], formats[".webm"], formats[".gif"], formats[".webp"]) == (
         report["media"]["encoder"], "libvpx-vp9", "gif", "libwebp_anim")
     import pillow_heif
