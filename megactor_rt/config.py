@@ -232,6 +232,16 @@ def time_seconds(name: str, value: object) -> float:
     return float(value)
 
 
+def exact_rate(fps: Fraction | float) -> Fraction:
+    """A frame rate as an exact fraction: a float becomes the nearest fraction with a denominator of at most
+    1001000 (29.97 -> 2997/100; 30000/1001 given as a float comes back as 30000/1001).
+
+    Raises:
+        ValueError: a NaN; OverflowError: an infinity.
+    """
+    return fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001000)
+
+
 def parse_frame_rate(text: str) -> Fraction:
     """A frame rate as people write it: ``"24"``, ``"29.97"`` or ``"30000/1001"``, > 0.
 
@@ -239,7 +249,7 @@ def parse_frame_rate(text: str) -> Fraction:
         ValueError: anything else (the message says what is accepted).
     """
     try:
-        value = Fraction(text.strip()) if "/" in text else Fraction(float(text)).limit_denominator(1001000)
+        value = Fraction(text.strip()) if "/" in text else exact_rate(float(text))
     except (ValueError, ZeroDivisionError, OverflowError):
         raise ValueError(f"'{text}' is not a frame rate (24, 29.97, 30000/1001)") from None
     if value <= 0:

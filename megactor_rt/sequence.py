@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from megactor_rt.config import exact_rate
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale
 
@@ -479,7 +480,7 @@ class FrameSequence(LazyFrames):
             raise InputError(f"{self.path}: {len(missing)} frame(s) missing between {self.files[0].name} and "
                              f"{self.files[-1].name}: {shown}; a sequence's frames must be consecutive")
         if fps is not None:
-            rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001000)
+            rate = exact_rate(fps)
             if not rate > 0:
                 raise InputError(f"{self.path}: the frame rate must be positive, got {fps}")
             self.fps = rate

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig
+from megactor_rt.config import AnimateConfig, exact_rate
 from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import grey_unit, preprocess_frame
@@ -99,7 +99,7 @@ class DriverFrames:
 
     def info(self) -> VideoInfo:
         h, w = np.asarray(self.frames[0]).shape[:2]
-        fps = self.fps if isinstance(self.fps, Fraction) else Fraction(self.fps).limit_denominator(1001000)
+        fps = exact_rate(self.fps)
         return VideoInfo(path=Path(self.name), width=w, height=h, fps=fps, num_frames=len(self.frames),
                          has_audio=False, duration_s=len(self.frames) / float(fps))
 
@@ -229,7 +229,7 @@ def output_fps(source: Fraction, fps: float | Fraction | None) -> Fraction:
     frame and its exact rate, instead of dropping one frame in a million and writing 2997/100)."""
     if fps is None:
         return source
-    target = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1001000)
+    target = exact_rate(fps)
     if abs(target - source) <= source * Fraction(1, 10000):
         return source
     return min(source, target)
