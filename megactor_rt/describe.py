@@ -30,10 +30,10 @@ from megactor_rt.media import (
 from megactor_rt.sequence import (
     DEFAULT_FPS,
     find_pattern,
-    frame_pattern,
     is_frame_pattern,
     is_sequence,
     recorded_fps,
+    sequence_frames,
 )
 
 
@@ -84,11 +84,7 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
 
 def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
     """A frame sequence's report: its first frame's size, faces and text chunks, and its frame numbers."""
-    pattern = frame_pattern(path)
-    frames = pattern.frames()
-    if not frames:
-        raise InputError(f"{path}: no frame named by this pattern in {pattern.folder}"
-                         if pattern.folder.is_dir() else f"{path}: the folder {pattern.folder} does not exist")
+    pattern, frames = sequence_frames(path)
     first, last = pattern.number(frames[0].name), pattern.number(frames[-1].name)
     first_frame = describe(frames[0], faces)
     fps = first_frame.pop("fps", None) or f"none recorded ({_rate(DEFAULT_FPS)} taken as a driver; --sequence-fps)"

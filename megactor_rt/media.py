@@ -44,6 +44,7 @@ from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
 from megactor_rt.sequence import (
+    SEQUENCE_SUFFIXES,
     SETTINGS_KEY,
     LazyFrames,
     ResultWriter,
@@ -76,7 +77,7 @@ _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
 # the suffixes of the results VideoWriter writes
 RESULT_SUFFIXES = tuple(sorted(_AUDIO_COPY_CODECS))
 # every result format: those and PNG frame sequences (megactor_rt.sequence)
-ALL_RESULT_SUFFIXES = tuple(sorted((*RESULT_SUFFIXES, ".png")))
+ALL_RESULT_SUFFIXES = tuple(sorted((*RESULT_SUFFIXES, *SEQUENCE_SUFFIXES)))
 # what other audio is converted to: AAC, except in WebM (Opus)
 _AUDIO_ENCODER = {".webm": "libopus"}
 # the sample rates each audio encoder takes (and its sample format); other sources (192 kHz, 37.8 kHz) are

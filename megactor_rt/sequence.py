@@ -3,8 +3,8 @@
 Compositing and editing tools read image sequences, and re-encoding a lossy video loses quality twice. A sequence
 result is named by a number pattern in its file name, as FFmpeg names them (``%d``, or ``%05d``: at least five
 digits, zero-padded); its frames are numbered from :data:`FIRST_FRAME`, or, driven by an image sequence (below) at
-its own rate, with the numbers of the driver's frames they animate (a plate's 1001, 1002, ...). The folder that holds the pattern is the
-result as a whole:
+its own rate, with the numbers of the driver's frames they animate (a plate's 1001, 1002, ...). The folder that
+holds the pattern is the result as a whole:
 
 * it is written as a hidden temporary folder beside it and renamed onto its name once every frame is written, so a
   run that fails or is stopped leaves no frames under the final name; a folder left by a killed write is removed
@@ -120,6 +120,30 @@ def frame_pattern(path: str | os.PathLike[str]) -> FramePattern:
         raise InputError(f"{path}: only the file name may hold a number pattern (%d or %05d), once, e.g. {example}")
     width = match.group(1)
     return FramePattern(path.parent, head, tail, int(width) if width else 0)
+
+
+def sequence_name(path: str | os.PathLike[str]) -> str:
+    """How messages and a result's settings name a sequence: its pattern with its folder's name
+    (``plate/%04d.png``)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}"
+
+
+def sequence_frames(path: str | os.PathLike[str]) -> tuple[FramePattern, list[Path]]:
+    """A sequence's pattern and its frames in number order.
+
+    Raises:
+        InputError: no pattern (:func:`frame_pattern`), no folder, or no frame in it.
+    """
+    pattern = frame_pattern(path)
+    path, folder = Path(path).expanduser().absolute(), pattern.folder
+    if not folder.is_dir():
+        raise InputError(f"{path}: the folder {folder} does not exist" if not folder.exists() else
+                         f"{path}: {folder} is not a folder")
+    frames = pattern.frames()
+    if not frames:
+        raise InputError(f"{path}: no frame named by this pattern in {folder} (e.g. {pattern.name(FIRST_FRAME)})")
+    return pattern, frames
 
 
 def is_frame_pattern(path: object) -> bool:
@@ -412,7 +436,6 @@ class SequenceWriter(ResultWriter):
             logger.warning("could not remove the temporary folder %s: %s", self._tmp, exc)
 
 
-
 def recorded_fps(frame: Path) -> Fraction | None:
     """The rate a frame's ``fps`` text chunk records (this engine's sequences), or None."""
     try:
@@ -459,17 +482,10 @@ class FrameSequence(LazyFrames):
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: Fraction | float | None = None) -> None:
-        self.pattern = frame_pattern(path)
+        self.pattern, files = sequence_frames(path)
+        self.files = tuple(files)
         self.path = Path(path).expanduser().absolute()
-        folder = self.pattern.folder
-        self.name = f"{folder.name}/{self.path.name}"
-        if not folder.is_dir():
-            raise InputError(f"{self.path}: the folder {folder} does not exist" if not folder.exists() else
-                             f"{self.path}: {folder} is not a folder")
-        self.files = tuple(self.pattern.frames())
-        if not self.files:
-            raise InputError(f"{self.path}: no frame named by this pattern in {folder} (e.g. "
-                             f"{self.pattern.name(FIRST_FRAME)})")
+        self.name = sequence_name(self.path)
         self._size: tuple[int, ...] | None = None  # the first frame's (height, width), once read
         numbers = [self.pattern.number(p.name) or 0 for p in self.files]
         self.first_number = numbers[0]

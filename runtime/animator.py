@@ -92,7 +92,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
-from megactor_rt.sequence import FrameSequence, is_frame_pattern, is_sequence
+from megactor_rt.sequence import FrameSequence, is_frame_pattern, is_sequence, sequence_name
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
 logger = logging.getLogger(__name__)
@@ -925,7 +925,7 @@ def _name(path: object) -> str | None:
     """A file's name without its folders (an image sequence's: with its folder's; None for anything that is no
     path)."""
     if is_frame_pattern(path):
-        return f"{Path(path).parent.name}/{Path(path).name}"  # type: ignore[arg-type]
+        return sequence_name(path)  # type: ignore[arg-type]
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
 
 
