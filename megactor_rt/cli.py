@@ -408,7 +408,8 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
     if twice:
         raise InputError(f"{output}: several jobs would write {', '.join(twice)} (inputs with the same file name "
                          "in different folders); rename them or run them separately")
-    clash = sorted(str(job.output) for job in jobs if any(result_replaces(job.output, x) for x in (*portraits, *drivers)))
+    clash = sorted(str(job.output) for job in jobs
+                   if any(result_replaces(job.output, x) for x in (*portraits, *drivers)))
     if clash:
         raise InputError(f"{', '.join(clash)}: a result would overwrite an input; choose another -o folder")
     return jobs
@@ -584,12 +585,10 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
 def _check_first_number(outputs: list[Path], first_number: int | None) -> None:
     """--first-number numbers a PNG sequence's frames: refused for a result that is one file, before any work."""
     if first_number is not None:
-        from megactor_rt.sequence import is_sequence
+        from megactor_rt.media import check_first_number
 
-        single = next((out for out in outputs if not is_sequence(out)), None)
-        if single is not None:
-            raise InputError(f"{single}: --first-number numbers the frames of a PNG sequence result (e.g. "
-                             "take1/%05d.png, or --format png); this result is one file")
+        for output in outputs:
+            check_first_number(output, first_number)
 
 
 def _check_quality(output: Path, crf: int | None) -> None:
@@ -600,13 +599,14 @@ def _check_quality(output: Path, crf: int | None) -> None:
         check_quality(output, crf)
 
 
-def _check_result_rate(driver: Path | DriverFrames, output: Path, config: AnimateConfig) -> None:
+def _check_result_rate(job: Job, args: argparse.Namespace, config: AnimateConfig) -> None:
     """A rate the result's format cannot show (a 60 fps driver into a GIF), before the weights load."""
-    if output.suffix.lower() == ".gif":
+    if job.output.suffix.lower() == ".gif":
         from megactor_rt.media import check_result_rate
         from megactor_rt.runtime.driver import FrameSelection, driver_info
 
-        check_result_rate(output, FrameSelection.of(driver_info(driver).fps, config.fps, config.start).fps)
+        fps = driver_info(_run_driver(job.driver, args, job)).fps
+        check_result_rate(job.output, FrameSelection.of(fps, config.fps, config.start).fps)
 
 
 def _stats_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -682,7 +682,8 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
         options = _result_options(args) | job.options
         try:
             check_schedule(model, job.run_config(config))
-            found = preflight(job.portrait, _run_driver(job.driver, args, job), job.output, image_size=size, config=job.run_config(config),
+            found = preflight(job.portrait, _run_driver(job.driver, args, job), job.output, image_size=size,
+                              config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
                               driver_face=options["driver_face"], mask=options["mask"])
         except MegactorError as exc:
@@ -739,7 +740,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
-        _check_result_rate(_run_driver(jobs[0].driver, args, jobs[0]), jobs[0].output, config)
+        _check_result_rate(jobs[0], args, config)
     anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -756,7 +757,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         portrait, driver, output = job.portrait, job.driver, job.output
         try:
             stats = anim.animate_to_file(portrait, _run_driver(driver, args, job), output,
-                                         **(_result_options(args) | job.options), on_progress=_on_progress(args, output),
+                                         **(_result_options(args) | job.options),
+                                         on_progress=_on_progress(args, output),
                                          config=job.run_config(config))
         except MegactorError as exc:
             if not batch:

@@ -1146,6 +1146,21 @@ def check_result_rate(path: Path, fps: Fraction) -> None:
                          "--fps 25 (Python: fps=25 in the AnimateConfig), or write .mp4 or .webm")
 
 
+def check_first_number(path: Path, first_number: int | None) -> None:
+    """Refuse a first frame number (``first_number``; None: the default) for a result that is one file, or below 0.
+
+    Raises:
+        InputError: naming the result, or the number.
+    """
+    if first_number is None:
+        return
+    if not is_sequence(path):
+        raise InputError(f"{path}: first_number (--first-number) numbers the frames of a PNG sequence result (e.g. "
+                         "take1/%05d.png, or --format png); this result is one file")
+    if first_number < 0:
+        raise InputError(f"first_number (--first-number) must be >= 0, got {first_number}")
+
+
 def check_quality(path: Path, crf: int | None) -> None:
     """Refuse a constant-quality value (``crf``; None: the format's default) that the result's encoder does not take:
     outside its scale (:data:`CRF_SCALES`), or an encoder without one (GIF; FFmpeg builds without libx264).

@@ -28,6 +28,7 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
     RESULT_TAG,
+    check_first_number,
     check_not_an_input,
     check_output_path,
     check_quality,
@@ -811,11 +812,7 @@ class Animator:
         """
         out = check_output_path(output)
         check_quality(out, crf)
-        if first_number is not None and not is_sequence(out):
-            raise InputError(f"{out}: first_number (--first-number) numbers the frames of a PNG sequence result "
-                             "(e.g. take1/%05d.png); this result is one file")
-        if first_number is not None and first_number < 0:
-            raise InputError(f"first_number (--first-number) must be >= 0, got {first_number}")
+        check_first_number(out, first_number)
         cfg = config or self.config
         self.check_run(cfg)
         source = driver_source(driver)

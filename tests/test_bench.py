@@ -490,7 +490,8 @@ def _timed_result(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, totals: dict[
 
     monkeypatch.setattr(benchmark, "_consume", consume)
     monkeypatch.setattr(benchmark, "PeakRSS", Peak)
-    run = benchmark._ModeRun(cfg=None, sub=None, ledger=ledger, sub_options={}, anim=SimpleNamespace(cache={}, plans={}))
+    run = benchmark._ModeRun(cfg=None, sub=None, ledger=ledger, sub_options={},
+                             anim=SimpleNamespace(cache={}, plans={}))
     sc = benchmark.Scenario("s", "tiny", 128, 4, 4, 2, 1)
     return run.timed(sc, "reference", torch.device("cpu"), tmp_path / "driver.mp4", tmp_path)
 

@@ -313,7 +313,7 @@ def test_cli_refuses_a_sequence_onto_a_folder_of_other_files_before_the_weights_
     assert code == 2 and "PNG frames are lossless" in err
     code, _, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, "-o", tmp_path / "s.mp4",
                        "--weights", weights, "--device", "cpu", "--first-number", 1001)
-    assert code == 2 and "--first-number numbers the frames of a PNG sequence result" in err
+    assert code == 2 and "first_number (--first-number) numbers the frames of a PNG sequence result" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
