@@ -1747,7 +1747,6 @@ class VideoWriter(ResultWriter):
         return Fraction(n, like.sample_rate)
 
 
-
 def result_writer(path: PathLike, fps: Fraction | int, width: int, height: int, **options: Any
                   ) -> ResultWriter:
     """The writer of a result at ``path``: a :class:`VideoWriter`, or for a PNG frame sequence's pattern

@@ -325,10 +325,11 @@ class SequenceWriter(ResultWriter):
                 frames are lossless).
             ValueError: non-positive fps or frame size.
         """
+        from megactor_rt.media import check_quality  # (media imports this module)
+
         self.path = check_sequence_path(path)
         self.pattern = frame_pattern(self.path)
-        if crf is not None:
-            raise InputError(f"{self.path}: PNG frames are lossless: crf (--crf) does not apply; leave it out")
+        check_quality(self.path, crf)  # (PNG frames take none)
         if first_number < 0:
             raise ValueError(f"first_number must be >= 0, got {first_number}")
         self.first_number = first_number
