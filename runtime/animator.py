@@ -828,7 +828,7 @@ class Animator:
         landmarker = Landmarker(landmarks_model) if contour else None
         if cfg.tiny_decoder is not None:
             self.tiny_decoder(cfg.tiny_decoder)  # likewise (loaded once; animate() finds it loaded)
-        info = driver_info(driver)
+        info = driver_info(source)
         sel = FrameSelection.of(info.fps, cfg.fps, cfg.start)  # the frames and rate animate() will use
         check_result_rate(out, sel.fps)  # a 60 fps GIF, before the portrait is prepared
         size = self.image_size
@@ -860,7 +860,8 @@ class Animator:
                 sel.ratio == 1:  # a plate's frames: the result's frames take their numbers
             sound_args["first_number"] = source.frames.first_number + sel.skip
         with result_writer(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
-            frames = reporting(self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
+            # (the driver as read above: an image sequence is not listed again)
+            frames = reporting(self._frames(state, source, face_crop, contour, landmarks_model, contour_affine_frame,
                                             cfg, driver_face, checkpoint_dir), on_progress)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
@@ -912,8 +913,8 @@ class Animator:
                 close()
 
     def with_config(self, **changes: Any) -> Animator:
-        """A new Animator sharing submodels, portrait cache and driver plans with some settings changed: ``changes`` are
-        :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
+        """A new Animator sharing submodels, portrait cache and driver plans with some settings changed: ``changes``
+        are :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
         Also the way to run requests in several threads (see the class)."""
         return Animator(self.sub, replace(self.config, **changes), self.cache, self.plans)
 

@@ -423,10 +423,15 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used, with_face)
 
 
+def _pass1_settings(config: AnimateConfig) -> tuple[int | None, float | None, float | None, float | None, str]:
+    """What pass 1 reads of a run's settings: its frames, rate, span and face detector."""
+    return config.max_frames, config.fps, config.start, config.duration, config.face_detector
+
+
 def plan_run(driver: Driver, config: AnimateConfig, face_crop: bool = True, face: int | None = None) -> DriverPlan:
-    """:func:`plan_driver` for a run of ``config`` (its frames, rate, span and face detector)."""
-    return plan_driver(driver, config.max_frames, face_crop, config.fps, config.start, config.duration, face,
-                       config.face_detector)
+    """:func:`plan_driver` for a run of ``config`` (:func:`_pass1_settings`)."""
+    max_frames, fps, start, duration, detector = _pass1_settings(config)
+    return plan_driver(driver, max_frames, face_crop, fps, start, duration, face, detector)
 
 
 class PlanCache:
@@ -450,8 +455,7 @@ class PlanCache:
             identity = None  # (plan_run names the problem)
         if identity is None or self.size <= 0:
             return plan_run(source, config, face_crop, face), False
-        key = json.dumps([identity, face_crop, face, config.max_frames, str(config.fps), config.start,
-                          config.duration, config.face_detector], default=str)
+        key = json.dumps([identity, face_crop, face, *_pass1_settings(config)], default=str)
         with self._lock:
             kept = self._plans.get(key)
             if kept is not None:
