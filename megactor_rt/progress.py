@@ -79,23 +79,22 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     ``on_progress`` function (:func:`reporting`), each item (or ``update``) is also reported to it as ``stage``
     (default: ``desc``)."""
     report = _REPORTER.get()
+    if report is not None and iterable is not None and total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    bar: dict[str, Any] = {"total": total, "desc": desc, "unit": unit, "leave": leave, "disable": not _ENABLED,
+                           "dynamic_ncols": True}
     if report is None:
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=not _ENABLED,
-                    dynamic_ncols=True)
+        return tqdm(iterable, **bar)
     name = stage or desc
     if iterable is None:
-        return _Bar(total=total, desc=desc, unit=unit, leave=leave, disable=not _ENABLED, dynamic_ncols=True,
-                    stage=name, report=report)
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
+        return _Bar(stage=name, report=report, **bar)
 
     def counted(items: Iterable[T]) -> Iterator[T]:
         for done, item in enumerate(items, 1):
             yield item  # (reported once the consumer has done its part with it)
             report(Progress(name, done, total, unit))
 
-    return tqdm(counted(iterable), total=total, desc=desc, unit=unit, leave=leave, disable=not _ENABLED,
-                dynamic_ncols=True)
+    return tqdm(counted(iterable), **bar)
 
 
 def reporting(items: Iterator[T], report: Reporter | None) -> Iterator[T]:
