@@ -162,17 +162,27 @@ def test_ddim_ref_equals_diffusers_step():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _sqrt32(x: torch.Tensor) -> float:
+    """The correctly rounded float32 square root of a float32 value (through float64, which holds it exactly)."""
+    return float(np.float32(np.sqrt(np.float64(float(x)))))
+
+
 def test_ddim_coefficients_are_diffusers_float32_values():
     """The four DDIM coefficients are computed in float32 as diffusers computes them from its float32
-    ``alphas_cumprod`` (``1 - a`` and the square roots in float32), bit for bit, not in float64."""
+    ``alphas_cumprod`` (``1 - a`` and the square roots in float32), bit for bit, not in float64: the correctly
+    rounded float32 square roots, as CUDA's ``sqrtf`` gives them to upstream's GPU runs. (torch's float32 sqrt on
+    the CPU, which diffusers' ``** 0.5`` calls there, is 1 unit in the last place off on some CPUs: on an AMD EPYC
+    with AVX-512, sqrt(1 - a) at t=921 gave 0.99804121 against 0.99804115; it was the expected value here until
+    2026-11-28, when CI first ran on such a machine.)"""
     from megactor_rt.models.scheduler import DDIM
 
     alphas = DDIM().alphas_cumprod  # float32
     for t, prev in ((961, 921), (501, 461), (41, 1), (1, 0)):
         a_t, a_p = alphas[t], alphas[prev]
-        want = tuple(float(v) for v in (a_t.sqrt(), (1 - a_t).sqrt(), a_p.sqrt(), (1 - a_p).sqrt()))
+        want = tuple(_sqrt32(v) for v in (a_t, 1 - a_t, a_p, 1 - a_p))  # 1 - a: a float32 tensor's subtraction
         assert K.ddim_coefficients(a_t, a_p) == want
         assert K.ddim_coefficients(float(a_t), float(a_p)) == want  # a Python float of the same value
+        assert want[1] != float(np.sqrt(1 - np.float64(float(a_t)))) or t == 501  # float64's 1 - a differs
 
 
 def test_to_uint8_ref_matches_naive():
