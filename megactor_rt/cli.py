@@ -984,7 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", type=Path,
                    help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
                         "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
-                        "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; no sound); "
+                        "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; the sound in "
+                        "DIR/audio.wav); "
                         "with several portraits or drivers a folder (created) that receives "
                         "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
                         "compiled once, each portrait prepared once); a failed pair is reported and the others "

@@ -4,8 +4,8 @@ For an image: its size (upright, as a portrait is read) and the faces the portra
 video (or animated GIF/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, the
 faces in its first frame (a video portrait's), and for a result of this engine the settings it was made with. For an
 image sequence (its number pattern, ``take1/%05d.png``, ``plate/%04d.jpg``): its first frame's size and faces, its
-frame numbers (and any missing), and the rate and settings its frames record (this engine's PNG results; a frame of
-one alone too).
+frame numbers (and any missing), its sound file, and the rate and settings its frames record (this engine's PNG
+results; a frame of one alone too).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from megactor_rt.sequence import (
     is_sequence,
     recorded_fps,
     sequence_frames,
+    sequence_sound,
 )
 
 
@@ -88,8 +89,9 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
     first, last = pattern.number(frames[0].name), pattern.number(frames[-1].name)
     first_frame = describe(frames[0], faces)
     fps = first_frame.pop("fps", None) or f"none recorded ({_rate(DEFAULT_FPS)} taken as a driver; --sequence-fps)"
+    sound = sequence_sound(pattern)
     report = {"kind": "frame sequence", "size": first_frame.pop("size"), "fps": fps,
-              "frames": len(frames), "numbers": f"{first}-{last}"}
+              "frames": len(frames), "numbers": f"{first}-{last}", "audio": sound.name if sound else False}
     if last is not None and first is not None and last - first + 1 != len(frames):
         report["missing_frames"] = last - first + 1 - len(frames)
     del first_frame["kind"]

@@ -78,13 +78,14 @@ _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {
 RESULT_SUFFIXES = tuple(sorted(_AUDIO_COPY_CODECS))
 # every result format: those and PNG frame sequences (megactor_rt.sequence)
 ALL_RESULT_SUFFIXES = tuple(sorted((*RESULT_SUFFIXES, *SEQUENCE_SUFFIXES)))
-# what other audio is converted to: AAC, except in WebM (Opus)
-_AUDIO_ENCODER = {".webm": "libopus"}
+# what other audio is converted to: AAC, except in WebM (Opus) and the WAV file beside a frame sequence (16-bit PCM)
+_AUDIO_ENCODER = {".webm": "libopus", ".wav": "pcm_s16le"}
+_ENCODER_NAME = {"aac": "AAC", "libopus": "Opus", "pcm_s16le": "16-bit PCM"}
 # the sample rates each audio encoder takes (and its sample format); other sources (192 kHz, 37.8 kHz) are
 # resampled to the nearest
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
 _ENCODER_RATES = {"aac": _AAC_RATES, "libopus": (48000, 24000, 16000, 12000, 8000)}
-_ENCODER_FORMAT = {"aac": "fltp", "libopus": "flt"}
+_ENCODER_FORMAT = {"aac": "fltp", "libopus": "flt", "pcm_s16le": "s16"}
 # MP3 below this rate (MPEG-2.5) is refused by the MP4/MOV muxers ("not standard"): transcoded there instead
 _MP3_MIN_COPY_RATE = 16000
 # a transcoded audio stream starting later than this after the video's first frame (or a gap in it) is
@@ -1315,70 +1316,16 @@ def _palette_filter(sample: list[av.VideoFrame], time_base: Fraction
     return graph, frames
 
 
-class VideoWriter(ResultWriter):
-    """Encode RGB frames to a video at an exact frame rate, optionally with audio: H.264 (yuv420p) in .mp4, .m4v,
-    .mov and .mkv, VP9 in .webm, or an animated GIF (looping, no audio, at most :data:`GIF_MAX_FPS`).
+class _AudioTrack:
+    """The sound of a result: the first audio stream of a source file, trimmed to the result's span and copied
+    into (or converted for) the output container ``_out``; shared by :class:`VideoWriter` and
+    :func:`write_soundtrack`."""
 
-    Frames go to a hidden temporary file beside ``path``. :meth:`close` (or a clean ``with`` exit)
-    muxes the first audio stream of ``audio_source`` trimmed to the video's duration (packets copied
-    when the codec fits the container, e.g. MP3/AAC into MP4, Opus into WebM; otherwise transcoded to AAC,
-    in WebM to Opus) and renames the file onto ``path``. An exception inside the ``with`` block, or
-    :meth:`abort`, deletes it.
+    _out: av.container.OutputContainer
+    _suffix: str
 
-    Example:
-        >>> with VideoWriter("out.mp4", Fraction(30), 512, 512, audio_source="driver.mp4") as w:
-        ...     for frame in frames:
-        ...         w.write(frame)
-    """
-
-    def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
-                 audio_source: PathLike | None = None, crf: int | None = None, audio_offset: Fraction = Fraction(0),
-                 video_start: Fraction = Fraction(0), metadata: Mapping[str, str] | None = None) -> None:
-        """Open the temporary output and set up streams.
-
-        Args:
-            path: final destination (.mp4/.m4v/.mov/.mkv/.webm/.gif/.webp).
-            fps: exact frame rate; frame i is stamped i/fps.
-            width: frame width (even).
-            height: frame height (even).
-            audio_source: a media file whose first audio stream is carried over, or None (a GIF has no sound: it is
-                left out, logged).
-            crf: constant quality of an H.264 (libx264: 0-51) or VP9 (0-63) result, lower is better and larger;
-                None: 18 for H.264 (visually lossless), 24 for VP9 (about the same error); a GIF takes none.
-            video_start: where the driver's video starts on ``audio_source``'s clock (its video stream's start,
-                :attr:`VideoInfo.start_s`); ``audio_offset`` counts from there, so audio that starts before or
-                after the video stays in step (audio before it is dropped, a later start is kept as silence).
-            audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
-                there on is carried over (copied audio starts at the first whole packet from there, at most one
-                packet late: about 20-30 ms at 44.1-48 kHz, longer at low sample rates; transcoded audio
-                starts at the exact sample).
-            metadata: container tags (e.g. ``{"comment": ...}``; a GIF holds none: left out).
-
-        Raises:
-            InputError: the destination is unwritable, ``audio_source`` is unreadable, a GIF above
-                :data:`GIF_MAX_FPS`, or a ``crf`` the encoder does not take (:func:`check_quality`).
-            ValueError: non-positive fps, odd or non-positive frame size.
-        """
-        self.path = check_output_path(path)
-        self.fps = Fraction(fps)
-        if self.fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        self._suffix = self.path.suffix.lower()
-        self._gif = self._suffix == ".gif"
-        check_result_rate(self.path, self.fps)
-        check_quality(self.path, crf)
-        if not _AUDIO_COPY_CODECS[self._suffix] and audio_source is not None:
-            logger.info("%s: a%s has no sound; the audio of %s is left out", self.path.name,
-                        " GIF" if self._gif else "n animated WebP", audio_source)
-            audio_source = None
-        # GIF: a filter graph applying the palette of the first frames, and its input; the frames held until it
-        # is made
-        self._palette: tuple[av.filter.Graph, av.filter.FilterContext] | None = None
-        self._palette_sample: list[av.VideoFrame] = []
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"frame size must be positive and even for yuv420p, got {width}x{height}")
-        self.width, self.height = width, height
-        self.frames_written = 0
+    def _init_audio(self, audio_source: PathLike | None, audio_offset: Fraction, video_start: Fraction) -> None:
+        """Open ``audio_source`` (see :class:`VideoWriter`); nothing is written yet."""
         self._audio_in: av.container.InputContainer | None = None
         self._audio_in_stream: av.audio.stream.AudioStream | None = None
         self._audio_path: Path | None = None
@@ -1390,17 +1337,8 @@ class VideoWriter(ResultWriter):
         if self._audio_offset < 0:
             raise ValueError(f"audio_offset must be >= 0, got {audio_offset}")
         self._video_start = Fraction(video_start)
-        self._closed = False
         if audio_source is not None:
             self._open_audio_source(Path(audio_source))
-        self._tmp = self.path.with_name(f"{_tmp_prefix(self.path)}{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
-        try:
-            self._setup_output(crf, metadata or {})
-        except BaseException:
-            self._discard()
-            raise
-
-    # -- setup
 
     def _open_audio_source(self, source: Path) -> None:
         container = _open_input(source, what="audio source")
@@ -1411,46 +1349,20 @@ class VideoWriter(ResultWriter):
         self._audio_in, self._audio_in_stream = container, container.streams.audio[0]
         self._audio_path = source
 
-    def _setup_output(self, crf: int | None, metadata: Mapping[str, str]) -> None:
-        options = {"movflags": "+faststart"} if self._suffix in (".mp4", ".m4v", ".mov") else \
-            {"loop": "0"} if self._suffix == ".webp" else {}
-        self._out = av.open(str(self._tmp), mode="w", format="webp" if self._suffix == ".webp" else None,
-                            container_options=options)
-        if self._suffix not in _UNTAGGED:
-            self._out.metadata.update(metadata)
-        encoder = _encoder_for(self._suffix)
-        stream = cast(av.video.stream.VideoStream, self._out.add_stream(encoder, rate=self.fps))
-        stream.width, stream.height = self.width, self.height
-        stream.pix_fmt = "pal8" if self._gif else "yuv420p"
-        if not self._gif:
-            # frames are converted to YUV with BT.601 in limited range (swscale's default): say so, or players
-            # guess, and take BT.709 for HD sizes
-            stream.codec_context.colorspace, stream.codec_context.color_range = _SMPTE170M, _TV_RANGE
-        stream.time_base = self._frame_tb = 1 / self.fps  # the muxer changes stream.time_base later
-        if encoder in CRF_SCALES:
-            quality = str(CRF_SCALES[encoder][2] if crf is None else crf)
-            stream.options = {"crf": quality, "preset": "medium"} if encoder == "libx264" else \
-                {**_VP9_OPTIONS, "crf": quality}
-        elif encoder == "libwebp_anim":
-            stream.options = dict(_WEBP_OPTIONS)
-        self._video = stream
-        if self._audio_in_stream is not None:
-            self._setup_audio_stream(self._audio_in_stream)
-
     def _setup_audio_stream(self, src: av.audio.stream.AudioStream) -> None:
         codec = src.codec_context.codec.canonical_name  # "mp3", not the decoder name "mp3float"
         rate = src.codec_context.sample_rate or 44100
         suffix = self._suffix
-        self._audio_copy = codec in _AUDIO_COPY_CODECS[suffix] and not (
+        self._audio_copy = codec in _AUDIO_COPY_CODECS.get(suffix, ()) and not (
             codec == "mp3" and suffix != ".mkv" and rate < _MP3_MIN_COPY_RATE)
         if self._audio_copy:
             self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream_from_template(src))
         else:
             encoder = _AUDIO_ENCODER.get(suffix, "aac")
-            rates = _ENCODER_RATES[encoder]
-            out_rate = rate if rate in rates else min(rates, key=lambda r: abs(r - rate))
-            logger.info("transcoding audio %s at %d Hz to %s at %d Hz", codec, rate,
-                        "Opus" if encoder == "libopus" else "AAC", out_rate)
+            rates = _ENCODER_RATES.get(encoder)  # (PCM: any)
+            out_rate = rate if rates is None or rate in rates else min(rates, key=lambda r: abs(r - rate))
+            logger.info("transcoding audio %s at %d Hz to %s at %d Hz", codec, rate, _ENCODER_NAME[encoder],
+                        out_rate)
             self._audio_out = cast(av.audio.stream.AudioStream, self._out.add_stream(encoder, rate=out_rate))
             # by channel count: sources may carry unordered layouts ("1 channels") that AAC rejects
             self._audio_out.layout = "mono" if src.codec_context.channels == 1 else "stereo"
@@ -1462,128 +1374,11 @@ class VideoWriter(ResultWriter):
             raise InputError(f"{self._audio_path}: its audio ({codec}, {rate} Hz) cannot be written into a "
                              f"{suffix} result ({exc}); pass --no-audio (Python: audio=False), or convert the audio") from exc
 
-    # -- writing
-
-    def write(self, frame: np.ndarray) -> None:
-        """Encode one frame.
-
-        Args:
-            frame: ``(height, width, 3)`` uint8 RGB.
-
-        Raises:
-            ValueError: wrong shape or dtype, or the writer is closed.
-        """
-        if self._closed:
-            raise ValueError(f"{self.path}: VideoWriter is closed")
-        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
-            raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, got "
-                             f"{frame.shape} {frame.dtype}")
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        if not self._gif:
-            vf = vf.reformat(format="yuv420p")
-            vf.colorspace, vf.color_range = _SMPTE170M, _TV_RANGE
-        vf.pts, vf.time_base = self.frames_written, self._frame_tb
-        try:
-            if self._gif:
-                self._encode_gif(vf)
-            else:
-                self._out.mux(self._video.encode(vf))
-        except OSError as exc:  # e.g. a full disk (PyAV's file errors are OSErrors)
-            raise self._write_error(exc) from exc
-        self.frames_written += 1
-
-    def _encode_gif(self, vf: av.VideoFrame | None) -> None:
-        """Hold the first :data:`GIF_PALETTE_FRAMES` frames (fewer for large frames: at most
-        :data:`GIF_PALETTE_BYTES`), make the palette from them, then reduce and encode them and every later frame;
-        None (at the end): make the palette from the frames held, if not made yet, and flush the filter."""
-        if self._palette is None:
-            if vf is not None:
-                self._palette_sample.append(vf)
-                held = max(1, min(GIF_PALETTE_FRAMES, GIF_PALETTE_BYTES // (3 * vf.width * vf.height)))
-                if len(self._palette_sample) < held:
-                    return
-            sample, self._palette_sample = self._palette_sample, []
-            self._palette = _palette_filter(sample, self._frame_tb)
-            for held_frame in sample:
-                self._reduce_gif(held_frame)
-            if vf is not None:
-                return
-        self._reduce_gif(vf)
-
-    def _reduce_gif(self, vf: av.VideoFrame | None) -> None:
-        """Reduce an RGB frame to the palette (made) and encode it; None: flush the filter."""
-        assert self._palette is not None
-        graph, source = self._palette
-        source.push(vf)
-        while True:
-            try:
-                out = cast(av.VideoFrame, graph.pull())
-            except (av.error.BlockingIOError, av.error.EOFError):
-                return
-            self._out.mux(self._video.encode(out))
-
-    def _write_error(self, exc: OSError) -> ResourceError:
-        return ResourceError(f"{self.path}: cannot write the result video ({exc}); nothing was written under "
-                             "this name")
-
-    def close(self) -> None:
-        """Flush the encoder, mux the audio, close the file and rename it onto ``path``.
-
-        Raises:
-            ValueError: no frame was written (the temporary file is removed).
-        """
-        if self._closed:
-            return
-        try:
-            if self.frames_written == 0:
-                raise ValueError(f"{self.path}: no frames were written")
-            if self._gif:
-                self._encode_gif(None)
-            self._out.mux(self._video.encode(None))
-            if self._audio_in is not None and self._audio_in_stream is not None:
-                self._mux_audio(self._audio_in, self._audio_in_stream, Fraction(self.frames_written) / self.fps)
-            self._out.close()
-            self._close_audio_in()
-            os.replace(self._tmp, self.path)
-        except OSError as exc:
-            self._discard()
-            raise self._write_error(exc) from exc
-        except BaseException:
-            self._discard()
-            raise
-        self._closed = True
-        # earlier writes of this name killed midway (same naming as self._tmp)
-        remove_stale(self.path.parent,
-                     f"{glob.escape(_tmp_prefix(self.path))}{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}")
-        logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
-
-    def abort(self) -> None:
-        """Close without publishing: the temporary file is deleted and ``path`` is left untouched."""
-        if not self._closed:
-            self._discard()
-
-    def _discard(self) -> None:
-        self._closed = True
-        out = getattr(self, "_out", None)
-        try:
-            if out is not None:
-                try:
-                    out.close()
-                except (av.error.FFmpegError, OSError, ValueError) as exc:
-                    logger.debug("ignoring error while closing aborted output: %s", exc)
-            self._close_audio_in()
-        finally:  # also when a second Ctrl-C or SIGTERM breaks the close off (GNU timeout signals twice)
-            try:
-                self._tmp.unlink(missing_ok=True)
-            except OSError as exc:  # never hide the error that made us discard
-                logger.warning("could not remove the temporary file %s: %s", self._tmp, exc)
-
     def _close_audio_in(self) -> None:
         if self._audio_in is not None:
             self._audio_in.close()
             self._audio_in = None
 
-    # -- audio
 
     def _mux_audio(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream,
                    duration: Fraction) -> None:
@@ -1746,6 +1541,271 @@ class VideoWriter(ResultWriter):
         self._encode_audio(frame)
         return Fraction(n, like.sample_rate)
 
+
+class Soundtrack(_AudioTrack):
+    """A result's sound as a WAV file of its own (16-bit PCM at the source's rate, mono or stereo), for results that
+    hold no sound (a PNG frame sequence): the span and timing a video result's audio would have
+    (:class:`VideoWriter`'s ``audio_source``, ``audio_offset`` and ``video_start``). The source is opened at once,
+    so an unreadable one fails before any work; :meth:`write` writes the file, :meth:`close` lets the source go.
+
+    Example:
+        >>> track = Soundtrack("driver.mp4", audio_offset=Fraction(5))
+        >>> track.write(Path("take1/audio.wav"), Fraction(96, 30))  # False: the source has no sound
+    """
+
+    def __init__(self, audio_source: PathLike, audio_offset: Fraction = Fraction(0),
+                 video_start: Fraction = Fraction(0)) -> None:
+        """Raises: InputError: ``audio_source`` is missing or unreadable."""
+        self._suffix = ".wav"
+        self._init_audio(audio_source, audio_offset, video_start)
+
+    @property
+    def has_sound(self) -> bool:
+        """Whether the source has an audio stream (else :meth:`write` writes nothing)."""
+        return self._audio_in_stream is not None
+
+    def write(self, path: Path, duration: Fraction) -> bool:
+        """Write the sound of a result ``duration`` seconds long at ``path`` (a new file in a temporary place: a
+        failure leaves a partial one); False where the source has no sound (nothing written). The source is
+        closed afterwards.
+
+        Raises:
+            OSError: ``path`` cannot be written (a full disk).
+        """
+        source, src = self._audio_in, self._audio_in_stream
+        try:
+            if source is None or src is None:
+                return False
+            self._out = av.open(str(path), mode="w", format="wav")
+            try:
+                self._setup_audio_stream(src)
+                self._mux_audio(source, src, duration)
+            finally:
+                self._out.close()
+            return True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._close_audio_in()
+
+
+class VideoWriter(ResultWriter, _AudioTrack):
+    """Encode RGB frames to a video at an exact frame rate, optionally with audio: H.264 (yuv420p) in .mp4, .m4v,
+    .mov and .mkv, VP9 in .webm, or an animated GIF (looping, no audio, at most :data:`GIF_MAX_FPS`).
+
+    Frames go to a hidden temporary file beside ``path``. :meth:`close` (or a clean ``with`` exit)
+    muxes the first audio stream of ``audio_source`` trimmed to the video's duration (packets copied
+    when the codec fits the container, e.g. MP3/AAC into MP4, Opus into WebM; otherwise transcoded to AAC,
+    in WebM to Opus) and renames the file onto ``path``. An exception inside the ``with`` block, or
+    :meth:`abort`, deletes it.
+
+    Example:
+        >>> with VideoWriter("out.mp4", Fraction(30), 512, 512, audio_source="driver.mp4") as w:
+        ...     for frame in frames:
+        ...         w.write(frame)
+    """
+
+    def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
+                 audio_source: PathLike | None = None, crf: int | None = None, audio_offset: Fraction = Fraction(0),
+                 video_start: Fraction = Fraction(0), metadata: Mapping[str, str] | None = None) -> None:
+        """Open the temporary output and set up streams.
+
+        Args:
+            path: final destination (.mp4/.m4v/.mov/.mkv/.webm/.gif/.webp).
+            fps: exact frame rate; frame i is stamped i/fps.
+            width: frame width (even).
+            height: frame height (even).
+            audio_source: a media file whose first audio stream is carried over, or None (a GIF has no sound: it is
+                left out, logged).
+            crf: constant quality of an H.264 (libx264: 0-51) or VP9 (0-63) result, lower is better and larger;
+                None: 18 for H.264 (visually lossless), 24 for VP9 (about the same error); a GIF takes none.
+            video_start: where the driver's video starts on ``audio_source``'s clock (its video stream's start,
+                :attr:`VideoInfo.start_s`); ``audio_offset`` counts from there, so audio that starts before or
+                after the video stays in step (audio before it is dropped, a later start is kept as silence).
+            audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
+                there on is carried over (copied audio starts at the first whole packet from there, at most one
+                packet late: about 20-30 ms at 44.1-48 kHz, longer at low sample rates; transcoded audio
+                starts at the exact sample).
+            metadata: container tags (e.g. ``{"comment": ...}``; a GIF holds none: left out).
+
+        Raises:
+            InputError: the destination is unwritable, ``audio_source`` is unreadable, a GIF above
+                :data:`GIF_MAX_FPS`, or a ``crf`` the encoder does not take (:func:`check_quality`).
+            ValueError: non-positive fps, odd or non-positive frame size.
+        """
+        self.path = check_output_path(path)
+        self.fps = Fraction(fps)
+        if self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self._suffix = self.path.suffix.lower()
+        self._gif = self._suffix == ".gif"
+        check_result_rate(self.path, self.fps)
+        check_quality(self.path, crf)
+        if not _AUDIO_COPY_CODECS[self._suffix] and audio_source is not None:
+            logger.info("%s: a%s has no sound; the audio of %s is left out", self.path.name,
+                        " GIF" if self._gif else "n animated WebP", audio_source)
+            audio_source = None
+        # GIF: a filter graph applying the palette of the first frames, and its input; the frames held until it
+        # is made
+        self._palette: tuple[av.filter.Graph, av.filter.FilterContext] | None = None
+        self._palette_sample: list[av.VideoFrame] = []
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"frame size must be positive and even for yuv420p, got {width}x{height}")
+        self.width, self.height = width, height
+        self.frames_written = 0
+        self._closed = False
+        self._init_audio(audio_source, audio_offset, video_start)
+        self._tmp = self.path.with_name(f"{_tmp_prefix(self.path)}{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
+        try:
+            self._setup_output(crf, metadata or {})
+        except BaseException:
+            self._discard()
+            raise
+
+    # -- setup
+
+    def _setup_output(self, crf: int | None, metadata: Mapping[str, str]) -> None:
+        options = {"movflags": "+faststart"} if self._suffix in (".mp4", ".m4v", ".mov") else \
+            {"loop": "0"} if self._suffix == ".webp" else {}
+        self._out = av.open(str(self._tmp), mode="w", format="webp" if self._suffix == ".webp" else None,
+                            container_options=options)
+        if self._suffix not in _UNTAGGED:
+            self._out.metadata.update(metadata)
+        encoder = _encoder_for(self._suffix)
+        stream = cast(av.video.stream.VideoStream, self._out.add_stream(encoder, rate=self.fps))
+        stream.width, stream.height = self.width, self.height
+        stream.pix_fmt = "pal8" if self._gif else "yuv420p"
+        if not self._gif:
+            # frames are converted to YUV with BT.601 in limited range (swscale's default): say so, or players
+            # guess, and take BT.709 for HD sizes
+            stream.codec_context.colorspace, stream.codec_context.color_range = _SMPTE170M, _TV_RANGE
+        stream.time_base = self._frame_tb = 1 / self.fps  # the muxer changes stream.time_base later
+        if encoder in CRF_SCALES:
+            quality = str(CRF_SCALES[encoder][2] if crf is None else crf)
+            stream.options = {"crf": quality, "preset": "medium"} if encoder == "libx264" else \
+                {**_VP9_OPTIONS, "crf": quality}
+        elif encoder == "libwebp_anim":
+            stream.options = dict(_WEBP_OPTIONS)
+        self._video = stream
+        if self._audio_in_stream is not None:
+            self._setup_audio_stream(self._audio_in_stream)
+
+    # -- writing
+
+    def write(self, frame: np.ndarray) -> None:
+        """Encode one frame.
+
+        Args:
+            frame: ``(height, width, 3)`` uint8 RGB.
+
+        Raises:
+            ValueError: wrong shape or dtype, or the writer is closed.
+        """
+        if self._closed:
+            raise ValueError(f"{self.path}: VideoWriter is closed")
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, got "
+                             f"{frame.shape} {frame.dtype}")
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if not self._gif:
+            vf = vf.reformat(format="yuv420p")
+            vf.colorspace, vf.color_range = _SMPTE170M, _TV_RANGE
+        vf.pts, vf.time_base = self.frames_written, self._frame_tb
+        try:
+            if self._gif:
+                self._encode_gif(vf)
+            else:
+                self._out.mux(self._video.encode(vf))
+        except OSError as exc:  # e.g. a full disk (PyAV's file errors are OSErrors)
+            raise self._write_error(exc) from exc
+        self.frames_written += 1
+
+    def _encode_gif(self, vf: av.VideoFrame | None) -> None:
+        """Hold the first :data:`GIF_PALETTE_FRAMES` frames (fewer for large frames: at most
+        :data:`GIF_PALETTE_BYTES`), make the palette from them, then reduce and encode them and every later frame;
+        None (at the end): make the palette from the frames held, if not made yet, and flush the filter."""
+        if self._palette is None:
+            if vf is not None:
+                self._palette_sample.append(vf)
+                held = max(1, min(GIF_PALETTE_FRAMES, GIF_PALETTE_BYTES // (3 * vf.width * vf.height)))
+                if len(self._palette_sample) < held:
+                    return
+            sample, self._palette_sample = self._palette_sample, []
+            self._palette = _palette_filter(sample, self._frame_tb)
+            for held_frame in sample:
+                self._reduce_gif(held_frame)
+            if vf is not None:
+                return
+        self._reduce_gif(vf)
+
+    def _reduce_gif(self, vf: av.VideoFrame | None) -> None:
+        """Reduce an RGB frame to the palette (made) and encode it; None: flush the filter."""
+        assert self._palette is not None
+        graph, source = self._palette
+        source.push(vf)
+        while True:
+            try:
+                out = cast(av.VideoFrame, graph.pull())
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return
+            self._out.mux(self._video.encode(out))
+
+    def _write_error(self, exc: OSError) -> ResourceError:
+        return ResourceError(f"{self.path}: cannot write the result video ({exc}); nothing was written under "
+                             "this name")
+
+    def close(self) -> None:
+        """Flush the encoder, mux the audio, close the file and rename it onto ``path``.
+
+        Raises:
+            ValueError: no frame was written (the temporary file is removed).
+        """
+        if self._closed:
+            return
+        try:
+            if self.frames_written == 0:
+                raise ValueError(f"{self.path}: no frames were written")
+            if self._gif:
+                self._encode_gif(None)
+            self._out.mux(self._video.encode(None))
+            if self._audio_in is not None and self._audio_in_stream is not None:
+                self._mux_audio(self._audio_in, self._audio_in_stream, Fraction(self.frames_written) / self.fps)
+            self._out.close()
+            self._close_audio_in()
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self._discard()
+            raise self._write_error(exc) from exc
+        except BaseException:
+            self._discard()
+            raise
+        self._closed = True
+        # earlier writes of this name killed midway (same naming as self._tmp)
+        remove_stale(self.path.parent,
+                     f"{glob.escape(_tmp_prefix(self.path))}{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}")
+        logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
+
+    def abort(self) -> None:
+        """Close without publishing: the temporary file is deleted and ``path`` is left untouched."""
+        if not self._closed:
+            self._discard()
+
+    def _discard(self) -> None:
+        self._closed = True
+        out = getattr(self, "_out", None)
+        try:
+            if out is not None:
+                try:
+                    out.close()
+                except (av.error.FFmpegError, OSError, ValueError) as exc:
+                    logger.debug("ignoring error while closing aborted output: %s", exc)
+            self._close_audio_in()
+        finally:  # also when a second Ctrl-C or SIGTERM breaks the close off (GNU timeout signals twice)
+            try:
+                self._tmp.unlink(missing_ok=True)
+            except OSError as exc:  # never hide the error that made us discard
+                logger.warning("could not remove the temporary file %s: %s", self._tmp, exc)
 
 def result_writer(path: PathLike, fps: Fraction | int, width: int, height: int, **options: Any
                   ) -> ResultWriter:

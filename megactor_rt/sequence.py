@@ -14,7 +14,9 @@ holds the pattern is the result as a whole:
 * every frame carries PNG text chunks: ``fps`` (the result's exact frame rate, which image files otherwise lose)
   and, unless metadata is off, ``Comment`` with the run's settings (as a video result's comment tag).
 
-A sequence has no sound: the driver's audio is left out (logged), as for a GIF.
+The result's sound (the driver's, or another file's) goes beside the frames as :data:`SOUND_NAME` (16-bit PCM WAV,
+starting with the first frame), which editors take with a sequence; a folder driver or pattern whose folder holds
+one drives with that sound.
 
 Image sequences are read as drivers too (:class:`FrameSequence`): any image format Pillow reads (PNG, JPEG, TIFF,
 ...), named by a number pattern the same way, its frames consecutive from whatever number the first has, at the rate
@@ -55,6 +57,7 @@ _PNG_LEVEL = 1
 _NUMBER = re.compile(r"%(0?\d*)d")
 _TMP_NAME_CHARS = 200  # the folder name's part in its temporary name (the file system's limit is 255 bytes)
 DEFAULT_FPS = Fraction(25)  # the rate of an image sequence that records none (FFmpeg's image2 default)
+SOUND_NAME = "audio.wav"  # a sequence's sound, in its folder beside the frames
 
 
 def is_sequence(path: str | os.PathLike[str]) -> bool:
@@ -232,7 +235,7 @@ def check_sequence_path(path: str | os.PathLike[str]) -> Path:
         if not folder.is_dir():
             raise InputError(f"{path}: {folder} is not a folder (a frame sequence's frames go into a folder of "
                              "their own)")
-        others = pattern.others()
+        others = _foreign(pattern)
         if others:
             raise InputError(f"{path}: the folder {folder} holds {others[0].name}"
                              f"{f' and {len(others) - 1} more' if len(others) > 1 else ''} besides frames named "
@@ -242,6 +245,17 @@ def check_sequence_path(path: str | os.PathLike[str]) -> Path:
             raise InputError(f"{path}: the frames in {folder} (a result written before) cannot be replaced: the "
                              "folder is not writable")
     return path
+
+
+def _foreign(pattern: FramePattern) -> list[Path]:
+    """What a sequence result's folder holds besides its frames and its sound (:data:`SOUND_NAME`)."""
+    return [p for p in pattern.others() if p.name != SOUND_NAME or not p.is_file()]
+
+
+def sequence_sound(pattern: FramePattern) -> Path | None:
+    """A sequence's sound: :data:`SOUND_NAME` in its folder, where there is one."""
+    sound = pattern.folder / SOUND_NAME
+    return sound if sound.is_file() else None
 
 
 def _tmp_prefix(folder: Path) -> str:
@@ -315,17 +329,17 @@ class SequenceWriter(ResultWriter):
     def __init__(self, path: str | os.PathLike[str], fps: Fraction | int, width: int, height: int,
                  audio_source: str | os.PathLike[str] | None = None, crf: int | None = None,
                  metadata: Mapping[str, str] | None = None, first_number: int = FIRST_FRAME,
-                 **_audio_timing: Fraction) -> None:
-        """Args: as :class:`~megactor_rt.media.VideoWriter`'s (``audio_offset`` and ``video_start`` are taken and
-        unused); ``metadata``: its ``comment`` goes into every frame's ``Comment`` chunk; ``first_number``: the
-        first frame's number (>= 0).
+                 audio_offset: Fraction = Fraction(0), video_start: Fraction = Fraction(0)) -> None:
+        """Args: as :class:`~megactor_rt.media.VideoWriter`'s; the sound of ``audio_source`` goes into the folder as
+        :data:`SOUND_NAME` (:class:`~megactor_rt.media.Soundtrack`); ``metadata``: its ``comment`` goes into every
+        frame's ``Comment`` chunk; ``first_number``: the first frame's number (>= 0).
 
         Raises:
-            InputError: the path is no writable sequence (:func:`check_sequence_path`), or a ``crf`` is given (PNG
-                frames are lossless).
+            InputError: the path is no writable sequence (:func:`check_sequence_path`), a ``crf`` is given (PNG
+                frames are lossless), or ``audio_source`` is unreadable.
             ValueError: non-positive fps or frame size.
         """
-        from megactor_rt.media import check_quality  # (media imports this module)
+        from megactor_rt.media import Soundtrack, check_quality  # (media imports this module)
 
         self.path = check_sequence_path(path)
         self.pattern = frame_pattern(self.path)
@@ -339,8 +353,7 @@ class SequenceWriter(ResultWriter):
         if width <= 0 or height <= 0:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
         self.width, self.height = width, height
-        if audio_source is not None:
-            logger.info("%s: a frame sequence has no sound; the audio of %s is left out", self.path, audio_source)
+        self.has_sound = False  # whether the folder got a sound file (known once closed)
         self._info = PngInfo()
         self._info.add_text(FPS_KEY, str(self.fps))
         comment = (metadata or {}).get("comment")
@@ -349,9 +362,12 @@ class SequenceWriter(ResultWriter):
         self.frames_written = 0
         folder = self.pattern.folder
         self._tmp = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.tmp")
+        self._sound = Soundtrack(audio_source, audio_offset, video_start) if audio_source is not None else None
         try:
             self._tmp.mkdir()
         except OSError as exc:
+            if self._sound is not None:
+                self._sound.close()
             raise self._write_error(exc) from exc
         self._closed = False
 
@@ -393,11 +409,22 @@ class SequenceWriter(ResultWriter):
             self._discard()
             raise ValueError(f"{self.path}: no frames were written")
         folder = self.pattern.folder
-        others = self.pattern.others()
+        others = _foreign(self.pattern)
         if others:  # appeared during the run: replacing the folder would delete them
             self._closed = True
+            if self._sound is not None:
+                self._sound.close()
             raise ResourceError(f"{self.path}: {folder} now holds {others[0].name}, which is no frame of this "
                                 f"result; nothing was replaced, the {self.frames_written} frames are in {self._tmp}")
+        if self._sound is not None:
+            try:
+                self.has_sound = self._sound.write(self._tmp / SOUND_NAME, Fraction(self.frames_written) / self.fps)
+            except OSError as exc:
+                self._discard()
+                raise self._write_error(exc) from exc
+            except BaseException:
+                self._discard()
+                raise
         old = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.old")
         moved = False
         try:
@@ -420,7 +447,8 @@ class SequenceWriter(ResultWriter):
         prefix = glob.escape(_tmp_prefix(folder))
         for kind in ("tmp", "old"):
             remove_stale(folder.parent, f"{prefix}{'[0-9a-f]' * 8}.{kind}", folders=True)
-        logger.info("wrote %s (%d frames at %s fps)", folder, self.frames_written, self.fps)
+        logger.info("wrote %s (%d frames at %s fps%s)", folder, self.frames_written, self.fps,
+                    f", sound in {SOUND_NAME}" if self.has_sound else "")
 
     def abort(self) -> None:
         """Close without publishing: the temporary folder is deleted and the result's folder left untouched."""
@@ -429,6 +457,8 @@ class SequenceWriter(ResultWriter):
 
     def _discard(self) -> None:
         self._closed = True
+        if self._sound is not None:
+            self._sound.close()
         try:
             shutil.rmtree(self._tmp)
         except FileNotFoundError:
@@ -472,7 +502,8 @@ class LazyFrames(Sequence[np.ndarray]):
 
 class FrameSequence(LazyFrames):
     """The frames of an image sequence (``plate/%04d.png``, ``frames/img_%d.jpg``) as ``(H, W, 3)`` uint8 RGB,
-    each read when asked for (upright and RGB as a portrait is read); ``files`` are the frames in number order.
+    each read when asked for (upright and RGB as a portrait is read); ``files`` are the frames in number order,
+    ``sound`` the sound file beside them (:data:`SOUND_NAME`) or None.
 
     Args:
         path: the pattern (:func:`frame_pattern`).
@@ -487,6 +518,7 @@ class FrameSequence(LazyFrames):
         self.files = tuple(files)
         self.path = Path(path).expanduser().absolute()
         self.name = sequence_name(self.path)
+        self.sound = sequence_sound(self.pattern)  # its sound file, where its folder holds one
         self._size: tuple[int, ...] | None = None  # the first frame's (height, width), once read
         numbers = [self.pattern.number(p.name) or 0 for p in self.files]
         self.first_number = numbers[0]

@@ -69,6 +69,7 @@ from megactor_rt.runtime.driver import (
     driver_identity,
     driver_info,
     driver_name,
+    driver_sound,
     driver_source,
     iter_driver_inputs,
     plan_driver_contour,
@@ -779,9 +780,10 @@ class Animator:
                         checkpoint_dir: str | Path | None = None, on_progress: Reporter | None = None,
                         first_number: int | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
-        .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); or an animated GIF (.gif: no
-        sound; refused above 50 fps, before
-        any work: pass ``config`` with ``fps=25``).
+        .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); an animated GIF (.gif: no
+        sound; refused above 50 fps, before any work: pass ``config`` with ``fps=25``); or PNG frames named by a
+        number pattern (``take1/%05d.png``: :class:`~megactor_rt.sequence.SequenceWriter`, the sound in
+        ``take1/audio.wav``).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
         under ``output``. ``portrait``, ``face_crop``, ``mask``, ``face``: see :meth:`prepare` (a PIL image is
@@ -789,7 +791,7 @@ class Animator:
         ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``, ``driver_face``: see
         :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
-        (the part under the frames used); False: no sound; a file: its sound instead, from its start (or from
+        (the part under the frames used; an image sequence's: its folder's ``audio.wav``); False: no sound; a file: its sound instead, from its start (or from
         ``audio_start``: seconds or ``"[HH:]MM:SS[.ms]"``), cut to the video's length. ``side_by_side``: each
         frame shows the driver's crop (as the model saw it, before its face isolation), the portrait's crop and the
         result side by side, three times as wide; the driver is read once more for it, while the result is
@@ -846,7 +848,7 @@ class Animator:
         if sound is not None:  # another file's sound: from its start, or from audio_start
             sound_args: dict[str, Any] = {"audio_source": sound, "audio_offset": Fraction(from_s)}
         else:
-            sound_args = {"audio_source": info.path if audio and info.has_audio else None,
+            sound_args = {"audio_source": driver_sound(source, info) if audio else None,
                           "audio_offset": sel.start_s, "video_start": info.start_s}
         width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
         tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, {

@@ -158,6 +158,15 @@ def driver_file(source: Path | DriverFrames) -> Path | None:
     return source.frames.path if isinstance(source.frames, (FrameSequence, AnimatedWebP)) else None
 
 
+def driver_sound(source: Path | DriverFrames, info: VideoInfo) -> Path | None:
+    """Where a driver's sound is (``info``: its :func:`driver_info`): a video's own file, an image sequence's
+    sound file beside its frames (:data:`~megactor_rt.sequence.SOUND_NAME`); None where it has none (frames in
+    memory, a GIF or animated WebP, a silent video)."""
+    if isinstance(source, DriverFrames):
+        return source.frames.sound if isinstance(source.frames, FrameSequence) else None
+    return info.path if info.has_audio else None
+
+
 def driver_identity(source: Path | DriverFrames) -> list[object] | None:
     """What tells a driver on disk from another version of it (path, size, last change), or None in memory.
 

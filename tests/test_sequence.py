@@ -12,15 +12,22 @@ from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
-from media_fixtures import PORTRAIT, write_face_driver
+from media_fixtures import PORTRAIT, write_face_driver, write_plain_driver
 from PIL import Image
 
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig, tiny_config
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.media import check_not_an_input, check_output_path, result_exists, result_settings
+from megactor_rt.media import (
+    Soundtrack,
+    check_not_an_input,
+    check_output_path,
+    result_exists,
+    result_settings,
+)
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.driver import DriverFrames, driver_identity, driver_source, sequence_driver
@@ -50,7 +57,7 @@ def write(path: Path, content: list[np.ndarray], fps: Fraction | int = 25, **opt
 
 
 def read(folder: Path) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
 
 
 def hidden(folder: Path) -> list[str]:
@@ -195,15 +202,109 @@ def test_a_file_put_into_the_folder_during_the_run_is_not_deleted(tmp_path: Path
     assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"] and (kept / "00001.png").is_file()
 
 
-def test_crf_is_refused_the_audio_left_out_and_odd_sizes_taken(tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_crf_is_refused_and_odd_sizes_taken(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="PNG frames are lossless"):
         SequenceWriter(tmp_path / "a" / "%05d.png", 25, 24, 24, crf=18)
-    with caplog.at_level(logging.INFO, logger="megactor_rt.sequence"):
-        write(tmp_path / "b" / "%05d.png", [f[:, :23] for f in frames(2)], audio_source=tmp_path / "driver.mp4",
-              audio_offset=Fraction(1))
-    assert "a frame sequence has no sound; the audio of" in caplog.text
+    write(tmp_path / "b" / "%05d.png", [f[:, :23] for f in frames(2)])
     assert Image.open(tmp_path / "b" / "00002.png").size == (23, 24)
+
+
+# ---------------------------------------------------------------------------------------------- the sound
+
+
+def pcm_source(path: Path, seconds: float, rate: int = 16000) -> np.ndarray:
+    """A mono 16-bit PCM file (Matroska) whose samples all differ from their neighbours; returns them. (Its frames
+    are 100 ms long: Matroska's timestamps are whole milliseconds.)"""
+    n = int(seconds * rate)
+    samples = ((np.arange(n) * 7) % 60000 - 30000).astype(np.int16)
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("pcm_s16le", rate=rate)
+        stream.layout = "mono"
+        for start in range(0, n, rate // 10):
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start:start + rate // 10]), format="s16",
+                                           layout="mono")
+            f.sample_rate, f.pts = rate, start
+            c.mux(stream.encode(f))
+        c.mux(stream.encode(None))
+    return samples
+
+
+def wav(path: Path) -> tuple[str, int, np.ndarray]:
+    """A WAV file's codec, rate and samples."""
+    with av.open(str(path)) as c:
+        stream = c.streams.audio[0]
+        samples = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(stream)])
+        return stream.codec_context.name, stream.codec_context.sample_rate, samples
+
+
+def test_the_sound_goes_beside_the_frames_from_the_first_frames_sample(tmp_path: Path) -> None:
+    """The result's sound is a 16-bit WAV in the folder holding exactly the source's samples under the frames
+    (10 frames at 10 fps from 0.5 s: 1 s from sample 8000); the folder, sound and all, is replaced by the next
+    result, and a result without sound leaves no earlier sound behind."""
+    samples = pcm_source(tmp_path / "sound.mkv", 3.0)
+    folder = tmp_path / "take"
+    with SequenceWriter(folder / "%05d.png", 10, 24, 24, audio_source=tmp_path / "sound.mkv",
+                        audio_offset=Fraction(1, 2)) as w:
+        for f in frames(10):
+            w.write(f)
+    assert w.has_sound
+    codec, rate, got = wav(folder / "audio.wav")
+    assert (codec, rate) == ("pcm_s16le", 16000) and np.array_equal(got, samples[8000:24000])
+    write(folder / "%05d.png", frames(2, seed=1), fps=10)  # replaced: no sound this time
+    assert sorted(p.name for p in folder.iterdir()) == ["00001.png", "00002.png"] and hidden(tmp_path) == []
+
+
+def test_a_silent_unreadable_or_unwritable_sound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source without sound gives frames alone; an unreadable one fails before any frame (nothing left behind);
+    a sound file that cannot be written fails the result and keeps the earlier one; a folder named like the sound
+    file is no sound and is refused."""
+    import errno
+
+    silent = write_plain_driver(tmp_path / "silent.mp4")
+    write(tmp_path / "a" / "%05d.png", frames(2), audio_source=silent)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["00001.png", "00002.png"]
+    with pytest.raises(InputError, match=r"missing\.mp4"):
+        SequenceWriter(tmp_path / "b" / "%05d.png", 25, 24, 24, audio_source=tmp_path / "missing.mp4")
+    (tmp_path / "notes.txt").write_text("not audio")
+    with pytest.raises(InputError, match=r"notes\.txt: not a readable audio source file"):
+        SequenceWriter(tmp_path / "b" / "%05d.png", 25, 24, 24, audio_source=tmp_path / "notes.txt")
+    assert not (tmp_path / "b").exists() and hidden(tmp_path) == []
+
+    pcm_source(tmp_path / "sound.mkv", 1.0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+    def full_disk(self: Soundtrack, path: Path, duration: Fraction) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Soundtrack, "write", full_disk)
+    with pytest.raises(ResourceError, match=r"cannot write the result's frames .*No space left"):
+        write(tmp_path / "a" / "%05d.png", frames(3, seed=1), audio_source=tmp_path / "sound.mkv")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before and hidden(tmp_path) == []
+    (tmp_path / "a" / "audio.wav").mkdir()
+    with pytest.raises(InputError, match=r"holds audio\.wav besides frames"):
+        SequenceWriter(tmp_path / "a" / "%05d.png", 25, 24, 24)
+
+
+def test_a_results_sound_goes_with_its_frames_and_drives_again(tmp_path: Path) -> None:
+    """animate_to_file: a sequence result gets the driver's sound (as long as its frames); driven again, the
+    sequence's sound is the next result's (a video's audio, or a sequence's sound file), unless audio=False;
+    inspect names it."""
+    from megactor_rt.describe import describe
+    from megactor_rt.media import probe_video
+
+    driver = write_face_driver(tmp_path / "talk.mp4", n=6, fps=25, audio=True)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2))
+    anim.animate_to_file(PORTRAIT, driver, tmp_path / "a" / "%05d.png")
+    codec, rate, got = wav(tmp_path / "a" / "audio.wav")
+    assert codec == "pcm_s16le" and len(got) == round(rate * 6 / 25) and np.abs(got).max() > 1000
+    assert describe(tmp_path / "a", faces=False)["audio"] == "audio.wav"
+    anim.animate_to_file(PORTRAIT, tmp_path / "a", tmp_path / "again.mp4", face_crop=False)  # (random model: no face)
+    info = probe_video(tmp_path / "again.mp4")
+    assert info.has_audio and info.num_frames == 6
+    anim.animate_to_file(PORTRAIT, tmp_path / "a" / "%05d.png", tmp_path / "b" / "%05d.png", audio=False,
+                         face_crop=False)
+    assert not (tmp_path / "b" / "audio.wav").exists()
+    assert describe(tmp_path / "b", faces=False)["audio"] is False
 
 
 def test_a_stale_temporary_folder_of_a_killed_write_is_removed(tmp_path: Path) -> None:
@@ -272,7 +373,8 @@ def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver:
                             "--format", "png", *common, "--first-number", 1001)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["portrait_clip", "portrait_clip2"]
-    assert sorted(p.name for p in (out / "portrait_clip").iterdir()) == ["01001.png", "01002.png", "01003.png"]
+    assert sorted(p.name for p in (out / "portrait_clip").iterdir()) == ["01001.png", "01002.png", "01003.png",
+                                                                         "audio.wav"]  # (the driver's sound)
     first = out / "portrait_clip" / "01001.png"
     os.utime(first, (1e9, 1e9))
     code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
@@ -283,7 +385,8 @@ def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver:
     jobs.write_text(f"portrait,driver,output\n{PORTRAIT},{driver},shots/a/%04d.png\n")
     code, _, err = run(capsys, "animate", "--jobs", jobs, *common)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "shots" / "a").iterdir()) == ["0001.png", "0002.png", "0003.png"]
+    assert sorted(p.name for p in (tmp_path / "shots" / "a").iterdir()) == ["0001.png", "0002.png", "0003.png",
+                                                                            "audio.wav"]
     assert all(np.array_equal(a, b) for a, b in zip(read(tmp_path / "shots" / "a"), read(out / "portrait_clip")))
 
     code, stdout, err = run(capsys, "inspect", tmp_path / "shots" / "a" / "%04d.png", "--json", "--no-faces")
