@@ -94,7 +94,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
-from megactor_rt.sequence import FrameSequence, is_frame_pattern, is_sequence, sequence_name
+from megactor_rt.sequence import FrameSequence, check_room, is_frame_pattern, is_sequence, sequence_name
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
 logger = logging.getLogger(__name__)
@@ -851,6 +851,8 @@ class Animator:
             sound_args = {"audio_source": driver_sound(source, info) if audio else None,
                           "audio_offset": sel.start_s, "video_start": info.start_s}
         width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
+        if is_sequence(out) and (expected := sel.expected_frames(info, cfg.duration, cfg.max_frames)):
+            check_room(out, expected, width, height)  # a long sequence onto a nearly full disk: said before the work
         tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, {
             "face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": _name(mask),
             "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,

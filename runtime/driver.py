@@ -298,6 +298,21 @@ class FrameSelection:
         """Where in the source the first selected frame is, in seconds (where the result's audio starts)."""
         return self.skip / self.source_fps
 
+    def expected_frames(self, info: VideoInfo, duration: float | None = None, max_frames: int | None = None
+                        ) -> int | None:
+        """About how many frames a run of the driver ``info`` describes makes (``duration``, ``max_frames``:
+        :class:`~megactor_rt.config.AnimateConfig`'s): from the frame count its header records, else its duration;
+        None where it records neither. An estimate before pass 1, which counts the frames that decode."""
+        count = info.num_frames if info.num_frames is not None else \
+            round(info.duration_s * self.source_fps) if info.duration_s else None
+        if count is None:
+            return None
+        frames = math.ceil(max(0, count - self.skip) / self.ratio)
+        for cap in (self.frames_within(duration), max_frames):
+            if cap is not None:
+                frames = min(frames, cap)
+        return frames
+
 
 @dataclass(frozen=True)
 class DriverPlan:

@@ -584,3 +584,41 @@ def test_a_result_sequence_takes_the_numbers_of_the_plate_it_animates(tmp_path: 
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0000.png", "0001.png"]
     with pytest.raises(InputError, match="first_number .--first-number. numbers the frames of a PNG sequence"):
         anim.animate_to_file(PORTRAIT, plate_dir / "p.%d.png", tmp_path / "d.mp4", first_number=1001)
+
+
+def test_a_sequence_larger_than_the_free_space_is_said_before_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """animate_to_file warns before any frame where the frames it will write (about 0.4 bytes per pixel and colour,
+    counted from the driver's header and the settings) need more than the disk's free space; not where they fit."""
+    import shutil
+
+    from megactor_rt.runtime.driver import FrameSelection
+
+    driver = write_face_driver(tmp_path / "clip.mp4", n=6, fps=25)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2))
+    frame_bytes = 128 * 128 * 3 * 0.4  # the demo model's 128 px frames
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=int(3.5 * frame_bytes)))
+    first: list[int] = []  # how many warnings were logged when the first frame was written
+
+    def progress(p: object) -> None:
+        if not first and getattr(p, "stage", None) == "write":
+            first.append(len([r for r in caplog.records if "PNG frames of" in r.getMessage()]))
+
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.sequence"):
+        anim.animate_to_file(PORTRAIT, driver, tmp_path / "a" / "%05d.png", on_progress=progress,
+                             config=replace(anim.config, max_frames=4))
+        assert first == [1] and "4 PNG frames of 128x128 take about 0.0 GB" in caplog.text
+        caplog.clear()
+        anim.animate_to_file(PORTRAIT, driver, tmp_path / "b" / "%05d.png", config=replace(anim.config, max_frames=3))
+        assert "PNG frames of" not in caplog.text  # 3 frames fit
+    # the count: the header's frames from --start at the result's rate, within --duration and --max-frames
+    from megactor_rt.media import VideoInfo
+
+    info = VideoInfo(path=Path("x.mp4"), width=64, height=64, fps=Fraction(60), num_frames=100, has_audio=False,
+                     duration_s=100 / 60)
+    sel = FrameSelection.of(Fraction(60), 30, 0.5)  # every second frame from frame 30
+    assert sel.expected_frames(info) == 35
+    assert sel.expected_frames(info, duration=0.4) == 12 and sel.expected_frames(info, max_frames=10) == 10
+    assert sel.expected_frames(replace(info, num_frames=None)) == 35
+    assert sel.expected_frames(replace(info, num_frames=None, duration_s=None)) is None
