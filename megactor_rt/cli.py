@@ -677,6 +677,11 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
 
     size = run_image_size(args.weights, args.backend, args.size, args.onnx)
     model = converted_config(args.weights)[0]
+    landmarker = None
+    if args.contour:  # loaded once (a missing model fails every result: named once, before them)
+        from megactor_rt.contour import Landmarker
+
+        landmarker = Landmarker(args.landmarks_model)
     failed = 0
     for job in jobs:
         options = _result_options(args) | job.options
@@ -685,7 +690,8 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
             found = preflight(job.portrait, _run_driver(job.driver, args, job), job.output, image_size=size,
                               config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
-                              driver_face=options["driver_face"], mask=options["mask"])
+                              driver_face=options["driver_face"], mask=options["mask"], landmarker=landmarker,
+                              contour_affine_frame=args.contour_affine_frame)
         except MegactorError as exc:
             print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
             failed += 1
@@ -996,7 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dry-run", action="store_true",
                    help="check every result's inputs and find the faces (each portrait's crop, each driver's frames "
                         "and crop) without loading the weights or writing anything: a line per result, exit code 2 "
-                        "if any would fail (contour mode's landmarks are not checked)")
+                        "if any would fail (with --contour-preserve: the portrait's and the driver's face "
+                        "landmarks too)")
     a.add_argument("--jobs", type=Path, default=None, metavar="FILE",
                    help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
                         "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "

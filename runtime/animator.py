@@ -641,12 +641,8 @@ class Animator:
         """
         found, model = state.face_landmarks, state.landmarks_model  # returned as read or computed here, never re-read
         if found is None or model != str(landmarker.path):
-            found = landmarker(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()), cnn)
-            if found is None:
-                raise InputError(f"contour mode: no face found in the portrait crop of {source}; it needs the "
-                                 "portrait's face landmarks (use a frontal, well-lit face, or run without "
-                                 "--contour-preserve)")
-            check_landmark_area(found, f"portrait {source}")
+            found = crop_landmarks(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()), landmarker,
+                                   source, cnn)
             state.face_landmarks, state.landmarks_model = found, str(landmarker.path)
         return found
 
@@ -929,6 +925,21 @@ def _name(path: object) -> str | None:
     if is_frame_pattern(path):
         return sequence_name(path)  # type: ignore[arg-type]
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
+
+
+def crop_landmarks(image: np.ndarray, landmarker: Landmarker, source: str, cnn: bool = True) -> np.ndarray:
+    """The 68 face landmarks of a portrait's crop ``image`` (``(S, S, 3)`` uint8, as the networks take it) for
+    contour mode; ``source``: the portrait's name; ``cnn``: see :meth:`Animator.portrait_landmarks`.
+
+    Raises:
+        InputError: no face in the crop, or landmarks that span no area.
+    """
+    found = landmarker(image, cnn)
+    if found is None:
+        raise InputError(f"contour mode: no face found in the portrait crop of {source}; it needs the portrait's face "
+                         "landmarks (use a frontal, well-lit face, or run without --contour-preserve)")
+    check_landmark_area(found, f"portrait {source}")
+    return found
 
 
 def crop_portrait(portrait: str | Path | np.ndarray, size: int, face_crop: bool = True, face: int | None = None,

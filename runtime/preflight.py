@@ -5,8 +5,9 @@ A run's usual failures come before its first denoising step (no face in the port
 after the weights have loaded, and in a batch after the jobs before them. :func:`preflight` does the part of a
 run that can fail that way, on the CPU and without weights: it reads the portrait and finds its crop (face
 detection), reads the mask, plans the driver (its frames, rate and crop: pass 1's face detection over the
-frames used) and checks the result's rate against its format. It returns what it found, with the size of the
-denoising work (context windows per step).
+frames used), in contour mode finds the landmarks of the portrait's crop and of the driver's cropped frames (the
+run's landmark pass), and checks the result's rate against its format. It returns what it found, with the size of
+the denoising work (context windows per step).
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from megactor_rt.config import AnimateConfig
+from megactor_rt.contour import Landmarker
 from megactor_rt.media import check_result_rate
 from megactor_rt.models.scheduler import context_windows
-from megactor_rt.preprocess import Box, load_user_mask
-from megactor_rt.runtime.animator import crop_portrait
-from megactor_rt.runtime.driver import Driver, DriverPlan, plan_run
+from megactor_rt.preprocess import Box, crop_resize, load_user_mask
+from megactor_rt.runtime.animator import crop_landmarks, crop_portrait
+from megactor_rt.runtime.driver import Driver, DriverPlan, plan_driver_contour, plan_run
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Preflight:
     plan: DriverPlan
     windows: int
     steps: int
+    contour: bool = False  # contour mode's landmarks were found (portrait crop and driver frames)
 
     @property
     def fps(self) -> Fraction:
@@ -52,17 +58,20 @@ class Preflight:
         driver_side = plan.crop[2] - plan.crop[0]
         return (f"portrait {w}x{h}, {face}, crop {self.crop_side} px; driver {info.width}x{info.height}, "
                 f"{plan.num_frames} frames at {float(self.fps):g} fps{seen}, crop {driver_side} px; "
-                f"{self.windows} window(s) x {self.steps} steps")
+                f"{self.windows} window(s) x {self.steps} steps{'; contour landmarks found' if self.contour else ''}")
 
 
 def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *, image_size: int,
               config: AnimateConfig, face_crop: bool = True, face: int | None = None, driver_face: int | None = None,
-              mask: str | Path | None = None) -> Preflight:
+              mask: str | Path | None = None, landmarker: Landmarker | None = None,
+              contour_affine_frame: str = "last") -> Preflight:
     """Do what can fail in a run before its networks are used (see the module doc), without them.
 
     Args:
         image_size: the crop's side the networks take (the weights' config, or ``--size``).
         output: the result, whose format may refuse the driver's rate (None: not checked).
+        landmarker: contour mode's landmark model (``Landmarker(path)``, loaded once for many calls); None: not
+            contour mode.
         Others: as for :meth:`~megactor_rt.runtime.animator.Animator.animate_to_file`.
 
     Raises:
@@ -72,8 +81,13 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
     if mask is not None:
         load_user_mask(mask, image_size, crop=crop, image_shape=img.shape[:2])
     plan = plan_run(driver, config, face_crop, driver_face)
+    if landmarker is not None:  # as the run: the portrait's crop as the networks take it, then the driver's frames
+        image = np.ascontiguousarray(crop_resize(img, crop, image_size).to(torch.uint8).permute(1, 2, 0).numpy())
+        found_lm = crop_landmarks(image, landmarker, name, config.cnn_fallback)
+        plan_driver_contour(plan, image_size, found_lm, landmarker, contour_affine_frame, cnn=config.cnn_fallback)
     if output is not None:
         check_result_rate(Path(output), plan.selection.fps)
     windows = len(context_windows(plan.num_frames, min(config.window, plan.num_frames), config.overlap,
                                   config.closed_loop))
-    return Preflight(name, (img.shape[1], img.shape[0]), found, crop[2] - crop[0], plan, windows, config.steps)
+    return Preflight(name, (img.shape[1], img.shape[0]), found, crop[2] - crop[0], plan, windows, config.steps,
+                     landmarker is not None)

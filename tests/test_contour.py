@@ -444,6 +444,47 @@ def test_a_faceless_portrait_fails_before_the_driver_is_read(tmp_path: Path, mon
     assert leftovers(tmp_path, "o") == []
 
 
+@needs_model
+def test_dry_run_finds_contour_modes_landmarks(tmp_path: Path, landmarker: contour.Landmarker,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run --contour-preserve finds the landmarks the run needs, without the networks: the portrait crop's
+    (a faceless centre crop is named) and the driver's cropped frames' (a centre-cropped driver without a face is
+    named), each as the run names it; the CLI says so per result."""
+    from media_fixtures import write_plain_driver
+
+    from megactor_rt.cli import main
+    from megactor_rt.config import tiny_config
+    from megactor_rt.runtime.preflight import preflight
+    from megactor_rt.weights import build_models, write_converted
+
+    set_progress_enabled(False)
+    cfg = AnimateConfig(steps=1, window=4, overlap=2)
+    found = preflight(PORTRAIT, DRIVER, None, image_size=128, config=cfg, landmarker=landmarker)
+    assert found.contour and found.summary().endswith("; contour landmarks found")
+    assert not preflight(PORTRAIT, DRIVER, None, image_size=128, config=cfg).contour
+    blank = tmp_path / "blank_wall.png"
+    cv2.imwrite(str(blank), np.full((256, 256, 3), 90, np.uint8))
+    with pytest.raises(InputError, match="no face found in the portrait crop of blank_wall.png"):
+        preflight(blank, DRIVER, None, image_size=128, config=cfg, face_crop=False, landmarker=landmarker)
+    plain = write_plain_driver(tmp_path / "plain.mp4", n=4)
+    preflight(PORTRAIT, plain, None, image_size=128, config=cfg, face_crop=False)  # no landmarks asked: fine
+    with pytest.raises(InputError, match="no face landmarks found in any of the 4 cropped frames of .*plain.mp4"):
+        preflight(PORTRAIT, plain, None, image_size=128, config=cfg, face_crop=False, landmarker=landmarker)
+
+    models = build_models(tiny_config(), seed=0)
+    weights = write_converted(tiny_config(), {n: m.state_dict() for n, m in models.modules().items()},
+                              tmp_path / "tiny")
+    code = main(["-q", "animate", "--weights", str(weights), "--portrait", str(PORTRAIT), "--driver", str(DRIVER),
+                 "-o", str(tmp_path / "out.mp4"), "--dry-run", "--contour-preserve", "--steps", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip().endswith("; contour landmarks found"), (out, err)
+    code = main(["-q", "animate", "--weights", str(weights), "--portrait", str(blank), "--driver", str(DRIVER),
+                 "-o", str(tmp_path / "out.mp4"), "--dry-run", "--contour-preserve", "--no-face-crop"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "no face found in the portrait crop of blank_wall.png" in err, err
+    assert not (tmp_path / "out.mp4").exists()
+
+
 # ---------------------------------------------------------------------------------------------- contour (mutation audit)
 
 
