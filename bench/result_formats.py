@@ -8,7 +8,9 @@ format is written 3 times, best kept;
 H.264 and VP9 also at higher ``--crf`` values (smaller files), and H.264 with ``--paste-back`` (each frame put
 back into the bundled portrait, 768x844, where its 768 px face crop came from: 512x562 frames; the paste is
 timed with the writer). The error is the mean absolute difference of the
-decoded result from the frames written, in 8-bit levels.
+decoded result from the frames written, in 8-bit levels. 16-bit PNG frames (``--bit-depth 16``) are measured on
+the same frames softened in float (a Gaussian blur, sigma 0.6 px), whose levels fall between the 8-bit ones as the
+decoder's output does, against 8-bit PNG frames of the same pictures (truncated, as upstream's frames are).
 
     python bench/result_formats.py --out OUT     # writes result_formats.md / .json (about 30 s on 2 cores)
 """
@@ -67,6 +69,33 @@ def time_format(scratch: Path, suffix: str, frames: list[np.ndarray], crf: int |
             "kb_per_frame": sum(p.stat().st_size for p in files) / len(frames) / 1000, "mean_error": error}
 
 
+def time_png16(scratch: Path, frames: list[np.ndarray]) -> list[dict[str, Any]]:
+    """8-bit and 16-bit PNG sequences of the frames softened in float (see the module doc)."""
+    import cv2
+
+    soft = [cv2.GaussianBlur(f.astype(np.float32), (0, 0), 0.6) for f in frames]
+    rows = []
+    variants: list[tuple[int, list[np.ndarray]]] = [(8, [s.astype(np.uint8) for s in soft]),
+                                                    (16, [np.round(s * 257).astype(np.uint16) for s in soft])]
+    for depth, pictures in variants:
+        path = scratch / f"png{depth}" / "%05d.png"
+        times = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            with result_writer(path, Fraction(30), SIZE, SIZE, bit_depth=depth) as w:
+                for p in pictures:
+                    w.write(p)
+            times.append(time.perf_counter() - t0)
+        files = frame_pattern(path).frames()
+        decoded = [np.asarray(cv2.imread(str(p), cv2.IMREAD_UNCHANGED))[..., ::-1] for p in files]
+        error = float(np.mean([np.abs(d.astype(np.int64) - p).mean() for d, p in zip(decoded, pictures, strict=True)]))
+        rows.append({"format": f".png, {depth}-bit, softened frames", "crf": None, "paste_back": None,
+                     "ms_per_frame": 1000 * min(times) / len(frames),
+                     "kb_per_frame": sum(p.stat().st_size for p in files) / len(frames) / 1000,
+                     "mean_error": error / (257 if depth == 16 else 1)})
+    return rows
+
+
 def photo_paste() -> PasteBack:
     """The paste-back into the bundled portrait, from its face crop."""
     photo = read_image(ASSETS_DIR / "portrait.png")
@@ -84,6 +113,7 @@ def main() -> None:
         rows = [time_format(scratch, suffix, frames) for suffix in ALL_RESULT_SUFFIXES]
         rows += [time_format(scratch, suffix, frames, crf) for suffix, crf in LOWER_QUALITY]
         rows.append(time_format(scratch, ".mp4", frames, paste=photo_paste()))
+        rows += time_png16(scratch, frames)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {**script_facts(),

@@ -23,7 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from megactor_rt.config import AnimateConfig, parse_frame_rate, parse_time
+from megactor_rt.config import BIT_DEPTHS, AnimateConfig, parse_frame_rate, parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
 from megactor_rt.jobs import Job, read_jobs
@@ -179,6 +179,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     p.add_argument("--first-number", type=_count, default=None, metavar="N",
                    help="a PNG sequence result's first frame number (e.g. 1001, as compositing tools count; default: "
                         "1, or an image-sequence driver's own numbers at its rate)")
+    p.add_argument("--bit-depth", type=int, choices=BIT_DEPTHS, default=8,
+                   help="16: PNG sequence frames of 16 bits per colour, the decoder's output rounded to 0-65535 "
+                        "instead of truncated to 8 bits (for grading without banding; about 4x the bytes of 8-bit "
+                        "frames); default 8")
     p.add_argument("--no-metadata", action="store_true",
                    help="do not write the run's settings into the result (by default JSON in its comment tag: "
                         "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
@@ -282,7 +286,7 @@ def _run_config(args: argparse.Namespace) -> AnimateConfig:
                              tiny_decoder=args.tiny_decoder, feature_reuse=args.feature_reuse,
                              closed_loop=args.closed_loop, fps=args.fps, start=args.start,
                              duration=args.duration, window_batch=args.window_batch,
-                             face_detector=args.face_detector)
+                             face_detector=args.face_detector, bit_depth=args.bit_depth)
     except ValueError as exc:  # a setting out of range: the user's input, not a bug
         raise InputError(f"bad run settings: {as_flags(str(exc))}") from exc
 
@@ -492,7 +496,7 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
 
 # AnimateConfig fields that do not change a result (the reference mode's frames equal the optimized mode's up to
 # rounding; window batches and decode streams are the same math)
-_SAME_RESULT_FIELDS = ("mode", *AnimateConfig.SAME_LATENTS)
+_SAME_RESULT_FIELDS = ("mode", *AnimateConfig.SAME_FRAMES)
 _COMPARED_OPTIONS = ("face_crop", "face", "driver_face", "contour", "side_by_side", "paste_back", "crf")
 
 
@@ -601,13 +605,14 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
         check_not_an_input(output, portrait=portraits[0], driver=drivers[0], mask=mask, audio=audio)
 
 
-def _check_first_number(outputs: list[Path], first_number: int | None) -> None:
-    """--first-number numbers a PNG sequence's frames: refused for a result that is one file, before any work."""
-    if first_number is not None:
-        from megactor_rt.media import check_first_number
+def _check_sequence_options(outputs: list[Path], args: argparse.Namespace) -> None:
+    """--first-number and --bit-depth 16 apply to PNG sequences: refused for a result that is one file, before any
+    work."""
+    from megactor_rt.media import check_bit_depth, check_first_number
 
-        for output in outputs:
-            check_first_number(output, first_number)
+    for output in outputs:
+        check_first_number(output, args.first_number)
+        check_bit_depth(output, args.bit_depth)
 
 
 def _check_quality(output: Path, crf: int | None) -> None:
@@ -743,7 +748,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         inputs = [*args.portrait, *args.driver, args.mask]
     record = StatsFile(args.stats, "animate", [job.output for job in jobs], [*inputs, args.audio],
                        _stats_options(args))
-    _check_first_number([job.output for job in jobs], args.first_number)
+    _check_sequence_options([job.output for job in jobs], args)
     if args.jobs is None:
         _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
                      args.audio_start, args.sequence_fps)
@@ -810,7 +815,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        _stats_options(args))
     _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start, args.sequence_fps)
     _check_quality(args.output, args.crf)
-    _check_first_number([args.output], args.first_number)
+    _check_sequence_options([args.output], args)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     config = _run_config(args)

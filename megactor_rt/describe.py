@@ -99,9 +99,19 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
 
 
 def _frame_facts(path: Path) -> dict[str, Any]:
-    """A sequence frame's rate and settings (its PNG text chunks), where it records them."""
+    """A sequence frame's bits per colour, and its rate and settings (its PNG text chunks) where it records them."""
     fps, settings = recorded_fps(path), result_settings(path)
-    return {**({"fps": _rate(fps)} if fps else {}), **({"made_with": settings} if settings else {})}
+    depth = png_bit_depth(path)
+    return {**({"bit_depth": depth} if depth else {}), **({"fps": _rate(fps)} if fps else {}),
+            **({"made_with": settings} if settings else {})}
+
+
+def png_bit_depth(path: Path) -> int | None:
+    """A PNG file's bits per sample (its IHDR chunk's; Pillow reads 16-bit RGB as 8-bit and does not say), or None
+    where ``path`` is no PNG."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
 
 
 def _image(path: Path) -> np.ndarray | None:

@@ -1162,6 +1162,18 @@ def check_first_number(path: Path, first_number: int | None) -> None:
         raise InputError(f"first_number (--first-number) must be >= 0, got {first_number}")
 
 
+def check_bit_depth(path: Path, bit_depth: int) -> None:
+    """Refuse frames of more than 8 bits (``AnimateConfig.bit_depth``) for a result that cannot hold them: all but
+    PNG sequences (H.264, VP9, GIF and WebP results are 8-bit).
+
+    Raises:
+        InputError: naming the result.
+    """
+    if bit_depth != 8 and not is_sequence(path):
+        raise InputError(f"{path}: {bit_depth}-bit frames (bit_depth, --bit-depth) go into PNG sequence results "
+                         "(e.g. take1/%05d.png, or --format png); this result holds 8-bit frames")
+
+
 def check_quality(path: Path, crf: int | None) -> None:
     """Refuse a constant-quality value (``crf``; None: the format's default) that the result's encoder does not take:
     outside its scale (:data:`CRF_SCALES`), or an encoder without one (GIF; FFmpeg builds without libx264).

@@ -350,17 +350,25 @@ class PasteBack:
         return int(self.canvas.shape[0])
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        """``frame`` (``(S, S, 3)`` uint8 RGB result) in the portrait: a new ``(H, W, 3)`` uint8 image."""
+        """``frame`` (``(S, S, 3)`` uint8 RGB result; or uint16, 16-bit frames) in the portrait: a new ``(H, W, 3)``
+        image of the frame's type (the portrait's 8 bits widened for 16-bit frames)."""
         t, lf, b, r = self.box
         h, w = b - t, r - lf
         shrink = h < frame.shape[0]
         placed = frame if frame.shape[:2] == (h, w) else \
             cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        out = self.canvas.copy()
+        out = widen(self.canvas, frame.dtype)
         under = out[t:b, lf:r].astype(np.float32)
-        out[t:b, lf:r] = np.clip(under + self.alpha * (placed.astype(np.float32) - under) + 0.5, 0, 255
-                                 ).astype(np.uint8)
+        out[t:b, lf:r] = np.clip(under + self.alpha * (placed.astype(np.float32) - under) + 0.5, 0,
+                                 np.iinfo(frame.dtype).max).astype(frame.dtype)
         return out
+
+
+def widen(image: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """A uint8 image as ``dtype`` frames (uint16: each level times 257, so 255 becomes 65535); a copy."""
+    if np.dtype(dtype) == np.uint8:
+        return image.copy()
+    return image.astype(np.uint16) * np.uint16(257)
 
 
 def left_to_right(faces: Sequence[Box]) -> list[Box]:

@@ -30,7 +30,9 @@ import logging
 import os
 import re
 import shutil
+import struct
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -58,8 +60,9 @@ _NUMBER = re.compile(r"%(0?\d*)d")
 _TMP_NAME_CHARS = 200  # the folder name's part in its temporary name (the file system's limit is 255 bytes)
 DEFAULT_FPS = Fraction(25)  # the rate of an image sequence that records none (FFmpeg's image2 default)
 SOUND_NAME = "audio.wav"  # a sequence's sound, in its folder beside the frames
-# what a frame takes, per pixel and colour, at _PNG_LEVEL: 0.34-0.39 on the bundled driver's 512 px camera frames
-PNG_BYTES_PER_VALUE = 0.4
+# what a frame takes per pixel and colour at _PNG_LEVEL, by bit depth: 0.34-0.39 on the bundled driver's 512 px
+# camera frames; 16-bit frames 1.52 (their low bytes hardly compress; bench/result_formats.py, 2026-11-28)
+PNG_BYTES_PER_VALUE = {8: 0.4, 16: 1.6}
 
 
 def is_sequence(path: str | os.PathLike[str]) -> bool:
@@ -249,20 +252,21 @@ def check_sequence_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check_room(path: str | os.PathLike[str], frames: int, width: int, height: int) -> None:
+def check_room(path: str | os.PathLike[str], frames: int, width: int, height: int, bit_depth: int = 8) -> None:
     """Warn (logged) where the disk that will hold a sequence result has less free space than its ``frames`` frames
     of ``width`` x ``height`` take, at about :data:`PNG_BYTES_PER_VALUE`: a long run would otherwise fail only
     when the disk fills, its hours of work lost (the earlier result stays)."""
     folder = frame_pattern(path).folder
-    need = frames * width * height * 3 * PNG_BYTES_PER_VALUE
+    need = frames * width * height * 3 * PNG_BYTES_PER_VALUE[bit_depth]
     try:
         free = shutil.disk_usage(folder.parent).free
     except OSError:
         return  # (the writer names a folder it cannot use)
     if free < need:
-        logger.warning("%s: %d PNG frames of %dx%d take about %.1f GB, but only %.1f GB are free on the disk of %s: "
+        logger.warning("%s: %d %d-bit PNG frames of %dx%d take about %.1f GB, but only %.1f GB are free on the disk of %s: "
                        "the run will likely stop when it is full, with nothing written; free space, or choose a "
-                       "folder on another disk", path, frames, width, height, need / 1e9, free / 1e9, folder.parent)
+                       "folder on another disk", path, frames, bit_depth, width, height, need / 1e9, free / 1e9,
+                       folder.parent)
 
 
 def _foreign(pattern: FramePattern) -> list[Path]:
@@ -347,10 +351,11 @@ class SequenceWriter(ResultWriter):
     def __init__(self, path: str | os.PathLike[str], fps: Fraction | int, width: int, height: int,
                  audio_source: str | os.PathLike[str] | None = None, crf: int | None = None,
                  metadata: Mapping[str, str] | None = None, first_number: int = FIRST_FRAME,
-                 audio_offset: Fraction = Fraction(0), video_start: Fraction = Fraction(0)) -> None:
+                 audio_offset: Fraction = Fraction(0), video_start: Fraction = Fraction(0), bit_depth: int = 8) -> None:
         """Args: as :class:`~megactor_rt.media.VideoWriter`'s; the sound of ``audio_source`` goes into the folder as
         :data:`SOUND_NAME` (:class:`~megactor_rt.media.Soundtrack`); ``metadata``: its ``comment`` goes into every
-        frame's ``Comment`` chunk; ``first_number``: the first frame's number (>= 0).
+        frame's ``Comment`` chunk; ``first_number``: the first frame's number (>= 0); ``bit_depth``: 8 (uint8
+        frames) or 16 (uint16 frames, written as 16-bit PNG).
 
         Raises:
             InputError: the path is no writable sequence (:func:`check_sequence_path`), a ``crf`` is given (PNG
@@ -370,13 +375,16 @@ class SequenceWriter(ResultWriter):
             raise ValueError(f"fps must be positive, got {fps}")
         if width <= 0 or height <= 0:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
-        self.width, self.height = width, height
+        if bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        self.width, self.height, self.bit_depth = width, height, bit_depth
+        self._dtype = np.dtype(np.uint8 if bit_depth == 8 else np.uint16)
         self.has_sound = False  # whether the folder got a sound file (known once closed)
-        self._info = PngInfo()
-        self._info.add_text(FPS_KEY, str(self.fps))
         comment = (metadata or {}).get("comment")
-        if comment:
-            self._info.add_text(SETTINGS_KEY, comment)
+        self._text = {FPS_KEY: str(self.fps), **({SETTINGS_KEY: comment} if comment else {})}
+        self._info = PngInfo()
+        for key, value in self._text.items():
+            self._info.add_text(key, value)
         self.frames_written = 0
         folder = self.pattern.folder
         self._tmp = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.tmp")
@@ -390,7 +398,7 @@ class SequenceWriter(ResultWriter):
         self._closed = False
 
     def write(self, frame: np.ndarray) -> None:
-        """Write one frame: ``(height, width, 3)`` uint8 RGB.
+        """Write one frame: ``(height, width, 3)`` RGB, uint8 (uint16 for ``bit_depth`` 16).
 
         Raises:
             ValueError: wrong shape or dtype, or the writer is closed.
@@ -398,13 +406,16 @@ class SequenceWriter(ResultWriter):
         """
         if self._closed:
             raise ValueError(f"{self.path}: SequenceWriter is closed")
-        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
-            raise ValueError(f"expected a ({self.height}, {self.width}, 3) uint8 frame, got {frame.shape} "
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != self._dtype:
+            raise ValueError(f"expected a ({self.height}, {self.width}, 3) {self._dtype} frame, got {frame.shape} "
                              f"{frame.dtype}")
         name = self.pattern.name(self.first_number + self.frames_written)
         try:
-            Image.fromarray(np.ascontiguousarray(frame)).save(self._tmp / name, "PNG", compress_level=_PNG_LEVEL,
-                                                              pnginfo=self._info)
+            if self.bit_depth == 8:
+                Image.fromarray(np.ascontiguousarray(frame)).save(self._tmp / name, "PNG", compress_level=_PNG_LEVEL,
+                                                                  pnginfo=self._info)
+            else:
+                (self._tmp / name).write_bytes(png16(frame, self._text))
         except OSError as exc:
             raise self._write_error(exc) from exc
         self.frames_written += 1
@@ -483,6 +494,30 @@ class SequenceWriter(ResultWriter):
             pass
         except OSError as exc:
             logger.warning("could not remove the temporary folder %s: %s", self._tmp, exc)
+
+
+def png16(frame: np.ndarray, text: Mapping[str, str]) -> bytes:
+    """A 16-bit RGB PNG of ``frame`` (``(H, W, 3)`` uint16), with ``text`` as UTF-8 text chunks (iTXt; Pillow, which
+    writes no 16-bit RGB PNG, reads them as it reads its own).
+
+    Raises:
+        OSError: OpenCV could not encode it.
+    """
+    import cv2
+
+    ok, data = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_PNG_COMPRESSION, _PNG_LEVEL])
+    if not ok:
+        raise OSError(f"OpenCV could not encode a {frame.shape[1]}x{frame.shape[0]} 16-bit PNG")
+    png = data.tobytes()
+    header = 8 + 4 + 4 + 13 + 4  # the signature and the IHDR chunk (length, type, 13 bytes, CRC), which come first
+    chunks = b"".join(_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
+                      for key, value in text.items())  # (uncompressed, no language, no translated keyword)
+    return png[:header] + chunks + png[header:]
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def recorded_fps(frame: Path) -> Fraction | None:

@@ -28,6 +28,7 @@ from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
     RESULT_TAG,
+    check_bit_depth,
     check_first_number,
     check_not_an_input,
     check_output_path,
@@ -52,6 +53,7 @@ from megactor_rt.preprocess import (
     load_user_mask,
     person_mask,
     portrait_crop,
+    widen,
 )
 from megactor_rt.progress import Progress, Reporter, progress, reporting
 from megactor_rt.runtime.backends import device_name
@@ -461,7 +463,7 @@ class Animator:
                                     **cfg_pair(kind.cfg))
                 eps, kept = out if isinstance(out, tuple) else (out, kept)
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
-        self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny)
+        self._decode_batch(eps[0, :, :DECODE_BATCH].permute(1, 0, 2, 3), tiny, cfg.bit_depth)
         if self.sub.device.type == "cuda":
             torch.cuda.synchronize(self.sub.device)
         return time.perf_counter() - t0
@@ -472,7 +474,8 @@ class Animator:
                 contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                 driver_face: int | None = None, checkpoint_dir: str | Path | None = None,
                 on_progress: Reporter | None = None) -> Iterator[np.ndarray]:
-        """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames as they are final.
+        """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames (``bit_depth=16`` in the config:
+        uint16) as they are final.
 
         Every driver frame gives one output frame (no cap unless ``config.max_frames``). Per-run facts
         (stage times, first-frame latency, submodel calls) are in ``self.last_stats``. In the optimized mode
@@ -594,7 +597,7 @@ class Animator:
                                       after_step=saved.save if saved is not None else None)
                 del model  # what only the loop needed (the reference path's driving frames: 1.5 MB per frame at
                 # 512 px in fp16) goes before the decode; denoise has already let each window's state go
-                frames = self._decode(latents, timer, cfg.decode_streams, tiny)
+                frames = self._decode(latents, timer, cfg.decode_streams, tiny, cfg.bit_depth)
             for frame in frames:
                 timer.frame_out()
                 yield frame
@@ -713,12 +716,13 @@ class Animator:
                     ready = torch.cat(pending, dim=2)[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
                     cut = held if final == n else held - held % DECODE_BATCH
                     for a in range(0, cut, DECODE_BATCH):
-                        flight.launch(lambda z: self._decode_batch(z, tiny), ready[a:min(a + DECODE_BATCH, cut)])
+                        flight.launch(lambda z: self._decode_batch(z, tiny, cfg.bit_depth),
+                                      ready[a:min(a + DECODE_BATCH, cut)])
                     pending = [ready[cut:].permute(1, 0, 2, 3)[None]] if cut < held else []
                 for frames in flight.ready():
-                    yield from frames.numpy()
+                    yield from host_frames(frames)
             for frames in flight.drain():
-                yield from frames.numpy()
+                yield from host_frames(frames)
         finally:
             timer.add("vae_decode", flight.device_seconds)
             timer.add("denoise", clock.seconds(minus=flight.device_seconds if flight.stream is None else 0.0))
@@ -739,30 +743,32 @@ class Animator:
             self._tiny_decoders[key] = decoder
         return self._tiny_decoders[key]
 
-    def _decode_batch(self, z: torch.Tensor, tiny: Decoder | None) -> torch.Tensor:
-        """Scaled latents ``(b, 4, h, w)`` -> ``(b, S, S, 3)`` uint8 frames: the VAE decoder (after unscaling),
-        or ``tiny``, the TAESD decoder, which takes the scaled latents as they are."""
+    def _decode_batch(self, z: torch.Tensor, tiny: Decoder | None, bit_depth: int = 8) -> torch.Tensor:
+        """Scaled latents ``(b, 4, h, w)`` -> ``(b, S, S, 3)`` frames (``bit_depth`` 8: uint8; 16: int32 holding
+        0-65535, made uint16 by :func:`host_frames`): the VAE decoder (after unscaling), or ``tiny``, the TAESD
+        decoder, which takes the scaled latents as they are."""
+        to_frames = latents_to_uint8 if bit_depth == 8 else latents_to_16bit
         if tiny is None:
-            return latents_to_uint8(self.sub.vae_decode(z / self.sub.config.vae.scaling_factor))
+            return to_frames(self.sub.vae_decode(z / self.sub.config.vae.scaling_factor))
         self.sub.calls.bump("tiny_decode")
         with torch.inference_mode():
-            return latents_to_uint8(tiny(z.to(self.sub.device, self.sub.dtype)))
+            return to_frames(tiny(z.to(self.sub.device, self.sub.dtype)))
 
     def _decode(self, latents: torch.Tensor, timer: StageTimer, streams: bool,
-                tiny: Decoder | None = None) -> Iterator[np.ndarray]:
+                tiny: Decoder | None = None, bit_depth: int = 8) -> Iterator[np.ndarray]:
         """Decode ``DECODE_BATCH`` frames per call (:meth:`_decode_batch`); the stage time is device time (CUDA
         events) on GPU."""
         n = latents.shape[2]
 
         def decode(i: int) -> torch.Tensor:
-            return self._decode_batch(latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3), tiny)
+            return self._decode_batch(latents[0, :, i:i + DECODE_BATCH].permute(1, 0, 2, 3), tiny, bit_depth)
 
         flight = InFlight(self.sub.device, DECODE_DEPTH, streams=streams)
         try:
             batches = progress(cancellable(range(0, n, DECODE_BATCH)), total=-(-n // DECODE_BATCH), desc="decode",
                                unit="batch")
             for frames in flight.map(decode, batches):
-                yield from frames.numpy()
+                yield from host_frames(frames)
         finally:
             timer.add("vae_decode", flight.device_seconds)
 
@@ -812,6 +818,7 @@ class Animator:
         check_quality(out, crf)
         check_first_number(out, first_number)
         cfg = config or self.config
+        check_bit_depth(out, cfg.bit_depth)
         self.check_run(cfg)
         source = driver_source(driver)
         sound, from_s = check_sound(audio, audio_start)
@@ -848,12 +855,14 @@ class Animator:
                           "audio_offset": sel.start_s, "video_start": info.start_s}
         width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
         if is_sequence(out) and (expected := sel.expected_frames(info, cfg.duration, cfg.max_frames)):
-            check_room(out, expected, width, height)  # a long sequence onto a nearly full disk: said before the work
+            check_room(out, expected, width, height, cfg.bit_depth)  # a long sequence onto a nearly full disk: said before the work
         tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, {
             "face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": _name(mask),
             "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
             "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
+        if cfg.bit_depth != 8:  # (a PNG sequence: check_bit_depth above)
+            sound_args["bit_depth"] = cfg.bit_depth
         if first_number is not None:
             sound_args["first_number"] = first_number
         elif is_sequence(out) and isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence) and \
@@ -906,7 +915,7 @@ class Animator:
                 if driven is None:  # the plan's frames are the run's: cannot happen unless the file changed
                     raise InputError(f"{plan.name}: the driver gave fewer frames on its side-by-side pass than "
                                      "before (was it changed during the run?)")
-                yield np.concatenate([driven, portrait, frame], axis=1)
+                yield np.concatenate([widen(driven, frame.dtype), widen(portrait, frame.dtype), frame], axis=1)
         finally:
             close = getattr(drivers, "close", None)
             if close is not None:
@@ -925,6 +934,22 @@ def _name(path: object) -> str | None:
     if is_frame_pattern(path):
         return sequence_name(path)  # type: ignore[arg-type]
     return Path(path).name if isinstance(path, (str, os.PathLike)) else None
+
+
+def latents_to_16bit(images: torch.Tensor) -> torch.Tensor:
+    """Decoded VAE images in [-1, 1] ``(N, 3, H, W)`` -> ``(N, H, W, 3)`` int32 frames of 16 bits:
+    ``round(clamp(x / 2 + 0.5, 0, 1) * 65535)`` in float32 (NaN gives 0), the decoder's output without the 8-bit
+    frames' truncation. int32, not uint16, on the device (PyTorch's uint16 has few operations, on CUDA barely
+    any): :func:`host_frames` makes them uint16 on the host."""
+    v = (images.float() / 2 + 0.5).clamp(0, 1).nan_to_num(0.0)
+    return (v * 65535).round().to(torch.int32).permute(0, 2, 3, 1).contiguous()
+
+
+def host_frames(frames: torch.Tensor) -> np.ndarray:
+    """A decoded batch on the host as the frames :meth:`Animator.animate` yields: uint8 as it is, the int32 of
+    :func:`latents_to_16bit` as uint16."""
+    out = frames.numpy()
+    return out.astype(np.uint16) if out.dtype == np.int32 else out
 
 
 def crop_landmarks(image: np.ndarray, landmarker: Landmarker, source: str, cnn: bool = True) -> np.ndarray:

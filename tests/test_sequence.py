@@ -608,7 +608,7 @@ def test_a_sequence_larger_than_the_free_space_is_said_before_the_work(tmp_path:
     with caplog.at_level(logging.WARNING, logger="megactor_rt.sequence"):
         anim.animate_to_file(PORTRAIT, driver, tmp_path / "a" / "%05d.png", on_progress=progress,
                              config=replace(anim.config, max_frames=4))
-        assert first == [1] and "4 PNG frames of 128x128 take about 0.0 GB" in caplog.text
+        assert first == [1] and "4 8-bit PNG frames of 128x128 take about 0.0 GB" in caplog.text
         caplog.clear()
         anim.animate_to_file(PORTRAIT, driver, tmp_path / "b" / "%05d.png", config=replace(anim.config, max_frames=3))
         assert "PNG frames of" not in caplog.text  # 3 frames fit
@@ -622,3 +622,76 @@ def test_a_sequence_larger_than_the_free_space_is_said_before_the_work(tmp_path:
     assert sel.expected_frames(info, duration=0.4) == 12 and sel.expected_frames(info, max_frames=10) == 10
     assert sel.expected_frames(replace(info, num_frames=None)) == 35
     assert sel.expected_frames(replace(info, num_frames=None, duration_s=None)) is None
+
+
+# ---------------------------------------------------------------------------------------------- 16-bit frames
+
+
+def test_16_bit_frames_are_written_exactly_and_keep_their_text(tmp_path: Path) -> None:
+    """bit_depth=16: uint16 frames as 16-bit PNG, read back exactly (OpenCV), with the rate and settings chunks that
+    Pillow reads (and its 8-bit view: the high byte); inspect says the depth; a writer takes only its own depth."""
+    import cv2
+
+    from megactor_rt.describe import describe
+
+    content = [np.random.default_rng(i).integers(0, 65536, (64, 70, 3), dtype=np.uint16) for i in range(3)]
+    write(tmp_path / "t" / "%03d.png", content, fps=Fraction(30000, 1001), bit_depth=16,
+          metadata={"comment": json.dumps({"portrait": "café.png"})})
+    for i, frame in enumerate(content, 1):
+        back = cv2.cvtColor(cv2.imread(str(tmp_path / "t" / f"{i:03d}.png"), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
+        assert back.dtype == np.uint16 and np.array_equal(back, frame)
+    from megactor_rt.sequence import frame_text
+
+    assert frame_text(tmp_path / "t" / "002.png") == {"fps": "30000/1001", "Comment": '{"portrait": "caf\\u00e9.png"}'}
+    assert FrameSequence(tmp_path / "t" / "%03d.png").fps == Fraction(30000, 1001)
+    assert np.array_equal(FrameSequence(tmp_path / "t" / "%03d.png")[0], (content[0] >> 8).astype(np.uint8))
+    report = describe(tmp_path / "t", faces=False)
+    assert report["bit_depth"] == 16 and report["frames"] == 3
+    write(tmp_path / "e" / "%03d.png", frames(1, size=64))
+    assert describe(tmp_path / "e", faces=False)["bit_depth"] == 8
+    with pytest.raises(ValueError, match=r"expected a \(64, 70, 3\) uint8 frame, got \(64, 70, 3\) uint16"):
+        write(tmp_path / "u" / "%03d.png", content)
+    with pytest.raises(ValueError, match=r"expected a \(24, 24, 3\) uint16 frame"):
+        write(tmp_path / "v" / "%03d.png", frames(1), bit_depth=16)
+
+
+def test_a_16_bit_run_has_the_decoders_finer_levels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """AnimateConfig(bit_depth=16): animate() yields uint16 frames that lie within the 8-bit run's levels (the
+    8-bit frames truncate the decoder's output, the 16-bit ones round it) and use the levels between them; its
+    side-by-side panels and pasted-back portrait are the 8-bit pictures widened; the checkpoint key is the
+    8-bit run's; a result that is one file refuses it before any work (API and CLI)."""
+    from megactor_rt.runtime.checkpoint import run_key
+
+    driver = write_face_driver(tmp_path / "talk.mp4", n=4, fps=25)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2))
+    deep = anim.with_config(bit_depth=16)
+    state = anim.prepare(PORTRAIT)
+    eight = np.stack(list(anim.animate(state, driver)))
+    sixteen = np.stack(list(deep.animate(state, driver)))
+    assert eight.dtype == np.uint8 and sixteen.dtype == np.uint16 and sixteen.shape == eight.shape
+    low, high = eight.astype(np.int64) * 257, (eight.astype(np.int64) + 1) * 257
+    assert np.all(sixteen >= low - 2) and np.all(sixteen <= high + 2)  # (float rounding at the boundaries)
+    assert (sixteen % 257 != 0).mean() > 0.9  # not 8-bit levels widened
+    deep.animate_to_file(PORTRAIT, driver, tmp_path / "sbs" / "%05d.png", side_by_side=True, audio=False)
+    anim.animate_to_file(PORTRAIT, driver, tmp_path / "sbs8" / "%05d.png", side_by_side=True, audio=False)
+    import cv2
+
+    wide = cv2.cvtColor(cv2.imread(str(tmp_path / "sbs" / "00002.png"), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
+    narrow = np.asarray(Image.open(tmp_path / "sbs8" / "00002.png").convert("RGB"))
+    assert wide.dtype == np.uint16 and np.array_equal(wide[:, :256], narrow[:, :256].astype(np.uint16) * 257)
+    assert np.array_equal(wide[:, 256:], sixteen[1])
+    paste = anim.paste_back(PORTRAIT)
+    pasted8, pasted16 = paste(eight[0]), paste(sixteen[0])
+    widened = pasted8.astype(np.int64) * 257
+    t, lf, b, r = paste.box
+    outside = np.ones(pasted8.shape[:2], bool)
+    outside[t:b, lf:r] = False
+    assert pasted16.dtype == np.uint16 and np.array_equal(pasted16[outside], widened[outside])
+    assert np.abs(pasted16.astype(np.int64) - widened).max() <= 2 * 257  # (resized and blended at either depth)
+    facts = {"portrait": "x"}
+    assert run_key(facts, anim.config) == run_key(facts, deep.config) != run_key(facts, replace(anim.config, seed=1))
+    with pytest.raises(InputError, match=r"16-bit frames \(bit_depth, --bit-depth\) go into PNG sequence results"):
+        deep.animate_to_file(PORTRAIT, driver, tmp_path / "o.mp4")
+    code = main(["-q", "demo", "--driver", str(driver), "-o", str(tmp_path / "o.webm"), "--bit-depth", "16"])
+    assert code == 2 and "o.webm: 16-bit frames" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.webm").exists()
