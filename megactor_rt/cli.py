@@ -350,7 +350,7 @@ def _report(stats, out: Path) -> None:  # noqa: ANN001
         cached += "driver's faces kept from an earlier run; "
     if stats.resumed_from_step:
         cached += f"resumed at step {stats.resumed_from_step + 1}; "
-    print(f"wrote {out}: {stats.frames} frames in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
+    print(f"wrote {out}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
           f"{stats.first_frame_s:.1f}s; {cached}{stages})")
 
 

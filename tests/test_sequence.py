@@ -285,6 +285,21 @@ def test_a_silent_unreadable_or_unwritable_sound(tmp_path: Path, monkeypatch: py
         SequenceWriter(tmp_path / "a" / "%05d.png", 25, 24, 24)
 
 
+def test_inspect_describes_a_sound_alone(tmp_path: Path) -> None:
+    """inspect on a sound (an --audio file, a sequence's audio.wav): codec, rate, channels, duration; a file that is
+    no media is named."""
+    from megactor_rt.describe import describe
+
+    pcm_source(tmp_path / "sound.mkv", 1.5)
+    write(tmp_path / "take" / "%05d.png", frames(5), fps=10, audio_source=tmp_path / "sound.mkv")
+    assert describe(tmp_path / "take" / "audio.wav") == {"kind": "audio", "codec": "pcm_s16le", "sample_rate": 16000,
+                                                         "channels": 1, "duration_s": 0.5}
+    assert describe(tmp_path / "sound.mkv", faces=False)["duration_s"] == 1.5
+    (tmp_path / "notes.mp4").write_text("not media")
+    with pytest.raises(InputError, match=r"notes\.mp4: not a readable"):
+        describe(tmp_path / "notes.mp4")
+
+
 def test_a_results_sound_goes_with_its_frames_and_drives_again(tmp_path: Path) -> None:
     """animate_to_file: a sequence result gets the driver's sound (as long as its frames); driven again, the
     sequence's sound is the next result's (a video's audio, or a sequence's sound file), unless audio=False;
