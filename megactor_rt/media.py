@@ -1775,7 +1775,7 @@ class VideoWriter(ResultWriter, _AudioTrack):
         """
         if self._closed:
             return
-        try:
+        with self._or_discard():
             if self.frames_written == 0:
                 raise ValueError(f"{self.path}: no frames were written")
             if self._gif:
@@ -1786,12 +1786,6 @@ class VideoWriter(ResultWriter, _AudioTrack):
             self._out.close()
             self._close_audio_in()
             os.replace(self._tmp, self.path)
-        except OSError as exc:
-            self._discard()
-            raise self._write_error(exc) from exc
-        except BaseException:
-            self._discard()
-            raise
         self._closed = True
         # earlier writes of this name killed midway (same naming as self._tmp)
         remove_stale(self.path.parent,

@@ -25,6 +25,7 @@ its frames record (this engine's sequences do) or a given one, else FFmpeg's def
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -33,7 +34,7 @@ import shutil
 import struct
 import uuid
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -331,6 +332,25 @@ class ResultWriter:
     def abort(self) -> None:
         raise NotImplementedError
 
+    def _discard(self) -> None:
+        raise NotImplementedError
+
+    def _write_error(self, exc: OSError) -> ResourceError:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _or_discard(self) -> Iterator[None]:
+        """Discard what was written on any error inside; an OSError (a full disk) comes out as the writer's
+        :class:`ResourceError`."""
+        try:
+            yield
+        except OSError as exc:
+            self._discard()
+            raise self._write_error(exc) from exc
+        except BaseException:
+            self._discard()
+            raise
+
     def __enter__(self: _W) -> _W:
         return self
 
@@ -446,14 +466,8 @@ class SequenceWriter(ResultWriter):
             raise ResourceError(f"{self.path}: {folder} now holds {others[0].name}, which is no frame of this "
                                 f"result; nothing was replaced, the {self.frames_written} frames are in {self._tmp}")
         if self._sound is not None:
-            try:
+            with self._or_discard():
                 self.has_sound = self._sound.write(self._tmp / SOUND_NAME, Fraction(self.frames_written) / self.fps)
-            except OSError as exc:
-                self._discard()
-                raise self._write_error(exc) from exc
-            except BaseException:
-                self._discard()
-                raise
         old = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.old")
         moved = False
         try:
