@@ -350,7 +350,10 @@ def _report(stats, out: Path) -> None:  # noqa: ANN001
         cached += "driver's faces kept from an earlier run; "
     if stats.resumed_from_step:
         cached += f"resumed at step {stats.resumed_from_step + 1}; "
-    print(f"wrote {out}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
+    from megactor_rt.pipe import is_stdout
+
+    done = "streamed to standard output" if is_stdout(out) else f"wrote {out}"
+    print(f"{done}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
           f"{stats.first_frame_s:.1f}s; {cached}{stages})")
 
 
@@ -408,7 +411,11 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
     loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of that name holding the
     frames ``%05d.png``); names that collide with each other or with an input are an error before any work."""
     from megactor_rt.media import ALL_RESULT_SUFFIXES, VIDEO_SUFFIXES, result_replaces
+    from megactor_rt.pipe import is_stdout
 
+    if is_stdout(output) and (len(portraits) > 1 or len(drivers) > 1 or fmt is not None):
+        raise InputError("-o - streams one result to standard output: give one portrait and one driver, and no "
+                         "--format")
     if len(portraits) == 1 and len(drivers) == 1:
         if fmt is not None and output.suffix.lower() != f".{fmt}":
             raise InputError(f"{output}: -o names the result file, whose suffix picks its format; --format {fmt} is "
@@ -1192,7 +1199,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = _terminate_like_interrupt()
     try:
         _open_progress_file(args)
-        return args.fn(args)
+        from megactor_rt.pipe import is_stdout, prints_to_stderr
+
+        with prints_to_stderr() if is_stdout(getattr(args, "output", None)) else contextlib.nullcontext():
+            return args.fn(args)  # (-o -: the result streams to stdout, the command's own lines go to stderr)
     except MegactorError as exc:
         _last_word(f"error: {exc}")
         return 2

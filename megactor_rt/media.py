@@ -43,6 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
+from megactor_rt.pipe import STDOUT, Y4MWriter, is_stdout
 from megactor_rt.sequence import (
     SEQUENCE_SUFFIXES,
     SETTINGS_KEY,
@@ -1097,8 +1098,9 @@ def check_output_path(path: PathLike) -> Path:
 
     Args:
         path: destination file; its suffix picks the container (.mp4, .m4v, .mov, .mkv: H.264; .webm: VP9;
-            .gif; .webp: animated WebP), or a PNG frame sequence's number pattern (``take1/%05d.png``:
-            :func:`~megactor_rt.sequence.check_sequence_path`).
+            .gif; .webp: animated WebP), a PNG frame sequence's number pattern (``take1/%05d.png``:
+            :func:`~megactor_rt.sequence.check_sequence_path`), or ``-``: a YUV4MPEG2 stream on standard output
+            (:mod:`megactor_rt.pipe`).
 
     Returns:
         ``path`` as an absolute :class:`Path`.
@@ -1109,6 +1111,8 @@ def check_output_path(path: PathLike) -> Path:
     """
     if is_sequence(path):
         return check_sequence_path(path)
+    if is_stdout(path):
+        return Path(STDOUT)
     path = Path(path).expanduser().absolute()
     size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)
     if size > _name_max(path.parent):
@@ -1169,9 +1173,10 @@ def check_bit_depth(path: Path, bit_depth: int) -> None:
     Raises:
         InputError: naming the result.
     """
-    if bit_depth != 8 and not is_sequence(path):
+    if bit_depth != 8 and not is_sequence(path) and not is_stdout(path):
         raise InputError(f"{path}: {bit_depth}-bit frames (bit_depth, --bit-depth) go into PNG sequence results "
-                         "(e.g. take1/%05d.png, or --format png); this result holds 8-bit frames")
+                         "(e.g. take1/%05d.png, or --format png) and the stream of -o -; this result holds 8-bit "
+                         "frames")
 
 
 def check_quality(path: Path, crf: int | None) -> None:
@@ -1183,6 +1188,8 @@ def check_quality(path: Path, crf: int | None) -> None:
     """
     if crf is None:
         return
+    if is_stdout(path):
+        raise InputError("-o -: the stream carries raw frames: crf (--crf) does not apply; leave it out")
     if is_sequence(path):
         raise InputError(f"{path}: PNG frames are lossless: crf (--crf) does not apply; leave it out")
     try:
@@ -1225,7 +1232,7 @@ def check_not_an_input(output: Path, **inputs: object) -> None:
         InputError: naming the input.
     """
     for what, source in inputs.items():
-        if source is None or not isinstance(source, (str, os.PathLike)):
+        if source is None or not isinstance(source, (str, os.PathLike)) or is_stdout(output):
             continue
         if is_sequence(output) and result_replaces(output, source):
             raise InputError(f"{output}: the {what} {source} (an input of this run) is in the result's folder, which "
@@ -1247,7 +1254,7 @@ def result_replaces(output: PathLike, source: PathLike) -> bool:
 def result_exists(output: PathLike) -> bool:
     """Whether the result ``output`` is in place (a file; a frame sequence: a frame in its folder). Results are
     renamed into place only when complete, so one that exists is whole."""
-    return sequence_exists(output) if is_sequence(output) else Path(output).is_file()
+    return sequence_exists(output) if is_sequence(output) else not is_stdout(output) and Path(output).is_file()
 
 
 def result_folder(output: PathLike) -> Path:
@@ -1815,6 +1822,8 @@ class VideoWriter(ResultWriter, _AudioTrack):
 
 def result_writer(path: PathLike, fps: Fraction | int, width: int, height: int, **options: Any
                   ) -> ResultWriter:
-    """The writer of a result at ``path``: a :class:`VideoWriter`, or for a PNG frame sequence's pattern
-    (``take1/%05d.png``) a :class:`~megactor_rt.sequence.SequenceWriter`; ``options``: :class:`VideoWriter`'s."""
-    return (SequenceWriter if is_sequence(path) else VideoWriter)(path, fps, width, height, **options)
+    """The writer of a result at ``path``: a :class:`VideoWriter`, for a PNG frame sequence's pattern
+    (``take1/%05d.png``) a :class:`~megactor_rt.sequence.SequenceWriter`, for ``-`` a
+    :class:`~megactor_rt.pipe.Y4MWriter` (standard output); ``options``: :class:`VideoWriter`'s."""
+    writer = SequenceWriter if is_sequence(path) else Y4MWriter if is_stdout(path) else VideoWriter
+    return writer(path, fps, width, height, **options)

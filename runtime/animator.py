@@ -785,7 +785,7 @@ class Animator:
         .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); an animated GIF (.gif: no
         sound; refused above 50 fps, before any work: pass ``config`` with ``fps=25``); or PNG frames named by a
         number pattern (``take1/%05d.png``: :class:`~megactor_rt.sequence.SequenceWriter`, the sound in
-        ``take1/audio.wav``).
+        ``take1/audio.wav``); or ``"-"``: a YUV4MPEG2 stream on standard output (:mod:`megactor_rt.pipe`).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
         under ``output``. ``portrait``, ``face_crop``, ``mask``, ``face``: see :meth:`prepare` (a PIL image is

@@ -1,0 +1,109 @@
+"""Results streamed to standard output (``-o -``, :mod:`megactor_rt.pipe`): a YUV4MPEG2 stream FFmpeg reads, sent
+frame by frame, the command's own lines on stderr; the flags that do not fit a stream refused before any work."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from media_fixtures import write_face_driver
+from PIL import Image
+
+from megactor_rt.cli import main
+from megactor_rt.errors import InputError
+from megactor_rt.media import check_output_path, result_exists, result_writer
+from megactor_rt.pipe import Y4MWriter, yuv444_planes
+
+
+def frames(n: int, dtype: type = np.uint8) -> list[np.ndarray]:
+    top = 255 if dtype is np.uint8 else 65535
+    return list(np.random.default_rng(0).integers(0, top + 1, (n, 64, 80, 3)).astype(dtype))
+
+
+def read_stream(data: bytes, fmt: str) -> tuple[str, Fraction, list[np.ndarray]]:
+    """A YUV4MPEG2 stream as FFmpeg reads it: pixel format, rate and its frames (``fmt``: their planes' format)."""
+    with av.open(io.BytesIO(data), format="yuv4mpegpipe") as c:
+        stream = c.streams.video[0]
+        decoded = [f.to_ndarray(format=fmt) for f in c.decode(stream)]
+        return stream.codec_context.pix_fmt, Fraction(stream.average_rate), decoded
+
+
+@pytest.mark.parametrize(("dtype", "pix_fmt"), [(np.uint8, "yuv444p"), (np.uint16, "yuv444p16le")])
+def test_the_stream_is_yuv4mpeg_that_ffmpeg_reads_frame_for_frame(dtype: type, pix_fmt: str) -> None:
+    """Header (size, exact rate, 4:4:4 at 8 or 16 bits), then each frame's planes as written: FFmpeg reads the same
+    planes back, and their RGB is the frames' within the conversion's rounding."""
+    content = frames(3, dtype)
+    sink = io.BytesIO()
+    with result_writer("-", Fraction(30000, 1001), 80, 64, stream=sink, bit_depth=16 if dtype is np.uint16 else 8,
+                       audio_source="sound.m4a", metadata={"comment": "{}"}) as w:
+        for f in content:
+            w.write(f)
+    assert isinstance(w, Y4MWriter) and w.frames_written == 3
+    data = sink.getvalue()
+    assert data.startswith(b"YUV4MPEG2 W80 H64 F30000:1001 ")
+    got_fmt, rate, planes = read_stream(data, pix_fmt)
+    assert (got_fmt, rate, len(planes)) == (pix_fmt, Fraction(30000, 1001), 3)
+    for f, p in zip(content, planes, strict=True):
+        mine = yuv444_planes(f)
+        assert np.array_equal(p if p.shape == mine.shape else np.moveaxis(p, -1, 0), mine)
+    rgb = read_stream(data, "rgb24" if dtype is np.uint8 else "rgb48le")[2]
+    tolerance = 3 if dtype is np.uint8 else 3 * 257
+    assert all(np.abs(a.astype(np.int64) - b).max() <= tolerance for a, b in zip(rgb, content, strict=True))
+    with pytest.raises(ValueError, match=r"expected a \(64, 80, 3\)"):
+        Y4MWriter("-", 30, 80, 64, stream=io.BytesIO()).write(frames(1, np.uint16)[0])
+
+
+def test_flags_that_do_not_fit_a_stream_are_refused_before_any_work(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    driver = write_face_driver(tmp_path / "talk.mp4", n=4)
+    assert check_output_path("-") == Path("-") and not result_exists("-")
+    with pytest.raises(InputError, match="crf .--crf. does not apply"):
+        Y4MWriter("-", 30, 64, 64, crf=18, stream=io.BytesIO())
+    for extra, problem in ((["--crf", "20"], "-o -: the stream carries raw frames"),
+                           (["--first-number", "5"], "first_number (--first-number) numbers the frames of a PNG")):
+        code = main(["-q", "demo", "--driver", str(driver), "-o", "-", *extra])
+        captured = capsys.readouterr()
+        assert code == 2 and problem in captured.err and captured.out == "", captured
+    code = main(["-q", "animate", "--weights", str(tmp_path), "--portrait", str(driver), "--driver", str(driver),
+                 str(driver), "-o", "-"])
+    captured = capsys.readouterr()
+    assert code == 2 and "-o - streams one result to standard output" in captured.err and captured.out == ""
+    assert not (tmp_path.parent / "-").exists() and not Path("-").exists()
+
+
+def demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    driver = tmp_path / "talk.mp4"
+    if not driver.exists():
+        write_face_driver(driver, n=6)
+    return subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "--driver", str(driver),
+                           "--steps", "2", "--window", "4", "--overlap", "2", *args], capture_output=True,
+                          timeout=600)
+
+
+def test_the_cli_streams_the_runs_frames_and_its_lines_go_to_stderr(tmp_path: Path) -> None:
+    """demo -o -: stdout holds the stream alone (its frames those of the same run written as PNG frames, within
+    the YUV conversion's rounding); the notice and the 'streamed' line are on stderr. A reader that goes away
+    ends the command quietly with 141, as `| head` does."""
+    streamed = demo(tmp_path, "-o", "-")
+    assert streamed.returncode == 0, streamed.stderr
+    assert b"streamed to standard output: 6 frames" in streamed.stderr and b"TINY RANDOM-WEIGHT" in streamed.stderr
+    _, rate, got = read_stream(streamed.stdout, "rgb24")
+    written = demo(tmp_path, "-o", str(tmp_path / "seq" / "%05d.png"), "--no-audio")
+    assert written.returncode == 0, written.stderr
+    pngs = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "seq").glob("*.png"))]
+    assert rate == 25 and len(got) == len(pngs) == 6
+    assert all(np.abs(a.astype(np.int64) - b).max() <= 3 for a, b in zip(got, pngs, strict=True))
+    driver = tmp_path / "talk.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "--driver", str(driver), "--steps",
+                             "1", "--window", "4", "--overlap", "2", "-o", "-"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.read(100).startswith(b"YUV4MPEG2")
+    proc.stdout.close()  # the reader goes away
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 141 and b"Traceback" not in err, err
