@@ -70,7 +70,8 @@ def _tensorrt_status() -> dict[str, Any]:
 
 def _media_status() -> dict[str, Any]:
     """PyAV and its FFmpeg (decoding, display matrices, audio) and the video encoders results are written with:
-    ``encoder`` that of the H.264 containers, ``formats`` each result suffix's (or why it cannot be written)."""
+    ``encoder`` that of the H.264 containers, ``formats`` each result suffix's (or why it cannot be written), and
+    ``-``, the stream to standard output."""
     import av
     from PIL import __version__ as pillow
     from PIL import features
@@ -85,12 +86,14 @@ def _media_status() -> dict[str, Any]:
     formats = {}
     for suffix in ALL_RESULT_SUFFIXES:
         if suffix in SEQUENCE_SUFFIXES:  # frame sequences: written by Pillow
-            formats[suffix] = "png frames (Pillow)" if features.check("zlib") else "unavailable: Pillow lacks zlib"
+            formats[suffix] = "png frames (Pillow; 16-bit: OpenCV)" if features.check("zlib") else \
+                "unavailable: Pillow lacks zlib"
             continue
         try:
             formats[suffix] = _encoder_for(suffix)
         except RuntimeError as exc:
             formats[suffix] = f"unavailable: {exc}"
+    formats["-"] = "YUV4MPEG2 stream to standard output"
 
     try:
         from pillow_heif import __version__ as heif

@@ -280,7 +280,8 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, "doctor")
     assert code == 0
     assert "backends:" in out and "torch:" in out and "cuda:" in out
-    assert re.search(r"^  formats: \.gif gif, .*\.webm libvpx-vp9, \.webp libwebp_anim$", out, re.M)  # one line
+    assert re.search(r"^  formats: \.gif gif, .*\.webm libvpx-vp9, \.webp libwebp_anim, - YUV4MPEG2 stream to "
+                     r"standard output$", out, re.M)  # one line
     code, out, _ = run(capsys, "doctor", "--json", "--weights", weights)
     assert code == 0
     report = json.loads(out)
@@ -296,7 +297,7 @@ def test_doctor_lists_backends(weights: Path, capsys: pytest.CaptureFixture[str]
     assert report["media"]["pyav"] == av.__version__ and report["media"]["encoder"] in ("libx264", "libopenh264",
                                                                                          "mpeg4")
     formats = report["media"]["formats"]
-    assert formats[".png"] == "png frames (Pillow)"
+    assert formats[".png"] == "png frames (Pillow; 16-bit: OpenCV)"
     assert (formats[".mp4"], formats[".webm"], formats[".gif"], formats[".webp"]) == (
         report["media"]["encoder"], "libvpx-vp9", "gif", "libwebp_anim")
     import pillow_heif
