@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
@@ -82,6 +83,7 @@ from megactor_rt.runtime.pipeline import (
     RunStats,
     StageTimer,
     cancellable,
+    in_thread,
     prefetch,
     to_device_queued,
 )
@@ -519,6 +521,22 @@ class Animator:
         yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
                                           config or self.config, driver_face, checkpoint_dir), on_progress)
         self._drop_checkpoint()  # every frame is out: the run is done
+
+    async def animate_async(self, state: PortraitState, driver: Driver, **options: Any) -> AsyncIterator[np.ndarray]:
+        """:meth:`animate` for asyncio (a web service): the same frames, each computed off the event loop (the run
+        on a thread of its own), so the loop serves other requests meanwhile; ``options``: :meth:`animate`'s.
+        Leaving early (a client gone, a cancelled task) stops the run once the window call in progress is done, as
+        closing :meth:`animate` does: at once within :func:`contextlib.aclosing` (else when the iterator is
+        collected: at once in CPython, after a ``break``).
+
+        Example:
+            >>> async with contextlib.aclosing(anim.animate_async(state, "meme.mp4")) as frames:
+            ...     async for frame in frames:
+            ...         await websocket.send_bytes(encode(frame))
+        """
+        async with contextlib.aclosing(in_thread(self.animate(state, driver, **options), name="animate")) as frames:
+            async for frame in frames:
+                yield frame
 
     def _frames(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                 landmarks_model: str | Path | None, contour_affine_frame: str, cfg: AnimateConfig,

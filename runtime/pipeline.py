@@ -10,18 +10,19 @@ i. ``StageTimer`` accumulates wall time per stage and the first-frame latency in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -153,6 +154,27 @@ def check_cancelled() -> None:
     stop = getattr(_producer, "stop", None)
     if stop is not None and stop.is_set():
         raise Cancelled("the consumer of this work has stopped")
+
+
+async def in_thread(items: Iterator[T], name: str = "async") -> AsyncIterator[T]:
+    """``items`` for asyncio: each one computed on a thread of its own (one for the whole iteration, as a generator
+    holding thread-local state - PyTorch's grad mode, CUDA streams - needs), so the event loop goes on serving
+    meanwhile. Leaving early (``break``, a cancelled task, ``aclose()``) closes ``items`` on that thread once the
+    item in progress is done: a run stops there, as :func:`contextlib.closing` stops it."""
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    loop = asyncio.get_running_loop()
+    end = object()
+    try:
+        while True:
+            item = await loop.run_in_executor(worker, next, items, end)
+            if item is end:
+                return
+            yield cast(T, item)
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            worker.submit(close)  # (after the item in progress: the same thread; not awaited: a cancelled task)
+        worker.shutdown(wait=False)
 
 
 def cancellable(items: Iterable[T]) -> Iterator[T]:

@@ -1752,3 +1752,55 @@ def test_the_face_asked_for_is_cropped_and_masked(anim: Animator, tmp_path: Path
     finally:
         anim._prepare = anim_prepare  # type: ignore[method-assign]
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_animate_async_gives_the_same_frames_off_the_event_loop(anim: Animator, media: dict[str, Path],
+                                                                short_frames: list[np.ndarray]) -> None:
+    """animate_async: animate()'s frames, computed on a thread of their own while the event loop keeps serving;
+    leaving after the first frame stops the run (with open windows: far fewer window calls than the whole run)."""
+    import asyncio
+    import threading
+
+    state = anim.prepare(PORTRAIT)
+
+    async def collect() -> tuple[list[np.ndarray], int, set[str]]:
+        ticks, threads = 0, set()
+        done = asyncio.Event()
+
+        async def tick() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.create_task(tick())
+        got = []
+        async for frame in anim.animate_async(state, media["short"],
+                                              on_progress=lambda p: threads.add(threading.current_thread().name)):
+            got.append(frame)
+        done.set()
+        await ticker
+        return got, ticks, threads
+
+    got, ticks, threads = asyncio.run(collect())
+    assert len(got) == len(short_frames) and all(np.array_equal(a, b) for a, b in zip(got, short_frames))
+    assert ticks > 5  # the loop ran meanwhile
+    assert threads and threading.current_thread().name not in threads  # the work: off the loop's thread
+
+    calls: list[int] = []
+
+    async def first_only() -> None:
+        import contextlib
+
+        async with contextlib.aclosing(anim.animate_async(
+                state, media["long"], config=replace(CFG, closed_loop=False),
+                on_progress=lambda p: calls.append(1) if p.stage == "denoise" else None)) as frames:
+            async for _ in frames:
+                break
+        await asyncio.sleep(1.0)  # a run not stopped would go on reporting meanwhile
+
+    asyncio.run(first_only())
+    everything: list[int] = []
+    list(anim.animate(state, media["long"], config=replace(CFG, closed_loop=False),
+                      on_progress=lambda p: everything.append(1) if p.stage == "denoise" else None))
+    assert 0 < len(calls) < len(everything), (len(calls), len(everything))  # (5 of 10 here)

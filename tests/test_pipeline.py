@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -594,3 +595,42 @@ def test_stage_times_add_up_over_several_entries() -> None:
     timer.frame_out()
     assert stats.frames == 2 and first is not None and stats.first_frame_s == first
     assert stats.total_s is not None and stats.total_s > first and stats.fps == pytest.approx(2 / stats.total_s)
+
+
+def test_in_thread_runs_a_generator_on_one_thread_and_closes_it_there() -> None:
+    """in_thread: every item computed on one thread of its own (not the event loop's), in order; leaving early
+    closes the generator on that thread even while other references keep it alive."""
+    import asyncio
+    import contextlib
+
+    from megactor_rt.runtime.pipeline import in_thread
+
+    seen: list[str] = []
+    closed: list[str] = []
+
+    def numbers() -> Iterator[int]:
+        try:
+            for i in range(100):
+                seen.append(threading.current_thread().name)
+                yield i
+        finally:
+            closed.append(threading.current_thread().name)
+
+    items = numbers()  # still referenced here: only in_thread's own close can end it
+
+    async def first_four() -> list[int]:
+        out = []
+        async with contextlib.aclosing(in_thread(items, name="numbers")) as it:
+            async for x in it:
+                out.append(x)
+                if x == 3:
+                    break
+        for _ in range(200):
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+        return out
+
+    assert asyncio.run(first_four()) == [0, 1, 2, 3]
+    assert len(set(seen)) == 1 and seen[0].startswith("numbers") and seen[0] != threading.current_thread().name
+    assert closed == seen[:1]
