@@ -43,7 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.files import remove_stale, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
-from megactor_rt.pipe import STDOUT, Y4MWriter, is_stdout
+from megactor_rt.pipe import STDOUT, Y4MWriter, check_stdout, is_stdout
 from megactor_rt.sequence import (
     SEQUENCE_SUFFIXES,
     SETTINGS_KEY,
@@ -1112,6 +1112,7 @@ def check_output_path(path: PathLike) -> Path:
     if is_sequence(path):
         return check_sequence_path(path)
     if is_stdout(path):
+        check_stdout()
         return Path(STDOUT)
     path = Path(path).expanduser().absolute()
     size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)

@@ -35,6 +35,18 @@ def is_stdout(path: object) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.fspath(path) == STDOUT
 
 
+def check_stdout() -> None:
+    """Refuse a stream onto a terminal (binary frames would fill it with noise), before any work.
+
+    Raises:
+        InputError: standard output is a terminal.
+    """
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # (no file descriptor: a test's capture)
+        if os.isatty(standard_output().fileno()):
+            raise InputError("-o - writes the frames as a binary stream to standard output, which is a terminal "
+                             "here: pipe it into a program (| ffmpeg -i - out.mov, | ffplay -) or name a file")
+
+
 def standard_output() -> BinaryIO:
     """Where a streamed result goes: standard output's bytes (as it was before :func:`prints_to_stderr`)."""
     return _saved if _saved is not None else sys.stdout.buffer

@@ -107,3 +107,18 @@ def test_the_cli_streams_the_runs_frames_and_its_lines_go_to_stderr(tmp_path: Pa
     proc.stdout.close()  # the reader goes away
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 141 and b"Traceback" not in err, err
+
+
+def test_a_stream_onto_a_terminal_is_refused_before_any_work(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    leader, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "-o", "-"], stdout=terminal,
+                              stderr=subprocess.PIPE, timeout=300)
+    finally:
+        os.close(terminal)
+        os.close(leader)
+    assert proc.returncode == 2 and b"standard output, which is a terminal here: pipe it" in proc.stderr, proc.stderr
+    assert b"TINY RANDOM-WEIGHT" not in proc.stderr  # (refused before the model is built)
