@@ -1022,7 +1022,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
                         "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
                         "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; the sound in "
-                        "DIR/audio.wav); "
+                        "DIR/audio.wav); or -: a YUV4MPEG2 stream on standard output, for a pipe (| ffmpeg -i - "
+                        "out.mov); "
                         "with several portraits or drivers a folder (created) that receives "
                         "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
                         "compiled once, each portrait prepared once); a failed pair is reported and the others "
@@ -1073,8 +1074,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--driver", type=Path, default=None,
                    help="your driving video or image sequence (plate/%%04d.png; default: the bundled clip)")
     d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
-                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, or PNG frames DIR/%%05d.png "
-                        "(default: megactor_demo.mp4)")
+                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames DIR/%%05d.png, or "
+                        "- (a stream on standard output) (default: megactor_demo.mp4)")
     d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                    help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
