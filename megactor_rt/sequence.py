@@ -264,9 +264,9 @@ def check_room(path: str | os.PathLike[str], frames: int, width: int, height: in
     except OSError:
         return  # (the writer names a folder it cannot use)
     if free < need:
-        logger.warning("%s: %d %d-bit PNG frames of %dx%d take about %.1f GB, but only %.1f GB are free on the disk of %s: "
-                       "the run will likely stop when it is full, with nothing written; free space, or choose a "
-                       "folder on another disk", path, frames, bit_depth, width, height, need / 1e9, free / 1e9,
+        logger.warning("%s: %d %d-bit PNG frames of %dx%d take about %.1f GB, but only %.1f GB are free on the "
+                       "disk of %s: the run will likely stop when it is full, with nothing written; free space, or "
+                       "choose a folder on another disk", path, frames, bit_depth, width, height, need / 1e9, free / 1e9,
                        folder.parent)
 
 

@@ -811,7 +811,8 @@ class Animator:
         ``driver``, ``contour``, ``landmarks_model``, ``contour_affine_frame``, ``config``, ``driver_face``: see
         :meth:`animate`
         (its errors are raised here before any work where they can be). ``audio``: copy the driver's audio
-        (the part under the frames used; an image sequence's: its folder's ``audio.wav``); False: no sound; a file: its sound instead, from its start (or from
+        (the part under the frames used; an image sequence's: its folder's ``audio.wav``); False: no sound; a file:
+        its sound instead, from its start (or from
         ``audio_start``: seconds or ``"[HH:]MM:SS[.ms]"``), cut to the video's length. ``side_by_side``: each
         frame shows the driver's crop (as the model saw it, before its face isolation), the portrait's crop and the
         result side by side, three times as wide; the driver is read once more for it, while the result is
@@ -873,7 +874,8 @@ class Animator:
                           "audio_offset": sel.start_s, "video_start": info.start_s}
         width, height = (paste.width, paste.height) if paste else (size * (3 if side_by_side else 1), size)
         if is_sequence(out) and (expected := sel.expected_frames(info, cfg.duration, cfg.max_frames)):
-            check_room(out, expected, width, height, cfg.bit_depth)  # a long sequence onto a nearly full disk: said before the work
+            # a long sequence onto a nearly full disk: said before the work
+            check_room(out, expected, width, height, cfg.bit_depth)
         tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, {
             "face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": _name(mask),
             "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
