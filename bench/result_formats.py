@@ -10,7 +10,9 @@ back into the bundled portrait, 768x844, where its 768 px face crop came from: 5
 timed with the writer). The error is the mean absolute difference of the
 decoded result from the frames written, in 8-bit levels. 16-bit PNG frames (``--bit-depth 16``) are measured on
 the same frames softened in float (a Gaussian blur, sigma 0.6 px), whose levels fall between the 8-bit ones as the
-decoder's output does, against 8-bit PNG frames of the same pictures (truncated, as upstream's frames are).
+decoder's output does, against 8-bit PNG frames of the same pictures (truncated, as upstream's frames are). The
+stream of ``-o -`` is written to /dev/null (a reader that keeps up; its bytes are the raw 4:4:4 planes; error not
+measured: the YUV conversion's rounding, at most 3 levels in the tests).
 
     python bench/result_formats.py --out OUT     # writes result_formats.md / .json (about 30 s on 2 cores)
 """
@@ -96,6 +98,23 @@ def time_png16(scratch: Path, frames: list[np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
+def time_stream(frames: list[np.ndarray]) -> dict[str, Any]:
+    """``-o -``: the YUV4MPEG2 stream (4:4:4) written to /dev/null, as into a pipe whose reader keeps up."""
+    import os
+
+    times = []
+    with open(os.devnull, "wb") as sink:
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            with result_writer("-", Fraction(30), SIZE, SIZE, stream=sink) as w:
+                for f in frames:
+                    w.write(f)
+            times.append(time.perf_counter() - t0)
+    return {"format": "- (YUV4MPEG2 4:4:4 stream)", "crf": None, "paste_back": None,
+            "ms_per_frame": 1000 * min(times) / len(frames), "kb_per_frame": 3 * SIZE * SIZE / 1000,
+            "mean_error": None}
+
+
 def photo_paste() -> PasteBack:
     """The paste-back into the bundled portrait, from its face crop."""
     photo = read_image(ASSETS_DIR / "portrait.png")
@@ -114,6 +133,7 @@ def main() -> None:
         rows += [time_format(scratch, suffix, frames, crf) for suffix, crf in LOWER_QUALITY]
         rows.append(time_format(scratch, ".mp4", frames, paste=photo_paste()))
         rows += time_png16(scratch, frames)
+        rows.append(time_stream(frames))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {**script_facts(),
@@ -123,7 +143,8 @@ def main() -> None:
              "| format | --crf | --paste-back | ms per frame | KB per frame | mean error (levels) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {'default' if r['crf'] is None else r['crf']} | {r['paste_back'] or '-'} | "
-              f"{r['ms_per_frame']:.1f} | {r['kb_per_frame']:.1f} | {r['mean_error']:.2f} |" for r in rows]
+              f"{r['ms_per_frame']:.1f} | {r['kb_per_frame']:.1f} | "
+              f"{'-' if r['mean_error'] is None else format(r['mean_error'], '.2f')} |" for r in rows]
     save_tables(args.out, "result_formats", report, "\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201 - a script's output
 
