@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -275,6 +275,59 @@ class JsonProgress:
 
 def _on_progress(args: argparse.Namespace, output: Path) -> JsonProgress | None:
     return JsonProgress(output, getattr(args, "progress_file", None)) if args.progress_json else None
+
+
+STDIN_NAME = "stdin"  # the name a driver read from standard input goes by (its file's, in a temporary folder)
+
+
+@contextlib.contextmanager
+def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
+    """``--driver -``: standard input (a video FFmpeg reads: ``ffmpeg ... -f matroska - | megactor-rt animate
+    --driver - ...``) written to a file named :data:`STDIN_NAME` in a temporary folder, which stands for it in
+    ``args.driver`` until the command ends (a driver is read two or three times); the folder goes then.
+
+    Raises:
+        InputError: standard input is a terminal, or ``-`` is one of several drivers.
+        ResourceError: the temporary folder cannot take it (a full disk).
+    """
+    given = getattr(args, "driver", None)
+    drivers = given if isinstance(given, list) else [given]
+    if not any(is_stdin(d) for d in drivers):
+        yield
+        return
+    if len(drivers) > 1:
+        raise InputError("--driver - reads one driver from standard input; give it alone")
+    if sys.stdin is None or sys.stdin.isatty():
+        raise InputError("--driver - reads the driver from standard input, which is a terminal here: pipe a video "
+                         "into it (ffmpeg -i clip.mkv -f matroska - | megactor-rt animate --driver - ...)")
+    import shutil
+    import tempfile
+
+    from megactor_rt.errors import ResourceError
+
+    folder = Path(tempfile.mkdtemp(prefix="megactor-rt-"))
+    path = folder / STDIN_NAME
+    try:
+        logger.info("reading the driver from standard input into %s", path)
+        try:
+            with open(path, "wb") as out:
+                shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+        except OSError as exc:
+            raise ResourceError(f"--driver -: cannot keep standard input in {folder} ({exc}); set TMPDIR to a "
+                                "folder with room for the clip") from exc
+        if path.stat().st_size == 0:
+            raise InputError("--driver -: standard input was empty (no video piped in)")
+        if getattr(args, "checkpoint_dir", None) is not None:
+            logger.warning("--checkpoint-dir: a driver read from standard input is a new file on every run, so a "
+                           "run started again cannot continue from this one's checkpoint")
+        args.driver = [path] if isinstance(given, list) else path
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def is_stdin(path: object) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.fspath(path) == "-"
 
 
 def _open_progress_file(args: argparse.Namespace) -> None:
@@ -1238,7 +1291,8 @@ def main(argv: list[str] | None = None) -> int:
         _open_progress_file(args)
         from megactor_rt.pipe import is_stdout, prints_to_stderr
 
-        with prints_to_stderr() if is_stdout(getattr(args, "output", None)) else contextlib.nullcontext():
+        with prints_to_stderr() if is_stdout(getattr(args, "output", None)) else contextlib.nullcontext(), \
+                _stdin_driver(args):
             return args.fn(args)  # (-o -: the result streams to stdout, the command's own lines go to stderr)
     except MegactorError as exc:
         _last_word(f"error: {exc}")

@@ -122,3 +122,48 @@ def test_a_stream_onto_a_terminal_is_refused_before_any_work(tmp_path: Path) -> 
         os.close(leader)
     assert proc.returncode == 2 and b"standard output, which is a terminal here: pipe it" in proc.stderr, proc.stderr
     assert b"TINY RANDOM-WEIGHT" not in proc.stderr  # (refused before the model is built)
+
+
+def test_a_driver_piped_into_standard_input_drives_as_its_file_does(tmp_path: Path) -> None:
+    """--driver -: the clip piped in animates exactly as the same file (PNG frames compared), is named "stdin" in
+    the result's settings, and its temporary copy is gone afterwards; empty input, a terminal and "-" among several
+    drivers are refused before any work."""
+    import os
+    import pty
+
+    from megactor_rt.media import result_settings
+
+    driver = write_face_driver(tmp_path / "talk.mp4", n=5, audio=True)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    base = [sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "--steps", "2", "--window", "4", "--overlap", "2"]
+    piped = subprocess.run([*base, "--driver", "-", "-o", str(tmp_path / "a" / "%05d.png")],
+                           input=driver.read_bytes(), capture_output=True, env=env, timeout=600)
+    assert piped.returncode == 0, piped.stderr
+    named = subprocess.run([*base, "--driver", str(driver), "-o", str(tmp_path / "b" / "%05d.png")],
+                           capture_output=True, timeout=600)
+    assert named.returncode == 0, named.stderr
+    a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    assert len(a) == len(b) == 5
+    assert all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(a, b))
+    assert (tmp_path / "a" / "audio.wav").is_file()  # the piped clip's sound too
+    settings = result_settings(tmp_path / "a")
+    assert settings is not None and settings["driver"] == "stdin"
+    assert list(scratch.glob("megactor-rt-*")) == []  # the copy of standard input is gone
+    empty = subprocess.run([*base, "--driver", "-", "-o", str(tmp_path / "c.mp4")], input=b"", capture_output=True,
+                           env=env, timeout=300)
+    assert empty.returncode == 2 and b"standard input was empty" in empty.stderr
+    leader, terminal = pty.openpty()
+    try:
+        tty = subprocess.run([*base, "--driver", "-", "-o", str(tmp_path / "c.mp4")], stdin=terminal,
+                             capture_output=True, timeout=300)
+    finally:
+        os.close(terminal)
+        os.close(leader)
+    assert tty.returncode == 2 and b"standard input, which is a terminal here" in tty.stderr
+    several = subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "animate", "--weights", str(tmp_path),
+                              "--portrait", str(driver), "--driver", "-", str(driver), "-o", str(tmp_path / "r")],
+                             input=b"x", capture_output=True, timeout=300)
+    assert several.returncode == 2 and b"--driver - reads one driver from standard input" in several.stderr
+    assert not (tmp_path / "c.mp4").exists() and list(scratch.glob("megactor-rt-*")) == []
