@@ -1098,7 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="portrait image, or a video (its first frame); several: each one with every driver")
     a_io.add_argument("--driver", type=Path, nargs="+",
                       help="driving video(s), animated GIF/WebP, or image sequences (plate/%%04d.png, or a folder "
-                           "holding one)")
+                           "holding one); - reads one from standard input")
     a_io.add_argument("-o", "--output", type=Path,
                       help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
                            "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
@@ -1157,7 +1157,8 @@ def build_parser() -> argparse.ArgumentParser:
     d_io.add_argument("--portrait", type=Path, default=None,
                       help="your portrait image or video (first frame; default: the bundled one)")
     d_io.add_argument("--driver", type=Path, default=None,
-                      help="your driving video or image sequence (plate/%%04d.png; default: the bundled clip)")
+                      help="your driving video or image sequence (plate/%%04d.png; -: standard input; default: the "
+                           "bundled clip)")
     d_io.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
                       help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames "
                            "DIR/%%05d.png, or "
