@@ -80,17 +80,10 @@ class Y4MWriter(ResultWriter):
                  stream: BinaryIO | None = None, **_audio_timing: Fraction) -> None:
         if crf is not None:
             raise InputError("-o -: the stream carries raw frames: crf (--crf) does not apply; leave it out")
-        self.fps = Fraction(fps)
-        if self.fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        if width <= 0 or height <= 0:
-            raise ValueError(f"frame size must be positive, got {width}x{height}")
-        if bit_depth not in (8, 16):
-            raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        self._take_frames(fps, width, height, bit_depth)
         if audio_source is not None:
             logger.info("-o -: the stream has no sound; the audio of %s is left out", audio_source)
-        self.path, self.width, self.height, self.bit_depth = STDOUT, width, height, bit_depth
-        self._dtype = np.dtype(np.uint8 if bit_depth == 8 else np.uint16)
+        self.path = STDOUT
         self._stream = stream if stream is not None else standard_output()
         self.frames_written = 0
         self._closed = False
@@ -116,9 +109,7 @@ class Y4MWriter(ResultWriter):
         """
         if self._closed:
             raise ValueError("-o -: Y4MWriter is closed")
-        if frame.shape != (self.height, self.width, 3) or frame.dtype != self._dtype:
-            raise ValueError(f"expected a ({self.height}, {self.width}, 3) {self._dtype} frame, got {frame.shape} "
-                             f"{frame.dtype}")
+        self._check_frame(frame)
         self._send(b"FRAME\n" + yuv444_planes(frame).tobytes())
         self.frames_written += 1
 

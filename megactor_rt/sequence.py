@@ -326,6 +326,28 @@ class ResultWriter:
     def write(self, frame: np.ndarray) -> None:
         raise NotImplementedError
 
+    def _take_frames(self, fps: Fraction | int, width: int, height: int, bit_depth: int = 8) -> None:
+        """Check and keep the frames' rate, size and bits per colour (8: uint8 frames, 16: uint16).
+
+        Raises:
+            ValueError: a non-positive rate or size, another bit depth.
+        """
+        self.fps = Fraction(fps)
+        if self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        if width <= 0 or height <= 0:
+            raise ValueError(f"frame size must be positive, got {width}x{height}")
+        if bit_depth not in (8, 16):
+            raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+        self.width, self.height, self.bit_depth = width, height, bit_depth
+        self._dtype = np.dtype(np.uint8 if bit_depth == 8 else np.uint16)
+
+    def _check_frame(self, frame: np.ndarray) -> None:
+        """ValueError unless ``frame`` is ``(height, width, 3)`` of the writer's type."""
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != self._dtype:
+            raise ValueError(f"expected a ({self.height}, {self.width}, 3) {self._dtype} frame, got {frame.shape} "
+                             f"{frame.dtype}")
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -390,15 +412,7 @@ class SequenceWriter(ResultWriter):
         if first_number < 0:
             raise ValueError(f"first_number must be >= 0, got {first_number}")
         self.first_number = first_number
-        self.fps = Fraction(fps)
-        if self.fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        if width <= 0 or height <= 0:
-            raise ValueError(f"frame size must be positive, got {width}x{height}")
-        if bit_depth not in (8, 16):
-            raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
-        self.width, self.height, self.bit_depth = width, height, bit_depth
-        self._dtype = np.dtype(np.uint8 if bit_depth == 8 else np.uint16)
+        self._take_frames(fps, width, height, bit_depth)
         self.has_sound = False  # whether the folder got a sound file (known once closed)
         comment = (metadata or {}).get("comment")
         self._text = {FPS_KEY: str(self.fps), **({SETTINGS_KEY: comment} if comment else {})}
@@ -426,9 +440,7 @@ class SequenceWriter(ResultWriter):
         """
         if self._closed:
             raise ValueError(f"{self.path}: SequenceWriter is closed")
-        if frame.shape != (self.height, self.width, 3) or frame.dtype != self._dtype:
-            raise ValueError(f"expected a ({self.height}, {self.width}, 3) {self._dtype} frame, got {frame.shape} "
-                             f"{frame.dtype}")
+        self._check_frame(frame)
         name = self.pattern.name(self.first_number + self.frames_written)
         try:
             if self.bit_depth == 8:
