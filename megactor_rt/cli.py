@@ -326,6 +326,27 @@ def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _downloaded_inputs(args: argparse.Namespace) -> Iterator[None]:
+    """Portraits and drivers given as web addresses: downloaded before any work (:mod:`megactor_rt.remote`), their
+    files standing in for them in ``args`` until the command ends."""
+    from megactor_rt.remote import as_url, local_copies
+
+    names = [n for n in ("portrait", "driver") if getattr(args, n, None) is not None]
+    given = {n: getattr(args, n) for n in names}
+    flat = [p for n in names for p in (given[n] if isinstance(given[n], list) else [given[n]])]
+    if not any(as_url(p) for p in flat):
+        yield
+        return
+    with local_copies(flat) as local:
+        at = 0
+        for n in names:
+            count = len(given[n]) if isinstance(given[n], list) else 1
+            setattr(args, n, local[at:at + count] if isinstance(given[n], list) else local[at])
+            at += count
+        yield
+
+
 def is_stdin(path: object) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.fspath(path) == "-"
 
@@ -1095,10 +1116,11 @@ def build_parser() -> argparse.ArgumentParser:
     a_io = a.add_argument_group("inputs and results")
     a_engine = a.add_argument_group("weights, backend and device")
     a_io.add_argument("--portrait", type=Path, nargs="+",
-                      help="portrait image, or a video (its first frame); several: each one with every driver")
+                      help="portrait image, or a video (its first frame); several: each one with every driver; "
+                           "http(s) addresses are downloaded first")
     a_io.add_argument("--driver", type=Path, nargs="+",
                       help="driving video(s), animated GIF/WebP, or image sequences (plate/%%04d.png, or a folder "
-                           "holding one); - reads one from standard input")
+                           "holding one); - reads one from standard input; http(s) addresses are downloaded first")
     a_io.add_argument("-o", "--output", type=Path,
                       help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
                            "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
@@ -1293,7 +1315,7 @@ def main(argv: list[str] | None = None) -> int:
         from megactor_rt.pipe import is_stdout, prints_to_stderr
 
         with prints_to_stderr() if is_stdout(getattr(args, "output", None)) else contextlib.nullcontext(), \
-                _stdin_driver(args):
+                _stdin_driver(args), _downloaded_inputs(args):
             return args.fn(args)  # (-o -: the result streams to stdout, the command's own lines go to stderr)
     except MegactorError as exc:
         _last_word(f"error: {exc}")

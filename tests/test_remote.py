@@ -1,0 +1,94 @@
+"""Portraits and drivers given as web addresses (:mod:`megactor_rt.remote`), served here by a local HTTP server:
+downloaded before any work under their own names, removed afterwards; a server's refusal, an unreachable host and
+a download that breaks off are named."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from media_fixtures import PORTRAIT, write_face_driver
+
+from megactor_rt.cli import main
+from megactor_rt.errors import InputError
+from megactor_rt.media import result_settings
+from megactor_rt.remote import as_url, download, file_name
+
+
+class _Short(http.server.SimpleHTTPRequestHandler):
+    """Serves files, but announces one byte more than it sends for short.mp4 (a download that breaks off)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.endswith("/short.mp4"):
+            self.send_response(200)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # (the local server is reached directly)
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Short, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", served
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_addresses_and_names() -> None:
+    assert as_url("https://example.com/a/meme.mp4") == "https://example.com/a/meme.mp4"
+    assert as_url(Path("https://example.com/a/meme.mp4")) == "https://example.com/a/meme.mp4"  # (argparse's Path)
+    assert as_url("HTTP://x/y") == "http://x/y" and as_url("meme.mp4") is None and as_url("ftp://x/y") is None
+    assert file_name("https://x/clips/my%20meme.gif?s=1") == "my meme.gif"
+    assert file_name("https://x/") == "download" and file_name("https://x/a/..%2F..%2Fevil") == "_.._evil"
+
+
+def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """demo with both inputs as addresses: downloaded (under their names: the result's settings record them),
+    animated, and the downloads removed; a 404, a host that refuses and a download cut short are exit 2, each
+    named, with no result."""
+    url, served = server
+    write_face_driver(served / "talk.mp4", n=4)
+    (served / "me.png").write_bytes(PORTRAIT.read_bytes())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (TMPDIR is read again)
+    common = ["-q", "demo", "--steps", "1", "--window", "4", "--overlap", "2"]
+    out = tmp_path / "r.mp4"
+    code = main([*common, "--portrait", f"{url}/me.png", "--driver", f"{url}/talk.mp4", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    settings = result_settings(out)
+    assert settings is not None and (settings["portrait"], settings["driver"]) == ("me.png", "talk.mp4")
+    assert list(scratch.glob("megactor-rt-*")) == []
+    for address, problem in ((f"{url}/nothing.mp4", "the server answered 404"),
+                             ("http://127.0.0.1:9/x.mp4", "cannot download it"),
+                             (f"{url}/short.mp4", "the download broke off")):
+        code = main([*common, "--driver", address, "-o", str(tmp_path / "bad.mp4")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{address}: {problem}" in err, err
+    assert not (tmp_path / "bad.mp4").exists() and list(scratch.glob("megactor-rt-*")) == []
+    with pytest.raises(InputError, match="the server answered 404"):
+        download(f"{url}/nothing.mp4", tmp_path)
