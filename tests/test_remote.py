@@ -77,11 +77,16 @@ def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str
     monkeypatch.setattr(tempfile, "tempdir", None)  # (TMPDIR is read again)
     common = ["-q", "demo", "--steps", "1", "--window", "4", "--overlap", "2"]
     out = tmp_path / "r.mp4"
-    code = main([*common, "--portrait", f"{url}/me.png", "--driver", f"{url}/talk.mp4", "-o", str(out)])
+    from media_fixtures import write_sine_audio
+
+    write_sine_audio(served / "song.m4a", seconds=1.0)
+    code = main([*common, "--portrait", f"{url}/me.png", "--driver", f"{url}/talk.mp4", "--audio",
+                 f"{url}/song.m4a", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     settings = result_settings(out)
     assert settings is not None and (settings["portrait"], settings["driver"]) == ("me.png", "talk.mp4")
+    assert settings["options"]["audio"] == "song.m4a"
     assert list(scratch.glob("megactor-rt-*")) == []
     for address, problem in ((f"{url}/nothing.mp4", "the server answered 404"),
                              ("http://127.0.0.1:9/x.mp4", "cannot download it"),
