@@ -310,9 +310,13 @@ def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
     path = folder / STDIN_NAME
     try:
         logger.info("reading the driver from standard input into %s", path)
+        from megactor_rt.progress import progress
+
         try:
-            with open(path, "wb") as out:
-                shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+            with open(path, "wb") as out, progress(desc="driver: read standard input", unit="B") as bar:
+                while chunk := sys.stdin.buffer.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
         except OSError as exc:
             raise ResourceError(f"--driver -: cannot keep standard input in {folder} ({exc}); set TMPDIR to a "
                                 "folder with room for the clip") from exc
