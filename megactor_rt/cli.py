@@ -333,17 +333,19 @@ def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _downloaded_inputs(args: argparse.Namespace) -> Iterator[None]:
-    """Portraits, drivers, masks and sounds (--audio) given as web addresses: downloaded before any work
-    (:mod:`megactor_rt.remote`), their files standing in for them in ``args`` until the command ends."""
+    """Portraits, drivers, masks, sounds (--audio) and files to inspect given as web addresses: downloaded before any
+    work (:mod:`megactor_rt.remote`), their files standing in for them in ``args`` until the command ends
+    (``args.addresses``: each download's address, by its file)."""
     from megactor_rt.remote import as_url, local_copies
 
-    names = [n for n in ("portrait", "driver", "mask", "audio") if getattr(args, n, None) is not None]
+    names = [n for n in ("portrait", "driver", "mask", "audio", "files") if getattr(args, n, None) is not None]
     given = {n: getattr(args, n) for n in names}
     flat = [p for n in names for p in (given[n] if isinstance(given[n], list) else [given[n]])]
     if not any(as_url(p) for p in flat):
         yield
         return
     with local_copies(flat) as local:
+        args.addresses = {str(p): as_url(o) for p, o in zip(local, flat, strict=True) if as_url(o)}
         at = 0
         for n in names:
             count = len(given[n]) if isinstance(given[n], list) else 1
@@ -1001,11 +1003,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     reports: dict[str, Any] = {}
     failed = 0
+    addresses = getattr(args, "addresses", {})  # (web addresses, downloaded: reported by their address)
     for path in args.files:
         try:
-            reports[str(path)] = describe(path, faces=not args.no_faces)
+            reports[addresses.get(str(path), str(path))] = describe(path, faces=not args.no_faces)
         except MegactorError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            said = str(exc).replace(str(path), addresses[str(path)]) if str(path) in addresses else str(exc)
+            print(f"error: {said}", file=sys.stderr)
             failed += 1
     if args.json:
         print(json.dumps(reports, indent=1))
@@ -1227,7 +1231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="what the engine sees in images and videos: size, rate, frames, sound, HDR, "
                                          "faces, and a result's settings")
-    ins.add_argument("files", type=Path, nargs="+", help="images, videos, results")
+    ins.add_argument("files", type=Path, nargs="+", help="images, videos, results (http(s) addresses are downloaded "
+                                                          "first)")
     ins.add_argument("--no-faces", action="store_true", help="do not look for faces (the slow part for large photos)")
     ins.add_argument("--json", action="store_true", help="print the reports as JSON")
     ins.set_defaults(fn=cmd_inspect)

@@ -97,3 +97,12 @@ def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str
     assert not (tmp_path / "bad.mp4").exists() and list(scratch.glob("megactor-rt-*")) == []
     with pytest.raises(InputError, match="the server answered 404"):
         download(f"{url}/nothing.mp4", tmp_path)
+    (served / "notes.mp4").write_text("not a video")
+    code = main(["-q", "inspect", f"{url}/talk.mp4", f"{url}/notes.mp4", "--no-faces", "--json"])
+    captured = capsys.readouterr()
+    import json
+
+    report = json.loads(captured.out)
+    assert code == 2 and list(report) == [f"{url}/talk.mp4"] and report[f"{url}/talk.mp4"]["frames"] == 4
+    assert f"error: {url}/notes.mp4: not a readable" in captured.err, captured.err  # (the address, not the copy)
+    assert list(scratch.glob("megactor-rt-*")) == []
