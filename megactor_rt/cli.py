@@ -872,9 +872,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
         config = _run_config(args)
     _note_ignored_options(args, config)
     if args.checkpoint_dir is not None:
-        from megactor_rt.runtime.checkpoint import check_checkpoint_dir
+        from megactor_rt.runtime.checkpoint import check_checkpoint_dir, warn_stale_checkpoints
 
         check_checkpoint_dir(args.checkpoint_dir)
+        warn_stale_checkpoints(args.checkpoint_dir)
     if args.skip_existing:
         jobs = _without_existing(jobs, args, config)
         if not jobs:

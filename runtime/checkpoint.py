@@ -55,6 +55,31 @@ def check_checkpoint_dir(folder: str | Path) -> None:
                          "a writable folder)")
 
 
+STALE_DAYS = 7  # a checkpoint untouched this long is said to be one of a run never started again
+
+
+def warn_stale_checkpoints(folder: str | Path, days: float = STALE_DAYS) -> list[Path]:
+    """Warn (logged) about checkpoints in ``folder`` untouched for ``days``: runs that were stopped and never
+    started again, whose files stay until deleted (a checkpoint goes only when its run finishes). Returns them.
+    Nothing is deleted: the same run started later still continues from its file."""
+    import time
+
+    cutoff = time.time() - days * 86400
+    stale = []
+    for path in sorted(Path(folder).glob("run-*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            if path.stat().st_mtime < cutoff:
+                stale.append(path)
+        except OSError:
+            continue
+    if stale:
+        size = sum(p.stat().st_size for p in stale if p.exists())
+        logger.warning("%s: %d checkpoint(s) (%.1f GB) of runs stopped more than %g days ago and never started "
+                       "again, e.g. %s; they stay until deleted (a run with the same inputs and settings would still "
+                       "continue from its own)", folder, len(stale), size / 1e9, days, stale[0].name)
+    return stale
+
+
 def run_key(facts: dict[str, Any], config: AnimateConfig) -> str:
     """The hash naming a run's checkpoint: ``facts`` (portrait, driver, plan, backend...) and every setting of
     ``config`` that changes the math."""

@@ -128,3 +128,26 @@ def test_the_cli_resumes_and_says_so(driver: Path, tmp_path: Path, monkeypatch: 
     assert main([*flags, "-o", str(tmp_path / "r.mp4")]) == 0
     assert "resumed at step 3; " in capsys.readouterr().out and (tmp_path / "r.mp4").is_file()
     assert list((tmp_path / "ckpt").iterdir()) == []
+
+
+def test_checkpoints_of_runs_never_started_again_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint untouched for a week is named in a warning (the folder's others are not), and none is deleted."""
+    import os
+    import time
+
+    from megactor_rt.runtime.checkpoint import warn_stale_checkpoints
+
+    old, fresh, other = (tmp_path / "run-old.safetensors", tmp_path / "run-new.safetensors", tmp_path / "notes.txt")
+    for p in (old, fresh, other):
+        p.write_bytes(b"x" * 1000)
+    week_ago = time.time() - 8 * 86400
+    for p in (old, other):
+        os.utime(p, (week_ago, week_ago))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.checkpoint"):
+        assert warn_stale_checkpoints(tmp_path) == [old]
+    assert "1 checkpoint(s) (0.0 GB) of runs stopped more than 7 days ago" in caplog.text and "run-old" in caplog.text
+    assert old.exists() and fresh.exists()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.checkpoint"):
+        assert warn_stale_checkpoints(tmp_path / "missing") == [] and warn_stale_checkpoints(tmp_path, days=30) == []
+    assert caplog.text == ""
