@@ -17,6 +17,7 @@ again.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -479,6 +480,10 @@ class PlanCache:
             identity = None  # (plan_run names the problem)
         if identity is None or self.size <= 0:
             return plan_run(source, config, face_crop, face), False
+        if isinstance(source, Path):  # a file put in its place keeping size and time (cp -p) is another inode
+            with contextlib.suppress(OSError):
+                st = source.stat()
+                identity = [*identity, st.st_ino, st.st_ctime_ns]
         key = json.dumps([identity, face_crop, face, *_pass1_settings(config)], default=str)
         with self._lock:
             kept = self._plans.get(key)

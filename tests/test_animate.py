@@ -434,6 +434,13 @@ def test_a_driver_is_planned_once_for_several_portraits(anim: Animator, media: d
     os.utime(clip, ns=(10**18, 10**18))  # another version of the file
     list(a.animate(a.prepare(PORTRAIT), clip))
     assert not a.last_stats.driver_plan_hit and len(scans) == 6
+    list(a.animate(a.prepare(PORTRAIT), clip))
+    assert a.last_stats.driver_plan_hit and len(scans) == 6
+    twin = Path(shutil.copy(clip, tmp_path / "twin.mp4"))  # a file put in its place with its size and time (cp -p)
+    os.utime(twin, ns=(10**18, 10**18))
+    os.replace(twin, clip)
+    list(a.animate(a.prepare(PORTRAIT), clip))
+    assert not a.last_stats.driver_plan_hit and len(scans) == 9
 
 
 def test_an_animated_webp_driver_is_known_by_its_file(anim: Animator, tmp_path: Path) -> None:
