@@ -354,6 +354,30 @@ def _downloaded_inputs(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def _local_job_inputs(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
+    """A jobs file's web addresses (portrait, driver, mask, audio cells) downloaded, each once, before any work; the
+    downloads stay until the command ends (``args.cleanup``)."""
+    from megactor_rt.remote import as_url, local_copies
+
+    def cells(job: Job) -> list[object]:
+        return [job.portrait, job.driver, job.options.get("mask"), job.options.get("audio")]
+
+    urls = list(dict.fromkeys(u for job in jobs for p in cells(job) if (u := as_url(p)) is not None))
+    if not urls:
+        return jobs
+    local = dict(zip(urls, args.cleanup.enter_context(local_copies([Path(u) for u in urls])), strict=True))
+
+    def here(p: Any) -> Any:
+        return local.get(as_url(p) or "", p)
+
+    for job in jobs:
+        job.portrait, job.driver = here(job.portrait), here(job.driver)
+        for key in ("mask", "audio"):
+            if key in job.options:
+                job.options[key] = here(job.options[key])
+    return jobs
+
+
 def is_stdin(path: object) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.fspath(path) == "-"
 
@@ -663,7 +687,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     if given:
         raise InputError(f"{args.jobs}: the jobs file names each job's portrait, driver, output and mask; "
                          f"{', '.join(given)} cannot be given with --jobs")
-    jobs = read_jobs(args.jobs, config)
+    jobs = _local_job_inputs(read_jobs(args.jobs, config), args)
     inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
                                                     job.options.get("audio"), args.audio)
               if isinstance(p, Path) and (p.exists() or is_frame_pattern(p))}  # (an image sequence's pattern too)
@@ -1321,6 +1345,7 @@ def main(argv: list[str] | None = None) -> int:
 
         set_progress_enabled(False)
     previous = _terminate_like_interrupt()
+    args.cleanup = contextlib.ExitStack()  # what lives until the command ends (downloads of a jobs file's inputs)
     try:
         _open_progress_file(args)
         from megactor_rt.pipe import is_stdout, prints_to_stderr
@@ -1348,6 +1373,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        args.cleanup.close()
         progress_file = getattr(args, "progress_file", None)
         if progress_file is not None:
             with contextlib.suppress(OSError):

@@ -26,6 +26,7 @@ from typing import Any
 
 from megactor_rt.config import AnimateConfig, parse_frame_rate, time_seconds
 from megactor_rt.errors import InputError
+from megactor_rt.remote import as_url
 
 REQUIRED = ("portrait", "driver", "output")
 PATH_COLUMNS = ("mask", "audio")
@@ -123,6 +124,8 @@ def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int
             raise InputError(f"{where}: no {column} given")
 
     def resolve(text: str) -> Path:
+        if as_url(text):  # a web address: downloaded before any work (megactor_rt.remote)
+            return Path(text)
         p = Path(text).expanduser()
         return p if p.is_absolute() else folder / p
 

@@ -22,7 +22,10 @@ from megactor_rt.remote import as_url, download, file_name
 class _Short(http.server.SimpleHTTPRequestHandler):
     """Serves files, but announces one byte more than it sends for short.mp4 (a download that breaks off)."""
 
+    requests: list[str] = []
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        _Short.requests.append(self.path)
         if self.path.endswith("/short.mp4"):
             self.send_response(200)
             self.send_header("Content-Length", "11")
@@ -106,3 +109,35 @@ def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str
     assert code == 2 and list(report) == [f"{url}/talk.mp4"] and report[f"{url}/talk.mp4"]["frames"] == 4
     assert f"error: {url}/notes.mp4: not a readable" in captured.err, captured.err  # (the address, not the copy)
     assert list(scratch.glob("megactor-rt-*")) == []
+
+
+def test_a_jobs_files_addresses_are_downloaded_once_each(server: tuple[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--jobs rows may give web addresses for their inputs (not their outputs): each address is downloaded once,
+    before any work, for every row that names it; a row's failed download is named with the address."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.weights import build_models, write_converted
+
+    url, served = server
+    write_face_driver(served / "talk.mp4", n=4)
+    (served / "me.png").write_bytes(PORTRAIT.read_bytes())
+    models = build_models(tiny_config(), seed=0)
+    weights = write_converted(tiny_config(), {n: m.state_dict() for n, m in models.modules().items()},
+                              tmp_path / "tiny")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output\n"
+                    f"{url}/me.png,{url}/talk.mp4,out/a.mp4\n"
+                    f"{PORTRAIT},{url}/talk.mp4,out/b.mp4\n")
+    _Short.requests.clear()
+    code = main(["-q", "animate", "--jobs", str(jobs), "--weights", str(weights), "--device", "cpu", "--steps", "1",
+                 "--window", "4", "--overlap", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4"]
+    assert sorted(_Short.requests) == ["/me.png", "/talk.mp4"]  # once each
+    settings = result_settings(tmp_path / "out" / "a.mp4")
+    assert settings is not None and (settings["portrait"], settings["driver"]) == ("me.png", "talk.mp4")
+    jobs.write_text(f"portrait,driver,output\n{PORTRAIT},{url}/gone.mp4,out/c.mp4\n")
+    code = main(["-q", "animate", "--jobs", str(jobs), "--weights", str(weights), "--device", "cpu"])
+    assert code == 2 and f"{url}/gone.mp4: the server answered 404" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "c.mp4").exists()
