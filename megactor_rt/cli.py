@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -281,11 +281,11 @@ def _on_progress(args: argparse.Namespace, output: Path) -> JsonProgress | None:
 STDIN_NAME = "stdin"  # the name a driver read from standard input goes by (its file's, in a temporary folder)
 
 
-@contextlib.contextmanager
-def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
+def _stdin_driver(args: argparse.Namespace) -> None:
     """``--driver -``: standard input (a video FFmpeg reads: ``ffmpeg ... -f matroska - | megactor-rt animate
     --driver - ...``) written to a file named :data:`STDIN_NAME` in a temporary folder, which stands for it in
-    ``args.driver`` until the command ends (a driver is read two or three times); the folder goes then.
+    ``args.driver`` until the command ends (a driver is read two or three times); the folder goes then
+    (``args.cleanup``).
 
     Raises:
         InputError: standard input is a terminal, or ``-`` is one of several drivers.
@@ -294,7 +294,6 @@ def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
     given = getattr(args, "driver", None)
     drivers = given if isinstance(given, list) else [given]
     if not any(is_stdin(d) for d in drivers):
-        yield
         return
     if len(drivers) > 1:
         raise InputError("--driver - reads one driver from standard input; give it alone")
@@ -307,74 +306,62 @@ def _stdin_driver(args: argparse.Namespace) -> Iterator[None]:
     from megactor_rt.errors import ResourceError
 
     folder = Path(tempfile.mkdtemp(prefix="megactor-rt-"))
+    args.cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
     path = folder / STDIN_NAME
+    logger.info("reading the driver from standard input into %s", path)
+    from megactor_rt.progress import progress
+
     try:
-        logger.info("reading the driver from standard input into %s", path)
-        from megactor_rt.progress import progress
-
-        try:
-            with open(path, "wb") as out, progress(desc="driver: read standard input", unit="B") as bar:
-                while chunk := sys.stdin.buffer.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        except OSError as exc:
-            raise ResourceError(f"--driver -: cannot keep standard input in {folder} ({exc}); set TMPDIR to a "
-                                "folder with room for the clip") from exc
-        if path.stat().st_size == 0:
-            raise InputError("--driver -: standard input was empty (no video piped in)")
-        if getattr(args, "checkpoint_dir", None) is not None:
-            logger.warning("--checkpoint-dir: a driver read from standard input is a new file on every run, so a "
-                           "run started again cannot continue from this one's checkpoint")
-        args.driver = [path] if isinstance(given, list) else path
-        yield
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        with open(path, "wb") as out, progress(desc="driver: read standard input", unit="B") as bar:
+            while chunk := sys.stdin.buffer.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+    except OSError as exc:
+        raise ResourceError(f"--driver -: cannot keep standard input in {folder} ({exc}); set TMPDIR to a "
+                            "folder with room for the clip") from exc
+    if path.stat().st_size == 0:
+        raise InputError("--driver -: standard input was empty (no video piped in)")
+    if getattr(args, "checkpoint_dir", None) is not None:
+        logger.warning("--checkpoint-dir: a driver read from standard input is a new file on every run, so a "
+                       "run started again cannot continue from this one's checkpoint")
+    args.driver = [path] if isinstance(given, list) else path
 
 
-@contextlib.contextmanager
-def _downloaded_inputs(args: argparse.Namespace) -> Iterator[None]:
-    """Portraits, drivers, masks, sounds (--audio) and files to inspect given as web addresses: downloaded before any
-    work (:mod:`megactor_rt.remote`), their files standing in for them in ``args`` until the command ends
-    (``args.addresses``: each download's address, by its file)."""
+def _local(paths: list[Any], args: argparse.Namespace) -> list[Any]:
+    """``paths`` with each web address among them replaced by its download (:mod:`megactor_rt.remote`; an address
+    given twice is downloaded once), kept until the command ends (``args.cleanup``); ``args.addresses`` maps each
+    download back to its address."""
     from megactor_rt.remote import as_url, local_copies
 
-    names = [n for n in ("portrait", "driver", "mask", "audio", "files") if getattr(args, n, None) is not None]
-    given = {n: getattr(args, n) for n in names}
-    flat = [p for n in names for p in (given[n] if isinstance(given[n], list) else [given[n]])]
-    if not any(as_url(p) for p in flat):
-        yield
-        return
-    with local_copies(flat) as local:
-        args.addresses = {str(p): as_url(o) for p, o in zip(local, flat, strict=True) if as_url(o)}
-        at = 0
-        for n in names:
-            count = len(given[n]) if isinstance(given[n], list) else 1
-            setattr(args, n, local[at:at + count] if isinstance(given[n], list) else local[at])
-            at += count
-        yield
+    urls = list(dict.fromkeys(u for p in paths if (u := as_url(p)) is not None))
+    if not urls:
+        return paths
+    local = dict(zip(urls, args.cleanup.enter_context(local_copies([Path(u) for u in urls])), strict=True))
+    args.addresses.update({str(file): url for url, file in local.items()})
+    return [local.get(as_url(p) or "", p) for p in paths]
+
+
+def _download_inputs(args: argparse.Namespace) -> None:
+    """Portraits, drivers, masks, sounds (--audio) and files to inspect given as web addresses: downloaded before any
+    work, their files standing in for them in ``args`` (:func:`_local`)."""
+    for name in ("portrait", "driver", "mask", "audio", "files"):
+        given = getattr(args, name, None)
+        if isinstance(given, list):
+            setattr(args, name, _local(given, args))
+        elif given is not None:
+            setattr(args, name, _local([given], args)[0])
 
 
 def _local_job_inputs(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
-    """A jobs file's web addresses (portrait, driver, mask, audio cells) downloaded, each once, before any work; the
-    downloads stay until the command ends (``args.cleanup``)."""
-    from megactor_rt.remote import as_url, local_copies
-
-    def cells(job: Job) -> list[object]:
-        return [job.portrait, job.driver, job.options.get("mask"), job.options.get("audio")]
-
-    urls = list(dict.fromkeys(u for job in jobs for p in cells(job) if (u := as_url(p)) is not None))
-    if not urls:
-        return jobs
-    local = dict(zip(urls, args.cleanup.enter_context(local_copies([Path(u) for u in urls])), strict=True))
-
-    def here(p: Any) -> Any:
-        return local.get(as_url(p) or "", p)
-
-    for job in jobs:
-        job.portrait, job.driver = here(job.portrait), here(job.driver)
-        for key in ("mask", "audio"):
+    """A jobs file's web addresses (portrait, driver, mask, audio cells) downloaded, each once, before any work
+    (:func:`_local`)."""
+    keys = ("mask", "audio")
+    cells = _local([p for job in jobs for p in (job.portrait, job.driver, *(job.options.get(k) for k in keys))], args)
+    for job, at in zip(jobs, range(0, len(cells), 2 + len(keys)), strict=True):
+        job.portrait, job.driver = cells[at], cells[at + 1]
+        for i, key in enumerate(keys, at + 2):
             if key in job.options:
-                job.options[key] = here(job.options[key])
+                job.options[key] = cells[i]
     return jobs
 
 
@@ -393,10 +380,17 @@ def _open_progress_file(args: argparse.Namespace) -> None:
         return
     path = Path(name).expanduser()
     try:
-        args.progress_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed by main
+        progress_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed with args.cleanup
     except OSError as exc:
         raise InputError(f"{path}: cannot write progress reports there (--progress-json): "
                          f"{exc.strerror or exc}") from exc
+    args.progress_file = progress_file
+
+    def close() -> None:
+        with contextlib.suppress(OSError):  # (a full disk at the last flush must not change the command's status)
+            progress_file.close()
+
+    args.cleanup.callback(close)
 
 
 def _run_config(args: argparse.Namespace) -> AnimateConfig:
@@ -1028,7 +1022,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     reports: dict[str, Any] = {}
     failed = 0
-    addresses = getattr(args, "addresses", {})  # (web addresses, downloaded: reported by their address)
+    addresses = args.addresses  # (web addresses, downloaded: reported by their address)
     for path in args.files:
         try:
             reports[addresses.get(str(path), str(path))] = describe(path, faces=not args.no_faces)
@@ -1345,13 +1339,15 @@ def main(argv: list[str] | None = None) -> int:
 
         set_progress_enabled(False)
     previous = _terminate_like_interrupt()
-    args.cleanup = contextlib.ExitStack()  # what lives until the command ends (downloads of a jobs file's inputs)
+    # what lives until the command ends: the progress file, standard input's and web addresses' copies
+    args.cleanup, args.addresses = contextlib.ExitStack(), {}
     try:
         _open_progress_file(args)
         from megactor_rt.pipe import is_stdout, prints_to_stderr
 
-        with prints_to_stderr() if is_stdout(getattr(args, "output", None)) else contextlib.nullcontext(), \
-                _stdin_driver(args), _downloaded_inputs(args):
+        with prints_to_stderr() if is_stdout(getattr(args, "output", None)) else contextlib.nullcontext():
+            _stdin_driver(args)
+            _download_inputs(args)
             return args.fn(args)  # (-o -: the result streams to stdout, the command's own lines go to stderr)
     except MegactorError as exc:
         _last_word(f"error: {exc}")
@@ -1374,10 +1370,6 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         args.cleanup.close()
-        progress_file = getattr(args, "progress_file", None)
-        if progress_file is not None:
-            with contextlib.suppress(OSError):
-                progress_file.close()
 
 
 def _silence(*streams: Any) -> None:
