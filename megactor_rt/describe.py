@@ -21,8 +21,8 @@ from megactor_rt.errors import InputError
 from megactor_rt.media import (
     VIDEO_SUFFIXES,
     AnimatedWebP,
-    _open_input,
     is_animated_webp,
+    probe_sound,
     probe_video,
     read_image,
     read_portrait,
@@ -61,8 +61,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         h, w = frames[0].shape[:2]
         report = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps), "frames": len(frames)}
     elif (path.suffix.lower() in VIDEO_SUFFIXES or (image := _image(path)) is None) and \
-            (sound := sound_only(path)) is not None:
-        return sound  # no picture: no faces, no settings
+            (sound := probe_sound(path)) is not None:
+        return {"kind": "audio", **sound}  # no picture: no faces, no settings
     elif path.suffix.lower() in VIDEO_SUFFIXES or image is None:
         info = probe_video(path)
         if info.still_image:
@@ -86,27 +86,6 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     elif report["kind"] == "image" and is_sequence(path):  # a frame of a sequence result
         report.update(_frame_facts(path))
     return report
-
-
-def sound_only(path: Path) -> dict[str, Any] | None:
-    """An audio file's report (a sound ``--audio`` takes, a sequence's ``audio.wav``): its first audio stream's codec,
-    rate, channels and duration; None where the file has a video stream (or no sound either).
-
-    Raises:
-        InputError: no media file FFmpeg reads.
-    """
-    import av
-
-    with _open_input(path, what="media") as container:
-        pictures = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
-        if pictures or not container.streams.audio:
-            return None
-        stream = container.streams.audio[0]
-        seconds = stream.duration * stream.time_base if stream.duration and stream.time_base else \
-            container.duration / av.time_base if container.duration else None
-        codec = stream.codec_context
-        return {"kind": "audio", "codec": codec.codec.canonical_name, "sample_rate": codec.sample_rate,
-                "channels": codec.channels, "duration_s": None if seconds is None else round(float(seconds), 3)}
 
 
 def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:

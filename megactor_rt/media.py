@@ -898,6 +898,29 @@ def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     return frame.to_ndarray(**kwargs)
 
 
+def picture_streams(container: av.container.InputContainer) -> list[av.video.stream.VideoStream]:
+    """A file's video streams but cover pictures (an MP3's album art is a one-frame "video" stream)."""
+    return [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+
+
+def probe_sound(path: PathLike) -> dict[str, Any] | None:
+    """A sound file's first audio stream: codec, rate, channels and duration (seconds); None where the file has a
+    video stream (cover pictures aside), or no sound either.
+
+    Raises:
+        InputError: no media file FFmpeg reads.
+    """
+    with _open_input(Path(path), what="media") as container:
+        if picture_streams(container) or not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        seconds = stream.duration * stream.time_base if stream.duration and stream.time_base else \
+            container.duration / av.time_base if container.duration else None
+        codec = stream.codec_context
+        return {"codec": codec.codec.canonical_name, "sample_rate": codec.sample_rate, "channels": codec.channels,
+                "duration_s": None if seconds is None else round(float(seconds), 3)}
+
+
 def _video_stream(path: Path, container: av.container.InputContainer) -> av.video.stream.VideoStream:
     """The file's main video stream: FFmpeg's best one that is not a cover picture (an MP3's album art is a
     one-frame "video" stream).
@@ -905,7 +928,7 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.vide
     Raises:
         InputError: no video stream, or only cover pictures.
     """
-    streams = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+    streams = picture_streams(container)
     if not streams:
         raise InputError(f"{path}: the file has no video stream" + (
             " (only a cover picture)" if container.streams.video else ""))

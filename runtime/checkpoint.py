@@ -65,15 +65,16 @@ def warn_stale_checkpoints(folder: str | Path, days: float = STALE_DAYS) -> list
     import time
 
     cutoff = time.time() - days * 86400
-    stale = []
+    stale, size = [], 0
     for path in sorted(Path(folder).glob("run-*.safetensors")) if Path(folder).is_dir() else []:
         try:
-            if path.stat().st_mtime < cutoff:
-                stale.append(path)
+            st = path.stat()
         except OSError:
             continue
+        if st.st_mtime < cutoff:
+            stale.append(path)
+            size += st.st_size
     if stale:
-        size = sum(p.stat().st_size for p in stale if p.exists())
         logger.warning("%s: %d checkpoint(s) (%.1f GB) of runs stopped more than %g days ago and never started "
                        "again, e.g. %s; they stay until deleted (a run with the same inputs and settings would still "
                        "continue from its own)", folder, len(stale), size / 1e9, days, stale[0].name)

@@ -545,11 +545,12 @@ def cropped_frames(plan: DriverPlan, size: int) -> Iterator[np.ndarray]:
     """Another pass over the planned frames, each cut to the clip's crop at ``size`` px as the model saw it
     before its face isolation: ``(size, size, 3)`` uint8 RGB (the driver panel of a side-by-side result)."""
     for frame in plan.frames():
-        yield _cropped_uint8(frame, plan.crop, size)
+        yield cropped_uint8(frame, plan.crop, size)
 
 
-def _cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:
-    """The frame cut to the clip's crop and resized, truncated to uint8 like upstream -> ``(size, size, 3)``."""
+def cropped_uint8(frame: np.ndarray, crop: Crop, size: int) -> np.ndarray:
+    """An image cut to ``crop`` and resized, truncated to uint8 like upstream -> ``(size, size, 3)`` (the networks'
+    view of a driver frame or a portrait)."""
     return np.ascontiguousarray(crop_resize(frame, crop, size).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
@@ -563,7 +564,7 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
         InputError: no face landmarks in any cropped frame.
     """
     def faces(frame: np.ndarray) -> tuple[np.ndarray, list[Box]]:
-        image = _cropped_uint8(frame, plan.crop, size)
+        image = cropped_uint8(frame, plan.crop, size)
         return image, landmarker.faces(image, cnn)
 
     def landmarks(found: Iterator[tuple[np.ndarray, list[Box]]]) -> Iterator[np.ndarray | None]:
@@ -619,7 +620,7 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
     def detect(frame: np.ndarray) -> tuple[np.ndarray, list[Box]]:
         if whole:
             return frame, []
-        cropped = _cropped_uint8(frame, plan.crop, size)
+        cropped = cropped_uint8(frame, plan.crop, size)
         if plan.detector == "cnn":
             return frame, cnn_scaled(cropped, CNN_CROP_SIDE)
         return frame, detect_faces(cropped, upsample=upsample)

@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from megactor_rt.config import AnimateConfig
 from megactor_rt.contour import Landmarker
 from megactor_rt.media import check_result_rate
 from megactor_rt.models.scheduler import context_windows
-from megactor_rt.preprocess import Box, crop_resize, load_user_mask
+from megactor_rt.preprocess import Box, load_user_mask
 from megactor_rt.runtime.animator import crop_landmarks, crop_portrait
-from megactor_rt.runtime.driver import Driver, DriverPlan, plan_driver_contour, plan_run
+from megactor_rt.runtime.driver import Driver, DriverPlan, cropped_uint8, plan_driver_contour, plan_run
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,7 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
         load_user_mask(mask, image_size, crop=crop, image_shape=img.shape[:2])
     plan = plan_run(driver, config, face_crop, driver_face)
     if landmarker is not None:  # as the run: the portrait's crop as the networks take it, then the driver's frames
-        image = np.ascontiguousarray(crop_resize(img, crop, image_size).to(torch.uint8).permute(1, 2, 0).numpy())
-        found_lm = crop_landmarks(image, landmarker, name, config.cnn_fallback)
+        found_lm = crop_landmarks(cropped_uint8(img, crop, image_size), landmarker, name, config.cnn_fallback)
         plan_driver_contour(plan, image_size, found_lm, landmarker, contour_affine_frame, cnn=config.cnn_fallback)
     if output is not None:
         check_result_rate(Path(output), plan.selection.fps)
