@@ -8,20 +8,16 @@ folder goes then. A driver is read two or three times, so it is kept whole rathe
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import re
 import shutil
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +49,13 @@ def download(url: str, folder: Path) -> Path:
         InputError: the server refuses it (an HTTP error) or cannot be reached, or the download breaks off.
         ResourceError: the folder cannot take it (a full disk).
     """
+    # (here, not at the top: the CLI imports this module at start-up, where these added 33 ms to every command)
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from megactor_rt.progress import progress
+
     path = folder / file_name(url)
     request = urllib.request.Request(url, headers={"User-Agent": "megactor-rt"})
     try:
