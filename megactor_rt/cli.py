@@ -859,10 +859,25 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     return 0
 
 
-def cmd_animate(args: argparse.Namespace) -> int:
+def _check_fallback(args: argparse.Namespace) -> None:
     if args.torch_fallback and args.fallback != "torch":
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
                          f"too; it cannot be combined with --fallback {args.fallback}")
+
+
+def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -> Animator:
+    """The Animator the engine flags (``animate``, ``serve``) describe."""
+    from megactor_rt.runtime.animator import Animator
+
+    return Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
+                                 onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
+                                 fallback="torch" if args.torch_fallback else args.fallback,
+                                 config=config, compile=args.compile, cache=cache,
+                                 cuda_graphs=args.cuda_graphs, image_size=args.size)
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    _check_fallback(args)
     if args.jobs is not None:
         config = _run_config(args)
         jobs, batch = file_jobs(args, config), True
@@ -900,15 +915,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
             return 0
     if args.dry_run:
         return _dry_run(args, jobs, config)
-    from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
-
     if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
         _check_result_rate(jobs[0], args, config)
-    anim = Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
-                                 onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
-                                 fallback="torch" if args.torch_fallback else args.fallback,
-                                 config=config, compile=args.compile, cache=_cache(args),
-                                 cuda_graphs=args.cuda_graphs, image_size=args.size)
+    anim = _from_weights(args, config, _cache(args))
     _check_run(anim)
     if batch:
         from megactor_rt.media import result_folder
@@ -967,6 +976,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                  on_progress=_on_progress(args, args.output))
     _report(stats, args.output)
     record.add(anim, portrait, driver, args.output, stats)
+    return 0
+
+
+# run flags that name one run's files or records: a request brings its own (form fields) or has none
+_NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "audio_start"),
+                   ("--checkpoint-dir", "checkpoint_dir"), ("--stats", "stats"), ("--progress-json", "progress_json"),
+                   ("--first-number", "first_number"), ("--sequence-fps", "sequence_fps"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    given = [flag for flag, name in _NOT_WITH_SERVE if getattr(args, name) is not None]
+    if args.bit_depth != 8:
+        given.append("--bit-depth")
+    if given:
+        raise InputError(f"{', '.join(given)}: serve's flags are every request's settings; a request sends its own "
+                         "mask, sound and times as form fields (mask, audio, audio_start), and the server writes "
+                         "8-bit video files only (no checkpoints, records or frame sequences)")
+    if (args.weights is None) != args.demo:
+        raise InputError("serve needs --weights DIR (converted weights) or --demo (the tiny random model), one of them")
+    _check_fallback(args)
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise InputError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
+    if args.weights is not None:
+        check_converted_folder(args.weights)
+    config = _run_config(args)
+    _note_ignored_options(args, config)
+    cache = _cache(args)
+    from megactor_rt.server import AnimateServer, loopback
+
+    try:  # (listening before the model loads, which takes a while: a port in use is said at once)
+        server = AnimateServer(None, (args.host, args.port), _result_options(args),
+                               max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue)
+    except OSError as exc:
+        raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
+    args.cleanup.callback(server.server_close)
+    if not loopback(args.host):
+        logger.warning("serve listens on %s, which other machines may reach: the server has no authentication",
+                       args.host)
+    from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
+
+    if args.demo:
+        print("megactor-rt serve --demo: a TINY RANDOM-WEIGHT model; its results are NOT real animations",
+              file=sys.stderr)
+        anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
+                             precision=args.precision, cuda_graphs=args.cuda_graphs, image_size=args.size)
+        if cache is not None:
+            anim.cache = cache
+    else:
+        anim = _from_weights(args, config, cache)
+    _check_run(anim)
+    server.anim = anim
+    logging.getLogger("megactor_rt.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from megactor_rt.progress import set_progress_enabled
+
+    set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
+    print(f"megactor-rt serve: listening on {server.url} (POST /animate, GET /health); Ctrl-C stops it", flush=True)
+    server.serve_forever()
     return 0
 
 
@@ -1134,6 +1200,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
+def _add_engine_flags(group: Any, weights_required: bool = True) -> None:
+    """The flags that choose the weights, the backend and the device (``animate``, ``serve``)."""
+    group.add_argument("--weights", required=weights_required, type=Path, default=None,
+                       help="converted weights folder (convert-weights)")
+    group.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    group.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
+    group.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
+    group.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
+                       help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder (graphs "
+                            "without a valid plan then run with torch too)")
+    group.add_argument("--fallback", default="torch", choices=["torch", "onnxruntime"],
+                       help="tensorrt backend: where graphs without a valid plan run (default: torch)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    group.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                       help="network precision (default: fp16 on CUDA, fp32 on the CPU; the loop state stays fp32)")
+    group.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                       help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
+                            "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh "
+                            "GPU "
+                            "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
+                            "on an H200, docs/performance.md)")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="tensorrt backend: capture each engine's calls into CUDA graphs and replay them (fewer "
+                            "host launches; not yet measured here)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="megactor-rt", description="Fast inference engine for MegActor v1")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -1170,36 +1262,38 @@ def build_parser() -> argparse.ArgumentParser:
     a_io.add_argument("--jobs", type=Path, default=None, metavar="FILE",
                       help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
                            "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "
-                           "portrait_face, driver_face, start, duration (empty: the flag's value); relative paths are "
-                           "relative to the file's folder; all in one process, as a batch")
+                           "portrait_face, driver_face, start, duration, seed (empty: the flag's value); relative "
+                           "paths are relative to the file's folder; all in one process, as a batch")
     a_io.add_argument("--skip-existing", action="store_true",
                       help="keep results that exist already and do not redo their pairs (a batch run again after a "
                            "failure or an interruption does the rest; a result exists only once it is complete; kept "
                            "results get no --stats record, and a warning where their metadata says they were made "
                            "with other settings); default: overwrite")
-    a_engine.add_argument("--weights", required=True, type=Path, help="converted weights folder (convert-weights)")
-    a_engine.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    a_engine.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
-    a_engine.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
-    a_engine.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
-                          help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder (graphs "
-                               "without a valid plan then run with torch too)")
-    a_engine.add_argument("--fallback", default="torch", choices=["torch", "onnxruntime"],
-                          help="tensorrt backend: where graphs without a valid plan run (default: torch)")
-    a_engine.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    a_engine.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                          help="network precision (default: fp16 on CUDA, fp32 on the CPU; the loop state stays fp32)")
-    a_engine.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                          help="torch backend: run the denoiser through torch.compile, optionally with a torch.compile "
-                               "mode such as reduce-overhead (the first window compiles: about 2 minutes on a fresh "
-                               "GPU "
-                               "machine, 20 s with Inductor's cache warm, minutes on CPU; then 1.4x faster denoising "
-                               "on an H200, docs/performance.md)")
-    a_engine.add_argument("--cuda-graphs", action="store_true",
-                          help="tensorrt backend: capture each engine's calls into CUDA graphs and replay them (fewer "
-                               "host launches; not yet measured here)")
+    _add_engine_flags(a_engine)
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
+
+    s = sub.add_parser("serve", help="keep the model loaded and animate over HTTP (POST /animate: curl -F "
+                                     "portrait=@me.png -F driver=@meme.mp4 -o out.mp4 http://127.0.0.1:8450/animate)")
+    s_net = s.add_argument_group("the server")
+    s_net.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on (default 127.0.0.1: this machine only; the server has no "
+                            "authentication, so listen elsewhere, e.g. 0.0.0.0, only on a network you trust)")
+    s_net.add_argument("--port", type=_count, default=8450, help="the port (default 8450; 0: any free one)")
+    s_net.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB",
+                       help="the largest form a request may send, its files together, in MiB (default 1024)")
+    s_net.add_argument("--queue", type=_count, default=8, metavar="N",
+                       help="how many requests may wait while one runs (one at a time; default 8); more are "
+                            "answered 503")
+    s_net.add_argument("--demo", action="store_true",
+                       help="serve the tiny random-weight model of `demo` instead of --weights (NOT a real "
+                            "animation: to try the API)")
+    _add_engine_flags(s.add_argument_group("weights, backend and device (every request's)"), weights_required=False)
+    _add_run_flags(s)
+    for action in s._actions:  # (taken, to be refused with a reason, but not offered)
+        if action.dest in {name for _, name in _NOT_WITH_SERVE} | {"bit_depth"}:
+            action.help = argparse.SUPPRESS
+    s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
     d_io = d.add_argument_group("inputs and results")

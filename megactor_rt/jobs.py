@@ -11,14 +11,15 @@ header row naming its columns:
 
 Columns (any order; the first three are required): ``portrait``, ``driver``, ``output`` (its suffix picks the
 format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_start``, ``portrait_face``,
-``driver_face``, ``start``, ``duration``, ``sequence_fps`` (an image-sequence driver's rate), which mean what
-the ``animate`` flags of the same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
+``driver_face``, ``start``, ``duration``, ``seed``, ``sequence_fps`` (an image-sequence driver's rate), which mean
+what the ``animate`` flags of the same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
 default). Relative paths are relative to the jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -31,7 +32,7 @@ from megactor_rt.remote import as_url
 REQUIRED = ("portrait", "driver", "output")
 PATH_COLUMNS = ("mask", "audio")
 FACE_COLUMNS = {"portrait_face": "face", "driver_face": "driver_face"}  # column -> animate_to_file keyword
-CONFIG_COLUMNS = ("start", "duration")  # AnimateConfig fields
+CONFIG_COLUMNS = ("start", "duration", "seed")  # AnimateConfig fields
 COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "sequence_fps")
 NO_SOUND = "none"
 
@@ -104,6 +105,13 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
     return jobs
 
 
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"seed must be a whole number, got {text!r}") from None
+
+
 def _delimiter(header: str) -> str:
     """The header row's separator: a comma; a semicolon (spreadsheets in locales whose decimal mark is a comma save
     CSV so) or a tab (TSV) where the header has one of them and no comma."""
@@ -129,6 +137,18 @@ def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int
         p = Path(text).expanduser()
         return p if p.is_absolute() else folder / p
 
+    return job_from_cells(value, where, resolve, base)
+
+
+def job_from_cells(value: dict[str, str], where: str, resolve: Callable[[str], Path], base: AnimateConfig) -> Job:
+    """The job a row's non-empty cells (column -> text; the three :data:`REQUIRED` among them) describe, checked
+    against ``base``; ``resolve`` makes a cell's text a path (the portrait, driver, output, mask and audio columns).
+    Also used by :mod:`megactor_rt.server` for a request's fields.
+
+    Raises:
+        InputError: beginning with ``where``: a face number, time or seed that is not one, or a run config that
+            ``base`` with the row's changes does not make.
+    """
     job = Job(resolve(value["portrait"]), resolve(value["driver"]), resolve(value["output"]), where=where)
     if "mask" in value:
         job.options["mask"] = resolve(value["mask"])
@@ -151,7 +171,7 @@ def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int
             job.sequence_fps = parse_frame_rate(value["sequence_fps"])
         for column in CONFIG_COLUMNS:
             if column in value:
-                job.config[column] = time_seconds(column, value[column])
+                job.config[column] = _seed(value[column]) if column == "seed" else time_seconds(column, value[column])
         job.run_config(base)  # a start/duration the run config refuses
     except ValueError as exc:
         raise InputError(f"{where}: {exc}") from None

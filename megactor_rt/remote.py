@@ -37,9 +37,14 @@ def as_url(path: object) -> str | None:
 
 def file_name(url: str) -> str:
     """The name a download is kept under: the last part of the address's path (``meme.mp4``), else ``download``."""
-    name = urllib.parse.unquote(urllib.parse.urlparse(url).path.rstrip("/").rsplit("/", 1)[-1])
-    name = re.sub(r"[\x00-\x1f/\\]", "_", name).strip(". ")
-    return name[:200] or "download"
+    return safe_name(urllib.parse.unquote(urllib.parse.urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]),
+                     "download")
+
+
+def safe_name(name: str, default: str) -> str:
+    """``name`` (from another machine: an address, an upload) as a file name in a folder of this one: no path
+    separators or control characters, no leading dots, at most 200 characters; ``default`` where nothing is left."""
+    return re.sub(r"[\x00-\x1f/\\]", "_", name).strip(". ")[:200] or default
 
 
 def download(url: str, folder: Path) -> Path:

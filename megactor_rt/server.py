@@ -1,0 +1,458 @@
+"""An HTTP server that keeps one :class:`~megactor_rt.runtime.animator.Animator` loaded (``megactor-rt serve``).
+
+Loading the weights, compiling and building engines take seconds to minutes; a portrait's preparation (its VAE
+latents, CLIP tokens and ReferenceNet bank) takes a while too. A command pays them at every call; this server
+pays them once, keeps prepared portraits in the Animator's cache, and takes its work over HTTP from programs in
+any language::
+
+    curl -F portrait=@me.png -F driver=@meme.mp4 -o out.mp4 http://127.0.0.1:8450/animate
+
+``POST /animate`` takes a ``multipart/form-data`` form (what ``curl -F`` and HTML forms send): the files
+``portrait`` and ``driver`` (required), ``mask`` and ``audio`` (optional), and the text fields of
+:data:`TEXT_FIELDS` (``format``, ``start``, ``seed``, ...; each means what the ``animate`` flag or jobs-file column
+of its name means). The answer is the result file (``Content-Disposition`` names it ``<portrait>_<driver>.mp4``,
+the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait came from the cache), or a
+JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
+line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues, 500 for a
+failure of the server itself. ``GET /health`` answers a JSON object: the model's settings and whether a run is under
+way.
+
+One run at a time (one model on one device); the requests that come meanwhile wait in turn. Uploads and results are
+kept in a temporary folder per request, removed when its answer has been sent. There is no authentication: the
+server listens on the loopback address unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import http.server
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from megactor_rt.config import AnimateConfig
+from megactor_rt.errors import InputError, MegactorError, ResourceError
+from megactor_rt.jobs import FACE_COLUMNS, NO_SOUND, job_from_cells
+from megactor_rt.remote import safe_name
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8450
+FILE_FIELDS = ("portrait", "driver", "mask", "audio")
+# what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
+# the result's format and what shapes its frames
+TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, "start", "duration", "seed", "crf",
+               "side_by_side", "paste_back")
+_MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
+                ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}
+FORMATS = tuple(sorted(s[1:] for s in _MEDIA_TYPES))
+_TEXT_LIMIT = 64 << 10  # a text field's most bytes
+_HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
+_CHUNK = 1 << 20
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class FormError(Exception):
+    """A request the server cannot take; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Body:
+    """At most ``length`` bytes of a request's body, read in chunks."""
+
+    def __init__(self, stream: _Readable, length: int) -> None:
+        self.stream, self.left = stream, length
+
+    def read(self) -> bytes:
+        if self.left <= 0:
+            raise FormError("the form ends before its closing boundary")
+        try:
+            chunk = self.stream.read(min(_CHUNK, self.left))
+        except (TimeoutError, OSError) as exc:
+            raise FormError(f"the form could not be read ({type(exc).__name__}: {exc})") from exc
+        if not chunk:
+            raise FormError(f"the form ends {self.left} bytes before its announced length (Content-Length)")
+        self.left -= len(chunk)
+        return chunk
+
+
+def _boundary(content_type: str) -> bytes:
+    header = email.parser.HeaderParser().parsestr(f"Content-Type: {content_type}\n\n")
+    if header.get_content_type() != "multipart/form-data":
+        raise FormError(f"the request is {header.get_content_type()}; POST /animate takes multipart/form-data (the "
+                        "files as curl -F portrait=@me.png -F driver=@meme.mp4 sends them)", 415)
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70:
+        raise FormError("the multipart/form-data request has no valid boundary in its Content-Type")
+    return boundary.encode("latin-1")
+
+
+def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
+              files: tuple[str, ...] = FILE_FIELDS, texts: tuple[str, ...] = TEXT_FIELDS
+              ) -> tuple[dict[str, str], dict[str, Path]]:
+    """Read a ``multipart/form-data`` body of ``length`` bytes from ``stream`` without holding it in memory: each
+    file part is written to ``folder/<field>/<its file name>`` as it arrives (the name made safe; the field's name
+    where it has none), each text part kept (at most 64 KiB).
+
+    Returns:
+        (text fields, file fields): field name -> text, field name -> path. A field of ``texts`` may come as a file
+        where it is in ``files`` too (``audio``), and as text where it is only in ``texts``.
+
+    Raises:
+        FormError: not multipart/form-data (415), a malformed body, a field not in ``files`` or ``texts``, a field
+            given twice, a text field over 64 KiB.
+    """
+    boundary, body = _boundary(content_type), _Body(stream, length)
+    delimiter = b"\r\n--" + boundary
+    text: dict[str, str] = {}
+    paths: dict[str, Path] = {}
+    buf = _copy_until(b"\r\n", delimiter, body, lambda _: None)  # (a preamble is skipped)
+    while True:
+        while len(buf) < 2:
+            buf += body.read()
+        if buf.startswith(b"--"):  # the closing delimiter (an epilogue is left unread)
+            return text, paths
+        end = buf.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buf) > _HEADER_LIMIT:
+                raise FormError("a part of the form has headers over 16 KiB")
+            buf += body.read()
+            end = buf.find(b"\r\n\r\n")
+        head = email.parser.BytesHeaderParser().parsebytes(buf[:end].partition(b"\r\n")[2] + b"\r\n\r\n")
+        buf = buf[end + 4:]
+        name = head.get_param("name", header="content-disposition")
+        filename = head.get_filename()
+        if not isinstance(name, str):
+            raise FormError("a part of the form has no field name (Content-Disposition: form-data; name=...)")
+        if name in text or name in paths:
+            raise FormError(f"field {name!r} is given twice")
+        if filename == "" and name in files:  # (an HTML form's file input left empty)
+            buf = _copy_until(buf, delimiter, body, lambda _: None)
+        elif filename is not None and name in files:
+            target = folder / name / safe_name(Path(filename.replace("\\", "/")).name, name)
+            target.parent.mkdir(parents=True)
+            with open(target, "wb") as out:
+                buf = _copy_until(buf, delimiter, body, out.write)
+            paths[name] = target
+        elif name in texts:
+            value = bytearray()
+
+            def keep(chunk: bytes, value: bytearray = value, name: str = name) -> None:
+                value.extend(chunk)
+                if len(value) > _TEXT_LIMIT:
+                    raise FormError(f"field {name!r} is over 64 KiB; a text field takes a value, not a file")
+
+            buf = _copy_until(buf, delimiter, body, keep)
+            try:
+                text[name] = value.decode()
+            except UnicodeDecodeError:
+                raise FormError(f"field {name!r} is not UTF-8 text") from None
+        elif name in files:
+            raise FormError(f"field {name!r} takes a file (curl -F {name}=@FILE), not text")
+        else:
+            raise FormError(f"unknown field {name!r}; the fields are the files {', '.join(files)} and "
+                            f"{', '.join(t for t in texts if t not in files)}")
+
+
+def _copy_until(buf: bytes, delimiter: bytes, body: _Body, sink: Callable[[bytes], object]) -> bytes:
+    """Pass ``buf`` and then the body to ``sink`` up to ``delimiter``; return what follows the delimiter."""
+    keep = len(delimiter) - 1  # (a delimiter's beginning may end a chunk)
+    while True:
+        at = buf.find(delimiter)
+        if at >= 0:
+            sink(buf[:at])
+            return buf[at + len(delimiter):]
+        cut = max(0, len(buf) - keep)
+        if cut:
+            sink(buf[:cut])
+        buf = buf[cut:] + body.read()
+
+
+def _flag(name: str, value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise FormError(f"field {name!r} takes true or false, got {value!r}")
+
+
+class AnimateServer(http.server.ThreadingHTTPServer):
+    """``megactor-rt serve``'s server (see the module doc) around a loaded ``anim``.
+
+    Args:
+        anim: the Animator every request runs on (its config and cache are the requests' defaults); may be set
+            after the server is made (it listens at once, so that a port in use is known before a model loads),
+            before :meth:`serve_forever`.
+        address: (host, port); port 0 picks a free one (``server_address`` tells which).
+        options: ``animate_to_file`` keyword arguments every request starts from (``crf``, ``audio``, ...).
+        max_upload_bytes: the largest form a request may send (413 beyond, before reading it).
+        max_waiting: how many requests may wait while one runs (503 beyond).
+        timeout_s: a connection that sends nothing for this long is dropped.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
+                 max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0) -> None:
+        self.anim, self.options = anim, dict(options or {})
+        self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
+        self.run_lock = threading.Lock()
+        self._state = threading.Lock()
+        self.waiting = self.served = self.failed = 0
+        self.running: str | None = None
+        self._folders: set[Path] = set()
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def health(self) -> dict[str, Any]:
+        with self._state:
+            state = {"status": "ok", "running": self.running, "waiting": self.waiting, "served": self.served,
+                     "failed": self.failed}
+        return {**state, "max_waiting": self.max_waiting, "max_upload_bytes": self.max_upload_bytes,
+                "formats": list(FORMATS), **self.anim.run_settings()}
+
+    def folder(self) -> Path:
+        """A new temporary folder for one request (removed by :meth:`release`, or at :meth:`server_close`)."""
+        path = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-"))
+        with self._state:
+            self._folders.add(path)
+        return path
+
+    def release(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        with self._state:
+            self._folders.discard(path)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._state:
+            left = list(self._folders)
+        for path in left:  # (a request still running when the server stops)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def run(self, job: Any, config: AnimateConfig, options: dict[str, Any]) -> Any:
+        """Run ``job`` when the requests before it have run.
+
+        Raises:
+            FormError: 503 when ``max_waiting`` requests wait already.
+        """
+        with self._state:
+            if self.run_lock.locked() and self.waiting >= self.max_waiting:
+                raise FormError(f"the server is busy ({self.waiting} request(s) waiting for the one running); "
+                                "try again later", 503)
+            self.waiting += 1
+        try:
+            self.run_lock.acquire()
+        finally:
+            with self._state:
+                self.waiting -= 1
+        try:
+            with self._state:
+                self.running = job.output.name
+            return self.anim.animate_to_file(job.portrait, job.driver, job.output, **options, config=config)
+        finally:
+            with self._state:
+                self.running = None
+            self.run_lock.release()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: AnimateServer
+    protocol_version = "HTTP/1.1"  # (curl sends a large form only after "100 Continue", which 1.0 does not give)
+    server_version = "megactor-rt"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.timeout_s)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    def _answer(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._answer(status, (json.dumps(doc) + "\n").encode(), "application/json", headers)
+
+    def _error(self, status: int, message: str) -> None:
+        logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s: %d %s", self.command,
+                   getattr(self, "path", ""), status, message)
+        self._json(status, {"error": message}, {"Retry-After": "10"} if status == 503 else None)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        self._error(code, message or self.responses.get(code, ("error",))[0])  # (JSON for http.server's own too)
+
+    def _length(self) -> int:
+        """The announced body length, refused (411, 413) before anything is read."""
+        size = self.headers.get("Content-Length")
+        if size is None or not size.strip().isdigit():
+            raise FormError("POST /animate needs a Content-Length (a form sent whole, not chunked)", 411)
+        if int(size) > self.server.max_upload_bytes:
+            raise FormError(f"the form is {int(size)} bytes, over this server's limit of "
+                            f"{self.server.max_upload_bytes} (serve --max-upload-mb)", 413)
+        return int(size)
+
+    def handle_expect_100(self) -> bool:
+        if self.path.split("?")[0] == "/animate":
+            try:
+                self._length()
+            except FormError as exc:
+                self._error(exc.status, str(exc))
+                return False
+        return super().handle_expect_100()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?")[0]
+        if path == "/health":
+            self._json(200, self.server.health())
+        elif path == "/animate":
+            self._error(405, "POST /animate with a multipart/form-data form (curl -F portrait=@me.png -F "
+                             "driver=@meme.mp4 ...)")
+        else:
+            self._error(404, f"no such page: {path} (the server answers POST /animate and GET /health)")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?")[0]
+        if path != "/animate":
+            self._error(404 if path != "/health" else 405, f"POST {path}: the server takes POST /animate")
+            return
+        folder = self.server.folder()
+
+        def said(exc: Exception) -> str:  # (the request's files by their field and name, not the server's folders)
+            return str(exc).replace(f"{folder}{os.sep}", "")
+
+        error: tuple[int, str] | None = None
+        result: IO[bytes] | None = None
+        try:
+            path, headers = self._animate(folder)
+            result = open(path, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
+        except FormError as exc:
+            error = exc.status, said(exc)
+        except InputError as exc:
+            error = 400, said(exc)
+        except ResourceError as exc:
+            error = 503, said(exc)
+        except MegactorError as exc:
+            error = 500, said(exc)
+        except Exception as exc:  # noqa: BLE001 - answered as a server failure, and logged with its traceback
+            logger.exception("POST /animate failed")
+            error = 500, f"the server failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
+        try:
+            if result is not None:
+                self._send_file(result, _MEDIA_TYPES[path.suffix.lower()], headers)
+            elif error is not None:
+                self._error(*error)
+        except (BrokenPipeError, ConnectionResetError):
+            logger.info("POST /animate: the client went away before the answer")
+        finally:
+            if result is not None:
+                result.close()
+
+    def _animate(self, folder: Path) -> tuple[Path, dict[str, str]]:
+        length = self._length()
+        text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder)
+        missing = [f for f in ("portrait", "driver") if f not in files]
+        if missing:
+            raise FormError(f"no {' and no '.join(missing)} file in the form (curl -F portrait=@me.png -F "
+                            "driver=@meme.mp4)")
+        fmt = text.get("format", "mp4").strip().lower().lstrip(".")
+        if fmt not in FORMATS:
+            raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "
+                            "sequences are folders: use the command line)")
+        if text.get("audio") is not None and text["audio"].strip().lower() != NO_SOUND:
+            raise FormError(f"field 'audio' takes a sound file (curl -F audio=@song.mp3) or the text {NO_SOUND!r}")
+        result = folder / "result" / f"{_stem(files['portrait'])}_{_stem(files['driver'])}.{fmt}"
+        result.parent.mkdir()
+        cells = {k: v.strip() for k, v in text.items() if k not in ("format", "crf", "side_by_side", "paste_back")
+                 and v.strip()}
+        cells |= {k: str(v) for k, v in files.items()} | {"output": str(result)}
+        job = job_from_cells(cells, "request", Path, self.server.anim.config)
+        options = self.server.options | job.options
+        if "crf" in text and text["crf"].strip():
+            try:
+                options["crf"] = int(text["crf"])
+            except ValueError:
+                raise FormError(f"field 'crf' takes a whole number, got {text['crf']!r}") from None
+        for name in ("side_by_side", "paste_back"):
+            if name in text:
+                options[name] = _flag(name, text[name].strip())
+        logger.info("POST /animate: %s + %s -> %s", files["portrait"].name, files["driver"].name, result.name)
+        start = time.perf_counter()
+        try:
+            stats = self.server.run(job, job.run_config(self.server.anim.config), options)
+        except MegactorError:
+            with self.server._state:
+                self.server.failed += 1
+            raise
+        with self.server._state:
+            self.server.served += 1
+        logger.info("POST /animate: %s, %d frames in %.1f s", result.name, stats.frames, time.perf_counter() - start)
+        return result, {
+            "Content-Disposition": _attachment(result.name),
+            "X-Megactor-Frames": str(stats.frames),
+            "X-Megactor-Seconds": f"{stats.total_s or 0.0:.3f}",
+            "X-Megactor-First-Frame-Seconds": f"{stats.first_frame_s or 0.0:.3f}",
+            "X-Megactor-Portrait-Cached": "true" if stats.portrait_cache_hit else "false"}
+
+    def _send_file(self, file: IO[bytes], content_type: str, headers: dict[str, str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(os.fstat(file.fileno()).st_size))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        shutil.copyfileobj(file, self.wfile, _CHUNK)
+
+
+def _attachment(name: str) -> str:
+    """A Content-Disposition naming a download ``name``: plain ASCII for every client, and UTF-8 (RFC 6266) for
+    those that read it."""
+    plain = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{urllib.parse.quote(name)}"
+
+
+def _stem(path: Path) -> str:
+    return path.stem or path.name
+
+
+def loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(info[4][0] in ("127.0.0.1", "::1") or str(info[4][0]).startswith("127.") for info in infos)

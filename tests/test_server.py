@@ -1,0 +1,366 @@
+"""``megactor-rt serve`` (:mod:`megactor_rt.server`): the form reader, and the server around the tiny random model on
+the CPU: results equal to the Python API's, prepared portraits reused, every refusal answered with its status and
+named, one run at a time, nothing left in the temporary folder."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media_fixtures import PORTRAIT, decode_all, write_face_driver
+
+import megactor_rt.server as server_module
+from megactor_rt.cli import main
+from megactor_rt.config import AnimateConfig
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.server import AnimateServer, FormError, read_form
+
+CFG = AnimateConfig(steps=2, window=4, overlap=2)
+Field = str | tuple[str, bytes]  # a text field, or a file (its name, its bytes)
+
+
+def form(fields: dict[str, Field] | list[tuple[str, Field]], boundary: str | None = None) -> tuple[bytes, str]:
+    """A multipart/form-data body (as curl -F sends one) and its Content-Type."""
+    boundary = boundary or uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in (fields.items() if isinstance(fields, dict) else fields):
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, tuple):
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
+                      "Content-Type: application/octet-stream\r\n\r\n".encode())
+            out.write(value[1])
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+# --------------------------------------------------------------------------------------------------- the form
+
+
+def _read(body: bytes, content_type: str, folder: Path, **kw: object) -> tuple[dict[str, str], dict[str, Path]]:
+    return read_form(io.BytesIO(body), len(body), content_type, folder, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20], ids=["bytewise", "7-byte-chunks", "whole"])
+def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Files go to disk under their field and (made safe) name, texts are kept; a file whose bytes hold the
+    boundary's beginning, line breaks and dashes is copied byte for byte, whatever the read size; a preamble and an
+    epilogue are skipped; a file input left empty (an HTML form's) counts as not given."""
+    monkeypatch.setattr(server_module, "_CHUNK", chunk)
+    boundary = "XyZ"
+    # (a form's data never holds its delimiter, CRLF "--" boundary, but may hold any beginning of it)
+    tricky = b"--XyZ is not at a line start\r\n--Xy\r\n-\r\n--X" + bytes(range(256)) + b"\r\n\r\n--X"
+    body, ctype = form([("portrait", ("../../etc/me.png", tricky)), ("start", "1.5"),
+                        ("mask", ("", b"")), ("driver", ("C:\\clips\\talk.mp4", b"\x00\x01"))], boundary)
+    body = b"preamble to skip\r\n" + body + b"epilogue"
+    text, files = _read(body, ctype, tmp_path)
+    assert text == {"start": "1.5"}
+    assert files == {"portrait": tmp_path / "portrait" / "me.png", "driver": tmp_path / "driver" / "talk.mp4"}
+    assert files["portrait"].read_bytes() == tricky and files["driver"].read_bytes() == b"\x00\x01"
+
+
+@pytest.mark.parametrize(("body", "ctype", "status", "message"), [
+    (b"x", "application/json", 415, "the request is application/json; POST /animate takes multipart/form-data"),
+    (b"x", "multipart/form-data", 400, "no valid boundary"),
+    (form({"speed": "2"}, "b")[0], "multipart/form-data; boundary=b", 400, "unknown field 'speed'; the fields are"),
+    (form([("seed", "1"), ("seed", "2")], "b")[0], "multipart/form-data; boundary=b", 400, "'seed' is given twice"),
+    (form({"portrait": "me.png"}, "b")[0], "multipart/form-data; boundary=b", 400,
+     r"'portrait' takes a file \(curl -F portrait=@FILE\)"),
+    (form({"format": "\xe9"}, "b")[0].replace("\xe9".encode(), b"\xe9"), "multipart/form-data; boundary=b", 400,
+     "'format' is not UTF-8 text"),
+    (form({"format": "x" * 70000}, "b")[0], "multipart/form-data; boundary=b", 400, "'format' is over 64 KiB"),
+    (form({"format": "mp4"}, "b")[0][:-9], "multipart/form-data; boundary=b", 400,
+     "the form ends before its closing boundary"),
+    (b"--b\r\n" + b"X-Pad: y\r\n" * 2000, "multipart/form-data; boundary=b", 400, "headers over 16 KiB"),
+    (b"--b\r\n\r\nno headers\r\n--b--\r\n", "multipart/form-data; boundary=b", 400, "no field name"),
+], ids=["not-multipart", "no-boundary", "unknown-field", "twice", "text-for-file", "not-utf8",
+        "text-too-long", "cut-short", "huge-headers", "no-name"])
+def test_a_bad_form_is_refused_with_its_reason(tmp_path: Path, body: bytes, ctype: str, status: int,
+                                               message: str) -> None:
+    with pytest.raises(FormError, match=message) as caught:
+        _read(body, ctype, tmp_path)
+    assert caught.value.status == status
+
+
+def test_a_body_shorter_than_announced_is_named(tmp_path: Path) -> None:
+    """A client that stops sending (its connection closed) mid-form."""
+    body, ctype = form({"format": "mp4"})
+    with pytest.raises(FormError, match="the form ends 30 bytes before its announced length"):
+        read_form(io.BytesIO(body[:-30]), len(body), ctype, tmp_path)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------- the server
+
+
+@pytest.fixture(scope="module")
+def anim() -> Animator:
+    return Animator.demo(seed=0, device="cpu", config=CFG)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve_media")
+    return {"driver": write_face_driver(root / "talk.mp4", n=6, audio=True), "portrait": PORTRAIT}
+
+
+@pytest.fixture()
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary folder the server's requests use (to see that nothing stays in it)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
+    srv = AnimateServer(anim, ("127.0.0.1", 0))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def request(srv: AnimateServer, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
+    try:
+        conn.request(method, path, body, {**({"Content-Type": ctype} if ctype else {}), **(headers or {})})
+        answer = conn.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read()
+    finally:
+        conn.close()
+
+
+def animate(srv: AnimateServer, fields: dict[str, Field]) -> tuple[int, dict[str, str], bytes]:
+    body, ctype = form(fields)
+    return request(srv, "POST", "/animate", body, ctype)
+
+
+def files(media: dict[str, Path]) -> dict[str, Field]:
+    return {"portrait": ("me.png", media["portrait"].read_bytes()),
+            "driver": ("talk.mp4", media["driver"].read_bytes())}
+
+
+def test_a_result_is_the_python_apis_and_a_second_portrait_is_kept(served: AnimateServer, anim: Animator,
+                                                                  media: dict[str, Path], tmp_path: Path,
+                                                                  scratch: Path) -> None:
+    """The answer is the result video, with the frames Animator.animate_to_file writes for the same inputs; the
+    second request with the portrait finds it prepared; a request's seed, start and format are its own; the
+    temporary folder is empty after each answer."""
+    status, headers, body = animate(served, files(media))
+    assert status == 200, body
+    assert headers["Content-Type"] == "video/mp4" and int(headers["Content-Length"]) == len(body)
+    assert headers["Content-Disposition"] == "attachment; filename=\"me_talk.mp4\"; filename*=UTF-8''me_talk.mp4"
+    assert headers["X-Megactor-Frames"] == "6" and float(headers["X-Megactor-Seconds"]) > 0
+    got = tmp_path / "served.mp4"
+    got.write_bytes(body)
+    (tmp_path / "me.png").write_bytes(media["portrait"].read_bytes())
+    want = tmp_path / "direct.mp4"
+    anim.animate_to_file(tmp_path / "me.png", media["driver"], want)
+    frames = decode_all(got)
+    assert len(frames) == 6 and all(np.array_equal(a, b) for a, b in zip(frames, decode_all(want), strict=True))
+    assert list(scratch.iterdir()) == []
+
+    status, headers, body = animate(served, {**files(media), "start": "0.08", "format": "webm"})
+    assert status == 200, body
+    assert headers["Content-Type"] == "video/webm" and headers["X-Megactor-Portrait-Cached"] == "true"
+    assert headers["X-Megactor-Frames"] == "4"  # (6 frames at 25 fps from 0.08 s)
+    status, headers, body = animate(served, {**files(media), "seed": "7"})
+    assert status == 200 and headers["X-Megactor-Portrait-Cached"] == "false"  # (the seed is the portrait's too)
+    other = tmp_path / "other.mp4"
+    other.write_bytes(body)
+    assert not np.array_equal(decode_all(other)[0], frames[0])  # (another seed: other noise)
+    health = json.loads(request(served, "GET", "/health")[2])
+    assert (health["served"], health["failed"], health["running"], health["config"]["steps"]) == (3, 0, None, 2)
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize(("fields", "status", "message"), [
+    ({"driver": None}, 400, r"no driver file in the form \(curl -F portrait=@me.png"),
+    ({"format": "png"}, 400, "format 'png' is not one the server writes: gif, m4v, mkv, mov, mp4, webm, webp"),
+    ({"seed": "x"}, 400, "^request: seed must be a whole number, got 'x'$"),
+    ({"portrait_face": "0"}, 400, "request: portrait_face must be a face number from 1"),
+    ({"audio": "loud"}, 400, "field 'audio' takes a sound file"),
+    ({"crf": "high"}, 400, "field 'crf' takes a whole number"),
+    ({"paste_back": "maybe"}, 400, "field 'paste_back' takes true or false"),
+    ({"side_by_side": "yes", "paste_back": "1"}, 400, "side_by_side"),
+    ({"portrait": ("me.png", b"not an image")}, 400, "^portrait/me.png: "),
+    ({"duration": "0"}, 400, "duration must be a finite number > 0"),
+], ids=["no-driver", "png", "seed", "face", "audio-text", "crf", "flag", "two-layouts", "bad-image", "duration"])
+def test_a_bad_request_is_answered_400_with_its_reason(served: AnimateServer, media: dict[str, Path],
+                                                       scratch: Path, fields: dict[str, Field | None], status: int,
+                                                       message: str) -> None:
+    """Named as the command line names it (the request's files by field and name, not the server's folders); no
+    result is made and nothing stays in the temporary folder. ``fields`` change the good form (None: left out)."""
+    sent = {k: v for k, v in {**files(media), **fields}.items() if v is not None}
+    got, headers, body = animate(served, sent)
+    assert (got, headers["Content-Type"]) == (status, "application/json")
+    assert re.search(message, json.loads(body)["error"]), body
+    assert list(scratch.iterdir()) == []
+    assert json.loads(request(served, "GET", "/health")[2])["running"] is None
+
+
+def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
+    """Unknown pages 404, GET /animate 405, no length 411, a form over the limit 413 (before it is read), not a
+    form 415: each a JSON error."""
+    cases = [(request(served, "GET", "/nope"), 404, "no such page: /nope"),
+             (request(served, "GET", "/animate"), 405, "POST /animate with a multipart/form-data form"),
+             (request(served, "POST", "/health", b""), 405, "the server takes POST /animate"),
+             (request(served, "POST", "/animate", b"{}", "application/json"), 415, "takes multipart/form-data")]
+    conn = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=30)
+    conn.putrequest("POST", "/animate")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    answer = conn.getresponse()
+    cases.append(((answer.status, {}, answer.read()), 411, "needs a Content-Length"))
+    conn.close()
+    served.max_upload_bytes = 1000
+    cases.append((animate(served, files(media)), 413, r"over this server's limit of 1000 \(serve --max-upload-mb\)"))
+    for (status, _, body), want, message in cases:
+        assert status == want and re.search(message, json.loads(body)["error"]), (status, body)
+    assert list(scratch.iterdir()) == []
+
+
+def test_an_expect_100_continue_form_over_the_limit_is_refused_unsent(served: AnimateServer) -> None:
+    """curl asks first ("Expect: 100-continue") before a large form: the server refuses it then, unread."""
+    import socket
+
+    served.max_upload_bytes = 10
+    with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as conn:
+        conn.sendall(b"POST /animate HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nExpect: 100-continue\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):  # (the server closes the connection after its answer)
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head  # (not "100 Continue" first)
+    assert "over this server's limit of 10" in json.loads(body)["error"]
+
+
+def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServer, media: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a run is under way another request waits (queue 1) and one more is refused 503 with Retry-After;
+    /health answers meanwhile, naming the run and the waiting request; the waiting one runs after the first."""
+    go = threading.Event()
+    order: list[str] = []
+    real = served.anim.animate_to_file
+
+    def slow(portrait: Path, driver: Path, output: Path, **kw: object) -> object:
+        order.append(f"start {output.name}")
+        go.wait(60)
+        stats = real(portrait, driver, output, **kw)
+        order.append(f"end {output.name}")
+        return stats
+
+    monkeypatch.setattr(served.anim, "animate_to_file", slow)
+    served.max_waiting = 1
+    answers: dict[str, tuple[int, dict[str, str], bytes]] = {}
+
+    def send(name: str, fmt: str) -> None:
+        answers[name] = animate(served, {**files(media), "format": fmt})
+
+    first = threading.Thread(target=send, args=("first", "mp4"))
+    first.start()
+    health = _wait_for(served, lambda h: h["running"] == "me_talk.mp4")
+    second = threading.Thread(target=send, args=("second", "gif"))
+    second.start()
+    health = _wait_for(served, lambda h: h["waiting"] == 1)
+    status, headers, body = animate(served, {**files(media), "format": "mkv"})
+    assert status == 503 and headers["Retry-After"] == "10"
+    assert "the server is busy (1 request(s) waiting for the one running)" in json.loads(body)["error"]
+    assert health["running"] == "me_talk.mp4"
+    go.set()
+    first.join(120)
+    second.join(120)
+    assert answers["first"][0] == 200 and answers["second"][0] == 200
+    assert order == ["start me_talk.mp4", "end me_talk.mp4", "start me_talk.gif", "end me_talk.gif"]
+
+
+def _wait_for(srv: AnimateServer, test: object, seconds: float = 60) -> dict:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        health = json.loads(request(srv, "GET", "/health")[2])
+        if test(health):  # type: ignore[operator]
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the server's health never showed it: {health}")
+
+
+# ------------------------------------------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--demo", "--mask", "m.png"], "--mask: serve's flags are every request's settings"),
+    (["--demo", "--checkpoint-dir", "c", "--bit-depth", "16"], "--checkpoint-dir, --bit-depth: serve's flags"),
+    ([], "serve needs --weights DIR (converted weights) or --demo"),
+    (["--demo", "--weights", "w"], "or --demo (the tiny random model), one of them"),
+    (["--demo", "--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),
+    (["--demo", "--overlap", "20"], "bad run settings: --window must be >= 1 and --overlap from 0"),
+], ids=["mask", "checkpoint-and-16-bit", "no-model", "both-models", "no-upload", "bad-settings"])
+def test_serve_refuses_what_it_cannot_do_before_loading(argv: list[str], message: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_named_before_the_model_loads(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.setattr(Animator, "demo", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--demo", "--port", str(port)]) == 2
+    assert f"127.0.0.1:{port}: cannot listen there" in capsys.readouterr().err
+
+
+def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], tmp_path: Path) -> None:
+    """`megactor-rt serve --demo --port 0` in a process of its own: it says where it listens, answers a form with a
+    video, logs a line per request, and stops on SIGTERM (status 143) leaving nothing in its temporary folder."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0", "--steps",
+                             "1", "--window", "4", "--overlap", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("megactor-rt serve: listening on http://127.0.0.1:"), line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        body, ctype = form({**files(media), "format": "gif"})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/animate", body, {"Content-Type": ctype})
+        answer = conn.getresponse()
+        data = answer.read()
+        conn.close()
+        assert answer.status == 200 and data[:6] == b"GIF89a" and answer.getheader("X-Megactor-Frames") == "6"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "INFO megactor_rt.server: POST /animate: me.png + talk.mp4 -> me_talk.gif" in err
+    assert "6 frames in" in err and "terminated" in err
+    assert not [p for p in scratch.iterdir() if p.name.startswith("megactor-rt-")]
