@@ -354,8 +354,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         error: tuple[int, str] | None = None
         result: IO[bytes] | None = None
         try:
-            path, headers = self._animate(folder)
-            result = open(path, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
+            made, headers = self._animate(folder)
+            result = open(made, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
         except FormError as exc:
             error = exc.status, said(exc)
         except InputError as exc:
@@ -371,7 +371,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
         try:
             if result is not None:
-                self._send_file(result, _MEDIA_TYPES[path.suffix.lower()], headers)
+                self._send_file(result, _MEDIA_TYPES[made.suffix.lower()], headers)
             elif error is not None:
                 self._error(*error)
         except (BrokenPipeError, ConnectionResetError):
