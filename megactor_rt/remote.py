@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 # argparse's Path folds "https://host/x" into "https:/host/x": both are taken
 _URL = re.compile(r"^(https?):/+([^/].*)$", re.IGNORECASE)
-TIMEOUT_S = 60  # without a byte for this long, a download is given up
+TIMEOUT_S = 60  # without a byte for this long, a try is given up
+TRIES = 3  # tries in all for a download that breaks off or is refused for the moment
+RETRY_WAIT_S = 1.0  # before the second try; doubled before each next
+MAX_WAIT_S = 30.0  # the longest Retry-After waited for
+_PASSING = frozenset({408, 429, 500, 502, 503, 504})  # HTTP refusals that another try may not get
 _CHUNK = 1 << 20
 
 
@@ -47,13 +52,43 @@ def safe_name(name: str, default: str) -> str:
     return re.sub(r"[\x00-\x1f/\\]", "_", name).strip(". ")[:200] or default
 
 
+class _Again(Exception):
+    """A download that failed in a way another try may not: ``wait`` seconds the server asked for (or None)."""
+
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
 def download(url: str, folder: Path) -> Path:
-    """Download ``url`` into ``folder`` (:func:`file_name`), with a progress bar.
+    """Download ``url`` into ``folder`` (:func:`file_name`), with a progress bar. A download that breaks off, times
+    out or gets a server's passing refusal (408, 429, 500, 502, 503, 504) is tried again, :data:`TRIES` times in
+    all, after 1 s, then 2 s (or the server's ``Retry-After`` up to :data:`MAX_WAIT_S`), and goes on from where it
+    broke off where the server takes a byte range.
 
     Raises:
-        InputError: the server refuses it (an HTTP error) or cannot be reached, or the download breaks off.
+        InputError: the server refuses it (an HTTP error) or cannot be reached, or the download still breaks off
+            after :data:`TRIES` tries.
         ResourceError: the folder cannot take it (a full disk).
     """
+    path = folder / file_name(url)
+    for attempt in range(1, TRIES + 1):
+        try:
+            _fetch(url, path)
+            break
+        except _Again as exc:
+            if attempt == TRIES:
+                raise InputError(f"{url}: {exc} ({TRIES} tries)") from exc
+            wait = RETRY_WAIT_S * 2 ** (attempt - 1) if exc.wait is None else min(exc.wait, MAX_WAIT_S)
+            logger.warning("%s: %s; trying again in %g s", url, exc, wait)
+            time.sleep(wait)
+    logger.info("downloaded %s (%d bytes)", url, path.stat().st_size)
+    return path
+
+
+def _fetch(url: str, path: Path) -> None:
+    """One try at downloading ``url`` to ``path``, continuing what ``path`` holds already where the server takes a
+    byte range (and starting again where it does not)."""
     # (here, not at the top: the CLI imports this module at start-up, where these added 33 ms to every command)
     import http.client
     import urllib.error
@@ -61,28 +96,40 @@ def download(url: str, folder: Path) -> Path:
 
     from megactor_rt.progress import progress
 
-    path = folder / file_name(url)
-    request = urllib.request.Request(url, headers={"User-Agent": "megactor-rt"})
+    have = path.stat().st_size if path.exists() else 0
+    headers = {"User-Agent": "megactor-rt", **({"Range": f"bytes={have}-"} if have else {})}
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - http(s) only (as_url)
             size = response.headers.get("Content-Length")
-            total = int(size) if size and size.isdigit() else None
-            with open(path, "wb") as out, progress(total=total, desc=f"download {path.name}", unit="B") as bar:
+            part = int(size) if size and size.isdigit() else None
+            if have and not (response.status == 206 and (response.headers.get("Content-Range") or "").startswith(
+                    f"bytes {have}-")):
+                have = 0  # (the whole file again: the server sends no part of it)
+            total = None if part is None else have + part
+            with open(path, "ab" if have else "wb") as out, \
+                    progress(total=total, desc=f"download {path.name}", unit="B") as bar:
+                bar.update(have)
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as exc:
-        raise InputError(f"{url}: the server answered {exc.code} {exc.reason}") from exc
+        message = f"the server answered {exc.code} {exc.reason}"
+        if exc.code in _PASSING:
+            after = (exc.headers.get("Retry-After") or "").strip()
+            raise _Again(message, float(after) if after.isdigit() else None) from exc
+        raise InputError(f"{url}: {message}") from exc
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise _Again(f"no answer within {TIMEOUT_S} s") from exc
         raise InputError(f"{url}: cannot download it ({exc.reason})") from exc
     except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        raise InputError(f"{url}: the download broke off ({type(exc).__name__}: {exc})") from exc
+        raise _Again(f"the download broke off ({type(exc).__name__}: {exc})") from exc
     except OSError as exc:
-        raise ResourceError(f"{url}: cannot keep it in {folder} ({exc}); set TMPDIR to a folder with room") from exc
+        raise ResourceError(f"{url}: cannot keep it in {path.parent} ({exc}); set TMPDIR to a folder with room") \
+            from exc
     if total is not None and path.stat().st_size != total:
-        raise InputError(f"{url}: the download broke off ({path.stat().st_size} of {total} bytes)")
-    logger.info("downloaded %s (%d bytes)", url, path.stat().st_size)
-    return path
+        raise _Again(f"the download broke off ({path.stat().st_size} of {total} bytes)")
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from media_fixtures import PORTRAIT, write_face_driver
 
+from megactor_rt import remote
 from megactor_rt.cli import main
 from megactor_rt.errors import InputError
 from megactor_rt.media import result_settings
@@ -20,12 +21,39 @@ from megactor_rt.remote import as_url, download, file_name
 
 
 class _Short(http.server.SimpleHTTPRequestHandler):
-    """Serves files, but announces one byte more than it sends for short.mp4 (a download that breaks off)."""
+    """Serves files, but announces one byte more than it sends for short.mp4 (a download that breaks off), is always
+    busy (503) for busy.mp4, and serves flaky.mp4 (the file talk.mp4) busy at first, then breaking off halfway, then
+    the rest as the byte range asked for."""
 
     requests: list[str] = []
+    ranges: list[str | None] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         _Short.requests.append(self.path)
+        _Short.ranges.append(self.headers.get("Range"))
+        if self.path.endswith("/busy.mp4"):
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.endswith("/flaky.mp4"):
+            data = (Path(self.directory) / "talk.mp4").read_bytes()
+            tries = _Short.requests.count(self.path)
+            if tries == 1:
+                self.send_response(503)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if tries == 3 else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            self.wfile.write(data[start:] if start else data[:len(data) // 2])
+            self.close_connection = True
+            return
         if self.path.endswith("/short.mp4"):
             self.send_response(200)
             self.send_header("Content-Length", "11")
@@ -43,6 +71,7 @@ class _Short(http.server.SimpleHTTPRequestHandler):
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)  # (the local server is reached directly)
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.01)
     served = tmp_path / "served"
     served.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Short, directory=str(served)))
@@ -61,6 +90,30 @@ def test_addresses_and_names() -> None:
     assert as_url("HTTP://x/y") == "http://x/y" and as_url("meme.mp4") is None and as_url("ftp://x/y") is None
     assert file_name("https://x/clips/my%20meme.gif?s=1") == "my meme.gif"
     assert file_name("https://x/") == "download" and file_name("https://x/a/..%2F..%2Fevil") == "_.._evil"
+
+
+def test_a_download_is_tried_again_and_goes_on_where_it_broke_off(server: tuple[str, Path], tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A passing refusal (503) and a download that breaks off are tried again, the second time from the byte it
+    broke off at; a server that stays busy is given up after 3 tries, a 404 at once."""
+    url, served = server
+    write_face_driver(served / "talk.mp4", n=4)
+    _Short.requests.clear()
+    _Short.ranges.clear()
+    (tmp_path / "a").mkdir()
+    got = download(f"{url}/flaky.mp4", tmp_path / "a")
+    assert got.read_bytes() == (served / "talk.mp4").read_bytes()
+    half = (served / "talk.mp4").stat().st_size // 2
+    assert _Short.ranges == [None, None, f"bytes={half}-"]
+    assert "the server answered 503 Service Unavailable; trying again in 0 s" in caplog.text  # (its Retry-After)
+    assert "the download broke off" in caplog.text
+    _Short.requests.clear()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(InputError, match=r"busy.mp4: the server answered 503 Service Unavailable \(3 tries\)"):
+        download(f"{url}/busy.mp4", tmp_path / "b")
+    with pytest.raises(InputError, match="the server answered 404"):
+        download(f"{url}/none.mp4", tmp_path / "b")
+    assert _Short.requests == ["/busy.mp4"] * 3 + ["/none.mp4"]
 
 
 def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str, Path], tmp_path: Path,
