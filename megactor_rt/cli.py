@@ -1031,7 +1031,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from megactor_rt.progress import set_progress_enabled
 
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
-    print(f"megactor-rt serve: listening on {server.url} (POST /animate, GET /health); Ctrl-C stops it", flush=True)
+    print(f"megactor-rt serve: listening on {server.url} (POST /animate, GET /health; a browser: {server.url}/); "
+          "Ctrl-C stops it", flush=True)
     server.serve_forever()
     return 0
 

@@ -15,7 +15,7 @@ the ``X-Megactor-*`` headers give the run's frames, seconds and whether the port
 JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
 line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues, 500 for a
 failure of the server itself. ``GET /health`` answers a JSON object: the model's settings and whether a run is under
-way.
+way; ``GET /`` a page with that form for a browser (it shows the result and a link to save it).
 
 One run at a time (one model on one device); the requests that come meanwhile wait in turn. Uploads and results are
 kept in a temporary folder per request, removed when its answer has been sent. There is no authentication: the
@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.jobs import FACE_COLUMNS, NO_SOUND, job_from_cells
@@ -47,6 +48,7 @@ from megactor_rt.remote import safe_name
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8450
+PAGE = ASSETS_DIR / "serve.html"  # GET /: a form for a browser, which posts to /animate and shows the result
 FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 # what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
 # the result's format and what shapes its frames
@@ -142,7 +144,7 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
             raise FormError("a part of the form has no field name (Content-Disposition: form-data; name=...)")
         if name in text or name in paths:
             raise FormError(f"field {name!r} is given twice")
-        if filename == "" and name in files:  # (an HTML form's file input left empty)
+        if filename == "" and name in files:  # (a browser's file input left empty)
             buf = _copy_until(buf, delimiter, body, lambda _: None)
         elif filename is not None and name in files:
             target = folder / name / safe_name(Path(filename.replace("\\", "/")).name, name)
@@ -163,8 +165,16 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
                 text[name] = value.decode()
             except UnicodeDecodeError:
                 raise FormError(f"field {name!r} is not UTF-8 text") from None
-        elif name in files:
-            raise FormError(f"field {name!r} takes a file (curl -F {name}=@FILE), not text")
+        elif name in files:  # as text: empty is "not given" (some clients send an empty file input so)
+            given = bytearray()
+
+            def note(chunk: bytes, given: bytearray = given) -> None:
+                if len(given) < 16:  # (enough to know it is not empty; the rest is not kept)
+                    given.extend(chunk[:16])
+
+            buf = _copy_until(buf, delimiter, body, note)
+            if given.strip():
+                raise FormError(f"field {name!r} takes a file (curl -F {name}=@FILE), not text")
         else:
             raise FormError(f"unknown field {name!r}; the fields are the files {', '.join(files)} and "
                             f"{', '.join(t for t in texts if t not in files)}")
@@ -335,11 +345,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/health":
             self._json(200, self.server.health())
+        elif path in ("/", "/index.html"):
+            self._answer(200, PAGE.read_bytes(), "text/html; charset=utf-8")
         elif path == "/animate":
             self._error(405, "POST /animate with a multipart/form-data form (curl -F portrait=@me.png -F "
                              "driver=@meme.mp4 ...)")
         else:
-            self._error(404, f"no such page: {path} (the server answers POST /animate and GET /health)")
+            self._error(404, f"no such page: {path} (the server answers POST /animate, GET /health and GET /, a form "
+                             "for a browser)")
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         path = self.path.split("?")[0]
@@ -391,7 +404,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fmt not in FORMATS:
             raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "
                             "sequences are folders: use the command line)")
-        if text.get("audio") is not None and text["audio"].strip().lower() != NO_SOUND:
+        if text.get("audio", "").strip().lower() not in ("", NO_SOUND):
             raise FormError(f"field 'audio' takes a sound file (curl -F audio=@song.mp3) or the text {NO_SOUND!r}")
         result = folder / "result" / f"{_stem(files['portrait'])}_{_stem(files['driver'])}.{fmt}"
         result.parent.mkdir()

@@ -17,11 +17,13 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 from media_fixtures import PORTRAIT, decode_all, write_face_driver
+from PIL import Image
 
 import megactor_rt.server as server_module
 from megactor_rt.cli import main
@@ -61,13 +63,13 @@ def _read(body: bytes, content_type: str, folder: Path, **kw: object) -> tuple[d
 def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     """Files go to disk under their field and (made safe) name, texts are kept; a file whose bytes hold the
     boundary's beginning, line breaks and dashes is copied byte for byte, whatever the read size; a preamble and an
-    epilogue are skipped; a file input left empty (an HTML form's) counts as not given."""
+    epilogue are skipped; a file input left empty (a browser's: no file name; or empty text) counts as not given."""
     monkeypatch.setattr(server_module, "_CHUNK", chunk)
     boundary = "XyZ"
     # (a form's data never holds its delimiter, CRLF "--" boundary, but may hold any beginning of it)
     tricky = b"--XyZ is not at a line start\r\n--Xy\r\n-\r\n--X" + bytes(range(256)) + b"\r\n\r\n--X"
-    body, ctype = form([("portrait", ("../../etc/me.png", tricky)), ("start", "1.5"),
-                        ("mask", ("", b"")), ("driver", ("C:\\clips\\talk.mp4", b"\x00\x01"))], boundary)
+    body, ctype = form([("portrait", ("../../etc/me.png", tricky)), ("start", "1.5"), ("mask", ""),
+                        ("audio", ("", b"")), ("driver", ("C:\\clips\\talk.mp4", b"\x00\x01"))], boundary)
     body = b"preamble to skip\r\n" + body + b"epilogue"
     text, files = _read(body, ctype, tmp_path)
     assert text == {"start": "1.5"}
@@ -219,6 +221,68 @@ def test_a_bad_request_is_answered_400_with_its_reason(served: AnimateServer, me
     assert re.search(message, json.loads(body)["error"]), body
     assert list(scratch.iterdir()) == []
     assert json.loads(request(served, "GET", "/health")[2])["running"] is None
+
+
+class _Inputs(HTMLParser):
+    """The form fields of a page: name -> the types of its inputs (select: "select"), and the select's options."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, set[str]] = {}
+        self.options: list[str] = []
+        self._option = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag in ("input", "select") and found.get("name"):
+            self.fields.setdefault(str(found["name"]), set()).add(str(found.get("type") or tag))
+        self._option = tag == "option"
+
+    def handle_data(self, data: str) -> None:
+        if self._option:
+            self.options.append(data.strip())
+            self._option = False
+
+
+def test_the_page_for_a_browser_offers_every_field_and_its_form_is_taken(served: AnimateServer,
+                                                                        media: dict[str, Path]) -> None:
+    """GET / is a form whose fields are exactly those the server takes (files as file inputs, the formats it
+    writes); a form posted as a browser posts it (empty file inputs with no name, empty texts, a ticked box as
+    "true") is taken."""
+    status, headers, body = request(served, "GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    page = _Inputs()
+    page.feed(body.decode())
+    assert set(page.fields) == set(server_module.FILE_FIELDS) | set(server_module.TEXT_FIELDS)
+    assert all(page.fields[f] >= {"file"} for f in server_module.FILE_FIELDS)
+    assert page.fields["audio"] == {"file", "checkbox"} and sorted(page.options) == list(server_module.FORMATS)
+    browser = [*files(media).items(), ("mask", ("", b"")), ("format", "gif"), ("start", ""), ("duration", ""),
+               ("seed", ""), ("crf", ""), ("side_by_side", "true"), ("portrait_face", ""), ("driver_face", ""),
+               ("audio", ("", b"")), ("audio_start", "")]
+    body, ctype = form(browser)
+    status, headers, answer = request(served, "POST", "/animate", body, ctype)
+    assert status == 200 and headers["Content-Type"] == "image/gif", answer
+    assert Image.open(io.BytesIO(answer)).size == (3 * 128, 128)  # (side by side: three panels)
+
+
+def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: AnimateServer,
+                                                                     media: dict[str, Path]) -> None:
+    """The page's script run by jsdom in node (tests/js/serve_page_check.mjs): it names the model (and warns of the
+    demo's), posts the form and shows the answer with a link to save it under the result's name."""
+    import shutil
+
+    jsdom = os.environ.get("MEGACTOR_JSDOM")
+    node = shutil.which("node")
+    if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():
+        pytest.skip("needs node and jsdom: npm install jsdom@24 in a folder, and MEGACTOR_JSDOM set to that folder")
+    done = subprocess.run([node, str(Path(__file__).parent / "js" / "serve_page_check.mjs"), served.url,
+                           str(media["portrait"]), str(media["driver"])], capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout.strip().splitlines()[-1])
+    assert shown["model"].startswith("The model: tiny-random-0, torch on CPU") and not shown["warning_hidden"]
+    assert re.fullmatch(r"5 frames in [0-9.]+ s", shown["status"]) and shown["status_class"] == "", shown
+    assert shown["result"] == '<img src="blob:x"><a href="blob:x" download="portrait_talk.gif">Save portrait_talk.gif</a>'
 
 
 def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
