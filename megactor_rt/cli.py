@@ -996,8 +996,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.weights is None) != args.demo:
         raise InputError("serve needs --weights DIR (converted weights) or --demo (the tiny random model), one of them")
     _check_fallback(args)
-    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
-        raise InputError(f"--max-upload-mb must be a finite number > 0, got {args.max_upload_mb}")
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--keep-min", args.keep_min)):
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{flag} must be a finite number > 0, got {value}")
     if args.weights is not None:
         check_converted_folder(args.weights)
     config = _run_config(args)
@@ -1007,7 +1008,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:  # (listening before the model loads, which takes a while: a port in use is said at once)
         server = AnimateServer(None, (args.host, args.port), _result_options(args),
-                               max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue)
+                               max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
+                               keep_s=args.keep_min * 60)
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1031,8 +1033,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from megactor_rt.progress import set_progress_enabled
 
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
-    print(f"megactor-rt serve: listening on {server.url} (POST /animate, GET /health; a browser: {server.url}/); "
-          "Ctrl-C stops it", flush=True)
+    print(f"megactor-rt serve: listening on {server.url} (POST /animate, POST /jobs, GET /health; a browser: "
+          f"{server.url}/); Ctrl-C stops it", flush=True)
     server.serve_forever()
     return 0
 
@@ -1284,8 +1286,11 @@ def build_parser() -> argparse.ArgumentParser:
     s_net.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB",
                        help="the largest form a request may send, its files together, in MiB (default 1024)")
     s_net.add_argument("--queue", type=_count, default=8, metavar="N",
-                       help="how many requests may wait while one runs (one at a time; default 8); more are "
+                       help="how many runs may wait while one runs (one at a time; default 8); more requests are "
                             "answered 503")
+    s_net.add_argument("--keep-min", type=float, default=60.0, metavar="MIN",
+                       help="how long a job's result (POST /jobs) is kept after its run unless deleted before, in "
+                            "minutes (default 60; at most the 100 latest jobs are kept)")
     s_net.add_argument("--demo", action="store_true",
                        help="serve the tiny random-weight model of `demo` instead of --weights (NOT a real "
                             "animation: to try the API)")

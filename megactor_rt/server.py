@@ -14,12 +14,21 @@ of its name means). The answer is the result file (``Content-Disposition`` names
 the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait came from the cache), or a
 JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
 line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues, 500 for a
-failure of the server itself. ``GET /health`` answers a JSON object: the model's settings and whether a run is under
-way; ``GET /`` a page with that form for a browser (it shows the result and a link to save it).
+failure of the server itself, 410 for a run cancelled meanwhile.
 
-One run at a time (one model on one device); the requests that come meanwhile wait in turn. Uploads and results are
-kept in a temporary folder per request, removed when its answer has been sent. There is no authentication: the
-server listens on the loopback address unless told otherwise.
+A run longer than a client, or a proxy between, waits for an answer goes as a **job**: ``POST /jobs`` takes the
+same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Location: /jobs/ID``); ``GET /jobs/ID``
+says where it is (queued with the runs ``ahead`` of it, running with its ``progress``: stage, done, total, unit;
+done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers as ``POST /animate`` would have
+(409 before it is done, 410 cancelled); ``DELETE /jobs/ID`` cancels it (queued: at once; running: at its next
+progress report) or deletes its result; ``GET /jobs`` lists them. A job's result is kept ``keep_s`` after its run
+(and the ``max_kept`` latest only). ``GET /health`` answers a JSON object: the model's settings, the run under way
+and how many wait; ``GET /`` a page with the form for a browser (it shows the result and a link to save it).
+
+One run at a time (one model on one device), on a worker thread of the server's; the requests that come meanwhile
+wait in turn. Uploads and results are kept in a temporary folder per request, removed when its answer has been
+sent (a job's result: when it is deleted or expires; its uploads when its run ends). There is no authentication:
+the server listens on the loopback address unless told otherwise. Stopping the server cancels a run under way.
 """
 
 from __future__ import annotations
@@ -35,14 +44,18 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError, MegactorError, ResourceError
-from megactor_rt.jobs import FACE_COLUMNS, NO_SOUND, job_from_cells
+from megactor_rt.jobs import FACE_COLUMNS, NO_SOUND, Job, job_from_cells
 from megactor_rt.remote import safe_name
 
 logger = logging.getLogger(__name__)
@@ -61,6 +74,7 @@ _TEXT_LIMIT = 64 << 10  # a text field's most bytes
 _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_FORMS = ("/animate", "/jobs")  # the routes that take a form
 
 
 class _Readable(Protocol):
@@ -202,8 +216,69 @@ def _flag(name: str, value: str) -> bool:
     raise FormError(f"field {name!r} takes true or false, got {value!r}")
 
 
+class Cancelled(Exception):  # noqa: N818 - a state, not a failure
+    """Raised by a run's progress function where its job was cancelled (``DELETE /jobs/ID``): the run stops."""
+
+
+@dataclass(eq=False)
+class Task:
+    """One request's run: ``keep`` for a job (``POST /jobs``), whose result stays for ``GET /jobs/ID/result``;
+    ``status`` one of queued, running, done, failed, cancelled."""
+
+    id: str
+    folder: Path
+    job: Job
+    config: AnimateConfig
+    options: dict[str, Any]
+    keep: bool
+    status: str = "queued"
+    progress: dict[str, Any] | None = None
+    error: tuple[int, str] | None = None  # (HTTP status, message) of a failed run
+    stats: Any = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    over: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def result(self) -> Path:
+        return self.job.output
+
+    def said(self, exc: BaseException) -> str:
+        """An error's message naming the request's files by field and name, not by the server's folders."""
+        return str(exc).replace(f"{self.folder}{os.sep}", "")
+
+    def headers(self) -> dict[str, str]:
+        """A finished run's answer headers."""
+        return {"Content-Disposition": _attachment(self.result.name), "X-Megactor-Frames": str(self.stats.frames),
+                "X-Megactor-Seconds": f"{self.stats.total_s or 0.0:.3f}",
+                "X-Megactor-First-Frame-Seconds": f"{self.stats.first_frame_s or 0.0:.3f}",
+                "X-Megactor-Portrait-Cached": "true" if self.stats.portrait_cache_hit else "false"}
+
+    def describe(self, ahead: int | None = None) -> dict[str, Any]:
+        """The job as ``GET /jobs/ID`` answers it (``ahead``: how many jobs run before it, while queued)."""
+        doc: dict[str, Any] = {"id": self.id, "status": self.status, "result_name": self.result.name,
+                               "created": _iso(self.created)}
+        if ahead is not None:
+            doc["ahead"] = ahead
+        if self.progress is not None:
+            doc["progress"] = self.progress
+        if self.finished is not None:
+            doc["finished"] = _iso(self.finished)
+        if self.error is not None:
+            doc["error"] = self.error[1]
+        if self.status == "done":
+            doc |= {"result": f"/jobs/{self.id}/result", "frames": self.stats.frames, "seconds": self.stats.total_s}
+        return doc
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
 class AnimateServer(http.server.ThreadingHTTPServer):
-    """``megactor-rt serve``'s server (see the module doc) around a loaded ``anim``.
+    """``megactor-rt serve``'s server (see the module doc) around a loaded ``anim``: requests are answered on
+    threads of their own, their runs made one after another on one worker thread.
 
     Args:
         anim: the Animator every request runs on (its config and cache are the requests' defaults); may be set
@@ -212,22 +287,30 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         address: (host, port); port 0 picks a free one (``server_address`` tells which).
         options: ``animate_to_file`` keyword arguments every request starts from (``crf``, ``audio``, ...).
         max_upload_bytes: the largest form a request may send (413 beyond, before reading it).
-        max_waiting: how many requests may wait while one runs (503 beyond).
+        max_waiting: how many runs may wait while one runs (503 beyond).
         timeout_s: a connection that sends nothing for this long is dropped.
+        keep_s: how long a job's result (``POST /jobs``) is kept after its run, unless deleted before.
+        max_kept: the most finished jobs kept (the oldest go first).
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
-                 max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0) -> None:
+                 max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
+                 keep_s: float = 3600.0, max_kept: int = 100) -> None:
         self.anim, self.options = anim, dict(options or {})
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
-        self.run_lock = threading.Lock()
-        self._state = threading.Lock()
-        self.waiting = self.served = self.failed = 0
-        self.running: str | None = None
+        self.keep_s, self.max_kept = keep_s, max_kept
+        self._state = threading.Condition()
+        self._tasks: dict[str, Task] = {}  # by id: the queued, the running, and the jobs kept
+        self._queue: deque[Task] = deque()
+        self.running: Task | None = None
+        self.served = self.failed = 0
         self._folders: set[Path] = set()
+        self._worker: threading.Thread | None = None
+        self._worker_ended = threading.Event()
+        self._closing = False
         super().__init__(address, _Handler)
 
     @property
@@ -238,10 +321,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def health(self) -> dict[str, Any]:
         with self._state:
-            state = {"status": "ok", "running": self.running, "waiting": self.waiting, "served": self.served,
-                     "failed": self.failed}
+            state = {"status": "ok", "running": None if self.running is None else self.running.result.name,
+                     "waiting": len(self._queue), "served": self.served, "failed": self.failed,
+                     "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values())}
         return {**state, "max_waiting": self.max_waiting, "max_upload_bytes": self.max_upload_bytes,
-                "formats": list(FORMATS), **self.anim.run_settings()}
+                "keep_s": self.keep_s, "formats": list(FORMATS), **self.anim.run_settings()}
 
     def folder(self) -> Path:
         """A new temporary folder for one request (removed by :meth:`release`, or at :meth:`server_close`)."""
@@ -258,34 +342,156 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         with self._state:
+            self._closing = True
+            self._state.notify_all()
+            worker = self._worker
+            if self.running is not None:  # (it stops at its next progress report)
+                self.running.cancel.set()
+        if worker is not None:  # an interpreter exiting while a thread is inside torch may abort: wait for it
+            from megactor_rt.runtime.pipeline import JOIN_S, note_abandoned
+
+            worker.join(JOIN_S)
+            if not self._worker_ended.is_set():  # (the command ends the process without waiting)
+                note_abandoned(worker, self._worker_ended)
+        with self._state:
             left = list(self._folders)
-        for path in left:  # (a request still running when the server stops)
+        for path in left:  # (a run still under way when the server stops: its thread ends with the process)
             shutil.rmtree(path, ignore_errors=True)
 
-    def run(self, job: Any, config: AnimateConfig, options: dict[str, Any]) -> Any:
-        """Run ``job`` when the requests before it have run.
+    # -- runs ---------------------------------------------------------------------------------------------
+    def submit(self, task: Task) -> None:
+        """Queue ``task`` behind the runs before it.
 
         Raises:
-            FormError: 503 when ``max_waiting`` requests wait already.
+            FormError: 503 when ``max_waiting`` runs wait already.
         """
         with self._state:
-            if self.run_lock.locked() and self.waiting >= self.max_waiting:
-                raise FormError(f"the server is busy ({self.waiting} request(s) waiting for the one running); "
+            self._expire()
+            waiting = len(self._queue) + (self.running is not None)
+            if waiting > self.max_waiting:
+                raise FormError(f"the server is busy ({len(self._queue)} run(s) waiting besides the one running); "
                                 "try again later", 503)
-            self.waiting += 1
+            self._tasks[task.id] = task
+            self._queue.append(task)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="megactor-rt-serve", daemon=True)
+                self._worker.start()
+            self._state.notify_all()
+
+    def task(self, task_id: str) -> tuple[Task, int | None] | None:
+        """A known job and, while it is queued, how many runs come before it."""
+        with self._state:
+            self._expire()
+            task = self._tasks.get(task_id)
+            if task is None:
+                return None
+            ahead = None
+            if task.status == "queued":
+                ahead = list(self._queue).index(task) + (self.running is not None)
+            return task, ahead
+
+    def tasks(self) -> list[dict[str, Any]]:
+        with self._state:
+            self._expire()
+            return [t.describe() for t in self._tasks.values()]
+
+    def forget(self, task: Task) -> str:
+        """Cancel ``task`` (queued: at once; running: at its next progress report) or, finished, delete it and its
+        result; returns its status then ("cancelled", "cancelling", "deleted")."""
+        with self._state:
+            if task.status == "queued":
+                self._queue.remove(task)
+                task.status, task.finished = "cancelled", time.time()
+                task.over.set()
+                del self._tasks[task.id]
+                gone = "cancelled"
+            elif task.status == "running":
+                task.cancel.set()
+                return "cancelling"
+            else:
+                self._tasks.pop(task.id, None)
+                gone = "deleted"
+        self.release(task.folder)
+        return gone
+
+    def _expire(self) -> None:
+        """Forget finished jobs older than ``keep_s``, and the oldest beyond ``max_kept`` (with ``_state`` held)."""
+        now = time.time()
+        finished = sorted((t for t in self._tasks.values() if t.keep and t.finished is not None),
+                          key=lambda t: t.finished or 0.0)
+        for i, t in enumerate(finished):
+            if now - (t.finished or now) > self.keep_s or len(finished) - i > self.max_kept:
+                del self._tasks[t.id]
+                shutil.rmtree(t.folder, ignore_errors=True)
+                self._folders.discard(t.folder)
+
+    def _work(self) -> None:
         try:
-            self.run_lock.acquire()
+            self._work_on()
         finally:
+            self._worker_ended.set()
+
+    def _work_on(self) -> None:
+        while True:
             with self._state:
-                self.waiting -= 1
-        try:
-            with self._state:
-                self.running = job.output.name
-            return self.anim.animate_to_file(job.portrait, job.driver, job.output, **options, config=config)
-        finally:
+                while not self._queue and not self._closing:
+                    self._state.wait()
+                if self._closing:
+                    return
+                task = self.running = self._queue.popleft()
+                task.status = "running"
+            self._run(task)
             with self._state:
                 self.running = None
-            self.run_lock.release()
+                task.finished = time.time()
+                if task.status == "done":
+                    self.served += 1
+                elif task.status == "failed":
+                    self.failed += 1
+                if not task.keep:
+                    self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
+                elif task.status == "done":  # a job keeps its result alone (its uploads are of no more use)
+                    for path in task.folder.iterdir():
+                        if path.name != "result":
+                            shutil.rmtree(path, ignore_errors=True)
+                else:  # (failed or cancelled: what it says is kept, no file)
+                    shutil.rmtree(task.folder, ignore_errors=True)
+                    self._folders.discard(task.folder)
+                task.over.set()
+
+    def _run(self, task: Task) -> None:
+        def report(progress: Any) -> None:
+            task.progress = {"stage": progress.stage, "done": progress.done, "total": progress.total,
+                             "unit": progress.unit}
+            if task.cancel.is_set():
+                raise Cancelled
+
+        job = task.job
+        logger.info("run %s: %s + %s -> %s", task.id, job.portrait.name, job.driver.name, task.result.name)
+        start = time.perf_counter()
+        try:
+            task.stats = self.anim.animate_to_file(job.portrait, job.driver, job.output, **task.options,
+                                                   config=task.config, on_progress=report)
+        except Cancelled:
+            task.status = "cancelled"
+            logger.info("run %s: cancelled", task.id)
+            return
+        except InputError as exc:
+            task.error = 400, task.said(exc)
+        except ResourceError as exc:
+            task.error = 503, task.said(exc)
+        except MegactorError as exc:
+            task.error = 500, task.said(exc)
+        except Exception as exc:  # noqa: BLE001 - a failure of the server: logged with its traceback
+            logger.exception("run %s failed", task.id)
+            task.error = 500, f"the server failed: {type(exc).__name__}: {exc}"
+        if task.error is not None:
+            task.status = "failed"
+            logger.info("run %s: failed (%d %s)", task.id, *task.error)
+            return
+        task.status = "done"
+        logger.info("run %s: %s, %d frames in %.1f s", task.id, task.result.name, task.stats.frames,
+                    time.perf_counter() - start)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -326,14 +532,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The announced body length, refused (411, 413) before anything is read."""
         size = self.headers.get("Content-Length")
         if size is None or not size.strip().isdigit():
-            raise FormError("POST /animate needs a Content-Length (a form sent whole, not chunked)", 411)
+            raise FormError(f"POST {self._route()} needs a Content-Length (a form sent whole, not chunked)", 411)
         if int(size) > self.server.max_upload_bytes:
             raise FormError(f"the form is {int(size)} bytes, over this server's limit of "
                             f"{self.server.max_upload_bytes} (serve --max-upload-mb)", 413)
         return int(size)
 
+    def _route(self) -> str:
+        return self.path.split("?")[0].rstrip("/") or "/"
+
     def handle_expect_100(self) -> bool:
-        if self.path.split("?")[0] == "/animate":
+        if self._route() in _FORMS:
             try:
                 self._length()
             except FormError as exc:
@@ -341,59 +550,99 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return False
         return super().handle_expect_100()
 
+    def _job_route(self) -> tuple[Task, int | None, str] | None:
+        """``/jobs/ID[/result]``'s job (answered 404 where unknown), how many runs are ahead of it, and the rest."""
+        parts = self._route().split("/")  # "", "jobs", ID[, "result"]
+        found = self.server.task(parts[2]) if len(parts) in (3, 4) else None
+        if found is None or (len(parts) == 4 and parts[3] != "result"):
+            self._error(404, f"no such job: {self._route()} (a job is kept {self.server.keep_s:g} s after its run; "
+                             "GET /jobs lists them)")
+            return None
+        return found[0], found[1], parts[3] if len(parts) == 4 else ""
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        path = self.path.split("?")[0]
-        if path == "/health":
+        route = self._route()
+        if route == "/health":
             self._json(200, self.server.health())
-        elif path in ("/", "/index.html"):
+        elif route in ("/", "/index.html"):
             self._answer(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-        elif path == "/animate":
-            self._error(405, "POST /animate with a multipart/form-data form (curl -F portrait=@me.png -F "
+        elif route == "/jobs":
+            self._json(200, {"jobs": self.server.tasks()})
+        elif route.startswith("/jobs/"):
+            found = self._job_route()
+            if found is None:
+                return
+            task, ahead, rest = found
+            if not rest:
+                self._json(200, task.describe(ahead))
+            elif task.status == "done":
+                self._send_result(task)
+            elif task.error is not None:
+                self._error(*task.error)
+            else:
+                self._error(410 if task.status == "cancelled" else 409,
+                            f"job {task.id} is {task.status}: no result" + (
+                                "" if task.status == "cancelled" else " yet (GET /jobs/ID says when it is done)"))
+        elif route in _FORMS:
+            self._error(405, f"POST {route} with a multipart/form-data form (curl -F portrait=@me.png -F "
                              "driver=@meme.mp4 ...)")
         else:
-            self._error(404, f"no such page: {path} (the server answers POST /animate, GET /health and GET /, a form "
-                             "for a browser)")
+            self._error(404, f"no such page: {route} (the server answers POST /animate, POST /jobs, GET /jobs/ID, "
+                             "GET /health and GET /, a form for a browser)")
+
+    def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
+        if not self._route().startswith("/jobs/"):
+            self._error(405, "DELETE /jobs/ID cancels or deletes a job; nothing else is deleted")
+            return
+        found = self._job_route()
+        if found is not None:
+            status = self.server.forget(found[0])
+            self._json(202 if status == "cancelling" else 200, {"id": found[0].id, "status": status})
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        path = self.path.split("?")[0]
-        if path != "/animate":
-            self._error(404 if path != "/health" else 405, f"POST {path}: the server takes POST /animate")
+        route = self._route()
+        if route not in _FORMS:
+            self._error(405 if route in ("/health", "/jobs/") else 404,
+                        f"POST {route}: the server takes POST /animate (the result in the answer) and POST /jobs "
+                        "(a job to ask about)")
             return
         folder = self.server.folder()
-
-        def said(exc: Exception) -> str:  # (the request's files by their field and name, not the server's folders)
-            return str(exc).replace(f"{folder}{os.sep}", "")
-
+        task: Task | None = None
         error: tuple[int, str] | None = None
         result: IO[bytes] | None = None
         try:
-            made, headers = self._animate(folder)
-            result = open(made, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
+            task = self._task(folder, keep=route == "/jobs")
+            self.server.submit(task)
+            if task.keep:
+                self._json(202, task.describe(), {"Location": f"/jobs/{task.id}"})
+                return
+            task.over.wait()
+            if task.status == "done":
+                result = open(task.result, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
+            else:
+                error = task.error or (410, f"the run was cancelled (DELETE /jobs/{task.id})")
         except FormError as exc:
-            error = exc.status, said(exc)
+            error = exc.status, str(exc).replace(f"{folder}{os.sep}", "")
         except InputError as exc:
-            error = 400, said(exc)
-        except ResourceError as exc:
-            error = 503, said(exc)
-        except MegactorError as exc:
-            error = 500, said(exc)
-        except Exception as exc:  # noqa: BLE001 - answered as a server failure, and logged with its traceback
-            logger.exception("POST /animate failed")
-            error = 500, f"the server failed: {type(exc).__name__}: {exc}"
+            error = 400, str(exc).replace(f"{folder}{os.sep}", "")
+        except (BrokenPipeError, ConnectionResetError):
+            logger.info("POST %s: the client went away before the answer", route)
         finally:
-            self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
+            if task is None or not task.keep or error is not None:
+                self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
         try:
-            if result is not None:
-                self._send_file(result, _MEDIA_TYPES[made.suffix.lower()], headers)
+            if result is not None and task is not None:
+                self._send_file(result, _MEDIA_TYPES[task.result.suffix.lower()], task.headers())
             elif error is not None:
                 self._error(*error)
         except (BrokenPipeError, ConnectionResetError):
-            logger.info("POST /animate: the client went away before the answer")
+            logger.info("POST %s: the client went away before the answer", route)
         finally:
             if result is not None:
                 result.close()
 
-    def _animate(self, folder: Path) -> tuple[Path, dict[str, str]]:
+    def _task(self, folder: Path, keep: bool) -> Task:
+        """The request's form read into ``folder`` and checked, as a run to queue."""
         length = self._length()
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder)
         missing = [f for f in ("portrait", "driver") if f not in files]
@@ -413,7 +662,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         cells |= {k: str(v) for k, v in files.items()} | {"output": str(result)}
         job = job_from_cells(cells, "request", Path, self.server.anim.config)
         options = self.server.options | job.options
-        if "crf" in text and text["crf"].strip():
+        if text.get("crf", "").strip():
             try:
                 options["crf"] = int(text["crf"])
             except ValueError:
@@ -421,23 +670,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name in ("side_by_side", "paste_back"):
             if name in text:
                 options[name] = _flag(name, text[name].strip())
-        logger.info("POST /animate: %s + %s -> %s", files["portrait"].name, files["driver"].name, result.name)
-        start = time.perf_counter()
+        return Task(uuid.uuid4().hex[:12], folder, job, job.run_config(self.server.anim.config), options, keep)
+
+    def _send_result(self, task: Task) -> None:
         try:
-            stats = self.server.run(job, job.run_config(self.server.anim.config), options)
-        except MegactorError:
-            with self.server._state:
-                self.server.failed += 1
-            raise
-        with self.server._state:
-            self.server.served += 1
-        logger.info("POST /animate: %s, %d frames in %.1f s", result.name, stats.frames, time.perf_counter() - start)
-        return result, {
-            "Content-Disposition": _attachment(result.name),
-            "X-Megactor-Frames": str(stats.frames),
-            "X-Megactor-Seconds": f"{stats.total_s or 0.0:.3f}",
-            "X-Megactor-First-Frame-Seconds": f"{stats.first_frame_s or 0.0:.3f}",
-            "X-Megactor-Portrait-Cached": "true" if stats.portrait_cache_hit else "false"}
+            file = open(task.result, "rb")  # noqa: SIM115 - closed below
+        except OSError:  # (deleted or expired meanwhile)
+            self._error(410, f"job {task.id}: its result is gone (deleted, or kept past {self.server.keep_s:g} s)")
+            return
+        with file:
+            self._send_file(file, _MEDIA_TYPES[task.result.suffix.lower()], task.headers())
 
     def _send_file(self, file: IO[bytes], content_type: str, headers: dict[str, str]) -> None:
         self.send_response(200)

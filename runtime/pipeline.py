@@ -146,6 +146,13 @@ def abandoned_workers() -> list[threading.Thread]:
         return [t for t, _ in _abandoned]
 
 
+def note_abandoned(thread: threading.Thread, ended: threading.Event) -> None:
+    """Count ``thread`` among :func:`abandoned_workers` until ``ended`` is set (a worker of another kind than
+    :func:`prefetch`'s that could not be stopped in time, e.g. :mod:`megactor_rt.server`'s)."""
+    with _abandoned_lock:
+        _abandoned.append((thread, ended))
+
+
 def check_cancelled() -> None:
     """Raise :class:`Cancelled` where this thread produces items for a :func:`prefetch` whose consumer has
     stopped (closed it, or raised, e.g. on Ctrl-C): long loops (denoising windows, decode batches, driver

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media_fixtures import PORTRAIT, decode_all, write_face_driver
+from media_fixtures import DRIVER, PORTRAIT, decode_all, write_face_driver
 from PIL import Image
 
 import megactor_rt.server as server_module
@@ -268,7 +268,7 @@ def test_the_page_for_a_browser_offers_every_field_and_its_form_is_taken(served:
 def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: AnimateServer,
                                                                      media: dict[str, Path]) -> None:
     """The page's script run by jsdom in node (tests/js/serve_page_check.mjs): it names the model (and warns of the
-    demo's), posts the form and shows the answer with a link to save it under the result's name."""
+    demo's), posts the form as a job, shows its progress, then the result with a link to save it under its name."""
     import shutil
 
     jsdom = os.environ.get("MEGACTOR_JSDOM")
@@ -281,7 +281,9 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout.strip().splitlines()[-1])
     assert shown["model"].startswith("The model: tiny-random-0, torch on CPU") and not shown["warning_hidden"]
-    assert re.fullmatch(r"5 frames in [0-9.]+ s", shown["status"]) and shown["status_class"] == "", shown
+    assert re.fullmatch(r"5 frames in [0-9.]+ s( \(the portrait was prepared already\))?", shown["status"]), shown
+    assert shown["status_class"] == "" and shown["seen"][:2] == ["Sending ...", "Starting ..."], shown
+    assert any(re.fullmatch(r"Running: (driver|denoise|decode|write) \d+ of \d+ \w+\(s\) ...", s) for s in shown["seen"])
     assert shown["result"] == '<img src="blob:x"><a href="blob:x" download="portrait_talk.gif">Save portrait_talk.gif</a>'
 
 
@@ -352,7 +354,7 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
     health = _wait_for(served, lambda h: h["waiting"] == 1)
     status, headers, body = animate(served, {**files(media), "format": "mkv"})
     assert status == 503 and headers["Retry-After"] == "10"
-    assert "the server is busy (1 request(s) waiting for the one running)" in json.loads(body)["error"]
+    assert "the server is busy (1 run(s) waiting besides the one running)" in json.loads(body)["error"]
     assert health["running"] == "me_talk.mp4"
     go.set()
     first.join(120)
@@ -361,14 +363,96 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
     assert order == ["start me_talk.mp4", "end me_talk.mp4", "start me_talk.gif", "end me_talk.gif"]
 
 
-def _wait_for(srv: AnimateServer, test: object, seconds: float = 60) -> dict:
+def _wait_for(srv: AnimateServer, test: object, seconds: float = 60, path: str = "/health") -> dict:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        health = json.loads(request(srv, "GET", "/health")[2])
-        if test(health):  # type: ignore[operator]
-            return health
+        doc = json.loads(request(srv, "GET", path)[2])
+        if test(doc):  # type: ignore[operator]
+            return doc
         time.sleep(0.05)
-    raise AssertionError(f"the server's health never showed it: {health}")
+    raise AssertionError(f"GET {path} never showed it: {doc}")
+
+
+def _job(srv: AnimateServer, fields: dict[str, Field]) -> str:
+    body, ctype = form(fields)
+    status, headers, answer = request(srv, "POST", "/jobs", body, ctype)
+    doc = json.loads(answer)
+    assert status == 202 and headers["Location"] == f"/jobs/{doc['id']}", answer
+    assert doc["status"] == "queued" and doc["result_name"] == "me_talk." + str(fields.get("format", "mp4"))
+    return str(doc["id"])
+
+
+def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served: AnimateServer,
+                                                                         media: dict[str, Path], tmp_path: Path,
+                                                                         scratch: Path) -> None:
+    """POST /jobs answers at once (202, the job's address); GET /jobs/ID follows it to done, with its progress and
+    the result's address; the result is the one POST /animate answers with; GET /jobs lists it; DELETE removes it
+    and its files."""
+    job = _job(served, files(media))
+    doc = _wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")
+    assert doc["status"] == "done" and doc["result"] == f"/jobs/{job}/result" and doc["frames"] == 6, doc
+    assert doc["progress"]["stage"] == "write" and doc["progress"]["done"] == 6
+    status, headers, body = request(served, "GET", f"/jobs/{job}/result")
+    assert status == 200 and headers["Content-Type"] == "video/mp4" and headers["X-Megactor-Frames"] == "6"
+    assert request(served, "GET", f"/jobs/{job}/result")[2] == body  # (kept: fetched again)
+    (tmp_path / "job.mp4").write_bytes(body)
+    (tmp_path / "now.mp4").write_bytes(animate(served, files(media))[2])
+    assert all(np.array_equal(a, b) for a, b in zip(decode_all(tmp_path / "job.mp4"), decode_all(tmp_path / "now.mp4"),
+                                                    strict=True))
+    listed = json.loads(request(served, "GET", "/jobs")[2])["jobs"]
+    assert [(d["id"], d["status"]) for d in listed] == [(job, "done")]
+    kept = [p for p in scratch.rglob("*") if p.is_file()]
+    assert [p.relative_to(scratch).parts[1:] for p in kept] == [("result", "me_talk.mp4")]  # (no uploads left)
+    status, _, body = request(served, "DELETE", f"/jobs/{job}")
+    assert (status, json.loads(body)) == (200, {"id": job, "status": "deleted"})
+    assert request(served, "GET", f"/jobs/{job}")[0] == 404 and list(scratch.iterdir()) == []
+
+
+def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media: dict[str, Path], scratch: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued job says how many runs are ahead and has no result yet (409); DELETE cancels it queued (at once)
+    or running (at its run's next progress report: 202, then cancelled, its result gone: 410); a job whose run
+    fails says why, and its result answers with that error."""
+    go = threading.Event()
+    real = served.anim.animate_to_file
+
+    def held(*args: object, **kw: object) -> object:
+        go.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(served.anim, "animate_to_file", held)
+    first, second = _job(served, files(media)), _job(served, {**files(media), "format": "gif"})
+    _wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{first}")
+    doc = json.loads(request(served, "GET", f"/jobs/{second}")[2])
+    assert (doc["status"], doc["ahead"]) == ("queued", 1)
+    status, _, body = request(served, "GET", f"/jobs/{second}/result")
+    assert status == 409 and f"job {second} is queued: no result yet" in json.loads(body)["error"]
+    assert json.loads(request(served, "DELETE", f"/jobs/{second}")[2])["status"] == "cancelled"
+    status, _, body = request(served, "DELETE", f"/jobs/{first}")
+    assert (status, json.loads(body)["status"]) == (202, "cancelling")
+    go.set()
+    doc = _wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{first}")
+    assert doc["status"] == "cancelled" and doc["progress"]["stage"] == "driver", doc  # (its first report)
+    assert request(served, "GET", f"/jobs/{first}/result")[0] == 410
+    assert request(served, "GET", f"/jobs/{second}")[0] == 404
+    bad = _job(served, {**files(media), "portrait": ("me.png", b"not an image")})
+    doc = _wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{bad}")
+    assert doc["status"] == "failed" and doc["error"].startswith("portrait/me.png: "), doc
+    status, _, body = request(served, "GET", f"/jobs/{bad}/result")
+    assert status == 400 and json.loads(body)["error"] == doc["error"]
+    health = json.loads(request(served, "GET", "/health")[2])
+    assert (health["served"], health["failed"], health["jobs_kept"], health["waiting"]) == (0, 1, 2, 0)
+    assert list(scratch.iterdir()) == []  # (a failed or cancelled job keeps what it says, no file)
+
+
+def test_a_finished_job_is_kept_for_keep_s_only(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
+    served.keep_s = 0.0
+    job = _job(served, {**files(media), "duration": "0.04"})
+    _wait_for(served, lambda d: d.get("status") == "done" or "error" in d, path=f"/jobs/{job}")
+    time.sleep(0.05)
+    status, _, body = request(served, "GET", f"/jobs/{job}/result")
+    assert status == 404 and "a job is kept 0 s after its run" in json.loads(body)["error"]
+    assert list(scratch.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------- the command
@@ -380,8 +464,9 @@ def _wait_for(srv: AnimateServer, test: object, seconds: float = 60) -> dict:
     ([], "serve needs --weights DIR (converted weights) or --demo"),
     (["--demo", "--weights", "w"], "or --demo (the tiny random model), one of them"),
     (["--demo", "--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),
+    (["--demo", "--keep-min", "nan"], "--keep-min must be a finite number > 0, got nan"),
     (["--demo", "--overlap", "20"], "bad run settings: --window must be >= 1 and --overlap from 0"),
-], ids=["mask", "checkpoint-and-16-bit", "no-model", "both-models", "no-upload", "bad-settings"])
+], ids=["mask", "checkpoint-and-16-bit", "no-model", "both-models", "no-upload", "no-keep", "bad-settings"])
 def test_serve_refuses_what_it_cannot_do_before_loading(argv: list[str], message: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", *argv]) == 2
@@ -403,7 +488,8 @@ def test_a_port_in_use_is_named_before_the_model_loads(capsys: pytest.CaptureFix
 
 def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], tmp_path: Path) -> None:
     """`megactor-rt serve --demo --port 0` in a process of its own: it says where it listens, answers a form with a
-    video, logs a line per request, and stops on SIGTERM (status 143) leaving nothing in its temporary folder."""
+    video, logs a line per run, and stops on SIGTERM (status 143) in the middle of a job's run, which it cancels,
+    leaving nothing in its temporary folder."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
@@ -421,10 +507,25 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
         data = answer.read()
         conn.close()
         assert answer.status == 200 and data[:6] == b"GIF89a" and answer.getheader("X-Megactor-Frames") == "6"
+        body, ctype = form({"portrait": ("me.png", PORTRAIT.read_bytes()), "driver": ("long.mp4", DRIVER.read_bytes())})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/jobs", body, {"Content-Type": ctype})
+        job = json.loads(conn.getresponse().read())["id"]
+        conn.close()
+        for _ in range(600):  # (its run under way: SIGTERM comes in the middle of it)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            conn.request("GET", f"/jobs/{job}")
+            doc = json.loads(conn.getresponse().read())
+            conn.close()
+            if doc["status"] != "queued":
+                break
+            time.sleep(0.02)
+        assert doc["status"] == "running", doc
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert "INFO megactor_rt.server: POST /animate: me.png + talk.mp4 -> me_talk.gif" in err
-    assert "6 frames in" in err and "terminated" in err
+    assert re.search(r"INFO megactor_rt.server: run [0-9a-f]{12}: me.png \+ talk.mp4 -> me_talk.gif\n", err), err
+    assert re.search(r"run [0-9a-f]{12}: me_talk.gif, 6 frames in [0-9.]+ s\n", err) and "terminated" in err
+    assert f"run {job}: cancelled" in err
     assert not [p for p in scratch.iterdir() if p.name.startswith("megactor-rt-")]

@@ -1,7 +1,7 @@
 // The page megactor-rt serve answers GET / with, run in jsdom (a browser's DOM in node) against a live server:
 // it shows the model, posts a form with a portrait and a driver, and shows the result and a link to save it.
 // Run by tests/test_server.py where MEGACTOR_JSDOM names a folder holding node_modules/jsdom (npm install jsdom@24).
-// Prints one JSON line: {"model", "warning_hidden", "status", "status_class", "result"}.
+// Prints one JSON line: {"model", "warning_hidden", "status", "status_class", "result", "seen": the status lines}.
 // Usage: node serve_page_check.mjs URL PORTRAIT DRIVER
 import fs from "node:fs";
 import { createRequire } from "node:module";
@@ -39,12 +39,15 @@ chosen.driver = process.argv[4];
 doc.querySelector("select[name=format]").value = "gif";
 doc.querySelector("input[name=duration]").value = "0.2";
 doc.getElementById("form").dispatchEvent(new w.Event("submit", { cancelable: true }));
-for (let i = 0; i === 0 || (i < 240 && doc.getElementById("go").disabled); i++) {
-  await new Promise((r) => setTimeout(r, 500));
+const seen = []; // the status lines shown while it runs
+for (let i = 0; i === 0 || (i < 1200 && doc.getElementById("go").disabled); i++) {
+  const now = doc.getElementById("status").textContent;
+  if (seen[seen.length - 1] !== now) seen.push(now);
+  await new Promise((r) => setTimeout(r, 100));
 }
 await new Promise((r) => setTimeout(r, 500));
 console.log(JSON.stringify({
   model: doc.getElementById("model").textContent, warning_hidden: doc.getElementById("warning").hidden,
   status: doc.getElementById("status").textContent, status_class: doc.getElementById("status").className,
-  result: doc.getElementById("result").innerHTML,
+  result: doc.getElementById("result").innerHTML, seen,
 }));
