@@ -467,19 +467,24 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
     return PortraitCache(disk_dir=args.cache_dir, max_disk_bytes=int(args.cache_max_gb * 2**30))  # GiB, as Python
 
 
-def _report(stats, out: Path) -> None:  # noqa: ANN001
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items())
-    cached = "portrait from cache; " if stats.portrait_cache_hit else ""
+def _report(stats, out: Path, where: str = "") -> None:  # noqa: ANN001
+    """The line a written result gets (``where``: the server that made it)."""
+    facts = [f"{stats.fps or 0:.2f} fps", f"first frame after {stats.first_frame_s or 0:.1f}s"]
+    if where:
+        facts.append(f"made by {where}")
+    if stats.portrait_cache_hit:
+        facts.append("portrait from cache")
     if stats.driver_plan_hit:
-        cached += "driver's faces kept from an earlier run; "
+        facts.append("driver's faces kept from an earlier run")
     if stats.resumed_from_step:
-        cached += f"resumed at step {stats.resumed_from_step + 1}; "
+        facts.append(f"resumed at step {stats.resumed_from_step + 1}")
+    if stats.stage_seconds:
+        facts.append(", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items()))
     from megactor_rt.pipe import is_stdout
 
     done = "streamed to standard output" if is_stdout(out) else f"wrote {out}"
-    print(f"{done}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s:.1f}s "
-          f"({stats.fps:.2f} fps; first frame after "
-          f"{stats.first_frame_s:.1f}s; {cached}{stages})")
+    print(f"{done}: {stats.frames} frame{'' if stats.frames == 1 else 's'} in {stats.total_s or 0:.1f}s "
+          f"({'; '.join(facts)})")
 
 
 class StatsFile:
@@ -878,6 +883,9 @@ def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -
 
 def cmd_animate(args: argparse.Namespace) -> int:
     _check_fallback(args)
+    if (args.weights is None) == (args.server is None):
+        raise InputError("animate needs --weights DIR (converted weights) or --server URL (a megactor-rt serve to make "
+                         "the results), one of them")
     if args.jobs is not None:
         config = _run_config(args)
         jobs, batch = file_jobs(args, config), True
@@ -900,6 +908,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
                      args.audio_start, args.sequence_fps)
         _check_quality(jobs[0].output, args.crf)  # a batch's results share their format
+    if args.server is not None:
+        return _animate_remote(args, jobs, batch)
     check_converted_folder(args.weights)
     if args.jobs is None:
         config = _run_config(args)
@@ -942,6 +952,104 @@ def cmd_animate(args: argparse.Namespace) -> int:
             continue
         _report(stats, output)
         record.add(anim, portrait, driver, output, stats)
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
+_REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
+                           "start", "duration", "seed", "portrait_face", "driver_face", "crf", "side_by_side",
+                           "paste_back", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup",
+                           "addresses", "progress_file", "weights"})
+
+
+def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, defaults: AnimateConfig
+                   ) -> tuple[dict[str, str], dict[str, Path]]:
+    """A job as a server's form: text fields and files (:mod:`megactor_rt.server`); settings left at their defaults
+    are left to the server."""
+    fields: dict[str, str] = {"format": job.output.suffix.lower().lstrip(".")}
+    files: dict[str, Path] = {}
+    if options.get("mask") is not None:
+        files["mask"] = Path(options["mask"])
+    audio = options.get("audio", True)
+    if audio is False:
+        fields["audio"] = "none"
+    elif audio is not True:
+        files["audio"] = Path(audio)
+    for key, name in (("audio_start", "audio_start"), ("face", "portrait_face"), ("driver_face", "driver_face"),
+                      ("crf", "crf")):
+        if options.get(key) is not None:
+            fields[name] = str(options[key])
+    for name in ("side_by_side", "paste_back"):
+        if options.get(name):
+            fields[name] = "true"
+    for name in ("start", "duration", "seed"):
+        if getattr(config, name) != getattr(defaults, name):
+            fields[name] = str(getattr(config, name))
+    return fields, files
+
+
+def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> int:
+    """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
+    from megactor_rt.client import Client
+    from megactor_rt.media import RESULT_SUFFIXES
+    from megactor_rt.progress import progress
+    from megactor_rt.runtime.pipeline import RunStats
+    from megactor_rt.sequence import sequence_pattern
+
+    defaults = build_parser().parse_args(["animate"])
+    given = sorted({f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                    if k not in _REMOTE_FLAGS and v != getattr(defaults, k, v)})
+    if given:
+        raise InputError(f"{', '.join(given)}: with --server the run settings are the server's (`megactor-rt serve` "
+                         "takes them); a request sends its files, times (--start, --duration), --seed, faces, sound, "
+                         "--crf and the result's layout")
+    for job in jobs:
+        if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
+            raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
+                             f"a video file ({', '.join(RESULT_SUFFIXES)}): image sequences and -o - are made here")
+    client = Client(args.server)
+    health = client.health()  # (an address that is no server: said before any upload)
+    logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
+    config, base = _run_config(args), AnimateConfig()
+    if batch:
+        from megactor_rt.media import result_folder
+
+        for folder in dict.fromkeys(result_folder(job.output) for job in jobs):
+            folder.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    for job in jobs:
+        fields, files = _remote_fields(job, _result_options(args) | job.options, job.run_config(config), base)
+        bars: dict[str, Any] = {}
+        json_progress = _on_progress(args, job.output)
+
+        def shown(report: Progress, bars: dict[str, Any] = bars, json_progress: Any = json_progress) -> None:
+            bar = bars.get(report.stage)
+            if bar is None:
+                for old in bars.values():
+                    old.close()
+                bar = bars[report.stage] = progress(total=report.total, desc=report.stage, unit=report.unit)
+            bar.update(report.done - bar.n)
+            if json_progress is not None:
+                json_progress(report)
+
+        try:
+            head = client.animate(job.portrait, job.driver, job.output, fields, files, shown)
+        except MegactorError as exc:
+            if not batch:
+                raise
+            print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
+            failed.append(job.output.name)
+            continue
+        finally:
+            for bar in bars.values():
+                bar.close()
+        stats = RunStats(frames=int(head.get("x-megactor-frames", 0)), total_s=float(head.get("x-megactor-seconds", 0)),
+                         first_frame_s=float(head.get("x-megactor-first-frame-seconds", 0)),
+                         portrait_cache_hit=head.get("x-megactor-portrait-cached") == "true")
+        _report(stats, job.output, client.url)
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
         return 2
@@ -1272,7 +1380,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "failure or an interruption does the rest; a result exists only once it is complete; kept "
                            "results get no --stats record, and a warning where their metadata says they were made "
                            "with other settings); default: overwrite")
-    _add_engine_flags(a_engine)
+    _add_engine_flags(a_engine, weights_required=False)
+    a_engine.add_argument("--server", default=None, metavar="URL",
+                          help="instead of --weights: have a `megactor-rt serve` make the results (e.g. "
+                               "http://gpu-box:8450): each is sent as a job (its files, times, seed, faces, sound, "
+                               "crf, layout), followed, and written here; the run settings are the server's")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 

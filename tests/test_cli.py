@@ -252,7 +252,7 @@ def test_failed_run_keeps_previous_output(weights: Path, media: dict[str, Path],
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """One line, as the other clear errors (was: argparse's usage block above the message)."""
-    for argv, needle in ((["animate", "--portrait", "p.png"], "required: --weights"),
+    for argv, needle in ((["animate", "--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
                          (["demo", "--steps", "0"], "argument --steps: 0 is not >= 1")):
         with pytest.raises(SystemExit) as exc:
             main(argv)

@@ -529,3 +529,74 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
     assert re.search(r"run [0-9a-f]{12}: me_talk.gif, 6 frames in [0-9.]+ s\n", err) and "terminated" in err
     assert f"run {job}: cancelled" in err
     assert not [p for p in scratch.iterdir() if p.name.startswith("megactor-rt-")]
+
+
+# ------------------------------------------------------------------------------------------------- the client
+
+
+def test_animate_with_server_writes_the_servers_result_here(served: AnimateServer, anim: Animator,
+                                                            media: dict[str, Path], tmp_path: Path, scratch: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`animate --server URL` sends the inputs and the times, seed and sound it was given as a job, and writes the
+    frames the server's Animator makes for them; the job is deleted on the server afterwards."""
+    out = tmp_path / "here.mp4"
+    code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
+                 str(media["driver"]), "-o", str(out), "--start", "0.08", "--seed", "3", "--no-audio"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert re.search(rf"wrote {re.escape(str(out))}: 4 frames in [0-9.]+s \(.*made by {served.url}", captured.out)
+    want = tmp_path / "want.mp4"
+    anim.animate_to_file(media["portrait"], media["driver"], want, audio=False,
+                         config=anim.config.__class__(**{**anim.config.__dict__, "start": 0.08, "seed": 3}))
+    got = decode_all(out)
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, decode_all(want), strict=True))
+    import av
+
+    with av.open(str(out)) as c:
+        assert not c.streams.audio  # (--no-audio went as audio=none)
+    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and list(scratch.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here.mp4", "tmp", "want.mp4"]  # (no partial file left)
+
+
+def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, scratch: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--portrait", str(media["portrait"]), "--driver", str(media["driver"])]
+    cases = [
+        (["--server", served.url, *common, "-o", str(tmp_path / "a.mp4"), "--steps", "10", "--window", "4"],
+         "--steps, --window: with --server the run settings are the server's"),
+        (["--server", served.url, *common, "-o", str(tmp_path / "take/%05d.png")],
+         "with --server the driver is a video file and the result a video file"),
+        ([*common, "-o", str(tmp_path / "a.mp4")], "animate needs --weights DIR (converted weights) or --server URL"),
+        (["--server", "ftp://x", *common, "-o", str(tmp_path / "a.mp4")], "ftp://x: --server takes the address"),
+        (["--server", "http://127.0.0.1:9", *common, "-o", str(tmp_path / "a.mp4")],
+         "http://127.0.0.1:9: cannot reach the server"),
+    ]
+    for argv, message in cases:
+        assert main(["-q", "animate", *argv]) == 2
+        assert message in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), str(bad), "--driver",
+                 str(media["driver"]), "-o", str(tmp_path / "out"), "--duration", "0.04"])
+    captured = capsys.readouterr()
+    assert code == 2 and "error: 1 of 2 results not written: bad_talk.mp4" in captured.err, captured.err
+    assert "bad_talk.mp4: portrait/bad.png: " in captured.err  # (the server's message, naming the upload)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["portrait_talk.mp4"]
+    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and list(scratch.iterdir()) == []
+
+
+def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media: dict[str, Path], tmp_path: Path,
+                                                    scratch: Path) -> None:
+    """Ctrl-C in the client (here: raised by its progress function) cancels the job on the server (or deletes it,
+    where it was done already); no file of it stays there, and no result here."""
+    from megactor_rt.client import Client
+
+    def stop(report: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Client(served.url).animate(media["portrait"], media["driver"], tmp_path / "never.mp4", on_progress=stop)
+    _wait_for(served, lambda d: d["running"] is None)
+    assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] in ([], ["cancelled"])
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "never.mp4").exists()

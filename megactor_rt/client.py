@@ -1,0 +1,204 @@
+"""A client of ``megactor-rt serve`` (:mod:`megactor_rt.server`): ``megactor-rt animate --server URL`` sends each
+result's inputs to a server (a GPU machine that keeps the model loaded) as a job, follows its progress, and writes
+the result here as a local run would (under a temporary name, renamed when whole). Python::
+
+    from megactor_rt.client import Client
+    Client("http://gpu-box:8450").animate("me.png", "meme.mp4", "out.mp4", fields={"start": "0:42"})
+
+The request carries what a jobs-file row carries (:data:`megactor_rt.server.TEXT_FIELDS`: the files, times, seed,
+faces, sound, crf and the result's shape); the run settings (steps, guidance, window, ...) are the server's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a job's state is asked for
+BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
+_CHUNK = 1 << 20
+
+
+class Client:
+    """Talks to one ``megactor-rt serve`` at ``url`` (``http://host:port``)."""
+
+    def __init__(self, url: str, timeout_s: float = 600.0) -> None:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT "
+                             "(the server speaks plain HTTP; put a proxy of your own in front for TLS)")
+        self.url = f"http://{parts.netloc}"
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.timeout_s = timeout_s
+
+    # -- one request ----------------------------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+              ) -> tuple[int, dict[str, str], http.client.HTTPResponse, http.client.HTTPConnection]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        try:
+            conn.request(method, path, body, headers or {})
+            answer = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise InputError(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}); is `megactor-rt "
+                             "serve` running there?") from exc
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer, conn
+
+    def _json(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+              ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        status, head, answer, conn = self._call(method, path, body, headers)
+        try:
+            data = answer.read()
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise InputError(f"{self.url}{path}: the answer ({status}) is not the JSON a megactor-rt server gives; is "
+                             "this address a megactor-rt server?") from None
+        return status, head, doc if isinstance(doc, dict) else {}
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: the server's model and settings."""
+        status, _, doc = self._json("GET", "/health")
+        if status != 200:
+            raise InputError(f"{self.url}: GET /health answered {status}: {doc.get('error')}")
+        return doc
+
+    def submit(self, portrait: Path, driver: Path, fields: dict[str, str] | None = None,
+               files: dict[str, Path] | None = None) -> str:
+        """``POST /jobs``: a job for ``portrait`` and ``driver`` (and ``files``: mask, audio; ``fields``: the form's
+        text fields); its id. A full queue (503) is asked again after the time the server says.
+
+        Raises:
+            InputError: the server refuses the form (named as it names it), or cannot be reached.
+        """
+        sent = {"portrait": Path(portrait), "driver": Path(driver), **(files or {})}
+        for _ in range(BUSY_TRIES):
+            body, length, content_type = _form(fields or {}, sent)
+            status, head, doc = self._json("POST", "/jobs", body, {"Content-Type": content_type,
+                                                                   "Content-Length": str(length)})
+            if status == 202:
+                return str(doc["id"])
+            if status != 503:
+                raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
+            wait = float(head.get("retry-after", "10")) if head.get("retry-after", "").isdigit() else 10.0
+            logger.warning("%s: %s; asking again in %g s", self.url, doc.get("error"), wait)
+            time.sleep(wait)
+        raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")
+
+    def wait(self, job: str, on_progress: Callable[[Progress], object] | None = None) -> dict[str, Any]:
+        """Follow job ``job`` until its run ends (done, failed or cancelled), passing its progress on; its state."""
+        last = None
+        while True:
+            status, _, doc = self._json("GET", f"/jobs/{job}")
+            if status != 200:
+                raise InputError(f"{self.url}: job {job}: {doc.get('error', status)}")
+            progress = doc.get("progress")
+            if on_progress is not None and progress and progress != last:
+                on_progress(Progress(progress["stage"], progress["done"], progress["total"], progress["unit"]))
+                last = progress
+            if doc["status"] not in ("queued", "running"):
+                return doc
+            time.sleep(POLL_S)
+
+    def fetch(self, job: str, output: Path) -> dict[str, str]:
+        """Write job ``job``'s result to ``output`` (under a temporary name in its folder, renamed when whole); the
+        answer's headers (``x-megactor-frames``, ...)."""
+        status, head, answer, conn = self._call("GET", f"/jobs/{job}/result")
+        try:
+            if status != 200:
+                raise InputError(f"{output}: {_error(answer.read(), status)}")
+            partial = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                with open(partial, "wb") as out:
+                    while chunk := answer.read(_CHUNK):
+                        out.write(chunk)
+                size = partial.stat().st_size
+                if "content-length" in head and size != int(head["content-length"]):
+                    raise InputError(f"{output}: the result's download broke off ({size} of "
+                                     f"{head['content-length']} bytes)")
+                os.replace(partial, output)
+            except OSError as exc:
+                raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    partial.unlink()
+        finally:
+            conn.close()
+        return head
+
+    def delete(self, job: str) -> None:
+        """``DELETE /jobs/ID``: cancel the job or delete its result on the server (its answer is not needed)."""
+        with contextlib.suppress(InputError):
+            self._json("DELETE", f"/jobs/{job}")
+
+    def animate(self, portrait: str | Path, driver: str | Path, output: str | Path,
+                fields: dict[str, str] | None = None, files: dict[str, Path] | None = None,
+                on_progress: Callable[[Progress], object] | None = None) -> dict[str, str]:
+        """One result made by the server, written to ``output``: submitted as a job, followed, fetched, and
+        deleted on the server; stopped here (Ctrl-C, an error), the job is cancelled there. The result's headers.
+
+        Raises:
+            InputError: the server refused the form or its run failed (with the server's message).
+        """
+        output = Path(output)
+        job = self.submit(Path(portrait), Path(driver), fields, files)
+        try:
+            state = self.wait(job, on_progress)
+            if state["status"] != "done":
+                raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} (on {self.url})")
+            return self.fetch(job, output)
+        finally:
+            self.delete(job)
+
+
+def _form(fields: dict[str, str], files: dict[str, Path]) -> tuple[Iterator[bytes], int, str]:
+    """A multipart/form-data body streamed from the files (not read into memory), its length and Content-Type."""
+    boundary = uuid.uuid4().hex
+    pieces: list[bytes | Path] = []
+    for name, value in fields.items():
+        pieces.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, path in files.items():
+        quoted = path.name.replace("\\", "_").replace('"', "_").replace("\r", "_").replace("\n", "_")
+        pieces.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{quoted}"\r\n'
+                      "Content-Type: application/octet-stream\r\n\r\n".encode())
+        pieces.append(path)
+        pieces.append(b"\r\n")
+    pieces.append(f"--{boundary}--\r\n".encode())
+    try:
+        length = sum(p.stat().st_size if isinstance(p, Path) else len(p) for p in pieces)
+    except OSError as exc:
+        raise InputError(f"{exc.filename}: cannot read it ({exc.strerror})") from exc
+
+    def body() -> Iterator[bytes]:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            with open(piece, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+
+    return body(), length, f"multipart/form-data; boundary={boundary}"
+
+
+def _error(data: bytes, status: int) -> str:
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"the server answered {status}"
