@@ -302,7 +302,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self.anim, self.options = anim, dict(options or {})
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
         self.keep_s, self.max_kept = keep_s, max_kept
-        self._state = threading.Condition()
+        self._state = threading.Condition(threading.RLock())
+        self._receiving = 0  # forms being received, each holding a place in the queue
         self._tasks: dict[str, Task] = {}  # by id: the queued, the running, and the jobs kept
         self._queue: deque[Task] = deque()
         self.running: Task | None = None
@@ -359,18 +360,38 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             shutil.rmtree(path, ignore_errors=True)
 
     # -- runs ---------------------------------------------------------------------------------------------
-    def submit(self, task: Task) -> None:
-        """Queue ``task`` behind the runs before it.
-
-        Raises:
-            FormError: 503 when ``max_waiting`` runs wait already.
-        """
+    def busy(self) -> FormError | None:
+        """The 503 a new request gets while ``max_waiting`` runs wait (queued, or their forms being received)."""
         with self._state:
             self._expire()
-            waiting = len(self._queue) + (self.running is not None)
-            if waiting > self.max_waiting:
-                raise FormError(f"the server is busy ({len(self._queue)} run(s) waiting besides the one running); "
-                                "try again later", 503)
+            waiting = len(self._queue) + self._receiving
+            if waiting + (self.running is not None) > self.max_waiting:
+                return FormError(f"the server is busy ({waiting} run(s) waiting or being sent besides the one "
+                                 "running); try again later", 503)
+            return None
+
+    def reserve(self) -> None:
+        """Hold a place in the queue while a request's form is received (so that forms the queue would refuse are
+        refused before they are read, however many come at once); :meth:`submit` takes it, :meth:`unreserve` gives
+        it back.
+
+        Raises:
+            FormError: 503 (:meth:`busy`).
+        """
+        with self._state:
+            refused = self.busy()
+            if refused is not None:
+                raise refused
+            self._receiving += 1
+
+    def unreserve(self) -> None:
+        with self._state:
+            self._receiving -= 1
+
+    def submit(self, task: Task) -> None:
+        """Queue ``task`` behind the runs before it, in the place :meth:`reserve` held for it."""
+        with self._state:
+            self._receiving -= 1
             self._tasks[task.id] = task
             self._queue.append(task)
             if self._worker is None:
@@ -542,9 +563,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.path.split("?")[0].rstrip("/") or "/"
 
     def handle_expect_100(self) -> bool:
-        if self._route() in _FORMS:
+        if self._route() in _FORMS:  # (refused before the client sends the form)
             try:
                 self._length()
+                refused = self.server.busy()
+                if refused is not None:
+                    raise refused
             except FormError as exc:
                 self._error(exc.status, str(exc))
                 return False
@@ -610,9 +634,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         task: Task | None = None
         error: tuple[int, str] | None = None
         result: IO[bytes] | None = None
+        reserved = False
         try:
+            self._length()  # (a form too large, or of no size, before a place in the queue)
+            self.server.reserve()
+            reserved = True
             task = self._task(folder, keep=route == "/jobs")
             self.server.submit(task)
+            reserved = False
             if task.keep:
                 self._json(202, task.describe(), {"Location": f"/jobs/{task.id}"})
                 return
@@ -628,6 +657,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             logger.info("POST %s: the client went away before the answer", route)
         finally:
+            if reserved:
+                self.server.unreserve()
             if task is None or not task.keep or error is not None:
                 self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
         try:

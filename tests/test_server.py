@@ -354,8 +354,16 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
     health = _wait_for(served, lambda h: h["waiting"] == 1)
     status, headers, body = animate(served, {**files(media), "format": "mkv"})
     assert status == 503 and headers["Retry-After"] == "10"
-    assert "the server is busy (1 run(s) waiting besides the one running)" in json.loads(body)["error"]
+    assert "the server is busy (1 run(s) waiting or being sent besides the one running)" in json.loads(body)["error"]
     assert health["running"] == "me_talk.mp4"
+    import socket
+
+    for expect in (b"", b"Expect: 100-continue\r\n"):  # refused before the form is read (or even sent)
+        with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=10) as conn:
+            conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n" + expect +
+                         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+            answer = conn.recv(65536)  # (a server reading the form first would wait here for the other 10 MB)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
     go.set()
     first.join(120)
     second.join(120)
