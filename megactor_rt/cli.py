@@ -1003,9 +1003,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
     given = sorted({f"--{k.replace('_', '-')}" for k, v in vars(args).items()
                     if k not in _REMOTE_FLAGS and v != getattr(defaults, k, v)})
     if given:
-        raise InputError(f"{', '.join(given)}: with --server the run settings are the server's (`megactor-rt serve` "
-                         "takes them); a request sends its files, times (--start, --duration), --seed, faces, sound, "
-                         "--crf and the result's layout")
+        raise InputError(f"{', '.join(given)}: not with --server. A request carries its files, times (--start, "
+                         "--duration), --seed, faces, sound, --crf and the result's layout; the other run settings are "
+                         "the server's (`megactor-rt serve` takes them), and --dry-run, --skip-existing, --stats and "
+                         "--checkpoint-dir are for runs made here")
     for job in jobs:
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
@@ -1311,10 +1312,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
-def _add_engine_flags(group: Any, weights_required: bool = True) -> None:
-    """The flags that choose the weights, the backend and the device (``animate``, ``serve``)."""
-    group.add_argument("--weights", required=weights_required, type=Path, default=None,
-                       help="converted weights folder (convert-weights)")
+def _add_engine_flags(group: Any) -> None:
+    """The flags that choose the weights, the backend and the device (``animate``, ``serve``; each checks that
+    ``--weights`` or what stands in for it is given)."""
+    group.add_argument("--weights", type=Path, default=None, help="converted weights folder (convert-weights)")
     group.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     group.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
     group.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
@@ -1380,7 +1381,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "failure or an interruption does the rest; a result exists only once it is complete; kept "
                            "results get no --stats record, and a warning where their metadata says they were made "
                            "with other settings); default: overwrite")
-    _add_engine_flags(a_engine, weights_required=False)
+    _add_engine_flags(a_engine)
     a_engine.add_argument("--server", default=None, metavar="URL",
                           help="instead of --weights: have a `megactor-rt serve` make the results (e.g. "
                                "http://gpu-box:8450): each is sent as a job (its files, times, seed, faces, sound, "
@@ -1406,7 +1407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s_net.add_argument("--demo", action="store_true",
                        help="serve the tiny random-weight model of `demo` instead of --weights (NOT a real "
                             "animation: to try the API)")
-    _add_engine_flags(s.add_argument_group("weights, backend and device (every request's)"), weights_required=False)
+    _add_engine_flags(s.add_argument_group("weights, backend and device (every request's)"))
     _add_run_flags(s)
     for action in s._actions:  # (taken, to be refused with a reason, but not offered)
         if action.dest in {name for _, name in _NOT_WITH_SERVE} | {"bit_depth"}:

@@ -245,8 +245,7 @@ class Task:
         return self.job.output
 
     def said(self, exc: BaseException) -> str:
-        """An error's message naming the request's files by field and name, not by the server's folders."""
-        return str(exc).replace(f"{self.folder}{os.sep}", "")
+        return _said(exc, self.folder)
 
     def headers(self) -> dict[str, str]:
         """A finished run's answer headers."""
@@ -270,6 +269,12 @@ class Task:
         if self.status == "done":
             doc |= {"result": f"/jobs/{self.id}/result", "frames": self.stats.frames, "seconds": self.stats.total_s}
         return doc
+
+
+def _said(exc: BaseException, folder: Path) -> str:
+    """An error's message naming a request's files by field and name (``portrait/me.png``), not by the server's
+    folder (``folder``, the request's)."""
+    return str(exc).replace(f"{folder}{os.sep}", "")
 
 
 def _iso(t: float) -> str:
@@ -651,9 +656,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 error = task.error or (410, f"the run was cancelled (DELETE /jobs/{task.id})")
         except FormError as exc:
-            error = exc.status, str(exc).replace(f"{folder}{os.sep}", "")
+            error = exc.status, _said(exc, folder)
         except InputError as exc:
-            error = 400, str(exc).replace(f"{folder}{os.sep}", "")
+            error = 400, _said(exc, folder)
         except (BrokenPipeError, ConnectionResetError):
             logger.info("POST %s: the client went away before the answer", route)
         finally:

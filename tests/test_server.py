@@ -572,7 +572,7 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
     common = ["--portrait", str(media["portrait"]), "--driver", str(media["driver"])]
     cases = [
         (["--server", served.url, *common, "-o", str(tmp_path / "a.mp4"), "--steps", "10", "--window", "4"],
-         "--steps, --window: with --server the run settings are the server's"),
+         "--steps, --window: not with --server. A request carries its files"),
         (["--server", served.url, *common, "-o", str(tmp_path / "take/%05d.png")],
          "with --server the driver is a video file and the result a video file"),
         ([*common, "-o", str(tmp_path / "a.mp4")], "animate needs --weights DIR (converted weights) or --server URL"),
