@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from megactor_rt.config import BIT_DEPTHS, AnimateConfig, parse_frame_rate, parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
-from megactor_rt.jobs import Job, read_jobs
+from megactor_rt.jobs import CONFIG_COLUMNS, Job, read_jobs
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
@@ -960,9 +960,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
-                           "start", "duration", "seed", "portrait_face", "driver_face", "crf", "side_by_side",
-                           "paste_back", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup",
-                           "addresses", "progress_file", "weights"})
+                           "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
+                           "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup", "addresses",
+                           "progress_file", "weights"})
 
 
 def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, defaults: AnimateConfig
@@ -985,7 +985,7 @@ def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, def
     for name in ("side_by_side", "paste_back"):
         if options.get(name):
             fields[name] = "true"
-    for name in ("start", "duration", "seed"):
+    for name in CONFIG_COLUMNS:
         if getattr(config, name) != getattr(defaults, name):
             fields[name] = str(getattr(config, name))
     return fields, files
@@ -1004,9 +1004,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
                     if k not in _REMOTE_FLAGS and v != getattr(defaults, k, v)})
     if given:
         raise InputError(f"{', '.join(given)}: not with --server. A request carries its files, times (--start, "
-                         "--duration), --seed, faces, sound, --crf and the result's layout; the other run settings are "
-                         "the server's (`megactor-rt serve` takes them), and --dry-run, --skip-existing, --stats and "
-                         "--checkpoint-dir are for runs made here")
+                         "--duration), --seed, --steps, --guidance, --overlap, --cfg-steps, --fps, --max-frames, faces, "
+                         "sound, --crf and the result's layout; the other run settings are the server's (`megactor-rt "
+                         "serve` takes them), and --dry-run, --skip-existing, --stats and --checkpoint-dir are for runs "
+                         "made here")
     for job in jobs:
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
@@ -1374,8 +1375,9 @@ def build_parser() -> argparse.ArgumentParser:
     a_io.add_argument("--jobs", type=Path, default=None, metavar="FILE",
                       help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
                            "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "
-                           "portrait_face, driver_face, start, duration, seed (empty: the flag's value); relative "
-                           "paths are relative to the file's folder; all in one process, as a batch")
+                           "portrait_face, driver_face, start, duration, seed, steps, guidance, overlap, cfg_steps, "
+                           "fps, max_frames (empty: the flag's value); relative paths are relative to the file's "
+                           "folder; all in one process, as a batch")
     a_io.add_argument("--skip-existing", action="store_true",
                       help="keep results that exist already and do not redo their pairs (a batch run again after a "
                            "failure or an interruption does the rest; a result exists only once it is complete; kept "

@@ -11,8 +11,9 @@ header row naming its columns:
 
 Columns (any order; the first three are required): ``portrait``, ``driver``, ``output`` (its suffix picks the
 format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_start``, ``portrait_face``,
-``driver_face``, ``start``, ``duration``, ``seed``, ``sequence_fps`` (an image-sequence driver's rate), which mean
-what the ``animate`` flags of the same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
+``driver_face``, ``start``, ``duration``, ``seed``, ``steps``, ``guidance``, ``overlap``, ``cfg_steps``, ``fps``,
+``max_frames``, ``sequence_fps`` (an image-sequence driver's rate), which mean what the ``animate`` flags of the
+same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
 default). Relative paths are relative to the jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
 """
 
@@ -32,7 +33,9 @@ from megactor_rt.remote import as_url
 REQUIRED = ("portrait", "driver", "output")
 PATH_COLUMNS = ("mask", "audio")
 FACE_COLUMNS = {"portrait_face": "face", "driver_face": "driver_face"}  # column -> animate_to_file keyword
-CONFIG_COLUMNS = ("start", "duration", "seed")  # AnimateConfig fields
+# AnimateConfig fields a row may set: the part of the driver, the seed, and settings that trade quality for speed
+# (the window stays the run's: graph backends and compiled denoisers are made for it)
+CONFIG_COLUMNS = ("start", "duration", "seed", "steps", "guidance", "overlap", "cfg_steps", "fps", "max_frames")
 COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "sequence_fps")
 NO_SOUND = "none"
 
@@ -105,11 +108,15 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
     return jobs
 
 
-def _seed(text: str) -> int:
+def _config_value(column: str, text: str) -> Any:
+    """A config column's cell as its field's value (its range is the config's to check)."""
+    if column in ("start", "duration"):
+        return time_seconds(column, text)
     try:
-        return int(text)
+        return float(text) if column in ("guidance", "fps") else int(text)
     except ValueError:
-        raise ValueError(f"seed must be a whole number, got {text!r}") from None
+        kind = "a number" if column in ("guidance", "fps") else "a whole number"
+        raise ValueError(f"{column} must be {kind}, got {text!r}") from None
 
 
 def _delimiter(header: str) -> str:
@@ -171,7 +178,7 @@ def job_from_cells(value: dict[str, str], where: str, resolve: Callable[[str], P
             job.sequence_fps = parse_frame_rate(value["sequence_fps"])
         for column in CONFIG_COLUMNS:
             if column in value:
-                job.config[column] = _seed(value[column]) if column == "seed" else time_seconds(column, value[column])
+                job.config[column] = _config_value(column, value[column])
         job.run_config(base)  # a start/duration the run config refuses
     except ValueError as exc:
         raise InputError(f"{where}: {exc}") from None

@@ -9,8 +9,8 @@ any language::
 
 ``POST /animate`` takes a ``multipart/form-data`` form (what ``curl -F`` and HTML forms send): the files
 ``portrait`` and ``driver`` (required), ``mask`` and ``audio`` (optional), and the text fields of
-:data:`TEXT_FIELDS` (``format``, ``start``, ``seed``, ...; each means what the ``animate`` flag or jobs-file column
-of its name means). The answer is the result file (``Content-Disposition`` names it ``<portrait>_<driver>.mp4``,
+:data:`TEXT_FIELDS` (``format``, ``start``, ``seed``, ``steps``, ...; each means what the ``animate`` flag or
+jobs-file column of its name means: a preview with fewer steps and a final run share one loaded model). The answer is the result file (``Content-Disposition`` names it ``<portrait>_<driver>.mp4``,
 the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait came from the cache), or a
 JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
 line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues, 500 for a
@@ -55,7 +55,7 @@ from typing import IO, Any, Protocol
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError, MegactorError, ResourceError
-from megactor_rt.jobs import FACE_COLUMNS, NO_SOUND, Job, job_from_cells
+from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
 from megactor_rt.remote import safe_name
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ PAGE = ASSETS_DIR / "serve.html"  # GET /: a form for a browser, which posts to 
 FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 # what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
 # the result's format and what shapes its frames
-TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, "start", "duration", "seed", "crf",
-               "side_by_side", "paste_back")
+TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "crf", "side_by_side", "paste_back")
 _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
                 ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}
 FORMATS = tuple(sorted(s[1:] for s in _MEDIA_TYPES))

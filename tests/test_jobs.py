@@ -59,20 +59,29 @@ def test_rows_become_jobs_with_their_own_options(tmp_path: Path) -> None:
     ("portrait,driver,output,audio_start\np,d,o.mp4,1:xx\n", "jobs.csv:2: audio_start: "),
     ("portrait,driver,output,seed\np,d,o.mp4,1.5\n", "jobs.csv:2: seed must be a whole number, got '1.5'"),
     ("portrait,driver,output,seed\np,d,o.mp4,99999999999999999999\n", "jobs.csv:2: seed must fit in 64 bits"),
+    ("portrait,driver,output,steps\np,d,o.mp4,ten\n", "jobs.csv:2: steps must be a whole number, got 'ten'"),
+    ("portrait,driver,output,guidance\np,d,o.mp4,high\n", "jobs.csv:2: guidance must be a number, got 'high'"),
+    ("portrait,driver,output,overlap\np,d,o.mp4,16\n", "jobs.csv:2: window must be >= 1 and overlap from 0 to"),
     ("portrait,driver,output,sequence_fps\np,d/%04d.png,o.mp4,fast\n", "jobs.csv:2: 'fast' is not a frame rate"),
     ("portrait,driver,output\np,d,o.mp4\nq,e,./o.mp4\n", r"jobs.csv:3: writes .*o.mp4, as .*jobs.csv:2 does"),
 ], ids=["empty", "comments-only", "header-only", "no-output-column", "unknown-column", "column-twice",
         "unquoted-comma", "empty-required-cell", "face-zero", "face-word", "bad-start", "zero-duration",
-        "bad-audio-start", "bad-seed", "huge-seed", "bad-sequence-fps", "same-output-twice"])
+        "bad-audio-start", "bad-seed", "huge-seed", "bad-steps", "bad-guidance", "overlap-too-large", "bad-sequence-fps", "same-output-twice"])
 def test_a_malformed_jobs_file_is_named_by_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         read_jobs(_jobs_file(tmp_path, text), BASE)
 
 
-def test_a_row_has_its_own_seed(tmp_path: Path) -> None:
-    jobs = read_jobs(_jobs_file(tmp_path, "portrait,driver,output,seed\na.png,d.mp4,a.mp4,7\nb.png,d.mp4,b.mp4,\n"
-                                          "c.png,d.mp4,c.mp4,-3\n"), BASE)
+def test_a_row_has_its_own_seed_and_speed(tmp_path: Path) -> None:
+    """A preview row and a final row in one file: seed, steps, guidance, overlap, CFG truncation, rate, frames."""
+    jobs = read_jobs(_jobs_file(tmp_path, "portrait,driver,output,seed,steps,guidance,overlap,cfg_steps,fps,max_frames\n"
+                                          "a.png,d.mp4,a.mp4,7,10,3.5,4,5,12.5,48\n"
+                                          "b.png,d.mp4,b.mp4,,,,,,,\n"
+                                          "c.png,d.mp4,c.mp4,-3,,,,,,\n"), BASE)
     assert [j.run_config(BASE).seed for j in jobs] == [7, BASE.seed, -3]
+    assert jobs[0].config == {"seed": 7, "steps": 10, "guidance": 3.5, "overlap": 4, "cfg_steps": 5, "fps": 12.5,
+                              "max_frames": 48}
+    assert jobs[1].run_config(BASE) is BASE
 
 
 def test_an_image_sequence_row_has_its_own_rate(tmp_path: Path) -> None:

@@ -198,6 +198,23 @@ def test_a_result_is_the_python_apis_and_a_second_portrait_is_kept(served: Anima
     assert list(scratch.iterdir()) == []
 
 
+def test_a_request_sets_its_own_speed(served: AnimateServer, media: dict[str, Path], tmp_path: Path) -> None:
+    """A preview (1 step, no overlap, CFG in no step, 12.5 fps) from the model the server keeps: the result records
+    those settings, and the server's own stay as they were for the next request."""
+    status, _, body = animate(served, {**files(media), "steps": "1", "overlap": "0", "cfg_steps": "0", "fps": "12.5",
+                                       "guidance": "3"})
+    assert status == 200, body
+    (tmp_path / "preview.mp4").write_bytes(body)
+    from megactor_rt.media import result_settings
+
+    made = result_settings(tmp_path / "preview.mp4")
+    assert made is not None
+    assert {k: made["config"][k] for k in ("steps", "overlap", "cfg_steps", "fps", "guidance")} == {
+        "steps": 1, "overlap": 0, "cfg_steps": 0, "fps": 12.5, "guidance": 3.0}
+    assert len(decode_all(tmp_path / "preview.mp4")) == 3  # (6 frames at 25 fps brought down to 12.5)
+    assert json.loads(request(served, "GET", "/health")[2])["config"]["steps"] == 2
+
+
 @pytest.mark.parametrize(("fields", "status", "message"), [
     ({"driver": None}, 400, r"no driver file in the form \(curl -F portrait=@me.png"),
     ({"format": "png"}, 400, "format 'png' is not one the server writes: gif, m4v, mkv, mov, mp4, webm, webp"),
@@ -209,7 +226,11 @@ def test_a_result_is_the_python_apis_and_a_second_portrait_is_kept(served: Anima
     ({"side_by_side": "yes", "paste_back": "1"}, 400, "side_by_side"),
     ({"portrait": ("me.png", b"not an image")}, 400, "^portrait/me.png: "),
     ({"duration": "0"}, 400, "duration must be a finite number > 0"),
-], ids=["no-driver", "png", "seed", "face", "audio-text", "crf", "flag", "two-layouts", "bad-image", "duration"])
+    ({"steps": "many"}, 400, "^request: steps must be a whole number, got 'many'$"),
+    ({"overlap": "4"}, 400, "^request: window must be >= 1 and overlap from 0 to window - 1, got window 4, overlap 4$"),
+    ({"steps": "5000"}, 400, "steps must be at most"),
+], ids=["no-driver", "png", "seed", "face", "audio-text", "crf", "flag", "two-layouts", "bad-image", "duration",
+        "steps-word", "overlap", "steps-past-schedule"])
 def test_a_bad_request_is_answered_400_with_its_reason(served: AnimateServer, media: dict[str, Path],
                                                        scratch: Path, fields: dict[str, Field | None], status: int,
                                                        message: str) -> None:
@@ -545,17 +566,17 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
 def test_animate_with_server_writes_the_servers_result_here(served: AnimateServer, anim: Animator,
                                                             media: dict[str, Path], tmp_path: Path, scratch: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """`animate --server URL` sends the inputs and the times, seed and sound it was given as a job, and writes the
-    frames the server's Animator makes for them; the job is deleted on the server afterwards."""
+    """`animate --server URL` sends the inputs and the times, seed, steps and sound it was given as a job, and writes
+    the frames the server's Animator makes for them; the job is deleted on the server afterwards."""
     out = tmp_path / "here.mp4"
     code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
-                 str(media["driver"]), "-o", str(out), "--start", "0.08", "--seed", "3", "--no-audio"])
+                 str(media["driver"]), "-o", str(out), "--start", "0.08", "--seed", "3", "--no-audio", "--steps", "1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert re.search(rf"wrote {re.escape(str(out))}: 4 frames in [0-9.]+s \(.*made by {served.url}", captured.out)
     want = tmp_path / "want.mp4"
     anim.animate_to_file(media["portrait"], media["driver"], want, audio=False,
-                         config=anim.config.__class__(**{**anim.config.__dict__, "start": 0.08, "seed": 3}))
+                         config=anim.config.__class__(**{**anim.config.__dict__, "start": 0.08, "seed": 3, "steps": 1}))
     got = decode_all(out)
     assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, decode_all(want), strict=True))
     import av
@@ -571,8 +592,8 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
         capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--portrait", str(media["portrait"]), "--driver", str(media["driver"])]
     cases = [
-        (["--server", served.url, *common, "-o", str(tmp_path / "a.mp4"), "--steps", "10", "--window", "4"],
-         "--steps, --window: not with --server. A request carries its files"),
+        (["--server", served.url, *common, "-o", str(tmp_path / "a.mp4"), "--feature-reuse", "2", "--window", "4"],
+         "--feature-reuse, --window: not with --server. A request carries its files"),
         (["--server", served.url, *common, "-o", str(tmp_path / "take/%05d.png")],
          "with --server the driver is a video file and the result a video file"),
         ([*common, "-o", str(tmp_path / "a.mp4")], "animate needs --weights DIR (converted weights) or --server URL"),
