@@ -41,7 +41,8 @@ class Client:
         if parts.scheme != "http" or not parts.hostname:
             raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT "
                              "(the server speaks plain HTTP; put a proxy of your own in front for TLS)")
-        self.url = f"http://{parts.netloc}"
+        self.prefix = parts.path.rstrip("/")  # (a server behind a proxy at http://host/megactor/)
+        self.url = f"http://{parts.netloc}{self.prefix}"
         self.host, self.port = parts.hostname, parts.port or 80
         self.timeout_s = timeout_s
 
@@ -50,7 +51,7 @@ class Client:
               ) -> tuple[int, dict[str, str], http.client.HTTPResponse, http.client.HTTPConnection]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
         try:
-            conn.request(method, path, body, headers or {})
+            conn.request(method, self.prefix + path, body, headers or {})
             answer = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()

@@ -615,6 +615,18 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
     assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and list(scratch.iterdir()) == []
 
 
+def test_a_client_takes_the_address_as_serve_prints_it_or_behind_a_proxy() -> None:
+    from megactor_rt.client import Client
+    from megactor_rt.errors import InputError
+
+    assert (Client("http://127.0.0.1:8450").url, Client("127.0.0.1:8450/").url) == ("http://127.0.0.1:8450",) * 2
+    proxied = Client("http://gpu-box/megactor/")
+    assert (proxied.url, proxied.host, proxied.port, proxied.prefix) == ("http://gpu-box/megactor", "gpu-box", 80,
+                                                                        "/megactor")
+    with pytest.raises(InputError, match="https://x: --server takes the address `megactor-rt serve` prints"):
+        Client("https://x")
+
+
 def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media: dict[str, Path], tmp_path: Path,
                                                     scratch: Path) -> None:
     """Ctrl-C in the client (here: raised by its progress function) cancels the job on the server (or deletes it,
