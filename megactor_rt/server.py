@@ -23,7 +23,8 @@ done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers 
 (409 before it is done, 410 cancelled); ``DELETE /jobs/ID`` cancels it (queued: at once; running: at its next
 progress report) or deletes its result; ``GET /jobs`` lists them. A job's result is kept ``keep_s`` after its run
 (and the ``max_kept`` latest only). ``GET /health`` answers a JSON object: the model's settings, the run under way
-and how many wait; ``GET /`` a page with the form for a browser (it shows the result and a link to save it).
+and how many wait; ``GET /openapi.json`` the API as an OpenAPI 3 document; ``GET /`` a page with the form for a
+browser (it shows the result and a link to save it).
 
 One run at a time (one model on one device), on a worker thread of the server's; the requests that come meanwhile
 wait in turn. Uploads and results are kept in a temporary folder per request, removed when its answer has been
@@ -74,6 +75,7 @@ _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _FORMS = ("/animate", "/jobs")  # the routes that take a form
+_STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
 
 
 class _Readable(Protocol):
@@ -268,6 +270,76 @@ class Task:
         if self.status == "done":
             doc |= {"result": f"/jobs/{self.id}/result", "frames": self.stats.frames, "seconds": self.stats.total_s}
         return doc
+
+
+# what each text field takes, for the API's description (GET /openapi.json)
+_FIELD_DOCS = {
+    "format": ("string", "the result's format (default mp4)"),
+    "audio": ("string", "'none': no sound (or a sound file in this field)"),
+    "audio_start": ("string", "begin the sound file this far in: seconds or [HH:]MM:SS[.ms]"),
+    "portrait_face": ("integer", "the portrait's face to animate, 1 = the leftmost"),
+    "driver_face": ("integer", "the driver's face to follow, 1 = the leftmost"),
+    "start": ("string", "begin this far into the driver: seconds or [HH:]MM:SS[.ms]"),
+    "duration": ("string", "use at most this much of the driver: seconds or [HH:]MM:SS[.ms]"),
+    "seed": ("integer", "seed of the initial noise"),
+    "steps": ("integer", "DDIM steps"),
+    "guidance": ("number", "CFG scale (1: no guidance)"),
+    "overlap": ("integer", "context window overlap in frames"),
+    "cfg_steps": ("integer", "guidance in the first K steps only"),
+    "fps": ("number", "bring a faster driver down to this frame rate"),
+    "max_frames": ("integer", "use at most this many driver frames"),
+    "crf": ("integer", "constant quality, lower is better (H.264 0-51, VP9 0-63)"),
+    "side_by_side": ("boolean", "driver crop | portrait crop | result in each frame"),
+    "paste_back": ("boolean", "the whole portrait with the animated crop put back"),
+}
+_FILE_DOCS = {"portrait": "the portrait image (required)", "driver": "the driving video (required)",
+              "mask": "a person mask image for the portrait (white = person)",
+              "audio": "the result's sound from this file instead of the driver's"}
+
+
+def openapi() -> dict[str, Any]:
+    """The API as an OpenAPI 3.0 document (``GET /openapi.json``), made from the fields the server takes."""
+    props: dict[str, Any] = {name: {"type": "string", "format": "binary", "description": doc}
+                             for name, doc in _FILE_DOCS.items()}
+    for name in TEXT_FIELDS:
+        kind, doc = _FIELD_DOCS[name]
+        if name not in props:
+            props[name] = {"type": kind, "description": doc}
+    props["format"]["enum"] = list(FORMATS)
+    form = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["portrait", "driver"], "properties": props}}}}
+    error = {"description": "the problem, named", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "string"}}}}}}
+    media = {f"{kind}": {"schema": {"type": "string", "format": "binary"}} for kind in _MEDIA_TYPES.values()}
+    result = {"description": "the result file (Content-Disposition names it; X-Megactor-Frames, -Seconds, "
+                             "-First-Frame-Seconds, -Portrait-Cached tell about the run)", "content": media}
+    job = {"description": "the job", "content": {"application/json": {"schema": {"type": "object", "properties": {
+        "id": {"type": "string"}, "status": {"type": "string", "enum": list(_STATUSES)},
+        "ahead": {"type": "integer"}, "progress": {"type": "object"}, "error": {"type": "string"},
+        "result": {"type": "string"}, "frames": {"type": "integer"}, "seconds": {"type": "number"}}}}}}
+    errors = {str(code): error for code in (400, 413, 415, 503)}
+    job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {"openapi": "3.0.3", "info": {"title": "megactor-rt serve", "version": _version()}, "paths": {
+        "/animate": {"post": {"summary": "animate a portrait with a driver; the result in the answer",
+                              "requestBody": form, "responses": {"200": result, **errors}}},
+        "/jobs": {"post": {"summary": "the same as a job: answered at once", "requestBody": form,
+                           "responses": {"202": job, **errors}},
+                  "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"}}}},
+        "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
+                               "responses": {"200": job, "404": error}},
+                       "delete": {"summary": "cancel the job, or delete its result", "parameters": job_id,
+                                  "responses": {"200": job, "202": job, "404": error}}},
+        "/jobs/{id}/result": {"get": {"summary": "a done job's result", "parameters": job_id, "responses": {
+            "200": result, "409": error, "410": error, "404": error}}},
+        "/health": {"get": {"summary": "the model's settings, the run under way, the runs waiting",
+                            "responses": {"200": {"description": "a JSON object"}}}},
+    }}
+
+
+def _version() -> str:
+    from megactor_rt import __version__
+
+    return __version__
 
 
 def _said(exc: BaseException, folder: Path) -> str:
@@ -594,6 +666,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._json(200, self.server.health())
         elif route in ("/", "/index.html"):
             self._answer(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+        elif route == "/openapi.json":
+            self._json(200, openapi())
         elif route == "/jobs":
             self._json(200, {"jobs": self.server.tasks()})
         elif route.startswith("/jobs/"):
@@ -616,7 +690,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "driver=@meme.mp4 ...)")
         else:
             self._error(404, f"no such page: {route} (the server answers POST /animate, POST /jobs, GET /jobs/ID, "
-                             "GET /health and GET /, a form for a browser)")
+                             "GET /health, GET /openapi.json and GET /, a form for a browser)")
 
     def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
         if not self._route().startswith("/jobs/"):

@@ -308,6 +308,19 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
     assert shown["result"] == '<img src="blob:x"><a href="blob:x" download="portrait_talk.gif">Save portrait_talk.gif</a>'
 
 
+def test_the_api_description_is_valid_openapi_and_names_every_field(served: AnimateServer) -> None:
+    from openapi_spec_validator import validate
+
+    status, headers, body = request(served, "GET", "/openapi.json")
+    doc = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    validate(doc)
+    props = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(props) == set(server_module.FILE_FIELDS) | set(server_module.TEXT_FIELDS)
+    assert props["format"]["enum"] == list(server_module.FORMATS) and props["portrait"]["format"] == "binary"
+    assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health"}
+
+
 def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
     """Unknown pages 404, GET /animate 405, no length 411, a form over the limit 413 (before it is read), not a
     form 415: each a JSON error."""
