@@ -1119,7 +1119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:  # (listening before the model loads, which takes a while: a port in use is said at once)
         server = AnimateServer(None, (args.host, args.port), _result_options(args),
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
-                               keep_s=args.keep_min * 60)
+                               keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin))
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1406,6 +1406,10 @@ def build_parser() -> argparse.ArgumentParser:
     s_net.add_argument("--keep-min", type=float, default=60.0, metavar="MIN",
                        help="how long a job's result (POST /jobs) is kept after its run unless deleted before, in "
                             "minutes (default 60; at most the 100 latest jobs are kept)")
+    s_net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let pages of this site call the server from a browser (CORS), e.g. "
+                            "https://app.example.com; * for any site (then any page its user opens can use it); may "
+                            "be given more than once (default: none)")
     s_net.add_argument("--demo", action="store_true",
                        help="serve the tiny random-weight model of `demo` instead of --weights (NOT a real "
                             "animation: to try the API)")

@@ -76,6 +76,9 @@ _CHUNK = 1 << 20
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _FORMS = ("/animate", "/jobs")  # the routes that take a form
 _STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
+# the answer headers a page of another site may read (CORS)
+_EXPOSED = ("Content-Disposition, Location, Retry-After, X-Megactor-Frames, X-Megactor-Seconds, "
+            "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached")
 
 
 class _Readable(Protocol):
@@ -367,6 +370,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         timeout_s: a connection that sends nothing for this long is dropped.
         keep_s: how long a job's result (``POST /jobs``) is kept after its run, unless deleted before.
         max_kept: the most finished jobs kept (the oldest go first).
+        cors_origins: the sites (``https://app.example.com``, or ``*``: any) whose pages may call the server from
+            a browser (CORS); none by default, so that a page of any site a user visits cannot use a server on their
+            machine.
     """
 
     daemon_threads = True
@@ -374,10 +380,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
-                 keep_s: float = 3600.0, max_kept: int = 100) -> None:
+                 keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = ()) -> None:
         self.anim, self.options = anim, dict(options or {})
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
         self.keep_s, self.max_kept = keep_s, max_kept
+        self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
         self._state = threading.Condition(threading.RLock())
         self._receiving = 0  # forms being received, each holding a place in the queue
         self._tasks: dict[str, Task] = {}  # by id: the queued, the running, and the jobs kept
@@ -602,6 +609,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
         logger.debug("%s %s", self.address_string(), format % args)
+
+    def end_headers(self) -> None:
+        headers = getattr(self, "headers", None)  # (none yet in the answer to a malformed request line)
+        origin = headers.get("Origin") if headers is not None else None
+        allowed = self.server.cors_origins
+        if origin and ("*" in allowed or origin in allowed):  # (a page of another site may read the answer)
+            self.send_header("Access-Control-Allow-Origin", "*" if "*" in allowed else origin)
+            self.send_header("Access-Control-Expose-Headers", _EXPOSED)
+            if "*" not in allowed:
+                self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def do_OPTIONS(self) -> None:  # noqa: N802 - http.server's name
+        """A browser's question before another site's page sends a form or a DELETE (CORS preflight)."""
+        self.send_response(204)
+        if self.server.cors_origins:
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
+            self.send_header("Access-Control-Allow-Headers", "Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
 
     def _answer(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)

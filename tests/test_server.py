@@ -321,6 +321,24 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
     assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health"}
 
 
+def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: AnimateServer) -> None:
+    """CORS: no site by default; with --cors-origin, that site's pages get the answers (and the run's headers) and
+    a preflight for a form or a DELETE; pages of other sites still do not."""
+    site = {"Origin": "https://app.example"}
+    assert "Access-Control-Allow-Origin" not in request(served, "GET", "/health", headers=site)[1]
+    served.cors_origins = ("https://app.example",)
+    _, headers, _ = request(served, "GET", "/health", headers=site)
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example" and headers["Vary"] == "Origin"
+    assert "X-Megactor-Frames" in headers["Access-Control-Expose-Headers"]
+    status, headers, _ = request(served, "OPTIONS", "/jobs", headers={**site, "Access-Control-Request-Method": "POST"})
+    assert status == 204 and headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE"
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Access-Control-Allow-Origin" not in request(served, "GET", "/health",
+                                                       headers={"Origin": "https://evil.example"})[1]
+    served.cors_origins = ("*",)
+    assert request(served, "GET", "/nope", headers=site)[1]["Access-Control-Allow-Origin"] == "*"
+
+
 def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
     """Unknown pages 404, GET /animate 405, no length 411, a form over the limit 413 (before it is read), not a
     form 415: each a JSON error."""
