@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import sys
@@ -993,7 +994,7 @@ def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, def
 
 def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> int:
     """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
-    from megactor_rt.client import Client
+    from megactor_rt.client import Client, Stopped
     from megactor_rt.media import RESULT_SUFFIXES
     from megactor_rt.progress import progress
     from megactor_rt.runtime.pipeline import RunStats
@@ -1012,46 +1013,97 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
                              f"a video file ({', '.join(RESULT_SUFFIXES)}): image sequences and -o - are made here")
-    client = Client(args.server)
-    health = client.health()  # (an address that is no server: said before any upload)
-    logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
+    clients = [Client(url) for url in dict.fromkeys(args.server)]
+    for client in clients:  # (an address that is no server: said before any upload)
+        health = client.health()
+        logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
     config, base = _run_config(args), AnimateConfig()
     if batch:
         from megactor_rt.media import result_folder
 
         for folder in dict.fromkeys(result_folder(job.output) for job in jobs):
             folder.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
+    todo: queue.SimpleQueue[Job] = queue.SimpleQueue()
     for job in jobs:
-        fields, files = _remote_fields(job, _result_options(args) | job.options, job.run_config(config), base)
-        bars: dict[str, Any] = {}
-        json_progress = _on_progress(args, job.output)
+        todo.put(job)
+    failed: list[str] = []
+    stop, lock = threading.Event(), threading.Lock()
+    overall = progress(total=len(jobs), desc="results", unit="result") if len(clients) > 1 else None
 
-        def shown(report: Progress, bars: dict[str, Any] = bars, json_progress: Any = json_progress) -> None:
+    def make(client: Client, job: Job) -> None:
+        fields, files = _remote_fields(job, _result_options(args) | job.options, job.run_config(config), base)
+        json_progress = _on_progress(args, job.output)
+        bars: dict[str, Any] = {}
+
+        def shown(report: Progress) -> None:
+            if json_progress is not None:
+                json_progress(report)
+            if overall is not None:  # (several servers at once: one bar for the whole batch)
+                return
             bar = bars.get(report.stage)
             if bar is None:
                 for old in bars.values():
                     old.close()
                 bar = bars[report.stage] = progress(total=report.total, desc=report.stage, unit=report.unit)
             bar.update(report.done - bar.n)
-            if json_progress is not None:
-                json_progress(report)
 
         try:
-            head = client.animate(job.portrait, job.driver, job.output, fields, files, shown)
-        except MegactorError as exc:
-            if not batch:
-                raise
-            print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
-            failed.append(job.output.name)
-            continue
+            head = client.animate(job.portrait, job.driver, job.output, fields, files, shown, stop)
         finally:
             for bar in bars.values():
                 bar.close()
         stats = RunStats(frames=int(head.get("x-megactor-frames", 0)), total_s=float(head.get("x-megactor-seconds", 0)),
                          first_frame_s=float(head.get("x-megactor-first-frame-seconds", 0)),
                          portrait_cache_hit=head.get("x-megactor-portrait-cached") == "true")
-        _report(stats, job.output, client.url)
+        with lock:
+            _report(stats, job.output, client.url)
+
+    errors: list[BaseException] = []
+
+    def serve_jobs(client: Client) -> None:  # one thread per server: each takes the next job when it is free
+        while not stop.is_set():
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                make(client, job)
+            except Stopped:
+                return
+            except MegactorError as exc:
+                if not batch:
+                    errors.append(exc)
+                    return
+                with lock:
+                    print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}",
+                          file=sys.stderr)
+                    failed.append(job.output.name)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                errors.append(exc)
+                stop.set()
+                return
+            finally:
+                if overall is not None:
+                    overall.update(1)
+
+    workers = [threading.Thread(target=serve_jobs, args=(c,), name=f"megactor-rt-client-{i}", daemon=True)
+               for i, c in enumerate(clients)]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(0.2)
+    except BaseException:  # Ctrl-C, SIGTERM: each server's job is cancelled (within a poll) before the end
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        raise
+    finally:
+        if overall is not None:
+            overall.close()
+    if errors:
+        raise errors[0]
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
         return 2
@@ -1384,10 +1436,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "results get no --stats record, and a warning where their metadata says they were made "
                            "with other settings); default: overwrite")
     _add_engine_flags(a_engine)
-    a_engine.add_argument("--server", default=None, metavar="URL",
+    a_engine.add_argument("--server", default=None, nargs="+", metavar="URL",
                           help="instead of --weights: have a `megactor-rt serve` make the results (e.g. "
-                               "http://gpu-box:8450): each is sent as a job (its files, times, seed, faces, sound, "
-                               "crf, layout), followed, and written here; the run settings are the server's")
+                               "http://gpu-box:8450): each is sent as a job (its files, times, seed, steps, faces, "
+                               "sound, crf, layout), followed, and written here; the other run settings are the "
+                               "server's; several servers (one per GPU) share a batch, each taking the next result "
+                               "when it is free")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 

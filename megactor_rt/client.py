@@ -16,6 +16,7 @@ import http.client
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 import uuid
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a job's state is asked for
 BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
 _CHUNK = 1 << 20
+
+
+class Stopped(Exception):  # noqa: N818 - a state, not a failure
+    """The caller's ``stop`` event was set while a job ran: the job is cancelled on the server."""
 
 
 class Client:
@@ -102,10 +107,17 @@ class Client:
             time.sleep(wait)
         raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")
 
-    def wait(self, job: str, on_progress: Callable[[Progress], object] | None = None) -> dict[str, Any]:
-        """Follow job ``job`` until its run ends (done, failed or cancelled), passing its progress on; its state."""
+    def wait(self, job: str, on_progress: Callable[[Progress], object] | None = None,
+             stop: threading.Event | None = None) -> dict[str, Any]:
+        """Follow job ``job`` until its run ends (done, failed or cancelled), passing its progress on; its state.
+
+        Raises:
+            Stopped: ``stop`` was set meanwhile.
+        """
         last = None
         while True:
+            if stop is not None and stop.is_set():
+                raise Stopped(f"job {job} on {self.url}")
             status, _, doc = self._json("GET", f"/jobs/{job}")
             if status != 200:
                 raise InputError(f"{self.url}: job {job}: {doc.get('error', status)}")
@@ -150,17 +162,20 @@ class Client:
 
     def animate(self, portrait: str | Path, driver: str | Path, output: str | Path,
                 fields: dict[str, str] | None = None, files: dict[str, Path] | None = None,
-                on_progress: Callable[[Progress], object] | None = None) -> dict[str, str]:
+                on_progress: Callable[[Progress], object] | None = None,
+                stop: threading.Event | None = None) -> dict[str, str]:
         """One result made by the server, written to ``output``: submitted as a job, followed, fetched, and
-        deleted on the server; stopped here (Ctrl-C, an error), the job is cancelled there. The result's headers.
+        deleted on the server; stopped here (Ctrl-C, an error, ``stop`` set), the job is cancelled there. The
+        result's headers.
 
         Raises:
             InputError: the server refused the form or its run failed (with the server's message).
+            Stopped: ``stop`` was set before the result was fetched.
         """
         output = Path(output)
         job = self.submit(Path(portrait), Path(driver), fields, files)
         try:
-            state = self.wait(job, on_progress)
+            state = self.wait(job, on_progress, stop)
             if state["status"] != "done":
                 raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} (on {self.url})")
             return self.fetch(job, output)

@@ -672,3 +672,56 @@ def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media
     _wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] in ([], ["cancelled"])
     assert list(scratch.iterdir()) == [] and not (tmp_path / "never.mp4").exists()
+
+
+def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, media: dict[str, Path],
+                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--server A B` with a jobs file: each server takes the next result when it is free; every result is written
+    here, each line naming the server that made it."""
+    second = AnimateServer(anim.with_config(), ("127.0.0.1", 0))  # (one Animator per thread, sharing the networks)
+    thread = threading.Thread(target=second.serve_forever, daemon=True)
+    thread.start()
+    try:
+        jobs = tmp_path / "jobs.csv"
+        jobs.write_text("portrait,driver,output,duration,seed\n" + "".join(
+            f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08,{i}\n" for i, name in enumerate("abcd")))
+        code = main(["-q", "animate", "--server", served.url, second.url, "--jobs", str(jobs)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
+        made_by = re.findall(r"wrote .*: 2 frames in .*made by (http://127.0.0.1:\d+)", captured.out)
+        assert len(made_by) == 4 and set(made_by) == {served.url, second.url}, captured.out
+        assert [json.loads(request(s, "GET", "/health")[2])["served"] >= 1 for s in (served, second)] == [True, True]
+    finally:
+        second.shutdown()
+        second.server_close()
+        thread.join(5)
+
+
+def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServer, media: dict[str, Path],
+                                                             tmp_path: Path, scratch: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import _thread
+
+    go = threading.Event()
+    real = served.anim.animate_to_file
+
+    def held(*args: object, **kw: object) -> object:
+        go.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(served.anim, "animate_to_file", held)
+
+    def interrupt_when_running() -> None:
+        _wait_for(served, lambda d: d["running"] is not None)
+        _thread.interrupt_main()  # (Ctrl-C)
+
+    threading.Thread(target=interrupt_when_running, daemon=True).start()
+    code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
+                 str(media["driver"]), "-o", str(tmp_path / "never.mp4")])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    go.set()
+    _wait_for(served, lambda d: d["running"] is None)
+    assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == ["cancelled"]
+    assert not (tmp_path / "never.mp4").exists() and list(scratch.iterdir()) == []
