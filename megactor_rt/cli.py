@@ -610,15 +610,18 @@ def _sequence_fps(args: argparse.Namespace, job: Job | None) -> Fraction | None:
     return job.sequence_fps if job is not None and job.sequence_fps is not None else args.sequence_fps
 
 
-def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
+def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig,
+                      server: dict[str, Any] | None = None) -> list[Job]:
     """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
     complete, so one that exists is whole); the kept ones are named on stdout, like the written ones, and a
     warning names the settings a kept result was made with that differ from this run's (as its metadata records
-    them)."""
+    them; with ``--server``: the run a request would get from ``server``, that server's ``GET /health``)."""
     from megactor_rt.media import result_exists
 
     kept = [job for job in jobs if result_exists(job.output)]  # (looked at once: in job order)
-    if kept:
+    if kept and server is not None:
+        made = {"weights_id": server.get("weights_id"), "image_size": server.get("image_size")}
+    elif kept:
         from megactor_rt.runtime.animator import run_image_size
         from megactor_rt.weights import converted_config
 
@@ -626,7 +629,9 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
                 "image_size": run_image_size(args.weights, args.backend, args.size, args.onnx)}
     for job in kept:
         print(f"kept {job.output}: it exists (--skip-existing)")
-        changed = _changed_settings(job.output, made, job.run_config(config), _result_options(args) | job.options)
+        run = job.run_config(config)
+        now = run.plain() if server is None else {**server.get("config", {}), **_sent_config(run)}
+        changed = _changed_settings(job.output, made, now, _result_options(args) | job.options)
         if changed:
             logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
     return [job for job in jobs if job not in kept]
@@ -638,10 +643,11 @@ _SAME_RESULT_FIELDS = ("mode", *AnimateConfig.SAME_FRAMES)
 _COMPARED_OPTIONS = ("face_crop", "face", "driver_face", "contour", "side_by_side", "paste_back", "crf")
 
 
-def _changed_settings(result: Path, made: dict[str, Any], config: AnimateConfig, options: dict[str, Any]) -> list[str]:
+def _changed_settings(result: Path, made: dict[str, Any], config: dict[str, Any], options: dict[str, Any]
+                      ) -> list[str]:
     """``result``'s recorded settings (:func:`~megactor_rt.media.result_settings`) that differ from ``made`` (weights
-    id, image size), ``config`` and ``options`` (``animate_to_file`` keywords): "steps 10 (now 25)", ...; none where
-    the result records no settings."""
+    id, image size), ``config`` (a run config's plain values) and ``options`` (``animate_to_file`` keywords): "steps
+    10 (now 25)", ...; none where the result records no settings."""
     from megactor_rt.errors import InputError
     from megactor_rt.media import result_settings
 
@@ -651,7 +657,7 @@ def _changed_settings(result: Path, made: dict[str, Any], config: AnimateConfig,
         return []
     if doc is None:
         return []
-    now = json.loads(json.dumps(config.plain(), default=str))
+    now = json.loads(json.dumps(config, default=str))
     then = {**{k: doc.get(k) for k in made}, **{f"config.{k}": v for k, v in doc.get("config", {}).items()},
             **{f"options.{k}": v for k, v in doc.get("options", {}).items()}}
     wanted = {**made, **{f"config.{k}": v for k, v in now.items() if k not in _SAME_RESULT_FIELDS},
@@ -962,7 +968,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
                            "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
-                           "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup", "addresses",
+                           "skip_existing", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup", "addresses",
                            "progress_file", "weights"})
 
 
@@ -986,10 +992,15 @@ def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, def
     for name in ("side_by_side", "paste_back"):
         if options.get(name):
             fields[name] = "true"
-    for name in CONFIG_COLUMNS:
-        if getattr(config, name) != getattr(defaults, name):
-            fields[name] = str(getattr(config, name))
+    fields |= {name: str(value) for name, value in _sent_config(config, defaults).items()}
     return fields, files
+
+
+def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -> dict[str, Any]:
+    """The run settings a request to a server carries: the per-request ones (:data:`CONFIG_COLUMNS`) set to other
+    than their defaults (the others are the server's)."""
+    defaults = defaults or AnimateConfig()
+    return {name: getattr(config, name) for name in CONFIG_COLUMNS if getattr(config, name) != getattr(defaults, name)}
 
 
 def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> int:
@@ -1007,17 +1018,21 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
         raise InputError(f"{', '.join(given)}: not with --server. A request carries its files, times (--start, "
                          "--duration), --seed, --steps, --guidance, --overlap, --cfg-steps, --fps, --max-frames, faces, "
                          "sound, --crf and the result's layout; the other run settings are the server's (`megactor-rt "
-                         "serve` takes them), and --dry-run, --skip-existing, --stats and --checkpoint-dir are for runs "
-                         "made here")
+                         "serve` takes them), and --dry-run, --stats and --checkpoint-dir are for runs made here")
     for job in jobs:
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
                              f"a video file ({', '.join(RESULT_SUFFIXES)}): image sequences and -o - are made here")
     clients = [Client(url) for url in dict.fromkeys(args.server)]
-    for client in clients:  # (an address that is no server: said before any upload)
-        health = client.health()
+    healths = [client.health() for client in clients]  # (an address that is no server: said before any upload)
+    for client, health in zip(clients, healths, strict=True):
         logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
+    health_of_first = healths[0]
     config, base = _run_config(args), AnimateConfig()
+    if args.skip_existing:  # (the kept results' settings against the first server's)
+        jobs = _without_existing(jobs, args, config, health_of_first)
+        if not jobs:
+            return 0
     if batch:
         from megactor_rt.media import result_folder
 

@@ -725,3 +725,22 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
     _wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == ["cancelled"]
     assert not (tmp_path / "never.mp4").exists() and list(scratch.iterdir()) == []
+
+
+def test_skip_existing_with_a_server_keeps_results_and_names_other_settings(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch run again with --skip-existing makes only what is missing; a kept result made with settings other
+    than this run's (the server's, with the request's own) gets a warning naming them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
+            str(media["driver"]), "-o", str(out / "a.mp4"), "--duration", "0.08", "--steps", "1"]
+    assert main(argv) == 0
+    made = (out / "a.mp4").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*argv, "--skip-existing"]) == 0
+    assert f"kept {out / 'a.mp4'}: it exists (--skip-existing)" in capsys.readouterr().out
+    assert (out / "a.mp4").stat().st_mtime_ns == made and "other settings" not in caplog.text
+    assert main([*argv[:-2], "--skip-existing"]) == 0  # (the server's 2 steps now)
+    assert "was made with other settings than this run's: steps 1 (now 2)" in caplog.text
