@@ -1205,6 +1205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         anim = _from_weights(args, config, cache)
     _check_run(anim)
+    if not args.no_warmup:  # (compiling, cuDNN's choices, engine contexts: before the first request, not in it)
+        print(f"megactor-rt serve: warmed up in {anim.warmup():.1f} s", file=sys.stderr, flush=True)
     server.anim = anim
     logging.getLogger("megactor_rt.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from megactor_rt.progress import set_progress_enabled
@@ -1479,6 +1481,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let pages of this site call the server from a browser (CORS), e.g. "
                             "https://app.example.com; * for any site (then any page its user opens can use it); may "
                             "be given more than once (default: none)")
+    s_net.add_argument("--no-warmup", action="store_true",
+                       help="start answering at once, leaving one-time costs (--compile's compilation: minutes; "
+                            "cuDNN's choices, engine contexts) to the first request (default: paid before the server "
+                            "says it listens)")
     s_net.add_argument("--demo", action="store_true",
                        help="serve the tiny random-weight model of `demo` instead of --weights (NOT a real "
                             "animation: to try the API)")

@@ -587,7 +587,7 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
     assert proc.returncode == 143, err
     assert re.search(r"INFO megactor_rt.server: run [0-9a-f]{12}: me.png \+ talk.mp4 -> me_talk.gif\n", err), err
     assert re.search(r"run [0-9a-f]{12}: me_talk.gif, 6 frames in [0-9.]+ s\n", err) and "terminated" in err
-    assert f"run {job}: cancelled" in err
+    assert f"run {job}: cancelled" in err and re.search(r"megactor-rt serve: warmed up in [0-9.]+ s\n", err)
     assert not [p for p in scratch.iterdir() if p.name.startswith("megactor-rt-")]
 
 
