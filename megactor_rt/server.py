@@ -34,7 +34,9 @@ the server listens on the loopback address unless told otherwise. Stopping the s
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
+import hashlib
 import http.server
 import json
 import logging
@@ -46,7 +48,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -62,6 +64,7 @@ from megactor_rt.remote import safe_name
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8450
+KEPT_DRIVERS = 16  # uploaded drivers kept for requests that send them again (their faces found once)
 PAGE = ASSETS_DIR / "serve.html"  # GET /: a form for a browser, which posts to /animate and shows the result
 FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 # what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
@@ -78,7 +81,7 @@ _FORMS = ("/animate", "/jobs")  # the routes that take a form
 _STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
 # the answer headers a page of another site may read (CORS)
 _EXPOSED = ("Content-Disposition, Location, Retry-After, X-Megactor-Frames, X-Megactor-Seconds, "
-            "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached")
+            "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached, X-Megactor-Driver-Cached")
 
 
 class _Readable(Protocol):
@@ -256,7 +259,8 @@ class Task:
         return {"Content-Disposition": _attachment(self.result.name), "X-Megactor-Frames": str(self.stats.frames),
                 "X-Megactor-Seconds": f"{self.stats.total_s or 0.0:.3f}",
                 "X-Megactor-First-Frame-Seconds": f"{self.stats.first_frame_s or 0.0:.3f}",
-                "X-Megactor-Portrait-Cached": "true" if self.stats.portrait_cache_hit else "false"}
+                "X-Megactor-Portrait-Cached": "true" if self.stats.portrait_cache_hit else "false",
+                "X-Megactor-Driver-Cached": "true" if self.stats.driver_plan_hit else "false"}
 
     def describe(self, ahead: int | None = None) -> dict[str, Any]:
         """The job as ``GET /jobs/ID`` answers it (``ahead``: how many jobs run before it, while queued)."""
@@ -395,6 +399,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._worker: threading.Thread | None = None
         self._worker_ended = threading.Event()
         self._closing = False
+        self._drivers: OrderedDict[str, Path] = OrderedDict()  # drivers kept for the next requests (keep_driver)
+        self._driver_store: Path | None = None
         super().__init__(address, _Handler)
 
     @property
@@ -441,6 +447,41 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             left = list(self._folders)
         for path in left:  # (a run still under way when the server stops: its thread ends with the process)
             shutil.rmtree(path, ignore_errors=True)
+
+    # -- drivers sent again ---------------------------------------------------------------------------------
+    def keep_driver(self, upload: Path) -> Path:
+        """Where a run reads an uploaded driver: a copy the server keeps for the next requests with the same driver
+        (same bytes, same name: a meme template sent with portrait after portrait), so that the Animator finds its
+        plan (pass 1: every frame's face) from the first of them instead of planning it again. The
+        :data:`KEPT_DRIVERS` latest are kept while no queued or running request reads them; ``upload`` is moved
+        there, or removed where that driver is kept already."""
+        digest = hashlib.sha256()
+        with open(upload, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        key = f"{digest.hexdigest()}/{upload.name}"
+        with self._state:
+            if self._driver_store is None:
+                self._driver_store = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-drivers-"))
+                self._folders.add(self._driver_store)
+            kept = self._drivers.get(key)
+            if kept is not None and kept.is_file():
+                self._drivers.move_to_end(key)
+                upload.unlink()
+                return kept
+            kept = self._driver_store / key
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(upload, kept)
+            self._drivers[key] = kept
+            in_use = {t.job.driver for t in self._queue} | ({self.running.job.driver} if self.running else set())
+            for old in [k for k, p in self._drivers.items() if p not in in_use and p != kept]:
+                if len(self._drivers) <= KEPT_DRIVERS:
+                    break
+                gone = self._drivers.pop(old)
+                with contextlib.suppress(OSError):  # (its folder goes with its last name: same bytes, other names)
+                    gone.unlink()
+                    gone.parent.rmdir()
+            return kept
 
     # -- runs ---------------------------------------------------------------------------------------------
     def busy(self) -> FormError | None:
@@ -788,6 +829,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if missing:
             raise FormError(f"no {' and no '.join(missing)} file in the form (curl -F portrait=@me.png -F "
                             "driver=@meme.mp4)")
+        files["driver"] = self.server.keep_driver(files["driver"])
         fmt = text.get("format", "mp4").strip().lower().lstrip(".")
         if fmt not in FORMATS:
             raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "

@@ -143,6 +143,14 @@ def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
         thread.join(5)
 
 
+DRIVERS = "megactor-rt-serve-drivers-"  # the server's drivers kept for the next requests (keep_driver)
+
+
+def left(scratch: Path) -> list[Path]:
+    """What the server's requests left in the temporary folder (its kept drivers aside: they stay until it stops)."""
+    return [p for p in scratch.iterdir() if not p.name.startswith(DRIVERS)]
+
+
 def request(srv: AnimateServer, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
@@ -182,7 +190,7 @@ def test_a_result_is_the_python_apis_and_a_second_portrait_is_kept(served: Anima
     anim.animate_to_file(tmp_path / "me.png", media["driver"], want)
     frames = decode_all(got)
     assert len(frames) == 6 and all(np.array_equal(a, b) for a, b in zip(frames, decode_all(want), strict=True))
-    assert list(scratch.iterdir()) == []
+    assert left(scratch) == []
 
     status, headers, body = animate(served, {**files(media), "start": "0.08", "format": "webm"})
     assert status == 200, body
@@ -195,7 +203,32 @@ def test_a_result_is_the_python_apis_and_a_second_portrait_is_kept(served: Anima
     assert not np.array_equal(decode_all(other)[0], frames[0])  # (another seed: other noise)
     health = json.loads(request(served, "GET", "/health")[2])
     assert (health["served"], health["failed"], health["running"], health["config"]["steps"]) == (3, 0, None, 2)
-    assert list(scratch.iterdir()) == []
+    assert left(scratch) == []
+
+
+def test_a_driver_sent_again_has_its_faces_found_once(served: AnimateServer, media: dict[str, Path],
+                                                       scratch: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same driver (bytes and name) with portrait after portrait: the server keeps it, and the Animator's plan
+    of it (every frame's face) serves the later requests; another name is another driver; the oldest kept driver
+    no request reads goes beyond KEPT_DRIVERS; the frames are those of a first request."""
+    monkeypatch.setattr(server_module, "KEPT_DRIVERS", 2)
+    cached = []
+    bodies = []
+    for name, seed in (("talk.mp4", "1"), ("talk.mp4", "1"), ("again.mp4", "1"), ("third.mp4", "1")):
+        status, headers, body = animate(served, {**files(media), "driver": (name, media["driver"].read_bytes()),
+                                                 "seed": seed})
+        assert status == 200, body
+        cached.append(headers["X-Megactor-Driver-Cached"])
+        bodies.append(body)
+    assert cached == ["false", "true", "false", "false"]
+    for i in (0, 1):
+        (tmp_path / f"{i}.mp4").write_bytes(bodies[i])
+    assert all(np.array_equal(a, b) for a, b in zip(decode_all(tmp_path / "0.mp4"), decode_all(tmp_path / "1.mp4"),
+                                                    strict=True))
+    (store,) = [p for p in scratch.iterdir() if p.name.startswith(DRIVERS)]
+    assert sorted(p.name for p in store.rglob("*.mp4")) == ["again.mp4", "third.mp4"]  # (talk.mp4 went first)
+    assert left(scratch) == []
 
 
 def test_a_request_sets_its_own_speed(served: AnimateServer, media: dict[str, Path], tmp_path: Path) -> None:
@@ -240,7 +273,7 @@ def test_a_bad_request_is_answered_400_with_its_reason(served: AnimateServer, me
     got, headers, body = animate(served, sent)
     assert (got, headers["Content-Type"]) == (status, "application/json")
     assert re.search(message, json.loads(body)["error"]), body
-    assert list(scratch.iterdir()) == []
+    assert left(scratch) == []
     assert json.loads(request(served, "GET", "/health")[2])["running"] is None
 
 
@@ -357,7 +390,7 @@ def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path],
     cases.append((animate(served, files(media)), 413, r"over this server's limit of 1000 \(serve --max-upload-mb\)"))
     for (status, _, body), want, message in cases:
         assert status == want and re.search(message, json.loads(body)["error"]), (status, body)
-    assert list(scratch.iterdir()) == []
+    assert left(scratch) == []
 
 
 def test_an_expect_100_continue_form_over_the_limit_is_refused_unsent(served: AnimateServer) -> None:
@@ -461,11 +494,11 @@ def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served:
                                                     strict=True))
     listed = json.loads(request(served, "GET", "/jobs")[2])["jobs"]
     assert [(d["id"], d["status"]) for d in listed] == [(job, "done")]
-    kept = [p for p in scratch.rglob("*") if p.is_file()]
+    kept = [p for p in scratch.rglob("*") if p.is_file() and not p.parent.parent.name.startswith(DRIVERS)]
     assert [p.relative_to(scratch).parts[1:] for p in kept] == [("result", "me_talk.mp4")]  # (no uploads left)
     status, _, body = request(served, "DELETE", f"/jobs/{job}")
     assert (status, json.loads(body)) == (200, {"id": job, "status": "deleted"})
-    assert request(served, "GET", f"/jobs/{job}")[0] == 404 and list(scratch.iterdir()) == []
+    assert request(served, "GET", f"/jobs/{job}")[0] == 404 and left(scratch) == []
 
 
 def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media: dict[str, Path], scratch: Path,
@@ -502,7 +535,7 @@ def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media:
     assert status == 400 and json.loads(body)["error"] == doc["error"]
     health = json.loads(request(served, "GET", "/health")[2])
     assert (health["served"], health["failed"], health["jobs_kept"], health["waiting"]) == (0, 1, 2, 0)
-    assert list(scratch.iterdir()) == []  # (a failed or cancelled job keeps what it says, no file)
+    assert left(scratch) == []  # (a failed or cancelled job keeps what it says, no file)
 
 
 def test_a_finished_job_is_kept_for_keep_s_only(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
@@ -512,7 +545,7 @@ def test_a_finished_job_is_kept_for_keep_s_only(served: AnimateServer, media: di
     time.sleep(0.05)
     status, _, body = request(served, "GET", f"/jobs/{job}/result")
     assert status == 404 and "a job is kept 0 s after its run" in json.loads(body)["error"]
-    assert list(scratch.iterdir()) == []
+    assert left(scratch) == []
 
 
 # ------------------------------------------------------------------------------------------------- the command
@@ -614,7 +647,7 @@ def test_animate_with_server_writes_the_servers_result_here(served: AnimateServe
 
     with av.open(str(out)) as c:
         assert not c.streams.audio  # (--no-audio went as audio=none)
-    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and list(scratch.iterdir()) == []
+    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and left(scratch) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here.mp4", "tmp", "want.mp4"]  # (no partial file left)
 
 
@@ -643,7 +676,7 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
     assert code == 2 and "error: 1 of 2 results not written: bad_talk.mp4" in captured.err, captured.err
     assert "bad_talk.mp4: portrait/bad.png: " in captured.err  # (the server's message, naming the upload)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["portrait_talk.mp4"]
-    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and list(scratch.iterdir()) == []
+    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and left(scratch) == []
 
 
 def test_a_client_takes_the_address_as_serve_prints_it_or_behind_a_proxy() -> None:
@@ -671,7 +704,7 @@ def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media
         Client(served.url).animate(media["portrait"], media["driver"], tmp_path / "never.mp4", on_progress=stop)
     _wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] in ([], ["cancelled"])
-    assert list(scratch.iterdir()) == [] and not (tmp_path / "never.mp4").exists()
+    assert left(scratch) == [] and not (tmp_path / "never.mp4").exists()
 
 
 def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, media: dict[str, Path],
@@ -724,7 +757,7 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
     go.set()
     _wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == ["cancelled"]
-    assert not (tmp_path / "never.mp4").exists() and list(scratch.iterdir()) == []
+    assert not (tmp_path / "never.mp4").exists() and left(scratch) == []
 
 
 def test_skip_existing_with_a_server_keeps_results_and_names_other_settings(
