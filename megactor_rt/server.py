@@ -437,6 +437,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             worker = self._worker
             if self.running is not None:  # (it stops at its next progress report)
                 self.running.cancel.set()
+            for task in self._queue:  # (never run: a request waiting for one is answered so)
+                task.status, task.finished = "cancelled", time.time()
+                task.over.set()
+            self._queue.clear()
         if worker is not None:  # an interpreter exiting while a thread is inside torch may abort: wait for it
             from megactor_rt.runtime.pipeline import JOIN_S, note_abandoned
 
@@ -596,7 +600,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 if not task.keep:
                     self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
                 elif task.status == "done":  # a job keeps its result alone (its uploads are of no more use)
-                    for path in task.folder.iterdir():
+                    for path in task.folder.glob("*"):
                         if path.name != "result":
                             shutil.rmtree(path, ignore_errors=True)
                 else:  # (failed or cancelled: what it says is kept, no file)
