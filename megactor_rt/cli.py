@@ -1186,7 +1186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:  # (listening before the model loads, which takes a while: a port in use is said at once)
         server = AnimateServer(None, (args.host, args.port), _result_options(args),
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
-                               keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin))
+                               keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin),
+                               allow_urls=args.allow_urls)
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1481,6 +1482,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let pages of this site call the server from a browser (CORS), e.g. "
                             "https://app.example.com; * for any site (then any page its user opens can use it); may "
                             "be given more than once (default: none)")
+    s_net.add_argument("--allow-urls", action="store_true",
+                       help="a request may give a file field as an http(s) address (-F driver=https://...), which the "
+                            "server downloads (media in object storage); off by default: the server then fetches "
+                            "what clients name, hosts of its own network among them")
     s_net.add_argument("--no-warmup", action="store_true",
                        help="start answering at once, leaving one-time costs (--compile's compilation: minutes; "
                             "cuDNN's choices, engine contexts) to the first request (default: paid before the server "

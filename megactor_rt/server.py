@@ -59,7 +59,7 @@ from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
-from megactor_rt.remote import safe_name
+from megactor_rt.remote import as_url, download, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +134,9 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
     where it has none), each text part kept (at most 64 KiB).
 
     Returns:
-        (text fields, file fields): field name -> text, field name -> path. A field of ``texts`` may come as a file
-        where it is in ``files`` too (``audio``), and as text where it is only in ``texts``.
+        (text fields, file fields): field name -> text, field name -> path. A field of ``files`` sent as text (an
+        address, say) is among the texts (unless empty: not given); a field of ``texts`` sent as a file is read as
+        its text.
 
     Raises:
         FormError: not multipart/form-data (415), a malformed body, a field not in ``files`` or ``texts``, a field
@@ -173,7 +174,7 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
             with open(target, "wb") as out:
                 buf = _copy_until(buf, delimiter, body, out.write)
             paths[name] = target
-        elif name in texts:
+        elif name in texts or name in files:  # (a file field as text: an address, or a client's "none given")
             value = bytearray()
 
             def keep(chunk: bytes, value: bytearray = value, name: str = name) -> None:
@@ -183,19 +184,11 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
 
             buf = _copy_until(buf, delimiter, body, keep)
             try:
-                text[name] = value.decode()
+                decoded = value.decode()
             except UnicodeDecodeError:
                 raise FormError(f"field {name!r} is not UTF-8 text") from None
-        elif name in files:  # as text: empty is "not given" (some clients send an empty file input so)
-            given = bytearray()
-
-            def note(chunk: bytes, given: bytearray = given) -> None:
-                if len(given) < 16:  # (enough to know it is not empty; the rest is not kept)
-                    given.extend(chunk[:16])
-
-            buf = _copy_until(buf, delimiter, body, note)
-            if given.strip():
-                raise FormError(f"field {name!r} takes a file (curl -F {name}=@FILE), not text")
+            if decoded.strip() or name in texts:  # (empty for a file field: not given, as some clients send it)
+                text[name] = decoded
         else:
             raise FormError(f"unknown field {name!r}; the fields are the files {', '.join(files)} and "
                             f"{', '.join(t for t in texts if t not in files)}")
@@ -377,6 +370,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         cors_origins: the sites (``https://app.example.com``, or ``*``: any) whose pages may call the server from
             a browser (CORS); none by default, so that a page of any site a user visits cannot use a server on their
             machine.
+        allow_urls: a file field may be an http(s) address instead, downloaded by the server (off by default: it
+            makes the server fetch what a client names, hosts of its own network among them).
     """
 
     daemon_threads = True
@@ -384,11 +379,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
-                 keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = ()) -> None:
+                 keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = (),
+                 allow_urls: bool = False) -> None:
         self.anim, self.options = anim, dict(options or {})
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
         self.keep_s, self.max_kept = keep_s, max_kept
         self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
+        self.allow_urls = allow_urls
         self._state = threading.Condition(threading.RLock())
         self._receiving = 0  # forms being received, each holding a place in the queue
         self._tasks: dict[str, Task] = {}  # by id: the queued, the running, and the jobs kept
@@ -807,8 +804,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             error = exc.status, _said(exc, folder)
         except InputError as exc:
             error = 400, _said(exc, folder)
+        except ResourceError as exc:  # (a full disk for an upload or a download)
+            error = 503, _said(exc, folder)
         except (BrokenPipeError, ConnectionResetError):
             logger.info("POST %s: the client went away before the answer", route)
+        except Exception as exc:  # noqa: BLE001 - answered as a server failure, and logged with its traceback
+            logger.exception("POST %s failed", route)
+            error = 500, f"the server failed: {type(exc).__name__}: {exc}"
         finally:
             if reserved:
                 self.server.unreserve()
@@ -829,6 +831,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The request's form read into ``folder`` and checked, as a run to queue."""
         length = self._length()
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder)
+        for name in FILE_FIELDS:  # given as text: a web address where the server takes them, else no file
+            value = text.get(name, "").strip()
+            if not value or (name == "audio" and value.lower() == NO_SOUND):
+                continue
+            if self.server.allow_urls and as_url(value):
+                (folder / name).mkdir()
+                files[name] = download(as_url(value) or value, folder / name)
+                del text[name]
+            else:
+                takes = [f"a file (curl -F {name}=@FILE)"] + (["an http(s) address"] if self.server.allow_urls else [])
+                if name == "audio":
+                    takes.append(f"the text {NO_SOUND!r}")
+                why = "; this server downloads no addresses (serve --allow-urls)" if as_url(value) else ""
+                raise FormError(f"field {name!r} takes {' or '.join(takes)}{why}")
         missing = [f for f in ("portrait", "driver") if f not in files]
         if missing:
             raise FormError(f"no {' and no '.join(missing)} file in the form (curl -F portrait=@me.png -F "
@@ -838,8 +854,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fmt not in FORMATS:
             raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "
                             "sequences are folders: use the command line)")
-        if text.get("audio", "").strip().lower() not in ("", NO_SOUND):
-            raise FormError(f"field 'audio' takes a sound file (curl -F audio=@song.mp3) or the text {NO_SOUND!r}")
         result = folder / "result" / f"{_stem(files['portrait'])}_{_stem(files['driver'])}.{fmt}"
         result.parent.mkdir()
         cells = {k: v.strip() for k, v in text.items() if k not in ("format", "crf", "side_by_side", "paste_back")

@@ -63,7 +63,8 @@ def _read(body: bytes, content_type: str, folder: Path, **kw: object) -> tuple[d
 def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     """Files go to disk under their field and (made safe) name, texts are kept; a file whose bytes hold the
     boundary's beginning, line breaks and dashes is copied byte for byte, whatever the read size; a preamble and an
-    epilogue are skipped; a file input left empty (a browser's: no file name; or empty text) counts as not given."""
+    epilogue are skipped; a file input left empty (a browser's: no file name; or empty text) counts as not given,
+    and a file field given as text is among the texts (an address, for the server to take or refuse)."""
     monkeypatch.setattr(server_module, "_CHUNK", chunk)
     boundary = "XyZ"
     # (a form's data never holds its delimiter, CRLF "--" boundary, but may hold any beginning of it)
@@ -73,6 +74,7 @@ def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytes
     body = b"preamble to skip\r\n" + body + b"epilogue"
     text, files = _read(body, ctype, tmp_path)
     assert text == {"start": "1.5"}
+    assert _read(*form({"mask": "https://x/m.png"}), tmp_path / "t")[0] == {"mask": "https://x/m.png"}
     assert files == {"portrait": tmp_path / "portrait" / "me.png", "driver": tmp_path / "driver" / "talk.mp4"}
     assert files["portrait"].read_bytes() == tricky and files["driver"].read_bytes() == b"\x00\x01"
 
@@ -82,8 +84,6 @@ def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytes
     (b"x", "multipart/form-data", 400, "no valid boundary"),
     (form({"speed": "2"}, "b")[0], "multipart/form-data; boundary=b", 400, "unknown field 'speed'; the fields are"),
     (form([("seed", "1"), ("seed", "2")], "b")[0], "multipart/form-data; boundary=b", 400, "'seed' is given twice"),
-    (form({"portrait": "me.png"}, "b")[0], "multipart/form-data; boundary=b", 400,
-     r"'portrait' takes a file \(curl -F portrait=@FILE\)"),
     (form({"format": "\xe9"}, "b")[0].replace("\xe9".encode(), b"\xe9"), "multipart/form-data; boundary=b", 400,
      "'format' is not UTF-8 text"),
     (form({"format": "x" * 70000}, "b")[0], "multipart/form-data; boundary=b", 400, "'format' is over 64 KiB"),
@@ -91,7 +91,7 @@ def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytes
      "the form ends before its closing boundary"),
     (b"--b\r\n" + b"X-Pad: y\r\n" * 2000, "multipart/form-data; boundary=b", 400, "headers over 16 KiB"),
     (b"--b\r\n\r\nno headers\r\n--b--\r\n", "multipart/form-data; boundary=b", 400, "no field name"),
-], ids=["not-multipart", "no-boundary", "unknown-field", "twice", "text-for-file", "not-utf8",
+], ids=["not-multipart", "no-boundary", "unknown-field", "twice", "not-utf8",
         "text-too-long", "cut-short", "huge-headers", "no-name"])
 def test_a_bad_form_is_refused_with_its_reason(tmp_path: Path, body: bytes, ctype: str, status: int,
                                                message: str) -> None:
@@ -231,6 +231,39 @@ def test_a_driver_sent_again_has_its_faces_found_once(served: AnimateServer, med
     assert left(scratch) == []
 
 
+def test_with_allow_urls_a_file_field_may_be_an_address(served: AnimateServer, media: dict[str, Path],
+                                                        tmp_path: Path, scratch: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve --allow-urls: the driver as an http(s) address, downloaded by the server (under the address's name)
+    into the request's folder; an address the server cannot get is a 400 naming it."""
+    import http.server
+    from functools import partial
+
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "clip.mp4").write_bytes(media["driver"].read_bytes())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(site)))
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{web.server_address[1]}"
+        served.allow_urls = True
+        status, headers, body = animate(served, {"portrait": files(media)["portrait"], "driver": f"{base}/clip.mp4"})
+        assert status == 200 and headers["Content-Disposition"].startswith('attachment; filename="me_clip.mp4"'), body
+        status, _, body = animate(served, {"portrait": files(media)["portrait"], "driver": f"{base}/gone.mp4"})
+        assert status == 400 and json.loads(body)["error"] == f"{base}/gone.mp4: the server answered 404 File not found"
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert left(scratch) == []
+
+
 def test_a_request_sets_its_own_speed(served: AnimateServer, media: dict[str, Path], tmp_path: Path) -> None:
     """A preview (1 step, no overlap, CFG in no step, 12.5 fps) from the model the server keeps: the result records
     those settings, and the server's own stay as they were for the next request."""
@@ -253,7 +286,11 @@ def test_a_request_sets_its_own_speed(served: AnimateServer, media: dict[str, Pa
     ({"format": "png"}, 400, "format 'png' is not one the server writes: gif, m4v, mkv, mov, mp4, webm, webp"),
     ({"seed": "x"}, 400, "^request: seed must be a whole number, got 'x'$"),
     ({"portrait_face": "0"}, 400, "request: portrait_face must be a face number from 1"),
-    ({"audio": "loud"}, 400, "field 'audio' takes a sound file"),
+    ({"audio": "loud"}, 400, r"^field 'audio' takes a file \(curl -F audio=@FILE\) or the text 'none'$"),
+    ({"portrait": "me.png"}, 400, r"^field 'portrait' takes a file \(curl -F portrait=@FILE\)$"),
+    ({"driver": "https://example.com/a.mp4"}, 400,
+     r"^field 'driver' takes a file \(curl -F driver=@FILE\); this server downloads no addresses \(serve "
+     r"--allow-urls\)$"),
     ({"crf": "high"}, 400, "field 'crf' takes a whole number"),
     ({"paste_back": "maybe"}, 400, "field 'paste_back' takes true or false"),
     ({"side_by_side": "yes", "paste_back": "1"}, 400, "side_by_side"),
@@ -262,7 +299,7 @@ def test_a_request_sets_its_own_speed(served: AnimateServer, media: dict[str, Pa
     ({"steps": "many"}, 400, "^request: steps must be a whole number, got 'many'$"),
     ({"overlap": "4"}, 400, "^request: window must be >= 1 and overlap from 0 to window - 1, got window 4, overlap 4$"),
     ({"steps": "5000"}, 400, "steps must be at most"),
-], ids=["no-driver", "png", "seed", "face", "audio-text", "crf", "flag", "two-layouts", "bad-image", "duration",
+], ids=["no-driver", "png", "seed", "face", "audio-text", "portrait-text", "address-refused", "crf", "flag", "two-layouts", "bad-image", "duration",
         "steps-word", "overlap", "steps-past-schedule"])
 def test_a_bad_request_is_answered_400_with_its_reason(served: AnimateServer, media: dict[str, Path],
                                                        scratch: Path, fields: dict[str, Field | None], status: int,
