@@ -1,20 +1,22 @@
 """An HTTP server that keeps one :class:`~megactor_rt.runtime.animator.Animator` loaded (``megactor-rt serve``).
 
 Loading the weights, compiling and building engines take seconds to minutes; a portrait's preparation (its VAE
-latents, CLIP tokens and ReferenceNet bank) takes a while too. A command pays them at every call; this server
-pays them once, keeps prepared portraits in the Animator's cache, and takes its work over HTTP from programs in
-any language::
+latents, CLIP tokens and ReferenceNet bank) and a driver's plan (every frame's face) take a while too. A command
+pays them at every call; this server pays them once, keeps prepared portraits in the Animator's cache and the
+latest drivers on disk (:meth:`AnimateServer.keep_driver`), and takes its work over HTTP from programs in any
+language (:mod:`megactor_rt.client` is its client)::
 
     curl -F portrait=@me.png -F driver=@meme.mp4 -o out.mp4 http://127.0.0.1:8450/animate
 
 ``POST /animate`` takes a ``multipart/form-data`` form (what ``curl -F`` and HTML forms send): the files
-``portrait`` and ``driver`` (required), ``mask`` and ``audio`` (optional), and the text fields of
-:data:`TEXT_FIELDS` (``format``, ``start``, ``seed``, ``steps``, ...; each means what the ``animate`` flag or
-jobs-file column of its name means: a preview with fewer steps and a final run share one loaded model). The answer is the result file (``Content-Disposition`` names it ``<portrait>_<driver>.mp4``,
-the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait came from the cache), or a
-JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
-line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues, 500 for a
-failure of the server itself, 410 for a run cancelled meanwhile.
+``portrait`` and ``driver`` (required), ``mask`` and ``audio`` (optional; with ``allow_urls`` any of them may be an
+http(s) address instead), and the text fields of :data:`TEXT_FIELDS` (``format``, ``start``, ``seed``,
+``steps``, ...; each means what the ``animate`` flag or jobs-file column of its name means: a preview with fewer
+steps and a final run share one loaded model). The answer is the result file (``Content-Disposition`` names it
+``<portrait>_<driver>.mp4``, the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait
+and the driver's plan were kept from earlier requests), or a JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
+line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues (or a full
+disk), 500 for a failure of the server itself, 410 for a run cancelled meanwhile.
 
 A run longer than a client, or a proxy between, waits for an answer goes as a **job**: ``POST /jobs`` takes the
 same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Location: /jobs/ID``); ``GET /jobs/ID``
@@ -24,7 +26,8 @@ done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers 
 progress report) or deletes its result; ``GET /jobs`` lists them. A job's result is kept ``keep_s`` after its run
 (and the ``max_kept`` latest only). ``GET /health`` answers a JSON object: the model's settings, the run under way
 and how many wait; ``GET /openapi.json`` the API as an OpenAPI 3 document; ``GET /`` a page with the form for a
-browser (it shows the result and a link to save it).
+browser (it runs the form as a job, shows its progress, then the result and a link to save it). Pages of other
+sites may call the server only where ``cors_origins`` names them.
 
 One run at a time (one model on one device), on a worker thread of the server's; the requests that come meanwhile
 wait in turn. Uploads and results are kept in a temporary folder per request, removed when its answer has been
