@@ -503,6 +503,19 @@ def _wait_for(srv: AnimateServer, test: object, seconds: float = 60, path: str =
     raise AssertionError(f"GET {path} never showed it: {doc}")
 
 
+def hold_runs(srv: AnimateServer, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make the server's runs wait, once started, until the event returned is set."""
+    go = threading.Event()
+    real = srv.anim.animate_to_file
+
+    def held(*args: object, **kw: object) -> object:
+        go.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(srv.anim, "animate_to_file", held)
+    return go
+
+
 def _job(srv: AnimateServer, fields: dict[str, Field]) -> str:
     body, ctype = form(fields)
     status, headers, answer = request(srv, "POST", "/jobs", body, ctype)
@@ -543,14 +556,7 @@ def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media:
     """A queued job says how many runs are ahead and has no result yet (409); DELETE cancels it queued (at once)
     or running (at its run's next progress report: 202, then cancelled, its result gone: 410); a job whose run
     fails says why, and its result answers with that error."""
-    go = threading.Event()
-    real = served.anim.animate_to_file
-
-    def held(*args: object, **kw: object) -> object:
-        go.wait(60)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(served.anim, "animate_to_file", held)
+    go = hold_runs(served, monkeypatch)
     first, second = _job(served, files(media)), _job(served, {**files(media), "format": "gif"})
     _wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{first}")
     doc = json.loads(request(served, "GET", f"/jobs/{second}")[2])
@@ -774,14 +780,7 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     import _thread
 
-    go = threading.Event()
-    real = served.anim.animate_to_file
-
-    def held(*args: object, **kw: object) -> object:
-        go.wait(60)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(served.anim, "animate_to_file", held)
+    go = hold_runs(served, monkeypatch)
 
     def interrupt_when_running() -> None:
         _wait_for(served, lambda d: d["running"] is not None)
