@@ -50,6 +50,7 @@ class Client:
         self.url = f"http://{parts.netloc}{self.prefix}"
         self.host, self.port = parts.hostname, parts.port or 80
         self.timeout_s = timeout_s
+        self.max_upload_bytes: int | None = None  # (the server's, from its health)
 
     # -- one request ----------------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
@@ -83,19 +84,27 @@ class Client:
         status, _, doc = self._json("GET", "/health")
         if status != 200:
             raise InputError(f"{self.url}: GET /health answered {status}: {doc.get('error')}")
+        self.max_upload_bytes = doc.get("max_upload_bytes")
         return doc
 
     def submit(self, portrait: Path, driver: Path, fields: dict[str, str] | None = None,
-               files: dict[str, Path] | None = None) -> str:
+               files: dict[str, Path] | None = None, stop: threading.Event | None = None) -> str:
         """``POST /jobs``: a job for ``portrait`` and ``driver`` (and ``files``: mask, audio; ``fields``: the form's
         text fields); its id. A full queue (503) is asked again after the time the server says.
 
         Raises:
-            InputError: the server refuses the form (named as it names it), or cannot be reached.
+            InputError: the server refuses the form (named as it names it; a form over its upload limit before
+                it is sent), or cannot be reached.
+            Stopped: ``stop`` was set while the queue was full.
         """
         sent = {"portrait": Path(portrait), "driver": Path(driver), **(files or {})}
+        if self.max_upload_bytes is None:
+            self.health()
         for _ in range(BUSY_TRIES):
             body, length, content_type = _form(fields or {}, sent)
+            if self.max_upload_bytes is not None and length > self.max_upload_bytes:
+                raise InputError(f"{', '.join(str(p) for p in sent.values())}: {length} bytes to send, over the "
+                                 f"upload limit of {self.url} ({self.max_upload_bytes} bytes: serve --max-upload-mb)")
             status, head, doc = self._json("POST", "/jobs", body, {"Content-Type": content_type,
                                                                    "Content-Length": str(length)})
             if status == 202:
@@ -104,7 +113,10 @@ class Client:
                 raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
             wait = float(head.get("retry-after", "10")) if head.get("retry-after", "").isdigit() else 10.0
             logger.warning("%s: %s; asking again in %g s", self.url, doc.get("error"), wait)
-            time.sleep(wait)
+            if stop is not None and stop.wait(wait):
+                raise Stopped(f"a request to {self.url}")
+            if stop is None:
+                time.sleep(wait)
         raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")
 
     def wait(self, job: str, on_progress: Callable[[Progress], object] | None = None,
@@ -173,7 +185,7 @@ class Client:
             Stopped: ``stop`` was set before the result was fetched.
         """
         output = Path(output)
-        job = self.submit(Path(portrait), Path(driver), fields, files)
+        job = self.submit(Path(portrait), Path(driver), fields, files, stop)
         try:
             state = self.wait(job, on_progress, stop)
             if state["status"] != "done":

@@ -711,6 +711,11 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
     for argv, message in cases:
         assert main(["-q", "animate", *argv]) == 2
         assert message in capsys.readouterr().err
+    served.max_upload_bytes = 1000  # (refused here, before the upload)
+    assert main(["-q", "animate", "--server", served.url, *common, "-o", str(tmp_path / "a.mp4")]) == 2
+    assert f"bytes to send, over the upload limit of {served.url} (1000 bytes: serve --max-upload-mb)" in \
+        capsys.readouterr().err
+    served.max_upload_bytes = 1 << 30
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), str(bad), "--driver",
