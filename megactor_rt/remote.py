@@ -60,22 +60,26 @@ class _Again(Exception):
         self.wait = wait
 
 
-def download(url: str, folder: Path) -> Path:
+def download(url: str, folder: Path, max_bytes: int | None = None) -> Path:
     """Download ``url`` into ``folder`` (:func:`file_name`), with a progress bar. A download that breaks off, times
     out or gets a server's passing refusal (408, 429, 500, 502, 503, 504) is tried again, :data:`TRIES` times in
     all, after 1 s, then 2 s (or the server's ``Retry-After`` up to :data:`MAX_WAIT_S`), and goes on from where it
-    broke off where the server takes a byte range.
+    broke off where the server takes a byte range. ``max_bytes``: a file larger than this is refused (by its announced
+    length, before it is read, else as it arrives), and what came of it removed.
 
     Raises:
-        InputError: the server refuses it (an HTTP error) or cannot be reached, or the download still breaks off
-            after :data:`TRIES` tries.
+        InputError: the server refuses it (an HTTP error) or cannot be reached, the download still breaks off
+            after :data:`TRIES` tries, or the file is larger than ``max_bytes``.
         ResourceError: the folder cannot take it (a full disk).
     """
     path = folder / file_name(url)
     for attempt in range(1, TRIES + 1):
         try:
-            _fetch(url, path)
+            _fetch(url, path, max_bytes)
             break
+        except _TooLarge as exc:
+            path.unlink(missing_ok=True)
+            raise InputError(f"{url}: {exc}") from None
         except _Again as exc:
             if attempt == TRIES:
                 raise InputError(f"{url}: {exc} ({TRIES} tries)") from exc
@@ -86,7 +90,11 @@ def download(url: str, folder: Path) -> Path:
     return path
 
 
-def _fetch(url: str, path: Path) -> None:
+class _TooLarge(Exception):
+    """A download over its size limit."""
+
+
+def _fetch(url: str, path: Path, max_bytes: int | None = None) -> None:
     """One try at downloading ``url`` to ``path``, continuing what ``path`` holds already where the server takes a
     byte range (and starting again where it does not)."""
     # (here, not at the top: the CLI imports this module at start-up, where these added 33 ms to every command)
@@ -107,12 +115,19 @@ def _fetch(url: str, path: Path) -> None:
                     f"bytes {have}-")):
                 have = 0  # (the whole file again: the server sends no part of it)
             total = None if part is None else have + part
+            too_large = f"larger than the limit of {max_bytes} bytes"
+            if max_bytes is not None and total is not None and total > max_bytes:
+                raise _TooLarge(f"{total} bytes, {too_large}")
             with open(path, "ab" if have else "wb") as out, \
                     progress(total=total, desc=f"download {path.name}", unit="B") as bar:
                 bar.update(have)
+                written = have
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
+                    written += len(chunk)
+                    if max_bytes is not None and written > max_bytes:
+                        raise _TooLarge(too_large)
     except urllib.error.HTTPError as exc:
         message = f"the server answered {exc.code} {exc.reason}"
         if exc.code in _PASSING:

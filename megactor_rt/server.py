@@ -840,7 +840,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 continue
             if self.server.allow_urls and as_url(value):
                 (folder / name).mkdir()
-                files[name] = download(as_url(value) or value, folder / name)
+                files[name] = download(as_url(value) or value, folder / name, self.server.max_upload_bytes)
                 del text[name]
             else:
                 takes = [f"a file (curl -F {name}=@FILE)"] + (["an http(s) address"] if self.server.allow_urls else [])

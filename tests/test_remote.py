@@ -31,6 +31,12 @@ class _Short(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         _Short.requests.append(self.path)
         _Short.ranges.append(self.headers.get("Range"))
+        if self.path.endswith("/unsized.mp4"):  # (no length announced: the end of the connection ends it)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"0123456789" * 300_000)
+            self.close_connection = True
+            return
         if self.path.endswith("/busy.mp4"):
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -114,6 +120,13 @@ def test_a_download_is_tried_again_and_goes_on_where_it_broke_off(server: tuple[
     with pytest.raises(InputError, match="the server answered 404"):
         download(f"{url}/none.mp4", tmp_path / "b")
     assert _Short.requests == ["/busy.mp4"] * 3 + ["/none.mp4"]
+    (tmp_path / "c").mkdir()
+    with pytest.raises(InputError, match=r"unsized.mp4: larger than the limit of 1000000 bytes$"):
+        download(f"{url}/unsized.mp4", tmp_path / "c", max_bytes=1_000_000)  # (found as it arrives)
+    with pytest.raises(InputError, match=r"flaky.mp4: \d+ bytes, larger than the limit of 10 bytes$"):
+        download(f"{url}/flaky.mp4", tmp_path / "c", max_bytes=10)  # (by its announced length)
+    assert list((tmp_path / "c").iterdir()) == []  # (what came of them removed)
+    assert len(download(f"{url}/unsized.mp4", tmp_path / "c").read_bytes()) == 3_000_000
 
 
 def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str, Path], tmp_path: Path,

@@ -235,7 +235,8 @@ def test_with_allow_urls_a_file_field_may_be_an_address(served: AnimateServer, m
                                                         tmp_path: Path, scratch: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """serve --allow-urls: the driver as an http(s) address, downloaded by the server (under the address's name)
-    into the request's folder; an address the server cannot get is a 400 naming it."""
+    into the request's folder; an address the server cannot get, or a file over the upload limit, is a 400 naming
+    it."""
     import http.server
     from functools import partial
 
@@ -258,6 +259,12 @@ def test_with_allow_urls_a_file_field_may_be_an_address(served: AnimateServer, m
         assert status == 200 and headers["Content-Disposition"].startswith('attachment; filename="me_clip.mp4"'), body
         status, _, body = animate(served, {"portrait": files(media)["portrait"], "driver": f"{base}/gone.mp4"})
         assert status == 400 and json.loads(body)["error"] == f"{base}/gone.mp4: the server answered 404 File not found"
+        (site / "me.png").write_bytes(media["portrait"].read_bytes())
+        served.max_upload_bytes = 100_000  # (downloads are held to the upload limit too)
+        status, _, body = animate(served, {"portrait": f"{base}/me.png", "driver": f"{base}/clip.mp4"})
+        size = media["portrait"].stat().st_size
+        assert status == 400 and json.loads(body)["error"] == (f"{base}/me.png: {size} bytes, larger than the limit of "
+                                                               "100000 bytes"), body
     finally:
         web.shutdown()
         web.server_close()
