@@ -1173,7 +1173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.weights is None) != args.demo:
         raise InputError("serve needs --weights DIR (converted weights) or --demo (the tiny random model), one of them")
     _check_fallback(args)
-    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--keep-min", args.keep_min)):
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--keep-min", args.keep_min),
+                        ("--cache-memory-gb", args.cache_memory_gb)):
         if not (math.isfinite(value) and value > 0):
             raise InputError(f"{flag} must be a finite number > 0, got {value}")
     if args.weights is not None:
@@ -1206,6 +1207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         anim = _from_weights(args, config, cache)
     _check_run(anim)
+    anim.cache.max_bytes = int(args.cache_memory_gb * 2**30)
     if not args.no_warmup:  # (compiling, cuDNN's choices, engine contexts: before the first request, not in it)
         print(f"megactor-rt serve: warmed up in {anim.warmup():.1f} s", file=sys.stderr, flush=True)
     server.anim = anim
@@ -1482,6 +1484,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let pages of this site call the server from a browser (CORS), e.g. "
                             "https://app.example.com; * for any site (then any page its user opens can use it); may "
                             "be given more than once (default: none)")
+    s_net.add_argument("--cache-memory-gb", type=float, default=2.0, metavar="GB",
+                       help="how much memory (the device's, on a GPU) the prepared portraits kept for the next "
+                            "requests may take, in GiB (default 2: about 5 portraits at 512 px fp16, 25 steps); the "
+                            "least recently used go first")
     s_net.add_argument("--allow-urls", action="store_true",
                        help="a request may give a file field as an http(s) address (-F driver=https://...), which the "
                             "server downloads (media in object storage); off by default: the server then fetches "

@@ -414,8 +414,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             state = {"status": "ok", "running": None if self.running is None else self.running.result.name,
                      "waiting": len(self._queue), "served": self.served, "failed": self.failed,
                      "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values())}
+        cache = self.anim.cache
         return {**state, "max_waiting": self.max_waiting, "max_upload_bytes": self.max_upload_bytes,
-                "keep_s": self.keep_s, "formats": list(FORMATS), **self.anim.run_settings()}
+                "keep_s": self.keep_s, "formats": list(FORMATS), "portraits_kept": len(cache),
+                "portrait_memory_bytes": cache.nbytes, "portrait_memory_budget": cache.max_bytes,
+                **self.anim.run_settings()}
 
     def folder(self) -> Path:
         """A new temporary folder for one request (removed by :meth:`release`, or at :meth:`server_close`)."""

@@ -637,7 +637,7 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0", "--steps",
-                             "1", "--window", "4", "--overlap", "2"], stdout=subprocess.PIPE,
+                             "1", "--window", "4", "--overlap", "2", "--cache-memory-gb", "0.5"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -650,6 +650,12 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
         data = answer.read()
         conn.close()
         assert answer.status == 200 and data[:6] == b"GIF89a" and answer.getheader("X-Megactor-Frames") == "6"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+        conn.close()
+        assert (health["portrait_memory_budget"], health["portraits_kept"]) == (2**29, 1)
+        assert 0 < health["portrait_memory_bytes"] <= 2**29
         body, ctype = form({"portrait": ("me.png", PORTRAIT.read_bytes()), "driver": ("long.mp4", DRIVER.read_bytes())})
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         conn.request("POST", "/jobs", body, {"Content-Type": ctype})
