@@ -968,7 +968,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
                            "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
-                           "skip_existing", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup", "addresses",
+                           "skip_existing", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup",
+                           "addresses",
                            "progress_file", "weights"})
 
 
@@ -1016,9 +1017,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
                     if k not in _REMOTE_FLAGS and v != getattr(defaults, k, v)})
     if given:
         raise InputError(f"{', '.join(given)}: not with --server. A request carries its files, times (--start, "
-                         "--duration), --seed, --steps, --guidance, --overlap, --cfg-steps, --fps, --max-frames, faces, "
-                         "sound, --crf and the result's layout; the other run settings are the server's (`megactor-rt "
-                         "serve` takes them), and --dry-run, --stats and --checkpoint-dir are for runs made here")
+                         "--duration), --seed, --steps, --guidance, --overlap, --cfg-steps, --fps, --max-frames, "
+                         "faces, sound, --crf and the result's layout; the other run settings are the server's "
+                         "(`megactor-rt serve` takes them), and --dry-run, --stats and --checkpoint-dir are for runs "
+                         "made here")
     for job in jobs:
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "

@@ -10,13 +10,14 @@ language (:mod:`megactor_rt.client` is its client)::
 
 ``POST /animate`` takes a ``multipart/form-data`` form (what ``curl -F`` and HTML forms send): the files
 ``portrait`` and ``driver`` (required), ``mask`` and ``audio`` (optional; with ``allow_urls`` any of them may be an
-http(s) address instead), and the text fields of :data:`TEXT_FIELDS` (``format``, ``start``, ``seed``,
-``steps``, ...; each means what the ``animate`` flag or jobs-file column of its name means: a preview with fewer
-steps and a final run share one loaded model). The answer is the result file (``Content-Disposition`` names it
+http(s) address instead), and the text fields of :data:`TEXT_FIELDS` (``format``, ``start``, ``seed``, ``steps``,
+...; each means what the ``animate`` flag or jobs-file column of its name means: a preview with fewer steps and a
+final run share one loaded model). The answer is the result file (``Content-Disposition`` names it
 ``<portrait>_<driver>.mp4``, the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait
-and the driver's plan were kept from earlier requests), or a JSON object ``{"error": "..."}``: 400 for bad input (the message names the field or the problem, as the command
-line's do), 413 for a form over the upload limit, 503 while more requests wait than the server queues (or a full
-disk), 500 for a failure of the server itself, 410 for a run cancelled meanwhile.
+and the driver's plan were kept from earlier requests), or a JSON object ``{"error": "..."}``: 400 for bad input
+(the message names the field or the problem, as the command line's do), 413 for a form over the upload limit, 503
+while more requests wait than the server queues (or a full disk), 500 for a failure of the server itself, 410 for a
+run cancelled meanwhile.
 
 A run longer than a client, or a proxy between, waits for an answer goes as a **job**: ``POST /jobs`` takes the
 same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Location: /jobs/ID``); ``GET /jobs/ID``

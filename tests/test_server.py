@@ -306,7 +306,8 @@ def test_a_request_sets_its_own_speed(served: AnimateServer, media: dict[str, Pa
     ({"steps": "many"}, 400, "^request: steps must be a whole number, got 'many'$"),
     ({"overlap": "4"}, 400, "^request: window must be >= 1 and overlap from 0 to window - 1, got window 4, overlap 4$"),
     ({"steps": "5000"}, 400, "steps must be at most"),
-], ids=["no-driver", "png", "seed", "face", "audio-text", "portrait-text", "address-refused", "crf", "flag", "two-layouts", "bad-image", "duration",
+], ids=["no-driver", "png", "seed", "face", "audio-text", "portrait-text", "address-refused", "crf", "flag",
+        "two-layouts", "bad-image", "duration",
         "steps-word", "overlap", "steps-past-schedule"])
 def test_a_bad_request_is_answered_400_with_its_reason(served: AnimateServer, media: dict[str, Path],
                                                        scratch: Path, fields: dict[str, Field | None], status: int,
@@ -381,8 +382,10 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
     assert shown["model"].startswith("The model: tiny-random-0, torch on CPU") and not shown["warning_hidden"]
     assert re.fullmatch(r"5 frames in [0-9.]+ s( \(the portrait was prepared already\))?", shown["status"]), shown
     assert shown["status_class"] == "" and shown["seen"][:2] == ["Sending ...", "Starting ..."], shown
-    assert any(re.fullmatch(r"Running: (driver|denoise|decode|write) \d+ of \d+ \w+\(s\) ...", s) for s in shown["seen"])
-    assert shown["result"] == '<img src="blob:x"><a href="blob:x" download="portrait_talk.gif">Save portrait_talk.gif</a>'
+    running = r"Running: (driver|denoise|decode|write) \d+ of \d+ \w+\(s\) ..."
+    assert any(re.fullmatch(running, s) for s in shown["seen"]), shown
+    assert shown["result"] == ('<img src="blob:x"><a href="blob:x" download="portrait_talk.gif">'
+                               'Save portrait_talk.gif</a>')
 
 
 def test_the_api_description_is_valid_openapi_and_names_every_field(served: AnimateServer) -> None:
@@ -637,8 +640,8 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0", "--steps",
-                             "1", "--window", "4", "--overlap", "2", "--cache-memory-gb", "0.5"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                             "1", "--window", "4", "--overlap", "2", "--cache-memory-gb", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith("megactor-rt serve: listening on http://127.0.0.1:"), line
