@@ -511,8 +511,9 @@ class StatsFile:
         self.options = options or {}  # the result-shaping flags that are no AnimateConfig field
         self.runs: list[dict] = []
 
-    def add(self, anim: Animator, portrait: Path, driver: Path, output: Path, stats: RunStats | None = None,
-            error: str | None = None) -> None:
+    def add(self, anim: Animator | dict[str, Any], portrait: Path, driver: Path, output: Path,
+            stats: RunStats | None = None, error: str | None = None, made_by: str | None = None) -> None:
+        """Record a result: ``anim`` made it (or a server whose run settings these are, at ``made_by``)."""
         if self.path is None:
             return
         import torch
@@ -521,9 +522,11 @@ class StatsFile:
         from megactor_rt.engine.cache import write_atomic
 
         facts = stats.as_dict() if stats is not None else {"error": error}
-        self.runs.append({"portrait": str(portrait), "driver": str(driver), "output": str(output), **facts})
+        where = {} if made_by is None else {"server": made_by}
+        self.runs.append({"portrait": str(portrait), "driver": str(driver), "output": str(output), **where, **facts})
+        settings = anim if isinstance(anim, dict) else anim.run_settings()
         doc = {"command": self.command, "megactor_rt": __version__, "torch": torch.__version__,
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **anim.run_settings(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **settings,
                "options": self.options, "runs": self.runs}
         try:
             write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
@@ -916,7 +919,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
                      args.audio_start, args.sequence_fps)
         _check_quality(jobs[0].output, args.crf)  # a batch's results share their format
     if args.server is not None:
-        return _animate_remote(args, jobs, batch)
+        return _animate_remote(args, jobs, batch, record)
     check_converted_folder(args.weights)
     if args.jobs is None:
         config = _run_config(args)
@@ -968,7 +971,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
                            "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
-                           "skip_existing", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup",
+                           "skip_existing", "stats", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup",
                            "addresses",
                            "progress_file", "weights"})
 
@@ -1004,13 +1007,14 @@ def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -
     return {name: getattr(config, name) for name in CONFIG_COLUMNS if getattr(config, name) != getattr(defaults, name)}
 
 
-def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> int:
+def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, record: StatsFile) -> int:
     """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
     from megactor_rt.client import Client, Stopped
     from megactor_rt.media import RESULT_SUFFIXES
     from megactor_rt.progress import progress
     from megactor_rt.runtime.pipeline import RunStats
     from megactor_rt.sequence import sequence_pattern
+    from megactor_rt.server import run_settings_of
 
     defaults = build_parser().parse_args(["animate"])
     given = sorted({f"--{k.replace('_', '-')}" for k, v in vars(args).items()
@@ -1019,8 +1023,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
         raise InputError(f"{', '.join(given)}: not with --server. A request carries its files, times (--start, "
                          "--duration), --seed, --steps, --guidance, --overlap, --cfg-steps, --fps, --max-frames, "
                          "faces, sound, --crf and the result's layout; the other run settings are the server's "
-                         "(`megactor-rt serve` takes them), and --dry-run, --stats and --checkpoint-dir are for runs "
-                         "made here")
+                         "(`megactor-rt serve` takes them), and --dry-run and --checkpoint-dir are for runs made "
+                         "here")
     for job in jobs:
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
@@ -1074,6 +1078,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
                          portrait_cache_hit=head.get("x-megactor-portrait-cached") == "true")
         with lock:
             _report(stats, job.output, client.url)
+            record.add(run_settings_of(healths[clients.index(client)]), job.portrait, job.driver, job.output, stats,
+                       made_by=client.url)
 
     errors: list[BaseException] = []
 
@@ -1095,6 +1101,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool) -> i
                     print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}",
                           file=sys.stderr)
                     failed.append(job.output.name)
+                    record.add(run_settings_of(healths[clients.index(client)]), job.portrait, job.driver,
+                               job.output, error=str(exc), made_by=client.url)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 errors.append(exc)
                 stop.set()

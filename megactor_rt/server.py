@@ -356,6 +356,17 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
+# what GET /health tells about the server itself; the rest of it is the model's run settings
+STATE_KEYS = frozenset({"status", "running", "waiting", "served", "failed", "jobs_kept", "max_waiting",
+                        "max_upload_bytes", "keep_s", "formats", "portraits_kept", "portrait_memory_bytes",
+                        "portrait_memory_budget"})
+
+
+def run_settings_of(health: dict[str, Any]) -> dict[str, Any]:
+    """The model's run settings in a server's ``GET /health`` (what ``Animator.run_settings`` gives there)."""
+    return {k: v for k, v in health.items() if k not in STATE_KEYS}
+
+
 class AnimateServer(http.server.ThreadingHTTPServer):
     """``megactor-rt serve``'s server (see the module doc) around a loaded ``anim``: requests are answered on
     threads of their own, their runs made one after another on one worker thread.
@@ -411,6 +422,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def health(self) -> dict[str, Any]:
+        """``GET /health``: the server's state (:data:`STATE_KEYS`) and the model's run settings
+        (``Animator.run_settings``: :func:`run_settings_of` takes them out again)."""
         with self._state:
             state = {"status": "ok", "running": None if self.running is None else self.running.result.name,
                      "waiting": len(self._queue), "served": self.served, "failed": self.failed,

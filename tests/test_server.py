@@ -388,6 +388,12 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
                                'Save portrait_talk.gif</a>')
 
 
+def test_health_is_the_servers_state_and_the_models_run_settings(served: AnimateServer, anim: Animator) -> None:
+    health = json.loads(request(served, "GET", "/health")[2])
+    assert server_module.run_settings_of(health) == json.loads(json.dumps(anim.run_settings()))
+    assert set(health) - set(anim.run_settings()) == server_module.STATE_KEYS
+
+
 def test_the_api_description_is_valid_openapi_and_names_every_field(served: AnimateServer) -> None:
     from openapi_spec_validator import validate
 
@@ -782,9 +788,15 @@ def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, me
         jobs = tmp_path / "jobs.csv"
         jobs.write_text("portrait,driver,output,duration,seed\n" + "".join(
             f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08,{i}\n" for i, name in enumerate("abcd")))
-        code = main(["-q", "animate", "--server", served.url, second.url, "--jobs", str(jobs)])
+        stats = tmp_path / "stats.json"
+        code = main(["-q", "animate", "--server", served.url, second.url, "--jobs", str(jobs), "--stats", str(stats)])
         captured = capsys.readouterr()
         assert code == 0, captured.err
+        record = json.loads(stats.read_text())
+        assert {k: record[k] for k in anim.run_settings()} == anim.run_settings()  # (the servers' model)
+        assert sorted((Path(r["output"]).name, r["frames"]) for r in record["runs"]) == [
+            ("a.mp4", 2), ("b.mp4", 2), ("c.mp4", 2), ("d.mp4", 2)]
+        assert {r["server"] for r in record["runs"]} == {served.url, second.url}
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
         made_by = re.findall(r"wrote .*: 2 frames in .*made by (http://127.0.0.1:\d+)", captured.out)
         assert len(made_by) == 4 and set(made_by) == {served.url, second.url}, captured.out
