@@ -100,6 +100,34 @@ def test_a_bad_form_is_refused_with_its_reason(tmp_path: Path, body: bytes, ctyp
     assert caught.value.status == status
 
 
+def test_any_body_is_read_or_refused_with_a_form_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fuzzed: 600 bodies stitched from pieces of forms (delimiters, headers of every kind, RFC 2231 names, bytes
+    that are no UTF-8) and then damaged at random, read in chunks of random size: each is read, or refused with a
+    FormError (an answer), never another exception (no answer at all)."""
+    import random
+
+    rng = random.Random(0)
+    pieces = [b"--b\r\n", b'Content-Disposition: form-data; name="portrait"; filename="a.png"\r\n', b"\r\n", b"DATA",
+              b'Content-Disposition: form-data; name="format"\r\n\r\nmp4\r\n', b"--b--\r\n", b"\r\n--b", b"\xff\xfe",
+              b"Content-Disposition: form-data; name*=UTF-8''%C3%A9\r\n", b"=?utf-8?b?w6k=?=", b"--b--",
+              b'Content-Disposition: form-data; name="driver"; filename="../x"\r\n', b"Content-Type: text/plain\r\n"]
+    taken = refused = 0
+    for i in range(600):
+        body = bytearray(b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))))
+        for _ in range(rng.randint(0, 3)):
+            if body:
+                body[rng.randrange(len(body))] = rng.randrange(256)
+        monkeypatch.setattr(server_module, "_CHUNK", rng.choice([1, 3, 7, 64, 1 << 20]))
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        try:
+            _read(bytes(body), "multipart/form-data; boundary=b", folder)
+            taken += 1
+        except FormError:
+            refused += 1
+    assert taken > 30 and refused > 300  # (both kinds came up)
+
+
 def test_a_body_shorter_than_announced_is_named(tmp_path: Path) -> None:
     """A client that stops sending (its connection closed) mid-form."""
     body, ctype = form({"format": "mp4"})
