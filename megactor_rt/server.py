@@ -63,6 +63,7 @@ from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
+from megactor_rt.media import RESULT_SUFFIXES
 from megactor_rt.remote import as_url, download, safe_name
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 # what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
 # the result's format and what shapes its frames
 TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "crf", "side_by_side", "paste_back")
+FORMATS = tuple(s[1:] for s in RESULT_SUFFIXES)  # the video files the writer makes (no frame sequences: folders)
+# their content types in answers (others: application/octet-stream)
 _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
                 ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}
-FORMATS = tuple(sorted(s[1:] for s in _MEDIA_TYPES))
 _TEXT_LIMIT = 64 << 10  # a text field's most bytes
 _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
@@ -442,6 +444,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         return path
 
     def release(self, path: Path) -> None:
+        """Remove a request's folder (also with ``_state`` held: it is reentrant)."""
         shutil.rmtree(path, ignore_errors=True)
         with self._state:
             self._folders.discard(path)
@@ -588,8 +591,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         for i, t in enumerate(finished):
             if now - (t.finished or now) > self.keep_s or len(finished) - i > self.max_kept:
                 del self._tasks[t.id]
-                shutil.rmtree(t.folder, ignore_errors=True)
-                self._folders.discard(t.folder)
+                self.release(t.folder)
 
     def _work(self) -> None:
         try:
@@ -621,8 +623,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                         if path.name != "result":
                             shutil.rmtree(path, ignore_errors=True)
                 else:  # (failed or cancelled: what it says is kept, no file)
-                    shutil.rmtree(task.folder, ignore_errors=True)
-                    self._folders.discard(task.folder)
+                    self.release(task.folder)
                 task.over.set()
 
     def _run(self, task: Task) -> None:
@@ -806,10 +807,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         result: IO[bytes] | None = None
         reserved = False
         try:
-            self._length()  # (a form too large, or of no size, before a place in the queue)
+            length = self._length()  # (a form too large, or of no size, before a place in the queue)
             self.server.reserve()
             reserved = True
-            task = self._task(folder, keep=route == "/jobs")
+            task = self._task(folder, length, keep=route == "/jobs")
             self.server.submit(task)
             reserved = False
             if task.keep:
@@ -838,7 +839,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
         try:
             if result is not None and task is not None:
-                self._send_file(result, _MEDIA_TYPES[task.result.suffix.lower()], task.headers())
+                self._send_file(result, _media_type(task.result), task.headers())
             elif error is not None:
                 self._error(*error)
         except (BrokenPipeError, ConnectionResetError):
@@ -847,29 +848,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if result is not None:
                 result.close()
 
-    def _task(self, folder: Path, keep: bool) -> Task:
-        """The request's form read into ``folder`` and checked, as a run to queue."""
-        length = self._length()
+    def _task(self, folder: Path, length: int, keep: bool) -> Task:
+        """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder)
         for name in FILE_FIELDS:  # given as text: a web address where the server takes them, else no file
             value = text.get(name, "").strip()
             if not value or (name == "audio" and value.lower() == NO_SOUND):
                 continue
-            if self.server.allow_urls and as_url(value):
+            url = as_url(value)
+            if self.server.allow_urls and url:
                 (folder / name).mkdir()
-                files[name] = download(as_url(value) or value, folder / name, self.server.max_upload_bytes)
+                files[name] = download(url, folder / name, self.server.max_upload_bytes)
                 del text[name]
             else:
                 takes = [f"a file (curl -F {name}=@FILE)"] + (["an http(s) address"] if self.server.allow_urls else [])
                 if name == "audio":
                     takes.append(f"the text {NO_SOUND!r}")
-                why = "; this server downloads no addresses (serve --allow-urls)" if as_url(value) else ""
+                why = "; this server downloads no addresses (serve --allow-urls)" if url else ""
                 raise FormError(f"field {name!r} takes {' or '.join(takes)}{why}")
         missing = [f for f in ("portrait", "driver") if f not in files]
         if missing:
             raise FormError(f"no {' and no '.join(missing)} file in the form (curl -F portrait=@me.png -F "
                             "driver=@meme.mp4)")
-        files["driver"] = self.server.keep_driver(files["driver"])
         fmt = text.get("format", "mp4").strip().lower().lstrip(".")
         if fmt not in FORMATS:
             raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "
@@ -889,6 +889,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name in ("side_by_side", "paste_back"):
             if name in text:
                 options[name] = _flag(name, text[name].strip())
+        job.driver = self.server.keep_driver(job.driver)  # (last: a request refused above keeps nothing)
         return Task(uuid.uuid4().hex[:12], folder, job, job.run_config(self.server.anim.config), options, keep)
 
     def _send_result(self, task: Task) -> None:
@@ -898,7 +899,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(410, f"job {task.id}: its result is gone (deleted, or kept past {self.server.keep_s:g} s)")
             return
         with file:
-            self._send_file(file, _MEDIA_TYPES[task.result.suffix.lower()], task.headers())
+            self._send_file(file, _media_type(task.result), task.headers())
 
     def _send_file(self, file: IO[bytes], content_type: str, headers: dict[str, str]) -> None:
         self.send_response(200)
@@ -910,6 +911,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.end_headers()
         shutil.copyfileobj(file, self.wfile, _CHUNK)
+
+
+def _media_type(path: Path) -> str:
+    return _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
 
 
 def _attachment(name: str) -> str:
