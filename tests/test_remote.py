@@ -38,18 +38,13 @@ class _Short(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
             return
         if self.path.endswith("/busy.mp4"):
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._busy()
             return
         if self.path.endswith("/flaky.mp4"):
             data = (Path(self.directory) / "talk.mp4").read_bytes()
             tries = _Short.requests.count(self.path)
             if tries == 1:
-                self.send_response(503)
-                self.send_header("Retry-After", "0")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self._busy(retry_after="0")
                 return
             start = int(self.headers["Range"].split("=")[1].rstrip("-")) if tries == 3 else 0
             self.send_response(206 if start else 200)
@@ -68,6 +63,13 @@ class _Short(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
             return
         super().do_GET()
+
+    def _busy(self, retry_after: str | None = None) -> None:
+        self.send_response(503)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def log_message(self, *args: object) -> None:
         pass
