@@ -864,7 +864,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
                               driver_face=options["driver_face"], mask=options["mask"], landmarker=landmarker,
                               contour_affine_frame=args.contour_affine_frame)
         except MegactorError as exc:
-            print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
+            _job_error(job, exc)
             failed += 1
             continue
         print(f"ok {job.output}: {found.summary()}")
@@ -956,14 +956,24 @@ def cmd_animate(args: argparse.Namespace) -> int:
             if not batch:
                 raise
             # this job's output is not written; the next job runs
-            print(f"error: {Path(portrait).name} + {Path(driver).name} -> {output.name}: {exc}", file=sys.stderr)
+            _job_error(job, exc)
             failed.append(output.name)
             record.add(anim, portrait, driver, output, error=str(exc))
             continue
         _report(stats, output)
         record.add(anim, portrait, driver, output, stats)
+    return _batch_status(failed, len(jobs))
+
+
+def _job_error(job: Job, exc: Exception) -> None:
+    """A batch's line for a result that is not written (the others go on)."""
+    print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
+
+
+def _batch_status(failed: list[str], total: int) -> int:
+    """A batch's exit status, after a line naming the results not written where there are any."""
     if failed:
-        print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: {len(failed)} of {total} results not written: {', '.join(failed)}", file=sys.stderr)
         return 2
     return 0
 
@@ -971,7 +981,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
                            "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
-                           "skip_existing", "stats", "server", "progress_json", "verbose", "quiet", "fn", "command", "cleanup",
+                           "skip_existing", "stats", "server", "progress_json", "verbose", "quiet", "fn", "command",
+                           "cleanup",
                            "addresses",
                            "progress_file", "weights"})
 
@@ -1009,10 +1020,9 @@ def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -
 
 def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, record: StatsFile) -> int:
     """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
-    from megactor_rt.client import Client, Stopped
+    from megactor_rt.client import Client, Stopped, result_stats
     from megactor_rt.media import RESULT_SUFFIXES
     from megactor_rt.progress import progress
-    from megactor_rt.runtime.pipeline import RunStats
     from megactor_rt.sequence import sequence_pattern
     from megactor_rt.server import run_settings_of
 
@@ -1034,6 +1044,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     for client, health in zip(clients, healths, strict=True):
         logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
     health_of_first = healths[0]
+    settings = {c.url: run_settings_of(h) for c, h in zip(clients, healths, strict=True)}  # (for --stats)
     config, base = _run_config(args), AnimateConfig()
     if args.skip_existing:  # (the kept results' settings against the first server's)
         jobs = _without_existing(jobs, args, config, health_of_first)
@@ -1073,13 +1084,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         finally:
             for bar in bars.values():
                 bar.close()
-        stats = RunStats(frames=int(head.get("x-megactor-frames", 0)), total_s=float(head.get("x-megactor-seconds", 0)),
-                         first_frame_s=float(head.get("x-megactor-first-frame-seconds", 0)),
-                         portrait_cache_hit=head.get("x-megactor-portrait-cached") == "true")
+        stats = result_stats(head)
         with lock:
             _report(stats, job.output, client.url)
-            record.add(run_settings_of(healths[clients.index(client)]), job.portrait, job.driver, job.output, stats,
-                       made_by=client.url)
+            record.add(settings[client.url], job.portrait, job.driver, job.output, stats, made_by=client.url)
 
     errors: list[BaseException] = []
 
@@ -1098,11 +1106,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                     errors.append(exc)
                     return
                 with lock:
-                    print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}",
-                          file=sys.stderr)
+                    _job_error(job, exc)
                     failed.append(job.output.name)
-                    record.add(run_settings_of(healths[clients.index(client)]), job.portrait, job.driver,
-                               job.output, error=str(exc), made_by=client.url)
+                    record.add(settings[client.url], job.portrait, job.driver, job.output, error=str(exc),
+                               made_by=client.url)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 errors.append(exc)
                 stop.set()
@@ -1129,10 +1136,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
             overall.close()
     if errors:
         raise errors[0]
-    if failed:
-        print(f"error: {len(failed)} of {len(jobs)} results not written: {', '.join(failed)}", file=sys.stderr)
-        return 2
-    return 0
+    return _batch_status(failed, len(jobs))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

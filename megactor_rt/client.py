@@ -195,6 +195,19 @@ class Client:
             self.delete(job)
 
 
+def result_stats(headers: dict[str, str]) -> Any:
+    """A result's run as its answer's ``X-Megactor-*`` headers tell it (``Task.headers`` in
+    :mod:`megactor_rt.server` writes them; names in lower case, as :meth:`Client.fetch` gives them): a
+    :class:`~megactor_rt.runtime.pipeline.RunStats` of frames, seconds and what was kept from earlier requests."""
+    from megactor_rt.runtime.pipeline import RunStats
+
+    return RunStats(frames=int(headers.get("x-megactor-frames", 0)),
+                    total_s=float(headers.get("x-megactor-seconds", 0)),
+                    first_frame_s=float(headers.get("x-megactor-first-frame-seconds", 0)),
+                    portrait_cache_hit=headers.get("x-megactor-portrait-cached") == "true",
+                    driver_plan_hit=headers.get("x-megactor-driver-cached") == "true")
+
+
 def _form(fields: dict[str, str], files: dict[str, Path]) -> tuple[Iterator[bytes], int, str]:
     """A multipart/form-data body streamed from the files (not read into memory), its length and Content-Type."""
     boundary = uuid.uuid4().hex

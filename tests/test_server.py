@@ -742,6 +742,11 @@ def test_animate_with_server_writes_the_servers_result_here(served: AnimateServe
         assert not c.streams.audio  # (--no-audio went as audio=none)
     assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and left(scratch) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here.mp4", "tmp", "want.mp4"]  # (no partial file left)
+    again = tmp_path / "again.mp4"  # (the same driver again: the server's plan of it is kept, and said so here)
+    assert main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
+                 str(media["driver"]), "-o", str(again), "--start", "0.08", "--steps", "1"]) == 0
+    assert re.search(rf"wrote {re.escape(str(again))}: .*driver's faces kept from an earlier run",
+                     capsys.readouterr().out)
 
 
 def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
