@@ -896,6 +896,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if (args.weights is None) == (args.server is None):
         raise InputError("animate needs --weights DIR (converted weights) or --server URL (a megactor-rt serve to make "
                          "the results), one of them")
+    if args.server is None and (args.server_token_file is not None or args.server_ca is not None):
+        raise InputError("--server-token-file, --server-ca: only with --server URL (what is sent to that server)")
     if args.jobs is not None:
         config = _run_config(args)
         jobs, batch = file_jobs(args, config), True
@@ -981,7 +983,7 @@ def _batch_status(failed: list[str], total: int) -> int:
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
                            "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
-                           "skip_existing", "stats", "server", "progress_json", "verbose", "quiet", "fn", "command",
+                           "skip_existing", "stats", "server", "server_token_file", "server_ca", "progress_json", "verbose", "quiet", "fn", "command",
                            "cleanup",
                            "addresses",
                            "progress_file", "weights"})
@@ -1039,7 +1041,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         if sequence_pattern(job.driver) is not None or job.output.suffix.lower() not in RESULT_SUFFIXES:
             raise InputError(f"{job.where or job.output}: with --server the driver is a video file and the result "
                              f"a video file ({', '.join(RESULT_SUFFIXES)}): image sequences and -o - are made here")
-    clients = [Client(url) for url in dict.fromkeys(args.server)]
+    from megactor_rt.server import load_token
+
+    token = load_token(args.server_token_file)
+    clients = [Client(url, token=token, ca_file=args.server_ca) for url in dict.fromkeys(args.server)]
     healths = [client.health() for client in clients]  # (an address that is no server: said before any upload)
     for client, health in zip(clients, healths, strict=True):
         logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
@@ -1196,19 +1201,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _run_config(args)
     _note_ignored_options(args, config)
     cache = _cache(args)
-    from megactor_rt.server import AnimateServer, loopback
+    from megactor_rt.server import AnimateServer, load_token, loopback, tls_context
 
+    if args.tls_key is not None and args.tls_cert is None:
+        raise InputError(f"{args.tls_key}: --tls-key goes with --tls-cert CERT (the certificate it is the key of)")
+    tls = None if args.tls_cert is None else tls_context(args.tls_cert, args.tls_key)
+    token = load_token(args.token_file, create=True)
     try:  # (listening before the model loads, which takes a while: a port in use is said at once)
         server = AnimateServer(None, (args.host, args.port), _result_options(args),
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
                                keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin),
-                               allow_urls=args.allow_urls)
+                               allow_urls=args.allow_urls, token=token, tls=tls)
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
     if not loopback(args.host):
-        logger.warning("serve listens on %s, which other machines may reach: the server has no authentication",
-                       args.host)
+        if token is None:
+            logger.warning("serve listens on %s, which other machines may reach, and asks for no token: anyone who "
+                           "reaches it can use it (--token-file FILE)", args.host)
+        elif tls is None:
+            logger.warning("serve listens on %s without TLS: the token and the media cross the network unencrypted "
+                           "(--tls-cert, or a proxy with TLS in front)", args.host)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
     if args.demo:
@@ -1230,7 +1243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
     print(f"megactor-rt serve: listening on {server.url} (POST /animate, POST /jobs, GET /health; a browser: "
-          f"{server.url}/); Ctrl-C stops it", flush=True)
+          f"{server.url}/){'; requests send its token' if token else ''}; Ctrl-C stops it", flush=True)
     server.serve_forever()
     return 0
 
@@ -1476,6 +1489,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "sound, crf, layout), followed, and written here; the other run settings are the "
                                "server's; several servers (one per GPU) share a batch, each taking the next result "
                                "when it is free")
+    a_engine.add_argument("--server-token-file", type=Path, default=None, metavar="FILE",
+                          help="with --server: the token the server asks for (serve --token-file), the first line of "
+                               "FILE (default: $MEGACTOR_SERVE_TOKEN where set)")
+    a_engine.add_argument("--server-ca", type=Path, default=None, metavar="CERT",
+                          help="with an https:// --server: trust this certificate (PEM), e.g. the server's own "
+                               "self-signed one (default: the system's certificate authorities)")
     _add_run_flags(a)
     a.set_defaults(fn=cmd_animate)
 
@@ -1483,8 +1502,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "portrait=@me.png -F driver=@meme.mp4 -o out.mp4 http://127.0.0.1:8450/animate)")
     s_net = s.add_argument_group("the server")
     s_net.add_argument("--host", default="127.0.0.1",
-                       help="the address to listen on (default 127.0.0.1: this machine only; the server has no "
-                            "authentication, so listen elsewhere, e.g. 0.0.0.0, only on a network you trust)")
+                       help="the address to listen on (default 127.0.0.1: this machine only; elsewhere, e.g. "
+                            "0.0.0.0, other machines reach it: give it --token-file, and --tls-cert beyond a network "
+                            "you trust)")
     s_net.add_argument("--port", type=_count, default=8450, help="the port (default 8450; 0: any free one)")
     s_net.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB",
                        help="the largest form a request may send, its files together, in MiB (default 1024)")
@@ -1506,6 +1526,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a request may give a file field as an http(s) address (-F driver=https://...), which the "
                             "server downloads (media in object storage); off by default: the server then fetches "
                             "what clients name, hosts of its own network among them")
+    s_net.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                       help="requests must send the token in FILE's first line (Authorization: Bearer TOKEN; GET / "
+                            "and /openapi.json need none); a FILE that does not exist gets a new random token (default: "
+                            "$MEGACTOR_SERVE_TOKEN where set, else no authentication)")
+    s_net.add_argument("--tls-cert", type=Path, default=None, metavar="CERT",
+                       help="speak HTTPS with this certificate (PEM; a chain with the server's first): https://HOST:PORT")
+    s_net.add_argument("--tls-key", type=Path, default=None, metavar="KEY",
+                       help="the certificate's private key (PEM, unencrypted; default: in --tls-cert's file)")
     s_net.add_argument("--no-warmup", action="store_true",
                        help="start answering at once, leaving one-time costs (--compile's compilation: minutes; "
                             "cuDNN's choices, engine contexts) to the first request (default: paid before the server "

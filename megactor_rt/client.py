@@ -6,7 +6,9 @@ the result here as a local run would (under a temporary name, renamed when whole
     Client("http://gpu-box:8450").animate("me.png", "meme.mp4", "out.mp4", fields={"start": "0:42"})
 
 The request carries what a jobs-file row carries (:data:`megactor_rt.server.TEXT_FIELDS`: the files, times, seed,
-faces, sound, crf and the result's shape); the run settings (steps, guidance, window, ...) are the server's.
+faces, sound, crf and the result's shape); the run settings (steps, guidance, window, ...) are the server's. A server
+started with a token is sent it (``token=``); an ``https://`` server's certificate is checked against the system's
+certificate authorities or ``ca_file`` (a self-signed certificate: that certificate).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import http.client
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 import urllib.parse
@@ -39,30 +42,57 @@ class Stopped(Exception):  # noqa: N818 - a state, not a failure
 
 
 class Client:
-    """Talks to one ``megactor-rt serve`` at ``url`` (``http://host:port``)."""
+    """Talks to one ``megactor-rt serve`` at ``url`` (``http://host:port`` or ``https://host:port``), sending
+    ``token`` with every request where given; ``ca_file``: the certificate(s) an https server's is checked against
+    instead of the system's (a self-signed one)."""
 
-    def __init__(self, url: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 600.0, token: str | None = None,
+                 ca_file: str | Path | None = None) -> None:
         parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT "
-                             "(the server speaks plain HTTP; put a proxy of your own in front for TLS)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT (or "
+                             "https://HOST:PORT for a server started with --tls-cert)")
         self.prefix = parts.path.rstrip("/")  # (a server behind a proxy at http://host/megactor/)
-        self.url = f"http://{parts.netloc}{self.prefix}"
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.url = f"{parts.scheme}://{parts.netloc}{self.prefix}"
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout_s = timeout_s
         self.max_upload_bytes: int | None = None  # (the server's, from its health)
+        self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            try:
+                self._tls = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise InputError(f"{ca_file}: cannot read it as certificates (PEM) for --server-ca ({exc})") from exc
+        elif ca_file is not None:
+            raise InputError(f"{ca_file}: --server-ca is for an https:// server; {self.url} is plain http")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._tls is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=self._tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
 
     # -- one request ----------------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
               ) -> tuple[int, dict[str, str], http.client.HTTPResponse, http.client.HTTPConnection]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        conn = self._connection()
         try:
-            conn.request(method, self.prefix + path, body, headers or {})
+            conn.request(method, self.prefix + path, body, {**self._auth, **(headers or {})})
             answer = conn.getresponse()
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            raise InputError(f"{self.url}: the server's certificate is not trusted here ({exc.verify_message}); "
+                             "a self-signed one: --server-ca CERT.pem") from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise InputError(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}); is `megactor-rt "
-                             "serve` running there?") from exc
+            hint = " (an https:// server?)" if self._tls is None and isinstance(
+                exc, (http.client.RemoteDisconnected, ConnectionResetError)) else ""
+            raise InputError(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
+                             "`megactor-rt serve` running there?") from exc
+        if answer.status == 401:
+            doc = _error(answer.read(), 401)
+            conn.close()
+            raise InputError(f"{self.url}: {doc}")
         return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer, conn
 
     def _json(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None

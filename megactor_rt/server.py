@@ -32,8 +32,13 @@ sites may call the server only where ``cors_origins`` names them.
 
 One run at a time (one model on one device), on a worker thread of the server's; the requests that come meanwhile
 wait in turn. Uploads and results are kept in a temporary folder per request, removed when its answer has been
-sent (a job's result: when it is deleted or expires; its uploads when its run ends). There is no authentication:
-the server listens on the loopback address unless told otherwise. Stopping the server cancels a run under way.
+sent (a job's result: when it is deleted or expires; its uploads when its run ends). Stopping the server cancels
+a run under way.
+
+The server listens on the loopback address unless told otherwise. Given a ``token``, every request but the page and
+the API description (``GET /``, ``GET /openapi.json``: static) must carry it (``Authorization: Bearer TOKEN``; 401
+otherwise); given a ``tls`` context, it speaks HTTPS (each connection's handshake made on the connection's own
+thread, so a slow or broken client holds up no other).
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ from __future__ import annotations
 import contextlib
 import email.parser
 import hashlib
+import hmac
 import http.server
 import json
 import logging
 import os
 import shutil
 import socket
+import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -82,8 +90,12 @@ _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quick
 _TEXT_LIMIT = 64 << 10  # a text field's most bytes
 _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
+_LINGER_S, _LINGER_BYTES = 2.0, 16 << 20  # how long and how much of a refused body is read before closing
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _FORMS = ("/animate", "/jobs")  # the routes that take a form
+_OPEN = ("/", "/index.html", "/openapi.json")  # GET without the token: the same for everyone, nothing of a user's
+TOKEN_ENV = "MEGACTOR_SERVE_TOKEN"  # the token, for `serve` (its own) and `animate --server` (the one it sends)
+MIN_TOKEN = 16  # a token's fewest characters (a guess per request: it must not be guessable)
 _STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
 # the answer headers a page of another site may read (CORS)
 _EXPOSED = ("Content-Disposition, Location, Retry-After, X-Megactor-Frames, X-Megactor-Seconds, "
@@ -323,16 +335,19 @@ def openapi() -> dict[str, Any]:
         "id": {"type": "string"}, "status": {"type": "string", "enum": list(_STATUSES)},
         "ahead": {"type": "integer"}, "progress": {"type": "object"}, "error": {"type": "string"},
         "result": {"type": "string"}, "frames": {"type": "integer"}, "seconds": {"type": "number"}}}}}}
-    errors = {str(code): error for code in (400, 413, 415, 503)}
+    errors = {str(code): error for code in (400, 401, 413, 415, 503)}
     job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-    return {"openapi": "3.0.3", "info": {"title": "megactor-rt serve", "version": _version()}, "paths": {
+    token = {"bearer": {"type": "http", "scheme": "bearer", "description": "where the server was started with a "
+                        "token (serve --token-file): every request but GET / and GET /openapi.json carries it"}}
+    return {"openapi": "3.0.3", "info": {"title": "megactor-rt serve", "version": _version()},
+            "components": {"securitySchemes": token}, "security": [{}, {"bearer": []}], "paths": {
         "/animate": {"post": {"summary": "animate a portrait with a driver; the result in the answer",
                               "requestBody": form, "responses": {"200": result, **errors}}},
         "/jobs": {"post": {"summary": "the same as a job: answered at once", "requestBody": form,
                            "responses": {"202": job, **errors}},
                   "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"}}}},
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
-                               "responses": {"200": job, "404": error}},
+                               "responses": {"200": job, "401": error, "404": error}},
                        "delete": {"summary": "cancel the job, or delete its result", "parameters": job_id,
                                   "responses": {"200": job, "202": job, "404": error}}},
         "/jobs/{id}/result": {"get": {"summary": "a done job's result", "parameters": job_id, "responses": {
@@ -389,6 +404,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             machine.
         allow_urls: a file field may be an http(s) address instead, downloaded by the server (off by default: it
             makes the server fetch what a client names, hosts of its own network among them).
+        token: the secret every request must send (``Authorization: Bearer TOKEN``), but for ``GET /`` and ``GET
+            /openapi.json``; none: no authentication.
+        tls: a server-side SSL context (certificate and key loaded): HTTPS instead of HTTP.
     """
 
     daemon_threads = True
@@ -397,8 +415,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
                  keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = (),
-                 allow_urls: bool = False) -> None:
+                 allow_urls: bool = False, token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.anim, self.options = anim, dict(options or {})
+        self.token = None if token is None else token.encode()
+        self.tls = tls
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
         self.keep_s, self.max_kept = keep_s, max_kept
         self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
@@ -421,7 +441,29 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         host = str(host)
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:  # (the handshake on the request's thread: _Handler.setup)
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a request's own handling (a TLS handshake refused, a client gone): a
+        line in the log, not a traceback on the console."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (OSError, ssl.SSLError)):
+            logger.info("%s: connection dropped (%s: %s)", client_address[0], type(exc).__name__, exc)
+        else:
+            logger.exception("%s: the connection failed", client_address[0])
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether a request whose ``Authorization`` header is ``header`` may be answered."""
+        if self.token is None:
+            return True
+        scheme, _, value = (header or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token)
 
     def health(self) -> dict[str, Any]:
         """``GET /health``: the server's state (:data:`STATE_KEYS`) and the model's run settings
@@ -665,8 +707,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: AnimateServer
     protocol_version = "HTTP/1.1"  # (curl sends a large form only after "100 Continue", which 1.0 does not give)
     server_version = "megactor-rt"
+    _form_read = False  # (the request's form was read whole: nothing left to drop after an error answer)
 
     def setup(self) -> None:
+        self.request.settimeout(self.server.timeout_s)
+        if isinstance(self.request, ssl.SSLSocket):  # (a failure ends the connection: AnimateServer.handle_error)
+            self.request.do_handshake()
         super().setup()
         self.connection.settimeout(self.server.timeout_s)
 
@@ -689,7 +735,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(204)
         if self.server.cors_origins:
             self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
-            self.send_header("Access-Control-Allow-Headers", "Content-Type")
+            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
             self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.send_header("Connection", "close")
@@ -706,6 +752,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
+        if self.command == "POST" and status >= 400 and not self._form_read:
+            self._linger()
+
+    def _linger(self) -> None:
+        """After an answer that refused a body unread: read (and drop) what the client still sends, for a while, so
+        that closing the connection with data unread does not reset it before the client has read the answer."""
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            self.connection.settimeout(0.5)
+            deadline, dropped = time.monotonic() + _LINGER_S, 0
+            while time.monotonic() < deadline and dropped < _LINGER_BYTES:
+                chunk = self.rfile.read1(_CHUNK)
+                if not chunk:
+                    break
+                dropped += len(chunk)
 
     def _json(self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self._answer(status, (json.dumps(doc) + "\n").encode(), "application/json", headers)
@@ -713,7 +774,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s: %d %s", self.command,
                    getattr(self, "path", ""), status, message)
-        self._json(status, {"error": message}, {"Retry-After": "10"} if status == 503 else None)
+        self._json(status, {"error": message}, {"Retry-After": "10"} if status == 503 else
+                   {"WWW-Authenticate": 'Bearer realm="megactor-rt"'} if status == 401 else None)
+
+    def _allowed(self) -> bool:
+        """Whether the request may be answered (its token, where the server has one); answered 401 if not."""
+        if (self.command == "GET" and self._route() in _OPEN) or self.server.authorized(
+                self.headers.get("Authorization")):
+            return True
+        sent = self.headers.get("Authorization")
+        self._error(401, "the token sent is not this server's" if sent else
+                    "this server needs its token: send the header `Authorization: Bearer TOKEN` (curl -H ...; "
+                    f"megactor-rt animate --server-token-file FILE, or ${TOKEN_ENV})")
+        return False
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         self._error(code, message or self.responses.get(code, ("error",))[0])  # (JSON for http.server's own too)
@@ -732,6 +805,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.path.split("?")[0].rstrip("/") or "/"
 
     def handle_expect_100(self) -> bool:
+        if not self._allowed():  # (refused before the client sends its body)
+            return False
         if self._route() in _FORMS:  # (refused before the client sends the form)
             try:
                 self._length()
@@ -754,6 +829,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return found[0], found[1], parts[3] if len(parts) == 4 else ""
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if not self._allowed():
+            return
         route = self._route()
         if route == "/health":
             self._json(200, self.server.health())
@@ -786,6 +863,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "GET /health, GET /openapi.json and GET /, a form for a browser)")
 
     def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
+        if not self._allowed():
+            return
         if not self._route().startswith("/jobs/"):
             self._error(405, "DELETE /jobs/ID cancels or deletes a job; nothing else is deleted")
             return
@@ -795,6 +874,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._json(202 if status == "cancelling" else 200, {"id": found[0].id, "status": status})
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        if not self._allowed():
+            return
         route = self._route()
         if route not in _FORMS:
             self._error(405 if route in ("/health", "/jobs/") else 404,
@@ -851,6 +932,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _task(self, folder: Path, length: int, keep: bool) -> Task:
         """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder)
+        self._form_read = True
         for name in FILE_FIELDS:  # given as text: a web address where the server takes them, else no file
             value = text.get(name, "").strip()
             if not value or (name == "audio" and value.lower() == NO_SOUND):
@@ -935,3 +1017,74 @@ def loopback(host: str) -> bool:
     except OSError:
         return False
     return all(info[4][0] in ("127.0.0.1", "::1") or str(info[4][0]).startswith("127.") for info in infos)
+
+
+def load_token(path: Path | None, create: bool = False) -> str | None:
+    """The token a server asks for or a client sends: the first line of ``path``, else ``$MEGACTOR_SERVE_TOKEN``,
+    else none. With ``create`` (``serve --token-file``), a file that does not exist yet gets a new random token (read
+    by this user only), said in the log.
+
+    Raises:
+        InputError: the file cannot be read or written, or the token is too short or holds spaces.
+    """
+    if path is None:
+        token, where = os.environ.get(TOKEN_ENV), f"${TOKEN_ENV}"
+        if token is None:
+            return None
+    elif create and not path.exists():
+        import secrets
+
+        token, where = secrets.token_urlsafe(32), str(path)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            os.replace(partial, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise InputError(f"{path}: cannot write a new token there ({exc.strerror or exc})") from exc
+        logger.warning("%s: a new token written there; clients send it (animate --server-token-file %s, or "
+                       "curl -H \"Authorization: Bearer $(cat %s)\")", path, path, path)
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the token from it ({getattr(exc, 'strerror', None) or exc})"
+                             ) from exc
+        token, where = (lines[0] if lines else ""), str(path)
+        if create and os.name == "posix" and path.stat().st_mode & 0o077:
+            logger.warning("%s: other users of this machine may read the token in it (chmod 600 %s)", path, path)
+    token = token.strip()
+    if len(token) < MIN_TOKEN or any(c.isspace() or not c.isprintable() for c in token):
+        raise InputError(f"{where}: a token is at least {MIN_TOKEN} printable characters without spaces (got "
+                         f"{len(token)}); make one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
+
+
+def tls_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
+    """A server-side TLS context of ``cert`` (PEM; a chain: the server's first) and ``key`` (PEM, unencrypted; none:
+    in ``cert``'s file).
+
+    Raises:
+        InputError: a file cannot be read, is no PEM certificate or key, or the key is not the certificate's.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    names = f"{cert}" + ("" if key is None else f", {key}")
+
+    def encrypted() -> str:
+        raise InputError(f"{key or cert}: the key is encrypted; serve takes an unencrypted one (openssl pkey -in KEY "
+                         "-out plain.pem), readable by this user only")
+
+    try:
+        context.load_cert_chain(cert, key, password=encrypted)
+    except FileNotFoundError as exc:
+        raise InputError(f"{exc.filename or names}: no such file (--tls-cert / --tls-key)") from exc
+    except ssl.SSLError as exc:
+        raise InputError(f"{names}: not a certificate and its key in PEM (--tls-cert CERT.pem --tls-key KEY.pem; "
+                         f"{exc.reason or exc})") from exc
+    except OSError as exc:
+        raise InputError(f"{names}: cannot read it ({exc.strerror or exc})") from exc
+    return context

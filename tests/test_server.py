@@ -12,44 +12,35 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-from media_fixtures import DRIVER, PORTRAIT, decode_all, write_face_driver
+from media_fixtures import DRIVER, PORTRAIT, decode_all
 from PIL import Image
+from serve_fixtures import (
+    DRIVERS,
+    Field,
+    anim,
+    animate,
+    files,
+    form,
+    left,
+    media,
+    request,
+    scratch,
+    served,
+)
 
 import megactor_rt.server as server_module
 from megactor_rt.cli import main
-from megactor_rt.config import AnimateConfig
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.server import AnimateServer, FormError, read_form
 
-CFG = AnimateConfig(steps=2, window=4, overlap=2)
-Field = str | tuple[str, bytes]  # a text field, or a file (its name, its bytes)
-
-
-def form(fields: dict[str, Field] | list[tuple[str, Field]], boundary: str | None = None) -> tuple[bytes, str]:
-    """A multipart/form-data body (as curl -F sends one) and its Content-Type."""
-    boundary = boundary or uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, value in (fields.items() if isinstance(fields, dict) else fields):
-        out.write(f"--{boundary}\r\n".encode())
-        if isinstance(value, tuple):
-            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
-                      "Content-Type: application/octet-stream\r\n\r\n".encode())
-            out.write(value[1])
-        else:
-            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+__all__ = ["anim", "media", "scratch", "served"]  # (fixtures, from serve_fixtures)
 
 
 # --------------------------------------------------------------------------------------------------- the form
@@ -136,68 +127,6 @@ def test_a_body_shorter_than_announced_is_named(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- the server
-
-
-@pytest.fixture(scope="module")
-def anim() -> Animator:
-    return Animator.demo(seed=0, device="cpu", config=CFG)
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve_media")
-    return {"driver": write_face_driver(root / "talk.mp4", n=6, audio=True), "portrait": PORTRAIT}
-
-
-@pytest.fixture()
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The temporary folder the server's requests use (to see that nothing stays in it)."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
-@pytest.fixture()
-def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
-    srv = AnimateServer(anim, ("127.0.0.1", 0))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
-
-
-DRIVERS = "megactor-rt-serve-drivers-"  # the server's drivers kept for the next requests (keep_driver)
-
-
-def left(scratch: Path) -> list[Path]:
-    """What the server's requests left in the temporary folder (its kept drivers aside: they stay until it stops)."""
-    return [p for p in scratch.iterdir() if not p.name.startswith(DRIVERS)]
-
-
-def request(srv: AnimateServer, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
-    try:
-        conn.request(method, path, body, {**({"Content-Type": ctype} if ctype else {}), **(headers or {})})
-        answer = conn.getresponse()
-        return answer.status, dict(answer.getheaders()), answer.read()
-    finally:
-        conn.close()
-
-
-def animate(srv: AnimateServer, fields: dict[str, Field]) -> tuple[int, dict[str, str], bytes]:
-    body, ctype = form(fields)
-    return request(srv, "POST", "/animate", body, ctype)
-
-
-def files(media: dict[str, Path]) -> dict[str, Field]:
-    return {"portrait": ("me.png", media["portrait"].read_bytes()),
-            "driver": ("talk.mp4", media["driver"].read_bytes())}
 
 
 def test_a_result_is_the_python_apis_and_a_second_portrait_is_kept(served: AnimateServer, anim: Animator,
@@ -392,21 +321,30 @@ def test_the_page_for_a_browser_offers_every_field_and_its_form_is_taken(served:
     assert Image.open(io.BytesIO(answer)).size == (3 * 128, 128)  # (side by side: three panels)
 
 
-def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: AnimateServer,
-                                                                     media: dict[str, Path]) -> None:
+@pytest.mark.parametrize("token", [None, "page-token-0123456789abcdef"], ids=["open", "token"])
+def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: AnimateServer, media: dict[str, Path],
+                                                                     token: str | None) -> None:
     """The page's script run by jsdom in node (tests/js/serve_page_check.mjs): it names the model (and warns of the
-    demo's), posts the form as a job, shows its progress, then the result with a link to save it under its name."""
+    demo's), posts the form as a job, shows its progress, then the result with a link to save it under its name.
+    From a server that asks for a token, it shows the refusal and a field for the token, and once it is entered,
+    works as above."""
     import shutil
 
     jsdom = os.environ.get("MEGACTOR_JSDOM")
     node = shutil.which("node")
     if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():
         pytest.skip("needs node and jsdom: npm install jsdom@24 in a folder, and MEGACTOR_JSDOM set to that folder")
+    served.token = None if token is None else token.encode()
     done = subprocess.run([node, str(Path(__file__).parent / "js" / "serve_page_check.mjs"), served.url,
-                           str(media["portrait"]), str(media["driver"])], capture_output=True, text=True,
-                          timeout=180, check=False)
+                           str(media["portrait"]), str(media["driver"]), *([token] if token else [])],
+                          capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout.strip().splitlines()[-1])
+    if token is None:
+        assert shown["asked"] is None
+    else:
+        assert not shown["asked"]["login_hidden"], shown
+        assert shown["asked"]["status"].startswith("401: this server needs its token"), shown
     assert shown["model"].startswith("The model: tiny-random-0, torch on CPU") and not shown["warning_hidden"]
     assert re.fullmatch(r"5 frames in [0-9.]+ s( \(the portrait was prepared already\))?", shown["status"]), shown
     assert shown["status_class"] == "" and shown["seen"][:2] == ["Sending ...", "Starting ..."], shown
@@ -790,8 +728,12 @@ def test_a_client_takes_the_address_as_serve_prints_it_or_behind_a_proxy() -> No
     proxied = Client("http://gpu-box/megactor/")
     assert (proxied.url, proxied.host, proxied.port, proxied.prefix) == ("http://gpu-box/megactor", "gpu-box", 80,
                                                                         "/megactor")
-    with pytest.raises(InputError, match="https://x: --server takes the address `megactor-rt serve` prints"):
-        Client("https://x")
+    secure = Client("https://gpu-box/")
+    assert (secure.url, secure.port) == ("https://gpu-box", 443)
+    with pytest.raises(InputError, match="ftp://x: --server takes the address `megactor-rt serve` prints"):
+        Client("ftp://x")
+    with pytest.raises(InputError, match="ca.pem: --server-ca is for an https:// server; http://x is plain http"):
+        Client("http://x", ca_file="ca.pem")
 
 
 def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media: dict[str, Path], tmp_path: Path,

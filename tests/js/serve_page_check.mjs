@@ -1,8 +1,9 @@
 // The page megactor-rt serve answers GET / with, run in jsdom (a browser's DOM in node) against a live server:
 // it shows the model, posts a form with a portrait and a driver, and shows the result and a link to save it.
 // Run by tests/test_server.py where MEGACTOR_JSDOM names a folder holding node_modules/jsdom (npm install jsdom@24).
-// Prints one JSON line: {"model", "warning_hidden", "status", "status_class", "result", "seen": the status lines}.
-// Usage: node serve_page_check.mjs URL PORTRAIT DRIVER
+// Prints one JSON line: {"model", "warning_hidden", "status", "status_class", "result", "seen": the status lines,
+// and with a TOKEN: "asked": the status and whether the token's field showed before the token was entered}.
+// Usage: node serve_page_check.mjs URL PORTRAIT DRIVER [TOKEN]
 import fs from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -34,6 +35,13 @@ const script = html.match(/<script>([\s\S]*)<\/script>/)[1];
 w.eval(script);
 await new Promise((r) => setTimeout(r, 500));
 const doc = w.document;
+let asked = null; // a server that asks for a token: what the page shows before it is entered
+if (process.argv[5]) {
+  asked = { status: doc.getElementById("status").textContent, login_hidden: doc.getElementById("login").hidden };
+  doc.getElementById("token").value = process.argv[5];
+  doc.getElementById("use-token").dispatchEvent(new w.Event("click"));
+  await new Promise((r) => setTimeout(r, 500));
+}
 chosen.portrait = process.argv[3];
 chosen.driver = process.argv[4];
 doc.querySelector("select[name=format]").value = "gif";
@@ -49,5 +57,5 @@ await new Promise((r) => setTimeout(r, 500));
 console.log(JSON.stringify({
   model: doc.getElementById("model").textContent, warning_hidden: doc.getElementById("warning").hidden,
   status: doc.getElementById("status").textContent, status_class: doc.getElementById("status").className,
-  result: doc.getElementById("result").innerHTML, seen,
+  result: doc.getElementById("result").innerHTML, seen, asked,
 }));

@@ -1,0 +1,101 @@
+"""What the tests of ``megactor-rt serve`` and its client share: the tiny model on the CPU, a driver with faces and
+sound, a server around them on a free port (its temporary folder watched), and requests to it."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from media_fixtures import PORTRAIT, write_face_driver
+
+from megactor_rt.config import AnimateConfig
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.server import AnimateServer
+
+CFG = AnimateConfig(steps=2, window=4, overlap=2)
+Field = str | tuple[str, bytes]  # a text field, or a file (its name, its bytes)
+
+
+def form(fields: dict[str, Field] | list[tuple[str, Field]], boundary: str | None = None) -> tuple[bytes, str]:
+    """A multipart/form-data body (as curl -F sends one) and its Content-Type."""
+    boundary = boundary or uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in (fields.items() if isinstance(fields, dict) else fields):
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, tuple):
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
+                      "Content-Type: application/octet-stream\r\n\r\n".encode())
+            out.write(value[1])
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def anim() -> Animator:
+    return Animator.demo(seed=0, device="cpu", config=CFG)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve_media")
+    return {"driver": write_face_driver(root / "talk.mp4", n=6, audio=True), "portrait": PORTRAIT}
+
+
+@pytest.fixture()
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary folder the server's requests use (to see that nothing stays in it)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
+    srv = AnimateServer(anim, ("127.0.0.1", 0))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+DRIVERS = "megactor-rt-serve-drivers-"  # the server's drivers kept for the next requests (keep_driver)
+
+
+def left(scratch: Path) -> list[Path]:
+    """What the server's requests left in the temporary folder (its kept drivers aside: they stay until it stops)."""
+    return [p for p in scratch.iterdir() if not p.name.startswith(DRIVERS)]
+
+
+def request(srv: AnimateServer, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
+    try:
+        conn.request(method, path, body, {**({"Content-Type": ctype} if ctype else {}), **(headers or {})})
+        answer = conn.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read()
+    finally:
+        conn.close()
+
+
+def animate(srv: AnimateServer, fields: dict[str, Field]) -> tuple[int, dict[str, str], bytes]:
+    body, ctype = form(fields)
+    return request(srv, "POST", "/animate", body, ctype)
+
+
+def files(media: dict[str, Path]) -> dict[str, Field]:
+    return {"portrait": ("me.png", media["portrait"].read_bytes()),
+            "driver": ("talk.mp4", media["driver"].read_bytes())}

@@ -1,0 +1,286 @@
+"""``megactor-rt serve`` beyond this machine: a token every request must carry (``--token-file``), HTTPS
+(``--tls-cert``), and the client (``animate --server``) sending the one and checking the other."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from media_fixtures import decode_all
+from serve_fixtures import anim, animate, files, form, left, media, request, scratch, served
+
+from megactor_rt.cli import main
+from megactor_rt.client import Client
+from megactor_rt.errors import InputError
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.server import TOKEN_ENV, AnimateServer, load_token, tls_context
+
+__all__ = ["anim", "media", "scratch", "served"]  # (fixtures, from serve_fixtures)
+
+TOKEN = "test-token-0123456789-abcdefghij"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _error(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, str]:
+    return answer[0], json.loads(answer[2])["error"]
+
+
+def test_a_server_with_a_token_answers_only_requests_that_carry_it(served: AnimateServer, media: dict[str, Path],
+                                                                   scratch: Path) -> None:
+    """Every route but the page and the API description answers 401 (with WWW-Authenticate) without the token or
+    with another; a form sent without it is not run and leaves nothing; with it, everything is as without a token."""
+    served.token = TOKEN.encode()
+    assert request(served, "GET", "/")[0] == 200 and request(served, "GET", "/openapi.json")[0] == 200
+    missing = "this server needs its token: send the header `Authorization: Bearer TOKEN`"
+    for method, path in [("GET", "/health"), ("GET", "/jobs"), ("GET", "/jobs/abc"), ("DELETE", "/jobs/abc"),
+                         ("GET", "/nope"), ("POST", "/health")]:
+        status, headers, body = request(served, method, path)
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="megactor-rt"'), (method, path)
+        assert missing in json.loads(body)["error"], (method, path)
+    for sent in (f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer"):
+        assert _error(request(served, "GET", "/health", headers={"Authorization": sent})) == (
+            401, "the token sent is not this server's"), sent
+    body, ctype = form({**files(media), "format": "gif"})
+    assert _error(request(served, "POST", "/animate", body, ctype))[0] == 401
+    assert served.served == 0 and left(scratch) == []
+    assert request(served, "GET", "/health", headers=BEARER)[0] == 200
+    status, headers, result = request(served, "POST", "/animate", body, ctype, headers=BEARER)
+    assert status == 200 and result[:6] == b"GIF89a" and headers["X-Megactor-Frames"] == "6"
+    served.token = None  # (none: nothing asked)
+    assert animate(served, {**files(media), "format": "gif"})[0] == 200
+
+
+def test_a_form_without_the_token_is_refused_before_it_is_sent(served: AnimateServer) -> None:
+    """curl's "Expect: 100-continue": a request without the token is answered 401 instead of "100 Continue"."""
+    served.token = TOKEN.encode()
+    with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as conn:
+        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nExpect: 100-continue\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and b"WWW-Authenticate: Bearer" in head, head
+    assert "needs its token" in json.loads(body)["error"]
+
+
+def test_a_client_sending_a_whole_form_unasked_reads_the_refusal(served: AnimateServer) -> None:
+    """A form sent at once (no "Expect: 100-continue": curl for small forms, most libraries) to a server that refuses
+    it unread (no token): the server reads and drops what comes after its answer before closing, so the client's
+    sending ends well and it reads the 401 instead of a reset connection."""
+    served.token = TOKEN.encode()
+    body = b"x" * (8 << 20)
+    sent: list[BaseException | None] = []
+    with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as conn:
+        def send() -> None:
+            try:
+                conn.sendall(b"POST /animate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                sent.append(None)
+            except OSError as exc:
+                sent.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                answer += chunk
+        sender.join(30)
+    assert answer.startswith(b"HTTP/1.1 401 ") and sent == [None], (answer[:40], sent)
+
+
+def test_a_browser_page_of_another_site_may_send_the_token(served: AnimateServer) -> None:
+    served.token, served.cors_origins = TOKEN.encode(), ("https://app.example",)
+    status, headers, _ = request(served, "OPTIONS", "/jobs", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization"})  # (a preflight carries no token)
+    assert status == 204 and "Authorization" in headers["Access-Control-Allow-Headers"].split(", ")
+
+
+def test_animate_with_server_sends_the_token_from_a_file_or_the_environment(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    served.token = TOKEN.encode()
+    common = ["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
+              str(media["driver"]), "--steps", "1"]
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert main([*common, "-o", str(tmp_path / "none.mp4")]) == 2
+    assert f"{served.url}: this server needs its token" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("another-token-0123456789\n")
+    assert main([*common, "--server-token-file", str(wrong), "-o", str(tmp_path / "wrong.mp4")]) == 2
+    assert f"{served.url}: the token sent is not this server's" in capsys.readouterr().err
+    right = tmp_path / "token.txt"
+    right.write_text(f"{TOKEN}\n")
+    assert main([*common, "--server-token-file", str(right), "-o", str(tmp_path / "file.mp4")]) == 0
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    assert main([*common, "-o", str(tmp_path / "env.mp4")]) == 0
+    assert len(decode_all(tmp_path / "file.mp4")) == len(decode_all(tmp_path / "env.mp4")) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env.mp4", "file.mp4", "tmp", "token.txt", "wrong.txt"]
+    assert json.loads(request(served, "GET", "/jobs", headers=BEARER)[2])["jobs"] == []  # (each deleted there)
+    assert main(["-q", "animate", "--weights", str(tmp_path), "--portrait", "a.png", "--driver", "b.mp4",
+                 "--server-token-file", str(right)]) == 2
+    assert "--server-token-file, --server-ca: only with --server URL" in capsys.readouterr().err
+
+
+def test_a_token_file_is_read_or_made_and_a_weak_token_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert load_token(None) is None
+    monkeypatch.setenv(TOKEN_ENV, f"  {TOKEN} ")
+    assert load_token(None) == TOKEN
+    made = tmp_path / "serve-token"
+    with caplog.at_level(logging.WARNING, "megactor_rt.server"):
+        token = load_token(made, create=True)
+    assert token is not None and len(token) >= 40 and made.read_text() == token + "\n"
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600 and f"{made}: a new token written there" in caplog.text
+    assert load_token(made, create=True) == token == load_token(made)  # (kept: the next start asks for the same)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serve-token"]
+    with pytest.raises(InputError, match=f"{tmp_path / 'no'}: cannot read the token from it"):
+        load_token(tmp_path / "no")  # (a client's file is never made)
+    for bad, length in (("short", 5), ("with a space in the token", 25), ("", 0)):
+        made.write_text(bad + "\n")
+        with pytest.raises(InputError, match=rf"{made}: a token is at least 16 printable characters without spaces "
+                                             rf"\(got {length}\)"):
+            load_token(made)
+    monkeypatch.setenv(TOKEN_ENV, "x")
+    with pytest.raises(InputError, match=rf"\${TOKEN_ENV}: a token is at least 16"):
+        load_token(None)
+    made.write_text(TOKEN)
+    made.chmod(0o644)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "megactor_rt.server"):
+        assert load_token(made, create=True) == TOKEN
+    assert "other users of this machine may read the token in it (chmod 600" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------ HTTPS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, and another pair (made by the openssl command)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a test certificate (apt install openssl)")
+    root = tmp_path_factory.mktemp("certs")
+    for name in ("server", "other"):
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(root / f"{name}.key"),
+                        "-out", str(root / f"{name}.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return {"cert": root / "server.pem", "key": root / "server.key", "other_cert": root / "other.pem",
+            "other_key": root / "other.key"}
+
+
+@pytest.fixture()
+def secure(anim: Animator, scratch: Path, certs: dict[str, Path]) -> Iterator[AnimateServer]:
+    srv = AnimateServer(anim, ("127.0.0.1", 0), token=TOKEN, tls=tls_context(certs["cert"], certs["key"]),
+                        timeout_s=20)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_an_https_server_makes_results_for_a_client_that_trusts_its_certificate(
+        secure: AnimateServer, certs: dict[str, Path], media: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert secure.url.startswith("https://127.0.0.1:")
+    token = tmp_path / "token.txt"
+    token.write_text(TOKEN)
+    common = ["-q", "animate", "--server", secure.url, "--portrait", str(media["portrait"]), "--driver",
+              str(media["driver"]), "--steps", "1", "--server-token-file", str(token)]
+    assert main([*common, "-o", str(tmp_path / "untrusted.mp4")]) == 2
+    assert f"{secure.url}: the server's certificate is not trusted here" in capsys.readouterr().err
+    assert main([*common, "--server-ca", str(certs["other_cert"]), "-o", str(tmp_path / "other.mp4")]) == 2
+    assert "a self-signed one: --server-ca CERT.pem" in capsys.readouterr().err
+    assert main([*common, "--server-ca", str(certs["cert"]), "-o", str(tmp_path / "out.gif")]) == 0, \
+        capsys.readouterr().err
+    assert len(decode_all(tmp_path / "out.gif")) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gif", "tmp", "token.txt"]
+    with pytest.raises(InputError, match=r"cannot reach the server .*\(an https:// server\?\)"):
+        Client(secure.url.replace("https://", "http://"), timeout_s=10).health()
+
+
+def test_a_connection_that_never_completes_its_handshake_holds_up_no_other(
+        secure: AnimateServer, certs: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
+    """The handshake is made on each connection's thread: a client that connects and says nothing (or speaks plain
+    HTTP) does not stop the next one from being answered, and a failed handshake is a log line, not a traceback."""
+    port = secure.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=30):  # (says nothing)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:
+            plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            while plain.recv(4096):  # (a TLS alert, then the end of the connection)
+                pass
+        started = time.monotonic()
+        client = Client(secure.url, timeout_s=10, token=TOKEN, ca_file=certs["cert"])
+        assert client.health()["status"] == "ok" and time.monotonic() - started < 5
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--tls-key", "k.pem"], "k.pem: --tls-key goes with --tls-cert CERT"),
+    (["--tls-cert", "none.pem"], "none.pem: no such file (--tls-cert / --tls-key)"),
+    (["--tls-cert", "{cert}", "--tls-key", "{other_key}"], "not a certificate and its key in PEM"),
+    (["--token-file", "{short}"], "a token is at least 16 printable characters"),
+], ids=["key-alone", "no-cert", "not-its-key", "weak-token"])
+def test_serve_refuses_a_bad_certificate_or_token_before_loading(
+        argv: list[str], message: str, certs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(Animator, "demo", lambda *a, **k: pytest.fail("the model loaded"))
+    short = tmp_path / "short"
+    short.write_text("abc")
+    names = {k: str(v) for k, v in certs.items()} | {"short": str(short)}
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--demo", "--port", "0", *[a.format(**names) for a in argv]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_with_a_token_and_https_from_the_command_line(certs: dict[str, Path], tmp_path: Path,
+                                                            media: dict[str, Path]) -> None:
+    """`serve --token-file NEW --tls-cert --tls-key`: a new token made and said, an https address printed, and the
+    server answering a request that carries the token over TLS."""
+    import sys
+
+    token_file = tmp_path / "token"
+    proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0", "--steps",
+                             "1", "--window", "4", "--overlap", "2", "--no-warmup", "--token-file", str(token_file),
+                             "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("megactor-rt serve: listening on https://127.0.0.1:") and "send its token" in line, line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        context = ssl.create_default_context(cafile=str(certs["cert"]))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
+        conn.request("GET", "/health", headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["weights_id"].startswith("tiny-random")
+        conn.close()
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 401
+        conn.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert f"{token_file}: a new token written there" in err and stat.S_IMODE(token_file.stat().st_mode) == 0o600
