@@ -26,9 +26,10 @@ done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers 
 (409 before it is done, 410 cancelled); ``DELETE /jobs/ID`` cancels it (queued: at once; running: at its next
 progress report) or deletes its result; ``GET /jobs`` lists them. A job's result is kept ``keep_s`` after its run
 (and the ``max_kept`` latest only). ``GET /health`` answers a JSON object: the model's settings, the run under way
-and how many wait; ``GET /openapi.json`` the API as an OpenAPI 3 document; ``GET /`` a page with the form for a
-browser (it runs the form as a job, shows its progress, then the result and a link to save it). Pages of other
-sites may call the server only where ``cors_origins`` names them.
+and how many wait; ``GET /metrics`` counters and gauges for Prometheus (runs, frames, run seconds, the queue,
+answers by status, portraits kept); ``GET /openapi.json`` the API as an OpenAPI 3 document; ``GET /`` a page with
+the form for a browser (it runs the form as a job, shows its progress, then the result and a link to save it).
+Pages of other sites may call the server only where ``cors_origins`` names them.
 
 One run at a time (one model on one device), on a worker thread of the server's; the requests that come meanwhile
 wait in turn. Uploads and results are kept in a temporary folder per request, removed when its answer has been
@@ -43,6 +44,7 @@ thread, so a slow or broken client holds up no other).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import email.parser
 import hashlib
@@ -50,6 +52,7 @@ import hmac
 import http.server
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -77,6 +80,7 @@ from megactor_rt.remote import as_url, download, safe_name
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8450
+RUN_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)  # GET /metrics: the run-time histogram's bounds
 KEPT_DRIVERS = 16  # uploaded drivers kept for requests that send them again (their faces found once)
 PAGE = ASSETS_DIR / "serve.html"  # GET /: a form for a browser, which posts to /animate and shows the result
 FILE_FIELDS = ("portrait", "driver", "mask", "audio")
@@ -354,6 +358,10 @@ def openapi() -> dict[str, Any]:
             "200": result, "409": error, "410": error, "404": error}}},
         "/health": {"get": {"summary": "the model's settings, the run under way, the runs waiting",
                             "responses": {"200": {"description": "a JSON object"}}}},
+        "/metrics": {"get": {"summary": "counters and gauges for Prometheus (runs, frames, run seconds, queue, "
+                                        "answers by status, portraits kept)",
+                             "responses": {"200": {"description": "Prometheus' text format 0.0.4", "content": {
+                                 "text/plain": {"schema": {"type": "string"}}}}}}},
     }}
 
 
@@ -429,6 +437,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._queue: deque[Task] = deque()
         self.running: Task | None = None
         self.served = self.failed = 0
+        self.started = time.time()
+        self._counts: dict[str, float] = {"cancelled": 0, "frames": 0, "wait_s": 0.0, "runs_started": 0}
+        self._run_s = [0] * (len(RUN_BUCKETS_S) + 1)  # runs done, by the first bucket their seconds fit (+Inf last)
+        self._run_s_sum = 0.0
+        self._answers: dict[int, int] = {}  # HTTP answers by status
         self._folders: set[Path] = set()
         self._worker: threading.Thread | None = None
         self._worker_ended = threading.Event()
@@ -477,6 +490,53 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 "keep_s": self.keep_s, "formats": list(FORMATS), "portraits_kept": len(cache),
                 "portrait_memory_bytes": cache.nbytes, "portrait_memory_budget": cache.max_bytes,
                 **self.anim.run_settings()}
+
+    def answered(self, status: int) -> None:
+        """Count an HTTP answer (``GET /metrics``)."""
+        with self._state:
+            self._answers[status] = self._answers.get(status, 0) + 1
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the server's counters and gauges in Prometheus' text format (version 0.0.4)."""
+        with self._state:
+            counts, run_s, run_s_sum, answers = dict(self._counts), list(self._run_s), self._run_s_sum, dict(
+                self._answers)
+            state = {"waiting": len(self._queue), "running": int(self.running is not None),
+                     "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values()),
+                     "served": self.served, "failed": self.failed}
+        cache = self.anim.cache if self.anim is not None else None
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, doc: str, samples: list[tuple[str, float]]) -> None:
+            lines.extend((f"# HELP megactor_{name} {doc}", f"# TYPE megactor_{name} {kind}"))
+            lines.extend(f"megactor_{name}{labels} {value:.10g}" for labels, value in samples)
+
+        metric("runs_total", "counter", "Runs ended, by how they ended.", [
+            ('{result="done"}', state["served"]), ('{result="failed"}', state["failed"]),
+            ('{result="cancelled"}', counts["cancelled"])])
+        metric("runs_started_total", "counter", "Runs started.", [("", counts["runs_started"])])
+        metric("frames_total", "counter", "Frames made by the runs done.", [("", counts["frames"])])
+        cumulative, buckets = 0, []
+        for bound, count in zip((*RUN_BUCKETS_S, math.inf), run_s, strict=True):
+            cumulative += count
+            buckets.append((f'_bucket{{le="{"+Inf" if math.isinf(bound) else f"{bound:g}"}"}}', cumulative))
+        metric("run_seconds", "histogram", "Seconds of each run done, from its start to its result written.",
+               [*buckets, ("_sum", run_s_sum), ("_count", cumulative)])
+        metric("queue_wait_seconds_total", "counter", "Seconds the runs started had waited in the queue.",
+               [("", counts["wait_s"])])
+        metric("waiting_runs", "gauge", "Runs waiting in the queue.", [("", state["waiting"])])
+        metric("running_runs", "gauge", "Runs under way (0 or 1).", [("", state["running"])])
+        metric("max_waiting_runs", "gauge", "The most runs that may wait (serve --queue).", [("", self.max_waiting)])
+        metric("jobs_kept", "gauge", "Finished jobs kept for their clients.", [("", state["jobs_kept"])])
+        metric("http_responses_total", "counter", "HTTP answers, by status.",
+               [(f'{{code="{code}"}}', n) for code, n in sorted(answers.items())])
+        if cache is not None:
+            metric("portraits_kept", "gauge", "Prepared portraits kept in memory.", [("", len(cache))])
+            metric("portrait_memory_bytes", "gauge", "Bytes the prepared portraits kept take.", [("", cache.nbytes)])
+            metric("portrait_memory_budget_bytes", "gauge", "Bytes they may take (serve --cache-memory-gb).",
+                   [("", cache.max_bytes)])
+        metric("uptime_seconds", "gauge", "Seconds since the server started.", [("", time.time() - self.started)])
+        return "\n".join(lines) + "\n"
 
     def folder(self) -> Path:
         """A new temporary folder for one request (removed by :meth:`release`, or at :meth:`server_close`)."""
@@ -650,14 +710,23 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     return
                 task = self.running = self._queue.popleft()
                 task.status = "running"
+                self._counts["runs_started"] += 1
+                self._counts["wait_s"] += time.time() - task.created
+            began = time.perf_counter()
             self._run(task)
             with self._state:
                 self.running = None
                 task.finished = time.time()
                 if task.status == "done":
                     self.served += 1
+                    seconds = time.perf_counter() - began
+                    self._run_s[bisect.bisect_left(RUN_BUCKETS_S, seconds)] += 1
+                    self._run_s_sum += seconds
+                    self._counts["frames"] += task.stats.frames
                 elif task.status == "failed":
                     self.failed += 1
+                else:
+                    self._counts["cancelled"] += 1
                 if not task.keep:
                     self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
                 elif task.status == "done":  # a job keeps its result alone (its uploads are of no more use)
@@ -741,6 +810,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.server.answered(code)
+        super().send_response(code, message)
 
     def _answer(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -834,6 +907,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         route = self._route()
         if route == "/health":
             self._json(200, self.server.health())
+        elif route == "/metrics":
+            self._answer(200, self.server.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif route in ("/", "/index.html"):
             self._answer(200, PAGE.read_bytes(), "text/html; charset=utf-8")
         elif route == "/openapi.json":
@@ -860,7 +935,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "driver=@meme.mp4 ...)")
         else:
             self._error(404, f"no such page: {route} (the server answers POST /animate, POST /jobs, GET /jobs/ID, "
-                             "GET /health, GET /openapi.json and GET /, a form for a browser)")
+                             "GET /health, GET /metrics, GET /openapi.json and GET /, a form for a browser)")
 
     def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
         if not self._allowed():

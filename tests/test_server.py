@@ -360,6 +360,35 @@ def test_health_is_the_servers_state_and_the_models_run_settings(served: Animate
     assert set(health) - set(anim.run_settings()) == server_module.STATE_KEYS
 
 
+def test_metrics_count_runs_frames_answers_and_what_is_kept_for_prometheus(served: AnimateServer,
+                                                                          media: dict[str, Path]) -> None:
+    """GET /metrics parses as Prometheus' text format and counts what happened: a run done (its frames, its seconds
+    in the histogram), a run failed, the answers by status, the portrait kept."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> dict[str, float]:
+        status, headers, body = request(served, "GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return {s.name + "".join(f"[{v}]" for v in s.labels.values()): s.value
+                for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+    before = read()
+    assert (before["megactor_runs_total[done]"], before["megactor_run_seconds_count"]) == (0, 0)
+    assert before["megactor_portraits_kept"] == len(served.anim.cache)
+    assert animate(served, {**files(media), "format": "gif"})[0] == 200
+    bad = {"portrait": ("bad.png", b"not an image"), "driver": files(media)["driver"]}
+    assert animate(served, bad)[0] == 400
+    after = read()
+    assert (after["megactor_runs_total[done]"], after["megactor_runs_total[failed]"],
+            after["megactor_runs_total[cancelled]"], after["megactor_runs_started_total"]) == (1, 1, 0, 2)
+    assert after["megactor_frames_total"] == 6 and after["megactor_run_seconds_count"] == 1
+    assert after["megactor_run_seconds_bucket[+Inf]"] == 1 and 0 < after["megactor_run_seconds_sum"] < 3600
+    assert after["megactor_http_responses_total[200]"] == 2 and after["megactor_http_responses_total[400]"] == 1
+    assert after["megactor_waiting_runs"] == after["megactor_running_runs"] == 0
+    assert after["megactor_portraits_kept"] >= 1 and after["megactor_portrait_memory_bytes"] > 0
+    assert after["megactor_uptime_seconds"] >= before["megactor_uptime_seconds"]
+
+
 def test_the_api_description_is_valid_openapi_and_names_every_field(served: AnimateServer) -> None:
     from openapi_spec_validator import validate
 
@@ -370,7 +399,7 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
     props = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert set(props) == set(server_module.FILE_FIELDS) | set(server_module.TEXT_FIELDS)
     assert props["format"]["enum"] == list(server_module.FORMATS) and props["portrait"]["format"] == "binary"
-    assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health"}
+    assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health", "/metrics"}
 
 
 def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: AnimateServer) -> None:
