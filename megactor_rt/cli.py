@@ -185,6 +185,10 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
                              "instead of the driver's (an http(s) address is downloaded first)")
     result.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
                         help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
+    result.add_argument("--audio-out", type=Path, default=None, metavar="FILE.wav",
+                        help="with -o -: the result's sound in this WAV file, written whole before the first frame is "
+                             "streamed (-o - --audio-out s.wav | ffmpeg -i - -i s.wav out.mov); silence where the "
+                             "result has no sound")
     result.add_argument("--crf", type=_count, default=None, metavar="N",
                         help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, "
                              "visually "
@@ -753,13 +757,20 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
 
 
 def _check_sequence_options(outputs: list[Path], args: argparse.Namespace) -> None:
-    """--first-number and --bit-depth 16 apply to PNG sequences: refused for a result that is one file, before any
-    work."""
-    from megactor_rt.media import check_bit_depth, check_first_number
+    """--first-number and --bit-depth 16 apply to PNG sequences, --audio-out to the stream of -o -: refused for
+    other results, before any work."""
+    from megactor_rt.media import check_bit_depth, check_first_number, check_not_an_input
+    from megactor_rt.pipe import check_sound_out
 
     for output in outputs:
         check_first_number(output, args.first_number)
         check_bit_depth(output, args.bit_depth)
+        if args.audio_out is not None:
+            sound_out = check_sound_out(args.audio_out, output, _result_options(args)["audio"])
+            for what in ("portrait", "driver", "mask", "audio"):
+                given = getattr(args, what, None)
+                for path in given if isinstance(given, list) else [given]:
+                    check_not_an_input(sound_out, **{what: path})
 
 
 def _check_quality(output: Path, crf: int | None) -> None:
@@ -799,7 +810,7 @@ def _result_options(args: argparse.Namespace) -> dict[str, Any]:
             "contour_affine_frame": args.contour_affine_frame, "side_by_side": args.side_by_side,
             "face": args.portrait_face, "driver_face": args.driver_face, "paste_back": args.paste_back,
             "crf": args.crf, "metadata": not args.no_metadata, "checkpoint_dir": args.checkpoint_dir,
-            "first_number": args.first_number}
+            "first_number": args.first_number, "audio_out": args.audio_out}
 
 
 def _flags_apply(flags: list[str]) -> tuple[str, str]:
@@ -1178,7 +1189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # run flags that name one run's files or records: a request brings its own (form fields) or has none
 _NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "audio_start"),
                    ("--checkpoint-dir", "checkpoint_dir"), ("--stats", "stats"), ("--progress-json", "progress_json"),
-                   ("--first-number", "first_number"), ("--sequence-fps", "sequence_fps"))
+                   ("--first-number", "first_number"), ("--sequence-fps", "sequence_fps"), ("--audio-out", "audio_out"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@ players read from a pipe without being told the size or rate: a header line with
 Frames go as 4:4:4 (no colour subsampling), 8 bits (``C444``) or 16 bits (``C444p16``, ``--bit-depth 16``), converted
 from RGB as the H.264 results are (BT.601, limited range). The stream holds no sound and no settings tag, and it is
 not atomic: a run that fails leaves the reader a stream cut short (the command's exit status says so).
+
+Its sound can go to a WAV file beside it (``sound_out``, ``--audio-out``): written whole, as long as the frames the
+run will make, before the stream's first byte, so the reading program opens it complete as its second input
+(``-o - --audio-out s.wav | ffmpeg -i - -i s.wav ...``: FFmpeg opens ``s.wav`` only once it has read frames).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+import uuid
+import wave
+from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
-from typing import BinaryIO
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -67,29 +74,51 @@ def prints_to_stderr() -> Iterator[None]:
 
 class Y4MWriter(ResultWriter):
     """Write RGB frames as a YUV4MPEG2 stream (:mod:`megactor_rt.pipe`): :meth:`write` each frame (sent at once),
-    :meth:`close` flushes. Takes :func:`~megactor_rt.media.result_writer`'s arguments; ``audio_source`` is left out
-    (logged), ``metadata`` too.
+    :meth:`close` flushes. Takes :func:`~megactor_rt.media.result_writer`'s arguments; ``metadata`` is left out, and
+    ``audio_source`` too unless ``sound_out`` names a WAV file for its sound (:func:`write_sound`; silence where
+    the source has none), written before the stream's first byte for ``frame_count()`` frames (the run's count,
+    known once its first frame comes; where it returns None, the file is written at :meth:`close`).
 
     Raises:
-        InputError: a ``crf`` (raw frames have none).
+        InputError: a ``crf`` (raw frames have none), or ``audio_source`` is unreadable.
         ValueError: non-positive fps or frame size, a bit depth other than 8 or 16.
     """
 
-    def __init__(self, path: object, fps: Fraction | int, width: int, height: int, audio_source: object = None,
+    def __init__(self, path: object, fps: Fraction | int, width: int, height: int,
+                 audio_source: str | os.PathLike[str] | None = None,
                  crf: int | None = None, metadata: Mapping[str, str] | None = None, bit_depth: int = 8,
-                 stream: BinaryIO | None = None, **_audio_timing: Fraction) -> None:
+                 stream: BinaryIO | None = None, sound_out: Path | None = None,
+                 frame_count: Callable[[], int | None] | None = None, audio_offset: Fraction = Fraction(0),
+                 video_start: Fraction = Fraction(0)) -> None:
         if crf is not None:
             raise InputError("-o -: the stream carries raw frames: crf (--crf) does not apply; leave it out")
         self._take_frames(fps, width, height, bit_depth)
-        if audio_source is not None:
-            logger.info("-o -: the stream has no sound; the audio of %s is left out", audio_source)
+        self._sound: Any = None
+        self.sound_out = sound_out
+        self._frame_count = frame_count
+        self.sound_frames: int | None = None  # the frames the sound file was written for (once written)
+        if sound_out is not None and audio_source is not None:
+            from megactor_rt.media import Soundtrack  # (media imports this module)
+
+            self._sound = Soundtrack(audio_source, audio_offset, video_start)  # (unreadable: said before any work)
+        elif audio_source is not None:
+            logger.info("-o -: the stream has no sound; the audio of %s is left out (--audio-out FILE: in a WAV file "
+                        "beside it)", audio_source)
         self.path = STDOUT
         self._stream = stream if stream is not None else standard_output()
         self.frames_written = 0
         self._closed = False
         colour = "C444" if bit_depth == 8 else "C444p16"
-        self._send(f"YUV4MPEG2 W{width} H{height} F{self.fps.numerator}:{self.fps.denominator} Ip A1:1 {colour} "
-                   "XCOLORRANGE=LIMITED\n".encode())
+        self._header = (f"YUV4MPEG2 W{width} H{height} F{self.fps.numerator}:{self.fps.denominator} Ip A1:1 {colour} "
+                        "XCOLORRANGE=LIMITED\n").encode()
+
+    def _write_sound(self, frames: int) -> None:
+        assert self.sound_out is not None
+        try:
+            write_sound(self.sound_out, self._sound, Fraction(frames) / self.fps)
+        finally:
+            self._sound = None
+        self.sound_frames = frames
 
     def _send(self, data: bytes) -> None:
         try:
@@ -110,6 +139,15 @@ class Y4MWriter(ResultWriter):
         if self._closed:
             raise ValueError("-o -: Y4MWriter is closed")
         self._check_frame(frame)
+        if self.frames_written == 0:  # the sound first (the reader opens it once frames come), then the header
+            if self.sound_out is not None:
+                count = self._frame_count() if self._frame_count is not None else None
+                if count is not None:
+                    self._write_sound(count)
+                else:
+                    logger.warning("-o -: the run's frame count is not known yet: %s is written when the stream "
+                                   "ends", self.sound_out)
+            self._send(self._header)
         self._send(b"FRAME\n" + yuv444_planes(frame).tobytes())
         self.frames_written += 1
 
@@ -120,15 +158,84 @@ class Y4MWriter(ResultWriter):
         if not self._closed:
             self._closed = True
             if self.frames_written == 0:
+                self._let_sound_go()
                 raise ValueError("-o -: no frames were written")
+            if self.sound_out is not None and self.sound_frames is None:
+                self._write_sound(self.frames_written)
+            elif self.sound_frames is not None and self.sound_frames != self.frames_written:
+                logger.warning("-o -: %s was written for %d frames; the stream has %d", self.sound_out,
+                               self.sound_frames, self.frames_written)
             logger.info("streamed %d frames at %s fps to standard output", self.frames_written, self.fps)
 
+    def _let_sound_go(self) -> None:
+        if self._sound is not None:
+            self._sound.close()
+            self._sound = None
+
     def abort(self) -> None:
-        """Stop: the reader has the frames sent so far (a stream cannot be taken back)."""
+        """Stop: the reader has the frames sent so far (a stream cannot be taken back; a sound file written before
+        them stays, as they do)."""
         self._closed = True
+        self._let_sound_go()
 
     def _discard(self) -> None:
         self._closed = True
+        self._let_sound_go()
+
+
+SILENCE_RATE = 48000  # the sample rate of a sound file of silence (a driver without sound)
+
+
+def write_sound(path: Path, track: Any, duration: Fraction) -> None:
+    """Write ``duration`` seconds of a result's sound to the WAV file ``path`` (under a temporary name beside it,
+    renamed when whole): ``track``'s (a :class:`~megactor_rt.media.Soundtrack`, closed after), or silence (16-bit
+    mono) where there is none, so that a command that reads the file works the same.
+
+    Raises:
+        ResourceError: the file cannot be written (a full disk).
+    """
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        if track is None or not track.write(partial, duration):
+            samples = round(duration * SILENCE_RATE)
+            with wave.open(str(partial), "wb") as out:
+                out.setnchannels(1)
+                out.setsampwidth(2)
+                out.setframerate(SILENCE_RATE)
+                for done in range(0, samples, SILENCE_RATE):
+                    out.writeframes(bytes(2 * min(SILENCE_RATE, samples - done)))
+            logger.warning("%s: the result has no sound: the file holds %.2f s of silence", path, float(duration))
+        os.replace(partial, path)
+    except OSError as exc:
+        raise ResourceError(f"{path}: cannot write the result's sound ({exc})") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+
+
+def check_sound_out(path: str | os.PathLike[str], output: object, audio: object) -> Path:
+    """Check, before any work, a file for a streamed result's sound (``audio_out``, ``--audio-out``): a ``.wav`` in a
+    writable folder, for ``-o -`` only and a result with sound.
+
+    Raises:
+        InputError: naming the problem.
+    """
+    out = Path(path).expanduser().absolute()
+    if not is_stdout(output):
+        raise InputError(f"{out}: audio_out (--audio-out) is for the stream of -o -, which holds no sound; a video "
+                         "result holds its own, and a PNG sequence gets audio.wav in its folder")
+    if audio is False:
+        raise InputError(f"{out}: audio_out (--audio-out) writes the result's sound, and no sound was asked for "
+                         "(audio=False, --no-audio)")
+    if out.suffix.lower() != ".wav":
+        raise InputError(f"{out}: audio_out (--audio-out) writes a WAV file: name it .wav")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; audio_out (--audio-out) names a WAV file")
+    if not out.parent.is_dir():
+        raise InputError(f"{out}: its folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: its folder {out.parent} is not writable")
+    return out
 
 
 def yuv444_planes(frame: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ from megactor_rt.media import (
 )
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
 from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
+from megactor_rt.pipe import check_sound_out
 from megactor_rt.preprocess import (
     Box,
     Crop,
@@ -798,7 +799,7 @@ class Animator:
                         driver_face: int | None = None, paste_back: bool = False, crf: int | None = None,
                         audio_start: float | str | None = None, metadata: bool = True,
                         checkpoint_dir: str | Path | None = None, on_progress: Reporter | None = None,
-                        first_number: int | None = None) -> RunStats:
+                        first_number: int | None = None, audio_out: str | Path | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus); an animated WebP (.webp: no sound); an animated GIF (.gif: no
         sound; refused above 50 fps, before any work: pass ``config`` with ``fps=25``); or PNG frames named by a
@@ -828,12 +829,14 @@ class Animator:
         :meth:`animate`; here also stage ``"write"``, once per frame written (in the calling thread; the other stages
         report from the run's worker thread). ``first_number``: a PNG sequence result's first frame number (None:
         1, or, driven by an image sequence at its own rate, the number of the driver frame it animates); refused for
-        other results.
+        other results. ``audio_out``: with ``"-"``, a WAV file for the result's sound (silence where it has none),
+        written whole before the stream's first frame (:mod:`megactor_rt.pipe`); refused for other results.
 
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
         """
         out = check_output_path(output)
+        sound_out = None if audio_out is None else check_sound_out(audio_out, output, audio)
         check_quality(out, crf)
         check_first_number(out, first_number)
         cfg = config or self.config
@@ -841,8 +844,9 @@ class Animator:
         self.check_run(cfg)
         source = driver_source(driver)
         sound, from_s = check_sound(audio, audio_start)
-        check_not_an_input(out, portrait=portrait, driver=driver_file(source), mask=mask,
-                           audio=sound)
+        for result in (out, sound_out):
+            if result is not None:
+                check_not_an_input(result, portrait=portrait, driver=driver_file(source), mask=mask, audio=sound)
         check_affine_frame(contour_affine_frame)
         check_face_choice(driver_face, face_crop, "driver")
         if paste_back and side_by_side:
@@ -883,6 +887,9 @@ class Animator:
             "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
         if cfg.bit_depth != 8:  # (a PNG sequence: check_bit_depth above)
             sound_args["bit_depth"] = cfg.bit_depth
+        if sound_out is not None:  # (the stream's sound, for as many frames as the run's plan makes)
+            sound_args.update(sound_out=sound_out,
+                              frame_count=lambda: self.last_plan.num_frames if self.last_plan is not None else None)
         if first_number is not None:
             sound_args["first_number"] = first_number
         elif is_sequence(out) and isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence) and \

@@ -167,3 +167,87 @@ def test_a_driver_piped_into_standard_input_drives_as_its_file_does(tmp_path: Pa
                              input=b"x", capture_output=True, timeout=300)
     assert several.returncode == 2 and b"--driver - reads one driver from standard input" in several.stderr
     assert not (tmp_path / "c.mp4").exists() and list(scratch.glob("megactor-rt-*")) == []
+
+
+# ---------------------------------------------------------------------------------------- the stream's sound
+
+
+class _Watched(io.BytesIO):
+    """A stream that notes, at its first write, whether a file exists and how large it is."""
+
+    def __init__(self, watched: Path) -> None:
+        super().__init__()
+        self.watched, self.seen_at_first_write = watched, None
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.seen_at_first_write is None:
+            self.seen_at_first_write = self.watched.stat().st_size if self.watched.exists() else -1
+        return super().write(data)
+
+
+def _wav(path: Path) -> tuple[int, int, np.ndarray]:
+    import wave
+
+    with wave.open(str(path)) as w:
+        return w.getframerate(), w.getnchannels(), np.frombuffer(w.readframes(w.getnframes()), np.int16)
+
+
+def test_the_sound_file_is_written_whole_before_the_streams_first_byte(tmp_path: Path) -> None:
+    """A reader opens its second input (the sound) only once the stream's frames come: so the WAV is in place, as
+    long as the run's frames (their count from the run, asked at the first frame), before anything is sent."""
+    driver = write_face_driver(tmp_path / "talk.mp4", n=6, audio=True)
+    sound = tmp_path / "s.wav"
+    sink = _Watched(sound)
+    with result_writer("-", Fraction(25), 80, 64, stream=sink, audio_source=driver, sound_out=sound,
+                       frame_count=lambda: 4) as w:
+        assert not sound.exists() and sink.getvalue() == b""  # (nothing before the first frame)
+        for f in frames(4):
+            w.write(f)
+    assert sink.seen_at_first_write is not None and sink.seen_at_first_write > 0
+    rate, channels, samples = _wav(sound)
+    assert abs(len(samples) / channels / rate - 4 / 25) < 1e-3 and np.abs(samples).max() > 1000  # (the sine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.wav", "talk.mp4", "talk_sine.m4a"]
+    silent = tmp_path / "silent.wav"  # (no sound: silence of the frames' length; a count not known: at the end)
+    with result_writer("-", Fraction(30000, 1001), 80, 64, stream=io.BytesIO(), sound_out=silent,
+                       frame_count=lambda: None) as w:
+        for f in frames(3):
+            w.write(f)
+        assert not silent.exists()
+    rate, channels, samples = _wav(silent)
+    assert (rate, channels, int(np.abs(samples).max())) == (48000, 1, 0)
+    assert len(samples) == round(Fraction(3 * 1001, 30000) * 48000)
+
+
+def test_audio_out_gives_a_stream_the_sound_a_frame_sequence_gets(tmp_path: Path) -> None:
+    """`demo -o - --audio-out s.wav`: the WAV holds the samples the same run's PNG sequence gets in audio.wav."""
+    driver = write_face_driver(tmp_path / "talk.mp4", n=6, audio=True)
+    streamed = demo(tmp_path, "-o", "-", "--audio-out", str(tmp_path / "s.wav"))
+    assert streamed.returncode == 0, streamed.stderr
+    assert len(read_stream(streamed.stdout, "rgb24")[2]) == 6
+    written = demo(tmp_path, "-o", str(tmp_path / "seq" / "%05d.png"))
+    assert written.returncode == 0, written.stderr
+    got, want = _wav(tmp_path / "s.wav"), _wav(tmp_path / "seq" / "audio.wav")
+    assert got[:2] == want[:2] and np.array_equal(got[2], want[2]) and len(got[2]) > 0
+    assert driver.exists()
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["-o", "{tmp}/a.mp4", "--audio-out", "{tmp}/s.wav"], "audio_out (--audio-out) is for the stream of -o -"),
+    (["-o", "-", "--no-audio", "--audio-out", "{tmp}/s.wav"], "and no sound was asked for"),
+    (["-o", "-", "--audio-out", "{tmp}/s.mp3"], "writes a WAV file: name it .wav"),
+    (["-o", "-", "--audio-out", "{tmp}/no/s.wav"], "its folder {tmp}/no does not exist"),
+    (["-o", "-", "--audio", "{tmp}/in.wav", "--audio-out", "{tmp}/in.wav"], "the result would overwrite the audio"),
+], ids=["not-a-stream", "no-audio", "not-wav", "no-folder", "an-input"])
+def test_audio_out_is_refused_where_it_does_not_fit_before_any_work(args: list[str], problem: str, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from megactor_rt.pipe import write_sound
+
+    driver = write_face_driver(tmp_path / "talk.mp4", n=4)
+    write_sound(tmp_path / "in.wav", None, Fraction(1))  # (a sound file to give as --audio)
+    code = main(["-q", "demo", "--driver", str(driver), *[a.format(tmp=tmp_path) for a in args]])
+    captured = capsys.readouterr()
+    assert code == 2 and problem.format(tmp=tmp_path) in captured.err and "wrote" not in captured.out, captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.wav", "talk.mp4"]
+    code = main(["-q", "animate", "--weights", str(tmp_path / "none"), "--portrait", str(driver), "--driver",
+                 str(driver), *[a.format(tmp=tmp_path) for a in args]])
+    assert code == 2 and problem.format(tmp=tmp_path) in capsys.readouterr().err  # (before the weights are looked at)
