@@ -10,7 +10,8 @@ not atomic: a run that fails leaves the reader a stream cut short (the command's
 
 Its sound can go to a WAV file beside it (``sound_out``, ``--audio-out``): written whole, as long as the frames the
 run will make, before the stream's first byte, so the reading program opens it complete as its second input
-(``-o - --audio-out s.wav | ffmpeg -i - -i s.wav ...``: FFmpeg opens ``s.wav`` only once it has read frames).
+(``-o - --audio-out s.wav | ffmpeg -i - -i s.wav ...``: FFmpeg opens its inputs in order, the pipe's first, which
+cannot be opened before its first bytes come).
 """
 
 from __future__ import annotations
