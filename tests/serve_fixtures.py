@@ -3,6 +3,7 @@ sound, a server around them on a free port (its temporary folder watched), and r
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import tempfile
@@ -10,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from media_fixtures import PORTRAIT, write_face_driver
@@ -59,9 +61,11 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-@pytest.fixture()
-def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
-    srv = AnimateServer(anim, ("127.0.0.1", 0))
+@contextlib.contextmanager
+def serving(anim: Animator, **options: Any) -> Iterator[AnimateServer]:
+    """An :class:`AnimateServer` of ``anim`` (``options``: its keyword arguments) on a free port, answering on a
+    thread of its own until the block ends."""
+    srv = AnimateServer(anim, ("127.0.0.1", 0), **options)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -70,6 +74,12 @@ def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
         srv.shutdown()
         srv.server_close()
         thread.join(5)
+
+
+@pytest.fixture()
+def served(anim: Animator, scratch: Path) -> Iterator[AnimateServer]:
+    with serving(anim) as srv:
+        yield srv
 
 
 DRIVERS = "megactor-rt-serve-drivers-"  # the server's drivers kept for the next requests (keep_driver)

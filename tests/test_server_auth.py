@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from media_fixtures import decode_all
-from serve_fixtures import anim, animate, files, form, left, media, request, scratch, served
+from serve_fixtures import anim, animate, files, form, left, media, request, scratch, served, serving
 
 from megactor_rt.cli import main
 from megactor_rt.client import Client
@@ -188,16 +188,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture()
 def secure(anim: Animator, scratch: Path, certs: dict[str, Path]) -> Iterator[AnimateServer]:
-    srv = AnimateServer(anim, ("127.0.0.1", 0), token=TOKEN, tls=tls_context(certs["cert"], certs["key"]),
-                        timeout_s=20)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(anim, token=TOKEN, tls=tls_context(certs["cert"], certs["key"]), timeout_s=20) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def test_an_https_server_makes_results_for_a_client_that_trusts_its_certificate(
