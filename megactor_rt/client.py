@@ -34,11 +34,18 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a job's state is asked for
 BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
+OUTAGE_S = 120.0  # a job's server unreachable this long while it is followed (a network blip, a proxy's restart)
+FETCH_TRIES = 3  # a result's download that breaks off is tried this many times in all (the job keeps the result)
 _CHUNK = 1 << 20
 
 
 class Stopped(Exception):  # noqa: N818 - a state, not a failure
     """The caller's ``stop`` event was set while a job ran: the job is cancelled on the server."""
+
+
+class Unreachable(InputError):  # noqa: N818 - named for what it says
+    """The server could not be reached, or the connection broke before its answer came (tried again while a job is
+    followed or its result fetched)."""
 
 
 class Client:
@@ -87,7 +94,7 @@ class Client:
             conn.close()
             hint = " (an https:// server?)" if self._tls is None and isinstance(
                 exc, (http.client.RemoteDisconnected, ConnectionResetError)) else ""
-            raise InputError(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
+            raise Unreachable(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
                              "`megactor-rt serve` running there?") from exc
         if answer.status == 401:
             doc = _error(answer.read(), 401)
@@ -100,6 +107,9 @@ class Client:
         status, head, answer, conn = self._call(method, path, body, headers)
         try:
             data = answer.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"{self.url}: the connection broke during the answer ({type(exc).__name__}: {exc})"
+                              ) from exc
         finally:
             conn.close()
         try:
@@ -156,11 +166,30 @@ class Client:
         Raises:
             Stopped: ``stop`` was set meanwhile.
         """
-        last = None
+        last, outage = None, None
         while True:
             if stop is not None and stop.is_set():
                 raise Stopped(f"job {job} on {self.url}")
-            status, _, doc = self._json("GET", f"/jobs/{job}")
+            try:
+                status, _, doc = self._json("GET", f"/jobs/{job}")
+            except Unreachable as exc:  # (the job goes on there: asked again, for a while)
+                now = time.monotonic()
+                if outage is None:
+                    outage = now
+                    logger.warning("%s; asking about job %s again for up to %g s", exc, job, OUTAGE_S)
+                elif now - outage > OUTAGE_S:
+                    raise Unreachable(f"{exc} (for {now - outage:.0f} s, following job {job})") from exc
+                if stop is not None and stop.wait(min(2.0, POLL_S * 4)):
+                    raise Stopped(f"job {job} on {self.url}") from None
+                if stop is None:
+                    time.sleep(min(2.0, POLL_S * 4))
+                continue
+            if outage is not None:
+                logger.warning("%s: reached again after %.0f s", self.url, time.monotonic() - outage)
+                outage = None
+            if status == 404:
+                raise InputError(f"{self.url}: job {job} is no longer there (the server restarted, or the job was "
+                                 "deleted or expired): send it again")
             if status != 200:
                 raise InputError(f"{self.url}: job {job}: {doc.get('error', status)}")
             progress = doc.get("progress")
@@ -172,8 +201,20 @@ class Client:
             time.sleep(POLL_S)
 
     def fetch(self, job: str, output: Path) -> dict[str, str]:
-        """Write job ``job``'s result to ``output`` (under a temporary name in its folder, renamed when whole); the
-        answer's headers (``x-megactor-frames``, ...)."""
+        """Write job ``job``'s result to ``output`` (under a temporary name in its folder, renamed when whole; a
+        download that breaks off is made again, :data:`FETCH_TRIES` in all); the answer's headers
+        (``x-megactor-frames``, ...)."""
+        for attempt in range(1, FETCH_TRIES + 1):
+            try:
+                return self._fetch(job, output)
+            except Unreachable as exc:
+                if attempt == FETCH_TRIES:
+                    raise
+                logger.warning("%s; fetching the result again (try %d of %d)", exc, attempt + 1, FETCH_TRIES)
+                time.sleep(attempt)
+        raise AssertionError("unreachable")
+
+    def _fetch(self, job: str, output: Path) -> dict[str, str]:
         status, head, answer, conn = self._call("GET", f"/jobs/{job}/result")
         try:
             if status != 200:
@@ -181,12 +222,16 @@ class Client:
             partial = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.part")
             try:
                 with open(partial, "wb") as out:
-                    while chunk := answer.read(_CHUNK):
-                        out.write(chunk)
+                    try:
+                        while chunk := answer.read(_CHUNK):
+                            out.write(chunk)
+                    except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+                        raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: "
+                                          f"{exc})") from exc
                 size = partial.stat().st_size
                 if "content-length" in head and size != int(head["content-length"]):
-                    raise InputError(f"{output}: the result's download broke off ({size} of "
-                                     f"{head['content-length']} bytes)")
+                    raise Unreachable(f"{output}: the result's download broke off ({size} of "
+                                      f"{head['content-length']} bytes)")
                 os.replace(partial, output)
             except OSError as exc:
                 raise ResourceError(f"{output}: cannot write the result ({exc})") from exc

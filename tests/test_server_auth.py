@@ -276,3 +276,74 @@ def test_serve_with_a_token_and_https_from_the_command_line(certs: dict[str, Pat
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert f"{token_file}: a new token written there" in err and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------------------- a network that comes and goes
+
+
+def _flaky_polls(monkeypatch: pytest.MonkeyPatch, fails: int | None) -> list[str]:
+    """Make the client's requests for a job's state (GET /jobs/ID) fail to connect, the first ``fails`` of them
+    (None: all); the paths that failed."""
+    failed: list[str] = []
+    real = http.client.HTTPConnection.request
+
+    def request(conn: http.client.HTTPConnection, method: str, url: str, *args: object, **kw: object) -> None:
+        if method == "GET" and url.count("/") == 2 and url.startswith("/jobs/") and (
+                fails is None or len(failed) < fails):
+            failed.append(url)
+            raise ConnectionRefusedError(111, "Connection refused")
+        real(conn, method, url, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http.client.HTTPConnection, "request", request)
+    return failed
+
+
+def test_a_job_is_followed_through_a_short_outage_and_its_result_fetched_again(
+        served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path, scratch: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The server unreachable for a few polls (a network blip): the client asks again and gets the result; a
+    download of it that breaks off is made again; nothing partial is left here or there."""
+    import megactor_rt.client as client_module
+
+    monkeypatch.setattr(client_module, "POLL_S", 0.05)
+    failed = _flaky_polls(monkeypatch, 3)
+    real_read = http.client.HTTPResponse.read
+    broken: list[int] = []
+
+    def read(answer: http.client.HTTPResponse, amt: int | None = None) -> bytes:
+        if answer.getheader("X-Megactor-Frames") is not None and not broken:
+            broken.append(1)
+            real_read(answer, 1000)
+            raise http.client.IncompleteRead(b"", 5000)
+        return real_read(answer, amt)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", read)
+    out = tmp_path / "out.gif"
+    with caplog.at_level(logging.WARNING, "megactor_rt.client"):
+        head = Client(served.url).animate(media["portrait"], media["driver"], out, fields={"format": "gif"})
+    assert len(failed) == 3 and broken == [1] and head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
+    assert "asking about job" in caplog.text and "reached again after" in caplog.text
+    assert "the result's download broke off (IncompleteRead" in caplog.text and "try 2 of 3" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gif", "tmp"]
+    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and left(scratch) == []
+
+
+def test_a_server_gone_for_good_or_a_job_gone_is_named(served: AnimateServer, media: dict[str, Path],
+                                                       tmp_path: Path, scratch: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import megactor_rt.client as client_module
+
+    monkeypatch.setattr(client_module, "POLL_S", 0.05)
+    monkeypatch.setattr(client_module, "OUTAGE_S", 0.5)
+    with monkeypatch.context() as patched:
+        _flaky_polls(patched, None)
+        with pytest.raises(InputError, match=r"cannot reach the server .* \(for \d+ s, following job [0-9a-f]+\)"):
+            Client(served.url).animate(media["portrait"], media["driver"], tmp_path / "a.gif",
+                                       fields={"format": "gif"})
+    client = Client(served.url)
+    job = client.submit(media["portrait"], media["driver"], {"format": "gif"})
+    assert client.wait(job)["status"] == "done"
+    client.delete(job)  # (as a server restart would lose it)
+    with pytest.raises(InputError, match=f"job {job} is no longer there \\(the server restarted"):
+        client.wait(job)
+    assert [p.name for p in tmp_path.iterdir()] == ["tmp"]
