@@ -994,10 +994,8 @@ def _batch_status(failed: list[str], total: int) -> int:
 # what a request to a server carries (megactor_rt.server.TEXT_FIELDS, and the files); any other flag set is refused
 _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "mask", "audio", "no_audio", "audio_start",
                            "portrait_face", "driver_face", "crf", "side_by_side", "paste_back", *CONFIG_COLUMNS,
-                           "skip_existing", "stats", "server", "server_token_file", "server_ca", "progress_json", "verbose", "quiet", "fn", "command",
-                           "cleanup",
-                           "addresses",
-                           "progress_file", "weights"})
+                           "skip_existing", "stats", "server", "server_token_file", "server_ca", "progress_json",
+                           "verbose", "quiet", "fn", "command", "cleanup", "addresses", "progress_file", "weights"})
 
 
 def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, defaults: AnimateConfig
@@ -1189,7 +1187,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # run flags that name one run's files or records: a request brings its own (form fields) or has none
 _NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "audio_start"),
                    ("--checkpoint-dir", "checkpoint_dir"), ("--stats", "stats"), ("--progress-json", "progress_json"),
-                   ("--first-number", "first_number"), ("--sequence-fps", "sequence_fps"), ("--audio-out", "audio_out"))
+                   ("--first-number", "first_number"), ("--sequence-fps", "sequence_fps"),
+                   ("--audio-out", "audio_out"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -1539,10 +1538,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "what clients name, hosts of its own network among them")
     s_net.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                        help="requests must send the token in FILE's first line (Authorization: Bearer TOKEN; GET / "
-                            "and /openapi.json need none); a FILE that does not exist gets a new random token (default: "
-                            "$MEGACTOR_SERVE_TOKEN where set, else no authentication)")
+                            "and /openapi.json need none); a FILE that does not exist gets a new random token "
+                            "(default: $MEGACTOR_SERVE_TOKEN where set, else no authentication)")
     s_net.add_argument("--tls-cert", type=Path, default=None, metavar="CERT",
-                       help="speak HTTPS with this certificate (PEM; a chain with the server's first): https://HOST:PORT")
+                       help="speak HTTPS with this certificate (PEM; a chain with the server's first): "
+                            "https://HOST:PORT")
     s_net.add_argument("--tls-key", type=Path, default=None, metavar="KEY",
                        help="the certificate's private key (PEM, unencrypted; default: in --tls-cert's file)")
     s_net.add_argument("--no-warmup", action="store_true",
