@@ -1124,7 +1124,7 @@ def load_token(path: Path | None, create: bool = False) -> str | None:
                        "curl -H \"Authorization: Bearer $(cat %s)\")", path, path, path)
     else:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a BOM: Windows editors)
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: cannot read the token from it ({getattr(exc, 'strerror', None) or exc})"
                              ) from exc

@@ -160,6 +160,8 @@ def test_a_token_file_is_read_or_made_and_a_weak_token_refused(tmp_path: Path, m
     monkeypatch.setenv(TOKEN_ENV, "x")
     with pytest.raises(InputError, match=rf"\${TOKEN_ENV}: a token is at least 16"):
         load_token(None)
+    made.write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")  # (as a Windows editor saves it)
+    assert load_token(made) == TOKEN
     made.write_text(TOKEN)
     made.chmod(0o644)
     caplog.clear()
