@@ -349,3 +349,65 @@ def test_a_server_gone_for_good_or_a_job_gone_is_named(served: AnimateServer, me
     with pytest.raises(InputError, match=f"job {job} is no longer there \\(the server restarted"):
         client.wait(job)
     assert [p.name for p in tmp_path.iterdir()] == ["tmp"]
+
+
+# --------------------------------------------------------------------------------- behind nginx, as documented
+
+NGINX_SITE = Path(__file__).parents[1] / "docs" / "deploy" / "nginx-megactor.conf"
+
+
+def test_the_documented_nginx_front_serves_clients_over_https_under_a_path(
+        served: AnimateServer, certs: dict[str, Path], media: dict[str, Path], tmp_path: Path) -> None:
+    """docs/deploy/nginx-megactor.conf as it is (its port, certificate and upstream replaced): TLS at nginx, the
+    server under /megactor/: `animate --server https://.../megactor` with the token makes the result, the page is
+    there, and a form sent without the token is refused with the server's 401 through the proxy."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("needs nginx to check the documented configuration (apt install nginx-light)")
+    served.token = TOKEN.encode()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    site = NGINX_SITE.read_text()
+    for old, new in (("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+                     ("/etc/ssl/certs/gpu-box.example.pem", str(certs["cert"])),
+                     ("/etc/ssl/private/gpu-box.example.key", str(certs["key"])),
+                     ("http://127.0.0.1:8450/", f"http://127.0.0.1:{served.server_address[1]}/")):
+        assert old in site, old
+        site = site.replace(old, new)
+    (tmp_path / "site.conf").write_text(site)
+    temps = " ".join(f"{kind}_temp_path {tmp_path / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                          "scgi"))
+    (tmp_path / "nginx.conf").write_text(
+        f"{'user root;' if os.geteuid() == 0 else ''} worker_processes 1; daemon off; pid {tmp_path / 'nginx.pid'};\n"
+        f"error_log {tmp_path / 'error.log'};\nevents {{ worker_connections 64; }}\n"
+        f"http {{ access_log off; {temps} include {tmp_path / 'site.conf'}; }}\n")
+    proc = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.1)
+        url = f"https://127.0.0.1:{port}/megactor"
+        out = tmp_path / "out.gif"
+        head = Client(url, token=TOKEN, ca_file=certs["cert"]).animate(media["portrait"], media["driver"], out,
+                                                                       fields={"format": "gif"})
+        assert head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
+        context = ssl.create_default_context(cafile=str(certs["cert"]))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
+        conn.request("GET", "/megactor/")
+        page = conn.getresponse()
+        assert page.status == 200 and b'<form id="form"' in page.read()
+        conn.close()
+        body, ctype = form({**files(media), "pad": ("pad.bin", os.urandom(2 << 20))})
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
+        conn.request("POST", "/megactor/animate", body, {"Content-Type": ctype})
+        answer = conn.getresponse()
+        assert answer.status == 401 and "needs its token" in json.loads(answer.read())["error"]
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert served.served == 1
