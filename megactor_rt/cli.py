@@ -839,9 +839,9 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
     if args.sequence_fps is not None and drivers:
         from megactor_rt.sequence import is_frame_pattern
 
-        if not any(is_frame_pattern(d) for d in drivers):
-            logger.warning("--sequence-fps sets the rate of image-sequence drivers (plate/%04d.png); none is given: "
-                           "ignored")
+        if not any(is_frame_pattern(d) or Path(d).is_dir() for d in drivers):  # (a folder: its sequence)
+            logger.warning("--sequence-fps sets the rate of image-sequence drivers (plate/%04d.png, plate/); none is "
+                           "given: ignored")
     if config.feature_reuse == 1:
         logger.warning("--feature-reuse 1 runs the whole UNet in every step, as without --feature-reuse")
     if config.window_batch > 1 and not config.batches_windows:

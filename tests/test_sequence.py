@@ -579,6 +579,22 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
     assert not (tmp_path / "x.mp4").exists() and len(list(folder.iterdir())) == 5
 
 
+def test_sequence_fps_is_taken_for_a_folder_driver_and_said_to_be_ignored_for_a_video(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_face_frames(tmp_path)
+    common = ("demo", "--portrait", PORTRAIT, *FAST, "--max-frames", 3, "--sequence-fps", 24, "--no-audio")
+    with caplog.at_level(logging.WARNING, "megactor_rt"):
+        code, _, err = run(capsys, *common, "--driver", folder, "-o", tmp_path / "f.mp4")
+    assert code == 0 and "--sequence-fps sets the rate" not in caplog.text, err
+    from megactor_rt.media import probe_video
+
+    assert probe_video(tmp_path / "f.mp4").fps == 24
+    video = write_face_driver(tmp_path / "talk.mp4", n=4)
+    with caplog.at_level(logging.WARNING, "megactor_rt"):
+        code, _, err = run(capsys, *common, "--driver", video, "-o", tmp_path / "v.mp4")
+    assert code == 0 and "--sequence-fps sets the rate of image-sequence drivers" in caplog.text, err
+
+
 def test_a_result_sequence_takes_the_numbers_of_the_plate_it_animates(tmp_path: Path) -> None:
     """Driven by an image sequence at its own rate, a sequence result's frames carry the driver frames' numbers
     (from --start's first one); at another rate they count from 1."""
