@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
@@ -60,14 +61,15 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         frames = AnimatedWebP(path)
         h, w = frames[0].shape[:2]
         report = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps), "frames": len(frames)}
-    elif (path.suffix.lower() in VIDEO_SUFFIXES or (image := _image(path)) is None) and \
+    elif (path.suffix.lower() in VIDEO_SUFFIXES or _animated(path) or (image := _image(path)) is None) and \
             (sound := probe_sound(path)) is not None:
         return {"kind": "audio", **sound}  # no picture: no faces, no settings
     elif path.suffix.lower() in VIDEO_SUFFIXES or image is None:
         info = probe_video(path)
         if info.still_image:
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
-        report = {"kind": "video", "size": f"{info.width}x{info.height}", "fps": _rate(info.fps),
+        report = {"kind": "animated GIF" if _animated(path) else "video", "size": f"{info.width}x{info.height}",
+                  "fps": _rate(info.fps),
                   "frames": info.num_frames, "duration_s": None if info.duration_s is None else
                   round(info.duration_s, 3), "audio": info.has_audio, "variable_rate": info.variable_rate,
                   "hdr": info.hdr}
@@ -117,6 +119,17 @@ def png_bit_depth(path: Path) -> int | None:
     with open(path, "rb") as f:
         head = f.read(25)
     return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
+
+
+def _animated(path: Path) -> bool:
+    """Whether ``path`` is a GIF of more than one frame (a driver, read as a video; Pillow would give its first)."""
+    if path.suffix.lower() != ".gif":
+        return False
+    try:
+        with Image.open(path) as im:
+            return bool(getattr(im, "is_animated", False))
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
 def _image(path: Path) -> np.ndarray | None:

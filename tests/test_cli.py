@@ -773,6 +773,10 @@ def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path
                             *common)
     assert code == 0, err
     assert f"wrote {gif}: 4 frames" in stdout and stream_facts(gif) == (4, Fraction(25), False)
+    code, stdout, err = run(capsys, "inspect", gif, "--json", "--no-faces")  # (a driver too: read as a video)
+    facts = json.loads(stdout)[str(gif)]
+    assert code == 0 and (facts["kind"], facts["fps"], facts["frames"], facts["audio"]) == ("animated GIF", "25", 4,
+                                                                                          False), err
     code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"],
                        "-o", tmp_path / "one.mp4", *common)
     assert code == 0, err
