@@ -24,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from megactor_rt.config import BIT_DEPTHS, AnimateConfig, parse_frame_rate, parse_time
+from megactor_rt.config import BIT_DEPTHS, AnimateConfig, ModelConfig, parse_frame_rate, parse_time
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
 from megactor_rt.jobs import CONFIG_COLUMNS, Job, read_jobs
@@ -628,6 +628,8 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     kept = [job for job in jobs if result_exists(job.output)]  # (looked at once: in job order)
     if kept and server is not None:
         made = {"weights_id": server.get("weights_id"), "image_size": server.get("image_size")}
+    elif kept and args.weights is None:  # (--dry-run without weights: the released model's crop side)
+        made = {"image_size": args.size or ModelConfig().image_size}
     elif kept:
         from megactor_rt.runtime.animator import run_image_size
         from megactor_rt.weights import converted_config
@@ -852,13 +854,19 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
 
 def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -> int:
     """``--dry-run``: each job's portrait crop and driver plan (:mod:`megactor_rt.runtime.preflight`), without
-    loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``)."""
+    loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``). Without
+    ``--weights``: as the released model's settings would have it (512 px, or ``--size``)."""
     from megactor_rt.runtime.animator import check_schedule, run_image_size
     from megactor_rt.runtime.preflight import preflight
-    from megactor_rt.weights import converted_config
+    from megactor_rt.weights import check_image_size, converted_config
 
-    size = run_image_size(args.weights, args.backend, args.size, args.onnx)
-    model = converted_config(args.weights)[0]
+    if args.weights is None:
+        model = ModelConfig()
+        size = model.image_size if args.size is None else args.size
+        check_image_size(model, size)
+    else:
+        size = run_image_size(args.weights, args.backend, args.size, args.onnx)
+        model = converted_config(args.weights)[0]
     landmarker = None
     if args.contour:  # loaded once (a missing model fails every result: named once, before them)
         from megactor_rt.contour import Landmarker
@@ -904,7 +912,8 @@ def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -
 
 def cmd_animate(args: argparse.Namespace) -> int:
     _check_fallback(args)
-    if (args.weights is None) == (args.server is None):
+    if args.weights is not None and args.server is not None or (
+            args.weights is None and args.server is None and not args.dry_run):
         raise InputError("animate needs --weights DIR (converted weights) or --server URL (a megactor-rt serve to make "
                          "the results), one of them")
     if args.server is None and (args.server_token_file is not None or args.server_ca is not None):
@@ -933,7 +942,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         _check_quality(jobs[0].output, args.crf)  # a batch's results share their format
     if args.server is not None:
         return _animate_remote(args, jobs, batch, record)
-    check_converted_folder(args.weights)
+    if args.weights is not None:  # (--dry-run goes without: the released model's settings)
+        check_converted_folder(args.weights)
     if args.jobs is None:
         config = _run_config(args)
     _note_ignored_options(args, config)

@@ -690,6 +690,15 @@ def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: di
     assert int(found[2]) == plan.crop[2] - plan.crop[0]
     crop = anim._portrait_crop(media["portrait"], True, None, "auto")[2]  # the run's portrait crop
     assert int(found[1]) == crop[2] - crop[0]
+    code, stdout, err = run(capsys, "animate", "--jobs", jobs, "--dry-run")  # (no weights at all: the released
+    assert code == 2 and "3 of 4 results would not be written" in err  # model's settings, 512 px)
+    [line] = stdout.splitlines()
+    assert re.fullmatch(r"ok \S+good.mp4: portrait 256x256, .* 4 frames at 25 fps, .*1 window\(s\) x 25 steps", line)
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--dry-run", "--size", 100)
+    assert code == 2 and "image_size (--size) 100: must be a multiple of 64" in err, err
+    code, _, err = run(capsys, "animate", "--jobs", jobs)
+    assert code == 2 and "animate needs --weights DIR (converted weights) or --server URL" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv", "real.mp4"]
 
 
 def test_a_result_carries_its_settings(weights: Path, media: dict[str, Path], tmp_path: Path,
