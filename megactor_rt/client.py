@@ -94,6 +94,8 @@ class Client:
             conn.close()
             hint = " (an https:// server?)" if self._tls is None and isinstance(
                 exc, (http.client.RemoteDisconnected, ConnectionResetError)) else ""
+            if self._tls is not None and isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+                hint = " (a plain http:// server?)"
             raise Unreachable(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
                              "`megactor-rt serve` running there?") from exc
         if answer.status == 401:

@@ -267,7 +267,12 @@ class Task:
         return self.job.output
 
     def said(self, exc: BaseException) -> str:
-        return _said(exc, self.folder)
+        """``exc``'s message naming the request's files as it sent them (``driver/meme.mp4``, also for a driver the
+        server keeps elsewhere: :meth:`AnimateServer.keep_driver`)."""
+        text = _said(exc, self.folder)
+        if not self.job.driver.is_relative_to(self.folder):
+            text = text.replace(f"{self.job.driver.parent}{os.sep}", "driver/")
+        return text
 
     def headers(self) -> dict[str, str]:
         """A finished run's answer headers."""

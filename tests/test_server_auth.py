@@ -214,6 +214,11 @@ def test_an_https_server_makes_results_for_a_client_that_trusts_its_certificate(
         Client(secure.url.replace("https://", "http://"), timeout_s=10).health()
 
 
+def test_an_https_client_of_a_plain_server_is_told_so(served: AnimateServer) -> None:
+    with pytest.raises(InputError, match=r"cannot reach the server .*\(a plain http:// server\?\)"):
+        Client(served.url.replace("http://", "https://"), timeout_s=10).health()
+
+
 def test_a_connection_that_never_completes_its_handshake_holds_up_no_other(
         secure: AnimateServer, certs: dict[str, Path], capfd: pytest.CaptureFixture[str]) -> None:
     """The handshake is made on each connection's thread: a client that connects and says nothing (or speaks plain
