@@ -65,7 +65,12 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             (sound := probe_sound(path)) is not None:
         return {"kind": "audio", **sound}  # no picture: no faces, no settings
     elif path.suffix.lower() in VIDEO_SUFFIXES or image is None:
-        info = probe_video(path)
+        try:
+            info = probe_video(path)
+        except InputError:
+            if path.suffix.lower() in _IMAGE_SUFFIXES:  # (named as an image, read as none: said as a portrait's is)
+                read_image(path)
+            raise
         if info.still_image:
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
         report = {"kind": "animated GIF" if _animated(path) else "video", "size": f"{info.width}x{info.height}",
@@ -119,6 +124,10 @@ def png_bit_depth(path: Path) -> int | None:
     with open(path, "rb") as f:
         head = f.read(25)
     return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
+
+
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".webp",
+                             ".gif"})
 
 
 def _animated(path: Path) -> bool:

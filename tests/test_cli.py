@@ -760,6 +760,10 @@ def test_inspect_says_what_the_engine_sees(weights: Path, media: dict[str, Path]
     assert made["made_with"]["config"]["seed"] == 5 and made["made_with"]["portrait"] == "my_face.png"
     code, stdout, _ = run(capsys, "inspect", media["portrait"], media["driver"], "--no-faces")
     assert code == 0 and "faces" not in stdout and "fps: 25" in stdout and "size: 256x256" in stdout
+    junk = tmp_path / "junk.png"
+    junk.write_text("hello")
+    code, _, err = run(capsys, "inspect", junk)
+    assert code == 2 and f"{junk}: not a readable image" in err, err
 
 
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
