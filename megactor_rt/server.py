@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 8450
 RUN_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)  # GET /metrics: the run-time histogram's bounds
 KEPT_DRIVERS = 16  # uploaded drivers kept for requests that send them again (their faces found once)
+KEPT_DRIVER_BYTES = 2 << 30  # ... and their bytes together at most (a few long uploads do not fill the disk)
 PAGE = ASSETS_DIR / "serve.html"  # GET /: a form for a browser, which posts to /animate and shows the result
 FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 # what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
@@ -584,8 +585,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         """Where a run reads an uploaded driver: a copy the server keeps for the next requests with the same driver
         (same bytes, same name: a meme template sent with portrait after portrait), so that the Animator finds its
         plan (pass 1: every frame's face) from the first of them instead of planning it again. The
-        :data:`KEPT_DRIVERS` latest are kept while no queued or running request reads them; ``upload`` is moved
-        there, or removed where that driver is kept already."""
+        :data:`KEPT_DRIVERS` latest are kept (and :data:`KEPT_DRIVER_BYTES` of them at most) while no queued or
+        running request reads them; ``upload`` is moved there, or removed where that driver is kept already."""
         digest = hashlib.sha256()
         with open(upload, "rb") as f:
             while chunk := f.read(_CHUNK):
@@ -605,9 +606,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             os.replace(upload, kept)
             self._drivers[key] = kept
             in_use = {t.job.driver for t in self._queue} | ({self.running.job.driver} if self.running else set())
-            for old in [k for k, p in self._drivers.items() if p not in in_use and p != kept]:
-                if len(self._drivers) <= KEPT_DRIVERS:
+            sizes = {k: p.stat().st_size if p.is_file() else 0 for k, p in self._drivers.items()}
+            for old in [k for k, p in self._drivers.items() if p not in in_use and p != kept]:  # (oldest first)
+                if len(self._drivers) <= KEPT_DRIVERS and sum(sizes.values()) <= KEPT_DRIVER_BYTES:
                     break
+                del sizes[old]
                 gone = self._drivers.pop(old)
                 with contextlib.suppress(OSError):  # (its folder goes with its last name: same bytes, other names)
                     gone.unlink()

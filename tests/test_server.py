@@ -185,6 +185,9 @@ def test_a_driver_sent_again_has_its_faces_found_once(served: AnimateServer, med
                                                     strict=True))
     (store,) = [p for p in scratch.iterdir() if p.name.startswith(DRIVERS)]
     assert sorted(p.name for p in store.rglob("*.mp4")) == ["again.mp4", "third.mp4"]  # (talk.mp4 went first)
+    monkeypatch.setattr(server_module, "KEPT_DRIVER_BYTES", media["driver"].stat().st_size)  # (room for one)
+    assert animate(served, {**files(media), "driver": ("fourth.mp4", media["driver"].read_bytes())})[0] == 200
+    assert sorted(p.name for p in store.rglob("*.mp4")) == ["fourth.mp4"]  # (the newest kept, even alone too big)
     assert left(scratch) == []
 
 
