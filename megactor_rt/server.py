@@ -36,8 +36,8 @@ wait in turn. Uploads and results are kept in a temporary folder per request, re
 sent (a job's result: when it is deleted or expires; its uploads when its run ends). Stopping the server cancels
 a run under way.
 
-The server listens on the loopback address unless told otherwise. Given a ``token``, every request but the page and
-the API description (``GET /``, ``GET /openapi.json``: static) must carry it (``Authorization: Bearer TOKEN``; 401
+The server listens on the loopback address unless told otherwise. Given a ``token``, every request but the page, the
+API description and ``GET /ping`` (static; ``/ping`` for load balancers that send no header) must carry it (``Authorization: Bearer TOKEN``; 401
 otherwise); given a ``tls`` context, it speaks HTTPS (each connection's handshake made on the connection's own
 thread, so a slow or broken client holds up no other).
 """
@@ -98,7 +98,8 @@ _CHUNK = 1 << 20
 _LINGER_S, _LINGER_BYTES = 2.0, 16 << 20  # how long and how much of a refused body is read before closing
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _FORMS = ("/animate", "/jobs")  # the routes that take a form
-_OPEN = ("/", "/index.html", "/openapi.json")  # GET without the token: the same for everyone, nothing of a user's
+# GET without the token: the same for everyone, nothing of a user's (/ping: for load balancers that send no header)
+_OPEN = ("/", "/index.html", "/openapi.json", "/ping")
 TOKEN_ENV = "MEGACTOR_SERVE_TOKEN"  # the token, for `serve` (its own) and `animate --server` (the one it sends)
 MIN_TOKEN = 16  # a token's fewest characters (a guess per request: it must not be guessable)
 _STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
@@ -364,6 +365,8 @@ def openapi() -> dict[str, Any]:
             "200": result, "409": error, "410": error, "404": error}}},
         "/health": {"get": {"summary": "the model's settings, the run under way, the runs waiting",
                             "responses": {"200": {"description": "a JSON object"}}}},
+        "/ping": {"get": {"summary": "whether the server answers (the model is loaded); needs no token",
+                          "security": [{}], "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}},
         "/metrics": {"get": {"summary": "counters and gauges for Prometheus (runs, frames, run seconds, queue, "
                                         "answers by status, portraits kept)",
                              "responses": {"200": {"description": "Prometheus' text format 0.0.4", "content": {
@@ -915,6 +918,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         route = self._route()
         if route == "/health":
             self._json(200, self.server.health())
+        elif route == "/ping":
+            self._json(200, {"status": "ok"})
         elif route == "/metrics":
             self._answer(200, self.server.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif route in ("/", "/index.html"):
@@ -943,7 +948,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "driver=@meme.mp4 ...)")
         else:
             self._error(404, f"no such page: {route} (the server answers POST /animate, POST /jobs, GET /jobs/ID, "
-                             "GET /health, GET /metrics, GET /openapi.json and GET /, a form for a browser)")
+                             "GET /health, GET /metrics, GET /ping, GET /openapi.json and GET /, a form for a browser)")
 
     def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
         if not self._allowed():

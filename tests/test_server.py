@@ -403,7 +403,8 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
     props = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert set(props) == set(server_module.FILE_FIELDS) | set(server_module.TEXT_FIELDS)
     assert props["format"]["enum"] == list(server_module.FORMATS) and props["portrait"]["format"] == "binary"
-    assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health", "/metrics"}
+    assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health", "/metrics",
+                                 "/ping"}
 
 
 def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: AnimateServer) -> None:

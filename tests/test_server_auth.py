@@ -44,6 +44,7 @@ def test_a_server_with_a_token_answers_only_requests_that_carry_it(served: Anima
     with another; a form sent without it is not run and leaves nothing; with it, everything is as without a token."""
     served.token = TOKEN.encode()
     assert request(served, "GET", "/")[0] == 200 and request(served, "GET", "/openapi.json")[0] == 200
+    assert request(served, "GET", "/ping")[:3:2] == (200, b'{"status": "ok"}\n')  # (a load balancer's check)
     missing = "this server needs its token: send the header `Authorization: Bearer TOKEN`"
     for method, path in [("GET", "/health"), ("GET", "/jobs"), ("GET", "/jobs/abc"), ("DELETE", "/jobs/abc"),
                          ("GET", "/nope"), ("POST", "/health")]:
