@@ -75,7 +75,7 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
         report = {"kind": "animated GIF" if _animated(path) else "video", "size": f"{info.width}x{info.height}",
                   "fps": _rate(info.fps),
-                  "frames": info.num_frames, "duration_s": None if info.duration_s is None else
+                  "frames": info.num_frames if info.num_frames is not None else _count_frames(path), "duration_s": None if info.duration_s is None else
                   round(info.duration_s, 3), "audio": info.has_audio, "variable_rate": info.variable_rate,
                   "hdr": info.hdr}
     else:
@@ -128,6 +128,19 @@ def png_bit_depth(path: Path) -> int | None:
 
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".webp",
                              ".gif"})
+
+
+def _count_frames(path: Path) -> int | None:
+    """A video's frames where its header does not say (WebM, Matroska): its video packets, read without decoding
+    them; None where it cannot be read so."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.FFmpegError, IndexError, OSError):
+        return None
 
 
 def _animated(path: Path) -> bool:

@@ -786,10 +786,11 @@ def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path
                             *common)
     assert code == 0, err
     assert f"wrote {gif}: 4 frames" in stdout and stream_facts(gif) == (4, Fraction(25), False)
-    code, stdout, err = run(capsys, "inspect", gif, "--json", "--no-faces")  # (a driver too: read as a video)
-    facts = json.loads(stdout)[str(gif)]
+    code, stdout, err = run(capsys, "inspect", gif, webm, "--json", "--no-faces")  # (a GIF driver: read as a video)
+    facts, webm_facts = json.loads(stdout)[str(gif)], json.loads(stdout)[str(webm)]
     assert code == 0 and (facts["kind"], facts["fps"], facts["frames"], facts["audio"]) == ("animated GIF", "25", 4,
                                                                                           False), err
+    assert (webm_facts["kind"], webm_facts["frames"]) == ("video", 4)  # (WebM's header has no count: counted)
     code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"],
                        "-o", tmp_path / "one.mp4", *common)
     assert code == 0, err
