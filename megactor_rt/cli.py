@@ -1231,7 +1231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = AnimateServer(None, (args.host, args.port), _result_options(args),
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
                                keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin),
-                               allow_urls=args.allow_urls, token=token, tls=tls)
+                               allow_urls=args.allow_urls, token=token, tls=tls, frame_limit=args.frame_limit)
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1531,6 +1531,10 @@ def build_parser() -> argparse.ArgumentParser:
     s_net.add_argument("--queue", type=_count, default=8, metavar="N",
                        help="how many runs may wait while one runs (one at a time; default 8); more requests are "
                             "answered 503")
+    s_net.add_argument("--frame-limit", type=_positive_int, default=None, metavar="N",
+                       help="refuse a request whose result would have more than N frames (its driver, times, fps and "
+                            "max_frames as sent), before it waits, so that one long video cannot hold the queue for "
+                            "hours (default: no limit)")
     s_net.add_argument("--keep-min", type=float, default=60.0, metavar="MIN",
                        help="how long a job's result (POST /jobs) is kept after its run unless deleted before, in "
                             "minutes (default 60; at most the 100 latest jobs are kept)")

@@ -393,7 +393,7 @@ def _iso(t: float) -> str:
 # what GET /health tells about the server itself; the rest of it is the model's run settings
 STATE_KEYS = frozenset({"status", "running", "waiting", "served", "failed", "jobs_kept", "max_waiting",
                         "max_upload_bytes", "keep_s", "formats", "portraits_kept", "portrait_memory_bytes",
-                        "portrait_memory_budget"})
+                        "portrait_memory_budget", "frame_limit"})
 
 
 def run_settings_of(health: dict[str, Any]) -> dict[str, Any]:
@@ -424,6 +424,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         token: the secret every request must send (``Authorization: Bearer TOKEN``), but for ``GET /`` and ``GET
             /openapi.json``; none: no authentication.
         tls: a server-side SSL context (certificate and key loaded): HTTPS instead of HTTP.
+        frame_limit: the most frames one request's result may have (a request whose driver, times and settings
+            would make more is refused before it waits: a long video does not hold the queue for hours); none: no
+            limit.
     """
 
     daemon_threads = True
@@ -432,8 +435,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
                  keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = (),
-                 allow_urls: bool = False, token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+                 allow_urls: bool = False, token: str | None = None, tls: ssl.SSLContext | None = None,
+                 frame_limit: int | None = None) -> None:
         self.anim, self.options = anim, dict(options or {})
+        self.frame_limit = frame_limit
         self.token = None if token is None else token.encode()
         self.tls = tls
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
@@ -496,7 +501,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                      "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values())}
         cache = self.anim.cache
         return {**state, "max_waiting": self.max_waiting, "max_upload_bytes": self.max_upload_bytes,
-                "keep_s": self.keep_s, "formats": list(FORMATS), "portraits_kept": len(cache),
+                "frame_limit": self.frame_limit, "keep_s": self.keep_s, "formats": list(FORMATS), "portraits_kept": len(cache),
                 "portrait_memory_bytes": cache.nbytes, "portrait_memory_budget": cache.max_bytes,
                 **self.anim.run_settings()}
 
@@ -1059,8 +1064,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name in ("side_by_side", "paste_back"):
             if name in text:
                 options[name] = _flag(name, text[name].strip())
+        config = job.run_config(self.server.anim.config)
+        if self.server.frame_limit is not None:
+            self._check_length(job, config, self.server.frame_limit)
         job.driver = self.server.keep_driver(job.driver)  # (last: a request refused above keeps nothing)
-        return Task(uuid.uuid4().hex[:12], folder, job, job.run_config(self.server.anim.config), options, keep)
+        return Task(uuid.uuid4().hex[:12], folder, job, config, options, keep)
+
+    @staticmethod
+    def _check_length(job: Job, config: AnimateConfig, limit: int) -> None:
+        """Refuse a run that would make more than ``limit`` frames (from the driver's header: before it waits)."""
+        from megactor_rt.runtime.driver import FrameSelection, driver_info
+
+        info = driver_info(job.driver)
+        frames = FrameSelection.of(info.fps, config.fps, config.start).expected_frames(info, config.duration,
+                                                                                      config.max_frames)
+        name = f"driver/{job.driver.name}"
+        if frames is None:
+            raise FormError(f"{name}: its length is not in its header, and this server makes at most {limit} frames "
+                            "a request (serve --frame-limit): send max_frames or duration")
+        if frames > limit:
+            raise FormError(f"{name}: the result would have {frames} frames, over this server's limit of {limit} "
+                            "(serve --frame-limit): send a part of the driver (start, duration), max_frames, or a "
+                            "lower fps")
 
     def _send_result(self, task: Task) -> None:
         try:

@@ -358,6 +358,22 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
                                'Save portrait_talk.gif</a>')
 
 
+def test_a_frame_limit_refuses_a_long_request_before_it_waits(served: AnimateServer, media: dict[str, Path],
+                                                              scratch: Path) -> None:
+    """serve --frame-limit: a request whose result would have more frames is refused (400, naming the count and
+    what to send instead) and keeps nothing; the same driver within the limit (max_frames, a duration) runs."""
+    served.frame_limit = 4
+    status, _, body = animate(served, {**files(media), "format": "gif"})
+    assert status == 400 and json.loads(body)["error"] == (
+        "driver/talk.mp4: the result would have 6 frames, over this server's limit of 4 (serve --frame-limit): send "
+        "a part of the driver (start, duration), max_frames, or a lower fps")
+    assert served.served == 0 and left(scratch) == [] and not [p for p in scratch.iterdir()]
+    for limited in ({"max_frames": "4"}, {"duration": "0.16"}):
+        status, headers, _ = animate(served, {**files(media), "format": "gif", **limited})
+        assert status == 200 and headers["X-Megactor-Frames"] == "4", limited
+    assert json.loads(request(served, "GET", "/health")[2])["frame_limit"] == 4
+
+
 def test_health_is_the_servers_state_and_the_models_run_settings(served: AnimateServer, anim: Animator) -> None:
     health = json.loads(request(served, "GET", "/health")[2])
     assert server_module.run_settings_of(health) == json.loads(json.dumps(anim.run_settings()))
