@@ -91,7 +91,7 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
     settings = p.add_argument_group("the run (upstream's settings by default)")
     speed = p.add_argument_group("faster settings (they change the result, but --window-batch)")
     frames = p.add_argument_group("which driver frames")
@@ -99,7 +99,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int = 25) -> None:
     result = p.add_argument_group("the result")
     records = p.add_argument_group("long runs, caches and records")
     settings.add_argument("--steps", type=_positive_int, default=steps,
-                          help=f"DDIM steps (upstream 25; default {steps})")
+                          help=f"DDIM steps (upstream 25; default {steps or '25, and 4 with --demo'})")
     settings.add_argument("--guidance", type=_guidance, default=4.5,
                           help="CFG scale (default 4.5, as upstream; 1 disables CFG)")
     speed.add_argument("--cfg-steps", type=_count, default=None, metavar="K",
@@ -1202,6 +1202,8 @@ _NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.steps is None:  # the tiny model tries the API quickly, as `demo` does; real weights: upstream's 25
+        args.steps = 4 if args.demo else 25
     given = [flag for flag, name in _NOT_WITH_SERVE if getattr(args, name) is not None]
     if args.bit_depth != 8:
         given.append("--bit-depth")
@@ -1567,7 +1569,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the tiny random-weight model of `demo` instead of --weights (NOT a real "
                             "animation: to try the API)")
     _add_engine_flags(s.add_argument_group("weights, backend and device (every request's)"))
-    _add_run_flags(s)
+    _add_run_flags(s, steps=None)  # (25; `serve --demo` 4, as `demo`: cmd_serve)
     for action in s._actions:  # (taken, to be refused with a reason, but not offered)
         if action.dest in {name for _, name in _NOT_WITH_SERVE} | {"bit_depth"}:
             action.help = argparse.SUPPRESS

@@ -37,6 +37,8 @@ from serve_fixtures import (
 
 import megactor_rt.server as server_module
 from megactor_rt.cli import main
+from megactor_rt.config import AnimateConfig
+from megactor_rt.errors import InputError
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.server import AnimateServer, FormError, read_form
 
@@ -639,6 +641,19 @@ def test_serve_refuses_what_it_cannot_do_before_loading(argv: list[str], message
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_demo_runs_the_demos_4_steps_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+
+    def demo(*args: object, config: AnimateConfig, **kw: object) -> None:
+        seen.append(config.steps)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(Animator, "demo", demo)
+    for argv in (["--demo"], ["--demo", "--steps", "25"]):
+        assert main(["serve", "--port", "0", "--no-warmup", *argv]) == 2
+    assert seen == [4, 25]
 
 
 def test_a_port_in_use_is_named_before_the_model_loads(capsys: pytest.CaptureFixture[str],
