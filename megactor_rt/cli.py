@@ -24,7 +24,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from megactor_rt.config import BIT_DEPTHS, AnimateConfig, ModelConfig, parse_frame_rate, parse_time
+from megactor_rt.config import (
+    BIT_DEPTHS,
+    AnimateConfig,
+    ModelConfig,
+    parse_frame_rate,
+    parse_time,
+    tiny_config,
+)
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
 from megactor_rt.jobs import CONFIG_COLUMNS, Job, read_jobs
@@ -628,6 +635,8 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     kept = [job for job in jobs if result_exists(job.output)]  # (looked at once: in job order)
     if kept and server is not None:
         made = {"weights_id": server.get("weights_id"), "image_size": server.get("image_size")}
+    elif kept and args.demo:
+        made = {"weights_id": f"tiny-random-{args.seed}", "image_size": args.size or tiny_config().image_size}
     elif kept and args.weights is None:  # (--dry-run without weights: the released model's crop side)
         made = {"image_size": args.size or ModelConfig().image_size}
     elif kept:
@@ -860,8 +869,8 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     from megactor_rt.runtime.preflight import preflight
     from megactor_rt.weights import check_image_size, converted_config
 
-    if args.weights is None:
-        model = ModelConfig()
+    if args.weights is None:  # the released model's settings, or the tiny one's (--demo)
+        model = tiny_config() if args.demo else ModelConfig()
         size = model.image_size if args.size is None else args.size
         check_image_size(model, size)
     else:
@@ -900,9 +909,18 @@ def _check_fallback(args: argparse.Namespace) -> None:
 
 
 def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -> Animator:
-    """The Animator the engine flags (``animate``, ``serve``) describe."""
+    """The Animator the engine flags (``animate``, ``serve``) describe: the weights', or with ``--demo`` the tiny
+    random model's (said on stderr)."""
     from megactor_rt.runtime.animator import Animator
 
+    if getattr(args, "demo", False):
+        print(f"megactor-rt {args.command} --demo: a TINY RANDOM-WEIGHT model; its results are NOT real animations",
+              file=sys.stderr)
+        anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
+                             precision=args.precision, cuda_graphs=args.cuda_graphs, image_size=args.size)
+        if cache is not None:
+            anim.cache = cache
+        return anim
     return Animator.from_weights(args.weights, backend=args.backend, device=args.device, precision=args.precision,
                                  onnx_dir=args.onnx, engine_dir=args.engines, force_fallback=args.torch_fallback,
                                  fallback="torch" if args.torch_fallback else args.fallback,
@@ -912,10 +930,12 @@ def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -
 
 def cmd_animate(args: argparse.Namespace) -> int:
     _check_fallback(args)
-    if args.weights is not None and args.server is not None or (
-            args.weights is None and args.server is None and not args.dry_run):
-        raise InputError("animate needs --weights DIR (converted weights) or --server URL (a megactor-rt serve to make "
-                         "the results), one of them")
+    given = [flag for flag, value in (("--weights", args.weights), ("--server", args.server), ("--demo", args.demo))
+             if value]
+    if len(given) > 1 or not (given or args.dry_run):
+        raise InputError("animate needs --weights DIR (converted weights), --server URL (a megactor-rt serve to make "
+                         "the results) or --demo (the tiny random model, to try the command), one of them"
+                         + (f"; got {', '.join(given)}" if given else ""))
     if args.server is None and (args.server_token_file is not None or args.server_ca is not None):
         raise InputError("--server-token-file, --server-ca: only with --server URL (what is sent to that server)")
     if args.jobs is not None:
@@ -1244,17 +1264,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         elif tls is None:
             logger.warning("serve listens on %s without TLS: the token and the media cross the network unencrypted "
                            "(--tls-cert, or a proxy with TLS in front)", args.host)
-    from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
 
-    if args.demo:
-        print("megactor-rt serve --demo: a TINY RANDOM-WEIGHT model; its results are NOT real animations",
-              file=sys.stderr)
-        anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
-                             precision=args.precision, cuda_graphs=args.cuda_graphs, image_size=args.size)
-        if cache is not None:
-            anim.cache = cache
-    else:
-        anim = _from_weights(args, config, cache)
+    anim = _from_weights(args, config, cache)
     _check_run(anim)
     anim.cache.max_bytes = int(args.cache_memory_gb * 2**30)
     if not args.no_warmup:  # (compiling, cuDNN's choices, engine contexts: before the first request, not in it)
@@ -1511,6 +1522,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "sound, crf, layout), followed, and written here; the other run settings are the "
                                "server's; several servers (one per GPU) share a batch, each taking the next result "
                                "when it is free")
+    a_engine.add_argument("--demo", action="store_true",
+                          help="instead of --weights: the tiny random-weight model of `demo`, to try the command "
+                               "(batches, --jobs, --skip-existing, formats) without the weights; NOT real animations "
+                               "(--steps 4 for a quick try)")
     a_engine.add_argument("--server-token-file", type=Path, default=None, metavar="FILE",
                           help="with --server: the token the server asks for (serve --token-file), the first line of "
                                "FILE (default: $MEGACTOR_SERVE_TOKEN where set)")

@@ -697,7 +697,7 @@ def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: di
     code, _, err = run(capsys, "animate", "--jobs", jobs, "--dry-run", "--size", 100)
     assert code == 2 and "image_size (--size) 100: must be a multiple of 64" in err, err
     code, _, err = run(capsys, "animate", "--jobs", jobs)
-    assert code == 2 and "animate needs --weights DIR (converted weights) or --server URL" in err
+    assert code == 2 and "animate needs --weights DIR (converted weights), --server URL" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv", "real.mp4"]
 
 
@@ -1585,3 +1585,28 @@ def test_audio_from_another_file_from_a_later_start(weights: Path, media: dict[s
     code, _, err = run(capsys, "animate", "-o", tmp_path / "x.mp4", "--audio-start", "1", *common)
     assert code == 2 and "audio_start (--audio-start) is where in an audio file" in err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_animate_demo_tries_the_whole_command_without_weights(media: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """animate --demo: a batch with the tiny random model (said on stderr), its results those of `demo` for the same
+    pair; --skip-existing keeps them without a settings warning; --dry-run goes by the tiny model's size; --demo
+    with --weights is refused."""
+    common = ("--demo", "--portrait", media["portrait"], media["faceless_portrait"], "--driver", media["driver"],
+              *FAST, "--max-frames", 3, "--no-audio")
+    code, stdout, err = run(capsys, "animate", *common, "-o", tmp_path / "out")
+    assert code == 2 and "animate --demo: a TINY RANDOM-WEIGHT model" in err  # (the faceless portrait fails alone)
+    assert "1 of 2 results not written" in err and "wrote" in stdout
+    [made] = list((tmp_path / "out").iterdir())
+    code, _, err = run(capsys, "demo", "--portrait", media["portrait"], "--driver", media["driver"], *FAST,
+                       "--max-frames", 3, "--no-audio", "-o", tmp_path / "demo.mp4")
+    assert code == 0, err
+    assert all(np.array_equal(a, b) for a, b in zip(frames_of(made), frames_of(tmp_path / "demo.mp4"), strict=True))
+    code, stdout, err = run(capsys, "animate", "--demo", "--portrait", media["portrait"], "--driver", media["driver"],
+                            *FAST, "--max-frames", 3, "--no-audio", "-o", made, "--skip-existing")
+    assert code == 0 and f"kept {made}: it exists" in stdout and "other settings" not in err, err
+    code, stdout, err = run(capsys, "animate", *common, "-o", tmp_path / "dry", "--dry-run")
+    assert code == 2 and re.search(r"ok \S+: portrait 256x256, .*crop \d+ px; 1 window\(s\) x 2 steps", stdout), stdout
+    assert not (tmp_path / "dry").exists()
+    code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "x", "--weights", tmp_path)
+    assert code == 2 and "one of them; got --weights, --demo" in err

@@ -761,7 +761,7 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
          "--feature-reuse, --window: not with --server. A request carries its files"),
         (["--server", served.url, *common, "-o", str(tmp_path / "take/%05d.png")],
          "with --server the driver is a video file and the result a video file"),
-        ([*common, "-o", str(tmp_path / "a.mp4")], "animate needs --weights DIR (converted weights) or --server URL"),
+        ([*common, "-o", str(tmp_path / "a.mp4")], "animate needs --weights DIR (converted weights), --server URL"),
         (["--server", "ftp://x", *common, "-o", str(tmp_path / "a.mp4")], "ftp://x: --server takes the address"),
         (["--server", "http://127.0.0.1:9", *common, "-o", str(tmp_path / "a.mp4")],
          "http://127.0.0.1:9: cannot reach the server"),
