@@ -36,11 +36,16 @@ POLL_S = 0.5  # how often a job's state is asked for
 BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
 OUTAGE_S = 120.0  # a job's server unreachable this long while it is followed (a network blip, a proxy's restart)
 FETCH_TRIES = 3  # a result's download that breaks off is tried this many times in all (the job keeps the result)
+RESUBMITS = 2  # a job the server no longer knows (it restarted) is sent again this many times by animate()
 _CHUNK = 1 << 20
 
 
 class Stopped(Exception):  # noqa: N818 - a state, not a failure
     """The caller's ``stop`` event was set while a job ran: the job is cancelled on the server."""
+
+
+class JobGone(InputError):  # noqa: N818 - named for what it says
+    """The server no longer knows a job it took (it restarted, or the job was deleted or expired)."""
 
 
 class Unreachable(InputError):  # noqa: N818 - named for what it says
@@ -190,8 +195,8 @@ class Client:
                 logger.warning("%s: reached again after %.0f s", self.url, time.monotonic() - outage)
                 outage = None
             if status == 404:
-                raise InputError(f"{self.url}: job {job} is no longer there (the server restarted, or the job was "
-                                 "deleted or expired): send it again")
+                raise JobGone(f"{self.url}: job {job} is no longer there (the server restarted, or the job was "
+                              "deleted or expired): send it again")
             if status != 200:
                 raise InputError(f"{self.url}: job {job}: {doc.get('error', status)}")
             progress = doc.get("progress")
@@ -254,22 +259,33 @@ class Client:
                 on_progress: Callable[[Progress], object] | None = None,
                 stop: threading.Event | None = None) -> dict[str, str]:
         """One result made by the server, written to ``output``: submitted as a job, followed, fetched, and
-        deleted on the server; stopped here (Ctrl-C, an error, ``stop`` set), the job is cancelled there. The
-        result's headers.
+        deleted on the server; stopped here (Ctrl-C, an error, ``stop`` set), the job is cancelled there. A job the
+        server loses meanwhile (it restarted: followed through the outage, then not found) is sent again,
+        :data:`RESUBMITS` times at most. The result's headers.
 
         Raises:
             InputError: the server refused the form or its run failed (with the server's message).
             Stopped: ``stop`` was set before the result was fetched.
         """
         output = Path(output)
-        job = self.submit(Path(portrait), Path(driver), fields, files, stop)
-        try:
-            state = self.wait(job, on_progress, stop)
-            if state["status"] != "done":
-                raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} (on {self.url})")
-            return self.fetch(job, output)
-        finally:
-            self.delete(job)
+        for attempt in range(RESUBMITS + 1):
+            job = self.submit(Path(portrait), Path(driver), fields, files, stop)
+            try:
+                try:
+                    state = self.wait(job, on_progress, stop)
+                except JobGone as exc:
+                    if attempt == RESUBMITS:
+                        raise
+                    logger.warning("%s; sending it again (%d of %d)", str(exc).removesuffix(": send it again"),
+                                   attempt + 1, RESUBMITS)
+                    continue
+                if state["status"] != "done":
+                    raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} (on "
+                                     f"{self.url})")
+                return self.fetch(job, output)
+            finally:
+                self.delete(job)
+        raise AssertionError("unreachable")
 
 
 def result_stats(headers: dict[str, str]) -> Any:

@@ -417,3 +417,31 @@ def test_the_documented_nginx_front_serves_clients_over_https_under_a_path(
         proc.terminate()
         proc.communicate(timeout=30)
     assert served.served == 1
+
+
+def test_a_job_the_server_lost_is_sent_again(served: AnimateServer, media: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A server that no longer knows a job (restarted while the client waited) gets it sent again, twice at most;
+    the result is the one the second job makes."""
+    import megactor_rt.client as client_module
+
+    monkeypatch.setattr(client_module, "POLL_S", 0.05)
+    real_task, lost = served.task, []
+
+    def task(task_id: str) -> object:
+        if not lost:
+            lost.append(task_id)
+        return None if task_id in lost else real_task(task_id)  # (the first job: as a restarted server knows it)
+
+    monkeypatch.setattr(served, "task", task)
+    out = tmp_path / "out.gif"
+    with caplog.at_level(logging.WARNING, "megactor_rt.client"):
+        head = Client(served.url).animate(media["portrait"], media["driver"], out, fields={"format": "gif"})
+    assert len(lost) == 1 and head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
+    assert f"job {lost[0]} is no longer there (the server restarted" in caplog.text
+    assert "sending it again (1 of 2)" in caplog.text
+    monkeypatch.setattr(served, "task", lambda task_id: None)  # (lost every time)
+    with pytest.raises(InputError, match=r"is no longer there .*: send it again$"):
+        Client(served.url).animate(media["portrait"], media["driver"], tmp_path / "never.gif", fields={"format": "gif"})
+    assert "sending it again (2 of 2)" in caplog.text and not (tmp_path / "never.gif").exists()
