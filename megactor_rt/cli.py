@@ -1253,7 +1253,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = AnimateServer(None, (args.host, args.port), _result_options(args),
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
                                keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin),
-                               allow_urls=args.allow_urls, token=token, tls=tls, frame_limit=args.frame_limit)
+                               allow_urls=args.allow_urls, token=token, tls=tls, frame_limit=args.frame_limit,
+                               allow_callbacks=args.allow_callbacks)
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1576,6 +1577,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "https://HOST:PORT")
     s_net.add_argument("--tls-key", type=Path, default=None, metavar="KEY",
                        help="the certificate's private key (PEM, unencrypted; default: in --tls-cert's file)")
+    s_net.add_argument("--allow-callbacks", action="store_true",
+                       help="a job (POST /jobs) may name an http(s) address in its callback field, to which the "
+                            "server posts the job's state when its run ends (signed with the token: "
+                            "X-Megactor-Signature); off by default: the server then posts to what clients name")
     s_net.add_argument("--no-warmup", action="store_true",
                        help="start answering at once, leaving one-time costs (--compile's compilation: minutes; "
                             "cuDNN's choices, engine contexts) to the first request (default: paid before the server "

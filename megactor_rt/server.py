@@ -88,6 +88,8 @@ FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 # what a request may set besides its files: the jobs-file columns that are no file (audio: "none" for no sound),
 # the result's format and what shapes its frames
 TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "crf", "side_by_side", "paste_back")
+CALLBACK = "callback"  # POST /jobs: an address the server posts the job's end to (serve --allow-callbacks)
+CALLBACK_TRIES = 3  # a callback answered 5xx or not reached is posted this many times in all
 FORMATS = tuple(s[1:] for s in RESULT_SUFFIXES)  # the video files the writer makes (no frame sequences: folders)
 # their content types in answers (others: application/octet-stream)
 _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
@@ -263,6 +265,7 @@ class Task:
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     over: threading.Event = field(default_factory=threading.Event)
+    callback: str | None = None  # where its end is posted (CALLBACK)
 
     @property
     def result(self) -> Path:
@@ -337,6 +340,11 @@ def openapi() -> dict[str, Any]:
     props["format"]["enum"] = list(FORMATS)
     form = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["portrait", "driver"], "properties": props}}}}
+    callback = {"type": "string", "description": "an http(s) address the server posts the job's state (JSON, as GET "
+                "/jobs/ID) to when its run ends, where it was started with --allow-callbacks; signed with its token "
+                "(X-Megactor-Signature: sha256=HMAC of the body)"}
+    job_form = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["portrait", "driver"], "properties": {**props, CALLBACK: callback}}}}}
     error = {"description": "the problem, named", "content": {"application/json": {"schema": {
         "type": "object", "properties": {"error": {"type": "string"}}}}}}
     media = {f"{kind}": {"schema": {"type": "string", "format": "binary"}} for kind in _MEDIA_TYPES.values()}
@@ -354,7 +362,7 @@ def openapi() -> dict[str, Any]:
             "components": {"securitySchemes": token}, "security": [{}, {"bearer": []}], "paths": {
         "/animate": {"post": {"summary": "animate a portrait with a driver; the result in the answer",
                               "requestBody": form, "responses": {"200": result, **errors}}},
-        "/jobs": {"post": {"summary": "the same as a job: answered at once", "requestBody": form,
+        "/jobs": {"post": {"summary": "the same as a job: answered at once", "requestBody": job_form,
                            "responses": {"202": job, **errors}},
                   "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"}}}},
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
@@ -427,6 +435,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         frame_limit: the most frames one request's result may have (a request whose driver, times and settings
             would make more is refused before it waits: a long video does not hold the queue for hours); none: no
             limit.
+        allow_callbacks: a job (``POST /jobs``) may name an http(s) address in its ``callback`` field, to which
+            the server posts the job's state (``GET /jobs/ID``'s JSON) when its run ends (off by default: the
+            server then posts to what clients name). With a ``token``, each post carries ``X-Megactor-Signature:
+            sha256=HEX``, the HMAC-SHA256 of its body under the token, for the receiver to check.
     """
 
     daemon_threads = True
@@ -436,9 +448,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
                  keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = (),
                  allow_urls: bool = False, token: str | None = None, tls: ssl.SSLContext | None = None,
-                 frame_limit: int | None = None) -> None:
+                 frame_limit: int | None = None, allow_callbacks: bool = False) -> None:
         self.anim, self.options = anim, dict(options or {})
-        self.frame_limit = frame_limit
+        self.frame_limit, self.allow_callbacks = frame_limit, allow_callbacks
         self.token = None if token is None else token.encode()
         self.tls = tls
         self.max_upload_bytes, self.max_waiting, self.timeout_s = max_upload_bytes, max_waiting, timeout_s
@@ -752,6 +764,37 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 else:  # (failed or cancelled: what it says is kept, no file)
                     self.release(task.folder)
                 task.over.set()
+                if task.callback is not None:
+                    threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
+                                     name=f"megactor-rt-callback-{task.id}").start()
+
+    def _call_back(self, url: str, state: dict[str, Any]) -> None:
+        """Post a finished job's ``state`` to its callback address (tried again where not reached or answered 5xx);
+        the outcome is logged."""
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps(state).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": f"megactor-rt/{_version()}",
+                   "X-Megactor-Job": state["id"]}
+        if self.token is not None:
+            headers["X-Megactor-Signature"] = "sha256=" + hmac.new(self.token, body, hashlib.sha256).hexdigest()
+        for attempt in range(1, CALLBACK_TRIES + 1):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"),
+                                            timeout=10) as answer:
+                    logger.info("run %s: callback %s answered %d", state["id"], url, answer.status)
+                    return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500:
+                    logger.warning("run %s: callback %s refused it: %d %s", state["id"], url, exc.code, exc.reason)
+                    return
+                why = f"{exc.code} {exc.reason}"
+            except (urllib.error.URLError, OSError) as exc:
+                why = str(getattr(exc, "reason", exc))
+            if attempt < CALLBACK_TRIES:
+                time.sleep(2 ** (attempt - 1))
+        logger.warning("run %s: callback %s not reached (%s; %d tries)", state["id"], url, why, CALLBACK_TRIES)
 
     def _run(self, task: Task) -> None:
         def report(progress: Any) -> None:
@@ -1024,8 +1067,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _task(self, folder: Path, length: int, keep: bool) -> Task:
         """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""
-        text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder)
+        text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder,
+                                texts=(*TEXT_FIELDS, CALLBACK))
         self._form_read = True
+        callback = text.pop(CALLBACK, "").strip() or None
+        if callback is not None:
+            if not keep:
+                raise FormError("field 'callback' is for POST /jobs (POST /animate answers when its run ends)")
+            if not self.server.allow_callbacks:
+                raise FormError("field 'callback': this server posts to no addresses (serve --allow-callbacks)")
+            if not as_url(callback):
+                raise FormError(f"field 'callback' takes an http(s) address, got {callback!r}")
+            callback = as_url(callback)
         for name in FILE_FIELDS:  # given as text: a web address where the server takes them, else no file
             value = text.get(name, "").strip()
             if not value or (name == "audio" and value.lower() == NO_SOUND):
@@ -1068,7 +1121,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.server.frame_limit is not None:
             self._check_length(job, config, self.server.frame_limit)
         job.driver = self.server.keep_driver(job.driver)  # (last: a request refused above keeps nothing)
-        return Task(uuid.uuid4().hex[:12], folder, job, config, options, keep)
+        return Task(uuid.uuid4().hex[:12], folder, job, config, options, keep, callback=callback)
 
     @staticmethod
     def _check_length(job: Job, config: AnimateConfig, limit: int) -> None:

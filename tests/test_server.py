@@ -418,8 +418,10 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
     doc = json.loads(body)
     assert status == 200 and headers["Content-Type"] == "application/json"
     validate(doc)
-    props = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    props = doc["paths"]["/animate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert set(props) == set(server_module.FILE_FIELDS) | set(server_module.TEXT_FIELDS)
+    job_props = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(job_props) == set(props) | {"callback"}
     assert props["format"]["enum"] == list(server_module.FORMATS) and props["portrait"]["format"] == "binary"
     assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health", "/metrics",
                                  "/ping"}

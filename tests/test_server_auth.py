@@ -26,6 +26,7 @@ from megactor_rt.cli import main
 from megactor_rt.client import Client
 from megactor_rt.errors import InputError
 from megactor_rt.runtime.animator import Animator
+from megactor_rt.server import CALLBACK as CALLBACK_FIELD
 from megactor_rt.server import TOKEN_ENV, AnimateServer, load_token, tls_context
 
 __all__ = ["anim", "media", "scratch", "served"]  # (fixtures, from serve_fixtures)
@@ -490,3 +491,73 @@ def test_a_batch_outlives_a_server_restart(media: dict[str, Path], tmp_path: Pat
     assert len(servers) == 2 and head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
     assert "cannot reach the server" in caplog.text and "reached again after" in caplog.text
     assert "is no longer there (the server restarted" in caplog.text and "sending it again (1 of 2)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------- callbacks
+
+
+def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: AnimateServer, media: dict[str, Path],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """serve --allow-callbacks: a job's callback address gets the job's state (as GET /jobs/ID) when its run ends,
+    done or failed, with the job's id and an HMAC-SHA256 of the body under the server's token; an answer of 503 is
+    tried again. Without the flag, on POST /animate, or not an address, the field is refused."""
+    import hashlib
+    import hmac
+    import http.server
+
+    posts: list[tuple[dict[str, str], bytes]] = []
+    got = threading.Event()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append((dict(self.headers), body))
+            first_done = [json.loads(b)["status"] for _, b in posts].count("done") == 1 and \
+                json.loads(body)["status"] == "done"
+            self.send_response(503 if first_done else 204)  # (the done job's first post: refused for a while)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            if len(posts) >= 3:
+                got.set()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    served.token = TOKEN.encode()
+    try:
+        for fields, message in (({CALLBACK_FIELD: hook}, "this server posts to no addresses (serve --allow-callbacks)"),):
+            body, ctype = form({**files(media), **fields})
+            assert _error(request(served, "POST", "/jobs", body, ctype, headers=BEARER)) == (
+                400, f"field 'callback': {message}")
+        served.allow_callbacks = True
+        for route, fields, message in (
+                ("/animate", {CALLBACK_FIELD: hook}, "field 'callback' is for POST /jobs"),
+                ("/jobs", {CALLBACK_FIELD: "ftp://x"}, "field 'callback' takes an http(s) address, got 'ftp://x'")):
+            body, ctype = form({**files(media), **fields})
+            status, message_got = _error(request(served, "POST", route, body, ctype, headers=BEARER))
+            assert status == 400 and message_got.startswith(message), message_got
+        ids = []
+        with caplog.at_level(logging.INFO, "megactor_rt.server"):
+            for portrait in (files(media)["portrait"], ("bad.png", b"not an image")):
+                body, ctype = form({**files(media), "portrait": portrait, "format": "gif", CALLBACK_FIELD: hook})
+                status, _, answer = request(served, "POST", "/jobs", body, ctype, headers=BEARER)
+                assert status == 202, answer
+                ids.append(json.loads(answer)["id"])
+            assert got.wait(60), posts
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    states = {}
+    for headers, body in posts:
+        assert headers["Content-Type"] == "application/json"
+        signature = "sha256=" + hmac.new(TOKEN.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-Megactor-Signature"] == signature and headers["X-Megactor-Job"] == json.loads(body)["id"]
+        states[json.loads(body)["id"]] = json.loads(body)
+    done, failed = states[ids[0]], states[ids[1]]
+    assert (done["status"], done["frames"], done["result"]) == ("done", 6, f"/jobs/{ids[0]}/result")
+    assert failed["status"] == "failed" and failed["error"].startswith("portrait/bad.png: ")
+    assert [json.loads(b)["id"] for _, b in posts].count(ids[0]) == 2  # (503 first: posted again)
+    assert f"run {ids[0]}: callback {hook} answered 204" in caplog.text
