@@ -914,8 +914,8 @@ def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -
     from megactor_rt.runtime.animator import Animator
 
     if getattr(args, "demo", False):
-        print(f"megactor-rt {args.command} --demo: a TINY RANDOM-WEIGHT model; its results are NOT real animations",
-              file=sys.stderr)
+        _say(args, f"megactor-rt {args.command} --demo: a TINY RANDOM-WEIGHT model; its results are NOT real "
+             "animations")
         anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
                              precision=args.precision, cuda_graphs=args.cuda_graphs, image_size=args.size)
         if cache is not None:
@@ -1222,6 +1222,7 @@ _NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    logging.getLogger("megactor_rt.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.steps is None:  # the tiny model tries the API quickly, as `demo` does; real weights: upstream's 25
         args.steps = 4 if args.demo else 25
     given = [flag for flag, name in _NOT_WITH_SERVE if getattr(args, name) is not None]
@@ -1270,12 +1271,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_run(anim)
     anim.cache.max_bytes = int(args.cache_memory_gb * 2**30)
     if not args.no_warmup:  # (compiling, cuDNN's choices, engine contexts: before the first request, not in it)
-        print(f"megactor-rt serve: warmed up in {anim.warmup():.1f} s", file=sys.stderr, flush=True)
+        _say(args, f"megactor-rt serve: warmed up in {anim.warmup():.1f} s")
     server.anim = anim
-    logging.getLogger("megactor_rt.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from megactor_rt.progress import set_progress_enabled
 
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
+    if args.log_json:
+        logging.getLogger("megactor_rt.server").info("listening on %s", server.url)
     print(f"megactor-rt serve: listening on {server.url} (POST /animate, POST /jobs, GET /health; a browser: "
           f"{server.url}/){'; requests send its token' if token else ''}; Ctrl-C stops it", flush=True)
     server.serve_forever()
@@ -1581,6 +1583,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a job (POST /jobs) may name an http(s) address in its callback field, to which the "
                             "server posts the job's state when its run ends (signed with the token: "
                             "X-Megactor-Signature); off by default: the server then posts to what clients name")
+    s_net.add_argument("--log-json", action="store_true",
+                       help="log on stderr as one JSON object per line (time, level, logger, message, exception), "
+                            "for a log collector")
     s_net.add_argument("--no-warmup", action="store_true",
                        help="start answering at once, leaving one-time costs (--compile's compilation: minutes; "
                             "cuDNN's choices, engine contexts) to the first request (default: paid before the server "
@@ -1720,6 +1725,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_JSON_LOGS = [False]  # serve --log-json: the command's last word (an error) is logged as JSON too
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: print their bytes escaped
         reconfigure = getattr(stream, "reconfigure", None)
@@ -1728,6 +1736,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _JSON_LOGS[0] = getattr(args, "log_json", False)
+    if _JSON_LOGS[0]:  # (serve: one JSON object per line for a log collector)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     if args.quiet or getattr(args, "progress_json", False):
         from megactor_rt.progress import set_progress_enabled
 
@@ -1773,10 +1785,33 @@ def _silence(*streams: Any) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
+class JsonLogFormatter(logging.Formatter):
+    """A log record as one JSON object (``serve --log-json``): ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, and ``exception`` (the traceback) where there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A line of the command's own on stderr: logged (as JSON) with ``serve --log-json``, else printed."""
+    if getattr(args, "log_json", False):
+        logging.getLogger("megactor_rt.server").info("%s", text)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
 def _last_word(text: str) -> None:
     """``text`` on stderr where it can still be written: after a hang-up the terminal is gone and writing to it
     raises (EIO), which must not turn the command's status into 1."""
     try:
+        if _JSON_LOGS[0]:
+            logging.getLogger("megactor_rt.cli").error("%s", text)
+            return
         print(text, file=sys.stderr)
         sys.stderr.flush()
     except (OSError, ValueError):

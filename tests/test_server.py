@@ -722,6 +722,31 @@ def test_serve_from_the_command_line_as_a_user_runs_it(media: dict[str, Path], t
     assert not [p for p in scratch.iterdir() if p.name.startswith("megactor-rt-")]
 
 
+def test_serve_logs_json_lines_for_a_log_collector(tmp_path: Path) -> None:
+    """serve --log-json: every line on stderr is one JSON object (time, level, logger, message), the server's own
+    lines (the demo's notice, listening, a refused request) and the command's last word alike."""
+    proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0", "--no-warmup",
+                             "--log-json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/nope")
+        assert conn.getresponse().status == 404
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    records = [json.loads(line) for line in err.splitlines()]  # (each line JSON: nothing else on stderr)
+    assert all(set(r) == {"time", "level", "logger", "message"} and r["time"].endswith("+00:00") for r in records)
+    said = [(r["level"], r["logger"], r["message"]) for r in records]
+    assert ("INFO", "megactor_rt.server", f"listening on http://127.0.0.1:{port}") in said
+    assert any(m.startswith("megactor-rt serve --demo: a TINY RANDOM-WEIGHT model") for _, _, m in said)
+    assert any(m.startswith("GET /nope: 404 no such page") for _, _, m in said)
+    assert said[-1] == ("ERROR", "megactor_rt.cli", "terminated") and proc.returncode == 143
+
+
 # ------------------------------------------------------------------------------------------------- the client
 
 
