@@ -547,6 +547,11 @@ def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: Anim
                 assert status == 202, answer
                 ids.append(json.loads(answer)["id"])
             assert got.wait(60), posts
+            answered = f"run {ids[0]}: callback {hook} answered 204"
+            for _ in range(100):  # (logged by the server's thread once the receiver has answered)
+                if answered in caplog.text:
+                    break
+                time.sleep(0.1)
     finally:
         receiver.shutdown()
         receiver.server_close()
@@ -560,4 +565,4 @@ def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: Anim
     assert (done["status"], done["frames"], done["result"]) == ("done", 6, f"/jobs/{ids[0]}/result")
     assert failed["status"] == "failed" and failed["error"].startswith("portrait/bad.png: ")
     assert [json.loads(b)["id"] for _, b in posts].count(ids[0]) == 2  # (503 first: posted again)
-    assert f"run {ids[0]}: callback {hook} answered 204" in caplog.text
+    assert answered in caplog.text
