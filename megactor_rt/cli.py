@@ -1737,9 +1737,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _JSON_LOGS[0] = getattr(args, "log_json", False)
-    if _JSON_LOGS[0]:  # (serve: one JSON object per line for a log collector)
+    if _JSON_LOGS[0]:  # (serve: one JSON object per line for a log collector; Python's warnings as records too)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
+        logging.captureWarnings(True)
     if args.quiet or getattr(args, "progress_json", False):
         from megactor_rt.progress import set_progress_enabled
 
