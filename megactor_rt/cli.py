@@ -1831,6 +1831,10 @@ def entry() -> None:
     if code in (129, 130, 143):
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             signal.signal(sig, signal.SIG_IGN)
+        # stopped by a signal, its cleanup done (main's finally): ended at once, without the interpreter's own
+        # shutdown, whose teardown of native threads aborted a stopped `serve` once ("terminate called without an
+        # active exception", CI 2026-11-29; not reproduced in 16 tries here)
+        _exit_now(code)
     _exit_now_if_workers_remain(code)  # also after an error that stopped a run mid-way
     sys.exit(code)
 
@@ -1842,11 +1846,16 @@ def _exit_now_if_workers_remain(code: int) -> None:
     if left:
         logging.getLogger(__name__).warning("ending the process without waiting for %d worker thread(s) still "
                                             "running (%s)", len(left), ", ".join(t.name for t in left))
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe must not stop the exit
-                stream.flush()
-        os._exit(code)
+        _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` now, its logs and output flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe must not stop the exit
+            stream.flush()
+    os._exit(code)
 
 
 class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt
