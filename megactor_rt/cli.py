@@ -31,6 +31,7 @@ from megactor_rt.config import (
     parse_frame_rate,
     parse_time,
     tiny_config,
+    tiny_weights_id,
 )
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
@@ -635,16 +636,9 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     kept = [job for job in jobs if result_exists(job.output)]  # (looked at once: in job order)
     if kept and server is not None:
         made = {"weights_id": server.get("weights_id"), "image_size": server.get("image_size")}
-    elif kept and args.demo:
-        made = {"weights_id": f"tiny-random-{args.seed}", "image_size": args.size or tiny_config().image_size}
-    elif kept and args.weights is None:  # (--dry-run without weights: the released model's crop side)
-        made = {"image_size": args.size or ModelConfig().image_size}
     elif kept:
-        from megactor_rt.runtime.animator import run_image_size
-        from megactor_rt.weights import converted_config
-
-        made = {"weights_id": converted_config(args.weights)[1],
-                "image_size": run_image_size(args.weights, args.backend, args.size, args.onnx)}
+        _, size, weights_id = _model_unloaded(args)
+        made = {"image_size": size} if weights_id is None else {"weights_id": weights_id, "image_size": size}
     for job in kept:
         print(f"kept {job.output}: it exists (--skip-existing)")
         run = job.run_config(config)
@@ -861,21 +855,31 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
                        "--mode reference" if args.mode != "optimized" else "--no-wrap")
 
 
+def _model_unloaded(args: argparse.Namespace) -> tuple[ModelConfig, int, str | None]:
+    """The model the engine flags describe, found without loading it: its architecture, the crop side a run takes
+    (``--size``, checked as loading checks it) and its weights id. Without ``--weights``: the tiny model's with
+    ``--demo``, else the released model's settings (``--dry-run`` without weights: no id)."""
+    from megactor_rt.weights import check_image_size, converted_config
+
+    if args.weights is not None:
+        from megactor_rt.runtime.animator import run_image_size
+
+        model, weights_id = converted_config(args.weights)
+        return model, run_image_size(args.weights, args.backend, args.size, args.onnx), weights_id
+    model = tiny_config() if args.demo else ModelConfig()
+    size = model.image_size if args.size is None else args.size
+    check_image_size(model, size)
+    return model, size, tiny_weights_id(args.seed) if args.demo else None
+
+
 def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -> int:
     """``--dry-run``: each job's portrait crop and driver plan (:mod:`megactor_rt.runtime.preflight`), without
     loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``). Without
     ``--weights``: as the released model's settings would have it (512 px, or ``--size``)."""
-    from megactor_rt.runtime.animator import check_schedule, run_image_size
+    from megactor_rt.runtime.animator import check_schedule
     from megactor_rt.runtime.preflight import preflight
-    from megactor_rt.weights import check_image_size, converted_config
 
-    if args.weights is None:  # the released model's settings, or the tiny one's (--demo)
-        model = tiny_config() if args.demo else ModelConfig()
-        size = model.image_size if args.size is None else args.size
-        check_image_size(model, size)
-    else:
-        size = run_image_size(args.weights, args.backend, args.size, args.onnx)
-        model = converted_config(args.weights)[0]
+    model, size, _ = _model_unloaded(args)
     landmarker = None
     if args.contour:  # loaded once (a missing model fails every result: named once, before them)
         from megactor_rt.contour import Landmarker
@@ -1725,9 +1729,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_JSON_LOGS = [False]  # serve --log-json: the command's last word (an error) is logged as JSON too
-
-
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: print their bytes escaped
         reconfigure = getattr(stream, "reconfigure", None)
@@ -1736,8 +1737,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    _JSON_LOGS[0] = getattr(args, "log_json", False)
-    if _JSON_LOGS[0]:  # (serve: one JSON object per line for a log collector; Python's warnings as records too)
+    if getattr(args, "log_json", False):  # (serve: one JSON object per line for a log collector; Python's warnings as records too)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
         logging.captureWarnings(True)
@@ -1757,13 +1757,13 @@ def main(argv: list[str] | None = None) -> int:
             _download_inputs(args)
             return args.fn(args)  # (-o -: the result streams to stdout, the command's own lines go to stderr)
     except MegactorError as exc:
-        _last_word(f"error: {exc}")
+        _last_word(args, f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        _last_word("interrupted")
+        _last_word(args, "interrupted")
         return 130
     except Terminated as exc:
-        _last_word("terminated" if exc.signum == signal.SIGTERM else "hung up")
+        _last_word(args, "terminated" if exc.signum == signal.SIGTERM else "hung up")
         return 128 + exc.signum
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say to it
         _silence(sys.stdout)
@@ -1771,7 +1771,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             raise
-        _last_word(f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
+        _last_word(args, f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
         return 1
     finally:
         for sig, handler in previous.items():
@@ -1806,11 +1806,11 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _last_word(text: str) -> None:
-    """``text`` on stderr where it can still be written: after a hang-up the terminal is gone and writing to it
-    raises (EIO), which must not turn the command's status into 1."""
+def _last_word(args: argparse.Namespace, text: str) -> None:
+    """``text`` on stderr where it can still be written (logged as JSON with ``serve --log-json``): after a hang-up
+    the terminal is gone and writing to it raises (EIO), which must not turn the command's status into 1."""
     try:
-        if _JSON_LOGS[0]:
+        if getattr(args, "log_json", False):
             logging.getLogger("megactor_rt.cli").error("%s", text)
             return
         print(text, file=sys.stderr)

@@ -160,10 +160,7 @@ class Client:
                 raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
             wait = float(head.get("retry-after", "10")) if head.get("retry-after", "").isdigit() else 10.0
             logger.warning("%s: %s; asking again in %g s", self.url, doc.get("error"), wait)
-            if stop is not None and stop.wait(wait):
-                raise Stopped(f"a request to {self.url}")
-            if stop is None:
-                time.sleep(wait)
+            _pause(wait, stop, f"a request to {self.url}")
         raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")
 
     def wait(self, job: str, on_progress: Callable[[Progress], object] | None = None,
@@ -186,10 +183,7 @@ class Client:
                     logger.warning("%s; asking about job %s again for up to %g s", exc, job, OUTAGE_S)
                 elif now - outage > OUTAGE_S:
                     raise Unreachable(f"{exc} (for {now - outage:.0f} s, following job {job})") from exc
-                if stop is not None and stop.wait(min(2.0, POLL_S * 4)):
-                    raise Stopped(f"job {job} on {self.url}") from None
-                if stop is None:
-                    time.sleep(min(2.0, POLL_S * 4))
+                _pause(min(2.0, POLL_S * 4), stop, f"job {job} on {self.url}")
                 continue
             if outage is not None:
                 logger.warning("%s: reached again after %.0f s", self.url, time.monotonic() - outage)
@@ -286,6 +280,15 @@ class Client:
             finally:
                 self.delete(job)
         raise AssertionError("unreachable")
+
+
+def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:
+    """Wait ``seconds`` before asking again, unless ``stop`` is set meanwhile (then :class:`Stopped`, naming
+    ``what``)."""
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise Stopped(what)
 
 
 def result_stats(headers: dict[str, str]) -> Any:

@@ -198,6 +198,11 @@ def full_config() -> ModelConfig:
     return ModelConfig()
 
 
+def tiny_weights_id(seed: int) -> str:
+    """The weights id of the tiny random model made with ``seed`` (``Animator.demo``), as results record it."""
+    return f"tiny-random-{seed}"
+
+
 def tiny_config() -> ModelConfig:
     """The tiny architecture of the golden packs (block widths 32/32/64/64, 128 px images, 56 px CLIP)."""
     unet = UNetConfig(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, in_channels=13)

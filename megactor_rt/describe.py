@@ -32,6 +32,7 @@ from megactor_rt.media import (
 )
 from megactor_rt.sequence import (
     DEFAULT_FPS,
+    FRAME_SUFFIXES,
     find_pattern,
     is_frame_pattern,
     is_sequence,
@@ -57,11 +58,12 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     require_file(path, "input")
     report: dict[str, Any]
     image = None  # a still image's pixels, read once for its size and its faces
+    animated = _animated(path)  # (a GIF of frames: a driver, read as a video)
     if path.suffix.lower() == ".webp" and is_animated_webp(path):
         frames = AnimatedWebP(path)
         h, w = frames[0].shape[:2]
         report = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps), "frames": len(frames)}
-    elif (path.suffix.lower() in VIDEO_SUFFIXES or _animated(path) or (image := _image(path)) is None) and \
+    elif (path.suffix.lower() in VIDEO_SUFFIXES or animated or (image := _image(path)) is None) and \
             (sound := probe_sound(path)) is not None:
         return {"kind": "audio", **sound}  # no picture: no faces, no settings
     elif path.suffix.lower() in VIDEO_SUFFIXES or image is None:
@@ -73,11 +75,11 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             raise
         if info.still_image:
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
-        report = {"kind": "animated GIF" if _animated(path) else "video", "size": f"{info.width}x{info.height}",
+        report = {"kind": "animated GIF" if animated else "video", "size": f"{info.width}x{info.height}",
                   "fps": _rate(info.fps),
-                  "frames": info.num_frames if info.num_frames is not None else _count_frames(path), "duration_s": None if info.duration_s is None else
-                  round(info.duration_s, 3), "audio": info.has_audio, "variable_rate": info.variable_rate,
-                  "hdr": info.hdr}
+                  "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
+                  "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
+                  "audio": info.has_audio, "variable_rate": info.variable_rate, "hdr": info.hdr}
     else:
         report = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
     if faces:
@@ -126,8 +128,8 @@ def png_bit_depth(path: Path) -> int | None:
     return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" else None
 
 
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".webp",
-                             ".gif"})
+# the names of images: those a folder of frames is read for, and the phone and GIF formats a portrait may be
+_IMAGE_SUFFIXES = FRAME_SUFFIXES | {".heic", ".heif", ".avif", ".gif"}
 
 
 def _count_frames(path: Path) -> int | None:

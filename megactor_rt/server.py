@@ -37,9 +37,9 @@ sent (a job's result: when it is deleted or expires; its uploads when its run en
 a run under way.
 
 The server listens on the loopback address unless told otherwise. Given a ``token``, every request but the page, the
-API description and ``GET /ping`` (static; ``/ping`` for load balancers that send no header) must carry it (``Authorization: Bearer TOKEN``; 401
-otherwise); given a ``tls`` context, it speaks HTTPS (each connection's handshake made on the connection's own
-thread, so a slow or broken client holds up no other).
+API description and ``GET /ping`` (static; ``/ping`` for load balancers that send no header) must carry it
+(``Authorization: Bearer TOKEN``; 401 otherwise); given a ``tls`` context, it speaks HTTPS (each connection's
+handshake made on the connection's own thread, so a slow or broken client holds up no other).
 """
 
 from __future__ import annotations
@@ -349,7 +349,8 @@ def openapi() -> dict[str, Any]:
         "type": "object", "properties": {"error": {"type": "string"}}}}}}
     media = {f"{kind}": {"schema": {"type": "string", "format": "binary"}} for kind in _MEDIA_TYPES.values()}
     result = {"description": "the result file (Content-Disposition names it; X-Megactor-Frames, -Seconds, "
-                             "-First-Frame-Seconds, -Portrait-Cached tell about the run)", "content": media}
+                             "-First-Frame-Seconds, -Portrait-Cached, -Driver-Cached tell about the run)",
+              "content": media}
     job = {"description": "the job", "content": {"application/json": {"schema": {"type": "object", "properties": {
         "id": {"type": "string"}, "status": {"type": "string", "enum": list(_STATUSES)},
         "ahead": {"type": "integer"}, "progress": {"type": "object"}, "error": {"type": "string"},
@@ -357,7 +358,8 @@ def openapi() -> dict[str, Any]:
     errors = {str(code): error for code in (400, 401, 413, 415, 503)}
     job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     token = {"bearer": {"type": "http", "scheme": "bearer", "description": "where the server was started with a "
-                        "token (serve --token-file): every request but GET / and GET /openapi.json carries it"}}
+                        "token (serve --token-file): every request but GET /, GET /openapi.json and GET /ping "
+                        "carries it"}}
     return {"openapi": "3.0.3", "info": {"title": "megactor-rt serve", "version": _version()},
             "components": {"securitySchemes": token}, "security": [{}, {"bearer": []}], "paths": {
         "/animate": {"post": {"summary": "animate a portrait with a driver; the result in the answer",
@@ -429,8 +431,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             machine.
         allow_urls: a file field may be an http(s) address instead, downloaded by the server (off by default: it
             makes the server fetch what a client names, hosts of its own network among them).
-        token: the secret every request must send (``Authorization: Bearer TOKEN``), but for ``GET /`` and ``GET
-            /openapi.json``; none: no authentication.
+        token: the secret every request must send (``Authorization: Bearer TOKEN``), but for ``GET /``, ``GET
+            /openapi.json`` and ``GET /ping``; none: no authentication.
         tls: a server-side SSL context (certificate and key loaded): HTTPS instead of HTTP.
         frame_limit: the most frames one request's result may have (a request whose driver, times and settings
             would make more is refused before it waits: a long video does not hold the queue for hours); none: no
@@ -507,15 +509,19 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def health(self) -> dict[str, Any]:
         """``GET /health``: the server's state (:data:`STATE_KEYS`) and the model's run settings
         (``Animator.run_settings``: :func:`run_settings_of` takes them out again)."""
-        with self._state:
-            state = {"status": "ok", "running": None if self.running is None else self.running.result.name,
-                     "waiting": len(self._queue), "served": self.served, "failed": self.failed,
-                     "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values())}
         cache = self.anim.cache
-        return {**state, "max_waiting": self.max_waiting, "max_upload_bytes": self.max_upload_bytes,
-                "frame_limit": self.frame_limit, "keep_s": self.keep_s, "formats": list(FORMATS), "portraits_kept": len(cache),
-                "portrait_memory_bytes": cache.nbytes, "portrait_memory_budget": cache.max_bytes,
-                **self.anim.run_settings()}
+        return {"status": "ok", **self._snapshot(), "max_waiting": self.max_waiting,
+                "max_upload_bytes": self.max_upload_bytes, "frame_limit": self.frame_limit, "keep_s": self.keep_s,
+                "formats": list(FORMATS), "portraits_kept": len(cache), "portrait_memory_bytes": cache.nbytes,
+                "portrait_memory_budget": cache.max_bytes, **self.anim.run_settings()}
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The runs' state that ``GET /health`` and ``GET /metrics`` both tell: the run under way (its result's
+        name), how many wait, served, failed, and the finished jobs kept."""
+        with self._state:
+            return {"running": None if self.running is None else self.running.result.name,
+                    "waiting": len(self._queue), "served": self.served, "failed": self.failed,
+                    "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values())}
 
     def answered(self, status: int) -> None:
         """Count an HTTP answer (``GET /metrics``)."""
@@ -524,12 +530,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def metrics(self) -> str:
         """``GET /metrics``: the server's counters and gauges in Prometheus' text format (version 0.0.4)."""
-        with self._state:
+        with self._state:  # (one moment for all of them: the lock is reentrant)
             counts, run_s, run_s_sum, answers = dict(self._counts), list(self._run_s), self._run_s_sum, dict(
                 self._answers)
-            state = {"waiting": len(self._queue), "running": int(self.running is not None),
-                     "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values()),
-                     "served": self.served, "failed": self.failed}
+            state = self._snapshot()
         cache = self.anim.cache if self.anim is not None else None
         lines: list[str] = []
 
@@ -551,7 +555,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         metric("queue_wait_seconds_total", "counter", "Seconds the runs started had waited in the queue.",
                [("", counts["wait_s"])])
         metric("waiting_runs", "gauge", "Runs waiting in the queue.", [("", state["waiting"])])
-        metric("running_runs", "gauge", "Runs under way (0 or 1).", [("", state["running"])])
+        metric("running_runs", "gauge", "Runs under way (0 or 1).", [("", int(state["running"] is not None))])
         metric("max_waiting_runs", "gauge", "The most runs that may wait (serve --queue).", [("", self.max_waiting)])
         metric("jobs_kept", "gauge", "Finished jobs kept for their clients.", [("", state["jobs_kept"])])
         metric("http_responses_total", "counter", "HTTP answers, by status.",
@@ -911,10 +915,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _allowed(self) -> bool:
         """Whether the request may be answered (its token, where the server has one); answered 401 if not."""
-        if (self.command == "GET" and self._route() in _OPEN) or self.server.authorized(
-                self.headers.get("Authorization")):
-            return True
         sent = self.headers.get("Authorization")
+        if (self.command == "GET" and self._route() in _OPEN) or self.server.authorized(sent):
+            return True
         self._error(401, "the token sent is not this server's" if sent else
                     "this server needs its token: send the header `Authorization: Bearer TOKEN` (curl -H ...; "
                     f"megactor-rt animate --server-token-file FILE, or ${TOKEN_ENV})")
@@ -1076,9 +1079,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise FormError("field 'callback' is for POST /jobs (POST /animate answers when its run ends)")
             if not self.server.allow_callbacks:
                 raise FormError("field 'callback': this server posts to no addresses (serve --allow-callbacks)")
-            if not as_url(callback):
+            url = as_url(callback)
+            if url is None:
                 raise FormError(f"field 'callback' takes an http(s) address, got {callback!r}")
-            callback = as_url(callback)
+            callback = url
         for name in FILE_FIELDS:  # given as text: a web address where the server takes them, else no file
             value = text.get(name, "").strip()
             if not value or (name == "audio" and value.lower() == NO_SOUND):
@@ -1131,12 +1135,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         info = driver_info(job.driver)
         frames = FrameSelection.of(info.fps, config.fps, config.start).expected_frames(info, config.duration,
                                                                                       config.max_frames)
-        name = f"driver/{job.driver.name}"
-        if frames is None:
-            raise FormError(f"{name}: its length is not in its header, and this server makes at most {limit} frames "
-                            "a request (serve --frame-limit): send max_frames or duration")
+        if frames is None:  # (named as the request sent it: _said)
+            raise FormError(f"{job.driver}: its length is not in its header, and this server makes at most {limit} "
+                            "frames a request (serve --frame-limit): send max_frames or duration")
         if frames > limit:
-            raise FormError(f"{name}: the result would have {frames} frames, over this server's limit of {limit} "
+            raise FormError(f"{job.driver}: the result would have {frames} frames, over this server's limit of {limit} "
                             "(serve --frame-limit): send a part of the driver (start, duration), max_frames, or a "
                             "lower fps")
 

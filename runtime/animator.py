@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision, tiny_config
+from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision, tiny_config, tiny_weights_id
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
@@ -266,7 +266,7 @@ class Animator:
         """
         _check_cuda_graphs(backend, cuda_graphs)
         models = resized(build_models(tiny_config(), seed=seed), image_size)
-        models.weights_id = f"tiny-random-{seed}"
+        models.weights_id = tiny_weights_id(seed)
         if backend == "torch":
             prec = Precision.parse(precision) if precision else Precision.FP32
             dev = check_device(device or "cpu")
