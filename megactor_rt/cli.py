@@ -1235,7 +1235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if given:
         raise InputError(f"{', '.join(given)}: serve's flags are every request's settings; a request sends its own "
                          "mask, sound and times as form fields (mask, audio, audio_start), and the server writes "
-                         "8-bit video files only (no checkpoints, records or frame sequences)")
+                         "8-bit video files only (no records or frame sequences; with --jobs-dir each job has a "
+                         "checkpoint of its own)")
     if (args.weights is None) != args.demo:
         raise InputError("serve needs --weights DIR (converted weights) or --demo (the tiny random model), one of them")
     _check_fallback(args)
@@ -1259,7 +1260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
                                keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin),
                                allow_urls=args.allow_urls, token=token, tls=tls, frame_limit=args.frame_limit,
-                               allow_callbacks=args.allow_callbacks)
+                               allow_callbacks=args.allow_callbacks, jobs_dir=args.jobs_dir)
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1277,6 +1278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_warmup:  # (compiling, cuDNN's choices, engine contexts: before the first request, not in it)
         _say(args, f"megactor-rt serve: warmed up in {anim.warmup():.1f} s")
     server.anim = anim
+    server.restore()
     from megactor_rt.progress import set_progress_enabled
 
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
@@ -1587,6 +1589,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a job (POST /jobs) may name an http(s) address in its callback field, to which the "
                             "server posts the job's state when its run ends (signed with the token: "
                             "X-Megactor-Signature); off by default: the server then posts to what clients name")
+    s_net.add_argument("--jobs-dir", type=Path, default=None, metavar="DIR",
+                       help="keep the jobs (POST /jobs: their files, results and states) and the drivers kept in DIR, "
+                            "so that the server started again on DIR still has them: the finished until --keep-min "
+                            "passes, the queued run, the one under way runs again from its last step (created where "
+                            "missing; one server per DIR; default: temporary folders, gone with the server)")
     s_net.add_argument("--log-json", action="store_true",
                        help="log on stderr as one JSON object per line (time, level, logger, message, exception), "
                             "for a log collector")

@@ -36,6 +36,13 @@ wait in turn. Uploads and results are kept in a temporary folder per request, re
 sent (a job's result: when it is deleted or expires; its uploads when its run ends). Stopping the server cancels
 a run under way.
 
+Given a ``jobs_dir``, the jobs outlive the server: each job's folder (its uploads, its result) and its record
+(``job.json``, rewritten as its state changes) are kept there, the drivers kept for the next requests too. A
+server started again on that folder (:meth:`AnimateServer.restore`) knows the jobs kept before, runs the jobs that
+were queued, and runs again the one that was running, from its last denoising step where it saved one (a
+checkpoint per job, :mod:`~megactor_rt.runtime.checkpoint`; wrapping windows); stopping such a server leaves its
+queued and running jobs queued. One server at a time may use a folder (a lock).
+
 The server listens on the loopback address unless told otherwise. Given a ``token``, every request but the page, the
 API description and ``GET /ping`` (static; ``/ping`` for load balancers that send no header) must carry it
 (``Authorization: Bearer TOKEN``; 401 otherwise); given a ``tls`` context, it speaks HTTPS (each connection's
@@ -47,6 +54,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import email.parser
+import fcntl
 import hashlib
 import hmac
 import http.server
@@ -65,13 +73,14 @@ import urllib.parse
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
+from megactor_rt.engine.cache import write_atomic
 from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
 from megactor_rt.media import RESULT_SUFFIXES
@@ -105,6 +114,8 @@ _OPEN = ("/", "/index.html", "/openapi.json", "/ping")
 TOKEN_ENV = "MEGACTOR_SERVE_TOKEN"  # the token, for `serve` (its own) and `animate --server` (the one it sends)
 MIN_TOKEN = 16  # a token's fewest characters (a guess per request: it must not be guessable)
 _STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
+RECORD = "job.json"  # a job's record in its folder, with jobs_dir
+RECORD_FORMAT = 1
 # the answer headers a page of another site may read (CORS)
 _EXPOSED = ("Content-Disposition, Location, Retry-After, X-Megactor-Frames, X-Megactor-Seconds, "
             "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached, X-Megactor-Driver-Cached")
@@ -246,6 +257,22 @@ class Cancelled(Exception):  # noqa: N818 - a state, not a failure
     """Raised by a run's progress function where its job was cancelled (``DELETE /jobs/ID``): the run stops."""
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a finished run's answer tells of it (the Animator's ``RunStats``, kept in a job's record)."""
+
+    frames: int
+    total_s: float
+    first_frame_s: float
+    portrait_cache_hit: bool
+    driver_plan_hit: bool
+
+    @classmethod
+    def of(cls, stats: Any) -> RunOutcome:
+        return cls(int(stats.frames), float(stats.total_s or 0.0), float(stats.first_frame_s or 0.0),
+                   bool(stats.portrait_cache_hit), bool(stats.driver_plan_hit))
+
+
 @dataclass(eq=False)
 class Task:
     """One request's run: ``keep`` for a job (``POST /jobs``), whose result stays for ``GET /jobs/ID/result``;
@@ -260,12 +287,13 @@ class Task:
     status: str = "queued"
     progress: dict[str, Any] | None = None
     error: tuple[int, str] | None = None  # (HTTP status, message) of a failed run
-    stats: Any = None
+    stats: RunOutcome | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     over: threading.Event = field(default_factory=threading.Event)
     callback: str | None = None  # where its end is posted (CALLBACK)
+    request: tuple[dict[str, str], dict[str, Path]] | None = None  # its form's text fields and files (RECORD)
 
     @property
     def result(self) -> Path:
@@ -281,11 +309,22 @@ class Task:
 
     def headers(self) -> dict[str, str]:
         """A finished run's answer headers."""
+        assert self.stats is not None
         return {"Content-Disposition": _attachment(self.result.name), "X-Megactor-Frames": str(self.stats.frames),
                 "X-Megactor-Seconds": f"{self.stats.total_s or 0.0:.3f}",
                 "X-Megactor-First-Frame-Seconds": f"{self.stats.first_frame_s or 0.0:.3f}",
                 "X-Megactor-Portrait-Cached": "true" if self.stats.portrait_cache_hit else "false",
                 "X-Megactor-Driver-Cached": "true" if self.stats.driver_plan_hit else "false"}
+
+    def record(self, jobs_dir: Path) -> dict[str, Any]:
+        """The job as its record keeps it (:data:`RECORD`): its state and its request, the files named within its
+        folder (the driver within ``jobs_dir``: the drivers kept are there)."""
+        text, files = self.request or ({}, {})
+        return {"format": RECORD_FORMAT, "id": self.id, "status": self.status, "created": self.created,
+                "finished": self.finished, "error": None if self.error is None else list(self.error),
+                "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
+                "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
+                "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
 
     def describe(self, ahead: int | None = None) -> dict[str, Any]:
         """The job as ``GET /jobs/ID`` answers it (``ahead``: how many jobs run before it, while queued)."""
@@ -299,7 +338,7 @@ class Task:
             doc["finished"] = _iso(self.finished)
         if self.error is not None:
             doc["error"] = self.error[1]
-        if self.status == "done":
+        if self.status == "done" and self.stats is not None:
             doc |= {"result": f"/jobs/{self.id}/result", "frames": self.stats.frames, "seconds": self.stats.total_s}
         return doc
 
@@ -441,6 +480,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             the server posts the job's state (``GET /jobs/ID``'s JSON) when its run ends (off by default: the
             server then posts to what clients name). With a ``token``, each post carries ``X-Megactor-Signature:
             sha256=HEX``, the HMAC-SHA256 of its body under the token, for the receiver to check.
+        jobs_dir: keep the jobs (their files and records) and the drivers kept in this folder, so that a server
+            started again on it knows them (:meth:`restore`, once the model is set); created where missing.
+            None: in temporary folders, gone with the server.
+
+    Raises:
+        InputError: ``jobs_dir`` cannot be written, or another server uses it.
+        OSError: the address cannot be listened on.
     """
 
     daemon_threads = True
@@ -450,7 +496,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
                  keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = (),
                  allow_urls: bool = False, token: str | None = None, tls: ssl.SSLContext | None = None,
-                 frame_limit: int | None = None, allow_callbacks: bool = False) -> None:
+                 frame_limit: int | None = None, allow_callbacks: bool = False, jobs_dir: Path | None = None
+                 ) -> None:
         self.anim, self.options = anim, dict(options or {})
         self.frame_limit, self.allow_callbacks = frame_limit, allow_callbacks
         self.token = None if token is None else token.encode()
@@ -476,7 +523,16 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._closing = False
         self._drivers: OrderedDict[str, Path] = OrderedDict()  # drivers kept for the next requests (keep_driver)
         self._driver_store: Path | None = None
-        super().__init__(address, _Handler)
+        self.jobs_dir: Path | None = None
+        self._lock: IO[bytes] | None = None
+        if jobs_dir is not None:
+            self._lock = _lock_jobs_dir(jobs_dir)
+            self.jobs_dir, self._driver_store = jobs_dir, jobs_dir / "drivers"
+        try:
+            super().__init__(address, _Handler)
+        except BaseException:
+            self._unlock()
+            raise
 
     @property
     def url(self) -> str:
@@ -568,8 +624,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         metric("uptime_seconds", "gauge", "Seconds since the server started.", [("", time.time() - self.started)])
         return "\n".join(lines) + "\n"
 
-    def folder(self) -> Path:
-        """A new temporary folder for one request (removed by :meth:`release`, or at :meth:`server_close`)."""
+    def folder(self, job_id: str | None = None) -> Path:
+        """A new folder for one request (removed by :meth:`release`): the job ``job_id``'s in ``jobs_dir``, else a
+        temporary one (removed at :meth:`server_close` too)."""
+        if job_id is not None and self.jobs_dir is not None:
+            path = self.jobs_dir / "jobs" / job_id
+            path.mkdir(parents=True)
+            return path
         path = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-"))
         with self._state:
             self._folders.add(path)
@@ -589,7 +650,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             worker = self._worker
             if self.running is not None:  # (it stops at its next progress report)
                 self.running.cancel.set()
-            for task in self._queue:  # (never run: a request waiting for one is answered so)
+            for task in self._queue:  # (never run: a request waiting for one is answered so; a job in jobs_dir
+                # stays queued there: _save leaves the state the stop gives it unwritten)
                 task.status, task.finished = "cancelled", time.time()
                 task.over.set()
             self._queue.clear()
@@ -603,6 +665,12 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             left = list(self._folders)
         for path in left:  # (a run still under way when the server stops: its thread ends with the process)
             shutil.rmtree(path, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (the lock goes with it)
+            self._lock = None
 
     # -- drivers sent again ---------------------------------------------------------------------------------
     def keep_driver(self, upload: Path) -> Path:
@@ -676,6 +744,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             self._receiving -= 1
             self._tasks[task.id] = task
             self._queue.append(task)
+            self._save(task)
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        with self._state:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="megactor-rt-serve", daemon=True)
                 self._worker.start()
@@ -727,6 +800,137 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 del self._tasks[t.id]
                 self.release(t.folder)
 
+    def task_of(self, folder: Path, text: dict[str, str], files: dict[str, Path], task_id: str, keep: bool,
+                callback: str | None = None) -> Task:
+        """A request's run, from its form's text fields and files in ``folder`` (a driver kept elsewhere too:
+        :meth:`keep_driver`), checked against this server's model, settings and frame limit.
+
+        Raises:
+            FormError: a field the server does not take (400).
+            InputError: what ``animate``'s jobs file would refuse in the same cells, a driver over the frame limit.
+        """
+        missing = [f for f in ("portrait", "driver") if f not in files]
+        if missing:
+            raise FormError(f"no {' and no '.join(missing)} file in the form (curl -F portrait=@me.png -F "
+                            "driver=@meme.mp4)")
+        fmt = text.get("format", "mp4").strip().lower().lstrip(".")
+        if fmt not in FORMATS:
+            raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "
+                            "sequences are folders: use the command line)")
+        result = folder / "result" / f"{_stem(files['portrait'])}_{_stem(files['driver'])}.{fmt}"
+        result.parent.mkdir(exist_ok=True)
+        cells = {k: v.strip() for k, v in text.items() if k not in ("format", "crf", "side_by_side", "paste_back")
+                 and v.strip()}
+        cells |= {k: str(v) for k, v in files.items()} | {"output": str(result)}
+        job = job_from_cells(cells, "request", Path, self.anim.config)
+        options = self.options | job.options
+        if text.get("crf", "").strip():
+            try:
+                options["crf"] = int(text["crf"])
+            except ValueError:
+                raise FormError(f"field 'crf' takes a whole number, got {text['crf']!r}") from None
+        for name in ("side_by_side", "paste_back"):
+            if name in text:
+                options[name] = _flag(name, text[name].strip())
+        config = job.run_config(self.anim.config)
+        if self.frame_limit is not None:
+            _check_length(job, config, self.frame_limit)
+        return Task(task_id, folder, job, config, options, keep, callback=callback, request=(dict(text), dict(files)))
+
+    # -- jobs kept in jobs_dir ----------------------------------------------------------------------------
+    def _persists(self, task: Task) -> bool:
+        return self.jobs_dir is not None and task.keep and task.folder.is_relative_to(self.jobs_dir)
+
+    def _save(self, task: Task) -> None:
+        """Write ``task``'s record in its folder (a job in ``jobs_dir``), but not the cancelling of the server's
+        stop: such a job stays queued or running there, to run when the server starts again."""
+        if not self._persists(task) or (self._closing and task.status == "cancelled"):
+            return
+        assert self.jobs_dir is not None
+        try:
+            write_atomic(task.folder / RECORD, (json.dumps(task.record(self.jobs_dir), indent=1) + "\n").encode())
+        except OSError as exc:
+            logger.warning("job %s: its record could not be written (%s); a server started again will not know it "
+                           "as %s", task.id, exc, task.status)
+
+    def restore(self) -> tuple[int, int]:
+        """Take up the jobs a server kept in ``jobs_dir`` before (with the model set, before serving): the
+        finished are known again until they expire, the queued queue again in the order they came, the one that
+        was running runs again (from its checkpoint, where it saved one); the drivers kept are kept again. A job
+        whose form was not received whole is removed; a record that cannot be read is left there and logged.
+        Returns (jobs known, runs queued)."""
+        if self.jobs_dir is None:
+            return 0, 0
+        store = self.jobs_dir / "drivers"
+        kept = sorted((p for p in store.glob("*/*") if p.is_file()), key=lambda p: p.stat().st_mtime)
+        with self._state:
+            for path in kept:
+                self._drivers[f"{path.parent.name}/{path.name}"] = path
+        tasks: list[Task] = []
+        for folder in sorted(p for p in (self.jobs_dir / "jobs").glob("*") if p.is_dir()):
+            record = folder / RECORD
+            if not record.is_file():
+                logger.info("%s: a job whose form was not received whole before the server stopped; removed", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            try:
+                task = self._restored(folder, json.loads(record.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                logger.warning("%s: not a job record this server reads (%s: %s); left there, not served", record,
+                               type(exc).__name__, exc)
+                continue
+            if task is not None:
+                tasks.append(task)
+        with self._state:
+            for task in sorted(tasks, key=lambda t: t.created):
+                self._tasks[task.id] = task
+                if task.status == "queued":
+                    self._queue.append(task)
+            self._expire()
+            queued = len(self._queue)
+            if queued:
+                self._start_worker()
+        if tasks:
+            logger.info("%s: %d job(s) kept from before, %d of them to run", self.jobs_dir, len(tasks), queued)
+        return len(tasks), queued
+
+    def _restored(self, folder: Path, doc: dict[str, Any]) -> Task | None:
+        """The job a record describes, or None where its result is gone (then its folder goes too)."""
+        assert self.jobs_dir is not None
+        if doc.get("format") != RECORD_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}; this server reads {RECORD_FORMAT}")
+        status, task_id = doc["status"], folder.name
+        if status not in _STATUSES or doc["id"] != task_id:
+            raise ValueError(f"status {status!r}, id {doc['id']!r} in folder {task_id}")
+        text = {str(k): str(v) for k, v in doc["text"].items()}
+        files = {str(k): folder / v for k, v in doc["files"].items()} | {"driver": self.jobs_dir / doc["driver"]}
+        callback = doc["callback"]
+        if status in ("queued", "running"):
+            if status == "running":
+                logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
+            try:
+                task = self.task_of(folder, text, files, task_id, True, callback)
+                task.created = float(doc["created"])
+                self._save(task)
+                return task
+            except (FormError, InputError) as exc:  # (this server's model, settings or limits refuse it)
+                said = _said(exc, folder).replace(f"{files['driver'].parent}{os.sep}", "driver/")
+                status, doc["error"], doc["finished"] = "failed", [400, said], time.time()
+        job = Job(files.get("portrait", folder), files["driver"], folder / doc["result"])
+        task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=float(doc["created"]),
+                    finished=float(doc["finished"]), callback=callback, request=(text, files))
+        if doc["error"] is not None:
+            task.error = int(doc["error"][0]), str(doc["error"][1])
+        if doc["outcome"] is not None:
+            task.stats = RunOutcome(**doc["outcome"])
+        if status == "done" and not task.result.is_file():
+            logger.info("job %s: its result %s is gone; forgotten", task_id, task.result)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        if status == "failed" and doc["error"] is not None:
+            self._save(task)
+        return task
+
     def _work(self) -> None:
         try:
             self._work_on()
@@ -742,6 +946,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     return
                 task = self.running = self._queue.popleft()
                 task.status = "running"
+                self._save(task)
                 self._counts["runs_started"] += 1
                 self._counts["wait_s"] += time.time() - task.created
             began = time.perf_counter()
@@ -754,21 +959,25 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     seconds = time.perf_counter() - began
                     self._run_s[bisect.bisect_left(RUN_BUCKETS_S, seconds)] += 1
                     self._run_s_sum += seconds
-                    self._counts["frames"] += task.stats.frames
+                    self._counts["frames"] += task.stats.frames if task.stats else 0
                 elif task.status == "failed":
                     self.failed += 1
                 else:
                     self._counts["cancelled"] += 1
+                stopped = self._closing and task.status == "cancelled" and self._persists(task)
                 if not task.keep:
                     self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
-                elif task.status == "done":  # a job keeps its result alone (its uploads are of no more use)
-                    for path in task.folder.glob("*"):
-                        if path.name != "result":
+                elif stopped:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts again)
+                    pass
+                elif task.status == "done" or self._persists(task):  # its result and record alone (the uploads and
+                    for path in task.folder.glob("*"):  # its checkpoint are of no more use)
+                        if path.name not in ("result" if task.status == "done" else "", RECORD):
                             shutil.rmtree(path, ignore_errors=True)
                 else:  # (failed or cancelled: what it says is kept, no file)
                     self.release(task.folder)
+                self._save(task)
                 task.over.set()
-                if task.callback is not None:
+                if task.callback is not None and not stopped:
                     threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
                                      name=f"megactor-rt-callback-{task.id}").start()
 
@@ -809,10 +1018,17 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
         job = task.job
         logger.info("run %s: %s + %s -> %s", task.id, job.portrait.name, job.driver.name, task.result.name)
+        options = dict(task.options)
+        if self._persists(task) and not task.config.streams_frames:  # (a run the server's stop ends goes on from
+            options["checkpoint_dir"] = task.folder / "checkpoint"     # its last step when it starts again)
         start = time.perf_counter()
         try:
-            task.stats = self.anim.animate_to_file(job.portrait, job.driver, job.output, **task.options,
-                                                   config=task.config, on_progress=report)
+            stats = self.anim.animate_to_file(job.portrait, job.driver, job.output, **options, config=task.config,
+                                              on_progress=report)
+            task.stats = RunOutcome.of(stats)
+            if getattr(stats, "resumed_from_step", 0):
+                logger.info("run %s: went on from step %d, saved before the server stopped", task.id,
+                            stats.resumed_from_step + 1)
         except Cancelled:
             task.status = "cancelled"
             logger.info("run %s: cancelled", task.id)
@@ -831,7 +1047,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             logger.info("run %s: failed (%d %s)", task.id, *task.error)
             return
         task.status = "done"
-        logger.info("run %s: %s, %d frames in %.1f s", task.id, task.result.name, task.stats.frames,
+        logger.info("run %s: %s, %d frames in %.1f s", task.id, task.result.name, stats.frames,
                     time.perf_counter() - start)
 
 
@@ -1021,7 +1237,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         f"POST {route}: the server takes POST /animate (the result in the answer) and POST /jobs "
                         "(a job to ask about)")
             return
-        folder = self.server.folder()
+        task_id = uuid.uuid4().hex[:12]
+        folder = self.server.folder(task_id if route == "/jobs" else None)
         task: Task | None = None
         error: tuple[int, str] | None = None
         result: IO[bytes] | None = None
@@ -1030,7 +1247,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             length = self._length()  # (a form too large, or of no size, before a place in the queue)
             self.server.reserve()
             reserved = True
-            task = self._task(folder, length, keep=route == "/jobs")
+            task = self._task(folder, length, task_id, keep=route == "/jobs")
             self.server.submit(task)
             reserved = False
             if task.keep:
@@ -1068,7 +1285,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if result is not None:
                 result.close()
 
-    def _task(self, folder: Path, length: int, keep: bool) -> Task:
+    def _task(self, folder: Path, length: int, task_id: str, keep: bool) -> Task:
         """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder,
                                 texts=(*TEXT_FIELDS, CALLBACK))
@@ -1098,50 +1315,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     takes.append(f"the text {NO_SOUND!r}")
                 why = "; this server downloads no addresses (serve --allow-urls)" if url else ""
                 raise FormError(f"field {name!r} takes {' or '.join(takes)}{why}")
-        missing = [f for f in ("portrait", "driver") if f not in files]
-        if missing:
-            raise FormError(f"no {' and no '.join(missing)} file in the form (curl -F portrait=@me.png -F "
-                            "driver=@meme.mp4)")
-        fmt = text.get("format", "mp4").strip().lower().lstrip(".")
-        if fmt not in FORMATS:
-            raise FormError(f"format {fmt!r} is not one the server writes: {', '.join(FORMATS)} (PNG frame "
-                            "sequences are folders: use the command line)")
-        result = folder / "result" / f"{_stem(files['portrait'])}_{_stem(files['driver'])}.{fmt}"
-        result.parent.mkdir()
-        cells = {k: v.strip() for k, v in text.items() if k not in ("format", "crf", "side_by_side", "paste_back")
-                 and v.strip()}
-        cells |= {k: str(v) for k, v in files.items()} | {"output": str(result)}
-        job = job_from_cells(cells, "request", Path, self.server.anim.config)
-        options = self.server.options | job.options
-        if text.get("crf", "").strip():
-            try:
-                options["crf"] = int(text["crf"])
-            except ValueError:
-                raise FormError(f"field 'crf' takes a whole number, got {text['crf']!r}") from None
-        for name in ("side_by_side", "paste_back"):
-            if name in text:
-                options[name] = _flag(name, text[name].strip())
-        config = job.run_config(self.server.anim.config)
-        if self.server.frame_limit is not None:
-            self._check_length(job, config, self.server.frame_limit)
-        job.driver = self.server.keep_driver(job.driver)  # (last: a request refused above keeps nothing)
-        return Task(uuid.uuid4().hex[:12], folder, job, config, options, keep, callback=callback)
-
-    @staticmethod
-    def _check_length(job: Job, config: AnimateConfig, limit: int) -> None:
-        """Refuse a run that would make more than ``limit`` frames (from the driver's header: before it waits)."""
-        from megactor_rt.runtime.driver import FrameSelection, driver_info
-
-        info = driver_info(job.driver)
-        frames = FrameSelection.of(info.fps, config.fps, config.start).expected_frames(info, config.duration,
-                                                                                      config.max_frames)
-        if frames is None:  # (named as the request sent it: _said)
-            raise FormError(f"{job.driver}: its length is not in its header, and this server makes at most {limit} "
-                            "frames a request (serve --frame-limit): send max_frames or duration")
-        if frames > limit:
-            raise FormError(f"{job.driver}: the result would have {frames} frames, over this server's limit of {limit} "
-                            "(serve --frame-limit): send a part of the driver (start, duration), max_frames, or a "
-                            "lower fps")
+        task = self.server.task_of(folder, text, files, task_id, keep, callback)
+        task.job.driver = self.server.keep_driver(task.job.driver)  # (last: a request refused above keeps nothing)
+        return task
 
     def _send_result(self, task: Task) -> None:
         try:
@@ -1162,6 +1338,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.end_headers()
         shutil.copyfileobj(file, self.wfile, _CHUNK)
+
+
+def _check_length(job: Job, config: AnimateConfig, limit: int) -> None:
+    """Refuse a run that would make more than ``limit`` frames (from the driver's header: before it waits)."""
+    from megactor_rt.runtime.driver import FrameSelection, driver_info
+
+    info = driver_info(job.driver)
+    frames = FrameSelection.of(info.fps, config.fps, config.start).expected_frames(info, config.duration,
+                                                                                  config.max_frames)
+    if frames is None:  # (named as the request sent it: _said)
+        raise FormError(f"{job.driver}: its length is not in its header, and this server makes at most {limit} "
+                        "frames a request (serve --frame-limit): send max_frames or duration")
+    if frames > limit:
+        raise FormError(f"{job.driver}: the result would have {frames} frames, over this server's limit of {limit} "
+                        "(serve --frame-limit): send a part of the driver (start, duration), max_frames, or a "
+                        "lower fps")
+
+
+def _within(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` where it is inside (a record's files move with their folder), else whole."""
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
 
 
 def _media_type(path: Path) -> str:
@@ -1186,6 +1383,31 @@ def loopback(host: str) -> bool:
     except OSError:
         return False
     return all(info[4][0] in ("127.0.0.1", "::1") or str(info[4][0]).startswith("127.") for info in infos)
+
+
+def _lock_jobs_dir(folder: Path) -> IO[bytes]:
+    """Hold ``folder`` (created where missing) for one server: an open file locked until it is closed.
+
+    Raises:
+        InputError: the folder cannot be written, or another server holds it (its process named).
+    """
+    try:
+        (folder / "jobs").mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a+b")  # noqa: SIM115 - held open while the server runs
+    except OSError as exc:
+        raise InputError(f"{folder}: the jobs folder (--jobs-dir) cannot be written ({exc.strerror or exc})") from exc
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read(32).decode(errors="replace").strip()
+        lock.close()
+        raise InputError(f"{folder}: another server uses this jobs folder (--jobs-dir)"
+                         f"{f' (process {holder})' if holder else ''}; one server per folder") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n".encode())
+    lock.flush()
+    return lock
 
 
 def load_token(path: Path | None, create: bool = False) -> str | None:

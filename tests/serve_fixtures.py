@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import json
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +111,35 @@ def animate(srv: AnimateServer, fields: dict[str, Field]) -> tuple[int, dict[str
 def files(media: dict[str, Path]) -> dict[str, Field]:
     return {"portrait": ("me.png", media["portrait"].read_bytes()),
             "driver": ("talk.mp4", media["driver"].read_bytes())}
+
+
+def wait_for(srv: AnimateServer, test: object, seconds: float = 60, path: str = "/health") -> dict:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        doc = json.loads(request(srv, "GET", path)[2])
+        if test(doc):  # type: ignore[operator]
+            return doc
+        time.sleep(0.05)
+    raise AssertionError(f"GET {path} never showed it: {doc}")
+
+
+def hold_runs(srv: AnimateServer, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make the server's runs wait, once started, until the event returned is set."""
+    go = threading.Event()
+    real = srv.anim.animate_to_file
+
+    def held(*args: object, **kw: object) -> object:
+        go.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(srv.anim, "animate_to_file", held)
+    return go
+
+
+def post_job(srv: AnimateServer, fields: dict[str, Field]) -> str:
+    body, ctype = form(fields)
+    status, headers, answer = request(srv, "POST", "/jobs", body, ctype)
+    doc = json.loads(answer)
+    assert status == 202 and headers["Location"] == f"/jobs/{doc['id']}", answer
+    assert doc["status"] == "queued" and doc["result_name"] == "me_talk." + str(fields.get("format", "mp4"))
+    return str(doc["id"])

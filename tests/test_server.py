@@ -28,11 +28,14 @@ from serve_fixtures import (
     animate,
     files,
     form,
+    hold_runs,
     left,
     media,
+    post_job,
     request,
     scratch,
     served,
+    wait_for,
 )
 
 import megactor_rt.server as server_module
@@ -506,10 +509,10 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
 
     first = threading.Thread(target=send, args=("first", "mp4"))
     first.start()
-    health = _wait_for(served, lambda h: h["running"] == "me_talk.mp4")
+    health = wait_for(served, lambda h: h["running"] == "me_talk.mp4")
     second = threading.Thread(target=send, args=("second", "gif"))
     second.start()
-    health = _wait_for(served, lambda h: h["waiting"] == 1)
+    health = wait_for(served, lambda h: h["waiting"] == 1)
     status, headers, body = animate(served, {**files(media), "format": "mkv"})
     assert status == 503 and headers["Retry-After"] == "10"
     assert "the server is busy (1 run(s) waiting or being sent besides the one running)" in json.loads(body)["error"]
@@ -529,46 +532,14 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
     assert order == ["start me_talk.mp4", "end me_talk.mp4", "start me_talk.gif", "end me_talk.gif"]
 
 
-def _wait_for(srv: AnimateServer, test: object, seconds: float = 60, path: str = "/health") -> dict:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        doc = json.loads(request(srv, "GET", path)[2])
-        if test(doc):  # type: ignore[operator]
-            return doc
-        time.sleep(0.05)
-    raise AssertionError(f"GET {path} never showed it: {doc}")
-
-
-def hold_runs(srv: AnimateServer, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Make the server's runs wait, once started, until the event returned is set."""
-    go = threading.Event()
-    real = srv.anim.animate_to_file
-
-    def held(*args: object, **kw: object) -> object:
-        go.wait(60)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(srv.anim, "animate_to_file", held)
-    return go
-
-
-def _job(srv: AnimateServer, fields: dict[str, Field]) -> str:
-    body, ctype = form(fields)
-    status, headers, answer = request(srv, "POST", "/jobs", body, ctype)
-    doc = json.loads(answer)
-    assert status == 202 and headers["Location"] == f"/jobs/{doc['id']}", answer
-    assert doc["status"] == "queued" and doc["result_name"] == "me_talk." + str(fields.get("format", "mp4"))
-    return str(doc["id"])
-
-
 def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served: AnimateServer,
                                                                          media: dict[str, Path], tmp_path: Path,
                                                                          scratch: Path) -> None:
     """POST /jobs answers at once (202, the job's address); GET /jobs/ID follows it to done, with its progress and
     the result's address; the result is the one POST /animate answers with; GET /jobs lists it; DELETE removes it
     and its files."""
-    job = _job(served, files(media))
-    doc = _wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")
+    job = post_job(served, files(media))
+    doc = wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")
     assert doc["status"] == "done" and doc["result"] == f"/jobs/{job}/result" and doc["frames"] == 6, doc
     assert doc["progress"]["stage"] == "write" and doc["progress"]["done"] == 6
     status, headers, body = request(served, "GET", f"/jobs/{job}/result")
@@ -593,8 +564,8 @@ def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media:
     or running (at its run's next progress report: 202, then cancelled, its result gone: 410); a job whose run
     fails says why, and its result answers with that error."""
     go = hold_runs(served, monkeypatch)
-    first, second = _job(served, files(media)), _job(served, {**files(media), "format": "gif"})
-    _wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{first}")
+    first, second = post_job(served, files(media)), post_job(served, {**files(media), "format": "gif"})
+    wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{first}")
     doc = json.loads(request(served, "GET", f"/jobs/{second}")[2])
     assert (doc["status"], doc["ahead"]) == ("queued", 1)
     status, _, body = request(served, "GET", f"/jobs/{second}/result")
@@ -603,12 +574,12 @@ def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media:
     status, _, body = request(served, "DELETE", f"/jobs/{first}")
     assert (status, json.loads(body)["status"]) == (202, "cancelling")
     go.set()
-    doc = _wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{first}")
+    doc = wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{first}")
     assert doc["status"] == "cancelled" and doc["progress"]["stage"] == "driver", doc  # (its first report)
     assert request(served, "GET", f"/jobs/{first}/result")[0] == 410
     assert request(served, "GET", f"/jobs/{second}")[0] == 404
-    bad = _job(served, {**files(media), "portrait": ("me.png", b"not an image")})
-    doc = _wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{bad}")
+    bad = post_job(served, {**files(media), "portrait": ("me.png", b"not an image")})
+    doc = wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{bad}")
     assert doc["status"] == "failed" and doc["error"].startswith("portrait/me.png: "), doc
     status, _, body = request(served, "GET", f"/jobs/{bad}/result")
     assert status == 400 and json.loads(body)["error"] == doc["error"]
@@ -619,8 +590,8 @@ def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media:
 
 def test_a_finished_job_is_kept_for_keep_s_only(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
     served.keep_s = 0.0
-    job = _job(served, {**files(media), "duration": "0.04"})
-    _wait_for(served, lambda d: d.get("status") == "done" or "error" in d, path=f"/jobs/{job}")
+    job = post_job(served, {**files(media), "duration": "0.04"})
+    wait_for(served, lambda d: d.get("status") == "done" or "error" in d, path=f"/jobs/{job}")
     time.sleep(0.05)
     status, _, body = request(served, "GET", f"/jobs/{job}/result")
     assert status == 404 and "a job is kept 0 s after its run" in json.loads(body)["error"]
@@ -839,7 +810,7 @@ def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media
 
     with pytest.raises(KeyboardInterrupt):
         Client(served.url).animate(media["portrait"], media["driver"], tmp_path / "never.mp4", on_progress=stop)
-    _wait_for(served, lambda d: d["running"] is None)
+    wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] in ([], ["cancelled"])
     assert left(scratch) == [] and not (tmp_path / "never.mp4").exists()
 
@@ -883,7 +854,7 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
     go = hold_runs(served, monkeypatch)
 
     def interrupt_when_running() -> None:
-        _wait_for(served, lambda d: d["running"] is not None)
+        wait_for(served, lambda d: d["running"] is not None)
         _thread.interrupt_main()  # (Ctrl-C)
 
     threading.Thread(target=interrupt_when_running, daemon=True).start()
@@ -891,7 +862,7 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
                  str(media["driver"]), "-o", str(tmp_path / "never.mp4")])
     assert code == 130 and "interrupted" in capsys.readouterr().err
     go.set()
-    _wait_for(served, lambda d: d["running"] is None)
+    wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == ["cancelled"]
     assert not (tmp_path / "never.mp4").exists() and left(scratch) == []
 

@@ -1,0 +1,202 @@
+"""``megactor-rt serve --jobs-dir DIR``: jobs that outlive the server (their files, results and states kept in DIR,
+taken up again by a server started on it, a run under way going on from its last step)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from media_fixtures import decode_all
+from serve_fixtures import anim, animate, files, media, post_job, request, serving, wait_for
+
+from megactor_rt.client import Client
+from megactor_rt.errors import InputError
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.server import RECORD, AnimateServer
+
+__all__ = ["anim", "media"]  # (fixtures, from serve_fixtures)
+
+
+def _records(jobs_dir: Path) -> dict[str, str]:
+    """Each job's status as its record on disk says."""
+    return {p.parent.name: json.loads(p.read_text())["status"] for p in jobs_dir.glob(f"jobs/*/{RECORD}")}
+
+
+def _stop_after_a_step(srv: AnimateServer, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[Any]]:
+    """Make the server's next run, once its first denoising step is saved in its checkpoint, wait until the server's
+    stop cancels it (deterministically: the run stops at the progress report that follows). Returns the event set
+    when the checkpoint is there, and the checkpoint folders the runs were given."""
+    saved, given = threading.Event(), []
+    real = srv.anim.animate_to_file
+
+    def run(*args: Any, **kw: Any) -> Any:
+        folder, report = kw.get("checkpoint_dir"), kw["on_progress"]
+        given.append(folder)
+
+        def reported(progress: Any) -> None:
+            if folder is not None and not saved.is_set() and any(Path(folder).glob("run-*.safetensors")):
+                saved.set()
+                assert srv.running is not None
+                srv.running.cancel.wait(60)  # (set by the server's stop)
+            report(progress)
+
+        return real(*args, **{**kw, "on_progress": reported})
+
+    monkeypatch.setattr(srv.anim, "animate_to_file", run)
+    return saved, given
+
+
+def test_jobs_outlive_the_server_and_a_stopped_run_goes_on_from_its_step(
+        anim: Animator, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With a jobs folder, a server stopped with a job done, one failed, one running (past its first step) and one
+    queued leaves them all there; a server started on the folder serves the done one's very result and the failed
+    one's error, runs the queued one, and the stopped run goes on from its second step, with the frames an
+    uninterrupted run makes."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        done = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{done}")
+        result = request(srv, "GET", f"/jobs/{done}/result")[2]
+        bad = post_job(srv, {**files(media), "portrait": ("me.png", b"not an image")})
+        error = wait_for(srv, lambda d: d["status"] == "failed", path=f"/jobs/{bad}")["error"]
+        saved, given = _stop_after_a_step(srv, monkeypatch)
+        stopped, queued = post_job(srv, {**files(media), "format": "gif"}), post_job(srv, files(media))
+        assert saved.wait(120)
+    assert given == [jobs_dir / "jobs" / stopped / "checkpoint"]
+    assert _records(jobs_dir) == {done: "done", bad: "failed", stopped: "running", queued: "queued"}
+    assert len(list((jobs_dir / "jobs" / stopped / "checkpoint").glob("run-*.safetensors"))) == 1
+    monkeypatch.undo()
+
+    with serving(anim, jobs_dir=jobs_dir) as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        assert srv.restore() == (4, 2)
+        assert request(srv, "GET", f"/jobs/{done}/result")[:3:2] == (200, result)
+        assert request(srv, "GET", f"/jobs/{bad}/result")[0] == 400
+        assert json.loads(request(srv, "GET", f"/jobs/{bad}")[2])["error"] == error
+        for job in (stopped, queued):
+            wait_for(srv, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")
+        status, headers, gif = request(srv, "GET", f"/jobs/{stopped}/result")
+        assert status == 200 and headers["X-Megactor-Frames"] == "6"
+        (tmp_path / "resumed.gif").write_bytes(gif)
+        status, _, whole = animate(srv, {**files(media), "format": "gif"})
+        (tmp_path / "whole.gif").write_bytes(whole)
+        assert request(srv, "GET", f"/jobs/{queued}/result")[0] == 200
+    assert f"run {stopped}: went on from step 2, saved before the server stopped" in caplog.text
+    assert f"job {stopped}: its run was under way when the server stopped; it runs again" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(decode_all(tmp_path / "resumed.gif"),
+                                                    decode_all(tmp_path / "whole.gif"), strict=True))
+    assert _records(jobs_dir) == {done: "done", bad: "failed", stopped: "done", queued: "done"}
+    kept = sorted(str(p.relative_to(jobs_dir / "jobs" / stopped)) for p in (jobs_dir / "jobs" / stopped).rglob("*"))
+    assert kept == [RECORD, "result", "result/me_talk.gif"]  # (its uploads and checkpoint gone with its run)
+
+
+def test_deleted_and_expired_jobs_leave_nothing_in_the_folder(anim: Animator, media: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        job = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+        assert json.loads(request(srv, "DELETE", f"/jobs/{job}")[2])["status"] == "deleted"
+        assert list((jobs_dir / "jobs").iterdir()) == []
+        job = post_job(srv, {**files(media), "duration": "0.04"})
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    with serving(anim, jobs_dir=jobs_dir, keep_s=0.0) as srv:
+        assert srv.restore() == (1, 0) and request(srv, "GET", f"/jobs/{job}")[0] == 404  # (expired meanwhile)
+        assert list((jobs_dir / "jobs").iterdir()) == []
+        assert len(list((jobs_dir / "drivers").glob("*/talk.mp4"))) == 1  # (the driver kept for the next requests)
+    with serving(anim, jobs_dir=jobs_dir) as srv:  # (a POST /animate leaves nothing there)
+        assert animate(srv, files(media))[0] == 200 and list((jobs_dir / "jobs").iterdir()) == []
+
+
+def test_one_server_per_jobs_folder(anim: Animator, tmp_path: Path) -> None:
+    jobs_dir = tmp_path / "jobs"
+    taken = rf"{jobs_dir}: another server uses this jobs folder \(--jobs-dir\) \(process {os.getpid()}\); one server"
+    with serving(anim, jobs_dir=jobs_dir), pytest.raises(InputError, match=taken):
+        AnimateServer(anim, ("127.0.0.1", 0), jobs_dir=jobs_dir)
+    with serving(anim, jobs_dir=jobs_dir) as srv:  # (free again once the first has stopped)
+        assert srv.restore() == (0, 0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"file: the jobs folder \(--jobs-dir\) cannot be written"):
+        AnimateServer(anim, ("127.0.0.1", 0), jobs_dir=tmp_path / "file")
+
+
+def test_what_cannot_be_taken_up_is_said(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A form never received whole is removed; a record that is not one is left there and named; a done job whose
+    result is gone is forgotten; a queued job the new server's limits refuse fails, saying why."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        done, later = post_job(srv, files(media)), post_job(srv, files(media))
+        for job in (done, later):
+            wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    (jobs_dir / "jobs" / done / "result" / "me_talk.mp4").unlink()
+    record = json.loads((jobs_dir / "jobs" / later / RECORD).read_text())
+    (jobs_dir / "jobs" / later / RECORD).write_text(json.dumps({**record, "status": "queued"}))
+    (jobs_dir / "jobs" / "partial" / "driver").mkdir(parents=True)
+    (jobs_dir / "jobs" / "broken").mkdir()
+    (jobs_dir / "jobs" / "broken" / RECORD).write_text("{not json")
+    with serving(anim, jobs_dir=jobs_dir, frame_limit=2) as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        assert srv.restore() == (1, 0)
+        doc = json.loads(request(srv, "GET", f"/jobs/{later}")[2])
+        assert doc["status"] == "failed" and doc["error"].startswith("driver/talk.mp4: the result would have 6 "
+                                                                     "frames, over this server's limit of 2"), doc
+        assert request(srv, "GET", f"/jobs/{done}")[0] == 404
+    assert sorted(p.name for p in (jobs_dir / "jobs").iterdir()) == sorted(["broken", later])
+    assert f"job {done}: its result {jobs_dir / 'jobs' / done / 'result' / 'me_talk.mp4'} is gone" in caplog.text
+    assert f"{jobs_dir / 'jobs' / 'partial'}: a job whose form was not received whole" in caplog.text
+    assert f"{jobs_dir / 'jobs' / 'broken' / RECORD}: not a job record this server reads (JSONDecodeError" in caplog.text
+    assert json.loads((jobs_dir / "jobs" / later / RECORD).read_text())["status"] == "failed"
+
+
+def test_a_client_follows_its_job_through_a_killed_and_restarted_serve(media: dict[str, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`serve --demo --jobs-dir DIR` killed (SIGKILL) in the middle of a job's run and started again on DIR: the
+    client finds its job again (not sent a second time) and writes the result."""
+    import megactor_rt.client as client_module
+
+    monkeypatch.setattr(client_module, "POLL_S", 0.05)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", str(port),
+                                 "--steps", "2", "--window", "4", "--overlap", "2", "--no-warmup", "--jobs-dir",
+                                 str(tmp_path / "jobs")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "listening on" in proc.stdout.readline()  # type: ignore[union-attr]
+        return proc
+
+    servers = [start()]
+    seen: list[str] = []
+
+    def restart_when_running(progress: object) -> None:  # (the client's progress: the run is under way)
+        if not seen:
+            seen.append("running")
+            servers[0].send_signal(signal.SIGKILL)
+            servers[0].wait(30)
+            threading.Thread(target=lambda: servers.append(start()), daemon=True).start()
+
+    out = tmp_path / "out.gif"
+    try:
+        with caplog.at_level(logging.INFO, "megactor_rt.client"):
+            head = Client(f"http://127.0.0.1:{port}").animate(media["portrait"], media["driver"], out,
+                                                              fields={"format": "gif"}, on_progress=restart_when_running)
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait(30)
+    assert len(servers) == 2 and head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
+    assert "cannot reach the server" in caplog.text and "reached again after" in caplog.text
+    assert "sending it again" not in caplog.text and "no longer there" not in caplog.text
+    assert _records(tmp_path / "jobs") == {}  # (the client deleted its job once it had the result)
