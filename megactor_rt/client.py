@@ -17,7 +17,6 @@ import contextlib
 import http.client
 import json
 import logging
-import os
 import ssl
 import threading
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.files import written_whole
 from megactor_rt.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -220,25 +220,21 @@ class Client:
         try:
             if status != 200:
                 raise InputError(f"{output}: {_error(answer.read(), status)}")
-            partial = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.part")
             try:
-                with open(partial, "wb") as out:
-                    try:
-                        while chunk := answer.read(_CHUNK):
-                            out.write(chunk)
-                    except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-                        raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: "
-                                          f"{exc})") from exc
-                size = partial.stat().st_size
-                if "content-length" in head and size != int(head["content-length"]):
-                    raise Unreachable(f"{output}: the result's download broke off ({size} of "
-                                      f"{head['content-length']} bytes)")
-                os.replace(partial, output)
+                with written_whole(output) as partial:
+                    with open(partial, "wb") as out:
+                        try:
+                            while chunk := answer.read(_CHUNK):
+                                out.write(chunk)
+                        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+                            raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: "
+                                              f"{exc})") from exc
+                    size = partial.stat().st_size
+                    if "content-length" in head and size != int(head["content-length"]):
+                        raise Unreachable(f"{output}: the result's download broke off ({size} of "
+                                          f"{head['content-length']} bytes)")
             except OSError as exc:
                 raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
-            finally:
-                with contextlib.suppress(OSError):
-                    partial.unlink()
         finally:
             conn.close()
         return head

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
     for path in removed:
         logger.info("removed %s, left by an interrupted %s", path, "export" if folders else "write")
     return removed
+
+
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` (``.NAME.XXXXXXXX.part``) for the block to write, renamed to ``path`` when
+    the block ends normally and removed where it raises (or the rename fails: that ``OSError`` comes out), so that
+    no partial file ever carries the final name. For files written in pieces; bytes in hand:
+    :func:`~megactor_rt.engine.cache.write_atomic` (which also syncs them to disk)."""
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()
 
 
 # the process's umask, read once at import (reading it means setting it: not done later, beside other threads)

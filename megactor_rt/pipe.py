@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import sys
-import uuid
 import wave
 from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
@@ -30,6 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.files import written_whole
 from megactor_rt.sequence import ResultWriter
 
 logger = logging.getLogger(__name__)
@@ -195,23 +195,20 @@ def write_sound(path: Path, track: Any, duration: Fraction) -> None:
     Raises:
         ResourceError: the file cannot be written (a full disk).
     """
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     try:
-        if track is None or not track.write(partial, duration):
-            samples = round(duration * SILENCE_RATE)
-            with wave.open(str(partial), "wb") as out:
-                out.setnchannels(1)
-                out.setsampwidth(2)
-                out.setframerate(SILENCE_RATE)
-                for done in range(0, samples, SILENCE_RATE):
-                    out.writeframes(bytes(2 * min(SILENCE_RATE, samples - done)))
-            logger.warning("%s: the result has no sound: the file holds %.2f s of silence", path, float(duration))
-        os.replace(partial, path)
+        with written_whole(path) as partial:
+            if track is None or not track.write(partial, duration):
+                samples = round(duration * SILENCE_RATE)
+                with wave.open(str(partial), "wb") as out:
+                    out.setnchannels(1)
+                    out.setsampwidth(2)
+                    out.setframerate(SILENCE_RATE)
+                    for done in range(0, samples, SILENCE_RATE):
+                        out.writeframes(bytes(2 * min(SILENCE_RATE, samples - done)))
+                logger.warning("%s: the result has no sound: the file holds %.2f s of silence", path,
+                               float(duration))
     except OSError as exc:
         raise ResourceError(f"{path}: cannot write the result's sound ({exc})") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
 
 
 def check_sound_out(path: str | os.PathLike[str], output: object, audio: object) -> Path:

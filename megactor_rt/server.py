@@ -82,6 +82,7 @@ from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.errors import InputError, MegactorError, ResourceError
+from megactor_rt.files import written_whole
 from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
 from megactor_rt.media import RESULT_SUFFIXES
 from megactor_rt.remote import as_url, download, safe_name
@@ -1426,15 +1427,12 @@ def load_token(path: Path | None, create: bool = False) -> str | None:
         import secrets
 
         token, where = secrets.token_urlsafe(32), str(path)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
-            os.replace(partial, path)
+            with written_whole(path) as partial:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(token + "\n")
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                partial.unlink()
             raise InputError(f"{path}: cannot write a new token there ({exc.strerror or exc})") from exc
         logger.warning("%s: a new token written there; clients send it (animate --server-token-file %s, or "
                        "curl -H \"Authorization: Bearer $(cat %s)\")", path, path, path)
