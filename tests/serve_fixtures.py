@@ -7,6 +7,9 @@ import contextlib
 import http.client
 import io
 import json
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -143,3 +146,42 @@ def post_job(srv: AnimateServer, fields: dict[str, Field]) -> str:
     assert status == 202 and headers["Location"] == f"/jobs/{doc['id']}", answer
     assert doc["status"] == "queued" and doc["result_name"] == "me_talk." + str(fields.get("format", "mp4"))
     return str(doc["id"])
+
+
+def animate_through_a_restart(media: dict[str, Path], out: Path, serve_args: list[str],
+                              env: dict[str, str] | None = None) -> dict[str, str]:
+    """``animate --server``'s client making ``out`` (a GIF) on a ``serve --demo`` process (``serve_args`` added)
+    that is killed (SIGKILL) once the client sees its job run, and started again on the same port a moment later;
+    returns the result's headers. The caller sets the client's poll interval and reads its log."""
+    from megactor_rt.client import Client
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", str(port),
+                                 "--steps", "2", "--window", "4", "--overlap", "2", "--no-warmup", *serve_args],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        assert "listening on" in proc.stdout.readline()  # type: ignore[union-attr]
+        return proc
+
+    servers = [start()]
+    seen: list[str] = []
+
+    def restart_when_running(progress: object) -> None:  # (the client's progress: the run is under way)
+        if not seen:
+            seen.append("running")
+            servers[0].kill()
+            servers[0].wait(30)
+            threading.Thread(target=lambda: servers.append(start()), daemon=True).start()  # (seconds: an outage)
+
+    try:
+        head = Client(f"http://127.0.0.1:{port}").animate(media["portrait"], media["driver"], out,
+                                                          fields={"format": "gif"}, on_progress=restart_when_running)
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait(30)
+    assert len(servers) == 2
+    return head

@@ -20,7 +20,19 @@ from pathlib import Path
 
 import pytest
 from media_fixtures import decode_all
-from serve_fixtures import anim, animate, files, form, left, media, request, scratch, served, serving
+from serve_fixtures import (
+    anim,
+    animate,
+    animate_through_a_restart,
+    files,
+    form,
+    left,
+    media,
+    request,
+    scratch,
+    served,
+    serving,
+)
 
 from megactor_rt.cli import main
 from megactor_rt.client import Client
@@ -452,43 +464,13 @@ def test_a_batch_outlives_a_server_restart(media: dict[str, Path], tmp_path: Pat
                                            caplog: pytest.LogCaptureFixture) -> None:
     """`serve --demo` killed in the middle of a job's run and started again on its port: the client follows the
     job through the outage, finds it gone, sends it again, and writes the result."""
-    import sys
-
     import megactor_rt.client as client_module
 
     monkeypatch.setattr(client_module, "POLL_S", 0.05)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", str(port),
-                                 "--steps", "2", "--window", "4", "--overlap", "2", "--no-warmup"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                env={**os.environ, "TMPDIR": str(tmp_path)})
-        assert "listening on" in proc.stdout.readline()  # type: ignore[union-attr]
-        return proc
-
-    servers = [start()]
-    seen: list[str] = []
-
-    def restart_when_running(progress: object) -> None:  # (the client's progress: the first run is under way)
-        if not seen:
-            seen.append("running")
-            servers[0].kill()
-            servers[0].wait(30)
-            threading.Thread(target=lambda: servers.append(start()), daemon=True).start()  # (seconds: an outage)
-
     out = tmp_path / "out.gif"
-    try:
-        with caplog.at_level(logging.WARNING, "megactor_rt.client"):
-            head = Client(f"http://127.0.0.1:{port}").animate(media["portrait"], media["driver"], out,
-                                                              fields={"format": "gif"}, on_progress=restart_when_running)
-    finally:
-        for proc in servers:
-            proc.kill()
-            proc.wait(30)
-    assert len(servers) == 2 and head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
+    with caplog.at_level(logging.WARNING, "megactor_rt.client"):
+        head = animate_through_a_restart(media, out, [], env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
     assert "cannot reach the server" in caplog.text and "reached again after" in caplog.text
     assert "is no longer there (the server restarted" in caplog.text and "sending it again (1 of 2)" in caplog.text
 

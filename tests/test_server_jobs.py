@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,9 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 from media_fixtures import decode_all
-from serve_fixtures import anim, animate, files, media, post_job, request, serving, wait_for
+from serve_fixtures import (
+    anim,
+    animate,
+    animate_through_a_restart,
+    files,
+    media,
+    post_job,
+    request,
+    serving,
+    wait_for,
+)
 
-from megactor_rt.client import Client
 from megactor_rt.errors import InputError
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.server import RECORD, AnimateServer
@@ -166,37 +171,10 @@ def test_a_client_follows_its_job_through_a_killed_and_restarted_serve(media: di
     import megactor_rt.client as client_module
 
     monkeypatch.setattr(client_module, "POLL_S", 0.05)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", str(port),
-                                 "--steps", "2", "--window", "4", "--overlap", "2", "--no-warmup", "--jobs-dir",
-                                 str(tmp_path / "jobs")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert "listening on" in proc.stdout.readline()  # type: ignore[union-attr]
-        return proc
-
-    servers = [start()]
-    seen: list[str] = []
-
-    def restart_when_running(progress: object) -> None:  # (the client's progress: the run is under way)
-        if not seen:
-            seen.append("running")
-            servers[0].send_signal(signal.SIGKILL)
-            servers[0].wait(30)
-            threading.Thread(target=lambda: servers.append(start()), daemon=True).start()
-
     out = tmp_path / "out.gif"
-    try:
-        with caplog.at_level(logging.INFO, "megactor_rt.client"):
-            head = Client(f"http://127.0.0.1:{port}").animate(media["portrait"], media["driver"], out,
-                                                              fields={"format": "gif"}, on_progress=restart_when_running)
-    finally:
-        for proc in servers:
-            proc.kill()
-            proc.wait(30)
-    assert len(servers) == 2 and head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
+    with caplog.at_level(logging.INFO, "megactor_rt.client"):
+        head = animate_through_a_restart(media, out, ["--jobs-dir", str(tmp_path / "jobs")])
+    assert head["x-megactor-frames"] == "6" and len(decode_all(out)) == 6
     assert "cannot reach the server" in caplog.text and "reached again after" in caplog.text
     assert "sending it again" not in caplog.text and "no longer there" not in caplog.text
     assert _records(tmp_path / "jobs") == {}  # (the client deleted its job once it had the result)
