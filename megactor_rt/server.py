@@ -905,7 +905,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             raise ValueError(f"status {status!r}, id {doc['id']!r} in folder {task_id}")
         text = {str(k): str(v) for k, v in doc["text"].items()}
         files = {str(k): folder / v for k, v in doc["files"].items()} | {"driver": self.jobs_dir / doc["driver"]}
-        callback = doc["callback"]
+        callback, refused = doc["callback"], False
         if status in ("queued", "running"):
             if status == "running":
                 logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
@@ -916,7 +916,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 return task
             except (FormError, InputError) as exc:  # (this server's model, settings or limits refuse it)
                 said = _said(exc, folder).replace(f"{files['driver'].parent}{os.sep}", "driver/")
-                status, doc["error"], doc["finished"] = "failed", [400, said], time.time()
+                status, doc["error"], doc["finished"], refused = "failed", [400, said], time.time(), True
         job = Job(files.get("portrait", folder), files["driver"], folder / doc["result"])
         task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=float(doc["created"]),
                     finished=float(doc["finished"]), callback=callback, request=(text, files))
@@ -928,7 +928,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             logger.info("job %s: its result %s is gone; forgotten", task_id, task.result)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        if status == "failed" and doc["error"] is not None:
+        if refused:  # (its uploads are of no more use)
+            _prune(task)
             self._save(task)
         return task
 
@@ -970,10 +971,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
                 elif stopped:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts again)
                     pass
-                elif task.status == "done" or self._persists(task):  # its result and record alone (the uploads and
-                    for path in task.folder.glob("*"):  # its checkpoint are of no more use)
-                        if path.name not in ("result" if task.status == "done" else "", RECORD):
-                            shutil.rmtree(path, ignore_errors=True)
+                elif task.status == "done" or self._persists(task):
+                    _prune(task)
                 else:  # (failed or cancelled: what it says is kept, no file)
                     self.release(task.folder)
                 self._save(task)
@@ -1355,6 +1354,15 @@ def _check_length(job: Job, config: AnimateConfig, limit: int) -> None:
         raise FormError(f"{job.driver}: the result would have {frames} frames, over this server's limit of {limit} "
                         "(serve --frame-limit): send a part of the driver (start, duration), max_frames, or a "
                         "lower fps")
+
+
+def _prune(task: Task) -> None:
+    """Remove what a finished job's folder holds but its record and (done) its result: its uploads and its
+    checkpoint are of no more use."""
+    keep = (RECORD, "result") if task.status == "done" else (RECORD,)
+    for path in task.folder.glob("*"):
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _within(path: Path, folder: Path) -> str:

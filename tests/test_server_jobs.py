@@ -157,6 +157,7 @@ def test_what_cannot_be_taken_up_is_said(anim: Animator, media: dict[str, Path],
                                                                      "frames, over this server's limit of 2"), doc
         assert request(srv, "GET", f"/jobs/{done}")[0] == 404
     assert sorted(p.name for p in (jobs_dir / "jobs").iterdir()) == sorted(["broken", later])
+    assert [p.name for p in (jobs_dir / "jobs" / later).iterdir()] == [RECORD]  # (its files go with its run)
     assert f"job {done}: its result {jobs_dir / 'jobs' / done / 'result' / 'me_talk.mp4'} is gone" in caplog.text
     assert f"{jobs_dir / 'jobs' / 'partial'}: a job whose form was not received whole" in caplog.text
     assert f"{jobs_dir / 'jobs' / 'broken' / RECORD}: not a job record this server reads (JSONDecodeError" in caplog.text
