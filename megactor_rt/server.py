@@ -54,7 +54,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import email.parser
-import fcntl
 import hashlib
 import hmac
 import http.server
@@ -1400,6 +1399,7 @@ def _lock_jobs_dir(folder: Path) -> IO[bytes]:
     Raises:
         InputError: the folder cannot be written, or another server holds it (its process named).
     """
+    import fcntl
     try:
         (folder / "jobs").mkdir(parents=True, exist_ok=True)
         lock = open(folder / ".lock", "a+b")  # noqa: SIM115 - held open while the server runs
