@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megactor_rt.benchmark import provenance, save_tables
+from megactor_rt.benchmark import gpu_script_here, provenance, save_tables
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.models import layers
 from megactor_rt.weights import build_models
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--frames", type=int, default=16)
     args = ap.parse_args()
+    gpu_script_here("bench/attn_backends.py", args.tiny)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     shapes = record_shapes(args.tiny, args.frames)

@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="the dry-run (tiny, CPU) form of the scenario")
     args = ap.parse_args()
+    B.gpu_script_here("bench/profile_steps.py", args.tiny)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     sc = B.SUITES["gpu-full"][0]
     sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))

@@ -32,7 +32,14 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import matmul_tflops, provenance, random_models, save_tables, switched_env
+from megactor_rt.benchmark import (
+    gpu_script_here,
+    matmul_tflops,
+    provenance,
+    random_models,
+    save_tables,
+    switched_env,
+)
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.engine.cache import write_atomic
 
@@ -96,6 +103,7 @@ def main() -> None:
     ap.add_argument("--window-batch", type=int, default=3, metavar="K",
                     help="also time one eager call holding K windows (reported per window; default 3, 1: skip)")
     args = ap.parse_args()
+    gpu_script_here("bench/profile_unet.py", args.tiny)
     profile_what = args.profile or ("none" if args.quick else "eager")
     if profile_what == "compiled" and not args.compile:
         ap.error("--profile compiled needs --compile")

@@ -98,8 +98,8 @@ def import_tensorrt() -> Any:
     except Exception as exc:  # ImportError, or a stub package raising at import
         raise BackendUnavailable(
             f"TensorRT is not importable ({type(exc).__name__}: {exc}). TensorRT engines need an NVIDIA GPU "
-            "and the TensorRT Python package: pip install tensorrt cuda-python (TensorRT 11, or 10.x; the 'tensorrt' "
-            "extra, pip install -e '.[tensorrt]' in this checkout), "
+            "and the TensorRT Python package: pip install tensorrt cuda-python polygraphy (TensorRT 11, or 10.x): "
+            "the 'tensorrt' extra, pip install -e '.[tensorrt]' in this checkout; "
             "or use the 'onnxruntime'/'torch' backend") from exc
     return trt
 

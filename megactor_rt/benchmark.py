@@ -246,6 +246,21 @@ def model_config(kind: str, image_size: int) -> ModelConfig:
     return replace(cfg, image_size=image_size)
 
 
+def gpu_script_here(script: str, tiny: bool) -> None:
+    """Stop a GPU profiling script (``bench/NAME.py``) run at full size where torch sees no CUDA device: the
+    full-size networks on a CPU take minutes before their first line, and some need more memory than a
+    workstation has (``attn_backends.py``'s attention matrices: about 24 GB). ``--tiny`` checks the script on the
+    CPU instead.
+
+    Raises:
+        SystemExit: with the message (exit status 1).
+    """
+    if not tiny and not torch.cuda.is_available():
+        raise SystemExit(f"{script}: this torch sees no CUDA device, and the script measures the full-size networks "
+                         f"on a GPU (on a CPU: minutes of silence, and more memory than most machines have); "
+                         f"python {script} --tiny ... checks it here with the tiny model")
+
+
 def random_models(cfg: ModelConfig, device: torch.device, only: Collection[str] | None = None) -> Any:
     """The benchmark's random-weight networks (seed 0, see ``weights.build_models``), initialised on ``device``.
 
@@ -548,8 +563,11 @@ def run_scenario(sc: Scenario, device: torch.device, work_dir: Path,
                     setattr(run.sub, k, v)
                 with switched_env(mode_env(mode)):  # the worker threads read the switches at each call
                     if mode not in ready:
+                        logger.info("%s [%s]: warming up%s", sc.name, mode,
+                                    " (compiling: minutes)" if "compile" in mode else "")
                         run.start(sc, portrait, driver, work_dir, 2 if replays_cuda_graphs(mode) else 1)
                         ready[mode] = run
+                    logger.info("%s [%s]: timed run", sc.name, mode)
                     result = run.timed(sc, mode, device, driver, work_dir)
                 yield result
             except Exception as exc:
@@ -813,7 +831,9 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     if device is None and suite.startswith("gpu-") and not dry_run:  # the help's default: cuda for gpu-* suites
         if not torch.cuda.is_available():
             raise InputError(f"suite '{suite}' is measured on a GPU and this torch sees no CUDA device; --dry-run "
-                             "checks it here at small sizes, --device cpu runs it here in full (hours)")
+                             "checks it here at small sizes"
+                             + ("" if "tensorrt" in suite or "backends" in suite else
+                                ", --device cpu runs it here in full (hours)"))
         device = "cuda"
     if device is None and suite.startswith("cpu-"):  # the suite's name says where it measures
         device = "cpu"
@@ -872,7 +892,9 @@ def _save(report: dict, out: Path) -> None:
 
 def script_facts() -> dict[str, str]:
     """Where and when a CPU bench script ran: today's date and the machine (its reports begin with these)."""
-    return {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or ''}"}
+    from megactor_rt.runtime.backends import device_name
+
+    return {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {device_name(torch.device('cpu'))}"}
 
 
 def save_tables(out: Path, stem: str, report: dict, text: str) -> None:

@@ -907,9 +907,19 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
 
 
 def _check_fallback(args: argparse.Namespace) -> None:
+    """The engine flags that do not go together (``animate``, ``serve``): refused before anything loads."""
     if args.torch_fallback and args.fallback != "torch":
         raise InputError(f"--torch-fallback runs its graphs with torch, and then every graph without a valid plan "
                          f"too; it cannot be combined with --fallback {args.fallback}")
+    if getattr(args, "demo", False):
+        given = [flag for flag, value in (("--onnx", args.onnx), ("--engines", args.engines),
+                                          ("--torch-fallback", args.torch_fallback),
+                                          ("--fallback", args.fallback != "torch"), ("--compile", args.compile))
+                 if value]
+        if given:
+            raise InputError(f"{', '.join(given)}: for the released model's weights (--weights), not --demo: the tiny "
+                             "model exports its own graphs and builds its own plans for --backend (kept in "
+                             "~/.cache/megactor-rt/demo), and runs eager")
 
 
 def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -> Animator:
@@ -1436,6 +1446,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _output_folder(args.work_dir, "--work-dir")
     from megactor_rt.benchmark import markdown, run_bench
 
+    if not args.verbose:  # (a line as each mode warms up and is timed: a suite runs for minutes)
+        logging.getLogger("megactor_rt.benchmark").setLevel(logging.INFO)
     report = run_bench(args.suite, out, device=args.device, dry_run=args.dry_run, modes=args.modes,
                        work_dir=args.work_dir, only=args.scenarios)
     print(markdown(report))

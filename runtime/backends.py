@@ -77,16 +77,31 @@ def _module_available(module: str) -> tuple[bool, str]:
     return True, "ok"
 
 
-def device_name(dev: torch.device) -> str:
-    """A device as measured figures name it: the GPU's name, or the CPU's kind and core count."""
-    import os
+def cpu_model() -> str:
+    """The CPU's model as the system names it (``AMD EPYC 7B13``; Linux's ``/proc/cpuinfo``), else its
+    architecture (``platform.processor()`` is empty on Linux)."""
     import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(dev: torch.device) -> str:
+    """A device as measured figures name it: the GPU's name, or the CPU's model and core count."""
+    import os
 
     import torch
 
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
 
 
 def _torch_check() -> tuple[bool, str]:
@@ -109,8 +124,8 @@ def _ort_check() -> tuple[bool, str]:
 def _trt_check() -> tuple[bool, str]:
     ok, reason = _module_available("tensorrt")
     if not ok:
-        return ok, reason + (" (needs an NVIDIA GPU; pip install tensorrt cuda-python polygraphy: the 'tensorrt' extra, "
-                             "pip install -e '.[tensorrt]' in this checkout)")
+        return ok, reason + (" (needs an NVIDIA GPU; pip install tensorrt cuda-python polygraphy (TensorRT 11, or "
+                             "10.x): the 'tensorrt' extra, pip install -e '.[tensorrt]' in this checkout)")
     try:
         import tensorrt as trt
     except Exception as exc:  # stub packages raise at import

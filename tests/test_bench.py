@@ -602,3 +602,21 @@ def test_upstream_ops_switch_this_projects_kernels_off_for_that_modes_runs_only(
     for mode in ("optimized+upstream-ops+compile", "optimized+onnxruntime+upstream-ops"):
         with pytest.raises(ValueError, match="upstream-ops switches kernels of the eager torch networks"):
             benchmark.mode_settings(sc, mode, tmp_path)
+
+
+@pytest.mark.parametrize("script", ["attn_backends", "profile_unet", "profile_steps"])
+def test_a_gpu_script_at_full_size_without_cuda_stops_at_once_naming_tiny(script: str, tmp_path: Path) -> None:
+    """The GPU profiling scripts, run where torch sees no CUDA device without --tiny, stop before building the
+    full-size networks (attn_backends.py ran out of 24 GB on this machine) and say how to check them here."""
+    import subprocess
+    import sys
+
+    from megactor_rt import benchmark
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the scripts run in full there")
+    root = Path(benchmark.__file__).parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / f"{script}.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"python bench/{script}.py --tiny ... checks it here" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1619,3 +1619,8 @@ def test_animate_demo_tries_the_whole_command_without_weights(media: dict[str, P
     assert not (tmp_path / "dry").exists()
     code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "x", "--weights", tmp_path)
     assert code == 2 and "one of them; got --weights, --demo" in err
+    for flags in (["--onnx", tmp_path], ["--engines", tmp_path, "--compile"]):  # (the weights' artefacts: not taken)
+        code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "x", *flags)
+        named = ", ".join(str(f) for f in flags if str(f).startswith("--"))
+        assert code == 2 and f"{named}: for the released model's weights (--weights), not --demo" in err, err
+    assert not (tmp_path / "x").exists()
