@@ -244,7 +244,9 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     name = f"{spec.name}.{precision}.{key[:12]}.onnx"
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
-        return {**old, "profiles": spec.profiles()}, "cached"
+        profiles = spec.profiles()  # (the graph is the same; its shape profile may not be: --window-batch)
+        same = json.loads(json.dumps(profiles)) == old.get("profiles")
+        return {**old, "profiles": profiles}, "cached" if same else "cached, profile updated"
     with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
         src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
         if src is None:

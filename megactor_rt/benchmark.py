@@ -796,8 +796,10 @@ def shrink(sc: Scenario, device: torch.device) -> Scenario:
     where they fit), fp32 off-GPU. Exercises the same code path in seconds."""
     frames = min(sc.frames, 10)
     window = min(sc.window, 4)
-    return replace(sc, name=f"{sc.name} [dry run]", model="tiny", image_size=128, frames=frames, window=window,
-                   overlap=min(sc.overlap, window - 1), steps=min(sc.steps, 2), repeats=1,
+    steps, overlap = min(sc.steps, 2), min(sc.overlap, window - 1)
+    label = f"tiny 128px, {frames} frames, w{window}/o{overlap}, {steps} step{'s' if steps > 1 else ''}"
+    return replace(sc, name=f"{sc.name} [dry run: {label}]", model="tiny", image_size=128, frames=frames, window=window,
+                   overlap=overlap, steps=steps, repeats=1,
                    cfg_steps=None if sc.cfg_steps is None else min(sc.cfg_steps, 1),
                    precision=sc.precision if device.type == "cuda" else "fp32")
 

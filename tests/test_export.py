@@ -233,7 +233,7 @@ def test_other_profiles_reuse_the_graph_file(models, export_dir):
     old = manifest["graphs"]["temporal_unet_cond.fp32"]
     spec = {s.name: s for s in export_specs(models.config, window=WINDOW, window_batch=3)}["temporal_unet_cond"]
     entry, status = export_graph(spec, models, export_dir, 18, "fp32", manifest)
-    assert status == "cached" and (entry["file"], entry["sha256"]) == (old["file"], old["sha256"])
+    assert status == "cached, profile updated" and (entry["file"], entry["sha256"]) == (old["file"], old["sha256"])
     assert entry["profiles"]["default"]["latents"][2][0] == 3 and old["profiles"]["default"]["latents"][2][0] == 1
     from megactor_rt.export.onnx_export import export_key
 
@@ -480,7 +480,7 @@ def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, exp
     (onnx_dir / "manifest.json").write_text(json.dumps(manifest))
     spec = {s.name: s for s in export_specs(models.config, window=WINDOW, window_batch=2)}["temporal_unet_cond"]
     rows = _export_specs([spec], models, onnx_dir, 18, ("fp32",))
-    assert [r["status"] for r in rows] == ["cached"]
+    assert [r["status"] for r in rows] == ["cached, profile updated"]  # (the same graph: only its profile is new)
     results = build_engines(onnx_dir, tmp_path / "engines", "fp32", "default")
     assert [r.status for r in results] == ["built"]
     runner = TensorRTRunner(results[0].directory, device=gpu)  # reads the plan's sidecar only
