@@ -50,7 +50,9 @@ class JobGone(InputError):  # noqa: N818 - named for what it says
 
 class Unreachable(InputError):  # noqa: N818 - named for what it says
     """The server could not be reached, or the connection broke before its answer came (tried again while a job is
-    followed or its result fetched)."""
+    followed or its result fetched; a result's download broken off: ``etag`` names the file partly fetched)."""
+
+    etag: str | None = None
 
 
 class Client:
@@ -203,38 +205,55 @@ class Client:
 
     def fetch(self, job: str, output: Path) -> dict[str, str]:
         """Write job ``job``'s result to ``output`` (under a temporary name in its folder, renamed when whole; a
-        download that breaks off is made again, :data:`FETCH_TRIES` in all); the answer's headers
-        (``x-megactor-frames``, ...)."""
-        for attempt in range(1, FETCH_TRIES + 1):
-            try:
-                return self._fetch(job, output)
-            except Unreachable as exc:
-                if attempt == FETCH_TRIES:
-                    raise
-                logger.warning("%s; fetching the result again (try %d of %d)", exc, attempt + 1, FETCH_TRIES)
-                time.sleep(attempt)
+        download that breaks off goes on from where it broke, :data:`FETCH_TRIES` tries in all, or is made again
+        where the server sends the whole); the answer's headers (``x-megactor-frames``, ...)."""
+        try:
+            with written_whole(output) as partial:
+                partial.write_bytes(b"")
+                tag: str | None = None
+                for attempt in range(1, FETCH_TRIES + 1):
+                    try:
+                        return self._fetch(job, output, partial, tag)
+                    except Unreachable as exc:
+                        if attempt == FETCH_TRIES:
+                            raise
+                        tag = exc.etag or tag
+                        have = partial.stat().st_size
+                        logger.warning("%s; fetching the result again%s (try %d of %d)", exc,
+                                       f" from byte {have}" if tag and have else "", attempt + 1, FETCH_TRIES)
+                        time.sleep(attempt)
+        except OSError as exc:
+            raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
         raise AssertionError("unreachable")
 
-    def _fetch(self, job: str, output: Path) -> dict[str, str]:
-        status, head, answer, conn = self._call("GET", f"/jobs/{job}/result")
+    def _fetch(self, job: str, output: Path, partial: Path, tag: str | None) -> dict[str, str]:
+        """One try of :meth:`fetch` into ``partial``: its bytes so far asked for no more (a ``Range`` from where
+        they end, valid only for the file whose ``ETag`` is ``tag``); an ``Unreachable`` raised carries the
+        answer's ETag (``etag``) for the next try."""
+        have = partial.stat().st_size if tag else 0
+        ask = {"Range": f"bytes={have}-", "If-Range": tag} if tag and have else {}
+        status, head, answer, conn = self._call("GET", f"/jobs/{job}/result", headers=ask)
         try:
-            if status != 200:
+            if status == 416 and ask:  # (what it has is all there is? asked whole on the next try)
+                partial.write_bytes(b"")
+                raise Unreachable(f"{output}: the server has no bytes past the {have} fetched")
+            if status not in (200, 206):
                 raise InputError(f"{output}: {_error(answer.read(), status)}")
-            try:
-                with written_whole(output) as partial:
-                    with open(partial, "wb") as out:
-                        try:
-                            while chunk := answer.read(_CHUNK):
-                                out.write(chunk)
-                        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-                            raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: "
-                                              f"{exc})") from exc
-                    size = partial.stat().st_size
-                    if "content-length" in head and size != int(head["content-length"]):
-                        raise Unreachable(f"{output}: the result's download broke off ({size} of "
-                                          f"{head['content-length']} bytes)")
-            except OSError as exc:
-                raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
+            start = have if status == 206 else 0
+            total = int(head["content-length"]) + start if "content-length" in head else None
+            with open(partial, "ab" if start else "wb") as out:
+                try:
+                    while chunk := answer.read(_CHUNK):
+                        out.write(chunk)
+                except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+                    broke = Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: {exc})")
+                    broke.etag = head.get("etag")
+                    raise broke from exc
+            size = partial.stat().st_size
+            if total is not None and size != total:
+                broke = Unreachable(f"{output}: the result's download broke off ({size} of {total} bytes)")
+                broke.etag = head.get("etag")
+                raise broke
         finally:
             conn.close()
         return head

@@ -118,7 +118,8 @@ RECORD = "job.json"  # a job's record in its folder, with jobs_dir
 RECORD_FORMAT = 1
 # the answer headers a page of another site may read (CORS)
 _EXPOSED = ("Content-Disposition, Location, Retry-After, X-Megactor-Frames, X-Megactor-Seconds, "
-            "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached, X-Megactor-Driver-Cached")
+            "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached, X-Megactor-Driver-Cached, Accept-Ranges, "
+            "Content-Range, ETag")
 
 
 class _Readable(Protocol):
@@ -410,8 +411,10 @@ def openapi() -> dict[str, Any]:
                                "responses": {"200": job, "401": error, "404": error}},
                        "delete": {"summary": "cancel the job, or delete its result", "parameters": job_id,
                                   "responses": {"200": job, "202": job, "404": error}}},
-        "/jobs/{id}/result": {"get": {"summary": "a done job's result", "parameters": job_id, "responses": {
-            "200": result, "409": error, "410": error, "404": error}}},
+        "/jobs/{id}/result": {"get": {"summary": "a done job's result (a Range header: those bytes; HEAD: its "
+                                                "headers alone)", "parameters": job_id, "responses": {
+            "200": result, "206": {"description": "the bytes a Range header asked (Content-Range)"}, "409": error,
+            "410": error, "404": error, "416": error}}},
         "/health": {"get": {"summary": "the model's settings, the run under way, the runs waiting",
                             "responses": {"200": {"description": "a JSON object"}}}},
         "/ping": {"get": {"summary": "whether the server answers (the model is loaded); needs no token",
@@ -1081,8 +1084,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """A browser's question before another site's page sends a form or a DELETE (CORS preflight)."""
         self.send_response(204)
         if self.server.cors_origins:
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE")
-            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+            self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE")
+            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Range, If-Range")
             self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.send_header("Connection", "close")
@@ -1102,7 +1105,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
         if self.command == "POST" and status >= 400 and not self._form_read:
             self._linger()
 
@@ -1122,16 +1126,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _json(self, status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self._answer(status, (json.dumps(doc) + "\n").encode(), "application/json", headers)
 
-    def _error(self, status: int, message: str) -> None:
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s: %d %s", self.command,
                    getattr(self, "path", ""), status, message)
-        self._json(status, {"error": message}, {"Retry-After": "10"} if status == 503 else
-                   {"WWW-Authenticate": 'Bearer realm="megactor-rt"'} if status == 401 else None)
+        self._json(status, {"error": message}, headers or ({"Retry-After": "10"} if status == 503 else
+                   {"WWW-Authenticate": 'Bearer realm="megactor-rt"'} if status == 401 else None))
 
     def _allowed(self) -> bool:
         """Whether the request may be answered (its token, where the server has one); answered 401 if not."""
         sent = self.headers.get("Authorization")
-        if (self.command == "GET" and self._route() in _OPEN) or self.server.authorized(sent):
+        if (self.command in ("GET", "HEAD") and self._route() in _OPEN) or self.server.authorized(sent):
             return True
         self._error(401, "the token sent is not this server's" if sent else
                     "this server needs its token: send the header `Authorization: Bearer TOKEN` (curl -H ...; "
@@ -1177,6 +1181,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                              "GET /jobs lists them)")
             return None
         return found[0], found[1], parts[3] if len(parts) == 4 else ""
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+        """GET's answer without its body (download managers ask a result's size and whether it takes ranges)."""
+        self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if not self._allowed():
@@ -1325,18 +1333,72 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(410, f"job {task.id}: its result is gone (deleted, or kept past {self.server.keep_s:g} s)")
             return
         with file:
-            self._send_file(file, _media_type(task.result), task.headers())
+            st = os.fstat(file.fileno())
+            tag = f'"{task.id}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+            wanted = self.headers.get("Range")
+            if_range = self.headers.get("If-Range")
+            if if_range is not None and if_range.strip() != tag:  # (another file than the one partly fetched)
+                wanted = None
+            try:
+                part = byte_range(wanted, st.st_size)
+            except ValueError:
+                self._error(416, f"job {task.id}: the range {wanted!r} is not within its result's {st.st_size} bytes",
+                            {"Content-Range": f"bytes */{st.st_size}"})
+                return
+            headers = {**task.headers(), "Accept-Ranges": "bytes", "ETag": tag}
+            self._send_file(file, _media_type(task.result), headers, part)
 
-    def _send_file(self, file: IO[bytes], content_type: str, headers: dict[str, str]) -> None:
-        self.send_response(200)
+    def _send_file(self, file: IO[bytes], content_type: str, headers: dict[str, str],
+                   part: tuple[int, int] | None = None) -> None:
+        """Answer with ``file`` (200), or its bytes ``part`` (first, last: 206 with ``Content-Range``)."""
+        size = os.fstat(file.fileno()).st_size
+        first, last = part if part is not None else (0, size - 1)
+        self.send_response(200 if part is None else 206)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(os.fstat(file.fileno()).st_size))
+        self.send_header("Content-Length", str(last - first + 1))
+        if part is not None:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Connection", "close")
         self.close_connection = True
         self.end_headers()
-        shutil.copyfileobj(file, self.wfile, _CHUNK)
+        if self.command == "HEAD":
+            return
+        file.seek(first)
+        left = last - first + 1
+        while left > 0 and (chunk := file.read(min(_CHUNK, left))):
+            self.wfile.write(chunk)
+            left -= len(chunk)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The bytes (first, last) a ``Range`` header asks of a ``size``-byte file: None for the whole file (no header,
+    one in another unit, several ranges or one not well formed: RFC 9110 lets a server send the whole instead).
+
+    Raises:
+        ValueError: a range that starts past the end (or an empty suffix): answered 416.
+    """
+    if not header or not header.strip().lower().startswith("bytes="):
+        return None
+    spec = header.strip()[6:].strip()
+    if "," in spec:
+        return None
+    start, dash, end = spec.partition("-")
+    start, end = start.strip(), end.strip()
+    if not dash or not (start.isdigit() or (not start and end.isdigit())) or (end and not end.isdigit()):
+        return None
+    if not start:  # the last N bytes
+        if int(end) == 0 or size == 0:
+            raise ValueError("an empty range")
+        return max(0, size - int(end)), size - 1
+    first = int(start)
+    last = min(int(end), size - 1) if end else size - 1
+    if first >= size:
+        raise ValueError("past the end")
+    if last < first:
+        return None
+    return first, last
 
 
 def _check_length(job: Job, config: AnimateConfig, limit: int) -> None:

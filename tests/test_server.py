@@ -43,7 +43,7 @@ from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError
 from megactor_rt.runtime.animator import Animator
-from megactor_rt.server import AnimateServer, FormError, read_form
+from megactor_rt.server import AnimateServer, FormError, byte_range, read_form
 
 __all__ = ["anim", "media", "scratch", "served"]  # (fixtures, from serve_fixtures)
 
@@ -440,7 +440,7 @@ def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: Ani
     assert headers["Access-Control-Allow-Origin"] == "https://app.example" and headers["Vary"] == "Origin"
     assert "X-Megactor-Frames" in headers["Access-Control-Expose-Headers"]
     status, headers, _ = request(served, "OPTIONS", "/jobs", headers={**site, "Access-Control-Request-Method": "POST"})
-    assert status == 204 and headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE"
+    assert status == 204 and headers["Access-Control-Allow-Methods"] == "GET, HEAD, POST, DELETE"
     assert headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "Access-Control-Allow-Origin" not in request(served, "GET", "/health",
                                                        headers={"Origin": "https://evil.example"})[1]
@@ -530,6 +530,46 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
     second.join(120)
     assert answers["first"][0] == 200 and answers["second"][0] == 200
     assert order == ["start me_talk.mp4", "end me_talk.mp4", "start me_talk.gif", "end me_talk.gif"]
+
+
+@pytest.mark.parametrize(("header", "part"), [
+    (None, None), ("bytes=0-99", (0, 99)), ("bytes=100-", (100, 999)), ("bytes=-10", (990, 999)),
+    ("bytes=-5000", (0, 999)), ("bytes=900-5000", (900, 999)), (" Bytes=5-5 ", (5, 5)),
+    ("bytes=0-1,5-9", None), ("items=0-9", None), ("bytes=9-5", None), ("bytes=a-9", None), ("bytes=-", None),
+    ("bytes=1000-", ValueError), ("bytes=-0", ValueError)])
+def test_a_range_header_asks_for_bytes_of_the_file_or_the_whole(header: str | None, part: object) -> None:
+    """RFC 9110 byte ranges of a 1000-byte file: one range is sent (clamped to the end), anything else whole, a
+    start past the end refused (416)."""
+    if part is ValueError:
+        with pytest.raises(ValueError):
+            byte_range(header, 1000)
+    else:
+        assert byte_range(header, 1000) == part
+
+
+def test_a_results_download_takes_ranges_and_head(served: AnimateServer, media: dict[str, Path]) -> None:
+    """GET /jobs/ID/result answers a Range with 206 and those bytes (Content-Range, the run's headers too), a range
+    past the end with 416 naming the size, a Range with another file's If-Range with the whole; HEAD gives the
+    headers (size, ETag, Accept-Ranges) without the body."""
+    job = post_job(served, files(media))
+    wait_for(served, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    status, headers, whole = request(served, "GET", f"/jobs/{job}/result")
+    size, tag = len(whole), headers["ETag"]
+    assert status == 200 and headers["Accept-Ranges"] == "bytes" and tag.startswith(f'"{job}-')
+    status, headers, part = request(served, "GET", f"/jobs/{job}/result", headers={"Range": "bytes=100-"})
+    assert (status, part) == (206, whole[100:]) and headers["Content-Range"] == f"bytes 100-{size - 1}/{size}"
+    assert headers["X-Megactor-Frames"] == "6" and headers["Content-Length"] == str(size - 100)
+    status, _, part = request(served, "GET", f"/jobs/{job}/result", headers={"Range": "bytes=-10", "If-Range": tag})
+    assert (status, part) == (206, whole[-10:])
+    status, _, part = request(served, "GET", f"/jobs/{job}/result", headers={"Range": "bytes=0-9",
+                                                                            "If-Range": '"another"'})
+    assert (status, part) == (200, whole)
+    status, headers, body = request(served, "GET", f"/jobs/{job}/result", headers={"Range": f"bytes={size}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    assert f"not within its result's {size} bytes" in json.loads(body)["error"]
+    status, headers, body = request(served, "HEAD", f"/jobs/{job}/result")
+    assert (status, body, headers["Content-Length"], headers["ETag"]) == (200, b"", str(size), tag)
+    assert request(served, "HEAD", "/ping")[::2] == (200, b"")
 
 
 def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served: AnimateServer,

@@ -349,6 +349,47 @@ def test_a_job_is_followed_through_a_short_outage_and_its_result_fetched_again(
     assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and left(scratch) == []
 
 
+def test_a_download_broken_off_goes_on_from_where_it_broke(served: AnimateServer, media: dict[str, Path],
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The result's download breaks after 1000 bytes: the next try asks for the rest (Range, If-Range with the
+    file's ETag) and the file written is the server's, byte for byte."""
+    import megactor_rt.client as client_module
+
+    monkeypatch.setattr(client_module, "POLL_S", 0.05)
+    real_read, real_call = http.client.HTTPResponse.read, Client._call
+    reads: list[int] = []
+    asked: list[dict[str, str]] = []
+
+    def read(answer: http.client.HTTPResponse, amt: int | None = None) -> bytes:
+        if answer.getheader("X-Megactor-Frames") is not None and answer.status == 200:
+            reads.append(1)
+            if len(reads) == 1:
+                return real_read(answer, 1000)
+            raise http.client.IncompleteRead(b"", 5000)
+        return real_read(answer, amt)
+
+    def call(self: Client, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+             ) -> object:
+        if path.endswith("/result"):
+            asked.append(dict(headers or {}))
+        return real_call(self, method, path, body, headers)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", read)
+    monkeypatch.setattr(Client, "_call", call)
+    client = Client(served.url)
+    job = client.submit(media["portrait"], media["driver"], {"format": "gif"})
+    client.wait(job)
+    with caplog.at_level(logging.WARNING, "megactor_rt.client"):
+        client.fetch(job, tmp_path / "out.gif")
+    monkeypatch.undo()
+    _, headers, whole = request(served, "GET", f"/jobs/{job}/result")
+    assert (tmp_path / "out.gif").read_bytes() == whole and len(whole) > 1000
+    assert asked == [{}, {"Range": "bytes=1000-", "If-Range": headers["ETag"]}]
+    assert "fetching the result again from byte 1000 (try 2 of 3)" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gif", "tmp"]
+
+
 def test_a_server_gone_for_good_or_a_job_gone_is_named(served: AnimateServer, media: dict[str, Path],
                                                        tmp_path: Path, scratch: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
