@@ -634,7 +634,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             path = self.jobs_dir / "jobs" / job_id
             path.mkdir(parents=True)
             return path
-        path = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-"))
+        requests = None  # with jobs_dir, beside the jobs and the kept drivers: an upload moved there is renamed, not
+        if self.jobs_dir is not None:  # copied across file systems (a jobs folder on another disk than /tmp)
+            requests = self.jobs_dir / "requests"
+            requests.mkdir(exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-", dir=requests))
         with self._state:
             self._folders.add(path)
         return path
@@ -864,6 +868,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         Returns (jobs known, runs queued)."""
         if self.jobs_dir is None:
             return 0, 0
+        for stale in sorted((self.jobs_dir / "requests").glob("*")):  # (POST /animate's, under way at the stop)
+            logger.info("%s: a request's folder left by the server's stop; removed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         store = self.jobs_dir / "drivers"
         kept = sorted((p for p in store.glob("*/*") if p.is_file()), key=lambda p: p.stat().st_mtime)
         with self._state:

@@ -123,6 +123,33 @@ def test_deleted_and_expired_jobs_leave_nothing_in_the_folder(anim: Animator, me
         assert animate(srv, files(media))[0] == 200 and list((jobs_dir / "jobs").iterdir()) == []
 
 
+def test_a_jobs_folder_on_another_file_system_than_the_temporary_folder(anim: Animator, media: dict[str, Path],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files do not move across file systems by renaming (EXDEV): with the jobs folder on another disk, a POST
+    /animate's driver still goes to the drivers kept there (its upload made beside it), and nothing stays behind."""
+    import errno
+
+    jobs_dir = tmp_path / "jobs"
+    real = os.replace
+
+    def replace(src: Any, dst: Any) -> None:  # (jobs_dir as another file system)
+        if Path(src).is_relative_to(jobs_dir) != Path(dst).is_relative_to(jobs_dir):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        status, headers, _ = animate(srv, files(media))
+        assert status == 200 and headers["X-Megactor-Frames"] == "6"
+        assert [p.name for p in (jobs_dir / "drivers").glob("*/*")] == ["talk.mp4"]
+        assert list((jobs_dir / "requests").iterdir()) == []
+        (jobs_dir / "requests" / "megactor-rt-serve-left").mkdir()  # (as a server stopped mid-request leaves it)
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        srv.restore()
+        assert list((jobs_dir / "requests").iterdir()) == []
+
+
 def test_one_server_per_jobs_folder(anim: Animator, tmp_path: Path) -> None:
     jobs_dir = tmp_path / "jobs"
     taken = rf"{jobs_dir}: another server uses this jobs folder \(--jobs-dir\) \(process {os.getpid()}\); one server"
