@@ -1149,7 +1149,13 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
 
     errors: list[BaseException] = []
 
-    def serve_jobs(client: Client) -> None:  # one thread per server: each takes the next job when it is free
+    def serve_jobs(client: Client, ended: threading.Event) -> None:  # a thread per server: the next job when free
+        try:
+            take_jobs(client)
+        finally:
+            ended.set()
+
+    def take_jobs(client: Client) -> None:
         while not stop.is_set():
             try:
                 job = todo.get_nowait()
@@ -1176,18 +1182,20 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 if overall is not None:
                     overall.update(1)
 
-    workers = [threading.Thread(target=serve_jobs, args=(c,), name=f"megactor-rt-client-{i}", daemon=True)
-               for i, c in enumerate(clients)]
+    ended = [threading.Event() for _ in clients]
+    workers = [threading.Thread(target=serve_jobs, args=(c, e), name=f"megactor-rt-client-{i}", daemon=True)
+               for i, (c, e) in enumerate(zip(clients, ended, strict=True))]
     for worker in workers:
         worker.start()
-    try:
-        for worker in workers:
-            while worker.is_alive():
-                worker.join(0.2)
+    try:  # (waiting on events: a Thread.join that Ctrl-C interrupts may take the thread for ended, Python 3.11)
+        for done in ended:
+            while not done.wait(0.2):
+                pass
     except BaseException:  # Ctrl-C, SIGTERM: each server's job is cancelled (within a poll) before the end
         stop.set()
-        for worker in workers:
-            worker.join(30)
+        deadline = time.monotonic() + 30
+        for done in ended:
+            done.wait(max(0.0, deadline - time.monotonic()))
         raise
     finally:
         if overall is not None:

@@ -897,12 +897,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 if task.status == "queued":
                     self._queue.append(task)
             self._expire()
-            queued = len(self._queue)
+            known, queued = sum(t.id in self._tasks for t in tasks), len(self._queue)
             if queued:
                 self._start_worker()
         if tasks:
-            logger.info("%s: %d job(s) kept from before, %d of them to run", self.jobs_dir, len(tasks), queued)
-        return len(tasks), queued
+            logger.info("%s: %d job(s) kept from before (%d expired meanwhile), %d of them to run", self.jobs_dir,
+                        known, len(tasks) - known, queued)
+        return known, queued
 
     def _restored(self, folder: Path, doc: dict[str, Any]) -> Task | None:
         """The job a record describes, or None where its result is gone (then its folder goes too)."""
@@ -918,6 +919,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         if status in ("queued", "running"):
             if status == "running":
                 logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
+                shutil.rmtree(folder / "result", ignore_errors=True)  # (a result's write the stop cut short)
             try:
                 task = self.task_of(folder, text, files, task_id, True, callback)
                 task.created = float(doc["created"])
@@ -1035,12 +1037,18 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             stats = self.anim.animate_to_file(job.portrait, job.driver, job.output, **options, config=task.config,
                                               on_progress=report)
             task.stats = RunOutcome.of(stats)
-            if getattr(stats, "resumed_from_step", 0):
-                logger.info("run %s: went on from step %d, saved before the server stopped", task.id,
-                            stats.resumed_from_step + 1)
+            resumed = getattr(stats, "resumed_from_step", 0)
+            if resumed >= task.config.steps:
+                logger.info("run %s: its denoising was saved whole before the server stopped; decoded only", task.id)
+            elif resumed:
+                logger.info("run %s: went on from step %d, saved before the server stopped", task.id, resumed + 1)
         except Cancelled:
             task.status = "cancelled"
-            logger.info("run %s: cancelled", task.id)
+            if self._closing and self._persists(task):
+                logger.info("run %s: stopped with the server; it runs again when a server starts on %s", task.id,
+                            self.jobs_dir)
+            else:
+                logger.info("run %s: cancelled", task.id)
             return
         except InputError as exc:
             task.error = 400, task.said(exc)

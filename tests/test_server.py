@@ -901,6 +901,8 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
     code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
                  str(media["driver"]), "-o", str(tmp_path / "never.mp4")])
     assert code == 130 and "interrupted" in capsys.readouterr().err
+    running = served.running  # (asked to stop before the command returned: the command line ends the process
+    assert running is not None and running.cancel.is_set()  # at once after it, its threads with it)
     go.set()
     wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == ["cancelled"]

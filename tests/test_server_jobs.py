@@ -82,6 +82,7 @@ def test_jobs_outlive_the_server_and_a_stopped_run_goes_on_from_its_step(
     assert _records(jobs_dir) == {done: "done", bad: "failed", stopped: "running", queued: "queued"}
     assert len(list((jobs_dir / "jobs" / stopped / "checkpoint").glob("run-*.safetensors"))) == 1
     monkeypatch.undo()
+    (jobs_dir / "jobs" / stopped / "result" / ".me_talk.0a1b.tmp.gif").write_bytes(b"GIF8")  # (a kill -9's write)
 
     with serving(anim, jobs_dir=jobs_dir) as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
         assert srv.restore() == (4, 2)
@@ -116,7 +117,7 @@ def test_deleted_and_expired_jobs_leave_nothing_in_the_folder(anim: Animator, me
         job = post_job(srv, {**files(media), "duration": "0.04"})
         wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
     with serving(anim, jobs_dir=jobs_dir, keep_s=0.0) as srv:
-        assert srv.restore() == (1, 0) and request(srv, "GET", f"/jobs/{job}")[0] == 404  # (expired meanwhile)
+        assert srv.restore() == (0, 0) and request(srv, "GET", f"/jobs/{job}")[0] == 404  # (expired meanwhile)
         assert list((jobs_dir / "jobs").iterdir()) == []
         assert len(list((jobs_dir / "drivers").glob("*/talk.mp4"))) == 1  # (the driver kept for the next requests)
     with serving(anim, jobs_dir=jobs_dir) as srv:  # (a POST /animate leaves nothing there)
