@@ -528,14 +528,14 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._driver_store: Path | None = None
         self.jobs_dir: Path | None = None
         self._lock: IO[bytes] | None = None
+        super().__init__(address, _Handler)  # (first: a port in use leaves no jobs folder made)
         if jobs_dir is not None:
-            self._lock = _lock_jobs_dir(jobs_dir)
+            try:
+                self._lock = _lock_jobs_dir(jobs_dir)
+            except BaseException:
+                self.socket.close()
+                raise
             self.jobs_dir, self._driver_store = jobs_dir, jobs_dir / "drivers"
-        try:
-            super().__init__(address, _Handler)
-        except BaseException:
-            self._unlock()
-            raise
 
     @property
     def url(self) -> str:

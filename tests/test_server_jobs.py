@@ -161,6 +161,9 @@ def test_one_server_per_jobs_folder(anim: Animator, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match=r"file: the jobs folder \(--jobs-dir\) cannot be written"):
         AnimateServer(anim, ("127.0.0.1", 0), jobs_dir=tmp_path / "file")
+    with serving(anim) as srv, pytest.raises(OSError):  # (a port in use: said before a jobs folder is made)
+        AnimateServer(anim, ("127.0.0.1", srv.server_address[1]), jobs_dir=tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 def test_what_cannot_be_taken_up_is_said(anim: Animator, media: dict[str, Path], tmp_path: Path,
