@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megactor_rt.errors import BackendUnavailable, EngineMismatch
+from megactor_rt.errors import TENSORRT_INSTALL, BackendUnavailable, EngineMismatch
 from megactor_rt.files import locked, remove_stale, umask_mode
 
 PLAN_NAME = "engine.plan"
@@ -98,8 +98,7 @@ def import_tensorrt() -> Any:
     except Exception as exc:  # ImportError, or a stub package raising at import
         raise BackendUnavailable(
             f"TensorRT is not importable ({type(exc).__name__}: {exc}). TensorRT engines need an NVIDIA GPU "
-            "and the TensorRT Python package: pip install tensorrt cuda-python polygraphy (TensorRT 11, or 10.x): "
-            "the 'tensorrt' extra, pip install -e '.[tensorrt]' in this checkout; "
+            f"and the TensorRT Python package: {TENSORRT_INSTALL}; "
             "or use the 'onnxruntime'/'torch' backend") from exc
     return trt
 

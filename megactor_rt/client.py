@@ -52,7 +52,9 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
     """The server could not be reached, or the connection broke before its answer came (tried again while a job is
     followed or its result fetched; a result's download broken off: ``etag`` names the file partly fetched)."""
 
-    etag: str | None = None
+    def __init__(self, message: str, etag: str | None = None) -> None:
+        super().__init__(message)
+        self.etag = etag
 
 
 class Client:
@@ -246,14 +248,12 @@ class Client:
                     while chunk := answer.read(_CHUNK):
                         out.write(chunk)
                 except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-                    broke = Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: {exc})")
-                    broke.etag = head.get("etag")
-                    raise broke from exc
+                    raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: {exc})",
+                                      head.get("etag")) from exc
             size = partial.stat().st_size
             if total is not None and size != total:
-                broke = Unreachable(f"{output}: the result's download broke off ({size} of {total} bytes)")
-                broke.etag = head.get("etag")
-                raise broke
+                raise Unreachable(f"{output}: the result's download broke off ({size} of {total} bytes)",
+                                  head.get("etag"))
         finally:
             conn.close()
         return head

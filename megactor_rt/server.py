@@ -846,7 +846,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     # -- jobs kept in jobs_dir ----------------------------------------------------------------------------
     def _persists(self, task: Task) -> bool:
-        return self.jobs_dir is not None and task.keep and task.folder.is_relative_to(self.jobs_dir)
+        return self.jobs_dir is not None and task.keep  # (a job's folder is in jobs_dir then: folder())
 
     def _save(self, task: Task) -> None:
         """Write ``task``'s record in its folder (a job in ``jobs_dir``), but not the cancelling of the server's
@@ -915,7 +915,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             raise ValueError(f"status {status!r}, id {doc['id']!r} in folder {task_id}")
         text = {str(k): str(v) for k, v in doc["text"].items()}
         files = {str(k): folder / v for k, v in doc["files"].items()} | {"driver": self.jobs_dir / doc["driver"]}
-        callback, refused = doc["callback"], False
+        callback = doc["callback"]
+        refused: Exception | None = None  # (why this server does not run it again)
         if status in ("queued", "running"):
             if status == "running":
                 logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
@@ -923,15 +924,17 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             try:
                 task = self.task_of(folder, text, files, task_id, True, callback)
                 task.created = float(doc["created"])
-                self._save(task)
+                if status == "running":  # (queued again; a queued job's record says so already)
+                    self._save(task)
                 return task
             except (FormError, InputError) as exc:  # (this server's model, settings or limits refuse it)
-                said = _said(exc, folder).replace(f"{files['driver'].parent}{os.sep}", "driver/")
-                status, doc["error"], doc["finished"], refused = "failed", [400, said], time.time(), True
+                status, refused, doc["finished"] = "failed", exc, time.time()
         job = Job(files.get("portrait", folder), files["driver"], folder / doc["result"])
         task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=float(doc["created"]),
                     finished=float(doc["finished"]), callback=callback, request=(text, files))
-        if doc["error"] is not None:
+        if refused is not None:
+            task.error = 400, task.said(refused)
+        elif doc["error"] is not None:
             task.error = int(doc["error"][0]), str(doc["error"][1])
         if doc["outcome"] is not None:
             task.stats = RunOutcome(**doc["outcome"])
@@ -939,7 +942,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             logger.info("job %s: its result %s is gone; forgotten", task_id, task.result)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        if refused:  # (its uploads are of no more use)
+        if refused is not None:  # (its uploads are of no more use)
             _prune(task)
             self._save(task)
         return task

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megactor_rt.errors import BackendUnavailable
+from megactor_rt.errors import TENSORRT_INSTALL, BackendUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -124,8 +124,7 @@ def _ort_check() -> tuple[bool, str]:
 def _trt_check() -> tuple[bool, str]:
     ok, reason = _module_available("tensorrt")
     if not ok:
-        return ok, reason + (" (needs an NVIDIA GPU; pip install tensorrt cuda-python polygraphy (TensorRT 11, or "
-                             "10.x): the 'tensorrt' extra, pip install -e '.[tensorrt]' in this checkout)")
+        return ok, reason + f" (needs an NVIDIA GPU; {TENSORRT_INSTALL})"
     try:
         import tensorrt as trt
     except Exception as exc:  # stub packages raise at import
