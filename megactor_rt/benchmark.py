@@ -841,6 +841,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         device = "cpu"
     dev = check_device(device) if device else default_device()  # a device this machine lacks: InputError
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
+    _warn_unavailable_backends(scenarios)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
@@ -867,6 +868,23 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     report["matmul_tflops"] = max(report["matmul_samples_tflops"])
     _save(report, out)  # errors recorded after the last result
     return report
+
+
+def _warn_unavailable_backends(scenarios: list[Scenario]) -> None:
+    """Say at the start which modes will fail for a graph backend this machine lacks (each is recorded as an
+    error when its turn comes, after the modes before it have run)."""
+    from megactor_rt.runtime.backends import backend_status
+
+    status = backend_status()
+    needs: dict[str, list[str]] = {}
+    for sc in scenarios:
+        for mode in sc.modes:
+            name = mode_backend(mode)["name"]
+            if not status.get(name, (True, ""))[0] and mode not in needs.setdefault(name, []):
+                needs[name].append(mode)
+    for name, modes in needs.items():
+        logger.warning("backend '%s' is unavailable here (%s): mode(s) %s will be recorded as errors, the other "
+                    "modes run", name, status[name][1], ", ".join(modes))
 
 
 def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) -> list[Scenario]:

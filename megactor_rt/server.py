@@ -24,12 +24,13 @@ same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Locat
 says where it is (queued with the runs ``ahead`` of it, running with its ``progress``: stage, done, total, unit;
 done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers as ``POST /animate`` would have
 (409 before it is done, 410 cancelled); ``DELETE /jobs/ID`` cancels it (queued: at once; running: at its next
-progress report) or deletes its result; ``GET /jobs`` lists them. A job's result is kept ``keep_s`` after its run
-(and the ``max_kept`` latest only). ``GET /health`` answers a JSON object: the model's settings, the run under way
-and how many wait; ``GET /metrics`` counters and gauges for Prometheus (runs, frames, run seconds, the queue,
-answers by status, portraits kept); ``GET /openapi.json`` the API as an OpenAPI 3 document; ``GET /`` a page with
-the form for a browser (it runs the form as a job, shows its progress, then the result and a link to save it).
-Pages of other sites may call the server only where ``cors_origins`` names them.
+progress report; a cancelled job stays listed, as a finished one does) or deletes its result; ``GET /jobs`` lists
+them. A job's result is kept ``keep_s`` after its run (and the ``max_kept`` latest only). ``GET /health`` answers a
+JSON object: the model's settings, the run under way and how many wait; ``GET /metrics`` counters and gauges for
+Prometheus (runs, frames, run seconds, the queue, answers by status, portraits kept); ``GET /openapi.json`` the API
+as an OpenAPI 3 document; ``GET /`` a page with the form for a browser (it runs the form as a job, shows its
+progress, then the result and a link to save it). Pages of other sites may call the server only where
+``cors_origins`` names them.
 
 One run at a time (one model on one device), on a worker thread of the server's; the requests that come meanwhile
 wait in turn. Uploads and results are kept in a temporary folder per request, removed when its answer has been
@@ -779,23 +780,21 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             return [t.describe() for t in self._tasks.values()]
 
     def forget(self, task: Task) -> str:
-        """Cancel ``task`` (queued: at once; running: at its next progress report) or, finished, delete it and its
-        result; returns its status then ("cancelled", "cancelling", "deleted")."""
+        """Cancel ``task`` (queued: at once; running: at its next progress report; either stays listed as
+        cancelled, as a finished job does) or, finished, delete it and its result; returns its status then
+        ("cancelled", "cancelling", "deleted")."""
         with self._state:
             if task.status == "queued":
                 self._queue.remove(task)
                 task.status, task.finished = "cancelled", time.time()
-                task.over.set()
-                del self._tasks[task.id]
-                gone = "cancelled"
-            elif task.status == "running":
+                self._settle(task)
+                return "cancelled"
+            if task.status == "running":
                 task.cancel.set()
                 return "cancelling"
-            else:
-                self._tasks.pop(task.id, None)
-                gone = "deleted"
+            self._tasks.pop(task.id, None)
         self.release(task.folder)
-        return gone
+        return "deleted"
 
     def _expire(self) -> None:
         """Forget finished jobs older than ``keep_s``, and the oldest beyond ``max_kept`` (with ``_state`` held)."""
@@ -980,20 +979,25 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     self.failed += 1
                 else:
                     self._counts["cancelled"] += 1
-                stopped = self._closing and task.status == "cancelled" and self._persists(task)
-                if not task.keep:
-                    self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
-                elif stopped:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts again)
-                    pass
-                elif task.status == "done" or self._persists(task):
-                    _prune(task)
-                else:  # (failed or cancelled: what it says is kept, no file)
-                    self.release(task.folder)
-                self._save(task)
-                task.over.set()
-                if task.callback is not None and not stopped:
-                    threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
-                                     name=f"megactor-rt-callback-{task.id}").start()
+                self._settle(task)
+
+    def _settle(self, task: Task) -> None:
+        """An ended job's files, record, waiters and callback (a run's, or a queued job's cancelled before it ran),
+        with ``_state`` held: a job is listed with its outcome until it expires."""
+        stopped = self._closing and task.status == "cancelled" and self._persists(task)
+        if not task.keep:
+            self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
+        elif stopped:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts again)
+            pass
+        elif task.status == "done" or self._persists(task):
+            _prune(task)
+        else:  # (failed or cancelled: what it says is kept, no file)
+            self.release(task.folder)
+        self._save(task)
+        task.over.set()
+        if task.callback is not None and not stopped:
+            threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
+                             name=f"megactor-rt-callback-{task.id}").start()
 
     def _call_back(self, url: str, state: dict[str, Any]) -> None:
         """Post a finished job's ``state`` to its callback address (tried again where not reached or answered 5xx);

@@ -244,7 +244,7 @@ class Animator:
         return cls(sub, config, cache)
 
     @classmethod
-    def demo(cls, seed: int = 0, device: str | None = None, config: AnimateConfig | None = None, *,
+    def demo(cls, seed: int = 42, device: str | None = None, config: AnimateConfig | None = None, *,
              backend: str = "torch", work_dir: str | Path | None = None, precision: Precision | str | None = None,
              cuda_graphs: bool = False, image_size: int | None = None) -> Animator:
         """A tiny random-weight model (golden-pack architecture, 128 px; ``image_size``: another, as for
@@ -257,7 +257,8 @@ class Animator:
         onnxruntime), fp16 (tensorrt) unless given; device: cpu (torch, onnxruntime), cuda (tensorrt).
 
         Args:
-            seed: seed of the random weights (not of the runs: that is ``config.seed``).
+            seed: seed of the random weights (not of the runs: that is ``config.seed``); 42, as
+                ``megactor-rt demo`` and ``animate --demo``, whose ``--seed`` seeds both.
             config: run settings (:class:`~megactor_rt.config.AnimateConfig`; default: upstream's).
             cuda_graphs: tensorrt backend only, as for :meth:`from_weights`.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,10 +117,11 @@ def test_cpu_stream_suite_dry_run(tmp_path):
     assert "optimized+no-wrap" in (tmp_path / "results.md").read_text()
 
 
-def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch):
+def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch, caplog):
     """An onnxruntime mode runs the exported graphs of the same random networks (every graph it needs called,
     none the run does not need exported) and counts the FLOPs of the torch networks' calls: the same totals as
-    a torch-only run; modes a graph backend cannot run are recorded with the reason."""
+    a torch-only run; modes a graph backend cannot run are recorded with the reason, and named before the
+    first mode runs."""
     from megactor_rt import benchmark
 
     monkeypatch.setitem(benchmark.SUITES, "test-backends", [benchmark.Scenario(
@@ -127,7 +129,10 @@ def test_graph_backend_modes_run_the_same_networks(tmp_path, monkeypatch):
         modes=("optimized+onnxruntime", "reference+onnxruntime", "optimized+onnxruntime+compile",
                "optimized+tensorrt", "optimized+fp16-softmax"))])
     monkeypatch.setattr(benchmark, "_MODELS", {})  # a fresh FLOP table: counted through the onnxruntime mode
-    report = run_bench("test-backends", tmp_path / "graphs")
+    with caplog.at_level(logging.INFO, logger="megactor_rt.benchmark"):
+        report = run_bench("test-backends", tmp_path / "graphs")
+    said = [r.getMessage() for r in caplog.records]
+    assert "mode(s) optimized+tensorrt will be recorded as errors" in said[0] and "warming up" in said[1], said
     (ort,) = report["results"]
     assert ort["mode"] == "optimized+onnxruntime" and ort["frames"] == 4 and ort["fps"] > 0
     assert ort["calls"]["temporal_unet"] == 1 and ort["calls"]["reference_net"] == 1  # 1 window, 1 step, CFG

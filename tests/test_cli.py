@@ -162,6 +162,17 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     assert not np.array_equal(frames_of(bundled)[0], cli_frames[0])
 
 
+def test_python_demo_has_the_commands_default_weights() -> None:
+    """`megactor-rt demo` without --seed and `Animator.demo()` build the same random weights (their frames then
+    agree, as the test above shows for an explicit seed)."""
+    import inspect
+
+    seed = inspect.signature(Animator.demo).parameters["seed"].default
+    args = cli.build_parser().parse_args(["demo"])
+    assert seed == args.seed == AnimateConfig().seed
+    assert Animator.demo().sub.weights_id == cli.tiny_weights_id(args.seed)
+
+
 # ---------------------------------------------------------------------------------------------- animate
 
 

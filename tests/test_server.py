@@ -601,8 +601,8 @@ def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served:
 def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media: dict[str, Path], scratch: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A queued job says how many runs are ahead and has no result yet (409); DELETE cancels it queued (at once)
-    or running (at its run's next progress report: 202, then cancelled, its result gone: 410); a job whose run
-    fails says why, and its result answers with that error."""
+    or running (at its run's next progress report: 202, then cancelled, its result gone: 410), listed as cancelled
+    until a second DELETE; a job whose run fails says why, and its result answers with that error."""
     go = hold_runs(served, monkeypatch)
     first, second = post_job(served, files(media)), post_job(served, {**files(media), "format": "gif"})
     wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{first}")
@@ -617,6 +617,9 @@ def test_jobs_wait_their_turn_and_can_be_cancelled(served: AnimateServer, media:
     doc = wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{first}")
     assert doc["status"] == "cancelled" and doc["progress"]["stage"] == "driver", doc  # (its first report)
     assert request(served, "GET", f"/jobs/{first}/result")[0] == 410
+    assert json.loads(request(served, "GET", f"/jobs/{second}")[2])["status"] == "cancelled"
+    assert request(served, "GET", f"/jobs/{second}/result")[0] == 410
+    assert json.loads(request(served, "DELETE", f"/jobs/{second}")[2])["status"] == "deleted"
     assert request(served, "GET", f"/jobs/{second}")[0] == 404
     bad = post_job(served, {**files(media), "portrait": ("me.png", b"not an image")})
     doc = wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{bad}")
@@ -853,6 +856,37 @@ def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media
     wait_for(served, lambda d: d["running"] is None)
     assert [d["status"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] in ([], ["cancelled"])
     assert left(scratch) == [] and not (tmp_path / "never.mp4").exists()
+
+
+def test_a_queued_job_cancelled_by_someone_else_is_not_sent_again(served: AnimateServer, media: dict[str, Path],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's job cancelled on the server while it waits (someone's DELETE): the client says it was cancelled,
+    and does not take it for a job the server lost (which it would send again)."""
+    from megactor_rt.client import Client
+
+    go = hold_runs(served, monkeypatch)
+    first = post_job(served, files(media))
+    wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{first}")
+    failure: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            Client(served.url).animate(media["portrait"], media["driver"], tmp_path / "never.mp4")
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            failure.append(exc)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    queued = wait_for(served, lambda d: len(d["jobs"]) == 2, path="/jobs")["jobs"][1]["id"]
+    assert json.loads(request(served, "DELETE", f"/jobs/{queued}")[2])["status"] == "cancelled"
+    thread.join(30)
+    assert not thread.is_alive() and len(failure) == 1
+    assert isinstance(failure[0], InputError) and "the run was cancelled" in str(failure[0]), failure
+    go.set()
+    wait_for(served, lambda d: d["status"] == "done", path=f"/jobs/{first}")
+    assert [d["id"] for d in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == [first]  # (none sent again)
+    assert not (tmp_path / "never.mp4").exists()
 
 
 def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, media: dict[str, Path],

@@ -18,6 +18,7 @@ from serve_fixtures import (
     animate,
     animate_through_a_restart,
     files,
+    hold_runs,
     media,
     post_job,
     request,
@@ -104,6 +105,28 @@ def test_jobs_outlive_the_server_and_a_stopped_run_goes_on_from_its_step(
     assert _records(jobs_dir) == {done: "done", bad: "failed", stopped: "done", queued: "done"}
     kept = sorted(str(p.relative_to(jobs_dir / "jobs" / stopped)) for p in (jobs_dir / "jobs" / stopped).rglob("*"))
     assert kept == [RECORD, "result", "result/me_talk.gif"]  # (its uploads and checkpoint gone with its run)
+
+
+def test_a_queued_job_cancelled_stays_cancelled_in_the_folder(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELETE on a queued job in a jobs folder: its record says cancelled (its uploads gone), and a server started
+    on the folder lists it as cancelled and does not run it."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        go = hold_runs(srv, monkeypatch)
+        first = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "running", path=f"/jobs/{first}")
+        second = post_job(srv, files(media))
+        assert json.loads(request(srv, "DELETE", f"/jobs/{second}")[2])["status"] == "cancelled"
+        assert _records(jobs_dir)[second] == "cancelled"
+        assert [p.name for p in (jobs_dir / "jobs" / second).iterdir()] == [RECORD]
+        go.set()
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{first}")
+    monkeypatch.undo()
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert srv.restore() == (2, 0)
+        assert json.loads(request(srv, "GET", f"/jobs/{second}")[2])["status"] == "cancelled"
+        assert request(srv, "GET", f"/jobs/{second}/result")[0] == 410
 
 
 def test_deleted_and_expired_jobs_leave_nothing_in_the_folder(anim: Animator, media: dict[str, Path],
