@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from megactor_rt.config import (
     BIT_DEPTHS,
+    DEMO_WEIGHTS_SEED,
     AnimateConfig,
     ModelConfig,
     parse_frame_rate,
@@ -35,7 +36,7 @@ from megactor_rt.config import (
 )
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import same_file, unwritable
-from megactor_rt.jobs import CONFIG_COLUMNS, Job, read_jobs
+from megactor_rt.jobs import COLUMNS, CONFIG_COLUMNS, REQUIRED, Job, read_jobs
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that
 logger = logging.getLogger("megactor_rt")
 
 HF_REPO = "HVSiniX/RawVideoDriven"
+CACHE_MAX_GIB = 20.0  # --cache-max-gb's default
 PROGRESS_JSON_S = 1.0  # --progress-json: the least time between two lines of one stage
 # megactor_rt.benchmark.SUITES (not imported here: it imports torch)
 SUITE_HELP = ("cpu-tiny, cpu-smoke, cpu-full-256, cpu-window-batch, cpu-stream, cpu-backends, long-tiny, gpu-full, "
@@ -66,6 +68,17 @@ def _whole_number(text: str, least: int) -> int:
 def _positive_int(text: str) -> int:
     """A count on the command line (>= 1)."""
     return _whole_number(text, 1)
+
+
+def _gib(text: str) -> float:
+    """A size in GiB (finite, > 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of GiB > 0, got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -142,7 +155,8 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                             "take up "
                             "to the K of `export --window-batch`; default 1, as upstream)")
     settings.add_argument("--seed", type=int, default=42, help="seed of the initial noise and the reference latent's "
-                                                                "sample (default 42, as upstream)")
+                                                                "sample (default 42, as upstream; --demo's random "
+                                                                "weights stay the same)")
     settings.add_argument("--reference-timestep", type=_count, default=None,
                           help="run the ReferenceNet at this fixed t (0 = original release config) instead of the "
                                "current t")
@@ -241,7 +255,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                               "landmarks): a "
                               "later run with the same portrait, weights and seed skips the per-portrait network work "
                               "(face detection and the person mask still run: they make the key)")
-    records.add_argument("--cache-max-gb", type=float, default=20.0, metavar="GB",
+    records.add_argument("--cache-max-gb", type=_gib, default=CACHE_MAX_GIB, metavar="GB",
                          help="size budget of --cache-dir: least recently used portraits are removed beyond it "
                               "(GiB, default 20; a 512 px portrait state takes about 0.36 GB)")
     records.add_argument("--stats", type=Path, default=None, metavar="FILE",
@@ -250,14 +264,16 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                               "interleave), "
                               "submodel calls (unet counts every UNet call, unet_reuse those of them that reused "
                               "--feature-reuse's deep features); plus the device, "
-                              "backend and every setting), rewritten after each result")
+                              "backend and every setting; a --jobs row that sets its own has its config and options in "
+                              "its record), rewritten after each result")
     records.add_argument("--progress-json", nargs="?", const="-", default=None, metavar="FILE",
                          help="progress as JSON lines instead of bars, for a job runner: {\"output\", \"stage\" "
                               "(driver, contour, denoise, decode, write), \"done\", \"total\", \"unit\", "
                               "\"elapsed_s\"}, "
                               f"at most one line per stage every {PROGRESS_JSON_S:g} s and each stage's last; on "
                               "stderr "
-                              "(where warnings stay lines of text, starting with WARNING), or appended to FILE (a "
+                              "(where the command's other lines stay text: warnings start with WARNING, errors with "
+                              "error:, notices such as --demo's or 'interrupted' as they are), or appended to FILE (a "
                               "file or "
                               "a named pipe: JSON lines alone)")
     faces.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
@@ -383,15 +399,29 @@ def is_stdin(path: object) -> bool:
 
 
 def _open_progress_file(args: argparse.Namespace) -> None:
-    """``--progress-json FILE``: open FILE for appending (line-buffered) as ``args.progress_file``, before any work.
+    """``--progress-json FILE``: open FILE for appending (line-buffered) as ``args.progress_file``, before any work
+    (a dry run, which reports no progress, only checks it could).
 
     Raises:
-        InputError: it cannot be opened for writing.
+        InputError: it is a file of the run (an input, the jobs file, the result) or cannot be opened for writing.
     """
     name = getattr(args, "progress_json", None)
     if name is None or name == "-":
         return
     path = Path(name).expanduser()
+    given = [getattr(args, key, None) for key in ("portrait", "driver", "mask", "audio", "jobs", "output")]
+    for other in (p for value in given for p in (value if isinstance(value, list) else [value])):
+        if other is not None and not is_stdin(other) and same_file(path, other):
+            raise InputError(f"{path}: --progress-json would append to {other}, a file of this run; choose another "
+                             "file")
+    if getattr(args, "dry_run", False):
+        if path.is_dir():
+            raise InputError(f"{path}: --progress-json names a file to append to, and this is a folder")
+        blocked = unwritable(path.absolute().parent)
+        if blocked is not None:
+            raise InputError(f"{path}: cannot write progress reports there (--progress-json): {blocked} is not a "
+                             "writable folder")
+        return
     try:
         progress_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed with args.cleanup
     except OSError as exc:
@@ -472,8 +502,6 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
 
     if args.cache_dir is None:
         return None
-    if not (math.isfinite(args.cache_max_gb) and args.cache_max_gb > 0):
-        raise InputError(f"--cache-max-gb must be a finite number > 0, got {args.cache_max_gb}")
     if args.cache_dir.exists() and not args.cache_dir.is_dir():  # a typo naming a file (a store that cannot be
         # written for other reasons only warns: the result matters more than the store)
         raise InputError(f"{args.cache_dir}: --cache-dir names a folder for the portrait store, and this is a file")
@@ -488,7 +516,7 @@ def _report(stats, out: Path, where: str = "") -> None:  # noqa: ANN001
     if stats.portrait_cache_hit:
         facts.append("portrait from cache")
     if stats.driver_plan_hit:
-        facts.append("driver's faces kept from an earlier run")
+        facts.append("driver's faces kept from an earlier result")  # (of this batch, or the server's)
     if stats.resumed_from_step:
         facts.append(f"resumed at step {stats.resumed_from_step + 1}")
     if stats.stage_seconds:
@@ -509,7 +537,8 @@ class StatsFile:
     """
 
     def __init__(self, path: Path | None, command: str, results: Sequence[Path] = (),
-                 inputs: Sequence[Path | None] = (), options: dict[str, Any] | None = None) -> None:
+                 inputs: Sequence[Path | None] = (), options: dict[str, Any] | None = None,
+                 dry_run: bool = False) -> None:
         if path is not None:
             if path.is_dir():
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
@@ -519,26 +548,53 @@ class StatsFile:
             for what, others in (("a result", results), ("an input", inputs)):
                 if any(o is not None and same_file(path, o) for o in others):
                     raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")
-        self.path, self.command = path, command
+        self.path, self.command = None if dry_run else path, command  # (a dry run checks it, writes nothing)
         self.options = options or {}  # the result-shaping flags that are no AnimateConfig field
         self.runs: list[dict] = []
+        self.settings: dict[str, Any] = {}  # torch's version and the run settings, known once a result is made
 
-    def add(self, anim: Animator | dict[str, Any], portrait: Path, driver: Path, output: Path,
-            stats: RunStats | None = None, error: str | None = None, made_by: str | None = None) -> None:
-        """Record a result: ``anim`` made it (or a server whose run settings these are, at ``made_by``)."""
+    def add(self, anim: Animator | dict[str, Any], job: Job, stats: RunStats | None = None, error: str | None = None,
+            made_by: str | None = None) -> None:
+        """Record ``job``'s result: ``anim`` made it (or a server whose run settings these are, at ``made_by``). A
+        job that changes settings or options of the command's (a ``--jobs`` row's cells) has its own in its record."""
         if self.path is None:
             return
         import torch
 
+        from megactor_rt.config import AnimateConfig
+
+        settings = anim if isinstance(anim, dict) else anim.run_settings()
+        facts = stats.as_dict() if stats is not None else {"error": error}
+        where = {} if made_by is None else {"server": made_by}
+        own: dict[str, Any] = {}
+        if job.config:
+            changed = job.run_config(AnimateConfig()).plain()
+            own["config"] = {**settings["config"], **{k: changed[k] for k in job.config}}
+        if job.options:
+            own["options"] = self.options | {"portrait_face" if k == "face" else k: str(v) if isinstance(v, Path) else v
+                                             for k, v in job.options.items()}
+        self.runs.append({"portrait": str(job.portrait), "driver": str(job.driver), "output": str(job.output),
+                          **where, **own, **facts})
+        self.settings = {"torch": torch.__version__, **settings}
+        self._write()
+
+    def kept(self, job: Job, changed: list[str]) -> None:
+        """Record that ``job``'s result was there already (``--skip-existing``), with the settings it was made with
+        that differ from this run's (``_changed_settings``)."""
+        if self.path is None:
+            return
+        other = {"other_settings": changed} if changed else {}
+        self.runs.append({"portrait": str(job.portrait), "driver": str(job.driver), "output": str(job.output),
+                          "kept": True, **other})
+        self._write()
+
+    def _write(self) -> None:
         from megactor_rt import __version__
         from megactor_rt.engine.cache import write_atomic
 
-        facts = stats.as_dict() if stats is not None else {"error": error}
-        where = {} if made_by is None else {"server": made_by}
-        self.runs.append({"portrait": str(portrait), "driver": str(driver), "output": str(output), **where, **facts})
-        settings = anim if isinstance(anim, dict) else anim.run_settings()
-        doc = {"command": self.command, "megactor_rt": __version__, "torch": torch.__version__,
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **settings,
+        assert self.path is not None
+        doc = {"command": self.command, "megactor_rt": __version__,
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **self.settings,
                "options": self.options, "runs": self.runs}
         try:
             write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
@@ -553,16 +609,19 @@ RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "png", "webm", "webp")
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
                  fmt: str | None = None) -> list[Job]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file (its suffix
-    picks the format; ``fmt``, if given, must agree). More: ``output`` is a folder (created once the weights have
-    loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of that name holding the
-    frames ``%05d.png``); names that collide with each other or with an input are an error before any work."""
+    picks the format; ``fmt``, if given, must agree), unless it is a folder that exists or a name without a suffix
+    given with ``fmt``. More: ``output`` is a folder (created once the weights have loaded) holding
+    ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of that name holding the frames
+    ``%05d.png``); names that collide with each other or with an input are an error before any work."""
     from megactor_rt.media import ALL_RESULT_SUFFIXES, VIDEO_SUFFIXES, result_replaces
     from megactor_rt.pipe import is_stdout
 
     if is_stdout(output) and (len(portraits) > 1 or len(drivers) > 1 or fmt is not None):
         raise InputError("-o - streams one result to standard output: give one portrait and one driver, and no "
                          "--format")
-    if len(portraits) == 1 and len(drivers) == 1:
+    into_folder = not is_stdout(output) and (output.is_dir() and output.suffix.lower() not in ALL_RESULT_SUFFIXES
+                                             or fmt is not None and not output.suffix)
+    if len(portraits) == 1 and len(drivers) == 1 and not into_folder:
         if fmt is not None and output.suffix.lower() != f".{fmt}":
             raise InputError(f"{output}: -o names the result file, whose suffix picks its format; --format {fmt} is "
                              f"for a folder of results (several portraits or drivers): name the file "
@@ -625,7 +684,7 @@ def _sequence_fps(args: argparse.Namespace, job: Job | None) -> Fraction | None:
     return job.sequence_fps if job is not None and job.sequence_fps is not None else args.sequence_fps
 
 
-def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig,
+def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig, record: StatsFile,
                       server: dict[str, Any] | None = None) -> list[Job]:
     """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
     complete, so one that exists is whole); the kept ones are named on stdout, like the written ones, and a
@@ -646,13 +705,13 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
         changed = _changed_settings(job.output, made, now, _result_options(args) | job.options)
         if changed:
             logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
+        record.kept(job, changed)
     return [job for job in jobs if job not in kept]
 
 
 # AnimateConfig fields that do not change a result (the reference mode's frames equal the optimized mode's up to
 # rounding; window batches and decode streams are the same math)
 _SAME_RESULT_FIELDS = ("mode", *AnimateConfig.SAME_FRAMES)
-_COMPARED_OPTIONS = ("face_crop", "face", "driver_face", "contour", "side_by_side", "paste_back", "crf")
 
 
 def _changed_settings(result: Path, made: dict[str, Any], config: dict[str, Any], options: dict[str, Any]
@@ -661,7 +720,7 @@ def _changed_settings(result: Path, made: dict[str, Any], config: dict[str, Any]
     id, image size), ``config`` (a run config's plain values) and ``options`` (``animate_to_file`` keywords): "steps
     10 (now 25)", ...; none where the result records no settings."""
     from megactor_rt.errors import InputError
-    from megactor_rt.media import result_settings
+    from megactor_rt.media import recorded_options, result_settings
 
     try:
         doc = result_settings(result)
@@ -673,7 +732,7 @@ def _changed_settings(result: Path, made: dict[str, Any], config: dict[str, Any]
     then = {**{k: doc.get(k) for k in made}, **{f"config.{k}": v for k, v in doc.get("config", {}).items()},
             **{f"options.{k}": v for k, v in doc.get("options", {}).items()}}
     wanted = {**made, **{f"config.{k}": v for k, v in now.items() if k not in _SAME_RESULT_FIELDS},
-              **{f"options.{k}": options.get(k) for k in _COMPARED_OPTIONS}}
+              **{f"options.{k}": v for k, v in recorded_options(**options).items()}}
     return [f"{key.split('.')[-1]} {then.get(key)!r} (now {value!r})" for key, value in wanted.items()
             if then.get(key) != value]
 
@@ -847,6 +906,8 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
         if not any(is_frame_pattern(d) or Path(d).is_dir() for d in drivers):  # (a folder: its sequence)
             logger.warning("--sequence-fps sets the rate of image-sequence drivers (plate/%04d.png, plate/); none is "
                            "given: ignored")
+    if getattr(args, "cache_dir", None) is None and getattr(args, "cache_max_gb", CACHE_MAX_GIB) != CACHE_MAX_GIB:
+        logger.warning("--cache-max-gb is the size of --cache-dir's store, which is not given: ignored")
     if config.feature_reuse == 1:
         logger.warning("--feature-reuse 1 runs the whole UNet in every step, as without --feature-reuse")
     if config.window_batch > 1 and not config.batches_windows:
@@ -869,7 +930,7 @@ def _model_unloaded(args: argparse.Namespace) -> tuple[ModelConfig, int, str | N
     model = tiny_config() if args.demo else ModelConfig()
     size = model.image_size if args.size is None else args.size
     check_image_size(model, size)
-    return model, size, tiny_weights_id(args.seed) if args.demo else None
+    return model, size, tiny_weights_id(DEMO_WEIGHTS_SEED) if args.demo else None
 
 
 def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -> int:
@@ -930,7 +991,7 @@ def _from_weights(args: argparse.Namespace, config: AnimateConfig, cache: Any) -
     if getattr(args, "demo", False):
         _say(args, f"megactor-rt {args.command} --demo: a TINY RANDOM-WEIGHT model; its results are NOT real "
              "animations")
-        anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
+        anim = Animator.demo(device=args.device, config=config, backend=args.backend,
                              precision=args.precision, cuda_graphs=args.cuda_graphs, image_size=args.size)
         if cache is not None:
             anim.cache = cache
@@ -965,10 +1026,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
             raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with "
                              f"{len(args.portrait)}")
         jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
-        batch = len(jobs) > 1
+        batch = len(jobs) > 1 or jobs[0].output != args.output  # (one pair into a folder: as a batch)
         inputs = [*args.portrait, *args.driver, args.mask]
     record = StatsFile(args.stats, "animate", [job.output for job in jobs], [*inputs, args.audio],
-                       _stats_options(args))
+                       _stats_options(args), dry_run=args.dry_run)
     _check_sequence_options([job.output for job in jobs], args)
     if args.jobs is None:
         _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
@@ -987,13 +1048,16 @@ def cmd_animate(args: argparse.Namespace) -> int:
         check_checkpoint_dir(args.checkpoint_dir)
         warn_stale_checkpoints(args.checkpoint_dir)
     if args.skip_existing:
-        jobs = _without_existing(jobs, args, config)
+        jobs = _without_existing(jobs, args, config, record)
         if not jobs:
             return 0
     if args.dry_run:
         return _dry_run(args, jobs, config)
-    if not batch:  # (in a batch each pair is checked before its portrait is prepared, the others still run)
-        _check_result_rate(jobs[0], args, config)
+    for job in jobs:  # (a batch's too: refused before the weights load, as a jobs file's other errors are)
+        try:
+            _check_result_rate(job, args, job.run_config(config))
+        except InputError as exc:
+            raise InputError(f"{job.where}: {exc}" if job.where else str(exc)) from None
     anim = _from_weights(args, config, _cache(args))
     _check_run(anim)
     if batch:
@@ -1015,16 +1079,17 @@ def cmd_animate(args: argparse.Namespace) -> int:
             # this job's output is not written; the next job runs
             _job_error(job, exc)
             failed.append(output.name)
-            record.add(anim, portrait, driver, output, error=str(exc))
+            record.add(anim, job, error=str(exc))
             continue
         _report(stats, output)
-        record.add(anim, portrait, driver, output, stats)
+        record.add(anim, job, stats)
     return _batch_status(failed, len(jobs))
 
 
 def _job_error(job: Job, exc: Exception) -> None:
-    """A batch's line for a result that is not written (the others go on)."""
-    print(f"error: {job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
+    """A batch's line for a result that is not written (the others go on); a jobs file's row named by its line."""
+    where = f"{job.where}: " if job.where else ""
+    print(f"error: {where}{job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
 
 
 def _batch_status(failed: list[str], total: int) -> int:
@@ -1105,7 +1170,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     settings = {c.url: run_settings_of(h) for c, h in zip(clients, healths, strict=True)}  # (for --stats)
     config, base = _run_config(args), AnimateConfig()
     if args.skip_existing:  # (the kept results' settings against the first server's)
-        jobs = _without_existing(jobs, args, config, health_of_first)
+        jobs = _without_existing(jobs, args, config, record, health_of_first)
         if not jobs:
             return 0
     if batch:
@@ -1145,7 +1210,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         stats = result_stats(head)
         with lock:
             _report(stats, job.output, client.url)
-            record.add(settings[client.url], job.portrait, job.driver, job.output, stats, made_by=client.url)
+            record.add(settings[client.url], job, stats, made_by=client.url)
 
     errors: list[BaseException] = []
 
@@ -1172,8 +1237,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 with lock:
                     _job_error(job, exc)
                     failed.append(job.output.name)
-                    record.add(settings[client.url], job.portrait, job.driver, job.output, error=str(exc),
-                               made_by=client.url)
+                    record.add(settings[client.url], job, error=str(exc), made_by=client.url)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 errors.append(exc)
                 stop.set()
@@ -1223,7 +1287,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("megactor-rt demo: a TINY RANDOM-WEIGHT model runs the whole pipeline (face crop, driver "
           "preprocessing, denoising, decoding, encoding at the driver's fps with its audio). Without real weights the "
           "output is NOT a real animation. For real results: megactor-rt download, convert-weights, animate.")
-    anim = Animator.demo(seed=args.seed, device=args.device, config=config, backend=args.backend,
+    anim = Animator.demo(device=args.device, config=config, backend=args.backend,
                          work_dir=args.work_dir, precision=args.precision, cuda_graphs=args.cuda_graphs,
                          image_size=args.size)
     _check_run(anim)
@@ -1232,7 +1296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stats = anim.animate_to_file(portrait, _run_driver(driver, args), args.output, **_result_options(args),
                                  on_progress=_on_progress(args, args.output))
     _report(stats, args.output)
-    record.add(anim, portrait, driver, args.output, stats)
+    record.add(anim, Job(portrait, driver, args.output), stats)
     return 0
 
 
@@ -1527,7 +1591,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "still run")
     a_io.add_argument("--format", choices=RESULT_FORMATS, default=None,
                       help="the results' format when -o is a folder (default: mp4; png: a folder of frames "
-                           "<portrait>_<driver>/%%05d.png per pair)")
+                           "<portrait>_<driver>/%%05d.png per pair); with one portrait and one driver, -o without a "
+                           "suffix is then a folder too")
     a_io.add_argument("--dry-run", action="store_true",
                       help="check every result's inputs and find the faces (each portrait's crop, each driver's frames "
                            "and crop) without loading the weights or writing anything: a line per result, exit code 2 "
@@ -1535,14 +1600,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "landmarks too)")
     a_io.add_argument("--jobs", type=Path, default=None, metavar="FILE",
                       help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
-                           "columns portrait,driver,output and optionally mask, audio (a file or none), audio_start, "
-                           "portrait_face, driver_face, start, duration, seed, steps, guidance, overlap, cfg_steps, "
-                           "fps, max_frames (empty: the flag's value); relative paths are relative to the file's "
-                           "folder; all in one process, as a batch")
+                           f"columns {','.join(REQUIRED)} and optionally "
+                           + ", ".join("audio (a file or none)" if c == "audio" else c for c in COLUMNS
+                                       if c not in REQUIRED)
+                           + " (empty: the flag's value); relative paths are relative to the file's folder; all in "
+                           "one process, as a batch")
     a_io.add_argument("--skip-existing", action="store_true",
                       help="keep results that exist already and do not redo their pairs (a batch run again after a "
                            "failure or an interruption does the rest; a result exists only once it is complete; kept "
-                           "results get no --stats record, and a warning where their metadata says they were made "
+                           "results get a --stats record saying so, and a warning where their metadata says they were made "
                            "with other settings); default: overwrite")
     _add_engine_flags(a_engine)
     a_engine.add_argument("--server", default=None, nargs="+", metavar="URL",

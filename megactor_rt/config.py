@@ -198,6 +198,9 @@ def full_config() -> ModelConfig:
     return ModelConfig()
 
 
+DEMO_WEIGHTS_SEED = 42  # the tiny random model's weights (``Animator.demo``, ``--demo``): one model whatever --seed
+
+
 def tiny_weights_id(seed: int) -> str:
     """The weights id of the tiny random model made with ``seed`` (``Animator.demo``), as results record it."""
     return f"tiny-random-{seed}"

@@ -2,8 +2,8 @@
 
 ``--portrait A B --driver X Y`` animates every portrait with every driver. A jobs file names the pairs
 instead, each with its own result and, where wanted, its own mask, sound, faces and part of the driver. It is
-CSV (comma-separated, as spreadsheets save it; semicolons or tabs are taken too, as the header row shows) with a
-header row naming its columns:
+CSV (comma-separated, as spreadsheets save it; semicolons or tabs are taken too, as the header row shows, and
+then ``3,5`` in a number column is 3.5) with a header row naming its columns:
 
     portrait,driver,output,start,duration
     alice.jpg,speech.mp4,out/alice_speech.mp4,,
@@ -20,6 +20,8 @@ default). Relative paths are relative to the jobs file's folder; blank lines and
 from __future__ import annotations
 
 import csv
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -38,6 +40,8 @@ FACE_COLUMNS = {"portrait_face": "face", "driver_face": "driver_face"}  # column
 CONFIG_COLUMNS = ("start", "duration", "seed", "steps", "guidance", "overlap", "cfg_steps", "fps", "max_frames")
 COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "sequence_fps")
 NO_SOUND = "none"
+DECIMAL_COLUMNS = ("start", "duration", "audio_start", "guidance", "fps", "sequence_fps")  # fractional numbers
+_DECIMAL_COMMA = re.compile(r"[-+]?[0-9:]*[0-9],[0-9]+")  # 3,5 or 1:02,5 (a decimal comma)
 
 
 @dataclass
@@ -95,17 +99,47 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         problem = f"no {', '.join(missing)} column" if missing else f"column(s) {', '.join(twice)} given twice"
         raise InputError(f"{path}:{head_line}: {problem} (the first row names the columns: {','.join(REQUIRED)}, ...)")
     folder = path.parent
-    jobs = [_job(path, n, dict(zip(names, cells, strict=False)), len(cells), len(names), folder, base)
-            for n, cells in rows[1:]]
+    jobs = [_job(path, n, dict(zip(names, cells, strict=False)), len(cells), len(names), folder, base,
+                 decimal_comma=delimiter != ",") for n, cells in rows[1:]]
     if not jobs:
         raise InputError(f"{path}: no jobs (only the header row)")
-    seen: dict[Path, str] = {}
-    for job in jobs:
-        key = job.output.absolute()
-        if key in seen:
-            raise InputError(f"{job.where}: writes {job.output}, as {seen[key]} does; each job needs its own output")
-        seen[key] = job.where
+    _check_outputs_apart(jobs)
     return jobs
+
+
+def _check_outputs_apart(jobs: list[Job]) -> None:
+    """Refuse two jobs writing one result, however their paths spell it (``out/x.mp4``, ``out/../out/x.mp4``, a
+    linked folder), or one writing into another's frame sequence folder (a sequence replaces its folder whole).
+
+    Raises:
+        InputError: naming both rows.
+    """
+    from megactor_rt.sequence import frame_pattern, is_sequence
+
+    files: dict[Path, Job] = {}
+    folders: dict[Path, Job] = {}  # frame sequences' folders
+    for job in jobs:
+        sequence = is_sequence(job.output)
+        try:
+            place = frame_pattern(job.output).folder if sequence else job.output.expanduser()
+        except InputError:  # (a pattern that is none: said with its line when the results are checked)
+            place, sequence = job.output, False
+        place = Path(os.path.realpath(place))
+        other = files.get(place) or folders.get(place)
+        if other is not None:
+            raise InputError(f"{job.where}: writes {job.output}, as {other.where} does ({other.output}); each job "
+                             "needs its own output")
+        inside = next((f for f in folders if place.is_relative_to(f) or sequence and f.is_relative_to(place)), None)
+        if inside is not None:
+            raise InputError(f"{job.where}: writes {job.output}, where {folders[inside].where} writes the frame "
+                             f"sequence {folders[inside].output}, whose folder is replaced whole; each job needs its "
+                             "own output")
+        held = next((f for f in files if f.is_relative_to(place)), None) if sequence else None
+        if held is not None:
+            raise InputError(f"{job.where}: writes the frame sequence {job.output}, whose folder is replaced whole, "
+                             f"and {files[held].where} writes {files[held].output} in it; each job needs its own "
+                             "output")
+        (folders if sequence else files)[place] = job
 
 
 def _config_value(column: str, text: str) -> Any:
@@ -128,12 +162,17 @@ def _delimiter(header: str) -> str:
 
 
 def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int, folder: Path,
-         base: AnimateConfig) -> Job:
+         base: AnimateConfig, decimal_comma: bool = False) -> Job:
+    """A row's job; with ``decimal_comma`` (a file separated by semicolons or tabs, as spreadsheets in locales whose
+    decimal mark is a comma save it) ``3,5`` in a number column is 3.5."""
     where = f"{path}:{line}"
     if count != expected:
         raise InputError(f"{where}: {count} cell(s), the header has {expected} (a comma inside a path needs the "
                          "path in double quotes)")
     value = {k: v.strip() for k, v in cells.items() if v.strip()}
+    if decimal_comma:
+        value.update({k: v.replace(",", ".") for k, v in value.items()
+                      if k in DECIMAL_COLUMNS and _DECIMAL_COMMA.fullmatch(v)})
     for column in REQUIRED:
         if column not in value:
             raise InputError(f"{where}: no {column} given")

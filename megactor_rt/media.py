@@ -57,6 +57,7 @@ from megactor_rt.sequence import (
     is_frame_pattern,
     is_sequence,
     sequence_exists,
+    sequence_name,
     sequence_settings,
 )
 
@@ -1087,6 +1088,31 @@ def _check_complete(path: Path, announced: int, decoded: int, strict: bool, usab
 
 
 RESULT_TAG = "comment"  # the container tag that holds a result's settings (MP4/MOV ©cmt, Matroska COMMENT)
+
+
+def recorded_options(face_crop: bool = True, face: int | None = None, driver_face: int | None = None,
+                     mask: object = None, audio: object = True, audio_start: float | str | None = None,
+                     contour: bool = False, contour_affine_frame: str = "last", side_by_side: bool = False,
+                     paste_back: bool = False, crf: int | None = None, **others: object) -> dict[str, Any]:
+    """The ``options`` a result's settings record holds for ``animate_to_file``'s keyword arguments (``others``,
+    which do not shape the result, left out): files by name, the sound as its file's name or whether the driver's
+    is copied, ``audio_start`` only with a sound file, ``contour_affine_frame`` only in contour mode."""
+    from megactor_rt.config import time_seconds
+
+    sound = audio if isinstance(audio, (str, os.PathLike)) else None
+    start = (0.0 if audio_start is None else time_seconds("audio_start", audio_start)) if sound is not None else None
+    return {"face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": file_name(mask),
+            "audio": file_name(sound) if sound is not None else bool(audio), "audio_start": start, "contour": contour,
+            "contour_affine_frame": contour_affine_frame if contour else None, "side_by_side": side_by_side,
+            "paste_back": paste_back, "crf": crf}
+
+
+def file_name(path: object) -> str | None:
+    """A file's name without its folders (an image sequence's: with its folder's; None for anything that is no
+    path)."""
+    if is_frame_pattern(path):
+        return sequence_name(path)  # type: ignore[arg-type]
+    return Path(path).name if isinstance(path, (str, os.PathLike)) else None
 
 
 def result_settings(path: PathLike) -> dict[str, Any] | None:

@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, Mode, ModelConfig, Precision, tiny_config, tiny_weights_id
+from megactor_rt.config import (
+    DEMO_WEIGHTS_SEED,
+    AnimateConfig,
+    Mode,
+    ModelConfig,
+    Precision,
+    tiny_config,
+    tiny_weights_id,
+)
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
@@ -36,8 +44,10 @@ from megactor_rt.media import (
     check_quality,
     check_result_rate,
     check_sound,
+    file_name,
     image_to_rgb,
     read_portrait,
+    recorded_options,
     result_writer,
 )
 from megactor_rt.models.scheduler import DDIM, DDIMStep, context_windows
@@ -99,7 +109,7 @@ from megactor_rt.runtime.predictor import (
     reusable,
 )
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
-from megactor_rt.sequence import FrameSequence, check_room, is_frame_pattern, is_sequence, sequence_name
+from megactor_rt.sequence import FrameSequence, check_room, is_sequence
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
 logger = logging.getLogger(__name__)
@@ -244,7 +254,7 @@ class Animator:
         return cls(sub, config, cache)
 
     @classmethod
-    def demo(cls, seed: int = 42, device: str | None = None, config: AnimateConfig | None = None, *,
+    def demo(cls, seed: int = DEMO_WEIGHTS_SEED, device: str | None = None, config: AnimateConfig | None = None, *,
              backend: str = "torch", work_dir: str | Path | None = None, precision: Precision | str | None = None,
              cuda_graphs: bool = False, image_size: int | None = None) -> Animator:
         """A tiny random-weight model (golden-pack architecture, 128 px; ``image_size``: another, as for
@@ -257,8 +267,8 @@ class Animator:
         onnxruntime), fp16 (tensorrt) unless given; device: cpu (torch, onnxruntime), cuda (tensorrt).
 
         Args:
-            seed: seed of the random weights (not of the runs: that is ``config.seed``); 42, as
-                ``megactor-rt demo`` and ``animate --demo``, whose ``--seed`` seeds both.
+            seed: seed of the random weights (not of the runs: that is ``config.seed``); the default is the
+                model of ``megactor-rt demo`` and ``animate --demo`` (whose ``--seed`` is the runs' seed).
             config: run settings (:class:`~megactor_rt.config.AnimateConfig`; default: upstream's).
             cuda_graphs: tensorrt backend only, as for :meth:`from_weights`.
 
@@ -881,11 +891,10 @@ class Animator:
         if is_sequence(out) and (expected := sel.expected_frames(info, cfg.duration, cfg.max_frames)):
             # a long sequence onto a nearly full disk: said before the work
             check_room(out, expected, width, height, cfg.bit_depth)
-        tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, {
-            "face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": _name(mask),
-            "audio": _name(sound) if sound is not None else bool(audio), "audio_start": from_s if sound else None,
-            "contour": contour, "contour_affine_frame": contour_affine_frame if contour else None,
-            "side_by_side": side_by_side, "paste_back": paste_back, "crf": crf})} if metadata else None
+        tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, recorded_options(
+            face_crop=face_crop, face=face, driver_face=driver_face, mask=mask, audio=audio, audio_start=from_s,
+            contour=contour, contour_affine_frame=contour_affine_frame, side_by_side=side_by_side,
+            paste_back=paste_back, crf=crf))} if metadata else None
         if cfg.bit_depth != 8:  # (a PNG sequence: check_bit_depth above)
             sound_args["bit_depth"] = cfg.bit_depth
         if sound_out is not None:  # (the stream's sound, for as many frames as the run's plan makes)
@@ -922,8 +931,8 @@ class Animator:
 
         settings = self.run_settings(cfg)
         del settings["device_name"]  # (the device stays: cpu, cuda)
-        doc = {"megactor_rt": __version__, "portrait": _name(portrait) or "in memory",
-               "driver": _name(driver) or driver_name(driver_source(driver)), **settings, "options": options}
+        doc = {"megactor_rt": __version__, "portrait": file_name(portrait) or "in memory",
+               "driver": file_name(driver) or driver_name(driver_source(driver)), **settings, "options": options}
         return json.dumps(doc, separators=(",", ":"), default=str)
 
     def _beside_inputs(self, results: Iterator[np.ndarray], state: PortraitState, size: int
@@ -954,14 +963,6 @@ class Animator:
         are :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
         Also the way to run requests in several threads (see the class)."""
         return Animator(self.sub, replace(self.config, **changes), self.cache, self.plans)
-
-
-def _name(path: object) -> str | None:
-    """A file's name without its folders (an image sequence's: with its folder's; None for anything that is no
-    path)."""
-    if is_frame_pattern(path):
-        return sequence_name(path)  # type: ignore[arg-type]
-    return Path(path).name if isinstance(path, (str, os.PathLike)) else None
 
 
 def latents_to_16bit(images: torch.Tensor) -> torch.Tensor:

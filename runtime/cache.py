@@ -164,7 +164,7 @@ class PortraitCache:
             if path != keep and total + size > self.max_disk_bytes:
                 path.unlink(missing_ok=True)
                 self._on_disk = {k: v for k, v in self._on_disk.items() if self._path(k) != path}
-                logger.info("portrait cache: removed %s (store over %.1f GB)", path.name, self.max_disk_bytes / 1e9)
+                logger.info("portrait cache: removed %s (store over %.3g GiB)", path.name, self.max_disk_bytes / 2**30)
                 continue
             total += size
 

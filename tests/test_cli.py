@@ -141,6 +141,7 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     doc = json.loads((tmp_path / "stats" / "demo.json").read_text())
     (facts,) = doc["runs"]
     assert doc["command"] == "demo" and doc["backend"] == "torch" and doc["device"] == "cpu"
+    assert doc["weights_id"] == "tiny-random-42"  # (--seed seeds the run, not the demo model: as with weights)
     assert doc["config"]["steps"] == 2 and doc["config"]["seed"] == 3 and doc["config"]["mode"] == "optimized"
     assert doc["options"] == {"face_crop": True, "portrait_face": None, "driver_face": None, "mask": None,
                               "audio": True, "audio_start": None, "contour": False, "contour_affine_frame": "last", "side_by_side": False,
@@ -149,7 +150,7 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
     assert facts["output"] == str(out) and facts["frames"] == 6 and len(facts["step_seconds"]) == 2
     assert facts["fps"] == pytest.approx(6 / facts["total_s"]) and 0 < facts["first_frame_s"] <= facts["total_s"]
     assert facts["stage_seconds"]["denoise"] > 0 and facts["calls"]["unet"] == 3 * 2  # 3 windows x 2 steps
-    anim = Animator.demo(seed=3, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, seed=3))
+    anim = Animator.demo(device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2, seed=3))
     py_out = tmp_path / "python.mp4"
     anim.animate_to_file(media["portrait"], media["driver"], py_out)
     cli_frames, py_frames = frames_of(out), frames_of(py_out)
@@ -163,14 +164,9 @@ def test_demo_user_media_matches_python(media: dict[str, Path], tmp_path: Path,
 
 
 def test_python_demo_has_the_commands_default_weights() -> None:
-    """`megactor-rt demo` without --seed and `Animator.demo()` build the same random weights (their frames then
-    agree, as the test above shows for an explicit seed)."""
-    import inspect
-
-    seed = inspect.signature(Animator.demo).parameters["seed"].default
-    args = cli.build_parser().parse_args(["demo"])
-    assert seed == args.seed == AnimateConfig().seed
-    assert Animator.demo().sub.weights_id == cli.tiny_weights_id(args.seed)
+    """`megactor-rt demo` and `Animator.demo()` build the same random weights (their frames then agree, as the test
+    above shows), whatever the run's seed."""
+    assert Animator.demo().sub.weights_id == cli.tiny_weights_id(cli.DEMO_WEIGHTS_SEED) == "tiny-random-42"
 
 
 # ---------------------------------------------------------------------------------------------- animate
@@ -577,9 +573,13 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     os.utime(kept, (1e9, 1e9))
     with caplog.at_level(logging.WARNING, logger="megactor_rt"):
         code, stdout, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common,
-                                "--skip-existing")
+                                "--skip-existing", "--stats", tmp_path / "stats.json")
     assert code == 0, err
     assert f"kept {kept}: it exists (--skip-existing)" in stdout and f"wrote {redone}" in stdout
+    runs = json.loads((tmp_path / "stats.json").read_text())["runs"]  # (every result accounted for)
+    assert runs[0] == {"portrait": str(media["portrait"]), "driver": str(media["driver"]), "output": str(kept),
+                       "kept": True}
+    assert runs[1]["output"] == str(redone) and runs[1]["frames"] == 2
     assert kept.stat().st_mtime == 1e9 and len(frames_of(redone)) == 2
     assert "other settings" not in caplog.text
     caplog.clear()
@@ -590,13 +590,27 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     assert (f"kept {kept} was made with other settings than this run's: seed 42 (now 9); crf None (now 20)"
             in caplog.text)
     assert "window_batch" not in caplog.text  # (the same math)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):  # the sound and the mask are settings too
+        code, stdout, err = run(capsys, "animate", "--driver", media["driver"], second, "-o", out, *common[:-1],
+                                "--skip-existing", "--mask", media["portrait"])
+    assert code == 0 and stdout.count("kept ") == 2, err
+    assert (f"kept {kept} was made with other settings than this run's: mask None (now '{media['portrait'].name}'); "
+            "audio False (now True)" in caplog.text), caplog.text
 
     def load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(Animator, "from_weights", load)
-    code, stdout, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common, "--skip-existing")
+    code, stdout, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common, "--skip-existing",
+                            "--stats", tmp_path / "all_kept.json", "--seed", 9)
     assert code == 0 and f"kept {kept}" in stdout and kept.stat().st_mtime == 1e9, err
+    doc = json.loads((tmp_path / "all_kept.json").read_text())  # (nothing made: the record says what was kept)
+    assert doc["command"] == "animate" and [(r["output"], r["kept"]) for r in doc["runs"]] == [(str(kept), True)]
+    assert doc["runs"][0]["other_settings"] == ["seed 42 (now 9)"]
+    code, stdout, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common, "--skip-existing",
+                            "--stats", tmp_path / "dry.json", "--dry-run")
+    assert code == 0 and not (tmp_path / "dry.json").exists(), err
     monkeypatch.undo()
     code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common)
     assert code == 0 and kept.stat().st_mtime > 1e9, err
@@ -617,12 +631,19 @@ def test_a_jobs_file_runs_its_pairs_with_their_own_options(weights: Path, media:
     common = ("--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2)
     code, stdout, err = run(capsys, "animate", "--jobs", jobs, *common, "--stats", tmp_path / "stats.json")
     assert code == 2
-    assert "error: face.png + faceless_driver.mp4 -> none.mp4: " in err and "1 of 3 results not written" in err
+    assert f"error: {jobs}:3: face.png + faceless_driver.mp4 -> none.mp4: " in err  # (the row's line)
+    assert "1 of 3 results not written" in err
     late, quiet = tmp_path / "out" / "late.mp4", tmp_path / "other" / "quiet.webm"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["late.mp4"] and quiet.is_file()
     assert stream_facts(late) == (2, Fraction(25), True) and stream_facts(quiet) == (2, Fraction(25), False)
-    runs = json.loads((tmp_path / "stats.json").read_text())["runs"]
+    doc = json.loads((tmp_path / "stats.json").read_text())
+    runs = doc["runs"]
     assert [Path(r["output"]).name for r in runs] == ["late.mp4", "none.mp4", "quiet.webm"]
+    # each row's own settings in its record (the document's are the command's)
+    assert doc["config"]["start"] is None and doc["options"]["audio"] is True
+    assert runs[0]["config"] == {**doc["config"], "start": 0.08} and "options" not in runs[0]
+    assert "config" not in runs[1] and "options" not in runs[1]
+    assert runs[2]["options"] == {**doc["options"], "audio": False} and "config" not in runs[2]
     single = tmp_path / "single.mp4"
     code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", media["driver"], "-o", single,
                        "--start", "0.08", *common)
@@ -687,9 +708,9 @@ def test_dry_run_finds_the_failures_without_the_weights(weights: Path, media: di
                          r"crop (\d+) px; driver 192x192, 4 frames at 25 fps, a face in 4 of them, crop (\d+) px; "
                          r"1 window\(s\) x 25 steps", line)
     assert found, line
-    for name, problem in (("no_face.mp4", "no face found"), ("no_driver_face.mp4", "no face found"),
-                          ("late.mp4", "no frame starts at or after 9.0 s")):
-        assert re.search(rf"error: \S+ \+ \S+ -> {name}: .*{problem}", err), err
+    for line, name, problem in ((3, "no_face.mp4", "no face found"), (4, "no_driver_face.mp4", "no face found"),
+                                (5, "late.mp4", "no frame starts at or after 9.0 s")):
+        assert re.search(rf"error: {re.escape(str(jobs))}:{line}: \S+ \+ \S+ -> {name}: .*{problem}", err), err
     assert "3 of 4 results would not be written (--dry-run: nothing was)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv"]  # no result, no folder
     code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--dry-run", "--steps", 5000)
@@ -911,6 +932,16 @@ def test_a_60_fps_driver_into_a_gif_is_refused_before_the_weights_load(
     code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", fast, "-o", tmp_path / "r.gif",
                        "--weights", weights, "--device", "cpu", *FAST)
     assert code == 2 and "r.gif: a GIF plays at most 50 frames per second" in err and "not 60: pass --fps 25" in err
+    # a batch's and a jobs file's GIF results too (the row named), no results folder made
+    code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", fast, media["driver"], "-o",
+                       tmp_path / "gifs", "--format", "gif", "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2 and "fast.gif: a GIF plays at most 50 frames per second" in err
+    assert not (tmp_path / "gifs").exists()
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output,fps\n{media['portrait']},{fast},a.gif,30\n"
+                    f"{media['portrait']},{fast},b.gif,\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2 and f"{jobs}:3: {tmp_path / 'b.gif'}: a GIF plays at most 50 frames per second" in err, err
     monkeypatch.undo()
     code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", fast, "-o", tmp_path / "r.gif",
                        "--weights", weights, "--device", "cpu", *FAST, "--fps", 30)
@@ -1115,8 +1146,13 @@ def test_a_run_never_overwrites_its_inputs_and_bad_settings_fail_before_any_work
                               ("--reference-timestep", "1000", "--reference-timestep must be below 1000")):
         code, _, err = run(capsys, "demo", *FAST, flag, value, "-o", out)
         assert code == 2 and says in err, (flag, value, err)
-    code, _, err = run(capsys, "demo", *FAST, "--cache-dir", tmp_path / "c", "--cache-max-gb", "nan", "-o", out)
-    assert code == 2 and "--cache-max-gb must be a finite number" in err
+    for value in ("nan", "0", "-1", "big"):  # (refused as the flags are read: a --dry-run too)
+        for argv in (("demo", *FAST), ("animate", "--demo", "--portrait", PORTRAIT, "--driver", driver, "--dry-run")):
+            with pytest.raises(SystemExit) as stop:  # (argparse's usage error)
+                run(capsys, *argv, "--cache-dir", tmp_path / "c", "--cache-max-gb", value, "-o", out)
+            err = capsys.readouterr().err
+            assert stop.value.code == 2 and f"--cache-max-gb: must be a finite number of GiB > 0, got '{value}'" in err
+    assert not (tmp_path / "c").exists()
     code, _, err = run(capsys, "demo", *FAST, "-o", tmp_path / ("a" * 300 + ".mp4"))
     assert code == 2 and "file name is longer than this file system allows" in err
     assert not out.exists()
@@ -1180,11 +1216,26 @@ def test_a_result_name_that_is_not_utf8_is_written(weights: Path, media: dict[st
     assert len(frames_of(out)) == 2 and os.fsencode(out.name) in os.listdir(os.fsencode(tmp_path))
 
 
+def test_one_pair_into_a_folder(media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-o naming a folder that exists (or a name without a suffix, with --format) takes one pair's result as it
+    takes a batch's: <portrait>_<driver>.<format> in it, so a job runner need not tell one pair from several."""
+    (tmp_path / "res").mkdir()
+    common = ("--demo", "--portrait", media["portrait"], "--driver", media["driver"], *FAST, "--max-frames", 2)
+    code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "res")
+    assert code == 0, err
+    assert stream_facts(tmp_path / "res" / "my_face_my_driver.mp4")[0] == 2
+    code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "gifs", "--format", "gif")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "gifs").iterdir()] == ["my_face_my_driver.gif"]
+    code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "r.mp4", "--format", "gif")
+    assert code == 2 and "--format gif is for a folder of results" in err
+
+
 def test_typos_in_inputs_and_output_are_named_before_the_weights_load(tmp_path: Path, media: dict[str, Path],
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A missing portrait or driver, or an output folder that does not exist, is named before the weights (and
     TensorRT plans) are loaded: here the weights are missing too, and the error is about the typo. A still image
-    given as the driver (portrait and driver swapped) is refused, and an existing folder as the output says so."""
+    given as the driver (portrait and driver swapped) is refused."""
     missing = tmp_path / "no_weights"
     for argv, needle in (
             (["--portrait", tmp_path / "potrait.png", "--driver", media["driver"], "-o", tmp_path / "r.mp4"],
@@ -1192,9 +1243,7 @@ def test_typos_in_inputs_and_output_are_named_before_the_weights_load(tmp_path: 
             (["--portrait", media["portrait"], "--driver", tmp_path / "drvier.mp4", "-o", tmp_path / "r.mp4"],
              "drvier.mp4: driver file does not exist"),
             (["--portrait", media["portrait"], "--driver", media["driver"], "-o", tmp_path / "nope" / "r.mp4"],
-             "output folder"),
-            (["--portrait", media["portrait"], "--driver", media["driver"], "-o", tmp_path],
-             "output path is a directory")):
+             "output folder")):
         code, _, err = run(capsys, "animate", *argv, "--weights", missing, "--device", "cpu")
         assert code == 2 and needle in err and "no_weights" not in err, err
     from megactor_rt.runtime.driver import driver_info
@@ -1350,6 +1399,8 @@ def test_a_second_interrupt_during_the_wait_still_records_the_running_worker(mon
     (["demo", "--window-batch", "2", "--no-wrap"], "--window-batch 2 applies to the optimized mode with wrapping "
                                                    "windows, not --no-wrap"),
     (["demo", "--window-batch", "2", "--mode", "reference"], "not --mode reference"),
+    (["demo", "--cache-max-gb", "5"], "--cache-max-gb is the size of --cache-dir's store, which is not given"),
+    (["demo", "--cache-max-gb", "5", "--cache-dir", "c"], None),
     (["demo", "--steps", "4", "--cfg-steps", "3", "--feature-reuse", "2", "--window-batch", "2"], None),
     (["animate", "--backend", "tensorrt", "--torch-fallback", "vae_decoder"], None),
 ])

@@ -64,9 +64,19 @@ def test_rows_become_jobs_with_their_own_options(tmp_path: Path) -> None:
     ("portrait,driver,output,overlap\np,d,o.mp4,16\n", "jobs.csv:2: window must be >= 1 and overlap from 0 to"),
     ("portrait,driver,output,sequence_fps\np,d/%04d.png,o.mp4,fast\n", "jobs.csv:2: 'fast' is not a frame rate"),
     ("portrait,driver,output\np,d,o.mp4\nq,e,./o.mp4\n", r"jobs.csv:3: writes .*o.mp4, as .*jobs.csv:2 does"),
+    ("portrait,driver,output\np,d,out/o.mp4\nq,e,out/../out/o.mp4\n", r"jobs.csv:3: writes .*, as .*jobs.csv:2 does"),
+    ("portrait,driver,output\np,d,seq/%05d.png\nq,e,seq/%04d.png\n", r"jobs.csv:3: writes .*, as .*jobs.csv:2 does"),
+    ("portrait,driver,output\np,d,seq/x.mp4\nq,e,seq/%05d.png\n",
+     r"jobs.csv:3: writes the frame sequence .*seq/%05d.png, .* and .*jobs.csv:2 writes .*seq/x.mp4 in it"),
+    ("portrait,driver,output\np,d,seq/%05d.png\nq,e,seq/x.mp4\n",
+     r"jobs.csv:3: writes .*seq/x.mp4, where .*jobs.csv:2 writes the frame sequence"),
+    ("portrait;driver;output;guidance\np;d;o.mp4;3,5,1\n", "jobs.csv:2: guidance must be a number, got '3,5,1'"),
 ], ids=["empty", "comments-only", "header-only", "no-output-column", "unknown-column", "column-twice",
         "unquoted-comma", "empty-required-cell", "face-zero", "face-word", "bad-start", "zero-duration",
-        "bad-audio-start", "bad-seed", "huge-seed", "bad-steps", "bad-guidance", "overlap-too-large", "bad-sequence-fps", "same-output-twice"])
+        "bad-audio-start", "bad-seed", "huge-seed", "bad-steps", "bad-guidance", "overlap-too-large", "bad-sequence-fps",
+        "same-output-twice",
+        "same-output-other-spelling", "one-sequence-folder-twice", "sequence-over-a-result", "result-in-a-sequence",
+        "not-a-decimal-comma"])
 def test_a_malformed_jobs_file_is_named_by_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         read_jobs(_jobs_file(tmp_path, text), BASE)
@@ -101,6 +111,26 @@ def test_semicolons_and_tabs_separate_cells_too(tmp_path: Path, separator: str) 
         ["a, b.png", "d.mp4", "o.mp4", "1.5"]) + "\n"
     (job,) = read_jobs(_jobs_file(tmp_path, text), BASE)
     assert (job.portrait, job.output, job.config) == (tmp_path / "a, b.png", tmp_path / "o.mp4", {"start": 1.5})
+
+
+def test_a_linked_folder_does_not_hide_two_jobs_writing_one_result(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    with pytest.raises(InputError, match=r"jobs.csv:3: writes .*link/o.mp4, as .*jobs.csv:2 does \(.*out/o.mp4\)"):
+        read_jobs(_jobs_file(tmp_path, "portrait,driver,output\np,d,out/o.mp4\nq,e,link/o.mp4\n"), BASE)
+
+
+def test_a_decimal_comma_in_a_file_separated_by_semicolons_or_tabs(tmp_path: Path) -> None:
+    """Spreadsheets whose decimal mark is a comma write 3.5 as 3,5 (and separate cells by semicolons): numbers with
+    a fraction read so; a comma file keeps commas as separators."""
+    (job,) = read_jobs(_jobs_file(tmp_path, "portrait;driver;output;guidance;start;duration;fps;audio_start\n"
+                                            "a,1.png;d.mp4;o.mp4;3,5;1:02,5;0,5;12,5;0,25\n"), BASE)
+    assert job.portrait == tmp_path / "a,1.png"  # (a path keeps its comma)
+    assert job.config == {"guidance": 3.5, "start": 62.5, "duration": 0.5, "fps": 12.5}
+    assert job.options == {"audio_start": 0.25}
+    (job,) = read_jobs(_jobs_file(tmp_path, "portrait\tdriver\toutput\tsequence_fps\na.png\td/%04d.png\to.mp4\t"
+                                            "23,976\n"), BASE)
+    assert job.sequence_fps == Fraction(2997, 125)
 
 
 def test_an_unreadable_jobs_file_is_named(tmp_path: Path) -> None:

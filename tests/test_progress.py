@@ -168,3 +168,27 @@ def test_progress_json_into_a_file_leaves_stderr_to_the_messages(tmp_path: Path,
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'no' / 'p.jsonl'}: cannot write progress reports there" in err, err
     assert not (tmp_path / "c.mp4").exists()
+
+
+def test_progress_json_never_appends_to_a_file_of_the_run(tmp_path: Path, driver: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--progress-json FILE naming the driver (or the result) is refused before any work, the file untouched; a
+    dry run, which reports no progress, checks FILE but does not make it."""
+    import shutil
+
+    from megactor_rt.assets import ASSETS_DIR
+    from megactor_rt.cli import main
+
+    clip = Path(shutil.copy(driver, tmp_path / "clip.mp4"))
+    before = clip.read_bytes()
+    common = ["demo", "--driver", str(clip), "--steps", "1", "--window", "4", "--overlap", "2", "--max-frames", "4"]
+    for target in (clip, tmp_path / "r.mp4"):
+        code = main([*common, "-o", str(tmp_path / "r.mp4"), "--progress-json", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--progress-json would append to {target}, a file of this run" in err, err
+    assert clip.read_bytes() == before and not (tmp_path / "r.mp4").exists()
+    log = tmp_path / "progress.jsonl"
+    code = main(["animate", "--demo", "--portrait", str(ASSETS_DIR / "portrait.png"), "--driver", str(clip), "-o",
+                 str(tmp_path / "r.mp4"), "--dry-run", "--progress-json", str(log)])
+    assert code == 0, capsys.readouterr().err
+    assert not log.exists() and not (tmp_path / "r.mp4").exists()

@@ -789,7 +789,7 @@ def test_animate_with_server_writes_the_servers_result_here(served: AnimateServe
     again = tmp_path / "again.mp4"  # (the same driver again: the server's plan of it is kept, and said so here)
     assert main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
                  str(media["driver"]), "-o", str(again), "--start", "0.08", "--steps", "1"]) == 0
-    assert re.search(rf"wrote {re.escape(str(again))}: .*driver's faces kept from an earlier run",
+    assert re.search(rf"wrote {re.escape(str(again))}: .*driver's faces kept from an earlier result",
                      capsys.readouterr().out)
 
 
