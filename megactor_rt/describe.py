@@ -73,7 +73,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             if path.suffix.lower() in _IMAGE_SUFFIXES:  # (named as an image, read as none: said as a portrait's is)
                 read_image(path)
             raise
-        if info.still_image:
+        if info.still_image:  # (FFmpeg reads it as a picture, and a portrait's reading refused it: say why)
+            read_image(path)
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
         report = {"kind": "animated GIF" if animated else "video", "size": f"{info.width}x{info.height}",
                   "fps": _rate(info.fps),

@@ -72,13 +72,18 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
             writing the same result.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")  # (a BOM: spreadsheets' "CSV UTF-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: jobs file not found") from None
     except IsADirectoryError:
         raise InputError(f"{path}: --jobs names a CSV file, and this is a folder") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InputError(f"{path}: cannot read the jobs file ({exc})") from exc
+    try:  # UTF-8 with or without a BOM (spreadsheets' "CSV UTF-8"); UTF-16 with its BOM ("Unicode Text": tabs)
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: the jobs file is not UTF-8 text ({exc}); save it as \"CSV UTF-8\" (a "
+                         "spreadsheet's plain \"CSV\" is the system's code page)") from exc
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]
     delimiter = _delimiter(lines[0][1]) if lines else ","

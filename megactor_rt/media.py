@@ -225,7 +225,13 @@ def is_animated_webp(path: PathLike) -> bool:
         with Image.open(path) as im:
             return im.format == "WEBP" and bool(getattr(im, "is_animated", False))
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        pass
+    try:  # one Pillow cannot open (cut off: a partial download) says so in its header: VP8X with the animation flag
+        with open(path, "rb") as f:
+            head = f.read(21)
+    except OSError:
         return False
+    return len(head) == 21 and head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and bool(head[20] & 0x02)
 
 
 def _file_version(path: Path) -> tuple[int, int]:
@@ -274,7 +280,7 @@ class AnimatedWebP(LazyFrames):
         except InputError:
             raise
         except (OSError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{self.path}: not a readable animated WebP ({exc})") from exc
+            raise InputError(f"{self.path}: not a readable animated WebP: corrupt or cut off ({exc})") from exc
         shown = [d if d > 0 else WEBP_DEFAULT_MS for d in durations]
         base = max(sorted(set(shown)), key=shown.count)  # the most common display time (a tie: the shortest)
         self.fps = Fraction(1000, base)
@@ -1038,6 +1044,8 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
             raise InputError(f"{path}: the video stream contains no decodable frames")
         if not ends:
             _check_complete(path, stream.frames, where(), strict, slot - skip)
+            _check_declared_end(path, stream, last_time, strict, slot - skip)
+        _check_gif_trailer(path, stream)
 
 
 def _end_slot(stream: av.video.stream.VideoStream, clock: _FrameClock) -> int | None:
@@ -1052,12 +1060,61 @@ def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | Non
     """Whether the last decoded frame is shown until the stream's declared end (within two frame times). Then
     the file is complete even where fewer frames decode than its header counts: an edit list hides some (what
     a cut on a non-key frame writes), or the rate varies. A file cut off ends early in time too."""
-    if last_time is None or not stream.duration or stream.time_base is None:
+    end = _declared_end(stream)
+    if last_time is None or end is None:
         return False
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     rate = stream.average_rate or stream.guessed_rate
     frame_s = float(1 / rate) if rate else 0.0
-    return last_time + 2 * frame_s >= start + float(stream.duration * stream.time_base)
+    return last_time + 2 * frame_s >= end
+
+
+def _declared_end(stream: av.video.stream.VideoStream) -> float | None:
+    """Where the video stream says it ends, in seconds: its start plus its duration, or (Matroska, WebM: no frame
+    count, no stream duration) its track's ``DURATION`` tag, which FFmpeg's and mkvmerge's writers set to the
+    track's end; None where it says neither."""
+    if stream.duration and stream.time_base is not None:
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        return start + float(stream.duration * stream.time_base)
+    from megactor_rt.config import parse_time
+
+    tag = next((v for k, v in (stream.metadata or {}).items() if k.upper() == "DURATION"), None)
+    try:
+        return parse_time(tag) if tag else None
+    except ValueError:
+        return None
+
+
+def _check_declared_end(path: Path, stream: av.video.stream.VideoStream, last_time: float | None, strict: bool,
+                        usable: int) -> None:
+    """A stream without a frame count (Matroska, WebM) whose frames end well before its declared end was cut off
+    (a partial download): as :func:`_check_complete` for a header's count. "Well before": over a second and a
+    twentieth of the length short (a variable-rate recording may show its last frame for a while)."""
+    end = _declared_end(stream)
+    if stream.frames > 0 or end is None or last_time is None or end - last_time <= max(1.0, end / 20):
+        return
+    message = f"{path}: video is truncated: its header says it lasts until {end:.3f} s, but its frames end at " \
+              f"{last_time:.3f} s"
+    if strict:
+        raise InputError(f"{message}; {_use_first(usable)}")
+    logger.warning("%s; using the frames before", message)
+
+
+def _check_gif_trailer(path: Path, stream: av.video.stream.VideoStream) -> None:
+    """A GIF ends with its trailer byte (0x3B); one cut off (a partial download) lacks it, and its header counts
+    no frames to compare with: a warning (how much is missing is unknown; a cut inside a frame is an error of its
+    own)."""
+    if stream.codec_context.name != "gif":
+        return
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            whole = f.read(1) == b"\x3b"
+    except OSError:  # (not a seekable file: a pipe)
+        return
+    if whole:
+        return
+    logger.warning("%s: the GIF may be truncated (it lacks the byte that ends a GIF: a partial download?); its %d "
+                   "whole frames are used", path, stream.frames)
 
 
 def _use_first(count: int) -> str:
@@ -1439,6 +1496,8 @@ class _AudioTrack:
             self._audio_out.format = _ENCODER_FORMAT[encoder]
         try:  # writes the header now: a stream the container cannot hold fails here, before any frame is made
             self._out.start_encoding()
+        except OSError:  # (the file itself, first opened here: a full disk, no permission; PyAV's errno errors
+            raise  # are OSErrors, for the writer to name its file)
         except av.error.FFmpegError as exc:
             raise InputError(f"{self._audio_path}: its audio ({codec}, {rate} Hz) cannot be written into a "
                              f"{suffix} result ({exc}); pass --no-audio (Python: audio=False), or convert the audio") from exc
@@ -1728,6 +1787,9 @@ class VideoWriter(ResultWriter, _AudioTrack):
         self._tmp = self.path.with_name(f"{_tmp_prefix(self.path)}{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
         try:
             self._setup_output(crf, metadata or {})
+        except OSError as exc:  # (the file, opened where the sound's stream is set up)
+            self._discard()
+            raise self._write_error(exc) from exc
         except BaseException:
             self._discard()
             raise

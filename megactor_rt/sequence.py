@@ -264,10 +264,18 @@ def check_room(path: str | os.PathLike[str], frames: int, width: int, height: in
     except OSError:
         return  # (the writer names a folder it cannot use)
     if free < need:
-        logger.warning("%s: %d %d-bit PNG frames of %dx%d take about %.1f GB, but only %.1f GB are free on the "
-                       "disk of %s: the run will likely stop when it is full, with nothing written; free space, or "
-                       "choose a folder on another disk", path, frames, bit_depth, width, height, need / 1e9, free / 1e9,
+        logger.warning("%s: %d %d-bit PNG frames of %dx%d take about %s, but only %s are free on the disk of %s: "
+                       "the run will likely stop when it is full, with nothing written; free space, or choose a "
+                       "folder on another disk", path, frames, bit_depth, width, height, _bytes(need), _bytes(free),
                        folder.parent)
+
+
+def _bytes(n: float) -> str:
+    """A size for people: ``1.2 GB``, ``340 MB``, ``12 kB`` (decimal units, as disk tools show free space)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def _foreign(pattern: FramePattern) -> list[Path]:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -545,7 +546,7 @@ def test_batch_runs_every_pair_in_one_process_and_reports_failures(weights: Path
     assert sorted(p.name for p in out.iterdir()) == ["my_face_my_driver.mp4", "my_face_second_driver.mp4"]
     assert "no face found" in err and "faceless_driver.mp4" in err
     assert "error: my_face.png + faceless_driver.mp4 -> my_face_faceless_driver.mp4: " in err  # which pair
-    assert "1 of 3 results not written: my_face_faceless_driver.mp4" in err
+    assert f"1 of 3 results not written: {out / 'my_face_faceless_driver.mp4'}" in err
     lines = [ln for ln in stdout.splitlines() if ln.startswith("wrote ")]
     assert len(lines) == 2 and "portrait from cache" not in lines[0] and "portrait from cache" in lines[1]
     single = tmp_path / "single.mp4"
@@ -614,6 +615,19 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     monkeypatch.undo()
     code, _, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common)
     assert code == 0 and kept.stat().st_mtime > 1e9, err
+
+
+def test_skip_existing_names_a_kept_file_that_is_no_result(media: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "my_face_my_driver.mp4").write_bytes(b"")  # (not this engine's: its results are whole)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        code, stdout, err = run(capsys, "animate", "--demo", "--portrait", media["portrait"], "--driver",
+                                media["driver"], "-o", tmp_path / "res", "--skip-existing")
+    assert code == 0 and "kept " in stdout, err
+    assert f"kept {tmp_path / 'res' / 'my_face_my_driver.mp4'}, which is not a readable result" in caplog.text
+    assert "remove it to make it again" in caplog.text
 
 
 def test_a_jobs_file_runs_its_pairs_with_their_own_options(weights: Path, media: dict[str, Path], tmp_path: Path,
@@ -796,6 +810,14 @@ def test_inspect_says_what_the_engine_sees(weights: Path, media: dict[str, Path]
     junk.write_text("hello")
     code, _, err = run(capsys, "inspect", junk)
     assert code == 2 and f"{junk}: not a readable image" in err, err
+    # images FFmpeg reads but a portrait's reading refuses: why, not "not an image Pillow reads, nor a video"
+    Image.new("RGB", (40, 40)).save(tmp_path / "tiny.png")
+    half = tmp_path / "half.png"
+    half.write_bytes(media["portrait"].read_bytes()[: media["portrait"].stat().st_size // 2])
+    for path, why in ((tmp_path / "tiny.png", "image is 40x40 px; each side must be at least 64 px"),
+                      (half, "image is corrupt or truncated")):
+        code, _, err = run(capsys, "inspect", path, "--no-faces")
+        assert code == 2 and f"{path}: {why}" in err, err
 
 
 def test_results_as_webm_and_gif(weights: Path, media: dict[str, Path], tmp_path: Path,
@@ -1229,6 +1251,20 @@ def test_one_pair_into_a_folder(media: dict[str, Path], tmp_path: Path, capsys: 
     assert [p.name for p in (tmp_path / "gifs").iterdir()] == ["my_face_my_driver.gif"]
     code, _, err = run(capsys, "animate", *common, "-o", tmp_path / "r.mp4", "--format", "gif")
     assert code == 2 and "--format gif is for a folder of results" in err
+    code, _, err = run(capsys, "animate", *common, "-o", f"{tmp_path / 'new'}/")  # (a slash: a folder, made)
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["my_face_my_driver.mp4"]
+
+
+@pytest.mark.parametrize("flag", ["--portrait", "--driver", "-o", "--mask", "--stats"])
+def test_an_empty_path_is_refused(flag: str, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``--driver "$UNSET"`` named the working folder (and animated the image sequence there): refused."""
+    monkeypatch.chdir(tmp_path)
+    given = {"--portrait": str(media["portrait"]), "--driver": str(media["driver"]), "-o": "r.mp4", flag: ""}
+    with pytest.raises(SystemExit) as stop:
+        main(["-q", "animate", "--demo", *[x for k, v in given.items() for x in (k, v)]])
+    assert stop.value.code == 2 and "an empty path (an unset variable in a script?)" in capsys.readouterr().err
 
 
 def test_typos_in_inputs_and_output_are_named_before_the_weights_load(tmp_path: Path, media: dict[str, Path],
@@ -1258,6 +1294,25 @@ def test_a_gpu_suite_without_a_gpu_says_so(tmp_path: Path, capsys: pytest.Captur
     suite started on the CPU, silently, for hours)."""
     code, _, err = run(capsys, "bench", "--suite", "gpu-full", "--out", tmp_path / "b")
     assert code == 2 and "sees no CUDA device" in err and "--dry-run" in err, err
+
+
+@pytest.mark.parametrize("stop,code,said", [(KeyboardInterrupt(), 130, "interrupted"),
+                                            (cli.Terminated(signal.SIGTERM), 143, "terminated")])
+def test_an_error_raised_while_a_stop_unwinds_ends_as_that_stop(stop: BaseException, code: int, said: str,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A second signal landing inside the first's unwinding (in a queue's lock, say) turned it into "unexpected
+    error: RuntimeError: release unlocked lock", exit 1: the stop's status and word stand."""
+    def command(args: argparse.Namespace) -> int:
+        try:
+            raise stop
+        finally:
+            raise RuntimeError("release unlocked lock")  # noqa: B012 - what the lock's release raised
+
+    monkeypatch.setattr(cli, "cmd_demo", command)
+    assert cli.main(["demo"]) == code
+    err = capsys.readouterr().err
+    assert said in err and "unexpected error" not in err
 
 
 def test_the_command_ignores_signals_after_an_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,10 +133,22 @@ def test_a_decimal_comma_in_a_file_separated_by_semicolons_or_tabs(tmp_path: Pat
     assert job.sequence_fps == Fraction(2997, 125)
 
 
+def test_jobs_files_in_a_spreadsheets_encodings(tmp_path: Path) -> None:
+    """"Unicode Text" (UTF-16 with its BOM, tab-separated) reads; a code-page CSV (cp1252) is named with the way
+    to save it."""
+    path = tmp_path / "jobs.txt"
+    path.write_bytes("portrait\tdriver\toutput\nRené.png\td.mp4\to.mp4\n".encode("utf-16"))
+    (job,) = read_jobs(path, BASE)
+    assert job.portrait == tmp_path / "René.png"
+    path.write_bytes("portrait,driver,output\nRené.png,d.mp4,o.mp4\n".encode("cp1252"))
+    with pytest.raises(InputError, match=r"jobs.txt: the jobs file is not UTF-8 text .*save it as \"CSV UTF-8\""):
+        read_jobs(path, BASE)
+
+
 def test_an_unreadable_jobs_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="jobs file not found"):
         read_jobs(tmp_path / "missing.csv", BASE)
     with pytest.raises(InputError, match="names a CSV file, and this is a folder"):
         read_jobs(tmp_path, BASE)
-    with pytest.raises(InputError, match="cannot read the jobs file"):
+    with pytest.raises(InputError, match="the jobs file is not UTF-8 text"):
         read_jobs(_jobs_file(tmp_path, "portrait,driver,output\n\xe9,d,o.mp4\n", encoding="latin-1"), BASE)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from megactor_rt import media
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.errors import InputError
+from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.media import (
     CRF_SCALES,
     AnimatedWebP,
@@ -406,6 +406,24 @@ def test_writer_transcodes_mp3_into_m4v(tmp_path: Path) -> None:
         for f in _frames(30):
             w.write(f)
     assert _reread(out) == (30, Fraction(30), True, "aac")
+
+
+def test_a_result_file_that_cannot_be_made_is_not_blamed_on_the_sound(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is first opened where the header is written, after the sound's stream is set up: a file that
+    cannot be made there (a full disk, no permission; here a folder in the temporary file's place) is a
+    ResourceError naming the result, not the sound "cannot be written into a .mp4 result"."""
+    import types
+    import uuid
+
+    import megactor_rt.media as media_module
+
+    monkeypatch.setattr(media_module, "uuid", types.SimpleNamespace(uuid4=lambda: uuid.UUID(int=0xABCDEF12 << 96)))
+    out = tmp_path / "r.mp4"
+    (tmp_path / ".r.abcdef12.tmp.mp4").mkdir()  # (opening it for writing fails: EISDIR)
+    with pytest.raises(ResourceError, match=r"r\.mp4: cannot write the result video .*nothing was written") as err:
+        VideoWriter(out, Fraction(30), 64, 64, audio_source=DRIVER)
+    assert "audio" not in str(err.value) and not out.exists()
 
 
 def test_writer_disk_errors_name_the_output_and_leave_nothing(tmp_path: Path,
@@ -1256,6 +1274,42 @@ def test_a_clip_cut_off_midway_is_still_truncated(tmp_path: Path) -> None:
         list(iter_video_frames(cut))
 
 
+@pytest.mark.parametrize("suffix,codec", [(".mkv", "libx264"), (".webm", "libvpx-vp9")])
+def test_a_matroska_clip_cut_off_midway_is_truncated(tmp_path: Path, suffix: str, codec: str) -> None:
+    """Matroska and WebM count no frames in their header: a copy cut off at half (a partial download), whose
+    frames end long before the track's declared end (its DURATION tag), is refused as truncated, not animated
+    short; the whole file is taken."""
+    path = tmp_path / f"whole{suffix}"
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream(codec, rate=25)
+        vs.width = vs.height = 64
+        vs.pix_fmt = "yuv420p"
+        for i in range(100):
+            f = av.VideoFrame.from_ndarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8),
+                                           format="rgb24")
+            f.pts = i
+            c.mux(vs.encode(f))
+        c.mux(vs.encode(None))
+    assert len(list(iter_video_frames(path))) == 100
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match=rf"cut{suffix}: video is truncated: its header says it lasts until 4.0"):
+        list(iter_video_frames(cut))
+
+
+def test_a_gif_without_its_last_byte_is_said_to_be_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import Image
+
+    frames = [Image.new("RGB", (64, 64), (20 * i, 0, 0)) for i in range(6)]
+    whole, cut = tmp_path / "whole.gif", tmp_path / "cut.gif"
+    frames[0].save(whole, save_all=True, append_images=frames[1:], duration=40, loop=0)
+    cut.write_bytes(whole.read_bytes()[:-1])  # (a download cut after a whole frame: it decodes cleanly)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        assert len(list(iter_video_frames(whole))) == 6 and "truncated" not in caplog.text
+        assert len(list(iter_video_frames(cut))) == 6
+    assert "cut.gif: the GIF may be truncated" in caplog.text
+
+
 def _clip_with_offset_audio(path: Path, acodec: str, video_start: float, audio_start: float) -> None:
     """1 s of 10 fps video from ``video_start``; 2 s of mono audio from ``audio_start``, silent before the
     video's first frame and a tone from then on (absolute times on the container's clock)."""
@@ -1634,6 +1688,11 @@ def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
     frames[0].save(tmp_path / "still.png")
     assert is_animated_webp(path) and not is_animated_webp(tmp_path / "still.webp")
     assert not is_animated_webp(tmp_path / "still.png") and not is_animated_webp(tmp_path / "missing.webp")
+    cut = tmp_path / "cut.webp"  # (a partial download: Pillow cannot open it; its header says animated)
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert is_animated_webp(cut)
+    with pytest.raises(InputError, match="cut.webp: not a readable animated WebP: corrupt or cut off"):
+        driver_info(cut)
 
 
 def test_a_frame_half_way_between_two_grid_steps_takes_the_later_step(tmp_path: Path) -> None:

@@ -154,6 +154,10 @@ def test_a_driver_piped_into_standard_input_drives_as_its_file_does(tmp_path: Pa
     empty = subprocess.run([*base, "--driver", "-", "-o", str(tmp_path / "c.mp4")], input=b"", capture_output=True,
                            env=env, timeout=300)
     assert empty.returncode == 2 and b"standard input was empty" in empty.stderr
+    junk = subprocess.run([*base, "--driver", "-", "-o", str(tmp_path / "c.mp4")], input=b"hello world",
+                          capture_output=True, env=env, timeout=300)  # (named as given: not its removed copy)
+    assert junk.returncode == 2 and b"error: standard input (--driver -): not a readable video" in junk.stderr
+    assert str(scratch).encode() not in junk.stderr, junk.stderr
     leader, terminal = pty.openpty()
     try:
         tty = subprocess.run([*base, "--driver", "-", "-o", str(tmp_path / "c.mp4")], stdin=terminal,

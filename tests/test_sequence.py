@@ -639,7 +639,7 @@ def test_a_sequence_larger_than_the_free_space_is_said_before_the_work(tmp_path:
     with caplog.at_level(logging.WARNING, logger="megactor_rt.sequence"):
         anim.animate_to_file(PORTRAIT, driver, tmp_path / "a" / "%05d.png", on_progress=progress,
                              config=replace(anim.config, max_frames=4))
-        assert first == [1] and "4 8-bit PNG frames of 128x128 take about 0.0 GB" in caplog.text
+        assert first == [1] and "4 8-bit PNG frames of 128x128 take about 78.6 kB, but only 68.8 kB are free" in caplog.text
         caplog.clear()
         anim.animate_to_file(PORTRAIT, driver, tmp_path / "b" / "%05d.png", config=replace(anim.config, max_frames=3))
         assert "PNG frames of" not in caplog.text  # 3 frames fit

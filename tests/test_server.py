@@ -820,7 +820,8 @@ def test_animate_with_server_refuses_what_the_server_decides_and_names_failures(
     code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), str(bad), "--driver",
                  str(media["driver"]), "-o", str(tmp_path / "out"), "--duration", "0.04"])
     captured = capsys.readouterr()
-    assert code == 2 and "error: 1 of 2 results not written: bad_talk.mp4" in captured.err, captured.err
+    assert code == 2 and f"error: 1 of 2 results not written: {tmp_path / 'out' / 'bad_talk.mp4'}" in captured.err, \
+        captured.err
     assert "bad_talk.mp4: portrait/bad.png: " in captured.err  # (the server's message, naming the upload)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["portrait_talk.mp4"]
     assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == [] and left(scratch) == []
