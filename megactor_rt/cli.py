@@ -632,9 +632,10 @@ def animate_jobs(portraits: list[Path], drivers: list[Path], output: Path,
                  fmt: str | None = None, folder: bool = False) -> list[Job]:
     """(portrait, driver, output file) for every portrait x driver. One of each: ``output`` is the file (its suffix
     picks the format; ``fmt``, if given, must agree), unless it is a folder that exists, ``folder`` says it is one
-    (``-o results/``), or it is a name without a suffix given with ``fmt``. More: ``output`` is a folder (created once the weights have loaded) holding
-    ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of that name holding the frames
-    ``%05d.png``); names that collide with each other or with an input are an error before any work."""
+    (``-o results/``), or it is a name without a suffix given with ``fmt``. More: ``output`` is a folder (created
+    once the weights have loaded) holding ``<portrait stem>_<driver stem>.<fmt>`` (default mp4; png: a folder of
+    that name holding the frames ``%05d.png``); names that collide with each other or with an input are an error
+    before any work."""
     from megactor_rt.media import ALL_RESULT_SUFFIXES, VIDEO_SUFFIXES, result_replaces
     from megactor_rt.pipe import is_stdout
 
