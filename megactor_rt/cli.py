@@ -35,7 +35,7 @@ from megactor_rt.config import (
     tiny_weights_id,
 )
 from megactor_rt.errors import InputError, MegactorError
-from megactor_rt.files import same_file, unwritable
+from megactor_rt.files import not_writable, same_file, unwritable
 from megactor_rt.jobs import COLUMNS, CONFIG_COLUMNS, REQUIRED, Job, read_jobs
 from megactor_rt.weights_layout import check_converted_folder, check_release_folder
 
@@ -441,8 +441,8 @@ def _open_progress_file(args: argparse.Namespace) -> None:
             raise InputError(f"{path}: --progress-json names a file to append to, and this is a folder")
         blocked = unwritable(path.absolute().parent)
         if blocked is not None:
-            raise InputError(f"{path}: cannot write progress reports there (--progress-json): {blocked} is not a "
-                             "writable folder")
+            raise InputError(f"{path}: cannot write progress reports there (--progress-json): "
+                             f"{not_writable(blocked)}")
         return
     try:
         progress_file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed with args.cleanup
@@ -515,7 +515,7 @@ def _output_folder(path: Path, flag: str) -> Path:
         raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
     blocked = unwritable(path)
     if blocked is not None:
-        raise InputError(f"{path}: {flag} cannot be written ({blocked} is not a writable folder)")
+        raise InputError(f"{path}: {flag} cannot be written ({not_writable(blocked)})")
     return path
 
 
@@ -566,7 +566,7 @@ class StatsFile:
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
             blocked = unwritable(path.absolute().parent)  # the folder, or what will hold it
             if blocked is not None:
-                raise InputError(f"{path}: --stats cannot be written ({blocked} is not a writable folder)")
+                raise InputError(f"{path}: --stats cannot be written ({not_writable(blocked)})")
             for what, others in (("a result", results), ("an input", inputs)):
                 if any(o is not None and same_file(path, o) for o in others):
                     raise InputError(f"{path}: --stats would overwrite {what} of this run; choose another file")
@@ -809,7 +809,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
             if result_folder(job.output).is_dir():
                 check_output_path(job.output)
             elif (blocked := unwritable(result_folder(job.output))) is not None:
-                raise InputError(f"{job.output}: its folder cannot be created ({blocked} is not writable)")
+                raise InputError(f"{job.output}: its folder cannot be created ({not_writable(blocked)})")
             if any(result_replaces(job.output, p) for p in inputs):
                 raise InputError(f"{job.output}: the result would overwrite an input of this run (of this job or "
                                  "another); choose another output")

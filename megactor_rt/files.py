@@ -104,6 +104,12 @@ def nearest_folder(path: Path) -> Path:
     return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
 
 
+def not_writable(blocked: Path) -> str:
+    """What :func:`unwritable` found, in words: ``X is a file, not a folder`` or ``X is not a writable folder``."""
+    return f"{blocked} is a file, not a folder" if blocked.exists() and not blocked.is_dir() else \
+        f"{blocked} is not a writable folder"
+
+
 def unwritable(folder: Path) -> Path | None:
     """Where writing into ``folder`` (creating it and the folders above it that are missing) would fail: its
     nearest existing ancestor (or itself) when that is no writable folder; None when it can be written."""

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.errors import InputError
-from megactor_rt.files import unwritable
+from megactor_rt.files import not_writable, unwritable
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +51,8 @@ def check_checkpoint_dir(folder: str | Path) -> None:
         raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) is a file")
     blocked = unwritable(folder)
     if blocked is not None:
-        raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) cannot be written ({blocked} is not "
-                         "a writable folder)")
+        raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) cannot be written "
+                         f"({not_writable(blocked)})")
 
 
 STALE_DAYS = 7  # a checkpoint untouched this long is said to be one of a run never started again

@@ -670,7 +670,8 @@ def test_a_jobs_file_runs_its_pairs_with_their_own_options(weights: Path, media:
     assert code == 2 and f"kept {late}" in stdout and f"kept {quiet}" in stdout and late.stat().st_mtime == 1e9
 
 
-@pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf"])
+@pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf",
+                                  "folder-is-a-file"])
 def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path, media: dict[str, Path],
                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -684,7 +685,9 @@ def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path
     rows = {"missing-portrait": f"{media['portrait']},{media['driver']},a.mp4\nnobody.png,{media['driver']},b.mp4\n",
             "result-over-input": f"{media['portrait']},{media['driver']},a.mp4\n{media['portrait']},"
                                  f"{media['faceless_driver']},{media['driver']}\n",  # row 1's driver
-            "bad-crf": f"{media['portrait']},{media['driver']},a.mp4\n{media['portrait']},{media['driver']},b.gif\n"}
+            "bad-crf": f"{media['portrait']},{media['driver']},a.mp4\n{media['portrait']},{media['driver']},b.gif\n",
+            "folder-is-a-file": f"{media['portrait']},{media['driver']},a.mp4\n{media['portrait']},{media['driver']},"
+                                f"{media['portrait']}/b.mp4\n"}
     jobs.write_text("portrait,driver,output\n" + rows.get(case, rows["missing-portrait"]))
     flags = {"with-portrait": ("--jobs", jobs, "--portrait", media["portrait"]), "nothing": (),
              "bad-crf": ("--jobs", jobs, "--crf", 20)}.get(case, ("--jobs", jobs))
@@ -693,7 +696,9 @@ def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path
                 "result-over-input": f"{jobs}:3: .*my_driver.mp4: the result would overwrite an input",
                 "with-portrait": "--portrait cannot be given with --jobs",
                 "nothing": "animate needs --portrait, --driver, -o .or --jobs FILE",
-                "bad-crf": f"{jobs}:3: .*b.gif"}[case]
+                "bad-crf": f"{jobs}:3: .*b.gif",
+                "folder-is-a-file": f"{jobs}:3: .*b.mp4: its folder cannot be created .*my_face.png is a file, not a "
+                                    "folder"}[case]
     assert code == 2 and re.search(expected, err), err
     assert "Traceback" not in err and not list(tmp_path.glob("*.mp4"))
 
