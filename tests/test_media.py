@@ -1254,12 +1254,10 @@ def test_a_clip_whose_edit_list_hides_frames_is_complete(tmp_path: Path) -> None
     assert len(list(iter_video_frames(path, skip=40))) == 50
 
 
-def test_a_clip_cut_off_midway_is_still_truncated(tmp_path: Path) -> None:
-    """The other side of the check above: an MP4 with its index in front (faststart) whose data is cut off
-    at half: decoding ends early in time as well as in frames, so it is refused as truncated."""
-    path = tmp_path / "whole.mp4"
-    with av.open(str(path), "w", options={"movflags": "+faststart"}) as c:
-        vs = c.add_stream("libx264", rate=25)
+def _noise_clip(path: Path, codec: str, options: dict[str, str] | None = None) -> Path:
+    """100 frames of 64 px noise at 25 fps (hard to compress: cutting the file at half cuts its frames at half)."""
+    with av.open(str(path), "w", options=options or {}) as c:
+        vs = c.add_stream(codec, rate=25)
         vs.width = vs.height = 64
         vs.pix_fmt = "yuv420p"
         for i in range(100):
@@ -1268,6 +1266,13 @@ def test_a_clip_cut_off_midway_is_still_truncated(tmp_path: Path) -> None:
             f.pts = i
             c.mux(vs.encode(f))
         c.mux(vs.encode(None))
+    return path
+
+
+def test_a_clip_cut_off_midway_is_still_truncated(tmp_path: Path) -> None:
+    """The other side of the check above: an MP4 with its index in front (faststart) whose data is cut off
+    at half: decoding ends early in time as well as in frames, so it is refused as truncated."""
+    path = _noise_clip(tmp_path / "whole.mp4", "libx264", {"movflags": "+faststart"})
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match="cut.mp4.*truncated"):
@@ -1279,17 +1284,7 @@ def test_a_matroska_clip_cut_off_midway_is_truncated(tmp_path: Path, suffix: str
     """Matroska and WebM count no frames in their header: a copy cut off at half (a partial download), whose
     frames end long before the track's declared end (its DURATION tag), is refused as truncated, not animated
     short; the whole file is taken."""
-    path = tmp_path / f"whole{suffix}"
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream(codec, rate=25)
-        vs.width = vs.height = 64
-        vs.pix_fmt = "yuv420p"
-        for i in range(100):
-            f = av.VideoFrame.from_ndarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8),
-                                           format="rgb24")
-            f.pts = i
-            c.mux(vs.encode(f))
-        c.mux(vs.encode(None))
+    path = _noise_clip(tmp_path / f"whole{suffix}", codec)
     assert len(list(iter_video_frames(path))) == 100
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
