@@ -109,6 +109,8 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
               "frames": len(frames), "numbers": f"{first}-{last}", "audio": sound.name if sound else False}
     if last is not None and first is not None and last - first + 1 != len(frames):
         report["missing_frames"] = last - first + 1 - len(frames)
+        have = {pattern.number(f.name) for f in frames}
+        report["first_missing"] = pattern.name(next(n for n in range(first, last + 1) if n not in have))
     del first_frame["kind"]
     return report | first_frame  # its faces and settings
 

@@ -412,6 +412,10 @@ def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver:
     assert report["made_with"]["driver"] == "clip.mp4" and "missing_frames" not in report
     code, stdout, err = run(capsys, "inspect", tmp_path / "shots" / "a", "--json", "--no-faces")  # the folder
     assert code == 0 and json.loads(stdout)[str(tmp_path / "shots" / "a")]["numbers"] == "1-3", err
+    (tmp_path / "shots" / "a" / "0002.png").unlink()  # a gap: named
+    code, stdout, err = run(capsys, "inspect", tmp_path / "shots" / "a", "--json", "--no-faces")
+    report = json.loads(stdout)[str(tmp_path / "shots" / "a")]
+    assert code == 0 and (report["missing_frames"], report["first_missing"]) == (1, "0002.png"), err
 
 
 def test_cli_refuses_a_sequence_onto_a_folder_of_other_files_before_the_weights_load(
