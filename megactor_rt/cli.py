@@ -37,7 +37,12 @@ from megactor_rt.config import (
 from megactor_rt.errors import InputError, MegactorError
 from megactor_rt.files import not_writable, same_file, unwritable
 from megactor_rt.jobs import COLUMNS, CONFIG_COLUMNS, REQUIRED, Job, read_jobs
-from megactor_rt.weights_layout import check_converted_folder, check_release_folder
+from megactor_rt.weights_layout import (
+    DOWNLOADING,
+    check_converted_folder,
+    check_destination,
+    check_release_folder,
+)
 
 if TYPE_CHECKING:  # the runtime imports torch: loaded only by the commands that need it
     from megactor_rt.progress import Progress
@@ -1399,8 +1404,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    out = _output_folder(args.dst, "dst")  # both checked before torch's import (seconds)
+    out = _output_folder(args.dst, "dst")  # checked before torch's import (seconds)
     check_release_folder(args.src)
+    check_destination(args.src, out)
     from megactor_rt.weights import convert_release
 
     dst = convert_release(args.src, out, checkpoint=args.checkpoint)
@@ -1413,17 +1419,26 @@ def cmd_download(args: argparse.Namespace) -> int:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise MegactorError("huggingface_hub is not installed (pip install huggingface_hub)") from exc
+    out = _output_folder(args.out, "--out")  # (a file, a read-only place: said before the hub is asked)
+    out.mkdir(parents=True, exist_ok=True)
+    unfinished = out / DOWNLOADING  # (until every file is there: convert-weights refuses the folder meanwhile)
+    unfinished.touch()
     try:
-        path = snapshot_download(repo_id=args.repo, local_dir=str(args.out),
+        path = snapshot_download(repo_id=args.repo, local_dir=str(out),
                                  allow_patterns=["weights/checkpoint-steps*.ckpt", "weights/sd-vae-ft-mse/*",
                                                  "weights/StableDiffusion/image_encoder/*",
                                                  "weights/StableDiffusion/feature_extractor/*",
                                                  "weights/StableDiffusion/unet/config.json"])
     except Exception as exc:  # offline, DNS, auth, missing repo: all mean "could not download"
+        if not any(p for p in out.iterdir() if p != unfinished):  # (nothing came: no folder left behind)
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
         raise MegactorError(
-            f"could not download {args.repo} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "This machine may be offline: copy the released weights/ folder here by other means, then run "
-            "`megactor-rt convert-weights <weights> <dst>`.") from exc
+            f"could not download {args.repo} from the Hugging Face Hub into {out} ({type(exc).__name__}: {exc}). "
+            "Run the command again to go on with what came; offline, copy the released weights/ folder here by "
+            "other means, then run `megactor-rt convert-weights <weights> <dst>`.") from exc
+    unfinished.unlink()
     print(f"downloaded {args.repo} to {path}; next: megactor-rt convert-weights {Path(path) / 'weights'} DST")
     return 0
 

@@ -33,7 +33,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
 
 def _weights_status(path: Path) -> dict[str, Any]:
     from megactor_rt.errors import WeightsError
-    from megactor_rt.weights import MODULE_FILES, converted_config
+    from megactor_rt.weights import MODULE_FILES, check_converted_files, converted_config
 
     if not path.exists():
         return {"path": str(path), "status": "missing"}
@@ -47,6 +47,10 @@ def _weights_status(path: Path) -> dict[str, Any]:
     if not all(files.values()):
         return {"path": str(path), "status": "incomplete: " + ", ".join(
             f"{name}.safetensors missing" for name, ok in files.items() if not ok), **files}
+    try:
+        check_converted_files(path)  # each file's header against the architecture (no tensor read)
+    except WeightsError as exc:
+        return {"path": str(path), "status": f"unusable: {exc}", **files}
     return {"path": str(path), "status": f"converted weights found (weights id {weights_id})", **files}
 
 

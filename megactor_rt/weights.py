@@ -48,7 +48,12 @@ from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import InputError, WeightsError
 from megactor_rt.files import remove_stale, umask_mode
 from megactor_rt.progress import progress
-from megactor_rt.weights_layout import CONFIG_NAME, check_converted_folder, check_release_folder
+from megactor_rt.weights_layout import (
+    CONFIG_NAME,
+    check_converted_folder,
+    check_destination,
+    check_release_folder,
+)
 
 if TYPE_CHECKING:
     from megactor_rt.models.clip import ClipImageEncoder
@@ -160,6 +165,11 @@ def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    kinds = sorted(f"{k}: {str(state[k].dtype).removeprefix('torch.')}" for k in set(own) & set(state)
+                   if own[k].is_floating_point() and not state[k].is_floating_point())
+    if kinds:  # (integers, bools, complex numbers: not weights of these networks)
+        raise WeightsError(f"{what} weights in {source} are not floating point: {', '.join(kinds[:5])}"
+                           + (f", ... (+{len(kinds) - 5} more)" if len(kinds) > 5 else ""))
     if missing or unexpected or shapes:
         if own and state and not set(own) & set(state):  # e.g. two networks' files swapped
             raise WeightsError(f"{what} weights in {source} do not match the model: the file holds none of its "
@@ -220,7 +230,21 @@ def read_torch_file(path: Path, what: str = "") -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except Exception as exc:  # UnpicklingError for code objects, RuntimeError for corrupt zips
-        raise WeightsError(f"cannot read {what or 'weights file'} {path} safely (weights_only=True): {exc}") from exc
+        raise WeightsError(f"cannot read {what or 'weights file'} {path} safely (weights_only=True): "
+                           f"{_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """What a reader's error says, in one line: torch's refusal of a pickle explains for lines (and suggests
+    ``weights_only=False``, which would run the pickle's code: never here); an empty file's error says nothing."""
+    text = str(exc).strip()
+    if isinstance(exc, EOFError) or not text:
+        return f"{type(exc).__name__}: the file is empty or cut off"
+    if "Weights only load failed" in text:
+        reason = next((line.strip() for line in text.splitlines() if "Unsupported" in line or "GLOBAL" in line),
+                      "it holds code or objects other than tensors")
+        return f"it holds code or objects other than tensors, which are not loaded ({reason})"
+    return text.splitlines()[0]
 
 
 def _tensors(state: object, what: str) -> dict[str, torch.Tensor]:
@@ -354,6 +378,9 @@ def release_config(src: Path) -> ModelConfig:
             cfg = ModelConfig(unet=UNetConfig(**{**base.__dict__, "in_channels": 13}),
                               reference_net=UNetConfig(**{**base.__dict__, "in_channels": 4}),
                               vae=cfg.vae, clip=cfg.clip)
+    else:
+        logger.warning("%s is missing: the denoiser's architecture is taken to be the released model's (SD1.5's "
+                       "UNet); a checkpoint of another shape is refused below, naming its keys", unet_cfg)
     vae_json = src / "sd-vae-ft-mse" / "config.json"
     clip_json = src / "StableDiffusion" / "image_encoder" / "config.json"
     vae = _read_json(vae_json)
@@ -431,11 +458,14 @@ def feature_extractor_differences(src: Path, size: int) -> list[str]:
         "do_rescale": (raw.get("do_rescale", True), True),
     }
     out = [f"{k} {got!r} (this engine: {want!r})" for k, (got, want) in checks.items() if got != want]
-    if "rescale_factor" in raw and abs(float(raw["rescale_factor"]) - 1 / 255) > 1e-9:
-        out.append(f"rescale_factor {raw['rescale_factor']!r} (this engine: 1/255)")
-    for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
-        if key in raw and not close(raw[key], want):
-            out.append(f"{key} {raw[key]!r} (this engine: {list(want)!r})")
+    try:
+        if "rescale_factor" in raw and abs(float(raw["rescale_factor"]) - 1 / 255) > 1e-9:
+            out.append(f"rescale_factor {raw['rescale_factor']!r} (this engine: 1/255)")
+        for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+            if key in raw and not close(raw[key], want):
+                out.append(f"{key} {raw[key]!r} (this engine: {list(want)!r})")
+    except (TypeError, ValueError) as exc:  # a value that is no number (the file is not used: named, not fatal)
+        out.append(f"a value that is no number ({exc})")
     return out
 
 
@@ -492,6 +522,7 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
         WeightsError: missing files, unsafe pickles, or keys that do not match the architecture.
     """
     src, dst = check_release_folder(src), Path(dst)
+    check_destination(src, dst)
     ckpt = release_checkpoint(src, checkpoint)
     cfg = release_config(src)
     differences = feature_extractor_differences(src, cfg.clip.image_size)
@@ -512,7 +543,7 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
     states = {"temporal_unet": unet_sd, "reference_net": ref_sd, "vae": rename_old_attention_keys(vae_sd),
               "clip_image_encoder": clip_sd}
     files = {"temporal_unet": ckpt, "reference_net": ckpt, "vae": vae_file, "clip_image_encoder": clip_file}
-    return write_converted(cfg, states, dst, source=str(ckpt), files=files)
+    return write_converted(cfg, states, dst, source=str(ckpt.absolute()), files=files)
 
 
 def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]], dst: Path,
@@ -527,9 +558,19 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         state.pop("vision_model.embeddings.position_ids", None)  # buffer of older transformers versions
         check_state(module, state, name, (files or {}).get(name, source))
         states = {**states, name: state}
+    for name in MODULE_FILES:  # what the writer would refuse, or write uselessly, named with its source file
+        for key, t in states[name].items():
+            where = f"{name} weights in {(files or {}).get(name, source)}"
+            if t.layout is not torch.strided:
+                raise WeightsError(f"{where}: {key} is a {str(t.layout).removeprefix('torch.')} tensor, not a dense "
+                                   "one")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise WeightsError(f"{where}: {key} holds NaN or infinite values (damaged weights)")
     if dst.exists() and not dst.is_dir():
         raise WeightsError(f"{dst}: the converted weights go to a folder, and this is a file")
     written: list[tuple[Path, Path]] = []  # (temporary, final): renamed only once every file is written
+    made = not dst.exists()  # (removed again if the conversion does not finish)
+    done = False
     try:
         dst.mkdir(parents=True, exist_ok=True)
         for leftover in (".*.safetensors.*.tmp", f".{CONFIG_NAME}.*.tmp"):  # _temporary_beside's names, left by
@@ -538,7 +579,12 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())  # the architecture too: a
         # config change that keeps every tensor's shape (attention heads, norm eps) is other weights
         for name in progress(MODULE_FILES, desc="convert-weights: write", unit="file"):
-            tensors = {k: v.contiguous() for k, v in states[name].items()}
+            tensors: dict[str, torch.Tensor] = {}
+            stored: set[int] = set()
+            for k, v in states[name].items():  # (tensors sharing storage: safetensors writes each on its own)
+                storage = v.untyped_storage().data_ptr()
+                tensors[k] = v.clone() if storage in stored and v.numel() else v.contiguous()
+                stored.add(storage)
             final = dst / f"{name}.safetensors"
             tmp = _temporary_beside(final, written)  # a name of its own: another conversion cannot take it
             save_file(tensors, str(tmp), metadata={"format": "megactor-rt", "module": name})
@@ -556,12 +602,16 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         (dst / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
         for tmp, final in written:  # config.json last: its presence marks a complete folder
             tmp.replace(final)
+        done = True
     except Exception as exc:  # a full disk, no permission (safetensors' own error type included)
         raise WeightsError(f"{dst}: cannot write the converted weights ({type(exc).__name__}: {exc}); no "
                            "temporary file is left: run the conversion again once that is fixed") from exc
     finally:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
+        if made and not done:
+            with contextlib.suppress(OSError):  # (a folder this conversion made, left empty: removed)
+                dst.rmdir()
     logger.info("wrote converted weights to %s", dst)
     return dst
 
@@ -589,10 +639,48 @@ def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
         raise WeightsError(f"{config}: unsupported format_version {found!r} (expected {FORMAT_VERSION})")
     with _config_errors(config):
         cfg, weights_id = ModelConfig.from_dict(meta["model"]), meta["weights_id"]
+    if isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size <= 0:
+        raise WeightsError(f"{config}: image_size {cfg.image_size!r} is not a size in pixels; convert the weights "
+                           "again with `megactor-rt convert-weights`")
     if not isinstance(weights_id, str) or not weights_id:
         raise WeightsError(f"{config}: weights_id {weights_id!r} is not an id (it keys the caches and exports); "
                            "convert the weights again with `megactor-rt convert-weights`")
     return cfg, weights_id
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def check_converted_files(weights_dir: str | Path) -> str:
+    """What ``doctor`` can say of a converted folder without loading it: its ``config.json`` (as
+    :func:`converted_config`) and each module file's header (readable, every key of the architecture with its
+    shape, floating point), read without the tensors. Returns the weights id.
+
+    Raises:
+        WeightsError: naming the file and what is wrong.
+    """
+    from safetensors import safe_open
+
+    weights_dir = Path(weights_dir)
+    cfg, weights_id = converted_config(weights_dir)
+    models = meta_models(cfg, str(weights_dir / CONFIG_NAME))
+    for name, module in models.modules().items():
+        path = weights_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise WeightsError(f"missing {path}")
+        check_not_lfs_pointer(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                        dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.complex64))
+                         for k in f.keys()}  # noqa: SIM118 - safe_open's handle is no dict
+        except Exception as exc:  # safetensors' own error type (truncated, bad header), OSError
+            raise WeightsError(f"cannot read {path} ({type(exc).__name__}: {exc}): the file is damaged or "
+                               "incomplete; convert the weights again") from exc
+        check_state(module, state, name, path)
+    return weights_id
 
 
 def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",

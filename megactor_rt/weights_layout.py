@@ -8,6 +8,7 @@ from pathlib import Path
 from megactor_rt.errors import WeightsError
 
 CONFIG_NAME = "config.json"  # its presence marks a complete converted folder (written last)
+DOWNLOADING = ".megactor-rt-download-unfinished"  # in `download --out`'s folder while its files come
 
 
 def check_converted_folder(weights_dir: str | Path) -> Path:
@@ -30,10 +31,42 @@ def check_converted_folder(weights_dir: str | Path) -> Path:
                        "conversion did not finish): run `megactor-rt convert-weights` into it")
 
 
+def check_destination(src: str | Path, dst: str | Path) -> None:
+    """Refuse a ``convert-weights`` destination that would overwrite what is not a conversion: the release folder
+    itself or a folder inside it (its ``config.json`` files are the release's), or a folder holding other files
+    than an earlier conversion's.
+
+    Raises:
+        WeightsError: naming the destination and what it holds.
+    """
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst == src or dst.is_relative_to(src):
+        raise WeightsError(f"{dst}: the converted weights would be written into the released folder {src}, over "
+                           "its own files: choose a folder outside it")
+    if not dst.is_dir():
+        return
+    import json
+
+    config = dst / CONFIG_NAME
+    try:
+        ours = config.is_file() and "format_version" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    others = sorted(p.name for p in dst.iterdir() if not p.name.startswith("."))  # (hidden: temporary files)
+    if others and not ours:
+        raise WeightsError(f"{dst}: the folder holds other files than converted weights ({', '.join(others[:5])}"
+                           f"{', ...' if len(others) > 5 else ''}), which the conversion would overwrite: choose a new "
+                           "or empty folder")
+
+
 def check_release_folder(src: str | Path) -> Path:
     """``src`` as a ``Path`` if it is a folder (the released ``weights/`` folder ``convert-weights`` reads);
     otherwise a ``WeightsError`` saying what it is."""
     src = Path(src)
     if not src.is_dir():
         raise WeightsError(f"weights folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
+    unfinished = next((d for d in (src, src.parent) if (d / DOWNLOADING).exists()), None)
+    if unfinished is not None:
+        raise WeightsError(f"{src}: the download into {unfinished} did not finish (some files are missing or cut "
+                           f"off): run `megactor-rt download --out {unfinished}` again, which goes on with it")
     return src

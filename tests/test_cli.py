@@ -45,6 +45,7 @@ from megactor_rt.media import iter_video_frames, probe_video, read_image
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.weights import build_models, write_converted
+from megactor_rt.weights_layout import DOWNLOADING
 
 FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
 
@@ -332,6 +333,23 @@ def test_download_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     assert err.startswith(f"error: could not download {cli.HF_REPO}")
     assert "Temporary failure in name resolution" in err and "offline" in err and "convert-weights" in err
     assert not out.exists()
+    code, _, err = run(capsys, "download", "--out", cli.__file__)  # (said before the hub is asked)
+    assert code == 2 and "--out names a folder for the outputs, and this is a file" in err and len(calls) == 1
+
+    def breaks_off(**kwargs: object) -> str:  # a file came, then the transfer broke
+        weights = Path(str(kwargs["local_dir"])) / "weights"
+        weights.mkdir()
+        (weights / "checkpoint-steps9000.ckpt").write_bytes(b"cut")
+        raise OSError("Connection reset by peer")
+
+    fake_hub.snapshot_download = breaks_off  # type: ignore[attr-defined]
+    code, _, err = run(capsys, "download", "--out", out)
+    assert code == 2 and "Run the command again to go on with what came" in err
+    code, _, err = run(capsys, "convert-weights", out / "weights", tmp_path / "converted")
+    assert code == 2 and f"the download into {out} did not finish" in err and not (tmp_path / "converted").exists()
+    fake_hub.snapshot_download = lambda **kwargs: str(kwargs["local_dir"])  # type: ignore[attr-defined]
+    code, stdout, err = run(capsys, "download", "--out", out)
+    assert code == 0 and "next: megactor-rt convert-weights" in stdout and not (out / DOWNLOADING).exists(), err
 
 
 def test_convert_weights_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -140,10 +140,21 @@ def test_a_conversion_that_cannot_write_leaves_the_earlier_one(pack, tmp_path, m
     ("missing", "missing keys"),
     ("extra_unet", "unexpected keys"),
     ("shape", "wrong shapes"),
+    ("integers", "not floating point: conv_in.weight: int64"),
+    ("nan", "conv_in.weight holds NaN or infinite values"),
+    ("sparse", "conv_in.weight is a sparse_coo tensor, not a dense one"),
 ])
 def test_bad_checkpoints_name_the_problem(pack, tmp_path, case, needle):
     def mutate(state):
-        if case == "missing":
+        key = "module.unet.conv_in.weight"
+        if case == "integers":
+            state[key] = state[key].long()
+        elif case == "nan":
+            state[key] = state[key].clone()
+            state[key][0, 0, 0, 0] = float("nan")
+        elif case == "sparse":
+            state[key] = state[key].to_sparse()
+        elif case == "missing":
             del state["module.unet.conv_in.weight"]
         elif case == "extra_unet":
             state["module.unet.not_a_layer.weight"] = torch.zeros(1)
@@ -154,8 +165,39 @@ def test_bad_checkpoints_name_the_problem(pack, tmp_path, case, needle):
         convert_release(src, tmp_path / "out")
     assert needle in str(err.value)
     assert "checkpoint-steps9000.ckpt" in str(err.value) or "temporal_unet" in str(err.value)
-    assert not (tmp_path / "out" / "config.json").exists()
+    assert not (tmp_path / "out").exists()  # (not even an empty folder)
 
+
+def test_tied_tensors_convert(pack, tmp_path):
+    """Tensors sharing their storage (tied weights) are written each on its own (safetensors refuses shared
+    storage; that was reported as the destination's failure)."""
+    def mutate(state):
+        state["module.unet.conv_norm_out.bias"] = state["module.unet.conv_norm_out.weight"]  # (one shape)
+    src = write_release(pack, tmp_path / "w", mutate)
+    models = load_converted(convert_release(src, tmp_path / "out"))
+    unet = models.modules()["temporal_unet"].state_dict()
+    assert torch.equal(unet["conv_norm_out.bias"], unet["conv_norm_out.weight"])
+
+
+def test_a_destination_holding_other_things_is_refused(pack, tmp_path):
+    """convert-weights never writes over what is not an earlier conversion: the release folder itself or a folder
+    in it (its config.json files), or a folder holding other files; a new or empty folder, or an earlier
+    conversion, is taken."""
+    from megactor_rt.weights_layout import check_destination
+
+    src = write_release(pack, tmp_path / "w")
+    for dst in (src, src / "sd-vae-ft-mse", src / "new"):
+        with pytest.raises(WeightsError, match="would be written into the released folder"):
+            convert_release(src, dst)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(WeightsError, match=r"mine: the folder holds other files than converted weights \(config.json"):
+        convert_release(src, mine)
+    assert (mine / "config.json").read_text() == '{"my": "settings"}'
+    (tmp_path / "empty").mkdir()
+    convert_release(src, tmp_path / "empty")
+    check_destination(src, tmp_path / "empty")  # (an earlier conversion: converted again)
 
 def test_a_state_of_another_network_is_named_in_one_line():
     """Two networks' files swapped: one line saying the file holds none of the model's keys (was: three lines
@@ -280,7 +322,12 @@ class NotATensor:
 def test_pickled_code_is_refused(pack, tmp_path):
     src = write_release(pack, tmp_path / "w")
     torch.save({"state_dict": {"module.unet.x": NotATensor()}}, src / "checkpoint-steps9000.ckpt")
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(WeightsError, match="weights_only") as err:
+        convert_release(src, tmp_path / "out")
+    said = str(err.value)  # one line, and not torch's advice to load it with weights_only=False
+    assert "\n" not in said and "weights_only=False" not in said and "holds code or objects" in said
+    (src / "checkpoint-steps9000.ckpt").write_bytes(b"")
+    with pytest.raises(WeightsError, match="the file is empty or cut off"):
         convert_release(src, tmp_path / "out")
 
 
@@ -455,7 +502,9 @@ def test_the_feature_extractor_is_compared_with_the_fixed_clip_preprocessing(tmp
                                                                 "crop_size 224 (this engine: 336)"]
     (folder / "preprocessor_config.json").write_text(json.dumps({**newer, "size": {"longest_edge": 300}}))
     assert feature_extractor_differences(tmp_path, 224)[0] == "size {'longest_edge': 300} (this engine: 224)"
-    for text, says in (("[]", "holds no settings object"), ("{", "unreadable (")):
+    for text, says in (("[]", "holds no settings object"), ("{", "unreadable ("),
+                       ('{"rescale_factor": "abc"}', "a value that is no number"),
+                       ('{"image_mean": [null, 1, 2]}', "a value that is no number")):
         (folder / "preprocessor_config.json").write_text(text)
         assert says in feature_extractor_differences(tmp_path, 224)[0]  # named, and the conversion goes on
 
@@ -479,6 +528,19 @@ def test_a_released_folder_given_as_converted_weights_says_convert_it(pack, tmp_
     assert "convert-weights" in _weights_status(src)["status"]
     dst = convert_release(src, tmp_path / "converted")
     assert _weights_status(dst)["status"].startswith("converted weights found")
+    # doctor reads each file's header (not its tensors): a cut file, another module's file are named
+    whole = (dst / "clip_image_encoder.safetensors").read_bytes()
+    (dst / "clip_image_encoder.safetensors").write_bytes(whole[: len(whole) // 2])
+    status = _weights_status(dst)["status"]
+    assert status.startswith("unusable: cannot read") and "clip_image_encoder.safetensors" in status, status
+    (dst / "clip_image_encoder.safetensors").write_bytes((dst / "vae.safetensors").read_bytes())
+    assert "another network's file?" in _weights_status(dst)["status"]
+    (dst / "clip_image_encoder.safetensors").write_bytes(whole)
+    meta = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], "image_size": "x"}}))
+    with pytest.raises(WeightsError, match="config.json: image_size 'x' is not a size in pixels"):
+        load_converted(dst)
+    (dst / "config.json").write_text(json.dumps(meta))
     (dst / "vae.safetensors").unlink()
     assert _weights_status(dst)["status"] == "incomplete: vae.safetensors missing"
     (dst / "config.json").write_text("{")
