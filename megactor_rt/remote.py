@@ -48,8 +48,15 @@ def file_name(url: str) -> str:
 
 def safe_name(name: str, default: str) -> str:
     """``name`` (from another machine: an address, an upload) as a file name in a folder of this one: no path
-    separators or control characters, no leading dots, at most 200 characters; ``default`` where nothing is left."""
-    return re.sub(r"[\x00-\x1f/\\]", "_", name).strip(". ")[:200] or default
+    separators or control characters, no leading dots, at most 200 bytes of UTF-8 (its suffix kept); ``default``
+    where nothing is left."""
+    name = re.sub(r"[\x00-\x1f/\\]", "_", name).strip(". ")
+    stem, suffix = os.path.splitext(name)
+    if len(suffix.encode()) > 16:  # (no suffix of a media file)
+        stem, suffix = name, ""
+    while len((stem + suffix).encode()) > 200:
+        stem = stem[:-1]
+    return (stem + suffix).strip(". ") or default
 
 
 class _Again(Exception):

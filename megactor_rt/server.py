@@ -197,7 +197,9 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
                 raise FormError("a part of the form has headers over 16 KiB")
             buf += body.read()
             end = buf.find(b"\r\n\r\n")
-        head = email.parser.BytesHeaderParser().parsebytes(buf[:end].partition(b"\r\n")[2] + b"\r\n\r\n")
+        # (browsers send a file name as UTF-8 bytes: read so, not as ASCII, which garbled "café.png")
+        head = email.parser.HeaderParser().parsestr(
+            (buf[:end].partition(b"\r\n")[2] + b"\r\n\r\n").decode("utf-8", errors="replace"))
         buf = buf[end + 4:]
         name = head.get_param("name", header="content-disposition")
         filename = head.get_filename()
@@ -877,6 +879,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 self._drivers[f"{path.parent.name}/{path.name}"] = path
         tasks: list[Task] = []
         for folder in sorted(p for p in (self.jobs_dir / "jobs").glob("*") if p.is_dir()):
+            if folder.is_symlink():  # (a job's folder is made here: one that points elsewhere is not the server's)
+                logger.warning("%s: a link, not a job folder this server made; left there, not served", folder)
+                continue
             record = folder / RECORD
             if not record.is_file():
                 logger.info("%s: a job whose form was not received whole before the server stopped; removed", folder)
@@ -884,7 +889,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 continue
             try:
                 task = self._restored(folder, json.loads(record.read_text(encoding="utf-8")))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
                 logger.warning("%s: not a job record this server reads (%s: %s); left there, not served", record,
                                type(exc).__name__, exc)
                 continue
@@ -913,7 +918,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         if status not in _STATUSES or doc["id"] != task_id:
             raise ValueError(f"status {status!r}, id {doc['id']!r} in folder {task_id}")
         text = {str(k): str(v) for k, v in doc["text"].items()}
-        files = {str(k): folder / v for k, v in doc["files"].items()} | {"driver": self.jobs_dir / doc["driver"]}
+        files = {str(k): _inside(folder, v) for k, v in doc["files"].items()} | {
+            "driver": _inside(self.jobs_dir, doc["driver"])}
+        result = _inside(folder, doc["result"])
+        created = _finite_time(doc["created"])
+        finished = None if doc["finished"] is None else _finite_time(doc["finished"])
+        if doc["error"] is not None and (not isinstance(doc["error"], list) or len(doc["error"]) != 2):
+            raise ValueError(f"error {doc['error']!r} is not [status, message]")
         callback = doc["callback"]
         refused: Exception | None = None  # (why this server does not run it again)
         if status in ("queued", "running"):
@@ -922,15 +933,17 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 shutil.rmtree(folder / "result", ignore_errors=True)  # (a result's write the stop cut short)
             try:
                 task = self.task_of(folder, text, files, task_id, True, callback)
-                task.created = float(doc["created"])
+                task.created = created
                 if status == "running":  # (queued again; a queued job's record says so already)
                     self._save(task)
                 return task
             except (FormError, InputError) as exc:  # (this server's model, settings or limits refuse it)
-                status, refused, doc["finished"] = "failed", exc, time.time()
-        job = Job(files.get("portrait", folder), files["driver"], folder / doc["result"])
-        task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=float(doc["created"]),
-                    finished=float(doc["finished"]), callback=callback, request=(text, files))
+                status, refused, finished = "failed", exc, time.time()
+        if finished is None:
+            raise ValueError(f"status {status!r} without the time it ended")
+        job = Job(files.get("portrait", folder), files["driver"], result)
+        task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=created,
+                    finished=finished, callback=callback, request=(text, files))
         if refused is not None:
             task.error = 400, task.said(refused)
         elif doc["error"] is not None:
@@ -1001,7 +1014,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def _call_back(self, url: str, state: dict[str, Any]) -> None:
         """Post a finished job's ``state`` to its callback address (tried again where not reached or answered 5xx);
-        the outcome is logged."""
+        the outcome is logged (the address without its credentials, where it has any)."""
+        try:
+            self._post_state(url, state)
+        except Exception:  # noqa: BLE001 - the callback's thread: said in the log, never a traceback on stderr
+            logger.exception("run %s: callback %s failed", state["id"], _shown(url))
+
+    def _post_state(self, url: str, state: dict[str, Any]) -> None:
         import urllib.error
         import urllib.request
 
@@ -1014,18 +1033,20 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"),
                                             timeout=10) as answer:
-                    logger.info("run %s: callback %s answered %d", state["id"], url, answer.status)
+                    logger.info("run %s: callback %s answered %d", state["id"], _shown(url), answer.status)
                     return
             except urllib.error.HTTPError as exc:
                 if exc.code < 500:
-                    logger.warning("run %s: callback %s refused it: %d %s", state["id"], url, exc.code, exc.reason)
+                    logger.warning("run %s: callback %s refused it: %d %s", state["id"], _shown(url), exc.code,
+                                   exc.reason)
                     return
                 why = f"{exc.code} {exc.reason}"
             except (urllib.error.URLError, OSError) as exc:
                 why = str(getattr(exc, "reason", exc))
             if attempt < CALLBACK_TRIES:
                 time.sleep(2 ** (attempt - 1))
-        logger.warning("run %s: callback %s not reached (%s; %d tries)", state["id"], url, why, CALLBACK_TRIES)
+        logger.warning("run %s: callback %s not reached (%s; %d tries)", state["id"], _shown(url), why,
+                       CALLBACK_TRIES)
 
     def _run(self, task: Task) -> None:
         def report(progress: Any) -> None:
@@ -1114,9 +1135,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.end_headers()
 
+    _answered = False  # (a status line was sent: no second answer after a failure)
+
     def send_response(self, code: int, message: str | None = None) -> None:
         self.server.answered(code)
+        self._answered = True
         super().send_response(code, message)
+
+    def _no_such_method(self) -> None:
+        self._error(405, f"{self.command} is not a method this server takes: GET, HEAD, POST, DELETE, OPTIONS",
+                    {"Allow": "GET, HEAD, POST, DELETE, OPTIONS"})
+
+    do_PUT = do_PATCH = do_TRACE = do_CONNECT = _no_such_method  # noqa: N815 - http.server's names
 
     def _answer(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -1154,8 +1184,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._json(status, {"error": message}, headers or ({"Retry-After": "10"} if status == 503 else
                    {"WWW-Authenticate": 'Bearer realm="megactor-rt"'} if status == 401 else None))
 
+    def _from_this_site(self) -> bool:
+        """Whether a request that changes something (POST, DELETE) comes from no page, this server's own page, or a
+        site ``cors_origins`` allows; answered 403 if not. A browser sends another site's form without asking (no
+        preflight): without this, any page a user opens could queue work on a server on their machine."""
+        from urllib.parse import urlsplit
+
+        origin = self.headers.get("Origin")
+        allowed = self.server.cors_origins
+        if origin is None or "*" in allowed or origin in allowed:
+            return True
+        hosts = {h.strip().lower() for h in (self.headers.get("Host"), self.headers.get("X-Forwarded-Host")) if h}
+        try:
+            site = urlsplit(origin)
+            own = site.scheme in ("http", "https") and site.netloc.lower() in hosts
+        except ValueError:
+            own = False
+        if own:
+            return True
+        self._error(403, f"a page of another site ({origin}) may not send work to this server (serve --cors-origin "
+                         f"{origin} allows it)")
+        return False
+
     def _allowed(self) -> bool:
         """Whether the request may be answered (its token, where the server has one); answered 401 if not."""
+        if self.command in ("POST", "DELETE") and not self._from_this_site():
+            return False
         sent = self.headers.get("Authorization")
         if (self.command in ("GET", "HEAD") and self._route() in _OPEN) or self.server.authorized(sent):
             return True
@@ -1170,8 +1224,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _length(self) -> int:
         """The announced body length, refused (411, 413) before anything is read."""
         size = self.headers.get("Content-Length")
-        if size is None or not size.strip().isdigit():
+        if self.headers.get("Transfer-Encoding") is not None or size is None or not (
+                size.strip().isascii() and size.strip().isdigit()):
             raise FormError(f"POST {self._route()} needs a Content-Length (a form sent whole, not chunked)", 411)
+        if len(set(self.headers.get_all("Content-Length") or [])) > 1:
+            raise FormError("the request gives several Content-Length headers that disagree", 400)
         if int(size) > self.server.max_upload_bytes:
             raise FormError(f"the form is {int(size)} bytes, over this server's limit of "
                             f"{self.server.max_upload_bytes} (serve --max-upload-mb)", 413)
@@ -1209,6 +1266,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        try:
+            self._get()
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failure of the server: logged, and answered where it still can be
+            logger.exception("GET %s failed", self.path)
+            if not self._answered:
+                self._error(500, f"the server failed: {type(exc).__name__}")
+
+    def _get(self) -> None:
         if not self._allowed():
             return
         route = self._route()
@@ -1326,7 +1393,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not self.server.allow_callbacks:
                 raise FormError("field 'callback': this server posts to no addresses (serve --allow-callbacks)")
             url = as_url(callback)
-            if url is None:
+            if url is None or not _postable(url):
                 raise FormError(f"field 'callback' takes an http(s) address, got {callback!r}")
             callback = url
         for name in FILE_FIELDS:  # given as text: a web address where the server takes them, else no file
@@ -1445,7 +1512,60 @@ def _prune(task: Task) -> None:
     keep = (RECORD, "result") if task.status == "done" else (RECORD,)
     for path in task.folder.glob("*"):
         if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _postable(url: str) -> bool:
+    """Whether ``url`` is an http(s) address a callback can be posted to: a host, a port that is one, no spaces
+    or control characters (a malformed one crashed the callback's thread when the run ended)."""
+    from urllib.parse import urlsplit
+
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # (raises for one out of range)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _shown(url: str) -> str:
+    """``url`` as the log shows it: without the user and password it may carry."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an address that is none)"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _inside(folder: Path, name: object) -> Path:
+    """``folder / name`` from a job record, where it stays inside ``folder`` (links followed): a record edited to
+    name a file elsewhere (``../../etc/passwd``, an absolute path) is refused, never read, served or deleted.
+
+    Raises:
+        ValueError: ``name`` is no relative path inside ``folder``.
+    """
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise ValueError(f"{name!r} is not a path within {folder}")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{name!r} leads out of {folder}")
+    return path
+
+
+def _finite_time(value: object) -> float:
+    """A record's time (seconds since the epoch), finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a time")
+    return float(value)
 
 
 def _within(path: Path, folder: Path) -> str:
@@ -1465,7 +1585,12 @@ def _attachment(name: str) -> str:
 
 
 def _stem(path: Path) -> str:
-    return path.stem or path.name
+    """An upload's name in its result's name (``<portrait>_<driver>.mp4``), at most 100 bytes of UTF-8: two of
+    them and a suffix stay within the file systems' 255."""
+    stem = path.stem or path.name
+    while len(stem.encode()) > 100:
+        stem = stem[:-1]
+    return stem
 
 
 def loopback(host: str) -> bool:

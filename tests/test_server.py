@@ -430,6 +430,75 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
                                  "/ping"}
 
 
+def test_pages_of_other_sites_cannot_send_work(served: AnimateServer, media: dict[str, Path]) -> None:
+    """A browser sends another site's form without a preflight: such a POST (or a DELETE) is refused (403) unless
+    --cors-origin names the site; the server's own page (Origin = its Host) and clients without a page (no
+    Origin) are taken."""
+    body, ctype = form({**files(media), "duration": "0.04"})
+    port = served.server_address[1]
+    status, _, answer = request(served, "POST", "/jobs", body, ctype, {"Origin": "https://evil.example"})
+    assert status == 403 and "a page of another site (https://evil.example) may not" in json.loads(answer)["error"]
+    assert request(served, "DELETE", "/jobs/abc", headers={"Origin": "null"})[0] == 403  # (a sandboxed page)
+    assert json.loads(request(served, "GET", "/jobs")[2])["jobs"] == []  # (nothing was queued)
+    own = {"Origin": f"http://127.0.0.1:{port}"}
+    status, _, answer = request(served, "POST", "/jobs", body, ctype, own)
+    assert status == 202, answer
+    job = json.loads(answer)["id"]
+    wait_for(served, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    served.cors_origins = ("https://app.example",)
+    assert request(served, "DELETE", f"/jobs/{job}", headers={"Origin": "https://app.example"})[0] == 200
+
+
+def test_uploads_named_in_utf8_and_at_length(served: AnimateServer, media: dict[str, Path]) -> None:
+    """A browser sends a file name as UTF-8: "café.png" stays so (was "caf\ufffd\ufffd.png"); names long in bytes
+    (Japanese, 300 characters) are shortened to what a file system takes (they failed with 503 or 500)."""
+    long_driver = "ドライバー" * 20 + ".mp4"
+    body, ctype = form({"portrait": ("café.png", media["portrait"].read_bytes()),
+                        "driver": (long_driver, media["driver"].read_bytes()), "duration": "0.04"})
+    status, _, answer = request(served, "POST", "/jobs", body, ctype)
+    assert status == 202, answer
+    doc = json.loads(answer)
+    assert doc["result_name"].startswith("café_ドライバー") and doc["result_name"].endswith(".mp4")
+    assert len(doc["result_name"].encode()) <= 255
+    done = wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{doc['id']}")
+    assert done["status"] == "done", done
+    body, ctype = form({"portrait": ("a" * 300 + ".png", media["portrait"].read_bytes()),
+                        "driver": ("b" * 300 + ".mp4", media["driver"].read_bytes()), "duration": "0.04"})
+    status, _, answer = request(served, "POST", "/animate", body, ctype)
+    assert status == 200, answer[:300]
+
+
+def test_malformed_request_framing_is_refused(served: AnimateServer, media: dict[str, Path]) -> None:
+    """Content-Length that is no ASCII number (was a 500), a chunked body beside a Content-Length (its chunk lines
+    went into the uploads), two Content-Lengths that disagree; a method the server has no use for: 405 with Allow
+    (was 501)."""
+    body, ctype = form(files(media))
+    for headers, status, says in (({"Content-Length": "\u00b2"}, 411, "needs a Content-Length"),
+                                  ({"Transfer-Encoding": "chunked"}, 411, "not chunked")):
+        conn = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=60)
+        conn.putrequest("POST", "/jobs")
+        conn.putheader("Content-Type", ctype)
+        if "Transfer-Encoding" in headers:
+            conn.putheader("Content-Length", str(len(body)))
+        for key, value in headers.items():
+            conn.putheader(key, value.encode("latin-1"))
+        conn.endheaders()
+        answer = conn.getresponse()
+        assert answer.status == status and says in json.loads(answer.read())["error"], headers
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=60)
+    conn.putrequest("POST", "/jobs")
+    conn.putheader("Content-Type", ctype)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.putheader("Content-Length", "5")
+    conn.endheaders()
+    answer = conn.getresponse()
+    assert answer.status == 400 and "several Content-Length headers" in json.loads(answer.read())["error"]
+    conn.close()
+    status, headers, answer = request(served, "PUT", "/jobs", b"x")
+    assert status == 405 and headers["Allow"] == "GET, HEAD, POST, DELETE, OPTIONS", answer
+
+
 def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: AnimateServer) -> None:
     """CORS: no site by default; with --cors-origin, that site's pages get the answers (and the run's headers) and
     a preflight for a form or a DELETE; pages of other sites still do not."""

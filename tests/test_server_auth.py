@@ -463,9 +463,16 @@ def test_the_documented_nginx_front_serves_clients_over_https_under_a_path(
         conn.close()
         body, ctype = form({**files(media), "pad": ("pad.bin", os.urandom(2 << 20))})
         conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
-        conn.request("POST", "/megactor/animate", body, {"Content-Type": ctype})
+        # (from the page's own site, as a browser sends it: past the other-site check, to the token's)
+        conn.request("POST", "/megactor/animate", body, {"Content-Type": ctype,
+                                                         "Origin": f"https://127.0.0.1:{port}"})
         answer = conn.getresponse()
         assert answer.status == 401 and "needs its token" in json.loads(answer.read())["error"]
+        conn.close()
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=context)
+        conn.request("POST", "/megactor/jobs", body, {"Content-Type": ctype, "Origin": "https://evil.example"})
+        answer = conn.getresponse()
+        assert answer.status == 403 and "another site" in json.loads(answer.read())["error"]
         conn.close()
     finally:
         proc.terminate()
@@ -558,7 +565,10 @@ def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: Anim
         served.allow_callbacks = True
         for route, fields, message in (
                 ("/animate", {CALLBACK_FIELD: hook}, "field 'callback' is for POST /jobs"),
-                ("/jobs", {CALLBACK_FIELD: "ftp://x"}, "field 'callback' takes an http(s) address, got 'ftp://x'")):
+                ("/jobs", {CALLBACK_FIELD: "ftp://x"}, "field 'callback' takes an http(s) address, got 'ftp://x'"),
+                # (malformed ones crashed the callback's thread when the run ended)
+                *[("/jobs", {CALLBACK_FIELD: bad}, "field 'callback' takes an http(s) address")
+                  for bad in ("http://[::1", "http://a b/", "http://x:99999/")]):
             body, ctype = form({**files(media), **fields})
             status, message_got = _error(request(served, "POST", route, body, ctype, headers=BEARER))
             assert status == 400 and message_got.startswith(message), message_got

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,43 @@ def test_what_cannot_be_taken_up_is_said(anim: Animator, media: dict[str, Path],
     assert f"{jobs_dir / 'jobs' / 'partial'}: a job whose form was not received whole" in caplog.text
     assert f"{jobs_dir / 'jobs' / 'broken' / RECORD}: not a job record this server reads (JSONDecodeError" in caplog.text
     assert json.loads((jobs_dir / "jobs" / later / RECORD).read_text())["status"] == "failed"
+
+
+def test_records_edited_to_name_files_elsewhere_are_not_served(anim: Animator, media: dict[str, Path],
+                                                                tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A record naming a result, an upload or a driver outside its folder (``../../secret``, an absolute path), a job
+    folder that is a link to elsewhere, a record whose error or times are not what the server writes: each is named
+    in the log and not served, run, pruned or rewritten; the server starts and serves the rest."""
+    jobs_dir = tmp_path / "jobs"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET")
+    outside = tmp_path / "outside"
+    (outside / "uploads").mkdir(parents=True)
+    (outside / "uploads" / "keep.txt").write_text("mine")
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        jobs = [post_job(srv, files(media)) for _ in range(6)]
+        for job in jobs:
+            wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    record = json.loads((jobs_dir / "jobs" / jobs[0] / RECORD).read_text())
+    edits = [{"result": "../../../secret.txt"}, {"result": str(secret)}, {"status": "queued", "driver": str(secret)},
+             {"error": [400]}, {"created": float("inf")}]
+    for job, edit in zip(jobs, edits):
+        doc = json.loads((jobs_dir / "jobs" / job / RECORD).read_text())
+        (jobs_dir / "jobs" / job / RECORD).write_text(json.dumps({**doc, **edit}))
+    linked = jobs[5]
+    shutil.copy(jobs_dir / "jobs" / linked / RECORD, outside / RECORD)
+    shutil.rmtree(jobs_dir / "jobs" / linked)
+    (jobs_dir / "jobs" / linked).symlink_to(outside)
+    with serving(anim, jobs_dir=jobs_dir) as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        assert srv.restore() == (0, 0)
+        for job in jobs:
+            assert request(srv, "GET", f"/jobs/{job}/result")[0] == 404
+        assert request(srv, "GET", "/jobs")[0] == 200
+    assert secret.read_text() == "SECRET" and (outside / "uploads" / "keep.txt").read_text() == "mine"
+    assert caplog.text.count("not a job record this server reads") == 5 and "leads out of" in caplog.text
+    assert f"{jobs_dir / 'jobs' / linked}: a link, not a job folder this server made" in caplog.text
+    assert record["status"] == "done"
 
 
 def test_a_client_follows_its_job_through_a_killed_and_restarted_serve(media: dict[str, Path], tmp_path: Path,
