@@ -62,6 +62,7 @@ import json
 import logging
 import math
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -107,6 +108,7 @@ _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quick
 _TEXT_LIMIT = 64 << 10  # a text field's most bytes
 _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
+_GONE_POLL_S = 1.0  # how often a POST /animate waiting for its run looks whether its client is still there
 _LINGER_S, _LINGER_BYTES = 2.0, 16 << 20  # how long and how much of a refused body is read before closing
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _FORMS = ("/animate", "/jobs")  # the routes that take a form
@@ -1162,6 +1164,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "POST" and status >= 400 and not self._form_read:
             self._linger()
 
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its connection (a read would end), looked at without waiting: after its
+        form it sends nothing more, so a readable connection is one that ended (or sends what is dropped anyway:
+        every answer closes the connection)."""
+        sock = self.connection
+        try:
+            if not select.select([sock], [], [], 0)[0]:
+                return False
+            timeout = sock.gettimeout()
+            sock.settimeout(0)
+            try:  # (TLS cannot peek: a read; plain sockets peek)
+                return (sock.recv(1) if isinstance(sock, ssl.SSLSocket) else sock.recv(1, socket.MSG_PEEK)) == b""
+            finally:
+                sock.settimeout(timeout)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except (OSError, ValueError):  # (reset by the client)
+            return True
+
     def _linger(self) -> None:
         """After an answer that refused a body unread: read (and drop) what the client still sends, for a while, so
         that closing the connection with data unread does not reset it before the client has read the answer."""
@@ -1349,7 +1370,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if task.keep:
                 self._json(202, task.describe(), {"Location": f"/jobs/{task.id}"})
                 return
-            task.over.wait()
+            while not task.over.wait(_GONE_POLL_S):
+                if self._client_gone():  # (nobody to answer: its run, maybe hours, is cancelled)
+                    logger.info("POST %s: the client went away; run %s is cancelled", route, task.id)
+                    self.server.forget(task)
+                    task.over.wait()
+                    raise ConnectionResetError("the client went away")
             if task.status == "done":
                 result = open(task.result, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
             else:

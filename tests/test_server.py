@@ -912,6 +912,31 @@ def test_a_client_takes_the_address_as_serve_prints_it_or_behind_a_proxy() -> No
         Client("http://x", ca_file="ca.pem")
 
 
+def test_a_post_animate_whose_client_went_away_is_cancelled(served: AnimateServer, media: dict[str, Path],
+                                                           scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST /animate answers when its run ends: a client that closes its connection meanwhile has nobody waiting
+    for the run (hours on a real model), which is cancelled (it ran on before)."""
+    import socket
+
+    go = hold_runs(served, monkeypatch)
+    body, ctype = form(files(media))
+    sock = socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30)
+    sock.sendall(f"POST /animate HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    wait_for(served, lambda d: d["running"] is not None)
+    running = served.running
+    sock.close()
+    assert running is not None
+    for _ in range(100):  # (looked at every second)
+        if running.cancel.is_set():
+            break
+        time.sleep(0.05)
+    assert running.cancel.is_set()
+    go.set()
+    wait_for(served, lambda d: d["running"] is None)
+    assert running.status == "cancelled" and left(scratch) == []
+
+
 def test_a_client_stopped_meanwhile_cancels_its_job(served: AnimateServer, media: dict[str, Path], tmp_path: Path,
                                                     scratch: Path) -> None:
     """Ctrl-C in the client (here: raised by its progress function) cancels the job on the server (or deletes it,
