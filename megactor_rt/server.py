@@ -15,9 +15,9 @@ http(s) address instead), and the text fields of :data:`TEXT_FIELDS` (``format``
 final run share one loaded model). The answer is the result file (``Content-Disposition`` names it
 ``<portrait>_<driver>.mp4``, the ``X-Megactor-*`` headers give the run's frames, seconds and whether the portrait
 and the driver's plan were kept from earlier requests), or a JSON object ``{"error": "..."}``: 400 for bad input
-(the message names the field or the problem, as the command line's do), 413 for a form over the upload limit, 503
-while more requests wait than the server queues (or a full disk), 500 for a failure of the server itself, 410 for a
-run cancelled meanwhile.
+(the message names the field or the problem, as the command line's do), 413 for a form over the upload limit, 408
+for a form that comes too slowly (:data:`MIN_UPLOAD_RATE`), 503 while more requests wait than the server queues (or
+a full disk), 500 for a failure of the server itself, 410 for a run cancelled meanwhile.
 
 A run longer than a client, or a proxy between, waits for an answer goes as a **job**: ``POST /jobs`` takes the
 same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Location: /jobs/ID``); ``GET /jobs/ID``
@@ -108,6 +108,7 @@ _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quick
 _TEXT_LIMIT = 64 << 10  # a text field's most bytes
 _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
+MIN_UPLOAD_RATE, UPLOAD_GRACE_S = 8 << 10, 30.0  # bytes/s on average a form must come at, once 30 s have passed
 _GONE_POLL_S = 1.0  # how often a POST /animate waiting for its run looks whether its client is still there
 _LINGER_S, _LINGER_BYTES = 2.0, 16 << 20  # how long and how much of a refused body is read before closing
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -138,21 +139,29 @@ class FormError(Exception):
 
 
 class _Body:
-    """At most ``length`` bytes of a request's body, read in chunks."""
+    """At most ``length`` bytes of a request's body, read as they come; one that comes slower than
+    :data:`MIN_UPLOAD_RATE` on average once :data:`UPLOAD_GRACE_S` have passed is refused (408): a client trickling
+    bytes held its place among the requests that wait (``--queue``) for as long as it liked."""
 
     def __init__(self, stream: _Readable, length: int) -> None:
-        self.stream, self.left = stream, length
+        self.stream, self.left, self.got, self.began = stream, length, 0, time.monotonic()
+        self._read = getattr(stream, "read1", stream.read)  # (what has come, without waiting for a whole chunk)
 
     def read(self) -> bytes:
         if self.left <= 0:
             raise FormError("the form ends before its closing boundary")
+        took = time.monotonic() - self.began
+        if took > UPLOAD_GRACE_S and self.got < MIN_UPLOAD_RATE * took:
+            raise FormError(f"the form comes too slowly ({self.got} bytes in {took:.0f} s; a form must come at "
+                            f"{MIN_UPLOAD_RATE >> 10} KiB/s or more once {UPLOAD_GRACE_S:g} s have passed)", 408)
         try:
-            chunk = self.stream.read(min(_CHUNK, self.left))
+            chunk = self._read(min(_CHUNK, self.left))
         except (TimeoutError, OSError) as exc:
             raise FormError(f"the form could not be read ({type(exc).__name__}: {exc})") from exc
         if not chunk:
             raise FormError(f"the form ends {self.left} bytes before its announced length (Content-Length)")
         self.left -= len(chunk)
+        self.got += len(chunk)
         return chunk
 
 

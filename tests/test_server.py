@@ -131,6 +131,24 @@ def test_a_body_shorter_than_announced_is_named(tmp_path: Path) -> None:
         read_form(io.BytesIO(body[:-30]), len(body), ctype, tmp_path)  # type: ignore[arg-type]
 
 
+def test_a_form_that_trickles_in_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client sending a byte now and then held its place among the waiting requests for as long as it liked: a
+    form slower than the least rate once the grace has passed is refused (408); one that comes at once is read."""
+    monkeypatch.setattr(server_module, "UPLOAD_GRACE_S", 0.1)
+    body, ctype = form({"format": "mp4", "seed": "3"})
+
+    class Trickle(io.BytesIO):
+        def read1(self, size: int = -1, /) -> bytes:
+            time.sleep(0.02)
+            return super().read1(1)
+
+    with pytest.raises(FormError, match="the form comes too slowly") as err:
+        read_form(Trickle(body), len(body), ctype, tmp_path)  # type: ignore[arg-type]
+    assert err.value.status == 408
+    assert read_form(io.BytesIO(body), len(body), ctype, tmp_path / "b")[0] == {  # type: ignore[arg-type]
+        "format": "mp4", "seed": "3"}
+
+
 # ------------------------------------------------------------------------------------------------- the server
 
 
