@@ -1359,9 +1359,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         route = self._route()
         if route not in _FORMS:
-            self._error(405 if route in ("/health", "/jobs/") else 404,
-                        f"POST {route}: the server takes POST /animate (the result in the answer) and POST /jobs "
-                        "(a job to ask about)")
+            known = route in (*_OPEN, "/health", "/metrics") or route.startswith("/jobs/")  # (pages to GET)
+            self._error(405 if known else 404, f"POST {route}: the server takes POST /animate (the result in the "
+                        "answer) and POST /jobs (a job to ask about)",
+                        {"Allow": "GET, HEAD" + (", DELETE" if route.startswith("/jobs/") else "")} if known else None)
             return
         task_id = uuid.uuid4().hex[:12]
         folder = self.server.folder(task_id if route == "/jobs" else None)

@@ -541,6 +541,9 @@ def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path],
     cases = [(request(served, "GET", "/nope"), 404, "no such page: /nope"),
              (request(served, "GET", "/animate"), 405, "POST /animate with a multipart/form-data form"),
              (request(served, "POST", "/health", b""), 405, "the server takes POST /animate"),
+             (request(served, "POST", "/ping", b""), 405, "the server takes POST /animate"),
+             (request(served, "POST", "/jobs/abc", b""), 405, "the server takes POST /animate"),
+             (request(served, "POST", "/nope", b""), 404, "the server takes POST /animate"),
              (request(served, "POST", "/animate", b"{}", "application/json"), 415, "takes multipart/form-data")]
     conn = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=30)
     conn.putrequest("POST", "/animate")
@@ -553,6 +556,7 @@ def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path],
     cases.append((animate(served, files(media)), 413, r"over this server's limit of 1000 \(serve --max-upload-mb\)"))
     for (status, _, body), want, message in cases:
         assert status == want and re.search(message, json.loads(body)["error"]), (status, body)
+    assert request(served, "POST", "/jobs/abc", b"")[1]["Allow"] == "GET, HEAD, DELETE"
     assert left(scratch) == []
 
 
