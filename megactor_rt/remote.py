@@ -54,9 +54,13 @@ def safe_name(name: str, default: str) -> str:
     stem, suffix = os.path.splitext(name)
     if len(suffix.encode()) > 16:  # (no suffix of a media file)
         stem, suffix = name, ""
-    while len((stem + suffix).encode()) > 200:
-        stem = stem[:-1]
-    return (stem + suffix).strip(". ") or default
+    return (cut_utf8(stem, 200 - len(suffix.encode())) + suffix).strip(". ") or default
+
+
+def cut_utf8(text: str, most: int) -> str:
+    """The longest start of ``text`` that takes at most ``most`` bytes of UTF-8 (whole characters): file names are
+    limited in bytes."""
+    return text.encode()[:max(most, 0)].decode("utf-8", errors="ignore")
 
 
 class _Again(Exception):

@@ -86,7 +86,7 @@ from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.files import written_whole
 from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
 from megactor_rt.media import RESULT_SUFFIXES
-from megactor_rt.remote import as_url, download, safe_name
+from megactor_rt.remote import as_url, cut_utf8, download, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -1623,10 +1623,7 @@ def _attachment(name: str) -> str:
 def _stem(path: Path) -> str:
     """An upload's name in its result's name (``<portrait>_<driver>.mp4``), at most 100 bytes of UTF-8: two of
     them and a suffix stay within the file systems' 255."""
-    stem = path.stem or path.name
-    while len(stem.encode()) > 100:
-        stem = stem[:-1]
-    return stem
+    return cut_utf8(path.stem or path.name, 100)
 
 
 def loopback(host: str) -> bool:

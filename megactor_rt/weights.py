@@ -673,9 +673,11 @@ def check_converted_files(weights_dir: str | Path) -> str:
         check_not_lfs_pointer(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
-                                        dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.complex64))
-                         for k in f.keys()}  # noqa: SIM118 - safe_open's handle is no dict
+                slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 - safe_open's handle is no dict
+                # (a type not listed is none of the floating ones: complex64 stands for it, which check_state refuses)
+                state = {k: torch.empty(s.get_shape(), device="meta",
+                                        dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.complex64))
+                         for k, s in slices.items()}
         except Exception as exc:  # safetensors' own error type (truncated, bad header), OSError
             raise WeightsError(f"cannot read {path} ({type(exc).__name__}: {exc}): the file is damaged or "
                                "incomplete; convert the weights again") from exc
