@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -96,15 +96,52 @@ class _OutputPath(argparse.Action):
         namespace.output_is_folder = text.endswith(("/", os.sep)) and text.strip() not in ("/", os.sep)
 
 
-def _gib(text: str) -> float:
-    """A size in GiB (finite, > 0)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number of GiB > 0, got {text!r}")
+def _finite_positive(unit: str) -> Callable[[str], float]:
+    """An amount in ``unit`` on the command line (finite, > 0), refused as argparse reads it."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number of {unit} > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+_gib = _finite_positive("GiB")
+
+
+def _port(text: str) -> int:
+    """A TCP port to listen on: 0 (any free one) to 65535 (``--port 99999`` was an unexpected error at bind)."""
+    value = _whole_number(text, 0)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535; 0: any free one)")
     return value
+
+
+def _origin(text: str) -> str:
+    """``serve --cors-origin``: ``*`` or a site as a browser's ``Origin`` names it, ``https://app.example.com[:port]``
+    (a site given as ``app.example.com`` or with a path matched no browser's request and was taken silently)."""
+    from urllib.parse import urlsplit
+
+    if text == "*":
+        return text
+    problem = None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is none
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problem = "not an http(s) address"
+        elif parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+            problem = "a site is a scheme, a host and maybe a port, no path, query or user"
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem} (e.g. https://app.example.com, or * for any site)")
+    return text
 
 
 def _count(text: str) -> int:
@@ -1353,10 +1390,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.weights is None) != args.demo:
         raise InputError("serve needs --weights DIR (converted weights) or --demo (the tiny random model), one of them")
     _check_fallback(args)
-    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--keep-min", args.keep_min),
-                        ("--cache-memory-gb", args.cache_memory_gb)):
-        if not (math.isfinite(value) and value > 0):
-            raise InputError(f"{flag} must be a finite number > 0, got {value}")
     if args.weights is not None:
         check_converted_folder(args.weights)
     config = _run_config(args)
@@ -1677,8 +1710,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the address to listen on (default 127.0.0.1: this machine only; elsewhere, e.g. "
                             "0.0.0.0, other machines reach it: give it --token-file, and --tls-cert beyond a network "
                             "you trust)")
-    s_net.add_argument("--port", type=_count, default=8450, help="the port (default 8450; 0: any free one)")
-    s_net.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="MB",
+    s_net.add_argument("--port", type=_port, default=8450, help="the port (default 8450; 0: any free one)")
+    s_net.add_argument("--max-upload-mb", type=_finite_positive("MiB"), default=1024.0, metavar="MB",
                        help="the largest form a request may send, its files together, in MiB (default 1024)")
     s_net.add_argument("--queue", type=_count, default=8, metavar="N",
                        help="how many runs may wait while one runs (one at a time; default 8); more requests are "
@@ -1687,14 +1720,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse a request whose result would have more than N frames (its driver, times, fps and "
                             "max_frames as sent), before it waits, so that one long video cannot hold the queue for "
                             "hours (default: no limit)")
-    s_net.add_argument("--keep-min", type=float, default=60.0, metavar="MIN",
+    s_net.add_argument("--keep-min", type=_finite_positive("minutes"), default=60.0, metavar="MIN",
                        help="how long a job's result (POST /jobs) is kept after its run unless deleted before, in "
                             "minutes (default 60; at most the 100 latest jobs are kept)")
-    s_net.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+    s_net.add_argument("--cors-origin", action="append", type=_origin, default=[], metavar="ORIGIN",
                        help="let pages of this site call the server from a browser (CORS), e.g. "
                             "https://app.example.com; * for any site (then any page its user opens can use it); may "
                             "be given more than once (default: none)")
-    s_net.add_argument("--cache-memory-gb", type=float, default=2.0, metavar="GB",
+    s_net.add_argument("--cache-memory-gb", type=_gib, default=2.0, metavar="GB",
                        help="how much memory (the device's, on a GPU) the prepared portraits kept for the next "
                             "requests may take, in GiB (default 2: about 5 portraits at 512 px fp16, 25 steps); the "
                             "least recently used go first")

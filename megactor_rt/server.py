@@ -1130,8 +1130,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if origin and ("*" in allowed or origin in allowed):  # (a page of another site may read the answer)
             self.send_header("Access-Control-Allow-Origin", "*" if "*" in allowed else origin)
             self.send_header("Access-Control-Expose-Headers", _EXPOSED)
-            if "*" not in allowed:
-                self.send_header("Vary", "Origin")
+        if allowed and "*" not in allowed:  # (the answer depends on the Origin, a refusal's too: a cache between
+            self.send_header("Vary", "Origin")  # that kept another site's answer would refuse the site named)
         super().end_headers()
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - http.server's name

@@ -529,8 +529,10 @@ def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: Ani
     status, headers, _ = request(served, "OPTIONS", "/jobs", headers={**site, "Access-Control-Request-Method": "POST"})
     assert status == 204 and headers["Access-Control-Allow-Methods"] == "GET, HEAD, POST, DELETE"
     assert headers["Access-Control-Allow-Origin"] == "https://app.example"
-    assert "Access-Control-Allow-Origin" not in request(served, "GET", "/health",
-                                                       headers={"Origin": "https://evil.example"})[1]
+    _, headers, _ = request(served, "GET", "/health", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in headers and headers["Vary"] == "Origin"  # (not to be cached as any)
+    _, headers, _ = request(served, "OPTIONS", "/jobs", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in headers and headers["Vary"] == "Origin"
     served.cors_origins = ("*",)
     assert request(served, "GET", "/nope", headers=site)[1]["Access-Control-Allow-Origin"] == "*"
 
@@ -740,14 +742,42 @@ def test_a_finished_job_is_kept_for_keep_s_only(served: AnimateServer, media: di
     (["--demo", "--checkpoint-dir", "c", "--bit-depth", "16"], "--checkpoint-dir, --bit-depth: serve's flags"),
     ([], "serve needs --weights DIR (converted weights) or --demo"),
     (["--demo", "--weights", "w"], "or --demo (the tiny random model), one of them"),
-    (["--demo", "--max-upload-mb", "0"], "--max-upload-mb must be a finite number > 0, got 0.0"),
-    (["--demo", "--keep-min", "nan"], "--keep-min must be a finite number > 0, got nan"),
     (["--demo", "--overlap", "20"], "bad run settings: --window must be >= 1 and --overlap from 0"),
-], ids=["mask", "checkpoint-and-16-bit", "no-model", "both-models", "no-upload", "no-keep", "bad-settings"])
+], ids=["mask", "checkpoint-and-16-bit", "no-model", "both-models", "bad-settings"])
 def test_serve_refuses_what_it_cannot_do_before_loading(argv: list[str], message: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-upload-mb", "0", "must be a finite number of MiB > 0, got '0'"),
+    ("--keep-min", "nan", "must be a finite number of minutes > 0, got 'nan'"),
+    ("--cache-memory-gb", "-1", "must be a finite number of GiB > 0, got '-1'"),
+    ("--port", "99999", "99999 is not a port (0 to 65535; 0: any free one)"),
+    ("--port", "-1", "-1 is not >= 0"),
+    ("--cors-origin", "app.example.com", "'app.example.com': not an http(s) address"),
+    ("--cors-origin", "https://app.example.com/page",
+     "'https://app.example.com/page': a site is a scheme, a host and maybe a port, no path"),
+    ("--cors-origin", "https://app.example.com:99999", "'https://app.example.com:99999': Port out of range"),
+])
+def test_serve_flags_out_of_range_are_refused_as_read(flag: str, value: str, message: str,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused by the parser, naming the flag (`--port 99999` was an unexpected error when the socket bound;
+    `--cors-origin app.example.com` matched no browser's Origin and was taken silently)."""
+    monkeypatch.setattr(Animator, "demo", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--demo", f"{flag}={value}"])
+    assert exc.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_serve_takes_sites_as_browsers_name_them() -> None:
+    from megactor_rt.cli import build_parser
+
+    sites = ["*", "https://app.example.com", "http://localhost:3000/", "https://[::1]:8443"]
+    args = build_parser().parse_args(["serve", "--demo", *(f"--cors-origin={s}" for s in sites)])
+    assert args.cors_origin == sites
 
 
 def test_serve_demo_runs_the_demos_4_steps_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
