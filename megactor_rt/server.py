@@ -1113,6 +1113,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "megactor-rt"
     _form_read = False  # (the request's form was read whole: nothing left to drop after an error answer)
 
+    def version_string(self) -> str:
+        return self.server_version  # (http.server's named the Python version too: of use to nobody but a scanner)
+
     def setup(self) -> None:
         self.request.settimeout(self.server.timeout_s)
         if isinstance(self.request, ssl.SSLSocket):  # (a failure ends the connection: AnimateServer.handle_error)

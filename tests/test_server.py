@@ -535,6 +535,7 @@ def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: Ani
     assert "Access-Control-Allow-Origin" not in headers and headers["Vary"] == "Origin"
     served.cors_origins = ("*",)
     assert request(served, "GET", "/nope", headers=site)[1]["Access-Control-Allow-Origin"] == "*"
+    assert request(served, "GET", "/health")[1]["Server"] == "megactor-rt"  # (no Python version)
 
 
 def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path], scratch: Path) -> None:
