@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import TENSORRT_INSTALL, BackendUnavailable, EngineMismatch
-from megactor_rt.files import locked, remove_stale, umask_mode
+from megactor_rt.files import locked, remove_stale, sync_folder, umask_mode
 
 PLAN_NAME = "engine.plan"
 SIDECAR_NAME = "engine.json"
@@ -241,25 +241,12 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        sync_folder(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     remove_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # earlier writes of this file killed midway
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (where the platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def plan_lock(directory: Path) -> contextlib.AbstractContextManager[None]:

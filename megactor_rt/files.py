@@ -46,17 +46,43 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
 
 @contextlib.contextmanager
 def written_whole(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` (``.NAME.XXXXXXXX.part``) for the block to write, renamed to ``path`` when
-    the block ends normally and removed where it raises (or the rename fails: that ``OSError`` comes out), so that
-    no partial file ever carries the final name. For files written in pieces; bytes in hand:
-    :func:`~megactor_rt.engine.cache.write_atomic` (which also syncs them to disk)."""
+    """A temporary name beside ``path`` (``.NAME.XXXXXXXX.part``) for the block to write, synced to disk and
+    renamed to ``path`` when the block ends normally and removed where it raises (or the rename fails: that
+    ``OSError`` comes out), so that no partial file ever carries the final name, a power loss included. For files
+    written in pieces; bytes in hand: :func:`~megactor_rt.engine.cache.write_atomic`."""
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield partial
+        sync_file(partial)
         os.replace(partial, path)
+        sync_folder(path.parent)
     finally:
         with contextlib.suppress(OSError):
             partial.unlink()
+
+
+def sync_file(path: Path) -> None:
+    """Flush a written file's data to disk, before it is renamed to its final name: without it a power loss soon
+    after the rename can leave that name on an empty or partly written file (the rename reaches the disk first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open a folder and sync it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # the process's umask, read once at import (reading it means setting it: not done later, beside other threads)

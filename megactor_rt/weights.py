@@ -46,7 +46,7 @@ from torch import nn
 
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import InputError, WeightsError
-from megactor_rt.files import remove_stale, umask_mode
+from megactor_rt.files import remove_stale, sync_file, sync_folder, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights_layout import (
     CONFIG_NAME,
@@ -599,9 +599,12 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
                 "model": cfg.to_dict()}
         tmp = _temporary_beside(dst / CONFIG_NAME, written)
         tmp.write_text(json.dumps(meta, indent=1))
+        for tmp, _ in written:  # (on disk before config.json names the folder complete, across a power loss too)
+            sync_file(tmp)
         (dst / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete while its files are replaced
         for tmp, final in written:  # config.json last: its presence marks a complete folder
             tmp.replace(final)
+        sync_folder(dst)
         done = True
     except Exception as exc:  # a full disk, no permission (safetensors' own error type included)
         raise WeightsError(f"{dst}: cannot write the converted weights ({type(exc).__name__}: {exc}); no "

@@ -6,6 +6,7 @@ frame), shifted a few pixels per frame, and written through :class:`megactor_rt.
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -245,3 +246,39 @@ def bad_input(case: str, root: Path, portrait: Path, driver: Path) -> tuple[Path
     else:
         raise ValueError(case)
     return portrait, driver, output, needle
+
+
+class Renames:
+    """What ``os.fsync`` synced and ``os.replace`` renamed, in order (while installed with :meth:`install`), to
+    check that a file reaches the disk before its final name: ``("sync", path)`` and ``("rename", src, dst)``."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ...]] = []
+
+    def install(self, monkeypatch: object) -> Renames:
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            self.events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+            real_fsync(fd)
+
+        def replace(src: object, dst: object, **kw: object) -> None:
+            self.events.append(("rename", os.fspath(src), os.fspath(dst)))  # type: ignore[arg-type]
+            real_replace(src, dst, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "fsync", fsync)  # type: ignore[attr-defined]
+        monkeypatch.setattr(os, "replace", replace)  # type: ignore[attr-defined]
+        return self
+
+    def unsynced(self) -> list[str]:
+        """The final names given to a file not synced before its rename, or whose folder was not synced after."""
+        bad = []
+        for i, event in enumerate(self.events):
+            if event[0] != "rename":
+                continue
+            src, dst = event[1], event[2]
+            before, after = self.events[:i], self.events[i + 1:]
+            folder = os.path.dirname(os.path.realpath(dst))
+            if ("sync", os.path.realpath(src)) not in before or ("sync", folder) not in after:
+                bad.append(dst)
+        return bad

@@ -47,6 +47,24 @@ def _frames(n: int, size: int = 64) -> list[np.ndarray]:
     return out
 
 
+def test_a_result_is_on_disk_before_its_final_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss soon after a result was renamed into place must not leave that name on an empty file: the
+    written file is synced before the rename, its folder after (results, and files written in pieces)."""
+    from media_fixtures import Renames
+
+    from megactor_rt.files import written_whole
+
+    renames = Renames().install(monkeypatch)
+    for out in (tmp_path / "r.mp4", tmp_path / "r.gif"):
+        with VideoWriter(out, Fraction(25), 64, 64) as w:
+            w.write(_frames(1)[0])
+    with written_whole(tmp_path / "piece.bin") as partial:
+        partial.write_bytes(b"abc")
+    assert [e[2] for e in renames.events if e[0] == "rename"] == [str(tmp_path / n) for n in ("r.mp4", "r.gif",
+                                                                                             "piece.bin")]
+    assert renames.unsynced() == []
+
+
 def _write_clip(path: Path, n: int = 20, fps: int = 25, audio: bool = True, size: int = 64) -> Path:
     """A synthetic H.264 clip, optionally with a 440 Hz AAC sine track covering the whole clip."""
     with av.open(str(path), "w") as c:

@@ -179,6 +179,18 @@ def test_tied_tensors_convert(pack, tmp_path):
     assert torch.equal(unet["conv_norm_out.bias"], unet["conv_norm_out.weight"])
 
 
+def test_converted_files_are_on_disk_before_config_json_names_them(pack, tmp_path, monkeypatch):
+    """config.json marks a converted folder complete: every file, config.json too, is synced before the renames
+    and the folder after them (a power loss must not leave a complete-looking folder of empty files)."""
+    from media_fixtures import Renames
+
+    src = write_release(pack, tmp_path / "w")
+    renames = Renames().install(monkeypatch)
+    dst = convert_release(src, tmp_path / "out")
+    named = [e[2] for e in renames.events if e[0] == "rename"]
+    assert named[-1] == str(dst / "config.json") and len(named) > 3 and renames.unsynced() == []
+
+
 def test_a_destination_holding_other_things_is_refused(pack, tmp_path):
     """convert-weights never writes over what is not an earlier conversion: the release folder itself or a folder
     in it (its config.json files), or a folder holding other files; a new or empty folder, or an earlier
