@@ -47,7 +47,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from megactor_rt.config import exact_rate
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.files import remove_stale
+from megactor_rt.files import remove_stale, sync_file, sync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -491,10 +491,14 @@ class SequenceWriter(ResultWriter):
         old = folder.with_name(f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}.old")
         moved = False
         try:
+            for frame in self._tmp.iterdir():  # (on disk before the folder takes its final name: a power loss then
+                sync_file(frame)  # leaves no folder of empty frames; a few ms a frame, once, against seconds each)
+            sync_folder(self._tmp)
             if folder.exists():
                 os.replace(folder, old)
                 moved = True
             os.replace(self._tmp, folder)
+            sync_folder(folder.parent)
         except OSError as exc:
             if moved:  # the earlier result goes back under its name
                 try:

@@ -63,6 +63,14 @@ def test_a_result_is_on_disk_before_its_final_name(tmp_path: Path, monkeypatch: 
     assert [e[2] for e in renames.events if e[0] == "rename"] == [str(tmp_path / n) for n in ("r.mp4", "r.gif",
                                                                                              "piece.bin")]
     assert renames.unsynced() == []
+    renames.events.clear()
+    with media.result_writer(tmp_path / "seq" / "%03d.png", Fraction(25), 64, 64) as w:  # (a frame sequence)
+        for frame in _frames(2):
+            w.write(frame)
+    synced = [e[1] for e in renames.events if e[0] == "sync"]
+    assert renames.unsynced() == []  # (the frames' folder synced as a file is, and each frame in it:)
+    tmp = next(e[1] for e in renames.events if e[0] == "rename")
+    assert {f"{tmp}/001.png", f"{tmp}/002.png", tmp} <= set(synced) and str(tmp_path) in synced
 
 
 def _write_clip(path: Path, n: int = 20, fps: int = 25, audio: bool = True, size: int = 64) -> Path:
