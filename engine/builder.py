@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from megactor_rt.errors import EngineMismatch, InputError, MegactorError
+from megactor_rt.errors import EngineMismatch, InputError, MegactorError, ResourceError
 from megactor_rt.files import locked
 from megactor_rt.progress import progress
 
@@ -215,15 +215,18 @@ def check_onnx_file(graph: GraphEntry) -> None:
 
 def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, options: BuildOptions,
              build_fn: BuildFn) -> list[BuildResult]:
-    """Build every job whose plan is missing or invalid (all of them with ``options.force``); skip the rest."""
-    results = []
+    """Build every job whose plan is missing or invalid (all of them with ``options.force``); skip the rest.
+    Every job's ONNX file is checked first (a bad file late in the list stopped a run after the long builds before
+    it); where a build fails, the plans done before it are named (they are kept, and skipped by the next run)."""
+    results: list[BuildResult] = []
+    for graph in {job.graph.name: job.graph for job in jobs}.values():
+        check_onnx_file(graph)
     cache = timing_cache_path(engine_dir, device) if options.timing_cache else None
     bar = progress(total=len(jobs), desc="build-engines", unit="engine", leave=True)
     try:
         for job in jobs:
             label = f"{job.graph.name}[{job.profile_name}]"
             bar.set_postfix_str(label)
-            check_onnx_file(job.graph)
             result = _skipped(job, label, device, options)
             if result is None:  # locked only to build (a valid plan in a folder this user may not write is fine)
                 with plan_lock(job.directory):  # another build-engines building it now: wait, then reuse it
@@ -231,6 +234,11 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
                                                                                  build_fn, cache)
             results.append(result)
             bar.update(1)
+    except BaseException:
+        if results:
+            logger.warning("build-engines stopped; the plans done before are kept: %s",
+                           ", ".join(f"{r.graph}[{r.profile_name}] ({r.status})" for r in results))
+        raise
     finally:
         bar.close()
     return results
@@ -251,7 +259,11 @@ def _build_job(job: BuildJob, label: str, device: DeviceInfo, options: BuildOpti
     start = time.perf_counter()
     plan, io = build_fn(job, options, cache)
     seconds = time.perf_counter() - start
-    write_plan(job.directory, plan, make_record(job, plan, io, seconds, options))
+    try:
+        write_plan(job.directory, plan, make_record(job, plan, io, seconds, options))
+    except OSError as exc:  # (a full disk, no permission: named, not an "unexpected error")
+        raise ResourceError(f"{job.directory}: cannot write the plan of {label} ({exc}); nothing partial is left "
+                            "under its name: build again once that is fixed") from exc
     logger.info("%s: built in %.1f s -> %s", label, seconds, job.directory)
     return BuildResult(job.graph.name, job.profile_name, job.directory, "built", seconds,
                        "forced" if options.force else "no valid plan")

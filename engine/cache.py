@@ -159,6 +159,18 @@ def plan_dir(engine_dir: str | Path, graph_name: str, key: EngineKey) -> Path:
     return Path(engine_dir) / _slug(graph_name) / key.dirname()
 
 
+def filed_under(directory: Path, submodel: str) -> bool:
+    """Whether the plan folder ``directory`` (``<graph>/<key>``, as :func:`plan_dir` names it) is one of
+    ``submodel``'s graphs' (``vae-decoder.fp16/...`` is ``vae_decoder``'s), read from its name alone: the longest
+    submodel name it starts with (``temporal-unet-cond.fp16`` is ``temporal_unet_cond``'s, not
+    ``temporal_unet``'s)."""
+    from .manifest import SUBMODELS
+
+    name = _slug(directory.parent.name)
+    named = [s for s in SUBMODELS if name == _slug(s) or name.startswith((f"{_slug(s)}-", f"{_slug(s)}."))]
+    return max(named, key=len, default=None) == submodel
+
+
 def timing_cache_path(engine_dir: str | Path, device: DeviceInfo) -> Path:
     """Persisted TensorRT timing cache for this GPU + TensorRT version."""
     return Path(engine_dir) / TIMING_CACHE_DIR / f"{device.slug()}.cache"
@@ -219,6 +231,16 @@ class EngineRecord:
             unknown = set(raw) - names
             if unknown:
                 raise ValueError(f"unknown fields {sorted(unknown)}")
+            for name, value in raw.items():  # (a hand-edited or foreign sidecar: a rebuild hint, not a TypeError
+                # from deep inside the selection)
+                kind = _FIELD_TYPES[name]
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise ValueError(f"{name} is {type(value).__name__}, expected {_KIND_NAMES[kind]}")
+            if not all(isinstance(v, dict) for part in ("inputs", "outputs") for v in raw.get(part, {}).values()):
+                raise ValueError("inputs/outputs must map names to objects")
+            if not all(isinstance(v, list) and all(isinstance(s, list) and all(isinstance(d, int) for d in s)
+                                                   for s in v) for v in raw.get("profile_shapes", {}).values()):
+                raise ValueError("profile_shapes must map names to lists of shapes")
             rec = cls(**raw)
             if len(rec.compute_capability) != 2 or not all(isinstance(c, int) for c in rec.compute_capability):
                 raise ValueError(f"compute_capability {rec.compute_capability!r} is not [major, minor]")
@@ -227,6 +249,14 @@ class EngineRecord:
         except (ValueError, TypeError) as exc:
             raise EngineMismatch(f"{where}: corrupt engine sidecar ({exc}); {REBUILD_HINT}") from exc
         return rec
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    **{name: str for name in ("graph", "submodel", "precision", "profile_name", "gpu_name", "trt_version", "onnx_file",
+                              "onnx_sha256", "plan_sha256", "key", "built_at")},
+    **{name: dict for name in ("profile_shapes", "inputs", "outputs", "builder")},
+    "compute_capability": list, "plan_bytes": int, "format": int, "build_seconds": (int, float)}
+_KIND_NAMES = {str: "a string", dict: "an object", list: "a list", int: "a whole number", (int, float): "a number"}
 
 
 def write_atomic(path: Path, data: bytes) -> None:

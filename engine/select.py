@@ -14,7 +14,7 @@ from pathlib import Path
 
 from megactor_rt.errors import BackendUnavailable, EngineMismatch, InputError
 
-from .cache import DeviceInfo, EngineKey, iter_plan_dirs, load_valid_record, read_sidecar
+from .cache import DeviceInfo, EngineKey, filed_under, iter_plan_dirs, load_valid_record, read_sidecar
 from .manifest import SUBMODELS, Manifest, profile_to_json
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,9 @@ def _choose_plan(sub: str, engine_dir: Path, fb: str, device: DeviceInfo, precis
     for directory in iter_plan_dirs(engine_dir):
         try:
             record = read_sidecar(directory)
-        except EngineMismatch as exc:
-            rejected.append(str(exc))
+        except EngineMismatch as exc:  # (blamed on the graph its folder is named after, not on every graph)
+            if filed_under(directory, sub):
+                rejected.append(str(exc))
             continue
         if record.submodel != sub or record.precision != precision:
             continue

@@ -999,6 +999,26 @@ def _model_unloaded(args: argparse.Namespace) -> tuple[ModelConfig, int, str | N
     return model, size, tiny_weights_id(DEMO_WEIGHTS_SEED) if args.demo else None
 
 
+def _export_unloaded(args: argparse.Namespace) -> Any:
+    """``--dry-run --backend onnxruntime``: the export ``--onnx`` names, as a run finds it before any work (its
+    manifest; graphs of these weights, of the run's precision and size, their files there), with no session
+    loaded; None for the other backends (the tensorrt backend runs a graph without a plan on its fallback). Its
+    ``check_run`` names the graphs a result's settings need that the export lacks."""
+    if args.backend != "onnxruntime" or args.weights is None or args.onnx is None:
+        return None
+    import torch
+
+    from megactor_rt.config import Precision
+    from megactor_rt.runtime.animator import check_device, default_device
+    from megactor_rt.runtime.onnx_backend import make_graph_submodels
+
+    device = check_device(args.device) if args.device else default_device()
+    precision = Precision.parse(args.precision) if args.precision else (
+        Precision.FP16 if device.type == "cuda" else Precision.FP32)
+    return make_graph_submodels("onnxruntime", args.weights, args.onnx, torch.device("cpu"), precision,
+                                image_size=args.size)
+
+
 def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -> int:
     """``--dry-run``: each job's portrait crop and driver plan (:mod:`megactor_rt.runtime.preflight`), without
     loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``). Without
@@ -1007,6 +1027,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     from megactor_rt.runtime.preflight import preflight
 
     model, size, _ = _model_unloaded(args)
+    graphs = _export_unloaded(args)
     landmarker = None
     if args.contour:  # loaded once (a missing model fails every result: named once, before them)
         from megactor_rt.contour import Landmarker
@@ -1017,6 +1038,8 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
         options = _result_options(args) | job.options
         try:
             check_schedule(model, job.run_config(config))
+            if graphs is not None:
+                graphs.check_run(job.run_config(config))
             found = preflight(job.portrait, _run_driver(job.driver, args, job), job.output, image_size=size,
                               config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
@@ -1563,8 +1586,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
     results = build_engines(args.onnx, _output_folder(args.out, "--out"), precision=args.precision,
                             profile=args.profile)
-    for r in results:
-        print(r)
+    for r in results:  # (one line per plan, as export prints its graphs)
+        print(f"{r.graph:32s} {r.profile_name:10s} {r.status:8s} {r.seconds:7.1f}s  {r.reason}  {r.directory}")
     return 0
 
 
@@ -1895,7 +1918,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, hold_stops: bool = False) -> int:
+    """The command line: ``argv`` (default: the process's) run, its exit status returned. Once a stop signal has
+    stopped the command, further ones are ignored while it cleans up (a second Ctrl-C 20 ms after the first ended
+    in a traceback from this function's cleanup); ``hold_stops`` keeps them ignored on return (:func:`entry`, which
+    ends the process next), else the handlers are as they were."""
     for stream in (sys.stdout, sys.stderr):  # file names need not be UTF-8: print their bytes escaped
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
@@ -1912,6 +1939,7 @@ def main(argv: list[str] | None = None) -> int:
 
         set_progress_enabled(False)
     previous = _terminate_like_interrupt()
+    held: dict[int, Any] = {}  # (the stop signals' handlers while a stop's cleanup runs: restored unless hold_stops)
     # what lives until the command ends: the progress file, standard input's and web addresses' copies
     args.cleanup, args.addresses = contextlib.ExitStack(), {}
     try:
@@ -1926,6 +1954,7 @@ def main(argv: list[str] | None = None) -> int:
         _last_word(args, f"error: {_as_given(args, str(exc))}")
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
+        held = _ignore_stops()
         return _stopped(args, exc)
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nothing more to say to it
         _silence(sys.stdout)
@@ -1933,15 +1962,27 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         stop = _stop_behind(exc)
         if stop is not None:  # (a second signal landing while the first unwound: the stop's status, not a failure)
+            held = _ignore_stops()
             return _stopped(args, stop)
         if args.verbose:
             raise
         _last_word(args, f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
         return 1
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         args.cleanup.close()
+        if not (held and hold_stops):
+            for sig, handler in {**held, **previous}.items():  # (previous: as they were before this command's own)
+                signal.signal(sig, handler)
+
+
+def _ignore_stops() -> dict[int, Any]:
+    """Ignore SIGINT, SIGTERM and SIGHUP (a command already stopping); returns their handlers before."""
+    held: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            with contextlib.suppress(ValueError):  # (not the main thread: no handler can be set)
+                held[sig] = signal.signal(sig, signal.SIG_IGN)
+    return held
 
 
 def _as_given(args: argparse.Namespace, text: str) -> str:
@@ -2021,7 +2062,7 @@ def entry() -> None:
     or error: it did not reach a cancellation point within the pipeline's wait, e.g. inside a ``torch.compile``
     compilation), the process ends at once with the status: a shutdown waiting for it hung a terminated benchmark on a GPU machine
     (2026-11-27) until it was killed."""
-    code = main()
+    code = main(hold_stops=True)
     if code in (129, 130, 143):
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             signal.signal(sig, signal.SIG_IGN)

@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 _NP: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16, "float64": np.float64,
                                     "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8,
                                     "bool": np.bool_}
+
+
+def _ort_type(dtype: str) -> str:
+    """onnxruntime's name of an input's type (``tensor(float)`` for float32) from the manifest's dtype name."""
+    return f"tensor({ {'float32': 'float', 'float64': 'double'}.get(dtype, dtype)})"
+
+
 # onnxruntime's allocation failures (CPU arena, CUDA provider), as its status messages word them
 _ORT_OOM = re.compile(r"Failed to allocate memory|out of memory|bad.alloc|cudaErrorMemoryAllocation", re.IGNORECASE)
 
@@ -105,6 +112,14 @@ class OrtRunner(Runner):
             raise EngineMismatch(f"graph '{self.graph.name}': onnxruntime cannot load {self.graph.path} "
                                  f"({type(exc).__name__}: {str(exc).strip()[:300]}); the export is damaged or "
                                  "incomplete: re-run it (`megactor-rt check-export` checks a folder)") from exc
+        found = {i.name: i.type for i in session.get_inputs()}
+        wrong = {n: found.get(n) for n in self.input_names if found.get(n) != _ort_type(self.graph.inputs[n].dtype)}
+        if wrong:  # (another export's file under this name, say fp16 for fp32: failed at its first call, after the
+            # whole denoising for the decoder, naming no file)
+            want = {n: self.graph.inputs[n].dtype for n in wrong}
+            raise EngineMismatch(f"graph '{self.graph.name}': {self.graph.path} is not the graph the manifest "
+                                 f"describes (inputs {wrong}, the manifest says {want}); the export is inconsistent: "
+                                 "re-run it (`megactor-rt check-export` checks a folder)")
         logger.debug("onnxruntime %s: providers %s", self.graph.name, session.get_providers())
         self.session = session
 
@@ -402,9 +417,17 @@ def _tensorrt_submodels(cfg: ModelConfig, weights_id: str, torch_fallback: Calla
 
     if fallback not in ("torch", "onnxruntime"):
         raise InputError(f"fallback backend must be torch or onnxruntime, got '{fallback}'")
+    if engine_dir is not None and not Path(engine_dir).is_dir():  # (a misspelt --engines ran every graph on the
+        # fallback, said only with -v)
+        raise InputError(f"{engine_dir}: no such engine folder (--engines names the folder `megactor-rt "
+                         "build-engines --out` wrote)")
     index = device.index if device.type == "cuda" else None  # plans checked against, and run on, this GPU
     choices = select_backends(sorted(ort_runners), engine_dir, force_fallback, fallback=fallback,
                               precision=precision, manifest=manifest, cuda_device=index)
+    unplanned = [c for c in choices.values() if c.backend != "tensorrt" and not c.reason.startswith("forced")]
+    if unplanned and not any(c.backend == "tensorrt" for c in choices.values()):  # (each graph's reason: -v)
+        logger.warning("the tensorrt backend has no usable plan for any graph here: every graph runs on %s, slower "
+                       "(%s: %s)", fallback, unplanned[0].submodel, unplanned[0].reason)
     runners: dict[str, Runner] = {}
     for graph, choice in choices.items():
         if choice.backend == "tensorrt":

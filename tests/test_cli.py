@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from collections.abc import Iterator
 from dataclasses import replace
@@ -1338,6 +1339,30 @@ def test_an_error_raised_while_a_stop_unwinds_ends_as_that_stop(stop: BaseExcept
     assert said in err and "unexpected error" not in err
 
 
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_second_interrupt_during_the_cleanup_is_ignored(hold: bool, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C twice 20 ms apart: the second landed in the command's cleanup and came out of main as a traceback
+    (the process died of SIGINT). Now ignored: 130, "interrupted"; the handlers are as before on return, or held
+    ignored for the process's end (entry's hold_stops)."""
+    import os
+
+    def command(args: argparse.Namespace) -> int:
+        args.cleanup.callback(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.05)))  # (the second one)
+        raise KeyboardInterrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(cli, "cmd_demo", command)
+    try:
+        assert cli.main(["demo"], hold_stops=hold) == 130
+        assert "interrupted" in capsys.readouterr().err
+        now = {sig: signal.getsignal(sig) for sig in before}
+        assert now == ({sig: signal.SIG_IGN for sig in before} if hold else before)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_the_command_ignores_signals_after_an_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
     """After Ctrl-C (130) or SIGTERM (143) stopped a command, a second one while it ends is ignored (it aborted the
     process with SIGABRT), and it ends at once (os._exit, its cleanup done: the interpreter's shutdown aborted a
@@ -1356,7 +1381,7 @@ def test_the_command_ignores_signals_after_an_interrupt(monkeypatch: pytest.Monk
         for code, ignored in ((0, False), (130, True), (143, True)):
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-            monkeypatch.setattr(cli, "main", lambda code=code: code)
+            monkeypatch.setattr(cli, "main", lambda code=code, **kw: code)
             with pytest.raises(SystemExit) as exc:
                 cli.entry()
             assert exc.value.code == code
@@ -1402,11 +1427,11 @@ def test_a_stopped_command_ends_without_waiting_for_a_worker_still_running(monke
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
     try:
         for code in (143, 2):  # after an interrupt, and after an error that stopped the run mid-way
-            monkeypatch.setattr(cli, "main", lambda code=code: code)
+            monkeypatch.setattr(cli, "main", lambda code=code, **kw: code)
             with pytest.raises(SystemExit):
                 cli.entry()
         assert exits == [143, 2]
-        monkeypatch.setattr(cli, "main", lambda: 2)
+        monkeypatch.setattr(cli, "main", lambda **kw: 2)
         release.set()
         for t, _ in pipeline._abandoned:
             t.join(5)

@@ -31,6 +31,7 @@ from megactor_rt.engine.cache import (
     DeviceInfo,
     EngineKey,
     EngineRecord,
+    iter_plan_dirs,
     load_valid_record,
     read_sidecar,
     tensorrt_cuda_flavour,
@@ -299,7 +300,8 @@ def test_a_plan_of_other_profile_shapes_is_not_the_expected_one(onnx_dir: Path, 
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing_field", "unknown_field", "no_sidecar", "truncated",
-                                    "flipped", "other_format", "bad_capability"])
+                                    "flipped", "other_format", "bad_capability", "null_shapes", "builder_text",
+                                    "null_inputs", "float_bytes", "shape_text"])
 def test_corrupt_or_missing_sidecar_or_plan_raises_rebuild(onnx_dir: Path, tmp_path: Path, damage: str) -> None:
     results, _ = _built(onnx_dir, tmp_path / "engines", profile="default")
     d = results[0].directory
@@ -320,6 +322,13 @@ def test_corrupt_or_missing_sidecar_or_plan_raises_rebuild(onnx_dir: Path, tmp_p
         side.write_text(json.dumps(raw))
     elif damage == "bad_capability":
         raw["compute_capability"] = [9, 0, 1]
+        side.write_text(json.dumps(raw))
+    elif damage in ("null_shapes", "builder_text", "null_inputs", "float_bytes", "shape_text"):  # (edited by
+        # hand: were an AttributeError or TypeError, "unexpected error", or taken as a valid plan)
+        field, value = {"null_shapes": ("profile_shapes", None), "builder_text": ("builder", "fast"),
+                        "null_inputs": ("inputs", None), "float_bytes": ("plan_bytes", 1.5),
+                        "shape_text": ("profile_shapes", {"x": "1x4x64x64"})}[damage]
+        raw[field] = value
         side.write_text(json.dumps(raw))
     elif damage == "truncated":
         plan.write_bytes(plan.read_bytes()[:-3])
@@ -1209,6 +1218,10 @@ def test_a_plan_folder_without_its_sidecar_is_named_when_selecting(onnx_dir: Pat
     assert got["vae_decoder"].reason.startswith("no usable TensorRT plan: ") and "missing engine sidecar" in \
         got["vae_decoder"].reason
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    others = select_backends(["pose_guider", "vae_encoder"], tmp_path / "engines", device=H100,
+                             tensorrt_status=_trt_ok)  # (the folder is the decoder's: was blamed on every graph)
+    assert [c.reason.split(" (")[0] for c in others.values()] == ["no TensorRT plan for pose_guider",
+                                                                  "no TensorRT plan for vae_encoder"]
 
 
 def test_the_graph_hash_covers_its_external_data(tmp_path: Path) -> None:
@@ -1303,3 +1316,60 @@ def test_a_context_waits_for_its_last_call_only_from_another_stream() -> None:
     assert waits == []
     state.follow(other)
     assert waits == ["last call"]
+
+
+def _two_graph_export(tmp_path: Path) -> Path:
+    d = tmp_path / "onnx2g"
+    d.mkdir()
+    graphs = {}
+    for sub in ("vae_decoder", "vae_encoder"):
+        sha = _write_onnx(d / f"{sub}.fp16.onnx")
+        graphs[f"{sub}_fp16"] = _graph_json(f"{sub}.fp16.onnx", sha, submodel=sub)
+    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": graphs}))
+    return d
+
+
+def test_build_engines_checks_every_graph_file_before_building(tmp_path: Path) -> None:
+    """A damaged graph late in the list is named before any plan is built (it stopped a run after the long
+    builds of the graphs before it)."""
+    d = _two_graph_export(tmp_path)
+    (d / "vae_encoder.fp16.onnx").write_bytes((d / "vae_encoder.fp16.onnx").read_bytes()[:-5])
+    with pytest.raises(EngineMismatch, match="graph 'vae_encoder_fp16': .* the export is inconsistent"):
+        _built(d, tmp_path / "engines", profile="default")
+    assert not (tmp_path / "engines").exists() or not list(iter_plan_dirs(tmp_path / "engines"))
+
+
+def test_build_engines_at_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str],
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """One readable line per plan (was the BuildResult's repr); a plan that cannot be written (a full disk) is
+    named with exit 2 (was "unexpected error", exit 1), and the plans done before it are named as kept."""
+    import errno
+
+    from megactor_rt import cli
+    from megactor_rt.engine import cache as cache_mod
+
+    d = _two_graph_export(tmp_path)
+    fake = FakeBuilder()
+    monkeypatch.setattr(builder_mod, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: H100))
+    monkeypatch.setattr(builder_mod, "_build_plan_trt", fake)
+    argv = ["-q", "build-engines", "--onnx", str(d), "--out", str(tmp_path / "eng"), "--profile", "default"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["vae_decoder_fp16", "default", "built"],
+                                                   ["vae_encoder_fp16", "default", "built"]]
+    assert "no valid plan" in lines[0] and str(tmp_path / "eng") in lines[0] and "BuildResult" not in lines[0]
+
+    real = cache_mod.write_atomic
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if "vae-encoder" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(cache_mod, "write_atomic", full_disk)
+    assert cli.main([*argv[:-2], "--out", str(tmp_path / "eng2"), "--profile", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the plan of vae_encoder_fp16[default] ([Errno 28] No space left on device)" in err
+    assert "the plans done before are kept: vae_decoder_fp16[default] (built)" in caplog.text

@@ -4,6 +4,7 @@ TensorRT readiness (op support, profiles, checker), idempotent re-export, end-to
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,6 +218,19 @@ def test_trt_readiness(manifest):
             problems[name] = found
     assert not problems, problems
     assert len(manifest.graphs) == 2 * len(GRAPHS)
+
+
+def test_a_graph_file_of_another_precision_is_named_when_loaded(manifest):
+    """An fp16 file under the fp32 graph's name (files copied by hand): named with the graph when its session
+    loads (was a dtype error from onnxruntime at its first call, after the whole denoising for the decoder)."""
+    from dataclasses import replace
+
+    from megactor_rt.errors import EngineMismatch
+
+    fp32, fp16 = manifest.graphs["vae_decoder.fp32"], manifest.graphs["vae_decoder.fp16"]
+    with pytest.raises(EngineMismatch, match=r"graph 'vae_decoder.fp32': .*vae_decoder\.fp16.* is not the graph "
+                                             r"the manifest describes \(inputs \{'latents': 'tensor\(float16\)'\}"):
+        OrtRunner(replace(fp32, file=fp16.file)).activate()
 
 
 def test_reexport_is_cached(models, export_dir):
@@ -491,8 +505,9 @@ def test_tensorrt_plans_take_the_window_batch_they_were_exported_for(models, exp
 
 
 @pytest.mark.parametrize("fallback", ["onnxruntime", "torch"])
-def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallback):
-    """Without TensorRT (or without plans) every graph runs on the fallback backend and gives the same result."""
+def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallback, caplog):
+    """Without TensorRT (or without plans) every graph runs on the fallback backend and gives the same result;
+    that no graph has a plan is a warning (a run much slower than asked for was said only with -v)."""
     from megactor_rt.runtime.onnx_backend import _tensorrt_submodels
     from megactor_rt.weights import load_converted, write_converted
 
@@ -502,8 +517,14 @@ def test_tensorrt_backend_falls_back_per_graph(models, manifest, tmp_path, fallb
     def torch_fallback(dtype):
         return TorchSubmodels(load_converted(weights), torch.device("cpu"), dtype)
 
-    sub = _tensorrt_submodels(models.config, models.weights_id, torch_fallback, tmp_path / "no-engines", manifest,
-                              ort_runners, torch.device("cpu"), torch.float32, "fp32", "reference_net", fallback)
+    args = (ort_runners, torch.device("cpu"), torch.float32, "fp32", "reference_net", fallback)
+    with pytest.raises(InputError, match=r"no-engines: no such engine folder \(--engines names the folder"):
+        _tensorrt_submodels(models.config, models.weights_id, torch_fallback, tmp_path / "no-engines", manifest, *args)
+    (tmp_path / "engines").mkdir()
+    with caplog.at_level(logging.WARNING, "megactor_rt.runtime.onnx_backend"):
+        sub = _tensorrt_submodels(models.config, models.weights_id, torch_fallback, tmp_path / "engines", manifest,
+                                  *args)
+    assert f"no usable plan for any graph here: every graph runs on {fallback}" in caplog.text
     if fallback == "onnxruntime":
         assert set(sub.runners) == set(ort_runners) and sub.fallback is None
     else:
@@ -602,7 +623,7 @@ def test_tensorrt_runners_get_the_cuda_graph_setting_and_the_gpu(models, manifes
     def choose(graphs, *args, **kwargs):
         chosen_for.append(kwargs.get("cuda_device"))
         return {g: SimpleNamespace(backend="tensorrt" if g == "vae_decoder" else "onnxruntime", plan_dir=f"plans/{g}",
-                                   plan_dirs=(f"plans/{g}",)) for g in graphs}
+                                   plan_dirs=(f"plans/{g}",), reason="a test's choice", submodel=g) for g in graphs}
 
     monkeypatch.setattr(runner, "TensorRTRunner", Recorder)
     monkeypatch.setattr(select, "select_backends", choose)

@@ -96,8 +96,26 @@ def test_the_tensorrt_backend_falls_back_to_torch_at_the_export_size(setup: dict
     from megactor_rt.config import AnimateConfig, Precision
     from megactor_rt.runtime.onnx_backend import make_graph_submodels
 
+    (tmp_path / "engines").mkdir()
     sub = make_graph_submodels("tensorrt", setup["weights"], setup["onnx"], torch.device("cpu"), Precision.FP32,
                                engine_dir=tmp_path / "engines")
     anim = Animator(sub, AnimateConfig(steps=1, window=4, overlap=2, max_frames=3))
     frames = list(anim.animate(anim.prepare(PORTRAIT), setup["driver"]))
     assert sub.config.image_size == SIZE and len(frames) == 3 and frames[0].shape == (SIZE, SIZE, 3)
+
+
+def test_a_dry_run_checks_the_export_a_graph_backend_would_run(setup: dict[str, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--dry-run --backend onnxruntime`` finds what the run would stop at before any work: a result whose settings
+    need a graph the export lacks (guidance 1: temporal_unet_cond), an export of other weights (was "ok" for
+    both: only the manifest's presence was checked)."""
+    common = ["-q", "animate", "--dry-run", "--portrait", str(PORTRAIT), "--driver", str(setup["driver"]), *RUN,
+              "--backend", "onnxruntime", "--onnx", str(setup["onnx"]), "-o", str(tmp_path / "o.mp4")]
+    assert main([*common, "--weights", str(setup["weights"])]) == 0, capsys.readouterr().err
+    assert main([*common, "--weights", str(setup["weights"]), "--guidance", "1"]) == 2
+    assert "the export has no temporal_unet_cond graph, which this run needs" in capsys.readouterr().err
+    other = build_models(tiny_config(), seed=1)
+    weights = write_converted(tiny_config(), {n: m.state_dict() for n, m in other.modules().items()}, tmp_path / "w")
+    assert main([*common, "--weights", str(weights)]) == 2
+    assert "were exported from other weights than" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
