@@ -24,7 +24,7 @@ import wave
 from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
@@ -49,15 +49,26 @@ def check_stdout() -> None:
     Raises:
         InputError: standard output is a terminal.
     """
+    out = standard_output()
     with contextlib.suppress(AttributeError, ValueError, OSError):  # (no file descriptor: a test's capture)
-        if os.isatty(standard_output().fileno()):
+        if os.isatty(out.fileno()):
             raise InputError("-o - writes the frames as a binary stream to standard output, which is a terminal "
                              "here: pipe it into a program (| ffmpeg -i - out.mov, | ffplay -) or name a file")
 
 
 def standard_output() -> BinaryIO:
-    """Where a streamed result goes: standard output's bytes (as it was before :func:`prints_to_stderr`)."""
-    return _saved if _saved is not None else sys.stdout.buffer
+    """Where a streamed result goes: standard output's bytes (as it was before :func:`prints_to_stderr`).
+
+    Raises:
+        InputError: standard output takes text only (replaced by a ``StringIO``, a notebook's).
+    """
+    if _saved is not None:
+        return _saved
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # (was an AttributeError)
+        raise InputError(f"-o - streams bytes to standard output, and it takes text only here "
+                         f"({type(sys.stdout).__name__}: a notebook, or replaced by the program); name a file")
+    return cast(BinaryIO, out)
 
 
 @contextlib.contextmanager
@@ -65,7 +76,7 @@ def prints_to_stderr() -> Iterator[None]:
     """While a result streams to standard output, the command's own lines (``wrote ...``) go to stderr instead of
     into the stream."""
     global _saved
-    before, _saved = _saved, sys.stdout.buffer
+    before, _saved = _saved, standard_output()
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield

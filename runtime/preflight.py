@@ -18,11 +18,19 @@ from pathlib import Path
 
 from megactor_rt.config import AnimateConfig
 from megactor_rt.contour import Landmarker
-from megactor_rt.media import check_result_rate
+from megactor_rt.media import check_not_an_input, check_output_path, check_result_rate
 from megactor_rt.models.scheduler import context_windows
 from megactor_rt.preprocess import Box, load_user_mask
 from megactor_rt.runtime.animator import crop_landmarks, crop_portrait
-from megactor_rt.runtime.driver import Driver, DriverPlan, cropped_uint8, plan_driver_contour, plan_run
+from megactor_rt.runtime.driver import (
+    Driver,
+    DriverPlan,
+    cropped_uint8,
+    driver_file,
+    driver_source,
+    plan_driver_contour,
+    plan_run,
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
 
     Args:
         image_size: the crop's side the networks take (the weights' config, or ``--size``).
-        output: the result, whose format may refuse the driver's rate (None: not checked).
+        output: the result: a path the run can write, not one of its inputs, whose format takes the driver's
+            rate (None: not checked).
         landmarker: contour mode's landmark model (``Landmarker(path)``, loaded once for many calls); None: not
             contour mode.
         Others: as for :meth:`~megactor_rt.runtime.animator.Animator.animate_to_file`.
@@ -74,15 +83,20 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
     Raises:
         InputError: what the run would raise for these inputs, before its first step.
     """
+    out = None
+    source = driver_source(driver)
+    if output is not None:  # (as the run: before the portrait is read)
+        out = check_output_path(output)
+        check_not_an_input(out, portrait=portrait, driver=driver_file(source), mask=mask)
     img, name, crop, found = crop_portrait(portrait, image_size, face_crop, face, config.face_detector)
     if mask is not None:
         load_user_mask(mask, image_size, crop=crop, image_shape=img.shape[:2])
-    plan = plan_run(driver, config, face_crop, driver_face)
+    plan = plan_run(source, config, face_crop, driver_face)
     if landmarker is not None:  # as the run: the portrait's crop as the networks take it, then the driver's frames
         found_lm = crop_landmarks(cropped_uint8(img, crop, image_size), landmarker, name, config.cnn_fallback)
         plan_driver_contour(plan, image_size, found_lm, landmarker, contour_affine_frame, cnn=config.cnn_fallback)
-    if output is not None:
-        check_result_rate(Path(output), plan.selection.fps)
+    if out is not None:
+        check_result_rate(out, plan.selection.fps)
     windows = len(context_windows(plan.num_frames, min(config.window, plan.num_frames), config.overlap,
                                   config.closed_loop))
     return Preflight(name, (img.shape[1], img.shape[0]), found, crop[2] - crop[0], plan, windows, config.steps,

@@ -124,6 +124,16 @@ def test_a_stream_onto_a_terminal_is_refused_before_any_work(tmp_path: Path) -> 
     assert b"TINY RANDOM-WEIGHT" not in proc.stderr  # (refused before the model is built)
 
 
+def test_a_stream_onto_a_text_only_standard_output_is_refused_before_any_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-o -`` where standard output is text only (a notebook's, a StringIO): named before any work (was an
+    AttributeError: '_io.StringIO' object has no attribute 'buffer')."""
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with pytest.raises(InputError, match=r"-o - streams bytes to standard output, and it takes text only here "
+                                         r"\(StringIO"):
+        check_output_path("-")
+
+
 def test_a_driver_piped_into_standard_input_drives_as_its_file_does(tmp_path: Path) -> None:
     """--driver -: the clip piped in animates exactly as the same file (PNG frames compared), is named "stdin" in
     the result's settings, and its temporary copy is gone afterwards; empty input, a terminal and "-" among several
