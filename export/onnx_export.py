@@ -30,7 +30,7 @@ import torch
 from megactor_rt.config import ModelConfig, full_config, tiny_config
 from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
-from megactor_rt.errors import InputError
+from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.files import locked, remove_stale
 from megactor_rt.progress import progress
@@ -238,7 +238,11 @@ def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: in
 
 def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision: str,
                  manifest: dict, fp32_path: Path | None = None, *, fp16_softmax: bool = False) -> tuple[dict, str]:
-    """Export one graph at one precision (reusing a matching earlier export). Returns (entry, status)."""
+    """Export one graph at one precision (reusing a matching earlier export). Returns (entry, status).
+
+    Raises:
+        ResourceError: the graph cannot be written (a full disk), naming its file.
+    """
     fp16_softmax = fp16_softmax and precision == "fp16"
     key = export_key(spec, models.weights_id, opset, precision, fp16_softmax)
     name = f"{spec.name}.{precision}.{key[:12]}.onnx"
@@ -247,20 +251,24 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
         profiles = spec.profiles()  # (the graph is the same; its shape profile may not be: --window-batch)
         same = json.loads(json.dumps(profiles)) == old.get("profiles")
         return {**old, "profiles": profiles}, "cached" if same else "cached, profile updated"
-    with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
-        src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
-        if src is None:
-            src = Path(tmp) / "fp32.onnx"
-            _torch_export(spec, models, src, opset)
-        if precision == "fp16":
-            inferred = _infer_shapes(src, Path(tmp))
-            try:
-                model = to_fp16(_load(inferred), spec, fp16_softmax=fp16_softmax)
-            finally:
-                inferred.unlink(missing_ok=True)
-        else:
-            model = _load(src)
-        _save(model, out / name, Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
+            src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
+            if src is None:
+                src = Path(tmp) / "fp32.onnx"
+                _torch_export(spec, models, src, opset)
+            if precision == "fp16":
+                inferred = _infer_shapes(src, Path(tmp))
+                try:
+                    model = to_fp16(_load(inferred), spec, fp16_softmax=fp16_softmax)
+                finally:
+                    inferred.unlink(missing_ok=True)
+            else:
+                model = _load(src)
+            _save(model, out / name, Path(tmp))
+    except OSError as exc:  # a full disk or quota: the full-size graphs take GBs (the staging folder is gone)
+        raise ResourceError(f"{out / name}: cannot write the graph ({exc}); nothing was written under this "
+                            "name") from exc
     entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256_graph(out / name),
              "export_key": key, "weights_id": models.weights_id, "image_size": models.config.image_size, "opset": opset,
              "inputs": {t.name: {"dtype": _dtype(t.name, spec, precision), "shape": list(t.shape)}
@@ -425,5 +433,8 @@ def _update_manifest(out: Path, key: str, entry: dict) -> None:
         try:
             tmp.write_text(json.dumps(manifest, indent=1))
             tmp.replace(out / MANIFEST_NAME)
+        except OSError as exc:  # a full disk: the manifest stays as it was, naming the graphs it named
+            raise ResourceError(f"{out / MANIFEST_NAME}: cannot write the export manifest ({exc}); it was left as "
+                                "it was") from exc
         finally:
             tmp.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1045,3 +1046,45 @@ def test_a_reexport_removes_the_graph_file_it_replaces(models, tmp_path):
     export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",), opset=17)
     entry = json.loads((tmp_path / "manifest.json").read_text())["graphs"]["pose_guider.fp32"]
     assert entry["opset"] == 17 and [p.name for p in tmp_path.glob("pose_guider.fp32.*.onnx")] == [entry["file"]]
+
+
+def _full_disk(path: str) -> None:
+    """What a write on a full disk does: part of the file, then ENOSPC."""
+    import errno
+    import os
+
+    Path(path).write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_a_resource_error_naming_the_graph_file(models, tmp_path, monkeypatch):
+    """A disk that fills while a graph is written (GBs at full size) ends in a ResourceError (exit code 2) naming
+    the graph file, not an unexpected OSError; no part of the graph is left under its name, in a staging folder
+    or in the manifest."""
+    import onnx
+
+    from megactor_rt.errors import ResourceError
+
+    monkeypatch.setattr(onnx, "save_model", lambda model, path, *args, **kwargs: _full_disk(path))
+    with pytest.raises(ResourceError, match=r"pose_guider\.fp32\.[0-9a-f]{12}\.onnx: cannot write the graph "
+                                            r"\(\[Errno 28\] No space left on device\); nothing was written"):
+        export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_the_manifest_is_a_resource_error_naming_it(models, tmp_path, monkeypatch):
+    """The manifest's write on a full disk: a ResourceError naming it; the manifest is left as it was, with no
+    temporary file beside it."""
+    from megactor_rt.errors import ResourceError
+
+    export_models(models, tmp_path, graphs=["vae_encoder"], precisions=("fp32",))
+    before = (tmp_path / "manifest.json").read_text()
+    write_text = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: _full_disk(str(self)) if self.suffix == ".tmp"
+                        else write_text(self, *a, **k))
+    manifest = re.escape(str(tmp_path / "manifest.json"))
+    with pytest.raises(ResourceError, match=f"{manifest}: cannot write the export manifest "
+                                            r"\(\[Errno 28\] No space left on device\); it was left as it was"):
+        export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    assert (tmp_path / "manifest.json").read_text() == before
+    assert not list(tmp_path.glob("manifest.json.*")) and not list(tmp_path.glob(".export-*"))
