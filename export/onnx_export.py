@@ -153,9 +153,10 @@ def check_export_size(out: str | Path, image_size: int, weights_size: int, repla
     (``replaced``: the manifest keys it writes, ``<graph>.<precision>``): one folder holds one size.
 
     Raises:
-        InputError: naming the graphs left at the other size.
+        InputError: naming the graphs left at the other size; or the folder's ``manifest.json`` is none an export
+            may replace (see :func:`_read_manifest`): before any work.
     """
-    graphs = _read_manifest(Path(out))["graphs"] if Path(out).is_dir() else {}
+    graphs = _read_manifest(Path(out), warn=False)["graphs"] if Path(out).is_dir() else {}
     stale = sorted(k for k, e in graphs.items() if (e.get("image_size") or weights_size) != image_size
                    and k not in replaced)
     if stale:
@@ -214,9 +215,9 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
 
 def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: int, precisions: Sequence[str],
                   fp16_softmax: bool = False) -> list[dict]:
+    manifest = _read_manifest(out)  # (first: a manifest.json that is not the export's is refused before any change)
     remove_stale(out, f"{STAGING_PREFIX}*", folders=True)  # staging folders of exports killed midway (SIGKILL)
     remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
-    manifest = _read_manifest(out)
     rows = []
     for spec in progress(specs, desc="export", unit="graph", leave=True):
         fp32_path = None
@@ -404,30 +405,51 @@ def _remove_stale(out: Path, name: str, precision: str, keep: str) -> None:
             external_data_path(p).unlink(missing_ok=True)
 
 
-def _read_manifest(out: Path) -> dict:
-    """The folder's manifest as written by an export (graph name -> entry); a new one where there is none or it
-    is unreadable or not in that form (with a warning: its graphs are exported again)."""
+def _read_manifest(out: Path, *, warn: bool = True) -> dict:
+    """The folder's manifest as written by an export (graph name -> entry); a new one where there is none, or where
+    it is empty or an export's manifest of this format or an older one that is malformed (with a warning unless
+    ``warn`` is false: its graphs are exported again).
+
+    Raises:
+        InputError: ``manifest.json`` there is no export manifest (another program's, a folder), is one of a newer
+            format, or cannot be read: the export, which replaces it, would lose it.
+    """
     path = out / MANIFEST_NAME
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            logger.warning("%s is unreadable (%s); starting a new manifest", path, exc)
-        else:
-            graphs = data.get("graphs") if isinstance(data, dict) else None
-            if (isinstance(graphs, dict) and all(isinstance(e, dict) for e in graphs.values())
-                    and data.get("format") == MANIFEST_FORMAT):
-                return data
-            logger.warning("%s is not an export manifest of format %s; starting a new manifest", path,
-                           MANIFEST_FORMAT)
-    return {"format": MANIFEST_FORMAT, "graphs": {}}
+    new = {"format": MANIFEST_FORMAT, "graphs": {}}
+    if not path.exists():
+        return new
+    if not path.is_file():
+        raise InputError(f"{path}: is not a file; the export writes its manifest under this name: export into "
+                         "another folder, or move it away")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if text.strip() else new
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # (exports replace it whole: never half-written)
+        raise InputError(f"{path}: is not an export manifest (not JSON: {exc}); the export would replace it: "
+                         "export into another folder, or move it away") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the export manifest ({exc})") from exc
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or "graphs" not in data:  # a web app's manifest.json...
+        raise InputError(f"{path}: is not an export manifest (no 'format' and 'graphs'); the export would replace "
+                         "it: export into another folder, or move it away")
+    if fmt > MANIFEST_FORMAT:
+        raise InputError(f"{path}: is an export manifest of format {fmt}, newer than this megactor-rt's "
+                         f"({MANIFEST_FORMAT}): export with the megactor-rt that wrote it, or into another folder")
+    graphs = data["graphs"]
+    if fmt == MANIFEST_FORMAT and isinstance(graphs, dict) and all(isinstance(e, dict) for e in graphs.values()):
+        return data
+    if warn:
+        logger.warning("%s is an export manifest that this export cannot extend (empty, malformed or of an older "
+                       "format than %s); starting a new manifest", path, MANIFEST_FORMAT)
+    return new
 
 
 def _update_manifest(out: Path, key: str, entry: dict) -> None:
     """Set one graph's entry in the folder's manifest: read, change and replaced under a lock, so exports of other
     graphs into the same folder at the same time keep theirs."""
     with locked(out / f".{MANIFEST_NAME}.lock"):  # hidden, as the plan folders' .build.lock
-        manifest = _read_manifest(out)
+        manifest = _read_manifest(out, warn=False)  # (the export warned where it started a new one)
         manifest["graphs"][key] = entry
         tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
         try:

@@ -973,19 +973,51 @@ def test_a_graph_saved_small_after_large_drops_its_old_external_data(tmp_path, m
     assert float(numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0]).max()) == 1.0
 
 
-def test_a_manifest_of_another_format_is_started_anew(tmp_path, caplog):
-    """An export folder's manifest of another format (a future or older exporter) is not extended: the export
-    starts a new one, with a warning (its graphs are exported again)."""
+def test_a_manifest_of_an_older_format_is_started_anew(tmp_path, caplog):
+    """An export folder's manifest of an older format (an older exporter), or an empty one, is not extended: the
+    export starts a new one, with a warning (its graphs are exported again)."""
     import logging
 
     from megactor_rt.export.onnx_export import _read_manifest
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": 2, "graphs": {"g.fp32": {"file": "g.onnx"}}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 0, "graphs": {"g.fp32": {"file": "g.onnx"}}}))
     with caplog.at_level(logging.WARNING, logger="megactor_rt.export.onnx_export"):
         assert _read_manifest(tmp_path) == {"format": 1, "graphs": {}}
-    assert "is not an export manifest of format 1" in caplog.text
+    assert "is an export manifest that this export cannot extend" in caplog.text
+    (tmp_path / "manifest.json").write_text("")
+    assert _read_manifest(tmp_path) == {"format": 1, "graphs": {}}
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"g.fp32": {"file": "g.onnx"}}}))
     assert _read_manifest(tmp_path)["graphs"] == {"g.fp32": {"file": "g.onnx"}}
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"name": "my web app", "icons": []}', "is not an export manifest \\(no 'format' and 'graphs'\\)"),
+    ('["a", "list"]', "is not an export manifest \\(no 'format' and 'graphs'\\)"),
+    (b"\xd8\x00 binary", "is not an export manifest \\(not JSON: "),
+    ('{"format": 2, "graphs": {"g.fp32": {"file": "g.onnx"}}}', "is an export manifest of format 2, newer than "
+                                                                   "this megactor-rt's \\(1\\)"),
+    (None, "is not a file; the export writes its manifest under this name")])
+def test_a_manifest_json_the_export_would_lose_is_refused_before_any_work(models, tmp_path, content, problem):
+    """A ``manifest.json`` in the export folder that is not an export's (a web app's), or is one of a newer format,
+    is refused, naming it, before anything is exported or removed, and left as it was (was: replaced, after a
+    warning); so is a folder of that name (was: refused only by the manifest's write, after every graph)."""
+    from megactor_rt.export.onnx_export import check_export_size
+
+    path = tmp_path / "manifest.json"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    message = f"{re.escape(str(path))}: {problem}"
+    with pytest.raises(InputError, match=message):  # as `export` checks the folder, before loading the model
+        check_export_size(tmp_path, models.config.image_size, models.config.image_size, ["pose_guider.fp32"])
+    with pytest.raises(InputError, match=message):
+        export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    if content is not None:
+        assert (path.read_bytes() if isinstance(content, bytes) else path.read_text()) == content
 
 
 def test_an_unknown_graph_beside_known_ones_is_refused(models, tmp_path):
