@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 EXPORTER_VERSION = 1
 EXTERNAL_DATA_BYTES = 1_800_000_000  # keep well under protobuf's 2 GiB
+KEY_CHARS = 12  # of the export key in a graph file's name: <graph>.<precision>.<key[:12]>.onnx
 STAGING_PREFIX = ".export-"  # each graph is written in such a folder inside the export folder, then moved
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean",
             "Pow", "Sqrt", "Erf"]
@@ -246,7 +248,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     """
     fp16_softmax = fp16_softmax and precision == "fp16"
     key = export_key(spec, models.weights_id, opset, precision, fp16_softmax)
-    name = f"{spec.name}.{precision}.{key[:12]}.onnx"
+    name = f"{spec.name}.{precision}.{key[:KEY_CHARS]}.onnx"
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
         profiles = spec.profiles()  # (the graph is the same; its shape profile may not be: --window-batch)
@@ -399,8 +401,12 @@ def timestep_nodes(model) -> list[str]:  # noqa: ANN001
 
 
 def _remove_stale(out: Path, name: str, precision: str, keep: str) -> None:
-    for p in out.glob(f"{name}.{precision}.*.onnx"):
-        if p.name != keep:
+    """Delete the graph files (and their external data) of ``name`` at ``precision`` other than ``keep``: earlier
+    exports of it under other keys. Only names of the export's own form (the key's hex digits): a file of the
+    user's beside them (``pose_guider.fp16.simplified.onnx``) stays."""
+    own = re.compile(rf"{re.escape(name)}\.{re.escape(precision)}\.[0-9a-f]{{{KEY_CHARS}}}\.onnx")
+    for p in out.glob(f"{glob.escape(name)}.{glob.escape(precision)}.*.onnx"):
+        if p.name != keep and own.fullmatch(p.name):
             p.unlink()
             external_data_path(p).unlink(missing_ok=True)
 

@@ -1120,3 +1120,17 @@ def test_a_full_disk_at_the_manifest_is_a_resource_error_naming_it(models, tmp_p
         export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
     assert (tmp_path / "manifest.json").read_text() == before
     assert not list(tmp_path.glob("manifest.json.*")) and not list(tmp_path.glob(".export-*"))
+
+
+def test_a_reexport_leaves_the_users_own_graph_files(models, tmp_path):
+    """Files of the user's named like a graph's (a simplified copy, ``pose_guider.fp32.simplified.onnx``, and its
+    external data) stay through an export and a cached re-run (were deleted as stale); an earlier export's file
+    of the graph under another key goes."""
+    own = [tmp_path / "pose_guider.fp32.simplified.onnx", tmp_path / "pose_guider.fp32.simplified.onnx.data",
+           tmp_path / "pose_guider.fp32.v2.onnx"]
+    earlier = [tmp_path / "pose_guider.fp32.0123456789ab.onnx", tmp_path / "pose_guider.fp32.0123456789ab.onnx.data"]
+    for path in own + earlier:
+        path.write_bytes(b"graph")
+    for _ in range(2):
+        export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+        assert all(p.read_bytes() == b"graph" for p in own) and not any(p.exists() for p in earlier)
