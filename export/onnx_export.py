@@ -219,6 +219,7 @@ def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: in
                   fp16_softmax: bool = False) -> list[dict]:
     manifest = _read_manifest(out)  # (first: a manifest.json that is not the export's is refused before any change)
     remove_stale(out, f"{STAGING_PREFIX}*", folders=True)  # staging folders of exports killed midway (SIGKILL)
+    remove_stale(out, f"{STAGING_PREFIX}*.inferred.onnx")  # earlier versions' fp16 conversions, killed midway
     remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
     rows = []
     for spec in progress(specs, desc="export", unit="graph", leave=True):
@@ -261,11 +262,12 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
                 src = Path(tmp) / "fp32.onnx"
                 _torch_export(spec, models, src, opset)
             if precision == "fp16":
-                inferred = _infer_shapes(src, Path(tmp))
+                inferred = Path(tmp) / "inferred.onnx"  # (in the staging folder: gone with it, however this ends)
                 try:
-                    model = to_fp16(_load(inferred), spec, fp16_softmax=fp16_softmax)
+                    _infer_shapes(src, inferred)
+                    model = to_fp16(_load(inferred, weights_from=src.parent), spec, fp16_softmax=fp16_softmax)
                 finally:
-                    inferred.unlink(missing_ok=True)
+                    inferred.unlink(missing_ok=True)  # at once: a copy of the fp32 graph, GBs at full size
             else:
                 model = _load(src)
             _save(model, out / name, Path(tmp))
@@ -298,20 +300,23 @@ def _torch_export(spec: ExportSpec, models: Any, path: Path, opset: int) -> None
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
-def _infer_shapes(src: Path, tmp: Path) -> Path:
+def _infer_shapes(src: Path, dst: Path) -> None:
     """Value types of every tensor (the fp16 converter needs them to place its casts); path-based so
-    graphs over 2 GB work. Written beside ``src`` so relative external-data paths still resolve."""
+    graphs over 2 GB work. ``dst`` keeps ``src``'s relative external-data paths: load it with
+    ``weights_from=src.parent``."""
     import onnx
 
-    dst = src.with_name(f"{tmp.name}.inferred.onnx")
     onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-    return dst
 
 
-def _load(path: Path):  # noqa: ANN202 - onnx imported lazily
+def _load(path: Path, weights_from: Path | None = None):  # noqa: ANN202 - onnx imported lazily
+    """The graph at ``path`` with its external data, read from ``weights_from`` (default: its own folder)."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
-    return onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
+    load_external_data_for_model(model, str(weights_from or path.parent))
+    return model
 
 
 def _save(model, path: Path, staging: Path) -> None:  # noqa: ANN001

@@ -1134,3 +1134,47 @@ def test_a_reexport_leaves_the_users_own_graph_files(models, tmp_path):
     for _ in range(2):
         export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
         assert all(p.read_bytes() == b"graph" for p in own) and not any(p.exists() for p in earlier)
+
+
+def test_an_export_stopped_in_fp16_shape_inference_leaves_no_copy_of_the_graph(models, tmp_path, monkeypatch):
+    """The fp16 conversion's shape-inferred copy of the fp32 graph (GBs at full size) is written in the staging
+    folder, so that Ctrl-C or SIGTERM while it is written leaves nothing (was: beside the fp32 graph in the export
+    folder, forever); the fp16 graph still finds the fp32 graph's external data."""
+    import onnx
+
+    from megactor_rt.export import onnx_export
+    from megactor_rt.export.trt_support import check_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 10_000)  # as the full-size UNet's: weights beside
+    export_models(models, tmp_path, graphs=["pose_guider"])
+    assert check_export(tmp_path) == {"pose_guider.fp16": [], "pose_guider.fp32": []}
+    assert len(list(tmp_path.glob("*.onnx.data"))) == 2
+    infer_shapes_path = onnx.shape_inference.infer_shapes_path
+
+    def interrupted(src: str, dst: str) -> None:
+        infer_shapes_path(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", interrupted)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        export_models(models, tmp_path, graphs=["pose_guider"], opset=17)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in before)
+    assert [n for n in left if not n.startswith("pose_guider.fp32.")] == []  # the new fp32 graph alone
+
+
+def test_a_killed_exports_shape_inferred_copy_is_removed_later(models, tmp_path):
+    """Shape-inferred copies that earlier versions left in the export folder when killed (``.export-*.inferred.onnx``,
+    plain files) go with the next export once an hour old, as the staging folders do; a recent one stays."""
+    import os
+    import time
+
+    from megactor_rt.export.onnx_export import STAGING_PREFIX
+
+    old, recent = tmp_path / f"{STAGING_PREFIX}old.inferred.onnx", tmp_path / f"{STAGING_PREFIX}new.inferred.onnx"
+    for path in (old, recent):
+        path.write_bytes(b"graph")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    export_models(models, tmp_path, graphs=["vae_encoder"], precisions=("fp32",))
+    assert not old.exists() and recent.is_file()
