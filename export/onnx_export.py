@@ -33,7 +33,7 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
-from megactor_rt.files import locked, remove_stale
+from megactor_rt.files import locked, remove_stale, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights import (
     MegActorModels,
@@ -344,6 +344,8 @@ def _save(model, path: Path, staging: Path) -> None:  # noqa: ANN001
         onnx.save_model(model, str(tmp))
     onnx.checker.check_model(str(tmp))
     if large:
+        # onnx creates the data file 0600: readable to the graph's readers (another user, a service account) too
+        os.chmod(external_data_path(tmp), umask_mode())
         external_data_path(tmp).replace(data)
     else:
         data.unlink(missing_ok=True)

@@ -639,12 +639,16 @@ def test_tensorrt_runners_get_the_cuda_graph_setting_and_the_gpu(models, manifes
 def test_saving_a_large_graph_again_replaces_its_external_data(tmp_path, monkeypatch, cwd_is_out):
     """A graph written with external data (over 2 GB at full size; here with the threshold lowered) and written
     again under the same name - an export re-run after its manifest was lost - replaces the data file rather
-    than appending to it (onnx's default) or failing because it exists (onnx with the folder as cwd)."""
+    than appending to it (onnx's default) or failing because it exists (onnx with the folder as cwd); the data
+    file gets the graph file's permissions."""
+    import stat
+
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from megactor_rt.engine.cache import external_data_path
     from megactor_rt.export import onnx_export
+    from megactor_rt.files import umask_mode
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "out"
@@ -671,6 +675,8 @@ def test_saving_a_large_graph_again_replaces_its_external_data(tmp_path, monkeyp
         assert not any(staging.iterdir())  # everything moved into place
     assert sizes[0] == sizes[1] >= 64 * 64 * 4
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["g.onnx", external_data_path(path).name]
+    # as readable as the graph (onnx makes the data file 0600: another user or a service account could not load it)
+    assert stat.S_IMODE(external_data_path(path).stat().st_mode) == stat.S_IMODE(path.stat().st_mode) == umask_mode()
 
 
 def test_an_interrupted_reexport_leaves_the_folder_usable(models, tmp_path, monkeypatch):
