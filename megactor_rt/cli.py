@@ -1559,7 +1559,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = model_config_of(args.weights)
     if args.size is not None:
         check_image_size(cfg, args.size)
-    names = args.graphs or [s.name for s in export_specs(cfg)]
+    # the networks' graphs (None: all); --graphs may name tiny_decoder, exported from the --tiny-decoder file
+    graphs = None if args.graphs is None else list(dict.fromkeys(g for g in args.graphs if g != "tiny_decoder"))
+    if args.graphs is not None and "tiny_decoder" in args.graphs and args.tiny_decoder is None:
+        raise InputError("--graphs tiny_decoder: that graph is TAESD's decoder, exported from its own weights: give "
+                         "them with --tiny-decoder PATH")
+    names = [s.name for s in export_specs(cfg)] if graphs is None else graphs
     if args.tiny_decoder is not None:  # a bad file fails before minutes of exporting
         from megactor_rt.models.tiny_decoder import load_tiny_decoder
 
@@ -1567,14 +1572,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         names = [*names, "tiny_decoder"]
     check_export_size(args.out, args.size or cfg.image_size, cfg.image_size,
                       [f"{n}.{p}" for n in names for p in args.precision])
-    summary = export_all(args.weights, _output_folder(args.out, "--out"), opset=args.opset, precisions=args.precision,
-                         frames=args.window, graphs=args.graphs, window_batch=args.window_batch,
-                         fp16_softmax=args.fp16_softmax, image_size=args.size)
+    summary = []
+    if graphs != []:  # (not `--graphs tiny_decoder` alone: no network to load)
+        summary = export_all(args.weights, _output_folder(args.out, "--out"), opset=args.opset,
+                             precisions=args.precision, frames=args.window, graphs=graphs,
+                             window_batch=args.window_batch, fp16_softmax=args.fp16_softmax, image_size=args.size)
     if args.tiny_decoder is not None:
         from megactor_rt.export.onnx_export import export_tiny_decoder
 
         summary += export_tiny_decoder(args.tiny_decoder, replace(cfg, image_size=args.size or cfg.image_size),
-                                       args.out, opset=args.opset, precisions=args.precision)
+                                       _output_folder(args.out, "--out"), opset=args.opset,
+                                       precisions=args.precision)
     for row in summary:
         print(f"{row['graph']:32s} {row['precision']:5s} {row['size_mb']:9.1f} MB  {row['seconds']:7.1f}s  "
               f"{row['status']}  {row['file']}")
@@ -1859,7 +1867,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
                    help="context windows per UNet call the TensorRT profiles allow (animate --window-batch K; "
                         "onnxruntime runs any number with the same graphs)")
-    e.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
+    e.add_argument("--graphs", nargs="+", default=None,
+                   help="only these graphs (tiny_decoder among them: with --tiny-decoder PATH)")
     e.add_argument("--size", type=_positive_int, default=None, metavar="PX",
                    help="the portrait crop side the graphs take (as animate --size; default: the weights' own, 512 "
                         "for the released model); one size per export folder")
@@ -1869,7 +1878,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan shows unfused attention (docs/decisions.md)")
     e.add_argument("--tiny-decoder", default=None, metavar="PATH",
                    help="also export TAESD's tiny decoder from these weights (the --tiny-decoder of animate), so "
-                        "the onnxruntime/tensorrt backends run it as a graph/engine")
+                        "the onnxruntime/tensorrt backends run it as a graph/engine (it alone: --graphs tiny_decoder)")
     e.set_defaults(fn=cmd_export)
 
     b = sub.add_parser("build-engines", help="build TensorRT plans for this GPU from exported ONNX")

@@ -1184,3 +1184,26 @@ def test_a_killed_exports_shape_inferred_copy_is_removed_later(models, tmp_path)
     os.utime(old, (hours_ago, hours_ago))
     export_models(models, tmp_path, graphs=["vae_encoder"], precisions=("fp32",))
     assert not old.exists() and recent.is_file()
+
+
+def test_graphs_may_name_the_tiny_decoder_given_its_weights(tmp_path, capsys):
+    """``export --graphs ... tiny_decoder --tiny-decoder PATH`` exports the graphs named, the tiny decoder among
+    them, and ``--graphs tiny_decoder`` it alone (was: "unknown graph(s) tiny_decoder (the tiny_decoder graph
+    comes from --tiny-decoder PATH)" with that very flag given); without --tiny-decoder the error names it."""
+    import diffusers
+
+    from megactor_rt.cli import main
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderTiny().save_pretrained(tmp_path / "taesd")
+    base = ["-q", "export", "--weights", "tiny", "--precision", "fp32", "--tiny-decoder", str(tmp_path / "taesd")]
+    for graphs, out in ((["tiny_decoder"], "only"), (["pose_guider", "tiny_decoder"], "both")):
+        assert main([*base, "--out", str(tmp_path / out), "--graphs", *graphs]) == 0
+        assert sorted(json.loads((tmp_path / out / "manifest.json").read_text())["graphs"]) == \
+            [f"{g}.fp32" for g in graphs]
+    capsys.readouterr()
+    assert main(["-q", "export", "--weights", "tiny", "--out", str(tmp_path / "none"), "--graphs", "pose_guider",
+                 "tiny_decoder"]) == 2
+    assert "--graphs tiny_decoder: that graph is TAESD's decoder, exported from its own weights: give them with " \
+        "--tiny-decoder PATH" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
