@@ -1600,8 +1600,12 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_check_export(args: argparse.Namespace) -> int:
+    from megactor_rt.engine.manifest import MANIFEST_NAME
     from megactor_rt.export.trt_support import check_export, trt_op_table
 
+    if args.onnx.is_file() and args.onnx.suffix != ".json":  # a graph file, say (a renamed manifest still reads)
+        raise InputError(f"{args.onnx}: --onnx takes the export folder (the --out of `megactor-rt export`) or its "
+                         f"{MANIFEST_NAME}, not this file")
     results = check_export(args.onnx, args.precision)
     for name, problems in results.items():
         print(f"{name:36s} {'ready' if not problems else f'{len(problems)} problem(s)'}")
@@ -1894,7 +1898,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ce = sub.add_parser("check-export", help="will TensorRT take these graphs? (checks run here, no TensorRT needed; "
                                             "exit code 2 when a graph has problems)")
-    ce.add_argument("--onnx", required=True, type=_path, help="the export folder (megactor-rt export --out)")
+    ce.add_argument("--onnx", required=True, type=_path,
+                    help="the export folder (megactor-rt export --out) or its manifest.json")
     ce.add_argument("--precision", default=None, choices=["fp16", "fp32"], help="only the graphs of this precision (default: all)")
     ce.set_defaults(fn=cmd_check_export)
 

@@ -321,3 +321,16 @@ def test_check_export_names_an_input_of_another_rank(tmp_path: Path) -> None:
     (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": {"vae_decoder_fp16": entry}}))
     graph = load_manifest(d).graphs["vae_decoder_fp16"]
     assert check_against_manifest(graph) == [f"{graph.path}: input 'x' has rank 2, the manifest says 3"]
+
+
+def test_check_export_given_a_graph_file_says_it_takes_the_folder(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``check-export --onnx g.onnx``: the error says --onnx takes the export folder or its manifest.json, naming
+    the file given (was: "not a readable JSON manifest: 'utf-8' codec can't decode byte ...")."""
+    from megactor_rt.cli import main
+
+    graph = tmp_path / "vae_decoder.fp16.0123456789ab.onnx"
+    graph.write_bytes(b"\x08\x09\xd8\xf3 protobuf")
+    assert main(["check-export", "--onnx", str(graph)]) == 2
+    assert f"error: {graph}: --onnx takes the export folder (the --out of `megactor-rt export`) or its manifest.json, " \
+        "not this file" in capsys.readouterr().err
