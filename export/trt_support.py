@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 _TWO_GIB = 2 << 30
+# Most context windows per UNet call a TensorRT profile may take (``export --window-batch``): the plan holds
+# activation memory for its profile's maximum, about K times a window's, and a CFG window of 16 frames at 512 px
+# took about 3 GiB of the 7.36 GiB peak of a one-window-per-call run on an H200 (the rest: fp16 weights) - its
+# deep feature alone is 84 MB (docs/decisions.md) - so 64 windows is past what the largest GPU (141 GB) holds at
+# full size; at smaller windows or sizes a call of 64 windows is 64 windows' frames, a GPU filled already.
+MAX_WINDOW_BATCH = 64
 
 
 @lru_cache(maxsize=1)
@@ -252,7 +258,8 @@ def check_trt_ready(path: str | Path, precision: str = "fp16") -> list[str]:
 
 def check_export(onnx_dir: str | Path, precision: str | None = None) -> dict[str, list[str]]:
     """:func:`check_trt_ready` for every graph of an export folder (or those of ``precision``), each graph's
-    shape-profile problems (:func:`~megactor_rt.engine.manifest.check_profiles_cover`) among its own: graph
+    shape-profile problems (:func:`~megactor_rt.engine.manifest.check_profiles_cover`, :func:`check_profile_sizes`)
+    among its own: graph
     name -> problems (empty: ready).
 
     Raises:
@@ -266,8 +273,30 @@ def check_export(onnx_dir: str | Path, precision: str | None = None) -> dict[str
     graphs = sorted((g for g in manifest.graphs.values() if precision in (None, g.precision)), key=lambda g: g.name)
     if not graphs:
         raise InputError(f"{onnx_dir}: the export manifest has no {precision} graphs")
-    return {g.name: [f"shape profile: {p}" for p in check_profiles_cover(g)] + check_trt_ready(g.path, g.precision)
-            + check_against_manifest(g) for g in graphs}
+    return {g.name: [f"shape profile: {p}" for p in [*check_profiles_cover(g), *check_profile_sizes(g)]]
+            + check_trt_ready(g.path, g.precision) + check_against_manifest(g) for g in graphs}
+
+
+def check_profile_sizes(g: GraphEntry) -> list[str]:
+    """Profile sizes that :func:`~megactor_rt.engine.manifest.check_profiles_cover` lets pass but no run uses: a
+    dim below 1 (an empty batch) and more context windows per call than ``export --window-batch`` allows
+    (:data:`MAX_WINDOW_BATCH`; a plan holds activation memory for its maximum)."""
+    most = {"windows": MAX_WINDOW_BATCH, "pairs": 2 * MAX_WINDOW_BATCH}  # (pairs: [W uncond | W cond])
+    problems = []
+    for pname, profile in g.profiles.items():
+        for name, shapes in profile.items():
+            spec = g.inputs.get(name)
+            if spec is None or not len(spec.shape) == len(shapes.min) == len(shapes.max):
+                continue  # check_profiles_cover reports it
+            for axis, dim in enumerate(spec.shape):
+                where = f"profile '{pname}', input '{name}': axis {axis}" + (f" ('{dim}')" if isinstance(dim, str)
+                                                                                else "")
+                if shapes.min[axis] < 1:
+                    problems.append(f"{where} has min {shapes.min[axis]}: no run passes an empty tensor")
+                elif dim in most and shapes.max[axis] > most[dim]:
+                    problems.append(f"{where} has max {shapes.max[axis]}, over {most[dim]} ({MAX_WINDOW_BATCH} "
+                                    "windows per call, the most export --window-batch allows)")
+    return problems
 
 
 def check_against_manifest(g: GraphEntry) -> list[str]:

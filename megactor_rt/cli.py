@@ -1553,9 +1553,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from megactor_rt.export.onnx_export import check_export_size, check_opset, export_all, model_config_of
     from megactor_rt.export.specs import export_specs
+    from megactor_rt.export.trt_support import MAX_WINDOW_BATCH
     from megactor_rt.weights import check_image_size
 
     check_opset(args.opset)  # before any work or folder
+    if args.window_batch > MAX_WINDOW_BATCH:  # (the graphs take any number: animate's onnxruntime runs are not bound)
+        raise InputError(f"--window-batch {args.window_batch}: the TensorRT profiles take at most "
+                         f"{MAX_WINDOW_BATCH} windows per UNet call (a plan holds activation memory for its maximum: "
+                         "about 3 GiB per window at full size)")
     cfg = model_config_of(args.weights)
     if args.size is not None:
         check_image_size(cfg, args.size)
@@ -1869,8 +1874,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which graphs to write (default: both; fp16 graphs are what TensorRT fp16 plans take)")
     e.add_argument("--window", type=_positive_int, default=16, help="the context window length the profiles target")
     e.add_argument("--window-batch", type=_positive_int, default=1, metavar="K",
-                   help="context windows per UNet call the TensorRT profiles allow (animate --window-batch K; "
-                        "onnxruntime runs any number with the same graphs)")
+                   help="context windows per UNet call the TensorRT profiles allow, 1 to 64 (animate --window-batch "
+                        "K; onnxruntime runs any number with the same graphs)")
     e.add_argument("--graphs", nargs="+", default=None,
                    help="only these graphs (tiny_decoder among them: with --tiny-decoder PATH)")
     e.add_argument("--size", type=_positive_int, default=None, metavar="PX",

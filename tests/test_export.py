@@ -1207,3 +1207,16 @@ def test_graphs_may_name_the_tiny_decoder_given_its_weights(tmp_path, capsys):
     assert "--graphs tiny_decoder: that graph is TAESD's decoder, exported from its own weights: give them with " \
         "--tiny-decoder PATH" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_window_batch_past_the_bound_is_refused_before_any_work(tmp_path, capsys):
+    """``export --window-batch 100000`` (TensorRT profiles of up to 100000 windows, no GPU's memory) is refused
+    naming the bound, before any work or folder (was: exported, and check-export said "ready")."""
+    from megactor_rt.cli import main
+    from megactor_rt.export.trt_support import MAX_WINDOW_BATCH
+
+    assert MAX_WINDOW_BATCH == 64
+    out = tmp_path / "onnx"
+    assert main(["-q", "export", "--weights", "tiny", "--out", str(out), "--window-batch", "65"]) == 2
+    assert "--window-batch 65: the TensorRT profiles take at most 64 windows per UNet call" in capsys.readouterr().err
+    assert not out.exists()

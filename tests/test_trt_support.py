@@ -334,3 +334,35 @@ def test_check_export_given_a_graph_file_says_it_takes_the_folder(tmp_path: Path
     assert main(["check-export", "--onnx", str(graph)]) == 2
     assert f"error: {graph}: --onnx takes the export folder (the --out of `megactor-rt export`) or its manifest.json, " \
         "not this file" in capsys.readouterr().err
+
+
+def test_check_export_refuses_profiles_no_run_uses(tmp_path: Path) -> None:
+    """Profiles ``check_profiles_cover`` let pass: an empty batch (0/0/0) and more windows per call than
+    ``export --window-batch`` allows (100000: was "ready"); min > opt is refused as before."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.engine.manifest import GraphEntry, ProfileShapes, TensorSpec
+    from megactor_rt.export.onnx_export import export_models
+    from megactor_rt.export.trt_support import MAX_WINDOW_BATCH, check_export, check_profile_sizes
+    from megactor_rt.weights import build_models
+
+    models = build_models(tiny_config(), seed=0, only={"vae"})
+    models.weights_id = "random-tiny-seed0"
+    export_models(models, tmp_path, graphs=["vae_decoder"], precisions=("fp32",))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = manifest["graphs"]["vae_decoder.fp32"]
+    latents = entry["profiles"]["default"]["latents"]
+    assert check_export(tmp_path) == {"vae_decoder.fp32": []}
+    for batch, problem in (((0, 0, 0), "axis 0 ('batch') has min 0: no run passes an empty tensor"),
+                           ((2, 1, 1), "axis 0 ('batch') needs 0 <= min <= opt <= max, got 2/1/1")):
+        entry["profiles"]["default"]["latents"] = [[b, *shape[1:]] for b, shape in zip(batch, latents)]
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        assert check_export(tmp_path)["vae_decoder.fp32"] == [
+            f"shape profile: profile 'default', input 'latents': {problem}"]
+
+    unet = GraphEntry("temporal_unet.fp16", "u.onnx", "temporal_unet", "fp16", "0" * 64,
+                      {"latents": TensorSpec("latents", "float16", ("windows", 9, "frames", 8, 8))}, {},
+                      {"default": {"latents": ProfileShapes((1, 9, 1, 8, 8), (MAX_WINDOW_BATCH, 9, 4, 8, 8),
+                                                            (100000, 9, 4, 8, 8))}})
+    assert check_profile_sizes(unet) == [
+        f"profile 'default', input 'latents': axis 0 ('windows') has max 100000, over {MAX_WINDOW_BATCH} "
+        f"({MAX_WINDOW_BATCH} windows per call, the most export --window-batch allows)"]
