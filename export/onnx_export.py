@@ -224,7 +224,7 @@ def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: in
     rows = []
     for spec in progress(specs, desc="export", unit="graph", leave=True):
         fp32_path = None
-        for precision in sorted(precisions, key=lambda p: p != "fp32"):  # fp32 first: fp16 derives from it
+        for precision in sorted(set(precisions), key=lambda p: p != "fp32"):  # fp32 first: fp16 derives from it
             t0 = time.perf_counter()
             entry, status = export_graph(spec, models, out, opset, precision, manifest, fp32_path,
                                          fp16_softmax=fp16_softmax)

@@ -1220,3 +1220,9 @@ def test_window_batch_past_the_bound_is_refused_before_any_work(tmp_path, capsys
     assert main(["-q", "export", "--weights", "tiny", "--out", str(out), "--window-batch", "65"]) == 2
     assert "--window-batch 65: the TensorRT profiles take at most 64 windows per UNet call" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_precision_given_twice_is_exported_once(models, tmp_path):
+    """``--precision fp16 fp16``: one fp16 row (was: the graph exported, or reused, and listed twice)."""
+    rows = export_models(models, tmp_path, graphs=["pose_guider"], precisions=("fp16", "fp16"))
+    assert [(r["graph"], r["precision"]) for r in rows] == [("pose_guider", "fp16")]
