@@ -27,9 +27,9 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 _TWO_GIB = 2 << 30
 # Most context windows per UNet call a TensorRT profile may take (``export --window-batch``): the plan holds
-# activation memory for its profile's maximum, about K times a window's, and a CFG window of 16 frames at 512 px
-# took about 3 GiB of the 7.36 GiB peak of a one-window-per-call run on an H200 (the rest: fp16 weights) - its
-# deep feature alone is 84 MB (docs/decisions.md) - so 64 windows is past what the largest GPU (141 GB) holds at
+# activation memory for its profile's maximum, about K times a window's. An estimate, not a measurement: the
+# 7.36 GiB peak of a one-window-per-call run on an H200 (2026-11-27) less the fp16 weights' roughly 4 GiB leaves
+# about 3 GiB per CFG window of 16 frames at 512 px, so 64 windows is past what the largest GPU (141 GB) holds at
 # full size; at smaller windows or sizes a call of 64 windows is 64 windows' frames, a GPU filled already.
 MAX_WINDOW_BATCH = 64
 
@@ -259,8 +259,7 @@ def check_trt_ready(path: str | Path, precision: str = "fp16") -> list[str]:
 def check_export(onnx_dir: str | Path, precision: str | None = None) -> dict[str, list[str]]:
     """:func:`check_trt_ready` for every graph of an export folder (or those of ``precision``), each graph's
     shape-profile problems (:func:`~megactor_rt.engine.manifest.check_profiles_cover`, :func:`check_profile_sizes`)
-    among its own: graph
-    name -> problems (empty: ready).
+    among its own: graph name -> problems (empty: ready).
 
     Raises:
         ManifestError: no readable manifest.

@@ -1559,8 +1559,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_opset(args.opset)  # before any work or folder
     if args.window_batch > MAX_WINDOW_BATCH:  # (the graphs take any number: animate's onnxruntime runs are not bound)
         raise InputError(f"--window-batch {args.window_batch}: the TensorRT profiles take at most "
-                         f"{MAX_WINDOW_BATCH} windows per UNet call (a plan holds activation memory for its maximum: "
-                         "about 3 GiB per window at full size)")
+                         f"{MAX_WINDOW_BATCH} windows per UNet call (a plan holds activation memory for its "
+                         "profile's maximum)")
     cfg = model_config_of(args.weights)
     if args.size is not None:
         check_image_size(cfg, args.size)

@@ -664,6 +664,9 @@ def test_saving_a_large_graph_again_replaces_its_external_data(tmp_path, monkeyp
         graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
+    from media_fixtures import Renames
+
+    renames = Renames().install(monkeypatch)
     sizes = []
     for value in (1.0, 2.0):
         staging = out / f"staging{value}"
@@ -675,6 +678,7 @@ def test_saving_a_large_graph_again_replaces_its_external_data(tmp_path, monkeyp
         assert not any(staging.iterdir())  # everything moved into place
     assert sizes[0] == sizes[1] >= 64 * 64 * 4
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["g.onnx", external_data_path(path).name]
+    assert renames.unsynced() == [] and len([e for e in renames.events if e[0] == "rename"]) == 4  # (on disk first)
     # as readable as the graph (onnx makes the data file 0600: another user or a service account could not load it)
     assert stat.S_IMODE(external_data_path(path).stat().st_mode) == stat.S_IMODE(path.stat().st_mode) == umask_mode()
 
