@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import logging
+import os
 import ssl
 import threading
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.files import written_whole
+from megactor_rt.files import same_file, written_whole
 from megactor_rt.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -272,11 +273,18 @@ class Client:
         server loses meanwhile (it restarted: followed through the outage, then not found) is sent again,
         :data:`RESUBMITS` times at most. The result's headers.
 
+        The result's format is its suffix's (``fields["format"]`` where given says otherwise), and ``output`` is
+        checked as a local run checks it before anything is sent: its folder exists and is writable, it is no
+        folder, and it is none of the inputs (the result would replace it).
+
         Raises:
-            InputError: the server refused the form or its run failed (with the server's message).
+            InputError: the server refused the form or its run failed (with the server's message); ``output`` cannot
+                be written, is an input, or has a suffix the server does not write (checked before sending).
             Stopped: ``stop`` was set before the result was fetched.
         """
         output = Path(output)
+        check_result_path(output, portrait=portrait, driver=driver, **(files or {}))
+        fields = result_fields(output, fields)
         for attempt in range(RESUBMITS + 1):
             job = self.submit(Path(portrait), Path(driver), fields, files, stop)
             try:
@@ -295,6 +303,52 @@ class Client:
             finally:
                 self.delete(job)
         raise AssertionError("unreachable")
+
+
+def result_fields(output: Path, fields: dict[str, str] | None) -> dict[str, str]:
+    """The form's text ``fields`` with the result's format: ``output``'s suffix, unless ``fields`` name one.
+
+    Raises:
+        InputError: ``output``'s suffix is no video file a server writes (frame sequences and ``-`` are made
+            locally), where ``fields`` name no format.
+    """
+    from megactor_rt.media import RESULT_SUFFIXES
+
+    fields = dict(fields or {})
+    if "format" not in fields:
+        if output.suffix.lower() not in RESULT_SUFFIXES:
+            raise InputError(f"{output}: a server writes a video file ({', '.join(RESULT_SUFFIXES)}); image "
+                             "sequences and standard output (-) are made by a local run")
+        fields["format"] = output.suffix.lower().lstrip(".")
+    return fields
+
+
+def check_result_path(output: Path, **inputs: object) -> None:
+    """What a local run checks of its result before any work (as :func:`megactor_rt.media.check_output_path` and
+    :func:`megactor_rt.media.check_not_an_input` do; the encoders are the server's), before the job is sent: the
+    server's result replaces the file at ``output``, never one of the ``inputs`` (paths; others are skipped).
+
+    Raises:
+        InputError: naming ``output`` and the problem.
+    """
+    from megactor_rt.media import is_sequence, is_stdout
+
+    for what, source in inputs.items():  # (first: a portrait named as the result is refused as that, .png or not)
+        if isinstance(source, (str, os.PathLike)) and Path(source).exists() and same_file(output, source):
+            raise InputError(f"{output}: the result would overwrite the {what} (an input of this run); choose "
+                             "another output path")
+    if is_sequence(output) or is_stdout(output):
+        raise InputError(f"{output}: a server's result is a video file; image sequences and standard output (-) "
+                         "are made by a local run")
+    path = output.expanduser().absolute()
+    if path.is_dir():
+        raise InputError(f"{output}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
+    if not path.parent.is_dir():
+        raise InputError(f"{output}: output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{output}: output folder {path.parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{output}: existing output file is not writable")
 
 
 def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:
