@@ -879,8 +879,8 @@ class Animator:
         else:
             state, hit = self._prepare(portrait, face_crop, mask, cfg.seed, face, cfg.face_detector)
         if landmarker is not None:  # a portrait crop without landmarks fails before the driver is read
-            self.portrait_landmarks(state, landmarker, "the portrait" if isinstance(portrait, np.ndarray)
-                                    else Path(portrait).name, cfg.cnn_fallback)
+            self.portrait_landmarks(state, landmarker, Path(portrait).name if isinstance(portrait, (str, Path))
+                                    else "the portrait", cfg.cnn_fallback)  # (an array or a PIL image: no name)
             landmarks_model = landmarker.path
         if sound is not None:  # another file's sound: from its start, or from audio_start
             sound_args: dict[str, Any] = {"audio_source": sound, "audio_offset": Fraction(from_s)}

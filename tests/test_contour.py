@@ -520,3 +520,22 @@ def test_contour_landmarks_follow_one_person_of_two(landmarker: contour.Landmark
     placed.clear()
     plan_driver_contour(plan, 256, target * 256 / 640, landmarker)
     assert len(placed) == 4 and all(x > 100 for x in placed), placed  # A about 128 in the 256 px crop, B 42
+
+
+@needs_model
+@pytest.mark.parametrize("kind", ["pil", "array"])
+def test_contour_mode_takes_a_portrait_in_memory(kind: str, tmp_path: Path) -> None:
+    """A PIL image or an array as the portrait in contour mode, as a file is taken (a PIL image was a TypeError:
+    its landmarks' message named it as a file); a faceless one is named "the portrait"."""
+    from PIL import Image
+
+    set_progress_enabled(False)
+    anim = Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2, max_frames=2))
+    with Image.open(PORTRAIT) as image:
+        portrait = image.convert("RGB") if kind == "pil" else np.asarray(image.convert("RGB"))
+    stats = anim.animate_to_file(portrait, DRIVER, tmp_path / "o.mp4", contour=True, audio=False)
+    assert stats.frames == 2 and (tmp_path / "o.mp4").is_file()
+    blank = np.full((256, 256, 3), 90, np.uint8)
+    with pytest.raises(InputError, match="no face found in the portrait crop of the portrait"):
+        anim.animate_to_file(Image.fromarray(blank) if kind == "pil" else blank, DRIVER, tmp_path / "b.mp4",
+                             face_crop=False, contour=True, audio=False)
