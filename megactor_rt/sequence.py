@@ -156,8 +156,10 @@ def sequence_frames(path: str | os.PathLike[str]) -> tuple[FramePattern, list[Pa
 
 
 def is_frame_pattern(path: object) -> bool:
-    """Whether ``path`` is a path whose file name holds a number pattern (``%d``, ``%04d``): an image sequence."""
-    return isinstance(path, (str, os.PathLike)) and _NUMBER.search(Path(path).name) is not None
+    """Whether ``path`` is a path whose file name holds a number pattern (``%d``, ``%04d``): an image sequence. An
+    existing file is none, whatever its name (a video named ``100%dance.mp4`` is read as the video)."""
+    return (isinstance(path, (str, os.PathLike)) and _NUMBER.search(Path(path).name) is not None
+            and not Path(path).is_file())
 
 
 # the image files a folder of frames is looked through for (find_pattern)

@@ -583,6 +583,23 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
     assert not (tmp_path / "x.mp4").exists() and len(list(folder.iterdir())) == 5
 
 
+def test_a_video_whose_name_holds_a_percent_d_is_read_as_the_video(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An existing file named like a pattern (``100%dance.mp4``) is the video it is, through the API and the CLI
+    (was: read as an image sequence with no frame named by its pattern)."""
+    from megactor_rt.media import file_name
+    from megactor_rt.sequence import is_frame_pattern, sequence_pattern
+
+    video = write_face_driver(tmp_path / "100%dance.mp4", n=3)
+    assert not is_frame_pattern(video) and sequence_pattern(video) is None and file_name(video) == "100%dance.mp4"
+    assert driver_source(video) == video and driver_source(str(video)) == video
+    assert is_frame_pattern(tmp_path / "100%dance" / "%03d.png")  # (a pattern of no file still is one)
+    out = tmp_path / "r.mp4"
+    code, _, err = run(capsys, "demo", "--portrait", PORTRAIT, "--driver", video, "-o", out, *FAST, "--max-frames", 2,
+                       "--no-audio")
+    assert code == 0 and out.is_file(), err
+
+
 def test_sequence_fps_is_taken_for_a_folder_driver_and_said_to_be_ignored_for_a_video(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     folder = write_face_frames(tmp_path)
