@@ -390,13 +390,19 @@ class Animator:
         return f"{self.sub.weights_id}|{self.sub.state_id}|{self.sub.dtype}|{self.sub.device}"
 
     def _check_state(self, state: PortraitState) -> None:
-        """``state`` came from :meth:`prepare` of a model like this one (weights, backend, dtype, device)."""
+        """``state`` came from :meth:`prepare` of a model like this one (weights, backend, dtype, device, image
+        size)."""
         if not isinstance(state, PortraitState):
             raise InputError(f"animate takes the PortraitState that prepare() returns, got {type(state).__name__} "
                              "(animate_to_file takes a portrait file)")
         if state.key and f"|{self._state_owner()}|" not in state.key:  # key "": made by hand (tests, tools)
             raise InputError("this portrait state was prepared by another model (other weights, backend, precision "
                              "or device); prepare the portrait with this Animator")
+        # (the key names no image size: its digest of the crop differs, but a state is checked by its owner only)
+        size = state.inputs.image.shape[-1]
+        if size != self.image_size:
+            raise InputError(f"this portrait state was prepared by another model, at {size} px (this Animator's "
+                             f"image size is {self.image_size} px); prepare the portrait with this Animator")
 
     @staticmethod
     def _note_seed(state: PortraitState, cfg: AnimateConfig) -> None:

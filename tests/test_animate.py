@@ -1184,6 +1184,24 @@ def test_misused_api_arguments_are_input_errors(anim: Animator, media: dict[str,
         next(anim.animate(other.prepare(PORTRAIT), media["short"]))
 
 
+def test_a_state_prepared_at_another_image_size_is_refused(anim: Animator, media: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same weights at another image size prepare a state of other tensor sizes: refused naming both sizes
+    before the driver is read (was: accepted, then a RuntimeError about tensor sizes deep in the UNet)."""
+    from megactor_rt.runtime import driver as driver_module
+
+    other = Animator.demo(seed=0, device="cpu", config=CFG, image_size=anim.image_size + 64)
+    state = other.prepare(PORTRAIT)
+
+    def no_driver_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the driver was read")
+
+    monkeypatch.setattr(driver_module, "plan_run", no_driver_pass)
+    with pytest.raises(InputError, match=f"prepared by another model, at {anim.image_size + 64} px .*image size "
+                                         f"is {anim.image_size} px"):
+        next(anim.animate(state, media["short"]))
+
+
 def test_the_memory_cache_evicts_the_least_recently_used_state(anim: Animator) -> None:
     """Over its byte budget the cache drops the state used longest ago; a get() counts as a use (was untested:
     evicting the newest state instead passed every test)."""
