@@ -240,6 +240,28 @@ def time_seconds(name: str, value: object) -> float:
     return float(value)
 
 
+def whole_number(name: str, value: object) -> int:
+    """``value`` as an ``int`` where it is a whole number of an integer type (a numpy integer too).
+
+    Raises:
+        ValueError: naming ``name``: a bool, a float (2.5, and 4.0: counts are given as integers), a string.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number (an int), got {value!r}")
+    return int(value)
+
+
+def real_number(name: str, value: object) -> float:
+    """``value`` as a ``float`` where it is a real number (an int, a float, a numpy number, a Fraction).
+
+    Raises:
+        ValueError: naming ``name``: a bool, a string, anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def exact_rate(fps: Fraction | float) -> Fraction:
     """A frame rate as an exact fraction: a float becomes the nearest fraction with a denominator of at most
     1001000 (29.97 -> 2997/100; 30000/1001 given as a float comes back as 30000/1001).
@@ -291,6 +313,10 @@ def parse_time(text: str) -> float:
     return total
 
 BIT_DEPTHS = (8, 16)  # AnimateConfig.bit_depth
+
+
+# AnimateConfig's whole-number fields that cannot be None
+_WHOLE_REQUIRED = ("steps", "window", "overlap", "seed", "window_batch", "bit_depth")
 
 
 @dataclass(frozen=True)
@@ -387,6 +413,14 @@ class AnimateConfig:
                 seconds = time_seconds(name, value)
                 if isinstance(value, str):
                     object.__setattr__(self, name, seconds)
+        # types first: 2.5 steps or "4" would fail deep in the run, a bool pass as 0/1 (numpy numbers: as Python's)
+        for name in ("steps", "window", "overlap", "seed", "window_batch", "bit_depth", "reference_timestep",
+                     "max_frames", "cfg_steps", "feature_reuse"):
+            if getattr(self, name) is not None or name in _WHOLE_REQUIRED:
+                object.__setattr__(self, name, whole_number(name, getattr(self, name)))
+        object.__setattr__(self, "guidance", real_number("guidance", self.guidance))
+        if self.fps is not None and not isinstance(self.fps, Fraction):  # (a Fraction is a rate as it is)
+            object.__setattr__(self, "fps", real_number("fps", self.fps))
         if not isinstance(self.mode, Mode):  # a plain "reference" would compare unequal to Mode.REFERENCE
             if self.mode not in {m.value for m in Mode}:
                 raise ValueError(f"mode must be one of {', '.join(m.value for m in Mode)}, got {self.mode!r}")

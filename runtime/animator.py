@@ -31,6 +31,7 @@ from megactor_rt.config import (
     Precision,
     tiny_config,
     tiny_weights_id,
+    whole_number,
 )
 from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, check_landmark_area
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
@@ -364,7 +365,8 @@ class Animator:
 
         Raises:
             InputError: an unreadable portrait or mask, no face (with ``face_crop``), fewer faces than ``face``
-                (or ``face`` without ``face_crop``), a size outside 64..8192 px.
+                (or ``face`` without ``face_crop``), a size outside 64..8192 px, a ``seed`` or ``face`` that is no
+                whole number.
         """
         return self._prepare(portrait, face_crop, mask, seed, face)[0]
 
@@ -373,7 +375,10 @@ class Animator:
                  detector: str | None = None) -> tuple[PortraitState, bool]:
         """:meth:`prepare`, and whether the state came from the cache (``detector``: the face detector, default
         this Animator's ``config.face_detector``)."""
-        seed = self.config.seed if seed is None else seed
+        seed = self.config.seed if seed is None else _whole_argument("seed", seed)
+        if not -(2 ** 63) <= seed < 2 ** 63:
+            raise InputError(f"seed must fit in 64 bits (-2**63 .. 2**63-1), got {seed}")
+        face = _whole_argument("face", face)
         inputs = portrait if isinstance(portrait, PortraitInputs) else self._cropped_inputs(
             *self._portrait_crop(portrait, face_crop, face, detector or self.config.face_detector), mask)
         key = f"{inputs.digest()}|{self._state_owner()}|seed={seed}|format={STATE_FORMAT}"
@@ -598,6 +603,7 @@ class Animator:
                  checkpoint_dir: str | Path | None = None) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         self._check_state(state)
+        driver_face = _whole_argument("driver_face", driver_face)
         self._note_seed(state, cfg)
         self._note_settings(cfg)
         stats = self.last_stats = RunStats()
@@ -852,6 +858,8 @@ class Animator:
         Returns:
             The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
         """
+        face, driver_face, crf, first_number = (_whole_argument(name, value) for name, value in (
+            ("face", face), ("driver_face", driver_face), ("crf", crf), ("first_number", first_number)))
         out = check_output_path(output)
         sound_out = None if audio_out is None else check_sound_out(audio_out, output, audio)
         check_quality(out, crf)
@@ -1000,6 +1008,21 @@ def crop_landmarks(image: np.ndarray, landmarker: Landmarker, source: str, cnn: 
                          "landmarks (use a frontal, well-lit face, or run without --contour-preserve)")
     check_landmark_area(found, f"portrait {source}")
     return found
+
+
+def _whole_argument(name: str, value: Any) -> Any:
+    """An optional whole-number argument (a face number, a seed, a crf; a numpy integer too) as an ``int``, None as
+    None: a float or a string would fail far from here, or pass as another number.
+
+    Raises:
+        InputError: naming ``name``.
+    """
+    if value is None:
+        return None
+    try:
+        return whole_number(name, value)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def crop_portrait(portrait: str | Path | np.ndarray, size: int, face_crop: bool = True, face: int | None = None,

@@ -11,11 +11,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from media_fixtures import DRIVER, PORTRAIT
 
 from megactor_rt.client import Client
 from megactor_rt.errors import InputError
+from megactor_rt.runtime.animator import Animator
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
@@ -102,3 +104,60 @@ def test_a_clients_result_path_is_checked_before_sending(stub: Client, tmp_path:
         with pytest.raises(InputError, match=message):
             stub.animate(PORTRAIT, DRIVER, output)
     assert _Stub.forms == []
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("seed", 1.5, "seed must be a whole number"), ("steps", 2.5, "steps must be a whole number"),
+    ("steps", "4", "steps must be a whole number .* got '4'"), ("steps", 4.0, "steps must be a whole number"),
+    ("steps", True, "steps must be a whole number .* got True"), ("window", 8.5, "window must be a whole number"),
+    ("overlap", 2.5, "overlap must be a whole number"), ("max_frames", 2.5, "max_frames must be a whole number"),
+    ("cfg_steps", 1.5, "cfg_steps must be a whole number"), ("feature_reuse", 2.5, "feature_reuse must be a whole"),
+    ("reference_timestep", 2.5, "reference_timestep must be a whole number"),
+    ("window_batch", 2.5, "window_batch must be a whole number"), ("bit_depth", 8.0, "bit_depth must be a whole"),
+    ("guidance", "4.5", "guidance must be a number, got '4.5'"), ("guidance", False, "guidance must be a number"),
+    ("fps", "30", "fps must be a number, got '30'"), ("steps", None, "steps must be a whole number .* got None")])
+def test_config_fields_of_the_wrong_type_are_refused_naming_the_field(field: str, value: object, says: str) -> None:
+    """A count that is no whole number, a bool or a string for a number: refused when the config is made (was:
+    max_frames=2.5 gave 3 frames, steps=2.5 a TypeError in the scheduler, seed=1.5 a TypeError in torch)."""
+    from megactor_rt.config import AnimateConfig
+
+    with pytest.raises(ValueError, match=says):
+        AnimateConfig(**{field: value})
+
+
+def test_config_takes_numpy_numbers_as_pythons() -> None:
+    from megactor_rt.config import AnimateConfig
+
+    cfg = AnimateConfig(steps=np.int64(3), seed=np.uint32(7), guidance=np.float32(2.5), max_frames=np.int16(4),
+                        fps=np.float64(24), window=np.int8(8), overlap=np.int32(4))
+    assert (cfg.steps, cfg.seed, cfg.guidance, cfg.max_frames, cfg.fps, cfg.window, cfg.overlap) == (3, 7, 2.5, 4, 24,
+                                                                                                   8, 4)
+    assert all(type(v) in (int, float) for v in (cfg.steps, cfg.seed, cfg.guidance, cfg.max_frames, cfg.fps))
+    json.dumps(cfg.plain())  # (a record of the run: numpy numbers are no JSON)
+
+
+@pytest.fixture(scope="module")
+def anim() -> Animator:
+    from megactor_rt.config import AnimateConfig
+
+    return Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=1, window=4, overlap=2, max_frames=2))
+
+
+def test_api_counts_of_the_wrong_type_are_input_errors(anim: Animator, tmp_path: Path) -> None:
+    """prepare(seed=, face=), animate(driver_face=) and animate_to_file(face=, driver_face=, crf=) take whole numbers
+    (numpy integers too), and refuse others naming the argument, before any work."""
+    for options, says in (({"seed": 1.5}, "seed must be a whole number"), ({"face": 1.0}, "face must be a whole"),
+                          ({"face": True}, "face must be a whole number"), ({"seed": 2 ** 64}, "seed must fit")):
+        with pytest.raises(InputError, match=says):
+            anim.prepare(PORTRAIT, **options)
+    assert anim.prepare(PORTRAIT, seed=np.int64(3), face=np.int32(1)).key == anim.prepare(PORTRAIT, seed=3, face=1).key
+    state = anim.prepare(PORTRAIT)
+    with pytest.raises(InputError, match="driver_face must be a whole number .an int., got '1'"):
+        next(anim.animate(state, DRIVER, driver_face="1"))  # type: ignore[arg-type]
+    out = tmp_path / "o.mp4"
+    for options, says in (({"crf": 20.5}, "crf must be a whole number"), ({"face": "1"}, "face must be a whole"),
+                          ({"driver_face": 1.5}, "driver_face must be a whole number")):
+        with pytest.raises(InputError, match=says):
+            anim.animate_to_file(PORTRAIT, DRIVER, out, audio=False, **options)
+        assert not out.exists()
+    assert anim.animate_to_file(PORTRAIT, DRIVER, out, audio=False, crf=np.int64(30), face=np.int8(1)).frames == 2
