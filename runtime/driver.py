@@ -335,8 +335,25 @@ class DriverPlan:
         return driver_name(self.source)
 
     def frames(self) -> Iterator[np.ndarray]:
-        """Another pass over the planned frames."""
-        return driver_frames(self.source, self.num_frames, self.selection.ratio, self.selection.skip)
+        """Another pass over the planned frames.
+
+        Raises (when the pass ends early):
+            InputError: the driver gave fewer frames than pass 1 counted (its file changed since).
+        """
+        return _planned(driver_frames(self.source, self.num_frames, self.selection.ratio, self.selection.skip),
+                        self.num_frames, self.name)
+
+
+def _planned(frames: Iterator[np.ndarray], count: int, name: str) -> Iterator[np.ndarray]:
+    """``frames``, and an InputError where they end before ``count`` (every later pass must see pass 1's frames:
+    the windows, the noise and the result's length are planned for them)."""
+    given = 0
+    for frame in frames:
+        given += 1
+        yield frame
+    if given < count:
+        raise InputError(f"{name}: the driver gave {given} of its {count} frames on another pass over it (was it "
+                         "changed during the run?)")
 
 
 def detect_scaled(frame: np.ndarray) -> list[Box]:

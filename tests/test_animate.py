@@ -1202,6 +1202,29 @@ def test_a_state_prepared_at_another_image_size_is_refused(anim: Animator, media
         next(anim.animate(state, media["short"]))
 
 
+@pytest.mark.parametrize("settings", [{"mode": "optimized"}, {"mode": "reference"},
+                                      {"mode": "optimized", "closed_loop": False}])
+def test_a_driver_that_changed_between_its_passes_is_named(anim: Animator, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           settings: dict[str, object]) -> None:
+    """A driver that gives fewer frames on the denoising's pass than pass 1 counted (its file replaced meanwhile:
+    here, pass 1 made to count 2 more) is an InputError naming it (was: a bare RuntimeError "driver frames ended
+    after 4 of 6" in the optimized mode, an IndexError in the reference mode)."""
+    from megactor_rt.runtime import driver as driver_module
+
+    real = driver_module.plan_run
+
+    def longer(*args: object, **kwargs: object) -> object:
+        plan = real(*args, **kwargs)  # type: ignore[arg-type]
+        return replace(plan, num_frames=plan.num_frames + 2)
+
+    monkeypatch.setattr(driver_module, "plan_run", longer)
+    driver = write_face_driver(tmp_path / "changed.mp4", n=4, fps=25)
+    with pytest.raises(InputError, match="changed.mp4: the driver gave 4 of its 6 frames on another pass over it "
+                                         r"\(was it changed during the run\?\)"):
+        list(anim.with_config(**settings).animate(anim.prepare(PORTRAIT), driver))
+
+
 def test_the_memory_cache_evicts_the_least_recently_used_state(anim: Animator) -> None:
     """Over its byte budget the cache drops the state used longest ago; a get() counts as a use (was untested:
     evicting the newest state instead passed every test)."""
