@@ -161,3 +161,14 @@ def test_api_counts_of_the_wrong_type_are_input_errors(anim: Animator, tmp_path:
             anim.animate_to_file(PORTRAIT, DRIVER, out, audio=False, **options)
         assert not out.exists()
     assert anim.animate_to_file(PORTRAIT, DRIVER, out, audio=False, crf=np.int64(30), face=np.int8(1)).frames == 2
+
+
+def test_the_package_is_marked_as_typed() -> None:
+    """PEP 561: type checkers read megactor_rt's annotations only where the package holds py.typed, and the wheel
+    holds it only where pyproject.toml lists it as package data."""
+    import megactor_rt
+
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 on)
+    assert (Path(megactor_rt.__file__).parent / "py.typed").is_file()
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["megactor_rt"]
