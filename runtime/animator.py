@@ -541,8 +541,18 @@ class Animator:
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
         check_affine_frame(contour_affine_frame)
-        yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model, contour_affine_frame,
-                                          config or self.config, driver_face, checkpoint_dir), on_progress)
+        try:
+            yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model,
+                                              contour_affine_frame, config or self.config, driver_face,
+                                              checkpoint_dir), on_progress)
+        except GeneratorExit:
+            # closed right after its last frame (a caller that takes the frames it knows of and never asks past
+            # them: islice, zip): every frame is out all the same. Closed earlier, the checkpoint stays: its run
+            # started again continues from it (a finished one: decodes its saved latents, no step again)
+            plan = self.last_plan
+            if plan is not None and self.last_stats.frames == plan.num_frames:
+                self._drop_checkpoint()
+            raise
         self._drop_checkpoint()  # every frame is out: the run is done
 
     async def animate_async(self, state: PortraitState, driver: Driver, **options: Any) -> AsyncIterator[np.ndarray]:

@@ -120,7 +120,10 @@ class StepCheckpoint:
             logger.warning("%s does not belong to this run; it starts from its first step", self.path)
             return 0
         latents.copy_(saved.to(device=latents.device, dtype=latents.dtype))
-        logger.info("resuming at step %d of %d from %s", step + 1, self.steps, self.path)
+        if step == self.steps:  # a run stopped while its frames were decoded or handed out
+            logger.info("every step of %d was done: decoding the latents saved in %s", self.steps, self.path)
+        else:
+            logger.info("resuming at step %d of %d from %s", step + 1, self.steps, self.path)
         return step
 
     def save(self, step: int, latents: torch.Tensor) -> None:

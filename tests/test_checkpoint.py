@@ -3,6 +3,7 @@ from the step after it and gives the uninterrupted run's frames exactly; another
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,31 @@ def test_a_stopped_run_continues_where_it_stopped(anim: Animator, driver: Path, 
     assert anim.last_stats.calls["unet"] == calls * (4 - resumed) // 4  # only the steps left
     assert len(again) == len(whole) == 6 and all(np.array_equal(a, b) for a, b in zip(again, whole, strict=True))
     assert list(tmp_path.iterdir()) == []  # done: the checkpoint went
+
+
+def test_a_run_whose_every_frame_was_taken_leaves_no_checkpoint(anim: Animator, driver: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A caller that takes exactly the run's frames and lets the generator go (never asking past the last one)
+    has had every frame: the checkpoint goes (was: left behind, and the next run "resumed at step 5 of 4").
+    Closed before its last frame the finished checkpoint stays, and the run started again decodes its saved
+    latents without a step, giving the same frames."""
+    state = anim.prepare(PORTRAIT)
+    whole = list(anim.animate(state, driver))
+    frames = anim.animate(state, driver, checkpoint_dir=tmp_path)
+    taken = list(itertools.islice(frames, 6))
+    assert len(list(tmp_path.glob("run-*.safetensors"))) == 1  # (the generator is not done: it may be asked again)
+    del frames
+    assert list(tmp_path.iterdir()) == [] and all(np.array_equal(a, b) for a, b in zip(taken, whole, strict=True))
+    frames = anim.animate(state, driver, checkpoint_dir=tmp_path)
+    first = next(frames)
+    frames.close()  # stopped while its frames were handed out: every step done, the latents kept
+    assert np.array_equal(first, whole[0]) and len(list(tmp_path.glob("run-*.safetensors"))) == 1
+    with caplog.at_level(logging.INFO, logger="megactor_rt"):
+        again = _run(anim, driver, tmp_path)
+    assert anim.last_stats.resumed_from_step == 4 and "unet" not in anim.last_stats.calls
+    assert "every step of 4 was done: decoding the latents saved in" in caplog.text
+    assert "resuming at step 5" not in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(again, whole, strict=True)) and list(tmp_path.iterdir()) == []
 
 
 def test_another_run_never_reads_the_checkpoint(anim: Animator, driver: Path, tmp_path: Path,
