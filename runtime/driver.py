@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megactor_rt.config import AnimateConfig, exact_rate
+from megactor_rt.config import MIN_FPS, AnimateConfig, exact_rate
 from megactor_rt.contour import ContourPlan, Landmarker, plan_contour
 from megactor_rt.errors import InputError
 from megactor_rt.kernels.ops import grey_unit, preprocess_frame
@@ -89,8 +90,12 @@ class DriverFrames:
             raise InputError(f"{self.name}: frames must be a sequence (read once per pass), not an iterator")
         if len(self.frames) == 0:
             raise InputError(f"{self.name}: no frames")
-        if not float(self.fps) > 0:
-            raise InputError(f"{self.name}: fps must be positive, got {self.fps}")
+        if isinstance(self.fps, bool) or not isinstance(self.fps, numbers.Real):
+            raise InputError(f"{self.name}: fps must be a number (frames per second), got {self.fps!r}")
+        if not (math.isfinite(self.fps) and self.fps >= MIN_FPS):  # (as AnimateConfig.fps: frame times need it)
+            raise InputError(f"{self.name}: fps must be a finite number >= {MIN_FPS}, got {self.fps}")
+        if isinstance(self.fps, np.generic):  # (a numpy number: Fraction() takes Python's only)
+            object.__setattr__(self, "fps", self.fps.item())
         first = np.asarray(self.frames[0])
         if first.ndim != 3 or first.shape[2] != 3 or first.dtype != np.uint8:
             raise InputError(f"{self.name}: frames must be (H, W, 3) uint8 RGB, frame 0 is {first.shape} {first.dtype}")

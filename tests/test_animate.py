@@ -8,6 +8,7 @@ reuse (proved with the submodels' call counters), streaming, reference/optimized
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from media_fixtures import (
     PORTRAIT,
     bad_input,
     block_means,
+    face_frames,
     plain_image,
     stream_facts,
     write_face_driver,
@@ -1027,10 +1029,28 @@ def test_in_memory_driver_bad_frames(anim: Animator, media: dict[str, Path], cas
                       "ragged": [*good[:2], good[2][:, :-2], good[3]]}.get(case, good)
     needle = {"iterator": "must be a sequence", "empty": "no frames", "float": "must be (H, W, 3) uint8 RGB",
               "grey": "must be (H, W, 3) uint8 RGB", "small": "each side must be at least 64 px",
-              "fps": "fps must be positive", "ragged": "clip: frame 2 is (192, 190, 3) uint8"}[case]
+              "fps": "clip: fps must be a finite number >= 0.01, got 0",
+              "ragged": "clip: frame 2 is (192, 190, 3) uint8"}[case]
     with pytest.raises(InputError, match=re.escape(needle)):
         driver = DriverFrames(frames, fps=0 if case == "fps" else 25, name="clip")  # type: ignore[arg-type]
         list(anim.animate(anim.prepare(PORTRAIT), driver))
+
+
+@pytest.mark.parametrize(("fps", "says"), [(math.inf, "fps must be a finite number >= 0.01, got inf"),
+                                           (math.nan, "fps must be a finite number >= 0.01, got nan"),
+                                           (1e-9, "fps must be a finite number >= 0.01, got 1e-09"),
+                                           (-25, "fps must be a finite number >= 0.01, got -25"),
+                                           (None, "fps must be a number (frames per second), got None"),
+                                           ("25", "fps must be a number (frames per second), got '25'"),
+                                           (True, "fps must be a number (frames per second), got True")])
+def test_in_memory_driver_rates_it_cannot_take(fps: object, says: str) -> None:
+    """An in-memory driver's rate is checked as the config's fps is (was: an OverflowError for inf, a
+    ZeroDivisionError for 1e-9, a TypeError for None, all from deep in the run)."""
+    from megactor_rt.runtime.driver import DriverFrames
+
+    with pytest.raises(InputError, match=f"clip: {re.escape(says)}"):
+        DriverFrames(face_frames(2, 96), fps=fps, name="clip")  # type: ignore[arg-type]
+    assert DriverFrames(face_frames(2, 96), fps=np.float32(0.01)).info().fps == Fraction(1, 100)
 
 
 def test_frames_in_memory_without_driver_frames_are_named(anim: Animator, media: dict[str, Path],
