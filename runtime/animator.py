@@ -375,6 +375,7 @@ class Animator:
                  detector: str | None = None) -> tuple[PortraitState, bool]:
         """:meth:`prepare`, and whether the state came from the cache (``detector``: the face detector, default
         this Animator's ``config.face_detector``)."""
+        _check_mask(mask)
         seed = self.config.seed if seed is None else _whole_argument("seed", seed)
         if not -(2 ** 63) <= seed < 2 ** 63:
             raise InputError(f"seed must fit in 64 bits (-2**63 .. 2**63-1), got {seed}")
@@ -870,6 +871,7 @@ class Animator:
         """
         face, driver_face, crf, first_number = (_whole_argument(name, value) for name, value in (
             ("face", face), ("driver_face", driver_face), ("crf", crf), ("first_number", first_number)))
+        _check_mask(mask)
         out = check_output_path(output)
         sound_out = None if audio_out is None else check_sound_out(audio_out, output, audio)
         check_quality(out, crf)
@@ -1033,6 +1035,19 @@ def _whole_argument(name: str, value: Any) -> Any:
         return whole_number(name, value)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _check_mask(mask: object) -> None:
+    """A person mask is an image file (read with its alpha, EXIF rotation and bit depth by
+    :func:`~megactor_rt.preprocess.load_user_mask`); an array or a PIL image is refused before any work, saying so
+    (was: a TypeError from pathlib after the portrait's face search).
+
+    Raises:
+        InputError: ``mask`` is neither None nor a path.
+    """
+    if mask is not None and not isinstance(mask, (str, os.PathLike)):
+        raise InputError(f"mask must be an image file's path (white = person, or a cut-out's alpha), got "
+                         f"{type(mask).__name__}; save a mask in memory as a PNG and pass its path")
 
 
 def crop_portrait(portrait: str | Path | np.ndarray, size: int, face_crop: bool = True, face: int | None = None,

@@ -172,3 +172,23 @@ def test_the_package_is_marked_as_typed() -> None:
     assert (Path(megactor_rt.__file__).parent / "py.typed").is_file()
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["megactor_rt"]
+
+
+def test_a_mask_in_memory_is_refused_saying_so(anim: Animator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The portrait may be an array or a PIL image, the mask must be a file (its alpha, rotation and bit depth are
+    read from it): an array or PIL image is an InputError saying so before the portrait's face search (was: a
+    TypeError from pathlib after it)."""
+    from PIL import Image
+
+    from megactor_rt.runtime import animator
+
+    def no_face_search(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the portrait was searched")
+
+    monkeypatch.setattr(animator, "crop_portrait", no_face_search)
+    for mask in (np.full((844, 768), 255, np.uint8), Image.new("L", (768, 844), 255)):
+        with pytest.raises(InputError, match=f"mask must be an image file's path .* got {type(mask).__name__}; save"):
+            anim.prepare(PORTRAIT, mask=mask)  # type: ignore[arg-type]
+        with pytest.raises(InputError, match="mask must be an image file's path"):
+            anim.animate_to_file(PORTRAIT, DRIVER, tmp_path / "o.mp4", mask=mask)  # type: ignore[arg-type]
+    assert not (tmp_path / "o.mp4").exists()
