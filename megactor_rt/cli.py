@@ -1044,7 +1044,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
                               config=job.run_config(config),
                               face_crop=not args.no_face_crop, face=options["face"],
                               driver_face=options["driver_face"], mask=options["mask"], landmarker=landmarker,
-                              contour_affine_frame=args.contour_affine_frame)
+                              contour_affine_frame=args.contour_affine_frame, folders_made=True)
         except MegactorError as exc:
             _job_error(args, job, exc)
             failed += 1

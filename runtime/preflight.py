@@ -69,13 +69,15 @@ class Preflight:
 def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *, image_size: int,
               config: AnimateConfig, face_crop: bool = True, face: int | None = None, driver_face: int | None = None,
               mask: str | Path | None = None, landmarker: Landmarker | None = None,
-              contour_affine_frame: str = "last") -> Preflight:
+              contour_affine_frame: str = "last", folders_made: bool = False) -> Preflight:
     """Do what can fail in a run before its networks are used (see the module doc), without them.
 
     Args:
         image_size: the crop's side the networks take (the weights' config, or ``--size``).
         output: the result: a path the run can write, not one of its inputs, whose format takes the driver's
             rate (None: not checked).
+        folders_made: the caller makes the result's folder where it is missing (the command line, which checks
+            its results' paths itself): its path is then not checked here.
         landmarker: contour mode's landmark model (``Landmarker(path)``, loaded once for many calls); None: not
             contour mode.
         Others: as for :meth:`~megactor_rt.runtime.animator.Animator.animate_to_file`.
@@ -86,7 +88,7 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
     out = None
     source = driver_source(driver)
     if output is not None:  # (as the run: before the portrait is read)
-        out = check_output_path(output)
+        out = Path(output) if folders_made else check_output_path(output)
         check_not_an_input(out, portrait=portrait, driver=driver_file(source), mask=mask)
     img, name, crop, found = crop_portrait(portrait, image_size, face_crop, face, config.face_detector)
     if mask is not None:

@@ -332,8 +332,8 @@ def test_check_export_given_a_graph_file_says_it_takes_the_folder(tmp_path: Path
     graph = tmp_path / "vae_decoder.fp16.0123456789ab.onnx"
     graph.write_bytes(b"\x08\x09\xd8\xf3 protobuf")
     assert main(["check-export", "--onnx", str(graph)]) == 2
-    assert f"error: {graph}: --onnx takes the export folder (the --out of `megactor-rt export`) or its manifest.json, " \
-        "not this file" in capsys.readouterr().err
+    assert (f"error: {graph}: --onnx takes the export folder (the --out of `megactor-rt export`) or its "
+            "manifest.json, not this file") in capsys.readouterr().err
 
 
 def test_check_export_refuses_profiles_no_run_uses(tmp_path: Path) -> None:
