@@ -331,7 +331,7 @@ def check_result_path(output: Path, **inputs: object) -> None:
     Raises:
         InputError: naming ``output`` and the problem.
     """
-    from megactor_rt.media import is_sequence, is_stdout
+    from megactor_rt.media import check_writable_result, is_sequence, is_stdout
 
     for what, source in inputs.items():  # (first: a portrait named as the result is refused as that, .png or not)
         if isinstance(source, (str, os.PathLike)) and Path(source).exists() and same_file(output, source):
@@ -340,15 +340,7 @@ def check_result_path(output: Path, **inputs: object) -> None:
     if is_sequence(output) or is_stdout(output):
         raise InputError(f"{output}: a server's result is a video file; image sequences and standard output (-) "
                          "are made by a local run")
-    path = output.expanduser().absolute()
-    if path.is_dir():
-        raise InputError(f"{output}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
-    if not path.parent.is_dir():
-        raise InputError(f"{output}: output folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise InputError(f"{output}: output folder {path.parent} is not writable")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise InputError(f"{output}: existing output file is not writable")
+    check_writable_result(output.expanduser().absolute(), output)
 
 
 def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:

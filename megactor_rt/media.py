@@ -1225,7 +1225,7 @@ def check_output_path(path: PathLike) -> Path:
     if size > _name_max(path.parent):
         raise InputError(f"{path}: the file name is longer than this file system allows "
                          f"({size} > {_name_max(path.parent)} bytes)")
-    if path.is_dir():
+    if path.is_dir():  # (first: a folder named x.mp4 is that, not a format problem)
         raise InputError(f"{path}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
     if path.suffix.lower() not in _AUDIO_COPY_CODECS:
         raise InputError(f"{path}: unsupported output format {path.suffix!r}; use one of "
@@ -1234,16 +1234,29 @@ def check_output_path(path: PathLike) -> Path:
         _encoder_for(path.suffix.lower())
     except RuntimeError as exc:
         raise InputError(f"{path}: {exc}; write .mp4 or .mkv instead") from exc
+    check_writable_result(path)
+    return path
+
+
+def check_writable_result(path: Path, named: PathLike | None = None) -> None:
+    """A result file can be written at ``path``: no folder, in an existing folder this process may write in, not
+    a file it may not replace (also the client's check of a server's result, whose encoders are the server's).
+
+    Raises:
+        InputError: naming ``named`` (default: ``path``) and the problem.
+    """
+    named = path if named is None else named
+    if path.is_dir():
+        raise InputError(f"{named}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
     parent = path.parent
     if not parent.exists():
-        raise InputError(f"{path}: output folder {parent} does not exist")
+        raise InputError(f"{named}: output folder {parent} does not exist")
     if not parent.is_dir():
-        raise InputError(f"{path}: {parent} is not a folder")
+        raise InputError(f"{named}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: output folder {parent} is not writable")
+        raise InputError(f"{named}: output folder {parent} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
-        raise InputError(f"{path}: existing output file is not writable")
-    return path
+        raise InputError(f"{named}: existing output file is not writable")
 
 
 def check_result_rate(path: Path, fps: Fraction) -> None:

@@ -1065,13 +1065,7 @@ def test_build_engines_builds_only_the_graphs_asked_for(tmp_path: Path) -> None:
     from megactor_rt.engine.builder import BuildOptions, plan_jobs
     from megactor_rt.engine.manifest import load_manifest
 
-    d = tmp_path / "onnx"
-    d.mkdir()
-    graphs = {}
-    for sub in ("vae_decoder", "vae_encoder"):
-        sha = _write_onnx(d / f"{sub}.fp16.onnx")
-        graphs[f"{sub}_fp16"] = _graph_json(f"{sub}.fp16.onnx", sha, submodel=sub)
-    (d / "manifest.json").write_text(json.dumps({"format": 1, "graphs": graphs}))
+    d = _two_graph_export(tmp_path)
     jobs = plan_jobs(load_manifest(d), H100, tmp_path / "engines", BuildOptions(profile="default"),
                      graphs=["vae_encoder_fp16"])
     assert [(j.graph.name, j.profile_name) for j in jobs] == [("vae_encoder_fp16", "default")]
