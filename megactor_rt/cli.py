@@ -1231,7 +1231,7 @@ def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -
 
 def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, record: StatsFile) -> int:
     """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
-    from megactor_rt.client import Client, Stopped, result_stats
+    from megactor_rt.client import Client, Stopped, Unreachable, result_stats
     from megactor_rt.media import RESULT_SUFFIXES
     from megactor_rt.progress import progress
     from megactor_rt.sequence import sequence_pattern
@@ -1311,17 +1311,49 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         finally:
             ended.set()
 
+    turns = threading.Condition(lock)
+    busy: list[int] = [0]  # (jobs under way)
+    lost: set[str] = set()  # (servers that stopped answering, whose jobs went to the others)
+
+    def next_job() -> Job | None:  # (none left: while another server works, one may yet come back to the queue)
+        with turns:
+            while not stop.is_set():
+                try:
+                    job = todo.get_nowait()
+                except queue.Empty:
+                    if busy[0] == 0:
+                        return None
+                    turns.wait(0.5)
+                    continue
+                busy[0] += 1
+                return job
+            return None
+
+    def hand_over(client: Client, job: Job, exc: Unreachable) -> bool:
+        """A server that stopped answering (beyond the client's patience for outages) hands its job to the other
+        servers, if one still answers (a dead server took job after job and failed each, the others idle)."""
+        with turns:
+            if not batch or len(lost) + 1 >= len(clients):
+                return False
+            lost.add(client.url)
+            todo.put(job)
+            logger.warning("%s; its results go to the other servers", exc)
+            return True
+
     def take_jobs(client: Client) -> None:
         while not stop.is_set():
-            try:
-                job = todo.get_nowait()
-            except queue.Empty:
+            job = next_job()
+            if job is None:
                 return
+            handed = False
             try:
                 make(client, job)
             except Stopped:
                 return
             except MegactorError as exc:
+                handed = isinstance(exc, Unreachable) and hand_over(client, job, exc)
+                if handed:
+                    return
                 if not batch:
                     errors.append(exc)
                     return
@@ -1334,7 +1366,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 stop.set()
                 return
             finally:
-                if overall is not None:
+                with turns:
+                    busy[0] -= 1
+                    turns.notify_all()
+                if overall is not None and not handed:
                     overall.update(1)
 
     ended = [threading.Event() for _ in clients]

@@ -7,8 +7,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1069,6 +1071,46 @@ def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, me
         second.shutdown()
         second.server_close()
         thread.join(5)
+
+
+def test_a_server_that_stops_answering_hands_its_results_to_the_others(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """`--server A B` where B answered at the start, then went away: its job goes back to A, which makes every
+    result (B took job after job and failed each while A stood idle); where every server is gone, the results
+    fail with the reason."""
+    from megactor_rt.client import Client, Unreachable
+
+    dead = "http://127.0.0.1:9"
+    real_health, real_animate = Client.health, Client.animate
+    tries: list[str] = []
+
+    def health(self: Client) -> object:
+        return real_health(Client(served.url)) if self.url == dead else real_health(self)
+
+    def animate(self: Client, *args: object, **kw: object) -> object:
+        if self.url == dead or self.url in gone:
+            tries.append(self.url)
+            raise Unreachable(f"{self.url}: cannot reach the server (ConnectionRefusedError)")
+        time.sleep(0.3)  # (so that the dead server takes its turn meanwhile)
+        return real_animate(self, *args, **kw)
+
+    monkeypatch.setattr(Client, "health", health)
+    monkeypatch.setattr(Client, "animate", animate)
+    gone: set[str] = set()
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,duration\n" + "".join(
+        f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08\n" for name in "abc"))
+    with caplog.at_level(logging.WARNING, "megactor_rt.cli"):
+        code = main(["-q", "animate", "--server", served.url, dead, "--jobs", str(jobs)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert tries == [dead] and caplog.text.count("its results go to the other servers") == 1
+    gone.add(served.url)  # (now every server is gone: failed, each naming why, and no wait for one to come back)
+    shutil.rmtree(tmp_path / "out")
+    code = main(["-q", "animate", "--server", served.url, dead, "--jobs", str(jobs)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("cannot reach the server") >= 2 and "3 of 3 results not written" in err, err
 
 
 def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServer, media: dict[str, Path],
