@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -1280,8 +1281,20 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         fields, files = _remote_fields(job, _result_options(args) | job.options, job.run_config(config), base)
         json_progress = _on_progress(args, job.output)
         bars: dict[str, Any] = {}
+        last: list[Progress] = []  # (the server's latest report seen)
+
+        def finish_stage() -> None:  # (the server went past a stage, or the run ended, between two of the client's
+            # looks: the stage's last report, which a local run gives, is given for it)
+            if last and last[0].total is not None and last[0].done != last[0].total:
+                relay(dataclasses.replace(last[0], done=last[0].total))
 
         def shown(report: Progress) -> None:
+            if last and last[0].stage != report.stage:
+                finish_stage()
+            last[:] = [report]
+            relay(report)
+
+        def relay(report: Progress) -> None:
             if json_progress is not None:
                 json_progress(report)
             if overall is not None:  # (several servers at once: one bar for the whole batch)
@@ -1295,6 +1308,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
 
         try:
             head = client.animate(job.portrait, job.driver, job.output, fields, files, shown, stop)
+            finish_stage()
         finally:
             for bar in bars.values():
                 bar.close()

@@ -18,6 +18,7 @@ import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1111,6 +1112,33 @@ def test_a_server_that_stops_answering_hands_its_results_to_the_others(
     code = main(["-q", "animate", "--server", served.url, dead, "--jobs", str(jobs)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("cannot reach the server") >= 2 and "3 of 3 results not written" in err, err
+
+
+def test_progress_json_from_a_server_gives_each_stages_last_line(served: AnimateServer, media: dict[str, Path],
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--progress-json with --server: the client sees the server's progress when it looks, and the last report of
+    a stage fell between two looks (denoise stopped at 46 of 48, then write): each stage's last line is given, as
+    a local run gives it, once the server has gone past the stage (here: every last report is missed)."""
+    from megactor_rt.client import Client
+
+    real = Client.animate
+
+    def missing_the_ends(self: Client, portrait: object, driver: object, output: object, fields: object,
+                         files: object, on_progress: Any, stop: object) -> object:
+        def seen(report: Any) -> None:
+            if report.done != report.total:
+                on_progress(report)
+        return real(self, portrait, driver, output, fields, files, seen, stop)
+
+    monkeypatch.setattr(Client, "animate", missing_the_ends)
+    lines = tmp_path / "progress.jsonl"
+    assert main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
+                 str(media["driver"]), "-o", str(tmp_path / "out.mp4"), "--progress-json", str(lines)]) == 0
+    reports = [json.loads(line) for line in lines.read_text().splitlines()]
+    stages = list(dict.fromkeys(r["stage"] for r in reports))
+    assert "denoise" in stages and all(any(r["stage"] == s and r["done"] == r["total"] for r in reports)
+                                       for s in stages), reports
 
 
 def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServer, media: dict[str, Path],
