@@ -573,8 +573,8 @@ def _cache(args: argparse.Namespace):  # noqa: ANN202
     return PortraitCache(disk_dir=args.cache_dir, max_disk_bytes=int(args.cache_max_gb * 2**30))  # GiB, as Python
 
 
-def _report(stats, out: Path, where: str = "") -> None:  # noqa: ANN001
-    """The line a written result gets (``where``: the server that made it)."""
+def _report(stats, out: Path, where: str = "", steps: int | None = None) -> None:  # noqa: ANN001
+    """The line a written result gets (``where``: the server that made it; ``steps``: the run's, where known)."""
     facts = [f"{stats.fps or 0:.2f} fps", f"first frame after {stats.first_frame_s or 0:.1f}s"]
     if where:
         facts.append(f"made by {where}")
@@ -582,7 +582,9 @@ def _report(stats, out: Path, where: str = "") -> None:  # noqa: ANN001
         facts.append("portrait from cache")
     if stats.driver_plan_hit:
         facts.append("driver's faces kept from an earlier result")  # (of this batch, or the server's)
-    if stats.resumed_from_step:
+    if stats.resumed_from_step and stats.resumed_from_step == steps:  # (stopped while its frames were decoded)
+        facts.append(f"all {steps} steps from its checkpoint")
+    elif stats.resumed_from_step:
         facts.append(f"resumed at step {stats.resumed_from_step + 1}")
     if stats.stage_seconds:
         facts.append(", ".join(f"{k} {v:.1f}s" for k, v in stats.stage_seconds.items()))
@@ -1172,7 +1174,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
             failed.append(str(output))
             record.add(anim, job, error=str(exc))
             continue
-        _report(stats, output)
+        _report(stats, output, steps=job.run_config(config).steps)
         record.add(anim, job, stats)
     return _batch_status(failed, len(jobs))
 
@@ -1435,7 +1437,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, _run_driver(driver, args), args.output, **_result_options(args),
                                  on_progress=_on_progress(args, args.output))
-    _report(stats, args.output)
+    _report(stats, args.output, steps=config.steps)
     record.add(anim, Job(portrait, driver, args.output), stats)
     return 0
 

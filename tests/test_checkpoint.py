@@ -142,17 +142,20 @@ def test_runs_that_cannot_be_saved_say_so(anim: Animator, driver: Path, tmp_path
     assert not (tmp_path / "r.mp4").exists()
 
 
+@pytest.mark.parametrize(("stop", "said"), [(1, "resumed at step 3; "), (2, "all 3 steps from its checkpoint; ")])
 def test_the_cli_resumes_and_says_so(driver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                     capsys: pytest.CaptureFixture[str], stop: int, said: str) -> None:
+    """A run stopped after a step continues from the next; one stopped after its last (while its frames were
+    decoded) decodes its saved latents, and says so (was "resumed at step 4" of 3)."""
     flags = ["-q", "demo", "--driver", str(driver), "--steps", "3", "--window", "4", "--overlap", "2",
              "--checkpoint-dir", str(tmp_path / "ckpt")]
     with monkeypatch.context() as m:
-        _stop_after(m, 1)
+        _stop_after(m, stop)
         assert main([*flags, "-o", str(tmp_path / "r.mp4")]) == 1  # (an unexpected error, for the CLI)
     assert not (tmp_path / "r.mp4").exists()
     capsys.readouterr()
     assert main([*flags, "-o", str(tmp_path / "r.mp4")]) == 0
-    assert "resumed at step 3; " in capsys.readouterr().out and (tmp_path / "r.mp4").is_file()
+    assert said in capsys.readouterr().out and (tmp_path / "r.mp4").is_file()
     assert list((tmp_path / "ckpt").iterdir()) == []
 
 
