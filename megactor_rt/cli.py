@@ -1608,6 +1608,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from megactor_rt.weights import check_image_size
 
     check_opset(args.opset)  # before any work or folder
+    if args.fp16_softmax and "fp16" not in args.precision:  # (was taken silently)
+        raise InputError("--fp16-softmax sets the softmax of fp16 graphs, and --precision fp32 writes none; add fp16 "
+                         "(--precision fp16, or both)")
     if args.window_batch > MAX_WINDOW_BATCH:  # (the graphs take any number: animate's onnxruntime runs are not bound)
         raise InputError(f"--window-batch {args.window_batch}: the TensorRT profiles take at most "
                          f"{MAX_WINDOW_BATCH} windows per UNet call (a plan holds activation memory for its "

@@ -1224,6 +1224,9 @@ def test_window_batch_past_the_bound_is_refused_before_any_work(tmp_path, capsys
     assert main(["-q", "export", "--weights", "tiny", "--out", str(out), "--window-batch", "65"]) == 2
     assert "--window-batch 65: the TensorRT profiles take at most 64 windows per UNet call" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["-q", "export", "--weights", "tiny", "--out", str(out), "--precision", "fp32", "--fp16-softmax"]) == 2
+    assert "--fp16-softmax sets the softmax of fp16 graphs, and --precision fp32 writes none" in capsys.readouterr().err
+    assert not out.exists()  # (was: fp32 graphs, the flag taken silently)
 
 
 def test_a_precision_given_twice_is_exported_once(models, tmp_path):
