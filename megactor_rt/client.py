@@ -17,6 +17,7 @@ import contextlib
 import http.client
 import json
 import logging
+import math
 import os
 import ssl
 import threading
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.files import same_file, written_whole
 from megactor_rt.progress import Progress
 
@@ -36,9 +37,13 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a job's state is asked for
 BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
 OUTAGE_S = 120.0  # a job's server unreachable this long while it is followed (a network blip, a proxy's restart)
-FETCH_TRIES = 3  # a result's download that breaks off is tried this many times in all (the job keeps the result)
+FETCH_TRIES = 3  # a result's download that breaks off partway is tried this many times in all (the job keeps it)
+RETRY_S = 1.0  # the first wait before asking again where an answer failed (doubled after each, up to 2 s)
+MIN_WAIT_S, MAX_WAIT_S = 1.0, 30.0  # a server's Retry-After is waited for at least, at most this long
+_PASSING = (429, 502, 503, 504)  # answers of a server or its proxy that pass (busy, its backend restarting)
 RESUBMITS = 2  # a job the server no longer knows (it restarted) is sent again this many times by animate()
 _CHUNK = 1 << 20
+_sleep = time.sleep  # (the tests' stand-in waits no time)
 
 
 class Stopped(Exception):  # noqa: N818 - a state, not a failure
@@ -53,9 +58,10 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
     """The server could not be reached, or the connection broke before its answer came (tried again while a job is
     followed or its result fetched; a result's download broken off: ``etag`` names the file partly fetched)."""
 
-    def __init__(self, message: str, etag: str | None = None) -> None:
+    def __init__(self, message: str, etag: str | None = None, wait: float | None = None) -> None:
         super().__init__(message)
         self.etag = etag
+        self.wait = wait  # (the server's Retry-After, where it said one)
 
 
 class Client:
@@ -214,20 +220,30 @@ class Client:
             with written_whole(output) as partial:
                 partial.write_bytes(b"")
                 tag: str | None = None
-                for attempt in range(1, FETCH_TRIES + 1):
+                broken, failed, outage = 0, 0, None
+                while True:
+                    before = partial.stat().st_size
                     try:
                         return self._fetch(job, output, partial, tag)
                     except Unreachable as exc:
-                        if attempt == FETCH_TRIES:
-                            raise
+                        now = time.monotonic()
                         tag = exc.etag or tag
                         have = partial.stat().st_size
-                        logger.warning("%s; fetching the result again%s (try %d of %d)", exc,
-                                       f" from byte {have}" if tag and have else "", attempt + 1, FETCH_TRIES)
-                        time.sleep(attempt)
+                        if have > before:  # (broke off partway: bytes came)
+                            broken, outage = broken + 1, None
+                            if broken >= FETCH_TRIES:
+                                raise
+                        outage = now if outage is None else outage
+                        if now - outage > OUTAGE_S:
+                            raise Unreachable(f"{exc} (for {now - outage:.0f} s, fetching job {job}'s result)"
+                                              ) from exc
+                        failed += 1
+                        wait = exc.wait if exc.wait is not None else min(2.0, RETRY_S * 2 ** (failed - 1))
+                        logger.warning("%s; fetching the result again%s in %g s", exc,
+                                       f" from byte {have}" if tag and have else "", wait)
+                        _pause(wait, None, f"job {job} on {self.url}")
         except OSError as exc:
             raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
-        raise AssertionError("unreachable")
 
     def _fetch(self, job: str, output: Path, partial: Path, tag: str | None) -> dict[str, str]:
         """One try of :meth:`fetch` into ``partial``: its bytes so far asked for no more (a ``Range`` from where
@@ -240,6 +256,12 @@ class Client:
             if status == 416 and ask:  # (what it has is all there is? asked whole on the next try)
                 partial.write_bytes(b"")
                 raise Unreachable(f"{output}: the server has no bytes past the {have} fetched")
+            if status == 404:
+                raise JobGone(f"{self.url}: job {job} is no longer there to fetch its result from (the server "
+                              "restarted, or the job was deleted or expired): send it again")
+            if status in _PASSING:
+                raise Unreachable(f"{self.url}: GET /jobs/{job}/result answered {status} "
+                                  f"({_error(answer.read(), status)})", wait=_retry_after(head))
             if status not in (200, 206):
                 raise InputError(f"{output}: {_error(answer.read(), status)}")
             start = have if status == 206 else 0
@@ -287,21 +309,32 @@ class Client:
         fields = result_fields(output, fields)
         for attempt in range(RESUBMITS + 1):
             job = self.submit(Path(portrait), Path(driver), fields, files, stop)
+            keep = False  # (a finished result that could not be fetched here stays there, for a fetch by hand)
             try:
                 try:
                     state = self.wait(job, on_progress, stop)
+                    if state["status"] != "done":
+                        raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} "
+                                         f"(on {self.url})")
+                    keep = True
+                    try:
+                        head = self.fetch(job, output)
+                    except JobGone:
+                        keep = False
+                        raise
+                    except MegactorError as exc:
+                        raise type(exc)(f"{exc}; the result stays on the server until it expires it: "
+                                        f"{self.url}/jobs/{job}/result") from exc
+                    keep = False
+                    return head
                 except JobGone as exc:
                     if attempt == RESUBMITS:
                         raise
                     logger.warning("%s; sending it again (%d of %d)", str(exc).removesuffix(": send it again"),
                                    attempt + 1, RESUBMITS)
-                    continue
-                if state["status"] != "done":
-                    raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} (on "
-                                     f"{self.url})")
-                return self.fetch(job, output)
             finally:
-                self.delete(job)
+                if not keep:
+                    self.delete(job)
         raise AssertionError("unreachable")
 
 
@@ -343,11 +376,21 @@ def check_result_path(output: Path, **inputs: object) -> None:
     check_writable_result(output.expanduser().absolute(), output)
 
 
+def _retry_after(head: dict[str, str]) -> float | None:
+    """The seconds an answer's ``Retry-After`` says to wait (a number), within :data:`MIN_WAIT_S` and
+    :data:`MAX_WAIT_S`; None where it says none (or no number: a date is not waited for)."""
+    try:
+        wait = float(head.get("retry-after", "").strip())
+    except ValueError:
+        return None
+    return min(max(wait, MIN_WAIT_S), MAX_WAIT_S) if math.isfinite(wait) else None
+
+
 def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:
     """Wait ``seconds`` before asking again, unless ``stop`` is set meanwhile (then :class:`Stopped`, naming
     ``what``)."""
     if stop is None:
-        time.sleep(seconds)
+        _sleep(seconds)
     elif stop.wait(seconds):
         raise Stopped(what)
 

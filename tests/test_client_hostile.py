@@ -1,0 +1,144 @@
+"""The client of ``megactor-rt serve`` (:class:`~megactor_rt.client.Client`) against a scripted stand-in server that
+answers as a failing server or proxy would: passing refusals and outages are ridden out, a finished result is never
+deleted because it could not be fetched, malformed answers are named errors, a corrupted result is refused."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from media_fixtures import PORTRAIT
+
+from megactor_rt import client as client_module
+from megactor_rt.client import Client
+from megactor_rt.errors import InputError, MegactorError
+
+JOB = "0123456789ab"
+VIDEO = bytes(range(256)) * 40  # (the "result": its bytes are only compared)
+TAG = f'"{JOB}-{len(VIDEO):x}-1"'
+CUT = "cut"  # a body that ends (the connection closed) before its announced length
+
+
+def result(status: int = 200, start: int = 0, headers: dict[str, str] | None = None, body: Any = None,
+           ) -> tuple[int, dict[str, str], Any]:
+    """A result answer as the real server gives it (Content-Length, ETag, X-Megactor-*), ``headers`` overriding."""
+    head = {"Content-Type": "video/mp4", "Content-Length": str(len(VIDEO) - start), "ETag": TAG,
+            "X-Megactor-Frames": "4", "X-Megactor-Seconds": "1.5"}
+    if status == 206:
+        head["Content-Range"] = f"bytes {start}-{len(VIDEO) - 1}/{len(VIDEO)}"
+    head.update(headers or {})
+    return status, {k: v for k, v in head.items() if v is not None}, VIDEO[start:] if body is None else body
+
+
+def answer(status: int, doc: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    body = doc if isinstance(doc, bytes) else json.dumps({} if doc is None else doc).encode()
+    return status, {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}, body
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """Answers each "METHOD /path" with the next of its scripted answers (the last one again once they run out)."""
+
+    script: dict[str, list[tuple[int, dict[str, str], Any]]] = {}
+    asked: list[str] = []
+
+    def _answer(self) -> None:
+        key = f"{self.command} {self.path}"
+        _Fake.asked.append(key + (f" {self.headers['Range']}" if self.headers.get("Range") else ""))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        answers = _Fake.script.get(key) or [answer(404, {"error": "no such thing"})]
+        status, head, body = answers.pop(0) if len(answers) > 1 else answers[0]
+        self.send_response(status)
+        for name, value in head.items():
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.write(VIDEO[:100] if body == CUT else body)
+
+    do_GET = do_POST = do_DELETE = _answer  # noqa: N815 - http.server's names
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Client, dict[str, list[Any]]]]:
+    """A client of a stand-in server that runs job JOB to "done" and serves its result; the script to change."""
+    for var in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    waits: list[float] = []
+    monkeypatch.setattr(client_module, "_sleep", waits.append)
+    monkeypatch.setattr(client_module, "POLL_S", 0.0)
+    monkeypatch.setattr(client_module, "OUTAGE_S", 0.3)
+    _Fake.asked = []
+    _Fake.script = {"GET /health": [answer(200, {"max_upload_bytes": 1 << 30})],
+                    "POST /jobs": [answer(202, {"id": JOB})],
+                    f"GET /jobs/{JOB}": [answer(200, {"status": "done"})],
+                    f"GET /jobs/{JOB}/result": [result()],
+                    f"DELETE /jobs/{JOB}": [answer(200, {"status": "deleted"})]}
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Client(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=10), {"waits": waits}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _animate(client: Client, tmp_path: Path) -> dict[str, str]:
+    return client.animate(PORTRAIT, PORTRAIT, tmp_path / "out.mp4")
+
+
+def test_a_result_fetch_rides_out_passing_refusals(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """A 503 (Retry-After 1), a proxy's 502 and a 429 on the result are asked again (the server's wait, capped);
+    the result comes whole, and only then is the job deleted."""
+    client, seen = fake
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [answer(503, {"error": "busy"}, {"Retry-After": "1"}),
+                                              answer(502, b"<html>bad gateway</html>"),
+                                              answer(429, {"error": "slow down"}, {"Retry-After": "1e9"}), result()]
+    head = _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO and head["x-megactor-frames"] == "4"
+    assert seen["waits"] == [1.0, 2.0, 30.0]
+    assert _Fake.asked[-1] == f"DELETE /jobs/{JOB}"
+
+
+def test_a_finished_result_that_cannot_be_saved_stays_on_the_server(fake: tuple[Client, dict[str, Any]],
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal that does not pass, an outage past the tolerance and a result that cannot be written here leave
+    the finished job on the server (not deleted: the run is not lost), the error naming where to fetch it."""
+    client, _ = fake
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [answer(500, {"error": "oops"})]
+    with pytest.raises(InputError, match=rf"oops; the result stays on the server .*/jobs/{JOB}/result$"):
+        _animate(client, tmp_path)
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [answer(503, {"error": "busy"})]  # (past OUTAGE_S)
+    with pytest.raises(InputError, match=rf"answered 503.* the result stays on the server .*/jobs/{JOB}/result$"):
+        _animate(client, tmp_path)
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [result()]
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(client_module, "written_whole", full)
+    with pytest.raises(MegactorError, match=rf"No space left on device.*/jobs/{JOB}/result$"):
+        _animate(client, tmp_path)
+    assert not any(a.startswith("DELETE") for a in _Fake.asked)
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_result_lost_after_its_run_is_sent_again(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """A job whose result the server no longer knows (404: it restarted after the run) is sent again, as a job
+    lost while it runs is."""
+    client, _ = fake
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [answer(404, {"error": "no such job"}), result()]
+    _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO
+    assert _Fake.asked.count("POST /jobs") == 2
