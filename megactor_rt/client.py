@@ -64,6 +64,10 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
         self.wait = wait  # (the server's Retry-After, where it said one)
 
 
+class _NotJson(InputError):  # noqa: N818 - named for what it says
+    """An answer that is not JSON (a proxy's error page, or no megactor-rt server at the address)."""
+
+
 class Client:
     """Talks to one ``megactor-rt serve`` at ``url`` (``http://host:port`` or ``https://host:port``), sending
     ``token`` with every request where given; ``ca_file``: the certificate(s) an https server's is checked against
@@ -133,7 +137,7 @@ class Client:
         try:
             doc = json.loads(data)
         except ValueError:
-            raise InputError(f"{self.url}{path}: the answer ({status}) is not the JSON a megactor-rt server gives; is "
+            raise _NotJson(f"{self.url}{path}: the answer ({status}) is not the JSON a megactor-rt server gives; is "
                              "this address a megactor-rt server?") from None
         return status, head, doc if isinstance(doc, dict) else {}
 
@@ -186,15 +190,19 @@ class Client:
             if stop is not None and stop.is_set():
                 raise Stopped(f"job {job} on {self.url}")
             try:
-                status, _, doc = self._json("GET", f"/jobs/{job}")
-            except Unreachable as exc:  # (the job goes on there: asked again, for a while)
+                status, head, doc = self._json("GET", f"/jobs/{job}")
+                if status in _PASSING:  # (busy, or a proxy whose backend restarts)
+                    raise Unreachable(f"{self.url}: GET /jobs/{job} answered {status} "
+                                      f"({doc.get('error', 'a passing refusal')})", wait=_retry_after(head))
+            except (Unreachable, _NotJson) as exc:  # (the job goes on there: asked again, for a while)
                 now = time.monotonic()
                 if outage is None:
                     outage = now
                     logger.warning("%s; asking about job %s again for up to %g s", exc, job, OUTAGE_S)
                 elif now - outage > OUTAGE_S:
                     raise Unreachable(f"{exc} (for {now - outage:.0f} s, following job {job})") from exc
-                _pause(min(2.0, POLL_S * 4), stop, f"job {job} on {self.url}")
+                wait = getattr(exc, "wait", None)
+                _pause(min(2.0, POLL_S * 4) if wait is None else wait, stop, f"job {job} on {self.url}")
                 continue
             if outage is not None:
                 logger.warning("%s: reached again after %.0f s", self.url, time.monotonic() - outage)

@@ -142,3 +142,19 @@ def test_a_result_lost_after_its_run_is_sent_again(fake: tuple[Client, dict[str,
     _animate(client, tmp_path)
     assert (tmp_path / "out.mp4").read_bytes() == VIDEO
     assert _Fake.asked.count("POST /jobs") == 2
+
+
+def test_a_followed_job_rides_out_a_proxys_refusals(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """While a job is followed, a proxy's 502 page (its backend restarting), a 503 with Retry-After and a 504 are
+    an outage (asked again), not the job's end; past the outage tolerance they are named, and the job cancelled."""
+    client, seen = fake
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(502, b"<html>502 Bad Gateway</html>"),
+                                       answer(503, {"error": "busy"}, {"Retry-After": "3"}),
+                                       answer(504, b""), answer(200, {"status": "running"}),
+                                       answer(200, {"status": "done"})]
+    _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO and 3.0 in seen["waits"]
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(502, b"<html>502 Bad Gateway</html>")]
+    with pytest.raises(InputError, match=r"is not the JSON.*\(for 0 s, following job 0123456789ab\)$"):
+        _animate(client, tmp_path)
+    assert _Fake.asked[-1] == f"DELETE /jobs/{JOB}"
