@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import ssl
 import threading
 import time
@@ -26,7 +27,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.files import same_file, written_whole
@@ -146,7 +147,8 @@ class Client:
         status, _, doc = self._json("GET", "/health")
         if status != 200:
             raise InputError(f"{self.url}: GET /health answered {status}: {doc.get('error')}")
-        self.max_upload_bytes = doc.get("max_upload_bytes")
+        limit = doc.get("max_upload_bytes")
+        self.max_upload_bytes = limit if _count(limit) else None
         return doc
 
     def submit(self, portrait: Path, driver: Path, fields: dict[str, str] | None = None,
@@ -170,7 +172,11 @@ class Client:
             status, head, doc = self._json("POST", "/jobs", body, {"Content-Type": content_type,
                                                                    "Content-Length": str(length)})
             if status == 202:
-                return str(doc["id"])
+                job = doc.get("id")
+                if not isinstance(job, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job):
+                    raise InputError(f"{self.url}: POST /jobs answered 202 without a job id of the form a "
+                                     f"megactor-rt server gives (got {job!r:.60})")
+                return job
             if status != 503:
                 raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
             wait = float(head.get("retry-after", "10")) if head.get("retry-after", "").isdigit() else 10.0
@@ -212,9 +218,16 @@ class Client:
                               "deleted or expired): send it again")
             if status != 200:
                 raise InputError(f"{self.url}: job {job}: {doc.get('error', status)}")
+            if not isinstance(doc.get("status"), str):
+                raise InputError(f"{self.url}: job {job}: its state (GET /jobs/{job}) has no 'status'; is this "
+                                 "address a megactor-rt server?")
             progress = doc.get("progress")
             if on_progress is not None and progress and progress != last:
-                on_progress(Progress(progress["stage"], progress["done"], progress["total"], progress["unit"]))
+                shown = _progress(progress)
+                if shown is None:
+                    logger.debug("%s: job %s: a progress report not understood: %.200r", self.url, job, progress)
+                else:
+                    on_progress(shown)
                 last = progress
             if doc["status"] not in ("queued", "running"):
                 return doc
@@ -384,6 +397,20 @@ def check_result_path(output: Path, **inputs: object) -> None:
     check_writable_result(output.expanduser().absolute(), output)
 
 
+def _progress(doc: Any) -> Progress | None:
+    """A job state's ``progress`` as the server writes it; None where it is not that (the display skips it)."""
+    if not isinstance(doc, dict):
+        return None
+    stage, done, total, unit = (doc.get(k) for k in ("stage", "done", "total", "unit"))
+    if not (isinstance(stage, str) and isinstance(unit, str) and _count(done) and (total is None or _count(total))):
+        return None
+    return Progress(stage, done, total, unit)
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _retry_after(head: dict[str, str]) -> float | None:
     """The seconds an answer's ``Retry-After`` says to wait (a number), within :data:`MIN_WAIT_S` and
     :data:`MAX_WAIT_S`; None where it says none (or no number: a date is not waited for)."""
@@ -409,9 +436,17 @@ def result_stats(headers: dict[str, str]) -> Any:
     :class:`~megactor_rt.runtime.pipeline.RunStats` of frames, seconds and what was kept from earlier requests."""
     from megactor_rt.runtime.pipeline import RunStats
 
-    return RunStats(frames=int(headers.get("x-megactor-frames", 0)),
-                    total_s=float(headers.get("x-megactor-seconds", 0)),
-                    first_frame_s=float(headers.get("x-megactor-first-frame-seconds", 0)),
+    def number(name: str) -> float:  # (nonsense, NaN, infinite or negative: as not given)
+        try:
+            value = float(headers.get(name, "0"))
+        except ValueError:
+            return 0.0
+        return value if math.isfinite(value) and value >= 0 else 0.0
+
+    frames = number("x-megactor-frames")
+    return RunStats(frames=int(frames) if frames == int(frames) else 0,
+                    total_s=number("x-megactor-seconds"),
+                    first_frame_s=number("x-megactor-first-frame-seconds"),
                     portrait_cache_hit=headers.get("x-megactor-portrait-cached") == "true",
                     driver_plan_hit=headers.get("x-megactor-driver-cached") == "true")
 

@@ -15,7 +15,7 @@ import pytest
 from media_fixtures import PORTRAIT
 
 from megactor_rt import client as client_module
-from megactor_rt.client import Client
+from megactor_rt.client import Client, result_stats
 from megactor_rt.errors import InputError, MegactorError
 
 JOB = "0123456789ab"
@@ -158,3 +158,32 @@ def test_a_followed_job_rides_out_a_proxys_refusals(fake: tuple[Client, dict[str
     with pytest.raises(InputError, match=r"is not the JSON.*\(for 0 s, following job 0123456789ab\)$"):
         _animate(client, tmp_path)
     assert _Fake.asked[-1] == f"DELETE /jobs/{JOB}"
+
+
+def test_malformed_answers_are_named_errors(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """A job's state without a status (or a JSON list) and a 202 without an id are errors naming the server;
+    a progress report not understood is not shown; nonsense run facts are taken as not given."""
+    client, _ = fake
+    shown: list[object] = []
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, {"status": "running", "progress": {"stage": 1, "done": "x"}}),
+                                       answer(200, {"status": "running", "progress": [1]}),
+                                       answer(200, {"status": "running", "progress": {"stage": "denoise", "done": 1,
+                                                                                      "total": 2, "unit": "window"}}),
+                                       answer(200, {"status": "done"})]
+    client.animate(PORTRAIT, PORTRAIT, tmp_path / "out.mp4", on_progress=shown.append)
+    assert len(shown) == 1
+    for doc in ({"progress": None}, [1, 2]):
+        _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, doc)]
+        with pytest.raises(InputError, match=rf"^{client.url}: job {JOB}: its state .* has no 'status'"):
+            _animate(client, tmp_path)
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, {"status": "done"})]
+    _Fake.script["GET /health"] = [answer(200, {"max_upload_bytes": "lots"})]
+    for doc in ({"status": "queued"}, {"id": 12}, {"id": "../health"}, {"id": f"{JOB}\r\nX-Evil: 1"}):
+        _Fake.script["POST /jobs"] = [answer(202, doc)]
+        with pytest.raises(InputError, match=rf"^{client.url}: POST /jobs answered 202 without a job id"):
+            _animate(client, tmp_path)
+    stats = result_stats({"x-megactor-frames": "lots", "x-megactor-seconds": "NaN",
+                          "x-megactor-first-frame-seconds": "-inf"})
+    assert (stats.frames, stats.total_s, stats.first_frame_s) == (0, 0.0, 0.0)
+    stats = result_stats({"x-megactor-frames": "4", "x-megactor-seconds": "-1", "x-megactor-first-frame-seconds": "1e999"})
+    assert (stats.frames, stats.total_s, stats.first_frame_s) == (4, 0.0, 0.0)
