@@ -285,8 +285,7 @@ class Client:
                                   f"({_error(answer.read(), status)})", wait=_retry_after(head))
             if status not in (200, 206):
                 raise InputError(f"{output}: {_error(answer.read(), status)}")
-            start = have if status == 206 else 0
-            total = int(head["content-length"]) + start if "content-length" in head else None
+            start, total = self._extent(job, output, status, head, have if ask else None)
             with open(partial, "ab" if start else "wb") as out:
                 try:
                     while chunk := answer.read(_CHUNK):
@@ -295,12 +294,43 @@ class Client:
                     raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: {exc})",
                                       head.get("etag")) from exc
             size = partial.stat().st_size
-            if total is not None and size != total:
+            if size > total:
+                raise InputError(f"{output}: {self.url} sent {size} bytes of a result of {total}; not kept")
+            if size != total:
                 raise Unreachable(f"{output}: the result's download broke off ({size} of {total} bytes)",
                                   head.get("etag"))
         finally:
             conn.close()
         return head
+
+    def _extent(self, job: str, output: Path, status: int, head: dict[str, str], have: int | None
+                ) -> tuple[int, int]:
+        """Where a result's answer (``status`` 200 or 206, ``head``) starts and the whole result's bytes, as it
+        tells them (``have``: the bytes already here that a range was asked from, None where none was): its
+        Content-Range (that must start at ``have``), its Content-Length, or the size in a megactor-rt ETag.
+
+        Raises:
+            InputError: they are malformed or not what was asked, or the answer tells no size at all (a result cut
+                short could not be told from a whole one).
+        """
+        length = head.get("content-length", "").strip() or None
+        if length is not None and not length.isdigit():
+            raise InputError(f"{output}: {self.url} answered job {job}'s result with a malformed Content-Length "
+                             f"({length!r:.40})")
+        if status == 206:
+            got = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", head.get("content-range", "").strip())
+            if have is None or got is None or int(got[1]) != have or int(got[2]) + 1 != int(got[3]) or (
+                    length is not None and int(length) != int(got[3]) - have):
+                raise InputError(f"{output}: {self.url} answered job {job}'s result with another part than the "
+                                 f"bytes {have}- asked for (Content-Range {head.get('content-range')!r:.60})")
+            return have, int(got[3])
+        if length is not None:
+            return 0, int(length)
+        tag = re.fullmatch(rf'"{re.escape(job)}-([0-9a-f]+)-[0-9a-f]+"', head.get("etag", "").strip())
+        if tag is None:
+            raise InputError(f"{output}: {self.url} answered job {job}'s result without its length "
+                             "(Content-Length); a result cut short could not be told from a whole one")
+        return 0, int(tag[1], 16)
 
     def delete(self, job: str) -> None:
         """``DELETE /jobs/ID``: cancel the job or delete its result on the server (its answer is not needed)."""

@@ -187,3 +187,23 @@ def test_malformed_answers_are_named_errors(fake: tuple[Client, dict[str, Any]],
     assert (stats.frames, stats.total_s, stats.first_frame_s) == (0, 0.0, 0.0)
     stats = result_stats({"x-megactor-frames": "4", "x-megactor-seconds": "-1", "x-megactor-first-frame-seconds": "1e999"})
     assert (stats.frames, stats.total_s, stats.first_frame_s) == (4, 0.0, 0.0)
+
+
+def test_a_result_cut_short_or_misplaced_is_never_kept(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """A result without Content-Length cut short (its size told by the server's ETag) is fetched on from where it
+    broke; a resumed part that does not start where asked, an answer telling no size and a malformed length are
+    refused (no result file, the job left on the server)."""
+    client, _ = fake
+    out = tmp_path / "out.mp4"
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [result(headers={"Content-Length": None}, body=CUT),
+                                              result(206, start=100)]
+    _animate(client, tmp_path)
+    assert out.read_bytes() == VIDEO and f"GET /jobs/{JOB}/result bytes=100-" in _Fake.asked
+    out.unlink()
+    for answers, problem in (([result(body=CUT), result(206, start=50)], r"another part than the bytes 100- asked"),
+                             ([result(headers={"Content-Length": None, "ETag": None})], "without its length"),
+                             ([result(headers={"Content-Length": "abc"})], "malformed Content-Length")):
+        _Fake.script[f"GET /jobs/{JOB}/result"] = answers
+        with pytest.raises(InputError, match=rf"{problem}.*the result stays on the server"):
+            _animate(client, tmp_path)
+        assert not out.exists()
