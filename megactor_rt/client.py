@@ -177,9 +177,9 @@ class Client:
                     raise InputError(f"{self.url}: POST /jobs answered 202 without a job id of the form a "
                                      f"megactor-rt server gives (got {job!r:.60})")
                 return job
-            if status != 503:
+            if status not in (429, 503):
                 raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
-            wait = float(head.get("retry-after", "10")) if head.get("retry-after", "").isdigit() else 10.0
+            wait = _retry_after(head) or 10.0
             logger.warning("%s: %s; asking again in %g s", self.url, doc.get("error"), wait)
             _pause(wait, stop, f"a request to {self.url}")
         raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")

@@ -207,3 +207,14 @@ def test_a_result_cut_short_or_misplaced_is_never_kept(fake: tuple[Client, dict[
         with pytest.raises(InputError, match=rf"{problem}.*the result stays on the server"):
             _animate(client, tmp_path)
         assert not out.exists()
+
+
+def test_a_busy_servers_retry_after_is_bounded(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """A full queue's Retry-After is waited for within 1 s and 30 s (not 1e9 s, not 60 uploads in a second); a
+    date or none: 10 s."""
+    client, seen = fake
+    _Fake.script["POST /jobs"] = [answer(503, {"error": "busy"}, {"Retry-After": value})
+                                  for value in ("1e9", "0", "-5", "nan", "Wed, 21 Oct 2015 07:28:00 GMT", "7")]
+    _Fake.script["POST /jobs"].append(answer(202, {"id": JOB}))
+    _animate(client, tmp_path)
+    assert seen["waits"] == [30.0, 1.0, 1.0, 10.0, 10.0, 7.0]
