@@ -80,9 +80,16 @@ class Client:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT (or "
                              "https://HOST:PORT for a server started with --tls-cert)")
+        if "@" in parts.netloc:  # (shown nowhere: the address is in every message and --stats)
+            raise InputError(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}: --server's address takes no user "
+                             "name or password; a server's token goes in --server-token-file (Python: token=)")
+        try:
+            port = parts.port
+        except ValueError:
+            raise InputError(f"{url}: --server's port is no number from 1 to 65535") from None
         self.prefix = parts.path.rstrip("/")  # (a server behind a proxy at http://host/megactor/)
         self.url = f"{parts.scheme}://{parts.netloc}{self.prefix}"
-        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.host, self.port = parts.hostname, port or (443 if parts.scheme == "https" else 80)
         self.timeout_s = timeout_s
         self.max_upload_bytes: int | None = None  # (the server's, from its health)
         self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}

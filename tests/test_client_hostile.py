@@ -218,3 +218,14 @@ def test_a_busy_servers_retry_after_is_bounded(fake: tuple[Client, dict[str, Any
     _Fake.script["POST /jobs"].append(answer(202, {"id": JOB}))
     _animate(client, tmp_path)
     assert seen["waits"] == [30.0, 1.0, 1.0, 10.0, 10.0, 7.0]
+
+
+def test_a_server_address_with_a_password_is_refused() -> None:
+    """User info in the server's address (a password) is refused without showing it; a port that is no number is
+    named."""
+    with pytest.raises(InputError) as caught:
+        Client("http://alice:s3cret@gpu-box:8450")
+    assert str(caught.value).startswith("http://gpu-box:8450: --server's address takes no user name or password")
+    assert "s3cret" not in str(caught.value) and "alice" not in str(caught.value)
+    with pytest.raises(InputError, match="port is no number"):
+        Client("http://gpu-box:84x0")
