@@ -44,6 +44,7 @@ MIN_WAIT_S, MAX_WAIT_S = 1.0, 30.0  # a server's Retry-After is waited for at le
 _PASSING = (429, 502, 503, 504)  # answers of a server or its proxy that pass (busy, its backend restarting)
 RESUBMITS = 2  # a job the server no longer knows (it restarted) is sent again this many times by animate()
 _CHUNK = 1 << 20
+MAX_ANSWER_BYTES = 1 << 20  # the most bytes of a JSON answer (a job's state, an error) read
 _sleep = time.sleep  # (the tests' stand-in waits no time)
 
 
@@ -127,7 +128,7 @@ class Client:
             raise Unreachable(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
                              "`megactor-rt serve` running there?") from exc
         if answer.status == 401:
-            doc = _error(answer.read(), 401)
+            doc = _error(answer.read(MAX_ANSWER_BYTES), 401)
             conn.close()
             raise InputError(f"{self.url}: {doc}")
         return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer, conn
@@ -136,12 +137,15 @@ class Client:
               ) -> tuple[int, dict[str, str], dict[str, Any]]:
         status, head, answer, conn = self._call(method, path, body, headers)
         try:
-            data = answer.read()
+            data = answer.read(MAX_ANSWER_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(f"{self.url}: the connection broke during the answer ({type(exc).__name__}: {exc})"
                               ) from exc
         finally:
             conn.close()
+        if len(data) > MAX_ANSWER_BYTES:
+            raise InputError(f"{self.url}{path}: the answer ({status}) is over {MAX_ANSWER_BYTES} bytes, not the "
+                             "JSON a megactor-rt server gives; is this address a megactor-rt server?")
         try:
             doc = json.loads(data)
         except ValueError:
@@ -289,9 +293,9 @@ class Client:
                               "restarted, or the job was deleted or expired): send it again")
             if status in _PASSING:
                 raise Unreachable(f"{self.url}: GET /jobs/{job}/result answered {status} "
-                                  f"({_error(answer.read(), status)})", wait=_retry_after(head))
+                                  f"({_error(answer.read(MAX_ANSWER_BYTES), status)})", wait=_retry_after(head))
             if status not in (200, 206):
-                raise InputError(f"{output}: {_error(answer.read(), status)}")
+                raise InputError(f"{output}: {_error(answer.read(MAX_ANSWER_BYTES), status)}")
             start, total = self._extent(job, output, status, head, have if ask else None)
             with open(partial, "ab" if start else "wb") as out:
                 try:

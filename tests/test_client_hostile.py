@@ -229,3 +229,13 @@ def test_a_server_address_with_a_password_is_refused() -> None:
     assert "s3cret" not in str(caught.value) and "alice" not in str(caught.value)
     with pytest.raises(InputError, match="port is no number"):
         Client("http://gpu-box:84x0")
+
+
+def test_a_huge_answer_is_not_read_whole(fake: tuple[Client, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    """A JSON answer over MAX_ANSWER_BYTES is refused unread (it could be any size)."""
+    client, _ = fake
+    monkeypatch.setattr(client_module, "MAX_ANSWER_BYTES", 1000, raising=False)
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, {"status": "done", "pad": "x" * 5000})]
+    with pytest.raises(InputError, match=rf"/jobs/{JOB}: the answer \(200\) is over 1000 bytes"):
+        _animate(client, tmp_path)
