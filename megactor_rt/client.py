@@ -296,6 +296,10 @@ class Client:
                                   f"({_error(answer.read(MAX_ANSWER_BYTES), status)})", wait=_retry_after(head))
             if status not in (200, 206):
                 raise InputError(f"{output}: {_error(answer.read(MAX_ANSWER_BYTES), status)}")
+            kind = head.get("content-type", "").partition(";")[0].strip().lower()
+            if not kind.startswith(("video/", "image/")) and kind != "application/octet-stream":
+                raise InputError(f"{output}: {self.url} answered job {job}'s result as {kind or 'no Content-Type'}, "
+                                 "not a video (a proxy's page?); not kept")
             start, total = self._extent(job, output, status, head, have if ask else None)
             with open(partial, "ab" if start else "wb") as out:
                 try:

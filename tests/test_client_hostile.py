@@ -239,3 +239,15 @@ def test_a_huge_answer_is_not_read_whole(fake: tuple[Client, dict[str, Any]], mo
     _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, {"status": "done", "pad": "x" * 5000})]
     with pytest.raises(InputError, match=rf"/jobs/{JOB}: the answer \(200\) is over 1000 bytes"):
         _animate(client, tmp_path)
+
+
+def test_a_result_that_is_no_video_is_not_kept(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """A result answered as a page (text/html: a proxy's login or error page) is refused, the job left there."""
+    client, _ = fake
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [result(headers={"Content-Type": "text/html; charset=utf-8"})]
+    with pytest.raises(InputError, match=r"result as text/html, not a video .*the result stays on the server"):
+        _animate(client, tmp_path)
+    assert not (tmp_path / "out.mp4").exists()
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [result(headers={"Content-Type": "image/gif"})]
+    _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO
