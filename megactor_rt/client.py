@@ -244,10 +244,19 @@ class Client:
                 return doc
             time.sleep(POLL_S)
 
-    def fetch(self, job: str, output: Path) -> dict[str, str]:
+    def fetch(self, job: str, output: Path, stop: threading.Event | None = None) -> dict[str, str]:
         """Write job ``job``'s result to ``output`` (under a temporary name in its folder, renamed when whole; a
-        download that breaks off goes on from where it broke, :data:`FETCH_TRIES` tries in all, or is made again
-        where the server sends the whole); the answer's headers (``x-megactor-frames``, ...)."""
+        download that breaks off partway goes on from where it broke, :data:`FETCH_TRIES` tries in all, or is made
+        again where the server sends the whole; a server unreachable or refusing for a while, 429/502/503/504, is
+        asked again for up to :data:`OUTAGE_S`, after its ``Retry-After`` within :data:`MIN_WAIT_S` and
+        :data:`MAX_WAIT_S`); the answer's headers (``x-megactor-frames``, ...). Kept only whole: the answer's size
+        told (Content-Length, Content-Range from where asked, or the server's ETag), its type a video's or image's.
+
+        Raises:
+            JobGone: the server no longer knows the job (404).
+            InputError: a refusal that does not pass, a malformed or misplaced answer, or the outage went on.
+            ResourceError: ``output`` cannot be written.
+            Stopped: ``stop`` was set while waiting to ask again."""
         try:
             with written_whole(output) as partial:
                 partial.write_bytes(b"")
@@ -273,7 +282,7 @@ class Client:
                         wait = exc.wait if exc.wait is not None else min(2.0, RETRY_S * 2 ** (failed - 1))
                         logger.warning("%s; fetching the result again%s in %g s", exc,
                                        f" from byte {have}" if tag and have else "", wait)
-                        _pause(wait, None, f"job {job} on {self.url}")
+                        _pause(wait, stop, f"job {job}'s result on {self.url}")
         except OSError as exc:
             raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
 
@@ -357,9 +366,11 @@ class Client:
                 on_progress: Callable[[Progress], object] | None = None,
                 stop: threading.Event | None = None) -> dict[str, str]:
         """One result made by the server, written to ``output``: submitted as a job, followed, fetched, and
-        deleted on the server; stopped here (Ctrl-C, an error, ``stop`` set), the job is cancelled there. A job the
-        server loses meanwhile (it restarted: followed through the outage, then not found) is sent again,
-        :data:`RESUBMITS` times at most. The result's headers.
+        deleted on the server; stopped here (Ctrl-C, an error, ``stop`` set) before its run ended, the job is
+        cancelled there; a finished result that could not be fetched or written here stays there (the error names
+        its address: the server expires it by itself). A job the server loses meanwhile (it restarted: followed
+        through the outage, then not found, its result included) is sent again, :data:`RESUBMITS` times at most.
+        The result's headers.
 
         The result's format is its suffix's (``fields["format"]`` where given says otherwise), and ``output`` is
         checked as a local run checks it before anything is sent: its folder exists and is writable, it is no
@@ -384,7 +395,7 @@ class Client:
                                          f"(on {self.url})")
                     keep = True
                     try:
-                        head = self.fetch(job, output)
+                        head = self.fetch(job, output, stop)
                     except JobGone:
                         keep = False
                         raise

@@ -251,3 +251,17 @@ def test_a_result_that_is_no_video_is_not_kept(fake: tuple[Client, dict[str, Any
     _Fake.script[f"GET /jobs/{JOB}/result"] = [result(headers={"Content-Type": "image/gif"})]
     _animate(client, tmp_path)
     assert (tmp_path / "out.mp4").read_bytes() == VIDEO
+
+
+def test_a_stop_while_a_result_is_asked_again_for_ends_the_wait(fake: tuple[Client, dict[str, Any]],
+                                                                  tmp_path: Path) -> None:
+    """``stop`` set (Ctrl-C in a batch) while a result's fetch waits to ask again ends it at once (Stopped), the
+    finished result left on the server."""
+    client, _ = fake
+    stop = threading.Event()
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, {"status": "done", "progress": {
+        "stage": "write", "done": 1, "total": 1, "unit": "frame"}})]
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [answer(503, {"error": "busy"}, {"Retry-After": "30"})]
+    with pytest.raises(client_module.Stopped):
+        client.animate(PORTRAIT, PORTRAIT, tmp_path / "out.mp4", on_progress=lambda _: stop.set(), stop=stop)
+    assert not any(a.startswith("DELETE") for a in _Fake.asked)
