@@ -60,10 +60,12 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
     """The server could not be reached, or the connection broke before its answer came (tried again while a job is
     followed or its result fetched; a result's download broken off: ``etag`` names the file partly fetched)."""
 
-    def __init__(self, message: str, etag: str | None = None, wait: float | None = None) -> None:
+    def __init__(self, message: str, etag: str | None = None, wait: float | None = None,
+                 broken: bool = False) -> None:
         super().__init__(message)
         self.etag = etag
         self.wait = wait  # (the server's Retry-After, where it said one)
+        self.broken = broken  # (a result's download that broke off, not a server unreachable or refusing)
 
 
 class _NotJson(InputError):  # noqa: N818 - named for what it says
@@ -250,7 +252,7 @@ class Client:
         again where the server sends the whole; a server unreachable or refusing for a while, 429/502/503/504, is
         asked again for up to :data:`OUTAGE_S`, after its ``Retry-After`` within :data:`MIN_WAIT_S` and
         :data:`MAX_WAIT_S`); the answer's headers (``x-megactor-frames``, ...). Kept only whole: the answer's size
-        told (Content-Length, Content-Range from where asked, or the server's ETag), its type a video's or image's.
+        told (Content-Length, Content-Range from where asked, or the server's ETag), its type (if told) a video's.
 
         Raises:
             JobGone: the server no longer knows the job (404).
@@ -263,25 +265,28 @@ class Client:
                 tag: str | None = None
                 broken, failed, outage = 0, 0, None
                 while True:
-                    before = partial.stat().st_size
                     try:
                         return self._fetch(job, output, partial, tag)
                     except Unreachable as exc:
                         now = time.monotonic()
                         tag = exc.etag or tag
                         have = partial.stat().st_size
-                        if have > before:  # (broke off partway: bytes came)
+                        failed += 1
+                        wait = exc.wait if exc.wait is not None else min(2.0, RETRY_S * 2 ** (failed - 1))
+                        if exc.broken:  # (its answer came: a server's restart, a proxy's timeout)
                             broken, outage = broken + 1, None
                             if broken >= FETCH_TRIES:
                                 raise
-                        outage = now if outage is None else outage
-                        if now - outage > OUTAGE_S:
-                            raise Unreachable(f"{exc} (for {now - outage:.0f} s, fetching job {job}'s result)"
-                                              ) from exc
-                        failed += 1
-                        wait = exc.wait if exc.wait is not None else min(2.0, RETRY_S * 2 ** (failed - 1))
-                        logger.warning("%s; fetching the result again%s in %g s", exc,
-                                       f" from byte {have}" if tag and have else "", wait)
+                            logger.warning("%s; fetching the result again%s (try %d of %d) in %g s", exc,
+                                           f" from byte {have}" if tag and have else "", broken + 1, FETCH_TRIES,
+                                           wait)
+                        else:
+                            outage = now if outage is None else outage
+                            if now - outage > OUTAGE_S:
+                                raise Unreachable(f"{exc} (for {now - outage:.0f} s, fetching job {job}'s result)"
+                                                  ) from exc
+                            logger.warning("%s; fetching the result again in %g s (for up to %g s)", exc, wait,
+                                           OUTAGE_S)
                         _pause(wait, stop, f"job {job}'s result on {self.url}")
         except OSError as exc:
             raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
@@ -306,9 +311,9 @@ class Client:
             if status not in (200, 206):
                 raise InputError(f"{output}: {_error(answer.read(MAX_ANSWER_BYTES), status)}")
             kind = head.get("content-type", "").partition(";")[0].strip().lower()
-            if not kind.startswith(("video/", "image/")) and kind != "application/octet-stream":
-                raise InputError(f"{output}: {self.url} answered job {job}'s result as {kind or 'no Content-Type'}, "
-                                 "not a video (a proxy's page?); not kept")
+            if kind and not kind.startswith(("video/", "image/")) and kind != "application/octet-stream":
+                raise InputError(f"{output}: {self.url} answered job {job}'s result as {kind}, not a video (a "
+                                 "proxy's page?); not kept")
             start, total = self._extent(job, output, status, head, have if ask else None)
             with open(partial, "ab" if start else "wb") as out:
                 try:
@@ -316,13 +321,13 @@ class Client:
                         out.write(chunk)
                 except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
                     raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: {exc})",
-                                      head.get("etag")) from exc
+                                      head.get("etag"), broken=True) from exc
             size = partial.stat().st_size
             if size > total:
                 raise InputError(f"{output}: {self.url} sent {size} bytes of a result of {total}; not kept")
             if size != total:
                 raise Unreachable(f"{output}: the result's download broke off ({size} of {total} bytes)",
-                                  head.get("etag"))
+                                  head.get("etag"), broken=True)
         finally:
             conn.close()
         return head
