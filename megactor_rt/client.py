@@ -353,9 +353,12 @@ class Client:
                 raise InputError(f"{output}: {self.url} answered job {job}'s result with another part than the "
                                  f"bytes {have}- asked for (Content-Range {head.get('content-range')!r:.60})")
             return have, int(got[3])
-        if length is not None:
-            return 0, int(length)
         tag = re.fullmatch(rf'"{re.escape(job)}-([0-9a-f]+)-[0-9a-f]+"', head.get("etag", "").strip())
+        if length is not None:
+            if tag is not None and int(tag[1], 16) != int(length):
+                raise InputError(f"{output}: {self.url} answered job {job}'s result with a Content-Length "
+                                 f"({length}) other than its ETag's size ({int(tag[1], 16)} bytes)")
+            return 0, int(length)
         if tag is None:
             raise InputError(f"{output}: {self.url} answered job {job}'s result without its length "
                              "(Content-Length); a result cut short could not be told from a whole one")

@@ -202,7 +202,8 @@ def test_a_result_cut_short_or_misplaced_is_never_kept(fake: tuple[Client, dict[
     out.unlink()
     for answers, problem in (([result(body=CUT), result(206, start=50)], r"another part than the bytes 100- asked"),
                              ([result(headers={"Content-Length": None, "ETag": None})], "without its length"),
-                             ([result(headers={"Content-Length": "abc"})], "malformed Content-Length")):
+                             ([result(headers={"Content-Length": "abc"})], "malformed Content-Length"),
+                             ([result(headers={"Content-Length": "1000"})], r"other than its ETag's size")):
         _Fake.script[f"GET /jobs/{JOB}/result"] = answers
         with pytest.raises(InputError, match=rf"{problem}.*the result stays on the server"):
             _animate(client, tmp_path)
