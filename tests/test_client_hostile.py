@@ -185,7 +185,8 @@ def test_malformed_answers_are_named_errors(fake: tuple[Client, dict[str, Any]],
     stats = result_stats({"x-megactor-frames": "lots", "x-megactor-seconds": "NaN",
                           "x-megactor-first-frame-seconds": "-inf"})
     assert (stats.frames, stats.total_s, stats.first_frame_s) == (0, 0.0, 0.0)
-    stats = result_stats({"x-megactor-frames": "4", "x-megactor-seconds": "-1", "x-megactor-first-frame-seconds": "1e999"})
+    stats = result_stats({"x-megactor-frames": "4", "x-megactor-seconds": "-1",
+                          "x-megactor-first-frame-seconds": "1e999"})
     assert (stats.frames, stats.total_s, stats.first_frame_s) == (4, 0.0, 0.0)
 
 
