@@ -266,7 +266,7 @@ class Client:
                 broken, failed, outage = 0, 0, None
                 while True:
                     try:
-                        return self._fetch(job, output, partial, tag)
+                        return self._fetch(job, output, partial, tag, stop)
                     except Unreachable as exc:
                         now = time.monotonic()
                         tag = exc.etag or tag
@@ -291,10 +291,12 @@ class Client:
         except OSError as exc:
             raise ResourceError(f"{output}: cannot write the result ({exc})") from exc
 
-    def _fetch(self, job: str, output: Path, partial: Path, tag: str | None) -> dict[str, str]:
+    def _fetch(self, job: str, output: Path, partial: Path, tag: str | None,
+               stop: threading.Event | None = None) -> dict[str, str]:
         """One try of :meth:`fetch` into ``partial``: its bytes so far asked for no more (a ``Range`` from where
         they end, valid only for the file whose ``ETag`` is ``tag``); an ``Unreachable`` raised carries the
-        answer's ETag (``etag``) for the next try."""
+        answer's ETag (``etag``) for the next try; :class:`Stopped` where ``stop`` is set while the bytes come
+        (a slow download went on after Ctrl-C until the command gave up on it, its partial file left behind)."""
         have = partial.stat().st_size if tag else 0
         ask = {"Range": f"bytes={have}-", "If-Range": tag} if tag and have else {}
         status, head, answer, conn = self._call("GET", f"/jobs/{job}/result", headers=ask)
@@ -319,6 +321,8 @@ class Client:
                 try:
                     while chunk := answer.read(_CHUNK):
                         out.write(chunk)
+                        if stop is not None and stop.is_set():
+                            raise Stopped(f"job {job}'s result from {self.url}")
                 except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
                     raise Unreachable(f"{output}: the result's download broke off ({type(exc).__name__}: {exc})",
                                       head.get("etag"), broken=True) from exc

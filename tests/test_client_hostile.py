@@ -267,3 +267,17 @@ def test_a_stop_while_a_result_is_asked_again_for_ends_the_wait(fake: tuple[Clie
     with pytest.raises(client_module.Stopped):
         client.animate(PORTRAIT, PORTRAIT, tmp_path / "out.mp4", on_progress=lambda _: stop.set(), stop=stop)
     assert not any(a.startswith("DELETE") for a in _Fake.asked)
+
+
+def test_a_stop_while_the_result_comes_ends_its_download(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """``stop`` set while the result's bytes come (Ctrl-C during a slow download): the download ends at its next
+    chunk (it went on until the command gave up on it 30 s later, its partial file left in the folder); nothing
+    is left here, and the finished result stays on the server."""
+    client, _ = fake
+    stop = threading.Event()
+    _Fake.script[f"GET /jobs/{JOB}"] = [answer(200, {"status": "done", "progress": {
+        "stage": "write", "done": 1, "total": 1, "unit": "frame"}})]
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [result()]
+    with pytest.raises(client_module.Stopped, match=f"job {JOB}'s result from"):
+        client.animate(PORTRAIT, PORTRAIT, tmp_path / "out.mp4", on_progress=lambda _: stop.set(), stop=stop)
+    assert list(tmp_path.iterdir()) == [] and not any(a.startswith("DELETE") for a in _Fake.asked)
