@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a job's state is asked for
 BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
+BUSY_WAIT_S = 10.0  # how long to wait for a busy server that says no time (or closed a form it did not read)
 OUTAGE_S = 120.0  # a job's server unreachable this long while it is followed (a network blip, a proxy's restart)
 FETCH_TRIES = 3  # a result's download that breaks off partway is tried this many times in all (the job keeps it)
 RETRY_S = 1.0  # the first wait before asking again where an answer failed (doubled after each, up to 2 s)
@@ -61,11 +62,12 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
     followed or its result fetched; a result's download broken off: ``etag`` names the file partly fetched)."""
 
     def __init__(self, message: str, etag: str | None = None, wait: float | None = None,
-                 broken: bool = False) -> None:
+                 broken: bool = False, unsent: bool = False) -> None:
         super().__init__(message)
         self.etag = etag
         self.wait = wait  # (the server's Retry-After, where it said one)
         self.broken = broken  # (a result's download that broke off, not a server unreachable or refusing)
+        self.unsent = unsent  # (the request broke off while it was sent: the server has not taken it)
 
 
 class _NotJson(InputError):  # noqa: N818 - named for what it says
@@ -115,8 +117,19 @@ class Client:
               ) -> tuple[int, dict[str, str], http.client.HTTPResponse, http.client.HTTPConnection]:
         conn = self._connection()
         try:
-            conn.request(method, self.prefix + path, body, {**self._auth, **(headers or {})})
-            answer = conn.getresponse()
+            try:
+                conn.request(method, self.prefix + path, body, {**self._auth, **(headers or {})})
+            except (BrokenPipeError, ConnectionResetError) as exc:  # a server that answered before reading the
+                # whole form (a full queue's 503, a 413) and closed: its answer may be there to read (the close's
+                # reset can take it: then Unreachable(unsent=True), which submit asks about)
+                try:
+                    answer = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    raise Unreachable(f"{self.url}: the server closed the connection while the form was sent "
+                                      f"({type(exc).__name__}: {exc})", unsent=True) from exc
+            else:
+                answer = conn.getresponse()
         except ssl.SSLCertVerificationError as exc:
             conn.close()
             raise InputError(f"{self.url}: the server's certificate is not trusted here ({exc.verify_message}); "
@@ -182,8 +195,17 @@ class Client:
             if self.max_upload_bytes is not None and length > self.max_upload_bytes:
                 raise InputError(f"{', '.join(str(p) for p in sent.values())}: {length} bytes to send, over the "
                                  f"upload limit of {self.url} ({self.max_upload_bytes} bytes: serve --max-upload-mb)")
-            status, head, doc = self._json("POST", "/jobs", body, {"Content-Type": content_type,
-                                                                   "Content-Length": str(length)})
+            try:
+                status, head, doc = self._json("POST", "/jobs", body, {"Content-Type": content_type,
+                                                                       "Content-Length": str(length)})
+            except Unreachable as exc:  # (a full queue refuses a form before reading it and closes: with a large
+                # driver the send broke before its answer could be read; no job was made of a form not read)
+                if not exc.unsent:
+                    raise
+                self.health()  # (a server gone: Unreachable)
+                logger.warning("%s; the server answers (its queue full?): asking again in %g s", exc, BUSY_WAIT_S)
+                _pause(BUSY_WAIT_S, stop, f"a request to {self.url}")
+                continue
             if status == 202:
                 job = doc.get("id")
                 if not isinstance(job, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job):
@@ -192,7 +214,7 @@ class Client:
                 return job
             if status not in (429, 503):
                 raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
-            wait = _retry_after(head) or 10.0
+            wait = _retry_after(head) or BUSY_WAIT_S
             logger.warning("%s: %s; asking again in %g s", self.url, doc.get("error"), wait)
             _pause(wait, stop, f"a request to {self.url}")
         raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")

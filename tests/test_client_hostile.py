@@ -4,6 +4,7 @@ deleted because it could not be fetched, malformed answers are named errors, a c
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
@@ -281,3 +282,65 @@ def test_a_stop_while_the_result_comes_ends_its_download(fake: tuple[Client, dic
     with pytest.raises(client_module.Stopped, match=f"job {JOB}'s result from"):
         client.animate(PORTRAIT, PORTRAIT, tmp_path / "out.mp4", on_progress=lambda _: stop.set(), stop=stop)
     assert list(tmp_path.iterdir()) == [] and not any(a.startswith("DELETE") for a in _Fake.asked)
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["503", "closed"])
+def test_a_busy_server_that_refuses_a_large_form_unread_is_waited_for(tmp_path: Path, answered: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full queue's 503 comes before the server reads the form, and it closes the connection: with a driver
+    larger than what it drops meanwhile, the client's send broke (BrokenPipe, ConnectionReset) and the job failed
+    as "cannot reach the server" where a small driver's waited. Its answer is read where it can be (the close's
+    reset can take it: then the server is asked whether it answers, and the form sent again after a wait; here
+    "closed": no answer at all)."""
+    import socket
+
+    waits: list[float] = []
+    monkeypatch.setattr(client_module, "_sleep", waits.append)
+    big = tmp_path / "big.mp4"
+    big.write_bytes(b"\0" * (40 << 20))  # (over the 16 MiB a real server drops after refusing)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        refuse = True
+        while True:  # (the refusal, perhaps GET /health, the form taken)
+            conn, _ = listener.accept()
+            with conn:
+                head = conn.recv(1 << 16)
+                if head.startswith(b"GET /health"):
+                    body = json.dumps({"max_upload_bytes": 1 << 40}).encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                                 b"Connection: close\r\n\r\n%s" % (len(body), body))
+                    continue
+                if refuse:
+                    refuse = False  # (answered unread, some more dropped, closed: the rest of the form unread, as the
+                    # real server's _linger does)
+                    body = b'{"error": "the queue is full"}'
+                    conn.sendall(b"" if not answered else b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: "
+                                 b"7\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                    conn.settimeout(0.3)
+                    with contextlib.suppress(OSError):
+                        for _ in range(64):
+                            conn.recv(1 << 16)
+                    continue
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(1 << 16)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                got = len(head.split(b"\r\n\r\n", 1)[1])
+                while got < length:
+                    got += len(conn.recv(1 << 20))
+                body = json.dumps({"id": JOB}).encode()
+                conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (len(body), body))
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    client.max_upload_bytes = 1 << 40
+    try:
+        assert client.submit(PORTRAIT, big) == JOB
+        assert waits in ([7.0], [client_module.BUSY_WAIT_S]) if answered else waits == [client_module.BUSY_WAIT_S]
+    finally:
+        listener.close()
+        thread.join(10)
