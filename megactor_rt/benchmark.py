@@ -393,10 +393,12 @@ def _moved(x: Any, sub: Any) -> Any:
 
 
 class PeakRSS:
-    """Samples this process's resident set size in a thread (CPU peak memory of one run)."""
+    """Samples this process's resident set size in a thread (CPU peak memory of one run): ``peak``, the process's
+    (the weights and what earlier modes left included), and ``start``, its size when the run began (``peak -
+    start``: the run's own, which does not depend on the modes run before it)."""
 
     def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.start, self._stop = interval, 0, 0, threading.Event()
 
     @staticmethod
     def rss() -> int:
@@ -404,7 +406,7 @@ class PeakRSS:
             return int(f.read().split()[1]) * resource.getpagesize()
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self.rss()
+        self.peak = self.start = self.rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -489,6 +491,9 @@ class Result:
     step_s: list[float] = field(default_factory=list)  # each denoising step
     # submodel methods whose FLOPs were first counted (under the slow FLOP counter) inside this timed run
     first_counted: list[str] = field(default_factory=list)
+    # the run's own memory: its peak less what was held when it began (CPU: resident memory; CUDA: torch's
+    # allocated memory); ``peak_memory_gb`` is the process's (CPU: it grows with the modes run before)
+    run_memory_gb: float | None = None
 
 
 def driver_of_length(n: int, work_dir: Path) -> Path:
@@ -751,13 +756,16 @@ class _ModeRun:
         anim.plans = type(anim.plans)()  # and the driver's pass 1 (kept by an earlier round's run otherwise)
         ledger.reset()
         known = set(ledger.table)
+        held = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
         with PeakRSS() as mem:
             stats = _consume(anim, self.inputs, driver, self.cfg, work_dir)
         denoise_flops = sum(ledger.totals[k] for k in DENOISE_METHODS)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else mem.peak
+        own = peak - (held if device.type == "cuda" else mem.start)
         self.release()
         logger.info("%s [%s]: %.2f fps", sc.name, mode, stats.fps)
         first_counted = sorted(k[0] for k in ledger.table if k not in known)
@@ -767,7 +775,7 @@ class _ModeRun:
         return Result(sc.name, mode, stats.frames, stats.total_s, stats.fps, stats.first_frame_s,
                       dict(stats.stage_seconds), {k: v / 1e12 for k, v in ledger.totals.items()},
                       denoise_flops / 1e12 / stats.stage_seconds["denoise"], peak / 2**30, dict(stats.calls),
-                      self.warmup_s, list(stats.step_seconds), first_counted)
+                      self.warmup_s, list(stats.step_seconds), first_counted, own / 2**30)
 
 
 def _consume(anim: Any, inputs: Any, driver: Path, cfg: AnimateConfig, work_dir: Path) -> Any:
@@ -850,6 +858,8 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "matmul_tflops": matmul_tflops(dev, dtype), "matmul_dtype": str(dtype).replace("torch.", ""),
         "provenance": provenance(), "scenarios": [asdict(s) for s in scenarios], "results": [], "errors": [],
+        "complete": False,  # (until the last mode and the second matmul sample: a run cut short says so)
+        "memory": "cuda allocated" if dev.type == "cuda" else "resident",  # (what the memory columns measure)
     }
     report["matmul_samples_tflops"] = [report["matmul_tflops"]]
     with contextlib.ExitStack() as stack:  # looped drivers, encoded outputs, exported graphs, plans
@@ -866,6 +876,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     # rate drifts with load and clocks; the runs' figures keep the rate they were saved with until here)
     report["matmul_samples_tflops"].append(matmul_tflops(dev, dtype))
     report["matmul_tflops"] = max(report["matmul_samples_tflops"])
+    report["complete"] = True
     _save(report, out)  # errors recorded after the last result
     return report
 
@@ -930,6 +941,10 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def _fmt2(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def _denoise_flops(r: dict) -> float:
     return sum(r["flops"].get(k, 0.0) for k in DENOISE_METHODS)
 
@@ -949,13 +964,23 @@ def markdown(report: dict) -> str:
     prov = report.get("provenance") or {}
     commit = (prov.get("commit") or "unknown")[:12] + (" with uncommitted changes" if prov.get("uncommitted_changes")
                                                      else "")
+    measured = (f"the best of {' and '.join(f'{x:.3f}' for x in samples)}, measured before and after the runs"
+                if len(samples) > 1 else "measured before the runs only")
     lines = [f"Suite `{report['suite']}` on {report['device']}, {report['date']}, torch {report['torch']}, "
              f"{report['threads']} threads, commit {commit}; measured matmul rate {report['matmul_tflops']:.3f} "
-             f"TFLOP/s ({report['matmul_dtype']}; the best of {' and '.join(f'{x:.3f}' for x in samples)}, "
-             "measured before and after the runs).", "",
-             "| scenario | mode | frames | total s | fps | first frame s | denoise s | decode s | denoise TFLOP "
-             "| denoise TFLOP/s | % of matmul | peak mem GiB | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"TFLOP/s ({report['matmul_dtype']}; {measured}).", ""]
+    if report.get("complete") is False:  # (a run stopped, or still under way: the file is saved after each mode)
+        lines += [f"**Incomplete**: {len(report['results'])} of the suite's timed runs are here (the run was stopped, "
+                  "or is still under way).", ""]
+    memory = {"cuda allocated": "torch's peak allocated GPU memory (TensorRT's and onnxruntime's own allocations are "
+                                "not in it); \"run's own\": less what was allocated when the run began.",
+              "resident": "the process's peak resident memory (the weights, and what the modes run before left, "
+                          "included); \"run's own\": its growth over the run, which does not depend on them."}
+    if report.get("memory") in memory:
+        lines += [f"Memory: {memory[report['memory']]}", ""]
+    lines += ["| scenario | mode | frames | total s | fps | first frame s | denoise s | decode s | denoise TFLOP "
+              "| denoise TFLOP/s | % of matmul | peak mem GiB | run's own GiB | warm-up s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     repeats: dict[str, dict[str, list[dict]]] = {}
     for r in report["results"]:
         repeats.setdefault(r["scenario"], {}).setdefault(r["mode"], []).append(r)
@@ -964,7 +989,7 @@ def markdown(report: dict) -> str:
                      f"{r['first_frame_s']:.2f} | {r['stage_s'].get('denoise', 0):.2f} | "
                      f"{r['stage_s'].get('vae_decode', 0):.2f} | {dn:.3f} | {r['denoise_tflops_per_s']:.3f} | "
                      f"{100 * r['denoise_tflops_per_s'] / report['matmul_tflops']:.0f} % | {r['peak_memory_gb']:.2f} | "
-                     f"{_fmt(r.get('warmup_s'))} |")
+                     f"{_fmt2(r.get('run_memory_gb'))} | {_fmt(r.get('warmup_s'))} |")
     # ratios from each mode's median over its repeats (times) and its FLOPs (the same in every repeat)
     by_scenario = {name: {mode: _median_result(rs) for mode, rs in modes.items()} for name, modes in repeats.items()}
     ratios, variants = [], []

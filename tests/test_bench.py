@@ -24,6 +24,8 @@ def test_cpu_smoke_suite(tmp_path):
     for r in modes.values():
         assert r["frames"] == 4 and r["fps"] > 0 and r["first_frame_s"] <= r["total_s"]
         assert r["stage_s"]["denoise"] > 0 and r["peak_memory_gb"] > 0
+        assert 0 <= r["run_memory_gb"] < r["peak_memory_gb"]  # (the run's own: its growth, not the process's)
+    assert saved["complete"] is True and saved["memory"] == "resident" and len(saved["matmul_samples_tflops"]) == 2
     ref, opt = modes["reference"]["flops"], modes["optimized"]["flops"]
     # upstream evaluation does strictly more denoiser work: batch-2 ReferenceNet, PoseGuider in every call,
     # bank attention for both halves; same number of UNet calls
@@ -235,6 +237,27 @@ def test_ratio_table_uses_each_modes_median_and_both_flop_ratios():
     assert "| s | optimized | yes | 2.40x | 2.25x | 3.00x | 2.00x |" in md, md
     # open windows change the output: its speed-up is marked as not the same math
     assert "| s | optimized+no-wrap | no | 3.00x | 3.00x | 3.00x | 2.00x |" in md, md
+    assert "Incomplete" not in md and "Memory:" not in md  # (a report from before either was recorded)
+
+
+def test_a_report_says_what_its_memory_is_and_whether_it_is_complete() -> None:
+    """The memory columns say what they measure (CPU: the process's resident peak, which grew with the modes run
+    before it, and the run's own growth; CUDA: torch's allocations only), and a report cut short says it is
+    (it looked complete, and claimed a matmul sample "after the runs" that was never taken)."""
+    from megactor_rt.benchmark import markdown
+
+    row = {"scenario": "s", "mode": "reference", "frames": 4, "total_s": 2.0, "fps": 2.0, "first_frame_s": 1.0,
+           "stage_s": {"denoise": 1.0}, "flops": {"unet": 1.0}, "denoise_tflops_per_s": 1.0, "peak_memory_gb": 0.91,
+           "run_memory_gb": 0.08, "warmup_s": 1.0}
+    report = {"suite": "t", "device": "cpu", "date": "2026-11-29", "torch": "x", "threads": 2, "matmul_tflops": 2.0,
+              "matmul_dtype": "float32", "matmul_samples_tflops": [2.0], "results": [row], "complete": False,
+              "memory": "resident"}
+    md = markdown(report)
+    assert "**Incomplete**: 1 of the suite's timed runs are here" in md and "measured before the runs only" in md
+    assert "Memory: the process's peak resident memory" in md and "| 0.91 | 0.08 | 1.0 |" in md, md
+    md = markdown({**report, "complete": True, "matmul_samples_tflops": [1.5, 2.0], "memory": "cuda allocated"})
+    assert "Incomplete" not in md and "the best of 1.500 and 2.000, measured before and after the runs" in md
+    assert "TensorRT's and onnxruntime's own allocations are not in it" in md
 
 
 def test_modes_are_told_apart_by_math_and_by_cuda_graphs():
@@ -486,7 +509,7 @@ def _timed_result(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, totals: dict[
 
     class Peak:
         def __init__(self) -> None:
-            self.peak = peak_bytes
+            self.peak, self.start = peak_bytes, 2**30
 
         def __enter__(self) -> Peak:
             return self
@@ -511,7 +534,7 @@ def test_a_timed_runs_figures_are_in_the_units_the_report_names(monkeypatch: pyt
     r = _timed_result(monkeypatch, tmp_path,
                       totals={"unet": 6e12, "reference_bank": 2e12, "pose_guider_full": 1e12, "vae_decode": 5e12},
                       stage_s={"denoise": 3.0, "vae_decode": 1.0, "prepare_portrait": 1.0}, peak_bytes=3 * 2**30)
-    assert r.peak_memory_gb == 3.0  # type: ignore[attr-defined]
+    assert r.peak_memory_gb == 3.0 and r.run_memory_gb == 2.0  # type: ignore[attr-defined]
     assert r.flops == {"unet": 6.0, "reference_bank": 2.0, "pose_guider_full": 1.0,  # type: ignore[attr-defined]
                        "vae_decode": 5.0}
     assert r.denoise_tflops_per_s == pytest.approx((6 + 2 + 1) / 3.0)  # type: ignore[attr-defined]
@@ -565,8 +588,8 @@ def test_report_rows_give_percent_of_matmul_denoise_flops_and_median_first_frame
                           _row("s", "optimized", 6.0, 9.0, opt),
                           _row("s", "optimized+no-wrap", 3.0, 1.0, opt)]}
     md = markdown(report)
-    assert "| s | reference | 4 | 10.00 | 0.400 | 4.00 | 2.00 | 0.50 | 4.500 | 1.000 | 50 % | 1.00 | 1.0 |" in md, md
-    assert "| s | optimized | 4 | 6.00 | 0.667 | 1.00 | 2.00 | 0.50 | 2.750 | 1.000 | 50 % | 1.00 | 1.0 |" in md, md
+    assert "| s | reference | 4 | 10.00 | 0.400 | 4.00 | 2.00 | 0.50 | 4.500 | 1.000 | 50 % | 1.00 | – | 1.0 |" in md, md
+    assert "| s | optimized | 4 | 6.00 | 0.667 | 1.00 | 2.00 | 0.50 | 2.750 | 1.000 | 50 % | 1.00 | – | 1.0 |" in md, md
     # medians of optimized: whole run 6 s, first frame 2 s (its last repeat's is 9 s)
     assert "| s | optimized+no-wrap | 0.500 | 0.500 |" in md, md
 
