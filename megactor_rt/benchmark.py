@@ -852,6 +852,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     _warn_unavailable_backends(scenarios)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _hold_results_folder(out, suite + (" (dry run)" if dry_run else ""))
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
     report: dict[str, Any] = {
         "suite": suite + (" (dry run)" if dry_run else ""), "date": date.today().isoformat(), "device": device_name(dev),
@@ -879,6 +880,38 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     report["complete"] = True
     _save(report, out)  # errors recorded after the last result
     return report
+
+
+_HELD: dict[Path, Any] = {}  # results folders this process writes into, each with its open lock file
+
+
+def _hold_results_folder(out: Path, suite: str) -> None:
+    """Take ``out`` for this run's results (an exclusive ``flock`` on ``out/.bench.lock``, held until the process
+    ends): a second ``megactor-rt bench`` into the same folder at once is refused (each rewrote results.json after
+    every mode, one run's results replacing the other's); results of another suite there are named as replaced.
+
+    Raises:
+        InputError: another process is writing results into ``out``.
+    """
+    import fcntl
+
+    lock = _HELD.get(out.resolve())
+    if lock is None:
+        lock = open(out / ".bench.lock", "a")  # noqa: SIM115 - held until the process ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise InputError(f"{out}: another megactor-rt bench is writing its results there now; give this one "
+                             "another --out") from None
+        _HELD[out.resolve()] = lock
+    try:
+        before = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(before, dict) and before.get("suite") != suite:
+        logger.warning("%s: the results of suite %r from %s there are replaced by this run's (--out names another "
+                       "folder to keep them)", out, before.get("suite"), before.get("date"))
 
 
 def _warn_unavailable_backends(scenarios: list[Scenario]) -> None:

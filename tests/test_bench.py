@@ -649,3 +649,23 @@ def test_a_gpu_script_at_full_size_without_cuda_stops_at_once_naming_tiny(script
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and f"python bench/{script}.py --tiny ... checks it here" in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_results_folder_takes_one_run_at_a_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two benchmarks into one --out at once each rewrote results.json after every mode (one's results lost, both
+    exit 0): the second is refused; results of another suite there are named as replaced."""
+    import fcntl
+
+    from megactor_rt import benchmark
+    from megactor_rt.errors import InputError
+
+    out = tmp_path / "res"
+    out.mkdir()
+    with open(out / ".bench.lock", "a") as other:  # (another process's run holds it)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another megactor-rt bench is writing its results there now"):
+            run_bench("cpu-smoke", out)
+    (out / "results.json").write_text(json.dumps({"suite": "cpu-full-256", "date": "2026-11-27"}))
+    with caplog.at_level(logging.WARNING, "megactor_rt.benchmark"):
+        benchmark._hold_results_folder(out, "cpu-smoke")
+    assert "the results of suite 'cpu-full-256' from 2026-11-27 there are replaced" in caplog.text

@@ -451,7 +451,7 @@ def test_speed_and_contour_flags_reach_the_animator(monkeypatch: pytest.MonkeyPa
         return RunStats()
 
     monkeypatch.setattr(Animator, "animate_to_file", fake)
-    monkeypatch.setattr(cli, "_report", lambda stats, out: None)
+    monkeypatch.setattr(cli, "_report", lambda stats, out, **kw: None)
     model = tmp_path / "lm.dat"
     code, _, err = run(capsys, "demo", "--cfg-steps", 5, "--contour-preserve", "--landmarks-model", model,
                        "--tiny-decoder", tmp_path / "taesd", "--feature-reuse", 3, "--no-wrap", "--window-batch", 3,
