@@ -588,7 +588,8 @@ def test_report_rows_give_percent_of_matmul_denoise_flops_and_median_first_frame
                           _row("s", "optimized", 6.0, 9.0, opt),
                           _row("s", "optimized+no-wrap", 3.0, 1.0, opt)]}
     md = markdown(report)
-    assert "| s | reference | 4 | 10.00 | 0.400 | 4.00 | 2.00 | 0.50 | 4.500 | 1.000 | 50 % | 1.00 | – | 1.0 |" in md, md
+    assert "| s | reference | 4 | 10.00 | 0.400 | 4.00 | 2.00 | 0.50 | 4.500 | 1.000 | 50 % | 1.00 | – | 1.0 |" \
+        in md, md
     assert "| s | optimized | 4 | 6.00 | 0.667 | 1.00 | 2.00 | 0.50 | 2.750 | 1.000 | 50 % | 1.00 | – | 1.0 |" in md, md
     # medians of optimized: whole run 6 s, first frame 2 s (its last repeat's is 9 s)
     assert "| s | optimized+no-wrap | 0.500 | 0.500 |" in md, md

@@ -315,8 +315,9 @@ def test_a_busy_server_that_refuses_a_large_form_unread_is_waited_for(tmp_path: 
                     refuse = False  # (answered unread, some more dropped, closed: the rest of the form unread, as the
                     # real server's _linger does)
                     body = b'{"error": "the queue is full"}'
-                    conn.sendall(b"" if not answered else b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: "
-                                 b"7\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                    refusal = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 7"
+                               b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                    conn.sendall(refusal if answered else b"")
                     conn.settimeout(0.3)
                     with contextlib.suppress(OSError):
                         for _ in range(64):
