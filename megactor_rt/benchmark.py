@@ -938,6 +938,7 @@ def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) 
     Raises:
         InputError: a mode that is neither.
     """
+    modes = list(dict.fromkeys(modes))  # (a mode named twice was timed twice when not one of the suite's own)
     known = {m for s in scenarios for m in s.modes}
     bases = {m.split("+")[0] for m in known}
     extra = [m for m in modes if m not in known]

@@ -1680,6 +1680,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     known = SUITE_HELP.split(", ")
     if args.suite not in known:  # before torch's import (seconds); run_bench checks it again
         raise InputError(f"unknown benchmark suite '{args.suite}'; known: {', '.join(sorted(known))}")
+    if args.device is not None:  # (before --out is made)
+        from megactor_rt.runtime.animator import check_device
+
+        check_device(args.device)
     out = _output_folder(args.out, "--out")
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")

@@ -139,6 +139,8 @@ def check_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise InputError(f"device {device!r} is not a torch device name (cpu, cuda, cuda:1, ...)") from exc
+    if dev.type not in ("cpu", "cuda"):  # (--device mps ended in torch's NotImplementedError, "unexpected error")
+        raise InputError(f"device {device}: megactor-rt runs on cpu or cuda (cuda:1, ...)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "

@@ -1376,6 +1376,10 @@ def test_a_cuda_device_this_machine_lacks_is_named(monkeypatch: pytest.MonkeyPat
         check_device("cuda:2")
     with pytest.raises(InputError, match="is not a torch device name"):
         check_device("gpu0")
+    for other in ("mps", "meta", "xpu:0"):  # (torch's names of devices this project does not run on: --device mps
+        # ended in torch's NotImplementedError and its dispatcher dump)
+        with pytest.raises(InputError, match=f"device {other}: megactor-rt runs on cpu or cuda"):
+            check_device(other)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="sees no CUDA GPU; use --device cpu"):
         check_device("cuda:0")

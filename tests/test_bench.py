@@ -652,6 +652,20 @@ def test_a_gpu_script_at_full_size_without_cuda_stops_at_once_naming_tiny(script
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_flags_named_twice_or_of_a_device_here_unknown(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A variant mode named twice is timed once (it was timed twice); ``--device mps`` is refused before --out is
+    made (was "unexpected error: NotImplementedError" with torch's dispatcher dump, --out left behind)."""
+    from megactor_rt.benchmark import SUITES, select_modes
+    from megactor_rt.cli import main
+
+    chosen = select_modes("cpu-tiny", SUITES["cpu-tiny"], ["optimized+batch2", "optimized+batch2"])
+    assert [s.modes for s in chosen] == [("optimized+batch2",)] * len(chosen)
+    assert main(["bench", "--suite", "cpu-tiny", "--device", "mps", "--out", str(tmp_path / "res")]) == 2
+    assert "device mps: megactor-rt runs on cpu or cuda" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+
+
 def test_a_results_folder_takes_one_run_at_a_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two benchmarks into one --out at once each rewrote results.json after every mode (one's results lost, both
     exit 0): the second is refused; results of another suite there are named as replaced."""
