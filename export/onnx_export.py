@@ -33,7 +33,7 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
-from megactor_rt.files import locked, remove_stale, sync_file, sync_folder, umask_mode
+from megactor_rt.files import locked, remove_stale, replace_synced, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights import (
     MegActorModels,
@@ -343,16 +343,13 @@ def _save(model, path: Path, staging: Path) -> None:  # noqa: ANN001
     else:
         onnx.save_model(model, str(tmp))
     onnx.checker.check_model(str(tmp))
-    sync_file(tmp)  # (on disk before their final names, as every result: a power loss leaves no empty graph)
-    if large:
+    if large:  # (each on disk before its final name, as every result: a power loss leaves no empty graph)
         # onnx creates the data file 0600: readable to the graph's readers (another user, a service account) too
         os.chmod(external_data_path(tmp), umask_mode())
-        sync_file(external_data_path(tmp))
-        external_data_path(tmp).replace(data)
+        replace_synced(external_data_path(tmp), data)
     else:
         data.unlink(missing_ok=True)
-    tmp.replace(path)
-    sync_folder(path.parent)
+    replace_synced(tmp, path)
 
 
 def _external_tensors(model):  # noqa: ANN001, ANN202
@@ -470,9 +467,7 @@ def _update_manifest(out: Path, key: str, entry: dict) -> None:
         tmp = out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
         try:
             tmp.write_text(json.dumps(manifest, indent=1))
-            sync_file(tmp)  # (its graphs are on disk already: _save)
-            tmp.replace(out / MANIFEST_NAME)
-            sync_folder(out)
+            replace_synced(tmp, out / MANIFEST_NAME)  # (as its graphs are: _save)
         except OSError as exc:  # a full disk: the manifest stays as it was, naming the graphs it named
             raise ResourceError(f"{out / MANIFEST_NAME}: cannot write the export manifest ({exc}); it was left as "
                                 "it was") from exc

@@ -1011,13 +1011,10 @@ def _export_unloaded(args: argparse.Namespace) -> Any:
         return None
     import torch
 
-    from megactor_rt.config import Precision
-    from megactor_rt.runtime.animator import check_device, default_device
+    from megactor_rt.runtime.animator import device_and_precision
     from megactor_rt.runtime.onnx_backend import make_graph_submodels
 
-    device = check_device(args.device) if args.device else default_device()
-    precision = Precision.parse(args.precision) if args.precision else (
-        Precision.FP16 if device.type == "cuda" else Precision.FP32)
+    _, precision = device_and_precision(args.device, args.precision)
     return make_graph_submodels("onnxruntime", args.weights, args.onnx, torch.device("cpu"), precision,
                                 image_size=args.size)
 
@@ -1631,17 +1628,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         names = [*names, "tiny_decoder"]
     check_export_size(args.out, args.size or cfg.image_size, cfg.image_size,
                       [f"{n}.{p}" for n in names for p in args.precision])
+    out = _output_folder(args.out, "--out")
     summary = []
     if graphs != []:  # (not `--graphs tiny_decoder` alone: no network to load)
-        summary = export_all(args.weights, _output_folder(args.out, "--out"), opset=args.opset,
-                             precisions=args.precision, frames=args.window, graphs=graphs,
-                             window_batch=args.window_batch, fp16_softmax=args.fp16_softmax, image_size=args.size)
+        summary = export_all(args.weights, out, opset=args.opset, precisions=args.precision, frames=args.window,
+                             graphs=graphs, window_batch=args.window_batch, fp16_softmax=args.fp16_softmax,
+                             image_size=args.size)
     if args.tiny_decoder is not None:
         from megactor_rt.export.onnx_export import export_tiny_decoder
 
         summary += export_tiny_decoder(args.tiny_decoder, replace(cfg, image_size=args.size or cfg.image_size),
-                                       _output_folder(args.out, "--out"), opset=args.opset,
-                                       precisions=args.precision)
+                                       out, opset=args.opset, precisions=args.precision)
     for row in summary:
         print(f"{row['graph']:32s} {row['precision']:5s} {row['size_mb']:9.1f} MB  {row['seconds']:7.1f}s  "
               f"{row['status']}  {row['file']}")

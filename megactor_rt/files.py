@@ -53,9 +53,7 @@ def written_whole(path: Path) -> Iterator[Path]:
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         yield partial
-        sync_file(partial)
-        os.replace(partial, path)
-        sync_folder(path.parent)
+        replace_synced(partial, path)
     finally:
         with contextlib.suppress(OSError):
             partial.unlink()
@@ -69,6 +67,14 @@ def sync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_synced(written: Path, final: Path) -> None:
+    """Rename the file ``written`` (whole) to ``final``, durably: its data synced to disk before the rename, the
+    folder after it (a power loss leaves the old file or the whole new one under ``final``, never an empty one)."""
+    sync_file(written)
+    os.replace(written, final)
+    sync_folder(final.parent)
 
 
 def sync_folder(folder: Path) -> None:

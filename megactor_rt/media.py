@@ -41,7 +41,7 @@ from av.video.reformatter import Colorspace
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.files import remove_stale, same_file, sync_file, sync_folder
+from megactor_rt.files import remove_stale, replace_synced, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
 from megactor_rt.pipe import STDOUT, Y4MWriter, check_stdout, is_stdout
 from megactor_rt.sequence import (
@@ -1917,9 +1917,7 @@ class VideoWriter(ResultWriter, _AudioTrack):
                 self._mux_audio(self._audio_in, self._audio_in_stream, Fraction(self.frames_written) / self.fps)
             self._out.close()
             self._close_audio_in()
-            sync_file(self._tmp)  # (on disk before its final name: a power loss then leaves no empty result)
-            os.replace(self._tmp, self.path)
-            sync_folder(self.path.parent)
+            replace_synced(self._tmp, self.path)  # (a power loss then leaves no empty result)
         self._closed = True
         # earlier writes of this name killed midway (same naming as self._tmp)
         remove_stale(self.path.parent,

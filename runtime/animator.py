@@ -129,6 +129,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_and_precision(device: str | torch.device | None, precision: Precision | str | None
+                         ) -> tuple[torch.device, Precision]:
+    """The device and precision a run of :meth:`Animator.from_weights` takes: those given (checked), else cuda and
+    fp16 where a GPU is there, cpu and fp32 where not (the precision follows the device)."""
+    dev = check_device(device) if device else default_device()
+    return dev, Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else
+                                                               Precision.FP32)
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch device that this machine has.
 
@@ -240,8 +249,7 @@ class Animator:
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         check_compile_mode(compile)  # before the weights load
         _check_cuda_graphs(backend, cuda_graphs)
-        dev = check_device(device) if device else default_device()
-        prec = Precision.parse(precision) if precision else (Precision.FP16 if dev.type == "cuda" else Precision.FP32)
+        dev, prec = device_and_precision(device, precision)
         _warn_half_on_cpu(dev, prec)
         if backend == "torch":
             if image_size is not None:  # a size the networks cannot take: before the weights load
