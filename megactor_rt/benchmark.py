@@ -851,7 +851,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     scenarios = [shrink(s, dev) for s in chosen] if dry_run else chosen
     _warn_unavailable_backends(scenarios)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out, "the results folder (--out)")
     _hold_results_folder(out, suite + (" (dry run)" if dry_run else ""))
     dtype = torch.float16 if any(s.precision == "fp16" for s in scenarios) else torch.float32
     report: dict[str, Any] = {
@@ -868,7 +868,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="megactor-bench-"))
         else:
             work = str(work_dir)
-            Path(work).mkdir(parents=True, exist_ok=True)
+            _make_folder(Path(work), "the work folder (--work-dir)")
         for sc in in_run_order(suite, scenarios):
             for result in run_scenario(sc, dev, Path(work), report["errors"]):
                 report["results"].append(asdict(result))
@@ -880,6 +880,19 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     report["complete"] = True
     _save(report, out)  # errors recorded after the last result
     return report
+
+
+def _make_folder(path: Path, what: str) -> None:
+    """Make ``path`` (and the folders above it).
+
+    Raises:
+        InputError: it cannot be made (a place no folder can be made in, such as /proc, passes the access check
+            that came before as a writable folder for root).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot make {what} ({exc.strerror or exc})") from exc
 
 
 _HELD: dict[Path, Any] = {}  # results folders this process writes into, each with its open lock file

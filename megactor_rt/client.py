@@ -43,6 +43,7 @@ FETCH_TRIES = 3  # a result's download that breaks off partway is tried this man
 RETRY_S = 1.0  # the first wait before asking again where an answer failed (doubled after each, up to 2 s)
 MIN_WAIT_S, MAX_WAIT_S = 1.0, 30.0  # a server's Retry-After is waited for at least, at most this long
 _PASSING = (429, 502, 503, 504)  # answers of a server or its proxy that pass (busy, its backend restarting)
+KEY_HEADER = "Idempotency-Key"  # (server.KEY_HEADER) the key of a job asked for, the same in every try of its form
 RESUBMITS = 2  # a job the server no longer knows (it restarted) is sent again this many times by animate()
 _CHUNK = 1 << 20
 MAX_ANSWER_BYTES = 1 << 20  # the most bytes of a JSON answer (a job's state, an error) read
@@ -71,7 +72,12 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
 
 
 class _NotJson(InputError):  # noqa: N818 - named for what it says
-    """An answer that is not JSON (a proxy's error page, or no megactor-rt server at the address)."""
+    """An answer that is not JSON (a proxy's error page, or no megactor-rt server at the address); ``status``: its
+    HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Client:
@@ -97,6 +103,7 @@ class Client:
         self.host, self.port = parts.hostname, port or (443 if parts.scheme == "https" else 80)
         self.timeout_s = timeout_s
         self.max_upload_bytes: int | None = None  # (the server's, from its health)
+        self.keyed = False  # (whether the server takes KEY_HEADER: a form whose answer was lost may go again)
         self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
         self._tls: ssl.SSLContext | None = None
         if parts.scheme == "https":
@@ -158,6 +165,10 @@ class Client:
                               ) from exc
         finally:
             conn.close()
+        told = head.get("content-length", "")
+        if told.isdigit() and len(data) < int(told) and len(data) <= MAX_ANSWER_BYTES and method != "HEAD":
+            raise Unreachable(f"{self.url}: the connection broke during the answer ({len(data)} of its {told} bytes "
+                              "came)")
         if len(data) > MAX_ANSWER_BYTES:
             raise InputError(f"{self.url}{path}: the answer ({status}) is over {MAX_ANSWER_BYTES} bytes, not the "
                              "JSON a megactor-rt server gives; is this address a megactor-rt server?")
@@ -165,7 +176,7 @@ class Client:
             doc = json.loads(data)
         except ValueError:
             raise _NotJson(f"{self.url}{path}: the answer ({status}) is not the JSON a megactor-rt server gives; is "
-                             "this address a megactor-rt server?") from None
+                           "this address a megactor-rt server?", status) from None
         return status, head, doc if isinstance(doc, dict) else {}
 
     def health(self) -> dict[str, Any]:
@@ -175,12 +186,16 @@ class Client:
             raise InputError(f"{self.url}: GET /health answered {status}: {doc.get('error')}")
         limit = doc.get("max_upload_bytes")
         self.max_upload_bytes = limit if _count(limit) else None
+        self.keyed = doc.get("idempotency_keys") is True
         return doc
 
     def submit(self, portrait: Path, driver: Path, fields: dict[str, str] | None = None,
                files: dict[str, Path] | None = None, stop: threading.Event | None = None) -> str:
         """``POST /jobs``: a job for ``portrait`` and ``driver`` (and ``files``: mask, audio; ``fields``: the form's
-        text fields); its id. A full queue (503) is asked again after the time the server says.
+        text fields); its id. A full queue (503) is asked again after the time the server says. Every try carries
+        one key (:data:`KEY_HEADER`): where the server takes keys, a form whose answer was lost (the connection
+        broke after it was sent, a proxy's 502/504) is sent again, for up to :data:`OUTAGE_S`, and gets the job the
+        first made, if it made one, instead of a second job running unclaimed.
 
         Raises:
             InputError: the server refuses the form (named as it names it; a form over its upload limit before
@@ -190,32 +205,53 @@ class Client:
         sent = {"portrait": Path(portrait), "driver": Path(driver), **(files or {})}
         if self.max_upload_bytes is None:
             self.health()
-        for _ in range(BUSY_TRIES):
+        key, outage, busy, lost = uuid.uuid4().hex, None, 0, 0
+        while busy < BUSY_TRIES:
             body, length, content_type = _form(fields or {}, sent)
             if self.max_upload_bytes is not None and length > self.max_upload_bytes:
                 raise InputError(f"{', '.join(str(p) for p in sent.values())}: {length} bytes to send, over the "
                                  f"upload limit of {self.url} ({self.max_upload_bytes} bytes: serve --max-upload-mb)")
             try:
-                status, head, doc = self._json("POST", "/jobs", body, {"Content-Type": content_type,
-                                                                       "Content-Length": str(length)})
-            except Unreachable as exc:  # (a full queue refuses a form before reading it and closes: with a large
-                # driver the send broke before its answer could be read; no job was made of a form not read)
-                if not exc.unsent:
+                try:
+                    status, head, doc = self._json("POST", "/jobs", body, {
+                        "Content-Type": content_type, "Content-Length": str(length), KEY_HEADER: key})
+                except _NotJson as exc:
+                    if not (self.keyed and exc.status in (502, 504)):
+                        raise
+                    status, head, doc = exc.status, {}, {"error": "a proxy's page"}
+                if self.keyed and status in (502, 504):  # (a proxy's: the form may have reached the server)
+                    raise Unreachable(f"{self.url}: POST /jobs answered {status} ({doc.get('error', 'a proxy')})")
+            except Unreachable as exc:
+                if exc.unsent:  # (a full queue refuses a form before reading it and closes: with a large driver
+                    # the send broke before its answer could be read; no job was made of a form not read)
+                    self.health()  # (a server gone: Unreachable)
+                    logger.warning("%s; the server answers (its queue full?): asking again in %g s", exc,
+                                   BUSY_WAIT_S)
+                    busy += 1
+                    _pause(BUSY_WAIT_S, stop, f"a request to {self.url}")
+                    continue
+                if not self.keyed:  # (a job may have been made: a second form would make another)
                     raise
-                self.health()  # (a server gone: Unreachable)
-                logger.warning("%s; the server answers (its queue full?): asking again in %g s", exc, BUSY_WAIT_S)
-                _pause(BUSY_WAIT_S, stop, f"a request to {self.url}")
+                now = time.monotonic()
+                outage = now if outage is None else outage
+                if now - outage > OUTAGE_S:
+                    raise Unreachable(f"{exc} (for {now - outage:.0f} s, sending a job)") from exc
+                wait, lost = min(2.0, RETRY_S * 2 ** lost), lost + 1
+                logger.warning("%s; sending the form again in %g s with its key (a job it made is not made twice), "
+                               "for up to %g s", exc, wait, OUTAGE_S)
+                _pause(wait, stop, f"a request to {self.url}")
                 continue
-            if status == 202:
+            if status in (200, 202):  # (200: a job the key's form made before)
                 job = doc.get("id")
                 if not isinstance(job, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job):
-                    raise InputError(f"{self.url}: POST /jobs answered 202 without a job id of the form a "
+                    raise InputError(f"{self.url}: POST /jobs answered {status} without a job id of the form a "
                                      f"megactor-rt server gives (got {job!r:.60})")
                 return job
             if status not in (429, 503):
                 raise InputError(f"{self.url}: {doc.get('error', f'the server answered {status}')}")
             wait = _retry_after(head) or BUSY_WAIT_S
             logger.warning("%s: %s; asking again in %g s", self.url, doc.get("error"), wait)
+            busy += 1
             _pause(wait, stop, f"a request to {self.url}")
         raise ResourceError(f"{self.url}: the server stayed busy ({BUSY_TRIES} tries); try again later")
 

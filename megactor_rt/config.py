@@ -419,6 +419,11 @@ class AnimateConfig:
             if getattr(self, name) is not None or name in _WHOLE_REQUIRED:
                 object.__setattr__(self, name, whole_number(name, getattr(self, name)))
         object.__setattr__(self, "guidance", real_number("guidance", self.guidance))
+        for name in ("closed_loop", "decode_streams"):  # ("false" would count as true; a numpy bool as Python's)
+            value = getattr(self, name)
+            if type(value).__name__ not in ("bool", "bool_"):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            object.__setattr__(self, name, bool(value))
         if self.fps is not None and not isinstance(self.fps, Fraction):  # (a Fraction is a rate as it is)
             object.__setattr__(self, "fps", real_number("fps", self.fps))
         if not isinstance(self.mode, Mode):  # a plain "reference" would compare unequal to Mode.REFERENCE

@@ -1221,10 +1221,7 @@ def check_output_path(path: PathLike) -> Path:
         check_stdout()
         return Path(STDOUT)
     path = Path(path).expanduser().absolute()
-    size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)
-    if size > _name_max(path.parent):
-        raise InputError(f"{path}: the file name is longer than this file system allows "
-                         f"({size} > {_name_max(path.parent)} bytes)")
+    _check_name_length(path, path)
     if path.is_dir():  # (first: a folder named x.mp4 is that, not a format problem)
         raise InputError(f"{path}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
     if path.suffix.lower() not in _AUDIO_COPY_CODECS:
@@ -1246,6 +1243,7 @@ def check_writable_result(path: Path, named: PathLike | None = None) -> None:
         InputError: naming ``named`` (default: ``path``) and the problem.
     """
     named = path if named is None else named
+    _check_name_length(path, named)
     if path.is_dir():
         raise InputError(f"{named}: output path is a directory (name the result file, e.g. {path / 'result.mp4'})")
     parent = path.parent
@@ -1324,6 +1322,13 @@ def check_quality(path: Path, crf: int | None) -> None:
     if not best <= crf <= worst:
         raise InputError(f"{path}: crf (--crf) {crf} is outside {encoder}'s scale of {best} (best, largest) to "
                          f"{worst} (worst, smallest); its default is {default}")
+
+
+def _check_name_length(path: Path, named: PathLike) -> None:
+    size = len(os.fsencode(path.name))  # the bytes the file system gets (a name need not be UTF-8)
+    if size > _name_max(path.parent):
+        raise InputError(f"{named}: the file name is longer than this file system allows "
+                         f"({size} > {_name_max(path.parent)} bytes)")
 
 
 def _name_max(folder: Path) -> int:

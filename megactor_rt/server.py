@@ -25,7 +25,10 @@ says where it is (queued with the runs ``ahead`` of it, running with its ``progr
 done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers as ``POST /animate`` would have
 (409 before it is done, 410 cancelled); ``DELETE /jobs/ID`` cancels it (queued: at once; running: at its next
 progress report; a cancelled job stays listed, as a finished one does) or deletes its result; ``GET /jobs`` lists
-them. A job's result is kept ``keep_s`` after its run (and the ``max_kept`` latest only). ``GET /health`` answers a
+them. A job's result is kept ``keep_s`` after its run (and the ``max_kept`` latest only). A ``POST /jobs`` that
+carries an ``Idempotency-Key`` header (:data:`KEY_HEADER`, up to 128 letters, digits and ``_.:-``) sent again with
+the same key while its job is known (a client whose connection broke before the answer came) is answered 200 with
+that job instead of making a second one (its form is read and dropped). ``GET /health`` answers a
 JSON object: the model's settings, the run under way and how many wait; ``GET /metrics`` counters and gauges for
 Prometheus (runs, frames, run seconds, the queue, answers by status, portraits kept); ``GET /openapi.json`` the API
 as an OpenAPI 3 document; ``GET /`` a page with the form for a browser (it runs the form as a job, shows its
@@ -62,6 +65,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import shutil
 import socket
@@ -101,6 +105,10 @@ FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "crf", "side_by_side", "paste_back")
 CALLBACK = "callback"  # POST /jobs: an address the server posts the job's end to (serve --allow-callbacks)
 CALLBACK_TRIES = 3  # a callback answered 5xx or not reached is posted this many times in all
+# POST /jobs: a key the client chose for the job it asks for; a form sent again with it (its answer was lost) gets
+# the job the first made, not a second one
+KEY_HEADER = "Idempotency-Key"
+_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 FORMATS = tuple(s[1:] for s in RESULT_SUFFIXES)  # the video files the writer makes (no frame sequences: folders)
 # their content types in answers (others: application/octet-stream)
 _MEDIA_TYPES = {".mp4": "video/mp4", ".m4v": "video/x-m4v", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
@@ -308,6 +316,7 @@ class Task:
     cancel: threading.Event = field(default_factory=threading.Event)
     over: threading.Event = field(default_factory=threading.Event)
     callback: str | None = None  # where its end is posted (CALLBACK)
+    key: str | None = None  # the client's Idempotency-Key (KEY_HEADER)
     request: tuple[dict[str, str], dict[str, Path]] | None = None  # its form's text fields and files (RECORD)
 
     @property
@@ -338,6 +347,7 @@ class Task:
         return {"format": RECORD_FORMAT, "id": self.id, "status": self.status, "created": self.created,
                 "finished": self.finished, "error": None if self.error is None else list(self.error),
                 "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
+                "key": self.key,
                 "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
                 "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
 
@@ -419,7 +429,11 @@ def openapi() -> dict[str, Any]:
         "/animate": {"post": {"summary": "animate a portrait with a driver; the result in the answer",
                               "requestBody": form, "responses": {"200": result, **errors}}},
         "/jobs": {"post": {"summary": "the same as a job: answered at once", "requestBody": job_form,
-                           "responses": {"202": job, **errors}},
+                           "parameters": [{"name": KEY_HEADER, "in": "header", "required": False,
+                                           "schema": {"type": "string", "pattern": _KEY.pattern}, "description":
+                                           "a key of the client's choosing (a uuid): the form sent again with it "
+                                           "while its job is known gets that job (200), not a second one"}],
+                           "responses": {"202": job, "200": job, **errors}},
                   "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"}}}},
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
                                "responses": {"200": job, "401": error, "404": error}},
@@ -459,7 +473,7 @@ def _iso(t: float) -> str:
 # what GET /health tells about the server itself; the rest of it is the model's run settings
 STATE_KEYS = frozenset({"status", "running", "waiting", "served", "failed", "jobs_kept", "max_waiting",
                         "max_upload_bytes", "keep_s", "formats", "portraits_kept", "portrait_memory_bytes",
-                        "portrait_memory_budget", "frame_limit"})
+                        "portrait_memory_budget", "frame_limit", "idempotency_keys"})
 
 
 def run_settings_of(health: dict[str, Any]) -> dict[str, Any]:
@@ -586,7 +600,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         return {"status": "ok", **self._snapshot(), "max_waiting": self.max_waiting,
                 "max_upload_bytes": self.max_upload_bytes, "frame_limit": self.frame_limit, "keep_s": self.keep_s,
                 "formats": list(FORMATS), "portraits_kept": len(cache), "portrait_memory_bytes": cache.nbytes,
-                "portrait_memory_budget": cache.max_bytes, **self.anim.run_settings()}
+                "portrait_memory_budget": cache.max_bytes, "idempotency_keys": True, **self.anim.run_settings()}
 
     def _snapshot(self) -> dict[str, Any]:
         """The runs' state that ``GET /health`` and ``GET /metrics`` both tell: the run under way (its result's
@@ -759,14 +773,27 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         with self._state:
             self._receiving -= 1
 
-    def submit(self, task: Task) -> None:
-        """Queue ``task`` behind the runs before it, in the place :meth:`reserve` held for it."""
+    def submit(self, task: Task) -> Task:
+        """Queue ``task`` behind the runs before it, in the place :meth:`reserve` held for it; the job queued, which
+        is another where a form with ``task``'s key came first (its place is given back then: ``task`` is not run)."""
         with self._state:
             self._receiving -= 1
+            first = self.keyed(task.key)
+            if first is not None:
+                return first
             self._tasks[task.id] = task
             self._queue.append(task)
             self._save(task)
             self._start_worker()
+            return task
+
+    def keyed(self, key: str | None) -> Task | None:
+        """The job known by the client's key (:data:`KEY_HEADER`), if any."""
+        if key is None:
+            return None
+        with self._state:
+            self._expire()
+            return next((t for t in self._tasks.values() if t.key == key), None)
 
     def _start_worker(self) -> None:
         with self._state:
@@ -936,7 +963,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         finished = None if doc["finished"] is None else _finite_time(doc["finished"])
         if doc["error"] is not None and (not isinstance(doc["error"], list) or len(doc["error"]) != 2):
             raise ValueError(f"error {doc['error']!r} is not [status, message]")
-        callback = doc["callback"]
+        callback, key = doc["callback"], doc.get("key")
+        if key is not None and (not isinstance(key, str) or not _KEY.fullmatch(key)):
+            raise ValueError(f"key {key!r} is not an {KEY_HEADER}")
         refused: Exception | None = None  # (why this server does not run it again)
         if status in ("queued", "running"):
             if status == "running":
@@ -944,7 +973,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 shutil.rmtree(folder / "result", ignore_errors=True)  # (a result's write the stop cut short)
             try:
                 task = self.task_of(folder, text, files, task_id, True, callback)
-                task.created = created
+                task.created, task.key = created, key
                 if status == "running":  # (queued again; a queued job's record says so already)
                     self._save(task)
                 return task
@@ -954,7 +983,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             raise ValueError(f"status {status!r} without the time it ended")
         job = Job(files.get("portrait", folder), files["driver"], result)
         task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=created,
-                    finished=finished, callback=callback, request=(text, files))
+                    finished=finished, callback=callback, request=(text, files), key=key)
         if refused is not None:
             task.error = 400, task.said(refused)
         elif doc["error"] is not None:
@@ -1142,7 +1171,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(204)
         if self.server.cors_origins:
             self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE")
-            self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Range, If-Range")
+            self.send_header("Access-Control-Allow-Headers",
+                             f"Content-Type, Authorization, Range, If-Range, {KEY_HEADER}")
             self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.send_header("Connection", "close")
@@ -1273,8 +1303,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         if not self._allowed():  # (refused before the client sends its body)
             return False
-        if self._route() in _FORMS:  # (refused before the client sends the form)
-            try:
+        if self._route() in _FORMS and self.server.keyed((self.headers.get(KEY_HEADER) or "").strip()) is None:
+            try:  # (refused before the client sends the form; one sent again for a job known is answered with it)
                 self._length()
                 refused = self.server.busy()
                 if refused is not None:
@@ -1367,6 +1397,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         "answer) and POST /jobs (a job to ask about)",
                         {"Allow": "GET, HEAD" + (", DELETE" if route.startswith("/jobs/") else "")} if known else None)
             return
+        key = self.headers.get(KEY_HEADER)
+        if key is not None and (route != "/jobs" or not _KEY.fullmatch(key.strip())):
+            self._error(400, f"the {KEY_HEADER} header is for POST /jobs and takes 1 to 128 letters, digits and "
+                        "_.:- (a uuid)" if route == "/jobs" else
+                        f"the {KEY_HEADER} header is for POST /jobs (POST /animate's answer is its result)")
+            return
+        key = None if key is None else key.strip()
+        if self._known(key):
+            return
         task_id = uuid.uuid4().hex[:12]
         folder = self.server.folder(task_id if route == "/jobs" else None)
         task: Task | None = None
@@ -1378,8 +1417,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.reserve()
             reserved = True
             task = self._task(folder, length, task_id, keep=route == "/jobs")
-            self.server.submit(task)
+            task.key = key
+            queued = self.server.submit(task)
             reserved = False
+            if queued is not task:  # (the same key's form came first meanwhile: its job is the one)
+                self.server.release(folder)
+                logger.info("POST /jobs: %s %s is job %s's; answered with it", KEY_HEADER, key, queued.id)
+                self._json(200, queued.describe(), {"Location": f"/jobs/{queued.id}"})
+                return
             if task.keep:
                 self._json(202, task.describe(), {"Location": f"/jobs/{task.id}"})
                 return
@@ -1419,6 +1464,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             if result is not None:
                 result.close()
+
+    def _known(self, key: str | None) -> bool:
+        """Answer a ``POST /jobs`` whose key (:data:`KEY_HEADER`) names a job known here with that job (200; its
+        form read and dropped first, so that the client reads the answer); whether it was answered."""
+        task = self.server.keyed(key)
+        if task is None:
+            return False
+        try:
+            body = _Body(self.rfile, self._length())
+            while body.left > 0:
+                body.read()
+            self._form_read = True
+        except FormError as exc:
+            self._error(exc.status, str(exc))
+            return True
+        logger.info("POST /jobs: %s %s is job %s's (its form sent again); answered with it", KEY_HEADER, key, task.id)
+        self._json(200, task.describe(), {"Location": f"/jobs/{task.id}"})
+        return True
 
     def _task(self, folder: Path, length: int, task_id: str, keep: bool) -> Task:
         """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""

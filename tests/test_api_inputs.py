@@ -100,6 +100,7 @@ def test_a_clients_result_path_is_checked_before_sending(stub: Client, tmp_path:
                             (tmp_path / "folder.mp4", "output path is a directory"),
                             (tmp_path / "take" / "%05d.png", "image sequences .* are made by a local run"),
                             (tmp_path / "a.txt", "a server writes a video file"),
+                            (tmp_path / ("x" * 300 + ".mp4"), "file name is longer than this file system allows"),
                             (Path("-"), "made by a local run")):
         with pytest.raises(InputError, match=message):
             stub.animate(PORTRAIT, DRIVER, output)
@@ -115,7 +116,9 @@ def test_a_clients_result_path_is_checked_before_sending(stub: Client, tmp_path:
     ("reference_timestep", 2.5, "reference_timestep must be a whole number"),
     ("window_batch", 2.5, "window_batch must be a whole number"), ("bit_depth", 8.0, "bit_depth must be a whole"),
     ("guidance", "4.5", "guidance must be a number, got '4.5'"), ("guidance", False, "guidance must be a number"),
-    ("fps", "30", "fps must be a number, got '30'"), ("steps", None, "steps must be a whole number .* got None")])
+    ("fps", "30", "fps must be a number, got '30'"), ("steps", None, "steps must be a whole number .* got None"),
+    ("closed_loop", "false", "closed_loop must be True or False, got 'false'"),
+    ("decode_streams", 0, "decode_streams must be True or False, got 0")])
 def test_config_fields_of_the_wrong_type_are_refused_naming_the_field(field: str, value: object, says: str) -> None:
     """A count that is no whole number, a bool or a string for a number: refused when the config is made (was:
     max_frames=2.5 gave 3 frames, steps=2.5 a TypeError in the scheduler, seed=1.5 a TypeError in torch)."""
@@ -129,7 +132,8 @@ def test_config_takes_numpy_numbers_as_pythons() -> None:
     from megactor_rt.config import AnimateConfig
 
     cfg = AnimateConfig(steps=np.int64(3), seed=np.uint32(7), guidance=np.float32(2.5), max_frames=np.int16(4),
-                        fps=np.float64(24), window=np.int8(8), overlap=np.int32(4))
+                        fps=np.float64(24), window=np.int8(8), overlap=np.int32(4), closed_loop=np.bool_(False))
+    assert cfg.closed_loop is False
     assert (cfg.steps, cfg.seed, cfg.guidance, cfg.max_frames, cfg.fps, cfg.window, cfg.overlap) == (3, 7, 2.5, 4, 24,
                                                                                                    8, 4)
     assert all(type(v) in (int, float) for v in (cfg.steps, cfg.seed, cfg.guidance, cfg.max_frames, cfg.fps))

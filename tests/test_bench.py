@@ -684,3 +684,12 @@ def test_a_results_folder_takes_one_run_at_a_time(tmp_path: Path, caplog: pytest
     with caplog.at_level(logging.WARNING, "megactor_rt.benchmark"):
         benchmark._hold_results_folder(out, "cpu-smoke")
     assert "the results of suite 'cpu-full-256' from 2026-11-27 there are replaced" in caplog.text
+
+
+def test_a_results_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    """(Was "unexpected error: FileNotFoundError" for `--out /proc/x`, which root's access check passes.)"""
+    from megactor_rt.errors import InputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"file/x: cannot make the results folder \(--out\) \(Not a directory\)"):
+        run_bench("cpu-tiny", tmp_path / "file" / "x", dry_run=True)

@@ -46,10 +46,13 @@ class _Fake(http.server.BaseHTTPRequestHandler):
 
     script: dict[str, list[tuple[int, dict[str, str], Any]]] = {}
     asked: list[str] = []
+    keys: list[str | None] = []  # (each POST's Idempotency-Key)
 
     def _answer(self) -> None:
         key = f"{self.command} {self.path}"
         _Fake.asked.append(key + (f" {self.headers['Range']}" if self.headers.get("Range") else ""))
+        if self.command == "POST":
+            _Fake.keys.append(self.headers.get("Idempotency-Key"))
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -78,7 +81,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Client, dict[str, li
     monkeypatch.setattr(client_module, "_sleep", waits.append)
     monkeypatch.setattr(client_module, "POLL_S", 0.0)
     monkeypatch.setattr(client_module, "OUTAGE_S", 0.3)
-    _Fake.asked = []
+    _Fake.asked, _Fake.keys = [], []
     _Fake.script = {"GET /health": [answer(200, {"max_upload_bytes": 1 << 30})],
                     "POST /jobs": [answer(202, {"id": JOB})],
                     f"GET /jobs/{JOB}": [answer(200, {"status": "done"})],
@@ -345,3 +348,33 @@ def test_a_busy_server_that_refuses_a_large_form_unread_is_waited_for(tmp_path: 
     finally:
         listener.close()
         thread.join(10)
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_a_lost_answer_to_a_job_form_is_sent_again_only_with_a_key(fake: tuple[Client, dict[str, Any]],
+                                                                  tmp_path: Path, keyed: bool) -> None:
+    """The answer to POST /jobs lost (the connection broke within it, then a proxy's 502 page): a server whose health
+    says it takes keys is sent the form again with the same key, and the one job it answers with is followed; one
+    that does not take them is not (a second job would run unclaimed beside the first): the error names the
+    break."""
+    client, _ = fake
+    _Fake.script["GET /health"] = [answer(200, {"max_upload_bytes": 1 << 30, "idempotency_keys": keyed})]
+    _Fake.script["POST /jobs"] = [(202, {"Content-Type": "application/json", "Content-Length": "500"}, CUT),
+                                  answer(502, b"<html>bad gateway</html>"), answer(200, {"id": JOB})]
+    if not keyed:
+        with pytest.raises(InputError, match="the connection broke during the answer"):
+            _animate(client, tmp_path)
+        assert _Fake.asked == ["GET /health", "POST /jobs"]
+        return
+    _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO
+    assert [a for a in _Fake.asked if a.startswith("POST")] == ["POST /jobs"] * 3
+    assert len(set(_Fake.keys)) == 1 and len(_Fake.keys[0] or "") == 32
+
+
+def test_a_new_job_gets_a_new_key(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:
+    """Each job asked for has its own key (a job sent again after the server lost it is another job)."""
+    client, _ = fake
+    _animate(client, tmp_path)
+    _animate(client, tmp_path)
+    assert len(_Fake.keys) == 2 and len(set(_Fake.keys)) == 2

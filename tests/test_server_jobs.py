@@ -19,6 +19,7 @@ from serve_fixtures import (
     animate,
     animate_through_a_restart,
     files,
+    form,
     hold_runs,
     media,
     post_job,
@@ -271,3 +272,41 @@ def test_a_client_follows_its_job_through_a_killed_and_restarted_serve(media: di
     assert "cannot reach the server" in caplog.text and "reached again after" in caplog.text
     assert "sending it again" not in caplog.text and "no longer there" not in caplog.text
     assert _records(tmp_path / "jobs") == {}  # (the client deleted its job once it had the result)
+
+
+def test_a_form_sent_again_with_its_key_gets_the_job_the_first_made(anim: Animator, media: dict[str, Path],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A POST /jobs sent again with the same Idempotency-Key (its answer was lost) is answered 200 with the job the
+    first made, queued, done, and from a server started again on the jobs folder; another key, or none, makes a
+    job of its own; a malformed key, or a key on POST /animate, is refused by name."""
+    jobs_dir = tmp_path / "jobs"
+    body, ctype = form(files(media))
+    key = {"Idempotency-Key": "8a0e-retry:1.x"}
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert json.loads(request(srv, "GET", "/health")[2])["idempotency_keys"] is True
+        go = hold_runs(srv, monkeypatch)
+        status, _, first = request(srv, "POST", "/jobs", body, ctype, key)
+        job = json.loads(first)["id"]
+        assert status == 202
+        status, headers, again = request(srv, "POST", "/jobs", body, ctype, key)
+        assert status == 200 and json.loads(again)["id"] == job and headers["Location"] == f"/jobs/{job}"
+        other = json.loads(request(srv, "POST", "/jobs", body, ctype, {"Idempotency-Key": "another"})[2])["id"]
+        plain = post_job(srv, files(media))
+        assert len({job, other, plain}) == 3 and len(json.loads(request(srv, "GET", "/jobs")[2])["jobs"]) == 3
+        for bad, path in (("", "/jobs"), ("x" * 129, "/jobs"), ("a b", "/jobs"), ("k", "/animate")):
+            status, _, said = request(srv, "POST", path, body, ctype, {"Idempotency-Key": bad})
+            assert status == 400 and "Idempotency-Key header is for POST /jobs" in json.loads(said)["error"], said
+        go.set()
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{plain}")
+        status, _, done = request(srv, "POST", "/jobs", body, ctype, key)
+        assert status == 200 and json.loads(done)["status"] == "done"
+        assert len(json.loads(request(srv, "GET", "/jobs")[2])["jobs"]) == 3
+    monkeypatch.undo()
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert srv.restore() == (3, 0)
+        status, _, kept = request(srv, "POST", "/jobs", body, ctype, key)
+        assert status == 200 and json.loads(kept)["id"] == job
+        request(srv, "DELETE", f"/jobs/{job}")  # (gone: the key makes a new job)
+        status, _, new = request(srv, "POST", "/jobs", body, ctype, key)
+        assert status == 202 and json.loads(new)["id"] != job
