@@ -1477,7 +1477,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_waiting=args.queue,
                                keep_s=args.keep_min * 60, cors_origins=tuple(args.cors_origin),
                                allow_urls=args.allow_urls, token=token, tls=tls, frame_limit=args.frame_limit,
-                               allow_callbacks=args.allow_callbacks, jobs_dir=args.jobs_dir)
+                               allow_callbacks=args.allow_callbacks, jobs_dir=args.jobs_dir,
+                               allowed_hosts=tuple(args.allowed_host))
     except OSError as exc:
         raise InputError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
     args.cleanup.callback(server.server_close)
@@ -1822,6 +1823,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let pages of this site call the server from a browser (CORS), e.g. "
                             "https://app.example.com; * for any site (then any page its user opens can use it); may "
                             "be given more than once (default: none)")
+    s_net.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a server listening on this machine only (the default --host) answers requests to "
+                            "localhost and its addresses; this name too (a proxy in front that passes its own "
+                            "name as Host); other names are refused, as a page of another site pointed at this "
+                            "machine (DNS rebinding) would come with one; may be given more than once")
     s_net.add_argument("--cache-memory-gb", type=_gib, default=2.0, metavar="GB",
                        help="how much memory (the device's, on a GPU) the prepared portraits kept for the next "
                             "requests may take, in GiB (default 2: about 5 portraits at 512 px fp16, 25 steps); the "

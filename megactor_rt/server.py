@@ -47,7 +47,8 @@ were queued, and runs again the one that was running, from its last denoising st
 checkpoint per job, :mod:`~megactor_rt.runtime.checkpoint`; wrapping windows); stopping such a server leaves its
 queued and running jobs queued. One server at a time may use a folder (a lock).
 
-The server listens on the loopback address unless told otherwise. Given a ``token``, every request but the page, the
+The server listens on the loopback address unless told otherwise, and there answers requests to local names only
+(``allowed_hosts``: DNS rebinding). Given a ``token``, every request but the page, the
 API description and ``GET /ping`` (static; ``/ping`` for load balancers that send no header) must carry it
 (``Authorization: Bearer TOKEN``; 401 otherwise); given a ``tls`` context, it speaks HTTPS (each connection's
 handshake made on the connection's own thread, so a slow or broken client holds up no other).
@@ -61,6 +62,7 @@ import email.parser
 import hashlib
 import hmac
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -514,6 +516,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         jobs_dir: keep the jobs (their files and records) and the drivers kept in this folder, so that a server
             started again on it knows them (:meth:`restore`, once the model is set); created where missing.
             None: in temporary folders, gone with the server.
+        allowed_hosts: a server listening on a loopback address answers requests whose ``Host`` is ``localhost``
+            (or a name under it) or an address, and these names too (a proxy in front that passes its own name);
+            other names are refused (403): a page of another site whose name its owner pointed at 127.0.0.1 (DNS
+            rebinding) is, to the browser, of the same site as the server, and would pass the Origin check.
 
     Raises:
         InputError: ``jobs_dir`` cannot be written, or another server uses it.
@@ -527,9 +533,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
                  keep_s: float = 3600.0, max_kept: int = 100, cors_origins: tuple[str, ...] = (),
                  allow_urls: bool = False, token: str | None = None, tls: ssl.SSLContext | None = None,
-                 frame_limit: int | None = None, allow_callbacks: bool = False, jobs_dir: Path | None = None
-                 ) -> None:
+                 frame_limit: int | None = None, allow_callbacks: bool = False, jobs_dir: Path | None = None,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         self.anim, self.options = anim, dict(options or {})
+        self.allowed_hosts = frozenset(h.strip().lower().rstrip(".") for h in allowed_hosts)
         self.frame_limit, self.allow_callbacks = frame_limit, allow_callbacks
         self.token = None if token is None else token.encode()
         self.tls = tls
@@ -557,6 +564,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self.jobs_dir: Path | None = None
         self._lock: IO[bytes] | None = None
         super().__init__(address, _Handler)  # (first: a port in use leaves no jobs folder made)
+        self.local_only = _is_loopback_ip(str(self.server_address[0]))  # (then only local names are answered)
         if jobs_dir is not None:
             try:
                 self._lock = _lock_jobs_dir(jobs_dir)
@@ -1269,8 +1277,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          f"{origin} allows it)")
         return False
 
+    def _host_allowed(self) -> bool:
+        """Whether a server that listens on this machine only is asked by one of the names it answers (see
+        ``allowed_hosts``); answered 403 if not."""
+        host = self.headers.get("Host")
+        if not self.server.local_only or host is None:
+            return True
+        name = host.strip().lower()
+        if name.startswith("["):  # ([::1]:8450)
+            name = name[1:].partition("]")[0]
+        elif name.count(":") == 1:  # (name:port)
+            name = name.partition(":")[0]
+        name = name.rstrip(".")
+        if name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name in self.server.allowed_hosts:
+            return True
+        self._error(403, f"Host {host.strip()!r}: this server listens on this machine only and answers the names "
+                         "localhost and its addresses (a page of another site whose name was pointed at this machine, "
+                         "DNS rebinding, comes with its own name); serve --allowed-host "
+                         f"{name} answers this name too (a proxy in front that passes its own)")
+        return False
+
     def _allowed(self) -> bool:
         """Whether the request may be answered (its token, where the server has one); answered 401 if not."""
+        if not self._host_allowed():
+            return False
         if self.command in ("POST", "DELETE") and not self._from_this_site():
             return False
         sent = self.headers.get("Authorization")
@@ -1690,6 +1720,21 @@ def _stem(path: Path) -> str:
     """An upload's name in its result's name (``<portrait>_<driver>.mp4``), at most 100 bytes of UTF-8: two of
     them and a suffix stay within the file systems' 255."""
     return cut_utf8(path.stem or path.name, 100)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback_ip(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def loopback(host: str) -> bool:

@@ -591,12 +591,9 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
             tmp.chmod(umask_mode())  # readable as other written files (safetensors writes 0600), e.g. by a service
             # the id hashes the tensors, not the file: safetensors writes its metadata in an order that differs
             # from process to process, so the same weights converted twice gave two ids (and cold caches)
-            for key in sorted(tensors):
-                t = tensors[key]
-                digest.update(f"{name}/{key}:{t.dtype}:{tuple(t.shape)};".encode())
-                digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+            _hash_state(digest, name, tensors)
         meta = {"format_version": FORMAT_VERSION, "source": source, "weights_id": digest.hexdigest()[:16],
-                "model": cfg.to_dict()}
+                "model": cfg.to_dict(), "files": {final.name: _file_stamp(tmp) for tmp, final in written}}
         tmp = _temporary_beside(dst / CONFIG_NAME, written)
         tmp.write_text(json.dumps(meta, indent=1))
         for tmp, _ in written:  # (on disk before config.json names the folder complete, across a power loss too)
@@ -617,6 +614,38 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
                 dst.rmdir()
     logger.info("wrote converted weights to %s", dst)
     return dst
+
+
+def _hash_state(digest: Any, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Add module ``name``'s tensors (as its file holds them) to the weights id's ``digest``."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        digest.update(f"{name}/{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+
+
+def _file_stamp(path: Path) -> list[int]:
+    """A file's size and modification time (ns): config.json keeps them, so that a file replaced since the
+    conversion is noticed at load (then its tensors are hashed again)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _changed_files(weights_dir: Path) -> list[str] | None:
+    """The module files whose size or time differ from what config.json recorded at the conversion (replaced by
+    hand, or copied without their times); None where it recorded none (converted before the record existed)."""
+    stamps = _read_json(weights_dir / CONFIG_NAME).get("files")
+    if not isinstance(stamps, dict):
+        return None
+    changed = []
+    for name in MODULE_FILES:
+        path = weights_dir / f"{name}.safetensors"
+        try:
+            if stamps.get(path.name) != _file_stamp(path):
+                changed.append(path.name)
+        except OSError:
+            changed.append(path.name)
+    return changed
 
 
 def _temporary_beside(final: Path, written: list[tuple[Path, Path]]) -> Path:
@@ -693,12 +722,16 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
     """Load a converted weights folder into eval-mode modules on ``device``/``dtype``."""
     weights_dir = Path(weights_dir)
     cfg, weights_id = converted_config(weights_dir)
+    changed = _changed_files(weights_dir)
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()) if changed else None
     models = meta_models(cfg, str(weights_dir / CONFIG_NAME))
     for name, module in models.modules().items():  # one module's tensors in host memory at a time
         path = weights_dir / f"{name}.safetensors"
         if not path.is_file():
             raise WeightsError(f"missing {path}")
         state = read_safetensors(path)
+        if digest is not None:
+            _hash_state(digest, name, state)
         load_state_strict(module, state, name, path, assign=True)  # the file's tensors become the parameters
         del state
         _restore_buffers(module)
@@ -706,6 +739,15 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
         if left:
             raise WeightsError(f"{path}: no values for {', '.join(left[:10])}")
         nn.Module.to(module, device=device, dtype=dtype)  # base method, as MegActorModels.to
+    if digest is not None and digest.hexdigest()[:16] != weights_id:  # (the caches and exports key on the id)
+        logger.warning("%s: %s changed since convert-weights wrote %s: these are other weights (id %s, not %s); "
+                       "portraits, plans and graphs kept for the old ones are not used (convert-weights again "
+                       "records them)", weights_dir, ", ".join(changed or ()), CONFIG_NAME, digest.hexdigest()[:16],
+                       weights_id)
+        weights_id = digest.hexdigest()[:16]
+    elif digest is not None:
+        logger.debug("%s: %s touched since the conversion (copied?); the same tensors", weights_dir,
+                     ", ".join(changed or ()))
     models.weights_id = weights_id
     return models
 

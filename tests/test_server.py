@@ -38,6 +38,7 @@ from serve_fixtures import (
     request,
     scratch,
     served,
+    serving,
     wait_for,
 )
 
@@ -470,6 +471,34 @@ def test_pages_of_other_sites_cannot_send_work(served: AnimateServer, media: dic
     assert request(served, "DELETE", f"/jobs/{job}", headers={"Origin": "https://app.example"})[0] == 200
 
 
+def test_a_server_on_this_machine_answers_only_local_names(anim: Animator, media: dict[str, Path]) -> None:
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host and Origin
+    evil.example, which passed the Origin check as the server's own page; a server listening on a loopback address
+    answers localhost, names under it and addresses only (and --allowed-host's names); one listening on every
+    address answers any name (its token guards it)."""
+    body, ctype = form({**files(media), "duration": "0.04"})
+    with serving(anim) as srv:
+        port = srv.server_address[1]
+        evil = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        status, _, answer = request(srv, "POST", "/jobs", body, ctype, evil)
+        assert status == 403 and "Host 'evil.example:" in json.loads(answer)["error"], answer
+        assert "serve --allowed-host evil.example answers" in json.loads(answer)["error"]
+        assert request(srv, "GET", "/jobs", headers={"Host": "evil.example"})[0] == 403
+        assert request(srv, "GET", "/", headers={"Host": "evil.example."})[0] == 403
+        for host in (f"localhost:{port}", "LOCALHOST", f"app.localhost:{port}", f"127.0.0.1:{port}", "[::1]:80",
+                     "10.0.0.7"):
+            assert request(srv, "GET", "/health", headers={"Host": host})[0] == 200, host
+        assert json.loads(request(srv, "GET", "/jobs")[2])["jobs"] == []  # (nothing was queued)
+    with serving(anim, allowed_hosts=("GPU.example",)) as srv:
+        assert request(srv, "GET", "/health", headers={"Host": "gpu.example:443"})[0] == 200
+        assert request(srv, "GET", "/health", headers={"Host": "other.example"})[0] == 403
+    srv = AnimateServer(anim, ("0.0.0.0", 0))
+    try:
+        assert not srv.local_only
+    finally:
+        srv.server_close()
+
+
 def test_uploads_named_in_utf8_and_at_length(served: AnimateServer, media: dict[str, Path]) -> None:
     """A browser sends a file name as UTF-8: "café.png" stays so (was "caf\ufffd\ufffd.png"); names long in bytes
     (Japanese, 300 characters) are shortened to what a file system takes (they failed with 503 or 500)."""
@@ -572,7 +601,7 @@ def test_an_expect_100_continue_form_over_the_limit_is_refused_unsent(served: An
 
     served.max_upload_bytes = 10
     with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as conn:
-        conn.sendall(b"POST /animate HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        conn.sendall(b"POST /animate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n"
                      b"Content-Type: multipart/form-data; boundary=b\r\nExpect: 100-continue\r\n\r\n")
         answer = b""
         while chunk := conn.recv(65536):  # (the server closes the connection after its answer)
@@ -618,7 +647,7 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
 
     for expect in (b"", b"Expect: 100-continue\r\n"):  # refused before the form is read (or even sent)
         with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=10) as conn:
-            conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n" + expect +
+            conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n" + expect +
                          b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
             answer = conn.recv(65536)  # (a server reading the form first would wait here for the other 10 MB)
         assert answer.startswith(b"HTTP/1.1 503 "), answer
@@ -977,7 +1006,7 @@ def test_a_post_animate_whose_client_went_away_is_cancelled(served: AnimateServe
     go = hold_runs(served, monkeypatch)
     body, ctype = form(files(media))
     sock = socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30)
-    sock.sendall(f"POST /animate HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+    sock.sendall(f"POST /animate HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     wait_for(served, lambda d: d["running"] is not None)
     running = served.running

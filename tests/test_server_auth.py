@@ -81,7 +81,7 @@ def test_a_form_without_the_token_is_refused_before_it_is_sent(served: AnimateSe
     """curl's "Expect: 100-continue": a request without the token is answered 401 instead of "100 Continue"."""
     served.token = TOKEN.encode()
     with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as conn:
-        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n"
                      b"Content-Type: multipart/form-data; boundary=b\r\nExpect: 100-continue\r\n\r\n")
         answer = b""
         while chunk := conn.recv(65536):
@@ -101,7 +101,7 @@ def test_a_client_sending_a_whole_form_unasked_reads_the_refusal(served: Animate
     with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as conn:
         def send() -> None:
             try:
-                conn.sendall(b"POST /animate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                conn.sendall(b"POST /animate HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
                 sent.append(None)
             except OSError as exc:
@@ -240,7 +240,7 @@ def test_a_connection_that_never_completes_its_handshake_holds_up_no_other(
     port = secure.server_address[1]
     with socket.create_connection(("127.0.0.1", port), timeout=30):  # (says nothing)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:
-            plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            plain.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             while plain.recv(4096):  # (a TLS alert, then the end of the connection)
                 pass
         started = time.monotonic()

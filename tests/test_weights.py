@@ -767,3 +767,32 @@ def test_a_checkpoint_name_is_taken_from_the_working_folder_before_the_release_f
     (here / "checkpoint-steps9000.ckpt").write_bytes(b"mine")
     assert release_checkpoint(src, "checkpoint-steps9000.ckpt") == Path("checkpoint-steps9000.ckpt")
     assert release_checkpoint(src, "mine.ckpt") == src / "mine.ckpt"
+
+
+def test_a_module_file_replaced_since_the_conversion_gets_another_weights_id(pack, tmp_path, caplog):
+    """The weights id keys the portrait caches and the exports: a module file replaced by hand (fine-tuned values
+    under the same names) gave the old id, so kept portraits and graphs of the old weights were used. config.json
+    records each file's size and time; a file that differs is hashed again at load: other tensors give another id
+    (said), the same tensors with a new time (a copy) the same id, silently."""
+    import logging
+    import os
+
+    from megactor_rt.weights import converted_config
+
+    dst = convert_release(write_release(pack, tmp_path / "weights"), tmp_path / "converted")
+    recorded = converted_config(dst)[1]
+    assert load_converted(dst).weights_id == recorded
+    unet = dst / "temporal_unet.safetensors"
+    stamp = unet.stat()
+    os.utime(unet, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # (copied without its time)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.weights"):
+        assert load_converted(dst).weights_id == recorded
+    assert "changed since convert-weights" not in caplog.text
+    state = load_file(str(unet))
+    state["conv_in.weight"] = state["conv_in.weight"] * 1.5
+    save_file(state, str(unet))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.weights"):
+        replaced = load_converted(dst).weights_id
+    assert replaced != recorded
+    assert f"temporal_unet.safetensors changed since convert-weights wrote config.json: these are other weights " \
+           f"(id {replaced}, not {recorded})" in caplog.text
