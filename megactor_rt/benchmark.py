@@ -473,6 +473,39 @@ def provenance(package_dir: Path | None = None) -> dict[str, Any]:
     }
 
 
+def commit_words(prov: dict[str, Any] | None) -> str:
+    """A :func:`provenance`'s commit as the results name it: its first 12 characters ("unknown" without one), and
+    "with uncommitted changes" where the checkout had them."""
+    prov = prov or {}
+    return (prov.get("commit") or "unknown")[:12] + (" with uncommitted changes" if prov.get("uncommitted_changes")
+                                                     else "")
+
+
+def run_record(device: torch.device | None = None) -> dict[str, Any]:
+    """Where, when and by what code a bench script's figures were measured, as keys of its JSON report: ``date``
+    (ISO), ``host`` (the CPU's model, its logical cores, torch's threads and, where ``device`` is a CUDA device,
+    that GPU's name), the ``torch`` and ``python`` versions and the :func:`provenance` (the commit).
+    :func:`record_line` says it in a sentence."""
+    from megactor_rt.runtime.backends import cpu_model, device_name
+
+    host: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device is not None and device.type == "cuda":
+        host["gpu"] = device_name(device)
+    return {"date": date.today().isoformat(), "host": host, "torch": torch.__version__,
+            "python": platform.python_version(), "provenance": provenance()}
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """A :func:`run_record` (or a report holding its keys) as one sentence, for the top of a markdown table:
+    "Measured 2026-11-29 on AMD EPYC 7B13 (2 cores, 2 torch threads), torch 2.13.0+cpu, Python 3.11.2, commit
+    1b7c812ab3cd with uncommitted changes." (on a GPU: "on NVIDIA H200 with AMD EPYC ... (...)")."""
+    host = record["host"]
+    cpu = f"{host['cpu']} ({host['cores']} cores, {host['torch_threads']} torch threads)"
+    machine = f"{host['gpu']} with {cpu}" if host.get("gpu") else cpu
+    return (f"Measured {record['date']} on {machine}, torch {record['torch']}, Python {record['python']}, "
+            f"commit {commit_words(record.get('provenance'))}.")
+
+
 # -- running ---------------------------------------------------------------------------------------
 @dataclass
 class Result:
@@ -1008,9 +1041,7 @@ def _median_result(results: list[dict]) -> dict:
 
 def markdown(report: dict) -> str:
     samples = report.get("matmul_samples_tflops", [report["matmul_tflops"]])
-    prov = report.get("provenance") or {}
-    commit = (prov.get("commit") or "unknown")[:12] + (" with uncommitted changes" if prov.get("uncommitted_changes")
-                                                     else "")
+    commit = commit_words(report.get("provenance"))
     measured = (f"the best of {' and '.join(f'{x:.3f}' for x in samples)}, measured before and after the runs"
                 if len(samples) > 1 else "measured before the runs only")
     lines = [f"Suite `{report['suite']}` on {report['device']}, {report['date']}, torch {report['torch']}, "
