@@ -19,13 +19,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from megactor_rt.benchmark import gpu_script_here, provenance, save_tables
+from megactor_rt.benchmark import gpu_script_here, record_line, run_record, save_tables
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.models import layers
 from megactor_rt.weights import build_models
@@ -83,7 +82,7 @@ def main() -> None:
         row = {"q": shape[0], "k": shape[1], "calls": count, "gflop_per_call": attn_flops(shape) / 1e9}
         row.update(_time_shape(shape, backends, dev, dtype))
         rows.append(row)
-    report = {"date": date.today().isoformat(), "provenance": provenance(), "torch": torch.__version__,
+    report = {**run_record(dev),
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +125,8 @@ def _time_ms(fn: Callable[[], object], dev: torch.device) -> float:
 
 def markdown(r: dict) -> str:
     names = ["default", "cudnn", "flash", "efficient", "math"]
-    lines = [f"Attention calls of one optimized denoiser window call ({r['frames']} frames, CFG) on {r['device']}, "
+    lines = [record_line(r), "",
+             f"Attention calls of one optimized denoiser window call ({r['frames']} frames, CFG) on {r['device']}, "
              f"{r['date']}, torch {r['torch']}, {r['dtype']}: ms per call by SDPA backend (- = unsupported).", "",
              "| q (B,h,L,d) | k | calls | GFLOP/call | " + " | ".join(names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]

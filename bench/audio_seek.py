@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from megactor_rt import media
-from megactor_rt.benchmark import save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
 from megactor_rt.media import VideoWriter
 
 MINUTES, OFFSET_S, RESULT_FRAMES = 30, 29 * 60 + 50, 200
@@ -80,9 +80,10 @@ def main() -> None:
             rows.append(time_codec(scratch, codec, suffix, how, frames, seek_from))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {**script_facts(),
+    report = {**script_facts(), **run_record(),
               "source_minutes": MINUTES, "offset_s": OFFSET_S, "result_frames": RESULT_FRAMES, "rows": rows}
-    lines = [f"Audio of an 8 s result from 29:50 of a {MINUTES}-minute file, {report['date']} (best of 3 each):", "",
+    lines = [record_line(report), "",
+             f"Audio of an 8 s result from 29:50 of a {MINUTES}-minute file, {report['date']} (best of 3 each):", "",
              "| source audio | into the MP4 | from the beginning s | seek s | ratio |", "|---|---|---|---|---|"]
     lines += [f"| {r['codec']} | {r['audio']} | {r['from the beginning']:.2f} | {r['seek']:.2f} | "
               f"{r['from the beginning'] / r['seek']:.1f}x |" for r in rows]

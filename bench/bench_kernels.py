@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from megactor_rt import kernels as K
+from megactor_rt.benchmark import record_line, run_record
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.kernels import _lib
 
@@ -156,8 +157,8 @@ def run(warmup: int, iters: int) -> dict:
         row["speedup"] = ref_ms / fused_ms
         rows.append(row)
     return {
+        **run_record(torch.device("cuda", torch.cuda.current_device())),
         "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
         "kernels": _lib.kernels_status(),
         "copy_gbs": copy_gbs,
         "warmup": warmup,
@@ -168,6 +169,8 @@ def run(warmup: int, iters: int) -> dict:
 
 def to_markdown(report: dict) -> str:
     lines = [
+        record_line(report),
+        "",
         f"Device: {report['device']}; copy bandwidth {report['copy_gbs']:.0f} GB/s; "
         f"{report['iters']} calls after {report['warmup']} warm-up; device ms: kernel time per call "
         "(torch.profiler); call ms: median of one call between CUDA events, host part included",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
 from megactor_rt.runtime.checkpoint import StepCheckpoint
 
 FRAMES = (48, 1800, 18000)  # the GPU suite's clip; a minute at 30 fps; ten minutes
@@ -48,9 +48,10 @@ def main() -> None:
         rows = [measure(scratch, n) for n in FRAMES]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {**script_facts(),
+    report = {**script_facts(), **run_record(),
               "repeats": REPEATS, "rows": rows}
-    lines = [f"Saving and loading a checkpoint of N frames at 512 px, {report['date']} (best of {REPEATS}):", "",
+    lines = [record_line(report), "",
+             f"Saving and loading a checkpoint of N frames at 512 px, {report['date']} (best of {REPEATS}):", "",
              "| frames | MB | save s | load s |", "|---|---|---|---|"]
     lines += [f"| {r['frames']} | {r['mb']:.0f} | {r['save_s']:.3f} | {r['load_s']:.3f} |" for r in rows]
     save_tables(args.out, "checkpoint_cost", report, "\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
 from megactor_rt.media import iter_video_frames
 
 FRAMES, WIDTH, HEIGHT, REPEATS = 24, 1920, 1080, 3
@@ -81,10 +81,11 @@ def main() -> None:
     base = rows[0]["ms_per_frame"]
     for r in rows:
         r["ratio_to_sdr"] = r["ms_per_frame"] / base
-    report = {**script_facts(),
+    report = {**script_facts(), **run_record(),
               "torch_threads": torch.get_num_threads(), "frames": FRAMES, "size": f"{WIDTH}x{HEIGHT}",
               "repeats": REPEATS, "rows": rows}
-    lines = [f"Decoding {FRAMES} frames of 10-bit HEVC at {WIDTH}x{HEIGHT} to 8-bit RGB, {report['date']}, "
+    lines = [record_line(report), "",
+             f"Decoding {FRAMES} frames of 10-bit HEVC at {WIDTH}x{HEIGHT} to 8-bit RGB, {report['date']}, "
              f"{torch.get_num_threads()} torch threads (best of {REPEATS}):", "",
              "| clip | ms per frame | vs SDR |", "|---|---|---|"]
     lines += [f"| {r['clip']} | {r['ms_per_frame']:.1f} | {r['ratio_to_sdr']:.2f}x |" for r in rows]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -85,8 +84,7 @@ def main() -> None:
         recomputed = {k: v - calls.get(k, 0) for k, v in sub.calls.items() if v - calls.get(k, 0)}
     if recomputed or anim.cache.disk_hits != 1:
         raise SystemExit(f"the store did not serve the state: disk hits {anim.cache.disk_hits}, calls {recomputed}")
-    report = {"date": date.today().isoformat(), "provenance": B.provenance(), "torch": torch.__version__,
-              "device": device_name(dev),
+    report = {**B.run_record(dev), "device": device_name(dev),
               "threads": torch.get_num_threads(), "model": sc.model, "image_size": sc.image_size,
               "precision": precision, "steps": args.steps, "computed_s": computed, "write_s": write,
               "loaded_s": loaded, "file_mb": size_mb, "ratio": computed / loaded}
@@ -97,6 +95,7 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     return "\n".join([
+        B.record_line(r), "",
         f"Per-portrait work, {r['model']} model (random weights), {r['image_size']} px, {r['precision']}, "
         f"{r['steps']} timesteps, on {r['device']} ({r['threads']} threads), {r['date']}, torch {r['torch']}.",
         "",

@@ -27,7 +27,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -35,8 +34,9 @@ import torch
 from megactor_rt.benchmark import (
     gpu_script_here,
     matmul_tflops,
-    provenance,
     random_models,
+    record_line,
+    run_record,
     save_tables,
     switched_env,
 )
@@ -151,7 +151,7 @@ def main() -> None:
     def reusing() -> object:  # a feature-reuse step's call: the shallow path from a kept deep feature
         return unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True, deep=deep, token_kv=kv)
 
-    report: dict = {"date": date.today().isoformat(), "provenance": provenance(), "torch": torch.__version__,
+    report: dict = {**run_record(dev),
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
                     "matmul_tflops": matmul_tflops(dev, dtype), "calls": {},
@@ -265,7 +265,8 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"One denoiser window call on {r['device']}, {r['date']}, torch {r['torch']}, {r['dtype']}, "
+    lines = [record_line(r), "",
+             f"One denoiser window call on {r['device']}, {r['date']}, torch {r['torch']}, {r['dtype']}, "
              f"{r['image_size']} px, {r['frames']} frames, CFG; measured matmul rate {r['matmul_tflops']:.1f} "
              "TFLOP/s.", "", "| call | ms | TFLOP | TFLOP/s | % of matmul |", "|---|---|---|---|---|"]
     for name, c in r["calls"].items():

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
 from megactor_rt.media import ALL_RESULT_SUFFIXES, AnimatedWebP, iter_video_frames, read_image, result_writer
 from megactor_rt.preprocess import PasteBack, portrait_crop
 from megactor_rt.sequence import SEQUENCE_SUFFIXES, frame_pattern, is_sequence
@@ -136,9 +136,10 @@ def main() -> None:
         rows.append(time_stream(frames))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {**script_facts(),
+    report = {**script_facts(), **run_record(),
               "frames": len(frames), "size": SIZE, "fps": 30, "repeats": REPEATS, "rows": rows}
-    lines = [f"Writing {len(frames)} frames of {SIZE} px at 30 fps with the driver's audio, {report['date']} "
+    lines = [record_line(report), "",
+             f"Writing {len(frames)} frames of {SIZE} px at 30 fps with the driver's audio, {report['date']} "
              f"(best of {REPEATS}):", "",
              "| format | --crf | --paste-back | ms per frame | KB per frame | mean error (levels) |",
              "|---|---|---|---|---|---|"]

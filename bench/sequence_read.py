@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
 from megactor_rt.media import iter_video_frames, result_writer
 from megactor_rt.runtime.driver import driver_frames, driver_source
 
@@ -58,8 +58,9 @@ def main() -> None:
             rows.append({"driver": name, "frames": count, "ms_per_frame": 1000 * seconds / count})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {**script_facts(), "size": f"{width}x{height}", "repeats": REPEATS, "rows": rows}
-    lines = [f"One driver pass over the bundled driver's {len(frames)} frames ({width}x{height}), {report['date']} "
+    report = {**script_facts(), **run_record(), "size": f"{width}x{height}", "repeats": REPEATS, "rows": rows}
+    lines = [record_line(report), "",
+             f"One driver pass over the bundled driver's {len(frames)} frames ({width}x{height}), {report['date']} "
              f"(best of {REPEATS}):", "", "| driver | frames | ms per frame |", "|---|---|---|"]
     lines += [f"| {r['driver']} | {r['frames']} | {r['ms_per_frame']:.1f} |" for r in rows]
     save_tables(args.out, "sequence_read", report, "\n".join(lines) + "\n")

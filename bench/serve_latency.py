@@ -24,7 +24,7 @@ import av
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
 
 REPEATS = 3
 SETTINGS = ["--steps", "4", "--duration", "1"]  # 30 frames of the bundled driver, the demo's 4 steps
@@ -90,12 +90,14 @@ def main() -> None:
         for p in scratch.iterdir():
             p.unlink()
         scratch.rmdir()
-    report = {**script_facts(), "settings": "tiny random model (demo), CPU, bundled portrait and driver, first 1 s "
-                                            "(30 frames), 4 steps, window 16 / overlap 8",
+    report = {**script_facts(), **run_record(),
+              "settings": "tiny random model (demo), CPU, bundled portrait and driver, first 1 s (30 frames), 4 steps, "
+                          "window 16 / overlap 8",
               "repeats": REPEATS, "command_s": command_s, "server_start_s": start_s, "first_request_s": first_s,
               "warm_request_s": warm_s, "same_frames": same}
     cmd, warm = statistics.median(command_s), statistics.median(warm_s)
-    lines = [f"A result by command against a request to a running server, {report['date']}, {report['machine']}; "
+    lines = [record_line(report), "",
+             f"A result by command against a request to a running server, {report['date']}, {report['machine']}; "
              f"{report['settings']}; medians of {REPEATS}:", "",
              "| way | seconds per result |", "|---|---|",
              f"| `megactor-rt demo` (a process per result) | {cmd:.2f} |",

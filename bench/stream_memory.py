@@ -26,7 +26,6 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +127,8 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("--out is required")
-    report = {"date": date.today().isoformat(), "provenance": B.provenance(), "torch": torch.__version__,
-              "device": device_name(dev), "size": args.size, "steps": args.steps, "window": args.window,
-              "overlap": args.overlap, "results": []}
+    report = {**B.run_record(dev), "device": device_name(dev), "size": args.size, "steps": args.steps,
+              "window": args.window, "overlap": args.overlap, "results": []}
     args.out.mkdir(parents=True, exist_ok=True)
     for n in args.frames:
         for kind in ("wrap", "open"):
@@ -149,7 +147,8 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     measure = r["results"][0]["measure"] if r["results"] else "memory"
-    lines = [f"Denoising-loop state vs driver length ({r['size']} px, latents {r['size'] // 8}x{r['size'] // 8}, "
+    lines = [B.record_line(r), "",
+             f"Denoising-loop state vs driver length ({r['size']} px, latents {r['size'] // 8}x{r['size'] // 8}, "
              f"window {r['window']} / overlap {r['overlap']}, {r['steps']} steps, CFG; the networks replaced by "
              f"stand-ins) on {r['device']}, {r['date']}, torch {r['torch']}. Peak {measure}, each case in its "
              "own process; growth: over the process before the loop.", "",
