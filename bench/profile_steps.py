@@ -6,8 +6,10 @@ first scenario exactly as `megactor-rt bench` does (same submodels, FLOP ledger,
 consumer; the profiled run itself animates in this thread and discards the frames), with fewer steps,
 under torch.profiler, and reports per step: wall time, the summed duration of
 the device kernels launched in it, the difference (device idle: the host was the bottleneck) and the kernel
-count. It also lists call signatures the FLOP ledger saw first in the timed run (each is counted under
-FlopCounterMode once, which is slow).
+count. On the CPU (``--tiny`` without CUDA) there is no device time to split a step into: busy and idle are
+not measured there (None in the JSON, n/a in the table, and a sentence saying why), rather than the whole step
+reported as idle. It also lists call signatures the FLOP ledger saw first in the timed run (each is counted
+under FlopCounterMode once, which is slow).
 
     python bench/profile_steps.py --out OUT                       # GPU, optimized mode, 48 frames, 3 steps
     python bench/profile_steps.py --out OUT --mode optimized+compile
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.runtime.backends import device_name
 
 STEP = "megactor denoise step "
+NOT_MEASURED = ("Device time is not measured on the CPU: the busy time is the summed duration of the CUDA kernels "
+                "torch.profiler records in each step, and a CPU run launches none, so each step's wall time is "
+                "host time, not device idle time.")
 
 
 def _with_step_ranges(denoise):  # type: ignore[no-untyped-def]
@@ -90,14 +94,9 @@ def main() -> None:
                     for e in events if e.name.startswith(STEP))
     kernels = [(e.time_range.start, e.time_range.end - e.time_range.start) for e in events
                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    rows = []
-    for (i, start, end), wall in zip(ranges, stats.step_seconds):
-        inside = [d for s, d in kernels if start <= s < end]
-        busy = sum(inside) / 1e6
-        rows.append({"step": i, "wall_s": wall, "device_busy_s": busy, "device_idle_s": wall - busy,
-                     "kernels": len(inside)})
-    report = {"date": date.today().isoformat(), "provenance": B.provenance(), "torch": torch.__version__,
-              "device": device_name(dev),
+    rows = step_rows(dev, ranges, kernels, stats.step_seconds)
+    report = {**B.run_record(dev), "device": device_name(dev),
+              "device_time": "measured (CUDA kernels under torch.profiler)" if dev.type == "cuda" else NOT_MEASURED,
               "scenario": sc.name, "mode": args.mode, "frames": sc.frames, "steps": sc.steps,
               "stage_s": dict(stats.stage_seconds), "per_step": rows,
               "new_flop_signatures_in_timed_run": new_signatures}
@@ -106,12 +105,32 @@ def main() -> None:
     print(markdown(report))  # noqa: T201 - a script's output
 
 
+def step_rows(dev: torch.device, ranges: list[tuple[int, int, int]], kernels: list[tuple[int, int]],
+              step_seconds: list[float]) -> list[dict]:
+    """Per step (its profiler range: index, start and end in us): wall seconds, and the device's busy and idle
+    seconds and kernel count from the CUDA kernels (start, duration in us) that began in it. Not measured (None)
+    off CUDA: without CUDA activity there is no device time to split a step into."""
+    rows: list[dict] = []
+    for (i, start, end), wall in zip(ranges, step_seconds):
+        if dev.type != "cuda":
+            rows.append({"step": i, "wall_s": wall, "device_busy_s": None, "device_idle_s": None, "kernels": None})
+            continue
+        inside = [d for s, d in kernels if start <= s < end]
+        busy = sum(inside) / 1e6
+        rows.append({"step": i, "wall_s": wall, "device_busy_s": busy, "device_idle_s": wall - busy,
+                     "kernels": len(inside)})
+    return rows
+
+
 def markdown(r: dict) -> str:
-    lines = [f"Per-step device time, {r['scenario']} [{r['mode']}], {r['steps']} steps, on {r['device']}, "
-             f"{r['date']}, torch {r['torch']} (under torch.profiler: its overhead is in every step).", "",
-             "| step | wall s | device busy s | device idle s | kernels |", "|---|---|---|---|---|"]
-    lines += [f"| {x['step']} | {x['wall_s']:.3f} | {x['device_busy_s']:.3f} | {x['device_idle_s']:.3f} | "
-              f"{x['kernels']} |" for x in r["per_step"]]
+    lines = [B.record_line(r), "",
+             f"Per-step device time, {r['scenario']} [{r['mode']}], {r['steps']} steps, on {r['device']}, "
+             f"{r['date']}, torch {r['torch']} (under torch.profiler: its overhead is in every step).", ""]
+    if r.get("device_time") == NOT_MEASURED:
+        lines += [NOT_MEASURED, ""]
+    lines += ["| step | wall s | device busy s | device idle s | kernels |", "|---|---|---|---|---|"]
+    lines += [f"| {x['step']} | {x['wall_s']:.3f} | {_s(x['device_busy_s'])} | {_s(x['device_idle_s'])} | "
+              f"{'n/a' if x['kernels'] is None else x['kernels']} |" for x in r["per_step"]]
     feed = r["stage_s"].get("driver+pose_guider")
     if feed is not None and not r["mode"].startswith("reference"):
         lines += ["", f"Step 0 includes {feed:.3f} s of host time on the driver's second pass and the PoseGuider "
@@ -120,6 +139,10 @@ def markdown(r: dict) -> str:
     lines += ["", f"FLOP-ledger signatures first seen in the timed run: {len(sigs)}"]
     lines += [f"* `{s}`" for s in sigs]
     return "\n".join(lines) + "\n"
+
+
+def _s(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.3f}"
 
 
 if __name__ == "__main__":
