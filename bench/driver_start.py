@@ -5,10 +5,12 @@ the same run.
 Writes a long clip first (the bundled driver looped and scaled to --height, H.264 at 30 fps with x264's
 default group of pictures: a key frame at most every 250 frames, scene cuts aside), then times, for each
 start, pass 1 (``plan_driver``: decode + face detection of the used frames) and pass 2 (the PoseGuider
-inputs) of a ``--max-frames`` segment, and checks both ways give the same frames.
+inputs) of a ``--max-frames`` segment, and checks both ways give the same frames. Each start is timed
+``--repeats`` times, the two ways taking turns (decode all, seek, decode all, seek, ...), so a change of the
+machine's load falls on both; the table gives each way's median and spread (min-max) and the ratio of the medians.
 
     python bench/driver_start.py --out OUT                      # 1080p, 60 s clip, starts 0/10/30/55 s
-    python bench/driver_start.py --out OUT --height 360 --seconds 12 --starts 0 5 10   # quick check
+    python bench/driver_start.py --out OUT --height 360 --seconds 12 --starts 0 5 10 --repeats 1  # quick check
 
 Writes ``driver_start.json`` and ``driver_start.md`` to --out.
 """
@@ -18,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
+import statistics
 import time
-from datetime import date
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -30,6 +31,7 @@ import numpy as np
 
 from megactor_rt import media
 from megactor_rt.assets import ASSETS_DIR
+from megactor_rt.benchmark import record_line, run_record
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.media import iter_video_frames
 from megactor_rt.progress import set_progress_enabled
@@ -71,6 +73,40 @@ def passes(path: Path, start: float, max_frames: int, size: int) -> tuple[float,
     return t1 - t0, time.perf_counter() - t1, inputs
 
 
+def summary(runs: list[tuple[float, float]]) -> dict[str, Any]:
+    """One way's repeats (pass 1 s, pass 2 s): the median of each pass, and of their total with its spread."""
+    totals = [p1 + p2 for p1, p2 in runs]
+    return {"pass1": round(statistics.median(p1 for p1, _ in runs), 3),
+            "pass2": round(statistics.median(p2 for _, p2 in runs), 3),
+            "median": round(statistics.median(totals), 3), "min": round(min(totals), 3),
+            "max": round(max(totals), 3), "runs": [[round(p1, 3), round(p2, 3)] for p1, p2 in runs]}
+
+
+def time_start(clip: Path, start: float, max_frames: int, size: int, repeats: int) -> dict[str, Any]:
+    """Both ways for one start, ``repeats`` rounds of decode all then seek; every run's inputs checked against the
+    first's."""
+    seek_from = media.SEEK_MIN_SKIP
+    runs: dict[str, list[tuple[float, float]]] = {"decode_all_s": [], "seek_s": []}
+    first: list[np.ndarray] | None = None
+    same = True
+    try:
+        for _ in range(repeats):
+            for way, min_skip in (("decode_all_s", 10**12), ("seek_s", seek_from)):  # 10**12: the old behaviour
+                media.SEEK_MIN_SKIP = min_skip
+                p1, p2, inputs = passes(clip, start, max_frames, size)
+                runs[way].append((p1, p2))
+                if first is None:
+                    first = inputs
+                else:
+                    same = same and len(first) == len(inputs) and all(np.array_equal(a, b)
+                                                                      for a, b in zip(first, inputs))
+    finally:
+        media.SEEK_MIN_SKIP = seek_from
+    old, new = summary(runs["decode_all_s"]), summary(runs["seek_s"])
+    return {"start_s": start, "frames": len(first or []), "identical_inputs": same, "decode_all_s": old, "seek_s": new,
+            "speedup": round(old["median"] / new["median"], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -80,7 +116,10 @@ def main() -> None:
     ap.add_argument("--max-frames", type=int, default=48, help="segment length (frames)")
     ap.add_argument("--size", type=int, default=512, help="model input size")
     ap.add_argument("--clip", type=Path, help="use this clip instead of writing one")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per start, the two ways taking turns in each")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     set_progress_enabled(False)
     clip = args.clip or args.out / f"long_{args.height}p_{args.seconds:g}s.mp4"
@@ -93,37 +132,34 @@ def main() -> None:
             partial.unlink(missing_ok=True)
     info = media.probe_video(clip)
     passes(clip, 0.0, 8, args.size)  # warm-up: face detector, thread pool, file cache
-    rows = []
     seek_from = media.SEEK_MIN_SKIP
-    for start in args.starts:
-        media.SEEK_MIN_SKIP = 10**12  # decode from the beginning (the old behaviour)
-        p1_old, p2_old, old = passes(clip, start, args.max_frames, args.size)
-        media.SEEK_MIN_SKIP = seek_from
-        p1_new, p2_new, new = passes(clip, start, args.max_frames, args.size)
-        same = len(old) == len(new) and all(np.array_equal(a, b) for a, b in zip(old, new))
-        rows.append({"start_s": start, "frames": len(new), "identical_inputs": same,
-                     "decode_all_s": {"pass1": round(p1_old, 3), "pass2": round(p2_old, 3)},
-                     "seek_s": {"pass1": round(p1_new, 3), "pass2": round(p2_new, 3)},
-                     "speedup": round((p1_old + p2_old) / (p1_new + p2_new), 2)})
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True,
-                         text=True).stdout.strip() or platform.processor()
-    result = {"date": date.today().isoformat(), "device": f"CPU: {cpu}, {os.cpu_count()} cores",
+    rows = [time_start(clip, start, args.max_frames, args.size, args.repeats) for start in args.starts]
+    record = run_record()
+    result = {**record, "device": f"CPU: {record['host']['cpu']}, {record['host']['cores']} cores",
               "clip": {"file": clip.name, "width": info.width, "height": info.height, "fps": str(info.fps),
                        "frames": info.num_frames, "key_frames": key_frames(clip)},
-              "max_frames": args.max_frames, "size": args.size, "seek_min_skip": seek_from, "rows": rows}
+              "max_frames": args.max_frames, "size": args.size, "seek_min_skip": seek_from, "repeats": args.repeats,
+              "rows": rows}
     write_atomic(args.out / "driver_start.json", (json.dumps(result, indent=2) + "\n").encode())
-    lines = [f"# Driver passes for a late --start ({result['date']}, {result['device']})", "",
+    lines = [f"# Driver passes for a late --start ({result['date']}, {result['device']})", "", record_line(result), "",
              f"Clip: {info.width}x{info.height} H.264, {info.fps} fps, {info.num_frames} frames, "
              f"{result['clip']['key_frames']} key frames; segment of {args.max_frames} frames; model input "
-             f"{args.size} px.", "",
-             "| start s | frames | decode all: pass 1 + pass 2 s | seek: pass 1 + pass 2 s | speed-up | same inputs |",
-             "|---|---|---|---|---|---|"]
+             f"{args.size} px. {args.repeats} rounds per start, the two ways taking turns; seconds: medians, the "
+             "total's spread (min-max) in brackets; speed-up: the ratio of the totals' medians.", "",
+             "| start s | frames | decode all: pass 1 + pass 2 s | decode all: total s | seek: pass 1 + pass 2 s | "
+             "seek: total s | speed-up | same inputs |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, b = r["decode_all_s"], r["seek_s"]
-        lines.append(f"| {r['start_s']:g} | {r['frames']} | {a['pass1']:.2f} + {a['pass2']:.2f} | "
-                     f"{b['pass1']:.2f} + {b['pass2']:.2f} | {r['speedup']:.2f}x | {r['identical_inputs']} |")
+        lines.append(f"| {r['start_s']:g} | {r['frames']} | {a['pass1']:.2f} + {a['pass2']:.2f} | {_spread(a)} | "
+                     f"{b['pass1']:.2f} + {b['pass2']:.2f} | {_spread(b)} | {r['speedup']:.2f}x | "
+                     f"{r['identical_inputs']} |")
     write_atomic(args.out / "driver_start.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
+
+
+def _spread(way: dict[str, Any]) -> str:
+    return f"{way['median']:.2f} ({way['min']:.2f}-{way['max']:.2f})"
 
 
 if __name__ == "__main__":
