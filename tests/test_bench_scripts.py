@@ -1,0 +1,189 @@
+"""The standalone scripts of bench/: each result says where, when and by what code it was measured.
+
+``benchmark.run_record`` in every script's JSON and ``benchmark.record_line`` at the top of its markdown. The
+scripts cheap enough to run here run at their smallest settings (some with their module constants shrunk, in
+this process); the slower ones (profile_steps, portrait_cache, stream_memory: their markdown functions;
+attn_backends, profile_unet, serve_latency) and the CUDA-only bench_kernels (its markdown, and its exit without
+CUDA) are not run, and every script imports and answers ``--help``.
+bench/gpu_all.sh's CPU check runs the GPU scripts in full.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from megactor_rt import benchmark
+from megactor_rt.benchmark import record_line, run_record
+
+BENCH = Path(benchmark.__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))
+RECORD_KEYS = {"date", "host", "torch", "python", "provenance"}
+
+SAMPLE = {"date": "2026-11-29", "host": {"cpu": "AMD EPYC 7B13", "cores": 2, "torch_threads": 2},
+          "torch": "2.13.0+cpu", "python": "3.11.2",
+          "provenance": {"commit": "1b7c812ab3cd0123456789abcdef0123456789ab", "uncommitted_changes": True}}
+
+
+def test_record_line_names_the_date_machine_versions_and_short_commit() -> None:
+    assert record_line(SAMPLE) == ("Measured 2026-11-29 on AMD EPYC 7B13 (2 cores, 2 torch threads), torch 2.13.0+cpu, "
+                                   "Python 3.11.2, commit 1b7c812ab3cd with uncommitted changes.")
+    clean = {**SAMPLE, "provenance": {"commit": SAMPLE["provenance"]["commit"], "uncommitted_changes": False}}
+    assert record_line(clean).endswith(", commit 1b7c812ab3cd.")
+    gpu = {**SAMPLE, "host": {**SAMPLE["host"], "gpu": "NVIDIA H200"}, "provenance": None}
+    assert " on NVIDIA H200 with AMD EPYC 7B13 (2 cores, 2 torch threads), " in record_line(gpu)
+    assert record_line(gpu).endswith(", commit unknown.")
+
+
+def test_run_record_of_this_machine() -> None:
+    record = run_record(torch.device("cpu"))
+    assert set(record) == RECORD_KEYS and "gpu" not in record["host"]
+    assert record["host"]["cores"] and record["host"]["torch_threads"] == torch.get_num_threads()
+    assert record["torch"] == torch.__version__ and record["provenance"]["commit"]
+    json.dumps(record)  # a JSON report's part
+    assert record_line(record).startswith(f"Measured {record['date']} on {record['host']['cpu']} (")
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_imports_and_answers_help(name: str, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """(In this process: a subprocess per script would take seconds each to import torch.)"""
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    monkeypatch.syspath_prepend(str(BENCH))  # as when run as a script (some import bench_kernels)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
+    assert stop.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def _check(out: Path, stem: str, header_lines: int = 1) -> dict[str, Any]:
+    """The record in ``stem``.json and its line among the first lines of ``stem``.md."""
+    report = json.loads((out / f"{stem}.json").read_text())
+    assert set(report) >= RECORD_KEYS, sorted(report)
+    assert report["provenance"]["commit"] and report["host"]["cpu"]
+    head = (out / f"{stem}.md").read_text().splitlines()[:header_lines]
+    assert record_line(report) in head, head
+    assert f"commit {report['provenance']['commit'][:12]}" in record_line(report)
+    return report
+
+
+# a CPU script's constants shrunk so that it runs in a second or two: (name, {constant: value}, extra argv)
+SHRUNK = [
+    ("checkpoint_cost", {"FRAMES": (4,), "REPEATS": 1}),
+    ("sequence_read", {"REPEATS": 1}),
+    ("hdr_decode", {"FRAMES": 2, "WIDTH": 64, "HEIGHT": 64, "REPEATS": 1}),
+    ("result_formats", {"FRAMES": 2, "SIZE": 64, "REPEATS": 1, "LOWER_QUALITY": []}),
+    ("audio_seek", {"MINUTES": 1, "OFFSET_S": 50, "RESULT_FRAMES": 5}),
+]
+
+
+@pytest.mark.parametrize(("name", "constants"), SHRUNK, ids=[s[0] for s in SHRUNK])
+def test_cpu_scripts_record_their_run(name: str, constants: dict[str, Any], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from megactor_rt import media
+
+    module = _load(name)
+    for key, value in constants.items():
+        monkeypatch.setattr(module, key, value)
+    monkeypatch.setattr(media, "AUDIO_SEEK_MIN_S", media.AUDIO_SEEK_MIN_S)  # audio_seek sets it: restored after
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(tmp_path)])
+    module.main()
+    report = _check(tmp_path, name)
+    assert isinstance(report["machine"], str)  # script_facts' keys kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.json", f"{name}.md"]
+
+
+def test_portrait_cache_markdown_begins_with_the_record() -> None:
+    report = {**run_record(torch.device("cpu")), "device": "CPU", "threads": 2, "model": "tiny", "image_size": 128,
+              "precision": "fp32", "steps": 1, "computed_s": 2.0, "write_s": 0.1, "loaded_s": 0.5, "file_mb": 1.0,
+              "ratio": 4.0}
+    assert _load("portrait_cache").markdown(report).splitlines()[0] == record_line(report)
+
+
+def test_driver_start_repeats_give_median_spread_and_ratio_of_medians(tmp_path: Path) -> None:
+    """Two rounds at the smallest settings (a subprocess: it switches off the progress bars)."""
+    done = subprocess.run([sys.executable, str(BENCH / "driver_start.py"), "--out", str(tmp_path), "--height", "144",
+                           "--seconds", "2", "--starts", "0", "1", "--max-frames", "3", "--size", "64",
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = _check(tmp_path, "driver_start", header_lines=3)
+    assert report["repeats"] == 2 and report["device"].startswith("CPU: ")
+    md = (tmp_path / "driver_start.md").read_text()
+    assert md.startswith("# Driver passes for a late --start")
+    for row in report["rows"]:
+        assert row["identical_inputs"] is True and row["frames"] == 3
+        for way in ("decode_all_s", "seek_s"):
+            w = row[way]
+            totals = sorted(p1 + p2 for p1, p2 in w["runs"])
+            assert len(totals) == 2 and {"pass1", "pass2"} <= set(w)
+            assert w["min"] == pytest.approx(totals[0], abs=2e-3) and w["max"] == pytest.approx(totals[1], abs=2e-3)
+            assert w["min"] <= w["median"] <= w["max"]
+            assert f"{w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f})" in md
+        assert row["speedup"] == pytest.approx(row["decode_all_s"]["median"] / row["seek_s"]["median"], abs=0.01)
+
+
+def test_driver_start_refuses_no_repeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["driver_start.py", "--out", str(tmp_path), "--repeats", "0"])
+    with pytest.raises(SystemExit) as stop:
+        _load("driver_start").main()
+    assert stop.value.code == 2 and "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_profile_steps_on_the_cpu_says_device_time_is_not_measured() -> None:
+    """Without CUDA activity a step has no device time: not measured (None, n/a), not all of it "idle"."""
+    ps = _load("profile_steps")
+    ranges, kernels = [(0, 0, 1000), (1, 1000, 2500)], [(100, 400), (1200, 300)]
+    cpu_rows = ps.step_rows(torch.device("cpu"), ranges, kernels, [0.001, 0.0015])
+    assert [r["device_busy_s"] for r in cpu_rows] == [None, None] and cpu_rows[1]["device_idle_s"] is None
+    assert [r["wall_s"] for r in cpu_rows] == [0.001, 0.0015]
+    cuda_rows = ps.step_rows(torch.device("cuda"), ranges, kernels, [0.001, 0.0015])
+    assert cuda_rows[0]["device_busy_s"] == pytest.approx(4e-4) and cuda_rows[0]["device_idle_s"] == pytest.approx(6e-4)
+    assert cuda_rows[1]["kernels"] == 1
+    report = {**run_record(torch.device("cpu")), "device": "CPU", "device_time": ps.NOT_MEASURED, "scenario": "tiny",
+              "mode": "optimized", "frames": 10, "steps": 2, "stage_s": {}, "per_step": cpu_rows,
+              "new_flop_signatures_in_timed_run": []}
+    md = ps.markdown(json.loads(json.dumps(report)))  # as saved
+    lines = md.splitlines()
+    assert lines[0] == record_line(report)
+    assert "Device time is not measured on the CPU" in md
+    assert "| 0 | 0.001 | n/a | n/a | n/a |" in lines and "| 1 | 0.002 | n/a | n/a | n/a |" in lines
+    gpu = ps.markdown({**report, "device_time": "measured", "per_step": cuda_rows})
+    assert "not measured" not in gpu and "| 0 | 0.001 | 0.000 | 0.001 | 1 |" in gpu.splitlines()
+
+
+def test_stream_memory_markdown_begins_with_the_record() -> None:
+    sm = _load("stream_memory")
+    report = {**run_record(torch.device("cpu")), "device": "CPU", "size": 64, "steps": 1, "window": 16,
+              "overlap": 8, "results": []}
+    assert sm.markdown(report).splitlines()[0] == record_line(report)
+
+
+def test_bench_kernels_records_its_run_and_without_cuda_writes_nothing(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    bk = _load("bench_kernels")
+    report = {**SAMPLE, "host": {**SAMPLE["host"], "gpu": "NVIDIA H200"}, "device": "NVIDIA H200", "copy_gbs": 3900.0,
+              "warmup": 1, "iters": 2, "kernels": {"available": True}, "results": []}
+    assert bk.to_markdown(report).splitlines()[0] == record_line(report)
+    if torch.cuda.is_available():
+        return
+    assert bk.main(["--out", str(tmp_path / "out")]) == 0
+    assert "No CUDA GPU available" in capsys.readouterr().out and not (tmp_path / "out").exists()
