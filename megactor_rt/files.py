@@ -3,12 +3,14 @@
 Every output (result video, portrait store file, engine plan) is written to a temporary file beside its final
 name and renamed on success. A process killed mid-write (SIGKILL, power loss) cannot delete its temporary
 file; the next successful write to the same place removes such files once they are old enough to belong to
-no running writer.
+no running writer, or, for results (whose writers :func:`hold` their temporary files), as soon as no live process
+holds them (a run killed with SIGKILL and started again at once, from its checkpoint, cleans up after the first).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -20,12 +22,62 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 STALE_S = 3600.0  # older than any write takes (seconds for a video, a state file or a plan)
+UNHELD_S = 10.0  # a temporary file no process holds (hold) is left over once untouched this long (the moment
+# between its making and its writer's hold aside)
 
 
-def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, folders: bool = False) -> list[Path]:
+def hold(path: Path, create: bool = False) -> int | None:
+    """Take an advisory lock (``flock``) on the temporary file or folder at ``path`` that this process writes
+    (``create``: a new empty file made there first, for a writer that opens it later, truncating): the lock goes
+    when :func:`let_go` closes the descriptor returned, or with the process however it ends (SIGKILL too), so
+    that :func:`remove_stale` (``unheld_s``) knows a leftover of a dead writer at once. None where no lock can be
+    taken (a file system without them): then age alone tells.
+
+    Raises:
+        OSError: with ``create``, the file cannot be made."""
+    if create:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    else:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def let_go(fd: int | None) -> None:
+    """Release a :func:`hold`."""
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _held(path: Path) -> bool:
+    """Whether a process holds ``path`` (:func:`hold`); True where that cannot be told (no locks there)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (another descriptor's lock, ours included, refuses it)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, folders: bool = False,
+                 unheld_s: float | None = None) -> list[Path]:
     """Delete the files in ``folder`` matching the glob ``pattern`` last modified more than ``max_age_s``
     ago; returns them. With ``folders``: the matching folders (staging folders of interrupted exports) in which
     nothing was created, changed or removed for that long (neither the folder nor anything in it modified).
+    With ``unheld_s``: also those untouched that long that no process holds (their writers :func:`hold` them).
     One that vanishes meanwhile or cannot be deleted is skipped."""
     removed: list[Path] = []
     now = time.time()
@@ -34,7 +86,8 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
             if folders and (not path.is_dir() or path.is_symlink()):
                 continue
             inside = path.rglob("*") if folders else ()
-            if now - max([path.stat().st_mtime, *(p.stat().st_mtime for p in inside)]) > max_age_s:
+            age = now - max([path.stat().st_mtime, *(p.stat().st_mtime for p in inside)])
+            if age > max_age_s or (unheld_s is not None and age > unheld_s and not _held(path)):
                 shutil.rmtree(path) if folders else path.unlink()
                 removed.append(path)
         except OSError:

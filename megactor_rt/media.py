@@ -41,7 +41,7 @@ from av.video.reformatter import Colorspace
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.files import remove_stale, replace_synced, same_file
+from megactor_rt.files import UNHELD_S, hold, let_go, remove_stale, replace_synced, same_file
 from megactor_rt.hdr import BT709_PRIMARIES, HDR_TRANSFERS, tone_map
 from megactor_rt.pipe import STDOUT, Y4MWriter, check_stdout, is_stdout
 from megactor_rt.sequence import (
@@ -1803,7 +1803,10 @@ class VideoWriter(ResultWriter, _AudioTrack):
         self._closed = False
         self._init_audio(audio_source, audio_offset, video_start)
         self._tmp = self.path.with_name(f"{_tmp_prefix(self.path)}{uuid.uuid4().hex[:8]}.tmp{self.path.suffix}")
+        self._hold: int | None = None
         try:
+            self._hold = hold(self._tmp, create=True)  # (a leftover of this write, killed, is known as one at once;
+            # made here, as FFmpeg makes its file at the first frame it muxes)
             self._setup_output(crf, metadata or {})
         except OSError as exc:  # (the file, opened where the sound's stream is set up)
             self._discard()
@@ -1924,9 +1927,11 @@ class VideoWriter(ResultWriter, _AudioTrack):
             self._close_audio_in()
             replace_synced(self._tmp, self.path)  # (a power loss then leaves no empty result)
         self._closed = True
-        # earlier writes of this name killed midway (same naming as self._tmp)
+        let_go(self._hold)
+        # earlier writes of this name killed midway (same naming as self._tmp; held while written)
         remove_stale(self.path.parent,
-                     f"{glob.escape(_tmp_prefix(self.path))}{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}")
+                     f"{glob.escape(_tmp_prefix(self.path))}{'[0-9a-f]' * 8}.tmp{glob.escape(self.path.suffix)}",
+                     unheld_s=UNHELD_S)
         logger.info("wrote %s (%d frames at %s fps)", self.path, self.frames_written, self.fps)
 
     def abort(self) -> None:
@@ -1945,6 +1950,7 @@ class VideoWriter(ResultWriter, _AudioTrack):
                     logger.debug("ignoring error while closing aborted output: %s", exc)
             self._close_audio_in()
         finally:  # also when a second Ctrl-C or SIGTERM breaks the close off (GNU timeout signals twice)
+            let_go(getattr(self, "_hold", None))
             try:
                 self._tmp.unlink(missing_ok=True)
             except OSError as exc:  # never hide the error that made us discard

@@ -47,7 +47,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from megactor_rt.config import exact_rate
 from megactor_rt.errors import InputError, ResourceError
-from megactor_rt.files import remove_stale, sync_file, sync_folder
+from megactor_rt.files import UNHELD_S, hold, let_go, remove_stale, sync_file, sync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +439,7 @@ class SequenceWriter(ResultWriter):
             if self._sound is not None:
                 self._sound.close()
             raise self._write_error(exc) from exc
+        self._hold = hold(self._tmp)  # (a leftover of this write, killed, is known as one at once)
         self._closed = False
 
     def write(self, frame: np.ndarray) -> None:
@@ -485,8 +486,14 @@ class SequenceWriter(ResultWriter):
             self._closed = True
             if self._sound is not None:
                 self._sound.close()
+            kept = folder.with_name(f"{folder.name}.frames-{uuid.uuid4().hex[:8]}")  # (a name no cleanup takes)
+            try:
+                os.replace(self._tmp, kept)
+            except OSError:
+                kept = self._tmp
+            let_go(self._hold)
             raise ResourceError(f"{self.path}: {folder} now holds {others[0].name}, which is no frame of this "
-                                f"result; nothing was replaced, the {self.frames_written} frames are in {self._tmp}")
+                                f"result; nothing was replaced, the {self.frames_written} frames are in {kept}")
         if self._sound is not None:
             with self._or_discard():
                 self.has_sound = self._sound.write(self._tmp / SOUND_NAME, Fraction(self.frames_written) / self.fps)
@@ -511,11 +518,13 @@ class SequenceWriter(ResultWriter):
             self._discard()
             raise self._write_error(exc) from exc
         self._closed = True
+        let_go(self._hold)
         shutil.rmtree(old, ignore_errors=True)
-        # folders of earlier writes of this result killed midway (same naming as self._tmp and the old folder)
+        # folders of earlier writes of this result killed midway (same naming as self._tmp, held while written, and
+        # the old folder)
         prefix = glob.escape(_tmp_prefix(folder))
-        for kind in ("tmp", "old"):
-            remove_stale(folder.parent, f"{prefix}{'[0-9a-f]' * 8}.{kind}", folders=True)
+        remove_stale(folder.parent, f"{prefix}{'[0-9a-f]' * 8}.tmp", folders=True, unheld_s=UNHELD_S)
+        remove_stale(folder.parent, f"{prefix}{'[0-9a-f]' * 8}.old", folders=True)
         logger.info("wrote %s (%d frames at %s fps%s)", folder, self.frames_written, self.fps,
                     f", sound in {SOUND_NAME}" if self.has_sound else "")
 
@@ -526,6 +535,7 @@ class SequenceWriter(ResultWriter):
 
     def _discard(self) -> None:
         self._closed = True
+        let_go(self._hold)
         if self._sound is not None:
             self._sound.close()
         try:

@@ -81,10 +81,15 @@ def warn_stale_checkpoints(folder: str | Path, days: float = STALE_DAYS) -> list
     return stale
 
 
+# settings that leave every bit of the latents as they are (window_batch gives the same frames up to rounding only:
+# a run resumed with another would match neither uninterrupted run bit for bit)
+_SAME_BITS = ("decode_streams", "bit_depth")
+
+
 def run_key(facts: dict[str, Any], config: AnimateConfig) -> str:
     """The hash naming a run's checkpoint: ``facts`` (portrait, driver, plan, backend...) and every setting of
-    ``config`` that changes the math."""
-    settings = {k: v for k, v in config.plain().items() if k not in AnimateConfig.SAME_LATENTS}
+    ``config`` that can change a bit of the latents."""
+    settings = {k: v for k, v in config.plain().items() if k not in _SAME_BITS}
     doc = json.dumps({"format": CHECKPOINT_FORMAT, **facts, "config": settings}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
 
@@ -101,23 +106,33 @@ class StepCheckpoint:
         self.folder = Path(folder)
         check_checkpoint_dir(self.folder)
         self.path = self.folder / f"run-{key[:32]}.safetensors"
+        if self.path.exists() and not self.path.is_file():  # (before the steps: its first save would fail)
+            raise InputError(f"{self.path}: this run's checkpoint file is a folder here; remove it (or give another "
+                             "--checkpoint-dir)")
         self.key, self.steps, self.resumable = key, steps, resumable
 
     def load(self, latents: torch.Tensor) -> int:
         """Copy the saved latents into ``latents`` and return the step to continue with (0: nothing saved, or a
-        file that is not this run's or cannot be read, which is then overwritten by the first save)."""
+        file that is not this run's, cannot be read or is damaged (its latents do not match the checksum saved
+        with them), which is then overwritten by the first save)."""
+        import torch
+
         if not self.path.is_file():
             return 0
         try:
             with safe_open(str(self.path), "pt") as f:
                 meta = f.metadata() or {}
                 saved = f.get_tensor("latents")
+            step = int(meta.get("next_step", "0"))
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             logger.warning("%s: unreadable checkpoint (%s); the run starts from its first step", self.path, exc)
             return 0
-        step = int(meta.get("next_step", "0"))
         if meta.get("key") != self.key or saved.shape != latents.shape or not 0 < step <= self.steps:
             logger.warning("%s does not belong to this run; it starts from its first step", self.path)
+            return 0
+        if meta.get("sha256") != _checksum(saved) or not bool(torch.isfinite(saved).all()):
+            logger.warning("%s: damaged checkpoint (its latents do not match the checksum saved with them); the run "
+                           "starts from its first step", self.path)
             return 0
         latents.copy_(saved.to(device=latents.device, dtype=latents.dtype))
         if step == self.steps:  # a run stopped while its frames were decoded or handed out
@@ -133,9 +148,18 @@ class StepCheckpoint:
         following = step + 1
         if following < self.steps and not self.resumable(following):
             return
-        data = save({"latents": latents.detach().to("cpu", copy=True).contiguous()},
-                    metadata={"key": self.key, "next_step": str(following), "steps": str(self.steps)})
+        saved = latents.detach().to("cpu", copy=True).contiguous()
+        data = save({"latents": saved}, metadata={"key": self.key, "next_step": str(following),
+                                                  "steps": str(self.steps), "sha256": _checksum(saved)})
         write_atomic(self.path, data)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _checksum(latents: torch.Tensor) -> str:
+    """The SHA-256 of a checkpoint's latents (safetensors files carry no check of their own: damaged bytes would be
+    read as other latents)."""
+    import torch
+
+    return hashlib.sha256(latents.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()

@@ -180,3 +180,64 @@ def test_checkpoints_of_runs_never_started_again_are_named(tmp_path: Path, caplo
     with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.checkpoint"):
         assert warn_stale_checkpoints(tmp_path / "missing") == [] and warn_stale_checkpoints(tmp_path, days=30) == []
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("damage", ["nan", "values", "next_step"])
+def test_a_damaged_checkpoint_is_not_resumed_from(anim: Animator, driver: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                  damage: str) -> None:
+    """A checkpoint whose latents were damaged on disk (NaNs, other finite values: safetensors checks nothing) was
+    resumed from and gave wrong frames with exit 0; a "next_step" that is no number was an unexpected ValueError at
+    every run. Both: named in a warning, the run starts from its first step and gives the uninterrupted frames."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+    (stopped,) = tmp_path.glob("run-*.safetensors")
+    with safe_open(str(stopped), "pt") as f:
+        meta, latents = dict(f.metadata()), f.get_tensor("latents")
+    if damage == "next_step":
+        meta["next_step"] = "two"
+    else:
+        latents.view(-1)[:50] = float("nan") if damage == "nan" else 1e4
+    save_file({"latents": latents}, str(stopped), metadata=meta)
+    whole = list(anim.animate(anim.prepare(PORTRAIT), driver))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        again = _run(anim, driver, tmp_path)
+    said = "unreadable checkpoint" if damage == "next_step" else "damaged checkpoint (its latents do not match"
+    assert said in caplog.text and anim.last_stats.resumed_from_step == 0
+    assert all(np.array_equal(a, b) for a, b in zip(again, whole, strict=True)) and not stopped.exists()
+
+
+def test_a_folder_in_the_checkpoints_place_is_named_before_the_steps(anim: Animator, driver: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from megactor_rt.errors import InputError
+
+    with monkeypatch.context() as m:
+        _stop_after(m, 0)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+    (stopped,) = tmp_path.glob("run-*.safetensors")
+    stopped.unlink()
+    stopped.mkdir()
+    with pytest.raises(InputError, match=r"run-.*\.safetensors: this run's checkpoint file is a folder here"):
+        _run(anim, driver, tmp_path)
+    assert anim.last_stats is None or "unet" not in anim.last_stats.calls
+
+
+def test_another_window_batch_is_another_run(anim: Animator, driver: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """window_batch gives the frames up to rounding only: a run resumed with another batch matched neither
+    uninterrupted run bit for bit; it is another run's checkpoint now (decode_streams and bit_depth keep it)."""
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+    _run(anim, driver, tmp_path, replace(CFG, window_batch=2))
+    assert anim.last_stats.resumed_from_step == 0 and len(list(tmp_path.glob("run-*.safetensors"))) == 1
+    _run(anim, driver, tmp_path, replace(CFG, decode_streams=False))
+    assert anim.last_stats.resumed_from_step == 2 and list(tmp_path.iterdir()) == []

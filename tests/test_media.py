@@ -653,6 +653,39 @@ def test_writer_removes_its_stale_temporaries(tmp_path: Path) -> None:
         ["out.mp4", young.name, other.name, lookalike.name])
 
 
+@pytest.mark.parametrize("kind", ["out.mp4", "take/%05d.png"])
+def test_a_killed_writers_leftover_goes_with_the_next_write_a_live_ones_stays(tmp_path: Path, kind: str) -> None:
+    """A write killed with SIGKILL (a run whose checkpoint lets it start again at once) left its temporary file or
+    folder: the next write of the result removes it without waiting an hour, as its writer's hold went with the
+    process; a temporary file a live writer holds stays, whatever its age. (Was: left for an hour, a PNG
+    sequence's frames among them.)"""
+    import subprocess
+    import sys
+    import time
+
+    from megactor_rt.files import hold, let_go
+
+    script = ("import os, numpy as np; from fractions import Fraction; from megactor_rt.media import result_writer\n"
+              f"w = result_writer({str(tmp_path / kind)!r}, Fraction(25), 64, 64)\n"
+              "w.write(np.zeros((64, 64, 3), np.uint8)); os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(left) == 1, left
+    live = left[0].with_name(left[0].name.replace(left[0].name.split(".")[2], "4567cdef"))
+    live.mkdir() if left[0].is_dir() else live.write_bytes(b"half")
+    a_minute_ago = time.time() - 60
+    for p in (*left, live, *left[0].iterdir()) if left[0].is_dir() else (*left, live):
+        os.utime(p, (a_minute_ago, a_minute_ago))
+    held = hold(live)
+    try:
+        w = media.result_writer(tmp_path / kind, Fraction(25), 64, 64)
+        w.write(_frames(1)[0])
+        w.close()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]
+    finally:
+        let_go(held)
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "parent_is_file", "is_dir", "bad_suffix"])
 def test_unwritable_destination(tmp_path: Path, case: str) -> None:
     if case == "missing_dir":

@@ -200,6 +200,10 @@ def test_a_file_put_into_the_folder_during_the_run_is_not_deleted(tmp_path: Path
         w.close()
     kept = Path(str(err.value).rsplit(" are in ", 1)[1])
     assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"] and (kept / "00001.png").is_file()
+    assert kept.name.startswith("take.frames-")  # (visible, and a name no later write's cleanup takes)
+    (folder / "mine.txt").unlink()
+    write(folder / "%05d.png", frames(1))  # (a later write of the result, its cleanup run)
+    assert (kept / "00001.png").is_file()
 
 
 def test_crf_is_refused_and_odd_sizes_taken(tmp_path: Path) -> None:
