@@ -59,6 +59,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import email.parser
+import errno
 import hashlib
 import hmac
 import http.server
@@ -130,6 +131,8 @@ MIN_TOKEN = 16  # a token's fewest characters (a guess per request: it must not 
 _STATUSES = ("queued", "running", "done", "failed", "cancelled")  # a job's
 RECORD = "job.json"  # a job's record in its folder, with jobs_dir
 RECORD_FORMAT = 1
+_JOB_ID = re.compile(r"[0-9a-f]{12}")  # a job's id, its folder's name in jobs_dir/jobs (uuid4().hex[:12])
+_REQUEST_PREFIX = "megactor-rt-serve-"  # a request's temporary folder's name (in jobs_dir/requests with one)
 # the answer headers a page of another site may read (CORS)
 _EXPOSED = ("Content-Disposition, Location, Retry-After, X-Megactor-Frames, X-Megactor-Seconds, "
             "X-Megactor-First-Frame-Seconds, X-Megactor-Portrait-Cached, X-Megactor-Driver-Cached, Accept-Ranges, "
@@ -320,6 +323,9 @@ class Task:
     callback: str | None = None  # where its end is posted (CALLBACK)
     key: str | None = None  # the client's Idempotency-Key (KEY_HEADER)
     request: tuple[dict[str, str], dict[str, Path]] | None = None  # its form's text fields and files (RECORD)
+    # cancelled by its client while it ran (DELETE /jobs/ID): said in its record at once, so that a server stopped
+    # before the run sees it (or killed) does not run it again when it starts on the jobs folder
+    withdrawn: bool = False
 
     @property
     def result(self) -> Path:
@@ -334,8 +340,10 @@ class Task:
         return text
 
     def headers(self) -> dict[str, str]:
-        """A finished run's answer headers."""
-        assert self.stats is not None
+        """A finished run's answer headers (its result's name alone where its run's facts are unknown: a run
+        whose server stopped after the result was written, before its record said so)."""
+        if self.stats is None:
+            return {"Content-Disposition": _attachment(self.result.name)}
         return {"Content-Disposition": _attachment(self.result.name), "X-Megactor-Frames": str(self.stats.frames),
                 "X-Megactor-Seconds": f"{self.stats.total_s or 0.0:.3f}",
                 "X-Megactor-First-Frame-Seconds": f"{self.stats.first_frame_s or 0.0:.3f}",
@@ -349,7 +357,7 @@ class Task:
         return {"format": RECORD_FORMAT, "id": self.id, "status": self.status, "created": self.created,
                 "finished": self.finished, "error": None if self.error is None else list(self.error),
                 "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
-                "key": self.key,
+                "key": self.key, "withdrawn": self.withdrawn,
                 "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
                 "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
 
@@ -365,8 +373,10 @@ class Task:
             doc["finished"] = _iso(self.finished)
         if self.error is not None:
             doc["error"] = self.error[1]
-        if self.status == "done" and self.stats is not None:
-            doc |= {"result": f"/jobs/{self.id}/result", "frames": self.stats.frames, "seconds": self.stats.total_s}
+        if self.status == "done":
+            doc["result"] = f"/jobs/{self.id}/result"
+            if self.stats is not None:  # (seconds: from the run's start to its last frame, as X-Megactor-Seconds)
+                doc |= {"frames": self.stats.frames, "seconds": self.stats.total_s}
         return doc
 
 
@@ -674,7 +684,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         if self.jobs_dir is not None:  # copied across file systems (a jobs folder on another disk than /tmp)
             requests = self.jobs_dir / "requests"
             requests.mkdir(exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-", dir=requests))
+        path = Path(tempfile.mkdtemp(prefix=_REQUEST_PREFIX, dir=requests))
         with self._state:
             self._folders.add(path)
         return path
@@ -838,7 +848,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 self._settle(task)
                 return "cancelled"
             if task.status == "running":
+                task.withdrawn = True
                 task.cancel.set()
+                self._save(task)  # (on disk at once: a server stopped or killed before the run stops never runs it)
                 return "cancelling"
             self._tasks.pop(task.id, None)
         self.release(task.folder)
@@ -895,49 +907,49 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def _persists(self, task: Task) -> bool:
         return self.jobs_dir is not None and task.keep  # (a job's folder is in jobs_dir then: folder())
 
+    def _stopped(self, task: Task) -> bool:
+        """Whether ``task`` (cancelled) was stopped by the server's stop, not by its client: a job in ``jobs_dir`` then
+        stays queued or running there, to run when a server starts on it again."""
+        return self._closing and task.status == "cancelled" and not task.withdrawn and self._persists(task)
+
     def _save(self, task: Task) -> None:
         """Write ``task``'s record in its folder (a job in ``jobs_dir``), but not the cancelling of the server's
-        stop: such a job stays queued or running there, to run when the server starts again."""
-        if not self._persists(task) or (self._closing and task.status == "cancelled"):
+        stop (:meth:`_stopped`): such a job stays queued or running there, to run when the server starts again."""
+        if not self._persists(task) or self._stopped(task):
             return
-        assert self.jobs_dir is not None
         try:
-            write_atomic(task.folder / RECORD, (json.dumps(task.record(self.jobs_dir), indent=1) + "\n").encode())
+            self._write_record(task)
         except OSError as exc:
             logger.warning("job %s: its record could not be written (%s); a server started again will not know it "
                            "as %s", task.id, exc, task.status)
+
+    def _write_record(self, task: Task) -> None:
+        assert self.jobs_dir is not None
+        write_atomic(task.folder / RECORD, (json.dumps(task.record(self.jobs_dir), indent=1) + "\n").encode())
 
     def restore(self) -> tuple[int, int]:
         """Take up the jobs a server kept in ``jobs_dir`` before (with the model set, before serving): the
         finished are known again until they expire, the queued queue again in the order they came, the one that
         was running runs again (from its checkpoint, where it saved one); the drivers kept are kept again. A job
-        whose form was not received whole is removed; a record that cannot be read is left there and logged.
+        whose form was not received whole is removed (a folder named as a job's, without a record), and so are the
+        request folders of ``POST /animate`` cut short by the stop; a record that cannot be read, an entry that
+        cannot be read or removed, and anything the server does not make there are left there and logged.
         Returns (jobs known, runs queued)."""
         if self.jobs_dir is None:
             return 0, 0
-        for stale in sorted((self.jobs_dir / "requests").glob("*")):  # (POST /animate's, under way at the stop)
-            logger.info("%s: a request's folder left by the server's stop; removed", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        store = self.jobs_dir / "drivers"
-        kept = sorted((p for p in store.glob("*/*") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        with self._state:
-            for path in kept:
-                self._drivers[f"{path.parent.name}/{path.name}"] = path
+        for stale in _entries(self.jobs_dir / "requests"):  # (POST /animate's, under way at the stop)
+            if stale.name.startswith(_REQUEST_PREFIX) and stale.is_dir() and not stale.is_symlink():
+                _removed(stale, "a request's folder left by the server's stop")
+            else:
+                logger.warning("%s: not a request folder this server makes; left there", stale)
         tasks: list[Task] = []
-        for folder in sorted(p for p in (self.jobs_dir / "jobs").glob("*") if p.is_dir()):
-            if folder.is_symlink():  # (a job's folder is made here: one that points elsewhere is not the server's)
-                logger.warning("%s: a link, not a job folder this server made; left there, not served", folder)
-                continue
-            record = folder / RECORD
-            if not record.is_file():
-                logger.info("%s: a job whose form was not received whole before the server stopped; removed", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
+        with self._state:
+            self._drivers.update(self._kept_drivers(self.jobs_dir / "drivers"))
+        for folder in _entries(self.jobs_dir / "jobs"):
             try:
-                task = self._restored(folder, json.loads(record.read_text(encoding="utf-8")))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
-                logger.warning("%s: not a job record this server reads (%s: %s); left there, not served", record,
-                               type(exc).__name__, exc)
+                task = self._restored_folder(folder)
+            except OSError as exc:  # (a folder or record this user may not read, say)
+                logger.warning("%s: cannot be read (%s); left there, not served", folder, _why(exc))
                 continue
             if task is not None:
                 tasks.append(task)
@@ -954,6 +966,48 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             logger.info("%s: %d job(s) kept from before (%d expired meanwhile), %d of them to run", self.jobs_dir,
                         known, len(tasks) - known, queued)
         return known, queued
+
+    @staticmethod
+    def _kept_drivers(store: Path) -> list[tuple[str, Path]]:
+        """The drivers kept in ``store`` (``<sha256>/<name>``), oldest first; a folder there that cannot be read is
+        logged (its driver is kept again by the next request that sends it, where it can be)."""
+        kept: list[tuple[float, str, Path]] = []
+        for folder in _entries(store):
+            try:
+                for path in folder.iterdir():
+                    if path.is_file():
+                        kept.append((path.stat().st_mtime, f"{folder.name}/{path.name}", path))
+            except OSError as exc:
+                logger.warning("%s: a kept driver's folder that cannot be read (%s); left there", folder, _why(exc))
+        return [(key, path) for _, key, path in sorted(kept, key=lambda k: k[0])]
+
+    def _restored_folder(self, folder: Path) -> Task | None:
+        """The job kept in ``folder`` (an entry of ``jobs_dir/jobs``), or None where there is none to serve (said).
+
+        Raises:
+            OSError: the folder or its record cannot be read.
+        """
+        if folder.is_symlink():  # (a job's folder is made here: one that points elsewhere is not the server's)
+            logger.warning("%s: a link, not a job folder this server made; left there, not served", folder)
+            return None
+        if not folder.is_dir():
+            logger.warning("%s: not a job folder this server makes; left there", folder)
+            return None
+        record = folder / RECORD
+        try:
+            text = record.read_text(encoding="utf-8")
+        except FileNotFoundError:  # (a job's folder is made, then its form received, then its record written)
+            if _JOB_ID.fullmatch(folder.name):
+                _removed(folder, "a job whose form was not received whole before the server stopped")
+            else:
+                logger.warning("%s: not a job folder this server makes; left there", folder)
+            return None
+        try:
+            return self._restored(folder, json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
+            logger.warning("%s: not a job record this server reads (%s: %s); left there, not served", record,
+                           type(exc).__name__, exc)
+            return None
 
     def _restored(self, folder: Path, doc: dict[str, Any]) -> Task | None:
         """The job a record describes, or None where its result is gone (then its folder goes too)."""
@@ -974,25 +1028,43 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         callback, key = doc["callback"], doc.get("key")
         if key is not None and (not isinstance(key, str) or not _KEY.fullmatch(key)):
             raise ValueError(f"key {key!r} is not an {KEY_HEADER}")
-        refused: Exception | None = None  # (why this server does not run it again)
-        if status in ("queued", "running"):
+        refused: Exception | tuple[int, str] | None = None  # (why this server does not run it again)
+        changed = False  # (its record is written again)
+        if status in ("queued", "running") and doc.get("withdrawn"):
+            logger.info("job %s: cancelled by its client before the server stopped; not run again", task_id)
+            status, finished, changed = "cancelled", time.time(), True
+        elif status == "running" and result.is_file():  # (written whole, under another name, then renamed: the
+            logger.info("job %s: its run ended before the server stopped (its result %s is there whole); done",
+                        task_id, result)  # server stopped before its record said so)
+            status, finished, changed = "done", result.stat().st_mtime, True
+        elif status in ("queued", "running"):
+            lost = next((p for p in files.values() if not p.is_file()), None)  # (the server's: its upload or driver)
+            lost_said = (500, f"{lost}: this job's file, kept by the server, is gone (deleted from the jobs folder "
+                              "while no server ran); send the job again")
             if status == "running":
-                logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
                 shutil.rmtree(folder / "result", ignore_errors=True)  # (a result's write the stop cut short)
             try:
                 task = self.task_of(folder, text, files, task_id, True, callback)
-                task.created, task.key = created, key
-                if status == "running":  # (queued again; a queued job's record says so already)
-                    self._save(task)
-                return task
             except (FormError, InputError) as exc:  # (this server's model, settings or limits refuse it)
-                status, refused, finished = "failed", exc, time.time()
+                refused = lost_said if lost is not None and str(lost) in str(exc) else exc
+            else:
+                if lost is None:
+                    task.created, task.key = created, key
+                    if status == "running":  # (queued again; a queued job's record says so already)
+                        logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
+                        self._save(task)
+                    return task
+                refused = lost_said
+            status, finished = "failed", time.time()
         if finished is None:
             raise ValueError(f"status {status!r} without the time it ended")
         job = Job(files.get("portrait", folder), files["driver"], result)
         task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=created,
                     finished=finished, callback=callback, request=(text, files), key=key)
-        if refused is not None:
+        if isinstance(refused, tuple):
+            task.error = refused
+            logger.warning("job %s: failed (%d %s)", task_id, *refused)
+        elif refused is not None:
             task.error = 400, task.said(refused)
         elif doc["error"] is not None:
             task.error = int(doc["error"][0]), str(doc["error"][1])
@@ -1002,8 +1074,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             logger.info("job %s: its result %s is gone; forgotten", task_id, task.result)
             shutil.rmtree(folder, ignore_errors=True)
             return None
-        if refused is not None:  # (its uploads are of no more use)
-            _prune(task)
+        _prune(task)  # (its uploads are of no more use: also what a stop between its record and its cleanup left)
+        if refused is not None or changed:
             self._save(task)
         return task
 
@@ -1045,8 +1117,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
     def _settle(self, task: Task) -> None:
         """An ended job's files, record, waiters and callback (a run's, or a queued job's cancelled before it ran),
         with ``_state`` held: a job is listed with its outcome until it expires."""
-        stopped = self._closing and task.status == "cancelled" and self._persists(task)
-        if not task.keep:
+        stopped = self._stopped(task)
+        self._save(task)  # (first: a stop or a kill after it leaves a record saying so, its result whole; restore
+        if not task.keep:  # prunes what the cleanup below had not removed yet)
             self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
         elif stopped:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts again)
             pass
@@ -1054,7 +1127,6 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             _prune(task)
         else:  # (failed or cancelled: what it says is kept, no file)
             self.release(task.folder)
-        self._save(task)
         task.over.set()
         if task.callback is not None and not stopped:
             threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
@@ -1120,7 +1192,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 logger.info("run %s: went on from step %d, saved before the server stopped", task.id, resumed + 1)
         except Cancelled:
             task.status = "cancelled"
-            if self._closing and self._persists(task):
+            if self._stopped(task):
                 logger.info("run %s: stopped with the server; it runs again when a server starts on %s", task.id,
                             self.jobs_dir)
             else:
@@ -1648,6 +1720,44 @@ def _prune(task: Task) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, sorted (none where it is missing; one that cannot be read is logged)."""
+    try:
+        return sorted(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        logger.warning("%s: cannot be read (%s); what it holds is left there, not served", folder, _why(exc))
+        return []
+
+
+def _removed(path: Path, what: str) -> bool:
+    """Remove ``path`` (a folder with what it holds), logged as ``what``: removed, or why it was not (left there)."""
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        if os.path.lexists(path):
+            logger.warning("%s: %s; it cannot be removed (%s: %s), left there", path, what, _why(exc),
+                           exc.filename or path)
+            return False
+    logger.info("%s: %s; removed", path, what)
+    return True
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (or a user's quota reached)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_trouble(exc: OSError) -> str:
+    """``exc`` as an answer says it: a full disk named so."""
+    return f"the disk is full: {exc}" if _full(exc) else f"{type(exc).__name__}: {exc}"
 
 
 def _postable(url: str) -> bool:

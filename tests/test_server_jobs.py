@@ -203,7 +203,7 @@ def test_what_cannot_be_taken_up_is_said(anim: Animator, media: dict[str, Path],
     (jobs_dir / "jobs" / done / "result" / "me_talk.mp4").unlink()
     record = json.loads((jobs_dir / "jobs" / later / RECORD).read_text())
     (jobs_dir / "jobs" / later / RECORD).write_text(json.dumps({**record, "status": "queued"}))
-    (jobs_dir / "jobs" / "partial" / "driver").mkdir(parents=True)
+    (jobs_dir / "jobs" / "0a1b2c3d4e5f" / "driver").mkdir(parents=True)  # (named as a job is)
     (jobs_dir / "jobs" / "broken").mkdir()
     (jobs_dir / "jobs" / "broken" / RECORD).write_text("{not json")
     with serving(anim, jobs_dir=jobs_dir, frame_limit=2) as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
@@ -215,7 +215,7 @@ def test_what_cannot_be_taken_up_is_said(anim: Animator, media: dict[str, Path],
     assert sorted(p.name for p in (jobs_dir / "jobs").iterdir()) == sorted(["broken", later])
     assert [p.name for p in (jobs_dir / "jobs" / later).iterdir()] == [RECORD]  # (its files go with its run)
     assert f"job {done}: its result {jobs_dir / 'jobs' / done / 'result' / 'me_talk.mp4'} is gone" in caplog.text
-    assert f"{jobs_dir / 'jobs' / 'partial'}: a job whose form was not received whole" in caplog.text
+    assert f"{jobs_dir / 'jobs' / '0a1b2c3d4e5f'}: a job whose form was not received whole" in caplog.text
     assert f"{jobs_dir / 'jobs' / 'broken' / RECORD}: not a job record this server reads (JSONDecodeError" in caplog.text
     assert json.loads((jobs_dir / "jobs" / later / RECORD).read_text())["status"] == "failed"
 
@@ -310,3 +310,175 @@ def test_a_form_sent_again_with_its_key_gets_the_job_the_first_made(anim: Animat
         request(srv, "DELETE", f"/jobs/{job}")  # (gone: the key makes a new job)
         status, _, new = request(srv, "POST", "/jobs", body, ctype, key)
         assert status == 202 and json.loads(new)["id"] != job
+
+
+def _hold_until_stopped(srv: AnimateServer, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make the server's runs, once started, wait until the server stops (then they go on, to be cancelled at their
+    first progress report, as a run the stop catches midway). Returns the event set when a run has started."""
+    started = threading.Event()
+    real = srv.anim.animate_to_file
+
+    def held(*args: Any, **kw: Any) -> Any:
+        started.set()
+        while not srv._closing:  # (set by the server's stop, the moment the test leaves its block)
+            threading.Event().wait(0.01)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(srv.anim, "animate_to_file", held)
+    return started
+
+
+def test_a_running_job_its_client_cancelled_is_not_run_again(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """DELETE on a running job is in its record at once: a server stopped before the run sees the cancel writes it
+    cancelled, and one killed meanwhile (its record as the DELETE left it) is not run again by the next server."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        started = _hold_until_stopped(srv, monkeypatch)
+        job = post_job(srv, files(media))
+        assert started.wait(60)
+        status, _, said = request(srv, "DELETE", f"/jobs/{job}")
+        assert (status, json.loads(said)["status"]) == (202, "cancelling")
+        as_deleted = (jobs_dir / "jobs" / job / RECORD).read_text()  # (a kill -9 now leaves this)
+    assert _records(jobs_dir) == {job: "cancelled"}
+    assert json.loads(as_deleted)["status"] == "running" and json.loads(as_deleted).get("withdrawn") is True
+    monkeypatch.undo()
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert srv.restore() == (1, 0)
+        assert json.loads(request(srv, "GET", f"/jobs/{job}")[2])["status"] == "cancelled"
+    (jobs_dir / "jobs" / job / RECORD).write_text(as_deleted)
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert srv.restore() == (1, 0)
+        assert json.loads(request(srv, "GET", f"/jobs/{job}")[2])["status"] == "cancelled"
+    assert _records(jobs_dir) == {job: "cancelled"}
+    assert [p.name for p in (jobs_dir / "jobs" / job).iterdir()] == [RECORD]
+
+
+class _Killed(BaseException):
+    """The server's process killed here (the worker's thread ends; nothing after it is done)."""
+
+
+@pytest.mark.parametrize("where", ["after its result", "before its cleanup", "after its cleanup"])
+def test_a_kill_as_a_job_ends_loses_neither_its_result_nor_its_run(anim: Animator, media: dict[str, Path],
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    where: str) -> None:
+    """A server killed once a job's result is written (before its record says so), or between its record and the
+    removal of its uploads and checkpoint, or after it: a server started on the folder serves that result, done, and
+    does not run it again; what the removal had not done yet is done then."""
+    import megactor_rt.server as server_module
+
+    jobs_dir = tmp_path / "jobs"
+    killed = threading.Event()
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the worker's thread ends with _Killed)
+    real_prune = server_module._prune
+
+    def kill(*args: Any) -> None:
+        if where == "after its cleanup":
+            real_prune(*args)
+        killed.set()
+        raise _Killed
+
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        if where == "after its result":
+            monkeypatch.setattr(srv, "_settle", kill)
+        else:
+            monkeypatch.setattr(server_module, "_prune", kill)
+        job = post_job(srv, {**files(media), "format": "gif"})
+        assert killed.wait(120)
+        result = (jobs_dir / "jobs" / job / "result" / "me_talk.gif").read_bytes()
+    monkeypatch.undo()
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert srv.restore() == (1, 0)
+        doc = json.loads(request(srv, "GET", f"/jobs/{job}")[2])
+        assert doc["status"] == "done", doc
+        status, headers, served = request(srv, "GET", f"/jobs/{job}/result")
+        assert status == 200 and served == result
+        assert (headers.get("X-Megactor-Frames") == "6") == (where != "after its result")
+    assert _records(jobs_dir) == {job: "done"}
+    kept = sorted(str(p.relative_to(jobs_dir / "jobs" / job)) for p in (jobs_dir / "jobs" / job).rglob("*"))
+    assert kept == [RECORD, "result", "result/me_talk.gif"]
+
+
+def test_restore_removes_only_what_the_server_makes_and_names_what_it_leaves(
+        anim: Animator, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """In the jobs folder, a server starting removes the folders it makes and no longer needs (a job's whose form was
+    cut short: named as a job; a POST /animate's: named as its requests' are) and nothing else (an operator's files,
+    named in the log); an entry it cannot read or remove is left there and named, and the server starts."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        job = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    jobs, requests = jobs_dir / "jobs", jobs_dir / "requests"
+    requests.mkdir(exist_ok=True)
+    (jobs / "mystuff").mkdir()
+    (jobs / "mystuff" / "notes.txt").write_text("mine")
+    (jobs / "readme.txt").write_text("mine")
+    (jobs / "0123456789ab" / "portrait").mkdir(parents=True)  # (a form cut short)
+    locked = jobs / "abcdef012345"  # (a folder this user may not read: chmod 000, the server not root)
+    shutil.copytree(jobs / job, locked)
+    (requests / "junkfile").write_text("mine")
+    (requests / "mine").mkdir()
+    (requests / "megactor-rt-serve-a1b2c3d4" / "driver").mkdir(parents=True)  # (a POST /animate cut short)
+    stuck = requests / "megactor-rt-serve-stuck000"  # (one that cannot be removed)
+    stuck.mkdir()
+
+    def denied(real: Any) -> Any:
+        def call(self: Path, *args: Any, **kw: Any) -> Any:
+            if self.is_relative_to(locked) and self != locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kw)
+        return call
+
+    for name in ("is_file", "read_text", "stat", "open", "iterdir"):
+        monkeypatch.setattr(Path, name, denied(getattr(Path, name)))
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path: Any, ignore_errors: bool = False, **kw: Any) -> None:
+        if Path(path) == stuck:
+            if not ignore_errors:
+                raise PermissionError(13, "Permission denied", str(stuck))
+            return
+        real_rmtree(path, ignore_errors, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with serving(anim, jobs_dir=jobs_dir) as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        assert srv.restore() == (1, 0)
+        assert request(srv, "GET", f"/jobs/{job}/result")[0] == 200
+    assert sorted(p.name for p in jobs.iterdir()) == sorted([job, "abcdef012345", "mystuff", "readme.txt"])
+    assert (jobs / "mystuff" / "notes.txt").read_text() == "mine" and (requests / "junkfile").read_text() == "mine"
+    assert sorted(p.name for p in requests.iterdir()) == sorted(["junkfile", "mine", stuck.name])
+    for other in (jobs / "mystuff", jobs / "readme.txt"):
+        assert f"{other}: not a job folder this server makes; left there" in caplog.text
+    for other in (requests / "junkfile", requests / "mine"):
+        assert f"{other}: not a request folder this server makes; left there" in caplog.text
+    assert f"{jobs / '0123456789ab'}: a job whose form was not received whole before the server stopped; removed" \
+        in caplog.text
+    assert f"{requests / 'megactor-rt-serve-a1b2c3d4'}: a request's folder left by the server's stop; removed" \
+        in caplog.text
+    assert f"{stuck}: a request's folder left by the server's stop; it cannot be removed (Permission denied" \
+        in caplog.text and f"{stuck}: a request's folder left by the server's stop; removed" not in caplog.text
+    assert f"{locked}: cannot be read (Permission denied); left there, not served" in caplog.text
+
+
+def test_a_kept_driver_lost_while_no_server_ran_fails_its_job_naming_it(anim: Animator, media: dict[str, Path],
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver the server kept for a job, deleted from the jobs folder while no server ran: the job fails naming
+    the server's file (a 500: not the client's upload to blame)."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        started = _hold_until_stopped(srv, monkeypatch)
+        job = post_job(srv, files(media))
+        assert started.wait(60)
+    monkeypatch.undo()
+    assert _records(jobs_dir) == {job: "running"}
+    [kept] = (jobs_dir / "drivers").glob("*/talk.mp4")
+    kept.unlink()
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        assert srv.restore() == (1, 0)
+        doc = json.loads(request(srv, "GET", f"/jobs/{job}")[2])
+        assert doc["status"] == "failed" and doc["error"].startswith(
+            f"{kept}: this job's file, kept by the server, is gone (deleted from the jobs folder"), doc
+        assert request(srv, "GET", f"/jobs/{job}/result")[0] == 500
+    assert _records(jobs_dir) == {job: "failed"}
