@@ -747,8 +747,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 upload.unlink()
                 return kept
             kept = self._driver_store / key
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(upload, kept)
+            try:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(upload, kept)
+            except OSError as exc:  # (a folder there this server cannot write, say: the request reads its upload)
+                logger.warning("%s: the driver cannot be kept there (%s); the request reads its own upload", kept,
+                               _why(exc))
+                return upload
             self._drivers[key] = kept
             in_use = {t.job.driver for t in self._queue} | ({self.running.job.driver} if self.running else set())
             sizes = {k: p.stat().st_size if p.is_file() else 0 for k, p in self._drivers.items()}
@@ -793,15 +798,27 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def submit(self, task: Task) -> Task:
         """Queue ``task`` behind the runs before it, in the place :meth:`reserve` held for it; the job queued, which
-        is another where a form with ``task``'s key came first (its place is given back then: ``task`` is not run)."""
+        is another where a form with ``task``'s key came first (its place is given back then: ``task`` is not run).
+
+        Raises:
+            FormError: a job in ``jobs_dir`` whose record cannot be written (503 for a full disk, else 500): a server
+                started again would not know it; nothing is queued, the place is kept (:meth:`unreserve`).
+        """
         with self._state:
-            self._receiving -= 1
             first = self.keyed(task.key)
             if first is not None:
+                self._receiving -= 1
                 return first
+            if self._persists(task):
+                try:
+                    self._write_record(task)
+                except OSError as exc:
+                    raise FormError(f"{self.jobs_dir}: the job's record cannot be written in the jobs folder "
+                                    f"({_disk_trouble(exc)}); the job is not taken", 503 if _full(exc) else 500
+                                    ) from exc
+            self._receiving -= 1
             self._tasks[task.id] = task
             self._queue.append(task)
-            self._save(task)
             self._start_worker()
             return task
 
@@ -1508,13 +1525,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         key = None if key is None else key.strip()
         if self._known(key):
             return
-        task_id = uuid.uuid4().hex[:12]
-        folder = self.server.folder(task_id if route == "/jobs" else None)
+        task_id = uuid.uuid4().hex[:12]  # (_JOB_ID)
+        folder: Path | None = None
         task: Task | None = None
         error: tuple[int, str] | None = None
         result: IO[bytes] | None = None
         reserved = False
         try:
+            folder = self.server.folder(task_id if route == "/jobs" else None)
             length = self._length()  # (a form too large, or of no size, before a place in the queue)
             self.server.reserve()
             reserved = True
@@ -1541,20 +1559,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 error = task.error or (410, f"the run was cancelled (DELETE /jobs/{task.id})")
         except FormError as exc:
-            error = exc.status, _said(exc, folder)
+            error = exc.status, _said(exc, folder) if folder else str(exc)
         except InputError as exc:
-            error = 400, _said(exc, folder)
+            error = 400, _said(exc, folder) if folder else str(exc)
         except ResourceError as exc:  # (a full disk for an upload or a download)
-            error = 503, _said(exc, folder)
+            error = 503, _said(exc, folder) if folder else str(exc)
         except (BrokenPipeError, ConnectionResetError):
             logger.info("POST %s: the client went away before the answer", route)
         except Exception as exc:  # noqa: BLE001 - answered as a server failure, and logged with its traceback
-            logger.exception("POST %s failed", route)
-            error = 500, f"the server failed: {type(exc).__name__}: {exc}"
+            if _full(exc):  # (the form's files, stored as they come: the server cannot take work now)
+                where = self.server.jobs_dir or Path(tempfile.gettempdir())
+                error = 503, f"the server's disk is full ({where}: {exc}); try again later"
+            else:
+                logger.exception("POST %s failed", route)
+                error = 500, f"the server failed: {type(exc).__name__}: {exc}"
         finally:
             if reserved:
                 self.server.unreserve()
-            if task is None or not task.keep or error is not None:
+            if folder is not None and (task is None or not task.keep or error is not None):
                 self.server.release(folder)  # (before the answer: a client that has it finds nothing left here)
         try:
             if result is not None and task is not None:
@@ -1863,11 +1885,20 @@ def _lock_jobs_dir(folder: Path) -> IO[bytes]:
         InputError: the folder cannot be written, or another server holds it (its process named).
     """
     import fcntl
+    for path in (folder, folder / "jobs", folder / "drivers", folder / "requests"):  # (named: the one in the way)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # (not a folder)
+            raise InputError(f"{path}: the jobs folder (--jobs-dir) cannot be written (a file is in the way of a "
+                             "folder of that name)") from None
+        except OSError as exc:
+            raise InputError(f"{exc.filename or path}: the jobs folder (--jobs-dir) cannot be written "
+                             f"({exc.strerror or exc})") from exc
     try:
-        (folder / "jobs").mkdir(parents=True, exist_ok=True)
         lock = open(folder / ".lock", "a+b")  # noqa: SIM115 - held open while the server runs
     except OSError as exc:
-        raise InputError(f"{folder}: the jobs folder (--jobs-dir) cannot be written ({exc.strerror or exc})") from exc
+        raise InputError(f"{folder / '.lock'}: the jobs folder (--jobs-dir) cannot be written "
+                         f"({exc.strerror or exc})") from exc
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -1212,3 +1212,45 @@ def test_skip_existing_with_a_server_keeps_results_and_names_other_settings(
     assert (out / "a.mp4").stat().st_mtime_ns == made and "other settings" not in caplog.text
     assert main([*argv[:-2], "--skip-existing"]) == 0  # (the server's 2 steps now)
     assert "was made with other settings than this run's: steps 1 (now 2)" in caplog.text
+
+
+class _FullDisk:
+    """A file being written on a disk that is full (or failing: ``code``)."""
+
+    def __init__(self, file: Any, code: int) -> None:
+        self.file, self.code = file, code
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+def test_a_full_disk_while_a_form_comes_is_answered_503(served: AnimateServer, media: dict[str, Path],
+                                                        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload the disk has no room for: 503 naming the full disk (POST /animate and POST /jobs), nothing left;
+    another write error: 500."""
+    import builtins
+    import errno
+
+    code = [errno.ENOSPC]
+
+    def full(file: Any, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        opened = builtins.open(file, mode, *args, **kw)  # noqa: SIM115 - the server closes it
+        return _FullDisk(opened, code[0]) if "w" in mode and Path(file).parent.name == "driver" else opened
+
+    monkeypatch.setattr(server_module, "open", full, raising=False)
+    body, ctype = form(files(media))
+    for route in ("/animate", "/jobs"):
+        status, headers, said = request(served, "POST", route, body, ctype)
+        assert status == 503 and headers["Retry-After"] == "10", said
+        assert json.loads(said)["error"] == (f"the server's disk is full ({scratch}: [Errno 28] No space left on "
+                                             "device); try again later")
+    code[0] = errno.EIO
+    status, _, said = request(served, "POST", "/jobs", body, ctype)
+    assert status == 500 and json.loads(said)["error"].startswith("the server failed: OSError: [Errno 5]"), said
+    assert left(scratch) == [] and json.loads(request(served, "GET", "/jobs")[2])["jobs"] == []

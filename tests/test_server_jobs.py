@@ -399,6 +399,43 @@ def test_a_kill_as_a_job_ends_loses_neither_its_result_nor_its_run(anim: Animato
     assert kept == [RECORD, "result", "result/me_talk.gif"]
 
 
+def test_a_job_whose_record_cannot_be_written_is_refused(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk where a job's record is written: 503 naming it, nothing queued, its folder gone (answered 202,
+    a server started again would not know it); another error there: 500."""
+    import errno
+
+    import megactor_rt.server as server_module
+
+    jobs_dir = tmp_path / "jobs"
+    real = server_module.write_atomic
+    failure = [errno.ENOSPC]
+
+    def write_atomic(path: Path, data: bytes) -> None:
+        if path.name == RECORD and failure:
+            raise OSError(failure[0], os.strerror(failure[0]))
+        real(path, data)
+
+    monkeypatch.setattr(server_module, "write_atomic", write_atomic)
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        body, ctype = form(files(media))
+        status, headers, said = request(srv, "POST", "/jobs", body, ctype)
+        assert status == 503 and headers["Retry-After"] == "10", said
+        assert f"{jobs_dir}: the job's record cannot be written" in json.loads(said)["error"]
+        assert "the disk is full: [Errno 28] No space left on device" in json.loads(said)["error"]
+        failure[0] = errno.EIO
+        status, _, said = request(srv, "POST", "/jobs", body, ctype)
+        assert status == 500 and "OSError: [Errno 5]" in json.loads(said)["error"], said
+        assert list((jobs_dir / "jobs").iterdir()) == []
+        health = json.loads(request(srv, "GET", "/health")[2])
+        assert (health["waiting"], health["running"], json.loads(request(srv, "GET", "/jobs")[2])["jobs"]) == (
+            0, None, [])
+        failure.clear()  # (room again: the places the refused took are free)
+        job = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    assert _records(jobs_dir) == {job: "done"}
+
+
 def test_restore_removes_only_what_the_server_makes_and_names_what_it_leaves(
         anim: Animator, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -459,6 +496,42 @@ def test_restore_removes_only_what_the_server_makes_and_names_what_it_leaves(
     assert f"{stuck}: a request's folder left by the server's stop; it cannot be removed (Permission denied" \
         in caplog.text and f"{stuck}: a request's folder left by the server's stop; removed" not in caplog.text
     assert f"{locked}: cannot be read (Permission denied); left there, not served" in caplog.text
+
+
+def test_what_is_in_the_way_in_the_jobs_folder_is_named(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A file where the jobs folder keeps its jobs, drivers or requests: the server does not start, naming it; one
+    put there while it runs: a POST is answered (500, named), not dropped; a kept driver that cannot be written
+    there: the request reads its own upload."""
+    import re
+
+    for name in ("jobs", "drivers", "requests"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_text("in the way")
+        with pytest.raises(InputError, match=re.escape(f"{folder / name}: the jobs folder (--jobs-dir) cannot be "
+                                                       "written (a file is in the way")):
+            AnimateServer(anim, ("127.0.0.1", 0), jobs_dir=folder)
+    jobs_dir = tmp_path / "ok"
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        shutil.rmtree(jobs_dir / "requests", ignore_errors=True)
+        (jobs_dir / "requests").write_text("in the way")
+        status, _, said = animate(srv, files(media))
+        assert status == 500 and "FileExistsError" in json.loads(said)["error"], said
+    real = os.replace
+
+    def replace(src: Any, dst: Any) -> None:  # (a kept driver's folder this user may not write)
+        if Path(dst).is_relative_to(tmp_path / "other" / "drivers"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with serving(anim, jobs_dir=tmp_path / "other") as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        job = post_job(srv, files(media))
+        assert wait_for(srv, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")["status"] == "done"
+        assert animate(srv, files(media))[0] == 200
+    assert "the driver cannot be kept there (Permission denied); the request reads its own upload" in caplog.text
 
 
 def test_a_kept_driver_lost_while_no_server_ran_fails_its_job_naming_it(anim: Animator, media: dict[str, Path],
