@@ -120,6 +120,7 @@ _TEXT_LIMIT = 64 << 10  # a text field's most bytes
 _HEADER_LIMIT = 16 << 10  # a part's headers' most bytes
 _CHUNK = 1 << 20
 MIN_UPLOAD_RATE, UPLOAD_GRACE_S = 8 << 10, 30.0  # bytes/s on average a form must come at, once 30 s have passed
+_EXPIRE_POLL_S = 30.0  # how often an idle server's worker removes the jobs kept past keep_s
 _GONE_POLL_S = 1.0  # how often a POST /animate waiting for its run looks whether its client is still there
 _LINGER_S, _LINGER_BYTES = 2.0, 16 << 20  # how long and how much of a refused body is read before closing
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -622,8 +623,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def _snapshot(self) -> dict[str, Any]:
         """The runs' state that ``GET /health`` and ``GET /metrics`` both tell: the run under way (its result's
-        name), how many wait, served, failed, and the finished jobs kept."""
+        name), how many wait, served, failed, and the finished jobs kept (those expired gone first)."""
         with self._state:
+            self._expire()
             return {"running": None if self.running is None else self.running.result.name,
                     "waiting": len(self._queue), "served": self.served, "failed": self.failed,
                     "jobs_kept": sum(t.keep and t.finished is not None for t in self._tasks.values())}
@@ -1106,7 +1108,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         while True:
             with self._state:
                 while not self._queue and not self._closing:
-                    self._state.wait()
+                    self._state.wait(_EXPIRE_POLL_S)
+                    self._expire()  # (also while nobody asks: their files go, and /health counts them no more)
                 if self._closing:
                     return
                 task = self.running = self._queue.popleft()

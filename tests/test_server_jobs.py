@@ -534,6 +534,28 @@ def test_what_is_in_the_way_in_the_jobs_folder_is_named(anim: Animator, media: d
     assert "the driver cannot be kept there (Permission denied); the request reads its own upload" in caplog.text
 
 
+def test_expired_jobs_go_without_being_asked_about(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job kept past keep_s is removed (its folder, and from /health's count) by an idle server nobody asks about
+    its jobs, and at once where /health or /metrics is asked."""
+    import megactor_rt.server as server_module
+
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir, keep_s=0.0) as srv:  # (/health alone asked)
+        job = post_job(srv, files(media))
+        health = wait_for(srv, lambda d: d["served"] == 1)
+        assert health["jobs_kept"] == 0 and not (jobs_dir / "jobs" / job).exists()
+        assert "megactor_jobs_kept 0" in request(srv, "GET", "/metrics")[2].decode()
+    monkeypatch.setattr(server_module, "_EXPIRE_POLL_S", 0.05)
+    with serving(anim, jobs_dir=jobs_dir, keep_s=0.0) as srv:  # (nothing asked)
+        job = post_job(srv, files(media))
+        for _ in range(400):
+            if not (jobs_dir / "jobs" / job).exists():
+                break
+            threading.Event().wait(0.05)
+        assert not (jobs_dir / "jobs" / job).exists() and srv.served == 1
+
+
 def test_a_kept_driver_lost_while_no_server_ran_fails_its_job_naming_it(anim: Animator, media: dict[str, Path],
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
