@@ -1647,8 +1647,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send_result(self, task: Task) -> None:
         try:
             file = open(task.result, "rb")  # noqa: SIM115 - closed below
-        except OSError:  # (deleted or expired meanwhile)
+        except (FileNotFoundError, NotADirectoryError):  # (deleted or expired meanwhile)
             self._error(410, f"job {task.id}: its result is gone (deleted, or kept past {self.server.keep_s:g} s)")
+            return
+        except OSError as exc:  # (there, but this server cannot read it: its permissions, a failing disk)
+            self._error(500, f"job {task.id}: its result {task.result.name} cannot be read ({exc.strerror or exc})")
             return
         with file:
             st = os.fstat(file.fileno())

@@ -1254,3 +1254,27 @@ def test_a_full_disk_while_a_form_comes_is_answered_503(served: AnimateServer, m
     status, _, said = request(served, "POST", "/jobs", body, ctype)
     assert status == 500 and json.loads(said)["error"].startswith("the server failed: OSError: [Errno 5]"), said
     assert left(scratch) == [] and json.loads(request(served, "GET", "/jobs")[2])["jobs"] == []
+
+
+def test_a_result_that_cannot_be_read_is_a_server_failure_not_gone(served: AnimateServer, media: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A done job's result there but unreadable (its permissions): 500 naming it; 410 only once it is gone."""
+    import builtins
+    import errno
+
+    job = post_job(served, files(media))
+    wait_for(served, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    task = served.task(job)[0]  # type: ignore[index]
+
+    def denied(file: Any, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        if Path(file) == task.result:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kw)
+
+    monkeypatch.setattr(server_module, "open", denied, raising=False)
+    status, _, said = request(served, "GET", f"/jobs/{job}/result")
+    assert status == 500 and json.loads(said)["error"] == (f"job {job}: its result me_talk.mp4 cannot be read "
+                                                           "(Permission denied)"), said
+    monkeypatch.delattr(server_module, "open")
+    task.result.unlink()
+    assert request(served, "GET", f"/jobs/{job}/result")[0] == 410
