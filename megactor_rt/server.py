@@ -431,7 +431,9 @@ def openapi() -> dict[str, Any]:
     job = {"description": "the job", "content": {"application/json": {"schema": {"type": "object", "properties": {
         "id": {"type": "string"}, "status": {"type": "string", "enum": list(_STATUSES)},
         "ahead": {"type": "integer"}, "progress": {"type": "object"}, "error": {"type": "string"},
-        "result": {"type": "string"}, "frames": {"type": "integer"}, "seconds": {"type": "number"}}}}}}
+        "result": {"type": "string"}, "frames": {"type": "integer"},
+        "seconds": {"type": "number", "description": "from the run's start to its last frame (X-Megactor-Seconds; "
+                    "a run that went on from its checkpoint: this last part of it)"}}}}}}
     errors = {str(code): error for code in (400, 401, 413, 415, 503)}
     job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     token = {"bearer": {"type": "http", "scheme": "bearer", "description": "where the server was started with a "
@@ -1200,7 +1202,6 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         options = dict(task.options)
         if self._persists(task) and not task.config.streams_frames:  # (a run the server's stop ends goes on from
             options["checkpoint_dir"] = task.folder / "checkpoint"     # its last step when it starts again)
-        start = time.perf_counter()
         try:
             stats = self.anim.animate_to_file(job.portrait, job.driver, job.output, **options, config=task.config,
                                               on_progress=report)
@@ -1232,8 +1233,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             logger.info("run %s: failed (%d %s)", task.id, *task.error)
             return
         task.status = "done"
-        logger.info("run %s: %s, %d frames in %.1f s", task.id, task.result.name, stats.frames,
-                    time.perf_counter() - start)
+        logger.info("run %s: %s, %d frames in %.1f s", task.id, task.result.name, stats.frames,  # (GET /jobs/ID's
+                    float(stats.total_s or 0.0))  # seconds, X-Megactor-Seconds: from its start to its last frame)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -577,3 +577,22 @@ def test_a_kept_driver_lost_while_no_server_ran_fails_its_job_naming_it(anim: An
             f"{kept}: this job's file, kept by the server, is gone (deleted from the jobs folder"), doc
         assert request(srv, "GET", f"/jobs/{job}/result")[0] == 500
     assert _records(jobs_dir) == {job: "failed"}
+
+
+def test_a_runs_seconds_are_the_same_in_the_log_and_its_job(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The log's "N frames in S s" is GET /jobs/ID's seconds (from the run's start to its last frame), not the time
+    until the result's file was finished too (its sound muxed, say: here made to take a second more)."""
+    real = anim.animate_to_file
+
+    def slow_to_finish(*args: Any, **kw: Any) -> Any:
+        stats = real(*args, **kw)
+        threading.Event().wait(1.0)
+        return stats
+
+    with serving(anim, jobs_dir=tmp_path / "jobs") as srv, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        monkeypatch.setattr(srv.anim, "animate_to_file", slow_to_finish)
+        job = post_job(srv, files(media))
+        doc = wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    assert f"run {job}: me_talk.mp4, 6 frames in {doc['seconds']:.1f} s\n" in caplog.text
