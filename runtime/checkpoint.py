@@ -13,7 +13,12 @@ that changes the math, the backend, precision and size; another run never reads 
 has yielded its last frame. Wrapping windows only (the default): open windows (``--no-wrap``) finish frames at
 different steps, so there is no state "after step i" to save. With feature reuse only the steps before a whole
 UNet step are saved (the features kept in between are not). At 512 px a checkpoint is 64 KiB per frame (1.2 GB for
-18 000 frames, rewritten after each step).
+18 000 frames, rewritten after each step; the atomic write needs room for two while it is made).
+
+A checkpoint that cannot be written (a full disk, a folder made read-only meanwhile) does not end the run: it is
+said once (a warning) and the run goes on without saving more (the run is not lost for want of its insurance; a
+file saved before stays, and a run started again would continue from it). ``animate --checkpoint-dir`` and
+``serve --jobs-dir`` both save through here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,6 +116,7 @@ class StepCheckpoint:
             raise InputError(f"{self.path}: this run's checkpoint file is a folder here; remove it (or give another "
                              "--checkpoint-dir)")
         self.key, self.steps, self.resumable = key, steps, resumable
+        self.failed: OSError | None = None  # why a save failed: no more are tried (the run goes on without)
 
     def load(self, latents: torch.Tensor) -> int:
         """Copy the saved latents into ``latents`` and return the step to continue with (0: nothing saved, or a
@@ -146,12 +153,19 @@ class StepCheckpoint:
         from safetensors.torch import save
 
         following = step + 1
-        if following < self.steps and not self.resumable(following):
+        if self.failed is not None or (following < self.steps and not self.resumable(following)):
             return
         saved = latents.detach().to("cpu", copy=True).contiguous()
         data = save({"latents": saved}, metadata={"key": self.key, "next_step": str(following),
                                                   "steps": str(self.steps), "sha256": _checksum(saved)})
-        write_atomic(self.path, data)
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:  # (said once; the run goes on)
+            self.failed = exc
+            logger.warning("%s: the checkpoint after step %d of %d cannot be written (%s); the run goes on without "
+                           "saving its steps (stopped now, it would start again from %s)", self.path, following,
+                           self.steps, exc.strerror or exc,
+                           "the last step saved" if os.path.isfile(self.path) else "its first step")
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

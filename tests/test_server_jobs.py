@@ -556,6 +556,29 @@ def test_expired_jobs_go_without_being_asked_about(anim: Animator, media: dict[s
         assert not (jobs_dir / "jobs" / job).exists() and srv.served == 1
 
 
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(anim: Animator, media: dict[str, Path],
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk where a job's checkpoint is saved: said once, and the run goes on (done), saving no more."""
+    import errno
+
+    import megactor_rt.runtime.checkpoint as checkpoint_module
+
+    tries: list[Path] = []
+
+    def full(path: Path, data: bytes) -> None:
+        tries.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "write_atomic", full)
+    with serving(anim, jobs_dir=tmp_path / "jobs") as srv, caplog.at_level(logging.INFO):
+        job = post_job(srv, files(media))
+        doc = wait_for(srv, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")
+        assert doc["status"] == "done", doc
+    assert len(tries) == 1 and tries[0].parent == tmp_path / "jobs" / "jobs" / job / "checkpoint"
+    assert caplog.text.count("cannot be written (No space left on device); the run goes on without saving") == 1
+
+
 def test_a_kept_driver_lost_while_no_server_ran_fails_its_job_naming_it(anim: Animator, media: dict[str, Path],
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
