@@ -24,8 +24,9 @@ same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Locat
 says where it is (queued with the runs ``ahead`` of it, running with its ``progress``: stage, done, total, unit;
 done, failed with its ``error``, or cancelled); ``GET /jobs/ID/result`` answers as ``POST /animate`` would have
 (409 before it is done, 410 cancelled); ``DELETE /jobs/ID`` cancels it (queued: at once; running: at its next
-progress report; a cancelled job stays listed, as a finished one does) or deletes its result; ``GET /jobs`` lists
-them. A job's result is kept ``keep_s`` after its run (and the ``max_kept`` latest only). A ``POST /jobs`` that
+progress report, and with a ``jobs_dir`` in its record at once; a cancelled job stays listed, as a finished one does)
+or deletes its result; ``GET /jobs`` lists them. A job's result is kept ``keep_s`` after its run (and the
+``max_kept`` latest only), then removed whether or not anyone asks about it. A ``POST /jobs`` that
 carries an ``Idempotency-Key`` header (:data:`KEY_HEADER`, up to 128 letters, digits and ``_.:-``) sent again with
 the same key while its job is known (a client whose connection broke before the answer came) is answered 200 with
 that job instead of making a second one (its form is read and dropped). ``GET /health`` answers a
@@ -45,7 +46,13 @@ Given a ``jobs_dir``, the jobs outlive the server: each job's folder (its upload
 server started again on that folder (:meth:`AnimateServer.restore`) knows the jobs kept before, runs the jobs that
 were queued, and runs again the one that was running, from its last denoising step where it saved one (a
 checkpoint per job, :mod:`~megactor_rt.runtime.checkpoint`; wrapping windows); stopping such a server leaves its
-queued and running jobs queued. One server at a time may use a folder (a lock).
+queued and running jobs queued. A job's record is written before anything of it is removed: a job whose record
+cannot be written is refused (503 for a full disk), and a run's record says done before its uploads and checkpoint
+go, so that a server stopped or killed at any moment leaves what a server started again takes up (a result written
+whole before its record said so is served as done; a job whose files were deleted meanwhile fails, naming them). It
+removes there only what it made (a job's folder without a record, ``POST /animate``'s request folders) and leaves,
+and logs, anything else and what it cannot read; ``jobs``, ``drivers`` and ``requests`` there are its folders (a
+file of such a name is refused at start). One server at a time may use a folder (a lock).
 
 The server listens on the loopback address unless told otherwise, and there answers requests to local names only
 (``allowed_hosts``: DNS rebinding). Given a ``token``, every request but the page, the
