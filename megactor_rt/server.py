@@ -988,7 +988,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     self._queue.append(task)
             self._expire()
             known, queued = sum(t.id in self._tasks for t in tasks), len(self._queue)
-            if queued:
+            if queued or self._tasks:  # (also to remove the jobs kept once they expire: _work_on)
                 self._start_worker()
         if tasks:
             logger.info("%s: %d job(s) kept from before (%d expired meanwhile), %d of them to run", self.jobs_dir,

@@ -554,6 +554,16 @@ def test_expired_jobs_go_without_being_asked_about(anim: Animator, media: dict[s
                 break
             threading.Event().wait(0.05)
         assert not (jobs_dir / "jobs" / job).exists() and srv.served == 1
+    with serving(anim, jobs_dir=jobs_dir) as srv:
+        job = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    with serving(anim, jobs_dir=jobs_dir, keep_s=1.0) as srv:  # (a server that only took up jobs kept before)
+        srv.restore()
+        for _ in range(400):
+            if not (jobs_dir / "jobs" / job).exists():
+                break
+            threading.Event().wait(0.05)
+        assert not (jobs_dir / "jobs" / job).exists()
 
 
 def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(anim: Animator, media: dict[str, Path],
