@@ -254,7 +254,10 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
         profiles = spec.profiles()  # (the graph is the same; its shape profile may not be: --window-batch)
         same = json.loads(json.dumps(profiles)) == old.get("profiles")
-        return {**old, "profiles": profiles}, "cached" if same else "cached, profile updated"
+        # (a graph of no image size, CLIP's or the FiLM code's, is the same at every size: it is labelled with this
+        # export's, or a folder exported again at another size held graphs "of two sizes" and was refused)
+        return {**old, "profiles": profiles, "image_size": models.config.image_size}, \
+            "cached" if same else "cached, profile updated"
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
             src = fp32_path if (precision == "fp16" and fp32_path is not None) else None

@@ -1448,6 +1448,8 @@ _NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("megactor_rt.server").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if args.log_json:  # (its last word on a stop signal, a line at INFO: how a server ends)
+        logging.getLogger("megactor_rt.cli").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.steps is None:  # the tiny model tries the API quickly, as `demo` does; real weights: upstream's 25
         args.steps = 4 if args.demo else 25
     given = [flag for flag, name in _NOT_WITH_SERVE if getattr(args, name) is not None]
@@ -1502,8 +1504,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
     if args.log_json:
         logging.getLogger("megactor_rt.server").info("listening on %s", server.url)
+    browse = server.url
+    if str(server.server_address[0]) in ("0.0.0.0", "::"):  # (every address: no page to open there; this machine's
+        import socket  # name, as another machine would reach it)
+
+        browse = browse.replace(f"//{'[::]' if ':' in str(server.server_address[0]) else '0.0.0.0'}:",
+                                f"//{socket.gethostname()}:", 1)
     print(f"megactor-rt serve: listening on {server.url} (POST /animate, POST /jobs, GET /health; a browser: "
-          f"{server.url}/){'; requests send its token' if token else ''}; Ctrl-C stops it", flush=True)
+          f"{browse}/){'; requests send its token' if token else ''}; Ctrl-C stops it", flush=True)
     server.serve_forever()
     return 0
 
@@ -1534,6 +1542,15 @@ def cmd_download(args: argparse.Namespace) -> int:
                                                  "weights/StableDiffusion/image_encoder/*",
                                                  "weights/StableDiffusion/feature_extractor/*",
                                                  "weights/StableDiffusion/unet/config.json"])
+        weights = Path(path) / "weights"  # (offline, the hub hands back what is there without a word)
+        missing = [part for part, there in (
+            ("weights/checkpoint-steps*.ckpt", any(weights.glob("checkpoint-steps*.ckpt"))),
+            ("weights/sd-vae-ft-mse/config.json", (weights / "sd-vae-ft-mse" / "config.json").is_file()),
+            ("weights/StableDiffusion/image_encoder/config.json",
+             (weights / "StableDiffusion" / "image_encoder" / "config.json").is_file())) if not there]
+        if missing:
+            raise FileNotFoundError(f"no {', no '.join(missing)} came (offline, the hub returns what is already "
+                                    "there)")
     except Exception as exc:  # offline, DNS, auth, missing repo: all mean "could not download"
         if not any(p for p in out.iterdir() if p != unfinished):  # (nothing came: no folder left behind)
             import shutil
@@ -1704,7 +1721,23 @@ class _Parser(argparse.ArgumentParser):
     its whole usage block, about 15 lines for ``animate``, above the message)."""
 
     def error(self, message: str) -> NoReturn:
+        if message == "the following arguments are required: command":  # (also for `megactor-rt --foo`)
+            sub = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction))
+            given = [a for a in getattr(self, "_given", sys.argv[1:])
+                     if a.startswith("-") and a not in self._option_string_actions]
+            message = (f"{' '.join(given)}: no option of {self.prog} itself; " if given else "") + \
+                f"a command goes first: {', '.join(sub.choices)}"
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but an unknown option of a command names that command's help (was the top level's)."""
+        self._given = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            where = f"{self.prog} {parsed.command}" if getattr(parsed, "command", None) else self.prog
+            self.exit(2, f"{self.prog}: error: unrecognized arguments: {' '.join(extras)} (`{where} --help` lists "
+                         "the options)\n")
+        return parsed
 
 
 def _add_engine_flags(group: Any) -> None:
@@ -1737,6 +1770,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="megactor-rt", description="Fast inference engine for MegActor v1")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    from megactor_rt import __version__
+
+    p.add_argument("--version", action="version", version=f"megactor-rt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("animate", help="animate a portrait with a driving video")
@@ -1899,7 +1935,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("convert-weights", help="released weights/ folder -> megactor-rt safetensors layout")
-    c.add_argument("src", type=_path, help="the released weights/ folder (megactor-rt download --out)")
+    c.add_argument("src", type=_path, help="the released weights/ folder (OUT/weights after megactor-rt download "
+                   "--out OUT)")
     c.add_argument("dst", type=_path, help="the converted weights folder to write (animate --weights)")
     c.add_argument("--checkpoint", type=_path, help="the training checkpoint to convert: a path, or a file name in "
                    "SRC (default: the highest checkpoint-steps<N>.ckpt in SRC; upstream uses "
@@ -2075,9 +2112,9 @@ def _as_given(args: argparse.Namespace, text: str) -> str:
 def _stopped(args: argparse.Namespace, stop: KeyboardInterrupt | Terminated) -> int:
     """The last word and status of a command stopped by Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."""
     if isinstance(stop, KeyboardInterrupt):
-        _last_word(args, "interrupted")
+        _last_word(args, "interrupted", logging.INFO)
         return 130
-    _last_word(args, "terminated" if stop.signum == signal.SIGTERM else "hung up")
+    _last_word(args, "terminated" if stop.signum == signal.SIGTERM else "hung up", logging.INFO)
     return 128 + stop.signum
 
 
@@ -2121,12 +2158,13 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _last_word(args: argparse.Namespace, text: str) -> None:
-    """``text`` on stderr where it can still be written (logged as JSON with ``serve --log-json``): after a hang-up
-    the terminal is gone and writing to it raises (EIO), which must not turn the command's status into 1."""
+def _last_word(args: argparse.Namespace, text: str, level: int = logging.ERROR) -> None:
+    """``text`` on stderr where it can still be written (logged as JSON at ``level`` with ``serve --log-json``: a
+    stop signal is how a server ends, no error): after a hang-up the terminal is gone and writing to it raises
+    (EIO), which must not turn the command's status into 1."""
     try:
         if getattr(args, "log_json", False):
-            logging.getLogger("megactor_rt.cli").error("%s", text)
+            logging.getLogger("megactor_rt.cli").log(level, "%s", text)
             return
         print(text, file=sys.stderr)
         sys.stderr.flush()

@@ -37,6 +37,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar, overload
@@ -546,6 +547,14 @@ class SequenceWriter(ResultWriter):
             logger.warning("could not remove the temporary folder %s: %s", self._tmp, exc)
 
 
+@lru_cache(maxsize=64)
+def _say_no_rate(name: str, folder: str) -> None:
+    """Warn, once per sequence (``folder``: each pass over it opens it again), that its frames record no rate: the
+    result's timing rests on the default."""
+    logger.warning("%s: the frames record no rate; taken as %s fps (give the rate: --sequence-fps, Python: fps=)",
+                   name, DEFAULT_FPS)
+
+
 def png16(frame: np.ndarray, text: Mapping[str, str]) -> bytes:
     """A 16-bit RGB PNG of ``frame`` (``(H, W, 3)`` uint16), with ``text`` as UTF-8 text chunks (iTXt; Pillow, which
     writes no 16-bit RGB PNG, reads them as it reads its own).
@@ -639,8 +648,7 @@ class FrameSequence(LazyFrames):
         else:
             found = recorded_fps(self.files[0])
             if found is None:
-                logger.info("%s: the frames record no rate; taken as %s fps (give the rate: --sequence-fps, "
-                            "Python: fps=)", self.name, DEFAULT_FPS)
+                _say_no_rate(self.name, str(Path(self.files[0]).absolute().parent))
             self.fps = found or DEFAULT_FPS
 
     def __len__(self) -> int:

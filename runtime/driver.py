@@ -540,8 +540,8 @@ def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at
                   ) -> InputError:
     has = f"{frames} frames ({float(frames / fps):.2f} s)" if at_least else f"fewer than {frames} frames"
     return InputError(f"{name}: no frame starts at or after {start} s (the first would be frame "
-                      f"{start_frame(fps, start)}; the driver has {has}); use a smaller --start "
-                      "(Python: start=)")
+                      f"{start_frame(fps, start)}; the driver has {has}); use a smaller start (--start, a jobs "
+                      "file's or a server form's start field; Python: start=)")
 
 
 def _grid_frames(info: VideoInfo) -> int | None:

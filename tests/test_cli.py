@@ -270,6 +270,16 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
         assert f"`megactor-rt {argv[0]} --help` lists the options" in err
+    for argv, said in ((["animate", "--demo", "--foo"], "unrecognized arguments: --foo (`megactor-rt animate --help`"),
+                       (["--foo"], "--foo: no option of megactor-rt itself; a command goes first: animate, serve"),
+                       ([], "error: a command goes first: animate, serve, demo")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("megactor-rt 0.")
 
 
 def test_unexpected_error_exits_1_without_traceback(monkeypatch: pytest.MonkeyPatch,
@@ -349,6 +359,12 @@ def test_download_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     code, _, err = run(capsys, "convert-weights", out / "weights", tmp_path / "converted")
     assert code == 2 and f"the download into {out} did not finish" in err and not (tmp_path / "converted").exists()
     fake_hub.snapshot_download = lambda **kwargs: str(kwargs["local_dir"])  # type: ignore[attr-defined]
+    code, stdout, err = run(capsys, "download", "--out", out)  # (offline, the hub returned what was there: exit 0)
+    assert code == 2 and "no weights/sd-vae-ft-mse/config.json, no weights/StableDiffusion/image_encoder/" in err
+    assert "could not download" in err and (out / DOWNLOADING).exists()
+    for part in ("sd-vae-ft-mse", "StableDiffusion/image_encoder"):
+        (out / "weights" / part).mkdir(parents=True)
+        (out / "weights" / part / "config.json").write_text("{}")
     code, stdout, err = run(capsys, "download", "--out", out)
     assert code == 0 and "next: megactor-rt convert-weights" in stdout and not (out / DOWNLOADING).exists(), err
 

@@ -81,6 +81,19 @@ def test_one_size_per_export_folder(setup: dict[str, Path], tmp_path: Path,
         load_manifest(mixed)
 
 
+def test_a_graph_of_no_size_kept_from_an_export_at_another_size_takes_the_new_size(
+        setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CLIP's graph does not depend on the portrait size: exported again into the folder at another size it is kept
+    (cached), labelled with the new size (it kept the first size's, so the folder held "graphs of two sizes" and
+    every run on it was refused, while check-export said it was ready)."""
+    out = tmp_path / "onnx"
+    for size in (SIZE, 128):
+        assert main(["-q", "export", "--weights", str(setup["weights"]), "--out", str(out), "--size", str(size),
+                     "--precision", "fp32", "--graphs", "clip_image_encoder"]) == 0, capsys.readouterr().err
+        assert {e.image_size for e in load_manifest(out).graphs.values()} == {size}
+    assert "cached" in capsys.readouterr().out
+
+
 def test_an_export_at_a_size_the_networks_cannot_take_is_refused(setup: dict[str, Path], tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["-q", "export", "--weights", str(setup["weights"]), "--out", str(tmp_path / "o"), "--size", "200"])

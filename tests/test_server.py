@@ -912,7 +912,7 @@ def test_serve_logs_json_lines_for_a_log_collector(tmp_path: Path) -> None:
     assert ("INFO", "megactor_rt.server", f"listening on http://127.0.0.1:{port}") in said
     assert any(m.startswith("megactor-rt serve --demo: a TINY RANDOM-WEIGHT model") for _, _, m in said)
     assert any(m.startswith("GET /nope: 404 no such page") for _, _, m in said)
-    assert said[-1] == ("ERROR", "megactor_rt.cli", "terminated") and proc.returncode == 143
+    assert said[-1] == ("INFO", "megactor_rt.cli", "terminated") and proc.returncode == 143  # (how a server ends)
 
 
 # ------------------------------------------------------------------------------------------------- the client
