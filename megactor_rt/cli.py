@@ -989,12 +989,12 @@ def _model_unloaded(args: argparse.Namespace) -> tuple[ModelConfig, int, str | N
     """The model the engine flags describe, found without loading it: its architecture, the crop side a run takes
     (``--size``, checked as loading checks it) and its weights id. Without ``--weights``: the tiny model's with
     ``--demo``, else the released model's settings (``--dry-run`` without weights: no id)."""
-    from megactor_rt.weights import check_image_size, converted_config
+    from megactor_rt.weights import check_image_size, converted_config, current_weights_id
 
     if args.weights is not None:
         from megactor_rt.runtime.animator import run_image_size
 
-        model, weights_id = converted_config(args.weights)
+        model, weights_id = converted_config(args.weights)[0], current_weights_id(args.weights)
         return model, run_image_size(args.weights, args.backend, args.size, args.onnx), weights_id
     model = tiny_config() if args.demo else ModelConfig()
     size = model.image_size if args.size is None else args.size
@@ -1723,10 +1723,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         if message == "the following arguments are required: command":  # (also for `megactor-rt --foo`)
             sub = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction))
-            given = [a for a in getattr(self, "_given", sys.argv[1:])
-                     if a.startswith("-") and a not in self._option_string_actions]
-            message = (f"{' '.join(given)}: no option of {self.prog} itself; " if given else "") + \
-                f"a command goes first: {', '.join(sub.choices)}"
+            message = f"a command is needed: {', '.join(sub.choices)}"
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
@@ -1734,7 +1731,11 @@ class _Parser(argparse.ArgumentParser):
         self._given = [str(a) for a in (sys.argv[1:] if args is None else args)]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            where = f"{self.prog} {parsed.command}" if getattr(parsed, "command", None) else self.prog
+            command = getattr(parsed, "command", None)
+            given = self._given
+            before = command in given and extras[0] in given and given.index(extras[0]) < given.index(command)
+            where = f"{self.prog} {command}" if command and not before else self.prog  # (an option before the
+            # command is the top level's)
             self.exit(2, f"{self.prog}: error: unrecognized arguments: {' '.join(extras)} (`{where} --help` lists "
                          "the options)\n")
         return parsed

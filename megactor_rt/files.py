@@ -57,16 +57,18 @@ def let_go(fd: int | None) -> None:
             os.close(fd)
 
 
-def _held(path: Path) -> bool:
-    """Whether a process holds ``path`` (:func:`hold`); True where that cannot be told (no locks there)."""
+def _held(path: Path) -> bool | None:
+    """Whether a process holds ``path`` (:func:`hold`); None where that cannot be told (no locks there)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (another descriptor's lock, ours included, refuses it)
-    except OSError:
+    except BlockingIOError:
         return True
+    except OSError:
+        return None
     finally:
         os.close(fd)
     return False
@@ -77,7 +79,8 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
     """Delete the files in ``folder`` matching the glob ``pattern`` last modified more than ``max_age_s``
     ago; returns them. With ``folders``: the matching folders (staging folders of interrupted exports) in which
     nothing was created, changed or removed for that long (neither the folder nor anything in it modified).
-    With ``unheld_s``: also those untouched that long that no process holds (their writers :func:`hold` them).
+    With ``unheld_s``: also those untouched that long that no process holds (their writers :func:`hold` them), and
+    never one a process holds, however old (a run of hours writes nothing into its result until its last step).
     One that vanishes meanwhile or cannot be deleted is skipped."""
     removed: list[Path] = []
     now = time.time()
@@ -87,7 +90,8 @@ def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, fold
                 continue
             inside = path.rglob("*") if folders else ()
             age = now - max([path.stat().st_mtime, *(p.stat().st_mtime for p in inside)])
-            if age > max_age_s or (unheld_s is not None and age > unheld_s and not _held(path)):
+            held = _held(path) if unheld_s is not None else None
+            if (age > max_age_s and held is not True) or (held is False and age > (unheld_s or 0.0)):
                 shutil.rmtree(path) if folders else path.unlink()
                 removed.append(path)
         except OSError:

@@ -739,17 +739,62 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
         if left:
             raise WeightsError(f"{path}: no values for {', '.join(left[:10])}")
         nn.Module.to(module, device=device, dtype=dtype)  # base method, as MegActorModels.to
-    if digest is not None and digest.hexdigest()[:16] != weights_id:  # (the caches and exports key on the id)
-        logger.warning("%s: %s changed since convert-weights wrote %s: these are other weights (id %s, not %s); "
-                       "portraits, plans and graphs kept for the old ones are not used (convert-weights again "
-                       "records them)", weights_dir, ", ".join(changed or ()), CONFIG_NAME, digest.hexdigest()[:16],
-                       weights_id)
-        weights_id = digest.hexdigest()[:16]
-    elif digest is not None:
-        logger.debug("%s: %s touched since the conversion (copied?); the same tensors", weights_dir,
-                     ", ".join(changed or ()))
+    if digest is not None:
+        weights_id = _settle_id(weights_dir, weights_id, digest.hexdigest()[:16], changed or [])
     models.weights_id = weights_id
     return models
+
+
+def current_weights_id(weights_dir: str | Path) -> str:
+    """The id of a converted folder's weights as they are now (it keys the portrait caches, the driver plans kept and
+    the exports): ``config.json``'s, or, where a module file's size or time differs from what it recorded (replaced
+    by hand, or copied without its times), the hash of the files' tensors, read for it (seconds at full size) and
+    then recorded there where the folder can be written.
+
+    Raises:
+        WeightsError: as :func:`converted_config`; a module file that cannot be read.
+    """
+    weights_dir = Path(weights_dir)
+    cfg, recorded = converted_config(weights_dir)
+    changed = _changed_files(weights_dir)
+    if not changed:
+        return recorded
+    size = sum((weights_dir / f"{n}.safetensors").stat().st_size for n in MODULE_FILES
+               if (weights_dir / f"{n}.safetensors").is_file())
+    logger.warning("%s: %s differ in size or time from what %s recorded: reading their tensors (%.1f GB) to know "
+                   "the weights", weights_dir, ", ".join(changed), CONFIG_NAME, size / 1e9)
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name in MODULE_FILES:
+        path = weights_dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise WeightsError(f"missing {path}")
+        _hash_state(digest, name, read_safetensors(path))
+    return _settle_id(weights_dir, recorded, digest.hexdigest()[:16], changed)
+
+
+def _settle_id(weights_dir: Path, recorded: str, found: str, changed: list[str]) -> str:
+    """After the tensors of a folder whose files ``changed`` were hashed again (``found``): say what it means, and
+    record the id and the files' sizes and times in its config.json (atomically) so that the next load need not
+    hash them, where the folder can be written. Returns ``found``."""
+    from megactor_rt.engine.cache import write_atomic
+
+    if found != recorded:
+        logger.warning("%s: %s changed since %s was written: these are other weights (id %s, not %s); portraits, "
+                       "plans and graphs kept for the old ones are not used", weights_dir, ", ".join(changed),
+                       CONFIG_NAME, found, recorded)
+    else:
+        logger.info("%s: %s have other times than %s recorded (copied?): the same weights", weights_dir,
+                    ", ".join(changed), CONFIG_NAME)
+    config = weights_dir / CONFIG_NAME
+    try:
+        meta = _read_json(config)
+        meta["weights_id"] = found
+        meta["files"] = {f"{n}.safetensors": _file_stamp(weights_dir / f"{n}.safetensors") for n in MODULE_FILES}
+        write_atomic(config, json.dumps(meta, indent=1).encode())
+    except (OSError, WeightsError) as exc:
+        logger.warning("%s: cannot record the weights' id and files there (%s); every load reads their tensors "
+                       "again to know them", config, exc)
+    return found
 
 
 def _restore_buffers(module: nn.Module) -> None:

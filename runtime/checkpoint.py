@@ -137,9 +137,11 @@ class StepCheckpoint:
         if meta.get("key") != self.key or saved.shape != latents.shape or not 0 < step <= self.steps:
             logger.warning("%s does not belong to this run; it starts from its first step", self.path)
             return 0
-        if meta.get("sha256") != _checksum(saved) or not bool(torch.isfinite(saved).all()):
-            logger.warning("%s: damaged checkpoint (its latents do not match the checksum saved with them); the run "
-                           "starts from its first step", self.path)
+        damage = "it carries no checksum (written by an older megactor-rt)" if "sha256" not in meta else \
+            "its latents do not match the checksum saved with them" if meta["sha256"] != _checksum(saved) else \
+            "its latents hold NaN or infinite values" if not bool(torch.isfinite(saved).all()) else None
+        if damage is not None:
+            logger.warning("%s: damaged checkpoint (%s); the run starts from its first step", self.path, damage)
             return 0
         latents.copy_(saved.to(device=latents.device, dtype=latents.dtype))
         if step == self.steps:  # a run stopped while its frames were decoded or handed out

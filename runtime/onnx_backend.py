@@ -24,7 +24,7 @@ from megactor_rt.export.specs import BANK_NAMES, token_kv_names, token_kv_shapes
 from megactor_rt.models.unet import REUSE_BANKS
 from megactor_rt.runner import Runner
 from megactor_rt.runtime.submodels import Submodels
-from megactor_rt.weights import MegActorModels, converted_config, resized
+from megactor_rt.weights import MegActorModels, converted_config, current_weights_id, resized
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,8 @@ def make_graph_submodels(backend: str, weights_dir: str | Path, onnx_dir: str | 
     if onnx_dir is None:
         raise InputError(f"the {backend} backend needs the exported graphs: --onnx DIR (Python: onnx_dir=DIR), "
                          "the output of `megactor-rt export`")
-    cfg, weights_id = converted_config(weights_dir)
+    cfg = converted_config(weights_dir)[0]
+    weights_id = current_weights_id(weights_dir)  # (a module file replaced by hand: its graphs are other weights')
     manifest = load_manifest(onnx_dir)
     size = manifest.export_size(cfg.image_size, image_size)  # before the weights load
     cfg = replace(cfg, image_size=size)

@@ -241,3 +241,24 @@ def test_another_window_batch_is_another_run(anim: Animator, driver: Path, tmp_p
     assert anim.last_stats.resumed_from_step == 0 and len(list(tmp_path.glob("run-*.safetensors"))) == 1
     _run(anim, driver, tmp_path, replace(CFG, decode_streams=False))
     assert anim.last_stats.resumed_from_step == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_a_checksum_is_named_as_an_older_versions(anim: Animator, driver: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+    (stopped,) = tmp_path.glob("run-*.safetensors")
+    with safe_open(str(stopped), "pt") as f:
+        meta, latents = dict(f.metadata()), f.get_tensor("latents")
+    del meta["sha256"]
+    save_file({"latents": latents}, str(stopped), metadata=meta)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        _run(anim, driver, tmp_path)
+    assert "it carries no checksum (written by an older megactor-rt)" in caplog.text
+    assert anim.last_stats.resumed_from_step == 0

@@ -271,8 +271,9 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         assert needle in err and len(err.strip().splitlines()) == 1, err
         assert f"`megactor-rt {argv[0]} --help` lists the options" in err
     for argv, said in ((["animate", "--demo", "--foo"], "unrecognized arguments: --foo (`megactor-rt animate --help`"),
-                       (["--foo"], "--foo: no option of megactor-rt itself; a command goes first: animate, serve"),
-                       ([], "error: a command goes first: animate, serve, demo")):
+                       (["--bogus", "animate", "--demo"], "unrecognized arguments: --bogus (`megactor-rt --help`"),
+                       (["-vq"], "a command is needed: animate, serve, demo"),
+                       ([], "error: a command is needed: animate, serve, demo")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         err = capsys.readouterr().err

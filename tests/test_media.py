@@ -657,8 +657,9 @@ def test_writer_removes_its_stale_temporaries(tmp_path: Path) -> None:
 def test_a_killed_writers_leftover_goes_with_the_next_write_a_live_ones_stays(tmp_path: Path, kind: str) -> None:
     """A write killed with SIGKILL (a run whose checkpoint lets it start again at once) left its temporary file or
     folder: the next write of the result removes it without waiting an hour, as its writer's hold went with the
-    process; a temporary file a live writer holds stays, whatever its age. (Was: left for an hour, a PNG
-    sequence's frames among them.)"""
+    process; a temporary file a live writer holds stays, however old (a run of hours writes nothing into it before
+    its last step; its sequence's folder was removed after an hour, failing the run). (Was: left for an hour, a
+    PNG sequence's frames among them.)"""
     import subprocess
     import sys
     import time
@@ -673,9 +674,10 @@ def test_a_killed_writers_leftover_goes_with_the_next_write_a_live_ones_stays(tm
     assert len(left) == 1, left
     live = left[0].with_name(left[0].name.replace(left[0].name.split(".")[2], "4567cdef"))
     live.mkdir() if left[0].is_dir() else live.write_bytes(b"half")
-    a_minute_ago = time.time() - 60
-    for p in (*left, live, *left[0].iterdir()) if left[0].is_dir() else (*left, live):
+    a_minute_ago, two_hours_ago = time.time() - 60, time.time() - 7200  # (a live run of hours: its temporary file
+    for p in (*left, *left[0].iterdir()) if left[0].is_dir() else left:  # untouched until its last step)
         os.utime(p, (a_minute_ago, a_minute_ago))
+    os.utime(live, (two_hours_ago, two_hours_ago))
     held = hold(live)
     try:
         w = media.result_writer(tmp_path / kind, Fraction(25), 64, 64)

@@ -775,11 +775,12 @@ def test_a_module_file_replaced_since_the_conversion_gets_another_weights_id(pac
     """The weights id keys the portrait caches and the exports: a module file replaced by hand (fine-tuned values
     under the same names) gave the old id, so kept portraits and graphs of the old weights were used. config.json
     records each file's size and time; a file that differs is hashed again at load: other tensors give another id
-    (said), the same tensors with a new time (a copy) the same id, silently."""
+    (said), the same tensors with a new time (a copy) the same id; either is recorded in config.json (the next load
+    hashes nothing), and the graph backends' check (current_weights_id, no load) gives the same id."""
     import logging
     import os
 
-    from megactor_rt.weights import converted_config
+    from megactor_rt.weights import _changed_files, converted_config, current_weights_id
 
     dst = convert_release(write_release(pack, tmp_path / "weights"), tmp_path / "converted")
     recorded = converted_config(dst)[1]
@@ -789,12 +790,17 @@ def test_a_module_file_replaced_since_the_conversion_gets_another_weights_id(pac
     os.utime(unet, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # (copied without its time)
     with caplog.at_level(logging.WARNING, logger="megactor_rt.weights"):
         assert load_converted(dst).weights_id == recorded
-    assert "changed since convert-weights" not in caplog.text
+    assert "these are other weights" not in caplog.text and _changed_files(dst) == []  # (the new time recorded)
     state = load_file(str(unet))
     state["conv_in.weight"] = state["conv_in.weight"] * 1.5
     save_file(state, str(unet))
     with caplog.at_level(logging.WARNING, logger="megactor_rt.weights"):
         replaced = load_converted(dst).weights_id
     assert replaced != recorded
-    assert f"temporal_unet.safetensors changed since convert-weights wrote config.json: these are other weights " \
+    assert f"temporal_unet.safetensors changed since config.json was written: these are other weights " \
            f"(id {replaced}, not {recorded})" in caplog.text
+    assert converted_config(dst)[1] == replaced and current_weights_id(dst) == replaced  # (recorded)
+    state["conv_in.weight"] = state["conv_in.weight"] * 2
+    save_file(state, str(unet))
+    again = current_weights_id(dst)  # (the graph backends' check, without a load)
+    assert again not in (recorded, replaced) and load_converted(dst).weights_id == again
