@@ -330,6 +330,7 @@ class Task:
     over: threading.Event = field(default_factory=threading.Event)
     callback: str | None = None  # where its end is posted (CALLBACK)
     key: str | None = None  # the client's Idempotency-Key (KEY_HEADER)
+    form: str | None = None  # its form's fingerprint (_form_print): the key's form sent again must be the same
     request: tuple[dict[str, str], dict[str, Path]] | None = None  # its form's text fields and files (RECORD)
     # cancelled by its client while it ran (DELETE /jobs/ID): said in its record at once, so that a server stopped
     # before the run sees it (or killed) does not run it again when it starts on the jobs folder
@@ -362,10 +363,13 @@ class Task:
         """The job as its record keeps it (:data:`RECORD`): its state and its request, the files named within its
         folder (the driver within ``jobs_dir``: the drivers kept are there)."""
         text, files = self.request or ({}, {})
-        return {"format": RECORD_FORMAT, "id": self.id, "status": self.status, "created": self.created,
-                "finished": self.finished, "error": None if self.error is None else list(self.error),
+        status, finished = self.status, self.finished
+        if self.withdrawn and status in ("queued", "running"):  # (cancelled by its client: so on disk at once, as
+            status, finished = "cancelled", finished or time.time()  # any server version reads it)
+        return {"format": RECORD_FORMAT, "id": self.id, "status": status, "created": self.created,
+                "finished": finished, "error": None if self.error is None else list(self.error),
                 "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
-                "key": self.key, "withdrawn": self.withdrawn,
+                "key": self.key, "form": self.form, "withdrawn": self.withdrawn,
                 "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
                 "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
 
@@ -455,7 +459,7 @@ def openapi() -> dict[str, Any]:
                                            "schema": {"type": "string", "pattern": _KEY.pattern}, "description":
                                            "a key of the client's choosing (a uuid): the form sent again with it "
                                            "while its job is known gets that job (200), not a second one"}],
-                           "responses": {"202": job, "200": job, **errors}},
+                           "responses": {"202": job, "200": job, "422": error, **errors}},
                   "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"}}}},
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
                                "responses": {"200": job, "401": error, "404": error}},
@@ -556,7 +560,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                  frame_limit: int | None = None, allow_callbacks: bool = False, jobs_dir: Path | None = None,
                  allowed_hosts: tuple[str, ...] = ()) -> None:
         self.anim, self.options = anim, dict(options or {})
-        self.allowed_hosts = frozenset(h.strip().lower().rstrip(".") for h in allowed_hosts)
+        self.allowed_hosts = frozenset(_host_name(h) for h in allowed_hosts)
         self.frame_limit, self.allow_callbacks = frame_limit, allow_callbacks
         self.token = None if token is None else token.encode()
         self.tls = tls
@@ -940,16 +944,19 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         stays queued or running there, to run when a server starts on it again."""
         return self._closing and task.status == "cancelled" and not task.withdrawn and self._persists(task)
 
-    def _save(self, task: Task) -> None:
+    def _save(self, task: Task) -> bool:
         """Write ``task``'s record in its folder (a job in ``jobs_dir``), but not the cancelling of the server's
-        stop (:meth:`_stopped`): such a job stays queued or running there, to run when the server starts again."""
+        stop (:meth:`_stopped`): such a job stays queued or running there, to run when the server starts again.
+        Returns False where the record could not be written."""
         if not self._persists(task) or self._stopped(task):
-            return
+            return True
         try:
             self._write_record(task)
         except OSError as exc:
             logger.warning("job %s: its record could not be written (%s); a server started again will not know it "
                            "as %s", task.id, exc, task.status)
+            return False
+        return True
 
     def _write_record(self, task: Task) -> None:
         assert self.jobs_dir is not None
@@ -1053,9 +1060,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         finished = None if doc["finished"] is None else _finite_time(doc["finished"])
         if doc["error"] is not None and (not isinstance(doc["error"], list) or len(doc["error"]) != 2):
             raise ValueError(f"error {doc['error']!r} is not [status, message]")
-        callback, key = doc["callback"], doc.get("key")
+        callback, key, form = doc["callback"], doc.get("key"), doc.get("form")
         if key is not None and (not isinstance(key, str) or not _KEY.fullmatch(key)):
             raise ValueError(f"key {key!r} is not an {KEY_HEADER}")
+        if form is not None and not isinstance(form, str):
+            raise ValueError(f"form {form!r} is not a form's fingerprint")
         refused: Exception | tuple[int, str] | None = None  # (why this server does not run it again)
         changed = False  # (its record is written again)
         if status in ("queued", "running") and doc.get("withdrawn"):
@@ -1077,7 +1086,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 refused = lost_said if lost is not None and str(lost) in str(exc) else exc
             else:
                 if lost is None:
-                    task.created, task.key = created, key
+                    task.created, task.key, task.form = created, key, form
                     if status == "running":  # (queued again; a queued job's record says so already)
                         logger.info("job %s: its run was under way when the server stopped; it runs again", task_id)
                         self._save(task)
@@ -1088,7 +1097,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             raise ValueError(f"status {status!r} without the time it ended")
         job = Job(files.get("portrait", folder), files["driver"], result)
         task = Task(task_id, folder, job, self.anim.config, {}, True, status=status, created=created,
-                    finished=finished, callback=callback, request=(text, files), key=key)
+                    finished=finished, callback=callback, request=(text, files), key=key, form=form)
         if isinstance(refused, tuple):
             task.error = refused
             logger.warning("job %s: failed (%d %s)", task_id, *refused)
@@ -1147,11 +1156,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         """An ended job's files, record, waiters and callback (a run's, or a queued job's cancelled before it ran),
         with ``_state`` held: a job is listed with its outcome until it expires."""
         stopped = self._stopped(task)
-        self._save(task)  # (first: a stop or a kill after it leaves a record saying so, its result whole; restore
-        if not task.keep:  # prunes what the cleanup below had not removed yet)
+        saved = self._save(task)  # (first: a stop or a kill after it leaves a record saying so, its result whole;
+        if not task.keep:  # restore prunes what the cleanup below had not removed yet)
             self._tasks.pop(task.id, None)  # (its request answers it and removes its folder)
-        elif stopped:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts again)
-            pass
+        elif stopped or not saved:  # (left as it is in jobs_dir, its checkpoint too: it runs when the server starts
+            pass  # again; a record not written still says it runs: its files stay for that run)
         elif task.status == "done" or self._persists(task):
             _prune(task)
         else:  # (failed or cancelled: what it says is kept, no file)
@@ -1381,14 +1390,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Whether a server that listens on this machine only is asked by one of the names it answers (see
         ``allowed_hosts``); answered 403 if not."""
         host = self.headers.get("Host")
-        if not self.server.local_only or host is None:
+        if not self.server.local_only or not (host or "").strip():  # (none: no browser sends a request so)
             return True
-        name = host.strip().lower()
-        if name.startswith("["):  # ([::1]:8450)
-            name = name[1:].partition("]")[0]
-        elif name.count(":") == 1:  # (name:port)
-            name = name.partition(":")[0]
-        name = name.rstrip(".")
+        assert host is not None
+        name = _host_name(host)
         if name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name in self.server.allowed_hosts:
             return True
         self._error(403, f"Host {host.strip()!r}: this server listens on this machine only and answers the names "
@@ -1553,8 +1558,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             reserved = False
             if queued is not task:  # (the same key's form came first meanwhile: its job is the one)
                 self.server.release(folder)
-                logger.info("POST /jobs: %s %s is job %s's; answered with it", KEY_HEADER, key, queued.id)
-                self._json(200, queued.describe(), {"Location": f"/jobs/{queued.id}"})
+                self._answer_keyed(queued, key, task.form)
                 return
             if task.keep:
                 self._json(202, task.describe(), {"Location": f"/jobs/{task.id}"})
@@ -1606,23 +1610,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         task = self.server.keyed(key)
         if task is None:
             return False
+        folder = self.server.folder()  # (the form read, to compare with the job's: the key's form must be the same)
         try:
-            body = _Body(self.rfile, self._length())
-            while body.left > 0:
-                body.read()
+            text, files = read_form(self.rfile, self._length(), self.headers.get("Content-Type", ""), folder,
+                                    texts=(*TEXT_FIELDS, CALLBACK))
             self._form_read = True
+            form = _form_print(text, files)
         except FormError as exc:
             self._error(exc.status, str(exc))
             return True
+        except OSError as exc:
+            self._error(503 if _full(exc) else 500, f"the form could not be read ({exc})")
+            return True
+        finally:
+            self.server.release(folder)
+        self._answer_keyed(task, key, form)
+        return True
+
+    def _answer_keyed(self, task: Task, key: str | None, form: str | None) -> None:
+        """Answer a form sent with job ``task``'s key: that job (200), or 422 where the form is another."""
+        if task.form is not None and form != task.form:
+            self._error(422, f"the {KEY_HEADER} {key} is job {task.id}'s, sent with another form; a new job needs a "
+                             "new key")
+            return
         logger.info("POST /jobs: %s %s is job %s's (its form sent again); answered with it", KEY_HEADER, key, task.id)
         self._json(200, task.describe(), {"Location": f"/jobs/{task.id}"})
-        return True
 
     def _task(self, folder: Path, length: int, task_id: str, keep: bool) -> Task:
         """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder,
                                 texts=(*TEXT_FIELDS, CALLBACK))
         self._form_read = True
+        form = _form_print(text, files) if keep and self.headers.get(KEY_HEADER) else None
         callback = text.pop(CALLBACK, "").strip() or None
         if callback is not None:
             if not keep:
@@ -1649,6 +1668,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 why = "; this server downloads no addresses (serve --allow-urls)" if url else ""
                 raise FormError(f"field {name!r} takes {' or '.join(takes)}{why}")
         task = self.server.task_of(folder, text, files, task_id, keep, callback)
+        task.form = form
         task.job.driver = self.server.keep_driver(task.job.driver)  # (last: a request refused above keeps nothing)
         return task
 
@@ -1866,6 +1886,29 @@ def _stem(path: Path) -> str:
     """An upload's name in its result's name (``<portrait>_<driver>.mp4``), at most 100 bytes of UTF-8: two of
     them and a suffix stay within the file systems' 255."""
     return cut_utf8(path.stem or path.name, 100)
+
+
+def _form_print(text: dict[str, str], files: dict[str, Path]) -> str:
+    """A form's fingerprint: its text fields, and each file's field, name and bytes (not the multipart boundary,
+    which a client picks anew for each try)."""
+    digest = hashlib.sha256(json.dumps(sorted((k, v.strip()) for k, v in text.items())).encode())
+    for name in sorted(files):
+        digest.update(f"\0{name}\0{files[name].name}\0".encode())
+        with open(files[name], "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` header or an ``--allowed-host`` (``[::1]:8450`` -> ``::1``, ``App.example.:443`` ->
+    ``app.example``)."""
+    name = host.strip().lower()
+    if name.startswith("["):  # ([::1]:8450)
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:  # (name:port)
+        name = name.partition(":")[0]
+    return name.rstrip(".")
 
 
 def _is_ip(name: str) -> bool:

@@ -489,9 +489,11 @@ def test_a_server_on_this_machine_answers_only_local_names(anim: Animator, media
                      "10.0.0.7"):
             assert request(srv, "GET", "/health", headers={"Host": host})[0] == 200, host
         assert json.loads(request(srv, "GET", "/jobs")[2])["jobs"] == []  # (nothing was queued)
-    with serving(anim, allowed_hosts=("GPU.example",)) as srv:
+    with serving(anim, allowed_hosts=("GPU.example", "app.example:8443")) as srv:  # (a port given: the name's)
         assert request(srv, "GET", "/health", headers={"Host": "gpu.example:443"})[0] == 200
+        assert request(srv, "GET", "/health", headers={"Host": "app.example:8443"})[0] == 200
         assert request(srv, "GET", "/health", headers={"Host": "other.example"})[0] == 403
+        assert request(srv, "GET", "/health", headers={"Host": ""})[0] == 200  # (as none: no browser sends it)
     srv = AnimateServer(anim, ("0.0.0.0", 0))
     try:
         assert not srv.local_only
