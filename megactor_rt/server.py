@@ -1112,8 +1112,11 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             shutil.rmtree(folder, ignore_errors=True)
             return None
         _prune(task)  # (its uploads are of no more use: also what a stop between its record and its cleanup left)
-        if refused is not None or changed:
+        if refused is not None or changed:  # (ended here: its callback, which its run's end never posted)
             self._save(task)
+            if callback is not None and self.allow_callbacks:
+                threading.Thread(target=self._call_back, args=(callback, task.describe()), daemon=True,
+                                 name=f"megactor-rt-callback-{task.id}").start()
         return task
 
     def _work(self) -> None:

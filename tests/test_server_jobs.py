@@ -661,3 +661,28 @@ def test_a_job_whose_end_cannot_be_recorded_keeps_its_files(anim: Animator, medi
         srv.restore()
         error = wait_for(srv, lambda d: d["status"] == "failed", path=f"/jobs/{job}")["error"]
     assert "is gone" not in error and "me.png" in error, error
+
+
+def test_a_job_ended_by_a_restore_posts_its_callback(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server killed after a job's result was written, before its record said so (and before its callback was
+    posted): the server that takes it up as done posts the callback (where it allows callbacks)."""
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir, allow_callbacks=True) as srv:
+        monkeypatch.setattr(srv, "_call_back", lambda url, state: None)
+        job = post_job(srv, {**files(media), "callback": "http://127.0.0.1:9/hook"})
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    record = jobs_dir / "jobs" / job / RECORD
+    doc = json.loads(record.read_text())
+    record.write_text(json.dumps({**doc, "status": "running", "finished": None, "outcome": None}))
+    for allowed in (False, True):
+        posted: list[tuple[str, dict]] = []
+        done = threading.Event()
+        with serving(anim, jobs_dir=jobs_dir, allow_callbacks=allowed) as srv:
+            monkeypatch.setattr(srv, "_call_back", lambda url, state, posted=posted, done=done: (
+                posted.append((url, state)), done.set()))
+            if allowed:
+                record.write_text(json.dumps({**doc, "status": "running", "finished": None, "outcome": None}))
+            srv.restore()
+            assert done.wait(10 if allowed else 0.5) is allowed
+        assert [(u, s["status"]) for u, s in posted] == ([("http://127.0.0.1:9/hook", "done")] if allowed else [])
