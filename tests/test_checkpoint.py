@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from media_fixtures import PORTRAIT, face_frames, write_face_driver
 
 from megactor_rt.cli import main
@@ -182,6 +183,23 @@ def test_checkpoints_of_runs_never_started_again_are_named(tmp_path: Path, caplo
     assert caplog.text == ""
 
 
+def _stopped_after(anim: Animator, driver: Path, folder: Path, monkeypatch: pytest.MonkeyPatch, step: int) -> Path:
+    """A run stopped after step ``step``; its checkpoint file."""
+    with monkeypatch.context() as m:
+        _stop_after(m, step)
+        with pytest.raises(Stop):
+            _run(anim, driver, folder)
+    (stopped,) = folder.glob("run-*.safetensors")
+    return stopped
+
+
+def _read(checkpoint: Path) -> tuple[dict[str, str], torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), "pt") as f:
+        return dict(f.metadata()), f.get_tensor("latents")
+
+
 @pytest.mark.parametrize("damage", ["nan", "values", "next_step"])
 def test_a_damaged_checkpoint_is_not_resumed_from(anim: Animator, driver: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -189,16 +207,10 @@ def test_a_damaged_checkpoint_is_not_resumed_from(anim: Animator, driver: Path, 
     """A checkpoint whose latents were damaged on disk (NaNs, other finite values: safetensors checks nothing) was
     resumed from and gave wrong frames with exit 0; a "next_step" that is no number was an unexpected ValueError at
     every run. Both: named in a warning, the run starts from its first step and gives the uninterrupted frames."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with monkeypatch.context() as m:
-        _stop_after(m, 1)
-        with pytest.raises(Stop):
-            _run(anim, driver, tmp_path)
-    (stopped,) = tmp_path.glob("run-*.safetensors")
-    with safe_open(str(stopped), "pt") as f:
-        meta, latents = dict(f.metadata()), f.get_tensor("latents")
+    stopped = _stopped_after(anim, driver, tmp_path, monkeypatch, 1)
+    meta, latents = _read(stopped)
     if damage == "next_step":
         meta["next_step"] = "two"
     else:
@@ -217,11 +229,7 @@ def test_a_folder_in_the_checkpoints_place_is_named_before_the_steps(anim: Anima
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from megactor_rt.errors import InputError
 
-    with monkeypatch.context() as m:
-        _stop_after(m, 0)
-        with pytest.raises(Stop):
-            _run(anim, driver, tmp_path)
-    (stopped,) = tmp_path.glob("run-*.safetensors")
+    stopped = _stopped_after(anim, driver, tmp_path, monkeypatch, 0)
     stopped.unlink()
     stopped.mkdir()
     with pytest.raises(InputError, match=r"run-.*\.safetensors: this run's checkpoint file is a folder here"):
@@ -246,16 +254,10 @@ def test_another_window_batch_is_another_run(anim: Animator, driver: Path, tmp_p
 def test_a_checkpoint_without_a_checksum_is_named_as_an_older_versions(anim: Animator, driver: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with monkeypatch.context() as m:
-        _stop_after(m, 1)
-        with pytest.raises(Stop):
-            _run(anim, driver, tmp_path)
-    (stopped,) = tmp_path.glob("run-*.safetensors")
-    with safe_open(str(stopped), "pt") as f:
-        meta, latents = dict(f.metadata()), f.get_tensor("latents")
+    stopped = _stopped_after(anim, driver, tmp_path, monkeypatch, 1)
+    meta, latents = _read(stopped)
     del meta["sha256"]
     save_file({"latents": latents}, str(stopped), metadata=meta)
     with caplog.at_level(logging.WARNING, logger="megactor_rt"):
