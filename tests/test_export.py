@@ -598,6 +598,7 @@ def test_a_tiny_decoder_graph_has_weights_of_its_own(models, export_dir, tmp_pat
     onnx = shutil.copytree(export_dir, tmp_path / "onnx")
     export_tiny_decoder(tmp_path / "taesd", models.config, onnx, precisions=("fp32",))
     monkeypatch.setattr(onnx_backend, "converted_config", lambda w: (models.config, models.weights_id))
+    monkeypatch.setattr(onnx_backend, "current_weights_id", lambda w: models.weights_id)
     sub = onnx_backend.make_graph_submodels("onnxruntime", tmp_path / "w", onnx, torch.device("cpu"), Precision.FP32)
     assert "tiny_decoder" in sub.runners and sub.graph_weights["tiny_decoder"] == tiny_decoder_id(tmp_path / "taesd")
     assert sub.tiny_decoder_graph(tiny_decoder_id(tmp_path / "taesd")) is not None
