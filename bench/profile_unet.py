@@ -267,7 +267,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 def markdown(r: dict) -> str:
     lines = [record_line(r), "",
              f"One denoiser window call on {r['device']}, {r['date']}, torch {r['torch']}, {r['dtype']}, "
-             f"{r['image_size']} px, {r['frames']} frames, CFG; measured matmul rate {r['matmul_tflops']:.1f} "
+             f"{r['image_size']} px, {r['frames']} frames, CFG; measured matmul rate {r['matmul_tflops']:.3g} "
              "TFLOP/s.", "", "| call | ms | TFLOP | TFLOP/s | % of matmul |", "|---|---|---|---|---|"]
     for name, c in r["calls"].items():
         lines.append(f"| {name} | {1e3 * c['seconds']:.1f} | {c['tflop']:.2f} | {c['tflops_per_s']:.1f} | "
