@@ -484,10 +484,10 @@ class AnimateConfig:
         open windows in the optimized mode (the reference mode keeps upstream's step-by-step order)."""
         return not self.closed_loop and self.mode is Mode.OPTIMIZED
 
-    # fields that do not change the frames (window batches and decode streams are the same math), and those that do
-    # not change the latents (the bit depth is the decoded frames')
+    # fields that do not change the frames (window batches and decode streams are the same math: window batches up
+    # to rounding), and those that leave every bit of the latents as they are (the bit depth is the decoded frames')
     SAME_FRAMES = ("decode_streams", "window_batch")
-    SAME_LATENTS = (*SAME_FRAMES, "bit_depth")
+    SAME_BITS = ("decode_streams", "bit_depth")
 
     def plain(self) -> dict[str, Any]:
         """Every field as a plain JSON value (enums as their values), for records of runs."""

@@ -87,15 +87,11 @@ def warn_stale_checkpoints(folder: str | Path, days: float = STALE_DAYS) -> list
     return stale
 
 
-# settings that leave every bit of the latents as they are (window_batch gives the same frames up to rounding only:
-# a run resumed with another would match neither uninterrupted run bit for bit)
-_SAME_BITS = ("decode_streams", "bit_depth")
-
-
 def run_key(facts: dict[str, Any], config: AnimateConfig) -> str:
     """The hash naming a run's checkpoint: ``facts`` (portrait, driver, plan, backend...) and every setting of
     ``config`` that can change a bit of the latents."""
-    settings = {k: v for k, v in config.plain().items() if k not in _SAME_BITS}
+    settings = {k: v for k, v in config.plain().items() if k not in AnimateConfig.SAME_BITS}  # (not window_batch:
+    # a run resumed with another would match neither uninterrupted run bit for bit)
     doc = json.dumps({"format": CHECKPOINT_FORMAT, **facts, "config": settings}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
 
@@ -137,9 +133,13 @@ class StepCheckpoint:
         if meta.get("key") != self.key or saved.shape != latents.shape or not 0 < step <= self.steps:
             logger.warning("%s does not belong to this run; it starts from its first step", self.path)
             return 0
-        damage = "it carries no checksum (written by an older megactor-rt)" if "sha256" not in meta else \
-            "its latents do not match the checksum saved with them" if meta["sha256"] != _checksum(saved) else \
-            "its latents hold NaN or infinite values" if not bool(torch.isfinite(saved).all()) else None
+        damage = None
+        if "sha256" not in meta:
+            damage = "it carries no checksum (written by an older megactor-rt)"
+        elif meta["sha256"] != _checksum(saved):
+            damage = "its latents do not match the checksum saved with them"
+        elif not bool(torch.isfinite(saved).all()):
+            damage = "its latents hold NaN or infinite values"
         if damage is not None:
             logger.warning("%s: damaged checkpoint (%s); the run starts from its first step", self.path, damage)
             return 0
