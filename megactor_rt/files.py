@@ -42,9 +42,7 @@ def hold(path: Path, create: bool = False) -> int | None:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if _lock(fd) is not True:
         os.close(fd)
         return None
     return fd
@@ -64,14 +62,22 @@ def _held(path: Path) -> bool | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (another descriptor's lock, ours included, refuses it)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
+        locked = _lock(fd)  # (another descriptor's lock, ours included, refuses it)
     finally:
         os.close(fd)
-    return False
+    return None if locked is None else not locked
+
+
+def _lock(fd: int) -> bool | None:
+    """Take an exclusive ``flock`` on ``fd`` without waiting: True, False where another descriptor holds one, None
+    where the file system takes no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
 
 
 def remove_stale(folder: Path, pattern: str, max_age_s: float = STALE_S, *, folders: bool = False,
