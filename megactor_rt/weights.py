@@ -576,8 +576,7 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
         for leftover in (".*.safetensors.*.tmp", f".{CONFIG_NAME}.*.tmp"):  # _temporary_beside's names, left by
             # conversions killed an hour ago or more
             remove_stale(dst, leftover)
-        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())  # the architecture too: a
-        # config change that keeps every tensor's shape (attention heads, norm eps) is other weights
+        digest = _id_digest(cfg)
         for name in progress(MODULE_FILES, desc="convert-weights: write", unit="file"):
             tensors: dict[str, torch.Tensor] = {}
             stored: set[int] = set()
@@ -614,6 +613,12 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
                 dst.rmdir()
     logger.info("wrote converted weights to %s", dst)
     return dst
+
+
+def _id_digest(cfg: ModelConfig) -> Any:
+    """The weights id's hash, begun with the architecture (a config change that keeps every tensor's shape, such as
+    attention heads or a norm's eps, is other weights); :func:`_hash_state` adds each module's tensors."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
 
 
 def _hash_state(digest: Any, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -723,7 +728,7 @@ def load_converted(weights_dir: str | Path, device: torch.device | str = "cpu",
     weights_dir = Path(weights_dir)
     cfg, weights_id = converted_config(weights_dir)
     changed = _changed_files(weights_dir)
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()) if changed else None
+    digest = _id_digest(cfg) if changed else None
     models = meta_models(cfg, str(weights_dir / CONFIG_NAME))
     for name, module in models.modules().items():  # one module's tensors in host memory at a time
         path = weights_dir / f"{name}.safetensors"
@@ -763,7 +768,7 @@ def current_weights_id(weights_dir: str | Path) -> str:
                if (weights_dir / f"{n}.safetensors").is_file())
     logger.warning("%s: %s differ in size or time from what %s recorded: reading their tensors (%.1f GB) to know "
                    "the weights", weights_dir, ", ".join(changed), CONFIG_NAME, size / 1e9)
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    digest = _id_digest(cfg)
     for name in MODULE_FILES:
         path = weights_dir / f"{name}.safetensors"
         if not path.is_file():
