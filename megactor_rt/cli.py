@@ -1504,12 +1504,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     set_progress_enabled(False)  # (a line per request instead: bars of runs one after another make no log)
     if args.log_json:
         logging.getLogger("megactor_rt.server").info("listening on %s", server.url)
+    host, port = str(server.server_address[0]), server.server_address[1]
     browse = server.url
-    if str(server.server_address[0]) in ("0.0.0.0", "::"):  # (every address: no page to open there; this machine's
-        import socket  # name, as another machine would reach it)
+    if host in ("0.0.0.0", "::"):  # (every address: no page to open there; this machine's name, as another machine
+        import socket  # would reach it)
 
-        browse = browse.replace(f"//{'[::]' if ':' in str(server.server_address[0]) else '0.0.0.0'}:",
-                                f"//{socket.gethostname()}:", 1)
+        browse = f"{'https' if server.tls else 'http'}://{socket.gethostname()}:{port}"
     print(f"megactor-rt serve: listening on {server.url} (POST /animate, POST /jobs, GET /health; a browser: "
           f"{browse}/){'; requests send its token' if token else ''}; Ctrl-C stops it", flush=True)
     server.serve_forever()
@@ -1728,11 +1728,10 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         """As argparse's, but an unknown option of a command names that command's help (was the top level's)."""
-        self._given = [str(a) for a in (sys.argv[1:] if args is None else args)]
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             command = getattr(parsed, "command", None)
-            given = self._given
+            given = [str(a) for a in (sys.argv[1:] if args is None else args)]
             before = command in given and extras[0] in given and given.index(extras[0]) < given.index(command)
             where = f"{self.prog} {command}" if command and not before else self.prog  # (an option before the
             # command is the top level's)
