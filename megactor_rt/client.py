@@ -232,11 +232,8 @@ class Client:
                     continue
                 if not self.keyed:  # (a job may have been made: a second form would make another)
                     raise
-                now = time.monotonic()
-                outage = now if outage is None else outage
-                if now - outage > OUTAGE_S:
-                    raise Unreachable(f"{exc} (for {now - outage:.0f} s, sending a job)") from exc
-                wait, lost = min(2.0, RETRY_S * 2 ** lost), lost + 1
+                outage = _outage(exc, outage, "sending a job")
+                wait, lost = _backoff(lost), lost + 1
                 logger.warning("%s; sending the form again in %g s with its key (a job it made is not made twice), "
                                "for up to %g s", exc, wait, OUTAGE_S)
                 _pause(wait, stop, f"a request to {self.url}")
@@ -272,12 +269,9 @@ class Client:
                     raise Unreachable(f"{self.url}: GET /jobs/{job} answered {status} "
                                       f"({doc.get('error', 'a passing refusal')})", wait=_retry_after(head))
             except (Unreachable, _NotJson) as exc:  # (the job goes on there: asked again, for a while)
-                now = time.monotonic()
                 if outage is None:
-                    outage = now
                     logger.warning("%s; asking about job %s again for up to %g s", exc, job, OUTAGE_S)
-                elif now - outage > OUTAGE_S:
-                    raise Unreachable(f"{exc} (for {now - outage:.0f} s, following job {job})") from exc
+                outage = _outage(exc, outage, f"following job {job}")
                 wait = getattr(exc, "wait", None)
                 _pause(min(2.0, POLL_S * 4) if wait is None else wait, stop, f"job {job} on {self.url}")
                 continue
@@ -326,11 +320,9 @@ class Client:
                     try:
                         return self._fetch(job, output, partial, tag, stop)
                     except Unreachable as exc:
-                        now = time.monotonic()
                         tag = exc.etag or tag
                         have = partial.stat().st_size
-                        failed += 1
-                        wait = exc.wait if exc.wait is not None else min(2.0, RETRY_S * 2 ** (failed - 1))
+                        wait, failed = exc.wait if exc.wait is not None else _backoff(failed), failed + 1
                         if exc.broken:  # (its answer came: a server's restart, a proxy's timeout)
                             broken, outage = broken + 1, None
                             if broken >= FETCH_TRIES:
@@ -339,10 +331,7 @@ class Client:
                                            f" from byte {have}" if tag and have else "", broken + 1, FETCH_TRIES,
                                            wait)
                         else:
-                            outage = now if outage is None else outage
-                            if now - outage > OUTAGE_S:
-                                raise Unreachable(f"{exc} (for {now - outage:.0f} s, fetching job {job}'s result)"
-                                                  ) from exc
+                            outage = _outage(exc, outage, f"fetching job {job}'s result")
                             logger.warning("%s; fetching the result again in %g s (for up to %g s)", exc, wait,
                                            OUTAGE_S)
                         _pause(wait, stop, f"job {job}'s result on {self.url}")
@@ -545,6 +534,24 @@ def _retry_after(head: dict[str, str]) -> float | None:
     except ValueError:
         return None
     return min(max(wait, MIN_WAIT_S), MAX_WAIT_S) if math.isfinite(wait) else None
+
+
+def _outage(exc: Exception, began: float | None, what: str) -> float:
+    """When the outage that ``exc`` is part of began (now, where it is its first failure).
+
+    Raises:
+        Unreachable: it has gone on for over :data:`OUTAGE_S` (``what`` says what the client was doing)."""
+    now = time.monotonic()
+    began = now if began is None else began
+    if now - began > OUTAGE_S:
+        raise Unreachable(f"{exc} (for {now - began:.0f} s, {what})") from exc
+    return began
+
+
+def _backoff(failed: int) -> float:
+    """The wait before asking again after ``failed`` failures in a row before this one: :data:`RETRY_S`, doubled
+    after each, up to 2 s."""
+    return min(2.0, RETRY_S * 2 ** failed)
 
 
 def _pause(seconds: float, stop: threading.Event | None, what: str) -> None:
