@@ -369,7 +369,7 @@ class Task:
         return {"format": RECORD_FORMAT, "id": self.id, "status": status, "created": self.created,
                 "finished": finished, "error": None if self.error is None else list(self.error),
                 "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
-                "key": self.key, "form": self.form, "withdrawn": self.withdrawn,
+                "key": self.key, "form": self.form,
                 "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
                 "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
 
@@ -1067,10 +1067,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             raise ValueError(f"form {form!r} is not a form's fingerprint")
         refused: Exception | tuple[int, str] | None = None  # (why this server does not run it again)
         changed = False  # (its record is written again)
-        if status in ("queued", "running") and doc.get("withdrawn"):
-            logger.info("job %s: cancelled by its client before the server stopped; not run again", task_id)
-            status, finished, changed = "cancelled", time.time(), True
-        elif status == "running" and result.is_file():  # (written whole, under another name, then renamed: the
+        if status == "running" and result.is_file():  # (written whole, under another name, then renamed: the
             logger.info("job %s: its run ended before the server stopped (its result %s is there whole); done",
                         task_id, result)  # server stopped before its record said so)
             status, finished, changed = "done", result.stat().st_mtime, True
@@ -1115,8 +1112,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         if refused is not None or changed:  # (ended here: its callback, which its run's end never posted)
             self._save(task)
             if callback is not None and self.allow_callbacks:
-                threading.Thread(target=self._call_back, args=(callback, task.describe()), daemon=True,
-                                 name=f"megactor-rt-callback-{task.id}").start()
+                self._post_end(task)
         return task
 
     def _work(self) -> None:
@@ -1170,8 +1166,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             self.release(task.folder)
         task.over.set()
         if task.callback is not None and not stopped:
-            threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
-                             name=f"megactor-rt-callback-{task.id}").start()
+            self._post_end(task)
+
+    def _post_end(self, task: Task) -> None:
+        """Post ended ``task``'s state to its callback address, on a thread of its own."""
+        assert task.callback is not None
+        threading.Thread(target=self._call_back, args=(task.callback, task.describe()), daemon=True,
+                         name=f"megactor-rt-callback-{task.id}").start()
 
     def _call_back(self, url: str, state: dict[str, Any]) -> None:
         """Post a finished job's ``state`` to its callback address (tried again where not reached or answered 5xx);
