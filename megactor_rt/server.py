@@ -1909,9 +1909,14 @@ def _host_name(host: str) -> str:
     ``app.example``)."""
     name = host.strip().lower()
     if name.startswith("["):  # ([::1]:8450)
-        name = name[1:].partition("]")[0]
-    elif name.count(":") == 1:  # (name:port)
-        name = name.partition(":")[0]
+        inside, _, rest = name[1:].partition("]")
+        # (anything but a port after "]" is no Host a browser sends: kept whole, so neither an address nor a name)
+        return inside if re.fullmatch(r"(:[0-9]+)?", rest) else name
+    if name.count(":") == 1:  # (name:port)
+        bare, _, port = name.partition(":")
+        if not re.fullmatch(r"[0-9]*", port):
+            return name
+        name = bare
     return name.rstrip(".")
 
 
