@@ -10,7 +10,6 @@ holds them (a run killed with SIGKILL and started again at once, from its checkp
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -18,6 +17,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no flock; a leftover is then told by its age alone)
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,9 @@ def _held(path: Path) -> bool | None:
 
 def _lock(fd: int) -> bool | None:
     """Take an exclusive ``flock`` on ``fd`` without waiting: True, False where another descriptor holds one, None
-    where the file system takes no locks."""
+    where the file system (or the OS) takes no locks."""
+    if fcntl is None:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
