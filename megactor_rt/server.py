@@ -364,11 +364,13 @@ class Task:
         folder (the driver within ``jobs_dir``: the drivers kept are there)."""
         text, files = self.request or ({}, {})
         status, finished = self.status, self.finished
+        owed = self.withdrawn and status in ("queued", "running") and self.callback is not None
         if self.withdrawn and status in ("queued", "running"):  # (cancelled by its client: so on disk at once, as
             status, finished = "cancelled", finished or time.time()  # any server version reads it)
         return {"format": RECORD_FORMAT, "id": self.id, "status": status, "created": self.created,
                 "finished": finished, "error": None if self.error is None else list(self.error),
                 "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
+                "callback_owed": owed,  # (its run's end, which posts it, is still to come: a restore posts it)
                 "key": self.key, "form": self.form,
                 "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
                 "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
@@ -1067,7 +1069,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             raise ValueError(f"form {form!r} is not a form's fingerprint")
         refused: Exception | tuple[int, str] | None = None  # (why this server does not run it again)
         changed = False  # (its record is written again)
-        if status == "running" and result.is_file():  # (written whole, under another name, then renamed: the
+        if status == "cancelled" and doc.get("callback_owed") is True:  # (its client's cancel, its run not ended
+            changed = True  # when the server stopped: the callback it was owed is posted now)
+        elif status == "running" and result.is_file():  # (written whole, under another name, then renamed: the
             logger.info("job %s: its run ended before the server stopped (its result %s is there whole); done",
                         task_id, result)  # server stopped before its record said so)
             status, finished, changed = "done", result.stat().st_mtime, True

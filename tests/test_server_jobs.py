@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +357,47 @@ def test_a_running_job_its_client_cancelled_is_not_run_again(anim: Animator, med
         assert json.loads(request(srv, "GET", f"/jobs/{job}")[2])["status"] == "cancelled"
     assert _records(jobs_dir) == {job: "cancelled"}
     assert [p.name for p in (jobs_dir / "jobs" / job).iterdir()] == [RECORD]
+
+
+def test_a_cancelled_jobs_callback_is_posted_by_the_next_server_where_a_kill_kept_its_run_from_it(
+        anim: Animator, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job its client cancelled while it ran: its run's end posts its callback; a server killed before that end
+    (its record as the DELETE left it, cancelled) posted none, and the next server, reading cancelled, none either.
+    The record now says the callback is owed: the next server posts it, once."""
+    jobs_dir = tmp_path / "jobs"
+    hook = "http://127.0.0.1:9/hook"
+    with serving(anim, jobs_dir=jobs_dir, allow_callbacks=True) as srv:
+        posted: list[tuple[str, str]] = []
+        monkeypatch.setattr(srv, "_call_back", lambda url, state: posted.append((url, state["status"])))
+        started = _hold_until_stopped(srv, monkeypatch)
+        job = post_job(srv, {**files(media), "callback": hook})
+        assert started.wait(60)
+        assert request(srv, "DELETE", f"/jobs/{job}")[0] == 202
+        record = jobs_dir / "jobs" / job / RECORD
+        as_deleted = record.read_text()  # (a kill -9 now leaves this)
+    assert json.loads(as_deleted)["callback_owed"] is True
+    _wait_until(lambda: posted)
+    assert posted == [(hook, "cancelled")]  # (its run's end, the server stopping)
+    assert json.loads(record.read_text())["callback_owed"] is False
+    monkeypatch.undo()
+    record.write_text(as_deleted)
+    for turn in (1, 2):
+        posted = []
+        with serving(anim, jobs_dir=jobs_dir, allow_callbacks=True) as srv:
+            monkeypatch.setattr(srv, "_call_back", lambda url, state, posted=posted: posted.append(
+                (url, state["status"])))
+            assert srv.restore() == (1, 0)
+            assert json.loads(request(srv, "GET", f"/jobs/{job}")[2])["status"] == "cancelled"
+            _wait_until(lambda posted=posted: posted, 10 if turn == 1 else 0.5)  # (the callback's thread)
+        assert posted == ([(hook, "cancelled")] if turn == 1 else []), turn
+        assert json.loads(record.read_text())["callback_owed"] is False
+
+
+def _wait_until(ready: Callable[[], Any], seconds: float = 10) -> None:
+    """Wait up to ``seconds`` for ``ready()`` to be truthy (a callback's thread has posted)."""
+    end = time.monotonic() + seconds
+    while not ready() and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 class _Killed(BaseException):
