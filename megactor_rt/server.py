@@ -773,7 +773,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                 return upload
             self._drivers[key] = kept
             in_use = {t.job.driver for t in self._queue} | ({self.running.job.driver} if self.running else set())
-            sizes = {k: p.stat().st_size if p.is_file() else 0 for k, p in self._drivers.items()}
+            sizes = {k: _size(p) for k, p in self._drivers.items()}
             for old in [k for k, p in self._drivers.items() if p not in in_use and p != kept]:  # (oldest first)
                 if len(self._drivers) <= KEPT_DRIVERS and sum(sizes.values()) <= KEPT_DRIVER_BYTES:
                     break
@@ -1922,6 +1922,14 @@ def _host_name(host: str) -> str:
             return name
         name = bare
     return name.rstrip(".")
+
+
+def _size(path: Path) -> int:
+    """``path``'s size; 0 where it cannot be told (gone, or its folder made unreadable while the server runs)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _is_ip(name: str) -> bool:

@@ -215,6 +215,16 @@ def test_a_driver_sent_again_has_its_faces_found_once(served: AnimateServer, med
     monkeypatch.setattr(server_module, "KEPT_DRIVER_BYTES", media["driver"].stat().st_size)  # (room for one)
     assert animate(served, {**files(media), "driver": ("fourth.mp4", media["driver"].read_bytes())})[0] == 200
     assert sorted(p.name for p in store.rglob("*.mp4")) == ["fourth.mp4"]  # (the newest kept, even alone too big)
+    real_stat = Path.stat
+
+    def unreadable(path: Path, **kw: Any) -> os.stat_result:  # (its folder made unreadable by someone else)
+        if path.name == "fourth.mp4" and path.parent.parent == store:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, **kw)
+
+    monkeypatch.setattr(Path, "stat", unreadable)  # (a kept driver whose size cannot be read: was a 500)
+    assert animate(served, {**files(media), "driver": ("fifth.mp4", media["driver"].read_bytes())})[0] == 200
+    monkeypatch.setattr(Path, "stat", real_stat)
     assert left(scratch) == []
 
 
