@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from megactor_rt.benchmark import gpu_script_here, record_line, run_record, save_tables
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.models import layers
+from megactor_rt.runtime.backends import device_name
 from megactor_rt.weights import build_models
 
 Shape = tuple[tuple[int, ...], tuple[int, ...]]  # (q shape, k shape), both (B, heads, L, d)
@@ -83,7 +84,7 @@ def main() -> None:
         row.update(_time_shape(shape, backends, dev, dtype))
         rows.append(row)
     report = {**run_record(dev),
-              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "device": device_name(dev),
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     save_tables(args.out, "attn_backends", report, markdown(report))

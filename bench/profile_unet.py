@@ -42,6 +42,7 @@ from megactor_rt.benchmark import (
 )
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.engine.cache import write_atomic
+from megactor_rt.runtime.backends import device_name
 
 # first match wins: convolutions run as cuDNN implicit GEMMs (``sm90_xmma_fprop_implicit_gemm...``) and Inductor
 # names fused pointwise kernels after the ops they follow (``triton_poi_fused_mm_t_view``), so the specific
@@ -152,7 +153,7 @@ def main() -> None:
         return unet(lat1, t, tokens, pose1, bank, n_uncond=1, shared_down=True, deep=deep, token_kv=kv)
 
     report: dict = {**run_record(dev),
-                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "device": device_name(dev),
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
                     "matmul_tflops": matmul_tflops(dev, dtype), "calls": {},
                     "compile_mode": args.compile_mode, "inductor": inductor_opts, "profiled": profile_what}
