@@ -71,7 +71,7 @@ from megactor_rt.preprocess import (
 from megactor_rt.progress import Progress, Reporter, progress, reporting
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
-from megactor_rt.runtime.checkpoint import StepCheckpoint, run_key
+from megactor_rt.runtime.checkpoint import StepCheckpoint, inputs_key, run_key
 from megactor_rt.runtime.denoise import EpsModel, NoiseSource, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import (
     Driver,
@@ -691,7 +691,8 @@ class Animator:
                  "selection": [plan.selection.skip, str(plan.selection.ratio)], "detector": plan.detector,
                  "contour": contour, "backend": self.sub.name, "dtype": str(self.sub.dtype),
                  "weights": self.sub.weights_id, "image_size": self.image_size}
-        return StepCheckpoint(folder, run_key(facts, cfg), steps, lambda i: not cfg.step_kind(i).reuse)
+        return StepCheckpoint(folder, run_key(facts, cfg), steps, lambda i: not cfg.step_kind(i).reuse,
+                              inputs_key(facts))
 
     def portrait_landmarks(self, state: PortraitState, landmarker: Landmarker, source: str = "the portrait",
                            cnn: bool = True) -> np.ndarray:

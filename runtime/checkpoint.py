@@ -10,7 +10,9 @@ machine and backend.
 A checkpoint belongs to one run: its name is a hash of the portrait (its prepared state's key: content, weights,
 options), the driver file (path, size and modification time), the driver's plan (frames, crop), every run setting
 that changes the math, the backend, precision and size; another run never reads it. It is removed once the run
-has yielded its last frame. Wrapping windows only (the default): open windows (``--no-wrap``) finish frames at
+has yielded its last frame. A run that finds none of its own says so where the folder holds one of the same portrait
+and driver saved with other settings (a setting changed before starting it again) or ones an older version wrote
+(neither is continued from). Wrapping windows only (the default): open windows (``--no-wrap``) finish frames at
 different steps, so there is no state "after step i" to save. With feature reuse only the steps before a whole
 UNet step are saved (the features kept in between are not). At 512 px a checkpoint is 64 KiB per frame (1.2 GB for
 18 000 frames, rewritten after each step; the atomic write needs room for two while it is made).
@@ -87,6 +89,13 @@ def warn_stale_checkpoints(folder: str | Path, days: float = STALE_DAYS) -> list
     return stale
 
 
+def inputs_key(facts: dict[str, Any]) -> str:
+    """The hash of a run's portrait and driver alone (``facts``' ``portrait`` and ``driver``), saved with its
+    checkpoint: a run of the same inputs that finds none of its own names one saved with other settings."""
+    doc = json.dumps({"portrait": facts.get("portrait"), "driver": facts.get("driver")}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
 def run_key(facts: dict[str, Any], config: AnimateConfig) -> str:
     """The hash naming a run's checkpoint: ``facts`` (portrait, driver, plan, backend...) and every setting of
     ``config`` that can change a bit of the latents."""
@@ -104,14 +113,15 @@ class StepCheckpoint:
         resumable: whether the loop can start at step ``i`` (with feature reuse: only at whole UNet steps).
     """
 
-    def __init__(self, folder: str | Path, key: str, steps: int, resumable: Callable[[int], bool]) -> None:
+    def __init__(self, folder: str | Path, key: str, steps: int, resumable: Callable[[int], bool],
+                 inputs: str | None = None) -> None:
         self.folder = Path(folder)
         check_checkpoint_dir(self.folder)
         self.path = self.folder / f"run-{key[:32]}.safetensors"
         if self.path.exists() and not self.path.is_file():  # (before the steps: its first save would fail)
             raise InputError(f"{self.path}: this run's checkpoint file is a folder here; remove it (or give another "
                              "--checkpoint-dir)")
-        self.key, self.steps, self.resumable = key, steps, resumable
+        self.key, self.steps, self.resumable, self.inputs = key, steps, resumable, inputs
         self.failed: OSError | None = None  # why a save failed: no more are tried (the run goes on without)
 
     def load(self, latents: torch.Tensor) -> int:
@@ -121,6 +131,7 @@ class StepCheckpoint:
         import torch
 
         if not self.path.is_file():
+            self._name_others()
             return 0
         try:
             with safe_open(str(self.path), "pt") as f:
@@ -158,8 +169,8 @@ class StepCheckpoint:
         if self.failed is not None or (following < self.steps and not self.resumable(following)):
             return
         saved = latents.detach().to("cpu", copy=True).contiguous()
-        data = save({"latents": saved}, metadata={"key": self.key, "next_step": str(following),
-                                                  "steps": str(self.steps), "sha256": _checksum(saved)})
+        meta = {"key": self.key, "next_step": str(following), "steps": str(self.steps), "sha256": _checksum(saved)}
+        data = save({"latents": saved}, metadata=meta | ({"inputs": self.inputs} if self.inputs else {}))
         try:
             write_atomic(self.path, data)
         except OSError as exc:  # (said once; the run goes on)
@@ -171,6 +182,32 @@ class StepCheckpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    def _name_others(self) -> None:
+        """This run has no checkpoint: say so where the folder holds one of the same portrait and driver saved with
+        other settings (a setting changed before the run was started again: it does not continue from it), or ones
+        an older megactor-rt wrote (which this version continues from never; said once per process)."""
+        older: list[Path] = []
+        for path in sorted(self.folder.glob("run-*.safetensors")):
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+            except (OSError, ValueError, SafetensorError):
+                continue
+            if self.inputs is not None and meta.get("inputs") == self.inputs:
+                logger.warning("%s: a checkpoint of this portrait and driver saved with other settings (or another "
+                               "backend, precision, size or weights); a run continues only from one of its own "
+                               "settings, so this run starts from its first step (the file stays)", path)
+            elif "sha256" not in meta and path not in _OLDER_NAMED:
+                older.append(path)
+        _OLDER_NAMED.update(older)
+        if older:
+            logger.warning("%s: %d checkpoint(s) written by an older megactor-rt, e.g. %s: this version continues "
+                           "from none of them (a run of theirs starts from its first step); delete them once no older "
+                           "version is to continue them", self.folder, len(older), older[0].name)
+
+
+_OLDER_NAMED: set[Path] = set()  # older versions' checkpoints named already (once per process)
 
 
 def _checksum(latents: torch.Tensor) -> str:

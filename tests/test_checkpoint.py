@@ -238,15 +238,24 @@ def test_a_folder_in_the_checkpoints_place_is_named_before_the_steps(anim: Anima
 
 
 def test_another_window_batch_is_another_run(anim: Animator, driver: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     """window_batch gives the frames up to rounding only: a run resumed with another batch matched neither
-    uninterrupted run bit for bit; it is another run's checkpoint now (decode_streams and bit_depth keep it)."""
+    uninterrupted run bit for bit; it is another run's checkpoint now (decode_streams and bit_depth keep it). A run
+    that finds a checkpoint of its portrait and driver saved with other settings says so (it started over
+    silently)."""
     with monkeypatch.context() as m:
         _stop_after(m, 1)
         with pytest.raises(Stop):
             _run(anim, driver, tmp_path)
-    _run(anim, driver, tmp_path, replace(CFG, window_batch=2))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        _run(anim, driver, tmp_path, replace(CFG, window_batch=2))
     assert anim.last_stats.resumed_from_step == 0 and len(list(tmp_path.glob("run-*.safetensors"))) == 1
+    assert "a checkpoint of this portrait and driver saved with other settings" in caplog.text  # (was silent)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        _run(anim, write_face_driver(tmp_path.parent / f"{tmp_path.name}-other.mp4", n=6, fps=25), tmp_path)
+    assert "other settings" not in caplog.text  # (another driver's)
     _run(anim, driver, tmp_path, replace(CFG, decode_streams=False))
     assert anim.last_stats.resumed_from_step == 2 and list(tmp_path.iterdir()) == []
 
@@ -264,3 +273,10 @@ def test_a_checkpoint_without_a_checksum_is_named_as_an_older_versions(anim: Ani
         _run(anim, driver, tmp_path)
     assert "it carries no checksum (written by an older megactor-rt)" in caplog.text
     assert anim.last_stats.resumed_from_step == 0
+    older = tmp_path / "run-0123456789abcdef0123456789abcdef.safetensors"  # (an older version's, of another key)
+    save_file({"latents": latents}, str(older), metadata={k: v for k, v in meta.items() if k != "inputs"})
+    for turn in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+            _run(anim, driver, tmp_path, replace(CFG, seed=turn))
+        assert ("1 checkpoint(s) written by an older megactor-rt, e.g. " + older.name in caplog.text) is (turn == 1)
