@@ -124,7 +124,8 @@ class StageTimer:
 
 
 class Cancelled(Exception):  # noqa: N818 - a state, not a failure
-    """Raised by :func:`check_cancelled` in a :func:`prefetch` producer whose consumer has stopped."""
+    """Raised by :func:`check_cancelled` in a :func:`prefetch` producer (or :func:`in_thread` worker) whose consumer
+    has stopped."""
 
 
 _producer = threading.local()  # .stop: the stop event of the prefetch this thread produces for
@@ -155,9 +156,9 @@ def note_abandoned(thread: threading.Thread, ended: threading.Event) -> None:
 
 def check_cancelled() -> None:
     """Raise :class:`Cancelled` where this thread produces items for a :func:`prefetch` whose consumer has
-    stopped (closed it, or raised, e.g. on Ctrl-C): long loops (denoising windows, decode batches, driver
-    frames) call it so abandoned work stops at the next window instead of running to the end. Elsewhere (the
-    caller's own thread) a no-op."""
+    stopped (closed it, or raised, e.g. on Ctrl-C), or computes them for an :func:`in_thread` left early: long
+    loops (denoising windows, decode batches, driver frames) call it so abandoned work stops at the next window
+    instead of running to the end. Elsewhere (the caller's own thread) a no-op."""
     stop = getattr(_producer, "stop", None)
     if stop is not None and stop.is_set():
         raise Cancelled("the consumer of this work has stopped")
@@ -166,9 +167,13 @@ def check_cancelled() -> None:
 async def in_thread(items: Iterator[T], name: str = "async") -> AsyncIterator[T]:
     """``items`` for asyncio: each one computed on a thread of its own (one for the whole iteration, as a generator
     holding thread-local state - PyTorch's grad mode, CUDA streams - needs), so the event loop goes on serving
-    meanwhile. Leaving early (``break``, a cancelled task, ``aclose()``) closes ``items`` on that thread once the
-    item in progress is done: a run stops there, as :func:`contextlib.closing` stops it."""
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    meanwhile. Leaving early (``break``, a cancelled task, ``aclose()``) closes ``items`` on that thread, as
+    :func:`contextlib.closing` stops a run; an item still in progress (a task cancelled while it waits) is
+    cancelled at its next :func:`check_cancelled` (a window call, a decode batch), as a stopped :func:`prefetch`
+    cancels its producer, instead of being computed to its end (with wrapping windows the first frame is the
+    whole denoising)."""
+    stop = threading.Event()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_produce_for, initargs=(stop,))
     loop = asyncio.get_running_loop()
     end = object()
     try:
@@ -178,10 +183,16 @@ async def in_thread(items: Iterator[T], name: str = "async") -> AsyncIterator[T]
                 return
             yield cast(T, item)
     finally:
+        stop.set()  # an item in progress raises Cancelled at its next check (nobody waits for it: dropped)
         close = getattr(items, "close", None)
         if close is not None:
             worker.submit(close)  # (after the item in progress: the same thread; not awaited: a cancelled task)
         worker.shutdown(wait=False)
+
+
+def _produce_for(stop: threading.Event) -> None:
+    """Make :func:`check_cancelled` on this (worker) thread raise once ``stop`` is set."""
+    _producer.stop = stop
 
 
 def cancellable(items: Iterable[T]) -> Iterator[T]:

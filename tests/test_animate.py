@@ -1876,3 +1876,44 @@ def test_animate_async_gives_the_same_frames_off_the_event_loop(anim: Animator, 
     list(anim.animate(state, media["long"], config=replace(CFG, closed_loop=False),
                       on_progress=lambda p: everything.append(1) if p.stage == "denoise" else None))
     assert 0 < len(calls) < len(everything), (len(calls), len(everything))  # (5 of 10 here)
+
+
+def test_a_cancelled_animate_async_stops_the_run_within_a_window_call(anim: Animator, media: dict[str, Path]) -> None:
+    """A task cancelled while animate_async computes its first frame (wrapping windows: the whole denoising comes
+    first) stops the run at the next window call, and its thread ends (was: the cancelled run went on to its first
+    frame on the executor's thread, every window of every step, before it was closed)."""
+    import asyncio
+    import threading
+    import time
+
+    state = anim.prepare(PORTRAIT)
+    calls: list[int] = []
+    cancelled = threading.Event()
+
+    def count(p) -> None:  # type: ignore[no-untyped-def]
+        if p.stage == "denoise":
+            calls.append(p.done)
+            if len(calls) == 1:  # the first window call is done: the run waits here until its task is cancelled
+                cancelled.wait(60)
+
+    async def cancel_during_the_first_window() -> None:
+        async def consume() -> None:
+            async for _ in anim.animate_async(state, media["long"], on_progress=count):
+                pass
+
+        task = asyncio.create_task(consume())
+        while not calls:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled.set()
+
+    asyncio.run(cancel_during_the_first_window())
+    for _ in range(500):  # the worker ends once the window call in progress is done
+        if not any(t.name.startswith("animate") for t in threading.enumerate()):
+            break
+        time.sleep(0.02)
+    assert not any(t.name.startswith("animate") for t in threading.enumerate())
+    assert calls == [1]  # of 2 steps x 6 windows (12 frames, windows of 4 wrapping with overlap 2)
+    assert len(list(anim.animate(state, media["short"]))) == 4  # the Animator runs the next request
