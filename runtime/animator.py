@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
@@ -948,14 +948,17 @@ class Animator:
                                             cfg, driver_face, checkpoint_dir), on_progress)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
-            results = prefetch(frames, depth=8, name="decode", on_stop=w.abort)
-            if side_by_side:
-                results = self._beside_inputs(results, state, size)
-            for frame in results:
-                w.write(paste(frame) if paste else frame)
-                if on_progress is not None:
-                    plan = self.last_plan  # (made before the first frame)
-                    on_progress(Progress("write", w.frames_written, plan.num_frames if plan else None, "frame"))
+            # closed here also when the error comes from this loop (the writer, on_progress, the side-by-side pass):
+            # else the worker and the run's state lived on, blocked, as long as the caller held the error (its
+            # traceback keeps this frame), and an interpreter exiting meanwhile aborted
+            with contextlib.closing(prefetch(frames, depth=8, name="decode", on_stop=w.abort)) as produced, \
+                    contextlib.closing(self._beside_inputs(produced, state, size) if side_by_side
+                                       else produced) as results:
+                for frame in results:
+                    w.write(paste(frame) if paste else frame)
+                    if on_progress is not None:
+                        plan = self.last_plan  # (made before the first frame)
+                        on_progress(Progress("write", w.frames_written, plan.num_frames if plan else None, "frame"))
         self._drop_checkpoint()  # the result is in place: its checkpoint can go
         self.last_stats.portrait_cache_hit = hit
         return self.last_stats
@@ -973,7 +976,7 @@ class Animator:
         return json.dumps(doc, separators=(",", ":"), default=str)
 
     def _beside_inputs(self, results: Iterator[np.ndarray], state: PortraitState, size: int
-                       ) -> Iterator[np.ndarray]:
+                       ) -> Generator[np.ndarray, None, None]:
         """``results`` with the driver's crop (another pass over the run's planned frames, begun at the first
         result, when the plan is made) and the portrait's crop on their left."""
         portrait = np.ascontiguousarray(state.inputs.image.to(torch.uint8).permute(1, 2, 0).cpu().numpy())

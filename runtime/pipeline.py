@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -203,7 +203,7 @@ def cancellable(items: Iterable[T]) -> Iterator[T]:
 
 
 def prefetch(items: Iterable[T], depth: int = 4, name: str = "prefetch",
-             on_stop: Callable[[], None] | None = None) -> Iterator[T]:
+             on_stop: Callable[[], None] | None = None) -> Generator[T, None, None]:
     """Iterate ``items`` on a daemon thread, keeping at most ``depth`` results buffered. When the consumer
     stops early (closes the iterator or raises), the producer is cancelled at its next
     :func:`check_cancelled` or item, ``items`` is closed on its thread, and the consumer waits for that.

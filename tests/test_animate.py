@@ -1917,3 +1917,34 @@ def test_a_cancelled_animate_async_stops_the_run_within_a_window_call(anim: Anim
     assert not any(t.name.startswith("animate") for t in threading.enumerate())
     assert calls == [1]  # of 2 steps x 6 windows (12 frames, windows of 4 wrapping with overlap 2)
     assert len(list(anim.animate(state, media["short"]))) == 4  # the Animator runs the next request
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_a_failed_write_stops_the_runs_threads_before_the_error_reaches_the_caller(
+        anim: Animator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side_by_side: bool) -> None:
+    """The writer failing mid-result (a full disk) stops the run's worker threads before animate_to_file raises,
+    also while the caller keeps the error (a Future, a log record) and with the side-by-side pass (was: the
+    'decode' worker, its driver thread and the run's state lived on, blocked, as long as the error was held, and
+    an interpreter exiting meanwhile aborted: 'terminate called without an active exception')."""
+    import threading
+
+    from megactor_rt import media as media_module
+    from megactor_rt.runtime.driver import DriverFrames
+
+    write = media_module.VideoWriter.write
+    written = [0]
+
+    def full_disk(self, frame):  # type: ignore[no-untyped-def]
+        if written[0] == 2:
+            raise OSError(28, "No space left on device")
+        written[0] += 1
+        return write(self, frame)
+
+    monkeypatch.setattr(media_module.VideoWriter, "write", full_disk)
+    driver = DriverFrames(face_frames(40), fps=25, name="clip")
+    with pytest.raises(OSError, match="No space left") as caught:
+        anim.animate_to_file(PORTRAIT, driver, tmp_path / "out.mp4", side_by_side=side_by_side,
+                             config=replace(CFG, max_frames=None, closed_loop=False))
+    running = [t.name for t in threading.enumerate() if t.name in ("decode", "driver-decode")]
+    assert caught.value is not None and running == []  # the error still held here
+    assert list(tmp_path.iterdir()) == []
