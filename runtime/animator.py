@@ -175,8 +175,10 @@ def memory_errors(what: str, device: torch.device) -> Iterator[None]:
 class Animator:
     """Portrait animation with one set of submodels (one backend) and one run configuration.
 
-    Threads: one Animator runs one animation at a time (``last_stats`` and ``last_plan`` are that run's: its
-    facts, and its driver's crop and frame selection, set before its first frame). For concurrent
+    Threads: ``last_stats`` and ``last_plan`` are the facts of the run started last, and its driver's crop and
+    frame selection (set before its first frame). Runs of one Animator may overlap (threads, ``animate_async``
+    requests): each keeps its own plan, checkpoint and stats (those :meth:`animate_to_file` returns), but
+    ``last_stats`` and ``last_plan`` are then the later run's. For concurrent
     requests give each worker thread its own :meth:`with_config` copy: the copies share the networks (read
     only at inference) and the portrait cache (locked), and their runs may overlap (driver decoding and face
     detection of one while another denoises; on one GPU the device work queues up). That holds for the
@@ -200,7 +202,6 @@ class Animator:
         self.last_stats = RunStats()
         self.last_plan: DriverPlan | None = None
         self._tiny_decoders: dict[str, Decoder] = {}
-        self._checkpoint: StepCheckpoint | None = None  # the running or last run's (checkpoint_dir)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -552,19 +553,19 @@ class Animator:
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
         check_affine_frame(contour_affine_frame)
+        run = _Run()
         try:
             yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model,
                                               contour_affine_frame, config or self.config, driver_face,
-                                              checkpoint_dir), on_progress)
+                                              checkpoint_dir, run), on_progress)
         except GeneratorExit:
             # closed right after its last frame (a caller that takes the frames it knows of and never asks past
             # them: islice, zip): every frame is out all the same. Closed earlier, the checkpoint stays: its run
             # started again continues from it (a finished one: decodes its saved latents, no step again)
-            plan = self.last_plan
-            if plan is not None and self.last_stats.frames == plan.num_frames:
-                self._drop_checkpoint()
+            if run.plan is not None and run.stats.frames == run.plan.num_frames:
+                run.drop_checkpoint()
             raise
-        self._drop_checkpoint()  # every frame is out: the run is done
+        run.drop_checkpoint()  # every frame is out: the run is done
 
     async def animate_async(self, state: PortraitState, driver: Driver, **options: Any) -> AsyncIterator[np.ndarray]:
         """:meth:`animate` for asyncio (a web service): the same frames, each computed off the event loop (the run
@@ -584,17 +585,12 @@ class Animator:
 
     def _frames(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                 landmarks_model: str | Path | None, contour_affine_frame: str, cfg: AnimateConfig,
-                driver_face: int | None, checkpoint_dir: str | Path | None) -> Iterator[np.ndarray]:
-        """:meth:`animate`'s frames, its checkpoint (if any) left for the caller to drop once they are kept."""
+                driver_face: int | None, checkpoint_dir: str | Path | None, run: _Run) -> Iterator[np.ndarray]:
+        """:meth:`animate`'s frames, its checkpoint (if any, ``run.checkpoint``) left for the caller to drop once
+        they are kept; ``run`` gets the run's plan and stats."""
         with memory_errors("animating", self.sub.device):
             yield from self._animate(state, driver, face_crop, contour, landmarks_model, contour_affine_frame, cfg,
-                                     driver_face, checkpoint_dir)
-
-    def _drop_checkpoint(self) -> None:
-        """Remove the last run's checkpoint: its frames are kept (yielded, or written into a result)."""
-        if self._checkpoint is not None:
-            self._checkpoint.remove()
-            self._checkpoint = None
+                                     driver_face, checkpoint_dir, run)
 
     def check_run(self, config: AnimateConfig | None = None) -> None:
         """Check ``config``'s settings against this model's scheduler and backend (before any work).
@@ -621,13 +617,14 @@ class Animator:
     def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,
                  cfg: AnimateConfig, driver_face: int | None = None,
-                 checkpoint_dir: str | Path | None = None) -> Iterator[np.ndarray]:
+                 checkpoint_dir: str | Path | None = None, run: _Run | None = None) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         self._check_state(state)
         driver_face = _whole_argument("driver_face", driver_face)
         self._note_seed(state, cfg)
         self._note_settings(cfg)
-        stats = self.last_stats = RunStats()
+        run = run if run is not None else _Run()
+        stats = self.last_stats = run.stats
         dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
         timer = StageTimer(stats, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None)
         calls0 = self.sub.calls.snapshot()
@@ -637,7 +634,7 @@ class Animator:
         self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan, stats.driver_plan_hit = self.plans.plan(driver, cfg, face_crop, driver_face)
-            self.last_plan = plan
+            run.plan = self.last_plan = plan
         self.sub.check_window(min(cfg.window, plan.num_frames))  # a window no plan takes: before denoising
         contour_plan = None
         if landmarker is not None and portrait_lm is not None:
@@ -646,7 +643,7 @@ class Animator:
                                                    contour_affine_frame, cnn=cfg.cnn_fallback)
         noise, model, steps, windows = self._loop(state, plan, cfg, timer, contour_plan)
         feed = model.pose if isinstance(model, OptimizedPredictor) and isinstance(model.pose, PoseFeed) else None
-        saved = self._checkpoint = None if checkpoint_dir is None else self._step_checkpoint(
+        saved = run.checkpoint = None if checkpoint_dir is None else self._step_checkpoint(
             checkpoint_dir, state, plan, cfg, len(steps), contour and (landmarks_model, contour_affine_frame))
         try:
             if not isinstance(noise, torch.Tensor):  # a NoiseSource: frames stream (cfg.streams_frames)
@@ -878,7 +875,8 @@ class Animator:
         written whole before the stream's first frame (:mod:`megactor_rt.pipe`); refused for other results.
 
         Returns:
-            The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats``).
+            The run's :class:`~megactor_rt.runtime.pipeline.RunStats` (also ``self.last_stats`` unless another
+            run of this Animator began meanwhile).
         """
         face, driver_face, crf, first_number = (_whole_argument(name, value) for name, value in (
             ("face", face), ("driver_face", driver_face), ("crf", crf), ("first_number", first_number)))
@@ -934,9 +932,10 @@ class Animator:
             paste_back=paste_back, crf=crf))} if metadata else None
         if cfg.bit_depth != 8:  # (a PNG sequence: check_bit_depth above)
             sound_args["bit_depth"] = cfg.bit_depth
+        run = _Run()  # this run's plan, stats and checkpoint (another run of this Animator may overlap it)
         if sound_out is not None:  # (the stream's sound, for as many frames as the run's plan makes)
             sound_args.update(sound_out=sound_out,
-                              frame_count=lambda: self.last_plan.num_frames if self.last_plan is not None else None)
+                              frame_count=lambda: run.plan.num_frames if run.plan is not None else None)
         if first_number is not None:
             sound_args["first_number"] = first_number
         elif is_sequence(out) and isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence) and \
@@ -945,23 +944,23 @@ class Animator:
         with result_writer(out, sel.fps, width, height, crf=crf, metadata=tags, **sound_args) as w:
             # (the driver as read above: an image sequence is not listed again)
             frames = reporting(self._frames(state, source, face_crop, contour, landmarks_model, contour_affine_frame,
-                                            cfg, driver_face, checkpoint_dir), on_progress)
+                                            cfg, driver_face, checkpoint_dir, run), on_progress)
             # stopped (an error, Ctrl-C, SIGTERM): the temporary file goes at once, before the wait for the
             # worker thread to reach a cancellation point (up to a window call: 15-20 s at full size on a CPU)
             # closed here also when the error comes from this loop (the writer, on_progress, the side-by-side pass):
             # else the worker and the run's state lived on, blocked, as long as the caller held the error (its
             # traceback keeps this frame), and an interpreter exiting meanwhile aborted
             with contextlib.closing(prefetch(frames, depth=8, name="decode", on_stop=w.abort)) as produced, \
-                    contextlib.closing(self._beside_inputs(produced, state, size) if side_by_side
+                    contextlib.closing(self._beside_inputs(produced, state, size, run) if side_by_side
                                        else produced) as results:
                 for frame in results:
                     w.write(paste(frame) if paste else frame)
                     if on_progress is not None:
-                        plan = self.last_plan  # (made before the first frame)
+                        plan = run.plan  # (made before the first frame)
                         on_progress(Progress("write", w.frames_written, plan.num_frames if plan else None, "frame"))
-        self._drop_checkpoint()  # the result is in place: its checkpoint can go
-        self.last_stats.portrait_cache_hit = hit
-        return self.last_stats
+        run.drop_checkpoint()  # the result is in place: its checkpoint can go
+        run.stats.portrait_cache_hit = hit
+        return run.stats
 
     def _settings_tag(self, portrait: object, driver: object, cfg: AnimateConfig, options: dict[str, Any]) -> str:
         """The JSON that ``animate_to_file(metadata=True)`` writes into a result (file names only: no folders)."""
@@ -975,7 +974,7 @@ class Animator:
                "driver": file_name(driver) or driver_name(driver_source(driver)), **settings, "options": options}
         return json.dumps(doc, separators=(",", ":"), default=str)
 
-    def _beside_inputs(self, results: Iterator[np.ndarray], state: PortraitState, size: int
+    def _beside_inputs(self, results: Iterator[np.ndarray], state: PortraitState, size: int, run: _Run
                        ) -> Generator[np.ndarray, None, None]:
         """``results`` with the driver's crop (another pass over the run's planned frames, begun at the first
         result, when the plan is made) and the portrait's crop on their left."""
@@ -985,7 +984,7 @@ class Animator:
         try:
             for frame in results:
                 if plan is None or drivers is None:
-                    plan = self.last_plan
+                    plan = run.plan
                     assert plan is not None  # made before the first frame
                     drivers = cropped_frames(plan, size)
                 driven = next(drivers, None)
@@ -1003,6 +1002,22 @@ class Animator:
         are :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
         Also the way to run requests in several threads (see the class)."""
         return Animator(self.sub, replace(self.config, **changes), self.cache, self.plans)
+
+
+class _Run:
+    """One run's own record, apart from the Animator's (runs of one Animator may overlap): its driver's plan (set
+    before its first frame), its stats and its step checkpoint (``checkpoint_dir``)."""
+
+    def __init__(self) -> None:
+        self.plan: DriverPlan | None = None
+        self.stats = RunStats()
+        self.checkpoint: StepCheckpoint | None = None
+
+    def drop_checkpoint(self) -> None:
+        """Remove the run's checkpoint: its frames are kept (yielded, or written into a result)."""
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
+            self.checkpoint = None
 
 
 def latents_to_16bit(images: torch.Tensor) -> torch.Tensor:

@@ -1948,3 +1948,32 @@ def test_a_failed_write_stops_the_runs_threads_before_the_error_reaches_the_call
     running = [t.name for t in threading.enumerate() if t.name in ("decode", "driver-decode")]
     assert caught.value is not None and running == []  # the error still held here
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_of_one_animator_that_overlap_keep_their_own_plan_stats_and_checkpoint(
+        anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
+    """Two runs of the same Animator at once (two threads, or two animate_async requests of a web service): each
+    result gets its own driver's side-by-side panel, its own returned stats and its own checkpoint removed (was:
+    the run started second replaced the Animator's plan, stats and checkpoint, so the first run's side-by-side
+    pass read the other driver ('the driver gave fewer frames on its side-by-side pass'), animate_to_file
+    returned the other run's stats, and the first run's checkpoint was left behind)."""
+    import threading
+
+    other: dict[str, object] = {}
+
+    def second_run() -> None:
+        other["stats"] = anim.animate_to_file(PORTRAIT, media["short"], tmp_path / "short.mp4",
+                                              checkpoint_dir=tmp_path / "ckpt")
+
+    def report(p) -> None:  # type: ignore[no-untyped-def]
+        if p.stage == "denoise" and "stats" not in other:  # the first run planned, not yet out: the other runs whole
+            worker = threading.Thread(target=second_run)
+            worker.start()
+            worker.join(120)
+
+    stats = anim.animate_to_file(PORTRAIT, media["long"], tmp_path / "long.mp4", side_by_side=True,
+                                 checkpoint_dir=tmp_path / "ckpt", on_progress=report)
+    assert isinstance(other["stats"], RunStats) and other["stats"].frames == 4
+    assert stats.frames == 12 and stats is not other["stats"]
+    assert stream_facts(tmp_path / "long.mp4")[0] == 12 and stream_facts(tmp_path / "short.mp4")[0] == 4
+    assert list((tmp_path / "ckpt").iterdir()) == []  # both runs' checkpoints went with their results
