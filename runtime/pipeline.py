@@ -300,14 +300,16 @@ def shared_pool(workers: int) -> ThreadPoolExecutor:
 def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> Iterator[U]:
     """``map(fn, items)`` on ``workers`` threads of a shared pool (default ``default_workers()``): results in
     input order, at most ``2 * workers`` items in flight (so an endless ``items`` is fine), the first
-    exception re-raised. The consumer's pace bounds the work done ahead."""
+    exception re-raised. The consumer's pace bounds the work done ahead. Stopped early (an error, a close),
+    ``items`` is closed (a driver pass's video file: at once, not when the error, whose traceback holds this
+    frame, is dropped)."""
     workers = workers or default_workers()
-    if workers == 1:
-        yield from map(fn, items)
-        return
-    pool = shared_pool(workers)
     pending: deque[Future[U]] = deque()
     try:
+        if workers == 1:
+            yield from map(fn, items)
+            return
+        pool = shared_pool(workers)
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= 2 * workers:
@@ -317,6 +319,9 @@ def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = 
     finally:
         for f in pending:
             f.cancel()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def to_device_queued(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -634,3 +634,28 @@ def test_in_thread_runs_a_generator_on_one_thread_and_closes_it_there() -> None:
     assert asyncio.run(first_four()) == [0, 1, 2, 3]
     assert len(set(seen)) == 1 and seen[0].startswith("numbers") and seen[0] != threading.current_thread().name
     assert closed == seen[:1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ordered_map_closes_its_items_when_a_call_fails(workers: int) -> None:
+    """A failing call (a face detector's error in a driver pass) closes the items being mapped before the error
+    reaches the caller, also while the caller holds the error (was: the pass's video decoder, and its open file,
+    lived on as long as the error did: its traceback holds ordered_map's frame)."""
+    from megactor_rt.runtime.pipeline import ordered_map
+
+    closed: list[bool] = []
+
+    def frames() -> Iterator[int]:
+        try:
+            yield from range(100)
+        finally:
+            closed.append(True)
+
+    def detect(i: int) -> int:
+        if i == 5:
+            raise RuntimeError("detector failed")
+        return i
+
+    with pytest.raises(RuntimeError, match="detector failed") as caught:
+        list(ordered_map(detect, frames(), workers=workers))
+    assert caught.value is not None and closed == [True]
