@@ -49,6 +49,9 @@ from megactor_rt.models.unet import NUM_BANKS, REUSE_BANKS, reuse_kv_slots
 from megactor_rt.weights import MegActorModels
 
 BANK_NAMES = tuple(f"bank_{i:02d}" for i in range(NUM_BANKS))
+# the graphs of a whole export, as export_specs names them (tiny_decoder, from export --tiny-decoder, aside)
+GRAPH_NAMES = ("clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider", "pose_guider_film",
+               "token_kv", "temporal_unet", "temporal_unet_cond", "temporal_unet_reuse", "temporal_unet_cond_reuse")
 TRACE = -1
 Dim = int | str
 

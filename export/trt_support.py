@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,8 @@ import onnx
 
 if TYPE_CHECKING:
     from megactor_rt.engine.manifest import GraphEntry
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
@@ -272,8 +275,24 @@ def check_export(onnx_dir: str | Path, precision: str | None = None) -> dict[str
     graphs = sorted((g for g in manifest.graphs.values() if precision in (None, g.precision)), key=lambda g: g.name)
     if not graphs:
         raise InputError(f"{onnx_dir}: the export manifest has no {precision} graphs")
+    absent = absent_graphs(manifest.graphs.values(), precision)
+    if absent:  # the graphs there may all be ready, and a run still lack its UNet (an export stopped part way)
+        logger.warning("%s: the export has no %s graph(s): an export stopped part way (run it again into this "
+                       "folder: the graphs there are kept) or one made with --graphs; a run that calls them fails on "
+                       "onnxruntime, and the tensorrt backend runs them with its fallback", onnx_dir, ", ".join(absent))
     return {g.name: [f"shape profile: {p}" for p in [*check_profiles_cover(g), *check_profile_sizes(g)]]
             + check_trt_ready(g.path, g.precision) + check_against_manifest(g) for g in graphs}
+
+
+def absent_graphs(entries: Iterable[GraphEntry], precision: str | None = None) -> list[str]:
+    """The graphs of a whole export (:data:`~megactor_rt.export.specs.GRAPH_NAMES`) that ``entries`` lack, as
+    ``name.precision``, at ``precision`` or else at each precision ``entries`` hold."""
+    from megactor_rt.export.specs import GRAPH_NAMES
+
+    entries = list(entries)
+    held = {(g.submodel, g.precision) for g in entries}
+    precisions = [precision] if precision else sorted({g.precision for g in entries})
+    return [f"{name}.{p}" for name in GRAPH_NAMES for p in precisions if (name, p) not in held]
 
 
 def check_profile_sizes(g: GraphEntry) -> list[str]:

@@ -754,6 +754,31 @@ def test_check_export_finds_a_graph_file_that_is_not_the_manifests(models, tmp_p
     assert any("inputs ['images'] differ from the manifest's ['latents']" in p for p in problems["vae_decoder.fp32"])
 
 
+def test_check_export_names_the_graphs_an_export_stopped_part_way_lacks(models, export_dir, tmp_path, caplog):
+    """An export stopped part way (Ctrl-C in the UNet graphs) leaves a folder whose graphs are all ready: check-export
+    answered "14 of 14 graphs ready" and exit 0 without a word about the UNet graphs every run needs (animate then
+    refused the folder). The graphs a whole export holds and this one lacks are named in a warning."""
+    from megactor_rt.export.specs import GRAPH_NAMES
+    from megactor_rt.export.trt_support import check_export
+
+    assert GRAPH_NAMES == tuple(s.name for s in export_specs(models.config)) == tuple(GRAPHS)
+    export_models(models, tmp_path, graphs=["vae_encoder", "vae_decoder"], precisions=("fp32", "fp16"))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.export.trt_support"):
+        assert not any(check_export(tmp_path).values())
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "no clip_image_encoder.fp16, clip_image_encoder.fp32, reference_net.fp16" in said
+    assert "temporal_unet.fp32" in said and "stopped part way" in said and "vae_encoder" not in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.export.trt_support"):
+        check_export(tmp_path, "fp32")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "temporal_unet_cond.fp32" in said and ".fp16" not in said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.export.trt_support"):
+        check_export(export_dir)  # a whole export: no word
+    assert not caplog.records
+
+
 def test_unknown_graphs_and_opsets_are_input_errors(models, tmp_path):
     with pytest.raises(InputError, match="unknown graph.*tiny_decoder graph comes from --tiny-decoder"):
         export_models(models, tmp_path / "onnx", graphs=["tiny_decoder"])
