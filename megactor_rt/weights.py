@@ -230,8 +230,18 @@ def read_torch_file(path: Path, what: str = "") -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-zip) format
     except Exception as exc:  # UnpicklingError for code objects, RuntimeError for corrupt zips
+        text = str(exc)
+        if _DAMAGED_ZIP.search(text):  # (was "cannot read ... safely (weights_only=True)": read as a safety refusal)
+            detail = text.strip().splitlines()[0].split(". This is an internal miniz error")[0]
+            raise WeightsError(f"cannot read {what or 'weights file'} {path}: the file is damaged or incomplete (a "
+                               f"download or copy cut short?); download it again ({detail})") from exc
         raise WeightsError(f"cannot read {what or 'weights file'} {path} safely (weights_only=True): "
                            f"{_first_line(exc)}") from exc
+
+
+# torch's reader on a zip-format file that is cut short or damaged (its central directory or a record unreadable)
+_DAMAGED_ZIP = re.compile(r"PytorchStreamReader failed|failed finding central directory|invalid header or archive "
+                          r"is corrupted")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -417,6 +417,31 @@ def test_lfs_pointers_damaged_files_and_bad_configs_are_named(pack, tmp_path):
         load_converted(good)
 
 
+def test_a_checkpoint_or_bin_file_cut_short_says_damaged_not_unsafe(pack, tmp_path):
+    """A training checkpoint or a .bin weights file cut short (a download that broke off) was refused as "cannot
+    read ... safely (weights_only=True): PytorchStreamReader failed reading zip archive: failed finding central
+    directory. This is an internal miniz error...": read as a safety refusal. It says the file is damaged, to be
+    downloaded again, as a damaged safetensors file does."""
+    src = write_release(pack, tmp_path / "a")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(WeightsError) as err:
+        convert_release(src, tmp_path / "out")
+    said = str(err.value)
+    assert re.search(r"cannot read checkpoint .*checkpoint-steps9000\.ckpt: the file is damaged or incomplete.*"
+                     r"download it again \(PytorchStreamReader failed reading zip archive", said), said
+    assert "safely" not in said and "miniz" not in said and "\n" not in said
+    src = write_release(pack, tmp_path / "b")
+    vae = src / "sd-vae-ft-mse"
+    torch.save(load_file(str(vae / "diffusion_pytorch_model.safetensors")), vae / "diffusion_pytorch_model.bin")
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    data = (vae / "diffusion_pytorch_model.bin").read_bytes()
+    (vae / "diffusion_pytorch_model.bin").write_bytes(data[: len(data) - 100])
+    with pytest.raises(WeightsError, match=r"diffusion_pytorch_model\.bin: the file is damaged or incomplete"):
+        convert_release(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_legacy_format_checkpoint_converts(pack, tmp_path):
     """A checkpoint saved in torch's pre-1.6 (non-zip) format cannot be memory-mapped; it is read whole, still
     with weights_only (before: refused as unsafe)."""
