@@ -1048,8 +1048,11 @@ def markdown(report: dict) -> str:
              f"{report['threads']} threads, commit {commit}; measured matmul rate {report['matmul_tflops']:.3f} "
              f"TFLOP/s ({report['matmul_dtype']}; {measured}).", ""]
     if report.get("complete") is False:  # (a run stopped, or still under way: the file is saved after each mode)
-        lines += [f"**Incomplete**: {len(report['results'])} of the suite's timed runs are here (the run was stopped, "
-                  "or is still under way).", ""]
+        planned = sum(len(sc.get("modes", ())) * int(sc.get("repeats", 1)) for sc in report.get("scenarios", []))
+        lines += [f"**Incomplete**: {len(report['results'])} of the suite's timed runs are here "
+                  + (f"({planned} planned: {len(report['scenarios'])} scenario(s), their modes and repeats; "
+                     if planned else "(")
+                  + "the run was stopped, or is still under way).", ""]
     memory = {"cuda allocated": "torch's peak allocated GPU memory (TensorRT's and onnxruntime's own allocations are "
                                 "not in it); \"run's own\": less what was allocated when the run began.",
               "resident": "the process's peak resident memory (the weights, and what the modes run before left, "

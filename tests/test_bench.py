@@ -240,6 +240,25 @@ def test_ratio_table_uses_each_modes_median_and_both_flop_ratios():
     assert "Incomplete" not in md and "Memory:" not in md  # (a report from before either was recorded)
 
 
+def test_an_incomplete_report_says_how_many_timed_runs_were_planned() -> None:
+    """A suite stopped part way (Ctrl-C, a GPU machine's time limit) said "1 of the suite's timed runs are here",
+    not of how many: the planned runs (each scenario's modes times its repeats, as the report records them) are
+    given, so a reader sees how much of the suite the figures cover."""
+    from megactor_rt.benchmark import markdown
+
+    row = {"scenario": "s", "mode": "reference", "frames": 4, "total_s": 2.0, "fps": 2.0, "first_frame_s": 1.0,
+           "stage_s": {"denoise": 1.0}, "flops": {"unet": 1.0}, "denoise_tflops_per_s": 1.0, "peak_memory_gb": 0.91,
+           "warmup_s": 1.0}
+    scenarios = [{"name": "s", "modes": ["reference", "optimized"], "repeats": 2},
+                 {"name": "t", "modes": ["optimized"], "repeats": 1}]
+    report = {"suite": "t", "device": "cpu", "date": "2026-11-29", "torch": "x", "threads": 2, "matmul_tflops": 2.0,
+              "matmul_dtype": "float32", "matmul_samples_tflops": [2.0], "results": [row], "complete": False,
+              "scenarios": scenarios}
+    md = markdown(report)
+    assert "**Incomplete**: 1 of the suite's timed runs are here (5 planned: 2 scenario(s)" in md, md
+    assert "the run was stopped, or is still under way)." in md
+
+
 def test_a_report_says_what_its_memory_is_and_whether_it_is_complete() -> None:
     """The memory columns say what they measure (CPU: the process's resident peak, which grew with the modes run
     before it, and the run's own growth; CUDA: torch's allocations only), and a report cut short says it is
