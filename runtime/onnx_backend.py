@@ -34,6 +34,13 @@ _NP: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16
                                     "bool": np.bool_}
 
 
+def _same_shape(declared: tuple[Any, ...], found: list[Any] | None) -> bool:
+    """Whether a session's input shape (``found``: ints, and names or None for dynamic axes) is the manifest's
+    (``declared``): as many axes, and the same size on every axis fixed in both."""
+    return found is not None and len(found) == len(declared) and all(
+        not isinstance(d, int) or not isinstance(f, int) or d == f for d, f in zip(declared, found, strict=True))
+
+
 def _ort_type(dtype: str) -> str:
     """onnxruntime's name of an input's type (``tensor(float)`` for float32) from the manifest's dtype name."""
     return f"tensor({ {'float32': 'float', 'float64': 'double'}.get(dtype, dtype)})"
@@ -98,6 +105,8 @@ class OrtRunner(Runner):
         if unknown:  # once per session, not per call: the graph's input dtypes are fixed
             raise InputError(f"{self.graph.path}: inputs of a dtype onnxruntime's numpy feed cannot hold: {unknown}")
         opts = ort.SessionOptions()
+        # (onnxruntime's own warnings, e.g. a line per fp16 node its CPU provider cannot fold, ~90 at a load: with -v)
+        opts.log_severity_level = 2 if logger.isEnabledFor(logging.DEBUG) else 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
         if not self.graph.path.is_file():
@@ -120,6 +129,14 @@ class OrtRunner(Runner):
             raise EngineMismatch(f"graph '{self.graph.name}': {self.graph.path} is not the graph the manifest "
                                  f"describes (inputs {wrong}, the manifest says {want}); the export is inconsistent: "
                                  "re-run it (`megactor-rt check-export` checks a folder)")
+        shapes = {i.name: list(i.shape) for i in session.get_inputs()}
+        other = {n: shapes.get(n) for n in self.input_names if not _same_shape(self.graph.inputs[n].shape, shapes.get(n))}
+        if other:  # (another size's export under this name: failed at its first call, "unexpected error", after the
+            # whole denoising for the decoder)
+            want = {n: list(self.graph.inputs[n].shape) for n in other}
+            raise EngineMismatch(f"graph '{self.graph.name}': {self.graph.path} is not the graph the manifest "
+                                 f"describes (input shapes {other}, the manifest says {want}); the export is "
+                                 "inconsistent: re-run it (`megactor-rt check-export` checks a folder)")
         logger.debug("onnxruntime %s: providers %s", self.graph.name, session.get_providers())
         self.session = session
 

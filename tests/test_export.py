@@ -234,6 +234,36 @@ def test_a_graph_file_of_another_precision_is_named_when_loaded(manifest):
         OrtRunner(replace(fp32, file=fp16.file)).activate()
 
 
+def test_a_graph_file_of_another_size_is_named_when_loaded(manifest):
+    """A graph of another size's export under this graph's name (files copied by hand): named with the graph when
+    its session loads (was onnxruntime's "Got invalid dimensions for input" at its first call, an "unexpected
+    error" mid-run)."""
+    from dataclasses import replace
+
+    from megactor_rt.engine.manifest import TensorSpec
+    from megactor_rt.errors import EngineMismatch
+
+    graph = manifest.graphs["pose_guider.fp32"]
+    name, spec = next((n, s) for n, s in graph.inputs.items() if any(isinstance(d, int) for d in s.shape[2:]))
+    bigger = tuple(d * 2 if isinstance(d, int) and i >= 2 else d for i, d in enumerate(spec.shape))
+    OrtRunner(graph).activate()  # (the graph as exported loads)
+    with pytest.raises(EngineMismatch, match=r"graph 'pose_guider.fp32': .* is not the graph the manifest describes "
+                                             r"\(input shapes"):
+        OrtRunner(replace(graph, inputs={**graph.inputs, name: TensorSpec(name, spec.dtype, bigger)})).activate()
+
+
+def test_onnxruntimes_own_warnings_are_shown_with_verbose_only(manifest, capfd, caplog):
+    """An fp16 ReferenceNet's session on the CPU: onnxruntime printed a warning per node it cannot fold (about 90
+    lines on every run with --precision fp16); shown at debug level (-v) only."""
+    import logging
+
+    OrtRunner(manifest.graphs["reference_net.fp16"]).activate()
+    assert "onnxruntime" not in capfd.readouterr().err
+    with caplog.at_level(logging.DEBUG, logger="megactor_rt"):
+        OrtRunner(manifest.graphs["reference_net.fp16"]).activate()
+    assert "constant_folding" in capfd.readouterr().err
+
+
 def test_reexport_is_cached(models, export_dir):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     spec = _specs(models)["pose_guider"]
