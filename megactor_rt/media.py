@@ -143,6 +143,7 @@ def read_image(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     require_file(path, "image")
+    require_content(path, "image")
     register_heif()
     try:
         with Image.open(path) as im:
@@ -347,6 +348,17 @@ def require_file(path: Path, what: str) -> None:
         raise InputError(f"{path}: {what} file is not readable (permission denied)")
 
 
+def require_content(path: Path, what: str) -> None:
+    """An InputError naming ``path`` where it is an empty file (a copy or download that failed: every reader says
+    only "not a readable" or "Invalid data" of it), before it is parsed."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        return  # (the reading that follows says why)
+    if empty:
+        raise InputError(f"{path}: the {what} file is empty (0 bytes: a copy or download that failed?)")
+
+
 # ---------------------------------------------------------------------------------------------- probing
 
 
@@ -390,6 +402,7 @@ class VideoInfo:
 
 def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
     require_file(path, what)
+    require_content(path, what)
     try:
         return av.open(str(path), mode="r")
     except (av.error.FFmpegError, OSError, ValueError) as exc:

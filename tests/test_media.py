@@ -780,6 +780,21 @@ def test_bad_video_portrait_names_the_file(tmp_path: Path, case: str) -> None:
             "no-video-stream": "no video stream"}[case] in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["me.png", "me.jpg", "me.heic", "clip.mp4", "clip.webp", "clip.mkv"])
+def test_an_empty_file_is_said_to_be_empty(tmp_path: Path, name: str) -> None:
+    """A 0-byte portrait, driver or inspected file (a failed copy or download) is called empty, naming it (was:
+    "not a readable image (cannot identify image file)" or "not a readable video file (Invalid data found when
+    processing input)", which sends the user looking for a codec)."""
+    from megactor_rt.describe import describe
+
+    path = tmp_path / name
+    path.write_bytes(b"")
+    says = re.escape(f"{path}: the ") + r"\w+ file is empty \(0 bytes"
+    for read in (read_portrait, probe_video, lambda p: next(iter_video_frames(p)), describe):
+        with pytest.raises(InputError, match=says):
+            read(path)
+
+
 # ---------------------------------------------------------------------------------------------- orientation
 
 
