@@ -2,8 +2,9 @@
 
 For an image: its size (upright, as a portrait is read) and the faces the portrait crop would choose from. For a
 sound alone (an ``--audio`` file, a sequence's ``audio.wav``): its codec, rate, channels and duration. For a
-video (or animated GIF/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, the
-faces in its first frame (a video portrait's), and for a result of this engine the settings it was made with. For an
+video (or animated GIF/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, an MP4/MOV
+cut short (``truncated``: its header counts more than it holds), the faces in its first frame (a video portrait's),
+and for a result of this engine the settings it was made with. For an
 image sequence (its number pattern, ``take1/%05d.png``, ``plate/%04d.jpg``): its first frame's size and faces, its
 frame numbers (and any missing), its sound file, and the rate and settings its frames record (this engine's PNG
 results; a frame of one alone too).
@@ -23,6 +24,7 @@ from megactor_rt.media import (
     VIDEO_SUFFIXES,
     AnimatedWebP,
     is_animated_webp,
+    iso_cut_off,
     probe_sound,
     probe_video,
     read_image,
@@ -81,6 +83,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
                   "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
                   "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
                   "audio": info.has_audio, "variable_rate": info.variable_rate, "hdr": info.hdr}
+        if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
+            report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
     else:
         report = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
     if faces:

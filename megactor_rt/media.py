@@ -5,7 +5,8 @@ Frames cross this module's boundary as numpy ``(H, W, 3)`` uint8 RGB arrays.
 Behaviour on bad input (every case raises :class:`~megactor_rt.errors.InputError` naming the file):
 
 * images: missing, unreadable, not an image, smaller than 64 px or larger than 8192 px on a side;
-* videos: missing, unreadable, no video stream, zero decodable frames;
+* videos: missing, empty, unreadable (an MP4/MOV cut off before its index is said to be: :func:`iso_cut_off`), no
+  video stream, zero decodable frames;
 * a video's display matrix (phones record upright clips as landscape frames plus a rotation) is applied to
   every decoded frame the way the ffmpeg command line applies it (quarter turns and flips), so frames and
   :class:`VideoInfo` sizes are the upright picture a player shows; another angle is logged and ignored;
@@ -408,7 +409,54 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         # FFmpeg's errors read "[Errno 1094995529] Invalid data found when processing input: 'x.txt'": keep the words
         reason = getattr(exc, "strerror", None) or str(exc)
+        cut = iso_cut_off(path)  # (an MP4 cut before its index: FFmpeg says only "Invalid data")
+        if cut is not None:
+            raise InputError(f"{path}: not a readable {what} file: the MP4/MOV is cut off ({cut}: a partial "
+                             f"download or copy, or a recording that was not finished; {reason})") from exc
         raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
+
+
+# the top-level boxes an MP4 or MOV (ISO BMFF, QuickTime) file begins with
+_ISO_FIRST_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"})
+
+
+def iso_cut_off(path: PathLike) -> str | None:
+    """How an MP4/MOV/M4V/3GP file (ISO BMFF: a sequence of boxes, each a 32-bit size and a four-letter type) is
+    cut off: a top-level box that runs past the end of the file (a partial download: the frames counted in its
+    header are not all there), or no index (``moov`` box: a recording whose writer stopped before it wrote it, or a
+    download cut before it; FFmpeg then reads nothing); None where it is whole, or is no such file (HEIF/AVIF
+    photos have a ``meta`` box instead of an index). Reads the boxes' headers only."""
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            pos, seen = 0, set()
+            while pos < end:
+                f.seek(pos)
+                head = f.read(16)
+                kind = head[4:8]
+                if len(head) < 8 or not (kind.isalnum() or kind in (b"\xa9too", b"uuid")):
+                    if pos == 0:
+                        return None
+                    break  # (padding or other bytes after the last box: not a box)
+                if pos == 0 and kind not in _ISO_FIRST_BOXES:
+                    return None
+                size = int.from_bytes(head[:4], "big")
+                if size == 1 and len(head) == 16:  # a 64-bit size follows the type
+                    size = int.from_bytes(head[8:16], "big")
+                elif size == 0:  # the box runs to the end of the file
+                    size = end - pos
+                if size < 8:
+                    return None  # (no box: not an ISO BMFF file, or one broken otherwise; FFmpeg says what it can)
+                seen.add(kind)
+                if pos + size > end:
+                    short = f"it ends {pos + size - end} bytes short of the end of its {kind.decode()} box"
+                    return short if b"moov" in seen else f"{short}, before its index (moov box)"
+                pos += size
+    except OSError:
+        return None
+    if seen and b"moov" not in seen and b"meta" not in seen:
+        return "it has no index, no moov box"
+    return None
 
 
 def check_sound(audio: object, start: float | str | None = None) -> tuple[Path | None, float]:

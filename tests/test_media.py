@@ -795,6 +795,51 @@ def test_an_empty_file_is_said_to_be_empty(tmp_path: Path, name: str) -> None:
             read(path)
 
 
+def test_an_mp4_cut_before_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
+    """A phone recording whose app stopped before it wrote the index (moov box, at the end: no faststart), or such
+    a file's download cut short, is called cut off, naming it, as a driver, a portrait and in inspect (was: "not a
+    readable video file (Invalid data found when processing input)"); a whole file and a HEIF photo (ISO BMFF
+    boxes too, without an index) are not."""
+    from megactor_rt.describe import describe
+    from megactor_rt.media import iso_cut_off
+
+    whole = _write_clip(tmp_path / "whole.mp4", n=12, size=96)
+    data = whole.read_bytes()
+    assert data.index(b"moov") > data.index(b"mdat")  # (the index at the end, as a camera writes it)
+    cases = {"unfinished.mp4": (data[:data.index(b"moov") - 4], "it has no index, no moov box"),
+             "download.mp4": (data[:len(data) * 6 // 10], r"it ends \d+ bytes short of the end of its mdat box, "
+                                                          r"before its index \(moov box\)")}
+    for name, (cut, says) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(cut)
+        assert re.fullmatch(says, iso_cut_off(path) or "")
+        for read in (probe_video, read_portrait, lambda p: next(iter_video_frames(p)), describe):
+            with pytest.raises(InputError, match=re.escape(f"{path}: not a readable ") + r"\w+ file: the MP4/MOV is "
+                               rf"cut off \({says}: a partial download or copy, or a recording that was not finished"):
+                read(path)
+    assert iso_cut_off(whole) is None and describe(whole, faces=False).get("truncated") is None
+    heif = tmp_path / "photo.heic"
+    heif.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0\0\0\x10meta\0\0\0\0\0\0\0\0" + b"\0\0\0\x10mdat12345678")
+    assert iso_cut_off(heif) is None
+    text = tmp_path / "notes.mp4"
+    text.write_text("ftyp, moov and mdat are words in this text\n")
+    assert iso_cut_off(text) is None
+
+
+def test_inspect_says_an_mp4_is_cut_short(tmp_path: Path) -> None:
+    """An MP4 with its index first (faststart) cut short opens, and its header counts every frame: inspect says it
+    is cut off rather than give that count alone as the file's (animate fails at the break, naming it)."""
+    from media_fixtures import write_truncated_video
+
+    from megactor_rt.describe import describe
+
+    cut = write_truncated_video(tmp_path / "cut.mp4")
+    report = describe(cut, faces=False)
+    assert report["frames"] == 24
+    assert re.fullmatch(r"it ends \d+ bytes short of the end of its mdat box: not all the frames and seconds its "
+                        r"header counts are there", report["truncated"]), report
+
+
 # ---------------------------------------------------------------------------------------------- orientation
 
 
