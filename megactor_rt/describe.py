@@ -83,6 +83,9 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
                   "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
                   "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
                   "audio": info.has_audio, "variable_rate": info.variable_rate, "hdr": info.hdr}
+        if info.other_streams:  # (the one read, and those that are not)
+            report["video_streams"] = f"{1 + len(info.other_streams)}: {info.stream} is read, not " + \
+                ", ".join(info.other_streams)
         if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
             report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
     else:

@@ -386,6 +386,10 @@ class VideoInfo:
         still_image: the file is a single picture (PNG, JPEG, ... read through FFmpeg's image demuxers), not a
             video.
         hdr: "HLG" or "PQ" for HDR video (its frames are tone-mapped to SDR), else None.
+        stream: the video stream read, "#0 (1280x720)" (its index in the file and coded size).
+        other_streams: the file's other video streams (cover pictures aside), each as ``stream``, which are not
+            read (a file of several: a camera's second angle, a preview; the one read is the one FFmpeg chooses,
+            its default one where a stream is marked so).
     """
 
     path: Path
@@ -399,6 +403,13 @@ class VideoInfo:
     variable_rate: bool = False
     still_image: bool = False
     hdr: str | None = None
+    stream: str = ""
+    other_streams: tuple[str, ...] = ()
+
+
+def _stream_name(stream: av.video.stream.VideoStream) -> str:
+    """``#1 (1920x1080)``: a video stream's index in its file and coded size."""
+    return f"#{stream.index} ({stream.codec_context.width}x{stream.codec_context.height})"
 
 
 def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
@@ -687,6 +698,8 @@ def probe_video(path: PathLike) -> VideoInfo:
             variable_rate=_variable(stream) if stream.codec_context.name != "gif" else _gif_variable(path, stream, fps),
             still_image=_still_image_format(container),
             hdr=hdr,
+            stream=_stream_name(stream),
+            other_streams=tuple(_stream_name(v) for v in picture_streams(container) if v is not stream),
         )
 
 

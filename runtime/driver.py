@@ -419,6 +419,11 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     grid = _grid_frames(info)
     if grid is not None and skip >= grid:
         raise _past_the_end(name, start, grid, info.fps)
+    if info.other_streams:
+        logger.warning("driver %s has %d video streams: the driver is its stream %s, the one FFmpeg chooses; %s not "
+                       "read (another one drives once copied out alone: ffmpeg -i IN -map 0:N -c copy OUT.mkv, N "
+                       "its number)", name, 1 + len(info.other_streams), info.stream,
+                       ", ".join(info.other_streams) + (" is" if len(info.other_streams) == 1 else " are"))
 
     def scan(detect: Callable[[np.ndarray], list[Box]], desc: str) -> tuple[list[Box | None], FaceTrack, int]:
         boxes: list[Box | None] = []

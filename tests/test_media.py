@@ -924,6 +924,39 @@ def test_turned_driver_gets_the_upright_crop(tmp_path: Path) -> None:
     assert np.abs(np.subtract(a.crop, b.crop)).max() <= 2, (a.crop, b.crop)
 
 
+def test_a_driver_of_two_video_streams_says_which_is_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file of two video streams (a camera's second angle, a preview beside the picture) drives with the one
+    FFmpeg chooses, and says so: inspect names the streams, a run warns that the other is not read (was: nothing,
+    and a first stream without a face failed with "no face found in any of the frames" of a file that shows one)."""
+    from megactor_rt.describe import describe
+    from megactor_rt.runtime.driver import plan_driver
+
+    clip = tmp_path / "two.mkv"
+    with av.open(str(clip), "w") as c:
+        small, large = c.add_stream("libx264", rate=25), c.add_stream("libx264", rate=25)
+        for stream, size in ((small, 64), (large, 96)):
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+        for f in _frames(4, 96):
+            c.mux(small.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[16:80, 16:80]), format="rgb24")))
+            c.mux(large.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(small.encode(None))
+        c.mux(large.encode(None))
+    info = probe_video(clip)
+    assert (info.width, info.stream, info.other_streams) == (64, "#0 (64x64)", ("#1 (96x96)",))
+    assert describe(clip, faces=False)["video_streams"] == "2: #0 (64x64) is read, not #1 (96x96)"
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+        plan_driver(clip, face_crop=False)
+    assert "driver two.mkv has 2 video streams: the driver is its stream #0 (64x64), the one FFmpeg chooses; " \
+           "#1 (96x96) is not read" in caplog.text
+    caplog.clear()
+    one = _write_clip(tmp_path / "one.mp4", n=4, size=64)  # (a sound stream beside it is no other picture)
+    assert probe_video(one).other_streams == () and "video_streams" not in describe(one, faces=False)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+        plan_driver(one, face_crop=False)
+    assert "video streams" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- audio offset
 
 
