@@ -819,7 +819,8 @@ def test_an_mp4_cut_before_its_index_is_said_to_be_cut_off(tmp_path: Path) -> No
                 read(path)
     assert iso_cut_off(whole) is None and describe(whole, faces=False).get("truncated") is None
     heif = tmp_path / "photo.heic"
-    heif.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0\0\0\x10meta\0\0\0\0\0\0\0\0" + b"\0\0\0\x10mdat12345678")
+    heif.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0\0\0\x10meta" + bytes(8)
+                     + b"\0\0\0\x10mdat12345678")
     assert iso_cut_off(heif) is None
     text = tmp_path / "notes.mp4"
     text.write_text("ftyp, moov and mdat are words in this text\n")
