@@ -2,7 +2,7 @@
 
 For an image: its size (upright, as a portrait is read) and the faces the portrait crop would choose from. For a
 sound alone (an ``--audio`` file, a sequence's ``audio.wav``): its codec, rate, channels and duration. For a
-video (or animated GIF/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, an MP4/MOV
+video (or animated GIF/PNG/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, an MP4/MOV
 cut short (``truncated``: its header counts more than it holds), the faces in its first frame (a video portrait's),
 and for a result of this engine the settings it was made with. For an
 image sequence (its number pattern, ``take1/%05d.png``, ``plate/%04d.jpg``): its first frame's size and faces, its
@@ -60,7 +60,7 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     require_file(path, "input")
     report: dict[str, Any]
     image = None  # a still image's pixels, read once for its size and its faces
-    animated = _animated(path)  # (a GIF of frames: a driver, read as a video)
+    animated = _animated(path)  # (a GIF or PNG of frames: a driver, read as a video)
     if path.suffix.lower() == ".webp" and is_animated_webp(path):
         frames = AnimatedWebP(path)
         h, w = frames[0].shape[:2]
@@ -78,7 +78,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         if info.still_image:  # (FFmpeg reads it as a picture, and a portrait's reading refused it: say why)
             read_image(path)
             raise InputError(f"{path}: not an image Pillow reads, nor a video")
-        report = {"kind": "animated GIF" if animated else "video", "size": f"{info.width}x{info.height}",
+        kind = f"animated {'GIF' if path.suffix.lower() == '.gif' else 'PNG'}" if animated else "video"
+        report = {"kind": kind, "size": f"{info.width}x{info.height}",
                   "fps": _rate(info.fps),
                   "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
                   "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
@@ -156,8 +157,9 @@ def _count_frames(path: Path) -> int | None:
 
 
 def _animated(path: Path) -> bool:
-    """Whether ``path`` is a GIF of more than one frame (a driver, read as a video; Pillow would give its first)."""
-    if path.suffix.lower() != ".gif":
+    """Whether ``path`` is a GIF or PNG (APNG) of more than one frame (a driver, read as a video; Pillow would give
+    its first)."""
+    if path.suffix.lower() not in (".gif", ".png", ".apng"):
         return False
     try:
         with Image.open(path) as im:

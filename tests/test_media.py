@@ -958,6 +958,22 @@ def test_a_driver_of_two_video_streams_says_which_is_read(tmp_path: Path, caplog
     assert "video streams" not in caplog.text
 
 
+def test_inspect_says_an_animated_png_is_animated(tmp_path: Path) -> None:
+    """An animated PNG (APNG: browsers, Discord and Telegram stickers) drives as the video FFmpeg reads it; inspect
+    says so, with its rate and frames, as for an animated GIF (was: "kind: image", its first frame's size alone)."""
+    from megactor_rt.describe import describe
+
+    clip = tmp_path / "sticker.png"
+    first, *rest = [Image.fromarray(f) for f in _frames(6, 96)]
+    first.save(clip, save_all=True, append_images=rest, duration=40, loop=0)
+    assert len(list(iter_video_frames(clip))) == 6 and probe_video(clip).fps == 25
+    report = describe(clip, faces=False)
+    assert (report["kind"], report["size"], report["fps"], report["frames"]) == ("animated PNG", "96x96", "25", 6)
+    still = tmp_path / "still.png"
+    first.save(still)
+    assert describe(still, faces=False)["kind"] == "image"
+
+
 # ---------------------------------------------------------------------------------------------- audio offset
 
 
