@@ -31,6 +31,7 @@ from megactor_rt.media import (
     read_portrait,
     require_file,
     result_settings,
+    timestamps_vary,
 )
 from megactor_rt.sequence import (
     DEFAULT_FPS,
@@ -83,7 +84,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
                   "fps": _rate(info.fps),
                   "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
                   "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
-                  "audio": info.has_audio, "variable_rate": info.variable_rate, "hdr": info.hdr}
+                  "audio": info.has_audio, "variable_rate": info.variable_rate or timestamps_vary(path, info.fps),
+                  "hdr": info.hdr}  # (a Matroska header does not tell a variable rate: its timestamps do)
         if info.other_streams:  # (the one read, and those that are not)
             report["video_streams"] = f"{1 + len(info.other_streams)}: {info.stream} is read, not " + \
                 ", ".join(info.other_streams)

@@ -635,11 +635,27 @@ def _mostly_slow(path: str, mtime_ns: int, size: int, index: int, time_base: Fra
 
 def _gif_variable(path: Path, stream: av.video.stream.VideoStream, fps: Fraction) -> bool:
     """Whether a GIF's frames (the first ones) leave steps empty at ``fps``: a pause, or delays of several
-    lengths beyond the hundredths' rounding (a 30 fps GIF's 3, 3, 4 hundredths fill every step: not variable)."""
+    lengths beyond the hundredths' rounding (a 30 fps GIF's 3, 3, 4 hundredths fill every step: not variable);
+    also asked of Matroska's (:func:`timestamps_vary`)."""
     times = _stream_times(path, stream)
     if times is None:
         return False
     return [round(t * fps) for t in times] != list(range(len(times)))
+
+
+def timestamps_vary(path: PathLike, fps: Fraction) -> bool:
+    """Whether a Matroska/WebM video's first frames (their timestamps, up to 1200) leave steps of ``fps`` empty or
+    share one: a variable rate, which those headers do not tell (FFmpeg gives their nominal rate as the average,
+    so :attr:`VideoInfo.variable_rate` is False); False for other containers, whose header tells.
+
+    Raises:
+        InputError: missing or unreadable file, no video stream.
+    """
+    path = Path(path)
+    with _open_input(path) as container:
+        if "matroska" not in container.format.name:
+            return False
+        return _gif_variable(path, _video_stream(path, container), fps)
 
 
 def _variable(stream: av.video.stream.VideoStream) -> bool:

@@ -1208,7 +1208,7 @@ def test_start_in_a_truncated_clip_reports_as_without_seeking(tmp_path: Path, mo
     assert n == 0 and "breaks off before the first frame used (--start)" in message
 
 
-def _write_numbered_vfr(clip: Path, times: list[float], rate: int = 30, last_s: float | None = None,
+def _write_numbered_vfr(clip: Path, times: list[float], rate: int | Fraction = 30, last_s: float | None = None,
                         noise: bool = False, first: int = 0) -> None:
     """Frame i at ``times[i]`` seconds (a 1 ms clock), its number written in 8 bright bars (see _frame_number);
     ``rate``: the nominal rate in the header; ``last_s``: how long the last frame is shown (its packet's
@@ -1271,6 +1271,28 @@ def test_a_variable_rate_clip_keeps_its_timing(tmp_path: Path, monkeypatch: pyte
             assert [_frame_number(f) for f in iter_video_frames(clip, 5, skip=41)] == full[41:46]
             assert list(iter_video_frames(clip, skip=len(full))) == []
         monkeypatch.setattr(media, "SEEK_MIN_SKIP", 60)
+
+
+def test_inspect_says_a_matroska_clip_varies_its_rate(tmp_path: Path) -> None:
+    """A Matroska/WebM header does not tell a variable rate (FFmpeg gives the nominal rate as the average); inspect
+    reads it from the frames' timestamps (was: "variable rate: False" for a clip whose run repeats frames to keep
+    its timing), and a constant rate on a millisecond clock (33, 33, 34 ms) is none."""
+    from megactor_rt.describe import describe
+    from megactor_rt.media import timestamps_vary
+
+    vfr = tmp_path / "vfr.mkv"
+    _write_numbered_vfr(vfr, [i / 30 for i in range(30)] + [1 + k / 15 for k in range(30)])
+    assert not probe_video(vfr).variable_rate  # (the header's view, unchanged)
+    assert timestamps_vary(vfr, Fraction(30)) and describe(vfr, faces=False)["variable_rate"] is True
+    steady = tmp_path / "steady.mkv"
+    _write_numbered_vfr(steady, [i * 1001 / 30000 for i in range(600)], rate=Fraction(30000, 1001))
+    webm = tmp_path / "steady.webm"
+    with VideoWriter(webm, Fraction(30), 64, 64) as w:
+        for f in _frames(40):
+            w.write(f)
+    for clip in (steady, webm):
+        assert describe(clip, faces=False)["variable_rate"] is False, clip.name
+    assert not timestamps_vary(DRIVER, Fraction(1))  # (an MP4's header tells: not read again)
 
 
 def test_a_faster_stretch_keeps_evenly_spaced_frames(tmp_path: Path) -> None:
