@@ -335,8 +335,10 @@ def _check_image_size(path: Path, size: tuple[int, int]) -> None:
     width, height = size
     if min(width, height) < MIN_IMAGE_SIDE:
         raise InputError(f"{path}: image is {width}x{height} px; each side must be at least {MIN_IMAGE_SIDE} px")
-    if max(width, height) > MAX_IMAGE_SIDE:
-        raise InputError(f"{path}: image is {width}x{height} px; each side must be at most {MAX_IMAGE_SIDE} px")
+    if max(width, height) > MAX_IMAGE_SIDE:  # (a phone's 64, 108 or 200 MP photo: 9248 to 16320 px wide)
+        raise InputError(f"{path}: image is {width}x{height} px; each side must be at most {MAX_IMAGE_SIDE} px (scale "
+                         "it down first, to 4096 px on its longer side say: the crop around the face is scaled to "
+                         "the model's 512 px anyway)")
 
 
 def require_file(path: Path, what: str) -> None:

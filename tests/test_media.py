@@ -795,6 +795,16 @@ def test_an_empty_file_is_said_to_be_empty(tmp_path: Path, name: str) -> None:
             read(path)
 
 
+def test_a_photo_too_large_says_how_to_use_it(tmp_path: Path) -> None:
+    """A phone's full-resolution photo (64 MP: 9248x6936) over the 8192 px limit is refused, naming the file and
+    saying what to do with it (was: the limit alone)."""
+    photo = tmp_path / "IMG_64MP.jpg"
+    Image.new("RGB", (9248, 6936), (120, 130, 140)).save(photo, quality=50)
+    with pytest.raises(InputError, match=re.escape(f"{photo}: image is 9248x6936 px; each side must be at most 8192 "
+                                                   "px (scale it down first, to 4096 px on its longer side say")):
+        read_portrait(photo)
+
+
 def test_an_mp4_cut_before_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
     """A phone recording whose app stopped before it wrote the index (moov box, at the end: no faststart), or such
     a file's download cut short, is called cut off, naming it, as a driver, a portrait and in inspect (was: "not a
