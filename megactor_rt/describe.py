@@ -25,6 +25,7 @@ from megactor_rt.media import (
     AnimatedWebP,
     is_animated_webp,
     iso_cut_off,
+    picture_cut_off,
     probe_sound,
     probe_video,
     read_image,
@@ -91,6 +92,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
                 ", ".join(info.other_streams)
         if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
             report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
+        elif animated and (cut := picture_cut_off(path)) is not None:
+            report["truncated"] = f"{cut} (a partial download or copy?)"
     else:
         report = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
     if faces:

@@ -1191,6 +1191,27 @@ def _check_declared_end(path: Path, stream: av.video.stream.VideoStream, last_ti
     logger.warning("%s; using the frames before", message)
 
 
+_PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # the chunk every PNG (an animated one too) ends with
+
+
+def picture_cut_off(path: PathLike) -> str | None:
+    """How an animated GIF or PNG (APNG) is cut off (a partial download or copy): it lacks the byte that ends a GIF
+    (0x3B) or the chunk that ends a PNG (IEND); None where it ends so, or is neither. Reads its first and last
+    bytes only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(-min(len(_PNG_END), os.fstat(f.fileno()).st_size), os.SEEK_END)
+            tail = f.read()
+    except OSError:
+        return None
+    if head[:4] == b"GIF8" and tail[-1:] != b"\x3b":
+        return "it lacks the byte that ends a GIF"
+    if head == b"\x89PNG\r\n\x1a\n" and tail != _PNG_END:
+        return "it lacks the chunk that ends a PNG, IEND"
+    return None
+
+
 def _check_gif_trailer(path: Path, stream: av.video.stream.VideoStream) -> None:
     """A GIF ends with its trailer byte (0x3B); one cut off (a partial download) lacks it, and its header counts
     no frames to compare with: a warning (how much is missing is unknown; a cut inside a frame is an error of its

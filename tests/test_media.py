@@ -984,6 +984,23 @@ def test_inspect_says_an_animated_png_is_animated(tmp_path: Path) -> None:
     assert describe(still, faces=False)["kind"] == "image"
 
 
+def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
+    """An animated GIF or PNG cut short (a partial download) is said to be, beside the frames it still holds (was:
+    its frame count alone, as if whole; a run warns of the GIF and fails at the PNG's break); whole ones are not."""
+    from megactor_rt.describe import describe
+
+    first, *rest = [Image.fromarray(f) for f in _frames(8, 96)]
+    for name, says in (("meme.gif", "it lacks the byte that ends a GIF"),
+                       ("sticker.png", "it lacks the chunk that ends a PNG, IEND")):
+        whole, cut = tmp_path / name, tmp_path / f"cut_{name}"
+        first.save(whole, save_all=True, append_images=rest, duration=40, loop=0)
+        cut.write_bytes(whole.read_bytes()[:-40])
+        assert "truncated" not in describe(whole, faces=False)
+        report = describe(cut, faces=False)
+        assert report["kind"].startswith("animated") and report["frames"] > 0
+        assert report["truncated"] == f"{says} (a partial download or copy?)"
+
+
 # ---------------------------------------------------------------------------------------------- audio offset
 
 
