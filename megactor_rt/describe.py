@@ -25,6 +25,7 @@ from megactor_rt.media import (
     AnimatedWebP,
     is_animated_webp,
     iso_cut_off,
+    matroska_cut_off,
     picture_cut_off,
     probe_sound,
     probe_video,
@@ -92,6 +93,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
                 ", ".join(info.other_streams)
         if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
             report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
+        elif (cut := matroska_cut_off(path)) is not None:  # (its frames are counted: its duration is more)
+            report["truncated"] = f"{cut}: not all the seconds its header counts are there"
         elif animated and (cut := picture_cut_off(path)) is not None:
             report["truncated"] = f"{cut} (a partial download or copy?)"
     else:

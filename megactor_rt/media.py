@@ -1180,15 +1180,65 @@ def _check_declared_end(path: Path, stream: av.video.stream.VideoStream, last_ti
                         usable: int) -> None:
     """A stream without a frame count (Matroska, WebM) whose frames end well before its declared end was cut off
     (a partial download): as :func:`_check_complete` for a header's count. "Well before": over a second and a
-    twentieth of the length short (a variable-rate recording may show its last frame for a while)."""
+    twentieth of the length short (a variable-rate recording may show its last frame for a while), or, where the
+    file itself is cut short (:func:`matroska_cut_off`), over two frame times (was: a clip of a second or two cut
+    in half read as whole)."""
     end = _declared_end(stream)
-    if stream.frames > 0 or end is None or last_time is None or end - last_time <= max(1.0, end / 20):
+    if stream.frames > 0 or end is None or last_time is None:
+        return
+    rate = stream.average_rate or stream.guessed_rate
+    slack = max(1.0, end / 20)
+    if end - last_time > 2 * float(1 / rate if rate else 0) and matroska_cut_off(path) is not None:
+        slack = 0.0
+    if end - last_time <= slack:
         return
     message = f"{path}: video is truncated: its header says it lasts until {end:.3f} s, but its frames end at " \
               f"{last_time:.3f} s"
     if strict:
         raise InputError(f"{message}; {_use_first(usable)}")
     logger.warning("%s; using the frames before", message)
+
+
+_EBML_ID, _SEGMENT_ID = b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"
+
+
+def _ebml_size(data: bytes, at: int) -> tuple[int | None, int]:
+    """The EBML variable-length size at ``data[at:]`` (None: unknown, all its bits set) and where it ends.
+
+    Raises:
+        ValueError: no size there.
+    """
+    if at >= len(data) or data[at] == 0:
+        raise ValueError("no EBML size")
+    length = 9 - data[at].bit_length()
+    if at + length > len(data):
+        raise ValueError("cut EBML size")
+    value = int.from_bytes(data[at:at + length], "big") & ((1 << (7 * length)) - 1)
+    return (None if value == (1 << (7 * length)) - 1 else value), at + length
+
+
+def matroska_cut_off(path: PathLike) -> str | None:
+    """How a Matroska/WebM file is cut off (a partial download or copy): its Segment (what follows the EBML header:
+    the whole clip) says it is longer than the file holds; None where it is whole, says no length (a live
+    recording) or is no such file. Reads its first bytes only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            end = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head[:4] != _EBML_ID:
+        return None
+    try:
+        size, at = _ebml_size(head, 4)
+        if size is None or head[at + size:at + size + 4] != _SEGMENT_ID:
+            return None
+        size, at = _ebml_size(head, at + size + 4)
+    except ValueError:
+        return None
+    if size is None or at + size <= end:
+        return None
+    return f"it ends {at + size - end} bytes short of the end of its Segment"
 
 
 _PNG_END = b"\0\0\0\0IEND\xaeB`\x82"  # the chunk every PNG (an animated one too) ends with

@@ -1322,6 +1322,28 @@ def test_inspect_says_a_matroska_clip_varies_its_rate(tmp_path: Path) -> None:
     assert not timestamps_vary(DRIVER, Fraction(1))  # (an MP4's header tells: not read again)
 
 
+def test_a_short_matroska_clip_cut_in_half_is_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Matroska clip of a second, cut at 60 % (a partial download), ends its frames under a second before its
+    declared end, which a variable rate may explain in a whole file; its Segment, longer than the file, says it was
+    cut: reading refuses it as any cut clip (was: its first 0.4 s animated as the whole), and inspect says so."""
+    from megactor_rt.describe import describe
+    from megactor_rt.media import matroska_cut_off
+
+    whole = tmp_path / "whole.mkv"
+    _write_numbered_vfr(whole, [i / 30 for i in range(30)], noise=True)
+    assert len(list(iter_video_frames(whole))) == 30 and matroska_cut_off(whole) is None
+    assert "truncated" not in describe(whole, faces=False)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[:whole.stat().st_size * 6 // 10])
+    assert re.fullmatch(r"it ends \d+ bytes short of the end of its Segment", matroska_cut_off(cut) or "")
+    with pytest.raises(InputError, match=re.escape(f"{cut}: video is truncated: its header says it lasts until ")):
+        list(iter_video_frames(cut))
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        assert 0 < len(list(iter_video_frames(cut, strict=False))) < 25
+    assert "video is truncated" in caplog.text
+    assert describe(cut, faces=False)["truncated"].endswith("Segment: not all the seconds its header counts are there")
+
+
 def test_a_faster_stretch_keeps_evenly_spaced_frames(tmp_path: Path) -> None:
     """60 fps for a second on a 30 fps grid: every other frame, evenly (of the frames on one grid step, the
     nearest to its time; how a frame exactly half-way is placed: test_a_frame_half_way_between_two_grid_steps_
