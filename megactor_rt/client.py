@@ -39,6 +39,8 @@ POLL_S = 0.5  # how often a job's state is asked for
 BUSY_TRIES = 60  # a server whose queue is full (503) is asked again this many times, as long as it says to wait
 BUSY_WAIT_S = 10.0  # how long to wait for a busy server that says no time (or closed a form it did not read)
 OUTAGE_S = 120.0  # a job's server unreachable this long while it is followed (a network blip, a proxy's restart)
+ANSWER_TIMEOUT_S = 60.0  # the longest wait for a question's answer (a job's state, health, a cancel: answered at once
+# by a server that works; one that hangs, its process stopped, took the whole timeout_s for each, 10 minutes)
 FETCH_TRIES = 3  # a result's download that breaks off partway is tried this many times in all (the job keeps it)
 RETRY_S = 1.0  # the first wait before asking again where an answer failed (doubled after each, up to 2 s)
 MIN_WAIT_S, MAX_WAIT_S = 1.0, 30.0  # a server's Retry-After is waited for at least, at most this long
@@ -114,15 +116,18 @@ class Client:
         elif ca_file is not None:
             raise InputError(f"{ca_file}: --server-ca is for an https:// server; {self.url} is plain http")
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
         if self._tls is not None:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout_s, context=self._tls)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout_s, context=self._tls)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
 
     # -- one request ----------------------------------------------------------------------------------------
     def _call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
               ) -> tuple[int, dict[str, str], http.client.HTTPResponse, http.client.HTTPConnection]:
-        conn = self._connection()
+        """One request. A form's upload (``body``) and a result's download wait up to ``timeout_s`` for each piece;
+        the others are questions a server answers at once: :data:`ANSWER_TIMEOUT_S` at most."""
+        transfer = body is not None or path.endswith("/result")
+        conn = self._connection(self.timeout_s if transfer else min(self.timeout_s, ANSWER_TIMEOUT_S))
         try:
             try:
                 conn.request(method, self.prefix + path, body, {**self._auth, **(headers or {})})

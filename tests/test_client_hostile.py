@@ -8,6 +8,7 @@ import contextlib
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ JOB = "0123456789ab"
 VIDEO = bytes(range(256)) * 40  # (the "result": its bytes are only compared)
 TAG = f'"{JOB}-{len(VIDEO):x}-1"'
 CUT = "cut"  # a body that ends (the connection closed) before its announced length
+HANG = "hang"  # no answer for HANG_S (a server whose process is stopped: the connection taken, nothing said)
+HANG_S = 3.0
 
 
 def result(status: int = 200, start: int = 0, headers: dict[str, str] | None = None, body: Any = None,
@@ -58,6 +61,10 @@ class _Fake(http.server.BaseHTTPRequestHandler):
             self.rfile.read(length)
         answers = _Fake.script.get(key) or [answer(404, {"error": "no such thing"})]
         status, head, body = answers.pop(0) if len(answers) > 1 else answers[0]
+        if body == HANG:
+            time.sleep(HANG_S)
+            self.close_connection = True
+            return
         self.send_response(status)
         for name, value in head.items():
             self.send_header(name, value)
@@ -378,3 +385,26 @@ def test_a_new_job_gets_a_new_key(fake: tuple[Client, dict[str, Any]], tmp_path:
     _animate(client, tmp_path)
     _animate(client, tmp_path)
     assert len(_Fake.keys) == 2 and len(set(_Fake.keys)) == 2
+
+
+def test_a_hung_server_is_given_up_on_within_the_answer_timeout(fake: tuple[Client, dict[str, Any]],
+                                                                tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes the connection and never answers (its process stopped, kill -STOP; a hung machine) is
+    an outage as one that refuses is: each question waits ANSWER_TIMEOUT_S, not the whole timeout_s meant for a
+    form's upload or a result's download (10 minutes a poll: a batch stood silent for 20 minutes before handing the
+    job to another server, then waited 10 more for its cancel)."""
+    client, _ = fake
+    monkeypatch.setattr(client_module, "ANSWER_TIMEOUT_S", 0.2, raising=False)
+    _Fake.script[f"GET /jobs/{JOB}"] = [(200, {}, HANG)]
+    _Fake.script[f"DELETE /jobs/{JOB}"] = [(200, {}, HANG)]
+    began = time.monotonic()
+    with pytest.raises(client_module.Unreachable, match=rf"TimeoutError.*following job {JOB}"):
+        _animate(client, tmp_path)
+    assert time.monotonic() - began < HANG_S  # (the fixture's timeout_s: 10 s a question)
+    assert _Fake.asked[-1] == f"DELETE /jobs/{JOB}"
+    _Fake.script["GET /health"] = [(200, {}, HANG)]
+    began = time.monotonic()
+    with pytest.raises(client_module.Unreachable, match="TimeoutError"):
+        client.health()
+    assert time.monotonic() - began < HANG_S
