@@ -237,10 +237,11 @@ class Client:
                     continue
                 if not self.keyed:  # (a job may have been made: a second form would make another)
                     raise
+                level = logging.WARNING if outage is None else logging.DEBUG  # (said once an outage, not per try)
                 outage = _outage(exc, outage, "sending a job")
                 wait, lost = _backoff(lost), lost + 1
-                logger.warning("%s; sending the form again in %g s with its key (a job it made is not made twice), "
-                               "for up to %g s", exc, wait, OUTAGE_S)
+                logger.log(level, "%s; sending the form again in %g s with its key (a job it made is not made twice), "
+                           "for up to %g s", exc, wait, OUTAGE_S)
                 _pause(wait, stop, f"a request to {self.url}")
                 continue
             if status in (200, 202):  # (200: a job the key's form made before)
@@ -336,9 +337,10 @@ class Client:
                                            f" from byte {have}" if tag and have else "", broken + 1, FETCH_TRIES,
                                            wait)
                         else:
+                            level = logging.WARNING if outage is None else logging.DEBUG  # (once an outage)
                             outage = _outage(exc, outage, f"fetching job {job}'s result")
-                            logger.warning("%s; fetching the result again in %g s (for up to %g s)", exc, wait,
-                                           OUTAGE_S)
+                            logger.log(level, "%s; fetching the result again in %g s (for up to %g s)", exc, wait,
+                                       OUTAGE_S)
                         _pause(wait, stop, f"job {job}'s result on {self.url}")
         except OSError as exc:
             raise ResourceError(f"{output}: cannot write the result ({exc})") from exc

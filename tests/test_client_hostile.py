@@ -408,3 +408,20 @@ def test_a_hung_server_is_given_up_on_within_the_answer_timeout(fake: tuple[Clie
     with pytest.raises(client_module.Unreachable, match="TimeoutError"):
         client.health()
     assert time.monotonic() - began < HANG_S
+
+
+def test_an_outage_is_said_once_not_at_every_try(fake: tuple[Client, dict[str, Any]], tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stays unreachable while a form is sent again with its key, or a result's fetch is asked
+    again, is warned about once per outage (a server killed mid-batch gave some 60 identical warnings in its two
+    minutes, a try each 2 s); the later tries are at debug level."""
+    client, _ = fake
+    _Fake.script["GET /health"] = [answer(200, {"max_upload_bytes": 1 << 30, "idempotency_keys": True})]
+    _Fake.script["POST /jobs"] = [answer(502, b"<html>bad gateway</html>")] * 5 + [answer(202, {"id": JOB})]
+    _Fake.script[f"GET /jobs/{JOB}/result"] = [answer(503, {"error": "busy"})] * 5 + [result()]
+    with caplog.at_level("DEBUG", logger="megactor_rt.client"):
+        _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO
+    for said in ("sending the form again", "fetching the result again"):
+        levels = [r.levelname for r in caplog.records if said in r.getMessage()]
+        assert levels == ["WARNING"] + ["DEBUG"] * 4, said
