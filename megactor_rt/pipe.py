@@ -60,10 +60,13 @@ def standard_output() -> BinaryIO:
     """Where a streamed result goes: standard output's bytes (as it was before :func:`prints_to_stderr`).
 
     Raises:
-        InputError: standard output takes text only (replaced by a ``StringIO``, a notebook's).
+        InputError: standard output takes text only (replaced by a ``StringIO``, a notebook's), or is closed.
     """
     if _saved is not None:
         return _saved
+    if sys.stdout is None:  # (Python's when the command started with its standard output closed: `>&-`)
+        raise InputError("-o - streams bytes to standard output, and this command's is closed (started with >&-): "
+                         "pipe it into a program (| ffmpeg -i - out.mov) or name a file")
     out = getattr(sys.stdout, "buffer", None)
     if out is None:  # (was an AttributeError)
         raise InputError(f"-o - streams bytes to standard output, and it takes text only here "

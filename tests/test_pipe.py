@@ -134,6 +134,19 @@ def test_a_stream_onto_a_text_only_standard_output_is_refused_before_any_work(
         check_output_path("-")
 
 
+def test_a_stream_onto_a_closed_standard_output_is_named_so(tmp_path: Path) -> None:
+    """``-o -`` in a command started with its standard output closed (``>&-``: Python's ``sys.stdout`` is None) is
+    refused as that, not as "text only here (NoneType: a notebook, ...)"."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "-o", "-"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2, proc.stderr
+    assert b"standard output, and this command's is closed (started with >&-)" in proc.stderr, proc.stderr
+    assert b"TINY RANDOM-WEIGHT" not in proc.stderr  # (refused before the model is built)
+
+
 def test_a_driver_piped_into_standard_input_drives_as_its_file_does(tmp_path: Path) -> None:
     """--driver -: the clip piped in animates exactly as the same file (PNG frames compared), is named "stdin" in
     the result's settings, and its temporary copy is gone afterwards; empty input, a terminal and "-" among several
