@@ -189,6 +189,10 @@ class Client:
         status, _, doc = self._json("GET", "/health")
         if status != 200:
             raise InputError(f"{self.url}: GET /health answered {status}: {doc.get('error')}")
+        if "max_upload_bytes" not in doc:  # (another service's health, {"status": "ok"}: its every job failed)
+            raise InputError(f"{self.url}/health: the answer is not a megactor-rt server's (no max_upload_bytes: "
+                             f"{', '.join(sorted(map(str, doc))[:8]) or 'empty'}); is this address a megactor-rt "
+                             "server?")
         limit = doc.get("max_upload_bytes")
         self.max_upload_bytes = limit if _count(limit) else None
         self.keyed = doc.get("idempotency_keys") is True

@@ -425,3 +425,18 @@ def test_an_outage_is_said_once_not_at_every_try(fake: tuple[Client, dict[str, A
     for said in ("sending the form again", "fetching the result again"):
         levels = [r.levelname for r in caplog.records if said in r.getMessage()]
         assert levels == ["WARNING"] + ["DEBUG"] * 4, said
+
+
+def test_another_services_health_is_refused_before_any_job(fake: tuple[Client, dict[str, Any]],
+                                                            tmp_path: Path) -> None:
+    """An address whose GET /health answers JSON that is not a megactor-rt server's (another service's
+    {"status": "ok"}) is refused at its health, before any upload: it passed, and in a batch it then took job after
+    job and failed each while the real servers made the others."""
+    client, _ = fake
+    _Fake.script["GET /health"] = [answer(200, {"status": "ok", "version": "3.2.1"})]
+    with pytest.raises(InputError, match=r"/health: the answer is not a megactor-rt server's \(no max_upload_bytes: "
+                                         r"status, version\); is this address a megactor-rt server\?"):
+        client.health()
+    with pytest.raises(InputError, match="not a megactor-rt server's"):
+        _animate(client, tmp_path)
+    assert not any(a.startswith("POST") for a in _Fake.asked)
