@@ -1231,7 +1231,7 @@ def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -
 
 def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, record: StatsFile) -> int:
     """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
-    from megactor_rt.client import Client, Stopped, Unreachable, result_stats
+    from megactor_rt.client import Client, ServerFailed, Stopped, Unreachable, result_stats
     from megactor_rt.media import RESULT_SUFFIXES
     from megactor_rt.progress import progress
     from megactor_rt.sequence import sequence_pattern
@@ -1326,7 +1326,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
 
     turns = threading.Condition(lock)
     busy: list[int] = [0]  # (jobs under way)
-    lost: set[str] = set()  # (servers that stopped answering, whose jobs went to the others)
+    lost: set[str] = set()  # (servers that stopped answering or failed a run, whose jobs went to the others)
+    failed_once: set[Path] = set()  # (results a server failed for its own reason: handed over once only)
 
     def next_job() -> Job | None:  # (none left: while another server works, one may yet come back to the queue)
         with turns:
@@ -1342,15 +1343,23 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 return job
             return None
 
-    def hand_over(client: Client, job: Job, exc: Unreachable) -> bool:
-        """A server that stopped answering (beyond the client's patience for outages) hands its job to the other
-        servers, if one still answers (a dead server took job after job and failed each, the others idle)."""
+    def hand_over(client: Client, job: Job, exc: Unreachable | ServerFailed) -> bool:
+        """A server that stopped answering (beyond the client's patience for outages), or that failed a run for a
+        reason of its own (5xx: a GPU in a bad state fails every run, fast), hands its job to the other servers, if
+        one still answers (such a server took job after job and failed each, the others idle). A result a server
+        failed so is handed over once: failing on another server too, the fault is its own, and it fails."""
         with turns:
             if not batch or len(lost) + 1 >= len(clients):
                 return False
+            if isinstance(exc, ServerFailed):
+                if job.output in failed_once:
+                    return False
+                failed_once.add(job.output)
             lost.add(client.url)
             todo.put(job)
-            logger.warning("%s; its results go to the other servers", exc)
+            logger.warning("%s; %sits results go to the other servers", exc,
+                           "an error of the server's own, not the request's: " if isinstance(exc, ServerFailed) else
+                           "")
             return True
 
     def take_jobs(client: Client) -> None:
@@ -1364,7 +1373,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
             except Stopped:
                 return
             except MegactorError as exc:
-                handed = isinstance(exc, Unreachable) and hand_over(client, job, exc)
+                handed = isinstance(exc, (Unreachable, ServerFailed)) and hand_over(client, job, exc)
                 if handed:
                     return
                 if not batch:

@@ -73,6 +73,11 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
         self.unsent = unsent  # (the request broke off while it was sent: the server has not taken it)
 
 
+class ServerFailed(InputError):  # noqa: N818 - named for what it says
+    """A job's run failed on the server for a reason of the server's own (its ``error_status`` 5xx: an error of the
+    server, its GPU or memory, not of the request): another server may make the result."""
+
+
 class _NotJson(InputError):  # noqa: N818 - named for what it says
     """An answer that is not JSON (a proxy's error page, or no megactor-rt server at the address); ``status``: its
     HTTP status."""
@@ -447,6 +452,7 @@ class Client:
         folder, and it is none of the inputs (the result would replace it).
 
         Raises:
+            ServerFailed: the run failed for the server's own reason (5xx: another server may make it).
             InputError: the server refused the form or its run failed (with the server's message); ``output`` cannot
                 be written, is an input, or has a suffix the server does not write (checked before sending).
             Stopped: ``stop`` was set before the result was fetched.
@@ -461,8 +467,9 @@ class Client:
                 try:
                     state = self.wait(job, on_progress, stop)
                     if state["status"] != "done":
-                        raise InputError(f"{output}: {state.get('error') or 'the run was ' + state['status']} "
-                                         f"(on {self.url})")
+                        server_s = isinstance(state.get("error_status"), int) and state["error_status"] >= 500
+                        raise (ServerFailed if server_s else InputError)(
+                            f"{output}: {state.get('error') or 'the run was ' + state['status']} (on {self.url})")
                     keep = True
                     try:
                         head = self.fetch(job, output, stop)

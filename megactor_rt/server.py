@@ -385,8 +385,8 @@ class Task:
             doc["progress"] = self.progress
         if self.finished is not None:
             doc["finished"] = _iso(self.finished)
-        if self.error is not None:
-            doc["error"] = self.error[1]
+        if self.error is not None:  # (its status: 400 the request's fault, 5xx the server's, as POST /animate's)
+            doc["error"], doc["error_status"] = self.error[1], self.error[0]
         if self.status == "done":
             doc["result"] = f"/jobs/{self.id}/result"
             if self.stats is not None:  # (seconds: from the run's start to its last frame, as X-Megactor-Seconds)

@@ -1157,6 +1157,42 @@ def test_a_server_that_stops_answering_hands_its_results_to_the_others(
     assert code == 2 and err.count("cannot reach the server") >= 2 and "3 of 3 results not written" in err, err
 
 
+def test_a_server_that_fails_runs_itself_hands_its_results_to_the_others(
+        served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`--server A B` where B fails every run with an error of its own (a GPU in a bad state: 500, fast): its jobs go
+    to A, which makes every result (B took job after job, failing each, 5 of 6 results lost). A result whose run
+    fails for the server's reason on every server fails (handed over once, not around for ever)."""
+    def failing(*args: object, **kw: object) -> object:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    servers = []
+    for _ in range(2):
+        broken = AnimateServer(anim.with_config(), ("127.0.0.1", 0))  # (an Animator of its own: its runs fail)
+        monkeypatch.setattr(broken.anim, "animate_to_file", failing)
+        servers.append((broken, threading.Thread(target=broken.serve_forever, daemon=True)))
+        servers[-1][1].start()
+    try:
+        jobs = tmp_path / "jobs.csv"
+        jobs.write_text("portrait,driver,output,duration\n" + "".join(
+            f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08\n" for name in "abcd"))
+        with caplog.at_level(logging.WARNING, "megactor_rt.cli"):
+            code = main(["-q", "animate", "--server", servers[0][0].url, served.url, "--jobs", str(jobs)])
+        assert code == 0, capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
+        assert caplog.text.count("an error of the server's own, not the request's: its results go to the other") == 1
+        shutil.rmtree(tmp_path / "out")
+        code = main(["-q", "animate", "--server", servers[0][0].url, servers[1][0].url, "--jobs", str(jobs)])
+        err = capsys.readouterr().err  # (each result tried on a second server once, then failed naming the error)
+        assert code == 2 and "4 of 4 results not written" in err and "illegal memory access" in err, err
+    finally:
+        for srv, thread in servers:
+            srv.shutdown()
+            srv.server_close()
+            thread.join(5)
+
+
 def test_progress_json_from_a_server_gives_each_stages_last_line(served: AnimateServer, media: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
