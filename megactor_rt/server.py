@@ -444,6 +444,8 @@ def openapi() -> dict[str, Any]:
     job = {"description": "the job", "content": {"application/json": {"schema": {"type": "object", "properties": {
         "id": {"type": "string"}, "status": {"type": "string", "enum": list(_STATUSES)},
         "ahead": {"type": "integer"}, "progress": {"type": "object"}, "error": {"type": "string"},
+        "error_status": {"type": "integer", "description": "a failed run's HTTP status, as POST /animate's: 400 the "
+                         "request's fault, 5xx the server's"},
         "result": {"type": "string"}, "frames": {"type": "integer"},
         "seconds": {"type": "number", "description": "from the run's start to its last frame (X-Megactor-Seconds; "
                     "a run that went on from its checkpoint: this last part of it)"}}}}}}
