@@ -728,7 +728,7 @@ def _stem(path: Path) -> str:
 def _require_driver(path: Path, sequence_fps: Fraction | None) -> None:
     """A driver file exists; an image sequence's frames are there, numbered without a gap (no torch: before the
     weights load)."""
-    from megactor_rt.media import require_file
+    from megactor_rt.media import require_content, require_file
     from megactor_rt.sequence import FrameSequence, sequence_pattern
 
     pattern = sequence_pattern(path)
@@ -736,6 +736,7 @@ def _require_driver(path: Path, sequence_fps: Fraction | None) -> None:
         FrameSequence(pattern, sequence_fps)
     else:
         require_file(path, "driver")
+        require_content(path, "video")
 
 
 def _run_driver(path: Path, args: argparse.Namespace, job: Job | None = None) -> Path | DriverFrames:
@@ -877,10 +878,17 @@ def _check_files(portraits: list[Path], drivers: list[Path], output: Path | None
     """What a typo breaks, before the weights (or TensorRT plans) load or the model is built: the inputs exist
     (the --audio file with its sound; an image sequence's frames), and the one result (``output``, where given) can
     be written and is none of them."""
-    from megactor_rt.media import check_not_an_input, check_output_path, check_sound, require_file
+    from megactor_rt.media import (
+        check_not_an_input,
+        check_output_path,
+        check_sound,
+        require_content,
+        require_file,
+    )
 
     for path in portraits:
         require_file(Path(path), "portrait")
+        require_content(Path(path), "image")
     for path in drivers:
         _require_driver(Path(path), sequence_fps)
     check_sound(audio, audio_start)

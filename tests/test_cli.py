@@ -1310,17 +1310,24 @@ def test_an_empty_path_is_refused(flag: str, media: dict[str, Path], tmp_path: P
 
 def test_typos_in_inputs_and_output_are_named_before_the_weights_load(tmp_path: Path, media: dict[str, Path],
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """A missing portrait or driver, or an output folder that does not exist, is named before the weights (and
+    """A missing or empty portrait or driver, or an output folder that does not exist, is named before the weights (and
     TensorRT plans) are loaded: here the weights are missing too, and the error is about the typo. A still image
     given as the driver (portrait and driver swapped) is refused."""
     missing = tmp_path / "no_weights"
+    empty, empty_image = tmp_path / "empty.mp4", tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    empty_image.write_bytes(b"")
     for argv, needle in (
             (["--portrait", tmp_path / "potrait.png", "--driver", media["driver"], "-o", tmp_path / "r.mp4"],
              "potrait.png: portrait file does not exist"),
             (["--portrait", media["portrait"], "--driver", tmp_path / "drvier.mp4", "-o", tmp_path / "r.mp4"],
              "drvier.mp4: driver file does not exist"),
             (["--portrait", media["portrait"], "--driver", media["driver"], "-o", tmp_path / "nope" / "r.mp4"],
-             "output folder")):
+             "output folder"),
+            (["--portrait", media["portrait"], "--driver", media["driver"], empty, "-o", tmp_path / "out"],
+             "empty.mp4: the video file is empty"),  # (a batch: was found after the weights, at its own pair)
+            (["--portrait", media["portrait"], empty_image, "--driver", media["driver"], "-o", tmp_path / "out"],
+             "empty.png: the image file is empty")):
         code, _, err = run(capsys, "animate", *argv, "--weights", missing, "--device", "cpu")
         assert code == 2 and needle in err and "no_weights" not in err, err
     from megactor_rt.runtime.driver import driver_info
