@@ -1413,6 +1413,9 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 pass
     except BaseException:  # Ctrl-C, SIGTERM: each server's job is cancelled (within a poll) before the end
         stop.set()
+        if not all(done.is_set() for done in ended):  # (a second Ctrl-C ends the wait: said, as it leaves them)
+            logger.warning("cancelling the job(s) on the server(s) (a second Ctrl-C leaves them running there until "
+                           "they end and expire)")
         deadline = time.monotonic() + 30
         for done in ended:
             done.wait(max(0.0, deadline - time.monotonic()))

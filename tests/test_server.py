@@ -1224,7 +1224,8 @@ def test_progress_json_from_a_server_gives_each_stages_last_line(served: Animate
 def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServer, media: dict[str, Path],
                                                              tmp_path: Path, scratch: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     import _thread
 
     go = hold_runs(served, monkeypatch)
@@ -1237,6 +1238,7 @@ def test_ctrl_c_in_animate_with_server_cancels_the_job_there(served: AnimateServ
     code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), "--driver",
                  str(media["driver"]), "-o", str(tmp_path / "never.mp4")])
     assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert "cancelling the job(s) on the server(s) (a second Ctrl-C leaves them running" in caplog.text
     running = served.running  # (asked to stop before the command returned: the command line ends the process
     assert running is not None and running.cancel.is_set()  # at once after it, its threads with it)
     go.set()
