@@ -1694,8 +1694,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_check_export(args: argparse.Namespace) -> int:
-    from megactor_rt.engine.manifest import MANIFEST_NAME
-    from megactor_rt.export.trt_support import check_export, trt_op_table
+    from megactor_rt.engine.manifest import MANIFEST_NAME, load_manifest
+    from megactor_rt.export.trt_support import absent_graphs, check_export, trt_op_table
 
     if args.onnx.is_file() and args.onnx.suffix != ".json":  # a graph file, say (a renamed manifest still reads)
         raise InputError(f"{args.onnx}: --onnx takes the export folder (the --out of `megactor-rt export`) or its "
@@ -1708,6 +1708,9 @@ def cmd_check_export(args: argparse.Namespace) -> int:
     bad = sum(1 for p in results.values() if p)
     print(f"{len(results) - bad} of {len(results)} graphs ready for the TensorRT {trt_op_table()['tensorrt_version']} "
           "ONNX parser (onnx checker, operators and their restrictions, opset, shape profiles)")
+    absent = absent_graphs(load_manifest(args.onnx, validate_profiles=False).graphs.values(), args.precision)
+    if absent:  # (said above the table too: here, where the eye lands)
+        print(f"not in this export: {', '.join(absent)} (an export stopped part way, or made with --graphs)")
     return 2 if bad else 0
 
 

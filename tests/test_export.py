@@ -784,7 +784,8 @@ def test_check_export_finds_a_graph_file_that_is_not_the_manifests(models, tmp_p
     assert any("inputs ['images'] differ from the manifest's ['latents']" in p for p in problems["vae_decoder.fp32"])
 
 
-def test_check_export_names_the_graphs_an_export_stopped_part_way_lacks(models, export_dir, tmp_path, caplog):
+def test_check_export_names_the_graphs_an_export_stopped_part_way_lacks(models, export_dir, tmp_path, caplog,
+                                                                         capsys):
     """An export stopped part way (Ctrl-C in the UNet graphs) leaves a folder whose graphs are all ready: check-export
     answered "14 of 14 graphs ready" and exit 0 without a word about the UNet graphs every run needs (animate then
     refused the folder). The graphs a whole export holds and this one lacks are named in a warning."""
@@ -803,6 +804,12 @@ def test_check_export_names_the_graphs_an_export_stopped_part_way_lacks(models, 
         check_export(tmp_path, "fp32")
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "temporal_unet_cond.fp32" in said and ".fp16" not in said
+    from megactor_rt.cli import main
+
+    capsys.readouterr()
+    assert main(["check-export", "--onnx", str(tmp_path), "--precision", "fp32"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # (the summary's line: where the eye lands)
+    assert last.startswith("not in this export: clip_image_encoder.fp32, ") and "stopped part way" in last, last
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megactor_rt.export.trt_support"):
         check_export(export_dir)  # a whole export: no word
