@@ -125,8 +125,9 @@ PathLike = str | os.PathLike[str]
 # ---------------------------------------------------------------------------------------------- images
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Read a still image as RGB.
+def read_image(path: PathLike, say_transparent: bool = False) -> np.ndarray:
+    """Read a still image as RGB (``say_transparent``: a warning where a share of it is transparent, for a
+    portrait).
 
     RGBA/LA and palette images lose their alpha the way ``PIL.Image.convert("RGB")`` does (alpha is
     dropped, not composited); greyscale (8 or 16 bit) is replicated to three channels. EXIF orientation
@@ -150,6 +151,8 @@ def read_image(path: PathLike) -> np.ndarray:
         with Image.open(path) as im:
             _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
             rgb = image_to_rgb(im)
+            if say_transparent and ("A" in im.getbands() or "transparency" in im.info):
+                _say_transparent(path, im)
     except InputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
@@ -158,6 +161,17 @@ def read_image(path: PathLike) -> np.ndarray:
         raise InputError(f"{path}: image is corrupt or truncated ({exc})") from exc
     _check_image_size(path, (rgb.shape[1], rgb.shape[0]))  # EXIF rotation swaps sides, limits are symmetric
     return rgb  # (H, W, 3)
+
+
+def _say_transparent(path: Path, im: Image.Image) -> None:
+    """Warn where over 1 % of a portrait is transparent (a cut-out on a transparent background): its alpha is
+    dropped, as upstream drops it, so what lies under it (often black) is its background."""
+    alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+    share = float((alpha < 255).mean())
+    if share > 0.01:
+        logger.warning("%s: %.0f %% of the portrait is transparent; its alpha is dropped (as the original model's "
+                       "code drops it), so the colour stored under it (often black) is its background: put the "
+                       "portrait on the background you want first", path, 100 * share)
 
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi"})
@@ -178,7 +192,7 @@ def read_portrait(path: PathLike) -> np.ndarray:
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         try:
-            return read_image(path)
+            return read_image(path, say_transparent=True)
         except InputError:
             if not path.is_file() or not _has_video(path):  # not a video under another name (.ts, .3gp, .flv):
                 raise  # the image error stands

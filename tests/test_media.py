@@ -780,6 +780,27 @@ def test_bad_video_portrait_names_the_file(tmp_path: Path, case: str) -> None:
             "no-video-stream": "no video stream"}[case] in str(info.value)
 
 
+def test_a_portrait_on_a_transparent_background_is_said_to_be(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A cut-out portrait (PNG, transparent around the person): its alpha is dropped as upstream drops it, so the
+    colour stored under it (black here) became its background without a word; now a warning says so. An opaque
+    alpha channel, or a few transparent pixels, says nothing."""
+    rgba = np.zeros((128, 128, 4), np.uint8)
+    rgba[32:96, 32:96] = (200, 160, 140, 255)
+    cut_out, opaque = tmp_path / "cut_out.png", tmp_path / "opaque.png"
+    Image.fromarray(rgba).save(cut_out)
+    rgba[..., 3] = 255
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba).save(opaque)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        assert read_portrait(cut_out)[0, 0].tolist() == [0, 0, 0]
+    assert "cut_out.png: 75 % of the portrait is transparent; its alpha is dropped" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        read_portrait(opaque)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("name", ["me.png", "me.jpg", "me.heic", "clip.mp4", "clip.webp", "clip.mkv"])
 def test_an_empty_file_is_said_to_be_empty(tmp_path: Path, name: str) -> None:
     """A 0-byte portrait, driver or inspected file (a failed copy or download) is called empty, naming it (was:
