@@ -1262,7 +1262,17 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
 
     token = load_token(args.server_token_file)
     clients = [Client(url, token=token, ca_file=args.server_ca) for url in dict.fromkeys(args.server)]
-    healths = [client.health() for client in clients]  # (an address that is no server: said before any upload)
+    healths, down = [], []  # (an address that is no server, or refuses the token: said before any upload)
+    for client in clients:
+        try:
+            healths.append(client.health())
+        except Unreachable as exc:  # (one of several down from the start: the others make the results)
+            down.append((client, exc))
+    if len(down) == len(clients):
+        raise down[0][1]
+    for client, exc in down:
+        logger.warning("%s; the results go to the other server(s)", exc)
+        clients.remove(client)
     for client, health in zip(clients, healths, strict=True):
         logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
     health_of_first = healths[0]

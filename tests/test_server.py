@@ -1157,6 +1157,25 @@ def test_a_server_that_stops_answering_hands_its_results_to_the_others(
     assert code == 2 and err.count("cannot reach the server") >= 2 and "3 of 3 results not written" in err, err
 
 
+def test_a_server_down_from_the_start_leaves_the_batch_to_the_others(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`--server A B` where B cannot be reached at the start: A makes every result and B is named in a warning
+    (the whole batch was refused, while a server that went away later handed its work on); every server down: the
+    error, as before."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,duration\n" + "".join(
+        f"{media['portrait']},{media['driver']},out/{name}.mp4,0.04\n" for name in "ab"))
+    dead = "http://127.0.0.1:9"
+    with caplog.at_level(logging.WARNING, "megactor_rt.cli"):
+        code = main(["-q", "animate", "--server", dead, served.url, "--jobs", str(jobs)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4"]
+    assert f"{dead}: cannot reach the server" in caplog.text and "the results go to the other server(s)" in caplog.text
+    assert main(["-q", "animate", "--server", dead, "http://127.0.0.1:7", "--jobs", str(jobs)]) == 2
+    assert f"{dead}: cannot reach the server" in capsys.readouterr().err
+
+
 def test_a_server_that_fails_runs_itself_hands_its_results_to_the_others(
         served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
