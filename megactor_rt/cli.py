@@ -1266,17 +1266,18 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     for client in clients:
         try:
             healths.append(client.health())
-        except Unreachable as exc:  # (one of several down from the start: the others make the results)
-            down.append((client, exc))
+        except Unreachable as unreached:  # (one of several down from the start: the others make the results)
+            down.append((client, unreached))
     if len(down) == len(clients):
         raise down[0][1]
-    for client, exc in down:
-        logger.warning("%s; the results go to the other server(s)", exc)
+    for client, why in down:
+        logger.warning("%s; the results go to the other server(s)", why)
         clients.remove(client)
     for client, health in zip(clients, healths, strict=True):
         logger.info("server %s: %s, %s", client.url, health.get("weights_id"), health.get("device_name"))
     health_of_first = healths[0]
     settings = {c.url: run_settings_of(h) for c, h in zip(clients, healths, strict=True)}  # (for --stats)
+    _say_servers_differ(settings)
     config, base = _run_config(args), AnimateConfig()
     if args.skip_existing:  # (the kept results' settings against the first server's)
         jobs = _without_existing(jobs, args, config, record, health_of_first)
@@ -1436,6 +1437,23 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     if errors:
         raise errors[0]
     return _batch_status(failed, len(jobs))
+
+
+def _say_servers_differ(settings: dict[str, dict[str, Any]]) -> None:
+    """Warn where the servers of a batch would make its results with other weights or settings (each result is
+    made by whichever is free: a batch of mixed results); the GPU each has and its device number aside."""
+    def flat(run: dict[str, Any]) -> dict[str, Any]:
+        config = run["config"] if isinstance(run.get("config"), dict) else {}
+        return {k: v for k, v in run.items() if k not in ("config", "device", "device_name")} | {
+            f"config.{k}": v for k, v in config.items()}
+
+    first, *others = settings.items()
+    differ = sorted({k for _, run in others for k in flat(first[1]).keys() | flat(run).keys()
+                     if flat(first[1]).get(k) != flat(run).get(k)})
+    if differ:
+        logger.warning("the servers make results with other settings (%s differ: %s against %s); each result is "
+                       "made by whichever server is free", ", ".join(differ), first[0],
+                       ", ".join(url for url, run in others if flat(run) != flat(first[1])))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1813,3 +1813,19 @@ def test_animate_demo_tries_the_whole_command_without_weights(media: dict[str, P
         named = ", ".join(str(f) for f in flags if str(f).startswith("--"))
         assert code == 2 and f"{named}: for the released model's weights (--weights), not --demo" in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_servers_of_a_batch_with_other_settings_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    """`animate --server A B`: each result is made by whichever server is free, so servers with other weights or
+    settings made a batch of mixed results without a word (a slow server with --max-frames 24 beside ones with 12);
+    their GPUs and device numbers may differ."""
+    a = {"weights_id": "w1", "device": "cuda:0", "device_name": "NVIDIA H200", "config": {"steps": 25, "seed": 42}}
+    b = {**a, "device": "cuda:1", "device_name": "NVIDIA H100"}
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.cli"):
+        cli._say_servers_differ({"http://a": a, "http://b": b})
+    assert not caplog.records
+    c = {**a, "weights_id": "w2", "config": {"steps": 4, "seed": 42}}
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.cli"):
+        cli._say_servers_differ({"http://a": a, "http://b": b, "http://c": c})
+    assert ("the servers make results with other settings (config.steps, weights_id differ: http://a against "
+            "http://c)") in caplog.text
