@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import av
 import numpy as np
@@ -1267,13 +1267,54 @@ def picture_cut_off(path: PathLike) -> str | None:
             head = f.read(8)
             f.seek(-min(len(_PNG_END), os.fstat(f.fileno()).st_size), os.SEEK_END)
             tail = f.read()
+            if head[:4] == b"GIF8" and tail[-1:] != b"\x3b" and not _gif_has_end(f):
+                return "it lacks the byte that ends a GIF"
+            if head == b"\x89PNG\r\n\x1a\n" and tail != _PNG_END and not _png_has_end(f):
+                return "it lacks the chunk that ends a PNG, IEND"
     except OSError:
         return None
-    if head[:4] == b"GIF8" and tail[-1:] != b"\x3b":
-        return "it lacks the byte that ends a GIF"
-    if head == b"\x89PNG\r\n\x1a\n" and tail != _PNG_END:
-        return "it lacks the chunk that ends a PNG, IEND"
     return None
+
+
+def _gif_has_end(f: BinaryIO) -> bool:
+    """Whether the GIF in ``f`` reaches its trailer byte, its blocks walked from the start (bytes after it: a file
+    with something appended, an upload's padding, is whole). Asked only of a GIF whose last byte is not the
+    trailer."""
+    f.seek(10)
+    packed = f.read(1)
+    if not packed:
+        return False
+    f.seek(2 + (3 << ((packed[0] & 7) + 1) if packed[0] & 0x80 else 2), os.SEEK_CUR)  # (the global palette)
+    while block := f.read(1):
+        if block == b"\x3b":
+            return True
+        if block == b"\x2c":  # an image: its descriptor, local palette, LZW code size, then data sub-blocks
+            desc = f.read(9)
+            if len(desc) < 9:
+                return False
+            f.seek((3 << ((desc[8] & 7) + 1) if desc[8] & 0x80 else 0) + 1, os.SEEK_CUR)
+        elif block == b"\x21":  # an extension: its label, then sub-blocks
+            f.seek(1, os.SEEK_CUR)
+        else:
+            return False  # (not a block: damaged)
+        while (size := f.read(1)) and size[0]:
+            f.seek(size[0], os.SEEK_CUR)
+        if not size:
+            return False
+    return False
+
+
+def _png_has_end(f: BinaryIO) -> bool:
+    """Whether the PNG in ``f`` has its IEND chunk, its chunks walked from the start (bytes after it: a file with
+    something appended is whole). Asked only of a PNG that does not end with IEND."""
+    pos, end = 8, os.fstat(f.fileno()).st_size
+    while pos + 12 <= end:
+        f.seek(pos)
+        head = f.read(8)
+        if head[4:] == b"IEND":
+            return True
+        pos += 12 + int.from_bytes(head[:4], "big")
+    return False
 
 
 def _check_gif_trailer(path: Path, stream: av.video.stream.VideoStream) -> None:
@@ -1285,7 +1326,7 @@ def _check_gif_trailer(path: Path, stream: av.video.stream.VideoStream) -> None:
     try:
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
-            whole = f.read(1) == b"\x3b"
+            whole = f.read(1) == b"\x3b" or _gif_has_end(f)
     except OSError:  # (not a seekable file: a pipe)
         return
     if whole:

@@ -1022,6 +1022,27 @@ def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
         assert report["truncated"] == f"{says} (a partial download or copy?)"
 
 
+def test_an_animated_gif_or_png_with_bytes_after_its_end_is_whole(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A GIF or APNG with bytes after its end (its trailer byte, its IEND chunk: a tool's padding, something
+    appended) is whole: inspect does not call it cut off and a run does not warn (was: judged by its last bytes)."""
+    from megactor_rt.describe import describe
+
+    first, *rest = [Image.fromarray(f) for f in _frames(8, 96)]
+    for name in ("meme.gif", "sticker.png"):
+        whole, padded = tmp_path / name, tmp_path / f"padded_{name}"
+        first.save(whole, save_all=True, append_images=rest, duration=40, loop=0)
+        padded.write_bytes(whole.read_bytes() + b"\0\0\0\n")
+        assert "truncated" not in describe(padded, faces=False), name
+        cut = tmp_path / f"cut_{name}"  # (cut, then padded: still cut)
+        cut.write_bytes(whole.read_bytes()[:-40] + b"\0\0\0\n")
+        assert "truncated" in describe(cut, faces=False), name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        assert len(list(iter_video_frames(tmp_path / "padded_meme.gif"))) == 8
+    assert "truncated" not in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- audio offset
 
 
