@@ -671,7 +671,16 @@ def timestamps_vary(path: PathLike, fps: Fraction) -> bool:
     with _open_input(path) as container:
         if "matroska" not in container.format.name:
             return False
-        return _gif_variable(path, _video_stream(path, container), fps)
+        times = _stream_times(path, _video_stream(path, container))
+    if not times:
+        return False
+    # (the packets are read in decoding order: the last ones read may be of frames shown after some not read yet,
+    # B-frames, a step that looks empty; a cut file's likewise: those are left out)
+    steps = [round(t * fps) for t in (times[:-_REORDER_DEPTH] if len(times) > 2 * _REORDER_DEPTH else times)]
+    return steps != list(range(len(steps)))
+
+
+_REORDER_DEPTH = 16  # the most frames a codec shows before one stored ahead of them (H.264/HEVC's most: 16)
 
 
 def _variable(stream: av.video.stream.VideoStream) -> bool:

@@ -1364,6 +1364,25 @@ def test_inspect_says_a_matroska_clip_varies_its_rate(tmp_path: Path) -> None:
     assert not timestamps_vary(DRIVER, Fraction(1))  # (an MP4's header tells: not read again)
 
 
+def test_a_steady_matroska_clip_with_b_frames_does_not_vary(tmp_path: Path) -> None:
+    """A constant-rate Matroska clip longer than the timestamps read (1200) whose frames are stored out of order
+    (B-frames: a later frame's packet before those shown ahead of it) keeps a constant rate in inspect (was: the
+    last packets read left a step empty, 'variable rate: True')."""
+    from megactor_rt.describe import describe
+
+    clip = tmp_path / "steady_b.mkv"
+    with av.open(str(clip), "w") as c:
+        vs = c.add_stream("mpeg2video", rate=30)
+        vs.width, vs.height, vs.pix_fmt = 32, 32, "yuv420p"
+        vs.codec_context.max_b_frames, vs.codec_context.gop_size = 2, 12
+        rng = np.random.default_rng(0)
+        for _ in range(1210):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (32, 32, 3), np.uint8), format="rgb24")
+            c.mux(vs.encode(frame))
+        c.mux(vs.encode(None))
+    assert describe(clip, faces=False)["variable_rate"] is False
+
+
 def test_a_short_matroska_clip_cut_in_half_is_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A Matroska clip of a second, cut at 60 % (a partial download), ends its frames under a second before its
     declared end, which a variable rate may explain in a whole file; its Segment, longer than the file, says it was
