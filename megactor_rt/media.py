@@ -1051,6 +1051,10 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.vide
         InputError: no video stream, or only cover pictures.
     """
     streams = picture_streams(container)
+    if not streams and not container.streams.video and (cut := iso_cut_off(path)) is not None:
+        # (cut inside its index: FFmpeg reads the part there as an index of no streams)
+        raise InputError(f"{path}: not a readable video file: the MP4/MOV is cut off ({cut}: a partial download or "
+                         "copy, or a recording that was not finished; no video stream in what is there)")
     if not streams:
         raise InputError(f"{path}: the file has no video stream" + (
             " (only a cover picture)" if container.streams.video else ""))

@@ -826,6 +826,22 @@ def test_a_photo_too_large_says_how_to_use_it(tmp_path: Path) -> None:
         read_portrait(photo)
 
 
+def test_an_mp4_cut_inside_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
+    """An MP4 cut inside its index (moov box: at the end of a camera's file, at the start of a faststart one), which
+    FFmpeg opens as a file of no streams, is called cut off, as a driver and in inspect (was: 'the file has no video
+    stream')."""
+    from megactor_rt.describe import describe
+
+    whole = _write_clip(tmp_path / "whole.mp4", n=12, size=96)
+    data = whole.read_bytes()
+    path = tmp_path / "download.mp4"
+    path.write_bytes(data[:data.index(b"moov") + 40])
+    for read in (probe_video, lambda p: next(iter_video_frames(p)), describe):
+        with pytest.raises(InputError, match=re.escape(f"{path}: not a readable video file: the MP4/MOV is cut off "
+                                                       "(it ends ") + r"\d+ bytes short of the end of its moov box"):
+            read(path)
+
+
 def test_an_mp4_cut_before_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
     """A phone recording whose app stopped before it wrote the index (moov box, at the end: no faststart), or such
     a file's download cut short, is called cut off, naming it, as a driver, a portrait and in inspect (was: "not a
