@@ -94,7 +94,11 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
         if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
             report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
         elif (cut := matroska_cut_off(path)) is not None:  # (its frames are counted: its duration is more)
-            report["truncated"] = f"{cut}: not all the seconds its header counts are there"
+            frames, seconds = report["frames"], info.duration_s
+            if frames and seconds and frames >= seconds * info.fps - 2:  # (cut after its frames: its index, tags)
+                report["truncated"] = f"{cut}: its frames are all there, not what follows them (an index, tags)"
+            else:
+                report["truncated"] = f"{cut}: not all the seconds its header counts are there"
         elif animated and (cut := picture_cut_off(path)) is not None:
             report["truncated"] = f"{cut} (a partial download or copy?)"
     else:

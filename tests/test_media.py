@@ -1399,6 +1399,23 @@ def test_a_steady_matroska_clip_with_b_frames_does_not_vary(tmp_path: Path) -> N
     assert describe(clip, faces=False)["variable_rate"] is False
 
 
+def test_inspect_of_a_matroska_clip_cut_after_its_frames_says_they_are_all_there(tmp_path: Path) -> None:
+    """A Matroska clip cut after its last frame (its index, Cues, and tags at the end are missing: a download cut
+    in its last KB) holds every frame, as a run reads them: inspect says so (was: 'not all the seconds its header
+    counts are there')."""
+    from megactor_rt.describe import describe
+
+    whole = tmp_path / "whole.mkv"
+    _write_numbered_vfr(whole, [i / 30 for i in range(90)])
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[:data.rindex(b"\x1c\x53\xbb\x6b") + 4])  # (up to its Cues' ID)
+    assert len(list(iter_video_frames(cut))) == 90
+    report = describe(cut, faces=False)
+    assert report["frames"] == 90
+    assert report["truncated"].endswith("Segment: its frames are all there, not what follows them (an index, tags)")
+
+
 def test_a_short_matroska_clip_cut_in_half_is_truncated(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A Matroska clip of a second, cut at 60 % (a partial download), ends its frames under a second before its
     declared end, which a variable rate may explain in a whole file; its Segment, longer than the file, says it was
