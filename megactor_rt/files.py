@@ -168,12 +168,12 @@ os.umask(_UMASK)
 @contextlib.contextmanager
 def locked(lock_file: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_file`` (created, with its folder, where missing) for the block:
-    writers in other processes and threads (each opening it itself) take turns at a read-change-write."""
-    import fcntl
-
+    writers in other processes and threads (each opening it itself) take turns at a read-change-write (where the
+    OS has no ``flock``, Windows: none do)."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 

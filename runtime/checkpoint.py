@@ -195,9 +195,10 @@ class StepCheckpoint:
             except (OSError, ValueError, SafetensorError):
                 continue
             if self.inputs is not None and meta.get("inputs") == self.inputs:
-                logger.warning("%s: a checkpoint of this portrait and driver saved with other settings (or another "
-                               "backend, precision, size or weights); a run continues only from one of its own "
-                               "settings, so this run starts from its first step (the file stays)", path)
+                logger.warning("%s: another run's checkpoint of this portrait and driver, saved with other settings "
+                               "(or another backend, precision, size or weights); a run continues only from one of its "
+                               "own settings (changed since it was stopped?), so this run starts from its first step "
+                               "(the file stays)", path)
             elif "sha256" not in meta and path not in _OLDER_NAMED:
                 older.append(path)
         _OLDER_NAMED.update(older)

@@ -251,7 +251,8 @@ def test_another_window_batch_is_another_run(anim: Animator, driver: Path, tmp_p
     with caplog.at_level(logging.WARNING, logger="megactor_rt"):
         _run(anim, driver, tmp_path, replace(CFG, window_batch=2))
     assert anim.last_stats.resumed_from_step == 0 and len(list(tmp_path.glob("run-*.safetensors"))) == 1
-    assert "a checkpoint of this portrait and driver saved with other settings" in caplog.text  # (was silent)
+    assert "another run's checkpoint of this portrait and driver, saved with other settings" in caplog.text  # (was
+    # silent)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megactor_rt"):
         _run(anim, write_face_driver(tmp_path.parent / f"{tmp_path.name}-other.mp4", n=6, fps=25), tmp_path)

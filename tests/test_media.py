@@ -690,7 +690,7 @@ def test_a_killed_writers_leftover_goes_with_the_next_write_a_live_ones_stays(tm
 
 def test_where_the_os_has_no_flock_leftovers_go_by_age(tmp_path: Path) -> None:
     """An OS without ``fcntl`` (Windows): the package imported no more (files imported it at the top); now a hold
-    is None and a leftover is told by its age alone."""
+    is None and a leftover is told by its age alone; a lock file's block runs unlocked."""
     import subprocess
     import sys
 
@@ -699,11 +699,12 @@ def test_where_the_os_has_no_flock_leftovers_go_by_age(tmp_path: Path) -> None:
               f"d = Path({str(tmp_path)!r}); old, new = d / '.a.part', d / '.b.part'\n"
               "old.write_bytes(b'x'); new.write_bytes(b'x'); os.utime(old, (time.time() - 7200,) * 2)\n"
               "assert files.hold(new) is None\n"
+              "with files.locked(d / 'sub' / '.x.lock'): pass\n"
               "print(sorted(p.name for p in files.remove_stale(d, '.*.part', unheld_s=10.0)))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['.a.part']"
-    assert [p.name for p in tmp_path.iterdir()] == [".b.part"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.part", "sub"]
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "parent_is_file", "is_dir", "bad_suffix"])
