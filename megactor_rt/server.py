@@ -1916,8 +1916,9 @@ def _host_name(host: str) -> str:
     name = host.strip().lower()
     if name.startswith("["):  # ([::1]:8450)
         inside, _, rest = name[1:].partition("]")
-        # (anything but a port after "]" is no Host a browser sends: kept whole, so neither an address nor a name)
-        return inside if re.fullmatch(r"(:[0-9]+)?", rest) else name
+        # (anything but a port after "]" is no Host a browser sends: kept whole, so neither an address nor a name;
+        # an empty port, "[::1]:", is a Host's as "localhost:" is: RFC 3986's port is *DIGIT)
+        return inside if re.fullmatch(r"(:[0-9]*)?", rest) else name
     if name.count(":") == 1:  # (name:port)
         bare, _, port = name.partition(":")
         if not re.fullmatch(r"[0-9]*", port):

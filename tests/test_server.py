@@ -498,7 +498,7 @@ def test_a_server_on_this_machine_answers_only_local_names(anim: Animator, media
         for odd in ("[::1]evil.example", "[::1].evil.example:80", "127.0.0.1:80.evil.example"):  # (not a port)
             assert request(srv, "GET", "/health", headers={"Host": odd})[0] == 403, odd
         for host in (f"localhost:{port}", "LOCALHOST", f"app.localhost:{port}", f"127.0.0.1:{port}", "[::1]:80",
-                     "10.0.0.7"):
+                     "10.0.0.7", "[::1]", "[::1]:", "localhost:"):  # (an empty port: RFC 3986's *DIGIT)
             assert request(srv, "GET", "/health", headers={"Host": host})[0] == 200, host
         assert json.loads(request(srv, "GET", "/jobs")[2])["jobs"] == []  # (nothing was queued)
     with serving(anim, allowed_hosts=("GPU.example", "app.example:8443")) as srv:  # (a port given: the name's)
