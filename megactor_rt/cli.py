@@ -7,13 +7,13 @@ Exit codes: 0 success, 2 a clear user-facing error (bad input, missing weights, 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import queue
 import re
 import signal
 import sys
@@ -1288,9 +1288,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
 
         for folder in dict.fromkeys(result_folder(job.output) for job in jobs):
             folder.mkdir(parents=True, exist_ok=True)
-    todo: queue.SimpleQueue[Job] = queue.SimpleQueue()
-    for job in jobs:
-        todo.put(job)
+    todo: collections.deque[Job] = collections.deque(jobs)  # (taken and given back with ``turns`` held)
     failed: list[str] = []
     stop, lock = threading.Event(), threading.Lock()
     overall = progress(total=len(jobs), desc="results", unit="result") if len(clients) > 1 else None
@@ -1346,18 +1344,20 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     turns = threading.Condition(lock)
     busy: list[int] = [0]  # (jobs under way)
     lost: set[str] = set()  # (servers that stopped answering or failed a run, whose jobs went to the others)
-    failed_once: set[Path] = set()  # (results a server failed for its own reason: handed over once only)
+    failed_by: dict[Path, str] = {}  # (results a server failed for its own reason, and that server: handed once)
+    streak: dict[str, int] = {}  # (each server's runs failed for its own reason since its last result made)
 
-    def next_job() -> Job | None:  # (none left: while another server works, one may yet come back to the queue)
+    def next_job(client: Client) -> Job | None:  # (none left: while another server works, one may yet come back)
         with turns:
             while not stop.is_set():
-                try:
-                    job = todo.get_nowait()
-                except queue.Empty:
-                    if busy[0] == 0:
+                others = len(lost) + 1 < len(clients)  # (a result this server failed goes to another, if one is left)
+                job = next((j for j in todo if not (others and failed_by.get(j.output) == client.url)), None)
+                if job is None:
+                    if busy[0] == 0 and not todo:
                         return None
                     turns.wait(0.5)
                     continue
+                todo.remove(job)
                 busy[0] += 1
                 return job
             return None
@@ -1366,16 +1366,26 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         """A server that stopped answering (beyond the client's patience for outages), or that failed a run for a
         reason of its own (5xx: a GPU in a bad state fails every run, fast), hands its job to the other servers, if
         one still answers (such a server took job after job and failed each, the others idle). A result a server
-        failed so is handed over once: failing on another server too, the fault is its own, and it fails."""
+        failed so is handed over once: failing on another server too, the fault is its own, and it fails. Such a
+        server goes on after its first failed run (one request that fails every server, with 500, retired a server
+        for the rest of the batch), and hands its results over from its second in a row."""
         with turns:
             if not batch or len(lost) + 1 >= len(clients):
                 return False
             if isinstance(exc, ServerFailed):
-                if job.output in failed_once:
+                if job.output in failed_by:
+                    if failed_by[job.output] != client.url:  # (the request's fault, not the first server's)
+                        streak[failed_by[job.output]] = 0
                     return False
-                failed_once.add(job.output)
+                failed_by[job.output] = client.url
+                streak[client.url] = streak.get(client.url, 0) + 1
+                if streak[client.url] < 2:
+                    todo.append(job)
+                    logger.warning("%s; an error of the server's own, not the request's? the result goes to another "
+                                   "server", exc)
+                    return True
             lost.add(client.url)
-            todo.put(job)
+            todo.append(job)
             logger.warning("%s; %sits results go to the other servers", exc,
                            "an error of the server's own, not the request's: " if isinstance(exc, ServerFailed) else
                            "")
@@ -1383,18 +1393,22 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
 
     def take_jobs(client: Client) -> None:
         while not stop.is_set():
-            job = next_job()
+            job = next_job(client)
             if job is None:
                 return
             handed = False
             try:
                 make(client, job)
+                with turns:
+                    streak[client.url] = 0
             except Stopped:
                 return
             except MegactorError as exc:
                 handed = isinstance(exc, (Unreachable, ServerFailed)) and hand_over(client, job, exc)
                 if handed:
-                    return
+                    if client.url in lost:
+                        return
+                    continue
                 if not batch:
                     errors.append(exc)
                     return

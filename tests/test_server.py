@@ -1212,6 +1212,41 @@ def test_a_server_that_fails_runs_itself_hands_its_results_to_the_others(
             thread.join(5)
 
 
+def test_a_request_that_fails_every_server_retires_none_of_them(
+        served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--server A B` where one request's run fails on every server with 500 (an input that crashes a decoder: the
+    request's fault, told as the server's): it fails, and both servers go on making the batch's other results (the
+    first server to fail it was retired for the rest of the batch, the other making every result alone)."""
+    bad = tmp_path / "bad.png"
+    shutil.copy(media["portrait"], bad)
+    second = AnimateServer(anim.with_config(), ("127.0.0.1", 0))
+    thread = threading.Thread(target=second.serve_forever, daemon=True)
+    thread.start()
+    for srv in (served, second):
+        def crash(portrait: Path, *args: object, _real: Any = srv.anim.animate_to_file, **kw: object) -> object:
+            if Path(portrait).name == "bad.png":
+                raise RuntimeError("the decoder crashed on this input")
+            return _real(portrait, *args, **kw)
+
+        monkeypatch.setattr(srv.anim, "animate_to_file", crash)
+    try:
+        jobs = tmp_path / "jobs.csv"
+        jobs.write_text(f"portrait,driver,output,duration\n{bad},{media['driver']},out/bad.mp4,0.08\n" + "".join(
+            f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08\n" for name in "bcdef"))
+        stats = tmp_path / "stats.json"
+        code = main(["-q", "animate", "--server", served.url, second.url, "--jobs", str(jobs), "--stats", str(stats)])
+        err = capsys.readouterr().err
+        assert code == 2 and "1 of 6 results not written" in err and "decoder crashed" in err, err
+        runs = json.loads(stats.read_text())["runs"]
+        assert sorted(Path(r["output"]).name for r in runs if not r.get("error")) == [f"{c}.mp4" for c in "bcdef"]
+        assert {r["server"] for r in runs if not r.get("error")} == {served.url, second.url}, runs
+    finally:
+        second.shutdown()
+        second.server_close()
+        thread.join(5)
+
+
 def test_progress_json_from_a_server_gives_each_stages_last_line(served: AnimateServer, media: dict[str, Path],
                                                                   tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
