@@ -239,9 +239,10 @@ def read_torch_file(path: Path, what: str = "") -> Any:
                            f"{_first_line(exc)}") from exc
 
 
-# torch's reader on a zip-format file that is cut short or damaged (its central directory or a record unreadable)
+# torch's reader on a zip-format file that is cut short or damaged (its central directory or a record unreadable),
+# and on a legacy-format (pre-zip) one cut short ("unexpected EOF, expected N more bytes")
 _DAMAGED_ZIP = re.compile(r"PytorchStreamReader failed|failed finding central directory|invalid header or archive "
-                          r"is corrupted")
+                          r"is corrupted|unexpected EOF, expected \d+ more bytes")
 
 
 def _first_line(exc: BaseException) -> str:

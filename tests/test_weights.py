@@ -453,6 +453,22 @@ def test_a_legacy_format_checkpoint_converts(pack, tmp_path):
     assert torch.equal(models.unet.conv_in.weight, pack.models().unet.conv_in.weight)
 
 
+def test_a_legacy_format_checkpoint_cut_short_says_damaged_not_unsafe(pack, tmp_path):
+    """A checkpoint in torch's pre-1.6 (non-zip) format cut short (a download that broke off) is named damaged, to
+    download again, as a zip-format one is (was "cannot read ... safely (weights_only=True): unexpected EOF,
+    expected N more bytes": read as a safety refusal)."""
+    src = write_release(pack, tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    torch.save(torch.load(ckpt, weights_only=True), ckpt, _use_new_zipfile_serialization=False)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(WeightsError) as err:
+        convert_release(src, tmp_path / "out")
+    said = str(err.value)
+    assert re.search(r"cannot read checkpoint .*checkpoint-steps9000\.ckpt: the file is damaged or incomplete.*"
+                     r"download it again \(unexpected EOF", said), said
+    assert "safely" not in said and "\n" not in said
+
+
 def test_a_checkpoint_saved_without_the_ddp_prefix_converts(pack, tmp_path):
     """Keys without ``module.`` (a model saved outside DistributedDataParallel) convert to the same weights as
     the released, prefixed ones (was untested: cutting the prefix from every key passed)."""
