@@ -1370,7 +1370,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         server goes on after its first failed run (one request that fails every server, with 500, retired a server
         for the rest of the batch), and hands its results over from its second in a row."""
         with turns:
-            if not batch or len(lost) + 1 >= len(clients):
+            if len(lost) + 1 >= len(clients):  # (one pair too: `--server A B -p me.png -d meme.mp4 -o out.mp4`)
                 return False
             if isinstance(exc, ServerFailed):
                 if job.output in failed_by:

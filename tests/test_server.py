@@ -1212,6 +1212,29 @@ def test_a_server_that_fails_runs_itself_hands_its_results_to_the_others(
             thread.join(5)
 
 
+def test_one_pair_with_two_servers_goes_to_the_other_where_one_fails(
+        served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--server A B -p me.png -d meme.mp4 -o out.mp4` where A fails every run for its own reason (500): the one
+    result is made by B, as a --jobs file of one row has it made (it failed with exit 2, B standing idle)."""
+    def failing(*args: object, **kw: object) -> object:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    broken = AnimateServer(anim.with_config(), ("127.0.0.1", 0))
+    monkeypatch.setattr(broken.anim, "animate_to_file", failing)
+    thread = threading.Thread(target=broken.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code = main(["-q", "animate", "--server", broken.url, served.url, "--portrait", str(media["portrait"]),
+                     "--driver", str(media["driver"]), "-o", str(tmp_path / "out.mp4"), "--duration", "0.08"])
+        assert code == 0, capsys.readouterr().err
+        assert (tmp_path / "out.mp4").stat().st_size > 0
+    finally:
+        broken.shutdown()
+        broken.server_close()
+        thread.join(5)
+
+
 def test_a_request_that_fails_every_server_retires_none_of_them(
         served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
