@@ -253,6 +253,7 @@ class Client:
                            "for up to %g s", exc, wait, OUTAGE_S)
                 _pause(wait, stop, f"a request to {self.url}")
                 continue
+            outage = None  # (the server answered: an outage after this is another, said and timed anew)
             if status in (200, 202):  # (200: a job the key's form made before)
                 job = doc.get("id")
                 if not isinstance(job, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job):

@@ -427,6 +427,25 @@ def test_an_outage_is_said_once_not_at_every_try(fake: tuple[Client, dict[str, A
         assert levels == ["WARNING"] + ["DEBUG"] * 4, said
 
 
+def test_an_outage_is_timed_from_its_own_start_not_an_earlier_ones(fake: tuple[Client, dict[str, Any]],
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A form sent again through a proxy's 502, then answered by a busy server (503) for longer than OUTAGE_S, then
+    a second 502: that second outage is timed and said from its own start (it was taken for the first, which had
+    ended: "for 1 s, sending a job" and the job given up on at once, said at debug level only)."""
+    client, _ = fake
+    monkeypatch.setattr(client_module, "_sleep", lambda s: time.sleep(0.15))  # (OUTAGE_S: 0.3 s)
+    _Fake.script["GET /health"] = [answer(200, {"max_upload_bytes": 1 << 30, "idempotency_keys": True})]
+    _Fake.script["POST /jobs"] = [answer(502, b"<html>bad gateway</html>")] + [
+        answer(503, {"error": "busy"}, {"Retry-After": "1"})] * 4 + [answer(502, b"<html>bad gateway</html>"),
+                                                                     answer(202, {"id": JOB})]
+    with caplog.at_level("DEBUG", logger="megactor_rt.client"):
+        _animate(client, tmp_path)
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO
+    levels = [r.levelname for r in caplog.records if "sending the form again" in r.getMessage()]
+    assert levels == ["WARNING", "WARNING"], levels
+
+
 def test_another_services_health_is_refused_before_any_job(fake: tuple[Client, dict[str, Any]],
                                                             tmp_path: Path) -> None:
     """An address whose GET /health answers JSON that is not a megactor-rt server's (another service's
