@@ -223,6 +223,17 @@ def read_torch_file(path: Path, what: str = "") -> Any:
     format allows (the zip format of torch >= 1.6; older files are read whole)."""
     check_not_lfs_pointer(path)
     try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    if head and not head.startswith((b"PK", b"\x80")):  # (a zip's, or a pickle's protocol 2+ as torch.save writes)
+        # (an HTML page saved under the name, a preallocated download never filled: read as a pickle, torch said it
+        # held code, or advised weights_only=False for "the legacy .tar format")
+        raise WeightsError(f"cannot read {what or 'weights file'} {path}: it is no file torch saved (it begins "
+                           f"{head!r}: an error page saved under its name, a download never filled?); download it "
+                           "again")
+    try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:

@@ -469,6 +469,21 @@ def test_a_legacy_format_checkpoint_cut_short_says_damaged_not_unsafe(pack, tmp_
     assert "safely" not in said and "\n" not in said
 
 
+def test_a_checkpoint_that_is_no_torch_file_says_so_without_torchs_advice(pack, tmp_path):
+    """A .ckpt that is an HTML error page (a download of a page, not the file) or zeros (a download manager's
+    preallocated file, never filled) is named no file torch saved, to download again (was "it holds code or objects
+    other than tensors" of a page, and torch's advice to load zeros with weights_only=False)."""
+    src = write_release(pack, tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    for data in (b"<!DOCTYPE html><html><body>Not Found</body></html>" * 20, bytes(1 << 16)):
+        ckpt.write_bytes(data)
+        with pytest.raises(WeightsError) as err:
+            convert_release(src, tmp_path / "out")
+        said = str(err.value)
+        assert "checkpoint-steps9000.ckpt: it is no file torch saved" in said and "download it again" in said, said
+        assert "weights_only" not in said and "holds code" not in said and "\n" not in said
+
+
 def test_a_checkpoint_saved_without_the_ddp_prefix_converts(pack, tmp_path):
     """Keys without ``module.`` (a model saved outside DistributedDataParallel) convert to the same weights as
     the released, prefixed ones (was untested: cutting the prefix from every key passed)."""
