@@ -1072,7 +1072,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         refused: Exception | tuple[int, str] | None = None  # (why this server does not run it again)
         changed = False  # (its record is written again)
         if status == "cancelled" and doc.get("callback_owed") is True:  # (its client's cancel, its run not ended
-            changed = True  # when the server stopped: the callback it was owed is posted now)
+            changed = self.allow_callbacks  # when the server stopped: the callback it was owed is posted now; a
+            # server that posts none leaves it owed, for one that does)
         elif status == "running" and result.is_file():  # (written whole, under another name, then renamed: the
             logger.info("job %s: its run ended before the server stopped (its result %s is there whole); done",
                         task_id, result)  # server stopped before its record said so)

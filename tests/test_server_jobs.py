@@ -381,6 +381,9 @@ def test_a_cancelled_jobs_callback_is_posted_by_the_next_server_where_a_kill_kep
     assert json.loads(record.read_text())["callback_owed"] is False
     monkeypatch.undo()
     record.write_text(as_deleted)
+    with serving(anim, jobs_dir=jobs_dir) as srv:  # (one that posts no callbacks leaves it owed)
+        assert srv.restore() == (1, 0)
+    assert json.loads(record.read_text())["callback_owed"] is True
     for turn in (1, 2):
         posted = []
         with serving(anim, jobs_dir=jobs_dir, allow_callbacks=True) as srv:
