@@ -969,9 +969,12 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
     backend = getattr(args, "backend", "torch")
     if backend != "tensorrt":
         given = [flag for flag, set_ in (("--torch-fallback", getattr(args, "torch_fallback", None) is not None),
-                                         ("--fallback", getattr(args, "fallback", "torch") != "torch")) if set_]
+                                         ("--fallback", getattr(args, "fallback", "torch") != "torch"),
+                                         ("--engines", getattr(args, "engines", None) is not None)) if set_]
         if given:
             logger.warning("%s only %s to --backend tensorrt, not %s: ignored", *_flags_apply(given), backend)
+        if backend == "torch" and getattr(args, "onnx", None) is not None:  # (onnxruntime's graphs, tensorrt's)
+            logger.warning("--onnx only applies to --backend onnxruntime and tensorrt, not torch: ignored")
     if config.cfg_steps is not None and config.cfg_steps >= config.steps:
         logger.warning("--cfg-steps %d with --steps %d: guidance in every step, as without --cfg-steps",
                        config.cfg_steps, config.steps)

@@ -1530,6 +1530,12 @@ def test_a_second_interrupt_during_the_wait_still_records_the_running_worker(mon
     (["demo", "--cache-max-gb", "5", "--cache-dir", "c"], None),
     (["demo", "--steps", "4", "--cfg-steps", "3", "--feature-reuse", "2", "--window-batch", "2"], None),
     (["animate", "--backend", "tensorrt", "--torch-fallback", "vae_decoder"], None),
+    (["animate", "--backend", "torch", "--onnx", "exp"], "--onnx only applies to --backend onnxruntime and "
+                                                         "tensorrt, not torch: ignored"),
+    (["animate", "--backend", "onnxruntime", "--engines", "plans"], "--engines only applies to --backend tensorrt, "
+                                                                    "not onnxruntime: ignored"),
+    (["animate", "--backend", "onnxruntime", "--onnx", "exp"], None),
+    (["animate", "--backend", "tensorrt", "--onnx", "exp", "--engines", "plans"], None),
 ])
 def test_options_that_change_nothing_are_named_as_ignored(argv: list[str], warning: str | None,
                                                           caplog: pytest.LogCaptureFixture) -> None:
