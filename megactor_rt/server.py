@@ -1407,10 +1407,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = _host_name(host)
         if name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name in self.server.allowed_hosts:
             return True
+        hint = (f"; serve --allowed-host {name} answers this name too (a proxy in front that passes its own)"
+                if re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", name) else "")  # (a name, not garble)
         self._error(403, f"Host {host.strip()!r}: this server listens on this machine only and answers the names "
                          "localhost and its addresses (a page of another site whose name was pointed at this machine, "
-                         "DNS rebinding, comes with its own name); serve --allowed-host "
-                         f"{name} answers this name too (a proxy in front that passes its own)")
+                         f"DNS rebinding, comes with its own name){hint}")
         return False
 
     def _allowed(self) -> bool:
