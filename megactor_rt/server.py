@@ -449,7 +449,8 @@ def openapi() -> dict[str, Any]:
         "result": {"type": "string"}, "frames": {"type": "integer"},
         "seconds": {"type": "number", "description": "from the run's start to its last frame (X-Megactor-Seconds; "
                     "a run that went on from its checkpoint: this last part of it)"}}}}}}
-    errors = {str(code): error for code in (400, 401, 413, 415, 503)}
+    errors = {str(code): error for code in (400, 401, 403, 408, 410, 413, 415, 500, 503)}
+    refused = {str(code): error for code in (401, 403)}  # (a token wanted; a Host or Origin refused)
     job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     token = {"bearer": {"type": "http", "scheme": "bearer", "description": "where the server was started with a "
                         "token (serve --token-file): every request but GET /, GET /openapi.json and GET /ping "
@@ -464,23 +465,24 @@ def openapi() -> dict[str, Any]:
                                            "a key of the client's choosing (a uuid): the form sent again with it "
                                            "while its job is known gets that job (200), not a second one"}],
                            "responses": {"202": job, "200": job, "422": error, **errors}},
-                  "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"}}}},
+                  "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"},
+                                                                    **refused}}},
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
-                               "responses": {"200": job, "401": error, "404": error}},
+                               "responses": {"200": job, "404": error, **refused}},
                        "delete": {"summary": "cancel the job, or delete its result", "parameters": job_id,
-                                  "responses": {"200": job, "202": job, "404": error}}},
+                                  "responses": {"200": job, "202": job, "404": error, **refused}}},
         "/jobs/{id}/result": {"get": {"summary": "a done job's result (a Range header: those bytes; HEAD: its "
                                                 "headers alone)", "parameters": job_id, "responses": {
             "200": result, "206": {"description": "the bytes a Range header asked (Content-Range)"}, "409": error,
-            "410": error, "404": error, "416": error}}},
+            "410": error, "404": error, "416": error, "500": error, **refused}}},
         "/health": {"get": {"summary": "the model's settings, the run under way, the runs waiting",
-                            "responses": {"200": {"description": "a JSON object"}}}},
+                            "responses": {"200": {"description": "a JSON object"}, **refused}}},
         "/ping": {"get": {"summary": "whether the server answers (the model is loaded); needs no token",
                           "security": [{}], "responses": {"200": {"description": "{\"status\": \"ok\"}"}}}},
         "/metrics": {"get": {"summary": "counters and gauges for Prometheus (runs, frames, run seconds, queue, "
                                         "answers by status, portraits kept)",
                              "responses": {"200": {"description": "Prometheus' text format 0.0.4", "content": {
-                                 "text/plain": {"schema": {"type": "string"}}}}}}},
+                                 "text/plain": {"schema": {"type": "string"}}}}, **refused}}},
     }}
 
 

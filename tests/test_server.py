@@ -460,6 +460,10 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
     assert props["format"]["enum"] == list(server_module.FORMATS) and props["portrait"]["format"] == "binary"
     assert set(doc["paths"]) == {"/animate", "/jobs", "/jobs/{id}", "/jobs/{id}/result", "/health", "/metrics",
                                  "/ping"}
+    answers = {path: {m: set(op["responses"]) for m, op in ops.items()} for path, ops in doc["paths"].items()}
+    assert {"400", "401", "403", "408", "410", "413", "415", "500", "503"} <= answers["/animate"]["post"]  # (403: a
+    assert {"401", "403"} <= answers["/health"]["get"] & answers["/metrics"]["get"] & answers["/jobs"]["get"]  # Host
+    assert {"401", "500"} <= answers["/jobs/{id}/result"]["get"]  # or Origin refused; 410: the server stopped)
 
 
 def test_pages_of_other_sites_cannot_send_work(served: AnimateServer, media: dict[str, Path]) -> None:
