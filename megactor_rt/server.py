@@ -17,7 +17,8 @@ final run share one loaded model). The answer is the result file (``Content-Disp
 and the driver's plan were kept from earlier requests), or a JSON object ``{"error": "..."}``: 400 for bad input
 (the message names the field or the problem, as the command line's do), 413 for a form over the upload limit, 408
 for a form that comes too slowly (:data:`MIN_UPLOAD_RATE`), 503 while more requests wait than the server queues (or
-a full disk), 500 for a failure of the server itself, 410 for a run cancelled meanwhile.
+a full disk), 500 for a failure of the server itself, 503 for a run the server's stop cut short, 410 for one cancelled
+meanwhile (``DELETE /jobs/ID``).
 
 A run longer than a client, or a proxy between, waits for an answer goes as a **job**: ``POST /jobs`` takes the
 same form and answers at once (202, ``{"id": ..., "status": "queued"}``, ``Location: /jobs/ID``); ``GET /jobs/ID``
@@ -1585,8 +1586,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     raise ConnectionResetError("the client went away")
             if task.status == "done":
                 result = open(task.result, "rb")  # noqa: SIM115 - kept open: its folder goes before the answer
+            elif task.error is not None:
+                error = task.error
+            elif self.server._closing:  # (cancelled by the server's stop, Ctrl-C or SIGTERM: no DELETE was sent)
+                error = 503, ("the server stopped while the run was under way; send the request again (once it is "
+                              "back, or to another server)")
             else:
-                error = task.error or (410, f"the run was cancelled (DELETE /jobs/{task.id})")
+                error = 410, f"the run was cancelled (DELETE /jobs/{task.id})"
         except FormError as exc:
             error = exc.status, _said(exc, folder) if folder else str(exc)
         except InputError as exc:

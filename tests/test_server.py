@@ -1122,6 +1122,32 @@ def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, me
         thread.join(5)
 
 
+def test_a_run_the_servers_stop_cancels_is_answered_as_that(anim: Animator, media: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST /animate whose run the server's stop (Ctrl-C, SIGTERM) cancels: 503, to send again (was 410 "the run was
+    cancelled (DELETE /jobs/ID)", naming a DELETE nobody sent and a job id its client never saw)."""
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    body, ctype = form({**files(media), "duration": "0.04"})
+    with serving(anim) as srv:
+        started = threading.Event()
+        real = srv.anim.animate_to_file
+
+        def held(*args: Any, **kw: Any) -> Any:
+            started.set()
+            while not srv._closing:  # (set by the server's stop, the moment the test leaves its block)
+                time.sleep(0.01)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(srv.anim, "animate_to_file", held)
+        client = threading.Thread(target=lambda: answers.append(request(srv, "POST", "/animate", body, ctype)),
+                                  daemon=True)
+        client.start()
+        assert started.wait(60)
+    client.join(60)
+    (status, _, answer), = answers
+    assert status == 503 and "the server stopped while the run was under way" in json.loads(answer)["error"], answer
+
+
 def test_a_server_that_stops_answering_hands_its_results_to_the_others(
         served: AnimateServer, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
