@@ -844,8 +844,8 @@ class Animator:
                         first_number: int | None = None, audio_out: str | Path | None = None) -> RunStats:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus, or Vorbis copied as it is); an animated WebP (.webp: no sound); an
-        animated GIF (.gif: no sound; refused above 50 fps, before any work: pass ``config`` with ``fps=25``); or PNG frames named by a
-        number pattern (``take1/%05d.png``: :class:`~megactor_rt.sequence.SequenceWriter`, the sound in
+        animated GIF (.gif: no sound; refused above 50 fps, before any work: pass ``config`` with ``fps=25``); or
+        PNG frames named by a number pattern (``take1/%05d.png``: :class:`~megactor_rt.sequence.SequenceWriter`, the sound in
         ``take1/audio.wav``); or ``"-"``: a YUV4MPEG2 stream on standard output (:mod:`megactor_rt.pipe`).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
