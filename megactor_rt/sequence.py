@@ -509,7 +509,7 @@ class SequenceWriter(ResultWriter):
                 moved = True
             os.replace(self._tmp, folder)
             sync_folder(folder.parent)
-        except OSError as exc:
+        except BaseException as exc:  # (Ctrl-C between the two renames too: the earlier result is not left hidden)
             if moved:  # the earlier result goes back under its name
                 try:
                     os.replace(old, folder)
@@ -517,7 +517,9 @@ class SequenceWriter(ResultWriter):
                     logger.warning("%s: the earlier frames could not be put back; they are in %s (%s)", folder, old,
                                    again)
             self._discard()
-            raise self._write_error(exc) from exc
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from exc
+            raise
         self._closed = True
         let_go(self._hold)
         shutil.rmtree(old, ignore_errors=True)

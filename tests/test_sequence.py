@@ -752,3 +752,22 @@ def test_a_16_bit_run_has_the_decoders_finer_levels(tmp_path: Path, capsys: pyte
     code = main(["-q", "demo", "--driver", str(driver), "-o", str(tmp_path / "o.webm"), "--bit-depth", "16"])
     assert code == 2 and "o.webm: 16-bit frames" in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.webm").exists()
+
+
+def test_ctrl_c_between_the_renames_puts_the_earlier_result_back(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pattern = tmp_path / "take" / "%05d.png"
+    write(pattern, frames(2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()}
+    replace_path = os.replace
+
+    def interrupted(src: Path, dst: Path) -> None:
+        if str(src).endswith(".tmp"):  # Ctrl-C once the earlier result is moved aside, before the new one is in
+            raise KeyboardInterrupt
+        replace_path(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write(pattern, frames(3, seed=1))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "take").iterdir()} == before and hidden(tmp_path) == []
