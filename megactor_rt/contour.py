@@ -357,7 +357,8 @@ def plan_contour(driver_landmarks: Iterable[np.ndarray | None], portrait_landmar
         first = lm if first is None else first
     if first is None or last is None:
         raise InputError(f"contour mode: no face landmarks found in any of the {len(boxes)} cropped frames of "
-                         f"driving video {source_name}")
+                         f"driving video {source_name}; it needs the driver's face landmarks (use a driver whose "
+                         f"face is in view in its crop, or run without --contour-preserve)")
     if missing:
         logger.warning("contour mode: %d of %d frames of %s have no face; they reuse a neighbour's landmarks",
                        missing, len(boxes), source_name)

@@ -470,6 +470,9 @@ def test_dry_run_finds_contour_modes_landmarks(tmp_path: Path, landmarker: conto
     preflight(PORTRAIT, plain, None, image_size=128, config=cfg, face_crop=False)  # no landmarks asked: fine
     with pytest.raises(InputError, match="no face landmarks found in any of the 4 cropped frames of .*plain.mp4"):
         preflight(PORTRAIT, plain, None, image_size=128, config=cfg, face_crop=False, landmarker=landmarker)
+    with pytest.raises(InputError, match=r"plain\.mp4; it needs the driver's face landmarks .*or run without "
+                                         "--contour-preserve"):  # (says what to do, as the portrait's does)
+        preflight(PORTRAIT, plain, None, image_size=128, config=cfg, face_crop=False, landmarker=landmarker)
 
     models = build_models(tiny_config(), seed=0)
     weights = write_converted(tiny_config(), {n: m.state_dict() for n, m in models.modules().items()},
