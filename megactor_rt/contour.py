@@ -56,6 +56,8 @@ LANDMARKS_ENV = "MEGACTOR_LANDMARKS_MODEL"
 LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"
 LANDMARKS_URL = "http://dlib.net/files/shape_predictor_68_face_landmarks.dat.bz2"
 NUM_LANDMARKS = 68
+LANDMARKS_BYTES = 99_693_937  # the size of dlib's file (unpacked), which face-recognition-models 0.3.0 holds too
+LANDMARKS_HEAD = b"\x01\x01\x81\x88\x81\x01\x03M"  # its first bytes: a shorter file that starts so is cut short
 
 # (first, end) landmark index ranges of the kept groups, in upstream's order: eye, eye, mouth, brows
 CONTOUR_GROUPS: tuple[tuple[int, int], ...] = ((36, 42), (42, 48), (48, 68), (17, 27))
@@ -105,6 +107,15 @@ def packaged_landmarks_model() -> Path | None:
     return packaged_dlib_model(LANDMARKS_FILE)
 
 
+def _size_and_head(path: str) -> tuple[int, bytes]:
+    """A file's size and its first bytes (as many as :data:`LANDMARKS_HEAD`); (0, b"") where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size, f.read(len(LANDMARKS_HEAD))
+    except OSError:
+        return 0, b""
+
+
 @functools.lru_cache(maxsize=2)
 def _load_predictor(path: str) -> tuple[object, threading.Lock]:
     import dlib  # lazy: loading the 100 MB model takes about a second
@@ -112,8 +123,14 @@ def _load_predictor(path: str) -> tuple[object, threading.Lock]:
     try:
         predictor = dlib.shape_predictor(path)
     except RuntimeError as exc:
+        size, head = _size_and_head(path)
+        if head == LANDMARKS_HEAD and size < LANDMARKS_BYTES:  # dlib's own file, cut short (a broken download)
+            raise InputError(f"{path}: the landmark model is damaged or incomplete ({size} of the {LANDMARKS_BYTES} "
+                             f"bytes of dlib's {LANDMARKS_FILE}): download it again ({LANDMARKS_URL}, unpack it "
+                             f"with bunzip2) or reinstall face-recognition-models") from exc
         hint = ("; it is still compressed: unpack it with bunzip2 first" if path.endswith(".bz2") else "")
-        raise InputError(f"{path}: not a dlib shape predictor model ({exc}){hint}") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__  # (dlib: a line per
+        raise InputError(f"{path}: not a dlib shape predictor model ({detail}){hint}") from exc  # nested type)
     parts = predictor(np.zeros((16, 16, 3), np.uint8), dlib.rectangle(0, 0, 15, 15)).num_parts
     if parts != NUM_LANDMARKS:
         raise InputError(f"{path}: a {parts}-point model; contour mode needs the 68-point one ({LANDMARKS_FILE})")

@@ -542,3 +542,23 @@ def test_contour_mode_takes_a_portrait_in_memory(kind: str, tmp_path: Path) -> N
     with pytest.raises(InputError, match="no face found in the portrait crop of the portrait"):
         anim.animate_to_file(Image.fromarray(blank) if kind == "pil" else blank, DRIVER, tmp_path / "b.mp4",
                              face_crop=False, contour=True, audio=False)
+
+
+def test_a_model_cut_short_is_named_incomplete_to_download_again(tmp_path: Path) -> None:
+    """dlib's 68-point file cut short (a broken download) is named so, in one line (was: 'not a dlib shape
+    predictor model (Error deserializing a floating point number.' and four lines of dlib's nested types)."""
+    cut = tmp_path / "shape_predictor_68_face_landmarks.dat"
+    if MODEL is not None:
+        with open(MODEL, "rb") as f:
+            cut.write_bytes(f.read(1_000_000))
+    else:  # (its first bytes and a little more: the same message)
+        cut.write_bytes(contour.LANDMARKS_HEAD + bytes(4096))
+    with pytest.raises(InputError, match=r"landmark model is damaged or incomplete \(\d+ of the 99693937 bytes .*"
+                                         r"download it again") as err:
+        contour.Landmarker(cut)
+    assert "\n" not in str(err.value)
+    other = tmp_path / "other.dat"
+    other.write_bytes(b"\x01\x02" + bytes(4096))  # not dlib's file: as before, in one line
+    with pytest.raises(InputError, match=r"other\.dat: not a dlib shape predictor model \(\w") as err:
+        contour.Landmarker(other)
+    assert "\n" not in str(err.value)
