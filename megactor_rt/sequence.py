@@ -185,14 +185,17 @@ def find_pattern(folder: str | os.PathLike[str]) -> Path:
         raise InputError(f"{folder}: a folder is read as an image sequence, and this one holds no numbered image "
                          f"({', '.join(sorted(FRAME_SUFFIXES))})")
     patterns = []
-    for (head, tail), numbers in sorted(groups.items()):
+    # the one of most frames first (then by name): the example named is the plate, not a frame saved apart from it
+    for (head, tail), numbers in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
         widths = {len(n) for n in numbers}
         padded = len(widths) == 1 and (any(n.startswith("0") for n in numbers) or len(numbers) > 1)
-        patterns.append(folder / f"{head}%{f'0{widths.pop()}' if padded else ''}d{tail}")
+        patterns.append((folder / f"{head}%{f'0{widths.pop()}' if padded else ''}d{tail}", len(numbers)))
     if len(patterns) > 1:
-        raise InputError(f"{folder}: holds several image sequences ({', '.join(p.name for p in patterns)}); name "
-                         f"the one to use by its pattern, e.g. {patterns[0]}")
-    return patterns[0]
+        (first, count), (_, second) = patterns[:2]
+        most = f" ({count} frames)" if count > second else ""
+        raise InputError(f"{folder}: holds several image sequences ({', '.join(p.name for p, _ in patterns)}); name "
+                         f"the one to use by its pattern, e.g. {first}{most}")
+    return patterns[0][0]
 
 
 def sequence_pattern(path: object) -> Path | None:

@@ -515,6 +515,16 @@ def test_a_folder_of_frames_names_its_one_sequence(tmp_path: Path, names: list[s
             find_pattern(tmp_path)
 
 
+def test_a_frame_saved_in_another_format_names_the_plate_as_the_one_to_use(tmp_path: Path) -> None:
+    """A plate with one frame saved apart (1004.jpg among 1001-1008.png) names the plate's pattern as the example,
+    with its frame count (was the one-frame '%d.jpg', the first by name)."""
+    for name in ["1001.png", "1002.png", "1003.png", "1004.jpg", "1005.png", "1006.png"]:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(InputError, match=r"several image sequences \(%04d\.png, %d\.jpg\); name the one to use by "
+                                         r"its pattern, e\.g\. .*%04d\.png \(5 frames\)$"):
+        find_pattern(tmp_path)
+
+
 def test_a_sequence_drives_as_its_frames_in_memory_do(tmp_path: Path) -> None:
     """An image sequence animates exactly as the same frames handed over in memory; a checkpoint knows the
     sequence by its frames (another version of a frame is another driver)."""
