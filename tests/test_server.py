@@ -4,6 +4,7 @@ named, one run at a time, nothing left in the temporary folder."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -1188,6 +1190,22 @@ def test_a_server_that_stops_answering_hands_its_results_to_the_others(
     assert code == 2 and err.count("cannot reach the server") >= 2 and "3 of 3 results not written" in err, err
 
 
+@contextlib.contextmanager
+def _another_server(anim: Animator, monkeypatch: pytest.MonkeyPatch,
+                    run: Callable[..., object] | None = None) -> Iterator[AnimateServer]:
+    """A second server on a free port, with an Animator of its own sharing ``anim``'s networks (``run``: in place of
+    its ``animate_to_file``), answering until the block ends."""
+    with serving(anim.with_config()) as other:
+        if run is not None:
+            monkeypatch.setattr(other.anim, "animate_to_file", run)
+        yield other
+
+
+def _gpu_fault(*args: object, **kw: object) -> object:
+    """A server's every run, where its GPU is in a bad state."""
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
 def test_a_server_down_from_the_start_leaves_the_batch_to_the_others(
         served: AnimateServer, media: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -1214,33 +1232,20 @@ def test_a_server_that_fails_runs_itself_hands_its_results_to_the_others(
     """`--server A B` where B fails every run with an error of its own (a GPU in a bad state: 500, fast): its jobs go
     to A, which makes every result (B took job after job, failing each, 5 of 6 results lost). A result whose run
     fails for the server's reason on every server fails (handed over once, not around for ever)."""
-    def failing(*args: object, **kw: object) -> object:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    servers = []
-    for _ in range(2):
-        broken = AnimateServer(anim.with_config(), ("127.0.0.1", 0))  # (an Animator of its own: its runs fail)
-        monkeypatch.setattr(broken.anim, "animate_to_file", failing)
-        servers.append((broken, threading.Thread(target=broken.serve_forever, daemon=True)))
-        servers[-1][1].start()
-    try:
+    with _another_server(anim, monkeypatch, _gpu_fault) as broken, \
+            _another_server(anim, monkeypatch, _gpu_fault) as also_broken:
         jobs = tmp_path / "jobs.csv"
         jobs.write_text("portrait,driver,output,duration\n" + "".join(
             f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08\n" for name in "abcd"))
         with caplog.at_level(logging.WARNING, "megactor_rt.cli"):
-            code = main(["-q", "animate", "--server", servers[0][0].url, served.url, "--jobs", str(jobs)])
+            code = main(["-q", "animate", "--server", broken.url, served.url, "--jobs", str(jobs)])
         assert code == 0, capsys.readouterr().err
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
         assert caplog.text.count("an error of the server's own, not the request's: its results go to the other") == 1
         shutil.rmtree(tmp_path / "out")
-        code = main(["-q", "animate", "--server", servers[0][0].url, servers[1][0].url, "--jobs", str(jobs)])
+        code = main(["-q", "animate", "--server", broken.url, also_broken.url, "--jobs", str(jobs)])
         err = capsys.readouterr().err  # (each result tried on a second server once, then failed naming the error)
         assert code == 2 and "4 of 4 results not written" in err and "illegal memory access" in err, err
-    finally:
-        for srv, thread in servers:
-            srv.shutdown()
-            srv.server_close()
-            thread.join(5)
 
 
 def test_one_pair_with_two_servers_goes_to_the_other_where_one_fails(
@@ -1248,22 +1253,11 @@ def test_one_pair_with_two_servers_goes_to_the_other_where_one_fails(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`--server A B -p me.png -d meme.mp4 -o out.mp4` where A fails every run for its own reason (500): the one
     result is made by B, as a --jobs file of one row has it made (it failed with exit 2, B standing idle)."""
-    def failing(*args: object, **kw: object) -> object:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    broken = AnimateServer(anim.with_config(), ("127.0.0.1", 0))
-    monkeypatch.setattr(broken.anim, "animate_to_file", failing)
-    thread = threading.Thread(target=broken.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _another_server(anim, monkeypatch, _gpu_fault) as broken:
         code = main(["-q", "animate", "--server", broken.url, served.url, "--portrait", str(media["portrait"]),
                      "--driver", str(media["driver"]), "-o", str(tmp_path / "out.mp4"), "--duration", "0.08"])
         assert code == 0, capsys.readouterr().err
         assert (tmp_path / "out.mp4").stat().st_size > 0
-    finally:
-        broken.shutdown()
-        broken.server_close()
-        thread.join(5)
 
 
 def test_a_request_that_fails_every_server_retires_none_of_them(
@@ -1274,17 +1268,14 @@ def test_a_request_that_fails_every_server_retires_none_of_them(
     first server to fail it was retired for the rest of the batch, the other making every result alone)."""
     bad = tmp_path / "bad.png"
     shutil.copy(media["portrait"], bad)
-    second = AnimateServer(anim.with_config(), ("127.0.0.1", 0))
-    thread = threading.Thread(target=second.serve_forever, daemon=True)
-    thread.start()
-    for srv in (served, second):
-        def crash(portrait: Path, *args: object, _real: Any = srv.anim.animate_to_file, **kw: object) -> object:
-            if Path(portrait).name == "bad.png":
-                raise RuntimeError("the decoder crashed on this input")
-            return _real(portrait, *args, **kw)
+    with _another_server(anim, monkeypatch) as second:
+        for srv in (served, second):
+            def crash(portrait: Path, *args: object, _real: Any = srv.anim.animate_to_file, **kw: object) -> object:
+                if Path(portrait).name == "bad.png":
+                    raise RuntimeError("the decoder crashed on this input")
+                return _real(portrait, *args, **kw)
 
-        monkeypatch.setattr(srv.anim, "animate_to_file", crash)
-    try:
+            monkeypatch.setattr(srv.anim, "animate_to_file", crash)
         jobs = tmp_path / "jobs.csv"
         jobs.write_text(f"portrait,driver,output,duration\n{bad},{media['driver']},out/bad.mp4,0.08\n" + "".join(
             f"{media['portrait']},{media['driver']},out/{name}.mp4,0.08\n" for name in "bcdef"))
@@ -1295,10 +1286,6 @@ def test_a_request_that_fails_every_server_retires_none_of_them(
         runs = json.loads(stats.read_text())["runs"]
         assert sorted(Path(r["output"]).name for r in runs if not r.get("error")) == [f"{c}.mp4" for c in "bcdef"]
         assert {r["server"] for r in runs if not r.get("error")} == {served.url, second.url}, runs
-    finally:
-        second.shutdown()
-        second.server_close()
-        thread.join(5)
 
 
 def test_progress_json_from_a_server_gives_each_stages_last_line(served: AnimateServer, media: dict[str, Path],
