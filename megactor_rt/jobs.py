@@ -181,6 +181,10 @@ def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int
     for column in REQUIRED:
         if column not in value:
             raise InputError(f"{where}: no {column} given")
+    piped = [c for c in ("portrait", "driver", "output", "mask", "audio") if value.get(c) == "-"]
+    if piped:  # (was "-: driver file does not exist", or a result written to a file named "-")
+        raise InputError(f"{where}: {piped[0]} '-' (standard input or output) is for one run on the command line "
+                         "(--driver -, -o -), not a jobs file's row")
 
     def resolve(text: str) -> Path:
         if as_url(text):  # a web address: downloaded before any work (megactor_rt.remote)
