@@ -1381,7 +1381,8 @@ RESULT_TAG = "comment"  # the container tag that holds a result's settings (MP4/
 def recorded_options(face_crop: bool = True, face: int | None = None, driver_face: int | None = None,
                      mask: object = None, audio: object = True, audio_start: float | str | None = None,
                      contour: bool = False, contour_affine_frame: str = "last", side_by_side: bool = False,
-                     paste_back: bool = False, crf: int | None = None, **others: object) -> dict[str, Any]:
+                     paste_back: bool = False, crf: int | None = None, first_number: int | None = None,
+                     **others: object) -> dict[str, Any]:
     """The ``options`` a result's settings record holds for ``animate_to_file``'s keyword arguments (``others``,
     which do not shape the result, left out): files by name, the sound as its file's name or whether the driver's
     is copied, ``audio_start`` only with a sound file, ``contour_affine_frame`` only in contour mode."""
@@ -1392,7 +1393,7 @@ def recorded_options(face_crop: bool = True, face: int | None = None, driver_fac
     return {"face_crop": face_crop, "face": face, "driver_face": driver_face, "mask": file_name(mask),
             "audio": file_name(sound) if sound is not None else bool(audio), "audio_start": start, "contour": contour,
             "contour_affine_frame": contour_affine_frame if contour else None, "side_by_side": side_by_side,
-            "paste_back": paste_back, "crf": crf}
+            "paste_back": paste_back, "crf": crf, "first_number": first_number}
 
 
 def file_name(path: object) -> str | None:

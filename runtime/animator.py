@@ -929,7 +929,7 @@ class Animator:
         tags = {RESULT_TAG: self._settings_tag(portrait, driver, cfg, recorded_options(
             face_crop=face_crop, face=face, driver_face=driver_face, mask=mask, audio=audio, audio_start=from_s,
             contour=contour, contour_affine_frame=contour_affine_frame, side_by_side=side_by_side,
-            paste_back=paste_back, crf=crf))} if metadata else None
+            paste_back=paste_back, crf=crf, first_number=first_number))} if metadata else None
         if cfg.bit_depth != 8:  # (a PNG sequence: check_bit_depth above)
             sound_args["bit_depth"] = cfg.bit_depth
         run = _Run()  # this run's plan, stats and checkpoint (another run of this Animator may overlap it)

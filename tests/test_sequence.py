@@ -381,7 +381,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, st
 
 
 def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     """--format png gives each pair a folder of frames; --skip-existing keeps a sequence that is there; a jobs
     file's .png row writes one, its folders created; inspect reads a sequence's rate, frames and settings."""
     second = driver.with_name("clip2.mp4")
@@ -396,9 +397,11 @@ def test_cli_batches_jobs_files_skip_existing_and_inspect(weights: Path, driver:
                                                                          "audio.wav"]  # (the driver's sound)
     first = out / "portrait_clip" / "01001.png"
     os.utime(first, (1e9, 1e9))
-    code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
-                            "--format", "png", *common, "--skip-existing")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        code, stdout, err = run(capsys, "animate", "--portrait", PORTRAIT, "--driver", driver, second, "-o", out,
+                                "--format", "png", *common, "--skip-existing")
     assert code == 0 and stdout.count("kept ") == 2 and first.stat().st_mtime == 1e9, err
+    assert "other settings than this run's: first_number 1001 (now None)" in caplog.text  # (kept without a word)
 
     jobs = tmp_path / "jobs.csv"
     jobs.write_text(f"portrait,driver,output\n{PORTRAIT},{driver},shots/a/%04d.png\n")
