@@ -29,7 +29,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -438,9 +438,14 @@ def _open_input(path: Path, what: str = "video") -> av.container.InputContainer:
         reason = getattr(exc, "strerror", None) or str(exc)
         cut = iso_cut_off(path)  # (an MP4 cut before its index: FFmpeg says only "Invalid data")
         if cut is not None:
-            raise InputError(f"{path}: not a readable {what} file: the MP4/MOV is cut off ({cut}: a partial "
-                             f"download or copy, or a recording that was not finished; {reason})") from exc
+            raise _cut_off(path, what, cut, reason) from exc
         raise InputError(f"{path}: not a readable {what} file ({reason})") from exc
+
+
+def _cut_off(path: Path, what: str, cut: str, reason: str) -> InputError:
+    """The error of an MP4/MOV that :func:`iso_cut_off` finds ``cut`` off, FFmpeg saying ``reason``."""
+    return InputError(f"{path}: not a readable {what} file: the MP4/MOV is cut off ({cut}: a partial download or "
+                      f"copy, or a recording that was not finished; {reason})")
 
 
 # the top-level boxes an MP4 or MOV (ISO BMFF, QuickTime) file begins with
@@ -651,11 +656,15 @@ def _mostly_slow(path: str, mtime_ns: int, size: int, index: int, time_base: Fra
 
 def _gif_variable(path: Path, stream: av.video.stream.VideoStream, fps: Fraction) -> bool:
     """Whether a GIF's frames (the first ones) leave steps empty at ``fps``: a pause, or delays of several
-    lengths beyond the hundredths' rounding (a 30 fps GIF's 3, 3, 4 hundredths fill every step: not variable);
-    also asked of Matroska's (:func:`timestamps_vary`)."""
+    lengths beyond the hundredths' rounding (a 30 fps GIF's 3, 3, 4 hundredths fill every step: not variable)."""
     times = _stream_times(path, stream)
     if times is None:
         return False
+    return _steps_vary(times, fps)
+
+
+def _steps_vary(times: Sequence[Fraction], fps: Fraction) -> bool:
+    """Whether frames at ``times`` (seconds from the first) leave a step of ``fps`` empty or share one."""
     return [round(t * fps) for t in times] != list(range(len(times)))
 
 
@@ -676,8 +685,7 @@ def timestamps_vary(path: PathLike, fps: Fraction) -> bool:
         return False
     # (the packets are read in decoding order: the last ones read may be of frames shown after some not read yet,
     # B-frames, a step that looks empty; a cut file's likewise: those are left out)
-    steps = [round(t * fps) for t in (times[:-_REORDER_DEPTH] if len(times) > 2 * _REORDER_DEPTH else times)]
-    return steps != list(range(len(steps)))
+    return _steps_vary(times[:-_REORDER_DEPTH] if len(times) > 2 * _REORDER_DEPTH else times, fps)
 
 
 _REORDER_DEPTH = 16  # the most frames a codec shows before one stored ahead of them (H.264/HEVC's most: 16)
@@ -1053,8 +1061,7 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.vide
     streams = picture_streams(container)
     if not streams and not container.streams.video and (cut := iso_cut_off(path)) is not None:
         # (cut inside its index: FFmpeg reads the part there as an index of no streams)
-        raise InputError(f"{path}: not a readable video file: the MP4/MOV is cut off ({cut}: a partial download or "
-                         "copy, or a recording that was not finished; no video stream in what is there)")
+        raise _cut_off(path, "video", cut, "no video stream in what is there")
     if not streams:
         raise InputError(f"{path}: the file has no video stream" + (
             " (only a cover picture)" if container.streams.video else ""))
@@ -1336,16 +1343,10 @@ def _check_gif_trailer(path: Path, stream: av.video.stream.VideoStream) -> None:
     own)."""
     if stream.codec_context.name != "gif":
         return
-    try:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            whole = f.read(1) == b"\x3b" or _gif_has_end(f)
-    except OSError:  # (not a seekable file: a pipe)
-        return
-    if whole:
-        return
-    logger.warning("%s: the GIF may be truncated (it lacks the byte that ends a GIF: a partial download?); its %d "
-                   "whole frames are used", path, stream.frames)
+    cut = picture_cut_off(path)  # (None also where it cannot be told: not a seekable file, a pipe)
+    if cut is not None:
+        logger.warning("%s: the GIF may be truncated (%s: a partial download?); its %d whole frames are used", path,
+                       cut, stream.frames)
 
 
 def _use_first(count: int) -> str:
