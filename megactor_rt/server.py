@@ -96,7 +96,7 @@ from typing import IO, Any, Protocol
 
 from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.config import AnimateConfig
-from megactor_rt.engine.cache import write_atomic
+from megactor_rt.engine.cache import sha256_file, write_atomic
 from megactor_rt.errors import InputError, MegactorError, ResourceError
 from megactor_rt.files import written_whole
 from megactor_rt.jobs import CONFIG_COLUMNS, FACE_COLUMNS, NO_SOUND, Job, job_from_cells
@@ -365,13 +365,15 @@ class Task:
         folder (the driver within ``jobs_dir``: the drivers kept are there)."""
         text, files = self.request or ({}, {})
         status, finished = self.status, self.finished
-        owed = self.withdrawn and status in ("queued", "running") and self.callback is not None
-        if self.withdrawn and status in ("queued", "running"):  # (cancelled by its client: so on disk at once, as
-            status, finished = "cancelled", finished or time.time()  # any server version reads it)
+        # cancelled by its client, its run's end (which posts its callback) still to come: cancelled on disk at once,
+        # as any server version reads it, and its callback owed
+        withdrawn = self.withdrawn and status in ("queued", "running")
+        if withdrawn:
+            status, finished = "cancelled", finished or time.time()
         return {"format": RECORD_FORMAT, "id": self.id, "status": status, "created": self.created,
                 "finished": finished, "error": None if self.error is None else list(self.error),
                 "outcome": None if self.stats is None else asdict(self.stats), "callback": self.callback,
-                "callback_owed": owed,  # (its run's end, which posts it, is still to come: a restore posts it)
+                "callback_owed": withdrawn and self.callback is not None,  # (a restore posts it)
                 "key": self.key, "form": self.form,
                 "text": text, "files": {k: _within(p, self.folder) for k, p in files.items() if k != "driver"},
                 "driver": _within(self.job.driver, jobs_dir), "result": _within(self.result, self.folder)}
@@ -493,10 +495,10 @@ def _version() -> str:
     return __version__
 
 
-def _said(exc: BaseException, folder: Path) -> str:
+def _said(exc: BaseException, folder: Path | None) -> str:
     """An error's message naming a request's files by field and name (``portrait/me.png``), not by the server's
-    folder (``folder``, the request's)."""
-    return str(exc).replace(f"{folder}{os.sep}", "")
+    folder (``folder``, the request's; None: none made yet)."""
+    return str(exc) if folder is None else str(exc).replace(f"{folder}{os.sep}", "")
 
 
 def _iso(t: float) -> str:
@@ -754,11 +756,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         plan (pass 1: every frame's face) from the first of them instead of planning it again. The
         :data:`KEPT_DRIVERS` latest are kept (and :data:`KEPT_DRIVER_BYTES` of them at most) while no queued or
         running request reads them; ``upload`` is moved there, or removed where that driver is kept already."""
-        digest = hashlib.sha256()
-        with open(upload, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        key = f"{digest.hexdigest()}/{upload.name}"
+        key = f"{sha256_file(upload)}/{upload.name}"
         with self._state:
             if self._driver_store is None:
                 self._driver_store = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-drivers-"))
@@ -1594,11 +1592,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 error = 410, f"the run was cancelled (DELETE /jobs/{task.id})"
         except FormError as exc:
-            error = exc.status, _said(exc, folder) if folder else str(exc)
+            error = exc.status, _said(exc, folder)
         except InputError as exc:
-            error = 400, _said(exc, folder) if folder else str(exc)
+            error = 400, _said(exc, folder)
         except ResourceError as exc:  # (a full disk for an upload or a download)
-            error = 503, _said(exc, folder) if folder else str(exc)
+            error = 503, _said(exc, folder)
         except (BrokenPipeError, ConnectionResetError):
             logger.info("POST %s: the client went away before the answer", route)
         except Exception as exc:  # noqa: BLE001 - answered as a server failure, and logged with its traceback
@@ -1699,7 +1697,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(410, f"job {task.id}: its result is gone (deleted, or kept past {self.server.keep_s:g} s)")
             return
         except OSError as exc:  # (there, but this server cannot read it: its permissions, a failing disk)
-            self._error(500, f"job {task.id}: its result {task.result.name} cannot be read ({exc.strerror or exc})")
+            self._error(500, f"job {task.id}: its result {task.result.name} cannot be read ({_why(exc)})")
             return
         with file:
             st = os.fstat(file.fileno())
@@ -1984,12 +1982,12 @@ def _lock_jobs_dir(folder: Path) -> IO[bytes]:
                              "folder of that name)") from None
         except OSError as exc:
             raise InputError(f"{exc.filename or path}: the jobs folder (--jobs-dir) cannot be written "
-                             f"({exc.strerror or exc})") from exc
+                             f"({_why(exc)})") from exc
     try:
         lock = open(folder / ".lock", "a+b")  # noqa: SIM115 - held open while the server runs
     except OSError as exc:
         raise InputError(f"{folder / '.lock'}: the jobs folder (--jobs-dir) cannot be written "
-                         f"({exc.strerror or exc})") from exc
+                         f"({_why(exc)})") from exc
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -2026,7 +2024,7 @@ def load_token(path: Path | None, create: bool = False) -> str | None:
                 with os.fdopen(fd, "w") as f:
                     f.write(token + "\n")
         except OSError as exc:
-            raise InputError(f"{path}: cannot write a new token there ({exc.strerror or exc})") from exc
+            raise InputError(f"{path}: cannot write a new token there ({_why(exc)})") from exc
         logger.warning("%s: a new token written there; clients send it (animate --server-token-file %s, or "
                        "curl -H \"Authorization: Bearer $(cat %s)\")", path, path, path)
     else:
@@ -2068,5 +2066,5 @@ def tls_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
         raise InputError(f"{names}: not a certificate and its key in PEM (--tls-cert CERT.pem --tls-key KEY.pem; "
                          f"{exc.reason or exc})") from exc
     except OSError as exc:
-        raise InputError(f"{names}: cannot read it ({exc.strerror or exc})") from exc
+        raise InputError(f"{names}: cannot read it ({_why(exc)})") from exc
     return context
