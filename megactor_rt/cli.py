@@ -1350,10 +1350,13 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     failed_by: dict[Path, str] = {}  # (results a server failed for its own reason, and that server: handed once)
     streak: dict[str, int] = {}  # (each server's runs failed for its own reason since its last result made)
 
+    def others_left() -> bool:  # (with turns held: a server besides this one still takes results)
+        return len(lost) + 1 < len(clients)
+
     def next_job(client: Client) -> Job | None:  # (none left: while another server works, one may yet come back)
         with turns:
             while not stop.is_set():
-                others = len(lost) + 1 < len(clients)  # (a result this server failed goes to another, if one is left)
+                others = others_left()  # (a result this server failed goes to another, if one is left)
                 job = next((j for j in todo if not (others and failed_by.get(j.output) == client.url)), None)
                 if job is None:
                     if busy[0] == 0 and not todo:
@@ -1373,7 +1376,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         server goes on after its first failed run (one request that fails every server, with 500, retired a server
         for the rest of the batch), and hands its results over from its second in a row."""
         with turns:
-            if len(lost) + 1 >= len(clients):  # (one pair too: `--server A B -p me.png -d meme.mp4 -o out.mp4`)
+            if not others_left():  # (one pair too: `--server A B -p me.png -d meme.mp4 -o out.mp4`)
                 return False
             if isinstance(exc, ServerFailed):
                 if job.output in failed_by:
@@ -1464,13 +1467,12 @@ def _say_servers_differ(settings: dict[str, dict[str, Any]]) -> None:
         return {k: v for k, v in run.items() if k not in ("config", "device", "device_name")} | {
             f"config.{k}": v for k, v in config.items()}
 
-    first, *others = settings.items()
-    differ = sorted({k for _, run in others for k in flat(first[1]).keys() | flat(run).keys()
-                     if flat(first[1]).get(k) != flat(run).get(k)})
+    (first, mine), *others = ((url, flat(run)) for url, run in settings.items())
+    differ = sorted({k for _, run in others for k in mine.keys() | run.keys() if mine.get(k) != run.get(k)})
     if differ:
         logger.warning("the servers make results with other settings (%s differ: %s against %s); each result is "
-                       "made by whichever server is free", ", ".join(differ), first[0],
-                       ", ".join(url for url, run in others if flat(run) != flat(first[1])))
+                       "made by whichever server is free", ", ".join(differ), first,
+                       ", ".join(url for url, run in others if run != mine))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

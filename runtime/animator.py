@@ -616,14 +616,13 @@ class Animator:
 
     def _animate(self, state: PortraitState, driver: Driver, face_crop: bool, contour: bool,
                  landmarks_model: str | Path | None, contour_affine_frame: str,
-                 cfg: AnimateConfig, driver_face: int | None = None,
-                 checkpoint_dir: str | Path | None = None, run: _Run | None = None) -> Iterator[np.ndarray]:
+                 cfg: AnimateConfig, driver_face: int | None, checkpoint_dir: str | Path | None,
+                 run: _Run) -> Iterator[np.ndarray]:
         self.check_run(cfg)
         self._check_state(state)
         driver_face = _whole_argument("driver_face", driver_face)
         self._note_seed(state, cfg)
         self._note_settings(cfg)
-        run = run if run is not None else _Run()
         stats = self.last_stats = run.stats
         dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
         timer = StageTimer(stats, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None)
@@ -845,8 +844,8 @@ class Animator:
         """Prepare + animate + write the result video at the driver's frame rate with its audio: H.264 in .mp4, .mkv,
         .mov, .m4v; VP9 in .webm (audio in Opus, or Vorbis copied as it is); an animated WebP (.webp: no sound); an
         animated GIF (.gif: no sound; refused above 50 fps, before any work: pass ``config`` with ``fps=25``); or
-        PNG frames named by a number pattern (``take1/%05d.png``: :class:`~megactor_rt.sequence.SequenceWriter`, the sound in
-        ``take1/audio.wav``); or ``"-"``: a YUV4MPEG2 stream on standard output (:mod:`megactor_rt.pipe`).
+        PNG frames named by a number pattern (``take1/%05d.png``: :class:`~megactor_rt.sequence.SequenceWriter`,
+        the sound in ``take1/audio.wav``); or ``"-"``: a YUV4MPEG2 stream on standard output (:mod:`megactor_rt.pipe`).
 
         The file is written to a temporary name and renamed on success; on any error nothing remains
         under ``output``. ``portrait``, ``face_crop``, ``mask``, ``face``: see :meth:`prepare` (a PIL image is

@@ -130,7 +130,8 @@ class OrtRunner(Runner):
                                  f"describes (inputs {wrong}, the manifest says {want}); the export is inconsistent: "
                                  "re-run it (`megactor-rt check-export` checks a folder)")
         shapes = {i.name: list(i.shape) for i in session.get_inputs()}
-        other = {n: shapes.get(n) for n in self.input_names if not _same_shape(self.graph.inputs[n].shape, shapes.get(n))}
+        other = {n: shapes.get(n) for n in self.input_names
+                 if not _same_shape(self.graph.inputs[n].shape, shapes.get(n))}
         if other:  # (another size's export under this name: failed at its first call, "unexpected error", after the
             # whole denoising for the decoder)
             want = {n: list(self.graph.inputs[n].shape) for n in other}
