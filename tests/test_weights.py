@@ -417,17 +417,25 @@ def test_lfs_pointers_damaged_files_and_bad_configs_are_named(pack, tmp_path):
         load_converted(good)
 
 
+def _cut_checkpoint_refused(pack, folder: Path, legacy: bool) -> str:
+    """What converting a release written in ``folder`` says of its training checkpoint cut in half (saved in
+    torch's pre-1.6 format first, where ``legacy``)."""
+    src = write_release(pack, folder)
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    if legacy:
+        torch.save(torch.load(ckpt, weights_only=True), ckpt, _use_new_zipfile_serialization=False)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(WeightsError) as err:
+        convert_release(src, folder.parent / "out")
+    return str(err.value)
+
+
 def test_a_checkpoint_or_bin_file_cut_short_says_damaged_not_unsafe(pack, tmp_path):
     """A training checkpoint or a .bin weights file cut short (a download that broke off) was refused as "cannot
     read ... safely (weights_only=True): PytorchStreamReader failed reading zip archive: failed finding central
     directory. This is an internal miniz error...": read as a safety refusal. It says the file is damaged, to be
     downloaded again, as a damaged safetensors file does."""
-    src = write_release(pack, tmp_path / "a")
-    ckpt = src / "checkpoint-steps9000.ckpt"
-    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    with pytest.raises(WeightsError) as err:
-        convert_release(src, tmp_path / "out")
-    said = str(err.value)
+    said = _cut_checkpoint_refused(pack, tmp_path / "a", legacy=False)
     assert re.search(r"cannot read checkpoint .*checkpoint-steps9000\.ckpt: the file is damaged or incomplete.*"
                      r"download it again \(PytorchStreamReader failed reading zip archive", said), said
     assert "safely" not in said and "miniz" not in said and "\n" not in said
@@ -457,13 +465,7 @@ def test_a_legacy_format_checkpoint_cut_short_says_damaged_not_unsafe(pack, tmp_
     """A checkpoint in torch's pre-1.6 (non-zip) format cut short (a download that broke off) is named damaged, to
     download again, as a zip-format one is (was "cannot read ... safely (weights_only=True): unexpected EOF,
     expected N more bytes": read as a safety refusal)."""
-    src = write_release(pack, tmp_path / "weights")
-    ckpt = src / "checkpoint-steps9000.ckpt"
-    torch.save(torch.load(ckpt, weights_only=True), ckpt, _use_new_zipfile_serialization=False)
-    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    with pytest.raises(WeightsError) as err:
-        convert_release(src, tmp_path / "out")
-    said = str(err.value)
+    said = _cut_checkpoint_refused(pack, tmp_path / "weights", legacy=True)
     assert re.search(r"cannot read checkpoint .*checkpoint-steps9000\.ckpt: the file is damaged or incomplete.*"
                      r"download it again \(unexpected EOF", said), said
     assert "safely" not in said and "\n" not in said
