@@ -729,6 +729,11 @@ def probe_video(path: PathLike) -> VideoInfo:
         hdr = HDR_TRANSFERS.get(int(first.color_trc)) if first is not None else None
         if hdr is not None:
             logger.info("%s is HDR video (%s): its frames are tone-mapped to SDR (BT.709)", path, hdr)
+        elif first is not None and _hdr_untold(first):
+            logger.warning("%s: 10-bit video with BT.2020 colours but no transfer tag, read as SDR: if it looks "
+                           "washed out (grey whites, pale colours), it is HDR whose tag an editor dropped; tag it "
+                           "(ffmpeg -i IN -c copy -bsf:v hevc_metadata=transfer_characteristics=18 OUT.mov for an "
+                           "iPhone's HLG, 16 for PQ, h264_metadata for H.264) and pass that", path)
         start_s = Fraction(stream.start_time * stream.time_base) if stream.start_time and stream.time_base \
             else Fraction(0)
         if first is not None and first.pts is not None and first.time_base is not None:
@@ -1026,6 +1031,16 @@ def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     if int(frame.colorspace) == _UNSPECIFIED and frame.height >= HD_MIN_HEIGHT:
         kwargs["src_colorspace"] = Colorspace.ITU709
     return frame.to_ndarray(**kwargs)
+
+
+_BT2020_PRIMARIES, _TRC_UNSPECIFIED = 9, 2  # AVCOL_PRI_BT2020, AVCOL_TRC_UNSPECIFIED
+
+
+def _hdr_untold(frame: av.VideoFrame) -> bool:
+    """Whether a frame looks like HDR whose transfer tag was dropped: more than 8 bits, BT.2020 primaries and no
+    transfer (an iPhone's HLG clip through an editor that keeps the primaries only); read as SDR, it is pale."""
+    deep = any(c.bits > 8 for c in frame.format.components)
+    return deep and int(frame.color_primaries) == _BT2020_PRIMARIES and int(frame.color_trc) == _TRC_UNSPECIFIED
 
 
 def picture_streams(container: av.container.InputContainer) -> list[av.video.stream.VideoStream]:

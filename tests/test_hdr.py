@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from av.bitstream import BitStreamFilterContext
 from av.video.reformatter import Colorspace
 
 from megactor_rt import hdr
@@ -139,3 +140,28 @@ def test_an_hdr_clip_is_logged_as_tone_mapped(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
         assert probe_video(path).hdr == "HLG"
     assert any("is HDR video (HLG): its frames are tone-mapped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_10_bit_bt2020_clip_without_transfer_tag_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An HLG clip whose transfer tag an editor dropped (BT.2020 primaries and 10 bits kept) is read as SDR, pale:
+    the user is told it may be HDR and how to tag it; a tagged one and an 8-bit BT.2020 one are not warned about."""
+    untagged, tagged = tmp_path / "untagged.mov", tmp_path / "tagged.mov"
+    sdr = np.full((64, 64, 3), 100, np.uint8)
+    _write_hdr_clip(untagged, sdr, 2)  # AVCOL_TRC_UNSPECIFIED (the HLG signal stays)
+    _write_hdr_clip(tagged, sdr, HLG)
+    with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
+        assert probe_video(untagged).hdr is None
+        assert probe_video(tagged).hdr == "HLG"
+    said = [r.getMessage() for r in caplog.records if "no transfer tag" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{untagged}: 10-bit video with BT.2020 colours")
+    assert "hevc_metadata=transfer_characteristics=18" in said[0]
+    fixed = tmp_path / "fixed.mov"  # the advice, through PyAV's bitstream filter as ffmpeg -bsf:v runs it
+    with av.open(str(untagged)) as src, av.open(str(fixed), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        bsf = BitStreamFilterContext("hevc_metadata=transfer_characteristics=18", stream, out)
+        for packet in src.demux(stream):
+            for tagged_packet in bsf.filter(packet if packet.size else None):
+                tagged_packet.stream = out
+                dst.mux(tagged_packet)
+    assert probe_video(fixed).hdr == "HLG"
