@@ -132,7 +132,22 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
         have = {pattern.number(f.name) for f in frames}
         report["first_missing"] = pattern.name(next(n for n in range(first, last + 1) if n not in have))
     del first_frame["kind"]
+    if "bit_depth" in first_frame:
+        first_frame["bit_depth"] = _sequence_depth(frames)
     return report | first_frame  # its faces and settings
+
+
+def _sequence_depth(frames: list[Path]) -> int | str:
+    """The frames' bits per sample: one number, or where PNGs of several depths are mixed (a plate touched up in
+    another program), each with its frame count (read as a driver, every frame is taken to 8 bits alike)."""
+    counts: dict[int, int] = {}
+    for frame in frames:
+        depth = png_bit_depth(frame)
+        if depth is not None:
+            counts[depth] = counts.get(depth, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "mixed: " + ", ".join(f"{depth} ({n} frame{'s' * (n != 1)})" for depth, n in sorted(counts.items()))
 
 
 def _frame_facts(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from fractions import Fraction
@@ -719,6 +720,8 @@ def test_16_bit_frames_are_written_exactly_and_keep_their_text(tmp_path: Path) -
     assert report["bit_depth"] == 16 and report["frames"] == 3
     write(tmp_path / "e" / "%03d.png", frames(1, size=64))
     assert describe(tmp_path / "e", faces=False)["bit_depth"] == 8
+    shutil.copy(tmp_path / "e" / "001.png", tmp_path / "t" / "004.png")  # a plate of both depths
+    assert describe(tmp_path / "t", faces=False)["bit_depth"] == "mixed: 8 (1 frame), 16 (3 frames)"
     with pytest.raises(ValueError, match=r"expected a \(64, 70, 3\) uint8 frame, got \(64, 70, 3\) uint16"):
         write(tmp_path / "u" / "%03d.png", content)
     with pytest.raises(ValueError, match=r"expected a \(24, 24, 3\) uint16 frame"):
