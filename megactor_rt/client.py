@@ -65,12 +65,13 @@ class Unreachable(InputError):  # noqa: N818 - named for what it says
     followed or its result fetched; a result's download broken off: ``etag`` names the file partly fetched)."""
 
     def __init__(self, message: str, etag: str | None = None, wait: float | None = None,
-                 broken: bool = False, unsent: bool = False) -> None:
+                 broken: bool = False, unsent: bool = False, refused: bool = False) -> None:
         super().__init__(message)
         self.etag = etag
         self.wait = wait  # (the server's Retry-After, where it said one)
         self.broken = broken  # (a result's download that broke off, not a server unreachable or refusing)
         self.unsent = unsent  # (the request broke off while it was sent: the server has not taken it)
+        self.refused = refused  # (nothing listens at the address: no request of this try reached a server)
 
 
 class ServerFailed(InputError):  # noqa: N818 - named for what it says
@@ -111,6 +112,9 @@ class Client:
         self.timeout_s = timeout_s
         self.max_upload_bytes: int | None = None  # (the server's, from its health)
         self.keyed = False  # (whether the server takes KEY_HEADER: a form whose answer was lost may go again)
+        # asked where a job's form finds the connection refused: whether another server takes the job at once
+        # (then submit gives up without waiting out the outage; unset: a server restarting is waited for)
+        self.others_take: Callable[[], bool] | None = None
         self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
         self._tls: ssl.SSLContext | None = None
         if parts.scheme == "https":
@@ -158,7 +162,8 @@ class Client:
             if self._tls is not None and isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
                 hint = " (a plain http:// server?)"
             raise Unreachable(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
-                             "`megactor-rt serve` running there?") from exc
+                             "`megactor-rt serve` running there?", refused=isinstance(exc, ConnectionRefusedError)
+                              ) from exc
         if answer.status == 401:
             doc = _error(answer.read(MAX_ANSWER_BYTES), 401)
             conn.close()
@@ -246,6 +251,8 @@ class Client:
                     continue
                 if not self.keyed:  # (a job may have been made: a second form would make another)
                     raise
+                if exc.refused and self.others_take is not None and self.others_take():  # (the form never
+                    raise  # arrived: another server of the batch takes the job now, not after the outage)
                 level = logging.WARNING if outage is None else logging.DEBUG  # (said once an outage, not per try)
                 outage = _outage(exc, outage, "sending a job")
                 wait, lost = _backoff(lost), lost + 1

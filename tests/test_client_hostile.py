@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -459,3 +460,25 @@ def test_another_services_health_is_refused_before_any_job(fake: tuple[Client, d
     with pytest.raises(InputError, match="not a megactor-rt server's"):
         _animate(client, tmp_path)
     assert not any(a.startswith("POST") for a in _Fake.asked)
+
+
+def test_a_refused_form_goes_to_another_server_at_once(fake: tuple[Client, dict[str, Any]], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A form whose connection is refused (the server gone: nothing listens) provably never arrived: where another
+    server of the batch takes the job (``others_take``), submit gives up at once instead of waiting out the outage
+    (2 minutes: the batch's last job held so); alone, it waits for a server restarting at that address."""
+    client, seen = fake
+    _Fake.script["GET /health"] = [answer(200, {"max_upload_bytes": 1 << 30, "idempotency_keys": True})]
+    client.health()
+    with socket.socket() as sock:  # (a port nothing listens on)
+        sock.bind(("127.0.0.1", 0))
+        client.port = sock.getsockname()[1]
+    asked: list[bool] = []
+    client.others_take = lambda: asked.append(True) or True
+    with pytest.raises(client_module.Unreachable, match="cannot reach the server") as caught:
+        client.submit(PORTRAIT, PORTRAIT)
+    assert caught.value.refused and asked == [True] and seen["waits"] == []
+    client.others_take = lambda: False  # (the others retired too: the outage is waited out)
+    monkeypatch.setattr(client_module, "_sleep", lambda s: time.sleep(0.1))
+    with pytest.raises(client_module.Unreachable, match=r"for \d+ s, sending a job"):
+        client.submit(PORTRAIT, PORTRAIT)
