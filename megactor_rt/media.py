@@ -150,7 +150,8 @@ def read_image(path: PathLike, say_transparent: bool = False) -> np.ndarray:
     try:
         with Image.open(path) as im:
             _check_image_size(path, im.size)  # before decoding pixels: no decompression bombs
-            rgb = image_to_rgb(im)
+            hdr = _hdr_photo(path, im)
+            rgb = image_to_rgb(im) if hdr is None else hdr
             if say_transparent and ("A" in im.getbands() or "transparency" in im.info):
                 _say_transparent(path, im)
     except InputError:
@@ -161,6 +162,40 @@ def read_image(path: PathLike, say_transparent: bool = False) -> np.ndarray:
         raise InputError(f"{path}: image is corrupt or truncated ({exc})") from exc
     _check_image_size(path, (rgb.shape[1], rgb.shape[0]))  # EXIF rotation swaps sides, limits are symmetric
     return rgb  # (H, W, 3)
+
+
+def _hdr_photo(path: Path, im: Image.Image) -> np.ndarray | None:
+    """An HDR photo (HEIF or AVIF whose colour tags say PQ or HLG: Lightroom's HDR export, a phone's HDR AVIF)
+    tone-mapped to SDR RGB as HDR video is (:mod:`megactor_rt.hdr`), upright; None for any other image. Read as
+    8-bit SDR, such a photo is pale: its white near 58 % (PQ), its colours those of BT.2020 shown as BT.709.
+    HEIF comes at its own depth through pillow-heif (libheif turns it upright); AVIF, whose colour tags Pillow
+    does not give, through FFmpeg (upright by its display matrix, as any video frame)."""
+    if im.format == "HEIF":
+        nclx = im.info.get("nclx_profile") or {}
+        transfer = nclx.get("transfer_characteristics")
+        if transfer not in HDR_TRANSFERS:
+            return None
+        import pillow_heif
+
+        deep = np.asarray(pillow_heif.open_heif(str(path), convert_hdr_to_8bit=False))  # (H, W, 3 or 4) uint16
+        if deep.dtype != np.uint16:  # (an 8-bit picture tagged PQ: its 8 bits as 16)
+            deep = deep.astype(np.uint16) * 257
+        rgb = tone_map(np.ascontiguousarray(deep[..., :3]), transfer, nclx.get("color_primaries") != BT709_PRIMARIES)
+    elif im.format == "AVIF":
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                first = _first_frame(container, stream)
+        except (av.error.FFmpegError, OSError, IndexError):
+            return None  # (FFmpeg cannot read it: Pillow's SDR reading stands)
+        if first is None or int(first.color_trc) not in HDR_TRANSFERS:
+            return None
+        transfer = int(first.color_trc)
+        rgb = next(iter_video_frames(path, 1))
+    else:
+        return None
+    logger.info("%s is an HDR photo (%s): tone-mapped to SDR (BT.709)", path, HDR_TRANSFERS[transfer])
+    return rgb
 
 
 def _say_transparent(path: Path, im: Image.Image) -> None:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pillow_heif
 import pytest
 from av.bitstream import BitStreamFilterContext
 from av.video.reformatter import Colorspace
+from PIL import Image
 
 from megactor_rt import hdr
-from megactor_rt.media import iter_video_frames, probe_video, read_portrait
+from megactor_rt.media import iter_video_frames, probe_video, read_portrait, register_heif
 
 PQ, HLG = 16, 18
 BT2020 = 9  # AVCOL_PRI_BT2020 / AVCOL_SPC_BT2020_NCL
@@ -165,3 +167,49 @@ def test_a_10_bit_bt2020_clip_without_transfer_tag_is_named(tmp_path: Path, capl
                 tagged_packet.stream = out
                 dst.mux(tagged_packet)
     assert probe_video(fixed).hdr == "HLG"
+
+
+def _write_hdr_photo(path: Path, sdr: np.ndarray, transfer: int) -> None:
+    """``sdr`` as a 10-bit HDR photo: HEIF through pillow-heif (its colour tags in an nclx box), AVIF through FFmpeg
+    (SVT-AV1 at its finest quality)."""
+    h, w = sdr.shape[:2]
+    signal = np.clip(np.round(_hdr_signal(sdr, transfer) * 65535), 0, 65535).astype(np.uint16)
+    if path.suffix == ".heic":
+        photo = pillow_heif.from_bytes(mode="RGB;16", size=(w, h), data=signal.tobytes())
+        photo.info["nclx_profile"] = {"color_primaries": BT2020, "transfer_characteristics": transfer,
+                                      "matrix_coefficients": BT2020, "full_range_flag": 1}
+        photo.save(str(path), quality=-1, save_nclx_profile=True, chroma=444)
+        return
+    with av.open(str(path), "w", format="avif") as c:
+        s = c.add_stream("libsvtav1", rate=1)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p10le"
+        s.options = {"crf": "1", "svtav1-params": "log-level=0"}
+        cc = s.codec_context
+        cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = BT2020, transfer, BT2020, 1
+        f = av.VideoFrame.from_ndarray(signal, format="rgb48le").reformat(
+            format="yuv420p10le", dst_colorspace=Colorspace.BT2020, dst_color_range=1)
+        f.color_primaries, f.color_trc, f.colorspace, f.color_range, f.pts = BT2020, transfer, BT2020, 1, 0
+        for p in [*s.encode(f), *s.encode(None)]:
+            c.mux(p)
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+@pytest.mark.parametrize("transfer", [HLG, PQ], ids=["hlg", "pq"])
+def test_an_hdr_photo_portrait_is_tone_mapped(tmp_path: Path, transfer: int, suffix: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """An HDR photo (Lightroom's HDR export: PQ or HLG in a HEIF or AVIF) is tone-mapped as HDR video is: the SDR
+    picture put into it comes back within 2 levels below the knee (1.5 % of white in linear light near black); read
+    as SDR, as it was, it is off by tens of levels (pale)."""
+    sdr = _patches(np.random.default_rng(transfer))
+    path = tmp_path / f"hdr{suffix}"
+    _write_hdr_photo(path, sdr, transfer)
+    with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
+        got = _interiors(read_portrait(path)).astype(int)
+    want = _interiors(sdr).astype(int)
+    assert np.abs(got - want)[want >= 48].max() <= 2
+    assert np.abs((got / 255) ** 2.4 - (want / 255) ** 2.4).max() < 0.02
+    name = "PQ" if transfer == PQ else "HLG"
+    assert any(r.getMessage() == f"{path} is an HDR photo ({name}): tone-mapped to SDR (BT.709)" for r in caplog.records)
+    register_heif()
+    with Image.open(path) as im:  # as Pillow reads it
+        assert np.abs(_interiors(np.asarray(im.convert("RGB"))).astype(int) - want).max() > 30
