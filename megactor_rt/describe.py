@@ -26,6 +26,7 @@ from megactor_rt.media import (
     is_animated_webp,
     iso_cut_off,
     matroska_cut_off,
+    photo_hdr,
     picture_cut_off,
     probe_sound,
     probe_video,
@@ -103,6 +104,8 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             report["truncated"] = f"{cut} (a partial download or copy?)"
     else:
         report = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
+        if (hdr := photo_hdr(path)) is not None:
+            report["hdr"] = hdr
     if faces:
         from megactor_rt.preprocess import portrait_faces
 

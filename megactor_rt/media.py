@@ -170,32 +170,51 @@ def _hdr_photo(path: Path, im: Image.Image) -> np.ndarray | None:
     8-bit SDR, such a photo is pale: its white near 58 % (PQ), its colours those of BT.2020 shown as BT.709.
     HEIF comes at its own depth through pillow-heif (libheif turns it upright); AVIF, whose colour tags Pillow
     does not give, through FFmpeg (upright by its display matrix, as any video frame)."""
+    tags = _photo_transfer(path, im)
+    if tags is None:
+        return None
+    transfer, bt2020 = tags
     if im.format == "HEIF":
-        nclx = im.info.get("nclx_profile") or {}
-        transfer = nclx.get("transfer_characteristics")
-        if transfer not in HDR_TRANSFERS:
-            return None
         import pillow_heif
 
         deep = np.asarray(pillow_heif.open_heif(str(path), convert_hdr_to_8bit=False))  # (H, W, 3 or 4) uint16
         if deep.dtype != np.uint16:  # (an 8-bit picture tagged PQ: its 8 bits as 16)
             deep = deep.astype(np.uint16) * 257
-        rgb = tone_map(np.ascontiguousarray(deep[..., :3]), transfer, nclx.get("color_primaries") != BT709_PRIMARIES)
+        rgb = tone_map(np.ascontiguousarray(deep[..., :3]), transfer, bt2020)
+    else:
+        rgb = next(iter_video_frames(path, 1))
+    logger.info("%s is an HDR photo (%s): tone-mapped to SDR (BT.709)", path, HDR_TRANSFERS[transfer])
+    return rgb
+
+
+def _photo_transfer(path: Path, im: Image.Image) -> tuple[int, bool] | None:
+    """An HDR photo's transfer (16: PQ, 18: HLG) and whether its primaries are BT.2020 (see :func:`_hdr_photo`);
+    None for any other image."""
+    if im.format == "HEIF":
+        nclx = im.info.get("nclx_profile") or {}
+        transfer, primaries = nclx.get("transfer_characteristics"), nclx.get("color_primaries")
     elif im.format == "AVIF":
         try:
             with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                first = _first_frame(container, stream)
+                first = _first_frame(container, container.streams.video[0])
         except (av.error.FFmpegError, OSError, IndexError):
             return None  # (FFmpeg cannot read it: Pillow's SDR reading stands)
-        if first is None or int(first.color_trc) not in HDR_TRANSFERS:
+        if first is None:
             return None
-        transfer = int(first.color_trc)
-        rgb = next(iter_video_frames(path, 1))
+        transfer, primaries = int(first.color_trc), int(first.color_primaries)
     else:
         return None
-    logger.info("%s is an HDR photo (%s): tone-mapped to SDR (BT.709)", path, HDR_TRANSFERS[transfer])
-    return rgb
+    return (transfer, primaries != BT709_PRIMARIES) if transfer in HDR_TRANSFERS else None
+
+
+def photo_hdr(path: PathLike) -> str | None:
+    """"PQ" or "HLG" for an HDR photo (tone-mapped where read), else None (any other image, or none)."""
+    try:
+        with Image.open(path) as im:
+            tags = _photo_transfer(Path(path), im)
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+    return None if tags is None else HDR_TRANSFERS[tags[0]]
 
 
 def _say_transparent(path: Path, im: Image.Image) -> None:

@@ -20,6 +20,7 @@ from av.video.reformatter import Colorspace
 from PIL import Image
 
 from megactor_rt import hdr
+from megactor_rt.describe import describe
 from megactor_rt.media import iter_video_frames, probe_video, read_portrait, register_heif
 
 PQ, HLG = 16, 18
@@ -210,6 +211,7 @@ def test_an_hdr_photo_portrait_is_tone_mapped(tmp_path: Path, transfer: int, suf
     assert np.abs((got / 255) ** 2.4 - (want / 255) ** 2.4).max() < 0.02
     name = "PQ" if transfer == PQ else "HLG"
     assert any(r.getMessage() == f"{path} is an HDR photo ({name}): tone-mapped to SDR (BT.709)" for r in caplog.records)
+    assert describe(path, faces=False)["hdr"] == name  # (inspect)
     register_heif()
     with Image.open(path) as im:  # as Pillow reads it
         assert np.abs(_interiors(np.asarray(im.convert("RGB"))).astype(int) - want).max() > 30
