@@ -1,8 +1,11 @@
 """TensorRT runner: a deserialized plan behind the runtime's ``Runner`` interface (torch tensors in and out).
 
 One execution context per CUDA stream that calls it (created lazily, up to ``max_contexts``; a new stream first
-takes an idle one), so several streams can run the same engine concurrently; a stream beyond that takes over the
-least recently used stream's context,
+takes an idle one), so several streams can run the same engine concurrently where its inputs are static; a plan
+with dynamic inputs holds one optimization profile, which TensorRT's contexts must not use concurrently
+(NvInferRuntime.h, ``IExecutionContext``), so its calls take turns, each enqueued after and running on the
+device after the previous one, whichever context (or CUDA graph) that was on. A stream beyond ``max_contexts``
+takes over the least recently used stream's context,
 and its first call waits on the device (a CUDA event) for that context's last one (every run's decode side
 stream is a new one: before 2026-11-27 the fifth run on one runner was refused). Each call sets the input shapes
 (``set_input_shape``), binds torch tensors by address (``set_tensor_address``), allocates outputs from
@@ -21,10 +24,11 @@ activation memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +138,12 @@ class TensorRTRunner(Runner):
         self._graphs: OrderedDict[tuple, _ContextState] = OrderedDict()  # input shapes -> graph
         self._lock = threading.Lock()
         self._own = threading.local()  # per thread: the stream used instead of the legacy default stream
+        # "If the engine supports dynamic shapes, each execution context in concurrent use must use a separate
+        # optimization profile" (NvInferRuntime.h, class IExecutionContext, TensorRT 10/11). A plan holds one
+        # profile, so the contexts (eager and graph) of a plan with dynamic inputs take turns: each call is
+        # enqueued after the plan's previous one, on any context, and runs after it on the device
+        self.serial = any(d < 0 for spec in self.record.inputs.values() for d in spec["shape"])
+        self._turn = _ContextState(context=None)  # with serial: the plan's last call, on whichever context
         self._device = torch.device("cuda")
         self._cuda_index = (cuda_device.index if isinstance(cuda_device, torch.device) else cuda_device)
 
@@ -163,6 +173,7 @@ class TensorRTRunner(Runner):
             torch.cuda.synchronize(self._device)
         self._contexts.clear()
         self._graphs.clear()
+        self._turn = _ContextState(context=None)
         self._engine = None
         self._runtime = None
 
@@ -306,13 +317,27 @@ class TensorRTRunner(Runner):
             raise RuntimeError(f"runner '{self.name}': TensorRT refused the address of '{name}' "
                                f"({t.data_ptr():#x}, {tuple(t.shape)}); see the TensorRT log")
 
+    @contextlib.contextmanager
+    def _in_turn(self, stream: torch.cuda.Stream) -> Iterator[None]:
+        """Around one call's enqueue (or graph replay, or capture) on ``stream``: on a plan with dynamic inputs
+        (``serial``), with no other call of the plan enqueuing meanwhile and after the plan's previous call on
+        the device (a stream wait, no host sync) whichever context it ran on: TensorRT does not allow contexts
+        sharing an optimization profile to run concurrently. A static plan's contexts run concurrently."""
+        if not self.serial:
+            yield
+            return
+        with self._turn.lock:
+            self._turn.follow(stream)
+            yield
+            self._turn.mark(stream)
+
     def _execute(self, state: _ContextState, stream: torch.cuda.Stream) -> None:
         if not state.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"runner '{self.name}': TensorRT execute_async_v3 failed (see the TensorRT log)")
 
     def _infer_eager(self, state: _ContextState, inputs: Mapping[str, torch.Tensor],
                      shapes: Mapping[str, tuple[int, ...]], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
-        with state.lock:
+        with state.lock, self._in_turn(stream):
             state.follow(stream)
             outputs = self._bind(state, inputs, shapes)
             self._execute(state, stream)
@@ -343,7 +368,7 @@ class TensorRTRunner(Runner):
             for old in evicted:  # its replays may still be queued: let them finish before its memory goes
                 with old.lock:
                     torch.cuda.synchronize(self._device)
-        with state.lock:  # on the caller's (current) stream: the copies, the replay, the clones
+        with state.lock, self._in_turn(caller):  # on the caller's (current) stream: copies, replay, clones
             with self._lock:
                 if self._graphs.get(key) is not state:  # evicted meanwhile (its memory may go): run eagerly
                     return None
@@ -364,28 +389,30 @@ class TensorRTRunner(Runner):
                     {n: list(s) for n, s in shapes.items()})
         state = _ContextState(self._new_context())
         state.static_inputs = {n: torch.empty_like(t) for n, t in inputs.items()}
-        state.static_outputs = self._bind(state, state.static_inputs, shapes)
         for name, t in inputs.items():
             state.static_inputs[name].copy_(t)
         # warm-up: TensorRT does its shape-dependent setup outside the capture (on a stream of this thread's
         # own where the caller's is the legacy default stream)
         stream = self._enqueue_stream(caller)
         stream.wait_stream(caller)
-        self._execute(state, stream)
-        graph = torch.cuda.CUDAGraph()
-        # torch hands out streams from a pool of 32 per device and priority, so a new one may be a stream another
-        # thread is using now (its work would fall into the capture); this project makes every other stream at
-        # the default priority, so a high-priority one is not shared
-        side = torch.cuda.Stream(self._device, priority=-1)
-        side.wait_stream(stream)
-        try:
-            # thread_local: other threads' CUDA work meanwhile (the driver feed, decode) does not void the capture
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                self._execute(state, side)
-        except Exception as exc:  # e.g. engines with data-dependent control flow
-            logger.warning("runner '%s': CUDA graph capture failed (%s); running without graphs", self.name, exc)
-            self.cuda_graph = False
-            return None
+        with self._in_turn(stream):  # (binding too: the new context's shapes are set while no other call enqueues)
+            state.static_outputs = self._bind(state, state.static_inputs, shapes)
+            self._execute(state, stream)
+            graph = torch.cuda.CUDAGraph()
+            # torch hands out streams from a pool of 32 per device and priority, so a new one may be a stream
+            # another thread is using now (its work would fall into the capture); this project makes every other
+            # stream at the default priority, so a high-priority one is not shared
+            side = torch.cuda.Stream(self._device, priority=-1)
+            side.wait_stream(stream)
+            try:
+                # thread_local: other threads' CUDA work meanwhile (the driver feed, decode) does not void the capture
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    self._execute(state, side)
+            except Exception as exc:  # e.g. engines with data-dependent control flow
+                logger.warning("runner '%s': CUDA graph capture failed (%s); running without graphs", self.name,
+                               exc)
+                self.cuda_graph = False
+                return None
         caller.wait_stream(side)
         state.graph = graph
         self.captures += 1

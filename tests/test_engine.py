@@ -1312,6 +1312,57 @@ def test_a_context_waits_for_its_last_call_only_from_another_stream() -> None:
     assert waits == ["last call"]
 
 
+class _Event:
+    """torch.cuda.Event on a CPU: remembers the stream it was recorded on; the device never finishes it."""
+
+    def record(self, stream: object) -> None:
+        self.stream = stream
+
+    def query(self) -> bool:
+        return False
+
+
+def _stand_in_context(enqueued: list[int]) -> SimpleNamespace:
+    """An execution context taking every shape and address, its enqueues noted in ``enqueued``."""
+    return SimpleNamespace(set_input_shape=lambda name, shape: True, set_tensor_address=lambda name, ptr: True,
+                           get_tensor_shape=lambda name: (2, 4),
+                           execute_async_v3=lambda handle: enqueued.append(handle) or True)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_contexts_of_a_plan_with_dynamic_inputs_take_turns_on_the_device(onnx_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          dynamic: bool) -> None:
+    """TensorRT: "If the engine supports dynamic shapes, each execution context in concurrent use must use a
+    separate optimization profile" (NvInferRuntime.h, IExecutionContext). A plan holds one profile: a call on a
+    second stream's context waits on the device for the last call on the first stream's (was: the two ran
+    concurrently, both on profile 0); a static plan's contexts still run concurrently."""
+    from megactor_rt.engine import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod.torch.cuda, "Event", _Event)
+    plan_dir = _built(onnx_dir, tmp_path / "engines")[0][0].directory
+    if not dynamic:  # the sidecar of a plan of static inputs
+        record = replace(read_sidecar(plan_dir), inputs={"x": {"dtype": "float16", "shape": [2, 8]}})
+        (plan_dir / SIDECAR_NAME).write_text(record.to_json())
+    runner = TensorRTRunner(plan_dir, device=H100)
+    enqueued: list[int] = []
+    runner._engine = SimpleNamespace(create_execution_context=lambda: _stand_in_context(enqueued))
+    runner._device = torch.device("cpu")
+    waits: dict[int, list[object]] = {1: [], 2: []}
+    s1, s2 = (SimpleNamespace(cuda_stream=h, wait_event=waits[h].append) for h in (1, 2))
+    x = {"x": torch.zeros(2, 8, dtype=torch.float16)}
+    first = runner._context_for(s1)
+    runner._infer_eager(first, x, {"x": (2, 8)}, s1)
+    second = runner._context_for(s2)  # the first is still running on the device: a context of its own
+    assert second is not first
+    runner._infer_eager(second, x, {"x": (2, 8)}, s2)
+    assert enqueued == [1, 2]
+    assert [e.stream for e in waits[2]] == ([s1] if dynamic else [])  # s2 after s1's call, on the device
+    runner._infer_eager(first, x, {"x": (2, 8)}, s1)
+    assert [e.stream for e in waits[1]] == ([s2] if dynamic else [])  # and s1's next after s2's
+    assert runner.serial is dynamic
+
+
 def _two_graph_export(tmp_path: Path) -> Path:
     d = tmp_path / "onnx2g"
     d.mkdir()
