@@ -261,6 +261,10 @@ class TensorRTRunner(Runner):
         if t.dtype != dtype and t.dtype.is_floating_point != dtype.is_floating_point:
             raise InputError(f"runner '{self.name}': input '{name}' is {t.dtype}, the engine takes {dtype}")
         self._check_shape(name, tuple(t.shape))
+        if t.device.type == "cpu" and self._device.type == "cuda":  # (the timestep, made on the host every call)
+            # a copy from pageable memory makes the host wait for the work queued on the stream before it (torch
+            # synchronizes the stream); from pinned memory it is queued like a kernel
+            t = t.pin_memory().to(self._device, non_blocking=True)
         return aligned_for_tensorrt(t.to(device=self._device, dtype=dtype))
 
     def shape_range(self, name: str) -> tuple[list[int], list[int], list[int]]:

@@ -1363,6 +1363,32 @@ def test_contexts_of_a_plan_with_dynamic_inputs_take_turns_on_the_device(onnx_di
     assert runner.serial is dynamic
 
 
+class _CopySpy(torch.Tensor):
+    """A CPU tensor noting how it is moved (``pin_memory``, ``to``) instead of moving (this machine has no GPU)."""
+
+    moves: list[tuple[str, dict]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        name = getattr(func, "__name__", "")
+        if name in ("pin_memory", "to"):
+            cls.moves.append((name, dict(kwargs or {})))
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_a_host_input_is_copied_to_the_gpu_without_a_host_wait(onnx_dir: Path, tmp_path: Path) -> None:
+    """The graph backends make the UNet's and ReferenceNet's timestep on the host at every call: the runner copies
+    it from pinned memory without blocking, so the copy is queued like a kernel (was: a copy from pageable memory,
+    after which torch synchronizes the stream: the host waited for all the work queued before every call)."""
+    runner = TensorRTRunner(_built(onnx_dir, tmp_path / "engines")[0][0].directory, device=H100)
+    runner._device = torch.device("cuda", 0)
+    _CopySpy.moves = []
+    runner._prepare_input("x", torch.zeros(2, 8, dtype=torch.float16).as_subclass(_CopySpy))
+    assert [m for m, _ in _CopySpy.moves][:2] == ["pin_memory", "to"], _CopySpy.moves
+    assert _CopySpy.moves[1][1].get("non_blocking") is True
+
+
 def _two_graph_export(tmp_path: Path) -> Path:
     d = tmp_path / "onnx2g"
     d.mkdir()
