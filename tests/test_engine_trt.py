@@ -166,3 +166,34 @@ def test_default_stream_calls_enqueue_on_a_stream_of_their_own(built) -> None:
             on_own = runner.infer({"x": x})["y"]
         torch.cuda.synchronize()
         assert torch.equal(on_default, on_own)
+
+
+def test_threads_on_two_streams_take_turns_on_a_plan_with_dynamic_inputs(built) -> None:
+    """TensorRT: "If the engine supports dynamic shapes, each execution context in concurrent use must use a
+    separate optimization profile" (NvInferRuntime.h); a plan holds one. Two threads, each on a stream of its own
+    (a context of its own while the other's is busy), calling at shapes that change every call, get what one
+    stream gets."""
+    import threading
+
+    _, plan_dir, _ = built
+    xs = [torch.randn(b, 8, device="cuda").half() for b in (1, 4, 2, 3) * 4]
+    with TensorRTRunner(plan_dir) as runner:
+        assert runner.serial
+        want = [runner.infer({"x": x})["y"] for x in xs]
+        torch.cuda.synchronize()
+        got: list[torch.Tensor | None] = [None] * len(xs)
+
+        def work(first: int) -> None:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                for i in range(first, len(xs), 2):
+                    got[i] = runner.infer({"x": xs[i]})["y"]
+            stream.synchronize()
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(g is not None for g in got)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
