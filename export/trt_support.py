@@ -161,6 +161,10 @@ def _restriction_problem(node: onnx.NodeProto, constants: set[str], version: str
     if (op in ("Squeeze", "Unsqueeze") or op.startswith("Reduce")) and len(node.input) > 1 and node.input[1] and \
             node.input[1] not in constants:  # the table's note on every Reduce* op: "axes must be an initializer"
         return f"'axes' is computed at run time; the TensorRT {version} parser needs it constant"
+    if op in ("Slice", "Pad") and len(node.input) > 3 and node.input[3] and node.input[3] not in constants:
+        # (onnx-tensorrt 10.1's docs/operators.md: "`axes` must be an initializer" for both; the 11.x table has no
+        # such note, but TensorRT 10.x is supported too)
+        return f"{op}'s 'axes' is computed at run time; the TensorRT 10.x parser needs it constant"
     if op == "CumSum" and len(node.input) > 1 and node.input[1] not in constants:
         return f"CumSum's 'axis' is computed at run time; the TensorRT {version} parser needs it constant"
     if op == "TopK" and not a.get("sorted", 1):

@@ -128,6 +128,15 @@ def test_nodes_breaking_the_parsers_documented_restrictions_are_named() -> None:
         run_time = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node(reduce, ["x", "s"], ["y"])],
                           inputs=x1)
         assert "needs it constant" in scan_ops(run_time)[reduce][0], reduce
+    starts, ends = helper.make_tensor("starts", TensorProto.INT64, [1], [0]), helper.make_tensor(
+        "ends", TensorProto.INT64, [1], [4])
+    pads = helper.make_tensor("pads", TensorProto.INT64, [2], [1, 1])
+    for op, args, inits in (("Slice", ["x", "starts", "ends"], [starts, ends]), ("Pad", ["x", "pads", ""], [pads])):
+        fixed = _model([helper.make_node(op, [*args, "axes"], ["y"])], inputs=x1, inits=[*inits, axes])
+        assert unsupported_ops(fixed) == [], op  # (TensorRT 10.x: Slice's and Pad's 'axes' an initializer)
+        run_time = _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Sub", ["s", "s"], ["z"]),
+                           helper.make_node(op, [*args, "z"], ["y"])], inputs=x1, inits=inits)
+        assert "'axes' is computed at run time; the TensorRT 10.x parser" in scan_ops(run_time)[op][0], op
     k = helper.make_tensor("k", TensorProto.INT64, [1], [2])
     top = _model([helper.make_node("TopK", ["x", "k"], ["v", "i"], sorted=0)], inputs=x1, inits=[k])
     assert "sorted=0" in scan_ops(top)["TopK"][0]
