@@ -346,8 +346,13 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
 
 
 def _network_flags(trt: Any) -> int:
+    """The strongly typed flag (required on 10.x); none from 11 on, where it is deprecated ("Strongly typed mode is
+    always enabled", NvInfer.h) and a later release may drop it."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if flag is None:
+        major = str(trt.__version__).split(".")[0]
+        if major.isdigit() and int(major) >= 11:
+            return 0
         raise EngineBuildError(f"TensorRT {trt.__version__} has no strongly typed networks; use 10.x or 11.x")
     return 1 << int(flag)
 

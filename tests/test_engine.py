@@ -1444,3 +1444,16 @@ def test_build_engines_at_the_command_line(tmp_path: Path, monkeypatch: pytest.M
     err = capsys.readouterr().err
     assert "cannot write the plan of vae_encoder_fp16[default] ([Errno 28] No space left on device)" in err
     assert "the plans done before are kept: vae_decoder_fp16[default] (built)" in caplog.text
+
+
+def test_the_strongly_typed_flag_is_taken_where_it_exists_and_not_needed_from_11_on() -> None:
+    """10.x needs NetworkDefinitionCreationFlag.STRONGLY_TYPED (1 << 1 there); 11.x deprecates it (strongly typed
+    always): a release without it builds with no flags, while a release before 10 without it is refused."""
+    def trt(version: str, **members: int) -> SimpleNamespace:
+        return SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=SimpleNamespace(**members))
+
+    assert builder_mod._network_flags(trt("10.0.1", STRONGLY_TYPED=1)) == 2
+    assert builder_mod._network_flags(trt("11.4.0", STRONGLY_TYPED=0)) == 1
+    assert builder_mod._network_flags(trt("12.0.0")) == 0
+    with pytest.raises(builder_mod.EngineBuildError, match="TensorRT 9.2.0 has no strongly typed networks"):
+        builder_mod._network_flags(trt("9.2.0"))
