@@ -132,3 +132,19 @@ def test_a_dry_run_checks_the_export_a_graph_backend_would_run(setup: dict[str, 
     assert main([*common, "--weights", str(weights)]) == 2
     assert "were exported from other weights than" in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_the_export_profiles_take_the_runtimes_largest_calls() -> None:
+    """The PoseGuider and decoder plans' batch maxima (export_specs' defaults) are at least the frames the runtime
+    puts in one call (POSE_BATCH, DECODE_BATCH): written in two places, one changed alone would make every run
+    refuse its plans' shapes."""
+    from megactor_rt.export.specs import export_specs, tiny_decoder_spec
+    from megactor_rt.runtime.animator import DECODE_BATCH, POSE_BATCH
+
+    specs = {s.name: s for s in export_specs(tiny_config())}
+    tops = {name: max(hi for _, _, hi in spec.dims["batch"].values()) for name, spec in specs.items()
+            if "batch" in spec.dims}
+    assert tops["pose_guider"] >= POSE_BATCH, tops
+    assert tops["vae_decoder"] >= DECODE_BATCH, tops
+    tiny = tiny_decoder_spec(tiny_config())
+    assert max(hi for _, _, hi in tiny.dims["batch"].values()) >= DECODE_BATCH
