@@ -18,6 +18,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -109,13 +110,35 @@ _TRT_LOGGERS: dict[int, Any] = {}  # id(TensorRT module) -> its one logger
 def trt_logger(trt: Any, verbose: bool | None = None) -> Any:
     """The process's one TensorRT logger: TensorRT keeps the first logger it is given and ignores later ones
     (NVIDIA/TensorRT#1475), so builders and runtimes share this one. ``verbose``: set its level (VERBOSE, or
-    WARNING with False); None leaves it as it is (WARNING when first made)."""
+    WARNING with False); None leaves it as it is (WARNING when first made). Its messages go through
+    :mod:`logging` (``megactor_rt.engine.tensorrt``; ``trt.Logger`` would write to stderr itself)."""
     made = _TRT_LOGGERS.get(id(trt))
     if made is None:
-        made = _TRT_LOGGERS[id(trt)] = trt.Logger(trt.Logger.WARNING)
+        made = _TRT_LOGGERS[id(trt)] = _to_logging(trt)
     if verbose is not None:
         made.min_severity = trt.Logger.VERBOSE if verbose else trt.Logger.WARNING
     return made
+
+
+_TRT_LOG = logging.getLogger("megactor_rt.engine.tensorrt")
+# ILogger.Severity: INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4 (the same in 10.x and 11.x)
+_TRT_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO, 4: logging.DEBUG}
+
+
+def _to_logging(trt: Any) -> Any:
+    """A TensorRT ``ILogger`` passing the messages of ``min_severity`` and worse to :mod:`logging`."""
+    base = trt.ILogger
+
+    class _ToLogging(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)  # type: ignore[misc]  # the pybind11 base needs its own __init__ called
+            self.min_severity = trt.Logger.WARNING
+
+        def log(self, severity: Any, msg: str) -> None:
+            if int(severity) <= int(self.min_severity):
+                _TRT_LOG.log(_TRT_LEVELS.get(int(severity), logging.DEBUG), "TensorRT: %s", msg)
+
+    return _ToLogging()
 
 
 def _slug(text: str) -> str:

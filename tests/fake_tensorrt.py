@@ -59,12 +59,23 @@ class ProfilingVerbosity(enum.Enum):
     DETAILED = 2
 
 
-class Logger:
-    VERBOSE = 4
-    WARNING = 2
+class ILogger:  # (pybind11: a Python subclass must call ILogger.__init__, without arguments)
+    INTERNAL_ERROR = 0
     ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
 
-    def __init__(self, min_severity: int = WARNING) -> None:
+    def __init__(self) -> None:
+        self.base_initialised = True
+
+    def log(self, severity: int, msg: str) -> None:
+        raise NotImplementedError("ILogger.log is pure virtual")
+
+
+class Logger(ILogger):
+    def __init__(self, min_severity: int = ILogger.WARNING) -> None:
+        super().__init__()
         self.min_severity = min_severity
         self.messages: list[tuple[int, str]] = []
 
@@ -227,7 +238,9 @@ class _BuilderConfig:
 class Builder:
     fail_builds = False  # tests set it to make build_serialized_network return None
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: ILogger) -> None:
+        if not getattr(logger, "base_initialised", False):
+            raise TypeError("Builder(): incompatible constructor arguments (an ILogger whose __init__ ran)")
         self.logger = logger
 
     def create_network(self, flags: int = 0) -> _Network:
@@ -291,6 +304,7 @@ def _profile_problem(network: _Network, profiles: list[OptimizationProfile]) -> 
 # which TensorRT class each stand-in is (tests/test_trt_api.py checks them against the recorded API)
 REAL_NAMES = {"DataType": "DataType", "NetworkDefinitionCreationFlag": "NetworkDefinitionCreationFlag",
               "MemoryPoolType": "MemoryPoolType", "BuilderFlag": "BuilderFlag", "ProfilingVerbosity": "ProfilingVerbosity", "Logger": "Logger",
+              "ILogger": "ILogger",
               "_Tensor": "ITensor", "_Network": "INetworkDefinition", "_ParserError": "ParserError", "OnnxParser": "OnnxParser",
               "OptimizationProfile": "IOptimizationProfile", "IProgressMonitor": "IProgressMonitor",
               "_TimingCache": "ITimingCache", "_BuilderConfig": "IBuilderConfig", "Builder": "Builder"}

@@ -1457,3 +1457,23 @@ def test_the_strongly_typed_flag_is_taken_where_it_exists_and_not_needed_from_11
     assert builder_mod._network_flags(trt("12.0.0")) == 0
     with pytest.raises(builder_mod.EngineBuildError, match="TensorRT 9.2.0 has no strongly typed networks"):
         builder_mod._network_flags(trt("9.2.0"))
+
+
+def test_tensorrts_messages_go_through_logging(fake_trt, caplog: pytest.LogCaptureFixture) -> None:
+    """The shared TensorRT logger is an ILogger passing TensorRT's messages to `logging` (trt.Logger writes to
+    stderr itself, past the CLI's handlers and --log-json): those of its level and worse, each at its level."""
+    from megactor_rt.engine.cache import trt_logger
+
+    log = trt_logger(fake_trt, verbose=False)
+    assert isinstance(log, fake_trt.ILogger) and not isinstance(log, fake_trt.Logger)
+    fake_trt.Builder(log)  # (TensorRT takes it: its pybind11 base was initialised)
+    with caplog.at_level(logging.DEBUG, logger="megactor_rt.engine.tensorrt"):
+        for severity, msg in ((fake_trt.ILogger.ERROR, "parse failed"), (fake_trt.ILogger.WARNING, "int64 cast"),
+                              (fake_trt.ILogger.INFO, "tactics"), (fake_trt.ILogger.VERBOSE, "layer 7")):
+            log.log(severity, msg)
+        trt_logger(fake_trt, verbose=True)
+        log.log(fake_trt.ILogger.VERBOSE, "layer 8")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "TensorRT: parse failed"), (logging.WARNING, "TensorRT: int64 cast"),
+        (logging.DEBUG, "TensorRT: layer 8")]
+    trt_logger(fake_trt, verbose=False)

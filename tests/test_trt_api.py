@@ -56,8 +56,9 @@ SOURCES = {
          "ICudaEngine.get_tensor_dtype(...)", "ICudaEngine.create_execution_context(...)",
          "IExecutionContext.set_input_shape(...)", "IExecutionContext.set_tensor_address(...)",
          "IExecutionContext.get_tensor_shape(...)", "IExecutionContext.execute_async_v3(...)"]),
-    "engine/cache.py": ({"trt_logger:made": "Logger"},
-                        ["tensorrt.__version__", "Logger(...)", "Logger.VERBOSE", "set Logger.min_severity"]),
+    "engine/cache.py": ({},  # (trt_logger's logger is _ToLogging: its min_severity is its own)
+                        ["tensorrt.__version__", "tensorrt.ILogger", "ILogger.__init__", "Logger.VERBOSE", "Logger.WARNING",
+                         "_ToLogging.log overrides ILogger.log"]),
     "runtime/backends.py": ({}, ["tensorrt.__version__"]),
     "engine/trt_api.py": ({}, []),
 }
