@@ -26,7 +26,7 @@ import numbers
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -208,7 +208,7 @@ def driver_info(driver: Driver) -> VideoInfo:
 
 
 def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction = Fraction(1), skip: int = 0
-                  ) -> Iterator[np.ndarray]:
+                  ) -> Generator[np.ndarray, None, None]:
     """One pass over a driver's ``(H, W, 3)`` uint8 RGB frames (decoded as they are needed from a file): from
     source frame ``skip`` on (see :func:`start_frame`), all of them, or with ``ratio`` > 1 (source fps / output
     fps, see :func:`output_fps`) the ones kept (:func:`kept_frame`, counted from ``skip``); ``max_frames``
@@ -221,7 +221,7 @@ def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction
     return _kept(frames, max_frames, ratio)
 
 
-def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Iterator[np.ndarray]:
+def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Generator[np.ndarray, None, None]:
     count = 0
     for i, frame in enumerate(frames):
         if ratio == 1 or kept_frame(i, ratio):
@@ -339,7 +339,7 @@ class DriverPlan:
     def name(self) -> str:
         return driver_name(self.source)
 
-    def frames(self) -> Iterator[np.ndarray]:
+    def frames(self) -> Generator[np.ndarray, None, None]:
         """Another pass over the planned frames.
 
         Raises (when the pass ends early):
@@ -349,7 +349,7 @@ class DriverPlan:
                         self.num_frames, self.name)
 
 
-def _planned(frames: Iterator[np.ndarray], count: int, name: str) -> Iterator[np.ndarray]:
+def _planned(frames: Iterator[np.ndarray], count: int, name: str) -> Generator[np.ndarray, None, None]:
     """``frames``, and an InputError where they end before ``count`` (every later pass must see pass 1's frames:
     the windows, the noise and the result's length are planned for them)."""
     given = 0
@@ -427,14 +427,16 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
 
     def scan(detect: Callable[[np.ndarray], list[Box]], desc: str) -> tuple[list[Box | None], FaceTrack, int]:
         boxes: list[Box | None] = []
-        frames = driver_frames(source, max_frames, ratio, skip)
-        found = ordered_map(detect, frames) if face_crop else ([] for _ in frames)
         track = FaceTrack(follow_patience(sel.fps), choose=face)
         most = 0  # faces in one frame
-        for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc=desc,
-                              unit="frame", stage="driver"):
-            boxes.append(track(faces))
-            most = max(most, len(faces))
+        # stopped early (Ctrl-C, an on_progress that raises): the decoder and its file close now, not when the
+        # error, whose traceback holds this frame, is dropped
+        with contextlib.closing(driver_frames(source, max_frames, ratio, skip)) as frames, \
+                contextlib.closing(ordered_map(detect, frames) if face_crop else ([] for _ in frames)) as found:
+            for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc=desc,
+                                  unit="frame", stage="driver"):
+                boxes.append(track(faces))
+                most = max(most, len(faces))
         return boxes, track, most
 
     used = "cnn" if detector == "cnn" else "hog"
@@ -600,10 +602,11 @@ def plan_driver_contour(plan: DriverPlan, size: int, portrait_landmarks: np.ndar
             box = track(boxes)
             yield landmarker.on_box(image, box) if box is not None else None
 
-    found = ordered_map(faces, plan.frames())
-    per_frame = progress(landmarks(cancellable(found)), total=plan.num_frames, desc="driver: face landmarks",
-                         unit="frame", stage="contour")
-    contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
+    # (closed at once when stopped early: see plan_driver's scan)
+    with contextlib.closing(plan.frames()) as frames, contextlib.closing(ordered_map(faces, frames)) as found:
+        per_frame = progress(landmarks(cancellable(found)), total=plan.num_frames, desc="driver: face landmarks",
+                             unit="frame", stage="contour")
+        contour = plan_contour(per_frame, portrait_landmarks, size, plan.name, affine_frame)
     if len(contour.unions) == 1:
         logger.info("driver %s: contour rectangles %s", plan.name, contour.rects())
     else:

@@ -297,7 +297,8 @@ def shared_pool(workers: int) -> ThreadPoolExecutor:
         return _POOLS[workers]
 
 
-def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> Iterator[U]:
+def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None
+                ) -> Generator[U, None, None]:
     """``map(fn, items)`` on ``workers`` threads of a shared pool (default ``default_workers()``): results in
     input order, at most ``2 * workers`` items in flight (so an endless ``items`` is fine), the first
     exception re-raised. The consumer's pace bounds the work done ahead. Stopped early (an error, a close),

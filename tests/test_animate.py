@@ -1977,3 +1977,31 @@ def test_runs_of_one_animator_that_overlap_keep_their_own_plan_stats_and_checkpo
     assert stats.frames == 12 and stats is not other["stats"]
     assert stream_facts(tmp_path / "long.mp4")[0] == 12 and stream_facts(tmp_path / "short.mp4")[0] == 4
     assert list((tmp_path / "ckpt").iterdir()) == []  # both runs' checkpoints went with their results
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads the open files in /proc/self/fd (Linux)")
+@pytest.mark.parametrize("stage", ["driver", "contour"])
+def test_a_run_stopped_in_a_driver_pass_closes_the_driver_file_while_the_error_is_held(
+        anim: Animator, media: dict[str, Path], stage: str) -> None:
+    """Ctrl-C (or an on_progress that raises) during pass 1's face search or contour mode's landmark pass closes the
+    driver's file at once, also while the error is held (a REPL's sys.last_exc, a job record, a log) (was: the
+    pass's decoder, face-search pool and file stayed open as long as the error's traceback lived)."""
+    from megactor_rt.contour import packaged_landmarks_model
+
+    if stage == "contour" and packaged_landmarks_model() is None:
+        pytest.skip("face-recognition-models (the contour extra) is not installed: no landmark model")
+    fresh = Animator(anim.sub, CFG, anim.cache)  # no kept plan: pass 1 runs
+    state = fresh.prepare(PORTRAIT)
+    driver = media["long"].resolve()
+
+    def interrupt(p) -> None:  # type: ignore[no-untyped-def]
+        if p.stage == stage:
+            raise KeyboardInterrupt
+
+    def driver_open() -> bool:
+        fds = Path("/proc/self/fd")
+        return any(os.path.realpath(fds / fd) == str(driver) for fd in os.listdir(fds))
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        list(fresh.animate(state, driver, contour=stage == "contour", on_progress=interrupt))
+    assert caught.value.__traceback__ is not None and not driver_open()  # the error still held here
