@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from megactor_rt.config import (
     DEMO_WEIGHTS_SEED,
@@ -123,6 +124,8 @@ DECODE_BATCH = 4  # frames per VAE decode call
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents (b, 4, h, w) -> images (b, 3, S, S) in [-1, 1]
 DECODE_DEPTH = 3  # decode batches in flight (CUDA streams)
 ADA_SIZE = 512  # the PoseGuider FiLM branch needs a 512x512 reference
+# what a portrait may be: an image or video file, an (H, W, 3) uint8 RGB array, a PIL image (made upright RGB)
+Portrait = str | Path | np.ndarray | Image.Image
 
 
 def default_device() -> torch.device:
@@ -318,13 +321,13 @@ class Animator:
         return self.sub.config.latent_size
 
     # -- portrait --------------------------------------------------------------------------------------
-    def portrait_inputs(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True,
+    def portrait_inputs(self, portrait: Portrait, *, face_crop: bool = True,
                         mask: str | Path | None = None, face: int | None = None) -> PortraitInputs:
         """Crop the portrait around its face (``face``: see :meth:`prepare`), derive the background mask and the
         CLIP background image."""
         return self._cropped_inputs(*self._portrait_crop(portrait, face_crop, face, self.config.face_detector), mask)
 
-    def paste_back(self, portrait: str | Path | np.ndarray, *, face_crop: bool = True, face: int | None = None
+    def paste_back(self, portrait: Portrait, *, face_crop: bool = True, face: int | None = None
                    ) -> PasteBack:
         """What puts this portrait's result frames back into the whole portrait, as ``animate_to_file(...,
         paste_back=True)`` does: ``paste(frame)`` for each frame :meth:`animate` yields (``face_crop``, ``face``:
@@ -332,7 +335,7 @@ class Animator:
         img, _, crop, _ = self._portrait_crop(portrait, face_crop, face, self.config.face_detector)
         return PasteBack.of(img, crop, self.image_size)
 
-    def _portrait_crop(self, portrait: str | Path | np.ndarray, face_crop: bool, face: int | None, detector: str
+    def _portrait_crop(self, portrait: Portrait, face_crop: bool, face: int | None, detector: str
                        ) -> tuple[np.ndarray, str, Crop, Box | None]:
         return crop_portrait(portrait, self.image_size, face_crop, face, detector)
 
@@ -358,7 +361,7 @@ class Animator:
         return PortraitInputs(image=image, background_mask=torch.from_numpy(background),
                               clip_image=torch.from_numpy(clip_bg).permute(2, 0, 1).contiguous(), ada_reference=ada)
 
-    def prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, *, face_crop: bool = True,
+    def prepare(self, portrait: Portrait | PortraitInputs, *, face_crop: bool = True,
                 mask: str | Path | None = None, seed: int | None = None, face: int | None = None) -> PortraitState:
         """Everything per-portrait, from the cache when this portrait was prepared before.
 
@@ -381,7 +384,7 @@ class Animator:
         """
         return self._prepare(portrait, face_crop, mask, seed, face)[0]
 
-    def _prepare(self, portrait: str | Path | np.ndarray | PortraitInputs, face_crop: bool,
+    def _prepare(self, portrait: Portrait | PortraitInputs, face_crop: bool,
                  mask: str | Path | None, seed: int | None, face: int | None = None,
                  detector: str | None = None) -> tuple[PortraitState, bool]:
         """:meth:`prepare`, and whether the state came from the cache (``detector``: the face detector, default
@@ -510,7 +513,7 @@ class Animator:
                 contour: bool = False, landmarks_model: str | Path | None = None,
                 contour_affine_frame: str = "last", config: AnimateConfig | None = None,
                 driver_face: int | None = None, checkpoint_dir: str | Path | None = None,
-                on_progress: Reporter | None = None) -> Iterator[np.ndarray]:
+                on_progress: Reporter | None = None) -> Generator[np.ndarray, None, None]:
         """Animate ``state`` with a driving video; yields ``(S, S, 3)`` uint8 frames (``bit_depth=16`` in the config:
         uint16) as they are final.
 
@@ -567,7 +570,8 @@ class Animator:
             raise
         run.drop_checkpoint()  # every frame is out: the run is done
 
-    async def animate_async(self, state: PortraitState, driver: Driver, **options: Any) -> AsyncIterator[np.ndarray]:
+    async def animate_async(self, state: PortraitState, driver: Driver, **options: Any
+                            ) -> AsyncGenerator[np.ndarray, None]:
         """:meth:`animate` for asyncio (a web service): the same frames, each computed off the event loop (the run
         on a thread of its own), so the loop serves other requests meanwhile; ``options``: :meth:`animate`'s.
         Leaving early (a client gone, a cancelled task) stops the run once the window call in progress is done, as
@@ -832,7 +836,7 @@ class Animator:
         finally:
             timer.add("vae_decode", flight.device_seconds)
 
-    def animate_to_file(self, portrait: str | Path | np.ndarray, driver: Driver, output: str | Path, *,
+    def animate_to_file(self, portrait: Portrait, driver: Driver, output: str | Path, *,
                         face_crop: bool = True, mask: str | Path | None = None, audio: bool | str | Path = True,
                         contour: bool = False, landmarks_model: str | Path | None = None,
                         contour_affine_frame: str = "last", config: AnimateConfig | None = None,
@@ -1078,12 +1082,10 @@ def _check_mask(mask: object) -> None:
                          f"{type(mask).__name__}; save a mask in memory as a PNG and pass its path")
 
 
-def crop_portrait(portrait: str | Path | np.ndarray, size: int, face_crop: bool = True, face: int | None = None,
+def crop_portrait(portrait: Portrait, size: int, face_crop: bool = True, face: int | None = None,
                   detector: str = "auto") -> tuple[np.ndarray, str, Crop, Box | None]:
     """The portrait's pixels, its name for messages, its crop for ``size``-px networks and the face the crop is
     centred on (found by ``detector``, ``AnimateConfig.face_detector``; a PIL image is taken too)."""
-    from PIL import Image
-
     check_face_detector(detector)
     if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
         portrait = image_to_rgb(portrait)

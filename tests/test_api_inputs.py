@@ -196,3 +196,21 @@ def test_a_mask_in_memory_is_refused_saying_so(anim: Animator, tmp_path: Path, m
         with pytest.raises(InputError, match="mask must be an image file's path"):
             anim.animate_to_file(PORTRAIT, DRIVER, tmp_path / "o.mp4", mask=mask)  # type: ignore[arg-type]
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_the_readmes_uses_of_the_animator_type_check() -> None:
+    """The README's Python lines check under ``mypy --strict`` without casts: ``closing(anim.animate(...))`` needs
+    a close() in animate's return type, ``aclosing(anim.animate_async(...))`` an aclose(), and a PIL image is a
+    portrait of prepare, paste_back, portrait_inputs and animate_to_file (was: Iterator and AsyncIterator, refused
+    by closing() and aclosing(), and no PIL image in the portrait's type)."""
+    import collections.abc
+    import typing
+
+    from PIL import Image
+
+    hints = {name: typing.get_type_hints(getattr(Animator, name)) for name in
+             ("animate", "animate_async", "prepare", "paste_back", "portrait_inputs", "animate_to_file")}
+    assert typing.get_origin(hints["animate"]["return"]) is collections.abc.Generator
+    assert typing.get_origin(hints["animate_async"]["return"]) is collections.abc.AsyncGenerator
+    for name in ("prepare", "paste_back", "portrait_inputs", "animate_to_file"):
+        assert Image.Image in typing.get_args(hints[name]["portrait"]), name
