@@ -80,6 +80,7 @@ from megactor_rt.runtime.driver import (
     DriverPlan,
     FrameSelection,
     PlanCache,
+    check_local,
     cropped_frames,
     driver_file,
     driver_identity,
@@ -892,6 +893,8 @@ class Animator:
         check_bit_depth(out, cfg.bit_depth)
         self.check_run(cfg)
         source = driver_source(driver)
+        if not isinstance(audio, bool):
+            check_local(audio, "audio")
         sound, from_s = check_sound(audio, audio_start)
         for result in (out, sound_out):
             if result is not None:
@@ -1080,6 +1083,7 @@ def _check_mask(mask: object) -> None:
     if mask is not None and not isinstance(mask, (str, os.PathLike)):
         raise InputError(f"mask must be an image file's path (white = person, or a cut-out's alpha), got "
                          f"{type(mask).__name__}; save a mask in memory as a PNG and pass its path")
+    check_local(mask, "mask")
 
 
 def crop_portrait(portrait: Portrait, size: int, face_crop: bool = True, face: int | None = None,
@@ -1092,6 +1096,7 @@ def crop_portrait(portrait: Portrait, size: int, face_crop: bool = True, face: i
     if not isinstance(portrait, (str, Path, np.ndarray)):
         raise InputError(f"portrait must be an image or video file path, a PIL image or an (H, W, 3) uint8 RGB "
                          f"array, got {type(portrait).__name__}")
+    check_local(portrait, "portrait")
     name = Path(portrait).name if isinstance(portrait, (str, Path)) else "portrait array"
     img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:

@@ -61,6 +61,7 @@ from megactor_rt.preprocess import (
     packaged_dlib_model,
 )
 from megactor_rt.progress import progress
+from megactor_rt.remote import as_url
 from megactor_rt.runtime.pipeline import cancellable, ordered_map
 from megactor_rt.sequence import FrameSequence, sequence_pattern
 
@@ -123,6 +124,21 @@ class DriverFrames:
 Driver = str | Path | DriverFrames
 
 
+def check_local(path: object, what: str) -> None:
+    """``path`` (a portrait, driver, mask or sound of the Python API) is no web address: the command line downloads
+    those first (:mod:`megactor_rt.remote`), the Python API reads local files (a file of that name is taken).
+
+    Raises:
+        InputError: an http(s) address, named whole, with how to download it (was: the address folded into a
+            local path, 'https:/host/x: video file does not exist').
+    """
+    url = as_url(path)
+    if url is not None and isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        raise InputError(f"{url}: a web address given as the {what}; the Python API reads local files: download it "
+                         "first, e.g. megactor_rt.remote.download(url, folder), which returns its path (the command "
+                         "line downloads addresses itself)")
+
+
 def driver_source(driver: object) -> Path | DriverFrames:
     """``driver`` as the runtime reads it: a video file's path, or frames in memory.
 
@@ -132,6 +148,7 @@ def driver_source(driver: object) -> Path | DriverFrames:
     if isinstance(driver, DriverFrames):
         return driver
     if isinstance(driver, (str, os.PathLike)):
+        check_local(driver, "driver")
         path = Path(driver)
         pattern = sequence_pattern(path)  # a pattern, or a folder of frames
         if pattern is not None:

@@ -214,3 +214,21 @@ def test_the_readmes_uses_of_the_animator_type_check() -> None:
     assert typing.get_origin(hints["animate_async"]["return"]) is collections.abc.AsyncGenerator
     for name in ("prepare", "paste_back", "portrait_inputs", "animate_to_file"):
         assert Image.Image in typing.get_args(hints[name]["portrait"]), name
+
+
+def test_a_web_address_given_to_the_python_api_is_named_as_one(anim: Animator, tmp_path: Path) -> None:
+    """The command line downloads http(s) addresses; the Python API reads local files, and says so naming the
+    address and how to download it (was: 'https:/example.com/meme.mp4: video file does not exist', the address
+    folded into a missing local path)."""
+    state = anim.prepare(PORTRAIT)
+    says = r"https://example.com/{}: a web address .*megactor_rt.remote.download"
+    with pytest.raises(InputError, match=says.format("meme.mp4")):
+        next(anim.animate(state, "https://example.com/meme.mp4"))
+    with pytest.raises(InputError, match=says.format("me.png")):
+        anim.prepare(Path("https://example.com/me.png"))  # (a Path folds the address: https:/example.com/...)
+    out = tmp_path / "o.mp4"
+    for name, value in (("portrait", "HTTPS://example.com/me.png"), ("driver", "https://example.com/meme.mp4"),
+                        ("mask", "https://example.com/mask.png"), ("audio", "https://example.com/song.m4a")):
+        with pytest.raises(InputError, match=says.format(value.rsplit("/", 1)[1])):
+            anim.animate_to_file(**{"portrait": PORTRAIT, "driver": DRIVER, "output": out, name: value})
+    assert not out.exists()
