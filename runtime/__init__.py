@@ -4,7 +4,10 @@
 light); the class lives in :mod:`megactor_rt.runtime.animator`.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (type checkers see the class; at run time it is imported on first use, below)
+    from megactor_rt.runtime.animator import Animator
 
 __all__ = ["Animator"]
 

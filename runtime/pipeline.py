@@ -44,7 +44,8 @@ class RunStats:
         total_s: seconds from start to the last frame.
         calls: submodel calls made during the run (``unet`` counts every UNet call, ``unet_reuse`` those of
             them that reused the kept deep features of ``feature_reuse``).
-        portrait_cache_hit: whether the portrait state came from the cache.
+        portrait_cache_hit: whether the portrait state came from the cache (set by ``animate_to_file``, which
+            prepares the portrait; ``animate`` takes a state prepared before and leaves it False).
         driver_plan_hit: whether the driver's plan (pass 1: its faces and crop) was kept from an earlier run of
             this Animator (or one made by its ``with_config``) on the same driver file with the same settings.
         step_seconds: wall time of each denoising step (device work finished, on GPU); empty for open windows
