@@ -14,7 +14,9 @@ format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_sta
 ``driver_face``, ``start``, ``duration``, ``seed``, ``steps``, ``guidance``, ``overlap``, ``cfg_steps``, ``fps``,
 ``max_frames``, ``sequence_fps`` (an image-sequence driver's rate), which mean what the ``animate`` flags of the
 same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
-default). Relative paths are relative to the jobs file's folder; blank lines and lines starting with ``#`` are skipped. Result folders are created.
+default). Relative paths are relative to the jobs file's folder; blank lines and lines starting with ``#`` are skipped (and rows of empty cells, a spreadsheet's blank rows). Result folders are created.
+Columns without a name in the header row, and cells past its last column, are taken where they are empty (the
+columns a spreadsheet saves beyond the named ones).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
 
     Raises:
         InputError: naming the file and line: unreadable file, no header or rows, a missing or unknown column, a
-            row with another number of cells than the header, a face number or time that is not one, two jobs
+            row with fewer cells than the header or text in a cell no column name covers, a face number or time that is not one, two jobs
             writing the same result.
     """
     try:
@@ -93,19 +95,19 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: the jobs file is empty (a header row, then one row per result: "
                          f"{','.join(REQUIRED)})")
     head_line, header = rows[0]
-    names = [c.strip().lower().replace("-", "_") for c in header]
-    unknown = [c for c in names if c not in COLUMNS]
+    names = [c.strip().lower().replace("-", "_") for c in header]  # ("": a column without a name, left empty)
+    unknown = [c for c in names if c and c not in COLUMNS]
     if unknown:
         raise InputError(f"{path}:{head_line}: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "
                          f"{', '.join(COLUMNS)} (the first row names them)")
     missing = [c for c in REQUIRED if c not in names]
-    twice = sorted({c for c in names if names.count(c) > 1})
+    twice = sorted({c for c in names if c and names.count(c) > 1})
     if missing or twice:
         problem = f"no {', '.join(missing)} column" if missing else f"column(s) {', '.join(twice)} given twice"
         raise InputError(f"{path}:{head_line}: {problem} (the first row names the columns: {','.join(REQUIRED)}, ...)")
     folder = path.parent
-    jobs = [_job(path, n, dict(zip(names, cells, strict=False)), len(cells), len(names), folder, base,
-                 decimal_comma=delimiter != ",") for n, cells in rows[1:]]
+    jobs = [_job(path, n, _row_cells(f"{path}:{n}", names, cells), folder, base, decimal_comma=delimiter != ",")
+            for n, cells in rows[1:] if any(c.strip() for c in cells)]  # (",,,": a spreadsheet's blank row)
     if not jobs:
         raise InputError(f"{path}: no jobs (only the header row)")
     _check_outputs_apart(jobs)
@@ -166,14 +168,32 @@ def _delimiter(header: str) -> str:
     return next((d for d in (";", "\t") if d in header), ",")
 
 
-def _job(path: Path, line: int, cells: dict[str, str], count: int, expected: int, folder: Path,
-         base: AnimateConfig, decimal_comma: bool = False) -> Job:
+def _row_cells(where: str, names: list[str], cells: list[str]) -> dict[str, str]:
+    """A row's cells by column name. Spreadsheets save the columns they once used beyond the named ones: columns
+    without a name in the header row and cells past its last column are taken where they are empty.
+
+    Raises:
+        InputError: beginning with ``where``: fewer cells than the header names, or text in a cell no column name
+            covers.
+    """
+    if len(cells) < len(names):
+        raise InputError(f"{where}: {len(cells)} cell(s), the header has {len(names)} (each row has a cell for each "
+                         "column, an empty one too: a separator is missing)")
+    if any(c.strip() for c in cells[len(names):]):
+        raise InputError(f"{where}: {len(cells)} cell(s), the header has {len(names)} (a comma inside a path needs "
+                         "the path in double quotes)")
+    stray = next((i for i, name in enumerate(names) if not name and cells[i].strip()), None)
+    if stray is not None:
+        raise InputError(f"{where}: {cells[stray].strip()!r} in column {stray + 1}, which has no name in the header "
+                         "row; name it there (one of the columns) or leave its cells empty")
+    return {name: cell for name, cell in zip(names, cells) if name}
+
+
+def _job(path: Path, line: int, cells: dict[str, str], folder: Path, base: AnimateConfig,
+         decimal_comma: bool = False) -> Job:
     """A row's job; with ``decimal_comma`` (a file separated by semicolons or tabs, as spreadsheets in locales whose
     decimal mark is a comma save it) ``3,5`` in a number column is 3.5."""
     where = f"{path}:{line}"
-    if count != expected:
-        raise InputError(f"{where}: {count} cell(s), the header has {expected} (a comma inside a path needs the "
-                         "path in double quotes)")
     value = {k: v.strip() for k, v in cells.items() if v.strip()}
     if decimal_comma:
         value.update({k: v.replace(",", ".") for k, v in value.items()

@@ -115,6 +115,23 @@ def test_semicolons_and_tabs_separate_cells_too(tmp_path: Path, separator: str) 
     assert (job.portrait, job.output, job.config) == (tmp_path / "a, b.png", tmp_path / "o.mp4", {"start": 1.5})
 
 
+def test_a_spreadsheets_unnamed_and_trailing_empty_columns_are_taken(tmp_path: Path) -> None:
+    """Excel saves every column once used: empty header cells and empty cells past the header's last column (CRLF,
+    BOM) are taken; text in an unnamed column, or past the last one, is refused by line, as is a row short of
+    cells (a missing separator, not a comma in a path)."""
+    path = _jobs_file(tmp_path, "\ufeffportrait,driver,,output,,\r\na.png,d.mp4,,o.mp4,,\r\nb.png,d.mp4,,p.mp4,,,,\r\n"
+                                ",,,,,\r\n")
+    jobs = read_jobs(path, BASE)
+    assert [(j.portrait, j.output, j.options, j.config) for j in jobs] == [
+        (tmp_path / "a.png", tmp_path / "o.mp4", {}, {}), (tmp_path / "b.png", tmp_path / "p.mp4", {}, {})]
+    for row, message in (("a.png,d.mp4,note,o.mp4,,", r"jobs.csv:2: 'note' in column 3, which has no name"),
+                         ("a.png,d.mp4,,o.mp4,,,x", r"jobs.csv:2: 7 cell\(s\), the header has 6 \(a comma inside"),
+                         ("a.png,d.mp4,,o.mp4", r"jobs.csv:2: 4 cell\(s\), the header has 6 \(each row has a cell for "
+                                                r"each column, an empty one too: a separator is missing\)")):
+        with pytest.raises(InputError, match=message):
+            read_jobs(_jobs_file(tmp_path, f"portrait,driver,,output,,\n{row}\n"), BASE)
+
+
 def test_a_linked_folder_does_not_hide_two_jobs_writing_one_result(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "out")
