@@ -605,7 +605,7 @@ class StatsFile:
 
     def __init__(self, path: Path | None, command: str, results: Sequence[Path] = (),
                  inputs: Sequence[Path | None] = (), options: dict[str, Any] | None = None,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, given: dict[str, str] | None = None) -> None:
         if path is not None:
             if path.is_dir():
                 raise InputError(f"{path}: --stats names a file to write, and this is a folder")
@@ -619,6 +619,8 @@ class StatsFile:
         self.options = options or {}  # the result-shaping flags that are no AnimateConfig field
         self.runs: list[dict] = []
         self.settings: dict[str, Any] = {}  # torch's version and the run settings, known once a result is made
+        # inputs' local copies -> as given (web addresses, standard input: args.addresses), how records name them
+        self.given = {} if given is None else given
 
     def add(self, anim: Animator | dict[str, Any], job: Job, stats: RunStats | None = None, error: str | None = None,
             made_by: str | None = None) -> None:
@@ -663,10 +665,23 @@ class StatsFile:
         doc = {"command": self.command, "megactor_rt": __version__,
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **self.settings,
                "options": self.options, "runs": self.runs}
+        doc = self._as_given(doc)
         try:
             write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
         except OSError as exc:
             raise InputError(f"{self.path}: cannot write the --stats file ({exc})") from exc
+
+    def _as_given(self, value: Any) -> Any:
+        """``value`` (the document, or a part of it) with the inputs' local copies named as they were given (a
+        download by its address: the copy is gone once the command ends)."""
+        if isinstance(value, dict):
+            return {k: self._as_given(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._as_given(v) for v in value]
+        if isinstance(value, str):
+            for copy, given in self.given.items():
+                value = value.replace(copy, given)
+        return value
 
 
 # the formats results are written in (megactor_rt.media.ALL_RESULT_SUFFIXES, not imported here: PyAV takes a while)
@@ -1130,7 +1145,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         batch = len(jobs) > 1 or jobs[0].output != args.output  # (one pair into a folder: as a batch)
         inputs = [*args.portrait, *args.driver, args.mask]
     record = StatsFile(args.stats, "animate", [job.output for job in jobs], [*inputs, args.audio],
-                       _stats_options(args), dry_run=args.dry_run)
+                       _stats_options(args), dry_run=args.dry_run, given=getattr(args, "addresses", None))
     _check_sequence_options([job.output for job in jobs], args)
     if args.jobs is None:
         _check_files(args.portrait, args.driver, None if batch else jobs[0].output, args.mask, args.audio,
@@ -1481,7 +1496,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     portrait = args.portrait or ASSETS_DIR / "portrait.png"
     driver = args.driver or ASSETS_DIR / "driver.mp4"
     record = StatsFile(args.stats, "demo", [args.output], [portrait, driver, args.mask, args.audio],
-                       _stats_options(args))
+                       _stats_options(args), given=getattr(args, "addresses", None))
     _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start, args.sequence_fps)
     _check_quality(args.output, args.crf)
     _check_sequence_options([args.output], args)

@@ -706,6 +706,52 @@ def test_a_jobs_file_runs_its_pairs_with_their_own_options(weights: Path, media:
     assert code == 2 and f"kept {late}" in stdout and f"kept {quiet}" in stdout and late.stat().st_mtime == 1e9
 
 
+@pytest.fixture()
+def web(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A local web server (its address) for the files in a folder (its path)."""
+    import functools
+    import http.server
+    import threading
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # (the local server is reached directly)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    served = tmp_path / "served"
+    served.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", served
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_stats_name_a_jobs_files_web_inputs_by_their_addresses(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                               web: tuple[str, Path],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--stats records a downloaded input by its address, in a written result's record and a failed one's (was the
+    temporary copy's path, gone once the command ends)."""
+    url, served = web
+    shutil.copy(media["portrait"], served / "me.png")
+    shutil.copy(media["driver"], served / "talk.mp4")
+    jobs, stats = tmp_path / "jobs.csv", tmp_path / "stats.json"
+    jobs.write_text(f"portrait,driver,output,start\n{url}/me.png,{url}/talk.mp4,a.mp4,\n"
+                    f"{url}/me.png,{url}/talk.mp4,b.mp4,60\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--device", "cpu", *FAST,
+                       "--stats", stats)
+    assert code == 2 and f"error: {jobs}:3: " in err, err
+    text = stats.read_text()
+    runs = json.loads(text)["runs"]
+    assert [(r["portrait"], r["driver"], "error" in r) for r in runs] == [
+        (f"{url}/me.png", f"{url}/talk.mp4", False), (f"{url}/me.png", f"{url}/talk.mp4", True)]
+    assert "megactor-rt-" not in text  # (no temporary copy named anywhere)
+
+
 @pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf",
                                   "folder-is-a-file"])
 def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path, media: dict[str, Path],
