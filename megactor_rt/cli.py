@@ -448,9 +448,24 @@ def _download_inputs(args: argparse.Namespace) -> None:
 
 def _local_job_inputs(jobs: list[Job], args: argparse.Namespace) -> list[Job]:
     """A jobs file's web addresses (portrait, driver, mask, audio cells) downloaded, each once, before any work
-    (:func:`_local`)."""
+    (:func:`_local`).
+
+    Raises:
+        InputError, ResourceError: a download that failed, named by the first row that gives its address.
+    """
+    from megactor_rt.errors import ResourceError
+    from megactor_rt.remote import as_url
+
     keys = ("mask", "audio")
-    cells = _local([p for job in jobs for p in (job.portrait, job.driver, *(job.options.get(k) for k in keys))], args)
+    given = [p for job in jobs for p in (job.portrait, job.driver, *(job.options.get(k) for k in keys))]
+    try:
+        cells = _local(given, args)
+    except (InputError, ResourceError) as exc:  # (it names the address; the row is the jobs file's to name)
+        named = [(len(u), -i) for i, p in enumerate(given) if (u := as_url(p)) is not None and u in str(exc)]
+        if not named:
+            raise
+        first = -max(named)[1]  # (the longest address named: the first cell giving it)
+        raise type(exc)(f"{jobs[first // (2 + len(keys))].where}: {exc}") from None
     for job, at in zip(jobs, range(0, len(cells), 2 + len(keys)), strict=True):
         job.portrait, job.driver = cells[at], cells[at + 1]
         for i, key in enumerate(keys, at + 2):

@@ -752,6 +752,19 @@ def test_stats_name_a_jobs_files_web_inputs_by_their_addresses(weights: Path, me
     assert "megactor-rt-" not in text  # (no temporary copy named anywhere)
 
 
+def test_a_failed_download_names_the_jobs_files_row(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                    web: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A row's address that cannot be downloaded is named with the first row giving it, as the jobs file's other
+    errors are (was the address alone: which of a thousand rows?), before any work."""
+    url, _ = web
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output\n{media['portrait']},{media['driver']},a.mp4\n"
+                    f"{media['portrait']},{url}/gone.mp4,b.mp4\n{url}/gone.png,{url}/gone.mp4,c.mp4\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2 and f"error: {jobs}:3: {url}/gone.mp4: the server answered 404" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv", "served"]
+
+
 @pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf",
                                   "folder-is-a-file"])
 def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path, media: dict[str, Path],
