@@ -858,7 +858,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         result_folder,
         result_replaces,
     )
-    from megactor_rt.sequence import is_frame_pattern
+    from megactor_rt.sequence import frame_pattern, is_frame_pattern, is_sequence
 
     given = [flag for flag, name in _NOT_WITH_JOBS if getattr(args, name) is not None]
     if given:
@@ -868,9 +868,22 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
                                                     job.options.get("audio"), args.audio)
               if isinstance(p, Path) and (p.exists() or is_frame_pattern(p))}  # (an image sequence's pattern too)
+    made = {os.path.realpath(job.output): job for job in jobs}  # (a row's input that another row makes: its
+    for job in jobs:                                                # result, a frame sequence's folder or frame)
+        if is_sequence(job.output):
+            with contextlib.suppress(InputError):
+                made.setdefault(os.path.realpath(frame_pattern(job.output).folder), job)
     for job in jobs:
         options = _result_options(args) | job.options
         try:
+            for path, what in ((job.portrait, "portrait"), (job.driver, "driver"), (options["mask"], "mask"),
+                               (options["audio"], "audio file")):
+                maker = (made.get(os.path.realpath(path)) or made.get(os.path.realpath(path.parent))
+                         if isinstance(path, Path) and not path.exists() else None)
+                if maker is not None:
+                    raise InputError(f"{path}: the {what} is the result of {maker.where}, which does not exist yet; "
+                                     "every row's files are checked before any runs: make it first (a jobs file of "
+                                     "its own), then this row")
             for path, what in ((job.portrait, "portrait"), (options["mask"], "mask")):
                 if path is not None:
                     require_file(Path(path), what)

@@ -765,6 +765,25 @@ def test_a_failed_download_names_the_jobs_files_row(weights: Path, media: dict[s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv", "served"]
 
 
+@pytest.mark.parametrize(("row", "named"), [("{portrait},out/a.mp4,b.mp4", "out/a.mp4: the driver"),
+                                            ("out/seq/00001.png,{driver},b.mp4", "out/seq/00001.png: the portrait"),
+                                            ("{portrait},out/seq,b.mp4", "out/seq: the driver")],
+                         ids=["result-as-driver", "sequence-frame-as-portrait", "sequence-folder-as-driver"])
+def test_a_row_using_another_rows_result_is_named_so(row: str, named: str, weights: Path, media: dict[str, Path],
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A row whose input is another row's result (not made yet: every row is checked before any runs) says so (was
+    "driver file does not exist", though the file names a result of the same jobs file)."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output\n{media['portrait']},{media['driver']},out/a.mp4\n"
+                    f"{media['portrait']},{media['driver']},out/seq/%05d.png\n"
+                    + row.format(**media) + "\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--device", "cpu", *FAST)
+    where = 2 if "a.mp4" in named else 3
+    assert code == 2 and f"error: {jobs}:4: {tmp_path / named} is the result of {jobs}:{where}, which does not exist " \
+        "yet" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv"]
+
+
 @pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf",
                                   "folder-is-a-file"])
 def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path, media: dict[str, Path],
