@@ -1077,8 +1077,10 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     """``--dry-run``: each job's portrait crop and driver plan (:mod:`megactor_rt.runtime.preflight`), without
     loading the weights or writing anything; a line per job on stdout (``ok``) or stderr (``error``). Without
     ``--weights``: as the released model's settings would have it (512 px, or ``--size``)."""
+    from megactor_rt.media import check_not_an_input, check_result_rate
     from megactor_rt.runtime.animator import check_schedule
-    from megactor_rt.runtime.preflight import preflight
+    from megactor_rt.runtime.driver import driver_file, driver_source
+    from megactor_rt.runtime.preflight import Preflight, preflight
 
     model, size, _ = _model_unloaded(args)
     graphs = _export_unloaded(args)
@@ -1088,17 +1090,33 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
 
         landmarker = Landmarker(args.landmarks_model)
     failed = 0
+    # what the rows with the same portrait, driver and settings find (a jobs file's rows, in a batch each portrait's
+    # driver): found once, as the run prepares a portrait and plans a driver once (was: faces found again per row)
+    found_for: dict[str, Preflight | MegactorError] = {}
     for job in jobs:
         options = _result_options(args) | job.options
+        run = job.run_config(config)
         try:
-            check_schedule(model, job.run_config(config))
+            check_schedule(model, run)
             if graphs is not None:
-                graphs.check_run(job.run_config(config))
-            found = preflight(job.portrait, _run_driver(job.driver, args, job), job.output, image_size=size,
-                              config=job.run_config(config),
-                              face_crop=not args.no_face_crop, face=options["face"],
-                              driver_face=options["driver_face"], mask=options["mask"], landmarker=landmarker,
-                              contour_affine_frame=args.contour_affine_frame, folders_made=True)
+                graphs.check_run(run)
+            driver = _run_driver(job.driver, args, job)
+            key = json.dumps([str(job.portrait), str(job.driver), str(_sequence_fps(args, job)), run.plain(),
+                              options["face"], options["driver_face"], str(options["mask"])], default=str)
+            if key not in found_for:
+                try:
+                    found_for[key] = preflight(job.portrait, driver, None, image_size=size, config=run,
+                                               face_crop=not args.no_face_crop, face=options["face"],
+                                               driver_face=options["driver_face"], mask=options["mask"],
+                                               landmarker=landmarker, contour_affine_frame=args.contour_affine_frame)
+                except MegactorError as exc:
+                    found_for[key] = exc
+            found = found_for[key]
+            if isinstance(found, MegactorError):
+                raise found
+            check_not_an_input(job.output, portrait=job.portrait, driver=driver_file(driver_source(driver)),
+                               mask=options["mask"])  # (the result's own checks, per row)
+            check_result_rate(job.output, found.fps)
         except MegactorError as exc:
             _job_error(args, job, exc)
             failed += 1
