@@ -858,7 +858,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         result_folder,
         result_replaces,
     )
-    from megactor_rt.sequence import frame_pattern, is_frame_pattern, is_sequence
+    from megactor_rt.sequence import frame_pattern, is_frame_pattern, is_sequence, sequence_pattern
 
     given = [flag for flag, name in _NOT_WITH_JOBS if getattr(args, name) is not None]
     if given:
@@ -888,6 +888,9 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
                 if path is not None:
                     require_file(Path(path), what)
             _require_driver(job.driver, _sequence_fps(args, job))
+            if job.sequence_fps is not None and sequence_pattern(job.driver) is None:
+                logger.warning("%s: sequence_fps sets the rate of an image-sequence driver (plate/%%04d.png, "
+                               "plate/); %s is none: ignored", job.where, job.driver)
             check_sound(options["audio"], options["audio_start"])
             if args.no_face_crop and (job.options.keys() & {"face", "driver_face"}):
                 raise InputError("portrait_face and driver_face choose where the face crop centres; they cannot be "
@@ -1002,8 +1005,9 @@ def _flags_apply(flags: list[str]) -> tuple[str, str]:
     return " and ".join(flags), "apply" if len(flags) > 1 else "applies"
 
 
-def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> None:
-    """Options that change nothing with the others given: say so (once, before any work)."""
+def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig, jobs: Sequence[Job] = ()) -> None:
+    """Options that change nothing with the others given (``jobs``: a jobs file's rows, whose drivers they are):
+    say so (once, before any work)."""
     if not args.contour:
         given = [flag for flag, set_ in (("--landmarks-model", args.landmarks_model is not None),
                                          ("--contour-affine-frame", args.contour_affine_frame != "last")) if set_]
@@ -1023,6 +1027,7 @@ def _note_ignored_options(args: argparse.Namespace, config: AnimateConfig) -> No
                        config.cfg_steps, config.steps)
     named = getattr(args, "driver", None)  # animate: a list (None with --jobs); demo: one path or None
     drivers = named if isinstance(named, list) else [] if args.command != "demo" else [named or Path("driver.mp4")]
+    drivers = drivers or [job.driver for job in jobs if job.sequence_fps is None]  # (a row's own rate: its own)
     if args.sequence_fps is not None and drivers:
         from megactor_rt.sequence import is_frame_pattern
 
@@ -1203,7 +1208,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         check_converted_folder(args.weights)
     if args.jobs is None:
         config = _run_config(args)
-    _note_ignored_options(args, config)
+    _note_ignored_options(args, config, jobs if args.jobs is not None else ())
     if args.checkpoint_dir is not None:
         from megactor_rt.runtime.checkpoint import check_checkpoint_dir, warn_stale_checkpoints
 

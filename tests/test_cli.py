@@ -897,6 +897,22 @@ def test_a_dry_run_finds_a_shared_portrait_and_driver_once(weights: Path, media:
     assert err.count("no face found") == 2 and f"{jobs}:8: " in err and f"{jobs}:9: " in err
 
 
+def test_a_sequence_rate_for_a_video_driver_is_said_to_be_ignored(weights: Path, media: dict[str, Path],
+                                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A jobs file's sequence_fps on a row driven by a video, and --sequence-fps with a jobs file of video drivers,
+    change nothing: a warning says so, as --sequence-fps does with --driver (was silent)."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output,sequence_fps\n{media['portrait']},{media['driver']},a.mp4,24\n"
+                    f"{media['portrait']},{media['driver']},b.mp4,\n")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--dry-run", "--sequence-fps", 30)
+    assert code == 0, err
+    assert f"{jobs}:2: sequence_fps sets the rate of an image-sequence driver" in caplog.text
+    assert "--sequence-fps sets the rate of image-sequence drivers (plate/%04d.png, plate/); none is given: ignored" \
+        in caplog.text
+
+
 def test_a_result_carries_its_settings(weights: Path, media: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Every setting of the run, the weights id and the inputs' file names (not their folders) are in the result's
