@@ -667,8 +667,11 @@ class StatsFile:
         that differ from this run's (``_changed_settings``)."""
         if self.path is None:
             return
+        from megactor_rt.remote import as_url
+
         other = {"other_settings": changed} if changed else {}
-        self.runs.append({"portrait": str(job.portrait), "driver": str(job.driver), "output": str(job.output),
+        self.runs.append({"portrait": as_url(job.portrait) or str(job.portrait),  # (an address: not downloaded)
+                          "driver": as_url(job.driver) or str(job.driver), "output": str(job.output),
                           "kept": True, **other})
         self._write()
 
@@ -855,6 +858,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         check_output_path,
         check_sound,
         require_file,
+        result_exists,
         result_folder,
         result_replaces,
     )
@@ -864,7 +868,11 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     if given:
         raise InputError(f"{args.jobs}: the jobs file names each job's portrait, driver, output and mask; "
                          f"{', '.join(given)} cannot be given with --jobs")
-    jobs = _local_job_inputs(read_jobs(args.jobs, config), args)
+    jobs = read_jobs(args.jobs, config)
+    # --skip-existing: a row whose result exists is kept as it is, its inputs neither downloaded (an address that
+    # has expired since) nor checked; the rest are
+    kept = [job for job in jobs if args.skip_existing and result_exists(job.output)]
+    _local_job_inputs([job for job in jobs if job not in kept], args)
     inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
                                                     job.options.get("audio"), args.audio)
               if isinstance(p, Path) and (p.exists() or is_frame_pattern(p))}  # (an image sequence's pattern too)
@@ -873,7 +881,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         if is_sequence(job.output):
             with contextlib.suppress(InputError):
                 made.setdefault(os.path.realpath(frame_pattern(job.output).folder), job)
-    for job in jobs:
+    for job in (job for job in jobs if job not in kept):
         options = _result_options(args) | job.options
         try:
             for path, what in ((job.portrait, "portrait"), (job.driver, "driver"), (options["mask"], "mask"),

@@ -765,6 +765,29 @@ def test_a_failed_download_names_the_jobs_files_row(weights: Path, media: dict[s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv", "served"]
 
 
+def test_skip_existing_keeps_a_row_whose_address_has_gone(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                                         web: tuple[str, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--skip-existing after a partial batch: a row whose result exists is kept without downloading its inputs
+    again (was: every address downloaded again, and one that had expired - a signed link - refused the whole run
+    before any work), and named by its address in --stats."""
+    url, served = web
+    shutil.copy(media["driver"], served / "talk.mp4")
+    jobs, stats = tmp_path / "jobs.csv", tmp_path / "stats.json"
+    jobs.write_text(f"portrait,driver,output\n{media['portrait']},{url}/talk.mp4,a.mp4\n"
+                    f"{media['portrait']},{media['driver']},b.mp4\n")
+    common = ("animate", "--jobs", jobs, "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2)
+    code, _, err = run(capsys, *common)
+    assert code == 0, err
+    (served / "talk.mp4").unlink()  # (the link has expired)
+    (tmp_path / "b.mp4").unlink()  # (the batch stopped before this one)
+    code, stdout, err = run(capsys, *common, "--skip-existing", "--stats", stats)
+    assert code == 0, err
+    assert f"kept {tmp_path / 'a.mp4'}: it exists" in stdout and f"wrote {tmp_path / 'b.mp4'}" in stdout
+    runs = json.loads(stats.read_text())["runs"]
+    assert (runs[0]["driver"], runs[0]["kept"]) == (f"{url}/talk.mp4", True)
+
+
 @pytest.mark.parametrize(("row", "named"), [("{portrait},out/a.mp4,b.mp4", "out/a.mp4: the driver"),
                                             ("out/seq/00001.png,{driver},b.mp4", "out/seq/00001.png: the portrait"),
                                             ("{portrait},out/seq,b.mp4", "out/seq: the driver")],
