@@ -22,6 +22,7 @@ columns a spreadsheet saves beyond the named ones).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -44,6 +45,8 @@ COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUM
 NO_SOUND = "none"
 DECIMAL_COLUMNS = ("start", "duration", "audio_start", "guidance", "fps", "sequence_fps")  # fractional numbers
 _DECIMAL_COMMA = re.compile(r"[-+]?[0-9:]*[0-9],[0-9]+")  # 3,5 or 1:02,5 (a decimal comma)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +108,7 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
     if missing or twice:
         problem = f"no {', '.join(missing)} column" if missing else f"column(s) {', '.join(twice)} given twice"
         raise InputError(f"{path}:{head_line}: {problem} (the first row names the columns: {','.join(REQUIRED)}, ...)")
+    _say_rows_left_out(text, head_line, names, delimiter, path)
     folder = path.parent
     jobs = [_job(path, n, _row_cells(f"{path}:{n}", names, cells), folder, base, decimal_comma=delimiter != ",")
             for n, cells in rows[1:] if any(c.strip() for c in cells)]  # (",,,": a spreadsheet's blank row)
@@ -112,6 +116,19 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: no jobs (only the header row)")
     _check_outputs_apart(jobs)
     return jobs
+
+
+def _say_rows_left_out(text: str, head_line: int, names: list[str], delimiter: str, path: Path) -> None:
+    """A warning for each ``#`` line after the header that reads as a row whose first cell, ``#`` and all, names a
+    file there (``#1.png``): a row of a file whose name begins with ``#`` is a comment, left out without a word
+    otherwise (a row commented out, ``#a.png,...`` for ``a.png``, is not named)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if n <= head_line or not line.lstrip().startswith("#"):
+            continue
+        cells = next(csv.reader([line.lstrip()], delimiter=delimiter, skipinitialspace=True), [])
+        if len(cells) == len(names) and os.path.exists(path.parent / cells[0].strip()):
+            logger.warning("%s:%d: left out as a comment (it begins with #), though it reads as a row; a path "
+                           "beginning with # goes in double quotes (\"#1.png\")", path, n)
 
 
 def _check_outputs_apart(jobs: list[Job]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -130,6 +131,21 @@ def test_a_spreadsheets_unnamed_and_trailing_empty_columns_are_taken(tmp_path: P
                                                 r"each column, an empty one too: a separator is missing\)")):
         with pytest.raises(InputError, match=message):
             read_jobs(_jobs_file(tmp_path, f"portrait,driver,,output,,\n{row}\n"), BASE)
+
+
+def test_a_row_of_a_file_named_with_a_hash_is_not_left_out_without_a_word(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A line beginning with # is a comment, but one whose first cell names a file there (#1.png) is a row lost: a
+    warning names its line (was silent); a row commented out (#a.png for a.png) and a note are not named."""
+    (tmp_path / "#1.png").write_bytes(b"")
+    path = _jobs_file(tmp_path, "portrait,driver,output\na.png,d.mp4,a.mp4\n#1.png,d.mp4,b.mp4\n#a.png,d.mp4,c.mp4\n"
+                                "# takes, final, 2\n\"#1.png\",d.mp4,d.mp4\n")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        jobs = read_jobs(path, BASE)
+    assert [j.output.name for j in jobs] == ["a.mp4", "d.mp4"] and jobs[1].portrait == tmp_path / "#1.png"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:3: left out as a comment (it begins with #), though it reads as a row; a path beginning with # goes "
+        "in double quotes (\"#1.png\")"]
 
 
 def test_a_linked_folder_does_not_hide_two_jobs_writing_one_result(tmp_path: Path) -> None:
