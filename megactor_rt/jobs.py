@@ -76,6 +76,9 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
             row with fewer cells than the header or text in a cell no column name covers, a face number or time that is not one, two jobs
             writing the same result.
     """
+    if str(path) == "-":  # (was "-: jobs file not found")
+        raise InputError("--jobs -: a jobs file is read from its path, not standard input (its rows' paths are "
+                         "relative to its folder): save it as a file and name that")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -84,6 +87,9 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: --jobs names a CSV file, and this is a folder") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the jobs file ({exc})") from exc
+    if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # a zip (.xlsx, .ods, .numbers) or OLE (.xls) file
+        raise InputError(f"{path}: a spreadsheet's workbook, not a CSV file; save the sheet as \"CSV UTF-8\" (or "
+                         "\"Unicode Text\") and name that")
     try:  # UTF-8 with or without a BOM (spreadsheets' "CSV UTF-8"); UTF-16 with its BOM ("Unicode Text": tabs)
         text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -180,6 +180,18 @@ def test_jobs_files_in_a_spreadsheets_encodings(tmp_path: Path) -> None:
         read_jobs(path, BASE)
 
 
+def test_a_workbook_or_standard_input_is_named_as_such(tmp_path: Path) -> None:
+    """An .xlsx/.ods (a zip) or .xls workbook given as the jobs file, and --jobs -, are named as what they are (were
+    "not UTF-8 text (... can't decode byte ...)" and "-: jobs file not found")."""
+    for name, head in (("jobs.xlsx", b"PK\x03\x04\x14\x00\x06\x00"), ("jobs.xls", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")):
+        (tmp_path / name).write_bytes(head + bytes(range(256)))
+        with pytest.raises(InputError, match=rf"{name}: a spreadsheet's workbook, not a CSV file; save the sheet as "
+                                             "\"CSV UTF-8\""):
+            read_jobs(tmp_path / name, BASE)
+    with pytest.raises(InputError, match="--jobs -: a jobs file is read from its path, not standard input"):
+        read_jobs(Path("-"), BASE)
+
+
 def test_an_unreadable_jobs_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="jobs file not found"):
         read_jobs(tmp_path / "missing.csv", BASE)
