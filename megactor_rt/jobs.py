@@ -14,9 +14,10 @@ format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_sta
 ``driver_face``, ``start``, ``duration``, ``seed``, ``steps``, ``guidance``, ``overlap``, ``cfg_steps``, ``fps``,
 ``max_frames``, ``sequence_fps`` (an image-sequence driver's rate), which mean what the ``animate`` flags of the
 same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
-default). Relative paths are relative to the jobs file's folder; blank lines and lines starting with ``#`` are skipped (and rows of empty cells, a spreadsheet's blank rows). Result folders are created.
-Columns without a name in the header row, and cells past its last column, are taken where they are empty (the
-columns a spreadsheet saves beyond the named ones).
+default). Relative paths are relative to the jobs file's folder; blank lines, rows of empty cells (a spreadsheet's
+blank rows) and lines starting with ``#`` are skipped. Result folders are created. Columns without a name in the
+header row, and cells past its last column, are taken where they are empty (the columns a spreadsheet saves beyond
+the named ones).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
 
     Raises:
         InputError: naming the file and line: unreadable file, no header or rows, a missing or unknown column, a
-            row with fewer cells than the header or text in a cell no column name covers, a face number or time that is not one, two jobs
-            writing the same result.
+            row with fewer cells than the header or text in a cell no column name covers, a face number or time
+            that is not one, two jobs writing the same result.
     """
     if str(path) == "-":  # (was "-: jobs file not found")
         raise InputError("--jobs -: a jobs file is read from its path, not standard input (its rows' paths are "
