@@ -13,7 +13,7 @@ Columns (any order; the first three are required): ``portrait``, ``driver``, ``o
 format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_start``, ``portrait_face``,
 ``driver_face``, ``start``, ``duration``, ``seed``, ``steps``, ``guidance``, ``overlap``, ``cfg_steps``, ``fps``,
 ``max_frames``, ``sequence_fps`` (an image-sequence driver's rate), which mean what the ``animate`` flags of the
-same name mean (with ``-`` for ``_``). An empty cell takes the flag's value (or its
+same name mean (with ``-`` or a space for ``_``, in any case). An empty cell takes the flag's value (or its
 default). Relative paths are relative to the jobs file's folder; blank lines, rows of empty cells (a spreadsheet's
 blank rows) and lines starting with ``#`` are skipped. Result folders are created. Columns without a name in the
 header row, and cells past its last column, are taken where they are empty (the columns a spreadsheet saves beyond
@@ -105,7 +105,8 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: the jobs file is empty (a header row, then one row per result: "
                          f"{','.join(REQUIRED)})")
     head_line, header = rows[0]
-    names = [c.strip().lower().replace("-", "_") for c in header]  # ("": a column without a name, left empty)
+    # ("Portrait face", "max-frames": portrait_face, max_frames; "": a column without a name, left empty)
+    names = [re.sub(r"[\s_-]+", "_", c.strip().lower()) for c in header]
     unknown = [c for c in names if c and c not in COLUMNS]
     if unknown:
         raise InputError(f"{path}:{head_line}: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "

@@ -148,6 +148,15 @@ def test_a_row_of_a_file_named_with_a_hash_is_not_left_out_without_a_word(tmp_pa
         "in double quotes (\"#1.png\")"]
 
 
+def test_a_header_written_as_words_names_its_columns(tmp_path: Path) -> None:
+    """A spreadsheet's headings as people type them ("Portrait face", "Max  Frames", "audio-start") name the columns
+    (were "unknown column(s) 'portrait face'")."""
+    (job,) = read_jobs(_jobs_file(tmp_path, "Portrait,Driver,Output,Portrait face,Max  Frames,audio-start,Audio\n"
+                                            "a.png,d.mp4,o.mp4,2,12,1.5,s.wav\n"), BASE)
+    assert job.options == {"face": 2, "audio_start": 1.5, "audio": tmp_path / "s.wav"}
+    assert job.config == {"max_frames": 12}
+
+
 def test_a_linked_folder_does_not_hide_two_jobs_writing_one_result(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "out")
