@@ -7,13 +7,16 @@ With ``disk_dir`` (CLI ``--cache-dir``) each state is written there after a run 
 fill during the first run) and read back on a memory miss, e.g. by the next process: a later run with the
 same portrait, weights and settings then runs no network on the portrait (its crop, face detection and
 person mask still run: they make the key). Files are written under a
-temporary name and renamed; an unreadable file is reported, ignored and rewritten. The store keeps to a size
-budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least recently used files go first.
+temporary name and renamed; an unreadable file is reported, ignored and rewritten, and so is a damaged one: each
+file records a checksum of every tensor (safetensors files carry none of their own, so damaged bytes would be read
+as another portrait's state). The store keeps to a size budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least
+recently used files go first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +54,7 @@ class PortraitCache:
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._mem: OrderedDict[str, PortraitState] = OrderedDict()
         self._on_disk: dict[str, tuple[frozenset[int], str | None, bool]] = {}  # key -> what its file holds
+        self._unchecked: set[str] = set()  # keys read from a file without checksums (an older version's): rewritten
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
@@ -82,8 +86,8 @@ class PortraitCache:
             state = self._mem.get(key)  # another thread may have put or read it meanwhile: that one is used
             if state is None and loaded is not None:
                 state = self._mem[key] = loaded
-                if self._path(key).is_file():  # not removed meanwhile by another process trimming the store
-                    self._on_disk[key] = _content(loaded)
+                if self._path(key).is_file() and key not in self._unchecked:  # (not removed meanwhile by another
+                    self._on_disk[key] = _content(loaded)  # process trimming the store; unchecked: rewritten)
                 self.disk_hits += 1
             if state is None:
                 self.misses += 1
@@ -129,6 +133,7 @@ class PortraitCache:
             return
         with self._lock:
             content, tensors, meta = _snapshot(state)
+        meta["sha256"] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         final = self._path(state.key)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
@@ -139,6 +144,7 @@ class PortraitCache:
                 tmp.replace(final)
                 with self._lock:
                     self._on_disk[state.key] = content
+                    self._unchecked.discard(state.key)
         finally:
             tmp.unlink(missing_ok=True)
         logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(content[0]))
@@ -190,6 +196,12 @@ class PortraitCache:
                     logger.warning("portrait cache: %s holds another portrait state; ignoring it", path)
                     return None
                 t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable; host
+            damaged = _damaged(t, meta)
+            if damaged:
+                named = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+                logger.warning("portrait cache: %s is damaged (%s does not match the checksum saved with it); "
+                               "computing the portrait again", path, named)
+                return None
             with torch.inference_mode():  # as a computed state's (a compiled UNet's guards tell them apart)
                 d = {k: v.to(device, copy=True) for k, v in t.items() if k not in _HOST_TENSORS}
             banks: dict[int, list[torch.Tensor]] = {}
@@ -212,6 +224,9 @@ class PortraitCache:
             return None
         with contextlib.suppress(OSError):  # removed meanwhile by another process trimming the store: it stands
             os.utime(path)  # recently used: the last to go when the store is over its budget
+        if "sha256" not in meta:  # written by an older version: used, and rewritten with checksums after its run
+            with self._lock:
+                self._unchecked.add(key)
         return state
 
 
@@ -254,7 +269,25 @@ def _content(state: PortraitState) -> tuple[frozenset[int], str | None, bool]:
             state.token_kv is not None)
 
 
-def _file_key(key: str) -> str:
-    import hashlib
+def _checksum(t: torch.Tensor) -> str:
+    """A tensor's SHA-256 (of its dtype, shape and bytes; 128 bits of it, in hex)."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:32]
 
+
+def _checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: _checksum(t) for name, t in tensors.items()}
+
+
+def _damaged(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> list[str]:
+    """The names of the tensors read from a store file that do not match the checksums its metadata records (a
+    tensor without one counts as damaged; a file without checksums, written by an older version, has none)."""
+    if "sha256" not in meta:
+        return []
+    saved = json.loads(meta["sha256"])
+    return sorted(name for name, t in tensors.items() if saved.get(name) != _checksum(t))
+
+
+def _file_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
