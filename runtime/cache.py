@@ -10,16 +10,19 @@ person mask still run: they make the key). Files are written under a
 temporary name and renamed; an unreadable file is reported, ignored and rewritten, and so is a damaged one: each
 file records a checksum of every tensor (safetensors files carry none of their own, so damaged bytes would be read
 as another portrait's state). The store keeps to a size budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least
-recently used files go first.
+recently used files go first; so they do where the store's disk has no room for a file to be written (a
+budget larger than the disk's free space: the store rotates instead of keeping its old files and storing no new one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import uuid
 from collections import OrderedDict
@@ -136,6 +139,8 @@ class PortraitCache:
         meta["sha256"] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         final = self._path(state.key)
+        with self._lock:
+            self._make_room(_file_bytes(tensors, meta), keep=final)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
         try:
             save_file(tensors, str(tmp), metadata=meta)
@@ -157,6 +162,35 @@ class PortraitCache:
         one may belong to another process writing now: :func:`megactor_rt.files.remove_stale`)."""
         assert self.disk_dir is not None
         remove_stale(self.disk_dir, "*.safetensors.*.tmp")
+        total = 0
+        for _, size, path in reversed(self._files()):  # newest first: each one stays while the store still fits
+            if path != keep and total + size > self.max_disk_bytes:
+                self._remove(path, f"store over {self.max_disk_bytes / 2**30:.3g} GiB")
+                continue
+            total += size
+
+    def _make_room(self, need: int, keep: Path) -> None:
+        """Where the store's disk has less than ``need`` bytes free (the file about to be written), delete the least
+        recently used state files (not ``keep``) until it has, or raise ENOSPC (deleting none) where deleting them
+        all would not make room."""
+        assert self.disk_dir is not None
+        free = shutil.disk_usage(self.disk_dir).free
+        if free >= need:
+            return
+        files = [(size, path) for _, size, path in self._files() if path != keep]  # oldest first
+        if free + sum(size for size, _ in files) < need:
+            raise OSError(errno.ENOSPC, f"the disk holding it has {free / 2**20:.1f} MiB free and the portrait's file "
+                          f"needs {need / 2**20:.1f} MiB")
+        for _, path in files:
+            self._remove(path, f"the disk holding the store has {free / 2**20:.1f} MiB free, the portrait's file "
+                               f"needs {need / 2**20:.1f} MiB")
+            free = shutil.disk_usage(self.disk_dir).free
+            if free >= need:
+                return
+
+    def _files(self) -> list[tuple[int, int, Path]]:
+        """The store's state files as (modification time, size, path), least recently used first."""
+        assert self.disk_dir is not None
         found = []
         for p in self.disk_dir.glob("*.safetensors"):
             try:
@@ -164,15 +198,12 @@ class PortraitCache:
             except FileNotFoundError:  # removed meanwhile by another process trimming a shared store
                 continue
             found.append((st.st_mtime_ns, st.st_size, p))
-        files = sorted(found, reverse=True)
-        total = 0
-        for _, size, path in files:  # newest first: each one stays while the store still fits
-            if path != keep and total + size > self.max_disk_bytes:
-                path.unlink(missing_ok=True)
-                self._on_disk = {k: v for k, v in self._on_disk.items() if self._path(k) != path}
-                logger.info("portrait cache: removed %s (store over %.3g GiB)", path.name, self.max_disk_bytes / 2**30)
-                continue
-            total += size
+        return sorted(found)
+
+    def _remove(self, path: Path, why: str) -> None:
+        path.unlink(missing_ok=True)
+        self._on_disk = {k: v for k, v in self._on_disk.items() if self._path(k) != path}
+        logger.info("portrait cache: removed %s (%s)", path.name, why)
 
     def _path(self, key: str) -> Path:
         assert self.disk_dir is not None
@@ -274,6 +305,12 @@ def _checksum(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:32]
+
+
+def _file_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
+    """About the size of the safetensors file of ``tensors`` and ``meta`` (the data, and a header of at most this
+    much: a few hundred bytes a tensor and the metadata)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 256 * len(tensors) + len(json.dumps(meta))
 
 
 def _checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:

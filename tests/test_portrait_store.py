@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from media_fixtures import PORTRAIT, write_face_driver
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -106,3 +107,65 @@ def test_a_checksum_names_the_tensor_it_was_made_of(anim: Animator, tmp_path: Pa
     tensors["film_scale"], tensors["film_shift"] = tensors["film_shift"], tensors["film_scale"]
     save_file(tensors, str(path), metadata=meta)
     assert PortraitCache(disk_dir=store).get("swapped") is None
+
+
+def _disk_of(monkeypatch: pytest.MonkeyPatch, store: Path, capacity: int) -> None:
+    """Make the store's disk look ``capacity`` bytes large, holding nothing but the store's files."""
+    import shutil
+
+    from megactor_rt.runtime import cache as cache_module
+
+    def usage(path: object) -> shutil._ntuple_diskusage:  # type: ignore[name-defined]
+        used = sum(p.stat().st_size for p in store.iterdir())
+        return shutil._ntuple_diskusage(capacity, used, max(capacity - used, 0))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", usage)
+
+
+def test_a_store_on_a_full_disk_removes_its_least_recently_used_files_to_make_room(
+        anim: Animator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget larger than the disk's free space (the default 20 GiB on a small disk): once the disk is full the
+    least recently used files go to make room for the new one, as over the budget (was: every later portrait failed
+    with 'No space left on device' and the store kept its old files for ever)."""
+    import os
+
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store)
+    cache.save(replace(base, key="old"))
+    size = cache._path("old").stat().st_size
+    cache.save(replace(base, key="used"))
+    os.utime(cache._path("old"), ns=(1, 1))
+    os.utime(cache._path("used"), ns=(2, 2))
+    _disk_of(monkeypatch, store, capacity=2 * size + size // 2)  # room for two files
+    assert cache.persist(replace(base, key="new"))
+    assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("used", "new"))
+    assert PortraitCache(disk_dir=store).get("new") is not None
+
+
+def test_a_disk_too_small_for_one_file_removes_nothing(anim: Animator, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Where even an empty store would not hold the new file, no file is removed for nothing: a warning, and the
+    portrait is not stored."""
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store)
+    cache.save(replace(base, key="kept"))
+    size = cache._path("kept").stat().st_size
+    _disk_of(monkeypatch, store, capacity=size + size // 2)
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        assert not cache.persist(replace(base, key="big", banks={999: [torch.zeros(size // 2)]}))  # 2x the file
+    assert "not stored" in caplog.text and "MiB free" in caplog.text
+    assert [p.name for p in store.iterdir()] == [cache._path("kept").name]
+
+
+def test_the_room_asked_for_is_at_least_the_file_written(anim: Animator, tmp_path: Path) -> None:
+    from megactor_rt.runtime.cache import _checksums, _file_bytes, _snapshot
+
+    state = replace(anim.prepare(PORTRAIT), key="sized")
+    _, tensors, meta = _snapshot(state)
+    meta["sha256"] = json.dumps(_checksums(tensors))
+    cache = PortraitCache(disk_dir=tmp_path)
+    cache.save(state)
+    assert _file_bytes(tensors, meta) >= cache._path("sized").stat().st_size
