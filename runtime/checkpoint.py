@@ -15,7 +15,8 @@ and driver saved with other settings (a setting changed before starting it again
 (neither is continued from). Wrapping windows only (the default): open windows (``--no-wrap``) finish frames at
 different steps, so there is no state "after step i" to save. With feature reuse only the steps before a whole
 UNet step are saved (the features kept in between are not). At 512 px a checkpoint is 64 KiB per frame (1.2 GB for
-18 000 frames, rewritten after each step; the atomic write needs room for two while it is made).
+18 000 frames, rewritten after each step; the atomic write needs room for two while it is made). The temporary file
+of a save killed midway is removed by the next run using the folder once it is an hour old.
 
 A checkpoint that cannot be written (a full disk, a folder made read-only meanwhile) does not end the run: it is
 said once (a warning) and the run goes on without saving more (the run is not lost for want of its insurance; a
@@ -38,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.errors import InputError
-from megactor_rt.files import not_writable, unwritable
+from megactor_rt.files import not_writable, remove_stale, unwritable
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +124,9 @@ class StepCheckpoint:
                              "--checkpoint-dir)")
         self.key, self.steps, self.resumable, self.inputs = key, steps, resumable, inputs
         self.failed: OSError | None = None  # why a save failed: no more are tried (the run goes on without)
+        remove_stale(self.folder, ".run-*.safetensors.*.tmp")  # any run's save killed midway (kill -9, a preempted
+        # machine) an hour ago or more: as large as its checkpoint, and named by no warning (was: left for ever where
+        # that run was not started again with the same settings; write_atomic cleans only its own file's)
 
     def load(self, latents: torch.Tensor) -> int:
         """Copy the saved latents into ``latents`` and return the step to continue with (0: nothing saved, or a

@@ -281,3 +281,24 @@ def test_a_checkpoint_without_a_checksum_is_named_as_an_older_versions(anim: Ani
         with caplog.at_level(logging.WARNING, logger="megactor_rt"):
             _run(anim, driver, tmp_path, replace(CFG, seed=turn))
         assert ("1 checkpoint(s) written by an older megactor-rt, e.g. " + older.name in caplog.text) is (turn == 1)
+
+
+def test_a_save_killed_midway_leaves_no_file_for_ever(anim: Animator, driver: Path, tmp_path: Path) -> None:
+    """A run killed while writing its checkpoint (kill -9, a preempted machine) leaves the atomic write's temporary
+    file, as large as the checkpoint; the next run using the folder, with any settings, removes it once it is an hour
+    old (was: left for ever unless that very run was started again, and named by no warning), and keeps a younger one
+    (another run may be writing it now)."""
+    import os
+    import time
+
+    from megactor_rt.files import STALE_S
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    old, young = folder / ".run-0123.safetensors.abcd1234.tmp", folder / ".run-4567.safetensors.efgh5678.tmp"
+    for p in (old, young):
+        p.write_bytes(b"half a checkpoint")
+    then = time.time() - STALE_S - 60
+    os.utime(old, (then, then))
+    _run(anim, driver, folder)
+    assert sorted(p.name for p in folder.iterdir()) == [young.name]
