@@ -80,7 +80,13 @@ class PortraitCache:
             if state is not None:
                 self._mem.move_to_end(key)
                 self.hits += 1
-                return state
+                stored = self._path(key) if key in self._on_disk else None
+        if state is not None:
+            if stored is not None:  # a use of its file too: the last to go when the store is over its budget (was:
+                with contextlib.suppress(OSError):  # a portrait used from memory all along went first)
+                    os.utime(stored)
+            return state
+        with self._lock:
             if self.disk_dir is None:
                 self.misses += 1
                 return None

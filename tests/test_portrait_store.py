@@ -169,3 +169,24 @@ def test_the_room_asked_for_is_at_least_the_file_written(anim: Animator, tmp_pat
     cache = PortraitCache(disk_dir=tmp_path)
     cache.save(state)
     assert _file_bytes(tensors, meta) >= cache._path("sized").stat().st_size
+
+
+def test_a_portrait_used_from_memory_is_recently_used_on_disk_too(anim: Animator, tmp_path: Path) -> None:
+    """A batch using one portrait for hours (from memory after its first run) while writing others: its file counts as
+    used at each use and stays when the store trims (was: its file kept the time of its writing and went first)."""
+    import os
+
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store)
+    cache.save(replace(base, key="other"))
+    size = cache._path("other").stat().st_size
+    cache.max_disk_bytes = 2 * size + size // 2  # room for two files
+    hot = replace(base, key="hot")
+    cache.put(hot)
+    assert cache.persist(hot)
+    os.utime(cache._path("hot"), ns=(1, 1))  # written long ago ...
+    os.utime(cache._path("other"), ns=(2, 2))
+    assert cache.get("hot") is hot  # ... and used now, from memory
+    cache.save(replace(base, key="new"))
+    assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("hot", "new"))
