@@ -83,8 +83,13 @@ class PortraitCache:
                 stored = self._path(key) if key in self._on_disk else None
         if state is not None:
             if stored is not None:  # a use of its file too: the last to go when the store is over its budget (was:
-                with contextlib.suppress(OSError):  # a portrait used from memory all along went first)
+                try:  # a portrait used from memory all along went first)
                     os.utime(stored)
+                except FileNotFoundError:  # removed by another process trimming the store: written again by persist
+                    with self._lock:
+                        self._on_disk.pop(key, None)
+                except OSError:
+                    pass
             return state
         with self._lock:
             if self.disk_dir is None:

@@ -190,3 +190,15 @@ def test_a_portrait_used_from_memory_is_recently_used_on_disk_too(anim: Animator
     assert cache.get("hot") is hot  # ... and used now, from memory
     cache.save(replace(base, key="new"))
     assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("hot", "new"))
+
+
+def test_a_file_removed_by_another_process_is_written_again(anim: Animator, tmp_path: Path) -> None:
+    """Another process trimming a shared store removed the file of a portrait this one holds in memory: the next run
+    with it writes it again (was: the cache still took it for stored, and the next process computed it again)."""
+    cache = PortraitCache(disk_dir=tmp_path / "portraits")
+    hot = replace(anim.prepare(PORTRAIT), key="hot")
+    cache.put(hot)
+    assert cache.persist(hot) and not cache.persist(hot)
+    cache._path("hot").unlink()  # the other process's trim
+    assert cache.get("hot") is hot
+    assert cache.persist(hot) and cache._path("hot").is_file()
