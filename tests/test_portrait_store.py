@@ -202,3 +202,20 @@ def test_a_file_removed_by_another_process_is_written_again(anim: Animator, tmp_
     cache._path("hot").unlink()  # the other process's trim
     assert cache.get("hot") is hot
     assert cache.persist(hot) and cache._path("hot").is_file()
+
+
+def test_a_write_interrupted_leaves_neither_a_half_file_nor_its_temporary(anim: Animator, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while a state file is written: nothing under the final name, and the temporary file is removed."""
+    from megactor_rt.runtime import cache as cache_module
+
+    def half_then_interrupted(tensors: object, path: str, metadata: object = None) -> None:
+        Path(path).write_bytes(b"half a state")
+        raise KeyboardInterrupt
+
+    store = tmp_path / "portraits"
+    cache = PortraitCache(disk_dir=store)
+    monkeypatch.setattr(cache_module, "save_file", half_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.persist(replace(anim.prepare(PORTRAIT), key="cut"))
+    assert list(store.iterdir()) == []
