@@ -205,6 +205,24 @@ def driver_identity(source: Path | DriverFrames) -> list[object] | None:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def driver_content(source: Path | DriverFrames) -> list[object] | None:
+    """What tells a driver's content from another's, wherever its file lies (the hash of its bytes and their
+    count), for a run's checkpoint: a driver downloaded again, or read from standard input again, is a new
+    temporary file with the same bytes; a frame sequence, its frames' :func:`driver_identity`; None in memory.
+
+    Raises:
+        OSError: it cannot be read.
+    """
+    if isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence):
+        return source.frames.identity()
+    path = driver_file(source)
+    if path is None:
+        return None
+    from megactor_rt.engine.cache import sha256_file
+
+    return [sha256_file(path), path.stat().st_size]
+
+
 def driver_info(driver: Driver) -> VideoInfo:
     """A driver's size, rate, frame count and audio presence (a file's header, or the frames in memory).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +81,31 @@ def test_a_stopped_run_continues_where_it_stopped(anim: Animator, driver: Path, 
     assert anim.last_stats.calls["unet"] == calls * (4 - resumed) // 4  # only the steps left
     assert len(again) == len(whole) == 6 and all(np.array_equal(a, b) for a, b in zip(again, whole, strict=True))
     assert list(tmp_path.iterdir()) == []  # done: the checkpoint went
+
+
+def test_the_same_driver_at_another_path_resumes_and_another_one_does_not(anim: Animator, driver: Path,
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver is known by its bytes, not its path: one downloaded again (a web address) or read from standard
+    input again is a new temporary file of the same bytes, and the run resumes (it started over, and the first
+    run's checkpoint stayed); a driver of other bytes under the first one's path is another run."""
+    folder, first, again = tmp_path / "ck", tmp_path / "dl1" / "driver.mp4", tmp_path / "dl2" / "d.mp4"
+    for path in (first, again):
+        path.parent.mkdir()
+        shutil.copy(driver, path)
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, first, folder)
+    _run(anim, again, folder)
+    assert anim.last_stats.resumed_from_step == 2 and list(folder.iterdir()) == []
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, first, folder)
+    write_face_driver(again, n=6, fps=30)  # (another clip under the second path)
+    _run(anim, again, folder)
+    assert anim.last_stats.resumed_from_step == 0
 
 
 def test_a_run_whose_every_frame_was_taken_leaves_no_checkpoint(anim: Animator, driver: Path, tmp_path: Path,
