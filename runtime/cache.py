@@ -173,9 +173,10 @@ class PortraitCache:
         one may belong to another process writing now: :func:`megactor_rt.files.remove_stale`)."""
         assert self.disk_dir is not None
         remove_stale(self.disk_dir, "*.safetensors.*.tmp")
-        total = 0
-        for _, size, path in reversed(self._files()):  # newest first: each one stays while the store still fits
-            if path != keep and total + size > self.max_disk_bytes:
+        total, full = 0, False
+        for _, size, path in reversed(self._files()):  # newest first: each stays until one does not fit, then it
+            if path != keep and (full or total + size > self.max_disk_bytes):  # and every older one go (a small
+                full = True  # old file is not kept over a larger one used since)
                 self._remove(path, f"store over {self.max_disk_bytes / 2**30:.3g} GiB")
                 continue
             total += size

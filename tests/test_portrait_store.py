@@ -219,3 +219,21 @@ def test_a_write_interrupted_leaves_neither_a_half_file_nor_its_temporary(anim: 
     with pytest.raises(KeyboardInterrupt):
         cache.persist(replace(anim.prepare(PORTRAIT), key="cut"))
     assert list(store.iterdir()) == []
+
+
+def test_the_budget_removes_least_recently_used_first_not_the_largest(anim: Animator, tmp_path: Path) -> None:
+    """Over its budget the store removes files least recently used first: a large file used since goes, and so does
+    every file older than it, though a small old one would still fit (was kept over the larger, newer one)."""
+    import os
+
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    probe = PortraitCache(disk_dir=store)
+    probe.save(replace(base, key="old-small"))
+    size = probe._path("old-small").stat().st_size
+    probe.save(replace(base, key="big", banks={999: [torch.zeros(size // 2)]}))  # about 3x the small file
+    os.utime(probe._path("old-small"), ns=(1, 1))
+    os.utime(probe._path("big"), ns=(2, 2))
+    cache = PortraitCache(disk_dir=store, max_disk_bytes=2 * size + size // 2)  # the new file and the small one fit
+    cache.save(replace(base, key="new"))
+    assert [p.name for p in store.iterdir()] == [cache._path("new").name]
