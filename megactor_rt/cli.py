@@ -1507,6 +1507,12 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 if overall is not None and not handed:
                     overall.update(1)
 
+    def others_take() -> bool:  # (asked by a client whose form found its connection refused)
+        with turns:
+            return others_left()
+
+    for client in clients:  # (a form refused provably never arrived: another server takes it at once, not after
+        client.others_take = others_take  # the 2-minute outage, in which a server restarting may come back)
     ended = [threading.Event() for _ in clients]
     workers = [threading.Thread(target=serve_jobs, args=(c, e), name=f"megactor-rt-client-{i}", daemon=True)
                for i, (c, e) in enumerate(zip(clients, ended, strict=True))]
@@ -1808,7 +1814,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     from megactor_rt.engine.builder import build_engines
 
     results = build_engines(args.onnx, _output_folder(args.out, "--out"), precision=args.precision,
-                            profile=args.profile)
+                            profile=args.profile, verbose=args.verbose)  # (-v: TensorRT's own detail too)
     for r in results:  # (one line per plan, as export prints its graphs)
         print(f"{r.graph:32s} {r.profile_name:10s} {r.status:8s} {r.seconds:7.1f}s  {r.reason}  {r.directory}")
     return 0

@@ -1431,6 +1431,13 @@ def test_build_engines_at_the_command_line(tmp_path: Path, monkeypatch: pytest.M
     assert [line.split()[:3] for line in lines] == [["vae_decoder_fp16", "default", "built"],
                                                    ["vae_encoder_fp16", "default", "built"]]
     assert "no valid plan" in lines[0] and str(tmp_path / "eng") in lines[0] and "BuildResult" not in lines[0]
+    seen: list[bool] = []
+    monkeypatch.setattr(builder_mod, "_build_plan_trt", lambda job, options, cache: (seen.append(options.verbose),
+                                                                                    fake(job, options, cache))[1])
+    # -v: TensorRT's logger at VERBOSE (through logging)
+    assert cli.main(["-v", *argv[1:4], "--out", str(tmp_path / "eng-v"), *argv[-2:]]) == 0
+    assert seen == [True, True]
+    capsys.readouterr()
 
     real = cache_mod.write_atomic
 

@@ -1190,6 +1190,42 @@ def test_a_server_that_stops_answering_hands_its_results_to_the_others(
     assert code == 2 and err.count("cannot reach the server") >= 2 and "3 of 3 results not written" in err, err
 
 
+def test_a_server_refusing_connections_hands_its_job_over_at_once(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--server A B` where B answered at the start and then refuses connections (its process gone): the job whose
+    form was refused goes to A at once (the form never arrived), not after waiting out B's outage (2 minutes, the
+    batch's last job held so)."""
+    from megactor_rt import client as client_module
+    from megactor_rt.client import Client
+
+    dead, real_health, real_pause = "http://127.0.0.1:9", Client.health, client_module._pause
+
+    def health(self: Client) -> object:  # (B answered at the start, as a server that takes keys)
+        if self.url != dead:
+            return real_health(self)
+        doc = real_health(Client(served.url))
+        self.keyed, self.max_upload_bytes = True, doc["max_upload_bytes"]
+        return doc
+
+    paused: list[str] = []
+
+    def pause(seconds: float, stop: object, what: str) -> None:
+        paused.append(what)
+        real_pause(min(seconds, 0.01), stop, what)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Client, "health", health)
+    monkeypatch.setattr(client_module, "_pause", pause)
+    monkeypatch.setattr(client_module, "OUTAGE_S", 1.0)
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,duration\n" + "".join(
+        f"{media['portrait']},{media['driver']},out/{name}.mp4,0.04\n" for name in "ab"))
+    code = main(["-q", "animate", "--server", dead, served.url, "--jobs", str(jobs)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4"]
+    assert not [w for w in paused if dead in w], paused
+
+
 @contextlib.contextmanager
 def _another_server(anim: Animator, monkeypatch: pytest.MonkeyPatch,
                     run: Callable[..., object] | None = None) -> Iterator[AnimateServer]:
