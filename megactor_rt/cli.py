@@ -1241,6 +1241,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         for folder in dict.fromkeys(result_folder(job.output) for job in jobs):
             _results_folder(folder)
     failed: list[str] = []
+    written = 0
     for job in jobs:  # one process: weights, compiled graphs and prepared portraits reused
         portrait, driver, output = job.portrait, job.driver, job.output
         try:
@@ -1248,6 +1249,12 @@ def cmd_animate(args: argparse.Namespace) -> int:
                                          **(_result_options(args) | job.options),
                                          on_progress=_on_progress(args, output),
                                          config=job.run_config(config))
+        except (KeyboardInterrupt, Terminated):
+            if batch:  # (where the batch stands, and how to go on without making its results again)
+                logger.warning("stopped at %s: %d of %d results written%s; the same command with --skip-existing "
+                               "makes the rest", output, written, len(jobs),
+                               f", {len(failed)} failed" if failed else "")
+            raise
         except MegactorError as exc:
             if not batch:
                 raise
@@ -1258,6 +1265,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
             continue
         _report(stats, output, steps=job.run_config(config).steps)
         record.add(anim, job, stats)
+        written += 1
     return _batch_status(failed, len(jobs))
 
 

@@ -653,6 +653,32 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     assert code == 0 and kept.stat().st_mtime > 1e9, err
 
 
+def test_a_stopped_batch_says_how_far_it_came(weights: Path, media: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C in a batch's third result: besides "interrupted", how many results were written and how to make the
+    rest (--skip-existing) (was "interrupted" alone: which results of hundreds were whole?)."""
+    from megactor_rt.runtime.animator import Animator
+
+    out = tmp_path / "results"
+    drivers = [shutil.copy(media["driver"], tmp_path / f"d{i}.mp4") for i in range(3)]
+    real, calls = Animator.animate_to_file, []
+
+    def animate_to_file(self: Animator, *args: object, **kw: object) -> object:
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Animator, "animate_to_file", animate_to_file)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        code, _, err = run(capsys, "animate", "--portrait", media["portrait"], "--driver", *drivers, "-o", out,
+                           "--weights", weights, "--device", "cpu", *FAST, "--max-frames", 2, "--no-audio")
+    assert code == 130 and "interrupted" in err, err
+    assert (f"stopped at {out / 'my_face_d2.mp4'}: 2 of 3 results written; the same command with --skip-existing "
+            "makes the rest") in caplog.text
+
+
 def test_skip_existing_names_a_kept_file_that_is_no_result(media: dict[str, Path], tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str],
                                                            caplog: pytest.LogCaptureFixture) -> None:
