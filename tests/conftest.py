@@ -47,6 +47,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="module")
+def no_progress_bars() -> Iterator[None]:
+    """No progress bars for a module (the runs' bars would fill the test log)."""
+    from megactor_rt.progress import progress_enabled, set_progress_enabled
+
+    was = progress_enabled()
+    set_progress_enabled(False)
+    yield
+    set_progress_enabled(was)
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One intra-op thread for a module: the pipeline's worker threads plus OpenMP spin-waits on a busy
     2-core runner otherwise slow the tiny models down by an order of magnitude."""

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -38,7 +37,6 @@ from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.media import read_image
 from megactor_rt.models.scheduler import DDIM
 from megactor_rt.preprocess import center_square, crop_resize
-from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import DECODE_BATCH, Animator
 from megactor_rt.runtime.cache import PortraitCache
 from megactor_rt.runtime.pipeline import RunStats
@@ -46,15 +44,7 @@ from megactor_rt.runtime.pipeline import RunStats
 CFG = AnimateConfig(steps=2, window=4, overlap=2, max_frames=12)
 PER_PORTRAIT = ("clip_tokens", "token_kv", "vae_encode", "film")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet() -> Iterator[None]:
-    was = progress_enabled()
-    set_progress_enabled(False)
-    yield
-    set_progress_enabled(was)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_progress_bars")
 
 
 @pytest.fixture(scope="module")

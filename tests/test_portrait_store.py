@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,21 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megactor_rt.config import AnimateConfig
-from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.cache import PortraitCache
 
 CFG = AnimateConfig(steps=2, window=4, overlap=2, max_frames=4)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet() -> Iterator[None]:
-    was = progress_enabled()
-    set_progress_enabled(False)
-    yield
-    set_progress_enabled(was)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_progress_bars")
 
 
 @pytest.fixture(scope="module")
