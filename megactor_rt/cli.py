@@ -886,8 +886,9 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         try:
             for path, what in ((job.portrait, "portrait"), (job.driver, "driver"), (options["mask"], "mask"),
                                (options["audio"], "audio file")):
+                there = isinstance(path, Path) and (path.exists() or is_frame_pattern(path) and path.parent.is_dir())
                 maker = (made.get(os.path.realpath(path)) or made.get(os.path.realpath(path.parent))
-                         if isinstance(path, Path) and not path.exists() else None)
+                         if isinstance(path, Path) and not there else None)  # (a sequence there: its pattern)
                 if maker is not None:
                     raise InputError(f"{path}: the {what} is the result of {maker.where}, which does not exist yet; "
                                      "every row's files are checked before any runs: make it first (a jobs file of "
