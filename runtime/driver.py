@@ -62,7 +62,7 @@ from megactor_rt.preprocess import (
 )
 from megactor_rt.progress import progress
 from megactor_rt.remote import as_url
-from megactor_rt.runtime.pipeline import cancellable, ordered_map
+from megactor_rt.runtime.pipeline import cancellable, map_repeats, ordered_map
 from megactor_rt.sequence import FrameSequence, sequence_pattern
 
 logger = logging.getLogger(__name__)
@@ -467,7 +467,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
         # stopped early (Ctrl-C, an on_progress that raises): the decoder and its file close now, not when the
         # error, whose traceback holds this frame, is dropped
         with contextlib.closing(driver_frames(source, max_frames, ratio, skip)) as frames, \
-                contextlib.closing(ordered_map(detect, frames) if face_crop else ([] for _ in frames)) as found:
+                contextlib.closing(map_repeats(detect, frames) if face_crop else ([] for _ in frames)) as found:
             for faces in progress(cancellable(found), total=_total(info, max_frames, ratio, skip), desc=desc,
                                   unit="frame", stage="driver"):
                 boxes.append(track(faces))

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeVar, cast
@@ -324,6 +324,33 @@ def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = 
         close = getattr(items, "close", None)
         if close is not None:
             close()
+
+
+def map_repeats(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> Generator[U, None, None]:
+    """:func:`ordered_map`, with ``fn`` computed once for an item repeated in a row (the same object: a driver's
+    constant-rate grid repeats a frame over a gap in its timestamps, an hour of them for a clip with an hour's
+    gap) and its result given for each repeat."""
+    def runs() -> Generator[tuple[T, int], None, None]:
+        count, last = 0, list[T]()  # (the item of the run counted: none before the first)
+        try:
+            for item in items:
+                if last and item is last[0]:
+                    count += 1
+                    continue
+                if last:
+                    yield last[0], count
+                count, last = 1, [item]
+            if last:
+                yield last[0], count
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    with closing(ordered_map(lambda run: (fn(run[0]), run[1]), runs(), workers)) as done:
+        for result, count in done:
+            for _ in range(count):
+                yield result
 
 
 def to_device_queued(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -2267,3 +2267,30 @@ def test_gif_driver_that_pauses_keeps_every_frame(tmp_path: Path) -> None:
     rate, shades = _gif_driver(tmp_path / "pauses.gif", [20, 20, 500] * 3)  # pauses between its frames
     assert rate == 50 and probe_video(tmp_path / "pauses.gif").variable_rate
     assert sorted(set(shades)) == [i * 5 for i in range(9)] and len(shades) > 9
+
+
+def test_a_frame_shown_over_a_gap_is_searched_for_faces_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clip with a 2 s gap in its timestamps (a recording paused, a screen capture idle): the frame before the gap
+    fills its 50 frames of the grid, and the driver's face search looks at it once, not 50 times (a clip with an
+    hour's gap kept a dry run searching 90 000 copies of one frame for over 45 minutes)."""
+    from fractions import Fraction
+
+    from media_fixtures import face_frames
+
+    from megactor_rt.runtime import driver as driver_module
+
+    path = tmp_path / "gap.mkv"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mjpeg", rate=25)
+        s.width = s.height = 192
+        s.pix_fmt, s.time_base = "yuvj420p", Fraction(1, 1000)
+        for frame, ms in zip(face_frames(5), (0, 40, 80, 2080, 2120), strict=True):
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                p.pts = p.dts = ms
+                p.time_base = Fraction(1, 1000)
+                c.mux(p)
+    searched: list[int] = []
+    detect = driver_module.detect_scaled
+    monkeypatch.setattr(driver_module, "detect_scaled", lambda f: searched.append(1) or detect(f))
+    plan = driver_module.plan_driver(path)
+    assert plan.num_frames == 54 and len(searched) == 5

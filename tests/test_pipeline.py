@@ -659,3 +659,36 @@ def test_ordered_map_closes_its_items_when_a_call_fails(workers: int) -> None:
     with pytest.raises(RuntimeError, match="detector failed") as caught:
         list(ordered_map(detect, frames(), workers=workers))
     assert caught.value is not None and closed == [True]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_map_repeats_computes_a_repeated_item_once(workers: int) -> None:
+    """map_repeats: an item repeated in a row (a frame a constant-rate grid shows over a gap in a clip's timestamps)
+    is computed once, its result given for each repeat, in order; an equal item that is another object is computed
+    again; stopped early, the items are closed."""
+    from megactor_rt.runtime.pipeline import map_repeats
+
+    a, b, c = np.zeros(2), np.ones(2), np.zeros(2)  # (c equals a, but is another frame)
+    calls: list[float] = []
+
+    def fn(x: np.ndarray) -> float:
+        calls.append(float(x[0]))
+        return float(x.sum()) + len(calls) * 10
+
+    assert list(map_repeats(fn, [a, a, a, b, c, c, a], workers=workers)) == [10, 10, 10, 22, 30, 30, 40]
+    assert calls == [0, 1, 0, 0]
+    closed: list[bool] = []
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            while True:
+                yield a
+                yield b
+        finally:
+            closed.append(True)
+
+    mapped = map_repeats(lambda x: float(x[0]), frames(), workers=workers)
+    assert [next(mapped) for _ in range(3)] == [0, 1, 0]
+    mapped.close()
+    assert closed == [True]
+    assert list(map_repeats(fn, [], workers=workers)) == []
