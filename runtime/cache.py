@@ -25,6 +25,7 @@ import os
 import shutil
 import threading
 import uuid
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -147,7 +148,7 @@ class PortraitCache:
             return
         with self._lock:
             content, tensors, meta = _snapshot(state)
-        meta["sha256"] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
+        meta[CHECKSUM_KEY] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         final = self._path(state.key)
         with self._lock:
@@ -267,7 +268,7 @@ class PortraitCache:
             return None
         with contextlib.suppress(OSError):  # removed meanwhile by another process trimming the store: it stands
             os.utime(path)  # recently used: the last to go when the store is over its budget
-        if "sha256" not in meta:  # written by an older version: used, and rewritten with checksums after its run
+        if CHECKSUM_KEY not in meta:  # written by an older version: used, and rewritten with checksums after its run
             with self._lock:
                 self._unchecked.add(key)
         return state
@@ -312,11 +313,16 @@ def _content(state: PortraitState) -> tuple[frozenset[int], str | None, bool]:
             state.token_kv is not None)
 
 
+# a store file's metadata key for its tensors' checksums: CRC-32, which finds damaged bytes (what it is for: no
+# adversary writes the store) at 3x SHA-256's speed (0.12 against 0.37 s for a 512 px portrait's 360 MB here): on
+# a GPU the portrait's state is computed in about a second, and every read of the store checks it
+CHECKSUM_KEY = "crc32"
+
+
 def _checksum(t: torch.Tensor) -> str:
-    """A tensor's SHA-256 (of its dtype, shape and bytes; 128 bits of it, in hex)."""
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()[:32]
+    """A tensor's CRC-32 (of its dtype, shape and bytes), in hex."""
+    head = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+    return f"{zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data, head):08x}"
 
 
 def _file_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
@@ -332,9 +338,9 @@ def _checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 def _damaged(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> list[str]:
     """The names of the tensors read from a store file that do not match the checksums its metadata records (a
     tensor without one counts as damaged; a file without checksums, written by an older version, has none)."""
-    if "sha256" not in meta:
+    if CHECKSUM_KEY not in meta:
         return []
-    saved = json.loads(meta["sha256"])
+    saved = json.loads(meta[CHECKSUM_KEY])
     return sorted(name for name, t in tensors.items() if saved.get(name) != _checksum(t))
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from megactor_rt.config import AnimateConfig
 from megactor_rt.runtime.animator import Animator
-from megactor_rt.runtime.cache import PortraitCache
+from megactor_rt.runtime.cache import CHECKSUM_KEY, PortraitCache
 
 CFG = AnimateConfig(steps=2, window=4, overlap=2, max_frames=4)
 
@@ -74,14 +74,14 @@ def test_a_store_file_without_checksums_is_read_and_rewritten_with_them(anim: An
     (path,) = store.glob("*.safetensors")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert "sha256" in meta
-    save_file(load_file(str(path)), str(path), metadata={k: v for k, v in meta.items() if k != "sha256"})
+    assert CHECKSUM_KEY in meta
+    save_file(load_file(str(path)), str(path), metadata={k: v for k, v in meta.items() if k != CHECKSUM_KEY})
     second = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
     state = second.prepare(PORTRAIT)
     assert second.cache.disk_hits == 1
     list(second.animate(state, driver))
     with safe_open(str(path), "pt") as f:
-        assert "sha256" in f.metadata()
+        assert CHECKSUM_KEY in f.metadata()
 
 
 def test_a_checksum_names_the_tensor_it_was_made_of(anim: Animator, tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_the_room_asked_for_is_at_least_the_file_written(anim: Animator, tmp_pat
 
     state = replace(anim.prepare(PORTRAIT), key="sized")
     _, tensors, meta = _snapshot(state)
-    meta["sha256"] = json.dumps(_checksums(tensors))
+    meta[CHECKSUM_KEY] = json.dumps(_checksums(tensors))
     cache = PortraitCache(disk_dir=tmp_path)
     cache.save(state)
     assert _file_bytes(tensors, meta) >= cache._path("sized").stat().st_size
