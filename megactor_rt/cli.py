@@ -1323,8 +1323,14 @@ def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -
     return {name: getattr(config, name) for name in CONFIG_COLUMNS if getattr(config, name) != getattr(defaults, name)}
 
 
+# a server of a batch that refused a job's connection takes the next one after this pause (a restart takes seconds;
+# until the client's outage tolerance is past, when it is retired, its jobs go to the other servers)
+REFUSED_PAUSE_S = 2.0
+
+
 def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, record: StatsFile) -> int:
     """``animate --server URL``: each job made by a ``megactor-rt serve`` (:mod:`megactor_rt.client`)."""
+    from megactor_rt import client as client_module
     from megactor_rt.client import Client, ServerFailed, Stopped, Unreachable, result_stats
     from megactor_rt.media import RESULT_SUFFIXES
     from megactor_rt.progress import progress
@@ -1432,6 +1438,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     lost: set[str] = set()  # (servers that stopped answering or failed a run, whose jobs went to the others)
     failed_by: dict[Path, str] = {}  # (results a server failed for its own reason, and that server: handed once)
     streak: dict[str, int] = {}  # (each server's runs failed for its own reason since its last result made)
+    refused_since: dict[str, float] = {}  # (servers refusing connections: since when, until one is taken again)
 
     def others_left() -> bool:  # (with turns held: a server besides this one still takes results)
         return len(lost) + 1 < len(clients)
@@ -1461,6 +1468,15 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         with turns:
             if not others_left():  # (one pair too: `--server A B -p me.png -d meme.mp4 -o out.mp4`)
                 return False
+            if isinstance(exc, Unreachable) and exc.refused:  # (the form never arrived: a restart, or a server gone)
+                now = time.monotonic()
+                began = refused_since.setdefault(client.url, now)
+                if now - began <= client_module.OUTAGE_S:  # (it is asked again meanwhile: a restart takes seconds)
+                    todo.append(job)
+                    if began == now:
+                        logger.warning("%s; the job goes to another server (this one is asked again for up to %g s)",
+                                       exc, client_module.OUTAGE_S)
+                    return True
             if isinstance(exc, ServerFailed):
                 if job.output in failed_by:
                     if failed_by[job.output] != client.url:  # (the request's fault, not the first server's)
@@ -1490,6 +1506,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 make(client, job)
                 with turns:
                     streak[client.url] = 0
+                    refused_since.pop(client.url, None)
             except Stopped:
                 return
             except MegactorError as exc:
@@ -1497,6 +1514,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
                 if handed:
                     if client.url in lost:
                         return
+                    if isinstance(exc, Unreachable) and exc.refused:  # (asked again after a pause, not at once)
+                        stop.wait(REFUSED_PAUSE_S)
                     continue
                 if not batch:
                     errors.append(exc)

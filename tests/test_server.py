@@ -45,6 +45,7 @@ from serve_fixtures import (
 )
 
 import megactor_rt.server as server_module
+from megactor_rt import cli
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig
 from megactor_rt.errors import InputError
@@ -1224,6 +1225,38 @@ def test_a_server_refusing_connections_hands_its_job_over_at_once(
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4"]
     assert not [w for w in paused if dead in w], paused
+
+
+def test_a_server_refusing_one_connection_goes_on_with_the_batch(
+        served: AnimateServer, anim: Animator, media: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """`--server A B` where B refuses one connection (a restart of a second): that job goes to A, and B, asked again,
+    makes results again (one refusal retired it for the rest of the batch: A made every result)."""
+    from megactor_rt.client import Client, Unreachable
+
+    real_submit, refused = Client.submit, []
+
+    with _another_server(anim, monkeypatch) as other:
+        def submit(self: Client, *args: Any, **kw: Any) -> str:
+            if self.url == other.url and not refused:
+                refused.append(1)
+                raise Unreachable(f"{self.url}: cannot reach the server (ConnectionRefusedError)", refused=True)
+            return real_submit(self, *args, **kw)
+
+        monkeypatch.setattr(Client, "submit", submit)
+        monkeypatch.setattr(cli, "REFUSED_PAUSE_S", 0.05)
+        jobs = tmp_path / "jobs.csv"
+        jobs.write_text("portrait,driver,output,duration,seed\n" + "".join(
+            f"{media['portrait']},{media['driver']},out/{name}.mp4,0.04,{i}\n" for i, name in enumerate("abcdef")))
+        stats = tmp_path / "stats.json"
+        with caplog.at_level(logging.WARNING, "megactor_rt.cli"):
+            code = main(["-q", "animate", "--server", served.url, other.url, "--jobs", str(jobs), "--stats",
+                         str(stats)])
+        assert code == 0, capsys.readouterr().err
+    made_by = [r["server"] for r in json.loads(stats.read_text())["runs"]]
+    assert len(made_by) == 6 and made_by.count(other.url) >= 1 and refused == [1], made_by
+    assert "the job goes to another server (this one is asked again for up to" in caplog.text
+    assert "its results go to the other servers" not in caplog.text
 
 
 @contextlib.contextmanager
