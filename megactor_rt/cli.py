@@ -657,8 +657,8 @@ class StatsFile:
         if job.options:
             own["options"] = self.options | {"portrait_face" if k == "face" else k: str(v) if isinstance(v, Path) else v
                                              for k, v in job.options.items()}
-        self.runs.append({"portrait": str(job.portrait), "driver": str(job.driver), "output": str(job.output),
-                          **where, **own, **facts})
+        self.runs.append(self._as_given({"portrait": str(job.portrait), "driver": str(job.driver),
+                                         "output": str(job.output), **where, **own, **facts}))
         self.settings = {"torch": torch.__version__, **settings}
         self._write()
 
@@ -670,9 +670,9 @@ class StatsFile:
         from megactor_rt.remote import as_url
 
         other = {"other_settings": changed} if changed else {}
-        self.runs.append({"portrait": as_url(job.portrait) or str(job.portrait),  # (an address: not downloaded)
-                          "driver": as_url(job.driver) or str(job.driver), "output": str(job.output),
-                          "kept": True, **other})
+        self.runs.append(self._as_given({"portrait": as_url(job.portrait) or str(job.portrait),  # (an address:
+                                         "driver": as_url(job.driver) or str(job.driver),  # not downloaded)
+                                         "output": str(job.output), "kept": True, **other}))
         self._write()
 
     def _write(self) -> None:
@@ -680,10 +680,9 @@ class StatsFile:
         from megactor_rt.engine.cache import write_atomic
 
         assert self.path is not None
-        doc = {"command": self.command, "megactor_rt": __version__,
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **self.settings,
-               "options": self.options, "runs": self.runs}
-        doc = self._as_given(doc)
+        doc = {"command": self.command, "megactor_rt": __version__,  # (each record named as given when added:
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # not all again per write)
+               **self._as_given({**self.settings, "options": self.options}), "runs": self.runs}
         try:
             write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode())
         except OSError as exc:
