@@ -807,7 +807,8 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
         if changed:
             logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
         record.kept(job, changed)
-    return [job for job in jobs if job not in kept]
+    held = {id(job) for job in kept}  # (by identity: comparing the jobs field by field took seconds for 3000 rows)
+    return [job for job in jobs if id(job) not in held]
 
 
 # AnimateConfig fields that do not change a result (the reference mode's frames equal the optimized mode's up to
@@ -843,6 +844,27 @@ _NOT_WITH_JOBS = (("--portrait", "portrait"), ("--driver", "driver"), ("-o", "ou
                   ("--mask", "mask"))
 
 
+def _maker(path: object, made: dict[str, Job]) -> Job | None:
+    """The job whose result ``path`` (a row's input that is not there) is, where one is: ``made`` maps each job's
+    result, and a frame sequence result's folder, to it; a file in such a folder counts where it is one of its
+    frames (or the sequence's pattern), not a file of another name there (a typo)."""
+    from megactor_rt.sequence import frame_pattern, is_frame_pattern
+
+    if not isinstance(path, Path) or path.exists() or (is_frame_pattern(path) and path.parent.is_dir()):
+        return None  # (there: a sequence's pattern is no file, its folder is)
+    maker = made.get(os.path.realpath(path))
+    if maker is not None:
+        return maker
+    maker = made.get(os.path.realpath(path.parent))
+    if maker is None:
+        return None
+    try:
+        framed = is_frame_pattern(path) or frame_pattern(maker.output).number(path.name) is not None
+    except InputError:
+        return None
+    return maker if framed else None
+
+
 def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     """``--jobs FILE``'s jobs (:mod:`megactor_rt.jobs`), each checked as a single run's flags are before the weights
     load: its inputs exist (the sound file with its sound), its result can be written (its folder, or the nearest
@@ -871,7 +893,8 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     # --skip-existing: a row whose result exists is kept as it is, its inputs neither downloaded (an address that
     # has expired since) nor checked; the rest are
     kept = [job for job in jobs if args.skip_existing and result_exists(job.output)]
-    _local_job_inputs([job for job in jobs if job not in kept], args)
+    held = {id(job) for job in kept}  # (by identity: comparing the jobs field by field took seconds for 3000 rows)
+    _local_job_inputs([job for job in jobs if id(job) not in held], args)
     inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
                                                     job.options.get("audio"), args.audio)
               if isinstance(p, Path) and (p.exists() or is_frame_pattern(p))}  # (an image sequence's pattern too)
@@ -880,15 +903,13 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
         if is_sequence(job.output):
             with contextlib.suppress(InputError):
                 made.setdefault(os.path.realpath(frame_pattern(job.output).folder), job)
-    for job in (job for job in jobs if job not in kept):
+    for job in (job for job in jobs if id(job) not in held):
         options = _result_options(args) | job.options
         try:
             for path, what in ((job.portrait, "portrait"), (job.driver, "driver"), (options["mask"], "mask"),
                                (options["audio"], "audio file")):
-                there = isinstance(path, Path) and (path.exists() or is_frame_pattern(path) and path.parent.is_dir())
-                maker = (made.get(os.path.realpath(path)) or made.get(os.path.realpath(path.parent))
-                         if isinstance(path, Path) and not there else None)  # (a sequence there: its pattern)
-                if maker is not None:
+                maker = _maker(path, made)
+                if maker is not None and maker is not job:  # (a row's own result missing: its input is missing)
                     raise InputError(f"{path}: the {what} is the result of {maker.where}, which does not exist yet; "
                                      "every row's files are checked before any runs: make it first (a jobs file of "
                                      "its own), then this row")
@@ -898,7 +919,8 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
             _require_driver(job.driver, _sequence_fps(args, job))
             if job.sequence_fps is not None and sequence_pattern(job.driver) is None:
                 logger.warning("%s: sequence_fps sets the rate of an image-sequence driver (plate/%%04d.png, "
-                               "plate/); %s is none: ignored", job.where, job.driver)
+                               "plate/); %s is none: ignored", job.where, args.addresses.get(str(job.driver),
+                                                                                             job.driver))
             check_sound(options["audio"], options["audio_start"])
             if args.no_face_crop and (job.options.keys() & {"face", "driver_face"}):
                 raise InputError("portrait_face and driver_face choose where the face crop centres; they cannot be "

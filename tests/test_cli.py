@@ -833,6 +833,21 @@ def test_a_row_using_another_rows_result_is_named_so(row: str, named: str, weigh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.csv"]
 
 
+@pytest.mark.parametrize(("row", "named"), [("out/seq/typo.png,{driver},b.mp4", "out/seq/typo.png: portrait file"),
+                                            ("{portrait},b.mp4,b.mp4", "b.mp4: driver file")],
+                         ids=["another-file-in-a-sequence-folder", "a-rows-own-result"])
+def test_a_missing_input_that_is_no_rows_result_is_named_missing(row: str, named: str, weights: Path,
+                                                                 media: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A file in a sequence result's folder that is none of its frames (a typo), and a row's own result as its input,
+    are missing files (were "the result of jobs.csv:N, which does not exist yet")."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(f"portrait,driver,output\n{media['portrait']},{media['driver']},out/seq/%05d.png\n"
+                    + row.format(**media) + "\n")
+    code, _, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--device", "cpu", *FAST)
+    assert code == 2 and f"{tmp_path / named} does not exist" in err and "is the result of" not in err, err
+
+
 @pytest.mark.parametrize("case", ["missing-portrait", "result-over-input", "with-portrait", "nothing", "bad-crf",
                                   "folder-is-a-file"])
 def test_a_jobs_file_is_checked_before_the_weights_load(case: str, weights: Path, media: dict[str, Path],
