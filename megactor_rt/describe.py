@@ -146,8 +146,8 @@ def _sequence_depth(frames: list[Path]) -> int | str:
     counts: dict[int, int] = {}
     for frame in frames:
         depth = png_bit_depth(frame)
-        if depth is not None:
-            counts[depth] = counts.get(depth, 0) + 1
+        if depth is not None:  # (1, 2, 4 bits: a palette's or a grey PNG's, read as 8 bits as any 8-bit frame)
+            counts[max(depth, 8)] = counts.get(max(depth, 8), 0) + 1
     if len(counts) == 1:
         return next(iter(counts))
     return "mixed: " + ", ".join(f"{depth} ({n} frame{'s' * (n != 1)})" for depth, n in sorted(counts.items()))

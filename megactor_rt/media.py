@@ -783,7 +783,7 @@ def probe_video(path: PathLike) -> VideoInfo:
         hdr = HDR_TRANSFERS.get(int(first.color_trc)) if first is not None else None
         if hdr is not None:
             logger.info("%s is HDR video (%s): its frames are tone-mapped to SDR (BT.709)", path, hdr)
-        elif first is not None and _hdr_untold(first):
+        elif first is not None and _hdr_untold(first) and _first_word(("untold HDR", path, *_file_version(path))):
             logger.warning("%s: 10-bit video with BT.2020 colours but no transfer tag, read as SDR: if it looks "
                            "washed out (grey whites, pale colours), it is HDR whose tag an editor dropped; tag it "
                            "(ffmpeg -i IN -c copy -bsf:v hevc_metadata=transfer_characteristics=18 OUT.mov for an "
@@ -1085,6 +1085,17 @@ def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
     if int(frame.colorspace) == _UNSPECIFIED and frame.height >= HD_MIN_HEIGHT:
         kwargs["src_colorspace"] = Colorspace.ITU709
     return frame.to_ndarray(**kwargs)
+
+
+_SAID: set[tuple[object, ...]] = set()  # what was said once per file version (a driver is probed per run)
+
+
+def _first_word(what: tuple[object, ...]) -> bool:
+    """Whether ``what`` (a warning and the file version it is about) is said for the first time (then noted)."""
+    if what in _SAID:
+        return False
+    _SAID.add(what)
+    return True
 
 
 _BT2020_PRIMARIES, _TRC_UNSPECIFIED = 9, 2  # AVCOL_PRI_BT2020, AVCOL_TRC_UNSPECIFIED

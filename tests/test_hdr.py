@@ -155,6 +155,7 @@ def test_a_10_bit_bt2020_clip_without_transfer_tag_is_named(tmp_path: Path, capl
     with caplog.at_level(logging.INFO, logger="megactor_rt.media"):
         assert probe_video(untagged).hdr is None
         assert probe_video(tagged).hdr == "HLG"
+        assert probe_video(untagged).hdr is None  # (probed again, as each run of a batch does: said once)
     said = [r.getMessage() for r in caplog.records if "no transfer tag" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"{untagged}: 10-bit video with BT.2020 colours")
     assert "hevc_metadata=transfer_characteristics=18" in said[0]

@@ -722,6 +722,8 @@ def test_16_bit_frames_are_written_exactly_and_keep_their_text(tmp_path: Path) -
     assert describe(tmp_path / "e", faces=False)["bit_depth"] == 8
     shutil.copy(tmp_path / "e" / "001.png", tmp_path / "t" / "004.png")  # a plate of both depths
     assert describe(tmp_path / "t", faces=False)["bit_depth"] == "mixed: 8 (1 frame), 16 (3 frames)"
+    Image.fromarray(frames(1, size=64)[0]).quantize(16).save(tmp_path / "e" / "002.png", bits=4)  # a 4-bit palette
+    assert describe(tmp_path / "e", faces=False)["bit_depth"] == 8
     with pytest.raises(ValueError, match=r"expected a \(64, 70, 3\) uint8 frame, got \(64, 70, 3\) uint16"):
         write(tmp_path / "u" / "%03d.png", content)
     with pytest.raises(ValueError, match=r"expected a \(24, 24, 3\) uint16 frame"):
