@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "1"
+CHECKPOINT_FORMAT = "2"  # (2: the driver known by its bytes, not its path; saved in each file's metadata)
 
 
 def check_checkpoint_dir(folder: str | Path) -> None:
@@ -173,7 +173,8 @@ class StepCheckpoint:
         if self.failed is not None or (following < self.steps and not self.resumable(following)):
             return
         saved = latents.detach().to("cpu", copy=True).contiguous()
-        meta = {"key": self.key, "next_step": str(following), "steps": str(self.steps), "sha256": _checksum(saved)}
+        meta = {"key": self.key, "next_step": str(following), "steps": str(self.steps), "sha256": _checksum(saved),
+                "format": CHECKPOINT_FORMAT}
         data = save({"latents": saved}, metadata=meta | ({"inputs": self.inputs} if self.inputs else {}))
         try:
             write_atomic(self.path, data)
@@ -198,13 +199,14 @@ class StepCheckpoint:
                     meta = f.metadata() or {}
             except (OSError, ValueError, SafetensorError):
                 continue
-            if self.inputs is not None and meta.get("inputs") == self.inputs:
+            if meta.get("format") != CHECKPOINT_FORMAT:  # (an older version's: its inputs' hash is of another kind)
+                if path not in _OLDER_NAMED:
+                    older.append(path)
+            elif self.inputs is not None and meta.get("inputs") == self.inputs:
                 logger.warning("%s: another run's checkpoint of this portrait and driver, saved with other settings "
                                "(or another backend, precision, size or weights); a run continues only from one of its "
                                "own settings (changed since it was stopped?), so this run starts from its first step "
                                "(the file stays)", path)
-            elif "sha256" not in meta and path not in _OLDER_NAMED:
-                older.append(path)
         _OLDER_NAMED.update(older)
         if older:
             logger.warning("%s: %d checkpoint(s) written by an older megactor-rt, e.g. %s: this version continues "

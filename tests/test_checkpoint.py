@@ -300,8 +300,11 @@ def test_a_checkpoint_without_a_checksum_is_named_as_an_older_versions(anim: Ani
         _run(anim, driver, tmp_path)
     assert "it carries no checksum (written by an older megactor-rt)" in caplog.text
     assert anim.last_stats.resumed_from_step == 0
-    older = tmp_path / "run-0123456789abcdef0123456789abcdef.safetensors"  # (an older version's, of another key)
-    save_file({"latents": latents}, str(older), metadata={k: v for k, v in meta.items() if k != "inputs"})
+    # an older version's, of another key: format 1 knew a driver by its path (its checksum and inputs' hash saved, no
+    # format): never continued by this version, which knows a driver by its bytes
+    older = tmp_path / "run-0123456789abcdef0123456789abcdef.safetensors"
+    save_file({"latents": latents}, str(older), metadata={**{k: v for k, v in meta.items() if k != "format"},
+                                                           "sha256": "0" * 64})
     for turn in (1, 2):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="megactor_rt"):
@@ -328,3 +331,22 @@ def test_a_save_killed_midway_leaves_no_file_for_ever(anim: Animator, driver: Pa
     os.utime(old, (then, then))
     _run(anim, driver, folder)
     assert sorted(p.name for p in folder.iterdir()) == [young.name]
+
+
+def test_a_drivers_bytes_are_hashed_once_per_version(driver: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint knows its driver by its bytes: hashed once per version of the file (a batch of portraits on one
+    long driver hashed it again for each), again once it changed."""
+    import os
+
+    from megactor_rt.engine import cache as engine_cache
+    from megactor_rt.runtime.driver import driver_content
+
+    hashed: list[Path] = []
+    real = engine_cache.sha256_file
+    monkeypatch.setattr(engine_cache, "sha256_file", lambda p, *a, **k: hashed.append(p) or real(p, *a, **k))
+    clip = Path(shutil.copy(driver, tmp_path / "clip.mp4"))
+    first = driver_content(clip)
+    assert driver_content(clip) == first and len(hashed) == 1
+    os.utime(clip, ns=(1, 1))  # (another version, as far as the file system tells)
+    assert driver_content(clip) == first and len(hashed) == 2
