@@ -398,6 +398,38 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
                                'Save portrait_talk.gif</a>')
 
 
+@pytest.mark.parametrize("scenario", ["outage", "name", "too_big"])
+def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_the_limit(
+        served: AnimateServer, media: dict[str, Path], tmp_path: Path, scenario: str) -> None:
+    """The page in jsdom (tests/js/serve_page_scenarios.mjs): a job whose server does not answer for a while (a
+    restart on its --jobs-dir, a proxy's 502) is asked about again and its result shown, not given up at the first
+    failure (the job went on, its result lost to the page); a portrait named in UTF-8 gives a save link of that name,
+    not the header's ASCII stand-in; files over the server's --max-upload-mb are refused before they are sent."""
+    jsdom = os.environ.get("MEGACTOR_JSDOM")
+    node = shutil.which("node")
+    if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():
+        pytest.skip("needs node and jsdom: npm install jsdom@24 in a folder, and MEGACTOR_JSDOM set to that folder")
+    portrait = tmp_path / "портрет café.png"
+    shutil.copyfile(media["portrait"], portrait)
+    done = subprocess.run([node, str(Path(__file__).parent / "js" / "serve_page_scenarios.mjs"), served.url,
+                           str(portrait), str(media["driver"]), scenario],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout.strip().splitlines()[-1])
+    if scenario == "too_big":
+        assert shown["posts"] == 0 and shown["status_class"] == "error", shown
+        assert shown["status"] == ("the files are 2048.0 MiB together, over this server's limit of 1024.0 MiB "
+                                   "(serve --max-upload-mb)"), shown
+        return
+    assert re.fullmatch(r"5 frames in [0-9.]+ s( \(the portrait was prepared already\))?", shown["status"]), shown
+    assert shown["download"] == "портрет café_talk.gif", shown
+    if scenario == "outage":
+        asked = [s for s in shown["seen"] if s.startswith("The server does not answer")]
+        assert [s.split(";")[0] for s in asked] == ["The server does not answer (fetch failed)",
+                                                   "The server does not answer (502 Bad Gateway)",
+                                                   "The server does not answer (fetch failed)"], shown
+
+
 def test_a_frame_limit_refuses_a_long_request_before_it_waits(served: AnimateServer, media: dict[str, Path],
                                                               scratch: Path) -> None:
     """serve --frame-limit: a request whose result would have more frames is refused (400, naming the count and

@@ -1,0 +1,64 @@
+// The page megactor-rt serve answers GET / with, run in jsdom against a live server as serve_page_check.mjs runs it,
+// through what a browser meets besides a plain run (SCENARIO):
+//   outage: the server does not answer three questions about the job (a network error, a proxy's 502, a network
+//     error again: a server restarting on its --jobs-dir); the page asks again and shows the result
+//   name: the portrait's file name is not ASCII; the link saves the result under its UTF-8 name
+//   too_big: the files are over the server's --max-upload-mb; the page says so and sends nothing
+// Prints one JSON line: {"status", "status_class", "result", "seen": the status lines, "posts": the forms sent,
+// "download": the save link's file name (none: null)}.
+// Usage: node serve_page_scenarios.mjs URL PORTRAIT DRIVER SCENARIO
+import fs from "node:fs";
+import { createRequire } from "node:module";
+import path from "node:path";
+
+const require = createRequire(path.join(process.env.MEGACTOR_JSDOM, "node_modules"));
+const { JSDOM } = require("jsdom");
+const [base, portrait, driver, scenario] = process.argv.slice(2);
+const chosen = { portrait, driver }; // field -> the file "chosen" in its input
+const html = await (await fetch(base + "/")).text();
+const dom = new JSDOM(html, { url: base + "/", runScripts: "outside-only", pretendToBeVisual: true });
+const w = dom.window;
+let posts = 0, polls = 0;
+w.fetch = (url, init) => {
+  const target = new URL(url, base + "/").href;
+  if (init && init.body instanceof w.FormData) {
+    posts += 1;
+    const fd = new FormData();
+    for (const [k, v] of init.body.entries()) {
+      if (chosen[k]) fd.append(k, new Blob([fs.readFileSync(chosen[k])]), path.basename(chosen[k]));
+      else fd.append(k, typeof v === "string" ? v : "");
+    }
+    init = { ...init, body: fd };
+  }
+  if (scenario === "outage" && /\/jobs\/[0-9a-f]+$/.test(target) && !(init && init.method)) {
+    polls += 1; // (the first three questions about the job: no answer, a proxy's 502, no answer)
+    if (polls === 1 || polls === 3) return Promise.reject(new TypeError("fetch failed"));
+    if (polls === 2) return Promise.resolve(new Response("", { status: 502, statusText: "Bad Gateway" }));
+  }
+  return fetch(target, init);
+};
+w.URL.createObjectURL = () => "blob:x";
+w.URL.revokeObjectURL = () => {};
+w.eval(html.match(/<script>([\s\S]*)<\/script>/)[1]);
+await new Promise((r) => setTimeout(r, 500));
+const doc = w.document;
+for (const [name, file] of Object.entries(chosen)) { // (the files as a browser's inputs hold them: name and size)
+  const size = scenario === "too_big" ? 1 << 30 : fs.statSync(file).size;
+  Object.defineProperty(doc.querySelector(`input[name=${name}][type=file]`), "files",
+    { value: [{ name: path.basename(file), size }] });
+}
+doc.querySelector("select[name=format]").value = "gif";
+doc.querySelector("input[name=duration]").value = "0.2";
+doc.getElementById("form").dispatchEvent(new w.Event("submit", { cancelable: true }));
+const seen = [];
+for (let i = 0; i === 0 || (i < 1200 && doc.getElementById("go").disabled); i++) {
+  const now = doc.getElementById("status").textContent;
+  if (seen[seen.length - 1] !== now) seen.push(now);
+  await new Promise((r) => setTimeout(r, 100));
+}
+await new Promise((r) => setTimeout(r, 500));
+const link = doc.querySelector("#result a");
+console.log(JSON.stringify({
+  status: doc.getElementById("status").textContent, status_class: doc.getElementById("status").className,
+  result: doc.getElementById("result").innerHTML, seen, posts, download: link ? link.download : null,
+}));
