@@ -450,9 +450,17 @@ def openapi() -> dict[str, Any]:
         "error_status": {"type": "integer", "description": "a failed run's HTTP status, as POST /animate's: 400 the "
                          "request's fault, 5xx the server's"},
         "result": {"type": "string"}, "frames": {"type": "integer"},
+        "result_name": {"type": "string", "description": "the result's file name (UTF-8), as Content-Disposition "
+                        "gives it"},
+        "created": {"type": "string", "format": "date-time"}, "finished": {"type": "string", "format": "date-time"},
         "seconds": {"type": "number", "description": "from the run's start to its last frame (X-Megactor-Seconds; "
                     "a run that went on from its checkpoint: this last part of it)"}}}}}}
-    errors = {str(code): error for code in (400, 401, 403, 408, 410, 413, 415, 500, 503)}
+    # DELETE /jobs/ID's answer: what became of the job (cancelling: a running one, at its next progress report)
+    dropped = {"description": "what became of the job", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"id": {"type": "string"}, "status": {
+            "type": "string", "enum": ["cancelled", "cancelling", "deleted"]}}}}}}
+    # (411: a form sent chunked, without a Content-Length)
+    errors = {str(code): error for code in (400, 401, 403, 408, 410, 411, 413, 415, 500, 503)}
     refused = {str(code): error for code in (401, 403)}  # (a token wanted; a Host or Origin refused)
     job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     token = {"bearer": {"type": "http", "scheme": "bearer", "description": "where the server was started with a "
@@ -473,11 +481,14 @@ def openapi() -> dict[str, Any]:
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
                                "responses": {"200": job, "404": error, **refused}},
                        "delete": {"summary": "cancel the job, or delete its result", "parameters": job_id,
-                                  "responses": {"200": job, "202": job, "404": error, **refused}}},
+                                  "responses": {"200": dropped, "202": dropped, "404": error, **refused}}},
         "/jobs/{id}/result": {"get": {"summary": "a done job's result (a Range header: those bytes; HEAD: its "
                                                 "headers alone)", "parameters": job_id, "responses": {
             "200": result, "206": {"description": "the bytes a Range header asked (Content-Range)"}, "409": error,
-            "410": error, "404": error, "416": error, "500": error, **refused}}},
+            "410": error, "404": error, "416": error, "500": error, **refused,
+            # (a failed job: its error_status, as POST /animate would have answered)
+            **{str(code): {**error, "description": "a failed job's error (its error_status)"} for code in (400, 503)}
+        }}},
         "/health": {"get": {"summary": "the model's settings, the run under way, the runs waiting",
                             "responses": {"200": {"description": "a JSON object"}, **refused}}},
         "/ping": {"get": {"summary": "whether the server answers (the model is loaded); needs no token",

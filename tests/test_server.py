@@ -501,6 +501,33 @@ def test_the_api_description_is_valid_openapi_and_names_every_field(served: Anim
     assert {"401", "500"} <= answers["/jobs/{id}/result"]["get"]  # or Origin refused; 410: the server stopped)
 
 
+def test_the_api_description_names_what_the_server_answers(served: AnimateServer, media: dict[str, Path]) -> None:
+    """GET /openapi.json against the real answers: a job's fields (result_name, created, finished too) are in its
+    schema; DELETE /jobs/ID's statuses (deleted, cancelling) are in its own enum, not the job's; a chunked form's
+    411 and a failed job's result (its error_status, 400 here) are among the answers described."""
+    doc = json.loads(request(served, "GET", "/openapi.json")[2])
+    paths = doc["paths"]
+
+    def schema(answer: dict) -> dict:
+        return answer["content"]["application/json"]["schema"]
+
+    job = post_job(served, {**files(media), "duration": "0.04"})
+    state = wait_for(served, lambda d: d["status"] == "done", path=f"/jobs/{job}")
+    assert set(state) <= set(schema(paths["/jobs/{id}"]["get"]["responses"]["200"])["properties"]), state
+    status, _, answer = request(served, "DELETE", f"/jobs/{job}")
+    deleted = schema(paths["/jobs/{id}"]["delete"]["responses"][str(status)])
+    assert json.loads(answer)["status"] == "deleted" and deleted["properties"]["status"]["enum"] == [
+        "cancelled", "cancelling", "deleted"]
+    body, ctype = form(files(media))
+    for route in ("/animate", "/jobs"):
+        status = request(served, "POST", route, body, ctype, {"Transfer-Encoding": "chunked"})[0]
+        assert status == 411 and "411" in paths[route]["post"]["responses"]
+    failed = post_job(served, {**files(media), "portrait": ("me.png", b"no image")})
+    wait_for(served, lambda d: d["status"] == "failed", path=f"/jobs/{failed}")
+    status = request(served, "GET", f"/jobs/{failed}/result")[0]
+    assert status == 400 and "400" in paths["/jobs/{id}/result"]["get"]["responses"]
+
+
 def test_pages_of_other_sites_cannot_send_work(served: AnimateServer, media: dict[str, Path]) -> None:
     """A browser sends another site's form without a preflight: such a POST (or a DELETE) is refused (403) unless
     --cors-origin names the site; the server's own page (Origin = its Host) and clients without a page (no
