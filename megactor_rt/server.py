@@ -1530,7 +1530,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                 "" if task.status == "cancelled" else " yet (GET /jobs/ID says when it is done)"))
         elif route in _FORMS:
             self._error(405, f"POST {route} with a multipart/form-data form (curl -F portrait=@me.png -F "
-                             "driver=@meme.mp4 ...)")
+                             "driver=@meme.mp4 ...)", {"Allow": "POST"})
         else:
             self._error(404, f"no such page: {route} (the server answers POST /animate, POST /jobs, GET /jobs/ID, "
                              "GET /health, GET /metrics, GET /ping, GET /openapi.json and GET /, a form for a browser)")
@@ -1538,8 +1538,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802 - http.server's name
         if not self._allowed():
             return
-        if not self._route().startswith("/jobs/"):
-            self._error(405, "DELETE /jobs/ID cancels or deletes a job; nothing else is deleted")
+        route = self._route()
+        if route.count("/") != 2 or not route.startswith("/jobs/"):  # (DELETE /jobs/ID/result cancelled a running job)
+            methods = _methods(route)
+            self._error(405 if methods else 404, "DELETE /jobs/ID cancels or deletes a job; nothing else is deleted",
+                        {"Allow": methods} if methods else None)
             return
         found = self._job_route()
         if found is not None:
@@ -1551,10 +1554,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         route = self._route()
         if route not in _FORMS:
-            known = route in (*_OPEN, "/health", "/metrics") or route.startswith("/jobs/")  # (pages to GET)
-            self._error(405 if known else 404, f"POST {route}: the server takes POST /animate (the result in the "
-                        "answer) and POST /jobs (a job to ask about)",
-                        {"Allow": "GET, HEAD" + (", DELETE" if route.startswith("/jobs/") else "")} if known else None)
+            methods = _methods(route)  # (pages to GET)
+            self._error(405 if methods else 404, f"POST {route}: the server takes POST /animate (the result in the "
+                        "answer) and POST /jobs (a job to ask about)", {"Allow": methods} if methods else None)
             return
         key = self.headers.get(KEY_HEADER)
         if key is not None and (route != "/jobs" or not _KEY.fullmatch(key.strip())):
@@ -1748,6 +1750,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         while left > 0 and (chunk := file.read(min(_CHUNK, left))):
             self.wfile.write(chunk)
             left -= len(chunk)
+
+
+def _methods(route: str) -> str | None:
+    """The methods ``route`` takes, as a 405's ``Allow`` names them; None for a route the server does not have."""
+    parts = route.split("/")  # "", "jobs", ID[, "result"]
+    if route == "/animate":
+        return "POST"
+    if route == "/jobs":
+        return "GET, HEAD, POST"
+    if parts[1] == "jobs" and len(parts) == 3:
+        return "GET, HEAD, DELETE"
+    if parts[1] == "jobs" and len(parts) == 4 and parts[3] == "result":
+        return "GET, HEAD"
+    return "GET, HEAD" if route in (*_OPEN, "/health", "/metrics") else None
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -676,6 +676,24 @@ def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path],
     assert left(scratch) == []
 
 
+def test_a_method_a_route_does_not_take_is_answered_405_with_its_allow(
+        served: AnimateServer, media: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 405 names the methods its route takes (Allow, as RFC 9110 wants; GET /animate and a DELETE of another route
+    had none); DELETE /jobs/ID/result is no way to delete a job (it cancelled a running one); DELETE of no route 404."""
+    go = hold_runs(served, monkeypatch)
+    job = post_job(served, {**files(media), "duration": "0.04"})
+    wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{job}")
+    allowed = {("GET", "/animate"): "POST", ("DELETE", "/animate"): "POST", ("DELETE", "/jobs"): "GET, HEAD, POST",
+               ("DELETE", "/health"): "GET, HEAD", ("DELETE", f"/jobs/{job}/result"): "GET, HEAD",
+               ("POST", f"/jobs/{job}/result"): "GET, HEAD", ("POST", f"/jobs/{job}"): "GET, HEAD, DELETE"}
+    for (method, path), methods in allowed.items():
+        status, headers, answer = request(served, method, path, b"" if method == "POST" else None)
+        assert status == 405 and headers.get("Allow") == methods, (method, path, answer)
+    assert request(served, "DELETE", "/nope")[0] == 404
+    go.set()
+    assert wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{job}")["status"] == "done"
+
+
 def test_an_expect_100_continue_form_over_the_limit_is_refused_unsent(served: AnimateServer) -> None:
     """curl asks first ("Expect: 100-continue") before a large form: the server refuses it then, unread."""
     import socket
