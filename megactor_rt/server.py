@@ -187,10 +187,10 @@ class _Body:
         return chunk
 
 
-def _boundary(content_type: str) -> bytes:
+def _boundary(content_type: str, route: str = "/animate") -> bytes:
     header = email.parser.HeaderParser().parsestr(f"Content-Type: {content_type}\n\n")
     if header.get_content_type() != "multipart/form-data":
-        raise FormError(f"the request is {header.get_content_type()}; POST /animate takes multipart/form-data (the "
+        raise FormError(f"the request is {header.get_content_type()}; POST {route} takes multipart/form-data (the "
                         "files as curl -F portrait=@me.png -F driver=@meme.mp4 sends them)", 415)
     boundary = header.get_param("boundary")
     if not isinstance(boundary, str) or not 1 <= len(boundary) <= 70:
@@ -199,7 +199,7 @@ def _boundary(content_type: str) -> bytes:
 
 
 def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
-              files: tuple[str, ...] = FILE_FIELDS, texts: tuple[str, ...] = TEXT_FIELDS
+              files: tuple[str, ...] = FILE_FIELDS, texts: tuple[str, ...] = TEXT_FIELDS, route: str = "/animate"
               ) -> tuple[dict[str, str], dict[str, Path]]:
     """Read a ``multipart/form-data`` body of ``length`` bytes from ``stream`` without holding it in memory: each
     file part is written to ``folder/<field>/<its file name>`` as it arrives (the name made safe; the field's name
@@ -214,7 +214,7 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
         FormError: not multipart/form-data (415), a malformed body, a field not in ``files`` or ``texts``, a field
             given twice, a text field over 64 KiB.
     """
-    boundary, body = _boundary(content_type), _Body(stream, length)
+    boundary, body = _boundary(content_type, route), _Body(stream, length)  # (route: the one a 415 names)
     delimiter = b"\r\n--" + boundary
     text: dict[str, str] = {}
     paths: dict[str, Path] = {}
@@ -1644,7 +1644,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         folder = self.server.folder()  # (the form read, to compare with the job's: the key's form must be the same)
         try:
             text, files = read_form(self.rfile, self._length(), self.headers.get("Content-Type", ""), folder,
-                                    texts=(*TEXT_FIELDS, CALLBACK))
+                                    texts=(*TEXT_FIELDS, CALLBACK), route=self._route())
             self._form_read = True
             form = _form_print(text, files)
         except FormError as exc:
@@ -1670,7 +1670,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _task(self, folder: Path, length: int, task_id: str, keep: bool) -> Task:
         """The request's form (``length`` bytes) read into ``folder`` and checked, as a run to queue."""
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder,
-                                texts=(*TEXT_FIELDS, CALLBACK))
+                                texts=(*TEXT_FIELDS, CALLBACK), route=self._route())
         self._form_read = True
         form = _form_print(text, files) if keep and self.headers.get(KEY_HEADER) else None
         callback = text.pop(CALLBACK, "").strip() or None

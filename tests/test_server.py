@@ -660,7 +660,9 @@ def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path],
              (request(served, "POST", "/ping", b""), 405, "the server takes POST /animate"),
              (request(served, "POST", "/jobs/abc", b""), 405, "the server takes POST /animate"),
              (request(served, "POST", "/nope", b""), 404, "the server takes POST /animate"),
-             (request(served, "POST", "/animate", b"{}", "application/json"), 415, "takes multipart/form-data")]
+             (request(served, "POST", "/animate", b"{}", "application/json"), 415, "takes multipart/form-data"),
+             (request(served, "POST", "/jobs", b"{}", "application/json"), 415,  # (it named POST /animate)
+              "the request is application/json; POST /jobs takes multipart/form-data")]
     conn = http.client.HTTPConnection("127.0.0.1", served.server_address[1], timeout=30)
     conn.putrequest("POST", "/animate")
     conn.putheader("Transfer-Encoding", "chunked")
