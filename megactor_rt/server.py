@@ -1384,8 +1384,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s: %d %s", self.command,
                    getattr(self, "path", ""), status, message)
-        self._json(status, {"error": message}, headers or ({"Retry-After": "10"} if status == 503 else
-                   {"WWW-Authenticate": 'Bearer realm="megactor-rt"'} if status == 401 else None))
+        self._json(status, {"error": message}, headers if headers is not None else (
+            {"Retry-After": "10"} if status == 503 else
+            {"WWW-Authenticate": 'Bearer realm="megactor-rt"'} if status == 401 else None))
 
     def _from_this_site(self) -> bool:
         """Whether a request that changes something (POST, DELETE) comes from no page, this server's own page, or a
@@ -1523,7 +1524,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif task.status == "done":
                 self._send_result(task)
             elif task.error is not None:
-                self._error(*task.error)
+                self._error(*task.error, {})  # (its run's: no Retry-After, as asking again gets the same answer)
             else:
                 self._error(410 if task.status == "cancelled" else 409,
                             f"job {task.id} is {task.status}: no result" + (

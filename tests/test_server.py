@@ -696,6 +696,25 @@ def test_a_method_a_route_does_not_take_is_answered_405_with_its_allow(
     assert wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{job}")["status"] == "done"
 
 
+def test_a_failed_jobs_result_is_its_error_without_a_retry_after(served: AnimateServer, media: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that failed for want of a resource (503, as POST /animate would have answered) answers GET
+    /jobs/ID/result with that error but no Retry-After: the job will not succeed however long a client waits
+    (a client that honours Retry-After asked again for ever); the server's own 503, a full queue, keeps it."""
+    from megactor_rt.errors import ResourceError
+
+    def short(*args: object, **kw: object) -> object:
+        raise ResourceError("the device is out of memory")
+
+    monkeypatch.setattr(served.anim, "animate_to_file", short)
+    job = post_job(served, {**files(media), "duration": "0.04"})
+    state = wait_for(served, lambda d: d["status"] == "failed", path=f"/jobs/{job}")
+    assert state["error_status"] == 503, state
+    status, headers, answer = request(served, "GET", f"/jobs/{job}/result")
+    assert status == 503 and "Retry-After" not in headers, (headers, answer)
+    assert json.loads(answer)["error"] == "the device is out of memory"
+
+
 def test_an_expect_100_continue_form_over_the_limit_is_refused_unsent(served: AnimateServer) -> None:
     """curl asks first ("Expect: 100-continue") before a large form: the server refuses it then, unread."""
     import socket
