@@ -116,6 +116,7 @@ FILE_FIELDS = ("portrait", "driver", "mask", "audio")
 TEXT_FIELDS = ("format", "audio", "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "crf", "side_by_side", "paste_back")
 CALLBACK = "callback"  # POST /jobs: an address the server posts the job's end to (serve --allow-callbacks)
 CALLBACK_TRIES = 3  # a callback answered 5xx or not reached is posted this many times in all
+CALLBACK_TIMEOUT_S = 10.0  # how long a callback's receiver may take to answer (then posted again: it may have it)
 # POST /jobs: a key the client chose for the job it asks for; a form sent again with it (its answer was lost) gets
 # the job the first made, not a second one
 KEY_HEADER = "Idempotency-Key"
@@ -1213,7 +1214,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         for attempt in range(1, CALLBACK_TRIES + 1):
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"),
-                                            timeout=10) as answer:
+                                            timeout=CALLBACK_TIMEOUT_S) as answer:
                     logger.info("run %s: callback %s answered %d", state["id"], _shown(url), answer.status)
                     return
             except urllib.error.HTTPError as exc:
@@ -1223,11 +1224,12 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     return
                 why = f"{exc.code} {exc.reason}"
             except (urllib.error.URLError, OSError) as exc:
-                why = str(getattr(exc, "reason", exc))
+                reason = getattr(exc, "reason", exc)  # (a receiver that takes the post but answers late is no
+                why = (f"no answer within {CALLBACK_TIMEOUT_S:g} s; it may have the post, each time (X-Megactor-Job "
+                       "names the job)" if isinstance(reason, TimeoutError) else str(reason))  # address not reached)
             if attempt < CALLBACK_TRIES:
                 time.sleep(2 ** (attempt - 1))
-        logger.warning("run %s: callback %s not reached (%s; %d tries)", state["id"], _shown(url), why,
-                       CALLBACK_TRIES)
+        logger.warning("run %s: callback %s failed (%s; %d tries)", state["id"], _shown(url), why, CALLBACK_TRIES)
 
     def _run(self, task: Task) -> None:
         def report(progress: Any) -> None:

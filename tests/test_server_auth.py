@@ -599,3 +599,50 @@ def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: Anim
     assert failed["status"] == "failed" and failed["error"].startswith("portrait/bad.png: ")
     assert [json.loads(b)["id"] for _, b in posts].count(ids[0]) == 2  # (503 first: posted again)
     assert answered in caplog.text
+
+
+def test_a_callback_answered_late_is_not_said_to_be_unreached(served: AnimateServer, media: dict[str, Path],
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver that takes each post but answers after the callback's timeout got every try (the same post, named
+    by X-Megactor-Job); the log says it did not answer in time and may have the post, not that it was not reached."""
+    import http.server
+
+    import megactor_rt.server as server_module
+
+    monkeypatch.setattr(server_module, "CALLBACK_TIMEOUT_S", 0.3)
+    got: list[str] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(self.headers["X-Megactor-Job"])
+            time.sleep(1.0)
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    served.allow_callbacks = True
+    try:
+        with caplog.at_level(logging.INFO, "megactor_rt.server"):
+            body, ctype = form({**files(media), "format": "gif", CALLBACK_FIELD: hook})
+            status, _, answer = request(served, "POST", "/jobs", body, ctype)
+            assert status == 202, answer
+            job = json.loads(answer)["id"]
+            for _ in range(200):
+                if f"run {job}: callback {hook} failed" in caplog.text:
+                    break
+                time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    assert got == [job] * 3
+    assert (f"run {job}: callback {hook} failed (no answer within 0.3 s; it may have the post, each time "
+            "(X-Megactor-Job names the job); 3 tries)") in caplog.text, caplog.text
+    assert "not reached" not in caplog.text
