@@ -237,6 +237,8 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
         buf = buf[end + 4:]
         name = head.get_param("name", header="content-disposition")
         filename = head.get_filename()
+        if filename:  # (browsers and curl send a name's '"', CR and LF as %22, %0D, %0A: WHATWG's form encoding)
+            filename = filename.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
         if not isinstance(name, str):
             raise FormError("a part of the form has no field name (Content-Disposition: form-data; name=...)")
         if name in text or name in paths:

@@ -82,6 +82,14 @@ def test_a_form_is_read_in_chunks_of_any_size(tmp_path: Path, monkeypatch: pytes
     assert files["portrait"].read_bytes() == tricky and files["driver"].read_bytes() == b"\x00\x01"
 
 
+def test_a_file_name_a_browser_escaped_is_read_as_the_users(tmp_path: Path) -> None:
+    """Browsers (and curl) send a file name's '"', CR and LF as %22, %0D and %0A (WHATWG's multipart/form-data
+    encoding): the upload, and so the result's name, keep the user's '"' (it was '%22'), a line break made safe."""
+    body, ctype = form([("portrait", ("my %22best%22 caf\u00e9.png", b"x")), ("driver", ("a%0Ab.mp4", b"y"))])
+    files = _read(body, ctype, tmp_path)[1]
+    assert files["portrait"].name == 'my "best" caf\u00e9.png' and files["driver"].name == "a_b.mp4"
+
+
 @pytest.mark.parametrize(("body", "ctype", "status", "message"), [
     (b"x", "application/json", 415, "the request is application/json; POST /animate takes multipart/form-data"),
     (b"x", "multipart/form-data", 400, "no valid boundary"),
