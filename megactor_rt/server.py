@@ -447,7 +447,7 @@ def openapi() -> dict[str, Any]:
     result = {"description": "the result file (Content-Disposition names it; X-Megactor-Frames, -Seconds, "
                              "-First-Frame-Seconds, -Portrait-Cached, -Driver-Cached tell about the run)",
               "content": media}
-    job = {"description": "the job", "content": {"application/json": {"schema": {"type": "object", "properties": {
+    job_schema: dict[str, Any] = {"type": "object", "properties": {
         "id": {"type": "string"}, "status": {"type": "string", "enum": list(_STATUSES)},
         "ahead": {"type": "integer"}, "progress": {"type": "object"}, "error": {"type": "string"},
         "error_status": {"type": "integer", "description": "a failed run's HTTP status, as POST /animate's: 400 the "
@@ -457,7 +457,12 @@ def openapi() -> dict[str, Any]:
                         "gives it"},
         "created": {"type": "string", "format": "date-time"}, "finished": {"type": "string", "format": "date-time"},
         "seconds": {"type": "number", "description": "from the run's start to its last frame (X-Megactor-Seconds; "
-                    "a run that went on from its checkpoint: this last part of it)"}}}}}}
+                    "a run that went on from its checkpoint: this last part of it)"}}}
+    job = {"description": "the job", "content": {"application/json": {"schema": job_schema}}}
+    # POST /jobs: the job, and where to ask about it; GET /jobs: every job kept, as GET /jobs/ID gives each
+    queued = {**job, "headers": {"Location": {"description": "/jobs/ID", "schema": {"type": "string"}}}}
+    listed = {"description": "the jobs kept", "content": {"application/json": {"schema": {"type": "object",
+              "properties": {"jobs": {"type": "array", "items": job_schema}}}}}}
     # DELETE /jobs/ID's answer: what became of the job (cancelling: a running one, at its next progress report)
     dropped = {"description": "what became of the job", "content": {"application/json": {"schema": {
         "type": "object", "properties": {"id": {"type": "string"}, "status": {
@@ -478,9 +483,8 @@ def openapi() -> dict[str, Any]:
                                            "schema": {"type": "string", "pattern": _KEY.pattern}, "description":
                                            "a key of the client's choosing (a uuid): the form sent again with it "
                                            "while its job is known gets that job (200), not a second one"}],
-                           "responses": {"202": job, "200": job, "422": error, **errors}},
-                  "get": {"summary": "the jobs kept", "responses": {"200": {"description": "{\"jobs\": [...]}"},
-                                                                    **refused}}},
+                           "responses": {"202": queued, "200": queued, "422": error, **errors}},
+                  "get": {"summary": "the jobs kept", "responses": {"200": listed, **refused}}},
         "/jobs/{id}": {"get": {"summary": "a job's state", "parameters": job_id,
                                "responses": {"200": job, "404": error, **refused}},
                        "delete": {"summary": "cancel the job, or delete its result", "parameters": job_id,

@@ -522,6 +522,9 @@ def test_the_api_description_names_what_the_server_answers(served: AnimateServer
     job = post_job(served, {**files(media), "duration": "0.04"})
     state = wait_for(served, lambda d: d["status"] == "done", path=f"/jobs/{job}")
     assert set(state) <= set(schema(paths["/jobs/{id}"]["get"]["responses"]["200"])["properties"]), state
+    listed = schema(paths["/jobs"]["get"]["responses"]["200"])["properties"]["jobs"]["items"]["properties"]
+    assert [set(j) <= set(listed) for j in json.loads(request(served, "GET", "/jobs")[2])["jobs"]] == [True]
+    assert "Location" in paths["/jobs"]["post"]["responses"]["202"]["headers"]
     status, _, answer = request(served, "DELETE", f"/jobs/{job}")
     deleted = schema(paths["/jobs/{id}"]["delete"]["responses"][str(status)])
     assert json.loads(answer)["status"] == "deleted" and deleted["properties"]["status"]["enum"] == [
