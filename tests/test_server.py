@@ -406,13 +406,14 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
                                'Save portrait_talk.gif</a>')
 
 
-@pytest.mark.parametrize("scenario", ["outage", "name", "too_big"])
+@pytest.mark.parametrize("scenario", ["outage", "name", "too_big", "down"])
 def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_the_limit(
         served: AnimateServer, media: dict[str, Path], tmp_path: Path, scenario: str) -> None:
     """The page in jsdom (tests/js/serve_page_scenarios.mjs): a job whose server does not answer for a while (a
     restart on its --jobs-dir, a proxy's 502) is asked about again and its result shown, not given up at the first
     failure (the job went on, its result lost to the page); a portrait named in UTF-8 gives a save link of that name,
-    not the header's ASCII stand-in; files over the server's --max-upload-mb are refused before they are sent."""
+    not the header's ASCII stand-in; files over the server's --max-upload-mb are refused before they are sent; a
+    server that does not answer the page's first question is said to be down."""
     jsdom = os.environ.get("MEGACTOR_JSDOM")
     node = shutil.which("node")
     if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():
@@ -424,6 +425,10 @@ def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_t
                           capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout.strip().splitlines()[-1])
+    if scenario == "down":  # (the page showed nothing: "The model: ..." for ever)
+        assert shown == {"status": "the server does not answer (fetch failed); load this page again once it is back",
+                         "status_class": "error", "posts": 0}, shown
+        return
     if scenario == "too_big":
         assert shown["posts"] == 0 and shown["status_class"] == "error", shown
         assert shown["status"] == ("the files are 2048.0 MiB together, over this server's limit of 1024.0 MiB "

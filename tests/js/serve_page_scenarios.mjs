@@ -4,6 +4,7 @@
 //     error again: a server restarting on its --jobs-dir); the page asks again and shows the result
 //   name: the portrait's file name is not ASCII; the link saves the result under its UTF-8 name
 //   too_big: the files are over the server's --max-upload-mb; the page says so and sends nothing
+//   down: the server does not answer the page's first question (its model); the page says so and sends nothing
 // Prints one JSON line: {"status", "status_class", "result", "seen": the status lines, "posts": the forms sent,
 // "download": the save link's file name (none: null)}.
 // Usage: node serve_page_scenarios.mjs URL PORTRAIT DRIVER SCENARIO
@@ -30,6 +31,7 @@ w.fetch = (url, init) => {
     }
     init = { ...init, body: fd };
   }
+  if (scenario === "down" && target.endsWith("/health")) return Promise.reject(new TypeError("fetch failed"));
   if (scenario === "outage" && /\/jobs\/[0-9a-f]+$/.test(target) && !(init && init.method)) {
     polls += 1; // (the first three questions about the job: no answer, a proxy's 502, no answer)
     if (polls === 1 || polls === 3) return Promise.reject(new TypeError("fetch failed"));
@@ -46,6 +48,11 @@ for (const [name, file] of Object.entries(chosen)) { // (the files as a browser'
   const size = scenario === "too_big" ? 1 << 30 : fs.statSync(file).size;
   Object.defineProperty(doc.querySelector(`input[name=${name}][type=file]`), "files",
     { value: [{ name: path.basename(file), size }] });
+}
+const before = doc.getElementById("status").textContent; // (what the page shows before a form is sent)
+if (scenario === "down") {
+  console.log(JSON.stringify({ status: before, status_class: doc.getElementById("status").className, posts }));
+  process.exit(0);
 }
 doc.querySelector("select[name=format]").value = "gif";
 doc.querySelector("input[name=duration]").value = "0.2";
