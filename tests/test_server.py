@@ -406,14 +406,15 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
                                'Save portrait_talk.gif</a>')
 
 
-@pytest.mark.parametrize("scenario", ["outage", "name", "too_big", "down"])
+@pytest.mark.parametrize("scenario", ["outage", "name", "too_big", "down", "no_sound"])
 def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_the_limit(
         served: AnimateServer, media: dict[str, Path], tmp_path: Path, scenario: str) -> None:
     """The page in jsdom (tests/js/serve_page_scenarios.mjs): a job whose server does not answer for a while (a
     restart on its --jobs-dir, a proxy's 502) is asked about again and its result shown, not given up at the first
     failure (the job went on, its result lost to the page); a portrait named in UTF-8 gives a save link of that name,
     not the header's ASCII stand-in; files over the server's --max-upload-mb are refused before they are sent; a
-    server that does not answer the page's first question is said to be down."""
+    server that does not answer the page's first question is said to be down; "no sound" ticked after a sound file
+    was chosen sends the form without the file (it was refused: field 'audio' given twice)."""
     jsdom = os.environ.get("MEGACTOR_JSDOM")
     node = shutil.which("node")
     if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():

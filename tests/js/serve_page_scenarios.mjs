@@ -5,6 +5,7 @@
 //   name: the portrait's file name is not ASCII; the link saves the result under its UTF-8 name
 //   too_big: the files are over the server's --max-upload-mb; the page says so and sends nothing
 //   down: the server does not answer the page's first question (its model); the page says so and sends nothing
+//   no_sound: a sound file chosen, then "no sound" ticked; the form goes without the file and the run is made
 // Prints one JSON line: {"status", "status_class", "result", "seen": the status lines, "posts": the forms sent,
 // "download": the save link's file name (none: null)}.
 // Usage: node serve_page_scenarios.mjs URL PORTRAIT DRIVER SCENARIO
@@ -15,7 +16,7 @@ import path from "node:path";
 const require = createRequire(path.join(process.env.MEGACTOR_JSDOM, "node_modules"));
 const { JSDOM } = require("jsdom");
 const [base, portrait, driver, scenario] = process.argv.slice(2);
-const chosen = { portrait, driver }; // field -> the file "chosen" in its input
+const chosen = { portrait, driver, ...(scenario === "no_sound" ? { audio: driver } : {}) }; // field -> its file
 const html = await (await fetch(base + "/")).text();
 const dom = new JSDOM(html, { url: base + "/", runScripts: "outside-only", pretendToBeVisual: true });
 const w = dom.window;
@@ -26,8 +27,11 @@ w.fetch = (url, init) => {
     posts += 1;
     const fd = new FormData();
     for (const [k, v] of init.body.entries()) {
-      if (chosen[k]) fd.append(k, new Blob([fs.readFileSync(chosen[k])]), path.basename(chosen[k]));
-      else fd.append(k, typeof v === "string" ? v : "");
+      if (chosen[k] && typeof v !== "string") {
+        fd.append(k, new Blob([fs.readFileSync(chosen[k])]), path.basename(chosen[k]));
+      } else {
+        fd.append(k, typeof v === "string" ? v : "");
+      }
     }
     init = { ...init, body: fd };
   }
@@ -53,6 +57,11 @@ const before = doc.getElementById("status").textContent; // (what the page shows
 if (scenario === "down") {
   console.log(JSON.stringify({ status: before, status_class: doc.getElementById("status").className, posts }));
   process.exit(0);
+}
+if (scenario === "no_sound") {
+  const box = doc.querySelector("input[type=checkbox][name=audio]");
+  box.checked = true;
+  box.dispatchEvent(new w.Event("change"));
 }
 doc.querySelector("select[name=format]").value = "gif";
 doc.querySelector("input[name=duration]").value = "0.2";
