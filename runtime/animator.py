@@ -82,8 +82,8 @@ from megactor_rt.runtime.driver import (
     PlanCache,
     check_local,
     cropped_frames,
-    driver_content,
     driver_file,
+    driver_identity,
     driver_info,
     driver_name,
     driver_sound,
@@ -682,8 +682,9 @@ class Animator:
             logger.warning("checkpoint_dir (--checkpoint-dir): open windows (closed_loop=False, --no-wrap) finish "
                            "frames at different steps, so this run saves no checkpoint")
             return None
-        identity = driver_content(plan.source)  # (not its path: a web address or `--driver -` given again is a
-        if identity is None:  # new temporary file of the same bytes)
+        # (its bytes, not its path: a web address or `--driver -` given again is a new temporary file of the same bytes)
+        identity = driver_identity(plan.source, content=True)
+        if identity is None:
             logger.warning("checkpoint_dir (--checkpoint-dir): a driver in memory is not saved (no file to know it "
                            "by when the run starts again)")
             return None

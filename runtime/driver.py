@@ -191,11 +191,14 @@ def driver_sound(source: Path | DriverFrames, info: VideoInfo) -> Path | None:
     return info.path if info.has_audio else None
 
 
-def driver_identity(source: Path | DriverFrames) -> list[object] | None:
-    """What tells a driver on disk from another version of it (path, size, last change), or None in memory.
+def driver_identity(source: Path | DriverFrames, content: bool = False) -> list[object] | None:
+    """What tells a driver on disk from another version of it (path, size, last change; a frame sequence, its
+    frames'), or None in memory. ``content``: a video file by the hash of its bytes and their count instead, wherever
+    it lies (a run's checkpoint: a driver downloaded again, or read from standard input again, is a new temporary
+    file of the same bytes).
 
     Raises:
-        OSError: it cannot be looked at.
+        OSError: it cannot be looked at (or read).
     """
     if isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence):
         return source.frames.identity()
@@ -203,24 +206,9 @@ def driver_identity(source: Path | DriverFrames) -> list[object] | None:
     if path is None:
         return None
     st = path.stat()
+    if content:
+        return [_content_hash(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino), st.st_size]
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
-def driver_content(source: Path | DriverFrames) -> list[object] | None:
-    """What tells a driver's content from another's, wherever its file lies (the hash of its bytes and their
-    count), for a run's checkpoint: a driver downloaded again, or read from standard input again, is a new
-    temporary file with the same bytes; a frame sequence, its frames' :func:`driver_identity`; None in memory.
-
-    Raises:
-        OSError: it cannot be read.
-    """
-    if isinstance(source, DriverFrames) and isinstance(source.frames, FrameSequence):
-        return source.frames.identity()
-    path = driver_file(source)
-    if path is None:
-        return None
-    st = path.stat()
-    return [_content_hash(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino), st.st_size]
 
 
 @functools.lru_cache(maxsize=64)

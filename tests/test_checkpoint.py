@@ -340,13 +340,13 @@ def test_a_drivers_bytes_are_hashed_once_per_version(driver: Path, tmp_path: Pat
     import os
 
     from megactor_rt.engine import cache as engine_cache
-    from megactor_rt.runtime.driver import driver_content
+    from megactor_rt.runtime.driver import driver_identity
 
     hashed: list[Path] = []
     real = engine_cache.sha256_file
     monkeypatch.setattr(engine_cache, "sha256_file", lambda p, *a, **k: hashed.append(p) or real(p, *a, **k))
     clip = Path(shutil.copy(driver, tmp_path / "clip.mp4"))
-    first = driver_content(clip)
-    assert driver_content(clip) == first and len(hashed) == 1
+    first = driver_identity(clip, content=True)
+    assert driver_identity(clip, content=True) == first and len(hashed) == 1
     os.utime(clip, ns=(1, 1))  # (another version, as far as the file system tells)
-    assert driver_content(clip) == first and len(hashed) == 2
+    assert driver_identity(clip, content=True) == first and len(hashed) == 2
