@@ -785,6 +785,27 @@ def _sequence_fps(args: argparse.Namespace, job: Job | None) -> Fraction | None:
     return job.sequence_fps if job is not None and job.sequence_fps is not None else args.sequence_fps
 
 
+def _sequence_rate_changed(job: Job, args: argparse.Namespace, run: AnimateConfig) -> list[str]:
+    """A kept result of an image-sequence driver made at another rate than this run's ``--sequence-fps`` (or its
+    row's ``sequence_fps``) gives ("sequence_fps 25 (now 30)"; the rate is not among a result's recorded settings,
+    its own rate tells it); nothing for a video driver, a run resampled with ``--fps``, or a GIF or WebP result
+    (whose rates are rounded to their timestamps' steps)."""
+    from megactor_rt.errors import InputError
+    from megactor_rt.media import probe_video
+    from megactor_rt.sequence import is_sequence, recorded_fps, sequence_frames, sequence_pattern
+
+    rate = _sequence_fps(args, job)
+    if rate is None or run.fps is not None or sequence_pattern(job.driver) is None or \
+            job.output.suffix.lower() in (".gif", ".webp"):
+        return []
+    try:
+        made_at = recorded_fps(sequence_frames(job.output)[1][0]) if is_sequence(job.output) else \
+            probe_video(job.output).fps
+    except (InputError, OSError, IndexError):
+        return []  # (an unreadable kept result is named by _changed_settings)
+    return [] if made_at is None or made_at == rate else [f"sequence_fps {made_at} (now {rate})"]
+
+
 def _without_existing(jobs: list[Job], args: argparse.Namespace, config: AnimateConfig, record: StatsFile,
                       server: dict[str, Any] | None = None) -> list[Job]:
     """``--skip-existing``: the jobs whose result is not there yet (results are renamed into place only once
@@ -804,6 +825,7 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
         run = job.run_config(config)
         now = run.plain() if server is None else {**server.get("config", {}), **_sent_config(run)}
         changed = _changed_settings(job.output, made, now, _result_options(args) | job.options)
+        changed += _sequence_rate_changed(job, args, run)
         if changed:
             logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
         record.kept(job, changed)

@@ -563,7 +563,8 @@ def write_face_frames(tmp_path: Path) -> Path:
 
 def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     """--driver plate/%04d.png at --sequence-fps; a batch names its result by the sequence's folder; a gap in the
     numbers or a result sequence onto the driver's own frames is refused before the weights load."""
     folder = write_face_frames(tmp_path)
@@ -585,6 +586,12 @@ def test_cli_drives_with_an_image_sequence_at_its_given_rate(weights: Path, tmp_
     code, _, err = run(capsys, "animate", "--jobs", jobs, *common[2:], "--sequence-fps", 12)
     assert code == 0, err
     assert (probe_video(tmp_path / "j24.mp4").fps, probe_video(tmp_path / "j.mp4").fps) == (24, 12)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):  # (kept: made at 24 and 12; asked for 24 and 25)
+        code, _, err = run(capsys, "animate", "--jobs", jobs, *common[2:], "--sequence-fps", 25, "--skip-existing")
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+    assert said == [f"kept {tmp_path / 'j.mp4'} was made with other settings than this run's: sequence_fps 12 "
+                    "(now 25)"], said
 
     def load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the weights were loaded")
