@@ -526,6 +526,18 @@ def test_a_batch_outlives_a_server_restart(media: dict[str, Path], tmp_path: Pat
 # ------------------------------------------------------------------------------------------------- callbacks
 
 
+@contextlib.contextmanager
+def _receiving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A callback receiver answering with ``handler`` on a free port, while the block runs: its address."""
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+
 def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: AnimateServer, media: dict[str, Path],
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """serve --allow-callbacks: a job's callback address gets the job's state (as GET /jobs/ID) when its run ends,
@@ -553,11 +565,8 @@ def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: Anim
         def log_message(self, *args: object) -> None:
             pass
 
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
     served.token = TOKEN.encode()
-    try:
+    with _receiving(Receiver) as hook:
         for fields, message in (({CALLBACK_FIELD: hook}, "this server posts to no addresses (serve --allow-callbacks)"),):
             body, ctype = form({**files(media), **fields})
             assert _error(request(served, "POST", "/jobs", body, ctype, headers=BEARER)) == (
@@ -585,9 +594,6 @@ def test_a_jobs_end_is_posted_to_its_callback_signed_with_the_token(served: Anim
                 if answered in caplog.text:
                     break
                 time.sleep(0.1)
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
     states = {}
     for headers, body in posts:
         assert headers["Content-Type"] == "application/json"
@@ -625,23 +631,16 @@ def test_a_callback_answered_late_is_not_said_to_be_unreached(served: AnimateSer
         def log_message(self, *args: object) -> None:
             pass
 
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
     served.allow_callbacks = True
-    try:
-        with caplog.at_level(logging.INFO, "megactor_rt.server"):
-            body, ctype = form({**files(media), "format": "gif", CALLBACK_FIELD: hook})
-            status, _, answer = request(served, "POST", "/jobs", body, ctype)
-            assert status == 202, answer
-            job = json.loads(answer)["id"]
-            for _ in range(200):
-                if f"run {job}: callback {hook} failed" in caplog.text:
-                    break
-                time.sleep(0.1)
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
+    with _receiving(Slow) as hook, caplog.at_level(logging.INFO, "megactor_rt.server"):
+        body, ctype = form({**files(media), "format": "gif", CALLBACK_FIELD: hook})
+        status, _, answer = request(served, "POST", "/jobs", body, ctype)
+        assert status == 202, answer
+        job = json.loads(answer)["id"]
+        for _ in range(200):
+            if f"run {job}: callback {hook} failed" in caplog.text:
+                break
+            time.sleep(0.1)
     assert got == [job] * 3
     assert (f"run {job}: callback {hook} failed (no answer within 0.3 s; it may have the post, each time "
             "(X-Megactor-Job names the job); 3 tries)") in caplog.text, caplog.text
