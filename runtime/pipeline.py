@@ -321,9 +321,14 @@ def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int | None = 
     finally:
         for f in pending:
             f.cancel()
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+        _close(items)
+
+
+def _close(items: Iterable[object]) -> None:
+    """Close ``items`` where it can be (a generator: a driver pass's video file goes at once)."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 def map_repeats(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> Generator[U, None, None]:
@@ -343,9 +348,7 @@ def map_repeats(fn: Callable[[T], U], items: Iterable[T], workers: int | None = 
             if last:
                 yield last[0], count
         finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            _close(items)
 
     with closing(ordered_map(lambda run: (fn(run[0]), run[1]), runs(), workers)) as done:
         for result, count in done:
