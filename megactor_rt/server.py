@@ -1487,8 +1487,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = self._route().split("/")  # "", "jobs", ID[, "result"]
         found = self.server.task(parts[2]) if len(parts) in (3, 4) else None
         if found is None or (len(parts) == 4 and parts[3] != "result"):
-            kept = "" if self.server.jobs_dir is not None else ", and only until the server stops (serve --jobs-dir keeps " \
-                "them over a restart)"
+            kept = "" if self.server.jobs_dir is not None else \
+                ", and only until the server stops (serve --jobs-dir keeps them over a restart)"
             self._error(404, f"no such job: {self._route()} (a job is kept {self.server.keep_s:g} s after its run"
                              f"{kept}; GET /jobs lists them)")
             return None
