@@ -1518,11 +1518,11 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
             if not others_left():  # (one pair too: `--server A B -p me.png -d meme.mp4 -o out.mp4`)
                 return False
             if isinstance(exc, Unreachable) and exc.refused:  # (the form never arrived: a restart, or a server gone)
-                now = time.monotonic()
-                began = refused_since.setdefault(client.url, now)
-                if now - began <= client_module.OUTAGE_S:  # (it is asked again meanwhile: a restart takes seconds)
-                    todo.append(job)
-                    if began == now:
+                first = client.url not in refused_since
+                began = refused_since.setdefault(client.url, time.monotonic())
+                if time.monotonic() - began <= client_module.OUTAGE_S:  # (asked again meanwhile: a restart takes
+                    todo.append(job)  # seconds)
+                    if first:
                         logger.warning("%s; the job goes to another server (this one is asked again for up to %g s)",
                                        exc, client_module.OUTAGE_S)
                     return True
