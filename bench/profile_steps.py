@@ -4,8 +4,8 @@ On the H200 (docs/performance.md, 2026-11-26) the first of 25 steps took 1.2-2.0
 every mode, after a warm-up run of the same window shape. This runs one mode of the `gpu-full` suite's
 first scenario exactly as `megactor-rt bench` does (same submodels, FLOP ledger, warm-up and whole-run
 consumer; the profiled run itself animates in this thread and discards the frames), with fewer steps,
-under torch.profiler, and reports per step: wall time, the summed duration of
-the device kernels launched in it, the difference (device idle: the host was the bottleneck) and the kernel
+under torch.profiler, and reports per step: wall time, the time in which at least one of
+the device kernels launched in it ran (kernels on concurrent streams counted once), the difference (device idle: the host was the bottleneck) and the kernel
 count. On the CPU (``--tiny`` without CUDA) there is no device time to split a step into: busy and idle are
 not measured there (None in the JSON, n/a in the table, and a sentence saying why), rather than the whole step
 reported as idle. It also lists call signatures the FLOP ledger saw first in the timed run (each is counted
@@ -24,6 +24,7 @@ import argparse
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -89,11 +90,7 @@ def main() -> None:
         stats = anim.last_stats
     new_signatures = [repr(k)[:200] for k in ledger.table if k not in known]
 
-    events = prof.events()
-    ranges = sorted((int(e.name[len(STEP):]), e.time_range.start, e.time_range.end)
-                    for e in events if e.name.startswith(STEP))
-    kernels = [(e.time_range.start, e.time_range.end - e.time_range.start) for e in events
-               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    ranges, kernels = step_events(prof.events())
     rows = step_rows(dev, ranges, kernels, stats.step_seconds)
     report = {**B.run_record(dev), "device": device_name(dev),
               "device_time": "measured (CUDA kernels under torch.profiler)" if dev.type == "cuda" else NOT_MEASURED,
@@ -105,18 +102,50 @@ def main() -> None:
     print(markdown(report))  # noqa: T201 - a script's output
 
 
+def step_events(events: Any) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """The steps' host-side ranges (index, start, end in us) and the CUDA kernels (start, duration in us) of a
+    profile's events. With CUDA activity torch.profiler also puts each ``record_function`` range on the device's
+    timeline (a user annotation of device type CUDA, as long as the step's kernels): neither a step's range
+    (2026-11-29 on the H200: every step listed twice, the second row given the next step's time) nor a kernel
+    (it counted each step's own length as device busy time)."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    ranges = sorted((int(e.name[len(STEP):]), e.time_range.start, e.time_range.end) for e in events
+                    if e.name.startswith(STEP) and getattr(e, "device_type", cpu) == cpu)
+    kernels = [(e.time_range.start, e.time_range.end - e.time_range.start) for e in events
+               if getattr(e, "device_type", None) == cuda and not getattr(e, "is_user_annotation", False)
+               and not e.name.startswith(STEP)]
+    return ranges, kernels
+
+
+def busy_us(kernels: list[tuple[int, int]]) -> int:
+    """Microseconds in which at least one of the kernels (start, duration) ran: kernels on concurrent streams
+    (the optimized mode's PoseGuider and decode streams) overlap, and their summed durations can exceed the
+    wall time."""
+    total, reach = 0, None
+    for start, dur in sorted(kernels):
+        end = start + dur
+        if reach is None or start >= reach:
+            total += dur
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
+
+
 def step_rows(dev: torch.device, ranges: list[tuple[int, int, int]], kernels: list[tuple[int, int]],
               step_seconds: list[float]) -> list[dict]:
     """Per step (its profiler range: index, start and end in us): wall seconds, and the device's busy and idle
-    seconds and kernel count from the CUDA kernels (start, duration in us) that began in it. Not measured (None)
+    seconds and kernel count from the CUDA kernels (start, duration in us) that began in it (busy: the time at
+    least one of them ran, :func:`busy_us`). Not measured (None)
     off CUDA: without CUDA activity there is no device time to split a step into."""
     rows: list[dict] = []
     for (i, start, end), wall in zip(ranges, step_seconds):
         if dev.type != "cuda":
             rows.append({"step": i, "wall_s": wall, "device_busy_s": None, "device_idle_s": None, "kernels": None})
             continue
-        inside = [d for s, d in kernels if start <= s < end]
-        busy = sum(inside) / 1e6
+        inside = [(s, d) for s, d in kernels if start <= s < end]
+        busy = busy_us(inside) / 1e6
         rows.append({"step": i, "wall_s": wall, "device_busy_s": busy, "device_idle_s": wall - busy,
                      "kernels": len(inside)})
     return rows

@@ -16,7 +16,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -168,6 +168,30 @@ def test_profile_steps_on_the_cpu_says_device_time_is_not_measured() -> None:
     assert "| 0 | 0.001 | n/a | n/a | n/a |" in lines and "| 1 | 0.002 | n/a | n/a | n/a |" in lines
     gpu = ps.markdown({**report, "device_time": "measured", "per_step": cuda_rows})
     assert "not measured" not in gpu and "| 0 | 0.001 | 0.000 | 0.001 | 1 |" in gpu.splitlines()
+
+
+def test_profile_steps_takes_host_ranges_and_kernels_not_the_device_copies_of_its_ranges() -> None:
+    """With CUDA activity the profiler lists each step's range twice (host, and a device-side user annotation
+    as long as the step's kernels): each step once, its busy time from kernels alone, overlapping kernels
+    (concurrent streams) counted once. The 2026-11-29 H200 run listed step 0 twice and a busy time above the
+    wall time."""
+    ps = _load("profile_steps")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name: str, start: int, end: int, dev: Any, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=dev,
+                               is_user_annotation=annotation)
+    events = [ev(ps.STEP + "0", 0, 1000, cpu, True), ev(ps.STEP + "0", 50, 1100, cuda, True),
+              ev(ps.STEP + "1", 1000, 2000, cpu, True), ev(ps.STEP + "1", 1100, 2100, cuda, True),
+              ev("aten::mm", 10, 20, cpu), ev("gemm_kernel", 100, 400, cuda), ev("pose_kernel", 200, 500, cuda),
+              ev("gemm_kernel", 1200, 1500, cuda)]
+    ranges, kernels = ps.step_events(events)
+    assert ranges == [(0, 0, 1000), (1, 1000, 2000)]
+    assert sorted(kernels) == [(100, 300), (200, 300), (1200, 300)]
+    rows = ps.step_rows(torch.device("cuda"), ranges, kernels, [0.001, 0.001])
+    assert [r["step"] for r in rows] == [0, 1] and [r["kernels"] for r in rows] == [2, 1]
+    assert rows[0]["device_busy_s"] == pytest.approx(4e-4) and rows[1]["device_busy_s"] == pytest.approx(3e-4)
+    assert ps.busy_us([(0, 10), (2, 3), (20, 5), (22, 10)]) == 22
 
 
 def test_stream_memory_markdown_begins_with_the_record() -> None:
