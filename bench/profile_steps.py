@@ -35,8 +35,8 @@ from megactor_rt.assets import ASSETS_DIR
 from megactor_rt.runtime.backends import device_name
 
 STEP = "megactor denoise step "
-NOT_MEASURED = ("Device time is not measured on the CPU: the busy time is the summed duration of the CUDA kernels "
-                "torch.profiler records in each step, and a CPU run launches none, so each step's wall time is "
+NOT_MEASURED = ("Device time is not measured on the CPU: the busy time is the time in which the CUDA kernels "
+                "torch.profiler records in each step ran, and a CPU run launches none, so each step's wall time is "
                 "host time, not device idle time.")
 
 
