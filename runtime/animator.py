@@ -691,7 +691,7 @@ class Animator:
         facts = {"portrait": state.key, "driver": identity,
                  "frames": plan.num_frames, "crop": plan.crop, "face_crop": plan.face_crop, "follow": plan.follow,
                  "selection": [plan.selection.skip, str(plan.selection.ratio)], "detector": plan.detector,
-                 "contour": contour, "backend": self.sub.name, "dtype": str(self.sub.dtype),
+                 "contour": contour, "backend": self.sub.latents_id, "dtype": str(self.sub.dtype),
                  "weights": self.sub.weights_id, "image_size": self.image_size}
         return StepCheckpoint(folder, run_key(facts, cfg), steps, lambda i: not cfg.step_kind(i).reuse,
                               inputs_key(facts))

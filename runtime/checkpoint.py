@@ -8,8 +8,9 @@ noise after the initial one, so the result is the same, frame for frame, as an u
 machine and backend.
 
 A checkpoint belongs to one run: its name is a hash of the portrait (its prepared state's key: content, weights,
-options), the driver file (path, size and modification time), the driver's plan (frames, crop), every run setting
-that changes the math, the backend, precision and size; another run never reads it. It is removed once the run
+options), the driver's content (its bytes, hashed once per file version), the driver's plan (frames, crop), every
+run setting that changes the math, the backend (with a graph backend, the exported graph each submodel but the
+decoders runs: a re-export under the same weights is another run), precision and size; another run never reads it. It is removed once the run
 has yielded its last frame. A run that finds none of its own says so where the folder holds one of the same portrait
 and driver saved with other settings (a setting changed before starting it again) or ones an older version wrote
 (neither is continued from). Wrapping windows only (the default): open windows (``--no-wrap``) finish frames at

@@ -77,6 +77,8 @@ def ort_providers(device: torch.device) -> list[str | tuple[str, dict[str, Any]]
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
+# the graphs that only decode a run's latents into frames (a step checkpoint holds latents)
+DECODER_GRAPHS = frozenset({"vae_decoder", "tiny_decoder"})
 # the graphs every run calls whatever its settings (which UNet graphs it calls depends on them: see
 # graphs_needed; the tiny decoder's on --tiny-decoder)
 RUN_GRAPHS = frozenset({"clip_image_encoder", "vae_encoder", "vae_decoder", "reference_net", "pose_guider",
@@ -257,6 +259,14 @@ class GraphSubmodels(Submodels):
             runner = self.runners.get(graph)
             parts.append(f"{graph}={runner.identity() if runner is not None else getattr(self.fallback, 'name', None)}")
         return f"{self.name}({','.join(parts)})"
+
+    @property
+    def latents_id(self) -> str:
+        """This backend's name, what runs each graph but the decoders, and from which ONNX graph: a checkpoint's
+        latents from UNet graphs of another export (re-exported under the same weights) are not resumed from."""
+        parts = [f"{graph}={runner.identity()}" for graph, runner in sorted(self.runners.items())
+                 if graph not in DECODER_GRAPHS]
+        return f"{self.name}({','.join(parts)};fallback={getattr(self.fallback, 'name', None)})"
 
     def _run(self, graph: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
         self.calls.bump(graph)

@@ -70,6 +70,12 @@ class Submodels(ABC):
         the runner and the graph of each per-portrait submodel)."""
         return self.name
 
+    @property
+    def latents_id(self) -> str:
+        """What computes a run's latents on this backend, for the step checkpoints' key (graph backends add the
+        runner and the graph of each submodel but the decoders)."""
+        return self.name
+
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, self.dtype)
 

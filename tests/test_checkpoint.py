@@ -350,3 +350,42 @@ def test_a_drivers_bytes_are_hashed_once_per_version(driver: Path, tmp_path: Pat
     assert driver_identity(clip, content=True) == first and len(hashed) == 1
     os.utime(clip, ns=(1, 1))  # (another version, as far as the file system tells)
     assert driver_identity(clip, content=True) == first and len(hashed) == 2
+
+
+def test_latents_of_other_graphs_are_not_resumed_from(anim: Animator, driver: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's key holds what computes the latents: a UNet graph exported again under the same weights
+    (another ONNX file) starts from the first step; another decoder graph reads the same latents and resumes."""
+    from megactor_rt.runtime.onnx_backend import GraphSubmodels
+
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(type(anim.sub), "latents_id", property(lambda self: "torch(another export)"))
+        _stop_after(m, 0)
+        with pytest.raises(Stop):
+            _run(anim, driver, tmp_path)
+        assert anim.last_stats.resumed_from_step == 0
+    _run(anim, driver, tmp_path)
+    assert anim.last_stats.resumed_from_step == 2
+
+    class Graph:  # a runner for one exported graph
+        def __init__(self, sha: str) -> None:
+            self.sha = sha
+
+        def identity(self) -> str:
+            return f"onnxruntime:{self.sha}"
+
+        def max_size(self, name: str, axis: int, where: object = None) -> None:
+            return None
+
+    def latents_id(runners: dict) -> str:
+        return GraphSubmodels("onnxruntime", anim.sub.config, "w", runners, torch.device("cpu"), torch.float32,
+                              fallback=anim.sub).latents_id
+
+    every = {g: Graph("a") for g in ("temporal_unet", "pose_guider", "reference_net", "vae_decoder", "tiny_decoder")}
+    assert latents_id(every) != latents_id({**every, "temporal_unet": Graph("b")})
+    assert latents_id(every) != latents_id({g: r for g, r in every.items() if g != "pose_guider"})  # torch's
+    assert latents_id(every) == latents_id({**every, "vae_decoder": Graph("b"), "tiny_decoder": Graph("c")})
