@@ -12,6 +12,8 @@ file records a checksum of every tensor (safetensors files carry none of their o
 as another portrait's state). The store keeps to a size budget (``max_disk_bytes``, CLI ``--cache-max-gb``): least
 recently used files go first; so they do where the store's disk has no room for a file to be written (a
 budget larger than the disk's free space: the store rotates instead of keeping its old files and storing no new one).
+Two processes that prepare one portrait at once both write its file; one whose state the file already holds
+(another process's run of more steps wrote its banks meanwhile) leaves that file as it is.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class PortraitCache:
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._mem: OrderedDict[str, PortraitState] = OrderedDict()
         self._on_disk: dict[str, tuple[frozenset[int], str | None, bool]] = {}  # key -> what its file holds
-        self._unchecked: set[str] = set()  # keys read from a file without checksums (an older version's): rewritten
+        # keys whose file is rewritten after the run: read without checksums (an older version's), damaged, unreadable
+        self._unchecked: set[str] = set()
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
@@ -148,9 +151,12 @@ class PortraitCache:
             return
         with self._lock:
             content, tensors, meta = _snapshot(state)
+        final = self._path(state.key)
+        kv = len(state.token_kv or ())
+        if self._kept(final, state.key, content, kv):
+            return
         meta[CHECKSUM_KEY] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
-        final = self._path(state.key)
         with self._lock:
             self._make_room(_file_bytes(tensors, meta), keep=final)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
@@ -158,6 +164,8 @@ class PortraitCache:
             save_file(tensors, str(tmp), metadata=meta)
             os.chmod(tmp, umask_mode())  # a store shared by several users (safetensors writes 0600)
             with self._write_lock:  # two writers of one key: the record is the content of the file that stays
+                if self._kept(final, state.key, content, kv):  # written meanwhile, by another process, with more
+                    return
                 tmp.replace(final)
                 with self._lock:
                     self._on_disk[state.key] = content
@@ -181,6 +189,32 @@ class PortraitCache:
                 self._remove(path, f"store over {self.max_disk_bytes / 2**30:.3g} GiB")
                 continue
             total += size
+
+    def _kept(self, path: Path, key: str, content: tuple[frozenset[int], str | None, bool], kv: int) -> bool:
+        """Whether the store file ``path`` (another process's, as this cache has no record of it holding ``content``)
+        already holds all of ``content``, with checksums: then it stays, and is recorded as holding it. Two
+        processes preparing one portrait both write it; the one that finishes last must not replace the other's
+        file of 25 steps' banks with its 2 steps' (the file's header alone is read). ``kv``: the state's number of
+        token keys/values. A file this cache found damaged, unreadable or without checksums is never kept."""
+        banks, landmarks, _ = content
+        with self._lock:
+            if key in self._unchecked:
+                return False
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, names = f.metadata() or {}, set(f.keys())
+            held = frozenset(json.loads(meta.get("banks", "[]")))
+        except Exception:  # noqa: BLE001 - no file, or one that cannot be read: this writer's replaces it
+            return False
+        covers = (meta.get("key") == key and CHECKSUM_KEY in meta and banks <= held
+                  and (landmarks is None or meta.get("landmarks_model") == landmarks)
+                  and sum(n.startswith("token_kv_") for n in names) >= kv)
+        if covers:
+            logger.debug("portrait cache: %s already holds this state (%d banks); kept", path.name, len(held))
+            with self._lock:
+                self._on_disk[key] = content
+                self._unchecked.discard(key)
+        return covers
 
     def _make_room(self, need: int, keep: Path) -> None:
         """Where the store's disk has less than ``need`` bytes free (the file about to be written), delete the least
@@ -245,6 +279,7 @@ class PortraitCache:
                 named = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
                 logger.warning("portrait cache: %s is damaged (%s does not match the checksum saved with it); "
                                "computing the portrait again", path, named)
+                self._must_rewrite(key)
                 return None
             with torch.inference_mode():  # as a computed state's (a compiled UNet's guards tell them apart)
                 d = {k: v.to(device, copy=True) for k, v in t.items() if k not in _HOST_TENSORS}
@@ -265,13 +300,17 @@ class PortraitCache:
         except Exception as exc:  # a truncated or foreign file must not stop a run: recompute and rewrite it
             logger.warning("portrait cache: cannot read %s (%s: %s); computing the portrait again",
                            path, type(exc).__name__, exc)
+            self._must_rewrite(key)
             return None
         with contextlib.suppress(OSError):  # removed meanwhile by another process trimming the store: it stands
             os.utime(path)  # recently used: the last to go when the store is over its budget
         if CHECKSUM_KEY not in meta:  # written by an older version: used, and rewritten with checksums after its run
-            with self._lock:
-                self._unchecked.add(key)
+            self._must_rewrite(key)
         return state
+
+    def _must_rewrite(self, key: str) -> None:
+        with self._lock:
+            self._unchecked.add(key)
 
 
 # stored tensors that stay on the host: the portrait's pixels (``PortraitInputs``) and its landmarks

@@ -227,3 +227,32 @@ def test_the_budget_removes_least_recently_used_first_not_the_largest(anim: Anim
     cache = PortraitCache(disk_dir=store, max_disk_bytes=2 * size + size // 2)  # the new file and the small one fit
     cache.save(replace(base, key="new"))
     assert [p.name for p in store.iterdir()] == [cache._path("new").name]
+
+
+def test_a_second_process_with_fewer_banks_keeps_the_file_of_more(anim: Animator, driver: Path,
+                                                                  tmp_path: Path) -> None:
+    """Two processes prepare one portrait at once (neither finds a file), one runs 4 steps and the other 2 (banks of
+    timesteps the 4-step file holds): the one finishing last keeps the 4-step file (was: its rename replaced it,
+    and the next 4-step run computed two banks again). A run whose banks the file lacks still writes its own."""
+    store = tmp_path / "portraits"
+    long_run = Animator(anim.sub, replace(CFG, steps=4), PortraitCache(disk_dir=store))
+    short_run = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    long_state, short_state = long_run.prepare(PORTRAIT), short_run.prepare(PORTRAIT)
+    list(long_run.animate(long_state, driver))
+    (path,) = store.glob("*.safetensors")
+
+    def banks() -> set[int]:
+        with safe_open(str(path), "pt") as f:
+            return set(json.loads(f.metadata()["banks"]))
+    four = banks()
+    assert len(four) == 4
+    list(short_run.animate(short_state, driver))
+    assert set(short_state.banks) < four and banks() == four
+    assert not short_run.cache.persist(short_state)  # recorded as stored: not looked at again
+    later = Animator(anim.sub, replace(CFG, steps=4), PortraitCache(disk_dir=store))
+    state = later.prepare(PORTRAIT)
+    assert later.cache.disk_hits == 1 and set(state.banks) == four
+    other = Animator(anim.sub, replace(CFG, steps=3), PortraitCache(disk_dir=store))
+    other_state = other.prepare(PORTRAIT)
+    list(other.animate(other_state, driver))
+    assert banks() == set(other_state.banks) and banks() - four
