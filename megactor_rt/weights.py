@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 MODULE_FILES = ("temporal_unet", "reference_net", "vae", "clip_image_encoder")
 FORMAT_VERSION = 1
+# safetensors' save_file (its Rust writer, in recent versions) writes into a temporary file of this name beside its
+# target, then renames it: a conversion killed meanwhile (the OOM killer, a power loss) leaves it behind, as large as
+# a network (GBs at full size)
+SAFETENSORS_TEMPORARY = ".tmp" + "[0-9A-Za-z]" * 6
 
 
 @dataclass
@@ -595,8 +599,8 @@ def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Te
     done = False
     try:
         dst.mkdir(parents=True, exist_ok=True)
-        for leftover in (".*.safetensors.*.tmp", f".{CONFIG_NAME}.*.tmp"):  # _temporary_beside's names, left by
-            # conversions killed an hour ago or more
+        for leftover in (".*.safetensors.*.tmp", f".{CONFIG_NAME}.*.tmp", SAFETENSORS_TEMPORARY):  # left by
+            # conversions killed an hour ago or more (_temporary_beside's names, and save_file's own)
             remove_stale(dst, leftover)
         digest = _id_digest(cfg)
         for name in progress(MODULE_FILES, desc="convert-weights: write", unit="file"):
