@@ -222,6 +222,20 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                            "download or convert it again") from exc
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is (or is named) a safetensors file: its name, or its start (the header's length, 8 bytes
+    little-endian, then the header's JSON object), whatever its name (a training checkpoint saved as safetensors and
+    named ``.ckpt``). A file that cannot be read is left to the reader, which names the problem."""
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def read_torch_file(path: Path, what: str = "") -> Any:
     """A torch-saved file with ``weights_only=True`` (nothing is unpickled as code), memory-mapped where its
     format allows (the zip format of torch >= 1.6; older files are read whole)."""
@@ -282,13 +296,15 @@ def _tensors(state: object, what: str) -> dict[str, torch.Tensor]:
 
 # -- released training checkpoint -------------------------------------------------------------------
 def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split ``checkpoint-steps*.ckpt`` into (denoiser state, ReferenceNet state).
+    """Split ``checkpoint-steps*.ckpt`` into (denoiser state, ReferenceNet state). A checkpoint saved as safetensors
+    (its keys those of the training checkpoint's ``state_dict``; any name, e.g. ``--checkpoint x.safetensors``) is
+    read as one.
 
     Raises:
         WeightsError: unreadable file, a pickle holding anything but tensors/containers/numbers, or no keys of
             one of the networks (keys of neither are skipped with a warning, as upstream skips them).
     """
-    obj = read_torch_file(path, "checkpoint")
+    obj = read_safetensors(path) if is_safetensors(path) else read_torch_file(path, "checkpoint")
     state = _tensors(obj.get("state_dict", obj) if isinstance(obj, dict) else None, f"checkpoint {path}")
     unet, ref, ignored, foreign = {}, {}, 0, []
     for key, tensor in state.items():

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+import torch
 from golden_pack import GoldenPack, pack_dir
 from test_weights import write_release
 
+from megactor_rt.errors import WeightsError
 from megactor_rt.weights import convert_release
 
 
@@ -31,3 +34,29 @@ def test_safetensors_own_temporary_files_left_by_a_killed_conversion_are_removed
         os.utime(path, (old, old))
     convert_release(src, dst)
     assert not stale.exists() and fresh.exists() and other.exists()
+
+
+def test_a_training_checkpoint_saved_as_safetensors_converts(tmp_path):
+    """A training checkpoint re-saved as safetensors (its state_dict's keys; shared that way for its safety) and given
+    with --checkpoint, under its own name or as a .ckpt, converts to the same weights (was refused as "it is no file
+    torch saved (it begins b'...': an error page saved under its name ...); download it again")."""
+    from safetensors.torch import save_file
+
+    from megactor_rt import cli
+    from megactor_rt.weights import load_converted
+
+    src = write_release(_pack(), tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    state = {k: v.clone() for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    want = load_converted(convert_release(src, tmp_path / "from_ckpt"))
+    mine = tmp_path / "megactor-v1.safetensors"
+    save_file(state, str(mine))
+    assert cli.main(["convert-weights", str(src), str(tmp_path / "a"), "--checkpoint", str(mine)]) == 0
+    save_file(state, str(ckpt))  # (a safetensors file under the released name)
+    for got in (load_converted(tmp_path / "a"), load_converted(convert_release(src, tmp_path / "b"))):
+        assert got.weights_id == want.weights_id
+        assert torch.equal(got.unet.conv_in.weight, want.unet.conv_in.weight)
+    mine.write_bytes(mine.read_bytes()[:1000])  # cut short: named damaged, as the other safetensors files
+    with pytest.raises(WeightsError, match=r"cannot read .*megactor-v1\.safetensors .*damaged or incomplete"):
+        convert_release(src, tmp_path / "c", checkpoint=mine)
+
