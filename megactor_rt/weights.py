@@ -715,6 +715,15 @@ def converted_config(weights_dir: str | Path) -> tuple[ModelConfig, str]:
     meta = _read_json(config)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
+        made_by = isinstance(meta, dict) and "format_version" not in meta and (
+            meta.get("_class_name") or meta.get("architectures") or meta.get("model_type"))
+        if isinstance(made_by, list):  # (transformers: "architectures": ["CLIPVisionModelWithProjection"])
+            made_by = ", ".join(map(str, made_by))
+        if made_by:  # e.g. SD1.5's unet/ or vae/ folder, or the release's sd-vae-ft-mse/, given as --weights
+            raise WeightsError(f"{config} is the config of a diffusers or transformers model ({made_by}), not of "
+                               f"megactor-rt's converted weights: {weights_dir} is not a converted weights folder; "
+                               "convert the released weights/ folder with `megactor-rt convert-weights` and pass "
+                               "its output")
         raise WeightsError(f"{config}: unsupported format_version {found!r} (expected {FORMAT_VERSION})")
     with _config_errors(config):
         cfg, weights_id = ModelConfig.from_dict(meta["model"]), meta["weights_id"]

@@ -4,6 +4,7 @@ midway (tests/test_weights.py covers the released layout and its error paths).""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -60,3 +61,22 @@ def test_a_training_checkpoint_saved_as_safetensors_converts(tmp_path):
     with pytest.raises(WeightsError, match=r"cannot read .*megactor-v1\.safetensors .*damaged or incomplete"):
         convert_release(src, tmp_path / "c", checkpoint=mine)
 
+
+def test_a_diffusers_or_transformers_folder_given_as_converted_weights_says_what_it_is(tmp_path):
+    """SD1.5's unet/ or vae/ folder, or the release's sd-vae-ft-mse/ or image_encoder/, given as --weights: their
+    config.json is a diffusers or transformers model's, named so (was "unsupported format_version None (expected
+    1)", as if an older converted folder), in `doctor --weights` too."""
+    from megactor_rt.doctor import doctor_report
+    from megactor_rt.weights import check_converted_files, load_converted
+
+    src = write_release(_pack(), tmp_path / "weights")
+    for folder, made_by in ((src / "sd-vae-ft-mse", "AutoencoderKL"),
+                            (src / "StableDiffusion" / "image_encoder", "clip_vision_model")):
+        said = rf"{folder / 'config.json'} is the config of a diffusers or transformers model \({made_by}\), not of " \
+               r"megactor-rt's converted weights: .* convert the released weights/ folder with `megactor-rt " \
+               r"convert-weights`"
+        for read in (load_converted, check_converted_files):
+            with pytest.raises(WeightsError, match=said):
+                read(folder)
+        status = doctor_report(folder)["weights"]["status"]
+        assert status.startswith("unusable: ") and re.search(said, status), status
