@@ -512,6 +512,7 @@ def feature_extractor_differences(src: Path, size: int) -> list[str]:
 
 
 _STEP = re.compile(r"checkpoint-steps(\d+)\.ckpt$")
+_CHECKPOINT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")  # files --checkpoint could name
 
 
 def release_checkpoint(src: Path, checkpoint: str | Path | None = None) -> Path:
@@ -532,14 +533,22 @@ def release_checkpoint(src: Path, checkpoint: str | Path | None = None) -> Path:
         return path
     found = sorted((int(m.group(1)), p) for p in src.glob("checkpoint-steps*.ckpt") if (m := _STEP.search(p.name)))
     if not found:
-        others = sorted(p.name for p in src.glob("*.ckpt"))
+        sigma = "megactor-sigma.ckpt"
+        candidates = sorted(p.name for p in src.glob("*") if p.suffix in _CHECKPOINT_SUFFIXES and p.is_file()
+                            and p.name != sigma)  # (a checkpoint renamed, or saved as .pth or .safetensors)
         hint = ""
-        if others:
-            hint = f" (found {', '.join(others)}: not MegActor v1's training checkpoint)"
+        if (src / CONFIG_NAME).is_file() and any(src.glob("*.safetensors")):  # convert-weights' own output
+            hint = " (it looks like a folder convert-weights already wrote: give it to animate --weights as it is)"
+        elif (src / "model_index.json").is_file():  # e.g. stable-diffusion-v1-5, which MegActor builds on
+            hint = (": this is a diffusers pipeline folder (model_index.json), not MegActor's released weights/ "
+                    "folder (`megactor-rt download` fetches that)")
         elif any((src / "weights").glob("checkpoint-steps*.ckpt")):  # the download root, not its weights/
             hint = f": it is in {src / 'weights'}, pass that folder"
-        elif (src / CONFIG_NAME).is_file() and any(src.glob("*.safetensors")):  # convert-weights' own output
-            hint = " (it looks like a folder convert-weights already wrote: give it to animate --weights as it is)"
+        elif candidates:
+            hint = (f" (found {', '.join(candidates[:5])}{', ...' if len(candidates) > 5 else ''}: if one is MegActor "
+                    "v1's training checkpoint, name it with --checkpoint)")
+        elif (src / sigma).is_file():
+            hint = f" (found {sigma}: not MegActor v1's training checkpoint)"
         raise WeightsError(f"no checkpoint-steps<N>.ckpt in {src}{hint}")
     if len(found) > 1:
         logger.warning("%s holds %d checkpoints (%s): converting %s, the most trained (upstream's inference "

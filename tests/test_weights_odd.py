@@ -80,3 +80,30 @@ def test_a_diffusers_or_transformers_folder_given_as_converted_weights_says_what
                 read(folder)
         status = doctor_report(folder)["weights"]["status"]
         assert status.startswith("unusable: ") and re.search(said, status), status
+
+
+def test_a_folder_without_checkpoint_steps_names_the_files_it_could_mean(tmp_path):
+    """A release folder whose checkpoint was renamed or saved under another suffix names those files and
+    --checkpoint (was only "no checkpoint-steps<N>.ckpt in DIR"; a .ckpt of another name was called "not MegActor
+    v1's training checkpoint" whatever it held); a diffusers pipeline folder (SD1.5, which MegActor builds on) given
+    as the release is named so; MegActor-Sigma's checkpoint is still called another model's."""
+    from megactor_rt.weights import release_checkpoint
+
+    src = write_release(_pack(), tmp_path / "weights")
+    (src / "checkpoint-steps9000.ckpt").rename(src / "megactor.pth")
+    (src / "notes.txt").write_text("mine")
+    with pytest.raises(WeightsError, match=r"no checkpoint-steps<N>\.ckpt in .*weights \(found megactor\.pth: if one "
+                                           r"is MegActor v1's training checkpoint, name it with --checkpoint\)$"):
+        convert_release(src, tmp_path / "out")
+    assert release_checkpoint(src, src / "megactor.pth") == src / "megactor.pth"
+    (src / "megactor.pth").rename(src / "megactor-sigma.ckpt")
+    with pytest.raises(WeightsError, match=r"\(found megactor-sigma\.ckpt: not MegActor v1's training checkpoint\)$"):
+        release_checkpoint(src)
+    sd = tmp_path / "stable-diffusion-v1-5"
+    (sd / "unet").mkdir(parents=True)
+    (sd / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (sd / "v1-5-pruned-emaonly.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"stable-diffusion-v1-5: this is a diffusers pipeline folder "
+                                           r"\(model_index\.json\), not MegActor's released weights/ folder"):
+        convert_release(sd, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
