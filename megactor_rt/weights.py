@@ -289,9 +289,32 @@ def _first_line(exc: BaseException) -> str:
 
 def _tensors(state: object, what: str) -> dict[str, torch.Tensor]:
     """``state`` if it is a state_dict of tensors, else a ``WeightsError`` saying ``what`` does not hold one."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{what} does not hold a state_dict of tensors")
+    if not isinstance(state, dict):
+        raise WeightsError(f"{what} does not hold a state_dict of tensors (it holds a {type(state).__name__})")
+    others = [f"{k} (a {type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise WeightsError(f"{what} does not hold a state_dict of tensors: {', '.join(map(str, others[:5]))}"
+                           + (f", ... (+{len(others) - 5} more)" if len(others) > 5 else "") + " are no tensors")
     return state
+
+
+# where a training script's checkpoint keeps the model's state_dict: torch.save({"state_dict": ...}) (the release,
+# PyTorch Lightning), DeepSpeed's {"module": ...}, {"model": ...}
+_STATE_DICT_KEYS = ("state_dict", "module", "model")
+
+
+def _unwrapped(obj: object) -> object:
+    """The state_dict a checkpoint's dict holds under one of :data:`_STATE_DICT_KEYS` (beside other entries: the
+    epoch, an optimizer's state), else ``obj`` itself (a bare state_dict)."""
+    if isinstance(obj, dict):
+        for key in _STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        inner = obj.get("state_dict")
+        if inner is not None:  # (named in the error)
+            return inner
+    return obj
 
 
 # -- released training checkpoint -------------------------------------------------------------------
@@ -305,7 +328,7 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
             one of the networks (keys of neither are skipped with a warning, as upstream skips them).
     """
     obj = read_safetensors(path) if is_safetensors(path) else read_torch_file(path, "checkpoint")
-    state = _tensors(obj.get("state_dict", obj) if isinstance(obj, dict) else None, f"checkpoint {path}")
+    state = _tensors(_unwrapped(obj), f"checkpoint {path}")
     unet, ref, ignored, foreign = {}, {}, 0, []
     for key, tensor in state.items():
         k = key[len("module."):] if key.startswith("module.") else key
@@ -322,7 +345,9 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
         logger.warning("checkpoint %s: %d keys outside unet./appearance_encoder./vae./text_encoder. are not used "
                        "(as upstream): %s", path, len(foreign), ", ".join(foreign[:5]))
     if not unet or not ref:
-        raise WeightsError(f"checkpoint {path} lacks {'unet.*' if not unet else 'appearance_encoder.*'} keys")
+        lacks = "unet." if not unet else "appearance_encoder."
+        theirs = f" (its other keys begin {', '.join(foreign[:3])}, ...: another prefix?)" if foreign else ""
+        raise WeightsError(f"checkpoint {path} lacks {lacks}* keys{theirs}")
     logger.info("checkpoint %s: %d denoiser, %d ReferenceNet tensors (%d vae/text-encoder ignored)",
                 path, len(unet), len(ref), ignored)
     return unet, ref

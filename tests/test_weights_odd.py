@@ -107,3 +107,31 @@ def test_a_folder_without_checkpoint_steps_names_the_files_it_could_mean(tmp_pat
                                            r"\(model_index\.json\), not MegActor's released weights/ folder"):
         convert_release(sd, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_of_other_training_scripts_are_read_or_say_what_they_hold(tmp_path):
+    """A fine-tuned checkpoint saved by DeepSpeed ({"module": state_dict, ...}) or as {"model": state_dict} converts
+    to the same weights as the released {"state_dict": ...} (was "does not hold a state_dict of tensors"); one that
+    holds no state_dict says what it holds, and one whose keys carry another prefix shows them (was "lacks unet.*
+    keys" alone)."""
+    from megactor_rt.weights import load_converted, read_training_checkpoint
+
+    src = write_release(_pack(), tmp_path / "weights")
+    ckpt = src / "checkpoint-steps9000.ckpt"
+    state = {k: v.clone() for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    want = load_converted(convert_release(src, tmp_path / "released")).weights_id
+    for i, wrapped in enumerate(({"module": state, "global_steps": 9000, "optimizer": None},
+                                 {"model": {k.removeprefix("module."): v for k, v in state.items()}, "epoch": 3})):
+        torch.save(wrapped, ckpt)
+        assert load_converted(convert_release(src, tmp_path / f"out{i}")).weights_id == want
+    torch.save({"epoch": 3, "weights": {"conv": torch.zeros(1)}}, ckpt)
+    with pytest.raises(WeightsError, match=r"checkpoint-steps9000\.ckpt does not hold a state_dict of tensors: epoch "
+                                           r"\(a int\), weights \(a dict\) are no tensors$"):
+        read_training_checkpoint(ckpt)
+    torch.save([torch.zeros(1)], ckpt)
+    with pytest.raises(WeightsError, match=r"does not hold a state_dict of tensors \(it holds a list\)$"):
+        read_training_checkpoint(ckpt)
+    torch.save({"state_dict": {k.replace("module.", "module._orig_mod."): v for k, v in state.items()}}, ckpt)
+    with pytest.raises(WeightsError, match=r"lacks unet\.\* keys \(its other keys begin module\._orig_mod\."
+                                           r"appearance_encoder\..*, \.\.\.: another prefix\?\)$"):
+        read_training_checkpoint(ckpt)
