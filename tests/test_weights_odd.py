@@ -135,3 +135,24 @@ def test_checkpoints_of_other_training_scripts_are_read_or_say_what_they_hold(tm
     with pytest.raises(WeightsError, match=r"lacks unet\.\* keys \(its other keys begin module\._orig_mod\."
                                            r"appearance_encoder\..*, \.\.\.: another prefix\?\)$"):
         read_training_checkpoint(ckpt)
+
+
+def test_a_destination_that_is_a_link_to_nothing_is_named(tmp_path):
+    """convert-weights into a symbolic link whose folder does not exist (yet) says so, naming the link and its
+    target, before any work (was "cannot write the converted weights (FileExistsError: [Errno 17] File exists")
+    after reading every file); a link to a folder is written through, the link kept."""
+    from megactor_rt import cli
+    from megactor_rt.weights_layout import check_destination
+
+    src = write_release(_pack(), tmp_path / "weights")
+    link = tmp_path / "converted"
+    link.symlink_to(tmp_path / "big-disk" / "megactor")
+    said = rf"converted: a symbolic link to {re.escape(str(tmp_path))}.big-disk.megactor, which does not exist"
+    with pytest.raises(WeightsError, match=said):
+        check_destination(src, link)
+    with pytest.raises(WeightsError, match=said):
+        convert_release(src, link)
+    assert cli.main(["convert-weights", str(src), str(link)]) == 2
+    (tmp_path / "big-disk" / "megactor").mkdir(parents=True)
+    convert_release(src, link)
+    assert link.is_symlink() and (tmp_path / "big-disk" / "megactor" / "config.json").is_file()
