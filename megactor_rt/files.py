@@ -25,6 +25,10 @@ except ImportError:  # (Windows: no flock; a leftover is then told by its age al
 
 logger = logging.getLogger(__name__)
 
+# safetensors' save_file (its Rust writer, in recent versions: 0.8 here) writes into a temporary file of this name
+# beside its target, then renames it: a writer killed meanwhile (the OOM killer, a power loss) leaves it behind, as
+# large as what was being written (a network's weights, a portrait's state)
+SAFETENSORS_TEMPORARY = ".tmp" + "[0-9A-Za-z]" * 6
 STALE_S = 3600.0  # older than any write takes (seconds for a video, a state file or a plan)
 UNHELD_S = 10.0  # a temporary file no process holds (hold) is left over once untouched this long (the moment
 # between its making and its writer's hold aside)

@@ -46,7 +46,7 @@ from torch import nn
 
 from megactor_rt.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from megactor_rt.errors import InputError, WeightsError
-from megactor_rt.files import remove_stale, sync_file, sync_folder, umask_mode
+from megactor_rt.files import SAFETENSORS_TEMPORARY, remove_stale, sync_file, sync_folder, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights_layout import (
     CONFIG_NAME,
@@ -63,10 +63,6 @@ logger = logging.getLogger(__name__)
 
 MODULE_FILES = ("temporal_unet", "reference_net", "vae", "clip_image_encoder")
 FORMAT_VERSION = 1
-# safetensors' save_file (its Rust writer, in recent versions) writes into a temporary file of this name beside its
-# target, then renames it: a conversion killed meanwhile (the OOM killer, a power loss) leaves it behind, as large as
-# a network (GBs at full size)
-SAFETENSORS_TEMPORARY = ".tmp" + "[0-9A-Za-z]" * 6
 
 
 @dataclass

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megactor_rt.files import remove_stale, umask_mode
+from megactor_rt.files import SAFETENSORS_TEMPORARY, remove_stale, umask_mode
 from megactor_rt.runtime.portrait import PortraitInputs, PortraitState
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ class PortraitCache:
         and temporary files older than an hour (left by a writer that was killed mid-write; a younger
         one may belong to another process writing now: :func:`megactor_rt.files.remove_stale`)."""
         assert self.disk_dir is not None
-        remove_stale(self.disk_dir, "*.safetensors.*.tmp")
+        for leftover in ("*.safetensors.*.tmp", SAFETENSORS_TEMPORARY):  # ours, and save_file's own
+            remove_stale(self.disk_dir, leftover)
         total, full = 0, False
         for _, size, path in reversed(self._files()):  # newest first: each stays until one does not fit, then it
             if path != keep and (full or total + size > self.max_disk_bytes):  # and every older one go (a small

@@ -256,3 +256,22 @@ def test_a_second_process_with_fewer_banks_keeps_the_file_of_more(anim: Animator
     other_state = other.prepare(PORTRAIT)
     list(other.animate(other_state, driver))
     assert banks() == set(other_state.banks) and banks() - four
+
+
+def test_safetensors_own_temporary_file_of_a_killed_writer_goes_after_an_hour(anim: Animator, tmp_path: Path) -> None:
+    """safetensors' save_file writes into its own ``.tmpXXXXXX`` beside the target and renames it: a process killed
+    meanwhile leaves it in the store, as large as a state (hundreds of MB), outside the budget. A later write
+    removes it once an hour old (was: kept for ever); a younger one may be another process's write and stays."""
+    import os
+    import time
+
+    store = tmp_path / "portraits"
+    store.mkdir()
+    old, young = store / ".tmpAb3xYz", store / ".tmpQ9w8e7"
+    for path in (old, young):
+        path.write_bytes(b"part of a state")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    cache = PortraitCache(disk_dir=store)
+    assert cache.persist(replace(anim.prepare(PORTRAIT), key="next"))
+    assert not old.exists() and young.exists()
