@@ -33,7 +33,7 @@ def doctor_report(weights: Path | None = None) -> dict[str, dict[str, Any]]:
 
 def _weights_status(path: Path) -> dict[str, Any]:
     from megactor_rt.errors import WeightsError
-    from megactor_rt.weights import MODULE_FILES, check_converted_files, converted_config
+    from megactor_rt.weights import MODULE_FILES, _changed_files, check_converted_files, converted_config
 
     if not path.exists():
         return {"path": str(path), "status": "missing"}
@@ -51,6 +51,11 @@ def _weights_status(path: Path) -> dict[str, Any]:
         check_converted_files(path)  # each file's header against the architecture (no tensor read)
     except WeightsError as exc:
         return {"path": str(path), "status": f"unusable: {exc}", **files}
+    changed = _changed_files(path)  # sizes and times against config.json's record (no tensor read)
+    if changed:
+        return {"path": str(path), "status": f"converted weights found; {', '.join(changed)} changed since the "
+                f"conversion (size or time): the next load hashes them for the weights id (config.json records "
+                f"{weights_id})", **files}
     return {"path": str(path), "status": f"converted weights found (weights id {weights_id})", **files}
 
 

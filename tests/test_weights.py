@@ -838,6 +838,7 @@ def test_a_module_file_replaced_since_the_conversion_gets_another_weights_id(pac
     import logging
     import os
 
+    from megactor_rt.doctor import _weights_status
     from megactor_rt.weights import _changed_files, converted_config, current_weights_id
 
     dst = convert_release(write_release(pack, tmp_path / "weights"), tmp_path / "converted")
@@ -852,6 +853,8 @@ def test_a_module_file_replaced_since_the_conversion_gets_another_weights_id(pac
     state = load_file(str(unet))
     state["conv_in.weight"] = state["conv_in.weight"] * 1.5
     save_file(state, str(unet))
+    # doctor reads no tensors: it names the replaced file rather than give the stale id alone
+    assert "temporal_unet.safetensors changed since the conversion" in _weights_status(dst)["status"]
     with caplog.at_level(logging.WARNING, logger="megactor_rt.weights"):
         replaced = load_converted(dst).weights_id
     assert replaced != recorded
