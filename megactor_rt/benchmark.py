@@ -896,6 +896,10 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
         "memory": "cuda allocated" if dev.type == "cuda" else "resident",  # (what the memory columns measure)
     }
     report["matmul_samples_tflops"] = [report["matmul_tflops"]]
+    # written before the first mode: a run stopped before its first result (a compile warm-up, Ctrl-C) left an
+    # earlier run's complete results there, read as this one's; a results file that cannot be written is named
+    # now, not after the first mode's minutes
+    _save(report, out)
     with contextlib.ExitStack() as stack:  # looped drivers, encoded outputs, exported graphs, plans
         if work_dir is None:
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="megactor-bench-"))
@@ -998,7 +1002,16 @@ def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) 
 
 
 def _save(report: dict, out: Path) -> None:
-    save_tables(out, "results", report, markdown(report))
+    """Write ``report`` as results.json and results.md into ``out``.
+
+    Raises:
+        InputError: they cannot be written there (e.g. a folder named results.json, a full disk).
+    """
+    try:
+        save_tables(out, "results", report, markdown(report))
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the benchmark's results there ({exc.strerror or exc}: "
+                         f"{exc.filename2 or exc.filename or out})") from exc
 
 
 def script_facts() -> dict[str, str]:

@@ -712,3 +712,33 @@ def test_a_results_folder_that_cannot_be_made_is_named(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match=r"file/x: cannot make the results folder \(--out\) \(Not a directory\)"):
         run_bench("cpu-tiny", tmp_path / "file" / "x", dry_run=True)
+
+
+def test_a_run_stopped_before_its_first_result_does_not_leave_an_earlier_runs_results(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results were first written after the first timed run: a run stopped before it (Ctrl-C in a warm-up, a GPU
+    machine's time limit during a compile) left the earlier run's complete results in --out, read as this run's;
+    and a results file that cannot be written failed ("unexpected error: IsADirectoryError") only after the first
+    mode had run. The report is written before the first mode now."""
+    from megactor_rt import benchmark
+    from megactor_rt.errors import InputError
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "run_scenario", stopped)
+    monkeypatch.setattr(benchmark, "matmul_tflops", lambda *a: 1.0)
+    (tmp_path / "results.json").write_text(json.dumps({"suite": "cpu-smoke", "date": "2000-01-01", "results": [],
+                                                       "complete": True}))
+    (tmp_path / "results.md").write_text("the earlier run's table\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("cpu-smoke", tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False and saved["results"] == [] and saved["date"] != "2000-01-01"
+    md = (tmp_path / "results.md").read_text()
+    assert "**Incomplete**: 0 of the suite's timed runs are here (2 planned" in md, md
+
+    out = tmp_path / "blocked"
+    (out / "results.json").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"blocked: cannot write the benchmark's results there \(.*results\.json"):
+        run_bench("cpu-smoke", out)  # (before run_scenario: not the KeyboardInterrupt)
