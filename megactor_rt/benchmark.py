@@ -1052,6 +1052,22 @@ def _median_result(results: list[dict]) -> dict:
     return out
 
 
+def _missing_runs(report: dict) -> list[str]:
+    """The planned timed runs a report lacks, as "scenario [mode] (n of its m runs)": every scenario's modes times
+    its repeats less the results there, modes recorded as failed left out (their errors say so)."""
+    done = Counter((r["scenario"], r["mode"]) for r in report.get("results", []))
+    failed = {(e.get("scenario"), e.get("mode")) for e in report.get("errors", [])}
+    missing = []
+    for sc in report.get("scenarios", []):
+        planned = int(sc.get("repeats", 1))
+        for mode in sc.get("modes", ()):
+            left = planned - done[(sc.get("name"), mode)]
+            if left > 0 and (sc.get("name"), mode) not in failed:
+                missing.append(f"{sc.get('name')} [{mode}]" + (f" ({left} of its {planned} runs)" if planned > 1
+                                                                else ""))
+    return missing
+
+
 def markdown(report: dict) -> str:
     samples = report.get("matmul_samples_tflops", [report["matmul_tflops"]])
     commit = commit_words(report.get("provenance"))
@@ -1066,6 +1082,9 @@ def markdown(report: dict) -> str:
                   + (f"({planned} planned: {len(report['scenarios'])} scenario(s), their modes and repeats; "
                      if planned else "(")
                   + "the run was stopped, or is still under way).", ""]
+        missing = _missing_runs(report)
+        if missing:
+            lines += ["Not measured (yet): " + "; ".join(missing) + ".", ""]
     memory = {"cuda allocated": "torch's peak allocated GPU memory (TensorRT's and onnxruntime's own allocations are "
                                 "not in it); \"run's own\": less what was allocated when the run began.",
               "resident": "the process's peak resident memory (the weights, and what the modes run before left, "

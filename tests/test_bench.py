@@ -259,6 +259,29 @@ def test_an_incomplete_report_says_how_many_timed_runs_were_planned() -> None:
     assert "the run was stopped, or is still under way)." in md
 
 
+def test_an_incomplete_report_names_the_runs_it_lacks() -> None:
+    """A report cut short said how many timed runs it had of how many planned, not which: after a GPU machine's
+    time limit the reader had to work out from the rows which modes were never reached. It names them (a mode
+    recorded as failed is left to its error line)."""
+    from megactor_rt.benchmark import markdown
+
+    def row(scenario: str, mode: str) -> dict:
+        return {"scenario": scenario, "mode": mode, "frames": 4, "total_s": 2.0, "fps": 2.0, "first_frame_s": 1.0,
+                "stage_s": {"denoise": 1.0}, "flops": {"unet": 1.0}, "denoise_tflops_per_s": 1.0,
+                "peak_memory_gb": 0.91, "warmup_s": 1.0}
+
+    scenarios = [{"name": "s", "modes": ["reference", "optimized", "optimized+compile"], "repeats": 2},
+                 {"name": "t", "modes": ["optimized", "optimized+batch3"], "repeats": 1}]
+    report = {"suite": "t", "device": "cpu", "date": "2026-11-29", "torch": "x", "threads": 2, "matmul_tflops": 2.0,
+              "matmul_dtype": "float32", "matmul_samples_tflops": [2.0], "complete": False, "scenarios": scenarios,
+              "results": [row("s", "reference"), row("s", "optimized"), row("s", "reference"), row("t", "optimized")],
+              "errors": [{"scenario": "s", "mode": "optimized+compile", "error": "RuntimeError: x"}]}
+    md = markdown(report)
+    assert "**Incomplete**: 4 of the suite's timed runs are here (8 planned" in md, md
+    assert "Not measured (yet): s [optimized] (1 of its 2 runs); t [optimized+batch3]." in md, md
+    assert "Not measured" not in markdown({**report, "complete": True})
+
+
 def test_a_report_says_what_its_memory_is_and_whether_it_is_complete() -> None:
     """The memory columns say what they measure (CPU: the process's resident peak, which grew with the modes run
     before it, and the run's own growth; CUDA: torch's allocations only), and a report cut short says it is
