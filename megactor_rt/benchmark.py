@@ -1139,6 +1139,12 @@ def markdown(report: dict) -> str:
     if steps:
         lines += ["", "| scenario | mode | first step s | median step s | last step s |", "|---|---|---|---|---|",
                   *steps]
+    stepless = list(dict.fromkeys(
+        f"{r['scenario']} [{r['mode']}]" + ("" if "no-wrap" in r["mode"].split("+") else " (none recorded)")
+        for r in report["results"] if not r.get("step_s")))
+    if stepless:  # (left out of the step table, which said nothing of them)
+        lines += ["", "No per-step times for " + "; ".join(stepless) + ": open windows (+no-wrap) are denoised "
+                  "window by window, each through all its steps, so no step spans the clip."]
     late = [f"{r['scenario']} [{r['mode']}]: {', '.join(r['first_counted'])}" for r in report["results"]
             if r.get("first_counted")]
     if late:

@@ -765,3 +765,21 @@ def test_a_run_stopped_before_its_first_result_does_not_leave_an_earlier_runs_re
     (out / "results.json").mkdir(parents=True)
     with pytest.raises(InputError, match=r"blocked: cannot write the benchmark's results there \(.*results\.json"):
         run_bench("cpu-smoke", out)  # (before run_scenario: not the KeyboardInterrupt)
+
+
+def test_runs_without_per_step_times_are_named_under_the_step_table() -> None:
+    """The step table left out the open-window modes (+no-wrap: no step spans the clip, so none is timed) without a
+    word: the reader could not tell a missing row from a dropped one."""
+    from megactor_rt.benchmark import markdown
+
+    def row(mode: str, steps: list[float]) -> dict:
+        return {"scenario": "s", "mode": mode, "frames": 4, "total_s": 2.0, "fps": 2.0, "first_frame_s": 1.0,
+                "stage_s": {"denoise": 1.0}, "flops": {"unet": 1.0}, "denoise_tflops_per_s": 1.0,
+                "peak_memory_gb": 0.91, "warmup_s": 1.0, "step_s": steps}
+
+    report = {"suite": "t", "device": "cpu", "date": "2026-11-29", "torch": "x", "threads": 2, "matmul_tflops": 2.0,
+              "matmul_dtype": "float32", "results": [row("optimized", [0.5, 0.5]), row("optimized+no-wrap", [])]}
+    md = markdown(report)
+    assert "| s | optimized | 0.500 | 0.500 | 0.500 |" in md, md
+    assert "No per-step times for s [optimized+no-wrap]: open windows (+no-wrap) are denoised window by window" in md
+    assert "No per-step times" not in markdown({**report, "results": report["results"][:1]})
