@@ -648,6 +648,26 @@ def mode_backend(mode: str) -> dict[str, Any]:
     return found[-1] if found else {"name": "torch"}
 
 
+def mode_problem(mode: str) -> str | None:
+    """Why ``mode`` ("base+variant+...", its variants known) cannot run, whatever the scenario: variants that do
+    not go together (None: they do)."""
+    base, *variants = mode.split("+")
+    sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
+    backends = [v for v in variants if "backend" in VARIANTS[v]]
+    exports = [v for v in variants if "export" in VARIANTS[v]]
+    switches = [v for v in variants if "env" in VARIANTS[v]]
+    if switches and (backends or sub_options.get("compile")):
+        return (f"mode '{mode}': {', '.join(switches)} switches kernels of the eager torch networks; exported graphs "
+                "and compiled ones do not read it (drop the graph backend or compile)")
+    if exports and not backends:
+        return (f"mode '{mode}': {', '.join(exports)} changes the exported graphs; add a graph backend "
+                "(+onnxruntime, +tensorrt)")
+    if backends and (base != "optimized" or sub_options or len(backends) > 1):
+        return (f"mode '{mode}': a graph backend ({', '.join(backends)}) runs one backend, in the optimized mode only "
+                "(the exported graphs hold the optimized calls), without torch settings such as compile")
+    return None
+
+
 def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfig, dict[str, Any]]:
     """The run config of ``mode`` ("base" or "base+variant+...") in ``sc``, and the TorchSubmodels attributes
     its variants set. Files a variant needs (the random tiny decoder) are written into ``work_dir``."""
@@ -655,21 +675,11 @@ def mode_settings(sc: Scenario, mode: str, work_dir: Path) -> tuple[AnimateConfi
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"scenario '{sc.name}': unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    problem = mode_problem(mode)
+    if problem:
+        raise ValueError(problem)
     options = {k: v for name in variants for k, v in VARIANTS[name].get("config", {}).items()}
     sub_options = {k: v for name in variants for k, v in VARIANTS[name].get("submodels", {}).items()}
-    backends = [v for v in variants if "backend" in VARIANTS[v]]
-    exports = [v for v in variants if "export" in VARIANTS[v]]
-    switches = [v for v in variants if "env" in VARIANTS[v]]
-    if switches and (backends or sub_options.get("compile")):
-        raise ValueError(f"mode '{mode}': {', '.join(switches)} switches kernels of the eager torch networks; "
-                         "exported graphs and compiled ones do not read it (drop the graph backend or compile)")
-    if exports and not backends:
-        raise ValueError(f"mode '{mode}': {', '.join(exports)} changes the exported graphs; add a graph backend "
-                         "(+onnxruntime, +tensorrt)")
-    if backends and (base != "optimized" or sub_options or len(backends) > 1):
-        raise ValueError(f"mode '{mode}': a graph backend ({', '.join(backends)}) runs one backend, in the optimized "
-                         "mode only (the exported graphs hold the optimized calls), without torch settings such "
-                         "as compile")
     cfg = AnimateConfig(steps=sc.steps, guidance=sc.guidance, window=sc.window, overlap=sc.overlap,
                         mode=Mode(base), max_frames=sc.frames, cfg_steps=sc.cfg_steps,
                         feature_reuse=sc.feature_reuse, **options)
@@ -996,6 +1006,9 @@ def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) 
     if bad:
         raise InputError(f"suite '{suite}' has no mode(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}"
                          f", each optionally with variants {', '.join('+' + v for v in VARIANTS)}")
+    problems = [p for p in map(mode_problem, extra) if p]
+    if problems:  # (was recorded as an error when its turn came, after the modes before it had run)
+        raise InputError("; ".join(problems))
     chosen = [replace(s, modes=tuple(m for m in s.modes if m in modes)
                       + tuple(m for m in extra if m.split("+")[0] in s.modes)) for s in scenarios]
     return [s for s in chosen if s.modes]

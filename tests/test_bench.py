@@ -783,3 +783,23 @@ def test_runs_without_per_step_times_are_named_under_the_step_table() -> None:
     assert "| s | optimized | 0.500 | 0.500 | 0.500 |" in md, md
     assert "No per-step times for s [optimized+no-wrap]: open windows (+no-wrap) are denoised window by window" in md
     assert "No per-step times" not in markdown({**report, "results": report["results"][:1]})
+
+
+def test_modes_whose_variants_do_not_go_together_are_refused_before_any_run(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`--modes reference+compile+tensorrt` (or optimized+upstream-ops+compile, +fp16-softmax without a graph
+    backend) was accepted, then recorded as an error when its turn came, after the matmul sample and every mode
+    before it (minutes of a GPU session): such a mode is refused with the reason, before --out is written."""
+    from megactor_rt.benchmark import SUITES, select_modes
+    from megactor_rt.cli import main
+    from megactor_rt.errors import InputError
+
+    for mode, reason in (("reference+compile+tensorrt", "in the optimized mode only"),
+                         ("optimized+upstream-ops+compile", "switches kernels of the eager torch networks"),
+                         ("optimized+fp16-softmax", "add a graph backend")):
+        with pytest.raises(InputError, match=reason):
+            select_modes("cpu-tiny", SUITES["cpu-tiny"], ["optimized", mode])
+    assert main(["bench", "--suite", "cpu-smoke", "--modes", "optimized+compile+onnxruntime", "--out",
+                 str(tmp_path / "res")]) == 2
+    assert "without torch settings such as compile" in capsys.readouterr().err
+    assert not (tmp_path / "res" / "results.json").exists()
