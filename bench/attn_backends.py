@@ -67,7 +67,7 @@ def attn_flops(shape: Shape) -> int:
 def main() -> None:
     from torch.nn.attention import SDPBackend
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--frames", type=int, default=16)

@@ -108,7 +108,7 @@ def time_start(clip: Path, start: float, max_frames: int, size: int, repeats: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the long clip")
     ap.add_argument("--height", type=int, default=1080)

@@ -43,7 +43,7 @@ def _touch(state: PortraitState) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--size", type=int, default=512, help="image size (full-size model)")
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps: one bank per timestep")

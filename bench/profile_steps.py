@@ -61,7 +61,7 @@ def _with_step_ranges(denoise):  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--mode", default="optimized", help="a mode of the gpu-full suite (e.g. optimized+compile)")
     ap.add_argument("--steps", type=int, default=3)

@@ -87,7 +87,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tiny", action="store_true", help="tiny model, 128 px, fp32 on CPU (script check)")
     ap.add_argument("--frames", type=int, default=16)

@@ -111,7 +111,7 @@ def run_case(kind: str, n: int, size: int, steps: int, window: int, overlap: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--frames", type=int, nargs="+", default=[250, 1000, 4000])
     ap.add_argument("--size", type=int, default=512, help="image size (the latents are size / 8)")

@@ -71,7 +71,12 @@ def test_every_script_imports_and_answers_help(name: str, monkeypatch: pytest.Mo
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
     assert stop.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    # its whole docstring: what it measures and how long it takes, its CPU form (was its first line, cut mid-sentence)
+    doc = (BENCH / f"{name}.py").read_text().split('"""')[1]
+    for line in doc.strip().splitlines():
+        assert line in out, (line, out)
 
 
 def _check(out: Path, stem: str, header_lines: int = 1) -> dict[str, Any]:
