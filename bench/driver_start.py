@@ -131,6 +131,11 @@ def main() -> None:
         finally:
             partial.unlink(missing_ok=True)
     info = media.probe_video(clip)
+    length = info.num_frames / float(info.fps) if info.num_frames and info.fps else None
+    late = [s for s in args.starts if length is not None and s >= length]
+    if late:  # (was a traceback when its turn came, after the warm-up and every start before it)
+        ap.error(f"{clip}: --starts {' '.join(f'{s:g}' for s in late)}: at or past the clip's end ({info.num_frames} "
+                 f"frames, {length:.2f} s)")
     passes(clip, 0.0, 8, args.size)  # warm-up: face detector, thread pool, file cache
     seek_from = media.SEEK_MIN_SKIP
     rows = [time_start(clip, start, args.max_frames, args.size, args.repeats) for start in args.starts]

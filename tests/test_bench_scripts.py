@@ -216,3 +216,19 @@ def test_bench_kernels_records_its_run_and_without_cuda_writes_nothing(tmp_path:
         return
     assert bk.main(["--out", str(tmp_path / "out")]) == 0
     assert "No CUDA GPU available" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_driver_start_refuses_a_start_past_the_clips_end_before_timing(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--starts 20` on a 12 s clip was a traceback (plan_driver's InputError) after the warm-up and every start
+    before it had been timed (minutes at 1080p): it is refused at once, naming the clip, the start and its length."""
+    module = _load("driver_start")
+    clip = module.write_long_clip(tmp_path / "clip.mp4", 1, 64)
+    monkeypatch.setattr(module, "passes", lambda *a: pytest.fail("timed before the starts were checked"))
+    monkeypatch.setattr(sys, "argv", ["driver_start.py", "--out", str(tmp_path), "--clip", str(clip),
+                                      "--starts", "0", "1", "5"])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "clip.mp4: --starts 1 5: at or past the clip's end (30 frames, 1.00 s)" in err, err
