@@ -74,10 +74,15 @@ def main() -> None:
     try:
         command_s = [command(scratch / f"cli{i}.mp4") for i in range(REPEATS)]
         t0 = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0",
-                                   *SETTINGS[:2]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        with open(scratch / "serve.err", "w") as err:  # (the child holds its own copy: read back if it fails)
+            server = subprocess.Popen([sys.executable, "-m", "megactor_rt.cli", "serve", "--demo", "--port", "0",
+                                       *SETTINGS[:2]], stdout=subprocess.PIPE, stderr=err, text=True)
         line = server.stdout.readline()  # type: ignore[union-attr]
         start_s = time.perf_counter() - t0
+        if "127.0.0.1:" not in line:  # (was an IndexError, the server's own message thrown away)
+            said = (scratch / "serve.err").read_text(errors="replace").strip().splitlines()[-3:]
+            raise SystemExit(f"bench/serve_latency.py: `megactor-rt serve` did not start (exit status "
+                             f"{server.wait(60)}): {' / '.join(said) or line.strip() or 'it said nothing'}")
         port = int(line.split("127.0.0.1:")[1].split()[0])
         first_s = request(port, scratch / "first.mp4")
         warm_s = [request(port, scratch / f"warm{i}.mp4") for i in range(REPEATS)]

@@ -232,3 +232,15 @@ def test_driver_start_refuses_a_start_past_the_clips_end_before_timing(tmp_path:
         module.main()
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "clip.mp4: --starts 1 5: at or past the clip's end (30 frames, 1.00 s)" in err, err
+
+
+def test_serve_latency_says_why_the_server_did_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that did not start (a port, a flag) was "IndexError: list index out of range" from the script's
+    parsing of its first line, the server's own message sent to /dev/null: the script now stops with that message."""
+    module = _load("serve_latency")
+    monkeypatch.setattr(module, "command", lambda out: 1.0)  # (the commands' minutes are not what is checked)
+    monkeypatch.setattr(module, "SETTINGS", ["--no-such-flag", "x", "--duration", "1"])
+    monkeypatch.setattr(sys, "argv", ["serve_latency.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"`megactor-rt serve` did not start \(exit status 2\): .*--no-such-flag"):
+        module.main()
+    assert list(tmp_path.iterdir()) == []  # (its scratch folder removed)
