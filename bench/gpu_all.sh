@@ -19,7 +19,9 @@ BUDGET_S=${BUDGET_S:-560}  # the whole script; the end-to-end suite gets what th
 E2E_ARGS=${E2E_ARGS:-}  # e.g. --modes ...; a check of this script on a CPU machine (~8 min):
 #   E2E_ARGS=--dry-run PROFILE_ARGS="--tiny --quick" STEP_PROFILE_ARGS=--tiny PORTRAIT_ARGS=--tiny \
 #   STREAM_MEMORY_ARGS="--frames 40 80 --steps 3" bash bench/gpu_all.sh
-PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled}  # bench/profile_unet.py options (--quick: timings only)
+# bench/profile_unet.py options (--quick: timings only); the eager optimized and upstream calls' kernel classes
+# beside the compiled call's say where the optimized call's time per FLOP goes (250 against 269 TFLOP/s, 2026-11-29)
+PROFILE_ARGS=${PROFILE_ARGS:---compile --profile compiled eager upstream}
 STEP_PROFILE_ARGS=${STEP_PROFILE_ARGS:---mode optimized}  # bench/profile_steps.py options (--tiny: CPU check)
 PORTRAIT_ARGS=${PORTRAIT_ARGS:-}  # bench/portrait_cache.py options (--tiny: CPU check)
 STREAM_MEMORY_ARGS=${STREAM_MEMORY_ARGS:---frames 250 1000 4000}  # bench/stream_memory.py options

@@ -97,16 +97,19 @@ def main() -> None:
                     help="torch.compile mode (e.g. max-autotune-no-cudagraphs, reduce-overhead); default Inductor's")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (e.g. freezing=1, coordinate_descent_tuning=1); repeatable")
-    ap.add_argument("--profile", choices=("eager", "compiled", "none"), default=None,
-                    help="which call torch.profiler breaks down by kernel class (default: eager; none with --quick)")
+    ap.add_argument("--profile", nargs="+", choices=PROFILED, default=None,
+                    help="which calls torch.profiler breaks down by kernel class, the first also by kernel (eager: "
+                         "the optimized call, upstream: the upstream-style call, compiled: the optimized call "
+                         "compiled; default: eager; none with --quick); several give a table of the classes side "
+                         "by side (where the optimized call's time per FLOP goes against the upstream call's)")
     ap.add_argument("--name", default="", help="suffix of the output files (profile_unet-NAME.*)")
     ap.add_argument("--quick", action="store_true", help="skip the upstream call, the profile and channels_last")
     ap.add_argument("--window-batch", type=int, default=3, metavar="K",
                     help="also time one eager call holding K windows (reported per window; default 3, 1: skip)")
     args = ap.parse_args()
     gpu_script_here("bench/profile_unet.py", args.tiny)
-    profile_what = args.profile or ("none" if args.quick else "eager")
-    if profile_what == "compiled" and not args.compile:
+    profiled = [p for p in (args.profile or (["none"] if args.quick else ["eager"])) if p != "none"]
+    if "compiled" in profiled and not args.compile:
         ap.error("--profile compiled needs --compile")
     inductor_opts = dict(_parse_option(o) for o in args.inductor)
     stem = "profile_unet" + (f"-{args.name}" if args.name else "")
@@ -156,7 +159,8 @@ def main() -> None:
                     "device": device_name(dev),
                     "dtype": str(dtype).replace("torch.", ""), "image_size": cfg.image_size, "frames": f,
                     "matmul_tflops": matmul_tflops(dev, dtype), "calls": {},
-                    "compile_mode": args.compile_mode, "inductor": inductor_opts, "profiled": profile_what}
+                    "compile_mode": args.compile_mode, "inductor": inductor_opts,
+                    "profiled": profiled[0] if profiled else "none"}
     calls = (("optimized", optimized), ("upstream", upstream), (REUSING, reusing))
     for name, fn in calls[:1] if args.quick else calls:
         secs = time_call(fn, dev)
@@ -213,25 +217,27 @@ def main() -> None:
             report["compile_error"] = repr(exc)
         write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1).encode())
 
-    kernels: dict[str, float] = defaultdict(float)
-    if dev.type == "cuda" and profile_what != "none" and (profile_what == "eager" or COMPILED in report["calls"]):
+    by_call: dict[str, dict[str, float]] = {}
+    for what in profiled if dev.type == "cuda" else []:
+        if what == "compiled" and COMPILED not in report["calls"]:
+            continue  # (its compilation failed: compile_error says why)
         try:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                (compiled if profile_what == "compiled" else optimized)()
-                torch.cuda.synchronize()
-            from bench_kernels import kernel_seconds  # this folder is on sys.path when run as a script
-
-            for name, secs in kernel_seconds(prof).items():
-                kernels[name] += secs
+            kernels = profile_kernels(compiled if what == "compiled" else upstream if what == "upstream" else optimized)
         except Exception as exc:  # the timings above still count
             report["profile_error"] = repr(exc)
-    classes: dict[str, float] = defaultdict(float)
-    for k, s in kernels.items():
-        classes[kernel_class(k)] += s
-    report["kernel_classes_s"] = dict(classes)
-    report["top_kernels_s"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+            continue
+        classes: dict[str, float] = defaultdict(float)
+        for k, s in kernels.items():
+            classes[kernel_class(k)] += s
+        by_call[what] = dict(classes)
+        if len(by_call) == 1:  # the first call named: its classes and top kernels, as before
+            report["profiled"] = what
+            report["kernel_classes_s"] = dict(classes)
+            report["top_kernels_s"] = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+    report.setdefault("kernel_classes_s", {})
+    report.setdefault("top_kernels_s", [])
+    report["kernel_classes_by_call"] = by_call
+    save_tables(args.out, stem, report, markdown(report))  # (a time limit during channels_last keeps the profiles)
 
     if not args.quick:
         try:
@@ -245,6 +251,20 @@ def main() -> None:
     print(markdown(report))  # noqa: T201 - a script's output
 
 
+def profile_kernels(fn: Callable[[], object]) -> dict[str, float]:
+    """Device seconds per kernel name of one ``fn()`` call under torch.profiler (CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    from bench_kernels import kernel_seconds  # this folder is on sys.path when run as a script
+
+    return kernel_seconds(prof)
+
+
+PROFILED = ("eager", "upstream", "compiled", "none")
+PROFILED_CALL = {"eager": "optimized (eager)", "upstream": "upstream-style (eager)", "compiled": "compiled optimized"}
 COMPILED = "optimized, torch.compile"
 CL_FLOW = "optimized, channels-last flow (the CPU's residual order; before 2026-11-27 also CUDA's)"
 REUSING = "optimized, a feature-reuse step (shallow path), eager"
@@ -283,13 +303,26 @@ def markdown(r: dict) -> str:
             lines += ["", f"{key}: {r[key]}"]
     total = sum(r.get("kernel_classes_s", {}).values())
     if total:
-        what = "Compiled optimized" if r.get("profiled") == "compiled" else "Optimized (eager)"
-        lines += ["", f"{what} call, device time by kernel class (torch.profiler):", "",
+        what = PROFILED_CALL.get(r.get("profiled", "eager"), "optimized (eager)")
+        lines += ["", f"{what[0].upper()}{what[1:]} call, device time by kernel class (torch.profiler):", "",
                   "| class | ms | share |", "|---|---|---|"]
         for cls, s in sorted(r["kernel_classes_s"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {cls} | {1e3 * s:.1f} | {100 * s / total:.0f} % |")
         lines += ["", "| top kernels | ms |", "|---|---|"]
         lines += [f"| `{k[:110]}` | {1e3 * s:.2f} |" for k, s in r["top_kernels_s"]]
+    by_call = r.get("kernel_classes_by_call", {})
+    if len(by_call) > 1:
+        names = list(by_call)
+        classes = sorted({c for v in by_call.values() for c in v}, key=lambda c: -max(v.get(c, 0) for v in by_call.values()))
+        tflop = {"eager": "optimized", "upstream": "upstream", "compiled": COMPILED}
+        lines += ["", "Device time by kernel class, the profiled calls side by side (ms; the last row: the call's "
+                      "TFLOP per second of kernel time):", "",
+                  "| class | " + " | ".join(PROFILED_CALL[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {c} | " + " | ".join(f"{1e3 * by_call[n].get(c, 0.0):.1f}" for n in names) + " |" for c in classes]
+        lines.append("| all kernels | " + " | ".join(f"{1e3 * sum(by_call[n].values()):.1f}" for n in names) + " |")
+        rates = [r["calls"][tflop[n]]["tflop"] / sum(by_call[n].values()) if tflop[n] in r["calls"]
+                 and sum(by_call[n].values()) else None for n in names]
+        lines.append("| TFLOP/s of kernel time | " + " | ".join("-" if x is None else f"{x:.0f}" for x in rates) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -244,3 +244,29 @@ def test_serve_latency_says_why_the_server_did_not_start(tmp_path: Path, monkeyp
     with pytest.raises(SystemExit, match=r"`megactor-rt serve` did not start \(exit status 2\): .*--no-such-flag"):
         module.main()
     assert list(tmp_path.iterdir()) == []  # (its scratch folder removed)
+
+
+def test_profile_unet_puts_several_profiled_calls_side_by_side() -> None:
+    """`--profile compiled eager upstream`: the first call's classes and top kernels as before, then every profiled
+    call's classes in one table with its TFLOP per second of kernel time (where the optimized call's time per FLOP
+    goes against the upstream-style call's: the 2026-11-29 H200 run measured 250 against 269 TFLOP/s)."""
+    pu = _load("profile_unet")
+    calls = {"optimized": {"seconds": 0.123, "tflop": 30.7, "tflops_per_s": 249.6},
+             "upstream": {"seconds": 0.150, "tflop": 40.4, "tflops_per_s": 269.0},
+             pu.COMPILED: {"seconds": 0.093, "tflop": 30.7, "tflops_per_s": 330.0, "compile_s": 17.5,
+                           "max_abs_diff_vs_eager": 0.003, "max_abs_eager": 1.5}}
+    by_call = {"compiled": {"gemm": 0.0256, "attention": 0.0222},
+               "eager": {"gemm": 0.040, "attention": 0.030, "normalisation": 0.020},
+               "upstream": {"gemm": 0.060, "attention": 0.040, "normalisation": 0.025}}
+    report = {**run_record(torch.device("cpu")), "device": "NVIDIA H200", "dtype": "float16", "image_size": 512,
+              "frames": 16, "matmul_tflops": 758.0, "calls": calls, "profiled": "compiled",
+              "kernel_classes_s": by_call["compiled"], "top_kernels_s": [["flash_kernel", 0.0159]],
+              "kernel_classes_by_call": by_call}
+    lines = pu.markdown(json.loads(json.dumps(report))).splitlines()
+    assert "Compiled optimized call, device time by kernel class (torch.profiler):" in lines
+    assert "| class | compiled optimized | optimized (eager) | upstream-style (eager) |" in lines
+    assert "| gemm | 25.6 | 40.0 | 60.0 |" in lines and "| normalisation | 0.0 | 20.0 | 25.0 |" in lines
+    assert "| all kernels | 47.8 | 90.0 | 125.0 |" in lines
+    assert "| TFLOP/s of kernel time | 642 | 341 | 323 |" in lines  # 30.7 / 0.0478, 30.7 / 0.090, 40.4 / 0.125
+    one = pu.markdown({**report, "kernel_classes_by_call": {"compiled": by_call["compiled"]}})
+    assert "side by side" not in one
