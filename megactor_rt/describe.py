@@ -194,7 +194,7 @@ def _animated(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             return bool(getattr(im, "is_animated", False))
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # (a bomb: refused by its reading)
         return False
 
 

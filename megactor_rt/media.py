@@ -156,7 +156,9 @@ def read_image(path: PathLike, say_transparent: bool = False) -> np.ndarray:
                 _say_transparent(path, im)
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise image_too_large(path, exc) from exc
+    except UnidentifiedImageError as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: image is corrupt or truncated ({exc})") from exc
@@ -407,6 +409,15 @@ def _check_image_size(path: Path, size: tuple[int, int]) -> None:
         raise InputError(f"{path}: image is {width}x{height} px; each side must be at most {MAX_IMAGE_SIDE} px (scale "
                          "it down first, to 4096 px on its longer side say: the crop around the face is scaled to "
                          "the model's 512 px anyway)")
+
+
+def image_too_large(path: Path, exc: Image.DecompressionBombError) -> InputError:
+    """The error for an image over Pillow's decompression bomb limit (twice ``Image.MAX_IMAGE_PIXELS``), which Pillow
+    refuses as it opens it, before its sides can be checked (was: "not a readable image", or an unexpected error)."""
+    count = next((word for word in str(exc).replace("(", " ").split() if word.isdigit()), None)  # "Image size (N
+    pixels = f" ({int(count):,} pixels)" if count else ""  # pixels) exceeds limit of M pixels, could be ..."
+    return InputError(f"{path}: image is too large to read{pixels}; each side must be at most {MAX_IMAGE_SIDE} px "
+                      "(scale it down first, to 4096 px on its longer side say)")
 
 
 def require_file(path: Path, what: str) -> None:

@@ -827,6 +827,37 @@ def test_a_photo_too_large_says_how_to_use_it(tmp_path: Path) -> None:
         read_portrait(photo)
 
 
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header gives ``width`` x ``height`` (RGB) and whose pixels are a few bytes (a crafted or
+    damaged file: Pillow's decompression bomb limit refuses it as it opens it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("name", ["huge.png", "huge.gif"])
+def test_an_image_over_pillows_limit_is_said_to_be_too_large(tmp_path: Path, name: str) -> None:
+    """An image whose header gives more pixels than Pillow opens (its decompression bomb limit: 100000x100000 px)
+    is refused as too large, naming the file, by inspect and as a portrait (was: inspect's "unexpected error:
+    DecompressionBombError", exit 1, and a portrait's "not a readable image")."""
+    from megactor_rt.describe import describe
+
+    path = _png_header(tmp_path / "huge.png", 100_000, 100_000)
+    if name.endswith(".gif"):  # a GIF's logical screen of 60000x60000
+        Image.new("RGB", (64, 64)).save(path := tmp_path / name)
+        path.write_bytes(path.read_bytes()[:6] + (60_000).to_bytes(2, "little") * 2 + path.read_bytes()[10:])
+    says = re.escape(f"{path}: image is too large to read (") + r"[\d,]+ pixels\); each side must be at most 8192 px"
+    for read in (lambda p: describe(p, faces=False), read_portrait):
+        with pytest.raises(InputError, match=says):
+            read(path)
+
+
 def test_an_mp4_cut_inside_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
     """An MP4 cut inside its index (moov box: at the end of a camera's file, at the start of a faststart one), which
     FFmpeg opens as a file of no streams, is called cut off, as a driver and in inspect (was: 'the file has no video
