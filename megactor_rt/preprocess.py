@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
-from megactor_rt.media import grey_to_uint8, register_heif
+from megactor_rt.media import grey_to_uint8, image_too_large, register_heif
 
 logger = logging.getLogger(__name__)
 
@@ -709,6 +709,8 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None,
             alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None
             grey = grey_to_uint8(im) if im.mode in ("I", "F") or im.mode.startswith("I;16") else \
                 np.asarray(im.convert("L"))
+    except Image.DecompressionBombError as exc:  # (refused as Pillow opens it; was an unexpected error, exit 1)
+        raise image_too_large(path, exc) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable mask image ({exc})") from exc
     full = ((alpha if alpha is not None and alpha.min() < 255 else grey) >= 128).astype(np.uint8)  # (h, w)

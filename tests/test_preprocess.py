@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -366,6 +367,22 @@ def test_load_user_mask_bad(tmp_path: Path, case: str) -> None:
             "directory": "is not a regular file"}[case]
     with pytest.raises(InputError, match=f"{path.name}.*{says}"):
         load_user_mask(path, 64, **kwargs)
+
+
+def test_a_mask_over_pillows_limit_is_said_to_be_too_large(tmp_path: Path) -> None:
+    """A mask whose header gives more pixels than Pillow opens (its decompression bomb limit) is refused as too
+    large, naming the file (was: "unexpected error: DecompressionBombError", exit 1)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "huge_mask.png"  # 100000x100000 px in its header, a few bytes of pixels
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(InputError, match=re.escape(f"{path}: image is too large to read (10,000,000,000 pixels)")):
+        load_user_mask(path, 64)
 
 
 def test_palette_and_16_bit_masks(tmp_path: Path) -> None:
