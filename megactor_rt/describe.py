@@ -134,10 +134,42 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
         report["missing_frames"] = last - first + 1 - len(frames)
         have = {pattern.number(f.name) for f in frames}
         report["first_missing"] = pattern.name(next(n for n in range(first, last + 1) if n not in have))
+    if (odd := _odd_sizes(frames)) is not None:  # (a run refuses such a sequence at its first odd frame)
+        report["other_sizes"] = odd
     del first_frame["kind"]
     if "bit_depth" in first_frame:
         first_frame["bit_depth"] = _sequence_depth(frames)
     return report | first_frame  # its faces and settings
+
+
+def _odd_sizes(frames: list[Path]) -> str | None:
+    """Where frames differ in size from the first (a frame re-rendered at another size, replaced by hand), how
+    many, and the first of them, from their headers; None where all have one size (was: the first frame's size
+    alone, and the run refused the sequence at its first odd frame)."""
+    first = _header_size(frames[0])
+    if first is None:
+        return None
+    odd = [(frame, size) for frame in frames[1:] if (size := _header_size(frame)) is not None and size != first]
+    if not odd:
+        return None
+    (frame, (w, h)), n = odd[0], len(odd)
+    return f"{n} frame{'s' * (n != 1)} of another size than the first (first: {frame.name}, {w}x{h}): a driver's " \
+        "frames must all have one size"
+
+
+def _header_size(frame: Path) -> tuple[int, int] | None:
+    """A frame's upright width and height (its EXIF orientation applied, as a driver's frame is read) from its
+    header alone (a PNG's IHDR chunk: Pillow would decode a PNG to find its EXIF); None where it cannot be read so."""
+    try:
+        with open(frame, "rb") as f:
+            head = f.read(24)
+        if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        with Image.open(frame) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def _sequence_depth(frames: list[Path]) -> int | str:

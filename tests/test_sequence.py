@@ -457,6 +457,33 @@ def plate(folder: Path, content: list[np.ndarray], name: str = "img_%04d.png", f
     return folder / name
 
 
+def test_inspect_names_a_frame_of_another_size(tmp_path: Path) -> None:
+    """A plate one of whose frames has another size (re-rendered, replaced by hand), which a run refuses at that
+    frame, is said so by inspect, naming the first such frame and its upright size (was: the first frame's size
+    alone); a JPEG stored turned, whose EXIF orientation makes it upright at the plate's size, is no other size."""
+    from megactor_rt.describe import describe
+
+    pattern = plate(tmp_path / "png", frames(4, size=64), name="%04d.png", first=1)
+    assert "other_sizes" not in describe(pattern, faces=False)
+    Image.fromarray(frames(1, size=96)[0]).save(tmp_path / "png" / "0003.png")
+    assert describe(pattern, faces=False)["other_sizes"] == "1 frame of another size than the first (first: " \
+        "0003.png, 96x96): a driver's frames must all have one size"
+    with pytest.raises(InputError, match="0003.png: 96x96 px, the sequence's first frame 0001.png is 64x64"):
+        list(FrameSequence(pattern))  # (what a run says, at that frame)
+
+    content = [np.zeros((64, 80, 3), np.uint8)] * 3
+    pattern = plate(tmp_path / "jpg", content, name="f_%03d.jpg", first=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80 high, 64 wide: upright 80x64, as the others
+    Image.fromarray(np.zeros((80, 64, 3), np.uint8)).save(tmp_path / "jpg" / "f_002.jpg", exif=exif)
+    assert "other_sizes" not in describe(pattern, faces=False)
+    assert len(list(FrameSequence(pattern))) == 3  # (a run takes it likewise)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "jpg" / "f_002.jpg", exif=exif)
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "jpg" / "f_003.jpg")
+    assert describe(pattern, faces=False)["other_sizes"] == "2 frames of another size than the first (first: " \
+        "f_002.jpg, 64x64): a driver's frames must all have one size"
+
+
 def test_an_image_sequence_reads_its_frames_in_number_order_at_its_rate(tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     content = frames(12, size=64)
