@@ -1211,7 +1211,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 break
             except (av.error.FFmpegError, OSError, ValueError) as exc:
                 if decoded == 0:
-                    raise InputError(f"{path}: no decodable video frame ({exc})") from exc
+                    raise InputError(f"{path}: no decodable video frame ({exc}){_cut_before_a_frame(path)}") from exc
                 if held is not None:  # the last frame before the break, shown once
                     yield from shown(held, held_at + 1)
                 if done():
@@ -1258,7 +1258,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                            "repeat the one before, each computed again); --fps F (AnimateConfig.fps) animates it "
                            "at F fps with fewer repeats", path, float(clock.fps), repeats, slot - skip)
         if decoded == 0:
-            raise InputError(f"{path}: the video stream contains no decodable frames")
+            raise InputError(f"{path}: the video stream contains no decodable frames{_cut_before_a_frame(path)}")
         if not ends:
             _check_complete(path, stream.frames, where(), strict, slot - skip)
             _check_declared_end(path, stream, last_time, strict, slot - skip)
@@ -1340,6 +1340,15 @@ def _ebml_size(data: bytes, at: int) -> tuple[int | None, int]:
         raise ValueError("cut EBML size")
     value = int.from_bytes(data[at:at + length], "big") & ((1 << (7 * length)) - 1)
     return (None if value == (1 << (7 * length)) - 1 else value), at + length
+
+
+def _cut_before_a_frame(path: Path) -> str:
+    """Why a file whose first frame cannot be decoded has none, where it is cut off (a download stopped in its
+    first KB: was "no decodable frames" alone, as of a file whose frames are damaged): ``": the file is cut off
+    (...)"``, else ``""``."""
+    cut = matroska_cut_off(path) or iso_cut_off(path)
+    return f": the file is cut off ({cut}: a partial download or copy, or a recording that was not finished)" \
+        if cut else ""
 
 
 def matroska_cut_off(path: PathLike) -> str | None:

@@ -1678,6 +1678,25 @@ def test_a_matroska_clip_cut_off_midway_is_truncated(tmp_path: Path, suffix: str
         list(iter_video_frames(cut))
 
 
+@pytest.mark.parametrize("suffix,codec", [(".mkv", "libx264"), (".webm", "libvpx-vp9"), (".mp4", "libx264")])
+def test_a_clip_cut_off_inside_its_first_frame_is_said_to_be_cut_off(tmp_path: Path, suffix: str, codec: str) -> None:
+    """A copy cut off before its first whole frame (a download stopped in its first KB; an MP4 with its index in
+    front) has no frame to decode: said to be cut off, as a driver, a portrait and in inspect (was: "the video
+    stream contains no decodable frames" alone, and inspect without faces called it a video of 0 frames)."""
+    from megactor_rt.describe import describe
+
+    path = _noise_clip(tmp_path / f"whole{suffix}", codec, {"movflags": "+faststart"} if suffix == ".mp4" else None)
+    data = path.read_bytes()
+    first = data.index(b"\x1f\x43\xb6\x75" if suffix != ".mp4" else b"mdat")  # (its first Cluster, its frames)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[:first + 200])  # (a 64 px noise frame: some 6 KB)
+    says = re.escape(f"{cut}: ") + r"(the video stream contains no decodable frames|no decodable video frame \(.*\))" \
+        + re.escape(": the file is cut off (it ends ")
+    for read in (lambda p: list(iter_video_frames(p)), read_portrait, describe):
+        with pytest.raises(InputError, match=says):
+            read(cut)
+
+
 def test_a_gif_without_its_last_byte_is_said_to_be_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from PIL import Image
 
