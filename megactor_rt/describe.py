@@ -23,6 +23,7 @@ from megactor_rt.errors import InputError
 from megactor_rt.media import (
     VIDEO_SUFFIXES,
     AnimatedWebP,
+    VideoInfo,
     is_animated_webp,
     iso_cut_off,
     matroska_cut_off,
@@ -79,33 +80,13 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             if path.suffix.lower() in _IMAGE_SUFFIXES:  # (named as an image, read as none: said as a portrait's is)
                 read_image(path)
             raise
-        if info.still_image:  # (FFmpeg reads it as a picture, and a portrait's reading refused it: say why)
-            read_image(path)
-            raise InputError(f"{path}: not an image Pillow reads, nor a video")
-        kind = f"animated {'GIF' if path.suffix.lower() == '.gif' else 'PNG'}" if animated else "video"
-        report = {"kind": kind, "size": f"{info.width}x{info.height}",
-                  "fps": _rate(info.fps),
-                  "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
-                  "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
-                  "audio": info.has_audio, "variable_rate": info.variable_rate or timestamps_vary(path, info.fps),
-                  "hdr": info.hdr}  # (a Matroska header does not tell a variable rate: its timestamps do)
-        if info.other_streams:  # (the one read, and those that are not)
-            report["video_streams"] = f"{1 + len(info.other_streams)}: {info.stream} is read, not " + \
-                ", ".join(info.other_streams)
-        if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
-            report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
-        elif (cut := matroska_cut_off(path)) is not None:  # (its frames are counted: its duration is more)
-            frames, seconds = report["frames"], info.duration_s
-            if frames and seconds and frames >= seconds * info.fps - 2:  # (cut after its frames: its index, tags)
-                report["truncated"] = f"{cut}: its frames are all there, not what follows them (an index, tags)"
-            else:
-                report["truncated"] = f"{cut}: not all the seconds its header counts are there"
-        elif animated and (cut := picture_cut_off(path)) is not None:
-            report["truncated"] = f"{cut} (a partial download or copy?)"
+        if info.still_image:  # (FFmpeg reads it as a picture: one named as a video, a PNG saved as .mp4, is read as
+            image = read_image(path)  # an image, as a portrait; where Pillow does not read it either, this says why)
+            report = _image_report(path, image)
+        else:
+            report = _video_report(path, info, animated)
     else:
-        report = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
-        if (hdr := photo_hdr(path)) is not None:
-            report["hdr"] = hdr
+        report = _image_report(path, image)
     if faces:
         from megactor_rt.preprocess import portrait_faces
 
@@ -118,6 +99,41 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
             report["made_with"] = settings
     elif report["kind"] == "image" and is_sequence(path):  # a frame of a sequence result
         report.update(_frame_facts(path))
+    return report
+
+
+def _video_report(path: Path, info: VideoInfo, animated: bool) -> dict[str, Any]:
+    """A video's (or an animated GIF's or PNG's) size, rate, frames, duration, sound, variable rate, HDR, other
+    video streams and where it is cut off."""
+    kind = f"animated {'GIF' if path.suffix.lower() == '.gif' else 'PNG'}" if animated else "video"
+    report: dict[str, Any] = {"kind": kind, "size": f"{info.width}x{info.height}",
+                              "fps": _rate(info.fps),
+                              "frames": info.num_frames if info.num_frames is not None else _count_frames(path),
+                              "duration_s": None if info.duration_s is None else round(info.duration_s, 3),
+                              "audio": info.has_audio,
+                              "variable_rate": info.variable_rate or timestamps_vary(path, info.fps),
+                              "hdr": info.hdr}  # (a Matroska header does not tell a variable rate: its timestamps do)
+    if info.other_streams:  # (the one read, and those that are not)
+        report["video_streams"] = f"{1 + len(info.other_streams)}: {info.stream} is read, not " + \
+            ", ".join(info.other_streams)
+    if (cut := iso_cut_off(path)) is not None:  # (the header's frames and duration are more than it holds)
+        report["truncated"] = f"{cut}: not all the frames and seconds its header counts are there"
+    elif (cut := matroska_cut_off(path)) is not None:  # (its frames are counted: its duration is more)
+        frames, seconds = report["frames"], info.duration_s
+        if frames and seconds and frames >= seconds * info.fps - 2:  # (cut after its frames: its index, tags)
+            report["truncated"] = f"{cut}: its frames are all there, not what follows them (an index, tags)"
+        else:
+            report["truncated"] = f"{cut}: not all the seconds its header counts are there"
+    elif animated and (cut := picture_cut_off(path)) is not None:
+        report["truncated"] = f"{cut} (a partial download or copy?)"
+    return report
+
+
+def _image_report(path: Path, image: np.ndarray) -> dict[str, Any]:
+    """A still image's upright size, and its HDR where it is an HDR photo."""
+    report: dict[str, Any] = {"kind": "image", "size": f"{image.shape[1]}x{image.shape[0]}"}
+    if (hdr := photo_hdr(path)) is not None:
+        report["hdr"] = hdr
     return report
 
 

@@ -1519,7 +1519,8 @@ def result_settings(path: PathLike) -> dict[str, Any] | None:
     path = Path(path)
     if path.is_dir():  # a sequence's folder
         path = find_pattern(path)
-    if is_sequence(path):  # a sequence's pattern: its first frame's; a frame alone: its own
+    if is_sequence(path) and (is_frame_pattern(path) or not _has_video(path)):  # a sequence's pattern: its first
+        # frame's; a frame alone: its own (a video named as a frame, clip.png, is read as a video: its container's)
         text = (sequence_settings(path) if is_frame_pattern(path) else frame_text(path)) or {}
         tags = {RESULT_TAG: text.get(SETTINGS_KEY, "")}
     else:

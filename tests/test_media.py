@@ -858,6 +858,33 @@ def test_an_image_over_pillows_limit_is_said_to_be_too_large(tmp_path: Path, nam
             read(path)
 
 
+def test_inspect_takes_a_picture_named_as_a_video_and_a_video_named_as_a_picture(tmp_path: Path) -> None:
+    """A PNG saved as .mp4 is an image (as a portrait reads it), and an MP4 saved as .png a video whose settings are
+    its container's, as a run reads them (was: "not an image Pillow reads, nor a video" for the one, and "cannot
+    read this frame" for the other, a frame's text chunks being looked for in it)."""
+    import json
+
+    from megactor_rt.describe import describe
+    from megactor_rt.media import result_settings
+
+    picture = tmp_path / "photo.mp4"
+    Image.new("RGB", (96, 80), (120, 130, 140)).save(picture, format="PNG")
+    assert describe(picture, faces=False) == {"kind": "image", "size": "96x80"}
+    assert read_portrait(picture).shape == (80, 96, 3)
+    clip = tmp_path / "clip.png"
+    with av.open(str(clip), "w", format="mp4") as c:
+        c.metadata["comment"] = json.dumps({"megactor_rt": "0.1.0", "portrait": "me.png"})
+        stream = c.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(3):
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")))
+        c.mux(stream.encode(None))
+    report = describe(clip, faces=False)
+    assert (report["kind"], report["size"], report["frames"]) == ("video", "64x64", 3)
+    assert report["made_with"] == {"megactor_rt": "0.1.0", "portrait": "me.png"} == result_settings(clip)
+    assert len(list(iter_video_frames(clip))) == 3
+
+
 def test_an_mp4_cut_inside_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
     """An MP4 cut inside its index (moov box: at the end of a camera's file, at the start of a faststart one), which
     FFmpeg opens as a file of no streams, is called cut off, as a driver and in inspect (was: 'the file has no video
