@@ -589,10 +589,26 @@ def _check_audio_file(path: Path, start: float) -> Path:
         stream = container.streams.audio[0]
         length = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
             (container.duration / av.time_base if container.duration else None)
+        if not _holds_sound(path, container, stream):  # (was: a result without sound, said at -v only)
+            raise InputError(f"{path}: its audio stream holds no sound (no samples: a recording stopped at once, a "
+                             "failed export?); given for the result's sound, pass a file with sound, or --no-audio")
     if start and length is not None and start >= length:
         raise InputError(f"{path}: its sound is {length:.1f} s long; the audio start ({start:g} s, --audio-start) is "
                          "at or past its end")
     return path
+
+
+def _holds_sound(path: Path, container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> bool:
+    """Whether an audio stream has a packet of sound (a WAV of no samples has none, its header no length to tell
+    it by); reads up to its first such packet, from the start (``container`` is then read on from there).
+
+    Raises:
+        InputError: FFmpeg cannot read its packets.
+    """
+    try:
+        return any(packet.size for packet in container.demux(stream))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: its audio cannot be read ({exc})") from exc
 
 
 def _display_size(stream: av.video.stream.VideoStream) -> tuple[int, int]:
@@ -1137,6 +1153,8 @@ def probe_sound(path: PathLike) -> dict[str, Any] | None:
         stream = container.streams.audio[0]
         seconds = stream.duration * stream.time_base if stream.duration and stream.time_base else \
             container.duration / av.time_base if container.duration else None
+        if seconds is None and not _holds_sound(Path(path), container, stream):
+            seconds = 0  # (a WAV of no samples: "0 s", not no length at all)
         codec = stream.codec_context
         return {"codec": codec.codec.canonical_name, "sample_rate": codec.sample_rate, "channels": codec.channels,
                 "duration_s": None if seconds is None else round(float(seconds), 3)}

@@ -885,6 +885,28 @@ def test_inspect_takes_a_picture_named_as_a_video_and_a_video_named_as_a_picture
     assert len(list(iter_video_frames(clip))) == 3
 
 
+def test_a_sound_file_of_no_samples_is_refused_as_the_results_sound(tmp_path: Path) -> None:
+    """A WAV of no samples (a recording stopped at once, a failed export) given as the result's sound is refused
+    before any work, naming it (was: a result without sound, said at -v only); inspect gives its length as 0 s
+    (was: none), and a WAV with sound passes."""
+    import wave
+
+    from megactor_rt.describe import describe
+    from megactor_rt.media import check_sound
+
+    empty, sound = tmp_path / "empty.wav", tmp_path / "sound.wav"
+    for path, samples in ((empty, b""), (sound, b"\x00\x01" * 1600)):
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(16000)
+            w.writeframes(samples)
+    with pytest.raises(InputError, match=re.escape(f"{empty}: its audio stream holds no sound (no samples")):
+        check_sound(empty)
+    assert describe(empty)["duration_s"] == 0
+    assert check_sound(sound) == (sound, 0.0) and describe(sound)["duration_s"] == 0.1
+
+
 def test_an_mp4_cut_inside_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
     """An MP4 cut inside its index (moov box: at the end of a camera's file, at the start of a faststart one), which
     FFmpeg opens as a file of no streams, is called cut off, as a driver and in inspect (was: 'the file has no video
