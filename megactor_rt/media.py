@@ -411,6 +411,20 @@ def _check_image_size(path: Path, size: tuple[int, int]) -> None:
                          "the model's 512 px anyway)")
 
 
+def _check_picture_header(path: Path) -> None:
+    """Where FFmpeg gives a picture (a GIF, a PNG) no frame size, as it does over its own limit (some 16384 px
+    square), an InputError saying it is too large where Pillow reads so in its header (was: "no frame size
+    (corrupt header?)"); nothing where Pillow does not read it."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except Image.DecompressionBombError as exc:
+        raise image_too_large(path, exc) from exc
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+        return
+    _check_image_size(path, size)
+
+
 def image_too_large(path: Path, exc: Image.DecompressionBombError) -> InputError:
     """The error for an image over Pillow's decompression bomb limit (twice ``Image.MAX_IMAGE_PIXELS``), which Pillow
     refuses as it opens it, before its sides can be checked (was: "not a readable image", or an unexpected error)."""
@@ -797,6 +811,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             if path.suffix.lower() == ".webp":  # FFmpeg's WebP decoder reads still images only
                 raise InputError(f"{path}: an animated WebP, which FFmpeg cannot decode (a driver reads it through "
                                  "Pillow: megactor_rt.media.AnimatedWebP)")
+            _check_picture_header(path)  # (a GIF or an image over FFmpeg's size limit: said as too large)
             raise InputError(f"{path}: the video stream has no frame size (corrupt header?)")
         duration_s: float | None = None
         if stream.duration is not None and stream.time_base is not None:

@@ -907,6 +907,16 @@ def test_a_sound_file_of_no_samples_is_refused_as_the_results_sound(tmp_path: Pa
     assert check_sound(sound) == (sound, 0.0) and describe(sound)["duration_s"] == 0.1
 
 
+def test_a_driver_over_ffmpegs_size_limit_is_said_to_be_too_large(tmp_path: Path) -> None:
+    """A GIF whose header gives 60000x60000 px (over FFmpeg's size limit, which then gives it no frame size) is
+    refused as a driver as too large, naming it (was: "the video stream has no frame size (corrupt header?)")."""
+    gif = tmp_path / "huge.gif"
+    Image.new("RGB", (64, 64)).save(gif)
+    gif.write_bytes(gif.read_bytes()[:6] + (60_000).to_bytes(2, "little") * 2 + gif.read_bytes()[10:])
+    with pytest.raises(InputError, match=re.escape(f"{gif}: image is too large to read (3,600,000,000 pixels)")):
+        probe_video(gif)
+
+
 def test_an_mp4_cut_inside_its_index_is_said_to_be_cut_off(tmp_path: Path) -> None:
     """An MP4 cut inside its index (moov box: at the end of a camera's file, at the start of a faststart one), which
     FFmpeg opens as a file of no streams, is called cut off, as a driver and in inspect (was: 'the file has no video
