@@ -674,8 +674,8 @@ def _gif_rate(path: Path, stream: av.video.stream.VideoStream) -> Fraction | Non
     grid every tenth frame would repeat (and the work grow by as much), its mean rate is 30. A GIF that holds a
     frame (a pause at the end) keeps the rate of its other frames, the pause then repeats a frame. None for other
     codecs, or where no rate fits (then the rules for any video apply)."""
-    if stream.codec_context.name != "gif" or stream.time_base is None:
-        return None
+    if stream.codec_context.name not in ("gif", "apng") or stream.time_base is None:  # (an animated PNG's delays
+        return None  # are a GIF's: its pauses made it read at its average rate, dropping frames between them)
     candidates = sorted(Fraction(r.numerator, r.denominator) for r in (stream.base_rate, stream.average_rate) if r)
     if stream.frames and stream.duration:
         mean = Fraction(stream.frames) / (stream.duration * stream.time_base)

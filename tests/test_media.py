@@ -1112,6 +1112,20 @@ def test_inspect_says_an_animated_png_is_animated(tmp_path: Path) -> None:
     assert describe(still, faces=False)["kind"] == "image"
 
 
+@pytest.mark.parametrize("suffix", [".png", ".gif"])
+def test_an_animated_png_with_pauses_keeps_every_frame(tmp_path: Path, suffix: str) -> None:
+    """An animated PNG that holds some frames (delays of 40, 200 and 500 ms) is read on a grid that puts each frame
+    on a step of its own, as a GIF is, pauses repeating a frame (was: at its average rate, 7 fps, dropping 3 of its
+    8 frames: those 40 ms apart shared a step)."""
+    content = _frames(8, 64)
+    clip = tmp_path / f"paused{suffix}"
+    first, *rest = [Image.fromarray(f) for f in content]
+    first.save(clip, save_all=True, append_images=rest, duration=[40, 40, 200, 40, 40, 500, 40, 40], loop=0)
+    read = list(iter_video_frames(clip))
+    nearest = [int(np.argmin([np.abs(r.astype(int) - c).mean() for c in content])) for r in read]
+    assert sorted(set(nearest)) == list(range(8)) and nearest == sorted(nearest)
+
+
 def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
     """An animated GIF or PNG cut short (a partial download) is said to be, beside the frames it still holds (was:
     its frame count alone, as if whole; a run warns of the GIF and fails at the PNG's break); whole ones are not."""
