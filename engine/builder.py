@@ -129,16 +129,27 @@ BuildFn = Callable[[BuildJob, BuildOptions, Path | None], tuple[Any, dict[str, A
 # -- pure planning ---------------------------------------------------------------------------------------
 
 def graph_profiles(graph: GraphEntry, only: str | None = None) -> dict[str, dict[str, ProfileShapes]]:
-    """Profiles to build for ``graph``: all (or only ``only``); a graph without dynamic inputs gets 'static'."""
+    """Profiles to build for ``graph``: all (or only ``only``); a graph without dynamic inputs gets 'static'.
+    Of profiles with the same shapes only the first is built (``default`` first: an export with ``--window 32``,
+    the longest, has a ``long`` profile equal to its ``default``, whose plan would be a second, identical build
+    of minutes; the runtime runs each call on any plan whose profile takes its shapes)."""
     if not graph.profiles:
         if any(t.dynamic_dims for t in graph.inputs.values()):
             raise InputError(f"graph '{graph.name}' has dynamic inputs but no shape profile in the manifest")
         if only not in (None, STATIC_PROFILE):
             raise InputError(f"graph '{graph.name}' is static and has no profile '{only}'")
         return {STATIC_PROFILE: {}}
-    if only is None:
-        return dict(graph.profiles)
-    return {only: graph.profile(only)}
+    if only is not None:
+        return {only: graph.profile(only)}
+    chosen: dict[str, dict[str, ProfileShapes]] = {}
+    for name in sorted(graph.profiles, key=lambda p: p != "default"):
+        same = next((c for c, shapes in chosen.items()
+                     if profile_to_json(shapes) == profile_to_json(graph.profiles[name])), None)
+        if same is None:
+            chosen[name] = graph.profiles[name]
+        else:
+            logger.info("%s: profile '%s' has the shapes of '%s': its plan serves both", graph.name, name, same)
+    return chosen
 
 
 def plan_jobs(manifest: Manifest, device: DeviceInfo, engine_dir: str | Path, options: BuildOptions,

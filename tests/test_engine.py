@@ -409,6 +409,23 @@ def test_plan_jobs_filters_by_precision_and_profile(onnx_dir: Path, tmp_path: Pa
         plan_jobs(m, H100, tmp_path, BuildOptions(), graphs=["nope"])
 
 
+def test_a_profile_with_the_shapes_of_another_is_built_once(onnx_dir: Path, tmp_path: Path) -> None:
+    """An export at the longest window (``export --window 32``) has a ``long`` profile equal to its ``default``:
+    one plan serves both (the second was an identical build of minutes per UNet graph); asked for by name, it is
+    built."""
+    path = onnx_dir / "manifest.json"
+    raw = json.loads(path.read_text())
+    profiles = raw["graphs"]["vae_decoder_fp16"]["profiles"]
+    raw["graphs"]["vae_decoder_fp16"]["profiles"] = {"long": profiles["default"], **profiles}  # (default not first)
+    path.write_text(json.dumps(raw))
+    m = load_manifest(onnx_dir)
+    assert [j.profile_name for j in plan_jobs(m, H100, tmp_path, BuildOptions())] == ["default", "big"]
+    assert [j.profile_name for j in plan_jobs(m, H100, tmp_path, BuildOptions(profile="long"))] == ["long"]
+    results, fake = _built(onnx_dir, tmp_path / "engines")
+    assert fake.calls == ["vae_decoder_fp16[default]", "vae_decoder_fp16[big]"]
+    assert [r.status for r in results] == ["built", "built"]
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"precision": "int8"}, "unknown precision"),
     ({"optimization_level": 6}, "0..5"),
