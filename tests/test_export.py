@@ -375,6 +375,21 @@ def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):
                    for c in consumers.get(n.output[0], [])), (n.name, n.op_type)
 
 
+def test_the_readme_names_the_ops_fp16_graphs_keep_in_fp32():
+    """README's "ONNX and TensorRT" says which ops an fp16 graph computes in fp32 (their Casts are the engine's
+    precision and memory traffic): every op of ``FP32_OPS`` that is no normalisation (named as such) nor the
+    softmax is named (it said "normalisation, softmax and the timestep embedding", and GELU's Erf and the attention
+    scale's Sqrt stayed fp32 too)."""
+    from megactor_rt.export.onnx_export import FP32_OPS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## ONNX and TensorRT", 1)[1].split("\n## ", 1)[0]
+    norms = {"InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow"}
+    assert "fp16 graphs keep normalisation, softmax" in section
+    unnamed = [op for op in FP32_OPS if op not in norms | {"Softmax"} and f"`{op}`" not in section]
+    assert not unnamed, f"README's ONNX section does not say that fp16 graphs keep {unnamed} in fp32"
+
+
 def test_fp16_softmax_export(models, manifest, tmp_path):
     """``export --fp16-softmax``: the fp16 UNet graph's softmax is fp16 (no Cast between its attention
     matmuls), it is a different file with its own key, TensorRT-ready, and as close to PyTorch as the
