@@ -33,6 +33,7 @@ from megactor_rt.engine.cache import (
     EngineRecord,
     iter_plan_dirs,
     load_valid_record,
+    plan_dir,
     read_sidecar,
     tensorrt_cuda_flavour,
     write_plan,
@@ -213,6 +214,17 @@ def test_every_key_part_changes_the_key() -> None:
     assert len(dirnames) == len(variants) + 1
     assert base.digest() == EngineKey(H100, "fp16", "a" * 64, "default", dict(shapes)).digest()
     assert base.dirname().startswith("nvidia-h100-80gb-hbm3_sm90_trt11.1.0.106_fp16_default_")
+
+
+def test_the_plan_folders_are_named_as_the_readme_shows(tmp_path: Path) -> None:
+    """engine/README.md's cache layout and its example are the folders plan_dir names (it showed
+    ``<graph>/``, and the folder is the manifest's ``temporal-unet-cond.fp16``)."""
+    key = EngineKey(H100, "fp16", "0" * 64, "default", {"x": [[1], [1], [1]]})
+    got = plan_dir(tmp_path, "temporal_unet_cond.fp16", key).relative_to(tmp_path).as_posix()
+    readme = (Path(__file__).parents[1] / "engine" / "README.md").read_text()
+    assert "<engine dir>/<graph>.<precision>/<gpu>_sm<cc>_trt<version>_<precision>_<profile>_<digest16>/" in readme
+    example = re.search(r"`(temporal-unet-cond\.fp16/\S+)_<digest16>/engine\.plan`", readme)
+    assert example is not None and got == f"{example.group(1)}_{key.digest()[:16]}"
 
 
 def test_sidecar_round_trip(onnx_dir: Path, tmp_path: Path) -> None:
