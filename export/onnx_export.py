@@ -12,6 +12,7 @@ around them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -22,7 +23,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
-from megactor_rt.files import locked, remove_stale, replace_synced, umask_mode
+from megactor_rt.files import UNHELD_S, hold, let_go, locked, remove_stale, replace_synced, umask_mode
 from megactor_rt.progress import progress
 from megactor_rt.weights import (
     MegActorModels,
@@ -218,7 +219,9 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
 def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: int, precisions: Sequence[str],
                   fp16_softmax: bool = False) -> list[dict]:
     manifest = _read_manifest(out)  # (first: a manifest.json that is not the export's is refused before any change)
-    remove_stale(out, f"{STAGING_PREFIX}*", folders=True)  # staging folders of exports killed midway (SIGKILL)
+    # staging folders of exports killed midway (SIGKILL, the OOM killer: GBs at full size): at once where no export
+    # holds them (export_graph does while it writes), else after an hour untouched
+    remove_stale(out, f"{STAGING_PREFIX}*", folders=True, unheld_s=UNHELD_S)
     remove_stale(out, f"{STAGING_PREFIX}*.inferred.onnx")  # earlier versions' fp16 conversions, killed midway
     remove_stale(out, f"{glob.escape(MANIFEST_NAME)}.*.tmp")
     rows = []
@@ -259,7 +262,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
         return {**old, "profiles": profiles, "image_size": models.config.image_size}, \
             "cached" if same else "cached, profile updated"
     try:
-        with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp:
+        with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp, _held(Path(tmp)):
             src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
             if src is None:
                 src = Path(tmp) / "fp32.onnx"
@@ -287,6 +290,17 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     if fp16_softmax:
         entry["fp16_softmax"] = True
     return entry, "exported"
+
+
+@contextlib.contextmanager
+def _held(staging: Path) -> Iterator[None]:
+    """Hold the staging folder while a graph is written into it (:func:`~megactor_rt.files.hold`), so that another
+    export into the folder removes it at once if this process dies (SIGKILL) and never while it lives."""
+    fd = hold(staging)
+    try:
+        yield
+    finally:
+        let_go(fd)
 
 
 def _dtype(name: str, spec: ExportSpec, precision: str) -> str:

@@ -772,6 +772,41 @@ def test_a_killed_exports_staging_folder_is_removed_later(models, tmp_path):
     assert not [p for p in tmp_path.glob(f"{STAGING_PREFIX}*") if p != recent]  # this export's own is gone
 
 
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_at_once(models, tmp_path, monkeypatch):
+    """An export holds its staging folder while it writes a graph there, so the staging folder of one killed
+    (SIGKILL, the OOM killer), GBs at full size, goes with the next export into the folder, not an hour later
+    (a re-run after the kill kept it, and a second kill added another); one a live export holds stays."""
+    import os
+    import time
+
+    from megactor_rt import files
+    from megactor_rt.export import onnx_export
+    from megactor_rt.export.onnx_export import STAGING_PREFIX
+
+    killed, live = tmp_path / f"{STAGING_PREFIX}killed", tmp_path / f"{STAGING_PREFIX}live"
+    for folder in (killed, live):
+        folder.mkdir()
+        (folder / "inferred.onnx").write_bytes(b"partial")
+        for path in (folder / "inferred.onnx", folder):
+            os.utime(path, (time.time() - 60,) * 2)  # a minute untouched: a live export tracing a large graph
+    holder = files.hold(live)
+    held_while_written = []
+    real = onnx_export._torch_export
+
+    def export_and_look(spec, models_, path, opset):
+        held_while_written.append(files._held(Path(path).parent))
+        real(spec, models_, path, opset)
+
+    monkeypatch.setattr(onnx_export, "_torch_export", export_and_look)
+    try:
+        export_models(models, tmp_path, graphs=["vae_encoder"], precisions=("fp32",))
+        assert not killed.exists() and (live / "inferred.onnx").is_file()
+    finally:
+        files.let_go(holder)
+    assert held_while_written == [True]
+    assert [p.name for p in tmp_path.glob(f"{STAGING_PREFIX}*")] == [live.name]
+
+
 def test_exports_into_one_folder_keep_each_others_entries(models, tmp_path):
     """Each graph's entry is merged into the manifest as it is on disk then (another export process may have
     added graphs since this one read it); a malformed manifest is replaced with a warning, not a crash."""
