@@ -32,7 +32,7 @@ import torch
 from megactor_rt.config import ModelConfig, full_config, tiny_config
 from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
-from megactor_rt.errors import InputError, ResourceError
+from megactor_rt.errors import BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.files import UNHELD_S, hold, let_go, locked, remove_stale, replace_synced, umask_mode
 from megactor_rt.progress import progress
@@ -144,6 +144,7 @@ def export_all(weights: str | Path, out: str | Path, *, opset: int = 18, precisi
     Returns:
         One summary row per graph x precision: graph, precision, file, size_mb, seconds, status.
     """
+    check_export_modules(precisions)  # before the networks load
     if image_size is not None:  # a size the networks cannot take: before they are loaded
         check_image_size(model_config_of(weights), image_size)
     models = resized(load_models_for_export(weights, graphs), image_size)
@@ -172,6 +173,26 @@ def check_export_size(out: str | Path, image_size: int, weights_size: int, repla
 OPSETS = (17, 20)  # checked: all 20 tiny graphs export and pass check-export at 17 and at 20 (default 18)
 
 
+ONNX_INSTALL = "pip install onnx onnxruntime: the 'onnx' extra, pip install 'megactor-rt[onnx]' (-e '.[onnx]' in a checkout)"
+
+
+def check_export_modules(precisions: Sequence[str]) -> None:
+    """Raise ``BackendUnavailable`` before any work where a module the export needs is not installed: onnx (each
+    graph is loaded, checked and saved with it) and, for fp16 graphs, onnxruntime (its float16 converter makes
+    them). A base install has neither (the ``onnx`` extra): the export wrote its fp32 graph and then stopped with an
+    "unexpected error: ModuleNotFoundError"."""
+    import importlib.util
+
+    need = {"onnx": "every graph is checked and saved with it"}
+    if "fp16" in precisions:
+        need["onnxruntime"] = "its float16 converter makes the fp16 graphs"
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        alone = " - or export fp32 graphs alone (--precision fp32)" if missing == ["onnxruntime"] else ""
+        raise BackendUnavailable("the ONNX export needs python module(s) not installed here: "
+                                 f"{'; '.join(f'{m} ({need[m]})' for m in missing)}; {ONNX_INSTALL}{alone}")
+
+
 def check_opset(opset: int) -> None:
     """Raise ``InputError`` for an opset outside :data:`OPSETS` (below 17 LayerNormalization and attention
     decompose or fail to export; above 20 torch's TorchScript exporter stops)."""
@@ -185,6 +206,7 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
                   fp16_softmax: bool = False) -> list[dict]:
     """``export_all`` for already-loaded models."""
     check_opset(opset)
+    check_export_modules(precisions)
     out = Path(out)
     specs = [s for s in export_specs(models.config, window=frames, window_batch=window_batch)
              if graphs is None or s.name in graphs]
@@ -210,6 +232,7 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
     from megactor_rt.models.tiny_decoder import load_tiny_decoder, tiny_decoder_id
 
     check_opset(opset)
+    check_export_modules(precisions)
     models = TinyDecoderModels(config, tiny_decoder_id(path), load_tiny_decoder(path))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

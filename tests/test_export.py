@@ -807,6 +807,28 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export_at_once(m
     assert [p.name for p in tmp_path.glob(f"{STAGING_PREFIX}*")] == [live.name]
 
 
+@pytest.mark.parametrize("absent,precisions,named", [
+    ("onnxruntime", ("fp32", "fp16"), "onnxruntime (its float16 converter"),
+    ("onnx", ("fp32",), "onnx (every graph"),
+])
+def test_an_export_without_its_modules_says_what_to_install_before_any_work(models, tmp_path, monkeypatch, absent,
+                                                                            precisions, named):
+    """A base install has no onnx/onnxruntime (the ``onnx`` extra): the export wrote its fp32 graph and then
+    stopped with "unexpected error: ModuleNotFoundError: No module named 'onnxruntime'". Now the missing module
+    is named with what it is for and how to install it, before any folder or graph is made."""
+    import sys
+
+    from megactor_rt.errors import BackendUnavailable
+
+    monkeypatch.setitem(sys.modules, absent, None)  # (find_spec and import see it absent)
+    out = tmp_path / "onnx"
+    with pytest.raises(BackendUnavailable, match=re.escape(named)) as info:
+        export_models(models, out, graphs=["vae_encoder"], precisions=precisions)
+    assert "pip install" in str(info.value) and "'onnx' extra" in str(info.value)
+    assert ("--precision fp32" in str(info.value)) == (absent == "onnxruntime")
+    assert not out.exists()
+
+
 def test_exports_into_one_folder_keep_each_others_entries(models, tmp_path):
     """Each graph's entry is merged into the manifest as it is on disk then (another export process may have
     added graphs since this one read it); a malformed manifest is replaced with a warning, not a crash."""
