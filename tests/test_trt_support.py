@@ -375,3 +375,17 @@ def test_check_export_refuses_profiles_no_run_uses(tmp_path: Path) -> None:
     assert check_profile_sizes(unet) == [
         f"profile 'default', input 'latents': axis 0 ('windows') has max 100000, over {MAX_WINDOW_BATCH} "
         f"({MAX_WINDOW_BATCH} windows per call, the most export --window-batch allows)"]
+
+
+def test_without_onnx_the_checks_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base install has no onnx (the 'onnx' extra): ``check-export`` (and ``export``, which imports this
+    module) said "unexpected error: ModuleNotFoundError"; now the module is named with the install line."""
+    import importlib
+    import sys
+
+    from megactor_rt.errors import BackendUnavailable
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.delitem(sys.modules, "megactor_rt.export.trt_support", raising=False)
+    with pytest.raises(BackendUnavailable, match=r"need the python module onnx.*pip install .*'onnx' extra"):
+        importlib.import_module("megactor_rt.export.trt_support")
