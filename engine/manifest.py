@@ -3,9 +3,11 @@
 The export step writes one manifest per ONNX directory::
 
     {"format": 1, "graphs": {"<graph name>": {
-        "file": "temporal_unet.fp16.onnx", "submodel": "temporal_unet", "precision": "fp16",
-        "sha256": "<hex of the .onnx bytes>",
-        "inputs":  {"<name>": {"dtype": "float16", "shape": [2, 9, "frames", 64, 64]}},   # str = dynamic dim
+        "file": "temporal_unet_cond.fp16.<export key, 12 hex>.onnx", "submodel": "temporal_unet",
+        "precision": "fp16", "sha256": "<hex of the .onnx bytes and its external data>",
+        "export_key": "<hex: weights, code, config, size, precision, opset>", "weights_id": "<the weights' id>",
+        "image_size": 512, "opset": 18,
+        "inputs":  {"<name>": {"dtype": "float16", "shape": ["windows", 9, "frames", 64, 64]}},  # str = dynamic
         "outputs": {"<name>": {"dtype": ..., "shape": [...]}},
         "profiles": {"default": {"<input name>": [[min], [opt], [max]]}}}}}
 
