@@ -667,28 +667,42 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
 
 
 def _gif_rate(path: Path, stream: av.video.stream.VideoStream) -> Fraction | None:
-    """A GIF's frame rate: its frames over its duration (or the whole number within 0.5 % of that: 30, not
-    4700/157), else the lower of FFmpeg's nominal and average rate, whichever is first to put each of its first
-    frames' timestamps on a step of its own (so no frame is dropped). GIF frame delays are whole hundredths of a
-    second, so a 30 fps GIF steps 3, 3, 4, ... hundredths: its average rate may come out as 100/3 fps, on whose
-    grid every tenth frame would repeat (and the work grow by as much), its mean rate is 30. A GIF that holds a
-    frame (a pause at the end) keeps the rate of its other frames, the pause then repeats a frame. None for other
-    codecs, or where no rate fits (then the rules for any video apply)."""
+    """A GIF's (or animated PNG's) frame rate: its frames over its duration (or the whole number within 0.5 % of
+    that: 30, not 4700/157), else the lowest of the rate of its most common delay (as an animated WebP's) and
+    FFmpeg's nominal and average rate, whichever is first to put each of its first frames' timestamps on a step
+    of its own on the reader's grid (:func:`_grid_step`), so no frame is dropped. GIF frame delays are whole
+    hundredths of a second, so a 30 fps GIF steps 3, 3, 4, ... hundredths: its average rate may come out as
+    100/3 fps, on whose grid every tenth frame would repeat (and the work grow by as much), its mean rate is 30.
+    A GIF that holds a frame (a pause at the end, or between its frames) keeps the rate of its other frames, the
+    pause then repeats a frame: 40 ms frames with pauses of 200 and 500 ms are read at 25 fps (FFmpeg's nominal
+    50 fps computed each frame twice). None for other codecs, or where no rate fits (then the rules for any video
+    apply)."""
     if stream.codec_context.name not in ("gif", "apng") or stream.time_base is None:  # (an animated PNG's delays
         return None  # are a GIF's: its pauses made it read at its average rate, dropping frames between them)
-    candidates = sorted(Fraction(r.numerator, r.denominator) for r in (stream.base_rate, stream.average_rate) if r)
+    times = _stream_times(path, stream)
+    if times is None:
+        return None
+    others = {Fraction(r.numerator, r.denominator) for r in (stream.base_rate, stream.average_rate) if r}
+    delays = [b - a for a, b in itertools.pairwise(times) if b > a]
+    if delays:
+        others.add(1 / max(sorted(set(delays)), key=delays.count))  # the most common delay (a tie: the shortest)
+    candidates = sorted(others)
     if stream.frames and stream.duration:
         mean = Fraction(stream.frames) / (stream.duration * stream.time_base)
         whole = Fraction(round(mean))
         candidates.insert(0, whole if whole and abs(whole / mean - 1) <= Fraction(1, 200) else mean)
-    times = _stream_times(path, stream)
-    if times is None:
-        return None
     for rate in (r for r in candidates if r > 0):
-        steps = [round(t * rate) for t in times]
+        steps = [_grid_step(t * rate) for t in times]
         if len(set(steps)) == len(steps):
             return rate
     return None
+
+
+def _grid_step(position: Fraction) -> int:
+    """The step of the reader's grid a frame ``position`` steps after the first falls on: ``floor(position +
+    1/2)``, halves up (:class:`_FrameClock`; Python's round() takes halves to the even step, which a check for
+    frames sharing a step must not)."""
+    return math.floor(position + Fraction(1, 2))
 
 
 def _stream_times(path: Path, stream: av.video.stream.VideoStream) -> tuple[Fraction, ...] | None:
@@ -760,7 +774,7 @@ def _gif_variable(path: Path, stream: av.video.stream.VideoStream, fps: Fraction
 
 def _steps_vary(times: Sequence[Fraction], fps: Fraction) -> bool:
     """Whether frames at ``times`` (seconds from the first) leave a step of ``fps`` empty or share one."""
-    return [round(t * fps) for t in times] != list(range(len(times)))
+    return [_grid_step(t * fps) for t in times] != list(range(len(times)))
 
 
 def timestamps_vary(path: PathLike, fps: Fraction) -> bool:
@@ -998,7 +1012,7 @@ class _FrameClock:
         return (pts - self.first_pts) * self.time_base * self.fps
 
     def slot_of(self, pts: int) -> int:
-        return math.floor(self.position(pts) + Fraction(1, 2))
+        return _grid_step(self.position(pts))
 
     def index(self, frame: av.VideoFrame, fallback: int) -> int:
         if frame.pts is None or self.time_base is None:

@@ -1126,6 +1126,32 @@ def test_an_animated_png_with_pauses_keeps_every_frame(tmp_path: Path, suffix: s
     assert sorted(set(nearest)) == list(range(8)) and nearest == sorted(nearest)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".gif"])
+def test_an_animated_gif_or_png_with_pauses_is_read_at_its_common_delays_rate(tmp_path: Path, suffix: str) -> None:
+    """A GIF or APNG of 40 ms frames that holds some (200 and 500 ms) is read at the rate of its most common delay,
+    25 fps, as an animated WebP is, every frame kept in order, the pauses repeating one: its 940 ms are 24 frames
+    (23.5 steps, the last frame shown to the end) (was: FFmpeg's nominal 50 fps, 47 frames computed of which 39
+    repeats)."""
+    content = _frames(8, 64)
+    clip = tmp_path / f"paused{suffix}"
+    first, *rest = [Image.fromarray(f) for f in content]
+    first.save(clip, save_all=True, append_images=rest, duration=[40, 40, 200, 40, 40, 500, 40, 40], loop=0)
+    assert probe_video(clip).fps == 25
+    read = list(iter_video_frames(clip))
+    nearest = [int(np.argmin([np.abs(r.astype(int) - c).mean() for c in content])) for r in read]
+    assert len(read) == 24 and sorted(set(nearest)) == list(range(8)) and nearest == sorted(nearest)
+
+
+def test_a_gif_rate_that_would_put_two_frames_on_one_step_of_the_grid_is_not_taken(tmp_path: Path) -> None:
+    """A GIF whose third frame falls half-way between two steps of its common delay's 25 fps (100 ms: 2.5 steps)
+    and the next 30 ms later (3.25 steps): the reader's grid takes the half up, both on step 3, so 25 fps would drop
+    the third; a rate that keeps every frame is read (was: the check took halves to the even step, Python's
+    round(): 2 and 3, and the third frame was lost)."""
+    delays = [40, 60, 30, 40, 40, 40, 40, 500]
+    shades = _gif_driver(tmp_path / "halves.gif", delays)[1]
+    assert sorted(set(shades)) == [i * 5 for i in range(len(delays))] and shades == sorted(shades)
+
+
 def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
     """An animated GIF or PNG cut short (a partial download) is said to be, beside the frames it still holds (was:
     its frame count alone, as if whole; a run warns of the GIF and fails at the PNG's break); whole ones are not."""
