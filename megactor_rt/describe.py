@@ -2,12 +2,12 @@
 
 For an image: its size (upright, as a portrait is read) and the faces the portrait crop would choose from. For a
 sound alone (an ``--audio`` file, a sequence's ``audio.wav``): its codec, rate, channels and duration. For a
-video (or animated GIF/PNG/WebP): size, exact frame rate, frame count, duration, sound, a variable rate, HDR, an MP4/MOV
-cut short (``truncated``: its header counts more than it holds), the faces in its first frame (a video portrait's),
-and for a result of this engine the settings it was made with. For an
-image sequence (its number pattern, ``take1/%05d.png``, ``plate/%04d.jpg``): its first frame's size and faces, its
-frame numbers (and any missing), its sound file, and the rate and settings its frames record (this engine's PNG
-results; a frame of one alone too).
+video (or animated GIF/PNG/WebP): size, exact frame rate, frame count, duration, sound, a variable rate (and then
+the frames a run reads, on its constant-rate grid), HDR, an MP4/MOV cut short (``truncated``: its header counts more
+than it holds), the faces in its first frame (a video portrait's), and for a result of this engine the settings it was
+made with. For an image sequence (its number pattern, ``take1/%05d.png``, ``plate/%04d.jpg``): its first frame's
+size and faces, its frame numbers (and any missing), its sound file, and the rate and settings its frames record (this
+engine's PNG results; a frame of one alone too).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from megactor_rt.media import (
     VIDEO_SUFFIXES,
     AnimatedWebP,
     VideoInfo,
+    grid_frame_count,
     is_animated_webp,
     iso_cut_off,
     matroska_cut_off,
@@ -113,6 +114,8 @@ def _video_report(path: Path, info: VideoInfo, animated: bool) -> dict[str, Any]
                               "audio": info.has_audio,
                               "variable_rate": info.variable_rate or timestamps_vary(path, info.fps),
                               "hdr": info.hdr}  # (a Matroska header does not tell a variable rate: its timestamps do)
+    if report["variable_rate"] and (run := grid_frame_count(info)) is not None:  # (what a run reads and writes:
+        report["frames_in_a_run"] = run  # its frames on the grid at its fps, beside the ones it stores)
     if info.other_streams:  # (the one read, and those that are not)
         report["video_streams"] = f"{1 + len(info.other_streams)}: {info.stream} is read, not " + \
             ", ".join(info.other_streams)

@@ -1320,6 +1320,33 @@ def _end_slot(stream: av.video.stream.VideoStream, clock: _FrameClock) -> int | 
     return clock.slot_of(start + stream.duration)
 
 
+def grid_frame_count(info: VideoInfo) -> int | None:
+    """How many frames :func:`iter_video_frames` yields for the video ``info`` describes (its :func:`probe_video`):
+    its frames' timestamps on the reader's constant-rate grid at ``info.fps`` from its first frame, the last one
+    shown until the stream's declared end. A variable-rate clip's differs from the frames it stores (a frame is
+    repeated over a gap; of several within one step, one is shown). Read from its packets, nothing decoded (a
+    clip whose timestamps jump back, a joined recording, may yield some more); None where they have no
+    timestamps or cannot be read.
+
+    Raises:
+        InputError: missing or unreadable file, no video stream.
+    """
+    with _open_input(info.path) as container:
+        stream = _video_stream(info.path, container)
+        if stream.time_base is None:
+            return None
+        try:
+            pts = [p.pts for p in container.demux(stream) if p.size]
+        except (av.error.FFmpegError, OSError, ValueError):
+            return None
+        if not pts or None in pts:
+            return None
+        clock = _FrameClock(stream, info.fps)
+        clock.first_pts = math.floor(info.start_s / stream.time_base)  # (the first decoded frame's)
+        last = max(clock.slot_of(t) for t in pts if t is not None)
+        return max(last + 1, _end_slot(stream, clock) or 0)
+
+
 def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | None) -> bool:
     """Whether the last decoded frame is shown until the stream's declared end (within two frame times). Then
     the file is complete even where fewer frames decode than its header counts: an edit list hides some (what

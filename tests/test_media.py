@@ -1152,6 +1152,47 @@ def test_a_gif_rate_that_would_put_two_frames_on_one_step_of_the_grid_is_not_tak
     assert sorted(set(shades)) == [i * 5 for i in range(len(delays))] and shades == sorted(shades)
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_inspect_gives_a_variable_rate_clips_frames_in_a_run(tmp_path: Path, suffix: str) -> None:
+    """A variable-rate clip (20 frames at 30 fps with two pauses) stores fewer frames than a run reads and writes on
+    its constant-rate grid (a frame repeated over a gap): inspect gives both, the run's as the reader counts them
+    (was: the stored 20 alone, and a run wrote 29); a constant-rate clip has no such line."""
+    from megactor_rt.describe import describe
+
+    ms = [0, 33, 67, 100, 133, 167, 200, 233, 400, 433, 467, 500, 533, 567, 600, 800, 833, 867, 900, 933]
+    for name, times in (("vfr", ms), ("cfr", [round(i * 1000 / 30) for i in range(20)])):
+        clip = tmp_path / f"{name}{suffix}"
+        with av.open(str(clip), "w") as c:
+            stream = c.add_stream("mpeg4" if suffix == ".mp4" else "mjpeg", rate=30)
+            stream.width = stream.height = 64
+            stream.pix_fmt = "yuv420p" if suffix == ".mp4" else "yuvj420p"
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+            for i, t in enumerate(times):
+                frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 10, np.uint8), format="rgb24")
+                frame.pts, frame.time_base = t, Fraction(1, 1000)
+                c.mux(stream.encode(frame))
+            c.mux(stream.encode(None))
+        report = describe(clip, faces=False)
+        assert report["variable_rate"] is (name == "vfr")
+        if name == "vfr":
+            assert report["frames_in_a_run"] == len(list(iter_video_frames(clip))) == 29
+        else:
+            assert "frames_in_a_run" not in report
+
+
+def test_inspect_gives_a_paused_gifs_frames_in_a_run(tmp_path: Path) -> None:
+    """A GIF or APNG of 8 frames that pauses is read as 24 on its 25 fps grid: inspect says so beside its 8."""
+    from megactor_rt.describe import describe
+
+    images = [Image.fromarray(f) for f in _frames(8, 64)]
+    for clip in (tmp_path / "paused.gif", tmp_path / "paused.png"):
+        images[0].save(clip, save_all=True, append_images=images[1:], duration=[40, 40, 200, 40, 40, 500, 40, 40],
+                       loop=0)
+        report = describe(clip, faces=False)
+        assert (report["frames"], report["variable_rate"], report["frames_in_a_run"]) == (8, True, 24)
+        assert len(list(iter_video_frames(clip))) == 24
+
+
 def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
     """An animated GIF or PNG cut short (a partial download) is said to be, beside the frames it still holds (was:
     its frame count alone, as if whole; a run warns of the GIF and fails at the PNG's break); whole ones are not."""
