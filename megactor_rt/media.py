@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -66,6 +67,12 @@ logger = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 64
 MAX_IMAGE_SIDE = 8192
+
+# Pillow warns of an image over Image.MAX_IMAGE_PIXELS (89 MP: 10000x10000 px) as it opens it, its raw
+# DecompressionBombWarning on stderr before this engine's own error: a side over MAX_IMAGE_SIDE is refused here,
+# one over Pillow's error limit said as too large (image_too_large). Filtered for the process, once, at import
+# (warnings.catch_warnings around each read is not thread-safe: the server reads images in its threads).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Output containers we write, and the audio codecs each accepts without transcoding (.gif: no audio track).
 _AUDIO_COPY_CODECS: dict[str, frozenset[str]] = {

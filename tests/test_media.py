@@ -858,6 +858,22 @@ def test_an_image_over_pillows_limit_is_said_to_be_too_large(tmp_path: Path, nam
             read(path)
 
 
+def test_an_image_over_pillows_warning_limit_is_refused_without_its_warning(tmp_path: Path) -> None:
+    """``megactor-rt inspect`` of a 10000x10000 px image (over Pillow's 89 MP warning limit, under its error one)
+    gives the engine's error naming the file and its 8192 px limit, and no raw DecompressionBombWarning from
+    Pillow on stderr before it (was: both), with Python's warnings shown as by default."""
+    import subprocess
+    import sys
+
+    big = _png_header(tmp_path / "big.png", 10_000, 10_000)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "megactor_rt.cli", "inspect", "--no-faces",
+                           str(big)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert f"error: {big}: image is 10000x10000 px; each side must be at most 8192 px" in done.stderr
+    assert "DecompressionBombWarning" not in done.stderr and "Warning" not in done.stderr, done.stderr
+
+
 def test_inspect_takes_a_picture_named_as_a_video_and_a_video_named_as_a_picture(tmp_path: Path) -> None:
     """A PNG saved as .mp4 is an image (as a portrait reads it), and an MP4 saved as .png a video whose settings are
     its container's, as a run reads them (was: "not an image Pillow reads, nor a video" for the one, and "cannot
