@@ -1143,7 +1143,8 @@ def test_an_animated_png_with_pauses_keeps_every_frame(tmp_path: Path, suffix: s
 
 
 @pytest.mark.parametrize("suffix", [".png", ".gif"])
-def test_an_animated_gif_or_png_with_pauses_is_read_at_its_common_delays_rate(tmp_path: Path, suffix: str) -> None:
+def test_an_animated_gif_or_png_with_pauses_is_read_at_its_common_delays_rate(tmp_path: Path, suffix: str,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
     """A GIF or APNG of 40 ms frames that holds some (200 and 500 ms) is read at the rate of its most common delay,
     25 fps, as an animated WebP is, every frame kept in order, the pauses repeating one: its 940 ms are 24 frames
     (23.5 steps, the last frame shown to the end) (was: FFmpeg's nominal 50 fps, 47 frames computed of which 39
@@ -1153,7 +1154,10 @@ def test_an_animated_gif_or_png_with_pauses_is_read_at_its_common_delays_rate(tm
     first, *rest = [Image.fromarray(f) for f in content]
     first.save(clip, save_all=True, append_images=rest, duration=[40, 40, 200, 40, 40, 500, 40, 40], loop=0)
     assert probe_video(clip).fps == 25
-    read = list(iter_video_frames(clip))
+    with caplog.at_level("INFO", logger="megactor_rt.media"):
+        read = list(iter_video_frames(clip))
+    # its pauses are said, without the advice of a lower --fps (which would drop frames of 40 ms)
+    assert "the animation's pauses" in caplog.text and "--fps" not in caplog.text
     nearest = [int(np.argmin([np.abs(r.astype(int) - c).mean() for c in content])) for r in read]
     assert len(read) == 24 and sorted(set(nearest)) == list(range(8)) and nearest == sorted(nearest)
 
