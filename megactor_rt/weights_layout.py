@@ -35,14 +35,18 @@ def check_converted_folder(weights_dir: str | Path) -> Path:
 def check_destination(src: str | Path, dst: str | Path) -> None:
     """Refuse a ``convert-weights`` destination that would overwrite what is not a conversion: the release folder
     itself or a folder inside it (its ``config.json`` files are the release's), or a folder holding other files
-    than an earlier conversion's; a symbolic link to nothing.
+    than an earlier conversion's; a symbolic link to nothing (it, or a folder above it).
 
     Raises:
         WeightsError: naming the destination and what it holds.
     """
-    if Path(dst).is_symlink() and not Path(dst).exists():  # (mkdir said "File exists" of it)
-        raise WeightsError(f"{dst}: a symbolic link to {os.readlink(dst)}, which does not exist: create that folder "
-                           "first, or choose another")
+    # a symbolic link to nothing, the destination or a folder above it (mkdir said "File exists" of it, after
+    # reading every file)
+    dangling = next((p for p in (Path(dst), *Path(dst).parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        which = "" if dangling == Path(dst) else f"{dangling} is "
+        raise WeightsError(f"{dst}: {which}a symbolic link to {os.readlink(dangling)}, which does not exist: create "
+                           "that folder first, or choose another")
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if dst == src or dst.is_relative_to(src):
         raise WeightsError(f"{dst}: the converted weights would be written into the released folder {src}, over "

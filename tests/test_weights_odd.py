@@ -156,3 +156,30 @@ def test_a_destination_that_is_a_link_to_nothing_is_named(tmp_path):
     (tmp_path / "big-disk" / "megactor").mkdir(parents=True)
     convert_release(src, link)
     assert link.is_symlink() and (tmp_path / "big-disk" / "megactor" / "config.json").is_file()
+
+
+def test_a_destination_inside_a_link_to_nothing_is_named_before_any_work(tmp_path, monkeypatch):
+    """convert-weights into a folder under a symbolic link whose folder does not exist (``converted/v1`` where
+    ``converted`` points at an unmounted disk) names that link and its target before any work (was "cannot write the
+    converted weights (FileExistsError: [Errno 17] File exists: '...converted')" after reading every file: the check
+    looked at the destination itself only)."""
+    from megactor_rt import cli
+    from megactor_rt.weights_layout import check_destination
+
+    src = write_release(_pack(), tmp_path / "weights")
+    link = tmp_path / "converted"
+    link.symlink_to(tmp_path / "big-disk" / "megactor")
+    inside = link / "v1"
+    said = (rf"{re.escape(str(inside))}: {re.escape(str(link))} is a symbolic link to "
+            rf"{re.escape(str(tmp_path))}.big-disk.megactor, which does not exist")
+    with pytest.raises(WeightsError, match=said):
+        check_destination(src, inside)
+    read = []
+    real = torch.load
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", lambda *a, **k: read.append(a) or real(*a, **k))
+        assert cli.main(["convert-weights", str(src), str(inside)]) == 2
+    assert not read  # (no checkpoint read first)
+    (tmp_path / "big-disk" / "megactor").mkdir(parents=True)
+    convert_release(src, inside)
+    assert (tmp_path / "big-disk" / "megactor" / "v1" / "config.json").is_file()
