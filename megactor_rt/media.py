@@ -358,7 +358,9 @@ class AnimatedWebP(LazyFrames):
             durations = _webp_durations(self.path, *_file_version(self.path))
         except InputError:
             raise
-        except (OSError, ValueError, EOFError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:  # (a canvas over Pillow's limit: was "corrupt or cut off")
+            raise image_too_large(self.path, exc) from exc
+        except (OSError, ValueError, EOFError, UnidentifiedImageError) as exc:
             raise InputError(f"{self.path}: not a readable animated WebP: corrupt or cut off ({exc})") from exc
         shown = [d if d > 0 else WEBP_DEFAULT_MS for d in durations]
         base = max(sorted(set(shown)), key=shown.count)  # the most common display time (a tie: the shortest)

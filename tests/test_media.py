@@ -874,6 +874,26 @@ def test_an_image_over_pillows_warning_limit_is_refused_without_its_warning(tmp_
     assert "DecompressionBombWarning" not in done.stderr and "Warning" not in done.stderr, done.stderr
 
 
+def test_an_animated_webp_over_pillows_limit_is_said_to_be_too_large(tmp_path: Path) -> None:
+    """An animated WebP whose canvas (its VP8X header) is over Pillow's decompression bomb limit is refused as too
+    large, as a driver and in inspect, as the same file is as a portrait (was: "not a readable animated WebP: corrupt
+    or cut off (Image size (...) exceeds limit ...)", as if damaged)."""
+    from megactor_rt.describe import describe
+    from megactor_rt.media import AnimatedWebP
+
+    clip = tmp_path / "huge.webp"
+    first, *rest = [Image.fromarray(f) for f in _frames(3, 64)]
+    first.save(clip, save_all=True, append_images=rest, duration=100, loop=0)
+    raw = bytearray(clip.read_bytes())
+    assert raw[12:16] == b"VP8X" and raw[20] & 0x02  # (the animation flag)
+    raw[24:30] = (15_999).to_bytes(3, "little") * 2  # canvas 16000x16000 (each side less one)
+    clip.write_bytes(bytes(raw))
+    says = re.escape(f"{clip}: image is too large to read (256,000,000 pixels); each side must be at most 8192 px")
+    for read in (AnimatedWebP, lambda p: describe(p, faces=False), read_portrait):
+        with pytest.raises(InputError, match=says):
+            read(clip)
+
+
 def test_inspect_takes_a_picture_named_as_a_video_and_a_video_named_as_a_picture(tmp_path: Path) -> None:
     """A PNG saved as .mp4 is an image (as a portrait reads it), and an MP4 saved as .png a video whose settings are
     its container's, as a run reads them (was: "not an image Pillow reads, nor a video" for the one, and "cannot
