@@ -178,17 +178,36 @@ def _odd_sizes(frames: list[Path]) -> str | None:
 
 def _header_size(frame: Path) -> tuple[int, int] | None:
     """A frame's upright width and height (its EXIF orientation applied, as a driver's frame is read) from its
-    header alone (a PNG's IHDR chunk: Pillow would decode a PNG to find its EXIF); None where it cannot be read so."""
+    header alone (a PNG's IHDR chunk, and its eXIf chunk where it comes before the pixels, as written: Pillow's
+    getexif would decode a PNG to look after them); None where it cannot be read so."""
     try:
         with open(frame, "rb") as f:
             head = f.read(24)
         if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-            return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        with Image.open(frame) as im:
-            w, h = im.size
-            return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+            w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            turned = _png_orientation(frame) in (5, 6, 7, 8)  # (was: not looked at, a turned PNG of the plate's
+            # upright size called another size and one turned off it not)
+        else:
+            with Image.open(frame) as im:
+                (w, h), turned = im.size, im.getexif().get(0x0112) in (5, 6, 7, 8)
+        return (h, w) if turned else (w, h)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+def _png_orientation(frame: Path) -> int | None:
+    """The EXIF orientation of a PNG's eXIf chunk before its pixels (read as Pillow opens it), or None."""
+    try:
+        with Image.open(frame) as im:
+            raw = im.info.get("exif")
+    except Image.DecompressionBombError:  # (its size is its header's: no rotation looked for)
+        return None
+    if not raw:
+        return None
+    exif = Image.Exif()
+    exif.load(raw)
+    orientation = exif.get(0x0112)
+    return orientation if isinstance(orientation, int) else None
 
 
 def _sequence_depth(frames: list[Path]) -> int | str:

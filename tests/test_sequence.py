@@ -484,6 +484,26 @@ def test_inspect_names_a_frame_of_another_size(tmp_path: Path) -> None:
         "f_002.jpg, 64x64): a driver's frames must all have one size"
 
 
+def test_inspect_turns_a_png_frame_by_its_exif_orientation_as_a_run_does(tmp_path: Path) -> None:
+    """A PNG frame with an eXIf chunk (a phone's screenshot, an editor keeping the EXIF) is read upright by a run, as
+    a JPEG is: inspect took its size from IHDR alone, so a frame stored turned at the plate's upright size was called
+    another size (the run takes it), and one stored at the plate's size but turned by its EXIF was not (the run
+    refuses it)."""
+    from megactor_rt.describe import describe
+
+    pattern = plate(tmp_path / "png", [np.zeros((64, 80, 3), np.uint8)] * 3, name="%04d.png", first=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((80, 64, 3), np.uint8)).save(tmp_path / "png" / "0002.png", exif=exif)
+    assert len(list(FrameSequence(pattern))) == 3  # (a run takes it: upright 80x64)
+    assert "other_sizes" not in describe(pattern, faces=False)
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(tmp_path / "png" / "0002.png", exif=exif)
+    with pytest.raises(InputError, match="0002.png: 64x80 px, the sequence's first frame 0001.png is 80x64"):
+        list(FrameSequence(pattern))
+    assert describe(pattern, faces=False)["other_sizes"] == "1 frame of another size than the first (first: " \
+        "0002.png, 64x80): a driver's frames must all have one size"
+
+
 def test_an_image_sequence_reads_its_frames_in_number_order_at_its_rate(tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     content = frames(12, size=64)
