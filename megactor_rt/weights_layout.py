@@ -35,7 +35,8 @@ def check_converted_folder(weights_dir: str | Path) -> Path:
 def check_destination(src: str | Path, dst: str | Path) -> None:
     """Refuse a ``convert-weights`` destination that would overwrite what is not a conversion: the release folder
     itself or a folder inside it (its ``config.json`` files are the release's), or a folder holding other files
-    than an earlier conversion's; a symbolic link to nothing (it, or a folder above it).
+    than an earlier conversion's; a file (it, or one above it); a symbolic link to nothing (it, or a folder above
+    it).
 
     Raises:
         WeightsError: naming the destination and what it holds.
@@ -47,7 +48,11 @@ def check_destination(src: str | Path, dst: str | Path) -> None:
         which = "" if dangling == Path(dst) else f"{dangling} is "
         raise WeightsError(f"{dst}: {which}a symbolic link to {os.readlink(dangling)}, which does not exist: create "
                            "that folder first, or choose another")
-    src, dst = Path(src).resolve(), Path(dst).resolve()
+    given, src, dst = dst, Path(src).resolve(), Path(dst).resolve()
+    existing = next(p for p in (dst, *dst.parents) if p.exists())  # (a file there: was named after reading every file)
+    if not existing.is_dir():
+        raise WeightsError(f"{given}: the converted weights go to a folder, and "
+                           f"{'this' if existing == dst else existing} is a file")
     if dst == src or dst.is_relative_to(src):
         raise WeightsError(f"{dst}: the converted weights would be written into the released folder {src}, over "
                            "its own files: choose a folder outside it")

@@ -183,3 +183,23 @@ def test_a_destination_inside_a_link_to_nothing_is_named_before_any_work(tmp_pat
     (tmp_path / "big-disk" / "megactor").mkdir(parents=True)
     convert_release(src, inside)
     assert (tmp_path / "big-disk" / "megactor" / "v1" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_a_destination_that_is_or_lies_under_a_file_is_named_before_any_work(tmp_path, monkeypatch, where):
+    """convert_release (the Python API; the CLI checks its argument first) into a file, or into a folder under one,
+    named it only after reading every checkpoint and network (minutes at full size: "the converted weights go to a
+    folder, and this is a file"; under one, "cannot write the converted weights (NotADirectoryError ...)"): it is
+    named before any file is read."""
+    from megactor_rt.weights_layout import check_destination
+
+    src = write_release(_pack(), tmp_path / "weights")
+    (tmp_path / "file").write_text("notes")
+    dst = tmp_path / where
+    this = "this" if where == "file" else str(tmp_path / "file")
+    said = re.escape(f"{dst}: the converted weights go to a folder, and {this} is a file")
+    with pytest.raises(WeightsError, match=said):
+        check_destination(src, dst)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a checkpoint was read first"))
+    with pytest.raises(WeightsError, match=said):
+        convert_release(src, dst)
