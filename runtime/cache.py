@@ -130,31 +130,32 @@ class PortraitCache:
 
     def persist(self, state: PortraitState) -> bool:
         """Write ``state`` to the disk store if it holds more than its file (new banks or landmarks); returns
-        whether it wrote. No-op without ``disk_dir``. A store that cannot be written (full disk, no permission)
+        whether it wrote (False too where another process's file already held it: :meth:`save`). No-op without ``disk_dir``. A store that cannot be written (full disk, no permission)
         is a warning, not an error: the run's output must not be lost to its cache."""
         with self._lock:
             if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
                 return False
         try:
-            self.save(state)
+            wrote = self.save(state)
         except Exception as exc:  # noqa: BLE001 - any failure to store: warn, keep the run's result
             logger.warning("portrait cache: cannot write to %s (%s: %s); the portrait is not stored",
                            self.disk_dir, type(exc).__name__, exc)
             return False
-        return True
+        return wrote
 
-    def save(self, state: PortraitState) -> None:
+    def save(self, state: PortraitState) -> bool:
         """Write a state (with the banks computed so far, and the portrait's landmarks if known) to the disk
         store: a temporary file, renamed on success. The tensors are gathered under the lock, the file is
-        written outside it: other threads' lookups do not wait for a disk write of some hundred MB."""
+        written outside it: other threads' lookups do not wait for a disk write of some hundred MB. Returns whether
+        it wrote (not where the store's file, another process's, already holds the state)."""
         if self.disk_dir is None:
-            return
+            return False
         with self._lock:
             content, tensors, meta = _snapshot(state)
         final = self._path(state.key)
         kv = len(state.token_kv or ())
         if self._kept(final, state.key, content, kv):
-            return
+            return False
         meta[CHECKSUM_KEY] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -165,7 +166,7 @@ class PortraitCache:
             os.chmod(tmp, umask_mode())  # a store shared by several users (safetensors writes 0600)
             with self._write_lock:  # two writers of one key: the record is the content of the file that stays
                 if self._kept(final, state.key, content, kv):  # written meanwhile, by another process, with more
-                    return
+                    return False
                 tmp.replace(final)
                 with self._lock:
                     self._on_disk[state.key] = content
@@ -175,14 +176,14 @@ class PortraitCache:
         logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(content[0]))
         with self._lock:
             self._trim_disk(keep=final)
+        return True
 
     def _trim_disk(self, keep: Path) -> None:
         """Delete the least recently used state files (not ``keep``) until the store fits ``max_disk_bytes``,
         and temporary files older than an hour (left by a writer that was killed mid-write; a younger
         one may belong to another process writing now: :func:`megactor_rt.files.remove_stale`)."""
         assert self.disk_dir is not None
-        for leftover in ("*.safetensors.*.tmp", SAFETENSORS_TEMPORARY):  # ours, and save_file's own
-            remove_stale(self.disk_dir, leftover)
+        self._remove_leftovers()
         total, full = 0, False
         for _, size, path in reversed(self._files()):  # newest first: each stays until one does not fit, then it
             if path != keep and (full or total + size > self.max_disk_bytes):  # and every older one go (a small
@@ -217,12 +218,21 @@ class PortraitCache:
                 self._unchecked.discard(key)
         return covers
 
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writers killed an hour ago or more: ours, and safetensors' own."""
+        assert self.disk_dir is not None
+        for leftover in ("*.safetensors.*.tmp", SAFETENSORS_TEMPORARY):
+            remove_stale(self.disk_dir, leftover)
+
     def _make_room(self, need: int, keep: Path) -> None:
-        """Where the store's disk has less than ``need`` bytes free (the file about to be written), delete the least
-        recently used state files (not ``keep``) until it has, or raise ENOSPC (deleting none) where deleting them
-        all would not make room."""
+        """Where the store's disk has less than ``need`` bytes free (the file about to be written), delete killed
+        writers' temporary files an hour old, then the least recently used state files (not ``keep``) until it has,
+        or raise ENOSPC (deleting none) where deleting them all would not make room."""
         assert self.disk_dir is not None
         free = shutil.disk_usage(self.disk_dir).free
+        if free < need:  # leftovers first: they hold no portrait
+            self._remove_leftovers()
+            free = shutil.disk_usage(self.disk_dir).free
         if free >= need:
             return
         files = [(size, path) for _, size, path in self._files() if path != keep]  # oldest first

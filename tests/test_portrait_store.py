@@ -275,3 +275,25 @@ def test_safetensors_own_temporary_file_of_a_killed_writer_goes_after_an_hour(an
     cache = PortraitCache(disk_dir=store)
     assert cache.persist(replace(anim.prepare(PORTRAIT), key="next"))
     assert not old.exists() and young.exists()
+
+
+def test_a_disk_filled_by_killed_writers_leftovers_removes_them_before_any_portrait(
+        anim: Animator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk is full because a writer killed hours ago left its temporary file (safetensors' own, as large as a
+    state): making room removes that leftover and keeps the stored portrait (was: the portrait's file went first,
+    the leftover only after the write)."""
+    import os
+    import time
+
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store)
+    cache.save(replace(base, key="kept"))
+    size = cache._path("kept").stat().st_size
+    leftover = store / ".tmpK1ll3d"
+    leftover.write_bytes(bytes(size))
+    hours_ago = time.time() - 2 * 3600
+    os.utime(leftover, (hours_ago, hours_ago))
+    _disk_of(monkeypatch, store, capacity=2 * size + size // 2)  # the store's file and the leftover fill it
+    assert cache.persist(replace(base, key="new"))
+    assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("kept", "new"))
