@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megactor_rt.errors import EngineMismatch, InputError, MegactorError, ResourceError
-from megactor_rt.files import locked
+from megactor_rt.files import locked, not_writable, unwritable
 from megactor_rt.progress import progress
 
 from .cache import (
@@ -240,6 +240,7 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
             bar.set_postfix_str(label)
             result = _skipped(job, label, device, options)
             if result is None:  # locked only to build (a valid plan in a folder this user may not write is fine)
+                _check_writable(job, label, engine_dir)
                 with plan_lock(job.directory):  # another build-engines building it now: wait, then reuse it
                     result = _skipped(job, label, device, options) or _build_job(job, label, device, options,
                                                                                  build_fn, cache)
@@ -253,6 +254,20 @@ def run_jobs(jobs: list[BuildJob], device: DeviceInfo, engine_dir: str | Path, o
     finally:
         bar.close()
     return results
+
+
+def _check_writable(job: BuildJob, label: str, engine_dir: str | Path) -> None:
+    """Refuse, once a plan must be built, a plan folder this user may not write: before the build's minutes, and
+    only then (a folder of valid plans that this user may only read is fine: every job is skipped).
+
+    Raises:
+        InputError: naming the engine folder, what blocks it and the plan to be built.
+    """
+    blocked = unwritable(job.directory)
+    if blocked is not None:
+        raise InputError(f"{engine_dir}: the engine folder (--out) cannot be written ({not_writable(blocked)}), and "
+                         f"{label} has no valid plan there to reuse; nothing was built: build into a folder you may "
+                         "write")
 
 
 def _skipped(job: BuildJob, label: str, device: DeviceInfo, options: BuildOptions) -> BuildResult | None:

@@ -34,7 +34,17 @@ from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from megactor_rt.errors import BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
-from megactor_rt.files import UNHELD_S, hold, let_go, locked, remove_stale, replace_synced, umask_mode
+from megactor_rt.files import (
+    UNHELD_S,
+    hold,
+    let_go,
+    locked,
+    not_writable,
+    remove_stale,
+    replace_synced,
+    umask_mode,
+    unwritable,
+)
 from megactor_rt.progress import progress
 from megactor_rt.weights import (
     MegActorModels,
@@ -215,8 +225,24 @@ def export_models(models: MegActorModels, out: str | Path, *, opset: int = 18,
         unknown = sorted(set(graphs) - set(known))
         hint = " (the tiny_decoder graph comes from --tiny-decoder PATH)" if "tiny_decoder" in unknown else ""
         raise InputError(f"unknown graph(s) {', '.join(unknown)}{hint}; known: {', '.join(known)}")
+    if not out.is_dir():
+        check_writable(out, "the export folder is to be made")
     out.mkdir(parents=True, exist_ok=True)  # once the graphs are known: a typo leaves no empty folder
     return _export_specs(specs, models, out, opset, precisions, fp16_softmax)
+
+
+def check_writable(out: Path, why: str) -> None:
+    """Refuse, once something must be written into the export folder ``out`` (``why``: what), a folder this user
+    may not write: before the graph's work, and only then (an export whose graphs are all there already, cached,
+    writes nothing, and runs in a folder it may only read).
+
+    Raises:
+        InputError: naming the folder, what blocks it and what was to be written.
+    """
+    blocked = unwritable(out)
+    if blocked is not None:
+        raise InputError(f"{out}: the export folder (--out) cannot be written ({not_writable(blocked)}), and "
+                         f"{why}; nothing was written: export into a folder you may write")
 
 
 def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, *, opset: int = 18,
@@ -235,6 +261,8 @@ def export_tiny_decoder(path: str | Path, config: ModelConfig, out: str | Path, 
     check_export_modules(precisions)
     models = TinyDecoderModels(config, tiny_decoder_id(path), load_tiny_decoder(path))
     out = Path(out)
+    if not out.is_dir():
+        check_writable(out, "the export folder is to be made")
     out.mkdir(parents=True, exist_ok=True)
     return _export_specs([tiny_decoder_spec(config)], models, out, opset, precisions)
 
@@ -256,8 +284,12 @@ def _export_specs(specs: Sequence[ExportSpec], models: Any, out: Path, opset: in
                                          fp16_softmax=fp16_softmax)
             if precision == "fp32":
                 fp32_path = out / entry["file"]
-            manifest["graphs"][f"{spec.name}.{precision}"] = entry
-            _update_manifest(out, f"{spec.name}.{precision}", entry)
+            key = f"{spec.name}.{precision}"
+            if manifest["graphs"].get(key) != entry:  # (a cached graph its manifest names as it is: nothing to
+                # write, so that an export whose graphs are all there runs in a folder this user may only read)
+                check_writable(out, f"its manifest's entry of {key} is to change ({status})")
+                manifest["graphs"][key] = entry
+                _update_manifest(out, key, entry)
             _remove_stale(out, spec.name, precision, keep=entry["file"])  # once the manifest names the new file
             size = sum(p.stat().st_size for p in (out / entry["file"], external_data_path(out / entry["file"]))
                        if p.is_file())
@@ -284,6 +316,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
         # export's, or a folder exported again at another size held graphs "of two sizes" and was refused)
         return {**old, "profiles": profiles, "image_size": models.config.image_size}, \
             "cached" if same else "cached, profile updated"
+    check_writable(out, f"{spec.name}.{precision} is not exported there yet")  # (before minutes of tracing)
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp, _held(Path(tmp)):
             src = fp32_path if (precision == "fp16" and fp32_path is not None) else None
@@ -454,8 +487,12 @@ def _remove_stale(out: Path, name: str, precision: str, keep: str) -> None:
     own = re.compile(rf"{re.escape(name)}\.{re.escape(precision)}\.[0-9a-f]{{{KEY_CHARS}}}\.onnx")
     for p in out.glob(f"{glob.escape(name)}.{glob.escape(precision)}.*.onnx"):
         if p.name != keep and own.fullmatch(p.name):
-            p.unlink()
-            external_data_path(p).unlink(missing_ok=True)
+            try:
+                p.unlink()
+                external_data_path(p).unlink(missing_ok=True)
+            except OSError as exc:  # (a folder this user may only read: the manifest names the graph kept)
+                logger.warning("%s: an earlier export of %s (%s) cannot be removed (%s); the manifest names %s",
+                               p, name, precision, exc, keep)
 
 
 def _read_manifest(out: Path, *, warn: bool = True) -> dict:

@@ -1836,6 +1836,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _reused_folder(path: Path, flag: str) -> Path:
+    """``path`` for the outputs of a command that reuses what is there already (``export``'s cached graphs,
+    ``build-engines``' valid plans): a folder that exists is checked for writing only once something must be
+    written there (a folder of up-to-date outputs this user may only read is fine); else as
+    :func:`_output_folder`, before any work."""
+    return path if path.is_dir() else _output_folder(path, flag)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if str(args.weights) not in ("tiny", "full") or Path(args.weights).exists():  # see onnx_export._random
         check_converted_folder(args.weights)  # before torch's import (seconds)
@@ -1870,7 +1878,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         names = [*names, "tiny_decoder"]
     check_export_size(args.out, args.size or cfg.image_size, cfg.image_size,
                       [f"{n}.{p}" for n in names for p in args.precision])
-    out = _output_folder(args.out, "--out")
+    out = _reused_folder(args.out, "--out")
     summary = []
     if graphs != []:  # (not `--graphs tiny_decoder` alone: no network to load)
         summary = export_all(args.weights, out, opset=args.opset, precisions=args.precision, frames=args.window,
@@ -1890,7 +1898,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from megactor_rt.engine.builder import build_engines
 
-    results = build_engines(args.onnx, _output_folder(args.out, "--out"), precision=args.precision,
+    results = build_engines(args.onnx, _reused_folder(args.out, "--out"), precision=args.precision,
                             profile=args.profile, verbose=args.verbose)  # (-v: TensorRT's own detail too)
     for r in results:  # (one line per plan, as export prints its graphs)
         print(f"{r.graph:32s} {r.profile_name:10s} {r.status:8s} {r.seconds:7.1f}s  {r.reason}  {r.directory}")

@@ -1482,6 +1482,39 @@ def test_build_engines_at_the_command_line(tmp_path: Path, monkeypatch: pytest.M
     assert "the plans done before are kept: vae_decoder_fp16[default] (built)" in caplog.text
 
 
+def test_build_engines_reuses_valid_plans_in_a_folder_this_user_may_not_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``build-engines --out`` a folder of valid plans this user may only read (a shared, read-only cache):
+    every plan is skipped, exit 0 (was refused before any work: "--out cannot be written", though nothing was to
+    be written); a plan that must be built there is refused before its build, naming the folder, exit 2."""
+    import os
+
+    from megactor_rt import cli
+
+    d, eng = _two_graph_export(tmp_path), tmp_path / "eng"
+    fake = FakeBuilder()
+    monkeypatch.setattr(builder_mod, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(builder_mod.DeviceInfo, "current", classmethod(lambda cls, device=None: H100))
+    monkeypatch.setattr(builder_mod, "_build_plan_trt", fake)
+    argv = ["-q", "build-engines", "--onnx", str(d), "--out", str(eng), "--profile", "default"]
+    assert cli.main(argv) == 0 and len(fake.calls) == 2
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in eng.rglob("*")}
+    real_access = os.access  # chmod cannot be used: tests may run as root, which ignores it
+    monkeypatch.setattr("megactor_rt.files.os.access", lambda p, mode: False if Path(p).is_relative_to(eng)
+                        else real_access(p, mode))
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["vae_decoder_fp16", "default", "skipped"],
+                                                   ["vae_encoder_fp16", "default", "skipped"]]
+    assert len(fake.calls) == 2 and {p: p.stat().st_mtime_ns for p in eng.rglob("*")} == before
+    assert cli.main([*argv[:-1], "big"]) == 2  # no plan of that profile yet: one is to be built
+    err = capsys.readouterr().err
+    assert f"{eng}: the engine folder (--out) cannot be written ({eng / 'vae-decoder-fp16'} is not a writable folder), " \
+        "and vae_decoder_fp16[big] has no valid plan there to reuse; nothing was built" in err
+    assert len(fake.calls) == 2 and {p: p.stat().st_mtime_ns for p in eng.rglob("*")} == before
+
+
 def test_the_strongly_typed_flag_is_taken_where_it_exists_and_not_needed_from_11_on() -> None:
     """10.x needs NetworkDefinitionCreationFlag.STRONGLY_TYPED (1 << 1 there); 11.x deprecates it (strongly typed
     always): a release without it builds with no flags, while a release before 10 without it is refused."""

@@ -1348,6 +1348,44 @@ def test_graphs_may_name_the_tiny_decoder_given_its_weights(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_an_export_whose_graphs_are_all_there_runs_in_a_folder_this_user_may_not_write(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """``export --out`` a folder of up-to-date graphs this user may only read (a shared, read-only export): every
+    graph is cached, nothing is written, exit 0 (was refused before any work: "--out cannot be written", though
+    nothing was to be written); a graph not exported there yet, or a manifest entry to change (another
+    --window-batch), is refused before its work, naming the folder, exit 2, with nothing written."""
+    import os
+
+    from megactor_rt.cli import main
+
+    out = tmp_path / "onnx"
+    base = ["-q", "export", "--weights", "tiny", "--precision", "fp32", "--out", str(out)]
+    assert main([*base, "--graphs", "pose_guider"]) == 0
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    real_access = os.access  # chmod cannot be used: tests may run as root, which ignores it
+    monkeypatch.setattr("megactor_rt.files.os.access", lambda p, mode: False if Path(p).is_relative_to(out)
+                        else real_access(p, mode))
+    assert main([*base, "--graphs", "pose_guider"]) == 0, capsys.readouterr().err
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 1 and rows[0].split()[:2] == ["pose_guider", "fp32"] and " cached " in rows[0]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert main([*base, "--graphs", "pose_guider", "vae_encoder"]) == 2
+    assert f"{out}: the export folder (--out) cannot be written ({out} is not a writable folder), and " \
+        "vae_encoder.fp32 is not exported there yet; nothing was written" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    monkeypatch.undo()
+    assert main([*base, "--graphs", "temporal_unet"]) == 0
+    monkeypatch.setattr("megactor_rt.files.os.access", lambda p, mode: False if Path(p).is_relative_to(out)
+                        else real_access(p, mode))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main([*base, "--graphs", "temporal_unet", "--window-batch", "2"]) == 2  # (its profiles change)
+    assert "and its manifest's entry of temporal_unet.fp32 is to change (cached, profile updated); nothing was " \
+        "written" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 def test_window_batch_past_the_bound_is_refused_before_any_work(tmp_path, capsys):
     """``export --window-batch 100000`` (TensorRT profiles of up to 100000 windows, no GPU's memory) is refused
     naming the bound, before any work or folder (was: exported, and check-export said "ready")."""
