@@ -59,6 +59,11 @@ if TYPE_CHECKING:
     from megactor_rt.models.clip import ClipImageEncoder
     from megactor_rt.models.unet import ReferenceNet, TemporalUNet
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (a second conversion at once is not refused there)
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 MODULE_FILES = ("temporal_unet", "reference_net", "vae", "clip_image_encoder")
@@ -591,10 +596,17 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
         ``dst``.
 
     Raises:
-        WeightsError: missing files, unsafe pickles, or keys that do not match the architecture.
+        WeightsError: missing files, unsafe pickles, or keys that do not match the architecture; another
+            conversion into ``dst`` runs now.
     """
     src, dst = check_release_folder(src), Path(dst)
     check_destination(src, dst)
+    with _converting(dst):  # (before the sources are read: minutes at full size)
+        return _convert(src, dst, checkpoint)
+
+
+def _convert(src: Path, dst: Path, checkpoint: str | Path | None) -> Path:
+    """:func:`convert_release`'s conversion, into a folder it holds."""
     ckpt = release_checkpoint(src, checkpoint)
     cfg = release_config(src)
     differences = feature_extractor_differences(src, cfg.clip.image_size)
@@ -616,6 +628,87 @@ def convert_release(src: str | Path, dst: str | Path, checkpoint: str | Path | N
               "clip_image_encoder": clip_sd}
     files = {"temporal_unet": ckpt, "reference_net": ckpt, "vae": vae_file, "clip_image_encoder": clip_file}
     return write_converted(cfg, states, dst, source=str(ckpt.absolute()), files=files)
+
+
+CONVERT_LOCK = ".convert-weights.lock"  # in the destination while a conversion writes it (hidden: check_destination)
+
+
+@contextlib.contextmanager
+def _converting(dst: Path) -> Iterator[None]:
+    """Hold an advisory lock (``flock``) on :data:`CONVERT_LOCK` in ``dst`` (made, with the folder, where missing)
+    for a conversion into it: a second ``convert-weights`` into the same folder at once is refused, naming the
+    process converting (both used to report success, the folder ending with one's files). The lock goes with the
+    process however it ends (SIGKILL too: the file it leaves is taken by the next conversion); the file is removed
+    when the conversion ends, and the folder too where this conversion made it and did not finish.
+
+    Raises:
+        WeightsError: another conversion holds the folder, or it cannot be made or written.
+    """
+    if dst.exists() and not dst.is_dir():
+        raise WeightsError(f"{dst}: the converted weights go to a folder, and this is a file")
+    made, lock = not dst.exists(), dst / CONVERT_LOCK
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        fd = _lock_conversion(dst, lock)
+    except OSError as exc:
+        if made:
+            with contextlib.suppress(OSError):
+                dst.rmdir()
+        raise WeightsError(f"{dst}: cannot write the converted weights ({type(exc).__name__}: {exc}); nothing was "
+                           "written") from exc
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        with contextlib.suppress(OSError):  # (while still held: a conversion that opened it meanwhile is refused,
+            lock.unlink()  # one that opens it after makes a new one)
+        if made and not done:
+            with contextlib.suppress(OSError):  # (a folder this conversion made, left empty: removed)
+                dst.rmdir()
+        os.close(fd)
+
+
+def _lock_conversion(dst: Path, lock: Path) -> int:
+    """A descriptor of ``lock`` holding its ``flock``, this process's id written in it (where the file system takes
+    no locks: the descriptor alone).
+
+    Raises:
+        WeightsError: another process holds it (named by its id, where it wrote it).
+        OSError: the lock file cannot be made.
+    """
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # left by another user's conversion (killed): locked as it is
+            fd = os.open(lock, os.O_RDONLY)
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode().strip()
+            except (OSError, UnicodeDecodeError):
+                owner = ""
+            os.close(fd)
+            who = f" (process {owner})" if owner.isdigit() else ""
+            raise WeightsError(f"{dst}: another convert-weights is writing this folder{who}; wait for it to end, "
+                               "or convert into another folder") from None
+        except OSError as exc:  # a file system without locks
+            logger.debug("%s: no lock taken (%s)", lock, exc)
+            return fd
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        os.close(fd)  # removed by the conversion that held it, ended meanwhile: lock the file there now
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def write_converted(cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]], dst: Path,

@@ -760,6 +760,44 @@ def test_the_weights_id_covers_the_tensors_values(pack, tmp_path):
     assert converted_config(a)[1] != converted_config(b)[1]
 
 
+CONVERTING = """
+import sys, time
+import megactor_rt.weights as weights
+
+def stalls(*args, **kwargs):  # a conversion midway through writing its files (minutes at full size)
+    print("writing", flush=True)
+    time.sleep(300)
+
+weights.save_file = stalls
+weights.convert_release(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_second_conversion_into_a_folder_being_converted_is_refused(pack, tmp_path, capsys):
+    """Two ``convert-weights`` into one folder at once: the second is refused at once, naming the folder and the
+    process converting into it, exit 2, and writes nothing there (both reported success, the folder ending with one's
+    files). The lock goes with the process: once it is killed (SIGKILL), the folder converts."""
+    import subprocess
+    import sys
+
+    from megactor_rt import cli
+
+    src, dst = write_release(pack, tmp_path / "w"), tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", CONVERTING, str(src), str(dst)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "writing\n"
+        assert cli.main(["convert-weights", str(src), str(dst)]) == 2
+        assert f"{dst}: another convert-weights is writing this folder (process {first.pid}); wait for it to " \
+            "end, or convert into another folder" in capsys.readouterr().err
+        assert not (dst / "config.json").exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert cli.main(["convert-weights", str(src), str(dst)]) == 0
+    assert load_converted(dst).weights_id and not list(dst.glob(".*.lock"))
+
+
 def test_a_conversion_broken_off_while_renaming_leaves_an_incomplete_folder(pack, tmp_path, monkeypatch):
     """The files of a conversion are renamed into place after config.json is removed (written back last): broken
     off in between, the folder is refused as unfinished rather than loaded with a stale config and a mix of old
