@@ -292,10 +292,11 @@ def _tensors(state: object, what: str) -> dict[str, torch.Tensor]:
     """``state`` if it is a state_dict of tensors, else a ``WeightsError`` saying ``what`` does not hold one."""
     if not isinstance(state, dict):
         raise WeightsError(f"{what} does not hold a state_dict of tensors (it holds a {type(state).__name__})")
-    others = [f"{k} (a {type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    others = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if others:
         raise WeightsError(f"{what} does not hold a state_dict of tensors: {', '.join(map(str, others[:5]))}"
-                           + (f", ... (+{len(others) - 5} more)" if len(others) > 5 else "") + " are no tensors")
+                           + (f", ... (+{len(others) - 5} more)" if len(others) > 5 else "")
+                           + (" is no tensor" if len(others) == 1 else " are no tensors"))
     return state
 
 
@@ -347,7 +348,8 @@ def read_training_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[
                        "(as upstream): %s", path, len(foreign), ", ".join(foreign[:5]))
     if not unet or not ref:
         lacks = "unet." if not unet else "appearance_encoder."
-        theirs = f" (its other keys begin {', '.join(foreign[:3])}, ...: another prefix?)" if foreign else ""
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        theirs = f" (its other keys begin {shown}: another prefix?)" if foreign else ""
         raise WeightsError(f"checkpoint {path} lacks {lacks}* keys{theirs}")
     logger.info("checkpoint %s: %d denoiser, %d ReferenceNet tensors (%d vae/text-encoder ignored)",
                 path, len(unet), len(ref), ignored)

@@ -126,7 +126,7 @@ def test_checkpoints_of_other_training_scripts_are_read_or_say_what_they_hold(tm
         assert load_converted(convert_release(src, tmp_path / f"out{i}")).weights_id == want
     torch.save({"epoch": 3, "weights": {"conv": torch.zeros(1)}}, ckpt)
     with pytest.raises(WeightsError, match=r"checkpoint-steps9000\.ckpt does not hold a state_dict of tensors: epoch "
-                                           r"\(a int\), weights \(a dict\) are no tensors$"):
+                                           r"\(int\), weights \(dict\) are no tensors$"):
         read_training_checkpoint(ckpt)
     torch.save([torch.zeros(1)], ckpt)
     with pytest.raises(WeightsError, match=r"does not hold a state_dict of tensors \(it holds a list\)$"):
