@@ -50,7 +50,13 @@ def hold(path: Path, create: bool = False) -> int | None:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
-    if _lock(fd) is not True:
+    locked = _lock(fd)
+    for _ in range(_PROBE_RETRIES):  # held: by another process's remove_stale asking whether it is held (the lock
+        if locked is not False:  # it takes for that lasts microseconds), as this writer's own file is ours alone
+            break
+        time.sleep(0.005)
+        locked = _lock(fd)
+    if locked is not True:
         os.close(fd)
         return None
     return fd
@@ -61,6 +67,9 @@ def let_go(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+_PROBE_RETRIES = 20  # 5 ms apart: :func:`hold` outwaits a :func:`_held` probe (a file left unheld is fair game)
 
 
 def _held(path: Path) -> bool | None:

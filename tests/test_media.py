@@ -688,6 +688,27 @@ def test_a_killed_writers_leftover_goes_with_the_next_write_a_live_ones_stays(tm
         let_go(held)
 
 
+def test_a_hold_outwaits_another_process_asking_whether_the_file_is_held(tmp_path: Path) -> None:
+    """``remove_stale`` asks whether a temporary file is held by taking its lock for a moment: a writer whose
+    ``hold`` fell in that moment went unprotected (None), and its file could be removed as a dead writer's once
+    untouched for 10 s (an export tracing a network). The hold waits the moment out."""
+    import fcntl
+    import threading
+
+    from megactor_rt.files import hold, let_go
+
+    path = tmp_path / ".export-x"
+    path.mkdir()
+    probe = os.open(path, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other process's probe, let go 20 ms later
+    threading.Timer(0.02, os.close, (probe,)).start()
+    held = hold(path)
+    try:
+        assert held is not None
+    finally:
+        let_go(held)
+
+
 def test_where_the_os_has_no_flock_leftovers_go_by_age(tmp_path: Path) -> None:
     """An OS without ``fcntl`` (Windows): the package imported no more (files imported it at the top); now a hold
     is None and a leftover is told by its age alone; a lock file's block runs unlocked."""
