@@ -803,3 +803,27 @@ def test_modes_whose_variants_do_not_go_together_are_refused_before_any_run(tmp_
                  str(tmp_path / "res")]) == 2
     assert "without torch settings such as compile" in capsys.readouterr().err
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+def test_the_2026_11_29_gpu_section_gives_the_raw_files_figures() -> None:
+    """docs/performance.md's 2026-11-29 GPU section, recomputed from its raw files (docs/bench/gpu-2026-11-29/):
+    the compiled call's kernel time and its gap to the call (it summed the rounded classes: 89.7 and 3.7 ms), the
+    elementwise and normalisation share (25.4 ms), call 1's time used (541 s, the log says 540 s), and the
+    stream-memory cases the call brought back (an open-window case at 1000 frames it named none of)."""
+    import re
+
+    root = Path(__file__).parents[1]
+    doc = " ".join((root / "docs" / "performance.md").read_text().split())  # lines joined
+    raw = root / "docs" / "bench" / "gpu-2026-11-29"
+    unet = json.loads((raw / "call1" / "e2e" / "profile_unet.json").read_text())
+    classes = {k: v * 1e3 for k, v in unet["kernel_classes_s"].items()}
+    call_ms = unet["calls"]["optimized, torch.compile"]["seconds"] * 1e3
+    total = sum(classes.values())
+    assert f"{total:.1f} ms of kernels in a {call_ms:.1f} ms call, so about {call_ms - total:.1f} ms" in doc
+    fusable = classes["other (elementwise, copies, ...)"] + classes["normalisation"]
+    assert f"elementwise work and normalisation together ({fusable:.1f} ms)" in doc
+    used = re.search(r"done in (\d+)s", (raw / "call1" / "gpu_all.log").read_text())
+    assert used is not None and f"590 s limit, {used.group(1)} s used" in doc
+    memory = json.loads((raw / "call3" / "memory" / "stream_memory.json").read_text())["results"]
+    cases = {(r["kind"], r["frames"]) for r in memory}
+    assert ("open", 1000) not in cases and "The open-window case at 1000 frames did not come back" in doc
