@@ -903,3 +903,15 @@ def test_a_module_file_replaced_since_the_conversion_gets_another_weights_id(pac
     save_file(state, str(unet))
     again = current_weights_id(dst)  # (the graph backends' check, without a load)
     assert again not in (recorded, replaced) and load_converted(dst).weights_id == again
+
+
+def test_the_readme_names_every_torch_checkpoint_suffix() -> None:
+    """README's convert-weights paragraph lists the torch file suffixes a checkpoint is looked for under (it left out
+    ``.pt``, which ``release_checkpoint`` names among a folder's candidates as it does ``.pth``)."""
+    from megactor_rt.weights import _CHECKPOINT_SUFFIXES
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    listed = re.search(r"a torch file, ((?:`\.\w+`/?)+), its state_dict", readme)
+    assert listed is not None
+    named = set(re.findall(r"`(\.\w+)`", listed.group(1)))
+    assert named == {s for s in _CHECKPOINT_SUFFIXES if s != ".safetensors"}
