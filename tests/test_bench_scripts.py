@@ -270,3 +270,19 @@ def test_profile_unet_puts_several_profiled_calls_side_by_side() -> None:
     assert "| TFLOP/s of kernel time | 642 | 341 | 323 |" in lines  # 30.7 / 0.0478, 30.7 / 0.090, 40.4 / 0.125
     one = pu.markdown({**report, "kernel_classes_by_call": {"compiled": by_call["compiled"]}})
     assert "side by side" not in one
+
+
+def test_the_readmes_bench_list_says_which_help_gives_a_duration() -> None:
+    """README's bench list said each script's ``--help`` tells how long it runs; bench_kernels' and stream_memory's
+    do not: the line says so of the CPU ones, and each script listed as ``# CPU:`` gives its time."""
+    import re
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    assert "what each measures, and how long" not in readme
+    assert "# the CPU ones also how long)" in readme
+    cpu = re.findall(r"^python bench/(\w+)\.py --out out/ +# CPU:", readme, flags=re.M)
+    assert cpu, "no CPU bench scripts found in README"
+    for name in cpu:
+        doc = _load(name).__doc__ or ""
+        assert re.search(r"about \d+ (s|minutes?) on 2 cores", doc), name
