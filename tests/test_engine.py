@@ -1546,3 +1546,13 @@ def test_tensorrts_messages_go_through_logging(fake_trt, caplog: pytest.LogCaptu
         (logging.ERROR, "TensorRT: parse failed"), (logging.WARNING, "TensorRT: int64 cast"),
         (logging.DEBUG, "TensorRT: layer 8")]
     trt_logger(fake_trt, verbose=False)
+
+
+def test_the_readme_says_which_parts_of_a_plan_path_are_slugged(tmp_path: Path) -> None:
+    """engine/README.md: the graph, GPU and profile names are lower case with other characters made ``-``; the
+    ``_`` between the key's parts stays (it read "each name", as if the whole folder name were)."""
+    key = EngineKey(H100, "fp16", "0" * 64, "My Profile", {"x": [[1], [1], [1]]})
+    got = plan_dir(tmp_path, "Temporal_UNet.fp16", key).relative_to(tmp_path).as_posix()
+    assert got.startswith("temporal-unet.fp16/nvidia-h100-80gb-hbm3_sm90_trt11.1.0.106_fp16_my-profile_")
+    readme = " ".join((Path(__file__).parents[1] / "engine" / "README.md").read_text().split())
+    assert "The graph, GPU and profile names in these paths are lower case" in readme
