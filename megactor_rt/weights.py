@@ -641,21 +641,20 @@ def _converting(dst: Path) -> Iterator[None]:
     for a conversion into it: a second ``convert-weights`` into the same folder at once is refused, naming the
     process converting (both used to report success, the folder ending with one's files). The lock goes with the
     process however it ends (SIGKILL too: the file it leaves is taken by the next conversion); the file is removed
-    when the conversion ends, and the folder too where this conversion made it and did not finish.
+    when the conversion ends, and the folders this conversion made (the destination, those above it) where it did
+    not finish.
 
     Raises:
         WeightsError: another conversion holds the folder, or it cannot be made or written.
     """
     if dst.exists() and not dst.is_dir():
         raise WeightsError(f"{dst}: the converted weights go to a folder, and this is a file")
-    made, lock = not dst.exists(), dst / CONVERT_LOCK
+    made, lock = _missing_folders(dst), dst / CONVERT_LOCK  # (the folders above it too: removed where it fails)
     try:
         dst.mkdir(parents=True, exist_ok=True)
         fd = _lock_conversion(dst, lock)
     except OSError as exc:
-        if made:
-            with contextlib.suppress(OSError):
-                dst.rmdir()
+        _remove_empty(made)
         raise WeightsError(f"{dst}: cannot write the converted weights ({type(exc).__name__}: {exc}); nothing was "
                            "written") from exc
     done = False
@@ -665,10 +664,30 @@ def _converting(dst: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):  # (while still held: a conversion that opened it meanwhile is refused,
             lock.unlink()  # one that opens it after makes a new one)
-        if made and not done:
-            with contextlib.suppress(OSError):  # (a folder this conversion made, left empty: removed)
-                dst.rmdir()
+        if not done:
+            _remove_empty(made)  # (the folders this conversion made, left empty: was the destination alone, and
+            # a conversion into converted/v1/w that failed, its checkpoint missing, left converted/v1 empty)
         os.close(fd)
+
+
+def _missing_folders(dst: Path) -> list[Path]:
+    """``dst`` and the folders above it that do not exist (yet), nearest first."""
+    missing = []
+    for folder in (dst, *dst.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (nearest first) while each is empty; a folder that is not (another process's files, or
+    this one's) stops it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _lock_conversion(dst: Path, lock: Path) -> int:

@@ -798,6 +798,20 @@ def test_a_second_conversion_into_a_folder_being_converted_is_refused(pack, tmp_
     assert load_converted(dst).weights_id and not list(dst.glob(".*.lock"))
 
 
+def test_a_conversion_that_fails_removes_the_folders_it_made(tmp_path):
+    """A conversion into converted/v1/w, none of which exists, that fails (its checkpoint missing) leaves none of
+    those folders (was: w removed, converted/v1 left empty, made for its lock); a folder that was there stays."""
+    src, dst = tmp_path / "release", tmp_path / "converted" / "v1" / "w"
+    src.mkdir()
+    with pytest.raises(WeightsError, match="no checkpoint-steps"):
+        convert_release(src, dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+    (tmp_path / "converted").mkdir()
+    with pytest.raises(WeightsError, match="no checkpoint-steps"):
+        convert_release(src, dst)
+    assert (tmp_path / "converted").is_dir() and not list((tmp_path / "converted").iterdir())
+
+
 def test_a_conversion_broken_off_while_renaming_leaves_an_incomplete_folder(pack, tmp_path, monkeypatch):
     """The files of a conversion are renamed into place after config.json is removed (written back last): broken
     off in between, the folder is refused as unfinished rather than loaded with a stale config and a mix of old
