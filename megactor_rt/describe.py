@@ -12,6 +12,7 @@ engine's PNG results; a frame of one alone too).
 
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,8 @@ def _header_size(frame: Path) -> tuple[int, int] | None:
             with Image.open(frame) as im:
                 (w, h), turned = im.size, im.getexif().get(0x0112) in (5, 6, 7, 8)
         return (h, w) if turned else (w, h)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError):  # (struct.error: an
+        return None  # EXIF block cut short, which Pillow does not catch: was "unexpected error" of inspect)
 
 
 def _png_orientation(frame: Path) -> int | None:

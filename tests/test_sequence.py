@@ -504,6 +504,27 @@ def test_inspect_turns_a_png_frame_by_its_exif_orientation_as_a_run_does(tmp_pat
         "0002.png, 64x80): a driver's frames must all have one size"
 
 
+def test_inspect_of_a_sequence_with_a_png_frame_whose_exif_is_cut_short(tmp_path: Path) -> None:
+    """A PNG frame whose eXIf chunk is cut short (Pillow raises struct.error reading it) leaves its size unknown to
+    inspect's check of the frames' sizes, which reports the sequence (was: "unexpected error: error: unpack
+    requires a buffer of 4 bytes", exit 1, since the eXIf chunk was read)."""
+    import struct
+    import zlib
+
+    from megactor_rt.describe import describe
+
+    pattern = plate(tmp_path / "png", [np.zeros((64, 80, 3), np.uint8)] * 3, name="%04d.png", first=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = exif.tobytes()[:12]  # (its header and the start of its first entry)
+    raw = (tmp_path / "png" / "0002.png").read_bytes()
+    at = raw.index(b"IDAT") - 4
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    (tmp_path / "png" / "0002.png").write_bytes(raw[:at] + chunk + raw[at:])
+    report = describe(pattern, faces=False)
+    assert report["frames"] == 3 and "other_sizes" not in report
+
+
 def test_an_image_sequence_reads_its_frames_in_number_order_at_its_rate(tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     content = frames(12, size=64)
