@@ -115,8 +115,10 @@ def _video_report(path: Path, info: VideoInfo, animated: bool) -> dict[str, Any]
                               "audio": info.has_audio,
                               "variable_rate": info.variable_rate or timestamps_vary(path, info.fps),
                               "hdr": info.hdr}  # (a Matroska header does not tell a variable rate: its timestamps do)
-    if report["variable_rate"] and (run := grid_frame_count(info)) is not None:  # (what a run reads and writes:
-        report["frames_in_a_run"] = run  # its frames on the grid at its fps, beside the ones it stores)
+    if (report["variable_rate"] or animated) and (run := grid_frame_count(info)) is not None and \
+            (report["variable_rate"] or run != report["frames"]):  # (what a run reads and writes: its frames on
+        report["frames_in_a_run"] = run  # the grid at its fps, beside the ones it stores; a GIF/APNG's pause at
+        # its end, or an APNG's anywhere, is no variable rate to their headers or first frames' timestamps)
     if info.other_streams:  # (the one read, and those that are not)
         report["video_streams"] = f"{1 + len(info.other_streams)}: {info.stream} is read, not " + \
             ", ".join(info.other_streams)

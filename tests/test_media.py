@@ -1254,6 +1254,23 @@ def test_inspect_gives_a_paused_gifs_frames_in_a_run(tmp_path: Path) -> None:
         assert len(list(iter_video_frames(clip))) == 24
 
 
+def test_inspect_gives_the_frames_in_a_run_of_a_gif_that_pauses_at_its_end_or_an_apng_at_its_start(
+        tmp_path: Path) -> None:
+    """A GIF of 20 40 ms frames whose last one is held 1 s, or an APNG whose first one is held 0.5 s, is no variable
+    rate to its header or its frames' timestamps, yet a run reads 45 and 33 frames on its 25 fps grid: inspect says
+    so beside the stored 21 (was: "frames: 21" alone); a GIF without a pause has no such line."""
+    from megactor_rt.describe import describe
+
+    images = [Image.fromarray(f) for f in _frames(21, 64)]
+    for name, delays, run in (("end.gif", [40] * 20 + [1000], 45), ("start.png", [500] + [40] * 20, 33),
+                              ("even.gif", [40] * 21, None)):
+        clip = tmp_path / name
+        images[0].save(clip, save_all=True, append_images=images[1:], duration=delays, loop=0)
+        report = describe(clip, faces=False)
+        assert (report["frames"], report["variable_rate"], report.get("frames_in_a_run")) == (21, False, run)
+        assert len(list(iter_video_frames(clip))) == (run or 21)
+
+
 def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
     """An animated GIF or PNG cut short (a partial download) is said to be, beside the frames it still holds (was:
     its frame count alone, as if whole; a run warns of the GIF and fails at the PNG's break); whole ones are not."""
