@@ -701,8 +701,11 @@ def _lock_conversion(dst: Path, lock: Path) -> int:
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # left by another user's conversion (killed): locked as it is
-            fd = os.open(lock, os.O_RDONLY)
+        except PermissionError as exc:  # left by another user's conversion (killed): locked as it is
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except FileNotFoundError:  # none there: a folder this user may not write (was said as "No such
+                raise exc from None  # file or directory" of the lock file)
         if fcntl is None:
             return fd
         try:

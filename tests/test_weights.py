@@ -812,6 +812,30 @@ def test_a_conversion_that_fails_removes_the_folders_it_made(tmp_path):
     assert (tmp_path / "converted").is_dir() and not list((tmp_path / "converted").iterdir())
 
 
+def test_a_conversion_into_a_folder_this_user_may_not_write_says_so(tmp_path, monkeypatch):
+    """convert_release into an existing folder this user may not write (its lock file cannot be made) names the
+    permission error (was: "FileNotFoundError: No such file or directory" of the lock file, as the lock file of
+    another user's conversion was then looked for); nothing is left there."""
+    import os
+
+    import megactor_rt.weights as weights
+
+    src, dst = tmp_path / "release", tmp_path / "shared"
+    src.mkdir()
+    dst.mkdir()
+    real_open = os.open
+
+    def no_create(path, flags, *args):  # chmod cannot be used: tests may run as root, which ignores it
+        if flags & os.O_CREAT and Path(path).parent == dst:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(weights.os, "open", no_create)
+    with pytest.raises(WeightsError, match=r"cannot write the converted weights \(PermissionError: "):
+        convert_release(src, dst)
+    assert not list(dst.iterdir())
+
+
 def test_a_conversion_broken_off_while_renaming_leaves_an_incomplete_folder(pack, tmp_path, monkeypatch):
     """The files of a conversion are renamed into place after config.json is removed (written back last): broken
     off in between, the folder is refused as unfinished rather than loaded with a stale config and a mix of old
