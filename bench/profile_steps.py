@@ -4,12 +4,12 @@ On the H200 (docs/performance.md, 2026-11-26) the first of 25 steps took 1.2-2.0
 every mode, after a warm-up run of the same window shape. This runs one mode of the `gpu-full` suite's
 first scenario exactly as `megactor-rt bench` does (same submodels, FLOP ledger, warm-up and whole-run
 consumer; the profiled run itself animates in this thread and discards the frames), with fewer steps,
-under torch.profiler, and reports per step: wall time, the time in which at least one of
-the device kernels launched in it ran (kernels on concurrent streams counted once), the difference (device idle: the host was the bottleneck) and the kernel
-count. On the CPU (``--tiny`` without CUDA) there is no device time to split a step into: busy and idle are
-not measured there (None in the JSON, n/a in the table, and a sentence saying why), rather than the whole step
-reported as idle. It also lists call signatures the FLOP ledger saw first in the timed run (each is counted
-under FlopCounterMode once, which is slow).
+under torch.profiler, and reports per step: wall time, the time in which at least one of the device kernels
+launched in it ran (kernels on concurrent streams counted once), the difference (device idle: the host was the
+bottleneck) and the kernel count. On the CPU (``--tiny`` without CUDA) there is no device time to split a step
+into: busy and idle are not measured there (None in the JSON, n/a in the table, and a sentence saying why),
+rather than the whole step reported as idle. It also lists call signatures the FLOP ledger saw first in the timed
+run (each is counted under FlopCounterMode once, which is slow).
 
     python bench/profile_steps.py --out OUT                       # GPU, optimized mode, 48 frames, 3 steps
     python bench/profile_steps.py --out OUT --mode optimized+compile

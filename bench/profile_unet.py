@@ -313,12 +313,14 @@ def markdown(r: dict) -> str:
     by_call = r.get("kernel_classes_by_call", {})
     if len(by_call) > 1:
         names = list(by_call)
-        classes = sorted({c for v in by_call.values() for c in v}, key=lambda c: -max(v.get(c, 0) for v in by_call.values()))
+        classes = sorted({c for v in by_call.values() for c in v},
+                         key=lambda c: -max(v.get(c, 0) for v in by_call.values()))
         tflop = {"eager": "optimized", "upstream": "upstream", "compiled": COMPILED}
         lines += ["", "Device time by kernel class, the profiled calls side by side (ms; the last row: the call's "
                       "TFLOP per second of kernel time):", "",
                   "| class | " + " | ".join(PROFILED_CALL[n] for n in names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {c} | " + " | ".join(f"{1e3 * by_call[n].get(c, 0.0):.1f}" for n in names) + " |" for c in classes]
+        lines += [f"| {c} | " + " | ".join(f"{1e3 * by_call[n].get(c, 0.0):.1f}" for n in names) + " |"
+                  for c in classes]
         lines.append("| all kernels | " + " | ".join(f"{1e3 * sum(by_call[n].values()):.1f}" for n in names) + " |")
         rates = [r["calls"][tflop[n]]["tflop"] / sum(by_call[n].values()) if tflop[n] in r["calls"]
                  and sum(by_call[n].values()) else None for n in names]

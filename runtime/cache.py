@@ -130,8 +130,9 @@ class PortraitCache:
 
     def persist(self, state: PortraitState) -> bool:
         """Write ``state`` to the disk store if it holds more than its file (new banks or landmarks); returns
-        whether it wrote (False too where another process's file already held it: :meth:`save`). No-op without ``disk_dir``. A store that cannot be written (full disk, no permission)
-        is a warning, not an error: the run's output must not be lost to its cache."""
+        whether it wrote (False too where another process's file already held it: :meth:`save`). No-op without
+        ``disk_dir``. A store that cannot be written (full disk, no permission) is a warning, not an error: the run's
+        output must not be lost to its cache."""
         with self._lock:
             if self.disk_dir is None or self._on_disk.get(state.key) == _content(state):
                 return False
