@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import struct
 import threading
 import uuid
 import warnings
@@ -385,8 +386,23 @@ class AnimatedWebP(LazyFrames):
 
 def image_to_rgb(im: Image.Image) -> np.ndarray:
     """A PIL image as :func:`read_image` reads a file: upright by its EXIF orientation, RGB (see
-    :func:`_to_rgb`), ``(H, W, 3)`` uint8."""
-    return np.asarray(_to_rgb(ImageOps.exif_transpose(im)), dtype=np.uint8).copy()
+    :func:`_to_rgb`), ``(H, W, 3)`` uint8.
+
+    Raises:
+        ValueError: its EXIF block is cut short (Pillow's own ``struct.error``)."""
+    return np.asarray(_to_rgb(exif_upright(im)), dtype=np.uint8).copy()
+
+
+def exif_upright(im: Image.Image) -> Image.Image:
+    """``ImageOps.exif_transpose``, with an EXIF block cut short (Pillow raises ``struct.error`` reading it: a PNG's
+    eXIf chunk truncated by an editor) as a ValueError naming it.
+
+    Raises:
+        ValueError: that."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except struct.error as exc:
+        raise ValueError(f"its EXIF data is cut short: {exc}") from exc
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

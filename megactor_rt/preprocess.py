@@ -42,10 +42,10 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
-from megactor_rt.media import grey_to_uint8, image_too_large, register_heif
+from megactor_rt.media import exif_upright, grey_to_uint8, image_too_large, register_heif
 
 logger = logging.getLogger(__name__)
 
@@ -703,7 +703,7 @@ def load_user_mask(path: str | Path, size: int = 512, crop: Crop | None = None,
     try:
         with Image.open(path) as opened:
             opened.load()
-            im: Image.Image = ImageOps.exif_transpose(opened)  # upright, as read_image turns the portrait
+            im: Image.Image = exif_upright(opened)  # upright, as read_image turns the portrait
             if im.mode in ("P", "PA", "L", "LA", "RGB") and "transparency" in im.info:  # palette/colour-key cut-outs
                 im = im.convert("RGBA")
             alpha = np.asarray(im.getchannel("A")) if "A" in im.getbands() else None

@@ -2562,3 +2562,26 @@ def test_a_frame_shown_over_a_gap_is_searched_for_faces_once(tmp_path: Path, mon
     monkeypatch.setattr(driver_module, "detect_scaled", lambda f: searched.append(1) or detect(f))
     plan = driver_module.plan_driver(path)
     assert plan.num_frames == 54 and len(searched) == 5
+
+
+def test_an_image_whose_exif_is_cut_short_is_named_as_corrupt(tmp_path: Path) -> None:
+    """A PNG whose eXIf chunk is cut short (Pillow raises struct.error turning it upright) as a portrait or a mask:
+    the file is named as corrupt (was: "unexpected error: error: unpack requires a buffer of 4 bytes", exit 1)."""
+    import struct
+    import zlib
+
+    from megactor_rt.preprocess import load_user_mask
+
+    path = tmp_path / "cut_exif.png"
+    Image.fromarray(np.full((96, 80, 3), 128, np.uint8)).save(path)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = exif.tobytes()[:12]  # (its header and the start of its first entry)
+    raw = path.read_bytes()
+    at = raw.index(b"IDAT") - 4
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    path.write_bytes(raw[:at] + chunk + raw[at:])
+    with pytest.raises(InputError, match=re.escape(f"{path}: image is corrupt or truncated (its EXIF data is cut short")):
+        read_portrait(path)
+    with pytest.raises(InputError, match=re.escape(f"{path}: not a readable mask image (its EXIF data is cut short")):
+        load_user_mask(path)
