@@ -569,8 +569,11 @@ def _output_folder(path: Path, flag: str) -> Path:
     Raises:
         InputError: ``path`` is a file, or its nearest existing folder is not writable.
     """
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
+    try:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
+    except OSError as exc:  # a folder above it this user may not search (Path.exists raises EACCES)
+        raise InputError(f"{path}: {flag} cannot be looked at ({exc.strerror or exc}: {exc.filename or path})") from exc
     blocked = unwritable(path)
     if blocked is not None:
         raise InputError(f"{path}: {flag} cannot be written ({not_writable(blocked)})")

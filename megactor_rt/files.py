@@ -214,8 +214,16 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def nearest_folder(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists: where writing ``path`` (creating folders) starts."""
-    return next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    """``path`` or its nearest ancestor that exists: where writing ``path`` (creating folders) starts (one this user
+    may not look into, Path.exists raising EACCES under a folder it may not search, is passed by)."""
+    return next(p for p in (path.absolute(), *path.absolute().parents) if _exists(p))
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def not_writable(blocked: Path) -> str:

@@ -2024,3 +2024,24 @@ def test_servers_of_a_batch_with_other_settings_are_named(caplog: pytest.LogCapt
         cli._say_servers_differ({"http://a": a, "http://b": b, "http://c": c})
     assert ("the servers make results with other settings (config.steps, weights_id differ: http://a against "
             "http://c)") in caplog.text
+
+
+def test_an_output_folder_under_a_folder_this_user_may_not_search_is_named(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``convert-weights SRC /root/x/y`` as another user: Path.exists raises PermissionError for a folder under one
+    the user may not search; the flag and the path are named (was: "unexpected error: PermissionError", exit 1).
+    (The tests run as root: the refusal is simulated.)"""
+    from megactor_rt import cli
+    from megactor_rt.errors import InputError
+
+    hidden = tmp_path / "private" / "x" / "y"
+    real_exists = Path.exists
+
+    def exists(self: Path, *args: object, **kwargs: object) -> bool:
+        if self == hidden:
+            raise PermissionError(13, "Permission denied", str(hidden))
+        return real_exists(self)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with pytest.raises(InputError, match=re.escape(f"{hidden}: --out cannot be looked at (Permission denied: {hidden})")):
+        cli._output_folder(hidden, "--out")
