@@ -32,7 +32,7 @@ import torch
 from megactor_rt.config import ModelConfig, full_config, tiny_config
 from megactor_rt.engine.cache import external_data_path, sha256_graph
 from megactor_rt.engine.manifest import MANIFEST_FORMAT, MANIFEST_NAME
-from megactor_rt.errors import BackendUnavailable, InputError, ResourceError
+from megactor_rt.errors import ONNX_INSTALL, BackendUnavailable, InputError, ResourceError
 from megactor_rt.export.specs import TRACE, ExportSpec, export_specs
 from megactor_rt.files import (
     UNHELD_S,
@@ -181,9 +181,6 @@ def check_export_size(out: str | Path, image_size: int, weights_size: int, repla
 
 
 OPSETS = (17, 20)  # checked: all 22 tiny graphs export and pass check-export at 17 and at 20 (default 18)
-
-
-ONNX_INSTALL = "pip install onnx onnxruntime: the 'onnx' extra, pip install 'megactor-rt[onnx]' (-e '.[onnx]' in a checkout)"
 
 
 def check_export_modules(precisions: Sequence[str]) -> None:

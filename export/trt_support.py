@@ -19,14 +19,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megactor_rt.errors import BackendUnavailable
+from megactor_rt.errors import ONNX_INSTALL, BackendUnavailable
 
 try:
     import onnx
 except ImportError as exc:  # a base install (no 'onnx' extra): check-export said "unexpected error"
-    raise BackendUnavailable("the ONNX export and its checks need the python module onnx, not installed here: pip "
-                             "install onnx onnxruntime: the 'onnx' extra, pip install 'megactor-rt[onnx]' (-e "
-                             "'.[onnx]' in a checkout)") from exc
+    raise BackendUnavailable("the ONNX export and its checks need the python module onnx, not installed here: "
+                             f"{ONNX_INSTALL}") from exc
 
 if TYPE_CHECKING:
     from megactor_rt.engine.manifest import GraphEntry

@@ -30,6 +30,8 @@ class ResourceError(MegactorError):
 # What lowers the memory a run needs, for ResourceError messages.
 TENSORRT_INSTALL = ("pip install tensorrt cuda-python polygraphy (TensorRT 11, or 10.x): the 'tensorrt' extra, "
                     "pip install -e '.[tensorrt]' in this checkout")  # (said wherever TensorRT is missing)
+ONNX_INSTALL = ("pip install onnx onnxruntime: the 'onnx' extra, pip install 'megactor-rt[onnx]' (-e '.[onnx]' in a "
+                "checkout)")  # (said where the export or its checks lack onnx/onnxruntime)
 MEMORY_HINT = ("lower the memory needed: a smaller context window (--window 8 --overlap 4, config window/overlap: "
                "the UNet's activations grow with it), one window per UNet call (--window-batch 1, the default), "
                "CFG off or truncated (--guidance 1 or --cfg-steps K: CFG doubles the UNet batch), no "
