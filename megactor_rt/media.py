@@ -1324,15 +1324,16 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
             yield from shown(held, max(held_at + 1, end or 0))  # the last frame until the stream ends
             if done():
                 return  # as many frames as asked for: the completeness check covers only the frames read
-        if 3 * repeats >= slot - skip > 0 and stream.codec_context.name in ("gif", "apng"):  # its pauses: a lower
-            # --fps would drop frames, as its rate is the one at which each frame has a step of its own (_gif_rate)
-            logger.info("%s: %d of %d yielded frames repeat the one before (the animation's pauses, each computed "
-                        "again)", path, repeats, slot - skip)
-        elif 3 * repeats >= slot - skip > 0:  # a third or more repeats: the grid is finer than the frames (e.g. a
-            # clip at its nominal rate for a while, then at half of it: _stream_fps keeps the nominal rate)
-            logger.warning("%s: its frames come much slower than its header's %.3f fps (%d of %d yielded frames "
-                           "repeat the one before, each computed again); --fps F (AnimateConfig.fps) animates it "
-                           "at F fps with fewer repeats", path, float(clock.fps), repeats, slot - skip)
+        if 3 * repeats >= slot - skip > 0:  # a third or more repeats
+            if stream.codec_context.name in ("gif", "apng"):  # an animation's pauses (a lower --fps would drop
+                # frames: its rate gives each frame a step of its own, _gif_rate)
+                logger.info("%s: %d of %d yielded frames repeat the one before (the animation's pauses, each "
+                            "computed again)", path, repeats, slot - skip)
+            else:  # the grid is finer than the frames (e.g. a clip at its nominal rate for a while, then at half of
+                # it: _stream_fps keeps the nominal rate)
+                logger.warning("%s: its frames come much slower than its header's %.3f fps (%d of %d yielded frames "
+                               "repeat the one before, each computed again); --fps F (AnimateConfig.fps) animates "
+                               "it at F fps with fewer repeats", path, float(clock.fps), repeats, slot - skip)
         if decoded == 0:
             raise InputError(f"{path}: the video stream contains no decodable frames{_cut_before_a_frame(path)}")
         if not ends:
@@ -1372,7 +1373,7 @@ def grid_frame_count(info: VideoInfo) -> int | None:
             return None
         clock = _FrameClock(stream, info.fps)
         clock.first_pts = math.floor(info.start_s / stream.time_base)  # (the first decoded frame's)
-        last = max(clock.slot_of(t) for t in pts if t is not None)
+        last = max(clock.slot_of(t) for t in pts if t is not None)  # (none is: said to the type checker)
         return max(last + 1, _end_slot(stream, clock) or 0)
 
 
