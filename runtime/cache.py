@@ -59,9 +59,9 @@ class PortraitCache:
         self.max_disk_bytes = max_disk_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._mem: OrderedDict[str, PortraitState] = OrderedDict()
-        self._on_disk: dict[str, tuple[frozenset[int], str | None, bool]] = {}  # key -> what its file holds
+        self._on_disk: dict[str, tuple[frozenset[int], str | None, int]] = {}  # key -> what its file holds
         # keys whose file is rewritten after the run: read without checksums (an older version's), damaged, unreadable
-        self._unchecked: set[str] = set()
+        self._rewrite: set[str] = set()
         self.hits = 0
         self.misses = 0
         self.disk_hits = 0
@@ -104,8 +104,8 @@ class PortraitCache:
             state = self._mem.get(key)  # another thread may have put or read it meanwhile: that one is used
             if state is None and loaded is not None:
                 state = self._mem[key] = loaded
-                if self._path(key).is_file() and key not in self._unchecked:  # (not removed meanwhile by another
-                    self._on_disk[key] = _content(loaded)  # process trimming the store; unchecked: rewritten)
+                if self._path(key).is_file() and key not in self._rewrite:  # (not removed meanwhile by another
+                    self._on_disk[key] = _content(loaded)  # process trimming the store; to be rewritten: not yet)
                 self.disk_hits += 1
             if state is None:
                 self.misses += 1
@@ -154,8 +154,7 @@ class PortraitCache:
         with self._lock:
             content, tensors, meta = _snapshot(state)
         final = self._path(state.key)
-        kv = len(state.token_kv or ())
-        if self._kept(final, state.key, content, kv):
+        if self._kept(final, state.key, content):
             return False
         meta[CHECKSUM_KEY] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
@@ -166,12 +165,12 @@ class PortraitCache:
             save_file(tensors, str(tmp), metadata=meta)
             os.chmod(tmp, umask_mode())  # a store shared by several users (safetensors writes 0600)
             with self._write_lock:  # two writers of one key: the record is the content of the file that stays
-                if self._kept(final, state.key, content, kv):  # written meanwhile, by another process, with more
+                if self._kept(final, state.key, content):  # written meanwhile, by another process, with more
                     return False
                 tmp.replace(final)
                 with self._lock:
                     self._on_disk[state.key] = content
-                    self._unchecked.discard(state.key)
+                    self._rewrite.discard(state.key)
         finally:
             tmp.unlink(missing_ok=True)
         logger.debug("portrait cache: wrote %s (%d banks)", final.name, len(content[0]))
@@ -193,15 +192,15 @@ class PortraitCache:
                 continue
             total += size
 
-    def _kept(self, path: Path, key: str, content: tuple[frozenset[int], str | None, bool], kv: int) -> bool:
+    def _kept(self, path: Path, key: str, content: tuple[frozenset[int], str | None, int]) -> bool:
         """Whether the store file ``path`` (another process's, as this cache has no record of it holding ``content``)
         already holds all of ``content``, with checksums: then it stays, and is recorded as holding it. Two
         processes preparing one portrait both write it; the one that finishes last must not replace the other's
-        file of 25 steps' banks with its 2 steps' (the file's header alone is read). ``kv``: the state's number of
-        token keys/values. A file this cache found damaged, unreadable or without checksums is never kept."""
-        banks, landmarks, _ = content
+        file of 25 steps' banks with its 2 steps' (the file's header alone is read). A file this cache found
+        damaged, unreadable or without checksums is never kept."""
+        banks, landmarks, kv = content
         with self._lock:
-            if key in self._unchecked:
+            if key in self._rewrite:
                 return False
         try:
             with safe_open(str(path), "pt") as f:
@@ -216,7 +215,7 @@ class PortraitCache:
             logger.debug("portrait cache: %s already holds this state (%d banks); kept", path.name, len(held))
             with self._lock:
                 self._on_disk[key] = content
-                self._unchecked.discard(key)
+                self._rewrite.discard(key)
         return covers
 
     def _remove_leftovers(self) -> None:
@@ -322,14 +321,14 @@ class PortraitCache:
 
     def _must_rewrite(self, key: str) -> None:
         with self._lock:
-            self._unchecked.add(key)
+            self._rewrite.add(key)
 
 
 # stored tensors that stay on the host: the portrait's pixels (``PortraitInputs``) and its landmarks
 _HOST_TENSORS = frozenset({"in_image", "in_background_mask", "in_clip_image", "in_ada_reference", "face_landmarks"})
 
 
-def _snapshot(state: PortraitState) -> tuple[tuple[frozenset[int], str | None, bool], dict[str, torch.Tensor],
+def _snapshot(state: PortraitState) -> tuple[tuple[frozenset[int], str | None, int], dict[str, torch.Tensor],
                                              dict[str, str]]:
     """What a state's file holds (see :func:`_content`), its tensors on the host and its metadata."""
     content = _content(state)
@@ -357,11 +356,11 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _content(state: PortraitState) -> tuple[frozenset[int], str | None, bool]:
-    """What a state's file would hold beyond the fixed tensors: bank timesteps, landmark model, whether the
+def _content(state: PortraitState) -> tuple[frozenset[int], str | None, int]:
+    """What a state's file would hold beyond the fixed tensors: bank timesteps, landmark model, how many of the
     tokens' keys/values (a file written by an older version has none; they are computed on its first use)."""
     return (frozenset(state.banks), state.landmarks_model if state.face_landmarks is not None else None,
-            state.token_kv is not None)
+            len(state.token_kv or ()))
 
 
 # a store file's metadata key for its tensors' checksums: CRC-32, which finds damaged bytes (what it is for: no
