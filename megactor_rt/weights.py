@@ -645,10 +645,9 @@ def _converting(dst: Path) -> Iterator[None]:
     not finish.
 
     Raises:
-        WeightsError: another conversion holds the folder, or it cannot be made or written.
+        WeightsError: another conversion holds the folder, or it cannot be made or written (a file there, or above
+            it: :func:`~megactor_rt.weights_layout.check_destination` refuses it first).
     """
-    if dst.exists() and not dst.is_dir():
-        raise WeightsError(f"{dst}: the converted weights go to a folder, and this is a file")
     made, lock = _missing_folders(dst), dst / CONVERT_LOCK  # (the folders above it too: removed where it fails)
     try:
         dst.mkdir(parents=True, exist_ok=True)

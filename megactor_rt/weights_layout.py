@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from megactor_rt.errors import WeightsError
+from megactor_rt.files import nearest_folder
 
 CONFIG_NAME = "config.json"  # its presence marks a complete converted folder (written last)
 DOWNLOADING = ".megactor-rt-download-unfinished"  # in `download --out`'s folder while its files come
@@ -49,7 +50,7 @@ def check_destination(src: str | Path, dst: str | Path) -> None:
         raise WeightsError(f"{dst}: {which}a symbolic link to {os.readlink(dangling)}, which does not exist: create "
                            "that folder first, or choose another")
     given, src, dst = dst, Path(src).resolve(), Path(dst).resolve()
-    existing = next(p for p in (dst, *dst.parents) if p.exists())  # (a file there: was named after reading every file)
+    existing = nearest_folder(dst)  # (a file there: was named after reading every file)
     if not existing.is_dir():
         raise WeightsError(f"{given}: the converted weights go to a folder, and "
                            f"{'this' if existing == dst else existing} is a file")
