@@ -7,6 +7,7 @@ frame), shifted a few pixels per frame, and written through :class:`megactor_rt.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -282,3 +283,18 @@ class Renames:
             if ("sync", os.path.realpath(src)) not in before or ("sync", folder) not in after:
                 bad.append(dst)
         return bad
+
+
+def write_leftovers(data: bytes, stale: Sequence[Path], fresh: Sequence[Path] = ()) -> None:
+    """Temporary files as writers leave them, each holding ``data``: those in ``stale`` untouched for longer than
+    an interrupted write's file is kept (``files.STALE_S``: a killed writer's), those in ``fresh`` written now (a
+    live writer's, or one too young to tell)."""
+    import time
+
+    from megactor_rt.files import STALE_S
+
+    for path in (*stale, *fresh):
+        path.write_bytes(data)
+    then = time.time() - STALE_S - 60
+    for path in stale:
+        os.utime(path, (then, then))

@@ -29,6 +29,7 @@ from media_fixtures import (
     plain_image,
     stream_facts,
     write_face_driver,
+    write_leftovers,
 )
 from PIL import Image
 
@@ -358,18 +359,12 @@ def test_disk_store_keeps_to_its_budget_least_recently_used_first(anim: Animator
 def test_disk_store_removes_stale_temporary_files(anim: Animator, tmp_path: Path) -> None:
     """A write killed midway leaves its temporary file; the next write removes it once it is old enough to
     be nobody's current write, and keeps a young one (another process may be writing it)."""
-    import os
-    import time
 
-    from megactor_rt.files import STALE_S
 
     store = tmp_path / "portraits"
     store.mkdir()
     stale, young = store / "aaaa.safetensors.1-dead.tmp", store / "bbbb.safetensors.2-busy.tmp"
-    for p in (stale, young):
-        p.write_bytes(b"half a file")
-    old = time.time() - STALE_S - 60
-    os.utime(stale, (old, old))
+    write_leftovers(b"half a file", [stale], [young])
     cache = PortraitCache(disk_dir=store)
     cache.save(replace(anim.prepare(PORTRAIT), key="portrait-x"))
     assert sorted(p.name for p in store.iterdir()) == sorted([young.name, cache._path("portrait-x").name])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media_fixtures import PORTRAIT, face_frames, write_face_driver
+from media_fixtures import PORTRAIT, face_frames, write_face_driver, write_leftovers
 
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig
@@ -317,18 +317,12 @@ def test_a_save_killed_midway_leaves_no_file_for_ever(anim: Animator, driver: Pa
     file, as large as the checkpoint; the next run using the folder, with any settings, removes it once it is an hour
     old (was: left for ever unless that very run was started again, and named by no warning), and keeps a younger one
     (another run may be writing it now)."""
-    import os
-    import time
 
-    from megactor_rt.files import STALE_S
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
     old, young = folder / ".run-0123.safetensors.abcd1234.tmp", folder / ".run-4567.safetensors.efgh5678.tmp"
-    for p in (old, young):
-        p.write_bytes(b"half a checkpoint")
-    then = time.time() - STALE_S - 60
-    os.utime(old, (then, then))
+    write_leftovers(b"half a checkpoint", [old], [young])
     _run(anim, driver, folder)
     assert sorted(p.name for p in folder.iterdir()) == [young.name]
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from golden_pack import GoldenPack, pack_dir
+from media_fixtures import write_leftovers
 
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.manifest import check_profiles_cover, load_manifest
@@ -1311,16 +1312,11 @@ def test_an_export_stopped_in_fp16_shape_inference_leaves_no_copy_of_the_graph(m
 def test_a_killed_exports_shape_inferred_copy_is_removed_later(models, tmp_path):
     """Shape-inferred copies that earlier versions left in the export folder when killed (``.export-*.inferred.onnx``,
     plain files) go with the next export once an hour old, as the staging folders do; a recent one stays."""
-    import os
-    import time
 
     from megactor_rt.export.onnx_export import STAGING_PREFIX
 
     old, recent = tmp_path / f"{STAGING_PREFIX}old.inferred.onnx", tmp_path / f"{STAGING_PREFIX}new.inferred.onnx"
-    for path in (old, recent):
-        path.write_bytes(b"graph")
-    hours_ago = time.time() - 2 * 3600
-    os.utime(old, (hours_ago, hours_ago))
+    write_leftovers(b"graph", [old], [recent])
     export_models(models, tmp_path, graphs=["vae_encoder"], precisions=("fp32",))
     assert not old.exists() and recent.is_file()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media_fixtures import PORTRAIT, write_face_driver
+from media_fixtures import PORTRAIT, write_face_driver, write_leftovers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -262,16 +262,11 @@ def test_safetensors_own_temporary_file_of_a_killed_writer_goes_after_an_hour(an
     """safetensors' save_file writes into its own ``.tmpXXXXXX`` beside the target and renames it: a process killed
     meanwhile leaves it in the store, as large as a state (hundreds of MB), outside the budget. A later write
     removes it once an hour old (was: kept for ever); a younger one may be another process's write and stays."""
-    import os
-    import time
 
     store = tmp_path / "portraits"
     store.mkdir()
     old, young = store / ".tmpAb3xYz", store / ".tmpQ9w8e7"
-    for path in (old, young):
-        path.write_bytes(b"part of a state")
-    hours_ago = time.time() - 2 * 3600
-    os.utime(old, (hours_ago, hours_ago))
+    write_leftovers(b"part of a state", [old], [young])
     cache = PortraitCache(disk_dir=store)
     assert cache.persist(replace(anim.prepare(PORTRAIT), key="next"))
     assert not old.exists() and young.exists()
@@ -282,18 +277,13 @@ def test_a_disk_filled_by_killed_writers_leftovers_removes_them_before_any_portr
     """The disk is full because a writer killed hours ago left its temporary file (safetensors' own, as large as a
     state): making room removes that leftover and keeps the stored portrait (was: the portrait's file went first,
     the leftover only after the write)."""
-    import os
-    import time
 
     store = tmp_path / "portraits"
     base = anim.prepare(PORTRAIT)
     cache = PortraitCache(disk_dir=store)
     cache.save(replace(base, key="kept"))
     size = cache._path("kept").stat().st_size
-    leftover = store / ".tmpK1ll3d"
-    leftover.write_bytes(bytes(size))
-    hours_ago = time.time() - 2 * 3600
-    os.utime(leftover, (hours_ago, hours_ago))
+    write_leftovers(bytes(size), [store / ".tmpK1ll3d"])
     _disk_of(monkeypatch, store, capacity=2 * size + size // 2)  # the store's file and the leftover fill it
     assert cache.persist(replace(base, key="new"))
     assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("kept", "new"))

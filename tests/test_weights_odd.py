@@ -3,13 +3,12 @@ midway (tests/test_weights.py covers the released layout and its error paths).""
 
 from __future__ import annotations
 
-import os
 import re
-import time
 
 import pytest
 import torch
 from golden_pack import GoldenPack, pack_dir
+from media_fixtures import write_leftovers
 from test_weights import write_release
 
 from megactor_rt.errors import WeightsError
@@ -28,11 +27,7 @@ def test_safetensors_own_temporary_files_left_by_a_killed_conversion_are_removed
     src = write_release(_pack(), tmp_path / "weights")
     dst = convert_release(src, tmp_path / "converted")
     stale, fresh, other = dst / ".tmpAb3dE9", dst / ".tmpXy12Z4", dst / ".tmp-notes"
-    for leftover in (stale, fresh, other):
-        leftover.write_bytes(b"half a network")
-    old = time.time() - 2 * 3600
-    for path in (stale, other):
-        os.utime(path, (old, old))
+    write_leftovers(b"half a network", [stale, other], [fresh])
     convert_release(src, dst)
     assert not stale.exists() and fresh.exists() and other.exists()
 
