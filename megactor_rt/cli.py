@@ -834,12 +834,28 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
         print(f"kept {job.output}: it exists (--skip-existing)")
         run = job.run_config(config)
         now = run.plain() if server is None else {**server.get("config", {}), **_sent_config(run)}
-        changed = _changed_settings(job.output, made, now, _result_options(args) | job.options)
+        inputs = _input_names(job, args) if server is None else {}  # (a server records its uploads' names)
+        changed = _changed_settings(job.output, {**made, **inputs}, now, _result_options(args) | job.options)
         changed += _sequence_rate_changed(job, args, run)
         if changed:
             logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
         record.kept(job, changed)
     return _but(jobs, kept)
+
+
+def _input_names(job: Job, args: argparse.Namespace) -> dict[str, str]:
+    """The portrait's and driver's names as a result's settings record them (``portrait``, ``driver``): a kept
+    result made from other inputs under the same output name is named so (was: kept without a word, a new
+    driver's result never made)."""
+    from megactor_rt.media import file_name
+    from megactor_rt.runtime.driver import driver_name, driver_source
+
+    driver = _run_driver(job.driver, args, job)
+    try:
+        named = file_name(driver) or driver_name(driver_source(driver))
+    except InputError:  # (a driver that is not there: named when its job runs)
+        named = file_name(job.driver) or str(job.driver)
+    return {"portrait": file_name(job.portrait) or str(job.portrait), "driver": named}
 
 
 # AnimateConfig fields that do not change a result (the reference mode's frames equal the optimized mode's up to

@@ -645,6 +645,11 @@ def test_skip_existing_does_the_rest_of_a_batch(weights: Path, media: dict[str, 
     doc = json.loads((tmp_path / "all_kept.json").read_text())  # (nothing made: the record says what was kept)
     assert doc["command"] == "animate" and [(r["output"], r["kept"]) for r in doc["runs"]] == [(str(kept), True)]
     assert doc["runs"][0]["other_settings"] == ["seed 42 (now 9)"]
+    code, stdout, err = run(capsys, "animate", "--driver", second, "-o", kept, *common, "--skip-existing",
+                            "--stats", tmp_path / "other_driver.json")  # the same result's name, another driver
+    assert code == 0 and f"kept {kept}" in stdout and kept.stat().st_mtime == 1e9, err
+    said = json.loads((tmp_path / "other_driver.json").read_text())["runs"][0]["other_settings"]
+    assert said == ["driver 'my_driver.mp4' (now 'second.mp4')"], said  # (was: kept without a word)
     code, stdout, err = run(capsys, "animate", "--driver", media["driver"], "-o", kept, *common, "--skip-existing",
                             "--stats", tmp_path / "dry.json", "--dry-run")
     assert code == 0 and not (tmp_path / "dry.json").exists(), err
