@@ -95,7 +95,11 @@ class Client:
 
     def __init__(self, url: str, timeout_s: float = 600.0, token: str | None = None,
                  ca_file: str | Path | None = None) -> None:
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        except ValueError as exc:  # (an IPv6 address without its closing bracket, http://[::1:8450)
+            raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT "
+                             f"({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"{url}: --server takes the address `megactor-rt serve` prints, http://HOST:PORT (or "
                              "https://HOST:PORT for a server started with --tls-cert)")
@@ -105,7 +109,9 @@ class Client:
         try:
             port = parts.port
         except ValueError:
-            raise InputError(f"{url}: --server's port is no number from 1 to 65535") from None
+            port = 0
+        if port == 0:  # (0 was taken for no port: the scheme's, 80 or 443)
+            raise InputError(f"{url}: --server's port is no number from 1 to 65535")
         self.prefix = parts.path.rstrip("/")  # (a server behind a proxy at http://host/megactor/)
         self.url = f"{parts.scheme}://{parts.netloc}{self.prefix}"
         self.host, self.port = parts.hostname, port or (443 if parts.scheme == "https" else 80)
