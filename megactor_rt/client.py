@@ -471,7 +471,7 @@ class Client:
                 be written, is an input, or has a suffix the server does not write (checked before sending).
             Stopped: ``stop`` was set before the result was fetched.
         """
-        output = Path(output)
+        output = Path(output).expanduser()  # (where check_result_path checked it: ~/out.mp4 ran, then failed)
         check_result_path(output, portrait=portrait, driver=driver, **(files or {}))
         fields = result_fields(output, fields)
         for attempt in range(RESUBMITS + 1):

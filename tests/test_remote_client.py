@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
+from media_fixtures import PORTRAIT
+from test_client_hostile import VIDEO, _Fake, fake  # noqa: F401 - the stand-in server and its fixture
 
 from megactor_rt.client import Client
 from megactor_rt.errors import InputError
@@ -19,3 +23,17 @@ def test_an_address_it_cannot_take_is_named(url: str) -> None:
     with pytest.raises(InputError, match=f"^{re.escape(url)}: --server"):
         Client(url)
 
+
+def test_a_result_named_from_the_home_folder_is_written_there(fake: tuple[Client, dict[str, Any]],  # noqa: F811
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``output`` written ``~/out.mp4`` is checked in the home folder, and written there (it was checked there and
+    then written to a folder named ``~`` here, which is not: the whole run made, then "cannot write the result")."""
+    client, _ = fake
+    home, here = tmp_path / "home", tmp_path / "here"
+    home.mkdir()
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    client.animate(PORTRAIT, PORTRAIT, "~/out.mp4")
+    assert (home / "out.mp4").read_bytes() == VIDEO and list(here.iterdir()) == []
+    assert _Fake.asked[-1].startswith("DELETE")
