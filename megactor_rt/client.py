@@ -122,6 +122,7 @@ class Client:
         # (then submit gives up without waiting out the outage; unset: a server restarting is waited for)
         self.others_take: Callable[[], bool] | None = None
         self._auth = {} if token is None else {"Authorization": f"Bearer {token}"}
+        self._answered = False  # (whether the server ever answered: then it speaks this scheme)
         self._tls: ssl.SSLContext | None = None
         if parts.scheme == "https":
             try:
@@ -163,13 +164,15 @@ class Client:
                              "a self-signed one: --server-ca CERT.pem") from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            hint = " (an https:// server?)" if self._tls is None and isinstance(
-                exc, (http.client.RemoteDisconnected, ConnectionResetError)) else ""
+            hint = " (an https:// server?)" if self._tls is None and not self._answered and isinstance(
+                exc, (http.client.RemoteDisconnected, ConnectionResetError)) else ""  # (not a server that answered
+            # http before and was killed or restarted since: its connections reset then too)
             if self._tls is not None and isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
                 hint = " (a plain http:// server?)"
             raise Unreachable(f"{self.url}: cannot reach the server ({type(exc).__name__}: {exc}){hint}; is "
                              "`megactor-rt serve` running there?", refused=isinstance(exc, ConnectionRefusedError)
                               ) from exc
+        self._answered = True
         if answer.status == 401:
             doc = _error(answer.read(MAX_ANSWER_BYTES), 401)
             conn.close()

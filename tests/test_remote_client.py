@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import pytest
 from media_fixtures import PORTRAIT
 from test_client_hostile import VIDEO, _Fake, fake  # noqa: F401 - the stand-in server and its fixture
 
-from megactor_rt.client import Client
+from megactor_rt.client import Client, Unreachable
 from megactor_rt.errors import InputError
 
 
@@ -37,3 +40,31 @@ def test_a_result_named_from_the_home_folder_is_written_there(fake: tuple[Client
     client.animate(PORTRAIT, PORTRAIT, "~/out.mp4")
     assert (home / "out.mp4").read_bytes() == VIDEO and list(here.iterdir()) == []
     assert _Fake.asked[-1].startswith("DELETE")
+
+
+def test_a_connection_reset_is_taken_for_https_only_before_the_server_answered(
+        fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:  # noqa: F811
+    """A connection closed unanswered by a server never reached over http: "(an https:// server?)" (a TLS server
+    drops plain http so); by one that answered http before (killed or restarting while its job is followed), it is
+    an outage, not said to be https (every reset of a batch's server killed mid-run was so)."""
+    client, _ = fake
+    client.health()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_each() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                conn.recv(1 << 16)
+                conn.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    try:
+        client.port = listener.getsockname()[1]
+        with pytest.raises(Unreachable, match="cannot reach the server") as caught:
+            client.wait("0123456789ab")
+        assert "https" not in str(caught.value)
+        with pytest.raises(Unreachable, match=r"\(an https:// server\?\)"):
+            Client(f"http://127.0.0.1:{client.port}").health()
+    finally:
+        listener.close()
