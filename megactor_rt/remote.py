@@ -83,10 +83,11 @@ def download(url: str, folder: Path, max_bytes: int | None = None) -> Path:
             after :data:`TRIES` tries, or the file is larger than ``max_bytes``.
         ResourceError: the folder cannot take it (a full disk).
     """
+    address = request_address(url)
     path = folder / file_name(url)
     for attempt in range(1, TRIES + 1):
         try:
-            _fetch(url, path, max_bytes)
+            _fetch(url, path, max_bytes, address)
             break
         except _TooLarge as exc:
             path.unlink(missing_ok=True)
@@ -101,13 +102,34 @@ def download(url: str, folder: Path, max_bytes: int | None = None) -> Path:
     return path
 
 
+def request_address(url: str) -> str:
+    """``url`` as an HTTP request carries it: the characters a request cannot hold in its path and query (spaces,
+    letters beyond ASCII: an address copied as a browser shows it, ``.../Café 1.mp4``) percent-encoded as a browser
+    sends them, its ``%XX`` escapes kept, its ``#fragment`` (never sent) dropped.
+
+    Raises:
+        InputError: it is no address a request can be made to (``http://[::1/x.mp4``, a port over 65535, a host
+            with spaces), naming it.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - (its check: a port that is no number from 0 to 65535 raises)
+    except ValueError as exc:
+        raise InputError(f"{url}: not a web address that can be downloaded ({exc})") from None
+    if not parts.hostname or re.search(r"[\x00-\x20\x7f]", parts.netloc):
+        raise InputError(f"{url}: not a web address that can be downloaded (no host, or one with spaces)")
+    path = urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~")
+    query = urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=?~")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
 class _TooLarge(Exception):
     """A download over its size limit."""
 
 
-def _fetch(url: str, path: Path, max_bytes: int | None = None) -> None:
-    """One try at downloading ``url`` to ``path``, continuing what ``path`` holds already where the server takes a
-    byte range (and starting again where it does not)."""
+def _fetch(url: str, path: Path, max_bytes: int | None = None, address: str | None = None) -> None:
+    """One try at downloading ``url`` (asked for as ``address``, :func:`request_address`) to ``path``, continuing
+    what ``path`` holds already where the server takes a byte range (and starting again where it does not)."""
     # (here, not at the top: the CLI imports this module at start-up, where these added 33 ms to every command)
     import http.client
     import urllib.error
@@ -117,7 +139,7 @@ def _fetch(url: str, path: Path, max_bytes: int | None = None) -> None:
 
     have = path.stat().st_size if path.exists() else 0
     headers = {"User-Agent": "megactor-rt", **({"Range": f"bytes={have}-"} if have else {})}
-    request = urllib.request.Request(url, headers=headers)
+    request = urllib.request.Request(address or request_address(url), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - http(s) only (as_url)
             size = response.headers.get("Content-Length")
