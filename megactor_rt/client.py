@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -218,7 +218,7 @@ class Client:
         return doc
 
     def submit(self, portrait: Path, driver: Path, fields: dict[str, str] | None = None,
-               files: dict[str, Path] | None = None, stop: threading.Event | None = None) -> str:
+               files: Mapping[str, str | Path] | None = None, stop: threading.Event | None = None) -> str:
         """``POST /jobs``: a job for ``portrait`` and ``driver`` (and ``files``: mask, audio; ``fields``: the form's
         text fields); its id. A full queue (503) is asked again after the time the server says. Every try carries
         one key (:data:`KEY_HEADER`): where the server takes keys, a form whose answer was lost (the connection
@@ -230,7 +230,7 @@ class Client:
                 it is sent), or cannot be reached.
             Stopped: ``stop`` was set while the queue was full.
         """
-        sent = {"portrait": Path(portrait), "driver": Path(driver), **(files or {})}
+        sent = {"portrait": Path(portrait), "driver": Path(driver), **{k: Path(v) for k, v in (files or {}).items()}}
         if self.max_upload_bytes is None:
             self.health()
         key, outage, busy, lost = uuid.uuid4().hex, None, 0, 0
@@ -454,7 +454,7 @@ class Client:
             self._json("DELETE", f"/jobs/{job}")
 
     def animate(self, portrait: str | Path, driver: str | Path, output: str | Path,
-                fields: dict[str, str] | None = None, files: dict[str, Path] | None = None,
+                fields: dict[str, str] | None = None, files: Mapping[str, str | Path] | None = None,
                 on_progress: Callable[[Progress], object] | None = None,
                 stop: threading.Event | None = None) -> dict[str, str]:
         """One result made by the server, written to ``output``: submitted as a job, followed, fetched, and

@@ -68,3 +68,11 @@ def test_a_connection_reset_is_taken_for_https_only_before_the_server_answered(
             Client(f"http://127.0.0.1:{client.port}").health()
     finally:
         listener.close()
+
+
+def test_files_named_as_text_are_sent(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:  # noqa: F811
+    """``files={"mask": "mask.png"}`` (text, as the portrait and driver may be given: an AttributeError before, the
+    file name asked of a str) is sent as its file."""
+    client, _ = fake
+    client.animate(str(PORTRAIT), str(PORTRAIT), tmp_path / "out.mp4", files={"mask": str(PORTRAIT)})
+    assert (tmp_path / "out.mp4").read_bytes() == VIDEO
