@@ -204,8 +204,23 @@ class Client:
         return status, head, doc if isinstance(doc, dict) else {}
 
     def health(self) -> dict[str, Any]:
-        """``GET /health``: the server's model and settings."""
-        status, _, doc = self._json("GET", "/health")
+        """``GET /health``: the server's model and settings.
+
+        Raises:
+            Unreachable: the server, or its proxy (a 502 page: the server behind it down or restarting), answered
+                a passing refusal (429, 502, 503, 504): an outage, as while a job is followed.
+            InputError: the address is no megactor-rt server, or refuses the token.
+        """
+        try:
+            status, head, doc = self._json("GET", "/health")
+        except _NotJson as exc:  # (a proxy's page: is this a megactor-rt server behind it, down for now?)
+            if exc.status not in _PASSING:
+                raise
+            raise Unreachable(f"{self.url}: GET /health answered {exc.status} (a proxy's page: the server behind it "
+                              "down or restarting?)") from None
+        if status in _PASSING:
+            raise Unreachable(f"{self.url}: GET /health answered {status} ({doc.get('error', 'a passing refusal')})",
+                              wait=_retry_after(head))
         if status != 200:
             raise InputError(f"{self.url}: GET /health answered {status}: {doc.get('error')}")
         if "max_upload_bytes" not in doc:  # (another service's health, {"status": "ok"}: its every job failed)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from media_fixtures import PORTRAIT
-from test_client_hostile import VIDEO, _Fake, fake  # noqa: F401 - the stand-in server and its fixture
+from test_client_hostile import VIDEO, _Fake, answer, fake  # noqa: F401 - the stand-in server and its fixture
 
 from megactor_rt.client import Client, Unreachable
 from megactor_rt.errors import InputError
@@ -76,3 +76,19 @@ def test_files_named_as_text_are_sent(fake: tuple[Client, dict[str, Any]], tmp_p
     client, _ = fake
     client.animate(str(PORTRAIT), str(PORTRAIT), tmp_path / "out.mp4", files={"mask": str(PORTRAIT)})
     assert (tmp_path / "out.mp4").read_bytes() == VIDEO
+
+
+def test_a_proxys_refusal_of_health_is_an_outage(fake: tuple[Client, dict[str, Any]], tmp_path: Path) -> None:  # noqa: F811
+    """A proxy's 502 page or a 503/504 for GET /health (the server behind it down or restarting) is an outage
+    (Unreachable: `--server A B` leaves that server out and makes the batch on the others), as while a job is
+    followed; it was "is this address a megactor-rt server?", an error that ended the whole batch."""
+    client, _ = fake
+    for refusal in (answer(502, b"<html>502 Bad Gateway</html>"), answer(503, {"error": "busy"}),
+                    answer(504, b"")):
+        _Fake.script["GET /health"] = [refusal]
+        with pytest.raises(Unreachable, match=rf"^{client.url}: GET /health answered {refusal[0]}"):
+            client.health()
+    _Fake.script["GET /health"] = [answer(404, b"<html>not found</html>")]  # (no megactor-rt server there)
+    with pytest.raises(InputError, match="is this address a megactor-rt server") as caught:
+        client.health()
+    assert not isinstance(caught.value, Unreachable)
