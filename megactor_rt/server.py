@@ -579,6 +579,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # connections the system holds for the server until it accepts them (socketserver's 5: a burst of clients, or
+    # those that came while the model loaded, before serve_forever, had their connections reset, unanswered)
+    request_queue_size = 128
 
     def __init__(self, anim: Any, address: tuple[str, int], options: dict[str, Any] | None = None,
                  max_upload_bytes: int = 1 << 30, max_waiting: int = 8, timeout_s: float = 60.0,
