@@ -179,7 +179,10 @@ class _Body:
                             f"{MIN_UPLOAD_RATE >> 10} KiB/s or more once {UPLOAD_GRACE_S:g} s have passed)", 408)
         try:
             chunk = self._read(min(_CHUNK, self.left))
-        except (TimeoutError, OSError) as exc:
+        except TimeoutError as exc:  # (nothing for the connection's timeout: as slow as a form comes; was a 400)
+            raise FormError(f"the form stopped coming ({self.got} of {self.got + self.left} bytes, then nothing for "
+                            f"{time.monotonic() - self.began - took:.0f} s)", 408) from exc
+        except OSError as exc:
             raise FormError(f"the form could not be read ({type(exc).__name__}: {exc})") from exc
         if not chunk:
             raise FormError(f"the form ends {self.left} bytes before its announced length (Content-Length)")

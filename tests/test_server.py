@@ -164,6 +164,24 @@ def test_a_form_that_trickles_in_is_refused(tmp_path: Path, monkeypatch: pytest.
         "format": "mp4", "seed": "3"}
 
 
+def test_a_form_that_stops_coming_is_refused_408(anim: Animator, scratch: Path) -> None:
+    """A client whose upload stalls (nothing for the connection's timeout) comes slower than the least rate: 408, as
+    the README says of a form that comes too slowly (was 400 "the form could not be read (TimeoutError: ...)", the
+    request's fault, not to be sent again)."""
+    import socket
+
+    with serving(anim, timeout_s=1) as srv, socket.create_connection(("127.0.0.1", srv.server_address[1]),
+                                                                     timeout=30) as conn:
+        conn.sendall(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\nContent-Type: multipart/"
+                     b'form-data; boundary=b\r\n\r\n--b\r\nContent-Disposition: form-data; name="seed"\r\n\r\n1')
+        answer = b""
+        while chunk := conn.recv(65536):  # (the whole answer: the server closes the connection after it)
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"the form stopped coming (53 of 100000 bytes, then nothing for 1 s)" in answer, answer
+    assert left(scratch) == []
+
+
 # ------------------------------------------------------------------------------------------------- the server
 
 
