@@ -131,6 +131,7 @@ _CHUNK = 1 << 20
 MIN_UPLOAD_RATE, UPLOAD_GRACE_S = 8 << 10, 30.0  # bytes/s on average a form must come at, once 30 s have passed
 _EXPIRE_POLL_S = 30.0  # how often an idle server's worker removes the jobs kept past keep_s
 _GONE_POLL_S = 1.0  # how often a POST /animate waiting for its run looks whether its client is still there
+_STOP_ANSWERS_S = 5.0  # how long a stopping server waits for the answers to the POST /animate requests it ended
 _LINGER_S, _LINGER_BYTES = 2.0, 16 << 20  # how long and how much of a refused body is read before closing
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _FORMS = ("/animate", "/jobs")  # the routes that take a form
@@ -613,6 +614,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._run_s_sum = 0.0
         self._answers: dict[int, int] = {}  # HTTP answers by status
         self._folders: set[Path] = set()
+        self._answering: set[Task] = set()  # POST /animate's runs queued or under way, their answers still to send
         self._worker: threading.Thread | None = None
         self._worker_ended = threading.Event()
         self._closing = False
@@ -762,7 +764,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             worker.join(JOIN_S)
             if not self._worker_ended.is_set():  # (the command ends the process without waiting)
                 note_abandoned(worker, self._worker_ended)
-        with self._state:
+        with self._state:  # (the requests whose runs ended answer now, 503: the command ends the process at once
+            # after this, which cut such an answer off mid-way, its headers sent without its body)
+            self._state.wait_for(lambda: not any(t.over.is_set() for t in self._answering), _STOP_ANSWERS_S)
             left = list(self._folders)
         for path in left:  # (a run still under way when the server stops: its thread ends with the process)
             shutil.rmtree(path, ignore_errors=True)
@@ -863,8 +867,16 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             self._receiving -= 1
             self._tasks[task.id] = task
             self._queue.append(task)
+            if not task.keep:  # (answered by its request: sent)
+                self._answering.add(task)
             self._start_worker()
             return task
+
+    def sent(self, task: Task) -> None:
+        """``task``'s request (``POST /animate``) was answered, or its client is gone."""
+        with self._state:
+            self._answering.discard(task)
+            self._state.notify_all()
 
     def keyed(self, key: str | None) -> Task | None:
         """The job known by the client's key (:data:`KEY_HEADER`), if any."""
@@ -1651,6 +1663,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             if result is not None:
                 result.close()
+            if task is not None:
+                self.server.sent(task)
 
     def _known(self, key: str | None) -> bool:
         """Answer a ``POST /jobs`` whose key (:data:`KEY_HEADER`) names a job known here with that job (200; its

@@ -1313,6 +1313,47 @@ def test_a_run_the_servers_stop_cancels_is_answered_as_that(anim: Animator, medi
     assert status == 503 and "the server stopped while the run was under way" in json.loads(answer)["error"], answer
 
 
+def test_a_stopping_server_sends_its_503s_before_it_is_closed(anim: Animator, media: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` ends its process at once when its server is closed (Ctrl-C, SIGTERM): the 503s of the POST /animate
+    requests the stop ended, the run under way and those queued, are sent before server_close returns (the client
+    of the run under way got its headers and no body: IncompleteRead)."""
+    sent: list[int] = []
+    real_answer = server_module._Handler._answer
+
+    def answer(self: Any, status: int, *args: Any, **kw: Any) -> None:
+        real_answer(self, status, *args, **kw)
+        if self.command == "POST":
+            sent.append(status)
+
+    monkeypatch.setattr(server_module._Handler, "_answer", answer)
+    body, ctype = form({**files(media), "duration": "0.04"})
+    clients = [threading.Thread(target=lambda: request(srv, "POST", "/animate", body, ctype), daemon=True)
+               for _ in range(2)]
+    with serving(anim) as srv:
+        real_run, real_release = srv.anim.animate_to_file, srv.release
+
+        def held(*args: Any, **kw: Any) -> Any:  # (its first progress report comes after the stop: cancelled there)
+            while not srv._closing:
+                time.sleep(0.01)
+            return real_run(*args, **kw)
+
+        monkeypatch.setattr(srv.anim, "animate_to_file", held)
+
+        def slow_release(path: Path) -> None:  # (a request's answer comes a moment after its run's end)
+            time.sleep(0.5)
+            real_release(path)
+
+        monkeypatch.setattr(srv, "release", slow_release)
+        clients[0].start()
+        wait_for(srv, lambda h: h["running"] is not None)
+        clients[1].start()
+        wait_for(srv, lambda h: h["waiting"] == 1)
+    assert sent == [503, 503]
+    for client in clients:
+        client.join(60)
+
+
 def test_a_server_that_stops_answering_hands_its_results_to_the_others(
         served: AnimateServer, media: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
