@@ -617,6 +617,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._answering: set[Task] = set()  # POST /animate's runs queued or under way, their answers still to send
         self._worker: threading.Thread | None = None
         self._worker_ended = threading.Event()
+        self._expired_at = 0.0  # when _expire last ran (time.monotonic)
         self._closing = False
         self._drivers: OrderedDict[str, Path] = OrderedDict()  # drivers kept for the next requests (keep_driver)
         self._driver_store: Path | None = None
@@ -931,7 +932,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
     def _expire(self) -> None:
         """Forget finished jobs older than ``keep_s``, and the oldest beyond ``max_kept`` (with ``_state`` held)."""
-        now = time.time()
+        now, self._expired_at = time.time(), time.monotonic()
         finished = sorted((t for t in self._tasks.values() if t.keep and t.finished is not None),
                           key=lambda t: t.finished or 0.0)
         for i, t in enumerate(finished):
@@ -1173,6 +1174,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
                     self._expire()  # (also while nobody asks: their files go, and /health counts them no more)
                 if self._closing:
                     return
+                self._expire()  # (runs back to back: the queue never empty)
                 task = self.running = self._queue.popleft()
                 task.status = "running"
                 self._save(task)
@@ -1259,6 +1261,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         def report(progress: Any) -> None:
             task.progress = {"stage": progress.stage, "done": progress.done, "total": progress.total,
                              "unit": progress.unit}
+            if time.monotonic() - self._expired_at > _EXPIRE_POLL_S:  # (a long run: the jobs kept past keep_s go
+                with self._state:  # meanwhile too, whether or not anyone asks)
+                    self._expire()
             if task.cancel.is_set():
                 raise Cancelled
 

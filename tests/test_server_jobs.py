@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -613,6 +614,37 @@ def test_expired_jobs_go_without_being_asked_about(anim: Animator, media: dict[s
                 break
             threading.Event().wait(0.05)
         assert not (jobs_dir / "jobs" / job).exists()
+
+
+def test_expired_jobs_go_while_a_long_run_is_under_way(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "results past --keep-min go within 30 s whether or not anyone asks" held only while the server
+    was idle: a job's result expired during a run of hours that nobody asked about stayed until that run ended."""
+    import megactor_rt.server as server_module
+
+    monkeypatch.setattr(server_module, "_EXPIRE_POLL_S", 0.05)
+    jobs_dir = tmp_path / "jobs"
+    with serving(anim, jobs_dir=jobs_dir, keep_s=2.0) as srv:
+        first = post_job(srv, files(media))
+        wait_for(srv, lambda d: d["status"] == "done", path=f"/jobs/{first}")
+        real = srv.anim.animate_to_file
+        gone: list[bool] = []
+
+        def long_run(*args: Any, **kw: Any) -> Any:  # (its progress reports, a window after another; no request)
+            end = time.monotonic() + 10
+            while (jobs_dir / "jobs" / first).exists() and time.monotonic() < end:
+                kw["on_progress"](SimpleNamespace(stage="denoise", done=0, total=1, unit="window"))
+                time.sleep(0.05)
+            gone.append(not (jobs_dir / "jobs" / first).exists())
+            return real(*args, **kw)
+
+        monkeypatch.setattr(srv.anim, "animate_to_file", long_run)
+        post_job(srv, files(media))
+        for _ in range(400):  # (nothing asked meanwhile: GET /jobs/ID would remove it)
+            if gone:
+                break
+            time.sleep(0.05)
+    assert gone == [True]
 
 
 def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(anim: Animator, media: dict[str, Path],
