@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -833,7 +833,8 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     for job in kept:
         print(f"kept {job.output}: it exists (--skip-existing)")
         run = job.run_config(config)
-        now = run.plain() if server is None else {**server.get("config", {}), **_sent_config(run)}
+        now = run.plain() if server is None else \
+            {**server.get("config", {}), **_plain_sent(run, _given_settings(args, job))}
         inputs = _input_names(job, args) if server is None else {}  # (a server records its uploads' names)
         changed = _changed_settings(job.output, {**made, **inputs}, now, _result_options(args) | job.options)
         changed += _sequence_rate_changed(job, args, run)
@@ -1360,10 +1361,10 @@ _REMOTE_FLAGS = frozenset({"portrait", "driver", "output", "format", "jobs", "ma
                            "verbose", "quiet", "fn", "command", "cleanup", "addresses", "progress_file", "weights"})
 
 
-def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, defaults: AnimateConfig
+def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, given: Collection[str] = ()
                    ) -> tuple[dict[str, str], dict[str, Path]]:
     """A job as a server's form: text fields and files (:mod:`megactor_rt.server`); settings left at their defaults
-    are left to the server."""
+    and not ``given`` are left to the server."""
     fields: dict[str, str] = {"format": job.output.suffix.lower().lstrip(".")}
     files: dict[str, Path] = {}
     if options.get("mask") is not None:
@@ -1380,15 +1381,28 @@ def _remote_fields(job: Job, options: dict[str, Any], config: AnimateConfig, def
     for name in ("side_by_side", "paste_back"):
         if options.get(name):
             fields[name] = "true"
-    fields |= {name: str(value) for name, value in _sent_config(config, defaults).items()}
+    fields |= {name: str(value) for name, value in _sent_config(config, given).items()}
     return fields, files
 
 
-def _sent_config(config: AnimateConfig, defaults: AnimateConfig | None = None) -> dict[str, Any]:
+def _sent_config(config: AnimateConfig, given: Collection[str] = ()) -> dict[str, Any]:
     """The run settings a request to a server carries: the per-request ones (:data:`CONFIG_COLUMNS`) set to other
-    than their defaults (the others are the server's)."""
-    defaults = defaults or AnimateConfig()
-    return {name: getattr(config, name) for name in CONFIG_COLUMNS if getattr(config, name) != getattr(defaults, name)}
+    than their defaults or ``given`` (a flag or a jobs row's cell, also one of the default's value: was left to the
+    server's own, a row's seed 42 made with a `serve --seed 7`'s 7); the others are the server's."""
+    defaults = AnimateConfig()
+    return {name: getattr(config, name) for name in CONFIG_COLUMNS
+            if name in given or getattr(config, name) != getattr(defaults, name)}
+
+
+def _plain_sent(config: AnimateConfig, given: Collection[str]) -> dict[str, Any]:
+    """:func:`_sent_config`'s settings as ``config.plain()`` gives them (a result's settings record)."""
+    plain = config.plain()
+    return {name: plain[name] for name in _sent_config(config, given)}
+
+
+def _given_settings(args: argparse.Namespace, job: Job) -> frozenset[str]:
+    """The run settings the command line (``args.given``, :func:`given_options`) or ``job``'s row gives."""
+    return frozenset(getattr(args, "given", ())) | frozenset(job.config)
 
 
 # a server of a batch that refused a job's connection takes the next one after this pause (a restart takes seconds;
@@ -1438,7 +1452,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     health_of_first = healths[0]
     settings = {c.url: run_settings_of(h) for c, h in zip(clients, healths, strict=True)}  # (for --stats)
     _say_servers_differ(settings)
-    config, base = _run_config(args), AnimateConfig()
+    config = _run_config(args)
     if args.skip_existing:  # (the kept results' settings against the first server's)
         jobs = _without_existing(jobs, args, config, record, health_of_first)
         if not jobs:
@@ -1447,14 +1461,15 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         from megactor_rt.media import result_folder
 
         for folder in dict.fromkeys(result_folder(job.output) for job in jobs):
-            folder.mkdir(parents=True, exist_ok=True)
+            _results_folder(folder)  # (was a bare mkdir: a read-only parent an unexpected PermissionError)
     todo: collections.deque[Job] = collections.deque(jobs)  # (taken and given back with ``turns`` held)
     failed: list[str] = []
     stop, lock = threading.Event(), threading.Lock()
     overall = progress(total=len(jobs), desc="results", unit="result") if len(clients) > 1 else None
 
     def make(client: Client, job: Job) -> None:
-        fields, files = _remote_fields(job, _result_options(args) | job.options, job.run_config(config), base)
+        run, given = job.run_config(config), _given_settings(args, job)
+        fields, files = _remote_fields(job, _result_options(args) | job.options, run, given)
         json_progress = _on_progress(args, job.output)
         bars: dict[str, Any] = {}
         last: list[Progress] = []  # (the server's latest report seen)
@@ -1491,7 +1506,10 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
         stats = result_stats(head)
         with lock:
             _report(stats, job.output, client.url)
-            record.add(settings[client.url], job, stats, made_by=client.url)
+            made = settings[client.url]  # (the server's settings with the command's: were the server's alone; a
+            # row's own are its record's, as in a local run)
+            made = {**made, "config": {**made.get("config", {}), **_plain_sent(config, getattr(args, "given", ()))}}
+            record.add(made, job, stats, made_by=client.url)
 
     errors: list[BaseException] = []
 
@@ -1994,6 +2012,25 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+_NOT_GIVEN = object()
+
+
+def given_options(argv: list[str] | None = None) -> frozenset[str]:
+    """The options ``argv`` (default: the process's) gives on its command line, by their ``args`` names, also
+    where a value equals the default (``--seed 42``): the command line parsed again with every default a marker
+    (argparse leaves a default as it is, unconverted)."""
+    parser = build_parser()
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            actions += [a for sub in action.choices.values() for a in sub._actions]
+    for action in actions:
+        if action.dest not in ("help", "command", "fn"):
+            action.default = _NOT_GIVEN
+    parsed, _ = parser.parse_known_args(argv)
+    return frozenset(k for k, v in vars(parsed).items() if v is not _NOT_GIVEN)
+
+
 def _add_engine_flags(group: Any) -> None:
     """The flags that choose the weights, the backend and the device (``animate``, ``serve``; each checks that
     ``--weights`` or what stands in for it is given)."""
@@ -2299,6 +2336,7 @@ def main(argv: list[str] | None = None, *, hold_stops: bool = False) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    args.given = given_options(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "log_json", False):  # (serve: one JSON object per line for a log collector; Python's warnings as records too)

@@ -1287,6 +1287,55 @@ def test_several_servers_share_a_batch(served: AnimateServer, anim: Animator, me
         thread.join(5)
 
 
+def test_a_results_folder_the_client_cannot_make_is_named(served: AnimateServer, media: dict[str, Path],
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`animate --server` of a batch whose -o folder cannot be made (under a file): exit 2 naming the folder, as a
+    local run's (was "unexpected error: NotADirectoryError")."""
+    (tmp_path / "afile").write_text("x")
+    other = shutil.copy(media["portrait"], tmp_path / "other.png")
+    code = main(["-q", "animate", "--server", served.url, "--portrait", str(media["portrait"]), str(other),
+                 "--driver", str(media["driver"]), "-o", str(tmp_path / "afile" / "sub"), "--duration", "0.04"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'afile' / 'sub'}: cannot create the results folder" in err, err
+    assert "unexpected" not in err
+
+
+def test_a_setting_given_at_its_default_value_is_sent(anim: Animator, media: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A server started with seed 7: a jobs row's seed 42 and `--seed 42` (the built-in default, given) make their
+    results with 42, a row without a seed with the server's 7, and --stats records the seed each was made with
+    (was: 42 left to the server, which made it with 7, while --stats said 42; a --stats record of a command
+    without --seed said the server's seed whatever the request had)."""
+    from megactor_rt.media import result_settings
+
+    seeded = AnimateServer(anim.with_config(seed=7), ("127.0.0.1", 0))
+    thread = threading.Thread(target=seeded.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{seeded.server_address[1]}"
+    try:
+        jobs = tmp_path / "jobs.csv"
+        jobs.write_text(f"portrait,driver,output,duration,seed\n{media['portrait']},{media['driver']},row42.mp4,0.04,"
+                        f"42\n{media['portrait']},{media['driver']},row_.mp4,0.04,\n")
+        stats = tmp_path / "stats.json"
+        code = main(["-q", "animate", "--server", url, "--jobs", str(jobs), "--stats", str(stats), "--no-audio"])
+        assert code == 0, capsys.readouterr().err
+        made = {Path(r["output"]).name: r.get("config", json.loads(stats.read_text())["config"])["seed"]
+                for r in json.loads(stats.read_text())["runs"]}
+        assert made == {"row42.mp4": 42, "row_.mp4": 7}, made
+        for name, seed in made.items():
+            assert result_settings(tmp_path / name)["config"]["seed"] == seed  # (what the server made)
+        one = tmp_path / "flag42.mp4"
+        code = main(["-q", "animate", "--server", url, "--portrait", str(media["portrait"]), "--driver",
+                     str(media["driver"]), "-o", str(one), "--duration", "0.04", "--seed", "42", "--no-audio",
+                     "--stats", str(stats)])
+        assert code == 0, capsys.readouterr().err
+        assert result_settings(one)["config"]["seed"] == 42 and json.loads(stats.read_text())["config"]["seed"] == 42
+    finally:
+        seeded.shutdown()
+        seeded.server_close()
+        thread.join(5)
+
+
 def test_a_run_the_servers_stop_cancels_is_answered_as_that(anim: Animator, media: dict[str, Path],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """POST /animate whose run the server's stop (Ctrl-C, SIGTERM) cancels: 503, to send again (was 410 "the run was
