@@ -1435,7 +1435,9 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     from megactor_rt.server import load_token
 
     token = load_token(args.server_token_file)
-    clients = [Client(url, token=token, ca_file=args.server_ca) for url in dict.fromkeys(args.server)]
+    made = (Client(url, token=token, ca_file=args.server_ca) for url in args.server)
+    clients = list({(c.url.partition("://")[0], (c.host or "").lower(), c.port, c.prefix): c for c in made}.values())
+    # (one server however spelt, h:1 and http://h:1/: was two clients of one server, miscounting those left)
     healths, down = [], []  # (an address that is no server, or refuses the token: said before any upload)
     for client in clients:
         try:

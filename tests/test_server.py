@@ -1300,6 +1300,21 @@ def test_a_results_folder_the_client_cannot_make_is_named(served: AnimateServer,
     assert "unexpected" not in err
 
 
+def test_one_server_spelt_twice_is_one_server(served: AnimateServer, media: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """`--server http://127.0.0.1:P 127.0.0.1:P/`: one server (was two clients of it, counted as two servers)."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,duration\n" + "".join(
+        f"{media['portrait']},{media['driver']},out/{name}.mp4,0.04\n" for name in "ab"))
+    again = served.url.replace("http://", "").upper() + "/"
+    with caplog.at_level(logging.INFO, logger="megactor_rt"):
+        assert main(["-q", "animate", "--server", served.url, again, "--jobs", str(jobs)]) == 0
+    assert len(re.findall(r"made by http://", capsys.readouterr().out)) == 2
+    assert [r.getMessage().split(":")[0:3] for r in caplog.records if r.getMessage().startswith("server ")] == [
+        ["server http", "//127.0.0.1", str(served.server_address[1])]], caplog.text  # (one server asked)
+
+
 def test_a_setting_given_at_its_default_value_is_sent(anim: Animator, media: dict[str, Path], tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A server started with seed 7: a jobs row's seed 42 and `--seed 42` (the built-in default, given) make their
