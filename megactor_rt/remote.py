@@ -146,6 +146,9 @@ def _fetch(url: str, path: Path, max_bytes: int | None = None, address: str | No
             part = int(size) if size and size.isdigit() else None
             if have and not (response.status == 206 and (response.headers.get("Content-Range") or "").startswith(
                     f"bytes {have}-")):
+                if response.status == 206:  # (a part from another byte: was written as the whole file)
+                    path.unlink()
+                    raise _Again("the server sent another part of the file than the one asked for")
                 have = 0  # (the whole file again: the server sends no part of it)
             total = None if part is None else have + part
             too_large = f"larger than the limit of {max_bytes} bytes"

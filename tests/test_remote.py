@@ -55,6 +55,18 @@ class _Short(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(data[start:] if start else data[:len(data) // 2])
             self.close_connection = True
             return
+        if self.path.endswith("/otherpart.mp4"):  # (broken off, then a part from another byte than asked for)
+            data = (Path(self.directory) / "talk.mp4").read_bytes()
+            tries = _Short.requests.count(self.path)
+            start = 10 if tries == 2 else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            self.wfile.write(data[start:] if tries != 1 else data[:len(data) // 2])
+            self.close_connection = True
+            return
         if self.path.endswith("/short.mp4"):
             self.send_response(200)
             self.send_header("Content-Length", "11")
@@ -129,6 +141,10 @@ def test_a_download_is_tried_again_and_goes_on_where_it_broke_off(server: tuple[
         download(f"{url}/flaky.mp4", tmp_path / "c", max_bytes=10)  # (by its announced length)
     assert list((tmp_path / "c").iterdir()) == []  # (what came of them removed)
     assert len(download(f"{url}/unsized.mp4", tmp_path / "c").read_bytes()) == 3_000_000
+    (tmp_path / "d").mkdir()  # a part from another byte than asked for: the whole file asked for again (was
+    got = download(f"{url}/otherpart.mp4", tmp_path / "d")  # taken as the whole file: its first bytes lost)
+    assert got.read_bytes() == (served / "talk.mp4").read_bytes()
+    assert _Short.ranges[-3:] == [None, f"bytes={half}-", None]
 
 
 def test_a_driver_and_portrait_from_the_web_run_as_their_files(server: tuple[str, Path], tmp_path: Path,
