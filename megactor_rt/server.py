@@ -1413,7 +1413,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(status, (json.dumps(doc) + "\n").encode(), "application/json", headers)
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        logger.log(logging.ERROR if status >= 500 else logging.INFO, "%s %s: %d %s", self.command,
+        level = logging.WARNING if status == 503 else logging.ERROR if status >= 500 else logging.INFO  # (503: busy
+        logger.log(level, "%s %s: %d %s", self.command,  # or stopping, the load's and not a failure)
                    getattr(self, "path", ""), status, message)
         self._json(status, {"error": message}, headers if headers is not None else (
             {"Retry-After": "10"} if status == 503 else

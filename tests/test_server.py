@@ -767,9 +767,11 @@ def test_an_expect_100_continue_form_over_the_limit_is_refused_unsent(served: An
 
 
 def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServer, media: dict[str, Path],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a run is under way another request waits (queue 1) and one more is refused 503 with Retry-After;
-    /health answers meanwhile, naming the run and the waiting request; the waiting one runs after the first."""
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """While a run is under way another request waits (queue 1) and one more is refused 503 with Retry-After (a
+    warning in the log, not an error: was ERROR, filling a log collector's errors under load); /health answers
+    meanwhile, naming the run and the waiting request; the waiting one runs after the first."""
     go = threading.Event()
     order: list[str] = []
     real = served.anim.animate_to_file
@@ -794,8 +796,10 @@ def test_one_run_at_a_time_and_a_full_queue_is_answered_503(served: AnimateServe
     second = threading.Thread(target=send, args=("second", "gif"))
     second.start()
     health = wait_for(served, lambda h: h["waiting"] == 1)
-    status, headers, body = animate(served, {**files(media), "format": "mkv"})
+    with caplog.at_level(logging.INFO, logger="megactor_rt"):
+        status, headers, body = animate(served, {**files(media), "format": "mkv"})
     assert status == 503 and headers["Retry-After"] == "10"
+    assert [r.levelname for r in caplog.records if "503 the server is busy" in r.getMessage()] == ["WARNING"]
     assert "the server is busy (1 run(s) waiting or being sent besides the one running)" in json.loads(body)["error"]
     assert health["running"] == "me_talk.mp4"
     import socket
