@@ -38,6 +38,8 @@ from megactor_rt.contour import ContourPlan, Landmarker, check_affine_frame, che
 from megactor_rt.errors import MEMORY_HINT, InputError, ResourceError
 from megactor_rt.kernels.ops import latents_to_uint8
 from megactor_rt.media import (
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
     RESULT_TAG,
     check_bit_depth,
     check_first_number,
@@ -1102,6 +1104,10 @@ def crop_portrait(portrait: Portrait, size: int, face_crop: bool = True, face: i
     img = read_portrait(portrait) if isinstance(portrait, (str, Path)) else portrait
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise InputError(f"portrait array must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+    height, width = img.shape[:2]  # a file's sides are checked as it is read; in memory, here (as DriverFrames')
+    if not MIN_IMAGE_SIDE <= min(height, width) <= max(height, width) <= MAX_IMAGE_SIDE:
+        raise InputError(f"{name}: the portrait is {width}x{height} px; each side must be {MIN_IMAGE_SIDE} to "
+                         f"{MAX_IMAGE_SIDE} px")
     crop, found = portrait_crop(img, face_crop=face_crop, size=size, source_name=name, face=face, detector=detector)
     return img, name, crop, found
 

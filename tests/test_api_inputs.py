@@ -232,3 +232,26 @@ def test_a_web_address_given_to_the_python_api_is_named_as_one(anim: Animator, t
         with pytest.raises(InputError, match=says.format(value.rsplit("/", 1)[1])):
             anim.animate_to_file(**{"portrait": PORTRAIT, "driver": DRIVER, "output": out, name: value})
     assert not out.exists()
+
+
+def test_a_portrait_in_memory_of_too_few_or_too_many_pixels_is_refused_naming_its_size(
+        anim: Animator, tmp_path: Path) -> None:
+    """An array or PIL image portrait must have sides of 64 to 8192 px, as a portrait file and a driver in memory
+    (DriverFrames) must: an InputError naming its size before the face search (was: an empty one crashed in the face
+    search, ZeroDivisionError, or the centre crop, ValueError; a 1x1 or 20x30 one was cropped and animated; one of
+    5x10000 px ended in an OpenCV assertion)."""
+    from PIL import Image
+
+    for bad in (np.zeros((0, 0, 3), np.uint8), np.zeros((1, 1, 3), np.uint8), np.zeros((63, 200, 3), np.uint8),
+                np.zeros((8193, 64, 3), np.uint8), Image.new("RGB", (0, 0)), Image.new("RGB", (20, 30))):
+        shape = bad.shape if isinstance(bad, np.ndarray) else (bad.height, bad.width)
+        says = rf"portrait array: the portrait is {shape[1]}x{shape[0]} px; each side must be 64 to 8192 px"
+        for face_crop in (True, False):
+            with pytest.raises(InputError, match=says):
+                anim.prepare(bad, face_crop=face_crop)
+        with pytest.raises(InputError, match=says):
+            anim.paste_back(bad)
+        with pytest.raises(InputError, match=says):
+            anim.animate_to_file(bad, DRIVER, tmp_path / "o.mp4")
+    assert not (tmp_path / "o.mp4").exists()
+    anim.prepare(np.zeros((64, 8192, 3), np.uint8), face_crop=False)  # the limits themselves are taken
