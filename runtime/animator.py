@@ -670,9 +670,10 @@ class Animator:
         finally:  # also on an error or an early stop: the driver's decode thread stops now, not at a collection
             if feed is not None:
                 feed.close()
-        if feed is not None:
-            timer.add("driver+pose_guider", feed.seconds)  # spent inside the denoise stage
-        stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.snapshot().items() if v - calls0.get(k, 0)}
+                timer.add("driver+pose_guider", feed.seconds)  # spent inside the denoise stage
+            # the calls made so far: a run stopped early or failed made them too
+            stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.snapshot().items()
+                           if v - calls0.get(k, 0)}
         self.cache.trim()
         self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
 

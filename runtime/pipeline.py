@@ -43,7 +43,8 @@ class RunStats:
         first_frame_s: seconds from the start of ``animate`` to the first yielded frame.
         total_s: seconds from start to the last frame.
         calls: submodel calls made during the run (``unet`` counts every UNet call, ``unet_reuse`` those of
-            them that reused the kept deep features of ``feature_reuse``).
+            them that reused the kept deep features of ``feature_reuse``), up to where it stopped for a run closed
+            early or failed.
         portrait_cache_hit: whether the portrait state came from the cache (set by ``animate_to_file``, which
             prepares the portrait; ``animate`` takes a state prepared before and leaves it False).
         driver_plan_hit: whether the driver's plan (pass 1: its faces and crop) was kept from an earlier run of

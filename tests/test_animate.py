@@ -1990,3 +1990,29 @@ def test_a_run_stopped_in_a_driver_pass_closes_the_driver_file_while_the_error_i
     with pytest.raises(KeyboardInterrupt) as caught:
         list(fresh.animate(state, driver, contour=stage == "contour", on_progress=interrupt))
     assert caught.value.__traceback__ is not None and not driver_open()  # the error still held here
+
+
+def test_the_stats_of_a_run_stopped_early_or_failed_count_the_calls_it_made(anim: Animator,
+                                                                            media: dict[str, Path]) -> None:
+    """A run closed after its first frame (a client gone), or stopped by an error, still counts the submodel calls it
+    made in its stats, as it counts its frames and stage times (was: ``calls`` stayed empty, as if the run had made
+    none, and the optimized loop's ``driver+pose_guider`` time was left out)."""
+    from contextlib import closing
+
+    state = anim.prepare(PORTRAIT)
+    cfg = replace(CFG, closed_loop=False)
+    unet0 = anim.sub.calls["unet"]
+    with closing(anim.animate(state, media["long"], config=cfg)) as frames:
+        next(frames)
+    stats = anim.last_stats
+    assert stats.frames == 1 and stats.calls["unet"] == anim.sub.calls["unet"] - unet0 > 0
+    assert stats.stage_seconds["driver+pose_guider"] > 0
+
+    def stop(p) -> None:  # type: ignore[no-untyped-def]
+        if p.stage == "denoise" and p.done == 3:
+            raise RuntimeError("the service went away")
+
+    unet0 = anim.sub.calls["unet"]
+    with pytest.raises(RuntimeError, match="the service went away"):
+        list(anim.animate(state, media["long"], on_progress=stop))
+    assert anim.last_stats.frames == 0 and anim.last_stats.calls["unet"] == anim.sub.calls["unet"] - unet0 == 3
