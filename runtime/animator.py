@@ -554,11 +554,13 @@ class Animator:
         Raises (when the first frame is asked for: this is a generator):
             InputError: a missing or unreadable driver, one that is neither a path nor ``DriverFrames``, no face
                 in it (with ``face_crop``), a ``start`` past its end, a state prepared by another model,
-                settings this model cannot run.
+                settings this model cannot run, a ``config`` that is no ``AnimateConfig`` or an ``on_progress`` that
+                is no function.
             ValueError: ``contour_affine_frame`` is neither "last" nor "first".
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
         check_affine_frame(contour_affine_frame)
+        _check_run_options(config, on_progress)
         run = _Run()
         try:
             yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model,
@@ -889,6 +891,7 @@ class Animator:
         face, driver_face, crf, first_number = (_whole_argument(name, value) for name, value in (
             ("face", face), ("driver_face", driver_face), ("crf", crf), ("first_number", first_number)))
         _check_mask(mask)
+        _check_run_options(config, on_progress)
         out = check_output_path(output)
         sound_out = None if audio_out is None else check_sound_out(audio_out, output, audio)
         check_quality(out, crf)
@@ -1088,6 +1091,22 @@ def _check_mask(mask: object) -> None:
         raise InputError(f"mask must be an image file's path (white = person, or a cut-out's alpha), got "
                          f"{type(mask).__name__}; save a mask in memory as a PNG and pass its path")
     check_local(mask, "mask")
+
+
+def _check_run_options(config: object, on_progress: object) -> None:
+    """A run's ``config`` is an :class:`~megactor_rt.config.AnimateConfig` and its ``on_progress`` a function, refused
+    naming the argument before any work (was: ``'dict' object has no attribute ...``, or ``'str' object is not
+    callable`` from the run's first progress report, after its driver's face search).
+
+    Raises:
+        InputError: either is something else (None is neither's default).
+    """
+    if config is not None and not isinstance(config, AnimateConfig):
+        raise InputError(f"config must be an AnimateConfig (megactor_rt.config.AnimateConfig(steps=10, ...), or "
+                         f"anim.with_config(steps=10, ...) for an Animator with it), got {type(config).__name__}")
+    if on_progress is not None and not callable(on_progress):
+        raise InputError(f"on_progress must be a function (called with each Progress report), got "
+                         f"{type(on_progress).__name__}")
 
 
 def crop_portrait(portrait: Portrait, size: int, face_crop: bool = True, face: int | None = None,

@@ -255,3 +255,37 @@ def test_a_portrait_in_memory_of_too_few_or_too_many_pixels_is_refused_naming_it
             anim.animate_to_file(bad, DRIVER, tmp_path / "o.mp4")
     assert not (tmp_path / "o.mp4").exists()
     anim.prepare(np.zeros((64, 8192, 3), np.uint8), face_crop=False)  # the limits themselves are taken
+
+
+def test_a_run_config_or_progress_function_of_the_wrong_type_is_refused_naming_it(anim: Animator, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """animate(), animate_async() and animate_to_file() take an AnimateConfig as ``config`` and a function as
+    ``on_progress``: anything else is an InputError naming the argument before any work (was: an AttributeError,
+    "'dict' object has no attribute 'face_detector'", or a TypeError, "'str' object is not callable", from the first
+    progress report, after the portrait was prepared and the driver's faces searched)."""
+    import asyncio
+
+    from megactor_rt.runtime import animator
+
+    state = anim.prepare(PORTRAIT)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the work began")
+
+    monkeypatch.setattr(animator, "crop_portrait", no_work)
+    monkeypatch.setattr(anim.plans, "plan", no_work)
+    out = tmp_path / "o.mp4"
+    for options, says in (({"config": {"steps": 1}}, "config must be an AnimateConfig .* got dict"),
+                          ({"on_progress": "print"}, "on_progress must be a function .* got str")):
+        with pytest.raises(InputError, match=says):
+            next(anim.animate(state, DRIVER, **options))  # type: ignore[arg-type]
+        with pytest.raises(InputError, match=says):
+            anim.animate_to_file(PORTRAIT, DRIVER, out, **options)  # type: ignore[arg-type]
+
+        async def first(options: dict[str, object] = options) -> None:
+            async for _ in anim.animate_async(state, DRIVER, **options):
+                break
+
+        with pytest.raises(InputError, match=says):
+            asyncio.run(first())
+    assert not out.exists()
