@@ -201,6 +201,7 @@ class Animator:
 
     def __init__(self, submodels: Submodels, config: AnimateConfig | None = None,
                  cache: PortraitCache | None = None, plans: PlanCache | None = None) -> None:
+        _check_run_options(config, None)  # (a dict: refused here, not at the first prepare or run)
         self.sub = submodels
         self.config = config or AnimateConfig()
         self.cache = cache if cache is not None else PortraitCache()
@@ -252,6 +253,7 @@ class Animator:
         from megactor_rt.runtime.backends import require_backend
 
         require_backend(backend)
+        _check_run_options(config, None)  # (before the weights load)
         if compile and backend != "torch":
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         check_compile_mode(compile)  # before the weights load
@@ -294,6 +296,7 @@ class Animator:
         PortraitCache(disk_dir=...)`` on the result (as ``megactor-rt demo --cache-dir`` does).
         """
         _check_cuda_graphs(backend, cuda_graphs)
+        _check_run_options(config, None)
         models = resized(build_models(tiny_config(), seed=seed), image_size)
         models.weights_id = tiny_weights_id(seed)
         if backend == "torch":

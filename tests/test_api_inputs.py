@@ -289,3 +289,20 @@ def test_a_run_config_or_progress_function_of_the_wrong_type_is_refused_naming_i
         with pytest.raises(InputError, match=says):
             asyncio.run(first())
     assert not out.exists()
+
+
+def test_an_animator_given_a_config_that_is_no_animate_config_is_refused_at_once(anim: Animator,
+                                                                              tmp_path: Path) -> None:
+    """Animator(...), Animator.demo(...) and Animator.from_weights(...) refuse a ``config`` that is no AnimateConfig
+    (a dict of its fields) naming it, before any weights are built or loaded (was: taken, then an AttributeError,
+    "'dict' object has no attribute 'seed'", from the first prepare())."""
+    from megactor_rt.runtime import animator
+
+    says = "config must be an AnimateConfig .* got dict"
+    with pytest.raises(InputError, match=says):
+        Animator(anim.sub, {"steps": 1})  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=says):
+        Animator.demo(config={"steps": 1})  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=says):
+        Animator.from_weights(tmp_path, config={"steps": 1})  # type: ignore[arg-type]
+    assert animator.AnimateConfig is type(Animator(anim.sub).config)  # (None: upstream's defaults)
