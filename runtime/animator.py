@@ -562,9 +562,10 @@ class Animator:
             ValueError: ``contour_affine_frame`` is neither "last" nor "first".
             ResourceError: out of GPU or host memory (the message names the settings that lower the need).
         """
+        run = _Run()
+        self.last_stats, self.last_plan = run.stats, None  # this run's, also where its arguments are refused
         check_affine_frame(contour_affine_frame)
         _check_run_options(config, on_progress)
-        run = _Run()
         try:
             yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model,
                                               contour_affine_frame, config or self.config, driver_face,
@@ -630,19 +631,19 @@ class Animator:
                  landmarks_model: str | Path | None, contour_affine_frame: str,
                  cfg: AnimateConfig, driver_face: int | None, checkpoint_dir: str | Path | None,
                  run: _Run) -> Iterator[np.ndarray]:
+        stats = self.last_stats = run.stats  # (before the checks: a refused run's stats are its own, empty)
+        self.last_plan = None
         self.check_run(cfg)
         self._check_state(state)
         driver_face = _whole_argument("driver_face", driver_face)
         self._note_seed(state, cfg)
         self._note_settings(cfg)
-        stats = self.last_stats = run.stats
         dev = self.sub.device  # synchronised by name: it need not be the current device of this thread
         timer = StageTimer(stats, (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None)
         calls0 = self.sub.calls.snapshot()
         landmarker = Landmarker(landmarks_model) if contour else None  # both fail here, before any work
         tiny = self.tiny_decoder(cfg.tiny_decoder) if cfg.tiny_decoder is not None else None
         portrait_lm = None if landmarker is None else self.portrait_landmarks(state, landmarker, cnn=cfg.cnn_fallback)
-        self.last_plan = None
         with timer.stage("driver_plan"):  # pass 1: frame count, faces, the clip's crop
             plan, stats.driver_plan_hit = self.plans.plan(driver, cfg, face_crop, driver_face)
             run.plan = self.last_plan = plan

@@ -2016,3 +2016,21 @@ def test_the_stats_of_a_run_stopped_early_or_failed_count_the_calls_it_made(anim
     with pytest.raises(RuntimeError, match="the service went away"):
         list(anim.animate(state, media["long"], on_progress=stop))
     assert anim.last_stats.frames == 0 and anim.last_stats.calls["unet"] == anim.sub.calls["unet"] - unet0 == 3
+
+
+def test_a_run_refused_for_its_arguments_leaves_no_earlier_runs_stats_as_its_own(anim: Animator,
+                                                                                 media: dict[str, Path]) -> None:
+    """``last_stats`` and ``last_plan`` are the run started last's also where its arguments are refused (a state of
+    another model, settings this model cannot run, an unknown contour_affine_frame): empty, not the earlier run's
+    frames, times and driver crop, read as the failed run's by a service logging them (was: the earlier run's)."""
+    state = anim.prepare(PORTRAIT)
+    assert len(list(anim.animate(state, media["short"]))) == 4 and anim.last_plan is not None
+    other = Animator.demo(seed=1, device="cpu", config=CFG).prepare(PORTRAIT)
+    for bad, says in (({"state": other}, "prepared by another model"),
+                      ({"config": replace(CFG, steps=10_000)}, "steps must be at most"),
+                      ({"contour_affine_frame": "middle"}, "affine_frame must be one of")):
+        arguments: dict[str, object] = {"state": state, **bad}
+        with pytest.raises((InputError, ValueError), match=says):
+            next(anim.animate(arguments.pop("state"), media["short"], **arguments))  # type: ignore[arg-type]
+        assert anim.last_stats.frames == 0 and anim.last_stats.stage_seconds == {} and anim.last_plan is None
+        assert len(list(anim.animate(state, media["short"]))) == anim.last_stats.frames == 4
