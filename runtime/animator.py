@@ -331,6 +331,7 @@ class Animator:
                         mask: str | Path | None = None, face: int | None = None) -> PortraitInputs:
         """Crop the portrait around its face (``face``: see :meth:`prepare`), derive the background mask and the
         CLIP background image."""
+        _check_mask(mask)  # (as prepare's: before the face search)
         return self._cropped_inputs(*self._portrait_crop(portrait, face_crop, face, self.config.face_detector), mask)
 
     def paste_back(self, portrait: Portrait, *, face_crop: bool = True, face: int | None = None
@@ -343,7 +344,9 @@ class Animator:
 
     def _portrait_crop(self, portrait: Portrait, face_crop: bool, face: int | None, detector: str
                        ) -> tuple[np.ndarray, str, Crop, Box | None]:
-        return crop_portrait(portrait, self.image_size, face_crop, face, detector)
+        # (paste_back and portrait_inputs too: a face number of the wrong type is named, not a TypeError from the
+        # face search)
+        return crop_portrait(portrait, self.image_size, face_crop, _whole_argument("face", face), detector)
 
     def _cropped_inputs(self, img: np.ndarray, name: str, crop: Crop, found: Box | None,
                         mask: str | Path | None) -> PortraitInputs:

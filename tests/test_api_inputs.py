@@ -306,3 +306,37 @@ def test_an_animator_given_a_config_that_is_no_animate_config_is_refused_at_once
     with pytest.raises(InputError, match=says):
         Animator.from_weights(tmp_path, config={"steps": 1})  # type: ignore[arg-type]
     assert animator.AnimateConfig is type(Animator(anim.sub).config)  # (None: upstream's defaults)
+
+
+def test_paste_back_and_portrait_inputs_check_their_face_and_mask_as_prepare_does(anim: Animator,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """paste_back(face=) and portrait_inputs(face=, mask=) take what prepare() takes and refuse the rest as it does:
+    a face number that is no whole number, a mask in memory or a web address, an InputError naming the argument
+    before the face search (was: TypeErrors from the face search, "list indices must be integers or slices, not
+    float", "'<' not supported between instances of 'str' and 'int'", or from pathlib, and a web address folded
+    into "https:/x.com/m.png: mask file does not exist")."""
+    from PIL import Image
+
+    from megactor_rt import preprocess
+
+    searched: list[int] = []
+    portrait_crop = preprocess.portrait_crop
+
+    def counted(*args: object, **kwargs: object) -> object:
+        searched.append(1)
+        return portrait_crop(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("megactor_rt.runtime.animator.portrait_crop", counted)
+    for face, says in ((1.0, "face must be a whole number"), ("1", "face must be a whole number")):
+        with pytest.raises(InputError, match=says):
+            anim.paste_back(PORTRAIT, face=face)  # type: ignore[arg-type]
+        with pytest.raises(InputError, match=says):
+            anim.portrait_inputs(PORTRAIT, face=face)  # type: ignore[arg-type]
+    for mask, says in ((np.zeros((64, 64), np.uint8), "mask must be an image file's path .* got ndarray"),
+                       (Image.new("L", (64, 64)), "mask must be an image file's path .* got Image"),
+                       ("https://example.com/m.png", "https://example.com/m.png: a web address")):
+        with pytest.raises(InputError, match=says):
+            anim.portrait_inputs(PORTRAIT, mask=mask)  # type: ignore[arg-type]
+    assert searched == []
+    assert anim.paste_back(PORTRAIT, face=np.int64(1)).width == anim.paste_back(PORTRAIT).width
+    assert anim.portrait_inputs(PORTRAIT, face=np.int32(1)).digest() == anim.portrait_inputs(PORTRAIT).digest()
