@@ -1116,13 +1116,31 @@ def _check_run_options(config: object, on_progress: object) -> None:
                          f"{type(on_progress).__name__}")
 
 
+def _pil_pixels(image: Image.Image) -> np.ndarray:
+    """A PIL image portrait as :func:`~megactor_rt.media.image_to_rgb` gives it, its pixels read now where Pillow
+    reads them lazily (``Image.open``).
+
+    Raises:
+        InputError: they cannot be read, naming the image's file where it has one: its file was closed before
+            they were read (a ``with Image.open(...)`` block left: Pillow's bare AssertionError), cut short or
+            damaged (OSError), its EXIF block cut short (ValueError).
+    """
+    try:
+        return image_to_rgb(image)
+    except (OSError, ValueError, SyntaxError, AssertionError) as exc:
+        name = getattr(image, "filename", "") or "in memory"
+        why = str(exc) or f"{type(exc).__name__}: was its file closed before its pixels were read? Call .load() " \
+                            "inside the `with Image.open(...)` block, or pass the file's path"
+        raise InputError(f"portrait (a PIL image, {name}): its pixels cannot be read ({why})") from exc
+
+
 def crop_portrait(portrait: Portrait, size: int, face_crop: bool = True, face: int | None = None,
                   detector: str = "auto") -> tuple[np.ndarray, str, Crop, Box | None]:
     """The portrait's pixels, its name for messages, its crop for ``size``-px networks and the face the crop is
     centred on (found by ``detector``, ``AnimateConfig.face_detector``; a PIL image is taken too)."""
     check_face_detector(detector)
     if isinstance(portrait, Image.Image):  # upright and RGB, as a file is read
-        portrait = image_to_rgb(portrait)
+        portrait = _pil_pixels(portrait)
     if not isinstance(portrait, (str, Path, np.ndarray)):
         raise InputError(f"portrait must be an image or video file path, a PIL image or an (H, W, 3) uint8 RGB "
                          f"array, got {type(portrait).__name__}")

@@ -340,3 +340,23 @@ def test_paste_back_and_portrait_inputs_check_their_face_and_mask_as_prepare_doe
     assert searched == []
     assert anim.paste_back(PORTRAIT, face=np.int64(1)).width == anim.paste_back(PORTRAIT).width
     assert anim.portrait_inputs(PORTRAIT, face=np.int32(1)).digest() == anim.portrait_inputs(PORTRAIT).digest()
+
+
+def test_a_pil_image_whose_pixels_cannot_be_read_is_named(anim: Animator, tmp_path: Path) -> None:
+    """A PIL image portrait whose file was closed before Pillow read its pixels (``with Image.open(p) as im: pass``,
+    then ``prepare(im)``) or whose file is cut short is an InputError naming the image's file and the problem (was:
+    Pillow's bare AssertionError, no message at all, and an OSError naming no file); one read inside its block is
+    taken."""
+    from PIL import Image
+
+    with Image.open(PORTRAIT) as closed:
+        pass
+    with pytest.raises(InputError, match=r"portrait \(a PIL image, .*portrait.png\): .* was its file closed"):
+        anim.prepare(closed)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(PORTRAIT.read_bytes()[:20000])
+    with Image.open(cut) as short, pytest.raises(InputError, match=r"a PIL image, .*cut.png\): .*truncated"):
+        anim.paste_back(short)
+    with Image.open(PORTRAIT) as read:
+        read.load()
+    assert anim.portrait_inputs(read).digest() == anim.portrait_inputs(PORTRAIT).digest()
