@@ -254,6 +254,7 @@ class Animator:
 
         require_backend(backend)
         _check_run_options(config, None)  # (before the weights load)
+        image_size = _whole_argument("image_size", image_size)  # (a numpy integer: as an int)
         if compile and backend != "torch":
             raise InputError(f"compile (--compile) applies to the torch backend only, not '{backend}'")
         check_compile_mode(compile)  # before the weights load
@@ -297,6 +298,7 @@ class Animator:
         """
         _check_cuda_graphs(backend, cuda_graphs)
         _check_run_options(config, None)
+        seed, image_size = _whole_argument("seed", seed), _whole_argument("image_size", image_size)
         models = resized(build_models(tiny_config(), seed=seed), image_size)
         models.weights_id = tiny_weights_id(seed)
         if backend == "torch":
@@ -1180,6 +1182,7 @@ def run_image_size(weights_dir: str | Path, backend: str = "torch", image_size: 
     """The crop side a run of these converted weights takes, found without loading them: ``image_size``
     (checked as :meth:`Animator.from_weights` checks it), else the weights' own, or on a graph backend with
     ``onnx_dir`` the size its graphs were exported at."""
+    image_size = _whole_argument("image_size", image_size)
     cfg = converted_config(weights_dir)[0]
     if backend != "torch" and onnx_dir is not None:
         from megactor_rt.engine.manifest import load_manifest

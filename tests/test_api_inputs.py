@@ -360,3 +360,23 @@ def test_a_pil_image_whose_pixels_cannot_be_read_is_named(anim: Animator, tmp_pa
     with Image.open(PORTRAIT) as read:
         read.load()
     assert anim.portrait_inputs(read).digest() == anim.portrait_inputs(PORTRAIT).digest()
+
+
+def test_an_animators_image_size_and_weights_seed_are_whole_numbers_numpy_ones_too(tmp_path: Path) -> None:
+    """Animator.demo(seed=, image_size=), from_weights(image_size=) and run_image_size take a numpy integer as the int
+    it is, and refuse a float, a string or a bool naming the argument (was: image_size=np.int64(192) refused as "192:
+    must be a multiple of 64 from 128 to 1024", image_size="192" as "192: must be ...", seed="1" a TypeError from
+    the weights' name, seed=1.5 and seed=True taken as models named tiny-random-1.5 and tiny-random-True)."""
+    from megactor_rt.runtime.animator import run_image_size
+
+    assert Animator.demo(seed=np.int64(3), image_size=np.int64(192)).image_size == 192
+    for options, says in (({"image_size": 192.0}, "image_size must be a whole number .* got 192.0"),
+                          ({"image_size": "192"}, "image_size must be a whole number .* got '192'"),
+                          ({"seed": "1"}, "seed must be a whole number .* got '1'"),
+                          ({"seed": 1.5}, "seed must be a whole number"), ({"seed": True}, "seed must be a whole")):
+        with pytest.raises(InputError, match=says):
+            Animator.demo(**options)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="image_size must be a whole number .* got '192'"):
+        Animator.from_weights(tmp_path, image_size="192")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="image_size must be a whole number .* got '192'"):
+        run_image_size(tmp_path, image_size="192")  # type: ignore[arg-type]
