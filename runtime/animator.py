@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -557,7 +558,8 @@ class Animator:
                 bars count them (also with the bars off), in the thread running the stage (a driver planned by an
                 earlier run, ``last_stats.driver_plan_hit``, has no ``"driver"`` stage); for a service's progress
                 display (with wrapping windows the first frame comes only after the last step). It should return
-                quickly; an exception it raises stops the run and comes out of this generator.
+                quickly; an exception it raises stops the run and comes out of this generator. A plain function: an
+                ``async def`` one is refused (from asyncio, hand reports on with ``loop.call_soon_threadsafe``).
 
         Raises (when the first frame is asked for: this is a generator):
             InputError: a missing or unreadable driver, one that is neither a path nor ``DriverFrames``, no face
@@ -1108,7 +1110,7 @@ def _check_run_options(config: object, on_progress: object) -> None:
     callable`` from the run's first progress report, after its driver's face search).
 
     Raises:
-        InputError: either is something else (None is neither's default).
+        InputError: either is something else (None is neither's default), or ``on_progress`` is an async function.
     """
     if config is not None and not isinstance(config, AnimateConfig):
         raise InputError(f"config must be an AnimateConfig (megactor_rt.config.AnimateConfig(steps=10, ...), or "
@@ -1116,6 +1118,11 @@ def _check_run_options(config: object, on_progress: object) -> None:
     if on_progress is not None and not callable(on_progress):
         raise InputError(f"on_progress must be a function (called with each Progress report), got "
                          f"{type(on_progress).__name__}")
+    if inspect.iscoroutinefunction(on_progress):
+        # (called, it would only make a coroutine that nobody awaits: every report lost, with a RuntimeWarning)
+        raise InputError(f"on_progress must be a plain function, not an async one ({on_progress!r}): it is called in "
+                         "the thread doing the run's work; from asyncio, hand each report to the event loop with "
+                         "loop.call_soon_threadsafe (e.g. a queue's put_nowait)")
 
 
 def _pil_pixels(image: Image.Image) -> np.ndarray:

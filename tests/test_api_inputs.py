@@ -380,3 +380,30 @@ def test_an_animators_image_size_and_weights_seed_are_whole_numbers_numpy_ones_t
         Animator.from_weights(tmp_path, image_size="192")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="image_size must be a whole number .* got '192'"):
         run_image_size(tmp_path, image_size="192")  # type: ignore[arg-type]
+
+
+def test_an_async_progress_function_is_refused_saying_how_to_report_to_the_event_loop(anim: Animator,
+                                                                                     tmp_path: Path) -> None:
+    """on_progress is called in the thread doing the run's work: an ``async def`` one (the natural guess beside
+    animate_async) is refused before any work, saying how to hand reports to the loop (was: each call made a
+    coroutine nobody awaited, every report lost with only a RuntimeWarning, and the frames came as if all was well)."""
+    import asyncio
+
+    state = anim.prepare(PORTRAIT)
+    got: list[object] = []
+
+    async def report(p: object) -> None:
+        got.append(p)
+
+    says = "on_progress must be a plain function, not an async one .* loop.call_soon_threadsafe"
+
+    async def frames() -> int:
+        return len([f async for f in anim.animate_async(state, DRIVER, on_progress=report)])
+
+    with pytest.raises(InputError, match=says):
+        asyncio.run(frames())
+    with pytest.raises(InputError, match=says):
+        next(anim.animate(state, DRIVER, on_progress=report))
+    with pytest.raises(InputError, match=says):
+        anim.animate_to_file(PORTRAIT, DRIVER, tmp_path / "o.mp4", on_progress=report)
+    assert got == [] and not (tmp_path / "o.mp4").exists()
