@@ -687,8 +687,10 @@ class Animator:
             # the calls made so far: a run stopped early or failed made them too
             stats.calls = {k: v - calls0.get(k, 0) for k, v in self.sub.calls.snapshot().items()
                            if v - calls0.get(k, 0)}
-        self.cache.trim()
-        self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
+            if stats.frames == plan.num_frames:  # every frame is out: the run is complete (also where it is closed
+                # right after its last frame, by a caller taking the frames it knows of: islice, zip)
+                self.cache.trim()
+                self.cache.persist(state)  # with an on-disk store: the state and the banks this run added
 
     def _step_checkpoint(self, folder: str | Path, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig,
                          steps: int, contour: object) -> StepCheckpoint | None:

@@ -2034,3 +2034,25 @@ def test_a_run_refused_for_its_arguments_leaves_no_earlier_runs_stats_as_its_own
             next(anim.animate(arguments.pop("state"), media["short"], **arguments))  # type: ignore[arg-type]
         assert anim.last_stats.frames == 0 and anim.last_stats.stage_seconds == {} and anim.last_plan is None
         assert len(list(anim.animate(state, media["short"]))) == anim.last_stats.frames == 4
+
+
+def test_a_run_closed_right_after_its_last_frame_stores_its_portrait_as_a_complete_one(
+        anim: Animator, media: dict[str, Path], tmp_path: Path) -> None:
+    """The on-disk portrait store gets a state once a run with it is complete: also a run closed right after its last
+    frame, by a caller that takes the frames it knows of and never asks past them (islice, zip), as its checkpoint
+    counts it complete (was: nothing stored, so the next process prepared the portrait again); a run closed before
+    its last frame stores nothing."""
+    import itertools
+
+    store = tmp_path / "portraits"
+    first = Animator(anim.sub, CFG, PortraitCache(disk_dir=store))
+    state = first.prepare(PORTRAIT)
+    early = first.animate(state, media["short"])
+    assert len(list(itertools.islice(early, 3))) == 3
+    early.close()
+    assert not store.exists() or list(store.iterdir()) == []
+    frames = first.animate(state, media["short"])
+    assert len(list(itertools.islice(frames, 4))) == 4  # (the driver's 4 frames: no fifth asked for)
+    frames.close()
+    assert [f.suffix for f in store.iterdir()] == [".safetensors"]
+    assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
