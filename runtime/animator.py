@@ -746,8 +746,10 @@ class Animator:
         frames = prefetch(iter_driver_inputs(plan, size, contour=contour), depth=2 * POSE_BATCH, name="driver-decode")
         model: OptimizedPredictor | ReferencePredictor
         if cfg.mode is Mode.REFERENCE:  # upstream: every driving frame preprocessed before denoising starts
-            with timer.stage("driver+pose_guider"):
-                driving = torch.stack(list(frames), dim=1)[None]  # (1, 3, N, S, S)
+            # (a check before each frame: a run stopped meanwhile, a cancelled animate_async, ends here, not after
+            # the whole driver; the driver's thread stops at once)
+            with timer.stage("driver+pose_guider"), contextlib.closing(frames):
+                driving = torch.stack(list(cancellable(frames)), dim=1)[None]  # (1, 3, N, S, S)
             model = ReferencePredictor(sub, state, driving, cfg.guidance, cfg.reference_timestep,
                                        cfg.reuses_features)
         else:  # the driver's second pass and PoseGuider run as the windows first need their frames

@@ -2056,3 +2056,49 @@ def test_a_run_closed_right_after_its_last_frame_stores_its_portrait_as_a_comple
     frames.close()
     assert [f.suffix for f in store.iterdir()] == [".safetensors"]
     assert Animator(anim.sub, CFG, PortraitCache(disk_dir=store)).cache.get(state.key) is not None
+
+
+def test_a_cancelled_animate_async_stops_the_reference_modes_driver_pass(anim: Animator,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference mode preprocesses every driving frame before its first step: a task cancelled meanwhile stops
+    that pass at the next frame, and its threads end (was: the whole driver was decoded, cropped and isolated first,
+    minutes for a long clip at full size, before the run saw that it was stopped)."""
+    import asyncio
+    import threading
+    import time
+
+    from megactor_rt.runtime import animator as animator_module
+    from megactor_rt.runtime.driver import DriverFrames
+
+    real = animator_module.iter_driver_inputs
+    given: list[int] = []
+
+    def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for frame in real(*args, **kwargs):  # type: ignore[arg-type]
+            given.append(1)
+            time.sleep(0.03)
+            yield frame
+
+    monkeypatch.setattr(animator_module, "iter_driver_inputs", slow)
+    state = anim.prepare(PORTRAIT)
+    driver = DriverFrames(face_frames(80), fps=25, name="clip")
+
+    async def cancel_during_the_driver_pass() -> None:
+        async def consume() -> None:
+            async for _ in anim.animate_async(state, driver, config=replace(CFG, mode=Mode.REFERENCE, max_frames=None)):
+                pass
+
+        task = asyncio.create_task(consume())
+        while len(given) < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_during_the_driver_pass())
+    for _ in range(500):
+        if not any(t.name.startswith(("animate", "driver-decode")) for t in threading.enumerate()):
+            break
+        time.sleep(0.02)
+    assert not any(t.name.startswith(("animate", "driver-decode")) for t in threading.enumerate())
+    assert len(given) < 40, len(given)  # of 80
