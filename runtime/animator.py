@@ -459,6 +459,7 @@ class Animator:
         Returns:
             Seconds taken.
         """
+        _check_run_options(config, None)
         with memory_errors("warming up", self.sub.device):
             return self._warmup(config or self.config)
 
@@ -466,6 +467,7 @@ class Animator:
         """What a run of ``config`` (default: this Animator's) runs on and with, as plain JSON values: backend,
         device, dtype, ``compile``, weights id, every ``AnimateConfig`` field and the windows per UNet call it
         gets here (for records of measured runs, e.g. ``animate --stats``)."""
+        _check_run_options(config, None)
         cfg = config or self.config
         dev = self.sub.device
         fields = cfg.plain()

@@ -306,6 +306,9 @@ def test_an_animator_given_a_config_that_is_no_animate_config_is_refused_at_once
     with pytest.raises(InputError, match=says):
         Animator.from_weights(tmp_path, config={"steps": 1})  # type: ignore[arg-type]
     assert animator.AnimateConfig is type(Animator(anim.sub).config)  # (None: upstream's defaults)
+    for call in (anim.warmup, anim.run_settings):  # (were an AttributeError, "'dict' object has no attribute ...")
+        with pytest.raises(InputError, match=says):
+            call({"steps": 1})  # type: ignore[arg-type]
 
 
 def test_paste_back_and_portrait_inputs_check_their_face_and_mask_as_prepare_does(anim: Animator,
