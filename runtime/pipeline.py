@@ -188,8 +188,16 @@ async def in_thread(items: Iterator[T], name: str = "async") -> AsyncIterator[T]
         stop.set()  # an item in progress raises Cancelled at its next check (nobody waits for it: dropped)
         close = getattr(items, "close", None)
         if close is not None:
-            worker.submit(close)  # (after the item in progress: the same thread; not awaited: a cancelled task)
+            worker.submit(close).add_done_callback(_closed)  # (after the item in progress: the same thread; not
+            # awaited: a cancelled task)
         worker.shutdown(wait=False)
+
+
+def _closed(done: Future[object]) -> None:
+    """Log an error of :func:`in_thread`'s close of its items (was: dropped with its future, unseen)."""
+    error = done.exception()
+    if error is not None and not isinstance(error, Cancelled):
+        logger.warning("closing the run left early failed: %s: %s", type(error).__name__, error)
 
 
 def _produce_for(stop: threading.Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -634,6 +635,35 @@ def test_in_thread_runs_a_generator_on_one_thread_and_closes_it_there() -> None:
     assert asyncio.run(first_four()) == [0, 1, 2, 3]
     assert len(set(seen)) == 1 and seen[0].startswith("numbers") and seen[0] != threading.current_thread().name
     assert closed == seen[:1]
+
+
+def test_in_thread_names_an_error_of_closing_its_items(caplog: pytest.LogCaptureFixture) -> None:
+    """An error raised while in_thread closes its items (a run's cleanup failing) is logged as a warning naming it
+    (was: dropped with the close's future, which nobody looks at)."""
+    import asyncio
+    import contextlib
+
+    from megactor_rt.runtime.pipeline import in_thread
+
+    def numbers() -> Iterator[int]:
+        try:
+            yield from range(100)
+        finally:
+            raise OSError("the half-written result could not be removed")
+
+    async def first_two() -> None:
+        async with contextlib.aclosing(in_thread(numbers())) as it:
+            async for x in it:
+                if x == 1:
+                    break
+        for _ in range(200):
+            if "could not be removed" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        asyncio.run(first_two())
+    assert "closing the run left early failed: OSError: the half-written result could not be removed" in caplog.text
 
 
 @pytest.mark.parametrize("workers", [1, 2])
