@@ -757,6 +757,9 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             for task in self._queue:  # (never run: a request waiting for one is answered so; a job in jobs_dir
                 # stays queued there: _save leaves the state the stop gives it unwritten)
                 task.status, task.finished = "cancelled", time.time()
+                if not task.keep:  # (its request's answer: was "... while the run was under way")
+                    task.error = 503, ("the server stopped before the run began; send the request again (once it "
+                                       "is back, or to another server)")
                 task.over.set()
             self._queue.clear()
         if worker is not None:  # an interpreter exiting while a thread is inside torch may abort: wait for it

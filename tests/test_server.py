@@ -1358,8 +1358,10 @@ def test_a_setting_given_at_its_default_value_is_sent(anim: Animator, media: dic
 def test_a_run_the_servers_stop_cancels_is_answered_as_that(anim: Animator, media: dict[str, Path],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """POST /animate whose run the server's stop (Ctrl-C, SIGTERM) cancels: 503, to send again (was 410 "the run was
-    cancelled (DELETE /jobs/ID)", naming a DELETE nobody sent and a job id its client never saw)."""
+    cancelled (DELETE /jobs/ID)", naming a DELETE nobody sent and a job id its client never saw); one still waiting
+    for its turn is told its run never began (was told it was under way)."""
     answers: list[tuple[int, dict[str, str], bytes]] = []
+    waiting: list[tuple[int, dict[str, str], bytes]] = []
     body, ctype = form({**files(media), "duration": "0.04"})
     with serving(anim) as srv:
         started = threading.Event()
@@ -1376,9 +1378,16 @@ def test_a_run_the_servers_stop_cancels_is_answered_as_that(anim: Animator, medi
                                   daemon=True)
         client.start()
         assert started.wait(60)
+        second = threading.Thread(target=lambda: waiting.append(request(srv, "POST", "/animate", body, ctype)),
+                                  daemon=True)
+        second.start()
+        wait_for(srv, lambda h: h["waiting"] == 1)
     client.join(60)
+    second.join(60)
     (status, _, answer), = answers
     assert status == 503 and "the server stopped while the run was under way" in json.loads(answer)["error"], answer
+    (status, _, answer), = waiting
+    assert status == 503 and "the server stopped before the run began" in json.loads(answer)["error"], answer
 
 
 def test_a_stopping_server_sends_its_503s_before_it_is_closed(anim: Animator, media: dict[str, Path],
