@@ -235,6 +235,8 @@ def read_form(stream: _Readable, length: int, content_type: str, folder: Path,
                 raise FormError("a part of the form has headers over 16 KiB")
             buf += body.read()
             end = buf.find(b"\r\n\r\n")
+        if end > _HEADER_LIMIT:  # (come in one read: was taken whatever their size)
+            raise FormError("a part of the form has headers over 16 KiB")
         # (browsers send a file name as UTF-8 bytes: read so, not as ASCII, which garbled "café.png")
         head = email.parser.HeaderParser().parsestr(
             (buf[:end].partition(b"\r\n")[2] + b"\r\n\r\n").decode("utf-8", errors="replace"))

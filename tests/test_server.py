@@ -101,9 +101,11 @@ def test_a_file_name_a_browser_escaped_is_read_as_the_users(tmp_path: Path) -> N
     (form({"format": "mp4"}, "b")[0][:-9], "multipart/form-data; boundary=b", 400,
      "the form ends before its closing boundary"),
     (b"--b\r\n" + b"X-Pad: y\r\n" * 2000, "multipart/form-data; boundary=b", 400, "headers over 16 KiB"),
+    (b"--b\r\n" + b"X-Pad: y\r\n" * 2000 + b"\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b", 400,
+     "headers over 16 KiB"),  # (all of them in the first read: were taken)
     (b"--b\r\n\r\nno headers\r\n--b--\r\n", "multipart/form-data; boundary=b", 400, "no field name"),
 ], ids=["not-multipart", "no-boundary", "unknown-field", "twice", "not-utf8",
-        "text-too-long", "cut-short", "huge-headers", "no-name"])
+        "text-too-long", "cut-short", "huge-headers", "huge-headers-at-once", "no-name"])
 def test_a_bad_form_is_refused_with_its_reason(tmp_path: Path, body: bytes, ctype: str, status: int,
                                                message: str) -> None:
     with pytest.raises(FormError, match=message) as caught:
