@@ -111,14 +111,22 @@ class DriverFrames:
         return VideoInfo(path=Path(self.name), width=w, height=h, fps=fps, num_frames=len(self.frames),
                          has_audio=False, duration_s=len(self.frames) / float(fps))
 
-    def iter_frames(self, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    def iter_frames(self, max_frames: int | None = None, skip: int = 0, ratio: Fraction = Fraction(1)
+                    ) -> Iterator[np.ndarray]:
+        """The frames from ``skip`` on, the ones ``ratio`` keeps (:func:`kept_frame`, counted from ``skip``), at
+        most ``max_frames``: only those are read (an image sequence's or animated WebP's frames are decoded when
+        indexed, so a late start or a lower rate does not read the frames it leaves out)."""
         shape = np.asarray(self.frames[0]).shape
-        for i, frame in enumerate(self.frames):
-            if max_frames is not None and i >= max_frames:
+        count = 0
+        for i in range(skip, len(self.frames)):
+            if max_frames is not None and count >= max_frames:
                 return
-            f = np.asarray(frame)
+            if ratio != 1 and not kept_frame(i - skip, ratio):
+                continue
+            f = np.asarray(self.frames[i])
             if f.shape != shape or f.dtype != np.uint8:
                 raise InputError(f"{self.name}: frame {i} is {f.shape} {f.dtype}; every frame must be {shape} uint8")
+            count += 1
             yield f
 
 
@@ -244,12 +252,10 @@ def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction
     source frame ``skip`` on (see :func:`start_frame`), all of them, or with ``ratio`` > 1 (source fps / output
     fps, see :func:`output_fps`) the ones kept (:func:`kept_frame`, counted from ``skip``); ``max_frames``
     caps the frames yielded."""
-    frames: Iterator[np.ndarray]
-    if isinstance(driver, DriverFrames):
-        frames = itertools.islice(driver.iter_frames(), skip, None)
-    else:  # the skipped frames are decoded but not converted
-        frames = iter_video_frames(driver, skip=skip)
-    return _kept(frames, max_frames, ratio)
+    if isinstance(driver, DriverFrames):  # (indexed: the frames left out are never read)
+        return _kept(driver.iter_frames(max_frames, skip, ratio), None, Fraction(1))
+    # the skipped frames are decoded but not converted
+    return _kept(iter_video_frames(driver, skip=skip), max_frames, ratio)
 
 
 def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Generator[np.ndarray, None, None]:

@@ -1,0 +1,54 @@
+"""A driver whose frames are read when indexed (an image sequence, an animated WebP): a later ``--start`` and a
+lower ``--fps`` read only the frames the run uses, as a video's seek does, on every pass (was: every frame from the
+first one, each decoded and dropped)."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megactor_rt.runtime.driver import DriverFrames, _kept, driver_frames, sequence_driver
+from megactor_rt.sequence import FrameSequence
+
+
+def _plate(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((64, 64, 3), i, np.uint8)).save(folder / f"img_{i + 1:04d}.png")
+    return folder / "img_%04d.png"
+
+
+@pytest.mark.parametrize(("max_frames", "ratio", "skip", "reads"), [
+    (5, Fraction(1), 50, 5), (None, Fraction(1), 57, 3), (4, Fraction(5), 0, 4), (None, Fraction(5, 2), 40, 8)],
+    ids=["late-start", "start-to-end", "lower-rate", "both"])
+def test_a_sequence_driver_reads_only_the_frames_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       max_frames: int | None, ratio: Fraction, skip: int,
+                                                       reads: int) -> None:
+    src = sequence_driver(_plate(tmp_path / "plate", 60), fps=25)
+    read: list[int] = []
+    original = FrameSequence._read
+
+    def counted(self: FrameSequence, k: int) -> np.ndarray:
+        read.append(k)
+        return original(self, k)
+
+    monkeypatch.setattr(FrameSequence, "_read", counted)
+    got = [int(f[0, 0, 0]) for f in driver_frames(src, max_frames, ratio, skip)]
+    kept = list(_kept(iter(range(skip, 60)), max_frames, ratio))  # the frames the selection keeps
+    assert got == kept
+    assert len(kept) == reads
+    assert set(read) - {0} == set(kept) - {0}  # (frame 0 also: its size, every frame is checked against)
+
+
+def test_frames_in_memory_keep_their_selection() -> None:
+    frames = [np.full((64, 64, 3), i, np.uint8) for i in range(50)]
+    clip = DriverFrames(frames, fps=30)
+    for max_frames, ratio, skip in [(None, Fraction(1), 0), (7, Fraction(5, 2), 3), (None, Fraction(2000, 1001), 5),
+                                    (1, Fraction(5, 2), 49), (None, Fraction(1), 60), (3, Fraction(1), 48)]:
+        got = [int(f[0, 0, 0]) for f in driver_frames(clip, max_frames, ratio, skip)]
+        assert got == list(_kept(itertools.islice(iter(range(50)), skip, None), max_frames, ratio))
