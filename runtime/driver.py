@@ -582,7 +582,8 @@ def crop_upsample(plan: DriverPlan, size: int) -> int | None:
 
 def _past_the_end(name: str, start: float | None, frames: int, fps: Fraction, at_least: bool = True
                   ) -> InputError:
-    has = f"{frames} frames ({float(frames / fps):.2f} s)" if at_least else f"fewer than {frames} frames"
+    has = f"{frames} frames ({float(frames / fps):.2f} s)" if at_least else f"at most {frames} frames"  # (none
+    # from frame `frames` on: it may have exactly that many)
     return InputError(f"{name}: no frame starts at or after {start} s (the first would be frame "
                       f"{start_frame(fps, start)}; the driver has {has}); use a smaller start (--start, a jobs "
                       "file's or a server form's start field; Python: start=)")

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media_fixtures import write_face_driver
 from PIL import Image
 
-from megactor_rt.runtime.driver import DriverFrames, _kept, driver_frames, sequence_driver
+from megactor_rt.errors import InputError
+from megactor_rt.runtime.driver import (
+    DriverFrames,
+    _kept,
+    driver_frames,
+    driver_info,
+    plan_driver,
+    sequence_driver,
+)
 from megactor_rt.sequence import FrameSequence
 
 
@@ -52,3 +61,13 @@ def test_frames_in_memory_keep_their_selection() -> None:
                                     (1, Fraction(5, 2), 49), (None, Fraction(1), 60), (3, Fraction(1), 48)]:
         got = [int(f[0, 0, 0]) for f in driver_frames(clip, max_frames, ratio, skip)]
         assert got == list(_kept(itertools.islice(iter(range(50)), skip, None), max_frames, ratio))
+
+
+def test_a_start_at_the_end_of_a_clip_without_a_frame_count_names_its_frames_right(tmp_path: Path) -> None:
+    """A WebM's header counts no frames: a start at its end is found past it by pass 1, and the error said the
+    driver had "fewer than 6 frames" when it has 6 (now: at most 6)."""
+    clip = write_face_driver(tmp_path / "six.webm", n=6, size=96)
+    assert driver_info(clip).num_frames is None  # (the case: else the header's count is named)
+    with pytest.raises(InputError, match=r"the first would be frame 6; the driver has at most 6 frames"):
+        plan_driver(clip, start=0.24)
+    assert len(list(driver_frames(clip, skip=5))) == 1  # (it has 6)
