@@ -93,8 +93,14 @@ def warn_stale_checkpoints(folder: str | Path, days: float = STALE_DAYS) -> list
 
 def inputs_key(facts: dict[str, Any]) -> str:
     """The hash of a run's portrait and driver alone (``facts``' ``portrait`` and ``driver``), saved with its
-    checkpoint: a run of the same inputs that finds none of its own names one saved with other settings."""
-    doc = json.dumps({"portrait": facts.get("portrait"), "driver": facts.get("driver")}, sort_keys=True, default=str)
+    checkpoint: a run of the same inputs that finds none of its own names one saved with other settings. The
+    portrait is its content alone: its state's key (``digest|model, backend, precision, device|seed=N|...``) also
+    names what computed it, which are other settings here (was: a run started again with another seed, precision,
+    backend or device, whose state's key changed with them, was told of no checkpoint of its inputs)."""
+    portrait = facts.get("portrait")
+    if isinstance(portrait, str):
+        portrait = portrait.split("|", 1)[0]
+    doc = json.dumps({"portrait": portrait, "driver": facts.get("driver")}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
@@ -205,9 +211,9 @@ class StepCheckpoint:
                     older.append(path)
             elif self.inputs is not None and meta.get("inputs") == self.inputs:
                 logger.warning("%s: another run's checkpoint of this portrait and driver, saved with other settings "
-                               "(or another backend, precision, size or weights); a run continues only from one of its "
-                               "own settings (changed since it was stopped?), so this run starts from its first step "
-                               "(the file stays)", path)
+                               "(or another seed, backend, precision, device or weights); a run continues only from one "
+                               "of its own settings (changed since it was stopped?), so this run starts from its first "
+                               "step (the file stays)", path)
         _OLDER_NAMED.update(older)
         if older:
             logger.warning("%s: %d checkpoint(s) written by an older megactor-rt, e.g. %s: this version continues "

@@ -383,3 +383,20 @@ def test_latents_of_other_graphs_are_not_resumed_from(anim: Animator, driver: Pa
     assert latents_id(every) != latents_id({**every, "temporal_unet": Graph("b")})
     assert latents_id(every) != latents_id({g: r for g, r in every.items() if g != "pose_guider"})  # torch's
     assert latents_id(every) == latents_id({**every, "vae_decoder": Graph("b"), "tiny_decoder": Graph("c")})
+
+
+def test_a_run_started_again_with_another_seed_names_the_checkpoint_it_does_not_continue(
+        driver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The seed is also in the portrait state's key (its posterior sample), as are the precision, backend and device:
+    a run stopped and started again with another one was told of no checkpoint of its portrait and driver (its
+    inputs' hash changed with the state's key); now the checkpoint is named, and the run starts over."""
+    flags = ["-q", "demo", "--driver", str(driver), "--steps", "3", "--window", "4", "--overlap", "2",
+             "--max-frames", "6", "--checkpoint-dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "r.mp4")]
+    with monkeypatch.context() as m:
+        _stop_after(m, 1)
+        assert main(flags) == 1
+    (stopped,) = (tmp_path / "ckpt").glob("run-*.safetensors")
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        assert main([*flags, "--seed", "7"]) == 0
+    assert f"{stopped}: another run's checkpoint of this portrait and driver, saved with other settings" in caplog.text
+    assert stopped.exists() and list((tmp_path / "ckpt").iterdir()) == [stopped]
