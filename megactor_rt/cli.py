@@ -414,9 +414,6 @@ def _stdin_driver(args: argparse.Namespace) -> None:
                             "folder with room for the clip") from exc
     if path.stat().st_size == 0:
         raise InputError("--driver -: standard input was empty (no video piped in)")
-    if getattr(args, "checkpoint_dir", None) is not None:
-        logger.warning("--checkpoint-dir: a driver read from standard input is a new file on every run, so a "
-                       "run started again cannot continue from this one's checkpoint")
     args.driver = [path] if isinstance(given, list) else path
     args.addresses[str(path)] = "standard input (--driver -)"  # (how messages name it: the folder goes at the end)
 

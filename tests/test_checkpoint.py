@@ -400,3 +400,28 @@ def test_a_run_started_again_with_another_seed_names_the_checkpoint_it_does_not_
         assert main([*flags, "--seed", "7"]) == 0
     assert f"{stopped}: another run's checkpoint of this portrait and driver, saved with other settings" in caplog.text
     assert stopped.exists() and list((tmp_path / "ckpt").iterdir()) == [stopped]
+
+
+def test_a_driver_piped_in_again_resumes_without_a_warning_that_it_cannot(
+        driver: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """--driver -: a checkpoint knows the driver by its bytes, so the same clip piped in again continues the run; a
+    warning said it could not ("a new file on every run"), which kept users from the insurance."""
+    import io
+
+    def piped() -> None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(driver.read_bytes())))
+
+    flags = ["-q", "demo", "--driver", "-", "--steps", "3", "--window", "4", "--overlap", "2",
+             "--checkpoint-dir", str(tmp_path / "ckpt"), "-o", str(tmp_path / "r.mp4")]
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        _stop_after(m, 1)
+        piped()
+        assert main(flags) == 1
+    piped()
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="megactor_rt"):
+        assert main(flags) == 0
+    assert "resumed at step 3" in capsys.readouterr().out
+    assert "standard input" not in caplog.text, caplog.text
+    assert list((tmp_path / "ckpt").iterdir()) == []
