@@ -1284,11 +1284,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.jobs is None:
         config = _run_config(args)
     _note_ignored_options(args, config, jobs if args.jobs is not None else ())
-    if args.checkpoint_dir is not None:
-        from megactor_rt.runtime.checkpoint import check_checkpoint_dir, warn_stale_checkpoints
-
-        check_checkpoint_dir(args.checkpoint_dir)
-        warn_stale_checkpoints(args.checkpoint_dir)
+    _check_checkpoints(args.checkpoint_dir, [job.output for job in jobs])
     if args.skip_existing:
         jobs = _without_existing(jobs, args, config, record)
         if not jobs:
@@ -1678,6 +1674,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_files([portrait], [driver], args.output, args.mask, args.audio, args.audio_start, args.sequence_fps)
     _check_quality(args.output, args.crf)
     _check_sequence_options([args.output], args)
+    _check_checkpoints(args.checkpoint_dir, [args.output])  # (was not checked: a file there failed after the prep)
     if args.work_dir is not None:
         _output_folder(args.work_dir, "--work-dir")
     config = _run_config(args)
@@ -1704,6 +1701,30 @@ _NOT_WITH_SERVE = (("--mask", "mask"), ("--audio", "audio"), ("--audio-start", "
                    ("--checkpoint-dir", "checkpoint_dir"), ("--stats", "stats"), ("--progress-json", "progress_json"),
                    ("--first-number", "first_number"), ("--sequence-fps", "sequence_fps"),
                    ("--audio-out", "audio_out"))
+
+
+def _check_checkpoints(folder: Path | None, outputs: Sequence[Path]) -> None:
+    """``--checkpoint-dir`` (None: not given) can be written and is not a PNG sequence result's folder (or in it:
+    that folder holds its frames alone, so a checkpoint in it failed the result only once every step was done, and
+    every run started again was refused); its checkpoints of runs never started again are named (a warning).
+
+    Raises:
+        InputError: naming the folder (and the result).
+    """
+    if folder is None:
+        return
+    from megactor_rt.runtime.checkpoint import check_checkpoint_dir, warn_stale_checkpoints
+    from megactor_rt.sequence import frame_pattern, is_sequence
+
+    check_checkpoint_dir(folder)
+    where = Path(os.path.realpath(folder))
+    for output in outputs:
+        if is_sequence(output):
+            frames = Path(os.path.realpath(frame_pattern(output).folder))
+            if where == frames or frames in where.parents:
+                raise InputError(f"{folder}: the checkpoint folder (--checkpoint-dir) is in the folder of the frame "
+                                 f"sequence result {output}, which holds its frames alone; give another folder")
+    warn_stale_checkpoints(folder)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

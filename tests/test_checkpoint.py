@@ -425,3 +425,19 @@ def test_a_driver_piped_in_again_resumes_without_a_warning_that_it_cannot(
     assert "resumed at step 3" in capsys.readouterr().out
     assert "standard input" not in caplog.text, caplog.text
     assert list((tmp_path / "ckpt").iterdir()) == []
+
+
+@pytest.mark.parametrize("inside", ["", "ckpt"], ids=["the-folder", "a-folder-in-it"])
+def test_a_checkpoint_folder_in_a_sequence_results_folder_is_refused_before_the_work(
+        driver: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], inside: str) -> None:
+    """-o take/%05d.png --checkpoint-dir take: the checkpoint went into the folder that holds the frames alone, so
+    the result failed once every step was done ("take now holds run-....safetensors, which is no frame of this
+    result"), and the run started again was refused; now the folder is refused before any work."""
+    take = tmp_path / "take"
+    flags = ["-q", "demo", "--driver", str(driver), "--steps", "2", "--window", "4", "--overlap", "2",
+             "--checkpoint-dir", str(take / inside), "-o", str(take / "%05d.png")]
+    assert main(flags) == 2
+    out, err = capsys.readouterr()
+    assert "the checkpoint folder (--checkpoint-dir) is in the folder of the frame sequence result" in err, err
+    assert "TINY RANDOM-WEIGHT" not in out + err  # (before the model is built)
+    assert not take.exists() and list(tmp_path.iterdir()) == []
