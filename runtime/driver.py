@@ -25,6 +25,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -43,6 +44,7 @@ from megactor_rt.media import (
     MIN_IMAGE_SIDE,
     AnimatedWebP,
     VideoInfo,
+    _use_first,
     is_animated_webp,
     iter_video_frames,
     probe_video,
@@ -258,14 +260,26 @@ def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction
     return _kept(iter_video_frames(driver, skip=skip), max_frames, ratio)
 
 
+# the hint of a truncated video's error (media's _use_first): the --max-frames that animates the frames before the break
+_BREAK_HINT = re.compile(r"--max-frames \d+ \(AnimateConfig\.max_frames\) animates (?:the frame|the \d+ frames) "
+                         r"before the break")
+
+
 def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Generator[np.ndarray, None, None]:
     count = 0
-    for i, frame in enumerate(frames):
-        if ratio == 1 or kept_frame(i, ratio):
-            yield frame
-            count += 1
-            if max_frames is not None and count >= max_frames:
-                return
+    try:
+        for i, frame in enumerate(frames):
+            if ratio == 1 or kept_frame(i, ratio):
+                yield frame
+                count += 1
+                if max_frames is not None and count >= max_frames:
+                    return
+    except InputError as exc:  # a video that breaks off: its hint counts the clip's frames, --max-frames the ones
+        # kept (at --fps 10 of a 25 fps clip, 27 frames before the break are 11: "--max-frames 27" broke again)
+        hint = _BREAK_HINT.search(str(exc)) if ratio != 1 and count else None
+        if hint is None:
+            raise
+        raise InputError(str(exc).replace(hint.group(0), _use_first(count))) from exc
 
 
 def start_frame(fps: Fraction, start: float | None) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media_fixtures import write_face_driver
+from media_fixtures import write_face_driver, write_truncated_video
 from PIL import Image
 
 from megactor_rt.errors import InputError
@@ -71,3 +71,18 @@ def test_a_start_at_the_end_of_a_clip_without_a_frame_count_names_its_frames_rig
     with pytest.raises(InputError, match=r"the first would be frame 6; the driver has at most 6 frames"):
         plan_driver(clip, start=0.24)
     assert len(list(driver_frames(clip, skip=5))) == 1  # (it has 6)
+
+
+@pytest.mark.parametrize(("fps", "start", "frames"), [(None, None, 9), (10, None, 4), (10, 0.2, 2)],
+                         ids=["all", "fps", "fps-and-start"])
+def test_a_truncated_clip_at_a_lower_fps_names_the_max_frames_that_animates_it(
+        tmp_path: Path, fps: int | None, start: float | None, frames: int) -> None:
+    """The error of a clip that breaks off names the --max-frames that animates the frames before the break; with
+    --fps it counted the clip's frames (9 at 25 fps), not the frames kept (4 at 10 fps), so following it broke again;
+    that --max-frames now plans the clip."""
+    clip = write_truncated_video(tmp_path / "cut.mp4", n=24)
+    with pytest.raises(InputError, match=rf"; --max-frames {frames} \(AnimateConfig.max_frames\) animates the "
+                                         rf"{frames} frames before the break") as caught:
+        plan_driver(clip, fps=fps, start=start, face_crop=False)
+    assert "after frame 9 " in str(caught.value)  # (the case: 9 frames decode before the break)
+    assert plan_driver(clip, frames, face_crop=False, fps=fps, start=start).num_frames == frames
