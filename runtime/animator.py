@@ -75,7 +75,7 @@ from megactor_rt.preprocess import (
 from megactor_rt.progress import Progress, Reporter, progress, reporting
 from megactor_rt.runtime.backends import device_name
 from megactor_rt.runtime.cache import PortraitCache
-from megactor_rt.runtime.checkpoint import StepCheckpoint, inputs_key, run_key
+from megactor_rt.runtime.checkpoint import StepCheckpoint, check_checkpoint_dir, inputs_key, run_key
 from megactor_rt.runtime.denoise import EpsModel, NoiseSource, denoise, denoise_stream, windows_in_flight
 from megactor_rt.runtime.driver import (
     Driver,
@@ -575,6 +575,8 @@ class Animator:
         self.last_stats, self.last_plan = run.stats, None  # this run's, also where its arguments are refused
         check_affine_frame(contour_affine_frame)
         _check_run_options(config, on_progress)
+        if checkpoint_dir is not None:  # (a file, or no way to write it: was found after the portrait's crop and
+            check_checkpoint_dir(checkpoint_dir)  # the driver's face search)
         try:
             yield from reporting(self._frames(state, driver, face_crop, contour, landmarks_model,
                                               contour_affine_frame, config or self.config, driver_face,
@@ -909,6 +911,8 @@ class Animator:
             ("face", face), ("driver_face", driver_face), ("crf", crf), ("first_number", first_number)))
         _check_mask(mask)
         _check_run_options(config, on_progress)
+        if checkpoint_dir is not None:
+            check_checkpoint_dir(checkpoint_dir)
         out = check_output_path(output)
         sound_out = None if audio_out is None else check_sound_out(audio_out, output, audio)
         check_quality(out, crf)

@@ -16,6 +16,7 @@ from media_fixtures import PORTRAIT, face_frames, write_face_driver, write_lefto
 
 from megactor_rt.cli import main
 from megactor_rt.config import AnimateConfig
+from megactor_rt.errors import InputError
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.checkpoint import StepCheckpoint
 from megactor_rt.runtime.driver import DriverFrames
@@ -166,6 +167,14 @@ def test_runs_that_cannot_be_saved_say_so(anim: Animator, driver: Path, tmp_path
     (tmp_path / "file").write_text("")
     code = main(["-q", "demo", "--checkpoint-dir", str(tmp_path / "file"), "-o", str(tmp_path / "r.mp4")])
     assert code == 2 and "the checkpoint folder (--checkpoint-dir) is a file" in capsys.readouterr().err
+    assert not (tmp_path / "r.mp4").exists()
+    state = anim.prepare(PORTRAIT)
+    for run in (lambda: anim.animate_to_file(PORTRAIT, driver, tmp_path / "r.mp4", checkpoint_dir=tmp_path / "file"),
+                lambda: next(anim.animate(state, driver, checkpoint_dir=tmp_path / "file"))):  # (the Python API
+        anim.last_plan = None
+        with pytest.raises(InputError, match="is a file"):  # too, before its driver's face search: was after)
+            run()
+        assert anim.last_plan is None
     assert not (tmp_path / "r.mp4").exists()
 
 
