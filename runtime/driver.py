@@ -289,6 +289,12 @@ def start_frame(fps: Fraction, start: float | None) -> int:
     return math.ceil(Fraction(start).limit_denominator(1_000_000) * fps)
 
 
+def start_shown(seconds: Fraction) -> str:
+    """A frame's start time in whole milliseconds, rounded down, so that ``--start`` given it picks that frame (at
+    29.97 fps frame 100 starts at 3.33667 s: shown rounded, 3.337, it picked frame 101)."""
+    return f"{math.floor(seconds * 1000) / 1000:.3f}"
+
+
 def output_fps(source: Fraction, fps: float | Fraction | None) -> Fraction:
     """The rate a driver at ``source`` fps is animated at: ``fps`` where that is lower, else ``source``. A rate
     within 0.01 % of the source's is the source's (``--fps 29.97`` on an NTSC clip at 30000/1001 keeps every
@@ -505,7 +511,7 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     crop = driver_crop(boxes, info.height, info.width, face_crop=face_crop, source_name=name,
                        hint=_detector_hint(detector, used))
     resampled = f" (resampled from {info.fps} fps)" if ratio != 1 else ""
-    started = f" from {float(sel.start_s):.3f} s" if skip else ""
+    started = f" from {start_shown(sel.start_s)} s" if skip else ""
     logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, sel.fps, resampled, crop)
     if info.variable_rate:
         logger.info("driver %s has a variable frame rate (its header's average, %.3f fps, is not its nominal "

@@ -21,6 +21,8 @@ from megactor_rt.runtime.driver import (
     driver_info,
     plan_driver,
     sequence_driver,
+    start_frame,
+    start_shown,
 )
 from megactor_rt.sequence import FrameSequence
 
@@ -86,3 +88,11 @@ def test_a_truncated_clip_at_a_lower_fps_names_the_max_frames_that_animates_it(
         plan_driver(clip, fps=fps, start=start, face_crop=False)
     assert "after frame 9 " in str(caught.value)  # (the case: 9 frames decode before the break)
     assert plan_driver(clip, frames, face_crop=False, fps=fps, start=start).num_frames == frames
+
+
+@pytest.mark.parametrize("fps", [Fraction(30000, 1001), Fraction(24000, 1001), Fraction(25), Fraction(60)])
+def test_a_start_time_the_log_shows_picks_its_frame_again(fps: Fraction) -> None:
+    """The log's "from S s" (the first frame used): --start S picks that frame again (was rounded to the nearest
+    millisecond: at 29.97 fps frame 100's 3.33667 s shown as 3.337, which picked frame 101)."""
+    for frame in range(1, 5000):
+        assert start_frame(fps, float(start_shown(frame / fps))) == frame, (fps, frame)
