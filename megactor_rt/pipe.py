@@ -257,7 +257,14 @@ def yuv444_planes(frame: np.ndarray) -> np.ndarray:
     import av
 
     eight = frame.dtype == np.uint8
+    width = frame.shape[1]
+    if not eight and width % 16:
+        # swscale (PyAV 18's FFmpeg 8.1) converts rgb48le to yuv444p16le wrongly at the start of some rows (8
+        # pixels, values off by up to a third of the range, differing from call to call) where the width is no
+        # multiple of 16 (a pasted-back portrait's, e.g. 134 px): converted with the last column repeated to one
+        # (each pixel is converted on its own: the frame's own are the same), then cut back
+        frame = np.pad(frame, ((0, 0), (0, -width % 16), (0, 0)), mode="edge")
     yuv = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24" if eight else "rgb48le").reformat(
         format="yuv444p" if eight else "yuv444p16le").to_ndarray()
     planes = yuv if yuv.shape[0] == 3 and yuv.shape[1:] == frame.shape[:2] else np.moveaxis(yuv, -1, 0)
-    return np.ascontiguousarray(planes, dtype=np.dtype("<u2") if not eight else np.uint8)
+    return np.ascontiguousarray(planes[:, :, :width], dtype=np.dtype("<u2") if not eight else np.uint8)
