@@ -1898,6 +1898,13 @@ def _palette_filter(sample: list[av.VideoFrame], time_base: Fraction
     return graph, frames
 
 
+def _file_start(container: av.container.InputContainer) -> Fraction:
+    """Where a media file starts on its own clock, seconds: its container's first timestamp (an MPEG-TS recording's
+    is 1.4 s or more, not 0), or 0 where it has none or an earlier one (an Opus stream's pre-skip)."""
+    start = container.start_time
+    return Fraction(start, av.time_base) if start is not None and start > 0 else Fraction(0)
+
+
 class _AudioTrack:
     """The sound of a result: the first audio stream of a source file, trimmed to the result's span and copied
     into (or converted for) the output container ``_out``; shared by :class:`VideoWriter` and
@@ -1906,8 +1913,10 @@ class _AudioTrack:
     _out: av.container.OutputContainer
     _suffix: str
 
-    def _init_audio(self, audio_source: PathLike | None, audio_offset: Fraction, video_start: Fraction) -> None:
-        """Open ``audio_source`` (see :class:`VideoWriter`); nothing is written yet."""
+    def _init_audio(self, audio_source: PathLike | None, audio_offset: Fraction, video_start: Fraction | None
+                    ) -> None:
+        """Open ``audio_source`` (see :class:`VideoWriter`; ``video_start`` None: the file's own start,
+        :func:`_file_start`); nothing is written yet."""
         self._audio_in: av.container.InputContainer | None = None
         self._audio_in_stream: av.audio.stream.AudioStream | None = None
         self._audio_path: Path | None = None
@@ -1918,9 +1927,11 @@ class _AudioTrack:
         self._audio_offset = Fraction(audio_offset)
         if self._audio_offset < 0:
             raise ValueError(f"audio_offset must be >= 0, got {audio_offset}")
-        self._video_start = Fraction(video_start)
+        self._video_start = Fraction(video_start or 0)
         if audio_source is not None:
             self._open_audio_source(Path(audio_source))
+            if video_start is None and self._audio_in is not None:
+                self._video_start = _file_start(self._audio_in)
 
     def _open_audio_source(self, source: Path) -> None:
         container = _open_input(source, what="audio source")
@@ -2138,7 +2149,7 @@ class Soundtrack(_AudioTrack):
     """
 
     def __init__(self, audio_source: PathLike, audio_offset: Fraction = Fraction(0),
-                 video_start: Fraction = Fraction(0)) -> None:
+                 video_start: Fraction | None = None) -> None:
         """Raises: InputError: ``audio_source`` is missing or unreadable."""
         self._suffix = ".wav"
         self._init_audio(audio_source, audio_offset, video_start)
@@ -2192,7 +2203,7 @@ class VideoWriter(ResultWriter, _AudioTrack):
 
     def __init__(self, path: PathLike, fps: Fraction | int, width: int, height: int,
                  audio_source: PathLike | None = None, crf: int | None = None, audio_offset: Fraction = Fraction(0),
-                 video_start: Fraction = Fraction(0), metadata: Mapping[str, str] | None = None) -> None:
+                 video_start: Fraction | None = None, metadata: Mapping[str, str] | None = None) -> None:
         """Open the temporary output and set up streams.
 
         Args:
@@ -2206,7 +2217,10 @@ class VideoWriter(ResultWriter, _AudioTrack):
                 None: 18 for H.264 (visually lossless), 24 for VP9 (about the same error); a GIF takes none.
             video_start: where the driver's video starts on ``audio_source``'s clock (its video stream's start,
                 :attr:`VideoInfo.start_s`); ``audio_offset`` counts from there, so audio that starts before or
-                after the video stays in step (audio before it is dropped, a later start is kept as silence).
+                after the video stays in step (audio before it is dropped, a later start is kept as silence);
+                None (another file's sound, ``--audio``): the file's own start, its container's first timestamp
+                (an MPEG-TS recording's clock starts at 1.4 s or later: counted from 0, its sound was silence, or
+                none at all in a short result).
             audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
                 there on is carried over (copied audio starts at the first whole packet from there, at most one
                 packet late: about 20-30 ms at 44.1-48 kHz, longer at low sample rates; transcoded audio

@@ -104,7 +104,7 @@ class Y4MWriter(ResultWriter):
                  crf: int | None = None, metadata: Mapping[str, str] | None = None, bit_depth: int = 8,
                  stream: BinaryIO | None = None, sound_out: Path | None = None,
                  frame_count: Callable[[], int | None] | None = None, audio_offset: Fraction = Fraction(0),
-                 video_start: Fraction = Fraction(0)) -> None:
+                 video_start: Fraction | None = None) -> None:
         if crf is not None:
             raise InputError("-o -: the stream carries raw frames: crf (--crf) does not apply; leave it out")
         self._take_frames(fps, width, height, bit_depth)

@@ -407,7 +407,7 @@ class SequenceWriter(ResultWriter):
     def __init__(self, path: str | os.PathLike[str], fps: Fraction | int, width: int, height: int,
                  audio_source: str | os.PathLike[str] | None = None, crf: int | None = None,
                  metadata: Mapping[str, str] | None = None, first_number: int = FIRST_FRAME,
-                 audio_offset: Fraction = Fraction(0), video_start: Fraction = Fraction(0), bit_depth: int = 8) -> None:
+                 audio_offset: Fraction = Fraction(0), video_start: Fraction | None = None, bit_depth: int = 8) -> None:
         """Args: as :class:`~megactor_rt.media.VideoWriter`'s; the sound of ``audio_source`` goes into the folder as
         :data:`SOUND_NAME` (:class:`~megactor_rt.media.Soundtrack`); ``metadata``: its ``comment`` goes into every
         frame's ``Comment`` chunk; ``first_number``: the first frame's number (>= 0); ``bit_depth``: 8 (uint8

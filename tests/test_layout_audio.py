@@ -1,0 +1,84 @@
+"""A result's sound from another file (``--audio FILE``, ``audio=PATH``): taken from the file's own start, whatever
+its clock says that start is."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from megactor_rt.media import Soundtrack, VideoWriter
+
+RATE = 48000
+
+
+def write_ts_sound(path: Path, clock_start: float = 1.4, beep_at: float = 0.2, seconds: float = 1.0) -> Path:
+    """An audio-only MPEG-TS file (MP2, mono) whose clock starts at ``clock_start`` s, as FFmpeg writes a TS
+    (1.4 s) and broadcast recordings have it: silence with a 1 kHz beep ``beep_at`` s into the sound."""
+    t = np.arange(int(RATE * seconds)) / RATE
+    beep = (t >= beep_at) & (t < beep_at + 0.05)
+    sound = np.where(beep, 0.5 * np.sin(2 * np.pi * 1000 * t), 0.0)
+    samples = (sound * 32767).astype(np.int16)
+    first = round(clock_start * RATE)
+    with av.open(str(path), "w", format="mpegts") as c:
+        stream = c.add_stream("mp2", rate=RATE)
+        stream.layout = "mono"
+        for start in range(0, len(samples), 1152):
+            frame = av.AudioFrame.from_ndarray(samples[None, start:start + 1152], format="s16", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = RATE, first + start, Fraction(1, RATE)
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode(None))
+    return path
+
+
+def decoded(path: Path) -> tuple[float, np.ndarray]:
+    """A file's first audio stream: where its first sample is (s) and its samples (mono, -1..1)."""
+    with av.open(str(path)) as c:
+        stream = c.streams.audio[0]
+        frames = list(c.decode(stream))
+    first = float(frames[0].pts * frames[0].time_base) if frames and frames[0].pts is not None else 0.0
+    parts = [f.to_ndarray().astype(np.float64).reshape(len(f.layout.channels), -1)[0]
+             if f.format.is_planar else f.to_ndarray().astype(np.float64).reshape(-1, len(f.layout.channels))[:, 0]
+             for f in frames]
+    data = np.concatenate(parts) if parts else np.zeros(0)
+    return first, data / 32768 if data.size and np.abs(data).max() > 2 else data
+
+
+def onset(first: float, data: np.ndarray) -> float | None:
+    """Where (s) the sound first gets loud, or None."""
+    loud = np.flatnonzero(np.abs(data) > 0.1)
+    return first + loud[0] / RATE if loud.size else None
+
+
+def test_an_audio_file_whose_clock_starts_late_gives_its_sound_from_its_start(tmp_path: Path) -> None:
+    """A TS whose clock starts at 1.4 s gave a PNG sequence's audio.wav (and --audio-out's file) no samples at
+    all and an H.264 result no sound (its sound was taken as starting 1.4 s into the result): the beep 0.2 s into
+    the file is 0.2 s into the result's sound."""
+    song = write_ts_sound(tmp_path / "song.ts")
+    track = Soundtrack(song)
+    wav = tmp_path / "audio.wav"
+    assert track.write(wav, Fraction(1, 2))
+    first, data = decoded(wav)
+    assert abs(len(data) / RATE - 0.5) < 0.01
+    at = onset(first, data)
+    assert at is not None and 0.18 < at < 0.24, at
+
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, 25, 64, 64, audio_source=song) as w:
+        for _ in range(12):
+            w.write(np.zeros((64, 64, 3), np.uint8))
+    first, data = decoded(out)
+    at = onset(first, data)
+    assert at is not None and 0.18 < at < 0.26, at
+
+
+def test_audio_from_a_later_point_counts_from_the_files_start(tmp_path: Path) -> None:
+    """--audio-start 0.1 on that file: the beep 0.1 s into the result's sound, not 1.5 s before the file's first
+    sample (silence, then the file from its start)."""
+    song = write_ts_sound(tmp_path / "song.ts", beep_at=0.3)
+    wav = tmp_path / "audio.wav"
+    assert Soundtrack(song, audio_offset=Fraction(1, 10)).write(wav, Fraction(1, 2))
+    at = onset(*decoded(wav))
+    assert at is not None and 0.18 < at < 0.24, at
