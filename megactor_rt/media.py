@@ -2057,7 +2057,9 @@ class _AudioTrack:
             following = t0 + Fraction(frame.samples, frame.sample_rate)
             first = max(0, math.ceil((offset - t0) * frame.sample_rate))  # samples before the offset
             end = min(frame.samples, math.ceil((offset + duration - t0) * frame.sample_rate))
-            if end <= 0:
+            if end <= 0:  # past the result's end; its sound starts (or comes back) only after it: silence till then
+                if duration - written > AUDIO_GAP_S:  # (was: none, so a sequence's audio.wav held no sample)
+                    written += self._encode_silence(duration - written, frame)
                 break
             if first >= frame.samples:
                 continue

@@ -82,3 +82,29 @@ def test_audio_from_a_later_point_counts_from_the_files_start(tmp_path: Path) ->
     assert Soundtrack(song, audio_offset=Fraction(1, 10)).write(wav, Fraction(1, 2))
     at = onset(*decoded(wav))
     assert at is not None and 0.18 < at < 0.24, at
+
+
+def test_sound_that_starts_after_the_results_end_is_silence_as_long_as_the_frames(tmp_path: Path) -> None:
+    """A driver whose sound starts 0.3 s after its first frame, animated for 0.2 s: the PNG sequence's audio.wav
+    held no sample at all (a WAV of 0 s beside 0.2 s of frames; --audio-out's file likewise); it is 0.2 s of
+    silence, as the start of a longer result's sound is."""
+    clip = tmp_path / "late.mkv"
+    with av.open(str(clip), "w") as c:
+        video = c.add_stream("ffv1", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=RATE, layout="mono")
+        for i in range(25):
+            vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
+            vf.pts = i
+            c.mux(video.encode(vf))
+        c.mux(video.encode(None))
+        first = round(0.3 * RATE)
+        for start in range(0, RATE // 2, 1024):
+            af = av.AudioFrame.from_ndarray(np.full((1, 1024), 8000, np.int16), format="s16", layout="mono")
+            af.sample_rate, af.pts, af.time_base = RATE, first + start, Fraction(1, RATE)
+            c.mux(audio.encode(af))
+        c.mux(audio.encode(None))
+    wav = tmp_path / "audio.wav"
+    assert Soundtrack(clip, video_start=Fraction(0)).write(wav, Fraction(1, 5))
+    _, data = decoded(wav)
+    assert abs(len(data) / RATE - 0.2) < 0.005 and not np.abs(data).any()
