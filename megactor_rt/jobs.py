@@ -15,7 +15,8 @@ format), and ``mask``, ``audio`` (a file, or ``none`` for no sound), ``audio_sta
 ``max_frames``, ``sequence_fps`` (an image-sequence driver's rate), which mean what the ``animate`` flags of the
 same name mean (with ``-`` or a space for ``_``, in any case). An empty cell takes the flag's value (or its
 default). Relative paths are relative to the jobs file's folder; blank lines, rows of empty cells (a spreadsheet's
-blank rows) and lines starting with ``#`` are skipped. Result folders are created. Columns without a name in the
+blank rows) and lines starting with ``#`` are skipped; a cell in double quotes may go over lines (a spreadsheet's cell
+with a line break at its end). Result folders are created. Columns without a name in the
 header row, and cells past its last column, are taken where they are empty (the columns a spreadsheet saves beyond
 the named ones).
 """
@@ -26,7 +27,7 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -96,11 +97,9 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: the jobs file is not UTF-8 text ({exc}); save it as \"CSV UTF-8\" (a "
                          "spreadsheet's plain \"CSV\" is the system's code page)") from exc
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
-             if line.strip() and not line.lstrip().startswith("#")]
-    delimiter = _delimiter(lines[0][1]) if lines else ","
-    rows = [(n, cells) for n, line in lines
-            for cells in csv.reader([line], delimiter=delimiter, skipinitialspace=True)]
+    first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
+    delimiter = _delimiter(first)
+    rows = _rows(path, text, delimiter)
     if not rows:
         raise InputError(f"{path}: the jobs file is empty (a header row, then one row per result: "
                          f"{','.join(REQUIRED)})")
@@ -124,6 +123,40 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: no jobs (only the header row)")
     _check_outputs_apart(jobs)
     return jobs
+
+
+def _rows(path: Path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:
+    """The file's rows (cells) with the line each begins on; blank lines and ``#`` lines between rows are skipped. A
+    cell in double quotes may go on over lines (a spreadsheet saves a cell with a line break so: ``"out/a.mp4\n"``,
+    taken without it; was split into two rows, "1 cell(s), the header has 3").
+
+    Raises:
+        InputError: naming the file and line: a cell with a line break inside its text (no path or number has one:
+            a double quote left open, which runs on to the next one).
+    """
+    lines = iter(enumerate(text.splitlines(keepends=True), 1))
+    begins, ends, between = 0, 0, True
+
+    def source() -> Iterator[str]:  # the lines the reader asks for: between rows, blank and # lines left out
+        nonlocal begins, ends, between
+        for n, line in lines:
+            if between and (not line.strip() or line.lstrip().startswith("#")):
+                continue
+            if between:
+                begins, between = n, False
+            ends = n
+            yield line
+
+    rows = []
+    for cells in csv.reader(source(), delimiter=delimiter, skipinitialspace=True):
+        broken = next((c for c in cells if "\n" in c.strip() or "\r" in c.strip()), None)
+        if broken is not None:
+            raise InputError(f"{path}:{begins}: a cell in double quotes goes on to line {ends} ({broken.strip()!r}): "
+                             "a line break inside a cell is no path or number; remove it, or close the cell's "
+                             "double quote where it ends")
+        rows.append((begins, cells))
+        between = True
+    return rows
 
 
 def _say_rows_left_out(text: str, head_line: int, names: list[str], delimiter: str, path: Path) -> None:

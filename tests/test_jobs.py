@@ -208,3 +208,20 @@ def test_an_unreadable_jobs_file_is_named(tmp_path: Path) -> None:
         read_jobs(tmp_path, BASE)
     with pytest.raises(InputError, match="the jobs file is not UTF-8 text"):
         read_jobs(_jobs_file(tmp_path, "portrait,driver,output\n\xe9,d,o.mp4\n", encoding="latin-1"), BASE)
+
+
+def test_a_quoted_cell_over_lines_is_one_cell(tmp_path: Path) -> None:
+    """A spreadsheet saves a cell with a line break in double quotes over two lines: the row is one row, named by
+    the line it begins on, the cell without its trailing break (was split into two rows, "1 cell(s), the header has
+    3"); a break inside a path's text, or a double quote left open, is named with the lines it spans."""
+    path = _jobs_file(tmp_path, 'portrait,driver,output\r\n\r\n"a.png\r\n",d.mp4,o.mp4\r\n# note, "half\r\n'
+                                'b.png,d.mp4,"p.mp4\n"\n')
+    jobs = read_jobs(path, BASE)
+    assert [(j.portrait, j.output, j.where) for j in jobs] == [(tmp_path / "a.png", tmp_path / "o.mp4", f"{path}:3"),
+                                                               (tmp_path / "b.png", tmp_path / "p.mp4", f"{path}:6")]
+    for text, message in (('portrait,driver,output\n"a\nb.png",d.mp4,o.mp4\n', r"jobs.csv:2: a cell in double quotes "
+                           r"goes on to line 3 \('a\\nb.png'\): a line break inside a cell is no path"),
+                          ('portrait,driver,output\n"a.png,d.mp4,o.mp4\nb.png,d.mp4,p.mp4\n',
+                           r"jobs.csv:2: a cell in double quotes goes on to line 3 .*close the cell's double quote")):
+        with pytest.raises(InputError, match=message):
+            read_jobs(_jobs_file(tmp_path, text), BASE)
