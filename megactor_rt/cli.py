@@ -645,15 +645,12 @@ class StatsFile:
             return
         import torch
 
-        from megactor_rt.config import AnimateConfig
-
         settings = anim if isinstance(anim, dict) else anim.run_settings()
         facts = stats.as_dict() if stats is not None else {"error": error}
         where = {} if made_by is None else {"server": made_by}
         own: dict[str, Any] = {}
-        if job.config:
-            changed = job.run_config(AnimateConfig()).plain()
-            own["config"] = {**settings["config"], **{k: changed[k] for k in job.config}}
+        if job.config:  # (its fields' values as they are: checked with the command's settings, which a default
+            own["config"] = {**settings["config"], **job.config}  # config may refuse: overlap 16 of --window 24)
         if job.options:
             own["options"] = self.options | {"portrait_face" if k == "face" else k: str(v) if isinstance(v, Path) else v
                                              for k, v in job.options.items()}
