@@ -659,17 +659,19 @@ class StatsFile:
         self.settings = {"torch": torch.__version__, **settings}
         self._write()
 
-    def kept(self, job: Job, changed: list[str]) -> None:
-        """Record that ``job``'s result was there already (``--skip-existing``), with the settings it was made with
-        that differ from this run's (``_changed_settings``)."""
-        if self.path is None:
+    def kept(self, jobs: Sequence[tuple[Job, list[str]]]) -> None:
+        """Record that each job's result was there already (``--skip-existing``), with the settings it was made with
+        that differ from this run's (``_changed_settings``): written once for them all (was once per job, the whole
+        file each time: a minute for 3000 kept results)."""
+        if self.path is None or not jobs:
             return
         from megactor_rt.remote import as_url
 
-        other = {"other_settings": changed} if changed else {}
-        self.runs.append(self._as_given({"portrait": as_url(job.portrait) or str(job.portrait),  # (an address:
-                                         "driver": as_url(job.driver) or str(job.driver),  # not downloaded)
-                                         "output": str(job.output), "kept": True, **other}))
+        for job, changed in jobs:
+            other = {"other_settings": changed} if changed else {}
+            self.runs.append(self._as_given({"portrait": as_url(job.portrait) or str(job.portrait),  # (an address:
+                                             "driver": as_url(job.driver) or str(job.driver),  # not downloaded)
+                                             "output": str(job.output), "kept": True, **other}))
         self._write()
 
     def _write(self) -> None:
@@ -824,6 +826,7 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     elif kept:
         _, size, weights_id = _model_unloaded(args)
         made = {"image_size": size} if weights_id is None else {"weights_id": weights_id, "image_size": size}
+    records = []
     for job in kept:
         print(f"kept {job.output}: it exists (--skip-existing)")
         run = job.run_config(config)
@@ -834,7 +837,8 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
         changed += _sequence_rate_changed(job, args, run)
         if changed:
             logger.warning("kept %s was made with other settings than this run's: %s", job.output, "; ".join(changed))
-        record.kept(job, changed)
+        records.append((job, changed))
+    record.kept(records)
     return _but(jobs, kept)
 
 

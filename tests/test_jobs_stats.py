@@ -66,3 +66,31 @@ def test_a_long_jobs_file_is_checked_in_a_time_that_grows_with_its_rows(tmp_path
         code = main(["-q", "animate", "--demo", "--jobs", str(jobs)])
         err = capsys.readouterr().err
         assert code == 2 and f"{jobs}:202: " in err and "the result would overwrite an input of this run" in err, err
+
+
+def test_kept_results_are_recorded_with_one_write(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--skip-existing --stats: the kept results of a jobs file are all in the stats file, written once (was the
+    whole file again per kept result: a minute for 3000)."""
+    from megactor_rt import cli
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from media_fixtures import face_frames, write_face_driver
+
+    write_face_driver(tmp_path / "d.mp4", n=4)
+    Image.fromarray(face_frames(1)[0]).save(tmp_path / "a.png")
+    (tmp_path / "out").mkdir()
+    for i in range(50):
+        (tmp_path / "out" / f"{i}.mp4").write_bytes(b"")  # (kept unchecked: not a readable result, said)
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output\n" + "".join(f"a.png,d.mp4,out/{i}.mp4\n" for i in range(50)))
+    writes = []
+    write = cli.StatsFile._write
+    monkeypatch.setattr(cli.StatsFile, "_write", lambda self: writes.append(1) or write(self))
+    code = cli.main(["-q", "animate", "--demo", "--jobs", str(jobs), "--skip-existing", "--stats",
+                     str(tmp_path / "stats.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("(--skip-existing)") == 50, out
+    runs = json.loads((tmp_path / "stats.json").read_text())["runs"]
+    assert [r["output"] for r in runs] == [str(tmp_path / "out" / f"{i}.mp4") for i in range(50)]
+    assert all(r["kept"] for r in runs) and len(writes) == 1
