@@ -263,6 +263,9 @@ def _job(path: Path, line: int, cells: dict[str, str], folder: Path, base: Anima
     if piped:  # (was "-: driver file does not exist", or a result written to a file named "-")
         raise InputError(f"{where}: {piped[0]} '-' (standard input or output) is for one run on the command line "
                          "(--driver -, -o -), not a jobs file's row")
+    if as_url(value["output"]):  # (was written under ./https:/host/..., folders made, without a word)
+        raise InputError(f"{where}: output {value['output']}: a web address; a result is written to a file here (the "
+                         "input cells may be addresses, downloaded): name a file, relative to the jobs file's folder")
 
     def resolve(text: str) -> Path:
         if as_url(text):  # a web address: downloaded before any work (megactor_rt.remote)

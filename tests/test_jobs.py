@@ -74,12 +74,14 @@ def test_rows_become_jobs_with_their_own_options(tmp_path: Path) -> None:
     ("portrait;driver;output;guidance\np;d;o.mp4;3,5,1\n", "jobs.csv:2: guidance must be a number, got '3,5,1'"),
     ("portrait,driver,output\np,-,o.mp4\n", r"jobs.csv:2: driver '-' \(standard input or output\) is for one run"),
     ("portrait,driver,output\np,d,-\n", r"jobs.csv:2: output '-' \(standard input or output\) is for one run"),
+    ("portrait,driver,output\np,d,https://example.com/up/o.mp4\n",
+     r"jobs.csv:2: output https://example.com/up/o.mp4: a web address; a result is written to a file here"),
 ], ids=["empty", "comments-only", "header-only", "no-output-column", "unknown-column", "column-twice",
         "unquoted-comma", "empty-required-cell", "face-zero", "face-word", "bad-start", "zero-duration",
         "bad-audio-start", "bad-seed", "huge-seed", "bad-steps", "bad-guidance", "overlap-too-large", "bad-sequence-fps",
         "same-output-twice",
         "same-output-other-spelling", "one-sequence-folder-twice", "sequence-over-a-result", "result-in-a-sequence",
-        "not-a-decimal-comma", "stdin-driver", "stdout-output"])
+        "not-a-decimal-comma", "stdin-driver", "stdout-output", "address-output"])
 def test_a_malformed_jobs_file_is_named_by_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         read_jobs(_jobs_file(tmp_path, text), BASE)
