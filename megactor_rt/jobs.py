@@ -92,11 +92,15 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
     if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # a zip (.xlsx, .ods, .numbers) or OLE (.xls) file
         raise InputError(f"{path}: a spreadsheet's workbook, not a CSV file; save the sheet as \"CSV UTF-8\" (or "
                          "\"Unicode Text\") and name that")
+    utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+    if not utf16:
+        _refuse_nul(path, raw)
     try:  # UTF-8 with or without a BOM (spreadsheets' "CSV UTF-8"); UTF-16 with its BOM ("Unicode Text": tabs)
-        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: the jobs file is not UTF-8 text ({exc}); save it as \"CSV UTF-8\" (a "
                          "spreadsheet's plain \"CSV\" is the system's code page)") from exc
+    _refuse_nul(path, text)
     first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
     delimiter = _delimiter(first)
     rows = _rows(path, text, delimiter)
@@ -123,6 +127,21 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: no jobs (only the header row)")
     _check_outputs_apart(jobs)
     return jobs
+
+
+def _refuse_nul(path: Path, data: str | bytes) -> None:
+    """Refuse a file with a NUL character (byte 0) in it, naming its line (was "unexpected error: ValueError:
+    embedded null byte", naming no file, once a row's path was looked at; or "not UTF-8 text", "unknown column(s)
+    '\\x00p\\x00o...'" for UTF-16 without its BOM).
+
+    Raises:
+        InputError: naming the file and line.
+    """
+    at = data.find("\0") if isinstance(data, str) else data.find(b"\0")
+    if at >= 0:
+        raise InputError(f"{path}:{len(data[:at + 1].splitlines())}: a NUL character (byte 0), which no text has: a "
+                         "file in UTF-16 without its byte order mark, or one cut short or padded; save it as \"CSV "
+                         "UTF-8\" (or \"Unicode Text\")")
 
 
 def _rows(path: Path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:

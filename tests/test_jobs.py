@@ -189,6 +189,11 @@ def test_jobs_files_in_a_spreadsheets_encodings(tmp_path: Path) -> None:
     path.write_bytes("portrait,driver,output\nRené.png,d.mp4,o.mp4\n".encode("cp1252"))
     with pytest.raises(InputError, match=r"jobs.txt: the jobs file is not UTF-8 text .*save it as \"CSV UTF-8\""):
         read_jobs(path, BASE)
+    for data, line in (("portrait\tdriver\toutput\nRené.png\td.mp4\to.mp4\n".encode("utf-16-le"), 1),  # (no BOM)
+                       (b"portrait,driver,output\r\na.png,d.mp4,o.mp4\r\nb.png,d.mp4,p\0.mp4\r\n", 3)):
+        path.write_bytes(data)  # (was "unexpected error: ValueError: embedded null byte" once its path was used)
+        with pytest.raises(InputError, match=rf"jobs.txt:{line}: a NUL character \(byte 0\), which no text has"):
+            read_jobs(path, BASE)
 
 
 def test_a_workbook_or_standard_input_is_named_as_such(tmp_path: Path) -> None:
