@@ -890,13 +890,22 @@ _NOT_WITH_JOBS = (("--portrait", "portrait"), ("--driver", "driver"), ("-o", "ou
                   ("--mask", "mask"))
 
 
+def _is_there(path: Path) -> bool:
+    """Whether ``path`` exists; not where it cannot be looked at (a name longer than the file system takes: was
+    "unexpected error: OSError: [Errno 36] File name too long" for a jobs file's row, naming no line)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _maker(path: object, made: dict[str, Job]) -> Job | None:
     """The job whose result ``path`` (a row's input that is not there) is, where one is: ``made`` maps each job's
     result, and a frame sequence result's folder, to it; a file in such a folder counts where it is one of its
     frames (or the sequence's pattern), not a file of another name there (a typo)."""
     from megactor_rt.sequence import frame_pattern, is_frame_pattern
 
-    if not isinstance(path, Path) or path.exists() or (is_frame_pattern(path) and path.parent.is_dir()):
+    if not isinstance(path, Path) or _is_there(path) or (is_frame_pattern(path) and path.parent.is_dir()):
         return None  # (there: a sequence's pattern is no file, its folder is)
     maker = made.get(os.path.realpath(path))
     if maker is not None:
@@ -973,7 +982,7 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
     _local_job_inputs(todo, args)
     inputs = {p.resolve() for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"),
                                                     job.options.get("audio"), args.audio)
-              if isinstance(p, Path) and (p.exists() or is_frame_pattern(p))}  # (an image sequence's pattern too)
+              if isinstance(p, Path) and (_is_there(p) or is_frame_pattern(p))}  # (an image sequence's pattern too)
     replaces_input = _replaces_one_of(inputs)
     made = {os.path.realpath(job.output): job for job in jobs}  # (a row's input that another row makes: its
     for job in jobs:                                                # result, a frame sequence's folder or frame)
@@ -1015,6 +1024,8 @@ def file_jobs(args: argparse.Namespace, config: AnimateConfig) -> list[Job]:
             _check_quality(job.output, args.crf)
         except InputError as exc:
             raise InputError(f"{job.where}: {exc}") from None
+        except OSError as exc:  # (a name longer than the file system takes: was "unexpected error: OSError")
+            raise InputError(f"{job.where}: {exc.filename}: {exc.strerror or exc}") from None
     return jobs
 
 

@@ -94,3 +94,24 @@ def test_kept_results_are_recorded_with_one_write(tmp_path: Path, capsys: pytest
     runs = json.loads((tmp_path / "stats.json").read_text())["runs"]
     assert [r["output"] for r in runs] == [str(tmp_path / "out" / f"{i}.mp4") for i in range(50)]
     assert all(r["kept"] for r in runs) and len(writes) == 1
+
+
+def test_a_rows_name_too_long_for_the_file_system_is_named_by_line(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A portrait, driver, mask or sound file whose name the file system cannot hold (over 255 bytes) is named with
+    its row (was "unexpected error: OSError: [Errno 36] File name too long", naming no line)."""
+    from megactor_rt.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from media_fixtures import face_frames, write_face_driver
+
+    write_face_driver(tmp_path / "d.mp4", n=4)
+    Image.fromarray(face_frames(1)[0]).save(tmp_path / "a.png")
+    long = "x" * 300
+    jobs = tmp_path / "jobs.csv"
+    for row in (f"{long}.png,d.mp4,p.mp4,,", f"a.png,{long}.mp4,p.mp4,,", f"a.png,d.mp4,p.mp4,{long}.png,",
+                f"a.png,d.mp4,p.mp4,,{long}.wav"):
+        jobs.write_text(f"portrait,driver,output,mask,audio\na.png,d.mp4,o.mp4,,\n{row}\n")
+        code = main(["-q", "animate", "--demo", "--jobs", str(jobs), "--dry-run"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"error: {jobs}:3: {tmp_path / long}." in err and "File name too long" in err, err
