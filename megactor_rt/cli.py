@@ -1300,7 +1300,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.jobs is not None:
         config = _run_config(args)
         jobs, batch = file_jobs(args, config), True
-        inputs: list[Path | None] = [p for job in jobs for p in (job.portrait, job.driver, job.options.get("mask"))]
+        # (the jobs file and the rows' sound files too: were overwritten by --stats naming them)
+        inputs: list[Path | None] = [args.jobs, *(p for job in jobs for p in (
+            job.portrait, job.driver, job.options.get("mask"), job.options.get("audio")) if isinstance(p, Path))]
     else:
         missing = [flag for flag, name in _NOT_WITH_JOBS[:3] if getattr(args, name) is None]
         if missing:

@@ -115,3 +115,24 @@ def test_a_rows_name_too_long_for_the_file_system_is_named_by_line(tmp_path: Pat
         code = main(["-q", "animate", "--demo", "--jobs", str(jobs), "--dry-run"])
         err = capsys.readouterr().err
         assert code == 2 and f"error: {jobs}:3: {tmp_path / long}." in err and "File name too long" in err, err
+
+
+def test_stats_never_overwrite_the_jobs_file_or_a_rows_sound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--stats naming the jobs file (jobs.csv for jobs.json) or a row's sound file is refused before any work (was:
+    the file replaced by the stats' JSON once the first result was made)."""
+    from megactor_rt.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from media_fixtures import face_frames, write_face_driver, write_sine_audio
+
+    write_face_driver(tmp_path / "d.mp4", n=4)
+    write_sine_audio(tmp_path / "song.wav", 1.0)
+    Image.fromarray(face_frames(1)[0]).save(tmp_path / "a.png")
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("portrait,driver,output,audio,max_frames\na.png,d.mp4,o.mp4,song.wav,2\n")
+    before = {p: p.read_bytes() for p in (jobs, tmp_path / "song.wav")}
+    for stats in before:
+        code = main(["-q", "animate", "--demo", "--jobs", str(jobs), "--steps", "1", "--stats", str(stats)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{stats}: --stats would overwrite an input of this run" in err, err
+    assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "o.mp4").exists()
