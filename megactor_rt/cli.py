@@ -10,6 +10,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -2438,6 +2439,11 @@ def main(argv: list[str] | None = None, *, hold_stops: bool = False) -> int:
         if stop is not None:  # (a second signal landing while the first unwound: the stop's status, not a failure)
             held = _ignore_stops()
             return _stopped(args, stop)
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # (Python 3.11's pathlib raises it from
+            # exists() and is_file() anywhere a name is looked at: was "unexpected error: OSError: [Errno 36] ...")
+            _last_word(args, f"error: {exc.filename}: the name is too long for the file system (at most 255 bytes "
+                             "a name)")
+            return 2
         if args.verbose:
             raise
         _last_word(args, f"unexpected error: {type(exc).__name__}: {exc} (run with -v for the traceback)")

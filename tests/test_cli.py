@@ -294,6 +294,20 @@ def test_unexpected_error_exits_1_without_traceback(monkeypatch: pytest.MonkeyPa
     assert "unexpected error: RuntimeError: kaboom" in err and "-v" in err and "Traceback" not in err
 
 
+def test_a_name_too_long_for_the_file_system_is_named(media: dict[str, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A portrait, driver or result whose name is over the file system's 255 bytes: exit 2 naming it (was exit 1,
+    "unexpected error: OSError: [Errno 36] File name too long", from wherever pathlib first looked at it)."""
+    long = tmp_path / ("a" * 300)
+    for flags in (("--portrait", f"{long}.png", "--driver", media["driver"], "-o", tmp_path / "r.mp4"),
+                  ("--portrait", media["portrait"], "--driver", media["driver"], "-o", f"{long}.mp4",
+                   "--skip-existing")):
+        code, _, err = run(capsys, "animate", "--demo", *flags, "--max-frames", 2)
+        assert code == 2 and f"{long}" in err and "the name is too long for the file system" in err, err
+        assert "unexpected" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- other commands
 
 
