@@ -822,6 +822,7 @@ def _without_existing(jobs: list[Job], args: argparse.Namespace, config: Animate
     from megactor_rt.media import result_exists
 
     kept = [job for job in jobs if result_exists(job.output)]  # (looked at once: in job order)
+    args.kept_results = len(kept)  # (for the batch's last line)
     if kept and server is not None:
         made = {"weights_id": server.get("weights_id"), "image_size": server.get("image_size")}
     elif kept:
@@ -1375,7 +1376,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         _report(stats, output, steps=job.run_config(config).steps)
         record.add(anim, job, stats)
         written += 1
-    return _batch_status(failed, len(jobs))
+    return _batch_status(failed, len(jobs), args)
 
 
 def _job_error(args: argparse.Namespace, job: Job, exc: Exception) -> None:
@@ -1385,10 +1386,13 @@ def _job_error(args: argparse.Namespace, job: Job, exc: Exception) -> None:
           file=sys.stderr)
 
 
-def _batch_status(failed: list[str], total: int) -> int:
-    """A batch's exit status, after a line naming the results not written where there are any."""
+def _batch_status(failed: list[str], total: int, args: argparse.Namespace) -> int:
+    """A batch's exit status, after a line naming the results not written where there are any (of all the batch's,
+    ``total`` made now and those ``--skip-existing`` kept: was "1 of 1" where 2 of 3 were kept)."""
     if failed:
-        print(f"error: {len(failed)} of {total} results not written: {', '.join(failed)}", file=sys.stderr)
+        kept = getattr(args, "kept_results", 0)
+        print(f"error: {len(failed)} of {total + kept} results not written"
+              f"{f' ({kept} kept from before)' if kept else ''}: {', '.join(failed)}", file=sys.stderr)
         return 2
     return 0
 
@@ -1691,7 +1695,7 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
             overall.close()
     if errors:
         raise errors[0]
-    return _batch_status(failed, len(jobs))
+    return _batch_status(failed, len(jobs), args)
 
 
 def _say_servers_differ(settings: dict[str, dict[str, Any]]) -> None:
