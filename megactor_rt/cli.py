@@ -1204,7 +1204,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     ``--weights``: as the released model's settings would have it (512 px, or ``--size``)."""
     from megactor_rt.media import check_not_an_input, check_result_rate
     from megactor_rt.runtime.animator import check_schedule
-    from megactor_rt.runtime.driver import driver_file, driver_source
+    from megactor_rt.runtime.driver import PlanCache, driver_file, driver_source
     from megactor_rt.runtime.preflight import Preflight, preflight
 
     model, size, _ = _model_unloaded(args)
@@ -1218,6 +1218,7 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
     # what the rows with the same portrait, driver and settings find (a jobs file's rows, in a batch each portrait's
     # driver): found once, as the run prepares a portrait and plans a driver once (was: faces found again per row)
     found_for: dict[str, Preflight | MegactorError] = {}
+    plans = PlanCache(64)  # (a driver's faces found once for all its portraits, as in the run)
     for job in jobs:
         options = _result_options(args) | job.options
         run = job.run_config(config)
@@ -1233,7 +1234,8 @@ def _dry_run(args: argparse.Namespace, jobs: list[Job], config: AnimateConfig) -
                     found_for[key] = preflight(job.portrait, driver, None, image_size=size, config=run,
                                                face_crop=not args.no_face_crop, face=options["face"],
                                                driver_face=options["driver_face"], mask=options["mask"],
-                                               landmarker=landmarker, contour_affine_frame=args.contour_affine_frame)
+                                               landmarker=landmarker, contour_affine_frame=args.contour_affine_frame,
+                                               plans=plans)
                 except MegactorError as exc:
                     found_for[key] = exc
             found = found_for[key]

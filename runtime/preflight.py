@@ -25,6 +25,7 @@ from megactor_rt.runtime.animator import crop_landmarks, crop_portrait
 from megactor_rt.runtime.driver import (
     Driver,
     DriverPlan,
+    PlanCache,
     cropped_uint8,
     driver_file,
     driver_source,
@@ -69,7 +70,8 @@ class Preflight:
 def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *, image_size: int,
               config: AnimateConfig, face_crop: bool = True, face: int | None = None, driver_face: int | None = None,
               mask: str | Path | None = None, landmarker: Landmarker | None = None,
-              contour_affine_frame: str = "last", folders_made: bool = False) -> Preflight:
+              contour_affine_frame: str = "last", folders_made: bool = False, plans: PlanCache | None = None
+              ) -> Preflight:
     """Do what can fail in a run before its networks are used (see the module doc), without them.
 
     Args:
@@ -80,6 +82,8 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
             its results' paths itself): its path is then not checked here.
         landmarker: contour mode's landmark model (``Landmarker(path)``, loaded once for many calls); None: not
             contour mode.
+        plans: driver plans kept for the next calls (a batch's rows with one driver and several portraits: its
+            faces found once, as a run's :class:`~megactor_rt.runtime.driver.PlanCache` does; was once per row).
         Others: as for :meth:`~megactor_rt.runtime.animator.Animator.animate_to_file`.
 
     Raises:
@@ -93,7 +97,8 @@ def preflight(portrait: str | Path, driver: Driver, output: str | Path | None, *
     img, name, crop, found = crop_portrait(portrait, image_size, face_crop, face, config.face_detector)
     if mask is not None:
         load_user_mask(mask, image_size, crop=crop, image_shape=img.shape[:2])
-    plan = plan_run(source, config, face_crop, driver_face)
+    plan = plan_run(source, config, face_crop, driver_face) if plans is None else \
+        plans.plan(source, config, face_crop, driver_face)[0]
     if landmarker is not None:  # as the run: the portrait's crop as the networks take it, then the driver's frames
         found_lm = crop_landmarks(cropped_uint8(img, crop, image_size), landmarker, name, config.cnn_fallback)
         plan_driver_contour(plan, image_size, found_lm, landmarker, contour_affine_frame, cnn=config.cnn_fallback)

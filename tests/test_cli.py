@@ -955,28 +955,40 @@ def test_a_dry_run_finds_a_shared_portrait_and_driver_once(weights: Path, media:
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """--dry-run of many rows sharing a portrait and driver (a jobs file of 1000 results) finds their faces once
     per portrait, driver and settings, as the run does (was: again for every row: 4.5 minutes for 1000 rows of a
-    4-frame driver); every row still gets its line, its own settings their own look, a failure each row's."""
+    4-frame driver); every row still gets its line, its own settings their own look, a failure each row's. A driver
+    with several portraits has its faces found once per settings, as in the run (was once per portrait)."""
+    from megactor_rt.runtime import driver as driver_module
     from megactor_rt.runtime import preflight as preflight_module
 
     looked: list[object] = []
-    crop_portrait = preflight_module.crop_portrait
+    planned: list[object] = []
+    crop_portrait, plan_run = preflight_module.crop_portrait, driver_module.plan_run
 
     def counted(portrait: object, *args: object, **kwargs: object) -> object:
         looked.append(portrait)
         return crop_portrait(portrait, *args, **kwargs)
 
+    def counted_plan(driver: object, *args: object, **kwargs: object) -> object:
+        planned.append(driver)
+        return plan_run(driver, *args, **kwargs)  # type: ignore[arg-type]
+
     monkeypatch.setattr(preflight_module, "crop_portrait", counted)
+    monkeypatch.setattr(driver_module, "plan_run", counted_plan)  # (PlanCache's)
+    monkeypatch.setattr(preflight_module, "plan_run", counted_plan)
+    other = shutil.copy(media["portrait"], tmp_path / "other.png")
     jobs = tmp_path / "jobs.csv"
     jobs.write_text("portrait,driver,output,max_frames\n"
                     + "".join(f"{media['portrait']},{media['driver']},out/{i}.mp4,\n" for i in range(5))
                     + f"{media['portrait']},{media['driver']},out/short.gif,2\n"
-                    + "".join(f"{media['faceless_portrait']},{media['driver']},out/f{i}.mp4,\n" for i in range(2)))
+                    + "".join(f"{media['faceless_portrait']},{media['driver']},out/f{i}.mp4,\n" for i in range(2))
+                    + f"{other},{media['driver']},out/other.mp4,\n")
     code, stdout, err = run(capsys, "animate", "--jobs", jobs, "--weights", weights, "--dry-run")
-    assert code == 2 and "2 of 8 results would not be written" in err, err
-    assert len(looked) == 3  # (was 8)
+    assert code == 2 and "2 of 9 results would not be written" in err, err
+    assert len(looked) == 4  # (was 9)
+    assert len(planned) == 2, planned  # (all settings, and max_frames 2; was 3: other.png's again)
     lines = stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"ok {tmp_path / 'out' / n}" for n in (
-        "0.mp4", "1.mp4", "2.mp4", "3.mp4", "4.mp4", "short.gif")]
+        "0.mp4", "1.mp4", "2.mp4", "3.mp4", "4.mp4", "short.gif", "other.mp4")]
     assert len(set(line.split(":", 1)[1] for line in lines[:5])) == 1 and " 2 frames at 25 fps" in lines[5]
     assert err.count("no face found") == 2 and f"{jobs}:8: " in err and f"{jobs}:9: " in err
 
