@@ -107,7 +107,7 @@ _VIDEO_ENCODERS = ("libx264", "libopenh264", "mpeg4")
 # the encoder of the containers that take no H.264
 _OTHER_VIDEO_ENCODERS = {".webm": "libvpx-vp9", ".gif": "gif", ".webp": "libwebp_anim"}
 # animated WebP: lossy at libwebp's quality 80 of 100 (on the bundled driver's 512 px frames: mean error 2.4
-# levels, 11 KB per frame against 3 KB in H.264 and 84 KB in a GIF; 40 ms per frame: docs/performance.md),
+# levels, 11 KB per frame against 3 KB in H.264 and 82 KB in a GIF; 40 ms per frame: docs/performance.md),
 # looping forever
 _WEBP_OPTIONS = {"quality": "80"}
 _UNTAGGED = (".gif", ".webp")  # results whose container keeps no metadata tags
