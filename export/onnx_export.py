@@ -307,12 +307,18 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     name = f"{spec.name}.{precision}.{key[:KEY_CHARS]}.onnx"
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
     if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
-        profiles = spec.profiles()  # (the graph is the same; its shape profile may not be: --window-batch)
-        same = json.loads(json.dumps(profiles)) == old.get("profiles")
-        # (a graph of no image size, CLIP's or the FiLM code's, is the same at every size: it is labelled with this
-        # export's, or a folder exported again at another size held graphs "of two sizes" and was refused)
-        return {**old, "profiles": profiles, "image_size": models.config.image_size}, \
-            "cached" if same else "cached, profile updated"
+        # the entry as this export describes the graph, not as the manifest does: an entry edited or damaged by
+        # hand (an input's dtype or shape, its submodel) was kept as "cached", and the runs it broke asked for the
+        # export that kept it (a graph of no image size, CLIP's or the FiLM code's, is the same at every size: it is
+        # labelled with this export's, or a folder exported again at another size held graphs "of two sizes")
+        entry = _entry(spec, models, name, precision, old["sha256"], key, opset, fp16_softmax)
+        fresh = json.loads(json.dumps(entry))
+        if {**fresh, "profiles": None, "image_size": None} != {**old, "profiles": None, "image_size": None}:
+            logger.warning("%s: the manifest's entry of %s.%s is not what this export describes (edited?); it is "
+                           "written again", out / MANIFEST_NAME, spec.name, precision)
+            return entry, "cached, manifest entry rewritten"
+        # (the graph is the same; its shape profile may not be: --window-batch)
+        return entry, "cached" if fresh["profiles"] == old.get("profiles") else "cached, profile updated"
     check_writable(out, f"{spec.name}.{precision} is not exported there yet")  # (before minutes of tracing)
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=STAGING_PREFIX) as tmp, _held(Path(tmp)):
@@ -333,7 +339,13 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     except OSError as exc:  # a full disk or quota: the full-size graphs take GBs (the staging folder is gone)
         raise ResourceError(f"{out / name}: cannot write the graph ({exc}); nothing was written under this "
                             "name") from exc
-    entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256_graph(out / name),
+    return _entry(spec, models, name, precision, sha256_graph(out / name), key, opset, fp16_softmax), "exported"
+
+
+def _entry(spec: ExportSpec, models: Any, name: str, precision: str, sha256: str, key: str, opset: int,
+           fp16_softmax: bool) -> dict:
+    """The manifest entry of the graph file ``name`` (hash ``sha256``) exported from ``spec`` at ``precision``."""
+    entry = {"file": name, "submodel": spec.submodel, "precision": precision, "sha256": sha256,
              "export_key": key, "weights_id": models.weights_id, "image_size": models.config.image_size, "opset": opset,
              "inputs": {t.name: {"dtype": _dtype(t.name, spec, precision), "shape": list(t.shape)}
                         for t in spec.inputs},
@@ -342,7 +354,7 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
              "profiles": spec.profiles()}
     if fp16_softmax:
         entry["fp16_softmax"] = True
-    return entry, "exported"
+    return entry
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from media_fixtures import write_leftovers
 
 from megactor_rt.config import AnimateConfig
 from megactor_rt.engine.manifest import check_profiles_cover, load_manifest
-from megactor_rt.errors import InputError
+from megactor_rt.errors import EngineMismatch, InputError
 from megactor_rt.export.onnx_export import export_graph, export_models
 from megactor_rt.export.specs import BANK_NAMES, export_specs
 from megactor_rt.export.trt_support import check_trt_ready
@@ -343,6 +343,32 @@ def test_a_graph_file_changed_since_its_export_is_exported_again(tmp_path):
     (again,) = export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert again["status"] == "exported" and manifest["graphs"]["pose_guider.fp32"]["sha256"] == sha256_graph(path)
+
+
+def test_a_manifest_entry_edited_since_its_export_is_written_again(tmp_path, caplog):
+    """A manifest entry edited by hand (an input's dtype) while its graph file is intact: the runs it breaks say
+    "re-run the export", and the export wrote it again (was: 'cached', the edited entry kept, the run refused again)."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.weights import build_models
+
+    tiny = build_models(tiny_config(), seed=0, only={"temporal_unet"})
+    tiny.weights_id = "tiny-random-0"
+    export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    path = tmp_path / "manifest.json"
+    first = json.loads(path.read_text())
+    edited = json.loads(path.read_text())
+    edited["graphs"]["pose_guider.fp32"]["inputs"]["frames"]["dtype"] = "float16"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(EngineMismatch, match="is not the graph the manifest describes"):
+        OrtRunner(load_manifest(tmp_path).graphs["pose_guider.fp32"]).activate()
+    (again,) = export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    assert again["status"] == "cached, manifest entry rewritten" and "(edited?)" in caplog.text
+    assert json.loads(path.read_text()) == first
+    runner = OrtRunner(load_manifest(tmp_path).graphs["pose_guider.fp32"])
+    runner.activate()
+    runner.deactivate()
+    (cached,) = export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    assert cached["status"] == "cached"
 
 
 def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):
