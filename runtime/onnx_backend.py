@@ -177,12 +177,14 @@ class GraphSubmodels(Submodels):
 
     def __init__(self, name: str, config: ModelConfig, weights_id: str, runners: Mapping[str, Runner],
                  device: torch.device, dtype: torch.dtype, fallback: Submodels | None = None,
-                 graph_weights: Mapping[str, str | None] | None = None) -> None:
+                 graph_weights: Mapping[str, str | None] | None = None,
+                 other_precisions: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__(config, weights_id, device, dtype)
         self.name = name
         self.runners = dict(runners)
         self.fallback = fallback
         self.graph_weights = dict(graph_weights or {})  # graph -> weights id it was exported from
+        self.other_precisions = dict(other_precisions or {})  # graph -> the export's precisions of it not run here
         self.kv_names = token_kv_names(len(token_kv_shapes(config)) // 2)  # the token_kv graph's outputs, in order
         # context windows per UNet call: what every UNet graph takes (a TensorRT plan: its profile's maximum;
         # graphs exported before the windows dim: 1; a graph on the torch fallback: any)
@@ -217,6 +219,11 @@ class GraphSubmodels(Submodels):
         missing = [g for g in graphs_needed(cfg) if g not in self.runners] if self.fallback is None else []
         if missing:
             older_hint = f" ({NO_TOKEN_KV})" if "token_kv" in missing else ""
+            precision = "fp16" if self.dtype == torch.float16 else "fp32"
+            other = sorted({p for g in missing for p in self.other_precisions.get(g, ())})
+            if other:  # (an fp16 export stopped part way beside a whole fp32 one: said the graphs were not there)
+                older_hint = (f" at {precision} (it holds them as {'/'.join(other)} graphs: export with --precision "
+                              f"{precision}, or run with --precision {other[0]})")
             raise InputError(f"{self.name}: the export has no {', '.join(missing)} graph, which this run needs"
                              f"{older_hint}; export again (megactor-rt export) without --graphs, or with the "
                              "settings of this run")
@@ -430,8 +437,12 @@ def graph_submodels(backend: str, cfg: ModelConfig, weights_id: str, manifest: M
     graph_weights = {e.submodel: e.weights_id for e in manifest.graphs.values() if e.precision == want}
     if backend == "onnxruntime":
         logger.info("onnxruntime graphs: %s", sorted(ort_runners))
+        other: dict[str, list[str]] = {}
+        for e in manifest.graphs.values():
+            if e.precision != want:
+                other.setdefault(e.submodel, []).append(e.precision)
         return GraphSubmodels("onnxruntime", cfg, weights_id, ort_runners, torch.device("cpu"), dtype,
-                              graph_weights=graph_weights)
+                              graph_weights=graph_weights, other_precisions=other)
     return _tensorrt_submodels(cfg, weights_id, torch_fallback, engine_dir, manifest, ort_runners, device, dtype,
                                want, force_fallback, fallback, cuda_graphs, graph_weights=graph_weights)
 
