@@ -306,7 +306,9 @@ def export_graph(spec: ExportSpec, models: Any, out: Path, opset: int, precision
     key = export_key(spec, models.weights_id, opset, precision, fp16_softmax)
     name = f"{spec.name}.{precision}.{key[:KEY_CHARS]}.onnx"
     old = manifest["graphs"].get(f"{spec.name}.{precision}")
-    if old and old.get("export_key") == key and (out / name).is_file() and sha256_graph(out / name) == old["sha256"]:
+    # (.get: an entry edited by hand may lack a field, and was "unexpected error: KeyError: 'sha256'")
+    if old and old.get("export_key") == key and (out / name).is_file() and \
+            sha256_graph(out / name) == old.get("sha256"):
         # the entry as this export describes the graph, not as the manifest does: an entry edited or damaged by
         # hand (an input's dtype or shape, its submodel) was kept as "cached", and the runs it broke asked for the
         # export that kept it (a graph of no image size, CLIP's or the FiLM code's, is the same at every size: it is

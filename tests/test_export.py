@@ -371,6 +371,24 @@ def test_a_manifest_entry_edited_since_its_export_is_written_again(tmp_path, cap
     assert cached["status"] == "cached"
 
 
+def test_a_manifest_entry_without_its_sha256_is_exported_again(tmp_path):
+    """An entry whose sha256 was deleted by hand: the graph is exported again (was: 'unexpected error: KeyError:
+    'sha256'')."""
+    from megactor_rt.config import tiny_config
+    from megactor_rt.weights import build_models
+
+    tiny = build_models(tiny_config(), seed=0, only={"temporal_unet"})
+    tiny.weights_id = "tiny-random-0"
+    export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    path = tmp_path / "manifest.json"
+    first = json.loads(path.read_text())
+    edited = json.loads(path.read_text())
+    del edited["graphs"]["pose_guider.fp32"]["sha256"]
+    path.write_text(json.dumps(edited))
+    (again,) = export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
+    assert again["status"] == "exported" and json.loads(path.read_text()) == first
+
+
 def test_fp16_graph_keeps_timestep_and_norms_fp32(manifest):
     import onnx
 
