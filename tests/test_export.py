@@ -345,17 +345,23 @@ def test_a_graph_file_changed_since_its_export_is_exported_again(tmp_path):
     assert again["status"] == "exported" and manifest["graphs"]["pose_guider.fp32"]["sha256"] == sha256_graph(path)
 
 
-def test_a_manifest_entry_edited_since_its_export_is_written_again(tmp_path, caplog):
-    """A manifest entry edited by hand (an input's dtype) while its graph file is intact: the runs it breaks say
-    "re-run the export", and the export wrote it again (was: 'cached', the edited entry kept, the run refused again)."""
+def _pose_guider_exported(folder):
+    """The tiny model (its temporal UNet's networks) with its PoseGuider exported at fp32 into ``folder``: the
+    model, the manifest's path and its content."""
     from megactor_rt.config import tiny_config
     from megactor_rt.weights import build_models
 
     tiny = build_models(tiny_config(), seed=0, only={"temporal_unet"})
     tiny.weights_id = "tiny-random-0"
-    export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
-    path = tmp_path / "manifest.json"
-    first = json.loads(path.read_text())
+    export_models(tiny, folder, graphs=["pose_guider"], precisions=("fp32",))
+    path = folder / "manifest.json"
+    return tiny, path, json.loads(path.read_text())
+
+
+def test_a_manifest_entry_edited_since_its_export_is_written_again(tmp_path, caplog):
+    """A manifest entry edited by hand (an input's dtype) while its graph file is intact: the runs it breaks say
+    "re-run the export", and the export wrote it again (was: 'cached', the edited entry kept, the run refused again)."""
+    tiny, path, first = _pose_guider_exported(tmp_path)
     edited = json.loads(path.read_text())
     edited["graphs"]["pose_guider.fp32"]["inputs"]["frames"]["dtype"] = "float16"
     path.write_text(json.dumps(edited))
@@ -374,14 +380,7 @@ def test_a_manifest_entry_edited_since_its_export_is_written_again(tmp_path, cap
 def test_a_manifest_entry_without_its_sha256_is_exported_again(tmp_path):
     """An entry whose sha256 was deleted by hand: the graph is exported again (was: 'unexpected error: KeyError:
     'sha256'')."""
-    from megactor_rt.config import tiny_config
-    from megactor_rt.weights import build_models
-
-    tiny = build_models(tiny_config(), seed=0, only={"temporal_unet"})
-    tiny.weights_id = "tiny-random-0"
-    export_models(tiny, tmp_path, graphs=["pose_guider"], precisions=("fp32",))
-    path = tmp_path / "manifest.json"
-    first = json.loads(path.read_text())
+    tiny, path, first = _pose_guider_exported(tmp_path)
     edited = json.loads(path.read_text())
     del edited["graphs"]["pose_guider.fp32"]["sha256"]
     path.write_text(json.dumps(edited))
