@@ -182,6 +182,9 @@ def load_manifest(path: str | Path, *, validate_profiles: bool = True) -> Manife
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if path.suffix.lower() != ".json":  # (a graph file named, say: was the JSON decoder's "'utf-8' codec ...")
+            raise ManifestError(f"{path}: an export is named by its folder (the --out of `megactor-rt export`) or "
+                                f"its {MANIFEST_NAME}, not this file") from exc
         raise ManifestError(f"{path}: not a readable JSON manifest: {exc}") from exc
     manifest = parse_manifest(raw, path)
     if validate_profiles:

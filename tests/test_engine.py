@@ -145,6 +145,12 @@ def test_unreadable_or_missing_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not a readable JSON manifest"):
         load_manifest(tmp_path)
+    graph = tmp_path / "vae_decoder.fp16.0123456789ab.onnx"  # (--onnx naming a graph: build-engines, animate)
+    graph.write_bytes(b"\x08\x09\xd8\xf3 protobuf")
+    with pytest.raises(ManifestError, match=r"vae_decoder.fp16.0123456789ab.onnx: an export is named by its folder "
+                                            r"\(the --out of `megactor-rt export`\) or its manifest.json, not this "
+                                            "file"):
+        load_manifest(graph)  # (was "not a readable JSON manifest: 'utf-8' codec can't decode byte ...")
 
 
 def _graph(inputs: dict[str, tuple], profiles: dict[str, dict[str, tuple]]) -> GraphEntry:
