@@ -1289,8 +1289,8 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 if done():
                     return  # the frames wanted all came before the break
                 if strict:
-                    raise InputError(f"{path}: video is truncated or corrupt after frame {where()} ({exc}); "
-                                     f"{_use_first(slot - skip)}") from exc
+                    raise CutShort(f"{path}: video is truncated or corrupt after frame {where()} ({exc})",
+                                   slot - skip) from exc
                 logger.warning("%s: video is truncated or corrupt after frame %d (%s); using the %d frame(s) "
                                "decoded so far", path, where(), exc, slot - skip)
                 return
@@ -1424,7 +1424,7 @@ def _check_declared_end(path: Path, stream: av.video.stream.VideoStream, last_ti
     message = f"{path}: video is truncated: its header says it lasts until {end:.3f} s, but its frames end at " \
               f"{last_time:.3f} s"
     if strict:
-        raise InputError(f"{message}; {_use_first(usable)}")
+        raise CutShort(message, usable)
     logger.warning("%s; using the frames before", message)
 
 
@@ -1560,6 +1560,19 @@ def _use_first(count: int) -> str:
     return f"--max-frames {count} (AnimateConfig.max_frames) animates {what} before the break"
 
 
+class CutShort(InputError):
+    """A video that breaks off (``strict`` reading): ``what`` happened, and the ``--max-frames`` that animates the
+    ``usable`` frames before the break (:func:`_use_first`)."""
+
+    def __init__(self, what: str, usable: int) -> None:
+        super().__init__(f"{what}; {_use_first(usable)}")
+        self.what, self.usable = what, usable
+
+    def counting(self, usable: int) -> CutShort:
+        """The same break, its hint counting ``usable`` frames (those a lower rate keeps, say)."""
+        return CutShort(self.what, usable)
+
+
 def _short(announced: int, decoded: int) -> bool:
     """Whether ``decoded`` frames fall short of the header's count by more than an edit list may hide."""
     return announced > 0 and announced - decoded > max(2, announced // 100)
@@ -1573,7 +1586,7 @@ def _check_complete(path: Path, announced: int, decoded: int, strict: bool, usab
     message = f"{path}: video is truncated: the header announces {announced} frames but only {decoded} decode"
     # Edit lists may legitimately hide a frame or two; a cut-off file misses many more.
     if strict and _short(announced, decoded):
-        raise InputError(f"{message}; {_use_first(usable)}")
+        raise CutShort(message, usable)
     logger.warning("%s; using the %d decoded frames", message, decoded)
 
 

@@ -25,7 +25,6 @@ import logging
 import math
 import numbers
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -43,8 +42,8 @@ from megactor_rt.kernels.ops import grey_unit, preprocess_frame
 from megactor_rt.media import (
     MIN_IMAGE_SIDE,
     AnimatedWebP,
+    CutShort,
     VideoInfo,
-    _use_first,
     is_animated_webp,
     iter_video_frames,
     probe_video,
@@ -260,11 +259,6 @@ def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction
     return _kept(iter_video_frames(driver, skip=skip), max_frames, ratio)
 
 
-# the hint of a truncated video's error (media's _use_first): the --max-frames that animates the frames before the break
-_BREAK_HINT = re.compile(r"--max-frames \d+ \(AnimateConfig\.max_frames\) animates (?:the frame|the \d+ frames) "
-                         r"before the break")
-
-
 def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction) -> Generator[np.ndarray, None, None]:
     count = 0
     try:
@@ -274,12 +268,11 @@ def _kept(frames: Iterator[np.ndarray], max_frames: int | None, ratio: Fraction)
                 count += 1
                 if max_frames is not None and count >= max_frames:
                     return
-    except InputError as exc:  # a video that breaks off: its hint counts the clip's frames, --max-frames the ones
+    except CutShort as exc:  # a video that breaks off: its hint counts the clip's frames, --max-frames the ones
         # kept (at --fps 10 of a 25 fps clip, 27 frames before the break are 11: "--max-frames 27" broke again)
-        hint = _BREAK_HINT.search(str(exc)) if ratio != 1 and count else None
-        if hint is None:
+        if ratio == 1 or not count:
             raise
-        raise InputError(str(exc).replace(hint.group(0), _use_first(count))) from exc
+        raise exc.counting(count) from exc
 
 
 def start_frame(fps: Fraction, start: float | None) -> int:
