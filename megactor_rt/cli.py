@@ -1480,6 +1480,8 @@ def _animate_remote(args: argparse.Namespace, jobs: list[Job], batch: bool, reco
     from megactor_rt.server import load_token
 
     token = load_token(args.server_token_file)
+    # what a request carries: the command line parsed again here only, not at every command's start (main's argv)
+    args.given = given_options(args.argv) if hasattr(args, "argv") else frozenset()
     made = (Client(url, token=token, ca_file=args.server_ca) for url in args.server)
     clients = list({(c.url.partition("://")[0], (c.host or "").lower(), c.port, c.prefix): c for c in made}.values())
     # (one server however spelt, h:1 and http://h:1/: was two clients of one server, miscounting those left)
@@ -2408,7 +2410,7 @@ def main(argv: list[str] | None = None, *, hold_stops: bool = False) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    args.given = given_options(argv)
+    args.argv = argv  # (given_options(args.argv): the options a command line gives, where a command needs them)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "log_json", False):  # (serve: one JSON object per line for a log collector; Python's warnings as records too)
