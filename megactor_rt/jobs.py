@@ -3,7 +3,8 @@
 ``--portrait A B --driver X Y`` animates every portrait with every driver. A jobs file names the pairs
 instead, each with its own result and, where wanted, its own mask, sound, faces and part of the driver. It is
 CSV (comma-separated, as spreadsheets save it; semicolons or tabs are taken too, as the header row shows, and
-then ``3,5`` in a number column is 3.5) with a header row naming its columns:
+then ``3,5`` in a number column is 3.5; a first line ``sep=;`` names the separator, as Excel reads and writes it)
+with a header row naming its columns:
 
     portrait,driver,output,start,duration
     alice.jpg,speech.mp4,out/alice_speech.mp4,,
@@ -46,6 +47,7 @@ CONFIG_COLUMNS = ("start", "duration", "seed", "steps", "guidance", "overlap", "
 COLUMNS = (*REQUIRED, *PATH_COLUMNS, "audio_start", *FACE_COLUMNS, *CONFIG_COLUMNS, "sequence_fps")
 NO_SOUND = "none"
 DECIMAL_COLUMNS = ("start", "duration", "audio_start", "guidance", "fps", "sequence_fps")  # fractional numbers
+_SEP_LINE = re.compile(r"sep=([,;\t])", re.IGNORECASE)  # Excel's first line naming the separator
 _DECIMAL_COMMA = re.compile(r"[-+]?[0-9:]*[0-9],[0-9]+")  # 3,5 or 1:02,5 (a decimal comma)
 
 logger = logging.getLogger(__name__)
@@ -101,8 +103,16 @@ def read_jobs(path: Path, base: AnimateConfig) -> list[Job]:
         raise InputError(f"{path}: the jobs file is not UTF-8 text ({exc}); save it as \"CSV UTF-8\" (a "
                          "spreadsheet's plain \"CSV\" is the system's code page)") from exc
     _refuse_nul(path, text)
-    first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
-    delimiter = _delimiter(first)
+    lines = text.splitlines(keepends=True)
+    n_first = next((n for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
+    first = "" if n_first is None else lines[n_first]
+    directive = _SEP_LINE.fullmatch(first.strip(" \r\n").strip('"'))  # Excel's "sep=;" line: the separator, not the header
+    if directive is not None and n_first is not None:
+        delimiter = directive.group(1)
+        lines[n_first] = "\n"  # (a blank line: the rows keep their line numbers)
+        text = "".join(lines)
+    else:
+        delimiter = _delimiter(first)
     rows = _rows(path, text, delimiter)
     if not rows:
         raise InputError(f"{path}: the jobs file is empty (a header row, then one row per result: "

@@ -232,3 +232,17 @@ def test_a_quoted_cell_over_lines_is_one_cell(tmp_path: Path) -> None:
                            r"jobs.csv:2: a cell in double quotes goes on to line 3 .*close the cell's double quote")):
         with pytest.raises(InputError, match=message):
             read_jobs(_jobs_file(tmp_path, text), BASE)
+
+
+@pytest.mark.parametrize("separator", [";", "\t", ","], ids=["semicolons", "tabs", "commas"])
+def test_an_excel_sep_line_names_the_separator(tmp_path: Path, separator: str) -> None:
+    """Excel writes and reads a first line ``sep=;`` naming the separator: taken so, not as the header row (was
+    "unknown column(s) 'sep=;'"), and the rows keep their line numbers in messages."""
+    head = separator.join(["portrait", "driver", "output", "guidance"])
+    text = f"sep={separator}\r\n{head}\r\n" + separator.join(["a.png", "d.mp4", "o.mp4", "3,5" if separator != ","
+                                                              else "3.5"]) + "\r\n"
+    (job,) = read_jobs(_jobs_file(tmp_path, text), BASE)
+    assert (job.portrait, job.output, job.config) == (tmp_path / "a.png", tmp_path / "o.mp4", {"guidance": 3.5})
+    bad = f"sep={separator}\n{head}\n" + separator.join(["a.png", "d.mp4", "o.mp4", "lots"]) + "\n"
+    with pytest.raises(InputError, match=r"jobs\.csv:3: "):
+        read_jobs(_jobs_file(tmp_path, bad), BASE)
