@@ -459,10 +459,20 @@ def image_too_large(path: Path, exc: Image.DecompressionBombError) -> InputError
                       "(scale it down first, to 4096 px on its longer side say)")
 
 
+def _backslash_hint(path: Path) -> str:
+    """Where ``path`` names its folders with backslashes (a jobs file written on Windows) and the same path with
+    slashes exists: a hint saying so (a backslash is a letter of a file's name here)."""
+    if os.sep == "\\" or "\\" not in str(path):
+        return ""
+    slashes = Path(str(path).replace("\\", "/"))
+    return f" (its folders are separated by backslashes, as on Windows; write {slashes}, which exists)" \
+        if slashes.exists() else ""
+
+
 def require_file(path: Path, what: str) -> None:
     """An InputError naming ``path`` unless it is a readable regular file (``what``: its role, for the message)."""
     if not path.exists():
-        raise InputError(f"{path}: {what} file does not exist")
+        raise InputError(f"{path}: {what} file does not exist{_backslash_hint(path)}")
     if not path.is_file():
         raise InputError(f"{path}: {what} path is not a regular file")
     if not os.access(path, os.R_OK):

@@ -246,3 +246,17 @@ def test_an_excel_sep_line_names_the_separator(tmp_path: Path, separator: str) -
     bad = f"sep={separator}\n{head}\n" + separator.join(["a.png", "d.mp4", "o.mp4", "lots"]) + "\n"
     with pytest.raises(InputError, match=r"jobs\.csv:3: "):
         read_jobs(_jobs_file(tmp_path, bad), BASE)
+
+
+def test_a_missing_input_named_with_windows_backslashes_says_so(tmp_path: Path) -> None:
+    """A jobs file written on Windows names folders with backslashes, a letter of a name here: the missing file's
+    message says which path with slashes exists (was "clips\\a.png: portrait file does not exist" alone)."""
+    from megactor_rt.media import require_file
+
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"portrait file does not exist \(its folders are separated by backslashes, "
+                                         r"as on Windows; write .*clips/a\.png, which exists\)"):
+        require_file(tmp_path / "clips\\a.png", "portrait")
+    with pytest.raises(InputError, match=r"portrait file does not exist$"):  # (no such file either way: no hint)
+        require_file(tmp_path / "clips\\b.png", "portrait")
