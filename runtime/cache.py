@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import uuid
 import zlib
@@ -247,7 +248,8 @@ class PortraitCache:
                 return
 
     def _files(self) -> list[tuple[int, int, Path]]:
-        """The store's state files as (modification time, size, path), least recently used first."""
+        """The store's state files as (modification time, size, path), least recently used first (regular files
+        only: a folder named like one, which cannot be removed as a file, is no state)."""
         assert self.disk_dir is not None
         found = []
         for p in self.disk_dir.glob("*.safetensors"):
@@ -255,7 +257,8 @@ class PortraitCache:
                 st = p.stat()
             except FileNotFoundError:  # removed meanwhile by another process trimming a shared store
                 continue
-            found.append((st.st_mtime_ns, st.st_size, p))
+            if stat.S_ISREG(st.st_mode):  # (was: a folder there ended every trim, the store grew past its budget)
+                found.append((st.st_mtime_ns, st.st_size, p))
         return sorted(found)
 
     def _remove(self, path: Path, why: str) -> None:

@@ -287,3 +287,24 @@ def test_a_disk_filled_by_killed_writers_leftovers_removes_them_before_any_portr
     _disk_of(monkeypatch, store, capacity=2 * size + size // 2)  # the store's file and the leftover fill it
     assert cache.persist(replace(base, key="new"))
     assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("kept", "new"))
+
+
+def test_a_folder_named_like_a_store_file_does_not_stop_the_budget(anim: Animator, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A folder in the store named like a state file (``x.safetensors/``, made by hand or by a tool): the store still
+    keeps to its budget and each write says it stored its portrait (was: the trim tried to remove the folder as a
+    file, every write warned 'the portrait is not stored' though it was, and no older file was ever removed)."""
+    import os
+
+    store = tmp_path / "portraits"
+    store.mkdir()
+    odd = store / "odd.safetensors"
+    odd.mkdir()
+    os.utime(odd, ns=(1, 1))  # the least recently used entry: the first the budget looks at
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store, max_disk_bytes=1)  # room for the newest file alone
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        for key in ("a", "b"):
+            assert cache.persist(replace(base, key=key))
+    assert "not stored" not in caplog.text
+    assert sorted(p.name for p in store.iterdir()) == sorted([odd.name, cache._path("b").name])
