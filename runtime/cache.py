@@ -262,7 +262,13 @@ class PortraitCache:
         return sorted(found)
 
     def _remove(self, path: Path, why: str) -> None:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. another user's file in a shared store with the sticky bit: it stays, and the
+            # trim goes on with the others (was: the write that trimmed said 'not stored', and older files stayed)
+            logger.warning("portrait cache: cannot remove %s (%s: %s) to keep the store within its budget; it stays",
+                           path, type(exc).__name__, exc)
+            return
         self._on_disk = {k: v for k, v in self._on_disk.items() if self._path(k) != path}
         logger.info("portrait cache: removed %s (%s)", path.name, why)
 

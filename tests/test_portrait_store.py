@@ -308,3 +308,33 @@ def test_a_folder_named_like_a_store_file_does_not_stop_the_budget(anim: Animato
             assert cache.persist(replace(base, key=key))
     assert "not stored" not in caplog.text
     assert sorted(p.name for p in store.iterdir()) == sorted([odd.name, cache._path("b").name])
+
+
+def test_a_store_file_that_cannot_be_removed_stays_and_the_trim_goes_on(anim: Animator, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A store shared by several users in a folder with the sticky bit: another user's file cannot be removed. It
+    stays, named in a warning, and the older files still go (was: the trim stopped at it, so the store outgrew its
+    budget, and the write that had stored its portrait warned 'the portrait is not stored')."""
+    import os
+
+    store = tmp_path / "portraits"
+    base = anim.prepare(PORTRAIT)
+    cache = PortraitCache(disk_dir=store)
+    for key in ("old", "theirs"):
+        cache.save(replace(base, key=key))
+    os.utime(cache._path("old"), ns=(1, 1))
+    os.utime(cache._path("theirs"), ns=(2, 2))
+    theirs, unlink = cache._path("theirs"), Path.unlink
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        if self == theirs:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    cache.max_disk_bytes = 1  # room for the newest file alone
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        assert cache.persist(replace(base, key="new"))
+    assert "not stored" not in caplog.text and str(theirs) in caplog.text and "cannot remove" in caplog.text
+    assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("theirs", "new"))
