@@ -158,7 +158,7 @@ class PortraitCache:
         if self._kept(final, state.key, content):
             return False
         meta[CHECKSUM_KEY] = json.dumps(_checksums(tensors))  # (outside the lock: some hundred MB to hash)
-        self.disk_dir.mkdir(parents=True, exist_ok=True)
+        _make_folder(self.disk_dir)
         with self._lock:
             self._make_room(_file_bytes(tensors, meta), keep=final)
         tmp = final.with_name(f"{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
@@ -401,6 +401,19 @@ def _damaged(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> list[str
         return []
     saved = json.loads(meta[CHECKSUM_KEY])
     return sorted(name for name, t in tensors.items() if saved.get(name) != _checksum(t))
+
+
+def _make_folder(folder: Path) -> None:
+    """``folder`` made where it is missing; one that is (or lies under) a symbolic link to nothing - a store on a drive
+    not mounted, a folder moved - is named as such (was: 'File exists: <folder>', which it plainly does not)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        link = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+        if link is None:
+            raise
+        raise FileNotFoundError(errno.ENOENT, f"{link} is a symbolic link to {os.readlink(link)}, which does not "
+                                "exist (a drive not mounted, a folder moved?)") from exc
 
 
 def _file_key(key: str) -> str:

@@ -338,3 +338,19 @@ def test_a_store_file_that_cannot_be_removed_stays_and_the_trim_goes_on(anim: An
         assert cache.persist(replace(base, key="new"))
     assert "not stored" not in caplog.text and str(theirs) in caplog.text and "cannot remove" in caplog.text
     assert sorted(p.name for p in store.iterdir()) == sorted(cache._path(k).name for k in ("theirs", "new"))
+
+
+def test_a_store_folder_linked_to_nothing_is_named_as_such(anim: Animator, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """``--cache-dir`` a symbolic link to a folder that is not there (a drive not mounted): the portrait is not
+    stored, and the warning says the link leads nowhere (was: 'File exists: <store>'); nothing is made at the link's
+    target."""
+    store = tmp_path / "portraits"
+    target = tmp_path / "unmounted" / "cache"
+    store.symlink_to(target)
+    cache = PortraitCache(disk_dir=store)
+    with caplog.at_level("WARNING", logger="megactor_rt.runtime.cache"):
+        assert not cache.persist(replace(anim.prepare(PORTRAIT), key="linked"))
+    assert "not stored" in caplog.text and "File exists" not in caplog.text
+    assert f"{store} is a symbolic link to {target}, which does not exist" in caplog.text
+    assert not target.parent.exists()
