@@ -23,8 +23,11 @@ from PIL import Image
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
     VIDEO_SUFFIXES,
+    WEBP_DEFAULT_MS,
     AnimatedWebP,
     VideoInfo,
+    _file_version,
+    _webp_durations,
     grid_frame_count,
     is_animated_webp,
     iso_cut_off,
@@ -69,9 +72,7 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     image = None  # a still image's pixels, read once for its size and its faces
     animated = _animated(path)  # (a GIF or PNG of frames: a driver, read as a video)
     if path.suffix.lower() == ".webp" and is_animated_webp(path):
-        frames = AnimatedWebP(path)
-        h, w = frames[0].shape[:2]
-        report = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps), "frames": len(frames)}
+        report = _webp_report(path)
     elif (path.suffix.lower() in VIDEO_SUFFIXES or animated or (image := _image(path)) is None) and \
             (sound := probe_sound(path)) is not None:
         return {"kind": "audio", **sound}  # no picture: no faces, no settings
@@ -132,6 +133,20 @@ def _video_report(path: Path, info: VideoInfo, animated: bool) -> dict[str, Any]
             report["truncated"] = f"{cut}: not all the seconds its header counts are there"
     elif animated and (cut := picture_cut_off(path)) is not None:
         report["truncated"] = f"{cut} (a partial download or copy?)"
+    return report
+
+
+def _webp_report(path: Path) -> dict[str, Any]:
+    """An animated WebP's size, rate, stored frames and duration, as a GIF's are given (was: the frames a run reads,
+    a pause's repeats among them, as its frames, and no duration): where it pauses, the frames a run reads too."""
+    frames = AnimatedWebP(path)
+    shown = [d if d > 0 else WEBP_DEFAULT_MS for d in _webp_durations(path, *_file_version(path))]  # (cached)
+    h, w = frames[0].shape[:2]
+    report: dict[str, Any] = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps),
+                              "frames": len(shown), "duration_s": round(sum(shown) / 1000, 3), "audio": False,
+                              "variable_rate": max(shown) - min(shown) > 1}  # (30 fps: 33 and 34 ms, no pause)
+    if len(frames) != len(shown):
+        report["frames_in_a_run"] = len(frames)
     return report
 
 

@@ -1,0 +1,53 @@
+"""`megactor-rt inspect` and `megactor-rt doctor` as a user runs them: each figure checked against the file made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megactor_rt.cli import main
+from megactor_rt.runtime.driver import DriverFrames, driver_source
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = main(["-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _frames(n: int, size: int = 64) -> list[Image.Image]:
+    """Distinct synthetic frames: a bright square moving left to right."""
+    out = []
+    for i in range(n):
+        f = np.full((size, size, 3), 40, np.uint8)
+        f[24:40, i * 4:i * 4 + 16] = (250, 200, 30)
+        out.append(Image.fromarray(f))
+    return out
+
+
+def test_an_animated_webp_gives_its_stored_frames_as_a_gif_does(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """An animated WebP of 6 frames, one held 200 ms among 40 ms ones, is 6 frames, 0.4 s and a variable rate, and
+    a run reads 10 on its 25 fps grid, as the same GIF is said to be (was: "frames: 10", no duration)."""
+    first, *rest = _frames(6)
+    delays = [40, 40, 200, 40, 40, 40]
+    reports = {}
+    for name in ("paused.webp", "paused.gif"):
+        first.save(tmp_path / name, save_all=True, append_images=rest, duration=delays, loop=0)
+        code, out, err = run(capsys, "inspect", "--no-faces", "--json", tmp_path / name)
+        assert code == 0, err
+        reports[name] = json.loads(out)[str(tmp_path / name)]
+    webp, gif = reports["paused.webp"], reports["paused.gif"]
+    facts = ("frames", "duration_s", "audio", "variable_rate", "frames_in_a_run")
+    assert [webp[k] for k in facts] == [gif[k] for k in facts] == [6, 0.4, False, True, 10]
+    read = driver_source(tmp_path / "paused.webp")  # (what a run reads)
+    assert isinstance(read, DriverFrames) and len(read.frames) == 10
+    # frames of 33 and 34 ms (this engine's 30 fps WebP results) are no variable rate, and no frame is repeated
+    even = tmp_path / "even.webp"
+    first.save(even, save_all=True, append_images=rest, duration=[33, 34, 33, 33, 34, 33], loop=0)
+    code, out, _ = run(capsys, "inspect", "--no-faces", even)
+    assert code == 0 and "  frames: 6\n" in out and "variable rate: False" in out and "in a run" not in out
