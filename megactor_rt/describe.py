@@ -171,27 +171,47 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
         report["missing_frames"] = last - first + 1 - len(frames)
         have = {pattern.number(f.name) for f in frames}
         report["first_missing"] = pattern.name(next(n for n in range(first, last + 1) if n not in have))
-    if (odd := _odd_sizes(frames)) is not None:  # (a run refuses such a sequence at its first odd frame)
+    sizes = [_header_size(frame) for frame in frames]  # (each frame's header, read once)
+    if (odd := _odd_sizes(frames, sizes)) is not None:  # (a run refuses such a sequence at its first odd frame)
         report["other_sizes"] = odd
+    if (bad := _unreadable(frames, sizes)) is not None:  # (and stops at its first unreadable frame)
+        report["unreadable_frames"] = bad
     del first_frame["kind"]
     if "bit_depth" in first_frame:
         first_frame["bit_depth"] = _sequence_depth(frames)
     return report | first_frame  # its faces and settings
 
 
-def _odd_sizes(frames: list[Path]) -> str | None:
+def _odd_sizes(frames: list[Path], sizes: list[tuple[int, int] | None]) -> str | None:
     """Where frames differ in size from the first (a frame re-rendered at another size, replaced by hand), how
-    many, and the first of them, from their headers; None where all have one size (was: the first frame's size
-    alone, and the run refused the sequence at its first odd frame)."""
-    first = _header_size(frames[0])
+    many, and the first of them, from their headers (``sizes``, :func:`_header_size`'s); None where all have one
+    size (was: the first frame's size alone, and the run refused the sequence at its first odd frame)."""
+    first = sizes[0]
     if first is None:
         return None
-    odd = [(frame, size) for frame in frames[1:] if (size := _header_size(frame)) is not None and size != first]
+    odd = [(frame, size) for frame, size in zip(frames[1:], sizes[1:], strict=True)
+           if size is not None and size != first]
     if not odd:
         return None
     (frame, (w, h)), n = odd[0], len(odd)
     return f"{n} frame{'s' * (n != 1)} of another size than the first (first: {frame.name}, {w}x{h}): a driver's " \
         "frames must all have one size"
+
+
+def _unreadable(frames: list[Path], sizes: list[tuple[int, int] | None]) -> str | None:
+    """Frames a run cannot read (a render that crashed mid-frame, a copy cut short: an empty file, no image's
+    header, a PNG without its end), how many, and the first with why, from their headers (``sizes``) and a PNG's
+    last bytes; None where there is none (was: not looked for: the sequence was reported whole, and the run
+    stopped at such a frame after its first pass)."""
+    bad = []
+    for frame, size in zip(frames, sizes, strict=True):
+        why = "not a readable image" if size is None else picture_cut_off(frame)
+        if why is not None:
+            bad.append((frame, "an empty file" if size is None and frame.stat().st_size == 0 else why))
+    if not bad:
+        return None
+    (frame, why), n = bad[0], len(bad)
+    return f"{n} frame{'s' * (n != 1)} a run cannot read (first: {frame.name}, {why})"
 
 
 def _header_size(frame: Path) -> tuple[int, int] | None:

@@ -51,3 +51,31 @@ def test_an_animated_webp_gives_its_stored_frames_as_a_gif_does(tmp_path: Path,
     first.save(even, save_all=True, append_images=rest, duration=[33, 34, 33, 33, 34, 33], loop=0)
     code, out, _ = run(capsys, "inspect", "--no-faces", even)
     assert code == 0 and "  frames: 6\n" in out and "variable rate: False" in out and "in a run" not in out
+
+
+def test_inspect_names_the_frames_of_a_sequence_a_run_cannot_read(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A plate of 6 frames whose 3rd is empty (a render that crashed) and 5th cut short (a copy interrupted): inspect
+    names them, as a run would stop at the first (was: the sequence reported whole); a whole plate has no such line."""
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    for i, frame in enumerate(_frames(6, 96), 1):
+        frame.save(plate / f"{i:04d}.png")
+    code, out, err = run(capsys, "inspect", "--no-faces", "--json", plate)
+    assert code == 0 and "unreadable_frames" not in json.loads(out)[str(plate)], err
+    (plate / "0003.png").write_bytes(b"")
+    cut = (plate / "0005.png").read_bytes()
+    (plate / "0005.png").write_bytes(cut[: len(cut) // 2])
+    code, out, err = run(capsys, "inspect", "--no-faces", "--json", plate)
+    report = json.loads(out)[str(plate)]
+    assert code == 0 and report["frames"] == 6, err
+    assert report["unreadable_frames"] == "2 frames a run cannot read (first: 0003.png, an empty file)"
+    (plate / "0003.png").write_text("not a picture")
+    code, out, _ = run(capsys, "inspect", "--no-faces", plate)
+    assert "  unreadable frames: 2 frames a run cannot read (first: 0003.png, not a readable image)\n" in out
+    (plate / "0003.png").unlink()
+    (plate / "0002.png").rename(plate / "0003.png")  # (only the 5th unreadable: it is cut short)
+    (plate / "0001.png").rename(plate / "0002.png")
+    code, out, _ = run(capsys, "inspect", "--no-faces", "--json", plate)
+    assert json.loads(out)[str(plate)]["unreadable_frames"] == \
+        "1 frame a run cannot read (first: 0005.png, it lacks the chunk that ends a PNG, IEND)"
