@@ -435,8 +435,8 @@ def _local(paths: list[Any], args: argparse.Namespace) -> list[Any]:
 
 def _download_inputs(args: argparse.Namespace) -> None:
     """Portraits, drivers, masks, sounds (--audio) and files to inspect given as web addresses: downloaded before any
-    work, their files standing in for them in ``args`` (:func:`_local`)."""
-    for name in ("portrait", "driver", "mask", "audio", "files"):
+    work, their files standing in for them in ``args`` (:func:`_local`); inspect's each as it comes to it."""
+    for name in ("portrait", "driver", "mask", "audio"):
         given = getattr(args, name, None)
         if isinstance(given, list):
             setattr(args, name, _local(given, args))
@@ -1922,10 +1922,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     reports: dict[str, Any] = {}
     failed = 0
-    addresses = args.addresses  # (web addresses, downloaded: reported by their address)
-    for path in args.files:
-        try:
-            reports[addresses.get(str(path), str(path))] = describe(path, faces=not args.no_faces)
+    for given in args.files:
+        try:  # (a web address downloaded here: one that fails is named as a missing file is, the others reported;
+            # was: downloaded before any, one failure ending the command without a report, --json printing nothing)
+            path = _local([given], args)[0]
+            reports[args.addresses.get(str(path), str(path))] = describe(path, faces=not args.no_faces)
         except MegactorError as exc:
             print(f"error: {_as_given(args, str(exc))}", file=sys.stderr)
             failed += 1

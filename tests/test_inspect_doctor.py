@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import tempfile
+import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +83,39 @@ def test_inspect_names_the_frames_of_a_sequence_a_run_cannot_read(tmp_path: Path
     code, out, _ = run(capsys, "inspect", "--no-faces", "--json", plate)
     assert json.loads(out)[str(plate)]["unreadable_frames"] == \
         "1 frame a run cannot read (first: 0005.png, it lacks the chunk that ends a PNG, IEND)"
+
+
+def test_inspect_reports_the_others_where_a_web_address_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """inspect of two addresses and a file, one address a 404: the error names it and the others are reported, as
+    where a local file is missing (was: the downloads came first, the 404 ended the command, --json printed nothing);
+    no download is left behind."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # (the local server is reached directly)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (TMPDIR is read again)
+    served = tmp_path / "served"
+    served.mkdir()
+    _frames(1, 96)[0].save(served / "me.png")
+    _frames(1, 80)[0].save(tmp_path / "here.png")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        code, out, err = run(capsys, "inspect", "--no-faces", "--json", f"{url}/gone.mp4", f"{url}/me.png",
+                             tmp_path / "here.png")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 2 and f"error: {url}/gone.mp4: the server answered 404" in err, err
+    reports = json.loads(out)
+    assert list(reports) == [f"{url}/me.png", str(tmp_path / "here.png")]
+    assert (reports[f"{url}/me.png"]["size"], reports[str(tmp_path / "here.png")]["size"]) == ("96x96", "80x80")
+    assert list(scratch.iterdir()) == []
