@@ -84,6 +84,12 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _path_as_typed(text: str) -> str:
+    """A path on the command line as :func:`_path` takes it, kept as typed (inspect's reports go by it)."""
+    _path(text)
+    return text
+
+
 class _OutputPath(argparse.Action):
     """``animate -o``: the path, and whether it was written ending in a slash (``-o results/``: a folder of
     results even for one pair), which ``Path`` forgets."""
@@ -1925,8 +1931,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for given in args.files:
         try:  # (a web address downloaded here: one that fails is named as a missing file is, the others reported;
             # was: downloaded before any, one failure ending the command without a report, --json printing nothing)
-            path = _local([given], args)[0]
-            reports[args.addresses.get(str(path), str(path))] = describe(path, faces=not args.no_faces)
+            path = _local([Path(given)], args)[0]
+            # (each report under its argument as typed, `./clips/a.mp4`, for a script to look it up: was pathlib's
+            # `clips/a.mp4`; a download under its address)
+            reports[args.addresses.get(str(path), given)] = describe(path, faces=not args.no_faces)
         except MegactorError as exc:
             print(f"error: {_as_given(args, str(exc))}", file=sys.stderr)
             failed += 1
@@ -2323,7 +2331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="what the engine sees in images and videos: size, rate, frames, sound, HDR, "
                                          "faces, and a result's settings")
-    ins.add_argument("files", type=_path, nargs="+", help="images, videos, results (http(s) addresses are downloaded "
+    ins.add_argument("files", type=_path_as_typed, nargs="+", help="images, videos, results (http(s) addresses are downloaded "
                                                           "first)")
     ins.add_argument("--no-faces", action="store_true", help="do not look for faces (the slow part for large photos)")
     ins.add_argument("--json", action="store_true", help="print the reports as JSON")

@@ -119,3 +119,18 @@ def test_inspect_reports_the_others_where_a_web_address_fails(tmp_path: Path, ca
     assert list(reports) == [f"{url}/me.png", str(tmp_path / "here.png")]
     assert (reports[f"{url}/me.png"]["size"], reports[str(tmp_path / "here.png")]["size"]) == ("96x96", "80x80")
     assert list(scratch.iterdir()) == []
+
+
+def test_inspect_json_reports_go_by_the_paths_as_typed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inspect --json ./clips/a.png clips//b.png` (a shell loop's `./clips/*`): each report is under its argument
+    as typed, so a script finds it by the name it passed (was: `clips/a.png`, pathlib's spelling: a KeyError)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips").mkdir()
+    for name in ("a.png", "b.png"):
+        _frames(1, 96)[0].save(tmp_path / "clips" / name)
+    given = ["./clips/a.png", "clips//b.png"]
+    code, out, err = run(capsys, "inspect", "--no-faces", "--json", *given)
+    assert code == 0, err
+    reports = json.loads(out)
+    assert list(reports) == given and all(reports[g]["size"] == "96x96" for g in given)
