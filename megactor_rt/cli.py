@@ -2329,10 +2329,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
     dr.set_defaults(fn=cmd_doctor)
 
-    ins = sub.add_parser("inspect", help="what the engine sees in images and videos: size, rate, frames, sound, HDR, "
-                                         "faces, and a result's settings")
-    ins.add_argument("files", type=_path_as_typed, nargs="+", help="images, videos, results (http(s) addresses are downloaded "
-                                                          "first)")
+    ins = sub.add_parser("inspect", help="what the engine sees in images, videos, image sequences and sound files: "
+                                         "size, rate, frames, sound, HDR, faces, and a result's settings")
+    ins.add_argument("files", type=_path_as_typed, nargs="+",
+                     help="images, videos, sound files, image sequences (their folder, or their number pattern: "
+                          "'take1/%%05d.png', quoted), results (http(s) addresses are downloaded first); exit status 2 "
+                          "where one cannot be read, the others still reported")
     ins.add_argument("--no-faces", action="store_true", help="do not look for faces (the slow part for large photos)")
     ins.add_argument("--json", action="store_true", help="print the reports as JSON")
     ins.set_defaults(fn=cmd_inspect)

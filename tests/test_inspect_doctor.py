@@ -134,3 +134,13 @@ def test_inspect_json_reports_go_by_the_paths_as_typed(tmp_path: Path, capsys: p
     assert code == 0, err
     reports = json.loads(out)
     assert list(reports) == given and all(reports[g]["size"] == "96x96" for g in given)
+
+
+def test_inspect_help_names_what_it_takes_and_its_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspect --help` names sequences (a folder or a pattern) and sound files, which it takes as the README says,
+    and its exit status (was: "images, videos, results" alone)."""
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "image sequences (their folder, or their number pattern: 'take1/%05d.png', quoted)" in text
+    assert "sound files" in text and "exit status 2 where one cannot be read, the others still reported" in text
