@@ -163,6 +163,9 @@ def _describe_sequence(path: Path, faces: bool) -> dict[str, Any]:
     pattern, frames = sequence_frames(path)
     first, last = pattern.number(frames[0].name), pattern.number(frames[-1].name)
     first_frame = describe(frames[0], faces)
+    if first_frame["kind"] != "image":  # (an animated PNG as a frame: a run reads its first picture; its frames,
+        # rate and sound are no facts of the sequence's: were reported as the sequence's own)
+        first_frame = {k: v for k, v in first_frame.items() if k in ("kind", "size", "faces")}
     fps = first_frame.pop("fps", None) or f"none recorded ({_rate(DEFAULT_FPS)} taken as a driver; --sequence-fps)"
     sound = sequence_sound(pattern)
     report = {"kind": "frame sequence", "size": first_frame.pop("size"), "fps": fps,

@@ -144,3 +144,21 @@ def test_inspect_help_names_what_it_takes_and_its_exit_status(capsys: pytest.Cap
     text = " ".join(capsys.readouterr().out.split())
     assert "image sequences (their folder, or their number pattern: 'take1/%05d.png', quoted)" in text
     assert "sound files" in text and "exit status 2 where one cannot be read, the others still reported" in text
+
+
+def test_a_sequence_whose_first_frame_is_an_animated_png_gives_its_own_frames(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A plate of 3 PNG frames whose first is an APNG of 5 pictures (40 ms each): 3 frames, no rate recorded (a run
+    reads 3 at 25 fps), as it is read (was: the APNG's 5 frames and its 25 fps as the plate's, recorded)."""
+    plate = tmp_path / "plate"
+    plate.mkdir()
+    first, *rest = _frames(5, 80)
+    first.save(plate / "0001.png", save_all=True, append_images=rest, duration=40, loop=0)
+    for n in (2, 3):
+        rest[n].save(plate / f"{n:04d}.png")
+    code, out, err = run(capsys, "inspect", "--no-faces", "--json", plate)
+    report = json.loads(out)[str(plate)]
+    assert code == 0 and (report["frames"], report["numbers"], report["audio"]) == (3, "1-3", False), err
+    assert report["fps"].startswith("none recorded") and "variable_rate" not in report
+    read = driver_source(plate / "%04d.png")
+    assert isinstance(read, DriverFrames) and len(read.frames) == 3
