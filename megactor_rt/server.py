@@ -87,6 +87,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -616,6 +617,10 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         self._run_s_sum = 0.0
         self._answers: dict[int, int] = {}  # HTTP answers by status
         self._folders: set[Path] = set()
+        # the temporary folders removed when the interpreter exits, where server_close never ran: the Python API's
+        # serve_forever() ended by Ctrl-C (KeyboardInterrupt) or a script that never closes its server left every
+        # kept job's result and the kept drivers in the temporary folder
+        self._remove_folders = weakref.finalize(self, _remove_all, self._folders)
         self._answering: set[Task] = set()  # POST /animate's runs queued or under way, their answers still to send
         self._worker: threading.Thread | None = None
         self._worker_ended = threading.Event()
@@ -773,9 +778,7 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         with self._state:  # (the requests whose runs ended answer now, 503: the command ends the process at once
             # after this, which cut such an answer off mid-way, its headers sent without its body)
             self._state.wait_for(lambda: not any(t.over.is_set() for t in self._answering), _STOP_ANSWERS_S)
-            left = list(self._folders)
-        for path in left:  # (a run still under way when the server stops: its thread ends with the process)
-            shutil.rmtree(path, ignore_errors=True)
+        self._remove_folders()  # (a run still under way when the server stops: its thread ends with the process)
         self._unlock()
 
     def _unlock(self) -> None:
@@ -1863,6 +1866,13 @@ def _prune(task: Task) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def _remove_all(folders: set[Path]) -> None:
+    """Remove a server's temporary ``folders`` (at :meth:`AnimateServer.server_close`, else at the interpreter's
+    exit), without its lock: a thread that holds it when the interpreter exits never gives it back."""
+    for path in list(folders):  # (a copy made at once: other threads may add or discard meanwhile)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _entries(folder: Path) -> list[Path]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -1390,6 +1391,41 @@ def test_a_run_the_servers_stop_cancels_is_answered_as_that(anim: Animator, medi
     assert status == 503 and "the server stopped while the run was under way" in json.loads(answer)["error"], answer
     (status, _, answer), = waiting
     assert status == 503 and "the server stopped before the run began" in json.loads(answer)["error"], answer
+
+
+_PYTHON_SERVER = """
+import sys
+from megactor_rt.config import AnimateConfig
+from megactor_rt.runtime.animator import Animator
+from megactor_rt.server import AnimateServer
+srv = AnimateServer(Animator.demo(seed=0, device="cpu", config=AnimateConfig(steps=2, window=4, overlap=2)),
+                    ("127.0.0.1", 0))
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+def test_a_python_api_server_stopped_by_ctrl_c_leaves_no_folder(media: dict[str, Path], tmp_path: Path) -> None:
+    """The README's ``AnimateServer(anim, address).serve_forever()`` ended by Ctrl-C (a KeyboardInterrupt, no
+    server_close) removes its temporary folders as the process exits (was: each kept job's folder with its result,
+    and the kept drivers, stayed in /tmp for good)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _PYTHON_SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        port = int(proc.stdout.readline())  # type: ignore[union-attr]
+        srv: Any = SimpleNamespace(server_address=("127.0.0.1", port))  # (what request() reads of a server)
+        job = post_job(srv, {**files(media), "duration": "0.04"})
+        wait_for(srv, lambda doc: doc["status"] == "done", 120, f"/jobs/{job}")
+        assert any(scratch.glob("megactor-rt-serve-*/result/me_talk.mp4"))  # (kept for GET /jobs/ID/result)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert "KeyboardInterrupt" in err, err
+    assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("megactor-rt-serve")) == []
 
 
 def test_a_stopping_server_sends_its_503s_before_it_is_closed(anim: Animator, media: dict[str, Path],
