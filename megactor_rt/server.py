@@ -1804,9 +1804,9 @@ def _methods(route: str) -> str | None:
         return "POST"
     if route == "/jobs":
         return "GET, HEAD, POST"
-    if parts[1] == "jobs" and len(parts) == 3:
+    if len(parts) == 3 and parts[1] == "jobs":  # (a target without a "/", "*": no parts[1], was an IndexError)
         return "GET, HEAD, DELETE"
-    if parts[1] == "jobs" and len(parts) == 4 and parts[3] == "result":
+    if len(parts) == 4 and parts[1] == "jobs" and parts[3] == "result":
         return "GET, HEAD"
     return "GET, HEAD" if route in (*_OPEN, "/health", "/metrics") else None
 

@@ -716,6 +716,20 @@ def test_the_servers_own_refusals(served: AnimateServer, media: dict[str, Path],
     assert left(scratch) == []
 
 
+def test_a_target_that_is_no_path_is_answered_404(served: AnimateServer) -> None:
+    """POST and DELETE of a request target without a "/" (``*``, as OPTIONS takes, or a client's ``jobs``) are
+    answered 404 as any route the server does not have (the connection was dropped unanswered, and the log had an
+    IndexError's traceback)."""
+    import socket
+
+    for method in ("POST", "DELETE"):
+        with socket.create_connection(("127.0.0.1", served.server_address[1]), timeout=30) as sock:
+            sock.sendall(f"{method} * HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode())
+            answer = sock.makefile("rb").read()
+        assert answer.startswith(b"HTTP/1.1 404 "), (method, answer)
+        assert b'"error"' in answer, answer
+
+
 def test_a_method_a_route_does_not_take_is_answered_405_with_its_allow(
         served: AnimateServer, media: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A 405 names the methods its route takes (Allow, as RFC 9110 wants; GET /animate and a DELETE of another route
