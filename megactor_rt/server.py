@@ -1366,8 +1366,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().send_response(code, message)
 
     def _no_such_method(self) -> None:
-        self._error(405, f"{self.command} is not a method this server takes: GET, HEAD, POST, DELETE, OPTIONS",
-                    {"Allow": "GET, HEAD, POST, DELETE, OPTIONS"})
+        route = self._route()
+        methods = _methods(route)  # (the route's own, as every other 405 names them: was the server's, so that
+        if methods is None:  # PUT /animate's Allow named GET and DELETE, which /animate answers 405 too)
+            self._error(404, f"no such page: {route} ({self.command} is no method this server takes)")
+            return
+        self._error(405, f"{self.command} is not a method this server takes; {route} takes {methods}",
+                    {"Allow": methods})
 
     do_PUT = do_PATCH = do_TRACE = do_CONNECT = _no_such_method  # noqa: N815 - http.server's names
 

@@ -665,7 +665,7 @@ def test_malformed_request_framing_is_refused(served: AnimateServer, media: dict
     assert answer.status == 400 and "several Content-Length headers" in json.loads(answer.read())["error"]
     conn.close()
     status, headers, answer = request(served, "PUT", "/jobs", b"x")
-    assert status == 405 and headers["Allow"] == "GET, HEAD, POST, DELETE, OPTIONS", answer
+    assert status == 405 and headers["Allow"] == "GET, HEAD, POST", answer
 
 
 def test_pages_of_the_sites_named_may_call_the_server_from_a_browser(served: AnimateServer) -> None:
@@ -733,17 +733,20 @@ def test_a_target_that_is_no_path_is_answered_404(served: AnimateServer) -> None
 def test_a_method_a_route_does_not_take_is_answered_405_with_its_allow(
         served: AnimateServer, media: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """A 405 names the methods its route takes (Allow, as RFC 9110 wants; GET /animate and a DELETE of another route
-    had none); DELETE /jobs/ID/result is no way to delete a job (it cancelled a running one); DELETE of no route 404."""
+    had none; a PUT's named the server's, GET and DELETE for /animate among them); DELETE /jobs/ID/result is no way
+    to delete a job (it cancelled a running one); DELETE or PUT of no route 404."""
     go = hold_runs(served, monkeypatch)
     job = post_job(served, {**files(media), "duration": "0.04"})
     wait_for(served, lambda d: d["status"] == "running", path=f"/jobs/{job}")
     allowed = {("GET", "/animate"): "POST", ("DELETE", "/animate"): "POST", ("DELETE", "/jobs"): "GET, HEAD, POST",
                ("DELETE", "/health"): "GET, HEAD", ("DELETE", f"/jobs/{job}/result"): "GET, HEAD",
-               ("POST", f"/jobs/{job}/result"): "GET, HEAD", ("POST", f"/jobs/{job}"): "GET, HEAD, DELETE"}
+               ("POST", f"/jobs/{job}/result"): "GET, HEAD", ("POST", f"/jobs/{job}"): "GET, HEAD, DELETE",
+               ("PUT", "/animate"): "POST", ("PATCH", f"/jobs/{job}"): "GET, HEAD, DELETE", ("PUT", "/"): "GET, HEAD"}
     for (method, path), methods in allowed.items():
         status, headers, answer = request(served, method, path, b"" if method == "POST" else None)
         assert status == 405 and headers.get("Allow") == methods, (method, path, answer)
     assert request(served, "DELETE", "/nope")[0] == 404
+    assert request(served, "PUT", "/nope", b"")[0] == 404
     go.set()
     assert wait_for(served, lambda d: d["status"] != "running", path=f"/jobs/{job}")["status"] == "done"
 
