@@ -163,6 +163,11 @@ class FormError(Exception):
         self.status = status
 
 
+def _stopping() -> FormError:
+    """The 503 of a form that came whole after the server's stop (Ctrl-C, SIGTERM, server_close)."""
+    return FormError("the server is stopping; send the request again (once it is back, or to another server)", 503)
+
+
 class _Body:
     """At most ``length`` bytes of a request's body, read as they come; one that comes slower than
     :data:`MIN_UPLOAD_RATE` on average once :data:`UPLOAD_GRACE_S` have passed is refused (408): a client trickling
@@ -795,6 +800,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         running request reads them; ``upload`` is moved there, or removed where that driver is kept already."""
         key = f"{sha256_file(upload)}/{upload.name}"
         with self._state:
+            if self._closing:  # (its store removed: not made again; the request is refused, submit)
+                return upload
             if self._driver_store is None:
                 self._driver_store = Path(tempfile.mkdtemp(prefix="megactor-rt-serve-drivers-"))
                 self._folders.add(self._driver_store)
@@ -859,9 +866,12 @@ class AnimateServer(http.server.ThreadingHTTPServer):
 
         Raises:
             FormError: a job in ``jobs_dir`` whose record cannot be written (503 for a full disk, else 500): a server
-                started again would not know it; nothing is queued, the place is kept (:meth:`unreserve`).
+                started again would not know it; or the server is stopping (503); nothing is queued, the place is
+                kept (:meth:`unreserve`).
         """
         with self._state:
+            if self._closing:  # (a form that came whole after the server's stop: queued, it never ran and its
+                raise _stopping()  # client waited for ever; its folder, made again by its next part, stayed)
             first = self.keyed(task.key)
             if first is not None:
                 self._receiving -= 1
@@ -1722,6 +1732,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         text, files = read_form(self.rfile, length, self.headers.get("Content-Type", ""), folder,
                                 texts=(*TEXT_FIELDS, CALLBACK), route=self._route())
         self._form_read = True
+        if self.server._closing:  # (its folder was removed by the stop meanwhile)
+            raise _stopping()
         form = _form_print(text, files) if keep and self.headers.get(KEY_HEADER) else None
         callback = text.pop(CALLBACK, "").strip() or None
         if callback is not None:

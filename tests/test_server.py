@@ -1445,6 +1445,34 @@ def test_a_python_api_server_stopped_by_ctrl_c_leaves_no_folder(media: dict[str,
     assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("megactor-rt-serve")) == []
 
 
+def test_a_form_still_coming_when_the_server_stops_is_refused_and_leaves_nothing(
+        anim: Animator, media: dict[str, Path], scratch: Path) -> None:
+    """A form whose upload goes on after the server was closed (server_close removed its folder) is answered 503
+    and its files removed (it was queued on the stopped server, never run: its client waited for ever, and its
+    folder and the kept drivers' folder, made again by its next part, stayed)."""
+    import socket
+
+    body, ctype = form(files(media))
+    half = body.index(b"talk.mp4")  # (the portrait sent, then the server stops, then the driver)
+    srv = AnimateServer(anim, ("127.0.0.1", 0))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    with socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30) as sock:
+        sock.sendall(f"POST /animate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:half])
+        end = time.monotonic() + 30
+        while not list(scratch.glob("megactor-rt-serve-*/portrait/me.png")) and time.monotonic() < end:
+            time.sleep(0.05)
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+        sock.sendall(body[half:])
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+    assert b"the server is stopping" in answer, answer
+    assert sorted(p.name for p in scratch.iterdir()) == []
+
+
 def test_a_stopping_server_sends_its_503s_before_it_is_closed(anim: Animator, media: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """`serve` ends its process at once when its server is closed (Ctrl-C, SIGTERM): the 503s of the POST /animate
