@@ -1330,7 +1330,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
         ends = _reaches_the_end(stream, last_time)
         if held is not None:
             complete = ends or not _short(stream.frames, where())
-            end = None if reanchored or not complete else _end_slot(stream, clock)
+            end = None if reanchored or not complete else _end_slot(stream, clock, _frame_end(held.pts, held.duration))
             yield from shown(held, max(held_at + 1, end or 0))  # the last frame until the stream ends
             if done():
                 return  # as many frames as asked for: the completeness check covers only the frames read
@@ -1352,12 +1352,24 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
         _check_gif_trailer(path, stream)
 
 
-def _end_slot(stream: av.video.stream.VideoStream, clock: _FrameClock) -> int | None:
-    """The grid slot at which the stream's declared end falls (its last frame is shown up to it), or None."""
-    if not stream.duration or stream.time_base is None or clock.first_pts is None:
+def _end_slot(stream: av.video.stream.VideoStream, clock: _FrameClock, last_end: int | None = None) -> int | None:
+    """The grid slot at which the stream's declared end falls (its last frame is shown up to it), or None. An
+    animated PNG declares none (FFmpeg gives it no stream duration): it ends where its last frame's delay does,
+    ``last_end`` (that frame's timestamp plus its duration), as a GIF's declared end does (was: its last frame shown
+    once, a sticker's held final pose lost)."""
+    if clock.first_pts is None:
         return None
+    if not stream.duration or stream.time_base is None:
+        apng = stream.codec_context.name == "apng"
+        return clock.slot_of(last_end) if apng and last_end is not None else None
     start = stream.start_time if stream.start_time is not None else clock.first_pts
     return clock.slot_of(start + stream.duration)
+
+
+def _frame_end(pts: int | None, duration: int | None) -> int | None:
+    """Where a frame (or packet) of timestamp ``pts`` and ``duration`` (the stream's time base) ends; None where
+    either is unknown."""
+    return pts + duration if pts is not None and duration else None
 
 
 def grid_frame_count(info: VideoInfo) -> int | None:
@@ -1376,15 +1388,17 @@ def grid_frame_count(info: VideoInfo) -> int | None:
         if stream.time_base is None:
             return None
         try:
-            pts = [p.pts for p in container.demux(stream) if p.size]
+            packets = [(p.pts, p.duration) for p in container.demux(stream) if p.size]
         except (av.error.FFmpegError, OSError, ValueError):
             return None
+        pts = [t for t, _ in packets]
         if not pts or None in pts:
             return None
         clock = _FrameClock(stream, info.fps)
         clock.first_pts = math.floor(info.start_s / stream.time_base)  # (the first decoded frame's)
         last = max(clock.slot_of(t) for t in pts if t is not None)  # (none is: said to the type checker)
-        return max(last + 1, _end_slot(stream, clock) or 0)
+        last_end = _frame_end(*max(packets, key=lambda p: p[0] or 0))  # (the frame shown last)
+        return max(last + 1, _end_slot(stream, clock, last_end) or 0)
 
 
 def _reaches_the_end(stream: av.video.stream.VideoStream, last_time: float | None) -> bool:

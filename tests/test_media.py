@@ -1271,6 +1271,22 @@ def test_inspect_gives_the_frames_in_a_run_of_a_gif_that_pauses_at_its_end_or_an
         assert len(list(iter_video_frames(clip))) == (run or 21)
 
 
+def test_an_apng_that_holds_its_last_frame_keeps_the_hold(tmp_path: Path) -> None:
+    """An APNG (a LINE or Telegram sticker) whose last frame is held 500 ms keeps that hold as a GIF does: 22 frames
+    on its 25 fps grid, the last one 13 times (was: once, as FFmpeg gives an APNG no stream duration, so the result
+    lost the sticker's final pose); inspect counts the same."""
+    from megactor_rt.describe import describe
+
+    content = _frames(6, 64)
+    images = [Image.fromarray(f) for f in content]
+    for clip in (tmp_path / "held.png", tmp_path / "held.gif"):
+        images[0].save(clip, save_all=True, append_images=images[1:], duration=[40, 40, 200, 40, 40, 500], loop=0)
+        read = list(iter_video_frames(clip))
+        nearest = [int(np.argmin([np.abs(r.astype(int) - c).mean() for c in content])) for r in read]
+        assert nearest == [0, 1] + [2] * 5 + [3, 4] + [5] * 13, clip.name
+        assert describe(clip, faces=False)["frames_in_a_run"] == 22
+
+
 def test_inspect_says_an_animated_gif_or_png_is_cut_off(tmp_path: Path) -> None:
     """An animated GIF or PNG cut short (a partial download) is said to be, beside the frames it still holds (was:
     its frame count alone, as if whole; a run warns of the GIF and fails at the PNG's break); whole ones are not."""
