@@ -680,7 +680,9 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
     the average (and at most 240 fps), else the average, else a guess. A constant-rate MP4 whose last sample is
     short or long averages, say, 30.19 or 20 fps over 30 fps frames, and a phone recording that dips to 24 fps
     in low light averages below its 30; a grid at the average would drop frames and show an odd rate. A nominal
-    rate far above the average (a static screen recording) would repeat most frames, so the average is used.
+    rate far above the average (a static screen recording) would repeat most frames, so the average is used, unless
+    most of its frames do come at it (:func:`_frames_at_rate`: a recording that freezes for seconds, whose average
+    the freeze pulls down; the average dropped most frames of its motion).
     A nominal rate 1.5 to 2.5 times the average may be FFmpeg's misreading of jittered timestamps, at which
     nearly every frame would repeat (or, above twice the average, an odd rate like 29.997 fps): where the
     timestamps show the frames mostly coming at half of it or slower (:func:`_frames_at_half_rate`), the grid
@@ -693,7 +695,7 @@ def _stream_fps(path: Path, stream: av.video.stream.VideoStream) -> Fraction:
         nominal = Fraction(base.numerator, base.denominator)
         if 1.5 <= base / avg <= 2.5 and _frames_at_half_rate(path, stream.index, stream.time_base, nominal):
             return nominal / 2
-        if 0.99 <= base / avg <= 2:
+        if 0.99 <= base / avg <= 2 or (base / avg > 2 and _frames_at_rate(path, stream, nominal)):
             return nominal
     for rate in (avg, stream.guessed_rate, base):
         if rate:
@@ -796,6 +798,17 @@ def _mostly_slow(path: str, mtime_ns: int, size: int, index: int, time_base: Fra
     logger.info("%s: the header's %.3f fps is twice the rate of most of its frames' timestamps; read at %.3f fps",
                 path, float(nominal), float(nominal / 2))
     return True
+
+
+def _frames_at_rate(path: Path, stream: av.video.stream.VideoStream, nominal: Fraction) -> bool:
+    """Whether most steps between the stream's first frames' timestamps (:func:`_stream_times`) are under 1.5
+    ``nominal`` frame times: frames that come at the nominal rate, the average pulled down by gaps (a picture that
+    freezes), not a static screen recording's rare frames."""
+    times = _stream_times(path, stream) or ()
+    if len(times) < 8:  # too few to tell
+        return False
+    fast = sum((b - a) * nominal < Fraction(3, 2) for a, b in itertools.pairwise(times))
+    return 2 * fast > len(times) - 1
 
 
 def _gif_variable(path: Path, stream: av.video.stream.VideoStream, fps: Fraction) -> bool:

@@ -1735,6 +1735,25 @@ def test_a_long_last_frame_lasts_to_the_streams_end(tmp_path: Path) -> None:
     assert plan.num_frames == 14
 
 
+def test_a_recording_that_freezes_for_seconds_keeps_its_rate_and_every_frame(tmp_path: Path) -> None:
+    """A 30 fps recording whose picture freezes for 4 s (a video call that stalls, a recording paused and resumed):
+    its header's average, 7.5 fps, is under a quarter of its nominal 30, yet nearly all its frames come 1/30 s apart,
+    so the grid is at 30 fps: every frame once, in order, the freeze repeating one (was: the average, 7.5 fps, which
+    dropped three of every four frames of its motion). A static screen recording keeps its average rate."""
+    clip = tmp_path / "frozen.mp4"
+    times = [i / 30 for i in range(30)] + [5 + i / 30 for i in range(10)]
+    _write_numbered_vfr(clip, times)
+    with av.open(str(clip)) as c:
+        assert c.streams.video[0].base_rate / c.streams.video[0].average_rate > 3
+    assert probe_video(clip).fps == 30
+    got = [_frame_number(f) for f in iter_video_frames(clip)]
+    assert sorted(set(got)) == list(range(40)) and got == sorted(got)
+    # a static screen recording, whose frames come 6 to 21 frame times apart but for a few: still its average rate
+    steps = [1, 1, 1, 6, 15, 9, 21, 12, 7, 18, 10, 8, 14, 20, 6, 11, 9]
+    _write_numbered_vfr(clip, [sum(steps[:k]) / 30 for k in range(len(steps) + 1)])
+    assert 3 < probe_video(clip).fps < 4
+
+
 def test_a_constant_rate_mp4_with_an_odd_last_sample_keeps_every_frame(tmp_path: Path) -> None:
     """30 fps frames whose last MP4 sample lasts 1 ms: the header's average is 30.19 fps; the grid takes the
     nominal 30 fps, so each frame once (at the average one would be dropped and others repeated)."""
