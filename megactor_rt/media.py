@@ -635,7 +635,7 @@ def _check_audio_file(path: Path, start: float) -> Path:
     with _open_input(path, what="audio") as container:
         if not container.streams.audio:
             raise InputError(f"{path}: has no audio stream (given for the result's sound)")
-        stream = container.streams.audio[0]
+        stream = sound_stream(container)
         length = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
             (container.duration / av.time_base if container.duration else None)
         if not _holds_sound(path, container, stream):  # (was: a result without sound, said at -v only)
@@ -1217,9 +1217,33 @@ def picture_streams(container: av.container.InputContainer) -> list[av.video.str
     return [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
 
 
+def sound_stream(container: av.container.InputContainer, path: Path | None = None) -> av.audio.stream.AudioStream:
+    """A file's audio stream that a result takes (its sound, :func:`probe_sound`'s): the one FFmpeg chooses, as
+    players do (its default one where a stream is marked so), else the first (was: always the first, so a file whose
+    first track is a silent, commentary or other-language one not marked default gave the result that sound). Where
+    the file has several, the one taken is said once (``path``: the file, for that line). The file must have one.
+    """
+    streams = list(container.streams.audio)
+    best = container.streams.best("audio")
+    chosen = best if best in streams else streams[0]
+    if len(streams) > 1 and path is not None and _first_word(("audio streams", path, *_file_version(path))):
+        logger.warning("%s has %d audio streams: the result's sound is its stream %s, the one FFmpeg chooses (and "
+                       "players play); %s not used (another one is taken once copied out alone: ffmpeg -i IN -map 0:v "
+                       "-map 0:N -c copy OUT.mkv, N its number)", path, len(streams), _sound_name(chosen),
+                       ", ".join(_sound_name(a) for a in streams if a is not chosen) +
+                       (" is" if len(streams) == 2 else " are"))
+    return chosen
+
+
+def _sound_name(stream: av.audio.stream.AudioStream) -> str:
+    """``#2 ("main", 2 channels)``: an audio stream's index in its file, its title where it has one, channels."""
+    title = (stream.metadata or {}).get("title")
+    return f"#{stream.index} ({f'{title!r}, ' if title else ''}{stream.codec_context.channels} channels)"
+
+
 def probe_sound(path: PathLike) -> dict[str, Any] | None:
-    """A sound file's first audio stream: codec, rate, channels and duration (seconds); None where the file has a
-    video stream (cover pictures aside), or no sound either.
+    """A sound file's audio stream (:func:`sound_stream`): codec, rate, channels and duration (seconds); None where
+    the file has a video stream (cover pictures aside), or no sound either.
 
     Raises:
         InputError: no media file FFmpeg reads.
@@ -1227,7 +1251,7 @@ def probe_sound(path: PathLike) -> dict[str, Any] | None:
     with _open_input(Path(path), what="media") as container:
         if picture_streams(container) or not container.streams.audio:
             return None
-        stream = container.streams.audio[0]
+        stream = sound_stream(container)
         seconds = stream.duration * stream.time_base if stream.duration and stream.time_base else \
             container.duration / av.time_base if container.duration else None
         if seconds is None and not _holds_sound(Path(path), container, stream):
@@ -1956,8 +1980,8 @@ def _file_start(container: av.container.InputContainer) -> Fraction:
 
 
 class _AudioTrack:
-    """The sound of a result: the first audio stream of a source file, trimmed to the result's span and copied
-    into (or converted for) the output container ``_out``; shared by :class:`VideoWriter` and
+    """The sound of a result: a source file's audio stream (:func:`sound_stream`), trimmed to the result's span and
+    copied into (or converted for) the output container ``_out``; shared by :class:`VideoWriter` and
     :func:`write_soundtrack`."""
 
     _out: av.container.OutputContainer
@@ -1989,7 +2013,7 @@ class _AudioTrack:
             container.close()
             logger.info("%s has no audio stream; the output will be silent", source)
             return
-        self._audio_in, self._audio_in_stream = container, container.streams.audio[0]
+        self._audio_in, self._audio_in_stream = container, sound_stream(container, source)
         self._audio_path = source
 
     def _setup_audio_stream(self, src: av.audio.stream.AudioStream) -> None:
@@ -2042,7 +2066,7 @@ class _AudioTrack:
                 assert self._audio_path is not None  # set with the source
                 self._close_audio_in()
                 source = self._audio_in = _open_input(self._audio_path, what="audio source")
-                src = self._audio_in_stream = source.streams.audio[0]
+                src = self._audio_in_stream = sound_stream(source)
         mux(source, src, duration, False)
 
     def _audio_clock(self, source: av.container.InputContainer, src: av.audio.stream.AudioStream, seek: bool

@@ -2003,6 +2003,53 @@ def _rms(path: Path, a: float, b: float) -> float:
     return float(np.sqrt(np.mean(part ** 2))) if len(part) else 0.0
 
 
+def _two_sound_clip(path: Path) -> Path:
+    """25 frames with two AAC tracks: #1 silent mono ("commentary"), not marked default, then #2 a stereo sine
+    ("main"), the default one players play."""
+    rate = 16000
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=25)
+        v.width = v.height = 64
+        v.pix_fmt = "yuv420p"
+        silent, main = c.add_stream("aac", rate=rate), c.add_stream("aac", rate=rate)
+        silent.layout, main.layout = "mono", "stereo"
+        silent.disposition, main.disposition = av.stream.Disposition(0), av.stream.Disposition.default
+        silent.metadata["title"], main.metadata["title"] = "commentary", "main"
+        for i, f in enumerate(_frames(25, 64)):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = i
+            c.mux(v.encode(frame))
+        sine = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+        for stream, wave in ((silent, np.zeros((1, rate))), (main, np.stack([sine, sine]))):
+            for start in range(0, rate, 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, start:start + 1024], np.float32),
+                                                   format="fltp", layout=stream.layout.name)
+                frame.sample_rate, frame.pts = rate, start
+                c.mux(stream.encode(frame))
+        for stream in (v, silent, main):
+            c.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])  # copied, converted
+def test_a_driver_of_several_audio_tracks_gives_the_default_ones_sound(
+        tmp_path: Path, suffix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A driver whose first audio track is a silent one not marked default and whose second is the default (the
+    one players play) gives the result the default track's sound, and says which it took (was: the first, silent,
+    without a word)."""
+    clip = _two_sound_clip(tmp_path / "tracks.mkv")
+    out = tmp_path / f"out{suffix}"
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"), \
+            VideoWriter(out, Fraction(25), 64, 64, audio_source=clip) as w:
+        for f in _frames(25, 64):
+            w.write(f)
+    assert "tracks.mkv has 2 audio streams: the result's sound is its stream #2 ('main', 2 channels)" in caplog.text
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.channels == 2
+        sound = np.concatenate([f.to_ndarray().ravel() for f in c.decode(audio=0)])
+    assert np.sqrt(np.mean(sound.astype(float) ** 2)) > 0.1
+
+
 @pytest.mark.parametrize("name,acodec,video_start,audio_start", [
     ("late_video.mkv", "pcm_s16le", 1.0, 0.0),  # transcoded; audio before the video is dropped
     ("late_audio.mkv", "pcm_s16le", 0.0, 0.5),  # transcoded; the audio's later start is kept as silence
