@@ -1169,18 +1169,34 @@ def iter_video_frames(path: PathLike, max_frames: int | None = None, *, strict: 
 _UNSPECIFIED = 2  # AVCOL_SPC_UNSPECIFIED: a stream without a colour matrix tag
 _SMPTE170M, _TV_RANGE = 6, 1  # AVCOL_SPC_SMPTE170M (BT.601), AVCOL_RANGE_MPEG: how results are converted
 HD_MIN_HEIGHT = 720  # untagged streams this tall are decoded as BT.709, as players show them
+# colour matrices swscale does not convert from (it fails with "Operation not supported"): read as the nearest it
+# does, BT.2020 for the BT.2020 family, else as an untagged frame is (_to_rgb24), with a warning
+_UNCONVERTED_MATRICES = {8: "YCgCo", 10: "BT.2020 constant luminance", 11: "SMPTE 2085",
+                         12: "chromaticity-derived", 13: "chromaticity-derived constant luminance", 14: "ICtCp"}
+_BT2020_LIKE = (10, 14)
 
 
-def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+def _to_rgb24(frame: av.VideoFrame, size: tuple[int, int], path: Path | None = None) -> np.ndarray:
     """A decoded frame as ``(H, W, 3)`` uint8 RGB at the stream's probed ``size`` (width, height): a frame after
     a mid-stream size change (WebRTC recordings) is scaled to it, so every frame has the size the crop was
     planned for. A frame without a colour matrix tag is BT.709 from 720 lines on (what players assume for
-    HD; swscale would take BT.601), tagged ones use their tag. HDR frames (HLG, PQ) are tone-mapped to SDR
-    (:mod:`megactor_rt.hdr`; an untagged matrix is BT.2020's there)."""
+    HD; swscale would take BT.601), tagged ones use their tag, but those swscale does not take
+    (:data:`_UNCONVERTED_MATRICES`: YCgCo, ICtCp, ...), which are read as the nearest it does, said once for
+    ``path``. HDR frames (HLG, PQ) are tone-mapped to SDR (:mod:`megactor_rt.hdr`; an untagged matrix is
+    BT.2020's there)."""
     kwargs: dict[str, Any] = {"format": "rgb24"}
     if (frame.width, frame.height) != size:
         kwargs["width"], kwargs["height"] = size
     transfer = int(frame.color_trc)
+    matrix = int(frame.colorspace)
+    if matrix in _UNCONVERTED_MATRICES:
+        nearest, name = (Colorspace.BT2020, "BT.2020") if matrix in _BT2020_LIKE or transfer in HDR_TRANSFERS else \
+            (Colorspace.ITU709, "BT.709") if frame.height >= HD_MIN_HEIGHT else (Colorspace.ITU601, "BT.601")
+        kwargs["src_colorspace"] = nearest
+        if path is not None and _first_word(("colour matrix", path, *_file_version(path))):
+            logger.warning("%s: its colour matrix (%s) is one FFmpeg's converter does not take; read as %s, the "
+                           "nearest (neutral tones are right; colours, and the grey a driver gives the model, may be "
+                           "off)", path, _UNCONVERTED_MATRICES[matrix], name)
     if transfer in HDR_TRANSFERS:
         kwargs["format"] = "rgb48le"
         if int(frame.colorspace) == _UNSPECIFIED:
@@ -1313,7 +1329,7 @@ def _decode(path: Path, max_frames: int | None, strict: bool, skip: int, seek: b
                 return
             if orient is None:  # the matrix is the stream's; FFmpeg attaches it to every frame
                 orient = _frame_orientation(path, frame)
-            rgb = orient.apply(_to_rgb24(frame, size))  # (H, W, 3) uint8, upright
+            rgb = orient.apply(_to_rgb24(frame, size, path))  # (H, W, 3) uint8, upright
             first = slot
             while slot < upto and not done():
                 yield rgb

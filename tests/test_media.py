@@ -2357,6 +2357,26 @@ def test_hd_colours_decode_as_players_show_them(tmp_path: Path) -> None:
         assert (int(cc.colorspace), int(cc.color_range)) == (6, 1)
 
 
+@pytest.mark.parametrize("tag", [8, 14])  # YCgCo, ICtCp
+def test_a_colour_matrix_ffmpeg_cannot_convert_is_read_as_the_nearest_with_a_warning(
+        tmp_path: Path, tag: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A clip tagged with a colour matrix FFmpeg's converter does not take (YCgCo: x264's --colormatrix, screen
+    capture; ICtCp; BT.2020 constant luminance) is read as the nearest it takes (BT.709 for HD, BT.2020 for ICtCp),
+    with a warning naming the file and the matrix (was: "unexpected error: OSError: [Errno 95] Operation not
+    supported", naming neither). Its neutral tones are right."""
+    path = _yuv_clip(tmp_path / f"matrix{tag}.mp4", 1296, 720, "yuv420p", 8, tag)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.media"):
+        frames = list(iter_video_frames(path))
+    assert len(frames) == 2
+    bw = frames[0].shape[1] // len(_COLOURS)
+    got = np.array([frames[0][360, i * bw + bw // 2] for i in range(len(_COLOURS))], float)
+    assert np.abs(got - _COLOURS)[3:5].max() <= 3  # white, grey
+    if tag == 8:  # (the bars are BT.709 YUV: read as BT.709, every colour is right)
+        assert np.abs(got - _COLOURS).max() <= 3
+    name = {8: "YCgCo", 14: "ICtCp"}[tag]
+    assert caplog.text.count(f"matrix{tag}.mp4: its colour matrix ({name})") == 1
+
+
 def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
     """FFmpeg cannot decode animated WebP (probe_video says so, naming the way that can: was "no frame size
     (corrupt header?)"); a driver reads it through Pillow on the grid of its most common display time (40 ms:
