@@ -804,11 +804,10 @@ def _frames_at_rate(path: Path, stream: av.video.stream.VideoStream, nominal: Fr
     """Whether most steps between the stream's first frames' timestamps (:func:`_stream_times`) are under 1.5
     ``nominal`` frame times: frames that come at the nominal rate, the average pulled down by gaps (a picture that
     freezes), not a static screen recording's rare frames."""
+    # (a short clip's few steps tell too, a sticker's six frames: a wrong yes repeats frames, a wrong no drops them)
     times = _stream_times(path, stream) or ()
-    if len(times) < 8:  # too few to tell
-        return False
     fast = sum((b - a) * nominal < Fraction(3, 2) for a, b in itertools.pairwise(times))
-    return 2 * fast > len(times) - 1
+    return 2 * fast > len(times) - 1 > 0
 
 
 def _gif_variable(path: Path, stream: av.video.stream.VideoStream, fps: Fraction) -> bool:

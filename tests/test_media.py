@@ -1754,6 +1754,17 @@ def test_a_recording_that_freezes_for_seconds_keeps_its_rate_and_every_frame(tmp
     assert 3 < probe_video(clip).fps < 4
 
 
+def test_a_short_animation_with_pauses_keeps_every_frame(tmp_path: Path) -> None:
+    """Six 40 ms frames of which one is held 200 ms and the last 500 ms (an animated AVIF or a sticker as an MP4):
+    its average, 7 fps, is far below its nominal 25, and most of its few steps are at 25 fps, so the grid is at 25 fps
+    and every frame is shown (was: too few frames to tell, so the average, which dropped frames 1 and 4)."""
+    clip = tmp_path / "sticker.mp4"
+    _write_numbered_vfr(clip, [0, 0.04, 0.08, 0.28, 0.32, 0.36], rate=25, last_s=0.5)
+    assert probe_video(clip).fps == 25
+    got = [_frame_number(f) for f in iter_video_frames(clip)]
+    assert sorted(set(got)) == list(range(6)) and got == sorted(got)
+
+
 def test_a_constant_rate_mp4_with_an_odd_last_sample_keeps_every_frame(tmp_path: Path) -> None:
     """30 fps frames whose last MP4 sample lasts 1 ms: the header's average is 30.19 fps; the grid takes the
     nominal 30 fps, so each frame once (at the average one would be dropped and others repeated)."""
