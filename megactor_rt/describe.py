@@ -71,7 +71,7 @@ def describe(path: str | Path, faces: bool = True) -> dict[str, Any]:
     report: dict[str, Any]
     image = None  # a still image's pixels, read once for its size and its faces
     animated = _animated(path)  # (a GIF or PNG of frames: a driver, read as a video)
-    if path.suffix.lower() == ".webp" and is_animated_webp(path):
+    if is_animated_webp(path):  # (by content: one saved as .gif too)
         report = _webp_report(path)
     elif (path.suffix.lower() in VIDEO_SUFFIXES or animated or (image := _image(path)) is None) and \
             (sound := probe_sound(path)) is not None:

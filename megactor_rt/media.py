@@ -300,7 +300,10 @@ def register_heif() -> bool:
 
 
 def is_animated_webp(path: PathLike) -> bool:
-    """Whether ``path`` is an animated WebP (FFmpeg decodes still WebP images only; Pillow reads the frames)."""
+    """Whether ``path`` is an animated WebP (FFmpeg decodes still WebP images only; Pillow reads the frames), by its
+    content, under any name; False for anything but a regular file (a pipe is not read here)."""
+    if not os.path.isfile(path):
+        return False
     try:
         with Image.open(path) as im:
             return im.format == "WEBP" and bool(getattr(im, "is_animated", False))
@@ -869,7 +872,7 @@ def probe_video(path: PathLike) -> VideoInfo:
     with _open_input(path) as container:
         stream = _video_stream(path, container)
         if not stream.codec_context.width or not stream.codec_context.height:
-            if path.suffix.lower() == ".webp":  # FFmpeg's WebP decoder reads still images only
+            if is_animated_webp(path):  # FFmpeg's WebP decoder reads still images only (under any name: a .gif)
                 raise InputError(f"{path}: an animated WebP, which FFmpeg cannot decode (a driver reads it through "
                                  "Pillow: megactor_rt.media.AnimatedWebP)")
             _check_picture_header(path)  # (a GIF or an image over FFmpeg's size limit: said as too large)

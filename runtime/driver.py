@@ -163,7 +163,7 @@ def driver_source(driver: object) -> Path | DriverFrames:
         pattern = sequence_pattern(path)  # a pattern, or a folder of frames
         if pattern is not None:
             return sequence_driver(pattern)
-        if path.suffix.lower() == ".webp" and is_animated_webp(path):  # FFmpeg reads still WebP images only
+        if is_animated_webp(path):  # FFmpeg reads still WebP images only (known by content: a WebP named .gif too)
             frames = AnimatedWebP(path)
             return DriverFrames(frames, fps=frames.fps, name=path.name)
         return path

@@ -2426,6 +2426,26 @@ def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
         driver_info(cut)
 
 
+@pytest.mark.parametrize("name", ["meme.gif", "sticker.mp4"])
+def test_an_animated_webp_under_another_name_drives(tmp_path: Path, name: str) -> None:
+    """An animated WebP saved under another suffix (a meme site's "GIF" served as WebP and saved as .gif, a sticker
+    shared as .mp4) is known by its content: it drives and inspect reads it as the one named .webp (was: "the video
+    stream has no frame size (corrupt header?)"); probe_video says what it is."""
+    from megactor_rt.describe import describe
+    from megactor_rt.runtime.driver import driver_info
+
+    frames = [Image.fromarray(np.full((80, 96, 3), 20 * i + 30, np.uint8)) for i in range(6)]
+    path = tmp_path / name
+    frames[0].save(path, format="WEBP", save_all=True, append_images=frames[1:], duration=[40, 40, 120, 40, 40, 40],
+                   loop=0, lossless=True)
+    info = driver_info(path)
+    assert (info.fps, info.num_frames, info.width, info.height) == (25, 8, 96, 80)
+    report = describe(path, faces=False)
+    assert (report["kind"], report["frames"]) == ("animated WebP", 8)
+    with pytest.raises(InputError, match=f"{name}: an animated WebP, which FFmpeg cannot decode"):
+        probe_video(path)
+
+
 def test_a_frame_half_way_between_two_grid_steps_takes_the_later_step(tmp_path: Path) -> None:
     """Halves round up (``floor(x + 1/2)``): a frame at 4.5 grid steps lands on step 5, so the frame before it
     holds steps 3 and 4 (Python's round() would put it on step 4: 0, 1, 2, 3, 4, 4, 5)."""
