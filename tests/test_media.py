@@ -2388,6 +2388,25 @@ def test_a_colour_matrix_ffmpeg_cannot_convert_is_read_as_the_nearest_with_a_war
     assert caplog.text.count(f"matrix{tag}.mp4: its colour matrix ({name})") == 1
 
 
+def test_a_video_portrait_whose_first_frame_has_no_face_says_its_first_frame_is_used(tmp_path: Path) -> None:
+    """A video given as the portrait whose first frame shows no face (a clip that fades in from black) is refused
+    saying that a video's first frame is the portrait (was: "no face found in portrait fade_in.mp4" alone, of a clip
+    that shows a face); a still image's error has no such words."""
+    from media_fixtures import face_frames
+
+    from megactor_rt.preprocess import portrait_crop
+
+    clip = tmp_path / "fade_in.mp4"
+    with VideoWriter(clip, Fraction(25), 192, 192) as w:
+        for f in [np.zeros((192, 192, 3), np.uint8)] * 3 + face_frames(3, 192):
+            w.write(f)
+    with pytest.raises(InputError, match=r"no face found in portrait fade_in\.mp4 \(of a video, its first frame is the "
+                                         r"portrait.*cut it to where the face shows, or pass a still image\)"):
+        portrait_crop(read_portrait(clip), source_name=clip.name, detector="hog")
+    with pytest.raises(InputError, match=r"no face found in portrait blank\.png; use a frontal"):
+        portrait_crop(np.zeros((192, 192, 3), np.uint8), source_name="blank.png", detector="hog")
+
+
 def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
     """FFmpeg cannot decode animated WebP (probe_video says so, naming the way that can: was "no frame size
     (corrupt header?)"); a driver reads it through Pillow on the grid of its most common display time (40 ms:
