@@ -285,6 +285,17 @@ def _still_image_format(container: av.container.InputContainer) -> bool:
     return name == "image2" or name.endswith("_pipe")
 
 
+# the major brands of HEIF and AVIF files that hold a still picture (a phone's photo; "avis", "msf1": sequences)
+_STILL_BRANDS = frozenset({"mif1", "mif2", "heic", "heix", "heim", "heis", "avif"})
+
+
+def _still_picture(container: av.container.InputContainer) -> bool:
+    """Whether the file is a single picture: one FFmpeg reads with its image demuxers, or a HEIF or AVIF photo,
+    which it reads as a one-frame video (a portrait may be such, read_portrait; a driver may not)."""
+    brand = str((container.metadata or {}).get("major_brand", "")).strip().lower()
+    return _still_image_format(container) or (container.format.name.startswith("mov") and brand in _STILL_BRANDS)
+
+
 @lru_cache(maxsize=1)
 def register_heif() -> bool:
     """Teach Pillow HEIC/HEIF (iPhones' photos) through pillow-heif, once; False where it is not installed (FFmpeg
@@ -516,8 +527,8 @@ class VideoInfo:
         variable_rate: the header's average frame rate differs from its nominal one by over 1 % (a variable
             frame rate, which :func:`iter_video_frames` puts on a constant-rate grid by timestamp; some
             containers, e.g. Matroska, do not tell).
-        still_image: the file is a single picture (PNG, JPEG, ... read through FFmpeg's image demuxers), not a
-            video.
+        still_image: the file is a single picture (PNG, JPEG, ... read through FFmpeg's image demuxers, or a HEIC or
+            AVIF photo), not a video.
         hdr: "HLG" or "PQ" for HDR video (its frames are tone-mapped to SDR), else None.
         stream: the video stream read, "#0 (1280x720)" (its index in the file and coded size).
         other_streams: the file's other video streams (cover pictures aside), each as ``stream``, which are not
@@ -910,7 +921,7 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s=duration_s,
             start_s=start_s,
             variable_rate=_variable(stream) if stream.codec_context.name != "gif" else _gif_variable(path, stream, fps),
-            still_image=_still_image_format(container),
+            still_image=_still_picture(container),
             hdr=hdr,
             stream=_stream_name(stream),
             other_streams=tuple(_stream_name(v) for v in picture_streams(container) if v is not stream),

@@ -2407,6 +2407,28 @@ def test_a_video_portrait_whose_first_frame_has_no_face_says_its_first_frame_is_
         portrait_crop(np.zeros((192, 192, 3), np.uint8), source_name="blank.png", detector="hog")
 
 
+@pytest.mark.parametrize("name", ["me.heic", "me.avif"])
+def test_a_heic_or_avif_photo_as_the_driver_is_refused_as_a_still_image(tmp_path: Path, name: str) -> None:
+    """A phone's photo (HEIC, AVIF), which FFmpeg reads as a one-frame video, given as the driver is refused as a
+    JPEG or PNG is, as a still image (was: animated as a one-frame, 1 fps driver: a portrait and driver swapped went
+    unsaid); an animated AVIF still drives."""
+    from megactor_rt.runtime.driver import driver_info
+
+    media.register_heif()
+    path = tmp_path / name
+    Image.fromarray(_frames(1, 96)[0]).save(path, quality=90)
+    assert probe_video(path).still_image
+    with pytest.raises(InputError, match=f"{name}: a still image, not a driving video"):
+        driver_info(path)
+    assert read_portrait(path).shape == (96, 96, 3)  # (a portrait all the same)
+    if name == "me.avif":
+        clip = tmp_path / "anim.avif"
+        first, *rest = [Image.fromarray(f) for f in _frames(4, 96)]
+        first.save(clip, save_all=True, append_images=rest, duration=40, loop=0, quality=90)
+        info = driver_info(clip)
+        assert not info.still_image and info.fps == 25
+
+
 def test_an_animated_webp_driver_is_read_through_pillow(tmp_path: Path) -> None:
     """FFmpeg cannot decode animated WebP (probe_video says so, naming the way that can: was "no frame size
     (corrupt header?)"); a driver reads it through Pillow on the grid of its most common display time (40 ms:
