@@ -2482,7 +2482,7 @@ def test_an_animated_webp_under_another_name_drives(tmp_path: Path, name: str) -
     info = driver_info(path)
     assert (info.fps, info.num_frames, info.width, info.height) == (25, 8, 96, 80)
     report = describe(path, faces=False)
-    assert (report["kind"], report["frames"]) == ("animated WebP", 8)
+    assert (report["kind"], report["frames"], report["frames_in_a_run"]) == ("animated WebP", 6, 8)
     with pytest.raises(InputError, match=f"{name}: an animated WebP, which FFmpeg cannot decode"):
         probe_video(path)
 
