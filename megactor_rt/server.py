@@ -1276,9 +1276,13 @@ class AnimateServer(http.server.ThreadingHTTPServer):
         logger.warning("run %s: callback %s failed (%s; %d tries)", state["id"], _shown(url), why, CALLBACK_TRIES)
 
     def _run(self, task: Task) -> None:
+        written: list[dict[str, Any]] = []  # the last "write" report (its frames written)
+
         def report(progress: Any) -> None:
             task.progress = {"stage": progress.stage, "done": progress.done, "total": progress.total,
                              "unit": progress.unit}
+            if progress.stage == "write":
+                written[:] = [task.progress]
             if time.monotonic() - self._expired_at > _EXPIRE_POLL_S:  # (a long run: the jobs kept past keep_s go
                 with self._state:  # meanwhile too, whether or not anyone asks)
                     self._expire()
@@ -1320,6 +1324,8 @@ class AnimateServer(http.server.ThreadingHTTPServer):
             task.status = "failed"
             logger.info("run %s: failed (%d %s)", task.id, *task.error)
             return
+        if written:  # (the decode stage's last report, from the run's worker thread, may come after the last frame's
+            task.progress = written[0]  # "write": a done job's progress is its frames written)
         task.status = "done"
         logger.info("run %s: %s, %d frames in %.1f s", task.id, task.result.name, stats.frames,  # (GET /jobs/ID's
                     float(stats.total_s or 0.0))  # seconds, X-Megactor-Seconds: from its start to its last frame)

@@ -905,6 +905,27 @@ def test_a_results_download_takes_ranges_and_head(served: AnimateServer, media: 
     assert request(served, "HEAD", "/ping")[::2] == (200, b"")
 
 
+def test_a_done_jobs_progress_is_its_frames_written_though_decode_reported_last(served: AnimateServer,
+                                                                                 media: dict[str, Path],
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode stage's last report comes from the run's worker thread once its last frames are handed on, and
+    may come after the writer's last "write" report: a done job's progress is still its frames written (was, now
+    and then under load, "decode")."""
+    from megactor_rt.progress import Progress
+
+    real = served.anim.animate_to_file
+
+    def late_decode(*args: Any, on_progress: Any = None, **kwargs: Any) -> Any:
+        stats = real(*args, on_progress=on_progress, **kwargs)
+        on_progress(Progress("decode", 1, 1, "batch"))  # (as the worker's report that lost the race does)
+        return stats
+
+    monkeypatch.setattr(served.anim, "animate_to_file", late_decode)
+    job = post_job(served, files(media))
+    doc = wait_for(served, lambda d: d["status"] in ("done", "failed"), path=f"/jobs/{job}")
+    assert doc["status"] == "done" and doc["progress"] == {"stage": "write", "done": 6, "total": 6, "unit": "frame"}
+
+
 def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served: AnimateServer,
                                                                          media: dict[str, Path], tmp_path: Path,
                                                                          scratch: Path) -> None:
