@@ -1362,8 +1362,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         super().end_headers()
 
     def do_OPTIONS(self) -> None:  # noqa: N802 - http.server's name
-        """A browser's question before another site's page sends a form or a DELETE (CORS preflight)."""
+        """A browser's question before another site's page sends a form or a DELETE (CORS preflight); also what a
+        route takes (``Allow``: the server's methods for ``OPTIONS *``)."""
+        route = self._route()
+        methods = "GET, HEAD, POST, DELETE" if route == "*" else _methods(route)
+        if methods is None:
+            self._error(404, f"no such page: {route}")
+            return
         self.send_response(204)
+        self.send_header("Allow", f"{methods}, OPTIONS")
         if self.server.cors_origins:
             self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE")
             self.send_header("Access-Control-Allow-Headers",
@@ -1519,7 +1526,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return int(size)
 
     def _route(self) -> str:
-        return self.path.split("?")[0].rstrip("/") or "/"
+        path = _ABSOLUTE_FORM.sub("", self.path.split("?")[0], count=1)  # (http://host:8450/health: RFC 9112 3.2.2)
+        return path.rstrip("/") or "/"
 
     def handle_expect_100(self) -> bool:
         if not self._allowed():  # (refused before the client sends its body)
@@ -1818,6 +1826,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         while left > 0 and (chunk := file.read(min(_CHUNK, left))):
             self.wfile.write(chunk)
             left -= len(chunk)
+
+
+_ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/]*")  # a request target's scheme and host, where given
 
 
 def _methods(route: str) -> str | None:

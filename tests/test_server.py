@@ -926,6 +926,20 @@ def test_a_done_jobs_progress_is_its_frames_written_though_decode_reported_last(
     assert doc["status"] == "done" and doc["progress"] == {"stage": "write", "done": 6, "total": 6, "unit": "frame"}
 
 
+def test_options_names_a_routes_methods_and_an_absolute_target_is_taken(served: AnimateServer) -> None:
+    """OPTIONS answers with the route's methods in ``Allow`` (RFC 9110 9.3.7; was none), ``OPTIONS *`` with the
+    server's, an unknown route 404; a request target in absolute form (``http://host:port/health``, RFC 9112
+    3.2.2: a server must take it) is its path (was "no such page")."""
+    for target, allow in (("/jobs", "GET, HEAD, POST, OPTIONS"), ("/jobs/abc", "GET, HEAD, DELETE, OPTIONS"),
+                          ("/animate", "POST, OPTIONS"), ("*", "GET, HEAD, POST, DELETE, OPTIONS")):
+        status, headers, _ = request(served, "OPTIONS", target)
+        assert (status, headers.get("Allow")) == (204, allow), target
+    assert request(served, "OPTIONS", "/nowhere")[0] == 404
+    port = served.server_address[1]
+    status, _, body = request(served, "GET", f"http://127.0.0.1:{port}/health?x=1")
+    assert status == 200 and "status" in json.loads(body)
+
+
 def test_a_job_runs_in_the_background_and_keeps_its_result_until_deleted(served: AnimateServer,
                                                                          media: dict[str, Path], tmp_path: Path,
                                                                          scratch: Path) -> None:
