@@ -2428,7 +2428,7 @@ def main(argv: list[str] | None = None, *, hold_stops: bool = False) -> int:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
         logging.captureWarnings(True)
-    if args.quiet or getattr(args, "progress_json", False):
+    if args.quiet or getattr(args, "progress_json", False) or not _bars_wanted(sys.stderr):
         from megactor_rt.progress import set_progress_enabled
 
         set_progress_enabled(False)
@@ -2472,6 +2472,17 @@ def main(argv: list[str] | None = None, *, hold_stops: bool = False) -> int:
         if not (held and hold_stops):
             for sig, handler in {**held, **previous}.items():  # (previous: as they were before this command's own)
                 signal.signal(sig, handler)
+
+
+def _bars_wanted(stream: Any) -> bool:
+    """Whether progress bars go to ``stream``: a terminal, or anything where MEGACTOR_PROGRESS=1 asks for them (a
+    bar redrawn with carriage returns filled a log file or a CI log with hundreds of lines per run)."""
+    if os.environ.get("MEGACTOR_PROGRESS") in ("1", "true", "True"):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # (no isatty, or a closed stream)
+        return False
 
 
 def _ignore_stops() -> dict[int, Any]:

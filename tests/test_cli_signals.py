@@ -1,0 +1,57 @@
+"""The command line around its runs: progress bars where stderr is not a terminal, interruption, exit codes and the
+last line a command leaves (demo, export, convert-weights, download, check-export, build-engines)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from megactor_rt import cli
+from megactor_rt.progress import progress_enabled, set_progress_enabled
+
+
+@pytest.fixture(autouse=True)
+def _restore_progress() -> Iterator[None]:
+    was = progress_enabled()  # main() switches progress bars off process-wide
+    yield
+    set_progress_enabled(was)
+
+
+def _command(*argv: str, env: dict[str, str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess[str]:
+    """``megactor-rt ARGV`` in a process of its own, its stdout and stderr pipes (not a terminal)."""
+    return subprocess.run([sys.executable, "-m", "megactor_rt.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_no_progress_bar_redraws_where_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    """stderr to a file or a pipe (a log, CI, nohup): no bar redrawn with carriage returns (one export of a small
+    graph wrote three copies of its bar on one line; a demo thousands); MEGACTOR_PROGRESS=1 still asks for them."""
+    argv = ("export", "--weights", "tiny", "--graphs", "token_kv", "--precision", "fp32")
+    res = _command(*argv, "--out", str(tmp_path / "a"), env={"MEGACTOR_PROGRESS": ""})
+    assert res.returncode == 0, res.stderr
+    assert "token_kv" in res.stdout and "\r" not in res.stderr and "graph/s" not in res.stderr, res.stderr
+    res = _command(*argv, "--out", str(tmp_path / "b"), env={"MEGACTOR_PROGRESS": "1"})
+    assert res.returncode == 0 and "graph/s" in res.stderr, res.stderr
+
+
+def test_progress_bars_stay_on_for_a_terminal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A terminal's stderr keeps its bars (unless -q); the switch is set before the command runs."""
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("MEGACTOR_PROGRESS", raising=False)
+    with open(os.devnull, "w") as log:
+        assert cli._bars_wanted(Terminal()) and not cli._bars_wanted(log)
+    monkeypatch.setattr(cli, "_bars_wanted", lambda stream: True)
+    set_progress_enabled(True)
+    assert cli.main(["check-export", "--onnx", str(tmp_path / "none")]) == 2
+    assert progress_enabled()
+    assert cli.main(["-q", "check-export", "--onnx", str(tmp_path / "none")]) == 2
+    assert not progress_enabled()
