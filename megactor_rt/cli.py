@@ -1877,21 +1877,24 @@ def cmd_download(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     unfinished = out / DOWNLOADING  # (until every file is there: convert-weights refuses the folder meanwhile)
     unfinished.touch()
+    unreachable = _HubUnreachable()
     try:
-        path = snapshot_download(repo_id=args.repo, local_dir=str(out),
-                                 allow_patterns=["weights/checkpoint-steps*.ckpt", "weights/sd-vae-ft-mse/*",
-                                                 "weights/StableDiffusion/image_encoder/*",
-                                                 "weights/StableDiffusion/feature_extractor/*",
-                                                 "weights/StableDiffusion/unet/config.json"])
-        weights = Path(path) / "weights"  # (offline, the hub hands back what is there without a word)
+        with unreachable:
+            path = snapshot_download(repo_id=args.repo, local_dir=str(out),
+                                     allow_patterns=["weights/checkpoint-steps*.ckpt", "weights/sd-vae-ft-mse/*",
+                                                     "weights/StableDiffusion/image_encoder/*",
+                                                     "weights/StableDiffusion/feature_extractor/*",
+                                                     "weights/StableDiffusion/unet/config.json"])
+        weights = Path(path) / "weights"  # (unreachable, the hub hands back what is there, with a warning)
         missing = [part for part, there in (
             ("weights/checkpoint-steps*.ckpt", any(weights.glob("checkpoint-steps*.ckpt"))),
             ("weights/sd-vae-ft-mse/config.json", (weights / "sd-vae-ft-mse" / "config.json").is_file()),
             ("weights/StableDiffusion/image_encoder/config.json",
              (weights / "StableDiffusion" / "image_encoder" / "config.json").is_file())) if not there]
+        if missing and unreachable.reason is not None:  # (its reason: offline, a proxy, a misspelt --repo, ...)
+            raise ConnectionError(f"the Hub could not be reached or refused {args.repo}: {unreachable.reason}")
         if missing:
-            raise FileNotFoundError(f"no {', no '.join(missing)} came (offline, the hub returns what is already "
-                                    "there)")
+            raise FileNotFoundError(f"no {', no '.join(missing)} came")
     except Exception as exc:  # offline, DNS, auth, missing repo: all mean "could not download"
         if not any(p for p in out.iterdir() if p != unfinished):  # (nothing came: no folder left behind)
             import shutil
@@ -1954,6 +1957,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 elif value is not None:
                     print(f"  {key.replace('_', ' ')}: {value}")
     return 2 if failed else 0
+
+
+class _HubUnreachable(logging.Filter):
+    """While entered: the Hub's warning that the repository could not be reached (``snapshot_download`` then hands
+    back the local folder as it is) kept as ``reason`` for the command's error instead of shown (it was shown twice,
+    by the hub's own handler and the root logger's, saying it returned the folder, before an error that guessed
+    "offline" even for a misspelt --repo); and the hub's progress bars off where megactor-rt's are (-q)."""
+
+    LOGGER = "huggingface_hub"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: str | None = None
+        self._bars_were_off = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "cannot be accessed" not in text:
+            return True
+        found = re.search(r"cannot be accessed in `snapshot_download` \((.*)\)\.?\s*$", text, re.DOTALL)
+        self.reason = " ".join((found.group(1) if found else text).split())
+        return False
+
+    def __enter__(self) -> _HubUnreachable:
+        from megactor_rt.progress import progress_enabled
+
+        try:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+        except ImportError:  # (a hub without the switch: its bars stay)
+            pass
+        else:
+            self._bars_were_off = are_progress_bars_disabled()
+            if not progress_enabled():
+                disable_progress_bars()
+        for name in (self.LOGGER, f"{self.LOGGER}._snapshot_download"):  # (a logger's filter: for its own records)
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in (self.LOGGER, f"{self.LOGGER}._snapshot_download"):
+            logging.getLogger(name).removeFilter(self)
+        if not self._bars_were_off:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
 
 
 def _reused_folder(path: Path, flag: str) -> Path:

@@ -3,6 +3,7 @@ last line a command leaves (demo, export, convert-weights, download, check-expor
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -55,3 +56,31 @@ def test_progress_bars_stay_on_for_a_terminal(monkeypatch: pytest.MonkeyPatch, t
     assert progress_enabled()
     assert cli.main(["-q", "check-export", "--onnx", str(tmp_path / "none")]) == 2
     assert not progress_enabled()
+
+
+def test_download_names_why_the_hub_could_not_be_reached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """Unreachable (offline, a proxy's refusal, a misspelt --repo), the hub warns that it returns the local folder as
+    it is and returns it: that warning came twice (the hub's handler and the root logger's) and the error guessed
+    "offline"; now the error gives the hub's reason, once, no folder is left, and -q silences the hub's bars."""
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    seen: list[bool] = []
+
+    def unreachable(repo_id: str, local_dir: str, **kwargs: object) -> str:
+        seen.append(are_progress_bars_disabled())
+        logging.getLogger("huggingface_hub._snapshot_download").warning(
+            f"Returning existing local_dir `{local_dir}` as remote repo cannot be accessed in `snapshot_download` "
+            f"(Client error '404 Not Found' for url 'https://huggingface.co/api/models/{repo_id}/revision/main')."
+        )
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    out = tmp_path / "weights"
+    assert cli.main(["-q", "download", "--repo", "someone/misspelt", "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "404 Not Found" in last and "someone/misspelt" in last and str(out) in last, err
+    assert "Returning existing local_dir" not in err and err.count("404 Not Found") == 1, err
+    assert seen == [True] and not out.exists()
