@@ -1895,11 +1895,13 @@ def cmd_download(args: argparse.Namespace) -> int:
             raise ConnectionError(f"the Hub could not be reached or refused {args.repo}: {unreachable.reason}")
         if missing:
             raise FileNotFoundError(f"no {', no '.join(missing)} came")
-    except Exception as exc:  # offline, DNS, auth, missing repo: all mean "could not download"
-        if not any(p for p in out.iterdir() if p != unfinished):  # (nothing came: no folder left behind)
-            import shutil
+    except BaseException as exc:  # offline, DNS, auth, missing repo: all mean "could not download"
+        if not any(p for p in out.iterdir() if p != unfinished):  # (nothing came: no folder left behind, also
+            import shutil  # after Ctrl-C or SIGTERM: was a folder holding the unfinished-download mark alone)
 
             shutil.rmtree(out, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         raise MegactorError(
             f"could not download {args.repo} from the Hugging Face Hub into {out} ({type(exc).__name__}: {exc}). "
             "Run the command again to go on with what came; offline, copy the released weights/ folder here by "

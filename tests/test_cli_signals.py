@@ -84,3 +84,29 @@ def test_download_names_why_the_hub_could_not_be_reached(monkeypatch: pytest.Mon
     assert "404 Not Found" in last and "someone/misspelt" in last and str(out) in last, err
     assert "Returning existing local_dir" not in err and err.count("404 Not Found") == 1, err
     assert seen == [True] and not out.exists()
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, 130), (cli.Terminated, 143)])
+def test_a_download_stopped_before_anything_came_leaves_no_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  stop: type[BaseException], status: int) -> None:
+    """Ctrl-C or SIGTERM while the hub is asked (nothing has come yet): the folder it made goes, as after a failure
+    (it was left holding the unfinished-download mark alone); one where files came stays, to go on from."""
+    import huggingface_hub
+
+    def stopped(local_dir: str, **kwargs: object) -> str:
+        raise stop()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", stopped)
+    out = tmp_path / "weights"
+    assert cli.main(["-q", "download", "--out", str(out)]) == status
+    assert not out.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] in ("interrupted", "terminated")
+
+    def came_then_stopped(local_dir: str, **kwargs: object) -> str:
+        (Path(local_dir) / "weights").mkdir()
+        raise stop()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", came_then_stopped)
+    assert cli.main(["-q", "download", "--out", str(out)]) == status
+    assert (out / "weights").is_dir() and (out / cli.DOWNLOADING).exists()
