@@ -2623,7 +2623,13 @@ def entry() -> None:
     or error: it did not reach a cancellation point within the pipeline's wait, e.g. inside a ``torch.compile``
     compilation), the process ends at once with the status: a shutdown waiting for it hung a terminated benchmark on a GPU machine
     (2026-11-27) until it was killed."""
-    code = main(hold_stops=True)
+    try:
+        code = main(hold_stops=True)
+    except KeyboardInterrupt:  # Ctrl-C before main's own handling began (its flags parsed, logging set up, the
+        # progress switch imported: a traceback ended a Ctrl-C pressed just after starting the command)
+        _ignore_stops()
+        _last_word(argparse.Namespace(), "interrupted", logging.INFO)
+        code = 130
     if code in (129, 130, 143):
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
             signal.signal(sig, signal.SIG_IGN)

@@ -3,8 +3,10 @@ last line a command leaves (demo, export, convert-weights, download, check-expor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -110,3 +112,28 @@ def test_a_download_stopped_before_anything_came_leaves_no_folder(monkeypatch: p
     monkeypatch.setattr(huggingface_hub, "snapshot_download", came_then_stopped)
     assert cli.main(["-q", "download", "--out", str(out)]) == status
     assert (out / "weights").is_dir() and (out / cli.DOWNLOADING).exists()
+
+
+def test_ctrl_c_as_the_command_starts_ends_it_without_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while the flags are parsed and logging is set up (before the command's own handling of it): was a
+    KeyboardInterrupt traceback; now the command's last word and status 130, as later."""
+    ended: list[int] = []
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    monkeypatch.setattr(cli.os, "_exit", ended.append)
+    monkeypatch.setattr(sys, "argv", ["megactor-rt", "demo"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with contextlib.suppress(SystemExit):
+            cli.entry()
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt went out of entry() (a traceback)")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert ended and ended[0] == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
