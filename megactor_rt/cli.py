@@ -1381,9 +1381,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
             failed.append(str(output))
             record.add(anim, job, error=str(exc))
             continue
-        _report(stats, output, steps=job.run_config(config).steps)
-        record.add(anim, job, stats)
+        record.add(anim, job, stats)  # (before the line on stdout: a reader gone, `| head -1`, stops the command)
         written += 1
+        _report(stats, output, steps=job.run_config(config).steps)
     return _batch_status(failed, len(jobs), args)
 
 
@@ -1751,8 +1751,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         anim.cache = _cache(args)
     stats = anim.animate_to_file(portrait, _run_driver(driver, args), args.output, **_result_options(args),
                                  on_progress=_on_progress(args, args.output))
+    record.add(anim, Job(portrait, driver, args.output), stats)  # (before the line on stdout: its reader may be gone)
     _report(stats, args.output, steps=config.steps)
-    record.add(anim, Job(portrait, driver, args.output), stats)
     return 0
 
 

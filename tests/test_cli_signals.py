@@ -4,6 +4,7 @@ last line a command leaves (demo, export, convert-weights, download, check-expor
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -137,3 +138,25 @@ def test_ctrl_c_as_the_command_starts_ends_it_without_a_traceback(monkeypatch: p
             signal.signal(sig, handler)
     assert ended and ended[0] == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
+FAST = ["--steps", "2", "--window", "4", "--overlap", "2", "--max-frames", "4"]
+
+
+@pytest.mark.parametrize("command", [["demo"], ["animate", "--demo"]])
+def test_a_result_written_is_in_its_stats_file_when_stdout_is_gone(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path, command: list[str],
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`... --stats s.json | head -1`: the reader of stdout gone before the result's line (status 141, as `| head`
+    gives) lost the written result's record in --stats (recorded after that line); it is recorded first now."""
+    from megactor_rt.assets import ASSETS_DIR
+
+    def reader_gone(*args: object, **kwargs: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_report", reader_gone)
+    out, stats = tmp_path / "r.mp4", tmp_path / "s.json"
+    inputs = ["--portrait", str(ASSETS_DIR / "portrait.png"), "--driver", str(ASSETS_DIR / "driver.mp4")]
+    assert cli.main(["-q", *command, *inputs, *FAST, "-o", str(out), "--stats", str(stats)]) == 141
+    runs = json.loads(stats.read_text())["runs"]
+    assert out.is_file() and [run["output"] for run in runs] == [str(out)]
