@@ -1874,9 +1874,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise MegactorError("huggingface_hub is not installed (pip install huggingface_hub)") from exc
     out = _output_folder(args.out, "--out")  # (a file, a read-only place: said before the hub is asked)
-    out.mkdir(parents=True, exist_ok=True)
     unfinished = out / DOWNLOADING  # (until every file is there: convert-weights refuses the folder meanwhile)
-    unfinished.touch()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        unfinished.touch()
+    except OSError as exc:  # (a full disk, a read-only or special file system: was "unexpected error", status 1)
+        raise MegactorError(f"{out}: --out cannot be written ({exc.strerror or exc})") from exc
     unreachable = _HubUnreachable()
     try:
         with unreachable:

@@ -160,3 +160,27 @@ def test_a_result_written_is_in_its_stats_file_when_stdout_is_gone(monkeypatch: 
     assert cli.main(["-q", *command, *inputs, *FAST, "-o", str(out), "--stats", str(stats)]) == 141
     runs = json.loads(stats.read_text())["runs"]
     assert out.is_file() and [run["output"] for run in runs] == [str(out)]
+
+
+def test_a_download_folder_that_cannot_be_made_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--out that passes the checks but cannot be made (a full disk, /proc as root): was "unexpected error:
+    FileNotFoundError ..." with status 1; now status 2 and a line naming the folder, before the hub is asked."""
+    import errno
+
+    import huggingface_hub
+
+    asked: list[str] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: asked.append("hub"))
+    out = tmp_path / "weights"
+    real_mkdir = Path.mkdir
+
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        if self == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    assert cli.main(["-q", "download", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out}:") and "No space left on device" in last and not asked
