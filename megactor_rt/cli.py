@@ -2052,16 +2052,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_export_size(args.out, args.size or cfg.image_size, cfg.image_size,
                       [f"{n}.{p}" for n in names for p in args.precision])
     out = _reused_folder(args.out, "--out")
+    made = not out.exists()
     summary = []
-    if graphs != []:  # (not `--graphs tiny_decoder` alone: no network to load)
-        summary = export_all(args.weights, out, opset=args.opset, precisions=args.precision, frames=args.window,
-                             graphs=graphs, window_batch=args.window_batch, fp16_softmax=args.fp16_softmax,
-                             image_size=args.size)
-    if args.tiny_decoder is not None:
-        from megactor_rt.export.onnx_export import export_tiny_decoder
+    try:
+        if graphs != []:  # (not `--graphs tiny_decoder` alone: no network to load)
+            summary = export_all(args.weights, out, opset=args.opset, precisions=args.precision, frames=args.window,
+                                 graphs=graphs, window_batch=args.window_batch, fp16_softmax=args.fp16_softmax,
+                                 image_size=args.size)
+        if args.tiny_decoder is not None:
+            from megactor_rt.export.onnx_export import export_tiny_decoder
 
-        summary += export_tiny_decoder(args.tiny_decoder, replace(cfg, image_size=args.size or cfg.image_size),
-                                       out, opset=args.opset, precisions=args.precision)
+            summary += export_tiny_decoder(args.tiny_decoder, replace(cfg, image_size=args.size or cfg.image_size),
+                                           out, opset=args.opset, precisions=args.precision)
+    except BaseException:  # Ctrl-C, SIGTERM, an error before the first graph was in place: the folder this export
+        if made:  # made goes again where it is still empty (graphs written stay: the next export keeps them)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     for row in summary:
         print(f"{row['graph']:32s} {row['precision']:5s} {row['size_mb']:9.1f} MB  {row['seconds']:7.1f}s  "
               f"{row['status']}  {row['file']}")

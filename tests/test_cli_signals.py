@@ -184,3 +184,24 @@ def test_a_download_folder_that_cannot_be_made_is_a_clear_error(monkeypatch: pyt
     assert cli.main(["-q", "download", "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: {out}:") and "No space left on device" in last and not asked
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, 130), (cli.Terminated, 143)])
+def test_an_export_stopped_before_its_first_graph_leaves_no_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   stop: type[BaseException], status: int) -> None:
+    """Ctrl-C or SIGTERM while the first graph is exported: the --out folder the export made was left empty; it
+    goes now (an export folder that was there, or holds graphs, stays)."""
+    from megactor_rt.export import onnx_export
+
+    def stopped(weights: object, out: Path, **kwargs: object) -> list[dict]:
+        out.mkdir(parents=True, exist_ok=True)  # (as export_all makes it, then its staging folder inside)
+        raise stop()
+
+    monkeypatch.setattr(onnx_export, "export_all", stopped)
+    out = tmp_path / "onnx"
+    argv = ["-q", "export", "--weights", "tiny", "--graphs", "token_kv", "--out", str(out)]
+    assert cli.main(argv) == status and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] in ("interrupted", "terminated")
+    out.mkdir()
+    assert cli.main(argv) == status and out.is_dir()
