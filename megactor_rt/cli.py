@@ -2652,9 +2652,10 @@ def entry() -> None:
 
 
 def _exit_now_if_workers_remain(code: int) -> None:
-    from megactor_rt.runtime.pipeline import abandoned_workers
-
-    left = abandoned_workers()
+    pipeline = sys.modules.get("megactor_rt.runtime.pipeline")  # (not imported: no worker was started; importing
+    if pipeline is None:  # it imports torch: seconds after a command that needed none, and a traceback on Ctrl-C)
+        return
+    left = pipeline.abandoned_workers()
     if left:
         logging.getLogger(__name__).warning("ending the process without waiting for %d worker thread(s) still "
                                             "running (%s)", len(left), ", ".join(t.name for t in left))

@@ -205,3 +205,12 @@ def test_an_export_stopped_before_its_first_graph_leaves_no_folder(monkeypatch: 
     assert capsys.readouterr().err.strip().splitlines()[-1] in ("interrupted", "terminated")
     out.mkdir()
     assert cli.main(argv) == status and out.is_dir()
+
+
+def test_a_command_without_torch_does_not_import_it_on_its_way_out() -> None:
+    """entry()'s look for worker threads left running imported the pipeline, and with it torch, after every command
+    (seconds after a download or an early error, and a Ctrl-C meanwhile ended in a traceback with status 130)."""
+    script = ("import sys\nfrom megactor_rt import cli\ncli.main = lambda **kwargs: 2\n"
+              "try:\n    cli.entry()\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["2", "False"], res.stdout + res.stderr
