@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megactor_rt.benchmark import gpu_script_here, record_line, run_record, save_tables
+from megactor_rt.benchmark import gpu_script_here, record_line, run_record, save_tables, script_out
 from megactor_rt.config import full_config, tiny_config
 from megactor_rt.models import layers
 from megactor_rt.runtime.backends import device_name
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16)
     args = ap.parse_args()
     gpu_script_here("bench/attn_backends.py", args.tiny)
+    script_out(args.out, "bench/attn_backends.py")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     shapes = record_shapes(args.tiny, args.frames)
@@ -86,7 +87,6 @@ def main() -> None:
     report = {**run_record(dev),
               "device": device_name(dev),
               "dtype": str(dtype).replace("torch.", ""), "frames": args.frames, "shapes": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     save_tables(args.out, "attn_backends", report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 

@@ -21,7 +21,7 @@ import av
 import numpy as np
 
 from megactor_rt import media
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
 from megactor_rt.media import VideoWriter
 
 MINUTES, OFFSET_S, RESULT_FRAMES = 30, 29 * 60 + 50, 200
@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    script_out(args.out, "bench/audio_seek.py")
     frames = [np.zeros((64, 64, 3), np.uint8)] * RESULT_FRAMES
     rows: list[dict[str, Any]] = []
     seek_from = media.AUDIO_SEEK_MIN_S  # the writer's own threshold; "from the beginning" raises it past the offset

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from megactor_rt import kernels as K
-from megactor_rt.benchmark import record_line, run_record
+from megactor_rt.benchmark import record_line, run_record, script_out
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.kernels import _lib
 
@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("No CUDA GPU available: nothing to benchmark.")
         return 0
+    script_out(args.out, "bench/bench_kernels.py")
     report = run(args.warmup, args.iters)
     if not report["kernels"]["available"]:
         print(f"Fused kernels unavailable ({report['kernels']['reason']}); timing references only.")
-    args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "bench_kernels.json", json.dumps(report, indent=2, default=str).encode())
     md = to_markdown(report)
     write_atomic(args.out / "bench_kernels.md", md.encode())

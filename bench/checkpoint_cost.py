@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
 from megactor_rt.runtime.checkpoint import StepCheckpoint
 
 FRAMES = (48, 1800, 18000)  # the GPU suite's clip; a minute at 30 fps; ten minutes
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    script_out(args.out, "bench/checkpoint_cost.py")
     scratch = Path(tempfile.mkdtemp(prefix="checkpoint-cost-", dir=args.out))
     try:
         rows = [measure(scratch, n) for n in FRAMES]

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
 from megactor_rt.media import iter_video_frames
 
 FRAMES, WIDTH, HEIGHT, REPEATS = 24, 1920, 1080, 3
@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    script_out(args.out, "bench/hdr_decode.py")
     frames = pictures()
     scratch = Path(tempfile.mkdtemp(prefix="hdr-decode-", dir=args.out))
     rows: list[dict[str, Any]] = []

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps: one bank per timestep")
     ap.add_argument("--tiny", action="store_true", help="the tiny model at 128 px (a check of the script)")
     args = ap.parse_args()
+    B.script_out(args.out, "bench/portrait_cache.py")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "fp16" if dev.type == "cuda" else "fp32"
     sc = B.Scenario("portrait cache", "tiny" if args.tiny else "full", 128 if args.tiny else args.size, 1, 1, 0,
@@ -88,7 +89,6 @@ def main() -> None:
               "threads": torch.get_num_threads(), "model": sc.model, "image_size": sc.image_size,
               "precision": precision, "steps": args.steps, "computed_s": computed, "write_s": write,
               "loaded_s": loaded, "file_mb": size_mb, "ratio": computed / loaded}
-    args.out.mkdir(parents=True, exist_ok=True)
     B.save_tables(args.out, "portrait_cache", report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 

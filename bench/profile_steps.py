@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the dry-run (tiny, CPU) form of the scenario")
     args = ap.parse_args()
     B.gpu_script_here("bench/profile_steps.py", args.tiny)
+    B.script_out(args.out, "bench/profile_steps.py")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     sc = B.SUITES["gpu-full"][0]
     sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))
@@ -97,7 +98,6 @@ def main() -> None:
               "scenario": sc.name, "mode": args.mode, "frames": sc.frames, "steps": sc.steps,
               "stage_s": dict(stats.stage_seconds), "per_step": rows,
               "new_flop_signatures_in_timed_run": new_signatures}
-    args.out.mkdir(parents=True, exist_ok=True)
     B.save_tables(args.out, "profile_steps", report, markdown(report))
     print(markdown(report))  # noqa: T201 - a script's output
 

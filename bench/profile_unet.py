@@ -38,6 +38,7 @@ from megactor_rt.benchmark import (
     record_line,
     run_record,
     save_tables,
+    script_out,
     switched_env,
 )
 from megactor_rt.config import full_config, tiny_config
@@ -113,6 +114,7 @@ def main() -> None:
         ap.error("--profile compiled needs --compile")
     inductor_opts = dict(_parse_option(o) for o in args.inductor)
     stem = "profile_unet" + (f"-{args.name}" if args.name else "")
+    script_out(args.out, "bench/profile_unet.py")
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = replace(tiny_config(), image_size=128) if args.tiny else replace(full_config(), image_size=512)
@@ -187,7 +189,6 @@ def main() -> None:
         finally:
             layers.KEEP_NCHW_ON_CUDA = True
         report["calls"][CL_FLOW] = {"seconds": secs, "tflop": opt_tflop, "tflops_per_s": opt_tflop / secs}
-    args.out.mkdir(parents=True, exist_ok=True)
     # the eager rows first, so a compilation cut short by the time limit loses only its own rows
     save_tables(args.out, stem, report, markdown(report))
     if args.compile:

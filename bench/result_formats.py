@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
 from megactor_rt.media import ALL_RESULT_SUFFIXES, AnimatedWebP, iter_video_frames, read_image, result_writer
 from megactor_rt.preprocess import PasteBack, portrait_crop
 from megactor_rt.sequence import SEQUENCE_SUFFIXES, frame_pattern, is_sequence
@@ -125,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    script_out(args.out, "bench/result_formats.py")
     frames = driver_frames()
     scratch = Path(tempfile.mkdtemp(prefix="result-formats-", dir=args.out))  # the results: removed however
     try:  # the run ends

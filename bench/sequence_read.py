@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
 from megactor_rt.media import iter_video_frames, result_writer
 from megactor_rt.runtime.driver import driver_frames, driver_source
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    script_out(args.out, "bench/sequence_read.py")
     video = ASSETS_DIR / "driver.mp4"
     frames = list(iter_video_frames(video))
     height, width = frames[0].shape[:2]

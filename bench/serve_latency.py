@@ -24,7 +24,7 @@ import av
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts
+from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
 
 REPEATS = 3
 SETTINGS = ["--steps", "4", "--duration", "1"]  # 30 frames of the bundled driver, the demo's 4 steps
@@ -68,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    script_out(args.out, "bench/serve_latency.py")
     scratch = Path(tempfile.mkdtemp(prefix="serve-latency-", dir=args.out))
     server = None
     try:

@@ -127,9 +127,9 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("--out is required")
+    B.script_out(args.out, "bench/stream_memory.py")
     report = {**B.run_record(dev), "device": device_name(dev), "size": args.size, "steps": args.steps,
               "window": args.window, "overlap": args.overlap, "results": []}
-    args.out.mkdir(parents=True, exist_ok=True)
     for n in args.frames:
         for kind in ("wrap", "open"):
             cmd = [sys.executable, __file__, "--case", kind, str(n), "--size", str(args.size), "--steps",

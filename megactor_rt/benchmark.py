@@ -35,7 +35,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, full_config, tiny_config
 from megactor_rt.errors import InputError
-from megactor_rt.files import folder_mode, remove_stale
+from megactor_rt.files import folder_mode, not_writable, remove_stale, unwritable
 from megactor_rt.runtime.backends import device_name
 
 logger = logging.getLogger(__name__)
@@ -259,6 +259,25 @@ def gpu_script_here(script: str, tiny: bool) -> None:
         raise SystemExit(f"{script}: this torch sees no CUDA device, and the script measures the full-size networks "
                          f"on a GPU (on a CPU: minutes of silence, and more memory than most machines have); "
                          f"python {script} --tiny ... checks it here with the tiny model")
+
+
+def script_out(out: Path, script: str) -> Path:
+    """Make a bench script's ``--out`` folder before it measures anything: a file in the way or a folder it cannot
+    write was a traceback when the results were written, after the measurements (minutes at full size).
+
+    Raises:
+        SystemExit: ``out`` is a file or cannot be written (the message names it; exit status 1).
+    """
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{script}: {out}: --out names a folder for the results, and this is a file")
+    blocked = unwritable(out)
+    if blocked is not None:
+        raise SystemExit(f"{script}: {out}: --out cannot be written ({not_writable(blocked)})")
+    try:
+        _make_folder(out, "the results folder (--out)")
+    except InputError as exc:
+        raise SystemExit(f"{script}: {exc}") from None
+    return out
 
 
 def random_models(cfg: ModelConfig, device: torch.device, only: Collection[str] | None = None) -> Any:

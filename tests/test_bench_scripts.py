@@ -286,3 +286,39 @@ def test_the_readmes_bench_list_says_which_help_gives_a_duration() -> None:
     for name in cpu:
         doc = _load(name).__doc__ or ""
         assert re.search(r"about \d+ (s|minutes?) on 2 cores", doc), name
+
+
+# the scripts that take --out (bench_kernels: tested below; without CUDA it writes nothing), with their CPU form
+OUT_SCRIPTS = [(name, ["--tiny"] if name in ("attn_backends", "portrait_cache", "profile_steps", "profile_unet")
+                else []) for name in SCRIPTS if name != "bench_kernels"]
+
+
+@pytest.mark.parametrize(("name", "extra"), OUT_SCRIPTS, ids=[s[0] for s in OUT_SCRIPTS])
+def test_a_file_named_by_out_is_refused_before_measuring(name: str, extra: list[str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out` naming a file was "FileExistsError" from mkdir; attn_backends, portrait_cache, profile_steps and
+    profile_unet made the folder only to write their results, so their measurements (minutes at full size) were
+    lost to that traceback. Every script now names the problem before it measures anything."""
+    module = _load(name)
+    monkeypatch.setattr(benchmark, "random_models", lambda *a, **k: pytest.fail("measured before --out was checked"))
+    monkeypatch.setattr(benchmark, "_submodels", lambda *a, **k: pytest.fail("measured before --out was checked"))
+    taken = tmp_path / "taken.md"
+    taken.write_text("a file")
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(taken), *extra])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert str(stop.value.code) == f"bench/{name}.py: {taken}: --out names a folder for the results, and this is a file"
+    assert taken.read_text() == "a file"
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(taken / "sub"), *extra])
+    with pytest.raises(SystemExit, match=rf"bench/{name}\.py: .*sub: --out cannot be written \(.*taken\.md is a file"):
+        module.main()
+
+
+def test_bench_kernels_refuses_a_file_named_by_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bk = _load("bench_kernels")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (its CUDA check comes first)
+    monkeypatch.setattr(bk, "run", lambda *a: pytest.fail("measured before --out was checked"))
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(SystemExit, match="bench/bench_kernels.py: .*taken: --out names a folder for the results"):
+        bk.main(["--out", str(taken)])
