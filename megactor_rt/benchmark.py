@@ -899,7 +899,7 @@ def run_bench(suite: str, out: str | Path, device: str | None = None, dry_run: b
     from megactor_rt.runtime.animator import check_device, default_device
 
     if modes:  # settings first (a mode the suite lacks), then the machine
-        chosen = select_modes(suite, chosen, modes)
+        chosen = select_modes(suite, chosen, modes, only)
     if device is None and suite.startswith("gpu-") and not dry_run:  # the help's default: cuda for gpu-* suites
         if not torch.cuda.is_available():
             raise InputError(f"suite '{suite}' is measured on a GPU and this torch sees no CUDA device; --dry-run "
@@ -1010,9 +1010,11 @@ def _warn_unavailable_backends(scenarios: list[Scenario]) -> None:
                     "modes run", name, status[name][1], ", ".join(modes))
 
 
-def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) -> list[Scenario]:
+def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str],
+                 positions: Collection[int] | None = None) -> list[Scenario]:
     """The scenarios with only ``modes`` (those left with none dropped). A mode the suite lacks that is one of
     its base modes with known variants (``optimized+tensorrt``) runs in every scenario that has the base mode.
+    ``positions``: the suite's scenarios ``scenarios`` are (--scenarios), named in the error.
 
     Raises:
         InputError: a mode that is neither.
@@ -1023,7 +1025,9 @@ def select_modes(suite: str, scenarios: list[Scenario], modes: Collection[str]) 
     extra = [m for m in modes if m not in known]
     bad = [m for m in extra if m.split("+")[0] not in bases or not set(m.split("+")[1:]) <= set(VARIANTS)]
     if bad:
-        raise InputError(f"suite '{suite}' has no mode(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}"
+        where = f", scenario(s) {', '.join(map(str, sorted(set(positions))))}," if positions else ""
+        raise InputError(f"suite '{suite}'{where} has no mode(s) {', '.join(sorted(bad))}; known"
+                         f"{' there' if positions else ''}: {', '.join(sorted(known))}"
                          f", each optionally with variants {', '.join('+' + v for v in VARIANTS)}")
     problems = [p for p in map(mode_problem, extra) if p]
     if problems:  # (was recorded as an error when its turn came, after the modes before it had run)

@@ -827,3 +827,16 @@ def test_the_2026_11_29_gpu_section_gives_the_raw_files_figures() -> None:
     memory = json.loads((raw / "call3" / "memory" / "stream_memory.json").read_text())["results"]
     cases = {(r["kind"], r["frames"]) for r in memory}
     assert ("open", 1000) not in cases and "The open-window case at 1000 frames did not come back" in doc
+
+
+def test_a_mode_missing_from_the_chosen_scenarios_is_named_as_theirs(tmp_path: Path) -> None:
+    """`--suite cpu-full-256 --scenarios 2 --modes reference` said the suite had no mode 'reference' (its scenario 1
+    has it): the error names the scenarios chosen and the modes known there."""
+    from megactor_rt.benchmark import run_bench
+    from megactor_rt.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        run_bench("cpu-full-256", tmp_path / "out", dry_run=True, modes=["reference"], only=[2])
+    assert str(err.value).startswith("suite 'cpu-full-256', scenario(s) 2, has no mode(s) reference; known there: "
+                                     "optimized, each optionally with variants +serial-decode"), err.value
+    assert not (tmp_path / "out").exists()
