@@ -60,6 +60,25 @@ def _with_step_ranges(denoise):  # type: ignore[no-untyped-def]
     return wrapped
 
 
+def mode_refusal(mode: str) -> str | None:
+    """Why ``--mode`` cannot be profiled here (None: it can). This script runs the torch networks with the mode's
+    run and torch settings: a graph backend's mode would be the torch run under its name, and open windows
+    (``no-wrap``) have no step that spans the clip (an empty table)."""
+    from megactor_rt.config import Mode
+
+    base, *variants = mode.split("+")
+    unknown = [v for v in variants if v not in B.VARIANTS]
+    if base not in {m.value for m in Mode} or unknown:
+        return (f"--mode {mode}: not a mode: {' or '.join(m.value for m in Mode)}, each optionally with variants "
+                f"{', '.join('+' + v for v in B.VARIANTS)}")
+    if B.mode_backend(mode)["name"] != "torch":
+        return f"--mode {mode}: this script profiles the torch networks, not the exported graphs of a graph backend"
+    if "no-wrap" in variants:
+        return f"--mode {mode}: open windows are denoised window by window, so no step spans the clip"
+    problem = B.mode_problem(mode)
+    return None if problem is None else f"--mode {problem.removeprefix('mode ')}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -67,6 +86,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="the dry-run (tiny, CPU) form of the scenario")
     args = ap.parse_args()
+    refused = mode_refusal(args.mode)
+    if refused:
+        ap.error(refused)
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
     B.gpu_script_here("bench/profile_steps.py", args.tiny)
     B.script_out(args.out, "bench/profile_steps.py")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -74,7 +98,8 @@ def main() -> None:
     sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))
     sub, ledger = B._submodels(sc, dev)
     animator_module.denoise = _with_step_ranges(animator_module.denoise)
-    with tempfile.TemporaryDirectory(prefix="megactor-steps-") as work:
+    # the mode's kernel switches (upstream-ops) for its runs, as `megactor-rt bench` sets them
+    with tempfile.TemporaryDirectory(prefix="megactor-steps-") as work, B.switched_env(B.mode_env(args.mode)):
         cfg, sub_options = B.mode_settings(sc, args.mode, Path(work))
         for k, v in sub_options.items():
             setattr(sub, k, v)

@@ -322,3 +322,65 @@ def test_bench_kernels_refuses_a_file_named_by_out(tmp_path: Path, monkeypatch: 
     taken.write_text("")
     with pytest.raises(SystemExit, match="bench/bench_kernels.py: .*taken: --out names a folder for the results"):
         bk.main(["--out", str(taken)])
+
+
+@pytest.mark.parametrize(("mode", "says"), [
+    ("optimized+onnxruntime", "this script profiles the torch networks, not the exported graphs"),
+    ("optimized+tensorrt-graphs", "this script profiles the torch networks, not the exported graphs"),
+    ("optimized+no-wrap", "no step spans the clip"),
+    ("fast", "not a mode: reference or optimized, each optionally with variants +serial-decode"),
+    ("optimized+bogus", "not a mode"),
+    ("optimized+compile+upstream-ops", "upstream-ops switches kernels of the eager torch networks"),
+])
+def test_profile_steps_refuses_a_mode_it_would_not_profile(mode: str, says: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--mode optimized+onnxruntime` profiled the torch networks under the graph backend's name; `+no-wrap` wrote an
+    empty step table; an unknown mode was a ValueError traceback after the networks were built."""
+    module = _load("profile_steps")
+    monkeypatch.setattr(benchmark, "_submodels", lambda *a, **k: pytest.fail("built before --mode was checked"))
+    monkeypatch.setattr(sys, "argv", ["profile_steps.py", "--out", str(tmp_path), "--tiny", "--mode", mode])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: --mode {mode}: " in err.replace("'", "") and says in err, err
+
+
+def test_profile_steps_runs_upstream_ops_with_its_kernel_switches(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--mode reference+upstream-ops` ran with this project's kernels (the switches `megactor-rt bench` sets for the
+    mode were never set): its profile was the plain reference's under the upstream baseline's name."""
+    from megactor_rt.runtime import animator
+
+    module = _load("profile_steps")
+    monkeypatch.setattr(animator, "denoise", animator.denoise)  # (main wraps it: restored after)
+    monkeypatch.delenv("MEGACTOR_SHORT_ATTENTION", raising=False)
+    monkeypatch.setattr(benchmark, "_submodels", lambda *a, **k: (SimpleNamespace(), None))
+    seen: dict[str, str | None] = {}
+
+    class Seen(Exception):
+        pass
+
+    def settings(*a: Any) -> None:
+        import os
+
+        seen["switch"] = os.environ.get("MEGACTOR_SHORT_ATTENTION")
+        raise Seen
+
+    monkeypatch.setattr(benchmark, "mode_settings", settings)
+    monkeypatch.setattr(sys, "argv", ["profile_steps.py", "--out", str(tmp_path), "--tiny", "--mode",
+                                      "reference+upstream-ops"])
+    with pytest.raises(Seen):
+        module.main()
+    assert seen == {"switch": "0"}
+    assert "MEGACTOR_SHORT_ATTENTION" not in __import__("os").environ
+
+
+def test_profile_steps_refuses_no_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """(Was "ValueError: steps must be >= 1" from the run's config, after the networks were built.)"""
+    monkeypatch.setattr(benchmark, "_submodels", lambda *a, **k: pytest.fail("built before --steps was checked"))
+    monkeypatch.setattr(sys, "argv", ["profile_steps.py", "--out", str(tmp_path), "--tiny", "--steps", "0"])
+    with pytest.raises(SystemExit) as stop:
+        _load("profile_steps").main()
+    assert stop.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
