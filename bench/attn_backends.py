@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--frames", type=int, default=16)
     args = ap.parse_args()
+    if args.frames < 1:
+        ap.error("--frames must be at least 1")
     gpu_script_here("bench/attn_backends.py", args.tiny)
     script_out(args.out, "bench/attn_backends.py")
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

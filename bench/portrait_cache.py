@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps: one bank per timestep")
     ap.add_argument("--tiny", action="store_true", help="the tiny model at 128 px (a check of the script)")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
     B.script_out(args.out, "bench/portrait_cache.py")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "fp16" if dev.type == "cuda" else "fp32"

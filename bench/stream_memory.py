@@ -127,6 +127,10 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("--out is required")
+    if min(args.frames) < 1 or args.steps < 1 or args.window < 1 or not 0 <= args.overlap < args.window:
+        ap.error(f"--frames and --steps must be at least 1 and 0 <= --overlap < --window (got --frames "
+                 f"{' '.join(map(str, args.frames))}, --steps {args.steps}, --window {args.window}, --overlap "
+                 f"{args.overlap})")
     B.script_out(args.out, "bench/stream_memory.py")
     report = {**B.run_record(dev), "device": device_name(dev), "size": args.size, "steps": args.steps,
               "window": args.window, "overlap": args.overlap, "results": []}

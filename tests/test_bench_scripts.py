@@ -384,3 +384,29 @@ def test_profile_steps_refuses_no_steps(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(SystemExit) as stop:
         _load("profile_steps").main()
     assert stop.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "argv", "says"), [
+    ("portrait_cache", ["--tiny", "--steps", "0"], "--steps must be at least 1"),
+    ("attn_backends", ["--tiny", "--frames", "0"], "--frames must be at least 1"),
+    ("stream_memory", ["--window", "4", "--overlap", "4"], "0 <= --overlap < --window (got --frames 250 1000 4000"),
+    ("stream_memory", ["--steps", "0"], "--steps 0,"),
+    ("stream_memory", ["--frames", "100", "0"], "--frames 100 0,"),
+])
+def test_scripts_refuse_sizes_they_cannot_run(name: str, argv: list[str], says: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """These were tracebacks once the work began: portrait_cache's "steps must be >= 1" after the full-size networks
+    were built, attn_backends' reshape error, stream_memory's "case wrap 250 failed" with a child's
+    ZeroDivisionError or range() error."""
+    module = _load(name)
+    monkeypatch.setattr(benchmark, "_submodels", lambda *a, **k: pytest.fail("built before the arguments were checked"))
+    monkeypatch.setattr(module, "run_record", lambda *a: pytest.fail("ran before the arguments were checked"),
+                        raising=False)
+    monkeypatch.setattr(benchmark, "run_record", lambda *a: pytest.fail("ran before the arguments were checked"))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in err, err
+    assert not (tmp_path / "out").exists()
