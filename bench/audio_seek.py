@@ -21,7 +21,14 @@ import av
 import numpy as np
 
 from megactor_rt import media
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
+from megactor_rt.benchmark import (
+    end_on_sigterm,
+    record_line,
+    run_record,
+    save_tables,
+    script_facts,
+    script_out,
+)
 from megactor_rt.media import VideoWriter
 
 MINUTES, OFFSET_S, RESULT_FRAMES = 30, 29 * 60 + 50, 200
@@ -71,6 +78,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     script_out(args.out, "bench/audio_seek.py")
+    end_on_sigterm()  # (its scratch folder in --out removed)
     frames = [np.zeros((64, 64, 3), np.uint8)] * RESULT_FRAMES
     rows: list[dict[str, Any]] = []
     seek_from = media.AUDIO_SEEK_MIN_S  # the writer's own threshold; "from the beginning" raises it past the offset

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
+from megactor_rt.benchmark import (
+    end_on_sigterm,
+    record_line,
+    run_record,
+    save_tables,
+    script_facts,
+    script_out,
+)
 from megactor_rt.runtime.checkpoint import StepCheckpoint
 
 FRAMES = (48, 1800, 18000)  # the GPU suite's clip; a minute at 30 fps; ten minutes
@@ -43,6 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     script_out(args.out, "bench/checkpoint_cost.py")
+    end_on_sigterm()  # (its scratch folder in --out removed)
     scratch = Path(tempfile.mkdtemp(prefix="checkpoint-cost-", dir=args.out))
     try:
         rows = [measure(scratch, n) for n in FRAMES]

@@ -31,7 +31,7 @@ import numpy as np
 
 from megactor_rt import media
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, script_out
+from megactor_rt.benchmark import end_on_sigterm, record_line, run_record, script_out
 from megactor_rt.engine.cache import write_atomic
 from megactor_rt.media import iter_video_frames
 from megactor_rt.progress import set_progress_enabled
@@ -121,6 +121,7 @@ def main() -> None:
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     script_out(args.out, "bench/driver_start.py")
+    end_on_sigterm()  # (a partial clip removed)
     set_progress_enabled(False)
     clip = args.clip or args.out / f"long_{args.height}p_{args.seconds:g}s.mp4"
     if not clip.exists():  # written under a temporary name: an interrupted write is never taken for the clip

@@ -24,7 +24,14 @@ import torch
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
+from megactor_rt.benchmark import (
+    end_on_sigterm,
+    record_line,
+    run_record,
+    save_tables,
+    script_facts,
+    script_out,
+)
 from megactor_rt.media import iter_video_frames
 
 FRAMES, WIDTH, HEIGHT, REPEATS = 24, 1920, 1080, 3
@@ -68,6 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     script_out(args.out, "bench/hdr_decode.py")
+    end_on_sigterm()  # (its scratch folder in --out removed)
     frames = pictures()
     scratch = Path(tempfile.mkdtemp(prefix="hdr-decode-", dir=args.out))
     rows: list[dict[str, Any]] = []

@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
+from megactor_rt.benchmark import (
+    end_on_sigterm,
+    record_line,
+    run_record,
+    save_tables,
+    script_facts,
+    script_out,
+)
 from megactor_rt.media import ALL_RESULT_SUFFIXES, AnimatedWebP, iter_video_frames, read_image, result_writer
 from megactor_rt.preprocess import PasteBack, portrait_crop
 from megactor_rt.sequence import SEQUENCE_SUFFIXES, frame_pattern, is_sequence
@@ -126,6 +133,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     script_out(args.out, "bench/result_formats.py")
+    end_on_sigterm()  # (its scratch folder in --out removed)
     frames = driver_frames()
     scratch = Path(tempfile.mkdtemp(prefix="result-formats-", dir=args.out))  # the results: removed however
     try:  # the run ends

@@ -18,7 +18,14 @@ from typing import Any
 from PIL import Image
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
+from megactor_rt.benchmark import (
+    end_on_sigterm,
+    record_line,
+    run_record,
+    save_tables,
+    script_facts,
+    script_out,
+)
 from megactor_rt.media import iter_video_frames, result_writer
 from megactor_rt.runtime.driver import driver_frames, driver_source
 
@@ -40,6 +47,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     script_out(args.out, "bench/sequence_read.py")
+    end_on_sigterm()  # (its scratch folder in --out removed)
     video = ASSETS_DIR / "driver.mp4"
     frames = list(iter_video_frames(video))
     height, width = frames[0].shape[:2]

@@ -24,7 +24,14 @@ import av
 import numpy as np
 
 from megactor_rt.assets import ASSETS_DIR
-from megactor_rt.benchmark import record_line, run_record, save_tables, script_facts, script_out
+from megactor_rt.benchmark import (
+    end_on_sigterm,
+    record_line,
+    run_record,
+    save_tables,
+    script_facts,
+    script_out,
+)
 
 REPEATS = 3
 SETTINGS = ["--steps", "4", "--duration", "1"]  # 30 frames of the bundled driver, the demo's 4 steps
@@ -69,6 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     script_out(args.out, "bench/serve_latency.py")
+    end_on_sigterm()  # (its scratch folder in --out removed, its server stopped)
     scratch = Path(tempfile.mkdtemp(prefix="serve-latency-", dir=args.out))
     server = None
     try:

@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -278,6 +279,16 @@ def script_out(out: Path, script: str) -> Path:
     except InputError as exc:
         raise SystemExit(f"{script}: {exc}") from None
     return out
+
+
+def end_on_sigterm() -> None:
+    """End a bench script on SIGTERM (``timeout``, a job scheduler, a GPU session's time limit) the way Ctrl-C ends
+    it: with an exception in the main thread, so its ``finally`` blocks run (scratch folders in ``--out`` removed,
+    a child server stopped, partial files deleted) instead of the process dying where it stands. Exit status 143."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def random_models(cfg: ModelConfig, device: torch.device, only: Collection[str] | None = None) -> Any:

@@ -410,3 +410,25 @@ def test_scripts_refuse_sizes_they_cannot_run(name: str, argv: list[str], says: 
     err = capsys.readouterr().err
     assert stop.value.code == 2 and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_terminated_script_removes_its_scratch_folder_from_out(tmp_path: Path) -> None:
+    """SIGTERM (`timeout`, a session's time limit) killed a CPU script where it stood: its scratch folder in --out
+    (hdr_decode's clips, result_formats' results; serve_latency also left its `serve` child running) stayed.
+    It now ends as Ctrl-C does, its cleanup run, with status 143."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(BENCH / "hdr_decode.py"), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("hdr-decode-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(out.glob("hdr-decode-*")), "no scratch folder appeared"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        proc.kill()
+    assert list(out.iterdir()) == []
