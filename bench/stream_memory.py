@@ -132,6 +132,7 @@ def main() -> None:
                  f"{' '.join(map(str, args.frames))}, --steps {args.steps}, --window {args.window}, --overlap "
                  f"{args.overlap})")
     B.script_out(args.out, "bench/stream_memory.py")
+    B.end_on_sigterm()  # (the case running in its child process is killed too)
     report = {**B.run_record(dev), "device": device_name(dev), "size": args.size, "steps": args.steps,
               "window": args.window, "overlap": args.overlap, "results": []}
     for n in args.frames:

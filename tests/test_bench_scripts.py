@@ -10,11 +10,15 @@ bench/gpu_all.sh's CPU check runs the GPU scripts in full.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -362,8 +366,6 @@ def test_profile_steps_runs_upstream_ops_with_its_kernel_switches(tmp_path: Path
         pass
 
     def settings(*a: Any) -> None:
-        import os
-
         seen["switch"] = os.environ.get("MEGACTOR_SHORT_ATTENTION")
         raise Seen
 
@@ -373,7 +375,7 @@ def test_profile_steps_runs_upstream_ops_with_its_kernel_switches(tmp_path: Path
     with pytest.raises(Seen):
         module.main()
     assert seen == {"switch": "0"}
-    assert "MEGACTOR_SHORT_ATTENTION" not in __import__("os").environ
+    assert "MEGACTOR_SHORT_ATTENTION" not in os.environ
 
 
 def test_profile_steps_refuses_no_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -416,9 +418,6 @@ def test_a_terminated_script_removes_its_scratch_folder_from_out(tmp_path: Path)
     """SIGTERM (`timeout`, a session's time limit) killed a CPU script where it stood: its scratch folder in --out
     (hdr_decode's clips, result_formats' results; serve_latency also left its `serve` child running) stayed.
     It now ends as Ctrl-C does, its cleanup run, with status 143."""
-    import signal
-    import time
-
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(BENCH / "hdr_decode.py"), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -432,3 +431,43 @@ def test_a_terminated_script_removes_its_scratch_folder_from_out(tmp_path: Path)
     finally:
         proc.kill()
     assert list(out.iterdir()) == []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_terminated_stream_memory_stops_the_case_it_runs(tmp_path: Path) -> None:
+    """SIGTERM (gpu_all.sh's `timeout` on this step) ended the parent only: the case's child process ran on,
+    measuring into a pipe no one read, beside the next step's measurements."""
+    proc = subprocess.Popen([sys.executable, str(BENCH / "stream_memory.py"), "--out", str(tmp_path), "--frames",
+                             "100000", "--steps", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not children and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            children = _children(proc.pid)
+        assert children, "no case process appeared"
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [c for c in children if Path(f"/proc/{c}").exists()]
+        assert not left, "the case's process still runs"
+    finally:
+        proc.kill()
+        for c in children:
+            with contextlib.suppress(OSError):
+                os.kill(c, signal.SIGKILL)
