@@ -52,6 +52,7 @@ def main() -> None:
     if args.steps < 1:
         ap.error("--steps must be at least 1")
     B.script_out(args.out, "bench/portrait_cache.py")
+    B.end_on_sigterm()  # (its temporary store removed: hundreds of MB at full size)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "fp16" if dev.type == "cuda" else "fp32"
     sc = B.Scenario("portrait cache", "tiny" if args.tiny else "full", 128 if args.tiny else args.size, 1, 1, 0,

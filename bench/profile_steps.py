@@ -93,6 +93,7 @@ def main() -> None:
         ap.error("--steps must be at least 1")
     B.gpu_script_here("bench/profile_steps.py", args.tiny)
     B.script_out(args.out, "bench/profile_steps.py")
+    B.end_on_sigterm()  # (its temporary work folder removed)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     sc = B.SUITES["gpu-full"][0]
     sc = replace(B.shrink(sc, dev) if args.tiny else sc, steps=args.steps, modes=(args.mode,))

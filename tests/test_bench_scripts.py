@@ -471,3 +471,23 @@ def test_a_terminated_stream_memory_stops_the_case_it_runs(tmp_path: Path) -> No
         for c in children:
             with contextlib.suppress(OSError):
                 os.kill(c, signal.SIGKILL)
+
+
+def test_a_terminated_portrait_cache_removes_its_temporary_store(tmp_path: Path) -> None:
+    """SIGTERM left portrait_cache's temporary store (every bank of the run: hundreds of MB at full size) in the
+    temporary folder; it is removed as after Ctrl-C."""
+    temp, out = tmp_path / "temp", tmp_path / "out"
+    temp.mkdir()
+    proc = subprocess.Popen([sys.executable, str(BENCH / "portrait_cache.py"), "--out", str(out), "--tiny",
+                             "--steps", "200"], env={**os.environ, "TMPDIR": str(temp)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(temp.glob("megactor-portraits-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(temp.glob("megactor-portraits-*")), "no temporary store appeared"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        proc.kill()
+    assert not list(temp.glob("megactor-portraits-*"))
