@@ -45,8 +45,12 @@ def frames(path: Path) -> list[np.ndarray]:
 
 def command(out: Path) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "--portrait", str(PORTRAIT), "--driver",
-                    str(DRIVER), "-o", str(out), *SETTINGS], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "megactor_rt.cli", "-q", "demo", "--portrait", str(PORTRAIT),
+                           "--driver", str(DRIVER), "-o", str(out), *SETTINGS], capture_output=True, text=True)
+    if done.returncode:  # (was CalledProcessError, the command's own message captured and never shown)
+        said = done.stderr.strip().splitlines()[-3:]
+        raise SystemExit(f"bench/serve_latency.py: `megactor-rt demo` failed (exit status {done.returncode}): "
+                         + " / ".join(said))
     return time.perf_counter() - t0
 
 

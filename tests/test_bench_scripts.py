@@ -491,3 +491,14 @@ def test_a_terminated_portrait_cache_removes_its_temporary_store(tmp_path: Path)
     finally:
         proc.kill()
     assert not list(temp.glob("megactor-portraits-*"))
+
+
+def test_serve_latency_says_why_the_command_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing `megactor-rt demo` was "CalledProcessError: ... returned non-zero exit status 2", its own message
+    captured and never shown; the script now stops with that message (and removes its scratch folder)."""
+    module = _load("serve_latency")
+    monkeypatch.setattr(module, "SETTINGS", ["--no-such-flag", "x", "--duration", "1"])
+    monkeypatch.setattr(sys, "argv", ["serve_latency.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"`megactor-rt demo` failed \(exit status 2\): .*--no-such-flag"):
+        module.main()
+    assert list(tmp_path.iterdir()) == []
