@@ -686,6 +686,13 @@ def mode_problem(mode: str) -> str | None:
     backends = [v for v in variants if "backend" in VARIANTS[v]]
     exports = [v for v in variants if "export" in VARIANTS[v]]
     switches = [v for v in variants if "env" in VARIANTS[v]]
+    set_by: dict[tuple[str, str], tuple[str, Any]] = {}  # (kind, setting) -> the first variant setting it, its value
+    for name in variants:
+        for kind in ("config", "submodels", "export", "env"):
+            for key, value in VARIANTS[name].get(kind, {}).items():
+                first, was = set_by.setdefault((kind, key), (name, value))
+                if was != value:  # (the last one won, under a name that promised both)
+                    return f"mode '{mode}': {first} and {name} set {key} differently; keep one of them"
     if switches and (backends or sub_options.get("compile")):
         return (f"mode '{mode}': {', '.join(switches)} switches kernels of the eager torch networks; exported graphs "
                 "and compiled ones do not read it (drop the graph backend or compile)")

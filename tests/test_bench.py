@@ -840,3 +840,18 @@ def test_a_mode_missing_from_the_chosen_scenarios_is_named_as_theirs(tmp_path: P
     assert str(err.value).startswith("suite 'cpu-full-256', scenario(s) 2, has no mode(s) reference; known there: "
                                      "optimized, each optionally with variants +serial-decode"), err.value
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("mode", "pair"), [("optimized+batch2+batch3", "batch2 and batch3 set window_batch"),
+                                            ("optimized+compile+compile-graphs", "compile and compile-graphs set compile")])
+def test_variants_that_set_one_setting_differently_are_refused(mode: str, pair: str, tmp_path: Path) -> None:
+    """`--modes optimized+batch2+batch3` ran batch3 alone (the last variant's value won) under a name that promised
+    both; such a mode is refused before anything runs, as other variants that do not go together are."""
+    from megactor_rt.benchmark import mode_problem
+    from megactor_rt.errors import InputError
+
+    assert mode_problem(mode) == f"mode '{mode}': {pair} differently; keep one of them"
+    with pytest.raises(InputError, match=pair):
+        run_bench("cpu-tiny", tmp_path / "out", modes=[mode])
+    assert not (tmp_path / "out").exists()
+    assert mode_problem("optimized+batch3+no-wrap") is None and mode_problem("optimized+onnxruntime+batch3") is None
