@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -139,7 +140,7 @@ def _load_predictor(path: str) -> tuple[object, threading.Lock]:
 
 
 class Landmarker:
-    """68 face landmarks of the largest face of an image (dlib HOG box + dlib shape predictor).
+    """68 face landmarks of the face at the centre of an image, else its largest (dlib HOG box + dlib shape predictor).
 
     Args:
         model: the shape predictor file (see :func:`landmarks_model_path`); None finds it.
@@ -153,7 +154,9 @@ class Landmarker:
         self._predictor, self._lock = _load_predictor(str(self.path))
 
     def __call__(self, image: np.ndarray, cnn: bool = False) -> np.ndarray | None:
-        """Landmarks of ``image``'s largest face.
+        """Landmarks of the face at ``image``'s centre (of those whose box holds it, the one centred nearest), else
+        of its largest face: a portrait's crop is centred on the face it animates (``--portrait-face N`` in a group
+        photo), which need not be the largest face in the crop.
 
         Args:
             image: ``(H, W, 3)`` uint8 RGB.
@@ -163,7 +166,12 @@ class Landmarker:
             ``(68, 2)`` float64 (x, y) pixel coordinates, or None when no face is found.
         """
         faces = self.faces(image, cnn)
-        return self.on_box(image, faces[0]) if faces else None
+        if not faces:
+            return None
+        cx, cy = image.shape[1] / 2, image.shape[0] / 2
+        central = [b for b in faces if b.left <= cx <= b.right and b.top <= cy <= b.bottom]
+        chosen = min(central, key=lambda b: math.dist(b.center, (cx, cy))) if central else faces[0]
+        return self.on_box(image, chosen)
 
     @staticmethod
     def faces(image: np.ndarray, cnn: bool = False) -> list[Box]:

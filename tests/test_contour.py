@@ -317,6 +317,27 @@ def test_a_small_face_in_the_crop_is_found(landmarker: contour.Landmarker) -> No
 
 
 @needs_model
+def test_portrait_face_n_gets_its_own_landmarks_in_a_group_photo(landmarker: contour.Landmarker) -> None:
+    """A group photo whose larger face lies inside the crop of the face chosen by --portrait-face 1: contour mode's
+    portrait landmarks are the chosen face's, at the crop's centre (were the larger face's, so the driver's eyes and
+    mouth were moved onto the other person)."""
+    img = np.asarray(cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB))
+    face = img[172:672, 138:638]  # the bundled portrait's face
+    canvas = np.full((1400, 1400, 3), 128, np.uint8)
+    canvas[500:920, 750:1170] = cv2.resize(face, (420, 420), interpolation=cv2.INTER_AREA)  # face 2, larger
+    canvas[570:830, 470:730] = cv2.resize(face, (260, 260), interpolation=cv2.INTER_AREA)  # face 1, chosen
+    crop, chosen = portrait_crop(canvas, face=1)
+    assert chosen is not None and chosen.center[0] < 700
+    c = np.ascontiguousarray(crop_resize(canvas, crop, 512).to(torch.uint8).permute(1, 2, 0).numpy())
+    assert len(contour.detect_faces(c)) == 2 and contour.detect_faces(c)[0].center[0] > 300  # the larger one
+    lm = landmarker(c)
+    assert lm is not None
+    fb = chosen.to_crop_coords(crop, 512)
+    cx, cy = lm[36:48].mean(axis=0)  # the eyes lie inside the chosen face's box
+    assert fb.left < cx < fb.right and fb.top < cy < fb.bottom, (cx, cy, fb)
+
+
+@needs_model
 def test_no_face_gives_none(landmarker: contour.Landmarker) -> None:
     assert landmarker(np.full((128, 128, 3), 90, np.uint8)) is None
 
