@@ -384,6 +384,7 @@ class DriverPlan:
     follow: tuple[int, Box] | None = None  # a clip of several people: where pass 1 began to follow one face, and it
     detector: str = "hog"  # the face detector that found the faces (pass 2 uses it too): "hog" or "cnn"
     with_face: int | None = None  # the frames pass 1 found a face in (None: no face crop)
+    outside: int = 0  # frames whose face lies mostly outside the crop (faces moving over more than it can hold)
 
     @property
     def name(self) -> str:
@@ -524,7 +525,21 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
     with_face = sum(b is not None for b in boxes) if face_crop else None
-    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used, with_face)
+    outside = faces_outside(boxes, crop) if face_crop else 0
+    if outside:
+        logger.warning("driver %s: in %d of the %d frames with a face, the face lies mostly outside the clip's crop "
+                       "(x %d-%d, y %d-%d; its faces move over more than the largest square its frames allow around "
+                       "them); those frames drive with the last face seen in the crop. A part of the clip where the "
+                       "face stays in place (--start, --duration) drives better", name, outside, with_face,
+                       crop[1], crop[3], crop[0], crop[2])
+    return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used, with_face, outside)
+
+
+def faces_outside(boxes: Sequence[Box | None], crop: Crop) -> int:
+    """The frames whose face has over a quarter of its box outside ``crop`` (``(top, left, bottom, right)``)."""
+    top, left, bottom, right = crop
+    square = Box(left, top, right, bottom)
+    return sum(b is not None and b.overlap(square) < 0.75 * b.area for b in boxes)
 
 
 def _pass1_settings(config: AnimateConfig) -> tuple[int | None, float | None, float | None, float | None, str]:
@@ -743,6 +758,13 @@ def iter_driver_inputs(plan: DriverPlan, size: int, device: torch.device | str =
             yield _model_input(f, plan.crop, keep, size, device)
         pending.clear()
     if (pending or skipped) and plan.face_crop:
+        if plan.outside:
+            raise InputError(f"no face found in the cropped frames of driving video {plan.name}: its faces lie "
+                             f"mostly outside the clip's crop (x {plan.crop[1]}-{plan.crop[3]}, y "
+                             f"{plan.crop[0]}-{plan.crop[2]}) in {plan.outside} of the {plan.with_face} "
+                             "frames with a face (they move over more than the largest square its frames allow "
+                             "around them); drive with a part of the clip where the face stays in place (--start, "
+                             "--duration)")
         raise InputError(f"no face found in the cropped frames of driving video {plan.name}; "
                          "pass --no-face-crop to use centre crops")
     if pending:  # a short clip of centre crops without a face: used whole

@@ -599,6 +599,28 @@ def _two_people(n: int, side: int = 640) -> list[np.ndarray]:
     return frames
 
 
+def test_a_face_that_moves_out_of_the_drivers_crop_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """A wide clip whose face is at the left, then (after a cut) at the right: the one square crop the frame's height
+    allows around both misses them. Pass 1 says so in a warning, and pass 2's error names it, not 'no face found ...
+    pass --no-face-crop' (whose centre crop misses the faces too)."""
+    from media_fixtures import face_frames
+
+    from megactor_rt.runtime.driver import DriverFrames, iter_driver_inputs, plan_driver
+
+    frames = []
+    for i, face in enumerate(face_frames(16, 150)):
+        canvas = np.full((240, 480, 3), 90, np.uint8)
+        x = 20 if i < 8 else 310
+        canvas[40:190, x:x + 150] = face
+        frames.append(canvas)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+        plan = plan_driver(DriverFrames(frames, fps=25, name="cut"))
+    assert "cut: in 16 of the 16 frames with a face, the face lies mostly outside the clip's crop" in caplog.text
+    assert plan.crop[3] - plan.crop[1] <= 240
+    with pytest.raises(InputError, match=r"cut: its faces lie mostly outside the clip's crop .*--start, --duration"):
+        list(iter_driver_inputs(plan, 256))
+
+
 def test_a_driver_face_chosen_by_the_user_is_cropped_and_isolated(caplog: pytest.LogCaptureFixture) -> None:
     """face=1 follows the leftmost person (B, top left; the largest face alternates between A and B): the crop
     centres on B and every isolated frame keeps B; face=3 is an error naming what was found."""
