@@ -525,6 +525,14 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
     with_face = sum(b is not None for b in boxes) if face_crop else None
+    gap = longest_gap(boxes) if face_crop and with_face else (0, 0)
+    if gap[1] - gap[0] >= follow_patience(sel.fps):
+        logger.warning("driver %s: no face to follow in %d of its %d frames, the longest stretch %.1f s from %.2f s "
+                       "of the result on; those frames drive with the face's place in the nearest frame that shows "
+                       "it, so the result may not follow the driver there%s", name, len(boxes) - (with_face or 0),
+                       len(boxes), (gap[1] - gap[0]) / float(sel.fps), gap[0] / float(sel.fps),
+                       "" if used == "cnn" else " (a face there but turned or half-lit: --face-detector cnn finds "
+                       "more)")
     outside = faces_outside(boxes, crop) if face_crop else 0
     if outside:
         logger.warning("driver %s: in %d of the %d frames with a face, the face lies mostly outside the clip's crop "
@@ -533,6 +541,17 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
                        "face stays in place (--start, --duration) drives better", name, outside, with_face,
                        crop[1], crop[3], crop[0], crop[2])
     return DriverPlan(source, info, crop, len(boxes), face_crop, sel, fraction, follow, used, with_face, outside)
+
+
+def longest_gap(boxes: Sequence[Box | None]) -> tuple[int, int]:
+    """The longest stretch of frames without a face: ``(first, end)``, end exclusive (``(0, 0)``: none)."""
+    best, start = (0, 0), None
+    for i, box in enumerate([*boxes, Box(0, 0, 0, 0)]):
+        if box is None and start is None:
+            start = i
+        elif box is not None and start is not None:
+            best, start = max(best, (start, i), key=lambda g: g[1] - g[0]), None
+    return best
 
 
 def faces_outside(boxes: Sequence[Box | None], crop: Crop) -> int:

@@ -621,6 +621,24 @@ def test_a_face_that_moves_out_of_the_drivers_crop_is_named(caplog: pytest.LogCa
         list(iter_driver_inputs(plan, 256))
 
 
+def test_a_face_gone_from_the_driver_for_a_second_or_more_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A face out of the picture for 1.2 s of a 2 s clip (the person steps out and back): the run says so (was:
+    nothing, in a run; those frames drive with the face's last place); a single faceless frame is not named."""
+    from media_fixtures import face_frames
+
+    from megactor_rt.runtime.driver import DriverFrames, plan_driver
+
+    faces = face_frames(50, 150)
+    frames = [face if not 10 <= i < 40 else np.full_like(face, 90) for i, face in enumerate(faces)]
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+        plan_driver(DriverFrames(frames, fps=25, name="away"))
+        plan_driver(DriverFrames([f if i != 5 else np.full_like(f, 90) for i, f in enumerate(faces[:20])], fps=25,
+                                 name="blink"))
+    assert "away: no face to follow in 30 of its 50 frames, the longest stretch 1.2 s from 0.40 s of the result on" \
+        in caplog.text
+    assert "--face-detector cnn" in caplog.text and "blink" not in caplog.text
+
+
 def test_a_driver_face_chosen_by_the_user_is_cropped_and_isolated(caplog: pytest.LogCaptureFixture) -> None:
     """face=1 follows the leftmost person (B, top left; the largest face alternates between A and B): the crop
     centres on B and every isolated frame keeps B; face=3 is an error naming what was found."""
