@@ -525,6 +525,11 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     sides = sorted(max(b.width, b.height) for b in boxes if b is not None)
     fraction = sides[len(sides) // 2] / (crop[2] - crop[0]) if sides else None
     with_face = sum(b is not None for b in boxes) if face_crop else None
+    if fraction is not None and fraction > 1:
+        logger.warning("driver %s: the face (about %d px) is larger than the clip's crop (%d px: the largest square "
+                       "centred on it that its frames hold, the face being at their border), so the crop cuts the "
+                       "face off and it fills the model's view; a driver with room around the face drives better",
+                       name, sides[len(sides) // 2], crop[2] - crop[0])
     gap = longest_gap(boxes) if face_crop and with_face else (0, 0)
     if gap[1] - gap[0] >= follow_patience(sel.fps):
         logger.warning("driver %s: no face to follow in %d of its %d frames, the longest stretch %.1f s from %.2f s "

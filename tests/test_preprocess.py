@@ -639,6 +639,27 @@ def test_a_face_gone_from_the_driver_for_a_second_or_more_is_said(caplog: pytest
     assert "--face-detector cnn" in caplog.text and "blink" not in caplog.text
 
 
+def test_a_driver_face_at_the_frames_border_larger_than_its_crop_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A face partly out of the frame at its left: the square crop centred on it that the frame holds is smaller than
+    the face, which the crop cuts off; the run says so (was: nothing; the portrait's crop near a border warns)."""
+    from media_fixtures import face_frames
+
+    from megactor_rt.runtime.driver import DriverFrames, plan_driver
+
+    frames = []
+    for face in face_frames(4, 200):
+        canvas = np.full((360, 640, 3), 90, np.uint8)
+        canvas[80:280, :140] = face[:, 60:]  # 60 px of the 200 px picture out of the frame
+        frames.append(canvas)
+    with caplog.at_level(logging.WARNING, logger="megactor_rt.runtime.driver"):
+        plan = plan_driver(DriverFrames(frames, fps=25, name="edge"))
+        plan_driver(DriverFrames(face_frames(4, 200), fps=25, name="whole"))
+    side = plan.crop[2] - plan.crop[0]
+    assert f"edge: the face (about {round(plan.face_fraction * side)} px) is larger than the clip's crop ({side} px" \
+        in caplog.text
+    assert "whole" not in caplog.text
+
+
 def test_a_driver_face_chosen_by_the_user_is_cropped_and_isolated(caplog: pytest.LogCaptureFixture) -> None:
     """face=1 follows the leftmost person (B, top left; the largest face alternates between A and B): the crop
     centres on B and every isolated frame keeps B; face=3 is an error naming what was found."""
