@@ -149,9 +149,18 @@ class Landmarker:
         InputError: no model file, or not a 68-point dlib model.
     """
 
+    # which face of an image its landmarks are of; a portrait store's landmarks from another choice (the largest
+    # face, before 2026-11-30) are computed again
+    CHOICE = "centre"
+
     def __init__(self, model: str | Path | None = None) -> None:
         self.path = landmarks_model_path(model)
         self._predictor, self._lock = _load_predictor(str(self.path))
+
+    @property
+    def identity(self) -> str:
+        """What a portrait's kept landmarks are checked against: the model file and the face chosen in the crop."""
+        return f"{self.path}#{self.CHOICE}"
 
     def __call__(self, image: np.ndarray, cnn: bool = False) -> np.ndarray | None:
         """Landmarks of the face at ``image``'s centre (of those whose box holds it, the one centred nearest), else

@@ -731,10 +731,10 @@ class Animator:
             InputError: no face in the portrait crop, or landmarks that span no area.
         """
         found, model = state.face_landmarks, state.landmarks_model  # returned as read or computed here, never re-read
-        if found is None or model != str(landmarker.path):
+        if found is None or model != landmarker.identity:
             found = crop_landmarks(np.ascontiguousarray(state.inputs.image.permute(1, 2, 0).numpy()), landmarker,
                                    source, cnn)
-            state.face_landmarks, state.landmarks_model = found, str(landmarker.path)
+            state.face_landmarks, state.landmarks_model = found, landmarker.identity
         return found
 
     def _loop(self, state: PortraitState, plan: DriverPlan, cfg: AnimateConfig, timer: StageTimer,

@@ -60,7 +60,8 @@ class PortraitState:
         ada_reference: ``(1, 3, 512, 512)`` in [0, 1] (kept for the reference-mode evaluation).
         banks: ReferenceNet bank per timestep, filled on demand.
         face_landmarks: ``(68, 2)`` landmarks of the crop (contour mode), filled on demand.
-        landmarks_model: the landmark model file ``face_landmarks`` came from (another model recomputes them).
+        landmarks_model: the landmark model file ``face_landmarks`` came from and the face chosen in the crop
+            (``Landmarker.identity``; another model or choice recomputes them).
     """
 
     key: str

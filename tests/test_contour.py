@@ -394,7 +394,8 @@ def test_contour_animation_writes_every_frame(landmarker: contour.Landmarker, tm
 @needs_model
 def test_disk_cache_keeps_the_portrait_landmarks(landmarker: contour.Landmarker, tmp_path: Path) -> None:
     """With --cache-dir the portrait's landmarks travel with its state: the next process does not recompute
-    them for the same landmark model, and does for another one."""
+    them for the same landmark model, and does for another one, and for landmarks a store kept from before the face
+    at the crop's centre was chosen (the largest face then: the model's path alone)."""
     from megactor_rt.runtime.cache import PortraitCache
 
     set_progress_enabled(False)
@@ -404,22 +405,26 @@ def test_disk_cache_keeps_the_portrait_landmarks(landmarker: contour.Landmarker,
     anim.animate_to_file(PORTRAIT, DRIVER, tmp_path / "o.mp4", contour=True, audio=False)
     fresh = Animator(anim.sub, cfg, PortraitCache(disk_dir=tmp_path / "cache"))
     state = fresh.prepare(PORTRAIT)
-    assert fresh.cache.disk_hits == 1 and state.landmarks_model == str(landmarker.path)
+    assert fresh.cache.disk_hits == 1 and state.landmarks_model == landmarker.identity == f"{landmarker.path}#centre"
     assert state.face_landmarks is not None
     np.testing.assert_array_equal(state.face_landmarks, landmarker(np.ascontiguousarray(
         state.inputs.image.permute(1, 2, 0).numpy())))
 
-    class Refusing:  # the same model file, but any call would mean a recomputation
-        path = landmarker.path
+    class Refusing(contour.Landmarker):  # the same model file, but any call would mean a recomputation
+        def __init__(self) -> None:
+            self.path = landmarker.path
 
         def __call__(self, image: np.ndarray, cnn: bool = False) -> np.ndarray:
             raise AssertionError("recomputed the portrait's landmarks")
 
-    assert fresh.portrait_landmarks(state, Refusing()) is state.face_landmarks  # type: ignore[arg-type]
+    assert fresh.portrait_landmarks(state, Refusing()) is state.face_landmarks
     other = Refusing()
     other.path = tmp_path / "other_model.dat"
     with pytest.raises(AssertionError, match="recomputed"):
-        fresh.portrait_landmarks(state, other)  # type: ignore[arg-type]
+        fresh.portrait_landmarks(state, other)
+    state.landmarks_model = str(landmarker.path)  # (as a store written before the choice was named keeps it)
+    with pytest.raises(AssertionError, match="recomputed"):
+        fresh.portrait_landmarks(state, Refusing())
 
 
 def test_contour_mode_changes_the_pose_guider_input(tmp_path: Path) -> None:
