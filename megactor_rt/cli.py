@@ -255,9 +255,9 @@ def _add_run_flags(p: argparse.ArgumentParser, steps: int | None = 25) -> None:
                             "still seeds the person mask and the driver's face isolation, without one the whole crop "
                             "is "
                             "used (a warning says so)")
-    faces.add_argument("--portrait-face", type=_positive_int, default=None, metavar="N",
-                       help="a portrait of several people: animate the N-th face from the left (1 = leftmost; "
-                            "default: the largest)")
+    faces.add_argument("--portrait-face", "--face", dest="portrait_face", type=_positive_int, default=None,
+                       metavar="N", help="a portrait of several people: animate the N-th face from the left (1 = "
+                                         "leftmost; default: the largest; --face as the Python API's face=)")
     faces.add_argument("--driver-face", type=_positive_int, default=None, metavar="N",
                        help="a driver of several people: follow the N-th face from the left (counted in the first "
                             "frame "

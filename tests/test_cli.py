@@ -2077,3 +2077,11 @@ def test_an_output_folder_under_a_folder_this_user_may_not_search_is_named(tmp_p
     monkeypatch.setattr(Path, "exists", exists)
     with pytest.raises(InputError, match=re.escape(f"{hidden}: --out cannot be looked at (Permission denied: {hidden})")):
         cli._output_folder(hidden, "--out")
+
+
+def test_face_is_the_portrait_face_as_in_the_python_api() -> None:
+    """``--face 2`` (the Python API's ``face=2``) picks the portrait's face; it was taken as an abbreviation of
+    ``--face-detector`` and refused as "invalid choice: '2'"."""
+    args = cli.build_parser().parse_args(["animate", "--weights", "w", "--portrait", "p.png", "--driver", "d.mp4",
+                                          "-o", "o.mp4", "--face", "2"])
+    assert (args.portrait_face, args.face_detector) == (2, "auto")
