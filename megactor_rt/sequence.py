@@ -146,13 +146,17 @@ def sequence_frames(path: str | os.PathLike[str]) -> tuple[FramePattern, list[Pa
         InputError: no pattern (:func:`frame_pattern`), no folder, or no frame in it.
     """
     pattern = frame_pattern(path)
-    path, folder = Path(path).expanduser().absolute(), pattern.folder
+    path, folder = Path(path).expanduser(), pattern.folder  # (named as given: was made absolute in messages)
     if not folder.is_dir():
-        raise InputError(f"{path}: the folder {folder} does not exist" if not folder.exists() else
-                         f"{path}: {folder} is not a folder")
+        raise InputError(f"{path}: the folder {path.parent} does not exist" if not folder.exists() else
+                         f"{path}: {path.parent} is not a folder")
     frames = pattern.frames()
     if not frames:
-        raise InputError(f"{path}: no frame named by this pattern in {folder} (e.g. {pattern.name(FIRST_FRAME)})")
+        held = _folder_patterns(folder)  # (was: no word of the sequence there, e.g. %03d given for 0001.png)
+        hint = f"; it holds {path.parent / held[0][0].name} ({held[0][1]} frame{'s' * (held[0][1] != 1)})" \
+            f"{f' and {len(held) - 1} other sequence(s)' if len(held) > 1 else ''}" if held else ""
+        raise InputError(f"{path}: no frame named by this pattern in {path.parent} (e.g. "
+                         f"{pattern.name(FIRST_FRAME)}){hint}")
     return pattern, frames
 
 
@@ -176,26 +180,32 @@ def find_pattern(folder: str | os.PathLike[str]) -> Path:
         InputError: no numbered image in it, or several sequences (each named, with its pattern to pass instead).
     """
     folder = Path(folder)
-    groups: dict[tuple[str, str], list[str]] = {}
-    for p in folder.iterdir():
-        match = _NUMBERED.fullmatch(p.name)
-        if match is not None and p.suffix.lower() in FRAME_SUFFIXES and p.is_file():
-            groups.setdefault((match.group(1), match.group(3)), []).append(match.group(2))
-    if not groups:
+    patterns = _folder_patterns(folder)
+    if not patterns:
         raise InputError(f"{folder}: a folder is read as an image sequence, and this one holds no numbered image "
                          f"({', '.join(sorted(FRAME_SUFFIXES))})")
-    patterns = []
-    # the one of most frames first (then by name): the example named is the plate, not a frame saved apart from it
-    for (head, tail), numbers in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
-        widths = {len(n) for n in numbers}
-        padded = len(widths) == 1 and (any(n.startswith("0") for n in numbers) or len(numbers) > 1)
-        patterns.append((folder / f"{head}%{f'0{widths.pop()}' if padded else ''}d{tail}", len(numbers)))
     if len(patterns) > 1:
         (first, count), (_, second) = patterns[:2]
         most = f" ({count} frames)" if count > second else ""
         raise InputError(f"{folder}: holds several image sequences ({', '.join(p.name for p, _ in patterns)}); name "
                          f"the one to use by its pattern, e.g. {first}{most}")
     return patterns[0][0]
+
+
+def _folder_patterns(folder: Path) -> list[tuple[Path, int]]:
+    """The number patterns of the image sequences in ``folder`` with their frame counts, the one of most frames
+    first (then by name: the example named is the plate, not a frame saved apart from it)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for p in folder.iterdir():
+        match = _NUMBERED.fullmatch(p.name)
+        if match is not None and p.suffix.lower() in FRAME_SUFFIXES and p.is_file():
+            groups.setdefault((match.group(1), match.group(3)), []).append(match.group(2))
+    patterns = []
+    for (head, tail), numbers in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        widths = {len(n) for n in numbers}
+        padded = len(widths) == 1 and (any(n.startswith("0") for n in numbers) or len(numbers) > 1)
+        patterns.append((folder / f"{head}%{f'0{widths.pop()}' if padded else ''}d{tail}", len(numbers)))
+    return patterns
 
 
 def sequence_pattern(path: object) -> Path | None:

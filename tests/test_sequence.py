@@ -587,6 +587,20 @@ def test_a_folder_of_frames_names_its_one_sequence(tmp_path: Path, names: list[s
             find_pattern(tmp_path)
 
 
+def test_a_pattern_of_the_wrong_padding_names_the_sequence_the_folder_holds(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """%03d given for 0001.png ...: the error names the path as typed and the pattern of the frames there (was:
+    the absolute path, and no word of the right pattern)."""
+    (tmp_path / "plate").mkdir()
+    for n in (1, 2, 3):
+        (tmp_path / "plate" / f"{n:04d}.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as caught:
+        FrameSequence("plate/%03d.png")
+    assert str(caught.value) == "plate/%03d.png: no frame named by this pattern in plate (e.g. 001.png); it holds " \
+        "plate/%04d.png (3 frames)"
+
+
 def test_a_frame_saved_in_another_format_names_the_plate_as_the_one_to_use(tmp_path: Path) -> None:
     """A plate with one frame saved apart (1004.jpg among 1001-1008.png) names the plate's pattern as the example,
     with its frame count (was the one-frame '%d.jpg', the first by name)."""
