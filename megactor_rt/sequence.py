@@ -169,7 +169,7 @@ def is_frame_pattern(path: object) -> bool:
 
 # the image files a folder of frames is looked through for (find_pattern)
 FRAME_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
-_NUMBERED = re.compile(r"(.*?)(\d+)([^\d]*)")  # head, the last run of digits, tail
+_DIGITS = re.compile(r"(\d+)")
 
 
 def find_pattern(folder: str | os.PathLike[str]) -> Path:
@@ -195,11 +195,20 @@ def find_pattern(folder: str | os.PathLike[str]) -> Path:
 def _folder_patterns(folder: Path) -> list[tuple[Path, int]]:
     """The number patterns of the image sequences in ``folder`` with their frame counts, the one of most frames
     first (then by name: the example named is the plate, not a frame saved apart from it)."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    shapes: dict[tuple[str, ...], list[list[str]]] = {}  # by the names' parts besides their runs of digits
     for p in folder.iterdir():
-        match = _NUMBERED.fullmatch(p.name)
-        if match is not None and p.suffix.lower() in FRAME_SUFFIXES and p.is_file():
-            groups.setdefault((match.group(1), match.group(3)), []).append(match.group(2))
+        parts = _DIGITS.split(p.name)  # (text, digits, text, ..., text)
+        if len(parts) > 1 and p.suffix.lower() in FRAME_SUFFIXES and p.is_file():
+            shapes.setdefault(tuple(parts[::2]), []).append(parts)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for names in shapes.values():
+        runs = len(names[0]) // 2
+        # the frame number is the run of digits whose other runs split the names into the fewest sequences (then
+        # the widest, the last: shot_0001_v2.png's 0001, not the 2 as was taken, which made each frame a sequence)
+        k = min(range(runs), key=lambda k: (len({tuple(n[:2 * k + 1] + n[2 * k + 2:]) for n in names}),
+                                            -max(len(n[2 * k + 1]) for n in names), -k))
+        for n in names:
+            groups.setdefault(("".join(n[:2 * k + 1]), "".join(n[2 * k + 2:])), []).append(n[2 * k + 1])
     patterns = []
     for (head, tail), numbers in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
         widths = {len(n) for n in numbers}

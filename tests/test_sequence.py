@@ -574,6 +574,10 @@ def test_a_broken_image_sequence_is_named(tmp_path: Path, case: str, problem: st
     (["0001.jpg", "0002.jpg"], "%04d.jpg"),
     (["f8.png", "f9.png", "f10.png"], "f%d.png"),
     (["IMG_2023_07.tif", "IMG_2023_08.tif"], "IMG_2023_%02d.tif"),
+    # the frame number is not the last number (was: shot_0001_v%d.png, ... each frame a sequence of its own)
+    (["shot_0001_v2.png", "shot_0002_v2.png", "shot_0003_v2.png"], "shot_%04d_v2.png"),
+    (["a_0001_v1.png", "a_0002_v1.png", "a_0001_v2.png", "a_0002_v2.png"],
+     r"holds several image sequences .a_%04d_v1.png, a_%04d_v2.png.; name the one to use"),
     (["a_1.png", "b_1.png"], "holds several image sequences .a_%d.png, b_%d.png.; name the one to use"),
     (["readme.txt", "cover.png"], "holds no numbered image"),
 ])
