@@ -48,6 +48,7 @@ from megactor_rt.sequence import (
     find_pattern,
     is_frame_pattern,
     is_sequence,
+    jpeg_cut_off,
     recorded_fps,
     sequence_frames,
     sequence_sound,
@@ -208,7 +209,7 @@ def _unreadable(frames: list[Path], sizes: list[tuple[int, int] | None]) -> str 
     stopped at such a frame after its first pass)."""
     bad = []
     for frame, size in zip(frames, sizes, strict=True):
-        why = "not a readable image" if size is None else picture_cut_off(frame)
+        why = "not a readable image" if size is None else picture_cut_off(frame) or jpeg_cut_off(frame)
         if why is not None:
             bad.append((frame, "an empty file" if size is None and frame.stat().st_size == 0 else why))
     if not bad:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -601,6 +602,31 @@ def png16(frame: np.ndarray, text: Mapping[str, str]) -> bytes:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def jpeg_cut_off(frame: Path) -> str | None:
+    """How a JPEG frame is cut short (a render or copy that stopped midway), or None where it is whole, is no JPEG
+    or cannot be looked at. Said only of a JPEG that both lacks its end marker after its headers (EOI: no byte after
+    it is looked for, so bytes appended after a whole picture are no matter) and does not decode, as a run reads
+    it: a JPEG without its end that decodes all the same is whole to a run."""
+    from megactor_rt.media import read_image  # (media imports this module)
+
+    try:
+        with open(frame, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:3] != b"\xff\xd8\xff":
+                return None
+            at = 2  # the segments before the first scan (APP1's EXIF thumbnail has an end marker of its own)
+            while at + 4 <= len(data) and data[at] == 0xFF and data[at + 1] != 0xDA:
+                at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+            if data.rfind(b"\xff\xd9", min(at, len(data))) >= 0:  # (a scan's bytes never hold it: 0xFF is
+                return None  # stuffed with 0x00 there)
+    except (OSError, ValueError):  # (ValueError: an empty file, which mmap refuses)
+        return None
+    try:
+        read_image(frame)
+    except InputError:
+        return "a JPEG cut short: it lacks the marker that ends a JPEG (EOI) and does not decode"
+    return None
 
 
 def recorded_fps(frame: Path) -> Fraction | None:

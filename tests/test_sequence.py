@@ -525,6 +525,36 @@ def test_inspect_of_a_sequence_with_a_png_frame_whose_exif_is_cut_short(tmp_path
     assert report["frames"] == 3 and "other_sizes" not in report
 
 
+def test_inspect_names_a_jpeg_frame_cut_short_but_not_one_with_bytes_after_its_end(tmp_path: Path) -> None:
+    """A JPEG frame cut short (a render or copy stopped midway) is named by inspect as a frame a run cannot read
+    (was: the sequence reported whole, the run stopping at it); a whole JPEG with bytes appended after its end, or
+    a progressive one, or one whose EXIF thumbnail has an end marker of its own, is no such frame."""
+    from megactor_rt.describe import describe
+
+    pattern = plate(tmp_path / "jpg", frames(5, size=64), name="f_%03d.jpg", first=1)
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    thumb = Image.fromarray(frames(1, size=16)[0])
+    exif_bytes = exif.tobytes()
+    Image.fromarray(frames(1, size=64, seed=1)[0]).save(tmp_path / "jpg" / "f_004.jpg", progressive=True)
+    Image.fromarray(frames(1, size=64, seed=2)[0]).save(tmp_path / "jpg" / "f_005.jpg", exif=exif_bytes)
+    with open(tmp_path / "jpg" / "f_003.jpg", "ab") as f:
+        f.write(b"appended by a camera")
+    assert len(list(FrameSequence(pattern))) == 5 and "unreadable_frames" not in describe(pattern, faces=False)
+    for name in ("f_002.jpg", "f_005.jpg"):
+        whole = (tmp_path / "jpg" / name).read_bytes()
+        if name == "f_005.jpg":  # (an EXIF thumbnail, its own end marker before the picture's)
+            thumb.save(tmp_path / "t.jpg")
+            at = whole.index(b"\xff\xdb")  # the picture's own segments after the APP segments
+            app = b"\xff\xe1" + (2 + len(t := (tmp_path / "t.jpg").read_bytes())).to_bytes(2, "big") + t
+            whole = whole[:at] + app + whole[at:]
+        (tmp_path / "jpg" / name).write_bytes(whole[:len(whole) * 2 // 3])
+    assert describe(pattern, faces=False)["unreadable_frames"] == "2 frames a run cannot read (first: f_002.jpg, a " \
+        "JPEG cut short: it lacks the marker that ends a JPEG (EOI) and does not decode)"
+    with pytest.raises(InputError, match="f_002.jpg: image is corrupt or truncated"):
+        list(FrameSequence(pattern))  # (what a run says, at that frame)
+
+
 def test_an_image_sequence_reads_its_frames_in_number_order_at_its_rate(tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     content = frames(12, size=64)
