@@ -60,6 +60,7 @@ SETTINGS_KEY = "Comment"  # the PNG text chunk with the run's settings (JSON), P
 # zlib level 1: 31 ms per 512 px frame with Pillow on one core, within 20 % of level 6's size at a third of its time
 _PNG_LEVEL = 1
 _NUMBER = re.compile(r"%(0?\d*)d")
+_HASHES = re.compile(r"#+(?!\d)")  # a number pattern as compositing tools write it (####: four digits)
 _TMP_NAME_CHARS = 200  # the folder name's part in its temporary name (the file system's limit is 255 bytes)
 DEFAULT_FPS = Fraction(25)  # the rate of an image sequence that records none (FFmpeg's image2 default)
 SOUND_NAME = "audio.wav"  # a sequence's sound, in its folder beside the frames
@@ -116,19 +117,26 @@ def frame_pattern(path: str | os.PathLike[str]) -> FramePattern:
         InputError: no number pattern in the file name, more than one, a ``%`` that is none, or a pattern in a
             folder's name.
     """
-    path = Path(path).expanduser().absolute()
+    shown = Path(path).expanduser()  # (messages name it as given)
+    path = shown.absolute()
     found = list(_NUMBER.finditer(path.name))
     stem = path.stem.split("%")[0].rstrip("_-. ")
-    example = (path.parent / stem if stem else path.parent) / f"%05d{path.suffix}"
+    example = (shown.parent / stem if stem else shown.parent) / f"%05d{path.suffix}"
+    if (hashes := _HASHES.search(path.name)) is not None and not found:  # (Nuke's, Houdini's ####: was taken for
+        # the name of a folder, e.g. r2/####/%05d.png)
+        digits = len(hashes.group())
+        example = shown.with_name(f"{path.name[:hashes.start()]}%0{digits}d{path.name[hashes.end():]}")
+        raise InputError(f"{shown}: frames are numbered as FFmpeg names them, %0{digits}d for "
+                         f"{hashes.group()}: e.g. {example} (frames {example.name % FIRST_FRAME}, ...)")
     if len(found) != 1:
         what = f"a {path.suffix} result is a folder of numbered frames" if is_sequence(path) and not found else \
             "the frames of a sequence are named by a number pattern"
-        raise InputError(f"{path}: {what}: give its file name one number pattern, e.g. {example} (frames "
+        raise InputError(f"{shown}: {what}: give its file name one number pattern, e.g. {example} (frames "
                          f"{FIRST_FRAME:05d}{path.suffix}, ...)")
     match = found[0]
     head, tail = path.name[:match.start()], path.name[match.end():]
     if "%" in head + tail or "%" in str(path.parent):
-        raise InputError(f"{path}: only the file name may hold a number pattern (%d or %05d), once, e.g. {example}")
+        raise InputError(f"{shown}: only the file name may hold a number pattern (%d or %05d), once, e.g. {example}")
     width = match.group(1)
     return FramePattern(path.parent, head, tail, int(width) if width else 0)
 
@@ -164,8 +172,9 @@ def sequence_frames(path: str | os.PathLike[str]) -> tuple[FramePattern, list[Pa
 def is_frame_pattern(path: object) -> bool:
     """Whether ``path`` is a path whose file name holds a number pattern (``%d``, ``%04d``): an image sequence. An
     existing file is none, whatever its name (a video named ``100%dance.mp4`` is read as the video)."""
-    return (isinstance(path, (str, os.PathLike)) and _NUMBER.search(Path(path).name) is not None
-            and not Path(path).is_file())
+    return (isinstance(path, (str, os.PathLike)) and (_NUMBER.search(Path(path).name) or _HASHES.search(
+        Path(path).name)) is not None and not Path(path).is_file())  # (####: refused by frame_pattern, which says
+    # how FFmpeg writes it; was "file does not exist")
 
 
 # the image files a folder of frames is looked through for (find_pattern)

@@ -32,7 +32,14 @@ from megactor_rt.media import (
 from megactor_rt.progress import progress_enabled, set_progress_enabled
 from megactor_rt.runtime.animator import Animator
 from megactor_rt.runtime.driver import DriverFrames, driver_identity, driver_source, sequence_driver
-from megactor_rt.sequence import FramePattern, FrameSequence, SequenceWriter, find_pattern, frame_pattern
+from megactor_rt.sequence import (
+    FramePattern,
+    FrameSequence,
+    SequenceWriter,
+    find_pattern,
+    frame_pattern,
+    sequence_pattern,
+)
 from megactor_rt.weights import build_models, write_converted
 
 FAST = ["--steps", "2", "--window", "4", "--overlap", "2"]
@@ -100,6 +107,23 @@ def test_a_sequence_needs_one_number_pattern_in_its_file_name(tmp_path: Path, na
         check_output_path(tmp_path / name)
     assert "%05d.png" in str(err.value)  # an example to follow
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pattern_of_hashes_says_how_ffmpeg_writes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """plate/d.####.png, as compositing tools name frames: as a driver or inspected, the error names %04d (was: "file
+    does not exist"); as a result, too (was: an example of r2/####/%05d.png, the hashes taken for a folder's name)."""
+    from megactor_rt.describe import describe
+
+    plate(tmp_path / "plate", frames(2), name="d.%04d.png", first=1)
+    monkeypatch.chdir(tmp_path)
+    said = r"d.####.png: frames are numbered as FFmpeg names them, %04d for ####: e.g. plate/d.%04d.png " \
+        r"\(frames d.0001.png, ...\)"
+    assert sequence_pattern("plate/d.####.png") == Path("plate/d.####.png")  # (read as a sequence, then refused)
+    for refuse in (FrameSequence, lambda p: describe(p, faces=False)):
+        with pytest.raises(InputError, match=f"^plate/{said}$"):
+            refuse("plate/d.####.png")
+    with pytest.raises(InputError, match=r"^r2/####.png: .* e.g. r2/%04d.png \(frames 0001.png, ...\)$"):
+        check_output_path("r2/####.png")
 
 
 def test_an_earlier_result_is_replaced_as_a_whole(tmp_path: Path) -> None:
