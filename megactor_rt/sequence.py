@@ -221,9 +221,12 @@ def _folder_patterns(folder: Path) -> list[tuple[Path, int]]:
             groups.setdefault(("".join(n[:2 * k + 1]), "".join(n[2 * k + 2:])), []).append(n[2 * k + 1])
     patterns = []
     for (head, tail), numbers in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
-        widths = {len(n) for n in numbers}
-        padded = len(widths) == 1 and (any(n.startswith("0") for n in numbers) or len(numbers) > 1)
-        patterns.append((folder / f"{head}%{f'0{widths.pop()}' if padded else ''}d{tail}", len(numbers)))
+        widths, zeros = {len(n) for n in numbers}, {len(n) for n in numbers if n.startswith("0")}
+        # padded: the width of its numbers with a leading zero, the others beyond the padding (p098.png ...
+        # p1000.png: %03d; was %d, which dropped 098 and 099), or of them all, one width
+        width = zeros.pop() if len(zeros) == 1 and min(widths) in zeros else \
+            next(iter(widths)) if len(widths) == 1 and len(numbers) > 1 else 0
+        patterns.append((folder / f"{head}%{f'0{width}' if width else ''}d{tail}", len(numbers)))
     return patterns
 
 
