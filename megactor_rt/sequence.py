@@ -166,6 +166,10 @@ def sequence_frames(path: str | os.PathLike[str]) -> tuple[FramePattern, list[Pa
             f"{f' and {len(held) - 1} other sequence(s)' if len(held) > 1 else ''}" if held else ""
         raise InputError(f"{path}: no frame named by this pattern in {path.parent} (e.g. "
                          f"{pattern.name(FIRST_FRAME)}){hint}")
+    if (kind := _UNREAD.get(Path(f"f{pattern.tail}").suffix.lower())) is not None:  # (was: "not a readable image" of
+        # the first frame, as if it were broken)
+        raise InputError(f"{path}: {kind} frames are not read (Pillow reads no {kind}): convert them to 16-bit PNG "
+                         "or TIFF (oiiotool, ffmpeg -pix_fmt rgb48be, a compositing tool's write)")
     return pattern, frames
 
 
@@ -177,6 +181,7 @@ def is_frame_pattern(path: object) -> bool:
     # how FFmpeg writes it; was "file does not exist")
 
 
+_UNREAD = {".exr": "OpenEXR", ".dpx": "DPX"}  # frame formats of compositing that no reader here takes
 # the image files a folder of frames is looked through for (find_pattern)
 FRAME_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 _DIGITS = re.compile(r"(\d+)")
@@ -192,8 +197,10 @@ def find_pattern(folder: str | os.PathLike[str]) -> Path:
     folder = Path(folder)
     patterns = _folder_patterns(folder)
     if not patterns:
+        kinds = sorted({kind for p in folder.iterdir() if (kind := _UNREAD.get(p.suffix.lower())) is not None})
+        unread = f"; its {' and '.join(kinds)} frames are not read: convert them to 16-bit PNG or TIFF" if kinds else ""
         raise InputError(f"{folder}: a folder is read as an image sequence, and this one holds no numbered image "
-                         f"({', '.join(sorted(FRAME_SUFFIXES))})")
+                         f"({', '.join(sorted(FRAME_SUFFIXES))}){unread}")
     if len(patterns) > 1:
         (first, count), (_, second) = patterns[:2]
         most = f" ({count} frames)" if count > second else ""

@@ -660,6 +660,21 @@ def test_a_pattern_of_the_wrong_padding_names_the_sequence_the_folder_holds(tmp_
         "plate/%04d.png (3 frames)"
 
 
+def test_an_openexr_plate_is_said_to_be_unread_not_broken(tmp_path: Path) -> None:
+    """An OpenEXR plate (which Pillow does not read) is refused as such, as a pattern or a folder, before any frame
+    is read (was: "not a readable image" of its first frame, as if broken, or "no numbered image" of its folder)."""
+    from megactor_rt.describe import describe
+
+    for n in (1001, 1002):
+        (tmp_path / f"s.{n}.exr").write_bytes(b"\x76\x2f\x31\x01")  # (OpenEXR's magic number)
+    for refuse in (FrameSequence, lambda p: describe(p, faces=False)):
+        with pytest.raises(InputError, match=r"s.%04d.exr: OpenEXR frames are not read \(Pillow reads no OpenEXR\): "
+                                             "convert them to 16-bit PNG or TIFF"):
+            refuse(tmp_path / "s.%04d.exr")
+    with pytest.raises(InputError, match="holds no numbered image .*; its OpenEXR frames are not read: convert"):
+        find_pattern(tmp_path)
+
+
 def test_a_frame_saved_in_another_format_names_the_plate_as_the_one_to_use(tmp_path: Path) -> None:
     """A plate with one frame saved apart (1004.jpg among 1001-1008.png) names the plate's pattern as the example,
     with its frame count (was the one-frame '%d.jpg', the first by name)."""
