@@ -698,6 +698,7 @@ class FrameSequence(LazyFrames):
         self.pattern, files = sequence_frames(path)
         self.files = tuple(files)
         self.path = Path(path).expanduser().absolute()
+        given = Path(path).expanduser()  # (messages name it as given: was the absolute path)
         self.name = sequence_name(self.path)
         self.sound = sequence_sound(self.pattern)  # its sound file, where its folder holds one
         self._size: tuple[int, ...] | None = None  # the first frame's (height, width), once read
@@ -707,12 +708,12 @@ class FrameSequence(LazyFrames):
             have = set(numbers)
             missing = [n for n in range(numbers[0], numbers[-1]) if n not in have]
             shown = ", ".join(self.pattern.name(n) for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
-            raise InputError(f"{self.path}: {len(missing)} frame(s) missing between {self.files[0].name} and "
+            raise InputError(f"{given}: {len(missing)} frame(s) missing between {self.files[0].name} and "
                              f"{self.files[-1].name}: {shown}; a sequence's frames must be consecutive")
         if fps is not None:
             rate = exact_rate(fps)
             if not rate > 0:
-                raise InputError(f"{self.path}: the frame rate must be positive, got {fps}")
+                raise InputError(f"{given}: the frame rate must be positive, got {fps}")
             self.fps = rate
         else:
             found = recorded_fps(self.files[0])

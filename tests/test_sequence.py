@@ -658,6 +658,9 @@ def test_a_pattern_of_the_wrong_padding_names_the_sequence_the_folder_holds(tmp_
         FrameSequence("plate/%03d.png")
     assert str(caught.value) == "plate/%03d.png: no frame named by this pattern in plate (e.g. 001.png); it holds " \
         "plate/%04d.png (3 frames)"
+    (tmp_path / "plate" / "0002.png").unlink()
+    with pytest.raises(InputError, match=r"^plate/%04d.png: 1 frame\(s\) missing between 0001.png and 0003.png"):
+        FrameSequence("plate/%04d.png")  # (was the absolute path too)
 
 
 def test_an_openexr_plate_is_said_to_be_unread_not_broken(tmp_path: Path) -> None:
