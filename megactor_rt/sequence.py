@@ -215,7 +215,8 @@ def _folder_patterns(folder: Path) -> list[tuple[Path, int]]:
     shapes: dict[tuple[str, ...], list[list[str]]] = {}  # by the names' parts besides their runs of digits
     for p in folder.iterdir():
         parts = _DIGITS.split(p.name)  # (text, digits, text, ..., text)
-        if len(parts) > 1 and p.suffix.lower() in FRAME_SUFFIXES and p.is_file():
+        if len(parts) > 1 and p.suffix.lower() in FRAME_SUFFIXES and p.is_file() and not p.name.startswith("."):
+            # (hidden: no frame; macOS's ._0001.png beside each frame copied to a shared disk was a second sequence)
             shapes.setdefault(tuple(parts[::2]), []).append(parts)
     groups: dict[tuple[str, str], list[str]] = {}
     for names in shapes.values():

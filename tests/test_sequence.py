@@ -628,6 +628,7 @@ def test_a_broken_image_sequence_is_named(tmp_path: Path, case: str, problem: st
     (["0001.jpg", "0002.jpg"], "%04d.jpg"),
     (["f8.png", "f9.png", "f10.png"], "f%d.png"),
     (["p098.png", "p099.png", "p100.png", "p1000.png"], "p%03d.png"),  # beyond the padding (was %d: 098 left out)
+    (["0001.png", "._0001.png", "0002.png", "._0002.png"], "%04d.png"),  # macOS's (was: "several sequences")
     (["IMG_2023_07.tif", "IMG_2023_08.tif"], "IMG_2023_%02d.tif"),
     # the frame number is not the last number (was: shot_0001_v%d.png, ... each frame a sequence of its own)
     (["shot_0001_v2.png", "shot_0002_v2.png", "shot_0003_v2.png"], "shot_%04d_v2.png"),
