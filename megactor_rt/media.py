@@ -893,6 +893,10 @@ def probe_video(path: PathLike) -> VideoInfo:
             duration_s = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration_s = container.duration / av.time_base
+            if container.format.name.startswith("matroska") and container.start_time and container.start_time > 0:
+                # (a Matroska segment's duration counts from 0, not from its first timestamp: a clip cut at 10 s
+                # of 0.4 s read as 10.4 s, its frames estimated 26 times over)
+                duration_s = max(container.duration - container.start_time, 0) / av.time_base
         width, height = _display_size(stream)
         first = _first_frame(container, stream)
         if first is not None and _frame_orientation(path, first).swaps_sides:

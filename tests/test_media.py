@@ -2759,3 +2759,22 @@ def test_an_image_whose_exif_is_cut_short_is_named_as_corrupt(tmp_path: Path) ->
         read_portrait(path)
     with pytest.raises(InputError, match=re.escape(f"{path}: not a readable mask image (its EXIF data is cut short")):
         load_user_mask(path)
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".webm"])
+def test_a_matroska_clip_cut_from_a_later_time_has_its_own_duration(tmp_path: Path, suffix: str) -> None:
+    """A Matroska segment's duration counts from 0: a clip of 0.4 s whose timestamps start at 10 s (cut from a longer
+    recording with its times kept) read as 10.4 s (a run's frame estimate 260 for its 10); an MP4's reads 0.4 s."""
+    path = tmp_path / f"late{suffix}"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libvpx-vp9" if suffix == ".webm" else "libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.time_base = 64, 64, "yuv420p", Fraction(1, 25)
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 250 + i, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = probe_video(path)
+    assert (info.start_s, info.duration_s) == (10, pytest.approx(0.4))
