@@ -508,10 +508,9 @@ def plan_driver(driver: Driver, max_frames: int | None = None, face_crop: bool =
     started = f" from {start_shown(sel.start_s)} s" if skip else ""
     logger.info("driver %s: %d frames%s at %s fps%s, crop %s", name, len(boxes), started, sel.fps, resampled, crop)
     if info.variable_rate:
-        logger.info("driver %s has a variable frame rate (its header's average, %.3f fps, is not its nominal "
-                    "rate): its frames are placed by timestamp at a constant %.3f fps (a frame repeated over a gap, "
-                    "one of several within a frame time), so motion keeps in step with the audio", name,
-                    float(info.fps), float(sel.fps))
+        logger.info("driver %s has a variable frame rate: its frames are placed by timestamp at a constant %.3f "
+                    "fps (a frame repeated over a gap, one of several within a frame time), so motion keeps in step "
+                    "with the audio", name, float(sel.fps))
     follow = track.followed_from
     if follow is not None and face is not None:
         logger.info("driver %s: face %d from the left followed from frame %d on%s", name, face, follow[0],

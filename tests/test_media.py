@@ -2106,7 +2106,8 @@ def test_a_variable_frame_rate_is_flagged(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level("INFO", logger="megactor_rt.runtime.driver"):
         plan = plan_driver(path, face_crop=False)
     assert "variable frame rate" in caplog.text and "vfr.mp4" in caplog.text and "by timestamp" in caplog.text
-    info = probe_video(path)
+    info = probe_video(path)  # (the grid's rate: it was given as "its header's average", which it is not)
+    assert f"at a constant {float(info.fps):.3f} fps" in caplog.text and "average" not in caplog.text
     assert abs((plan.num_frames - 1) / info.fps - Fraction(28, 30)) <= 1 / (2 * info.fps)  # the last frame at its time
     assert len(list(plan.frames())) == plan.num_frames
 
