@@ -372,8 +372,8 @@ def _build_plan_trt(job: BuildJob, options: BuildOptions,
 
 
 def _network_flags(trt: Any) -> int:
-    """The strongly typed flag (required on 10.x); none from 11 on, where it is deprecated ("Strongly typed mode is
-    always enabled", NvInfer.h) and a later release may drop it."""
+    """The strongly typed flag: required on 10.x; still passed on 11.x where the enum has it (deprecated there and
+    ignored: "Strongly typed mode is always enabled", NvInfer.h), and no flag on an 11.x or later that dropped it."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if flag is None:
         major = str(trt.__version__).split(".")[0]
