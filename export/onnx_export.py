@@ -466,13 +466,56 @@ def to_fp16(model, spec: ExportSpec, *, fp16_softmax: bool = False):  # noqa: AN
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     keep = timestep_nodes(model) if "timestep" in spec.keep_fp32 else []
+    keep += constants_of(model, keep)  # the embedding's frequencies: fp32 as the products they make
     # the converter's own list (ops without fp16 kernels: Range, CumSum, TopK, ...) applies only when no list is
     # given, so it is joined to ours
     block = sorted({op for op in FP32_OPS if not (fp16_softmax and op == "Softmax")} | set(DEFAULT_OP_BLOCK_LIST))
     model = convert_float_to_float16(model, keep_io_types=list(spec.keep_fp32), op_block_list=block,
                                      node_block_list=keep, disable_shape_infer=True)
+    drop_fp16_round_trips(model)
     OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end
     return model
+
+
+def drop_fp16_round_trips(model) -> int:  # noqa: ANN001
+    """Remove the converter's float32 -> float16 -> float32 Cast pairs between two nodes it keeps in fp32: the
+    consumer reads the float32 value itself. The converter casts every output of a kept node to fp16 and every
+    input back, also between kept nodes, so that the timestep embedding's sinusoid arguments (``t * freq``, up to
+    ~999) were rounded to fp16 before ``Sin``/``Cos`` (half a radian apart at 999: the embedding off by up to
+    ~0.25) although the graph "keeps it in fp32". Only the pairs whose source is float32 (a round trip of an
+    integer or an fp16 value is no loss, and its source has another type). Returns the pairs removed."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node, to: int) -> bool:  # noqa: ANN001
+        return node is not None and node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
+
+    rename: dict[str, str] = {}
+    pairs = []
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if first is not None and cast_to(node, TensorProto.FLOAT) and cast_to(first, TensorProto.FLOAT16) and \
+                types.get(first.input[0]) == TensorProto.FLOAT and node.output[0] not in outputs:
+            rename[node.output[0]] = first.input[0]
+            pairs += [node, first]
+
+    def source(name: str) -> str:  # (a value that rounds through fp16 twice in a row)
+        while name in rename:
+            name = rename[name]
+        return name
+
+    for node in graph.node:
+        node.input[:] = [source(i) for i in node.input]
+    used = {i for n in graph.node for i in n.input} | outputs
+    dead = {id(n): n for n in pairs if n.output[0] not in used}
+    for node in dead.values():  # the second casts, and the first ones nothing else reads
+        graph.node.remove(node)
+    return len(rename)
 
 
 def timestep_nodes(model) -> list[str]:  # noqa: ANN001
@@ -489,6 +532,19 @@ def timestep_nodes(model) -> list[str]:  # noqa: ANN001
             seen.add(node.name)
             frontier.extend(node.output)
     return sorted(seen)
+
+
+def constants_of(model, names: Sequence[str]) -> list[str]:  # noqa: ANN001
+    """The Constant nodes that feed the nodes ``names`` and nothing else: the converter turns a Constant's value to
+    fp16 unless the Constant itself is kept (the timestep embedding's frequencies were, then cast back to fp32:
+    ``t * freq`` off by up to ``999 * freq * 2**-11``, half a radian)."""
+    kept = set(names)
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    return sorted(n.name for n in model.graph.node if n.op_type == "Constant" and n.name not in kept and
+                  all(readers.get(o) and readers[o] <= kept for o in n.output))
 
 
 def _remove_stale(out: Path, name: str, precision: str, keep: str) -> None:
