@@ -2151,7 +2151,9 @@ class _AudioTrack:
         # when the next frame starts if it has no timestamp: unknown after a seek until a frame with one
         following: Fraction | None = None if latest is not None else Fraction(0)
         written = Fraction(0)  # output audio so far, seconds
+        last: av.AudioFrame | None = None  # the latest source frame (the format of any silence after it)
         for frame in self._decoded(source, src):
+            last = frame
             if frame.pts is not None:
                 t0 = frame.pts * tb - start
             elif following is not None:
@@ -2177,6 +2179,10 @@ class _AudioTrack:
                 frame = _sample_slice(frame, first, end)
             written += Fraction(frame.samples, frame.sample_rate)
             self._encode_audio(frame)
+        if self._suffix == ".wav" and last is not None and duration - written > AUDIO_GAP_S:
+            # sound that ends before the frames: a WAV beside them is as long as they are, silence after it (was:
+            # as long as the sound, so `ffmpeg -i - -i s.wav -shortest` cut the video there)
+            written += self._encode_silence(duration - written, last)
         self._encode_audio(None)
         self._out.mux(self._audio_out.encode(None))
 

@@ -108,3 +108,39 @@ def test_sound_that_starts_after_the_results_end_is_silence_as_long_as_the_frame
     assert Soundtrack(clip, video_start=Fraction(0)).write(wav, Fraction(1, 5))
     _, data = decoded(wav)
     assert abs(len(data) / RATE - 0.2) < 0.005 and not np.abs(data).any()
+
+
+def write_clip(path: Path, seconds: float, sound_seconds: float, beep_at: float) -> Path:
+    """A 25 fps FFV1 clip of ``seconds`` with 16-bit mono sound of ``sound_seconds`` from its first frame: silence
+    with a loud 50 ms burst ``beep_at`` s in."""
+    t = np.arange(int(RATE * sound_seconds)) / RATE
+    samples = np.where((t >= beep_at) & (t < beep_at + 0.05), 16000, 0).astype(np.int16)
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("ffv1", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=RATE, layout="mono")
+        for i in range(round(25 * seconds)):
+            vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
+            vf.pts = i
+            c.mux(video.encode(vf))
+        c.mux(video.encode(None))
+        for start in range(0, len(samples), 1024):
+            af = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="s16", layout="mono")
+            af.sample_rate, af.pts, af.time_base = RATE, start, Fraction(1, RATE)
+            c.mux(audio.encode(af))
+        c.mux(audio.encode(None))
+    return path
+
+
+def test_sound_that_ends_before_the_frames_is_padded_with_silence_to_their_length(tmp_path: Path) -> None:
+    """A driver whose sound (0.5 s) ends before its frames (1 s): the PNG sequence's audio.wav (and --audio-out's
+    file) held only the 0.5 s, not 'as long as the frames' (`ffmpeg -i - -i s.wav -shortest` cut the video there);
+    it is 1 s, the beep still 0.2 s in, silence after the sound."""
+    clip = write_clip(tmp_path / "short_sound.mkv", seconds=1.0, sound_seconds=0.5, beep_at=0.2)
+    wav = tmp_path / "audio.wav"
+    assert Soundtrack(clip, video_start=Fraction(0)).write(wav, Fraction(1))
+    first, data = decoded(wav)
+    assert abs(len(data) / RATE - 1.0) < 0.005, len(data) / RATE
+    at = onset(first, data)
+    assert at is not None and abs(at - 0.2) < 0.002, at
+    assert not np.abs(data[int(0.3 * RATE):]).any()
