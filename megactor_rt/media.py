@@ -2126,6 +2126,13 @@ class _AudioTrack:
         tb, start, latest = self._audio_clock(source, src, seek)
         offset = self._audio_offset
         shift = round((start + offset) / tb)  # in stream ticks: the packet at the offset lands at 0
+        # a packet may start this much before the offset: the decoder's start-up delay (AAC's priming, Opus's
+        # pre-skip), which the result's container records (MP4 edit list, Matroska codec delay) and decoders
+        # skip; was: none, so the first packet (the priming one) was left out and a Matroska result's decoder
+        # skipped the first real packet instead (21 ms of sound lost at the start of AAC, 41 ms from --start)
+        rate, delay = src.codec_context.sample_rate, src.codec_context.delay
+        # (in stream ticks, rounded as muxers round it: Matroska's 6.5 ms of Opus pre-skip is 7)
+        lead = math.floor(Fraction(delay, rate) / tb + Fraction(1, 2)) if rate and delay > 0 else 0
         for packet in source.demux(src):
             if packet.pts is None or packet.size == 0:
                 continue  # flush packet
@@ -2133,8 +2140,8 @@ class _AudioTrack:
             if latest is not None:  # the first packet after the seek
                 _check_first_after_seek(t, latest, "packet")
                 latest = None
-            if t < offset:  # audio before the video's start (or the offset); a later start keeps its delay
-                continue
+            if t < offset and packet.pts - shift < -lead:
+                continue  # audio before the video's start (or the offset); a later start keeps its delay
             if t - offset >= duration:
                 break
             if shift:

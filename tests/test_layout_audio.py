@@ -144,3 +144,45 @@ def test_sound_that_ends_before_the_frames_is_padded_with_silence_to_their_lengt
     at = onset(first, data)
     assert at is not None and abs(at - 0.2) < 0.002, at
     assert not np.abs(data[int(0.3 * RATE):]).any()
+
+
+def write_aac_clip(path: Path, seconds: float = 1.0, beep_at: float = 0.4) -> Path:
+    """A 25 fps FFV1 clip in Matroska with AAC sound (stereo, 48 kHz) from its first frame (its first packet, the
+    encoder's priming, 1024 samples before it, as Matroska records it: a codec delay): silence with a 50 ms 1 kHz
+    beep ``beep_at`` s in."""
+    t = np.arange(int(RATE * seconds)) / RATE
+    wave = np.where((t >= beep_at) & (t < beep_at + 0.05), 0.5 * np.sin(2 * np.pi * 1000 * t), 0.0)
+    planes = np.tile(wave.astype(np.float32)[None], (2, 1))
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("ffv1", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        audio = c.add_stream("aac", rate=RATE, layout="stereo")
+        for i in range(round(25 * seconds)):
+            vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
+            vf.pts = i
+            c.mux(video.encode(vf))
+        c.mux(video.encode(None))
+        for start in range(0, planes.shape[1], 1024):
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start:start + 1024]), format="fltp",
+                                            layout="stereo")
+            af.sample_rate, af.pts, af.time_base = RATE, start, Fraction(1, RATE)
+            c.mux(audio.encode(af))
+        c.mux(audio.encode(None))
+    return path
+
+
+def test_copied_aac_keeps_its_priming_packet_and_the_start_of_the_sound(tmp_path: Path) -> None:
+    """AAC copied from a Matroska driver into a Matroska result: the priming packet (before the first frame) was
+    left out, and the result's decoder, told of the priming by the codec delay, skipped the first real packet
+    instead: its sound began 21 ms late (from 0.5 s in: 41 ms, two packets). It begins with the first frame (from
+    0.5 s: within one packet, the documented limit), the beep where its frame is."""
+    clip = write_aac_clip(tmp_path / "talk.mkv")
+    for offset, latest in ((Fraction(0), 0.001), (Fraction(1, 5), 1024 / RATE)):
+        out = tmp_path / f"out_{offset.numerator}.mkv"
+        with VideoWriter(out, 25, 64, 64, audio_source=clip, audio_offset=offset, video_start=Fraction(0)) as w:
+            for _ in range(20):
+                w.write(np.zeros((64, 64, 3), np.uint8))
+        first, data = decoded(out)
+        assert 0 <= first <= latest, (offset, first)
+        at = onset(first, data)
+        assert at is not None and abs(at - (0.4 - offset)) < 0.002, (offset, at)
