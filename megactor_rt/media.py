@@ -2133,6 +2133,9 @@ class _AudioTrack:
         rate, delay = src.codec_context.sample_rate, src.codec_context.delay
         # (in stream ticks, rounded as muxers round it: Matroska's 6.5 ms of Opus pre-skip is 7)
         lead = math.floor(Fraction(delay, rate) / tb + Fraction(1, 2)) if rate and delay > 0 else 0
+        # MP4 and MOV results also keep the packet that straddles the start: an edit list cuts its part before it
+        # (was: left out, so the sound began up to a packet late: 128 ms of 8 kHz AAC, 72 ms of 16 kHz MP3)
+        edit_list = self._suffix in (".mp4", ".m4v", ".mov")
         for packet in source.demux(src):
             if packet.pts is None or packet.size == 0:
                 continue  # flush packet
@@ -2140,7 +2143,8 @@ class _AudioTrack:
             if latest is not None:  # the first packet after the seek
                 _check_first_after_seek(t, latest, "packet")
                 latest = None
-            if t < offset and packet.pts - shift < -lead:
+            if t < offset and packet.pts - shift < -lead and not (
+                    edit_list and packet.duration and packet.pts + packet.duration > shift):
                 continue  # audio before the video's start (or the offset); a later start keeps its delay
             if t - offset >= duration:
                 break
@@ -2344,7 +2348,8 @@ class VideoWriter(ResultWriter, _AudioTrack):
                 (an MPEG-TS recording's clock starts at 1.4 s or later: counted from 0, its sound was silence, or
                 none at all in a short result).
             audio_offset: where in ``audio_source`` (seconds) the result's first frame is: its audio from
-                there on is carried over (copied audio starts at the first whole packet from there, at most one
+                there on is carried over (copied audio: MP4 and MOV from the exact sample, the packet under the
+                start cut by an edit list; Matroska and WebM from the first whole packet there, at most one
                 packet late: about 20-30 ms at 44.1-48 kHz, longer at low sample rates; transcoded audio
                 starts at the exact sample).
             metadata: container tags (e.g. ``{"comment": ...}``; a GIF holds none: left out).

@@ -146,17 +146,17 @@ def test_sound_that_ends_before_the_frames_is_padded_with_silence_to_their_lengt
     assert not np.abs(data[int(0.3 * RATE):]).any()
 
 
-def write_aac_clip(path: Path, seconds: float = 1.0, beep_at: float = 0.4) -> Path:
-    """A 25 fps FFV1 clip in Matroska with AAC sound (stereo, 48 kHz) from its first frame (its first packet, the
+def write_aac_clip(path: Path, seconds: float = 1.0, beep_at: float = 0.4, rate: int = RATE) -> Path:
+    """A 25 fps FFV1 clip (Matroska or MP4) with AAC sound (stereo) from its first frame (its first packet, the
     encoder's priming, 1024 samples before it, as Matroska records it: a codec delay): silence with a 50 ms 1 kHz
     beep ``beep_at`` s in."""
-    t = np.arange(int(RATE * seconds)) / RATE
+    t = np.arange(int(rate * seconds)) / rate
     wave = np.where((t >= beep_at) & (t < beep_at + 0.05), 0.5 * np.sin(2 * np.pi * 1000 * t), 0.0)
     planes = np.tile(wave.astype(np.float32)[None], (2, 1))
     with av.open(str(path), "w") as c:
         video = c.add_stream("ffv1", rate=25)
         video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
-        audio = c.add_stream("aac", rate=RATE, layout="stereo")
+        audio = c.add_stream("aac", rate=rate, layout="stereo")
         for i in range(round(25 * seconds)):
             vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
             vf.pts = i
@@ -165,7 +165,7 @@ def write_aac_clip(path: Path, seconds: float = 1.0, beep_at: float = 0.4) -> Pa
         for start in range(0, planes.shape[1], 1024):
             af = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start:start + 1024]), format="fltp",
                                             layout="stereo")
-            af.sample_rate, af.pts, af.time_base = RATE, start, Fraction(1, RATE)
+            af.sample_rate, af.pts, af.time_base = rate, start, Fraction(1, rate)
             c.mux(audio.encode(af))
         c.mux(audio.encode(None))
     return path
@@ -186,3 +186,21 @@ def test_copied_aac_keeps_its_priming_packet_and_the_start_of_the_sound(tmp_path
         assert 0 <= first <= latest, (offset, first)
         at = onset(first, data)
         assert at is not None and abs(at - (0.4 - offset)) < 0.002, (offset, at)
+
+
+def test_copied_audio_keeps_the_packet_that_straddles_an_mp4_results_start(tmp_path: Path) -> None:
+    """8 kHz AAC (128 ms packets) copied into MP4 and MOV results from 0.52 s in: the packet under the start was left
+    out, so the sound began 120 ms after the first frame; it is kept and an edit list cuts its part before the start:
+    the sound begins with the first frame, the beep where its frame is."""
+    rate = 8000
+    clip = write_aac_clip(tmp_path / "talk.mp4", beep_at=0.8, rate=rate)
+    for suffix in (".mp4", ".mov"):
+        out = tmp_path / f"out{suffix}"
+        with VideoWriter(out, 25, 64, 64, audio_source=clip, audio_offset=Fraction(13, 25),
+                         video_start=Fraction(0)) as w:
+            for _ in range(15):
+                w.write(np.zeros((64, 64, 3), np.uint8))
+        first, data = decoded(out)
+        assert 0 <= first < 0.002, (suffix, first)
+        loud = np.flatnonzero(np.abs(data) > 0.1)
+        assert loud.size and abs(first + loud[0] / rate - 0.28) < 0.002, (suffix, first + loud[0] / rate)
