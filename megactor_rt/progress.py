@@ -42,7 +42,7 @@ class Progress:
     unit: str
 
 
-Reporter = Callable[[Progress], None]
+Reporter = Callable[[Progress], object]  # (what it returns is ignored: print, a file's write, ...)
 _REPORTER: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("megactor_rt_reporter", default=None)
 
 
