@@ -9,6 +9,7 @@ printed, where mypy is not installed.
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,3 +48,14 @@ def test_on_progress_takes_a_function_whose_result_is_ignored(tmp_path: Path) ->
         report(Progress("denoise", 1, 2, "window"))
     """)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_readme_python_snippet_passes_mypy_strict(tmp_path: Path) -> None:
+    """The README's Python snippet, copied as it stands into a user's script, passes ``mypy --strict`` (the
+    package's own types are not followed here, which keeps this fast: it checks the snippet's own code)."""
+    readme = (ROOT / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert snippets, "no ```python block in README.md"
+    for snippet in snippets:
+        done = _mypy_strict(tmp_path, snippet, "--follow-imports=skip")
+        assert done.returncode == 0, done.stdout + done.stderr
