@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -177,6 +177,20 @@ def memory_errors(what: str, device: torch.device) -> Iterator[None]:
         raise ResourceError(f"out of GPU memory while {what} on {device} ({first}); {MEMORY_HINT}") from exc
     except MemoryError as exc:
         raise ResourceError(f"out of host memory while {what} ({str(exc).strip() or 'allocation failed'}); {MEMORY_HINT}") from exc
+
+
+class AnimateOptions(TypedDict, total=False):
+    """:meth:`Animator.animate`'s keyword options, as :meth:`Animator.animate_async` takes them (typed for users'
+    type checkers; see :meth:`Animator.animate` for each)."""
+
+    face_crop: bool
+    contour: bool
+    landmarks_model: str | Path | None
+    contour_affine_frame: str
+    config: AnimateConfig | None
+    driver_face: int | None
+    checkpoint_dir: str | Path | None
+    on_progress: Reporter | None
 
 
 class Animator:
@@ -590,7 +604,7 @@ class Animator:
             raise
         run.drop_checkpoint()  # every frame is out: the run is done
 
-    async def animate_async(self, state: PortraitState, driver: Driver, **options: Any
+    async def animate_async(self, state: PortraitState, driver: Driver, **options: Unpack[AnimateOptions]
                             ) -> AsyncGenerator[np.ndarray, None]:
         """:meth:`animate` for asyncio (a web service): the same frames, each computed off the event loop (the run
         on a thread of its own), so the loop serves other requests meanwhile; ``options``: :meth:`animate`'s.

@@ -1,8 +1,8 @@
 """The Python API as a typed user sees it: ``mypy --strict`` on small user scripts and on the README's snippet.
 
-Each check runs mypy in a subprocess from a temporary folder (outside the checkout), with the checkout on
-``MYPYPATH`` and the package's own modules followed silently, so only the user script's errors count. The
-scripts import only light modules (no torch), so each check takes a few seconds. Skipped, with the reason
+Each check runs mypy in a subprocess from a temporary folder (outside the checkout), with the package laid out
+as installed on ``MYPYPATH`` and its own modules followed silently, so only the user script's errors count;
+third-party packages (torch, numpy) are left out (``Any``), so each check takes a few seconds. Skipped, with the reason
 printed, where mypy is not installed.
 """
 
@@ -20,14 +20,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _package_tree(tmp_path: Path) -> Path:
+    """The package as installed (``megactor_rt.runtime`` is ``runtime/`` here, pyproject's package-dir), made of
+    links: mypy cannot follow an editable install's import hook."""
+    tree = tmp_path / "tree"
+    package = tree / "megactor_rt"
+    if package.exists():
+        return tree
+    package.mkdir(parents=True)
+    for entry in (ROOT / "megactor_rt").iterdir():
+        (package / entry.name).symlink_to(entry)
+    for sub in ("runtime", "export", "engine", "kernels"):
+        (package / sub).symlink_to(ROOT / sub)
+    return tree
+
+
 def _mypy_strict(tmp_path: Path, source: str, *extra: str) -> subprocess.CompletedProcess[str]:
     if importlib.util.find_spec("mypy") is None:
         print("skipped: mypy is not installed (pip install -e '.[dev]')")
         pytest.skip("mypy is not installed")
     script = tmp_path / "user_script.py"
     script.write_text(textwrap.dedent(source))
-    env = {"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    env = {"MYPYPATH": str(_package_tree(tmp_path)), "PATH": "/usr/bin:/bin"}
     cmd = [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--ignore-missing-imports",
+           "--no-site-packages",
            "--no-error-summary", f"--cache-dir={tmp_path / 'cache'}", *extra, str(script)]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
@@ -59,3 +75,28 @@ def test_readme_python_snippet_passes_mypy_strict(tmp_path: Path) -> None:
     for snippet in snippets:
         done = _mypy_strict(tmp_path, snippet, "--follow-imports=skip")
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_animate_async_options_are_typed_as_animates(tmp_path: Path) -> None:
+    """``animate_async(..., **options)`` takes ``animate()``'s options: a misspelt or mistyped one is refused by
+    mypy, as it is for ``animate()``, and the right ones pass."""
+    head = """
+        from megactor_rt.runtime.animator import Animator
+        from megactor_rt.progress import Progress
+
+        def show(p: Progress) -> None: ...
+
+        async def serve(anim: Animator) -> None:
+            state = anim.prepare("me.png")
+    """
+    good = _mypy_strict(tmp_path, head + """
+            async for _ in anim.animate_async(state, "meme.mp4", on_progress=show, face_crop=False, driver_face=1):
+                pass
+    """)
+    assert good.returncode == 0, good.stdout + good.stderr
+    bad = _mypy_strict(tmp_path, head + """
+            async for _ in anim.animate_async(state, "meme.mp4", on_progres=show, face_crop="no"):
+                pass
+    """)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert '"on_progres"' in bad.stdout and '"face_crop"' in bad.stdout, bad.stdout
