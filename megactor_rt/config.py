@@ -12,7 +12,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 
 class Precision(str, enum.Enum):
@@ -513,6 +513,32 @@ class AnimateConfig:
         """The fewest leading steps in which every kind of step of the run occurs (a warm-up that runs them
         meets every UNet call the run makes)."""
         return max(self._first_steps().values()) + 1
+
+
+class ConfigChanges(TypedDict, total=False):
+    """:class:`AnimateConfig` fields as ``Animator.with_config(**changes)`` takes them, typed for users' type
+    checkers (``start`` / ``duration`` also as ``"1:05"`` strings, ``mode`` also by its value, as
+    ``AnimateConfig`` takes them)."""
+
+    steps: int
+    guidance: float
+    window: int
+    overlap: int
+    seed: int
+    reference_timestep: int | None
+    mode: Mode | str
+    max_frames: int | None
+    decode_streams: bool
+    cfg_steps: int | None
+    tiny_decoder: str | None
+    feature_reuse: int | None
+    closed_loop: bool
+    fps: float | None
+    start: float | str | None
+    duration: float | str | None
+    window_batch: int
+    face_detector: str
+    bit_depth: int
 
 
 class StepKind(NamedTuple):

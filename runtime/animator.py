@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from PIL import Image
 from megactor_rt.config import (
     DEMO_WEIGHTS_SEED,
     AnimateConfig,
+    ConfigChanges,
     Mode,
     ModelConfig,
     Precision,
@@ -1045,11 +1046,11 @@ class Animator:
             if close is not None:
                 close()
 
-    def with_config(self, **changes: Any) -> Animator:
+    def with_config(self, **changes: Unpack[ConfigChanges]) -> Animator:
         """A new Animator sharing submodels, portrait cache and driver plans with some settings changed: ``changes``
         are :class:`~megactor_rt.config.AnimateConfig` fields (``steps=10``, ``overlap=4``, ``start="1:05"``, ...).
         Also the way to run requests in several threads (see the class)."""
-        return Animator(self.sub, replace(self.config, **changes), self.cache, self.plans)
+        return Animator(self.sub, replace(self.config, **cast(dict[str, Any], changes)), self.cache, self.plans)
 
 
 class _Run:

@@ -100,3 +100,32 @@ def test_animate_async_options_are_typed_as_animates(tmp_path: Path) -> None:
     """)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert '"on_progres"' in bad.stdout and '"face_crop"' in bad.stdout, bad.stdout
+
+
+def test_with_config_changes_are_typed_as_animate_config_fields(tmp_path: Path) -> None:
+    """``with_config(**changes)`` is typed by ``ConfigChanges``, whose keys are ``AnimateConfig``'s fields: the
+    README's calls pass mypy (``start="1:05"`` among them), a misspelt or mistyped field is refused."""
+    import dataclasses
+
+    from megactor_rt.config import AnimateConfig, ConfigChanges
+
+    assert set(ConfigChanges.__annotations__) == {f.name for f in dataclasses.fields(AnimateConfig)}
+    head = """
+        from megactor_rt.runtime.animator import Animator
+
+        def tune(anim: Animator) -> list[Animator]:
+            return [
+    """
+    good = _mypy_strict(tmp_path, head + """
+                anim.with_config(steps=10, overlap=4, cfg_steps=5), anim.with_config(closed_loop=False),
+                anim.with_config(window_batch=3), anim.with_config(face_detector="cnn"), anim.with_config(),
+                anim.with_config(start="1:05", duration=8), anim.with_config(bit_depth=16, mode="reference"),
+            ]
+    """)
+    assert good.returncode == 0, good.stdout + good.stderr
+    bad = _mypy_strict(tmp_path, head + """
+                anim.with_config(stpes=10), anim.with_config(closed_loop="no"),
+            ]
+    """)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert '"stpes"' in bad.stdout and '"closed_loop"' in bad.stdout, bad.stdout
