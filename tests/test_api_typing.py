@@ -129,3 +129,14 @@ def test_with_config_changes_are_typed_as_animate_config_fields(tmp_path: Path) 
     """)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert '"stpes"' in bad.stdout and '"closed_loop"' in bad.stdout, bad.stdout
+
+
+def test_animate_options_are_animates_keyword_options() -> None:
+    """``animate_async(**options)`` is typed by ``AnimateOptions``: its keys are ``animate``'s keyword-only
+    parameters (one added to ``animate`` and not here would be refused by a user's type checker)."""
+    import inspect
+
+    from megactor_rt.runtime.animator import AnimateOptions, Animator
+
+    keywords = [n for n, p in inspect.signature(Animator.animate).parameters.items() if p.kind == p.KEYWORD_ONLY]
+    assert list(AnimateOptions.__annotations__) == keywords
