@@ -511,10 +511,15 @@ def drop_fp16_round_trips(model) -> int:  # noqa: ANN001
 
     for node in graph.node:
         node.input[:] = [source(i) for i in node.input]
-    used = {i for n in graph.node for i in n.input} | outputs
+    seconds = {id(n) for n in graph.node if n.output[0] in rename}
+    used = {i for n in graph.node if id(n) not in seconds for i in n.input} | outputs  # (not the casts removed)
     dead = {id(n): n for n in pairs if n.output[0] not in used}
     for node in dead.values():  # the second casts, and the first ones nothing else reads
         graph.node.remove(node)
+    gone = {n.output[0] for n in dead.values()}
+    kept_info = [v for v in graph.value_info if v.name not in gone]  # (no types of values no longer made)
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
     return len(rename)
 
 

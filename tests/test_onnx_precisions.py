@@ -96,3 +96,23 @@ def test_the_fp16_graphs_timestep_embedding_is_computed_in_fp32(tiny_fp16_export
                                       flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
         worst = max(worst, float(np.abs(got - want.numpy()).max()))
     assert worst <= 2.0**-11, f"the fp16 graph's timestep embedding is {worst:.3g} off the fp32 one"
+
+
+def test_the_fp16_graph_keeps_no_casts_that_nothing_reads(tiny_fp16_export: Path) -> None:
+    """Dropping the converter's fp32 -> fp16 -> fp32 round trips leaves a valid, sorted graph: no node whose outputs
+    nothing reads (the first Casts of the pairs were left, read only by the removed second ones), no value types for
+    values no node makes, every input made before it is read."""
+    import onnx
+
+    model = onnx.load(str(load_manifest(tiny_fp16_export).graphs["reference_net.fp16"].path))
+    onnx.checker.check_model(model, full_check=True)
+    graph = model.graph
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unread = [n.name for n in graph.node if not any(o in read for o in n.output)]
+    assert not unread, f"{len(unread)} nodes whose outputs nothing reads: {unread[:3]}"
+    made = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        assert set(node.input) <= made, f"{node.name} reads a value not made before it"
+        made |= set(node.output)
+    stale = [v.name for v in graph.value_info if v.name not in made]
+    assert not stale, f"types of values no node makes: {stale[:3]}"
