@@ -435,7 +435,8 @@ def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_t
     failure (the job went on, its result lost to the page); a portrait named in UTF-8 gives a save link of that name,
     not the header's ASCII stand-in; files over the server's --max-upload-mb are refused before they are sent; a
     server that does not answer the page's first question is said to be down; "no sound" ticked after a sound file
-    was chosen sends the form without the file (it was refused: field 'audio' given twice)."""
+    was chosen sends the form without the file (it was refused: field 'audio' given twice), and its size does not count
+    against the limit (a long recording then ticked off was refused as over --max-upload-mb)."""
     jsdom = os.environ.get("MEGACTOR_JSDOM")
     node = shutil.which("node")
     if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():

@@ -5,7 +5,8 @@
 //   name: the portrait's file name is not ASCII; the link saves the result under its UTF-8 name
 //   too_big: the files are over the server's --max-upload-mb; the page says so and sends nothing
 //   down: the server does not answer the page's first question (its model); the page says so and sends nothing
-//   no_sound: a sound file chosen, then "no sound" ticked; the form goes without the file and the run is made
+//   no_sound: a sound file chosen (1 GiB, as the page sees it: over --max-upload-mb with the others), then "no
+//     sound" ticked; the form goes without the file, not refused for its size, and the run is made
 // Prints one JSON line: {"status", "status_class", "result", "seen": the status lines, "posts": the forms sent,
 // "download": the save link's file name (none: null)}.
 // Usage: node serve_page_scenarios.mjs URL PORTRAIT DRIVER SCENARIO
@@ -49,7 +50,8 @@ w.eval(html.match(/<script>([\s\S]*)<\/script>/)[1]);
 await new Promise((r) => setTimeout(r, 500));
 const doc = w.document;
 for (const [name, file] of Object.entries(chosen)) { // (the files as a browser's inputs hold them: name and size)
-  const size = scenario === "too_big" ? 1 << 30 : fs.statSync(file).size;
+  const size = scenario === "too_big" || (scenario === "no_sound" && name === "audio") ? 1 << 30
+    : fs.statSync(file).size;
   Object.defineProperty(doc.querySelector(`input[name=${name}][type=file]`), "files",
     { value: [{ name: path.basename(file), size }] });
 }
