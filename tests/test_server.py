@@ -427,7 +427,7 @@ def test_the_page_shows_the_model_and_a_result_in_a_browser_like_dom(served: Ani
                                'Save portrait_talk.gif</a>')
 
 
-@pytest.mark.parametrize("scenario", ["outage", "name", "too_big", "down", "no_sound"])
+@pytest.mark.parametrize("scenario", ["outage", "name", "too_big", "down", "no_sound", "cancel", "refused"])
 def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_the_limit(
         served: AnimateServer, media: dict[str, Path], tmp_path: Path, scenario: str) -> None:
     """The page in jsdom (tests/js/serve_page_scenarios.mjs): a job whose server does not answer for a while (a
@@ -436,7 +436,8 @@ def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_t
     not the header's ASCII stand-in; files over the server's --max-upload-mb are refused before they are sent; a
     server that does not answer the page's first question is said to be down; "no sound" ticked after a sound file
     was chosen sends the form without the file (it was refused: field 'audio' given twice), and its size does not count
-    against the limit (a long recording then ticked off was refused as over --max-upload-mb)."""
+    against the limit (a long recording then ticked off was refused as over --max-upload-mb); Cancel clicked while the
+    job runs ends it and says so; a form the server refuses shows its 400."""
     jsdom = os.environ.get("MEGACTOR_JSDOM")
     node = shutil.which("node")
     if not jsdom or node is None or not (Path(jsdom) / "node_modules" / "jsdom").is_dir():
@@ -456,6 +457,13 @@ def test_the_page_rides_out_an_outage_saves_a_utf8_name_and_refuses_files_over_t
         assert shown["posts"] == 0 and shown["status_class"] == "error", shown
         assert shown["status"] == ("the files are 2048.0 MiB together, over this server's limit of 1024.0 MiB "
                                    "(serve --max-upload-mb)"), shown
+        return
+    if scenario in ("cancel", "refused"):
+        expected = {"cancel": "the run was cancelled",
+                    "refused": "400: request: start: 'soon' is not a time: give seconds (90, 1.5) or [HH:]MM:SS[.ms] "
+                               "(1:30, 0:01:30.5)"}[scenario]
+        assert (shown["status"], shown["status_class"], shown["result"]) == (expected, "error", ""), shown
+        assert shown["posts"] == 1 and shown["stop_hidden"], shown
         return
     assert re.fullmatch(r"5 frames in [0-9.]+ s( \(the portrait was prepared already\))?", shown["status"]), shown
     assert shown["download"] == "портрет café_talk.gif", shown

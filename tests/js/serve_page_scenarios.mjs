@@ -7,8 +7,10 @@
 //   down: the server does not answer the page's first question (its model); the page says so and sends nothing
 //   no_sound: a sound file chosen (1 GiB, as the page sees it: over --max-upload-mb with the others), then "no
 //     sound" ticked; the form goes without the file, not refused for its size, and the run is made
+//   cancel: the whole driver asked for, and Cancel clicked as soon as it shows; the page says the run was cancelled
+//   refused: a start time that is not one; the page shows the server's 400
 // Prints one JSON line: {"status", "status_class", "result", "seen": the status lines, "posts": the forms sent,
-// "download": the save link's file name (none: null)}.
+// "download": the save link's file name (none: null), "stop_hidden": whether Cancel is hidden at the end}.
 // Usage: node serve_page_scenarios.mjs URL PORTRAIT DRIVER SCENARIO
 import fs from "node:fs";
 import { createRequire } from "node:module";
@@ -66,12 +68,18 @@ if (scenario === "no_sound") {
   box.dispatchEvent(new w.Event("change"));
 }
 doc.querySelector("select[name=format]").value = "gif";
-doc.querySelector("input[name=duration]").value = "0.2";
+doc.querySelector("input[name=duration]").value = scenario === "cancel" ? "" : "0.2";
+if (scenario === "refused") doc.querySelector("input[name=start]").value = "soon";
 doc.getElementById("form").dispatchEvent(new w.Event("submit", { cancelable: true }));
 const seen = [];
 for (let i = 0; i === 0 || (i < 1200 && doc.getElementById("go").disabled); i++) {
   const now = doc.getElementById("status").textContent;
   if (seen[seen.length - 1] !== now) seen.push(now);
+  const stop = doc.getElementById("stop");
+  if (scenario === "cancel" && !stop.hidden && !stop.dataset.clicked) {
+    stop.dataset.clicked = "yes";
+    stop.dispatchEvent(new w.Event("click"));
+  }
   await new Promise((r) => setTimeout(r, 100));
 }
 await new Promise((r) => setTimeout(r, 500));
@@ -79,4 +87,5 @@ const link = doc.querySelector("#result a");
 console.log(JSON.stringify({
   status: doc.getElementById("status").textContent, status_class: doc.getElementById("status").className,
   result: doc.getElementById("result").innerHTML, seen, posts, download: link ? link.download : null,
+  stop_hidden: doc.getElementById("stop").hidden,
 }));
