@@ -36,7 +36,7 @@ import torch
 
 from megactor_rt.config import AnimateConfig, Mode, ModelConfig, full_config, tiny_config
 from megactor_rt.errors import InputError
-from megactor_rt.files import folder_mode, not_writable, remove_stale, unwritable
+from megactor_rt.files import check_output_folder, folder_mode, remove_stale
 from megactor_rt.runtime.backends import device_name
 
 logger = logging.getLogger(__name__)
@@ -269,12 +269,8 @@ def script_out(out: Path, script: str) -> Path:
     Raises:
         SystemExit: ``out`` is a file or cannot be written (the message names it; exit status 1).
     """
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"{script}: {out}: --out names a folder for the results, and this is a file")
-    blocked = unwritable(out)
-    if blocked is not None:
-        raise SystemExit(f"{script}: {out}: --out cannot be written ({not_writable(blocked)})")
     try:
+        check_output_folder(out, "--out", "the results")
         _make_folder(out, "the results folder (--out)")
     except InputError as exc:
         raise SystemExit(f"{script}: {exc}") from None

@@ -37,7 +37,7 @@ from megactor_rt.config import (
     tiny_weights_id,
 )
 from megactor_rt.errors import InputError, MegactorError
-from megactor_rt.files import not_writable, same_file, unwritable
+from megactor_rt.files import check_output_folder, not_writable, same_file, unwritable
 from megactor_rt.jobs import COLUMNS, CONFIG_COLUMNS, REQUIRED, Job, read_jobs
 from megactor_rt.weights_layout import (
     DOWNLOADING,
@@ -564,24 +564,6 @@ def _check_run(anim: Animator) -> None:
         anim.check_run()
     except InputError as exc:
         raise InputError(as_flags(str(exc))) from exc
-
-
-def _output_folder(path: Path, flag: str) -> Path:
-    """Check, before any work, that ``path`` can be a folder for a command's outputs: a folder already, or
-    creatable (the command creates it once it has something to write).
-
-    Raises:
-        InputError: ``path`` is a file, or its nearest existing folder is not writable.
-    """
-    try:
-        if path.exists() and not path.is_dir():
-            raise InputError(f"{path}: {flag} names a folder for the outputs, and this is a file")
-    except OSError as exc:  # a folder above it this user may not search (Path.exists raises EACCES)
-        raise InputError(f"{path}: {flag} cannot be looked at ({exc.strerror or exc}: {exc.filename or path})") from exc
-    blocked = unwritable(path)
-    if blocked is not None:
-        raise InputError(f"{path}: {flag} cannot be written ({not_writable(blocked)})")
-    return path
 
 
 def _cache(args: argparse.Namespace):  # noqa: ANN202
@@ -1736,7 +1718,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_sequence_options([args.output], args)
     _check_checkpoints(args.checkpoint_dir, [args.output])  # (was not checked: a file there failed after the prep)
     if args.work_dir is not None:
-        _output_folder(args.work_dir, "--work-dir")
+        check_output_folder(args.work_dir, "--work-dir")
     config = _run_config(args)
     _note_ignored_options(args, config)
     from megactor_rt.runtime.animator import Animator  # torch: seconds to import, so after the checks above
@@ -1858,7 +1840,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    out = _output_folder(args.dst, "dst")  # checked before torch's import (seconds)
+    out = check_output_folder(args.dst, "dst")  # checked before torch's import (seconds)
     check_release_folder(args.src)
     check_destination(args.src, out)
     from megactor_rt.weights import convert_release
@@ -1873,7 +1855,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise MegactorError("huggingface_hub is not installed (pip install huggingface_hub)") from exc
-    out = _output_folder(args.out, "--out")  # (a file, a read-only place: said before the hub is asked)
+    out = check_output_folder(args.out, "--out")  # (a file, a read-only place: said before the hub is asked)
     unfinished = out / DOWNLOADING  # (until every file is there: convert-weights refuses the folder meanwhile)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2013,8 +1995,8 @@ def _reused_folder(path: Path, flag: str) -> Path:
     """``path`` for the outputs of a command that reuses what is there already (``export``'s cached graphs,
     ``build-engines``' valid plans): a folder that exists is checked for writing only once something must be
     written there (a folder of up-to-date outputs this user may only read is fine); else as
-    :func:`_output_folder`, before any work."""
-    return path if path.is_dir() else _output_folder(path, flag)
+    :func:`~megactor_rt.files.check_output_folder`, before any work."""
+    return path if path.is_dir() else check_output_folder(path, flag)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -2114,9 +2096,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from megactor_rt.runtime.animator import check_device
 
         check_device(args.device)
-    out = _output_folder(args.out, "--out")
+    out = check_output_folder(args.out, "--out")
     if args.work_dir is not None:
-        _output_folder(args.work_dir, "--work-dir")
+        check_output_folder(args.work_dir, "--work-dir")
     from megactor_rt.benchmark import markdown, run_bench
 
     if not args.verbose:  # (a line as each mode warms up and is timed: a suite runs for minutes)

@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from megactor_rt.errors import InputError
+
 try:
     import fcntl
 except ImportError:  # (Windows: no flock; a leftover is then told by its age alone)
@@ -230,6 +232,24 @@ def not_writable(blocked: Path) -> str:
     """What :func:`unwritable` found, in words: ``X is a file, not a folder`` or ``X is not a writable folder``."""
     return f"{blocked} is a file, not a folder" if blocked.exists() and not blocked.is_dir() else \
         f"{blocked} is not a writable folder"
+
+
+def check_output_folder(path: Path, flag: str, what: str = "the outputs") -> Path:
+    """Check, before any work, that ``path`` can be a folder for a command's outputs (``what``): a folder already,
+    or creatable (the command creates it once it has something to write).
+
+    Raises:
+        InputError: ``path`` is a file, or its nearest existing folder is not writable.
+    """
+    try:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: {flag} names a folder for {what}, and this is a file")
+    except OSError as exc:  # a folder above it this user may not search (Path.exists raises EACCES)
+        raise InputError(f"{path}: {flag} cannot be looked at ({exc.strerror or exc}: {exc.filename or path})") from exc
+    blocked = unwritable(path)
+    if blocked is not None:
+        raise InputError(f"{path}: {flag} cannot be written ({not_writable(blocked)})")
+    return path
 
 
 def unwritable(folder: Path) -> Path | None:

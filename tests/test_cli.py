@@ -2076,7 +2076,7 @@ def test_an_output_folder_under_a_folder_this_user_may_not_search_is_named(tmp_p
 
     monkeypatch.setattr(Path, "exists", exists)
     with pytest.raises(InputError, match=re.escape(f"{hidden}: --out cannot be looked at (Permission denied: {hidden})")):
-        cli._output_folder(hidden, "--out")
+        cli.check_output_folder(hidden, "--out")
 
 
 def test_face_is_the_portrait_face_as_in_the_python_api() -> None:
