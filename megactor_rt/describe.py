@@ -23,11 +23,8 @@ from PIL import Image
 from megactor_rt.errors import InputError
 from megactor_rt.media import (
     VIDEO_SUFFIXES,
-    WEBP_DEFAULT_MS,
     AnimatedWebP,
     VideoInfo,
-    _file_version,
-    _webp_durations,
     grid_frame_count,
     is_animated_webp,
     iso_cut_off,
@@ -141,7 +138,7 @@ def _webp_report(path: Path) -> dict[str, Any]:
     """An animated WebP's size, rate, stored frames and duration, as a GIF's are given (was: the frames a run reads,
     a pause's repeats among them, as its frames, and no duration): where it pauses, the frames a run reads too."""
     frames = AnimatedWebP(path)
-    shown = [d if d > 0 else WEBP_DEFAULT_MS for d in _webp_durations(path, *_file_version(path))]  # (cached)
+    shown = frames.durations_ms
     h, w = frames[0].shape[:2]
     report: dict[str, Any] = {"kind": "animated WebP", "size": f"{w}x{h}", "fps": _rate(frames.fps),
                               "frames": len(shown), "duration_s": round(sum(shown) / 1000, 3), "audio": False,

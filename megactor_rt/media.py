@@ -378,6 +378,7 @@ class AnimatedWebP(LazyFrames):
         except (OSError, ValueError, EOFError, UnidentifiedImageError) as exc:
             raise InputError(f"{self.path}: not a readable animated WebP: corrupt or cut off ({exc})") from exc
         shown = [d if d > 0 else WEBP_DEFAULT_MS for d in durations]
+        self.durations_ms = shown  # each stored frame's display time
         base = max(sorted(set(shown)), key=shown.count)  # the most common display time (a tie: the shortest)
         self.fps = Fraction(1000, base)
         self._source = [i for i, d in enumerate(shown) for _ in range(max(1, round(d / base)))]
