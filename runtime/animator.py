@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypedDict, Unpack, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -118,6 +118,9 @@ from megactor_rt.runtime.predictor import (
 from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compile_mode
 from megactor_rt.sequence import FrameSequence, check_room, is_sequence
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
+
+if TYPE_CHECKING:  # (typing.Unpack is Python 3.11's; the annotations are not evaluated at run time)
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
