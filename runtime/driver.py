@@ -113,7 +113,7 @@ class DriverFrames:
                          has_audio=False, duration_s=len(self.frames) / float(fps))
 
     def iter_frames(self, max_frames: int | None = None, skip: int = 0, ratio: Fraction = Fraction(1)
-                    ) -> Iterator[np.ndarray]:
+                    ) -> Generator[np.ndarray, None, None]:
         """The frames from ``skip`` on, the ones ``ratio`` keeps (:func:`kept_frame`, counted from ``skip``), at
         most ``max_frames``: only those are read (an image sequence's or animated WebP's frames are decoded when
         indexed, so a late start or a lower rate does not read the frames it leaves out)."""
@@ -254,7 +254,7 @@ def driver_frames(driver: Driver, max_frames: int | None = None, ratio: Fraction
     fps, see :func:`output_fps`) the ones kept (:func:`kept_frame`, counted from ``skip``); ``max_frames``
     caps the frames yielded."""
     if isinstance(driver, DriverFrames):  # (indexed: the frames left out are never read)
-        return _kept(driver.iter_frames(max_frames, skip, ratio), None, Fraction(1))
+        return driver.iter_frames(max_frames, skip, ratio)
     # the skipped frames are decoded but not converted
     return _kept(iter_video_frames(driver, skip=skip), max_frames, ratio)
 
