@@ -115,18 +115,26 @@ def write_clip(path: Path, seconds: float, sound_seconds: float, beep_at: float)
     with a loud 50 ms burst ``beep_at`` s in."""
     t = np.arange(int(RATE * sound_seconds)) / RATE
     samples = np.where((t >= beep_at) & (t < beep_at + 0.05), 16000, 0).astype(np.int16)
+    return _clip_with_sound(path, seconds, "pcm_s16le", RATE, samples[None], "s16", "mono")
+
+
+def _clip_with_sound(path: Path, seconds: float, codec: str, rate: int, planes: np.ndarray, sample_format: str,
+                     layout: str) -> Path:
+    """A 25 fps FFV1 clip of ``seconds`` (black 64 px frames) with the sound ``planes`` (channels x samples, in
+    ``sample_format``) encoded by ``codec`` from its first frame, in 1024-sample frames."""
     with av.open(str(path), "w") as c:
         video = c.add_stream("ffv1", rate=25)
         video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
-        audio = c.add_stream("pcm_s16le", rate=RATE, layout="mono")
+        audio = c.add_stream(codec, rate=rate, layout=layout)
         for i in range(round(25 * seconds)):
             vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
             vf.pts = i
             c.mux(video.encode(vf))
         c.mux(video.encode(None))
-        for start in range(0, len(samples), 1024):
-            af = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="s16", layout="mono")
-            af.sample_rate, af.pts, af.time_base = RATE, start, Fraction(1, RATE)
+        for start in range(0, planes.shape[1], 1024):
+            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start:start + 1024]), format=sample_format,
+                                            layout=layout)
+            af.sample_rate, af.pts, af.time_base = rate, start, Fraction(1, rate)
             c.mux(audio.encode(af))
         c.mux(audio.encode(None))
     return path
@@ -153,21 +161,7 @@ def write_aac_clip(path: Path, seconds: float = 1.0, beep_at: float = 0.4, rate:
     t = np.arange(int(rate * seconds)) / rate
     wave = np.where((t >= beep_at) & (t < beep_at + 0.05), 0.5 * np.sin(2 * np.pi * 1000 * t), 0.0)
     planes = np.tile(wave.astype(np.float32)[None], (2, 1))
-    with av.open(str(path), "w") as c:
-        video = c.add_stream("ffv1", rate=25)
-        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
-        audio = c.add_stream("aac", rate=rate, layout="stereo")
-        for i in range(round(25 * seconds)):
-            vf = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
-            vf.pts = i
-            c.mux(video.encode(vf))
-        c.mux(video.encode(None))
-        for start in range(0, planes.shape[1], 1024):
-            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start:start + 1024]), format="fltp",
-                                            layout="stereo")
-            af.sample_rate, af.pts, af.time_base = rate, start, Fraction(1, rate)
-            c.mux(audio.encode(af))
-        c.mux(audio.encode(None))
+    _clip_with_sound(path, seconds, "aac", rate, planes, "fltp", "stereo")
     return path
 
 
