@@ -419,18 +419,25 @@ def test_a_terminated_script_removes_its_scratch_folder_from_out(tmp_path: Path)
     (hdr_decode's clips, result_formats' results; serve_latency also left its `serve` child running) stayed.
     It now ends as Ctrl-C does, its cleanup run, with status 143."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(BENCH / "hdr_decode.py"), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _terminate_once_made([sys.executable, str(BENCH / "hdr_decode.py"), "--out", str(out)], out, "hdr-decode-*", 120,
+                         "no scratch folder appeared")
+    assert list(out.iterdir()) == []
+
+
+def _terminate_once_made(cmd: list[str], where: Path, pattern: str, seconds: float, missing: str,
+                         env: dict[str, str] | None = None) -> None:
+    """Run ``cmd``, wait (at most ``seconds``) for ``pattern`` to appear in ``where`` (``missing``: the failure where
+    it does not), send SIGTERM and check that the script ends with status 143."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("hdr-decode-*")) and proc.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + seconds
+        while not list(where.glob(pattern)) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list(out.glob("hdr-decode-*")), "no scratch folder appeared"
+        assert list(where.glob(pattern)), missing
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 143
     finally:
         proc.kill()
-    assert list(out.iterdir()) == []
 
 
 def _children(pid: int) -> list[int]:
@@ -478,18 +485,9 @@ def test_a_terminated_portrait_cache_removes_its_temporary_store(tmp_path: Path)
     temporary folder; it is removed as after Ctrl-C."""
     temp, out = tmp_path / "temp", tmp_path / "out"
     temp.mkdir()
-    proc = subprocess.Popen([sys.executable, str(BENCH / "portrait_cache.py"), "--out", str(out), "--tiny",
-                             "--steps", "200"], env={**os.environ, "TMPDIR": str(temp)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(temp.glob("megactor-portraits-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert list(temp.glob("megactor-portraits-*")), "no temporary store appeared"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 143
-    finally:
-        proc.kill()
+    _terminate_once_made([sys.executable, str(BENCH / "portrait_cache.py"), "--out", str(out), "--tiny", "--steps",
+                          "200"], temp, "megactor-portraits-*", 180, "no temporary store appeared",
+                         env={**os.environ, "TMPDIR": str(temp)})
     assert not list(temp.glob("megactor-portraits-*"))
 
 
