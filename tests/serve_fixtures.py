@@ -95,6 +95,25 @@ def left(scratch: Path) -> list[Path]:
     return [p for p in scratch.iterdir() if not p.name.startswith(DRIVERS)]
 
 
+@contextlib.contextmanager
+def folder_served(folder: Path) -> Iterator[str]:
+    """A quiet local HTTP server of ``folder``'s files while in the block: its address (``http://127.0.0.1:PORT``)."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def request(srv: AnimateServer, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)

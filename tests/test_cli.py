@@ -755,26 +755,15 @@ def test_a_jobs_file_runs_its_pairs_with_their_own_options(weights: Path, media:
 @pytest.fixture()
 def web(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     """A local web server (its address) for the files in a folder (its path)."""
-    import functools
-    import http.server
-    import threading
+    from serve_fixtures import folder_served
 
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)  # (the local server is reached directly)
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
     served = tmp_path / "served"
     served.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", served
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with folder_served(served) as url:
+        yield url, served
 
 
 def test_stats_name_a_jobs_files_web_inputs_by_their_addresses(weights: Path, media: dict[str, Path], tmp_path: Path,

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import tempfile
-import threading
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_fixtures import folder_served
 
 from megactor_rt.cli import main
 from megactor_rt.runtime.driver import DriverFrames, driver_source
@@ -100,20 +98,9 @@ def test_inspect_reports_the_others_where_a_web_address_fails(tmp_path: Path, ca
     served.mkdir()
     _frames(1, 96)[0].save(served / "me.png")
     _frames(1, 80)[0].save(tmp_path / "here.png")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(served)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with folder_served(served) as url:
         code, out, err = run(capsys, "inspect", "--no-faces", "--json", f"{url}/gone.mp4", f"{url}/me.png",
                              tmp_path / "here.png")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert code == 2 and f"error: {url}/gone.mp4: the server answered 404" in err, err
     reports = json.loads(out)
     assert list(reports) == [f"{url}/me.png", str(tmp_path / "here.png")]

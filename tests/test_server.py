@@ -33,6 +33,7 @@ from serve_fixtures import (
     anim,
     animate,
     files,
+    folder_served,
     form,
     hold_runs,
     left,
@@ -266,23 +267,12 @@ def test_with_allow_urls_a_file_field_may_be_an_address(served: AnimateServer, m
     """serve --allow-urls: the driver as an http(s) address, downloaded by the server (under the address's name)
     into the request's folder; an address the server cannot get, or a file over the upload limit, is a 400 naming
     it."""
-    import http.server
-    from functools import partial
-
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     site = tmp_path / "site"
     site.mkdir()
     (site / "clip.mp4").write_bytes(media["driver"].read_bytes())
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(site)))
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{web.server_address[1]}"
+    with folder_served(site) as base:
         served.allow_urls = True
         status, headers, body = animate(served, {"portrait": files(media)["portrait"], "driver": f"{base}/clip.mp4"})
         assert status == 200 and headers["Content-Disposition"].startswith('attachment; filename="me_clip.mp4"'), body
@@ -294,9 +284,6 @@ def test_with_allow_urls_a_file_field_may_be_an_address(served: AnimateServer, m
         size = media["portrait"].stat().st_size
         assert status == 400 and json.loads(body)["error"] == (f"{base}/me.png: {size} bytes, larger than the limit of "
                                                                "100000 bytes"), body
-    finally:
-        web.shutdown()
-        web.server_close()
     assert left(scratch) == []
 
 
