@@ -13,13 +13,14 @@ import inspect
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -119,7 +120,9 @@ from megactor_rt.runtime.submodels import Submodels, TorchSubmodels, check_compi
 from megactor_rt.sequence import FrameSequence, check_room, is_sequence
 from megactor_rt.weights import build_models, check_image_size, converted_config, load_converted, resized
 
-if TYPE_CHECKING:  # (typing.Unpack is Python 3.11's; the annotations are not evaluated at run time)
+if sys.version_info >= (3, 11):  # (at run time too: typing.get_type_hints evaluates the annotations)
+    from typing import Unpack
+else:  # (Python 3.10: typing_extensions', which torch requires)
     from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
